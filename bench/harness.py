@@ -1,0 +1,168 @@
+"""What every benchmark needs: a PostgreSQL, fresh databases, servers, and the load generator."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """LEDGER_BENCH_DATABASE_URL, else the local server, else an embedded one."""
+    configured = os.environ.get("LEDGER_BENCH_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    try:
+        psycopg.connect(LOCAL_SERVER, connect_timeout=2).close()
+        yield LOCAL_SERVER
+        return
+    except psycopg.OperationalError:
+        pass
+    import pgserver
+
+    data = Path(tempfile.mkdtemp(prefix="ledger-bench-pg-"))
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    name = f"ledger_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serving(command: list[str], env: dict[str, str], ready_path: str, port: int) -> Iterator[str]:
+    """Runs a server process until the block ends; yields its base URL once it answers."""
+    log = Path(tempfile.mkstemp(prefix="bench-server-", suffix=".log")[1])
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(base + ready_path, timeout=1).status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's packages, installed on first use."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk from Debian's packages...", file=sys.stderr)
+    apt = ["apt-get", "install", "-y", "-q", "wrk"]
+    if os.geteuid() != 0:
+        apt.insert(0, "sudo")
+    subprocess.run(apt, check=True, stdout=subprocess.DEVNULL)
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("wrk could not be installed")
+    return found
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the load generator saw, and how much CPU it burnt doing so."""
+
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    generator_cores: float
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.non_2xx - self.socket_errors
+
+    @property
+    def ok_per_second(self) -> float:
+        return self.ok / self.seconds
+
+
+def wrk(url: str, script: Path, env: dict[str, str], seconds: int, connections: int) -> Load:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = [
+        ensure_wrk(),
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    output = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    duration = data["duration_us"] / 1e6
+    return Load(
+        requests=data["requests"],
+        seconds=duration,
+        non_2xx=data["non_2xx"],
+        socket_errors=data["socket_errors"],
+        p50_ms=data["p50_ms"],
+        p99_ms=data["p99_ms"],
+        max_ms=data["max_ms"],
+        generator_cores=cpu / duration,
+    )

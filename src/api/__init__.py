@@ -1,0 +1,1 @@
+"""The HTTP API, the CLI, the settings and the composition root that wires the ledger."""

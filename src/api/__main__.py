@@ -1,0 +1,5 @@
+"""`python -m api` is the `ledger` command."""
+
+from api.cli import main
+
+main()

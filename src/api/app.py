@@ -1,0 +1,59 @@
+"""The FastAPI application, built from settings by `create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Authenticator
+from api.errors import install_error_handlers
+from api.logs import configure_logging
+from api.middleware import RequestContextMiddleware
+from api.routers import availability, health, reservations, skus, suppliers
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The service; it opens its own runtime on startup unless one is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        opened = runtime
+        if opened is None:
+            opened = await run_in_threadpool(
+                open_runtime,
+                settings,
+                migrate_first=settings.migrate_on_start,
+                sweep=settings.run_sweeper,
+            )
+        app.state.runtime = opened
+        try:
+            yield
+        finally:
+            if runtime is None:
+                await run_in_threadpool(opened.close)
+
+    app = FastAPI(
+        title="Stockledger",
+        version=version("stockledger"),
+        description="Event-sourced inventory ledger: supplier stock and OMS reservations.",
+        lifespan=lifespan,
+    )
+    app.state.authenticator = Authenticator(settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    for module in (health, suppliers, skus, reservations, availability):
+        app.include_router(module.router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings from LEDGER_* variables."""
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)

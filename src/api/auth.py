@@ -1,0 +1,54 @@
+"""Bearer API keys with roles; secrets are compared in constant time and never logged."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from fastapi import Request
+
+from api.errors import ApiError
+from api.settings import ApiKey, Role
+
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+class Authenticator:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = [(key.secret.get_secret_value().encode(), key) for key in keys]
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The key with this secret; every key is compared, so timing says nothing."""
+        offered = secret.encode()
+        found = None
+        for expected, key in self._keys:
+            if hmac.compare_digest(offered, expected):
+                found = key
+        return found
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "unauthorized", "send Authorization: Bearer <api key>", UNAUTHORIZED_HEADERS
+        )
+    return token.strip()
+
+
+def require(*roles: Role) -> Callable[[Request], ApiKey]:
+    """A dependency that admits keys of these roles (admins are always admitted)."""
+    allowed = {*roles, "admin"}
+
+    def dependency(request: Request) -> ApiKey:
+        authenticator: Authenticator = request.app.state.authenticator
+        key = authenticator.authenticate(bearer_token(request))
+        if key is None:
+            raise ApiError(401, "unauthorized", "unknown API key", UNAUTHORIZED_HEADERS)
+        if key.role not in allowed:
+            raise ApiError(403, "forbidden", f"a {key.role} key cannot do this")
+        request.state.principal = key.name
+        return key
+
+    return dependency

@@ -1,0 +1,110 @@
+"""Finding the database (or starting the embedded one) and preparing its schema."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import structlog
+
+from api.settings import Settings
+from ledger.application import InventoryLedger
+
+log = structlog.get_logger(__name__)
+
+EVENTS_TABLE = "inventoryledger_events"
+
+# Events are never updated or deleted, whoever asks: corrections are new events.
+IMMUTABLE_EVENTS_SQL = f"""
+CREATE OR REPLACE FUNCTION stockledger_refuse_history_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the event log is append-only: % on % refused', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_append_only
+    BEFORE UPDATE OR DELETE ON {EVENTS_TABLE}
+    FOR EACH ROW EXECUTE FUNCTION stockledger_refuse_history_change();
+CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_no_truncate
+    BEFORE TRUNCATE ON {EVENTS_TABLE}
+    FOR EACH STATEMENT EXECUTE FUNCTION stockledger_refuse_history_change();
+"""
+
+
+def lock_key(name: str) -> int:
+    """A stable 64-bit advisory lock key for a name."""
+    return int.from_bytes(
+        hashlib.sha256(f"stockledger:{name}".encode()).digest()[:8], "big", signed=True
+    )
+
+
+@dataclass
+class EmbeddedPostgres:
+    """The embedded PostgreSQL under the data directory; stop() stops it if it started here."""
+
+    url: str
+    pgdata: Path
+    started_here: bool
+    system_user: str | None
+
+    def stop(self) -> None:
+        if self.started_here:
+            from pgserver import pg_ctl  # type: ignore[attr-defined]
+
+            pg_ctl(["-w", "stop"], pgdata=self.pgdata, user=self.system_user)
+            log.info("database.embedded.stopped", pgdata=str(self.pgdata))
+
+
+def start_embedded(data_dir: Path) -> EmbeddedPostgres:
+    """Starts the embedded PostgreSQL under `data_dir`, or joins the one already running."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset, as on servers and in CI.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported here: only the embedded default needs it
+        from pgserver.utils import PostmasterInfo
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pgdata = data_dir.resolve() / "pgdata"
+        running = pgdata.exists() and PostmasterInfo.read_from_pgdata(pgdata) is not None
+        already = running and PostmasterInfo.read_from_pgdata(pgdata).is_running()  # type: ignore[union-attr]
+        # The library's own stop-at-exit is skipped when a process dies by a signal, and
+        # a stale handle then keeps the server up for good; stop() is explicit instead.
+        server = pgserver.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
+    log.info("database.embedded.started", pgdata=str(pgdata), already_running=already)
+    return EmbeddedPostgres(server.get_uri(), pgdata, not already, server.system_user)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured URL, else the embedded server's, which is started on first use."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return start_embedded(settings.data_dir).url
+
+
+@contextmanager
+def advisory_lock(database_url: str, name: str) -> Iterator[None]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+
+
+def migrate(settings: Settings, database_url: str) -> None:
+    """Creates the event store's tables once and makes the event log append-only.
+
+    Safe to run from several processes at once: they take turns on an advisory lock.
+    """
+    with advisory_lock(database_url, "migrate"):
+        app = InventoryLedger(settings.event_store_env(database_url, create_tables=True))
+        app.close()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(IMMUTABLE_EVENTS_SQL)
+    log.info("database.migrated", pid=os.getpid())

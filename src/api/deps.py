@@ -1,0 +1,44 @@
+"""Dependencies published as Annotated aliases for the routers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from api.auth import require
+from api.runtime import Runtime
+from api.schemas import SUPPLIER_ID_PATTERN
+from api.settings import ApiKey
+from ledger.base import Cause
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def now() -> datetime:
+    """The time a command happens at; the domain never reads the clock itself."""
+    return datetime.now(UTC)
+
+
+def request_id(request: Request) -> str:
+    value: str = request.state.request_id
+    return value
+
+
+def cause_for(key: ApiKey, reason: str, correlation_id: str) -> Cause:
+    return Cause(actor=key.name, reason=reason, correlation_id=correlation_id)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+Now = Annotated[datetime, Depends(now)]
+RequestId = Annotated[str, Depends(request_id)]
+SupplierId = Annotated[str, Path(pattern=SUPPLIER_ID_PATTERN)]
+
+AdminKey = Annotated[ApiKey, Depends(require("admin"))]
+OmsKey = Annotated[ApiKey, Depends(require("oms"))]
+SupplierKey = Annotated[ApiKey, Depends(require("supplier"))]
+ReaderKey = Annotated[ApiKey, Depends(require("storefront", "oms", "auditor"))]

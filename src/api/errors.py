@@ -1,0 +1,124 @@
+"""One error envelope for every refusal: `{"error": code, "detail": ...}` with the right status."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from eventsourcing.persistence import OperationalError as StoreUnavailable
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from psycopg import OperationalError as DatabaseUnavailable
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ledger.errors import (
+    Conflict,
+    ContentionTooHigh,
+    LedgerError,
+    NotFound,
+    UnknownSku,
+)
+from ledger.writer import WriterStopped
+
+log = structlog.get_logger(__name__)
+
+
+class ApiError(Exception):
+    """A refusal decided in the HTTP layer (auth, headers, limits)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def error_body(code: str, detail: Any = None) -> bytes:
+    return json.dumps({"error": code, "detail": detail}).encode()
+
+
+def error_response(
+    status: int, code: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def status_of(error: LedgerError) -> int:
+    if isinstance(error, UnknownSku):
+        return 422  # a SKU named in a request body that the ledger does not know
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, Conflict):
+        return 409
+    if isinstance(error, ContentionTooHigh):
+        return 503
+    return 400
+
+
+def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(item.get("loc", ())), "msg": item.get("msg"), "type": item.get("type")}
+        for item in error.errors()
+    ]
+
+
+async def on_api_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return error_response(error.status, error.code, error.detail, error.headers)
+
+
+async def on_ledger_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, LedgerError)
+    status = status_of(error)
+    detail = {"message": error.message, **error.detail}
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return error_response(status, error.code, detail, headers)
+
+
+async def on_validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = _validation_errors(error)
+    if any(item["type"] == "json_invalid" for item in errors):
+        return error_response(400, "malformed_json", "the request body is not valid JSON")
+    return error_response(422, "validation_error", errors)
+
+
+async def on_http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    headers = dict(error.headers) if error.headers else None
+    return error_response(error.status_code, code, error.detail, headers)
+
+
+async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
+    log.warning("http.unavailable", error=str(error))
+    return error_response(
+        503, "unavailable", "the ledger cannot reach its database", {"Retry-After": "1"}
+    )
+
+
+async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("http.unexpected_error", path=request.url.path)
+    return error_response(
+        500, "internal_error", {"request_id": getattr(request.state, "request_id", None)}
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(LedgerError, on_ledger_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    for unavailable in (StoreUnavailable, DatabaseUnavailable, WriterStopped):
+        app.add_exception_handler(unavailable, on_unavailable)
+    app.add_exception_handler(Exception, on_unexpected)

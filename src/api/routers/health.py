@@ -1,0 +1,35 @@
+"""Liveness and readiness, for orchestrators; no key needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import RuntimeDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """The database answers and the writer runs: the service can take commands."""
+    checks: dict[str, Any] = {"writer": runtime.writer.alive}
+    try:
+        checks["position"] = runtime.app.recorder.max_notification_id() or 0
+        checks["database"] = True
+    except Exception as error:  # any failure means not ready; say which
+        checks["database"] = False
+        checks["database_error"] = type(error).__name__
+    ready = bool(checks["writer"] and checks["database"])
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )

@@ -1,0 +1,213 @@
+"""The OMS reservation lifecycle: reserve, read, confirm, release, fulfil, return."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Response
+
+from api.deps import Now, OmsKey, RequestId, RuntimeDep, cause_for
+from api.errors import ApiError
+from api.routers.suppliers import set_position
+from api.schemas import (
+    AllocationOut,
+    FulfilIn,
+    ReleaseIn,
+    ReservationIn,
+    ReservationLineOut,
+    ReservationOut,
+    ReturnIn,
+)
+from ledger.commands import Command, Confirm, Fulfil, Release, Reserve, Return
+from ledger.errors import ReservationNotFound
+from ledger.reservation import Reservation
+
+router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
+
+_VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
+def reservation_out(reservation: Reservation, at: datetime) -> ReservationOut:
+    return ReservationOut(
+        reservation_id=str(reservation.id),
+        order_id=reservation.order_id,
+        status=reservation.status_at(at),
+        expires_at=reservation.expires_at,
+        created_at=reservation.created_on,
+        confirmed_at=reservation.confirmed_at,
+        lines=[
+            ReservationLineOut(
+                sku=line.sku,
+                quantity=line.quantity,
+                fulfilled=line.fulfilled_quantity,
+                returned=sum(line.returned.values()),
+                allocations=[
+                    AllocationOut(
+                        supplier_id=supplier,
+                        quantity=quantity,
+                        fulfilled=line.fulfilled.get(supplier, 0),
+                        returned=line.returned.get(supplier, 0),
+                    )
+                    for supplier, quantity in line.allocations.items()
+                ],
+            )
+            for line in reservation.lines.values()
+        ],
+    )
+
+
+def _key(value: str | None, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise ApiError(
+                400, "missing_idempotency_key", "send an Idempotency-Key header with each order"
+            )
+        return None
+    if not _VALID_KEY.match(value):
+        raise ApiError(
+            400, "invalid_idempotency_key", "1 to 255 printable ASCII characters, no spaces"
+        )
+    return value
+
+
+def _reservation_id(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise ReservationNotFound(f"no reservation {value}") from None
+
+
+@router.post("", status_code=201, response_model=ReservationOut)
+def reserve(
+    body: ReservationIn,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ReservationOut:
+    """Holds stock for every line of an order, or for none; the answer says who ships what."""
+    settings = runtime.settings
+    idempotency = _key(idempotency_key, required=True)
+    assert idempotency is not None
+    if len(body.lines) > settings.max_reservation_lines:
+        raise ApiError(
+            422, "too_many_lines", f"at most {settings.max_reservation_lines} lines an order"
+        )
+    if body.ttl_seconds is not None and body.ttl_seconds > settings.max_ttl_seconds:
+        raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
+    command = Reserve(
+        at=at,
+        cause=cause_for(key, "oms.reserve", request_id),
+        client=key.name,
+        idempotency_key=idempotency,
+        order_id=body.order_id,
+        lines=[(line.sku, line.quantity) for line in body.lines],
+        ttl_seconds=body.ttl_seconds,
+        default_ttl_seconds=settings.default_ttl_seconds,
+    )
+    outcome = runtime.writer.execute(command)
+    set_position(response, outcome.position)
+    if outcome.value.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return reservation_out(outcome.value.reservation, at)
+
+
+@router.get("/{reservation_id}", response_model=ReservationOut)
+def get(reservation_id: str, _: OmsKey, runtime: RuntimeDep, at: Now) -> ReservationOut:
+    reservation = runtime.queries.reservation(_reservation_id(reservation_id))
+    return reservation_out(reservation, at)
+
+
+def _run(runtime: RuntimeDep, command: Command, response: Response, at: datetime) -> ReservationOut:
+    outcome = runtime.writer.execute(command)
+    set_position(response, outcome.position)
+    return reservation_out(outcome.value, at)
+
+
+@router.post("/{reservation_id}/confirm", response_model=ReservationOut)
+def confirm(
+    reservation_id: str,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+) -> ReservationOut:
+    """Turns the hold into a commitment (idempotent)."""
+    command = Confirm(
+        at=at,
+        cause=cause_for(key, "oms.confirm", request_id),
+        reservation_id=_reservation_id(reservation_id),
+    )
+    return _run(runtime, command, response, at)
+
+
+@router.post("/{reservation_id}/release", response_model=ReservationOut)
+def release(
+    reservation_id: str,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+    body: ReleaseIn | None = None,
+) -> ReservationOut:
+    """Cancels whatever has not shipped (idempotent)."""
+    command = Release(
+        at=at,
+        cause=cause_for(key, "oms.release", request_id),
+        reservation_id=_reservation_id(reservation_id),
+        note=body.reason if body else None,
+    )
+    return _run(runtime, command, response, at)
+
+
+@router.post("/{reservation_id}/fulfil", response_model=ReservationOut)
+def fulfil(
+    reservation_id: str,
+    body: FulfilIn,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ReservationOut:
+    """Records shipped units, all at once or in parts; an Idempotency-Key makes it safe to retry."""
+    command = Fulfil(
+        at=at,
+        cause=cause_for(key, "oms.fulfil", request_id),
+        reservation_id=_reservation_id(reservation_id),
+        lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
+        request_key=_key(idempotency_key, required=False),
+    )
+    return _run(runtime, command, response, at)
+
+
+@router.post("/{reservation_id}/return", response_model=ReservationOut)
+def return_units(
+    reservation_id: str,
+    body: ReturnIn,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ReservationOut:
+    """Records units coming back; `restock` makes them sellable again until the next report."""
+    command = Return(
+        at=at,
+        cause=cause_for(key, "oms.return", request_id),
+        reservation_id=_reservation_id(reservation_id),
+        lines=[(line.sku, line.quantity) for line in body.lines],
+        restock=body.restock,
+        request_key=_key(idempotency_key, required=False),
+    )
+    return _run(runtime, command, response, at)

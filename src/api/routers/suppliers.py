@@ -1,0 +1,191 @@
+"""Suppliers, their SKU mappings, and the stock they report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Response
+from pydantic import ValidationError
+
+from api.deps import AdminKey, Now, RequestId, RuntimeDep, SupplierId, SupplierKey, cause_for
+from api.errors import ApiError
+from api.schemas import (
+    MappingsIn,
+    ObservationIn,
+    RejectedOut,
+    StockReportIn,
+    StockReportOut,
+    SupplierIn,
+    SupplierOut,
+    UpsertOut,
+)
+from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
+from ledger.delivery import DeliveryOutcome, Rejection
+from ledger.errors import UnknownSupplier
+from ledger.handlers.catalogue import Upserted
+from ledger.mapping import MappingSpec
+from ledger.supplier import SupplierTerms
+
+router = APIRouter(prefix="/v1/suppliers", tags=["suppliers"])
+
+POSITION_HEADER = "X-Ledger-Position"
+
+
+def set_position(response: Response, position: int | None) -> None:
+    if position is not None:
+        response.headers[POSITION_HEADER] = str(position)
+
+
+@router.put("/{supplier_id}", response_model=UpsertOut)
+def put_supplier(
+    supplier_id: SupplierId,
+    body: SupplierIn,
+    key: AdminKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+) -> UpsertOut:
+    """Creates or updates a supplier; only the terms that change are recorded."""
+    terms = SupplierTerms(**body.model_dump())
+    command = PutSupplier(
+        at=at,
+        cause=cause_for(key, "admin.supplier.put", request_id),
+        supplier_id=supplier_id,
+        terms=terms,
+    )
+    outcome = runtime.writer.execute(command)
+    set_position(response, outcome.position)
+    return upsert_out(outcome.value, outcome.position)
+
+
+@router.get("/{supplier_id}", response_model=SupplierOut)
+def get_supplier(supplier_id: SupplierId, _: AdminKey, runtime: RuntimeDep) -> SupplierOut:
+    supplier = runtime.queries.supplier(supplier_id)
+    if supplier is None:
+        raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
+    return SupplierOut(supplier_id=supplier_id, **supplier.terms.as_dict())
+
+
+@router.put("/{supplier_id}/mappings", response_model=UpsertOut)
+def put_mappings(
+    supplier_id: SupplierId,
+    body: MappingsIn,
+    key: AdminKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+) -> UpsertOut:
+    """Upserts SKU mappings in bulk; a SKU named for the first time joins the catalogue."""
+    command = PutMappings(
+        at=at,
+        cause=cause_for(key, "admin.mappings.put", request_id),
+        supplier_id=supplier_id,
+        mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
+    )
+    outcome = runtime.writer.execute(command)
+    set_position(response, outcome.position)
+    return upsert_out(outcome.value, outcome.position)
+
+
+def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:
+    return UpsertOut(
+        created=upserted.created,
+        updated=upserted.updated,
+        unchanged=upserted.unchanged,
+        position=position,
+    )
+
+
+@router.post("/{supplier_id}/stock", response_model=StockReportOut)
+def report_stock(
+    supplier_id: SupplierId,
+    body: StockReportIn,
+    key: SupplierKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    response: Response,
+) -> StockReportOut:
+    """Applies a batch of absolute levels; bad records are refused one by one, with reasons."""
+    if key.role == "supplier" and key.supplier_id != supplier_id:
+        raise ApiError(403, "forbidden", "this key reports for another supplier")
+    limit = runtime.settings.max_observations
+    if len(body.observations) > limit:
+        raise ApiError(422, "too_many_observations", f"at most {limit} observations a request")
+    supplier = runtime.queries.supplier(supplier_id)
+    if supplier is None:
+        raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
+    observations, rejected = parse_observations(body.observations, supplier.terms.timezone)
+    content_hash = hashlib.sha256(
+        json.dumps(body.observations, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    command = ReportStock(
+        at=at,
+        cause=cause_for(key, "supplier.stock.reported", request_id),
+        supplier_id=supplier_id,
+        delivery_id=body.delivery_id or f"sha256:{content_hash[:32]}",
+        content_hash=content_hash,
+        source="api",
+        rows=len(body.observations),
+        observations=observations,
+        rejected=rejected,
+    )
+    outcome = runtime.writer.execute(command)
+    set_position(response, outcome.position)
+    return report_out(outcome.value, outcome.position)
+
+
+def parse_observations(
+    records: list[dict[str, Any]], timezone: str
+) -> tuple[list[Observation], list[Rejection]]:
+    """Validates each record on its own; a naive time is in the supplier's zone."""
+    zone = ZoneInfo(timezone)
+    observations: list[Observation] = []
+    rejected: list[Rejection] = []
+    for index, record in enumerate(records):
+        try:
+            parsed = ObservationIn.model_validate(record)
+        except ValidationError as error:
+            reason = "invalid_record: " + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                for e in error.errors()
+            )
+            rejected.append(Rejection(index, reason, record))
+            continue
+        observed_at = parsed.observed_at
+        if observed_at.tzinfo is None:
+            observed_at = observed_at.replace(tzinfo=zone)
+        try:
+            observed_at = observed_at.astimezone(UTC)
+        except (OverflowError, ValueError):
+            rejected.append(Rejection(index, "observed_at_out_of_range", record))
+            continue
+        observations.append(
+            Observation(
+                index=index,
+                supplier_sku=parsed.supplier_sku,
+                sku=parsed.sku,
+                quantity=parsed.quantity,
+                unit=parsed.unit,
+                observed_at=observed_at,
+            )
+        )
+    return observations, rejected
+
+
+def report_out(outcome: DeliveryOutcome, position: int | None) -> StockReportOut:
+    return StockReportOut(
+        delivery_id=outcome.delivery_id,
+        rows=outcome.rows,
+        applied=outcome.applied,
+        unchanged=outcome.unchanged,
+        late=outcome.late,
+        rejected=[RejectedOut(index=r.index, reason=r.reason) for r in outcome.rejected],
+        position=position,
+    )

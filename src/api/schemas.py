@@ -1,0 +1,236 @@
+"""Request and answer bodies of the HTTP API (never domain events)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+# Identifiers: printable, no control characters, bounded.
+Sku = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+SUPPLIER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# JSON numbers only: true, 1.0 and "1" are not quantities.
+Quantity = Annotated[StrictInt, Field(gt=0, le=10**9)]
+# Staleness limits beyond ten years are a mistake, and would overflow time arithmetic.
+Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 24 * 3600)]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a typo must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# Suppliers and mappings -------------------------------------------------------
+
+
+class SupplierIn(Strict):
+    name: Name
+    priority: int = Field(default=100, ge=0, le=1_000_000, description="lower wins")
+    lead_time_days: int = Field(default=0, ge=0, le=3650)
+    moq: int | None = Field(default=None, gt=0, le=10**9)
+    buffer: int = Field(default=0, ge=0, le=10**9)
+    stale_after_seconds: Seconds | None = None
+    exclude_after_seconds: Seconds | None = None
+    reports_net_of_our_orders: bool = False
+    timezone: str = "UTC"
+    connector: dict[str, Any] = Field(default_factory=dict, description="connector settings")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(f"unknown time zone {value!r}") from error
+        return value
+
+    @model_validator(mode="after")
+    def _exclusion_after_staleness(self) -> SupplierIn:
+        stale, exclude = self.stale_after_seconds, self.exclude_after_seconds
+        if stale is not None and exclude is not None and exclude < stale:
+            raise ValueError("exclude_after_seconds must not be shorter than stale_after_seconds")
+        return self
+
+
+class SupplierOut(SupplierIn):
+    supplier_id: str
+
+
+class MappingIn(Strict):
+    supplier_sku: Sku
+    sku: Sku
+    units_per_supplier_unit: int = Field(default=1, gt=0, le=1_000_000)
+    upc: Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")] | None = None
+
+
+class MappingsIn(Strict):
+    mappings: list[MappingIn] = Field(min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _one_per_supplier_sku(self) -> MappingsIn:
+        seen: set[str] = set()
+        for mapping in self.mappings:
+            if mapping.supplier_sku in seen:
+                raise ValueError(f"supplier_sku {mapping.supplier_sku!r} appears twice")
+            seen.add(mapping.supplier_sku)
+        return self
+
+
+class UpsertOut(BaseModel):
+    created: int
+    updated: int
+    unchanged: int
+    position: int | None
+
+
+class SkuIn(Strict):
+    safety_stock: StrictInt = Field(ge=0, le=10**9)
+
+
+# Stock reports ------------------------------------------------------------------
+
+
+class ObservationIn(Strict):
+    """One record of a report; validated on its own so that one bad record refuses only itself."""
+
+    supplier_sku: Sku | None = None
+    sku: Sku | None = None
+    quantity: StrictInt
+    unit: Annotated[str, StringConstraints(min_length=1, max_length=16)] | None = None
+    observed_at: datetime
+
+    @model_validator(mode="after")
+    def _one_identifier(self) -> ObservationIn:
+        if (self.supplier_sku is None) == (self.sku is None):
+            raise ValueError("give exactly one of supplier_sku and sku")
+        return self
+
+
+class StockReportIn(Strict):
+    delivery_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    observations: list[dict[str, Any]] = Field(min_length=1)
+
+
+class RejectedOut(BaseModel):
+    index: int
+    reason: str
+
+
+class StockReportOut(BaseModel):
+    delivery_id: str
+    rows: int
+    applied: int
+    unchanged: int
+    late: int
+    rejected: list[RejectedOut]
+    position: int | None
+
+
+# Reservations -------------------------------------------------------------------
+
+
+class LineIn(Strict):
+    sku: Sku
+    quantity: Quantity
+
+
+class ReservationIn(Strict):
+    order_id: Name
+    lines: list[LineIn] = Field(min_length=1)
+    ttl_seconds: StrictInt | None = Field(default=None, gt=0)
+
+
+class ReleaseIn(Strict):
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class FulfilLineIn(Strict):
+    sku: Sku
+    quantity: Quantity
+    supplier_id: Annotated[str, StringConstraints(pattern=SUPPLIER_ID_PATTERN)] | None = None
+
+
+class FulfilIn(Strict):
+    lines: list[FulfilLineIn] = Field(min_length=1, max_length=1000)
+
+
+class ReturnLineIn(Strict):
+    sku: Sku
+    quantity: Quantity
+
+
+class ReturnIn(Strict):
+    lines: list[ReturnLineIn] = Field(min_length=1, max_length=1000)
+    restock: bool
+
+
+class AllocationOut(BaseModel):
+    supplier_id: str
+    quantity: int
+    fulfilled: int
+    returned: int
+
+
+class ReservationLineOut(BaseModel):
+    sku: str
+    quantity: int
+    fulfilled: int
+    returned: int
+    allocations: list[AllocationOut]
+
+
+class ReservationOut(BaseModel):
+    reservation_id: str
+    order_id: str
+    status: str
+    expires_at: datetime
+    created_at: datetime
+    confirmed_at: datetime | None
+    lines: list[ReservationLineOut]
+
+
+# Availability -------------------------------------------------------------------
+
+
+class SupplierLevelOut(BaseModel):
+    supplier_id: str
+    quantity: int
+    observed_at: datetime | None
+    age_seconds: int | None
+    stale: bool
+    excluded: bool
+    lead_time_days: int | None
+
+
+class AvailabilityOut(BaseModel):
+    sku: str
+    on_hand: int
+    sellable: int
+    held: int
+    committed: int
+    available: int
+    safety_stock: int
+    status: str
+    suppliers: list[SupplierLevelOut]
+    position: int
+
+
+class AvailabilityBatchOut(BaseModel):
+    items: list[AvailabilityOut]
+    unknown: list[str]

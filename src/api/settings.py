@@ -1,0 +1,107 @@
+"""The service's one settings object, read from LEDGER_* environment variables."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Role = Literal["admin", "oms", "storefront", "supplier", "auditor"]
+ROLES: tuple[Role, ...] = ("admin", "oms", "storefront", "supplier", "auditor")
+
+
+class ApiKey(BaseModel):
+    """One client's key: `name:role:secret`, or `name:supplier:secret:supplier_id`."""
+
+    name: str
+    role: Role
+    secret: SecretStr
+    supplier_id: str | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> ApiKey:
+        parts = entry.strip().split(":")
+        if len(parts) not in (3, 4) or not all(parts):
+            raise ValueError("an API key is name:role:secret, or name:supplier:secret:supplier_id")
+        name, role, secret, *rest = parts
+        if role not in ROLES:
+            raise ValueError(f"API key {name!r} has unknown role {role!r}")
+        if (role == "supplier") != bool(rest):
+            raise ValueError(
+                f"API key {name!r}: supplier keys, and only they, end with :supplier_id"
+            )
+        return cls.model_validate(
+            {"name": name, "role": role, "secret": secret, "supplier_id": rest[0] if rest else None}
+        )
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; built once and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore")
+
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL URL; unset starts an embedded server under data_dir"
+    )
+    data_dir: Path = Path("var")
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_observations: int = Field(default=10_000, gt=0)
+    max_reservation_lines: int = Field(default=500, gt=0)
+    default_ttl_seconds: int = Field(default=900, gt=0)
+    max_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    limited_stock_at: int = Field(default=5, ge=0, description="available at or below: limited")
+
+    migrate_on_start: bool = True
+    run_sweeper: bool = True
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    pool_size: int = Field(default=5, gt=0)
+    pool_max_overflow: int = Field(default=10, ge=0)
+    lock_timeout_seconds: int = Field(default=5, gt=0)
+    connect_timeout_seconds: int = Field(default=10, gt=0)
+    aggregate_cache_size: int = Field(default=10_000, ge=0)
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            keys = [ApiKey.parse(entry) for entry in value.split(",") if entry.strip()]
+            names = [key.name for key in keys]
+            if len(set(names)) != len(names):
+                raise ValueError("API key names must be unique")
+            return keys
+        return value
+
+    def event_store_env(self, database_url: str, *, create_tables: bool = False) -> dict[str, str]:
+        """The eventsourcing environment for this database, stated in full.
+
+        POSTGRES_ENABLE_DB_FUNCTIONS stays off: in 9.5.6 it lets followers miss events.
+        """
+        params = conninfo_to_dict(database_url)
+        if not params.get("dbname"):
+            raise ValueError("the database URL names no database")
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": str(params["dbname"]),
+            "POSTGRES_HOST": str(params.get("host") or "localhost"),
+            "POSTGRES_PORT": str(params.get("port") or "5432"),
+            "POSTGRES_USER": str(params.get("user") or getpass.getuser()),
+            "POSTGRES_PASSWORD": str(params.get("password") or ""),
+            "POSTGRES_POOL_SIZE": str(self.pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(self.pool_max_overflow),
+            "POSTGRES_LOCK_TIMEOUT": str(self.lock_timeout_seconds),
+            "POSTGRES_CONNECT_TIMEOUT": str(self.connect_timeout_seconds),
+            "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "10",
+            "POSTGRES_PRE_PING": "y",
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+            "CREATE_TABLE": "y" if create_tables else "n",
+            "AGGREGATE_CACHE_MAXSIZE": str(self.aggregate_cache_size),
+        }

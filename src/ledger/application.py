@@ -1,0 +1,75 @@
+"""The InventoryLedger application: one event store for every aggregate of the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.utils import Environment
+
+from ledger.stock import Position, StockItem
+
+# Persisted names are a contract: the tables are inventoryledger_events and _snapshots.
+APPLICATION_NAME = "InventoryLedger"
+
+IN_MEMORY_MODULES = {"", "eventsourcing.popo"}
+
+
+class InMemoryRefused(RuntimeError):
+    """The ledger would keep its events in memory, where a restart loses them."""
+
+
+class PositionAsDict(Transcoding):
+    """Snapshots keep a supplier position with its bucket keys as integers."""
+
+    type = Position
+    name = "stock_position"
+
+    def encode(self, obj: Position) -> dict[str, Any]:
+        return {
+            "quantity": obj.quantity,
+            "observed_at": obj.observed_at,
+            "source": obj.source,
+            "held": list(obj.held.items()),
+            "committed": obj.committed,
+            "unreported": list(obj.unreported.items()),
+        }
+
+    def decode(self, data: dict[str, Any]) -> Position:
+        return Position(
+            quantity=data["quantity"],
+            observed_at=data["observed_at"],
+            source=data["source"],
+            held={int(key): value for key, value in data["held"]},
+            committed=data["committed"],
+            unreported={int(key): value for key, value in data["unreported"]},
+        )
+
+
+class InventoryLedger(Application[UUID]):
+    """Stock items, reservations, suppliers, mappings and deliveries, saved atomically together."""
+
+    name = APPLICATION_NAME
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {StockItem: 100}
+
+    def __init__(self, env: Mapping[str, str], *, allow_in_memory: bool = False) -> None:
+        module = env.get("PERSISTENCE_MODULE", "")
+        if module in IN_MEMORY_MODULES and not allow_in_memory:
+            raise InMemoryRefused(
+                "PERSISTENCE_MODULE is not set to a database: events would be lost on restart"
+            )
+        super().__init__(dict(env))
+
+    def construct_env(self, name: str, env: Any = None) -> Environment:
+        # Configuration comes only from the settings object, never from os.environ.
+        values = dict(env or {})
+        if self.snapshotting_intervals:
+            values["IS_SNAPSHOTTING_ENABLED"] = "y"
+        return Environment(name, values)
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(PositionAsDict())

@@ -1,0 +1,49 @@
+"""What every aggregate of the ledger shares: events that say who, why and in which request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import AggregateEvent, BaseAggregate, Snapshot
+from eventsourcing.utils import register_topic
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Who caused a change, the reason code, and the request or delivery it belongs to."""
+
+    actor: str
+    reason: str
+    correlation_id: str
+
+    def as_kwargs(self) -> dict[str, str]:
+        return {"actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id}
+
+
+class LedgerSnapshot(Snapshot):
+    """A snapshot without the bookkeeping attributes the library restores anyway."""
+
+    TOPIC = "stockledger:Snapshot"
+
+    @classmethod
+    def take(cls, aggregate: Any) -> LedgerSnapshot:
+        snapshot = super().take(aggregate)
+        for name in ("_id", "_version", "_pending_events"):
+            snapshot.state.pop(name, None)
+        return snapshot
+
+
+register_topic(LedgerSnapshot.TOPIC, LedgerSnapshot)
+
+
+class LedgerAggregate(BaseAggregate[UUID]):
+    """Base of the ledger's aggregates. Subclasses pin explicit, stable topics."""
+
+    Snapshot = LedgerSnapshot
+
+    class Event(AggregateEvent):
+        actor: str
+        reason: str
+        correlation_id: str

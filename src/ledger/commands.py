@@ -1,0 +1,128 @@
+"""What the ledger can be asked to do. Each command carries its time and its cause."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from ledger.base import Cause
+from ledger.delivery import Rejection
+from ledger.mapping import MappingSpec
+from ledger.supplier import SupplierTerms
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    at: datetime
+    cause: Cause
+
+
+@dataclass(frozen=True, kw_only=True)
+class PutSupplier(Command):
+    supplier_id: str
+    terms: SupplierTerms
+
+
+@dataclass(frozen=True, kw_only=True)
+class PutMappings(Command):
+    supplier_id: str
+    mappings: list[MappingSpec]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PutSku(Command):
+    sku: str
+    safety_stock: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observation:
+    """One absolute level a supplier reported, by its own SKU or by ours; `index` is its place."""
+
+    index: int
+    quantity: int
+    observed_at: datetime
+    supplier_sku: str | None = None
+    sku: str | None = None
+    unit: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The observation as received, for the record of a refusal."""
+        record = {
+            "supplier_sku": self.supplier_sku,
+            "sku": self.sku,
+            "quantity": self.quantity,
+            "unit": self.unit,
+            "observed_at": self.observed_at.isoformat(),
+        }
+        return {name: value for name, value in record.items() if value is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportStock(Command):
+    supplier_id: str
+    delivery_id: str
+    content_hash: str
+    source: str
+    rows: int
+    observations: list[Observation]
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reserve(Command):
+    client: str
+    idempotency_key: str
+    order_id: str
+    lines: list[tuple[str, int]]
+    ttl_seconds: int | None
+    default_ttl_seconds: int
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two requests with one idempotency key the same request."""
+        body = {"order_id": self.order_id, "lines": self.lines, "ttl_seconds": self.ttl_seconds}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def summed_lines(self) -> dict[str, int]:
+        """Lines for the same SKU are one claim: summed, in order of first appearance."""
+        summed: dict[str, int] = {}
+        for sku, quantity in self.lines:
+            summed[sku] = summed.get(sku, 0) + quantity
+        return summed
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirm(Command):
+    reservation_id: UUID
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release(Command):
+    reservation_id: UUID
+    note: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fulfil(Command):
+    reservation_id: UUID
+    lines: list[tuple[str, int, str | None]]
+    request_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Return(Command):
+    reservation_id: UUID
+    lines: list[tuple[str, int]]
+    restock: bool
+    request_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpireHolds(Command):
+    reservation_ids: list[UUID]

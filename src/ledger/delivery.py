@@ -1,0 +1,120 @@
+"""Feed deliveries: one supplier report (a request body, a file, a poll page) and what came of it.
+
+The id comes from the supplier's own batch id or the content hash, so delivering the
+same thing twice changes nothing. The outcome, refused records included, is saved in
+the same transaction as the stock changes it caused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import AggregateCreated
+
+from ledger.base import Cause, LedgerAggregate
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record of a delivery that was refused, and why."""
+
+    index: int
+    reason: str
+    record: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    delivery_id: str
+    rows: int
+    applied: int
+    unchanged: int
+    late: int
+    rejected: list[Rejection]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "delivery_id": self.delivery_id,
+            "rows": self.rows,
+            "applied": self.applied,
+            "unchanged": self.unchanged,
+            "late": self.late,
+            "rejected": [rejection.as_dict() for rejection in self.rejected],
+        }
+
+
+class FeedDelivery(LedgerAggregate):
+    TOPIC = "stockledger:FeedDelivery"
+
+    class Recorded(LedgerAggregate.Event, AggregateCreated):
+        TOPIC = "stockledger:FeedDelivery.Recorded"
+        supplier_id: str
+        delivery_id: str
+        content_hash: str
+        source: str
+        rows: int
+        applied: int
+        unchanged: int
+        late: int
+        rejected: list[dict[str, Any]]
+
+    def __init__(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        content_hash: str,
+        source: str,
+        rows: int,
+        applied: int,
+        unchanged: int,
+        late: int,
+        rejected: list[dict[str, Any]],
+    ) -> None:
+        self.supplier_id = supplier_id
+        self.delivery_id = delivery_id
+        self.content_hash = content_hash
+        self.source = source
+        self.outcome = DeliveryOutcome(
+            delivery_id=delivery_id,
+            rows=rows,
+            applied=applied,
+            unchanged=unchanged,
+            late=late,
+            rejected=[Rejection(**rejection) for rejection in rejected],
+        )
+
+    @staticmethod
+    def id_for(supplier_id: str, delivery_id: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/delivery/{supplier_id}/{delivery_id}")
+
+    @classmethod
+    def record(
+        cls,
+        supplier_id: str,
+        content_hash: str,
+        source: str,
+        outcome: DeliveryOutcome,
+        at: datetime,
+        cause: Cause,
+    ) -> FeedDelivery:
+        return cls._create(
+            cls.Recorded,
+            id=cls.id_for(supplier_id, outcome.delivery_id),
+            supplier_id=supplier_id,
+            delivery_id=outcome.delivery_id,
+            content_hash=content_hash,
+            source=source,
+            rows=outcome.rows,
+            applied=outcome.applied,
+            unchanged=outcome.unchanged,
+            late=outcome.late,
+            rejected=[rejection.as_dict() for rejection in outcome.rejected],
+            timestamp=at,
+            **cause.as_kwargs(),
+        )

@@ -1,0 +1,81 @@
+"""Why the ledger refuses a command. The API maps each to a status and an error code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class LedgerError(Exception):
+    """A command the ledger refuses; nothing was changed."""
+
+    code = "ledger_error"
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class NotFound(LedgerError):
+    code = "not_found"
+
+
+class UnknownSku(NotFound):
+    code = "unknown_sku"
+
+
+class UnknownSupplier(NotFound):
+    code = "unknown_supplier"
+
+
+class ReservationNotFound(NotFound):
+    code = "reservation_not_found"
+
+
+class Conflict(LedgerError):
+    code = "conflict"
+
+
+class IdempotencyKeyMismatch(Conflict):
+    code = "idempotency_key_mismatch"
+
+
+class DeliveryConflict(Conflict):
+    code = "delivery_id_conflict"
+
+
+class InvalidState(Conflict):
+    code = "invalid_state"
+
+
+class ExceedsOpenQuantity(Conflict):
+    code = "exceeds_open_quantity"
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """One SKU of an order that stock cannot cover."""
+
+    sku: str
+    requested: int
+    available: int
+
+
+class InsufficientStock(Conflict):
+    """Some lines of an order cannot be covered; no line was reserved."""
+
+    code = "insufficient_stock"
+
+    def __init__(self, shortfalls: list[Shortfall]) -> None:
+        super().__init__(
+            "not enough stock for every line of the order",
+            lines=[asdict(shortfall) for shortfall in shortfalls],
+        )
+        self.shortfalls = shortfalls
+
+
+class ContentionTooHigh(LedgerError):
+    """The command kept losing optimistic-concurrency races and gave up."""
+
+    code = "contention"

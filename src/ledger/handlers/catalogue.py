@@ -1,0 +1,67 @@
+"""Suppliers, SKU mappings and SKUs: what operators configure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ledger.commands import PutMappings, PutSku, PutSupplier
+from ledger.errors import UnknownSupplier
+from ledger.handlers import handles
+from ledger.mapping import SkuMapping
+from ledger.stock import StockItem
+from ledger.supplier import Supplier
+from ledger.uow import UnitOfWork
+
+
+@dataclass(frozen=True)
+class Upserted:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+@handles(PutSupplier)
+def put_supplier(uow: UnitOfWork, command: PutSupplier) -> Upserted:
+    supplier = uow.get(Supplier, Supplier.id_for(command.supplier_id))
+    if supplier is None:
+        uow.add(Supplier.register(command.supplier_id, command.terms, command.at, command.cause))
+        return Upserted(created=1)
+    if supplier.change_terms(command.terms, command.at, command.cause):
+        return Upserted(updated=1)
+    return Upserted(unchanged=1)
+
+
+def ensure_sku(uow: UnitOfWork, sku: str, command: PutMappings | PutSku) -> StockItem:
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    if item is None:
+        item = StockItem.register(sku, command.at, command.cause)
+        uow.add(item)
+    return item
+
+
+@handles(PutMappings)
+def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
+    if uow.get(Supplier, Supplier.id_for(command.supplier_id)) is None:
+        raise UnknownSupplier(f"unknown supplier {command.supplier_id!r}")
+    created = updated = unchanged = 0
+    for spec in command.mappings:
+        ensure_sku(uow, spec.sku, command)
+        mapping = uow.get(SkuMapping, SkuMapping.id_for(command.supplier_id, spec.supplier_sku))
+        if mapping is None:
+            uow.add(SkuMapping.map(command.supplier_id, spec, command.at, command.cause))
+            created += 1
+        elif mapping.remap(spec, command.at, command.cause):
+            updated += 1
+        else:
+            unchanged += 1
+    return Upserted(created=created, updated=updated, unchanged=unchanged)
+
+
+@handles(PutSku)
+def put_sku(uow: UnitOfWork, command: PutSku) -> Upserted:
+    existed = uow.get(StockItem, StockItem.id_for(command.sku)) is not None
+    item = ensure_sku(uow, command.sku, command)
+    changed = item.set_safety_stock(command.safety_stock, command.at, command.cause)
+    if not existed:
+        return Upserted(created=1)
+    return Upserted(updated=1) if changed else Upserted(unchanged=1)

@@ -1,0 +1,141 @@
+"""Supplier stock reports: absolute levels, applied only where they change something."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ledger.commands import Observation, ReportStock
+from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
+from ledger.errors import DeliveryConflict, UnknownSupplier
+from ledger.handlers import handles
+from ledger.mapping import SkuMapping
+from ledger.stock import ObservationOutcome, StockItem
+from ledger.supplier import Supplier
+from ledger.uow import UnitOfWork
+
+# A supplier's clock may run a little ahead of ours; beyond this a report is refused.
+CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
+
+# Quantities beyond this are a broken feed, not stock.
+MAX_QUANTITY = 10**12
+
+
+@dataclass(frozen=True)
+class Level:
+    """One observation resolved to an internal SKU, in base units."""
+
+    index: int
+    sku: str
+    quantity: int
+    observed_at: datetime
+
+
+@handles(ReportStock)
+def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
+    supplier = uow.get(Supplier, Supplier.id_for(command.supplier_id))
+    if supplier is None:
+        raise UnknownSupplier(f"unknown supplier {command.supplier_id!r}")
+    delivery = uow.get(FeedDelivery, FeedDelivery.id_for(command.supplier_id, command.delivery_id))
+    if delivery is not None:
+        if delivery.content_hash != command.content_hash:
+            raise DeliveryConflict(
+                f"delivery {command.delivery_id!r} was already received with other content",
+                delivery_id=command.delivery_id,
+            )
+        return delivery.outcome
+
+    rejected = list(command.rejected)
+    levels, superseded, repeated = _newest_per_sku(uow, command, rejected)
+    counts = {outcome: 0 for outcome in ObservationOutcome}
+    counts[ObservationOutcome.LATE] = superseded
+    counts[ObservationOutcome.UNCHANGED] = repeated
+    for level in levels:
+        item = uow.get(StockItem, StockItem.id_for(level.sku))
+        assert item is not None  # _resolve keeps only SKUs that exist
+
+        result = item.observe(
+            command.supplier_id,
+            level.quantity,
+            level.observed_at,
+            supplier.terms,
+            command.at,
+            command.cause,
+            source=command.source,
+            delivery_id=command.delivery_id,
+        )
+        counts[result] += 1
+
+    outcome = DeliveryOutcome(
+        delivery_id=command.delivery_id,
+        rows=command.rows,
+        applied=counts[ObservationOutcome.APPLIED],
+        unchanged=counts[ObservationOutcome.UNCHANGED],
+        late=counts[ObservationOutcome.LATE],
+        rejected=sorted(rejected, key=lambda rejection: rejection.index),
+    )
+    uow.add(
+        FeedDelivery.record(
+            command.supplier_id,
+            command.content_hash,
+            command.source,
+            outcome,
+            command.at,
+            command.cause,
+        )
+    )
+    return outcome
+
+
+def _newest_per_sku(
+    uow: UnitOfWork, command: ReportStock, rejected: list[Rejection]
+) -> tuple[list[Level], int, int]:
+    """Keeps the newest level per SKU; returns it with the superseded and repeated counts.
+
+    Records at the newest time that disagree on the quantity are all refused: the
+    delivery does not say which one is true. Exact repeats count as unchanged.
+    """
+    records = {observation.index: observation for observation in command.observations}
+    by_sku: dict[str, list[Level]] = {}
+    for observation in command.observations:
+        level = _resolve(uow, command, observation)
+        if isinstance(level, str):
+            rejected.append(Rejection(observation.index, level, observation.as_record()))
+        else:
+            by_sku.setdefault(level.sku, []).append(level)
+    newest: list[Level] = []
+    superseded = repeated = 0
+    for levels in by_sku.values():
+        latest = max(level.observed_at for level in levels)
+        at_latest = [level for level in levels if level.observed_at == latest]
+        superseded += len(levels) - len(at_latest)
+        if len({level.quantity for level in at_latest}) > 1:
+            rejected.extend(
+                Rejection(level.index, "conflicting_duplicate", records[level.index].as_record())
+                for level in at_latest
+            )
+        else:
+            newest.append(at_latest[0])
+            repeated += len(at_latest) - 1
+    return newest, superseded, repeated
+
+
+def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) -> Level | str:
+    """The observation as a level of an internal SKU in base units, or why it is refused."""
+    if observation.quantity < 0:
+        return "negative_quantity"
+    if observation.observed_at > command.at + CLOCK_SKEW_TOLERANCE:
+        return "observed_at_in_future"
+    quantity, sku = observation.quantity, observation.sku
+    if observation.supplier_sku is not None:
+        mapping = uow.get(
+            SkuMapping, SkuMapping.id_for(command.supplier_id, observation.supplier_sku)
+        )
+        if mapping is None:
+            return "unmapped_supplier_sku"
+        quantity, sku = mapping.to_base_units(quantity), mapping.sku
+    if quantity > MAX_QUANTITY:
+        return "quantity_out_of_range"
+    if sku is None or uow.get(StockItem, StockItem.id_for(sku)) is None:
+        return "unknown_sku"
+    return Level(observation.index, sku, quantity, observation.observed_at)

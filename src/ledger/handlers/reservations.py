@@ -1,0 +1,176 @@
+"""OMS reservations: hold, confirm, release, fulfil, return, expire."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from uuid import UUID
+
+from ledger.commands import Confirm, ExpireHolds, Fulfil, Release, Reserve, Return
+from ledger.errors import (
+    IdempotencyKeyMismatch,
+    InsufficientStock,
+    ReservationNotFound,
+    Shortfall,
+    UnknownSku,
+)
+from ledger.handlers import handles
+from ledger.reservation import OPEN_COMMITMENTS, Movement, Reservation, ReservationStatus
+from ledger.stock import EPOCH, Allocation, StockItem, second_ceil
+from ledger.uow import UnitOfWork
+
+
+@dataclass(frozen=True)
+class Reserved:
+    reservation: Reservation
+    replayed: bool
+
+
+@handles(Reserve)
+def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
+    reservation_id = Reservation.id_for(command.client, command.idempotency_key)
+    existing = uow.get(Reservation, reservation_id)
+    if existing is not None:
+        if existing.fingerprint != command.fingerprint:
+            raise IdempotencyKeyMismatch(
+                "this Idempotency-Key was used with another request body",
+                reservation_id=str(reservation_id),
+            )
+        return Reserved(existing, replayed=True)
+
+    wanted = command.summed_lines()
+    items = {sku: uow.get(StockItem, StockItem.id_for(sku)) for sku in wanted}
+    unknown = [sku for sku, item in items.items() if item is None]
+    if unknown:
+        raise UnknownSku(f"unknown SKU(s): {', '.join(unknown)}", skus=unknown)
+    stock = {sku: item for sku, item in items.items() if item is not None}
+    terms = uow.supplier_terms({s for item in stock.values() for s in item.supplier_ids})
+
+    # Decide every line before changing anything: all lines are held, or none.
+    allocations: dict[str, list[Allocation]] = {}
+    shortfalls: list[Shortfall] = []
+    for sku, quantity in wanted.items():
+        allocated, available = stock[sku].allocate(quantity, command.at, terms)
+        if allocated is None:
+            shortfalls.append(Shortfall(sku, quantity, available))
+        else:
+            allocations[sku] = allocated
+    if shortfalls:
+        raise InsufficientStock(shortfalls)
+
+    ttl = command.ttl_seconds or command.default_ttl_seconds
+    expires_at = EPOCH + timedelta(seconds=second_ceil(command.at + timedelta(seconds=ttl)))
+    reservation = Reservation.place(
+        client=command.client,
+        idempotency_key=command.idempotency_key,
+        order_id=command.order_id,
+        fingerprint=command.fingerprint,
+        lines=[(sku, quantity, allocations[sku]) for sku, quantity in wanted.items()],
+        expires_at=expires_at,
+        at=command.at,
+        cause=command.cause,
+    )
+    for sku, allocated in allocations.items():
+        stock[sku].hold(str(reservation_id), allocated, expires_at, command.at, command.cause)
+    uow.add(reservation)
+    return Reserved(reservation, replayed=False)
+
+
+def _reservation(uow: UnitOfWork, reservation_id: UUID) -> Reservation:
+    reservation = uow.get(Reservation, reservation_id)
+    if reservation is None:
+        raise ReservationNotFound(f"no reservation {reservation_id}")
+    return reservation
+
+
+def _stock(uow: UnitOfWork, sku: str) -> StockItem:
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    assert item is not None, sku  # a reservation only names SKUs that exist
+    return item
+
+
+@handles(Confirm)
+def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
+    reservation = _reservation(uow, command.reservation_id)
+    terms = uow.supplier_terms(reservation.supplier_ids)
+    net = [s for s, supplier in terms.items() if supplier.reports_net_of_our_orders]
+    if reservation.confirm(command.at, command.cause, net):
+        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            _stock(uow, sku).confirm_hold(
+                str(reservation.id),
+                allocated,
+                reservation.expires_at,
+                reservation.net_of_our_orders,
+                command.at,
+                command.cause,
+            )
+    return reservation
+
+
+@handles(Release)
+def release(uow: UnitOfWork, command: Release) -> Reservation:
+    reservation = _reservation(uow, command.reservation_id)
+    released_from = reservation.release(command.at, command.cause, command.note)
+    if released_from == ReservationStatus.HELD:
+        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            _stock(uow, sku).release_hold(
+                str(reservation.id), allocated, reservation.expires_at, command.at, command.cause
+            )
+    elif released_from in OPEN_COMMITMENTS:
+        assert reservation.confirmed_at is not None
+        for sku, allocated in reservation.allocations_by_sku(open_only=True).items():
+            _stock(uow, sku).release_commitment(
+                str(reservation.id),
+                allocated,
+                reservation.confirmed_at,
+                reservation.net_of_our_orders,
+                command.at,
+                command.cause,
+            )
+    return reservation
+
+
+def _by_sku(movements: list[Movement]) -> dict[str, list[Allocation]]:
+    grouped: dict[str, list[Allocation]] = defaultdict(list)
+    for movement in movements:
+        grouped[movement.sku].append(Allocation(movement.supplier_id, movement.quantity))
+    return grouped
+
+
+@handles(Fulfil)
+def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
+    reservation = _reservation(uow, command.reservation_id)
+    shipped = reservation.fulfil(command.lines, command.at, command.cause, command.request_key)
+    for sku, allocated in _by_sku(shipped).items():
+        _stock(uow, sku).ship(
+            str(reservation.id),
+            allocated,
+            reservation.net_of_our_orders,
+            command.at,
+            command.cause,
+        )
+    return reservation
+
+
+@handles(Return)
+def return_units(uow: UnitOfWork, command: Return) -> Reservation:
+    reservation = _reservation(uow, command.reservation_id)
+    returned = reservation.return_units(
+        command.lines, command.restock, command.at, command.cause, command.request_key
+    )
+    if command.restock:
+        for sku, allocated in _by_sku(returned).items():
+            _stock(uow, sku).restock(str(reservation.id), allocated, command.at, command.cause)
+    return reservation
+
+
+@handles(ExpireHolds)
+def expire_holds(uow: UnitOfWork, command: ExpireHolds) -> list[UUID]:
+    """Writes `Expired` for holds past their time; the stock stopped counting them already."""
+    expired = []
+    for reservation_id in command.reservation_ids:
+        reservation = uow.get(Reservation, reservation_id)
+        if reservation is not None and reservation.expire(command.at, command.cause):
+            expired.append(reservation_id)
+    return expired

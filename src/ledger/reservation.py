@@ -1,0 +1,354 @@
+"""Reservation: one OMS order's claim on stock, from hold to fulfilment, and its returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import AggregateCreated
+
+from ledger.base import Cause, LedgerAggregate
+from ledger.errors import ExceedsOpenQuantity, InvalidState
+from ledger.stock import Allocation
+
+
+class ReservationStatus(StrEnum):
+    HELD = "held"
+    CONFIRMED = "confirmed"
+    PARTIALLY_FULFILLED = "partially_fulfilled"
+    FULFILLED = "fulfilled"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+OPEN_COMMITMENTS = (ReservationStatus.CONFIRMED, ReservationStatus.PARTIALLY_FULFILLED)
+
+
+class ReservationExpired(InvalidState):
+    code = "reservation_expired"
+
+
+@dataclass(frozen=True)
+class Movement:
+    """Units of one SKU that moved for one supplier: shipped, or returned."""
+
+    sku: str
+    supplier_id: str
+    quantity: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sku": self.sku, "supplier_id": self.supplier_id, "quantity": self.quantity}
+
+
+@dataclass
+class Line:
+    """One SKU of the order, who ships it, and how much has shipped and come back."""
+
+    sku: str
+    quantity: int
+    allocations: dict[str, int]
+    fulfilled: dict[str, int] = field(default_factory=dict)
+    returned: dict[str, int] = field(default_factory=dict)
+
+    def open_by_supplier(self) -> dict[str, int]:
+        return {
+            supplier: allocated - self.fulfilled.get(supplier, 0)
+            for supplier, allocated in self.allocations.items()
+            if allocated > self.fulfilled.get(supplier, 0)
+        }
+
+    def returnable_by_supplier(self) -> dict[str, int]:
+        return {
+            supplier: shipped - self.returned.get(supplier, 0)
+            for supplier, shipped in self.fulfilled.items()
+            if shipped > self.returned.get(supplier, 0)
+        }
+
+    @property
+    def fulfilled_quantity(self) -> int:
+        return sum(self.fulfilled.values())
+
+
+def _take(available: dict[str, int], quantity: int, supplier_id: str | None) -> dict[str, int]:
+    """Splits `quantity` over suppliers in order, or takes it all from the one named."""
+    if supplier_id is not None:
+        return {supplier_id: quantity} if available.get(supplier_id, 0) >= quantity else {}
+    taken: dict[str, int] = {}
+    remaining = quantity
+    for supplier, open_quantity in available.items():
+        take = min(open_quantity, remaining)
+        if take:
+            taken[supplier] = take
+            remaining -= take
+    return taken if remaining == 0 else {}
+
+
+def _movements(
+    lines: dict[str, Line],
+    requested: Iterable[tuple[str, int, str | None]],
+    budget_of: str,
+) -> list[Movement]:
+    budgets = {
+        sku: (line.open_by_supplier() if budget_of == "open" else line.returnable_by_supplier())
+        for sku, line in lines.items()
+    }
+    movements: list[Movement] = []
+    for sku, quantity, supplier_id in requested:
+        budget = budgets.get(sku)
+        taken = _take(budget, quantity, supplier_id) if budget is not None else {}
+        if not taken:
+            left = 0 if budget is None else sum(budget.values())
+            raise ExceedsOpenQuantity(
+                f"{quantity} of {sku} is more than the reservation has {budget_of}",
+                sku=sku,
+                requested=quantity,
+                remaining=left,
+            )
+        for supplier, take in taken.items():
+            assert budget is not None
+            budget[supplier] -= take
+            movements.append(Movement(sku, supplier, take))
+    return movements
+
+
+class Reservation(LedgerAggregate):
+    """An order's claim on stock; all its lines are held or refused together."""
+
+    TOPIC = "stockledger:Reservation"
+
+    class Placed(LedgerAggregate.Event, AggregateCreated):
+        TOPIC = "stockledger:Reservation.Placed"
+        client: str
+        idempotency_key: str
+        order_id: str
+        fingerprint: str
+        lines: list[dict[str, Any]]
+        expires_at: datetime
+
+    class Confirmed(LedgerAggregate.Event):
+        """The hold became a commitment; `net_of_our_orders` names the suppliers whose
+        reports will leave this order out, so that it stops counting against them."""
+
+        TOPIC = "stockledger:Reservation.Confirmed"
+        net_of_our_orders: list[str]
+
+        def apply(self, reservation: Reservation) -> None:
+            reservation.status = ReservationStatus.CONFIRMED
+            reservation.confirmed_at = self.timestamp
+            reservation.net_of_our_orders = list(self.net_of_our_orders)
+
+    class Released(LedgerAggregate.Event):
+        TOPIC = "stockledger:Reservation.Released"
+        note: str | None
+
+        def apply(self, reservation: Reservation) -> None:
+            reservation.status = ReservationStatus.RELEASED
+            reservation.closed_at = self.timestamp
+
+    class Expired(LedgerAggregate.Event):
+        TOPIC = "stockledger:Reservation.Expired"
+
+        def apply(self, reservation: Reservation) -> None:
+            reservation.status = ReservationStatus.EXPIRED
+            reservation.closed_at = self.timestamp
+
+    class Fulfilled(LedgerAggregate.Event):
+        TOPIC = "stockledger:Reservation.Fulfilled"
+        movements: list[dict[str, Any]]
+        request_key: str | None
+
+        def apply(self, reservation: Reservation) -> None:
+            for movement in self.movements:
+                line = reservation.lines[movement["sku"]]
+                supplier = movement["supplier_id"]
+                line.fulfilled[supplier] = line.fulfilled.get(supplier, 0) + movement["quantity"]
+            done = all(not line.open_by_supplier() for line in reservation.lines.values())
+            reservation.status = (
+                ReservationStatus.FULFILLED if done else ReservationStatus.PARTIALLY_FULFILLED
+            )
+            reservation.remember(self.request_key)
+
+    class Returned(LedgerAggregate.Event):
+        TOPIC = "stockledger:Reservation.Returned"
+        movements: list[dict[str, Any]]
+        restock: bool
+        request_key: str | None
+
+        def apply(self, reservation: Reservation) -> None:
+            for movement in self.movements:
+                line = reservation.lines[movement["sku"]]
+                supplier = movement["supplier_id"]
+                line.returned[supplier] = line.returned.get(supplier, 0) + movement["quantity"]
+            reservation.remember(self.request_key)
+
+    def __init__(
+        self,
+        client: str,
+        idempotency_key: str,
+        order_id: str,
+        fingerprint: str,
+        lines: list[dict[str, Any]],
+        expires_at: datetime,
+    ) -> None:
+        self.client = client
+        self.idempotency_key = idempotency_key
+        self.order_id = order_id
+        self.fingerprint = fingerprint
+        self.expires_at = expires_at
+        self.lines = {
+            line["sku"]: Line(
+                sku=line["sku"],
+                quantity=line["quantity"],
+                allocations={a["supplier_id"]: a["quantity"] for a in line["allocations"]},
+            )
+            for line in lines
+        }
+        self.status = ReservationStatus.HELD
+        self.confirmed_at: datetime | None = None
+        self.net_of_our_orders: list[str] = []
+        self.closed_at: datetime | None = None
+        self.request_keys: list[str] = []
+
+    @staticmethod
+    def id_for(client: str, idempotency_key: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/reservation/{client}/{idempotency_key}")
+
+    @classmethod
+    def place(
+        cls,
+        client: str,
+        idempotency_key: str,
+        order_id: str,
+        fingerprint: str,
+        lines: list[tuple[str, int, list[Allocation]]],
+        expires_at: datetime,
+        at: datetime,
+        cause: Cause,
+    ) -> Reservation:
+        return cls._create(
+            cls.Placed,
+            id=cls.id_for(client, idempotency_key),
+            client=client,
+            idempotency_key=idempotency_key,
+            order_id=order_id,
+            fingerprint=fingerprint,
+            lines=[
+                {"sku": sku, "quantity": quantity, "allocations": [a.as_dict() for a in allocs]}
+                for sku, quantity, allocs in lines
+            ],
+            expires_at=expires_at,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def remember(self, request_key: str | None) -> None:
+        if request_key is not None:
+            self.request_keys.append(request_key)
+
+    def status_at(self, at: datetime) -> ReservationStatus:
+        """The status, counting a hold past its expiry as expired before the sweeper says so."""
+        if self.status == ReservationStatus.HELD and at >= self.expires_at:
+            return ReservationStatus.EXPIRED
+        return self.status
+
+    def allocations_by_sku(self, open_only: bool) -> dict[str, list[Allocation]]:
+        """Per SKU, the allocations: all of them, or only what has not shipped yet."""
+        return {
+            sku: [
+                Allocation(supplier, quantity)
+                for supplier, quantity in (
+                    line.open_by_supplier() if open_only else line.allocations
+                ).items()
+            ]
+            for sku, line in self.lines.items()
+            if not open_only or line.open_by_supplier()
+        }
+
+    @property
+    def supplier_ids(self) -> set[str]:
+        return {supplier for line in self.lines.values() for supplier in line.allocations}
+
+    def confirm(self, at: datetime, cause: Cause, net_of_our_orders: list[str]) -> bool:
+        """Turns the hold into a commitment; False when it already was one."""
+        status = self.status_at(at)
+        if status == ReservationStatus.HELD:
+            self.trigger_event(
+                self.Confirmed,
+                net_of_our_orders=sorted(net_of_our_orders),
+                timestamp=at,
+                **cause.as_kwargs(),
+            )
+            return True
+        if status in (*OPEN_COMMITMENTS, ReservationStatus.FULFILLED):
+            return False
+        if status == ReservationStatus.EXPIRED:
+            raise ReservationExpired("the hold expired before it was confirmed", status=status)
+        raise InvalidState(f"a {status} reservation cannot be confirmed", status=status)
+
+    def release(self, at: datetime, cause: Cause, note: str | None) -> ReservationStatus | None:
+        """Cancels what has not shipped; returns the status released from, None if nothing was."""
+        status = self.status_at(at)
+        if status in (ReservationStatus.RELEASED, ReservationStatus.EXPIRED):
+            return None
+        if status == ReservationStatus.FULFILLED:
+            raise InvalidState("a fulfilled reservation cannot be released", status=status)
+        self.trigger_event(self.Released, note=note, timestamp=at, **cause.as_kwargs())
+        return status
+
+    def expire(self, at: datetime, cause: Cause) -> bool:
+        expired = self.status_at(at) == ReservationStatus.EXPIRED
+        if self.status == ReservationStatus.HELD and expired:
+            self.trigger_event(self.Expired, timestamp=at, **cause.as_kwargs())
+            return True
+        return False
+
+    def fulfil(
+        self,
+        requested: list[tuple[str, int, str | None]],
+        at: datetime,
+        cause: Cause,
+        request_key: str | None = None,
+    ) -> list[Movement]:
+        """Records shipped quantities; a repeated `request_key` changes nothing."""
+        if request_key is not None and request_key in self.request_keys:
+            return []
+        status = self.status_at(at)
+        if status not in OPEN_COMMITMENTS:
+            raise InvalidState(f"a {status} reservation cannot be fulfilled", status=status)
+        movements = _movements(self.lines, requested, budget_of="open")
+        self.trigger_event(
+            self.Fulfilled,
+            movements=[m.as_dict() for m in movements],
+            request_key=request_key,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+        return movements
+
+    def return_units(
+        self,
+        requested: list[tuple[str, int]],
+        restock: bool,
+        at: datetime,
+        cause: Cause,
+        request_key: str | None = None,
+    ) -> list[Movement]:
+        """Records units coming back from the customer; a repeated `request_key` changes nothing."""
+        if request_key is not None and request_key in self.request_keys:
+            return []
+        movements = _movements(
+            self.lines, [(sku, quantity, None) for sku, quantity in requested], budget_of="shipped"
+        )
+        self.trigger_event(
+            self.Returned,
+            movements=[m.as_dict() for m in movements],
+            restock=restock,
+            request_key=request_key,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+        return movements

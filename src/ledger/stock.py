@@ -1,0 +1,610 @@
+"""StockItem: one internal SKU, what each supplier last reported, and what is promised against it.
+
+Quantities are integers in the SKU's base unit. The state stays compact whatever the
+number of open orders: holds are summed per supplier in one-second expiry buckets and
+commitments per supplier in a counter; the detail of each order lives in its Reservation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import AggregateCreated
+
+from ledger.base import Cause, LedgerAggregate
+from ledger.supplier import SupplierTerms
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_SECOND = timedelta(seconds=1)
+
+
+def second_floor(moment: datetime) -> int:
+    """The whole Unix second at or before `moment`."""
+    return (moment - EPOCH) // ONE_SECOND
+
+
+def second_ceil(moment: datetime) -> int:
+    """The whole Unix second at or after `moment`."""
+    whole, rest = divmod(moment - EPOCH, ONE_SECOND)
+    return whole + (1 if rest else 0)
+
+
+def reduction_key(moment: datetime) -> int:
+    """The bucket of a reduction made at `moment`: the first whole second after it.
+
+    Only a report observed strictly after the reduction may retire it; within one
+    second the ledger cannot tell, so it keeps counting the reduction (never oversell).
+    """
+    return second_floor(moment) + 1
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How much of one order line a supplier ships."""
+
+    supplier_id: str
+    quantity: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"supplier_id": self.supplier_id, "quantity": self.quantity}
+
+    @classmethod
+    def many_from(cls, data: Iterable[Mapping[str, Any]]) -> list[Allocation]:
+        return [cls(item["supplier_id"], item["quantity"]) for item in data]
+
+
+def _as_dicts(allocations: Iterable[Allocation]) -> list[dict[str, Any]]:
+    return [allocation.as_dict() for allocation in allocations]
+
+
+@dataclass
+class Position:
+    """One supplier's last report for the SKU and what is promised against that supplier.
+
+    `held` maps the Unix second a hold expires at to the quantity held; a hold stops
+    counting at that second. `unreported` maps a Unix second to stock changes we know
+    of (our shipments, restocks, commitments to suppliers that report net of our
+    orders) that the supplier's last report does not reflect yet: a report observed at
+    or after that second retires them.
+    """
+
+    quantity: int = 0
+    observed_at: datetime | None = None
+    source: str = ""
+    held: dict[int, int] = field(default_factory=dict)
+    committed: int = 0
+    unreported: dict[int, int] = field(default_factory=dict)
+
+    def live_held(self, now: int) -> int:
+        return sum(quantity for expires, quantity in self.held.items() if expires > now)
+
+    def effective_level(self) -> int:
+        return max(0, self.quantity + sum(self.unreported.values()))
+
+    def forget_expired_holds(self, now: int) -> None:
+        for expires in [expires for expires in self.held if expires <= now]:
+            del self.held[expires]
+
+    def add_held(self, expires: int, delta: int) -> None:
+        _add(self.held, expires, delta, floor=0)
+
+    def add_unreported(self, moment: datetime, delta: int) -> None:
+        # An ambiguous same-second case errs on the side of never overselling: a
+        # reduction is kept until a report clearly after it, an increase is retired by a
+        # report in the same second.
+        key = reduction_key(moment) if delta < 0 else second_floor(moment)
+        _add(self.unreported, key, delta)
+
+    def cancel_unreported(self, key: int, delta: int) -> None:
+        """Undoes part of an earlier change, if no report has retired it yet."""
+        if key in self.unreported:
+            _add(self.unreported, key, delta)
+
+    def retire_reported(self, observed_at: datetime) -> None:
+        reported = second_floor(observed_at)
+        for key in [key for key in self.unreported if key <= reported]:
+            del self.unreported[key]
+
+    def has_reported_changes(self, observed_at: datetime) -> bool:
+        reported = second_floor(observed_at)
+        return any(key <= reported for key in self.unreported)
+
+
+def _add(buckets: dict[int, int], key: int, delta: int, floor: int | None = None) -> None:
+    value = buckets.get(key, 0) + delta
+    if floor is not None:
+        value = max(floor, value)
+    if value:
+        buckets[key] = value
+    else:
+        buckets.pop(key, None)
+
+
+class ObservationOutcome(StrEnum):
+    APPLIED = "applied"
+    UNCHANGED = "unchanged"
+    LATE = "late"
+
+
+@dataclass(frozen=True)
+class SupplierLevel:
+    """One supplier's contribution to a SKU at a moment."""
+
+    supplier_id: str
+    quantity: int
+    observed_at: datetime | None
+    age_seconds: int | None
+    stale: bool
+    excluded: bool
+    sellable: int
+    held: int
+    committed: int
+    lead_time_days: int
+
+    @property
+    def capacity(self) -> int:
+        """What may still be promised against this supplier."""
+        return max(0, self.sellable - self.held - self.committed)
+
+
+@dataclass(frozen=True)
+class StockLevels:
+    """A SKU's numbers at a moment: `available = sellable - held - committed`, never below 0."""
+
+    sku: str
+    on_hand: int
+    sellable: int
+    held: int
+    committed: int
+    available: int
+    safety_stock: int
+    suppliers: list[SupplierLevel]
+
+    @property
+    def stale(self) -> bool:
+        return any(level.stale for level in self.suppliers)
+
+    def status(self, limited_at: int) -> str:
+        if self.available <= 0:
+            return "out_of_stock"
+        if self.stale:
+            return "updating"
+        if self.available <= limited_at:
+            return "limited"
+        return "in_stock"
+
+
+def _terms_for(terms: Mapping[str, SupplierTerms], supplier_id: str) -> SupplierTerms:
+    return terms.get(supplier_id) or SupplierTerms(name=supplier_id)
+
+
+class StockItem(LedgerAggregate):
+    """One internal SKU: supplier levels, promises per supplier, and the no-oversell rule."""
+
+    TOPIC = "stockledger:StockItem"
+
+    class Event(LedgerAggregate.Event):
+        def mutate(self, aggregate: Any) -> Any:
+            item = super().mutate(aggregate)
+            assert item is not None
+            # Holds that have run out no longer count; forgetting them keeps the state
+            # small. Done on every event, so that replaying rebuilds the same state.
+            now = second_floor(self.timestamp)
+            for position in item.positions.values():
+                position.forget_expired_holds(now)
+            return item
+
+    class Registered(Event, AggregateCreated):
+        TOPIC = "stockledger:StockItem.Registered"
+        sku: str
+        safety_stock: int
+
+    class SafetyStockSet(Event):
+        TOPIC = "stockledger:StockItem.SafetyStockSet"
+        safety_stock: int
+
+        def apply(self, item: StockItem) -> None:
+            item.safety_stock = self.safety_stock
+
+    class Observed(Event):
+        """A supplier reported an absolute level; `exposure` is what it left over-promised."""
+
+        TOPIC = "stockledger:StockItem.Observed"
+        supplier_id: str
+        quantity: int
+        observed_at: datetime
+        source: str
+        delivery_id: str | None
+        previous_quantity: int | None
+        exposure: int
+
+        def apply(self, item: StockItem) -> None:
+            position = item.position(self.supplier_id)
+            position.quantity = self.quantity
+            position.observed_at = self.observed_at
+            position.source = self.source
+            position.retire_reported(self.observed_at)
+
+    class LateReportIgnored(Event):
+        TOPIC = "stockledger:StockItem.LateReportIgnored"
+        supplier_id: str
+        quantity: int
+        observed_at: datetime
+        current_observed_at: datetime
+        source: str
+        delivery_id: str | None
+
+    class Held(Event):
+        TOPIC = "stockledger:StockItem.Held"
+        reservation_id: str
+        expires_at: datetime
+        allocations: list[dict[str, Any]]
+
+        def apply(self, item: StockItem) -> None:
+            expires = second_ceil(self.expires_at)
+            for allocation in Allocation.many_from(self.allocations):
+                item.position(allocation.supplier_id).add_held(expires, allocation.quantity)
+
+    class HoldReleased(Event):
+        TOPIC = "stockledger:StockItem.HoldReleased"
+        reservation_id: str
+        expires_at: datetime
+        allocations: list[dict[str, Any]]
+
+        def apply(self, item: StockItem) -> None:
+            expires = second_ceil(self.expires_at)
+            for allocation in Allocation.many_from(self.allocations):
+                item.position(allocation.supplier_id).add_held(expires, -allocation.quantity)
+
+    class HoldConfirmed(Event):
+        TOPIC = "stockledger:StockItem.HoldConfirmed"
+        reservation_id: str
+        expires_at: datetime
+        allocations: list[dict[str, Any]]
+        net_of_our_orders: list[str]
+
+        def apply(self, item: StockItem) -> None:
+            expires = second_ceil(self.expires_at)
+            for allocation in Allocation.many_from(self.allocations):
+                position = item.position(allocation.supplier_id)
+                position.add_held(expires, -allocation.quantity)
+                if allocation.supplier_id in self.net_of_our_orders:
+                    position.add_unreported(self.timestamp, -allocation.quantity)
+                else:
+                    position.committed += allocation.quantity
+
+    class CommitmentReleased(Event):
+        TOPIC = "stockledger:StockItem.CommitmentReleased"
+        reservation_id: str
+        confirmed_at: datetime
+        allocations: list[dict[str, Any]]
+        net_of_our_orders: list[str]
+
+        def apply(self, item: StockItem) -> None:
+            for allocation in Allocation.many_from(self.allocations):
+                position = item.position(allocation.supplier_id)
+                if allocation.supplier_id in self.net_of_our_orders:
+                    position.cancel_unreported(
+                        reduction_key(self.confirmed_at), allocation.quantity
+                    )
+                else:
+                    position.committed = max(0, position.committed - allocation.quantity)
+
+    class Shipped(Event):
+        TOPIC = "stockledger:StockItem.Shipped"
+        reservation_id: str
+        allocations: list[dict[str, Any]]
+        net_of_our_orders: list[str]
+
+        def apply(self, item: StockItem) -> None:
+            for allocation in Allocation.many_from(self.allocations):
+                if allocation.supplier_id in self.net_of_our_orders:
+                    # Its reports already leave our open orders out; shipping changes nothing.
+                    continue
+                position = item.position(allocation.supplier_id)
+                position.committed = max(0, position.committed - allocation.quantity)
+                position.add_unreported(self.timestamp, -allocation.quantity)
+
+    class Restocked(Event):
+        TOPIC = "stockledger:StockItem.Restocked"
+        reservation_id: str
+        allocations: list[dict[str, Any]]
+
+        def apply(self, item: StockItem) -> None:
+            for allocation in Allocation.many_from(self.allocations):
+                item.position(allocation.supplier_id).add_unreported(
+                    self.timestamp, allocation.quantity
+                )
+
+    def __init__(self, sku: str, safety_stock: int) -> None:
+        self.sku = sku
+        self.safety_stock = safety_stock
+        self.positions: dict[str, Position] = {}
+
+    @staticmethod
+    def id_for(sku: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/sku/{sku}")
+
+    @classmethod
+    def register(cls, sku: str, at: datetime, cause: Cause, safety_stock: int = 0) -> StockItem:
+        return cls._create(
+            cls.Registered,
+            id=cls.id_for(sku),
+            sku=sku,
+            safety_stock=safety_stock,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def position(self, supplier_id: str) -> Position:
+        try:
+            return self.positions[supplier_id]
+        except KeyError:
+            position = self.positions[supplier_id] = Position()
+            return position
+
+    @property
+    def supplier_ids(self) -> list[str]:
+        return list(self.positions)
+
+    # Commands ---------------------------------------------------------------
+
+    def set_safety_stock(self, safety_stock: int, at: datetime, cause: Cause) -> bool:
+        if safety_stock == self.safety_stock:
+            return False
+        self.trigger_event(
+            self.SafetyStockSet, safety_stock=safety_stock, timestamp=at, **cause.as_kwargs()
+        )
+        return True
+
+    def observe(
+        self,
+        supplier_id: str,
+        quantity: int,
+        observed_at: datetime,
+        terms: SupplierTerms,
+        at: datetime,
+        cause: Cause,
+        source: str = "",
+        delivery_id: str | None = None,
+    ) -> ObservationOutcome:
+        """Records an absolute supplier report; the newest `observed_at` per supplier wins."""
+        current = self.positions.get(supplier_id)
+        if current is not None and current.observed_at is not None:
+            if observed_at < current.observed_at:
+                self.trigger_event(
+                    self.LateReportIgnored,
+                    supplier_id=supplier_id,
+                    quantity=quantity,
+                    observed_at=observed_at,
+                    current_observed_at=current.observed_at,
+                    source=source,
+                    delivery_id=delivery_id,
+                    timestamp=at,
+                    **cause.as_kwargs(),
+                )
+                return ObservationOutcome.LATE
+            if not self._changes_anything(current, quantity, observed_at, terms):
+                return ObservationOutcome.UNCHANGED
+        self.trigger_event(
+            self.Observed,
+            supplier_id=supplier_id,
+            quantity=quantity,
+            observed_at=observed_at,
+            source=source,
+            delivery_id=delivery_id,
+            previous_quantity=None if current is None else current.quantity,
+            exposure=self._exposure_after(current, quantity, observed_at, terms, at),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+        return ObservationOutcome.APPLIED
+
+    @staticmethod
+    def _exposure_after(
+        current: Position | None,
+        quantity: int,
+        observed_at: datetime,
+        terms: SupplierTerms,
+        at: datetime,
+    ) -> int:
+        """How far promises against the supplier would exceed what the report makes sellable."""
+        if current is None:
+            return 0
+        reported = second_floor(observed_at)
+        still_unreported = sum(v for key, v in current.unreported.items() if key > reported)
+        sellable = max(0, max(0, quantity + still_unreported) - terms.buffer)
+        promised = current.live_held(second_floor(at)) + current.committed
+        return max(0, promised - sellable)
+
+    @staticmethod
+    def _changes_anything(
+        current: Position, quantity: int, observed_at: datetime, terms: SupplierTerms
+    ) -> bool:
+        assert current.observed_at is not None
+        if quantity != current.quantity or current.has_reported_changes(observed_at):
+            return True
+        # An unchanged level is re-recorded only when the stored one is getting old,
+        # so that a supplier repeating the same number never turns stale.
+        limits = [limit for limit in (terms.stale_after, terms.exclude_after) if limit]
+        return bool(limits) and observed_at - current.observed_at >= min(limits) / 2
+
+    def hold(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        expires_at: datetime,
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        """Holds stock already allocated by `allocate`, which checked the invariant."""
+        self.trigger_event(
+            self.Held,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+            allocations=_as_dicts(allocations),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def release_hold(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        expires_at: datetime,
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        self.trigger_event(
+            self.HoldReleased,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+            allocations=_as_dicts(allocations),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def confirm_hold(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        expires_at: datetime,
+        net_of_our_orders: list[str],
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        self.trigger_event(
+            self.HoldConfirmed,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+            allocations=_as_dicts(allocations),
+            net_of_our_orders=net_of_our_orders,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def release_commitment(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        confirmed_at: datetime,
+        net_of_our_orders: list[str],
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        self.trigger_event(
+            self.CommitmentReleased,
+            reservation_id=reservation_id,
+            confirmed_at=confirmed_at,
+            allocations=_as_dicts(allocations),
+            net_of_our_orders=net_of_our_orders,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def ship(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        net_of_our_orders: list[str],
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        self.trigger_event(
+            self.Shipped,
+            reservation_id=reservation_id,
+            allocations=_as_dicts(allocations),
+            net_of_our_orders=net_of_our_orders,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def restock(
+        self, reservation_id: str, allocations: list[Allocation], at: datetime, cause: Cause
+    ) -> None:
+        self.trigger_event(
+            self.Restocked,
+            reservation_id=reservation_id,
+            allocations=_as_dicts(allocations),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    # Queries ----------------------------------------------------------------
+
+    def levels(self, at: datetime, terms: Mapping[str, SupplierTerms]) -> StockLevels:
+        """The SKU's numbers at `at`: staleness, buffers, safety stock and live holds applied."""
+        now = second_floor(at)
+        suppliers = [
+            self._supplier_level(supplier_id, position, at, now, _terms_for(terms, supplier_id))
+            for supplier_id, position in self.positions.items()
+        ]
+        sellable = max(0, sum(level.sellable for level in suppliers) - self.safety_stock)
+        held = sum(level.held for level in suppliers)
+        committed = sum(level.committed for level in suppliers)
+        return StockLevels(
+            sku=self.sku,
+            on_hand=sum(position.quantity for position in self.positions.values()),
+            sellable=sellable,
+            held=held,
+            committed=committed,
+            available=max(0, sellable - held - committed),
+            safety_stock=self.safety_stock,
+            suppliers=suppliers,
+        )
+
+    @staticmethod
+    def _supplier_level(
+        supplier_id: str, position: Position, at: datetime, now: int, terms: SupplierTerms
+    ) -> SupplierLevel:
+        age = None if position.observed_at is None else at - position.observed_at
+        stale = age is not None and terms.stale_after is not None and age > terms.stale_after
+        excluded = age is None or (terms.exclude_after is not None and age > terms.exclude_after)
+        sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
+        return SupplierLevel(
+            supplier_id=supplier_id,
+            quantity=position.quantity,
+            observed_at=position.observed_at,
+            age_seconds=None if age is None else max(0, int(age.total_seconds())),
+            stale=stale or excluded,
+            excluded=excluded,
+            sellable=sellable,
+            held=position.live_held(now),
+            committed=position.committed,
+            lead_time_days=terms.lead_time_days,
+        )
+
+    def allocate(
+        self, quantity: int, at: datetime, terms: Mapping[str, SupplierTerms]
+    ) -> tuple[list[Allocation] | None, int]:
+        """Splits `quantity` across suppliers by priority, lead time, then freshest report.
+
+        Returns the allocations, or None when the SKU cannot cover the quantity without
+        breaking `held + committed <= sellable`, together with what is available.
+        """
+        levels = self.levels(at, terms)
+        if quantity > levels.available:
+            return None, levels.available
+
+        def preference(level: SupplierLevel) -> tuple[int, int, float, str]:
+            supplier = _terms_for(terms, level.supplier_id)
+            freshness = -level.observed_at.timestamp() if level.observed_at else 0.0
+            return (supplier.priority, supplier.lead_time_days, freshness, level.supplier_id)
+
+        allocations: list[Allocation] = []
+        remaining = quantity
+        for level in sorted(levels.suppliers, key=preference):
+            take = min(remaining, level.capacity)
+            if take > 0:
+                allocations.append(Allocation(level.supplier_id, take))
+                remaining -= take
+            if remaining == 0:
+                break
+        # The sum of capacities is never below `available`, so the whole line fits.
+        assert remaining == 0, (quantity, levels)
+        return allocations, levels.available

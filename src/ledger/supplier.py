@@ -1,0 +1,95 @@
+"""Suppliers: who holds stock for us, and on what terms their reports count."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import AggregateCreated
+
+from ledger.base import Cause, LedgerAggregate
+
+
+@dataclass(frozen=True)
+class SupplierTerms:
+    """A supplier's configuration as the allocation and availability rules need it."""
+
+    name: str
+    priority: int = 100
+    lead_time_days: int = 0
+    moq: int | None = None
+    buffer: int = 0
+    stale_after_seconds: int | None = None
+    exclude_after_seconds: int | None = None
+    reports_net_of_our_orders: bool = False
+    timezone: str = "UTC"
+    connector: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stale_after(self) -> timedelta | None:
+        if self.stale_after_seconds is None:
+            return None
+        return timedelta(seconds=self.stale_after_seconds)
+
+    @property
+    def exclude_after(self) -> timedelta | None:
+        if self.exclude_after_seconds is None:
+            return None
+        return timedelta(seconds=self.exclude_after_seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SupplierTerms:
+        return cls(**data)
+
+
+class Supplier(LedgerAggregate):
+    """A supplier and the history of its terms."""
+
+    TOPIC = "stockledger:Supplier"
+
+    class Registered(LedgerAggregate.Event, AggregateCreated):
+        TOPIC = "stockledger:Supplier.Registered"
+        supplier_id: str
+        terms: dict[str, Any]
+
+    class TermsChanged(LedgerAggregate.Event):
+        TOPIC = "stockledger:Supplier.TermsChanged"
+        changes: dict[str, Any]
+
+        def apply(self, supplier: Supplier) -> None:
+            supplier.terms = replace(supplier.terms, **self.changes)
+
+    def __init__(self, supplier_id: str, terms: dict[str, Any]) -> None:
+        self.supplier_id = supplier_id
+        self.terms = SupplierTerms.from_dict(terms)
+
+    @staticmethod
+    def id_for(supplier_id: str) -> UUID:
+        return uuid5(NAMESPACE_URL, f"/supplier/{supplier_id}")
+
+    @classmethod
+    def register(
+        cls, supplier_id: str, terms: SupplierTerms, at: datetime, cause: Cause
+    ) -> Supplier:
+        return cls._create(
+            cls.Registered,
+            id=cls.id_for(supplier_id),
+            supplier_id=supplier_id,
+            terms=terms.as_dict(),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def change_terms(self, terms: SupplierTerms, at: datetime, cause: Cause) -> bool:
+        """Records the terms that differ from the current ones; False when nothing changed."""
+        current, wanted = self.terms.as_dict(), terms.as_dict()
+        changes = {name: value for name, value in wanted.items() if current[name] != value}
+        if not changes:
+            return False
+        self.trigger_event(self.TermsChanged, changes=changes, timestamp=at, **cause.as_kwargs())
+        return True

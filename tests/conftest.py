@@ -1,0 +1,202 @@
+"""Fixtures every layer shares: a real PostgreSQL, a fresh database per test, a running server.
+
+PostgreSQL is found at LEDGER_TEST_DATABASE_URL, else at 127.0.0.1:5432 when it
+answers, else an embedded one is started: the database tests never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+TEST_KEYS = (
+    "admin:admin:test-admin,"
+    "oms:oms:test-oms,"
+    "oms2:oms:test-oms-2,"
+    "shop:storefront:test-shop,"
+    "audit:auditor:test-audit,"
+    "acme-feed:supplier:test-acme:acme"
+)
+
+
+def random_sku(prefix: str = "SKU") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _local_server_answers() -> bool:
+    try:
+        psycopg.connect(LOCAL_SERVER, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A maintenance URL of a real PostgreSQL server, found or started."""
+    configured = os.environ.get("LEDGER_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+    elif _local_server_answers():
+        yield LOCAL_SERVER
+    else:
+        import pgserver
+
+        data = Path(tempfile.mkdtemp(prefix="ledger-test-pg-"))
+        server = pgserver.get_server(data, cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+            shutil.rmtree(data, ignore_errors=True)
+
+
+@contextmanager
+def fresh_database(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own, dropped afterwards; yields its URL."""
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(postgres_server_url, dbname=name)
+    finally:
+        with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own for one test."""
+    with fresh_database(postgres_server_url) as url:
+        yield url
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "api_keys": TEST_KEYS,
+        "sweep_interval_seconds": 0.2,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The ledger on a fresh database, without the background sweeper."""
+    opened = open_runtime(settings, sweep=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A `ledger serve` process answering over real HTTP."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    database_url: str, tmp_path: Path, workers: int = 2, extra_env: dict[str, str] | None = None
+) -> Server:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    env = {
+        **os.environ,
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_API_KEYS": TEST_KEYS,
+        "LEDGER_LOG_FORMAT": "json",
+        "LEDGER_SWEEP_INTERVAL_SECONDS": "0.2",
+        **(extra_env or {}),
+    }
+    command = [sys.executable, "-m", "api", "serve", "--port", str(port), "--workers", str(workers)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ledger serve exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"ledger serve did not become ready:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(5)
+
+
+@contextmanager
+def serving(
+    postgres_server_url: str,
+    tmp_path: Path,
+    workers: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """`ledger serve` on a database of its own, for as long as the block runs."""
+    with fresh_database(postgres_server_url) as url:
+        running = start_server(url, tmp_path, workers, extra_env)
+        try:
+            yield running
+        finally:
+            stop_server(running)
+
+
+@pytest.fixture
+def server(postgres_server_url: str, tmp_path: Path) -> Iterator[Server]:
+    """`ledger serve --workers 2` on a fresh database."""
+    with serving(postgres_server_url, tmp_path) as running:
+        yield running

@@ -1,0 +1,200 @@
+"""Concurrent clients against `ledger serve --workers 2`: no oversell, one reservation per key."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx
+
+from tests.conftest import Server, random_sku
+
+T = TypeVar("T")
+
+OMS_KEYS = ("test-oms", "test-oms-2")
+
+
+def stocked_sku(server: Server, quantity: int) -> str:
+    """A new SKU with `quantity` units at one supplier, reported now."""
+    supplier, sku = random_sku("sup"), random_sku("HOT")
+    observation = {"sku": sku, "quantity": quantity, "observed_at": datetime.now(UTC).isoformat()}
+    with server.client("test-admin") as admin:
+        assert admin.put(f"/v1/suppliers/{supplier}", json={"name": supplier}).is_success
+        assert admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}).is_success
+        report = admin.post(f"/v1/suppliers/{supplier}/stock", json={"observations": [observation]})
+    assert report.json()["applied"] == 1, report.text
+    return sku
+
+
+def all_at_once(calls: list[Callable[[], T]]) -> list[T]:
+    """Runs every call on its own thread, released together, and returns their results in order."""
+    start = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], T]) -> T:
+        start.wait()
+        return call()
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def split(items: list[T], *sizes: int) -> list[list[T]]:
+    """The items cut into consecutive groups of these sizes, and the rest."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(items[start : start + size])
+        start += size
+    return [*groups, items[start:]]
+
+
+def reserve(
+    server: Server, lines: dict[str, int], key: str, oms_key: str = "test-oms"
+) -> Callable[[], httpx.Response]:
+    """A reservation request on a connection of its own, so that both workers take a share."""
+    body = {
+        "order_id": f"order-{key}",
+        "lines": [{"sku": sku, "quantity": quantity} for sku, quantity in lines.items()],
+    }
+
+    def call() -> httpx.Response:
+        with server.client(oms_key) as oms:
+            return oms.post("/v1/reservations", json=body, headers={"Idempotency-Key": key})
+
+    return call
+
+
+def post(server: Server, path: str) -> Callable[[], httpx.Response]:
+    """A bodiless POST (confirm, release) on a connection of its own."""
+
+    def call() -> httpx.Response:
+        with server.client("test-oms") as oms:
+            return oms.post(path)
+
+    return call
+
+
+def availability(server: Server, sku: str) -> dict[str, Any]:
+    with server.client("test-shop") as shop:
+        response = shop.get(f"/v1/availability/{sku}")
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def outcome(response: httpx.Response) -> tuple[int, str | None]:
+    error = response.json().get("error") if response.status_code >= 400 else None
+    return response.status_code, error
+
+
+def test_sixty_concurrent_orders_for_twenty_five_units_grant_exactly_twenty_five(
+    server: Server,
+) -> None:
+    sku = stocked_sku(server, 25)
+    calls = [reserve(server, {sku: 1}, uuid.uuid4().hex, OMS_KEYS[n % 2]) for n in range(60)]
+
+    responses = all_at_once(calls)
+
+    outcomes = Counter(outcome(response) for response in responses)
+    assert outcomes == {(201, None): 25, (409, "insufficient_stock"): 35}
+    granted = {r.json()["reservation_id"] for r in responses if r.status_code == 201}
+    assert len(granted) == 25
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["detail"]["lines"] == [
+                {"sku": sku, "requested": 1, "available": 0}
+            ]
+    levels = availability(server, sku)
+    assert (levels["sellable"], levels["held"], levels["available"]) == (25, 25, 0)
+
+
+def test_one_idempotency_key_sent_by_ten_threads_at_once_makes_one_reservation(
+    server: Server,
+) -> None:
+    sku = stocked_sku(server, 50)
+    key = uuid.uuid4().hex
+
+    responses = all_at_once([reserve(server, {sku: 3}, key) for _ in range(10)])
+
+    assert [response.status_code for response in responses] == [201] * 10
+    assert len({response.json()["reservation_id"] for response in responses}) == 1
+    originals = [r for r in responses if r.headers.get("Idempotent-Replayed") != "true"]
+    assert len(originals) == 1
+    assert availability(server, sku)["held"] == 3
+
+
+def test_concurrent_two_line_orders_hold_both_lines_or_neither(server: Server) -> None:
+    plenty, scarce = stocked_sku(server, 100), stocked_sku(server, 10)
+
+    responses = all_at_once(
+        [reserve(server, {plenty: 1, scarce: 1}, uuid.uuid4().hex) for _ in range(30)]
+    )
+
+    assert Counter(outcome(r) for r in responses) == {
+        (201, None): 10,
+        (409, "insufficient_stock"): 20,
+    }
+    assert availability(server, plenty)["held"] == 10
+    assert availability(server, scarce)["held"] == 10
+
+
+def test_concurrent_confirms_releases_and_new_orders_never_promise_more_than_is_sellable(
+    server: Server,
+) -> None:
+    sku = stocked_sku(server, 20)
+    reservations = [
+        response.json()["reservation_id"]
+        for response in all_at_once(
+            [reserve(server, {sku: 1}, uuid.uuid4().hex) for _ in range(20)]
+        )
+    ]
+    assert availability(server, sku)["available"] == 0
+    to_confirm, to_release, contested = reservations[:8], reservations[8:16], reservations[16:]
+    confirm_calls = [post(server, f"/v1/reservations/{r}/confirm") for r in to_confirm + contested]
+    release_calls = [post(server, f"/v1/reservations/{r}/release") for r in to_release + contested]
+    new_orders = [reserve(server, {sku: 1}, uuid.uuid4().hex) for _ in range(12)]
+    samples: list[dict[str, Any]] = []
+    storm_over = threading.Event()
+
+    def sample() -> None:
+        while not storm_over.is_set():
+            samples.append(availability(server, sku))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        responses = all_at_once(confirm_calls + release_calls + new_orders)
+    finally:
+        storm_over.set()
+        sampler.join()
+
+    confirms, contested_confirms, releases, orders = split(
+        responses, len(to_confirm), len(contested), len(release_calls)
+    )
+    assert [outcome(r) for r in confirms] == [(200, None)] * len(to_confirm)
+    # Confirm and release race on the contested ones: release always wins in the end.
+    assert {outcome(r) for r in contested_confirms} <= {(200, None), (409, "invalid_state")}
+    assert [outcome(r) for r in releases] == [(200, None)] * len(release_calls)
+    assert {outcome(r) for r in orders} <= {(201, None), (409, "insufficient_stock")}
+    granted = sum(r.status_code == 201 for r in orders)
+    assert granted <= len(to_release) + len(contested)
+
+    assert samples
+    for levels in samples:
+        assert levels["held"] + levels["committed"] <= levels["sellable"], levels
+    with server.client("test-oms") as oms:
+        statuses = Counter(oms.get(f"/v1/reservations/{r}").json()["status"] for r in reservations)
+    assert statuses == {"confirmed": len(to_confirm), "released": len(to_release) + len(contested)}
+    levels = availability(server, sku)
+    assert (levels["sellable"], levels["committed"], levels["held"]) == (20, 8, granted)
+    assert levels["available"] == 20 - 8 - granted
+
+    # What the ledger says is left can be reserved, and not one unit more.
+    left = levels["available"]
+    if left:
+        assert reserve(server, {sku: left}, uuid.uuid4().hex)().status_code == 201
+    assert reserve(server, {sku: 1}, uuid.uuid4().hex)().status_code == 409

@@ -1,0 +1,633 @@
+"""Every client mistake gets its status and the error envelope, never a 500."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_KEYS, Server, random_sku, serving
+
+SMALL_BODY_LIMIT = 1024
+
+
+# Servers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `ledger serve --workers 2` for the module; its log is checked by the last test."""
+    with serving(postgres_server_url, tmp_path_factory.mktemp("ledger"), 2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def small_body_ledger(
+    postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with serving(
+        postgres_server_url,
+        tmp_path_factory.mktemp("small-body"),
+        1,
+        extra_env={"LEDGER_MAX_BODY_BYTES": str(SMALL_BODY_LIMIT)},
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def anonymous(ledger: Server) -> Iterator[httpx.Client]:
+    with ledger.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def admin(ledger: Server) -> Iterator[httpx.Client]:
+    with ledger.client("test-admin") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oms(ledger: Server) -> Iterator[httpx.Client]:
+    with ledger.client("test-oms") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def shop(ledger: Server) -> Iterator[httpx.Client]:
+    with ledger.client("test-shop") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def acme(ledger: Server, admin: httpx.Client) -> Iterator[httpx.Client]:
+    """The supplier key bound to supplier "acme", which exists."""
+    assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
+    with ledger.client("test-acme") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sku(admin: httpx.Client) -> str:
+    """A SKU with plenty of units at one supplier, for the tests that need a valid order."""
+    supplier = new_supplier(admin)
+    sku = random_sku()
+    observation = {"sku": sku, "quantity": 1000, "observed_at": iso()}
+    assert admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}).status_code == 200
+    report = admin.post(f"/v1/suppliers/{supplier}/stock", json={"observations": [observation]})
+    assert report.json()["applied"] == 1, report.text
+    return sku
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+def iso(*, seconds: float = 0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def refused(response: httpx.Response, status: int, error: str | None = None) -> Any:
+    """Asserts the status and the error envelope, and returns the envelope's detail."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    if error is not None:
+        assert body["error"] == error, body
+    return body["detail"]
+
+
+def new_supplier(admin: httpx.Client) -> str:
+    supplier_id = random_sku("sup")
+    response = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": supplier_id})
+    assert response.status_code == 200, response.text
+    return supplier_id
+
+
+def order(sku: str, quantity: Any = 1, **extra: Any) -> dict[str, Any]:
+    return {"order_id": "order-1", "lines": [{"sku": sku, "quantity": quantity}], **extra}
+
+
+def post_order(oms: httpx.Client, body: Any) -> httpx.Response:
+    """Posts `body` as JSON, whatever it is (`None` is sent as `null`)."""
+    headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+    return oms.post("/v1/reservations", content=json.dumps(body), headers=headers)
+
+
+def new_reservation(oms: httpx.Client, sku: str, quantity: int = 1) -> str:
+    response = post_order(oms, order(sku, quantity))
+    assert response.status_code == 201, response.text
+    reservation_id: str = response.json()["reservation_id"]
+    return reservation_id
+
+
+# Bodies -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"order_id": "o", "lines": [', b"not json at all", b'{"order_id": "o",}', b"\xff\xfe"],
+)
+def test_a_body_that_is_not_json_is_malformed(oms: httpx.Client, raw: bytes) -> None:
+    response = oms.post(
+        "/v1/reservations",
+        content=raw,
+        headers={"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex},
+    )
+
+    refused(response, 400, "malformed_json")
+
+
+def test_an_unknown_field_is_a_validation_error_that_names_it(oms: httpx.Client, sku: str) -> None:
+    detail = refused(post_order(oms, order(sku, colour="red")), 422, "validation_error")
+
+    assert any(item["loc"][-1] == "colour" for item in detail), detail
+
+
+@pytest.mark.parametrize("quantity", [0, -1, 1.5, "many", None, 10**9 + 1, 10**30])
+def test_a_reservation_quantity_that_is_not_a_positive_integer_is_refused(
+    oms: httpx.Client, sku: str, quantity: Any
+) -> None:
+    detail = refused(post_order(oms, order(sku, quantity)), 422, "validation_error")
+
+    assert any("quantity" in item["loc"] for item in detail), detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        "order",
+        None,
+        {"order_id": "o", "lines": []},
+        {"lines": [{"sku": "x", "quantity": 1}]},
+        {"order_id": "", "lines": [{"sku": "x", "quantity": 1}]},
+        {"order_id": "o", "lines": [{"sku": "", "quantity": 1}]},
+        {"order_id": "o", "lines": [{"sku": "x", "quantity": 1}], "ttl_seconds": 0},
+    ],
+    ids=["list", "string", "null", "no-lines", "no-order", "empty-order", "empty-sku", "ttl-0"],
+)
+def test_a_reservation_body_of_the_wrong_shape_is_a_validation_error(
+    oms: httpx.Client, body: Any
+) -> None:
+    refused(post_order(oms, body), 422, "validation_error")
+
+
+def test_a_ttl_beyond_the_maximum_is_refused(oms: httpx.Client, sku: str) -> None:
+    refused(post_order(oms, order(sku, ttl_seconds=10**8)), 422, "ttl_too_long")
+
+
+def test_an_order_without_an_idempotency_key_is_refused(oms: httpx.Client, sku: str) -> None:
+    refused(oms.post("/v1/reservations", json=order(sku)), 400, "missing_idempotency_key")
+
+
+@pytest.mark.parametrize("key", ["has space", "x" * 256, "caf\u00e9"])
+def test_an_idempotency_key_that_is_not_printable_ascii_is_refused(
+    oms: httpx.Client, sku: str, key: str
+) -> None:
+    response = oms.post(
+        "/v1/reservations", json=order(sku), headers={b"Idempotency-Key": key.encode()}
+    )
+
+    refused(response, 400, "invalid_idempotency_key")
+
+
+def test_an_unknown_sku_in_an_order_is_refused_and_named(
+    oms: httpx.Client, shop: httpx.Client, sku: str
+) -> None:
+    missing = random_sku("missing")
+    held_before = shop.get(f"/v1/availability/{sku}").json()["held"]
+    body = {
+        "order_id": "o",
+        "lines": [{"sku": sku, "quantity": 1}, {"sku": missing, "quantity": 1}],
+    }
+
+    detail = refused(post_order(oms, body), 422, "unknown_sku")
+
+    assert detail["skus"] == [missing]
+    assert shop.get(f"/v1/availability/{sku}").json()["held"] == held_before
+
+
+# Unknown things ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reservation_id", [str(uuid.uuid4()), "not-a-uuid", "123"])
+@pytest.mark.parametrize("action", ["", "/confirm", "/release"])
+def test_an_unknown_reservation_is_not_found(
+    oms: httpx.Client, reservation_id: str, action: str
+) -> None:
+    path = f"/v1/reservations/{reservation_id}{action}"
+    response = oms.post(path) if action else oms.get(path)
+
+    refused(response, 404, "reservation_not_found")
+
+
+@pytest.mark.parametrize(("action", "extra"), [("fulfil", {}), ("return", {"restock": True})])
+def test_fulfilling_or_returning_an_unknown_reservation_is_not_found(
+    oms: httpx.Client, sku: str, action: str, extra: dict[str, Any]
+) -> None:
+    body = {"lines": [{"sku": sku, "quantity": 1}], **extra}
+
+    response = oms.post(f"/v1/reservations/{uuid.uuid4()}/{action}", json=body)
+
+    refused(response, 404, "reservation_not_found")
+
+
+def test_availability_of_an_unknown_sku_is_not_found(shop: httpx.Client) -> None:
+    missing = random_sku("missing")
+
+    detail = refused(shop.get(f"/v1/availability/{missing}"), 404, "unknown_sku")
+
+    assert detail["sku"] == missing
+
+
+def test_batch_availability_without_any_sku_is_a_validation_error(shop: httpx.Client) -> None:
+    refused(shop.get("/v1/availability"), 422, "validation_error")
+
+
+def test_batch_availability_of_more_than_a_hundred_skus_is_a_validation_error(
+    shop: httpx.Client,
+) -> None:
+    skus = [random_sku() for _ in range(101)]
+
+    refused(shop.get("/v1/availability", params={"sku": skus}), 422, "validation_error")
+
+
+def test_a_sku_path_over_128_characters_is_a_validation_error(shop: httpx.Client) -> None:
+    refused(shop.get(f"/v1/availability/{'x' * 129}"), 422, "validation_error")
+
+
+def test_an_unknown_supplier_is_not_found_for_stock_mappings_or_terms(admin: httpx.Client) -> None:
+    observation = {"sku": "x", "quantity": 1, "observed_at": iso()}
+    missing = random_sku("nosup")
+
+    stock = admin.post(f"/v1/suppliers/{missing}/stock", json={"observations": [observation]})
+    mappings = admin.put(
+        f"/v1/suppliers/{missing}/mappings", json={"mappings": [{"supplier_sku": "a", "sku": "b"}]}
+    )
+    terms = admin.get(f"/v1/suppliers/{missing}")
+
+    refused(stock, 404, "unknown_supplier")
+    refused(mappings, 404, "unknown_supplier")
+    refused(terms, 404, "unknown_supplier")
+
+
+def test_a_supplier_id_outside_the_allowed_characters_is_a_validation_error(
+    admin: httpx.Client,
+) -> None:
+    refused(admin.put("/v1/suppliers/bad%20id", json={"name": "x"}), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "priority": -1},
+        {"name": "x", "timezone": "Mars/Olympus"},
+        {"name": "x", "stale_after_seconds": 600, "exclude_after_seconds": 60},
+        {"name": "x", "reports_net_of_our_orders": "sometimes"},
+        {"priority": 1},
+    ],
+    ids=["negative-priority", "unknown-zone", "exclude-before-stale", "not-a-bool", "no-name"],
+)
+def test_invalid_supplier_terms_are_a_validation_error(
+    admin: httpx.Client, body: dict[str, Any]
+) -> None:
+    refused(admin.put(f"/v1/suppliers/{random_sku('sup')}", json=body), 422, "validation_error")
+
+
+@pytest.mark.parametrize("limit", ["stale_after_seconds", "exclude_after_seconds"])
+def test_a_staleness_limit_longer_than_the_ledger_can_count_is_a_validation_error(
+    admin: httpx.Client, limit: str
+) -> None:
+    # Past timedelta's range (about 2.7 million years) every read of the supplier's SKUs broke.
+    body = {"name": "x", limit: 10**15}
+
+    refused(admin.put(f"/v1/suppliers/{random_sku('sup')}", json=body), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "mappings",
+    [
+        [{"supplier_sku": "a", "sku": "b", "units_per_supplier_unit": 0}],
+        [{"supplier_sku": "a", "sku": "b"}, {"supplier_sku": "a", "sku": "c"}],
+        [{"supplier_sku": "a", "sku": "b", "upc": "abc"}],
+        [],
+    ],
+    ids=["zero-units", "twice", "bad-upc", "none"],
+)
+def test_invalid_mappings_are_a_validation_error(
+    admin: httpx.Client, mappings: list[dict[str, Any]]
+) -> None:
+    supplier = new_supplier(admin)
+
+    response = admin.put(f"/v1/suppliers/{supplier}/mappings", json={"mappings": mappings})
+
+    refused(response, 422, "validation_error")
+
+
+def test_an_unknown_route_is_not_found_in_the_envelope(oms: httpx.Client) -> None:
+    refused(oms.get("/v1/nothing-here"), 404, "not_found")
+    refused(oms.get("/v2/reservations"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", f"/v1/reservations/{uuid.uuid4()}", "GET"),
+        ("PUT", "/v1/reservations", "POST"),
+        ("GET", f"/v1/reservations/{uuid.uuid4()}/confirm", "POST"),
+        ("POST", "/v1/availability/some-sku", "GET"),
+    ],
+)
+def test_a_wrong_method_is_not_allowed_in_the_envelope(
+    oms: httpx.Client, method: str, path: str, allowed: str
+) -> None:
+    response = oms.request(method, path)
+
+    refused(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == allowed
+
+
+# Keys and roles ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer not-a-key", "Bearer", "Basic dGVzdDp0ZXN0", "not-a-key"],
+    ids=["none", "unknown-key", "no-token", "basic", "no-scheme"],
+)
+def test_a_request_without_a_valid_key_is_unauthorized_with_a_bearer_challenge(
+    anonymous: httpx.Client, sku: str, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+
+    for response in (
+        anonymous.get(f"/v1/availability/{sku}", headers=headers),
+        anonymous.post(
+            "/v1/reservations",
+            json=order(sku),
+            headers={**headers, "Idempotency-Key": uuid.uuid4().hex},
+        ),
+    ):
+        refused(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_key_of_another_role_is_forbidden(
+    shop: httpx.Client, oms: httpx.Client, acme: httpx.Client, sku: str
+) -> None:
+    refused(post_order(shop, order(sku)), 403, "forbidden")
+    refused(oms.put(f"/v1/suppliers/{random_sku('sup')}", json={"name": "x"}), 403, "forbidden")
+    refused(oms.put(f"/v1/skus/{random_sku()}", json={"safety_stock": 1}), 403, "forbidden")
+    refused(shop.post("/v1/suppliers/acme/stock", json={"observations": [{}]}), 403, "forbidden")
+    refused(acme.get(f"/v1/availability/{sku}"), 403, "forbidden")
+    refused(acme.get(f"/v1/reservations/{uuid.uuid4()}"), 403, "forbidden")
+
+
+def test_a_supplier_key_cannot_report_for_another_supplier(
+    admin: httpx.Client, acme: httpx.Client, shop: httpx.Client, sku: str
+) -> None:
+    other = new_supplier(admin)
+    before = shop.get(f"/v1/availability/{sku}").json()["on_hand"]
+    observation = {"sku": sku, "quantity": 500, "observed_at": iso()}
+
+    response = acme.post(f"/v1/suppliers/{other}/stock", json={"observations": [observation]})
+
+    refused(response, 403, "forbidden")
+    assert shop.get(f"/v1/availability/{sku}").json()["on_hand"] == before
+
+
+# Stock reports ----------------------------------------------------------------------------------
+
+
+def test_bad_records_of_a_report_are_rejected_one_by_one_and_the_good_ones_applied(
+    admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
+) -> None:
+    good, also_good = random_sku(), random_sku()
+    mappings = [
+        {"supplier_sku": "ACME-1", "sku": good},
+        {"supplier_sku": "ACME-2", "sku": also_good},
+    ]
+    assert admin.put("/v1/suppliers/acme/mappings", json={"mappings": mappings}).status_code == 200
+    observations: list[Any] = [
+        {"supplier_sku": "ACME-1", "quantity": 7, "observed_at": iso()},
+        {"supplier_sku": "ACME-2", "quantity": -3, "observed_at": iso()},
+        {"supplier_sku": "NOT-MAPPED", "quantity": 4, "observed_at": iso()},
+        {"supplier_sku": "ACME-2", "quantity": 4},
+        {"supplier_sku": "ACME-2", "sku": also_good, "quantity": 4, "observed_at": iso()},
+        {"sku": random_sku("missing"), "quantity": 4, "observed_at": iso()},
+        {"supplier_sku": "ACME-2", "quantity": 4, "observed_at": iso(seconds=3600)},
+        {"supplier_sku": "ACME-2", "quantity": 4, "observed_at": "yesterday"},
+        {"supplier_sku": "ACME-2", "quantity": 10**13, "observed_at": iso()},
+        {"sku": also_good, "quantity": 5, "observed_at": iso()},
+    ]
+
+    response = acme.post("/v1/suppliers/acme/stock", json={"observations": observations})
+
+    assert response.status_code == 200, response.text
+    outcome = response.json()
+    assert (outcome["rows"], outcome["applied"]) == (10, 2)
+    reasons = {item["index"]: item["reason"] for item in outcome["rejected"]}
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert reasons[1] == "negative_quantity"
+    assert reasons[2] == "unmapped_supplier_sku"
+    assert "observed_at" in reasons[3]
+    assert "exactly one of supplier_sku and sku" in reasons[4]
+    assert reasons[5] == "unknown_sku"
+    assert reasons[6] == "observed_at_in_future"
+    assert "observed_at" in reasons[7]
+    assert reasons[8] == "quantity_out_of_range"
+    assert shop.get(f"/v1/availability/{good}").json()["on_hand"] == 7
+    assert shop.get(f"/v1/availability/{also_good}").json()["on_hand"] == 5
+
+
+@pytest.mark.parametrize(
+    "observed_at",
+    ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00"],
+    ids=["before-year-1-in-utc", "after-year-9999-in-utc", "naive-before-year-1-in-tokyo"],
+)
+def test_an_observation_time_beyond_the_calendar_in_utc_is_rejected_with_the_others_applied(
+    admin: httpx.Client, shop: httpx.Client, observed_at: str
+) -> None:
+    supplier = random_sku("sup")
+    put = admin.put(f"/v1/suppliers/{supplier}", json={"name": "t", "timezone": "Asia/Tokyo"})
+    assert put.status_code == 200, put.text
+    good, bad = random_sku(), random_sku()
+    for sku in (good, bad):
+        assert admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}).status_code == 200
+    observations = [
+        {"sku": bad, "quantity": 1, "observed_at": observed_at},
+        {"sku": good, "quantity": 2, "observed_at": iso()},
+    ]
+
+    response = admin.post(f"/v1/suppliers/{supplier}/stock", json={"observations": observations})
+
+    assert response.status_code == 200, response.text
+    assert [item["index"] for item in response.json()["rejected"]] == [0]
+    assert response.json()["applied"] == 1
+    assert shop.get(f"/v1/availability/{good}").json()["on_hand"] == 2
+
+
+def test_a_report_without_observations_is_a_validation_error(admin: httpx.Client) -> None:
+    supplier = new_supplier(admin)
+
+    empty = admin.post(f"/v1/suppliers/{supplier}/stock", json={"observations": []})
+    missing = admin.post(f"/v1/suppliers/{supplier}/stock", json={"delivery_id": "d"})
+
+    refused(empty, 422, "validation_error")
+    refused(missing, 422, "validation_error")
+
+
+def test_a_delivery_id_reused_with_other_content_is_a_conflict(
+    admin: httpx.Client, shop: httpx.Client, sku: str
+) -> None:
+    supplier = new_supplier(admin)
+    first = {
+        "delivery_id": "d-1",
+        "observations": [{"sku": sku, "quantity": 3, "observed_at": iso()}],
+    }
+    assert admin.post(f"/v1/suppliers/{supplier}/stock", json=first).status_code == 200
+    on_hand = shop.get(f"/v1/availability/{sku}").json()["on_hand"]
+    other = {
+        "delivery_id": "d-1",
+        "observations": [{"sku": sku, "quantity": 9, "observed_at": iso()}],
+    }
+
+    response = admin.post(f"/v1/suppliers/{supplier}/stock", json=other)
+
+    refused(response, 409, "delivery_id_conflict")
+    assert shop.get(f"/v1/availability/{sku}").json()["on_hand"] == on_hand
+
+
+# Lifecycle mistakes -------------------------------------------------------------------------
+
+
+def test_confirming_a_released_reservation_is_an_invalid_state(oms: httpx.Client, sku: str) -> None:
+    reservation_id = new_reservation(oms, sku)
+    assert oms.post(f"/v1/reservations/{reservation_id}/release").status_code == 200
+
+    detail = refused(oms.post(f"/v1/reservations/{reservation_id}/confirm"), 409, "invalid_state")
+
+    assert detail["status"] == "released"
+
+
+def test_fulfilling_a_reservation_that_is_only_held_is_an_invalid_state(
+    oms: httpx.Client, sku: str
+) -> None:
+    reservation_id = new_reservation(oms, sku)
+
+    response = oms.post(
+        f"/v1/reservations/{reservation_id}/fulfil", json={"lines": [{"sku": sku, "quantity": 1}]}
+    )
+
+    refused(response, 409, "invalid_state")
+
+
+def test_releasing_a_fulfilled_reservation_is_an_invalid_state(oms: httpx.Client, sku: str) -> None:
+    reservation_id = new_reservation(oms, sku)
+    path = f"/v1/reservations/{reservation_id}"
+    assert oms.post(f"{path}/confirm").status_code == 200
+    shipment = {"lines": [{"sku": sku, "quantity": 1}]}
+    assert oms.post(f"{path}/fulfil", json=shipment).status_code == 200
+
+    refused(oms.post(f"{path}/release"), 409, "invalid_state")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"quantity": 3},
+        {"quantity": 1, "other_sku": True},
+        {"quantity": 1, "supplier_id": "someone-else"},
+    ],
+    ids=["more-than-open", "sku-not-in-order", "supplier-not-allocated"],
+)
+def test_fulfilling_more_than_is_open_is_a_conflict(
+    oms: httpx.Client, sku: str, line: dict[str, Any]
+) -> None:
+    path = f"/v1/reservations/{new_reservation(oms, sku, 2)}"
+    assert oms.post(f"{path}/confirm").status_code == 200
+    shipped = {"sku": random_sku() if line.pop("other_sku", False) else sku, **line}
+
+    detail = refused(oms.post(f"{path}/fulfil", json={"lines": [shipped]}), 409)
+
+    assert detail["requested"] == shipped["quantity"]
+    assert oms.get(path).json()["lines"][0]["fulfilled"] == 0
+
+
+def test_returning_more_than_was_shipped_is_a_conflict(oms: httpx.Client, sku: str) -> None:
+    path = f"/v1/reservations/{new_reservation(oms, sku, 2)}"
+    assert oms.post(f"{path}/confirm").status_code == 200
+    assert oms.post(f"{path}/fulfil", json={"lines": [{"sku": sku, "quantity": 1}]}).is_success
+
+    response = oms.post(
+        f"{path}/return", json={"lines": [{"sku": sku, "quantity": 2}], "restock": True}
+    )
+
+    refused(response, 409, "exceeds_open_quantity")
+
+
+def test_a_return_must_say_whether_to_restock(oms: httpx.Client, sku: str) -> None:
+    path = f"/v1/reservations/{new_reservation(oms, sku)}"
+
+    response = oms.post(f"{path}/return", json={"lines": [{"sku": sku, "quantity": 1}]})
+
+    refused(response, 422, "validation_error")
+
+
+# Body size ------------------------------------------------------------------------------------
+
+
+def _padded_order(size: int) -> bytes:
+    body = json.dumps({"order_id": "o" * size, "lines": [{"sku": "x", "quantity": 1}]})
+    return body.encode()
+
+
+def test_a_body_over_the_limit_is_refused_whether_it_declares_its_length_or_not(
+    small_body_ledger: Server,
+) -> None:
+    too_big = _padded_order(SMALL_BODY_LIMIT)
+    assert len(too_big) > SMALL_BODY_LIMIT
+
+    def in_chunks() -> Iterator[bytes]:
+        for start in range(0, len(too_big), 256):
+            yield too_big[start : start + 256]
+
+    headers = {
+        "Content-Type": "application/json",
+        "Idempotency-Key": uuid.uuid4().hex,
+        "X-Request-ID": "too-big-1",
+    }
+    with small_body_ledger.client("test-oms") as oms:
+        declared = oms.post("/v1/reservations", content=too_big, headers=headers)
+        chunked = oms.post("/v1/reservations", content=in_chunks(), headers=headers)
+        small = oms.post("/v1/reservations", content=_padded_order(10), headers=headers)
+
+    assert "Content-Length" in declared.request.headers
+    assert chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    refused(declared, 413, "payload_too_large")
+    refused(chunked, 413, "payload_too_large")
+    assert chunked.headers["X-Request-ID"] == "too-big-1"
+    # Under the limit the body reaches the handler, which knows no SKU "x".
+    refused(small, 422, "unknown_sku")
+    assert "http.unexpected_error" not in small_body_ledger.log()
+
+
+# The log ------------------------------------------------------------------------------------------
+
+
+def test_the_log_shows_no_unexpected_error_and_no_key_secret(ledger: Server) -> None:
+    """Runs last: the module's requests above all went to this server."""
+    log = ledger.log()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+    assert sum(event.get("event") == "http.request" for event in events) > 100
+    unexpected = [e["path"] for e in events if e.get("event") == "http.unexpected_error"]
+    assert unexpected == [], f"500s were answered on {unexpected}"
+    assert [e for e in events if e.get("level") in ("error", "critical")] == []
+    for entry in TEST_KEYS.split(","):
+        secret = entry.split(":")[2]
+        assert secret not in log, f"the log contains the secret of {entry.split(':')[0]}"

@@ -1,0 +1,102 @@
+"""The no-oversell contract under concurrency, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from api.runtime import Runtime
+from ledger.errors import InsufficientStock
+from ledger.reservation import Reservation
+from ledger.stock import StockItem
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import now, reserve, stock_sku
+from tests.integration.workers import compete
+
+
+def placed_events(runtime: Runtime, reservation_id: str) -> int:
+    from uuid import UUID
+
+    events = runtime.app.events.get(UUID(reservation_id))
+    return sum(isinstance(event, Reservation.Placed) for event in events)
+
+
+def test_sixteen_threads_on_one_hot_sku_are_granted_exactly_the_stock(runtime: Runtime) -> None:
+    sku = random_sku("HOT")
+    stock_sku(runtime.writer, sku, 50)
+    granted: list[str] = []
+    refused = 0
+    lock = threading.Lock()
+
+    def attempt(_: int) -> None:
+        nonlocal refused
+        try:
+            outcome = runtime.writer.execute(reserve([(sku, 1)]))
+        except InsufficientStock:
+            with lock:
+                refused += 1
+            return
+        with lock:
+            granted.append(str(outcome.value.reservation.id))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(attempt, range(120)))
+
+    assert len(granted) == 50
+    assert refused == 70
+    levels = runtime.queries.stock_levels(sku, now())
+    assert (levels.held, levels.available) == (50, 0)
+
+
+def test_two_processes_on_one_hot_sku_are_granted_exactly_the_stock(
+    runtime: Runtime, database_url: str
+) -> None:
+    sku = random_sku("HOT")
+    stock_sku(runtime.writer, sku, 60)
+    per_process = compete(database_url, sku, processes=2, attempts=80, threads=8)
+    granted = [rid for rids in per_process for rid in rids]
+
+    assert all(per_process), "both processes must have been granted some"
+    assert len(granted) == 60
+    assert len(set(granted)) == 60
+    item = runtime.app.repository.get(StockItem.id_for(sku))
+    assert item.levels(now(), {}).held == 60
+
+
+def test_one_idempotency_key_replayed_concurrently_by_two_processes_makes_one_reservation(
+    runtime: Runtime, database_url: str
+) -> None:
+    sku = random_sku("IDEM")
+    stock_sku(runtime.writer, sku, 100)
+    per_process = compete(database_url, sku, processes=2, attempts=20, threads=8, key="same")
+    answers = [rid for rids in per_process for rid in rids]
+
+    assert len(answers) == 40
+    assert len(Counter(answers)) == 1
+    assert placed_events(runtime, answers[0]) == 1
+    assert runtime.queries.stock_levels(sku, now()).held == 1
+
+
+def test_a_multi_line_order_short_on_one_line_leaves_every_sku_untouched(
+    runtime: Runtime,
+) -> None:
+    plenty, scarce = random_sku("PLENTY"), random_sku("SCARCE")
+    stock_sku(runtime.writer, plenty, 100)
+    stock_sku(runtime.writer, scarce, 3)
+    versions = {
+        sku: runtime.app.repository.get(StockItem.id_for(sku)).version for sku in (plenty, scarce)
+    }
+    position = runtime.app.recorder.max_notification_id()
+
+    with pytest.raises(InsufficientStock) as refused:
+        runtime.writer.execute(reserve([(plenty, 10), (scarce, 2), (scarce, 2)]))
+
+    assert [(s.sku, s.requested, s.available) for s in refused.value.shortfalls] == [(scarce, 4, 3)]
+    assert runtime.app.recorder.max_notification_id() == position
+    for sku, version in versions.items():
+        assert runtime.app.repository.get(StockItem.id_for(sku)).version == version
+    assert runtime.queries.stock_levels(plenty, now()).available == 100
+    assert runtime.queries.stock_levels(scarce, now()).available == 3

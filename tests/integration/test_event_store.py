@@ -1,0 +1,143 @@
+"""What the event store promises auditors and future versions: names, immutability, snapshots."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from api.runtime import Runtime
+from api.settings import Settings
+from ledger.application import InventoryLedger
+from ledger.commands import Confirm
+from ledger.stock import StockItem
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import CAUSE, now, reserve, stock_sku
+
+# Persisted names are a contract: renaming one breaks every stored event that uses it.
+PINNED_TOPICS = {
+    "stockledger:Supplier.Registered",
+    "stockledger:Supplier.TermsChanged",
+    "stockledger:StockItem.Registered",
+    "stockledger:StockItem.SafetyStockSet",
+    "stockledger:StockItem.Observed",
+    "stockledger:StockItem.LateReportIgnored",
+    "stockledger:StockItem.Held",
+    "stockledger:StockItem.HoldReleased",
+    "stockledger:StockItem.HoldConfirmed",
+    "stockledger:StockItem.CommitmentReleased",
+    "stockledger:StockItem.Shipped",
+    "stockledger:StockItem.Restocked",
+    "stockledger:Reservation.Placed",
+    "stockledger:Reservation.Confirmed",
+    "stockledger:Reservation.Released",
+    "stockledger:Reservation.Expired",
+    "stockledger:Reservation.Fulfilled",
+    "stockledger:Reservation.Returned",
+    "stockledger:SkuMapping.Mapped",
+    "stockledger:SkuMapping.Remapped",
+    "stockledger:FeedDelivery.Recorded",
+}
+
+
+def _event_classes() -> set[type]:
+    from ledger.delivery import FeedDelivery
+    from ledger.mapping import SkuMapping
+    from ledger.reservation import Reservation
+    from ledger.supplier import Supplier
+
+    classes = set()
+    for aggregate in (Supplier, StockItem, Reservation, SkuMapping, FeedDelivery):
+        for value in vars(aggregate).values():
+            if isinstance(value, type) and hasattr(value, "TOPIC") and value.__name__ != "Event":
+                classes.add(value)
+    return classes
+
+
+def test_every_event_class_has_a_pinned_topic() -> None:
+    assert {cls.TOPIC for cls in _event_classes()} == PINNED_TOPICS
+
+
+def test_the_application_and_its_tables_keep_their_names(runtime: Runtime) -> None:
+    assert InventoryLedger.name == "InventoryLedger"
+    with psycopg.connect(runtime.database_url) as conn:
+        tables = {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchall()
+        }
+    assert {"inventoryledger_events", "inventoryledger_snapshots"} <= tables
+
+
+def test_stored_events_carry_their_pinned_topic_and_their_cause(runtime: Runtime) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 5)
+    with psycopg.connect(runtime.database_url) as conn:
+        rows = conn.execute(
+            "SELECT topic, convert_from(state, 'UTF8')::jsonb FROM inventoryledger_events"
+        ).fetchall()
+    assert {topic for topic, _ in rows} <= PINNED_TOPICS
+    for _, state in rows:
+        assert (state["actor"], state["reason"], state["correlation_id"]) == (
+            CAUSE.actor,
+            CAUSE.reason,
+            CAUSE.correlation_id,
+        )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE inventoryledger_events SET topic = 'x'",
+        "DELETE FROM inventoryledger_events",
+        "TRUNCATE inventoryledger_events",
+    ],
+)
+def test_the_event_log_refuses_to_change_history(runtime: Runtime, statement: str) -> None:
+    stock_sku(runtime.writer, random_sku(), 5)
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        before = conn.execute("SELECT count(*) FROM inventoryledger_events").fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute(statement)
+        after = conn.execute("SELECT count(*) FROM inventoryledger_events").fetchone()
+    assert before == after
+
+
+def test_a_long_stream_loads_from_its_snapshot_with_the_same_state(
+    runtime: Runtime, settings: Settings
+) -> None:
+    sku = random_sku("LONG")
+    stock_sku(runtime.writer, sku, 10_000)
+    for _ in range(130):  # a hold and a confirmation each: well past the interval of 100
+        outcome = runtime.writer.execute(reserve([(sku, 1)], ttl=60))
+        runtime.writer.execute(
+            Confirm(at=now(), cause=CAUSE, reservation_id=outcome.value.reservation.id)
+        )
+    live = runtime.app.repository.get(StockItem.id_for(sku))
+    assert runtime.app.snapshots is not None
+    snapshots = list(runtime.app.snapshots.get(StockItem.id_for(sku)))
+    assert snapshots, "a stream of 260 events has a snapshot"
+
+    fresh = InventoryLedger(settings.event_store_env(runtime.database_url))
+    try:
+        loaded = fresh.repository.get(StockItem.id_for(sku))
+    finally:
+        fresh.close()
+    assert loaded.version == live.version
+    assert loaded.positions == live.positions
+    assert loaded.levels(now(), {}) == live.levels(now(), {})
+
+
+def test_a_flash_sale_of_many_holds_keeps_the_stock_item_small(runtime: Runtime) -> None:
+    sku = random_sku("FLASH")
+    stock_sku(runtime.writer, sku, 100_000)
+    for _ in range(300):
+        runtime.writer.execute(reserve([(sku, 1)], ttl=600))
+    item = runtime.app.repository.get(StockItem.id_for(sku))
+    position = item.positions["acme"]
+    assert position.live_held(0) == 300
+    # 300 holds made within a few seconds share a few one-second expiry buckets.
+    assert len(position.held) <= 10
+    assert item.levels(now() + timedelta(seconds=601), {}).held == 0

@@ -1,0 +1,57 @@
+"""Holds past their time are written as expired, by one sweeper across processes."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from api.runtime import Runtime
+from api.sweeper import ExpirySweeper
+from ledger.reservation import Reservation, ReservationStatus
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import now, reserve, stock_sku
+
+
+def test_the_sweeper_expires_only_holds_past_their_time(runtime: Runtime) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 10)
+    short = runtime.writer.execute(reserve([(sku, 2)], ttl=1)).value.reservation
+    long = runtime.writer.execute(reserve([(sku, 3)], ttl=600)).value.reservation
+    sweeper = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
+    try:
+        assert sweeper.sweep(now()) == 0
+        expired = sweeper.sweep(short.expires_at + timedelta(milliseconds=1))
+    finally:
+        sweeper.lease.release()
+
+    assert expired == 1
+    assert runtime.queries.reservation(short.id).status == ReservationStatus.EXPIRED
+    assert runtime.queries.reservation(long.id).status == ReservationStatus.HELD
+    events = runtime.app.events.get(short.id)
+    assert [type(event) for event in events][-1] is Reservation.Expired
+    assert runtime.queries.stock_levels(sku, short.expires_at).held == 3
+
+
+def test_a_hold_stops_counting_at_its_expiry_before_the_sweeper_runs(runtime: Runtime) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 10)
+    hold = runtime.writer.execute(reserve([(sku, 4)], ttl=1)).value.reservation
+    assert runtime.queries.stock_levels(sku, now()).available == 6
+    assert runtime.queries.stock_levels(sku, hold.expires_at).available == 10
+    assert runtime.queries.reservation(hold.id).status_at(hold.expires_at) == "expired"
+
+
+def test_only_one_of_two_sweepers_holds_the_lease(runtime: Runtime) -> None:
+    first = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
+    second = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
+    try:
+        assert first.lease.held()
+        assert not second.lease.held()
+        first.lease.release()
+        deadline = time.monotonic() + 5
+        while not second.lease.held():
+            assert time.monotonic() < deadline, "the standby never took over"
+            time.sleep(0.05)
+    finally:
+        first.lease.release()
+        second.lease.release()

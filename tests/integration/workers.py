@@ -1,0 +1,93 @@
+"""Code run in separate processes by the multi-process tests (importable by spawn)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+
+from api.runtime import open_runtime
+from api.settings import Settings
+from ledger.errors import InsufficientStock
+from tests.integration.ledger_setup import reserve
+
+
+def reserve_in_process(
+    database_url: str,
+    sku: str,
+    attempts: int,
+    threads: int,
+    start: Barrier,
+    key: str | None = None,
+) -> list[str]:
+    """Tries `attempts` one-unit reservations from `threads` threads; returns the granted ids."""
+    settings = Settings.model_validate({"database_url": database_url, "api_keys": ""})
+    runtime = open_runtime(settings, migrate_first=False, sweep=False)
+    granted: list[str] = []
+    lock = threading.Lock()
+
+    def attempt(_: int) -> None:
+        try:
+            outcome = runtime.writer.execute(reserve([(sku, 1)], key=key, order_id=key))
+        except InsufficientStock:
+            return
+        with lock:
+            granted.append(str(outcome.value.reservation.id))
+
+    try:
+        start.wait(30)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(attempt, range(attempts)))
+    finally:
+        runtime.close()
+    return granted
+
+
+def _report(results: Queue[list[str] | str], *args: object) -> None:
+    try:
+        results.put(reserve_in_process(*args))  # type: ignore[arg-type]
+    except Exception as error:  # reported to the test, which fails with it
+        results.put(repr(error))
+
+
+def compete(
+    database_url: str, sku: str, processes: int, attempts: int, threads: int, key: str | None = None
+) -> list[list[str]]:
+    """Starts the processes together; returns what each one was granted."""
+    context = multiprocessing.get_context("spawn")
+    # Every process waits at the barrier with its ledger open, so that they really compete.
+    start = context.Barrier(processes)
+    results: Queue[list[str] | str] = context.Queue()
+    workers = [
+        context.Process(
+            target=_report, args=(results, database_url, sku, attempts, threads, start, key)
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    answers = [_next_result(results, workers) for _ in workers]
+    failures = [answer for answer in answers if isinstance(answer, str)]
+    assert not failures, failures
+    for worker in workers:
+        worker.join(30)
+        assert worker.exitcode == 0
+    return [answer for answer in answers if not isinstance(answer, str)]
+
+
+def _next_result(
+    results: Queue[list[str] | str], workers: list[multiprocessing.process.BaseProcess]
+) -> list[str] | str:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                return f"a competing process died with exit code {dead[0]}"
+    return "the competing processes did not finish in time"

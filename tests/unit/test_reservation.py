@@ -1,0 +1,755 @@
+"""Reservations and supplier reports through the handlers and a real writer, in memory."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from ledger.application import InventoryLedger
+from ledger.base import Cause
+from ledger.commands import (
+    Command,
+    Confirm,
+    ExpireHolds,
+    Fulfil,
+    Observation,
+    PutMappings,
+    PutSku,
+    PutSupplier,
+    Release,
+    ReportStock,
+    Reserve,
+    Return,
+)
+from ledger.delivery import DeliveryOutcome
+from ledger.errors import (
+    DeliveryConflict,
+    ExceedsOpenQuantity,
+    IdempotencyKeyMismatch,
+    InsufficientStock,
+    InvalidState,
+    ReservationNotFound,
+    Shortfall,
+    UnknownSku,
+)
+from ledger.handlers.reservations import Reserved
+from ledger.mapping import MappingSpec
+from ledger.queries import LedgerQueries
+from ledger.reservation import Reservation, ReservationExpired, ReservationStatus
+from ledger.stock import Allocation, StockItem, StockLevels
+from ledger.supplier import SupplierTerms
+from ledger.writer import LedgerWriter, Outcome
+from tests.conftest import random_sku
+
+T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+CAUSE = Cause(actor="test-oms", reason="test.command", correlation_id="req-1")
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class Ledger:
+    """The ledger on the in-memory store, driven command by command through its writer."""
+
+    def __init__(self) -> None:
+        self.app = InventoryLedger(
+            {"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True
+        )
+        self.writer = LedgerWriter(self.app)
+        self.queries = LedgerQueries(self.app)
+        self._keys = 0
+
+    def run(self, command: Command) -> Outcome[Any]:
+        return self.writer.apply(command)
+
+    def events_written(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    def supplier(self, supplier_id: str, **terms: Any) -> str:
+        self.run(
+            PutSupplier(
+                at=at(0),
+                cause=CAUSE,
+                supplier_id=supplier_id,
+                terms=SupplierTerms(name=supplier_id, **terms),
+            )
+        )
+        return supplier_id
+
+    def sku(self, safety_stock: int = 0) -> str:
+        sku = random_sku()
+        self.run(PutSku(at=at(0), cause=CAUSE, sku=sku, safety_stock=safety_stock))
+        return sku
+
+    def report(
+        self,
+        supplier_id: str,
+        observations: list[Observation],
+        when: datetime,
+        delivery_id: str | None = None,
+        content_hash: str | None = None,
+    ) -> Outcome[DeliveryOutcome]:
+        delivery_id = delivery_id or f"delivery-{self.events_written()}"
+        return self.run(
+            ReportStock(
+                at=when,
+                cause=CAUSE,
+                supplier_id=supplier_id,
+                delivery_id=delivery_id,
+                content_hash=content_hash or f"hash-of-{delivery_id}",
+                source="test-feed",
+                rows=len(observations),
+                observations=observations,
+            )
+        )
+
+    def stock(self, supplier_id: str, levels: dict[str, int], observed_at: datetime) -> None:
+        """The supplier reports these levels of our SKUs, observed and received at `observed_at`."""
+        observations = [
+            Observation(index=index, sku=sku, quantity=quantity, observed_at=observed_at)
+            for index, (sku, quantity) in enumerate(levels.items())
+        ]
+        self.report(supplier_id, observations, observed_at)
+
+    def reserve_command(
+        self, lines: list[tuple[str, int]], when: datetime, key: str | None = None, ttl: int = 600
+    ) -> Reserve:
+        if key is None:
+            self._keys += 1
+            key = f"key-{self._keys}"
+        return Reserve(
+            at=when,
+            cause=CAUSE,
+            client="oms",
+            idempotency_key=key,
+            order_id=f"order-{key}",
+            lines=lines,
+            ttl_seconds=ttl,
+            default_ttl_seconds=900,
+        )
+
+    def reserve(
+        self, lines: list[tuple[str, int]], when: datetime, key: str | None = None, ttl: int = 600
+    ) -> Reservation:
+        reserved: Reserved = self.run(self.reserve_command(lines, when, key, ttl)).value
+        return reserved.reservation
+
+    def reservation(self, reservation_id: UUID) -> Reservation:
+        return self.queries.reservation(reservation_id)
+
+    def levels(self, sku: str, when: datetime) -> StockLevels:
+        return self.queries.stock_levels(sku, when)
+
+    def available(self, sku: str, when: datetime) -> int:
+        return self.levels(sku, when).available
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.fixture
+def acme(ledger: Ledger) -> str:
+    """A supplier that reports its own stock, orders included."""
+    return ledger.supplier("acme", priority=1)
+
+
+@pytest.fixture
+def netco(ledger: Ledger) -> str:
+    """A supplier whose reports already leave our open orders out."""
+    return ledger.supplier("netco", priority=2, reports_net_of_our_orders=True)
+
+
+def numbers(levels: StockLevels) -> tuple[int, int, int, int]:
+    return levels.sellable, levels.held, levels.committed, levels.available
+
+
+def confirmed(ledger: Ledger, lines: list[tuple[str, int]], when: datetime) -> Reservation:
+    reservation = ledger.reserve(lines, when)
+    return ledger.run(Confirm(at=when, cause=CAUSE, reservation_id=reservation.id)).value
+
+
+# Reserving -------------------------------------------------------------------------
+
+
+def test_a_reservation_holds_every_line_and_says_which_supplier_ships_what(
+    ledger: Ledger, acme: str, netco: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 3, socks: 10}, at(0))
+    ledger.stock(netco, {shirt: 5}, at(0))
+
+    reservation = ledger.reserve([(shirt, 5), (socks, 2)], at(10), ttl=60)
+
+    assert reservation.status == ReservationStatus.HELD
+    assert reservation.expires_at == at(70)
+    assert reservation.lines[shirt].allocations == {"acme": 3, "netco": 2}
+    assert reservation.lines[socks].allocations == {"acme": 2}
+    assert numbers(ledger.levels(shirt, at(10))) == (8, 5, 0, 3)
+    assert numbers(ledger.levels(socks, at(10))) == (10, 2, 0, 8)
+    assert ledger.reservation(reservation.id).lines == reservation.lines
+
+
+def test_one_short_line_leaves_every_sku_untouched(ledger: Ledger, acme: str) -> None:
+    shirt, socks, cap = ledger.sku(), ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 2, cap: 1}, at(0))
+    written = ledger.events_written()
+    command = ledger.reserve_command([(shirt, 5), (socks, 3), (cap, 4)], at(10))
+
+    with pytest.raises(InsufficientStock) as refused:
+        ledger.run(command)
+
+    assert refused.value.shortfalls == [Shortfall(socks, 3, 2), Shortfall(cap, 4, 1)]
+    assert refused.value.detail["lines"] == [
+        {"sku": socks, "requested": 3, "available": 2},
+        {"sku": cap, "requested": 4, "available": 1},
+    ]
+    assert ledger.events_written() == written
+    assert [ledger.available(sku, at(10)) for sku in (shirt, socks, cap)] == [10, 2, 1]
+    with pytest.raises(ReservationNotFound):
+        ledger.reservation(Reservation.id_for("oms", command.idempotency_key))
+
+
+def test_lines_for_the_same_sku_are_summed_before_the_check(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 5}, at(0))
+
+    with pytest.raises(InsufficientStock) as refused:
+        ledger.reserve([(shirt, 3), (shirt, 3)], at(10))
+    reservation = ledger.reserve([(shirt, 2), (shirt, 3)], at(10))
+
+    assert refused.value.shortfalls == [Shortfall(shirt, 6, 5)]
+    assert list(reservation.lines) == [shirt]
+    assert reservation.lines[shirt].quantity == 5
+    assert ledger.levels(shirt, at(10)).held == 5
+
+
+def test_an_order_for_an_unknown_sku_is_refused(ledger: Ledger, acme: str) -> None:
+    shirt, unknown = ledger.sku(), random_sku("NOPE")
+    ledger.stock(acme, {shirt: 5}, at(0))
+    written = ledger.events_written()
+
+    with pytest.raises(UnknownSku) as refused:
+        ledger.reserve([(shirt, 1), (unknown, 1)], at(10))
+
+    assert refused.value.detail["skus"] == [unknown]
+    assert ledger.events_written() == written
+
+
+def test_replaying_the_same_key_and_body_returns_the_same_reservation(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 5}, at(0))
+    first = ledger.reserve([(shirt, 2)], at(10), key="order-7")
+
+    again = ledger.run(ledger.reserve_command([(shirt, 2)], at(20), key="order-7"))
+
+    assert again.position is None
+    assert again.value.replayed is True
+    assert again.value.reservation.id == first.id
+    assert again.value.reservation.lines == first.lines
+    assert ledger.levels(shirt, at(20)).held == 2
+
+
+def test_the_same_key_with_another_body_is_refused(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 5}, at(0))
+    ledger.reserve([(shirt, 2)], at(10), key="order-7")
+    written = ledger.events_written()
+
+    with pytest.raises(IdempotencyKeyMismatch):
+        ledger.reserve([(shirt, 3)], at(20), key="order-7")
+
+    assert ledger.events_written() == written
+    assert ledger.levels(shirt, at(20)).held == 2
+
+
+# Confirming and releasing --------------------------------------------------------------
+
+
+def test_confirming_turns_the_hold_into_a_commitment_and_is_idempotent(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10))
+
+    first = ledger.run(Confirm(at=at(20), cause=CAUSE, reservation_id=reservation.id))
+    second = ledger.run(Confirm(at=at(30), cause=CAUSE, reservation_id=reservation.id))
+
+    assert first.position is not None
+    assert second.position is None
+    assert second.value.status == ReservationStatus.CONFIRMED
+    assert second.value.confirmed_at == at(20)
+    assert numbers(ledger.levels(shirt, at(30))) == (10, 0, 4, 6)
+    assert numbers(ledger.levels(shirt, at(10_000))) == (10, 0, 4, 6)
+
+
+def test_confirming_names_the_suppliers_that_report_net_of_our_orders(
+    ledger: Ledger, acme: str, netco: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 2}, at(0))
+    ledger.stock(netco, {shirt: 10}, at(0))
+
+    reservation = confirmed(ledger, [(shirt, 5)], at(10))
+
+    assert reservation.net_of_our_orders == ["netco"]
+    levels = ledger.levels(shirt, at(10))
+    assert numbers(levels) == (12 - 3, 0, 2, 12 - 5)
+
+
+def test_a_hold_cannot_be_confirmed_after_it_expired(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10), ttl=60)
+
+    with pytest.raises(ReservationExpired):
+        ledger.run(Confirm(at=at(70), cause=CAUSE, reservation_id=reservation.id))
+
+    assert ledger.reservation(reservation.id).status == ReservationStatus.HELD
+    assert numbers(ledger.levels(shirt, at(70))) == (10, 0, 0, 10)
+
+
+def test_releasing_a_hold_gives_its_stock_back(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10))
+
+    released = ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=reservation.id))
+
+    assert released.value.status == ReservationStatus.RELEASED
+    assert numbers(ledger.levels(shirt, at(20))) == (10, 0, 0, 10)
+
+
+def test_releasing_a_confirmed_reservation_releases_its_commitment(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+
+    ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=reservation.id, note="cancelled"))
+
+    assert ledger.reservation(reservation.id).status == ReservationStatus.RELEASED
+    assert numbers(ledger.levels(shirt, at(20))) == (10, 0, 0, 10)
+
+
+def test_releasing_twice_is_a_no_op(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10))
+    ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=reservation.id))
+    ledger.reserve([(shirt, 3)], at(21))
+
+    again = ledger.run(Release(at=at(30), cause=CAUSE, reservation_id=reservation.id))
+
+    assert again.position is None
+    assert again.value.status == ReservationStatus.RELEASED
+    assert numbers(ledger.levels(shirt, at(30))) == (10, 3, 0, 7)
+
+
+def test_a_fulfilled_reservation_cannot_be_released(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 4, None)])
+    )
+
+    with pytest.raises(InvalidState):
+        ledger.run(Release(at=at(30), cause=CAUSE, reservation_id=reservation.id))
+
+    assert ledger.reservation(reservation.id).status == ReservationStatus.FULFILLED
+
+
+def test_releasing_a_partly_fulfilled_reservation_releases_only_what_is_still_open(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 1, None)])
+    )
+
+    ledger.run(Release(at=at(30), cause=CAUSE, reservation_id=reservation.id))
+
+    assert numbers(ledger.levels(shirt, at(30))) == (9, 0, 0, 9)
+
+
+# Fulfilling and returning ----------------------------------------------------------------
+
+
+def test_a_partial_fulfilment_then_the_rest_fulfils_the_reservation(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4), (socks, 2)], at(10))
+
+    partly = ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 3, "acme")])
+    ).value
+    assert partly.status == ReservationStatus.PARTIALLY_FULFILLED
+    assert numbers(ledger.levels(shirt, at(20))) == (7, 0, 1, 6)
+
+    done = ledger.run(
+        Fulfil(
+            at=at(30),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 1, None), (socks, 2, None)],
+        )
+    ).value
+    assert done.status == ReservationStatus.FULFILLED
+    assert done.lines[shirt].fulfilled == {"acme": 4}
+    assert numbers(ledger.levels(shirt, at(30))) == (6, 0, 0, 6)
+    assert numbers(ledger.levels(socks, at(30))) == (8, 0, 0, 8)
+
+
+def test_a_held_reservation_cannot_be_fulfilled(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10))
+
+    with pytest.raises(InvalidState):
+        ledger.run(
+            Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 1, None)])
+        )
+
+
+def test_fulfilling_more_than_is_open_is_refused_and_changes_nothing(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4), (socks, 2)], at(10))
+    written = ledger.events_written()
+
+    with pytest.raises(ExceedsOpenQuantity) as refused:
+        ledger.run(
+            Fulfil(
+                at=at(20),
+                cause=CAUSE,
+                reservation_id=reservation.id,
+                lines=[(shirt, 2, None), (socks, 3, None)],
+            )
+        )
+
+    assert refused.value.detail == {"sku": socks, "requested": 3, "remaining": 2}
+    assert ledger.events_written() == written
+    assert ledger.reservation(reservation.id).status == ReservationStatus.CONFIRMED
+    assert numbers(ledger.levels(shirt, at(20))) == (10, 0, 4, 6)
+
+
+def test_a_repeated_fulfil_request_key_changes_nothing(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    fulfil = Fulfil(
+        at=at(20),
+        cause=CAUSE,
+        reservation_id=reservation.id,
+        lines=[(shirt, 1, None)],
+        request_key="ship-1",
+    )
+    ledger.run(fulfil)
+
+    again = ledger.run(fulfil)
+
+    assert again.position is None
+    assert again.value.lines[shirt].fulfilled == {"acme": 1}
+    assert numbers(ledger.levels(shirt, at(20))) == (9, 0, 3, 6)
+
+
+@pytest.mark.parametrize(("restock", "available_after"), [(True, 8), (False, 6)])
+def test_a_return_makes_units_available_again_only_when_restocked(
+    ledger: Ledger, acme: str, restock: bool, available_after: int
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 4, None)])
+    )
+    assert ledger.available(shirt, at(30)) == 6
+
+    returned = ledger.run(
+        Return(
+            at=at(30),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 2)],
+            restock=restock,
+        )
+    ).value
+
+    assert returned.lines[shirt].returned == {"acme": 2}
+    assert ledger.available(shirt, at(30)) == available_after
+
+
+def test_more_units_than_were_shipped_cannot_come_back(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 2, None)])
+    )
+
+    with pytest.raises(ExceedsOpenQuantity):
+        ledger.run(
+            Return(
+                at=at(30),
+                cause=CAUSE,
+                reservation_id=reservation.id,
+                lines=[(shirt, 3)],
+                restock=True,
+            )
+        )
+
+    assert ledger.available(shirt, at(30)) == 6
+
+
+# Expiry ------------------------------------------------------------------------------------
+
+
+def test_a_hold_stops_counting_at_its_expiry_before_any_sweep(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    ledger.reserve([(shirt, 4)], at(10), ttl=60)
+
+    assert ledger.available(shirt, at(69.9)) == 6
+    assert ledger.available(shirt, at(70)) == 10
+    assert ledger.reserve([(shirt, 10)], at(70)).lines[shirt].allocations == {"acme": 10}
+
+
+def test_the_expiry_sweep_expires_only_holds_past_their_time(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    short = ledger.reserve([(shirt, 1)], at(10), ttl=60)
+    long = ledger.reserve([(shirt, 1)], at(10), ttl=600)
+    kept = confirmed(ledger, [(shirt, 1)], at(10))
+    gone = ledger.reserve([(shirt, 1)], at(10), ttl=60)
+    ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=gone.id))
+    ids = [short.id, long.id, kept.id, gone.id]
+
+    swept = ledger.run(ExpireHolds(at=at(120), cause=CAUSE, reservation_ids=ids))
+    again = ledger.run(ExpireHolds(at=at(130), cause=CAUSE, reservation_ids=ids))
+
+    assert swept.value == [short.id]
+    assert (again.value, again.position) == ([], None)
+    statuses = [ledger.reservation(rid).status for rid in ids]
+    assert statuses == ["expired", "held", "confirmed", "released"]
+    assert numbers(ledger.levels(shirt, at(120))) == (10, 1, 1, 8)
+
+
+# Stock reports ------------------------------------------------------------------------------
+
+
+def test_bad_records_are_refused_one_by_one_with_reasons_while_the_rest_applies(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks, cap = ledger.sku(), ledger.sku(), ledger.sku()
+    ledger.run(
+        PutMappings(
+            at=at(0),
+            cause=CAUSE,
+            supplier_id=acme,
+            mappings=[MappingSpec("AC-SHIRT", shirt), MappingSpec("AC-SOCKS", socks)],
+        )
+    )
+    observations = [
+        Observation(index=0, supplier_sku="AC-SHIRT", quantity=7, observed_at=at(10)),
+        Observation(index=1, supplier_sku="AC-UNKNOWN", quantity=3, observed_at=at(10)),
+        Observation(index=2, supplier_sku="AC-SOCKS", quantity=-1, observed_at=at(10)),
+        Observation(index=3, sku=cap, quantity=4, observed_at=at(3600)),
+        Observation(index=4, sku=cap, quantity=5, observed_at=at(10)),
+        Observation(index=5, sku=cap, quantity=6, observed_at=at(10)),
+        Observation(index=6, sku=random_sku("NOPE"), quantity=1, observed_at=at(10)),
+    ]
+
+    outcome = ledger.report(acme, observations, at(20)).value
+
+    reasons = {rejection.index: rejection.reason for rejection in outcome.rejected}
+    assert reasons == {
+        1: "unmapped_supplier_sku",
+        2: "negative_quantity",
+        3: "observed_at_in_future",
+        4: "conflicting_duplicate",
+        5: "conflicting_duplicate",
+        6: "unknown_sku",
+    }
+    assert [rejection.index for rejection in outcome.rejected] == [1, 2, 3, 4, 5, 6]
+    assert outcome.rejected[0].record == {
+        "supplier_sku": "AC-UNKNOWN",
+        "quantity": 3,
+        "observed_at": at(10).isoformat(),
+    }
+    assert (outcome.rows, outcome.applied, outcome.unchanged, outcome.late) == (7, 1, 0, 0)
+    assert ledger.levels(shirt, at(20)).on_hand == 7
+    assert ledger.levels(socks, at(20)).on_hand == 0
+    assert ledger.levels(cap, at(20)).on_hand == 0
+
+
+def test_a_report_a_little_ahead_of_our_clock_is_accepted(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+
+    outcome = ledger.report(
+        acme, [Observation(index=0, sku=shirt, quantity=4, observed_at=at(299))], at(0)
+    ).value
+
+    assert (outcome.applied, outcome.rejected) == (1, [])
+
+
+def test_an_older_record_for_a_sku_in_the_same_delivery_is_superseded_by_the_newest(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    observations = [
+        Observation(index=0, sku=shirt, quantity=5, observed_at=at(10)),
+        Observation(index=1, sku=shirt, quantity=8, observed_at=at(12)),
+        Observation(index=2, sku=shirt, quantity=6, observed_at=at(11)),
+    ]
+
+    outcome = ledger.report(acme, observations, at(20)).value
+
+    assert (outcome.applied, outcome.late, outcome.rejected) == (1, 2, [])
+    assert ledger.levels(shirt, at(20)).on_hand == 8
+
+
+def test_a_newer_record_for_a_sku_survives_an_older_conflicting_pair(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    observations = [
+        Observation(index=0, sku=shirt, quantity=5, observed_at=at(10)),
+        Observation(index=1, sku=shirt, quantity=6, observed_at=at(10)),
+        Observation(index=2, sku=shirt, quantity=8, observed_at=at(12)),
+    ]
+
+    outcome = ledger.report(acme, observations, at(20)).value
+
+    assert outcome.rejected == []
+    assert (outcome.applied, outcome.late) == (1, 2)
+    assert ledger.levels(shirt, at(20)).on_hand == 8
+
+
+def test_an_exact_repeat_within_a_delivery_is_applied_once(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    observations = [
+        Observation(index=0, sku=shirt, quantity=5, observed_at=at(10)),
+        Observation(index=1, sku=shirt, quantity=5, observed_at=at(10)),
+    ]
+
+    outcome = ledger.report(acme, observations, at(20)).value
+
+    assert (outcome.applied, outcome.unchanged, outcome.rejected) == (1, 1, [])
+    assert ledger.levels(shirt, at(20)).on_hand == 5
+    assert len(list(ledger.app.events.get(StockItem.id_for(shirt)))) == 2  # Registered, Observed
+
+
+def test_a_conflicting_pair_is_refused_whatever_the_order_of_the_records(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    observations = [
+        Observation(index=0, sku=shirt, quantity=8, observed_at=at(12)),
+        Observation(index=1, sku=shirt, quantity=5, observed_at=at(12)),
+        Observation(index=2, sku=shirt, quantity=6, observed_at=at(10)),
+    ]
+
+    outcome = ledger.report(acme, observations, at(20)).value
+
+    rejected = {rejection.index: rejection.reason for rejection in outcome.rejected}
+    assert rejected == {0: "conflicting_duplicate", 1: "conflicting_duplicate"}
+    assert outcome.applied == 0
+    assert ledger.levels(shirt, at(20)).on_hand == 0
+
+
+def test_a_delivery_seen_before_with_the_same_content_changes_nothing(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    observations = [Observation(index=0, sku=shirt, quantity=5, observed_at=at(10))]
+    first = ledger.report(acme, observations, at(20), delivery_id="batch-9", content_hash="h1")
+    written = ledger.events_written()
+
+    again = ledger.report(acme, observations, at(30), delivery_id="batch-9", content_hash="h1")
+
+    assert again.position is None
+    assert again.value == first.value
+    assert ledger.events_written() == written
+
+
+def test_a_delivery_id_reused_with_other_content_is_refused(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.report(
+        acme,
+        [Observation(index=0, sku=shirt, quantity=5, observed_at=at(10))],
+        at(20),
+        delivery_id="batch-9",
+        content_hash="h1",
+    )
+    written = ledger.events_written()
+
+    with pytest.raises(DeliveryConflict):
+        ledger.report(
+            acme,
+            [Observation(index=0, sku=shirt, quantity=9, observed_at=at(25))],
+            at(30),
+            delivery_id="batch-9",
+            content_hash="h2",
+        )
+
+    assert ledger.events_written() == written
+    assert ledger.levels(shirt, at(30)).on_hand == 5
+
+
+def test_a_mapping_turns_supplier_units_into_base_units(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.run(
+        PutMappings(
+            at=at(0),
+            cause=CAUSE,
+            supplier_id=acme,
+            mappings=[MappingSpec("AC-SHIRT-DOZEN", shirt, units_per_supplier_unit=12)],
+        )
+    )
+
+    ledger.report(
+        acme,
+        [Observation(index=0, supplier_sku="AC-SHIRT-DOZEN", quantity=3, observed_at=at(10))],
+        at(20),
+    )
+
+    assert ledger.levels(shirt, at(20)).on_hand == 36
+    assert ledger.reserve([(shirt, 36)], at(20)).lines[shirt].allocations == {"acme": 36}
+
+
+def test_stock_and_reservation_events_carry_the_cause_of_their_command(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    cause = Cause(actor="oms-key-2", reason="oms.reserve", correlation_id="req-77")
+    command = ledger.reserve_command([(shirt, 2)], at(10))
+    reserved = ledger.run(replace(command, cause=cause)).value
+
+    stock_event = list(ledger.app.events.get(StockItem.id_for(shirt)))[-1]
+    [placed] = ledger.app.events.get(reserved.reservation.id)
+    for event in (stock_event, placed):
+        assert (event.actor, event.reason, event.correlation_id) == (
+            "oms-key-2",
+            "oms.reserve",
+            "req-77",
+        )
+    assert isinstance(stock_event, StockItem.Held)
+    assert Allocation.many_from(stock_event.allocations) == [Allocation("acme", 2)]

@@ -1,0 +1,62 @@
+"""Settings: API keys, and an event store that is always a real database."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from api.settings import Settings
+from ledger.application import InMemoryRefused, InventoryLedger
+
+
+def test_api_keys_parse_roles_and_bind_supplier_keys_to_their_supplier() -> None:
+    settings = Settings.model_validate(
+        {"api_keys": "ops:admin:s3cret, feed:supplier:f33d:acme ,shop:storefront:x"}
+    )
+    keys = {key.name: key for key in settings.api_keys}
+    assert keys["ops"].role == "admin"
+    assert keys["feed"].supplier_id == "acme"
+    assert keys["shop"].secret.get_secret_value() == "x"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["ops:root:x", "ops:admin", "feed:supplier:x", "shop:storefront:x:acme", "a:oms:x,a:oms:y"],
+)
+def test_malformed_api_keys_are_refused_at_start(entry: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"api_keys": entry})
+
+
+def test_the_event_store_environment_is_postgres_with_a_finite_lock_timeout() -> None:
+    settings = Settings.model_validate({"lock_timeout_seconds": 3})
+    env = settings.event_store_env("postgresql://me:pw@db.example:6543/stock")
+    assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+    assert (env["POSTGRES_HOST"], env["POSTGRES_PORT"], env["POSTGRES_DBNAME"]) == (
+        "db.example",
+        "6543",
+        "stock",
+    )
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]) == ("me", "pw")
+    assert env["POSTGRES_LOCK_TIMEOUT"] == "3"
+    assert env["POSTGRES_ENABLE_DB_FUNCTIONS"] == "n"
+    assert env["CREATE_TABLE"] == "n"
+
+
+def test_the_ledger_refuses_to_keep_events_in_memory() -> None:
+    with pytest.raises(InMemoryRefused):
+        InventoryLedger({})
+    with pytest.raises(InMemoryRefused):
+        InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+def test_the_ledger_takes_its_configuration_only_from_its_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The library would let these override what the settings say; the ledger ignores them.
+    monkeypatch.setenv("INVENTORYLEDGER_PERSISTENCE_MODULE", "eventsourcing.postgres")
+    monkeypatch.setenv("AGGREGATE_CACHE_MAXSIZE", "7")
+    app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
+    assert type(app.factory).__module__ == "eventsourcing.popo"
+    assert app.repository.cache is None

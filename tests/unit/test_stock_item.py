@@ -1,0 +1,679 @@
+"""StockItem rules as given events / when a command / then events, on the pure domain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import NAMESPACE_URL, uuid5
+
+import pytest
+
+from ledger.base import Cause
+from ledger.stock import Allocation, ObservationOutcome, StockItem, StockLevels
+from ledger.supplier import SupplierTerms
+from tests.conftest import random_sku
+
+T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+GIVEN = Cause(actor="given-history", reason="test.given", correlation_id="corr-given")
+WHEN = Cause(actor="oms-key", reason="oms.test", correlation_id="req-when")
+
+
+def at(seconds: float) -> datetime:
+    """A moment `seconds` after the start of every scenario."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def supplier(name: str, **terms: Any) -> SupplierTerms:
+    return SupplierTerms(name=name, **terms)
+
+
+def terms_of(*suppliers: SupplierTerms) -> dict[str, SupplierTerms]:
+    return {terms.name: terms for terms in suppliers}
+
+
+def allocations(**quantities: int) -> list[Allocation]:
+    return [Allocation(supplier_id, quantity) for supplier_id, quantity in quantities.items()]
+
+
+def new_item(safety_stock: int = 0) -> StockItem:
+    return StockItem.register(random_sku(), at(0), GIVEN, safety_stock=safety_stock)
+
+
+def observe(
+    item: StockItem,
+    terms: SupplierTerms,
+    quantity: int,
+    observed_at: datetime,
+    when: datetime | None = None,
+    cause: Cause = GIVEN,
+) -> ObservationOutcome:
+    return item.observe(
+        terms.name,
+        quantity,
+        observed_at,
+        terms,
+        when or observed_at,
+        cause,
+        source="test-feed",
+        delivery_id="delivery-1",
+    )
+
+
+def replayed(events: Iterable[StockItem.Event]) -> StockItem:
+    """A fresh aggregate folded from events, as a repository would rebuild it."""
+    aggregate: Any = None
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    assert isinstance(aggregate, StockItem)
+    return aggregate
+
+
+def given(item: StockItem) -> StockItem:
+    """The history so far, collected and replayed into a fresh aggregate."""
+    return replayed(item.collect_events())
+
+
+def kinds(events: Sequence[object]) -> list[type]:
+    return [type(event) for event in events]
+
+
+def confirmed_commitment(
+    terms: SupplierTerms, level: int, quantity: int, confirm_at: datetime
+) -> StockItem:
+    """The history of a SKU with `level` from one supplier and `quantity` held, then confirmed."""
+    item = new_item()
+    observe(item, terms, level, at(0))
+    item.hold("r1", allocations(**{terms.name: quantity}), at(600), at(1), GIVEN)
+    net = [terms.name] if terms.reports_net_of_our_orders else []
+    item.confirm_hold("r1", allocations(**{terms.name: quantity}), at(600), net, confirm_at, GIVEN)
+    return item
+
+
+# Supplier reports ------------------------------------------------------------
+
+
+def test_a_late_report_never_overwrites_a_newer_one() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    history_events = history.collect_events()
+    item = replayed(history_events)
+
+    outcome = observe(item, acme, 3, at(5), when=at(20), cause=WHEN)
+
+    events = item.collect_events()
+    assert outcome == ObservationOutcome.LATE
+    assert kinds(events) == [StockItem.LateReportIgnored]
+    late = events[0]
+    assert isinstance(late, StockItem.LateReportIgnored)
+    assert (late.supplier_id, late.quantity) == ("acme", 3)
+    assert (late.observed_at, late.current_observed_at) == (at(5), at(10))
+    assert item.levels(at(20), terms_of(acme)).on_hand == 10
+    rebuilt = replayed([*history_events, *events])
+    assert rebuilt.positions["acme"].quantity == 10
+    assert rebuilt.positions["acme"].observed_at == at(10)
+
+
+def test_a_newer_report_replaces_the_level_and_records_the_one_it_replaced() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    item = given(history)
+
+    outcome = observe(item, acme, 7, at(30), cause=WHEN)
+
+    [event] = item.collect_events()
+    assert outcome == ObservationOutcome.APPLIED
+    assert isinstance(event, StockItem.Observed)
+    assert (event.quantity, event.previous_quantity, event.observed_at) == (7, 10, at(30))
+    assert (event.source, event.delivery_id) == ("test-feed", "delivery-1")
+    assert item.levels(at(30), terms_of(acme)).on_hand == 7
+
+
+def test_a_first_report_from_a_supplier_has_no_previous_quantity() -> None:
+    acme = supplier("acme")
+    item = given(new_item())
+
+    observe(item, acme, 4, at(1), cause=WHEN)
+
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Observed)
+    assert (event.quantity, event.previous_quantity, event.exposure) == (4, None, 0)
+
+
+def test_an_identical_report_is_unchanged_and_records_nothing() -> None:
+    acme = supplier("acme", stale_after_seconds=600)
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    item = given(history)
+
+    outcome = observe(item, acme, 10, at(10), when=at(40), cause=WHEN)
+
+    assert outcome == ObservationOutcome.UNCHANGED
+    assert item.collect_events() == []
+
+
+@pytest.mark.parametrize(
+    ("stale_after", "exclude_after", "half_of_the_smaller"),
+    [(600, 3600, 300), (None, 1000, 500), (2000, 400, 200)],
+)
+def test_an_unchanged_level_is_re_recorded_only_once_the_stored_one_is_half_way_to_a_limit(
+    stale_after: int | None, exclude_after: int, half_of_the_smaller: int
+) -> None:
+    acme = supplier("acme", stale_after_seconds=stale_after, exclude_after_seconds=exclude_after)
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    item = given(history)
+
+    too_soon = observe(item, acme, 10, at(half_of_the_smaller - 1), cause=WHEN)
+    assert too_soon == ObservationOutcome.UNCHANGED
+    assert item.collect_events() == []
+
+    old_enough = observe(item, acme, 10, at(half_of_the_smaller + 1), cause=WHEN)
+    [event] = item.collect_events()
+    assert old_enough == ObservationOutcome.APPLIED
+    assert isinstance(event, StockItem.Observed)
+    assert event.observed_at == at(half_of_the_smaller + 1)
+    assert item.positions["acme"].observed_at == at(half_of_the_smaller + 1)
+
+
+def test_an_unchanged_level_without_staleness_limits_is_never_re_recorded() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    item = given(history)
+
+    outcome = observe(item, acme, 10, at(30 * 24 * 3600), cause=WHEN)
+
+    assert outcome == ObservationOutcome.UNCHANGED
+    assert item.collect_events() == []
+
+
+# What may be sold --------------------------------------------------------------
+
+
+def test_sellable_is_fresh_supplier_levels_minus_buffers_minus_safety_stock() -> None:
+    acme, bolt = supplier("acme", buffer=2), supplier("bolt", buffer=1)
+    history = new_item(safety_stock=3)
+    observe(history, acme, 10, at(0))
+    observe(history, bolt, 5, at(0))
+    item = given(history)
+
+    levels = item.levels(at(1), terms_of(acme, bolt))
+
+    assert levels.on_hand == 15
+    assert levels.sellable == (10 - 2) + (5 - 1) - 3
+    assert levels.available == 9
+    assert {level.supplier_id: level.sellable for level in levels.suppliers} == {
+        "acme": 8,
+        "bolt": 4,
+    }
+
+
+def test_sellable_never_goes_below_zero() -> None:
+    acme, bolt = supplier("acme", buffer=5), supplier("bolt")
+    history = new_item(safety_stock=10)
+    observe(history, acme, 2, at(0))
+    observe(history, bolt, 4, at(0))
+    item = given(history)
+
+    levels = item.levels(at(1), terms_of(acme, bolt))
+
+    assert [level.sellable for level in levels.suppliers] == [0, 4]
+    assert (levels.sellable, levels.available) == (0, 0)
+    assert levels.status(limited_at=3) == "out_of_stock"
+
+
+def test_a_level_older_than_stale_after_shows_updating_but_stays_sellable() -> None:
+    acme = supplier("acme", stale_after_seconds=60, exclude_after_seconds=600)
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    item = given(history)
+
+    fresh = item.levels(at(59), terms_of(acme))
+    stale = item.levels(at(61), terms_of(acme))
+
+    assert fresh.status(limited_at=3) == "in_stock"
+    assert stale.status(limited_at=3) == "updating"
+    assert stale.suppliers[0].stale
+    assert stale.suppliers[0].age_seconds == 61
+    assert (stale.sellable, stale.available) == (10, 10)
+
+
+def test_a_level_older_than_exclude_after_stops_being_sellable() -> None:
+    acme = supplier("acme", stale_after_seconds=60, exclude_after_seconds=120)
+    bolt = supplier("bolt")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    observe(history, bolt, 3, at(100))
+    item = given(history)
+
+    before = item.levels(at(120), terms_of(acme, bolt))
+    after = item.levels(at(121), terms_of(acme, bolt))
+
+    assert before.sellable == 13
+    assert after.sellable == 3
+    assert after.on_hand == 13
+    assert after.suppliers[0].excluded
+    assert after.status(limited_at=0) == "updating"
+    assert item.allocate(4, at(121), terms_of(acme, bolt)) == (None, 3)
+
+
+# Allocation ----------------------------------------------------------------------
+
+
+def test_allocation_goes_by_priority_then_lead_time_then_freshest_report() -> None:
+    first = supplier("first", priority=1, lead_time_days=9)
+    quick = supplier("quick", priority=2, lead_time_days=1)
+    fresh = supplier("fresh", priority=2, lead_time_days=3)
+    older = supplier("older", priority=2, lead_time_days=3)
+    history = new_item()
+    observe(history, older, 3, at(10))
+    observe(history, fresh, 3, at(30))
+    observe(history, quick, 3, at(0))
+    observe(history, first, 3, at(0))
+    item = given(history)
+
+    allocated, available = item.allocate(11, at(40), terms_of(first, quick, fresh, older))
+
+    assert available == 12
+    assert allocated == allocations(first=3, quick=3, fresh=3, older=2)
+
+
+def test_a_line_one_supplier_can_cover_is_not_split() -> None:
+    acme, bolt = supplier("acme", priority=1), supplier("bolt", priority=2)
+    history = new_item()
+    observe(history, acme, 5, at(0))
+    observe(history, bolt, 5, at(0))
+    item = given(history)
+
+    allocated, _ = item.allocate(5, at(1), terms_of(acme, bolt))
+
+    assert allocated == allocations(acme=5)
+
+
+def test_allocation_only_takes_what_a_supplier_still_has_free() -> None:
+    acme = supplier("acme", priority=1, buffer=1)
+    bolt = supplier("bolt", priority=2)
+    history = new_item()
+    observe(history, acme, 6, at(0))
+    observe(history, bolt, 5, at(0))
+    history.hold("r1", allocations(acme=3), at(600), at(1), GIVEN)
+    item = given(history)
+
+    allocated, available = item.allocate(4, at(2), terms_of(acme, bolt))
+
+    assert available == 7
+    assert allocated == allocations(acme=2, bolt=2)
+
+
+def test_allocation_refuses_a_line_it_cannot_cover_and_says_what_is_available() -> None:
+    acme, bolt = supplier("acme"), supplier("bolt")
+    history = new_item(safety_stock=1)
+    observe(history, acme, 3, at(0))
+    observe(history, bolt, 2, at(0))
+    history.hold("r1", allocations(acme=1), at(600), at(1), GIVEN)
+    item = given(history)
+
+    assert item.allocate(4, at(2), terms_of(acme, bolt)) == (None, 3)
+    assert item.allocate(3, at(2), terms_of(acme, bolt))[0] is not None
+
+
+# Holds and their expiry ------------------------------------------------------------
+
+
+def test_a_hold_counts_until_its_expiry_and_not_after() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    item = given(history)
+
+    item.hold("r1", allocations(acme=4), at(100), at(1), WHEN)
+
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Held)
+    assert (event.reservation_id, event.expires_at) == ("r1", at(100))
+    assert event.allocations == [{"supplier_id": "acme", "quantity": 4}]
+    just_before = item.levels(at(99.5), terms_of(acme))
+    at_expiry = item.levels(at(100), terms_of(acme))
+    assert (just_before.held, just_before.available) == (4, 6)
+    assert (at_expiry.held, at_expiry.available) == (0, 10)
+    assert item.allocate(10, at(100), terms_of(acme))[0] == allocations(acme=10)
+
+
+def test_an_expired_hold_is_forgotten_by_the_next_event() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=4), at(100), at(1), GIVEN)
+    history.hold("r2", allocations(acme=2), at(500), at(1), GIVEN)
+    history_events = history.collect_events()
+    item = replayed(history_events)
+    assert sum(item.positions["acme"].held.values()) == 6
+
+    observe(item, acme, 9, at(101), cause=WHEN)
+
+    events = item.collect_events()
+    assert sum(item.positions["acme"].held.values()) == 2
+    rebuilt = replayed([*history_events, *events])
+    assert rebuilt.positions["acme"].held == item.positions["acme"].held
+
+
+def test_an_event_before_the_expiry_keeps_the_hold() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=4), at(100), at(1), GIVEN)
+    item = given(history)
+
+    observe(item, acme, 9, at(99), cause=WHEN)
+
+    assert sum(item.positions["acme"].held.values()) == 4
+    assert item.levels(at(99), terms_of(acme)).held == 4
+
+
+def test_releasing_a_hold_frees_it_at_once_and_leaves_others_with_the_same_expiry() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=4), at(100), at(1), GIVEN)
+    history.hold("r2", allocations(acme=3), at(100), at(2), GIVEN)
+    item = given(history)
+
+    item.release_hold("r1", allocations(acme=4), at(100), at(3), WHEN)
+
+    assert kinds(item.collect_events()) == [StockItem.HoldReleased]
+    levels = item.levels(at(3), terms_of(acme))
+    assert (levels.held, levels.available) == (3, 7)
+
+
+def test_thousands_of_open_holds_keep_the_state_small() -> None:
+    acme = supplier("acme")
+    item = new_item()
+    observe(item, acme, 100_000, at(0))
+    for number in range(2000):
+        expires_at = at(600 + number % 10)
+        item.hold(f"r{number}", allocations(acme=1), expires_at, at(1), GIVEN)
+
+    assert len(item.positions["acme"].held) == 10
+    assert item.levels(at(2), terms_of(acme)).held == 2000
+
+
+# Commitments ---------------------------------------------------------------------
+
+
+def test_confirming_moves_a_hold_to_committed_for_a_normal_supplier() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=4), at(100), at(1), GIVEN)
+    item = given(history)
+
+    item.confirm_hold("r1", allocations(acme=4), at(100), [], at(20), WHEN)
+
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.HoldConfirmed)
+    assert event.net_of_our_orders == []
+    levels = item.levels(at(20), terms_of(acme))
+    assert (levels.held, levels.committed, levels.available) == (0, 4, 6)
+    past_the_hold_expiry = item.levels(at(500), terms_of(acme))
+    assert (past_the_hold_expiry.committed, past_the_hold_expiry.available) == (4, 6)
+
+
+def test_releasing_a_commitment_to_a_normal_supplier_frees_it() -> None:
+    acme = supplier("acme")
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    item.release_commitment("r1", allocations(acme=3), at(20), [], at(30), WHEN)
+
+    assert kinds(item.collect_events()) == [StockItem.CommitmentReleased]
+    levels = item.levels(at(30), terms_of(acme))
+    assert (levels.committed, levels.available) == (1, 9)
+
+
+def test_a_net_of_our_orders_commitment_counts_once_until_the_supplier_reports_again() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    levels = item.levels(at(21), terms_of(acme))
+    assert (levels.held, levels.committed) == (0, 0)
+    assert (levels.sellable, levels.available) == (6, 6)
+
+
+def test_a_net_of_our_orders_commitment_stops_counting_once_a_newer_report_arrives() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    outcome = observe(item, acme, 6, at(30), cause=WHEN)
+
+    assert outcome == ObservationOutcome.APPLIED
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Observed)
+    assert event.exposure == 0
+    levels = item.levels(at(30), terms_of(acme))
+    assert (levels.sellable, levels.available) == (6, 6)
+
+
+def test_a_net_of_our_orders_commitment_still_counts_against_a_report_observed_before_it() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    observe(item, acme, 10, at(15), when=at(25), cause=WHEN)
+
+    levels = item.levels(at(25), terms_of(acme))
+    assert (levels.on_hand, levels.sellable, levels.available) == (10, 6, 6)
+
+
+def test_a_net_of_our_orders_commitment_still_counts_against_a_report_in_the_same_second() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20.4)))
+
+    observe(item, acme, 10, at(20.7), when=at(21.5), cause=WHEN)
+
+    assert item.levels(at(21.5), terms_of(acme)).available == 6
+
+
+def test_a_report_observed_at_the_very_moment_of_the_confirmation_is_not_newer_than_it() -> None:
+    # DESIGN: a commitment stops counting once a report *newer* than it arrives.
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    observe(item, acme, 10, at(20), when=at(21), cause=WHEN)
+
+    assert item.levels(at(21), terms_of(acme)).available == 6
+
+
+def test_releasing_a_net_of_our_orders_commitment_before_the_next_report_gives_it_back() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    item.release_commitment("r1", allocations(acme=4), at(20), ["acme"], at(30), WHEN)
+
+    assert item.levels(at(30), terms_of(acme)).available == 10
+
+
+# Shipping and returns ------------------------------------------------------------------
+
+
+def test_shipping_from_a_normal_supplier_lowers_its_level_until_a_newer_report() -> None:
+    acme = supplier("acme")
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+
+    item.ship("r1", allocations(acme=4), [], at(30), WHEN)
+
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Shipped)
+    shipped = item.levels(at(30), terms_of(acme))
+    assert (shipped.committed, shipped.on_hand, shipped.sellable, shipped.available) == (
+        0,
+        10,
+        6,
+        6,
+    )
+    observe(item, acme, 10, at(25), when=at(35), cause=WHEN)
+    assert item.levels(at(35), terms_of(acme)).available == 6
+    observe(item, acme, 9, at(40), cause=WHEN)
+    assert item.levels(at(40), terms_of(acme)).available == 9
+
+
+def test_a_report_observed_at_the_very_moment_of_a_shipment_does_not_retire_it() -> None:
+    acme = supplier("acme")
+    history = confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20))
+    history.ship("r1", allocations(acme=4), [], at(30), GIVEN)
+    item = given(history)
+
+    observe(item, acme, 10, at(30), when=at(31), cause=WHEN)
+
+    assert item.levels(at(31), terms_of(acme)).available == 6
+
+
+def test_shipping_from_a_net_of_our_orders_supplier_changes_no_number() -> None:
+    acme = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
+    before = item.levels(at(30), terms_of(acme))
+
+    item.ship("r1", allocations(acme=4), ["acme"], at(30), WHEN)
+
+    assert kinds(item.collect_events()) == [StockItem.Shipped]
+    assert item.levels(at(30), terms_of(acme)) == before
+
+
+def test_a_restock_adds_the_units_back_until_a_newer_report() -> None:
+    acme = supplier("acme")
+    history = confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20))
+    history.ship("r1", allocations(acme=4), [], at(30), GIVEN)
+    item = given(history)
+
+    item.restock("r1", allocations(acme=3), at(50), WHEN)
+
+    assert kinds(item.collect_events()) == [StockItem.Restocked]
+    assert item.levels(at(50), terms_of(acme)).available == 9
+    observe(item, acme, 6, at(60), cause=WHEN)
+    assert item.levels(at(60), terms_of(acme)).available == 6
+
+
+# Exposure ------------------------------------------------------------------------------
+
+
+def test_a_report_below_what_is_promised_is_applied_and_flags_the_exposure() -> None:
+    acme = supplier("acme", buffer=1)
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=5), at(600), at(1), GIVEN)
+    history.hold("r2", allocations(acme=2), at(600), at(2), GIVEN)
+    history.confirm_hold("r2", allocations(acme=2), at(600), [], at(3), GIVEN)
+    item = given(history)
+
+    outcome = observe(item, acme, 5, at(10), cause=WHEN)
+
+    assert outcome == ObservationOutcome.APPLIED
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Observed)
+    assert event.quantity == 5
+    assert event.exposure == (5 + 2) - (5 - 1)
+    levels = item.levels(at(10), terms_of(acme))
+    assert (levels.on_hand, levels.held, levels.committed, levels.available) == (5, 5, 2, 0)
+
+
+def test_a_report_that_still_covers_every_promise_has_no_exposure() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=5), at(600), at(1), GIVEN)
+    item = given(history)
+
+    observe(item, acme, 5, at(10), cause=WHEN)
+
+    [event] = item.collect_events()
+    assert isinstance(event, StockItem.Observed)
+    assert event.exposure == 0
+
+
+# Causes and identity ---------------------------------------------------------------------
+
+
+def _every_command(item: StockItem, acme: SupplierTerms) -> None:
+    observe(item, acme, 10, at(10), cause=WHEN)
+    observe(item, acme, 1, at(5), when=at(11), cause=WHEN)
+    item.set_safety_stock(2, at(12), WHEN)
+    item.hold("r1", allocations(acme=2), at(600), at(13), WHEN)
+    item.hold("r2", allocations(acme=1), at(600), at(13), WHEN)
+    item.release_hold("r2", allocations(acme=1), at(600), at(14), WHEN)
+    item.confirm_hold("r1", allocations(acme=2), at(600), [], at(15), WHEN)
+    item.ship("r1", allocations(acme=1), [], at(16), WHEN)
+    item.release_commitment("r1", allocations(acme=1), at(15), [], at(17), WHEN)
+    item.restock("r1", allocations(acme=1), at(18), WHEN)
+
+
+def test_every_event_carries_the_actor_reason_and_correlation_id_of_its_cause() -> None:
+    acme = supplier("acme")
+    item = StockItem.register(random_sku(), at(0), WHEN)
+
+    _every_command(item, acme)
+
+    events = item.collect_events()
+    assert set(kinds(events)) == {
+        StockItem.Registered,
+        StockItem.Observed,
+        StockItem.LateReportIgnored,
+        StockItem.SafetyStockSet,
+        StockItem.Held,
+        StockItem.HoldReleased,
+        StockItem.HoldConfirmed,
+        StockItem.Shipped,
+        StockItem.CommitmentReleased,
+        StockItem.Restocked,
+    }
+    for event in events:
+        assert (event.actor, event.reason, event.correlation_id) == (
+            "oms-key",
+            "oms.test",
+            "req-when",
+        ), type(event).__name__
+
+
+def test_replaying_every_kind_of_event_rebuilds_the_same_state() -> None:
+    acme = supplier("acme")
+    item = StockItem.register(random_sku(), at(0), WHEN)
+    _every_command(item, acme)
+
+    rebuilt = replayed(item.collect_events())
+
+    assert rebuilt.__dict__ == item.__dict__
+    assert rebuilt.levels(at(19), terms_of(acme)) == item.levels(at(19), terms_of(acme))
+
+
+def test_setting_the_same_safety_stock_again_records_nothing() -> None:
+    item = given(new_item(safety_stock=2))
+
+    assert item.set_safety_stock(2, at(5), WHEN) is False
+    assert item.collect_events() == []
+    assert item.set_safety_stock(4, at(6), WHEN) is True
+    assert kinds(item.collect_events()) == [StockItem.SafetyStockSet]
+
+
+def test_a_stock_item_id_is_derived_from_its_sku() -> None:
+    sku = random_sku()
+
+    item = StockItem.register(sku, at(0), GIVEN)
+
+    assert item.id == uuid5(NAMESPACE_URL, f"/sku/{sku}") == StockItem.id_for(sku)
+
+
+def _numbers(levels: StockLevels) -> tuple[int, int, int, int]:
+    return levels.sellable, levels.held, levels.committed, levels.available
+
+
+def test_a_late_report_changes_no_number() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    history.hold("r1", allocations(acme=4), at(600), at(11), GIVEN)
+    item = given(history)
+    before = _numbers(item.levels(at(20), terms_of(acme)))
+
+    observe(item, acme, 0, at(9), when=at(20), cause=WHEN)
+
+    assert _numbers(item.levels(at(20), terms_of(acme))) == before == (10, 4, 0, 6)
