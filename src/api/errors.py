@@ -107,6 +107,16 @@ async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def on_timeout(_: Request, error: Exception) -> JSONResponse:
+    log.warning("http.command_timeout")
+    return error_response(
+        503,
+        "timeout",
+        "the ledger did not finish in time; retry with the same Idempotency-Key",
+        {"Retry-After": "1"},
+    )
+
+
 async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("http.unexpected_error", path=request.url.path)
     return error_response(
@@ -121,4 +131,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for unavailable in (StoreUnavailable, DatabaseUnavailable, WriterStopped):
         app.add_exception_handler(unavailable, on_unavailable)
+    app.add_exception_handler(TimeoutError, on_timeout)
     app.add_exception_handler(Exception, on_unexpected)

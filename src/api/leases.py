@@ -18,6 +18,7 @@ class AdvisoryLease:
         self.name = name
         self._key = lock_key(name)
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._reachable = True
 
     def held(self) -> bool:
         """True when this process holds the lease, taking it if it is free."""
@@ -31,8 +32,11 @@ class AdvisoryLease:
         try:
             conn = psycopg.connect(self.database_url, autocommit=True)
         except psycopg.Error as error:
-            log.warning("lease.unreachable", lease=self.name, error=str(error))
+            if self._reachable:  # once per outage, not once per attempt
+                log.warning("lease.unreachable", lease=self.name, error=str(error))
+            self._reachable = False
             return False
+        self._reachable = True
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
         if row is not None and row[0]:
             self._conn = conn

@@ -37,7 +37,7 @@ def open_runtime(settings: Settings, *, migrate_first: bool = True, sweep: bool 
     if migrate_first:
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
-    writer = LedgerWriter(app).start()
+    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds).start()
     sweeper = (
         ExpirySweeper(writer, database_url, settings.sweep_interval_seconds).start()
         if sweep

@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=5, gt=0)
     pool_max_overflow: int = Field(default=10, ge=0)
     lock_timeout_seconds: int = Field(default=5, gt=0)
-    connect_timeout_seconds: int = Field(default=10, gt=0)
+    connect_timeout_seconds: int = Field(
+        default=2, gt=0, description="longest wait for a pooled database connection"
+    )
+    command_timeout_seconds: float = Field(
+        default=10, gt=0, description="a request waits this long for its command, then 503"
+    )
     aggregate_cache_size: int = Field(default=10_000, ge=0)
 
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -100,7 +105,8 @@ class Settings(BaseSettings):
             "POSTGRES_LOCK_TIMEOUT": str(self.lock_timeout_seconds),
             "POSTGRES_CONNECT_TIMEOUT": str(self.connect_timeout_seconds),
             "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "10",
-            "POSTGRES_PRE_PING": "y",
+            # A round trip per connection checkout; the recorder retries broken connections.
+            "POSTGRES_PRE_PING": "n",
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "CREATE_TABLE": "y" if create_tables else "n",
             "AGGREGATE_CACHE_MAXSIZE": str(self.aggregate_cache_size),

@@ -46,9 +46,12 @@ class WriterStopped(RuntimeError):
 
 
 class LedgerWriter:
-    def __init__(self, app: InventoryLedger, *, max_attempts: int = 20) -> None:
+    def __init__(
+        self, app: InventoryLedger, *, max_attempts: int = 20, timeout: float | None = 30.0
+    ) -> None:
         self.app = app
         self.max_attempts = max_attempts
+        self.timeout = timeout
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -72,9 +75,17 @@ class LedgerWriter:
 
     # Commands ---------------------------------------------------------------
 
-    def execute(self, command: Command, timeout: float | None = 30.0) -> Outcome[Any]:
-        """Runs the command on the writer thread and returns its outcome, or raises its error."""
-        return self.submit(command).result(timeout)
+    def execute(self, command: Command) -> Outcome[Any]:
+        """Runs the command on the writer thread and returns its outcome, or raises its error.
+
+        A command still queued when the caller gives up is dropped, never applied late.
+        """
+        future = self.submit(command)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def submit(self, command: Command) -> Future[Outcome[Any]]:
         if self._stopping.is_set() or not self.alive:

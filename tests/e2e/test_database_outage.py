@@ -1,0 +1,37 @@
+"""When PostgreSQL goes away the service says so: 503, never a 500, and it is not ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from tests.conftest import fresh_database, start_server, stop_server
+
+
+def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_path: Path) -> None:
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(
+            database_url, tmp_path, workers=1, extra_env={"LEDGER_CONNECT_TIMEOUT_SECONDS": "1"}
+        )
+        try:
+            with server.client("test-admin") as admin:
+                assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
+                name = conninfo_to_dict(database_url)["dbname"]
+                with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+                answer = admin.put("/v1/suppliers/acme", json={"name": "Acme 2"})
+                ready = admin.get("/readyz")
+        finally:
+            stop_server(server)
+
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "unavailable"
+    assert answer.elapsed.total_seconds() < 10  # the command deadline was not needed
+    assert ready.elapsed.total_seconds() < 3
+    assert answer.headers["Retry-After"] == "1"
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] is False
+    assert "http.unexpected_error" not in server.log()
