@@ -140,7 +140,11 @@ class Server:
 
 
 def start_server(
-    database_url: str, tmp_path: Path, workers: int = 2, extra_env: dict[str, str] | None = None
+    database_url: str,
+    tmp_path: Path,
+    workers: int = 2,
+    extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Server:
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
@@ -152,7 +156,17 @@ def start_server(
         "LEDGER_SWEEP_INTERVAL_SECONDS": "0.2",
         **(extra_env or {}),
     }
-    command = [sys.executable, "-m", "api", "serve", "--port", str(port), "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "api",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *extra_args,
+    ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
