@@ -1,6 +1,11 @@
 """`make bench`: every workload on a fresh database, figures beside their baselines.
 
 Writes bench/results/latest.json and bench/results/latest.md.
+
+BENCH_WORKLOADS (comma-separated, default "reservations,projections") runs only some of
+them; the rows of the others are then kept from the previous results, marked as such.
+BENCH_SECONDS sets the length of each reservations run, BENCH_EVENTS the size of the log
+the projections benchmark builds (default 1,000,000).
 """
 
 from __future__ import annotations
@@ -8,40 +13,96 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from bench import reservations
+from bench import projections, reservations
 from bench.harness import postgres
 
 RESULTS = Path(__file__).with_name("results")
+WORKLOADS = ("reservations", "projections")
+DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
+    "reservations": reservations.describe,
+    "projections": projections.describe,
+}
+
+
+def _earlier_rows(skipped: set[str]) -> list[dict[str, Any]]:
+    """The previous run's rows of the workloads not run now, marked with when they ran."""
+    try:
+        earlier = json.loads((RESULTS / "latest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for row in earlier.get("rows", []):
+        bench = row.get("bench", "reservations")
+        if bench in skipped:
+            row.setdefault("bench", bench)
+            row.setdefault("from_earlier_run", earlier.get("meta", {}).get("at"))
+            rows.append(row)
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    line = DESCRIBE[row["bench"]](row)
+    earlier = row.get("from_earlier_run")
+    if earlier:
+        line = line.replace(row["workload"], f"{row['workload']} (earlier run, {earlier})", 1)
+    return line
 
 
 def main() -> None:
     seconds = int(os.environ.get("BENCH_SECONDS", "10"))
+    events = int(os.environ.get("BENCH_EVENTS", str(projections.DEFAULT_EVENTS)))
+    chosen = {
+        name.strip() for name in os.environ.get("BENCH_WORKLOADS", ",".join(WORKLOADS)).split(",")
+    }
+    unknown = chosen - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"unknown BENCH_WORKLOADS {sorted(unknown)}; known: {WORKLOADS}")
+    rows: list[dict[str, Any]] = []
     with postgres() as server_url:
-        rows = reservations.run(server_url, seconds=seconds)
+        if "reservations" in chosen:
+            rows += [
+                {"bench": "reservations", **row}
+                for row in reservations.run(server_url, seconds=seconds)
+            ]
+        if "projections" in chosen:
+            rows += [
+                {"bench": "projections", **row}
+                for row in projections.run(server_url, events=events)
+            ]
+    rows += _earlier_rows(set(WORKLOADS) - chosen)
+    rows.sort(key=lambda row: WORKLOADS.index(row["bench"]))
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "at": datetime.now(UTC).isoformat(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "workloads": sorted(chosen, key=WORKLOADS.index),
         "seconds_per_run": seconds,
+        "projection_log_events": events,
     }
     (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = [
         "| workload | Stockledger | baseline (same run) | ratio |",
         "|---|---|---|---|",
-        *(reservations.describe(row) for row in rows),
+        *(_line(row) for row in rows),
     ]
     (RESULTS / "latest.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     for row in rows:
-        print(
-            f"{row['workload']}: load generator used "
-            f"{row['ledger']['load']['generator_cores']:.2f} cores against the ledger, "
-            f"{row['baseline']['load']['generator_cores']:.2f} against the baseline"
-        )
+        if row["bench"] == "reservations" and not row.get("from_earlier_run"):
+            print(
+                f"{row['workload']}: load generator used "
+                f"{row['ledger']['load']['generator_cores']:.2f} cores against the ledger, "
+                f"{row['baseline']['load']['generator_cores']:.2f} against the baseline"
+            )
+    for row in rows:
+        if row["bench"] == "projections" and not row.get("from_earlier_run"):
+            print(projections.footnote(row))
 
 
 if __name__ == "__main__":

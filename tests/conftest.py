@@ -130,10 +130,27 @@ class Server:
     base_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    database_url: str
+    last_position: int = 0
 
-    def client(self, key: str | None = None) -> httpx.Client:
+    def client(self, key: str | None = None, *, consistent: bool = True) -> httpx.Client:
+        """A client; a consistent one reads its own writes, as a careful client does.
+
+        It remembers the highest X-Ledger-Position any write answered with and sends it
+        as X-Min-Position with every read, so reads reflect every write made before.
+        """
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+        hooks = {"request": [self._ask], "response": [self._note]} if consistent else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, event_hooks=hooks)
+
+    def _ask(self, request: httpx.Request) -> None:
+        if request.method == "GET" and self.last_position:
+            request.headers.setdefault("X-Min-Position", str(self.last_position))
+
+    def _note(self, response: httpx.Response) -> None:
+        position = response.headers.get("X-Ledger-Position")
+        if response.request.method != "GET" and position:
+            self.last_position = max(self.last_position, int(position))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -169,7 +186,7 @@ def start_server(
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -13,7 +13,15 @@ from api.auth import Authenticator
 from api.errors import install_error_handlers
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
-from api.routers import availability, health, reservations, skus, suppliers
+from api.routers import (
+    audit,
+    availability,
+    conflicts,
+    health,
+    reservations,
+    skus,
+    suppliers,
+)
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 
@@ -47,7 +55,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings.api_keys)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-    for module in (health, suppliers, skus, reservations, availability):
+    for module in (health, suppliers, skus, reservations, availability, conflicts, audit):
         app.include_router(module.router)
     return app
 

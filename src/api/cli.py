@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
 import uvicorn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
 from api.database import migrate, resolve_database_url, start_embedded
 from api.logs import configure_logging
+from api.runtime import Runtime, jump_thresholds, open_runtime
 from api.settings import Settings
+from projections.registry import all_projections
+from projections.runner import rebuild
+from projections.status import projection_status
 
 cli = typer.Typer(help="Stockledger: an event-sourced inventory ledger.", no_args_is_help=True)
 
@@ -26,7 +46,6 @@ def serve(
 ) -> None:
     """Runs the HTTP API. Workers share nothing but PostgreSQL."""
     from api.demo import DEMO_KEYS, demo_settings_banner, seed_demo
-    from api.runtime import open_runtime
 
     if demo and not os.environ.get("LEDGER_API_KEYS"):
         os.environ["LEDGER_API_KEYS"] = DEMO_KEYS
@@ -75,6 +94,135 @@ def migrate_command() -> None:
     settings = Settings()
     configure_logging(settings)
     migrate(settings, resolve_database_url(settings))
+
+
+projections_cli = typer.Typer(help="Projections: status, the worker, rebuilds.")
+audit_cli = typer.Typer(help="Audit: the log and the past, from the event store.")
+cli.add_typer(projections_cli, name="projections")
+cli.add_typer(audit_cli, name="audit")
+
+
+@contextmanager
+def _ledger(project: bool = False) -> Iterator[Runtime]:
+    """The ledger without HTTP, for commands; projections run only when asked."""
+    settings = Settings()
+    configure_logging(settings)
+    runtime = open_runtime(settings, sweep=False, project=project)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@projections_cli.command("status")
+def projections_status() -> None:
+    """Position and lag of every projection, in events and in seconds."""
+    with _ledger() as runtime:
+        table = Table("projection", "generation", "position", "lag (events)", "lag (s)", "error")
+        for status in projection_status(runtime.store, runtime.app):
+            table.add_row(
+                status.name,
+                str(status.generation) + ("" if status.live else " (building)"),
+                str(status.position),
+                str(status.lag_events),
+                f"{status.lag_seconds:.1f}",
+                status.error or "",
+            )
+        Console().print(table)
+
+
+@projections_cli.command("run")
+def projections_run() -> None:
+    """The projection worker: keeps every projection it can lease up to date until stopped."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _ledger(project=True), suppress(KeyboardInterrupt):
+        stop.wait()
+
+
+@projections_cli.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str | None, typer.Argument(help="one projection; all when omitted")] = None,
+    in_place: Annotated[
+        bool, typer.Option(help="switch to the empty new generation at once (no blue/green)")
+    ] = False,
+) -> None:
+    """Builds a projection again from position zero under a new generation, then switches."""
+    with _ledger() as runtime:
+        chosen = [
+            p
+            for p in all_projections(runtime.app, jump_thresholds(runtime.settings))
+            if name in (None, p.name)
+        ]
+        if not chosen:
+            raise typer.BadParameter(f"no projection named {name!r}")
+        last = runtime.app.recorder.max_notification_id() or 0
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        ) as progress:
+            for projection in chosen:
+                task = progress.add_task(projection.name, total=last)
+
+                def advance(position: int, _applied: int, task: TaskID = task) -> None:
+                    progress.update(task, completed=min(position, last))
+
+                built = rebuild(
+                    projection,
+                    runtime.app,
+                    runtime.store,
+                    runtime.leases,
+                    in_place=in_place,
+                    page_size=max(runtime.settings.projection_page_size, 2000),
+                    progress=advance,
+                )
+                progress.update(task, completed=last)
+                progress.console.print(
+                    f"{projection.name}: generation {built.generation} is live at {built.position}"
+                )
+
+
+@audit_cli.command("export")
+def audit_export(
+    after: Annotated[int, typer.Option(help="start after this log position")] = 0,
+    output: Annotated[Path, typer.Option(help="NDJSON file to write")] = Path("events.ndjson"),
+) -> None:
+    """Streams the global log from a position to an NDJSON file."""
+    with _ledger() as runtime:
+        last = runtime.audit.last_position()
+        written = 0
+        with (
+            output.open("w") as out,
+            Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn()) as progress,
+        ):
+            task = progress.add_task("export", total=max(0, last - after))
+            for event in runtime.audit.events(after):
+                out.write(json.dumps(event.as_json(), separators=(",", ":")) + "\n")
+                written += 1
+                progress.update(task, completed=event.position - after)
+        typer.echo(f"{written} events written to {output}")
+
+
+@audit_cli.command("stock")
+def audit_stock(
+    sku: str,
+    at: Annotated[datetime | None, typer.Option(help="ISO 8601 time, with its zone")] = None,
+    position: Annotated[int | None, typer.Option(help="log position")] = None,
+) -> None:
+    """Prints a SKU's state at a time or a log position."""
+    from api.routers.audit import point_in_time_out
+
+    if (at is None) == (position is None):
+        raise typer.BadParameter("give exactly one of --at and --position")
+    if at is not None and at.tzinfo is None:
+        raise typer.BadParameter("--at needs a time zone, e.g. 2026-11-27T10:00:00+00:00")
+    with _ledger() as runtime:
+        moment = runtime.audit.stock_at(sku, at=at, position=position)
+        typer.echo(
+            json.dumps(point_in_time_out(moment, runtime.settings.limited_stock_at), indent=2)
+        )
 
 
 def main() -> None:

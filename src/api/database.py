@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -12,9 +11,12 @@ from pathlib import Path
 
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 
 from api.settings import Settings
 from ledger.application import InventoryLedger
+from projections.leases import lock_key
+from projections.registry import all_projections, ensure_live_generations
 
 log = structlog.get_logger(__name__)
 
@@ -35,13 +37,6 @@ CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_no_truncate
     BEFORE TRUNCATE ON {EVENTS_TABLE}
     FOR EACH STATEMENT EXECUTE FUNCTION stockledger_refuse_history_change();
 """
-
-
-def lock_key(name: str) -> int:
-    """A stable 64-bit advisory lock key for a name."""
-    return int.from_bytes(
-        hashlib.sha256(f"stockledger:{name}".encode()).digest()[:8], "big", signed=True
-    )
 
 
 @dataclass
@@ -104,7 +99,10 @@ def migrate(settings: Settings, database_url: str) -> None:
     """
     with advisory_lock(database_url, "migrate"):
         app = InventoryLedger(settings.event_store_env(database_url, create_tables=True))
-        app.close()
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(IMMUTABLE_EVENTS_SQL)
+        try:
+            with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+                conn.execute(IMMUTABLE_EVENTS_SQL)
+                ensure_live_generations(conn, all_projections(app))
+        finally:
+            app.close()
     log.info("database.migrated", pid=os.getpid())

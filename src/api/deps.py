@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Header, Path, Query, Request, Response
 
 from api.auth import require
 from api.runtime import Runtime
@@ -29,11 +29,29 @@ def request_id(request: Request) -> str:
     return value
 
 
+def min_position(
+    query: Annotated[int | None, Query(alias="min_position", ge=0)] = None,
+    header: Annotated[int | None, Header(alias="X-Min-Position", ge=0)] = None,
+) -> int | None:
+    """Read-your-writes: the log position the answer must reflect (query or header)."""
+    return query if query is not None else header
+
+
+POSITION_HEADER = "X-Ledger-Position"
+
+
+def set_position(response: Response, position: int | None) -> None:
+    """Tells the client how far the log reached, for read-your-writes."""
+    if position is not None:
+        response.headers[POSITION_HEADER] = str(position)
+
+
 def cause_for(key: ApiKey, reason: str, correlation_id: str) -> Cause:
     return Cause(actor=key.name, reason=reason, correlation_id=correlation_id)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+MinPosition = Annotated[int | None, Depends(min_position)]
 Now = Annotated[datetime, Depends(now)]
 RequestId = Annotated[str, Depends(request_id)]
 SupplierId = Annotated[str, Path(pattern=SUPPLIER_ID_PATTERN)]
@@ -42,3 +60,4 @@ AdminKey = Annotated[ApiKey, Depends(require("admin"))]
 OmsKey = Annotated[ApiKey, Depends(require("oms"))]
 SupplierKey = Annotated[ApiKey, Depends(require("supplier"))]
 ReaderKey = Annotated[ApiKey, Depends(require("storefront", "oms", "auditor"))]
+AuditorKey = Annotated[ApiKey, Depends(require("auditor"))]

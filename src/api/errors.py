@@ -22,6 +22,7 @@ from ledger.errors import (
     UnknownSku,
 )
 from ledger.writer import WriterStopped
+from projections.queries import PositionNotReached
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,16 @@ async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def on_position_not_reached(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, PositionNotReached)
+    return error_response(
+        503,
+        "position_not_reached",
+        {"view": error.projection, "min_position": error.wanted, "position": error.reached},
+        {"Retry-After": "1"},
+    )
+
+
 async def on_timeout(_: Request, error: Exception) -> JSONResponse:
     log.warning("http.command_timeout")
     return error_response(
@@ -132,4 +143,5 @@ def install_error_handlers(app: FastAPI) -> None:
     for unavailable in (StoreUnavailable, DatabaseUnavailable, WriterStopped):
         app.add_exception_handler(unavailable, on_unavailable)
     app.add_exception_handler(TimeoutError, on_timeout)
+    app.add_exception_handler(PositionNotReached, on_position_not_reached)
     app.add_exception_handler(Exception, on_unexpected)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from api.database import migrate, resolve_database_url
 from api.settings import Settings
-from api.sweeper import ExpirySweeper
+from api.sweeper import Sweeper
 from ledger.application import InventoryLedger
 from ledger.queries import LedgerQueries
 from ledger.writer import LedgerWriter
+from projections.audit import Audit
+from projections.conflicts import JumpThresholds
+from projections.leases import LeaseSession
+from projections.notifier import LogNotifier
+from projections.queries import Views
+from projections.registry import all_projections
+from projections.runner import ProjectionRunner
+from projections.store import ViewStore
 
 log = structlog.get_logger(__name__)
 
@@ -23,25 +31,77 @@ class Runtime:
     app: InventoryLedger
     writer: LedgerWriter
     queries: LedgerQueries
-    sweeper: ExpirySweeper | None
+    store: ViewStore
+    views: Views
+    audit: Audit
+    leases: LeaseSession
+    notifier: LogNotifier | None = None
+    runners: list[ProjectionRunner] = field(default_factory=list)
+    sweeper: Sweeper | None = None
 
     def close(self) -> None:
         if self.sweeper is not None:
             self.sweeper.stop()
+        for runner in self.runners:
+            runner.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        self.leases.close()
         self.writer.stop()
+        self.store.close()
         self.app.close()
 
 
-def open_runtime(settings: Settings, *, migrate_first: bool = True, sweep: bool = True) -> Runtime:
+def jump_thresholds(settings: Settings) -> JumpThresholds:
+    return JumpThresholds(settings.conflict_jump_absolute, settings.conflict_jump_relative)
+
+
+def start_runners(runtime: Runtime) -> None:
+    """Runs every projection in this process; leases keep one live runner per projection."""
+    settings = runtime.settings
+    runtime.notifier = LogNotifier(runtime.database_url).start()
+    runtime.runners = [
+        ProjectionRunner(
+            projection,
+            runtime.app,
+            runtime.store,
+            runtime.leases,
+            runtime.notifier,
+            page_size=settings.projection_page_size,
+            poll_seconds=settings.projection_poll_seconds,
+        ).start()
+        for projection in all_projections(runtime.app, jump_thresholds(settings))
+    ]
+
+
+def open_runtime(
+    settings: Settings,
+    *,
+    migrate_first: bool = True,
+    sweep: bool = True,
+    project: bool | None = None,
+) -> Runtime:
     database_url = resolve_database_url(settings)
     if migrate_first:
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
-    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds).start()
-    sweeper = (
-        ExpirySweeper(writer, database_url, settings.sweep_interval_seconds).start()
-        if sweep
-        else None
+    store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
+    runtime = Runtime(
+        settings=settings,
+        database_url=database_url,
+        app=app,
+        writer=LedgerWriter(app, timeout=settings.command_timeout_seconds).start(),
+        queries=LedgerQueries(app),
+        store=store,
+        views=Views(store, app),
+        audit=Audit(store, app),
+        leases=LeaseSession(database_url),
     )
-    log.info("ledger.started", sweeper=sweep)
-    return Runtime(settings, database_url, app, writer, LedgerQueries(app), sweeper)
+    if settings.run_projections if project is None else project:
+        start_runners(runtime)
+    if sweep:
+        runtime.sweeper = Sweeper(
+            runtime.writer, runtime.views, database_url, settings.sweep_interval_seconds
+        ).start()
+    log.info("ledger.started", sweeper=sweep, projections=len(runtime.runners))
+    return runtime

@@ -205,6 +205,11 @@ class ReservationOut(BaseModel):
     lines: list[ReservationLineOut]
 
 
+class ReservationListOut(BaseModel):
+    items: list[ReservationOut]
+    position: int
+
+
 # Availability -------------------------------------------------------------------
 
 
@@ -227,6 +232,7 @@ class AvailabilityOut(BaseModel):
     available: int
     safety_stock: int
     status: str
+    eta_days: int | None
     suppliers: list[SupplierLevelOut]
     position: int
 

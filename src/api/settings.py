@@ -59,6 +59,16 @@ class Settings(BaseSettings):
 
     migrate_on_start: bool = True
     run_sweeper: bool = True
+    run_projections: bool = Field(
+        default=True, description="run the projections in this process (one holder each)"
+    )
+    projection_page_size: int = Field(default=1000, gt=0)
+    projection_poll_seconds: float = Field(default=1.0, gt=0)
+    read_wait_max_seconds: float = Field(
+        default=5.0, ge=0, description="longest wait of a read for its min_position"
+    )
+    conflict_jump_absolute: int = Field(default=100, ge=0)
+    conflict_jump_relative: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
     pool_size: int = Field(default=5, gt=0)
     pool_max_overflow: int = Field(default=10, ge=0)

@@ -1,4 +1,9 @@
-"""The expiry sweeper: appends `Expired` for holds past their time, in one process at a time."""
+"""The sweeper: expires holds past their time and records suppliers gone stale.
+
+One process at a time runs it, holding an advisory-lock lease. It reads the views and
+writes through the ledger's writer; correctness never waits for it (holds stop counting
+at their expiry anyway), it makes the history say what happened.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,30 @@ from datetime import UTC, datetime
 
 import structlog
 
-from api.leases import AdvisoryLease
 from ledger.base import Cause
-from ledger.commands import ExpireHolds
-from ledger.expiry import OpenHolds
+from ledger.commands import ExpireHolds, NoteLastReports
 from ledger.writer import LedgerWriter
+from projections.leases import AdvisoryLease
+from projections.queries import Views
 
 log = structlog.get_logger(__name__)
 
-BATCH = 500
+BATCH = 1000
 
 
-class ExpirySweeper:
-    def __init__(self, writer: LedgerWriter, database_url: str, interval_seconds: float) -> None:
+class Sweeper:
+    def __init__(
+        self, writer: LedgerWriter, views: Views, database_url: str, interval_seconds: float
+    ) -> None:
         self.writer = writer
+        self.views = views
         self.interval_seconds = interval_seconds
-        self.holds = OpenHolds(writer.app)
-        self.lease = AdvisoryLease(database_url, "expiry-sweeper")
+        self.lease = AdvisoryLease(database_url, "sweeper")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> ExpirySweeper:
-        self._thread = threading.Thread(target=self._run, name="expiry-sweeper", daemon=True)
+    def start(self) -> Sweeper:
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
         self._thread.start()
         return self
 
@@ -47,18 +54,23 @@ class ExpirySweeper:
                 log.exception("sweeper.failed")
 
     def sweep(self, at: datetime) -> int:
-        """Expires every hold due at `at`, if this process holds the sweeper's lease."""
+        """Expires the holds due at `at` (one batch) and notes stale suppliers; returns expired."""
         if not self.lease.held():
             return 0
-        self.holds.catch_up()
-        due = self.holds.due(at)
-        expired = 0
-        for start in range(0, len(due), BATCH):
-            batch = due[start : start + BATCH]
-            cause = Cause("expiry-sweeper", "hold.expired", uuid.uuid4().hex)
-            outcome = self.writer.execute(ExpireHolds(at=at, cause=cause, reservation_ids=batch))
-            expired += len(outcome.value)
-            self.holds.forget(batch)
-        if expired:
-            log.info("sweeper.expired", holds=expired)
-        return expired
+        cause = Cause("sweeper", "hold.expired", uuid.uuid4().hex)
+        due = self.views.due_holds(at, BATCH)
+        expired = []
+        if due:
+            expired = self.writer.execute(
+                ExpireHolds(at=at, cause=cause, reservation_ids=due)
+            ).value
+            log.info("sweeper.expired", holds=len(expired))
+        last_reports = self.views.last_reports()
+        if last_reports:
+            stale_cause = Cause("sweeper", "supplier.staleness", cause.correlation_id)
+            changed = self.writer.execute(
+                NoteLastReports(at=at, cause=stale_cause, last_reports=last_reports)
+            ).value
+            if changed:
+                log.info("sweeper.staleness_changed", suppliers=changed)
+        return len(expired)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -10,7 +11,9 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder, Transcoding
 from eventsourcing.utils import Environment
 
+from ledger.reservation import Line
 from ledger.stock import Position, StockItem
+from ledger.supplier import SupplierTerms
 
 # Persisted names are a contract: the tables are inventoryledger_events and _snapshots.
 APPLICATION_NAME = "InventoryLedger"
@@ -49,6 +52,20 @@ class PositionAsDict(Transcoding):
         )
 
 
+class DataclassAsDict(Transcoding):
+    """A flat dataclass of plain values, in snapshots and view states."""
+
+    def __init__(self, cls: type[Any], name: str) -> None:
+        self.type = cls
+        self.name = name
+
+    def encode(self, obj: Any) -> dict[str, Any]:
+        return {field.name: getattr(obj, field.name) for field in fields(obj)}
+
+    def decode(self, data: dict[str, Any]) -> Any:
+        return self.type(**data)
+
+
 class InventoryLedger(Application[UUID]):
     """Stock items, reservations, suppliers, mappings and deliveries, saved atomically together."""
 
@@ -73,3 +90,5 @@ class InventoryLedger(Application[UUID]):
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
         transcoder.register(PositionAsDict())
+        transcoder.register(DataclassAsDict(Line, "reservation_line"))
+        transcoder.register(DataclassAsDict(SupplierTerms, "supplier_terms"))

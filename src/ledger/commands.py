@@ -126,3 +126,16 @@ class Return(Command):
 @dataclass(frozen=True, kw_only=True)
 class ExpireHolds(Command):
     reservation_ids: list[UUID]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoteLastReports(Command):
+    """When each supplier last reported, as the views see it; stale ones are recorded."""
+
+    last_reports: dict[str, datetime]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcknowledgeConflict(Command):
+    conflict_id: UUID
+    note: str | None = None

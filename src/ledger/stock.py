@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import AggregateCreated
@@ -169,6 +169,12 @@ class StockLevels:
     def stale(self) -> bool:
         return any(level.stale for level in self.suppliers)
 
+    @property
+    def eta_days(self) -> int | None:
+        """The shortest lead time among suppliers that can still take orders."""
+        lead_times = [level.lead_time_days for level in self.suppliers if level.capacity > 0]
+        return min(lead_times) if lead_times else None
+
     def status(self, limited_at: int) -> str:
         if self.available <= 0:
             return "out_of_stock"
@@ -181,6 +187,72 @@ class StockLevels:
 
 def _terms_for(terms: Mapping[str, SupplierTerms], supplier_id: str) -> SupplierTerms:
     return terms.get(supplier_id) or SupplierTerms(name=supplier_id)
+
+
+class PositionLike(Protocol):
+    """What the level rules need of a supplier position: the aggregate's, or a view row."""
+
+    @property
+    def quantity(self) -> int: ...
+
+    @property
+    def observed_at(self) -> datetime | None: ...
+
+    @property
+    def committed(self) -> int: ...
+
+    def effective_level(self) -> int: ...
+
+    def live_held(self, now: int) -> int: ...
+
+
+def supplier_level(
+    supplier_id: str, position: PositionLike, at: datetime, terms: SupplierTerms
+) -> SupplierLevel:
+    """One supplier's contribution to a SKU at `at`."""
+    age = None if position.observed_at is None else at - position.observed_at
+    stale = age is not None and terms.stale_after is not None and age > terms.stale_after
+    excluded = age is None or (terms.exclude_after is not None and age > terms.exclude_after)
+    sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
+    return SupplierLevel(
+        supplier_id=supplier_id,
+        quantity=position.quantity,
+        observed_at=position.observed_at,
+        age_seconds=None if age is None else max(0, int(age.total_seconds())),
+        stale=stale or excluded,
+        excluded=excluded,
+        sellable=sellable,
+        held=position.live_held(second_floor(at)),
+        committed=position.committed,
+        lead_time_days=terms.lead_time_days,
+    )
+
+
+def stock_levels(
+    sku: str,
+    safety_stock: int,
+    positions: Mapping[str, PositionLike],
+    at: datetime,
+    terms: Mapping[str, SupplierTerms],
+) -> StockLevels:
+    """A SKU's numbers at `at`: staleness, buffers, safety stock and live holds applied."""
+    suppliers = [
+        supplier_level(supplier_id, position, at, _terms_for(terms, supplier_id))
+        for supplier_id, position in positions.items()
+    ]
+    sellable = max(0, sum(level.sellable for level in suppliers) - safety_stock)
+    held = sum(level.held for level in suppliers)
+    committed = sum(level.committed for level in suppliers)
+    return StockLevels(
+        sku=sku,
+        on_hand=sum(position.quantity for position in positions.values()),
+        sellable=sellable,
+        held=held,
+        committed=committed,
+        available=max(0, sellable - held - committed),
+        safety_stock=safety_stock,
+        suppliers=suppliers,
+    )
 
 
 class StockItem(LedgerAggregate):
@@ -539,45 +611,7 @@ class StockItem(LedgerAggregate):
 
     def levels(self, at: datetime, terms: Mapping[str, SupplierTerms]) -> StockLevels:
         """The SKU's numbers at `at`: staleness, buffers, safety stock and live holds applied."""
-        now = second_floor(at)
-        suppliers = [
-            self._supplier_level(supplier_id, position, at, now, _terms_for(terms, supplier_id))
-            for supplier_id, position in self.positions.items()
-        ]
-        sellable = max(0, sum(level.sellable for level in suppliers) - self.safety_stock)
-        held = sum(level.held for level in suppliers)
-        committed = sum(level.committed for level in suppliers)
-        return StockLevels(
-            sku=self.sku,
-            on_hand=sum(position.quantity for position in self.positions.values()),
-            sellable=sellable,
-            held=held,
-            committed=committed,
-            available=max(0, sellable - held - committed),
-            safety_stock=self.safety_stock,
-            suppliers=suppliers,
-        )
-
-    @staticmethod
-    def _supplier_level(
-        supplier_id: str, position: Position, at: datetime, now: int, terms: SupplierTerms
-    ) -> SupplierLevel:
-        age = None if position.observed_at is None else at - position.observed_at
-        stale = age is not None and terms.stale_after is not None and age > terms.stale_after
-        excluded = age is None or (terms.exclude_after is not None and age > terms.exclude_after)
-        sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
-        return SupplierLevel(
-            supplier_id=supplier_id,
-            quantity=position.quantity,
-            observed_at=position.observed_at,
-            age_seconds=None if age is None else max(0, int(age.total_seconds())),
-            stale=stale or excluded,
-            excluded=excluded,
-            sellable=sellable,
-            held=position.live_held(now),
-            committed=position.committed,
-            lead_time_days=terms.lead_time_days,
-        )
+        return stock_levels(self.sku, self.safety_stock, self.positions, at, terms)
 
     def allocate(
         self, quantity: int, at: datetime, terms: Mapping[str, SupplierTerms]

@@ -64,9 +64,26 @@ class Supplier(LedgerAggregate):
         def apply(self, supplier: Supplier) -> None:
             supplier.terms = replace(supplier.terms, **self.changes)
 
+    class WentStale(LedgerAggregate.Event):
+        """No report newer than `last_report_at` arrived within the supplier's stale_after."""
+
+        TOPIC = "stockledger:Supplier.WentStale"
+        last_report_at: datetime
+
+        def apply(self, supplier: Supplier) -> None:
+            supplier.stale_since = self.last_report_at
+
+    class ReportsResumed(LedgerAggregate.Event):
+        TOPIC = "stockledger:Supplier.ReportsResumed"
+        last_report_at: datetime
+
+        def apply(self, supplier: Supplier) -> None:
+            supplier.stale_since = None
+
     def __init__(self, supplier_id: str, terms: dict[str, Any]) -> None:
         self.supplier_id = supplier_id
         self.terms = SupplierTerms.from_dict(terms)
+        self.stale_since: datetime | None = None
 
     @staticmethod
     def id_for(supplier_id: str) -> UUID:
@@ -84,6 +101,19 @@ class Supplier(LedgerAggregate):
             timestamp=at,
             **cause.as_kwargs(),
         )
+
+    def note_last_report(self, last_report_at: datetime, at: datetime, cause: Cause) -> bool:
+        """Records that the supplier went stale, or came back; False when nothing changed."""
+        limit = self.terms.stale_after
+        stale = limit is not None and at - last_report_at > limit
+        if stale and self.stale_since is None:
+            event: type[LedgerAggregate.Event] = self.WentStale
+        elif not stale and self.stale_since is not None:
+            event = self.ReportsResumed
+        else:
+            return False
+        self.trigger_event(event, last_report_at=last_report_at, timestamp=at, **cause.as_kwargs())
+        return True
 
     def change_terms(self, terms: SupplierTerms, at: datetime, cause: Cause) -> bool:
         """Records the terms that differ from the current ones; False when nothing changed."""

@@ -51,9 +51,10 @@ def reserve(
     client: str = "oms",
     ttl: int = 600,
     order_id: str | None = None,
+    at: datetime | None = None,
 ) -> Reserve:
     return Reserve(
-        at=now(),
+        at=at or now(),
         cause=Cause(client, "oms.reserve", uuid.uuid4().hex),
         client=client,
         idempotency_key=key or uuid.uuid4().hex,

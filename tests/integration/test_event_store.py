@@ -19,6 +19,8 @@ from tests.integration.ledger_setup import CAUSE, now, reserve, stock_sku
 PINNED_TOPICS = {
     "stockledger:Supplier.Registered",
     "stockledger:Supplier.TermsChanged",
+    "stockledger:Supplier.WentStale",
+    "stockledger:Supplier.ReportsResumed",
     "stockledger:StockItem.Registered",
     "stockledger:StockItem.SafetyStockSet",
     "stockledger:StockItem.Observed",
@@ -38,17 +40,27 @@ PINNED_TOPICS = {
     "stockledger:SkuMapping.Mapped",
     "stockledger:SkuMapping.Remapped",
     "stockledger:FeedDelivery.Recorded",
+    "stockledger:ConflictAcknowledgement.Acknowledged",
 }
 
 
 def _event_classes() -> set[type]:
+    from ledger.conflict import ConflictAcknowledgement
     from ledger.delivery import FeedDelivery
     from ledger.mapping import SkuMapping
     from ledger.reservation import Reservation
     from ledger.supplier import Supplier
 
     classes = set()
-    for aggregate in (Supplier, StockItem, Reservation, SkuMapping, FeedDelivery):
+    aggregates = (
+        Supplier,
+        StockItem,
+        Reservation,
+        SkuMapping,
+        FeedDelivery,
+        ConflictAcknowledgement,
+    )
+    for aggregate in aggregates:
         for value in vars(aggregate).values():
             if isinstance(value, type) and hasattr(value, "TOPIC") and value.__name__ != "Event":
                 classes.add(value)

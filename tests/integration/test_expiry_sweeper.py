@@ -6,7 +6,7 @@ import time
 from datetime import timedelta
 
 from api.runtime import Runtime
-from api.sweeper import ExpirySweeper
+from api.sweeper import Sweeper
 from ledger.reservation import Reservation, ReservationStatus
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import now, reserve, stock_sku
@@ -16,8 +16,10 @@ def test_the_sweeper_expires_only_holds_past_their_time(runtime: Runtime) -> Non
     sku = random_sku()
     stock_sku(runtime.writer, sku, 10)
     short = runtime.writer.execute(reserve([(sku, 2)], ttl=1)).value.reservation
-    long = runtime.writer.execute(reserve([(sku, 3)], ttl=600)).value.reservation
-    sweeper = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
+    placed = runtime.writer.execute(reserve([(sku, 3)], ttl=600))
+    long = placed.value.reservation
+    runtime.views.wait_for("reservations", placed.position, timeout=10)
+    sweeper = Sweeper(runtime.writer, runtime.views, runtime.database_url, interval_seconds=60)
     try:
         assert sweeper.sweep(now()) == 0
         expired = sweeper.sweep(short.expires_at + timedelta(milliseconds=1))
@@ -42,8 +44,8 @@ def test_a_hold_stops_counting_at_its_expiry_before_the_sweeper_runs(runtime: Ru
 
 
 def test_only_one_of_two_sweepers_holds_the_lease(runtime: Runtime) -> None:
-    first = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
-    second = ExpirySweeper(runtime.writer, runtime.database_url, interval_seconds=60)
+    first = Sweeper(runtime.writer, runtime.views, runtime.database_url, interval_seconds=60)
+    second = Sweeper(runtime.writer, runtime.views, runtime.database_url, interval_seconds=60)
     try:
         assert first.lease.held()
         assert not second.lease.held()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from api.deps import Now, ReaderKey, RuntimeDep
+from api.deps import MinPosition, Now, ReaderKey, RuntimeDep, set_position
 from api.errors import ApiError
 from api.routers.skus import SkuPath
-from api.runtime import Runtime
 from api.schemas import AvailabilityBatchOut, AvailabilityOut, SupplierLevelOut
-from ledger.errors import UnknownSku
 from ledger.stock import StockLevels
 
 router = APIRouter(prefix="/v1/availability", tags=["availability"])
@@ -41,22 +39,26 @@ def availability_out(levels: StockLevels, limited_at: int, position: int) -> Ava
             )
             for level in levels.suppliers
         ],
+        eta_days=levels.eta_days,
         position=position,
     )
 
 
-def _position(runtime: Runtime) -> int:
-    # Read before the aggregates: the answer reflects at least everything up to here.
-    return runtime.app.recorder.max_notification_id() or 0
-
-
 @router.get("/{sku}", response_model=AvailabilityOut)
-def one(sku: SkuPath, _: ReaderKey, runtime: RuntimeDep, at: Now) -> AvailabilityOut:
-    position = _position(runtime)
-    try:
-        levels = runtime.queries.stock_levels(sku, at)
-    except UnknownSku as error:
-        raise ApiError(404, "unknown_sku", {"message": error.message, "sku": sku}) from error
+def one(
+    sku: SkuPath,
+    _: ReaderKey,
+    runtime: RuntimeDep,
+    at: Now,
+    wanted: MinPosition,
+    response: Response,
+) -> AvailabilityOut:
+    """A SKU's availability from the stock view, once it reflects `min_position` if asked."""
+    position = runtime.views.wait_for("stock", wanted, runtime.settings.read_wait_max_seconds)
+    levels = runtime.views.availability([sku], at).get(sku)
+    if levels is None:
+        raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
+    set_position(response, position)
     return availability_out(levels, runtime.settings.limited_stock_at, position)
 
 
@@ -66,15 +68,18 @@ def many(
     _: ReaderKey,
     runtime: RuntimeDep,
     at: Now,
+    wanted: MinPosition,
+    response: Response,
 ) -> AvailabilityBatchOut:
-    position = _position(runtime)
-    items: list[AvailabilityOut] = []
-    unknown: list[str] = []
-    for name in dict.fromkeys(sku):
-        try:
-            levels = runtime.queries.stock_levels(name, at)
-        except UnknownSku:
-            unknown.append(name)
-            continue
-        items.append(availability_out(levels, runtime.settings.limited_stock_at, position))
-    return AvailabilityBatchOut(items=items, unknown=unknown)
+    position = runtime.views.wait_for("stock", wanted, runtime.settings.read_wait_max_seconds)
+    names = list(dict.fromkeys(sku))
+    found = runtime.views.availability(names, at)
+    set_position(response, position)
+    return AvailabilityBatchOut(
+        items=[
+            availability_out(found[name], runtime.settings.limited_stock_at, position)
+            for name in names
+            if name in found
+        ],
+        unknown=[name for name in names if name not in found],
+    )

@@ -7,17 +7,17 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Response
 
-from api.deps import Now, OmsKey, RequestId, RuntimeDep, cause_for
+from api.deps import MinPosition, Now, OmsKey, RequestId, RuntimeDep, cause_for, set_position
 from api.errors import ApiError
-from api.routers.suppliers import set_position
 from api.schemas import (
     AllocationOut,
     FulfilIn,
     ReleaseIn,
     ReservationIn,
     ReservationLineOut,
+    ReservationListOut,
     ReservationOut,
     ReturnIn,
 )
@@ -118,9 +118,40 @@ def reserve(
     return reservation_out(outcome.value.reservation, at)
 
 
+@router.get("", response_model=ReservationListOut)
+def for_order(
+    order_id: Annotated[str, Query(min_length=1, max_length=200)],
+    _: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    wanted: MinPosition,
+    response: Response,
+) -> ReservationListOut:
+    """The reservations of an order, from the reservations view."""
+    position = runtime.views.wait_for(
+        "reservations", wanted, runtime.settings.read_wait_max_seconds
+    )
+    set_position(response, position)
+    found = runtime.views.reservations_for_order(order_id)
+    return ReservationListOut(items=[reservation_out(r, at) for r in found], position=position)
+
+
 @router.get("/{reservation_id}", response_model=ReservationOut)
-def get(reservation_id: str, _: OmsKey, runtime: RuntimeDep, at: Now) -> ReservationOut:
-    reservation = runtime.queries.reservation(_reservation_id(reservation_id))
+def get(
+    reservation_id: str,
+    _: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    wanted: MinPosition,
+    response: Response,
+) -> ReservationOut:
+    """A reservation from the view; one the view has not reached yet comes from the log."""
+    key = _reservation_id(reservation_id)
+    position = runtime.views.wait_for(
+        "reservations", wanted, runtime.settings.read_wait_max_seconds
+    )
+    set_position(response, position)
+    reservation = runtime.views.reservation(key) or runtime.queries.reservation(key)
     return reservation_out(reservation, at)
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
-from api.deps import AdminKey, Now, RequestId, RuntimeDep, cause_for
-from api.routers.suppliers import set_position, upsert_out
+from api.deps import AdminKey, Now, RequestId, RuntimeDep, cause_for, set_position
+from api.routers.suppliers import upsert_out
 from api.schemas import SkuIn, UpsertOut
 from ledger.commands import PutSku
 

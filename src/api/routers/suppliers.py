@@ -5,13 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
 
-from api.deps import AdminKey, Now, RequestId, RuntimeDep, SupplierId, SupplierKey, cause_for
+from api.deps import (
+    AdminKey,
+    AuditorKey,
+    Now,
+    RequestId,
+    RuntimeDep,
+    SupplierId,
+    SupplierKey,
+    cause_for,
+    set_position,
+)
 from api.errors import ApiError
 from api.schemas import (
     MappingsIn,
@@ -31,13 +41,6 @@ from ledger.mapping import MappingSpec
 from ledger.supplier import SupplierTerms
 
 router = APIRouter(prefix="/v1/suppliers", tags=["suppliers"])
-
-POSITION_HEADER = "X-Ledger-Position"
-
-
-def set_position(response: Response, position: int | None) -> None:
-    if position is not None:
-        response.headers[POSITION_HEADER] = str(position)
 
 
 @router.put("/{supplier_id}", response_model=UpsertOut)
@@ -100,6 +103,22 @@ def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:
         unchanged=upserted.unchanged,
         position=position,
     )
+
+
+@router.get("/{supplier_id}/mappings")
+def get_mappings(
+    supplier_id: SupplierId,
+    _: AuditorKey,
+    runtime: RuntimeDep,
+    after: Annotated[str, Query(max_length=128, description="supplier_sku cursor")] = "",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    """A supplier's mappings from the mappings view, by supplier SKU; page on with `after`."""
+    rows = runtime.views.mappings(supplier_id, after, limit)
+    return {
+        "mappings": rows,
+        "next_after": rows[-1]["supplier_sku"] if len(rows) == limit else None,
+    }
 
 
 @router.post("/{supplier_id}/stock", response_model=StockReportOut)

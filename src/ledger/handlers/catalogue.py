@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ledger.commands import PutMappings, PutSku, PutSupplier
+from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
+from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
@@ -65,3 +66,29 @@ def put_sku(uow: UnitOfWork, command: PutSku) -> Upserted:
     if not existed:
         return Upserted(created=1)
     return Upserted(updated=1) if changed else Upserted(unchanged=1)
+
+
+@handles(NoteLastReports)
+def note_last_reports(uow: UnitOfWork, command: NoteLastReports) -> list[str]:
+    """Returns the suppliers whose staleness changed."""
+    changed = []
+    for supplier_id, last_report_at in command.last_reports.items():
+        supplier = uow.get(Supplier, Supplier.id_for(supplier_id))
+        if supplier is not None and supplier.note_last_report(
+            last_report_at, command.at, command.cause
+        ):
+            changed.append(supplier_id)
+    return changed
+
+
+@handles(AcknowledgeConflict)
+def acknowledge_conflict(uow: UnitOfWork, command: AcknowledgeConflict) -> bool:
+    """Acknowledges once; False when it already was."""
+    if uow.get(ConflictAcknowledgement, command.conflict_id) is not None:
+        return False
+    uow.add(
+        ConflictAcknowledgement.acknowledge(
+            command.conflict_id, command.note, command.at, command.cause
+        )
+    )
+    return True

@@ -1,0 +1,99 @@
+"""Audit reads from the event store itself: a SKU's history, its state at a moment, the log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from pydantic import AwareDatetime
+
+from api.deps import AuditorKey, RuntimeDep
+from api.errors import ApiError
+from api.routers.availability import availability_out
+from api.routers.skus import SkuPath
+from ledger.errors import UnknownSku
+from ledger.stock import EPOCH
+from projections.audit import PointInTime
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/v1/skus/{sku}/history")
+def history(
+    sku: SkuPath,
+    _: AuditorKey,
+    runtime: RuntimeDep,
+    after_version: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Every event of the SKU in order: position, time, type, payload, actor, reason, request."""
+    try:
+        events = runtime.audit.history(sku, after_version, limit)
+    except UnknownSku as error:
+        raise ApiError(404, "unknown_sku", {"message": error.message, "sku": sku}) from error
+    return {
+        "sku": sku,
+        "items": [event.as_json() for event in events],
+        "next_after_version": events[-1].version if len(events) == limit else None,
+    }
+
+
+@router.get("/v1/skus/{sku}/stock")
+def stock_at(
+    sku: SkuPath,
+    _: AuditorKey,
+    runtime: RuntimeDep,
+    at: AwareDatetime | None = None,
+    position: Annotated[int | None, Query(ge=1)] = None,
+) -> dict[str, Any]:
+    """The SKU's full state at a time or a log position: levels, holds, commitments, available."""
+    if (at is None) == (position is None):
+        raise ApiError(422, "validation_error", "give exactly one of at (ISO 8601) and position")
+    try:
+        moment = runtime.audit.stock_at(sku, at=at, position=position)
+    except UnknownSku as error:
+        raise ApiError(404, "unknown_sku", {"message": error.message, "sku": sku}) from error
+    return point_in_time_out(moment, runtime.settings.limited_stock_at)
+
+
+def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
+    numbers = availability_out(moment.levels, limited_at, moment.position).model_dump(mode="json")
+    numbers["suppliers"] = [
+        {
+            **supplier,
+            "committed": position.committed,
+            "unreported": sum(position.unreported.values()),
+            "holds": [
+                {"expires_at": _second(expires), "quantity": quantity}
+                for expires, quantity in sorted(position.held.items())
+            ],
+        }
+        for supplier, position in zip(
+            numbers["suppliers"], moment.item.positions.values(), strict=True
+        )
+    ]
+    return {**numbers, "at": moment.at.isoformat(), "version": moment.version}
+
+
+def _second(unix_second: int) -> str:
+    return (EPOCH + timedelta(seconds=unix_second)).isoformat()
+
+
+@router.get("/v1/audit/events")
+def events(
+    _: AuditorKey,
+    runtime: RuntimeDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+) -> StreamingResponse:
+    """The global log from a position as NDJSON, one event a line, in log order."""
+
+    def lines() -> Iterator[bytes]:
+        for event in runtime.audit.events(after, limit):
+            yield json.dumps(event.as_json(), separators=(",", ":")).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -1,0 +1,247 @@
+"""Audit reads, straight from the event store: history, point-in-time state, the global log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from ledger.application import InventoryLedger
+from ledger.errors import UnknownSku
+from ledger.stock import StockItem, StockLevels
+from ledger.supplier import Supplier, SupplierTerms
+from projections.store import ViewStore
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One event as an auditor reads it: where it sits in the log, who, why, and what."""
+
+    position: int
+    originator_id: UUID
+    version: int
+    type: str
+    time: datetime
+    actor: str
+    reason: str
+    correlation_id: str
+    payload: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "originator_id": str(self.originator_id),
+            "version": self.version,
+            "type": self.type,
+            "time": self.time.isoformat(),
+            "actor": self.actor,
+            "reason": self.reason,
+            "correlation_id": self.correlation_id,
+            "payload": self.payload,
+        }
+
+
+@dataclass(frozen=True)
+class PointInTime:
+    """A SKU as it stood once: after the last event at or before the moment asked for."""
+
+    sku: str
+    at: datetime
+    version: int
+    position: int
+    item: StockItem
+    levels: StockLevels
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+SELECT_EVENTS = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    " FROM inventoryledger_events"
+)
+
+_ENVELOPE = {
+    "originator_id",
+    "originator_version",
+    "timestamp",
+    "originator_topic",
+    "actor",
+    "reason",
+    "correlation_id",
+}
+
+
+class Audit:
+    def __init__(self, store: ViewStore, app: InventoryLedger) -> None:
+        self.store = store
+        self.app = app
+
+    def _event(self, row: dict[str, Any]) -> AuditEvent:
+        event = self.app.mapper.to_domain_event(
+            StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+        )
+        state = vars(event)
+        return AuditEvent(
+            position=row["notification_id"],
+            originator_id=row["originator_id"],
+            version=row["originator_version"],
+            type=row["topic"],
+            time=state["timestamp"],
+            actor=state["actor"],
+            reason=state["reason"],
+            correlation_id=state["correlation_id"],
+            payload={k: _jsonable(v) for k, v in state.items() if k not in _ENVELOPE},
+        )
+
+    def history(self, sku: str, after_version: int = 0, limit: int = 100) -> list[AuditEvent]:
+        """Every event of the SKU in order, a page at a time."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                SELECT_EVENTS + " WHERE originator_id = %s AND originator_version > %s"
+                " ORDER BY originator_version LIMIT %s",
+                (StockItem.id_for(sku), after_version, limit),
+            ).fetchall()
+        if not rows and after_version == 0:
+            raise UnknownSku(f"unknown SKU {sku!r}", skus=[sku])
+        return [self._event(row) for row in rows]
+
+    def events(
+        self, after: int = 0, limit: int | None = None, page: int = 1000
+    ) -> Iterator[AuditEvent]:
+        """The global log from a position, in order, streamed a page at a time."""
+        left = limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            with self.store.connection() as conn:
+                rows = conn.execute(
+                    SELECT_EVENTS + " WHERE notification_id > %s ORDER BY notification_id LIMIT %s",
+                    (after, size),
+                ).fetchall()
+            for row in rows:
+                yield self._event(row)
+            if len(rows) < size:
+                return
+            after = rows[-1]["notification_id"]
+            if left is not None:
+                left -= len(rows)
+
+    def last_position(self) -> int:
+        with self.store.connection() as conn:
+            row = conn.execute(
+                "SELECT max(notification_id) AS last FROM inventoryledger_events"
+            ).fetchone()
+        return int(row["last"] or 0) if row else 0
+
+    def stock_at(
+        self, sku: str, *, at: datetime | None = None, position: int | None = None
+    ) -> PointInTime:
+        """The SKU after the last event at or before `at` (or log `position`), with its numbers.
+
+        The version is found by bisection over the stream and loaded from the nearest
+        snapshot, so a long stream costs a handful of small reads.
+        """
+        if (at is None) == (position is None):
+            raise ValueError("give exactly one of at and position")
+        item_id = StockItem.id_for(sku)
+        if position is not None:
+            at = self._time_of_position(position)
+        assert at is not None
+        moment = at
+        version, last_position = self._last_version(
+            item_id,
+            (lambda row: row["notification_id"] <= position)
+            if position is not None
+            else (lambda row: self._event_time(row) <= moment),
+        )
+        if version == 0:
+            raise UnknownSku(f"SKU {sku!r} did not exist then", skus=[sku])
+        item: StockItem = self.app.repository.get(item_id, version=version)
+        terms = {s: self._terms_at(s, at, position) for s in item.supplier_ids}
+        return PointInTime(
+            sku=sku,
+            at=at,
+            version=version,
+            position=last_position,
+            item=item,
+            levels=item.levels(at, {s: t for s, t in terms.items() if t is not None}),
+        )
+
+    def _terms_at(
+        self, supplier_id: str, at: datetime, position: int | None
+    ) -> SupplierTerms | None:
+        supplier_id_uuid = Supplier.id_for(supplier_id)
+        version, _ = self._last_version(
+            supplier_id_uuid,
+            (lambda row: row["notification_id"] <= position)
+            if position is not None
+            else (lambda row: self._event_time(row) <= at),
+        )
+        if version == 0:
+            return None
+        supplier: Supplier = self.app.repository.get(supplier_id_uuid, version=version)
+        return supplier.terms
+
+    def _event_time(self, row: dict[str, Any]) -> datetime:
+        return self._event(row).time
+
+    def _time_of_position(self, position: int) -> datetime:
+        with self.store.connection() as conn:
+            row = conn.execute(
+                SELECT_EVENTS + " WHERE notification_id <= %s"
+                " ORDER BY notification_id DESC LIMIT 1",
+                (position,),
+            ).fetchone()
+        if row is None:
+            raise UnknownSku(f"the log has no event at or before position {position}")
+        return self._event_time(row)
+
+    def _last_version(
+        self, originator_id: UUID, before: Callable[[dict[str, Any]], bool]
+    ) -> tuple[int, int]:
+        """The last version of a stream whose event satisfies `before` (a monotone test)."""
+        with self.store.connection() as conn:
+
+            def row_at(version: int) -> dict[str, Any]:
+                found = conn.execute(
+                    SELECT_EVENTS + " WHERE originator_id = %s AND originator_version = %s",
+                    (originator_id, version),
+                ).fetchone()
+                assert found is not None
+                return found
+
+            top = conn.execute(
+                "SELECT max(originator_version) AS top FROM inventoryledger_events"
+                " WHERE originator_id = %s",
+                (originator_id,),
+            ).fetchone()
+            low, high = 0, int(top["top"] or 0) if top else 0
+            best_position = 0
+            while low < high:
+                middle = (low + high + 1) // 2
+                row = row_at(middle)
+                if before(row):
+                    low, best_position = middle, row["notification_id"]
+                else:
+                    high = middle - 1
+            if low and not best_position:
+                best_position = row_at(low)["notification_id"]
+            return low, best_position

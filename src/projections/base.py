@@ -1,0 +1,242 @@
+"""What every projection shares: pages of notifications in, rows out, failures identified."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.utils import get_topic
+from psycopg import sql
+
+from ledger.application import InventoryLedger
+from ledger.base import LedgerAggregate, LedgerSnapshot
+from projections.store import Connection
+
+
+@dataclass(frozen=True)
+class Notified:
+    """An event as the log numbered it."""
+
+    position: int
+    topic: str
+    event: Any
+
+
+class ProjectionFailed(Exception):
+    """A projection could not apply an event; nothing of its page was written."""
+
+    def __init__(self, name: str, position: int, topic: str, cause: BaseException) -> None:
+        super().__init__(f"projection {name} failed at position {position} ({topic}): {cause!r}")
+        self.name = name
+        self.position = position
+        self.topic = topic
+        self.cause = cause
+
+
+class Projection(ABC):
+    """A read model: its tables, the events it reads, and how a page of them changes its rows."""
+
+    name: ClassVar[str]
+    schema_version: ClassVar[int]
+    # Each table is also published as the stable view `view_{table}`.
+    tables: ClassVar[list[str]]
+
+    def __init__(self, app: InventoryLedger) -> None:
+        self.app = app
+
+    @property
+    @abstractmethod
+    def topics(self) -> list[str]:
+        """The event topics this projection reads; the others are skipped by the database."""
+
+    @abstractmethod
+    def ddl(self) -> list[str]:
+        """CREATE statements for its tables, with `{schema}` where the schema goes."""
+
+    @abstractmethod
+    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        """Prepares for a page, e.g. loads the rows its events will change."""
+
+    @abstractmethod
+    def handle(self, notified: Notified) -> None:
+        """Applies one event in memory."""
+
+    @abstractmethod
+    def flush(self, conn: Connection, schema: str) -> None:
+        """Writes the page's changes, inside the caller's transaction."""
+
+    def apply_page(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        """Applies a page inside the caller's transaction, naming the event that failed."""
+        self.begin(conn, schema, page)
+        for notified in page:
+            try:
+                self.handle(notified)
+            except Exception as error:
+                raise ProjectionFailed(
+                    self.name, notified.position, notified.topic, error
+                ) from error
+        try:
+            self.flush(conn, schema)
+        except Exception as error:
+            raise ProjectionFailed(self.name, page[-1].position, "page write", error) from error
+
+
+def table(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+@dataclass(frozen=True)
+class ChildTable:
+    """Rows of `parent` rows: `column` holds the parent's `parent_column`."""
+
+    parent: str
+    column: str
+    parent_column: str
+
+
+def _upsert(schema: str, name: str, columns: list[str]) -> sql.Composed:
+    return sql.SQL(
+        "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT (id) DO UPDATE SET {updates}"
+    ).format(
+        table=table(schema, name),
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        values=sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
+        updates=sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in columns[1:]
+        ),
+    )
+
+
+def _copy(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> None:
+    columns = list(rows[0])
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        table(schema, name), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    with cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+
+
+class StateProjection(Projection):
+    """A projection whose rows are functions of aggregate states.
+
+    Each aggregate type has a table holding its latest state (encoded as a snapshot) and
+    columns derived from it; events are applied with the domain's own `mutate`, so the
+    rows follow exactly the rules the aggregates follow, and a missing or repeated event
+    shows up as a version error instead of a wrong number.
+    """
+
+    # aggregate class -> the table holding its states
+    state_tables: ClassVar[dict[type[LedgerAggregate], str]]
+
+    # child table -> how its rows hang off a state table; they are replaced whole on change
+    child_tables: ClassVar[dict[str, ChildTable]] = {}
+
+    @abstractmethod
+    def columns(self, aggregate: Any) -> dict[str, Any]:
+        """The derived columns of an aggregate's row (besides id, version, position, state)."""
+
+    def children(self, aggregate: Any) -> dict[str, list[dict[str, Any]]]:
+        """Rows of the child tables of the aggregate's table, derived from the aggregate."""
+        return {}
+
+    @property
+    def topics(self) -> list[str]:
+        return [
+            getattr(value, "TOPIC", "")
+            for aggregate in self.state_tables
+            for value in vars(aggregate).values()
+            if isinstance(value, type)
+            and getattr(value, "TOPIC", None)
+            and value.__name__ != "Event"
+        ]
+
+    def _table_of(self, topic: str) -> str:
+        aggregate_topic = topic.rsplit(".", 1)[0]
+        for aggregate, name in self.state_tables.items():
+            if aggregate_topic == getattr(aggregate, "TOPIC", None):
+                return name
+        raise LookupError(topic)
+
+    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        wanted: dict[str, set[UUID]] = defaultdict(set)
+        for notified in page:
+            wanted[self._table_of(notified.topic)].add(notified.event.originator_id)
+        self._states: dict[UUID, Any] = {}
+        self._changed: dict[UUID, tuple[str, int]] = {}
+        for name, ids in wanted.items():
+            rows = conn.execute(
+                sql.SQL("SELECT id, version, state FROM {} WHERE id = ANY(%s)").format(
+                    table(schema, name)
+                ),
+                (list(ids),),
+            ).fetchall()
+            aggregate_class = next(a for a, n in self.state_tables.items() if n == name)
+            for row in rows:
+                self._states[row["id"]] = self._decode(aggregate_class, row)
+
+    def handle(self, notified: Notified) -> None:
+        event = notified.event
+        aggregate = self._states.get(event.originator_id)
+        self._states[event.originator_id] = event.mutate(aggregate)
+        self._changed[event.originator_id] = (self._table_of(notified.topic), notified.position)
+
+    def flush(self, conn: Connection, schema: str) -> None:
+        by_table: dict[str, list[Any]] = defaultdict(list)
+        for aggregate_id, (name, position) in self._changed.items():
+            by_table[name].append((self._states[aggregate_id], position))
+        for name, changed in by_table.items():
+            self._write(conn, schema, name, changed)
+
+    def _write(self, conn: Connection, schema: str, name: str, changed: list[Any]) -> None:
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
+        child_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        parent_keys: dict[str, list[Any]] = defaultdict(list)
+        children = {c: t for c, t in self.child_tables.items() if t.parent == name}
+        for aggregate, position in changed:
+            derived = self.columns(aggregate)
+            rows.append(
+                {
+                    "id": aggregate.id,
+                    "version": aggregate.version,
+                    "position": position,
+                    "updated_at": now,
+                    "state": self._encode(aggregate),
+                    **derived,
+                }
+            )
+            derived_children = self.children(aggregate)
+            for child, spec in children.items():
+                parent_keys[child].append(derived[spec.parent_column])
+                child_rows[child].extend(derived_children.get(child, []))
+        with conn.cursor() as cursor:
+            cursor.executemany(_upsert(schema, name, list(rows[0])), rows)
+            for child, spec in children.items():
+                cursor.execute(
+                    sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                        table(schema, child), sql.Identifier(spec.column)
+                    ),
+                    (parent_keys[child],),
+                )
+                if child_rows[child]:
+                    _copy(cursor, schema, child, child_rows[child])
+
+    def _encode(self, aggregate: Any) -> bytes:
+        snapshot = LedgerSnapshot.take(aggregate)
+        return self.app.mapper.transcoder.encode(snapshot.state)
+
+    def _decode(self, aggregate_class: type[Any], row: dict[str, Any]) -> Any:
+        state = self.app.mapper.transcoder.decode(bytes(row["state"]))
+        snapshot = LedgerSnapshot(
+            originator_id=row["id"],
+            originator_version=row["version"],
+            timestamp=datetime.now(UTC),
+            topic=get_topic(aggregate_class),
+            state=state,
+        )
+        return snapshot.mutate(None)

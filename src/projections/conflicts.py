@@ -1,0 +1,218 @@
+"""Conflict analysis: what needs an operator's eye, each with the event that caused it.
+
+Kinds: oversell exposure (a report below what is promised against the supplier),
+anomalous jumps (a change beyond both thresholds), late reports ignored, suppliers gone
+stale, and deliveries with unmapped supplier SKUs. An acknowledgement is itself an event.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+from uuid import UUID
+
+from psycopg import sql
+
+from ledger.application import InventoryLedger
+from ledger.conflict import ConflictAcknowledgement, conflict_id
+from ledger.delivery import FeedDelivery
+from ledger.stock import StockItem
+from ledger.supplier import Supplier
+from projections.base import Notified, Projection, table
+from projections.store import Connection
+
+ConflictKind = Literal[
+    "oversell_exposure", "anomalous_jump", "late_report", "supplier_stale", "unmapped_sku"
+]
+KINDS: tuple[str, ...] = get_args(ConflictKind)
+
+
+@dataclass(frozen=True)
+class JumpThresholds:
+    """A change is anomalous when both `absolute` units and `relative` of the old level."""
+
+    absolute: int = 100
+    relative: float = 0.5
+
+    def anomalous(self, previous: int, quantity: int) -> bool:
+        change = abs(quantity - previous)
+        return change >= self.absolute and change >= self.relative * max(previous, 1)
+
+
+class ConflictsProjection(Projection):
+    name = "conflicts"
+    schema_version = 1
+    tables: ClassVar[list[str]] = ["conflicts"]
+
+    def __init__(self, app: InventoryLedger, jumps: JumpThresholds | None = None) -> None:
+        super().__init__(app)
+        self.jumps = jumps or JumpThresholds()
+
+    @property
+    def topics(self) -> list[str]:
+        return [
+            StockItem.Registered.TOPIC,
+            StockItem.Observed.TOPIC,
+            StockItem.LateReportIgnored.TOPIC,
+            Supplier.Registered.TOPIC,
+            Supplier.WentStale.TOPIC,
+            FeedDelivery.Recorded.TOPIC,
+            ConflictAcknowledgement.Acknowledged.TOPIC,
+        ]
+
+    def ddl(self) -> list[str]:
+        return [
+            """CREATE TABLE {schema}.conflicts (
+                conflict_id uuid PRIMARY KEY, kind text NOT NULL, sku text, supplier_id text,
+                occurred_at timestamptz NOT NULL, position bigint NOT NULL,
+                originator_id uuid NOT NULL, originator_version integer NOT NULL,
+                topic text NOT NULL, actor text NOT NULL, correlation_id text NOT NULL,
+                detail jsonb NOT NULL, acknowledged_at timestamptz, acknowledged_by text,
+                note text)""",
+            "CREATE INDEX ON {schema}.conflicts (kind, position)",
+            "CREATE INDEX ON {schema}.conflicts (sku, position)",
+            "CREATE INDEX ON {schema}.conflicts (supplier_id, position)",
+            # Names of the streams the conflicts mention; internal to this projection.
+            "CREATE TABLE {schema}.names (id uuid PRIMARY KEY, name text NOT NULL)",
+        ]
+
+    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        ids = list({n.event.originator_id for n in page})
+        rows = conn.execute(
+            sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%s)").format(table(schema, "names")),
+            (ids,),
+        ).fetchall()
+        self._names: dict[UUID, str] = {row["id"]: row["name"] for row in rows}
+        self._new_names: dict[UUID, str] = {}
+        self._conflicts: list[dict[str, Any]] = []
+        self._acknowledgements: list[dict[str, Any]] = []
+
+    def handle(self, notified: Notified) -> None:
+        event = notified.event
+        if isinstance(event, StockItem.Registered):
+            self._name(event.originator_id, event.sku)
+        elif isinstance(event, Supplier.Registered):
+            self._name(event.originator_id, event.supplier_id)
+        elif isinstance(event, StockItem.Observed):
+            if event.exposure > 0:
+                self._raise(
+                    "oversell_exposure",
+                    notified,
+                    sku=True,
+                    supplier_id=event.supplier_id,
+                    quantity=event.quantity,
+                    previous_quantity=event.previous_quantity,
+                    exposure=event.exposure,
+                    delivery_id=event.delivery_id,
+                )
+            previous = event.previous_quantity
+            if previous is not None and self.jumps.anomalous(previous, event.quantity):
+                self._raise(
+                    "anomalous_jump",
+                    notified,
+                    sku=True,
+                    supplier_id=event.supplier_id,
+                    previous_quantity=previous,
+                    quantity=event.quantity,
+                    change=event.quantity - previous,
+                    delivery_id=event.delivery_id,
+                )
+        elif isinstance(event, StockItem.LateReportIgnored):
+            self._raise(
+                "late_report",
+                notified,
+                sku=True,
+                supplier_id=event.supplier_id,
+                quantity=event.quantity,
+                observed_at=event.observed_at.isoformat(),
+                current_observed_at=event.current_observed_at.isoformat(),
+                delivery_id=event.delivery_id,
+            )
+        elif isinstance(event, Supplier.WentStale):
+            self._raise(
+                "supplier_stale",
+                notified,
+                supplier_id=self._names[event.originator_id],
+                last_report_at=event.last_report_at.isoformat(),
+            )
+        elif isinstance(event, FeedDelivery.Recorded):
+            unmapped = [r for r in event.rejected if r["reason"] == "unmapped_supplier_sku"]
+            if unmapped:
+                skus = sorted({(r.get("record") or {}).get("supplier_sku", "?") for r in unmapped})
+                self._raise(
+                    "unmapped_sku",
+                    notified,
+                    supplier_id=event.supplier_id,
+                    delivery_id=event.delivery_id,
+                    records=len(unmapped),
+                    supplier_skus=skus[:100],
+                )
+        elif isinstance(event, ConflictAcknowledgement.Acknowledged):
+            self._acknowledgements.append(
+                {
+                    "id": event.originator_id,
+                    "at": event.timestamp,
+                    "by": event.actor,
+                    "note": event.note,
+                }
+            )
+
+    def _name(self, originator_id: UUID, name: str) -> None:
+        self._names[originator_id] = name
+        self._new_names[originator_id] = name
+
+    def _raise(
+        self,
+        kind: str,
+        notified: Notified,
+        *,
+        sku: bool = False,
+        supplier_id: str | None,
+        **detail: Any,
+    ) -> None:
+        event = notified.event
+        self._conflicts.append(
+            {
+                "conflict_id": conflict_id(kind, event.originator_id, event.originator_version),
+                "kind": kind,
+                "sku": self._names[event.originator_id] if sku else None,
+                "supplier_id": supplier_id,
+                "occurred_at": event.timestamp,
+                "position": notified.position,
+                "originator_id": event.originator_id,
+                "originator_version": event.originator_version,
+                "topic": notified.topic,
+                "actor": event.actor,
+                "correlation_id": event.correlation_id,
+                "detail": json.dumps(detail),
+            }
+        )
+
+    def flush(self, conn: Connection, schema: str) -> None:
+        with conn.cursor() as cursor:
+            if self._new_names:
+                cursor.executemany(
+                    sql.SQL("INSERT INTO {} (id, name) VALUES (%s, %s)").format(
+                        table(schema, "names")
+                    ),
+                    list(self._new_names.items()),
+                )
+            if self._conflicts:
+                columns = list(self._conflicts[0])
+                cursor.executemany(
+                    sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                        table(schema, "conflicts"),
+                        sql.SQL(", ").join(map(sql.Identifier, columns)),
+                        sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
+                    ),
+                    self._conflicts,
+                )
+            if self._acknowledgements:
+                cursor.executemany(
+                    sql.SQL(
+                        "UPDATE {} SET acknowledged_at = %(at)s, acknowledged_by = %(by)s,"
+                        " note = %(note)s WHERE conflict_id = %(id)s"
+                    ).format(table(schema, "conflicts")),
+                    self._acknowledgements,
+                )

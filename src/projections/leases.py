@@ -1,0 +1,113 @@
+"""Leases on PostgreSQL advisory locks: one holder across processes and hosts at a time.
+
+A lease is held by a database session; when the holder dies its session ends and a
+standby's next attempt takes the lease over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import psycopg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def lock_key(name: str) -> int:
+    """A stable 64-bit advisory lock key for a name."""
+    digest = hashlib.sha256(f"stockledger:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class LeaseSession:
+    """Named leases held on one database session; they are all lost together if it dies.
+
+    Advisory locks are re-entrant within a session, so the session itself remembers which
+    holder (a runner, a rebuild) has each lease: within a process, too, one holder each.
+    """
+
+    def __init__(self, database_url: str, check_every: float = 1.0) -> None:
+        self.database_url = database_url
+        self.check_every = check_every
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._held: dict[str, object] = {}
+        self._checked = 0.0
+        self._reachable = True
+        self._lock = threading.Lock()
+
+    def hold(self, name: str, holder: object) -> bool:
+        """True when `holder` holds the lease, taking it if it is free."""
+        with self._lock:
+            if not self._alive():
+                return False
+            assert self._conn is not None
+            if name in self._held:
+                return self._held[name] is holder
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (lock_key(name),)
+            ).fetchone()
+            if row is not None and row[0]:
+                self._held[name] = holder
+                log.info("lease.acquired", lease=name)
+                return True
+            return False
+
+    def release(self, name: str, holder: object) -> None:
+        with self._lock:
+            if self._held.get(name) is holder and self._conn is not None:
+                del self._held[name]
+                try:
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+                except psycopg.Error:
+                    self._drop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _alive(self) -> bool:
+        if self._conn is not None:
+            if time.monotonic() - self._checked < self.check_every:
+                return True
+            try:
+                self._conn.execute("SELECT 1")
+                self._checked = time.monotonic()
+                return True
+            except psycopg.Error:
+                log.warning("lease.session_lost", leases=sorted(self._held))
+                self._drop()
+        try:
+            self._conn = psycopg.connect(self.database_url, autocommit=True)
+        except psycopg.Error as error:
+            if self._reachable:  # once per outage, not once per attempt
+                log.warning("lease.unreachable", error=str(error))
+            self._reachable = False
+            return False
+        self._reachable = True
+        self._checked = time.monotonic()
+        return True
+
+    def _drop(self) -> None:
+        self._held.clear()
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+class AdvisoryLease:
+    """One named lease on a session of its own."""
+
+    def __init__(self, database_url: str, name: str) -> None:
+        self.name = name
+        self.session = LeaseSession(database_url)
+
+    def held(self) -> bool:
+        return self.session.hold(self.name, self)
+
+    def release(self) -> None:
+        self.session.close()

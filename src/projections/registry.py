@@ -1,0 +1,40 @@
+"""The projections the service runs, and their first generation."""
+
+from __future__ import annotations
+
+from ledger.application import InventoryLedger
+from projections.base import Projection
+from projections.conflicts import ConflictsProjection, JumpThresholds
+from projections.mappings import MappingsProjection
+from projections.reservations import ReservationsProjection
+from projections.stock import StockProjection
+from projections.store import (
+    Connection,
+    create_control_tables,
+    create_generation,
+    live_generation,
+    switch_live,
+)
+
+
+def all_projections(app: InventoryLedger, jumps: JumpThresholds | None = None) -> list[Projection]:
+    return [
+        StockProjection(app),
+        ReservationsProjection(app),
+        MappingsProjection(app),
+        ConflictsProjection(app, jumps),
+    ]
+
+
+def ensure_live_generations(conn: Connection, projections: list[Projection]) -> None:
+    """Creates the control tables, and a first live generation for new projections.
+
+    Callers serialise on the migration lock, so two processes never both create one.
+    """
+    create_control_tables(conn)
+    for projection in projections:
+        if live_generation(conn, projection.name) is None:
+            first = create_generation(
+                conn, projection.name, projection.schema_version, projection.ddl()
+            )
+            switch_live(conn, projection.name, first.generation, projection.tables)

@@ -1,0 +1,282 @@
+"""Running projections: follow the log a page at a time, one live instance per projection.
+
+Each page of notifications is applied in one transaction together with the new tracking
+position, so a runner killed mid-page loses nothing and applies nothing twice. A runner
+works only while it holds its projection's lease; the others stand by and take over when
+the holder dies. A failing event stops the runner with its position in the log and the
+error recorded; the runner retries it after a growing pause.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+import structlog
+from eventsourcing.persistence import PersistenceError
+
+from ledger.application import InventoryLedger
+from projections.base import Notified, Projection, ProjectionFailed
+from projections.leases import LeaseSession
+from projections.notifier import LogNotifier
+from projections.store import (
+    Generation,
+    ViewStore,
+    advance,
+    create_generation,
+    drop_generation,
+    generation,
+    live_generation,
+    record_failure,
+    switch_live,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class LostOwnership(RuntimeError):
+    """Another runner moved this generation's position: this one must not write."""
+
+
+def fetch_page(
+    app: InventoryLedger, after: int, limit: int, topics: list[str]
+) -> tuple[list[Notified], int]:
+    """The next page of events of these topics, and how far the log was scanned for it."""
+    bound = app.recorder.max_notification_id() or 0
+    if bound <= after:
+        return [], after
+    notifications = app.recorder.select_notifications(
+        start=after + 1, limit=limit, stop=bound, topics=topics
+    )
+    page = [Notified(n.id, n.topic, app.mapper.to_domain_event(n)) for n in notifications]
+    scanned = page[-1].position if len(page) == limit else bound
+    return page, scanned
+
+
+def catch_up(
+    projection: Projection,
+    app: InventoryLedger,
+    store: ViewStore,
+    current: Generation,
+    page_size: int,
+    keep_going: Callable[[], bool] = lambda: True,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Applies pages to a generation until it has seen the whole log; returns events applied."""
+    position, applied = current.position, 0
+    while keep_going():
+        page, scanned = fetch_page(app, position, page_size, projection.topics)
+        if scanned == position:
+            return applied
+        with store.transaction() as conn:
+            if page:
+                projection.apply_page(conn, current.schema, page)
+            if not advance(conn, current.name, current.generation, position, scanned):
+                raise LostOwnership(f"{current.name} generation {current.generation}")
+        position, applied = scanned, applied + len(page)
+        if progress is not None:
+            progress(position, len(page))
+    return applied
+
+
+@dataclass
+class RunnerHealth:
+    state: str = "starting"  # starting, standby, running, failed, stopped
+    generation: int | None = None
+    error: str | None = None
+    failed_position: int | None = None
+    restarts: int = field(default=0)
+
+
+class ProjectionRunner:
+    """Keeps one projection's live generation up to date while holding its lease."""
+
+    def __init__(
+        self,
+        projection: Projection,
+        app: InventoryLedger,
+        store: ViewStore,
+        leases: LeaseSession,
+        notifier: LogNotifier | None = None,
+        *,
+        page_size: int = 1000,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.projection = projection
+        self.app = app
+        self.store = store
+        self.leases = leases
+        self.notifier = notifier
+        self.page_size = page_size
+        self.poll_seconds = poll_seconds
+        self.health = RunnerHealth()
+        self._lease: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    def start(self) -> ProjectionRunner:
+        self._thread = threading.Thread(
+            target=self._supervise, name=f"projection-{self.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.notifier is not None:
+            self.notifier.bump()
+        if self._thread is not None:
+            self._thread.join(15)
+        if self._lease is not None:
+            self.leases.release(self._lease, self)
+        self.health.state = "stopped"
+
+    def _supervise(self) -> None:
+        pause = self.poll_seconds
+        seen = self.notifier.count if self.notifier else 0
+        while not self._stop.is_set():
+            try:
+                self.step()
+                pause = self.poll_seconds
+            except ProjectionFailed as failure:
+                self._failed(failure)
+                pause = min(60.0, max(pause, 0.5) * 2)
+                self._stop.wait(pause)
+                continue
+            except (LostOwnership, psycopg.Error, PersistenceError) as error:
+                log.warning("projection.interrupted", projection=self.name, error=str(error))
+                self._stop.wait(pause)
+                continue
+            except Exception:
+                log.exception("projection.crashed", projection=self.name)
+                pause = min(60.0, max(pause, 0.5) * 2)
+                self._stop.wait(pause)
+                continue
+            if self.notifier is not None:
+                seen = self.notifier.wait(seen, self.poll_seconds)
+            else:
+                self._stop.wait(self.poll_seconds)
+
+    def step(self) -> int:
+        """Catches the live generation up while holding its lease; returns events applied."""
+        with self.store.connection() as conn:
+            number = live_generation(conn, self.name)
+            current = None if number is None else generation(conn, self.name, number)
+        if current is None:
+            raise LookupError(f"projection {self.name} has no live generation: run ledger migrate")
+        lease = f"projection:{self.name}:{current.generation}"
+        if self._lease not in (None, lease):
+            self.leases.release(self._lease, self)  # that generation is no longer live
+            self._lease = None
+        if not self.leases.hold(lease, self):
+            self.health.state, self.health.generation = "standby", current.generation
+            return 0
+        self._lease = lease
+        if current.schema_version != self.projection.schema_version:
+            log.warning(
+                "projection.schema_changed",
+                projection=self.name,
+                live=current.schema_version,
+                code=self.projection.schema_version,
+            )
+            rebuild(self.projection, self.app, self.store, self.leases, page_size=self.page_size)
+            return 0
+        self.health.state, self.health.generation = "running", current.generation
+        self.health.error = self.health.failed_position = None
+        return catch_up(
+            self.projection,
+            self.app,
+            self.store,
+            current,
+            self.page_size,
+            keep_going=lambda: not self._stop.is_set(),
+        )
+
+    def _failed(self, failure: ProjectionFailed) -> None:
+        log.error(
+            "projection.failed",
+            projection=self.name,
+            position=failure.position,
+            topic=failure.topic,
+            error=repr(failure.cause),
+        )
+        try:
+            with self.store.connection() as conn:
+                number = live_generation(conn, self.name)
+                if number is not None:
+                    record_failure(conn, self.name, number, failure.position, repr(failure.cause))
+        except psycopg.Error:
+            pass
+        self.health.error = repr(failure.cause)
+        self.health.failed_position = failure.position
+        self.health.restarts += 1
+        self.health.state = "failed"
+
+
+def rebuild(
+    projection: Projection,
+    app: InventoryLedger,
+    store: ViewStore,
+    leases: LeaseSession,
+    *,
+    in_place: bool = False,
+    page_size: int = 2000,
+    progress: Callable[[int, int], None] | None = None,
+) -> Generation:
+    """Builds a new generation from position zero and makes it live.
+
+    Blue/green (the default): the live generation keeps serving until the new one has
+    caught up, then the views switch over in one transaction. In place: the views switch
+    to the new, empty generation at once and fill as it is built.
+    """
+    name = projection.name
+    with store.connection() as conn:
+        built = create_generation(conn, name, projection.schema_version, projection.ddl())
+    lease = f"projection:{name}:{built.generation}"
+    holder = object()
+    if not leases.hold(lease, holder):
+        raise LostOwnership(f"cannot hold the new generation {built.generation} of {name}")
+    try:
+        log.info("projection.rebuild.started", projection=name, generation=built.generation)
+        if in_place:
+            _switch(store, projection, built)
+        catch_up(projection, app, store, built, page_size, progress=progress)
+        if not in_place:
+            with store.connection() as conn:
+                current = generation(conn, name, built.generation)
+            assert current is not None
+            catch_up(projection, app, store, current, page_size, progress=progress)
+            _switch(store, projection, built)
+        with store.connection() as conn:
+            final = generation(conn, name, built.generation)
+        assert final is not None
+        log.info(
+            "projection.rebuild.switched",
+            projection=name,
+            generation=built.generation,
+            position=final.position,
+        )
+        return final
+    finally:
+        leases.release(lease, holder)
+
+
+def _switch(store: ViewStore, projection: Projection, built: Generation) -> None:
+    with store.connection() as conn:
+        old = switch_live(conn, projection.name, built.generation, projection.tables)
+        if old is not None and old != built.generation:
+            try:
+                drop_generation(conn, projection.name, old)
+            except psycopg.Error as error:  # a reader held it too long; drop it later
+                log.warning(
+                    "projection.old_generation_kept",
+                    projection=projection.name,
+                    generation=old,
+                    error=str(error),
+                )

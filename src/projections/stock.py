@@ -1,0 +1,100 @@
+"""The stock views: availability per SKU, level per (SKU, supplier), holds, supplier terms.
+
+Rows hold what follows from the events alone; what depends on the clock (holds running
+out, reports going stale) is applied when they are read, by the domain's own rules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from ledger.base import LedgerAggregate
+from ledger.stock import StockItem
+from ledger.supplier import Supplier
+from projections.base import ChildTable, StateProjection
+
+
+class StockProjection(StateProjection):
+    name = "stock"
+    schema_version = 1
+    tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
+    state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {
+        StockItem: "availability",
+        Supplier: "suppliers",
+    }
+    child_tables: ClassVar[dict[str, ChildTable]] = {
+        "levels": ChildTable(parent="availability", column="sku", parent_column="sku"),
+        "holds": ChildTable(parent="availability", column="sku", parent_column="sku"),
+    }
+
+    def ddl(self) -> list[str]:
+        return [
+            """CREATE TABLE {schema}.availability (
+                id uuid PRIMARY KEY, sku text NOT NULL UNIQUE, safety_stock bigint NOT NULL,
+                on_hand bigint NOT NULL, committed bigint NOT NULL,
+                version integer NOT NULL, position bigint NOT NULL,
+                updated_at timestamptz NOT NULL, state bytea NOT NULL)""",
+            """CREATE TABLE {schema}.levels (
+                sku text NOT NULL, supplier_id text NOT NULL, quantity bigint NOT NULL,
+                observed_at timestamptz, source text NOT NULL, committed bigint NOT NULL,
+                unreported bigint NOT NULL, PRIMARY KEY (sku, supplier_id))""",
+            "CREATE INDEX ON {schema}.levels (supplier_id, observed_at)",
+            """CREATE TABLE {schema}.holds (
+                sku text NOT NULL, supplier_id text NOT NULL, expires_s bigint NOT NULL,
+                quantity bigint NOT NULL, PRIMARY KEY (sku, supplier_id, expires_s))""",
+            """CREATE TABLE {schema}.suppliers (
+                id uuid PRIMARY KEY, supplier_id text NOT NULL UNIQUE, name text NOT NULL,
+                priority integer NOT NULL, lead_time_days integer NOT NULL,
+                buffer bigint NOT NULL, stale_after_seconds bigint, exclude_after_seconds bigint,
+                reports_net_of_our_orders boolean NOT NULL, stale_since timestamptz,
+                terms jsonb NOT NULL, version integer NOT NULL, position bigint NOT NULL,
+                updated_at timestamptz NOT NULL, state bytea NOT NULL)""",
+        ]
+
+    def columns(self, aggregate: Any) -> dict[str, Any]:
+        if isinstance(aggregate, Supplier):
+            terms = aggregate.terms
+            return {
+                "supplier_id": aggregate.supplier_id,
+                "name": terms.name,
+                "priority": terms.priority,
+                "lead_time_days": terms.lead_time_days,
+                "buffer": terms.buffer,
+                "stale_after_seconds": terms.stale_after_seconds,
+                "exclude_after_seconds": terms.exclude_after_seconds,
+                "reports_net_of_our_orders": terms.reports_net_of_our_orders,
+                "stale_since": aggregate.stale_since,
+                "terms": json.dumps(terms.as_dict()),
+            }
+        assert isinstance(aggregate, StockItem)
+        return {
+            "sku": aggregate.sku,
+            "safety_stock": aggregate.safety_stock,
+            "on_hand": sum(p.quantity for p in aggregate.positions.values()),
+            "committed": sum(p.committed for p in aggregate.positions.values()),
+        }
+
+    def children(self, aggregate: Any) -> dict[str, list[dict[str, Any]]]:
+        if not isinstance(aggregate, StockItem):
+            return {}
+        sku = aggregate.sku
+        return {
+            "levels": [
+                {
+                    "sku": sku,
+                    "supplier_id": supplier_id,
+                    "quantity": position.quantity,
+                    "observed_at": position.observed_at,
+                    "source": position.source,
+                    "committed": position.committed,
+                    "unreported": sum(position.unreported.values()),
+                }
+                for supplier_id, position in aggregate.positions.items()
+            ],
+            "holds": [
+                {"sku": sku, "supplier_id": supplier_id, "expires_s": expires, "quantity": held}
+                for supplier_id, position in aggregate.positions.items()
+                for expires, held in position.held.items()
+            ],
+        }

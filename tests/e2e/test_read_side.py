@@ -1,0 +1,291 @@
+"""The read side over HTTP: views with read-your-writes, conflicts, audit, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, random_sku, serving
+
+
+@pytest.fixture(scope="module")
+def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    extra = {"LEDGER_READ_WAIT_MAX_SECONDS": "1"}
+    path = tmp_path_factory.mktemp("read-side")
+    with serving(postgres_server_url, path, 2, extra_env=extra) as running:
+        yield running
+
+
+def iso(seconds: float = 0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def supplier(admin: httpx.Client, **terms: Any) -> str:
+    supplier_id = f"s-{uuid.uuid4().hex[:8]}"
+    answer = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": supplier_id, **terms})
+    assert answer.status_code == 200, answer.text
+    return supplier_id
+
+
+def sku_with_stock(admin: httpx.Client, supplier_id: str, quantity: int) -> str:
+    sku = random_sku()
+    assert admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}).status_code == 200
+    report(admin, supplier_id, [{"sku": sku, "quantity": quantity, "observed_at": iso()}])
+    return sku
+
+
+def report(admin: httpx.Client, supplier_id: str, observations: list[dict[str, Any]]) -> Any:
+    answer = admin.post(f"/v1/suppliers/{supplier_id}/stock", json={"observations": observations})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_an_availability_read_with_the_write_position_sees_the_write(ledger: Server) -> None:
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-oms") as oms,
+        ledger.client("test-shop", consistent=False) as shop,
+    ):
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        placed = oms.post(
+            "/v1/reservations",
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"order_id": "ryw", "lines": [{"sku": sku, "quantity": 4}]},
+        )
+        position = int(placed.headers["X-Ledger-Position"])
+        by_query = shop.get(f"/v1/availability/{sku}", params={"min_position": position})
+        by_header = shop.get(f"/v1/availability/{sku}", headers={"X-Min-Position": str(position)})
+
+    for answer in (by_query, by_header):
+        assert answer.status_code == 200
+        assert answer.json()["held"] == 4
+        assert answer.json()["position"] >= position
+        assert int(answer.headers["X-Ledger-Position"]) >= position
+
+
+def test_a_read_for_a_position_the_view_cannot_reach_in_time_says_so(ledger: Server) -> None:
+    with ledger.client("test-shop", consistent=False) as shop:
+        started = time.monotonic()
+        answer = shop.get("/v1/availability/ANY", params={"min_position": 10**12})
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "position_not_reached"
+    assert answer.json()["detail"]["min_position"] == 10**12
+    assert time.monotonic() - started < 5
+
+
+def test_reservations_are_listed_by_order_from_the_view(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        order = f"order-{uuid.uuid4().hex[:6]}"
+        ids = {
+            oms.post(
+                "/v1/reservations",
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+                json={"order_id": order, "lines": [{"sku": sku, "quantity": 1}]},
+            ).json()["reservation_id"]
+            for _ in range(2)
+        }
+        listed = oms.get("/v1/reservations", params={"order_id": order})
+    assert listed.status_code == 200
+    assert {item["reservation_id"] for item in listed.json()["items"]} == ids
+
+
+def conflicts(client: httpx.Client, **filters: Any) -> list[dict[str, Any]]:
+    answer = client.get("/v1/conflicts", params={"limit": 1000, **filters})
+    assert answer.status_code == 200, answer.text
+    items: list[dict[str, Any]] = answer.json()["items"]
+    return items
+
+
+def test_every_kind_of_conflict_is_produced_and_listed_with_its_cause(ledger: Server) -> None:
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-oms") as oms,
+        ledger.client("test-audit") as audit,
+    ):
+        short = supplier(admin)
+        sku = sku_with_stock(admin, short, 10)
+        oms.post(
+            "/v1/reservations",
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"order_id": "x", "lines": [{"sku": sku, "quantity": 8}]},
+        )
+        report(admin, short, [{"sku": sku, "quantity": 3, "observed_at": iso(1)}])  # exposure 5
+
+        jumpy = supplier(admin)
+        jump_sku = sku_with_stock(admin, jumpy, 1000)
+        report(admin, jumpy, [{"sku": jump_sku, "quantity": 10, "observed_at": iso(1)}])
+        report(admin, jumpy, [{"sku": jump_sku, "quantity": 7, "observed_at": iso(-3600)}])
+
+        mapped = supplier(admin)
+        report(
+            admin, mapped, [{"supplier_sku": "NOBODY-KNOWS", "quantity": 1, "observed_at": iso()}]
+        )
+
+        drowsy = supplier(admin, stale_after_seconds=1)
+        sku_with_stock(admin, drowsy, 5)
+        deadline = time.monotonic() + 20
+        while not conflicts(audit, kind="supplier_stale", supplier_id=drowsy):
+            assert time.monotonic() < deadline, "the sweeper never noticed the stale supplier"
+            time.sleep(0.2)
+
+        found = {
+            "oversell_exposure": conflicts(audit, kind="oversell_exposure", sku=sku),
+            "anomalous_jump": conflicts(audit, kind="anomalous_jump", sku=jump_sku),
+            "late_report": conflicts(audit, kind="late_report", sku=jump_sku),
+            "unmapped_sku": conflicts(audit, kind="unmapped_sku", supplier_id=mapped),
+            "supplier_stale": conflicts(audit, kind="supplier_stale", supplier_id=drowsy),
+        }
+
+    assert {kind: len(items) for kind, items in found.items()} == dict.fromkeys(found, 1)
+    assert found["oversell_exposure"][0]["detail"]["exposure"] == 5
+    assert found["anomalous_jump"][0]["detail"]["change"] == -990
+    assert found["unmapped_sku"][0]["detail"]["supplier_skus"] == ["NOBODY-KNOWS"]
+    cause = found["oversell_exposure"][0]["caused_by"]
+    assert cause["type"] == "stockledger:StockItem.Observed"
+    assert cause["actor"] == "admin"
+
+
+def test_acknowledging_a_conflict_is_an_event_and_moves_it_out_of_the_open_list(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        noisy = supplier(admin)
+        report(admin, noisy, [{"supplier_sku": "GHOST", "quantity": 1, "observed_at": iso()}])
+        [conflict] = conflicts(audit, supplier_id=noisy, state="open")
+        acknowledged = admin.post(
+            f"/v1/conflicts/{conflict['conflict_id']}/acknowledge", json={"note": "mapping asked"}
+        )
+        assert acknowledged.status_code == 200
+        assert conflicts(audit, supplier_id=noisy, state="open") == []
+        [done] = conflicts(audit, supplier_id=noisy, state="acknowledged")
+        position = acknowledged.json()["position"]
+        log = audit.get("/v1/audit/events", params={"after": position - 1, "limit": 1})
+        missing = admin.post(f"/v1/conflicts/{uuid.uuid4()}/acknowledge")
+        forbidden = audit.post(f"/v1/conflicts/{conflict['conflict_id']}/acknowledge")
+
+    assert (done["acknowledged_by"], done["note"]) == ("admin", "mapping asked")
+    event = json.loads(log.text.splitlines()[0])
+    assert event["type"] == "stockledger:ConflictAcknowledgement.Acknowledged"
+    assert event["originator_id"] == conflict["conflict_id"]
+    assert missing.status_code == 404
+    assert forbidden.status_code == 403
+
+
+def test_the_history_of_a_sku_lists_every_event_with_actor_reason_and_request(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        source = supplier(admin)
+        sku = sku_with_stock(admin, source, 10)
+        admin.post(
+            f"/v1/suppliers/{source}/stock",
+            headers={"X-Request-ID": "req-audit-1"},
+            json={"observations": [{"sku": sku, "quantity": 12, "observed_at": iso(1)}]},
+        )
+        first = audit.get(f"/v1/skus/{sku}/history", params={"limit": 2}).json()
+        rest = audit.get(
+            f"/v1/skus/{sku}/history", params={"after_version": first["next_after_version"]}
+        ).json()
+        unknown = audit.get("/v1/skus/NOT-A-SKU/history")
+        shop = ledger.client("test-shop").get(f"/v1/skus/{sku}/history")
+
+    events = first["items"] + rest["items"]
+    assert [e["type"].rsplit(".", 1)[1] for e in events] == ["Registered", "Observed", "Observed"]
+    assert [e["version"] for e in events] == [1, 2, 3]
+    assert events[2]["payload"]["quantity"] == 12
+    assert events[2]["payload"]["previous_quantity"] == 10
+    assert (events[2]["actor"], events[2]["reason"], events[2]["correlation_id"]) == (
+        "admin",
+        "supplier.stock.reported",
+        "req-audit-1",
+    )
+    assert events[1]["position"] < events[2]["position"]
+    assert rest["next_after_version"] is None
+    assert unknown.status_code == 404
+    assert shop.status_code == 403
+
+
+def test_the_stock_of_a_sku_at_a_time_and_at_a_position(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        source = supplier(admin)
+        sku = sku_with_stock(admin, source, 10)
+        between = iso()
+        time.sleep(0.05)
+        later = report(admin, source, [{"sku": sku, "quantity": 4, "observed_at": iso()}])
+        then = audit.get(f"/v1/skus/{sku}/stock", params={"at": between}).json()
+        now = audit.get(f"/v1/skus/{sku}/stock", params={"position": later["position"]}).json()
+        both = audit.get(f"/v1/skus/{sku}/stock", params={"at": between, "position": 1})
+        naive = audit.get(f"/v1/skus/{sku}/stock", params={"at": "2026-01-01T00:00:00"})
+
+    assert (then["on_hand"], then["available"], then["version"]) == (10, 10, 2)
+    assert (now["on_hand"], now["available"], now["version"]) == (4, 4, 3)
+    assert now["suppliers"][0]["supplier_id"] == source
+    assert both.status_code == 422
+    assert naive.status_code == 422
+
+
+def test_the_global_log_is_ndjson_from_a_position(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        sku_with_stock(admin, supplier(admin), 1)
+        answer = audit.get("/v1/audit/events", params={"after": 2, "limit": 5})
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert answer.headers["content-type"].startswith("application/x-ndjson")
+    assert [line["position"] for line in lines] == [3, 4, 5, 6, 7]
+    assert all(
+        {"type", "time", "actor", "reason", "correlation_id", "payload"} <= set(line)
+        for line in lines
+    )
+
+
+def ledger_command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_API_KEYS": "",
+        "LEDGER_LOG_LEVEL": "WARNING",
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "api", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_cli_shows_status_rebuilds_and_exports(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    with serving(postgres_server_url, tmp_path, 1) as server:
+        database_url = server.database_url
+        with server.client("test-admin") as admin:
+            sku = sku_with_stock(admin, supplier(admin), 7)
+        status = ledger_command(database_url, "projections", "status")
+        rebuilt = ledger_command(database_url, "projections", "rebuild", "stock")
+        exported = ledger_command(
+            database_url, "audit", "export", "--output", str(tmp_path / "log.ndjson")
+        )
+        stock = ledger_command(database_url, "audit", "stock", sku, "--position", "100000")
+        with server.client("test-shop") as shop:
+            after = shop.get(f"/v1/availability/{sku}")
+
+    assert status.returncode == 0, status.stderr
+    for name in ("stock", "reservations", "mappings", "conflicts"):
+        assert name in status.stdout
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert exported.returncode == 0, exported.stderr
+    assert "events written to" in exported.stdout
+    assert "stock: generation 2 is live" in rebuilt.stdout
+    assert after.json()["on_hand"] == 7  # the rebuilt view serves
+    lines = (tmp_path / "log.ndjson").read_text().splitlines()
+    assert len(lines) == len({json.loads(line)["position"] for line in lines}) >= 4
+    assert json.loads(stock.stdout)["on_hand"] == 7

@@ -1,0 +1,325 @@
+"""Projections against a real PostgreSQL: exact rebuilds, crashes, one owner, the past."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from ledger.base import Cause
+from ledger.commands import Confirm, PutSku, PutSupplier
+from ledger.stock import StockItem
+from ledger.supplier import SupplierTerms
+from projections.base import Notified, ProjectionFailed
+from projections.leases import LeaseSession
+from projections.registry import all_projections
+from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuild
+from projections.stock import StockProjection
+from projections.store import generation, live_generation
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import reserve
+from tests.integration.workload import CAUSE, mixed_workload, report
+
+TABLES = ["availability", "levels", "holds", "suppliers", "reservations", "mappings", "conflicts"]
+
+
+@pytest.fixture
+def quiet(settings: Settings) -> Iterator[Runtime]:
+    """The ledger with no projection running: the tests drive them."""
+    opened = open_runtime(settings, sweep=False, project=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def caught_up(runtime: Runtime) -> int:
+    head = runtime.app.recorder.max_notification_id() or 0
+    for name in ("stock", "reservations", "mappings", "conflicts"):
+        runtime.views.wait_for(name, head, timeout=30)
+    return head
+
+
+def view_rows(runtime: Runtime, tables: list[str] = TABLES) -> dict[str, list[Any]]:
+    """Every row of the public views, without the time each was written, in a stable order."""
+    rows = {}
+    with runtime.store.connection() as conn:
+        for table in tables:
+            found = conn.execute(
+                sql.SQL("SELECT * FROM {}").format(sql.Identifier(f"view_{table}"))
+            ).fetchall()
+            cleaned = [{k: v for k, v in row.items() if k != "updated_at"} for row in found]
+            rows[table] = sorted(cleaned, key=repr)
+    return rows
+
+
+def backlog(runtime: Runtime, skus: int, reports: int) -> None:
+    """Many events quickly: real aggregates, saved in large batches."""
+    at = datetime.now(UTC)
+    terms = SupplierTerms("North")
+    runtime.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="north", terms=terms))
+    items = [StockItem.register(random_sku("BULK"), at, CAUSE) for _ in range(skus)]
+    for step in range(reports):
+        for number, item in enumerate(items):
+            moment = at + timedelta(seconds=step)
+            item.observe("north", (number + step) % 50, moment, terms, moment, CAUSE)
+    for start in range(0, skus, 200):
+        runtime.app.save(*items[start : start + 200])
+
+
+def test_rebuilding_every_projection_from_zero_reproduces_the_live_tables(
+    runtime: Runtime,
+) -> None:
+    mixed_workload(runtime.writer)
+    caught_up(runtime)
+    before = view_rows(runtime)
+    assert all(before[table] for table in TABLES), {t: len(r) for t, r in before.items()}
+    assert {row["kind"] for row in before["conflicts"]} == {
+        "oversell_exposure",
+        "anomalous_jump",
+        "late_report",
+        "supplier_stale",
+        "unmapped_sku",
+    }
+
+    for projection in all_projections(runtime.app):
+        rebuilt = rebuild(projection, runtime.app, runtime.store, runtime.leases)
+        assert rebuilt.generation == 2
+    assert view_rows(runtime) == before
+
+
+def test_a_blue_green_rebuild_keeps_serving_and_follows_new_events(runtime: Runtime) -> None:
+    mixed_workload(runtime.writer, skus=4)
+    caught_up(runtime)
+    writer_done = threading.Event()
+
+    def keep_writing() -> None:
+        sku = random_sku("LIVE")
+        runtime.writer.execute(PutSku(at=datetime.now(UTC), cause=CAUSE, sku=sku, safety_stock=0))
+        for quantity in range(30):
+            report(runtime.writer, "south", {sku: quantity}, datetime.now(UTC))
+        writer_done.set()
+
+    thread = threading.Thread(target=keep_writing)
+    thread.start()
+    rebuild(StockProjection(runtime.app), runtime.app, runtime.store, runtime.leases)
+    thread.join()
+    assert writer_done.is_set()
+    caught_up(runtime)
+    with runtime.store.connection() as conn:
+        assert live_generation(conn, "stock") == 2
+        assert generation(conn, "stock", 1) is None  # the old generation is dropped
+    live = view_rows(runtime, ["availability", "levels", "holds", "suppliers"])
+    rebuild(StockProjection(runtime.app), runtime.app, runtime.store, runtime.leases)
+    assert view_rows(runtime, ["availability", "levels", "holds", "suppliers"]) == live
+
+
+class Faulty(StockProjection):
+    fail_at: int | None = None
+
+    def handle(self, notified: Notified) -> None:
+        if notified.position == self.fail_at:
+            raise RuntimeError("boom")
+        super().handle(notified)
+
+
+def test_a_failing_event_stops_the_projection_naming_it_and_it_resumes_after_the_fix(
+    quiet: Runtime,
+) -> None:
+    mixed_workload(quiet.writer, skus=4)
+    head = quiet.app.recorder.max_notification_id() or 0
+    faulty = Faulty(quiet.app)
+    faulty.fail_at = head // 2
+    runner = ProjectionRunner(
+        faulty,
+        quiet.app,
+        quiet.store,
+        LeaseSession(quiet.database_url),
+        page_size=7,
+        poll_seconds=0.2,
+    ).start()
+    try:
+        deadline = time.monotonic() + 20
+        while runner.health.state != "failed":
+            assert time.monotonic() < deadline, runner.health
+            time.sleep(0.02)
+        with quiet.store.connection() as conn:
+            stuck = generation(conn, "stock", 1)
+        assert stuck is not None
+        assert stuck.position < faulty.fail_at
+        assert stuck.failed_position == faulty.fail_at
+        assert "boom" in (stuck.last_error or "")
+        assert runner.health.failed_position == faulty.fail_at
+
+        faulty.fail_at = None  # the fix; the supervisor retries on its own
+        quiet.views.wait_for("stock", head, timeout=30)
+    finally:
+        runner.stop()
+    assert runner.health.restarts >= 1
+    live = view_rows(quiet, ["availability", "levels", "holds", "suppliers"])
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels", "holds", "suppliers"]) == live
+
+
+def test_a_projection_worker_killed_mid_catch_up_resumes_without_loss_or_repetition(
+    quiet: Runtime, database_url: str
+) -> None:
+    backlog(quiet, skus=1200, reports=12)
+    head = quiet.app.recorder.max_notification_id() or 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "api", "projections", "run"],
+        env={
+            **os.environ,
+            "LEDGER_DATABASE_URL": database_url,
+            "LEDGER_API_KEYS": "",
+            "LEDGER_PROJECTION_PAGE_SIZE": "100",
+            "LEDGER_LOG_LEVEL": "WARNING",
+        },
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while quiet.views.position("stock") < head // 4:
+            assert time.monotonic() < deadline
+            assert worker.poll() is None
+            time.sleep(0.01)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        worker.kill()
+    stopped_at = quiet.views.position("stock")
+    assert 0 < stopped_at < head, "the worker must die part-way through"
+
+    runner = ProjectionRunner(
+        StockProjection(quiet.app),
+        quiet.app,
+        quiet.store,
+        LeaseSession(quiet.database_url),
+        poll_seconds=0.1,
+    ).start()
+    try:
+        quiet.views.wait_for("stock", head, timeout=60)
+    finally:
+        runner.stop()
+    resumed = view_rows(quiet, ["availability", "levels"])
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels"]) == resumed
+
+
+def test_two_runners_for_one_projection_never_both_apply(quiet: Runtime) -> None:
+    backlog(quiet, skus=300, reports=5)
+    sessions = [LeaseSession(quiet.database_url), LeaseSession(quiet.database_url)]
+    runners = [
+        ProjectionRunner(
+            StockProjection(quiet.app),
+            quiet.app,
+            quiet.store,
+            session,
+            page_size=50,
+            poll_seconds=0.05,
+        ).start()
+        for session in sessions
+    ]
+    states: list[tuple[str, str]] = []
+    try:
+        head = quiet.app.recorder.max_notification_id() or 0
+        deadline = time.monotonic() + 30
+        while quiet.views.position("stock") < head:
+            states.append((runners[0].health.state, runners[1].health.state))
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        running = [r for r in runners if r.health.state == "running"]
+        assert len(running) == 1
+        assert ("running", "running") not in states
+
+        running[0].stop()  # the holder dies; the standby takes over
+        sessions[runners.index(running[0])].close()
+        backlog(quiet, skus=50, reports=2)
+        head = quiet.app.recorder.max_notification_id() or 0
+        quiet.views.wait_for("stock", head, timeout=30)
+    finally:
+        for runner in runners:
+            runner.stop()
+    live = view_rows(quiet, ["availability", "levels"])
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels"]) == live
+
+
+def test_a_stale_runner_cannot_write_over_a_newer_position(quiet: Runtime) -> None:
+    backlog(quiet, skus=20, reports=3)
+    projection = StockProjection(quiet.app)
+    with quiet.store.connection() as conn:
+        stale = generation(conn, "stock", 1)
+    assert stale is not None
+    assert stale.position == 0
+    catch_up(projection, quiet.app, quiet.store, stale, page_size=100)
+    before = view_rows(quiet, ["availability"])
+    backlog(quiet, skus=5, reports=1)
+
+    # Two guards, either of which refuses: a stream's versions must follow on from the
+    # row's, and a generation's position must still be where the runner last saw it.
+    with pytest.raises((LostOwnership, ProjectionFailed)):
+        catch_up(projection, quiet.app, quiet.store, stale, page_size=100)
+    assert view_rows(quiet, ["availability"]) == before
+
+
+def test_the_state_of_a_sku_at_a_moment_matches_a_hand_computed_history(quiet: Runtime) -> None:
+    writer = quiet.writer
+    sku = random_sku("PAST")
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    cause = Cause("auditor-test", "test", "t")
+    terms = SupplierTerms("Acme")
+    writer.execute(PutSupplier(at=start, cause=cause, supplier_id="acme", terms=terms))
+    writer.execute(PutSku(at=start, cause=cause, sku=sku, safety_stock=1))
+    t0 = start + timedelta(seconds=10)
+    report(writer, "acme", {sku: 10}, t0)
+    placed = writer.execute(reserve([(sku, 3)], ttl=3600, at=t0 + timedelta(seconds=1.2)))
+    report(writer, "acme", {sku: 8}, t0 + timedelta(seconds=1.7))  # the same second
+    writer.execute(
+        Confirm(
+            at=t0 + timedelta(seconds=3), cause=cause, reservation_id=placed.value.reservation.id
+        )
+    )
+    report(writer, "acme", {sku: 5}, t0 + timedelta(seconds=5))
+
+    def numbers(**when: Any) -> tuple[int, int, int, int]:
+        moment = quiet.audit.stock_at(sku, **when).levels
+        return moment.on_hand, moment.held, moment.committed, moment.available
+
+    # (on hand, held, committed, available); sellable is on hand minus safety stock 1
+    assert numbers(at=t0 - timedelta(seconds=1)) == (0, 0, 0, 0)
+    assert numbers(at=t0 + timedelta(seconds=0.5)) == (10, 0, 0, 9)
+    assert numbers(at=t0 + timedelta(seconds=1.5)) == (10, 3, 0, 6)  # between two events
+    assert numbers(at=t0 + timedelta(seconds=1.7)) == (8, 3, 0, 4)  # of one second
+    assert numbers(at=t0 + timedelta(seconds=4)) == (8, 0, 3, 4)
+    assert numbers(at=t0 + timedelta(seconds=6)) == (5, 0, 3, 1)
+    assert numbers(position=placed.position) == (10, 3, 0, 6)
+    with pytest.raises(Exception, match="did not exist"):
+        quiet.audit.stock_at(sku, at=start - timedelta(days=1))
+
+
+def test_a_reservation_is_in_the_availability_view_once_it_reaches_the_write_position(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku("RYW")
+    at = datetime.now(UTC)
+    runtime.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id="acme", terms=SupplierTerms("Acme"))
+    )
+    runtime.writer.execute(PutSku(at=at, cause=CAUSE, sku=sku, safety_stock=0))
+    report(runtime.writer, "acme", {sku: 9}, at)
+    placed = runtime.writer.execute(reserve([(sku, 4)]))
+    assert placed.position is not None
+    reached = runtime.views.wait_for("stock", placed.position, timeout=10)
+    assert reached >= placed.position
+    assert runtime.views.availability([sku], datetime.now(UTC))[sku].held == 4
