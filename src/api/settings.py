@@ -105,6 +105,7 @@ class Settings(BaseSettings):
             raise ValueError("the database URL names no database")
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": "api.recorder:LedgerRecorder",
             "POSTGRES_DBNAME": str(params["dbname"]),
             "POSTGRES_HOST": str(params.get("host") or "localhost"),
             "POSTGRES_PORT": str(params.get("port") or "5432"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import fields
 from typing import Any, ClassVar
 from uuid import UUID
 
-from eventsourcing.application import Application
-from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import JSONTranscoder, Recording, Transcoding
 from eventsourcing.utils import Environment
 
 from ledger.reservation import Line
@@ -86,6 +87,34 @@ class InventoryLedger(Application[UUID]):
         if self.snapshotting_intervals:
             values["IS_SNAPSHOTTING_ENABLED"] = "y"
         return Environment(name, values)
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        """Saves aggregates atomically, with the current levels of every StockItem among them.
+
+        The recorder keeps those levels in the same transaction as the events, so that
+        a delivery can be compared with them in bulk; an in-memory recorder ignores them.
+        """
+        levels = [row for obj in objs if isinstance(obj, StockItem) for row in obj.level_rows()]
+        if levels:
+            kwargs["levels"] = levels
+        return super().save(*objs, **kwargs)
+
+    def get_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Any]:
+        """Loads many aggregates at once (from their latest snapshots); absent ones are left out."""
+        wanted = list(dict.fromkeys(aggregate_ids))
+        select_streams = getattr(self.recorder, "select_streams", None)
+        if select_streams is None:
+            found: dict[UUID, Any] = {}
+            for aggregate_id in wanted:
+                with suppress(AggregateNotFoundError):
+                    found[aggregate_id] = self.repository.get(aggregate_id)
+            return found
+        aggregates: dict[UUID, Any] = {}
+        for stored in select_streams(wanted):
+            event = self.mapper.to_domain_event(stored)
+            previous = aggregates.get(stored.originator_id)
+            aggregates[stored.originator_id] = event.mutate(previous)  # type: ignore[attr-defined]
+        return aggregates
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

@@ -125,6 +125,18 @@ def _add(buckets: dict[int, int], key: int, delta: int, floor: int | None = None
         buckets.pop(key, None)
 
 
+@dataclass(frozen=True)
+class LevelRow:
+    """A supplier's last report of a SKU; `unreported_from` is the first second a newer
+    report would retire changes it does not reflect yet (None: there are none)."""
+
+    supplier_id: str
+    sku: str
+    quantity: int
+    observed_at: datetime | None
+    unreported_from: int | None
+
+
 class ObservationOutcome(StrEnum):
     APPLIED = "applied"
     UNCHANGED = "unchanged"
@@ -423,6 +435,19 @@ class StockItem(LedgerAggregate):
     @property
     def supplier_ids(self) -> list[str]:
         return list(self.positions)
+
+    def level_rows(self) -> list[LevelRow]:
+        """The current level per supplier, as the ledger keeps it beside its events."""
+        return [
+            LevelRow(
+                supplier_id=supplier_id,
+                sku=self.sku,
+                quantity=position.quantity,
+                observed_at=position.observed_at,
+                unreported_from=min(position.unreported) if position.unreported else None,
+            )
+            for supplier_id, position in self.positions.items()
+        ]
 
     # Commands ---------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 from uuid import UUID
 
@@ -18,9 +18,23 @@ A = TypeVar("A", bound=LedgerAggregate)
 class UnitOfWork:
     """Loads aggregates for a handler and hands the changed ones to the writer."""
 
-    def __init__(self, load: Callable[[UUID], LedgerAggregate]) -> None:
+    def __init__(
+        self,
+        load: Callable[[UUID], LedgerAggregate],
+        load_many: Callable[[Iterable[UUID]], Mapping[UUID, LedgerAggregate]] | None = None,
+    ) -> None:
         self._load = load
+        self._load_many = load_many
         self._aggregates: dict[UUID, LedgerAggregate | None] = {}
+
+    def preload(self, aggregate_ids: Iterable[UUID]) -> None:
+        """Loads many aggregates in one go, ahead of the `get`s that will want them."""
+        missing = [i for i in dict.fromkeys(aggregate_ids) if i not in self._aggregates]
+        if self._load_many is None or len(missing) < 2:
+            return
+        found = self._load_many(missing)
+        for aggregate_id in missing:
+            self._aggregates[aggregate_id] = found.get(aggregate_id)
 
     def get(self, kind: type[A], aggregate_id: UUID) -> A | None:
         if aggregate_id not in self._aggregates:

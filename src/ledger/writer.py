@@ -124,7 +124,7 @@ class LedgerWriter:
         try:
             for attempt in retrying:
                 with attempt:
-                    unit = UnitOfWork(self.app.repository.get)
+                    unit = UnitOfWork(self.app.repository.get, self.app.get_many)
                     value = handler(unit, command)
                     changed = unit.changed()
                     if not changed:

@@ -45,6 +45,7 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
             )
         return delivery.outcome
 
+    _preload(uow, command)
     rejected = list(command.rejected)
     levels, superseded, repeated = _newest_per_sku(uow, command, rejected)
     counts = {outcome: 0 for outcome in ObservationOutcome}
@@ -85,6 +86,20 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
         )
     )
     return outcome
+
+
+def _preload(uow: UnitOfWork, command: ReportStock) -> None:
+    """Loads the delivery's mappings, then its stock items, a round trip each."""
+    mapping_ids = [
+        SkuMapping.id_for(command.supplier_id, o.supplier_sku)
+        for o in command.observations
+        if o.supplier_sku is not None
+    ]
+    uow.preload(mapping_ids)
+    mapped = [uow.get(SkuMapping, mapping_id) for mapping_id in mapping_ids]
+    skus = [m.sku for m in mapped if m is not None]
+    skus += [o.sku for o in command.observations if o.sku is not None]
+    uow.preload(StockItem.id_for(sku) for sku in skus)
 
 
 def _newest_per_sku(

@@ -1,0 +1,1 @@
+"""Supplier connectors: adapters, parsers, normalisation, scheduler and dead letters."""

@@ -1,0 +1,170 @@
+"""CSV stock feeds: a header row, then one record per data row.
+
+Options (every one optional):
+
+- `delimiter`: one character. By default it is sniffed from the header row among
+  comma, semicolon, tab and pipe (the most frequent outside quotes; comma on a tie).
+- `encoding`: default "utf-8-sig", i.e. UTF-8 with or without a byte-order mark.
+- `columns`: our field -> the supplier's header name, or a list of names tried in order,
+  e.g. `{"supplier_sku": "Artikelnummer", "quantity": ["Bestand", "Menge"]}`. Fields are
+  supplier_sku, upc, quantity, unit, observed_at. A field given here uses only these
+  names; the others use the common ones (sku, supplier_sku, item, item_no, article,
+  part_number, ...; upc, ean, gtin, barcode; qty, quantity, stock, available, on_hand, ...;
+  unit, uom; observed_at, timestamp, updated_at, as_of, date). Names compare loosely:
+  case, spaces and punctuation are ignored and camelCase splits (`Item No` = `itemNo`).
+- `thousands_separator`: e.g. "," so that "1,200" reads 1200 (groups of three are
+  checked). Default: none, so "1,200" is an invalid quantity.
+- `decimal_separator`: default "."; a quantity may carry zero decimals only ("12.0").
+- `timestamp_format`: a `strptime` format for observed_at; default ISO 8601, naive
+  unless it carries an offset.
+
+Quoted fields may hold delimiters and newlines; CRLF and LF both end a row; blank rows
+are skipped. `position` counts the data rows that are not blank.
+
+A FeedError: no header, no supplier_sku or upc column, no quantity column, bytes that
+are not in the encoding, or broken quoting. A RecordError: a row whose field count
+differs from the header's (trailing empty fields aside), no identifier, a missing or
+non-whole quantity, an unreadable observed_at.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from connectors.parsers.records import (
+    FeedError,
+    FieldPath,
+    Parsed,
+    RecordError,
+    ValueFormat,
+    field_paths,
+    make_record,
+    normalise_name,
+    option_text,
+    shown,
+)
+
+DELIMITERS = (",", ";", "\t", "|")
+
+
+@dataclass(frozen=True)
+class CsvSettings:
+    """The CSV options of one supplier, checked."""
+
+    delimiter: str | None
+    encoding: str
+    paths: dict[str, tuple[FieldPath, ...]]
+    value_format: ValueFormat
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> CsvSettings:
+        delimiter = option_text(options, "delimiter", None)
+        if delimiter is not None and len(delimiter) != 1:
+            raise ValueError("bad_option: delimiter must be one character")
+        encoding = option_text(options, "encoding", "utf-8-sig") or "utf-8-sig"
+        try:
+            codecs.lookup(encoding)
+        except LookupError as error:
+            raise ValueError(f"bad_option: unknown encoding {encoding!r}") from error
+        return cls(
+            delimiter=delimiter,
+            encoding=encoding,
+            paths=field_paths(options, "columns", None),
+            value_format=ValueFormat.from_options(options),
+        )
+
+
+def parse_csv(source: BinaryIO, options: Mapping[str, Any]) -> Iterator[Parsed]:
+    """The records of a CSV feed, read as the rows arrive; options are checked at once."""
+    return _parse(source, CsvSettings.from_options(options))
+
+
+def _parse(source: BinaryIO, settings: CsvSettings) -> Iterator[Parsed]:
+    text = io.TextIOWrapper(source, encoding=settings.encoding, newline="")
+    try:
+        yield from _rows(text, settings)
+    except UnicodeDecodeError as error:
+        raise FeedError(f"bad_encoding: not {settings.encoding} ({error.reason})") from error
+    except csv.Error as error:
+        raise FeedError(f"malformed_csv: {error}") from error
+    finally:
+        text.detach()  # the caller owns the source: closing the wrapper would close it
+
+
+def _rows(text: Iterable[str], settings: CsvSettings) -> Iterator[Parsed]:
+    lines = iter(text)
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise FeedError("missing_header: the feed is empty")
+    delimiter = settings.delimiter or _sniff(first)
+    reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
+    header = next(reader)
+    header[0] = header[0].lstrip("\ufeff")
+    columns = _columns(header, settings.paths)
+    keys = _raw_keys(header)
+    position = 0
+    for row in reader:
+        if not any(field.strip() for field in row):
+            continue
+        position += 1
+        raw: dict[str, Any] = dict(zip(keys, row, strict=False))
+        extra = row[len(keys) :]
+        if extra:
+            raw["_extra"] = extra
+        if len(row) < len(keys) or any(field.strip() for field in extra):
+            reason = f"wrong_field_count: expected {len(keys)}, got {len(row)}"
+            yield RecordError(position, reason, raw)
+            continue
+        values = {field: row[index] for field, index in columns.items()}
+        yield make_record(position, values, raw, settings.value_format)
+
+
+def _sniff(line: str) -> str:
+    """The candidate delimiter seen most often outside quotes in the header line."""
+    counts = dict.fromkeys(DELIMITERS, 0)
+    quoted = False
+    for char in line:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in counts:
+            counts[char] += 1
+    best = max(DELIMITERS, key=lambda delimiter: counts[delimiter])
+    return best if counts[best] else ","
+
+
+def _columns(header: list[str], paths: dict[str, tuple[FieldPath, ...]]) -> dict[str, int]:
+    """Our field -> its column index; a FeedError when a required column is missing."""
+    names = [normalise_name(name) for name in header]
+    columns: dict[str, int] = {}
+    for field, candidates in paths.items():
+        for path in candidates:
+            wanted = normalise_name("_".join(path))
+            if wanted in names:
+                columns[field] = names.index(wanted)
+                break
+    missing = [
+        what
+        for what, fields in (
+            ("supplier_sku or upc", {"supplier_sku", "upc"}),
+            ("quantity", {"quantity"}),
+        )
+        if not fields & columns.keys()
+    ]
+    if missing:
+        raise FeedError(f"missing_column: no {' and no '.join(missing)} column in {shown(header)}")
+    return columns
+
+
+def _raw_keys(header: list[str]) -> list[str]:
+    """Header names made unique and non-empty, to key each row's raw dict."""
+    keys: list[str] = []
+    for index, name in enumerate(header, start=1):
+        key = name.strip() or f"column_{index}"
+        keys.append(f"{key}#{index}" if key in keys else key)
+    return keys

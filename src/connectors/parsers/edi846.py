@@ -1,0 +1,305 @@
+"""EDI X12 846 (Inventory Inquiry/Advice): one record per LIN loop, read segment by segment.
+
+Options (every one optional):
+
+- `sku_qualifiers`: the LIN qualifiers whose value is the supplier SKU, first present
+  wins. Default ["SK", "VP", "BP"] (seller's SKU, vendor's part, buyer's part).
+- `upc_qualifiers`: the LIN qualifiers whose value is the UPC/EAN/GTIN, first present
+  wins. Default ["UP", "EN"].
+- `quantity_qualifiers`: the QTY01 qualifiers to report, in order of preference: the
+  first one the LIN loop has is taken. Default ["33", "17"]: available for sale, else
+  on hand.
+- `encoding`: default "utf-8".
+
+Separators are the ones the ISA declares: the element separator is its 4th character,
+the sub-element separator its 105th, the segment terminator its 106th; CR/LF after a
+terminator are ignored. An interchange may hold several GS groups, each several ST sets.
+
+Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is the unit;
+of a composite, its first part), its SCH lines as `incoming` (SCH01 quantity, SCH02
+unit, SCH06 date), and observed_at from BIA04/BIA05 (CCYYMMDD, HHMM), else GS04/GS05,
+else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw` holds the
+envelope's control numbers and the loop's segments as lists of elements.
+
+A FeedError: no ISA or a broken one, a set other than 846, a segment out of place, a
+truncated interchange, an unreadable envelope or BIA date, and any count or control
+number that does not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01, IEA02/ISA13).
+Counts are checked when the trailer arrives, after the records before it were
+yielded: the caller must treat a FeedError raised at any point as the rejection of the
+whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
+a wanted qualifier, or with an unreadable quantity or SCH line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, BinaryIO, TextIO
+
+from connectors.parsers.records import (
+    FeedError,
+    Incoming,
+    Parsed,
+    Record,
+    RecordError,
+    Unreadable,
+    ValueFormat,
+    option_names,
+    option_text,
+    shown,
+)
+
+ISA_LENGTH = 106
+CHUNK = 64 * 1024
+LONGEST_SEGMENT = 1 << 20  # past this without a terminator, the separators must be wrong
+LONGEST_LOOP = 10_000  # segments in one LIN loop
+OUT_OF_SET = frozenset({"ISA", "IEA", "GS", "GE", "ST"})
+LOOP_ENDS = frozenset({"LIN", "CTT", "SE"})
+NUMBERS = ValueFormat()
+
+Segment = list[str]
+
+
+@dataclass(frozen=True)
+class EdiSettings:
+    """The 846 options of one supplier, checked."""
+
+    sku_qualifiers: tuple[str, ...]
+    upc_qualifiers: tuple[str, ...]
+    quantity_qualifiers: tuple[str, ...]
+    encoding: str
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> EdiSettings:
+        encoding = option_text(options, "encoding", "utf-8") or "utf-8"
+        try:
+            codecs.lookup(encoding)
+        except LookupError as error:
+            raise ValueError(f"bad_option: unknown encoding {encoding!r}") from error
+        return cls(
+            sku_qualifiers=option_names(options, "sku_qualifiers", ("SK", "VP", "BP")),
+            upc_qualifiers=option_names(options, "upc_qualifiers", ("UP", "EN")),
+            quantity_qualifiers=option_names(options, "quantity_qualifiers", ("33", "17")),
+            encoding=encoding,
+        )
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Where a LIN loop sits: control numbers, separators and the time that applies."""
+
+    interchange: str
+    sub_element: str
+    group: str = ""
+    transaction: str = ""
+    observed_at: datetime | None = None
+
+
+def parse_edi846(source: BinaryIO, options: Mapping[str, Any]) -> Iterator[Parsed]:
+    """The records of an 846 interchange, read as the stream arrives; options checked at once."""
+    return _parse(source, EdiSettings.from_options(options))
+
+
+def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
+    text = io.TextIOWrapper(source, encoding=settings.encoding, newline="")
+    try:
+        yield from _interchange(_segments(text), settings)
+    except UnicodeDecodeError as error:
+        raise FeedError(f"bad_encoding: not {settings.encoding} ({error.reason})") from error
+    finally:
+        text.detach()  # the caller owns the source: closing the wrapper would close it
+
+
+def _segments(text: TextIO) -> Iterator[Segment]:
+    """The ISA's elements, then every following segment split on the declared separators."""
+    buffer = ""
+    while len(buffer) < ISA_LENGTH and (chunk := text.read(CHUNK)):
+        buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
+    if not buffer.startswith("ISA"):
+        raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
+    if len(buffer) < ISA_LENGTH:
+        raise FeedError(f"truncated: the ISA has {len(buffer)} characters, expected 106")
+    element, sub_element, terminator = buffer[3], buffer[104], buffer[105]
+    isa = buffer[:105].split(element)
+    fixed = len(isa) == 17 and buffer[103] == element and not element.isalnum()
+    if not fixed or len({element, sub_element, terminator}) != 3:
+        reason = f"bad_envelope: the ISA is not the fixed 106 characters: {shown(buffer[:106])}"
+        raise FeedError(reason)
+    yield isa
+    buffer = buffer[ISA_LENGTH:]
+    while True:
+        *complete, buffer = buffer.split(terminator)
+        yield from (segment.strip().split(element) for segment in complete if segment.strip())
+        if len(buffer) > LONGEST_SEGMENT:
+            raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a whole MiB")
+        chunk = text.read(CHUNK)
+        if not chunk:
+            break
+        buffer += chunk
+    if buffer.strip():
+        yield buffer.strip().split(element)
+
+
+def _interchange(segments: Iterator[Segment], settings: EdiSettings) -> Iterator[Parsed]:
+    isa = next(segments)
+    context = _Context(
+        interchange=isa[13].strip(),
+        sub_element=isa[16],
+        observed_at=_moment("ISA09/ISA10", "20" + isa[9].strip(), isa[10].strip()),
+    )
+    groups, position = 0, 0
+    for segment in segments:
+        if segment[0] == "GS":
+            groups += 1
+            position = yield from _group(segment, segments, settings, context, position)
+        elif segment[0] == "IEA":
+            _check_count("IEA01", segment, groups, "groups")
+            _check_control("IEA02", segment, "ISA13", context.interchange)
+            if next(segments, None) is not None:
+                raise FeedError("bad_envelope: segments after IEA")
+            return
+        else:
+            raise FeedError(f"bad_envelope: {segment[0]} outside a functional group")
+    raise FeedError(f"truncated: interchange {context.interchange} ends without IEA")
+
+
+def _group(
+    gs: Segment, segments: Iterator[Segment], settings: EdiSettings, outer: _Context, position: int
+) -> Generator[Parsed, None, int]:
+    control = _element(gs, 6)
+    time = _moment("GS04/GS05", _element(gs, 4), _element(gs, 5)) or outer.observed_at
+    context = replace(outer, group=control, observed_at=time)
+    sets = 0
+    for segment in segments:
+        if segment[0] == "ST":
+            sets += 1
+            position = yield from _transaction(segment, segments, settings, context, position)
+        elif segment[0] == "GE":
+            _check_count("GE01", segment, sets, "sets")
+            _check_control("GE02", segment, "GS06", control)
+            return position
+        else:
+            reason = f"bad_envelope: {segment[0]} outside a transaction set in group {control}"
+            raise FeedError(reason)
+    raise FeedError(f"truncated: group {control} ends without GE")
+
+
+def _transaction(
+    st: Segment, segments: Iterator[Segment], settings: EdiSettings, outer: _Context, position: int
+) -> Generator[Parsed, None, int]:
+    control = _element(st, 2)
+    if _element(st, 1) != "846":
+        raise FeedError(f"not_846: ST01 is {shown(_element(st, 1))} in set {control}")
+    context = replace(outer, transaction=control)
+    counted = 1
+    loop: list[Segment] = []
+    for segment in segments:
+        counted += 1
+        tag = segment[0]
+        if tag in OUT_OF_SET:
+            raise FeedError(f"truncated: set {control} ends without SE (found {tag})")
+        if loop and tag in LOOP_ENDS:
+            position += 1
+            yield _item(position, loop, settings, context)
+            loop = []
+        if tag == "SE":
+            _check_count("SE01", segment, counted, "segments")
+            _check_control("SE02", segment, "ST02", control)
+            return position
+        if tag == "BIA" and not loop:
+            moment = _moment("BIA04/BIA05", _element(segment, 4), _element(segment, 5))
+            context = replace(context, observed_at=moment or outer.observed_at)
+        if tag == "LIN" or loop:
+            loop.append(segment)
+            if len(loop) > LONGEST_LOOP:
+                raise FeedError(
+                    f"bad_envelope: a LIN loop of set {control} runs past {LONGEST_LOOP}"
+                )
+    raise FeedError(f"truncated: set {control} ends without SE")
+
+
+def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _Context) -> Parsed:
+    raw: dict[str, Any] = {
+        "interchange": context.interchange,
+        "group": context.group,
+        "set": context.transaction,
+        "segments": loop,
+    }
+    lin = loop[0]
+    pairs: dict[str, str] = {}
+    for qualifier, value in zip(lin[2::2], lin[3::2], strict=False):
+        if qualifier.strip() and value.strip():
+            pairs.setdefault(qualifier.strip(), value.strip())
+    sku = next((pairs[q] for q in settings.sku_qualifiers if q in pairs), None)
+    upc = next((pairs[q] for q in settings.upc_qualifiers if q in pairs), None)
+    if sku is None and upc is None:
+        return RecordError(position, f"missing_identifier: LIN pairs {sorted(pairs)}", raw)
+    quantities: dict[str, Segment] = {}
+    for segment in loop:
+        if segment[0] == "QTY":
+            quantities.setdefault(_element(segment, 1), segment)
+    chosen = next((quantities[q] for q in settings.quantity_qualifiers if q in quantities), None)
+    if chosen is None:
+        wanted, found = "/".join(settings.quantity_qualifiers), "/".join(quantities) or "none"
+        return RecordError(position, f"missing_quantity: no QTY {wanted} (found {found})", raw)
+    try:
+        quantity = NUMBERS.quantity(_element(chosen, 2))
+        if quantity is None:
+            raise Unreadable("missing_quantity: QTY02 is empty")
+        incoming = tuple(_incoming(s, context) for s in loop if s[0] == "SCH")
+    except Unreadable as unreadable:
+        return RecordError(position, str(unreadable), raw)
+    unit = _element(chosen, 3).split(context.sub_element)[0].strip() or None
+    return Record(position, sku, upc, quantity, unit, context.observed_at, raw, incoming)
+
+
+def _incoming(sch: Segment, context: _Context) -> Incoming:
+    try:
+        quantity = NUMBERS.quantity(_element(sch, 1))
+    except Unreadable:
+        quantity = None
+    if quantity is None:
+        raise Unreadable(f"invalid_incoming: SCH01 {shown(_element(sch, 1))}")
+    written = _element(sch, 6)
+    try:
+        expected_on = datetime.strptime(written, "%Y%m%d").date() if written else None
+    except ValueError:
+        raise Unreadable(f"invalid_incoming: SCH06 {shown(written)}") from None
+    unit = _element(sch, 2).split(context.sub_element)[0].strip() or None
+    return Incoming(quantity, expected_on, unit)
+
+
+def _moment(where: str, day: str, time: str) -> datetime | None:
+    """A naive date-time from CCYYMMDD and HHMM[SS[D..]]; None when the date is absent."""
+    if not day:
+        return None
+    written = day + (time[:6] or "0000").ljust(6, "0")
+    try:
+        if len(day) != 8 or len(time) not in (0, 4, 6, 7, 8) or not written.isdigit():
+            raise ValueError(written)
+        return datetime.strptime(written, "%Y%m%d%H%M%S")
+    except ValueError:
+        reason = f"bad_date: {where} {shown(day)} {shown(time)} is not CCYYMMDD HHMM"
+        raise FeedError(reason) from None
+
+
+def _element(segment: Segment, index: int) -> str:
+    return segment[index].strip() if index < len(segment) else ""
+
+
+def _check_count(where: str, segment: Segment, counted: int, what: str) -> None:
+    said = _element(segment, 1)
+    if not said.isdigit() or int(said) != counted:
+        reason = f"bad_envelope: {where} says {said or 'nothing'} {what}, counted {counted}"
+        raise FeedError(reason)
+
+
+def _check_control(where: str, segment: Segment, header: str, control: str) -> None:
+    said = _element(segment, 2)
+    same = said == control or (said.isdigit() and control.isdigit() and int(said) == int(control))
+    if not same:
+        reason = f"bad_envelope: {where} {shown(said)} does not match {header} {shown(control)}"
+        raise FeedError(reason)

@@ -1,0 +1,181 @@
+"""JSON stock feeds: an array of record objects, read as a stream with ijson.
+
+Options (every one optional):
+
+- `records`: the dotted path of the array of records, e.g. "data.items"; "" is a
+  top-level array. By default: a top-level array, else the first array found under keys
+  made only of items, data, inventory, records, products, stock (so `{"data": {"items":
+  [...]}}` works).
+- `fields`: our field -> a dotted path inside a record, or a list of paths tried in
+  order, e.g. `{"supplier_sku": "product.code", "quantity": "stock.available"}`; a
+  number segment indexes a list ("codes.0.value"). Fields are supplier_sku, upc,
+  quantity, unit, observed_at. A field given here uses only these paths; the others use
+  the common names (as for CSV) and nested ones such as stock.available or
+  inventory.quantity. Keys compare loosely (case, punctuation, camelCase), and the first
+  path holding a value (not null, not an object or list) wins.
+- `thousands_separator`, `decimal_separator`, `timestamp_format`: for quantities and
+  times written as strings, as for CSV. Numbers are taken as they are (12.0 is 12, 12.5
+  is invalid); a numeric observed_at is Unix seconds (UTC).
+
+A UTF-8 byte-order mark is skipped. `position` counts the elements of the records array.
+A FeedError: malformed JSON (also after records already yielded), or no records array.
+A RecordError: an element that is not an object, no identifier, a missing or non-whole
+quantity, an unreadable observed_at.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import ijson  # type: ignore[import-untyped]  # ijson ships no type hints
+
+from connectors.parsers.records import (
+    FeedError,
+    FieldPath,
+    Parsed,
+    RecordError,
+    ValueFormat,
+    field_paths,
+    make_record,
+    normalise_name,
+)
+
+DEFAULT_KEYS = ("items", "data", "inventory", "records", "products", "stock")
+OPENING = frozenset({"start_map", "start_array"})
+CLOSING = frozenset({"end_map", "end_array"})
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class JsonSettings:
+    """The JSON options of one supplier, checked."""
+
+    records: str | None
+    paths: dict[str, tuple[FieldPath, ...]]
+    value_format: ValueFormat
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> JsonSettings:
+        records = options.get("records")
+        if records is not None and not isinstance(records, str):
+            raise ValueError("bad_option: records must be a dotted path")
+        paths = {
+            field: tuple(tuple(normalise_name(name) for name in path) for path in candidates)
+            for field, candidates in field_paths(options, "fields", ".").items()
+        }
+        return cls(records, paths, ValueFormat.from_options(options))
+
+    def is_records_array(self, prefix: str) -> bool:
+        if self.records is not None:
+            return prefix == self.records
+        return prefix == "" or set(prefix.split(".")) <= set(DEFAULT_KEYS)
+
+
+def parse_json(source: BinaryIO, options: Mapping[str, Any]) -> Iterator[Parsed]:
+    """The records of a JSON feed, read as the stream arrives; options are checked at once."""
+    return _parse(source, JsonSettings.from_options(options))
+
+
+def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
+    first = source.read(CHUNK)
+    chunks = itertools.chain(
+        [first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: source.read(CHUNK), b"")
+    )
+    try:
+        yield from _records(ijson.parse(_Chunks(chunks), use_float=True), settings)
+    except ijson.JSONError as error:
+        raise FeedError(f"malformed_json: {_first_line(error)}") from error
+
+
+class _Chunks:
+    """The minimal file object ijson reads: bytes chunks, whatever size it asks for."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._chunks, b"") if size else b""  # ijson reads 0 bytes to tell the type
+
+
+def _records(events: Iterator[tuple[str, str, Any]], settings: JsonSettings) -> Iterator[Parsed]:
+    array: str | None = None  # the prefix of the records array, once found
+    done = False  # the records array has ended; the rest is only checked to be well formed
+    position = 0
+    for prefix, event, value in events:
+        if done:
+            continue
+        if array is None:
+            if event == "start_array" and settings.is_records_array(prefix):
+                array = prefix
+            elif prefix == settings.records and event != "map_key":
+                raise FeedError(f"no_records: {settings.records!r} is not an array")
+        elif prefix == array and event == "end_array":
+            done = True
+        else:
+            position += 1
+            yield _record(position, _element(event, value, events), settings)
+    if not done:
+        if settings.records is not None:
+            raise FeedError(f"no_records: no array at {settings.records!r}")
+        raise FeedError(f"no_records: no array at the top level or under {'/'.join(DEFAULT_KEYS)}")
+
+
+def _element(event: str, value: Any, events: Iterator[tuple[str, str, Any]]) -> Any:
+    """The whole array element that starts with this event, built from the following ones."""
+    if event not in OPENING:
+        return value
+    builder = ijson.ObjectBuilder()
+    builder.event(event, value)
+    depth = 1
+    for _, inner, inner_value in events:
+        builder.event(inner, inner_value)
+        depth += (inner in OPENING) - (inner in CLOSING)
+        if depth == 0:
+            break
+    return builder.value
+
+
+def _record(position: int, element: Any, settings: JsonSettings) -> Parsed:
+    if not isinstance(element, dict):
+        return RecordError(position, f"not_an_object: {type(element).__name__}", {"value": element})
+    keys = _LooseKeys(element)
+    values = {field: keys.first(paths) for field, paths in settings.paths.items()}
+    return make_record(position, values, element, settings.value_format)
+
+
+class _LooseKeys:
+    """One record's objects keyed by normalised names, each built once (first key wins)."""
+
+    def __init__(self, element: dict[str, Any]) -> None:
+        self._views: dict[int, dict[str, Any]] = {}
+        self._top = self._view(element)
+
+    def first(self, paths: tuple[FieldPath, ...]) -> object:
+        """The first scalar, non-null value found at one of the (normalised) paths."""
+        for head, *rest in paths:
+            value = self._top.get(head)
+            for segment in rest:
+                if isinstance(value, dict):
+                    value = self._view(value).get(segment)
+                elif isinstance(value, list) and segment.isdigit() and int(segment) < len(value):
+                    value = value[int(segment)]
+                else:
+                    value = None
+            if value is not None and not isinstance(value, dict | list):
+                return value
+        return None
+
+    def _view(self, value: dict[str, Any]) -> dict[str, Any]:
+        if id(value) not in self._views:
+            view: dict[str, Any] = {}
+            for key, item in value.items():
+                view.setdefault(normalise_name(key), item)
+            self._views[id(value)] = view
+        return self._views[id(value)]
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,258 @@
+"""What every feed parser yields, and how values are read as suppliers write them.
+
+Parsers report what the supplier wrote; mapping, unit conversion, time zones and
+plausibility checks belong to normalisation, which runs later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import cached_property, lru_cache
+from typing import Any
+
+FIELDS = ("supplier_sku", "upc", "quantity", "unit", "observed_at")
+
+# Nested defaults are dotted; each format reads them its own way (CSV joins them with "_").
+DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
+    "supplier_sku": (
+        "sku",
+        "supplier_sku",
+        "seller_sku",
+        "vendor_sku",
+        "item",
+        "item_no",
+        "item_number",
+        "item_code",
+        "article",
+        "article_no",
+        "article_number",
+        "part_number",
+        "part_no",
+        "product_code",
+    ),
+    "upc": ("upc", "ean", "gtin", "barcode"),
+    "quantity": (
+        "qty",
+        "quantity",
+        "stock",
+        "available",
+        "on_hand",
+        "qty_available",
+        "quantity_available",
+        "available_quantity",
+        "qty_on_hand",
+        "quantity_on_hand",
+        "stock_level",
+        "stock.available",
+        "stock.quantity",
+        "stock.on_hand",
+        "inventory.available",
+        "inventory.quantity",
+        "inventory.on_hand",
+    ),
+    "unit": ("unit", "uom", "unit_of_measure"),
+    "observed_at": ("observed_at", "timestamp", "updated_at", "as_of", "date", "last_updated"),
+}
+
+FieldPath = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Stock a supplier expects to have (EDI SCH lines); `unit` is as written, if given."""
+
+    quantity: int
+    expected_on: date | None
+    unit: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One observation as the supplier wrote it, not yet normalised."""
+
+    position: int
+    supplier_sku: str | None
+    upc: str | None
+    quantity: int | None
+    unit: str | None
+    observed_at: datetime | None
+    raw: dict[str, Any]
+    incoming: tuple[Incoming, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """One record that cannot be read; the rest of the delivery goes on."""
+
+    position: int
+    reason: str
+    raw: dict[str, Any]
+
+
+Parsed = Record | RecordError
+
+
+class FeedError(Exception):
+    """The delivery is structurally broken and must be rejected whole."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Unreadable(ValueError):
+    """A value that cannot be read; its message is a RecordError reason."""
+
+
+@lru_cache(maxsize=4096)
+def normalise_name(name: str) -> str:
+    """A name compared loosely: `Item No`, `itemNo` and `ITEM-NO` all read `item_no`."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip())
+    return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
+
+
+def shown(value: object) -> str:
+    """A value quoted in a reason, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def option_names(options: Mapping[str, Any], name: str, default: Sequence[str]) -> tuple[str, ...]:
+    """A list-of-names option (a single name is accepted too)."""
+    value = options.get(name, default)
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, Sequence)
+        or not value
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise ValueError(f"bad_option: {name} must be a name or a non-empty list of names")
+    return tuple(value)
+
+
+def option_text(options: Mapping[str, Any], name: str, default: str | None) -> str | None:
+    """A string option, or None when absent and without default."""
+    value = options.get(name, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"bad_option: {name} must be a non-empty string")
+    return value
+
+
+def field_paths(
+    options: Mapping[str, Any], key: str, separator: str | None
+) -> dict[str, tuple[FieldPath, ...]]:
+    """Our field -> the supplier's names for it: option `key` where given, else the defaults.
+
+    Configured names are split into paths on `separator`; the defaults on ".".
+    """
+    configured = options.get(key) or {}
+    if not isinstance(configured, Mapping):
+        raise ValueError(f"bad_option: {key} must map our field names to the supplier's")
+    unknown = sorted(set(configured) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"bad_option: {key} has unknown fields {unknown}; known: {FIELDS}")
+    paths: dict[str, tuple[FieldPath, ...]] = {}
+    for field in FIELDS:
+        if field in configured:
+            label = f"{key}.{field}"
+            names = option_names({label: configured[field]}, label, ())
+            paths[field] = tuple(
+                tuple(name.split(separator)) if separator else (name,) for name in names
+            )
+        else:
+            paths[field] = tuple(tuple(name.split(".")) for name in DEFAULT_NAMES[field])
+    return paths
+
+
+@dataclass(frozen=True)
+class ValueFormat:
+    """How a supplier writes numbers and times: options `thousands_separator`,
+    `decimal_separator` and `timestamp_format`."""
+
+    thousands_separator: str | None = None
+    decimal_separator: str = "."
+    timestamp_format: str | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ValueFormat:
+        value_format = cls(
+            thousands_separator=option_text(options, "thousands_separator", None),
+            decimal_separator=option_text(options, "decimal_separator", ".") or ".",
+            timestamp_format=option_text(options, "timestamp_format", None),
+        )
+        if value_format.thousands_separator == value_format.decimal_separator:
+            raise ValueError("bad_option: thousands_separator equals decimal_separator")
+        return value_format
+
+    def quantity(self, value: object) -> int | None:
+        """A whole quantity: `12`, ` 1,200 ` (with a thousands separator), `12.0`; not `12.5`."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise Unreadable(f"invalid_quantity: {shown(value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise Unreadable(f"invalid_quantity: {shown(value)}")
+            return int(value)
+        match = self._quantity_pattern.fullmatch(value.strip())
+        if match is None:
+            raise Unreadable(f"invalid_quantity: {shown(value)}")
+        digits = match.group(2).replace(self.thousands_separator or "", "")
+        return int(match.group(1) + digits)
+
+    @cached_property
+    def _quantity_pattern(self) -> re.Pattern[str]:
+        group = re.escape(self.thousands_separator) if self.thousands_separator else None
+        whole = rf"\d+|\d{{1,3}}(?:{group}\d{{3}})+" if group else r"\d+"
+        return re.compile(rf"([+-]?)({whole})(?:{re.escape(self.decimal_separator)}0+)?")
+
+    def timestamp(self, value: object) -> datetime | None:
+        """A time as written: ISO 8601 (naive or not) or `timestamp_format`; numbers are Unix."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        try:
+            if isinstance(value, str):
+                if self.timestamp_format:
+                    return datetime.strptime(value.strip(), self.timestamp_format)
+                return datetime.fromisoformat(value.strip())
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return datetime.fromtimestamp(value, UTC)
+        except (ValueError, OverflowError, OSError):
+            pass
+        raise Unreadable(f"invalid_observed_at: {shown(value)}")
+
+
+def text(field: str, value: object) -> str | None:
+    """An identifier or unit as written, trimmed; None when absent or blank."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise Unreadable(f"invalid_{field}: {shown(value)}")
+    return value.strip() or None
+
+
+def make_record(
+    position: int, values: Mapping[str, object], raw: dict[str, Any], value_format: ValueFormat
+) -> Parsed:
+    """A Record from the values found for our fields, or the RecordError of the first bad one."""
+    try:
+        supplier_sku = text("supplier_sku", values.get("supplier_sku"))
+        upc = text("upc", values.get("upc"))
+        if supplier_sku is None and upc is None:
+            raise Unreadable("missing_identifier")
+        quantity = value_format.quantity(values.get("quantity"))
+        if quantity is None:
+            raise Unreadable("missing_quantity")
+        unit = text("unit", values.get("unit"))
+        observed_at = value_format.timestamp(values.get("observed_at"))
+    except Unreadable as unreadable:
+        return RecordError(position, str(unreadable), raw)
+    return Record(position, supplier_sku, upc, quantity, unit, observed_at, raw)

@@ -1,0 +1,72 @@
+"""The recorder keeps current levels beside the events, and loads many streams at once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+from api.runtime import Runtime
+from ledger.commands import Confirm, Fulfil
+from ledger.stock import StockItem
+from ledger.supplier import SupplierTerms
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import CAUSE, reserve, stock_sku
+
+
+def levels(runtime: Runtime, sku: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(runtime.database_url) as conn:
+        return conn.execute(
+            "SELECT supplier_id, quantity, observed_at, unreported_from"
+            " FROM inventoryledger_levels WHERE sku = %s ORDER BY supplier_id",
+            (sku,),
+        ).fetchall()
+
+
+def test_the_current_level_is_written_in_the_same_save_as_its_events(runtime: Runtime) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 12)
+    [(supplier, quantity, observed_at, unreported)] = levels(runtime, sku)
+    item = runtime.app.repository.get(StockItem.id_for(sku))
+    assert (supplier, quantity, unreported) == ("acme", 12, None)
+    assert observed_at == item.positions["acme"].observed_at
+
+    placed = runtime.writer.execute(reserve([(sku, 5)])).value.reservation
+    runtime.writer.execute(Confirm(at=datetime.now(UTC), cause=CAUSE, reservation_id=placed.id))
+    shipped_at = datetime.now(UTC)
+    runtime.writer.execute(
+        Fulfil(at=shipped_at, cause=CAUSE, reservation_id=placed.id, lines=[(sku, 5, None)])
+    )
+    [(_, quantity, _, unreported)] = levels(runtime, sku)
+    assert quantity == 12  # what the supplier reported; the shipment awaits its next report
+    assert unreported is not None
+    assert unreported > shipped_at.timestamp()
+
+
+def test_a_save_outside_the_writer_keeps_the_levels_too(runtime: Runtime) -> None:
+    sku = random_sku()
+    at = datetime.now(UTC)
+    item = StockItem.register(sku, at, CAUSE)
+    item.observe("north", 7, at, SupplierTerms("North"), at, CAUSE)
+    runtime.app.save(item)
+    assert [(row[0], row[1]) for row in levels(runtime, sku)] == [("north", 7)]
+
+
+def test_many_streams_load_in_one_go_with_the_state_one_by_one_gives(runtime: Runtime) -> None:
+    skus = [random_sku() for _ in range(5)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, 1000)
+    long = skus[0]
+    for _ in range(120):  # past the snapshot interval
+        runtime.writer.execute(reserve([(long, 1)], ttl=60))
+    ids = [StockItem.id_for(sku) for sku in skus] + [StockItem.id_for("NOT-THERE")]
+
+    loaded = runtime.app.get_many(ids)
+
+    assert set(loaded) == set(ids[:-1])
+    for aggregate_id in ids[:-1]:
+        one = runtime.app.repository.get(aggregate_id)
+        assert loaded[aggregate_id].version == one.version
+        assert loaded[aggregate_id].positions == one.positions
+    assert loaded[ids[0]].levels(datetime.now(UTC), {}).held == 120
+    assert loaded[ids[0]].levels(datetime.now(UTC) + timedelta(minutes=2), {}).held == 0

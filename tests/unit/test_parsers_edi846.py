@@ -1,0 +1,331 @@
+"""The EDI X12 846 parser, on interchanges with various separators and on broken envelopes."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import weakref
+from collections.abc import Iterator
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.parsers import (
+    FeedError,
+    Incoming,
+    Parsed,
+    Record,
+    parse,
+    source_from_chunks,
+)
+
+FEEDS = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
+SAMPLE = (FEEDS / "846-two-items.edi").read_text()
+
+
+def read(name: str, **options: Any) -> list[Parsed]:
+    with (FEEDS / name).open("rb") as source:
+        return list(parse("edi846", source, options))
+
+
+def read_text(text: str, **options: Any) -> list[Parsed]:
+    return list(parse("edi846", io.BytesIO(text.encode()), options))
+
+
+def sample_with(old: str, new: str) -> str:
+    """The shared sample with one piece of it changed."""
+    assert old in SAMPLE
+    return SAMPLE.replace(old, new)
+
+
+def read_until_rejected(text: str) -> tuple[list[Parsed], FeedError]:
+    """What an interchange yields before its FeedError, and the error."""
+    parsed: list[Parsed] = []
+    with pytest.raises(FeedError) as raised:
+        parsed.extend(parse("edi846", io.BytesIO(text.encode())))
+    return parsed, raised.value
+
+
+def summary(parsed: list[Parsed]) -> list[tuple[Any, ...]]:
+    return [
+        (p.position, p.supplier_sku, p.upc, p.quantity, p.unit)
+        if isinstance(p, Record)
+        else (p.position, p.reason)
+        for p in parsed
+    ]
+
+
+def test_the_shared_sample_reads_two_items_with_available_for_sale_winning_over_on_hand() -> None:
+    first, second = read("846-two-items.edi")
+
+    assert isinstance(first, Record)
+    assert isinstance(second, Record)
+    assert (first.position, first.supplier_sku, first.upc, first.quantity, first.unit) == (
+        1,
+        "ABC-123",
+        "012345678905",
+        120,
+        "EA",
+    )
+    assert first.incoming == (Incoming(500, date(2026, 2, 1), "EA"),)
+    assert first.observed_at == datetime(2026, 1, 15, 14, 30)
+    assert (second.position, second.supplier_sku, second.quantity, second.incoming) == (
+        2,
+        "XYZ-9",
+        0,
+        (),
+    )
+    assert first.raw == {
+        "interchange": "000000101",
+        "group": "101",
+        "set": "0001",
+        "segments": [
+            ["LIN", "1", "SK", "ABC-123", "UP", "012345678905"],
+            ["PID", "F", "", "", "", "BLUE WIDGET"],
+            ["QTY", "17", "150", "EA"],
+            ["QTY", "33", "120", "EA"],
+            ["SCH", "500", "EA", "", "", "018", "20260201"],
+        ],
+    }
+
+
+def test_the_quantity_qualifiers_option_says_which_qty_to_report() -> None:
+    parsed = read("846-two-items.edi", quantity_qualifiers=["17"])
+
+    assert summary(parsed) == [
+        (1, "ABC-123", "012345678905", 150, "EA"),
+        (2, "missing_quantity: no QTY 17 (found 33)"),
+    ]
+
+
+def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:
+    parsed = read("846-pipe-caret-newline.edi")
+
+    assert summary(parsed) == [
+        (1, "PIPE-1", None, 40, "CS"),
+        (2, "OUR-2", "4006381333931", 7, None),
+        (3, None, "036000291452", 15, "EA"),
+        (4, "missing_quantity: no QTY 33/17 (found 02)"),
+        (5, "invalid_quantity: '1,5'"),
+    ]
+    first, _, third = parsed[:3]
+    assert isinstance(first, Record)
+    assert isinstance(third, Record)
+    assert first.incoming == (
+        Incoming(10, date(2026, 1, 20), "CS"),
+        Incoming(5, date(2026, 1, 27), "CS"),
+    )
+    assert first.observed_at == datetime(2026, 1, 16, 8, 15)
+    assert third.observed_at == datetime(2026, 1, 16, 9, 0), "no BIA: the GS date and time"
+    assert third.raw["set"] == "0002"
+    assert json.loads(json.dumps([p.raw for p in parsed])) == [p.raw for p in parsed]
+
+
+def test_the_sku_qualifiers_option_orders_the_lin_identifiers() -> None:
+    parsed = read("846-pipe-caret-newline.edi", sku_qualifiers=["BP", "VP"])
+
+    assert summary(parsed)[:2] == [
+        (1, "OUR-1", None, 40, "CS"),
+        (2, "OUR-2", "4006381333931", 7, None),
+    ]
+
+
+def test_two_groups_with_crlf_after_each_terminator_count_positions_across_them() -> None:
+    parsed = read("846-two-groups-crlf.edi")
+
+    assert summary(parsed) == [(1, "TWO-1", None, 3, "EA"), (2, "TWO-2", "012345678905", 8, "PK")]
+    assert [p.observed_at for p in parsed if isinstance(p, Record)] == [
+        datetime(2026, 1, 17, 6, 15, 30),
+        datetime(2026, 1, 18, 7, 0),
+    ]
+    assert [p.raw["group"] for p in parsed] == ["301", "302"]
+
+
+def test_segments_split_across_reads_are_put_back_together() -> None:
+    data = (FEEDS / "846-two-groups-crlf.edi").read_bytes()
+    chunks = (data[start : start + 7] for start in range(0, len(data), 7))
+
+    assert list(parse("edi846", source_from_chunks(chunks))) == read("846-two-groups-crlf.edi")
+
+
+def test_a_truncated_interchange_is_rejected() -> None:
+    with pytest.raises(FeedError, match=r"^truncated: set 0001 ends without SE"):
+        read("846-truncated.edi")
+
+
+def test_a_wrong_segment_count_rejects_the_interchange_after_its_records() -> None:
+    parsed, error = read_until_rejected((FEEDS / "846-se-count-wrong.edi").read_text())
+
+    assert [p.position for p in parsed] == [1, 2]
+    assert error.reason == "bad_envelope: SE01 says 11 segments, counted 12"
+
+
+def test_a_group_control_number_mismatch_is_rejected() -> None:
+    with pytest.raises(FeedError) as raised:
+        read("846-group-control-mismatch.edi")
+
+    assert raised.value.reason == "bad_envelope: GE02 '102' does not match GS06 '101'"
+
+
+def test_a_transaction_set_other_than_846_is_rejected() -> None:
+    with pytest.raises(FeedError) as raised:
+        read("846-not-846.edi")
+
+    assert raised.value.reason == "not_846: ST01 is '850' in set 0001"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("SE*12*0001", "SE*12*0002", "bad_envelope: SE02 '0002' does not match ST02 '0001'"),
+        ("GE*1*101", "GE*2*101", "bad_envelope: GE01 says 2 sets, counted 1"),
+        ("IEA*1*000000101", "IEA*2*000000101", "bad_envelope: IEA01 says 2 groups, counted 1"),
+        (
+            "IEA*1*000000101",
+            "IEA*1*000000102",
+            "bad_envelope: IEA02 '000000102' does not match ISA13 '000000101'",
+        ),
+        ("IEA*1*000000101~", "", "truncated: interchange 000000101 ends without IEA"),
+        ("GE*1*101~", "", "bad_envelope: IEA outside a transaction set in group 101"),
+        ("IEA*1*000000101~", "IEA*1*000000101~\nGS*IB~", "bad_envelope: segments after IEA"),
+        (
+            "GS*IB*SUPPLIERID",
+            "ST*846*0000~GS*IB*SUPPLIERID",
+            "bad_envelope: ST outside a functional group",
+        ),
+        (
+            "BIA*00*SI*INV20260115-01*20260115",
+            "BIA*00*SI*X*20261315",
+            "bad_date: BIA04/BIA05 '20261315' '1430' is not CCYYMMDD HHMM",
+        ),
+    ],
+)
+def test_any_envelope_count_or_control_number_mismatch_is_rejected(
+    old: str, new: str, reason: str
+) -> None:
+    _, error = read_until_rejected(sample_with(old, new))
+
+    assert error.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "bad_envelope: the interchange starts with '', not ISA"),
+        ("GS*IB*S*R~", "bad_envelope: the interchange starts with 'GS*', not ISA"),
+        (SAMPLE[:80], "truncated: the ISA has 80 characters, expected 106"),
+        (
+            SAMPLE.replace("SUPPLIERID     ", "SUPPLIERID    ", 1),
+            "bad_envelope: the ISA is not the fixed 106 characters",
+        ),
+    ],
+)
+def test_something_that_is_not_an_interchange_is_rejected(text: str, reason: str) -> None:
+    _, error = read_until_rejected(text)
+
+    assert error.reason.startswith(reason)
+
+
+def test_leading_whitespace_and_a_byte_order_mark_before_the_isa_are_ignored() -> None:
+    assert summary(read_text("\ufeff\r\n  " + SAMPLE)) == summary(read_text(SAMPLE))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        (
+            "LIN*2*SK*XYZ-9*UP*098765432105",
+            "LIN*2*ZZ*XYZ-9",
+            "missing_identifier: LIN pairs ['ZZ']",
+        ),
+        ("QTY*33*0*EA", "QTY*33**EA", "missing_quantity: QTY02 is empty"),
+        ("QTY*33*0*EA", "QTY*33*0.5*EA", "invalid_quantity: '0.5'"),
+    ],
+)
+def test_an_unreadable_lin_loop_is_a_record_error_and_the_others_still_come(
+    old: str, new: str, reason: str
+) -> None:
+    parsed = read_text(sample_with(old, new))
+
+    assert summary(parsed) == [(1, "ABC-123", "012345678905", 120, "EA"), (2, reason)]
+
+
+@pytest.mark.parametrize(
+    ("sch", "reason"),
+    [
+        ("SCH*many*EA***018*20260201", "invalid_incoming: SCH01 'many'"),
+        ("SCH*500*EA***018*20260231", "invalid_incoming: SCH06 '20260231'"),
+    ],
+)
+def test_an_unreadable_schedule_line_is_a_record_error(sch: str, reason: str) -> None:
+    parsed = read_text(sample_with("SCH*500*EA***018*20260201", sch))
+
+    assert summary(parsed)[0] == (1, reason)
+
+
+def test_a_schedule_line_without_a_date_expects_stock_at_no_given_date() -> None:
+    [first, _] = read_text(sample_with("SCH*500*EA***018*20260201", "SCH*500*CS"))
+
+    assert isinstance(first, Record)
+    assert first.incoming == (Incoming(500, None, "CS"),)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"quantity_qualifiers": []}, {"sku_qualifiers": [33]}, {"encoding": "no-such-codec"}],
+)
+def test_bad_options_are_refused_before_anything_is_read(options: dict[str, Any]) -> None:
+    source = io.BytesIO(SAMPLE.encode())
+
+    with pytest.raises(ValueError, match=r"^bad_option"):
+        parse("edi846", source, options)
+    assert source.tell() == 0
+
+
+LOOPS = 200_000
+ISA = SAMPLE[:106]
+
+
+def generated_interchange() -> Iterator[bytes]:
+    header = ["GS*IB*S*R*20260115*1430*101*X*004010", "ST*846*0001", "BIA*00*SI*X*20260115*1430"]
+    yield (ISA + "\n" + "".join(f"{segment}~\n" for segment in header)).encode()
+    for start in range(0, LOOPS, 1000):
+        yield "".join(
+            f"LIN*{n}*SK*SKU-{n}~\nQTY*17*{n % 700}*EA~\nQTY*33*{n % 500}*EA~\n"
+            for n in range(start, start + 1000)
+        ).encode()
+    yield f"CTT*{LOOPS}~\nSE*{3 * LOOPS + 4}*0001~\nGE*1*101~\nIEA*1*000000101~\n".encode()
+
+
+def test_a_large_interchange_is_parsed_while_it_is_still_being_read() -> None:
+    source = source_from_chunks(generated_interchange())
+    read_at: dict[int, int] = {}
+    count = 0
+
+    for count, item in enumerate(parse("edi846", source), start=1):
+        assert isinstance(item, Record)
+        assert (item.position, item.quantity) == (count, (count - 1) % 500)
+        if count == 1:
+            first = weakref.ref(item)
+        if count in (1, LOOPS // 2):
+            read_at[count] = source.tell()
+    del item
+    gc.collect()
+
+    total = source.tell()
+    assert count == LOOPS
+    assert read_at[1] < total / 20
+    assert read_at[LOOPS // 2] < total * 0.6
+    assert first() is None, "the parser keeps the records it yielded"
+
+
+def test_an_interchange_whose_terminator_never_comes_is_rejected_before_it_is_all_read() -> None:
+    lines = ("LIN*1*SK*A\nQTY*33*1*EA\n" * 10_000).encode()  # newlines, but the ISA says "~"
+    source = source_from_chunks([ISA.encode(), *[lines] * 20])
+
+    with pytest.raises(FeedError, match=r"^bad_envelope: no '~' terminator"):
+        list(parse("edi846", source))
+    assert source.tell() < 10 * len(lines)

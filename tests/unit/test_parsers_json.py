@@ -1,0 +1,192 @@
+"""The JSON feed parser, on fixture files of several shapes and on broken ones."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.parsers import FeedError, Parsed, Record, RecordError, parse, source_from_chunks
+
+FEEDS = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
+
+
+def read(name: str, **options: Any) -> list[Parsed]:
+    with (FEEDS / name).open("rb") as source:
+        return list(parse("json", source, options))
+
+
+def read_value(document: object, **options: Any) -> list[Parsed]:
+    return list(parse("json", io.BytesIO(json.dumps(document).encode()), options))
+
+
+def read_until_rejected(name: str) -> tuple[list[Parsed], FeedError]:
+    """What a feed yields before its FeedError, and the error."""
+    parsed: list[Parsed] = []
+    with (FEEDS / name).open("rb") as source, pytest.raises(FeedError) as raised:
+        parsed.extend(parse("json", source))
+    return parsed, raised.value
+
+
+def test_nested_paths_from_the_options_find_each_field() -> None:
+    parsed = read(
+        "json-nested-paths.json",
+        records="data.products",
+        fields={
+            "supplier_sku": "product.code",
+            "upc": "product.gtin",
+            "quantity": "stock.available",
+            "unit": "stock.unit",
+        },
+        thousands_separator=",",
+    )
+
+    good = [p for p in parsed if isinstance(p, Record)]
+    assert [(p.position, p.supplier_sku, p.upc, p.quantity, p.unit) for p in good] == [
+        (1, "P-1", "00012345678905", 5, "EA"),
+        (2, "P-2", None, 1500, "CS"),
+    ]
+    assert [p.observed_at for p in good] == [
+        datetime(2026, 1, 15, 14, 30, tzinfo=UTC),
+        datetime(2026, 1, 15, 14, 31),
+    ]
+    assert parsed[2:] == [
+        RecordError(3, "missing_quantity", {"product": {"code": "P-3"}, "stock": {"reserved": 2}})
+    ]
+
+
+def test_the_records_array_and_fields_are_found_by_their_common_names() -> None:
+    parsed = read("json-default-names.json")
+
+    good = [
+        (p.position, p.supplier_sku, p.upc, p.quantity, p.unit, p.observed_at)
+        for p in parsed
+        if isinstance(p, Record)
+    ]
+    bad = [(p.position, p.reason, p.raw) for p in parsed if isinstance(p, RecordError)]
+    assert good == [
+        (1, "D-1", None, 7, "EA", datetime(2026, 1, 15, 14, 30, tzinfo=UTC)),
+        (2, "D-2", "4006381333931", 3, None, None),
+        (3, "D-3", None, 12, None, None),
+    ]
+    assert bad == [
+        (4, "invalid_quantity: 12.5", {"sku": "D-4", "qty": 12.5}),
+        (5, "not_an_object: str", {"value": "D-5"}),
+        (6, "invalid_quantity: True", {"sku": "D-6", "qty": True}),
+    ]
+
+
+def test_a_top_level_array_after_a_byte_order_mark_is_read() -> None:
+    parsed = read("json-top-level-array-bom.json")
+
+    assert [(p.supplier_sku, p.quantity) for p in parsed if isinstance(p, Record)] == [
+        ("T-1", 1),
+        ("T-2", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"data": {"items": [{"sku": "A", "qty": 1}]}},
+        {"meta": {"records": [{"sku": "X", "qty": 9}]}, "records": [{"sku": "A", "qty": 1}]},
+        {"count": 1, "inventory": [{"sku": "A", "qty": 1}], "items": [{"sku": "B", "qty": 2}]},
+    ],
+)
+def test_the_first_array_under_a_records_key_is_the_records(document: object) -> None:
+    assert read_value(document) == [Record(1, "A", None, 1, None, None, {"sku": "A", "qty": 1})]
+
+
+def test_paths_may_index_lists_and_a_field_falls_back_to_its_next_path() -> None:
+    document = [{"codes": [{"value": "C-1"}], "stock": None, "qty": "4"}]
+
+    [record] = read_value(
+        document, fields={"supplier_sku": "codes.0.value", "quantity": ["stock", "qty"]}
+    )
+
+    assert isinstance(record, Record)
+    assert (record.supplier_sku, record.quantity) == ("C-1", 4)
+
+
+def test_an_empty_records_array_is_an_empty_delivery() -> None:
+    assert read_value({"items": []}) == []
+
+
+def test_malformed_json_rejects_the_feed_after_the_records_before_the_break() -> None:
+    parsed, error = read_until_rejected("json-malformed.json")
+
+    assert [p.supplier_sku for p in parsed if isinstance(p, Record)] == ["M-1", "M-2"]
+    assert error.reason.startswith("malformed_json: ")
+
+
+def test_trailing_garbage_after_the_records_rejects_the_feed() -> None:
+    with pytest.raises(FeedError, match=r"^malformed_json"):
+        list(parse("json", io.BytesIO(b'[{"sku": "A", "qty": 1}] {"sku": "B"}')))
+
+
+def test_a_document_without_a_records_array_is_rejected() -> None:
+    _, error = read_until_rejected("json-no-records.json")
+
+    assert error.reason.startswith("no_records: no array at the top level or under items")
+
+
+def test_a_records_path_that_is_not_an_array_is_rejected() -> None:
+    with pytest.raises(FeedError, match=r"^no_records: 'data' is not an array"):
+        read_value({"data": {"sku": "A", "qty": 1}}, records="data")
+    with pytest.raises(FeedError, match=r"^no_records: no array at 'stock.rows'"):
+        read_value({"items": [{"sku": "A", "qty": 1}]}, records="stock.rows")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"records": ["data"]}, {"fields": {"qty": "stock"}}, {"fields": "stock.available"}],
+)
+def test_bad_options_are_refused_before_anything_is_read(options: dict[str, Any]) -> None:
+    source = io.BytesIO(b"[]")
+
+    with pytest.raises(ValueError, match=r"^bad_option"):
+        parse("json", source, options)
+    assert source.tell() == 0
+
+
+RECORDS = 200_000
+
+
+def generated_document() -> Iterator[bytes]:
+    yield b'{"meta": {"supplier": "acme"}, "data": {"items": ['
+    for start in range(0, RECORDS, 1000):
+        rows = (
+            f'{{"sku": "SKU-{n}", "stock": {{"available": {n % 500}}}}}'
+            for n in range(start, start + 1000)
+        )
+        yield (b"," if start else b"") + ",".join(rows).encode()
+    yield b"]}}"
+
+
+def test_a_large_feed_is_parsed_while_it_is_still_being_read() -> None:
+    source = source_from_chunks(generated_document())
+    read_at: dict[int, int] = {}
+    count = 0
+
+    for count, item in enumerate(parse("json", source), start=1):
+        assert isinstance(item, Record)
+        assert (item.position, item.quantity) == (count, (count - 1) % 500)
+        if count == 1:
+            first = weakref.ref(item)
+        if count in (1, RECORDS // 2):
+            read_at[count] = source.tell()
+    del item
+    gc.collect()
+
+    total = source.tell()
+    assert count == RECORDS
+    assert read_at[1] < total / 20
+    assert read_at[RECORDS // 2] < total * 0.6
+    assert first() is None, "the parser keeps the records it yielded"

@@ -1,0 +1,204 @@
+"""The XML feed parser, on fixture files with namespaces and attributes, and on hostile ones."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import tracemalloc
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.parsers import FeedError, Parsed, Record, RecordError, parse, source_from_chunks
+
+FEEDS = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
+
+
+def read(name: str, **options: Any) -> list[Parsed]:
+    with (FEEDS / name).open("rb") as source:
+        return list(parse("xml", source, options))
+
+
+def read_bytes(data: bytes, **options: Any) -> list[Parsed]:
+    return list(parse("xml", io.BytesIO(data), options))
+
+
+def summary(parsed: list[Parsed]) -> list[tuple[int, str | None, int | None, str | None]]:
+    return [
+        (p.position, p.supplier_sku, p.quantity, p.unit)
+        if isinstance(p, Record)
+        else (p.position, None, None, p.reason)
+        for p in parsed
+    ]
+
+
+def test_records_are_matched_by_local_name_whatever_their_namespace() -> None:
+    parsed = read("xml-namespaces-attributes.xml", fields={"unit": "qty/@uom"})
+
+    assert summary(parsed) == [
+        (1, "N-1", 5, "EA"),
+        (2, "N-2", 12, "CS"),
+        (3, None, None, "invalid_quantity: 'many'"),
+    ]
+    first = parsed[0]
+    assert isinstance(first, Record)
+    assert first.upc == "012345678905"
+    assert first.observed_at == datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
+    assert first.raw == {
+        "@sku": "N-1",
+        "@upc": "012345678905",
+        "qty": {"@uom": "EA", "#text": "5"},
+        "updatedAt": "2026-01-15T14:30:00Z",
+    }
+
+
+def test_common_names_find_records_and_fields_nested_or_not() -> None:
+    parsed = read("xml-default-names.xml")
+
+    assert summary(parsed) == [
+        (1, "X-1", 40, "EA"),
+        (2, "X-2", 8, None),
+        (3, None, None, "missing_identifier"),
+    ]
+    assert isinstance(parsed[0], Record)
+    assert parsed[0].observed_at == datetime(2026, 1, 15, 14, 30)
+
+
+def test_the_record_and_fields_options_read_a_supplier_s_own_vocabulary() -> None:
+    parsed = read(
+        "xml-custom-record.xml",
+        record="Artikel",
+        fields={"supplier_sku": "@nr", "quantity": "Bestand", "unit": "Bestand/@einheit"},
+    )
+
+    assert summary(parsed) == [(1, "K-1", 250, "ST"), (2, "K-2", 3, "KAR")]
+    assert parsed[0].raw["Name"] == "Schraube ä"
+
+
+def test_an_attribute_only_record_before_the_first_identified_one_is_not_lost() -> None:
+    data = b'<feed><item qty="1"/><item sku="A" qty="2" unit="PK"/><item sku="B" qty="x"/></feed>'
+
+    assert summary(read_bytes(data)) == [
+        (1, None, None, "missing_identifier"),
+        (2, "A", 2, "PK"),
+        (3, None, None, "invalid_quantity: 'x'"),
+    ]
+
+
+def test_a_wrapper_named_like_a_record_is_not_taken_for_one() -> None:
+    items = b"<item><sku>A</sku><qty>1</qty></item><item><sku>B</sku><qty>2</qty></item>"
+    data = b"<feed><stock>" + items + b"</stock></feed>"
+
+    assert summary(read_bytes(data)) == [(1, "A", 1, None), (2, "B", 2, None)]
+
+
+def test_a_billion_laughs_file_is_refused_without_expanding_anything() -> None:
+    with pytest.raises(FeedError) as raised:
+        read("xml-billion-laughs.xml")
+
+    assert raised.value.reason.startswith("forbidden_xml: entity 'lol' declared")
+
+
+def test_an_external_entity_file_is_refused_without_reading_the_entity() -> None:
+    with pytest.raises(FeedError) as raised:
+        read("xml-external-entity.xml")
+
+    assert raised.value.reason.startswith("forbidden_xml: entity 'secret' declared")
+    assert "root:" not in raised.value.reason
+
+
+def test_malformed_xml_rejects_the_feed_after_the_records_before_the_break() -> None:
+    parsed: list[Parsed] = []
+    with (FEEDS / "xml-malformed.xml").open("rb") as source, pytest.raises(FeedError) as raised:
+        parsed.extend(parse("xml", source))
+
+    assert summary(parsed) == [(1, "M-1", 1, None), (2, "M-2", 2, None)]
+    assert raised.value.reason == "malformed_xml: mismatched tag: line 5, column 36"
+
+
+def test_a_document_whose_elements_are_not_records_is_rejected() -> None:
+    with pytest.raises(FeedError, match=r"^no_records"):
+        read("xml-no-records.xml")
+    with pytest.raises(FeedError, match=r"^no_records: no <entry> record"):
+        read_bytes(b"<inventory><item><sku>A</sku><qty>1</qty></item></inventory>", record="entry")
+
+
+def test_an_empty_root_is_an_empty_delivery() -> None:
+    assert read_bytes(b'<?xml version="1.0"?><inventory generated="2026-01-15"/>') == []
+
+
+def test_a_record_error_keeps_the_element_as_read_for_dead_letters() -> None:
+    [error] = read_bytes(
+        b'<items><item id="7"><sku>A</sku><qty>1.5</qty><tag>a</tag><tag>b</tag></item></items>'
+    )
+
+    assert error == RecordError(
+        1,
+        "invalid_quantity: '1.5'",
+        {"@id": "7", "sku": "A", "qty": "1.5", "tag": ["a", "b"]},
+    )
+    assert json.loads(json.dumps(error.raw)) == error.raw
+
+
+@pytest.mark.parametrize("options", [{"record": ""}, {"fields": {"sku": "@id"}}])
+def test_bad_options_are_refused_before_anything_is_read(options: dict[str, Any]) -> None:
+    source = io.BytesIO(b"<items/>")
+
+    with pytest.raises(ValueError, match=r"^bad_option"):
+        parse("xml", source, options)
+    assert source.tell() == 0
+
+
+def generated_document(records: int, padding: str = "") -> Iterator[bytes]:
+    yield b'<?xml version="1.0"?><inv:feed xmlns:inv="urn:acme"><inv:header/>'
+    for start in range(0, records, 100):
+        yield "".join(
+            f'<inv:item sku="SKU-{n}"><inv:qty>{n % 500}</inv:qty>{padding}</inv:item>'
+            for n in range(start, start + 100)
+        ).encode()
+    yield b"</inv:feed>"
+
+
+def test_a_large_feed_is_parsed_while_it_is_still_being_read() -> None:
+    records = 200_000
+    source = source_from_chunks(generated_document(records))
+    read_at: dict[int, int] = {}
+    count = 0
+
+    for count, item in enumerate(parse("xml", source), start=1):
+        assert isinstance(item, Record)
+        assert (item.position, item.quantity) == (count, (count - 1) % 500)
+        if count == 1:
+            first = weakref.ref(item)
+        if count in (1, records // 2):
+            read_at[count] = source.tell()
+    del item
+    gc.collect()
+
+    total = source.tell()
+    assert count == records
+    assert read_at[1] < total / 20
+    assert read_at[records // 2] < total * 0.6
+    assert first() is None, "the parser keeps the records it yielded"
+
+
+def test_elements_already_read_are_let_go_so_memory_stays_flat() -> None:
+    padding = f"<inv:description>{'x' * 400}</inv:description>"
+    size = sum(len(chunk) for chunk in generated_document(10_000, padding))
+
+    tracemalloc.start()
+    try:
+        count = sum(
+            1 for _ in parse("xml", source_from_chunks(generated_document(10_000, padding)))
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert count == 10_000
+    assert peak < size / 10, f"peak {peak} bytes for a {size}-byte document"
