@@ -66,8 +66,8 @@ from projections.registry import all_projections
 from projections.runner import rebuild
 from projections.stock import StockProjection
 
-# What `ledger projections rebuild` uses: max(LEDGER_PROJECTION_PAGE_SIZE, 2000).
-PAGE_SIZE = 2000
+# What `ledger projections rebuild` uses: max(LEDGER_PROJECTION_PAGE_SIZE, 10000).
+PAGE_SIZE = 10_000
 # Events per save while building the log: thousands of aggregates' changes in one transaction.
 BUILD_BATCH_EVENTS = 5000
 REBUILD_TARGET_PER_SECOND = 50_000

@@ -17,6 +17,8 @@ from api.routers import (
     audit,
     availability,
     conflicts,
+    deadletters,
+    feeds,
     health,
     reservations,
     skus,
@@ -53,9 +55,24 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.authenticator = Authenticator(settings.api_keys)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_feed_bytes=settings.max_feed_bytes,
+    )
     install_error_handlers(app)
-    for module in (health, suppliers, skus, reservations, availability, conflicts, audit):
+    routers = (
+        health,
+        suppliers,
+        skus,
+        reservations,
+        availability,
+        conflicts,
+        audit,
+        feeds,
+        deadletters,
+    )
+    for module in routers:
         app.include_router(module.router)
     return app
 

@@ -175,7 +175,7 @@ def projections_rebuild(
                     runtime.store,
                     runtime.leases,
                     in_place=in_place,
-                    page_size=max(runtime.settings.projection_page_size, 2000),
+                    page_size=max(runtime.settings.projection_page_size, 10_000),
                     progress=advance,
                 )
                 progress.update(task, completed=last)

@@ -14,6 +14,7 @@ import structlog
 from psycopg.rows import dict_row
 
 from api.settings import Settings
+from connectors.inbox import create_tables as create_connector_tables
 from ledger.application import InventoryLedger
 from projections.leases import lock_key
 from projections.registry import all_projections, ensure_live_generations
@@ -103,6 +104,7 @@ def migrate(settings: Settings, database_url: str) -> None:
             with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
                 conn.execute(IMMUTABLE_EVENTS_SQL)
                 ensure_live_generations(conn, all_projections(app))
+                create_connector_tables(conn)
         finally:
             app.close()
     log.info("database.migrated", pid=os.getpid())

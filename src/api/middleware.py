@@ -34,9 +34,10 @@ class RequestContextMiddleware:
     is answered 413 before any handler runs, whether or not it declared its length.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_feed_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_feed_bytes = max_feed_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,9 +60,10 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(receive)
+            limit = self.max_feed_bytes if _is_feed(scope["path"]) else self.max_body_bytes
+            body = await self._read_body(receive, limit)
             if body is None:
-                await self._too_large(send_with_id)
+                await self._too_large(send_with_id, limit)
             else:
                 await self.app(scope, _replay(body, receive), send_with_id)
         finally:
@@ -74,7 +76,7 @@ class RequestContextMiddleware:
             )
             structlog.contextvars.clear_contextvars()
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -83,17 +85,15 @@ class RequestContextMiddleware:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
 
-    async def _too_large(self, send: Send) -> None:
-        body = error_body(
-            "payload_too_large", f"the request body is over {self.max_body_bytes} bytes"
-        )
+    async def _too_large(self, send: Send, limit: int) -> None:
+        body = error_body("payload_too_large", f"the request body is over {limit} bytes")
         await send(
             {
                 "type": "http.response.start",
@@ -106,6 +106,11 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _is_feed(path: str) -> bool:
+    """Feed files and webhook bodies may be far larger than API requests."""
+    return path.startswith("/v1/suppliers/") and path.endswith(("/feeds", "/webhook"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -9,6 +9,8 @@ import structlog
 from api.database import migrate, resolve_database_url
 from api.settings import Settings
 from api.sweeper import Sweeper
+from connectors.ingest import Ingestor
+from connectors.worker import InboxWorker
 from ledger.application import InventoryLedger
 from ledger.queries import LedgerQueries
 from ledger.writer import LedgerWriter
@@ -35,11 +37,15 @@ class Runtime:
     views: Views
     audit: Audit
     leases: LeaseSession
+    ingestor: Ingestor
     notifier: LogNotifier | None = None
     runners: list[ProjectionRunner] = field(default_factory=list)
     sweeper: Sweeper | None = None
+    inbox_worker: InboxWorker | None = None
 
     def close(self) -> None:
+        if self.inbox_worker is not None:
+            self.inbox_worker.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
         for runner in self.runners:
@@ -80,20 +86,24 @@ def open_runtime(
     migrate_first: bool = True,
     sweep: bool = True,
     project: bool | None = None,
+    connect: bool | None = None,
 ) -> Runtime:
     database_url = resolve_database_url(settings)
     if migrate_first:
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
+    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds).start()
+    views = Views(store, app)
     runtime = Runtime(
         settings=settings,
         database_url=database_url,
         app=app,
-        writer=LedgerWriter(app, timeout=settings.command_timeout_seconds).start(),
+        writer=writer,
         queries=LedgerQueries(app),
         store=store,
-        views=Views(store, app),
+        views=views,
+        ingestor=Ingestor(writer, store, views, batch_size=settings.connector_batch_size),
         audit=Audit(store, app),
         leases=LeaseSession(database_url),
     )
@@ -103,5 +113,12 @@ def open_runtime(
         runtime.sweeper = Sweeper(
             runtime.writer, runtime.views, database_url, settings.sweep_interval_seconds
         ).start()
-    log.info("ledger.started", sweeper=sweep, projections=len(runtime.runners))
+    if settings.run_connectors if connect is None else connect:
+        runtime.inbox_worker = InboxWorker(runtime.ingestor, store).start()
+    log.info(
+        "ledger.started",
+        sweeper=sweep,
+        projections=len(runtime.runners),
+        connectors=runtime.inbox_worker is not None,
+    )
     return runtime

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_feed_bytes: int = Field(
+        default=512 * 1_048_576, gt=0, description="limit of an uploaded feed or webhook body"
+    )
     max_observations: int = Field(default=10_000, gt=0)
     max_reservation_lines: int = Field(default=500, gt=0)
     default_ttl_seconds: int = Field(default=900, gt=0)
@@ -59,6 +62,10 @@ class Settings(BaseSettings):
 
     migrate_on_start: bool = True
     run_sweeper: bool = True
+    run_connectors: bool = Field(
+        default=True, description="apply inbox deliveries and run supplier schedules here"
+    )
+    connector_batch_size: int = Field(default=5000, gt=0)
     run_projections: bool = Field(
         default=True, description="run the projections in this process (one holder each)"
     )

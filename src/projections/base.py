@@ -67,10 +67,13 @@ class Projection(ABC):
 
     @abstractmethod
     def flush(self, conn: Connection, schema: str) -> None:
-        """Writes the page's changes, inside the caller's transaction."""
+        """Writes what the pages staged since the last flush, in the caller's transaction."""
 
-    def apply_page(self, conn: Connection, schema: str, page: list[Notified]) -> None:
-        """Applies a page inside the caller's transaction, naming the event that failed."""
+    def reset(self) -> None:  # noqa: B027 - most projections keep nothing between pages
+        """Forgets whatever it keeps between pages; called when a page did not commit."""
+
+    def stage(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        """Applies a page in memory, naming the event that failed; `write` stores it."""
         self.begin(conn, schema, page)
         for notified in page:
             try:
@@ -79,10 +82,18 @@ class Projection(ABC):
                 raise ProjectionFailed(
                     self.name, notified.position, notified.topic, error
                 ) from error
+
+    def write(self, conn: Connection, schema: str, position: int) -> None:
+        """Writes what was staged, inside the caller's transaction."""
         try:
             self.flush(conn, schema)
         except Exception as error:
-            raise ProjectionFailed(self.name, page[-1].position, "page write", error) from error
+            raise ProjectionFailed(self.name, position, "page write", error) from error
+
+    def apply_page(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        """Applies one page inside the caller's transaction."""
+        self.stage(conn, schema, page)
+        self.write(conn, schema, page[-1].position)
 
 
 def table(schema: str, name: str) -> sql.Composed:
@@ -155,19 +166,40 @@ class StateProjection(Projection):
             and value.__name__ != "Event"
         ]
 
-    def _table_of(self, topic: str) -> str:
-        aggregate_topic = topic.rsplit(".", 1)[0]
-        for aggregate, name in self.state_tables.items():
-            if aggregate_topic == getattr(aggregate, "TOPIC", None):
-                return name
-        raise LookupError(topic)
+    # States kept between pages, so that a busy stream is not decoded and encoded again
+    # for every page; only the runner holding the lease writes these rows, and any page
+    # that does not commit resets them.
+    max_cached_states: ClassVar[int] = 20_000
 
-    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
-        wanted: dict[str, set[UUID]] = defaultdict(set)
-        for notified in page:
-            wanted[self._table_of(notified.topic)].add(notified.event.originator_id)
+    def __init__(self, app: InventoryLedger) -> None:
+        super().__init__(app)
         self._states: dict[UUID, Any] = {}
         self._changed: dict[UUID, tuple[str, int]] = {}
+        self._schema: str | None = None
+        self._tables_by_topic: dict[str, str] = {}
+
+    def reset(self) -> None:
+        self._states, self._changed = {}, {}
+        self._schema = None
+
+    def _table_of(self, topic: str) -> str:
+        try:
+            return self._tables_by_topic[topic]
+        except KeyError:
+            aggregate_topic = topic.rsplit(".", 1)[0]
+            for aggregate, name in self.state_tables.items():
+                if aggregate_topic == getattr(aggregate, "TOPIC", None):
+                    self._tables_by_topic[topic] = name
+                    return name
+            raise LookupError(topic) from None
+
+    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
+        if schema != self._schema or len(self._states) > self.max_cached_states:
+            self._states, self._schema = {}, schema
+        wanted: dict[str, set[UUID]] = defaultdict(set)
+        for notified in page:
+            if notified.event.originator_id not in self._states:
+                wanted[self._table_of(notified.topic)].add(notified.event.originator_id)
         for name, ids in wanted.items():
             rows = conn.execute(
                 sql.SQL("SELECT id, version, state FROM {} WHERE id = ANY(%s)").format(
@@ -189,6 +221,7 @@ class StateProjection(Projection):
         by_table: dict[str, list[Any]] = defaultdict(list)
         for aggregate_id, (name, position) in self._changed.items():
             by_table[name].append((self._states[aggregate_id], position))
+        self._changed = {}
         for name, changed in by_table.items():
             self._write(conn, schema, name, changed)
 

@@ -48,6 +48,13 @@ class ConflictsProjection(Projection):
     def __init__(self, app: InventoryLedger, jumps: JumpThresholds | None = None) -> None:
         super().__init__(app)
         self.jumps = jumps or JumpThresholds()
+        self.reset()
+
+    def reset(self) -> None:
+        self._names: dict[UUID, str] = {}
+        self._new_names: dict[UUID, str] = {}
+        self._conflicts: list[dict[str, Any]] = []
+        self._acknowledgements: list[dict[str, Any]] = []
 
     @property
     def topics(self) -> list[str]:
@@ -83,10 +90,7 @@ class ConflictsProjection(Projection):
             sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%s)").format(table(schema, "names")),
             (ids,),
         ).fetchall()
-        self._names: dict[UUID, str] = {row["id"]: row["name"] for row in rows}
-        self._new_names: dict[UUID, str] = {}
-        self._conflicts: list[dict[str, Any]] = []
-        self._acknowledgements: list[dict[str, Any]] = []
+        self._names.update({row["id"]: row["name"] for row in rows})
 
     def handle(self, notified: Notified) -> None:
         event = notified.event
@@ -139,7 +143,7 @@ class ConflictsProjection(Projection):
         elif isinstance(event, FeedDelivery.Recorded):
             unmapped = [r for r in event.rejected if r["reason"] == "unmapped_supplier_sku"]
             if unmapped:
-                skus = sorted({(r.get("record") or {}).get("supplier_sku", "?") for r in unmapped})
+                skus = sorted({_supplier_sku(r.get("record") or {}) for r in unmapped})
                 self._raise(
                     "unmapped_sku",
                     notified,
@@ -190,29 +194,43 @@ class ConflictsProjection(Projection):
         )
 
     def flush(self, conn: Connection, schema: str) -> None:
+        names, conflicts, acknowledgements = (
+            self._new_names,
+            self._conflicts,
+            self._acknowledgements,
+        )
+        self._new_names, self._conflicts, self._acknowledgements = {}, [], []
+        if len(self._names) > 100_000:
+            self._names = {}
         with conn.cursor() as cursor:
-            if self._new_names:
+            if names:
                 cursor.executemany(
                     sql.SQL("INSERT INTO {} (id, name) VALUES (%s, %s)").format(
                         table(schema, "names")
                     ),
-                    list(self._new_names.items()),
+                    list(names.items()),
                 )
-            if self._conflicts:
-                columns = list(self._conflicts[0])
+            if conflicts:
+                columns = list(conflicts[0])
                 cursor.executemany(
                     sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                         table(schema, "conflicts"),
                         sql.SQL(", ").join(map(sql.Identifier, columns)),
                         sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
                     ),
-                    self._conflicts,
+                    conflicts,
                 )
-            if self._acknowledgements:
+            if acknowledgements:
                 cursor.executemany(
                     sql.SQL(
                         "UPDATE {} SET acknowledged_at = %(at)s, acknowledged_by = %(by)s,"
                         " note = %(note)s WHERE conflict_id = %(id)s"
                     ).format(table(schema, "conflicts")),
-                    self._acknowledgements,
+                    acknowledgements,
                 )
+
+
+def _supplier_sku(record: dict[str, Any]) -> str:
+    """The supplier SKU of a refused record, as the API or a feed recorded it."""
+    fields = record.get("fields") or {}
+    return str(record.get("supplier_sku") or fields.get("supplier_sku") or fields.get("upc") or "?")

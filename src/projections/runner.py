@@ -36,6 +36,10 @@ from projections.store import (
 log = structlog.get_logger(__name__)
 
 
+# A rebuild commits its rows and position every this many events: fewer, larger writes.
+REBUILD_EVENTS_PER_TRANSACTION = 100_000
+
+
 class LostOwnership(RuntimeError):
     """Another runner moved this generation's position: this one must not write."""
 
@@ -63,21 +67,40 @@ def catch_up(
     page_size: int,
     keep_going: Callable[[], bool] = lambda: True,
     progress: Callable[[int, int], None] | None = None,
+    events_per_transaction: int = 0,
 ) -> int:
-    """Applies pages to a generation until it has seen the whole log; returns events applied."""
+    """Applies pages to a generation until it has seen the whole log; returns events applied.
+
+    Rows and position commit together: one page per transaction for a live view, or as
+    many pages as make `events_per_transaction` for a generation being built, which
+    writes each busy row once per transaction instead of once per page.
+    """
     position, applied = current.position, 0
     while keep_going():
-        page, scanned = fetch_page(app, position, page_size, projection.topics)
-        if scanned == position:
-            return applied
-        with store.transaction() as conn:
-            if page:
-                projection.apply_page(conn, current.schema, page)
-            if not advance(conn, current.name, current.generation, position, scanned):
-                raise LostOwnership(f"{current.name} generation {current.generation}")
-        position, applied = scanned, applied + len(page)
-        if progress is not None:
-            progress(position, len(page))
+        start, staged = position, 0
+        try:
+            with store.transaction() as conn:
+                while True:
+                    page, scanned = fetch_page(app, position, page_size, projection.topics)
+                    if scanned == position:
+                        break
+                    if page:
+                        projection.stage(conn, current.schema, page)
+                    position, staged = scanned, staged + len(page)
+                    if progress is not None:
+                        progress(position, len(page))
+                    if staged >= events_per_transaction or not keep_going():
+                        break
+                if position == start:
+                    return applied
+                projection.write(conn, current.schema, position)
+                if not advance(conn, current.name, current.generation, start, position):
+                    raise LostOwnership(f"{current.name} generation {current.generation}")
+        except BaseException:
+            position = start
+            projection.reset()  # what it kept in memory may not match the rows any more
+            raise
+        applied += staged
     return applied
 
 
@@ -103,6 +126,7 @@ class ProjectionRunner:
         *,
         page_size: int = 1000,
         poll_seconds: float = 1.0,
+        settle_seconds: float = 0.02,
     ) -> None:
         self.projection = projection
         self.app = app
@@ -111,6 +135,7 @@ class ProjectionRunner:
         self.notifier = notifier
         self.page_size = page_size
         self.poll_seconds = poll_seconds
+        self.settle_seconds = settle_seconds
         self.health = RunnerHealth()
         self._lease: str | None = None
         self._stop = threading.Event()
@@ -159,7 +184,11 @@ class ProjectionRunner:
                 self._stop.wait(pause)
                 continue
             if self.notifier is not None:
-                seen = self.notifier.wait(seen, self.poll_seconds)
+                woken = self.notifier.wait(seen, self.poll_seconds)
+                if woken != seen:
+                    # Let writes that arrive together share one page, not one each.
+                    self._stop.wait(self.settle_seconds)
+                seen = woken
             else:
                 self._stop.wait(self.poll_seconds)
 
@@ -226,7 +255,7 @@ def rebuild(
     leases: LeaseSession,
     *,
     in_place: bool = False,
-    page_size: int = 2000,
+    page_size: int = 10_000,
     progress: Callable[[int, int], None] | None = None,
 ) -> Generation:
     """Builds a new generation from position zero and makes it live.
@@ -246,12 +275,29 @@ def rebuild(
         log.info("projection.rebuild.started", projection=name, generation=built.generation)
         if in_place:
             _switch(store, projection, built)
-        catch_up(projection, app, store, built, page_size, progress=progress)
+        batch = REBUILD_EVENTS_PER_TRANSACTION
+        catch_up(
+            projection,
+            app,
+            store,
+            built,
+            page_size,
+            progress=progress,
+            events_per_transaction=batch,
+        )
         if not in_place:
             with store.connection() as conn:
                 current = generation(conn, name, built.generation)
             assert current is not None
-            catch_up(projection, app, store, current, page_size, progress=progress)
+            catch_up(
+                projection,
+                app,
+                store,
+                current,
+                page_size,
+                progress=progress,
+                events_per_transaction=batch,
+            )
             _switch(store, projection, built)
         with store.connection() as conn:
             final = generation(conn, name, built.generation)

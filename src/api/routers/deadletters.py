@@ -1,0 +1,81 @@
+"""Dead letters: refused records, listed for operators and tried again once fixed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
+from api.errors import ApiError
+from api.schemas import Strict
+from connectors.deadletters import RetryOutcome, listing, retry
+
+router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
+
+
+class BulkRetryIn(Strict):
+    supplier_id: str | None = None
+    reason: str | None = None
+    limit: int = 1000
+
+
+def _out(outcome: RetryOutcome) -> dict[str, Any]:
+    return {
+        "resolved": outcome.resolved,
+        "still_refused": [{"id": k, "reason": v} for k, v in outcome.still_refused.items()],
+        "not_retryable": outcome.not_retryable,
+        "position": outcome.position,
+    }
+
+
+@router.get("")
+def list_letters(
+    _: AuditorKey,
+    runtime: RuntimeDep,
+    supplier_id: Annotated[str | None, Query(max_length=64)] = None,
+    reason: Annotated[str | None, Query(max_length=100, description="a reason prefix")] = None,
+    status: Literal["open", "resolved", "all"] = "open",
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    rows = listing(
+        runtime.store,
+        supplier_id=supplier_id,
+        reason=reason,
+        status=None if status == "all" else status,
+        after=after,
+        limit=limit,
+    )
+    return {"items": rows, "next_after": rows[-1]["id"] if len(rows) == limit else None}
+
+
+@router.post("/{letter_id}/retry")
+async def retry_one(
+    letter_id: int, key: AdminKey, runtime: RuntimeDep, response: Response
+) -> dict[str, Any]:
+    """Applies one refused record again, e.g. after its mapping was added."""
+    outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, [letter_id], key.name)
+    if not (outcome.resolved or outcome.still_refused or outcome.not_retryable):
+        raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
+    set_position(response, outcome.position)
+    return _out(outcome)
+
+
+@router.post("/retry")
+async def retry_many(
+    body: BulkRetryIn, key: AdminKey, runtime: RuntimeDep, response: Response
+) -> dict[str, Any]:
+    """Applies open letters again in bulk, by supplier and reason."""
+    letters = listing(
+        runtime.store,
+        supplier_id=body.supplier_id,
+        reason=body.reason,
+        status="open",
+        limit=min(body.limit, 100_000),
+    )
+    ids = [letter["id"] for letter in letters]
+    outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, ids, key.name)
+    set_position(response, outcome.position)
+    return _out(outcome)

@@ -1,0 +1,214 @@
+"""Feeds: uploaded files and signed webhooks go to the inbox; their status; feed health."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, cast
+
+import structlog
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AuditorKey, RuntimeDep, SupplierId, SupplierKey
+from api.errors import ApiError
+from api.runtime import Runtime
+from connectors import health, inbox
+from connectors.ingest import content_hash
+from connectors.parsers import FORMATS, Format
+from connectors.secrets import SecretUnavailable, resolve
+from connectors.webhooks import DEFAULT_TOLERANCE_SECONDS, refusal
+from ledger.errors import UnknownSupplier
+from ledger.supplier import SupplierTerms
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(tags=["feeds"])
+
+DeliveryHeader = Annotated[str | None, Header(alias="X-Ledger-Delivery", max_length=200)]
+
+
+def _terms(runtime: Runtime, supplier_id: str) -> SupplierTerms:
+    supplier = runtime.queries.supplier(supplier_id)
+    if supplier is None:
+        raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
+    return supplier.terms
+
+
+def _accepted(runtime: Runtime, received: inbox.Received, supplier_id: str) -> JSONResponse:
+    if received.clash:
+        raise ApiError(
+            409,
+            "delivery_id_conflict",
+            f"delivery {received.delivery_id!r} was already received with other content",
+        )
+    if runtime.inbox_worker is not None:
+        runtime.inbox_worker.wake()
+    location = f"/v1/feeds/{received.delivery_id}?supplier_id={supplier_id}"
+    return JSONResponse(
+        {
+            "delivery_id": received.delivery_id,
+            "status": received.status,
+            "duplicate": received.duplicate,
+        },
+        status_code=202,
+        headers={"Location": location},
+    )
+
+
+@router.post("/v1/suppliers/{supplier_id}/feeds", status_code=202)
+async def upload(
+    supplier_id: SupplierId,
+    request: Request,
+    key: SupplierKey,
+    runtime: RuntimeDep,
+    delivery: DeliveryHeader = None,
+    format: Annotated[str | None, Query(description="csv, json, xml or edi846")] = None,
+    name: Annotated[str | None, Query(max_length=255, description="the file's name")] = None,
+) -> JSONResponse:
+    """Accepts a feed file (raw body) into the inbox; it is applied in the background."""
+    if key.role == "supplier" and key.supplier_id != supplier_id:
+        raise ApiError(403, "forbidden", "this key uploads for another supplier")
+    body = await request.body()
+    if not body:
+        raise ApiError(422, "empty_feed", "the request body is the feed file, and it is empty")
+    terms = await _in_thread(_terms, runtime, supplier_id)
+    chosen = format or terms.connector.get("format")
+    if chosen not in FORMATS:
+        raise ApiError(422, "unknown_format", f"format is one of {', '.join(FORMATS)}")
+    digest = content_hash(body)
+    received = await _in_thread(
+        _enqueue,
+        runtime,
+        supplier_id,
+        delivery or f"sha256:{digest[:32]}",
+        "upload",
+        cast(Format, chosen),
+        digest,
+        body,
+        name,
+        None,
+    )
+    return _accepted(runtime, received, supplier_id)
+
+
+@router.post("/v1/suppliers/{supplier_id}/webhook", status_code=202)
+async def webhook(
+    supplier_id: SupplierId,
+    request: Request,
+    runtime: RuntimeDep,
+    delivery: DeliveryHeader = None,
+    timestamp: Annotated[str | None, Header(alias="X-Ledger-Timestamp")] = None,
+    signature: Annotated[str | None, Header(alias="X-Ledger-Signature")] = None,
+) -> JSONResponse:
+    """A supplier's own payload, verified by its HMAC signature, acknowledged at once."""
+    body = await request.body()
+    terms = await _in_thread(_terms, runtime, supplier_id)
+    settings = terms.connector.get("webhook") or {}
+    try:
+        secret = resolve(settings.get("secret_ref"))
+    except SecretUnavailable as error:
+        log.warning("webhook.refused", supplier=supplier_id, reason="no_secret", error=str(error))
+        raise ApiError(
+            401, "webhook_not_configured", "this supplier has no webhook secret"
+        ) from error
+    tolerance = int(settings.get("tolerance_seconds", DEFAULT_TOLERANCE_SECONDS))
+    reason = refusal(secret, timestamp, signature, body, time.time(), tolerance)
+    if reason is None and not delivery:
+        reason = "missing_delivery_id"
+    if reason is not None:
+        log.warning("webhook.refused", supplier=supplier_id, reason=reason)
+        raise ApiError(401, reason, "the webhook signature does not hold")
+    assert delivery is not None
+    assert timestamp is not None
+    received = await _in_thread(
+        _enqueue,
+        runtime,
+        supplier_id,
+        delivery,
+        "webhook",
+        "json",
+        content_hash(body),
+        body,
+        None,
+        int(timestamp),
+    )
+    if received.replayed_signature:
+        log.warning("webhook.refused", supplier=supplier_id, reason="replayed_signature")
+        raise ApiError(401, "replayed_signature", "this signed request was already received")
+    return _accepted(runtime, received, supplier_id)
+
+
+def _enqueue(
+    runtime: Runtime,
+    supplier_id: str,
+    delivery_id: str,
+    source: str,
+    format: Format,
+    digest: str,
+    body: bytes,
+    name: str | None,
+    signed_at: int | None,
+) -> inbox.Received:
+    with runtime.store.connection() as conn:
+        return inbox.enqueue(
+            conn,
+            supplier_id=supplier_id,
+            delivery_id=delivery_id,
+            source=source,
+            format=format,
+            content_hash=digest,
+            body=body,
+            name=name,
+            signed_at=signed_at,
+        )
+
+
+async def _in_thread(function: Any, *args: Any) -> Any:
+    return await run_in_threadpool(function, *args)
+
+
+@router.get("/v1/feeds/health")
+def feeds_health(_: AuditorKey, runtime: RuntimeDep) -> dict[str, Any]:
+    """Per supplier: last success and error, failures in a row, breaker, lag, rows."""
+    with runtime.store.connection() as conn:
+        return {"suppliers": health.report(conn)}
+
+
+@router.get("/v1/feeds/{delivery_id}")
+def feed_status(
+    delivery_id: str,
+    key: SupplierKey,
+    runtime: RuntimeDep,
+    response: Response,
+    supplier_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """A delivery's status and counts."""
+    if key.role == "supplier":
+        supplier_id = key.supplier_id
+    with runtime.store.connection() as conn:
+        found = inbox.delivery_status(conn, delivery_id, supplier_id)
+    if not found:
+        raise ApiError(404, "delivery_not_found", f"no delivery {delivery_id!r}")
+    if len(found) > 1:
+        raise ApiError(409, "ambiguous_delivery", "several suppliers used this id: say supplier_id")
+    row = found[0]
+    counts = row["outcome"] or {}
+    return {
+        "delivery_id": row["delivery_id"],
+        "supplier_id": row["supplier_id"],
+        "source": row["source"],
+        "format": row["format"],
+        "name": row["name"],
+        "status": row["status"],
+        "rows": counts.get("rows"),
+        "applied": counts.get("applied"),
+        "unchanged": counts.get("unchanged"),
+        "late": counts.get("late"),
+        "rejected": counts.get("rejected"),
+        "position": counts.get("position"),
+        "error": row["error"],
+        "attempts": row["attempts"],
+        "received_at": row["received_at"],
+        "finished_at": row["finished_at"],
+    }

@@ -1,0 +1,88 @@
+"""Dead letters: refused records kept with their reason, listed, and tried again once fixed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.ingest import Ingestor
+from connectors.normalise import record_from_fields
+from projections.store import ViewStore
+
+
+@dataclass
+class RetryOutcome:
+    resolved: list[int] = field(default_factory=list)
+    still_refused: dict[int, str] = field(default_factory=dict)
+    not_retryable: list[int] = field(default_factory=list)
+    position: int | None = None
+
+
+def listing(
+    store: ViewStore,
+    *,
+    supplier_id: str | None = None,
+    reason: str | None = None,
+    status: str | None = "open",
+    after: int = 0,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    with store.connection() as conn:
+        return conn.execute(
+            "SELECT id, supplier_id, delivery_id, position, reason, record, raw, status,"
+            " attempts, created_at, updated_at FROM connector_dead_letters"
+            " WHERE id > %(after)s"
+            " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
+            " AND (%(reason)s::text IS NULL OR reason LIKE %(reason)s || '%%')"
+            " AND (%(status)s::text IS NULL OR status = %(status)s)"
+            " ORDER BY id LIMIT %(limit)s",
+            {
+                "after": after,
+                "supplier": supplier_id,
+                "reason": reason,
+                "status": status,
+                "limit": limit,
+            },
+        ).fetchall()
+
+
+def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: str) -> RetryOutcome:
+    """Applies open letters again, supplier by supplier; the ones that now apply (or are
+    now unchanged) are resolved, the others stay open with their new reason."""
+    outcome = RetryOutcome()
+    with store.connection() as conn:
+        letters = conn.execute(
+            "SELECT id, supplier_id, record, raw FROM connector_dead_letters"
+            " WHERE id = ANY(%s) AND status = 'open' ORDER BY id",
+            (letter_ids,),
+        ).fetchall()
+    by_supplier: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for letter in letters:
+        if letter["record"] is None:
+            outcome.not_retryable.append(letter["id"])
+        else:
+            by_supplier[letter["supplier_id"]].append(letter)
+    for supplier_id, group in by_supplier.items():
+        records = [record_from_fields(g["id"], g["record"], g["raw"]) for g in group]
+        result = ingestor.retry(supplier_id, records, actor)
+        refused = {r.index: r.reason for r in result.rejections}
+        if result.position is not None:
+            outcome.position = max(outcome.position or 0, result.position)
+        with store.transaction() as conn:
+            for letter in group:
+                if letter["id"] in refused:
+                    outcome.still_refused[letter["id"]] = refused[letter["id"]]
+                    conn.execute(
+                        "UPDATE connector_dead_letters SET attempts = attempts + 1, reason = %s,"
+                        " updated_at = now() WHERE id = %s",
+                        (refused[letter["id"]], letter["id"]),
+                    )
+                else:
+                    outcome.resolved.append(letter["id"])
+                    conn.execute(
+                        "UPDATE connector_dead_letters SET attempts = attempts + 1,"
+                        " status = 'resolved', updated_at = now() WHERE id = %s",
+                        (letter["id"],),
+                    )
+    return outcome

@@ -1,0 +1,64 @@
+"""Feed health per supplier: last success and error, failures in a row, breaker, lag, size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from projections.store import Connection
+
+
+def succeeded(
+    conn: Connection,
+    supplier_id: str,
+    delivery_id: str,
+    rows: int,
+    applied: int,
+    rejected: int,
+    lag_seconds: float | None,
+) -> None:
+    conn.execute(
+        "INSERT INTO connector_health (supplier_id, last_success_at, consecutive_failures,"
+        " last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
+        " deliveries, updated_at)"
+        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, now())"
+        " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
+        " consecutive_failures = 0, last_delivery_id = excluded.last_delivery_id,"
+        " last_rows = excluded.last_rows, last_applied = excluded.last_applied,"
+        " last_rejected = excluded.last_rejected,"
+        " last_lag_seconds = coalesce(excluded.last_lag_seconds,"
+        "   connector_health.last_lag_seconds),"
+        " deliveries = connector_health.deliveries + 1, updated_at = now()",
+        (supplier_id, delivery_id, rows, applied, rejected, lag_seconds),
+    )
+
+
+def failed(conn: Connection, supplier_id: str, error: str) -> int:
+    """Records a failure; returns how many in a row."""
+    row = conn.execute(
+        "INSERT INTO connector_health (supplier_id, last_error_at, last_error,"
+        " consecutive_failures, updated_at) VALUES (%s, now(), %s, 1, now())"
+        " ON CONFLICT (supplier_id) DO UPDATE SET last_error_at = now(),"
+        " last_error = excluded.last_error,"
+        " consecutive_failures = connector_health.consecutive_failures + 1, updated_at = now()"
+        " RETURNING consecutive_failures",
+        (supplier_id, error[:2000]),
+    ).fetchone()
+    return int(row["consecutive_failures"]) if row else 1
+
+
+def set_breaker(conn: Connection, supplier_id: str, state: str) -> None:
+    conn.execute(
+        "INSERT INTO connector_health (supplier_id, breaker, updated_at) VALUES (%s, %s, now())"
+        " ON CONFLICT (supplier_id) DO UPDATE SET breaker = excluded.breaker, updated_at = now()",
+        (supplier_id, state),
+    )
+
+
+def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, Any]]:
+    return conn.execute(
+        "SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures,"
+        " breaker, last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
+        " deliveries, updated_at FROM connector_health"
+        " WHERE %s::text IS NULL OR supplier_id = %s ORDER BY supplier_id",
+        (supplier_id, supplier_id),
+    ).fetchall()

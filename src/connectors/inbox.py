@@ -1,0 +1,219 @@
+"""The durable inbox of deliveries, the dead letters of refused records, and feed health.
+
+A delivery (an upload, a webhook body, a dropped or pulled file, a poll page) is stored
+here first and answered at once; a worker applies it later. Keyed by supplier and
+delivery id (the supplier's own, or the content hash), so the same delivery twice is
+stored once. These are operational tables beside the event log: what the ledger did
+with each delivery is recorded as events too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS connector_inbox (
+    id bigserial PRIMARY KEY,
+    supplier_id text NOT NULL,
+    delivery_id text NOT NULL,
+    source text NOT NULL,
+    format text NOT NULL,
+    content_hash text NOT NULL,
+    name text,
+    signed_at bigint,
+    body bytea NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'queued',
+    retry_at timestamptz,
+    attempts integer NOT NULL DEFAULT 0,
+    started_at timestamptz,
+    finished_at timestamptz,
+    error text,
+    outcome jsonb,
+    UNIQUE (supplier_id, delivery_id)
+);
+CREATE INDEX IF NOT EXISTS connector_inbox_waiting
+    ON connector_inbox (id) WHERE status IN ('queued', 'processing');
+CREATE INDEX IF NOT EXISTS connector_inbox_delivery ON connector_inbox (delivery_id);
+CREATE TABLE IF NOT EXISTS connector_dead_letters (
+    id bigserial PRIMARY KEY,
+    supplier_id text NOT NULL,
+    delivery_id text NOT NULL,
+    position integer NOT NULL,
+    reason text NOT NULL,
+    record jsonb,
+    raw jsonb NOT NULL,
+    status text NOT NULL DEFAULT 'open',
+    attempts integer NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (supplier_id, delivery_id, position)
+);
+CREATE INDEX IF NOT EXISTS connector_dead_letters_open
+    ON connector_dead_letters (supplier_id, id) WHERE status = 'open';
+CREATE TABLE IF NOT EXISTS connector_health (
+    supplier_id text PRIMARY KEY,
+    last_success_at timestamptz,
+    last_error_at timestamptz,
+    last_error text,
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    breaker text NOT NULL DEFAULT 'closed',
+    last_delivery_id text,
+    last_rows integer,
+    last_applied integer,
+    last_rejected integer,
+    last_lag_seconds double precision,
+    deliveries integer NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS connector_state (
+    supplier_id text NOT NULL,
+    name text NOT NULL,
+    value jsonb NOT NULL,
+    PRIMARY KEY (supplier_id, name)
+);
+"""
+
+Connection = psycopg.Connection[dict[str, Any]]
+
+
+def create_tables(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(TABLES)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery as the inbox holds it."""
+
+    id: int
+    supplier_id: str
+    delivery_id: str
+    source: str
+    format: str
+    content_hash: str
+    name: str | None
+    body: bytes
+    received_at: datetime
+    status: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """What enqueueing found: a new delivery, the same one again, or a clash."""
+
+    delivery_id: str
+    status: str
+    duplicate: bool
+    clash: bool
+    replayed_signature: bool = False
+
+
+def enqueue(
+    conn: Connection,
+    *,
+    supplier_id: str,
+    delivery_id: str,
+    source: str,
+    format: str,
+    content_hash: str,
+    body: bytes,
+    name: str | None = None,
+    signed_at: int | None = None,
+) -> Received:
+    """Stores a delivery once. The same id with the same content is a duplicate (nothing
+    happens); with other content it is a clash; the same signed request again is a replay."""
+    row = conn.execute(
+        "INSERT INTO connector_inbox"
+        " (supplier_id, delivery_id, source, format, content_hash, name, signed_at, body)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (supplier_id, delivery_id) DO NOTHING RETURNING status",
+        (supplier_id, delivery_id, source, format, content_hash, name, signed_at, body),
+    ).fetchone()
+    if row is not None:
+        conn.execute("NOTIFY connector_inbox")
+        return Received(delivery_id, row["status"], duplicate=False, clash=False)
+    existing = conn.execute(
+        "SELECT status, content_hash, signed_at FROM connector_inbox"
+        " WHERE supplier_id = %s AND delivery_id = %s",
+        (supplier_id, delivery_id),
+    ).fetchone()
+    assert existing is not None
+    return Received(
+        delivery_id,
+        existing["status"],
+        duplicate=True,
+        clash=existing["content_hash"] != content_hash,
+        replayed_signature=signed_at is not None and existing["signed_at"] == signed_at,
+    )
+
+
+def claim(conn: Connection, stale_after_seconds: int = 300) -> Delivery | None:
+    """Takes the oldest waiting delivery for this worker; a claim left by a dead worker
+    (no news for `stale_after_seconds`) is taken over."""
+    row = conn.execute(
+        "UPDATE connector_inbox SET status = 'processing', attempts = attempts + 1,"
+        " started_at = now() WHERE id = ("
+        "  SELECT id FROM connector_inbox"
+        "  WHERE (status = 'queued' AND (retry_at IS NULL OR retry_at <= now()))"
+        "   OR (status = 'processing' AND started_at < now() - make_interval(secs => %s))"
+        "  ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)"
+        " RETURNING id, supplier_id, delivery_id, source, format, content_hash, name, body,"
+        " received_at, status, attempts",
+        (stale_after_seconds,),
+    ).fetchone()
+    if row is None:
+        return None
+    return Delivery(**{**row, "body": bytes(row["body"])})
+
+
+def heartbeat(conn: Connection, inbox_id: int) -> None:
+    conn.execute("UPDATE connector_inbox SET started_at = now() WHERE id = %s", (inbox_id,))
+
+
+def finish(
+    conn: Connection,
+    inbox_id: int,
+    status: str,
+    outcome: dict[str, Any] | None,
+    error: str | None,
+    retry_in: float | None = None,
+) -> None:
+    """Records what became of a delivery; a `queued` one is tried again after `retry_in`."""
+    conn.execute(
+        "UPDATE connector_inbox SET status = %s, outcome = %s, error = %s, finished_at = now(),"
+        " retry_at = now() + make_interval(secs => %s) WHERE id = %s",
+        (status, Jsonb(outcome) if outcome is not None else None, error, retry_in or 0, inbox_id),
+    )
+
+
+def delivery_status(
+    conn: Connection, delivery_id: str, supplier_id: str | None = None
+) -> list[dict[str, Any]]:
+    return conn.execute(
+        "SELECT supplier_id, delivery_id, source, format, name, received_at, status, attempts,"
+        " finished_at, error, outcome FROM connector_inbox WHERE delivery_id = %s"
+        " AND (%s::text IS NULL OR supplier_id = %s) ORDER BY id DESC",
+        (delivery_id, supplier_id, supplier_id),
+    ).fetchall()
+
+
+def get_state(conn: Connection, supplier_id: str, name: str) -> Any:
+    row = conn.execute(
+        "SELECT value FROM connector_state WHERE supplier_id = %s AND name = %s",
+        (supplier_id, name),
+    ).fetchone()
+    return None if row is None else row["value"]
+
+
+def set_state(conn: Connection, supplier_id: str, name: str, value: Any) -> None:
+    conn.execute(
+        "INSERT INTO connector_state (supplier_id, name, value) VALUES (%s, %s, %s)"
+        " ON CONFLICT (supplier_id, name) DO UPDATE SET value = excluded.value",
+        (supplier_id, name, Jsonb(value)),
+    )

@@ -1,0 +1,387 @@
+"""Applying a delivery: parse, normalise, compare with what the ledger holds, apply the changes.
+
+The records are streamed into a staging table; one SQL statement resolves them to SKUs
+through the mappings view and compares them with `inventoryledger_levels`, which the
+ledger writes in the same transaction as its events (so a lagging view can never hide a
+change). Only what may change something — a new level, a late report, a report that
+retires unreported changes or refreshes an ageing one, several records for one SKU —
+goes to the ledger, in batches, where the domain decides. Refused records go to the
+dead letters with their reason; the rest of the delivery still applies. A structurally
+broken delivery (a parser's FeedError) changes nothing and is refused whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
+
+import structlog
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from connectors.normalise import FeedRules, Staged, normalise, record_fields
+from connectors.parsers import FeedError, Format, Record, RecordError, parse
+from ledger.base import Cause
+from ledger.commands import Observation, ReportStock
+from ledger.delivery import DeliveryOutcome, Rejection
+from ledger.errors import UnknownSupplier
+from ledger.queries import LedgerQueries
+from ledger.supplier import SupplierTerms
+from ledger.writer import LedgerWriter
+from projections.queries import Views
+from projections.store import Connection, ViewStore
+
+log = structlog.get_logger(__name__)
+
+# Rejections recorded on the delivery's event; all of them go to the dead letters.
+MAX_REJECTIONS_IN_EVENT = 1000
+
+STAGING = """
+CREATE TEMPORARY TABLE feed_staging (
+    position integer NOT NULL, supplier_sku text, upc text, quantity bigint NOT NULL,
+    factor integer, observed_at timestamptz NOT NULL
+) ON COMMIT DROP
+"""
+
+# One statement: resolve each record to a SKU (by supplier SKU, else by UPC), convert to
+# base units, and keep what the ledger must see. Unresolved records come back without a
+# SKU, to be refused.
+CHANGES = """
+WITH resolved AS (
+    SELECT DISTINCT ON (s.position) s.position, s.supplier_sku, s.upc, s.observed_at,
+           m.sku, s.quantity * coalesce(s.factor, m.units_per_supplier_unit, 1) AS quantity
+    FROM feed_staging s
+    LEFT JOIN view_mappings m ON m.supplier_id = %(supplier)s AND (
+        m.supplier_sku = s.supplier_sku OR (s.supplier_sku IS NULL AND m.upc = s.upc))
+    ORDER BY s.position, m.supplier_sku
+), counted AS (
+    SELECT r.*, count(*) OVER (PARTITION BY r.sku) AS per_sku FROM resolved r
+)
+SELECT c.position, c.supplier_sku, c.upc, c.sku, c.quantity, c.observed_at
+FROM counted c
+LEFT JOIN inventoryledger_levels l ON l.supplier_id = %(supplier)s AND l.sku = c.sku
+WHERE c.sku IS NULL
+   OR c.per_sku > 1
+   OR l.sku IS NULL
+   OR l.observed_at IS NULL
+   OR l.quantity <> c.quantity
+   OR c.observed_at < l.observed_at
+   OR (l.unreported_from IS NOT NULL
+       AND floor(extract(epoch FROM c.observed_at)) >= l.unreported_from)
+   OR (%(refresh)s::interval IS NOT NULL AND c.observed_at - l.observed_at >= %(refresh)s)
+ORDER BY c.position
+"""
+
+
+@dataclass
+class IngestResult:
+    """What became of a delivery, summed over the batches it was applied in."""
+
+    delivery_id: str
+    rows: int = 0
+    applied: int = 0
+    unchanged: int = 0
+    late: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    position: int | None = None
+    lag_seconds: float | None = None
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "delivery_id": self.delivery_id,
+            "rows": self.rows,
+            "applied": self.applied,
+            "unchanged": self.unchanged,
+            "late": self.late,
+            "rejected": self.rejected,
+            "position": self.position,
+        }
+
+
+class FeedRejected(Exception):
+    """The delivery is structurally broken; nothing of it was applied."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def content_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def refresh_interval(terms: SupplierTerms) -> timedelta | None:
+    """The age at which an unchanged level is recorded again (the domain's own rule)."""
+    limits = [limit for limit in (terms.stale_after, terms.exclude_after) if limit]
+    return min(limits) / 2 if limits else None
+
+
+class Ingestor:
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        store: ViewStore,
+        views: Views,
+        *,
+        batch_size: int = 5000,
+        mapping_wait_seconds: float = 5.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.writer = writer
+        self.store = store
+        self.views = views
+        self.queries = LedgerQueries(writer.app)
+        self.batch_size = batch_size
+        self.mapping_wait_seconds = mapping_wait_seconds
+        self.clock = clock
+
+    def terms(self, supplier_id: str) -> SupplierTerms:
+        supplier = self.queries.supplier(supplier_id)
+        if supplier is None:
+            raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
+        return supplier.terms
+
+    def ingest(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        body: BinaryIO,
+        format: Format,
+        *,
+        source: str,
+        received_at: datetime,
+        actor: str,
+        options: dict[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestResult:
+        """Applies one delivery; raises FeedRejected when it is broken as a whole."""
+        terms = self.terms(supplier_id)
+        parser_options = {**(terms.connector.get("options") or {}), **(options or {})}
+        records = parse(format, body, parser_options)
+        return self._apply(
+            supplier_id,
+            delivery_id,
+            terms,
+            records,
+            source=source,
+            received_at=received_at,
+            actor=actor,
+            progress=progress,
+        )
+
+    def retry(self, supplier_id: str, records: list[Record], actor: str) -> IngestResult:
+        """Applies records again (dead letters), as a delivery of their own."""
+        terms = self.terms(supplier_id)
+        delivery_id = f"retry:{uuid.uuid4().hex[:16]}"
+        return self._apply(
+            supplier_id,
+            delivery_id,
+            terms,
+            iter(records),
+            source="dead-letter-retry",
+            received_at=self.clock(),
+            actor=actor,
+        )
+
+    def _apply(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        terms: SupplierTerms,
+        records: Iterator[Record | RecordError],
+        *,
+        source: str,
+        received_at: datetime,
+        actor: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> IngestResult:
+        now = self.clock()
+        result = IngestResult(delivery_id)
+        # The mappings view must have seen every mapping made before this delivery.
+        head = self.writer.app.recorder.max_notification_id() or 0
+        self.views.wait_for("mappings", head, self.mapping_wait_seconds)
+        with self.store.transaction() as conn:
+            staged, fields = self._stage(
+                conn, records, FeedRules.of(terms), received_at, now, result, progress
+            )
+            changes = conn.execute(
+                CHANGES, {"supplier": supplier_id, "refresh": refresh_interval(terms)}
+            ).fetchall()
+        observations: list[Observation] = []
+        for row in changes:
+            if row["sku"] is None:
+                reason = "unmapped_supplier_sku" if row["supplier_sku"] else "unmapped_upc"
+                result.rejections.append(
+                    Rejection(row["position"], reason, fields[row["position"]])
+                )
+            else:
+                observations.append(
+                    Observation(
+                        index=row["position"],
+                        sku=row["sku"],
+                        quantity=row["quantity"],
+                        observed_at=row["observed_at"],
+                    )
+                )
+        result.unchanged = staged - len(changes)
+        result.rejections.sort(key=lambda rejection: rejection.index)
+        self._send(supplier_id, delivery_id, source, observations, result, actor, now)
+        if observations:
+            newest = max(o.observed_at for o in observations)
+            result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
+        return result
+
+    def _stage(
+        self,
+        conn: Connection,
+        records: Iterator[Record | RecordError],
+        rules: FeedRules,
+        received_at: datetime,
+        now: datetime,
+        result: IngestResult,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, dict[int, dict[str, Any]]]:
+        """Streams the valid records into the staging table; returns how many, and their
+        fields (kept for records that may yet be refused)."""
+        conn.execute(STAGING)
+        staged = 0
+        fields: dict[int, dict[str, Any]] = {}
+        try:
+            with (
+                conn.cursor() as cursor,
+                cursor.copy(
+                    "COPY feed_staging (position, supplier_sku, upc, quantity, factor, observed_at)"
+                    " FROM STDIN"
+                ) as copy,
+            ):
+                for item in records:
+                    result.rows += 1
+                    if progress is not None and result.rows % 10_000 == 0:
+                        progress(result.rows)
+                    if isinstance(item, RecordError):
+                        result.rejections.append(
+                            Rejection(item.position, item.reason, {"fields": None, "raw": item.raw})
+                        )
+                        continue
+                    outcome = normalise(item, rules, received_at, now)
+                    if isinstance(outcome, str):
+                        result.rejections.append(Rejection(item.position, outcome, _letter(item)))
+                        continue
+                    copy.write_row(_row(outcome))
+                    fields[item.position] = _letter(item)
+                    staged += 1
+        except FeedError as broken:
+            raise FeedRejected(broken.reason) from broken
+        if progress is not None:
+            progress(result.rows)
+        return staged, fields
+
+    def _send(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        source: str,
+        observations: list[Observation],
+        result: IngestResult,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        """Sends the changes to the ledger in batches; the first carries the refusals."""
+        batches = [
+            observations[start : start + self.batch_size]
+            for start in range(0, len(observations), self.batch_size)
+        ] or [[]]
+        for number, batch in enumerate(batches):
+            rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if number == 0 else []
+            part = delivery_id if len(batches) == 1 else _part_id(delivery_id, batch)
+            command = ReportStock(
+                at=now,
+                cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
+                supplier_id=supplier_id,
+                delivery_id=part,
+                content_hash=_part_hash(batch, rejections),
+                source=source,
+                rows=len(batch) + len(rejections),
+                observations=batch,
+                rejected=rejections,
+            )
+            outcome = self.writer.execute(command)
+            counted: DeliveryOutcome = outcome.value
+            result.applied += counted.applied
+            result.unchanged += counted.unchanged
+            result.late += counted.late
+            new = {r.index for r in counted.rejected} - {r.index for r in rejections}
+            result.rejections.extend(r for r in counted.rejected if r.index in new)
+            if outcome.position is not None:
+                result.position = max(result.position or 0, outcome.position)
+
+
+def _row(staged: Staged) -> tuple[Any, ...]:
+    return (
+        staged.position,
+        staged.supplier_sku,
+        staged.upc,
+        staged.quantity,
+        staged.factor,
+        staged.observed_at,
+    )
+
+
+def _letter(record: Record) -> dict[str, Any]:
+    return {"fields": record_fields(record), "raw": record.raw}
+
+
+def _part_id(delivery_id: str, batch: list[Observation]) -> str:
+    return f"{delivery_id}~{_part_hash(batch, [])[:16]}"
+
+
+def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:
+    digest = hashlib.sha256()
+    for observation in batch:
+        digest.update(
+            f"{observation.index}|{observation.sku}|{observation.quantity}|"
+            f"{observation.observed_at.isoformat()}\n".encode()
+        )
+    digest.update(json.dumps([r.as_dict() for r in rejections], default=str).encode())
+    return digest.hexdigest()
+
+
+def record_dead_letters(
+    conn: Connection, supplier_id: str, delivery_id: str, rejections: list[Rejection]
+) -> None:
+    """Stores every refused record with its reason, once per delivery and position."""
+    if not rejections:
+        return
+    rows = []
+    for rejection in rejections:
+        record = rejection.record or {}
+        fields, raw = record.get("fields"), record.get("raw", record)
+        rows.append(
+            (
+                supplier_id,
+                delivery_id,
+                rejection.index,
+                rejection.reason,
+                None if fields is None else Jsonb(fields),
+                Jsonb(raw),
+            )
+        )
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            sql.SQL(
+                "INSERT INTO connector_dead_letters"
+                " (supplier_id, delivery_id, position, reason, record, raw)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (supplier_id, delivery_id, position) DO NOTHING"
+            ),
+            rows,
+        )

@@ -1,0 +1,119 @@
+"""From a record as a supplier wrote it to a level the ledger can compare, or a reason to refuse.
+
+Per supplier, from its connector settings (all optional):
+- `units`: supplier unit -> base units, e.g. {"CS": 12, "PK": 6}. A record in a base unit
+  (EA, EACH, PC, PCS, PIECE, UNIT, UN) counts as is; a record without a unit is in the
+  mapping's `units_per_supplier_unit`; any other unit not in the table is refused.
+- `max_quantity`: a level above it is a broken feed, not stock (default 10,000,000).
+- `max_age_seconds`: reports older than this are refused (default: the supplier's
+  `exclude_after_seconds`, else no limit).
+A naive timestamp is in the supplier's `timezone`; a record without one was observed when
+the delivery was received. Reports more than five minutes in the future are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from connectors.parsers import Record
+from ledger.supplier import SupplierTerms
+
+BASE_UNITS = frozenset({"EA", "EACH", "PC", "PCS", "PIECE", "PIECES", "UNIT", "UNITS", "UN"})
+CLOCK_SKEW = timedelta(minutes=5)
+DEFAULT_MAX_QUANTITY = 10_000_000
+
+
+@dataclass(frozen=True)
+class FeedRules:
+    """How one supplier's records become levels."""
+
+    zone: ZoneInfo
+    units: dict[str, int]
+    max_quantity: int
+    max_age: timedelta | None
+
+    @classmethod
+    def of(cls, terms: SupplierTerms) -> FeedRules:
+        connector: dict[str, Any] = terms.connector or {}
+        max_age = connector.get("max_age_seconds", terms.exclude_after_seconds)
+        return cls(
+            zone=ZoneInfo(terms.timezone),
+            units={str(k).upper(): int(v) for k, v in (connector.get("units") or {}).items()},
+            max_quantity=int(connector.get("max_quantity", DEFAULT_MAX_QUANTITY)),
+            max_age=None if max_age is None else timedelta(seconds=int(max_age)),
+        )
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A record ready to be resolved to a SKU: `factor` is None when the mapping decides."""
+
+    position: int
+    supplier_sku: str | None
+    upc: str | None
+    quantity: int
+    factor: int | None
+    observed_at: datetime
+
+
+def normalise(
+    record: Record, rules: FeedRules, received_at: datetime, now: datetime
+) -> Staged | str:
+    """The staged level, or why the record is refused."""
+    quantity = record.quantity
+    if quantity is None:
+        return "missing_quantity"
+    if quantity < 0:
+        return "negative_quantity"
+    if record.supplier_sku is None and record.upc is None:
+        return "missing_sku"
+    factor: int | None = None
+    if record.unit is not None:
+        unit = record.unit.strip().upper()
+        if unit in rules.units:
+            factor = rules.units[unit]
+        elif unit in BASE_UNITS:
+            factor = 1
+        else:
+            return f"unknown_unit: {record.unit!r}"
+    if quantity * (factor or 1) > rules.max_quantity:
+        return "quantity_out_of_range"
+    observed_at = record.observed_at or received_at
+    if observed_at.tzinfo is None:
+        observed_at = observed_at.replace(tzinfo=rules.zone)
+    try:
+        observed_at = observed_at.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return "observed_at_out_of_range"
+    if observed_at > now + CLOCK_SKEW:
+        return "observed_at_in_future"
+    if rules.max_age is not None and observed_at < now - rules.max_age:
+        return "too_old"
+    return Staged(record.position, record.supplier_sku, record.upc, quantity, factor, observed_at)
+
+
+def record_fields(record: Record) -> dict[str, Any]:
+    """What a dead letter keeps of a readable record, so that it can be tried again."""
+    return {
+        "supplier_sku": record.supplier_sku,
+        "upc": record.upc,
+        "quantity": record.quantity,
+        "unit": record.unit,
+        "observed_at": None if record.observed_at is None else record.observed_at.isoformat(),
+    }
+
+
+def record_from_fields(position: int, fields: dict[str, Any], raw: dict[str, Any]) -> Record:
+    observed = fields.get("observed_at")
+    return Record(
+        position=position,
+        supplier_sku=fields.get("supplier_sku"),
+        upc=fields.get("upc"),
+        quantity=fields.get("quantity"),
+        unit=fields.get("unit"),
+        observed_at=None if observed is None else datetime.fromisoformat(observed),
+        raw=raw,
+    )

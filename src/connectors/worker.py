@@ -1,0 +1,132 @@
+"""The inbox worker: applies queued deliveries, one at a time per worker, any number of workers."""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any, cast
+
+import psycopg
+import structlog
+from eventsourcing.persistence import PersistenceError
+
+from connectors import health, inbox
+from connectors.ingest import FeedRejected, Ingestor, IngestResult, record_dead_letters
+from connectors.parsers import Format
+from ledger.errors import LedgerError
+from projections.store import ViewStore
+
+log = structlog.get_logger(__name__)
+
+MAX_ATTEMPTS = 5
+
+
+class InboxWorker:
+    def __init__(self, ingestor: Ingestor, store: ViewStore, poll_seconds: float = 0.5) -> None:
+        self.ingestor = ingestor
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> InboxWorker:
+        self._thread = threading.Thread(target=self._run, name="inbox-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.work_once()
+            except (psycopg.Error, PersistenceError) as error:
+                log.warning("inbox.unavailable", error=str(error))
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def work_once(self) -> bool:
+        """Applies the oldest waiting delivery, if any; True when there was one."""
+        with self.store.connection() as conn:
+            delivery = inbox.claim(conn)
+        if delivery is None:
+            return False
+        structlog.contextvars.bind_contextvars(delivery_id=delivery.delivery_id)
+        try:
+            self.process(delivery)
+        finally:
+            structlog.contextvars.unbind_contextvars("delivery_id")
+        return True
+
+    def process(self, delivery: inbox.Delivery) -> IngestResult | None:
+        supplier = delivery.supplier_id
+        try:
+            result = self.ingestor.ingest(
+                supplier,
+                delivery.delivery_id,
+                io.BytesIO(delivery.body),
+                cast(Format, delivery.format),
+                source=delivery.source,
+                received_at=delivery.received_at,
+                actor=f"connector:{supplier}",
+                options=_source_options(delivery.source),
+            )
+        except FeedRejected as broken:
+            self._finish(delivery, "rejected", None, broken.reason)
+            log.warning("feed.delivery.rejected", supplier=supplier, reason=broken.reason)
+            return None
+        except (LedgerError, psycopg.Error, PersistenceError, ValueError, TimeoutError) as error:
+            status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
+            retry_in = 2.0**delivery.attempts  # 2, 4, 8, 16 s, then it is left failed
+            self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
+            log.warning("feed.delivery.failed", supplier=supplier, error=str(error), retry=status)
+            return None
+        with self.store.transaction() as conn:
+            record_dead_letters(conn, supplier, delivery.delivery_id, result.rejections)
+            health.succeeded(
+                conn,
+                supplier,
+                delivery.delivery_id,
+                result.rows,
+                result.applied,
+                result.rejected,
+                result.lag_seconds,
+            )
+            inbox.finish(conn, delivery.id, "applied", result.as_dict(), None)
+        log.info(
+            "feed.delivery.applied",
+            supplier=supplier,
+            rows=result.rows,
+            changed=result.applied,
+            unchanged=result.unchanged,
+            late=result.late,
+            rejected=result.rejected,
+        )
+        return result
+
+    def _finish(
+        self,
+        delivery: inbox.Delivery,
+        status: str,
+        outcome: dict[str, Any] | None,
+        error: str,
+        retry_in: float | None = None,
+    ) -> None:
+        with self.store.transaction() as conn:
+            inbox.finish(conn, delivery.id, status, outcome, error, retry_in)
+            health.failed(conn, delivery.supplier_id, error)
+
+
+def _source_options(source: str) -> dict[str, Any]:
+    # A webhook body is {"delivery_id", "observations": [...]}, as DESIGN.md signs it.
+    return {"records": "observations"} if source == "webhook" else {}

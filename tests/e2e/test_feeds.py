@@ -1,0 +1,215 @@
+"""Feeds over HTTP: file uploads, signed webhooks, delivery status, dead letters, health."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connectors.webhooks import sign
+from tests.conftest import Server, serving
+
+SECRET = "whsec-test-0123456789"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
+
+
+@pytest.fixture(scope="module")
+def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {"TEST_WEBHOOK_SECRET": SECRET}
+    with serving(postgres_server_url, tmp_path_factory.mktemp("feeds"), 2, extra_env=env) as s:
+        yield s
+
+
+def supplier(admin: httpx.Client, skus: dict[str, str], **connector: Any) -> str:
+    supplier_id = f"feed-{uuid.uuid4().hex[:8]}"
+    connector.setdefault("webhook", {"secret_ref": "env:TEST_WEBHOOK_SECRET"})
+    answer = admin.put(
+        f"/v1/suppliers/{supplier_id}", json={"name": supplier_id, "connector": connector}
+    )
+    assert answer.status_code == 200, answer.text
+    if skus:
+        mappings = [{"supplier_sku": s, "sku": sku} for s, sku in skus.items()]
+        answer = admin.put(f"/v1/suppliers/{supplier_id}/mappings", json={"mappings": mappings})
+        assert answer.status_code == 200, answer.text
+    return supplier_id
+
+
+def finished(client: httpx.Client, supplier_id: str, delivery_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        status = client.get(f"/v1/feeds/{delivery_id}", params={"supplier_id": supplier_id})
+        assert status.status_code == 200, status.text
+        if status.json()["status"] in {"applied", "rejected", "failed"}:
+            return dict(status.json())
+        assert time.monotonic() < deadline, status.json()
+        time.sleep(0.1)
+
+
+def on_hand(server: Server, sku: str, position: int | None) -> int:
+    with server.client("test-shop", consistent=False) as shop:
+        answer = shop.get(f"/v1/availability/{sku}", params={"min_position": position or 0})
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["on_hand"])
+
+
+def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Server) -> None:
+    sku = f"UP-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"sku;quantity;observed_at\r\nA-1;14;{at}\r\nNOPE;3;{at}\r\n".encode()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=body
+        )
+        again = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=body
+        )
+        status = finished(admin, supplier_id, accepted.json()["delivery_id"])
+        letters = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
+        feed_health = admin.get("/v1/feeds/health").json()
+
+    assert accepted.status_code == 202
+    assert accepted.headers["Location"].startswith("/v1/feeds/")
+    assert again.status_code == 202
+    assert again.json() == {**accepted.json(), "duplicate": True, "status": again.json()["status"]}
+    assert (status["rows"], status["applied"], status["rejected"]) == (2, 1, 1)
+    assert on_hand(ledger, sku, status["position"]) == 14
+    assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
+    mine = [s for s in feed_health["suppliers"] if s["supplier_id"] == supplier_id]
+    assert mine[0]["last_rows"] == 2
+    assert mine[0]["consecutive_failures"] == 0
+
+
+def test_a_broken_file_is_rejected_whole_with_its_reason(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"ABC-123": f"E-{uuid.uuid4().hex[:6]}"})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds",
+            params={"format": "edi846"},
+            content=(FIXTURES / "846-truncated.edi").read_bytes(),
+        )
+        status = finished(admin, supplier_id, accepted.json()["delivery_id"])
+        unknown = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "pdf"}, content=b"x"
+        )
+    assert status["status"] == "rejected"
+    assert "bad_envelope" in status["error"] or "truncated" in status["error"]
+    assert unknown.status_code == 422
+
+
+def signed(
+    body: bytes, delivery: str, *, at: int | None = None, secret: str = SECRET
+) -> dict[str, str]:
+    timestamp = int(time.time()) if at is None else at
+    return {
+        "X-Ledger-Signature": sign(secret, timestamp, body),
+        "X-Ledger-Timestamp": str(timestamp),
+        "X-Ledger-Delivery": delivery,
+        "Content-Type": "application/json",
+    }
+
+
+def test_a_signed_webhook_is_applied_and_its_redelivery_changes_nothing(ledger: Server) -> None:
+    sku = f"WH-{uuid.uuid4().hex[:6]}"
+    observed = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    body = json.dumps(
+        {
+            "delivery_id": "wh-1",
+            "observations": [
+                {"supplier_sku": "W-1", "quantity": 21, "unit": "EA", "observed_at": observed}
+            ],
+        }
+    ).encode()
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {"W-1": sku})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        first = anyone.post(path, content=body, headers=signed(body, "wh-1"))
+        status = finished(admin, supplier_id, "wh-1")
+        redelivered = anyone.post(
+            path, content=body, headers=signed(body, "wh-1", at=int(time.time()) + 1)
+        )
+    assert first.status_code == 202
+    assert redelivered.status_code == 202
+    assert redelivered.json()["duplicate"] is True
+    assert status["applied"] == 1
+    assert on_hand(ledger, sku, status["position"]) == 21
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("unsigned", "missing_signature"),
+        ("wrong secret", "bad_signature"),
+        ("body changed", "bad_signature"),
+        ("an hour old", "expired_signature"),
+        ("no delivery id", "missing_delivery_id"),
+    ],
+)
+def test_a_webhook_whose_signature_does_not_hold_is_refused(
+    ledger: Server, tamper: str, reason: str
+) -> None:
+    body = b'{"observations": []}'
+    headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
+    if tamper == "unsigned":
+        del headers["X-Ledger-Signature"]
+    elif tamper == "wrong secret":
+        headers = signed(body, headers["X-Ledger-Delivery"], secret="not-the-secret")
+    elif tamper == "an hour old":
+        headers = signed(body, headers["X-Ledger-Delivery"], at=int(time.time()) - 3600)
+    elif tamper == "no delivery id":
+        del headers["X-Ledger-Delivery"]
+    sent = body + b" " if tamper == "body changed" else body
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        answer = anyone.post(f"/v1/suppliers/{supplier_id}/webhook", content=sent, headers=headers)
+    assert answer.status_code == 401
+    assert answer.json()["error"] == reason
+    assert f'"reason": "{reason}"' in ledger.log()
+
+
+def test_a_replayed_signed_request_is_refused(ledger: Server) -> None:
+    body = b'{"observations": []}'
+    headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        first = anyone.post(path, content=body, headers=headers)
+        replay = anyone.post(path, content=body, headers=headers)
+    assert first.status_code == 202
+    assert replay.status_code == 401
+    assert replay.json()["error"] == "replayed_signature"
+
+
+def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None:
+    sku = f"DL-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds",
+            params={"format": "csv"},
+            content=f"sku,quantity,observed_at\nLATER-1,6,{at}\n".encode(),
+        )
+        finished(admin, supplier_id, accepted.json()["delivery_id"])
+        [letter] = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()[
+            "items"
+        ]
+        admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={"mappings": [{"supplier_sku": "LATER-1", "sku": sku}]},
+        )
+        retried = admin.post(f"/v1/dead-letters/{letter['id']}/retry")
+        missing = admin.post("/v1/dead-letters/999999999/retry")
+        still_open = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
+    assert retried.status_code == 200
+    assert retried.json()["resolved"] == [letter["id"]]
+    assert still_open["items"] == []
+    assert missing.status_code == 404
+    assert on_hand(ledger, sku, retried.json()["position"]) == 6

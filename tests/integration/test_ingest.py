@@ -1,0 +1,267 @@
+"""Feeds through the normalisation pipeline, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from connectors import inbox
+from connectors.deadletters import listing, retry
+from connectors.ingest import FeedRejected, Ingestor, content_hash
+from connectors.worker import InboxWorker
+from ledger.commands import PutMappings, PutSupplier
+from ledger.mapping import MappingSpec
+from ledger.stock import StockItem
+from ledger.supplier import SupplierTerms
+from tests.integration.ledger_setup import CAUSE
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Runtime]:
+    """Projections run (the mappings view is read); the tests drive the inbox."""
+    opened = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def setup_supplier(
+    runtime: Runtime, supplier: str, skus: dict[str, str], units: int = 1, **terms: object
+) -> None:
+    at = datetime.now(UTC)
+    runtime.writer.execute(
+        PutSupplier(
+            at=at,
+            cause=CAUSE,
+            supplier_id=supplier,
+            terms=SupplierTerms(supplier, **terms),  # type: ignore[arg-type]
+        )
+    )
+    specs = [MappingSpec(s_sku, sku, units, upc=None) for s_sku, sku in skus.items()]
+    runtime.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=specs))
+
+
+def csv_body(rows: dict[str, int], at: datetime, extra: str = "") -> bytes:
+    lines = ["sku,quantity,observed_at"]
+    lines += [f"{sku},{quantity},{at.isoformat()}" for sku, quantity in rows.items()]
+    return ("\n".join(lines) + "\n" + extra).encode()
+
+
+def ingest(runtime: Runtime, supplier: str, body: bytes, fmt: str = "csv", **kwargs: object):  # type: ignore[no-untyped-def]
+    ingestor = kwargs.pop("ingestor", None) or runtime.ingestor
+    return ingestor.ingest(  # type: ignore[union-attr]
+        supplier,
+        f"d-{content_hash(body)[:12]}",
+        io.BytesIO(body),
+        fmt,
+        source="test",
+        received_at=datetime.now(UTC),
+        actor="test",
+        **kwargs,
+    )
+
+
+def stock_events(runtime: Runtime) -> int:
+    with psycopg.connect(runtime.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM inventoryledger_events WHERE topic LIKE 'stockledger:StockItem.%'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def on_hand(runtime: Runtime, sku: str) -> int:
+    item = runtime.app.repository.get(StockItem.id_for(sku))
+    return sum(position.quantity for position in item.positions.values())
+
+
+def test_only_real_changes_become_events_and_the_same_report_again_changes_nothing(
+    ledger: Runtime,
+) -> None:
+    skus = {f"S-{n}": f"SKU-{n}" for n in range(20)}
+    setup_supplier(ledger, "acme", skus)
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    first = ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 10), at))
+    events = stock_events(ledger)
+
+    again = ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 10), at + timedelta(seconds=5)))
+    changed = dict.fromkeys(skus, 10) | {"S-3": 4, "S-7": 0}
+    third = ingest(ledger, "acme", csv_body(changed, at + timedelta(seconds=9)))
+
+    assert (first.rows, first.applied, first.unchanged) == (20, 20, 0)
+    assert (again.applied, again.unchanged, again.rejected) == (0, 20, 0)
+    assert (third.applied, third.unchanged) == (2, 18)
+    assert stock_events(ledger) == events + 2
+    assert (on_hand(ledger, "SKU-3"), on_hand(ledger, "SKU-7"), on_hand(ledger, "SKU-1")) == (
+        4,
+        0,
+        10,
+    )
+
+
+def test_a_bad_record_is_refused_with_its_reason_while_the_rest_applies(ledger: Runtime) -> None:
+    setup_supplier(ledger, "acme", {"A": "SKU-A", "B": "SKU-B", "C": "SKU-C"})
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = (
+        "sku,quantity,unit,observed_at\n"
+        f"A,5,EA,{at}\n"
+        f"B,-3,EA,{at}\n"
+        f"C,lots,EA,{at}\n"
+        f"GHOST,2,EA,{at}\n"
+        f"C,7,BARREL,{at}\n"
+        f"C,6,EA,{(datetime.now(UTC) + timedelta(days=2)).isoformat()}\n"
+    ).encode()
+
+    result = ingest(ledger, "acme", body)
+
+    reasons = {r.index: r.reason.split(":")[0] for r in result.rejections}
+    assert reasons == {
+        2: "negative_quantity",
+        3: "invalid_quantity",
+        4: "unmapped_supplier_sku",
+        5: "unknown_unit",
+        6: "observed_at_in_future",
+    }
+    assert (result.rows, result.applied) == (6, 1)
+    assert on_hand(ledger, "SKU-A") == 5
+
+
+def test_cases_are_counted_in_pieces_and_naive_times_are_in_the_suppliers_zone(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(
+        ledger,
+        "berlin",
+        {"BOX": "SKU-BOX", "ONE": "SKU-ONE"},
+        units=12,
+        timezone="Europe/Berlin",
+    )
+    ledger.writer.execute(
+        PutSupplier(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="berlin",
+            terms=SupplierTerms("berlin", timezone="Europe/Berlin", connector={"units": {"PK": 6}}),
+        )
+    )
+    body = (
+        b"sku,quantity,unit,observed_at\nBOX,3,,2026-01-10T09:00:00\nONE,2,PK,2026-01-10T09:00:00\n"
+    )
+    ingest(ledger, "berlin", body)
+    box = ledger.app.repository.get(StockItem.id_for("SKU-BOX")).positions["berlin"]
+    one = ledger.app.repository.get(StockItem.id_for("SKU-ONE")).positions["berlin"]
+    assert box.quantity == 36  # three cases of twelve, by the mapping
+    assert one.quantity == 12  # two packs of six, by the supplier's unit table
+    assert box.observed_at == datetime(2026, 1, 10, 8, 0, tzinfo=UTC)
+
+
+def test_a_structurally_broken_file_changes_nothing_and_says_why(ledger: Runtime) -> None:
+    setup_supplier(ledger, "edi", {"ABC-123": "SKU-ABC", "XYZ-9": "SKU-XYZ"})
+    position = ledger.app.recorder.max_notification_id()
+    broken = (FIXTURES / "846-se-count-wrong.edi").read_bytes()
+    with pytest.raises(FeedRejected, match="SE01"):
+        ingest(ledger, "edi", broken, "edi846")
+    assert ledger.app.recorder.max_notification_id() == position
+
+    good = ingest(ledger, "edi", (FIXTURES / "846-two-items.edi").read_bytes(), "edi846")
+    assert (good.applied, on_hand(ledger, "SKU-ABC"), on_hand(ledger, "SKU-XYZ")) == (2, 120, 0)
+
+
+def test_a_late_report_in_a_file_is_recorded_as_ignored_not_applied(ledger: Runtime) -> None:
+    setup_supplier(ledger, "acme", {"A": "SKU-LATE"})
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    ingest(ledger, "acme", csv_body({"A": 9}, now))
+    late = ingest(ledger, "acme", csv_body({"A": 9}, now - timedelta(hours=1)))
+    assert (late.late, late.applied) == (1, 0)
+    assert on_hand(ledger, "SKU-LATE") == 9
+
+
+def test_a_large_delivery_is_applied_in_batches_that_add_up(ledger: Runtime) -> None:
+    skus = {f"S-{n}": f"SKU-{n}" for n in range(25)}
+    setup_supplier(ledger, "acme", skus)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=7)
+    result = ingest(
+        ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small
+    )
+    with psycopg.connect(ledger.database_url) as conn:
+        parts = conn.execute(
+            "SELECT count(*) FROM inventoryledger_events WHERE topic = %s",
+            ("stockledger:FeedDelivery.Recorded",),
+        ).fetchone()
+    assert (result.rows, result.applied) == (25, 25)
+    assert parts == (4,)
+
+
+def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "acme", {"KNOWN": "SKU-K"})
+    body = csv_body({"KNOWN": 1, "NEW-ONE": 8}, datetime.now(UTC) - timedelta(minutes=1))
+    enqueue(ledger, "acme", "first", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    [letter] = listing(ledger.store, supplier_id="acme")
+    assert (letter["reason"], letter["record"]["supplier_sku"]) == (
+        "unmapped_supplier_sku",
+        "NEW-ONE",
+    )
+
+    ledger.writer.execute(
+        PutMappings(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="acme",
+            mappings=[MappingSpec("NEW-ONE", "SKU-NEW")],
+        )
+    )
+    outcome = retry(ledger.store, ledger.ingestor, [letter["id"]], "operator")
+
+    assert outcome.resolved == [letter["id"]]
+    assert listing(ledger.store, supplier_id="acme") == []
+    assert on_hand(ledger, "SKU-NEW") == 8
+
+
+def enqueue(runtime: Runtime, supplier: str, delivery_id: str, body: bytes) -> inbox.Received:
+    with runtime.store.connection() as conn:
+        return inbox.enqueue(
+            conn,
+            supplier_id=supplier,
+            delivery_id=delivery_id,
+            source="test",
+            format="csv",
+            content_hash=content_hash(body),
+            body=body,
+        )
+
+
+def test_the_inbox_keeps_a_delivery_once_and_refuses_other_content_under_its_id(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "acme", {"A": "SKU-INBOX"})
+    body = csv_body({"A": 3}, datetime.now(UTC) - timedelta(minutes=1))
+    first = enqueue(ledger, "acme", "batch-17", body)
+    again = enqueue(ledger, "acme", "batch-17", body)
+    other = enqueue(ledger, "acme", "batch-17", body + b"A,4,\n")
+    worker = InboxWorker(ledger.ingestor, ledger.store)
+    assert worker.work_once()
+    assert not worker.work_once()
+
+    assert (first.duplicate, again.duplicate, again.clash, other.clash) == (
+        False,
+        True,
+        False,
+        True,
+    )
+    with ledger.store.connection() as conn:
+        [status] = inbox.delivery_status(conn, "batch-17")
+    assert status["status"] == "applied"
+    assert status["outcome"]["applied"] == 1
