@@ -9,6 +9,7 @@ import structlog
 from api.database import migrate, resolve_database_url
 from api.settings import Settings
 from api.sweeper import Sweeper
+from api.turns import StreamTurns
 from connectors.ingest import Ingestor
 from connectors.worker import InboxWorker
 from ledger.application import InventoryLedger
@@ -93,7 +94,8 @@ def open_runtime(
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
-    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds).start()
+    turns = StreamTurns(database_url)
+    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds, take_turns=turns).start()
     views = Views(store, app)
     runtime = Runtime(
         settings=settings,

@@ -8,10 +8,11 @@ from dataclasses import fields
 from typing import Any, ClassVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import JSONTranscoder, Recording, Transcoding
 from eventsourcing.utils import Environment
 
+from ledger.base import LedgerSnapshot
 from ledger.reservation import Line
 from ledger.stock import Position, StockItem
 from ledger.supplier import SupplierTerms
@@ -98,6 +99,24 @@ class InventoryLedger(Application[UUID]):
         if levels:
             kwargs["levels"] = levels
         return super().save(*objs, **kwargs)
+
+    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """Snapshots an aggregate whose save crossed its interval, from memory.
+
+        The library would load it again from the store, in another transaction, after
+        every save; the aggregate just saved is already at hand, so it is taken as is
+        (at most once per save), at the version it reached.
+        """
+        if self.snapshots is None:
+            return
+        crossed: dict[UUID, Any] = {}
+        for event in processing_event.events:
+            aggregate = processing_event.aggregates.get(event.originator_id)
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            if interval and event.originator_version % interval == 0:
+                crossed[event.originator_id] = aggregate
+        if crossed:
+            self.snapshots.put([LedgerSnapshot.take(a) for a in crossed.values()])
 
     def get_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Any]:
         """Loads many aggregates at once (from their latest snapshots); absent ones are left out."""

@@ -11,8 +11,10 @@ from uuid import UUID
 
 from ledger.base import Cause
 from ledger.delivery import Rejection
-from ledger.mapping import MappingSpec
-from ledger.supplier import SupplierTerms
+from ledger.mapping import MappingSpec, SkuMapping
+from ledger.reservation import Reservation
+from ledger.stock import StockItem
+from ledger.supplier import Supplier, SupplierTerms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,11 +22,18 @@ class Command:
     at: datetime
     cause: Cause
 
+    def aggregate_ids(self) -> list[UUID]:
+        """The aggregates the command will surely read, loaded with its batch in one go."""
+        return []
+
 
 @dataclass(frozen=True, kw_only=True)
 class PutSupplier(Command):
     supplier_id: str
     terms: SupplierTerms
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [Supplier.id_for(self.supplier_id)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,11 +41,21 @@ class PutMappings(Command):
     supplier_id: str
     mappings: list[MappingSpec]
 
+    def aggregate_ids(self) -> list[UUID]:
+        return [
+            Supplier.id_for(self.supplier_id),
+            *(SkuMapping.id_for(self.supplier_id, m.supplier_sku) for m in self.mappings),
+            *(StockItem.id_for(m.sku) for m in self.mappings),
+        ]
+
 
 @dataclass(frozen=True, kw_only=True)
 class PutSku(Command):
     sku: str
     safety_stock: int
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [StockItem.id_for(self.sku)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +101,12 @@ class Reserve(Command):
     ttl_seconds: int | None
     default_ttl_seconds: int
 
+    def aggregate_ids(self) -> list[UUID]:
+        return [
+            Reservation.id_for(self.client, self.idempotency_key),
+            *(StockItem.id_for(sku) for sku, _ in self.lines),
+        ]
+
     @property
     def fingerprint(self) -> str:
         """What makes two requests with one idempotency key the same request."""
@@ -101,11 +126,17 @@ class Reserve(Command):
 class Confirm(Command):
     reservation_id: UUID
 
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
+
 
 @dataclass(frozen=True, kw_only=True)
 class Release(Command):
     reservation_id: UUID
     note: str | None = None
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +144,9 @@ class Fulfil(Command):
     reservation_id: UUID
     lines: list[tuple[str, int, str | None]]
     request_key: str | None = None
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,10 +156,16 @@ class Return(Command):
     restock: bool
     request_key: str | None = None
 
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ExpireHolds(Command):
     reservation_ids: list[UUID]
+
+    def aggregate_ids(self) -> list[UUID]:
+        return list(self.reservation_ids)
 
 
 @dataclass(frozen=True, kw_only=True)

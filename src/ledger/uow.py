@@ -50,6 +50,18 @@ class UnitOfWork:
     def add(self, aggregate: LedgerAggregate) -> None:
         self._aggregates[aggregate.id] = aggregate
 
+    def loaded_ids(self) -> list[UUID]:
+        """The existing aggregates this unit of work read."""
+        return [i for i, a in self._aggregates.items() if a is not None]
+
+    def pending_counts(self) -> dict[UUID, int]:
+        """How many new events each changed aggregate holds: a command's footprint."""
+        return {
+            i: len(a.pending_events)
+            for i, a in self._aggregates.items()
+            if a is not None and a.pending_events
+        }
+
     def changed(self) -> list[LedgerAggregate]:
         return [a for a in self._aggregates.values() if a is not None and a.pending_events]
 

@@ -1,26 +1,35 @@
-"""The ledger writer: the only code that saves to the event store.
+"""The ledger writer: the only code that saves to the event store, a batch at a time.
 
-Handlers run on the writer's own thread, one command at a time, and each command's
-changes go into one atomic save. A version conflict (another process wrote the
-same stream first) reloads and re-runs the command. Callers on other threads get
-their command's own outcome through a future; the queue in between is the seam
-where commands can later be coalesced into shared saves.
+Callers on any thread submit commands and wait for their own outcome. The writer's
+thread takes whatever gathered while its previous save ran (group commit): it loads
+every aggregate the batch names in one round trip, runs the handlers in arrival order
+on one unit of work (so commands on the same SKU see each other), and saves all their
+changes in one transaction. Each command gets its own outcome: one the domain refuses
+changes nothing and is answered alone. A version conflict (another process wrote one
+of the streams first) runs the batch again on fresh state, a bounded number of times;
+optimistic concurrency on the streams is what makes overselling impossible across
+processes.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
+import random
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from ledger.application import InventoryLedger
 from ledger.commands import Command
-from ledger.errors import ContentionTooHigh
+from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
 from ledger.uow import UnitOfWork
 
@@ -35,7 +44,7 @@ class Outcome(Generic[T]):
     position: int | None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     command: Command
     future: Future[Outcome[Any]]
@@ -47,14 +56,24 @@ class WriterStopped(RuntimeError):
 
 class LedgerWriter:
     def __init__(
-        self, app: InventoryLedger, *, max_attempts: int = 20, timeout: float | None = 30.0
+        self,
+        app: InventoryLedger,
+        *,
+        max_attempts: int = 20,
+        timeout: float | None = 30.0,
+        max_batch: int = 500,
+        take_turns: Callable[[list[UUID]], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.app = app
+        self.take_turns = take_turns
         self.max_attempts = max_attempts
         self.timeout = timeout
+        self.max_batch = max_batch
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.batches = 0
+        self.commands = 0
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -94,13 +113,30 @@ class LedgerWriter:
         self._jobs.put(_Job(command, future))
         return future
 
+    def apply(self, command: Command) -> Outcome[Any]:
+        """Runs one command to completion on the calling thread (no other thread may write)."""
+        future: Future[Outcome[Any]] = Future()
+        self._run_batch([_Job(command, future)])
+        return future.result(0)
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job.future.set_running_or_notify_cancel():
+            batch = [job]
+            while len(batch) < self.max_batch:
                 try:
-                    job.future.set_result(self.apply(job.command))
-                except BaseException as error:  # the caller decides what an error means
-                    job.future.set_exception(error)
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            try:
+                self._run_batch(batch)
+            except BaseException as error:  # never lose a caller: answer everyone left
+                for left in batch:
+                    if not left.future.done():
+                        left.future.set_exception(error)
         self._fail_leftovers()
 
     def _fail_leftovers(self) -> None:
@@ -112,28 +148,81 @@ class LedgerWriter:
             if job is not None:
                 job.future.set_exception(WriterStopped("the ledger writer stopped"))
 
-    def apply(self, command: Command) -> Outcome[Any]:
-        """Runs one command to completion on the calling thread."""
-        handler = handler_for(command)
-        retrying = Retrying(
-            retry=retry_if_exception_type(IntegrityError),
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait_random_exponential(multiplier=0.001, max=0.05),
-            reraise=True,
+    # Batches ----------------------------------------------------------------
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        pending = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        for attempt in range(self.max_attempts):
+            if not pending:
+                return
+            if attempt:
+                # Full jitter, so that two writers that collided do not collide again.
+                time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
+            # Writers in other processes take turns on the streams a batch names, so that
+            # they queue instead of racing (racing writers mostly redo each other's work);
+            # optimistic concurrency still guards every stream, named or not.
+            streams = sorted({i for job in pending for i in job.command.aggregate_ids()})
+            turns = self.take_turns(streams) if self.take_turns is not None else nullcontext()
+            with turns:
+                done = self._attempt(pending)
+            if done is None:
+                return
+            pending = done
+        error = ContentionTooHigh(
+            f"gave up after {self.max_attempts} optimistic-concurrency conflicts"
         )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    unit = UnitOfWork(self.app.repository.get, self.app.get_many)
-                    value = handler(unit, command)
-                    changed = unit.changed()
-                    if not changed:
-                        return Outcome(value, None)
-                    recordings = self.app.save(*changed)
-                    position = max(r.notification.id for r in recordings)
-                    return Outcome(value, position)
-        except IntegrityError as conflict:
-            raise ContentionTooHigh(
-                f"gave up after {self.max_attempts} optimistic-concurrency conflicts"
-            ) from conflict
-        raise AssertionError("unreachable")  # pragma: no cover
+        for job in pending:
+            job.future.set_exception(error)
+
+    def _attempt(self, pending: list[_Job]) -> list[_Job] | None:
+        """One try at the batch: None when every command was answered, else those left."""
+        unit = UnitOfWork(self.app.repository.get, self.app.get_many)
+        unit.preload(i for job in pending for i in job.command.aggregate_ids())
+        answers, spoiled = self._decide(unit, pending)
+        if spoiled:
+            # A command failed after changing aggregates; it keeps its error, the
+            # others run again on a unit of work it never touched.
+            for job in spoiled:
+                job.future.set_exception(spoiled[job])
+            return [job for job in pending if job not in spoiled]
+        changed = unit.changed()
+        position = None
+        if changed:
+            try:
+                recordings = self.app.save(*changed)
+            except IntegrityError:
+                return pending  # another process wrote first: decide again on fresh state
+            position = max(r.notification.id for r in recordings)
+        self.batches += 1
+        self.commands += len(pending)
+        for job in pending:
+            value, error = answers[job]
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(Outcome(value, position))
+        return None
+
+    def _decide(
+        self, unit: UnitOfWork, jobs: list[_Job]
+    ) -> tuple[dict[_Job, tuple[Any, BaseException | None]], dict[_Job, BaseException]]:
+        """Runs each handler in turn; returns each answer, and the commands that failed
+        after changing something (their changes cannot be taken back)."""
+        answers: dict[_Job, tuple[Any, BaseException | None]] = {}
+        spoiled: dict[_Job, BaseException] = {}
+        for job in jobs:
+            before = unit.pending_counts()
+            try:
+                value = handler_for(job.command)(unit, job.command)
+            except LedgerError as refused:
+                answers[job] = (None, refused)
+                if unit.pending_counts() != before:
+                    spoiled[job] = refused
+            except Exception as error:  # a bug: the caller hears of it, the batch goes on
+                answers[job] = (None, error)
+                if unit.pending_counts() != before:
+                    spoiled[job] = error
+            else:
+                # Answers are read on other threads; the aggregates stay the writer's.
+                answers[job] = (copy.deepcopy(value), None)
+        return answers, spoiled

@@ -91,7 +91,14 @@ class ViewStore:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
+        """A transaction on derived data, committed without waiting for the disk.
+
+        Views and their positions commit together, so a commit lost in a crash loses
+        both and the runner applies those events again: exactly once still holds. The
+        event log itself is written by the ledger's recorder, which always waits.
+        """
         with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
 

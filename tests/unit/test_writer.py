@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from ledger.application import InventoryLedger
 from ledger.base import Cause
-from ledger.commands import Command, PutSupplier, Reserve
-from ledger.errors import UnknownSku
+from ledger.commands import Observation, PutSku, PutSupplier, ReportStock, Reserve
+from ledger.errors import InsufficientStock, UnknownSku
 from ledger.queries import LedgerQueries
 from ledger.supplier import SupplierTerms
-from ledger.writer import LedgerWriter, Outcome
+from ledger.writer import LedgerWriter, _Job
 
 CAUSE = Cause("test", "test", "test")
 
@@ -32,14 +34,14 @@ def put_supplier(supplier_id: str) -> PutSupplier:
 def test_a_command_whose_caller_gave_up_while_it_waited_is_never_applied() -> None:
     writer = in_memory_writer(timeout=0.2)
     gate = threading.Event()
-    apply = writer.apply
+    run_batch = writer._run_batch
 
-    def held_up(command: Command) -> Outcome[object]:
-        if isinstance(command, PutSupplier) and command.supplier_id == "first":
+    def held_up(jobs: list[Any]) -> None:
+        if any(getattr(job.command, "supplier_id", None) == "first" for job in jobs):
             gate.wait(5)
-        return apply(command)
+        run_batch(jobs)
 
-    writer.apply = held_up  # type: ignore[method-assign]
+    writer._run_batch = held_up  # type: ignore[method-assign]
     writer.start()
     try:
         first = writer.submit(put_supplier("first"))
@@ -77,3 +79,92 @@ def test_a_refused_command_is_its_callers_error_and_the_writer_carries_on() -> N
         assert writer.alive
     finally:
         writer.stop()
+
+
+def test_commands_that_arrive_together_are_saved_together_each_with_its_own_answer() -> None:
+    writer = in_memory_writer()
+    gate = threading.Event()
+    run_batch = writer._run_batch
+    sizes: list[int] = []
+
+    def counted(jobs: list[Any]) -> None:
+        gate.wait(5)
+        sizes.append(len(jobs))
+        run_batch(jobs)
+
+    writer._run_batch = counted  # type: ignore[method-assign]
+    writer.start()
+    try:
+        futures = [writer.submit(put_supplier(f"s{n}")) for n in range(30)]
+        refused = writer.submit(
+            Reserve(
+                at=datetime.now(UTC),
+                cause=CAUSE,
+                client="oms",
+                idempotency_key="k",
+                order_id="o",
+                lines=[("NOPE", 1)],
+                ttl_seconds=None,
+                default_ttl_seconds=60,
+            )
+        )
+        gate.set()
+        outcomes = [future.result(5) for future in futures]
+        with pytest.raises(UnknownSku):
+            refused.result(5)
+    finally:
+        writer.stop()
+    assert sum(sizes) == 31
+    assert len(sizes) <= 2  # the first alone, perhaps, then everything that waited
+    assert len({outcome.position for outcome in outcomes[1:]}) == 1
+    assert all(outcome.value.created == 1 for outcome in outcomes)
+    assert LedgerQueries(writer.app).supplier("s29") is not None
+
+
+def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
+    writer = in_memory_writer()
+    at = datetime.now(UTC)
+    writer.apply(put_supplier("acme"))
+    writer.apply(PutSku(at=at, cause=CAUSE, sku="EMPTY", safety_stock=0))
+    writer.apply(
+        ReportStock(
+            at=at,
+            cause=CAUSE,
+            supplier_id="acme",
+            delivery_id="d",
+            content_hash="h",
+            source="test",
+            rows=1,
+            observations=[Observation(index=0, sku="EMPTY", quantity=0, observed_at=at)],
+        )
+    )
+    attempts: list[int] = []
+    attempt = writer._attempt
+
+    def counted(jobs: list[Any]) -> Any:
+        attempts.append(len(jobs))
+        return attempt(jobs)
+
+    writer._attempt = counted  # type: ignore[method-assign]
+    short = [
+        Reserve(
+            at=at,
+            cause=CAUSE,
+            client="oms",
+            idempotency_key=f"k{n}",
+            order_id="o",
+            lines=[("EMPTY", 1)],
+            ttl_seconds=None,
+            default_ttl_seconds=60,
+        )
+        for n in range(5)
+    ]
+    batch = [_Job(command, Future()) for command in [*short, put_supplier("other")]]
+    writer._run_batch(batch)
+
+    # Each refusal read the supplier for the first time, and changed nothing.
+    assert attempts == [6]
+    for job in batch[:5]:
+        with pytest.raises(InsufficientStock):
+            job.future.result(0)
+    assert batch[5].future.result(0).value.created == 1

@@ -22,7 +22,12 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(runtime: RuntimeDep) -> JSONResponse:
     """The database answers and the writer runs: the service can take commands."""
-    checks: dict[str, Any] = {"writer": runtime.writer.alive}
+    writer = runtime.writer
+    checks: dict[str, Any] = {
+        "writer": writer.alive,
+        "writer_batches": writer.batches,
+        "writer_commands": writer.commands,
+    }
     try:
         # One try, no retries: a probe must answer quickly, and truthfully.
         recorder = runtime.app.recorder

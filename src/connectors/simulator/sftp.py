@@ -1,0 +1,150 @@
+"""An SFTP server (asyncssh) over one folder, for suppliers whose feeds the ledger pulls.
+
+It listens on 127.0.0.1 with a password login and a fresh Ed25519 host key, and runs
+its own event loop in a background thread, so synchronous code starts and stops it.
+Clients see the folder as "/" and may read, write, rename and delete in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import Coroutine
+from hmac import compare_digest
+from pathlib import Path
+from typing import TypeVar
+
+import asyncssh
+
+T = TypeVar("T")
+
+HOST = "127.0.0.1"
+WAIT_SECONDS = 10.0
+
+
+class SftpSupplier:
+    """An SFTP server over `root`; `start()` it, or use it as a context manager."""
+
+    def __init__(self, root: str | Path, *, username: str, password: str, port: int = 0) -> None:
+        self.root = Path(root)
+        self.username = username
+        self.password = password
+        self.host = HOST
+        self._requested_port = port
+        self._host_key = asyncssh.generate_private_key("ssh-ed25519")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._connections: set[asyncssh.SSHServerConnection] = set()
+
+    @property
+    def port(self) -> int:
+        if self._acceptor is None:
+            raise RuntimeError("the server is not running")
+        return self._acceptor.get_port()
+
+    @property
+    def host_key(self) -> str:
+        """The server's public host key, OpenSSH format ("ssh-ed25519 AAAA…")."""
+        return self._host_key.export_public_key().decode().strip()
+
+    @property
+    def known_hosts(self) -> str:
+        """A known_hosts line for this server, e.g. for `asyncssh.import_known_hosts`."""
+        return f"[{self.host}]:{self.port} {self.host_key}"
+
+    def start(self) -> SftpSupplier:
+        if self._loop is not None:
+            raise RuntimeError("the server is already running")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no folder {self.root}")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="simulator-sftp", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._acceptor = self._run(self._listen())
+        except BaseException:
+            self._stop_loop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every open session, then the event loop."""
+        if self._loop is None:
+            return
+        if self._acceptor is not None:
+            self._run(self._close(self._acceptor))
+            self._acceptor = None
+        self._stop_loop()
+
+    def __enter__(self) -> SftpSupplier:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    async def _listen(self) -> asyncssh.SSHAcceptor:
+        return await asyncssh.listen(
+            self.host,
+            self._requested_port,
+            server_host_keys=[self._host_key],
+            server_factory=functools.partial(
+                _PasswordServer, self._connections, self.username, self.password
+            ),
+            sftp_factory=functools.partial(asyncssh.SFTPServer, chroot=os.fsencode(self.root)),
+            allow_scp=False,
+        )
+
+    async def _close(self, acceptor: asyncssh.SSHAcceptor) -> None:
+        acceptor.close()
+        for connection in list(self._connections):
+            connection.close()
+            await connection.wait_closed()
+        await acceptor.wait_closed()
+
+    def _run(self, coroutine: Coroutine[object, object, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(WAIT_SECONDS)
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT_SECONDS)
+        loop.close()
+        self._loop = self._thread = None
+
+
+class _PasswordServer(asyncssh.SSHServer):
+    """One connection's login: the supplier's user name and password, nothing else."""
+
+    def __init__(
+        self, connections: set[asyncssh.SSHServerConnection], username: str, password: str
+    ) -> None:
+        self._connections = connections
+        self._username = username.encode()
+        self._password = password.encode()
+        self._connection: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._connection = conn
+        self._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._connection is not None:
+            self._connections.discard(self._connection)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # every user must authenticate
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        user_matches = compare_digest(username.encode(), self._username)
+        return compare_digest(password.encode(), self._password) and user_matches
