@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import projections, reservations
+from bench import ingest, projections, reservations
 from bench.harness import postgres
 
 RESULTS = Path(__file__).with_name("results")
-WORKLOADS = ("reservations", "projections")
+WORKLOADS = ("reservations", "ingest", "projections")
 DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
+    "ingest": ingest.describe,
     "reservations": reservations.describe,
     "projections": projections.describe,
 }
@@ -69,6 +70,8 @@ def main() -> None:
                 {"bench": "reservations", **row}
                 for row in reservations.run(server_url, seconds=seconds)
             ]
+        if "ingest" in chosen:
+            rows += [{"bench": "ingest", **row} for row in ingest.run(server_url)]
         if "projections" in chosen:
             rows += [
                 {"bench": "projections", **row}

@@ -44,7 +44,7 @@ MAX_REJECTIONS_IN_EVENT = 1000
 STAGING = """
 CREATE TEMPORARY TABLE feed_staging (
     position integer NOT NULL, supplier_sku text, upc text, quantity bigint NOT NULL,
-    factor integer, observed_at timestamptz NOT NULL
+    factor integer, unit text, observed_at timestamptz NOT NULL
 ) ON COMMIT DROP
 """
 
@@ -54,6 +54,7 @@ CREATE TEMPORARY TABLE feed_staging (
 CHANGES = """
 WITH resolved AS (
     SELECT DISTINCT ON (s.position) s.position, s.supplier_sku, s.upc, s.observed_at,
+           s.unit, s.quantity AS reported,
            m.sku, s.quantity * coalesce(s.factor, m.units_per_supplier_unit, 1) AS quantity
     FROM feed_staging s
     LEFT JOIN view_mappings m ON m.supplier_id = %(supplier)s AND (
@@ -62,7 +63,8 @@ WITH resolved AS (
 ), counted AS (
     SELECT r.*, count(*) OVER (PARTITION BY r.sku) AS per_sku FROM resolved r
 )
-SELECT c.position, c.supplier_sku, c.upc, c.sku, c.quantity, c.observed_at
+SELECT c.position, c.supplier_sku, c.upc, c.sku, c.quantity, c.observed_at, c.unit,
+       c.reported
 FROM counted c
 LEFT JOIN inventoryledger_levels l ON l.supplier_id = %(supplier)s AND l.sku = c.sku
 WHERE c.sku IS NULL
@@ -210,7 +212,7 @@ class Ingestor:
         head = self.writer.app.recorder.max_notification_id() or 0
         self.views.wait_for("mappings", head, self.mapping_wait_seconds)
         with self.store.transaction() as conn:
-            staged, fields = self._stage(
+            staged = self._stage(
                 conn, records, FeedRules.of(terms), received_at, now, result, progress
             )
             changes = conn.execute(
@@ -220,9 +222,15 @@ class Ingestor:
         for row in changes:
             if row["sku"] is None:
                 reason = "unmapped_supplier_sku" if row["supplier_sku"] else "unmapped_upc"
-                result.rejections.append(
-                    Rejection(row["position"], reason, fields[row["position"]])
-                )
+                fields = {
+                    "supplier_sku": row["supplier_sku"],
+                    "upc": row["upc"],
+                    "quantity": row["reported"],
+                    "unit": row["unit"],
+                    "observed_at": row["observed_at"].isoformat(),
+                }
+                letter = {"fields": fields, "raw": fields}
+                result.rejections.append(Rejection(row["position"], reason, letter))
             else:
                 observations.append(
                     Observation(
@@ -249,17 +257,16 @@ class Ingestor:
         now: datetime,
         result: IngestResult,
         progress: Callable[[int], None] | None,
-    ) -> tuple[int, dict[int, dict[str, Any]]]:
-        """Streams the valid records into the staging table; returns how many, and their
-        fields (kept for records that may yet be refused)."""
+    ) -> int:
+        """Streams the valid records into the staging table; returns how many."""
         conn.execute(STAGING)
         staged = 0
-        fields: dict[int, dict[str, Any]] = {}
         try:
             with (
                 conn.cursor() as cursor,
                 cursor.copy(
-                    "COPY feed_staging (position, supplier_sku, upc, quantity, factor, observed_at)"
+                    "COPY feed_staging"
+                    " (position, supplier_sku, upc, quantity, factor, unit, observed_at)"
                     " FROM STDIN"
                 ) as copy,
             ):
@@ -276,14 +283,13 @@ class Ingestor:
                     if isinstance(outcome, str):
                         result.rejections.append(Rejection(item.position, outcome, _letter(item)))
                         continue
-                    copy.write_row(_row(outcome))
-                    fields[item.position] = _letter(item)
+                    copy.write_row(_row(outcome, item.unit))
                     staged += 1
         except FeedError as broken:
             raise FeedRejected(broken.reason) from broken
         if progress is not None:
             progress(result.rows)
-        return staged, fields
+        return staged
 
     def _send(
         self,
@@ -325,13 +331,14 @@ class Ingestor:
                 result.position = max(result.position or 0, outcome.position)
 
 
-def _row(staged: Staged) -> tuple[Any, ...]:
+def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
     return (
         staged.position,
         staged.supplier_sku,
         staged.upc,
         staged.quantity,
         staged.factor,
+        unit,
         staged.observed_at,
     )
 

@@ -13,7 +13,7 @@ the delivery was received. Reports more than five minutes in the future are refu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -34,6 +34,25 @@ class FeedRules:
     units: dict[str, int]
     max_quantity: int
     max_age: timedelta | None
+    _utc: dict[datetime, datetime | None] = field(default_factory=dict, compare=False)
+
+    def in_utc(self, moment: datetime) -> datetime | None:
+        """The moment in UTC (a naive one is in the supplier's zone); None if out of range.
+
+        Remembered per distinct moment: a feed usually stamps all its rows with one.
+        """
+        try:
+            return self._utc[moment]
+        except KeyError:
+            pass
+        local = moment if moment.tzinfo is not None else moment.replace(tzinfo=self.zone)
+        try:
+            converted: datetime | None = local.astimezone(UTC)
+        except (OverflowError, ValueError):
+            converted = None
+        if len(self._utc) < 10_000:
+            self._utc[moment] = converted
+        return converted
 
     @classmethod
     def of(cls, terms: SupplierTerms) -> FeedRules:
@@ -81,12 +100,8 @@ def normalise(
             return f"unknown_unit: {record.unit!r}"
     if quantity * (factor or 1) > rules.max_quantity:
         return "quantity_out_of_range"
-    observed_at = record.observed_at or received_at
-    if observed_at.tzinfo is None:
-        observed_at = observed_at.replace(tzinfo=rules.zone)
-    try:
-        observed_at = observed_at.astimezone(UTC)
-    except (OverflowError, ValueError):
+    observed_at = rules.in_utc(record.observed_at or received_at)
+    if observed_at is None:
         return "observed_at_out_of_range"
     if observed_at > now + CLOCK_SKEW:
         return "observed_at_in_future"

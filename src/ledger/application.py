@@ -12,7 +12,7 @@ from eventsourcing.application import AggregateNotFoundError, Application, Proce
 from eventsourcing.persistence import JSONTranscoder, Recording, Transcoding
 from eventsourcing.utils import Environment
 
-from ledger.base import LedgerSnapshot
+from ledger.base import LedgerAggregate, LedgerSnapshot
 from ledger.reservation import Line
 from ledger.stock import Position, StockItem
 from ledger.supplier import SupplierTerms
@@ -98,7 +98,19 @@ class InventoryLedger(Application[UUID]):
         levels = [row for obj in objs if isinstance(obj, StockItem) for row in obj.level_rows()]
         if levels:
             kwargs["levels"] = levels
-        return super().save(*objs, **kwargs)
+        if not all(isinstance(obj, LedgerAggregate) for obj in objs):
+            return super().save(*objs, **kwargs)
+        # The library's own steps, without its runtime Protocol checks (~11 us an
+        # aggregate, a fifth of a large save): these are aggregates of known classes.
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent()
+        for aggregate in objs:
+            processing_event.events.extend(aggregate.collect_events())
+            processing_event.aggregates[aggregate.id] = aggregate
+        processing_event.saved_kwargs.update(kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        return recordings
 
     def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
         """Snapshots an aggregate whose save crossed its interval, from memory.

@@ -26,6 +26,11 @@ class Command:
         """The aggregates the command will surely read, loaded with its batch in one go."""
         return []
 
+    def shared_ids(self) -> list[UUID]:
+        """The streams many writers change at once (a SKU being ordered): writers in other
+        processes take turns on them rather than race."""
+        return []
+
 
 @dataclass(frozen=True, kw_only=True)
 class PutSupplier(Command):
@@ -102,10 +107,10 @@ class Reserve(Command):
     default_ttl_seconds: int
 
     def aggregate_ids(self) -> list[UUID]:
-        return [
-            Reservation.id_for(self.client, self.idempotency_key),
-            *(StockItem.id_for(sku) for sku, _ in self.lines),
-        ]
+        return [Reservation.id_for(self.client, self.idempotency_key), *self.shared_ids()]
+
+    def shared_ids(self) -> list[UUID]:
+        return [StockItem.id_for(sku) for sku, _ in self.lines]
 
     @property
     def fingerprint(self) -> str:

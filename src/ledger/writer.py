@@ -35,6 +35,9 @@ from ledger.uow import UnitOfWork
 
 T = TypeVar("T")
 
+# A batch naming more shared streams than this races for them instead of queueing.
+MAX_TURNS = 64
+
 
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
@@ -161,8 +164,12 @@ class LedgerWriter:
             # Writers in other processes take turns on the streams a batch names, so that
             # they queue instead of racing (racing writers mostly redo each other's work);
             # optimistic concurrency still guards every stream, named or not.
-            streams = sorted({i for job in pending for i in job.command.aggregate_ids()})
-            turns = self.take_turns(streams) if self.take_turns is not None else nullcontext()
+            streams = sorted({i for job in pending for i in job.command.shared_ids()})
+            turns = (
+                self.take_turns(streams)
+                if self.take_turns is not None and 0 < len(streams) <= MAX_TURNS
+                else nullcontext()
+            )
             with turns:
                 done = self._attempt(pending)
             if done is None:

@@ -190,6 +190,8 @@ class ValueFormat:
 
     def quantity(self, value: object) -> int | None:
         """A whole quantity: `12`, ` 1,200 ` (with a thousands separator), `12.0`; not `12.5`."""
+        if isinstance(value, str) and value.isdigit() and value.isascii():
+            return int(value)  # the common case, first
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -220,12 +222,18 @@ class ValueFormat:
             if isinstance(value, str):
                 if self.timestamp_format:
                     return datetime.strptime(value.strip(), self.timestamp_format)
-                return datetime.fromisoformat(value.strip())
+                return _iso_time(value.strip())
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return datetime.fromtimestamp(value, UTC)
         except (ValueError, OverflowError, OSError):
             pass
         raise Unreadable(f"invalid_observed_at: {shown(value)}")
+
+
+@lru_cache(maxsize=4096)
+def _iso_time(value: str) -> datetime:
+    # A feed usually stamps every row with one time: parse each distinct string once.
+    return datetime.fromisoformat(value)
 
 
 def text(field: str, value: object) -> str | None:

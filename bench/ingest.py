@@ -1,0 +1,194 @@
+"""Feed ingest: a large CSV for one supplier, then the same with 5% of quantities changed.
+
+The ledger reads each file through its connector pipeline (parse, normalise, diff against
+the current levels, apply the changes through the writer). The baseline, in the same
+run, is what a ledger-less service would do: COPY the file into a staging table and
+upsert the changed rows with one SQL statement.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from api.logs import configure_logging
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from bench.harness import fresh_database
+from connectors.simulator import Catalogue, write_csv
+from ledger.base import Cause
+from ledger.mapping import MappingSpec, SkuMapping
+from ledger.stock import StockItem
+from ledger.supplier import Supplier, SupplierTerms
+
+DEFAULT_ROWS = 1_000_000
+CHANGED = 0.05
+SUPPLIER = "bulk"
+CAUSE = Cause("bench", "bench.setup", "bench")
+
+
+def rows_setting() -> int:
+    return int(os.environ.get("BENCH_INGEST_ROWS", DEFAULT_ROWS))
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _ledger(database_url: str) -> Iterator[Runtime]:
+    settings = Settings(database_url=database_url, log_level="WARNING")
+    configure_logging(settings)
+    runtime = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def setup(runtime: Runtime, catalogue: Catalogue, at: datetime) -> float:
+    """The supplier, and one mapping (and SKU) per catalogue item, saved in large batches."""
+    started = time.perf_counter()
+    terms = SupplierTerms(SUPPLIER, connector={"units": {"CS": 12}})
+    runtime.app.save(Supplier.register(SUPPLIER, terms, at, CAUSE))
+    batch: list[Any] = []
+    for item in catalogue.items():
+        spec = MappingSpec(item.supplier_sku, f"B-{item.supplier_sku}", 1, item.upc)
+        batch.append(SkuMapping.map(SUPPLIER, spec, at, CAUSE))
+        batch.append(StockItem.register(spec.sku, at, CAUSE))
+        if len(batch) >= 10_000:
+            runtime.app.save(*batch)
+            batch = []
+    if batch:
+        runtime.app.save(*batch)
+    head = runtime.app.recorder.max_notification_id() or 0
+    runtime.views.wait_for("mappings", head, timeout=3600)
+    return time.perf_counter() - started
+
+
+def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]:
+    before = runtime.app.recorder.max_notification_id() or 0
+    started = time.perf_counter()
+    result = runtime.ingestor.ingest(
+        SUPPLIER,
+        f"bench-v{version}",
+        io.BytesIO(body),
+        "csv",
+        source="bench",
+        received_at=datetime.now(UTC),
+        actor="bench",
+    )
+    seconds = time.perf_counter() - started
+    after = runtime.app.recorder.max_notification_id() or 0
+    return {
+        "seconds": seconds,
+        "rows": result.rows,
+        "rows_per_second": result.rows / seconds,
+        "applied": result.applied,
+        "unchanged": result.unchanged,
+        "rejected": result.rejected,
+        "events_appended": after - before,
+    }
+
+
+BASELINE_SETUP = """
+CREATE TABLE baseline_levels (supplier_sku text PRIMARY KEY, quantity bigint NOT NULL,
+                              observed_at timestamptz NOT NULL)
+"""
+BASELINE_DIFF = """
+WITH changed AS (
+    INSERT INTO baseline_levels AS b (supplier_sku, quantity, observed_at)
+    SELECT supplier_sku, quantity * CASE unit WHEN 'CS' THEN 12 ELSE 1 END, observed_at
+    FROM baseline_staging
+    ON CONFLICT (supplier_sku) DO UPDATE
+        SET quantity = excluded.quantity, observed_at = excluded.observed_at
+        WHERE b.quantity <> excluded.quantity
+    RETURNING 1
+) SELECT count(*) AS changed FROM changed
+"""
+
+
+def baseline_ingest(database_url: str, body: bytes) -> dict[str, Any]:
+    started = time.perf_counter()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "CREATE TEMPORARY TABLE baseline_staging (supplier_sku text, upc text,"
+            " quantity bigint, unit text, observed_at timestamptz) ON COMMIT DROP"
+        )
+        with (
+            conn.cursor() as cursor,
+            cursor.copy("COPY baseline_staging FROM STDIN WITH (FORMAT csv, HEADER true)") as copy,
+        ):
+            for start in range(0, len(body), 1 << 20):
+                copy.write(body[start : start + (1 << 20)])
+        row = conn.execute(BASELINE_DIFF).fetchone()
+    seconds = time.perf_counter() - started
+    rows = body.count(b"\n") - 1
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "rows_per_second": rows / seconds,
+        "changed": row[0] if row else 0,
+    }
+
+
+def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
+    size = rows or rows_setting()
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    catalogue = Catalogue(size, seed=7, observed_at=at)
+    results = []
+    with fresh_database(server_url) as database_url, _ledger(database_url) as runtime:
+        say(f"ingest: {size:,} mappings and SKUs...")
+        setup_seconds = setup(runtime, catalogue, at)
+        say(f"ingest: set up in {setup_seconds:.0f} s (not a measured figure)")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(BASELINE_SETUP)
+            conn.execute("VACUUM (ANALYZE)")
+        for version, label in (
+            (1, "first delivery (every row new)"),
+            (2, f"{CHANGED:.0%} of quantities changed"),
+        ):
+            if version == 2:
+                catalogue.advance(CHANGED, at + timedelta(minutes=10))
+            buffer = io.BytesIO()
+            write_csv(catalogue.items(), buffer)
+            body = buffer.getvalue()
+            baseline = baseline_ingest(database_url, body)
+            ledger = ledger_ingest(runtime, body, version)
+            say(
+                f"ingest v{version}: ledger {ledger['seconds']:.1f} s, baseline "
+                f"{baseline['seconds']:.1f} s, {ledger['events_appended']:,} events"
+            )
+            results.append(
+                {
+                    "kind": "ingest",
+                    "workload": f"feed ingest, {size:,}-row CSV, {label}",
+                    "ledger": ledger,
+                    "baseline": baseline,
+                    "ratio": ledger["rows_per_second"] / baseline["rows_per_second"],
+                    "target_seconds": 10 if version == 2 else None,
+                    "setup_seconds": setup_seconds,
+                }
+            )
+    return results
+
+
+def describe(row: dict[str, Any]) -> str:
+    ledger, baseline = row["ledger"], row["baseline"]
+    target = f"; target ≤ {row['target_seconds']} s" if row.get("target_seconds") else ""
+    return (
+        f"| {row['workload']} | {ledger['rows_per_second']:,.0f} rows/s"
+        f" ({ledger['seconds']:.1f} s, {ledger['applied']:,} changed,"
+        f" {ledger['events_appended']:,} events{target}) |"
+        f" COPY + SQL diff: {baseline['rows_per_second']:,.0f} rows/s"
+        f" ({baseline['seconds']:.1f} s, {baseline['changed']:,} changed) |"
+        f" {row['ratio']:.2f}x |"
+    )
