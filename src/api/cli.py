@@ -50,7 +50,7 @@ def serve(
     demo: Annotated[bool, typer.Option(help="seed the demo catalogue and demo keys")] = False,
 ) -> None:
     """Runs the HTTP API. Workers share nothing but PostgreSQL."""
-    from api.demo import DEMO_KEYS, demo_settings_banner, seed_demo
+    from api.demo import DEMO_KEYS, LiveSuppliers, demo_settings_banner, seed_demo
 
     if demo and not os.environ.get("LEDGER_API_KEYS"):
         os.environ["LEDGER_API_KEYS"] = DEMO_KEYS
@@ -66,14 +66,19 @@ def serve(
     # Uvicorn re-raises SIGTERM once it has shut down; as SystemExit it unwinds through
     # the `finally` below, which stops the embedded database this command started.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    live = None
     try:
         migrate(settings, database_url)
         if demo:
-            runtime = open_runtime(Settings(), migrate_first=False, sweep=False)
+            live = LiveSuppliers(settings.data_dir.resolve() / "demo").start()
+            runtime = open_runtime(
+                Settings(), migrate_first=False, sweep=False, project=False, connect=False
+            )
             try:
-                seed_demo(runtime.writer)
+                seed_demo(runtime.writer, live)
             finally:
                 runtime.close()
+            live.feed(f"http://{host}:{port}")
             typer.echo(demo_settings_banner(settings, f"http://{host}:{port}"))
         uvicorn.run(
             "api.app:create_app_from_env",
@@ -85,6 +90,8 @@ def serve(
             access_log=False,
         )
     finally:
+        if live is not None:
+            live.stop()
         if embedded is not None:
             embedded.stop()
 
@@ -115,6 +122,25 @@ def _ledger(project: bool = False) -> Iterator[Runtime]:
     runtime = open_runtime(settings, sweep=False, project=project)
     try:
         yield runtime
+    finally:
+        runtime.close()
+
+
+connectors_cli = typer.Typer(help="Connectors: the worker that fetches and applies deliveries.")
+cli.add_typer(connectors_cli, name="connectors")
+
+
+@connectors_cli.command("run")
+def connectors_run() -> None:
+    """The connector worker: supplier schedules and the inbox, until stopped."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    settings = Settings()
+    configure_logging(settings)
+    runtime = open_runtime(settings, sweep=False, project=False, connect=True)
+    try:
+        with suppress(KeyboardInterrupt):
+            stop.wait()
     finally:
         runtime.close()
 

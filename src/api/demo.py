@@ -1,16 +1,43 @@
-"""The demo catalogue that `make run` serves: three suppliers, a few SKUs, fresh stock."""
+"""The demo that `make run` serves: four simulated suppliers feeding the ledger live.
+
+- acme:     a REST API the ledger polls (paginated JSON with ETags),
+- globex:   signed webhooks pushed to the ledger,
+- initech:  CSV files dropped into a watched folder,
+- umbrella: EDI X12 846 files pulled over SFTP.
+Each reports a small catalogue whose quantities move every few seconds; one item of
+each is left unmapped, so dead letters and conflicts have something to show.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import threading
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
 
 from api.settings import Settings
+from connectors.simulator import (
+    Catalogue,
+    RestSupplier,
+    SftpSupplier,
+    drop,
+    send_webhook,
+    webhook_body,
+)
 from ledger.base import Cause
-from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
+from ledger.commands import PutMappings, PutSupplier
 from ledger.mapping import MappingSpec
 from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter
+
+log = structlog.get_logger(__name__)
 
 DEMO_KEYS = (
     "admin:admin:demo-admin-key,"
@@ -20,71 +47,170 @@ DEMO_KEYS = (
     "acme-feed:supplier:demo-acme-key:acme"
 )
 
+SKUS = ["WIDGET-BLUE", "WIDGET-RED", "GADGET-9", "GIZMO-1", "SPROCKET-3"]
+WEBHOOK_SECRET_VARIABLE = "LEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
+SFTP_PASSWORD_VARIABLE = "LEDGER_DEMO_SFTP_PASSWORD"  # noqa: S105 - a variable name
+
+
+@dataclass
+class LiveSuppliers:
+    """The simulated suppliers and the thread that moves their stock."""
+
+    folder: Path
+    interval_seconds: float = 5.0
+    catalogues: dict[str, Catalogue] = field(default_factory=dict)
+    rest: RestSupplier | None = None
+    sftp: SftpSupplier | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> LiveSuppliers:
+        now = datetime.now(UTC).replace(microsecond=0)
+        for supplier, prefix in (
+            ("acme", "ACME"),
+            ("globex", "GLX"),
+            ("initech", "INI"),
+            ("umbrella", "UMB"),
+        ):
+            self.catalogues[supplier] = Catalogue(
+                len(SKUS) + 1, seed=len(prefix), observed_at=now, prefix=prefix
+            )
+        os.environ.setdefault(WEBHOOK_SECRET_VARIABLE, secrets.token_hex(16))
+        os.environ.setdefault(SFTP_PASSWORD_VARIABLE, secrets.token_hex(8))
+        for name in ("initech", "umbrella"):
+            (self.folder / name).mkdir(parents=True, exist_ok=True)
+        self.rest = RestSupplier(self.catalogues["acme"], pagination="link", page_size=4).start()
+        self.sftp = SftpSupplier(
+            self.folder / "umbrella",
+            username="demo",
+            password=os.environ[SFTP_PASSWORD_VARIABLE],
+        ).start()
+        return self
+
+    def connectors(self) -> dict[str, dict[str, Any]]:
+        """Each supplier's connector settings, pointing at its simulator."""
+        assert self.rest is not None
+        assert self.sftp is not None
+        every = {"schedule": {"interval_seconds": self.interval_seconds}, "units": {"CS": 12}}
+        return {
+            "acme": {
+                **every,
+                "poll": {
+                    "url": f"{self.rest.base_url}/inventory",
+                    "pagination": "link",
+                    "page_size": 4,
+                },
+            },
+            "globex": {**every, "webhook": {"secret_ref": f"env:{WEBHOOK_SECRET_VARIABLE}"}},
+            "initech": {**every, "folder": {"path": str(self.folder / "initech"), "format": "csv"}},
+            "umbrella": {
+                **every,
+                "sftp": {
+                    "host": self.sftp.host,
+                    "port": self.sftp.port,
+                    "username": "demo",
+                    "password_ref": f"env:{SFTP_PASSWORD_VARIABLE}",
+                    "path": "/",
+                    "format": "edi846",
+                    "known_hosts": None,
+                },
+            },
+        }
+
+    def feed(self, base_url: str) -> None:
+        """Moves every catalogue's stock and delivers it, every interval, until stopped."""
+        self._thread = threading.Thread(
+            target=self._feed, args=(base_url,), name="demo-suppliers", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for server in (self.rest, self.sftp):
+            if server is not None:
+                server.stop()
+
+    def _feed(self, base_url: str) -> None:
+        with httpx.Client(timeout=10) as client:
+            while True:
+                try:
+                    self._deliver(base_url, client)
+                except (httpx.HTTPError, OSError) as error:
+                    log.warning("demo.delivery_failed", error=str(error))
+                if self._stop.wait(self.interval_seconds):
+                    return
+                for catalogue in self.catalogues.values():
+                    catalogue.advance(0.4)
+
+    def _deliver(self, base_url: str, client: httpx.Client) -> None:
+        delivery = uuid.uuid4().hex
+        body = webhook_body(self.catalogues["globex"].items(), delivery)
+        send_webhook(
+            f"{base_url}/v1/suppliers/globex/webhook",
+            "globex",
+            os.environ[WEBHOOK_SECRET_VARIABLE],
+            body,
+            delivery,
+            client=client,
+        )
+        drop(self.folder / "initech", "csv", self.catalogues["initech"].items())
+        drop(self.folder / "umbrella", "edi846", self.catalogues["umbrella"].items())
+
+
 SUPPLIERS = {
     "acme": SupplierTerms(
         name="Acme Supply",
         priority=1,
         lead_time_days=2,
         buffer=2,
-        stale_after_seconds=3600,
-        exclude_after_seconds=86_400,
+        stale_after_seconds=300,
+        exclude_after_seconds=3600,
     ),
     "globex": SupplierTerms(
         name="Globex Wholesale",
         priority=2,
         lead_time_days=1,
-        stale_after_seconds=3600,
-        exclude_after_seconds=86_400,
+        stale_after_seconds=300,
+        exclude_after_seconds=3600,
         reports_net_of_our_orders=True,
     ),
     "initech": SupplierTerms(
         name="Initech Dropship",
         priority=3,
         lead_time_days=5,
-        stale_after_seconds=7200,
-        exclude_after_seconds=172_800,
+        stale_after_seconds=300,
+        exclude_after_seconds=3600,
         timezone="Europe/Berlin",
+    ),
+    "umbrella": SupplierTerms(
+        name="Umbrella Distribution",
+        priority=4,
+        lead_time_days=3,
+        stale_after_seconds=300,
+        exclude_after_seconds=3600,
     ),
 }
 
-# supplier -> (supplier SKU, internal SKU, units per supplier unit, level in supplier units)
-STOCK = {
-    "acme": [("ABC-123", "WIDGET-BLUE", 1, 120), ("ABC-124", "WIDGET-RED", 1, 40)],
-    "globex": [("G-77", "WIDGET-BLUE", 1, 35), ("G-CASE-9", "GADGET-9", 12, 3)],
-    "initech": [("IN-1", "WIDGET-RED", 1, 8), ("IN-2", "GADGET-9", 1, 10)],
-}
 
+def seed_demo(writer: LedgerWriter, live: LiveSuppliers) -> None:
+    """Suppliers with their connectors, and mappings of all but one item of each catalogue.
 
-def seed_demo(writer: LedgerWriter) -> None:
-    """Idempotent: terms and mappings are upserts, the stock report is a fresh delivery."""
+    Idempotent: both are upserts.
+    """
     at = datetime.now(UTC)
     cause = Cause("demo", "demo.seed", uuid.uuid4().hex)
+    connectors = live.connectors()
     for supplier_id, terms in SUPPLIERS.items():
-        writer.execute(PutSupplier(at=at, cause=cause, supplier_id=supplier_id, terms=terms))
-        rows = STOCK[supplier_id]
-        writer.execute(
-            PutMappings(
-                at=at,
-                cause=cause,
-                supplier_id=supplier_id,
-                mappings=[MappingSpec(s_sku, sku, units) for s_sku, sku, units, _ in rows],
-            )
-        )
-        writer.execute(
-            ReportStock(
-                at=at,
-                cause=cause,
-                supplier_id=supplier_id,
-                delivery_id=f"demo-{at:%Y%m%dT%H%M%S%f}",
-                content_hash=f"demo-{at.isoformat()}",
-                source="demo",
-                rows=len(rows),
-                observations=[
-                    Observation(index=i, supplier_sku=s_sku, quantity=level, observed_at=at)
-                    for i, (s_sku, _, _, level) in enumerate(rows)
-                ],
-            )
-        )
+        configured = SupplierTerms(**{**terms.as_dict(), "connector": connectors[supplier_id]})
+        writer.execute(PutSupplier(at=at, cause=cause, supplier_id=supplier_id, terms=configured))
+        items = list(live.catalogues[supplier_id].items())[: len(SKUS)]
+        mappings = [
+            MappingSpec(item.supplier_sku, sku, item.units_per_supplier_unit, item.upc)
+            for item, sku in zip(items, SKUS, strict=True)
+        ]
+        writer.execute(PutMappings(at=at, cause=cause, supplier_id=supplier_id, mappings=mappings))
 
 
 def demo_settings_banner(settings: Settings, url: str) -> str:
@@ -93,6 +219,7 @@ def demo_settings_banner(settings: Settings, url: str) -> str:
         f"  {key.role:<10} {key.name:<12} {key.secret.get_secret_value()}"
         for key in settings.api_keys
     ]
+    lines.append("Four simulated suppliers (REST, webhook, drop folder, SFTP) feed it live.")
     auth = '-H "Authorization: Bearer demo-storefront-key"'
     lines.append(f"Try: curl {auth} {url}/v1/availability/WIDGET-BLUE")
     return "\n".join(lines)

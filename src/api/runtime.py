@@ -11,6 +11,7 @@ from api.settings import Settings
 from api.sweeper import Sweeper
 from api.turns import StreamTurns
 from connectors.ingest import Ingestor
+from connectors.scheduler import Scheduler
 from connectors.worker import InboxWorker
 from ledger.application import InventoryLedger
 from ledger.queries import LedgerQueries
@@ -43,8 +44,11 @@ class Runtime:
     runners: list[ProjectionRunner] = field(default_factory=list)
     sweeper: Sweeper | None = None
     inbox_worker: InboxWorker | None = None
+    scheduler: Scheduler | None = None
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self.inbox_worker is not None:
             self.inbox_worker.stop()
         if self.sweeper is not None:
@@ -117,6 +121,7 @@ def open_runtime(
         ).start()
     if settings.run_connectors if connect is None else connect:
         runtime.inbox_worker = InboxWorker(runtime.ingestor, store).start()
+        runtime.scheduler = Scheduler(store, runtime.leases, runtime.inbox_worker).start()
     log.info(
         "ledger.started",
         sweeper=sweep,

@@ -1,0 +1,239 @@
+"""The connector scheduler: fetches each supplier's deliveries on its schedule, into the inbox.
+
+A supplier is scheduled when its `connector` settings name a transport ("poll", "folder",
+"sftp" or "ftp"). Per supplier, at the connector's top level, all optional:
+- `schedule`: {"interval_seconds": 60, "jitter": 0.1} — how often, spread by ±jitter.
+- `breaker`: {"failures_to_open": 5, "cooldown_seconds": 60} — the circuit breaker.
+- `format`: the format of what is fetched (default: the transport's).
+Each supplier's schedule is run by one process at a time: the process holding the
+advisory-lock lease `connector:{supplier}`; several schedulers can run side by side.
+A delivery is marked done at its source only once the inbox holds it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psycopg
+import structlog
+
+from connectors import health, inbox
+from connectors.ingest import content_hash
+from connectors.transports import Fetched, FetchFailed, Transport, transport_for
+from connectors.transports.breaker import CircuitBreaker
+from connectors.worker import InboxWorker
+from projections.leases import LeaseSession
+from projections.store import ViewStore
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_INTERVAL_SECONDS = 60.0
+
+
+class DatabaseState:
+    """A transport's durable state, in `connector_state`."""
+
+    def __init__(self, store: ViewStore, supplier_id: str) -> None:
+        self.store = store
+        self.supplier_id = supplier_id
+
+    def get(self, name: str) -> Any:
+        with self.store.connection() as conn:
+            return inbox.get_state(conn, self.supplier_id, name)
+
+    def set(self, name: str, value: Any) -> None:
+        with self.store.connection() as conn:
+            inbox.set_state(conn, self.supplier_id, name, value)
+
+
+@dataclass
+class Schedule:
+    supplier_id: str
+    connector: dict[str, Any]
+    transport: Transport
+    breaker: CircuitBreaker
+    interval: float
+    jitter: float
+    due: float = 0.0
+    fetched: int = field(default=0)
+
+    def next_due(self, now: float, at_least: float = 0.0) -> None:
+        spread = self.interval * self.jitter
+        self.due = now + max(at_least, self.interval + random.uniform(-spread, spread))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: ViewStore,
+        leases: LeaseSession,
+        worker: InboxWorker | None = None,
+        *,
+        client: httpx.Client | None = None,
+        refresh_seconds: float = 30.0,
+        tick_seconds: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.leases = leases
+        self.worker = worker
+        self.client = client
+        self.refresh_seconds = refresh_seconds
+        self.tick_seconds = tick_seconds
+        self.clock = clock
+        self.schedules: dict[str, Schedule] = {}
+        self._refreshed = -1e9
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._run, name="connector-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        for schedule in self.schedules.values():
+            schedule.transport.close()
+            self.leases.release(f"connector:{schedule.supplier_id}", self)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_seconds):
+            try:
+                self.tick()
+            except psycopg.Error as error:
+                log.warning("scheduler.unavailable", error=str(error))
+            except Exception:
+                log.exception("scheduler.failed")
+
+    def tick(self) -> int:
+        """Runs every schedule that is due and leased here; returns deliveries stored."""
+        now = self.clock()
+        if now - self._refreshed >= self.refresh_seconds:
+            self.refresh()
+            self._refreshed = now
+        stored = 0
+        for schedule in list(self.schedules.values()):
+            if schedule.due > now or self._stop.is_set():
+                continue
+            if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
+                schedule.next_due(now)
+                continue
+            stored += self.run(schedule)
+        return stored
+
+    def refresh(self) -> None:
+        """Follows suppliers' connector settings, as the stock view holds them."""
+        with self.store.connection() as conn:
+            rows = conn.execute("SELECT supplier_id, terms FROM view_suppliers").fetchall()
+        seen = set()
+        for row in rows:
+            supplier_id = row["supplier_id"]
+            connector = (row["terms"] or {}).get("connector") or {}
+            current = self.schedules.get(supplier_id)
+            if current is not None and current.connector == connector:
+                seen.add(supplier_id)
+                continue
+            if current is not None:
+                current.transport.close()
+                del self.schedules[supplier_id]
+            try:
+                transport = transport_for(
+                    supplier_id,
+                    connector,
+                    state=DatabaseState(self.store, supplier_id),
+                    client=self.client,
+                )
+            except ValueError as error:
+                log.warning("scheduler.bad_settings", supplier=supplier_id, error=str(error))
+                continue
+            if transport is None:
+                continue
+            schedule_settings = connector.get("schedule") or {}
+            breaker_settings = connector.get("breaker") or {}
+            self.schedules[supplier_id] = Schedule(
+                supplier_id=supplier_id,
+                connector=connector,
+                transport=transport,
+                breaker=CircuitBreaker(
+                    failures_to_open=int(breaker_settings.get("failures_to_open", 5)),
+                    cooldown_seconds=float(breaker_settings.get("cooldown_seconds", 60)),
+                ),
+                interval=float(schedule_settings.get("interval_seconds", DEFAULT_INTERVAL_SECONDS)),
+                jitter=float(schedule_settings.get("jitter", 0.1)),
+            )
+            seen.add(supplier_id)
+        for gone in set(self.schedules) - seen:
+            self.schedules.pop(gone).transport.close()
+
+    def run(self, schedule: Schedule) -> int:
+        """One fetch of one supplier: each delivery into the inbox, then marked done."""
+        supplier = schedule.supplier_id
+        before = schedule.breaker.state
+        structlog.contextvars.bind_contextvars(supplier=supplier)
+        try:
+            stored = self._fetch(schedule)
+        finally:
+            structlog.contextvars.unbind_contextvars("supplier")
+        if schedule.breaker.state != before:
+            with self.store.connection() as conn:
+                health.set_breaker(conn, supplier, schedule.breaker.state)
+            log.info("connector.breaker", supplier=supplier, state=schedule.breaker.state)
+        if stored:
+            log.info("connector.fetched", supplier=supplier, deliveries=stored)
+            if self.worker is not None:
+                self.worker.wake()
+        schedule.fetched += stored
+        return stored
+
+    def _fetch(self, schedule: Schedule) -> int:
+        supplier = schedule.supplier_id
+        stored = 0
+        try:
+            # Closed at once if storing fails, so the breaker counts the fetch as abandoned
+            # and a file session ends now, not whenever the garbage is collected.
+            with closing(schedule.breaker.guard(schedule.transport.fetch)) as fetches:
+                for fetched in fetches:
+                    with self.store.connection() as conn:
+                        received = inbox.enqueue(
+                            conn,
+                            supplier_id=supplier,
+                            delivery_id=fetched.delivery_id,
+                            source=fetched.source,
+                            format=schedule.connector.get("format") or fetched.format,
+                            content_hash=content_hash(fetched.body),
+                            body=fetched.body,
+                            name=fetched.name,
+                        )
+                    self._done(schedule, fetched)
+                    stored += 0 if received.duplicate else 1
+            schedule.next_due(self.clock())
+        except FetchFailed as failure:
+            schedule.next_due(self.clock(), at_least=failure.retry_after or 0.0)
+            if failure.reason != "circuit_open":
+                with self.store.connection() as conn:
+                    health.failed(conn, supplier, failure.reason)
+                log.warning(
+                    "connector.fetch_failed",
+                    reason=failure.reason,
+                    retriable=failure.retriable,
+                    breaker=schedule.breaker.state,
+                )
+        return stored
+
+    @staticmethod
+    def _done(schedule: Schedule, fetched: Fetched) -> None:
+        try:
+            schedule.transport.done(fetched)
+        except FetchFailed as failure:
+            # The inbox holds it: fetched again later, it is recognised and skipped.
+            log.warning("connector.mark_done_failed", name=fetched.name, reason=failure.reason)

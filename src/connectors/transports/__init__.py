@@ -1,0 +1,155 @@
+"""Supplier transports: how a supplier's deliveries are fetched, apart from how they are parsed.
+
+A transport fetches what is new since its last successful fetch, as `Fetched` bodies for
+the inbox, and is told with `done()` once the inbox holds one durably; only then does it
+mark it processed (save the feed's ETag, move the file away), so a crash in between
+fetches it again and the inbox's dedup by delivery id absorbs the repeat.
+
+`transport_for` builds the one a supplier's `connector` settings ask for, under one of
+these keys (each module's docstring lists its options; `retry` lists those they share):
+
+- "poll":   a REST API polled page by page (`rest`),
+- "folder": a watched drop folder (`folder`),
+- "sftp":   files pulled over SFTP (`sftp`),
+- "ftp":    files pulled over FTP (`ftp`).
+
+Secrets are named by reference ("env:NAME" or "file:PATH", see `connectors.secrets`) and
+read at each fetch. A `CircuitBreaker` per supplier guards whole fetches. One round of a
+scheduler for one supplier, then:
+
+    with contextlib.closing(breaker.guard(transport.fetch)) as deliveries:
+        for fetched in deliveries:      # raises FetchFailed (CircuitOpen: not attempted)
+            ...                         # enqueue in the inbox and commit, then:
+            transport.done(fetched)
+
+A transport serves one fetch at a time; it is not shared between threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from connectors import secrets
+from connectors.transports.breaker import BreakerState, CircuitBreaker, CircuitOpen
+from connectors.transports.retry import FetchFailed
+
+__all__ = [
+    "TRANSPORTS",
+    "BreakerState",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "FetchFailed",
+    "Fetched",
+    "StateStore",
+    "Transport",
+    "content_id",
+    "read_secret",
+    "transport_for",
+]
+
+TRANSPORTS = ("poll", "folder", "sftp", "ftp")
+
+S = TypeVar("S", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One delivery fetched from a supplier, ready for the inbox."""
+
+    delivery_id: str  # the supplier's own id if it has one, else content_id(body)
+    body: bytes
+    format: str  # one of connectors.parsers.FORMATS
+    name: str | None  # file name or page URL, for operators
+    source: str  # "poll", "folder", "sftp" or "ftp"
+
+
+class Transport(Protocol):
+    def fetch(self) -> Iterator[Fetched]:
+        """What is new since the last successful fetch; raises FetchFailed."""
+        ...
+
+    def done(self, fetched: Fetched) -> None:
+        """Marks a fetched delivery processed, once the inbox has stored it durably."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StateStore(Protocol):
+    """Durable state of one supplier's transport (e.g. the ETag of its last complete poll)."""
+
+    def get(self, name: str) -> Any: ...
+
+    def set(self, name: str, value: Any) -> None: ...
+
+
+def content_id(body: bytes) -> str:
+    """The delivery id of a body that comes without one: a prefix of its SHA-256."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
+
+
+def read_secret(reference: str) -> str:
+    """The secret a reference names, read now; a fatal FetchFailed when it is unavailable."""
+    try:
+        return secrets.resolve(reference)
+    except secrets.SecretUnavailable as error:
+        raise FetchFailed(f"secret_unavailable: {error}", retriable=False) from error
+
+
+def transport_for(
+    supplier_id: str,
+    connector: Mapping[str, Any],
+    *,
+    state: StateStore,
+    client: httpx.Client | None = None,
+) -> Transport | None:
+    """The transport a supplier's connector settings ask for, or None when they name none.
+
+    Raises ValueError("bad_option: …") for settings that name two transports or are
+    invalid. `client` serves REST polling; without one, a client of the transport's own
+    is built (and closed with it).
+    """
+    # Imported here, not above: the transport modules import this module's contract.
+    from connectors.transports.folder import FolderSettings, FolderTransport, local_folder
+    from connectors.transports.ftp import FtpSettings, ftp_folder
+    from connectors.transports.rest import PollSettings, RestPoller, default_client
+    from connectors.transports.sftp import SftpSettings, sftp_folder
+
+    named = [key for key in TRANSPORTS if connector.get(key) is not None]
+    if not named:
+        return None
+    if len(named) > 1:
+        raise ValueError(f"bad_option: a connector uses one transport, not {' and '.join(named)}")
+    [kind] = named
+    if kind == "poll":
+        poll = _settings(PollSettings, kind, connector[kind])
+        if client is None:
+            return RestPoller(
+                supplier_id, poll, state=state, client=default_client(poll), owns_client=True
+            )
+        return RestPoller(supplier_id, poll, state=state, client=client)
+    if kind == "folder":
+        folder = _settings(FolderSettings, kind, connector[kind])
+        return FolderTransport(supplier_id, folder, local_folder(folder), source="folder")
+    if kind == "sftp":
+        sftp = _settings(SftpSettings, kind, connector[kind])
+        return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp")
+    ftp = _settings(FtpSettings, kind, connector[kind])
+    return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp")
+
+
+def _settings(model: type[S], kind: str, given: Any) -> S:
+    try:
+        return model.model_validate(given)
+    except ValidationError as error:
+        problems = "; ".join(
+            ".".join([kind, *(str(part) for part in problem["loc"])]) + f": {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ValueError(f"bad_option: {problems}") from error

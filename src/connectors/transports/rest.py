@@ -1,0 +1,292 @@
+"""REST polling: a supplier's inventory API read page by page, with conditional requests.
+
+Each page is one delivery (id: its content hash; name: its URL). The first request of a
+poll carries `If-None-Match` and `If-Modified-Since` from the last complete poll, so an
+unchanged feed costs one request answered 304 and yields nothing. The validators of a
+poll (its first page's `ETag` and `Last-Modified`) are saved only when `done()` has been
+called for every page of it, which is at the last page's: a crash before the inbox
+stored them all repeats the poll rather than losing it. Every request runs under the
+retry policy (`retry`); a page that is not what its format and pagination need is fatal,
+with a reason starting "malformed_page".
+
+Options of `connector["poll"]` (and those of `retry`):
+
+- `url` (required): the inventory endpoint, http or https; its own query is kept.
+- `pagination` (default none, one request): how pages follow each other, as the
+  simulator's REST supplier serves them:
+  - "page":   `?page=1&page_size=N`, then `page + 1` until `page` reaches `total_pages`;
+  - "offset": `?offset=0&limit=N`, then `offset + len(items)` until it reaches `total`;
+  - "cursor": `?limit=N`, then `&cursor=<next_cursor>` until `next_cursor` is null;
+  - "link":   `?page=1&page_size=N`, then the `Link: <…>; rel="next"` URL as given.
+  "page", "offset" and "cursor" read a JSON object with an `items` list; an empty page
+  ends the poll too.
+- `page_size` (default 100): N above.
+- `format` (default "json"): the pages' format, one of `connectors.parsers.FORMATS`.
+- `token_ref` (default none): where the bearer token lives ("env:NAME" or "file:PATH");
+  it is sent only to the origin of `url`, never to another host a Link points to.
+- `max_pages` (default 10000) and `max_page_bytes` (default 64 MiB): bounds on one poll
+  and one page, past which the fetch fails ("too_many_pages", "page_too_large").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import structlog
+from pydantic import Field, field_validator, model_validator
+
+from connectors.parsers import Format
+from connectors.transports import Fetched, StateStore, content_id, read_secret
+from connectors.transports.retry import (
+    Failure,
+    FetchFailed,
+    RetrySettings,
+    classified,
+    retry_after_seconds,
+    status_failure,
+)
+
+log = structlog.get_logger(__name__)
+
+Pagination = Literal["page", "offset", "cursor", "link"]
+
+STATE = "poll.validators"  # {"url", "etag", "last_modified"} of the last complete poll
+
+HTTP_FAILURES = (
+    Failure(httpx.TimeoutException, "timeout", retriable=True),
+    Failure(httpx.UnsupportedProtocol, "unsupported_protocol", retriable=False),
+    Failure(httpx.TransportError, "connection_error", retriable=True),
+    Failure(httpx.DecodingError, "malformed_page", retriable=False),
+    Failure(httpx.TooManyRedirects, "too_many_redirects", retriable=False),
+)
+
+# The query of each style's first page, given the page size.
+FIRST_PAGE: dict[Pagination | None, Callable[[int], dict[str, int]]] = {
+    None: lambda size: {},
+    "page": lambda size: {"page": 1, "page_size": size},
+    "link": lambda size: {"page": 1, "page_size": size},
+    "offset": lambda size: {"offset": 0, "limit": size},
+    "cursor": lambda size: {"limit": size},
+}
+
+
+class PollSettings(RetrySettings):
+    """`connector["poll"]`: a REST API polled page by page."""
+
+    url: str
+    pagination: Pagination | None = None
+    page_size: int = Field(100, ge=1, le=100_000)
+    format: Format = "json"
+    token_ref: str | None = None
+    max_pages: int = Field(10_000, ge=1)
+    max_page_bytes: int = Field(64 * 2**20, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as error:
+            raise ValueError(str(error)) from error
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("an http or https URL is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _json_to_paginate(self) -> PollSettings:
+        if self.pagination in ("page", "offset", "cursor") and self.format != "json":
+            raise ValueError(f"{self.pagination} pagination reads JSON pages, not {self.format}")
+        return self
+
+
+@dataclass(frozen=True)
+class _Page:
+    url: httpx.URL
+    status: int
+    headers: httpx.Headers
+    links: dict[str | None, dict[str, str]]
+    body: bytes
+
+
+@dataclass
+class _Poll:
+    """The pages of one poll that the inbox has yet to store, and what to save after."""
+
+    validators: dict[str, str | None]
+    waiting: set[tuple[str, str | None]] = field(default_factory=set)
+    complete: bool = False  # its last page has been fetched
+
+
+class RestPoller:
+    """Polls one supplier's REST API through the given client."""
+
+    def __init__(
+        self,
+        supplier_id: str,
+        settings: PollSettings,
+        *,
+        state: StateStore,
+        client: httpx.Client,
+        owns_client: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self._client = client
+        self._owns_client = owns_client
+        self._policy = settings.policy()
+        self._log = log.bind(supplier=supplier_id, source="poll")
+        self._poll: _Poll | None = None
+        self._origin = _origin(httpx.URL(settings.url))
+
+    def fetch(self) -> Iterator[Fetched]:
+        settings = self.settings
+        token = read_secret(settings.token_ref) if settings.token_ref else None
+        url: httpx.URL | None = httpx.URL(settings.url).copy_merge_params(
+            FIRST_PAGE[settings.pagination](settings.page_size)
+        )
+        poll = _Poll(validators={"url": settings.url, "etag": None, "last_modified": None})
+        self._poll = poll
+        requested: set[str] = set()
+        while url is not None:
+            if str(url) in requested:
+                raise FetchFailed(f"pagination_loop: {url} was asked twice", retriable=False)
+            if len(requested) == settings.max_pages:
+                raise FetchFailed(f"too_many_pages: over {settings.max_pages}", retriable=False)
+            first = not requested
+            requested.add(str(url))
+            headers = self._headers(url, token, conditional=first)
+            page = self._policy.run(functools.partial(self._get, url, headers))
+            if page.status == 304:
+                if first:
+                    self._poll = None
+                    self._log.info("transport.poll.unchanged")
+                    return
+                raise FetchFailed("http_304: a page after the first", retriable=True)
+            if first:
+                poll.validators["etag"] = page.headers.get("etag")
+                poll.validators["last_modified"] = page.headers.get("last-modified")
+            url = _next_page(settings.pagination, url, page, settings.format)
+            fetched = Fetched(
+                content_id(page.body), page.body, settings.format, str(page.url), "poll"
+            )
+            poll.waiting.add((fetched.delivery_id, fetched.name))
+            poll.complete = url is None
+            yield fetched
+
+    def done(self, fetched: Fetched) -> None:
+        """Saves the poll's validators once every page of it is done; a page of an
+        earlier, abandoned poll changes nothing."""
+        poll = self._poll
+        if poll is None:
+            return
+        poll.waiting.discard((fetched.delivery_id, fetched.name))
+        if poll.complete and not poll.waiting:
+            self.state.set(STATE, poll.validators)
+            self._poll = None
+            self._log.info("transport.poll.complete", etag=poll.validators["etag"])
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def _headers(self, url: httpx.URL, token: str | None, *, conditional: bool) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if token is not None and _origin(url) == self._origin:
+            headers["Authorization"] = f"Bearer {token}"
+        saved = self.state.get(STATE) if conditional else None
+        if isinstance(saved, dict) and saved.get("url") == self.settings.url:
+            if saved.get("etag"):
+                headers["If-None-Match"] = saved["etag"]
+            if saved.get("last_modified"):
+                headers["If-Modified-Since"] = saved["last_modified"]
+        return headers
+
+    def _get(self, url: httpx.URL, headers: dict[str, str]) -> _Page:
+        """One attempt at one page."""
+        timeout = self.settings.timeout_seconds
+        with (
+            classified(HTTP_FAILURES),
+            self._client.stream("GET", url, headers=headers, timeout=timeout) as response,
+        ):
+            wait = retry_after_seconds(response.headers.get("retry-after"))
+            failure = status_failure(response.status_code, wait)
+            if failure is not None:
+                raise failure
+            body = _read(response, self.settings.max_page_bytes)
+            return _Page(response.url, response.status_code, response.headers, response.links, body)
+
+
+def default_client(settings: PollSettings) -> httpx.Client:
+    """The client a poller builds for itself when none is given."""
+    return httpx.Client(timeout=settings.timeout_seconds, follow_redirects=True)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def _read(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise FetchFailed(f"page_too_large: over {limit} bytes", retriable=False)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _next_page(
+    style: Pagination | None, url: httpx.URL, page: _Page, format: Format
+) -> httpx.URL | None:
+    """The URL of the page after this one, None after the last; checks the page's shape."""
+    document = _json(page.body) if format == "json" else None
+    if style is None:
+        return None
+    if style == "link":
+        target = page.links.get("next", {}).get("url")
+        return page.url.join(target) if target else None
+    if not isinstance(document, dict) or not isinstance(document.get("items"), list):
+        raise _malformed(f"{style} pagination needs an object with an items list")
+    items = document["items"]
+    if not items:
+        return None
+    if style == "page":
+        number = _whole(document, "page")
+        if number >= _whole(document, "total_pages"):
+            return None
+        return url.copy_merge_params({"page": number + 1})
+    if style == "offset":
+        after = _whole(document, "offset") + len(items)
+        if after >= _whole(document, "total"):
+            return None
+        return url.copy_merge_params({"offset": after})
+    cursor = document.get("next_cursor")
+    if cursor is None:
+        return None
+    if not isinstance(cursor, str) or not cursor:
+        raise _malformed("next_cursor is neither a string nor null")
+    return url.copy_merge_params({"cursor": cursor})
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise _malformed(f"not JSON ({error})") from error
+
+
+def _whole(document: dict[str, Any], key: str) -> int:
+    value = document.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _malformed(f"{key} is missing or not a whole number")
+    return value
+
+
+def _malformed(detail: str) -> FetchFailed:
+    return FetchFailed(f"malformed_page: {detail}", retriable=False)

@@ -1,0 +1,170 @@
+"""SFTP pull: feed files taken from a folder on a supplier's SFTP server.
+
+The folder logic is `folder.FolderTransport`'s; this module is the session, an asyncssh
+client run synchronously on an event loop of its own, so it must be used from a thread
+with no running event loop. A session lasts one fetch (its `done()` calls included, when
+they come while the fetch is read); a `done()` after it opens one of its own. Only
+password logins are made: no ssh-agent, no keys or configuration from ~/.ssh.
+
+Options of `connector["sftp"]` (those of "folder" but `path`, and those of `retry`):
+
+- `host` (required) and `port` (default 22).
+- `username` (required) and `password_ref` (required): where the password lives
+  ("env:NAME" or "file:PATH").
+- `known_hosts` (required, may be null): the path of a known_hosts file holding the
+  server's host key. Null accepts any host key, which is for tests and demos only:
+  production must pin the key, or a man in the middle can serve the feeds.
+- `path` (default "."): the remote folder ("." is the login's own).
+- `format`, `pattern`, `done_action`, `processed_path`: as for "folder"; `processed_path`
+  (default "processed") is relative to `path` unless absolute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncssh
+from pydantic import Field
+
+from connectors.transports import read_secret
+from connectors.transports.folder import Entry, FileSettings, FolderSession, remote_path
+from connectors.transports.retry import Failure, FetchFailed, classified
+
+T = TypeVar("T")
+
+SFTP_FAILURES = (
+    Failure(asyncssh.PermissionDenied, "auth_failed", retriable=False),
+    Failure(asyncssh.HostKeyNotVerifiable, "host_key_not_verifiable", retriable=False),
+    Failure(asyncssh.SFTPNoSuchFile, "not_found", retriable=False),
+    Failure(asyncssh.SFTPPermissionDenied, "permission_denied", retriable=False),
+    Failure(asyncssh.SFTPError, "sftp_error", retriable=True),
+    Failure(asyncssh.Error, "ssh_error", retriable=True),  # a lost or closed connection
+    Failure(TimeoutError, "timeout", retriable=True),
+    Failure(OSError, "connection_error", retriable=True),
+)
+
+
+class SftpSettings(FileSettings):
+    """`connector["sftp"]`: files pulled from an SFTP server."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    username: str = Field(min_length=1)
+    password_ref: str
+    known_hosts: str | None
+    path: str = "."
+
+
+def sftp_folder(settings: SftpSettings) -> Callable[[], FolderSession]:
+    """Opens sessions on the remote folder, reading the password at each."""
+
+    def open_folder() -> SftpFolder:
+        known_hosts = _known_hosts(settings.known_hosts)
+        return SftpFolder(settings, read_secret(settings.password_ref), known_hosts)
+
+    return open_folder
+
+
+class SftpFolder:
+    """One SFTP session on the remote folder."""
+
+    def __init__(
+        self,
+        settings: SftpSettings,
+        password: str,
+        known_hosts: asyncssh.SSHKnownHosts | None,
+    ) -> None:
+        self.settings = settings
+        self._folder = settings.path
+        self._processed = remote_path(settings.path, settings.processed_path)
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._connection = self._run(
+                asyncssh.connect(
+                    settings.host,
+                    settings.port,
+                    username=settings.username,
+                    password=password,
+                    known_hosts=known_hosts,
+                    client_keys=None,
+                    agent_path=None,
+                    config=None,
+                    connect_timeout=settings.timeout_seconds,
+                )
+            )
+        except BaseException:
+            self._loop.close()
+            raise
+        try:
+            self._sftp = self._run(self._connection.start_sftp_client())
+        except BaseException:
+            self.close()
+            raise
+
+    def files(self) -> list[Entry]:
+        names = self._run(self._sftp.readdir(self._folder))
+        return [
+            Entry(os.fsdecode(name.filename), name.attrs.size, name.attrs.mtime)
+            for name in names
+            if name.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR
+        ]
+
+    def read(self, name: str) -> bytes | None:
+        return self._run(_gone_as_none(self._read(remote_path(self._folder, name))))
+
+    def stat(self, name: str) -> Entry | None:
+        attrs = self._run(_gone_as_none(self._sftp.lstat(remote_path(self._folder, name))))
+        if attrs is None or attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
+            return None
+        return Entry(name, attrs.size, attrs.mtime)
+
+    def processed(self, name: str) -> bool:
+        return bool(self._run(self._sftp.exists(remote_path(self._processed, name))))
+
+    def move(self, name: str, target: str) -> None:
+        self._run(self._move(remote_path(self._folder, name), remote_path(self._processed, target)))
+
+    def delete(self, name: str) -> None:
+        self._run(self._sftp.remove(remote_path(self._folder, name)))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._connection.close()
+            self._run(self._connection.wait_closed())
+        self._loop.close()
+
+    async def _read(self, path: str) -> bytes:
+        async with self._sftp.open(path, "rb") as remote:
+            return await remote.read()
+
+    async def _move(self, source: str, target: str) -> None:
+        await self._sftp.makedirs(self._processed, exist_ok=True)
+        if await self._sftp.exists(target):
+            await self._sftp.remove(target)  # the same content, moved here before
+        await self._sftp.rename(source, target)
+
+    def _run(self, operation: Awaitable[T]) -> T:
+        """Runs one operation on the session's loop, within the timeout."""
+        timeout = self.settings.timeout_seconds
+        with classified(SFTP_FAILURES):
+            return self._loop.run_until_complete(asyncio.wait_for(operation, timeout))
+
+
+async def _gone_as_none(operation: Awaitable[T]) -> T | None:
+    try:
+        return await operation
+    except asyncssh.SFTPNoSuchFile:
+        return None
+
+
+def _known_hosts(path: str | None) -> asyncssh.SSHKnownHosts | None:
+    if path is None:
+        return None
+    try:
+        return asyncssh.read_known_hosts(path)
+    except (OSError, ValueError) as error:
+        raise FetchFailed(f"known_hosts_unreadable: {path}: {error}", retriable=False) from error

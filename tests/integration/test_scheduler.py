@@ -1,0 +1,157 @@
+"""Supplier schedules end to end: fetched by a transport, stored in the inbox, applied."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from connectors import health
+from connectors.scheduler import Scheduler
+from connectors.simulator import Catalogue, RestSupplier, SftpSupplier, drop
+from connectors.worker import InboxWorker
+from ledger.commands import PutMappings, PutSupplier
+from ledger.mapping import MappingSpec
+from ledger.stock import StockItem
+from ledger.supplier import SupplierTerms
+from tests.integration.ledger_setup import CAUSE
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Runtime]:
+    opened = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def supplier_fed_by(
+    runtime: Runtime, supplier: str, catalogue: Catalogue, **connector: Any
+) -> None:
+    at = datetime.now(UTC)
+    terms = SupplierTerms(supplier, connector={"units": {"CS": 12}, **connector})
+    runtime.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id=supplier, terms=terms))
+    mappings = [
+        MappingSpec(item.supplier_sku, f"{supplier}-{item.supplier_sku}", 1, item.upc)
+        for item in catalogue.items()
+    ]
+    outcome = runtime.writer.execute(
+        PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=mappings)
+    )
+    assert outcome.position is not None
+    for view in ("stock", "mappings"):
+        runtime.views.wait_for(view, outcome.position, timeout=10)
+
+
+def level(runtime: Runtime, supplier: str, supplier_sku: str) -> int:
+    item = runtime.app.repository.get(StockItem.id_for(f"{supplier}-{supplier_sku}"))
+    return item.positions[supplier].quantity
+
+
+def scheduler_for(runtime: Runtime) -> tuple[Scheduler, InboxWorker]:
+    worker = InboxWorker(runtime.ingestor, runtime.store)
+    return Scheduler(runtime.store, runtime.leases, worker), worker
+
+
+def test_a_dropped_file_is_picked_up_once_applied_and_moved_aside(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    catalogue = Catalogue(5, seed=3, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    supplier_fed_by(ledger, "dropper", catalogue, folder={"path": str(tmp_path), "format": "csv"})
+    dropped = drop(tmp_path, "csv", catalogue.items(), name="stock-1.csv")
+    (tmp_path / ".stock-2.csv.abc.part").write_bytes(b"half a file")
+    scheduler, worker = scheduler_for(ledger)
+
+    assert scheduler.tick() == 1
+    assert worker.work_once()
+    assert scheduler.tick() == 0  # nothing new; the partial file is left alone
+
+    first = next(iter(catalogue.items()))
+    assert (
+        level(ledger, "dropper", first.supplier_sku)
+        == first.quantity * first.units_per_supplier_unit
+    )
+    assert not dropped.exists()
+    assert (tmp_path / "processed" / "stock-1.csv").exists()
+    assert (tmp_path / ".stock-2.csv.abc.part").exists()
+
+
+def test_an_edi_file_is_pulled_over_sftp_and_applied(ledger: Runtime, tmp_path: Path) -> None:
+    catalogue = Catalogue(4, seed=5, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    os.environ["TEST_SFTP_PASSWORD"] = "sftp-secret"
+    served = tmp_path / "served"
+    served.mkdir()
+    with SftpSupplier(served, username="feed", password="sftp-secret") as server:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(server.known_hosts)
+        supplier_fed_by(
+            ledger,
+            "remote",
+            catalogue,
+            sftp={
+                "host": server.host,
+                "port": server.port,
+                "username": "feed",
+                "password_ref": "env:TEST_SFTP_PASSWORD",
+                "path": "/",
+                "format": "edi846",
+                "known_hosts": str(known_hosts),
+            },
+        )
+        drop(served, "edi846", catalogue.items(), name="inventory.edi")
+        scheduler, worker = scheduler_for(ledger)
+        assert scheduler.tick() == 1
+        assert worker.work_once()
+        assert scheduler.tick() == 0
+
+    last = list(catalogue.items())[-1]
+    assert (
+        level(ledger, "remote", last.supplier_sku) == last.quantity * last.units_per_supplier_unit
+    )
+    assert (served / "processed" / "inventory.edi").exists()
+
+
+def test_a_failing_supplier_opens_its_breaker_and_shows_in_feed_health(ledger: Runtime) -> None:
+    catalogue = Catalogue(3, seed=9)
+    with RestSupplier(catalogue, pagination="page", page_size=10) as rest:
+        supplier_fed_by(
+            ledger,
+            "flaky",
+            catalogue,
+            poll={
+                "url": f"{rest.base_url}/inventory",
+                "pagination": "page",
+                "page_size": 10,
+                "max_attempts": 1,
+            },
+            breaker={"failures_to_open": 2, "cooldown_seconds": 0.5},
+        )
+        scheduler, worker = scheduler_for(ledger)
+        scheduler.refresh()
+        schedule = scheduler.schedules["flaky"]
+        rest.faults.fail_next(2, status=503)
+        for _ in range(2):
+            assert scheduler.run(schedule) == 0
+        with ledger.store.connection() as conn:
+            [failing] = health.report(conn, "flaky")
+        requests_while_open = len(rest.requests)
+        assert scheduler.run(schedule) == 0  # open: not even tried
+
+        schedule.breaker.clock = lambda: float("inf")  # the cooldown has passed
+        assert scheduler.run(schedule) == 1  # the probe succeeds
+        assert worker.work_once()
+        with ledger.store.connection() as conn:
+            [healed] = health.report(conn, "flaky")
+
+    assert (failing["breaker"], failing["consecutive_failures"]) == ("open", 2)
+    assert failing["last_error"].startswith("http_503")
+    assert len(rest.requests) == requests_while_open + 1
+    assert (healed["breaker"], healed["consecutive_failures"]) == ("closed", 0)
+    assert healed["deliveries"] == 1

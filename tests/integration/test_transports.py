@@ -1,0 +1,622 @@
+"""Supplier transports against the simulator's real servers: REST, drop folders, SFTP, FTP.
+
+No database: the inbox is played by the tests, which call `done()` once they hold a
+delivery, as the scheduler does once the inbox has stored it.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import httpx
+import pytest
+
+from connectors.simulator import (
+    PAGINATIONS,
+    Catalogue,
+    FtpSupplier,
+    Pagination,
+    RestSupplier,
+    SftpSupplier,
+    drop,
+)
+from connectors.transports import (
+    Fetched,
+    FetchFailed,
+    Transport,
+    content_id,
+    transport_for,
+)
+from connectors.transports.breaker import CircuitBreaker, CircuitOpen
+from connectors.transports.rest import STATE
+from connectors.transports.retry import retry_after_seconds
+
+T0 = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
+ETAG = '"7-250-0"'  # what the simulator answers for catalogue() as first made
+LAST_MODIFIED = "Thu, 15 Jan 2026 14:30:00 GMT"
+FAST = {"backoff_seconds": 0.01, "max_backoff_seconds": 0.05}  # retries without the waits
+
+
+class DictState:
+    """The per-supplier state store, as a dict."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def set(self, name: str, value: Any) -> None:
+        self.values[name] = value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(breaker: CircuitBreaker) -> str:
+    """The breaker's state as health reports it (read afresh: it changes as time passes)."""
+    return breaker.state
+
+
+def catalogue(size: int = 250) -> Catalogue:
+    return Catalogue(size, seed=7, observed_at=T0)
+
+
+def pull(transport: Transport) -> list[Fetched]:
+    """Fetches, marking each delivery done as soon as it is held, as the scheduler does."""
+    fetched = []
+    for delivery in transport.fetch():
+        fetched.append(delivery)
+        transport.done(delivery)
+    return fetched
+
+
+def skus_of(pages: list[Fetched], style: Pagination) -> list[str]:
+    documents = [json.loads(page.body) for page in pages]
+    items = [item for doc in documents for item in (doc if style == "link" else doc["items"])]
+    return [item["supplier_sku"] for item in items]
+
+
+@pytest.fixture
+def supplier() -> Iterator[RestSupplier]:
+    with RestSupplier(catalogue(), pagination="page", page_size=100) as running:
+        yield running
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client() as client:
+        yield client
+
+
+def poller(
+    server: RestSupplier,
+    http: httpx.Client,
+    state: DictState | None = None,
+    path: str = "/inventory",
+    **options: Any,
+) -> Transport:
+    settings = {"url": server.base_url + path, "pagination": server.pagination, **FAST}
+    transport = transport_for(
+        "acme", {"poll": {**settings, **options}}, state=state or DictState(), client=http
+    )
+    assert transport is not None
+    return transport
+
+
+def statuses(server: RestSupplier) -> list[int]:
+    return [request.status for request in server.requests]
+
+
+# REST polling: pagination
+
+
+@pytest.mark.parametrize("style", PAGINATIONS)
+def test_each_pagination_style_yields_every_page_once(
+    style: Pagination, http: httpx.Client
+) -> None:
+    c = catalogue()
+    with RestSupplier(c, pagination=style) as server:
+        pages = pull(poller(server, http, page_size=100))
+        assert len(server.requests) == 3
+        base_url = server.base_url
+    assert skus_of(pages, style) == [item.supplier_sku for item in c]
+    assert [page.delivery_id for page in pages] == [content_id(page.body) for page in pages]
+    assert len({page.delivery_id for page in pages}) == 3
+    assert all(page.name and page.name.startswith(base_url) for page in pages)
+    assert {(page.source, page.format) for page in pages} == {("poll", "json")}
+
+
+def test_the_query_of_the_configured_url_is_kept_on_every_page(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    pull(poller(supplier, http, path="/inventory?warehouse=north"))
+    assert [request.query for request in supplier.requests] == [
+        {"warehouse": "north", "page": str(number), "page_size": "100"} for number in (1, 2, 3)
+    ]
+
+
+def test_a_content_hash_names_each_page(supplier: RestSupplier, http: httpx.Client) -> None:
+    [first, *_] = pull(poller(supplier, http))
+    assert first.delivery_id.startswith("sha256:")
+    assert len(first.delivery_id) == len("sha256:") + 32
+
+
+# REST polling: conditional requests
+
+
+def test_an_unchanged_feed_costs_one_304_and_yields_nothing(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    transport = poller(supplier, http)
+    assert len(pull(transport)) == 3
+    supplier.clear_requests()
+    assert pull(transport) == []
+    [request] = supplier.requests
+    assert request.status == 304
+    assert request.headers["if-none-match"] == ETAG
+    assert request.headers["if-modified-since"] == LAST_MODIFIED
+
+
+def test_a_changed_feed_is_fetched_again_in_full(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    transport = poller(supplier, http)
+    before = pull(transport)
+    supplier.catalogue.advance(0.1, T0 + timedelta(minutes=5))
+    supplier.clear_requests()
+    after = pull(transport)
+    assert statuses(supplier) == [200, 200, 200]
+    assert {page.delivery_id for page in after}.isdisjoint(page.delivery_id for page in before)
+
+
+def test_the_etag_is_saved_only_when_the_last_page_is_done(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    state = DictState()
+    transport = poller(supplier, http, state)
+    first, second, last = transport.fetch()
+    transport.done(first)
+    transport.done(second)
+    assert state.get(STATE) is None
+    transport.done(last)
+    url = supplier.base_url + "/inventory"
+    assert state.get(STATE) == {"url": url, "etag": ETAG, "last_modified": LAST_MODIFIED}
+
+
+def test_a_poll_whose_pages_were_not_all_stored_is_repeated(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    state = DictState()
+    transport = poller(supplier, http, state)
+    for page in list(transport.fetch())[:2]:
+        transport.done(page)  # then the scheduler dies before storing the last page
+    supplier.clear_requests()
+    again = pull(poller(supplier, http, state))
+    assert len(again) == 3
+    assert "if-none-match" not in supplier.requests[0].headers
+
+
+# REST polling: retries and failures
+
+
+def test_a_503_is_retried_until_the_supplier_answers(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    supplier.faults.fail_next(2, status=503)
+    assert len(pull(poller(supplier, http))) == 3
+    assert statuses(supplier) == [503, 503, 200, 200, 200]
+
+
+def test_retries_stop_after_max_attempts_and_the_failure_stays_retriable(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    supplier.faults.fail_next(5, status=502)
+    with pytest.raises(FetchFailed) as failed:
+        pull(poller(supplier, http, max_attempts=3))
+    assert (failed.value.reason, failed.value.retriable) == ("http_502", True)
+    assert statuses(supplier) == [502, 502, 502]
+
+
+def test_a_429_is_retried_after_the_wait_its_retry_after_asks_for(
+    supplier: RestSupplier,
+) -> None:
+    sent: list[float] = []
+
+    def note(request: httpx.Request) -> None:
+        sent.append(time.monotonic())
+
+    supplier.faults.throttle_next(retry_after=1)
+    with httpx.Client(event_hooks={"request": [note]}) as http:
+        assert len(pull(poller(supplier, http))) == 3
+    assert statuses(supplier) == [429, 200, 200, 200]
+    assert 1.0 <= sent[1] - sent[0] < 2.0
+
+
+def test_a_retry_after_longer_than_allowed_is_left_to_the_scheduler(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    supplier.faults.throttle_next(retry_after=30)
+    with pytest.raises(FetchFailed) as failed:
+        pull(poller(supplier, http, max_retry_after_seconds=5))
+    assert (failed.value.reason, failed.value.retriable) == ("http_429", True)
+    assert failed.value.retry_after == 30
+    assert statuses(supplier) == [429]
+
+
+def test_a_timeout_is_retried(supplier: RestSupplier) -> None:
+    sent: list[str] = []
+
+    def note(request: httpx.Request) -> None:
+        sent.append(request.url.params["page"])
+
+    supplier.faults.delay_next(seconds=1.0)
+    with httpx.Client(event_hooks={"request": [note]}) as http:
+        pages = pull(poller(supplier, http, timeout_seconds=0.25))
+    assert len(pages) == 3
+    assert sent == ["1", "1", "2", "3"]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/elsewhere", 404), ("/inventory", 401)])
+def test_a_4xx_is_fatal_without_retries(
+    supplier: RestSupplier,
+    http: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    status: int,
+) -> None:
+    supplier.token = "right"
+    monkeypatch.setenv("ACME_TOKEN", "wrong")
+    with pytest.raises(FetchFailed) as failed:
+        pull(poller(supplier, http, path=path, token_ref="env:ACME_TOKEN"))
+    assert (failed.value.reason, failed.value.retriable) == (f"http_{status}", False)
+    assert statuses(supplier) == [status]
+
+
+def test_the_bearer_token_is_read_from_its_reference(
+    supplier: RestSupplier, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supplier.token = "right"
+    monkeypatch.setenv("ACME_TOKEN", "right")
+    assert len(pull(poller(supplier, http, token_ref="env:ACME_TOKEN"))) == 3
+    assert {r.headers["authorization"] for r in supplier.requests} == {"Bearer right"}
+
+
+def test_the_bearer_token_never_follows_a_link_to_another_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: dict[str, str | None] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent[request.url.host] = request.headers.get("authorization")
+        more = {"Link": '<https://mirror.example/inventory?page=2>; rel="next"'}
+        return httpx.Response(200, json=[], headers=more if request.url.host == "api" else {})
+
+    monkeypatch.setenv("ACME_TOKEN", "secret")
+    settings = {"url": "https://api/inventory", "pagination": "link", "token_ref": "env:ACME_TOKEN"}
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        transport = transport_for("acme", {"poll": settings}, state=DictState(), client=http)
+        assert transport is not None
+        assert len(pull(transport)) == 2
+    assert sent == {"api": "Bearer secret", "mirror.example": None}
+
+
+def test_a_malformed_page_is_fatal(supplier: RestSupplier, http: httpx.Client) -> None:
+    supplier.faults.malform_next()
+    transport = poller(supplier, http)
+    with pytest.raises(FetchFailed) as failed:
+        next(transport.fetch())
+    assert failed.value.reason.startswith("malformed_page")
+    assert failed.value.retriable is False
+    assert statuses(supplier) == [200]
+
+
+def test_settings_naming_no_transport_give_none_and_bad_ones_are_refused() -> None:
+    state = DictState()
+    assert transport_for("acme", {"options": {}}, state=state) is None
+    with pytest.raises(ValueError, match="bad_option: a connector uses one transport"):
+        transport_for("acme", {"poll": {"url": "http://x"}, "ftp": {}}, state=state)
+    with pytest.raises(ValueError, match=r"bad_option: poll\.pagination"):
+        transport_for("acme", {"poll": {"url": "http://x", "pagination": "pages"}}, state=state)
+    with pytest.raises(ValueError, match=r"bad_option: poll\.url"):
+        transport_for("acme", {"poll": {"url": "ftp://x"}}, state=state)
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date() -> None:
+    now = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
+    assert retry_after_seconds("7", now) == 7
+    assert retry_after_seconds("Thu, 15 Jan 2026 14:30:20 GMT", now) == 20
+    assert retry_after_seconds("Thu, 15 Jan 2026 14:29:00 GMT", now) == 0
+    assert retry_after_seconds("soon", now) is None
+
+
+# The circuit breaker
+
+
+def test_the_breaker_opens_after_n_failed_fetches_and_skips_fetches_while_open(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=2, cooldown_seconds=60, clock=clock)
+    transport = poller(supplier, http, max_attempts=2)
+    supplier.faults.fail_next(10)
+    for _ in range(2):
+        assert state(breaker) == "closed"
+        with pytest.raises(FetchFailed, match="http_503"):
+            list(breaker.guard(transport.fetch))
+    assert state(breaker) == "open"
+    assert len(supplier.requests) == 4  # two fetches of two attempts each
+    clock.now += 59
+    with pytest.raises(CircuitOpen) as skipped:
+        list(breaker.guard(transport.fetch))
+    assert skipped.value.retry_after == pytest.approx(1)
+    assert len(supplier.requests) == 4
+
+
+def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_the_breaker(
+    supplier: RestSupplier, http: httpx.Client
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, cooldown_seconds=60, clock=clock)
+    transport = poller(supplier, http, max_attempts=1)
+    supplier.faults.fail_next()
+    with pytest.raises(FetchFailed):
+        list(breaker.guard(transport.fetch))
+    clock.now += 60
+    assert state(breaker) == "half_open"
+    probe = breaker.guard(transport.fetch)
+    first = next(probe)
+    assert not breaker.allow()  # one probe at a time
+    assert len([first, *probe]) == 3
+    assert state(breaker) == "closed"
+
+
+def test_a_failed_probe_opens_the_breaker_for_another_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=3, cooldown_seconds=60, clock=clock)
+    for _ in range(3):
+        breaker.failed()
+    clock.now += 60
+    assert breaker.allow()
+    breaker.failed()
+    assert state(breaker) == "open"
+    clock.now += 59
+    assert not breaker.allow()
+    clock.now += 1
+    assert state(breaker) == "half_open"
+
+
+def test_a_probe_its_caller_abandons_counts_for_nothing() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, cooldown_seconds=60, clock=clock)
+    breaker.failed()
+    clock.now += 60
+    probe = breaker.guard(lambda: iter([1, 2]))
+    assert next(probe) == 1
+    probe.close()
+    assert (state(breaker), breaker.failures) == ("half_open", 1)
+    assert breaker.allow()
+
+
+# Drop folders
+
+
+def folder_transport(path: Path, **options: Any) -> Transport:
+    settings = {"path": str(path), "format": "csv", **options}
+    transport = transport_for("acme", {"folder": settings}, state=DictState())
+    assert transport is not None
+    return transport
+
+
+def test_a_drop_folder_yields_whole_files_and_ignores_partial_and_hidden_ones(
+    tmp_path: Path,
+) -> None:
+    dropped = drop(tmp_path, "csv", catalogue(3), name="stock.csv")
+    (tmp_path / ".stock-2.csv.0123abcd.part").write_bytes(b"supplier_sku,quantity\nSIM-1,")
+    (tmp_path / "stock-3.csv.part").write_bytes(b"supplier_sku,quantity\n")
+    (tmp_path / "stock-4.csv.filepart").write_bytes(b"supplier_sku,quantity\n")
+    (tmp_path / ".stock-hidden.csv").write_bytes(b"supplier_sku,quantity\n")
+    [fetched] = folder_transport(tmp_path).fetch()
+    assert fetched == Fetched(
+        content_id(dropped.read_bytes()), dropped.read_bytes(), "csv", "stock.csv", "folder"
+    )
+
+
+def test_a_processed_file_is_moved_away_and_not_fetched_again(tmp_path: Path) -> None:
+    dropped = drop(tmp_path, "csv", catalogue(3), name="stock.csv")
+    body = dropped.read_bytes()
+    transport = folder_transport(tmp_path)
+    assert [f.name for f in pull(transport)] == ["stock.csv"]
+    assert not dropped.exists()
+    assert (tmp_path / "processed" / "stock.csv").read_bytes() == body
+    assert pull(transport) == []
+
+
+def test_a_later_file_with_the_same_name_is_new_again(tmp_path: Path) -> None:
+    transport = folder_transport(tmp_path)
+    c = catalogue(3)
+    drop(tmp_path, "csv", c, name="stock.csv")
+    [first] = pull(transport)
+    c.advance(0.5, T0 + timedelta(minutes=5))
+    drop(tmp_path, "csv", c, name="stock.csv")
+    [second] = pull(transport)
+    assert second.delivery_id != first.delivery_id
+    digest = second.delivery_id.removeprefix("sha256:")[:16]
+    processed = tmp_path / "processed"
+    assert {p.name for p in processed.iterdir()} == {"stock.csv", f"stock.{digest}.csv"}
+    assert (processed / f"stock.{digest}.csv").read_bytes() == second.body
+
+
+def test_a_file_rewritten_after_it_was_fetched_is_left_for_the_next_fetch(
+    tmp_path: Path,
+) -> None:
+    transport = folder_transport(tmp_path)
+    c = catalogue(3)
+    drop(tmp_path, "csv", c, name="stock.csv")
+    [stale] = transport.fetch()
+    c.advance(0.5, T0 + timedelta(minutes=5))
+    rewritten = drop(tmp_path, "csv", c, name="stock.csv").read_bytes()
+    transport.done(stale)
+    assert (tmp_path / "stock.csv").read_bytes() == rewritten
+    [fresh] = pull(transport)
+    assert fresh.body == rewritten != stale.body
+
+
+def test_files_matching_the_pattern_are_fetched_oldest_first_and_deleted_when_done(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a feed")
+    for number, name in enumerate(["b.csv", "a.csv", "c.csv"]):
+        drop(tmp_path, "csv", catalogue(2), name=name)
+        stamp = T0.timestamp() + number
+        os.utime(tmp_path / name, (stamp, stamp))
+    transport = folder_transport(tmp_path, pattern="*.csv", done_action="delete")
+    assert [f.name for f in pull(transport)] == ["b.csv", "a.csv", "c.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# SFTP and FTP
+
+
+@pytest.fixture
+def password(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("ACME_FEED_PASSWORD", "feed-pw")
+    return "env:ACME_FEED_PASSWORD"
+
+
+def remote_settings(host: str, port: int, password_ref: str, **options: Any) -> dict[str, Any]:
+    return {
+        "host": host,
+        "port": port,
+        "username": "acme",
+        "password_ref": password_ref,
+        "format": "csv",
+        "pattern": "*.csv",
+        "timeout_seconds": 5,
+        **FAST,
+        **options,
+    }
+
+
+def pinned(server: SftpSupplier, folder: Path) -> str:
+    known_hosts = folder / "known_hosts"
+    known_hosts.write_text(server.known_hosts + "\n")
+    return str(known_hosts)
+
+
+def test_an_sftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, password: str) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    body = drop(remote, "csv", catalogue(5), name="stock-1.csv").read_bytes()
+    (remote / ".stock-2.csv.0123abcd.part").write_bytes(b"supplier_sku,")
+    with SftpSupplier(remote, username="acme", password="feed-pw") as server:
+        settings = remote_settings(
+            server.host, server.port, password, known_hosts=pinned(server, tmp_path)
+        )
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        [fetched] = pull(transport)
+        assert pull(transport) == []
+        second = drop(remote, "csv", catalogue(7), name="stock-2.csv")
+        [later] = pull(transport)
+        transport.close()
+    assert (fetched.name, fetched.source, fetched.body) == ("stock-1.csv", "sftp", body)
+    assert later.body == (remote / "processed" / "stock-2.csv").read_bytes()
+    assert not second.exists()
+    assert {p.name for p in (remote / "processed").iterdir()} == {"stock-1.csv", "stock-2.csv"}
+
+
+def test_an_sftp_server_with_another_host_key_is_refused_without_retries(
+    tmp_path: Path, password: str
+) -> None:
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    with SftpSupplier(tmp_path, username="acme", password="feed-pw") as server:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(f"[{server.host}]:{server.port} {other}")
+        settings = remote_settings(server.host, server.port, password, known_hosts=str(known_hosts))
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        started = time.monotonic()
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith("host_key_not_verifiable")
+    assert failed.value.retriable is False
+    assert time.monotonic() - started < 1
+
+
+def test_an_ftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, password: str) -> None:
+    body = drop(tmp_path, "csv", catalogue(5), name="stock-1.csv").read_bytes()
+    (tmp_path / ".stock-2.csv.0123abcd.part").write_bytes(b"supplier_sku,")
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw") as server:
+        settings = remote_settings(server.host, server.port, password)
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        fetched = list(transport.fetch())  # all fetched first: each done() has its own session
+        for delivery in fetched:
+            transport.done(delivery)
+        assert pull(transport) == []
+        drop(tmp_path, "csv", catalogue(5), name="stock-1.csv")  # the same name, the same body
+        [again] = pull(transport)
+    [only] = fetched
+    assert (only.name, only.source, only.body) == ("stock-1.csv", "ftp", body)
+    assert again.delivery_id == only.delivery_id
+    digest = only.delivery_id.removeprefix("sha256:")[:16]
+    assert {p.name for p in (tmp_path / "processed").iterdir()} == {
+        "stock-1.csv",
+        f"stock-1.{digest}.csv",
+    }
+
+
+def test_an_ftp_server_without_mlsd_is_listed_with_nlst(
+    tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unknown_command(*args: object, **kwargs: object) -> Iterator[tuple[str, dict[str, str]]]:
+        raise ftplib.error_perm("500 Command MLSD not understood.")
+
+    monkeypatch.setattr(ftplib.FTP, "mlsd", unknown_command)
+    body = drop(tmp_path, "csv", catalogue(5), name="stock-1.csv").read_bytes()
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw") as server:
+        settings = remote_settings(server.host, server.port, password)
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        [fetched] = pull(transport)
+        assert pull(transport) == []
+    assert fetched.body == body == (tmp_path / "processed" / "stock-1.csv").read_bytes()
+
+
+def test_an_ftp_login_refused_is_fatal(tmp_path: Path, password: str) -> None:
+    with FtpSupplier(tmp_path, username="acme", password="another") as server:
+        settings = remote_settings(server.host, server.port, password)
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith("ftp_refused: 530")
+    assert failed.value.retriable is False
+
+
+def test_a_server_that_does_not_answer_is_retried_then_reported_retriable(
+    tmp_path: Path, password: str
+) -> None:
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw") as server:
+        port = server.port
+    settings = remote_settings("127.0.0.1", port, password, max_attempts=2)
+    transport = transport_for("acme", {"ftp": settings}, state=DictState())
+    assert transport is not None
+    with pytest.raises(FetchFailed) as failed:
+        pull(transport)
+    assert failed.value.reason.startswith("connection_error")
+    assert failed.value.retriable is True
