@@ -194,8 +194,8 @@ class StateProjection(Projection):
             raise LookupError(topic) from None
 
     def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
-        if schema != self._schema or len(self._states) > self.max_cached_states:
-            self._states, self._schema = {}, schema
+        if schema != self._schema:
+            self._states, self._changed, self._schema = {}, {}, schema
         wanted: dict[str, set[UUID]] = defaultdict(set)
         for notified in page:
             if notified.event.originator_id not in self._states:
@@ -224,6 +224,9 @@ class StateProjection(Projection):
         self._changed = {}
         for name, changed in by_table.items():
             self._write(conn, schema, name, changed)
+        if len(self._states) > self.max_cached_states:
+            # Only now, with nothing left unwritten, may states be forgotten.
+            self._states = {}
 
     def _write(self, conn: Connection, schema: str, name: str, changed: list[Any]) -> None:
         now = datetime.now(UTC)

@@ -323,3 +323,22 @@ def test_a_reservation_is_in_the_availability_view_once_it_reaches_the_write_pos
     reached = runtime.views.wait_for("stock", placed.position, timeout=10)
     assert reached >= placed.position
     assert runtime.views.availability([sku], datetime.now(UTC))[sku].held == 4
+
+
+class Forgetful(StockProjection):
+    max_cached_states = 5
+
+
+def test_a_rebuild_spanning_many_pages_forgets_states_only_once_written(quiet: Runtime) -> None:
+    backlog(quiet, skus=40, reports=6)
+    projection = Forgetful(quiet.app)
+    with quiet.store.connection() as conn:
+        current = generation(conn, "stock", 1)
+    assert current is not None
+    # Many small pages in one transaction: states pile up unwritten past the limit.
+    catch_up(
+        projection, quiet.app, quiet.store, current, page_size=7, events_per_transaction=10_000
+    )
+    forgetful = view_rows(quiet, ["availability", "levels"])
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels"]) == forgetful
