@@ -59,6 +59,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_feed_bytes=settings.max_feed_bytes,
+        max_webhook_bytes=settings.max_webhook_bytes,
+        authenticator=app.state.authenticator,
     )
     install_error_handlers(app)
     routers = (

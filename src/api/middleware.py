@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import Authenticator
 from api.errors import error_body
 
 log = structlog.get_logger("api.http")
@@ -34,10 +35,19 @@ class RequestContextMiddleware:
     is answered 413 before any handler runs, whether or not it declared its length.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_feed_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_feed_bytes: int,
+        max_webhook_bytes: int,
+        authenticator: Authenticator,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_feed_bytes = max_feed_bytes
+        self.max_webhook_bytes = max_webhook_bytes
+        self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,7 +70,10 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            limit = self.max_feed_bytes if _is_feed(scope["path"]) else self.max_body_bytes
+            limit = self._limit(scope)
+            if limit is None:
+                await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
+                return
             body = await self._read_body(receive, limit)
             if body is None:
                 await self._too_large(send_with_id, limit)
@@ -75,6 +88,26 @@ class RequestContextMiddleware:
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
             structlog.contextvars.clear_contextvars()
+
+    def _limit(self, scope: Scope) -> int | None:
+        """How much body this request may send; None: refused before reading any of it.
+
+        A feed file may be large, so only a known key may send one; a webhook is signed
+        (checked once read), so it gets a limit of its own, far smaller.
+        """
+        path = scope["path"]
+        if not path.startswith("/v1/suppliers/"):
+            return self.max_body_bytes
+        if path.endswith("/webhook"):
+            return self.max_webhook_bytes
+        if not path.endswith("/feeds"):
+            return self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and self.authenticator.authenticate(token.strip()):
+                    return self.max_feed_bytes
+        return None
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []
@@ -93,11 +126,16 @@ class RequestContextMiddleware:
         return b"".join(chunks)
 
     async def _too_large(self, send: Send, limit: int) -> None:
-        body = error_body("payload_too_large", f"the request body is over {limit} bytes")
+        await self._refuse(
+            send, 413, "payload_too_large", f"the request body is over {limit} bytes"
+        )
+
+    async def _refuse(self, send: Send, status: int, code: str, detail: str) -> None:
+        body = error_body(code, detail)
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -106,11 +144,6 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-def _is_feed(path: str) -> bool:
-    """Feed files and webhook bodies may be far larger than API requests."""
-    return path.startswith("/v1/suppliers/") and path.endswith(("/feeds", "/webhook"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

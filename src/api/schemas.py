@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from connectors.config import check_connector
+
 # Identifiers: printable, no control characters, bounded.
 Sku = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -50,6 +52,12 @@ class SupplierIn(Strict):
     reports_net_of_our_orders: bool = False
     timezone: str = "UTC"
     connector: dict[str, Any] = Field(default_factory=dict, description="connector settings")
+
+    @field_validator("connector")
+    @classmethod
+    def _usable_connector(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_connector(value)
+        return value
 
     @field_validator("timezone")
     @classmethod

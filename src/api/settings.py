@@ -52,8 +52,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_feed_bytes: int = Field(
-        default=512 * 1_048_576, gt=0, description="limit of an uploaded feed or webhook body"
+        default=512 * 1_048_576, gt=0, description="limit of an uploaded feed file"
     )
+    max_webhook_bytes: int = Field(default=16 * 1_048_576, gt=0)
     max_observations: int = Field(default=10_000, gt=0)
     max_reservation_lines: int = Field(default=500, gt=0)
     default_ttl_seconds: int = Field(default=900, gt=0)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from connectors.inbox import forget_signatures
 from ledger.base import Cause
 from ledger.commands import ExpireHolds, NoteLastReports
 from ledger.writer import LedgerWriter
@@ -22,6 +23,8 @@ from projections.queries import Views
 log = structlog.get_logger(__name__)
 
 BATCH = 1000
+# Longer than any webhook's tolerance window: older signatures are refused as expired.
+SIGNATURES_KEPT_SECONDS = 3600
 
 
 class Sweeper:
@@ -65,6 +68,8 @@ class Sweeper:
                 ExpireHolds(at=at, cause=cause, reservation_ids=due)
             ).value
             log.info("sweeper.expired", holds=len(expired))
+        with self.views.store.connection() as conn:
+            forget_signatures(conn, SIGNATURES_KEPT_SECONDS)
         last_reports = self.views.last_reports()
         if last_reports:
             stale_cause = Cause("sweeper", "supplier.staleness", cause.correlation_id)

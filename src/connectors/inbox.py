@@ -71,6 +71,12 @@ CREATE TABLE IF NOT EXISTS connector_health (
     deliveries integer NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS connector_webhook_signatures (
+    supplier_id text NOT NULL,
+    signature text NOT NULL,
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (supplier_id, signature)
+);
 CREATE TABLE IF NOT EXISTS connector_state (
     supplier_id text NOT NULL,
     name text NOT NULL,
@@ -111,7 +117,6 @@ class Received:
     status: str
     duplicate: bool
     clash: bool
-    replayed_signature: bool = False
 
 
 def enqueue(
@@ -127,7 +132,7 @@ def enqueue(
     signed_at: int | None = None,
 ) -> Received:
     """Stores a delivery once. The same id with the same content is a duplicate (nothing
-    happens); with other content it is a clash; the same signed request again is a replay."""
+    happens); with other content it is a clash."""
     row = conn.execute(
         "INSERT INTO connector_inbox"
         " (supplier_id, delivery_id, source, format, content_hash, name, signed_at, body)"
@@ -139,7 +144,7 @@ def enqueue(
         conn.execute("NOTIFY connector_inbox")
         return Received(delivery_id, row["status"], duplicate=False, clash=False)
     existing = conn.execute(
-        "SELECT status, content_hash, signed_at FROM connector_inbox"
+        "SELECT status, content_hash FROM connector_inbox"
         " WHERE supplier_id = %s AND delivery_id = %s",
         (supplier_id, delivery_id),
     ).fetchone()
@@ -149,7 +154,25 @@ def enqueue(
         existing["status"],
         duplicate=True,
         clash=existing["content_hash"] != content_hash,
-        replayed_signature=signed_at is not None and existing["signed_at"] == signed_at,
+    )
+
+
+def first_use_of_signature(conn: Connection, supplier_id: str, signature: str) -> bool:
+    """True the first time a signed request is seen; a replay, under any delivery id, is not."""
+    row = conn.execute(
+        "INSERT INTO connector_webhook_signatures (supplier_id, signature) VALUES (%s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        (supplier_id, signature),
+    ).fetchone()
+    return row is not None
+
+
+def forget_signatures(conn: Connection, older_than_seconds: int) -> None:
+    """Signatures older than the time window are refused as expired anyway."""
+    conn.execute(
+        "DELETE FROM connector_webhook_signatures"
+        " WHERE seen_at < now() - make_interval(secs => %s)",
+        (older_than_seconds,),
     )
 
 

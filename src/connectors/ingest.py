@@ -164,8 +164,11 @@ class Ingestor:
         actor: str,
         options: dict[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> IngestResult:
-        """Applies one delivery; raises FeedRejected when it is broken as a whole."""
+        """Applies one delivery; raises FeedRejected when it is broken as a whole.
+
+        `heartbeat` is called after each batch, e.g. to keep an inbox claim alive."""
         terms = self.terms(supplier_id)
         parser_options = {**(terms.connector.get("options") or {}), **(options or {})}
         records = parse(format, body, parser_options)
@@ -178,6 +181,7 @@ class Ingestor:
             received_at=received_at,
             actor=actor,
             progress=progress,
+            heartbeat=heartbeat,
         )
 
     def retry(self, supplier_id: str, records: list[Record], actor: str) -> IngestResult:
@@ -205,6 +209,7 @@ class Ingestor:
         received_at: datetime,
         actor: str,
         progress: Callable[[int], None] | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> IngestResult:
         now = self.clock()
         result = IngestResult(delivery_id)
@@ -242,7 +247,7 @@ class Ingestor:
                 )
         result.unchanged = staged - len(changes)
         result.rejections.sort(key=lambda rejection: rejection.index)
-        self._send(supplier_id, delivery_id, source, observations, result, actor, now)
+        self._send(supplier_id, delivery_id, source, observations, result, actor, now, heartbeat)
         if observations:
             newest = max(o.observed_at for o in observations)
             result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
@@ -281,7 +286,8 @@ class Ingestor:
                         continue
                     outcome = normalise(item, rules, received_at, now)
                     if isinstance(outcome, str):
-                        result.rejections.append(Rejection(item.position, outcome, _letter(item)))
+                        letter = _letter(item, received_at)
+                        result.rejections.append(Rejection(item.position, outcome, letter))
                         continue
                     copy.write_row(_row(outcome, item.unit))
                     staged += 1
@@ -300,6 +306,7 @@ class Ingestor:
         result: IngestResult,
         actor: str,
         now: datetime,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """Sends the changes to the ledger in batches; the first carries the refusals."""
         batches = [
@@ -308,7 +315,10 @@ class Ingestor:
         ] or [[]]
         for number, batch in enumerate(batches):
             rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if number == 0 else []
-            part = delivery_id if len(batches) == 1 else _part_id(delivery_id, batch)
+            # A part is named by what it carries: applying the delivery again (after a
+            # crash or a timeout) sends only what is still unapplied, under new names,
+            # while an identical part is recognised and changes nothing.
+            part = f"{delivery_id}~{_part_hash(batch, rejections)[:16]}"
             command = ReportStock(
                 at=now,
                 cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
@@ -321,6 +331,8 @@ class Ingestor:
                 rejected=rejections,
             )
             outcome = self.writer.execute(command)
+            if heartbeat is not None:
+                heartbeat()
             counted: DeliveryOutcome = outcome.value
             result.applied += counted.applied
             result.unchanged += counted.unchanged
@@ -343,12 +355,8 @@ def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
     )
 
 
-def _letter(record: Record) -> dict[str, Any]:
-    return {"fields": record_fields(record), "raw": record.raw}
-
-
-def _part_id(delivery_id: str, batch: list[Observation]) -> str:
-    return f"{delivery_id}~{_part_hash(batch, [])[:16]}"
+def _letter(record: Record, received_at: datetime) -> dict[str, Any]:
+    return {"fields": record_fields(record, received_at), "raw": record.raw}
 
 
 def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:

@@ -110,14 +110,15 @@ def normalise(
     return Staged(record.position, record.supplier_sku, record.upc, quantity, factor, observed_at)
 
 
-def record_fields(record: Record) -> dict[str, Any]:
-    """What a dead letter keeps of a readable record, so that it can be tried again."""
+def record_fields(record: Record, received_at: datetime) -> dict[str, Any]:
+    """What a dead letter keeps of a readable record, so that it can be tried again: with
+    the time it was observed (or received), so a retry is not mistaken for news."""
     return {
         "supplier_sku": record.supplier_sku,
         "upc": record.upc,
         "quantity": record.quantity,
         "unit": record.unit,
-        "observed_at": None if record.observed_at is None else record.observed_at.isoformat(),
+        "observed_at": (record.observed_at or received_at).isoformat(),
     }
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -135,45 +136,51 @@ class Scheduler:
         """Follows suppliers' connector settings, as the stock view holds them."""
         with self.store.connection() as conn:
             rows = conn.execute("SELECT supplier_id, terms FROM view_suppliers").fetchall()
-        seen = set()
+        seen: set[str] = set()
         for row in rows:
-            supplier_id = row["supplier_id"]
-            connector = (row["terms"] or {}).get("connector") or {}
-            current = self.schedules.get(supplier_id)
-            if current is not None and current.connector == connector:
-                seen.add(supplier_id)
-                continue
-            if current is not None:
-                current.transport.close()
-                del self.schedules[supplier_id]
             try:
-                transport = transport_for(
-                    supplier_id,
-                    connector,
-                    state=DatabaseState(self.store, supplier_id),
-                    client=self.client,
-                )
-            except ValueError as error:
-                log.warning("scheduler.bad_settings", supplier=supplier_id, error=str(error))
-                continue
-            if transport is None:
-                continue
-            schedule_settings = connector.get("schedule") or {}
-            breaker_settings = connector.get("breaker") or {}
-            self.schedules[supplier_id] = Schedule(
-                supplier_id=supplier_id,
-                connector=connector,
-                transport=transport,
-                breaker=CircuitBreaker(
-                    failures_to_open=int(breaker_settings.get("failures_to_open", 5)),
-                    cooldown_seconds=float(breaker_settings.get("cooldown_seconds", 60)),
-                ),
-                interval=float(schedule_settings.get("interval_seconds", DEFAULT_INTERVAL_SECONDS)),
-                jitter=float(schedule_settings.get("jitter", 0.1)),
-            )
-            seen.add(supplier_id)
+                self._follow(row, seen)
+            except Exception:  # one supplier's settings never stop the others
+                log.exception("scheduler.bad_settings", supplier=row["supplier_id"])
         for gone in set(self.schedules) - seen:
             self.schedules.pop(gone).transport.close()
+
+    def _follow(self, row: dict[str, Any], seen: set[str]) -> None:
+        """Keeps one supplier's schedule in step with its settings."""
+        supplier_id = row["supplier_id"]
+        connector = (row["terms"] or {}).get("connector") or {}
+        current = self.schedules.get(supplier_id)
+        if current is not None and current.connector == connector:
+            seen.add(supplier_id)
+            return
+        if current is not None:
+            current.transport.close()
+            del self.schedules[supplier_id]
+        schedule_settings = connector.get("schedule") or {}
+        breaker_settings = connector.get("breaker") or {}
+        breaker = CircuitBreaker(
+            failures_to_open=int(breaker_settings.get("failures_to_open", 5)),
+            cooldown_seconds=float(breaker_settings.get("cooldown_seconds", 60)),
+        )
+        interval = float(schedule_settings.get("interval_seconds", DEFAULT_INTERVAL_SECONDS))
+        jitter = float(schedule_settings.get("jitter", 0.1))
+        transport = transport_for(
+            supplier_id,
+            connector,
+            state=DatabaseState(self.store, supplier_id),
+            client=self.client,
+        )
+        if transport is None:
+            return
+        self.schedules[supplier_id] = Schedule(
+            supplier_id=supplier_id,
+            connector=connector,
+            transport=transport,
+            breaker=breaker,
+            interval=interval,
+            jitter=jitter,
+        )
+        seen.add(supplier_id)
 
     def run(self, schedule: Schedule) -> int:
         """One fetch of one supplier: each delivery into the inbox, then marked done."""
@@ -203,11 +210,15 @@ class Scheduler:
             # and a file session ends now, not whenever the garbage is collected.
             with closing(schedule.breaker.guard(schedule.transport.fetch)) as fetches:
                 for fetched in fetches:
+                    # Each fetch is an arrival: the same file again is news that the stock
+                    # still stands (its undated rows are observed now), so it is named by
+                    # its content and when it came, not by its content alone.
+                    arrived = f"{fetched.delivery_id}@{datetime.now(UTC):%Y%m%dT%H%M%S.%f}"
                     with self.store.connection() as conn:
                         received = inbox.enqueue(
                             conn,
                             supplier_id=supplier,
-                            delivery_id=fetched.delivery_id,
+                            delivery_id=arrived,
                             source=fetched.source,
                             format=schedule.connector.get("format") or fetched.format,
                             content_hash=content_hash(fetched.body),

@@ -28,6 +28,8 @@ def refusal(
     """Why the request must be refused, or None when the signature holds."""
     if not timestamp or not signature:
         return "missing_signature"
+    if len(timestamp) > 12:
+        return "bad_timestamp"
     try:
         signed_at = int(timestamp)
     except ValueError:

@@ -13,7 +13,6 @@ from eventsourcing.persistence import PersistenceError
 from connectors import health, inbox
 from connectors.ingest import FeedRejected, Ingestor, IngestResult, record_dead_letters
 from connectors.parsers import Format
-from ledger.errors import LedgerError
 from projections.store import ViewStore
 
 log = structlog.get_logger(__name__)
@@ -51,6 +50,9 @@ class InboxWorker:
             except (psycopg.Error, PersistenceError) as error:
                 log.warning("inbox.unavailable", error=str(error))
                 worked = False
+            except Exception:  # never let one delivery stop every later one
+                log.exception("inbox.worker_error")
+                worked = False
             if not worked:
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
@@ -80,12 +82,13 @@ class InboxWorker:
                 received_at=delivery.received_at,
                 actor=f"connector:{supplier}",
                 options=_source_options(delivery.source),
+                heartbeat=lambda: self._heartbeat(delivery),
             )
         except FeedRejected as broken:
             self._finish(delivery, "rejected", None, broken.reason)
             log.warning("feed.delivery.rejected", supplier=supplier, reason=broken.reason)
             return None
-        except (LedgerError, psycopg.Error, PersistenceError, ValueError, TimeoutError) as error:
+        except Exception as error:  # whatever it was, the delivery is kept and tried again
             status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
             retry_in = 2.0**delivery.attempts  # 2, 4, 8, 16 s, then it is left failed
             self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
@@ -113,6 +116,11 @@ class InboxWorker:
             rejected=result.rejected,
         )
         return result
+
+    def _heartbeat(self, delivery: inbox.Delivery) -> None:
+        """Keeps the claim alive while a long delivery is applied, so no one takes it over."""
+        with self.store.connection() as conn:
+            inbox.heartbeat(conn, delivery.id)
 
     def _finish(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,7 +14,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import AggregateCreated
 
 from ledger.base import Cause, LedgerAggregate
-from ledger.errors import ExceedsOpenQuantity, InvalidState
+from ledger.errors import ExceedsOpenQuantity, IdempotencyKeyMismatch, InvalidState
 from ledger.stock import Allocation
 
 
@@ -249,6 +251,28 @@ class Reservation(LedgerAggregate):
         if request_key is not None:
             self.request_keys.append(request_key)
 
+    def _replayed(self, operation: str, key: str | None, request: object) -> str | None:
+        """The key to record for this request, or None when it was already applied.
+
+        A key is remembered with its operation and the request it came with: the same
+        key again with the same request changes nothing; with another, it is refused.
+        """
+        if key is None:
+            return None
+        fingerprint = hashlib.sha256(
+            json.dumps(request, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        recorded = f"{operation}:{key}#{fingerprint}"
+        for earlier in self.request_keys:
+            if earlier.startswith(f"{operation}:{key}#"):
+                if earlier == recorded:
+                    return ""
+                raise IdempotencyKeyMismatch(
+                    f"this Idempotency-Key was used for another {operation} request",
+                    reservation_id=str(self.id),
+                )
+        return recorded
+
     def status_at(self, at: datetime) -> ReservationStatus:
         """The status, counting a hold past its expiry as expired before the sweeper says so."""
         if self.status == ReservationStatus.HELD and at >= self.expires_at:
@@ -314,7 +338,8 @@ class Reservation(LedgerAggregate):
         request_key: str | None = None,
     ) -> list[Movement]:
         """Records shipped quantities; a repeated `request_key` changes nothing."""
-        if request_key is not None and request_key in self.request_keys:
+        recorded = self._replayed("fulfil", request_key, requested)
+        if recorded == "":
             return []
         status = self.status_at(at)
         if status not in OPEN_COMMITMENTS:
@@ -323,7 +348,7 @@ class Reservation(LedgerAggregate):
         self.trigger_event(
             self.Fulfilled,
             movements=[m.as_dict() for m in movements],
-            request_key=request_key,
+            request_key=recorded,
             timestamp=at,
             **cause.as_kwargs(),
         )
@@ -338,7 +363,8 @@ class Reservation(LedgerAggregate):
         request_key: str | None = None,
     ) -> list[Movement]:
         """Records units coming back from the customer; a repeated `request_key` changes nothing."""
-        if request_key is not None and request_key in self.request_keys:
+        recorded = self._replayed("return", request_key, [requested, restock])
+        if recorded == "":
             return []
         movements = _movements(
             self.lines, [(sku, quantity, None) for sku, quantity in requested], budget_of="shipped"
@@ -347,7 +373,7 @@ class Reservation(LedgerAggregate):
             self.Returned,
             movements=[m.as_dict() for m in movements],
             restock=restock,
-            request_key=request_key,
+            request_key=recorded,
             timestamp=at,
             **cause.as_kwargs(),
         )

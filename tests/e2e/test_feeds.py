@@ -213,3 +213,59 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
     assert still_open["items"] == []
     assert missing.status_code == 404
     assert on_hand(ledger, sku, retried.json()["position"]) == 6
+
+
+@pytest.mark.parametrize(
+    "connector",
+    [
+        {"schedule": {"interval_seconds": "1m"}},
+        {"units": {"CS": "twelve"}},
+        {"poll": {"url": "not a url"}},
+        {"folder": {"path": "/tmp"}, "ftp": {"host": "x"}},
+        {"webhook": {"secret_ref": "plain-text-secret"}},
+        {"format": "pdf"},
+    ],
+)
+def test_unusable_connector_settings_are_refused_when_saved(
+    ledger: Server, connector: dict[str, Any]
+) -> None:
+    with ledger.client("test-admin") as admin:
+        answer = admin.put(
+            f"/v1/suppliers/bad-{uuid.uuid4().hex[:6]}", json={"name": "x", "connector": connector}
+        )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "validation_error"
+
+
+def test_a_captured_signed_request_cannot_be_replayed_under_another_delivery_id(
+    ledger: Server,
+) -> None:
+    body = b'{"observations": []}'
+    headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        first = anyone.post(path, content=body, headers=headers)
+        replay = anyone.post(
+            path, content=body, headers={**headers, "X-Ledger-Delivery": "another-id"}
+        )
+        huge = anyone.post(
+            path, content=body, headers={**headers, "X-Ledger-Timestamp": "1" + "0" * 400}
+        )
+    assert first.status_code == 202
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_signature")
+    assert (huge.status_code, huge.json()["error"]) == (401, "bad_timestamp")
+
+
+def test_a_feed_upload_without_a_valid_key_is_refused_before_its_body_is_read(
+    ledger: Server,
+) -> None:
+    with httpx.Client(base_url=ledger.base_url, timeout=30) as anyone:
+        answer = anyone.post(
+            "/v1/suppliers/acme/feeds",
+            params={"format": "csv"},
+            headers={"Authorization": "Bearer not-a-key"},
+            content=b"x" * (8 * 1_048_576),
+        )
+    assert answer.status_code == 401
+    assert answer.json()["error"] == "unauthorized"

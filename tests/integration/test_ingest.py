@@ -265,3 +265,32 @@ def test_the_inbox_keeps_a_delivery_once_and_refuses_other_content_under_its_id(
         [status] = inbox.delivery_status(conn, "batch-17")
     assert status["status"] == "applied"
     assert status["outcome"]["applied"] == 1
+
+
+def test_a_delivery_applied_again_after_a_crash_changes_nothing_and_fails_nothing(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "acme", {"A": "SKU-AGAIN"})
+    body = csv_body({"A": 4, "NOT-MAPPED": 1}, datetime.now(UTC) - timedelta(minutes=1))
+    first = ledger.ingestor.ingest(
+        "acme",
+        "same-delivery",
+        io.BytesIO(body),
+        "csv",
+        source="test",
+        received_at=datetime.now(UTC),
+        actor="test",
+    )
+    events = stock_events(ledger)
+    again = ledger.ingestor.ingest(
+        "acme",
+        "same-delivery",
+        io.BytesIO(body),
+        "csv",
+        source="test",
+        received_at=datetime.now(UTC),
+        actor="test",
+    )
+    assert (first.applied, first.rejected) == (1, 1)
+    assert (again.applied, again.unchanged, again.rejected) == (0, 1, 1)
+    assert stock_events(ledger) == events

@@ -155,3 +155,29 @@ def test_a_failing_supplier_opens_its_breaker_and_shows_in_feed_health(ledger: R
     assert len(rest.requests) == requests_while_open + 1
     assert (healed["breaker"], healed["consecutive_failures"]) == ("closed", 0)
     assert healed["deliveries"] == 1
+
+
+def test_the_same_undated_file_again_keeps_the_stock_fresh(ledger: Runtime, tmp_path: Path) -> None:
+    catalogue = Catalogue(3, seed=4)
+    supplier_fed_by(ledger, "steady", catalogue, folder={"path": str(tmp_path), "format": "csv"})
+    item = next(iter(catalogue.items()))
+    undated = f"supplier_sku,quantity\n{item.supplier_sku},7\n".encode()
+    scheduler, worker = scheduler_for(ledger)
+    (tmp_path / "daily.csv").write_bytes(undated)
+    assert scheduler.tick() == 1
+    assert worker.work_once()
+    stock_id = StockItem.id_for(f"steady-{item.supplier_sku}")
+    first = ledger.app.repository.get(stock_id).positions["steady"].observed_at
+
+    (tmp_path / "daily.csv").write_bytes(undated)  # the next day: the very same file
+    scheduler.schedules["steady"].due = 0
+    assert scheduler.tick() == 1
+    assert worker.work_once()
+    with ledger.store.connection() as conn:
+        [row] = conn.execute(
+            "SELECT observed_at FROM inventoryledger_levels WHERE supplier_id = 'steady'"
+            " AND sku = %s",
+            (f"steady-{item.supplier_sku}",),
+        ).fetchall()
+    assert first is not None
+    assert row["observed_at"] >= first

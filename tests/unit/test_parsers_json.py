@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import tracemalloc
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -190,3 +191,15 @@ def test_a_large_feed_is_parsed_while_it_is_still_being_read() -> None:
     assert read_at[1] < total / 20
     assert read_at[RECORDS // 2] < total * 0.6
     assert first() is None, "the parser keeps the records it yielded"
+
+
+def test_a_document_nested_deeper_than_any_feed_is_refused_cheaply() -> None:
+    body = b'{"items": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    tracemalloc.start()
+    try:
+        with pytest.raises(FeedError, match="too_deeply_nested"):
+            list(parse("json", io.BytesIO(body), {}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1_048_576

@@ -202,3 +202,10 @@ def test_elements_already_read_are_let_go_so_memory_stays_flat() -> None:
 
     assert count == 10_000
     assert peak < size / 10, f"peak {peak} bytes for a {size}-byte document"
+
+
+def test_a_record_nested_deeper_than_python_recurses_is_refused_as_a_feed_error() -> None:
+    inner = b"<x>" * 5000 + b"</x>" * 5000
+    body = b"<items><item><sku>A</sku><quantity>1</quantity>" + inner + b"</item></items>"
+    with pytest.raises(FeedError, match="too_deeply_nested"):
+        list(parse("xml", io.BytesIO(body), {}))

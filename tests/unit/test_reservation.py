@@ -470,6 +470,55 @@ def test_a_repeated_fulfil_request_key_changes_nothing(ledger: Ledger, acme: str
     assert numbers(ledger.levels(shirt, at(20))) == (9, 0, 3, 6)
 
 
+def test_a_fulfil_key_used_again_with_another_request_is_refused(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+
+    def fulfil(quantity: int) -> Fulfil:
+        return Fulfil(
+            at=at(20),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, quantity, None)],
+            request_key="ship-1",
+        )
+
+    ledger.run(fulfil(1))
+    with pytest.raises(IdempotencyKeyMismatch):
+        ledger.run(fulfil(3))
+    assert ledger.queries.reservation(reservation.id).lines[shirt].fulfilled == {"acme": 1}
+
+
+def test_a_return_and_a_fulfilment_may_share_a_key_without_one_hiding_the_other(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(
+            at=at(20),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 2, None)],
+            request_key="K",
+        )
+    )
+    returned = ledger.run(
+        Return(
+            at=at(30),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 1)],
+            restock=True,
+            request_key="K",
+        )
+    )
+    assert returned.position is not None
+    assert returned.value.lines[shirt].returned == {"acme": 1}
+
+
 @pytest.mark.parametrize(("restock", "available_after"), [(True, 8), (False, 6)])
 def test_a_return_makes_units_available_again_only_when_restocked(
     ledger: Ledger, acme: str, restock: bool, available_after: int

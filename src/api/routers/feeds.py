@@ -121,6 +121,10 @@ async def webhook(
         raise ApiError(401, reason, "the webhook signature does not hold")
     assert delivery is not None
     assert timestamp is not None
+    assert signature is not None
+    if not await _in_thread(_first_use, runtime, supplier_id, signature):
+        log.warning("webhook.refused", supplier=supplier_id, reason="replayed_signature")
+        raise ApiError(401, "replayed_signature", "this signed request was already received")
     received = await _in_thread(
         _enqueue,
         runtime,
@@ -133,10 +137,12 @@ async def webhook(
         None,
         int(timestamp),
     )
-    if received.replayed_signature:
-        log.warning("webhook.refused", supplier=supplier_id, reason="replayed_signature")
-        raise ApiError(401, "replayed_signature", "this signed request was already received")
     return _accepted(runtime, received, supplier_id)
+
+
+def _first_use(runtime: Runtime, supplier_id: str, signature: str) -> bool:
+    with runtime.store.connection() as conn:
+        return inbox.first_use_of_signature(conn, supplier_id, signature.strip())
 
 
 def _enqueue(

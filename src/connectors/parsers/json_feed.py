@@ -85,9 +85,35 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
         [first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: source.read(CHUNK), b"")
     )
     try:
-        yield from _records(ijson.parse(_Chunks(chunks), use_float=True), settings)
+        events = ijson.basic_parse(_Chunks(chunks), use_float=True)
+        yield from _records(_prefixed(events), settings)
     except ijson.JSONError as error:
         raise FeedError(f"malformed_json: {_first_line(error)}") from error
+
+
+# Stock feeds are shallow; past this, a document is refused before it costs memory
+# (ijson's own prefixes grow with depth for every event, quadratic in a hostile file).
+MAX_DEPTH = 64
+
+
+def _prefixed(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, str, Any]]:
+    """ijson's `parse`, over `basic_parse`, with the nesting bounded."""
+    path: list[str | None] = []
+    for event, value in events:
+        if event == "map_key":
+            prefix = ".".join(str(p) for p in path[:-1])
+            path[-1] = value
+        elif event in ("start_map", "start_array"):
+            prefix = ".".join(str(p) for p in path)
+            path.append(None if event == "start_map" else "item")
+            if len(path) > MAX_DEPTH:
+                raise FeedError(f"too_deeply_nested: more than {MAX_DEPTH} levels")
+        elif event in ("end_map", "end_array"):
+            path.pop()
+            prefix = ".".join(str(p) for p in path)
+        else:
+            prefix = ".".join(str(p) for p in path)
+        yield prefix, event, value
 
 
 class _Chunks:

@@ -91,6 +91,8 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
         raise FeedError(f"forbidden_xml: {error}") from error
     except ParseError as error:
         raise FeedError(f"malformed_xml: {error}") from error
+    except RecursionError as error:
+        raise FeedError("too_deeply_nested: a record nests its elements too deep") from error
 
 
 def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterator[Parsed]:

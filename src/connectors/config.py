@@ -1,0 +1,64 @@
+"""Checking a supplier's connector settings when they are saved, not when they are used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectors.parsers import FORMATS
+from connectors.transports import transport_for
+
+
+class _NoState:
+    def get(self, name: str) -> Any:
+        return None
+
+    def set(self, name: str, value: Any) -> None:
+        pass
+
+
+def _positive(section: dict[str, Any], name: str, kind: type[float] | type[int]) -> None:
+    if name in section:
+        value = section[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if kind is int and not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
+
+
+def check_connector(connector: dict[str, Any]) -> None:
+    """Raises ValueError naming what is wrong with these connector settings."""
+    if "format" in connector and connector["format"] not in FORMATS:
+        raise ValueError(f"format is one of {', '.join(FORMATS)}")
+    for name, kind in (
+        ("schedule", dict),
+        ("breaker", dict),
+        ("units", dict),
+        ("options", dict),
+        ("webhook", dict),
+    ):
+        if name in connector and not isinstance(connector[name], kind):
+            raise ValueError(f"{name} must be an object")
+    schedule = connector.get("schedule") or {}
+    _positive(schedule, "interval_seconds", float)
+    if "jitter" in schedule and not 0 <= schedule["jitter"] < 1:
+        raise ValueError("schedule.jitter is between 0 and 1")
+    breaker = connector.get("breaker") or {}
+    _positive(breaker, "failures_to_open", int)
+    _positive(breaker, "cooldown_seconds", float)
+    for unit, factor in (connector.get("units") or {}).items():
+        if (
+            not isinstance(unit, str)
+            or isinstance(factor, bool)
+            or not isinstance(factor, int)
+            or factor < 1
+        ):
+            raise ValueError(f"units maps a unit name to a whole number of base units: {unit!r}")
+    _positive(connector, "max_quantity", int)
+    _positive(connector, "max_age_seconds", int)
+    webhook = connector.get("webhook") or {}
+    if webhook and not str(webhook.get("secret_ref", "")).startswith(("env:", "file:")):
+        raise ValueError("webhook.secret_ref is env:NAME or file:PATH")
+    _positive(webhook, "tolerance_seconds", int)
+    transport = transport_for("check", connector, state=_NoState())
+    if transport is not None:
+        transport.close()
