@@ -1,12 +1,20 @@
-"""Reservations over HTTP on one hot SKU: the ledger beside a one-UPDATE-per-request baseline.
+"""Reservations and availability reads over HTTP: the ledger beside per-request baselines.
 
-Both run with the same number of uvicorn workers on the same PostgreSQL, under the same
-wrk load, in the same run. The ledger is then checked for oversold units.
+Reservations go to one hot SKU, then across 10,000 SKUs; the baseline is a FastAPI +
+psycopg service running one conditional UPDATE per request. Availability reads (random
+SKUs of the 10,000, 16 and 64 clients) are set beside a trivial FastAPI endpoint that
+returns a constant body. Both services run with the same number of uvicorn workers on
+the same PostgreSQL, under the same wrk load, in the same run. The ledger is then checked
+for oversold units and for holds it lost or invented.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,91 +23,159 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.harness import free_port, fresh_database, serving, wrk
+from bench.harness import Load, free_port, fresh_database, serving, wrk
 
-SCRIPT = Path(__file__).with_name("reserve.lua")
-STOCK = 10_000_000
+RESERVE = Path(__file__).with_name("reserve.lua")
+READ = Path(__file__).with_name("read.lua")
 KEYS = "admin:admin:bench-admin,oms:oms:bench-oms,shop:storefront:bench-shop"
+ADMIN = {"Authorization": "Bearer bench-admin"}
+SHOP = {"Authorization": "Bearer bench-shop"}
+HOT_STOCK = 10_000_000
+SPREAD = 10_000
+SPREAD_STOCK = 100_000
+READ_CLIENTS = (16, 64)
 
 
-def ledger_run(server_url: str, workers: int, seconds: int, connections: int) -> dict[str, Any]:
-    with fresh_database(server_url) as database_url:
-        port = free_port()
-        env = {
-            "LEDGER_DATABASE_URL": database_url,
-            "LEDGER_API_KEYS": KEYS,
-            "LEDGER_LOG_LEVEL": "WARNING",
-            "LEDGER_LOG_FORMAT": "json",
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "api",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ]
-        with serving(command, env, "/readyz", port) as base:
-            admin = {"Authorization": "Bearer bench-admin"}
-            httpx.put(f"{base}/v1/suppliers/bench", json={"name": "Bench"}, headers=admin)
-            httpx.put(f"{base}/v1/skus/HOT", json={"safety_stock": 0}, headers=admin)
-            report = httpx.post(
-                f"{base}/v1/suppliers/bench/stock",
-                json={"observations": [{"sku": "HOT", "quantity": STOCK, "observed_at": _now()}]},
-                headers=admin,
-            )
-            report.raise_for_status()
-            load_env = {"BENCH_SKU": "HOT", "BENCH_TOKEN": "bench-oms"}
-            warmup = wrk(base, SCRIPT, load_env, 2, connections)
-            load = wrk(base, SCRIPT, load_env, seconds, connections)
-            shop = {"Authorization": "Bearer bench-shop"}
-            levels = httpx.get(f"{base}/v1/availability/HOT", headers=shop).json()
+def sku_names(skus: int) -> list[str]:
+    return ["HOT"] if skus == 1 else [f"S{number:05d}" for number in range(1, skus + 1)]
+
+
+def load_env(skus: int, token: str) -> dict[str, str]:
+    if skus == 1:
+        return {"BENCH_SKU": "HOT", "BENCH_TOKEN": token}
+    return {"BENCH_SKUS": str(skus), "BENCH_TOKEN": token}
+
+
+# The ledger -------------------------------------------------------------------
+
+
+@contextmanager
+def ledger_serving(database_url: str, workers: int) -> Iterator[str]:
+    port = free_port()
+    env = {
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_API_KEYS": KEYS,
+        "LEDGER_LOG_LEVEL": "WARNING",
+        "LEDGER_LOG_FORMAT": "json",
+    }
+    command = [sys.executable, "-m", "api", "serve", "--port", str(port)]
+    command += ["--workers", str(workers)]
+    with serving(command, env, "/readyz", port) as base:
+        yield base
+
+
+def stock_catalogue(base: str, skus: list[str], quantity: int) -> None:
+    """A supplier with `quantity` of every SKU (not a measured figure)."""
+    httpx.put(f"{base}/v1/suppliers/bench", json={"name": "Bench"}, headers=ADMIN)
+    with httpx.Client(base_url=base, headers=ADMIN, timeout=30) as client:
+
+        def put(sku: str) -> None:
+            client.put(f"/v1/skus/{sku}", json={"safety_stock": 0}).raise_for_status()
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, skus))
+        for start in range(0, len(skus), 1000):
+            observations = [
+                {"sku": sku, "quantity": quantity, "observed_at": _now()}
+                for sku in skus[start : start + 1000]
+            ]
+            client.post(
+                "/v1/suppliers/bench/stock", json={"observations": observations}
+            ).raise_for_status()
+
+
+def stock_check(base: str, skus: list[str]) -> dict[str, int]:
+    """Held, committed and oversold units over the SKUs, once the view has caught up."""
+    previous: dict[str, int] | None = None
+    deadline = time.monotonic() + 30
+    while True:
+        totals = {"held": 0, "committed": 0, "oversold": 0}
+        with httpx.Client(base_url=base, headers=SHOP, timeout=30) as client:
+            for start in range(0, len(skus), 100):
+                batch = skus[start : start + 100]
+                answer = client.get("/v1/availability", params={"sku": batch})
+                answer.raise_for_status()
+                for levels in answer.json()["items"]:
+                    totals["held"] += levels["held"]
+                    totals["committed"] += levels["committed"]
+                    promised = levels["held"] + levels["committed"]
+                    totals["oversold"] += max(0, promised - levels["sellable"])
+        if totals == previous or time.monotonic() > deadline:
+            return totals
+        previous = totals
+        time.sleep(0.5)
+
+
+def ledger_run(
+    server_url: str, workers: int, seconds: int, connections: int, skus: int
+) -> dict[str, Any]:
+    names = sku_names(skus)
+    with fresh_database(server_url) as database_url, ledger_serving(database_url, workers) as base:
+        stock_catalogue(base, names, HOT_STOCK if skus == 1 else SPREAD_STOCK)
+        env = load_env(skus, "bench-oms")
+        warmup = wrk(base, RESERVE, env, 2, connections)
+        load = wrk(base, RESERVE, env, seconds, connections)
+        check = stock_check(base, names)
+        reads = {}
+        if skus > 1:
+            read_env = {"BENCH_PATH": "/v1/availability/S%05d", **load_env(skus, "bench-shop")}
+            for clients in READ_CLIENTS:
+                wrk(base, READ, read_env, 2, clients)
+                reads[clients] = asdict(wrk(base, READ, read_env, seconds, clients))
     granted = warmup.ok + load.ok
     return {
         "load": asdict(load),
         "reservations_per_second": load.ok_per_second,
         "granted": granted,
-        "held": levels["held"],
-        "oversold_units": max(0, levels["held"] + levels["committed"] - levels["sellable"]),
-        "lost_or_extra_holds": levels["held"] - granted,
+        "held": check["held"],
+        "oversold_units": check["oversold"],
+        "lost_or_extra_holds": check["held"] - granted,
+        "reads": reads,
     }
 
 
-def baseline_run(server_url: str, workers: int, seconds: int, connections: int) -> dict[str, Any]:
+# The baseline -----------------------------------------------------------------
+
+
+def baseline_run(
+    server_url: str, workers: int, seconds: int, connections: int, skus: int
+) -> dict[str, Any]:
+    names = sku_names(skus)
+    stock = HOT_STOCK if skus == 1 else SPREAD_STOCK
     with fresh_database(server_url) as database_url:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(
                 "CREATE TABLE baseline_stock (sku text PRIMARY KEY, on_hand int, reserved int)"
             )
-            conn.execute("INSERT INTO baseline_stock VALUES ('HOT', %s, 0)", (STOCK,))
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO baseline_stock VALUES (%s, %s, 0)", [(n, stock) for n in names]
+                )
         port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.baseline_app:app",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
+        command = [sys.executable, "-m", "uvicorn", "bench.baseline_app:app"]
+        command += ["--port", str(port), "--workers", str(workers)]
+        command += ["--log-level", "warning", "--no-access-log"]
+        reads = {}
         with serving(command, {"BASELINE_DATABASE_URL": database_url}, "/constant", port) as base:
-            load_env = {"BENCH_SKU": "HOT", "BENCH_TOKEN": "x"}
-            warmup = wrk(base, SCRIPT, load_env, 2, connections)
-            load = wrk(base, SCRIPT, load_env, seconds, connections)
+            env = load_env(skus, "x")
+            warmup = wrk(base, RESERVE, env, 2, connections)
+            load = wrk(base, RESERVE, env, seconds, connections)
+            if skus > 1:
+                read_env = {"BENCH_PATH": "/constant", "BENCH_TOKEN": "x"}
+                for clients in READ_CLIENTS:
+                    wrk(base, READ, read_env, 2, clients)
+                    reads[clients] = asdict(wrk(base, READ, read_env, seconds, clients))
         with psycopg.connect(database_url) as conn:
-            row = conn.execute("SELECT on_hand, reserved FROM baseline_stock").fetchone()
+            row = conn.execute(
+                "SELECT sum(greatest(0, reserved - on_hand)) FROM baseline_stock"
+            ).fetchone()
     assert row is not None
     return {
         "load": asdict(load),
         "reservations_per_second": load.ok_per_second,
         "granted": warmup.ok + load.ok,
-        "oversold_units": max(0, row[1] - row[0]),
+        "oversold_units": int(row[0] or 0),
+        "reads": reads,
     }
 
 
@@ -107,30 +183,58 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+# The rows ---------------------------------------------------------------------
+
+
 def run(server_url: str, seconds: int = 10, connections: int = 64) -> list[dict[str, Any]]:
     rows = []
     for workers in (1, 2):
-        ledger = ledger_run(server_url, workers, seconds, connections)
-        baseline = baseline_run(server_url, workers, seconds, connections)
-        rows.append(
-            {
-                "workload": (
-                    f"reservations, one hot SKU, {connections} clients, {workers} worker(s)"
-                ),
-                "ledger": ledger,
-                "baseline": baseline,
-                "ratio": ledger["reservations_per_second"] / baseline["reservations_per_second"],
-            }
-        )
+        for skus in (1, SPREAD):
+            ledger = ledger_run(server_url, workers, seconds, connections, skus)
+            baseline = baseline_run(server_url, workers, seconds, connections, skus)
+            where = "one hot SKU" if skus == 1 else f"{skus:,} SKUs"
+            rows.append(
+                {
+                    "workload": (
+                        f"reservations, {where}, {connections} clients, {workers} worker(s)"
+                    ),
+                    "ledger": ledger,
+                    "baseline": baseline,
+                    "ratio": ledger["reservations_per_second"]
+                    / baseline["reservations_per_second"],
+                }
+            )
+            for clients in ledger["reads"]:
+                read, constant = ledger["reads"][clients], baseline["reads"][clients]
+                rows.append(
+                    {
+                        "workload": (
+                            f"availability reads, {skus:,} SKUs, {clients} clients,"
+                            f" {workers} worker(s)"
+                        ),
+                        "kind": "reads",
+                        "ledger": {"load": read},
+                        "baseline": {"load": constant},
+                        "ratio": Load(**read).ok_per_second / Load(**constant).ok_per_second,
+                    }
+                )
     return rows
 
 
 def describe(row: dict[str, Any]) -> str:
     ledger, baseline = row["ledger"], row["baseline"]
-    lload, bload = ledger["load"], baseline["load"]
+    lload, bload = Load(**ledger["load"]), Load(**baseline["load"])
+    if row.get("kind") == "reads":
+        return (
+            f"| {row['workload']} | {lload.ok_per_second:.0f} req/s (p50 {lload.p50_ms:.1f} ms,"
+            f" p99 {lload.p99_ms:.1f} ms, non-2xx {lload.non_2xx}) | trivial endpoint:"
+            f" {bload.ok_per_second:.0f} req/s (p50 {bload.p50_ms:.1f} ms,"
+            f" p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x (target ≥ 0.7x) |"
+        )
     return (
         f"| {row['workload']} | {ledger['reservations_per_second']:.0f}/s "
-        f"(p50 {lload['p50_ms']:.1f} ms, p99 {lload['p99_ms']:.1f} ms, "
-        f"oversold {ledger['oversold_units']}) | {baseline['reservations_per_second']:.0f}/s "
-        f"(p50 {bload['p50_ms']:.1f} ms, p99 {bload['p99_ms']:.1f} ms) | {row['ratio']:.2f}x |"
+        f"(p50 {lload.p50_ms:.1f} ms, p99 {lload.p99_ms:.1f} ms, "
+        f"oversold {ledger['oversold_units']}, holds lost or extra"
+        f" {ledger['lost_or_extra_holds']}) | {baseline['reservations_per_second']:.0f}/s "
+        f"(p50 {bload.p50_ms:.1f} ms, p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x |"
     )

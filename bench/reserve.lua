@@ -1,7 +1,9 @@
--- wrk script: POST one-unit orders for one SKU, each with its own Idempotency-Key.
--- BENCH_SKU and BENCH_TOKEN come from the environment.
+-- wrk script: POST one-unit orders, each with its own Idempotency-Key.
+-- BENCH_SKU names one hot SKU; or BENCH_SKUS=N spreads orders over S00001..SN at random.
+-- BENCH_TOKEN is the bearer key.
 local threads = {}
 local sku = os.getenv("BENCH_SKU")
+local skus = tonumber(os.getenv("BENCH_SKUS") or "0")
 local token = os.getenv("BENCH_TOKEN")
 
 function setup(thread)
@@ -21,8 +23,12 @@ function request()
   counter = counter + 1
   local key = string.format("b-%d-%d-%d", tid, counter, math.random(1, 2000000000))
   wrk.headers["Idempotency-Key"] = key
+  local line_sku = sku
+  if skus > 0 then
+    line_sku = string.format("S%05d", math.random(1, skus))
+  end
   local body = string.format(
-    '{"order_id":"%s","lines":[{"sku":"%s","quantity":1}]}', key, sku)
+    '{"order_id":"%s","lines":[{"sku":"%s","quantity":1}]}', key, line_sku)
   return wrk.format(nil, "/v1/reservations", nil, body)
 end
 

@@ -3,23 +3,37 @@
 `inventoryledger_levels` holds each supplier's last report per SKU and is written in the
 same transaction as the events (after them, under the same table lock, so concurrent
 writers cannot deadlock): a delivery can be compared with it in bulk, and a row is never
-behind the events. `select_streams` loads many aggregates from their latest snapshots in
-one round trip.
+behind the events. Its `seen_at` is the newest report of the level seen, recorded or
+not: a report that only repeats the level leaves no event, but an older report that
+arrives after it is still late. Both kinds of write are conditional on what the writer
+decided from, and a save whose basis moved (another process saw a newer report, or
+changed the level) fails as a conflict, to be decided again. `select_streams` loads many
+aggregates from their latest snapshots in one round trip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+import psycopg
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
 from psycopg import Cursor
+from psycopg.errors import InterfaceError, OperationalError
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
+from ledger.stock import LevelRow, LevelTouch
+
 LEVELS_TABLE = "inventoryledger_levels"
+
+
+class LevelMoved(IntegrityError):
+    """A level changed, or a newer report of it was seen, since the writer read it."""
 
 
 class LedgerRecorder(PostgresApplicationRecorder):
@@ -42,17 +56,47 @@ class LedgerRecorder(PostgresApplicationRecorder):
             SQL(
                 "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
                 " supplier_id text NOT NULL, sku text NOT NULL, quantity bigint NOT NULL,"
-                " observed_at timestamptz, unreported_from bigint,"
+                " observed_at timestamptz, unreported_from bigint, seen_at timestamptz,"
                 " PRIMARY KEY (supplier_id, sku))"
+                # Rows are rewritten often (a delivery notes every repeated level): room
+                # on their page lets PostgreSQL update them in place, index untouched.
+                " WITH (fillfactor = 50)"
             ).format(schema=schema, table=Identifier(LEVELS_TABLE))
         )
+        levels = Identifier(LEVELS_TABLE)
+        # A row whose report moves on must not pass a newer report seen meanwhile.
         self.upsert_levels = SQL(
-            "INSERT INTO {schema}.{table}"
-            " (supplier_id, sku, quantity, observed_at, unreported_from)"
-            " VALUES (%s, %s, %s, %s, %s)"
+            "INSERT INTO {schema}.{table} AS l"
+            " (supplier_id, sku, quantity, observed_at, unreported_from, seen_at)"
+            " SELECT r.*, r.observed_at FROM unnest("
+            "  %s::text[], %s::text[], %s::bigint[], %s::timestamptz[], %s::bigint[]"
+            " ) AS r(supplier_id, sku, quantity, observed_at, unreported_from)"
             " ON CONFLICT (supplier_id, sku) DO UPDATE SET quantity = excluded.quantity,"
-            " observed_at = excluded.observed_at, unreported_from = excluded.unreported_from"
-        ).format(schema=schema, table=Identifier(LEVELS_TABLE))
+            "  observed_at = excluded.observed_at, unreported_from = excluded.unreported_from,"
+            "  seen_at = greatest(l.seen_at, excluded.observed_at)"
+            " WHERE l.observed_at IS NOT DISTINCT FROM excluded.observed_at"
+            "  OR coalesce(l.seen_at, l.observed_at) IS NULL"
+            "  OR coalesce(l.seen_at, l.observed_at) <= excluded.observed_at"
+            " RETURNING 1"
+        ).format(schema=schema, table=levels)
+        # A repeated report is noted only while the level is still the one it repeated.
+        self.touch_levels_statement = SQL(
+            "INSERT INTO {schema}.{table} AS l"
+            " (supplier_id, sku, seen_at, quantity, observed_at, unreported_from)"
+            " SELECT * FROM unnest("
+            "  %s::text[], %s::text[], %s::timestamptz[], %s::bigint[], %s::timestamptz[],"
+            "  %s::bigint[])"
+            " ON CONFLICT (supplier_id, sku) DO UPDATE"
+            "  SET seen_at = greatest(l.seen_at, excluded.seen_at)"
+            " WHERE l.quantity = excluded.quantity"
+            "  AND l.observed_at IS NOT DISTINCT FROM excluded.observed_at"
+            "  AND l.unreported_from IS NOT DISTINCT FROM excluded.unreported_from"
+            " RETURNING 1"
+        ).format(schema=schema, table=levels)
+        self.select_seen_statement = SQL(
+            "SELECT sku, greatest(seen_at, observed_at) AS seen_at FROM {schema}.{table}"
+            " WHERE supplier_id = %s AND sku = ANY(%s)"
+        ).format(schema=schema, table=levels)
         self.select_streams_statement = SQL(
             "WITH wanted AS (SELECT unnest(%s::uuid[]) AS id),"
             " latest AS (SELECT DISTINCT ON (s.originator_id) s.originator_id,"
@@ -72,23 +116,66 @@ class LedgerRecorder(PostgresApplicationRecorder):
             events=Identifier(self.events_table_name),
         )
 
-    def _fetch_ids_after_insert_events(
-        self,
-        curs: Cursor[DictRow],
-        stored_events: Sequence[StoredEvent],
-        **kwargs: Any,
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        notification_ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
-        levels = kwargs.get("levels")
-        if levels:
-            curs.executemany(
-                self.upsert_levels,
-                [
-                    (r.supplier_id, r.sku, r.quantity, r.observed_at, r.unreported_from)
-                    for r in levels
-                ],
-            )
+        """The library's insert (one transaction, table lock, pipelined), then the levels.
+
+        Written out here because a failed check must roll the transaction back: the
+        library catches what its steps raise and commits before raising it again.
+        """
+        levels: Sequence[LevelRow] = kwargs.get("levels") or ()
+        touches: Sequence[LevelTouch] = kwargs.get("touches") or ()
+        failure: Exception | None = None
+        notification_ids: Sequence[int] | None = None
+        with self.datastore.get_connection() as conn:
+            with conn.pipeline() as pipeline, conn.transaction():
+                with conn.cursor() as curs:
+                    self._insert_events(curs, stored_events, **kwargs)
+                if stored_events:
+                    with conn.cursor() as curs:
+                        try:
+                            self._insert_stored_events(curs, stored_events, **kwargs)
+                            pipeline.sync()
+                            notification_ids = self._fetch_ids_after_insert_events(
+                                curs, stored_events, **kwargs
+                            )
+                            self._keep_levels(curs, levels, touches)
+                        except Exception as error:
+                            failure = error
+                    if isinstance(failure, LevelMoved):
+                        raise psycopg.Rollback()
+            if failure is not None:
+                raise failure
         return notification_ids
+
+    def _keep_levels(
+        self, curs: Cursor[DictRow], levels: Sequence[LevelRow], touches: Sequence[LevelTouch]
+    ) -> None:
+        """Writes the levels, then notes the repeated reports; raises LevelMoved when
+        either finds a row other than the writer decided from."""
+        if levels:
+            curs.execute(self.upsert_levels, _level_columns(levels))
+            if len(curs.fetchall()) != len(levels):
+                raise LevelMoved("a newer report of a level was seen since it was read")
+        if touches:
+            curs.execute(self.touch_levels_statement, _touch_columns(touches))
+            if len(curs.fetchall()) != len(touches):
+                raise LevelMoved("a level changed since a report was found to repeat it")
+
+    def touch_levels(self, touches: Sequence[LevelTouch]) -> None:
+        """Notes repeated reports when a save has no events to carry them."""
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(self.touch_levels_statement, _touch_columns(touches))
+            if len(curs.fetchall()) != len(touches):
+                raise LevelMoved("a level changed since a report was found to repeat it")
+
+    def select_seen(self, supplier_id: str, skus: Sequence[str]) -> dict[str, datetime]:
+        """When each SKU's level was last reported by the supplier, recorded or not."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self.select_seen_statement, (supplier_id, list(skus)))
+            return {row["sku"]: row["seen_at"] for row in curs.fetchall() if row["seen_at"]}
 
     def select_streams(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
         """Each stream's latest snapshot, then its later events, stream after stream."""
@@ -105,3 +192,24 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 )
                 for row in curs.fetchall()
             ]
+
+
+def _level_columns(rows: Sequence[LevelRow]) -> tuple[list[Any], ...]:
+    return (
+        [r.supplier_id for r in rows],
+        [r.sku for r in rows],
+        [r.quantity for r in rows],
+        [r.observed_at for r in rows],
+        [r.unreported_from for r in rows],
+    )
+
+
+def _touch_columns(touches: Sequence[LevelTouch]) -> tuple[list[Any], ...]:
+    return (
+        [t.supplier_id for t in touches],
+        [t.sku for t in touches],
+        [t.seen_at for t in touches],
+        [t.quantity for t in touches],
+        [t.observed_at for t in touches],
+        [t.unreported_from for t in touches],
+    )

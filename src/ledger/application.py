@@ -94,10 +94,13 @@ class InventoryLedger(Application[UUID]):
 
         The recorder keeps those levels in the same transaction as the events, so that
         a delivery can be compared with them in bulk; an in-memory recorder ignores them.
+        The writer passes `levels` (only the rows that changed) and `touches` (reports
+        that repeated a level, see `LevelTouch`) itself.
         """
-        levels = [row for obj in objs if isinstance(obj, StockItem) for row in obj.level_rows()]
-        if levels:
-            kwargs["levels"] = levels
+        if "levels" not in kwargs:
+            kwargs["levels"] = [
+                row for obj in objs if isinstance(obj, StockItem) for row in obj.level_rows()
+            ]
         if not all(isinstance(obj, LedgerAggregate) for obj in objs):
             return super().save(*objs, **kwargs)
         # The library's own steps, without its runtime Protocol checks (~11 us an

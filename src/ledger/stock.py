@@ -137,6 +137,21 @@ class LevelRow:
     unreported_from: int | None
 
 
+@dataclass(frozen=True)
+class LevelTouch:
+    """A report that repeated the level on record, so it left no event: the ledger notes
+    when it was seen, for as long as the level is still `quantity` observed at
+    `observed_at` with unreported changes from `unreported_from` (else the report is
+    decided again), so that an older report arriving later is known to be late."""
+
+    supplier_id: str
+    sku: str
+    seen_at: datetime
+    quantity: int
+    observed_at: datetime | None
+    unreported_from: int | None
+
+
 class ObservationOutcome(StrEnum):
     APPLIED = "applied"
     UNCHANGED = "unchanged"
@@ -469,17 +484,26 @@ class StockItem(LedgerAggregate):
         cause: Cause,
         source: str = "",
         delivery_id: str | None = None,
+        seen_at: datetime | None = None,
     ) -> ObservationOutcome:
-        """Records an absolute supplier report; the newest `observed_at` per supplier wins."""
+        """Records an absolute supplier report; the newest `observed_at` per supplier wins.
+
+        `seen_at` is the newest report of this level the ledger has seen, recorded or
+        not: a report that repeated the recorded quantity changes nothing and leaves no
+        event, yet a report older than it is late all the same (the ledger keeps it
+        beside its events, see `LevelTouch`). `current_observed_at` on the late event
+        names the newer report.
+        """
         current = self.positions.get(supplier_id)
         if current is not None and current.observed_at is not None:
-            if observed_at < current.observed_at:
+            newest = max(current.observed_at, seen_at or current.observed_at)
+            if observed_at < newest:
                 self.trigger_event(
                     self.LateReportIgnored,
                     supplier_id=supplier_id,
                     quantity=quantity,
                     observed_at=observed_at,
-                    current_observed_at=current.observed_at,
+                    current_observed_at=newest,
                     source=source,
                     delivery_id=delivery_id,
                     timestamp=at,

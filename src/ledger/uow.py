@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TypeVar
 from uuid import UUID
 
@@ -10,9 +11,13 @@ from eventsourcing.application import AggregateNotFoundError
 
 from ledger.base import LedgerAggregate
 from ledger.errors import UnknownSupplier
+from ledger.stock import LevelRow, LevelTouch, StockItem
 from ledger.supplier import Supplier, SupplierTerms
 
 A = TypeVar("A", bound=LedgerAggregate)
+
+# (supplier id, SKUs) -> when each SKU's level was last reported, recorded or not.
+SeenLoader = Callable[[str, list[str]], Mapping[str, datetime]]
 
 
 class UnitOfWork:
@@ -22,10 +27,16 @@ class UnitOfWork:
         self,
         load: Callable[[UUID], LedgerAggregate],
         load_many: Callable[[Iterable[UUID]], Mapping[UUID, LedgerAggregate]] | None = None,
+        load_seen: SeenLoader | None = None,
     ) -> None:
         self._load = load
         self._load_many = load_many
+        self._load_seen = load_seen
         self._aggregates: dict[UUID, LedgerAggregate | None] = {}
+        # The levels each stock item had when loaded, to save only the rows that change.
+        self._levels_loaded: dict[UUID, frozenset[LevelRow]] = {}
+        self._seen: dict[tuple[str, str], datetime | None] = {}
+        self._touched: dict[tuple[str, str], datetime] = {}
 
     def preload(self, aggregate_ids: Iterable[UUID]) -> None:
         """Loads many aggregates in one go, ahead of the `get`s that will want them."""
@@ -34,12 +45,12 @@ class UnitOfWork:
             return
         found = self._load_many(missing)
         for aggregate_id in missing:
-            self._aggregates[aggregate_id] = found.get(aggregate_id)
+            self._keep(aggregate_id, found.get(aggregate_id))
 
     def get(self, kind: type[A], aggregate_id: UUID) -> A | None:
         if aggregate_id not in self._aggregates:
             try:
-                self._aggregates[aggregate_id] = self._load(aggregate_id)
+                self._keep(aggregate_id, self._load(aggregate_id))
             except AggregateNotFoundError:
                 self._aggregates[aggregate_id] = None
         aggregate = self._aggregates[aggregate_id]
@@ -47,20 +58,82 @@ class UnitOfWork:
             return None
         return aggregate
 
+    def _keep(self, aggregate_id: UUID, aggregate: LedgerAggregate | None) -> None:
+        self._aggregates[aggregate_id] = aggregate
+        if isinstance(aggregate, StockItem):
+            self._levels_loaded[aggregate_id] = frozenset(aggregate.level_rows())
+
     def add(self, aggregate: LedgerAggregate) -> None:
         self._aggregates[aggregate.id] = aggregate
+
+    # Reports seen but not recorded --------------------------------------------
+
+    def preload_seen(self, supplier_id: str, skus: Iterable[str]) -> None:
+        """Reads when each level was last reported, in one go, ahead of `seen_at`."""
+        missing = [s for s in dict.fromkeys(skus) if (supplier_id, s) not in self._seen]
+        if not missing:
+            return
+        found = self._load_seen(supplier_id, missing) if self._load_seen is not None else {}
+        for sku in missing:
+            self._seen[(supplier_id, sku)] = found.get(sku)
+
+    def seen_at(self, supplier_id: str, sku: str) -> datetime | None:
+        """The newest report of the level the ledger has seen, recorded or not."""
+        self.preload_seen(supplier_id, [sku])
+        return self._seen[(supplier_id, sku)]
+
+    def touch(self, supplier_id: str, sku: str, seen_at: datetime) -> None:
+        """Notes a report that repeated the level on record (it leaves no event)."""
+        key = (supplier_id, sku)
+        latest = max(seen_at, self._touched.get(key, seen_at))
+        self._touched[key] = latest
+        self._seen[key] = max(latest, self._seen.get(key) or latest)
+
+    def touches(self) -> list[LevelTouch]:
+        """The reports noted by `touch`, each with the level it repeated as it is now."""
+        touches = []
+        for (supplier_id, sku), seen_at in sorted(self._touched.items()):
+            item = self.get(StockItem, StockItem.id_for(sku))
+            row = (
+                next((r for r in item.level_rows() if r.supplier_id == supplier_id), None)
+                if item is not None
+                else None
+            )
+            if row is None:
+                continue
+            touches.append(
+                LevelTouch(
+                    supplier_id,
+                    sku,
+                    seen_at,
+                    row.quantity,
+                    row.observed_at,
+                    row.unreported_from,
+                )
+            )
+        return touches
+
+    def changed_levels(self) -> list[LevelRow]:
+        """The level rows of the changed stock items that differ from when they were loaded."""
+        rows: list[LevelRow] = []
+        for aggregate in self.changed():
+            if isinstance(aggregate, StockItem):
+                loaded = self._levels_loaded.get(aggregate.id, frozenset())
+                rows.extend(r for r in aggregate.level_rows() if r not in loaded)
+        return sorted(rows, key=lambda r: (r.supplier_id, r.sku))
 
     def loaded_ids(self) -> list[UUID]:
         """The existing aggregates this unit of work read."""
         return [i for i, a in self._aggregates.items() if a is not None]
 
-    def pending_counts(self) -> dict[UUID, int]:
-        """How many new events each changed aggregate holds: a command's footprint."""
-        return {
+    def footprint(self) -> tuple[dict[UUID, int], dict[tuple[str, str], datetime]]:
+        """How many new events each changed aggregate holds, and the reports noted."""
+        counts = {
             i: len(a.pending_events)
             for i, a in self._aggregates.items()
             if a is not None and a.pending_events
         }
+        return counts, dict(self._touched)
 
     def changed(self) -> list[LedgerAggregate]:
         return [a for a in self._aggregates.values() if a is not None and a.pending_events]

@@ -183,7 +183,11 @@ class LedgerWriter:
 
     def _attempt(self, pending: list[_Job]) -> list[_Job] | None:
         """One try at the batch: None when every command was answered, else those left."""
-        unit = UnitOfWork(self.app.repository.get, self.app.get_many)
+        unit = UnitOfWork(
+            self.app.repository.get,
+            self.app.get_many,
+            getattr(self.app.recorder, "select_seen", None),
+        )
         unit.preload(i for job in pending for i in job.command.aggregate_ids())
         answers, spoiled = self._decide(unit, pending)
         if spoiled:
@@ -193,13 +197,16 @@ class LedgerWriter:
                 job.future.set_exception(spoiled[job])
             return [job for job in pending if job not in spoiled]
         changed = unit.changed()
+        touches = unit.touches()
         position = None
-        if changed:
-            try:
-                recordings = self.app.save(*changed)
-            except IntegrityError:
-                return pending  # another process wrote first: decide again on fresh state
-            position = max(r.notification.id for r in recordings)
+        try:
+            if changed:
+                recordings = self.app.save(*changed, levels=unit.changed_levels(), touches=touches)
+                position = max(r.notification.id for r in recordings)
+            elif touches:
+                self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
+        except IntegrityError:
+            return pending  # another process wrote first: decide again on fresh state
         self.batches += 1
         self.commands += len(pending)
         for job in pending:
@@ -218,16 +225,16 @@ class LedgerWriter:
         answers: dict[_Job, tuple[Any, BaseException | None]] = {}
         spoiled: dict[_Job, BaseException] = {}
         for job in jobs:
-            before = unit.pending_counts()
+            before = unit.footprint()
             try:
                 value = handler_for(job.command)(unit, job.command)
             except LedgerError as refused:
                 answers[job] = (None, refused)
-                if unit.pending_counts() != before:
+                if unit.footprint() != before:
                     spoiled[job] = refused
             except Exception as error:  # a bug: the caller hears of it, the batch goes on
                 answers[job] = (None, error)
-                if unit.pending_counts() != before:
+                if unit.footprint() != before:
                     spoiled[job] = error
             else:
                 # Answers are read on other threads; the aggregates stay the writer's.

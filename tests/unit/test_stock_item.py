@@ -115,6 +115,35 @@ def test_a_late_report_never_overwrites_a_newer_one() -> None:
     assert rebuilt.positions["acme"].observed_at == at(10)
 
 
+def test_a_report_older_than_a_newer_one_seen_but_not_recorded_is_late() -> None:
+    # 10 at t10 was recorded; 10 again at t30 repeated it and left no event; 99 at t20
+    # arrives last. It is older than what the supplier said at t30: late, not applied.
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    item = given(history)
+
+    outcome = item.observe("acme", 99, at(20), acme, at(40), WHEN, seen_at=at(30))
+
+    [late] = item.collect_events()
+    assert outcome == ObservationOutcome.LATE
+    assert isinstance(late, StockItem.LateReportIgnored)
+    assert (late.observed_at, late.current_observed_at) == (at(20), at(30))
+    assert item.levels(at(40), terms_of(acme)).on_hand == 10
+
+
+def test_a_report_newer_than_every_one_seen_applies_whatever_was_seen() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(10))
+    item = given(history)
+
+    outcome = item.observe("acme", 99, at(31), acme, at(40), WHEN, seen_at=at(30))
+
+    assert outcome == ObservationOutcome.APPLIED
+    assert item.levels(at(40), terms_of(acme)).on_hand == 99
+
+
 def test_a_newer_report_replaces_the_level_and_records_the_one_it_replaced() -> None:
     acme = supplier("acme")
     history = new_item()

@@ -51,10 +51,11 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
     counts = {outcome: 0 for outcome in ObservationOutcome}
     counts[ObservationOutcome.LATE] = superseded
     counts[ObservationOutcome.UNCHANGED] = repeated
+    uow.preload_seen(command.supplier_id, [level.sku for level in levels])
     for level in levels:
         item = uow.get(StockItem, StockItem.id_for(level.sku))
         assert item is not None  # _resolve keeps only SKUs that exist
-
+        seen_at = uow.seen_at(command.supplier_id, level.sku)
         result = item.observe(
             command.supplier_id,
             level.quantity,
@@ -64,7 +65,13 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
             command.cause,
             source=command.source,
             delivery_id=command.delivery_id,
+            seen_at=seen_at,
         )
+        if result is ObservationOutcome.UNCHANGED and (
+            seen_at is None or level.observed_at > seen_at
+        ):
+            # It leaves no event, but an older report arriving after it is late.
+            uow.touch(command.supplier_id, level.sku, level.observed_at)
         counts[result] += 1
 
     outcome = DeliveryOutcome(

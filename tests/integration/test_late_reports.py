@@ -1,0 +1,215 @@
+"""Newest wins, even when the newest report only repeated the level and left no event.
+
+A supplier says 5 at 10:00 (recorded), 5 again at 10:10 (a repeat: no event), and its
+10:05 report saying 100 arrives last. The 10:05 report is older than what the supplier
+said at 10:10, so it is late: applying it would sell 95 units that are not there.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from api.recorder import LevelMoved
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from connectors.ingest import content_hash
+from ledger.commands import Observation, PutMappings, PutSku, PutSupplier, ReportStock
+from ledger.mapping import MappingSpec
+from ledger.stock import LevelTouch, StockItem
+from ledger.supplier import SupplierTerms
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import CAUSE
+
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+EARLY, MIDDLE, LATEST = T0, T0 + timedelta(minutes=5), T0 + timedelta(minutes=10)
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Runtime]:
+    opened = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def catalogue(runtime: Runtime, supplier: str = "acme") -> str:
+    """A SKU the supplier stocks, mapped from its own code `S-<sku>`."""
+    sku = random_sku()
+    at = datetime.now(UTC)
+    runtime.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id=supplier, terms=SupplierTerms(supplier))
+    )
+    runtime.writer.execute(PutSku(at=at, cause=CAUSE, sku=sku, safety_stock=0))
+    runtime.writer.execute(
+        PutMappings(
+            at=at,
+            cause=CAUSE,
+            supplier_id=supplier,
+            mappings=[MappingSpec(f"S-{sku}", sku, 1, upc=None)],
+        )
+    )
+    return sku
+
+
+def report(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> str:
+    """One report through the writer (as POST /v1/suppliers/{id}/stock sends it)."""
+    outcome = runtime.writer.execute(
+        ReportStock(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="acme",
+            delivery_id=uuid.uuid4().hex,
+            content_hash=uuid.uuid4().hex,
+            source="test",
+            rows=1,
+            observations=[
+                Observation(index=0, sku=sku, quantity=quantity, observed_at=observed_at)
+            ],
+        )
+    ).value
+    [(kind, count)] = [
+        (kind, count)
+        for kind, count in (
+            ("applied", outcome.applied),
+            ("unchanged", outcome.unchanged),
+            ("late", outcome.late),
+        )
+        if count
+    ]
+    assert count == 1
+    return kind
+
+
+def deliver(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> str:
+    """One report in a CSV file, through the normalisation pipeline."""
+    body = f"sku,quantity,observed_at\nS-{sku},{quantity},{observed_at.isoformat()}\n".encode()
+    result = runtime.ingestor.ingest(
+        "acme",
+        f"d-{content_hash(body)[:12]}",
+        io.BytesIO(body),
+        "csv",
+        source="test",
+        received_at=datetime.now(UTC),
+        actor="test",
+    )
+    [kind] = [k for k in ("applied", "unchanged", "late") if getattr(result, k)]
+    return kind
+
+
+def level(runtime: Runtime, sku: str) -> tuple[int, datetime, datetime]:
+    with psycopg.connect(runtime.database_url) as conn:
+        row = conn.execute(
+            "SELECT quantity, observed_at, seen_at FROM inventoryledger_levels"
+            " WHERE supplier_id = 'acme' AND sku = %s",
+            (sku,),
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def on_hand(runtime: Runtime, sku: str) -> int:
+    item = runtime.app.repository.get(StockItem.id_for(sku))
+    return item.positions["acme"].quantity  # type: ignore[no-any-return]
+
+
+PATHS = {"writer": report, "file": deliver}
+
+
+@pytest.mark.parametrize("first", PATHS)
+@pytest.mark.parametrize("repeat", PATHS)
+@pytest.mark.parametrize("late", PATHS)
+def test_a_report_older_than_an_unrecorded_repeat_is_late(
+    ledger: Runtime, first: str, repeat: str, late: str
+) -> None:
+    sku = catalogue(ledger)
+    assert PATHS[first](ledger, sku, 5, EARLY) == "applied"
+    assert PATHS[repeat](ledger, sku, 5, LATEST) == "unchanged"
+    assert level(ledger, sku) == (5, EARLY, LATEST)
+
+    assert PATHS[late](ledger, sku, 100, MIDDLE) == "late"
+
+    assert on_hand(ledger, sku) == 5
+    assert level(ledger, sku) == (5, EARLY, LATEST)
+    with psycopg.connect(ledger.database_url) as conn:
+        topics = [
+            row[0]
+            for row in conn.execute(
+                "SELECT topic FROM inventoryledger_events WHERE originator_id = %s"
+                " ORDER BY originator_version",
+                (StockItem.id_for(sku),),
+            )
+        ]
+    assert topics[-1] == "stockledger:StockItem.LateReportIgnored"
+
+
+def test_a_report_newer_than_the_repeat_still_applies(ledger: Runtime) -> None:
+    sku = catalogue(ledger)
+    report(ledger, sku, 5, EARLY)
+    deliver(ledger, sku, 5, MIDDLE)
+
+    assert report(ledger, sku, 100, LATEST) == "applied"
+
+    assert on_hand(ledger, sku) == 100
+    assert level(ledger, sku) == (100, LATEST, LATEST)
+
+
+def test_a_level_saved_past_a_newer_report_seen_meanwhile_is_refused_whole(
+    ledger: Runtime,
+) -> None:
+    # Another process noted the repeat at LATEST after this one read the level.
+    sku = catalogue(ledger)
+    report(ledger, sku, 5, EARLY)
+    item = ledger.app.repository.get(StockItem.id_for(sku))
+    item.observe("acme", 100, MIDDLE, SupplierTerms("acme"), datetime.now(UTC), CAUSE)
+    with psycopg.connect(ledger.database_url) as conn:
+        conn.execute("UPDATE inventoryledger_levels SET seen_at = %s WHERE sku = %s", (LATEST, sku))
+
+    with pytest.raises(LevelMoved):
+        ledger.app.save(item, levels=item.level_rows())
+
+    assert ledger.app.repository.get(StockItem.id_for(sku)).version == item.version - 1
+    assert level(ledger, sku) == (5, EARLY, LATEST)
+
+
+def test_a_repeat_of_a_level_that_changed_meanwhile_is_not_noted(ledger: Runtime) -> None:
+    sku = catalogue(ledger)
+    report(ledger, sku, 5, EARLY)
+    report(ledger, sku, 7, MIDDLE)  # the level this process did not see
+    touch = LevelTouch("acme", sku, LATEST, 5, EARLY, None)
+
+    with pytest.raises(IntegrityError):
+        ledger.app.recorder.touch_levels([touch])  # type: ignore[attr-defined]
+
+    assert level(ledger, sku) == (7, MIDDLE, MIDDLE)
+
+
+def test_the_writer_decides_again_when_a_newer_report_was_seen_after_it_read(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sku = catalogue(ledger)
+    report(ledger, sku, 5, EARLY)
+    deliver(ledger, sku, 5, LATEST)
+    recorder = ledger.app.recorder
+    real = recorder.select_seen  # type: ignore[attr-defined]
+    reads: list[int] = []
+
+    def read_before_the_note(supplier_id: str, skus: list[str]) -> dict[str, datetime]:
+        # The first read misses the note made at LATEST, as a read racing it would.
+        reads.append(1)
+        seen = real(supplier_id, skus)
+        return {s: EARLY for s in seen} if len(reads) == 1 else seen
+
+    monkeypatch.setattr(recorder, "select_seen", read_before_the_note)
+
+    assert report(ledger, sku, 100, MIDDLE) == "late"
+
+    assert len(reads) == 2
+    assert on_hand(ledger, sku) == 5
