@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
@@ -37,11 +37,11 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def require(*roles: Role) -> Callable[[Request], ApiKey]:
+def require(*roles: Role) -> Callable[[Request], Awaitable[ApiKey]]:
     """A dependency that admits keys of these roles (admins are always admitted)."""
     allowed = {*roles, "admin"}
 
-    def dependency(request: Request) -> ApiKey:
+    async def dependency(request: Request) -> ApiKey:
         authenticator: Authenticator = request.app.state.authenticator
         key = authenticator.authenticate(bearer_token(request))
         if key is None:

@@ -1,4 +1,8 @@
-"""Dependencies published as Annotated aliases for the routers."""
+"""Dependencies published as Annotated aliases for the routers.
+
+They do no I/O, so they are coroutines: FastAPI runs them on the event loop instead of
+sending each to the thread pool and back.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,22 @@ from api.settings import ApiKey
 from ledger.base import Cause
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def now() -> datetime:
+async def now() -> datetime:
     """The time a command happens at; the domain never reads the clock itself."""
     return datetime.now(UTC)
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     value: str = request.state.request_id
     return value
 
 
-def min_position(
+async def min_position(
     query: Annotated[int | None, Query(alias="min_position", ge=0)] = None,
     header: Annotated[int | None, Header(alias="X-Min-Position", ge=0)] = None,
 ) -> int | None:

@@ -97,18 +97,22 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT sku, greatest(seen_at, observed_at) AS seen_at FROM {schema}.{table}"
             " WHERE supplier_id = %s AND sku = ANY(%s)"
         ).format(schema=schema, table=levels)
+        # LATERAL lookups, one per stream, on the primary keys: however the planner
+        # estimates the array, it never scans a table whose size grows with the log
+        # (OFFSET 0 keeps the planner from flattening the lookup into a hash join).
         self.select_streams_statement = SQL(
-            "WITH wanted AS (SELECT unnest(%s::uuid[]) AS id),"
-            " latest AS (SELECT DISTINCT ON (s.originator_id) s.originator_id,"
-            "   s.originator_version, s.topic, s.state FROM {schema}.{snapshots} s"
-            "   JOIN wanted ON s.originator_id = wanted.id"
-            "   ORDER BY s.originator_id, s.originator_version DESC)"
+            "WITH wanted AS MATERIALIZED (SELECT DISTINCT unnest(%s::uuid[]) AS id),"
+            " latest AS MATERIALIZED (SELECT w.id AS originator_id, s.originator_version,"
+            "   s.topic, s.state FROM wanted w CROSS JOIN LATERAL ("
+            "     SELECT originator_version, topic, state FROM {schema}.{snapshots}"
+            "     WHERE originator_id = w.id ORDER BY originator_version DESC LIMIT 1) s)"
             " SELECT originator_id, originator_version, topic, state, 0 AS kind FROM latest"
             " UNION ALL"
-            " SELECT e.originator_id, e.originator_version, e.topic, e.state, 1 AS kind"
-            " FROM {schema}.{events} e JOIN wanted ON e.originator_id = wanted.id"
-            " LEFT JOIN latest ON latest.originator_id = e.originator_id"
-            " WHERE e.originator_version > coalesce(latest.originator_version, 0)"
+            " SELECT w.id, e.originator_version, e.topic, e.state, 1 AS kind"
+            " FROM wanted w LEFT JOIN latest l ON l.originator_id = w.id"
+            " CROSS JOIN LATERAL (SELECT originator_version, topic, state"
+            "   FROM {schema}.{events} WHERE originator_id = w.id"
+            "   AND originator_version > coalesce(l.originator_version, 0) OFFSET 0) e"
             " ORDER BY originator_id, kind, originator_version"
         ).format(
             schema=schema,

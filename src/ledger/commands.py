@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -106,13 +107,17 @@ class Reserve(Command):
     ttl_seconds: int | None
     default_ttl_seconds: int
 
+    @functools.cached_property
+    def reservation_id(self) -> UUID:
+        return Reservation.id_for(self.client, self.idempotency_key)
+
     def aggregate_ids(self) -> list[UUID]:
-        return [Reservation.id_for(self.client, self.idempotency_key), *self.shared_ids()]
+        return [self.reservation_id, *self.shared_ids()]
 
     def shared_ids(self) -> list[UUID]:
         return [StockItem.id_for(sku) for sku, _ in self.lines]
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """What makes two requests with one idempotency key the same request."""
         body = {"order_id": self.order_id, "lines": self.lines, "ttl_seconds": self.ttl_seconds}

@@ -7,6 +7,7 @@ report landed on a SKU from the mapping's own history.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -63,6 +64,7 @@ class SkuMapping(LedgerAggregate):
         self.upc = upc
 
     @staticmethod
+    @functools.lru_cache(maxsize=200_000)
     def id_for(supplier_id: str, supplier_sku: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/mapping/{supplier_id}/{supplier_sku}")
 

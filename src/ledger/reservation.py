@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -272,6 +272,29 @@ class Reservation(LedgerAggregate):
                     reservation_id=str(self.id),
                 )
         return recorded
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Reservation:
+        """A copy to read on another thread, without the events not yet saved.
+
+        Its containers are new, its values (strings, numbers, times) are shared: they
+        never change in place. A new attribute that holds a container must be copied here.
+        """
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        copied.__dict__["_pending_events"] = []
+        copied.lines = {
+            sku: replace(
+                line,
+                allocations=dict(line.allocations),
+                fulfilled=dict(line.fulfilled),
+                returned=dict(line.returned),
+            )
+            for sku, line in self.lines.items()
+        }
+        copied.net_of_our_orders = list(self.net_of_our_orders)
+        copied.request_keys = list(self.request_keys)
+        memo[id(self)] = copied
+        return copied
 
     def status_at(self, at: datetime) -> ReservationStatus:
         """The status, counting a hold past its expiry as expired before the sweeper says so."""

@@ -7,6 +7,7 @@ commitments per supplier in a counter; the detail of each order lives in its Res
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -426,6 +427,7 @@ class StockItem(LedgerAggregate):
         self.positions: dict[str, Position] = {}
 
     @staticmethod
+    @functools.lru_cache(maxsize=200_000)
     def id_for(sku: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/sku/{sku}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -86,6 +87,7 @@ class Supplier(LedgerAggregate):
         self.stale_since: datetime | None = None
 
     @staticmethod
+    @functools.lru_cache(maxsize=200_000)
     def id_for(supplier_id: str) -> UUID:
         return uuid5(NAMESPACE_URL, f"/supplier/{supplier_id}")
 

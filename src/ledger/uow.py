@@ -37,6 +37,11 @@ class UnitOfWork:
         self._levels_loaded: dict[UUID, frozenset[LevelRow]] = {}
         self._seen: dict[tuple[str, str], datetime | None] = {}
         self._touched: dict[tuple[str, str], datetime] = {}
+        # Since `begin`: how many new events each aggregate handed out held, and the
+        # reports noted, to tell whether a failed command changed anything.
+        self._marks: dict[UUID, int] = {}
+        self._touch_count = 0
+        self._touch_count_at_begin = 0
 
     def preload(self, aggregate_ids: Iterable[UUID]) -> None:
         """Loads many aggregates in one go, ahead of the `get`s that will want them."""
@@ -54,8 +59,9 @@ class UnitOfWork:
             except AggregateNotFoundError:
                 self._aggregates[aggregate_id] = None
         aggregate = self._aggregates[aggregate_id]
-        if aggregate is not None and not isinstance(aggregate, kind):
+        if aggregate is None or not isinstance(aggregate, kind):
             return None
+        self._marks.setdefault(aggregate_id, len(aggregate.pending_events))
         return aggregate
 
     def _keep(self, aggregate_id: UUID, aggregate: LedgerAggregate | None) -> None:
@@ -64,6 +70,7 @@ class UnitOfWork:
             self._levels_loaded[aggregate_id] = frozenset(aggregate.level_rows())
 
     def add(self, aggregate: LedgerAggregate) -> None:
+        self._marks.setdefault(aggregate.id, 0)
         self._aggregates[aggregate.id] = aggregate
 
     # Reports seen but not recorded --------------------------------------------
@@ -85,6 +92,7 @@ class UnitOfWork:
     def touch(self, supplier_id: str, sku: str, seen_at: datetime) -> None:
         """Notes a report that repeated the level on record (it leaves no event)."""
         key = (supplier_id, sku)
+        self._touch_count += 1
         latest = max(seen_at, self._touched.get(key, seen_at))
         self._touched[key] = latest
         self._seen[key] = max(latest, self._seen.get(key) or latest)
@@ -126,14 +134,20 @@ class UnitOfWork:
         """The existing aggregates this unit of work read."""
         return [i for i, a in self._aggregates.items() if a is not None]
 
-    def footprint(self) -> tuple[dict[UUID, int], dict[tuple[str, str], datetime]]:
-        """How many new events each changed aggregate holds, and the reports noted."""
-        counts = {
-            i: len(a.pending_events)
-            for i, a in self._aggregates.items()
-            if a is not None and a.pending_events
-        }
-        return counts, dict(self._touched)
+    def begin(self) -> None:
+        """Starts watching for changes, ahead of one command."""
+        self._marks = {}
+        self._touch_count_at_begin = self._touch_count
+
+    def changed_since_begin(self) -> bool:
+        """Whether the command since `begin` changed an aggregate or noted a report."""
+        if self._touch_count != self._touch_count_at_begin:
+            return True
+        for aggregate_id, mark in self._marks.items():
+            aggregate = self._aggregates.get(aggregate_id)
+            if aggregate is not None and len(aggregate.pending_events) != mark:
+                return True
+        return False
 
     def changed(self) -> list[LedgerAggregate]:
         return [a for a in self._aggregates.values() if a is not None and a.pending_events]

@@ -13,6 +13,7 @@ processes.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import queue
 import random
@@ -37,6 +38,9 @@ T = TypeVar("T")
 
 # A batch naming more shared streams than this races for them instead of queueing.
 MAX_TURNS = 64
+# After a conflict with another process, batches take turns for this long; a writer
+# that has not collided lately skips the round trips that turns cost.
+TURNS_AFTER_CONFLICT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class LedgerWriter:
         self._stopping = threading.Event()
         self.batches = 0
         self.commands = 0
+        self.conflicts = 0
+        self._take_turns_until = 0.0
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -105,6 +111,15 @@ class LedgerWriter:
         future = self.submit(command)
         try:
             return future.result(self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    async def execute_async(self, command: Command) -> Outcome[Any]:
+        """`execute` for a coroutine: waits for the outcome without holding a thread."""
+        future = self.submit(command)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except TimeoutError:
             future.cancel()
             raise
@@ -161,13 +176,15 @@ class LedgerWriter:
             if attempt:
                 # Full jitter, so that two writers that collided do not collide again.
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
-            # Writers in other processes take turns on the streams a batch names, so that
-            # they queue instead of racing (racing writers mostly redo each other's work);
-            # optimistic concurrency still guards every stream, named or not.
+            # Once writers in other processes have collided with this one, they take turns
+            # on the streams a batch names, so that they queue instead of racing (racing
+            # writers mostly redo each other's work); optimistic concurrency still guards
+            # every stream, named or not, turns or none.
             streams = sorted({i for job in pending for i in job.command.shared_ids()})
+            contended = time.monotonic() < self._take_turns_until
             turns = (
                 self.take_turns(streams)
-                if self.take_turns is not None and 0 < len(streams) <= MAX_TURNS
+                if self.take_turns is not None and contended and 0 < len(streams) <= MAX_TURNS
                 else nullcontext()
             )
             with turns:
@@ -206,7 +223,10 @@ class LedgerWriter:
             elif touches:
                 self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
         except IntegrityError:
-            return pending  # another process wrote first: decide again on fresh state
+            # Another process wrote first: decide again on fresh state, taking turns.
+            self.conflicts += 1
+            self._take_turns_until = time.monotonic() + TURNS_AFTER_CONFLICT_SECONDS
+            return pending
         self.batches += 1
         self.commands += len(pending)
         for job in pending:
@@ -225,16 +245,16 @@ class LedgerWriter:
         answers: dict[_Job, tuple[Any, BaseException | None]] = {}
         spoiled: dict[_Job, BaseException] = {}
         for job in jobs:
-            before = unit.footprint()
+            unit.begin()
             try:
                 value = handler_for(job.command)(unit, job.command)
             except LedgerError as refused:
                 answers[job] = (None, refused)
-                if unit.footprint() != before:
+                if unit.changed_since_begin():
                     spoiled[job] = refused
             except Exception as error:  # a bug: the caller hears of it, the batch goes on
                 answers[job] = (None, error)
-                if unit.footprint() != before:
+                if unit.changed_since_begin():
                     spoiled[job] = error
             else:
                 # Answers are read on other threads; the aggregates stay the writer's.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -802,3 +803,36 @@ def test_stock_and_reservation_events_carry_the_cause_of_their_command(
         )
     assert isinstance(stock_event, StockItem.Held)
     assert Allocation.many_from(stock_event.allocations) == [Allocation("acme", 2)]
+
+
+def test_a_copy_of_a_reservation_reads_the_same_and_shares_nothing_that_changes(
+    ledger: Ledger, acme: str, netco: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 3}, at(0))
+    ledger.stock(netco, {shirt: 5}, at(0))
+    reservation = confirmed(ledger, [(shirt, 5)], at(10))
+    reservation = ledger.run(
+        Fulfil(
+            at=at(20),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 2, "acme")],
+            request_key="ship-1",
+        )
+    ).value
+
+    copied = copy.deepcopy(reservation)
+
+    assert copied.pending_events == []
+    state = {k: v for k, v in vars(reservation).items() if k != "_pending_events"}
+    assert {k: v for k, v in vars(copied).items() if k != "_pending_events"} == state
+    for name, value in vars(copied).items():
+        if isinstance(value, dict | list | set):
+            assert value is not vars(reservation)[name], name
+    for sku, line in copied.lines.items():
+        original = reservation.lines[sku]
+        assert line is not original
+        assert line.allocations is not original.allocations
+        assert line.fulfilled is not original.fulfilled
+        assert line.returned is not original.returned

@@ -81,8 +81,12 @@ def _reservation_id(value: str) -> UUID:
         raise ReservationNotFound(f"no reservation {value}") from None
 
 
+# The write routes are coroutines: they hand the command to the ledger writer's thread
+# and await its outcome, holding no pool thread while the batch is saved.
+
+
 @router.post("", status_code=201, response_model=ReservationOut)
-def reserve(
+async def reserve(
     body: ReservationIn,
     key: OmsKey,
     runtime: RuntimeDep,
@@ -111,7 +115,7 @@ def reserve(
         ttl_seconds=body.ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
     )
-    outcome = runtime.writer.execute(command)
+    outcome = await runtime.writer.execute_async(command)
     set_position(response, outcome.position)
     if outcome.value.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -155,14 +159,16 @@ def get(
     return reservation_out(reservation, at)
 
 
-def _run(runtime: RuntimeDep, command: Command, response: Response, at: datetime) -> ReservationOut:
-    outcome = runtime.writer.execute(command)
+async def _run(
+    runtime: RuntimeDep, command: Command, response: Response, at: datetime
+) -> ReservationOut:
+    outcome = await runtime.writer.execute_async(command)
     set_position(response, outcome.position)
     return reservation_out(outcome.value, at)
 
 
 @router.post("/{reservation_id}/confirm", response_model=ReservationOut)
-def confirm(
+async def confirm(
     reservation_id: str,
     key: OmsKey,
     runtime: RuntimeDep,
@@ -176,11 +182,11 @@ def confirm(
         cause=cause_for(key, "oms.confirm", request_id),
         reservation_id=_reservation_id(reservation_id),
     )
-    return _run(runtime, command, response, at)
+    return await _run(runtime, command, response, at)
 
 
 @router.post("/{reservation_id}/release", response_model=ReservationOut)
-def release(
+async def release(
     reservation_id: str,
     key: OmsKey,
     runtime: RuntimeDep,
@@ -196,11 +202,11 @@ def release(
         reservation_id=_reservation_id(reservation_id),
         note=body.reason if body else None,
     )
-    return _run(runtime, command, response, at)
+    return await _run(runtime, command, response, at)
 
 
 @router.post("/{reservation_id}/fulfil", response_model=ReservationOut)
-def fulfil(
+async def fulfil(
     reservation_id: str,
     body: FulfilIn,
     key: OmsKey,
@@ -218,11 +224,11 @@ def fulfil(
         lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
         request_key=_key(idempotency_key, required=False),
     )
-    return _run(runtime, command, response, at)
+    return await _run(runtime, command, response, at)
 
 
 @router.post("/{reservation_id}/return", response_model=ReservationOut)
-def return_units(
+async def return_units(
     reservation_id: str,
     body: ReturnIn,
     key: OmsKey,
@@ -241,4 +247,4 @@ def return_units(
         restock=body.restock,
         request_key=_key(idempotency_key, required=False),
     )
-    return _run(runtime, command, response, at)
+    return await _run(runtime, command, response, at)

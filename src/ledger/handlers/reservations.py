@@ -29,7 +29,7 @@ class Reserved:
 
 @handles(Reserve)
 def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
-    reservation_id = Reservation.id_for(command.client, command.idempotency_key)
+    reservation_id = command.reservation_id
     existing = uow.get(Reservation, reservation_id)
     if existing is not None:
         if existing.fingerprint != command.fingerprint:
