@@ -92,10 +92,32 @@ class Views:
 
     def availability(self, skus: list[str], at: datetime) -> dict[str, StockLevels]:
         """The numbers of each known SKU at `at`, by the same rules the ledger enforces."""
+        return self.availability_after(skus, at, None, 0.0)[1]
+
+    def availability_after(
+        self, skus: list[str], at: datetime, wanted: int | None, timeout: float
+    ) -> tuple[int, dict[str, StockLevels]]:
+        """The stock view's position and `availability`, once the view reached `wanted`.
+
+        The position is read first, on the same connection: the numbers reflect at least
+        that much of the log. A view that is behind is waited for without a connection.
+        """
+        with self.store.connection() as conn:
+            row = conn.execute(POSITION_SQL, ("stock",)).fetchone()
+            position = 0 if row is None else int(row["position"])
+            if wanted is None or position >= wanted:
+                rows = conn.execute(
+                    AVAILABILITY_SQL, {"skus": skus, "now": second_floor(at)}
+                ).fetchall()
+                return position, self._levels(rows, at)
+        position = self.wait_for("stock", wanted, timeout)
         with self.store.connection() as conn:
             rows = conn.execute(
                 AVAILABILITY_SQL, {"skus": skus, "now": second_floor(at)}
             ).fetchall()
+        return position, self._levels(rows, at)
+
+    def _levels(self, rows: list[dict[str, Any]], at: datetime) -> dict[str, StockLevels]:
         safety: dict[str, int] = {}
         positions: dict[str, dict[str, ViewPosition]] = defaultdict(dict)
         terms: dict[str, SupplierTerms] = {}

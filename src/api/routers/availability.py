@@ -51,15 +51,19 @@ def one(
     runtime: RuntimeDep,
     at: Now,
     wanted: MinPosition,
-    response: Response,
-) -> AvailabilityOut:
+) -> Response:
     """A SKU's availability from the stock view, once it reflects `min_position` if asked."""
-    position = runtime.views.wait_for("stock", wanted, runtime.settings.read_wait_max_seconds)
-    levels = runtime.views.availability([sku], at).get(sku)
+    position, found = runtime.views.availability_after(
+        [sku], at, wanted, runtime.settings.read_wait_max_seconds
+    )
+    levels = found.get(sku)
     if levels is None:
         raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
-    set_position(response, position)
-    return availability_out(levels, runtime.settings.limited_stock_at, position)
+    body = availability_out(levels, runtime.settings.limited_stock_at, position)
+    # The model is built and checked once, here; FastAPI would validate it again.
+    answer = Response(body.model_dump_json(), media_type="application/json")
+    set_position(answer, position)
+    return answer
 
 
 @router.get("", response_model=AvailabilityBatchOut)
@@ -71,9 +75,10 @@ def many(
     wanted: MinPosition,
     response: Response,
 ) -> AvailabilityBatchOut:
-    position = runtime.views.wait_for("stock", wanted, runtime.settings.read_wait_max_seconds)
     names = list(dict.fromkeys(sku))
-    found = runtime.views.availability(names, at)
+    position, found = runtime.views.availability_after(
+        names, at, wanted, runtime.settings.read_wait_max_seconds
+    )
     set_position(response, position)
     return AvailabilityBatchOut(
         items=[
