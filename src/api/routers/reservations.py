@@ -82,7 +82,18 @@ def _reservation_id(value: str) -> UUID:
 
 
 # The write routes are coroutines: they hand the command to the ledger writer's thread
-# and await its outcome, holding no pool thread while the batch is saved.
+# and await its outcome, holding no pool thread while the batch is saved. Their answer
+# model is built and checked once and sent as is (FastAPI would validate it again).
+
+
+def _answer(
+    body: ReservationOut, status: int, position: int | None, replayed: bool = False
+) -> Response:
+    answer = Response(body.model_dump_json(), status_code=status, media_type="application/json")
+    set_position(answer, position)
+    if replayed:
+        answer.headers["Idempotent-Replayed"] = "true"
+    return answer
 
 
 @router.post("", status_code=201, response_model=ReservationOut)
@@ -92,9 +103,8 @@ async def reserve(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
-    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> ReservationOut:
+) -> Response:
     """Holds stock for every line of an order, or for none; the answer says who ships what."""
     settings = runtime.settings
     idempotency = _key(idempotency_key, required=True)
@@ -116,10 +126,10 @@ async def reserve(
         default_ttl_seconds=settings.default_ttl_seconds,
     )
     outcome = await runtime.writer.execute_async(command)
-    set_position(response, outcome.position)
-    if outcome.value.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return reservation_out(outcome.value.reservation, at)
+    reserved = outcome.value
+    return _answer(
+        reservation_out(reserved.reservation, at), 201, outcome.position, reserved.replayed
+    )
 
 
 @router.get("", response_model=ReservationListOut)
@@ -159,12 +169,9 @@ def get(
     return reservation_out(reservation, at)
 
 
-async def _run(
-    runtime: RuntimeDep, command: Command, response: Response, at: datetime
-) -> ReservationOut:
+async def _run(runtime: RuntimeDep, command: Command, at: datetime) -> Response:
     outcome = await runtime.writer.execute_async(command)
-    set_position(response, outcome.position)
-    return reservation_out(outcome.value, at)
+    return _answer(reservation_out(outcome.value, at), 200, outcome.position)
 
 
 @router.post("/{reservation_id}/confirm", response_model=ReservationOut)
@@ -174,15 +181,14 @@ async def confirm(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
-    response: Response,
-) -> ReservationOut:
+) -> Response:
     """Turns the hold into a commitment (idempotent)."""
     command = Confirm(
         at=at,
         cause=cause_for(key, "oms.confirm", request_id),
         reservation_id=_reservation_id(reservation_id),
     )
-    return await _run(runtime, command, response, at)
+    return await _run(runtime, command, at)
 
 
 @router.post("/{reservation_id}/release", response_model=ReservationOut)
@@ -192,9 +198,8 @@ async def release(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
-    response: Response,
     body: ReleaseIn | None = None,
-) -> ReservationOut:
+) -> Response:
     """Cancels whatever has not shipped (idempotent)."""
     command = Release(
         at=at,
@@ -202,7 +207,7 @@ async def release(
         reservation_id=_reservation_id(reservation_id),
         note=body.reason if body else None,
     )
-    return await _run(runtime, command, response, at)
+    return await _run(runtime, command, at)
 
 
 @router.post("/{reservation_id}/fulfil", response_model=ReservationOut)
@@ -213,9 +218,8 @@ async def fulfil(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
-    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> ReservationOut:
+) -> Response:
     """Records shipped units, all at once or in parts; an Idempotency-Key makes it safe to retry."""
     command = Fulfil(
         at=at,
@@ -224,7 +228,7 @@ async def fulfil(
         lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
         request_key=_key(idempotency_key, required=False),
     )
-    return await _run(runtime, command, response, at)
+    return await _run(runtime, command, at)
 
 
 @router.post("/{reservation_id}/return", response_model=ReservationOut)
@@ -235,9 +239,8 @@ async def return_units(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
-    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> ReservationOut:
+) -> Response:
     """Records units coming back; `restock` makes them sellable again until the next report."""
     command = Return(
         at=at,
@@ -247,4 +250,4 @@ async def return_units(
         restock=body.restock,
         request_key=_key(idempotency_key, required=False),
     )
-    return await _run(runtime, command, response, at)
+    return await _run(runtime, command, at)
