@@ -25,7 +25,7 @@ from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.errors import InterfaceError, OperationalError
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Identifier, Literal
 
 from ledger.stock import LevelRow, LevelTouch
 
@@ -62,6 +62,23 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 # on their page lets PostgreSQL update them in place, index untouched.
                 " WITH (fillfactor = 50)"
             ).format(schema=schema, table=Identifier(LEVELS_TABLE))
+        )
+        # A database made before reports seen were kept gains the column (empty: no
+        # report is known to be newer than the level on record). Only then: the ALTER
+        # would lock the table even where the column is there.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns"
+                " WHERE table_schema = {schema_name} AND table_name = {table_name}"
+                " AND column_name = 'seen_at') THEN"
+                " ALTER TABLE {schema}.{table} ADD COLUMN seen_at timestamptz;"
+                " END IF; END $$"
+            ).format(
+                schema=schema,
+                table=Identifier(LEVELS_TABLE),
+                schema_name=Literal(self.datastore.schema or "public"),
+                table_name=Literal(LEVELS_TABLE),
+            )
         )
         levels = Identifier(LEVELS_TABLE)
         # A row whose report moves on must not pass a newer report seen meanwhile.

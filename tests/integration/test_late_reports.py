@@ -213,3 +213,28 @@ def test_the_writer_decides_again_when_a_newer_report_was_seen_after_it_read(
 
     assert len(reads) == 2
     assert on_hand(ledger, sku) == 5
+
+
+def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_column(
+    database_url: str, settings: Settings
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE inventoryledger_levels (supplier_id text NOT NULL, sku text NOT NULL,"
+            " quantity bigint NOT NULL, observed_at timestamptz, unreported_from bigint,"
+            " PRIMARY KEY (supplier_id, sku))"
+        )
+        conn.execute("INSERT INTO inventoryledger_levels VALUES ('acme', 'OLD', 3, now(), NULL)")
+
+    runtime = open_runtime(settings, sweep=False, connect=False, project=False)
+    try:
+        sku = catalogue(runtime)
+        report(runtime, sku, 5, EARLY)
+    finally:
+        runtime.close()
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT sku, quantity, seen_at FROM inventoryledger_levels ORDER BY sku = 'OLD'"
+        ).fetchall()
+    assert rows == [(sku, 5, EARLY), ("OLD", 3, None)]
