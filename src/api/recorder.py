@@ -114,6 +114,10 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT sku, greatest(seen_at, observed_at) AS seen_at FROM {schema}.{table}"
             " WHERE supplier_id = %s AND sku = ANY(%s)"
         ).format(schema=schema, table=levels)
+        self.select_versions_statement = SQL(
+            "SELECT w.id, (SELECT max(originator_version) FROM {schema}.{events}"
+            " WHERE originator_id = w.id) AS version FROM unnest(%s::uuid[]) AS w(id)"
+        ).format(schema=schema, events=Identifier(self.events_table_name))
         # LATERAL lookups, one per stream, on the primary keys: however the planner
         # estimates the array, it never scans a table whose size grows with the log
         # (OFFSET 0 keeps the planner from flattening the lookup into a hash join).
@@ -197,6 +201,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self.select_seen_statement, (supplier_id, list(skus)))
             return {row["sku"]: row["seen_at"] for row in curs.fetchall() if row["seen_at"]}
+
+    def select_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The stored version of each stream that has events, by primary-key lookups."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self.select_versions_statement, (list(originator_ids),))
+            return {row["id"]: row["version"] for row in curs.fetchall() if row["version"]}
 
     def select_streams(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
         """Each stream's latest snapshot, then its later events, stream after stream."""

@@ -139,6 +139,19 @@ class UnitOfWork:
         self._marks = {}
         self._touch_count_at_begin = self._touch_count
 
+    def read_since_begin(self) -> set[UUID]:
+        """The aggregates the command since `begin` read or added."""
+        return set(self._marks)
+
+    def changed_ids_since_begin(self) -> set[UUID]:
+        """The aggregates the command since `begin` gave new events."""
+        changed = set()
+        for aggregate_id, mark in self._marks.items():
+            aggregate = self._aggregates.get(aggregate_id)
+            if aggregate is not None and len(aggregate.pending_events) != mark:
+                changed.add(aggregate_id)
+        return changed
+
     def changed_since_begin(self) -> bool:
         """Whether the command since `begin` changed an aggregate or noted a report."""
         if self._touch_count != self._touch_count_at_begin:

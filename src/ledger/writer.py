@@ -206,7 +206,7 @@ class LedgerWriter:
             getattr(self.app.recorder, "select_seen", None),
         )
         unit.preload(i for job in pending for i in job.command.aggregate_ids())
-        answers, spoiled = self._decide(unit, pending)
+        answers, spoiled, reads = self._decide(unit, pending)
         if spoiled:
             # A command failed after changing aggregates; it keeps its error, the
             # others run again on a unit of work it never touched.
@@ -215,6 +215,8 @@ class LedgerWriter:
             return [job for job in pending if job not in spoiled]
         changed = unit.changed()
         touches = unit.touches()
+        # The version each changed stream was read at (saving hands its events out).
+        read_at = {a.id: a.version - len(a.pending_events) for a in changed}
         position = None
         try:
             if changed:
@@ -226,7 +228,13 @@ class LedgerWriter:
             # Another process wrote first: decide again on fresh state, taking turns.
             self.conflicts += 1
             self._take_turns_until = time.monotonic() + TURNS_AFTER_CONFLICT_SECONDS
-            return pending
+            involved = self._involved(read_at, pending, reads)
+            if not involved or len(involved) == len(pending):
+                return pending
+            # The commands that read none of the streams that moved (nor anything such a
+            # command read) decide the same again: they commit now, the rest try again.
+            clean = [job for job in pending if job not in involved]
+            return involved + (self._attempt(clean) or [])
         self.batches += 1
         self.commands += len(pending)
         for job in pending:
@@ -237,13 +245,48 @@ class LedgerWriter:
                 job.future.set_result(Outcome(value, position))
         return None
 
+    def _involved(
+        self,
+        read_at: dict[UUID, int],
+        pending: list[_Job],
+        reads: dict[_Job, tuple[set[UUID], set[UUID]]],
+    ) -> list[_Job]:
+        """The commands a failed save must decide again: those that read a stream another
+        process wrote meanwhile, and those that read what such a command changed. Empty
+        when the store cannot tell which streams moved."""
+        select_versions = getattr(self.app.recorder, "select_versions", None)
+        if select_versions is None or not read_at:
+            return []
+        stored = select_versions(list(read_at))
+        moved = {i for i, version in read_at.items() if stored.get(i, 0) != version}
+        if not moved:
+            return []  # a level moved (see LevelMoved), not a stream: all again
+        involved: set[_Job] = set()
+        tainted = set(moved)
+        grew = True
+        while grew:
+            grew = False
+            for job in pending:
+                read, wrote = reads[job]
+                if job not in involved and read & tainted:
+                    involved.add(job)
+                    tainted |= wrote
+                    grew = True
+        return [job for job in pending if job in involved]
+
     def _decide(
         self, unit: UnitOfWork, jobs: list[_Job]
-    ) -> tuple[dict[_Job, tuple[Any, BaseException | None]], dict[_Job, BaseException]]:
-        """Runs each handler in turn; returns each answer, and the commands that failed
-        after changing something (their changes cannot be taken back)."""
+    ) -> tuple[
+        dict[_Job, tuple[Any, BaseException | None]],
+        dict[_Job, BaseException],
+        dict[_Job, tuple[set[UUID], set[UUID]]],
+    ]:
+        """Runs each handler in turn; returns each answer, the commands that failed after
+        changing something (their changes cannot be taken back), and what each read and
+        what it changed."""
         answers: dict[_Job, tuple[Any, BaseException | None]] = {}
         spoiled: dict[_Job, BaseException] = {}
+        reads: dict[_Job, tuple[set[UUID], set[UUID]]] = {}
         for job in jobs:
             unit.begin()
             try:
@@ -259,4 +302,5 @@ class LedgerWriter:
             else:
                 # Answers are read on other threads; the aggregates stay the writer's.
                 answers[job] = (copy.deepcopy(value), None)
-        return answers, spoiled
+            reads[job] = (unit.read_since_begin(), unit.changed_ids_since_begin())
+        return answers, spoiled, reads

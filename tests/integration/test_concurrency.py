@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from api.runtime import Runtime
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
+from ledger.writer import _Job
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import now, reserve, stock_sku
 from tests.integration.workers import compete
@@ -100,3 +102,42 @@ def test_a_multi_line_order_short_on_one_line_leaves_every_sku_untouched(
         assert runtime.app.repository.get(StockItem.id_for(sku)).version == version
     assert runtime.queries.stock_levels(plenty, now()).available == 100
     assert runtime.queries.stock_levels(scarce, now()).available == 3
+
+
+def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_streams(
+    runtime: Runtime, database_url: str
+) -> None:
+    skus = [random_sku("SPREAD") for _ in range(8)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, 10)
+    writer = runtime.writer
+    save = runtime.app.save
+    other_process: list[list[list[str]]] = []
+
+    def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
+        # Between this writer's read and its save, another process reserves the first SKU.
+        if not other_process:
+            other_process.append(compete(database_url, skus[0], 1, 1, 1))
+        return save(*aggregates, **kwargs)
+
+    attempts: list[list[str]] = []
+    attempt = writer._attempt
+
+    def counted(jobs: list[_Job]) -> Any:
+        attempts.append([job.command.lines[0][0] for job in jobs])  # type: ignore[attr-defined]
+        return attempt(jobs)
+
+    runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
+    writer._attempt = counted  # type: ignore[method-assign]
+    batch = [_Job(reserve([(sku, 1)]), Future()) for sku in skus]
+    writer._run_batch(batch)
+
+    # The seven orders on streams nobody else wrote commit at once; only the first SKU's
+    # order is decided again, on the state the other process left.
+    assert attempts == [skus, skus[1:], skus[:1]]
+    assert [len(granted) for granted in other_process[0]] == [1]
+    for job in batch:
+        assert job.future.result(0).value.reservation.lines
+    for sku in skus:
+        held = runtime.queries.stock_levels(sku, now()).held
+        assert held == (2 if sku == skus[0] else 1), sku
