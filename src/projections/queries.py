@@ -24,19 +24,27 @@ JOIN ledger_projections p ON p.name = g.name AND p.live_generation = g.generatio
 WHERE g.name = %s
 """
 
-AVAILABILITY_SQL = """
-SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
-       l.unreported,
-       coalesce((SELECT sum(h.quantity) FROM view_holds h
-                 WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
-                   AND h.expires_s > %(now)s), 0) AS held,
-       s.name, s.priority, s.lead_time_days, s.buffer, s.stale_after_seconds,
-       s.exclude_after_seconds, s.reports_net_of_our_orders
-FROM view_availability a
-LEFT JOIN view_levels l ON l.sku = a.sku
-LEFT JOIN view_suppliers s ON s.supplier_id = l.supplier_id
-WHERE a.sku = ANY(%(skus)s)
-ORDER BY a.sku, l.supplier_id
+# The stock view's position and the numbers, read in one statement (one snapshot): the
+# numbers are exactly those of that position, and a read costs one round trip.
+AVAILABILITY_AT_SQL = """
+SELECT p.position, x.*
+FROM (SELECT g.position FROM ledger_projection_generations g
+      JOIN ledger_projections lp ON lp.name = g.name AND lp.live_generation = g.generation
+      WHERE g.name = 'stock') p
+LEFT JOIN (
+  SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
+         l.unreported,
+         coalesce((SELECT sum(h.quantity) FROM view_holds h
+                   WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
+                     AND h.expires_s > %(now)s), 0) AS held,
+         s.name, s.priority, s.lead_time_days, s.buffer, s.stale_after_seconds,
+         s.exclude_after_seconds, s.reports_net_of_our_orders
+  FROM view_availability a
+  LEFT JOIN view_levels l ON l.sku = a.sku
+  LEFT JOIN view_suppliers s ON s.supplier_id = l.supplier_id
+  WHERE a.sku = ANY(%(skus)s)
+) x ON true
+ORDER BY x.sku, x.supplier_id
 """
 
 
@@ -99,23 +107,19 @@ class Views:
     ) -> tuple[int, dict[str, StockLevels]]:
         """The stock view's position and `availability`, once the view reached `wanted`.
 
-        The position is read first, on the same connection: the numbers reflect at least
-        that much of the log. A view that is behind is waited for without a connection.
+        One statement reads both, so the numbers are those of exactly that position. A
+        view that is behind is waited for without holding a connection.
         """
+        arguments = {"skus": skus, "now": second_floor(at)}
         with self.store.connection() as conn:
-            row = conn.execute(POSITION_SQL, ("stock",)).fetchone()
-            position = 0 if row is None else int(row["position"])
-            if wanted is None or position >= wanted:
-                rows = conn.execute(
-                    AVAILABILITY_SQL, {"skus": skus, "now": second_floor(at)}
-                ).fetchall()
-                return position, self._levels(rows, at)
-        position = self.wait_for("stock", wanted, timeout)
-        with self.store.connection() as conn:
-            rows = conn.execute(
-                AVAILABILITY_SQL, {"skus": skus, "now": second_floor(at)}
-            ).fetchall()
-        return position, self._levels(rows, at)
+            rows = conn.execute(AVAILABILITY_AT_SQL, arguments).fetchall()
+        position = int(rows[0]["position"]) if rows else 0
+        if wanted is not None and position < wanted:
+            self.wait_for("stock", wanted, timeout)
+            with self.store.connection() as conn:
+                rows = conn.execute(AVAILABILITY_AT_SQL, arguments).fetchall()
+            position = int(rows[0]["position"]) if rows else 0
+        return position, self._levels([row for row in rows if row["sku"] is not None], at)
 
     def _levels(self, rows: list[dict[str, Any]], at: datetime) -> dict[str, StockLevels]:
         safety: dict[str, int] = {}
