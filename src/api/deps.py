@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query, Request, Response
+from pydantic import BaseModel
 
 from api.auth import require
 from api.runtime import Runtime
@@ -48,6 +49,14 @@ def set_position(response: Response, position: int | None) -> None:
     """Tells the client how far the log reached, for read-your-writes."""
     if position is not None:
         response.headers[POSITION_HEADER] = str(position)
+
+
+def model_answer(body: BaseModel, position: int | None, status: int = 200) -> Response:
+    """The answer model as JSON, with the log position: built and checked once, by the
+    route (FastAPI would validate a returned model again)."""
+    answer = Response(body.model_dump_json(), status_code=status, media_type="application/json")
+    set_position(answer, position)
+    return answer
 
 
 def cause_for(key: ApiKey, reason: str, correlation_id: str) -> Cause:

@@ -14,6 +14,7 @@ aggregates from their latest snapshots in one round trip.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -181,20 +182,21 @@ class LedgerRecorder(PostgresApplicationRecorder):
         """Writes the levels, then notes the repeated reports; raises LevelMoved when
         either finds a row other than the writer decided from."""
         if levels:
-            curs.execute(self.upsert_levels, _level_columns(levels))
+            curs.execute(self.upsert_levels, _columns(levels))
             if len(curs.fetchall()) != len(levels):
                 raise LevelMoved("a newer report of a level was seen since it was read")
         if touches:
-            curs.execute(self.touch_levels_statement, _touch_columns(touches))
-            if len(curs.fetchall()) != len(touches):
-                raise LevelMoved("a level changed since a report was found to repeat it")
+            self._touch(curs, touches)
 
     def touch_levels(self, touches: Sequence[LevelTouch]) -> None:
         """Notes repeated reports when a save has no events to carry them."""
         with self.datastore.transaction(commit=True) as curs:
-            curs.execute(self.touch_levels_statement, _touch_columns(touches))
-            if len(curs.fetchall()) != len(touches):
-                raise LevelMoved("a level changed since a report was found to repeat it")
+            self._touch(curs, touches)
+
+    def _touch(self, curs: Cursor[DictRow], touches: Sequence[LevelTouch]) -> None:
+        curs.execute(self.touch_levels_statement, _columns(touches))
+        if len(curs.fetchall()) != len(touches):
+            raise LevelMoved("a level changed since a report was found to repeat it")
 
     def select_seen(self, supplier_id: str, skus: Sequence[str]) -> dict[str, datetime]:
         """When each SKU's level was last reported by the supplier, recorded or not."""
@@ -225,22 +227,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
             ]
 
 
-def _level_columns(rows: Sequence[LevelRow]) -> tuple[list[Any], ...]:
-    return (
-        [r.supplier_id for r in rows],
-        [r.sku for r in rows],
-        [r.quantity for r in rows],
-        [r.observed_at for r in rows],
-        [r.unreported_from for r in rows],
-    )
-
-
-def _touch_columns(touches: Sequence[LevelTouch]) -> tuple[list[Any], ...]:
-    return (
-        [t.supplier_id for t in touches],
-        [t.sku for t in touches],
-        [t.seen_at for t in touches],
-        [t.quantity for t in touches],
-        [t.observed_at for t in touches],
-        [t.unreported_from for t in touches],
-    )
+def _columns(rows: Sequence[LevelRow] | Sequence[LevelTouch]) -> tuple[list[Any], ...]:
+    """Rows as one array per field, in field order (the order the statements unnest)."""
+    return tuple([getattr(row, f.name) for row in rows] for f in fields(rows[0]))

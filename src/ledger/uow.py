@@ -154,13 +154,9 @@ class UnitOfWork:
 
     def changed_since_begin(self) -> bool:
         """Whether the command since `begin` changed an aggregate or noted a report."""
-        if self._touch_count != self._touch_count_at_begin:
-            return True
-        for aggregate_id, mark in self._marks.items():
-            aggregate = self._aggregates.get(aggregate_id)
-            if aggregate is not None and len(aggregate.pending_events) != mark:
-                return True
-        return False
+        return self._touch_count != self._touch_count_at_begin or bool(
+            self.changed_ids_since_begin()
+        )
 
     def changed(self) -> list[LedgerAggregate]:
         return [a for a in self._aggregates.values() if a is not None and a.pending_events]

@@ -232,7 +232,7 @@ class LedgerWriter:
             if not involved or len(involved) == len(pending):
                 return pending
             # The commands that read none of the streams that moved (nor anything such a
-            # command read) decide the same again: they commit now, the rest try again.
+            # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
             return involved + (self._attempt(clean) or [])
         self.batches += 1

@@ -111,14 +111,16 @@ class Views:
         view that is behind is waited for without holding a connection.
         """
         arguments = {"skus": skus, "now": second_floor(at)}
-        with self.store.connection() as conn:
-            rows = conn.execute(AVAILABILITY_AT_SQL, arguments).fetchall()
-        position = int(rows[0]["position"]) if rows else 0
-        if wanted is not None and position < wanted:
-            self.wait_for("stock", wanted, timeout)
+
+        def read() -> tuple[int, list[dict[str, Any]]]:
             with self.store.connection() as conn:
                 rows = conn.execute(AVAILABILITY_AT_SQL, arguments).fetchall()
-            position = int(rows[0]["position"]) if rows else 0
+            return (int(rows[0]["position"]) if rows else 0), rows
+
+        position, rows = read()
+        if wanted is not None and position < wanted:
+            self.wait_for("stock", wanted, timeout)
+            position, rows = read()
         return position, self._levels([row for row in rows if row["sku"] is not None], at)
 
     def _levels(self, rows: list[dict[str, Any]], at: datetime) -> dict[str, StockLevels]:

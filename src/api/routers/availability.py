@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import MinPosition, Now, ReaderKey, RuntimeDep, set_position
+from api.deps import MinPosition, Now, ReaderKey, RuntimeDep, model_answer, set_position
 from api.errors import ApiError
 from api.routers.skus import SkuPath
 from api.schemas import AvailabilityBatchOut, AvailabilityOut, SupplierLevelOut
@@ -59,11 +59,9 @@ def one(
     levels = found.get(sku)
     if levels is None:
         raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
-    body = availability_out(levels, runtime.settings.limited_stock_at, position)
-    # The model is built and checked once, here; FastAPI would validate it again.
-    answer = Response(body.model_dump_json(), media_type="application/json")
-    set_position(answer, position)
-    return answer
+    return model_answer(
+        availability_out(levels, runtime.settings.limited_stock_at, position), position
+    )
 
 
 @router.get("", response_model=AvailabilityBatchOut)

@@ -9,7 +9,16 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
-from api.deps import MinPosition, Now, OmsKey, RequestId, RuntimeDep, cause_for, set_position
+from api.deps import (
+    MinPosition,
+    Now,
+    OmsKey,
+    RequestId,
+    RuntimeDep,
+    cause_for,
+    model_answer,
+    set_position,
+)
 from api.errors import ApiError
 from api.schemas import (
     AllocationOut,
@@ -82,18 +91,7 @@ def _reservation_id(value: str) -> UUID:
 
 
 # The write routes are coroutines: they hand the command to the ledger writer's thread
-# and await its outcome, holding no pool thread while the batch is saved. Their answer
-# model is built and checked once and sent as is (FastAPI would validate it again).
-
-
-def _answer(
-    body: ReservationOut, status: int, position: int | None, replayed: bool = False
-) -> Response:
-    answer = Response(body.model_dump_json(), status_code=status, media_type="application/json")
-    set_position(answer, position)
-    if replayed:
-        answer.headers["Idempotent-Replayed"] = "true"
-    return answer
+# and await its outcome, holding no pool thread while the batch is saved.
 
 
 @router.post("", status_code=201, response_model=ReservationOut)
@@ -126,10 +124,10 @@ async def reserve(
         default_ttl_seconds=settings.default_ttl_seconds,
     )
     outcome = await runtime.writer.execute_async(command)
-    reserved = outcome.value
-    return _answer(
-        reservation_out(reserved.reservation, at), 201, outcome.position, reserved.replayed
-    )
+    answer = model_answer(reservation_out(outcome.value.reservation, at), outcome.position, 201)
+    if outcome.value.replayed:
+        answer.headers["Idempotent-Replayed"] = "true"
+    return answer
 
 
 @router.get("", response_model=ReservationListOut)
@@ -171,7 +169,7 @@ def get(
 
 async def _run(runtime: RuntimeDep, command: Command, at: datetime) -> Response:
     outcome = await runtime.writer.execute_async(command)
-    return _answer(reservation_out(outcome.value, at), 200, outcome.position)
+    return model_answer(reservation_out(outcome.value, at), outcome.position)
 
 
 @router.post("/{reservation_id}/confirm", response_model=ReservationOut)
