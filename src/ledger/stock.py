@@ -88,8 +88,11 @@ class Position:
         return max(0, self.quantity + sum(self.unreported.values()))
 
     def forget_expired_holds(self, now: int) -> None:
-        for expires in [expires for expires in self.held if expires <= now]:
-            del self.held[expires]
+        # Called for every event: most find nothing to forget, and say so in one C call.
+        held = self.held
+        if held and min(held) <= now:
+            for expires in [expires for expires in held if expires <= now]:
+                del held[expires]
 
     def add_held(self, expires: int, delta: int) -> None:
         _add(self.held, expires, delta, floor=0)

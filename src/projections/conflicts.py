@@ -8,10 +8,12 @@ stale, and deliveries with unmapped supplier SKUs. An acknowledgement is itself 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 from uuid import UUID
 
+from eventsourcing.persistence import Notification
 from psycopg import sql
 
 from ledger.application import InventoryLedger
@@ -84,8 +86,8 @@ class ConflictsProjection(Projection):
             "CREATE TABLE {schema}.names (id uuid PRIMARY KEY, name text NOT NULL)",
         ]
 
-    def begin(self, conn: Connection, schema: str, page: list[Notified]) -> None:
-        ids = list({n.event.originator_id for n in page})
+    def begin(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
+        ids = list({n.originator_id for n in page})
         rows = conn.execute(
             sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%s)").format(table(schema, "names")),
             (ids,),

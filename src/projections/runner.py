@@ -10,15 +10,15 @@ error recorded; the runner retries it after a growing pause.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 import structlog
-from eventsourcing.persistence import PersistenceError
+from eventsourcing.persistence import Notification, PersistenceError
 
 from ledger.application import InventoryLedger
-from projections.base import Notified, Projection, ProjectionFailed
+from projections.base import Projection, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.notifier import LogNotifier
 from projections.store import (
@@ -36,8 +36,9 @@ from projections.store import (
 log = structlog.get_logger(__name__)
 
 
-# A rebuild commits its rows and position every this many events: fewer, larger writes.
-REBUILD_EVENTS_PER_TRANSACTION = 100_000
+# A rebuild commits its rows and position every this many events: fewer, larger writes
+# (each busy row is written once per transaction); it holds the changed states meanwhile.
+REBUILD_EVENTS_PER_TRANSACTION = 250_000
 
 
 class LostOwnership(RuntimeError):
@@ -46,16 +47,16 @@ class LostOwnership(RuntimeError):
 
 def fetch_page(
     app: InventoryLedger, after: int, limit: int, topics: list[str]
-) -> tuple[list[Notified], int]:
-    """The next page of events of these topics, and how far the log was scanned for it."""
+) -> tuple[Sequence[Notification], int]:
+    """The next page of events of these topics, undecoded (`Projection.stage` decodes them
+    one by one), and how far the log was scanned for it."""
     bound = app.recorder.max_notification_id() or 0
     if bound <= after:
         return [], after
-    notifications = app.recorder.select_notifications(
+    page = app.recorder.select_notifications(
         start=after + 1, limit=limit, stop=bound, topics=topics
     )
-    page = [Notified(n.id, n.topic, app.mapper.to_domain_event(n)) for n in notifications]
-    scanned = page[-1].position if len(page) == limit else bound
+    scanned = page[-1].id if len(page) == limit else bound
     return page, scanned
 
 
