@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import fields
@@ -81,11 +82,14 @@ class LedgerTranscoder(JSONTranscoder):
     time (measured on the ledger's events), for every load, replay and projection page.
 
     Encoding stays the library's, so the stored bytes do not change. A document orjson
-    refuses but the standard parser accepts (an integer beyond 64 bits, NaN) is decoded
-    the library's way.
+    refuses (NaN) or might read inexactly (an integer beyond 64 bits, which it would make
+    a float) is decoded the library's way.
     """
 
     def decode(self, data: bytes) -> Any:
+        if _LONG_NUMBER.search(data):
+            # orjson reads an integer beyond 64 bits as a float: leave those to the library.
+            return super().decode(data)
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -98,13 +102,21 @@ class LedgerTranscoder(JSONTranscoder):
         if type(value) is list:
             return [self._revive(item) if type(item) in _NESTED else item for item in value]
         for key, item in value.items():
-            if type(item) in _NESTED:
+            if (
+                type(item) is dict
+                and len(item) == 2
+                and item.get("_type_") == "datetime_iso"
+                and "_data_" in item
+            ):
+                # Most typed values are times: decoded here, without a call per level.
+                value[key] = _datetime(item["_data_"])
+            elif type(item) in _NESTED:
                 value[key] = self._revive(item)
         if len(value) != 2 or "_type_" not in value or "_data_" not in value:
             return value
         name = value["_type_"]
-        if name == "datetime_iso":  # most typed values are: no transcoding call
-            return datetime.fromisoformat(value["_data_"])
+        if name == "datetime_iso":
+            return _datetime(value["_data_"])
         try:
             transcoding = self.names[name]
         except KeyError as error:
@@ -115,7 +127,15 @@ class LedgerTranscoder(JSONTranscoder):
         return transcoding.decode(value["_data_"])
 
 
+def _datetime(data: Any) -> datetime:
+    """The library's DatetimeAsISO.decode."""
+    assert isinstance(data, str)
+    return datetime.fromisoformat(data)
+
+
 _NESTED = (dict, list)
+# 19 digits in a row: a number orjson might not read exactly (or a string that looks so).
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 class InventoryLedger(Application[UUID]):

@@ -90,7 +90,7 @@ class Position:
     def forget_expired_holds(self, now: int) -> None:
         # Called for every event: most find nothing to forget, and say so in one C call.
         held = self.held
-        if held and min(held) <= now:
+        if min(held, default=now + 1) <= now:
             for expires in [expires for expires in held if expires <= now]:
                 del held[expires]
 
@@ -297,9 +297,12 @@ class StockItem(LedgerAggregate):
             assert item is not None
             # Holds that have run out no longer count; forgetting them keeps the state
             # small. Done on every event, so that replaying rebuilds the same state.
-            now = second_floor(self.timestamp)
+            now = None
             for position in item.positions.values():
-                position.forget_expired_holds(now)
+                if position.held:
+                    if now is None:
+                        now = second_floor(self.timestamp)
+                    position.forget_expired_holds(now)
             return item
 
     class Registered(Event, AggregateCreated):

@@ -179,11 +179,13 @@ class StateProjection(Projection):
         super().__init__(app)
         self._states: dict[UUID, Any] = {}
         self._changed: dict[UUID, tuple[str, int]] = {}
+        # Changed states that have no row yet (`begin` looked for one): COPY inserts them.
+        self._unstored: set[UUID] = set()
         self._schema: str | None = None
         self._tables_by_topic: dict[str, str] = {}
 
     def reset(self) -> None:
-        self._states, self._changed = {}, {}
+        self._states, self._changed, self._unstored = {}, {}, set()
         self._schema = None
 
     def _table_of(self, topic: str) -> str:
@@ -199,7 +201,8 @@ class StateProjection(Projection):
 
     def begin(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
         if schema != self._schema:
-            self._states, self._changed, self._schema = {}, {}, schema
+            self._states, self._changed, self._unstored = {}, {}, set()
+            self._schema = schema
         wanted: dict[str, set[UUID]] = defaultdict(set)
         for notification in page:
             originator_id = notification.originator_id
@@ -216,6 +219,7 @@ class StateProjection(Projection):
             aggregate_class = next(a for a, n in self.state_tables.items() if n == name)
             for row in rows:
                 self._states[row["id"]] = self._decode(aggregate_class, row)
+            self._unstored.update(ids.difference(row["id"] for row in rows))
 
     def handle(self, notified: Notified) -> None:
         event = notified.event
@@ -230,6 +234,7 @@ class StateProjection(Projection):
         self._changed = {}
         for name, changed in by_table.items():
             self._write(conn, schema, name, changed)
+        self._unstored = set()
         if len(self._states) > self.max_cached_states:
             # Only now, with nothing left unwritten, may states be forgotten.
             self._states = {}
@@ -238,7 +243,6 @@ class StateProjection(Projection):
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         child_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        parent_keys: dict[str, list[Any]] = defaultdict(list)
         children = {c: t for c, t in self.child_tables.items() if t.parent == name}
         for aggregate, position in changed:
             derived = self.columns(aggregate)
@@ -253,18 +257,26 @@ class StateProjection(Projection):
                 }
             )
             derived_children = self.children(aggregate)
-            for child, spec in children.items():
-                parent_keys[child].append(derived[spec.parent_column])
+            for child in children:
                 child_rows[child].extend(derived_children.get(child, []))
+        # A rebuild's rows are nearly all new: COPY them in; upsert those that exist.
+        new = [row for row in rows if row["id"] in self._unstored]
+        known = [row for row in rows if row["id"] not in self._unstored]
         with conn.cursor() as cursor:
-            cursor.executemany(_upsert(schema, name, list(rows[0])), rows)
+            if new:
+                _copy(cursor, schema, name, new)
+            if known:
+                cursor.executemany(_upsert(schema, name, list(known[0])), known)
             for child, spec in children.items():
-                cursor.execute(
-                    sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
-                        table(schema, child), sql.Identifier(spec.column)
-                    ),
-                    (parent_keys[child],),
-                )
+                # A new row has no child rows yet: only the known ones lose theirs.
+                stale = [row[spec.parent_column] for row in known]
+                if stale:
+                    cursor.execute(
+                        sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                            table(schema, child), sql.Identifier(spec.column)
+                        ),
+                        (stale,),
+                    )
                 if child_rows[child]:
                     _copy(cursor, schema, child, child_rows[child])
 

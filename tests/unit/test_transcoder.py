@@ -70,8 +70,11 @@ def test_what_orjson_refuses_is_decoded_the_librarys_way(
     transcoders: tuple[LedgerTranscoder, JSONTranscoder],
 ) -> None:
     ours, library = transcoders
-    huge = {"quantity": 2**70, "at": datetime(2026, 1, 2, tzinfo=UTC)}
-    assert ours.decode(library.encode(huge)) == huge
+    for big in (2**64, 2**70, -(2**63) - 1, 10**30):
+        huge = {"quantity": big, "at": datetime(2026, 1, 2, tzinfo=UTC)}
+        decoded = ours.decode(library.encode(huge))
+        assert decoded == huge
+        assert type(decoded["quantity"]) is int
     odd = ours.decode(
         b'{"ratio": NaN, "id": {"_type_": "uuid_hex", "_data_": "' + b"a" * 32 + b'"}}'
     )
@@ -87,8 +90,12 @@ def test_an_unknown_type_is_refused_and_a_lookalike_dict_is_left_alone(
     for transcoder in (ours, library):
         with pytest.raises(TranscodingNotRegisteredError, match="no_such_type"):
             transcoder.decode(unknown)
-    lookalike = b'{"x": {"_type_": "decimal_str", "_data_": "1.5", "other": 1}}'
-    assert ours.decode(lookalike) == library.decode(lookalike)
+    for lookalike in (
+        b'{"x": {"_type_": "decimal_str", "_data_": "1.5", "other": 1}}',
+        b'{"x": {"_type_": "datetime_iso", "other": "2026-01-01T00:00:00+00:00"}}',
+        b'{"_type_": "datetime_iso", "_data_x": 1}',
+    ):
+        assert ours.decode(lookalike) == library.decode(lookalike)
     assert ours.decode(b'{"d": {"_type_": "decimal_str", "_data_": "1.5"}}') == {
         "d": Decimal("1.5")
     }
