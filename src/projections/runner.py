@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -79,35 +80,67 @@ def catch_up(
     writes each busy row once per transaction instead of once per page.
     """
     position, applied = current.position, 0
-    while keep_going():
-        start, staged = position, 0
-        try:
-            with store.transaction() as conn:
-                while True:
-                    with _collector_paused():
-                        page, scanned = fetch_page(app, position, page_size, projection.topics)
-                        if page:
-                            projection.stage(conn, current.schema, page)
-                        count = len(page)
-                        del page  # freed while paused: the collector never sees it
-                    if scanned == position:
-                        break
-                    position, staged = scanned, staged + count
-                    if progress is not None:
-                        progress(position, count)
-                    if staged >= events_per_transaction or not keep_going():
-                        break
-                if position == start:
-                    return applied
-                projection.write(conn, current.schema, position)
-                if not advance(conn, current.name, current.generation, start, position):
-                    raise LostOwnership(f"{current.name} generation {current.generation}")
-        except BaseException:
-            position = start
-            projection.reset()  # what it kept in memory may not match the rows any more
-            raise
-        applied += staged
+    with _Pages(app, projection.topics, page_size) as pages:
+        while keep_going():
+            start, staged = position, 0
+            try:
+                with store.transaction() as conn:
+                    while True:
+                        with _collector_paused():
+                            page, scanned = pages.after(position)
+                            if page:
+                                projection.stage(conn, current.schema, page)
+                            count = len(page)
+                            del page  # freed while paused: the collector never sees it
+                        if scanned == position:
+                            break
+                        position, staged = scanned, staged + count
+                        if progress is not None:
+                            progress(position, count)
+                        if staged >= events_per_transaction or not keep_going():
+                            break
+                    if position == start:
+                        return applied
+                    projection.write(conn, current.schema, position)
+                    if not advance(conn, current.name, current.generation, start, position):
+                        raise LostOwnership(f"{current.name} generation {current.generation}")
+            except BaseException:
+                position = start
+                projection.reset()  # what it kept in memory may not match the rows any more
+                raise
+            applied += staged
     return applied
+
+
+class _Pages:
+    """Reads the log a page at a time; after a full page (more is likely: a rebuild, a
+    runner catching up) the next is read on a thread of its own while this one is
+    applied, so that the database's part and the projection's overlap."""
+
+    def __init__(self, app: InventoryLedger, topics: list[str], page_size: int) -> None:
+        self.app, self.topics, self.page_size = app, topics, page_size
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[tuple[Sequence[Notification], int]]] | None = None
+
+    def after(self, position: int) -> tuple[Sequence[Notification], int]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == position:
+            page, scanned = ahead[1].result()
+        else:
+            page, scanned = fetch_page(self.app, position, self.page_size, self.topics)
+        if len(page) == self.page_size:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="projection-pages")
+            future = self._reader.submit(fetch_page, self.app, scanned, self.page_size, self.topics)
+            self._ahead = (scanned, future)
+        return page, scanned
+
+    def __enter__(self) -> _Pages:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
