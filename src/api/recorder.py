@@ -200,7 +200,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
         if len(curs.fetchall()) != len(touches):
             raise LevelMoved("a level changed since a report was found to repeat it")
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(
         self,
         start: int | None,
@@ -210,9 +209,26 @@ class LedgerRecorder(PostgresApplicationRecorder):
         *,
         inclusive_of_start: bool = True,
     ) -> Sequence[Notification]:
-        """As the library's, read in binary as tuples: projections and audits read the whole
-        log through here, and the library's rows (dicts, then frozen dataclasses built
-        field by field) cost twice the query itself."""
+        """As the library's, built from `select_notification_rows`."""
+        rows = self.select_notification_rows(
+            start, limit, stop, topics, inclusive_of_start=inclusive_of_start
+        )
+        return [_notification(*row) for row in rows]
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_notification_rows(
+        self,
+        start: int | None,
+        limit: int,
+        stop: int | None = None,
+        topics: Sequence[str] = (),
+        *,
+        inclusive_of_start: bool = True,
+    ) -> list[tuple[int, UUID, int, str, bytes]]:
+        """The notifications `select_notifications` selects, as plain tuples of (id,
+        originator id, originator version, topic, state), read in binary. Projections and
+        audits read the whole log through here: the library's rows (dicts, then frozen
+        dataclasses built field by field) cost twice the query itself."""
         conditions = []
         params: list[Any] = []
         if start is not None:
@@ -243,8 +259,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
             conn.cursor(binary=True, row_factory=tuple_row) as curs,
         ):
             curs.execute(statement, params, prepare=True)
-            rows = curs.fetchall()
-        return [_notification(*row) for row in rows]
+            return curs.fetchall()
 
     def select_seen(self, supplier_id: str, skus: Sequence[str]) -> dict[str, datetime]:
         """When each SKU's level was last reported by the supplier, recorded or not."""

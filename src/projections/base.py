@@ -10,13 +10,22 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
-from eventsourcing.persistence import Notification
 from eventsourcing.utils import get_topic
 from psycopg import sql
 
 from ledger.application import InventoryLedger
 from ledger.base import LedgerAggregate, LedgerSnapshot
 from projections.store import Connection
+
+
+class Logged(NamedTuple):
+    """A notification as the log holds it, not yet decoded: what the mapper reads."""
+
+    id: int
+    originator_id: UUID
+    originator_version: int
+    topic: str
+    state: bytes
 
 
 class Notified(NamedTuple):
@@ -59,7 +68,7 @@ class Projection(ABC):
         """CREATE statements for its tables, with `{schema}` where the schema goes."""
 
     @abstractmethod
-    def begin(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
+    def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         """Prepares for a page, e.g. loads the rows its events will change."""
 
     @abstractmethod
@@ -73,7 +82,7 @@ class Projection(ABC):
     def reset(self) -> None:  # noqa: B027 - most projections keep nothing between pages
         """Forgets whatever it keeps between pages; called when a page did not commit."""
 
-    def stage(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
+    def stage(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         """Applies a page in memory, naming the event that failed; `write` stores it.
 
         Each event is decoded just before it is applied and dropped after: a page of
@@ -84,9 +93,8 @@ class Projection(ABC):
         to_domain_event = self.app.mapper.to_domain_event
         for notification in page:
             try:
-                self.handle(
-                    Notified(notification.id, notification.topic, to_domain_event(notification))
-                )
+                event = to_domain_event(notification)  # type: ignore[arg-type]
+                self.handle(Notified(notification.id, notification.topic, event))
             except Exception as error:
                 raise ProjectionFailed(
                     self.name, notification.id, notification.topic, error
@@ -177,10 +185,12 @@ class StateProjection(Projection):
 
     def __init__(self, app: InventoryLedger) -> None:
         super().__init__(app)
-        self._states: dict[UUID, Any] = {}
-        self._changed: dict[UUID, tuple[str, int]] = {}
+        # Keyed by the ids' integers: a UUID hashes and compares in Python, an int in C,
+        # and these are looked up several times for every event applied.
+        self._states: dict[int, Any] = {}
+        self._changed: dict[int, tuple[str, int]] = {}
         # Changed states that have no row yet (`begin` looked for one): COPY inserts them.
-        self._unstored: set[UUID] = set()
+        self._unstored: set[int] = set()
         self._schema: str | None = None
         self._tables_by_topic: dict[str, str] = {}
 
@@ -199,15 +209,15 @@ class StateProjection(Projection):
                     return name
             raise LookupError(topic) from None
 
-    def begin(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
+    def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         if schema != self._schema:
             self._states, self._changed, self._unstored = {}, {}, set()
             self._schema = schema
         wanted: dict[str, set[UUID]] = defaultdict(set)
         for notification in page:
             originator_id = notification.originator_id
-            if originator_id not in self._states:
-                assert isinstance(originator_id, UUID)
+            assert isinstance(originator_id, UUID)
+            if originator_id.int not in self._states:
                 wanted[self._table_of(notification.topic)].add(originator_id)
         for name, ids in wanted.items():
             rows = conn.execute(
@@ -218,19 +228,19 @@ class StateProjection(Projection):
             ).fetchall()
             aggregate_class = next(a for a, n in self.state_tables.items() if n == name)
             for row in rows:
-                self._states[row["id"]] = self._decode(aggregate_class, row)
-            self._unstored.update(ids.difference(row["id"] for row in rows))
+                self._states[row["id"].int] = self._decode(aggregate_class, row)
+            self._unstored.update(i.int for i in ids.difference(row["id"] for row in rows))
 
     def handle(self, notified: Notified) -> None:
         event = notified.event
-        aggregate = self._states.get(event.originator_id)
-        self._states[event.originator_id] = event.mutate(aggregate)
-        self._changed[event.originator_id] = (self._table_of(notified.topic), notified.position)
+        key = event.originator_id.int
+        self._states[key] = event.mutate(self._states.get(key))
+        self._changed[key] = (self._table_of(notified.topic), notified.position)
 
     def flush(self, conn: Connection, schema: str) -> None:
         by_table: dict[str, list[Any]] = defaultdict(list)
-        for aggregate_id, (name, position) in self._changed.items():
-            by_table[name].append((self._states[aggregate_id], position))
+        for key, (name, position) in self._changed.items():
+            by_table[name].append((self._states[key], position))
         self._changed = {}
         for name, changed in by_table.items():
             self._write(conn, schema, name, changed)
@@ -260,8 +270,8 @@ class StateProjection(Projection):
             for child in children:
                 child_rows[child].extend(derived_children.get(child, []))
         # A rebuild's rows are nearly all new: COPY them in; upsert those that exist.
-        new = [row for row in rows if row["id"] in self._unstored]
-        known = [row for row in rows if row["id"] not in self._unstored]
+        new = [row for row in rows if row["id"].int in self._unstored]
+        known = [row for row in rows if row["id"].int not in self._unstored]
         with conn.cursor() as cursor:
             if new:
                 _copy(cursor, schema, name, new)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 from uuid import UUID
 
-from eventsourcing.persistence import Notification
 from psycopg import sql
 
 from ledger.application import InventoryLedger
@@ -21,7 +20,7 @@ from ledger.conflict import ConflictAcknowledgement, conflict_id
 from ledger.delivery import FeedDelivery
 from ledger.stock import StockItem
 from ledger.supplier import Supplier
-from projections.base import Notified, Projection, table
+from projections.base import Logged, Notified, Projection, table
 from projections.store import Connection
 
 ConflictKind = Literal[
@@ -86,7 +85,7 @@ class ConflictsProjection(Projection):
             "CREATE TABLE {schema}.names (id uuid PRIMARY KEY, name text NOT NULL)",
         ]
 
-    def begin(self, conn: Connection, schema: str, page: Sequence[Notification]) -> None:
+    def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         ids = list({n.originator_id for n in page})
         rows = conn.execute(
             sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%s)").format(table(schema, "names")),

@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 import structlog
-from eventsourcing.persistence import Notification, PersistenceError
+from eventsourcing.persistence import PersistenceError
 
 from ledger.application import InventoryLedger
-from projections.base import Projection, ProjectionFailed
+from projections.base import Logged, Projection, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.notifier import LogNotifier
 from projections.store import (
@@ -50,15 +51,19 @@ class LostOwnership(RuntimeError):
 
 def fetch_page(
     app: InventoryLedger, after: int, limit: int, topics: list[str]
-) -> tuple[Sequence[Notification], int]:
+) -> tuple[Sequence[Logged], int]:
     """The next page of events of these topics, undecoded (`Projection.stage` decodes them
     one by one), and how far the log was scanned for it."""
     bound = app.recorder.max_notification_id() or 0
     if bound <= after:
         return [], after
-    page = app.recorder.select_notifications(
-        start=after + 1, limit=limit, stop=bound, topics=topics
-    )
+    select = getattr(app.recorder, "select_notification_rows", None)
+    if select is None:  # a recorder of the library's: its notifications have the same fields
+        page: Sequence[Any] = app.recorder.select_notifications(
+            start=after + 1, limit=limit, stop=bound, topics=topics
+        )
+    else:
+        page = list(map(Logged._make, select(after + 1, limit, bound, topics)))
     scanned = page[-1].id if len(page) == limit else bound
     return page, scanned
 
@@ -120,9 +125,9 @@ class _Pages:
     def __init__(self, app: InventoryLedger, topics: list[str], page_size: int) -> None:
         self.app, self.topics, self.page_size = app, topics, page_size
         self._reader: ThreadPoolExecutor | None = None
-        self._ahead: tuple[int, Future[tuple[Sequence[Notification], int]]] | None = None
+        self._ahead: tuple[int, Future[tuple[Sequence[Logged], int]]] | None = None
 
-    def after(self, position: int) -> tuple[Sequence[Notification], int]:
+    def after(self, position: int) -> tuple[Sequence[Logged], int]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == position:
             page, scanned = ahead[1].result()
