@@ -30,7 +30,7 @@ from rich.table import Table
 
 from api.database import migrate, resolve_database_url, start_embedded
 from api.logs import configure_logging
-from api.runtime import Runtime, jump_thresholds, open_runtime
+from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes
 from api.settings import Settings
 from connectors import health
 from connectors.ingest import FeedRejected, record_dead_letters
@@ -177,6 +177,12 @@ def projections_rebuild(
     in_place: Annotated[
         bool, typer.Option(help="switch to the empty new generation at once (no blue/green)")
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="processes to apply a state view in (default LEDGER_REBUILD_PROCESSES)"
+        ),
+    ] = None,
 ) -> None:
     """Builds a projection again from position zero under a new generation, then switches."""
     with _ledger() as runtime:
@@ -208,6 +214,7 @@ def projections_rebuild(
                     in_place=in_place,
                     page_size=max(runtime.settings.projection_page_size, 10_000),
                     progress=advance,
+                    processes=processes or rebuild_processes(runtime.settings),
                 )
                 progress.update(task, completed=last)
                 progress.console.print(

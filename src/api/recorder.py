@@ -224,11 +224,14 @@ class LedgerRecorder(PostgresApplicationRecorder):
         topics: Sequence[str] = (),
         *,
         inclusive_of_start: bool = True,
+        share: tuple[int, int] | None = None,
     ) -> list[tuple[int, UUID, int, str, bytes]]:
         """The notifications `select_notifications` selects, as plain tuples of (id,
         originator id, originator version, topic, state), read in binary. Projections and
         audits read the whole log through here: the library's rows (dicts, then frozen
-        dataclasses built field by field) cost twice the query itself."""
+        dataclasses built field by field) cost twice the query itself. `share` (k, n)
+        keeps the streams whose id's last byte is k modulo n: a rebuild in n processes
+        gives each a share of the streams."""
         conditions = []
         params: list[Any] = []
         if start is not None:
@@ -242,6 +245,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
         if topics:
             conditions.append("topic = ANY(%s)")
             params.append(list(topics))
+        if share is not None:
+            conditions.append("get_byte(uuid_send(originator_id), 15) %% %s = %s")
+            params.extend([share[1], share[0]])
         params.append(limit)
         statement = self._select_notifications_statements.get(tuple(conditions))
         if statement is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import structlog
@@ -65,6 +66,11 @@ class Runtime:
 
 def jump_thresholds(settings: Settings) -> JumpThresholds:
     return JumpThresholds(settings.conflict_jump_absolute, settings.conflict_jump_relative)
+
+
+def rebuild_processes(settings: Settings) -> int:
+    """The processes a rebuild of a state view uses: the setting, or one per core."""
+    return settings.rebuild_processes or os.cpu_count() or 1
 
 
 def start_runners(runtime: Runtime) -> None:

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     )
     projection_page_size: int = Field(default=1000, gt=0)
     projection_poll_seconds: float = Field(default=1.0, gt=0)
+    rebuild_processes: int = Field(
+        default=0,
+        ge=0,
+        description="processes `ledger projections rebuild` applies a state view in; 0: one"
+        " per core",
+    )
     read_wait_max_seconds: float = Field(
         default=5.0, ge=0, description="longest wait of a read for its min_position"
     )

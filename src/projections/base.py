@@ -46,6 +46,10 @@ class ProjectionFailed(Exception):
         self.topic = topic
         self.cause = cause
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries (a rebuild's shares) with its fields intact.
+        return (type(self), (self.name, self.position, self.topic, self.cause))
+
 
 class Projection(ABC):
     """A read model: its tables, the events it reads, and how a page of them changes its rows."""

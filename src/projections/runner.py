@@ -10,9 +10,10 @@ error recorded; the runner retries it after a growing pause.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import structlog
 from eventsourcing.persistence import PersistenceError
 
 from ledger.application import InventoryLedger
-from projections.base import Logged, Projection, ProjectionFailed
+from projections.base import Logged, Projection, ProjectionFailed, StateProjection
 from projections.leases import LeaseSession
 from projections.notifier import LogNotifier
 from projections.store import (
@@ -50,20 +51,29 @@ class LostOwnership(RuntimeError):
 
 
 def fetch_page(
-    app: InventoryLedger, after: int, limit: int, topics: list[str]
+    app: InventoryLedger,
+    after: int,
+    limit: int,
+    topics: list[str],
+    upto: int | None = None,
+    share: tuple[int, int] | None = None,
 ) -> tuple[Sequence[Logged], int]:
-    """The next page of events of these topics, undecoded (`Projection.stage` decodes them
-    one by one), and how far the log was scanned for it."""
-    bound = app.recorder.max_notification_id() or 0
+    """The next page of events of these topics (up to `upto`, or the head of the log),
+    undecoded (`Projection.stage` decodes them one by one), and how far the log was
+    scanned for it. `share` (k, n) keeps the events of the k-th of n shares of streams."""
+    bound = app.recorder.max_notification_id() or 0 if upto is None else upto
     if bound <= after:
         return [], after
     select = getattr(app.recorder, "select_notification_rows", None)
-    if select is None:  # a recorder of the library's: its notifications have the same fields
-        page: Sequence[Any] = app.recorder.select_notifications(
+    if select is not None:
+        rows = select(after + 1, limit, bound, topics, share=share)
+        page: Sequence[Any] = list(map(Logged._make, rows))
+    elif share is None:  # a recorder of the library's: its notifications have the same fields
+        page = app.recorder.select_notifications(
             start=after + 1, limit=limit, stop=bound, topics=topics
         )
     else:
-        page = list(map(Logged._make, select(after + 1, limit, bound, topics)))
+        raise TypeError("this recorder cannot select a share of the streams")
     scanned = page[-1].id if len(page) == limit else bound
     return page, scanned
 
@@ -321,12 +331,19 @@ def rebuild(
     in_place: bool = False,
     page_size: int = 10_000,
     progress: Callable[[int, int], None] | None = None,
+    processes: int = 1,
 ) -> Generation:
     """Builds a new generation from position zero and makes it live.
 
     Blue/green (the default): the live generation keeps serving until the new one has
     caught up, then the views switch over in one transaction. In place: the views switch
     to the new, empty generation at once and fill as it is built.
+
+    With `processes` > 1, a blue/green rebuild of a state view first applies the log as
+    it stands in that many processes at once, each the events of its share of the
+    aggregates (a view's rows are per aggregate, so the shares never touch the same
+    row), each in one transaction; the generation's position moves only once all have
+    committed, and the rest of the log follows as usual.
     """
     name = projection.name
     with store.connection() as conn:
@@ -339,6 +356,8 @@ def rebuild(
         log.info("projection.rebuild.started", projection=name, generation=built.generation)
         if in_place:
             _switch(store, projection, built)
+        elif processes > 1 and isinstance(projection, StateProjection):
+            built = _build_in_shares(projection, app, store, built, page_size, processes, progress)
         batch = REBUILD_EVENTS_PER_TRANSACTION
         catch_up(
             projection,
@@ -375,6 +394,112 @@ def rebuild(
         return final
     finally:
         leases.release(lease, holder)
+
+
+def _build_in_shares(
+    projection: StateProjection,
+    app: InventoryLedger,
+    store: ViewStore,
+    built: Generation,
+    page_size: int,
+    processes: int,
+    progress: Callable[[int, int], None] | None,
+) -> Generation:
+    """Applies the log up to its present head to `built` in `processes` processes."""
+    bound = app.recorder.max_notification_id() or 0
+    env = dict(app.env)
+    context = multiprocessing.get_context("spawn")  # no inherited connections or threads
+    try:
+        with ProcessPoolExecutor(processes - 1, mp_context=context) as others:
+            shares = [
+                others.submit(
+                    _apply_share_alone,
+                    env,
+                    store.database_url,
+                    type(projection),
+                    built.schema,
+                    (share, processes),
+                    bound,
+                    page_size,
+                )
+                for share in range(1, processes)
+            ]
+            try:
+                _apply_share(
+                    projection, app, store, built.schema, (0, processes), bound, page_size, progress
+                )
+                for share in shares:
+                    applied = share.result()
+                    if progress is not None:
+                        progress(bound, applied)
+            except BaseException:
+                for share in shares:
+                    share.cancel()  # those not started yet; the others run to their end
+                raise
+    except BaseException:
+        # Nothing of it is live: the half-built generation goes, once no share writes to it.
+        projection.reset()
+        with store.connection() as conn:
+            drop_generation(conn, projection.name, built.generation)
+        raise
+    with store.transaction() as conn:
+        if not advance(conn, built.name, built.generation, built.position, bound):
+            raise LostOwnership(f"{built.name} generation {built.generation}")
+        moved = generation(conn, built.name, built.generation)
+    assert moved is not None
+    return moved
+
+
+def _apply_share(
+    projection: StateProjection,
+    app: InventoryLedger,
+    store: ViewStore,
+    schema: str,
+    share: tuple[int, int],
+    bound: int,
+    page_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Applies one share of the streams' events up to `bound`, in one transaction; the
+    generation's position is the caller's to move. Returns the events applied."""
+    position = applied = 0
+    with store.transaction() as conn:
+        while position < bound:
+            # A page is a range of the log, read by its index, whatever part of it falls
+            # in the share: asked for a share's first N rows, the planner reads it all.
+            upto = min(position + page_size, bound)
+            with _collector_paused():
+                page, scanned = fetch_page(
+                    app, position, page_size, projection.topics, upto=upto, share=share
+                )
+                if page:
+                    projection.stage(conn, schema, page)
+                count = len(page)
+                del page
+            position, applied = scanned, applied + count
+            if progress is not None:
+                progress(position, count)
+        projection.write(conn, schema, bound)
+    return applied
+
+
+def _apply_share_alone(
+    env: dict[str, str],
+    database_url: str,
+    projection_class: type[StateProjection],
+    schema: str,
+    share: tuple[int, int],
+    bound: int,
+    page_size: int,
+) -> int:
+    """`_apply_share` in a process of its own, with its own application and connections."""
+    app = InventoryLedger(env)
+    store = ViewStore(database_url).open()
+    try:
+        return _apply_share(projection_class(app), app, store, schema, share, bound, page_size)
+    finally:
+        store.close()
+        app.close()
 
 
 def _switch(store: ViewStore, projection: Projection, built: Generation) -> None:

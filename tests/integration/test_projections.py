@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -97,6 +99,66 @@ def test_rebuilding_every_projection_from_zero_reproduces_the_live_tables(
         rebuilt = rebuild(projection, runtime.app, runtime.store, runtime.leases)
         assert rebuilt.generation == 2
     assert view_rows(runtime) == before
+
+
+def test_a_rebuild_in_several_processes_reproduces_the_live_tables(runtime: Runtime) -> None:
+    mixed_workload(runtime.writer)
+    caught_up(runtime)
+    before = view_rows(runtime)
+    applied: dict[str, int] = {}
+    for projection in all_projections(runtime.app):
+        counted = 0
+
+        def progress(_position: int, count: int) -> None:
+            nonlocal counted
+            counted += count
+
+        # Three shares of uneven size, pages of a few events: every seam is crossed.
+        rebuilt = rebuild(
+            projection,
+            runtime.app,
+            runtime.store,
+            runtime.leases,
+            page_size=7,
+            processes=3,
+            progress=progress,
+        )
+        assert rebuilt.generation == 2
+        applied[projection.name] = counted
+    assert view_rows(runtime) == before
+    with psycopg.connect(runtime.database_url) as conn:
+        stock_events = conn.execute(
+            "SELECT count(*) FROM inventoryledger_events WHERE topic = ANY(%s)",
+            (StockProjection(runtime.app).topics,),
+        ).fetchone()
+    assert stock_events is not None
+    assert applied["stock"] == stock_events[0]  # every event once, whichever process
+
+
+class FailsInAnotherProcess(StockProjection):
+    """Fails on its first event, but only in a process a rebuild started."""
+
+    def handle(self, notified: Notified) -> None:
+        if multiprocessing.parent_process() is not None:
+            raise RuntimeError("boom in a share")
+        super().handle(notified)
+
+
+def test_a_share_that_fails_fails_the_rebuild_and_leaves_the_live_generation(
+    quiet: Runtime,
+) -> None:
+    mixed_workload(quiet.writer, skus=6)
+    projection = FailsInAnotherProcess(quiet.app)
+    rebuild(projection, quiet.app, quiet.store, quiet.leases)
+    with quiet.store.connection() as conn:
+        live_before = live_generation(conn, "stock")
+    with pytest.raises(ProjectionFailed, match="boom in a share") as failed:
+        rebuild(projection, quiet.app, quiet.store, quiet.leases, processes=2)
+    assert failed.value.position > 0  # the event is named across the process boundary
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == live_before
+        assert live_before is not None
+        assert generation(conn, "stock", live_before + 1) is None  # dropped, not left half-built
 
 
 def test_a_blue_green_rebuild_keeps_serving_and_follows_new_events(runtime: Runtime) -> None:
