@@ -136,6 +136,51 @@ def test_a_bad_record_is_refused_with_its_reason_while_the_rest_applies(ledger: 
     assert on_hand(ledger, "SKU-A") == 5
 
 
+def test_records_resolve_by_supplier_sku_else_by_upc_and_duplicates_are_decided_per_sku(
+    ledger: Runtime,
+) -> None:
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    ledger.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id="upcs", terms=SupplierTerms("upcs"))
+    )
+    specs = [
+        MappingSpec("A", "SKU-UA", 1, upc="0001"),
+        MappingSpec("B", "SKU-UB", 6, upc="0002"),  # a pack of 6: by UPC too
+        MappingSpec("C1", "SKU-UC", 1, upc="0003"),  # one UPC, two mappings: the first
+        MappingSpec("C2", "SKU-UX", 1, upc="0003"),  # supplier SKU in order wins
+        MappingSpec("D", "SKU-UD", 1, upc=None),
+        MappingSpec("E", "SKU-UE", 1, upc=None),
+    ]
+    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="upcs", mappings=specs))
+    t0, t1 = at.isoformat(), (at + timedelta(seconds=30)).isoformat()
+    body = (
+        "sku,upc,quantity,observed_at\n"
+        f"A,,5,{t0}\n"  # 1: by supplier SKU
+        f",0002,2,{t0}\n"  # 2: by UPC, in packs: 12
+        f",0003,7,{t0}\n"  # 3: by UPC, the first mapping's SKU
+        f"NOPE,0001,9,{t0}\n"  # 4: a supplier SKU that is not mapped is not looked up by UPC
+        f",9999,1,{t0}\n"  # 5: an unknown UPC
+        f"D,,3,{t0}\n"  # 6: D twice at one time, disagreeing: both refused
+        f"D,,4,{t0}\n"  # 7
+        f"E,,8,{t0}\n"  # 8: E twice at two times: the newer applies, the older is late
+        f"E,,1,{t1}\n"  # 9
+    ).encode()
+
+    result = ingest(ledger, "upcs", body)
+
+    reasons = {r.index: r.reason for r in result.rejections}
+    assert reasons == {
+        4: "unmapped_supplier_sku",
+        5: "unmapped_upc",
+        6: "conflicting_duplicate",
+        7: "conflicting_duplicate",
+    }
+    assert (result.rows, result.applied, result.late) == (9, 4, 1)
+    levels = {sku: on_hand(ledger, sku) for sku in ("SKU-UA", "SKU-UB", "SKU-UC", "SKU-UE")}
+    assert levels == {"SKU-UA": 5, "SKU-UB": 12, "SKU-UC": 7, "SKU-UE": 1}
+    assert ledger.app.repository.get(StockItem.id_for("SKU-UX")).positions == {}
+
+
 def test_cases_are_counted_in_pieces_and_naive_times_are_in_the_suppliers_zone(
     ledger: Runtime,
 ) -> None:
