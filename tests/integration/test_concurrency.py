@@ -57,15 +57,16 @@ def test_two_processes_on_one_hot_sku_are_granted_exactly_the_stock(
     runtime: Runtime, database_url: str
 ) -> None:
     sku = random_sku("HOT")
-    stock_sku(runtime.writer, sku, 60)
-    per_process = compete(database_url, sku, processes=2, attempts=80, threads=8)
+    stock_sku(runtime.writer, sku, 200)
+    # Each process tries for 150 of the 200: neither can take it all, however fast it is.
+    per_process = compete(database_url, sku, processes=2, attempts=150, threads=8)
     granted = [rid for rids in per_process for rid in rids]
 
-    assert all(per_process), "both processes must have been granted some"
-    assert len(granted) == 60
-    assert len(set(granted)) == 60
+    assert all(len(rids) >= 50 for rids in per_process), [len(r) for r in per_process]
+    assert len(granted) == 200
+    assert len(set(granted)) == 200
     item = runtime.app.repository.get(StockItem.id_for(sku))
-    assert item.levels(now(), {}).held == 60
+    assert item.levels(now(), {}).held == 200
 
 
 def test_one_idempotency_key_replayed_concurrently_by_two_processes_makes_one_reservation(
