@@ -91,11 +91,16 @@ def serving(command: list[str], env: dict[str, str], ready_path: str, port: int)
             time.sleep(0.2)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Asks a process to stop, and makes it if it has not within 20 s."""
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def ensure_wrk() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.harness import Load, free_port, fresh_database, serving, wrk
+from bench.harness import Load, free_port, fresh_database, serving, stop, wrk
 
 RESERVE = Path(__file__).with_name("reserve.lua")
 READ = Path(__file__).with_name("read.lua")
@@ -80,11 +80,7 @@ def projecting(env: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 def stock_catalogue(base: str, skus: list[str], quantity: int) -> None:

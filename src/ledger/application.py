@@ -115,8 +115,6 @@ class LedgerTranscoder(JSONTranscoder):
         if len(value) != 2 or "_type_" not in value or "_data_" not in value:
             return value
         name = value["_type_"]
-        if name == "datetime_iso":
-            return _datetime(value["_data_"])
         try:
             transcoding = self.names[name]
         except KeyError as error:

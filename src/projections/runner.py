@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -27,6 +28,7 @@ from projections.base import Logged, Projection, ProjectionFailed, StateProjecti
 from projections.leases import LeaseSession
 from projections.notifier import LogNotifier
 from projections.store import (
+    Connection,
     Generation,
     ViewStore,
     advance,
@@ -61,7 +63,7 @@ def fetch_page(
     """The next page of events of these topics (up to `upto`, or the head of the log),
     undecoded (`Projection.stage` decodes them one by one), and how far the log was
     scanned for it. `share` (k, n) keeps the events of the k-th of n shares of streams."""
-    bound = app.recorder.max_notification_id() or 0 if upto is None else upto
+    bound = upto if upto is not None else app.recorder.max_notification_id() or 0
     if bound <= after:
         return [], after
     select = getattr(app.recorder, "select_notification_rows", None)
@@ -101,12 +103,9 @@ def catch_up(
             try:
                 with store.transaction() as conn:
                     while True:
-                        with _collector_paused():
-                            page, scanned = pages.after(position)
-                            if page:
-                                projection.stage(conn, current.schema, page)
-                            count = len(page)
-                            del page  # freed while paused: the collector never sees it
+                        scanned, count = _stage_next(
+                            projection, conn, current.schema, partial(pages.after, position)
+                        )
                         if scanned == position:
                             break
                         position, staged = scanned, staged + count
@@ -156,6 +155,24 @@ class _Pages:
     def __exit__(self, *exc_info: object) -> None:
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _stage_next(
+    projection: Projection,
+    conn: Connection,
+    schema: str,
+    read: Callable[[], tuple[Sequence[Logged], int]],
+) -> tuple[int, int]:
+    """Reads a page and stages it with the collector paused; returns how far the log was
+    scanned and how many events were staged. The page is freed before the pause ends,
+    so the collector never sees it."""
+    with _collector_paused():
+        page, scanned = read()
+        if page:
+            projection.stage(conn, schema, page)
+        count = len(page)
+        del page
+    return scanned, count
 
 
 @contextmanager
@@ -468,14 +485,12 @@ def _apply_share(
             # A page is a range of the log, read by its index, whatever part of it falls
             # in the share: asked for a share's first N rows, the planner reads it all.
             upto = min(position + page_size, bound)
-            with _collector_paused():
-                page, scanned = fetch_page(
-                    app, position, page_size, projection.topics, upto=upto, share=share
-                )
-                if page:
-                    projection.stage(conn, schema, page)
-                count = len(page)
-                del page
+            scanned, count = _stage_next(
+                projection,
+                conn,
+                schema,
+                partial(fetch_page, app, position, page_size, projection.topics, upto, share),
+            )
             position, applied = scanned, applied + count
             if progress is not None:
                 progress(position, count)
