@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
@@ -37,6 +38,16 @@ CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_append_only
 CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_no_truncate
     BEFORE TRUNCATE ON {EVENTS_TABLE}
     FOR EACH STATEMENT EXECUTE FUNCTION stockledger_refuse_history_change();
+"""
+
+# The ledger's queries are short lookups whose cost the planner overestimates (arrays
+# of ids, temporary tables): with JIT on, PostgreSQL compiled a loader's 5,000-stream
+# read for 137 ms of its 247 ms, and a delivery's batches paid that each (measured). Set
+# for the database, so every session of every process has it.
+NO_JIT_SQL = """
+DO $$ BEGIN
+    EXECUTE format('ALTER DATABASE %I SET jit = off', current_database());
+END $$
 """
 
 
@@ -103,8 +114,20 @@ def migrate(settings: Settings, database_url: str) -> None:
         try:
             with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
                 conn.execute(IMMUTABLE_EVENTS_SQL)
+                _without_jit(conn)
                 ensure_live_generations(conn, all_projections(app))
                 create_connector_tables(conn)
         finally:
             app.close()
     log.info("database.migrated", pid=os.getpid())
+
+
+def _without_jit(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    """Turns JIT off for the ledger's database where the role may (it owns the database)."""
+    setting = conn.execute("SELECT setting FROM pg_settings WHERE name = 'jit'").fetchone()
+    if setting is not None and setting["setting"] == "off":
+        return
+    try:
+        conn.execute(NO_JIT_SQL)
+    except psycopg.errors.InsufficientPrivilege as refused:
+        log.warning("database.jit_left_on", reason=str(refused).strip())

@@ -89,25 +89,42 @@ def normalise(
         return "negative_quantity"
     if record.supplier_sku is None and record.upc is None:
         return "missing_sku"
-    factor: int | None = None
-    if record.unit is not None:
-        unit = record.unit.strip().upper()
-        if unit in rules.units:
-            factor = rules.units[unit]
-        elif unit in BASE_UNITS:
-            factor = 1
-        else:
-            return f"unknown_unit: {record.unit!r}"
+    factor = unit_factor(record.unit, rules)
+    if isinstance(factor, str):
+        return factor
     if quantity * (factor or 1) > rules.max_quantity:
         return "quantity_out_of_range"
-    observed_at = rules.in_utc(record.observed_at or received_at)
-    if observed_at is None:
-        return "observed_at_out_of_range"
-    if observed_at > now + CLOCK_SKEW:
-        return "observed_at_in_future"
-    if rules.max_age is not None and observed_at < now - rules.max_age:
-        return "too_old"
+    observed_at = observed_utc(record.observed_at, rules, received_at, now)
+    if isinstance(observed_at, str):
+        return observed_at
     return Staged(record.position, record.supplier_sku, record.upc, quantity, factor, observed_at)
+
+
+def unit_factor(unit: str | None, rules: FeedRules) -> int | str | None:
+    """Base units in one reported unit (None: the mapping decides), or why it is refused."""
+    if unit is None:
+        return None
+    key = unit.strip().upper()
+    if key in rules.units:
+        return rules.units[key]
+    if key in BASE_UNITS:
+        return 1
+    return f"unknown_unit: {unit!r}"
+
+
+def observed_utc(
+    observed_at: datetime | None, rules: FeedRules, received_at: datetime, now: datetime
+) -> datetime | str:
+    """When a record was observed, in UTC (received_at when it does not say), or why it is
+    refused."""
+    observed = rules.in_utc(observed_at or received_at)
+    if observed is None:
+        return "observed_at_out_of_range"
+    if observed > now + CLOCK_SKEW:
+        return "observed_at_in_future"
+    if rules.max_age is not None and observed < now - rules.max_age:
+        return "too_old"
+    return observed
 
 
 def record_fields(record: Record, received_at: datetime) -> dict[str, Any]:

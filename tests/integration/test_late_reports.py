@@ -8,8 +8,10 @@ said at 10:10, so it is late: applying it would sell 95 units that are not there
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -238,3 +240,47 @@ def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_column(
             "SELECT sku, quantity, seen_at FROM inventoryledger_levels ORDER BY sku = 'OLD'"
         ).fetchall()
     assert rows == [(sku, 5, EARLY), ("OLD", 3, None)]
+
+
+def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the_ledger(
+    ledger: Runtime,
+) -> None:
+    """The file path notes repeats in bulk, waiting for rows another transaction holds and
+    checking each row again once it has it. A repeat whose level moved meanwhile (here: a
+    newer report of it was seen) is not noted over it but left to the ledger, which finds
+    it late; the other repeats are noted."""
+    held, free = catalogue(ledger), catalogue(ledger)
+    for sku in (held, free):
+        assert deliver(ledger, sku, 5, EARLY) == "applied"
+    body = (
+        "sku,quantity,observed_at\n"
+        f"S-{held},5,{MIDDLE.isoformat()}\nS-{free},5,{MIDDLE.isoformat()}\n"
+    ).encode()
+    with psycopg.connect(ledger.database_url) as blocker:
+        blocker.execute(
+            "UPDATE inventoryledger_levels SET seen_at = %s WHERE sku = %s", (LATEST, held)
+        )
+        result = ThreadPoolExecutor(1).submit(
+            ledger.ingestor.ingest,
+            "acme",
+            "d-held",
+            io.BytesIO(body),
+            "csv",
+            source="test",
+            received_at=datetime.now(UTC),
+            actor="test",
+        )
+        with psycopg.connect(ledger.database_url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 10
+            while not watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%%UPDATE inventoryledger_levels%%'"
+            ).fetchone():
+                assert time.monotonic() < deadline, "the file path never waited for the row"
+                time.sleep(0.02)
+        blocker.commit()
+    outcome = result.result(timeout=30)
+    assert (outcome.rows, outcome.unchanged, outcome.late, outcome.applied) == (2, 1, 1, 0)
+    assert level(ledger, held)[2] == LATEST
+    assert level(ledger, free)[2] == MIDDLE
+    assert on_hand(ledger, held) == 5
