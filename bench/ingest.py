@@ -23,11 +23,13 @@ from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from bench.harness import fresh_database
+from bench.reservations import projecting
 from connectors.simulator import Catalogue, write_csv
 from ledger.base import Cause
 from ledger.mapping import MappingSpec, SkuMapping
 from ledger.stock import StockItem
 from ledger.supplier import Supplier, SupplierTerms
+from projections.registry import all_projections
 
 DEFAULT_ROWS = 1_000_000
 CHANGED = 0.05
@@ -45,11 +47,20 @@ def say(message: str) -> None:
 
 @contextmanager
 def _ledger(database_url: str) -> Iterator[Runtime]:
+    """The ledger as deployed for bulk feeds: the connector pipeline in this process, the
+    projections in a worker process of their own (`ledger projections run`), as the
+    reservations benchmark runs them; both on the same two cores."""
     settings = Settings(database_url=database_url, log_level="WARNING")
     configure_logging(settings)
-    runtime = open_runtime(settings, sweep=False, connect=False)
+    runtime = open_runtime(settings, sweep=False, connect=False, project=False)
+    env = {
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_LOG_LEVEL": "WARNING",
+        "LEDGER_LOG_FORMAT": "json",
+    }
     try:
-        yield runtime
+        with projecting(env):
+            yield runtime
     finally:
         runtime.close()
 
@@ -79,8 +90,8 @@ def quiet(runtime: Runtime, database_url: str) -> None:
     everything before (the first delivery leaves a million events to them) and the
     tables are vacuumed and analysed."""
     head = runtime.app.recorder.max_notification_id() or 0
-    for runner in runtime.runners:
-        runtime.views.wait_for(runner.name, head, timeout=3600)
+    for projection in all_projections(runtime.app):
+        runtime.views.wait_for(projection.name, head, timeout=3600)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("VACUUM (ANALYZE)")
         conn.execute("CHECKPOINT")
