@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import fields
@@ -82,25 +81,29 @@ class LedgerTranscoder(JSONTranscoder):
     time (measured on the ledger's events), for every load, replay and projection page.
 
     Encoding stays the library's, so the stored bytes do not change. A document orjson
-    refuses (NaN) or might read inexactly (an integer beyond 64 bits, which it would make
-    a float) is decoded the library's way.
+    refuses (NaN), or in which it read a number as a float (it reads an integer beyond 64
+    bits so, inexactly), is decoded the library's way. Looking for floats while reviving
+    costs next to nothing; searching the bytes for long digit runs first cost 3.2 µs an
+    event, almost four times orjson's parse (0.85 µs, measured on a stock event).
     """
 
     def decode(self, data: bytes) -> Any:
-        if _LONG_NUMBER.search(data):
-            # orjson reads an integer beyond 64 bits as a float: leave those to the library.
-            return super().decode(data)
         try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
+            return self._revive(orjson.loads(data))
+        except (orjson.JSONDecodeError, _ReadAsFloat):
             return super().decode(data)
-        return self._revive(parsed)
 
     def _revive(self, value: Any) -> Any:
         """What the library's object hook does, inner objects first: a dict of exactly
-        `_type_` and `_data_` becomes the object its registered transcoding decodes."""
-        if type(value) is list:
-            return [self._revive(item) if type(item) in _NESTED else item for item in value]
+        `_type_` and `_data_` becomes the object its registered transcoding decodes.
+        Raises _ReadAsFloat at the first float."""
+        kind = type(value)
+        if kind is list:
+            return [self._revive(item) if type(item) in _REVISIT else item for item in value]
+        if kind is not dict:
+            if kind is float:
+                raise _ReadAsFloat
+            return value
         for key, item in value.items():
             if (
                 type(item) is dict
@@ -110,7 +113,7 @@ class LedgerTranscoder(JSONTranscoder):
             ):
                 # Most typed values are times: decoded here, without a call per level.
                 value[key] = _datetime(item["_data_"])
-            elif type(item) in _NESTED:
+            elif type(item) in _REVISIT:
                 value[key] = self._revive(item)
         if len(value) != 2 or "_type_" not in value or "_data_" not in value:
             return value
@@ -131,9 +134,12 @@ def _datetime(data: Any) -> datetime:
     return datetime.fromisoformat(data)
 
 
-_NESTED = (dict, list)
-# 19 digits in a row: a number orjson might not read exactly (or a string that looks so).
-_LONG_NUMBER = re.compile(rb"\d{19}")
+class _ReadAsFloat(Exception):
+    """orjson read a number as a float: the library's parser reads the document."""
+
+
+# Values `_revive` looks into (or refuses).
+_REVISIT = (dict, list, float)
 
 
 class InventoryLedger(Application[UUID]):
