@@ -103,6 +103,21 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
+@contextmanager
+def projecting(env: dict[str, str]) -> Iterator[None]:
+    """The projections in a worker process of their own (`ledger projections run`)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api", "projections", "run"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        stop(process)
+
+
 def ensure_wrk() -> str:
     """wrk from Debian's packages, installed on first use."""
     found = shutil.which("wrk")

@@ -22,8 +22,7 @@ import psycopg
 from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from bench.harness import fresh_database
-from bench.reservations import projecting
+from bench.harness import fresh_database, projecting
 from connectors.simulator import Catalogue, write_csv
 from ledger.base import Cause
 from ledger.mapping import MappingSpec, SkuMapping

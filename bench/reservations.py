@@ -10,8 +10,6 @@ for oversold units and for holds it lost.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.harness import Load, free_port, fresh_database, serving, stop, wrk
+from bench.harness import Load, free_port, fresh_database, projecting, serving, wrk
 
 RESERVE = Path(__file__).with_name("reserve.lua")
 READ = Path(__file__).with_name("read.lua")
@@ -67,20 +65,6 @@ def ledger_serving(database_url: str, workers: int) -> Iterator[str]:
     command += ["--workers", str(workers)]
     with serving(command, env, "/readyz", port) as base, projecting(env):
         yield base
-
-
-@contextmanager
-def projecting(env: dict[str, str]) -> Iterator[None]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "api", "projections", "run"],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        stop(process)
 
 
 def stock_catalogue(base: str, skus: list[str], quantity: int) -> None:

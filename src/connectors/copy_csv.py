@@ -70,9 +70,10 @@ def copy_csv(
 ) -> Loaded:
     """Loads the delivery into `feed_staging` (which must exist) as far as SQL can vouch
     for its rows; raises NotByCopy where it cannot be loaded so at all."""
-    if codecs.lookup(settings.encoding).name not in {"utf-8", "utf-8-sig"}:
+    encoding = codecs.lookup(settings.encoding).name
+    if encoding not in {"utf-8", "utf-8-sig"}:
         raise NotByCopy(f"encoding {settings.encoding}")
-    header = _header(source, settings.encoding)
+    header = _header(source, strip_bom=encoding == "utf-8-sig")
     delimiter = settings.delimiter or _sniff(header)
     fields = header.rstrip("\r\n").split(delimiter)
     fields[0] = fields[0].lstrip("\ufeff")
@@ -160,13 +161,13 @@ def copy_csv(
     return Loaded(staged, _rest(conn, rest, fields, columns, settings))
 
 
-def _header(source: BinaryIO, encoding: str) -> str:
+def _header(source: BinaryIO, *, strip_bom: bool) -> str:
     """The header line as the csv path finds it (the first that is not blank), leaving
     `source` at the first data row."""
     first = True
     while True:
         line = source.readline(MAX_HEADER)
-        if first and codecs.lookup(encoding).name == "utf-8-sig":
+        if first and strip_bom:
             line = line.removeprefix(codecs.BOM_UTF8)
         first = False
         if not line:
@@ -192,7 +193,7 @@ def _send(source: BinaryIO, copy: Any) -> None:
     while chunk := source.read(CHUNK):
         if b'"' in chunk:
             raise NotByCopy("quoted fields")
-        if b"\\." in previous[-1:] + chunk:
+        if b"\\." in chunk or (previous.endswith(b"\\") and chunk.startswith(b".")):
             raise NotByCopy("a backslash-dot")
         lines = chunk.split(b"\n")
         line += len(lines[0])

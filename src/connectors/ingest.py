@@ -52,6 +52,21 @@ CREATE TEMPORARY TABLE feed_staging (
 )
 """
 
+
+def _repeats(record: str) -> sql.Composed:
+    """SQL: the record aliased `record` repeats its level on record `l` (which exists): the
+    same quantity, no unreported change (a shipment from the supplier's stock) that a report
+    this new retires, and the level not so old that the domain records it again
+    (`refresh`). RESOLVE, TOUCH and NOT_NOTED share it."""
+    return sql.SQL(
+        """(l.quantity = {c}.quantity
+     AND NOT (l.unreported_from IS NOT NULL
+              AND floor(extract(epoch FROM {c}.observed_at)) >= l.unreported_from)
+     AND NOT (%(refresh)s::interval IS NOT NULL
+              AND {c}.observed_at - l.observed_at >= %(refresh)s))"""
+    ).format(c=sql.Identifier(record))
+
+
 # Resolve each record to a SKU (by supplier SKU; by UPC only where the record has no
 # supplier SKU, the first mapping in supplier-SKU order when several share the UPC),
 # convert it to base units, and compare it with the level on record. Two hash joins for
@@ -65,7 +80,7 @@ CREATE TEMPORARY TABLE feed_staging (
 # - "repeat": repeats the level on record and is newer than any report of it seen, to be
 #   noted below (an older report arriving later is then late);
 # - "seen": repeats the newest report seen (a delivery again): nothing to do.
-RESOLVE = """
+RESOLVE = sql.SQL("""
 CREATE TEMPORARY TABLE feed_resolved AS
 WITH resolved AS (
     SELECT s.position, s.supplier_sku, s.upc, s.observed_at, s.unit, s.quantity AS reported,
@@ -88,12 +103,9 @@ WITH resolved AS (
 SELECT r.*, row_number() OVER () AS n,
        CASE
            WHEN r.sku IS NULL OR d.records IS NOT NULL OR l.sku IS NULL
-                OR l.observed_at IS NULL OR l.quantity <> r.quantity
+                OR l.observed_at IS NULL
                 OR r.observed_at < greatest(l.seen_at, l.observed_at)
-                OR (l.unreported_from IS NOT NULL
-                    AND floor(extract(epoch FROM r.observed_at)) >= l.unreported_from)
-                OR (%(refresh)s::interval IS NOT NULL
-                    AND r.observed_at - l.observed_at >= %(refresh)s)
+                OR NOT {repeats}
                THEN 'change'
            WHEN r.observed_at = greatest(l.seen_at, l.observed_at) THEN 'seen'
            ELSE 'repeat'
@@ -101,7 +113,7 @@ SELECT r.*, row_number() OVER () AS n,
 FROM resolved r
 LEFT JOIN repeated d ON d.sku = r.sku
 LEFT JOIN inventoryledger_levels l ON l.supplier_id = %(supplier)s AND l.sku = r.sku
-"""
+""").format(repeats=_repeats("r"))
 
 # Notes the repeats of one chunk as seen; returns how many it was to note and how many it
 # noted. The conditions are checked again on each row as updated (after waiting for a
@@ -109,7 +121,7 @@ LEFT JOIN inventoryledger_levels l ON l.supplier_id = %(supplier)s AND l.sku = r
 # the two wait for each other without deadlocking. Locking the rows first (FOR UPDATE
 # SKIP LOCKED) doubled the cost: 668 vs 319 ms for 50,000 rows at 1M levels (EXPLAIN
 # ANALYZE).
-TOUCH = """
+TOUCH = sql.SQL("""
 WITH candidates AS MATERIALIZED (
     SELECT c.sku, c.quantity, c.observed_at FROM feed_resolved c
     WHERE c.n >= %(first)s AND c.n < %(last)s AND c.kind = 'repeat'
@@ -118,30 +130,23 @@ WITH candidates AS MATERIALIZED (
     UPDATE inventoryledger_levels l SET seen_at = c.observed_at
     FROM candidates c
     WHERE l.supplier_id = %(supplier)s AND l.sku = c.sku
-      AND l.quantity = c.quantity
       AND c.observed_at > greatest(l.seen_at, l.observed_at)
-      AND NOT (l.unreported_from IS NOT NULL
-               AND floor(extract(epoch FROM c.observed_at)) >= l.unreported_from)
-      AND NOT (%(refresh)s::interval IS NOT NULL AND c.observed_at - l.observed_at >= %(refresh)s)
+      AND {repeats}
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM candidates) AS candidates, (SELECT count(*) FROM noted) AS noted
-"""
+""").format(repeats=_repeats("c"))
 
 # When a chunk could not note them all: the repeats its notes do not account for (their
 # level moved since RESOLVE), for the ledger to decide.
-NOT_NOTED = """
+NOT_NOTED = sql.SQL("""
 SELECT c.position
 FROM feed_resolved c
 JOIN inventoryledger_levels l ON l.supplier_id = %(supplier)s AND l.sku = c.sku
 WHERE c.n >= %(first)s AND c.n < %(last)s AND c.kind = 'repeat'
-  AND NOT (l.quantity = c.quantity
-           AND c.observed_at = greatest(l.seen_at, l.observed_at)
-           AND NOT (l.unreported_from IS NOT NULL
-                    AND floor(extract(epoch FROM c.observed_at)) >= l.unreported_from)
-           AND NOT (%(refresh)s::interval IS NOT NULL
-                    AND c.observed_at - l.observed_at >= %(refresh)s))
-"""
+  AND NOT (c.observed_at = greatest(l.seen_at, l.observed_at)
+           AND {repeats})
+""").format(repeats=_repeats("c"))
 
 # The records the ledger must see, and (`also`) repeats that could not be noted.
 CHANGES = """

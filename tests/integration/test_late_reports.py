@@ -22,12 +22,20 @@ from api.recorder import LevelMoved
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from connectors.ingest import content_hash
-from ledger.commands import Observation, PutMappings, PutSku, PutSupplier, ReportStock
+from ledger.commands import (
+    Confirm,
+    Fulfil,
+    Observation,
+    PutMappings,
+    PutSku,
+    PutSupplier,
+    ReportStock,
+)
 from ledger.mapping import MappingSpec
 from ledger.stock import LevelTouch, StockItem
 from ledger.supplier import SupplierTerms
 from tests.conftest import random_sku
-from tests.integration.ledger_setup import CAUSE
+from tests.integration.ledger_setup import CAUSE, reserve
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 EARLY, MIDDLE, LATEST = T0, T0 + timedelta(minutes=5), T0 + timedelta(minutes=10)
@@ -284,3 +292,39 @@ def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the
     assert level(ledger, held)[2] == LATEST
     assert level(ledger, free)[2] == MIDDLE
     assert on_hand(ledger, held) == 5
+
+
+def test_the_file_path_sends_a_repeat_of_an_ageing_level_to_the_ledger(ledger: Runtime) -> None:
+    """A supplier whose levels go stale after 10 minutes has an unchanged level recorded
+    again once it is 5 minutes old; a younger repeat is only noted."""
+    sku = catalogue(ledger)
+    ledger.writer.execute(
+        PutSupplier(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="acme",
+            terms=SupplierTerms("acme", stale_after_seconds=600),
+        )
+    )
+    assert deliver(ledger, sku, 5, EARLY) == "applied"
+    assert deliver(ledger, sku, 5, EARLY + timedelta(minutes=1)) == "unchanged"
+    assert level(ledger, sku)[1] == EARLY
+    assert deliver(ledger, sku, 5, MIDDLE) == "applied"
+    assert level(ledger, sku)[1] == MIDDLE
+
+
+def test_the_file_path_sends_a_repeat_that_retires_a_shipment_to_the_ledger(
+    ledger: Runtime,
+) -> None:
+    """After we ship from a supplier's stock, its next report reflects the shipment: an
+    unchanged number reported after it is news (recorded), one reported before is not."""
+    sku = catalogue(ledger)
+    reported_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    assert deliver(ledger, sku, 12, reported_at) == "applied"
+    placed = ledger.writer.execute(reserve([(sku, 5)])).value.reservation
+    ledger.writer.execute(Confirm(at=datetime.now(UTC), cause=CAUSE, reservation_id=placed.id))
+    ledger.writer.execute(
+        Fulfil(at=datetime.now(UTC), cause=CAUSE, reservation_id=placed.id, lines=[(sku, 5, None)])
+    )
+    assert deliver(ledger, sku, 12, reported_at + timedelta(minutes=1)) == "unchanged"
+    assert deliver(ledger, sku, 12, datetime.now(UTC) + timedelta(seconds=2)) == "applied"

@@ -104,3 +104,10 @@ def test_notifications_read_in_binary_are_the_librarys_own(runtime: Runtime) -> 
     observed = recorder.select_notifications(head - 6, 1000, topics=topics)
     assert observed
     assert {n.topic for n in observed} <= set(topics)
+
+
+def test_migrating_turns_jit_off_for_every_session_of_the_ledgers_database(
+    runtime: Runtime,
+) -> None:
+    with psycopg.connect(runtime.database_url) as conn:
+        assert conn.execute("SHOW jit").fetchone() == ("off",)
