@@ -40,6 +40,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 settings,
                 migrate_first=settings.migrate_on_start,
                 sweep=settings.run_sweeper,
+                read_cache=True,
             )
         app.state.runtime = opened
         try:
@@ -63,12 +64,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         authenticator=app.state.authenticator,
     )
     install_error_handlers(app)
+    # Routes are matched in order: the hottest paths come first.
     routers = (
+        availability,
+        reservations,
         health,
         suppliers,
         skus,
-        reservations,
-        availability,
         conflicts,
         audit,
         feeds,

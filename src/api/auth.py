@@ -37,18 +37,23 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+def authorise(request: Request, allowed: frozenset[str]) -> ApiKey:
+    """The request's key if its role is allowed (admins always are); 401 or 403 if not."""
+    authenticator: Authenticator = request.app.state.authenticator
+    key = authenticator.authenticate(bearer_token(request))
+    if key is None:
+        raise ApiError(401, "unauthorized", "unknown API key", UNAUTHORIZED_HEADERS)
+    if key.role not in allowed and key.role != "admin":
+        raise ApiError(403, "forbidden", f"a {key.role} key cannot do this")
+    request.state.principal = key.name
+    return key
+
+
 def require(*roles: Role) -> Callable[[Request], Awaitable[ApiKey]]:
     """A dependency that admits keys of these roles (admins are always admitted)."""
-    allowed = {*roles, "admin"}
+    allowed = frozenset(roles)
 
     async def dependency(request: Request) -> ApiKey:
-        authenticator: Authenticator = request.app.state.authenticator
-        key = authenticator.authenticate(bearer_token(request))
-        if key is None:
-            raise ApiError(401, "unauthorized", "unknown API key", UNAUTHORIZED_HEADERS)
-        if key.role not in allowed:
-            raise ApiError(403, "forbidden", f"a {key.role} key cannot do this")
-        request.state.principal = key.name
-        return key
+        return authorise(request, allowed)
 
     return dependency

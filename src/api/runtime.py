@@ -24,6 +24,7 @@ from projections.notifier import LogNotifier
 from projections.queries import Views
 from projections.registry import all_projections
 from projections.runner import ProjectionRunner
+from projections.stockcache import StockCache
 from projections.store import ViewStore
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ class Runtime:
             runner.stop()
         if self.notifier is not None:
             self.notifier.stop()
+        if self.views.cache is not None:
+            self.views.cache.stop()
         self.leases.close()
         self.writer.stop()
         self.store.close()
@@ -98,6 +101,7 @@ def open_runtime(
     sweep: bool = True,
     project: bool | None = None,
     connect: bool | None = None,
+    read_cache: bool = False,
 ) -> Runtime:
     database_url = resolve_database_url(settings)
     if migrate_first:
@@ -106,7 +110,15 @@ def open_runtime(
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
     turns = StreamTurns(database_url)
     writer = LedgerWriter(app, timeout=settings.command_timeout_seconds, take_turns=turns).start()
-    views = Views(store, app)
+    cache = None
+    if read_cache and settings.read_cache_skus:
+        cache = StockCache(
+            store,
+            capacity=settings.read_cache_skus,
+            refresh_seconds=settings.read_cache_refresh_seconds,
+            max_lag_seconds=settings.read_cache_max_lag_seconds,
+        ).start()
+    views = Views(store, app, cache)
     runtime = Runtime(
         settings=settings,
         database_url=database_url,

@@ -81,6 +81,19 @@ class Settings(BaseSettings):
     read_wait_max_seconds: float = Field(
         default=5.0, ge=0, description="longest wait of a read for its min_position"
     )
+    read_cache_skus: int = Field(
+        default=100_000,
+        ge=0,
+        description="SKUs whose availability each API process keeps in memory; 0: none",
+    )
+    read_cache_refresh_seconds: float = Field(
+        default=0.02, gt=0, description="how often the in-memory copy reads what changed"
+    )
+    read_cache_max_lag_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="a copy not refreshed for this long answers nothing: reads go to the view",
+    )
     conflict_jump_absolute: int = Field(default=100, ge=0)
     conflict_jump_relative: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)

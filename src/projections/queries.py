@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -14,37 +12,15 @@ from eventsourcing.utils import get_topic
 from ledger.application import InventoryLedger
 from ledger.base import LedgerSnapshot
 from ledger.reservation import Reservation
-from ledger.stock import StockLevels, second_floor, stock_levels
-from ledger.supplier import SupplierTerms
+from ledger.stock import StockLevels, second_floor
+from projections.entries import Snapshot, read_entries
+from projections.stockcache import StockCache
 from projections.store import ViewStore
 
 POSITION_SQL = """
 SELECT g.position FROM ledger_projection_generations g
 JOIN ledger_projections p ON p.name = g.name AND p.live_generation = g.generation
 WHERE g.name = %s
-"""
-
-# The stock view's position and the numbers, read in one statement (one snapshot): the
-# numbers are exactly those of that position, and a read costs one round trip.
-AVAILABILITY_AT_SQL = """
-SELECT p.position, x.*
-FROM (SELECT g.position FROM ledger_projection_generations g
-      JOIN ledger_projections lp ON lp.name = g.name AND lp.live_generation = g.generation
-      WHERE g.name = 'stock') p
-LEFT JOIN (
-  SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
-         l.unreported,
-         coalesce((SELECT sum(h.quantity) FROM view_holds h
-                   WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
-                     AND h.expires_s > %(now)s), 0) AS held,
-         s.name, s.priority, s.lead_time_days, s.buffer, s.stale_after_seconds,
-         s.exclude_after_seconds, s.reports_net_of_our_orders
-  FROM view_availability a
-  LEFT JOIN view_levels l ON l.sku = a.sku
-  LEFT JOIN view_suppliers s ON s.supplier_id = l.supplier_id
-  WHERE a.sku = ANY(%(skus)s)
-) x ON true
-ORDER BY x.sku, x.supplier_id
 """
 
 
@@ -58,27 +34,13 @@ class PositionNotReached(Exception):
         self.reached = reached
 
 
-@dataclass(frozen=True)
-class ViewPosition:
-    """A supplier position as the stock view holds it, with holds live at the read time."""
-
-    quantity: int
-    observed_at: datetime | None
-    committed: int
-    effective: int
-    held: int
-
-    def effective_level(self) -> int:
-        return self.effective
-
-    def live_held(self, now: int) -> int:
-        return self.held
-
-
 class Views:
-    def __init__(self, store: ViewStore, app: InventoryLedger) -> None:
+    def __init__(
+        self, store: ViewStore, app: InventoryLedger, cache: StockCache | None = None
+    ) -> None:
         self.store = store
         self.app = app
+        self.cache = cache
 
     def position(self, projection: str) -> int:
         with self.store.connection() as conn:
@@ -108,50 +70,22 @@ class Views:
         """The stock view's position and `availability`, once the view reached `wanted`.
 
         One statement reads both, so the numbers are those of exactly that position. A
-        view that is behind is waited for without holding a connection.
+        view that is behind is waited for without holding a connection. What was read is
+        offered to the in-process copy, if there is one.
         """
-        arguments = {"skus": skus, "now": second_floor(at)}
+        now = second_floor(at)
 
-        def read() -> tuple[int, list[dict[str, Any]]]:
+        def read() -> Snapshot:
             with self.store.connection() as conn:
-                rows = conn.execute(AVAILABILITY_AT_SQL, arguments).fetchall()
-            return (int(rows[0]["position"]) if rows else 0), rows
+                return read_entries(conn, skus, now)
 
-        position, rows = read()
-        if wanted is not None and position < wanted:
+        snapshot = read()
+        if wanted is not None and snapshot.position < wanted:
             self.wait_for("stock", wanted, timeout)
-            position, rows = read()
-        return position, self._levels([row for row in rows if row["sku"] is not None], at)
-
-    def _levels(self, rows: list[dict[str, Any]], at: datetime) -> dict[str, StockLevels]:
-        safety: dict[str, int] = {}
-        positions: dict[str, dict[str, ViewPosition]] = defaultdict(dict)
-        terms: dict[str, SupplierTerms] = {}
-        for row in rows:
-            safety[row["sku"]] = row["safety_stock"]
-            supplier = row["supplier_id"]
-            if supplier is None:
-                continue
-            positions[row["sku"]][supplier] = ViewPosition(
-                quantity=row["quantity"],
-                observed_at=row["observed_at"],
-                committed=row["committed"],
-                effective=max(0, row["quantity"] + row["unreported"]),
-                held=int(row["held"]),
-            )
-            if row["name"] is not None:
-                terms[supplier] = SupplierTerms(
-                    name=row["name"],
-                    priority=row["priority"],
-                    lead_time_days=row["lead_time_days"],
-                    buffer=row["buffer"],
-                    stale_after_seconds=row["stale_after_seconds"],
-                    exclude_after_seconds=row["exclude_after_seconds"],
-                    reports_net_of_our_orders=row["reports_net_of_our_orders"],
-                )
-        return {
-            sku: stock_levels(sku, safety[sku], positions.get(sku, {}), at, terms) for sku in safety
-        }
+            snapshot = read()
+        if self.cache is not None:
+            self.cache.offer(snapshot)
+        return snapshot.position, {sku: entry.levels(at) for sku, entry in snapshot.entries.items()}
 
     def reservation(self, reservation_id: UUID) -> Reservation | None:
         with self.store.connection() as conn:

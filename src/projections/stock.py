@@ -17,7 +17,8 @@ from projections.base import ChildTable, StateProjection
 
 class StockProjection(StateProjection):
     name = "stock"
-    schema_version = 1
+    # 2: availability rows indexed by position, for the API's in-process copy to follow.
+    schema_version = 2
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {
         StockItem: "availability",
@@ -35,6 +36,7 @@ class StockProjection(StateProjection):
                 on_hand bigint NOT NULL, committed bigint NOT NULL,
                 version integer NOT NULL, position bigint NOT NULL,
                 updated_at timestamptz NOT NULL, state bytea NOT NULL)""",
+            "CREATE INDEX ON {schema}.availability (position)",
             """CREATE TABLE {schema}.levels (
                 sku text NOT NULL, supplier_id text NOT NULL, quantity bigint NOT NULL,
                 observed_at timestamptz, source text NOT NULL, committed bigint NOT NULL,

@@ -74,6 +74,40 @@ def test_an_availability_read_with_the_write_position_sees_the_write(ledger: Ser
         assert int(answer.headers["X-Ledger-Position"]) >= position
 
 
+def test_a_read_without_a_position_follows_the_write_and_names_the_position_it_shows(
+    ledger: Server,
+) -> None:
+    """Plain reads come from each API process's copy of the view: every answer must be the
+    view at the position it names, and the copy must catch up with the write quickly."""
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-oms") as oms,
+        ledger.client("test-shop", consistent=False) as shop,
+    ):
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        admin.get(f"/v1/availability/{sku}").raise_for_status()  # the view has the stock
+        for _ in range(4):  # each API worker has read the SKU, so both copies hold it
+            assert shop.get(f"/v1/availability/{sku}").json()["available"] == 10
+        placed = oms.post(
+            "/v1/reservations",
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"order_id": "copy", "lines": [{"sku": sku, "quantity": 4}]},
+        )
+        written = int(placed.headers["X-Ledger-Position"])
+        answers = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            answer = shop.get(f"/v1/availability/{sku}").json()
+            answers.append((answer["position"], answer["held"]))
+            if len([1 for position, _ in answers if position >= written]) >= 4:
+                break
+            time.sleep(0.01)
+
+    assert answers[-1] == (answers[-1][0], 4), "the reads caught up with the reservation"
+    for position, held in answers:
+        assert held == (4 if position >= written else 0), (position, held, written)
+
+
 def test_a_read_for_a_position_the_view_cannot_reach_in_time_says_so(ledger: Server) -> None:
     with ledger.client("test-shop", consistent=False) as shop:
         started = time.monotonic()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import MinPosition, Now, ReaderKey, RuntimeDep, model_answer, set_position
+from api.deps import Read, ReadDep, model_answer
 from api.errors import ApiError
 from api.routers.skus import SkuPath
 from api.schemas import AvailabilityBatchOut, AvailabilityOut, SupplierLevelOut
@@ -44,45 +45,45 @@ def availability_out(levels: StockLevels, limited_at: int, position: int) -> Ava
     )
 
 
+async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, StockLevels]]:
+    """The stock view's numbers for these SKUs, and the position they are exactly at.
+
+    From the in-process copy when it holds them all and is recent enough (no thread, no
+    round trip); otherwise from the view, on a worker thread, waiting for `wanted`.
+    """
+    views = read.runtime.views
+    cached = None if views.cache is None else views.cache.lookup(skus, read.wanted)
+    if cached is not None:
+        return cached.position, {
+            entry.sku: entry.levels(read.at, cached.terms) for entry in cached.entries
+        }
+    limit = read.runtime.settings.read_wait_max_seconds
+    return await run_in_threadpool(views.availability_after, skus, read.at, read.wanted, limit)
+
+
 @router.get("/{sku}", response_model=AvailabilityOut)
-def one(
-    sku: SkuPath,
-    _: ReaderKey,
-    runtime: RuntimeDep,
-    at: Now,
-    wanted: MinPosition,
-) -> Response:
+async def one(sku: SkuPath, read: ReadDep) -> Response:
     """A SKU's availability from the stock view, once it reflects `min_position` if asked."""
-    position, found = runtime.views.availability_after(
-        [sku], at, wanted, runtime.settings.read_wait_max_seconds
-    )
+    position, found = await availability_at(read, [sku])
     levels = found.get(sku)
     if levels is None:
         raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
-    return model_answer(
-        availability_out(levels, runtime.settings.limited_stock_at, position), position
-    )
+    limited_at = read.runtime.settings.limited_stock_at
+    return model_answer(availability_out(levels, limited_at, position), position)
 
 
 @router.get("", response_model=AvailabilityBatchOut)
-def many(
+async def many(
     sku: Annotated[list[str], Query(min_length=1, max_length=MAX_BATCH)],
-    _: ReaderKey,
-    runtime: RuntimeDep,
-    at: Now,
-    wanted: MinPosition,
-    response: Response,
-) -> AvailabilityBatchOut:
+    read: ReadDep,
+) -> Response:
     names = list(dict.fromkeys(sku))
-    position, found = runtime.views.availability_after(
-        names, at, wanted, runtime.settings.read_wait_max_seconds
-    )
-    set_position(response, position)
-    return AvailabilityBatchOut(
+    position, found = await availability_at(read, names)
+    limited_at = read.runtime.settings.limited_stock_at
+    body = AvailabilityBatchOut(
         items=[
-            availability_out(found[name], runtime.settings.limited_stock_at, position)
-            for name in names
-            if name in found
+            availability_out(found[name], limited_at, position) for name in names if name in found
         ],
         unknown=[name for name in names if name not in found],
     )
+    return model_answer(body, position)

@@ -1,0 +1,154 @@
+"""What the stock view holds of a SKU, read at one position: the input of `stock_levels`.
+
+Rows carry only what follows from the events; holds keep their expiry, so a copy read
+now still answers correctly later (a hold that ran out stops counting when read).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.stock import StockLevels, stock_levels
+from ledger.supplier import SupplierTerms
+from projections.store import Connection
+
+# The live generation of the stock view and how far it has reached.
+LIVE_SQL = """
+SELECT g.generation, g.position FROM ledger_projection_generations g
+JOIN ledger_projections lp ON lp.name = g.name AND lp.live_generation = g.generation
+WHERE g.name = 'stock'
+"""
+
+_ENTRY_COLUMNS = """
+  SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
+         l.unreported,
+         (SELECT array_agg(ARRAY[h.expires_s, h.quantity] ORDER BY h.expires_s)
+          FROM view_holds h
+          WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
+            AND h.expires_s > %(now)s) AS holds,
+         s.name, s.priority, s.lead_time_days, s.buffer, s.stale_after_seconds,
+         s.exclude_after_seconds, s.reports_net_of_our_orders
+  FROM view_availability a
+  LEFT JOIN view_levels l ON l.sku = a.sku
+  LEFT JOIN view_suppliers s ON s.supplier_id = l.supplier_id
+"""
+
+# The view's position and the entries of some SKUs in one statement (one snapshot): the
+# entries are exactly those of that position, and a read costs one round trip. (Built of
+# the constants above, nothing from outside.)
+ENTRIES_AT_SQL = f"""
+SELECT p.generation, p.position, x.*
+FROM ({LIVE_SQL}) p
+LEFT JOIN ({_ENTRY_COLUMNS} WHERE a.sku = ANY(%(skus)s)) x ON true
+ORDER BY x.sku, x.supplier_id
+"""  # noqa: S608
+
+# For a copy being brought up to date, inside a REPEATABLE READ transaction.
+CHANGED_SKUS_SQL = "SELECT sku FROM view_availability WHERE position > %(after)s"
+ENTRIES_SQL = f"{_ENTRY_COLUMNS} WHERE a.sku = ANY(%(skus)s)"
+RECENT_ENTRIES_SQL = f"""{_ENTRY_COLUMNS}
+WHERE a.sku IN (SELECT sku FROM view_availability ORDER BY position DESC LIMIT %(limit)s)
+"""  # noqa: S608
+TERMS_SQL = """
+SELECT supplier_id, name, priority, lead_time_days, buffer, stale_after_seconds,
+       exclude_after_seconds, reports_net_of_our_orders
+FROM view_suppliers WHERE position > %(after)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewPosition:
+    """A supplier position as the stock view holds it; its holds as (expires_s, quantity)."""
+
+    quantity: int
+    observed_at: datetime | None
+    committed: int
+    effective: int
+    holds: tuple[tuple[int, int], ...] = ()
+
+    def effective_level(self) -> int:
+        return self.effective
+
+    def live_held(self, now: int) -> int:
+        return sum(quantity for expires, quantity in self.holds if expires > now)
+
+
+@dataclass(frozen=True, slots=True)
+class StockEntry:
+    """One SKU of the stock view, with the terms of its suppliers as they were read."""
+
+    sku: str
+    safety_stock: int
+    positions: dict[str, ViewPosition] = field(default_factory=dict)
+    terms: dict[str, SupplierTerms] = field(default_factory=dict)
+
+    def levels(self, at: datetime, terms: Mapping[str, SupplierTerms] | None = None) -> StockLevels:
+        """The SKU's numbers at `at`, under `terms` if given (newer than those read with it)."""
+        return stock_levels(
+            self.sku, self.safety_stock, self.positions, at, self.terms if terms is None else terms
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Entries read at one position of one generation of the stock view."""
+
+    generation: int
+    position: int
+    entries: dict[str, StockEntry]
+
+
+def terms_from(row: dict[str, Any]) -> SupplierTerms:
+    return SupplierTerms(
+        name=row["name"],
+        priority=row["priority"],
+        lead_time_days=row["lead_time_days"],
+        buffer=row["buffer"],
+        stale_after_seconds=row["stale_after_seconds"],
+        exclude_after_seconds=row["exclude_after_seconds"],
+        reports_net_of_our_orders=row["reports_net_of_our_orders"],
+    )
+
+
+def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
+    """Entries from rows of `_ENTRY_COLUMNS`, one row per (SKU, supplier) or per bare SKU."""
+    safety: dict[str, int] = {}
+    positions: dict[str, dict[str, ViewPosition]] = defaultdict(dict)
+    terms: dict[str, dict[str, SupplierTerms]] = defaultdict(dict)
+    for row in rows:
+        sku = row["sku"]
+        safety[sku] = row["safety_stock"]
+        supplier = row["supplier_id"]
+        if supplier is None:
+            continue
+        holds = row["holds"] or ()
+        positions[sku][supplier] = ViewPosition(
+            quantity=row["quantity"],
+            observed_at=row["observed_at"],
+            committed=row["committed"],
+            effective=max(0, row["quantity"] + row["unreported"]),
+            holds=tuple((int(expires), int(quantity)) for expires, quantity in holds),
+        )
+        if row["name"] is not None:
+            terms[sku][supplier] = terms_from(row)
+    return {
+        sku: StockEntry(sku, safety_stock, positions.get(sku, {}), terms.get(sku, {}))
+        for sku, safety_stock in safety.items()
+    }
+
+
+def read_entries(conn: Connection, skus: list[str], now: int) -> Snapshot:
+    """The entries of these SKUs (the known ones) at the view's current position."""
+    rows = conn.execute(ENTRIES_AT_SQL, {"skus": skus, "now": now}).fetchall()
+    if not rows:
+        return Snapshot(generation=0, position=0, entries={})
+    first = rows[0]
+    return Snapshot(
+        generation=int(first["generation"]),
+        position=int(first["position"]),
+        entries=entries_from([row for row in rows if row["sku"] is not None]),
+    )

@@ -1,0 +1,172 @@
+"""The API's in-process copy of the stock view, against a real PostgreSQL and live projections."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from api.runtime import Runtime
+from ledger.commands import PutSupplier
+from ledger.stock import StockLevels, second_floor
+from ledger.supplier import SupplierTerms
+from projections.entries import read_entries
+from projections.runner import rebuild
+from projections.stock import StockProjection
+from projections.stockcache import StockCache
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import CAUSE, reserve, stock_sku
+from tests.integration.workload import report
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def copy_of(runtime: Runtime, capacity: int = 100, clock: Clock | None = None) -> StockCache:
+    """A copy refreshed by the test alone (no thread)."""
+    return StockCache(
+        runtime.store,
+        capacity=capacity,
+        refresh_seconds=60,
+        max_lag_seconds=5,
+        clock=clock or Clock(),
+    )
+
+
+def caught_up(runtime: Runtime) -> int:
+    head = runtime.app.recorder.max_notification_id() or 0
+    return runtime.views.wait_for("stock", head, timeout=30)
+
+
+def from_copy(cache: StockCache, sku: str, at: datetime, wanted: int | None = None) -> StockLevels:
+    found = cache.lookup([sku], wanted)
+    assert found is not None, f"the copy does not answer for {sku}"
+    (entry,) = found.entries
+    return entry.levels(at, found.terms)
+
+
+def from_view(runtime: Runtime, sku: str, at: datetime) -> StockLevels:
+    return runtime.views.availability([sku], at)[sku]
+
+
+def test_the_copy_answers_as_the_view_does_and_follows_each_change_once_refreshed(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku("COPY")
+    stock_sku(runtime.writer, sku, 9)
+    caught_up(runtime)
+    cache = copy_of(runtime)
+    cache.refresh()
+    at = datetime.now(UTC)
+    assert from_copy(cache, sku, at) == from_view(runtime, sku, at)
+    before = cache.position
+
+    placed = runtime.writer.execute(reserve([(sku, 4)]))
+    assert placed.position is not None
+    caught_up(runtime)
+    assert from_copy(cache, sku, at).held == 0, "a copy moves only when refreshed"
+    assert cache.lookup([sku], wanted=placed.position) is None, "nor claims a later position"
+
+    cache.refresh()
+    at = datetime.now(UTC)
+    assert cache.position >= placed.position > before
+    assert from_copy(cache, sku, at, wanted=placed.position).held == 4
+    assert from_copy(cache, sku, at) == from_view(runtime, sku, at)
+
+
+def test_a_hold_that_ran_out_stops_counting_in_the_copy_without_a_refresh(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku("COPY")
+    stock_sku(runtime.writer, sku, 9)
+    runtime.writer.execute(reserve([(sku, 3)], ttl=60))
+    caught_up(runtime)
+    cache = copy_of(runtime)
+    cache.refresh()
+    now = datetime.now(UTC)
+
+    assert from_copy(cache, sku, now).available == 6
+    later = from_copy(cache, sku, now + timedelta(seconds=61))
+    assert (later.held, later.available) == (0, 9)
+    assert later == from_view(runtime, sku, now + timedelta(seconds=61))
+
+
+def test_new_terms_of_a_supplier_reach_every_sku_of_the_copy(runtime: Runtime) -> None:
+    skus = [random_sku("TERMS") for _ in range(3)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, 20, supplier_id="terms")
+    caught_up(runtime)
+    cache = copy_of(runtime)
+    cache.refresh()
+    at = datetime.now(UTC)
+    assert [from_copy(cache, sku, at).sellable for sku in skus] == [20, 20, 20]
+
+    terms = SupplierTerms(name="terms", buffer=5)
+    runtime.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="terms", terms=terms))
+    caught_up(runtime)
+    cache.refresh()
+
+    assert [from_copy(cache, sku, at).sellable for sku in skus] == [15, 15, 15]
+    assert [from_copy(cache, sku, at) for sku in skus] == [
+        from_view(runtime, sku, at) for sku in skus
+    ]
+
+
+def test_a_copy_not_refreshed_within_its_lag_answers_nothing(runtime: Runtime) -> None:
+    sku = random_sku("COPY")
+    stock_sku(runtime.writer, sku, 9)
+    caught_up(runtime)
+    clock = Clock()
+    cache = copy_of(runtime, clock=clock)
+    assert cache.lookup([sku], None) is None, "before its first refresh"
+    cache.refresh()
+    assert cache.lookup([sku], None) is not None
+
+    clock.now += cache.max_lag_seconds + 0.1
+
+    assert cache.lookup([sku], None) is None
+
+
+def test_an_entry_read_before_the_copy_moved_on_is_turned_away(runtime: Runtime) -> None:
+    """A reader that fetched a SKU from the view offers it to the copy; if the copy moved
+    past that read meanwhile, the SKU may have changed in between: the copy must not keep it."""
+    kept, late = random_sku("KEPT"), random_sku("LATE")
+    stock_sku(runtime.writer, kept, 5)
+    stock_sku(runtime.writer, late, 5)
+    caught_up(runtime)
+    cache = copy_of(runtime, capacity=1)
+    cache.refresh()
+    assert len(cache) == 1, "the copy keeps no more than its capacity"
+    missing = late if cache.lookup([kept], None) is not None else kept
+    with runtime.store.connection() as conn:
+        old = read_entries(conn, [missing], second_floor(datetime.now(UTC)))
+
+    report(runtime.writer, "acme", {missing: 2}, datetime.now(UTC))
+    caught_up(runtime)
+    cache.refresh()
+    cache.offer(old)
+
+    assert cache.lookup([missing], None) is None
+    with runtime.store.connection() as conn:
+        cache.offer(read_entries(conn, [missing], second_floor(datetime.now(UTC))))
+    assert from_copy(cache, missing, datetime.now(UTC)).on_hand == 2
+    assert len(cache) == 1
+
+
+def test_a_rebuilt_view_starts_the_copy_afresh_from_the_new_generation(runtime: Runtime) -> None:
+    sku = random_sku("COPY")
+    stock_sku(runtime.writer, sku, 7)
+    caught_up(runtime)
+    cache = copy_of(runtime)
+    cache.refresh()
+    at = datetime.now(UTC)
+    expected = from_copy(cache, sku, at)
+
+    built = rebuild(StockProjection(runtime.app), runtime.app, runtime.store, runtime.leases)
+    cache.refresh()
+
+    assert cache.generation == built.generation
+    assert from_copy(cache, sku, at) == expected
