@@ -65,6 +65,7 @@ def cause_for(key: ApiKey, reason: str, correlation_id: str) -> Cause:
 
 
 READERS = frozenset({"storefront", "oms", "auditor"})
+OMS = frozenset({"oms"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,28 @@ async def read(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OmsWrite:
+    """What an OMS command needs, gathered by one dependency (reserving is the hottest
+    write): the runtime, the caller's key, the time it happens at and the request id."""
+
+    runtime: Runtime
+    key: ApiKey
+    at: datetime
+    request_id: str
+
+
+async def oms_write(request: Request) -> OmsWrite:
+    return OmsWrite(
+        runtime=request.app.state.runtime,
+        key=authorise(request, OMS),
+        at=datetime.now(UTC),
+        request_id=request.state.request_id,
+    )
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+OmsWriteDep = Annotated[OmsWrite, Depends(oms_write)]
 ReadDep = Annotated[Read, Depends(read)]
 MinPosition = Annotated[int | None, Depends(min_position)]
 Now = Annotated[datetime, Depends(now)]

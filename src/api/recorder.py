@@ -125,18 +125,21 @@ class LedgerRecorder(PostgresApplicationRecorder):
         # estimates the array, it never scans a table whose size grows with the log
         # (OFFSET 0 keeps the planner from flattening the lookup into a hash join).
         self.select_streams_statement = SQL(
-            "WITH wanted AS MATERIALIZED (SELECT DISTINCT unnest(%s::uuid[]) AS id),"
+            "WITH wanted AS MATERIALIZED (SELECT DISTINCT ON (id) id, after"
+            "   FROM unnest(%s::uuid[], %s::integer[]) AS t(id, after)),"
             " latest AS MATERIALIZED (SELECT w.id AS originator_id, s.originator_version,"
             "   s.topic, s.state FROM wanted w CROSS JOIN LATERAL ("
             "     SELECT originator_version, topic, state FROM {schema}.{snapshots}"
-            "     WHERE originator_id = w.id ORDER BY originator_version DESC LIMIT 1) s)"
+            "     WHERE originator_id = w.id AND w.after = 0"
+            "     ORDER BY originator_version DESC LIMIT 1) s)"
             " SELECT originator_id, originator_version, topic, state, 0 AS kind FROM latest"
             " UNION ALL"
             " SELECT w.id, e.originator_version, e.topic, e.state, 1 AS kind"
             " FROM wanted w LEFT JOIN latest l ON l.originator_id = w.id"
             " CROSS JOIN LATERAL (SELECT originator_version, topic, state"
             "   FROM {schema}.{events} WHERE originator_id = w.id"
-            "   AND originator_version > coalesce(l.originator_version, 0) OFFSET 0) e"
+            "   AND originator_version > greatest(coalesce(l.originator_version, 0), w.after)"
+            "   OFFSET 0) e"
             " ORDER BY originator_id, kind, originator_version"
         ).format(
             schema=schema,
@@ -279,12 +282,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
             curs.execute(self.select_versions_statement, (list(originator_ids),))
             return {row["id"]: row["version"] for row in curs.fetchall() if row["version"]}
 
-    def select_streams(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
-        """Each stream's latest snapshot, then its later events, stream after stream."""
+    def select_streams(
+        self, originator_ids: Sequence[UUID], after: Sequence[int] | None = None
+    ) -> list[StoredEvent]:
+        """Each stream's latest snapshot, then its later events, stream after stream; a
+        stream with a version in `after` (one held in memory at that version) gets only
+        its events beyond it."""
         if not originator_ids:
             return []
+        versions = list(after) if after is not None else [0] * len(originator_ids)
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self.select_streams_statement, (list(originator_ids),))
+            curs.execute(self.select_streams_statement, (list(originator_ids), versions))
             return [
                 StoredEvent(
                     originator_id=row["originator_id"],

@@ -109,7 +109,12 @@ def open_runtime(
     app = InventoryLedger(settings.event_store_env(database_url))
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
     turns = StreamTurns(database_url)
-    writer = LedgerWriter(app, timeout=settings.command_timeout_seconds, take_turns=turns).start()
+    writer = LedgerWriter(
+        app,
+        timeout=settings.command_timeout_seconds,
+        take_turns=turns,
+        keep=settings.aggregate_cache_size,
+    ).start()
     cache = None
     if read_cache and settings.read_cache_skus:
         cache = StockCache(

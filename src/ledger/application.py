@@ -207,8 +207,12 @@ class InventoryLedger(Application[UUID]):
         if crossed:
             self.snapshots.put([LedgerSnapshot.take(a) for a in crossed.values()])
 
-    def get_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, Any]:
-        """Loads many aggregates at once (from their latest snapshots); absent ones are left out."""
+    def get_many(
+        self, aggregate_ids: Iterable[UUID], known: Mapping[UUID, Any] | None = None
+    ) -> dict[UUID, Any]:
+        """Loads many aggregates at once (from their latest snapshots); absent ones are left
+        out. `known` aggregates, held in memory, are brought up to date with the events
+        written after them (by other processes) instead of being loaded again."""
         wanted = list(dict.fromkeys(aggregate_ids))
         select_streams = getattr(self.recorder, "select_streams", None)
         if select_streams is None:
@@ -217,8 +221,10 @@ class InventoryLedger(Application[UUID]):
                 with suppress(AggregateNotFoundError):
                     found[aggregate_id] = self.repository.get(aggregate_id)
             return found
-        aggregates: dict[UUID, Any] = {}
-        for stored in select_streams(wanted):
+        known = known or {}
+        aggregates: dict[UUID, Any] = {i: known[i] for i in wanted if i in known}
+        after = [known[i].version if i in known else 0 for i in wanted]
+        for stored in select_streams(wanted, after):
             event = self.mapper.to_domain_event(stored)
             previous = aggregates.get(stored.originator_id)
             aggregates[stored.originator_id] = event.mutate(previous)  # type: ignore[attr-defined]

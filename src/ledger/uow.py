@@ -158,6 +158,10 @@ class UnitOfWork:
             self.changed_ids_since_begin()
         )
 
+    def loaded(self) -> list[LedgerAggregate]:
+        """Every aggregate the unit holds, read or added."""
+        return [a for a in self._aggregates.values() if a is not None]
+
     def changed(self) -> list[LedgerAggregate]:
         return [a for a in self._aggregates.values() if a is not None and a.pending_events]
 

@@ -32,6 +32,7 @@ from ledger.application import InventoryLedger
 from ledger.commands import Command
 from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
+from ledger.hot import HotAggregates
 from ledger.uow import UnitOfWork
 
 T = TypeVar("T")
@@ -70,8 +71,10 @@ class LedgerWriter:
         timeout: float | None = 30.0,
         max_batch: int = 500,
         take_turns: Callable[[list[UUID]], AbstractContextManager[None]] | None = None,
+        keep: int = 10_000,
     ) -> None:
         self.app = app
+        self.hot = HotAggregates(app, keep)
         self.take_turns = take_turns
         self.max_attempts = max_attempts
         self.timeout = timeout
@@ -201,11 +204,12 @@ class LedgerWriter:
     def _attempt(self, pending: list[_Job]) -> list[_Job] | None:
         """One try at the batch: None when every command was answered, else those left."""
         unit = UnitOfWork(
-            self.app.repository.get,
-            self.app.get_many,
+            self.hot.load,
+            self.hot.load_many,
             getattr(self.app.recorder, "select_seen", None),
         )
-        unit.preload(i for job in pending for i in job.command.aggregate_ids())
+        named = [i for job in pending for i in job.command.aggregate_ids()]
+        unit.preload([*named, *self.hot.related(named)])
         answers, spoiled, reads = self._decide(unit, pending)
         if spoiled:
             # A command failed after changing aggregates; it keeps its error, the
@@ -235,6 +239,7 @@ class LedgerWriter:
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
             return involved + (self._attempt(clean) or [])
+        self.hot.keep(unit.loaded())
         self.batches += 1
         self.commands += len(pending)
         for job in pending:

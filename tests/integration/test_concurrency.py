@@ -142,3 +142,38 @@ def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_str
     for sku in skus:
         held = runtime.queries.stock_levels(sku, now()).held
         assert held == (2 if sku == skus[0] else 1), sku
+
+
+def test_a_kept_stock_item_is_brought_up_to_date_with_another_process_s_writes(
+    runtime: Runtime,
+) -> None:
+    """The writer keeps the SKUs it saved; when another process (here, a second ledger on
+    the same database) orders the same SKU, the next batch reads only the events written
+    since, and decides on them: no conflict, no stale stock, no oversell."""
+    from ledger.application import InventoryLedger
+    from ledger.writer import LedgerWriter
+
+    sku = random_sku("KEPT")
+    stock_sku(runtime.writer, sku, 5)
+    runtime.writer.execute(reserve([(sku, 2)]))
+    item_id = StockItem.id_for(sku)
+    assert item_id in runtime.writer.hot
+
+    other_app = InventoryLedger(runtime.settings.event_store_env(runtime.database_url))
+    other = LedgerWriter(other_app).start()
+    try:
+        other.execute(reserve([(sku, 2)]))
+    finally:
+        other.stop()
+        other_app.close()
+    conflicts = runtime.writer.conflicts
+
+    with pytest.raises(InsufficientStock):
+        runtime.writer.execute(reserve([(sku, 2)]))
+    last = runtime.writer.execute(reserve([(sku, 1)]))
+
+    assert runtime.writer.conflicts == conflicts, "the kept item was fast-forwarded"
+    kept = last.value.reservation
+    assert kept.lines[sku].quantity == 1
+    stored = runtime.app.repository.get(item_id)
+    assert stored.levels(now(), {}).held == 5

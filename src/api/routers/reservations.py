@@ -13,6 +13,7 @@ from api.deps import (
     MinPosition,
     Now,
     OmsKey,
+    OmsWriteDep,
     RequestId,
     RuntimeDep,
     cause_for,
@@ -97,13 +98,11 @@ def _reservation_id(value: str) -> UUID:
 @router.post("", status_code=201, response_model=ReservationOut)
 async def reserve(
     body: ReservationIn,
-    key: OmsKey,
-    runtime: RuntimeDep,
-    at: Now,
-    request_id: RequestId,
+    write: OmsWriteDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Holds stock for every line of an order, or for none; the answer says who ships what."""
+    runtime, key, at = write.runtime, write.key, write.at
     settings = runtime.settings
     idempotency = _key(idempotency_key, required=True)
     assert idempotency is not None
@@ -115,7 +114,7 @@ async def reserve(
         raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
     command = Reserve(
         at=at,
-        cause=cause_for(key, "oms.reserve", request_id),
+        cause=cause_for(key, "oms.reserve", write.request_id),
         client=key.name,
         idempotency_key=idempotency,
         order_id=body.order_id,

@@ -1,0 +1,72 @@
+"""The writer's kept aggregates: what it keeps, for how long, and never while in use."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from ledger.base import Cause
+from ledger.hot import HotAggregates
+from ledger.stock import StockItem
+from ledger.supplier import Supplier, SupplierTerms
+
+CAUSE = Cause("unit-test", "test", "test")
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Store:
+    """Stands in for the application: records what it is asked to load and fast-forward."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[UUID], set[UUID]]] = []
+
+    def get_many(self, ids: list[UUID], known: dict[UUID, Any]) -> dict[UUID, Any]:
+        self.calls.append((ids, set(known)))
+        return dict(known)
+
+
+def saved_item(sku: str, supplier: str | None = None) -> StockItem:
+    item = StockItem.register(sku, AT, CAUSE)
+    if supplier is not None:
+        item.observe(supplier, 5, AT, SupplierTerms(supplier), AT, CAUSE)
+    item.collect_events()
+    return item
+
+
+def test_only_saved_stock_items_and_suppliers_are_kept() -> None:
+    hot = HotAggregates(Store(), capacity=10)  # type: ignore[arg-type]
+    unsaved = StockItem.register("UNSAVED", AT, CAUSE)
+    saved = saved_item("SAVED")
+    supplier = Supplier.register("north", SupplierTerms("North"), AT, CAUSE)
+    supplier.collect_events()
+
+    hot.keep([unsaved, saved, supplier])
+
+    assert saved.id in hot
+    assert supplier.id in hot
+    assert unsaved.id not in hot, "an aggregate with unsaved events is never kept"
+
+
+def test_a_kept_item_is_taken_out_while_a_batch_uses_it_and_its_suppliers_come_along() -> None:
+    store = Store()
+    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+    item = saved_item("A", supplier="north")
+    hot.keep([item])
+
+    assert hot.related([item.id]) == [Supplier.id_for("north")]
+    found = hot.load_many([item.id])
+
+    assert found[item.id] is item
+    assert store.calls == [([item.id], {item.id})], "asked only for what came after it"
+    assert item.id not in hot, "a batch that fails must not leave it behind, changed"
+
+
+def test_the_least_recently_used_go_first() -> None:
+    hot = HotAggregates(Store(), capacity=2)  # type: ignore[arg-type]
+    first, second, third = (saved_item(sku) for sku in ("A", "B", "C"))
+    hot.keep([first, second])
+    hot.keep([first])
+    hot.keep([third])
+
+    assert [i in hot for i in (first.id, second.id, third.id)] == [True, False, True]
