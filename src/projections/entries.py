@@ -7,7 +7,6 @@ now still answers correctly later (a hold that ran out stops counting when read)
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,7 +22,16 @@ JOIN ledger_projections lp ON lp.name = g.name AND lp.live_generation = g.genera
 WHERE g.name = 'stock'
 """
 
-_ENTRY_COLUMNS = """
+
+def _at_live_position(skus: str) -> str:
+    """The live position beside the entry rows (one per SKU and supplier) of the SKUs the
+    query `skus` names, in one statement, so one snapshot. Each row is found by index
+    lookups (LATERAL, OFFSET 0), however many rows the planner expects `skus` to give: a
+    new or rebuilt view has no statistics yet, and a hash join over it costs milliseconds."""
+    return f"""
+SELECT p.generation, p.position, x.*
+FROM ({LIVE_SQL}) p
+LEFT JOIN (
   SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
          l.unreported,
          (SELECT array_agg(ARRAY[h.expires_s, h.quantity] ORDER BY h.expires_s)
@@ -32,32 +40,33 @@ _ENTRY_COLUMNS = """
             AND h.expires_s > %(now)s) AS holds,
          s.name, s.priority, s.lead_time_days, s.buffer, s.stale_after_seconds,
          s.exclude_after_seconds, s.reports_net_of_our_orders
-  FROM view_availability a
-  LEFT JOIN view_levels l ON l.sku = a.sku
+  FROM ({skus}) w
+  CROSS JOIN LATERAL (SELECT sku, safety_stock FROM view_availability
+                      WHERE sku = w.sku OFFSET 0) a
+  LEFT JOIN LATERAL (SELECT * FROM view_levels WHERE sku = a.sku OFFSET 0) l ON true
   LEFT JOIN view_suppliers s ON s.supplier_id = l.supplier_id
-"""
-
-# The view's position and the entries of some SKUs in one statement (one snapshot): the
-# entries are exactly those of that position, and a read costs one round trip. (Built of
-# the constants above, nothing from outside.)
-ENTRIES_AT_SQL = f"""
-SELECT p.generation, p.position, x.*
-FROM ({LIVE_SQL}) p
-LEFT JOIN ({_ENTRY_COLUMNS} WHERE a.sku = ANY(%(skus)s)) x ON true
+) x ON true
 ORDER BY x.sku, x.supplier_id
 """  # noqa: S608
 
-# For a copy being brought up to date, inside a REPEATABLE READ transaction.
-CHANGED_SKUS_SQL = "SELECT sku FROM view_availability WHERE position > %(after)s"
-ENTRIES_SQL = f"{_ENTRY_COLUMNS} WHERE a.sku = ANY(%(skus)s)"
-RECENT_ENTRIES_SQL = f"""{_ENTRY_COLUMNS}
-WHERE a.sku IN (SELECT sku FROM view_availability ORDER BY position DESC LIMIT %(limit)s)
-"""  # noqa: S608
-TERMS_SQL = """
-SELECT supplier_id, name, priority, lead_time_days, buffer, stale_after_seconds,
-       exclude_after_seconds, reports_net_of_our_orders
-FROM view_suppliers WHERE position > %(after)s
-"""
+
+# The entries of some SKUs: a read costs one round trip, and its numbers are exactly
+# those of the position it names.
+ENTRIES_AT_SQL = _at_live_position("SELECT DISTINCT unnest(%(skus)s::text[]) AS sku")
+
+# What a copy at position `after` must read again: the SKUs whose rows moved past it,
+# and those of suppliers whose terms did.
+CHANGES_SQL = _at_live_position(
+    "SELECT sku FROM view_availability WHERE position > %(after)s"
+    " UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL ("
+    "   SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l"
+    " WHERE s.position > %(after)s"
+)
+
+# A new copy's first entries: the SKUs that changed last, the likeliest to be read.
+RECENT_SQL = _at_live_position(
+    "SELECT sku FROM view_availability ORDER BY position DESC LIMIT %(limit)s"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +95,9 @@ class StockEntry:
     positions: dict[str, ViewPosition] = field(default_factory=dict)
     terms: dict[str, SupplierTerms] = field(default_factory=dict)
 
-    def levels(self, at: datetime, terms: Mapping[str, SupplierTerms] | None = None) -> StockLevels:
-        """The SKU's numbers at `at`, under `terms` if given (newer than those read with it)."""
-        return stock_levels(
-            self.sku, self.safety_stock, self.positions, at, self.terms if terms is None else terms
-        )
+    def levels(self, at: datetime) -> StockLevels:
+        """The SKU's numbers at `at`."""
+        return stock_levels(self.sku, self.safety_stock, self.positions, at, self.terms)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,12 @@ def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
 
 def read_entries(conn: Connection, skus: list[str], now: int) -> Snapshot:
     """The entries of these SKUs (the known ones) at the view's current position."""
-    rows = conn.execute(ENTRIES_AT_SQL, {"skus": skus, "now": now}).fetchall()
+    return snapshot_from(conn.execute(ENTRIES_AT_SQL, {"skus": skus, "now": now}).fetchall())
+
+
+def snapshot_from(rows: list[dict[str, Any]]) -> Snapshot:
+    """Rows of a statement that reads the live position beside entries (at least one row
+    while the view has a live generation; none is generation 0)."""
     if not rows:
         return Snapshot(generation=0, position=0, entries={})
     first = rows[0]

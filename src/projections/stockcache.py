@@ -1,10 +1,12 @@
 """An in-process copy of the stock view for availability reads, kept current by position.
 
 A storefront reads availability far more often than it changes, and a read that goes to
-PostgreSQL costs more than the HTTP around it. Each API process keeps the entries of the
-SKUs it was asked about, as read from the view at a known position, and every
-`refresh_seconds` reads what changed since: the SKUs whose rows moved past that position,
-in one REPEATABLE READ snapshot, so the copy is always exactly the view at one position.
+PostgreSQL costs more than the HTTP around it. Each API process keeps the entries of up
+to `capacity` SKUs (those that changed last when it starts, then those read or changed
+since), as read from the view at a known position, and every `refresh_seconds` reads
+what changed since in one statement: the SKUs whose rows moved past that position, or
+whose suppliers' terms did. One statement sees one snapshot, so the copy is always
+exactly the view at one position.
 
 The copy answers only when it is at least at the position a reader asks for and its last
 refresh is recent; otherwise the reader goes to the view itself, as without it.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -24,18 +26,7 @@ import psycopg_pool
 import structlog
 
 from ledger.stock import second_floor
-from ledger.supplier import SupplierTerms
-from projections.entries import (
-    CHANGED_SKUS_SQL,
-    ENTRIES_SQL,
-    LIVE_SQL,
-    RECENT_ENTRIES_SQL,
-    TERMS_SQL,
-    Snapshot,
-    StockEntry,
-    entries_from,
-    terms_from,
-)
+from projections.entries import CHANGES_SQL, RECENT_SQL, Snapshot, StockEntry, snapshot_from
 from projections.store import ViewStore
 
 log = structlog.get_logger(__name__)
@@ -43,11 +34,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class CachedRead:
-    """Entries answered from the copy, current at `position`, with the terms to read them by."""
+    """Entries answered from the copy, current at `position`."""
 
     position: int
     entries: list[StockEntry]
-    terms: Mapping[str, SupplierTerms]
 
 
 class StockCache:
@@ -69,7 +59,6 @@ class StockCache:
         self.clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, StockEntry] = {}
-        self._terms: dict[str, SupplierTerms] = {}
         self._generation: int | None = None
         self._position = 0
         self._refreshed = -math.inf
@@ -101,14 +90,14 @@ class StockCache:
                 if entry is None:
                     return None
                 entries.append(entry)
-            return CachedRead(self._position, entries, self._terms)
+            return CachedRead(self._position, entries)
 
     def offer(self, snapshot: Snapshot) -> None:
         """Keeps entries a reader fetched from the view, if no older than the copy.
 
         An older snapshot could hold a SKU that changed after it and before the copy's
-        position: the refresh that covered that change did not know the SKU, so it is
-        turned away.
+        position: the refresh that covered that change passed it over (the copy did not
+        hold it then), so it is turned away.
         """
         with self._lock:
             if snapshot.generation != self._generation or snapshot.position < self._position:
@@ -121,65 +110,32 @@ class StockCache:
                 self._entries[sku] = entry
 
     def refresh(self) -> None:
-        """Brings the copy to the view's current position (one snapshot of the view)."""
+        """Brings the copy to the view's current position: one statement, one snapshot."""
         started = self.clock()
-        now = second_floor(datetime.now(UTC))
-        with self.store.connection() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            live = conn.execute(LIVE_SQL).fetchone()
-            if live is None:
-                return
-            generation, position = int(live["generation"]), int(live["position"])
-            with self._lock:
-                same = generation == self._generation
-                after = self._position if same else -1
-            if same and position == after:
-                self._refreshed = started
-                return
-            changed: list[str] = []
-            rows = []
-            if same:
-                changed = [row["sku"] for row in conn.execute(CHANGED_SKUS_SQL, {"after": after})]
-                kept = self._to_read(changed)
-                if kept:
-                    rows = conn.execute(ENTRIES_SQL, {"skus": kept, "now": now}).fetchall()
-            else:  # a new copy: the SKUs that changed last are the likeliest to be read
-                arguments = {"limit": self.capacity, "now": now}
-                rows = conn.execute(RECENT_ENTRIES_SQL, arguments).fetchall()
-            terms = {
-                row["supplier_id"]: terms_from(row)
-                for row in conn.execute(TERMS_SQL, {"after": after})
-            }
-        entries = entries_from(rows)
+        arguments = {
+            "after": self._position,
+            "now": second_floor(datetime.now(UTC)),
+            "limit": self.capacity,
+        }
+        known = self._generation
+        with self.store.connection() as conn:
+            snapshot = None
+            if known is not None:
+                snapshot = snapshot_from(conn.execute(CHANGES_SQL, arguments).fetchall())
+            if snapshot is None or snapshot.generation != known:
+                # A new copy, or the view was rebuilt: start from its latest changes.
+                snapshot = snapshot_from(conn.execute(RECENT_SQL, arguments).fetchall())
+        if snapshot.generation == 0:
+            return  # no live generation yet
         with self._lock:
-            if generation != self._generation:
+            if snapshot.generation != self._generation:
                 self._entries = {}
-                self._terms = {}
-            else:
-                # A SKU that changed and was not read again (a reader offered it meanwhile)
-                # may be older than `position`: forget it, the next read fetches it anew.
-                for sku in changed:
-                    if sku not in entries:
-                        self._entries.pop(sku, None)
-            self._entries.update(entries)
-            if terms:
-                self._terms = {**self._terms, **terms}
-            self._generation, self._position = generation, position
+            for sku, entry in snapshot.entries.items():
+                # SKUs it holds (offered meanwhile, too), and new ones while it has room.
+                if sku in self._entries or len(self._entries) < self.capacity:
+                    self._entries[sku] = entry
+            self._generation, self._position = snapshot.generation, snapshot.position
             self._refreshed = started
-
-    def _to_read(self, changed: list[str]) -> list[str]:
-        """Of the SKUs that changed, those the copy keeps: the ones it holds, and new ones
-        while it has room."""
-        with self._lock:
-            room = self.capacity - len(self._entries)
-            kept = []
-            for sku in changed:
-                if sku in self._entries:
-                    kept.append(sku)
-                elif room > 0:
-                    kept.append(sku)
-                    room -= 1
-            return kept
 
     def start(self) -> StockCache:
         self._thread = threading.Thread(target=self._run, name="stock-cache", daemon=True)

@@ -45,7 +45,7 @@ def from_copy(cache: StockCache, sku: str, at: datetime, wanted: int | None = No
     found = cache.lookup([sku], wanted)
     assert found is not None, f"the copy does not answer for {sku}"
     (entry,) = found.entries
-    return entry.levels(at, found.terms)
+    return entry.levels(at)
 
 
 def from_view(runtime: Runtime, sku: str, at: datetime) -> StockLevels:

@@ -54,9 +54,7 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
     views = read.runtime.views
     cached = None if views.cache is None else views.cache.lookup(skus, read.wanted)
     if cached is not None:
-        return cached.position, {
-            entry.sku: entry.levels(read.at, cached.terms) for entry in cached.entries
-        }
+        return cached.position, {entry.sku: entry.levels(read.at) for entry in cached.entries}
     limit = read.runtime.settings.read_wait_max_seconds
     return await run_in_threadpool(views.availability_after, skus, read.at, read.wanted, limit)
 
