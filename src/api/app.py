@@ -69,6 +69,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         version=version("stockledger"),
         description="Event-sourced inventory ledger: supplier stock and OMS reservations.",
         lifespan=lifespan,
+        # The service exports no OpenTelemetry; left on, FastAPI asks the global providers
+        # (and the environment) whether it should, on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.authenticator = Authenticator(settings.api_keys)
     app.add_middleware(
