@@ -35,10 +35,11 @@ async def request_id(request: Request) -> str:
     return value
 
 
-async def min_position(
-    query: Annotated[int | None, Query(alias="min_position", ge=0)] = None,
-    header: Annotated[int | None, Header(alias="X-Min-Position", ge=0)] = None,
-) -> int | None:
+PositionQuery = Annotated[int | None, Query(alias="min_position", ge=0)]
+PositionHeader = Annotated[int | None, Header(alias="X-Min-Position", ge=0)]
+
+
+async def min_position(query: PositionQuery = None, header: PositionHeader = None) -> int | None:
     """Read-your-writes: the log position the answer must reflect (query or header)."""
     return query if query is not None else header
 
@@ -80,16 +81,14 @@ class Read:
 
 
 async def read(
-    request: Request,
-    query: Annotated[int | None, Query(alias="min_position", ge=0)] = None,
-    header: Annotated[int | None, Header(alias="X-Min-Position", ge=0)] = None,
+    request: Request, query: PositionQuery = None, header: PositionHeader = None
 ) -> Read:
     """A reader's request: its key checked, the time it reads at, the position it wants."""
     authorise(request, READERS)
     return Read(
-        runtime=request.app.state.runtime,
-        at=datetime.now(UTC),
-        wanted=query if query is not None else header,
+        runtime=await get_runtime(request),
+        at=await now(),
+        wanted=await min_position(query, header),
     )
 
 
@@ -106,10 +105,10 @@ class OmsWrite:
 
 async def oms_write(request: Request) -> OmsWrite:
     return OmsWrite(
-        runtime=request.app.state.runtime,
+        runtime=await get_runtime(request),
         key=authorise(request, OMS),
-        at=datetime.now(UTC),
-        request_id=request.state.request_id,
+        at=await now(),
+        request_id=await request_id(request),
     )
 
 

@@ -33,9 +33,6 @@ class HotAggregates:
         self.capacity = capacity
         self._kept: OrderedDict[UUID, LedgerAggregate] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._kept)
-
     def __contains__(self, aggregate_id: object) -> bool:
         return aggregate_id in self._kept
 
@@ -75,6 +72,3 @@ class HotAggregates:
                 self._kept.move_to_end(aggregate.id)
         while len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
-
-    def clear(self) -> None:
-        self._kept.clear()

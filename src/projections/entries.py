@@ -122,10 +122,14 @@ def terms_from(row: dict[str, Any]) -> SupplierTerms:
 
 
 def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
-    """Entries from rows of `_ENTRY_COLUMNS`, one row per (SKU, supplier) or per bare SKU."""
+    """Entries from rows of `_at_live_position`, one per (SKU, supplier) or per bare SKU.
+
+    Each supplier's terms are built once and shared by its entries: a copy of 100,000
+    SKUs would otherwise hold 100,000 equal objects."""
     safety: dict[str, int] = {}
     positions: dict[str, dict[str, ViewPosition]] = defaultdict(dict)
     terms: dict[str, dict[str, SupplierTerms]] = defaultdict(dict)
+    shared: dict[str, SupplierTerms] = {}
     for row in rows:
         sku = row["sku"]
         safety[sku] = row["safety_stock"]
@@ -141,7 +145,9 @@ def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
             holds=tuple((int(expires), int(quantity)) for expires, quantity in holds),
         )
         if row["name"] is not None:
-            terms[sku][supplier] = terms_from(row)
+            if supplier not in shared:
+                shared[supplier] = terms_from(row)
+            terms[sku][supplier] = shared[supplier]
     return {
         sku: StockEntry(sku, safety_stock, positions.get(sku, {}), terms.get(sku, {}))
         for sku, safety_stock in safety.items()
