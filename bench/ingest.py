@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from api.logs import configure_logging
-from api.runtime import Runtime, open_runtime
+from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
 from bench.harness import fresh_database, projecting
 from connectors.simulator import Catalogue, write_csv
@@ -52,6 +52,7 @@ def _ledger(database_url: str) -> Iterator[Runtime]:
     settings = Settings(database_url=database_url, log_level="WARNING")
     configure_logging(settings)
     runtime = open_runtime(settings, sweep=False, connect=False, project=False)
+    tune_collector()  # as every ledger process that applies deliveries does
     env = {
         "LEDGER_DATABASE_URL": database_url,
         "LEDGER_LOG_LEVEL": "WARNING",

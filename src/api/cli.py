@@ -30,7 +30,7 @@ from rich.table import Table
 
 from api.database import migrate, resolve_database_url, start_embedded
 from api.logs import configure_logging
-from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes
+from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.settings import Settings
 from connectors import health
 from connectors.ingest import FeedRejected, record_dead_letters
@@ -120,6 +120,7 @@ def _ledger(project: bool = False) -> Iterator[Runtime]:
     settings = Settings()
     configure_logging(settings)
     runtime = open_runtime(settings, sweep=False, project=project)
+    tune_collector()
     try:
         yield runtime
     finally:
@@ -138,6 +139,7 @@ def connectors_run() -> None:
     settings = Settings()
     configure_logging(settings)
     runtime = open_runtime(settings, sweep=False, project=False, connect=True)
+    tune_collector()
     try:
         with suppress(KeyboardInterrupt):
             stop.wait()

@@ -272,9 +272,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
     def select_seen(self, supplier_id: str, skus: Sequence[str]) -> dict[str, datetime]:
         """When each SKU's level was last reported by the supplier, recorded or not."""
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        with (
+            self.datastore.get_connection() as conn,
+            conn.cursor(row_factory=tuple_row) as curs,
+        ):
             curs.execute(self.select_seen_statement, (supplier_id, list(skus)))
-            return {row["sku"]: row["seen_at"] for row in curs.fetchall() if row["seen_at"]}
+            return {sku: seen_at for sku, seen_at in curs.fetchall() if seen_at}
 
     def select_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
         """The stored version of each stream that has events, by primary-key lookups."""
@@ -291,16 +294,19 @@ class LedgerRecorder(PostgresApplicationRecorder):
         if not originator_ids:
             return []
         versions = list(after) if after is not None else [0] * len(originator_ids)
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        with (
+            self.datastore.get_connection() as conn,
+            conn.cursor(row_factory=tuple_row) as curs,
+        ):
             curs.execute(self.select_streams_statement, (list(originator_ids), versions))
             return [
                 StoredEvent(
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
+                    originator_id=originator_id,
+                    originator_version=version,
+                    topic=topic,
+                    state=bytes(state),
                 )
-                for row in curs.fetchall()
+                for originator_id, version, topic, state, _kind in curs.fetchall()
             ]
 
 

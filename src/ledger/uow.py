@@ -86,8 +86,10 @@ class UnitOfWork:
 
     def seen_at(self, supplier_id: str, sku: str) -> datetime | None:
         """The newest report of the level the ledger has seen, recorded or not."""
-        self.preload_seen(supplier_id, [sku])
-        return self._seen[(supplier_id, sku)]
+        key = (supplier_id, sku)
+        if key not in self._seen:
+            self.preload_seen(supplier_id, [sku])
+        return self._seen[key]
 
     def touch(self, supplier_id: str, sku: str, seen_at: datetime) -> None:
         """Notes a report that repeated the level on record (it leaves no event)."""

@@ -13,6 +13,7 @@ import pytest
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from connectors import inbox
+from connectors import ingest as ingest_module
 from connectors.deadletters import listing, retry
 from connectors.ingest import FeedRejected, Ingestor, content_hash
 from connectors.worker import InboxWorker
@@ -245,6 +246,42 @@ def test_a_large_delivery_is_applied_in_batches_that_add_up(ledger: Runtime) -> 
         ).fetchone()
     assert (result.rows, result.applied) == (25, 25)
     assert parts == (4,)
+
+
+def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeats are noted a chunk at a time (chunks taken in SKU order), while the writer
+    applies the changes in parts: every repeat is noted, every change applied, the
+    duplicate and the unmapped record refused, and the counts add up to the rows."""
+    monkeypatch.setattr(ingest_module, "TOUCH_CHUNK", 4)
+    skus = {f"S-{n:02d}": f"SKU-CH-{n:02d}" for n in range(30)}
+    setup_supplier(ledger, "acme", skus)
+    first = datetime.now(UTC) - timedelta(minutes=10)
+    ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 5), first))
+    changed = {s_sku for n, s_sku in enumerate(skus) if n % 4 == 0}
+    second = first + timedelta(minutes=5)
+    rows = {s_sku: 6 if s_sku in changed else 5 for s_sku in skus}
+    duplicate = f"S-01,7,{second.isoformat()}\nUNMAPPED,3,{second.isoformat()}\n"
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=3)
+
+    result = ingest(ledger, "acme", csv_body(rows, second, duplicate), ingestor=small)
+
+    assert (result.rows, result.applied, result.rejected) == (32, len(changed), 3)
+    assert result.unchanged == 30 - len(changed) - 1
+    with psycopg.connect(ledger.database_url) as conn:
+        levels = {
+            sku: (quantity, seen)
+            for sku, quantity, seen in conn.execute(
+                "SELECT sku, quantity, greatest(seen_at, observed_at)"
+                " FROM inventoryledger_levels WHERE supplier_id = 'acme'"
+            )
+        }
+    for s_sku, sku in skus.items():
+        # S-01's two records disagree: neither is taken, its level stays as it was.
+        expected = (5, first) if s_sku == "S-01" else (rows[s_sku], second)
+        assert levels[sku] == expected, sku
+        assert on_hand(ledger, sku) == expected[0]
 
 
 def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added(
