@@ -125,17 +125,38 @@ class ChildTable:
     parent_column: str
 
 
-def _upsert(schema: str, name: str, columns: list[str]) -> sql.Composed:
-    return sql.SQL(
-        "INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT (id) DO UPDATE SET {updates}"
-    ).format(
-        table=table(schema, name),
-        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        values=sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
-        updates=sql.SQL(", ").join(
-            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in columns[1:]
-        ),
+def _upsert(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> None:
+    """Upserts rows (distinct ids) in one statement: COPY into a temporary table shaped
+    like theirs, then one INSERT ... SELECT. One INSERT per row (executemany) cost the
+    server a statement each: ~2/3 of the stock view's writes for a delivery of 50,000
+    changes."""
+    columns = list(rows[0])
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    staging = sql.Identifier(f"upsert_{schema}_{name}")
+    cursor.execute(
+        sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS"
+            " AS SELECT {names} FROM {table} WITH NO DATA"
+        ).format(staging=staging, names=names, table=table(schema, name))
     )
+    with cursor.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, names)) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+    cursor.execute(
+        sql.SQL(
+            "INSERT INTO {table} ({names}) SELECT {names} FROM {staging}"
+            " ON CONFLICT (id) DO UPDATE SET {updates}"
+        ).format(
+            table=table(schema, name),
+            names=names,
+            staging=staging,
+            updates=sql.SQL(", ").join(
+                sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in columns[1:]
+            ),
+        )
+    )
+    # Emptied now, not only at commit: a transaction may write the same table again.
+    cursor.execute(sql.SQL("DELETE FROM {}").format(staging))
 
 
 def _copy(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> None:
@@ -280,7 +301,7 @@ class StateProjection(Projection):
             if new:
                 _copy(cursor, schema, name, new)
             if known:
-                cursor.executemany(_upsert(schema, name, list(known[0])), known)
+                _upsert(cursor, schema, name, known)
             for child, spec in children.items():
                 # A new row has no child rows yet: only the known ones lose theirs.
                 stale = [row[spec.parent_column] for row in known]
