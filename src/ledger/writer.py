@@ -106,14 +106,15 @@ class LedgerWriter:
 
     # Commands ---------------------------------------------------------------
 
-    def execute(self, command: Command) -> Outcome[Any]:
+    def execute(self, command: Command, *, timeout: float | None = None) -> Outcome[Any]:
         """Runs the command on the writer thread and returns its outcome, or raises its error.
 
-        A command still queued when the caller gives up is dropped, never applied late.
+        The caller waits `timeout` seconds if given, else the writer's own. A command still
+        queued when the caller gives up is dropped, never applied late.
         """
         future = self.submit(command)
         try:
-            return future.result(self.timeout)
+            return future.result(self.timeout if timeout is None else timeout)
         except TimeoutError:
             future.cancel()
             raise

@@ -21,7 +21,7 @@ from eventsourcing.persistence import IntegrityError
 from api.recorder import LevelMoved
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from connectors.ingest import content_hash
+from connectors.ingest import Ingestor, content_hash
 from ledger.commands import (
     Confirm,
     Fulfil,
@@ -292,6 +292,46 @@ def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the
     assert level(ledger, held)[2] == LATEST
     assert level(ledger, free)[2] == MIDDLE
     assert on_hand(ledger, held) == 5
+
+
+def test_a_repeat_whose_row_was_rewritten_after_resolving_is_still_noted_through_the_ledger(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notes find each row where resolving saw it. A row rewritten in between (here
+    with nothing that matters changed) is elsewhere by then: the note misses it, and the
+    record goes to the ledger, which notes it. Without that path the repeat would be lost
+    and an older report arriving next would be taken for news."""
+    moved, kept = catalogue(ledger), catalogue(ledger)
+    for sku in (moved, kept):
+        assert deliver(ledger, sku, 5, EARLY) == "applied"
+    note_repeats = Ingestor._note_repeats
+
+    def rewrite_then_note(self: Ingestor, *args: object) -> list[int]:
+        with psycopg.connect(ledger.database_url) as other:
+            other.execute(
+                "UPDATE inventoryledger_levels SET seen_at = seen_at WHERE sku = %s", (moved,)
+            )
+        return note_repeats(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingestor, "_note_repeats", rewrite_then_note)
+    body = (
+        "sku,quantity,observed_at\n"
+        f"S-{moved},5,{MIDDLE.isoformat()}\nS-{kept},5,{MIDDLE.isoformat()}\n"
+    ).encode()
+    result = ledger.ingestor.ingest(
+        "acme",
+        "d-moved",
+        io.BytesIO(body),
+        "csv",
+        source="test",
+        received_at=datetime.now(UTC),
+        actor="test",
+    )
+    assert (result.rows, result.unchanged, result.late, result.applied) == (2, 2, 0, 0)
+    for sku in (moved, kept):
+        assert level(ledger, sku)[2] == MIDDLE
+        assert deliver(ledger, sku, 9, EARLY + timedelta(minutes=1)) == "late"
+        assert on_hand(ledger, sku) == 5
 
 
 def test_the_file_path_sends_a_repeat_of_an_ageing_level_to_the_ledger(ledger: Runtime) -> None:
