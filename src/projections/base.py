@@ -125,13 +125,36 @@ class ChildTable:
     parent_column: str
 
 
+# From this many rows a page's upsert goes through a temporary table (below). Measured
+# per page, with a commit: 2 rows 0.9 against 2.1 ms, 50 rows 1.6 against 2.4 ms, 500
+# rows 31 against 11 ms (one INSERT per row against COPY + one INSERT ... SELECT).
+UPSERT_IN_BULK_FROM = 100
+
+
 def _upsert(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> None:
-    """Upserts rows (distinct ids) in one statement: COPY into a temporary table shaped
-    like theirs, then one INSERT ... SELECT. One INSERT per row (executemany) cost the
-    server a statement each: ~2/3 of the stock view's writes for a delivery of 50,000
-    changes."""
+    """Upserts rows (distinct ids). A few go one INSERT each; many go in one statement:
+    COPY into a temporary table shaped like theirs, then one INSERT ... SELECT. One INSERT
+    per row cost the server a statement each: ~2/3 of the stock view's writes for a
+    delivery of 50,000 changes."""
     columns = list(rows[0])
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in columns[1:]
+    )
+    if len(rows) < UPSERT_IN_BULK_FROM:
+        cursor.executemany(
+            sql.SQL(
+                "INSERT INTO {table} ({names}) VALUES ({values}) ON CONFLICT (id) DO UPDATE"
+                " SET {updates}"
+            ).format(
+                table=table(schema, name),
+                names=names,
+                values=sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
+                updates=updates,
+            ),
+            rows,
+        )
+        return
     staging = sql.Identifier(f"upsert_{schema}_{name}")
     cursor.execute(
         sql.SQL(
@@ -146,14 +169,7 @@ def _upsert(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> 
         sql.SQL(
             "INSERT INTO {table} ({names}) SELECT {names} FROM {staging}"
             " ON CONFLICT (id) DO UPDATE SET {updates}"
-        ).format(
-            table=table(schema, name),
-            names=names,
-            staging=staging,
-            updates=sql.SQL(", ").join(
-                sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in columns[1:]
-            ),
-        )
+        ).format(table=table(schema, name), names=names, staging=staging, updates=updates)
     )
     # Emptied now, not only at commit: a transaction may write the same table again.
     cursor.execute(sql.SQL("DELETE FROM {}").format(staging))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from ledger.base import Cause
 from ledger.commands import Confirm, PutSku, PutSupplier
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
+from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.registry import all_projections
@@ -404,3 +406,26 @@ def test_a_rebuild_spanning_many_pages_forgets_states_only_once_written(quiet: R
     forgetful = view_rows(quiet, ["availability", "levels"])
     rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
     assert view_rows(quiet, ["availability", "levels"]) == forgetful
+
+
+@pytest.mark.parametrize("count", [3, base.UPSERT_IN_BULK_FROM + 50])
+def test_a_page_upserts_its_rows_alike_one_by_one_or_in_bulk(database_url: str, count: int) -> None:
+    """A few rows go one INSERT each, many through a temporary table; either way every row
+    ends as given, new or known, and the same table written twice in one transaction
+    takes each write once."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("CREATE SCHEMA upserts")
+        conn.execute("CREATE TABLE upserts.t (id uuid PRIMARY KEY, version int, sku text)")
+        known = [uuid.uuid4() for _ in range(count)]
+        conn.execute(
+            "INSERT INTO upserts.t SELECT id, 0, 'old' FROM unnest(%s::uuid[]) AS id", (known,)
+        )
+        with conn.transaction(), conn.cursor() as cursor:
+            for version in (1, 2):
+                rows = [{"id": i, "version": version, "sku": f"v{version}"} for i in known]
+                new = uuid.uuid4()
+                base._upsert(cursor, "upserts", "t", [*rows, {"id": new, "version": 9, "sku": "n"}])
+        found = dict(conn.execute("SELECT id, (version, sku)::text FROM upserts.t").fetchall())
+    assert len(found) == count + 2
+    assert all(found[i] == "(2,v2)" for i in known)
+    assert sorted(v for i, v in found.items() if i not in known) == ["(9,n)", "(9,n)"]
