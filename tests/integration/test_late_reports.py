@@ -21,7 +21,7 @@ from eventsourcing.persistence import IntegrityError
 from api.recorder import LevelMoved
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from connectors.ingest import Ingestor, content_hash
+from connectors.ingest import Ingestor, IngestResult, content_hash
 from ledger.commands import (
     Confirm,
     Fulfil,
@@ -98,18 +98,23 @@ def report(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> 
     return kind
 
 
-def deliver(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> str:
-    """One report in a CSV file, through the normalisation pipeline."""
-    body = f"sku,quantity,observed_at\nS-{sku},{quantity},{observed_at.isoformat()}\n".encode()
-    result = runtime.ingestor.ingest(
+def ingest_file(runtime: Runtime, delivery_id: str, body: bytes) -> IngestResult:
+    """A CSV file from the supplier, through the normalisation pipeline."""
+    return runtime.ingestor.ingest(
         "acme",
-        f"d-{content_hash(body)[:12]}",
+        delivery_id,
         io.BytesIO(body),
         "csv",
         source="test",
         received_at=datetime.now(UTC),
         actor="test",
     )
+
+
+def deliver(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> str:
+    """One report in a CSV file, through the normalisation pipeline."""
+    body = f"sku,quantity,observed_at\nS-{sku},{quantity},{observed_at.isoformat()}\n".encode()
+    result = ingest_file(runtime, f"d-{content_hash(body)[:12]}", body)
     [kind] = [k for k in ("applied", "unchanged", "late") if getattr(result, k)]
     return kind
 
@@ -268,16 +273,7 @@ def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the
         blocker.execute(
             "UPDATE inventoryledger_levels SET seen_at = %s WHERE sku = %s", (LATEST, held)
         )
-        result = ThreadPoolExecutor(1).submit(
-            ledger.ingestor.ingest,
-            "acme",
-            "d-held",
-            io.BytesIO(body),
-            "csv",
-            source="test",
-            received_at=datetime.now(UTC),
-            actor="test",
-        )
+        result = ThreadPoolExecutor(1).submit(ingest_file, ledger, "d-held", body)
         with psycopg.connect(ledger.database_url, autocommit=True) as watcher:
             deadline = time.monotonic() + 10
             while not watcher.execute(
@@ -318,15 +314,7 @@ def test_a_repeat_whose_row_was_rewritten_after_resolving_is_still_noted_through
         "sku,quantity,observed_at\n"
         f"S-{moved},5,{MIDDLE.isoformat()}\nS-{kept},5,{MIDDLE.isoformat()}\n"
     ).encode()
-    result = ledger.ingestor.ingest(
-        "acme",
-        "d-moved",
-        io.BytesIO(body),
-        "csv",
-        source="test",
-        received_at=datetime.now(UTC),
-        actor="test",
-    )
+    result = ingest_file(ledger, "d-moved", body)
     assert (result.rows, result.unchanged, result.late, result.applied) == (2, 2, 0, 0)
     for sku in (moved, kept):
         assert level(ledger, sku)[2] == MIDDLE
