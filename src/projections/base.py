@@ -162,9 +162,7 @@ def _upsert(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> 
             " AS SELECT {names} FROM {table} WITH NO DATA"
         ).format(staging=staging, names=names, table=table(schema, name))
     )
-    with cursor.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, names)) as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+    _copy(cursor, staging, rows)
     cursor.execute(
         sql.SQL(
             "INSERT INTO {table} ({names}) SELECT {names} FROM {staging}"
@@ -175,10 +173,11 @@ def _upsert(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> 
     cursor.execute(sql.SQL("DELETE FROM {}").format(staging))
 
 
-def _copy(cursor: Any, schema: str, name: str, rows: list[dict[str, Any]]) -> None:
+def _copy(cursor: Any, target: sql.Composable, rows: list[dict[str, Any]]) -> None:
+    """COPYs rows (dicts with the same keys, the columns) into the table `target`."""
     columns = list(rows[0])
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        table(schema, name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        target, sql.SQL(", ").join(map(sql.Identifier, columns))
     )
     with cursor.copy(statement) as copy:
         for row in rows:
@@ -315,7 +314,7 @@ class StateProjection(Projection):
         known = [row for row in rows if row["id"].int not in self._unstored]
         with conn.cursor() as cursor:
             if new:
-                _copy(cursor, schema, name, new)
+                _copy(cursor, table(schema, name), new)
             if known:
                 _upsert(cursor, schema, name, known)
             for child, spec in children.items():
@@ -329,7 +328,7 @@ class StateProjection(Projection):
                         (stale,),
                     )
                 if child_rows[child]:
-                    _copy(cursor, schema, child, child_rows[child])
+                    _copy(cursor, table(schema, child), child_rows[child])
 
     def _encode(self, aggregate: Any) -> bytes:
         snapshot = LedgerSnapshot.take(aggregate)
