@@ -2,8 +2,9 @@
 
 Writes bench/results/latest.json and bench/results/latest.md.
 
-BENCH_WORKLOADS (comma-separated, default "reservations,projections") runs only some of
-them; the rows of the others are then kept from the previous results, marked as such.
+BENCH_WORKLOADS (comma-separated, default all: reservations, ingest, mixed, projections)
+runs only some of them; the rows of the others are then kept from the previous results,
+marked as such.
 BENCH_SECONDS sets the length of each reservations run, BENCH_EVENTS the size of the log
 the projections benchmark builds (default 1,000,000).
 """
@@ -18,13 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, projections, reservations
+from bench import ingest, mixed, projections, reservations
 from bench.harness import postgres
 
 RESULTS = Path(__file__).with_name("results")
-WORKLOADS = ("reservations", "ingest", "projections")
+WORKLOADS = ("reservations", "ingest", "mixed", "projections")
 DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest": ingest.describe,
+    "mixed": mixed.describe,
     "reservations": reservations.describe,
     "projections": projections.describe,
 }
@@ -72,6 +74,8 @@ def main() -> None:
             ]
         if "ingest" in chosen:
             rows += [{"bench": "ingest", **row} for row in ingest.run(server_url)]
+        if "mixed" in chosen:
+            rows += [{"bench": "mixed", **row} for row in mixed.run(server_url)]
         if "projections" in chosen:
             rows += [
                 {"bench": "projections", **row}

@@ -45,7 +45,7 @@ def say(message: str) -> None:
 
 
 @contextmanager
-def _ledger(database_url: str) -> Iterator[Runtime]:
+def bulk_ledger(database_url: str) -> Iterator[Runtime]:
     """The ledger as deployed for bulk feeds: the connector pipeline in this process, the
     projections in a worker process of their own (`ledger projections run`), as the
     reservations benchmark runs them; both on the same two cores."""
@@ -168,7 +168,7 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
     at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     catalogue = Catalogue(size, seed=7, observed_at=at)
     results = []
-    with fresh_database(server_url) as database_url, _ledger(database_url) as runtime:
+    with fresh_database(server_url) as database_url, bulk_ledger(database_url) as runtime:
         say(f"ingest: {size:,} mappings and SKUs...")
         setup_seconds = setup(runtime, catalogue, at)
         say(f"ingest: set up in {setup_seconds:.0f} s (not a measured figure)")

@@ -148,7 +148,13 @@ def open_runtime(
         queries=LedgerQueries(app),
         store=store,
         views=views,
-        ingestor=Ingestor(writer, store, views, batch_size=settings.connector_batch_size),
+        ingestor=Ingestor(
+            writer,
+            store,
+            views,
+            batch_size=settings.connector_batch_size,
+            part_seconds=settings.connector_part_seconds,
+        ),
         audit=Audit(store, app),
         leases=LeaseSession(database_url),
     )

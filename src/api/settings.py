@@ -66,7 +66,15 @@ class Settings(BaseSettings):
     run_connectors: bool = Field(
         default=True, description="apply inbox deliveries and run supplier schedules here"
     )
-    connector_batch_size: int = Field(default=5000, gt=0)
+    connector_batch_size: int = Field(
+        default=5000, gt=0, description="the most changed levels in one ledger transaction"
+    )
+    connector_part_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        description="how long one part of a delivery should hold the ledger writer"
+        " (reservations wait meanwhile); 0: every part holds connector_batch_size",
+    )
     run_projections: bool = Field(
         default=True, description="run the projections in this process (one holder each)"
     )

@@ -178,6 +178,11 @@ FROM feed_resolved WHERE position = ANY(%(left)s) ORDER BY position
 # retried), after the OS had dropped the event table's pages.
 PART_TIMEOUT = 600.0
 
+# With a time per part (LEDGER_CONNECTOR_PART_SECONDS), a delivery's first part holds
+# this many changes, and no part fewer than MIN_PART (unless the delivery has fewer).
+FIRST_PART = 500
+MIN_PART = 100
+
 # Records read in Python go to the staging table this many at a time.
 STAGE_BATCH = 10_000
 
@@ -244,6 +249,7 @@ class Ingestor:
         views: Views,
         *,
         batch_size: int = 5000,
+        part_seconds: float = 0.0,
         mapping_wait_seconds: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -252,6 +258,7 @@ class Ingestor:
         self.views = views
         self.queries = LedgerQueries(writer.app)
         self.batch_size = batch_size
+        self.part_seconds = part_seconds
         self.mapping_wait_seconds = mapping_wait_seconds
         self.clock = clock
 
@@ -509,37 +516,88 @@ class Ingestor:
         heartbeat: Callable[[], None] | None = None,
         refusals: bool = True,
     ) -> None:
-        """Sends the changes to the ledger in batches; the first carries the refusals
-        (unless `refusals` is false: they went with an earlier part)."""
-        for number, batch in enumerate(_parts(observations, self.batch_size)):
-            first = number == 0 and refusals
-            rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if first else []
-            # A part is named by what it carries: applying the delivery again (after a
-            # crash or a timeout) sends only what is still unapplied, under new names,
-            # while an identical part is recognised and changes nothing.
-            part = f"{delivery_id}~{_part_hash(batch, rejections)[:16]}"
-            command = ReportStock(
-                at=now,
-                cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
-                supplier_id=supplier_id,
-                delivery_id=part,
-                content_hash=_part_hash(batch, rejections),
-                source=source,
-                rows=len(batch) + len(rejections),
-                observations=batch,
-                rejected=rejections,
+        """Sends the changes to the ledger in parts; the first carries the refusals
+        (unless `refusals` is false: they went with an earlier part).
+
+        The writer applies one command at a time, so every reservation waits while it
+        applies a part: with `part_seconds` set, while other commands are waiting each
+        part is sized to take about that long at the rate the one before it was applied,
+        and grows while none are (see `_next_size`); with 0, each holds `batch_size`."""
+        size = min(self.batch_size, FIRST_PART) if self.part_seconds else self.batch_size
+        start, first = 0, refusals
+        while start < len(observations) or first:
+            end = _part_end(observations, start, size)
+            batch = observations[start:end]
+            decided = self.writer.commands
+            seconds = self._send_part(
+                supplier_id,
+                delivery_id,
+                source,
+                batch,
+                first=first,
+                result=result,
+                actor=actor,
+                now=now,
+                heartbeat=heartbeat,
             )
-            outcome = self.writer.execute(command, timeout=PART_TIMEOUT)
-            if heartbeat is not None:
-                heartbeat()
-            counted: DeliveryOutcome = outcome.value
-            result.applied += counted.applied
-            result.unchanged += counted.unchanged
-            result.late += counted.late
-            new = {r.index for r in counted.rejected} - {r.index for r in rejections}
-            result.rejections.extend(r for r in counted.rejected if r.index in new)
-            if outcome.position is not None:
-                result.position = max(result.position or 0, outcome.position)
+            # Commands besides this part decided meanwhile: others are waiting on the writer.
+            contended = self.writer.commands - decided > 1
+            size = self._next_size(len(batch), seconds, contended)
+            start, first = end, False
+
+    def _next_size(self, size: int, seconds: float, contended: bool) -> int:
+        """The size of the part after one of `size` changes that took the writer `seconds`.
+        While other commands wait on the writer (`contended`), as many as it applies in
+        `part_seconds` at that rate; while none do, larger. At most twice as many as
+        before, at least MIN_PART, at most `batch_size`."""
+        if not self.part_seconds:
+            return self.batch_size
+        fitting = round(size * self.part_seconds / max(seconds, 1e-3)) if contended else 2 * size
+        return max(min(MIN_PART, self.batch_size), min(fitting, 2 * size, self.batch_size))
+
+    def _send_part(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        source: str,
+        batch: list[Observation],
+        *,
+        first: bool,
+        result: IngestResult,
+        actor: str,
+        now: datetime,
+        heartbeat: Callable[[], None] | None,
+    ) -> float:
+        """One part, as one command (the first carries the refusals); returns how long
+        the writer took over it."""
+        rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if first else []
+        # A part is named by what it carries: applying the delivery again (after a
+        # crash or a timeout) sends only what is still unapplied, under new names,
+        # while an identical part is recognised and changes nothing.
+        part = f"{delivery_id}~{_part_hash(batch, rejections)[:16]}"
+        command = ReportStock(
+            at=now,
+            cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
+            supplier_id=supplier_id,
+            delivery_id=part,
+            content_hash=_part_hash(batch, rejections),
+            source=source,
+            rows=len(batch) + len(rejections),
+            observations=batch,
+            rejected=rejections,
+        )
+        outcome = self.writer.execute(command, timeout=PART_TIMEOUT)
+        if heartbeat is not None:
+            heartbeat()
+        counted: DeliveryOutcome = outcome.value
+        result.applied += counted.applied
+        result.unchanged += counted.unchanged
+        result.late += counted.late
+        new = {r.index for r in counted.rejected} - {r.index for r in rejections}
+        result.rejections.extend(r for r in counted.rejected if r.index in new)
+        if outcome.position is not None:
+            result.position = max(result.position or 0, outcome.position)
+        return outcome.seconds
 
 
 @dataclass(frozen=True)
@@ -550,17 +608,14 @@ class _Bulk:
     settings: CsvSettings
 
 
-def _parts(observations: list[Observation], size: int) -> Iterator[list[Observation]]:
-    """The observations in parts of about `size` (at least one part, maybe empty). A SKU's
-    records, adjacent in `observations`, stay in one part: the ledger compares them (two
-    that disagree at the same time are both refused), which it cannot across parts."""
-    part: list[Observation] = []
-    for observation in observations:
-        if len(part) >= size and observation.sku != part[-1].sku:
-            yield part
-            part = []
-        part.append(observation)
-    yield part
+def _part_end(observations: list[Observation], start: int, size: int) -> int:
+    """Where the part of about `size` from `start` ends. A SKU's records, adjacent in
+    `observations`, stay in one part: the ledger compares them (two that disagree at the
+    same time are both refused), which it cannot across parts."""
+    end = min(start + size, len(observations))
+    while 0 < end < len(observations) and observations[end].sku == observations[end - 1].sku:
+        end += 1
+    return end
 
 
 def _copy_staged(conn: Connection, rows: list[tuple[Any, ...]]) -> int:

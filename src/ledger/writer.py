@@ -46,10 +46,13 @@ TURNS_AFTER_CONFLICT_SECONDS = 10.0
 
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
-    """What a command returned, and the log position of what it wrote (None: nothing)."""
+    """What a command returned, the log position of what it wrote (None: nothing), and
+    how long the writer spent on the batch that decided it (a caller sending large
+    commands sizes the next one by it)."""
 
     value: T
     position: int | None
+    seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -173,6 +176,7 @@ class LedgerWriter:
     # Batches ----------------------------------------------------------------
 
     def _run_batch(self, jobs: list[_Job]) -> None:
+        started = time.monotonic()
         pending = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         for attempt in range(self.max_attempts):
             if not pending:
@@ -192,7 +196,7 @@ class LedgerWriter:
                 else nullcontext()
             )
             with turns:
-                done = self._attempt(pending)
+                done = self._attempt(pending, started)
             if done is None:
                 return
             pending = done
@@ -202,7 +206,7 @@ class LedgerWriter:
         for job in pending:
             job.future.set_exception(error)
 
-    def _attempt(self, pending: list[_Job]) -> list[_Job] | None:
+    def _attempt(self, pending: list[_Job], started: float) -> list[_Job] | None:
         """One try at the batch: None when every command was answered, else those left."""
         unit = UnitOfWork(
             self.hot.load,
@@ -239,8 +243,9 @@ class LedgerWriter:
             # The commands that read none of the streams that moved (nor anything such a
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
-            return involved + (self._attempt(clean) or [])
+            return involved + (self._attempt(clean, started) or [])
         self.hot.keep(unit.loaded())
+        seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(pending)
         for job in pending:
@@ -248,7 +253,7 @@ class LedgerWriter:
             if error is not None:
                 job.future.set_exception(error)
             else:
-                job.future.set_result(Outcome(value, position))
+                job.future.set_result(Outcome(value, position, seconds))
         return None
 
     def _involved(

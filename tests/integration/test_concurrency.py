@@ -124,9 +124,9 @@ def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_str
     attempts: list[list[str]] = []
     attempt = writer._attempt
 
-    def counted(jobs: list[_Job]) -> Any:
+    def counted(jobs: list[_Job], started: float) -> Any:
         attempts.append([job.command.lines[0][0] for job in jobs])  # type: ignore[attr-defined]
-        return attempt(jobs)
+        return attempt(jobs, started)
 
     runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
     writer._attempt = counted  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -246,6 +247,67 @@ def test_a_large_delivery_is_applied_in_batches_that_add_up(ledger: Runtime) -> 
         ).fetchone()
     assert (result.rows, result.applied) == (25, 25)
     assert parts == (4,)
+
+
+def parts_recorded(ledger: Runtime) -> int:
+    with psycopg.connect(ledger.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM inventoryledger_events WHERE topic = %s",
+            ("stockledger:FeedDelivery.Recorded",),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize(
+    ("contended", "parts"),
+    [
+        # Others waited on the writer after every part, and every part overran its
+        # nanosecond: after the first (4), each of the fewest allowed (2).
+        (True, 1 + 18),
+        # No one else wanted the writer: each part twice the one before (4, 8, 16, 12),
+        # however long it took.
+        (False, 4),
+    ],
+)
+def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch, contended: bool, parts: int
+) -> None:
+    monkeypatch.setattr(ingest_module, "FIRST_PART", 4)
+    monkeypatch.setattr(ingest_module, "MIN_PART", 2)
+    skus = {f"S-{n:02d}": f"SKU-PT-{n:02d}" for n in range(40)}
+    setup_supplier(ledger, "acme", skus)
+    writer = ledger.writer
+    if contended:
+        execute = writer.execute
+
+        def execute_while_another_command_is_decided(command: Any, **kwargs: Any) -> Any:
+            outcome = execute(command, **kwargs)
+            writer.commands += 1  # as if a reservation had been decided meanwhile
+            return outcome
+
+        monkeypatch.setattr(writer, "execute", execute_while_another_command_is_decided)
+    timed = Ingestor(writer, ledger.store, ledger.views, batch_size=100, part_seconds=1e-9)
+    before = parts_recorded(ledger)
+
+    result = ingest(
+        ledger, "acme", csv_body(dict.fromkeys(skus, 4), datetime.now(UTC)), ingestor=timed
+    )
+
+    assert (result.rows, result.applied) == (40, 40)
+    assert parts_recorded(ledger) - before == parts
+    assert all(on_hand(ledger, sku) == 4 for sku in skus.values())
+
+
+def test_the_next_part_fits_the_time_allowed_within_its_bounds(ledger: Runtime) -> None:
+    timed = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5000, part_seconds=0.25)
+    assert timed._next_size(1000, 0.5, True) == 500, "took twice the time: half as many"
+    assert timed._next_size(1000, 0.05, True) == 2000, "far quicker: at most twice as many"
+    assert timed._next_size(4000, 0.1, True) == 5000, "never beyond the batch size"
+    assert timed._next_size(1000, 60.0, True) == ingest_module.MIN_PART, "never below the least"
+    assert timed._next_size(1000, 60.0, False) == 2000, "no one waiting: twice as many"
+    fixed = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5000)
+    assert fixed._next_size(1000, 60.0, True) == 5000, "without a time, every part is a batch"
 
 
 def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(

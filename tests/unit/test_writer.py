@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
@@ -141,9 +142,9 @@ def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
     attempts: list[int] = []
     attempt = writer._attempt
 
-    def counted(jobs: list[Any]) -> Any:
+    def counted(jobs: list[Any], started: float) -> Any:
         attempts.append(len(jobs))
-        return attempt(jobs)
+        return attempt(jobs, started)
 
     writer._attempt = counted  # type: ignore[method-assign]
     short = [
@@ -168,3 +169,23 @@ def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
         with pytest.raises(InsufficientStock):
             job.future.result(0)
     assert batch[5].future.result(0).value.created == 1
+
+
+def test_an_outcome_tells_how_long_the_writer_spent_on_its_batch() -> None:
+    """A delivery sizes its next part by this (see connectors.ingest)."""
+    writer = in_memory_writer()
+    save = writer.app.save
+
+    def slow_save(*aggregates: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return save(*aggregates, **kwargs)
+
+    writer.app.save = slow_save  # type: ignore[method-assign]
+    writer.start()
+    try:
+        started = time.monotonic()
+        outcome = writer.execute(put_supplier("timed"))
+        waited = time.monotonic() - started
+    finally:
+        writer.stop()
+    assert 0.05 <= outcome.seconds <= waited
