@@ -17,6 +17,10 @@ from ledger.reservation import Reservation
 from ledger.stock import StockItem
 from ledger.supplier import Supplier, SupplierTerms
 
+# A command carrying more records than this is bulk: the writer decides it in a batch of
+# its own (see LedgerWriter._run).
+BULK_FROM = 100
+
 
 @dataclass(frozen=True, kw_only=True)
 class Command:
@@ -31,6 +35,11 @@ class Command:
         """The streams many writers change at once (a SKU being ordered): writers in other
         processes take turns on them rather than race."""
         return []
+
+    @property
+    def bulk(self) -> bool:
+        """Whether the command carries many records (a part of a large delivery)."""
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +105,10 @@ class ReportStock(Command):
     rows: int
     observations: list[Observation]
     rejected: list[Rejection] = field(default_factory=list)
+
+    @property
+    def bulk(self) -> bool:
+        return len(self.observations) > BULK_FROM
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,15 +145,26 @@ class LedgerWriter:
         return future.result(0)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        held: _Job | None = None  # a bulk command that ended the last batch's gathering
+        while True:
+            job = held if held is not None else self._jobs.get()
+            held = None
+            if job is None:
+                break
             batch = [job]
-            while len(batch) < self.max_batch:
+            # A bulk command (a part of a large delivery) is decided in a batch of its own,
+            # in its turn: the commands queued before it do not wait for it, and one that
+            # is refused or collides with another process never makes it decided again.
+            while not job.command.bulk and len(batch) < self.max_batch:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     self._jobs.put(None)  # stop after this batch
+                    break
+                if more.command.bulk:
+                    held = more
                     break
                 batch.append(more)
             try:

@@ -12,7 +12,7 @@ import pytest
 
 from ledger.application import InventoryLedger
 from ledger.base import Cause
-from ledger.commands import Observation, PutSku, PutSupplier, ReportStock, Reserve
+from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportStock, Reserve
 from ledger.errors import InsufficientStock, UnknownSku
 from ledger.queries import LedgerQueries
 from ledger.supplier import SupplierTerms
@@ -189,3 +189,54 @@ def test_an_outcome_tells_how_long_the_writer_spent_on_its_batch() -> None:
     finally:
         writer.stop()
     assert 0.05 <= outcome.seconds <= waited
+
+
+def test_a_bulk_command_is_decided_in_a_batch_of_its_own_in_its_turn() -> None:
+    """A part of a large delivery neither holds up the commands queued before it nor
+    takes those after it into its batch; the order of arrival is kept."""
+    writer = in_memory_writer()
+    at = datetime.now(UTC)
+    writer.apply(put_supplier("acme"))
+    for n in range(BULK_FROM + 1):
+        writer.apply(PutSku(at=at, cause=CAUSE, sku=f"B{n}", safety_stock=0))
+    part = ReportStock(
+        at=at,
+        cause=CAUSE,
+        supplier_id="acme",
+        delivery_id="big",
+        content_hash="h",
+        source="test",
+        rows=BULK_FROM + 1,
+        observations=[
+            Observation(index=n, sku=f"B{n}", quantity=5, observed_at=at)
+            for n in range(BULK_FROM + 1)
+        ],
+    )
+    assert part.bulk
+    assert not put_supplier("x").bulk
+    gate = threading.Event()
+    run_batch = writer._run_batch
+    batches: list[list[str]] = []
+
+    def recorded(jobs: list[Any]) -> None:
+        gate.wait(5)
+        batches.append([type(job.command).__name__ for job in jobs])
+        run_batch(jobs)
+
+    writer._run_batch = recorded  # type: ignore[method-assign]
+    writer.start()
+    try:
+        futures = [writer.submit(put_supplier(f"before{n}")) for n in range(3)]
+        futures.append(writer.submit(part))
+        futures += [writer.submit(put_supplier(f"after{n}")) for n in range(3)]
+        gate.set()
+        for future in futures:
+            future.result(5)
+    finally:
+        writer.stop()
+    # The first batch may have started before the rest arrived: what matters is that the
+    # part is alone, after every command sent before it and before every one after it.
+    flat = [name for batch in batches for name in batch]
+    assert flat == ["PutSupplier"] * 3 + ["ReportStock"] + ["PutSupplier"] * 3
+    assert ["ReportStock"] in batches
+    assert futures[3].result(0).value.applied == BULK_FROM + 1
