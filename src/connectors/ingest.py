@@ -574,13 +574,13 @@ class Ingestor:
         # A part is named by what it carries: applying the delivery again (after a
         # crash or a timeout) sends only what is still unapplied, under new names,
         # while an identical part is recognised and changes nothing.
-        part = f"{delivery_id}~{_part_hash(batch, rejections)[:16]}"
+        digest = _part_hash(batch, rejections)
         command = ReportStock(
             at=now,
             cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
             supplier_id=supplier_id,
-            delivery_id=part,
-            content_hash=_part_hash(batch, rejections),
+            delivery_id=f"{delivery_id}~{digest[:16]}",
+            content_hash=digest,
             source=source,
             rows=len(batch) + len(rejections),
             observations=batch,

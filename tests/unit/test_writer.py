@@ -122,23 +122,29 @@ def test_commands_that_arrive_together_are_saved_together_each_with_its_own_answ
     assert LedgerQueries(writer.app).supplier("s29") is not None
 
 
+def report_stock(delivery_id: str, levels: dict[str, int], at: datetime) -> ReportStock:
+    """Supplier acme's report of these levels (by our SKUs), one observation each."""
+    return ReportStock(
+        at=at,
+        cause=CAUSE,
+        supplier_id="acme",
+        delivery_id=delivery_id,
+        content_hash="h",
+        source="test",
+        rows=len(levels),
+        observations=[
+            Observation(index=n, sku=sku, quantity=quantity, observed_at=at)
+            for n, (sku, quantity) in enumerate(levels.items())
+        ],
+    )
+
+
 def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
     writer = in_memory_writer()
     at = datetime.now(UTC)
     writer.apply(put_supplier("acme"))
     writer.apply(PutSku(at=at, cause=CAUSE, sku="EMPTY", safety_stock=0))
-    writer.apply(
-        ReportStock(
-            at=at,
-            cause=CAUSE,
-            supplier_id="acme",
-            delivery_id="d",
-            content_hash="h",
-            source="test",
-            rows=1,
-            observations=[Observation(index=0, sku="EMPTY", quantity=0, observed_at=at)],
-        )
-    )
+    writer.apply(report_stock("d", {"EMPTY": 0}, at))
     attempts: list[int] = []
     attempt = writer._attempt
 
@@ -199,19 +205,7 @@ def test_a_bulk_command_is_decided_in_a_batch_of_its_own_in_its_turn() -> None:
     writer.apply(put_supplier("acme"))
     for n in range(BULK_FROM + 1):
         writer.apply(PutSku(at=at, cause=CAUSE, sku=f"B{n}", safety_stock=0))
-    part = ReportStock(
-        at=at,
-        cause=CAUSE,
-        supplier_id="acme",
-        delivery_id="big",
-        content_hash="h",
-        source="test",
-        rows=BULK_FROM + 1,
-        observations=[
-            Observation(index=n, sku=f"B{n}", quantity=5, observed_at=at)
-            for n in range(BULK_FROM + 1)
-        ],
-    )
+    part = report_stock("big", {f"B{n}": 5 for n in range(BULK_FROM + 1)}, at)
     assert part.bulk
     assert not put_supplier("x").bulk
     gate = threading.Event()
