@@ -33,7 +33,7 @@ from connectors.normalise import FeedRules, Staged, normalise, record_fields
 from connectors.parsers import FeedError, Format, Record, RecordError, parse
 from connectors.parsers.csv_feed import CsvSettings
 from ledger.base import Cause
-from ledger.commands import Observation, ReportStock
+from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
 from ledger.errors import UnknownSupplier
 from ledger.queries import LedgerQueries
@@ -179,9 +179,10 @@ FROM feed_resolved WHERE position = ANY(%(left)s) ORDER BY position
 PART_TIMEOUT = 600.0
 
 # With a time per part (LEDGER_CONNECTOR_PART_SECONDS), a delivery's first part holds
-# this many changes, and no part fewer than MIN_PART (unless the delivery has fewer).
+# this many changes, and no part fewer than MIN_PART (unless the delivery has fewer): so
+# every part is bulk, decided by the writer in a batch of its own.
 FIRST_PART = 500
-MIN_PART = 100
+MIN_PART = BULK_FROM
 
 # Records read in Python go to the staging table this many at a time.
 STAGE_BATCH = 10_000

@@ -17,8 +17,8 @@ from ledger.reservation import Reservation
 from ledger.stock import StockItem
 from ledger.supplier import Supplier, SupplierTerms
 
-# A command carrying more records than this is bulk: the writer decides it in a batch of
-# its own (see LedgerWriter._run).
+# A command carrying this many records or more is bulk: the writer decides it in a batch
+# of its own (see LedgerWriter._run).
 BULK_FROM = 100
 
 
@@ -108,7 +108,7 @@ class ReportStock(Command):
 
     @property
     def bulk(self) -> bool:
-        return len(self.observations) > BULK_FROM
+        return len(self.observations) >= BULK_FROM
 
 
 @dataclass(frozen=True, kw_only=True)

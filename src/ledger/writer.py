@@ -39,8 +39,9 @@ T = TypeVar("T")
 
 # A batch naming more shared streams than this races for them instead of queueing.
 MAX_TURNS = 64
-# After a conflict with another process, batches take turns for this long; a writer
-# that has not collided lately skips the round trips that turns cost.
+# After another process wrote a stream this writer was about to, batches naming that stream
+# take turns on it for this long; streams nobody collided on lately skip the round trips
+# that turns cost.
 TURNS_AFTER_CONFLICT_SECONDS = 10.0
 
 
@@ -88,7 +89,8 @@ class LedgerWriter:
         self.batches = 0
         self.commands = 0
         self.conflicts = 0
-        self._take_turns_until = 0.0
+        # The shared streams other processes collided on lately, and until when.
+        self._contended: dict[UUID, float] = {}
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -195,15 +197,14 @@ class LedgerWriter:
             if attempt:
                 # Full jitter, so that two writers that collided do not collide again.
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
-            # Once writers in other processes have collided with this one, they take turns
-            # on the streams a batch names, so that they queue instead of racing (racing
-            # writers mostly redo each other's work); optimistic concurrency still guards
-            # every stream, named or not, turns or none.
-            streams = sorted({i for job in pending for i in job.command.shared_ids()})
-            contended = time.monotonic() < self._take_turns_until
+            # Writers in other processes that collided with this one on a stream take turns
+            # on it, so that they queue instead of racing (racing writers mostly redo each
+            # other's work); optimistic concurrency still guards every stream, contended
+            # or not, turns or none.
+            streams = self._contended_among(pending)
             turns = (
                 self.take_turns(streams)
-                if self.take_turns is not None and contended and 0 < len(streams) <= MAX_TURNS
+                if self.take_turns is not None and 0 < len(streams) <= MAX_TURNS
                 else nullcontext()
             )
             with turns:
@@ -247,8 +248,9 @@ class LedgerWriter:
         except IntegrityError:
             # Another process wrote first: decide again on fresh state, taking turns.
             self.conflicts += 1
-            self._take_turns_until = time.monotonic() + TURNS_AFTER_CONFLICT_SECONDS
-            involved = self._involved(read_at, pending, reads)
+            moved = self._moved(read_at)
+            self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
+            involved = self._involved(moved, pending, reads)
             if not involved or len(involved) == len(pending):
                 return pending
             # The commands that read none of the streams that moved (nor anything such a
@@ -267,22 +269,44 @@ class LedgerWriter:
                 job.future.set_result(Outcome(value, position, seconds))
         return None
 
+    def _contended_among(self, pending: list[_Job]) -> list[UUID]:
+        """The shared streams these commands name that other processes collided on lately."""
+        now = time.monotonic()
+        return sorted(
+            {
+                i
+                for job in pending
+                for i in job.command.shared_ids()
+                if self._contended.get(i, 0.0) > now
+            }
+        )
+
+    def _contend(self, streams: set[UUID]) -> None:
+        """Batches naming these streams take turns on them for a while."""
+        now = time.monotonic()
+        self._contended = {i: until for i, until in self._contended.items() if until > now}
+        self._contended.update(dict.fromkeys(streams, now + TURNS_AFTER_CONFLICT_SECONDS))
+
+    def _moved(self, read_at: dict[UUID, int]) -> set[UUID]:
+        """The streams read at these versions that another process wrote since; empty when
+        none did (a level moved, see LevelMoved) or the store cannot tell."""
+        select_versions = getattr(self.app.recorder, "select_versions", None)
+        if select_versions is None or not read_at:
+            return set()
+        stored = select_versions(list(read_at))
+        return {i for i, version in read_at.items() if stored.get(i, 0) != version}
+
     def _involved(
         self,
-        read_at: dict[UUID, int],
+        moved: set[UUID],
         pending: list[_Job],
         reads: dict[_Job, tuple[set[UUID], set[UUID]]],
     ) -> list[_Job]:
         """The commands a failed save must decide again: those that read a stream another
         process wrote meanwhile, and those that read what such a command changed. Empty
-        when the store cannot tell which streams moved."""
-        select_versions = getattr(self.app.recorder, "select_versions", None)
-        if select_versions is None or not read_at:
-            return []
-        stored = select_versions(list(read_at))
-        moved = {i for i, version in read_at.items() if stored.get(i, 0) != version}
+        when no stream is known to have moved: then all decide again."""
         if not moved:
-            return []  # a level moved (see LevelMoved), not a stream: all again
+            return []
         involved: set[_Job] = set()
         tainted = set(moved)
         grew = True

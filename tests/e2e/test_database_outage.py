@@ -18,6 +18,7 @@ def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_p
         try:
             with server.client("test-admin") as admin:
                 assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
+                healthy = admin.get("/readyz")
                 name = conninfo_to_dict(database_url)["dbname"]
                 with psycopg.connect(postgres_server_url, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -29,6 +30,12 @@ def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_p
 
     # Either the store gives up (unavailable) or the command deadline passes (timeout):
     # both tell the client to retry, and neither takes longer than the deadline.
+    assert healthy.status_code == 200
+    checks = healthy.json()["checks"]
+    assert checks["writer"] is True
+    assert checks["database"] is True
+    assert checks["writer_commands"] >= checks["writer_batches"] >= 1
+    assert checks["writer_conflicts"] == 0
     assert answer.status_code == 503
     assert answer.json()["error"] in {"unavailable", "timeout"}
     assert answer.elapsed.total_seconds() < 12

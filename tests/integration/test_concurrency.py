@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -20,8 +22,6 @@ from tests.integration.workers import compete
 
 
 def placed_events(runtime: Runtime, reservation_id: str) -> int:
-    from uuid import UUID
-
     events = runtime.app.events.get(UUID(reservation_id))
     return sum(isinstance(event, Reservation.Placed) for event in events)
 
@@ -105,7 +105,7 @@ def test_a_multi_line_order_short_on_one_line_leaves_every_sku_untouched(
     assert runtime.queries.stock_levels(scarce, now()).available == 3
 
 
-def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_streams(
+def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_streams(
     runtime: Runtime, database_url: str
 ) -> None:
     skus = [random_sku("SPREAD") for _ in range(8)]
@@ -128,8 +128,17 @@ def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_str
         attempts.append([job.command.lines[0][0] for job in jobs])  # type: ignore[attr-defined]
         return attempt(jobs, started)
 
+    turns: list[list[UUID]] = []
+    take_turns = writer.take_turns
+    assert take_turns is not None
+
+    def recorded(streams: list[UUID]) -> AbstractContextManager[None]:
+        turns.append(streams)
+        return take_turns(streams)
+
     runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
     writer._attempt = counted  # type: ignore[method-assign]
+    writer.take_turns = recorded
     batch = [_Job(reserve([(sku, 1)]), Future()) for sku in skus]
     writer._run_batch(batch)
 
@@ -142,6 +151,13 @@ def test_a_conflict_from_another_process_runs_again_only_the_commands_on_its_str
     for sku in skus:
         held = runtime.queries.stock_levels(sku, now()).held
         assert held == (2 if sku == skus[0] else 1), sku
+    # From then on, batches take turns with other processes on the stream that collided,
+    # and on no other: the round trips are spent only where writers meet.
+    contended = StockItem.id_for(skus[0])
+    assert turns == [[contended]]
+    writer.execute(reserve([(skus[1], 1), (skus[0], 1)]))
+    writer.execute(reserve([(skus[2], 1)]))
+    assert turns == [[contended], [contended]]
 
 
 def test_a_kept_stock_item_is_brought_up_to_date_with_another_process_s_writes(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from connectors.ingest import MIN_PART
 from ledger.application import InventoryLedger
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportStock, Reserve
@@ -208,6 +209,9 @@ def test_a_bulk_command_is_decided_in_a_batch_of_its_own_in_its_turn() -> None:
     part = report_stock("big", {f"B{n}": 5 for n in range(BULK_FROM + 1)}, at)
     assert part.bulk
     assert not put_supplier("x").bulk
+    assert not report_stock("small", {"B0": 5}, at).bulk
+    least = report_stock("least", {f"B{n}": 5 for n in range(MIN_PART)}, at)
+    assert least.bulk, "every part of a delivery the ingest sends is bulk"
     gate = threading.Event()
     run_batch = writer._run_batch
     batches: list[list[str]] = []

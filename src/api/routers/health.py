@@ -27,6 +27,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
         "writer": writer.alive,
         "writer_batches": writer.batches,
         "writer_commands": writer.commands,
+        "writer_conflicts": writer.conflicts,
     }
     try:
         # One try, no retries: a probe must answer quickly, and truthfully.
