@@ -25,8 +25,15 @@ class StockProjection(StateProjection):
         Supplier: "suppliers",
     }
     child_tables: ClassVar[dict[str, ChildTable]] = {
-        "levels": ChildTable(parent="availability", column="sku", parent_column="sku"),
-        "holds": ChildTable(parent="availability", column="sku", parent_column="sku"),
+        "levels": ChildTable(
+            parent="availability", column="sku", parent_column="sku", key=("sku", "supplier_id")
+        ),
+        "holds": ChildTable(
+            parent="availability",
+            column="sku",
+            parent_column="sku",
+            key=("sku", "supplier_id", "expires_s"),
+        ),
     }
 
     def ddl(self) -> list[str]:

@@ -32,7 +32,7 @@ from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuil
 from projections.stock import StockProjection
 from projections.store import generation, live_generation
 from tests.conftest import random_sku
-from tests.integration.ledger_setup import reserve
+from tests.integration.ledger_setup import reserve, stock_sku
 from tests.integration.workload import CAUSE, mixed_workload, report
 
 TABLES = ["availability", "levels", "holds", "suppliers", "reservations", "mappings", "conflicts"]
@@ -429,3 +429,58 @@ def test_a_page_upserts_its_rows_alike_one_by_one_or_in_bulk(database_url: str, 
     assert len(found) == count + 2
     assert all(found[i] == "(2,v2)" for i in known)
     assert sorted(v for i, v in found.items() if i not in known) == ["(9,n)", "(9,n)"]
+
+
+def test_a_page_writes_only_the_child_rows_that_changed(runtime: Runtime) -> None:
+    """A flash-sale SKU has a hold row for every second of expiry: a new hold writes its
+    own row, and the SKU's other rows stay where they are."""
+    sku = random_sku("BUSY")
+    stock_sku(runtime.writer, sku, 100)
+    for ttl in range(600, 800, 10):
+        placed = runtime.writer.execute(reserve([(sku, 1)], ttl=ttl))
+    before = hold_addresses(runtime, sku, placed.position)
+    placed = runtime.writer.execute(reserve([(sku, 2)], ttl=900))
+    after = hold_addresses(runtime, sku, placed.position)
+
+    assert len(before) == 20
+    assert len(after) == 21
+    assert {expires: after[expires] for expires in before} == before
+    assert runtime.views.availability([sku], datetime.now(UTC))[sku].held == 22
+
+
+def hold_addresses(runtime: Runtime, sku: str, position: int | None) -> dict[int, str]:
+    """Where each hold row of the SKU lies (its ctid), once the stock view reached
+    `position`: a row deleted and written again, or updated, moves."""
+    assert position is not None
+    runtime.views.wait_for("stock", position, timeout=10)
+    with runtime.store.connection() as conn:
+        number = live_generation(conn, "stock")
+        assert number is not None
+        current = generation(conn, "stock", number)
+        assert current is not None
+        rows = conn.execute(
+            sql.SQL("SELECT expires_s, ctid::text AS address FROM {} WHERE sku = %s").format(
+                sql.Identifier(current.schema, "holds")
+            ),
+            (sku,),
+        ).fetchall()
+    return {row["expires_s"]: row["address"] for row in rows}
+
+
+def test_child_rows_are_diffed_by_key_or_replaced_whole_when_not_known() -> None:
+    def holds(**quantities: int) -> dict[tuple[Any, ...], dict[str, Any]]:
+        rows = [{"sku": "A", "expires_s": int(e[1:]), "quantity": q} for e, q in quantities.items()]
+        return {("A", row["expires_s"]): row for row in rows}
+
+    writes = base._ChildWrites()
+    writes.add("A", holds(e1=1, e2=2, e3=3), holds(e2=2, e3=5, e4=4), new=False)
+    assert writes.removed == list(holds(e1=1).values())
+    assert writes.upserted == list(holds(e3=5, e4=4).values())
+    assert (writes.replaced, writes.fresh) == ([], [])
+
+    writes = base._ChildWrites()
+    writes.add("B", None, holds(e1=1), new=False)  # loaded from its row: not known
+    writes.add("C", None, holds(e2=2), new=True)  # no row yet: nothing to replace
+    assert writes.replaced == ["B"]
+    assert writes.fresh == list(holds(e1=1, e2=2).values())
+    assert (writes.removed, writes.upserted) == ([], [])
