@@ -484,3 +484,45 @@ def test_child_rows_are_diffed_by_key_or_replaced_whole_when_not_known() -> None
     assert writes.replaced == ["B"]
     assert writes.fresh == list(holds(e1=1, e2=2).values())
     assert (writes.removed, writes.upserted) == ([], [])
+
+
+def test_a_live_catch_up_ends_with_its_last_short_page_not_another_read(quiet: Runtime) -> None:
+    """Events written while a page is applied wake the runner; a live catch-up need not
+    read the log again to find them, and every page it reads is applied."""
+    mixed_workload(quiet.writer, skus=4)
+    head = quiet.app.recorder.max_notification_id() or 0
+    projection = StockProjection(quiet.app)
+    total = count_events(quiet, projection.topics)
+    page_size = next(size for size in range(5, total) if total % size)  # the last page is short
+    with quiet.store.connection() as conn:
+        current = generation(conn, "stock", 1)
+    assert current is not None
+    transactions = 0
+    transaction = quiet.store.transaction
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return transaction()
+
+    quiet.store.transaction = counted  # type: ignore[method-assign]
+    applied = catch_up(projection, quiet.app, quiet.store, current, page_size=page_size)
+    pages = transactions
+
+    with quiet.store.connection() as conn:
+        reached = generation(conn, "stock", 1)
+    assert reached is not None
+    assert reached.position == head
+    assert applied == total
+    # Every full page is followed by another read; the short last one ends it.
+    assert pages == total // page_size + 1
+    assert catch_up(projection, quiet.app, quiet.store, reached, page_size=page_size) == 0
+
+
+def count_events(runtime: Runtime, topics: list[str]) -> int:
+    with runtime.store.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM inventoryledger_events WHERE topic = ANY(%s)", (topics,)
+        ).fetchone()
+    assert row is not None
+    return int(row["n"])
