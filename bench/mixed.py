@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench import ingest, reservations
-from bench.harness import Load, free_port, fresh_database, projecting, serving, wrk
+from bench.harness import Load, fresh_database, wrk
 from connectors.simulator import Catalogue, write_csv
 
 DEFAULT_ROWS = 200_000
@@ -38,17 +38,6 @@ MODES = (("fixed parts of 5,000", "0"), ("parts of ~0.25 s", "0.25"))
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _server_env(database_url: str, part_seconds: str) -> dict[str, str]:
-    return {
-        "LEDGER_DATABASE_URL": database_url,
-        "LEDGER_API_KEYS": reservations.KEYS,
-        "LEDGER_LOG_LEVEL": "WARNING",
-        "LEDGER_LOG_FORMAT": "json",
-        "LEDGER_RUN_PROJECTIONS": "false",
-        "LEDGER_CONNECTOR_PART_SECONDS": part_seconds,
-    }
 
 
 def _deliver(base: str, body: bytes, name: str, out: dict[str, Any]) -> None:
@@ -91,10 +80,8 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
             catalogue.advance(ingest.CHANGED, at + timedelta(minutes=number))
             buffer = io.BytesIO()
             write_csv(catalogue.items(), buffer)
-            env = _server_env(database_url, part_seconds)
-            port = free_port()
-            command = [sys.executable, "-m", "api", "serve", "--port", str(port)]
-            with serving(command, env, "/readyz", port) as base, projecting(env):
+            settings = {"LEDGER_CONNECTOR_PART_SECONDS": part_seconds}
+            with reservations.ledger_serving(database_url, 1, settings) as base:
                 if number == 2:
                     reservations.stock_catalogue(base, names, reservations.SPREAD_STOCK)
                 load_env = reservations.load_env(reservations.SPREAD, "bench-oms")

@@ -50,9 +50,12 @@ def load_env(skus: int, token: str) -> dict[str, str]:
 
 
 @contextmanager
-def ledger_serving(database_url: str, workers: int) -> Iterator[str]:
+def ledger_serving(
+    database_url: str, workers: int, settings: dict[str, str] | None = None
+) -> Iterator[str]:
     """The ledger as deployed under load: API workers, and the projections in a worker
-    process of their own (`ledger projections run`), all on the same two cores."""
+    process of their own (`ledger projections run`), all on the same two cores; `settings`
+    adds environment variables to both."""
     port = free_port()
     env = {
         "LEDGER_DATABASE_URL": database_url,
@@ -60,6 +63,7 @@ def ledger_serving(database_url: str, workers: int) -> Iterator[str]:
         "LEDGER_LOG_LEVEL": "WARNING",
         "LEDGER_LOG_FORMAT": "json",
         "LEDGER_RUN_PROJECTIONS": "false",
+        **(settings or {}),
     }
     command = [sys.executable, "-m", "api", "serve", "--port", str(port)]
     command += ["--workers", str(workers)]

@@ -271,6 +271,8 @@ class LedgerWriter:
 
     def _contended_among(self, pending: list[_Job]) -> list[UUID]:
         """The shared streams these commands name that other processes collided on lately."""
+        if not self._contended:
+            return []  # the common case: no need to name the commands' streams
         now = time.monotonic()
         return sorted(
             {
