@@ -140,11 +140,13 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
     writer._attempt = counted  # type: ignore[method-assign]
     writer.take_turns = recorded
     batch = [_Job(reserve([(sku, 1)]), Future()) for sku in skus]
+    conflicts = writer.conflicts
     writer._run_batch(batch)
 
     # The seven orders on streams nobody else wrote commit at once; only the first SKU's
     # order is decided again, on the state the other process left.
     assert attempts == [skus, skus[1:], skus[:1]]
+    assert writer.conflicts == conflicts + 1
     assert [len(granted) for granted in other_process[0]] == [1]
     for job in batch:
         assert job.future.result(0).value.reservation.lines
