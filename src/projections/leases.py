@@ -55,6 +55,11 @@ class LeaseSession:
                 return True
             return False
 
+    def holds(self, name: str, holder: object) -> bool:
+        """True when `holder` holds the lease as far as this session knows (no round trip)."""
+        with self._lock:
+            return self._held.get(name) is holder
+
     def release(self, name: str, holder: object) -> None:
         with self._lock:
             if self._held.get(name) is holder and self._conn is not None:

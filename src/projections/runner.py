@@ -299,9 +299,14 @@ class ProjectionRunner:
         if self._lease not in (None, lease):
             self.leases.release(self._lease, self)  # that generation is no longer live
             self._lease = None
+        held = self.leases.holds(lease, self)
         if not self.leases.hold(lease, self):
             self.health.state, self.health.generation = "standby", current.generation
             return 0
+        if not held:
+            # Taken, or taken back: another holder may have written since this runner
+            # last did, so the states and rows it kept in memory are not to be trusted.
+            self.projection.reset()
         self._lease = lease
         if current.schema_version != self.projection.schema_version:
             log.warning(

@@ -319,6 +319,37 @@ def test_two_runners_for_one_projection_never_both_apply(quiet: Runtime) -> None
     assert view_rows(quiet, ["availability", "levels"]) == live
 
 
+def test_a_runner_that_takes_its_lease_back_forgets_what_it_kept(quiet: Runtime) -> None:
+    """A runner keeps states and child rows between pages; when its lease passes to
+    another runner and comes back, the other may have moved them on."""
+    sku = random_sku("HANDOVER")
+    stock_sku(quiet.writer, sku, 100)
+    for ttl in (600, 610, 620):
+        quiet.writer.execute(reserve([(sku, 1)], ttl=ttl))
+    sessions = [LeaseSession(quiet.database_url), LeaseSession(quiet.database_url)]
+    first, second = (
+        ProjectionRunner(StockProjection(quiet.app), quiet.app, quiet.store, s, page_size=50)
+        for s in sessions
+    )
+    try:
+        assert first.step() > 0  # it keeps the SKU's state and hold rows
+        sessions[0].close()  # its session ends: the lease is free
+        assert second.step() == 0
+        quiet.writer.execute(reserve([(sku, 2)], ttl=630))
+        assert second.step() > 0
+        sessions[1].close()
+        quiet.writer.execute(reserve([(sku, 3)], ttl=640))
+        assert first.step() > 0  # with its lease back, on the rows as they are now
+        assert first.health.state == "running"
+    finally:
+        for session in sessions:
+            session.close()
+    live = view_rows(quiet, ["availability", "levels", "holds"])
+    assert quiet.views.availability([sku], datetime.now(UTC))[sku].held == 8
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels", "holds"]) == live
+
+
 def test_a_stale_runner_cannot_write_over_a_newer_position(quiet: Runtime) -> None:
     backlog(quiet, skus=20, reports=3)
     projection = StockProjection(quiet.app)
