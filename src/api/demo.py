@@ -27,6 +27,7 @@ from connectors.simulator import (
     Catalogue,
     RestSupplier,
     SftpSupplier,
+    client_key,
     drop,
     send_webhook,
     webhook_body,
@@ -49,7 +50,7 @@ DEMO_KEYS = (
 
 SKUS = ["WIDGET-BLUE", "WIDGET-RED", "GADGET-9", "GIZMO-1", "SPROCKET-3"]
 WEBHOOK_SECRET_VARIABLE = "LEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
-SFTP_PASSWORD_VARIABLE = "LEDGER_DEMO_SFTP_PASSWORD"  # noqa: S105 - a variable name
+SFTP_KEY_VARIABLE = "LEDGER_DEMO_SFTP_KEY"  # the private key of the SFTP login
 
 
 @dataclass
@@ -61,6 +62,7 @@ class LiveSuppliers:
     catalogues: dict[str, Catalogue] = field(default_factory=dict)
     rest: RestSupplier | None = None
     sftp: SftpSupplier | None = None
+    known_hosts: Path | None = None  # the SFTP server's host key, pinned
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -76,21 +78,25 @@ class LiveSuppliers:
                 len(SKUS) + 1, seed=len(prefix), observed_at=now, prefix=prefix
             )
         os.environ.setdefault(WEBHOOK_SECRET_VARIABLE, secrets.token_hex(16))
-        os.environ.setdefault(SFTP_PASSWORD_VARIABLE, secrets.token_hex(8))
         for name in ("initech", "umbrella"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
         self.rest = RestSupplier(self.catalogues["acme"], pagination="link", page_size=4).start()
+        # The SFTP login as production should have it: a key, and the server's host key
+        # pinned in a known_hosts file.
+        private, public = client_key()
+        os.environ[SFTP_KEY_VARIABLE] = private
         self.sftp = SftpSupplier(
-            self.folder / "umbrella",
-            username="demo",
-            password=os.environ[SFTP_PASSWORD_VARIABLE],
+            self.folder / "umbrella", username="demo", authorized_keys=[public]
         ).start()
+        self.known_hosts = self.folder / "umbrella.known_hosts"
+        self.known_hosts.write_text(self.sftp.known_hosts + "\n")
         return self
 
     def connectors(self) -> dict[str, dict[str, Any]]:
         """Each supplier's connector settings, pointing at its simulator."""
         assert self.rest is not None
         assert self.sftp is not None
+        assert self.known_hosts is not None
         every = {"schedule": {"interval_seconds": self.interval_seconds}, "units": {"CS": 12}}
         return {
             "acme": {
@@ -109,10 +115,10 @@ class LiveSuppliers:
                     "host": self.sftp.host,
                     "port": self.sftp.port,
                     "username": "demo",
-                    "password_ref": f"env:{SFTP_PASSWORD_VARIABLE}",
+                    "private_key_ref": f"env:{SFTP_KEY_VARIABLE}",
                     "path": "/",
                     "format": "edi846",
-                    "known_hosts": None,
+                    "known_hosts": str(self.known_hosts),
                 },
             },
         }

@@ -497,7 +497,9 @@ def password(monkeypatch: pytest.MonkeyPatch) -> str:
     return "env:ACME_FEED_PASSWORD"
 
 
-def remote_settings(host: str, port: int, password_ref: str, **options: Any) -> dict[str, Any]:
+def remote_settings(
+    host: str, port: int, password_ref: str | None, **options: Any
+) -> dict[str, Any]:
     return {
         "host": host,
         "port": port,
@@ -555,6 +557,103 @@ def test_an_sftp_server_with_another_host_key_is_refused_without_retries(
     assert failed.value.reason.startswith("host_key_not_verifiable")
     assert failed.value.retriable is False
     assert time.monotonic() - started < 1
+
+
+def key_file(folder: Path, key: asyncssh.SSHKey, passphrase: str | None = None) -> str:
+    """A private key in a file, OpenSSH format, as a secret reference."""
+    path = folder / "id_ed25519"
+    path.write_bytes(key.export_private_key("openssh", passphrase))
+    return f"file:{path}"
+
+
+@pytest.mark.parametrize("passphrase", [None, "key-pass"])
+def test_an_sftp_pull_logs_in_with_a_private_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passphrase: str | None
+) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    body = drop(remote, "csv", catalogue(3), name="stock-1.csv").read_bytes()
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    options: dict[str, Any] = {"private_key_ref": key_file(tmp_path, key, passphrase)}
+    if passphrase is not None:
+        monkeypatch.setenv("ACME_KEY_PASSPHRASE", passphrase)
+        options["private_key_passphrase_ref"] = "env:ACME_KEY_PASSPHRASE"
+    public = key.export_public_key().decode()
+    # No password on the server: only the key can log in.
+    with SftpSupplier(remote, username="acme", authorized_keys=[public]) as server:
+        settings = remote_settings(
+            server.host, server.port, None, known_hosts=pinned(server, tmp_path), **options
+        )
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        [fetched] = pull(transport)
+        transport.close()
+    assert fetched.body == body == (remote / "processed" / "stock-1.csv").read_bytes()
+
+
+def test_an_sftp_key_the_server_does_not_authorize_is_refused_without_retries(
+    tmp_path: Path, password: str
+) -> None:
+    authorized = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    with SftpSupplier(tmp_path, username="acme", authorized_keys=[authorized]) as server:
+        settings = remote_settings(
+            server.host,
+            server.port,
+            None,
+            known_hosts=pinned(server, tmp_path),
+            private_key_ref=key_file(tmp_path, other),
+        )
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        started = time.monotonic()
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith("auth_failed")
+    assert failed.value.retriable is False
+    assert time.monotonic() - started < 2
+
+
+def test_a_private_key_that_cannot_be_read_fails_the_pull_without_showing_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    reference = key_file(tmp_path, key, "the-right-one")
+    monkeypatch.setenv("ACME_KEY_PASSPHRASE", "a-wrong-one")
+    public = key.export_public_key().decode()
+    with SftpSupplier(tmp_path, username="acme", authorized_keys=[public]) as server:
+        settings = remote_settings(
+            server.host,
+            server.port,
+            None,
+            known_hosts=pinned(server, tmp_path),
+            private_key_ref=reference,
+            private_key_passphrase_ref="env:ACME_KEY_PASSPHRASE",
+        )
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith(f"private_key_unreadable: {reference}")
+    assert failed.value.retriable is False
+    assert "PRIVATE KEY" not in failed.value.reason
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({}, "needs private_key_ref or password_ref"),
+        (
+            {"password_ref": "env:P", "private_key_passphrase_ref": "env:X"},
+            "passphrase_ref without",
+        ),
+    ],
+)
+def test_sftp_settings_without_a_login_are_refused(options: dict[str, Any], problem: str) -> None:
+    settings = {**remote_settings("127.0.0.1", 22, None, known_hosts=None), **options}
+    with pytest.raises(ValueError, match="bad_option") as refused:
+        transport_for("acme", {"sftp": settings}, state=DictState())
+    assert problem in str(refused.value)
 
 
 def test_an_ftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, password: str) -> None:

@@ -12,7 +12,7 @@ from connectors.simulator.faults import Fault, Faults
 from connectors.simulator.files import drop
 from connectors.simulator.ftp import FtpSupplier
 from connectors.simulator.rest_server import PAGINATIONS, LoggedRequest, Pagination, RestSupplier
-from connectors.simulator.sftp import SftpSupplier
+from connectors.simulator.sftp import SftpSupplier, client_key
 from connectors.simulator.webhook import send_webhook, sign, webhook_body
 from connectors.simulator.writers import EXTENSIONS, write, write_csv, write_json, write_xml
 
@@ -31,6 +31,7 @@ __all__ = [
     "RestSupplier",
     "Separators",
     "SftpSupplier",
+    "client_key",
     "drop",
     "gtin_check_digit",
     "send_webhook",

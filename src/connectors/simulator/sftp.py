@@ -1,8 +1,9 @@
 """An SFTP server (asyncssh) over one folder, for suppliers whose feeds the ledger pulls.
 
-It listens on 127.0.0.1 with a password login and a fresh Ed25519 host key, and runs
-its own event loop in a background thread, so synchronous code starts and stops it.
-Clients see the folder as "/" and may read, write, rename and delete in it.
+It listens on 127.0.0.1 with a fresh Ed25519 host key and logs its one user in by
+password, by public key, or either, as it is set up. It runs its own event loop in a
+background thread, so synchronous code starts and stops it. Clients see the folder as
+"/" and may read, write, rename and delete in it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import functools
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from hmac import compare_digest
 from pathlib import Path
 from typing import TypeVar
@@ -27,10 +28,23 @@ WAIT_SECONDS = 10.0
 class SftpSupplier:
     """An SFTP server over `root`; `start()` it, or use it as a context manager."""
 
-    def __init__(self, root: str | Path, *, username: str, password: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        username: str,
+        password: str | None = None,
+        authorized_keys: Iterable[str] = (),
+        port: int = 0,
+    ) -> None:
+        """`authorized_keys`: public keys (OpenSSH format, "ssh-ed25519 AAAA…") the user
+        may log in with; `password`: the password it may log in with."""
         self.root = Path(root)
         self.username = username
         self.password = password
+        self.authorized_keys = frozenset(_public(key) for key in authorized_keys)
+        if password is None and not self.authorized_keys:
+            raise ValueError("the user needs a password or an authorized key")
         self.host = HOST
         self._requested_port = port
         self._host_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -93,7 +107,11 @@ class SftpSupplier:
             self._requested_port,
             server_host_keys=[self._host_key],
             server_factory=functools.partial(
-                _PasswordServer, self._connections, self.username, self.password
+                _LoginServer,
+                self._connections,
+                self.username,
+                self.password,
+                self.authorized_keys,
             ),
             sftp_factory=functools.partial(asyncssh.SFTPServer, chroot=os.fsencode(self.root)),
             allow_scp=False,
@@ -120,15 +138,33 @@ class SftpSupplier:
         self._loop = self._thread = None
 
 
-class _PasswordServer(asyncssh.SSHServer):
-    """One connection's login: the supplier's user name and password, nothing else."""
+def client_key() -> tuple[str, str]:
+    """A new Ed25519 key pair for a supplier's SFTP login: the private key (OpenSSH text,
+    for a secret) and its public key (for `authorized_keys`)."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    return key.export_private_key().decode(), key.export_public_key().decode().strip()
+
+
+def _public(key: str) -> bytes:
+    """A public key's wire form, whatever its comment."""
+    return asyncssh.import_public_key(key).public_data
+
+
+class _LoginServer(asyncssh.SSHServer):
+    """One connection's login: the supplier's user name with its password or one of its
+    authorized keys, nothing else."""
 
     def __init__(
-        self, connections: set[asyncssh.SSHServerConnection], username: str, password: str
+        self,
+        connections: set[asyncssh.SSHServerConnection],
+        username: str,
+        password: str | None,
+        authorized_keys: frozenset[bytes],
     ) -> None:
         self._connections = connections
         self._username = username.encode()
-        self._password = password.encode()
+        self._password = None if password is None else password.encode()
+        self._authorized_keys = authorized_keys
         self._connection: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -143,8 +179,17 @@ class _PasswordServer(asyncssh.SSHServer):
         return True  # every user must authenticate
 
     def password_auth_supported(self) -> bool:
-        return True
+        return self._password is not None
 
     def validate_password(self, username: str, password: str) -> bool:
+        if self._password is None:
+            return False
         user_matches = compare_digest(username.encode(), self._username)
         return compare_digest(password.encode(), self._password) and user_matches
+
+    def public_key_auth_supported(self) -> bool:
+        return bool(self._authorized_keys)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        user_matches = compare_digest(username.encode(), self._username)
+        return user_matches and key.public_data in self._authorized_keys

@@ -3,14 +3,17 @@
 The folder logic is `folder.FolderTransport`'s; this module is the session, an asyncssh
 client run synchronously on an event loop of its own, so it must be used from a thread
 with no running event loop. A session lasts one fetch (its `done()` calls included, when
-they come while the fetch is read); a `done()` after it opens one of its own. Only
-password logins are made: no ssh-agent, no keys or configuration from ~/.ssh.
+they come while the fetch is read); a `done()` after it opens one of its own. The login
+is by the private key and/or the password the settings name, nothing else: no ssh-agent,
+no keys or configuration from ~/.ssh.
 
 Options of `connector["sftp"]` (those of "folder" but `path`, and those of `retry`):
 
 - `host` (required) and `port` (default 22).
-- `username` (required) and `password_ref` (required): where the password lives
-  ("env:NAME" or "file:PATH").
+- `username` (required), and `private_key_ref` or `password_ref` (one at least): where
+  the private key (OpenSSH or PEM text) or the password lives ("env:NAME" or
+  "file:PATH"). An encrypted key also needs `private_key_passphrase_ref`. With both,
+  the key is offered first and the password if the server refuses it.
 - `known_hosts` (required, may be null): the path of a known_hosts file holding the
   server's host key. Null accepts any host key, which is for tests and demos only:
   production must pin the key, or a man in the middle can serve the feeds.
@@ -25,10 +28,11 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncssh
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from connectors.transports import read_secret
 from connectors.transports.folder import Entry, FileSettings, FolderSession, remote_path
@@ -54,19 +58,59 @@ class SftpSettings(FileSettings):
     host: str = Field(min_length=1)
     port: int = Field(22, ge=1, le=65535)
     username: str = Field(min_length=1)
-    password_ref: str
+    password_ref: str | None = None
+    private_key_ref: str | None = None
+    private_key_passphrase_ref: str | None = None
     known_hosts: str | None
     path: str = "."
 
+    @model_validator(mode="after")
+    def _a_login(self) -> SftpSettings:
+        if self.password_ref is None and self.private_key_ref is None:
+            raise ValueError("an SFTP login needs private_key_ref or password_ref")
+        if self.private_key_passphrase_ref is not None and self.private_key_ref is None:
+            raise ValueError("private_key_passphrase_ref without private_key_ref")
+        return self
+
+
+@dataclass(frozen=True)
+class Login:
+    """What a session logs in with: a private key, a password, or both."""
+
+    password: str | None = None
+    key: asyncssh.SSHKey | None = None
+
 
 def sftp_folder(settings: SftpSettings) -> Callable[[], FolderSession]:
-    """Opens sessions on the remote folder, reading the password at each."""
+    """Opens sessions on the remote folder, reading the secrets at each (so a rotated key
+    or password is used from the next session on)."""
 
     def open_folder() -> SftpFolder:
         known_hosts = _known_hosts(settings.known_hosts)
-        return SftpFolder(settings, read_secret(settings.password_ref), known_hosts)
+        return SftpFolder(settings, _login(settings), known_hosts)
 
     return open_folder
+
+
+def _login(settings: SftpSettings) -> Login:
+    password = None if settings.password_ref is None else read_secret(settings.password_ref)
+    if settings.private_key_ref is None:
+        return Login(password)
+    passphrase = (
+        None
+        if settings.private_key_passphrase_ref is None
+        else read_secret(settings.private_key_passphrase_ref)
+    )
+    text = read_secret(settings.private_key_ref)
+    try:
+        key = asyncssh.import_private_key(text, passphrase)
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
+        # Not the key text itself: the reason lands in feed health and the logs.
+        raise FetchFailed(
+            f"private_key_unreadable: {settings.private_key_ref}: {type(error).__name__}",
+            retriable=False,
+        ) from error
+    return Login(password, key)
 
 
 class SftpFolder:
@@ -75,7 +119,7 @@ class SftpFolder:
     def __init__(
         self,
         settings: SftpSettings,
-        password: str,
+        login: Login,
         known_hosts: asyncssh.SSHKnownHosts | None,
     ) -> None:
         self.settings = settings
@@ -88,9 +132,9 @@ class SftpFolder:
                     settings.host,
                     settings.port,
                     username=settings.username,
-                    password=password,
+                    password=login.password,
                     known_hosts=known_hosts,
-                    client_keys=None,
+                    client_keys=None if login.key is None else [login.key],
                     agent_path=None,
                     config=None,
                     connect_timeout=settings.timeout_seconds,
