@@ -707,6 +707,57 @@ def test_an_ftp_login_refused_is_fatal(tmp_path: Path, password: str) -> None:
     assert failed.value.retriable is False
 
 
+def test_an_ftps_pull_logs_in_and_transfers_over_tls(tmp_path: Path, password: str) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    body = drop(remote, "csv", catalogue(4), name="stock-1.csv").read_bytes()
+    with FtpSupplier(remote, username="acme", password="feed-pw", tls=True) as server:
+        trusted = tmp_path / "supplier-ca.pem"
+        trusted.write_text(server.certificate)
+        settings = remote_settings(
+            server.host, server.port, password, tls=True, ca_file=str(trusted)
+        )
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        [fetched] = pull(transport)
+        assert pull(transport) == []
+    assert (fetched.source, fetched.body) == ("ftp", body)
+    assert (remote / "processed" / "stock-1.csv").read_bytes() == body
+
+
+def test_an_ftps_certificate_not_trusted_is_refused_without_retries(
+    tmp_path: Path, password: str
+) -> None:
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw", tls=True) as server:
+        # No ca_file: the system's authorities, which never signed this certificate.
+        settings = remote_settings(server.host, server.port, password, tls=True)
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        started = time.monotonic()
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith("tls_certificate_not_verified")
+    assert failed.value.retriable is False
+    assert time.monotonic() - started < 2
+
+
+def test_plain_ftp_to_a_server_that_requires_tls_is_refused(tmp_path: Path, password: str) -> None:
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw", tls=True) as server:
+        settings = remote_settings(server.host, server.port, password)
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+    assert failed.value.reason.startswith("ftp_refused")
+    assert failed.value.retriable is False
+
+
+def test_a_ca_file_without_tls_is_refused() -> None:
+    settings = remote_settings("127.0.0.1", 21, "env:X", ca_file="/etc/ssl/certs/x.pem")
+    with pytest.raises(ValueError, match=r"bad_option: .*ca_file is for FTPS"):
+        transport_for("acme", {"ftp": settings}, state=DictState())
+
+
 def test_a_server_that_does_not_answer_is_retried_then_reported_retriable(
     tmp_path: Path, password: str
 ) -> None:

@@ -2,22 +2,34 @@
 
 It listens on 127.0.0.1 with a password login, passive mode on ephemeral ports, and
 runs its own I/O loop in a background thread, so synchronous code starts and stops it.
+With `tls`, it is an FTPS server (explicit: AUTH TLS), requiring TLS for the login and
+every transfer, with a fresh self-signed certificate for 127.0.0.1 (`certificate`, for
+the client to trust).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import shutil
+import tempfile
 import threading
 import warnings
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 with warnings.catch_warnings():
     # On Python 3.11 pyftpdlib runs on the standard library's asyncore and asynchat,
     # deprecated there (it brings its own copies on 3.12+): nothing for us to act on.
     warnings.simplefilter("ignore", DeprecationWarning)
     from pyftpdlib.authorizers import DummyAuthorizer  # type: ignore[import-untyped]
-    from pyftpdlib.handlers import FTPHandler  # type: ignore[import-untyped]
+    from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler  # type: ignore[import-untyped]
     from pyftpdlib.ioloop import IOLoop  # type: ignore[import-untyped]
     from pyftpdlib.servers import FTPServer  # type: ignore[import-untyped]
 
@@ -31,11 +43,15 @@ PERMISSIONS = "elradfmw"  # list, read, write, rename, delete: what a supplier's
 class FtpSupplier:
     """An FTP server over `root`; `start()` it, or use it as a context manager."""
 
-    def __init__(self, root: str | Path, *, username: str, password: str, port: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, *, username: str, password: str, tls: bool = False, port: int = 0
+    ) -> None:
         self.root = Path(root)
         self.username = username
         self.password = password
+        self.tls = tls
         self.host = HOST
+        self._tls_files: Path | None = None
         self._requested_port = port
         self._server: Any = None  # pyftpdlib is untyped
         self._thread: threading.Thread | None = None
@@ -47,6 +63,13 @@ class FtpSupplier:
             raise RuntimeError("the server is not running")
         return int(self._server.address[1])
 
+    @property
+    def certificate(self) -> str:
+        """The server's certificate (PEM), for a client to trust; FTPS servers only."""
+        if self._tls_files is None:
+            raise RuntimeError("the server is not running with TLS")
+        return (self._tls_files / "certificate.pem").read_text()
+
     def start(self) -> FtpSupplier:
         if self._server is not None:
             raise RuntimeError("the server is already running")
@@ -56,14 +79,22 @@ class FtpSupplier:
         authorizer = DummyAuthorizer()
         authorizer.add_user(self.username, self.password, str(self.root), perm=PERMISSIONS)
         # A handler class of its own, so two servers never share an authorizer.
+        settings: dict[str, Any] = {
+            "authorizer": authorizer,
+            "banner": "Stockledger simulated supplier",
+            "auth_failed_timeout": AUTH_FAILED_SECONDS,
+        }
+        if self.tls:
+            self._tls_files = Path(tempfile.mkdtemp(prefix="simulator-ftps-"))
+            _self_signed(self._tls_files, self.host)
+            settings |= {
+                "certfile": str(self._tls_files / "certificate.pem"),
+                "keyfile": str(self._tls_files / "key.pem"),
+                "tls_control_required": True,
+                "tls_data_required": True,
+            }
         handler = type(
-            "SupplierFtpHandler",
-            (FTPHandler,),
-            {
-                "authorizer": authorizer,
-                "banner": "Stockledger simulated supplier",
-                "auth_failed_timeout": AUTH_FAILED_SECONDS,
-            },
+            "SupplierFtpHandler", (TLS_FTPHandler if self.tls else FTPHandler,), settings
         )
         # An I/O loop of its own too: pyftpdlib's default is one per process.
         self._server = FTPServer((self.host, self._requested_port), handler, ioloop=IOLoop())
@@ -79,6 +110,9 @@ class FtpSupplier:
         self._stopping.set()
         self._thread.join(WAIT_SECONDS)
         self._server = self._thread = None
+        if self._tls_files is not None:
+            shutil.rmtree(self._tls_files, ignore_errors=True)
+            self._tls_files = None
 
     def __enter__(self) -> FtpSupplier:
         return self.start()
@@ -93,6 +127,36 @@ class FtpSupplier:
                 server.serve_forever(timeout=POLL_SECONDS, blocking=False, handle_exit=False)
         finally:
             server.close_all()
+
+
+def _self_signed(folder: Path, host: str) -> None:
+    """A key and a self-signed certificate for `host` (an IP address), a day long."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "certificate.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 def _leave_logging_to_the_application() -> None:

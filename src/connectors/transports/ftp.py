@@ -4,14 +4,19 @@ The folder logic is `folder.FolderTransport`'s; this module is the session, with
 standard library's ftplib in passive binary mode. A session lasts one fetch (its `done()`
 calls included, when they come while the fetch is read); a `done()` after it opens one of
 its own. The folder is listed with MLSD (RFC 3659); a server without it is listed with
-NLST, each file's size asked with SIZE. Plain FTP sends the password in clear: use it only
-where the supplier offers nothing better.
+NLST, each file's size asked with SIZE. Plain FTP sends the password and the files in
+clear: use FTPS (`tls`) wherever the supplier offers it, plain FTP only where it offers
+nothing better.
 
 Options of `connector["ftp"]` (those of "folder" but `path`, and those of `retry`):
 
 - `host` (required) and `port` (default 21).
 - `username` (required) and `password_ref` (required): where the password lives
   ("env:NAME" or "file:PATH").
+- `tls` (default false): explicit FTPS (AUTH TLS, then PROT P): the login and every
+  transfer encrypted, the server's certificate verified against `ca_file` (PEM
+  certificates to trust) or, without one, the system's trusted authorities, and its name
+  or address checked against `host`. A certificate that fails is fatal, not retried.
 - `path` (default "."): the remote folder ("." is the login's own).
 - `format`, `pattern`, `done_action`, `processed_path`: as for "folder"; `processed_path`
   (default "processed") is relative to `path` unless absolute.
@@ -23,16 +28,20 @@ import contextlib
 import ftplib
 import io
 import posixpath
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from connectors.transports import read_secret
 from connectors.transports.folder import Entry, FileSettings, FolderSession, remote_path
-from connectors.transports.retry import Failure, classified
+from connectors.transports.retry import Failure, FetchFailed, classified
 
 FTP_FAILURES = (
+    # Before OSError, which both are.
+    Failure(ssl.SSLCertVerificationError, "tls_certificate_not_verified", retriable=False),
+    Failure(ssl.SSLError, "tls_error", retriable=True),
     Failure(ftplib.error_perm, "ftp_refused", retriable=False),  # 5xx: login, missing, denied
     Failure(ftplib.error_temp, "ftp_unavailable", retriable=True),  # 4xx: busy, try later
     Failure((ftplib.error_reply, ftplib.error_proto), "ftp_protocol_error", retriable=True),
@@ -51,7 +60,15 @@ class FtpSettings(FileSettings):
     port: int = Field(21, ge=1, le=65535)
     username: str = Field(min_length=1)
     password_ref: str
+    tls: bool = False
+    ca_file: str | None = None
     path: str = "."
+
+    @model_validator(mode="after")
+    def _ca_for_tls(self) -> FtpSettings:
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("ca_file is for FTPS: set tls too")
+        return self
 
 
 def ftp_folder(settings: FtpSettings) -> Callable[[], FolderSession]:
@@ -69,11 +86,19 @@ class FtpFolder:
     def __init__(self, settings: FtpSettings, password: str) -> None:
         self._folder = settings.path
         self._processed = remote_path(settings.path, settings.processed_path)
-        self._ftp = ftplib.FTP(timeout=settings.timeout_seconds)  # noqa: S321 (what it serves)
+        self._ftp = (
+            ftplib.FTP_TLS(  # noqa: S321 - FTP over TLS, its certificate verified
+                context=_trusting(settings.ca_file), timeout=settings.timeout_seconds
+            )
+            if settings.tls
+            else ftplib.FTP(timeout=settings.timeout_seconds)  # noqa: S321 (what it serves)
+        )
         with classified(FTP_FAILURES):
             try:
                 self._ftp.connect(settings.host, settings.port)
-                self._ftp.login(settings.username, password)
+                self._ftp.login(settings.username, password)  # FTPS: AUTH TLS first
+                if isinstance(self._ftp, ftplib.FTP_TLS):
+                    self._ftp.prot_p()  # the transfers too
                 self._ftp.set_pasv(True)
                 self._ftp.voidcmd("TYPE I")
             except BaseException:
@@ -151,6 +176,14 @@ class FtpFolder:
                 continue  # a folder, or no longer there
             entries.append(Entry(name, size, None))
         return entries
+
+
+def _trusting(ca_file: str | None) -> ssl.SSLContext:
+    """A client context verifying the server's certificate and name."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise FetchFailed(f"tls_ca_unreadable: {ca_file}: {error}", retriable=False) from error
 
 
 def _size(written: str | None) -> int | None:
