@@ -14,8 +14,9 @@ binary, as plain rows: a third of the cost of the library's reading (measured).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -24,7 +25,7 @@ import psycopg
 from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
-from psycopg import Cursor
+from psycopg import Connection, Cursor
 from psycopg.errors import InterfaceError, OperationalError
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier, Literal
@@ -155,12 +156,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
         Written out here because a failed check must roll the transaction back: the
         library catches what its steps raise and commits before raising it again.
+        `locked`: an `Exclusive` transaction to save in (as a savepoint), committed once
+        the save succeeds, before this returns, as a save of its own would be.
         """
         levels: Sequence[LevelRow] = kwargs.get("levels") or ()
         touches: Sequence[LevelTouch] = kwargs.get("touches") or ()
+        locked: Exclusive | None = kwargs.get("locked")
         failure: Exception | None = None
         notification_ids: Sequence[int] | None = None
-        with self.datastore.get_connection() as conn:
+        connection = nullcontext(locked.conn) if locked else self.datastore.get_connection()
+        with connection as conn:
             with conn.pipeline() as pipeline, conn.transaction():
                 with conn.cursor() as curs:
                     self._insert_events(curs, stored_events, **kwargs)
@@ -179,7 +184,22 @@ class LedgerRecorder(PostgresApplicationRecorder):
                         raise psycopg.Rollback()
             if failure is not None:
                 raise failure
+        if locked is not None:
+            locked.commit()
         return notification_ids
+
+    @contextmanager
+    def exclusively(self) -> Iterator[Exclusive]:
+        """A transaction holding the event table's lock from the start: until it ends, no
+        other save, in any process, can commit, so a save made in it (`insert_events`
+        with `locked=` what this yields) cannot collide with another. For a writer that
+        keeps losing the race for a stream to one that does not take turns. It ends with
+        that save, or else (nothing saved) with the block."""
+        with self.datastore.get_connection() as conn, ExitStack() as transaction:
+            transaction.enter_context(conn.transaction())
+            with conn.cursor() as curs:
+                self._lock_table(curs)
+            yield Exclusive(conn, transaction)
 
     def _keep_levels(
         self, curs: Cursor[DictRow], levels: Sequence[LevelRow], touches: Sequence[LevelTouch]
@@ -308,6 +328,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 )
                 for originator_id, version, topic, state, _kind in curs.fetchall()
             ]
+
+
+@dataclass
+class Exclusive:
+    """A transaction holding the event table's lock (see `LedgerRecorder.exclusively`)."""
+
+    conn: Connection[DictRow]
+    transaction: ExitStack
+
+    def commit(self) -> None:
+        self.transaction.close()
 
 
 def _notification(

@@ -43,6 +43,11 @@ MAX_TURNS = 64
 # take turns on it for this long; streams nobody collided on lately skip the round trips
 # that turns cost.
 TURNS_AFTER_CONFLICT_SECONDS = 10.0
+# A batch that collided this many times in a row (turns are taken only by writers that
+# collided themselves: one that keeps winning never queues) decides and saves holding the
+# event table's lock, which every save takes: nothing can collide with it then. Held for
+# one batch's reads and decisions, it makes every other writer wait that long.
+EXCLUSIVE_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class LedgerWriter:
         self.batches = 0
         self.commands = 0
         self.conflicts = 0
+        self.exclusive = 0  # batches saved holding the event table's lock (EXCLUSIVE_AFTER)
         # The shared streams other processes collided on lately, and until when.
         self._contended: dict[UUID, float] = {}
 
@@ -207,8 +213,13 @@ class LedgerWriter:
                 if self.take_turns is not None and 0 < len(streams) <= MAX_TURNS
                 else nullcontext()
             )
-            with turns:
-                done = self._attempt(pending, started)
+            exclusively = getattr(self.app.recorder, "exclusively", None)
+            locked: AbstractContextManager[Any] = nullcontext()
+            if attempt >= EXCLUSIVE_AFTER and exclusively is not None:
+                self.exclusive += 1
+                locked = exclusively()
+            with turns, locked as connection:
+                done = self._attempt(pending, started, connection)
             if done is None:
                 return
             pending = done
@@ -218,8 +229,12 @@ class LedgerWriter:
         for job in pending:
             job.future.set_exception(error)
 
-    def _attempt(self, pending: list[_Job], started: float) -> list[_Job] | None:
-        """One try at the batch: None when every command was answered, else those left."""
+    def _attempt(
+        self, pending: list[_Job], started: float, locked: Any = None
+    ) -> list[_Job] | None:
+        """One try at the batch: None when every command was answered, else those left.
+        `locked`: the connection of a transaction holding the event table's lock, to
+        save in."""
         unit = UnitOfWork(
             self.hot.load,
             self.hot.load_many,
@@ -241,7 +256,10 @@ class LedgerWriter:
         position = None
         try:
             if changed:
-                recordings = self.app.save(*changed, levels=unit.changed_levels(), touches=touches)
+                extra = {} if locked is None else {"locked": locked}
+                recordings = self.app.save(
+                    *changed, levels=unit.changed_levels(), touches=touches, **extra
+                )
                 position = max(r.notification.id for r in recordings)
             elif touches:
                 self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
@@ -256,7 +274,7 @@ class LedgerWriter:
             # The commands that read none of the streams that moved (nor anything such a
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
-            return involved + (self._attempt(clean, started) or [])
+            return involved + (self._attempt(clean, started, locked) or [])
         self.hot.keep(unit.loaded())
         seconds = time.monotonic() - started
         self.batches += 1

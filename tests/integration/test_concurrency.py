@@ -124,9 +124,9 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
     attempts: list[list[str]] = []
     attempt = writer._attempt
 
-    def counted(jobs: list[_Job], started: float) -> Any:
+    def counted(jobs: list[_Job], started: float, locked: Any = None) -> Any:
         attempts.append([job.command.lines[0][0] for job in jobs])  # type: ignore[attr-defined]
-        return attempt(jobs, started)
+        return attempt(jobs, started, locked)
 
     turns: list[list[UUID]] = []
     take_turns = writer.take_turns
@@ -160,6 +160,57 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
     writer.execute(reserve([(skus[1], 1), (skus[0], 1)]))
     writer.execute(reserve([(skus[2], 1)]))
     assert turns == [[contended], [contended]]
+
+
+def test_a_batch_that_keeps_losing_its_stream_to_another_writer_saves_holding_the_lock(
+    runtime: Runtime,
+) -> None:
+    """Turns are taken only by a writer that collided: another that keeps winning never
+    queues, and could starve it. After a few collisions in a row the loser decides and
+    saves holding the event table's lock, which the winner's saves wait for."""
+    from ledger.application import InventoryLedger
+    from ledger.writer import EXCLUSIVE_AFTER, LedgerWriter
+
+    sku = random_sku("STARVED")
+    stock_sku(runtime.writer, sku, 100)
+    other_app = InventoryLedger(runtime.settings.event_store_env(runtime.database_url))
+    other = LedgerWriter(other_app).start()
+    save = runtime.app.save
+    rival: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def save_after_the_other_writer_reserved(*aggregates: Any, **kwargs: Any) -> Any:
+        # Between every read of this writer and its save, the other writer reserves the
+        # same SKU, unless it has to wait for this one.
+        reserved = threading.Event()
+
+        def other_reserves() -> None:
+            other.execute(reserve([(sku, 1)]))
+            reserved.set()
+
+        threads.append(threading.Thread(target=other_reserves))
+        threads[-1].start()
+        rival.append("reserved" if reserved.wait(1.0) else "waited")
+        return save(*aggregates, **kwargs)
+
+    conflicts, exclusive = runtime.writer.conflicts, runtime.writer.exclusive
+    runtime.app.save = save_after_the_other_writer_reserved  # type: ignore[method-assign]
+    try:
+        placed = runtime.writer.execute(reserve([(sku, 2)]))
+    finally:
+        runtime.app.save = save  # type: ignore[method-assign]
+        for thread in threads:
+            thread.join(10)
+        other.stop()
+        other_app.close()
+
+    assert rival == ["reserved"] * EXCLUSIVE_AFTER + ["waited"]
+    assert runtime.writer.conflicts == conflicts + EXCLUSIVE_AFTER
+    assert runtime.writer.exclusive == exclusive + 1
+    assert placed.value.reservation.lines[sku].quantity == 2
+    # The other writer's last order, decided before this save and saved after it, was
+    # decided again on the state this save left: nothing lost, nothing oversold.
+    assert runtime.queries.stock_levels(sku, now()).held == 2 + EXCLUSIVE_AFTER + 1
 
 
 def test_a_kept_stock_item_is_brought_up_to_date_with_another_process_s_writes(

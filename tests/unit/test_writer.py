@@ -149,9 +149,9 @@ def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
     attempts: list[int] = []
     attempt = writer._attempt
 
-    def counted(jobs: list[Any], started: float) -> Any:
+    def counted(jobs: list[Any], started: float, locked: Any = None) -> Any:
         attempts.append(len(jobs))
-        return attempt(jobs, started)
+        return attempt(jobs, started, locked)
 
     writer._attempt = counted  # type: ignore[method-assign]
     short = [

@@ -28,6 +28,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
         "writer_batches": writer.batches,
         "writer_commands": writer.commands,
         "writer_conflicts": writer.conflicts,
+        "writer_exclusive": writer.exclusive,
     }
     try:
         # One try, no retries: a probe must answer quickly, and truthfully.
