@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["admin", "oms", "storefront", "supplier", "auditor"]
@@ -129,6 +129,14 @@ class Settings(BaseSettings):
                 raise ValueError("API key names must be unique")
             return keys
         return value
+
+    @model_validator(mode="after")
+    def _two_connections(self) -> Settings:
+        # The writer may read with one connection while another holds the event table's
+        # lock for its save (see LedgerWriter: EXCLUSIVE_AFTER).
+        if self.pool_size + self.pool_max_overflow < 2:
+            raise ValueError("pool_size + pool_max_overflow must allow two connections")
+        return self
 
     def event_store_env(self, database_url: str, *, create_tables: bool = False) -> dict[str, str]:
         """The eventsourcing environment for this database, stated in full.

@@ -29,6 +29,12 @@ def test_malformed_api_keys_are_refused_at_start(entry: str) -> None:
         Settings.model_validate({"api_keys": entry})
 
 
+def test_a_pool_too_small_for_a_save_under_the_table_lock_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="two connections"):
+        Settings.model_validate({"pool_size": 1, "pool_max_overflow": 0})
+    assert Settings.model_validate({"pool_size": 1, "pool_max_overflow": 1}).pool_size == 1
+
+
 def test_the_event_store_environment_is_postgres_with_a_finite_lock_timeout() -> None:
     settings = Settings.model_validate({"lock_timeout_seconds": 3})
     env = settings.event_store_env("postgresql://me:pw@db.example:6543/stock")
