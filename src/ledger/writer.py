@@ -218,8 +218,8 @@ class LedgerWriter:
             if attempt >= EXCLUSIVE_AFTER and exclusively is not None:
                 self.exclusive += 1
                 locked = exclusively()
-            with turns, locked as connection:
-                done = self._attempt(pending, started, connection)
+            with turns, locked as exclusive:
+                done = self._attempt(pending, started, exclusive)
             if done is None:
                 return
             pending = done
@@ -233,8 +233,8 @@ class LedgerWriter:
         self, pending: list[_Job], started: float, locked: Any = None
     ) -> list[_Job] | None:
         """One try at the batch: None when every command was answered, else those left.
-        `locked`: the connection of a transaction holding the event table's lock, to
-        save in."""
+        `locked`: a transaction holding the event table's lock (the recorder's
+        `exclusively`), for the save to commit."""
         unit = UnitOfWork(
             self.hot.load,
             self.hot.load_many,
