@@ -519,6 +519,19 @@ def pinned(server: SftpSupplier, folder: Path) -> str:
     return str(known_hosts)
 
 
+def fatal(kind: str, settings: dict[str, Any]) -> FetchFailed:
+    """The failure a pull with these settings ends in, checked to be fatal: reported at
+    once, without retries."""
+    transport = transport_for("acme", {kind: settings}, state=DictState())
+    assert transport is not None
+    started = time.monotonic()
+    with pytest.raises(FetchFailed) as failed:
+        pull(transport)
+    assert failed.value.retriable is False
+    assert time.monotonic() - started < 1
+    return failed.value
+
+
 def test_an_sftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, password: str) -> None:
     remote = tmp_path / "remote"
     remote.mkdir()
@@ -549,14 +562,8 @@ def test_an_sftp_server_with_another_host_key_is_refused_without_retries(
         known_hosts = tmp_path / "known_hosts"
         known_hosts.write_text(f"[{server.host}]:{server.port} {other}")
         settings = remote_settings(server.host, server.port, password, known_hosts=str(known_hosts))
-        transport = transport_for("acme", {"sftp": settings}, state=DictState())
-        assert transport is not None
-        started = time.monotonic()
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith("host_key_not_verifiable")
-    assert failed.value.retriable is False
-    assert time.monotonic() - started < 1
+        failure = fatal("sftp", settings)
+    assert failure.reason.startswith("host_key_not_verifiable")
 
 
 def key_file(folder: Path, key: asyncssh.SSHKey, passphrase: str | None = None) -> str:
@@ -604,14 +611,8 @@ def test_an_sftp_key_the_server_does_not_authorize_is_refused_without_retries(
             known_hosts=pinned(server, tmp_path),
             private_key_ref=key_file(tmp_path, other),
         )
-        transport = transport_for("acme", {"sftp": settings}, state=DictState())
-        assert transport is not None
-        started = time.monotonic()
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith("auth_failed")
-    assert failed.value.retriable is False
-    assert time.monotonic() - started < 2
+        failure = fatal("sftp", settings)
+    assert failure.reason.startswith("auth_failed")
 
 
 def test_a_private_key_that_cannot_be_read_fails_the_pull_without_showing_the_key(
@@ -630,13 +631,9 @@ def test_a_private_key_that_cannot_be_read_fails_the_pull_without_showing_the_ke
             private_key_ref=reference,
             private_key_passphrase_ref="env:ACME_KEY_PASSPHRASE",
         )
-        transport = transport_for("acme", {"sftp": settings}, state=DictState())
-        assert transport is not None
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith(f"private_key_unreadable: {reference}")
-    assert failed.value.retriable is False
-    assert "PRIVATE KEY" not in failed.value.reason
+        failure = fatal("sftp", settings)
+    assert failure.reason.startswith(f"private_key_unreadable: {reference}")
+    assert "PRIVATE KEY" not in failure.reason
 
 
 @pytest.mark.parametrize(
@@ -699,12 +696,8 @@ def test_an_ftp_server_without_mlsd_is_listed_with_nlst(
 def test_an_ftp_login_refused_is_fatal(tmp_path: Path, password: str) -> None:
     with FtpSupplier(tmp_path, username="acme", password="another") as server:
         settings = remote_settings(server.host, server.port, password)
-        transport = transport_for("acme", {"ftp": settings}, state=DictState())
-        assert transport is not None
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith("ftp_refused: 530")
-    assert failed.value.retriable is False
+        failure = fatal("ftp", settings)
+    assert failure.reason.startswith("ftp_refused: 530")
 
 
 def test_an_ftps_pull_logs_in_and_transfers_over_tls(tmp_path: Path, password: str) -> None:
@@ -731,25 +724,15 @@ def test_an_ftps_certificate_not_trusted_is_refused_without_retries(
     with FtpSupplier(tmp_path, username="acme", password="feed-pw", tls=True) as server:
         # No ca_file: the system's authorities, which never signed this certificate.
         settings = remote_settings(server.host, server.port, password, tls=True)
-        transport = transport_for("acme", {"ftp": settings}, state=DictState())
-        assert transport is not None
-        started = time.monotonic()
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith("tls_certificate_not_verified")
-    assert failed.value.retriable is False
-    assert time.monotonic() - started < 2
+        failure = fatal("ftp", settings)
+    assert failure.reason.startswith("tls_certificate_not_verified")
 
 
 def test_plain_ftp_to_a_server_that_requires_tls_is_refused(tmp_path: Path, password: str) -> None:
     with FtpSupplier(tmp_path, username="acme", password="feed-pw", tls=True) as server:
         settings = remote_settings(server.host, server.port, password)
-        transport = transport_for("acme", {"ftp": settings}, state=DictState())
-        assert transport is not None
-        with pytest.raises(FetchFailed) as failed:
-            pull(transport)
-    assert failed.value.reason.startswith("ftp_refused")
-    assert failed.value.retriable is False
+        failure = fatal("ftp", settings)
+    assert failure.reason.startswith("ftp_refused")
 
 
 def test_a_ca_file_without_tls_is_refused() -> None:
