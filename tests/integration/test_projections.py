@@ -439,6 +439,39 @@ def test_a_rebuild_spanning_many_pages_forgets_states_only_once_written(quiet: R
     assert view_rows(quiet, ["availability", "levels"]) == forgetful
 
 
+class FewRowsKept(StockProjection):
+    max_written_rows = 21
+
+
+def test_a_runner_forgets_the_child_rows_it_kept_beyond_its_bound(quiet: Runtime) -> None:
+    """A runner keeps the child rows it wrote, to write only what changed; beyond
+    `max_written_rows` it forgets them (and the states), and writes the rows whole."""
+    sku = random_sku("BUCKETS")
+    stock_sku(quiet.writer, sku, 100)
+    for ttl in range(600, 800, 10):  # twenty hold buckets
+        quiet.writer.execute(reserve([(sku, 1)], ttl=ttl))
+    projection = FewRowsKept(quiet.app)
+
+    def catch_up_with(ttl: int) -> None:
+        if ttl:
+            quiet.writer.execute(reserve([(sku, 2)], ttl=ttl))
+        with quiet.store.connection() as conn:
+            current = generation(conn, "stock", 1)
+        assert current is not None
+        catch_up(projection, quiet.app, quiet.store, current, page_size=1000)
+
+    catch_up_with(0)
+    assert projection._written_rows == 21  # the supplier's level and twenty holds: kept
+    catch_up_with(900)
+    assert (projection._written, projection._written_rows) == ({}, 0)  # one more: forgotten
+    catch_up_with(1000)  # its rows, not known, are written whole
+
+    assert quiet.views.availability([sku], datetime.now(UTC))[sku].held == 24
+    live = view_rows(quiet, ["availability", "levels", "holds"])
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, ["availability", "levels", "holds"]) == live
+
+
 @pytest.mark.parametrize("count", [3, base.UPSERT_IN_BULK_FROM + 50])
 def test_a_page_upserts_its_rows_alike_one_by_one_or_in_bulk(database_url: str, count: int) -> None:
     """A few rows go one INSERT each, many through a temporary table; either way every row
