@@ -26,7 +26,7 @@ from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
 from psycopg import Connection, Cursor
-from psycopg.errors import InterfaceError, OperationalError
+from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
@@ -189,17 +189,26 @@ class LedgerRecorder(PostgresApplicationRecorder):
         return notification_ids
 
     @contextmanager
-    def exclusively(self) -> Iterator[Exclusive]:
+    def exclusively(self) -> Iterator[Exclusive | None]:
         """A transaction holding the event table's lock from the start: until it ends, no
         other save, in any process, can commit, so a save made in it (`insert_events`
         with `locked=` what this yields) cannot collide with another. For a writer that
         keeps losing the race for a stream to one that does not take turns. It ends with
-        that save, or else (nothing saved) with the block."""
-        with self.datastore.get_connection() as conn, ExitStack() as transaction:
-            transaction.enter_context(conn.transaction())
-            with conn.cursor() as curs:
-                self._lock_table(curs)
-            yield Exclusive(conn, transaction)
+        that save, or else (nothing saved) with the block. None when the lock was not
+        had within the lock timeout: the block then saves as any other save does."""
+        with self.datastore.get_connection() as conn:
+            transaction = ExitStack()
+            try:
+                transaction.enter_context(conn.transaction())
+                with conn.cursor() as curs:
+                    self._lock_table(curs)
+            except LockNotAvailable as error:
+                # The failed LOCK aborted the transaction: it is rolled back.
+                transaction.__exit__(type(error), error, error.__traceback__)
+                yield None
+                return
+            with transaction:
+                yield Exclusive(conn, transaction)
 
     def _keep_levels(
         self, curs: Cursor[DictRow], levels: Sequence[LevelRow], touches: Sequence[LevelTouch]

@@ -94,7 +94,7 @@ class LedgerWriter:
         self.batches = 0
         self.commands = 0
         self.conflicts = 0
-        self.exclusive = 0  # batches saved holding the event table's lock (EXCLUSIVE_AFTER)
+        self.exclusive = 0  # tries to save holding the event table's lock (EXCLUSIVE_AFTER)
         # The shared streams other processes collided on lately, and until when.
         self._contended: dict[UUID, float] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -111,3 +112,31 @@ def test_migrating_turns_jit_off_for_every_session_of_the_ledgers_database(
 ) -> None:
     with psycopg.connect(runtime.database_url) as conn:
         assert conn.execute("SHOW jit").fetchone() == ("off",)
+
+
+def test_a_save_under_the_table_lock_is_a_plain_save_when_the_lock_is_not_had(
+    runtime: Runtime,
+) -> None:
+    """The writer's last resort against starvation waits for the event table's lock no
+    longer than any save does; then it saves as any save does."""
+    from ledger.application import InventoryLedger
+
+    settings = runtime.settings.model_copy(update={"lock_timeout_seconds": 1})
+    app = InventoryLedger(settings.event_store_env(runtime.database_url))
+    sku = random_sku("LOCKED")
+    try:
+        with psycopg.connect(runtime.database_url) as holder:
+            holder.execute("LOCK TABLE inventoryledger_events IN EXCLUSIVE MODE")
+            started = time.monotonic()
+            with app.recorder.exclusively() as exclusive:  # type: ignore[attr-defined]
+                waited = time.monotonic() - started
+                assert exclusive is None
+            holder.rollback()
+        with app.recorder.exclusively() as exclusive:  # type: ignore[attr-defined]
+            assert exclusive is not None
+            item = StockItem.register(sku, datetime.now(UTC), CAUSE)
+            app.save(item, locked=exclusive)
+    finally:
+        app.close()
+    assert 1 <= waited < 3
+    assert runtime.app.repository.get(StockItem.id_for(sku)).sku == sku
