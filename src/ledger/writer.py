@@ -213,11 +213,12 @@ class LedgerWriter:
                 if self.take_turns is not None and 0 < len(streams) <= MAX_TURNS
                 else nullcontext()
             )
-            exclusively = getattr(self.app.recorder, "exclusively", None)
             locked: AbstractContextManager[Any] = nullcontext()
-            if attempt >= EXCLUSIVE_AFTER and exclusively is not None:
-                self.exclusive += 1
-                locked = exclusively()
+            if attempt >= EXCLUSIVE_AFTER:
+                exclusively = getattr(self.app.recorder, "exclusively", None)
+                if exclusively is not None:
+                    self.exclusive += 1
+                    locked = exclusively()
             with turns, locked as exclusive:
                 done = self._attempt(pending, started, exclusive)
             if done is None:
@@ -256,9 +257,8 @@ class LedgerWriter:
         position = None
         try:
             if changed:
-                extra = {} if locked is None else {"locked": locked}
                 recordings = self.app.save(
-                    *changed, levels=unit.changed_levels(), touches=touches, **extra
+                    *changed, levels=unit.changed_levels(), touches=touches, locked=locked
                 )
                 position = max(r.notification.id for r in recordings)
             elif touches:

@@ -330,8 +330,7 @@ class StateProjection(Projection):
 
     def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         if schema != self._schema:
-            self._states, self._changed, self._unstored = {}, {}, set()
-            self._written, self._written_rows = {}, 0
+            self.reset()
             self._schema = schema
         wanted: dict[str, set[UUID]] = defaultdict(set)
         for notification in page:

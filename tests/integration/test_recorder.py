@@ -136,6 +136,8 @@ def test_a_save_under_the_table_lock_is_a_plain_save_when_the_lock_is_not_had(
             assert exclusive is not None
             item = StockItem.register(sku, datetime.now(UTC), CAUSE)
             app.save(item, locked=exclusive)
+            # Committed with the save, before the block ends: another session sees it.
+            assert runtime.app.repository.get(StockItem.id_for(sku)).sku == sku
     finally:
         app.close()
     assert 1 <= waited < 3
