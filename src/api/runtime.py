@@ -90,6 +90,8 @@ def start_runners(runtime: Runtime) -> None:
             runtime.notifier,
             page_size=settings.projection_page_size,
             poll_seconds=settings.projection_poll_seconds,
+            settle_seconds=settings.projection_settle_seconds,
+            busy_settle_seconds=settings.projection_busy_settle_seconds,
         ).start()
         for projection in all_projections(runtime.app, jump_thresholds(settings))
     ]

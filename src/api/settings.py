@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     )
     projection_page_size: int = Field(default=1000, gt=0)
     projection_poll_seconds: float = Field(default=1.0, gt=0)
+    projection_settle_seconds: float = Field(
+        default=0.02, ge=0, description="how long new writes gather before a quiet view reads them"
+    )
+    projection_busy_settle_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        description="the same while writes keep coming: fewer, larger pages for less CPU,"
+        " a view that trails a busy log by about this much more",
+    )
     rebuild_processes: int = Field(
         default=0,
         ge=0,

@@ -223,6 +223,7 @@ class ProjectionRunner:
         page_size: int = 1000,
         poll_seconds: float = 1.0,
         settle_seconds: float = 0.02,
+        busy_settle_seconds: float = 0.1,
     ) -> None:
         self.projection = projection
         self.app = app
@@ -232,6 +233,7 @@ class ProjectionRunner:
         self.page_size = page_size
         self.poll_seconds = poll_seconds
         self.settle_seconds = settle_seconds
+        self.busy_settle_seconds = busy_settle_seconds
         self.health = RunnerHealth()
         self._lease: str | None = None
         self._stop = threading.Event()
@@ -280,13 +282,26 @@ class ProjectionRunner:
                 self._stop.wait(pause)
                 continue
             if self.notifier is not None:
+                # Writes that came in while the step ran: the log is busy.
+                busy = self.notifier.count != seen
                 woken = self.notifier.wait(seen, self.poll_seconds)
                 if woken != seen:
-                    # Let writes that arrive together share one page, not one each.
-                    self._stop.wait(self.settle_seconds)
+                    self._stop.wait(self.settle(busy))
                 seen = woken
             else:
                 self._stop.wait(self.poll_seconds)
+
+    def settle(self, busy: bool) -> float:
+        """How long to let writes gather after a wake-up, so that writes arriving together
+        share one page, not one each. While the log is busy (writes came in while the
+        last step ran), longer: each step has a cost of its own (a transaction, the
+        generation and the lease looked up, the position advanced) and each page writes
+        a SKU's row once however many of its events it holds. Measured with the
+        reservations benchmark (64 clients, 10,000 SKUs, 2 API workers): the projections'
+        CPU per reservation fell from ~0.46 to ~0.25 ms, and PostgreSQL's from ~0.50 to
+        ~0.33 ms, with 0.1 s instead of 0.02 s; the view then trails a busy log by about
+        that much more. A quiet log's lone write still shows after `settle_seconds`."""
+        return self.busy_settle_seconds if busy else self.settle_seconds
 
     def step(self) -> int:
         """Catches the live generation up while holding its lease; returns events applied."""

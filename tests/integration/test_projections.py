@@ -31,7 +31,7 @@ from projections.registry import all_projections
 from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuild
 from projections.stock import StockProjection
 from projections.store import generation, live_generation
-from tests.conftest import random_sku
+from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
 from tests.integration.workload import CAUSE, mixed_workload, report
 
@@ -590,3 +590,17 @@ def count_events(runtime: Runtime, topics: list[str]) -> int:
         ).fetchone()
     assert row is not None
     return int(row["n"])
+
+
+def test_the_runners_gather_writes_as_long_as_the_settings_say(database_url: str) -> None:
+    """A view that trails a busy log by less (or that costs less CPU) is a setting away."""
+    settings = make_settings(
+        database_url, projection_settle_seconds=0.005, projection_busy_settle_seconds=0.3
+    )
+    runtime = open_runtime(settings, sweep=False, connect=False)
+    try:
+        assert runtime.runners
+        assert {r.settle(busy=False) for r in runtime.runners} == {0.005}
+        assert {r.settle(busy=True) for r in runtime.runners} == {0.3}
+    finally:
+        runtime.close()
