@@ -11,6 +11,7 @@ for oversold units and for holds it lost.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import httpx
 import psycopg
 
 from bench.harness import Load, free_port, fresh_database, projecting, serving, wrk
+from projections.queries import POSITION_SQL
 
 RESERVE = Path(__file__).with_name("reserve.lua")
 READ = Path(__file__).with_name("read.lua")
@@ -121,7 +123,8 @@ def ledger_run(
         stock_catalogue(base, names, HOT_STOCK if skus == 1 else SPREAD_STOCK)
         env = load_env(skus, "bench-oms")
         warmup = wrk(base, RESERVE, env, 2, connections)
-        load = wrk(base, RESERVE, env, seconds, connections)
+        with view_lag(database_url) as lag:
+            load = wrk(base, RESERVE, env, seconds, connections)
         check = stock_check(base, names)
         reads = {}
         if skus > 1:
@@ -141,7 +144,57 @@ def ledger_run(
         "lost_holds": max(0, granted - check["held"]),
         "uncounted_holds": max(0, check["held"] - granted),
         "reads": reads,
+        "view_lag": lag.summary(load.ok_per_second * EVENTS_PER_RESERVATION),
     }
+
+
+# Each one-line order appends two events: the reservation's and its SKU's.
+EVENTS_PER_RESERVATION = 2
+LAG_SAMPLE_SECONDS = 0.05
+HEAD_SQL = "SELECT coalesce(max(notification_id), 0) FROM inventoryledger_events"
+
+
+class _Lag:
+    """How far the stock view trailed the log, sampled while the load ran."""
+
+    def __init__(self) -> None:
+        self.events: list[int] = []
+
+    def summary(self, events_per_second: float) -> dict[str, float]:
+        """Median, p90 and worst, in events behind and in seconds at the load's rate."""
+        ordered = sorted(self.events) or [0]
+        picks = {
+            "median": ordered[len(ordered) // 2],
+            "p90": ordered[int(len(ordered) * 0.9)],
+            "max": ordered[-1],
+        }
+        rate = max(events_per_second, 1.0)
+        return {
+            **{f"{name}_events": value for name, value in picks.items()},
+            **{f"{name}_seconds": value / rate for name, value in picks.items()},
+        }
+
+
+@contextmanager
+def view_lag(database_url: str) -> Iterator[_Lag]:
+    """Samples the stock view's distance from the head of the log every 50 ms."""
+    lag, done = _Lag(), threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not done.wait(LAG_SAMPLE_SECONDS):
+                head = conn.execute(HEAD_SQL).fetchone()
+                view = conn.execute(POSITION_SQL, ("stock",)).fetchone()
+                if head is not None and view is not None:
+                    lag.events.append(int(head[0]) - int(view[0]))
+
+    sampler = threading.Thread(target=sample, name="view-lag", daemon=True)
+    sampler.start()
+    try:
+        yield lag
+    finally:
+        done.set()
+        sampler.join(5)
 
 
 # The baseline -----------------------------------------------------------------
@@ -241,10 +294,17 @@ def describe(row: dict[str, Any]) -> str:
             f" {bload.ok_per_second:.0f} req/s (p50 {bload.p50_ms:.1f} ms,"
             f" p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x (target ≥ 0.7x) |"
         )
+    lag = ledger.get("view_lag")
+    trailing = (
+        f", stock view behind by {1000 * lag['median_seconds']:.0f}/"
+        f"{1000 * lag['p90_seconds']:.0f}/{1000 * lag['max_seconds']:.0f} ms"
+        if lag
+        else ""
+    )
     return (
         f"| {row['workload']} | {ledger['reservations_per_second']:.0f}/s "
         f"(p50 {lload.p50_ms:.1f} ms, p99 {lload.p99_ms:.1f} ms, "
-        f"oversold {ledger['oversold_units']}, holds lost {ledger['lost_holds']}) |"
+        f"oversold {ledger['oversold_units']}, holds lost {ledger['lost_holds']}{trailing}) |"
         f" {baseline['reservations_per_second']:.0f}/s "
         f"(p50 {bload.p50_ms:.1f} ms, p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x |"
     )

@@ -700,11 +700,18 @@ def test_an_ftp_login_refused_is_fatal(tmp_path: Path, password: str) -> None:
     assert failure.reason.startswith("ftp_refused: 530")
 
 
-def test_an_ftps_pull_logs_in_and_transfers_over_tls(tmp_path: Path, password: str) -> None:
+@pytest.mark.parametrize("reuse", [False, True], ids=["any-session", "session-reuse-required"])
+def test_an_ftps_pull_logs_in_and_transfers_over_tls(
+    tmp_path: Path, password: str, reuse: bool
+) -> None:
+    """Also from a server that, like vsftpd by default, refuses a data connection that
+    does not resume the control connection's TLS session (listing and each transfer)."""
     remote = tmp_path / "remote"
     remote.mkdir()
     body = drop(remote, "csv", catalogue(4), name="stock-1.csv").read_bytes()
-    with FtpSupplier(remote, username="acme", password="feed-pw", tls=True) as server:
+    with FtpSupplier(
+        remote, username="acme", password="feed-pw", tls=True, require_session_reuse=reuse
+    ) as server:
         trusted = tmp_path / "supplier-ca.pem"
         trusted.write_text(server.certificate)
         settings = remote_settings(

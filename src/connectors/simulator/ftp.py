@@ -4,7 +4,9 @@ It listens on 127.0.0.1 with a password login, passive mode on ephemeral ports, 
 runs its own I/O loop in a background thread, so synchronous code starts and stops it.
 With `tls`, it is an FTPS server (explicit: AUTH TLS), requiring TLS for the login and
 every transfer, with a fresh self-signed certificate for 127.0.0.1 (`certificate`, for
-the client to trust).
+the client to trust). With `require_session_reuse` too, it refuses a data connection
+whose TLS session is not the control connection's, resumed, as vsftpd does by default
+(`require_ssl_reuse=YES`): the answer it gives then is vsftpd's own, 522.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 
 with warnings.catch_warnings():
     # On Python 3.11 pyftpdlib runs on the standard library's asyncore and asynchat,
     # deprecated there (it brings its own copies on 3.12+): nothing for us to act on.
     warnings.simplefilter("ignore", DeprecationWarning)
     from pyftpdlib.authorizers import DummyAuthorizer  # type: ignore[import-untyped]
-    from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler  # type: ignore[import-untyped]
+    from pyftpdlib.handlers import (  # type: ignore[import-untyped]
+        FTPHandler,
+        TLS_DTPHandler,
+        TLS_FTPHandler,
+    )
     from pyftpdlib.ioloop import IOLoop  # type: ignore[import-untyped]
     from pyftpdlib.servers import FTPServer  # type: ignore[import-untyped]
 
@@ -44,12 +51,22 @@ class FtpSupplier:
     """An FTP server over `root`; `start()` it, or use it as a context manager."""
 
     def __init__(
-        self, root: str | Path, *, username: str, password: str, tls: bool = False, port: int = 0
+        self,
+        root: str | Path,
+        *,
+        username: str,
+        password: str,
+        tls: bool = False,
+        require_session_reuse: bool = False,
+        port: int = 0,
     ) -> None:
+        if require_session_reuse and not tls:
+            raise ValueError("session reuse is a TLS requirement: set tls too")
         self.root = Path(root)
         self.username = username
         self.password = password
         self.tls = tls
+        self.require_session_reuse = require_session_reuse
         self.host = HOST
         self._tls_files: Path | None = None
         self._requested_port = port
@@ -93,6 +110,8 @@ class FtpSupplier:
                 "tls_control_required": True,
                 "tls_data_required": True,
             }
+            if self.require_session_reuse:
+                settings["dtp_handler"] = _SessionReusingDTPHandler
         handler = type(
             "SupplierFtpHandler", (TLS_FTPHandler if self.tls else FTPHandler,), settings
         )
@@ -157,6 +176,18 @@ def _self_signed(folder: Path, host: str) -> None:
             serialization.NoEncryption(),
         )
     )
+
+
+class _SessionReusingDTPHandler(TLS_DTPHandler):  # type: ignore[misc]
+    """A data connection that must resume the control connection's TLS session."""
+
+    def handle_ssl_established(self) -> None:
+        # pyOpenSSL has no public SSL_session_reused; its binding of OpenSSL does.
+        if not SSL._lib.SSL_session_reused(self.socket._ssl):  # type: ignore[attr-defined]
+            self.cmd_channel.respond("522 SSL connection failed: session reuse required")
+            self.close()
+            return
+        super().handle_ssl_established()
 
 
 def _leave_logging_to_the_application() -> None:

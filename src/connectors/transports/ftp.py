@@ -17,6 +17,8 @@ Options of `connector["ftp"]` (those of "folder" but `path`, and those of `retry
   transfer encrypted, the server's certificate verified against `ca_file` (PEM
   certificates to trust) or, without one, the system's trusted authorities, and its name
   or address checked against `host`. A certificate that fails is fatal, not retried.
+  Each data connection resumes the control connection's TLS session, which servers that
+  require it (vsftpd's default, `require_ssl_reuse`) insist on and others accept.
 - `path` (default "."): the remote folder ("." is the login's own).
 - `format`, `pattern`, `done_action`, `processed_path`: as for "folder"; `processed_path`
   (default "processed") is relative to `path` unless absolute.
@@ -28,6 +30,7 @@ import contextlib
 import ftplib
 import io
 import posixpath
+import socket
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -87,9 +90,7 @@ class FtpFolder:
         self._folder = settings.path
         self._processed = remote_path(settings.path, settings.processed_path)
         self._ftp = (
-            ftplib.FTP_TLS(  # noqa: S321 - FTP over TLS, its certificate verified
-                context=_trusting(settings.ca_file), timeout=settings.timeout_seconds
-            )
+            _ResumingFtpTls(context=_trusting(settings.ca_file), timeout=settings.timeout_seconds)
             if settings.tls
             else ftplib.FTP(timeout=settings.timeout_seconds)  # noqa: S321 (what it serves)
         )
@@ -176,6 +177,24 @@ class FtpFolder:
                 continue  # a folder, or no longer there
             entries.append(Entry(name, size, None))
         return entries
+
+
+class _ResumingFtpTls(ftplib.FTP_TLS):
+    """FTP_TLS whose data connections resume the control connection's TLS session: the
+    standard library's opens each with a new one, which vsftpd (by default) and other
+    servers refuse with 522. Its own `ntransfercmd`, with the session handed on."""
+
+    def ntransfercmd(
+        self, cmd: str, rest: int | str | None = None
+    ) -> tuple[socket.socket, int | None]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)  # noqa: S321 - then TLS
+        if self._prot_p:  # type: ignore[attr-defined]
+            conn = self.context.wrap_socket(
+                conn,
+                server_hostname=self.host,
+                session=self.sock.session,  # type: ignore[union-attr]
+            )
+        return conn, size
 
 
 def _trusting(ca_file: str | None) -> ssl.SSLContext:
