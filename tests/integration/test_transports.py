@@ -709,6 +709,7 @@ def test_an_ftps_pull_logs_in_and_transfers_over_tls(
     remote = tmp_path / "remote"
     remote.mkdir()
     body = drop(remote, "csv", catalogue(4), name="stock-1.csv").read_bytes()
+    other = drop(remote, "csv", catalogue(6), name="stock-2.csv").read_bytes()
     with FtpSupplier(
         remote, username="acme", password="feed-pw", tls=True, require_session_reuse=reuse
     ) as server:
@@ -719,9 +720,12 @@ def test_an_ftps_pull_logs_in_and_transfers_over_tls(
         )
         transport = transport_for("acme", {"ftp": settings}, state=DictState())
         assert transport is not None
-        [fetched] = pull(transport)
+        fetched = pull(transport)  # a listing and two transfers in one session
         assert pull(transport) == []
-    assert (fetched.source, fetched.body) == ("ftp", body)
+    assert [(f.name, f.source, f.body) for f in fetched] == [
+        ("stock-1.csv", "ftp", body),
+        ("stock-2.csv", "ftp", other),
+    ]
     assert (remote / "processed" / "stock-1.csv").read_bytes() == body
 
 
