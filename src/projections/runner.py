@@ -296,8 +296,8 @@ class ProjectionRunner:
         share one page, not one each. While the log is busy (writes came in while the
         last step ran), longer: each step has a cost of its own (a transaction, the
         generation and the lease looked up, the position advanced) and each page writes
-        a SKU's row once however many of its events it holds. Measured with the
-        reservations benchmark (64 clients, 10,000 SKUs, 2 API workers): the projections'
+        a SKU's row once however many of its events it holds. Measured under the
+        reservations benchmark's load (64 clients, 10,000 SKUs, 2 API workers): the projections'
         CPU per reservation fell from ~0.46 to ~0.25 ms, and PostgreSQL's from ~0.50 to
         ~0.33 ms, with 0.1 s instead of 0.02 s; the view then trails a busy log by about
         that much more. A quiet log's lone write still shows after `settle_seconds`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ftplib
 import json
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -732,6 +733,28 @@ def test_an_ftps_pull_logs_in_and_transfers_over_tls(
         ("stock-2.csv", "ftp", other),
     ]
     assert (remote / "processed" / "stock-1.csv").read_bytes() == body
+
+
+def test_a_server_requiring_session_reuse_refuses_the_standard_library_s_client(
+    tmp_path: Path,
+) -> None:
+    """The simulator refuses what vsftpd refuses, so the test above shows the client
+    resumes its session: ftplib's own FTP_TLS, which does not, is turned away with 522."""
+    drop(tmp_path, "csv", catalogue(4), name="stock-1.csv")
+    with FtpSupplier(
+        tmp_path, username="acme", password="feed-pw", tls=True, require_session_reuse=True
+    ) as server:
+        trusted = tmp_path / "supplier-ca.pem"
+        trusted.write_text(server.certificate)
+        client = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(trusted)))
+        try:
+            client.connect(server.host, server.port)
+            client.login("acme", "feed-pw")
+            client.prot_p()
+            with pytest.raises(ftplib.error_perm, match=r"^522"):
+                client.nlst()
+        finally:
+            client.close()
 
 
 def test_an_ftps_certificate_not_trusted_is_refused_without_retries(
