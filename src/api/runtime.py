@@ -140,6 +140,7 @@ def open_runtime(
             capacity=settings.read_cache_skus,
             refresh_seconds=settings.read_cache_refresh_seconds,
             max_lag_seconds=settings.read_cache_max_lag_seconds,
+            follow_seconds=settings.read_cache_follow_seconds,
         ).start()
     views = Views(store, app, cache)
     runtime = Runtime(

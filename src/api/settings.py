@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     read_cache_refresh_seconds: float = Field(
         default=0.02, gt=0, description="how often the in-memory copy reads what changed"
     )
+    read_cache_follow_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="a SKU of the copy not read for this long is dropped when it changes,"
+        " instead of being read again",
+    )
     read_cache_max_lag_seconds: float = Field(
         default=1.0,
         gt=0,

@@ -54,14 +54,19 @@ ORDER BY x.sku, x.supplier_id
 # those of the position it names.
 ENTRIES_AT_SQL = _at_live_position("SELECT DISTINCT unnest(%(skus)s::text[]) AS sku")
 
-# What a copy at position `after` must read again: the SKUs whose rows moved past it,
-# and those of suppliers whose terms did.
-CHANGES_SQL = _at_live_position(
-    "SELECT sku FROM view_availability WHERE position > %(after)s"
-    " UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL ("
-    "   SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l"
-    " WHERE s.position > %(after)s"
-)
+# The SKUs a copy at position `after` may hold stale: those whose rows moved past it, and
+# those of suppliers whose terms did; by name, beside the live position (one row with a
+# null SKU when none moved), so that the copy reads again only those it follows.
+CHANGED_SQL = f"""
+SELECT p.generation, p.position, x.sku
+FROM ({LIVE_SQL}) p
+LEFT JOIN (
+  SELECT sku FROM view_availability WHERE position > %(after)s
+  UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL (
+    SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l
+  WHERE s.position > %(after)s
+) x ON true
+"""  # noqa: S608
 
 # A new copy's first entries: the SKUs that changed last, the likeliest to be read.
 RECENT_SQL = _at_live_position(

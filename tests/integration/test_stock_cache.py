@@ -8,7 +8,7 @@ from api.runtime import Runtime
 from ledger.commands import PutSupplier
 from ledger.stock import StockLevels, second_floor
 from ledger.supplier import SupplierTerms
-from projections.entries import read_entries
+from projections.entries import Snapshot, read_entries
 from projections.runner import rebuild
 from projections.stock import StockProjection
 from projections.stockcache import StockCache
@@ -32,6 +32,7 @@ def copy_of(runtime: Runtime, capacity: int = 100, clock: Clock | None = None) -
         capacity=capacity,
         refresh_seconds=60,
         max_lag_seconds=5,
+        follow_seconds=30,
         clock=clock or Clock(),
     )
 
@@ -170,3 +171,78 @@ def test_a_rebuilt_view_starts_the_copy_afresh_from_the_new_generation(runtime: 
 
     assert cache.generation == built.generation
     assert from_copy(cache, sku, at) == expected
+
+
+def test_the_copy_reads_again_only_the_skus_read_lately_and_drops_the_others_that_moved(
+    runtime: Runtime,
+) -> None:
+    """Following every change of the catalogue costs the API processes CPU for SKUs
+    nobody is reading: a SKU not read within `follow_seconds` is dropped when it moves,
+    and comes back with its next read from the view."""
+    read, unread, still = random_sku("READ"), random_sku("UNREAD"), random_sku("STILL")
+    for sku in (read, unread, still):
+        stock_sku(runtime.writer, sku, 9)
+    caught_up(runtime)
+    clock = Clock()
+    cache = copy_of(runtime, clock=clock)
+    cache.refresh()
+    at = datetime.now(UTC)
+    for sku in (read, unread, still):
+        assert from_copy(cache, sku, at).available == 9
+
+    clock.now += cache.follow_seconds + 1
+    cache.refresh()  # nothing moved: it keeps all three
+    assert from_copy(cache, read, at).available == 9  # read lately; the others not
+    placed = runtime.writer.execute(reserve([(read, 2), (unread, 3)]))
+    assert placed.position is not None
+    caught_up(runtime)
+    cache.refresh()
+
+    at = datetime.now(UTC)
+    assert cache.position >= placed.position
+    assert from_copy(cache, read, at, wanted=placed.position).held == 2, "followed"
+    assert cache.lookup([unread], None) is None, "moved unread: dropped, not kept stale"
+    assert from_copy(cache, still, at).available == 9, "unread but unmoved: kept"
+
+    # The reader goes to the view, which offers what it read back to the copy.
+    levels = runtime.views.availability([unread], at)[unread]
+    assert levels.held == 3
+    cache.offer(_read(runtime, [unread]))
+    assert from_copy(cache, unread, at) == from_view(runtime, unread, at)
+
+
+def test_an_entry_offered_while_a_refresh_runs_is_not_kept_if_it_moved(runtime: Runtime) -> None:
+    """A reader may offer a SKU after the refresh chose which SKUs to read again and
+    before it moved the copy on: if that SKU moved in between, it must not stay stale."""
+    sku = random_sku("RACE")
+    stock_sku(runtime.writer, sku, 9)
+    caught_up(runtime)
+    clock = Clock()
+    cache = copy_of(runtime, clock=clock)
+    cache.refresh()
+    old = _read(runtime, [sku])
+    assert old.position == cache.position
+    clock.now += cache.follow_seconds + 1  # held, no longer followed
+    runtime.writer.execute(reserve([(sku, 4)]))
+    caught_up(runtime)
+
+    split = cache._followed
+
+    def followed_then_offered(moved: list[str], now: float) -> list[str]:
+        chosen = split(moved, now)
+        cache.offer(old)  # a reader's read from before the reservation
+        return chosen
+
+    cache._followed = followed_then_offered  # type: ignore[method-assign]
+    cache.refresh()
+
+    at = datetime.now(UTC)
+    assert cache.position > old.position
+    assert cache.lookup([sku], None) is None, "the stale entry was dropped"
+    cache.offer(_read(runtime, [sku]))
+    assert from_copy(cache, sku, at).held == 4
+
+
+def _read(runtime: Runtime, skus: list[str]) -> Snapshot:
+    with runtime.store.connection() as conn:
+        return read_entries(conn, skus, second_floor(datetime.now(UTC)))
