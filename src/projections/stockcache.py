@@ -9,7 +9,7 @@ suppliers' terms), and the entries of those among them it follows: the SKUs read
 `follow_seconds`. Another SKU of the copy that moved is dropped, not read again; its next
 read goes to the view and brings it back. So the copy costs in proportion to the changes
 of what is being read, not to every change of the catalogue (following every change of
-10,000 SKUs took ~13% of the machine's CPU under a reservation load, in both API
+10,000 SKUs took ~12% of the machine's CPU under a reservation load, in both API
 processes). Both statements see one snapshot, so the copy is always exactly the view at
 one position.
 
