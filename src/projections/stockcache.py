@@ -151,18 +151,14 @@ class StockCache:
                 if rows and rows[0]["generation"] == known:
                     moved = [row["sku"] for row in rows if row["sku"] is not None]
                     followed = self._followed(moved, started)
-                    entries = (
-                        snapshot_from(
-                            conn.execute(ENTRIES_AT_SQL, {**arguments, "skus": followed}).fetchall()
-                        ).entries
-                        if followed
-                        else {}
-                    )
+                    entries: dict[str, StockEntry] = {}
+                    if followed:
+                        read = conn.execute(ENTRIES_AT_SQL, {**arguments, "skus": followed})
+                        entries = snapshot_from(read.fetchall()).entries
                     snapshot = Snapshot(known, int(rows[0]["position"]), entries)
             if snapshot is None:
                 # A new copy, or the view was rebuilt: start from its latest changes.
                 snapshot = snapshot_from(conn.execute(RECENT_SQL, arguments).fetchall())
-                moved = []
         if snapshot.generation == 0:
             return  # no live generation yet
         with self._lock:
