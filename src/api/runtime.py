@@ -157,6 +157,7 @@ def open_runtime(
             views,
             batch_size=settings.connector_batch_size,
             part_seconds=settings.connector_part_seconds,
+            work_mem_mb=settings.connector_work_mem_mb,
         ),
         audit=Audit(store, app),
         leases=LeaseSession(database_url),

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="how long one part of a delivery should hold the ledger writer"
         " (reservations wait meanwhile); 0: every part holds connector_batch_size",
     )
+    connector_work_mem_mb: int = Field(
+        default=128,
+        gt=0,
+        description="memory PostgreSQL may give each sort and hash while a delivery is"
+        " compared with the levels on record (work_mem, for that transaction only)",
+    )
     run_projections: bool = Field(
         default=True, description="run the projections in this process (one holder each)"
     )

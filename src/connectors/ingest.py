@@ -251,6 +251,7 @@ class Ingestor:
         *,
         batch_size: int = 5000,
         part_seconds: float = 0.0,
+        work_mem_mb: int = 128,
         mapping_wait_seconds: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -260,6 +261,7 @@ class Ingestor:
         self.queries = LedgerQueries(writer.app)
         self.batch_size = batch_size
         self.part_seconds = part_seconds
+        self.work_mem_mb = work_mem_mb
         self.mapping_wait_seconds = mapping_wait_seconds
         self.clock = clock
 
@@ -354,18 +356,28 @@ class Ingestor:
         with self.store.connection() as conn:
             try:
                 with conn.transaction():
+                    # RESOLVE hashes the supplier's mappings and levels and sorts the
+                    # delivery: at PostgreSQL's default work_mem (4 MB), a delivery of
+                    # 1,000,000 rows spilled ~500 MB to temporary files. At 128 MB (64
+                    # to 512 MB alike) it took 4.0-4.4 s against 5.5-6.6 s with the
+                    # tables in memory, 5.8 against 6.3 s (means of four) on a database
+                    # just copied from disk.
+                    conn.execute(
+                        sql.SQL("SET LOCAL work_mem = {}").format(
+                            sql.Literal(f"{self.work_mem_mb}MB")
+                        )
+                    )
                     staged = self._stage(
                         conn, records, bulk, FeedRules.of(terms), received_at, now, result, progress
                     )
                     conn.execute(RESOLVE, params)
-                    conn.execute("CREATE INDEX ON feed_resolved (n)")
-                    conn.execute("ANALYZE feed_resolved")
-                changes = conn.execute(CHANGES).fetchall()
+                    changes = conn.execute(CHANGES).fetchall()
                 observations = self._observations(changes, result)
                 result.rejections.sort(key=lambda rejection: rejection.index)
                 # The repeats are noted on this connection (its session holds the
                 # delivery) while the writer applies the changes: they are other levels,
                 # so neither waits for the other, and the two share the machine's cores.
+                # The notes' index is built there too, not before the first part is sent.
                 with ThreadPoolExecutor(1, thread_name_prefix="ingest-notes") as notes:
                     noting = notes.submit(self._note_repeats, conn, params, staged)
                     send(observations)
@@ -386,6 +398,8 @@ class Ingestor:
     def _note_repeats(self, conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
         """Notes the delivery's repeats as seen, a chunk per transaction; returns the
         positions of those it could not note."""
+        conn.execute("CREATE INDEX ON feed_resolved (n)")
+        conn.execute("ANALYZE feed_resolved")
         left: list[int] = []
         last = staged + 1
         for first in range(1, last, TOUCH_CHUNK):

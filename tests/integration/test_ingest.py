@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,47 @@ def test_a_delivery_applied_again_after_a_crash_changes_nothing_and_fails_nothin
     assert (first.applied, first.rejected) == (1, 1)
     assert (again.applied, again.unchanged, again.rejected) == (0, 1, 1)
     assert stock_events(ledger) == events
+
+
+def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to_it(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RESOLVE sorts and hashes the whole delivery: it runs with `work_mem_mb`, and the
+    connection goes back to the pool with PostgreSQL's own setting."""
+    setup_supplier(ledger, "acme", {"A": "SKU-WM-A", "B": "SKU-WM-B"})
+    seen: list[str] = []
+    connection = ledger.store.connection
+
+    class Watched:
+        """The pooled connection, reporting work_mem as RESOLVE starts."""
+
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+            self.resolved = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if query is ingest_module.RESOLVE:
+                self.resolved = True
+                seen.append(self.conn.execute("SHOW work_mem").fetchone()["work_mem"])
+            return self.conn.execute(query, *args, **kwargs)
+
+    @contextmanager
+    def watched() -> Iterator[Any]:
+        with connection() as conn:
+            proxy = Watched(conn)
+            yield proxy
+            if proxy.resolved:  # the delivery's connection, as it returns to the pool
+                seen.append(conn.execute("SHOW work_mem").fetchone()["work_mem"])
+
+    monkeypatch.setattr(ledger.store, "connection", watched)
+    roomy = Ingestor(ledger.writer, ledger.store, ledger.views, work_mem_mb=96)
+
+    result = ingest(ledger, "acme", csv_body({"A": 3, "B": 4}, datetime.now(UTC)), ingestor=roomy)
+
+    assert result.applied == 2
+    with psycopg.connect(ledger.database_url) as conn:
+        default = conn.execute("SHOW work_mem").fetchone()
+    assert seen == ["96MB", default[0] if default else None]
