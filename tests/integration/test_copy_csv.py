@@ -39,7 +39,9 @@ def ledger(postgres_server_url: str) -> Iterator[Runtime]:
             runtime.close()
 
 
-def both_ways(ledger: Runtime, body: bytes) -> tuple[IngestResult, IngestResult]:
+def both_ways(
+    ledger: Runtime, body: bytes, terms: dict[str, Any] = TERMS
+) -> tuple[IngestResult, IngestResult]:
     """Ingests body for a fresh pair of suppliers: by COPY where possible, and in Python."""
     pair = f"{content_hash(body)[:10]}-{datetime.now(UTC).timestamp()}"
     results = []
@@ -48,7 +50,7 @@ def both_ways(ledger: Runtime, body: bytes) -> tuple[IngestResult, IngestResult]
         ("python", source_from_chunks([body[i : i + 7] for i in range(0, len(body), 7)])),
     ):
         supplier = f"{name}-{pair}"
-        setup_supplier(ledger, supplier, SKUS, **TERMS)
+        setup_supplier(ledger, supplier, SKUS, **terms)
         results.append(
             ledger.ingestor.ingest(
                 supplier,
@@ -130,6 +132,24 @@ def test_a_plain_delivery_is_loaded_by_copy_with_every_refusal_as_in_python(
         16: "quantity_out_of_range",
     }
     assert by_copy.applied == 6
+
+
+def test_the_quantity_ceiling_holds_to_the_unit_by_copy_as_in_python(ledger: Runtime) -> None:
+    ceiling = {**TERMS, "connector": {"units": {"CS": 12}, "max_quantity": 100}}
+    body = (
+        b"sku,quantity,unit\n"
+        b"S1,8,CS\n"  # 96 pieces
+        b"S2,9,CS\n"  # 108 pieces: beyond
+        b"S3,100,EA\n"  # at the ceiling
+        b"S4,101,EA\n"  # beyond
+    )
+    by_copy, _ = both_ways(ledger, body, ceiling)
+    assert by_copy.read_by == "copy"
+    assert {r.index: r.reason for r in by_copy.rejections} == {
+        2: "quantity_out_of_range",
+        4: "quantity_out_of_range",
+    }
+    assert by_copy.applied == 2
 
 
 @pytest.mark.parametrize(
