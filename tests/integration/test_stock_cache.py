@@ -204,7 +204,8 @@ def test_the_copy_reads_again_only_the_skus_read_lately_and_drops_the_others_tha
     assert cache.lookup([unread], None) is None, "moved unread: dropped, not kept stale"
     assert from_copy(cache, still, at).available == 9, "unread but unmoved: kept"
 
-    # The reader goes to the view, which offers what it read back to the copy.
+    # The reader goes to the view; what it read is offered to the copy, as Views does
+    # with its own copy (this one is the test's, so the offer is made here).
     levels = runtime.views.availability([unread], at)[unread]
     assert levels.held == 3
     cache.offer(_read(runtime, [unread]))
