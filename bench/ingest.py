@@ -119,6 +119,8 @@ def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]
         "unchanged": result.unchanged,
         "rejected": result.rejected,
         "events_appended": after - before,
+        "phases": result.as_dict()["seconds"],
+        "took": result.describe_seconds(),
     }
 
 
@@ -207,10 +209,11 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
 def describe(row: dict[str, Any]) -> str:
     ledger, baseline = row["ledger"], row["baseline"]
     target = f"; target ≤ {row['target_seconds']} s" if row.get("target_seconds") else ""
+    phases = f"; {ledger['took']}" if ledger.get("took") else ""
     return (
         f"| {row['workload']} | {ledger['rows_per_second']:,.0f} rows/s"
         f" ({ledger['seconds']:.1f} s, {ledger['applied']:,} changed,"
-        f" {ledger['events_appended']:,} events{target}) |"
+        f" {ledger['events_appended']:,} events{target}{phases}) |"
         f" COPY + SQL diff: {baseline['rows_per_second']:,.0f} rows/s"
         f" ({baseline['seconds']:.1f} s, {baseline['changed']:,} changed) |"
         f" {row['ratio']:.2f}x |"

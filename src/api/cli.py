@@ -265,12 +265,26 @@ def audit_stock(
         )
 
 
+# The format of a file whose supplier has none set, by the file's name.
+BY_SUFFIX = {
+    ".csv": "csv",
+    ".json": "json",
+    ".xml": "xml",
+    ".edi": "edi846",
+    ".x12": "edi846",
+    ".846": "edi846",
+}
+
+
 @cli.command("ingest")
 def ingest_command(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     supplier: Annotated[str, typer.Option(help="the supplier the file comes from")],
     format: Annotated[
-        str | None, typer.Option(help="csv, json, xml or edi846 (default: from the supplier)")
+        str | None,
+        typer.Option(
+            help="csv, json, xml or edi846 (default: the supplier's, else by the file's suffix)"
+        ),
     ] = None,
     delivery_id: Annotated[
         str | None, typer.Option(help="the supplier's id for it (default: the content hash)")
@@ -279,9 +293,12 @@ def ingest_command(
     """Applies one feed file now, with a progress bar and a summary."""
     with _ledger() as runtime:
         terms = runtime.ingestor.terms(supplier)
-        chosen = format or terms.connector.get("format")
+        chosen = format or terms.connector.get("format") or BY_SUFFIX.get(file.suffix.lower())
         if chosen not in FORMATS:
-            raise typer.BadParameter(f"--format is one of {', '.join(FORMATS)}")
+            raise typer.BadParameter(
+                f"--format is one of {', '.join(FORMATS)}"
+                + ("" if format else " (the supplier has none set, nor does the file's name say)")
+            )
         digest = hashlib.sha256()
         with file.open("rb") as source:
             for chunk in iter(lambda: source.read(1 << 20), b""):
@@ -325,6 +342,7 @@ def ingest_command(
             f" unchanged, {result.late:,} late, {result.rejected:,} rejected"
             + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
         )
+        typer.echo(f"took {result.describe_seconds()}")
 
 
 def main() -> None:

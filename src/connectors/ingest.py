@@ -16,9 +16,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
@@ -207,10 +209,25 @@ class IngestResult:
     # How the delivery was read: "copy" (PostgreSQL's COPY, see connectors.copy_csv) or
     # "python" (record by record).
     read_by: str = "python"
+    # Where the time went, by phase: "read" (parse, judge, stage), "compare" (with the
+    # levels on record), "apply" (the ledger applying the changes) and "notes" (noting the
+    # repeats as seen, beside "apply", so not part of the sum).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def rejected(self) -> int:
         return len(self.rejections)
+
+    def describe_seconds(self) -> str:
+        """The phases' times, as a person reads them."""
+        shown = [
+            f"{phase} {self.seconds[phase]:.1f} s"
+            for phase in ("read", "compare", "apply")
+            if phase in self.seconds
+        ]
+        if "notes" in self.seconds:
+            shown.append(f"notes {self.seconds['notes']:.1f} s beside apply")
+        return ", ".join(shown)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -221,6 +238,7 @@ class IngestResult:
             "late": self.late,
             "rejected": self.rejected,
             "position": self.position,
+            "seconds": {phase: round(took, 3) for phase, took in self.seconds.items()},
         }
 
 
@@ -367,11 +385,20 @@ class Ingestor:
                             sql.Literal(f"{self.work_mem_mb}MB")
                         )
                     )
-                    staged = self._stage(
-                        conn, records, bulk, FeedRules.of(terms), received_at, now, result, progress
-                    )
-                    conn.execute(RESOLVE, params)
-                    changes = conn.execute(CHANGES).fetchall()
+                    with _timed(result, "read"):
+                        staged = self._stage(
+                            conn,
+                            records,
+                            bulk,
+                            FeedRules.of(terms),
+                            received_at,
+                            now,
+                            result,
+                            progress,
+                        )
+                    with _timed(result, "compare"):
+                        conn.execute(RESOLVE, params)
+                        changes = conn.execute(CHANGES).fetchall()
                 observations = self._observations(changes, result)
                 result.rejections.sort(key=lambda rejection: rejection.index)
                 # The repeats are noted on this connection (its session holds the
@@ -379,8 +406,9 @@ class Ingestor:
                 # so neither waits for the other, and the two share the machine's cores.
                 # The notes' index is built there too, not before the first part is sent.
                 with ThreadPoolExecutor(1, thread_name_prefix="ingest-notes") as notes:
-                    noting = notes.submit(self._note_repeats, conn, params, staged)
-                    send(observations)
+                    noting = notes.submit(self._note_repeats, conn, params, staged, result)
+                    with _timed(result, "apply"):
+                        send(observations)
                     left = noting.result()
                 # Repeats whose level moved before they were noted: the ledger decides.
                 moved = self._observations(conn.execute(MOVED, {"left": left}).fetchall(), result)
@@ -388,16 +416,23 @@ class Ingestor:
                 conn.execute("DROP TABLE IF EXISTS feed_staging, feed_resolved")
         result.unchanged += staged - len(changes) - len(moved)
         if moved:
-            send(moved, refusals=False)
+            with _timed(result, "apply"):
+                send(moved, refusals=False)
         observations += moved
         if observations:
             newest = max(o.observed_at for o in observations)
             result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
         return result
 
-    def _note_repeats(self, conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
+    def _note_repeats(
+        self, conn: Connection, params: dict[str, Any], staged: int, result: IngestResult
+    ) -> list[int]:
         """Notes the delivery's repeats as seen, a chunk per transaction; returns the
         positions of those it could not note."""
+        with _timed(result, "notes"):
+            return self._note_chunks(conn, params, staged)
+
+    def _note_chunks(self, conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
         conn.execute("CREATE INDEX ON feed_resolved (n)")
         conn.execute("ANALYZE feed_resolved")
         left: list[int] = []
@@ -613,6 +648,17 @@ class Ingestor:
         if outcome.position is not None:
             result.position = max(result.position or 0, outcome.position)
         return outcome.seconds
+
+
+@contextmanager
+def _timed(result: IngestResult, phase: str) -> Iterator[None]:
+    """Adds the time the block takes to the delivery's `phase`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        took = time.perf_counter() - started
+        result.seconds[phase] = result.seconds.get(phase, 0.0) + took
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ class InboxWorker:
             unchanged=result.unchanged,
             late=result.late,
             rejected=result.rejected,
+            seconds=result.as_dict()["seconds"],
         )
         return result
 

@@ -16,6 +16,7 @@ import pytest
 
 from connectors.webhooks import sign
 from tests.conftest import Server, serving
+from tests.e2e.test_read_side import ledger_command
 
 SECRET = "whsec-test-0123456789"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
@@ -82,6 +83,7 @@ def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Serve
     assert again.json() == {**accepted.json(), "duplicate": True, "status": again.json()["status"]}
     assert (status["rows"], status["applied"], status["rejected"]) == (2, 1, 1)
     assert on_hand(ledger, sku, status["position"]) == 14
+    assert set(status["seconds"]) == {"read", "compare", "apply", "notes"}
     assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
     mine = [s for s in feed_health["suppliers"] if s["supplier_id"] == supplier_id]
     assert mine[0]["last_rows"] == 2
@@ -293,3 +295,53 @@ def test_a_feed_upload_without_a_valid_key_is_refused_before_its_body_is_read(
             body += chunk
     assert status_line.split(b" ")[1] == b"401", status_line
     assert json.loads(body)["error"] == "unauthorized"
+
+
+def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_refused(
+    ledger: Server, tmp_path: Path
+) -> None:
+    sku = f"CLI-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    feed = tmp_path / "stock.csv"
+    feed.write_text(f"sku,quantity,observed_at\nA-1,14,{at}\nNOPE,3,{at}\n")
+    broken = tmp_path / "stock.json"
+    broken.write_text('{"items": [')
+    nameless = tmp_path / "stock"
+    nameless.write_bytes(feed.read_bytes())
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+
+        applied = ledger_command(
+            ledger.database_url, "ingest", str(feed), "--supplier", supplier_id
+        )
+        refused = ledger_command(
+            ledger.database_url,
+            "ingest",
+            str(broken),
+            "--supplier",
+            supplier_id,
+            "--format",
+            "json",
+        )
+        unnamed = ledger_command(
+            ledger.database_url, "ingest", str(nameless), "--supplier", supplier_id
+        )
+        letters = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
+
+    assert applied.returncode == 0, applied.stderr
+    assert (
+        "2 rows read: 1 changed, 0 unchanged, 0 late, 1 rejected (unmapped_supplier_sku: 1)"
+        in applied.stdout
+    )
+    assert "took read " in applied.stdout
+    assert " apply " in applied.stdout
+    assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
+    deadline = time.monotonic() + 20
+    while on_hand(ledger, sku, None) != 14:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert refused.returncode != 0
+    assert "the file is rejected whole" in refused.stderr
+    # Neither the supplier nor the file's name says the format: nothing is read.
+    assert unnamed.returncode != 0
+    assert "the supplier has none set" in unnamed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -483,3 +484,33 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
     with psycopg.connect(ledger.database_url) as conn:
         default = conn.execute("SHOW work_mem").fetchone()
     assert seen == ["96MB", default[0] if default else None]
+
+
+def test_a_delivery_says_which_phase_its_time_went_to(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger is made to take 0.3 s over the changes: that time shows under "apply",
+    not under reading or comparing; the notes, beside it, are timed on their own."""
+    setup_supplier(ledger, "acme", {"A": "SKU-T-A", "B": "SKU-T-B"})
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    ingest(ledger, "acme", csv_body({"A": 3, "B": 4}, at))
+    execute = ledger.writer.execute
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(ledger.writer, "execute", slow)
+    started = time.perf_counter()
+    # A changes, B repeats: one change for the ledger, one repeat to note.
+    result = ingest(ledger, "acme", csv_body({"A": 5, "B": 4}, at + timedelta(seconds=5)))
+    took = time.perf_counter() - started
+
+    assert (result.applied, result.unchanged) == (1, 1)
+    seconds = result.as_dict()["seconds"]
+    assert set(seconds) == {"read", "compare", "apply", "notes"}
+    assert seconds["apply"] >= 0.3
+    assert seconds["read"] < 0.3
+    assert seconds["compare"] < 0.3
+    assert seconds["read"] + seconds["compare"] + seconds["apply"] <= took
+    assert result.describe_seconds().startswith("read ")

@@ -213,6 +213,7 @@ def feed_status(
         "late": counts.get("late"),
         "rejected": counts.get("rejected"),
         "position": counts.get("position"),
+        "seconds": counts.get("seconds"),
         "error": row["error"],
         "attempts": row["attempts"],
         "received_at": row["received_at"],
