@@ -85,12 +85,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
             )
         )
         levels = Identifier(LEVELS_TABLE)
+        # The arrays below travel in binary (%b) too: a delivery's part sends thousands of
+        # values in each, and their text form cost ~4x as long to build (5,000 levels:
+        # 30 against 8 ms a statement; 5,000 stream ids: 15 against 4 ms; measured with
+        # the round trip), on the writer's thread.
         # A row whose report moves on must not pass a newer report seen meanwhile.
         self.upsert_levels = SQL(
             "INSERT INTO {schema}.{table} AS l"
             " (supplier_id, sku, quantity, observed_at, unreported_from, seen_at)"
             " SELECT r.*, r.observed_at FROM unnest("
-            "  %s::text[], %s::text[], %s::bigint[], %s::timestamptz[], %s::bigint[]"
+            "  %b::text[], %b::text[], %b::bigint[], %b::timestamptz[], %b::bigint[]"
             " ) AS r(supplier_id, sku, quantity, observed_at, unreported_from)"
             " ON CONFLICT (supplier_id, sku) DO UPDATE SET quantity = excluded.quantity,"
             "  observed_at = excluded.observed_at, unreported_from = excluded.unreported_from,"
@@ -105,8 +109,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "INSERT INTO {schema}.{table} AS l"
             " (supplier_id, sku, seen_at, quantity, observed_at, unreported_from)"
             " SELECT * FROM unnest("
-            "  %s::text[], %s::text[], %s::timestamptz[], %s::bigint[], %s::timestamptz[],"
-            "  %s::bigint[])"
+            "  %b::text[], %b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[],"
+            "  %b::bigint[])"
             " ON CONFLICT (supplier_id, sku) DO UPDATE"
             "  SET seen_at = greatest(l.seen_at, excluded.seen_at)"
             " WHERE l.quantity = excluded.quantity"
@@ -116,18 +120,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
         ).format(schema=schema, table=levels)
         self.select_seen_statement = SQL(
             "SELECT sku, greatest(seen_at, observed_at) AS seen_at FROM {schema}.{table}"
-            " WHERE supplier_id = %s AND sku = ANY(%s)"
+            " WHERE supplier_id = %s AND sku = ANY(%b::text[])"
         ).format(schema=schema, table=levels)
         self.select_versions_statement = SQL(
             "SELECT w.id, (SELECT max(originator_version) FROM {schema}.{events}"
-            " WHERE originator_id = w.id) AS version FROM unnest(%s::uuid[]) AS w(id)"
+            " WHERE originator_id = w.id) AS version FROM unnest(%b::uuid[]) AS w(id)"
         ).format(schema=schema, events=Identifier(self.events_table_name))
         # LATERAL lookups, one per stream, on the primary keys: however the planner
         # estimates the array, it never scans a table whose size grows with the log
         # (OFFSET 0 keeps the planner from flattening the lookup into a hash join).
         self.select_streams_statement = SQL(
             "WITH wanted AS MATERIALIZED (SELECT DISTINCT ON (id) id, after"
-            "   FROM unnest(%s::uuid[], %s::integer[]) AS t(id, after)),"
+            "   FROM unnest(%b::uuid[], %b::integer[]) AS t(id, after)),"
             " latest AS MATERIALIZED (SELECT w.id AS originator_id, s.originator_version,"
             "   s.topic, s.state FROM wanted w CROSS JOIN LATERAL ("
             "     SELECT originator_version, topic, state FROM {schema}.{snapshots}"

@@ -340,7 +340,7 @@ class StateProjection(Projection):
                 wanted[self._table_of(notification.topic)].add(originator_id)
         for name, ids in wanted.items():
             rows = conn.execute(
-                sql.SQL("SELECT id, version, state FROM {} WHERE id = ANY(%s)").format(
+                sql.SQL("SELECT id, version, state FROM {} WHERE id = ANY(%b::uuid[])").format(
                     table(schema, name)
                 ),
                 (list(ids),),

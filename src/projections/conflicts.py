@@ -88,7 +88,9 @@ class ConflictsProjection(Projection):
     def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
         ids = list({n.originator_id for n in page})
         rows = conn.execute(
-            sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%s)").format(table(schema, "names")),
+            sql.SQL("SELECT id, name FROM {} WHERE id = ANY(%b::uuid[])").format(
+                table(schema, "names")
+            ),
             (ids,),
         ).fetchall()
         self._names.update({row["id"]: row["name"] for row in rows})
