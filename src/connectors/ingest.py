@@ -86,10 +86,17 @@ def _repeats(record: str) -> sql.Composed:
 # - "repeat": repeats the level on record and is newer than any report of it seen, to be
 #   noted below (an older report arriving later is then late);
 # - "seen": repeats the newest report seen (a delivery again): nothing to do.
+# Only an unresolved record keeps what the supplier wrote (its supplier SKU, UPC, unit and
+# quantity), for its dead letter: the others are sorted and written without them, 3.5
+# against 4.0 s for 1,000,000 rows (means of three alternating runs in psql).
 RESOLVE = sql.SQL("""
 CREATE TEMPORARY TABLE feed_resolved AS
 WITH resolved AS (
-    SELECT s.position, s.supplier_sku, s.upc, s.observed_at, s.unit, s.quantity AS reported,
+    SELECT s.position, s.observed_at,
+           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.supplier_sku END AS supplier_sku,
+           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.upc END AS upc,
+           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.unit END AS unit,
+           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.quantity END AS reported,
            coalesce(m.sku, u.sku) AS sku,
            s.quantity * coalesce(s.factor, m.units_per_supplier_unit,
                                  u.units_per_supplier_unit, 1) AS quantity
