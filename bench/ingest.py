@@ -23,6 +23,7 @@ from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
 from bench.harness import fresh_database, projecting
+from connectors.ingest import describe_phases
 from connectors.simulator import Catalogue, write_csv
 from ledger.base import Cause
 from ledger.mapping import MappingSpec, SkuMapping
@@ -120,7 +121,6 @@ def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]
         "rejected": result.rejected,
         "events_appended": after - before,
         "phases": result.as_dict()["seconds"],
-        "took": result.describe_seconds(),
     }
 
 
@@ -209,7 +209,7 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
 def describe(row: dict[str, Any]) -> str:
     ledger, baseline = row["ledger"], row["baseline"]
     target = f"; target ≤ {row['target_seconds']} s" if row.get("target_seconds") else ""
-    phases = f"; {ledger['took']}" if ledger.get("took") else ""
+    phases = f"; {describe_phases(ledger['phases'])}" if ledger.get("phases") else ""
     return (
         f"| {row['workload']} | {ledger['rows_per_second']:,.0f} rows/s"
         f" ({ledger['seconds']:.1f} s, {ledger['applied']:,} changed,"

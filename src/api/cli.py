@@ -33,7 +33,7 @@ from api.logs import configure_logging
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.settings import Settings
 from connectors import health
-from connectors.ingest import FeedRejected, record_dead_letters
+from connectors.ingest import FeedRejected, describe_phases, record_dead_letters
 from connectors.parsers import FORMATS, Format
 from projections.registry import all_projections
 from projections.runner import rebuild
@@ -342,7 +342,7 @@ def ingest_command(
             f" unchanged, {result.late:,} late, {result.rejected:,} rejected"
             + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
         )
-        typer.echo(f"took {result.describe_seconds()}")
+        typer.echo(f"took {describe_phases(result.seconds)}")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -225,17 +225,6 @@ class IngestResult:
     def rejected(self) -> int:
         return len(self.rejections)
 
-    def describe_seconds(self) -> str:
-        """The phases' times, as a person reads them."""
-        shown = [
-            f"{phase} {self.seconds[phase]:.1f} s"
-            for phase in ("read", "compare", "apply")
-            if phase in self.seconds
-        ]
-        if "notes" in self.seconds:
-            shown.append(f"notes {self.seconds['notes']:.1f} s beside apply")
-        return ", ".join(shown)
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "delivery_id": self.delivery_id,
@@ -408,12 +397,17 @@ class Ingestor:
                         changes = conn.execute(CHANGES).fetchall()
                 observations = self._observations(changes, result)
                 result.rejections.sort(key=lambda rejection: rejection.index)
+
                 # The repeats are noted on this connection (its session holds the
                 # delivery) while the writer applies the changes: they are other levels,
                 # so neither waits for the other, and the two share the machine's cores.
                 # The notes' index is built there too, not before the first part is sent.
+                def note() -> list[int]:
+                    with _timed(result, "notes"):
+                        return self._note_repeats(conn, params, staged)
+
                 with ThreadPoolExecutor(1, thread_name_prefix="ingest-notes") as notes:
-                    noting = notes.submit(self._note_repeats, conn, params, staged, result)
+                    noting = notes.submit(note)
                     with _timed(result, "apply"):
                         send(observations)
                     left = noting.result()
@@ -431,15 +425,9 @@ class Ingestor:
             result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
         return result
 
-    def _note_repeats(
-        self, conn: Connection, params: dict[str, Any], staged: int, result: IngestResult
-    ) -> list[int]:
+    def _note_repeats(self, conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
         """Notes the delivery's repeats as seen, a chunk per transaction; returns the
         positions of those it could not note."""
-        with _timed(result, "notes"):
-            return self._note_chunks(conn, params, staged)
-
-    def _note_chunks(self, conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
         conn.execute("CREATE INDEX ON feed_resolved (n)")
         conn.execute("ANALYZE feed_resolved")
         left: list[int] = []
@@ -655,6 +643,18 @@ class Ingestor:
         if outcome.position is not None:
             result.position = max(result.position or 0, outcome.position)
         return outcome.seconds
+
+
+def describe_phases(seconds: Mapping[str, float]) -> str:
+    """A delivery's phase times (`IngestResult.seconds`), as a person reads them."""
+    shown = [
+        f"{phase} {seconds[phase]:.1f} s"
+        for phase in ("read", "compare", "apply")
+        if phase in seconds
+    ]
+    if "notes" in seconds:
+        shown.append(f"notes {seconds['notes']:.1f} s beside apply")
+    return ", ".join(shown)
 
 
 @contextmanager
