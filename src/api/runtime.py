@@ -158,6 +158,7 @@ def open_runtime(
             batch_size=settings.connector_batch_size,
             part_seconds=settings.connector_part_seconds,
             work_mem_mb=settings.connector_work_mem_mb,
+            read_connections=settings.connector_read_connections,
         ),
         audit=Audit(store, app),
         leases=LeaseSession(database_url),

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="memory PostgreSQL may give each sort and hash while a delivery is"
         " compared with the levels on record (work_mem, for that transaction only)",
     )
+    connector_read_connections: int = Field(
+        default=2,
+        ge=1,
+        description="connections that read and compare a large CSV delivery at once, each"
+        " a share of its lines (PostgreSQL does that work on one core a connection)",
+    )
     run_projections: bool = Field(
         default=True, description="run the projections in this process (one holder each)"
     )
