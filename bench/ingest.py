@@ -121,6 +121,7 @@ def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]
         "rejected": result.rejected,
         "events_appended": after - before,
         "phases": result.as_dict()["seconds"],
+        "shares": result.shares,
     }
 
 
@@ -210,6 +211,8 @@ def describe(row: dict[str, Any]) -> str:
     ledger, baseline = row["ledger"], row["baseline"]
     target = f"; target ≤ {row['target_seconds']} s" if row.get("target_seconds") else ""
     phases = f"; {describe_phases(ledger['phases'])}" if ledger.get("phases") else ""
+    if ledger.get("shares", 1) > 1:
+        phases += f"; read and compared in {ledger['shares']} shares at once"
     return (
         f"| {row['workload']} | {ledger['rows_per_second']:,.0f} rows/s"
         f" ({ledger['seconds']:.1f} s, {ledger['applied']:,} changed,"

@@ -115,6 +115,8 @@ class InboxWorker:
             late=result.late,
             rejected=result.rejected,
             seconds=result.as_dict()["seconds"],
+            read_by=result.read_by,
+            shares=result.shares,
         )
         return result
 
