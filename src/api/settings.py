@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     connector_read_connections: int = Field(
         default=2,
         ge=1,
+        # Each is taken from the views' pool (8) for the whole delivery: room is left for
+        # the projections, the inbox and another delivery.
+        le=4,
         description="connections that read and compare a large CSV delivery at once, each"
         " a share of its lines (PostgreSQL does that work on one core a connection)",
     )

@@ -224,7 +224,8 @@ def split(source: BinaryIO, settings: CsvSettings, shares: int) -> list[Share] |
         for start, stop in itertools.pairwise(bounds):
             raw = _Lines(source, lock, head, start, stop)
             found.append(Share(io.BufferedReader(raw, CHUNK), first))
-            first += _count_lines(source, start, stop)
+            if stop < end:  # the next share's rows are numbered on from this one's
+                first += _count_lines(source, start, stop)
         return found
     finally:
         source.seek(begin)

@@ -208,6 +208,9 @@ MIN_PART = BULK_FROM
 # Records read in Python go to the staging table this many at a time.
 STAGE_BATCH = 10_000
 
+# How long a delivery waits for a spare connection to read a share on.
+SPARE_WAIT_SECONDS = 1.0
+
 # A CSV delivery this large or larger is read and compared in shares, on several
 # connections at once (see `Ingestor._compare`); a smaller one on one connection. Each
 # share hashes all the supplier's mappings and levels (~1.2 s of its work at 1,000,000 of
@@ -392,12 +395,10 @@ class Ingestor:
             heartbeat=heartbeat,
         )
         reading = _Reading(FeedRules.of(terms), received_at, now, params, progress)
-        with ExitStack() as connections:
-            sides = [_Side(connections.enter_context(self.store.connection()))]
+        with ExitStack() as held:
+            sides = [_Side(held.enter_context(self.store.connection()))]
             try:
-                if bulk is not None:
-                    sides += self._more_sides(connections, bulk)
-                changes = self._compare(sides, records, bulk, reading, result)
+                sides, changes = self._compare(held, sides[0], records, bulk, reading, result)
                 observations = self._observations(changes, result)
                 result.rejections.sort(key=lambda rejection: rejection.index)
 
@@ -429,8 +430,7 @@ class Ingestor:
                     result,
                 )
             finally:
-                for side in sides:
-                    side.conn.execute(DROP_TABLES)
+                _drop_tables(sides)
         result.unchanged += sum(side.staged for side in sides) - len(changes) - len(moved)
         if moved:
             with _timed(result, "apply"):
@@ -441,117 +441,167 @@ class Ingestor:
             result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
         return result
 
-    def _more_sides(self, connections: ExitStack, bulk: _Bulk) -> list[_Side]:
-        """The connections beyond the first that read and compare shares of a large CSV
-        delivery (see `_compare`): none for a smaller one, or when the pool has none to
-        spare at once (the delivery is then read on one)."""
-        wanted = self.read_connections - 1
-        if wanted <= 0 or _size(bulk.body) < self.split_from_bytes:
-            return []
-        sides: list[_Side] = []
-        for _ in range(wanted):
-            try:
-                conn = connections.enter_context(self.store.pool.connection(timeout=1.0))
-            except PoolTimeout:
-                break
-            sides.append(_Side(conn))
-        return sides
-
     def _compare(
         self,
-        sides: list[_Side],
+        held: ExitStack,
+        side: _Side,
         records: Iterator[Record | RecordError],
         bulk: _Bulk | None,
         reading: _Reading,
         result: IngestResult,
-    ) -> list[Any]:
+    ) -> tuple[list[_Side], list[Any]]:
         """Stages the delivery and compares it with the levels on record; returns the
+        connections that hold it (in their sessions' tables, for the notes), and the
         records the ledger must see, a SKU's together, in the writer's order (by SKU,
-        bytewise), with the unresolved ones last.
+        bytewise), the unresolved ones last.
 
-        With several sides, a large CSV delivery is split into shares of whole lines, one
-        a side, each read (by COPY) and compared on its own connection at the same time:
-        PostgreSQL does that work on one core a connection, ~8 of a 5% delivery's ~20 s
-        at 1,000,000 rows while the machine's other core had nothing to do. A SKU that
-        two shares both report has several records, so it goes to the ledger, as it would
-        have from a delivery read whole. Where a share cannot be read by COPY, the
-        delivery is read whole, on the first side, as if it had not been split."""
-        shares = (
-            split(bulk.body, bulk.settings, len(sides))
-            if bulk is not None and len(sides) > 1
-            else None
-        )
-        if shares is not None:
+        A large CSV delivery is split into shares of whole lines, each read (by COPY) and
+        compared on a connection of its own at the same time: PostgreSQL does that work
+        on one core a connection, ~8 of a 5% delivery's ~20 s at 1,000,000 rows while the
+        machine's other core had nothing to do. A SKU that two shares both report has
+        several records, so it goes to the ledger, as it would from a delivery read
+        whole. Where a share cannot be read by COPY, the delivery is read whole, on the
+        first connection, as if it had not been split."""
+        sides = [side, *self._more_sides(held, bulk)]
+        if len(sides) > 1:
             assert bulk is not None
-            del sides[len(shares) :]  # a short delivery has fewer lines to share
             began, start = time.perf_counter(), bulk.body.tell()
-            with ThreadPoolExecutor(len(sides) - 1, thread_name_prefix="ingest-share") as pool:
-                tried = [
-                    pool.submit(_attempt, self._prepare_share, side, share, bulk, reading)
-                    for side, share in zip(sides[1:], shares[1:], strict=True)
-                ]
-                first = _attempt(self._prepare_share, sides[0], shares[0], bulk, reading)
-                outcomes = [first, *(future.result() for future in tried)]
-            read = [o for o in outcomes if isinstance(o, IngestResult)]
-            if len(read) == len(outcomes):
-                for counted in read:
-                    result.rows += counted.rows
-                    result.rejections += counted.rejections
-                if reading.progress is not None:
-                    reading.progress(result.rows)
-                result.read_by, result.shares = "copy", len(sides)
-                changes = _in_sku_order(_with_reported_twice(sides))
-                # The shares were read at the same time, each then compared: the slowest
-                # read is the delivery's, the rest of the time its comparison.
-                result.seconds["read"] = max(counted.seconds["read"] for counted in read)
-                result.seconds["compare"] = time.perf_counter() - began - result.seconds["read"]
-                return changes
-            declined = next(o for o in outcomes if not isinstance(o, IngestResult))
-            log.info("ingest.copy_declined", reason=str(declined).strip())
-            for side in sides:
-                side.conn.execute(DROP_TABLES)
-                side.staged = 0
-            bulk.body.seek(start)
-            bulk = None
-        side = sides[0]
-        del sides[1:]
+            shares = split(bulk.body, bulk.settings, len(sides))
+            for spare in sides[len(shares or [side]) :]:  # fewer lines than connections
+                spare.release()
+            if shares is not None:
+                sides = sides[: len(shares)]
+                changes = self._compare_shares(sides, shares, bulk, reading, result)
+                if changes is not None:
+                    return sides, changes
+                # Declined: the delivery is read in Python, on the first connection; the
+                # time the shares took counts as reading, as a declined COPY's does.
+                for other in sides[1:]:
+                    other.release()
+                result.seconds["read"] = time.perf_counter() - began
+                bulk.body.seek(start)
+                bulk = None
         with side.conn.transaction():
             self._work_mem(side.conn)
             with _timed(result, "read"):
                 side.staged = self._stage(side.conn, records, bulk, reading, result)
             with _timed(result, "compare"):
                 side.conn.execute(RESOLVE, reading.params)
-                return side.conn.execute(CHANGES).fetchall()
+                return [side], side.conn.execute(CHANGES).fetchall()
 
-    def _prepare_share(
-        self, side: _Side, share: Share, bulk: _Bulk, reading: _Reading
-    ) -> IngestResult:
+    def _more_sides(self, held: ExitStack, bulk: _Bulk | None) -> list[_Side]:
+        """Connections beyond the first for reading a large CSV delivery in shares: none
+        for a smaller one, or while the pool has none to spare (the delivery is then
+        read on fewer, or on one)."""
+        if bulk is None or self.read_connections <= 1 or _size(bulk.body) < self.split_from_bytes:
+            return []
+        sides: list[_Side] = []
+        for _ in range(self.read_connections - 1):
+            own = ExitStack()
+            try:
+                conn = own.enter_context(self.store.connection(timeout=SPARE_WAIT_SECONDS))
+            except PoolTimeout:
+                break
+            held.push(own)
+            sides.append(_Side(conn, own))
+        return sides
+
+    def _compare_shares(
+        self,
+        sides: list[_Side],
+        shares: list[Share],
+        bulk: _Bulk,
+        reading: _Reading,
+        result: IngestResult,
+    ) -> list[Any] | None:
+        """Reads and compares each share on its side, at the same time; returns the
+        delivery's changes, or None where a share could not be read by COPY (the sides
+        then hold nothing)."""
+        began = time.perf_counter()
+        with ThreadPoolExecutor(len(sides) - 1, thread_name_prefix="ingest-share") as pool:
+            others = [
+                pool.submit(self._compare_share, side, share, bulk, reading)
+                for side, share in zip(sides[1:], shares[1:], strict=True)
+            ]
+            first = self._compare_share(sides[0], shares[0], bulk, reading)
+            counts = [first, *(other.result() for other in others)]
+        declined = [c.declined for c in counts if c.declined is not None]
+        if declined:
+            log.warning(
+                "ingest.copy_declined",
+                reason=str(declined[0]).strip(),
+                error=type(declined[0]).__name__,
+                shares=len(sides),
+            )
+            _drop_tables(sides)
+            return None
+        for counted in counts:
+            result.rows += counted.rows
+            result.rejections += counted.rejections
+        if reading.progress is not None:
+            reading.progress(result.rows)
+        result.read_by, result.shares = "copy", len(sides)
+        changes = _in_sku_order(_with_reported_twice(sides))
+        # The shares were read at the same time, each then compared: the slowest read is
+        # the delivery's, the rest of the time its comparison.
+        result.seconds["read"] = max(counted.seconds["read"] for counted in counts)
+        result.seconds["compare"] = time.perf_counter() - began - result.seconds["read"]
+        return changes
+
+    def _compare_share(self, side: _Side, share: Share, bulk: _Bulk, reading: _Reading) -> _Counted:
         """Loads one share of a delivery by COPY and compares it; what it read (rows,
-        refusals, time taken) is returned, for the delivery to add up."""
-        counted = IngestResult("")
+        refusals, time taken) is returned for the delivery to add up, or why COPY
+        declined it. An error while comparing is raised: it is not the file's."""
+        counted = _Counted("")
         with side.conn.transaction():
             self._work_mem(side.conn)
             with _timed(counted, "read"):
-                side.conn.execute(STAGING)
-                loaded = copy_csv(
-                    side.conn,
-                    share.body,
-                    bulk.settings,
-                    reading.rules,
-                    reading.received_at,
-                    reading.now,
-                    first_position=share.first_position,
-                )
-                counted.rows += loaded.staged
-                side.staged = loaded.staged + self._stage_records(
-                    side.conn, loaded.rest, reading, counted
-                )
-                side.conn.execute("DROP TABLE feed_raw, feed_units, feed_times")
+                try:
+                    side.staged = self._copy(
+                        side.conn, share.body, bulk.settings, share.first_position, reading, counted
+                    )
+                except (NotByCopy, psycopg.Error) as declined:
+                    counted.declined = declined
+                    return counted
             side.conn.execute(RESOLVE, reading.params)
             side.found = side.conn.execute(CHANGES).fetchall()
             skus = side.conn.execute(SKUS, binary=True).fetchone()
             side.skus = set(skus["skus"] or ()) if skus is not None else set()
         return counted
+
+    def _copy(
+        self,
+        conn: Connection,
+        body: BinaryIO,
+        settings: CsvSettings,
+        first_position: int,
+        reading: _Reading,
+        result: IngestResult,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Stages a CSV delivery (or a share of one) by COPY, in a savepoint, the rows
+        SQL cannot vouch for read in Python; returns how many were staged. Raises
+        NotByCopy, or COPY's error, where it cannot be read so (nothing is then staged)."""
+        with conn.transaction():
+            conn.execute(STAGING)
+            loaded = copy_csv(
+                conn,
+                body,
+                settings,
+                reading.rules,
+                reading.received_at,
+                reading.now,
+                first_position=first_position,
+            )
+            result.rows += loaded.staged
+            if progress is not None:
+                progress(result.rows)
+            staged = loaded.staged + self._stage_records(
+                conn, loaded.rest, reading, result, progress
+            )
+            conn.execute("DROP TABLE feed_raw, feed_units, feed_times")
+        result.read_by = "copy"
+        return staged
 
     def _work_mem(self, conn: Connection) -> None:
         # RESOLVE hashes the supplier's mappings and levels and sorts the delivery: at
@@ -623,33 +673,18 @@ class Ingestor:
 
         A CSV delivery is loaded by COPY where it can be (see connectors.copy_csv), in a
         savepoint; where it cannot, it is read again from the start, in Python."""
-        conn.execute(STAGING)
         if bulk is not None:
             start, rows, refused = bulk.body.tell(), result.rows, len(result.rejections)
             try:
-                with conn.transaction():
-                    loaded = copy_csv(
-                        conn,
-                        bulk.body,
-                        bulk.settings,
-                        reading.rules,
-                        reading.received_at,
-                        reading.now,
-                    )
-                    result.rows += loaded.staged
-                    if reading.progress is not None:
-                        reading.progress(result.rows)
-                    staged = loaded.staged + self._stage_records(
-                        conn, loaded.rest, reading, result, reading.progress
-                    )
-                    conn.execute("DROP TABLE feed_raw, feed_units, feed_times")
-                result.read_by = "copy"
-                return staged
+                return self._copy(
+                    conn, bulk.body, bulk.settings, 1, reading, result, reading.progress
+                )
             except (NotByCopy, psycopg.Error) as refused_copy:
                 log.info("ingest.copy_declined", reason=str(refused_copy).strip())
                 bulk.body.seek(start)
-                result.rows = rows
+                result.rows, result.read_by = rows, "python"
                 del result.rejections[refused:]
+        conn.execute(STAGING)
         return self._stage_records(conn, records, reading, result, reading.progress)
 
     def _stage_records(
@@ -660,7 +695,8 @@ class Ingestor:
         result: IngestResult,
         progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Streams records read in Python into the staging table; returns how many."""
+        """Streams records read in Python into the staging table; returns how many.
+        `progress` (the delivery's, where this reads it whole) hears of every 10,000."""
         staged = 0
         rows: list[tuple[Any, ...]] = []
         try:
@@ -831,21 +867,35 @@ class _Reading:
 class _Side:
     """A connection holding (part of) a delivery in its session's tables: `feed_staging`,
     then `feed_resolved` (RESOLVE), `staged` records in all. Reading a share, it also
-    keeps the share's changes (`found`) and the SKUs it reports."""
+    keeps the share's changes (`found`) and the SKUs it reports. `own`: what gives a
+    borrowed connection back (before the delivery ends, when it has no share to hold)."""
 
     conn: Connection
+    own: ExitStack | None = None
     staged: int = 0
     found: list[Any] = field(default_factory=list)
     skus: set[str] = field(default_factory=set)
 
+    def release(self) -> None:
+        if self.own is not None:
+            self.own.close()
 
-def _attempt(call: Callable[..., IngestResult], *args: Any) -> IngestResult | Exception:
-    """What the call returns, or the NotByCopy or database error it raised (which send a
-    split delivery to be read whole)."""
-    try:
-        return call(*args)
-    except (NotByCopy, psycopg.Error) as declined:
-        return declined
+
+@dataclass
+class _Counted(IngestResult):
+    """What reading one share counted, or why COPY declined it."""
+
+    declined: Exception | None = None
+
+
+def _drop_tables(sides: list[_Side]) -> None:
+    """Drops the delivery's tables on every connection that held some; one that cannot
+    (its connection broke) does not keep the others from it."""
+    for side in sides:
+        try:
+            side.conn.execute(DROP_TABLES)
+        except psycopg.Error as error:
+            log.warning("ingest.tables_not_dropped", error=str(error).strip())
 
 
 def _with_reported_twice(sides: list[_Side]) -> list[list[Any]]:

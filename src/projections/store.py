@@ -85,8 +85,10 @@ class ViewStore:
         self.pool.close()
 
     @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        with self.pool.connection() as conn:
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        """A connection from the pool; `timeout`: how long to wait for one (PoolTimeout)
+        when not the pool's own."""
+        with self.pool.connection(timeout=timeout) as conn:
             yield conn
 
     @contextmanager

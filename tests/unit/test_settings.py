@@ -35,6 +35,15 @@ def test_a_pool_too_small_for_a_save_under_the_table_lock_is_refused_at_start() 
     assert Settings.model_validate({"pool_size": 1, "pool_max_overflow": 1}).pool_size == 1
 
 
+@pytest.mark.parametrize("connections", [0, 5])
+def test_a_delivery_may_not_take_more_read_connections_than_the_views_pool_spares(
+    connections: int,
+) -> None:
+    with pytest.raises(ValidationError, match="connector_read_connections"):
+        Settings(connector_read_connections=connections)
+    assert Settings(connector_read_connections=4).connector_read_connections == 4
+
+
 def test_the_event_store_environment_is_postgres_with_a_finite_lock_timeout() -> None:
     settings = Settings.model_validate({"lock_timeout_seconds": 3})
     env = settings.event_store_env("postgresql://me:pw@db.example:6543/stock")
