@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import heapq
 import io
 import json
 import time
@@ -33,10 +32,11 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
-from connectors.copy_csv import NotByCopy, Share, copy_csv, split
+from connectors.copy_csv import NotByCopy, copy_csv
 from connectors.normalise import FeedRules, Staged, normalise, record_fields
 from connectors.parsers import FeedError, Format, Record, RecordError, parse
 from connectors.parsers.csv_feed import CsvSettings
+from connectors.shares import Share, in_sku_order, sku_order, split
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
@@ -541,7 +541,7 @@ class Ingestor:
         if reading.progress is not None:
             reading.progress(result.rows)
         result.read_by, result.shares = "copy", len(sides)
-        changes = _in_sku_order(_with_reported_twice(sides))
+        changes = in_sku_order(_with_reported_twice(sides))
         # The shares were read at the same time, each then compared: the slowest read is
         # the delivery's, the rest of the time its comparison.
         result.seconds["read"] = max(counted.seconds["read"] for counted in counts)
@@ -911,19 +911,8 @@ def _with_reported_twice(sides: list[_Side]) -> list[list[Any]]:
     if shared:
         for changes, side in zip(found, sides, strict=True):
             changes += side.conn.execute(REPORTED_ELSEWHERE, {"skus": sorted(shared)}).fetchall()
-            changes.sort(key=_sku_order)
+            changes.sort(key=sku_order)
     return found
-
-
-def _sku_order(row: Any) -> tuple[bool, str]:
-    """The writer's order: by SKU, bytewise (as Python compares the code points of a str,
-    which UTF-8 keeps in order), unresolved records last, as `ORDER BY n` in RESOLVE."""
-    return (row["sku"] is None, row["sku"] or "")
-
-
-def _in_sku_order(changes: list[list[Any]]) -> list[Any]:
-    """Lists of changes, each in the writer's order, merged into one in that order."""
-    return list(heapq.merge(*changes, key=_sku_order))
 
 
 def _size(body: BinaryIO) -> int:
