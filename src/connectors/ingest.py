@@ -467,10 +467,11 @@ class Ingestor:
             assert bulk is not None
             began, start = time.perf_counter(), bulk.body.tell()
             shares = split(bulk.body, bulk.settings, len(sides))
-            for spare in sides[len(shares or [side]) :]:  # fewer lines than connections
+            used = len(shares) if shares is not None else 1  # fewer lines than connections
+            for spare in sides[used:]:
                 spare.release()
             if shares is not None:
-                sides = sides[: len(shares)]
+                sides = sides[:used]
                 changes = self._compare_shares(sides, shares, bulk, reading, result)
                 if changes is not None:
                     return sides, changes
@@ -600,7 +601,6 @@ class Ingestor:
                 conn, loaded.rest, reading, result, progress
             )
             conn.execute("DROP TABLE feed_raw, feed_units, feed_times")
-        result.read_by = "copy"
         return staged
 
     def _work_mem(self, conn: Connection) -> None:
@@ -676,13 +676,15 @@ class Ingestor:
         if bulk is not None:
             start, rows, refused = bulk.body.tell(), result.rows, len(result.rejections)
             try:
-                return self._copy(
+                staged = self._copy(
                     conn, bulk.body, bulk.settings, 1, reading, result, reading.progress
                 )
+                result.read_by = "copy"
+                return staged
             except (NotByCopy, psycopg.Error) as refused_copy:
                 log.info("ingest.copy_declined", reason=str(refused_copy).strip())
                 bulk.body.seek(start)
-                result.rows, result.read_by = rows, "python"
+                result.rows = rows
                 del result.rejections[refused:]
         conn.execute(STAGING)
         return self._stage_records(conn, records, reading, result, reading.progress)
