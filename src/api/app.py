@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Authenticator
 from api.errors import install_error_handlers
+from api.fastlane import ReserveLane
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.routers import (
@@ -28,8 +29,11 @@ from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """The service; it opens its own runtime on startup unless one is given."""
+def create_app(
+    settings: Settings, runtime: Runtime | None = None, *, fast_lane: bool = True
+) -> FastAPI:
+    """The service; it opens its own runtime on startup unless one is given. Without
+    `fast_lane`, FastAPI's route answers every order (see api.fastlane)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +65,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.authenticator = Authenticator(settings.api_keys)
+    # Added first, so it runs inside the request context (ids, logging, body limits).
+    if fast_lane:
+        app.add_middleware(ReserveLane, service=app)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,

@@ -85,7 +85,7 @@ class RequestContextMiddleware:
             if body is None:
                 await self._too_large(send_with_id, limit)
             else:
-                await self.app(scope, _replay(body, receive), send_with_id)
+                await self.app(scope, replay(body, receive), send_with_id)
         finally:
             log.info(
                 "http.request",
@@ -153,7 +153,8 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for a body already read: the body, then whatever `receive` gives next."""
     sent = False
 
     async def replay() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from api.deps import (
     MinPosition,
     Now,
     OmsKey,
+    OmsWrite,
     OmsWriteDep,
     RequestId,
     RuntimeDep,
@@ -33,7 +34,9 @@ from api.schemas import (
 )
 from ledger.commands import Command, Confirm, Fulfil, Release, Reserve, Return
 from ledger.errors import ReservationNotFound
+from ledger.handlers.reservations import Reserved
 from ledger.reservation import Reservation
+from ledger.writer import Outcome
 
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
 
@@ -95,15 +98,10 @@ def _reservation_id(value: str) -> UUID:
 # and await its outcome, holding no pool thread while the batch is saved.
 
 
-@router.post("", status_code=201, response_model=ReservationOut)
-async def reserve(
-    body: ReservationIn,
-    write: OmsWriteDep,
-    idempotency_key: IdempotencyKey = None,
-) -> Response:
-    """Holds stock for every line of an order, or for none; the answer says who ships what."""
-    runtime, key, at = write.runtime, write.key, write.at
-    settings = runtime.settings
+def reserve_command(write: OmsWrite, body: ReservationIn, idempotency_key: str | None) -> Reserve:
+    """The command for an order; an ApiError for what the HTTP layer refuses. The route
+    and the fast lane (api.fastlane) both build it here."""
+    settings = write.runtime.settings
     idempotency = _key(idempotency_key, required=True)
     assert idempotency is not None
     if len(body.lines) > settings.max_reservation_lines:
@@ -112,21 +110,35 @@ async def reserve(
         )
     if body.ttl_seconds is not None and body.ttl_seconds > settings.max_ttl_seconds:
         raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
-    command = Reserve(
-        at=at,
-        cause=cause_for(key, "oms.reserve", write.request_id),
-        client=key.name,
+    return Reserve(
+        at=write.at,
+        cause=cause_for(write.key, "oms.reserve", write.request_id),
+        client=write.key.name,
         idempotency_key=idempotency,
         order_id=body.order_id,
         lines=[(line.sku, line.quantity) for line in body.lines],
         ttl_seconds=body.ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
     )
-    outcome = await runtime.writer.execute_async(command)
+
+
+def reserved(outcome: Outcome[Reserved], at: datetime) -> Response:
+    """The answer to an order the ledger took (or had taken: a replay says so)."""
     answer = model_answer(reservation_out(outcome.value.reservation, at), outcome.position, 201)
     if outcome.value.replayed:
         answer.headers["Idempotent-Replayed"] = "true"
     return answer
+
+
+@router.post("", status_code=201, response_model=ReservationOut)
+async def reserve(
+    body: ReservationIn,
+    write: OmsWriteDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Holds stock for every line of an order, or for none; the answer says who ships what."""
+    command = reserve_command(write, body, idempotency_key)
+    return reserved(await write.runtime.writer.execute_async(command), write.at)
 
 
 @router.get("", response_model=ReservationListOut)

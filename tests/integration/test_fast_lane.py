@@ -1,0 +1,194 @@
+"""The reservation fast lane (api.fastlane) answers exactly as FastAPI's route would.
+
+Every order is sent over HTTP to two servers on one ledger: one with the lane, one
+without. Their answers must match; the lane must answer itself the orders the route
+would send to the writer, and hand every other request on to the app behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+from api.app import create_app
+from api.fastlane import ReserveLane
+from api.runtime import Runtime
+from api.settings import Settings
+from tests.conftest import free_port
+from tests.integration.ledger_setup import stock_sku
+
+OMS = {"Authorization": "Bearer test-oms"}
+# Fields that differ between two orders taken alike.
+OWN = ("reservation_id", "created_at", "expires_at")
+ORDER = b'{"order_id": "o", "lines": [{"sku": "S", "quantity": 1}]}'
+
+
+class Lanes:
+    """Clients of the two servers, and how many requests the lane handed on."""
+
+    def __init__(self, lane: FastAPI, lane_url: str, route_url: str) -> None:
+        self.lane = httpx.Client(base_url=lane_url)
+        self.route = httpx.Client(base_url=route_url)
+        self.handed_on = 0
+        layer = lane.middleware_stack
+        while not isinstance(layer, ReserveLane):
+            layer = layer.app  # type: ignore[union-attr]
+        behind = layer.app
+
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            self.handed_on += 1
+            await behind(scope, receive, send)
+
+        layer.app = counted
+
+    def both(self, body: bytes, **headers: str) -> dict[str, Any]:
+        """Posts the order to both apps (each with its own Idempotency-Key suffix if one
+        is given) and compares the answers; the lane's body is returned."""
+        sent = {"Content-Type": "application/json", **OMS, **headers}
+        answers = []
+        for client, suffix in ((self.lane, "-lane"), (self.route, "-route")):
+            mine = dict(sent)
+            if "Idempotency-Key" in mine and mine["Idempotency-Key"].startswith("own:"):
+                mine["Idempotency-Key"] = mine["Idempotency-Key"][4:] + suffix
+            answers.append(client.post("/v1/reservations", content=body, headers=mine))
+        return _same(*answers)
+
+
+@contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """The app on a uvicorn server in a thread of this process; yields its URL."""
+    app.middleware_stack = app.build_middleware_stack()  # built now, to be looked into
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            threading.Event().wait(0.02)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def lanes(settings: Settings, runtime: Runtime) -> Iterator[Lanes]:
+    lane = create_app(settings, runtime)
+    with served(lane) as lane_url, served(create_app(settings, runtime, fast_lane=False)) as url:
+        clients = Lanes(lane, lane_url, url)
+        with clients.lane, clients.route:
+            yield clients
+
+
+def _same(lane: httpx.Response, route: httpx.Response) -> dict[str, Any]:
+    """The answers' status, headers and body, compared; the lane's body is returned."""
+    assert lane.status_code == route.status_code, (lane.text, route.text)
+    for header in ("content-type", "idempotent-replayed", "retry-after", "www-authenticate"):
+        assert lane.headers.get(header) == route.headers.get(header), header
+    assert ("x-ledger-position" in lane.headers) == ("x-ledger-position" in route.headers)
+    assert "x-request-id" in lane.headers
+    mine, theirs = lane.json(), route.json()
+    if lane.status_code == 201:
+        for name in OWN:
+            assert mine.pop(name)
+            assert theirs.pop(name)
+    if isinstance(mine.get("detail"), dict):  # an error about a reservation of its own
+        assert mine["detail"].pop("reservation_id", 1)
+        assert theirs["detail"].pop("reservation_id", 1)
+    assert mine == theirs
+    return dict(lane.json())
+
+
+def order(sku: str, quantity: int = 1) -> bytes:
+    lines = f'[{{"sku": "{sku}", "quantity": {quantity}}}]'
+    return f'{{"order_id": "order-{uuid.uuid4().hex[:8]}", "lines": {lines}}}'.encode()
+
+
+def test_orders_the_route_would_take_are_answered_by_the_lane_alike(
+    lanes: Lanes, runtime: Runtime
+) -> None:
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    stock_sku(runtime.writer, sku, 10)
+    body = order(sku, 2)
+
+    taken = lanes.both(body, **{"Idempotency-Key": "own:first"})
+    assert taken["status"] == "held"
+    assert taken["lines"][0]["allocations"] == [
+        {"supplier_id": "acme", "quantity": 2, "fulfilled": 0, "returned": 0}
+    ]
+    lanes.both(body, **{"Idempotency-Key": "own:first"})  # replayed by both
+    # The same key for another order: refused by the ledger, answered by the app's handler.
+    reused = lanes.both(order(sku, 1), **{"Idempotency-Key": "own:first"})
+    assert reused["error"] == "idempotency_key_mismatch"
+    # More than is left (10 - 2 - 2).
+    short = lanes.both(order(sku, 7), **{"Idempotency-Key": "own:second"})
+    assert short["error"] == "insufficient_stock"
+    unknown = lanes.both(order("NO-SUCH-SKU"), **{"Idempotency-Key": "own:third"})
+    assert unknown["error"] == "unknown_sku"
+
+    assert lanes.handed_on == 0
+    assert runtime.queries.stock_levels(sku, datetime.now(UTC)).held == 4
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "error"),
+    [
+        ({"Idempotency-Key": "k"}, b'{"order_id": "o", "lines": [', "malformed_json"),
+        ({"Idempotency-Key": "k"}, b"", "validation_error"),
+        ({"Idempotency-Key": "k"}, b"[1, 2]", "validation_error"),
+        ({}, ORDER, "missing_idempotency_key"),
+        ({"Idempotency-Key": "has space"}, ORDER, "invalid_idempotency_key"),
+        ({"Authorization": "Bearer nobody", "Idempotency-Key": "k"}, ORDER, "unauthorized"),
+        ({"Authorization": "Basic test-oms", "Idempotency-Key": "k"}, ORDER, "unauthorized"),
+        ({"Authorization": "Bearer test-shop", "Idempotency-Key": "k"}, ORDER, "forbidden"),
+        ({"Idempotency-Key": "k", "Content-Type": "text/plain"}, ORDER, "validation_error"),
+        (
+            {"Idempotency-Key": "k"},
+            b'{"order_id": "o", "lines": [{"sku": "S", "quantity": "1"}]}',
+            "validation_error",
+        ),
+        ({"Idempotency-Key": "k"}, b'{"order_id": "o", "lines": [], "x": 1}', "validation_error"),
+        (
+            {"Idempotency-Key": "k"},
+            b'{"order_id": "o", "lines": [{"sku": "S", "quantity": 1}], "ttl_seconds": 99999999}',
+            "ttl_too_long",
+        ),
+    ],
+)
+def test_orders_the_route_would_refuse_are_handed_on_to_it(
+    lanes: Lanes, headers: dict[str, str], body: bytes, error: str
+) -> None:
+    answer = lanes.both(body, **headers)
+    assert answer["error"] == error
+    assert lanes.handed_on == 1
+
+
+def test_too_many_lines_are_handed_on(lanes: Lanes, settings: Settings) -> None:
+    lines = ", ".join(
+        f'{{"sku": "S{i}", "quantity": 1}}' for i in range(settings.max_reservation_lines + 1)
+    )
+    answer = lanes.both(
+        f'{{"order_id": "o", "lines": [{lines}]}}'.encode(), **{"Idempotency-Key": "k"}
+    )
+    assert answer["error"] == "too_many_lines"
+    assert lanes.handed_on == 1
+
+
+def test_other_requests_pass_the_lane(lanes: Lanes) -> None:
+    answers = [
+        lanes.lane.get("/v1/reservations", params={"order_id": "o"}, headers=OMS),
+        lanes.lane.post("/v1/reservations/", content=ORDER, headers=OMS),
+        lanes.lane.put("/v1/reservations", content=ORDER, headers=OMS),
+    ]
+    assert [a.status_code for a in answers] == [200, 307, 405]
+    assert lanes.handed_on == 3
