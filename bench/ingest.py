@@ -23,7 +23,7 @@ from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
 from bench.harness import fresh_database, projecting
-from connectors.ingest import describe_phases
+from connectors.outcome import describe_phases
 from connectors.simulator import Catalogue, write_csv
 from ledger.base import Cause
 from ledger.mapping import MappingSpec, SkuMapping

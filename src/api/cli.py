@@ -33,7 +33,8 @@ from api.logs import configure_logging
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.settings import Settings
 from connectors import health
-from connectors.ingest import FeedRejected, describe_phases, record_dead_letters
+from connectors.deadletters import record_dead_letters
+from connectors.outcome import FeedRejected, describe_phases
 from connectors.parsers import FORMATS, Format
 from projections.registry import all_projections
 from projections.runner import rebuild

@@ -6,9 +6,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
 from connectors.ingest import Ingestor
 from connectors.normalise import record_from_fields
-from projections.store import ViewStore
+from ledger.delivery import Rejection
+from projections.store import Connection, ViewStore
 
 
 @dataclass
@@ -86,3 +90,35 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
                         (letter["id"],),
                     )
     return outcome
+
+
+def record_dead_letters(
+    conn: Connection, supplier_id: str, delivery_id: str, rejections: list[Rejection]
+) -> None:
+    """Stores every refused record with its reason, once per delivery and position."""
+    if not rejections:
+        return
+    rows = []
+    for rejection in rejections:
+        record = rejection.record or {}
+        fields, raw = record.get("fields"), record.get("raw", record)
+        rows.append(
+            (
+                supplier_id,
+                delivery_id,
+                rejection.index,
+                rejection.reason,
+                None if fields is None else Jsonb(fields),
+                Jsonb(raw),
+            )
+        )
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            sql.SQL(
+                "INSERT INTO connector_dead_letters"
+                " (supplier_id, delivery_id, position, reason, record, raw)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (supplier_id, delivery_id, position) DO NOTHING"
+            ),
+            rows,
+        )

@@ -11,7 +11,9 @@ import structlog
 from eventsourcing.persistence import PersistenceError
 
 from connectors import health, inbox
-from connectors.ingest import FeedRejected, Ingestor, IngestResult, record_dead_letters
+from connectors.deadletters import record_dead_letters
+from connectors.ingest import Ingestor
+from connectors.outcome import FeedRejected, IngestResult
 from connectors.parsers import Format
 from projections.store import ViewStore
 

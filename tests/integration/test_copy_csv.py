@@ -19,7 +19,8 @@ import pytest
 
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from connectors.ingest import FeedRejected, Ingestor, IngestResult, content_hash
+from connectors.ingest import Ingestor, content_hash
+from connectors.outcome import FeedRejected, IngestResult
 from connectors.parsers import source_from_chunks
 from tests.integration.test_ingest import setup_supplier
 

@@ -15,10 +15,11 @@ import pytest
 
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from connectors import inbox
-from connectors import ingest as ingest_module
+from connectors import comparison, inbox
+from connectors import parts as parts_module
 from connectors.deadletters import listing, retry
-from connectors.ingest import FeedRejected, Ingestor, content_hash, describe_phases
+from connectors.ingest import Ingestor, content_hash
+from connectors.outcome import FeedRejected, describe_phases
 from connectors.worker import InboxWorker
 from ledger.commands import PutMappings, PutSupplier
 from ledger.mapping import MappingSpec
@@ -275,8 +276,8 @@ def parts_recorded(ledger: Runtime) -> int:
 def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch, contended: bool, parts: int
 ) -> None:
-    monkeypatch.setattr(ingest_module, "FIRST_PART", 4)
-    monkeypatch.setattr(ingest_module, "MIN_PART", 2)
+    monkeypatch.setattr(parts_module, "FIRST_PART", 4)
+    monkeypatch.setattr(parts_module, "MIN_PART", 2)
     skus = {f"S-{n:02d}": f"SKU-PT-{n:02d}" for n in range(40)}
     setup_supplier(ledger, "acme", skus)
     writer = ledger.writer
@@ -303,13 +304,13 @@ def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
 
 def test_the_next_part_fits_the_time_allowed_within_its_bounds(ledger: Runtime) -> None:
     timed = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5000, part_seconds=0.25)
-    assert timed._next_size(1000, 0.5, True) == 500, "took twice the time: half as many"
-    assert timed._next_size(1000, 0.05, True) == 2000, "far quicker: at most twice as many"
-    assert timed._next_size(4000, 0.1, True) == 5000, "never beyond the batch size"
-    assert timed._next_size(1000, 60.0, True) == ingest_module.MIN_PART, "never below the least"
-    assert timed._next_size(1000, 60.0, False) == 2000, "no one waiting: twice as many"
+    assert timed.parts.next_size(1000, 0.5, True) == 500, "took twice the time: half as many"
+    assert timed.parts.next_size(1000, 0.05, True) == 2000, "far quicker: at most twice as many"
+    assert timed.parts.next_size(4000, 0.1, True) == 5000, "never beyond the batch size"
+    assert timed.parts.next_size(1000, 60.0, True) == parts_module.MIN_PART, "never below the least"
+    assert timed.parts.next_size(1000, 60.0, False) == 2000, "no one waiting: twice as many"
     fixed = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5000)
-    assert fixed._next_size(1000, 60.0, True) == 5000, "without a time, every part is a batch"
+    assert fixed.parts.next_size(1000, 60.0, True) == 5000, "without a time, every part is a batch"
 
 
 def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(
@@ -318,7 +319,7 @@ def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(
     """Repeats are noted a chunk at a time (chunks taken in SKU order), while the writer
     applies the changes in parts: every repeat is noted, every change applied, the
     duplicate and the unmapped record refused, and the counts add up to the rows."""
-    monkeypatch.setattr(ingest_module, "TOUCH_CHUNK", 4)
+    monkeypatch.setattr(comparison, "TOUCH_CHUNK", 4)
     skus = {f"S-{n:02d}": f"SKU-CH-{n:02d}" for n in range(30)}
     setup_supplier(ledger, "acme", skus)
     first = datetime.now(UTC) - timedelta(minutes=10)
@@ -462,7 +463,7 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
             return getattr(self.conn, name)
 
         def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
-            if query is ingest_module.RESOLVE:
+            if query is comparison.RESOLVE:
                 self.resolved = True
                 seen.append(self.conn.execute("SHOW work_mem").fetchone()["work_mem"])
             return self.conn.execute(query, *args, **kwargs)

@@ -13,15 +13,18 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError
 
+import connectors.ingest
 from api.recorder import LevelMoved
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from connectors.ingest import Ingestor, IngestResult, content_hash
+from connectors.ingest import content_hash
+from connectors.outcome import IngestResult
 from ledger.commands import (
     Confirm,
     Fulfil,
@@ -34,6 +37,7 @@ from ledger.commands import (
 from ledger.mapping import MappingSpec
 from ledger.stock import LevelTouch, StockItem
 from ledger.supplier import SupplierTerms
+from projections.store import Connection
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, reserve
 
@@ -300,16 +304,16 @@ def test_a_repeat_whose_row_was_rewritten_after_resolving_is_still_noted_through
     moved, kept = catalogue(ledger), catalogue(ledger)
     for sku in (moved, kept):
         assert deliver(ledger, sku, 5, EARLY) == "applied"
-    note_repeats = Ingestor._note_repeats
+    note_repeats = connectors.ingest.note_repeats
 
-    def rewrite_then_note(self: Ingestor, *args: object) -> list[int]:
+    def rewrite_then_note(conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
         with psycopg.connect(ledger.database_url) as other:
             other.execute(
                 "UPDATE inventoryledger_levels SET seen_at = seen_at WHERE sku = %s", (moved,)
             )
-        return note_repeats(self, *args)  # type: ignore[arg-type]
+        return note_repeats(conn, params, staged)
 
-    monkeypatch.setattr(Ingestor, "_note_repeats", rewrite_then_note)
+    monkeypatch.setattr(connectors.ingest, "note_repeats", rewrite_then_note)
     body = (
         "sku,quantity,observed_at\n"
         f"S-{moved},5,{MIDDLE.isoformat()}\nS-{kept},5,{MIDDLE.isoformat()}\n"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from connectors.ingest import MIN_PART
+from connectors.parts import MIN_PART
 from ledger.application import InventoryLedger
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportStock, Reserve
@@ -179,7 +179,7 @@ def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
 
 
 def test_an_outcome_tells_how_long_the_writer_spent_on_its_batch() -> None:
-    """A delivery sizes its next part by this (see connectors.ingest)."""
+    """A delivery sizes its next part by this (see connectors.parts)."""
     writer = in_memory_writer()
     save = writer.app.save
 

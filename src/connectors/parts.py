@@ -1,0 +1,156 @@
+"""Sending a delivery's changes to the ledger, in parts the writer applies one at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from connectors.outcome import IngestResult
+from ledger.base import Cause
+from ledger.commands import BULK_FROM, Observation, ReportStock
+from ledger.delivery import DeliveryOutcome, Rejection
+from ledger.writer import LedgerWriter
+
+# Rejections recorded on the delivery's event; all of them go to the dead letters.
+MAX_REJECTIONS_IN_EVENT = 1000
+
+# How long a delivery waits for the ledger to apply one part. Not the writer's own
+# 30 s, meant for a request: on a cold cache, loading the stock items of a part of 5,000
+# changes from disk took longer than that here (the delivery failed half applied, to be
+# retried), after the OS had dropped the event table's pages.
+PART_TIMEOUT = 600.0
+
+# With a time per part (LEDGER_CONNECTOR_PART_SECONDS), a delivery's first part holds
+# this many changes, and no part fewer than MIN_PART (unless the delivery has fewer): so
+# every part is bulk, decided by the writer in a batch of its own.
+FIRST_PART = 500
+MIN_PART = BULK_FROM
+
+
+class PartSender:
+    """Sends changes to the ledger's writer in parts of at most `batch_size`, sized by
+    time when `part_seconds` is set (see `send`)."""
+
+    def __init__(self, writer: LedgerWriter, batch_size: int, part_seconds: float) -> None:
+        self.writer = writer
+        self.batch_size = batch_size
+        self.part_seconds = part_seconds
+
+    def send(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        source: str,
+        observations: list[Observation],
+        *,
+        result: IngestResult,
+        actor: str,
+        now: datetime,
+        heartbeat: Callable[[], None] | None = None,
+        refusals: bool = True,
+    ) -> None:
+        """Sends the changes to the ledger in parts; the first carries the refusals
+        (unless `refusals` is false: they went with an earlier part).
+
+        The writer applies one command at a time, so every reservation waits while it
+        applies a part: with `part_seconds` set, while other commands are waiting each
+        part is sized to take about that long at the rate the one before it was applied,
+        and grows while none are (see `next_size`); with 0, each holds `batch_size`."""
+        size = min(self.batch_size, FIRST_PART) if self.part_seconds else self.batch_size
+        start, first = 0, refusals
+        while start < len(observations) or first:
+            end = _part_end(observations, start, size)
+            batch = observations[start:end]
+            decided = self.writer.commands
+            seconds = self._send_part(
+                supplier_id,
+                delivery_id,
+                source,
+                batch,
+                first=first,
+                result=result,
+                actor=actor,
+                now=now,
+                heartbeat=heartbeat,
+            )
+            # Commands besides this part decided meanwhile: others are waiting on the writer.
+            contended = self.writer.commands - decided > 1
+            size = self.next_size(len(batch), seconds, contended)
+            start, first = end, False
+
+    def next_size(self, size: int, seconds: float, contended: bool) -> int:
+        """The size of the part after one of `size` changes that took the writer `seconds`.
+        While other commands wait on the writer (`contended`), as many as it applies in
+        `part_seconds` at that rate; while none do, larger. At most twice as many as
+        before, at least MIN_PART, at most `batch_size`."""
+        if not self.part_seconds:
+            return self.batch_size
+        fitting = round(size * self.part_seconds / max(seconds, 1e-3)) if contended else 2 * size
+        return max(min(MIN_PART, self.batch_size), min(fitting, 2 * size, self.batch_size))
+
+    def _send_part(
+        self,
+        supplier_id: str,
+        delivery_id: str,
+        source: str,
+        batch: list[Observation],
+        *,
+        first: bool,
+        result: IngestResult,
+        actor: str,
+        now: datetime,
+        heartbeat: Callable[[], None] | None,
+    ) -> float:
+        """One part, as one command (the first carries the refusals); returns how long
+        the writer took over it."""
+        rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if first else []
+        # A part is named by what it carries: applying the delivery again (after a
+        # crash or a timeout) sends only what is still unapplied, under new names,
+        # while an identical part is recognised and changes nothing.
+        digest = _part_hash(batch, rejections)
+        command = ReportStock(
+            at=now,
+            cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
+            supplier_id=supplier_id,
+            delivery_id=f"{delivery_id}~{digest[:16]}",
+            content_hash=digest,
+            source=source,
+            rows=len(batch) + len(rejections),
+            observations=batch,
+            rejected=rejections,
+        )
+        outcome = self.writer.execute(command, timeout=PART_TIMEOUT)
+        if heartbeat is not None:
+            heartbeat()
+        counted: DeliveryOutcome = outcome.value
+        result.applied += counted.applied
+        result.unchanged += counted.unchanged
+        result.late += counted.late
+        new = {r.index for r in counted.rejected} - {r.index for r in rejections}
+        result.rejections.extend(r for r in counted.rejected if r.index in new)
+        if outcome.position is not None:
+            result.position = max(result.position or 0, outcome.position)
+        return outcome.seconds
+
+
+def _part_end(observations: list[Observation], start: int, size: int) -> int:
+    """Where the part of about `size` from `start` ends. A SKU's records, adjacent in
+    `observations`, stay in one part: the ledger compares them (two that disagree at the
+    same time are both refused), which it cannot across parts."""
+    end = min(start + size, len(observations))
+    while 0 < end < len(observations) and observations[end].sku == observations[end - 1].sku:
+        end += 1
+    return end
+
+
+def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:
+    digest = hashlib.sha256()
+    for observation in batch:
+        digest.update(
+            f"{observation.index}|{observation.sku}|{observation.quantity}|"
+            f"{observation.observed_at.isoformat()}\n".encode()
+        )
+    digest.update(json.dumps([r.as_dict() for r in rejections], default=str).encode())
+    return digest.hexdigest()
