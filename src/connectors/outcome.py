@@ -26,7 +26,7 @@ class IngestResult:
     # How the delivery was read: "copy" (PostgreSQL's COPY, see connectors.copy_csv) or
     # "python" (record by record).
     read_by: str = "python"
-    # How many connections read and compared it at once (see `Ingestor._compare` in connectors.ingest).
+    # How many connections read and compared it at once (see connectors.ingest).
     shares: int = 1
     # Where the time went, by phase: "read" (parse, judge, stage), "compare" (with the
     # levels on record), "apply" (the ledger applying the changes) and "notes" (noting the
