@@ -19,9 +19,10 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from fastapi import FastAPI
-from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,6 +40,7 @@ PATH = "/v1/reservations"
 
 # An HTTP exception handler, as the app registers them.
 Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
+SyncHandler = Callable[[Request, Exception], Response]
 
 
 class ReserveLane:
@@ -50,7 +52,15 @@ class ReserveLane:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+        if (
+            scope["type"] != "http"
+            or scope["path"] != PATH
+            or scope["method"] != "POST"
+            # Behind a root_path the app routes on a shorter path; overridden dependencies
+            # (tests, tools) are the route's: both go to the route.
+            or scope.get("root_path")
+            or self.service.dependency_overrides
+        ):
             await self.app(scope, receive, send)
             return
         body = await _body(receive)
@@ -66,14 +76,19 @@ class ReserveLane:
             handler = self._handler(error)
             if handler is None:
                 raise
-            answer = handler(Request(scope, receive), error)
-            response = await answer if inspect.isawaitable(answer) else answer
+            request = Request(scope, receive)
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, error)
+            else:  # as Starlette runs a plain function: off the event loop
+                response = await run_in_threadpool(cast(SyncHandler, handler), request, error)
         await response(scope, receive, send)
 
     def _accepted(self, scope: Scope, body: bytes) -> tuple[OmsWrite, Reserve] | None:
         """The writer's command, if the route would send this request to the writer too."""
         headers = _first(scope["headers"])
-        media_type = headers.get(b"content-type", b"application/json").partition(b";")[0]
+        # FastAPI reads a body as JSON only when the request says it is (no Content-Type:
+        # not JSON); other JSON types (`+json`) are left to it.
+        media_type = headers.get(b"content-type", b"").partition(b";")[0]
         if media_type.strip().lower() != b"application/json":
             return None
         authenticator: Authenticator = self.service.state.authenticator
@@ -84,8 +99,11 @@ class ReserveLane:
         if key is None or (key.role not in OMS and key.role != "admin"):
             return None
         try:
-            order = ReservationIn.model_validate(json.loads(body))
-        except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError too
+            order = ReservationIn.model_validate(json.loads(body, object_pairs_hook=_unique))
+        except Exception:
+            # Not JSON, not an order, nested too deep to parse (RecursionError), or a
+            # repeated key: a repeat could hide nesting the route's parser (deeper in the
+            # stack) would fail on, so only the route judges one.
             return None
         runtime: Runtime = self.service.state.runtime
         state = scope.setdefault("state", {})
@@ -121,6 +139,14 @@ async def _body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object without repeated keys (a ValueError for one with)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key is repeated")
+    return found
 
 
 def _first(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:

@@ -35,6 +35,15 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return f"{_PROCESS_PREFIX}{next(_COUNT):016x}"
 
 
+# Logged as the status of a request whose client went away before its body ended (the
+# status nginx logs for a client that closed the request).
+CLIENT_GONE = 499
+
+
+class ClientGone(Exception):
+    """The client disconnected before it sent the whole body."""
+
+
 class RequestContextMiddleware:
     """Binds the request id to every log line, logs the request, refuses oversized bodies.
 
@@ -81,7 +90,13 @@ class RequestContextMiddleware:
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
                 return
-            body = await self._read_body(receive, limit)
+            try:
+                body = await self._read_body(receive, limit)
+            except ClientGone:
+                # Nothing is done for a request whose body never arrived whole: the
+                # client is not there to hear of it, and would retry it.
+                status["code"] = CLIENT_GONE
+                return
             if body is None:
                 await self._too_large(send_with_id, limit)
             else:
@@ -122,7 +137,7 @@ class RequestContextMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -614,6 +616,29 @@ def test_a_body_over_the_limit_is_refused_whether_it_declares_its_length_or_not(
     # Under the limit the body reaches the handler, which knows no SKU "x".
     refused(small, 422, "unknown_sku")
     assert "http.unexpected_error" not in small_body_ledger.log()
+
+
+def test_an_order_whose_body_never_arrives_whole_is_not_taken(
+    ledger: Server, oms: httpx.Client, sku: str
+) -> None:
+    """A client that declares a longer body than it sends, then hangs up: the order it
+    did send is valid JSON, but nothing is done with it (the same key later is news)."""
+    key = uuid.uuid4().hex
+    body = json.dumps({"order_id": key, "lines": [{"sku": sku, "quantity": 1}]}).encode()
+    url = httpx.URL(ledger.base_url)
+    head = (
+        f"POST /v1/reservations HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Authorization: Bearer test-oms\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.3)  # the server has read what was sent
+    time.sleep(0.3)  # and heard the client go
+
+    taken = oms.post("/v1/reservations", json=json.loads(body), headers={"Idempotency-Key": key})
+    assert taken.status_code == 201, taken.text
+    assert "Idempotent-Replayed" not in taken.headers
 
 
 # The log ------------------------------------------------------------------------------------------

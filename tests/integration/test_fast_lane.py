@@ -18,13 +18,16 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
 from api.app import create_app
-from api.fastlane import ReserveLane
+from api.deps import oms_write
+from api.fastlane import PATH, ReserveLane
+from api.routers import reservations
 from api.runtime import Runtime
 from api.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, make_settings
 from tests.integration.ledger_setup import stock_sku
 
 OMS = {"Authorization": "Bearer test-oms"}
@@ -37,6 +40,7 @@ class Lanes:
     """Clients of the two servers, and how many requests the lane handed on."""
 
     def __init__(self, lane: FastAPI, lane_url: str, route_url: str) -> None:
+        self.app = lane
         self.lane = httpx.Client(base_url=lane_url)
         self.route = httpx.Client(base_url=route_url)
         self.handed_on = 0
@@ -51,10 +55,12 @@ class Lanes:
 
         layer.app = counted
 
-    def both(self, body: bytes, **headers: str) -> dict[str, Any]:
+    def both(self, body: bytes, **headers: str | None) -> dict[str, Any]:
         """Posts the order to both apps (each with its own Idempotency-Key suffix if one
-        is given) and compares the answers; the lane's body is returned."""
-        sent = {"Content-Type": "application/json", **OMS, **headers}
+        is given; a header given as None is not sent) and compares the answers; the
+        lane's body is returned."""
+        given = {"Content-Type": "application/json", **OMS, **headers}
+        sent = {name: value for name, value in given.items() if value is not None}
         answers = []
         for client, suffix in ((self.lane, "-lane"), (self.route, "-route")):
             mine = dict(sent)
@@ -145,6 +151,17 @@ def test_orders_the_route_would_take_are_answered_by_the_lane_alike(
     [
         ({"Idempotency-Key": "k"}, b'{"order_id": "o", "lines": [', "malformed_json"),
         ({"Idempotency-Key": "k"}, b"", "validation_error"),
+        # No Content-Type: FastAPI does not read the body as JSON.
+        ({"Idempotency-Key": "k", "Content-Type": None}, ORDER, "validation_error"),
+        # Nested too deep for Python's parser: the route's 400, not a 500.
+        ({"Idempotency-Key": "k"}, b"[" * 5000, "bad_request"),
+        # A repeated key: only the route judges it (here it takes the order, for a SKU
+        # the ledger does not know).
+        (
+            {"Idempotency-Key": "own:k"},
+            b'{"order_id": [1], "order_id": "o", "lines": [{"sku": "S", "quantity": 1}]}',
+            "unknown_sku",
+        ),
         ({"Idempotency-Key": "k"}, b"[1, 2]", "validation_error"),
         ({}, ORDER, "missing_idempotency_key"),
         ({"Idempotency-Key": "has space"}, ORDER, "invalid_idempotency_key"),
@@ -166,7 +183,7 @@ def test_orders_the_route_would_take_are_answered_by_the_lane_alike(
     ],
 )
 def test_orders_the_route_would_refuse_are_handed_on_to_it(
-    lanes: Lanes, headers: dict[str, str], body: bytes, error: str
+    lanes: Lanes, headers: dict[str, str | None], body: bytes, error: str
 ) -> None:
     answer = lanes.both(body, **headers)
     assert answer["error"] == error
@@ -192,3 +209,29 @@ def test_other_requests_pass_the_lane(lanes: Lanes) -> None:
     ]
     assert [a.status_code for a in answers] == [200, 307, 405]
     assert lanes.handed_on == 3
+
+
+def test_with_dependencies_overridden_every_order_goes_to_the_route(
+    lanes: Lanes, runtime: Runtime
+) -> None:
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    stock_sku(runtime.writer, sku, 10)
+    lanes.app.dependency_overrides[oms_write] = oms_write
+    assert lanes.both(order(sku), **{"Idempotency-Key": "own:k"})["status"] == "held"
+    assert lanes.handed_on == 1
+
+
+def test_the_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
+    """The lane does what the route's dependencies do (key, role, time, request id); a
+    dependency added to the route, its router or the app would be skipped by it."""
+    app = create_app(make_settings("postgresql://unused"))
+    (route,) = [
+        r
+        for r in reservations.router.routes
+        if isinstance(r, APIRoute) and r.path == PATH and "POST" in r.methods
+    ]
+    assert route.endpoint is reservations.reserve
+    assert [d.call for d in route.dependant.dependencies] == [oms_write]
+    assert route.dependencies == []
+    assert reservations.router.dependencies == []
+    assert app.router.dependencies == []
