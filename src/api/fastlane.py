@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import Authenticator
+from api.auth import Authenticator, key_for
 from api.deps import OMS, OmsWrite
 from api.errors import ApiError
 from api.middleware import replay
@@ -92,11 +92,10 @@ class ReserveLane:
         if media_type.strip().lower() != b"application/json":
             return None
         authenticator: Authenticator = self.service.state.authenticator
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        key = authenticator.authenticate(token.strip())
-        if key is None or (key.role not in OMS and key.role != "admin"):
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            key = key_for(authenticator, authorization, OMS)
+        except ApiError:
             return None
         try:
             order = ReservationIn.model_validate(json.loads(body, object_pairs_hook=_unique))
