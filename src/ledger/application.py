@@ -6,12 +6,14 @@ from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import fields
 from datetime import datetime
+from enum import Enum
 from typing import Any, ClassVar
 from uuid import UUID
 
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import (
+    DatetimeAsISO,
     JSONTranscoder,
     Recording,
     Transcoder,
@@ -40,6 +42,9 @@ class PositionAsDict(Transcoding):
 
     type = Position
     name = "stock_position"
+    # Integers, strings and times only (see LedgerTranscoder.encode): a busy SKU's holds
+    # are thousands of them, which need not be looked at one by one.
+    typed = True
 
     def encode(self, obj: Position) -> dict[str, Any]:
         return {
@@ -65,9 +70,12 @@ class PositionAsDict(Transcoding):
 class DataclassAsDict(Transcoding):
     """A flat dataclass of plain values, in snapshots and view states."""
 
-    def __init__(self, cls: type[Any], name: str) -> None:
+    def __init__(self, cls: type[Any], name: str, *, typed: bool = False) -> None:
         self.type = cls
         self.name = name
+        # Whether its fields hold only integers, strings and times (and lists and dicts of
+        # them), by their types: see LedgerTranscoder.encode.
+        self.typed = typed
 
     def encode(self, obj: Any) -> dict[str, Any]:
         return {field.name: getattr(obj, field.name) for field in fields(obj)}
@@ -77,15 +85,49 @@ class DataclassAsDict(Transcoding):
 
 
 class LedgerTranscoder(JSONTranscoder):
-    """The library's JSON format, parsed by orjson: the same objects out, in about half the
-    time (measured on the ledger's events), for every load, replay and projection page.
+    """The library's JSON format, written and parsed by orjson: the same bytes and the same
+    objects, faster, for every save, snapshot, load, replay and projection page.
 
-    Encoding stays the library's, so the stored bytes do not change. A document orjson
-    refuses (NaN), or in which it read a number as a float (it reads an integer beyond 64
-    bits so, inexactly), is decoded the library's way. Looking for floats while reviving
-    costs next to nothing; searching the bytes for long digit runs first cost 3.2 µs an
-    event, almost four times orjson's parse (0.85 µs, measured on a stock event).
+    Writing: orjson writes a value as the library's encoder does (compact, not
+    ASCII-escaped; datetimes, dataclasses and types it does not know through the
+    library's transcodings), except three kinds it writes natively where the library
+    would not: floats (in another notation), UUIDs, and enumerations that are not strings
+    or integers. A value holding any of them, at any depth or in a transcoding's output,
+    is written by the library's encoder, and so is one orjson refuses (an integer beyond
+    64 bits, a key that is not a string): the bytes stored never depend on which wrote
+    them (tests/unit/test_transcoder.py compares the two). A transcoding marked `typed`
+    (its fields hold only integers, strings and times, by their types) is not looked
+    into: a busy SKU's position holds thousands of hold buckets. Measured against the
+    library's: a stock event 6.8 against 5.2 µs, a stock item's state 11.5 against 6.7
+    µs, with 900 hold buckets 268 against 59 µs, a reservation's 12.6 against 8.2 µs; a
+    rebuild of the reservations view ~24,000 against ~33,000 events/s (bench/projections).
+
+    Reading: a document orjson refuses (NaN), or in which it read a number as a float (it
+    reads an integer beyond 64 bits so, inexactly), is decoded the library's way. Looking
+    for floats while reviving costs next to nothing; searching the bytes for long digit
+    runs first cost 3.2 µs an event, almost four times orjson's parse (0.85 µs, measured
+    on a stock event).
     """
+
+    def encode(self, obj: Any) -> bytes:
+        if _orjson_writes_alike(obj):
+            try:
+                return orjson.dumps(obj, default=self._encode_alike, option=_PASSTHROUGH)
+            except TypeError:  # refused by orjson, or by `_encode_alike`
+                pass
+        return super().encode(obj)
+
+    def _encode_alike(self, obj: Any) -> dict[str, Any]:
+        """The library's transcoding of `obj`, unless orjson would write it otherwise."""
+        if type(obj) is datetime and type(self.types.get(datetime)) is DatetimeAsISO:
+            # Most typed values are times: written here, without a call to look into.
+            return {"_type_": "datetime_iso", "_data_": obj.isoformat()}
+        encoded = self._encode_obj(obj)
+        if not getattr(self.types[type(obj)], "typed", False) and not _orjson_writes_alike(
+            encoded["_data_"]
+        ):
+            raise _NotAlike
+        return encoded
 
     def decode(self, data: bytes) -> Any:
         try:
@@ -132,6 +174,39 @@ def _datetime(data: Any) -> datetime:
     """The library's DatetimeAsISO.decode."""
     assert isinstance(data, str)
     return datetime.fromisoformat(data)
+
+
+# Datetimes and dataclasses go to the library's transcodings, as with its encoder.
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+# Values orjson writes as the library does, with nothing inside to look at.
+_WRITTEN_ALIKE = frozenset({str, int, bool, type(None), datetime})
+
+
+def _orjson_writes_alike(value: Any) -> bool:
+    """Whether orjson writes `value` as the library's encoder does: it holds no float,
+    UUID or enumeration other than a string or integer one (those that go to a
+    transcoding are looked at there, see `LedgerTranscoder._encode_alike`)."""
+    kind = type(value)
+    if kind in _WRITTEN_ALIKE:
+        return True
+    if kind is dict:
+        return all(type(v) in _WRITTEN_ALIKE or _orjson_writes_alike(v) for v in value.values())
+    if kind is list or kind is tuple:
+        return all(type(v) in _WRITTEN_ALIKE or _orjson_writes_alike(v) for v in value)
+    if isinstance(value, dict):
+        return _orjson_writes_alike(dict(value))
+    if isinstance(value, (list, tuple)):
+        return _orjson_writes_alike(list(value))
+    if isinstance(value, (float, UUID)):
+        return False
+    if isinstance(value, Enum):
+        return isinstance(value, (str, int))
+    return True  # a string or integer of a subclass, or a value for a transcoding
+
+
+class _NotAlike(TypeError):
+    """A transcoding's output holds a value orjson writes otherwise than the library."""
 
 
 class _ReadAsFloat(Exception):
@@ -238,5 +313,5 @@ class InventoryLedger(Application[UUID]):
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
         transcoder.register(PositionAsDict())
-        transcoder.register(DataclassAsDict(Line, "reservation_line"))
+        transcoder.register(DataclassAsDict(Line, "reservation_line", typed=True))
         transcoder.register(DataclassAsDict(SupplierTerms, "supplier_terms"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from enum import Enum, IntEnum
 from typing import Any
 from uuid import UUID
 
@@ -15,7 +16,13 @@ from hypothesis import strategies as st
 
 from ledger.application import InventoryLedger, LedgerTranscoder
 from ledger.reservation import Line
-from ledger.stock import Position
+from ledger.stock import ObservationOutcome, Position
+from ledger.supplier import SupplierTerms
+
+
+class Level(IntEnum):
+    LOW = 1
+    HIGH = 2
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,21 @@ typed = st.one_of(
         unreported=st.dictionaries(st.integers(0, 2**40), st.integers(-(10**6), 10**6)),
     ),
     st.builds(Line, sku=st.text(min_size=1, max_size=10), quantity=st.integers(1, 100)),
+    # A transcoding whose output holds anything (the supplier's connector settings).
+    st.builds(
+        SupplierTerms,
+        name=st.text(max_size=8),
+        connector=st.dictionaries(
+            st.text(max_size=6),
+            st.none() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=6),
+            max_size=3,
+        ),
+    ),
 )
 plain = (
     st.none()
     | st.booleans()
+    | st.sampled_from([*ObservationOutcome, *Level])
     | st.integers()  # beyond 64 bits too: orjson would read those as floats
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12)
@@ -106,3 +124,50 @@ def test_an_unknown_type_is_refused_and_a_lookalike_dict_is_left_alone(
     assert ours.decode(b'{"d": {"_type_": "decimal_str", "_data_": "1.5"}}') == {
         "d": Decimal("1.5")
     }
+
+
+def test_orjson_writes_what_it_writes_as_the_library_does(
+    transcoders: tuple[LedgerTranscoder, JSONTranscoder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event's state is written by orjson, not handed to the library's encoder: a
+    change that made every save take the slow way would fail here."""
+    ours, library = transcoders
+    state = {
+        "timestamp": datetime(2026, 12, 4, 3, 33, 22, 123456, tzinfo=UTC),
+        "supplier_id": "acme",
+        "quantity": 120,
+        "outcome": ObservationOutcome.APPLIED,
+        "lines": [Line("SKU-1", 2, {"acme": 2}), Line("SKU-2", 1, {"acme": 1})],
+        "position": Position(5, None, "feed", {17: 2}, 0, {}),
+        "cause": {"actor": "oms", "kind": "order", "ref": "é\u2028\x00"},
+    }
+    expected = library.encode(state)
+    monkeypatch.setattr(JSONTranscoder, "encode", lambda self, obj: pytest.fail("slow way"))
+    assert ours.encode(state) == expected
+
+
+def test_what_orjson_would_write_otherwise_is_written_the_librarys_way(
+    transcoders: tuple[LedgerTranscoder, JSONTranscoder],
+) -> None:
+    ours, library = transcoders
+
+    class Colour(Enum):
+        RED = "red"
+
+    class Ordered(dict[str, Any]):
+        pass
+
+    for value in (
+        {"ratio": 1e16, "small": 1e-05, "negative_zero": -0.0},
+        {"id": UUID("a" * 32)},
+        {"deep": Ordered(x=[(1, 2.5)])},
+        {"terms": SupplierTerms("acme", connector={"jitter": 0.1, "id": UUID("b" * 32)})},
+        {"big": 2**64, "keys": {1: "one"}},
+    ):
+        assert ours.encode(value) == library.encode(value)
+    for refused in ({"colour": Colour.RED}, {"ids": {1, 2}}, {"x": "\ud800"}):
+        with pytest.raises((TranscodingNotRegisteredError, UnicodeEncodeError)) as ours_error:
+            ours.encode(refused)
+        with pytest.raises((TranscodingNotRegisteredError, UnicodeEncodeError)) as library_error:
+            library.encode(refused)
+        assert type(ours_error.value) is type(library_error.value)
