@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 from ledger.commands import Confirm, ExpireHolds, Fulfil, Release, Reserve, Return
@@ -25,6 +27,12 @@ from ledger.uow import UnitOfWork
 class Reserved:
     reservation: Reservation
     replayed: bool
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Reserved:
+        """The writer's copy for the caller: the reservation's own (see
+        `Reservation.__deepcopy__`). The generic copy of this wrapper cost three times
+        the reservation's, ~23 of 76 µs of deciding a reservation."""
+        return Reserved(copy.deepcopy(self.reservation, memo), self.replayed)
 
 
 @handles(Reserve)
