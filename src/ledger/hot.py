@@ -32,6 +32,8 @@ class HotAggregates:
         self.app = app
         self.capacity = capacity
         self._kept: OrderedDict[UUID, LedgerAggregate] = OrderedDict()
+        # Those taken out by the batch under way, over all its tries (see `keep`).
+        self._taken: set[UUID] = set()
 
     def __contains__(self, aggregate_id: object) -> bool:
         return aggregate_id in self._kept
@@ -40,6 +42,7 @@ class HotAggregates:
         """The aggregates that exist, in one round trip: kept ones brought up to date."""
         wanted = list(dict.fromkeys(aggregate_ids))
         known = {i: self._kept.pop(i) for i in wanted if i in self._kept}
+        self._taken.update(known)
         return self.app.get_many(wanted, known)
 
     def load(self, aggregate_id: UUID) -> LedgerAggregate:
@@ -62,12 +65,26 @@ class HotAggregates:
                 suppliers.update(dict.fromkeys(Supplier.id_for(s) for s in item.supplier_ids))
         return list(suppliers)
 
-    def keep(self, aggregates: Iterable[LedgerAggregate]) -> None:
-        """Keeps aggregates a batch has just saved (or read), at the version they reached."""
+    def begin_batch(self) -> None:
+        """A new batch: none of what earlier ones took out is its own."""
+        self._taken = set()
+
+    def keep(self, aggregates: Iterable[LedgerAggregate], *, new: bool = True) -> None:
+        """Keeps aggregates a batch has just saved (or read), at the version they reached.
+
+        `new=False` (a part of a large delivery) keeps again only those the batch took
+        out of here (in any of its tries: one that failed leaves what it took out, to be
+        loaded anew), and suppliers: the thousands of stock items a part changes, most
+        not to be seen again soon, would push out the busy SKUs every reservation reads."""
+        taken, self._taken = self._taken, set()
         if self.capacity <= 0:
             return
         for aggregate in aggregates:
-            if isinstance(aggregate, KEPT_KINDS) and not aggregate.pending_events:
+            if (
+                isinstance(aggregate, KEPT_KINDS)
+                and not aggregate.pending_events
+                and (new or aggregate.id in taken or isinstance(aggregate, Supplier))
+            ):
                 self._kept[aggregate.id] = aggregate
                 self._kept.move_to_end(aggregate.id)
         while len(self._kept) > self.capacity:

@@ -196,6 +196,7 @@ class LedgerWriter:
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         started = time.monotonic()
+        self.hot.begin_batch()
         pending = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         for attempt in range(self.max_attempts):
             if not pending:
@@ -275,7 +276,7 @@ class LedgerWriter:
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
             return involved + (self._attempt(clean, started, locked) or [])
-        self.hot.keep(unit.loaded())
+        self.hot.keep(unit.loaded(), new=not any(job.command.bulk for job in pending))
         seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(pending)

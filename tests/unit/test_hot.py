@@ -70,3 +70,32 @@ def test_the_least_recently_used_go_first() -> None:
     hot.keep([third])
 
     assert [i in hot for i in (first.id, second.id, third.id)] == [True, False, True]
+
+
+def test_a_part_of_a_large_delivery_keeps_only_what_it_took_out() -> None:
+    """A delivery's thousands of stock items would push out the SKUs being ordered."""
+    store = Store()
+    hot = HotAggregates(store, capacity=3)  # type: ignore[arg-type]
+    busy = saved_item("BUSY", supplier="north")
+    hot.keep([busy])
+    delivered = [saved_item(f"D{n}") for n in range(5)]
+    supplier = Supplier.register("north", SupplierTerms("North"), AT, CAUSE)
+    supplier.collect_events()
+
+    loaded = hot.load_many([busy.id, *(item.id for item in delivered)])
+    hot.keep([*loaded.values(), *delivered, supplier], new=False)
+
+    assert busy.id in hot, "taken out by the part: kept again, at its new version"
+    assert supplier.id in hot
+    assert not any(item.id in hot for item in delivered)
+
+    # The next batch of reservations keeps what it loads, as before.
+    hot.keep(delivered[:1])
+    assert delivered[0].id in hot
+    assert busy.id in hot
+
+    # What a batch that failed (no keep) took out is not the next part's to keep.
+    hot.load_many([busy.id])
+    hot.begin_batch()
+    hot.keep([busy], new=False)
+    assert busy.id not in hot

@@ -165,9 +165,33 @@ def test_what_orjson_would_write_otherwise_is_written_the_librarys_way(
         {"big": 2**64, "keys": {1: "one"}},
     ):
         assert ours.encode(value) == library.encode(value)
-    for refused in ({"colour": Colour.RED}, {"ids": {1, 2}}, {"x": "\ud800"}):
-        with pytest.raises((TranscodingNotRegisteredError, UnicodeEncodeError)) as ours_error:
+
+    class Items(dict[str, Any]):
+        def items(self) -> Any:
+            return [("z", 9)]
+
+    def nested(depth: int) -> dict[str, Any]:
+        value: dict[str, Any] = {"a": 0}
+        for _ in range(depth):
+            value = {"a": value}
+        return value
+
+    for value in (
+        {"x": Items(a=1)},  # the library writes what `items()` gives
+        {"deep": nested(340)},  # beyond orjson's limit, within the library's
+        {"position": Position(5, None, "feed", {17: 2}, 1e-05, {})},
+        {"position": Position(5, None, "feed", {17: 2.5}, 0, {})},
+        {"position": Position(5, None, UUID(int=1), {}, 0, {})},  # type: ignore[arg-type]
+        {"line": Line("SKU", 1, {"north": 1}, {"south": UUID(int=2)})},  # type: ignore[dict-item]
+    ):
+        assert ours.encode(value) == library.encode(value)
+    # Unknown types, lone surrogates, a cycle.
+    refusals = (TranscodingNotRegisteredError, UnicodeEncodeError, ValueError)
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    for refused in ({"colour": Colour.RED}, {"ids": {1, 2}}, {"x": "\ud800"}, {"c": cycle}):
+        with pytest.raises(refusals) as ours_error:
             ours.encode(refused)
-        with pytest.raises((TranscodingNotRegisteredError, UnicodeEncodeError)) as library_error:
+        with pytest.raises(refusals) as library_error:
             library.encode(refused)
         assert type(ours_error.value) is type(library_error.value)
