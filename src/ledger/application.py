@@ -105,10 +105,9 @@ class LedgerTranscoder(JSONTranscoder):
     64 bits, a key that is not a string): the bytes stored never depend on which wrote
     them (tests/unit/test_transcoder.py compares the two). A transcoding with a
     `written_alike` check is asked instead of its output being looked into: a busy SKU's
-    position holds thousands of hold buckets. Measured against the library's: a stock
-    event 6.8 against 5.2 µs, a stock item's state 11.5 against 6.7 µs, with 900 hold
-    buckets 268 against 59 µs, a reservation's 12.6 against 8.2 µs; a rebuild of the
-    reservations view ~24,000 against ~33,000 events/s (bench/projections).
+    position holds thousands of hold buckets. Measured against the library's (timeit): a
+    stock event 6.8 against 5.2 µs, a stock item's state 10.2 against 7.2 µs, with 900
+    hold buckets 218 against 91 µs, a reservation's 11.6 against 10.0 µs.
 
     Reading: a document orjson refuses (NaN), or in which it read a number as a float (it
     reads an integer beyond 64 bits so, inexactly), is decoded the library's way. Looking
