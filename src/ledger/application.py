@@ -126,10 +126,10 @@ class LedgerTranscoder(JSONTranscoder):
 
     def _encode_alike(self, obj: Any) -> dict[str, Any]:
         """The library's transcoding of `obj`, unless orjson would write it otherwise."""
-        if type(obj) is datetime and type(self.types.get(datetime)) is DatetimeAsISO:
-            # Most typed values are times: written here, without a call to look into.
-            return {"_type_": "datetime_iso", "_data_": obj.isoformat()}
         transcoding = self.types.get(type(obj))
+        if type(transcoding) is DatetimeAsISO:
+            # Most typed values are times: written here, with nothing to look into.
+            return {"_type_": transcoding.name, "_data_": obj.isoformat()}
         written_alike = getattr(transcoding, "written_alike", None)
         if transcoding is not None and written_alike is not None:
             if not written_alike(obj):
@@ -220,7 +220,7 @@ def _orjson_writes_alike(value: Any, depth: int = 0) -> bool:
 
 # orjson refuses values nested deeper than 255: those, and cycles, are the library's.
 _DEEPEST = 250
-_INT = {int}
+_INT = frozenset({int})
 
 
 class _NotAlike(TypeError):

@@ -30,8 +30,8 @@ class Reserved:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Reserved:
         """The writer's copy for the caller: the reservation's own (see
-        `Reservation.__deepcopy__`). The generic copy of this wrapper cost three times
-        the reservation's, ~23 of 76 µs of deciding a reservation."""
+        `Reservation.__deepcopy__`). The generic copy of this wrapper took ~10 µs, the
+        reservation's own ~4 (timeit), of the ~70 µs it takes to decide a reservation."""
         return Reserved(copy.deepcopy(self.reservation, memo), self.replayed)
 
 
