@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Authenticator
 from api.errors import install_error_handlers
-from api.fastlane import ReserveLane
+from api.fastlane import ReadLane, ReserveLane
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.routers import (
@@ -68,6 +68,7 @@ def create_app(
     # Added first, so it runs inside the request context (ids, logging, body limits).
     if fast_lane:
         app.add_middleware(ReserveLane, service=app)
+        app.add_middleware(ReadLane, service=app)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,

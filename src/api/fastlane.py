@@ -1,4 +1,5 @@
-"""Reserving, the hottest write, answered without FastAPI's routing and dependency solving.
+"""Reserving and reading availability, the hottest paths, answered without FastAPI's
+routing and dependency solving.
 
 FastAPI costs more per request than anything the ledger does for a one-line order. On this
 machine (uvicorn, one worker, `wrk` with 64 connections), a constant JSON body was answered
@@ -11,12 +12,18 @@ itself, untouched, so every refusal is the route's own; a refusal from the ledge
 enough stock, an unknown SKU) is answered by the app's own exception handlers. The route
 stays the contract: it is what OpenAPI describes, and what answers when the lane steps
 aside.
+
+`GET /v1/availability/{sku}` is taken the same way (`ReadLane`) when the in-process copy
+of the stock view can answer it: a reader's key, an optional `min_position` the copy has
+reached, and a SKU it holds. A read the copy cannot answer (an unknown SKU, a position it
+has not reached, a copy refreshed too long ago) goes to the route, which reads the view.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -28,15 +35,22 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import Authenticator, key_for
-from api.deps import OMS, OmsWrite
+from api.deps import OMS, READERS, OmsWrite, model_answer
 from api.errors import ApiError
 from api.middleware import replay
+from api.routers.availability import availability_out
 from api.routers.reservations import reserve_command, reserved
 from api.runtime import Runtime
 from api.schemas import ReservationIn
 from ledger.commands import Reserve
 
 PATH = "/v1/reservations"
+AVAILABILITY = "/v1/availability/"
+# What the read route's SKU path parameter accepts (api.routers.skus.SkuPath), one path
+# segment; anything else is the route's to refuse.
+_SKU = re.compile(r"[^/\x00-\x1f\x7f]{1,128}")
+# The one query the lane reads: a position as plain digits, as the route's int reads it.
+_MIN_POSITION = re.compile(rb"min_position=([0-9]{1,18})")
 
 # An HTTP exception handler, as the app registers them.
 Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
@@ -129,6 +143,64 @@ class ReserveLane:
             if handler is not None:
                 return handler
         return None
+
+
+class ReadLane:
+    """ASGI middleware: answers `GET /v1/availability/{sku}` from the in-process copy of
+    the stock view when it holds the SKU at the position asked for; passes every other
+    request on to the app."""
+
+    def __init__(self, app: ASGIApp, service: FastAPI) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "GET"
+            or not scope["path"].startswith(AVAILABILITY)
+            or scope.get("root_path")
+            or self.service.dependency_overrides
+        ):
+            await self.app(scope, receive, send)
+            return
+        response = self._answer(scope)
+        if response is None:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+    def _answer(self, scope: Scope) -> Response | None:
+        """The route's answer, if the route would answer from the copy too."""
+        sku = scope["path"][len(AVAILABILITY) :]
+        if not _SKU.fullmatch(sku):
+            return None
+        query: bytes = scope["query_string"]
+        wanted = None
+        if query:
+            given = _MIN_POSITION.fullmatch(query)
+            if given is None:
+                return None
+            wanted = int(given[1])
+        headers = _first(scope["headers"])
+        if b"x-min-position" in headers:
+            return None
+        authenticator: Authenticator = self.service.state.authenticator
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            key = key_for(authenticator, authorization, READERS)
+        except ApiError:
+            return None
+        runtime: Runtime = self.service.state.runtime
+        cache = runtime.views.cache
+        at = datetime.now(UTC)
+        cached = None if cache is None else cache.lookup([sku], wanted)
+        if cached is None:
+            return None
+        scope.setdefault("state", {})["principal"] = key.name
+        levels = cached.entries[0].levels(at)
+        limited_at = runtime.settings.limited_stock_at
+        return model_answer(availability_out(levels, limited_at, cached.position), cached.position)
 
 
 async def _body(receive: Receive) -> bytes:

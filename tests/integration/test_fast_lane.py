@@ -1,13 +1,16 @@
-"""The reservation fast lane (api.fastlane) answers exactly as FastAPI's route would.
+"""The fast lanes (api.fastlane) answer exactly as FastAPI's routes would.
 
-Every order is sent over HTTP to two servers on one ledger: one with the lane, one
-without. Their answers must match; the lane must answer itself the orders the route
-would send to the writer, and hand every other request on to the app behind it.
+Every order or read is sent over HTTP to two servers on one ledger: one with the lanes,
+one without. Their answers must match; the reservation lane must answer itself the orders
+the route would send to the writer, the read lane the reads the route would answer from
+the in-process copy of the stock view, and each must hand every other request on to the
+app behind it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,15 +25,16 @@ from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
 from api.app import create_app
-from api.deps import oms_write
-from api.fastlane import PATH, ReserveLane
-from api.routers import reservations
-from api.runtime import Runtime
+from api.deps import oms_write, read
+from api.fastlane import PATH, ReadLane, ReserveLane
+from api.routers import availability, reservations
+from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from tests.conftest import free_port, make_settings
 from tests.integration.ledger_setup import stock_sku
 
 OMS = {"Authorization": "Bearer test-oms"}
+SHOP = {"Authorization": "Bearer test-shop"}
 # Fields that differ between two orders taken alike.
 OWN = ("reservation_id", "created_at", "expires_at")
 ORDER = b'{"order_id": "o", "lines": [{"sku": "S", "quantity": 1}]}'
@@ -39,13 +43,15 @@ ORDER = b'{"order_id": "o", "lines": [{"sku": "S", "quantity": 1}]}'
 class Lanes:
     """Clients of the two servers, and how many requests the lane handed on."""
 
-    def __init__(self, lane: FastAPI, lane_url: str, route_url: str) -> None:
+    def __init__(
+        self, lane: FastAPI, lane_url: str, route_url: str, kind: type = ReserveLane
+    ) -> None:
         self.app = lane
         self.lane = httpx.Client(base_url=lane_url)
         self.route = httpx.Client(base_url=route_url)
         self.handed_on = 0
         layer = lane.middleware_stack
-        while not isinstance(layer, ReserveLane):
+        while not isinstance(layer, kind):
             layer = layer.app  # type: ignore[union-attr]
         behind = layer.app
 
@@ -68,6 +74,27 @@ class Lanes:
                 mine["Idempotency-Key"] = mine["Idempotency-Key"][4:] + suffix
             answers.append(client.post("/v1/reservations", content=body, headers=mine))
         return _same(*answers)
+
+    def read_both(self, path: str, **headers: str) -> httpx.Response:
+        """GETs the path from both apps (shop key unless told) and compares the answers;
+        the lane's is returned."""
+        sent = {**SHOP, **headers}
+        lane, route = (client.get(path, headers=sent) for client in (self.lane, self.route))
+        assert lane.status_code == route.status_code, (lane.text, route.text)
+        for header in ("content-type", "x-ledger-position", "www-authenticate"):
+            assert lane.headers.get(header) == route.headers.get(header), header
+        assert "x-request-id" in lane.headers
+        assert _timeless(lane.json()) == _timeless(route.json())
+        return lane
+
+
+def _timeless(body: Any) -> Any:
+    """An answer without the ages of supplier reports, which move with the clock."""
+    if isinstance(body, dict):
+        return {k: _timeless(v) for k, v in body.items() if k != "age_seconds"}
+    if isinstance(body, list):
+        return [_timeless(item) for item in body]
+    return body
 
 
 @contextmanager
@@ -235,3 +262,134 @@ def test_the_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
     assert route.dependencies == []
     assert reservations.router.dependencies == []
     assert app.router.dependencies == []
+
+
+# Reads ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_lanes(settings: Settings) -> Iterator[tuple[Lanes, Runtime]]:
+    """Both servers on one runtime with the in-process copy of the stock view, as served."""
+    runtime = open_runtime(settings, sweep=False, read_cache=True)
+    try:
+        lane = create_app(settings, runtime)
+        with (
+            served(lane) as lane_url,
+            served(create_app(settings, runtime, fast_lane=False)) as url,
+        ):
+            clients = Lanes(lane, lane_url, url, ReadLane)
+            with clients.lane, clients.route:
+                yield clients, runtime
+    finally:
+        runtime.close()
+
+
+def stocked(runtime: Runtime, sku: str, quantity: int, supplier_id: str = "acme") -> int:
+    """`stock_sku`, and the log position it reached."""
+    stock_sku(runtime.writer, sku, quantity, supplier_id)
+    return runtime.app.recorder.max_notification_id() or 0
+
+
+def held_by_copy(runtime: Runtime, sku: str, wanted: int) -> None:
+    """Waits until the copy answers for the SKU at the position (a read offers it)."""
+    cache = runtime.views.cache
+    assert cache is not None
+    deadline = time.monotonic() + 10
+    while cache.lookup([sku], wanted) is None:
+        assert time.monotonic() < deadline, "the copy never held the SKU"
+        runtime.views.availability_after([sku], datetime.now(UTC), wanted, 5)
+        time.sleep(0.05)
+
+
+def test_reads_the_copy_holds_are_answered_by_the_lane_alike(
+    read_lanes: tuple[Lanes, Runtime],
+) -> None:
+    lanes, runtime = read_lanes
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    position = stocked(runtime, sku, 10)
+    held_by_copy(runtime, sku, position)
+
+    answer = lanes.read_both(f"/v1/availability/{sku}")
+    assert answer.json()["sellable"] == 10
+    assert int(answer.headers["x-ledger-position"]) >= position
+    lanes.read_both(f"/v1/availability/{sku}?min_position={position}")
+    lanes.read_both(f"/v1/availability/{sku}", Authorization="Bearer test-oms")
+    assert lanes.handed_on == 0
+
+    # A reservation moves the SKU: the lane answers the new numbers once the copy has them.
+    reserved = lanes.lane.post(
+        "/v1/reservations",
+        content=order(sku, 3),
+        headers={**OMS, "Content-Type": "application/json", "Idempotency-Key": "r"},
+    )
+    assert reserved.status_code == 201
+    after = int(reserved.headers["x-ledger-position"])
+    held_by_copy(runtime, sku, after)
+    handed_on = lanes.handed_on
+    moved = lanes.read_both(f"/v1/availability/{sku}?min_position={after}")
+    assert (moved.json()["held"], moved.json()["available"]) == (3, 7)
+    assert lanes.handed_on == handed_on
+
+
+def test_reads_the_copy_cannot_answer_go_to_the_route(
+    read_lanes: tuple[Lanes, Runtime],
+) -> None:
+    lanes, runtime = read_lanes
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    position = stocked(runtime, sku, 10)
+    held_by_copy(runtime, sku, position)
+    cases = [
+        # Not in the copy: the route reads the view (and answers 404 for an unknown SKU).
+        (f"/v1/availability/NO-SUCH-{uuid.uuid4().hex[:8]}", {}, 404),
+        # Keys the route refuses, with its own status and headers.
+        (f"/v1/availability/{sku}", {"Authorization": "Bearer nobody"}, 401),
+        (f"/v1/availability/{sku}", {"Authorization": "Basic test-shop"}, 401),
+        (f"/v1/availability/{sku}", {"Authorization": "Bearer test-acme"}, 403),
+        # Positions only the route reads, or refuses.
+        (f"/v1/availability/{sku}?min_position=-1", {}, 422),
+        (f"/v1/availability/{sku}?min_position=x", {}, 422),
+        (f"/v1/availability/{sku}?min_position=1&min_position=2", {}, 200),
+        (f"/v1/availability/{sku}", {"X-Min-Position": str(position)}, 200),
+        (f"/v1/availability/{sku}?other=1", {}, 200),
+        # SKUs the route's path parameter refuses.
+        ("/v1/availability/%01", {}, 422),
+        (f"/v1/availability/{'S' * 129}", {}, 422),
+    ]
+    for path, headers, status in cases:
+        before = lanes.handed_on
+        assert lanes.read_both(path, **headers).status_code == status, path
+        assert lanes.handed_on == before + 1, path
+
+
+def test_a_position_the_copy_has_not_reached_is_waited_for_by_the_route(
+    read_lanes: tuple[Lanes, Runtime],
+) -> None:
+    lanes, runtime = read_lanes
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    position = stocked(runtime, sku, 10)
+    held_by_copy(runtime, sku, position)
+    cache = runtime.views.cache
+    assert cache is not None
+    cache.stop()  # the copy stays where it is; the view moves on
+    later = stocked(runtime, sku, 4, "beta")
+    assert cache.position < later
+    answer = lanes.lane.get(f"/v1/availability/{sku}?min_position={later}", headers=SHOP)
+    assert answer.status_code == 200
+    assert answer.json()["on_hand"] == 14
+    assert lanes.handed_on == 1
+
+
+def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
+    """The lane does what the read route's dependency does (key, role, time, position);
+    a dependency added to the route, its router or the app would be skipped by it."""
+    create_app(make_settings("postgresql://unused"))
+    (route,) = [
+        r
+        for r in availability.router.routes
+        if isinstance(r, APIRoute) and r.path == "/v1/availability/{sku}"
+    ]
+    assert route.methods == {"GET"}
+    assert route.endpoint is availability.one
+    assert [d.call for d in route.dependant.dependencies] == [read]
+    assert route.dependencies == []
+    assert availability.router.dependencies == []
