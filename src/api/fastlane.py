@@ -13,10 +13,11 @@ enough stock, an unknown SKU) is answered by the app's own exception handlers. T
 stays the contract: it is what OpenAPI describes, and what answers when the lane steps
 aside.
 
-`GET /v1/availability/{sku}` is taken the same way (`ReadLane`) when the in-process copy
-of the stock view can answer it: a reader's key, an optional `min_position` the copy has
-reached, and a SKU it holds. A read the copy cannot answer (an unknown SKU, a position it
-has not reached, a copy refreshed too long ago) goes to the route, which reads the view.
+`GET /v1/availability/{sku}` and `GET /v1/availability?sku=…` are taken the same way
+(`ReadLane`) when the in-process copy of the stock view can answer them: a reader's key,
+an optional `min_position` the copy has reached, and SKUs it holds, all of them. A read
+the copy cannot answer (an unknown SKU, a position it has not reached, a copy refreshed
+too long ago) goes to the route, which reads the view.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, cast
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,19 +40,21 @@ from api.auth import Authenticator, key_for
 from api.deps import OMS, READERS, OmsWrite, model_answer
 from api.errors import ApiError
 from api.middleware import replay
-from api.routers.availability import availability_out
+from api.routers.availability import MAX_BATCH, availability_out
 from api.routers.reservations import reserve_command, reserved
 from api.runtime import Runtime
-from api.schemas import ReservationIn
+from api.schemas import AvailabilityBatchOut, ReservationIn
 from ledger.commands import Reserve
 
 PATH = "/v1/reservations"
-AVAILABILITY = "/v1/availability/"
+BATCH = "/v1/availability"
+AVAILABILITY = BATCH + "/"
 # What the read route's SKU path parameter accepts (api.routers.skus.SkuPath), one path
 # segment; anything else is the route's to refuse.
 _SKU = re.compile(r"[^/\x00-\x1f\x7f]{1,128}")
 # The one query the lane reads: a position as plain digits, as the route's int reads it.
 _MIN_POSITION = re.compile(rb"min_position=([0-9]{1,18})")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 # An HTTP exception handler, as the app registers them.
 Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
@@ -146,9 +150,9 @@ class ReserveLane:
 
 
 class ReadLane:
-    """ASGI middleware: answers `GET /v1/availability/{sku}` from the in-process copy of
-    the stock view when it holds the SKU at the position asked for; passes every other
-    request on to the app."""
+    """ASGI middleware: answers `GET /v1/availability/{sku}` and `GET /v1/availability?sku=…`
+    from the in-process copy of the stock view when it holds every SKU asked for at the
+    position asked for; passes every other request on to the app."""
 
     def __init__(self, app: ASGIApp, service: FastAPI) -> None:
         self.app = app
@@ -158,7 +162,7 @@ class ReadLane:
         if (
             scope["type"] != "http"
             or scope["method"] != "GET"
-            or not scope["path"].startswith(AVAILABILITY)
+            or not scope["path"].startswith(BATCH)
             or scope.get("root_path")
             or self.service.dependency_overrides
         ):
@@ -172,16 +176,34 @@ class ReadLane:
 
     def _answer(self, scope: Scope) -> Response | None:
         """The route's answer, if the route would answer from the copy too."""
-        sku = scope["path"][len(AVAILABILITY) :]
-        if not _SKU.fullmatch(sku):
-            return None
+        path: str = scope["path"]
         query: bytes = scope["query_string"]
-        wanted = None
-        if query:
-            given = _MIN_POSITION.fullmatch(query)
-            if given is None:
+        batch = path == BATCH
+        if batch:
+            # As the route reads them (Starlette's parser): 1 to MAX_BATCH `sku` values and
+            # at most one `min_position`; any other parameter is the route's to judge.
+            params = QueryParams(query)
+            skus = params.getlist("sku")
+            positions = params.getlist("min_position")
+            if (
+                not 1 <= len(skus) <= MAX_BATCH
+                or len(positions) > 1
+                or len(skus) + len(positions) != len(params.multi_items())
+                or (positions and not _DIGITS.fullmatch(positions[0]))
+            ):
                 return None
-            wanted = int(given[1])
+            names = list(dict.fromkeys(skus))
+            wanted = int(positions[0]) if positions else None
+        else:
+            sku = path[len(AVAILABILITY) :]
+            if not path.startswith(AVAILABILITY) or not _SKU.fullmatch(sku):
+                return None
+            names, wanted = [sku], None
+            if query:
+                given = _MIN_POSITION.fullmatch(query)
+                if given is None:
+                    return None
+                wanted = int(given[1])
         headers = _first(scope["headers"])
         if b"x-min-position" in headers:
             return None
@@ -194,13 +216,18 @@ class ReadLane:
         runtime: Runtime = self.service.state.runtime
         cache = runtime.views.cache
         at = datetime.now(UTC)
-        cached = None if cache is None else cache.lookup([sku], wanted)
+        cached = None if cache is None else cache.lookup(names, wanted)
         if cached is None:
             return None
         scope.setdefault("state", {})["principal"] = key.name
-        levels = cached.entries[0].levels(at)
         limited_at = runtime.settings.limited_stock_at
-        return model_answer(availability_out(levels, limited_at, cached.position), cached.position)
+        answers = [
+            availability_out(entry.levels(at), limited_at, cached.position)
+            for entry in cached.entries
+        ]
+        if batch:
+            return model_answer(AvailabilityBatchOut(items=answers, unknown=[]), cached.position)
+        return model_answer(answers[0], cached.position)
 
 
 async def _body(receive: Receive) -> bytes:

@@ -309,11 +309,21 @@ def test_reads_the_copy_holds_are_answered_by_the_lane_alike(
     position = stocked(runtime, sku, 10)
     held_by_copy(runtime, sku, position)
 
+    other = f"LANE-{uuid.uuid4().hex[:8]}"
+    position = stocked(runtime, other, 5)
+    held_by_copy(runtime, other, position)
+
     answer = lanes.read_both(f"/v1/availability/{sku}")
     assert answer.json()["sellable"] == 10
     assert int(answer.headers["x-ledger-position"]) >= position
     lanes.read_both(f"/v1/availability/{sku}?min_position={position}")
+    lanes.read_both(f"/v1/availability/{sku}?min_position=007")
     lanes.read_both(f"/v1/availability/{sku}", Authorization="Bearer test-oms")
+    listed = lanes.read_both(f"/v1/availability?sku={other}&sku={sku}&sku={other}")
+    assert [item["sku"] for item in listed.json()["items"]] == [other, sku]
+    assert [item["on_hand"] for item in listed.json()["items"]] == [5, 10]
+    lanes.read_both(f"/v1/availability?min_position={position}&sku={sku}")
+    lanes.read_both(f"/v1/availability?sku={sku}", Authorization="Bearer test-audit")
     assert lanes.handed_on == 0
 
     # A reservation moves the SKU: the lane answers the new numbers once the copy has them.
@@ -354,6 +364,15 @@ def test_reads_the_copy_cannot_answer_go_to_the_route(
         # SKUs the route's path parameter refuses.
         ("/v1/availability/%01", {}, 422),
         (f"/v1/availability/{'S' * 129}", {}, 422),
+        # Lists the copy cannot answer whole, or the route judges.
+        (f"/v1/availability?sku={sku}&sku=NO-SUCH-SKU", {}, 200),
+        ("/v1/availability", {}, 422),
+        ("/v1/availability?" + "&".join([f"sku={sku}"] * 101), {}, 422),
+        (f"/v1/availability?sku={sku}&min_position=1&min_position=2", {}, 200),
+        (f"/v1/availability?sku={sku}&min_position=-1", {}, 422),
+        (f"/v1/availability?sku={sku}&other=1", {}, 200),
+        (f"/v1/availability?sku={sku}", {"X-Min-Position": str(position)}, 200),
+        (f"/v1/availability?sku={sku}", {"Authorization": "Bearer test-acme"}, 403),
     ]
     for path, headers, status in cases:
         before = lanes.handed_on
@@ -388,8 +407,15 @@ def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> No
         for r in availability.router.routes
         if isinstance(r, APIRoute) and r.path == "/v1/availability/{sku}"
     ]
-    assert route.methods == {"GET"}
+    (listed,) = [
+        r
+        for r in availability.router.routes
+        if isinstance(r, APIRoute) and r.path == "/v1/availability"
+    ]
+    assert route.methods == listed.methods == {"GET"}
     assert route.endpoint is availability.one
-    assert [d.call for d in route.dependant.dependencies] == [read]
-    assert route.dependencies == []
+    assert listed.endpoint is availability.many
+    for each in (route, listed):
+        assert [d.call for d in each.dependant.dependencies] == [read]
+        assert each.dependencies == []
     assert availability.router.dependencies == []
