@@ -2,16 +2,18 @@
 
 A storefront reads availability far more often than it changes, and a read that goes to
 PostgreSQL costs more than the HTTP around it. Each API process keeps the entries of up
-to `capacity` SKUs (those that changed last when it starts, then those read since), as
-read from the view at a known position. Every `refresh_seconds` it reads, in one
-snapshot of the view, which SKUs moved past that position (their rows, or their
-suppliers' terms), and the entries of those among them it follows: the SKUs read within
-`follow_seconds`. Another SKU of the copy that moved is dropped, not read again; its next
-read goes to the view and brings it back. So the copy costs in proportion to the changes
-of what is being read, not to every change of the catalogue (following every change of
-10,000 SKUs took ~12% of the machine's CPU under a reservation load, in both API
-processes). Both statements see one snapshot, so the copy is always exactly the view at
-one position.
+to `capacity` SKUs (those that changed last when it starts, then those new to the
+catalogue and those read since), as read from the view at a known position. Every
+`refresh_seconds` it reads, in one snapshot of the view, which SKUs moved past that
+position (their rows, or their suppliers' terms), and the entries of those among them it
+follows: the SKUs read within `follow_seconds`, and, while it has room, SKUs it has never
+held (new ones: without them, a process that never read a SKU created after it started
+sends every first read of it to the view). Another SKU of the copy that moved is dropped,
+not read again; its next read goes to the view and brings it back. So the copy costs in
+proportion to the changes of what is being read, not to every change of the catalogue
+(following every change of 10,000 SKUs took ~12% of the machine's CPU under a reservation
+load, in both API processes). Both statements see one snapshot, so the copy is always
+exactly the view at one position.
 
 The copy answers only when it is at least at the position a reader asks for and its last
 refresh is recent; otherwise the reader goes to the view itself, as without it.
@@ -76,6 +78,9 @@ class StockCache:
         self._entries: dict[str, StockEntry] = {}
         # When each SKU of the copy was last read (from the copy or, offered, the view).
         self._read_at: dict[str, float] = {}
+        # Every SKU this copy of the generation has held: one that moves and is not among
+        # them is new to the catalogue, and is taken while the copy has room.
+        self._seen: set[str] = set()
         self._generation: int | None = None
         self._position = 0
         self._refreshed = -math.inf
@@ -130,6 +135,7 @@ class StockCache:
                     self._drop(next(iter(self._entries)))  # the oldest kept
                 self._entries[sku] = entry
                 self._read_at[sku] = now
+                self._seen.add(sku)
 
     def refresh(self) -> None:
         """Brings the copy to the view's current position, in one snapshot of the view."""
@@ -163,7 +169,7 @@ class StockCache:
             return  # no live generation yet
         with self._lock:
             if snapshot.generation != self._generation:
-                self._entries, self._read_at = {}, {}
+                self._entries, self._read_at, self._seen = {}, {}, set()
             for sku in moved:
                 # Followed, it was read again; else (not followed, or offered by a reader
                 # since the SKUs were split) it may be stale at the new position.
@@ -172,18 +178,25 @@ class StockCache:
             for sku, entry in snapshot.entries.items():
                 if sku in self._entries or len(self._entries) < self.capacity:
                     self._entries[sku] = entry
+                    self._seen.add(sku)
             self._generation, self._position = snapshot.generation, snapshot.position
             self._refreshed = started
 
     def _followed(self, moved: list[str], now: float) -> list[str]:
-        """The SKUs among those that moved that the copy holds and were read lately."""
+        """The SKUs among those that moved that the copy reads again: those it holds that
+        were read lately, and those new to it (never held) while it has room. A new SKU
+        is not counted as read: unread when it next moves, it is dropped like any other."""
         with self._lock:
-            return [
-                sku
-                for sku in moved
-                if sku in self._entries
-                and now - self._read_at.get(sku, -math.inf) <= self.follow_seconds
-            ]
+            room = self.capacity - len(self._entries)
+            followed = []
+            for sku in moved:
+                if sku in self._entries:
+                    if now - self._read_at.get(sku, -math.inf) <= self.follow_seconds:
+                        followed.append(sku)
+                elif room > 0 and sku not in self._seen:
+                    followed.append(sku)
+                    room -= 1
+            return followed
 
     def _drop(self, sku: str) -> None:
         self._entries.pop(sku, None)

@@ -247,3 +247,43 @@ def test_an_entry_offered_while_a_refresh_runs_is_not_kept_if_it_moved(runtime: 
 def _read(runtime: Runtime, skus: list[str]) -> Snapshot:
     with runtime.store.connection() as conn:
         return read_entries(conn, skus, second_floor(datetime.now(UTC)))
+
+
+def test_a_sku_new_to_the_copy_is_taken_while_there_is_room_and_dropped_once_it_moves_unread(
+    runtime: Runtime,
+) -> None:
+    """A SKU that appears after the copy started is taken by the refresh that sees it
+    move, without a read (a worker that never read it would otherwise go to the view for
+    it); not read since, it is dropped when it moves again, and not taken again."""
+    first = random_sku("FIRST")
+    stock_sku(runtime.writer, first, 9)
+    caught_up(runtime)
+    clock = Clock()
+    cache = copy_of(runtime, capacity=2, clock=clock)
+    cache.refresh()
+    assert len(cache) == 1
+
+    new, beyond = random_sku("NEW"), random_sku("BEYOND")
+    stock_sku(runtime.writer, new, 6)
+    caught_up(runtime)
+    cache.refresh()
+    at = datetime.now(UTC)
+    assert from_copy(cache, new, at) == from_view(runtime, new, at)
+
+    stock_sku(runtime.writer, beyond, 4)  # no room left for it
+    caught_up(runtime)
+    cache.refresh()
+    assert cache.lookup([beyond], None) is None
+    assert len(cache) == 2
+
+    clock.now += cache.follow_seconds + 1  # read above, not since
+    placed = runtime.writer.execute(reserve([(new, 2)]))
+    assert placed.position is not None
+    caught_up(runtime)
+    cache.refresh()
+    assert cache.lookup([new], None) is None, "moved unread: dropped"
+    runtime.writer.execute(reserve([(new, 1)]))
+    caught_up(runtime)
+    cache.refresh()
+    assert cache.lookup([new], None) is None, "seen before: not taken again unread"
+    assert len(cache) == 1
