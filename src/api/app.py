@@ -33,7 +33,8 @@ def create_app(
     settings: Settings, runtime: Runtime | None = None, *, fast_lane: bool = True
 ) -> FastAPI:
     """The service; it opens its own runtime on startup unless one is given. Without
-    `fast_lane`, FastAPI's route answers every order (see api.fastlane)."""
+    `fast_lane`, FastAPI's routes answer every order and availability read (see
+    api.fastlane)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

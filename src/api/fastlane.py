@@ -52,8 +52,7 @@ AVAILABILITY = BATCH + "/"
 # What the read route's SKU path parameter accepts (api.routers.skus.SkuPath), one path
 # segment; anything else is the route's to refuse.
 _SKU = re.compile(r"[^/\x00-\x1f\x7f]{1,128}")
-# The one query the lane reads: a position as plain digits, as the route's int reads it.
-_MIN_POSITION = re.compile(rb"min_position=([0-9]{1,18})")
+# A position the lane reads itself: plain digits, as the route's int reads them.
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 # An HTTP exception handler, as the app registers them.
@@ -61,24 +60,31 @@ Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
 SyncHandler = Callable[[Request, Exception], Response]
 
 
-class ReserveLane:
-    """ASGI middleware: answers an order the reservation route would accept; passes every
-    other request (and an order the route would refuse) on to the app."""
+class _Lane:
+    """ASGI middleware in front of `service`, handing on to `app` what it does not answer."""
 
     def __init__(self, app: ASGIApp, service: FastAPI) -> None:
         self.app = app
         self.service = service
 
+    def _takes(self, scope: Scope, method: str) -> bool:
+        """Whether an HTTP request with this method may be taken from the route at all:
+        behind a root_path the app routes on a shorter path, and overridden dependencies
+        (tests, tools) are the route's."""
+        return (
+            scope["type"] == "http"
+            and scope["method"] == method
+            and not scope.get("root_path")
+            and not self.service.dependency_overrides
+        )
+
+
+class ReserveLane(_Lane):
+    """ASGI middleware: answers an order the reservation route would accept; passes every
+    other request (and an order the route would refuse) on to the app."""
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            # Behind a root_path the app routes on a shorter path; overridden dependencies
-            # (tests, tools) are the route's: both go to the route.
-            or scope.get("root_path")
-            or self.service.dependency_overrides
-        ):
+        if not self._takes(scope, "POST") or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
         body = await _body(receive)
@@ -149,26 +155,15 @@ class ReserveLane:
         return None
 
 
-class ReadLane:
+class ReadLane(_Lane):
     """ASGI middleware: answers `GET /v1/availability/{sku}` and `GET /v1/availability?sku=…`
     from the in-process copy of the stock view when it holds every SKU asked for at the
     position asked for; passes every other request on to the app."""
 
-    def __init__(self, app: ASGIApp, service: FastAPI) -> None:
-        self.app = app
-        self.service = service
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "GET"
-            or not scope["path"].startswith(BATCH)
-            or scope.get("root_path")
-            or self.service.dependency_overrides
-        ):
-            await self.app(scope, receive, send)
-            return
-        response = self._answer(scope)
+        response = None
+        if self._takes(scope, "GET") and scope["path"].startswith(BATCH):
+            response = self._answer(scope)
         if response is None:
             await self.app(scope, receive, send)
             return
@@ -177,33 +172,17 @@ class ReadLane:
     def _answer(self, scope: Scope) -> Response | None:
         """The route's answer, if the route would answer from the copy too."""
         path: str = scope["path"]
-        query: bytes = scope["query_string"]
         batch = path == BATCH
-        if batch:
-            # As the route reads them (Starlette's parser): 1 to MAX_BATCH `sku` values and
-            # at most one `min_position`; any other parameter is the route's to judge.
-            params = QueryParams(query)
-            skus = params.getlist("sku")
-            positions = params.getlist("min_position")
-            if (
-                not 1 <= len(skus) <= MAX_BATCH
-                or len(positions) > 1
-                or len(skus) + len(positions) != len(params.multi_items())
-                or (positions and not _DIGITS.fullmatch(positions[0]))
-            ):
-                return None
-            names = list(dict.fromkeys(skus))
-            wanted = int(positions[0]) if positions else None
-        else:
-            sku = path[len(AVAILABILITY) :]
-            if not path.startswith(AVAILABILITY) or not _SKU.fullmatch(sku):
-                return None
-            names, wanted = [sku], None
-            if query:
-                given = _MIN_POSITION.fullmatch(query)
-                if given is None:
-                    return None
-                wanted = int(given[1])
+        sku = path[len(AVAILABILITY) :]
+        if not batch and not (path.startswith(AVAILABILITY) and _SKU.fullmatch(sku)):
+            return None
+        query = _read_query(scope["query_string"], batch)
+        if query is None:
+            return None
+        skus, wanted = query
+        if batch and not 1 <= len(skus) <= MAX_BATCH:
+            return None
+        names = list(dict.fromkeys(skus)) if batch else [sku]
         headers = _first(scope["headers"])
         if b"x-min-position" in headers:
             return None
@@ -228,6 +207,24 @@ class ReadLane:
         if batch:
             return model_answer(AvailabilityBatchOut(items=answers, unknown=[]), cached.position)
         return model_answer(answers[0], cached.position)
+
+
+def _read_query(query: bytes, batch: bool) -> tuple[list[str], int | None] | None:
+    """The `sku` values (of a list read) and the `min_position`, read as the route reads
+    them (Starlette's parser); None when the route must judge the query: a parameter the
+    lane does not read, a repeated position, or one that is not plain digits."""
+    if not query:
+        return [], None
+    params = QueryParams(query)
+    skus = params.getlist("sku") if batch else []
+    positions = params.getlist("min_position")
+    if (
+        len(positions) > 1
+        or len(skus) + len(positions) != len(params.multi_items())
+        or (positions and not _DIGITS.fullmatch(positions[0]))
+    ):
+        return None
+    return skus, int(positions[0]) if positions else None
 
 
 async def _body(receive: Receive) -> bytes:

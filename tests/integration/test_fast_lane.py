@@ -290,6 +290,14 @@ def stocked(runtime: Runtime, sku: str, quantity: int, supplier_id: str = "acme"
     return runtime.app.recorder.max_notification_id() or 0
 
 
+def held_sku(runtime: Runtime, quantity: int) -> tuple[str, int]:
+    """A new SKU with `quantity` in stock, once the copy holds it; and the log position."""
+    sku = f"LANE-{uuid.uuid4().hex[:8]}"
+    position = stocked(runtime, sku, quantity)
+    held_by_copy(runtime, sku, position)
+    return sku, position
+
+
 def held_by_copy(runtime: Runtime, sku: str, wanted: int) -> None:
     """Waits until the copy answers for the SKU at the position (a read offers it)."""
     cache = runtime.views.cache
@@ -305,13 +313,8 @@ def test_reads_the_copy_holds_are_answered_by_the_lane_alike(
     read_lanes: tuple[Lanes, Runtime],
 ) -> None:
     lanes, runtime = read_lanes
-    sku = f"LANE-{uuid.uuid4().hex[:8]}"
-    position = stocked(runtime, sku, 10)
-    held_by_copy(runtime, sku, position)
-
-    other = f"LANE-{uuid.uuid4().hex[:8]}"
-    position = stocked(runtime, other, 5)
-    held_by_copy(runtime, other, position)
+    sku, _ = held_sku(runtime, 10)
+    other, position = held_sku(runtime, 5)
 
     answer = lanes.read_both(f"/v1/availability/{sku}")
     assert answer.json()["sellable"] == 10
@@ -345,9 +348,7 @@ def test_reads_the_copy_cannot_answer_go_to_the_route(
     read_lanes: tuple[Lanes, Runtime],
 ) -> None:
     lanes, runtime = read_lanes
-    sku = f"LANE-{uuid.uuid4().hex[:8]}"
-    position = stocked(runtime, sku, 10)
-    held_by_copy(runtime, sku, position)
+    sku, position = held_sku(runtime, 10)
     cases = [
         # Not in the copy: the route reads the view (and answers 404 for an unknown SKU).
         (f"/v1/availability/NO-SUCH-{uuid.uuid4().hex[:8]}", {}, 404),
@@ -384,9 +385,7 @@ def test_a_position_the_copy_has_not_reached_is_waited_for_by_the_route(
     read_lanes: tuple[Lanes, Runtime],
 ) -> None:
     lanes, runtime = read_lanes
-    sku = f"LANE-{uuid.uuid4().hex[:8]}"
-    position = stocked(runtime, sku, 10)
-    held_by_copy(runtime, sku, position)
+    sku, _ = held_sku(runtime, 10)
     cache = runtime.views.cache
     assert cache is not None
     cache.stop()  # the copy stays where it is; the view moves on
