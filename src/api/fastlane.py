@@ -44,6 +44,7 @@ from api.routers.availability import MAX_BATCH, availability_out
 from api.routers.reservations import reserve_command, reserved
 from api.runtime import Runtime
 from api.schemas import AvailabilityBatchOut, ReservationIn
+from api.settings import ApiKey
 from ledger.commands import Reserve
 
 PATH = "/v1/reservations"
@@ -77,6 +78,16 @@ class _Lane:
             and not scope.get("root_path")
             and not self.service.dependency_overrides
         )
+
+    def _key(self, headers: dict[bytes, bytes], allowed: frozenset[str]) -> ApiKey | None:
+        """The request's key if the route's own check admits it for these roles; None
+        leaves the refusal (401 or 403) to the route."""
+        authenticator: Authenticator = self.service.state.authenticator
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            return key_for(authenticator, authorization, allowed)
+        except ApiError:
+            return None
 
 
 class ReserveLane(_Lane):
@@ -115,11 +126,8 @@ class ReserveLane(_Lane):
         media_type = headers.get(b"content-type", b"").partition(b";")[0]
         if media_type.strip().lower() != b"application/json":
             return None
-        authenticator: Authenticator = self.service.state.authenticator
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        try:
-            key = key_for(authenticator, authorization, OMS)
-        except ApiError:
+        key = self._key(headers, OMS)
+        if key is None:
             return None
         try:
             order = ReservationIn.model_validate(json.loads(body, object_pairs_hook=_unique))
@@ -186,11 +194,8 @@ class ReadLane(_Lane):
         headers = _first(scope["headers"])
         if b"x-min-position" in headers:
             return None
-        authenticator: Authenticator = self.service.state.authenticator
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        try:
-            key = key_for(authenticator, authorization, READERS)
-        except ApiError:
+        key = self._key(headers, READERS)
+        if key is None:
             return None
         runtime: Runtime = self.service.state.runtime
         cache = runtime.views.cache
