@@ -17,6 +17,12 @@ exactly the view at one position.
 
 The copy answers only when it is at least at the position a reader asks for and its last
 refresh is recent; otherwise the reader goes to the view itself, as without it.
+
+To tell a new SKU from one it dropped, the copy remembers the SKUs it has held, up to
+`SEEN_PER_ENTRY` times its capacity (~80 bytes each); past that it remembers only those it
+holds. A SKU it forgot counts as new again: taken, while there is room, the next time it
+moves, and dropped like any other if nobody reads it. Without the bound, a process that
+over time held every SKU of a 1,000,000-SKU catalogue kept ~80 MB of names.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class CachedRead:
     entries: list[StockEntry]
 
 
+# The SKUs a copy remembers having held, at most, per SKU it can hold (see above).
+SEEN_PER_ENTRY = 4
+
+
 class StockCache:
     """The entries of up to `capacity` SKUs, brought up to date every `refresh_seconds`;
     those not read within `follow_seconds` are dropped when they change."""
@@ -67,9 +77,11 @@ class StockCache:
         max_lag_seconds: float,
         follow_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        seen_limit: int | None = None,
     ) -> None:
         self.store = store
         self.capacity = capacity
+        self.seen_limit = SEEN_PER_ENTRY * capacity if seen_limit is None else seen_limit
         self.refresh_seconds = refresh_seconds
         self.max_lag_seconds = max_lag_seconds
         self.follow_seconds = follow_seconds
@@ -78,8 +90,8 @@ class StockCache:
         self._entries: dict[str, StockEntry] = {}
         # When each SKU of the copy was last read (from the copy or, offered, the view).
         self._read_at: dict[str, float] = {}
-        # Every SKU this copy of the generation has held: one that moves and is not among
-        # them is new to the catalogue, and is taken while the copy has room.
+        # The SKUs this copy of the generation has held (up to `seen_limit`): one that
+        # moves and is not among them is new to the catalogue, taken while there is room.
         self._seen: set[str] = set()
         self._generation: int | None = None
         self._position = 0
@@ -97,6 +109,12 @@ class StockCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def remembered(self) -> int:
+        """How many SKUs the copy would know it held before (at most `seen_limit`, or
+        those it holds if more)."""
+        return len(self._seen)
 
     def lookup(self, skus: Iterable[str], wanted: int | None) -> CachedRead | None:
         """The entries of all these SKUs if the copy holds them all, is at `wanted` or
@@ -136,6 +154,7 @@ class StockCache:
                 self._entries[sku] = entry
                 self._read_at[sku] = now
                 self._seen.add(sku)
+            self._forget_beyond_limit()
 
     def refresh(self) -> None:
         """Brings the copy to the view's current position, in one snapshot of the view."""
@@ -179,6 +198,7 @@ class StockCache:
                 if sku in self._entries or len(self._entries) < self.capacity:
                     self._entries[sku] = entry
                     self._seen.add(sku)
+            self._forget_beyond_limit()
             self._generation, self._position = snapshot.generation, snapshot.position
             self._refreshed = started
 
@@ -197,6 +217,11 @@ class StockCache:
                     followed.append(sku)
                     room -= 1
             return followed
+
+    def _forget_beyond_limit(self) -> None:
+        """Past `seen_limit`, remembers only the SKUs the copy holds (under the lock)."""
+        if len(self._seen) > self.seen_limit:
+            self._seen = set(self._entries)
 
     def _drop(self, sku: str) -> None:
         self._entries.pop(sku, None)

@@ -287,3 +287,48 @@ def test_a_sku_new_to_the_copy_is_taken_while_there_is_room_and_dropped_once_it_
     cache.refresh()
     assert cache.lookup([new], None) is None, "seen before: not taken again unread"
     assert len(cache) == 1
+
+
+def test_the_skus_a_copy_remembers_are_bounded_and_one_forgotten_counts_as_new_again(
+    runtime: Runtime,
+) -> None:
+    """The copy remembers the SKUs it held so as to take only new ones unread; past its
+    limit it remembers only those it holds, so that its memory does not grow with every
+    SKU it ever held. A SKU it forgot is taken again, unread, when it moves with room."""
+    old, *offered = (random_sku(name) for name in ("OLD", "X1", "X2", "X3"))
+    stock_sku(runtime.writer, old, 9)
+    caught_up(runtime)
+    clock = Clock()
+    cache = copy_of(runtime, capacity=2, clock=clock)
+    cache.seen_limit = 3
+    cache.refresh()
+    assert len(cache) == 1
+    assert cache.remembered == 1
+    for sku in offered:
+        stock_sku(runtime.writer, sku, 9)
+    caught_up(runtime)
+    for sku in offered:  # each read from the view pushes the oldest entry out
+        cache.offer(_read(runtime, [sku]))
+        assert cache.remembered <= 3
+    x1, x2, _ = offered
+    cache.refresh()  # past their stocking, read again: they were read lately
+    assert cache.lookup([old], None) is None
+    assert cache.lookup([x1], None) is None
+    assert len(cache) == 2
+    assert cache.remembered == 2, "past the limit it remembers only what it holds"
+
+    clock.now += cache.follow_seconds + 1
+    runtime.writer.execute(reserve([(x2, 1)]))  # moved unread: dropped, making room
+    caught_up(runtime)
+    cache.refresh()
+    assert cache.lookup([x2], None) is None
+    assert len(cache) == 1
+
+    placed = runtime.writer.execute(reserve([(old, 2)]))
+    caught_up(runtime)
+    cache.refresh()
+    at = datetime.now(UTC)
+    found = from_copy(cache, old, at, wanted=placed.position)
+    assert found == from_view(runtime, old, at), "forgotten: taken again as new"
+    assert found.held == 2
+    assert cache.remembered <= 3
