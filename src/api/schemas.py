@@ -18,13 +18,14 @@ from pydantic import (
 
 from connectors.config import check_connector
 
-# Identifiers: printable, no control characters, bounded.
-Sku = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
-]
-Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
-]
+# Identifiers: printable, no control characters, bounded. Every text a client sends that
+# reaches the database keeps to PRINTABLE (PostgreSQL refuses a NUL in text: without the
+# check that was a 500 for the client's mistake).
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+# Free text (a note, a reason) may run over lines, but holds no NUL.
+NO_NUL = r"^[^\x00]*$"
+Sku = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
 SUPPLIER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # JSON numbers only: true, 1.0 and "1" are not quantities.
 Quantity = Annotated[StrictInt, Field(gt=0, le=10**9)]
@@ -120,7 +121,9 @@ class ObservationIn(Strict):
     supplier_sku: Sku | None = None
     sku: Sku | None = None
     quantity: StrictInt
-    unit: Annotated[str, StringConstraints(min_length=1, max_length=16)] | None = None
+    unit: (
+        Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=PRINTABLE)] | None
+    ) = None
     observed_at: datetime
 
     @model_validator(mode="after")
@@ -131,7 +134,7 @@ class ObservationIn(Strict):
 
 
 class StockReportIn(Strict):
-    delivery_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    delivery_id: Name | None = None
     observations: list[dict[str, Any]] = Field(min_length=1)
 
 
@@ -165,7 +168,7 @@ class ReservationIn(Strict):
 
 
 class ReleaseIn(Strict):
-    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
 
 
 class FulfilLineIn(Strict):

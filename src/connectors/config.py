@@ -16,6 +16,27 @@ class _NoState:
         pass
 
 
+# Connector settings nested deeper than this are a mistake (and are walked without recursion).
+DEEPEST_SETTING = 32
+
+
+def _check_values(connector: dict[str, Any]) -> None:
+    """Refuses settings nested too deeply, and text holding a NUL: the settings are kept in
+    the supplier's terms, which the stock view stores as JSON in PostgreSQL, which refuses
+    a NUL there (the view would stop at them)."""
+    stack: list[tuple[Any, int]] = [(connector, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("connector settings must not hold a NUL character (\\u0000)")
+        elif isinstance(value, dict | list | tuple):
+            if depth >= DEEPEST_SETTING:
+                raise ValueError(f"connector settings nest at most {DEEPEST_SETTING} deep")
+            items = [*value, *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
 def _positive(section: dict[str, Any], name: str, kind: type[float] | type[int]) -> None:
     if name in section:
         value = section[name]
@@ -27,6 +48,7 @@ def _positive(section: dict[str, Any], name: str, kind: type[float] | type[int])
 
 def check_connector(connector: dict[str, Any]) -> None:
     """Raises ValueError naming what is wrong with these connector settings."""
+    _check_values(connector)
     if "format" in connector and connector["format"] not in FORMATS:
         raise ValueError(f"format is one of {', '.join(FORMATS)}")
     for name, kind in (

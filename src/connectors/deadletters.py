@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 
 from connectors.ingest import Ingestor
 from connectors.normalise import record_from_fields
-from ledger.delivery import Rejection
+from ledger.delivery import Rejection, kept
 from projections.store import Connection, ViewStore
 
 
@@ -108,8 +108,8 @@ def record_dead_letters(
                 delivery_id,
                 rejection.index,
                 rejection.reason,
-                None if fields is None else Jsonb(fields),
-                Jsonb(raw),
+                None if fields is None else Jsonb(kept(fields)),
+                Jsonb(kept(raw)),
             )
         )
     with conn.cursor() as cursor:

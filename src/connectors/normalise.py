@@ -82,6 +82,8 @@ def normalise(
     record: Record, rules: FeedRules, received_at: datetime, now: datetime
 ) -> Staged | str:
     """The staged level, or why the record is refused."""
+    if any("\x00" in text for text in (record.supplier_sku, record.upc, record.unit) if text):
+        return "nul_character"  # PostgreSQL refuses it in text: staged, it failed the delivery
     quantity = record.quantity
     if quantity is None:
         return "missing_quantity"

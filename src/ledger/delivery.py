@@ -16,6 +16,39 @@ from eventsourcing.domain import AggregateCreated
 
 from ledger.base import Cause, LedgerAggregate
 
+# What a refusal keeps of a refused record: containers nested deeper than this are cut
+# (a client's record nested thousands deep made keeping it fail), and a NUL in text, which
+# PostgreSQL refuses in text and JSON alike, becomes U+FFFD.
+KEPT_DEPTH = 16
+CUT = "(nested too deeply)"
+
+
+def kept(value: Any) -> Any:
+    """`value` (JSON-like) as a refusal keeps it; walked without recursion."""
+    if not isinstance(value, dict | list | tuple):
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]
+    while stack:
+        item, parent, key, depth = stack.pop()
+        if isinstance(item, str):
+            parent[key] = item.replace("\x00", "\ufffd")
+        elif isinstance(item, dict | list | tuple) and depth >= KEPT_DEPTH:
+            parent[key] = CUT
+        elif isinstance(item, dict):
+            copied: dict[Any, Any] = {}
+            parent[key] = copied
+            for name, inner in item.items():
+                name = name.replace("\x00", "\ufffd") if isinstance(name, str) else name
+                stack.append((inner, copied, name, depth + 1))
+        elif isinstance(item, list | tuple):
+            listed: list[Any] = [None] * len(item)
+            parent[key] = listed
+            stack.extend((inner, listed, i, depth + 1) for i, inner in enumerate(item))
+        else:
+            parent[key] = item
+    return root[0]
+
 
 @dataclass(frozen=True)
 class Rejection:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -283,6 +284,61 @@ def test_a_supplier_id_outside_the_allowed_characters_is_a_validation_error(
     refused(admin.put("/v1/suppliers/bad%20id", json={"name": "x"}), 422, "validation_error")
 
 
+# Every text a client can send in a path, a query or a header that reaches PostgreSQL,
+# which refuses a NUL in text (that was a 500), and another control character.
+CONTROL_TEXT = [
+    ("GET", "/v1/feeds/{text}", {}),
+    ("GET", "/v1/feeds/d-1", {"supplier_id": "{text}"}),
+    ("GET", "/v1/dead-letters", {"supplier_id": "{text}"}),
+    ("GET", "/v1/dead-letters", {"reason": "{text}"}),
+    ("GET", "/v1/conflicts", {"sku": "{text}"}),
+    ("GET", "/v1/conflicts", {"supplier_id": "{text}"}),
+    ("GET", "/v1/reservations", {"order_id": "{text}"}),
+    ("GET", "/v1/suppliers/acme/mappings", {"after": "{text}"}),
+    ("POST", "/v1/suppliers/acme/feeds", {"name": "{text}"}),
+    ("POST", "/v1/suppliers/acme/feeds", {"format": "{text}"}),
+]
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "a\x01b"], ids=["nul", "control"])
+@pytest.mark.parametrize(
+    ("method", "path", "params"),
+    CONTROL_TEXT,
+    ids=[f"{m} {p} {list(q)}" for m, p, q in CONTROL_TEXT],
+)
+def test_control_characters_in_a_path_or_query_are_a_validation_error(
+    admin: httpx.Client,
+    acme: httpx.Client,
+    method: str,
+    path: str,
+    params: dict[str, str],
+    text: str,
+) -> None:
+    url = path.replace("{text}", quote(text, safe=""))
+    query = {name: value.replace("{text}", text) for name, value in params.items()}
+    answer = admin.request(method, url, params=query, content=b"sku,quantity\nA,1\n")
+    refused(answer, 422, "validation_error")
+
+
+def test_a_stock_report_with_a_control_character_in_its_delivery_id_is_refused(
+    acme: httpx.Client,
+) -> None:
+    observation = {"sku": "x", "quantity": 1, "observed_at": iso()}
+    body = {"delivery_id": "d\x00", "observations": [observation]}
+    refused(acme.post("/v1/suppliers/acme/stock", json=body), 422, "validation_error")
+
+
+def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
+    acme: httpx.Client,
+) -> None:
+    answer = acme.post(
+        "/v1/suppliers/acme/feeds",
+        content=b"sku,quantity\nA,1\n",
+        headers={"X-Ledger-Delivery": "d\te"},  # HTTP lets a tab through; the ledger not
+    )
+    refused(answer, 422, "validation_error")
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -291,8 +347,26 @@ def test_a_supplier_id_outside_the_allowed_characters_is_a_validation_error(
         {"name": "x", "stale_after_seconds": 600, "exclude_after_seconds": 60},
         {"name": "x", "reports_net_of_our_orders": "sometimes"},
         {"priority": 1},
+        # PostgreSQL refuses a NUL in JSON: kept, it stopped the stock view for every SKU.
+        {"name": "x", "connector": {"options": {"note": "a\x00b"}}},
+        {"name": "x", "connector": {"units": {"C\x00S": 12}}},
+        {
+            "name": "x",
+            "connector": {
+                "options": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
+            },
+        },
     ],
-    ids=["negative-priority", "unknown-zone", "exclude-before-stale", "not-a-bool", "no-name"],
+    ids=[
+        "negative-priority",
+        "unknown-zone",
+        "exclude-before-stale",
+        "not-a-bool",
+        "no-name",
+        "nul-in-connector",
+        "nul-in-connector-key",
+        "connector-nested-too-deep",
+    ],
 )
 def test_invalid_supplier_terms_are_a_validation_error(
     admin: httpx.Client, body: dict[str, Any]
@@ -444,6 +518,48 @@ def test_bad_records_of_a_report_are_rejected_one_by_one_and_the_good_ones_appli
     assert reasons[8] == "quantity_out_of_range"
     assert shop.get(f"/v1/availability/{good}").json()["on_hand"] == 7
     assert shop.get(f"/v1/availability/{also_good}").json()["on_hand"] == 5
+
+
+def test_a_refused_record_nested_deep_or_holding_a_nul_is_kept_and_the_rest_applied(
+    admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
+) -> None:
+    """A refused record is kept with the delivery: one nested 500 deep made keeping it a
+    500 for the whole report; it is kept cut short now (and a NUL, which PostgreSQL
+    refuses in text, as U+FFFD)."""
+    good = random_sku()
+    mapping = {"mappings": [{"supplier_sku": "ACME-DEEP", "sku": good}]}
+    assert admin.put("/v1/suppliers/acme/mappings", json=mapping).status_code == 200
+    deep: list[Any] = []
+    for _ in range(500):
+        deep = [deep]
+    observations = [
+        {"supplier_sku": "ACME-DEEP", "quantity": 9, "observed_at": iso()},
+        {"supplier_sku": "ACME-DEEP", "quantity": 1, "observed_at": iso(), "extra": deep},
+        {"supplier_sku": "ACME\x00DEEP", "quantity": 1, "observed_at": iso(), "n\x00": 1},
+    ]
+
+    response = acme.post("/v1/suppliers/acme/stock", json={"observations": observations})
+
+    assert response.status_code == 200, response.text
+    outcome = response.json()
+    assert (outcome["rows"], outcome["applied"]) == (3, 1)
+    assert sorted(item["index"] for item in outcome["rejected"]) == [1, 2]
+    assert shop.get(f"/v1/availability/{good}").json()["on_hand"] == 9
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (f"/v1/reservations/{uuid.uuid4()}/release", {"reason": "gone\x00"}),
+        (f"/v1/conflicts/{uuid.uuid4()}/acknowledge", {"note": "seen\x00"}),
+    ],
+    ids=["release-reason", "acknowledgement-note"],
+)
+def test_free_text_holding_a_nul_is_a_validation_error(
+    admin: httpx.Client, path: str, body: dict[str, str]
+) -> None:
+    """Kept as text in a view, where PostgreSQL refuses a NUL: the view would stop at it."""
+    refused(admin.post(path, json=body), 422, "validation_error")
 
 
 @pytest.mark.parametrize(

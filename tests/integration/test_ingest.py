@@ -377,6 +377,34 @@ def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added
     assert on_hand(ledger, "SKU-NEW") == 8
 
 
+def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(
+    ledger: Runtime,
+) -> None:
+    """PostgreSQL refuses a NUL in text: a record holding one failed the whole delivery
+    (COPY refused the file, and the rows read in Python failed to stage; the delivery was
+    tried again and again). It is refused alone now, and kept readable."""
+    setup_supplier(ledger, "acme", {"A": "SKU-NUL-A"})
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = (
+        f"sku,quantity,unit,observed_at\nA,5,EA,{at}\nB\x00B,3,EA,{at}\nA2,6,E\x00A,{at}\n"
+    ).encode()
+    enqueue(ledger, "acme", "with-nul", body)
+
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+
+    letters = {letter["position"]: letter for letter in listing(ledger.store, supplier_id="acme")}
+    assert {p: letter["reason"] for p, letter in letters.items()} == {
+        2: "nul_character",
+        3: "nul_character",
+    }
+    assert letters[2]["raw"]["sku"] == "B\ufffdB"
+    assert letters[3]["record"]["unit"] == "E\ufffdA"
+    assert on_hand(ledger, "SKU-NUL-A") == 5
+    with ledger.store.connection() as conn:
+        [status] = inbox.delivery_status(conn, "with-nul", "acme")
+    assert status["status"] == "applied"
+
+
 def enqueue(runtime: Runtime, supplier: str, delivery_id: str, body: bytes) -> inbox.Received:
     with runtime.store.connection() as conn:
         return inbox.enqueue(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, StringConstraints
 
 from api.deps import (
     AdminKey,
@@ -20,7 +20,7 @@ from api.deps import (
     set_position,
 )
 from api.errors import ApiError
-from api.schemas import Strict
+from api.schemas import NO_NUL, PRINTABLE, SUPPLIER_ID_PATTERN, Strict
 from ledger.commands import AcknowledgeConflict
 from projections.conflicts import ConflictKind
 
@@ -47,7 +47,9 @@ class ConflictsOut(BaseModel):
 
 
 class AcknowledgeIn(Strict):
-    note: str | None = None
+    # Kept in the conflicts view as text, where PostgreSQL refuses a NUL: the view would
+    # stop at it.
+    note: Annotated[str, StringConstraints(max_length=2000, pattern=NO_NUL)] | None = None
 
 
 def conflict_out(row: dict[str, Any]) -> ConflictOut:
@@ -79,8 +81,8 @@ def list_conflicts(
     wanted: MinPosition,
     response: Response,
     kind: ConflictKind | None = None,
-    sku: Annotated[str | None, Query(max_length=128)] = None,
-    supplier_id: Annotated[str | None, Query(max_length=64)] = None,
+    sku: Annotated[str | None, Query(max_length=128, pattern=PRINTABLE)] = None,
+    supplier_id: Annotated[str | None, Query(pattern=SUPPLIER_ID_PATTERN)] = None,
     state: Literal["open", "acknowledged"] | None = None,
     after: Annotated[int, Query(ge=0, description="position cursor")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
 from api.errors import ApiError
-from api.schemas import Strict
+from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, Strict
 from connectors.deadletters import RetryOutcome, listing, retry
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
@@ -34,8 +34,10 @@ def _out(outcome: RetryOutcome) -> dict[str, Any]:
 def list_letters(
     _: AuditorKey,
     runtime: RuntimeDep,
-    supplier_id: Annotated[str | None, Query(max_length=64)] = None,
-    reason: Annotated[str | None, Query(max_length=100, description="a reason prefix")] = None,
+    supplier_id: Annotated[str | None, Query(pattern=SUPPLIER_ID_PATTERN)] = None,
+    reason: Annotated[
+        str | None, Query(max_length=100, pattern=PRINTABLE, description="a reason prefix")
+    ] = None,
     status: Literal["open", "resolved", "all"] = "open",
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -6,13 +6,14 @@ import time
 from typing import Annotated, Any, cast
 
 import structlog
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AuditorKey, RuntimeDep, SupplierId, SupplierKey
 from api.errors import ApiError
 from api.runtime import Runtime
+from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN
 from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
@@ -25,7 +26,9 @@ log = structlog.get_logger(__name__)
 
 router = APIRouter(tags=["feeds"])
 
-DeliveryHeader = Annotated[str | None, Header(alias="X-Ledger-Delivery", max_length=200)]
+DeliveryHeader = Annotated[
+    str | None, Header(alias="X-Ledger-Delivery", max_length=200, pattern=PRINTABLE)
+]
 
 
 def _terms(runtime: Runtime, supplier_id: str) -> SupplierTerms:
@@ -63,8 +66,12 @@ async def upload(
     key: SupplierKey,
     runtime: RuntimeDep,
     delivery: DeliveryHeader = None,
-    format: Annotated[str | None, Query(description="csv, json, xml or edi846")] = None,
-    name: Annotated[str | None, Query(max_length=255, description="the file's name")] = None,
+    format: Annotated[
+        str | None, Query(max_length=16, pattern=PRINTABLE, description="csv, json, xml or edi846")
+    ] = None,
+    name: Annotated[
+        str | None, Query(max_length=255, pattern=PRINTABLE, description="the file's name")
+    ] = None,
 ) -> JSONResponse:
     """Accepts a feed file (raw body) into the inbox; it is applied in the background."""
     if key.role == "supplier" and key.supplier_id != supplier_id:
@@ -183,11 +190,11 @@ def feeds_health(_: AuditorKey, runtime: RuntimeDep) -> dict[str, Any]:
 
 @router.get("/v1/feeds/{delivery_id}")
 def feed_status(
-    delivery_id: str,
+    delivery_id: Annotated[str, Path(max_length=200, pattern=PRINTABLE)],
     key: SupplierKey,
     runtime: RuntimeDep,
     response: Response,
-    supplier_id: Annotated[str | None, Query(max_length=64)] = None,
+    supplier_id: Annotated[str | None, Query(pattern=SUPPLIER_ID_PATTERN)] = None,
 ) -> dict[str, Any]:
     """A delivery's status and counts."""
     if key.role == "supplier":

@@ -23,6 +23,7 @@ from api.deps import (
 )
 from api.errors import ApiError
 from api.schemas import (
+    PRINTABLE,
     AllocationOut,
     FulfilIn,
     ReleaseIn,
@@ -143,7 +144,7 @@ async def reserve(
 
 @router.get("", response_model=ReservationListOut)
 def for_order(
-    order_id: Annotated[str, Query(min_length=1, max_length=200)],
+    order_id: Annotated[str, Query(min_length=1, max_length=200, pattern=PRINTABLE)],
     _: OmsKey,
     runtime: RuntimeDep,
     at: Now,

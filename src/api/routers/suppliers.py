@@ -34,7 +34,7 @@ from api.schemas import (
     UpsertOut,
 )
 from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
-from ledger.delivery import DeliveryOutcome, Rejection
+from ledger.delivery import DeliveryOutcome, Rejection, kept
 from ledger.errors import UnknownSupplier
 from ledger.handlers.catalogue import Upserted
 from ledger.mapping import MappingSpec
@@ -110,7 +110,10 @@ def get_mappings(
     supplier_id: SupplierId,
     _: AuditorKey,
     runtime: RuntimeDep,
-    after: Annotated[str, Query(max_length=128, description="supplier_sku cursor")] = "",
+    after: Annotated[
+        str,
+        Query(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$", description="supplier_sku cursor"),
+    ] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
     """A supplier's mappings from the mappings view, by supplier SKU; page on with `after`."""
@@ -175,7 +178,7 @@ def parse_observations(
                 f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
                 for e in error.errors()
             )
-            rejected.append(Rejection(index, reason, record))
+            rejected.append(Rejection(index, reason, kept(record)))
             continue
         observed_at = parsed.observed_at
         if observed_at.tzinfo is None:
@@ -183,7 +186,7 @@ def parse_observations(
         try:
             observed_at = observed_at.astimezone(UTC)
         except (OverflowError, ValueError):
-            rejected.append(Rejection(index, "observed_at_out_of_range", record))
+            rejected.append(Rejection(index, "observed_at_out_of_range", kept(record)))
             continue
         observations.append(
             Observation(
