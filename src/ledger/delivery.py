@@ -24,9 +24,7 @@ CUT = "(nested too deeply)"
 
 
 def kept(value: Any) -> Any:
-    """`value` (JSON-like) as a refusal keeps it; walked without recursion."""
-    if not isinstance(value, dict | list | tuple):
-        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+    """`value` (JSON-like) as a refusal keeps it, a new copy; walked without recursion."""
     root: list[Any] = [None]
     stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]
     while stack:

@@ -25,7 +25,9 @@ class Clock:
         return self.now
 
 
-def copy_of(runtime: Runtime, capacity: int = 100, clock: Clock | None = None) -> StockCache:
+def copy_of(
+    runtime: Runtime, capacity: int = 100, clock: Clock | None = None, seen_limit: int | None = None
+) -> StockCache:
     """A copy refreshed by the test alone (no thread)."""
     return StockCache(
         runtime.store,
@@ -34,6 +36,7 @@ def copy_of(runtime: Runtime, capacity: int = 100, clock: Clock | None = None) -
         max_lag_seconds=5,
         follow_seconds=30,
         clock=clock or Clock(),
+        seen_limit=seen_limit,
     )
 
 
@@ -299,8 +302,7 @@ def test_the_skus_a_copy_remembers_are_bounded_and_one_forgotten_counts_as_new_a
     stock_sku(runtime.writer, old, 9)
     caught_up(runtime)
     clock = Clock()
-    cache = copy_of(runtime, capacity=2, clock=clock)
-    cache.seen_limit = 3
+    cache = copy_of(runtime, capacity=2, clock=clock, seen_limit=3)
     cache.refresh()
     assert len(cache) == 1
     assert cache.remembered == 1
