@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from connectors.parsers import FORMATS
@@ -21,15 +22,19 @@ DEEPEST_SETTING = 32
 
 
 def _check_values(connector: dict[str, Any]) -> None:
-    """Refuses settings nested too deeply, and text holding a NUL: the settings are kept in
-    the supplier's terms, which the stock view stores as JSON in PostgreSQL, which refuses
-    a NUL there (the view would stop at them)."""
+    """Refuses what PostgreSQL's JSON cannot hold, text with a NUL and numbers that are not
+    finite (NaN, Infinity: JSON bodies may carry them), and settings nested too deeply:
+    the settings are kept in the supplier's terms, which the stock view stores as JSON, and
+    the view would stop at them."""
     stack: list[tuple[Any, int]] = [(connector, 0)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
             if "\x00" in value:
                 raise ValueError("connector settings must not hold a NUL character (\\u0000)")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"connector settings hold finite numbers only, not {value}")
         elif isinstance(value, dict | list | tuple):
             if depth >= DEEPEST_SETTING:
                 raise ValueError(f"connector settings nest at most {DEEPEST_SETTING} deep")

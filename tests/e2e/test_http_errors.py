@@ -356,6 +356,9 @@ def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
                 "options": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
             },
         },
+        # Nor NaN or Infinity (JSON bodies may carry them): the same stopped view.
+        {"name": "x", "connector": {"options": {"ratio": float("nan")}}},
+        {"name": "x", "connector": {"breaker": {"cooldown_seconds": float("inf")}}},
     ],
     ids=[
         "negative-priority",
@@ -366,12 +369,20 @@ def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
         "nul-in-connector",
         "nul-in-connector-key",
         "connector-nested-too-deep",
+        "nan-in-connector",
+        "infinity-in-connector",
     ],
 )
 def test_invalid_supplier_terms_are_a_validation_error(
     admin: httpx.Client, body: dict[str, Any]
 ) -> None:
-    refused(admin.put(f"/v1/suppliers/{random_sku('sup')}", json=body), 422, "validation_error")
+    # Written by json.dumps, which writes NaN and Infinity as JSON bodies may carry them.
+    answer = admin.put(
+        f"/v1/suppliers/{random_sku('sup')}",
+        content=json.dumps(body),
+        headers={"Content-Type": "application/json"},
+    )
+    refused(answer, 422, "validation_error")
 
 
 @pytest.mark.parametrize("limit", ["stale_after_seconds", "exclude_after_seconds"])
@@ -381,7 +392,13 @@ def test_a_staleness_limit_longer_than_the_ledger_can_count_is_a_validation_erro
     # Past timedelta's range (about 2.7 million years) every read of the supplier's SKUs broke.
     body = {"name": "x", limit: 10**15}
 
-    refused(admin.put(f"/v1/suppliers/{random_sku('sup')}", json=body), 422, "validation_error")
+    # Written by json.dumps, which writes NaN and Infinity as JSON bodies may carry them.
+    answer = admin.put(
+        f"/v1/suppliers/{random_sku('sup')}",
+        content=json.dumps(body),
+        headers={"Content-Type": "application/json"},
+    )
+    refused(answer, 422, "validation_error")
 
 
 @pytest.mark.parametrize(
