@@ -46,6 +46,7 @@ def create_app(
                 migrate_first=settings.migrate_on_start,
                 sweep=settings.run_sweeper,
                 read_cache=True,
+                observe=True,
             )
         app.state.runtime = opened
         if runtime is None:

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from api.database import migrate, resolve_database_url, start_embedded
 from api.logs import configure_logging
+from api.metrics import prepare_directory
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.settings import Settings
 from connectors import health
@@ -81,15 +82,17 @@ def serve(
                 runtime.close()
             live.feed(f"http://{host}:{port}")
             typer.echo(demo_settings_banner(settings, f"http://{host}:{port}"))
-        uvicorn.run(
-            "api.app:create_app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_config=None,
-            access_log=False,
-        )
+        # Every worker counts in one directory, for /metrics to sum (api.metrics).
+        with prepare_directory():
+            uvicorn.run(
+                "api.app:create_app_from_env",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_config=None,
+                access_log=False,
+            )
     finally:
         if live is not None:
             live.stop()

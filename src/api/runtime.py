@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from api.database import migrate, resolve_database_url
+from api.metrics import Metrics
 from api.settings import Settings
 from api.sweeper import Sweeper
 from api.turns import StreamTurns
@@ -48,6 +49,7 @@ class Runtime:
     sweeper: Sweeper | None = None
     inbox_worker: InboxWorker | None = None
     scheduler: Scheduler | None = None
+    metrics: Metrics | None = None
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -120,18 +122,23 @@ def open_runtime(
     project: bool | None = None,
     connect: bool | None = None,
     read_cache: bool = False,
+    observe: bool = False,
 ) -> Runtime:
+    """The ledger in this process. `observe`: its writer counts what it does for
+    `GET /metrics` (an API process's)."""
     database_url = resolve_database_url(settings)
     if migrate_first:
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
     turns = StreamTurns(database_url)
+    metrics = Metrics() if observe else None
     writer = LedgerWriter(
         app,
         timeout=settings.command_timeout_seconds,
         take_turns=turns,
         keep=settings.aggregate_cache_size,
+        metrics=metrics,
     ).start()
     cache = None
     if read_cache and settings.read_cache_skus:
@@ -162,6 +169,7 @@ def open_runtime(
         ),
         audit=Audit(store, app),
         leases=LeaseSession(database_url),
+        metrics=metrics,
     )
     if settings.run_projections if project is None else project:
         start_runners(runtime)

@@ -36,10 +36,11 @@ def failed(conn: Connection, supplier_id: str, error: str) -> int:
     """Records a failure; returns how many in a row."""
     row = conn.execute(
         "INSERT INTO connector_health (supplier_id, last_error_at, last_error,"
-        " consecutive_failures, updated_at) VALUES (%s, now(), %s, 1, now())"
+        " consecutive_failures, failures, updated_at) VALUES (%s, now(), %s, 1, 1, now())"
         " ON CONFLICT (supplier_id) DO UPDATE SET last_error_at = now(),"
         " last_error = excluded.last_error,"
-        " consecutive_failures = connector_health.consecutive_failures + 1, updated_at = now()"
+        " consecutive_failures = connector_health.consecutive_failures + 1,"
+        " failures = connector_health.failures + 1, updated_at = now()"
         " RETURNING consecutive_failures",
         (supplier_id, error[:2000]),
     ).fetchone()
@@ -58,7 +59,7 @@ def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, A
     return conn.execute(
         "SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures,"
         " breaker, last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, updated_at FROM connector_health"
+        " deliveries, failures, updated_at FROM connector_health"
         " WHERE %s::text IS NULL OR supplier_id = %s ORDER BY supplier_id",
         (supplier_id, supplier_id),
     ).fetchall()

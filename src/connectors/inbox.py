@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS connector_health (
     deliveries integer NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- Every failure, not only those in a row (for the failures counter at /metrics).
+ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS failures bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS connector_webhook_signatures (
     supplier_id text NOT NULL,
     signature text NOT NULL,

@@ -19,11 +19,12 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -71,6 +72,31 @@ class WriterStopped(RuntimeError):
     pass
 
 
+class WriterMetrics(Protocol):
+    """Where a writer counts what it does (api.metrics exports them to Prometheus)."""
+
+    def batch(self, outcomes: Counter[tuple[str, str]], seconds: float) -> None:
+        """A batch answered: how many commands of each kind had each outcome ("ok", or
+        the refusal's code), and how long it took from gathered to answered."""
+
+    def conflict(self) -> None:
+        """A save collided with another process's."""
+
+    def exclusive(self) -> None:
+        """A batch saved holding the event table's lock (EXCLUSIVE_AFTER)."""
+
+
+def outcome_of(future: Future[Any]) -> str:
+    """How a command ended, as a label: "ok", the code of the ledger's refusal, "cancelled"
+    (its caller gave up before it ran) or "error"."""
+    if future.cancelled():
+        return "cancelled"
+    error = future.exception(0)
+    if error is None:
+        return "ok"
+    return error.code if isinstance(error, LedgerError) else "error"
+
+
 class LedgerWriter:
     def __init__(
         self,
@@ -81,8 +107,10 @@ class LedgerWriter:
         max_batch: int = 500,
         take_turns: Callable[[list[UUID]], AbstractContextManager[None]] | None = None,
         keep: int = 10_000,
+        metrics: WriterMetrics | None = None,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         self.hot = HotAggregates(app, keep)
         self.take_turns = take_turns
         self.max_attempts = max_attempts
@@ -175,12 +203,18 @@ class LedgerWriter:
                     held = more
                     break
                 batch.append(more)
+            started = time.monotonic()
             try:
                 self._run_batch(batch)
             except BaseException as error:  # never lose a caller: answer everyone left
                 for left in batch:
                     if not left.future.done():
                         left.future.set_exception(error)
+            if self.metrics is not None:
+                outcomes = Counter(
+                    (type(job.command).__name__, outcome_of(job.future)) for job in batch
+                )
+                self.metrics.batch(outcomes, time.monotonic() - started)
         self._fail_leftovers()
 
     def _fail_leftovers(self) -> None:
@@ -219,6 +253,8 @@ class LedgerWriter:
                 exclusively = getattr(self.app.recorder, "exclusively", None)
                 if exclusively is not None:
                     self.exclusive += 1
+                    if self.metrics is not None:
+                        self.metrics.exclusive()
                     locked = exclusively()
             with turns, locked as exclusive:
                 done = self._attempt(pending, started, exclusive)
@@ -267,6 +303,8 @@ class LedgerWriter:
         except IntegrityError:
             # Another process wrote first: decide again on fresh state, taking turns.
             self.conflicts += 1
+            if self.metrics is not None:
+                self.metrics.conflict()
             moved = self._moved(read_at)
             self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
             involved = self._involved(moved, pending, reads)

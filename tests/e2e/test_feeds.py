@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.webhooks import sign
 from tests.conftest import Server, serving
@@ -345,3 +346,80 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
     # Neither the supplier nor the file's name says the format: nothing is read.
     assert unnamed.returncode != 0
     assert "the supplier has none set" in unnamed.stderr
+
+
+def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """`GET /metrics` on a connection of its own (so any worker may answer), no key."""
+    answer = httpx.get(f"{server.base_url}/metrics", timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_sum_every_worker_s_commands_and_show_the_feeds_and_views(
+    ledger: Server,
+) -> None:
+    sku = f"MET-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    reserve_ok = ("ledger_commands_total", (("command", "Reserve"), ("outcome", "ok")))
+    refused = (
+        "ledger_commands_total",
+        (("command", "Reserve"), ("outcome", "insufficient_stock")),
+    )
+    batches = ("ledger_writer_batch_commands_count", ())
+    before = scrape(ledger)
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds",
+            params={"format": "csv"},
+            content=f"sku,quantity,observed_at\nA-1,12,{at}\nNOPE,3,{at}\n".encode(),
+        )
+        applied = finished(admin, supplier_id, accepted.json()["delivery_id"])
+        broken = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds",
+            params={"format": "edi846"},
+            content=(FIXTURES / "846-truncated.edi").read_bytes(),
+        )
+        assert finished(admin, supplier_id, broken.json()["delivery_id"])["status"] == "rejected"
+    assert on_hand(ledger, sku, applied["position"]) == 12
+    answers = []
+    for number in range(13):  # each on a connection of its own: both workers take a share
+        answers.append(
+            httpx.post(
+                f"{ledger.base_url}/v1/reservations",
+                json={"order_id": f"m-{number}", "lines": [{"sku": sku, "quantity": 1}]},
+                headers={"Authorization": "Bearer test-oms", "Idempotency-Key": uuid.uuid4().hex},
+                timeout=30,
+            ).status_code
+        )
+    assert sorted(answers) == [201] * 12 + [409]
+
+    scrapes = [scrape(ledger) for _ in range(6)]
+    after = scrapes[0]
+    # Whichever worker answers, the writers' counts are the sum of both workers'.
+    assert all(s[reserve_ok] == after[reserve_ok] for s in scrapes)
+    assert after[reserve_ok] - before.get(reserve_ok, 0) == 12
+    assert after[refused] - before.get(refused, 0) == 1
+    assert after[batches] - before.get(batches, 0) >= 13
+    supplier_label = (("supplier", supplier_id),)
+    assert after[("ledger_feed_deliveries_total", supplier_label)] == 1
+    assert after[("ledger_feed_failures_total", supplier_label)] == 1
+    assert after[("ledger_feed_consecutive_failures", supplier_label)] == 1
+    assert after[("ledger_feed_breaker_open", supplier_label)] == 0
+    assert after[("ledger_feed_last_delivery_rows", supplier_label)] == 2
+    assert after[("ledger_feed_last_delivery_rejected", supplier_label)] == 1
+    assert after[("ledger_dead_letters_open", supplier_label)] == 1
+    assert after[("ledger_database_up", ())] == 1
+    head = after[("ledger_log_position", ())]
+    stock = (("projection", "stock"),)
+    assert head >= applied["position"]
+    assert after[("ledger_projection_position", stock)] <= head
+    assert after[("ledger_projection_lag_events", stock)] == (
+        head - after[("ledger_projection_position", stock)]
+    )
+    assert after[("ledger_projection_failing", stock)] == 0

@@ -11,6 +11,7 @@ from uuid import UUID
 
 import pytest
 
+from api.metrics import Metrics
 from api.runtime import Runtime
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
@@ -194,6 +195,7 @@ def test_a_batch_that_keeps_losing_its_stream_to_another_writer_saves_holding_th
         return save(*aggregates, **kwargs)
 
     conflicts, exclusive = runtime.writer.conflicts, runtime.writer.exclusive
+    metrics = runtime.writer.metrics = Metrics()
     runtime.app.save = save_after_the_other_writer_reserved  # type: ignore[method-assign]
     try:
         placed = runtime.writer.execute(reserve([(sku, 2)]))
@@ -207,6 +209,13 @@ def test_a_batch_that_keeps_losing_its_stream_to_another_writer_saves_holding_th
     assert rival == ["reserved"] * EXCLUSIVE_AFTER + ["waited"]
     assert runtime.writer.conflicts == conflicts + EXCLUSIVE_AFTER
     assert runtime.writer.exclusive == exclusive + 1
+    # What /metrics shows of it: one order answered, after every collision and the save
+    # under the lock.
+    counted = metrics.registry.get_sample_value
+    assert counted("ledger_writer_conflicts_total") == EXCLUSIVE_AFTER
+    assert counted("ledger_writer_exclusive_saves_total") == 1
+    assert counted("ledger_commands_total", {"command": "Reserve", "outcome": "ok"}) == 1
+    assert counted("ledger_writer_batch_commands_count") == 1
     assert placed.value.reservation.lines[sku].quantity == 2
     # The other writer's last order, decided before this save and saved after it, was
     # decided again on the state this save left: nothing lost, nothing oversold.

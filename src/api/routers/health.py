@@ -6,9 +6,10 @@ from typing import Any
 
 from eventsourcing.postgres import PostgresApplicationRecorder
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import RuntimeDep
+from api.metrics import exposition
 
 router = APIRouter(tags=["health"])
 
@@ -48,3 +49,10 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus exposition: the writers' counts and the views' and feeds' state."""
+    body, content_type = exposition(runtime)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,89 @@
+"""What /metrics is made of: a writer's counts by command and outcome, the stored figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.metrics import exposition
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from ledger.errors import InsufficientStock, UnknownSku
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import reserve, stock_sku
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(runtime: Runtime) -> Samples:
+    text, content_type = exposition(runtime)
+    assert content_type.startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+
+
+def command(name: str, outcome: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("ledger_commands_total", (("command", name), ("outcome", outcome)))
+
+
+@pytest.fixture
+def observed(settings: Settings) -> Iterator[Runtime]:
+    """The ledger as an API process opens it: its writer counts for /metrics."""
+    opened = open_runtime(settings, sweep=False, observe=True)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_each_command_is_counted_by_its_outcome_and_the_views_by_their_lag(
+    observed: Runtime,
+) -> None:
+    sku = random_sku()
+    stock_sku(observed.writer, sku, 2)  # a supplier, a SKU, a report: three commands
+    observed.writer.execute(reserve([(sku, 2)]))
+    with pytest.raises(InsufficientStock):
+        observed.writer.execute(reserve([(sku, 1)]))
+    with pytest.raises(UnknownSku):
+        observed.writer.execute(reserve([(random_sku("NONE"), 1)]))
+    head = observed.app.recorder.max_notification_id()
+    observed.views.wait_for("stock", head or 0, timeout=20)
+
+    found = samples(observed)
+
+    assert found[command("PutSupplier", "ok")] == 1
+    assert found[command("PutSku", "ok")] == 1
+    assert found[command("ReportStock", "ok")] == 1
+    assert found[command("Reserve", "ok")] == 1
+    assert found[command("Reserve", "insufficient_stock")] == 1
+    assert found[command("Reserve", "unknown_sku")] == 1
+    assert found[("ledger_writer_batch_commands_count", ())] == 6
+    assert found[("ledger_writer_batch_commands_sum", ())] == 6
+    assert found[("ledger_writer_batch_seconds_count", ())] == 6
+    assert found[("ledger_writer_conflicts_total", ())] == 0
+    assert found[("ledger_database_up", ())] == 1
+    assert found[("ledger_log_position", ())] == head
+    stock = (("projection", "stock"),)
+    assert found[("ledger_projection_position", stock)] == head
+    assert found[("ledger_projection_lag_events", stock)] == 0
+    assert found[("ledger_projection_failing", stock)] == 0
+    assert found[("ledger_feed_inbox_deliveries", (("status", "queued"),))] == 0
+
+
+def test_a_scrape_while_the_views_cannot_be_read_says_so_and_keeps_the_counts(
+    observed: Runtime,
+) -> None:
+    sku = random_sku()
+    stock_sku(observed.writer, sku, 1)
+    observed.store.close()  # the views' connections gone, as when PostgreSQL is
+
+    found = samples(observed)
+
+    assert found[("ledger_database_up", ())] == 0
+    assert found[command("ReportStock", "ok")] == 1
+    assert not any(name.startswith("ledger_projection_") for name, _ in found)
