@@ -23,10 +23,12 @@ from api.routers import (
     health,
     reservations,
     skus,
+    stream,
     suppliers,
 )
 from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
+from api.stream import AvailabilityFeed
 
 
 def create_app(
@@ -49,11 +51,15 @@ def create_app(
                 observe=True,
             )
         app.state.runtime = opened
+        app.state.availability_feed = AvailabilityFeed(
+            opened.store, settings.stream_refresh_seconds
+        )
         if runtime is None:
             tune_collector()
         try:
             yield
         finally:
+            await run_in_threadpool(app.state.availability_feed.stop)
             if runtime is None:
                 await run_in_threadpool(opened.close)
 
@@ -90,6 +96,7 @@ def create_app(
         audit,
         feeds,
         deadletters,
+        stream,
     )
     for module in routers:
         app.include_router(module.router)

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     read_cache_refresh_seconds: float = Field(
         default=0.02, gt=0, description="how often the in-memory copy reads what changed"
     )
+    stream_refresh_seconds: float = Field(
+        default=0.25,
+        gt=0,
+        description="how often each API process reads what changed for its availability streams",
+    )
     read_cache_follow_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -326,3 +328,188 @@ def test_the_cli_shows_status_rebuilds_and_exports(
     lines = (tmp_path / "log.ndjson").read_text().splitlines()
     assert len(lines) == len({json.loads(line)["position"] for line in lines}) >= 4
     assert json.loads(stock.stdout)["on_hand"] == 7
+
+
+# Availability streams (server-sent events) ------------------------------------------------
+
+
+class EventStream:
+    """`GET /v1/stream/availability` read on a thread of its own, event by event."""
+
+    def __init__(self, server: Server, params: dict[str, Any], headers: dict[str, str]) -> None:
+        self.events: queue.Queue[tuple[str, int, dict[str, Any]] | None] = queue.Queue()
+        self.status: int | None = None
+        self._client = httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=None))
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(params, headers), daemon=True)
+        self._thread.start()
+        assert self._opened.wait(10)
+
+    def _read(self, params: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            with self._client.stream(
+                "GET", "/v1/stream/availability", params=params, headers=headers
+            ) as response:
+                self.status = response.status_code
+                self._opened.set()
+                kind, ident, data = "message", 0, ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line.removeprefix("event: ")
+                    elif line.startswith("id: "):
+                        ident = int(line.removeprefix("id: "))
+                    elif line.startswith("data: "):
+                        data = line.removeprefix("data: ")
+                    elif line == "" and data:
+                        self.events.put((kind, ident, json.loads(data)))
+                        kind, data = "message", ""
+        except (httpx.HTTPError, ValueError):
+            pass
+        finally:
+            self._opened.set()
+            self.events.put(None)
+
+    def next(self, timeout: float = 15) -> tuple[str, int, dict[str, Any]]:
+        event = self.events.get(timeout=timeout)
+        assert event is not None, "the stream ended"
+        return event
+
+    def until(self, wanted: Any, timeout: float = 15) -> tuple[str, int, dict[str, Any]]:
+        """The first event `wanted` accepts; the others seen on the way are kept in `skipped`."""
+        deadline = time.monotonic() + timeout
+        self.skipped: list[tuple[str, int, dict[str, Any]]] = []
+        while True:
+            event = self.next(max(0.1, deadline - time.monotonic()))
+            if wanted(event):
+                return event
+            self.skipped.append(event)
+
+    def close(self) -> None:
+        self._client.close()
+        self._thread.join(10)
+
+
+def stream(server: Server, key: str = "test-shop", **params: Any) -> EventStream:
+    headers = {"Authorization": f"Bearer {key}"}
+    if "last_event_id" in params:
+        headers["Last-Event-ID"] = str(params.pop("last_event_id"))
+    opened = EventStream(server, params, headers)
+    assert opened.status == 200
+    return opened
+
+
+def hold(oms: httpx.Client, sku: str, quantity: int) -> int:
+    answer = oms.post(
+        "/v1/reservations",
+        json={
+            "order_id": f"o-{uuid.uuid4().hex[:8]}",
+            "lines": [{"sku": sku, "quantity": quantity}],
+        },
+        headers={"Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert answer.status_code == 201, answer.text
+    return int(answer.headers["X-Ledger-Position"])
+
+
+def test_a_stream_of_named_skus_starts_with_their_availability_and_follows_each_change(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        supplier_id = supplier(admin)
+        watched = sku_with_stock(admin, supplier_id, 10)
+        other = sku_with_stock(admin, supplier_id, 5)
+        live = stream(ledger, sku=[watched])
+        try:
+            # It starts with the SKU as the view has it (the report may not be in yet).
+            kind, first, current = live.until(lambda e: e[2]["available"] == 10)
+            assert (kind, current["sku"]) == ("availability", watched)
+            assert all(e[2]["sku"] == watched for e in live.skipped)
+            assert current["position"] == first
+            with ledger.client("test-shop") as shop:
+                read = shop.get(f"/v1/availability/{watched}", params={"min_position": first})
+            assert {**read.json(), "suppliers": None} == {
+                **current,
+                "position": read.json()["position"],
+                "suppliers": None,
+            }
+
+            held_at = hold(oms, watched, 3)
+            hold(oms, other, 1)
+            kind, position, changed = live.until(lambda e: e[2]["held"] == 3)
+            assert (kind, changed["sku"], changed["available"]) == ("availability", watched, 7)
+            assert position >= held_at
+            again_at = hold(oms, watched, 1)
+            _, position, changed = live.until(lambda e: e[2]["held"] == 4)
+            assert position >= again_at
+            # Only the SKU it names, and each change once it is in the view, in order.
+            seen = [e[2]["sku"] for e in live.skipped]
+            assert set(seen) <= {watched}
+        finally:
+            live.close()
+
+
+def test_a_stream_that_reconnects_from_its_last_event_gets_what_changed_meanwhile(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        first = stream(ledger, sku=[sku])
+        _, last_seen, _ = first.until(lambda e: e[2]["available"] == 10)
+        first.close()
+
+        held_at = hold(oms, sku, 2)  # while nobody listens
+
+        # Streams of everything: one opened afresh would start with nothing, and never
+        # show this change; one resumed shows what changed since (by either worker).
+        for resumed in (
+            stream(ledger, last_event_id=last_seen, after=10**12),  # the header wins
+            stream(ledger, after=last_seen),
+        ):
+            try:
+                kind, position, changed = resumed.until(
+                    lambda e, sku=sku: e[2]["sku"] == sku, timeout=15
+                )
+                assert (kind, changed["held"], changed["available"]) == ("availability", 2, 8)
+                assert position >= held_at
+            finally:
+                resumed.close()
+
+
+def test_a_stream_of_everything_shows_skus_created_after_it_opened(ledger: Server) -> None:
+    everything = stream(ledger)
+    try:
+        with ledger.client("test-admin") as admin:
+            sku = sku_with_stock(admin, supplier(admin), 6)
+        _, _, created = everything.until(lambda e: e[2]["sku"] == sku and e[2]["on_hand"] == 6)
+        assert created["available"] == 6
+    finally:
+        everything.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "params", "headers", "status", "code"),
+    [
+        (None, {}, {}, 401, None),
+        ("test-acme", {}, {}, 403, None),
+        ("test-shop", {}, {"Last-Event-ID": "twelve"}, 422, "invalid_last_event_id"),
+        ("test-shop", {"after": "-1"}, {}, 422, None),
+        ("test-shop", {"sku": ["A\x01B"]}, {}, 422, "invalid_sku"),
+        ("test-shop", {"sku": [f"S{n}" for n in range(101)]}, {}, 422, None),
+    ],
+)
+def test_a_stream_asked_for_wrongly_is_refused_with_its_reason(
+    ledger: Server,
+    key: str | None,
+    params: dict[str, Any],
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
+) -> None:
+    if key is not None:
+        headers = {**headers, "Authorization": f"Bearer {key}"}
+    answer = httpx.get(
+        f"{ledger.base_url}/v1/stream/availability", params=params, headers=headers, timeout=10
+    )
+    assert answer.status_code == status, answer.text
+    if code is not None:
+        assert answer.json()["error"] == code

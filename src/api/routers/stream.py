@@ -1,0 +1,71 @@
+"""Availability as it changes: server-sent events for storefronts (see api.stream)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from api.auth import authorise
+from api.deps import READERS, RuntimeDep
+from api.errors import ApiError
+from api.routers.availability import MAX_BATCH, availability_out
+from api.stream import events, shutting_down
+from projections.entries import StockEntry
+
+router = APIRouter(prefix="/v1/stream", tags=["availability"])
+
+SKU = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+POSITION = re.compile(r"[0-9]{1,18}")
+
+
+@router.get("/availability", response_class=StreamingResponse)
+async def availability_stream(
+    request: Request,
+    runtime: RuntimeDep,
+    sku: Annotated[list[str] | None, Query(max_length=MAX_BATCH)] = None,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """`text/event-stream` of availability changes, for the SKUs named (up to 100) or all.
+
+    Each change is an `availability` event whose data is what `GET /v1/availability/{sku}`
+    answers and whose `id` is the view's position. Named SKUs start with their current
+    availability; `after` (or `Last-Event-ID`, which an EventSource sends when it
+    reconnects, and which wins) starts with what changed since that position instead. A
+    `reset` event says more changed than one burst carries: read afresh, then follow.
+    """
+    authorise(request, READERS)
+    skus = None
+    if sku is not None:
+        bad = [name for name in sku if not SKU.fullmatch(name)]
+        if bad:
+            raise ApiError(422, "invalid_sku", "1 to 128 characters, no control characters")
+        skus = frozenset(sku)
+    start = after
+    if last_event_id is not None:
+        if not POSITION.fullmatch(last_event_id):
+            raise ApiError(422, "invalid_last_event_id", "Last-Event-ID is a log position")
+        start = int(last_event_id)
+    limited_at = runtime.settings.limited_stock_at
+
+    def render(entry: StockEntry, position: int) -> dict[str, Any]:
+        levels = entry.levels(datetime.now(UTC))
+        return availability_out(levels, limited_at, position).model_dump(mode="json")
+
+    stream = events(
+        request.app.state.availability_feed,
+        runtime.store,
+        skus,
+        start,
+        render,
+        shutting_down(),
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,289 @@
+"""Availability as it changes, for storefronts: `GET /v1/stream/availability`, server-sent events.
+
+Each API process follows the stock view by position for all its streams at once (one
+reader, `AvailabilityFeed`, however many clients listen): every `refresh_seconds`, in one
+snapshot of the view, the SKUs whose rows moved past the last position, then the entries
+of those someone listens to. A stream gets each change as an `availability` event whose
+`id` is the view's position, so a client that reconnects with `Last-Event-ID` (as
+EventSource does by itself) first gets what changed since, read from the view, and then
+follows on: nothing is missed, a SKU may come twice. A client too far behind (more SKUs
+changed than `MAX_ENTRIES`) gets a `reset` event: read afresh what you show, then follow.
+
+What changes with the clock alone (a hold running out before the sweeper records it, a
+report ageing) reaches the view, and so the streams, when the events that record it do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import structlog
+
+from ledger.stock import second_floor
+from projections.entries import (
+    CHANGED_SQL,
+    ENTRIES_AT_SQL,
+    LIVE_SQL,
+    StockEntry,
+    entries_from,
+)
+from projections.store import Connection, ViewStore
+
+log = structlog.get_logger(__name__)
+
+# The most SKUs one event burst carries; past that a stream is told to read afresh.
+MAX_ENTRIES = 10_000
+# Bursts queued for a stream that reads slower than the view changes; past that it ends,
+# and its client, reconnecting from the last event it got, catches up from the view.
+MAX_QUEUED = 1_000
+KEEP_ALIVE_SECONDS = 15.0
+RETRY_MILLISECONDS = 2_000
+
+# What moved past `after` among these SKUs (all, when null), at most `limit` of them.
+CHANGED_AMONG_SQL = f"""
+SELECT p.generation, p.position, x.sku
+FROM ({LIVE_SQL}) p
+LEFT JOIN (
+  SELECT sku FROM (
+    SELECT sku FROM view_availability
+    WHERE position > %(after)s AND (%(skus)s::text[] IS NULL OR sku = ANY(%(skus)s::text[]))
+    UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL (
+      SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l
+    WHERE s.position > %(after)s AND (%(skus)s::text[] IS NULL OR l.sku = ANY(%(skus)s::text[]))
+  ) moved LIMIT %(limit)s
+) x ON true
+"""  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Changed:
+    """SKUs as the view holds them at `position`; `entries` None: too many to send."""
+
+    position: int
+    entries: dict[str, StockEntry] | None
+
+
+@dataclass(eq=False)
+class Listener:
+    """One stream: the SKUs it follows (None: all), and what the feed has for it."""
+
+    skus: frozenset[str] | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Changed | None] = field(default_factory=asyncio.Queue)
+    overflowed: bool = False
+
+    def offer(self, changed: Changed) -> None:
+        """From the feed's thread: keeps this stream's share of a burst."""
+        if self.overflowed:
+            return
+        entries = changed.entries
+        if entries is not None and self.skus is not None:
+            entries = {sku: entries[sku] for sku in self.skus if sku in entries}
+            if not entries:
+                return
+        if self.queue.qsize() >= MAX_QUEUED:  # read from another thread: near enough
+            self.overflowed = True
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, Changed(changed.position, entries))
+
+
+class AvailabilityFeed:
+    """Follows the stock view for this process's streams, while any listens."""
+
+    def __init__(self, store: ViewStore, refresh_seconds: float) -> None:
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._listeners: set[Listener] = set()
+        self._position: int | None = None  # None: to be read when next listened to
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def listen(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.add(listener)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="availability-feed", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def begin_at(self, position: int) -> None:
+        """A new listener's catch-up reached `position`: the next step reads from there
+        at the latest (a feed nobody listened to starts there; one running further on
+        reads a little again, so that no listener misses what lies between)."""
+        with self._lock:
+            self._position = position if self._position is None else min(self._position, position)
+
+    def leave(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.discard(listener)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._lock:
+            for listener in self._listeners:
+                listener.loop.call_soon_threadsafe(listener.queue.put_nowait, None)
+            self._listeners.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                listening = bool(self._listeners)
+                if not listening:
+                    self._position = None  # nobody follows what moves meanwhile
+            if not listening:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+                log.warning("availability_feed.read_failed", error=str(error))
+            except Exception:  # a bug: said, and the streams keep their feed
+                log.exception("availability_feed.failed")
+            self._stop.wait(self.refresh_seconds)
+
+    def step(self) -> None:
+        """Reads what moved since the last step and hands each listener its share."""
+        with self._lock:
+            listeners = list(self._listeners)
+            after = self._position
+        if after is None:
+            return  # until a listener's catch-up says where to start
+        everything = any(listener.skus is None for listener in listeners)
+        followed = set().union(*(listener.skus or () for listener in listeners))
+        with self.store.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            rows = conn.execute(CHANGED_SQL, {"after": after}).fetchall()
+            if not rows:
+                return  # no live generation
+            position = int(rows[0]["position"])
+            moved = [row["sku"] for row in rows if row["sku"] is not None]
+            few = [sku for sku in moved if sku in followed]
+            whole: Changed | None = None
+            if everything and len(moved) <= MAX_ENTRIES:
+                read = _entries(conn, moved) if moved else {}
+                whole = Changed(position, read)
+            else:
+                # Too many for the streams of everything; those of a few SKUs get theirs.
+                read = _entries(conn, few) if few else {}
+                whole = Changed(position, None) if everything else None
+        with self._lock:
+            if self._position == after:  # else a listener moved it back meanwhile
+                self._position = position
+        if not moved:
+            return
+        share = Changed(position, read)
+        for listener in listeners:
+            if listener.skus is None:
+                assert whole is not None
+                listener.offer(whole)
+            elif few:
+                listener.offer(share)
+
+
+def _entries(conn: Connection, skus: list[str]) -> dict[str, StockEntry]:
+    now = second_floor(datetime.now(UTC))
+    rows = conn.execute(ENTRIES_AT_SQL, {"skus": skus, "now": now}).fetchall()
+    return entries_from([row for row in rows if row["sku"] is not None])
+
+
+def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -> Changed:
+    """Where a new stream starts: what moved since `after` among its SKUs, or, without
+    `after`, the current entries of its SKUs (none when it follows all)."""
+    with store.connection() as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if after is None:
+            live = conn.execute(LIVE_SQL).fetchone()
+            position = int(live["position"]) if live else 0
+            return Changed(position, _entries(conn, sorted(skus)) if skus else {})
+        arguments = {
+            "after": after,
+            "skus": None if skus is None else sorted(skus),
+            "limit": MAX_ENTRIES + 1,
+        }
+        rows = conn.execute(CHANGED_AMONG_SQL, arguments).fetchall()
+        if not rows:
+            return Changed(after, {})
+        position = int(rows[0]["position"])
+        moved = [row["sku"] for row in rows if row["sku"] is not None]
+        if len(moved) > MAX_ENTRIES:
+            return Changed(position, None)
+        return Changed(position, _entries(conn, moved) if moved else {})
+
+
+def shutting_down() -> Callable[[], bool]:
+    """Whether the server is stopping: uvicorn's flag, found through the SIGTERM handler it
+    installs (a stream never ends on its own, and uvicorn waits for every response to end
+    before it stops). Never, where the server is not uvicorn's."""
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if server is None or not hasattr(server, "should_exit"):
+        return lambda: False
+    return lambda: bool(server.should_exit)
+
+
+async def events(
+    feed: AvailabilityFeed,
+    store: ViewStore,
+    skus: frozenset[str] | None,
+    after: int | None,
+    render: Callable[[StockEntry, int], dict[str, Any]],
+    stopping: Callable[[], bool],
+) -> AsyncIterator[str]:
+    """The text of one stream: its catch-up, then each change, keep-alives between."""
+    loop = asyncio.get_running_loop()
+    listener = Listener(skus, loop)
+    feed.listen(listener)  # before the catch-up is read: nothing falls between the two
+    try:
+        yield f"retry: {RETRY_MILLISECONDS}\n\n"
+        start = await asyncio.to_thread(catch_up, store, skus, after)
+        feed.begin_at(start.position)
+        for text in _burst(start, render):
+            yield text
+        sent = start.position
+        idle = 0.0
+        while not stopping():
+            try:
+                changed = await asyncio.wait_for(listener.queue.get(), 1.0)
+            except TimeoutError:
+                idle += 1.0
+                if idle >= KEEP_ALIVE_SECONDS:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                continue
+            if changed is None:
+                return  # the feed stopped, or this stream fell too far behind
+            if changed.position <= sent:
+                continue  # the catch-up read it already
+            idle = 0.0
+            for text in _burst(changed, render):
+                yield text
+            sent = changed.position
+    finally:
+        feed.leave(listener)
+
+
+def _burst(changed: Changed, render: Callable[[StockEntry, int], dict[str, Any]]) -> Iterable[str]:
+    if changed.entries is None:
+        body = json.dumps({"position": changed.position, "reason": "too_many_changes"})
+        yield f"event: reset\nid: {changed.position}\ndata: {body}\n\n"
+        return
+    for sku in sorted(changed.entries):
+        body = json.dumps(render(changed.entries[sku], changed.position), separators=(",", ":"))
+        yield f"event: availability\nid: {changed.position}\ndata: {body}\n\n"
