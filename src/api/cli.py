@@ -43,6 +43,9 @@ from projections.status import projection_status
 
 cli = typer.Typer(help="Stockledger: an event-sourced inventory ledger.", no_args_is_help=True)
 
+# How long a stopping server waits for requests still running before it cuts them off.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
 
 @cli.command()
 def serve(
@@ -92,6 +95,9 @@ def serve(
                 workers=workers,
                 log_config=None,
                 access_log=False,
+                # Streams end when the server stops (api.stream); one stuck writing to a
+                # client that stopped reading is cut off after this.
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             )
     finally:
         if live is not None:

@@ -120,8 +120,12 @@ class Metrics:
 def exposition(runtime: Runtime) -> tuple[bytes, str]:
     """The text a scrape gets, and its content type: the writers' counts (every worker's
     under `ledger serve`, else this process's, if it counts) and the stored figures."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, exposition, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
+
+    # What generate_latest writes: the text format 0.0.4 (CONTENT_TYPE_LATEST names 1.0.0
+    # from prometheus-client 0.22 on, where this constant came in).
+    content_type = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
     text = b""
     if os.environ.get(DIRECTORY):
@@ -132,7 +136,7 @@ def exposition(runtime: Runtime) -> tuple[bytes, str]:
         text = generate_latest(runtime.metrics.registry)
     stored = CollectorRegistry()
     stored.register(StoredFigures(runtime))
-    return text + generate_latest(stored), CONTENT_TYPE_LATEST
+    return text + generate_latest(stored), content_type
 
 
 class StoredFigures:

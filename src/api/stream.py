@@ -20,6 +20,7 @@ import json
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -66,8 +67,10 @@ LEFT JOIN (
 
 @dataclass(frozen=True)
 class Changed:
-    """SKUs as the view holds them at `position`; `entries` None: too many to send."""
+    """The SKUs that moved after position `after`, as the view holds them at `position`
+    (a stream's own, once handed to it); `entries` None: too many to send."""
 
+    after: int
     position: int
     entries: dict[str, StockEntry] | None
 
@@ -79,22 +82,29 @@ class Listener:
     skus: frozenset[str] | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Changed | None] = field(default_factory=asyncio.Queue)
-    overflowed: bool = False
+    # Set once the stream is to end (it fell too far behind, or the feed stopped): it
+    # ends at once, whatever is still queued for it.
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def offer(self, changed: Changed) -> None:
-        """From the feed's thread: keeps this stream's share of a burst."""
-        if self.overflowed:
+        """From the feed's thread: keeps this stream's share of what moved (even none of
+        its SKUs: the stream then knows it has seen up to there)."""
+        if self.ended.is_set():
             return
         entries = changed.entries
         if entries is not None and self.skus is not None:
             entries = {sku: entries[sku] for sku in self.skus if sku in entries}
-            if not entries:
-                return
         if self.queue.qsize() >= MAX_QUEUED:  # read from another thread: near enough
-            self.overflowed = True
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+            self.end()
             return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, Changed(changed.position, entries))
+        share = Changed(changed.after, changed.position, entries)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, share)
+
+    def end(self) -> None:
+        """Ends the stream (from any thread); its client reconnects from its last event."""
+        self.ended.set()
+        with suppress(RuntimeError):  # its loop is closed: the stream is gone already
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 class AvailabilityFeed:
@@ -105,7 +115,8 @@ class AvailabilityFeed:
         self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
         self._listeners: set[Listener] = set()
-        self._position: int | None = None  # None: to be read when next listened to
+        self._position: int | None = None  # None: until a listener says where to start
+        self._begun = 0  # listeners begun so far (see `step`)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,6 +137,7 @@ class AvailabilityFeed:
         reads a little again, so that no listener misses what lies between)."""
         with self._lock:
             self._position = position if self._position is None else min(self._position, position)
+            self._begun += 1
 
     def leave(self, listener: Listener) -> None:
         with self._lock:
@@ -138,7 +150,7 @@ class AvailabilityFeed:
             self._thread.join(5)
         with self._lock:
             for listener in self._listeners:
-                listener.loop.call_soon_threadsafe(listener.queue.put_nowait, None)
+                listener.end()
             self._listeners.clear()
 
     def _run(self) -> None:
@@ -163,7 +175,7 @@ class AvailabilityFeed:
         """Reads what moved since the last step and hands each listener its share."""
         with self._lock:
             listeners = list(self._listeners)
-            after = self._position
+            after, begun = self._position, self._begun
         if after is None:
             return  # until a listener's catch-up says where to start
         everything = any(listener.skus is None for listener in listeners)
@@ -179,23 +191,28 @@ class AvailabilityFeed:
             whole: Changed | None = None
             if everything and len(moved) <= MAX_ENTRIES:
                 read = _entries(conn, moved) if moved else {}
-                whole = Changed(position, read)
+                whole = Changed(after, position, read)
             else:
                 # Too many for the streams of everything; those of a few SKUs get theirs.
                 read = _entries(conn, few) if few else {}
-                whole = Changed(position, None) if everything else None
+                whole = Changed(after, position, None) if everything else None
         with self._lock:
-            if self._position == after:  # else a listener moved it back meanwhile
+            # A listener that began meanwhile may have read its start before `position`
+            # and not be among those this step hands its share to: the next step reads
+            # again from where the feed was (or from that start, if earlier).
+            if self._begun == begun and self._position == after:
                 self._position = position
-        if not moved:
+        if position == after:
             return
-        share = Changed(position, read)
+        # Every stream hears of every step, even one that moved none of its SKUs: it has
+        # then seen up to `position`, and the ids it sends say so.
+        share = Changed(after, position, read)
         for listener in listeners:
-            if listener.skus is None:
-                assert whole is not None
-                listener.offer(whole)
-            elif few:
-                listener.offer(share)
+            try:
+                listener.offer(whole if whole is not None and listener.skus is None else share)
+            except Exception:  # one broken stream never starves the others
+                log.exception("availability_feed.offer_failed")
+                listener.end()
 
 
 def _entries(conn: Connection, skus: list[str]) -> dict[str, StockEntry]:
@@ -212,7 +229,7 @@ def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -
         if after is None:
             live = conn.execute(LIVE_SQL).fetchone()
             position = int(live["position"]) if live else 0
-            return Changed(position, _entries(conn, sorted(skus)) if skus else {})
+            return Changed(position, position, _entries(conn, sorted(skus)) if skus else {})
         arguments = {
             "after": after,
             "skus": None if skus is None else sorted(skus),
@@ -220,12 +237,14 @@ def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -
         }
         rows = conn.execute(CHANGED_AMONG_SQL, arguments).fetchall()
         if not rows:
-            return Changed(after, {})
+            return Changed(0, 0, {})  # no live view yet: everything it will hold is new
+        # A start beyond the view (a client's mistake, or a view rebuilt behind it) is
+        # taken as the view's position: what moves next is shown.
         position = int(rows[0]["position"])
         moved = [row["sku"] for row in rows if row["sku"] is not None]
         if len(moved) > MAX_ENTRIES:
-            return Changed(position, None)
-        return Changed(position, _entries(conn, moved) if moved else {})
+            return Changed(min(after, position), position, None)
+        return Changed(min(after, position), position, _entries(conn, moved) if moved else {})
 
 
 def shutting_down() -> Callable[[], bool]:
@@ -254,11 +273,11 @@ async def events(
         yield f"retry: {RETRY_MILLISECONDS}\n\n"
         start = await asyncio.to_thread(catch_up, store, skus, after)
         feed.begin_at(start.position)
-        for text in _burst(start, render):
+        for text in _burst(start, render, start.position):
             yield text
-        sent = start.position
+        seen = start.position
         idle = 0.0
-        while not stopping():
+        while not (stopping() or listener.ended.is_set()):
             try:
                 changed = await asyncio.wait_for(listener.queue.get(), 1.0)
             except TimeoutError:
@@ -269,21 +288,39 @@ async def events(
                 continue
             if changed is None:
                 return  # the feed stopped, or this stream fell too far behind
-            if changed.position <= sent:
-                continue  # the catch-up read it already
-            idle = 0.0
-            for text in _burst(changed, render):
+            texts, seen = deliver(changed, seen, render)
+            for text in texts:
+                if listener.ended.is_set() or stopping():
+                    return
+                idle = 0.0
                 yield text
-            sent = changed.position
     finally:
         feed.leave(listener)
 
 
-def _burst(changed: Changed, render: Callable[[StockEntry, int], dict[str, Any]]) -> Iterable[str]:
+def deliver(
+    changed: Changed, seen: int, render: Callable[[StockEntry, int], dict[str, Any]]
+) -> tuple[list[str], int]:
+    """The events a stream that has seen everything up to `seen` sends for `changed`, and
+    what it has seen then. What ends at or before `seen` is not sent again. An `id` says a
+    client has seen everything up to it (its `Last-Event-ID` when it reconnects), so a
+    share that starts after `seen` (the feed was ahead of the stream's catch-up, and reads
+    the gap again next) is sent without one."""
+    if changed.position <= seen:
+        return [], seen
+    whole = changed.after <= seen
+    texts = list(_burst(changed, render, changed.position if whole else None))
+    return texts, changed.position if whole else seen
+
+
+def _burst(
+    changed: Changed, render: Callable[[StockEntry, int], dict[str, Any]], ident: int | None
+) -> Iterable[str]:
+    line = "" if ident is None else f"id: {ident}\n"
     if changed.entries is None:
         body = json.dumps({"position": changed.position, "reason": "too_many_changes"})
-        yield f"event: reset\nid: {changed.position}\ndata: {body}\n\n"
+        yield f"event: reset\n{line}data: {body}\n\n"
         return
     for sku in sorted(changed.entries):
         body = json.dumps(render(changed.entries[sku], changed.position), separators=(",", ":"))
-        yield f"event: availability\nid: {changed.position}\ndata: {body}\n\n"
+        yield f"event: availability\n{line}data: {body}\n\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import queue
 import random
 import threading
@@ -37,6 +38,8 @@ from ledger.hot import HotAggregates
 from ledger.uow import UnitOfWork
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # A batch naming more shared streams than this races for them instead of queueing.
 MAX_TURNS = 64
@@ -211,11 +214,28 @@ class LedgerWriter:
                     if not left.future.done():
                         left.future.set_exception(error)
             if self.metrics is not None:
-                outcomes = Counter(
-                    (type(job.command).__name__, outcome_of(job.future)) for job in batch
-                )
-                self.metrics.batch(outcomes, time.monotonic() - started)
+                self._count(batch, time.monotonic() - started)
         self._fail_leftovers()
+
+    def _count(self, batch: list[_Job], seconds: float) -> None:
+        """Hands the batch's outcomes to the metrics; a failure there is logged, and the
+        writer goes on (nothing is counted wrong: the batch is not counted)."""
+        assert self.metrics is not None
+        try:
+            outcomes = Counter(
+                (type(job.command).__name__, outcome_of(job.future)) for job in batch
+            )
+            self.metrics.batch(outcomes, seconds)
+        except Exception:
+            log.exception("writer.metrics_failed")
+
+    def _note(self, what: str) -> None:
+        """Counts a conflict or an exclusive save, if counting; never fails the batch."""
+        if self.metrics is not None:
+            try:
+                getattr(self.metrics, what)()
+            except Exception:
+                log.exception("writer.metrics_failed")
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -253,8 +273,7 @@ class LedgerWriter:
                 exclusively = getattr(self.app.recorder, "exclusively", None)
                 if exclusively is not None:
                     self.exclusive += 1
-                    if self.metrics is not None:
-                        self.metrics.exclusive()
+                    self._note("exclusive")
                     locked = exclusively()
             with turns, locked as exclusive:
                 done = self._attempt(pending, started, exclusive)
@@ -303,8 +322,7 @@ class LedgerWriter:
         except IntegrityError:
             # Another process wrote first: decide again on fresh state, taking turns.
             self.conflicts += 1
-            if self.metrics is not None:
-                self.metrics.conflict()
+            self._note("conflict")
             moved = self._moved(read_at)
             self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
             involved = self._involved(moved, pending, reads)

@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.webhooks import sign
-from tests.conftest import Server, serving
+from tests.conftest import Server, scrape, serving
 from tests.e2e.test_read_side import ledger_command
 
 SECRET = "whsec-test-0123456789"
@@ -346,18 +345,6 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
     # Neither the supplier nor the file's name says the format: nothing is read.
     assert unnamed.returncode != 0
     assert "the supplier has none set" in unnamed.stderr
-
-
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """`GET /metrics` on a connection of its own (so any worker may answer), no key."""
-    answer = httpx.get(f"{server.base_url}/metrics", timeout=10)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
 
 
 def test_metrics_sum_every_worker_s_commands_and_show_the_feeds_and_views(

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, random_sku, serving
+from tests.conftest import Server, random_sku, scrape, serving
 
 POSITION = "X-Ledger-Position"
 
@@ -765,3 +765,24 @@ def test_the_request_id_sent_is_echoed_back_and_a_fresh_one_is_made_otherwise(
     made = {unnamed.headers["X-Request-ID"], unusable.headers["X-Request-ID"]}
     assert len(made) == 2
     assert all(len(request_id) == 32 for request_id in made)
+
+
+# Metrics ----------------------------------------------------------------------------------------
+
+
+def test_a_single_worker_server_counts_its_commands_for_metrics(
+    ledger_without_sweeper: Server,
+) -> None:
+    """One worker counts in the serving process itself: the multiprocess directory must be
+    set before prometheus-client is first imported there, or nothing would show."""
+    placed = ("ledger_commands_total", (("command", "Reserve"), ("outcome", "ok")))
+    with (
+        ledger_without_sweeper.client("test-admin") as admin,
+        ledger_without_sweeper.client("test-oms") as oms,
+    ):
+        sku = stocked_sku(admin, {new_supplier(admin): 5})
+        before = scrape(ledger_without_sweeper).get(placed, 0)
+        ok(reserve(oms, (sku, 1)), 201)
+        ok(reserve(oms, (sku, 1)), 201)
+        after = scrape(ledger_without_sweeper)
+    assert after[placed] - before == 2

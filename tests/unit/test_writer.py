@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from api.metrics import Metrics
 from connectors.parts import MIN_PART
 from ledger.application import InventoryLedger
 from ledger.base import Cause
@@ -44,6 +45,7 @@ def test_a_command_whose_caller_gave_up_while_it_waited_is_never_applied() -> No
         run_batch(jobs)
 
     writer._run_batch = held_up  # type: ignore[method-assign]
+    writer.metrics = metrics = Metrics()
     writer.start()
     try:
         first = writer.submit(put_supplier("first"))
@@ -58,6 +60,9 @@ def test_a_command_whose_caller_gave_up_while_it_waited_is_never_applied() -> No
     queries = LedgerQueries(writer.app)
     assert queries.supplier("first") is not None
     assert queries.supplier("second") is None
+    counted = metrics.registry.get_sample_value
+    assert counted("ledger_commands_total", {"command": "PutSupplier", "outcome": "ok"}) == 2
+    assert counted("ledger_commands_total", {"command": "PutSupplier", "outcome": "cancelled"}) == 1
     assert queries.supplier("third") is not None
 
 
@@ -238,3 +243,27 @@ def test_a_bulk_command_is_decided_in_a_batch_of_its_own_in_its_turn() -> None:
     assert flat == ["PutSupplier"] * 3 + ["ReportStock"] + ["PutSupplier"] * 3
     assert ["ReportStock"] in batches
     assert futures[3].result(0).value.applied == BULK_FROM + 1
+
+
+class BrokenMetrics:
+    def batch(self, outcomes: Any, seconds: float) -> None:
+        raise RuntimeError("the metrics broke")
+
+    def conflict(self) -> None:
+        raise RuntimeError("the metrics broke")
+
+    def exclusive(self) -> None:
+        raise RuntimeError("the metrics broke")
+
+
+def test_metrics_that_fail_never_stop_the_writer() -> None:
+    writer = in_memory_writer()
+    writer.metrics = BrokenMetrics()
+    writer.start()
+    try:
+        writer.execute(put_supplier("one"))
+        writer.execute(put_supplier("two"))
+    finally:
+        writer.stop()
+    assert writer.alive is False
+    assert LedgerQueries(writer.app).supplier("two") is not None
