@@ -116,7 +116,9 @@ class AvailabilityFeed:
         self._lock = threading.Lock()
         self._listeners: set[Listener] = set()
         self._position: int | None = None  # None: until a listener says where to start
-        self._begun = 0  # listeners begun so far (see `step`)
+        # The earliest start of the listeners that began while a step was reading (see
+        # `step`); None: none did.
+        self._since: int | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,7 +139,7 @@ class AvailabilityFeed:
         reads a little again, so that no listener misses what lies between)."""
         with self._lock:
             self._position = position if self._position is None else min(self._position, position)
-            self._begun += 1
+            self._since = position if self._since is None else min(self._since, position)
 
     def leave(self, listener: Listener) -> None:
         with self._lock:
@@ -175,7 +177,7 @@ class AvailabilityFeed:
         """Reads what moved since the last step and hands each listener its share."""
         with self._lock:
             listeners = list(self._listeners)
-            after, begun = self._position, self._begun
+            after, self._since = self._position, None
         if after is None:
             return  # until a listener's catch-up says where to start
         everything = any(listener.skus is None for listener in listeners)
@@ -199,9 +201,9 @@ class AvailabilityFeed:
         with self._lock:
             # A listener that began meanwhile may have read its start before `position`
             # and not be among those this step hands its share to: the next step reads
-            # again from where the feed was (or from that start, if earlier).
-            if self._begun == begun and self._position == after:
-                self._position = position
+            # again from that start (a start at or past `position` holds nothing back).
+            since = self._since
+            self._position = position if since is None else min(position, since)
         if position == after:
             return
         # Every stream hears of every step, even one that moved none of its SKUs: it has
@@ -271,29 +273,33 @@ async def events(
     feed.listen(listener)  # before the catch-up is read: nothing falls between the two
     try:
         yield f"retry: {RETRY_MILLISECONDS}\n\n"
-        start = await asyncio.to_thread(catch_up, store, skus, after)
+        try:
+            start = await asyncio.to_thread(catch_up, store, skus, after)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            # The answer has begun: the stream ends, and its client tries again.
+            log.warning("availability_stream.catch_up_failed", error=str(error))
+            return
         feed.begin_at(start.position)
         for text in _burst(start, render, start.position):
             yield text
         seen = start.position
-        idle = 0.0
+        sent_at = loop.time()
         while not (stopping() or listener.ended.is_set()):
             try:
                 changed = await asyncio.wait_for(listener.queue.get(), 1.0)
             except TimeoutError:
-                idle += 1.0
-                if idle >= KEEP_ALIVE_SECONDS:
-                    idle = 0.0
-                    yield ": keep-alive\n\n"
-                continue
-            if changed is None:
-                return  # the feed stopped, or this stream fell too far behind
-            texts, seen = deliver(changed, seen, render)
-            for text in texts:
-                if listener.ended.is_set() or stopping():
-                    return
-                idle = 0.0
-                yield text
+                pass
+            else:
+                if changed is None:
+                    return  # the feed stopped, or this stream fell too far behind
+                texts, seen = deliver(changed, seen, render)
+                if texts:
+                    for text in texts:
+                        yield text
+                    sent_at = loop.time()
+            if loop.time() - sent_at >= KEEP_ALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                sent_at = loop.time()
     finally:
         feed.leave(listener)
 
@@ -316,11 +322,15 @@ def deliver(
 def _burst(
     changed: Changed, render: Callable[[StockEntry, int], dict[str, Any]], ident: int | None
 ) -> Iterable[str]:
+    """The events of one share; `ident` (if any) goes on its last event only, so that a
+    client cut off in the middle of it does not claim to have seen it whole."""
     line = "" if ident is None else f"id: {ident}\n"
     if changed.entries is None:
         body = json.dumps({"position": changed.position, "reason": "too_many_changes"})
         yield f"event: reset\n{line}data: {body}\n\n"
         return
-    for sku in sorted(changed.entries):
+    skus = sorted(changed.entries)
+    for number, sku in enumerate(skus, 1):
         body = json.dumps(render(changed.entries[sku], changed.position), separators=(",", ":"))
-        yield f"event: availability\n{line}data: {body}\n\n"
+        last = line if number == len(skus) else ""
+        yield f"event: availability\n{last}data: {body}\n\n"

@@ -148,6 +148,31 @@ def test_a_stream_that_begins_while_the_feed_reads_still_gets_what_moved_after_i
     assert heard.entries[sku].levels(datetime.now(UTC)).held == 2
 
 
+def test_streams_that_begin_at_or_past_what_a_step_reads_hold_nothing_back_and_the_earliest_wins(
+    runtime: Runtime, loop: asyncio.AbstractEventLoop
+) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 5)
+    start = settled(runtime)
+    runtime.writer.execute(reserve([(sku, 1)]))
+    moved = settled(runtime)
+    listener = Listener(None, loop)
+    feed = AvailabilityFeed(_Hooked(runtime.store, lambda: feed.begin_at(moved)), 60)  # type: ignore[arg-type]
+    feed._listeners = {listener}
+    feed.begin_at(start)
+
+    feed.step()  # a stream began, mid-read, at the position this step reaches
+    assert [(c.after, c.position) for c in received(loop, listener) if c] == [(start, moved)]
+    feed.step()  # so the feed went on: nothing is read (and sent) again
+    assert received(loop, listener) == []
+
+    # Streams beginning between steps: the feed reads next from the earliest start.
+    feed.begin_at(start)
+    feed.begin_at(moved)
+    feed.step()
+    assert [(c.after, c.position) for c in received(loop, listener) if c] == [(start, moved)]
+
+
 def test_a_new_stream_starts_from_its_skus_now_or_from_what_moved_after_a_position(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

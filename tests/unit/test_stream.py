@@ -24,11 +24,13 @@ def parsed(texts: list[str]) -> list[dict[str, Any]]:
 ENTRIES = {"B": StockEntry("B", 0), "A": StockEntry("A", 0)}
 
 
-def test_a_share_that_follows_on_is_sent_with_its_position_as_the_id() -> None:
+def test_a_share_that_follows_on_ends_with_its_position_as_the_id() -> None:
+    """On its last event only: a client cut off after A has not seen B, and must not say
+    it has when it reconnects."""
     texts, seen = deliver(Changed(10, 12, ENTRIES), 10, render)
     assert seen == 12
     assert parsed(texts) == [
-        {"event": "availability", "id": "12", "data": {"sku": "A", "position": 12}},
+        {"event": "availability", "data": {"sku": "A", "position": 12}},
         {"event": "availability", "id": "12", "data": {"sku": "B", "position": 12}},
     ]
 
