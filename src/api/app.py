@@ -14,6 +14,7 @@ from api.errors import install_error_handlers
 from api.fastlane import ReadLane, ReserveLane
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
+from api.ratelimit import RateLimiter
 from api.routers import (
     audit,
     availability,
@@ -83,6 +84,12 @@ def create_app(
         max_feed_bytes=settings.max_feed_bytes,
         max_webhook_bytes=settings.max_webhook_bytes,
         authenticator=app.state.authenticator,
+        limiter=(
+            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+            if settings.rate_limit_per_second
+            else None
+        ),
+        limited_roles=frozenset(settings.rate_limit_roles),
     )
     install_error_handlers(app)
     # Routes are matched in order: the hottest paths come first.

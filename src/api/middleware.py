@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 import uuid
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
 from api.errors import error_body
+from api.ratelimit import RateLimiter
 
 log = structlog.get_logger("api.http")
 
@@ -58,8 +60,12 @@ class RequestContextMiddleware:
         max_feed_bytes: int,
         max_webhook_bytes: int,
         authenticator: Authenticator,
+        limiter: RateLimiter | None = None,
+        limited_roles: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.limiter = limiter
+        self.limited_roles = limited_roles
         self.max_body_bytes = max_body_bytes
         self.max_feed_bytes = max_feed_bytes
         self.max_webhook_bytes = max_webhook_bytes
@@ -86,6 +92,16 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            wait = self._wait(scope)
+            if wait:
+                await self._refuse(
+                    send_with_id,
+                    429,
+                    "rate_limited",
+                    f"too many requests with this key: try again in {wait} s",
+                    [(b"retry-after", str(wait).encode())],
+                )
+                return
             limit = self._limit(scope)
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
@@ -110,6 +126,23 @@ class RequestContextMiddleware:
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
             structlog.contextvars.clear_contextvars()
+
+    def _wait(self, scope: Scope) -> int:
+        """Seconds the request's key must wait before it may make another (0: it may now,
+        and is counted). Requests without a known key of a limited role are not counted
+        (they are refused, or let through, further in)."""
+        if self.limiter is None:
+            return 0
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                key = self.authenticator.authenticate(token.strip())
+                if scheme.lower() != "bearer" or key is None:
+                    return 0
+                if key.role not in self.limited_roles:
+                    return 0
+                return math.ceil(self.limiter.take(key.name))
+        return 0
 
     def _limit(self, scope: Scope) -> int | None:
         """How much body this request may send; None: refused before reading any of it.
@@ -152,7 +185,15 @@ class RequestContextMiddleware:
             send, 413, "payload_too_large", f"the request body is over {limit} bytes"
         )
 
-    async def _refuse(self, send: Send, status: int, code: str, detail: str) -> None:
+    async def _refuse(
+        self,
+        send: Send,
+        status: int,
+        code: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        # Refused before its body was read: the connection is closed after the answer.
         body = error_body(code, detail)
         await send(
             {
@@ -162,6 +203,7 @@ class RequestContextMiddleware:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *(headers or []),
                 ],
             }
         )

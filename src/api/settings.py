@@ -11,6 +11,9 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["admin", "oms", "storefront", "supplier", "auditor"]
+# Limited when a rate is set: not the orders (a flash sale is the OMS's busiest hour) nor
+# the administrators.
+LIMITED_BY_DEFAULT: tuple[Role, ...] = ("storefront", "supplier", "auditor")
 ROLES: tuple[Role, ...] = ("admin", "oms", "storefront", "supplier", "auditor")
 
 
@@ -150,6 +153,19 @@ class Settings(BaseSettings):
         default=10, gt=0, description="a request waits this long for its command, then 503"
     )
     aggregate_cache_size: int = Field(default=10_000, ge=0)
+    rate_limit_per_second: float = Field(
+        default=0,
+        ge=0,
+        description="requests a second each API key of a limited role may make, per API"
+        " process; past it 429 (0: no limit)",
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="requests a key may make at once (0: one second's worth)"
+    )
+    rate_limit_roles: Annotated[list[Role], NoDecode] = Field(
+        default_factory=lambda: list(LIMITED_BY_DEFAULT),
+        description="the roles whose keys are limited (comma-separated)",
+    )
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
@@ -163,6 +179,13 @@ class Settings(BaseSettings):
             if len(set(names)) != len(names):
                 raise ValueError("API key names must be unique")
             return keys
+        return value
+
+    @field_validator("rate_limit_roles", mode="before")
+    @classmethod
+    def _parse_roles(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [role.strip() for role in value.split(",") if role.strip()]
         return value
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -775,6 +776,51 @@ def test_an_order_whose_body_never_arrives_whole_is_not_taken(
 
 
 # The log ------------------------------------------------------------------------------------------
+
+
+def test_a_key_over_its_rate_is_refused_with_when_to_try_again_and_nothing_is_applied(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    limits = {"LEDGER_RATE_LIMIT_PER_SECOND": "1", "LEDGER_RATE_LIMIT_BURST": "3"}
+    with serving(postgres_server_url, tmp_path, 1, extra_env=limits) as limited:
+        with limited.client("test-admin") as admin:
+            assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
+            assert admin.put("/v1/skus/RL-1", json={"safety_stock": 0}).status_code == 200
+        with limited.client("test-acme", consistent=False) as supplier:
+            reports = [
+                supplier.post(
+                    "/v1/suppliers/acme/stock",
+                    json={"observations": [{"sku": "RL-1", "quantity": n, "observed_at": at}]},
+                )
+                for n, at in enumerate(
+                    (datetime.now(UTC) - timedelta(seconds=10 - n)).isoformat() for n in range(5)
+                )
+            ]
+        with limited.client("test-oms", consistent=False) as oms:
+            after = {"min_position": reports[2].headers["X-Ledger-Position"]}
+            reads = [oms.get("/v1/availability/RL-1", params=after) for _ in range(6)]
+
+        assert [r.status_code for r in reports] == [200, 200, 200, 429, 429]
+        refused = reports[3]
+        assert refused.json()["error"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert [r.status_code for r in reads] == [200] * 6  # an OMS key is not limited
+        # The refused reports changed nothing: the level is the last one let through.
+        assert reads[-1].json()["on_hand"] == 2
+
+        time.sleep(int(refused.headers["Retry-After"]))
+        with limited.client("test-shop", consistent=False) as shop:
+            assert shop.get("/v1/availability/RL-1").status_code == 200
+        with limited.client("test-acme", consistent=False) as supplier:
+            again = supplier.post(
+                "/v1/suppliers/acme/stock",
+                json={
+                    "observations": [
+                        {"sku": "RL-1", "quantity": 7, "observed_at": datetime.now(UTC).isoformat()}
+                    ]
+                },
+            )
+        assert again.status_code == 200, again.text
 
 
 def test_the_log_shows_no_unexpected_error_and_no_key_secret(ledger: Server) -> None:
