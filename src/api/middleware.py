@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.auth import Authenticator
 from api.errors import error_body
 from api.ratelimit import RateLimiter
+from api.settings import ApiKey
 
 log = structlog.get_logger("api.http")
 
@@ -133,16 +134,19 @@ class RequestContextMiddleware:
         (they are refused, or let through, further in)."""
         if self.limiter is None:
             return 0
+        key = self._key(scope)
+        if key is None or key.role not in self.limited_roles:
+            return 0
+        return math.ceil(self.limiter.take(key.name))
+
+    def _key(self, scope: Scope) -> ApiKey | None:
+        """The known key the request's `Authorization: Bearer` header carries, if any."""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                key = self.authenticator.authenticate(token.strip())
-                if scheme.lower() != "bearer" or key is None:
-                    return 0
-                if key.role not in self.limited_roles:
-                    return 0
-                return math.ceil(self.limiter.take(key.name))
-        return 0
+                if scheme.lower() == "bearer":
+                    return self.authenticator.authenticate(token.strip())
+        return None
 
     def _limit(self, scope: Scope) -> int | None:
         """How much body this request may send; None: refused before reading any of it.
@@ -157,12 +161,7 @@ class RequestContextMiddleware:
             return self.max_webhook_bytes
         if not path.endswith("/feeds"):
             return self.max_body_bytes
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer" and self.authenticator.authenticate(token.strip()):
-                    return self.max_feed_bytes
-        return None
+        return self.max_feed_bytes if self._key(scope) is not None else None
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []

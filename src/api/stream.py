@@ -31,6 +31,7 @@ import structlog
 
 from ledger.stock import second_floor
 from projections.entries import (
+    CHANGED_AMONG_SQL,
     CHANGED_SQL,
     ENTRIES_AT_SQL,
     LIVE_SQL,
@@ -48,21 +49,6 @@ MAX_ENTRIES = 10_000
 MAX_QUEUED = 1_000
 KEEP_ALIVE_SECONDS = 15.0
 RETRY_MILLISECONDS = 2_000
-
-# What moved past `after` among these SKUs (all, when null), at most `limit` of them.
-CHANGED_AMONG_SQL = f"""
-SELECT p.generation, p.position, x.sku
-FROM ({LIVE_SQL}) p
-LEFT JOIN (
-  SELECT sku FROM (
-    SELECT sku FROM view_availability
-    WHERE position > %(after)s AND (%(skus)s::text[] IS NULL OR sku = ANY(%(skus)s::text[]))
-    UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL (
-      SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l
-    WHERE s.position > %(after)s AND (%(skus)s::text[] IS NULL OR l.sku = ANY(%(skus)s::text[]))
-  ) moved LIMIT %(limit)s
-) x ON true
-"""  # noqa: S608
 
 
 @dataclass(frozen=True)

@@ -214,26 +214,18 @@ class LedgerWriter:
                     if not left.future.done():
                         left.future.set_exception(error)
             if self.metrics is not None:
-                self._count(batch, time.monotonic() - started)
+                outcomes = Counter(
+                    (type(job.command).__name__, outcome_of(job.future)) for job in batch
+                )
+                self._note("batch", outcomes, time.monotonic() - started)
         self._fail_leftovers()
 
-    def _count(self, batch: list[_Job], seconds: float) -> None:
-        """Hands the batch's outcomes to the metrics; a failure there is logged, and the
-        writer goes on (nothing is counted wrong: the batch is not counted)."""
-        assert self.metrics is not None
-        try:
-            outcomes = Counter(
-                (type(job.command).__name__, outcome_of(job.future)) for job in batch
-            )
-            self.metrics.batch(outcomes, seconds)
-        except Exception:
-            log.exception("writer.metrics_failed")
-
-    def _note(self, what: str) -> None:
-        """Counts a conflict or an exclusive save, if counting; never fails the batch."""
+    def _note(self, what: str, *args: Any) -> None:
+        """Counts a batch, a conflict or an exclusive save (`WriterMetrics.<what>`), if
+        counting; a failure there is logged, and never stops the writer or fails a batch."""
         if self.metrics is not None:
             try:
-                getattr(self.metrics, what)()
+                getattr(self.metrics, what)(*args)
             except Exception:
                 log.exception("writer.metrics_failed")
 

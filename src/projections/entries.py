@@ -54,19 +54,37 @@ ORDER BY x.sku, x.supplier_id
 # those of the position it names.
 ENTRIES_AT_SQL = _at_live_position("SELECT DISTINCT unnest(%(skus)s::text[]) AS sku")
 
-# The SKUs a copy at position `after` may hold stale: those whose rows moved past it, and
-# those of suppliers whose terms did; by name, beside the live position (one row with a
-# null SKU when none moved), so that the copy reads again only those it follows.
-CHANGED_SQL = f"""
+
+def _changed(among: str = "", limit: str = "") -> str:
+    """The SKUs whose rows moved past `after`, and those of suppliers whose terms did, by
+    name, beside the live position (one row with a null SKU when none moved). `among`: a
+    further condition on each such SKU (`{sku}` where its column goes); `limit`: at most
+    that many of them."""
+    availability = f" AND {among.format(sku='sku')}" if among else ""
+    levels = f" AND {among.format(sku='l.sku')}" if among else ""
+    moved = f"""SELECT sku FROM view_availability WHERE position > %(after)s{availability}
+  UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL (
+    SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l
+  WHERE s.position > %(after)s{levels}"""  # noqa: S608 (constant fragments only)
+    if limit:
+        moved = f"SELECT sku FROM ({moved}) moved LIMIT {limit}"  # noqa: S608
+    return f"""
 SELECT p.generation, p.position, x.sku
 FROM ({LIVE_SQL}) p
 LEFT JOIN (
-  SELECT sku FROM view_availability WHERE position > %(after)s
-  UNION SELECT l.sku FROM view_suppliers s CROSS JOIN LATERAL (
-    SELECT sku FROM view_levels WHERE supplier_id = s.supplier_id OFFSET 0) l
-  WHERE s.position > %(after)s
+  {moved}
 ) x ON true
 """  # noqa: S608
+
+
+# The SKUs a copy at position `after` may hold stale, so that it reads again only those
+# it follows.
+CHANGED_SQL = _changed()
+# What moved past `after` among some SKUs (all, when `skus` is null), at most `limit` of
+# them: where a stream of availability starts (api.stream).
+CHANGED_AMONG_SQL = _changed(
+    "(%(skus)s::text[] IS NULL OR {sku} = ANY(%(skus)s::text[]))", "%(limit)s"
+)
 
 # A new copy's first entries: the SKUs that changed last, the likeliest to be read.
 RECENT_SQL = _at_live_position(

@@ -13,12 +13,14 @@ from api.auth import authorise
 from api.deps import READERS, RuntimeDep
 from api.errors import ApiError
 from api.routers.availability import MAX_BATCH, availability_out
+from api.schemas import PRINTABLE
 from api.stream import events, shutting_down
 from projections.entries import StockEntry
 
 router = APIRouter(prefix="/v1/stream", tags=["availability"])
 
-SKU = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+SKU = re.compile(PRINTABLE)
+MAX_SKU = 128  # as api.schemas.Sku
 POSITION = re.compile(r"[0-9]{1,18}")
 
 
@@ -41,7 +43,7 @@ async def availability_stream(
     authorise(request, READERS)
     skus = None
     if sku is not None:
-        bad = [name for name in sku if not SKU.fullmatch(name)]
+        bad = [name for name in sku if len(name) > MAX_SKU or not SKU.fullmatch(name)]
         if bad:
             raise ApiError(422, "invalid_sku", "1 to 128 characters, no control characters")
         skus = frozenset(sku)
