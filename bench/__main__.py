@@ -98,18 +98,27 @@ def main() -> None:
         "|---|---|---|---|",
         *(_line(row) for row in rows),
     ]
-    (RESULTS / "latest.md").write_text("\n".join(table) + "\n")
+    notes = [
+        note
+        for row in rows
+        if not row.get("from_earlier_run")
+        for note in [_footnote(row)]
+        if note is not None
+    ]
+    (RESULTS / "latest.md").write_text("\n".join([*table, "", *notes]) + "\n")
     print("\n".join(table))
-    for row in rows:
-        if row["bench"] == "reservations" and not row.get("from_earlier_run"):
-            print(
-                f"{row['workload']}: load generator used "
-                f"{row['ledger']['load']['generator_cores']:.2f} cores against the ledger, "
-                f"{row['baseline']['load']['generator_cores']:.2f} against the baseline"
-            )
-    for row in rows:
-        if row["bench"] == "projections" and not row.get("from_earlier_run"):
-            print(projections.footnote(row))
+    print("\n".join(notes))
+
+
+def _footnote(row: dict[str, Any]) -> str | None:
+    """What a row's figures do not show: where the CPU went, and the like."""
+    if row["bench"] == "reservations":
+        return reservations.footnote(row)
+    if row["bench"] == "projections":
+        return projections.footnote(row)
+    if row["bench"] == "ingest":
+        return ingest.footnote(row)
+    return None
 
 
 if __name__ == "__main__":

@@ -67,9 +67,19 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server process that answers at `url`."""
+
+    url: str
+    pid: int
+
+
 @contextmanager
-def serving(command: list[str], env: dict[str, str], ready_path: str, port: int) -> Iterator[str]:
-    """Runs a server process until the block ends; yields its base URL once it answers."""
+def serving(
+    command: list[str], env: dict[str, str], ready_path: str, port: int
+) -> Iterator[Served]:
+    """Runs a server process until the block ends; yields it once it answers."""
     log = Path(tempfile.mkstemp(prefix="bench-server-", suffix=".log")[1])
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -89,7 +99,7 @@ def serving(command: list[str], env: dict[str, str], ready_path: str, port: int)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready: {log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield base
+        yield Served(base, process.pid)
     finally:
         stop(process)
 
@@ -104,8 +114,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def projecting(env: dict[str, str]) -> Iterator[None]:
-    """The projections in a worker process of their own (`ledger projections run`)."""
+def projecting(env: dict[str, str]) -> Iterator[int]:
+    """The projections in a worker process of their own (`ledger projections run`); yields
+    its process id."""
     process = subprocess.Popen(
         [sys.executable, "-m", "api", "projections", "run"],
         env={**os.environ, **env},
@@ -113,9 +124,56 @@ def projecting(env: dict[str, str]) -> Iterator[None]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        yield
+        yield process.pid
     finally:
         stop(process)
+
+
+class CpuMeter:
+    """The CPU time processes take over a span, by part: a server's process and its
+    workers (by process id), this process, and PostgreSQL's (every process on the
+    machine called postgres: the benchmarks run alone). Read with psutil, as `ps` does."""
+
+    def __init__(self, trees: dict[str, int]) -> None:
+        self.trees = trees
+        self.seconds: dict[str, float] = {}
+        self._at_start: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        import psutil
+
+        def used(processes: list[psutil.Process]) -> float:
+            total = 0.0
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:  # it ended meanwhile
+                    continue
+                total += times.user + times.system
+            return total
+
+        read = {}
+        for part, pid in self.trees.items():
+            try:
+                root = psutil.Process(pid)
+                read[part] = used([root, *root.children(recursive=True)])
+            except psutil.Error:
+                read[part] = 0.0
+        named = psutil.process_iter(["name"])
+        read["postgres"] = used([p for p in named if (p.info["name"] or "").startswith("postgres")])
+        return read
+
+    def __enter__(self) -> CpuMeter:
+        self._at_start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ended = self._read()
+        self.seconds = {part: ended[part] - self._at_start.get(part, 0.0) for part in ended}
+
+    def per(self, count: int) -> dict[str, float]:
+        """Milliseconds of CPU per unit of work (a request, a row), by part."""
+        return {part: 1000 * seconds / max(count, 1) for part, seconds in self.seconds.items()}
 
 
 def ensure_wrk() -> str:

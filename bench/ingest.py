@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,7 @@ import psycopg
 from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
-from bench.harness import fresh_database, projecting
+from bench.harness import CpuMeter, fresh_database, projecting
 from connectors.outcome import describe_phases
 from connectors.simulator import Catalogue, write_csv
 from ledger.base import Cause
@@ -45,8 +46,17 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Bulk:
+    """The ledger applying deliveries in this process, and its processes' ids by part (for
+    `CpuMeter`): this one's and the projections worker's."""
+
+    runtime: Runtime
+    processes: dict[str, int]
+
+
 @contextmanager
-def bulk_ledger(database_url: str) -> Iterator[Runtime]:
+def bulk_ledger(database_url: str) -> Iterator[Bulk]:
     """The ledger as deployed for bulk feeds: the connector pipeline in this process, the
     projections in a worker process of their own (`ledger projections run`), as the
     reservations benchmark runs them; both on the same two cores."""
@@ -60,8 +70,8 @@ def bulk_ledger(database_url: str) -> Iterator[Runtime]:
         "LEDGER_LOG_FORMAT": "json",
     }
     try:
-        with projecting(env):
-            yield runtime
+        with projecting(env) as projections:
+            yield Bulk(runtime, {"ledger": os.getpid(), "projections": projections})
     finally:
         runtime.close()
 
@@ -98,19 +108,23 @@ def quiet(runtime: Runtime, database_url: str) -> None:
         conn.execute("CHECKPOINT")
 
 
-def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]:
+def ledger_ingest(bulk: Bulk, database_url: str, body: bytes, version: int) -> dict[str, Any]:
+    runtime = bulk.runtime
     before = runtime.app.recorder.max_notification_id() or 0
+    wal_at = _wal_position(database_url)
     started = time.perf_counter()
-    result = runtime.ingestor.ingest(
-        SUPPLIER,
-        f"bench-v{version}",
-        io.BytesIO(body),
-        "csv",
-        source="bench",
-        received_at=datetime.now(UTC),
-        actor="bench",
-    )
+    with CpuMeter(bulk.processes) as cpu:
+        result = runtime.ingestor.ingest(
+            SUPPLIER,
+            f"bench-v{version}",
+            io.BytesIO(body),
+            "csv",
+            source="bench",
+            received_at=datetime.now(UTC),
+            actor="bench",
+        )
     seconds = time.perf_counter() - started
+    wal_bytes = _wal_position(database_url, since=wal_at)
     after = runtime.app.recorder.max_notification_id() or 0
     return {
         "seconds": seconds,
@@ -122,7 +136,21 @@ def ledger_ingest(runtime: Runtime, body: bytes, version: int) -> dict[str, Any]
         "events_appended": after - before,
         "phases": result.as_dict()["seconds"],
         "shares": result.shares,
+        # CPU seconds by part while the delivery was applied (the projections catch up
+        # after it, see `quiet`), and the write-ahead log it made PostgreSQL write.
+        "cpu_seconds": cpu.seconds,
+        "wal_megabytes": wal_bytes / 1e6,
     }
+
+
+def _wal_position(database_url: str, since: int = 0) -> int:
+    """The write-ahead log's position in bytes (less `since`)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint - %s", (since,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 BASELINE_SETUP = """
@@ -171,7 +199,8 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
     at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     catalogue = Catalogue(size, seed=7, observed_at=at)
     results = []
-    with fresh_database(server_url) as database_url, bulk_ledger(database_url) as runtime:
+    with fresh_database(server_url) as database_url, bulk_ledger(database_url) as bulk:
+        runtime = bulk.runtime
         say(f"ingest: {size:,} mappings and SKUs...")
         setup_seconds = setup(runtime, catalogue, at)
         say(f"ingest: set up in {setup_seconds:.0f} s (not a measured figure)")
@@ -188,7 +217,7 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
             body = buffer.getvalue()
             quiet(runtime, database_url)
             baseline = baseline_ingest(database_url, body)
-            ledger = ledger_ingest(runtime, body, version)
+            ledger = ledger_ingest(bulk, database_url, body, version)
             say(
                 f"ingest v{version}: ledger {ledger['seconds']:.1f} s, baseline "
                 f"{baseline['seconds']:.1f} s, {ledger['events_appended']:,} events"
@@ -220,4 +249,17 @@ def describe(row: dict[str, Any]) -> str:
         f" COPY + SQL diff: {baseline['rows_per_second']:,.0f} rows/s"
         f" ({baseline['seconds']:.1f} s, {baseline['changed']:,} changed) |"
         f" {row['ratio']:.2f}x |"
+    )
+
+
+def footnote(row: dict[str, Any]) -> str | None:
+    """Where the ledger's CPU went while it applied a delivery, and the log it wrote."""
+    ledger = row["ledger"]
+    if "cpu_seconds" not in ledger:
+        return None
+    cpu = ", ".join(f"{part} {seconds:.1f}" for part, seconds in ledger["cpu_seconds"].items())
+    return (
+        f"{row['workload']}: CPU seconds while applied: {cpu}"
+        f" ({sum(ledger['cpu_seconds'].values()):.1f} in all, in {ledger['seconds']:.1f} s on"
+        f" {os.cpu_count()} cores); write-ahead log {ledger['wal_megabytes']:,.0f} MB"
     )

@@ -70,18 +70,20 @@ def run(server_url: str, rows: int | None = None) -> list[dict[str, Any]]:
     names = reservations.sku_names(reservations.SPREAD)
     results = []
     with fresh_database(server_url) as database_url:
-        with ingest.bulk_ledger(database_url) as runtime:
+        with ingest.bulk_ledger(database_url) as bulk:
+            runtime = bulk.runtime
             say(f"mixed: {size:,} mappings and SKUs, and their first delivery...")
             ingest.setup(runtime, catalogue, at)
             buffer = io.BytesIO()
             write_csv(catalogue.items(), buffer)
-            ingest.ledger_ingest(runtime, buffer.getvalue(), 1)
+            ingest.ledger_ingest(bulk, database_url, buffer.getvalue(), 1)
         for number, (label, part_seconds) in enumerate(MODES, start=2):
             catalogue.advance(ingest.CHANGED, at + timedelta(minutes=number))
             buffer = io.BytesIO()
             write_csv(catalogue.items(), buffer)
             settings = {"LEDGER_CONNECTOR_PART_SECONDS": part_seconds}
-            with reservations.ledger_serving(database_url, 1, settings) as base:
+            with reservations.ledger_serving(database_url, 1, settings) as deployment:
+                base = deployment.url
                 if number == 2:
                     reservations.stock_catalogue(base, names, reservations.SPREAD_STOCK)
                 load_env = reservations.load_env(reservations.SPREAD, "bench-oms")

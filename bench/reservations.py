@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,15 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.harness import Load, free_port, fresh_database, projecting, serving, wrk
+from bench.harness import (
+    CpuMeter,
+    Load,
+    free_port,
+    fresh_database,
+    projecting,
+    serving,
+    wrk,
+)
 from projections.queries import POSITION_SQL
 
 RESERVE = Path(__file__).with_name("reserve.lua")
@@ -51,10 +59,18 @@ def load_env(skus: int, token: str) -> dict[str, str]:
 # The ledger -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """The ledger serving at `url`, and its processes' ids by part (for `CpuMeter`)."""
+
+    url: str
+    processes: dict[str, int]
+
+
 @contextmanager
 def ledger_serving(
     database_url: str, workers: int, settings: dict[str, str] | None = None
-) -> Iterator[str]:
+) -> Iterator[Deployment]:
     """The ledger as deployed under load: API workers, and the projections in a worker
     process of their own (`ledger projections run`), all on the same two cores; `settings`
     adds environment variables to both."""
@@ -69,8 +85,8 @@ def ledger_serving(
     }
     command = [sys.executable, "-m", "api", "serve", "--port", str(port)]
     command += ["--workers", str(workers)]
-    with serving(command, env, "/readyz", port) as base, projecting(env):
-        yield base
+    with serving(command, env, "/readyz", port) as api, projecting(env) as projections:
+        yield Deployment(api.url, {"api": api.pid, "projections": projections})
 
 
 def stock_catalogue(base: str, skus: list[str], quantity: int) -> None:
@@ -119,12 +135,18 @@ def ledger_run(
     server_url: str, workers: int, seconds: int, connections: int, skus: int
 ) -> dict[str, Any]:
     names = sku_names(skus)
-    with fresh_database(server_url) as database_url, ledger_serving(database_url, workers) as base:
+    with (
+        fresh_database(server_url) as database_url,
+        ledger_serving(database_url, workers) as deployment,
+    ):
+        base = deployment.url
         stock_catalogue(base, names, HOT_STOCK if skus == 1 else SPREAD_STOCK)
         env = load_env(skus, "bench-oms")
         warmup = wrk(base, RESERVE, env, 2, connections)
-        with view_lag(database_url) as lag:
+        before = writer_counts(base)
+        with view_lag(database_url) as lag, CpuMeter(deployment.processes) as cpu:
             load = wrk(base, RESERVE, env, seconds, connections)
+        writer = writer_summary(before, writer_counts(base), load.seconds)
         check = stock_check(base, names)
         reads = {}
         if skus > 1:
@@ -145,6 +167,40 @@ def ledger_run(
         "uncounted_holds": max(0, check["held"] - granted),
         "reads": reads,
         "view_lag": lag.summary(load.ok_per_second * EVENTS_PER_RESERVATION),
+        "cpu_ms_per_request": cpu.per(load.ok),
+        "writer": writer,
+    }
+
+
+# The writer's own counts (GET /metrics, summed over the API workers).
+WRITER_COUNTS = (
+    "ledger_writer_batch_commands_count",
+    "ledger_writer_batch_commands_sum",
+    "ledger_writer_batch_seconds_sum",
+)
+
+
+def writer_counts(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    counts = dict.fromkeys(WRITER_COUNTS, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in counts:
+            counts[name] += float(value)
+    return counts
+
+
+def writer_summary(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Batches a second, commands a batch, and milliseconds from gathered to answered."""
+    batches = after[WRITER_COUNTS[0]] - before[WRITER_COUNTS[0]]
+    commands = after[WRITER_COUNTS[1]] - before[WRITER_COUNTS[1]]
+    busy = after[WRITER_COUNTS[2]] - before[WRITER_COUNTS[2]]
+    return {
+        "batches_per_second": batches / seconds,
+        "commands_per_batch": commands / max(batches, 1),
+        "ms_per_batch": 1000 * busy / max(batches, 1),
     }
 
 
@@ -219,10 +275,12 @@ def baseline_run(
         command += ["--port", str(port), "--workers", str(workers)]
         command += ["--log-level", "warning", "--no-access-log"]
         reads = {}
-        with serving(command, {"BASELINE_DATABASE_URL": database_url}, "/constant", port) as base:
+        with serving(command, {"BASELINE_DATABASE_URL": database_url}, "/constant", port) as api:
+            base = api.url
             env = load_env(skus, "x")
             warmup = wrk(base, RESERVE, env, 2, connections)
-            load = wrk(base, RESERVE, env, seconds, connections)
+            with CpuMeter({"api": api.pid}) as cpu:
+                load = wrk(base, RESERVE, env, seconds, connections)
             if skus > 1:
                 read_env = {"BENCH_PATH": "/constant", "BENCH_TOKEN": "x"}
                 for clients in READ_CLIENTS:
@@ -239,6 +297,7 @@ def baseline_run(
         "granted": warmup.ok + load.ok,
         "oversold_units": int(row[0] or 0),
         "reads": reads,
+        "cpu_ms_per_request": cpu.per(load.ok),
     }
 
 
@@ -307,4 +366,26 @@ def describe(row: dict[str, Any]) -> str:
         f"oversold {ledger['oversold_units']}, holds lost {ledger['lost_holds']}{trailing}) |"
         f" {baseline['reservations_per_second']:.0f}/s "
         f"(p50 {bload.p50_ms:.1f} ms, p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x |"
+    )
+
+
+def footnote(row: dict[str, Any]) -> str | None:
+    """Where a reservations row's CPU went, per reservation, on both sides, and what the
+    ledger's writer did; None for a reads row (or one from an earlier run without it)."""
+    ledger, baseline = row["ledger"], row["baseline"]
+    if row.get("kind") == "reads" or "cpu_ms_per_request" not in ledger:
+        return None
+
+    def parts(cpu: dict[str, float]) -> str:
+        named = ", ".join(f"{part} {ms:.3f}" for part, ms in cpu.items())
+        return f"{named} ({sum(cpu.values()):.3f} in all)"
+
+    writer = ledger["writer"]
+    return (
+        f"{row['workload']}: CPU ms per reservation, ledger: {parts(ledger['cpu_ms_per_request'])};"
+        f" baseline: {parts(baseline['cpu_ms_per_request'])}. Writer:"
+        f" {writer['batches_per_second']:.0f} batches/s of {writer['commands_per_batch']:.1f}"
+        f" commands, {writer['ms_per_batch']:.1f} ms each. Load generator:"
+        f" {ledger['load']['generator_cores']:.2f} cores against the ledger,"
+        f" {baseline['load']['generator_cores']:.2f} against the baseline."
     )
