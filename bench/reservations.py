@@ -177,6 +177,8 @@ WRITER_COUNTS = (
     "ledger_writer_batch_commands_count",
     "ledger_writer_batch_commands_sum",
     "ledger_writer_batch_seconds_sum",
+    "ledger_writer_conflicts_total",
+    "ledger_writer_exclusive_saves_total",
 )
 
 
@@ -193,14 +195,17 @@ def writer_counts(base: str) -> dict[str, float]:
 def writer_summary(
     before: dict[str, float], after: dict[str, float], seconds: float
 ) -> dict[str, float]:
-    """Batches a second, commands a batch, and milliseconds from gathered to answered."""
-    batches = after[WRITER_COUNTS[0]] - before[WRITER_COUNTS[0]]
-    commands = after[WRITER_COUNTS[1]] - before[WRITER_COUNTS[1]]
-    busy = after[WRITER_COUNTS[2]] - before[WRITER_COUNTS[2]]
+    """Batches a second, commands a batch, milliseconds from gathered to answered, and the
+    saves that collided with another worker's or held the event table's lock."""
+    batches, commands, busy, conflicts, exclusive = (
+        after[name] - before[name] for name in WRITER_COUNTS
+    )
     return {
         "batches_per_second": batches / seconds,
         "commands_per_batch": commands / max(batches, 1),
         "ms_per_batch": 1000 * busy / max(batches, 1),
+        "conflicts": conflicts,
+        "exclusive_saves": exclusive,
     }
 
 
@@ -385,7 +390,8 @@ def footnote(row: dict[str, Any]) -> str | None:
         f"{row['workload']}: CPU ms per reservation, ledger: {parts(ledger['cpu_ms_per_request'])};"
         f" baseline: {parts(baseline['cpu_ms_per_request'])}. Writer:"
         f" {writer['batches_per_second']:.0f} batches/s of {writer['commands_per_batch']:.1f}"
-        f" commands, {writer['ms_per_batch']:.1f} ms each. Load generator:"
+        f" commands, {writer['ms_per_batch']:.1f} ms each; {writer.get('conflicts', 0):.0f}"
+        f" conflicts, {writer.get('exclusive_saves', 0):.0f} exclusive saves. Load generator:"
         f" {ledger['load']['generator_cores']:.2f} cores against the ledger,"
         f" {baseline['load']['generator_cores']:.2f} against the baseline."
     )
