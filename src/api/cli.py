@@ -33,6 +33,7 @@ from api.logs import configure_logging
 from api.metrics import prepare_directory
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.settings import Settings
+from api.transport import JoiningHttpToolsProtocol
 from connectors import health
 from connectors.deadletters import record_dead_letters
 from connectors.outcome import FeedRejected, describe_phases
@@ -95,6 +96,8 @@ def serve(
                 workers=workers,
                 log_config=None,
                 access_log=False,
+                # A response's head and body in one write (api.transport).
+                http=JoiningHttpToolsProtocol,
                 # Streams end when the server stops (api.stream); one stuck writing to a
                 # client that stopped reading is cut off after this.
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,

@@ -30,7 +30,9 @@ from api.fastlane import PATH, ReadLane, ReserveLane
 from api.routers import availability, reservations
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
+from api.transport import JoiningHttpToolsProtocol
 from tests.conftest import free_port, make_settings
+from tests.integration.http_writes import counting
 from tests.integration.ledger_setup import stock_sku
 
 OMS = {"Authorization": "Bearer test-oms"}
@@ -98,10 +100,12 @@ def _timeless(body: Any) -> Any:
 
 
 @contextmanager
-def served(app: FastAPI) -> Iterator[str]:
-    """The app on a uvicorn server in a thread of this process; yields its URL."""
+def served(app: FastAPI, protocol: type[Any] = JoiningHttpToolsProtocol) -> Iterator[str]:
+    """The app on a uvicorn server in a thread of this process, with the HTTP protocol
+    `ledger serve` runs it with; yields its URL."""
     app.middleware_stack = app.build_middleware_stack()  # built now, to be looked into
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_config=None))
+    config = uvicorn.Config(app, port=free_port(), log_config=None, http=protocol)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -418,3 +422,24 @@ def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> No
         assert [d.call for d in each.dependant.dependencies] == [read]
         assert each.dependencies == []
     assert availability.router.dependencies == []
+
+
+def test_each_answer_of_the_whole_app_leaves_in_one_write(
+    settings: Settings, runtime: Runtime
+) -> None:
+    """Orders, reads and refusals, through every middleware and both lanes (api.transport)."""
+    stock_sku(runtime.writer, "ONE-WRITE", 50)
+    runtime.views.wait_for("stock", runtime.app.recorder.max_notification_id() or 0, 10)
+    writes: list[int] = []
+    with (
+        served(create_app(settings, runtime), counting(JoiningHttpToolsProtocol, writes)) as url,
+        httpx.Client(base_url=url) as client,
+    ):
+        for n in range(5):
+            order = {"order_id": f"o-{n}", "lines": [{"sku": "ONE-WRITE", "quantity": 1}]}
+            key = {**OMS, "Idempotency-Key": f"one-write-{n}"}
+            assert client.post(PATH, json=order, headers=key).status_code == 201
+            assert client.get("/v1/availability/ONE-WRITE", headers=SHOP).status_code == 200
+            assert client.get("/v1/availability/NOPE", headers=SHOP).status_code == 404
+            assert client.get("/healthz").status_code == 200
+    assert len(writes) == 20  # uvicorn's own protocol: 40 (checked)
