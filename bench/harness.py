@@ -130,9 +130,9 @@ def projecting(env: dict[str, str]) -> Iterator[int]:
 
 
 class CpuMeter:
-    """The CPU time processes take over a span, by part: a server's process and its
-    workers (by process id), this process, and PostgreSQL's (every process on the
-    machine called postgres: the benchmarks run alone). Read with psutil, as `ps` does."""
+    """The CPU time processes take over a span, by part: each named process with its
+    children (a server and its workers, by process id), and PostgreSQL's (every process on
+    the machine called postgres: the benchmarks run alone). Read with psutil, as `ps` does."""
 
     def __init__(self, trees: dict[str, int]) -> None:
         self.trees = trees

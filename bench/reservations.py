@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import (
     CpuMeter,
@@ -183,12 +184,13 @@ WRITER_COUNTS = (
 
 
 def writer_counts(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
+    answer = httpx.get(f"{base}/metrics", timeout=30)
+    answer.raise_for_status()
     counts = dict.fromkeys(WRITER_COUNTS, 0.0)
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in counts:
-            counts[name] += float(value)
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            if sample.name in counts:
+                counts[sample.name] += sample.value
     return counts
 
 

@@ -9,17 +9,14 @@ app behind it.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
@@ -31,9 +28,9 @@ from api.routers import availability, reservations
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from api.transport import JoiningHttpToolsProtocol
-from tests.conftest import free_port, make_settings
-from tests.integration.http_writes import counting
+from tests.conftest import make_settings
 from tests.integration.ledger_setup import stock_sku
+from tests.integration.served_http import counting, served
 
 OMS = {"Authorization": "Bearer test-oms"}
 SHOP = {"Authorization": "Bearer test-shop"}
@@ -97,25 +94,6 @@ def _timeless(body: Any) -> Any:
     if isinstance(body, list):
         return [_timeless(item) for item in body]
     return body
-
-
-@contextmanager
-def served(app: FastAPI, protocol: type[Any] = JoiningHttpToolsProtocol) -> Iterator[str]:
-    """The app on a uvicorn server in a thread of this process, with the HTTP protocol
-    `ledger serve` runs it with; yields its URL."""
-    app.middleware_stack = app.build_middleware_stack()  # built now, to be looked into
-    config = uvicorn.Config(app, port=free_port(), log_config=None, http=protocol)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            threading.Event().wait(0.02)
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

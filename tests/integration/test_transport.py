@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -18,10 +15,11 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.transport import MAX_HELD, JoiningHttpToolsProtocol, JoiningTransport
-from tests.conftest import free_port
-from tests.integration.http_writes import Counted, counting
+from tests.integration.served_http import Counted, counting, served
 
-BIG = 3 * MAX_HELD + 17  # bytes in the streamed body
+# The streamed body, in chunks of CHUNK bytes, each of its own byte.
+CHUNK = 10_000
+BIG = bytes(n // CHUNK % 256 for n in range(3 * MAX_HELD + 17))
 
 
 async def small(request: Request) -> JSONResponse:
@@ -30,29 +28,13 @@ async def small(request: Request) -> JSONResponse:
 
 async def streamed(request: Request) -> StreamingResponse:
     async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, BIG, 10_000):
-            yield bytes((start // 10_000) % 256 for _ in range(min(10_000, BIG - start)))
+        for start in range(0, len(BIG), CHUNK):
+            yield BIG[start : start + CHUNK]
 
     return StreamingResponse(chunks(), media_type="application/octet-stream")
 
 
 APP = Starlette(routes=[Route("/small/{sku}", small), Route("/big", streamed)])
-
-
-@contextmanager
-def served(protocol: type[HttpToolsProtocol]) -> Iterator[str]:
-    config = uvicorn.Config(APP, port=free_port(), log_config=None, http=protocol)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            threading.Event().wait(0.02)
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def small_answers(url: str, count: int) -> None:
@@ -65,36 +47,32 @@ def small_answers(url: str, count: int) -> None:
 
 def test_each_small_answer_leaves_in_one_write() -> None:
     writes: list[int] = []
-    with served(counting(JoiningHttpToolsProtocol, writes)) as url:
+    with served(APP, counting(JoiningHttpToolsProtocol, writes)) as url:
         small_answers(url, 20)
     assert len(writes) == 20
 
     # Uvicorn's own protocol writes the head and the body apart.
     writes.clear()
-    with served(counting(HttpToolsProtocol, writes)) as url:
+    with served(APP, counting(HttpToolsProtocol, writes)) as url:
         small_answers(url, 20)
     assert len(writes) == 40
 
 
 def test_a_large_streamed_body_arrives_whole_and_is_not_held_back() -> None:
     writes: list[int] = []
-    with served(counting(JoiningHttpToolsProtocol, writes)) as url, httpx.Client() as client:
+    with served(APP, counting(JoiningHttpToolsProtocol, writes)) as url, httpx.Client() as client:
         answer = client.get(f"{url}/big")
         assert answer.status_code == 200
-        expected = b"".join(
-            bytes((start // 10_000) % 256 for _ in range(min(10_000, BIG - start)))
-            for start in range(0, BIG, 10_000)
-        )
-        assert answer.content == expected
+        assert answer.content == BIG
         for n in range(3):  # the connection is still good for more
             assert client.get(f"{url}/small/S{n}").json()["sku"] == f"S{n}"
     # Never more than MAX_HELD held, plus the write that reached it.
-    assert max(writes) < MAX_HELD + 10_000 + 64
-    assert sum(writes) > BIG
+    assert max(writes) < MAX_HELD + CHUNK + 64
+    assert sum(writes) > len(BIG)
 
 
 def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
-    with served(JoiningHttpToolsProtocol) as url:
+    with served(APP, JoiningHttpToolsProtocol) as url:
         port = int(url.rsplit(":", 1)[1])
         for n in range(5):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
