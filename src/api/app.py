@@ -8,6 +8,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
 from api.auth import Authenticator
 from api.errors import install_error_handlers
@@ -32,9 +33,26 @@ from api.settings import Settings
 from api.stream import AvailabilityFeed
 
 
+class Service(FastAPI):
+    """FastAPI with the service's own middleware outermost, outside FastAPI's and
+    Starlette's: a request the fast lanes answer passes through nothing else, and every
+    answer (a 500 from the server-error middleware too) carries its request id and is
+    logged with its status. The lanes answer their own failures with the app's handlers."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        own, self.user_middleware = self.user_middleware, []
+        try:
+            app = super().build_middleware_stack()
+        finally:
+            self.user_middleware = own
+        for cls, args, kwargs in reversed(own):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(
     settings: Settings, runtime: Runtime | None = None, *, fast_lane: bool = True
-) -> FastAPI:
+) -> Service:
     """The service; it opens its own runtime on startup unless one is given. Without
     `fast_lane`, FastAPI's routes answer every order and availability read (see
     api.fastlane)."""
@@ -64,7 +82,7 @@ def create_app(
             if runtime is None:
                 await run_in_threadpool(opened.close)
 
-    app = FastAPI(
+    app = Service(
         title="Stockledger",
         version=version("stockledger"),
         description="Event-sourced inventory ledger: supplier stock and OMS reservations.",
@@ -74,7 +92,7 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.authenticator = Authenticator(settings.api_keys)
-    # Added first, so it runs inside the request context (ids, logging, body limits).
+    # Added first, so they run inside the request context (ids, logging, body limits).
     if fast_lane:
         app.add_middleware(ReserveLane, service=app)
         app.add_middleware(ReadLane, service=app)

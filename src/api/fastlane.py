@@ -79,6 +79,34 @@ class _Lane:
             and not self.service.dependency_overrides
         )
 
+    async def _failed(self, error: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answers an error raised before the answer began as the app would: with its
+        handler for the error's class, looked up as FastAPI does. An unexpected error gets
+        the app's catch-all answer, as Starlette's server-error middleware gives it (that
+        middleware is inside the lanes, see api.app.Service), and is raised again after
+        it, for the server to log."""
+        handlers = self.service.exception_handlers
+        handler: Handler | None = None
+        for cls in type(error).__mro__:
+            if cls is Exception:
+                break
+            handler = handlers.get(cls)
+            if handler is not None:
+                break
+        unexpected = handler is None
+        if unexpected:
+            handler = handlers.get(500) or handlers.get(Exception)
+            if handler is None:  # no catch-all: the server's own 500
+                raise error
+        request = Request(scope, receive)
+        if inspect.iscoroutinefunction(handler):
+            response = await handler(request, error)
+        else:  # as Starlette runs a plain function: off the event loop
+            response = await run_in_threadpool(cast(SyncHandler, handler), request, error)
+        await response(scope, receive, send)
+        if unexpected:
+            raise error
+
     def _key(self, headers: dict[bytes, bytes], allowed: frozenset[str]) -> ApiKey | None:
         """The request's key if the route's own check admits it for these roles; None
         leaves the refusal (401 or 403) to the route."""
@@ -108,14 +136,8 @@ class ReserveLane(_Lane):
         try:
             response = reserved(await write.runtime.writer.execute_async(command), write.at)
         except Exception as error:
-            handler = self._handler(error)
-            if handler is None:
-                raise
-            request = Request(scope, receive)
-            if inspect.iscoroutinefunction(handler):
-                response = await handler(request, error)
-            else:  # as Starlette runs a plain function: off the event loop
-                response = await run_in_threadpool(cast(SyncHandler, handler), request, error)
+            await self._failed(error, scope, receive, send)
+            return
         await response(scope, receive, send)
 
     def _accepted(self, scope: Scope, body: bytes) -> tuple[OmsWrite, Reserve] | None:
@@ -130,7 +152,8 @@ class ReserveLane(_Lane):
         if key is None:
             return None
         try:
-            order = ReservationIn.model_validate(json.loads(body, object_pairs_hook=_unique))
+            text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
+            order = ReservationIn.model_validate(_DECODER.decode(text))
         except Exception:
             # Not JSON, not an order, nested too deep to parse (RecursionError), or a
             # repeated key: a repeat could hide nesting the route's parser (deeper in the
@@ -151,17 +174,6 @@ class ReserveLane(_Lane):
             return None
         return write, command
 
-    def _handler(self, error: Exception) -> Handler | None:
-        """The app's handler for this error, as FastAPI would look it up; None for the
-        catch-all, which the server's error middleware applies (and logs) itself."""
-        for cls in type(error).__mro__:
-            if cls is Exception:
-                return None
-            handler: Handler | None = self.service.exception_handlers.get(cls)
-            if handler is not None:
-                return handler
-        return None
-
 
 class ReadLane(_Lane):
     """ASGI middleware: answers `GET /v1/availability/{sku}` and `GET /v1/availability?sku=…`
@@ -171,7 +183,11 @@ class ReadLane(_Lane):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = None
         if self._takes(scope, "GET") and scope["path"].startswith(BATCH):
-            response = self._answer(scope)
+            try:
+                response = self._answer(scope)
+            except Exception as error:
+                await self._failed(error, scope, receive, send)
+                return
         if response is None:
             await self.app(scope, receive, send)
             return
@@ -247,6 +263,10 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(found) != len(pairs):
         raise ValueError("a key is repeated")
     return found
+
+
+# One decoder for every order: `json.loads` with a hook builds a new one for each call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
 
 
 def _first(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:

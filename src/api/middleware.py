@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import time
@@ -18,6 +19,7 @@ from api.ratelimit import RateLimiter
 from api.settings import ApiKey
 
 log = structlog.get_logger("api.http")
+_access = logging.getLogger("api.http")
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -78,8 +80,9 @@ class RequestContextMiddleware:
             return
         request_id = request_id_from(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        # Each request runs in a task of its own, in a copy of the server's context: the
+        # id is bound in it for the request, and the binding undone after.
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -119,14 +122,16 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, replay(body, receive), send_with_id)
         finally:
-            log.info(
-                "http.request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status["code"],
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
-            structlog.contextvars.clear_contextvars()
+            # Asked of the standard logger first: structlog would build the line, then drop it.
+            if _access.isEnabledFor(logging.INFO):
+                log.info(
+                    "http.request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status["code"],
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                )
+            structlog.contextvars.reset_contextvars(**bound)
 
     def _wait(self, scope: Scope) -> int:
         """Seconds the request's key must wait before it may make another (0: it may now,

@@ -129,6 +129,12 @@ def _add(buckets: dict[int, int], key: int, delta: int, floor: int | None = None
         buckets.pop(key, None)
 
 
+# A supplier's level as a plain tuple (supplier id, quantity, observed at, unreported
+# from), and a stock item's, one per supplier: see StockItem.level_state.
+Level = tuple[str, int, datetime | None, int | None]
+LevelState = tuple[Level, ...]
+
+
 @dataclass(frozen=True)
 class LevelRow:
     """A supplier's last report of a SKU; `unreported_from` is the first second a newer
@@ -139,6 +145,11 @@ class LevelRow:
     quantity: int
     observed_at: datetime | None
     unreported_from: int | None
+
+    @classmethod
+    def of(cls, sku: str, level: Level) -> LevelRow:
+        supplier_id, quantity, observed_at, unreported_from = level
+        return cls(supplier_id, sku, quantity, observed_at, unreported_from)
 
 
 @dataclass(frozen=True)
@@ -461,16 +472,20 @@ class StockItem(LedgerAggregate):
 
     def level_rows(self) -> list[LevelRow]:
         """The current level per supplier, as the ledger keeps it beside its events."""
-        return [
-            LevelRow(
-                supplier_id=supplier_id,
-                sku=self.sku,
-                quantity=position.quantity,
-                observed_at=position.observed_at,
-                unreported_from=min(position.unreported) if position.unreported else None,
+        return [LevelRow.of(self.sku, level) for level in self.level_state()]
+
+    def level_state(self) -> LevelState:
+        """What `level_rows` says, as plain tuples (supplier, quantity, observed at,
+        unreported from): cheap to keep and compare for every stock item a batch loads."""
+        return tuple(
+            (
+                supplier_id,
+                position.quantity,
+                position.observed_at,
+                min(position.unreported) if position.unreported else None,
             )
             for supplier_id, position in self.positions.items()
-        ]
+        )
 
     # Commands ---------------------------------------------------------------
 

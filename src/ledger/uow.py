@@ -11,7 +11,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from ledger.base import LedgerAggregate
 from ledger.errors import UnknownSupplier
-from ledger.stock import LevelRow, LevelTouch, StockItem
+from ledger.stock import LevelRow, LevelState, LevelTouch, StockItem
 from ledger.supplier import Supplier, SupplierTerms
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -34,7 +34,7 @@ class UnitOfWork:
         self._load_seen = load_seen
         self._aggregates: dict[UUID, LedgerAggregate | None] = {}
         # The levels each stock item had when loaded, to save only the rows that change.
-        self._levels_loaded: dict[UUID, frozenset[LevelRow]] = {}
+        self._levels_loaded: dict[UUID, LevelState] = {}
         self._seen: dict[tuple[str, str], datetime | None] = {}
         self._touched: dict[tuple[str, str], datetime] = {}
         # Since `begin`: how many new events each aggregate handed out held, and the
@@ -67,7 +67,7 @@ class UnitOfWork:
     def _keep(self, aggregate_id: UUID, aggregate: LedgerAggregate | None) -> None:
         self._aggregates[aggregate_id] = aggregate
         if isinstance(aggregate, StockItem):
-            self._levels_loaded[aggregate_id] = frozenset(aggregate.level_rows())
+            self._levels_loaded[aggregate_id] = aggregate.level_state()
 
     def add(self, aggregate: LedgerAggregate) -> None:
         self._marks.setdefault(aggregate.id, 0)
@@ -128,8 +128,11 @@ class UnitOfWork:
         rows: list[LevelRow] = []
         for aggregate in self.changed():
             if isinstance(aggregate, StockItem):
-                loaded = self._levels_loaded.get(aggregate.id, frozenset())
-                rows.extend(r for r in aggregate.level_rows() if r not in loaded)
+                loaded = self._levels_loaded.get(aggregate.id, ())
+                state = aggregate.level_state()
+                if state == loaded:  # most commands (orders, holds) change no level
+                    continue
+                rows.extend(LevelRow.of(aggregate.sku, s) for s in state if s not in loaded)
         return sorted(rows, key=lambda r: (r.supplier_id, r.sku))
 
     def loaded_ids(self) -> list[UUID]:

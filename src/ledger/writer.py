@@ -69,10 +69,58 @@ class Outcome(Generic[T]):
 class _Job:
     command: Command
     future: Future[Outcome[Any]]
+    # A coroutine's command: where its outcome goes once its batch is answered.
+    settler: _Settler | None = None
+    waiter: asyncio.Future[Outcome[Any]] | None = None
 
 
 class WriterStopped(RuntimeError):
     pass
+
+
+class _Settler:
+    """Hands the outcomes of coroutines' commands to them on their event loop: the
+    writer delivers a batch's outcomes together, once the batch is answered, in one
+    call on the loop (`asyncio.wrap_future` would wake the loop once per command)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[_Job] = []
+
+    def deliver(self, jobs: list[_Job]) -> None:
+        """The jobs' futures are done (called on the writer's thread)."""
+        with self._lock:
+            first = not self._ready
+            self._ready.extend(jobs)
+        if first and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for job in ready:
+            waiter, future = job.waiter, job.future
+            if waiter is None or waiter.done():  # its caller gave up
+                continue
+            if future.cancelled():
+                waiter.cancel()
+                continue
+            error = future.exception(0)
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result(0))
+
+
+def _wake(jobs: list[_Job]) -> None:
+    """Delivers the answered jobs of coroutines, one call per event loop."""
+    settlers: dict[_Settler, list[_Job]] = {}
+    for job in jobs:
+        if job.settler is not None:
+            settlers.setdefault(job.settler, []).append(job)
+    for settler, answered in settlers.items():
+        settler.deliver(answered)
 
 
 class WriterMetrics(Protocol):
@@ -128,6 +176,8 @@ class LedgerWriter:
         self.exclusive = 0  # tries to save holding the event table's lock (EXCLUSIVE_AFTER)
         # The shared streams other processes collided on lately, and until when.
         self._contended: dict[UUID, float] = {}
+        self._settlers: dict[asyncio.AbstractEventLoop, _Settler] = {}
+        self._settlers_lock = threading.Lock()
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -162,20 +212,39 @@ class LedgerWriter:
             raise
 
     async def execute_async(self, command: Command) -> Outcome[Any]:
-        """`execute` for a coroutine: waits for the outcome without holding a thread."""
-        future = self.submit(command)
+        """`execute` for a coroutine: waits for the outcome without holding a thread.
+
+        The outcomes of a batch reach the event loop together, in one wake-up
+        (`_Settler`), where `asyncio.wrap_future` would wake it once per command."""
+        loop = asyncio.get_running_loop()
+        settler = self._settlers.get(loop)
+        if settler is None:
+            settler = self._settler_for(loop)
+        waiter: asyncio.Future[Outcome[Any]] = loop.create_future()
+        future = self._submit(_Job(command, Future(), settler, waiter))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
-        except TimeoutError:
-            future.cancel()
+            async with asyncio.timeout(self.timeout):
+                return await waiter
+        except (TimeoutError, asyncio.CancelledError):
+            future.cancel()  # dropped if still queued, as `execute` does
             raise
 
+    def _settler_for(self, loop: asyncio.AbstractEventLoop) -> _Settler:
+        with self._settlers_lock:
+            # Loops closed since (a test's, a portal's) are forgotten.
+            settlers = {known: s for known, s in self._settlers.items() if not known.is_closed()}
+            settler = settlers.setdefault(loop, _Settler(loop))
+            self._settlers = settlers
+            return settler
+
     def submit(self, command: Command) -> Future[Outcome[Any]]:
+        return self._submit(_Job(command, Future()))
+
+    def _submit(self, job: _Job) -> Future[Outcome[Any]]:
         if self._stopping.is_set() or not self.alive:
             raise WriterStopped("the ledger writer is not running")
-        future: Future[Outcome[Any]] = Future()
-        self._jobs.put(_Job(command, future))
-        return future
+        self._jobs.put(job)
+        return job.future
 
     def apply(self, command: Command) -> Outcome[Any]:
         """Runs one command to completion on the calling thread (no other thread may write)."""
@@ -213,6 +282,7 @@ class LedgerWriter:
                 for left in batch:
                     if not left.future.done():
                         left.future.set_exception(error)
+            _wake(batch)
             if self.metrics is not None:
                 outcomes = Counter(
                     (type(job.command).__name__, outcome_of(job.future)) for job in batch
@@ -237,6 +307,7 @@ class LedgerWriter:
                 return
             if job is not None:
                 job.future.set_exception(WriterStopped("the ledger writer stopped"))
+                _wake([job])
 
     # Batches ----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
+from api import fastlane
 from api.app import create_app
 from api.deps import oms_write, read
 from api.fastlane import PATH, ReadLane, ReserveLane
@@ -230,6 +231,33 @@ def test_with_dependencies_overridden_every_order_goes_to_the_route(
     assert lanes.handed_on == 1
 
 
+def unexpected(answer: httpx.Response) -> None:
+    """The app's answer to an error it did not expect: a 500 in the error envelope, naming
+    the request's id, which its header carries too."""
+    assert answer.status_code == 500, answer.text
+    assert answer.json() == {
+        "error": "internal_error",
+        "detail": {"request_id": answer.headers["x-request-id"]},
+    }
+
+
+def test_an_unexpected_failure_is_answered_by_the_lane_as_by_the_app(
+    lanes: Lanes, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette's server-error middleware is behind the lane (api.app.Service): the lane
+    answers an unexpected error with the app's own catch-all, as that middleware does."""
+
+    async def broken(command: object) -> object:
+        raise RuntimeError("the writer broke")
+
+    monkeypatch.setattr(runtime.writer, "execute_async", broken)
+    body = order(f"LANE-{uuid.uuid4().hex[:8]}")
+    for client in (lanes.lane, lanes.route):
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        unexpected(client.post("/v1/reservations", content=body, headers={**headers, **OMS}))
+    assert lanes.handed_on == 0
+
+
 def test_the_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
     """The lane does what the route's dependencies do (key, role, time, request id); a
     dependency added to the route, its router or the app would be skipped by it."""
@@ -377,6 +405,22 @@ def test_a_position_the_copy_has_not_reached_is_waited_for_by_the_route(
     assert answer.status_code == 200
     assert answer.json()["on_hand"] == 14
     assert lanes.handed_on == 1
+
+
+def test_an_unexpected_failure_of_a_read_is_answered_by_the_lane_as_by_the_app(
+    read_lanes: tuple[Lanes, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes, runtime = read_lanes
+    sku, _ = held_sku(runtime, 3)
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("the view broke")
+
+    monkeypatch.setattr(fastlane, "availability_out", broken)
+    monkeypatch.setattr(availability, "availability_out", broken)
+    for client in (lanes.lane, lanes.route):
+        unexpected(client.get(f"/v1/availability/{sku}", headers=SHOP))
+    assert lanes.handed_on == 0
 
 
 def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -18,7 +19,7 @@ from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportS
 from ledger.errors import InsufficientStock, UnknownSku
 from ledger.queries import LedgerQueries
 from ledger.supplier import SupplierTerms
-from ledger.writer import LedgerWriter, _Job
+from ledger.writer import LedgerWriter, _Job, _Settler
 
 CAUSE = Cause("test", "test", "test")
 
@@ -267,3 +268,101 @@ def test_metrics_that_fail_never_stop_the_writer() -> None:
         writer.stop()
     assert writer.alive is False
     assert LedgerQueries(writer.app).supplier("two") is not None
+
+
+def refused_order() -> Reserve:
+    return Reserve(
+        at=datetime.now(UTC),
+        cause=CAUSE,
+        client="oms",
+        idempotency_key="k",
+        order_id="o",
+        lines=[("NOPE", 1)],
+        ttl_seconds=None,
+        default_ttl_seconds=60,
+    )
+
+
+def held_up_writer(gate: threading.Event, *, timeout: float = 5) -> tuple[LedgerWriter, list[int]]:
+    """A writer whose batches wait for the gate, and the size of each batch."""
+    writer = in_memory_writer(timeout)
+    run_batch = writer._run_batch
+    sizes: list[int] = []
+
+    def held_up(jobs: list[Any]) -> None:
+        gate.wait(5)
+        sizes.append(len(jobs))
+        run_batch(jobs)
+
+    writer._run_batch = held_up  # type: ignore[method-assign]
+    return writer, sizes
+
+
+def test_coroutines_get_their_own_outcomes_a_batch_in_one_wake_up_of_their_loop() -> None:
+    gate = threading.Event()
+    writer, sizes = held_up_writer(gate)
+    wake_ups = 0
+    settle = _Settler._settle
+
+    def counted(self: _Settler) -> None:
+        nonlocal wake_ups
+        wake_ups += 1
+        settle(self)
+
+    async def orders() -> list[Any]:
+        tasks = [writer.execute_async(put_supplier(f"a{n}")) for n in range(30)]
+        waiting = asyncio.gather(
+            *tasks, writer.execute_async(refused_order()), return_exceptions=True
+        )
+        await asyncio.sleep(0.05)  # all queued behind the held-up first batch
+        gate.set()
+        return await waiting
+
+    writer.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_Settler, "_settle", counted)
+            answers = asyncio.run(orders())
+    finally:
+        writer.stop()
+    *outcomes, refused = answers
+    assert isinstance(refused, UnknownSku)
+    assert all(outcome.value.created == 1 for outcome in outcomes)
+    assert len({outcome.position for outcome in outcomes[1:]}) == 1
+    assert sum(sizes) == 31
+    assert wake_ups == len(sizes) <= 2
+    assert LedgerQueries(writer.app).supplier("a29") is not None
+
+
+@pytest.mark.parametrize("gives_up", ["times out", "is cancelled"])
+def test_a_coroutine_that_gives_up_while_its_command_waits_leaves_it_unapplied(
+    gives_up: str,
+) -> None:
+    gate = threading.Event()
+    writer, _ = held_up_writer(gate, timeout=0.2 if gives_up == "times out" else 5)
+
+    async def orders() -> None:
+        first = writer.submit(put_supplier("first"))
+        await asyncio.sleep(0.05)  # the first batch is held up
+        second = asyncio.ensure_future(writer.execute_async(put_supplier("second")))
+        if gives_up == "times out":
+            with pytest.raises(TimeoutError):
+                await second
+        else:
+            await asyncio.sleep(0.05)
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+        gate.set()
+        await asyncio.wrap_future(first)
+        await writer.execute_async(put_supplier("third"))
+
+    writer.start()
+    try:
+        asyncio.run(orders())
+    finally:
+        writer.stop()
+    queries = LedgerQueries(writer.app)
+    assert queries.supplier("first") is not None
+    assert queries.supplier("second") is None
+    assert queries.supplier("third") is not None
