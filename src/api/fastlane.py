@@ -128,15 +128,17 @@ class ReserveLane(_Lane):
             return
         body = await _body(receive)
         receive = replay(body, receive)
-        accepted = self._accepted(scope, body)
-        if accepted is None:
-            await self.app(scope, receive, send)
-            return
-        write, command = accepted
         try:
-            response = reserved(await write.runtime.writer.execute_async(command), write.at)
+            accepted = self._accepted(scope, body)
+            if accepted is not None:
+                write, command = accepted
+                outcome = await write.runtime.writer.execute_async(command)
+                response = reserved(outcome, write.at)
         except Exception as error:
             await self._failed(error, scope, receive, send)
+            return
+        if accepted is None:
+            await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
 

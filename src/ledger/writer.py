@@ -14,6 +14,7 @@ processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import queue
@@ -93,24 +94,38 @@ class _Settler:
         with self._lock:
             first = not self._ready
             self._ready.extend(jobs)
-        if first and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._settle)
+        if first:
+            # A loop closed meanwhile has nobody left to answer.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._settle)
 
     def _settle(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        for job in ready:
-            waiter, future = job.waiter, job.future
-            if waiter is None or waiter.done():  # its caller gave up
-                continue
-            if future.cancelled():
-                waiter.cancel()
-                continue
-            error = future.exception(0)
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(future.result(0))
+        for job in ready:  # each alone: one that cannot be settled leaves the rest be
+            try:
+                _settle(job)
+            except Exception as error:
+                log.exception("writer.settle_failed")
+                if job.waiter is not None and not job.waiter.done():
+                    job.waiter.set_exception(RuntimeError(f"no outcome: {error!r}"))
+
+
+def _settle(job: _Job) -> None:
+    """Gives a coroutine's waiter its command's outcome."""
+    waiter, future = job.waiter, job.future
+    if waiter is None or waiter.done():  # its caller gave up
+        return
+    if future.cancelled():
+        waiter.cancel()
+        return
+    error = future.exception(0)
+    if isinstance(error, StopIteration):  # a future refuses one (Python 3.12 wraps it too)
+        error = RuntimeError(f"a command raised {error!r}")
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(future.result(0))
 
 
 def _wake(jobs: list[_Job]) -> None:
@@ -282,7 +297,10 @@ class LedgerWriter:
                 for left in batch:
                     if not left.future.done():
                         left.future.set_exception(error)
-            _wake(batch)
+            try:
+                _wake(batch)
+            except Exception:  # never stop the writer over a caller's loop
+                log.exception("writer.wake_failed")
             if self.metrics is not None:
                 outcomes = Counter(
                     (type(job.command).__name__, outcome_of(job.future)) for job in batch
@@ -306,8 +324,13 @@ class LedgerWriter:
             except queue.Empty:
                 return
             if job is not None:
-                job.future.set_exception(WriterStopped("the ledger writer stopped"))
-                _wake([job])
+                # A job its caller gave up on is cancelled already.
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(WriterStopped("the ledger writer stopped"))
+                try:
+                    _wake([job])
+                except Exception:
+                    log.exception("writer.wake_failed")
 
     # Batches ----------------------------------------------------------------
 

@@ -258,6 +258,19 @@ def test_an_unexpected_failure_is_answered_by_the_lane_as_by_the_app(
     assert lanes.handed_on == 0
 
 
+def test_an_unexpected_failure_while_the_lane_reads_an_order_gets_the_apps_answer(
+    lanes: Lanes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> object:
+        raise RuntimeError("the command could not be built")
+
+    monkeypatch.setattr(fastlane, "reserve_command", broken)
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k", **OMS}
+    body = order(f"LANE-{uuid.uuid4().hex[:8]}")
+    unexpected(lanes.lane.post("/v1/reservations", content=body, headers=headers))
+    assert lanes.handed_on == 0
+
+
 def test_the_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
     """The lane does what the route's dependencies do (key, role, time, request id); a
     dependency added to the route, its router or the app would be skipped by it."""

@@ -13,13 +13,14 @@ import pytest
 
 from api.metrics import Metrics
 from connectors.parts import MIN_PART
+from ledger import writer as writer_module
 from ledger.application import InventoryLedger
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportStock, Reserve
 from ledger.errors import InsufficientStock, UnknownSku
 from ledger.queries import LedgerQueries
 from ledger.supplier import SupplierTerms
-from ledger.writer import LedgerWriter, _Job, _Settler
+from ledger.writer import LedgerWriter, WriterStopped, _Job, _Settler
 
 CAUSE = Cause("test", "test", "test")
 
@@ -366,3 +367,79 @@ def test_a_coroutine_that_gives_up_while_its_command_waits_leaves_it_unapplied(
     assert queries.supplier("first") is not None
     assert queries.supplier("second") is None
     assert queries.supplier("third") is not None
+
+
+def test_an_outcome_a_coroutine_cannot_take_leaves_the_rest_of_its_batch_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An asyncio future refuses StopIteration as an exception (Python 3.11): the command
+    that raised it gets an error of its own, and the rest of its batch their outcomes."""
+    handler_for = writer_module.handler_for
+
+    def some_raise_stop_iteration(command: Any) -> Any:
+        if getattr(command, "supplier_id", None) == "bad":
+
+            def bad(unit: Any, command: Any) -> Any:
+                raise StopIteration
+
+            return bad
+        return handler_for(command)
+
+    monkeypatch.setattr(writer_module, "handler_for", some_raise_stop_iteration)
+    gate = threading.Event()
+    writer, _ = held_up_writer(gate, timeout=5)
+
+    async def orders() -> list[Any]:
+        names = ("first", "bad", "after1", "after2")
+        tasks = [asyncio.ensure_future(writer.execute_async(put_supplier(n))) for n in names]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
+
+    writer.start()
+    try:
+        first, bad, *after = asyncio.run(orders())
+    finally:
+        writer.stop()
+    assert isinstance(bad, RuntimeError)
+    assert "StopIteration" in str(bad)
+    assert first.value.created == 1
+    assert all(outcome.value.created == 1 for outcome in after)
+
+
+def test_a_loop_that_closed_before_its_outcomes_arrive_never_stops_the_writer() -> None:
+    writer = in_memory_writer().start()
+    closed = asyncio.new_event_loop()
+    closed.close()
+    try:
+        job = _Job(put_supplier("gone"), Future(), _Settler(closed), None)
+        writer._jobs.put(job)
+        assert job.future.result(5).value.created == 1
+        assert writer.execute(put_supplier("after")).position is not None
+        assert writer.alive
+    finally:
+        writer.stop()
+
+
+def test_callers_left_when_the_writer_stops_are_told_so_even_after_one_gave_up() -> None:
+    gate = threading.Event()
+    writer, _ = held_up_writer(gate)
+
+    async def orders() -> None:
+        first = writer.submit(put_supplier("first"))
+        await asyncio.sleep(0.05)  # the first batch is held up
+        writer._jobs.put(None)  # and the writer asked to stop after it
+        gave_up = asyncio.ensure_future(writer.execute_async(put_supplier("gave-up")))
+        later = asyncio.ensure_future(writer.execute_async(put_supplier("later")))
+        await asyncio.sleep(0.05)
+        gave_up.cancel()
+        gate.set()
+        with pytest.raises(WriterStopped):
+            await asyncio.wait_for(later, 2)
+        first.result(5)
+
+    writer.start()
+    try:
+        asyncio.run(orders())
+    finally:
+        writer.stop()
