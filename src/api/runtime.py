@@ -139,6 +139,7 @@ def open_runtime(
         take_turns=turns,
         keep=settings.aggregate_cache_size,
         metrics=metrics,
+        linger=settings.writer_linger_seconds,
     ).start()
     cache = None
     if read_cache and settings.read_cache_skus:

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     command_timeout_seconds: float = Field(
         default=10, gt=0, description="a request waits this long for its command, then 503"
     )
+    writer_linger_seconds: float = Field(
+        default=0.002,
+        ge=0,
+        le=0.05,
+        description="under load, how long a small batch waits for more commands; 0: never",
+    )
     aggregate_cache_size: int = Field(default=10_000, ge=0)
     rate_limit_per_second: float = Field(
         default=0,

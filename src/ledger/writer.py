@@ -53,6 +53,14 @@ TURNS_AFTER_CONFLICT_SECONDS = 10.0
 # event table's lock, which every save takes: nothing can collide with it then. Held for
 # one batch's reads and decisions, it makes every other writer wait that long.
 EXCLUSIVE_AFTER = 3
+# Under load (the last batch gathered this many commands or more), a batch that has
+# gathered fewer than LINGER_BELOW when the queue runs dry waits once, up to the writer's
+# `linger` seconds, for more: a save of 24 costs about what a save of 12 does, and with
+# two API workers sharing two cores each writer's batches held 13-16 commands (measured:
+# six alternating pairs across 10,000 SKUs, 2,813 against 2,549 reservations/s, five of
+# six pairs ahead). A lone command, or one after a small batch, never waits.
+LINGER_AFTER = 8
+LINGER_BELOW = 24
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,11 @@ class LedgerWriter:
         take_turns: Callable[[list[UUID]], AbstractContextManager[None]] | None = None,
         keep: int = 10_000,
         metrics: WriterMetrics | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.app = app
+        self.linger = linger
+        self._last_batch = 0  # how many commands the last batch gathered
         self.metrics = metrics
         self.hot = HotAggregates(app, keep)
         self.take_turns = take_turns
@@ -278,11 +289,18 @@ class LedgerWriter:
             # A bulk command (a part of a large delivery) is decided in a batch of its own,
             # in its turn: the commands queued before it do not wait for it, and one that
             # is refused or collides with another process never makes it decided again.
+            lingered = False
             while not job.command.bulk and len(batch) < self.max_batch:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
-                    break
+                    if lingered or not self._lingers(len(batch)):
+                        break
+                    lingered = True
+                    try:
+                        more = self._jobs.get(timeout=self.linger)
+                    except queue.Empty:
+                        break
                 if more is None:
                     self._jobs.put(None)  # stop after this batch
                     break
@@ -290,6 +308,7 @@ class LedgerWriter:
                     held = more
                     break
                 batch.append(more)
+            self._last_batch = len(batch)
             started = time.monotonic()
             try:
                 self._run_batch(batch)
@@ -307,6 +326,10 @@ class LedgerWriter:
                 )
                 self._note("batch", outcomes, time.monotonic() - started)
         self._fail_leftovers()
+
+    def _lingers(self, gathered: int) -> bool:
+        """Whether a batch that gathered this many, with none left queued, waits for more."""
+        return self.linger > 0 and self._last_batch >= LINGER_AFTER and gathered < LINGER_BELOW
 
     def _note(self, what: str, *args: Any) -> None:
         """Counts a batch, a conflict or an exclusive save (`WriterMetrics.<what>`), if

@@ -284,9 +284,12 @@ def refused_order() -> Reserve:
     )
 
 
-def held_up_writer(gate: threading.Event, *, timeout: float = 5) -> tuple[LedgerWriter, list[int]]:
+def held_up_writer(
+    gate: threading.Event, *, timeout: float = 5, linger: float = 0.0
+) -> tuple[LedgerWriter, list[int]]:
     """A writer whose batches wait for the gate, and the size of each batch."""
     writer = in_memory_writer(timeout)
+    writer.linger = linger
     run_batch = writer._run_batch
     sizes: list[int] = []
 
@@ -443,3 +446,39 @@ def test_callers_left_when_the_writer_stops_are_told_so_even_after_one_gave_up()
         asyncio.run(orders())
     finally:
         writer.stop()
+
+
+def test_under_load_a_small_batch_waits_a_moment_for_more() -> None:
+    gate = threading.Event()
+    writer, sizes = held_up_writer(gate, linger=0.3)
+    writer.start()
+    try:
+        first = writer.submit(put_supplier("first"))
+        time.sleep(0.05)  # the first batch is held up, with the next ten queued behind it
+        load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
+        gate.set()
+        first.result(5)
+        for future in load:
+            future.result(5)
+        alone = writer.submit(put_supplier("alone"))
+        time.sleep(0.05)  # within the linger: saved with the one before
+        joined = writer.submit(put_supplier("joined"))
+        assert alone.result(5).position == joined.result(5).position
+    finally:
+        writer.stop()
+    assert sizes == [1, 10, 2]
+
+
+def test_a_lone_command_is_never_held_back() -> None:
+    gate_open = threading.Event()
+    gate_open.set()
+    writer, sizes = held_up_writer(gate_open, linger=0.3)
+    writer.start()
+    try:
+        for n in range(3):
+            started = time.monotonic()
+            writer.execute(put_supplier(f"lone{n}"))
+            assert time.monotonic() - started < 0.2
+    finally:
+        writer.stop()
+    assert sizes == [1, 1, 1]
