@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 import queue
 import random
 import threading
@@ -58,9 +59,12 @@ EXCLUSIVE_AFTER = 3
 # `linger` seconds, for more: a save of 24 costs about what a save of 12 does, and with
 # two API workers sharing two cores each writer's batches held 13-16 commands (measured:
 # six alternating pairs across 10,000 SKUs, 2,813 against 2,549 reservations/s, five of
-# six pairs ahead). A lone command, or one after a small batch, never waits.
+# six pairs ahead). Load is a batch of LINGER_AFTER or more, followed by the next command
+# within LOADED_GAP of its end: a lone command, one after a small batch, or the first
+# after a pause never waits.
 LINGER_AFTER = 8
 LINGER_BELOW = 24
+LOADED_GAP = 0.01
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ class LedgerWriter:
         self.app = app
         self.linger = linger
         self._last_batch = 0  # how many commands the last batch gathered
+        self._last_ended = -math.inf  # and when it was answered (time.monotonic)
+        self.loaded_gap = LOADED_GAP
         self.metrics = metrics
         self.hot = HotAggregates(app, keep)
         self.take_turns = take_turns
@@ -286,6 +292,10 @@ class LedgerWriter:
             if job is None:
                 break
             batch = [job]
+            loaded = (
+                self._last_batch >= LINGER_AFTER
+                and time.monotonic() - self._last_ended < self.loaded_gap
+            )
             # A bulk command (a part of a large delivery) is decided in a batch of its own,
             # in its turn: the commands queued before it do not wait for it, and one that
             # is refused or collides with another process never makes it decided again.
@@ -294,7 +304,7 @@ class LedgerWriter:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
-                    if lingered or not self._lingers(len(batch)):
+                    if lingered or not (loaded and self._lingers(len(batch))):
                         break
                     lingered = True
                     try:
@@ -320,6 +330,7 @@ class LedgerWriter:
                 _wake(batch)
             except Exception:  # never stop the writer over a caller's loop
                 log.exception("writer.wake_failed")
+            self._last_ended = time.monotonic()
             if self.metrics is not None:
                 outcomes = Counter(
                     (type(job.command).__name__, outcome_of(job.future)) for job in batch
@@ -328,8 +339,9 @@ class LedgerWriter:
         self._fail_leftovers()
 
     def _lingers(self, gathered: int) -> bool:
-        """Whether a batch that gathered this many, with none left queued, waits for more."""
-        return self.linger > 0 and self._last_batch >= LINGER_AFTER and gathered < LINGER_BELOW
+        """Whether a batch under load that gathered this many, with none left queued, waits
+        for more."""
+        return self.linger > 0 and gathered < LINGER_BELOW
 
     def _note(self, what: str, *args: Any) -> None:
         """Counts a batch, a conflict or an exclusive save (`WriterMetrics.<what>`), if

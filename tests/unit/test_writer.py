@@ -294,12 +294,18 @@ def held_up_writer(
     sizes: list[int] = []
 
     def held_up(jobs: list[Any]) -> None:
+        HELD.set()
         gate.wait(5)
         sizes.append(len(jobs))
         run_batch(jobs)
 
     writer._run_batch = held_up  # type: ignore[method-assign]
+    HELD.clear()
     return writer, sizes
+
+
+# Set when a held-up writer's batch has begun (reset by `held_up_writer`).
+HELD = threading.Event()
 
 
 def test_coroutines_get_their_own_outcomes_a_batch_in_one_wake_up_of_their_loop() -> None:
@@ -451,10 +457,11 @@ def test_callers_left_when_the_writer_stops_are_told_so_even_after_one_gave_up()
 def test_under_load_a_small_batch_waits_a_moment_for_more() -> None:
     gate = threading.Event()
     writer, sizes = held_up_writer(gate, linger=0.3)
+    writer.loaded_gap = 1.0  # the next order below comes as soon as this test sees the last
     writer.start()
     try:
         first = writer.submit(put_supplier("first"))
-        time.sleep(0.05)  # the first batch is held up, with the next ten queued behind it
+        assert HELD.wait(5)  # the first batch is held up, with the next ten queued behind it
         load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
         gate.set()
         first.result(5)
@@ -470,15 +477,22 @@ def test_under_load_a_small_batch_waits_a_moment_for_more() -> None:
 
 
 def test_a_lone_command_is_never_held_back() -> None:
-    gate_open = threading.Event()
-    gate_open.set()
-    writer, sizes = held_up_writer(gate_open, linger=0.3)
+    """Not after small batches, nor when it comes after a pause that followed a large one."""
+    gate = threading.Event()
+    writer, sizes = held_up_writer(gate, linger=5)
     writer.start()
     try:
+        first = writer.submit(put_supplier("first"))
+        assert HELD.wait(5)
+        load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
+        gate.set()
+        for future in [first, *load]:
+            future.result(5)
         for n in range(3):
+            time.sleep(0.05)  # a pause: no load
             started = time.monotonic()
             writer.execute(put_supplier(f"lone{n}"))
-            assert time.monotonic() - started < 0.2
+            assert time.monotonic() - started < 2
     finally:
         writer.stop()
-    assert sizes == [1, 1, 1]
+    assert sizes == [1, 10, 1, 1, 1]
