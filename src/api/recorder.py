@@ -390,11 +390,8 @@ def _notification(
 
 
 def _rendered(statement: Query) -> bytes:
-    """A statement as the bytes psycopg would send (identifiers and literals quoted)."""
-    if isinstance(statement, bytes):
-        return statement
-    if isinstance(statement, str):
-        return statement.encode()
+    """A composed statement as the bytes psycopg would send (identifiers and literals
+    quoted)."""
     assert isinstance(statement, Composable), statement
     return statement.as_bytes(None)
 

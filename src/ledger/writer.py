@@ -116,14 +116,14 @@ class _Settler:
             ready, self._ready = self._ready, []
         for job in ready:  # each alone: one that cannot be settled leaves the rest be
             try:
-                _settle(job)
+                _answer(job)
             except Exception as error:
                 log.exception("writer.settle_failed")
                 if job.waiter is not None and not job.waiter.done():
                     job.waiter.set_exception(RuntimeError(f"no outcome: {error!r}"))
 
 
-def _settle(job: _Job) -> None:
+def _answer(job: _Job) -> None:
     """Gives a coroutine's waiter its command's outcome."""
     waiter, future = job.waiter, job.future
     if waiter is None or waiter.done():  # its caller gave up
@@ -141,13 +141,17 @@ def _settle(job: _Job) -> None:
 
 
 def _wake(jobs: list[_Job]) -> None:
-    """Delivers the answered jobs of coroutines, one call per event loop."""
+    """Delivers the answered jobs of coroutines, one call per event loop; a failure is
+    logged, and never stops the writer over a caller's loop."""
     settlers: dict[_Settler, list[_Job]] = {}
     for job in jobs:
         if job.settler is not None:
             settlers.setdefault(job.settler, []).append(job)
     for settler, answered in settlers.items():
-        settler.deliver(answered)
+        try:
+            settler.deliver(answered)
+        except Exception:
+            log.exception("writer.wake_failed")
 
 
 class WriterMetrics(Protocol):
@@ -292,25 +296,22 @@ class LedgerWriter:
             if job is None:
                 break
             batch = [job]
-            loaded = (
-                self._last_batch >= LINGER_AFTER
-                and time.monotonic() - self._last_ended < self.loaded_gap
-            )
+            # How long this batch may wait for more, once, when the queue runs dry.
+            linger = self.linger if self._loaded() else 0.0
             # A bulk command (a part of a large delivery) is decided in a batch of its own,
             # in its turn: the commands queued before it do not wait for it, and one that
             # is refused or collides with another process never makes it decided again.
-            lingered = False
             while not job.command.bulk and len(batch) < self.max_batch:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
-                    if lingered or not (loaded and self._lingers(len(batch))):
+                    if not linger or len(batch) >= LINGER_BELOW:
                         break
-                    lingered = True
                     try:
-                        more = self._jobs.get(timeout=self.linger)
+                        more = self._jobs.get(timeout=linger)
                     except queue.Empty:
                         break
+                    linger = 0.0
                 if more is None:
                     self._jobs.put(None)  # stop after this batch
                     break
@@ -326,10 +327,7 @@ class LedgerWriter:
                 for left in batch:
                     if not left.future.done():
                         left.future.set_exception(error)
-            try:
-                _wake(batch)
-            except Exception:  # never stop the writer over a caller's loop
-                log.exception("writer.wake_failed")
+            _wake(batch)
             self._last_ended = time.monotonic()
             if self.metrics is not None:
                 outcomes = Counter(
@@ -338,10 +336,13 @@ class LedgerWriter:
                 self._note("batch", outcomes, time.monotonic() - started)
         self._fail_leftovers()
 
-    def _lingers(self, gathered: int) -> bool:
-        """Whether a batch under load that gathered this many, with none left queued, waits
-        for more."""
-        return self.linger > 0 and gathered < LINGER_BELOW
+    def _loaded(self) -> bool:
+        """Under load: the last batch was large and this one's first command came soon
+        after it was answered."""
+        return (
+            self._last_batch >= LINGER_AFTER
+            and time.monotonic() - self._last_ended < self.loaded_gap
+        )
 
     def _note(self, what: str, *args: Any) -> None:
         """Counts a batch, a conflict or an exclusive save (`WriterMetrics.<what>`), if
@@ -362,10 +363,7 @@ class LedgerWriter:
                 # A job its caller gave up on is cancelled already.
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(WriterStopped("the ledger writer stopped"))
-                try:
-                    _wake([job])
-                except Exception:
-                    log.exception("writer.wake_failed")
+                _wake([job])
 
     # Batches ----------------------------------------------------------------
 

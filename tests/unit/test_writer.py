@@ -36,6 +36,43 @@ def put_supplier(supplier_id: str) -> PutSupplier:
     )
 
 
+def refused_order() -> Reserve:
+    return Reserve(
+        at=datetime.now(UTC),
+        cause=CAUSE,
+        client="oms",
+        idempotency_key="k",
+        order_id="o",
+        lines=[("NOPE", 1)],
+        ttl_seconds=None,
+        default_ttl_seconds=60,
+    )
+
+
+def held_up_writer(
+    gate: threading.Event, *, timeout: float = 5, linger: float = 0.0
+) -> tuple[LedgerWriter, list[int]]:
+    """A writer whose batches wait for the gate, and the size of each batch."""
+    writer = in_memory_writer(timeout)
+    writer.linger = linger
+    run_batch = writer._run_batch
+    sizes: list[int] = []
+
+    def held_up(jobs: list[Any]) -> None:
+        HELD.set()
+        gate.wait(5)
+        sizes.append(len(jobs))
+        run_batch(jobs)
+
+    writer._run_batch = held_up  # type: ignore[method-assign]
+    HELD.clear()
+    return writer, sizes
+
+
+# Set when a held-up writer's batch has begun (reset by `held_up_writer`).
+HELD = threading.Event()
+
+
 def test_a_command_whose_caller_gave_up_while_it_waited_is_never_applied() -> None:
     writer = in_memory_writer(timeout=0.2)
     gate = threading.Event()
@@ -72,18 +109,7 @@ def test_a_refused_command_is_its_callers_error_and_the_writer_carries_on() -> N
     writer = in_memory_writer().start()
     try:
         with pytest.raises(UnknownSku):
-            writer.execute(
-                Reserve(
-                    at=datetime.now(UTC),
-                    cause=CAUSE,
-                    client="oms",
-                    idempotency_key="k",
-                    order_id="o",
-                    lines=[("NOPE", 1)],
-                    ttl_seconds=None,
-                    default_ttl_seconds=60,
-                )
-            )
+            writer.execute(refused_order())
         assert writer.execute(put_supplier("after")).position is not None
         assert writer.alive
     finally:
@@ -91,32 +117,12 @@ def test_a_refused_command_is_its_callers_error_and_the_writer_carries_on() -> N
 
 
 def test_commands_that_arrive_together_are_saved_together_each_with_its_own_answer() -> None:
-    writer = in_memory_writer()
     gate = threading.Event()
-    run_batch = writer._run_batch
-    sizes: list[int] = []
-
-    def counted(jobs: list[Any]) -> None:
-        gate.wait(5)
-        sizes.append(len(jobs))
-        run_batch(jobs)
-
-    writer._run_batch = counted  # type: ignore[method-assign]
+    writer, sizes = held_up_writer(gate)
     writer.start()
     try:
         futures = [writer.submit(put_supplier(f"s{n}")) for n in range(30)]
-        refused = writer.submit(
-            Reserve(
-                at=datetime.now(UTC),
-                cause=CAUSE,
-                client="oms",
-                idempotency_key="k",
-                order_id="o",
-                lines=[("NOPE", 1)],
-                ttl_seconds=None,
-                default_ttl_seconds=60,
-            )
-        )
+        refused = writer.submit(refused_order())
         gate.set()
         outcomes = [future.result(5) for future in futures]
         with pytest.raises(UnknownSku):
@@ -271,43 +277,6 @@ def test_metrics_that_fail_never_stop_the_writer() -> None:
     assert LedgerQueries(writer.app).supplier("two") is not None
 
 
-def refused_order() -> Reserve:
-    return Reserve(
-        at=datetime.now(UTC),
-        cause=CAUSE,
-        client="oms",
-        idempotency_key="k",
-        order_id="o",
-        lines=[("NOPE", 1)],
-        ttl_seconds=None,
-        default_ttl_seconds=60,
-    )
-
-
-def held_up_writer(
-    gate: threading.Event, *, timeout: float = 5, linger: float = 0.0
-) -> tuple[LedgerWriter, list[int]]:
-    """A writer whose batches wait for the gate, and the size of each batch."""
-    writer = in_memory_writer(timeout)
-    writer.linger = linger
-    run_batch = writer._run_batch
-    sizes: list[int] = []
-
-    def held_up(jobs: list[Any]) -> None:
-        HELD.set()
-        gate.wait(5)
-        sizes.append(len(jobs))
-        run_batch(jobs)
-
-    writer._run_batch = held_up  # type: ignore[method-assign]
-    HELD.clear()
-    return writer, sizes
-
-
-# Set when a held-up writer's batch has begun (reset by `held_up_writer`).
-HELD = threading.Event()
-
-
 def test_coroutines_get_their_own_outcomes_a_batch_in_one_wake_up_of_their_loop() -> None:
     gate = threading.Event()
     writer, sizes = held_up_writer(gate)
@@ -454,19 +423,23 @@ def test_callers_left_when_the_writer_stops_are_told_so_even_after_one_gave_up()
         writer.stop()
 
 
+def batches_of_one_and_ten(writer: LedgerWriter, gate: threading.Event) -> None:
+    """Load: a first command held up in its batch, then ten saved together after it."""
+    first = writer.submit(put_supplier("first"))
+    assert HELD.wait(5)
+    load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
+    gate.set()
+    for future in [first, *load]:
+        future.result(5)
+
+
 def test_under_load_a_small_batch_waits_a_moment_for_more() -> None:
     gate = threading.Event()
     writer, sizes = held_up_writer(gate, linger=0.3)
     writer.loaded_gap = 1.0  # the next order below comes as soon as this test sees the last
     writer.start()
     try:
-        first = writer.submit(put_supplier("first"))
-        assert HELD.wait(5)  # the first batch is held up, with the next ten queued behind it
-        load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
-        gate.set()
-        first.result(5)
-        for future in load:
-            future.result(5)
+        batches_of_one_and_ten(writer, gate)
         alone = writer.submit(put_supplier("alone"))
         time.sleep(0.05)  # within the linger: saved with the one before
         joined = writer.submit(put_supplier("joined"))
@@ -482,12 +455,7 @@ def test_a_lone_command_is_never_held_back() -> None:
     writer, sizes = held_up_writer(gate, linger=5)
     writer.start()
     try:
-        first = writer.submit(put_supplier("first"))
-        assert HELD.wait(5)
-        load = [writer.submit(put_supplier(f"l{n}")) for n in range(10)]
-        gate.set()
-        for future in [first, *load]:
-            future.result(5)
+        batches_of_one_and_ten(writer, gate)
         for n in range(3):
             time.sleep(0.05)  # a pause: no load
             started = time.monotonic()
