@@ -56,7 +56,12 @@ def set_position(response: Response, position: int | None) -> None:
 def model_answer(body: BaseModel, position: int | None, status: int = 200) -> Response:
     """The answer model as JSON, with the log position: built and checked once, by the
     route (FastAPI would validate a returned model again)."""
-    answer = Response(body.model_dump_json(), status_code=status, media_type="application/json")
+    return json_answer(body.model_dump_json(), position, status)
+
+
+def json_answer(content: bytes | str, position: int | None, status: int = 200) -> Response:
+    """An answer already written as JSON (see api.answers), with the log position."""
+    answer = Response(content, status_code=status, media_type="application/json")
     set_position(answer, position)
     return answer
 

@@ -37,13 +37,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import Authenticator, key_for
-from api.deps import OMS, READERS, OmsWrite, model_answer
+from api.deps import OMS, READERS, OmsWrite
 from api.errors import ApiError
 from api.middleware import replay
-from api.routers.availability import MAX_BATCH, availability_out
+from api.routers.availability import MAX_BATCH, availability_answer
 from api.routers.reservations import reserve_command, reserved
 from api.runtime import Runtime
-from api.schemas import AvailabilityBatchOut, ReservationIn
+from api.schemas import ReservationIn
 from api.settings import ApiKey
 from ledger.commands import Reserve
 
@@ -222,14 +222,9 @@ class ReadLane(_Lane):
         if cached is None:
             return None
         scope.setdefault("state", {})["principal"] = key.name
+        found = [entry.levels(at) for entry in cached.entries]
         limited_at = runtime.settings.limited_stock_at
-        answers = [
-            availability_out(entry.levels(at), limited_at, cached.position)
-            for entry in cached.entries
-        ]
-        if batch:
-            return model_answer(AvailabilityBatchOut(items=answers, unknown=[]), cached.position)
-        return model_answer(answers[0], cached.position)
+        return availability_answer(found, limited_at, cached.position, batch=batch)
 
 
 def _read_query(query: bytes, batch: bool) -> tuple[list[str], int | None] | None:

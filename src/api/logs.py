@@ -31,8 +31,12 @@ def configure_logging(settings: Settings) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+    # A traceback on the console leaves out each frame's locals: rendering them (the
+    # runtime, its settings, the request) took seconds, with the event loop stopped.
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(exception_formatter=_console_traceback())
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
@@ -59,3 +63,10 @@ def _identity(
     _logger: object, _name: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
     return event_dict
+
+
+def _console_traceback() -> structlog.typing.ExceptionRenderer:
+    """Rich's traceback without locals where rich is installed, else the plain one."""
+    if structlog.dev.rich is None:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)

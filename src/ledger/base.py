@@ -34,6 +34,19 @@ class LedgerSnapshot(Snapshot):
             snapshot.state.pop(name, None)
         return snapshot
 
+    @staticmethod
+    def state_of(aggregate: Any) -> dict[str, Any]:
+        """The state `take` would record, without the snapshot around it (and the clock
+        read for its timestamp): the views keep each changed aggregate's state so, and
+        the snapshot cost a fifth of writing it (timeit)."""
+        state = dict(vars(aggregate))
+        class_version = getattr(type(aggregate), "class_version", 1)
+        if class_version > 1:
+            state["class_version"] = class_version
+        for name in ("_id", "_version", "_pending_events"):
+            state.pop(name, None)
+        return state
+
 
 register_topic(LedgerSnapshot.TOPIC, LedgerSnapshot)
 

@@ -413,8 +413,7 @@ class StateProjection(Projection):
                 child_writes[child].write(cursor, schema, child, spec)
 
     def _encode(self, aggregate: Any) -> bytes:
-        snapshot = LedgerSnapshot.take(aggregate)
-        return self.app.mapper.transcoder.encode(snapshot.state)
+        return self.app.mapper.transcoder.encode(LedgerSnapshot.state_of(aggregate))
 
     def _decode(self, aggregate_class: type[Any], row: dict[str, Any]) -> Any:
         state = self.app.mapper.transcoder.decode(bytes(row["state"]))

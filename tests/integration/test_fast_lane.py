@@ -429,8 +429,8 @@ def test_an_unexpected_failure_of_a_read_is_answered_by_the_lane_as_by_the_app(
     def broken(*args: object) -> object:
         raise RuntimeError("the view broke")
 
-    monkeypatch.setattr(fastlane, "availability_out", broken)
-    monkeypatch.setattr(availability, "availability_out", broken)
+    # Both answer through the route module's writer of the answer.
+    monkeypatch.setattr(availability, "availability_fields", broken)
     for client in (lanes.lane, lanes.route):
         unexpected(client.get(f"/v1/availability/{sku}", headers=SHOP))
     assert lanes.handed_on == 0

@@ -195,3 +195,30 @@ def test_what_orjson_would_write_otherwise_is_written_the_librarys_way(
         with pytest.raises(refusals) as library_error:
             library.encode(refused)
         assert type(ours_error.value) is type(library_error.value)
+
+
+def test_the_state_a_view_keeps_is_the_state_a_snapshot_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LedgerSnapshot.state_of (each changed aggregate's state in the views) records what
+    `take` does, class version included, for each kind of aggregate."""
+    from ledger.base import Cause, LedgerSnapshot
+    from ledger.reservation import Reservation
+    from ledger.stock import Allocation, StockItem
+    from ledger.supplier import Supplier
+
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    cause = Cause("a", "r", "c")
+    item = StockItem.register("SKU-1", at, cause)
+    item.observe("s1", 5, at, SupplierTerms("s1"), at, cause)
+    held = Reservation.place(
+        "oms", "k", "o", "f", [("SKU-1", 1, [Allocation("s1", 1)])], at, at, cause
+    )
+    supplier = Supplier.register("s1", SupplierTerms("s1"), at, cause)
+    for aggregate in (item, held, supplier):
+        state = LedgerSnapshot.state_of(aggregate)
+        assert state == LedgerSnapshot.take(aggregate).state
+        assert not {"_id", "_version", "_pending_events"} & set(state)
+    monkeypatch.setattr(StockItem, "class_version", 2, raising=False)
+    assert LedgerSnapshot.state_of(item) == LedgerSnapshot.take(item).state
+    assert LedgerSnapshot.state_of(item)["class_version"] == 2

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Read, ReadDep, model_answer
+from api.answers import availability_fields, written
+from api.deps import Read, ReadDep, json_answer
 from api.errors import ApiError
 from api.routers.skus import SkuPath
 from api.schemas import AvailabilityBatchOut, AvailabilityOut, SupplierLevelOut
@@ -67,7 +69,7 @@ async def one(sku: SkuPath, read: ReadDep) -> Response:
     if levels is None:
         raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
     limited_at = read.runtime.settings.limited_stock_at
-    return model_answer(availability_out(levels, limited_at, position), position)
+    return availability_answer([levels], limited_at, position, batch=False)
 
 
 @router.get("", response_model=AvailabilityBatchOut)
@@ -78,10 +80,27 @@ async def many(
     names = list(dict.fromkeys(sku))
     position, found = await availability_at(read, names)
     limited_at = read.runtime.settings.limited_stock_at
-    body = AvailabilityBatchOut(
-        items=[
-            availability_out(found[name], limited_at, position) for name in names if name in found
-        ],
-        unknown=[name for name in names if name not in found],
-    )
-    return model_answer(body, position)
+    known = [found[name] for name in names if name in found]
+    unknown = [name for name in names if name not in found]
+    return availability_answer(known, limited_at, position, batch=True, unknown=unknown)
+
+
+def availability_answer(
+    found: list[StockLevels],
+    limited_at: int,
+    position: int,
+    *,
+    batch: bool,
+    unknown: list[str] | None = None,
+) -> Response:
+    """The answer to a read of one SKU (`found` holds its levels), or of a list: as
+    AvailabilityOut or AvailabilityBatchOut, written by api.answers."""
+    items = [availability_fields(levels, limited_at, position) for levels in found]
+    unknown = unknown or []
+
+    def model() -> BaseModel:
+        answers = [availability_out(levels, limited_at, position) for levels in found]
+        return AvailabilityBatchOut(items=answers, unknown=unknown) if batch else answers[0]
+
+    fields = {"items": items, "unknown": unknown} if batch else items[0]
+    return json_answer(written(fields, model), position)

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
+from api.answers import reservation_fields, written
 from api.deps import (
     MinPosition,
     Now,
@@ -18,6 +19,7 @@ from api.deps import (
     RequestId,
     RuntimeDep,
     cause_for,
+    json_answer,
     model_answer,
     set_position,
 )
@@ -125,7 +127,9 @@ def reserve_command(write: OmsWrite, body: ReservationIn, idempotency_key: str |
 
 def reserved(outcome: Outcome[Reserved], at: datetime) -> Response:
     """The answer to an order the ledger took (or had taken: a replay says so)."""
-    answer = model_answer(reservation_out(outcome.value.reservation, at), outcome.position, 201)
+    reservation = outcome.value.reservation
+    content = written(reservation_fields(reservation, at), lambda: reservation_out(reservation, at))
+    answer = json_answer(content, outcome.position, 201)
     if outcome.value.replayed:
         answer.headers["Idempotent-Replayed"] = "true"
     return answer
