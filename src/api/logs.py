@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
@@ -67,6 +68,6 @@ def _identity(
 
 def _console_traceback() -> structlog.typing.ExceptionRenderer:
     """Rich's traceback without locals where rich is installed, else the plain one."""
-    if structlog.dev.rich is None:
+    if importlib.util.find_spec("rich") is None:
         return structlog.dev.plain_traceback
     return structlog.dev.RichTracebackFormatter(show_locals=False)
