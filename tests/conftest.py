@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
+from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 
@@ -100,6 +101,15 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings.model_validate(values)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def json_logs() -> None:
+    """Logs as a deployed ledger writes them when not on a terminal (JSON), for the apps
+    tests serve in process: structlog's own defaults render a traceback with every
+    frame's locals (the runtime and its settings among them), which took the server
+    longer than a client's timeout on a slow machine."""
+    configure_logging(make_settings("postgresql://unused", log_format="json"))
 
 
 @pytest.fixture
