@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ingest, mixed, projections, reservations
-from bench.harness import postgres
+from bench.harness import describe_probes, machine_probe, postgres
 
 RESULTS = Path(__file__).with_name("results")
 WORKLOADS = ("reservations", "ingest", "mixed", "projections")
@@ -66,21 +66,31 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown BENCH_WORKLOADS {sorted(unknown)}; known: {WORKLOADS}")
     rows: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
     with postgres() as server_url:
+
+        def probe(when: str) -> None:
+            probes.append({"when": when, **machine_probe(server_url)})
+
         if "reservations" in chosen:
+            probe("before reservations")
             rows += [
                 {"bench": "reservations", **row}
                 for row in reservations.run(server_url, seconds=seconds)
             ]
         if "ingest" in chosen:
+            probe("before ingest")
             rows += [{"bench": "ingest", **row} for row in ingest.run(server_url)]
         if "mixed" in chosen:
+            probe("before mixed")
             rows += [{"bench": "mixed", **row} for row in mixed.run(server_url)]
         if "projections" in chosen:
+            probe("before projections")
             rows += [
                 {"bench": "projections", **row}
                 for row in projections.run(server_url, events=events)
             ]
+        probe("at the end")
     rows += _earlier_rows(set(WORKLOADS) - chosen)
     rows.sort(key=lambda row: WORKLOADS.index(row["bench"]))
     RESULTS.mkdir(exist_ok=True)
@@ -91,6 +101,7 @@ def main() -> None:
         "workloads": sorted(chosen, key=WORKLOADS.index),
         "seconds_per_run": seconds,
         "projection_log_events": events,
+        "machine_probes": probes,
     }
     (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = [
@@ -105,6 +116,7 @@ def main() -> None:
         for note in [_footnote(row)]
         if note is not None
     ]
+    notes.append(describe_probes(probes))
     (RESULTS / "latest.md").write_text("\n".join([*table, "", *notes]) + "\n")
     print("\n".join(table))
     print("\n".join(notes))

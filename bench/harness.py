@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -46,6 +47,43 @@ def postgres() -> Iterator[str]:
         yield server.get_uri()
     finally:
         server.cleanup()
+
+
+# A fixed amount of work, timed before each workload and at the end of a run: how fast
+# the machine was then. On 2026-12-05 the same loop took 0.86 s at 02:40 UTC and
+# 1.38-1.57 s an hour later (the same code's figures fell alike), so a run's rates and
+# CPU times are to be read beside its probes; the ratios, measured minutes apart, less so.
+PROBE_LOOP = 10_000_000
+PROBE_SQL = "SELECT sum(g) FROM generate_series(1, 3000000) AS g"
+
+
+def machine_probe(server_url: str) -> dict[str, float]:
+    """Seconds this machine took over a fixed pure-Python loop and a fixed PostgreSQL
+    query (each the best of two): lower is faster."""
+    python, postgres = [], []
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        for _ in range(2):
+            started = time.perf_counter()
+            total = 0
+            for number in range(PROBE_LOOP):
+                total += number
+            python.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            conn.execute(PROBE_SQL).fetchone()
+            postgres.append(time.perf_counter() - started)
+    return {"python_seconds": min(python), "postgres_seconds": min(postgres)}
+
+
+def describe_probes(probes: list[dict[str, Any]]) -> str:
+    """The run's probes in a line: seconds for the loop / the query, lower is faster."""
+    told = ", ".join(
+        f"{probe['when']} {probe['python_seconds']:.2f} / {probe['postgres_seconds']:.2f}"
+        for probe in probes
+    )
+    return (
+        "Machine speed (`bench.harness.machine_probe`: seconds for a fixed Python loop /"
+        f" a fixed PostgreSQL query, lower is faster): {told}."
+    )
 
 
 @contextmanager
