@@ -50,9 +50,10 @@ def postgres() -> Iterator[str]:
 
 
 # A fixed amount of work, timed before each workload and at the end of a run: how fast
-# the machine was then. On 2026-12-05 the same loop took 0.86 s at 02:40 UTC and
-# 1.38-1.57 s an hour later (the same code's figures fell alike), so a run's rates and
-# CPU times are to be read beside its probes; the ratios, measured minutes apart, less so.
+# the machine was then. On 2026-12-05 a loop like this one (at a module's top level, so
+# slower than here) took 0.86 s at 02:40 UTC and 1.38-1.57 s twenty minutes later, and
+# the same code's rates fell alike: a run's rates and CPU times are to be read beside its
+# probes; the ratios, measured minutes apart, less so.
 PROBE_LOOP = 10_000_000
 PROBE_SQL = "SELECT sum(g) FROM generate_series(1, 3000000) AS g"
 
