@@ -218,7 +218,8 @@ class ReadLane(_Lane):
         runtime: Runtime = self.service.state.runtime
         cache = runtime.views.cache
         at = datetime.now(UTC)
-        cached = None if cache is None else cache.lookup(names, wanted)
+        # A miss goes to the route, whose own lookup counts it.
+        cached = None if cache is None else cache.lookup(names, wanted, count_miss=False)
         if cached is None:
             return None
         scope.setdefault("state", {})["principal"] = key.name

@@ -96,11 +96,23 @@ class Metrics:
             "Saves that collided with another process's on a stream and were decided again",
             registry=self.registry,
         )
+        self.read_copy = prom.Counter(
+            "ledger_read_copy_lookups",
+            "Availability reads looked up in this server's in-process copy of the stock view,"
+            " by result: hit, or sent to the view (absent, behind, stale)",
+            ["result"],
+            registry=self.registry,
+        )
         self.exclusive_saves = prom.Counter(
             "ledger_writer_exclusive_saves",
             "Batches saved holding the event table's lock after colliding again and again",
             registry=self.registry,
         )
+
+    def read_copy_lookups(self, counts: dict[str, int]) -> None:
+        """Lookups of the in-process copy since the last call (`StockCache.report`)."""
+        for result, count in counts.items():
+            self.read_copy.labels(result).inc(count)
 
     # WriterMetrics -------------------------------------------------------------------
 

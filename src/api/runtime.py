@@ -149,6 +149,7 @@ def open_runtime(
             refresh_seconds=settings.read_cache_refresh_seconds,
             max_lag_seconds=settings.read_cache_max_lag_seconds,
             follow_seconds=settings.read_cache_follow_seconds,
+            report=None if metrics is None else metrics.read_copy_lookups,
         ).start()
     views = Views(store, app, cache)
     runtime = Runtime(

@@ -63,6 +63,9 @@ class CachedRead:
 # The SKUs a copy remembers having held, at most, per SKU it can hold (see above).
 SEEN_PER_ENTRY = 4
 
+# What a lookup can come to (see `StockCache.lookups`).
+LOOKUP_RESULTS = ("hit", "absent", "behind", "stale")
+
 
 class StockCache:
     """The entries of up to `capacity` SKUs, brought up to date every `refresh_seconds`;
@@ -78,6 +81,7 @@ class StockCache:
         follow_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         seen_limit: int | None = None,
+        report: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.store = store
         self.capacity = capacity
@@ -98,6 +102,11 @@ class StockCache:
         self._refreshed = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Lookups by result (see `lookups`), and as last handed to `report`.
+        self._lookups = dict.fromkeys(LOOKUP_RESULTS, 0)
+        self._reported = dict(self._lookups)
+        self._reporting = threading.Lock()
+        self.report = report
 
     @property
     def position(self) -> int:
@@ -116,24 +125,54 @@ class StockCache:
         those it holds if more)."""
         return len(self._seen)
 
-    def lookup(self, skus: Iterable[str], wanted: int | None) -> CachedRead | None:
+    def lookup(
+        self, skus: Iterable[str], wanted: int | None, *, count_miss: bool = True
+    ) -> CachedRead | None:
         """The entries of all these SKUs if the copy holds them all, is at `wanted` or
-        beyond, and was refreshed within the lag allowed; None sends the reader to the view."""
+        beyond, and was refreshed within the lag allowed; None sends the reader to the view.
+        `count_miss=False`: a miss is not counted (the reader will look again, and that
+        lookup counts)."""
         now = self.clock()
         with self._lock:
+            missed = None
             if now - self._refreshed > self.max_lag_seconds:
-                return None
-            if wanted is not None and wanted > self._position:
-                return None
+                missed = "stale"
+            elif wanted is not None and wanted > self._position:
+                missed = "behind"
             entries = []
-            for sku in skus:
+            for sku in () if missed else skus:
                 entry = self._entries.get(sku)
                 if entry is None:
-                    return None
+                    missed = "absent"
+                    break
                 entries.append(entry)
+            if missed is not None:
+                if count_miss:
+                    self._lookups[missed] += 1
+                return None
             for entry in entries:
                 self._read_at[entry.sku] = now
+            self._lookups["hit"] += 1
             return CachedRead(self._position, entries)
+
+    def lookups(self) -> dict[str, int]:
+        """Lookups so far, by result: answered (`hit`), or sent to the view because a SKU
+        was not held (`absent`), the reader asked for a later position (`behind`), or the
+        copy was not refreshed within its lag (`stale`)."""
+        with self._lock:
+            return dict(self._lookups)
+
+    def report_lookups(self) -> None:
+        """Hands `report` the lookups since it last did, by result (those with any)."""
+        if self.report is None:
+            return
+        with self._reporting:
+            counted = self.lookups()
+            since = {why: n - self._reported[why] for why, n in counted.items()}
+            since = {why: n for why, n in since.items() if n}
+            if since:
+                self.report(since)
+            self._reported = counted
 
     def offer(self, snapshot: Snapshot) -> None:
         """Keeps entries a reader fetched from the view, if no older than the copy.
@@ -243,4 +282,5 @@ class StockCache:
                 self.refresh()
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
                 log.warning("stock_cache.refresh_failed", error=str(error))
+            self.report_lookups()
             self._stop.wait(self.refresh_seconds)

@@ -87,3 +87,26 @@ def test_a_scrape_while_the_views_cannot_be_read_says_so_and_keeps_the_counts(
     assert found[("ledger_database_up", ())] == 0
     assert found[command("ReportStock", "ok")] == 1
     assert not any(name.startswith("ledger_projection_") for name, _ in found)
+
+
+def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> None:
+    """An API process's copy of the stock view reports its lookups to /metrics."""
+    opened = open_runtime(settings, sweep=False, observe=True, read_cache=True)
+    try:
+        cache = opened.views.cache
+        assert cache is not None
+        assert opened.metrics is not None
+        assert cache.report == opened.metrics.read_copy_lookups
+        sku = random_sku()
+        stock_sku(opened.writer, sku, 2)
+        head = opened.app.recorder.max_notification_id() or 0
+        opened.views.wait_for("stock", head, timeout=20)
+        cache.refresh()
+        assert cache.lookup([sku], None) is not None
+        assert cache.lookup([random_sku("NONE")], None) is None
+        cache.report_lookups()
+        found = samples(opened)
+        assert found[("ledger_read_copy_lookups_total", (("result", "hit"),))] == 1
+        assert found[("ledger_read_copy_lookups_total", (("result", "absent"),))] == 1
+    finally:
+        opened.close()

@@ -334,3 +334,39 @@ def test_the_skus_a_copy_remembers_are_bounded_and_one_forgotten_counts_as_new_a
     assert found == from_view(runtime, old, at), "forgotten: taken again as new"
     assert found.held == 2
     assert cache.remembered <= 3
+
+
+def test_each_lookup_is_counted_by_its_result_and_reported_once(runtime: Runtime) -> None:
+    """What sends reads to the view instead of the copy, as /metrics shows it
+    (ledger_read_copy_lookups_total); a miss the reader looks up again is counted once."""
+    held, absent = random_sku("COUNTED"), random_sku("ABSENT")
+    stock_sku(runtime.writer, held, 3)
+    caught_up(runtime)
+    clock = Clock()
+    reported: list[dict[str, int]] = []
+    cache = StockCache(
+        runtime.store,
+        capacity=100,
+        refresh_seconds=60,
+        max_lag_seconds=5,
+        follow_seconds=30,
+        clock=clock,
+        report=reported.append,
+    )
+    cache.refresh()
+    assert cache.lookup([held], None) is not None
+    assert cache.lookup([held], None) is not None
+    assert cache.lookup([held, absent], None) is None
+    assert cache.lookup([absent], None, count_miss=False) is None  # the lane's, not counted
+    assert cache.lookup([held], cache.position + 1) is None
+    clock.now += 6
+    assert cache.lookup([held], None) is None
+    assert cache.lookups() == {"hit": 2, "absent": 1, "behind": 1, "stale": 1}
+
+    cache.report_lookups()
+    assert reported == [{"hit": 2, "absent": 1, "behind": 1, "stale": 1}]
+    cache.report_lookups()
+    assert len(reported) == 1, "nothing new, nothing reported"
+    assert cache.lookup([held], None) is None
+    cache.report_lookups()
+    assert reported[1:] == [{"stale": 1}]
