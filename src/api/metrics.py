@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from projections.status import projection_status
+from projections.stockcache import LOOKUP_RESULTS
 
 if TYPE_CHECKING:
     from api.runtime import Runtime
@@ -103,6 +104,8 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        for result in LOOKUP_RESULTS:  # each series there from the start, at 0
+            self.read_copy.labels(result)
         self.exclusive_saves = prom.Counter(
             "ledger_writer_exclusive_saves",
             "Batches saved holding the event table's lock after colliding again and again",

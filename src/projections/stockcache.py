@@ -170,9 +170,14 @@ class StockCache:
             counted = self.lookups()
             since = {why: n - self._reported[why] for why, n in counted.items()}
             since = {why: n for why, n in since.items() if n}
-            if since:
-                self.report(since)
+            # Taken as reported before they are: a report that fails loses them rather
+            # than counting some twice, and never stops the copy.
             self._reported = counted
+            if since:
+                try:
+                    self.report(since)
+                except Exception as error:
+                    log.warning("stock_cache.lookups_not_reported", error=str(error))
 
     def offer(self, snapshot: Snapshot) -> None:
         """Keeps entries a reader fetched from the view, if no older than the copy.
@@ -284,3 +289,4 @@ class StockCache:
                 log.warning("stock_cache.refresh_failed", error=str(error))
             self.report_lookups()
             self._stop.wait(self.refresh_seconds)
+        self.report_lookups()  # those since the last refresh

@@ -436,6 +436,24 @@ def test_an_unexpected_failure_of_a_read_is_answered_by_the_lane_as_by_the_app(
     assert lanes.handed_on == 0
 
 
+def test_a_read_the_lane_answers_or_passes_on_is_counted_once(
+    read_lanes: tuple[Lanes, Runtime],
+) -> None:
+    """A hit in the lane, and a miss it passes on to the route (which looks again), each
+    count once in ledger_read_copy_lookups_total."""
+    lanes, runtime = read_lanes
+    cache = runtime.views.cache
+    assert cache is not None
+    sku, _ = held_sku(runtime, 3)
+    before = cache.lookups()
+    assert lanes.lane.get(f"/v1/availability/{sku}", headers=SHOP).status_code == 200
+    unknown = f"LANE-{uuid.uuid4().hex[:8]}"
+    assert lanes.lane.get(f"/v1/availability/{unknown}", headers=SHOP).status_code == 404
+    after = cache.lookups()
+    moved = {result: after[result] - before[result] for result in after}
+    assert moved == {"hit": 1, "absent": 1, "behind": 0, "stale": 0}
+
+
 def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
     """The lane does what the read route's dependency does (key, role, time, position);
     a dependency added to the route, its router or the app would be skipped by it."""

@@ -108,5 +108,6 @@ def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> No
         found = samples(opened)
         assert found[("ledger_read_copy_lookups_total", (("result", "hit"),))] == 1
         assert found[("ledger_read_copy_lookups_total", (("result", "absent"),))] == 1
+        assert found[("ledger_read_copy_lookups_total", (("result", "stale"),))] == 0
     finally:
         opened.close()

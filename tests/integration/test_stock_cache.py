@@ -370,3 +370,21 @@ def test_each_lookup_is_counted_by_its_result_and_reported_once(runtime: Runtime
     assert cache.lookup([held], None) is None
     cache.report_lookups()
     assert reported[1:] == [{"stale": 1}]
+
+
+def test_a_report_that_fails_loses_its_counts_and_the_next_goes_on(runtime: Runtime) -> None:
+    handed: list[dict[str, int]] = []
+
+    def report(counts: dict[str, int]) -> None:
+        handed.append(counts)
+        if len(handed) == 1:
+            raise OSError("no room for the counts")
+
+    cache = StockCache(
+        runtime.store, capacity=10, refresh_seconds=60, max_lag_seconds=5, report=report
+    )
+    assert cache.lookup(["ANY"], None) is None  # never refreshed: stale
+    cache.report_lookups()  # fails: logged, not raised
+    assert cache.lookup(["ANY"], None) is None
+    cache.report_lookups()
+    assert handed == [{"stale": 1}, {"stale": 1}], "the lost count is not handed again"
