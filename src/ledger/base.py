@@ -22,6 +22,10 @@ class Cause:
         return {"actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id}
 
 
+# What a snapshot leaves out: the library restores them from the snapshot itself.
+_RESTORED = ("_id", "_version", "_pending_events")
+
+
 class LedgerSnapshot(Snapshot):
     """A snapshot without the bookkeeping attributes the library restores anyway."""
 
@@ -30,7 +34,7 @@ class LedgerSnapshot(Snapshot):
     @classmethod
     def take(cls, aggregate: Any) -> LedgerSnapshot:
         snapshot = super().take(aggregate)
-        for name in ("_id", "_version", "_pending_events"):
+        for name in _RESTORED:
             snapshot.state.pop(name, None)
         return snapshot
 
@@ -43,7 +47,7 @@ class LedgerSnapshot(Snapshot):
         class_version = getattr(type(aggregate), "class_version", 1)
         if class_version > 1:
             state["class_version"] = class_version
-        for name in ("_id", "_version", "_pending_events"):
+        for name in _RESTORED:
             state.pop(name, None)
         return state
 

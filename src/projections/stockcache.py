@@ -168,8 +168,11 @@ class StockCache:
             return
         with self._reporting:
             counted = self.lookups()
-            since = {why: n - self._reported[why] for why, n in counted.items()}
-            since = {why: n for why, n in since.items() if n}
+            since = {
+                why: n - self._reported[why]
+                for why, n in counted.items()
+                if n != self._reported[why]
+            }
             # Taken as reported before they are: a report that fails loses them rather
             # than counting some twice, and never stops the copy.
             self._reported = counted

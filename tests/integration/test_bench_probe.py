@@ -14,7 +14,7 @@ def test_the_probe_times_a_fixed_loop_and_query(postgres_server_url: str) -> Non
     assert set(probe) == {"python_seconds", "postgres_seconds"}
     # Each the best of two runs, both inside what the probe took in all.
     assert 0 < 2 * probe["python_seconds"] + 2 * probe["postgres_seconds"] <= took
-    # Ten million additions take a CPython of this era well over 0.1 µs each.
+    # Ten million additions take a CPython of this era well over 10 ns each.
     assert probe["python_seconds"] > PROBE_LOOP * 1e-8
 
 
