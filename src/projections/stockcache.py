@@ -16,7 +16,12 @@ load, in both API processes). Both statements see one snapshot, so the copy is a
 exactly the view at one position.
 
 The copy answers only when it is at least at the position a reader asks for and its last
-refresh is recent; otherwise the reader goes to the view itself, as without it.
+refresh is recent; otherwise the reader asks the copy to `fetch` its SKUs from the view.
+One thread of the copy reads the SKUs of every reader waiting, in one statement (up to
+`FETCH_SKUS`), keeps them, and hands each reader its own. A reader on a worker thread of
+its own waited for the interpreter in turn with every other one while the event loop
+answered hits: with two API processes, 16 clients and a copy that did not hold the SKUs
+yet, p99 was 470-740 ms against a p50 under 1 ms.
 
 To tell a new SKU from one it dropped, the copy remembers the SKUs it has held, up to
 `SEEN_PER_ENTRY` times its capacity (~80 bytes each); past that it remembers only those it
@@ -31,6 +36,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -45,6 +51,7 @@ from projections.entries import (
     RECENT_SQL,
     Snapshot,
     StockEntry,
+    read_entries,
     snapshot_from,
 )
 from projections.store import ViewStore
@@ -65,6 +72,18 @@ SEEN_PER_ENTRY = 4
 
 # What a lookup can come to (see `StockCache.lookups`).
 LOOKUP_RESULTS = ("hit", "absent", "behind", "stale")
+
+# The SKUs `fetch` reads in one statement, at most (a reader asking for more is read alone).
+FETCH_SKUS = 1000
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    """A reader's SKUs, the second it reads at, and where its answer goes."""
+
+    skus: list[str]
+    now: int
+    answer: Future[Snapshot | None]
 
 
 class StockCache:
@@ -107,6 +126,11 @@ class StockCache:
         self._reported = dict(self._lookups)
         self._reporting = threading.Lock()
         self.report = report
+        # The readers waiting for `fetch`, and the thread that reads for them.
+        self._fetches: list[_Fetch] = []
+        self._fetching = threading.Condition()
+        self._fetcher: threading.Thread | None = None
+        self.fetch_reads = 0  # statements `fetch` has read
 
     @property
     def position(self) -> int:
@@ -274,15 +298,79 @@ class StockCache:
         self._entries.pop(sku, None)
         self._read_at.pop(sku, None)
 
+    def fetch(self, skus: list[str], at: datetime) -> Future[Snapshot | None] | None:
+        """The view's entries of these SKUs (those it knows) at its current position, read
+        with those of the other readers waiting and kept in the copy; holds are counted as
+        at `at`. None, now or as the answer, sends the reader to the view itself: the copy
+        is not running, or its read failed."""
+        fetch = _Fetch(skus, second_floor(at), Future())
+        with self._fetching:
+            if self._fetcher is None or self._stop.is_set():
+                return None
+            self._fetches.append(fetch)
+            self._fetching.notify()
+        return fetch.answer
+
+    def _fetch_run(self) -> None:
+        """Reads for the readers waiting, until stopped and none is left waiting."""
+        while True:
+            with self._fetching:
+                while not self._fetches and not self._stop.is_set():
+                    self._fetching.wait()
+                if not self._fetches:
+                    return
+                taken, count = 0, 0
+                while taken < len(self._fetches) and (
+                    taken == 0 or count + len(self._fetches[taken].skus) <= FETCH_SKUS
+                ):
+                    count += len(self._fetches[taken].skus)
+                    taken += 1
+                batch, self._fetches = self._fetches[:taken], self._fetches[taken:]
+            # A reader that gave up waiting (its request cancelled) is not read for.
+            waiting = [fetch for fetch in batch if fetch.answer.set_running_or_notify_cancel()]
+            self._read_for(waiting)
+
+    def _read_for(self, batch: list[_Fetch]) -> None:
+        """Reads the SKUs of these readers in one statement, keeps them, and answers each."""
+        if not batch:
+            return  # all gave up waiting
+        skus = list(dict.fromkeys(sku for fetch in batch for sku in fetch.skus))
+        try:
+            with self.store.connection() as conn:
+                # The earliest second any of them reads at: a hold that runs out later
+                # still counts for it, and stops counting for the others when they read.
+                snapshot = read_entries(conn, skus, min(fetch.now for fetch in batch))
+            self.fetch_reads += 1
+            self.offer(snapshot)
+        except Exception as error:
+            # Each reader then reads the view itself, and meets the failure (its own) there.
+            log.warning("stock_cache.fetch_failed", readers=len(batch), error=str(error))
+            for fetch in batch:
+                fetch.answer.set_result(None)
+            return
+        for fetch in batch:
+            entries = {sku: snapshot.entries[sku] for sku in fetch.skus if sku in snapshot.entries}
+            fetch.answer.set_result(Snapshot(snapshot.generation, snapshot.position, entries))
+
     def start(self) -> StockCache:
         self._thread = threading.Thread(target=self._run, name="stock-cache", daemon=True)
         self._thread.start()
+        with self._fetching:
+            self._fetcher = threading.Thread(
+                target=self._fetch_run, name="stock-cache-fetch", daemon=True
+            )
+            self._fetcher.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stops refreshing; the readers already waiting are read for first."""
+        with self._fetching:
+            self._stop.set()
+            self._fetching.notify()
         if self._thread is not None:
             self._thread.join(5)
+        if self._fetcher is not None:
+            self._fetcher.join(5)
 
     def _run(self) -> None:
         while not self._stop.is_set():

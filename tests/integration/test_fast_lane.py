@@ -401,6 +401,10 @@ def test_reads_the_copy_cannot_answer_go_to_the_route(
         # Lists the copy cannot answer whole, or the route judges.
         (f"/v1/availability?sku={sku}&sku=NO-SUCH-SKU", {}, 200),
         ("/v1/availability", {}, 422),
+        # SKUs no SKU can be (PostgreSQL's text cannot even hold a NUL).
+        (f"/v1/availability?sku={sku}&sku=%00", {}, 422),
+        (f"/v1/availability?sku={sku}&sku={'S' * 129}", {}, 422),
+        (f"/v1/availability?sku={sku}&sku=", {}, 422),
         ("/v1/availability?" + "&".join([f"sku={sku}"] * 101), {}, 422),
         (f"/v1/availability?sku={sku}&min_position=1&min_position=2", {}, 200),
         (f"/v1/availability?sku={sku}&min_position=-1", {}, 422),
@@ -455,13 +459,14 @@ def test_a_read_the_lane_answers_or_passes_on_is_counted_once(
     cache = runtime.views.cache
     assert cache is not None
     sku, _ = held_sku(runtime, 3)
-    before = cache.lookups()
+    before, reads = cache.lookups(), cache.fetch_reads
     assert lanes.lane.get(f"/v1/availability/{sku}", headers=SHOP).status_code == 200
     unknown = f"LANE-{uuid.uuid4().hex[:8]}"
     assert lanes.lane.get(f"/v1/availability/{unknown}", headers=SHOP).status_code == 404
     after = cache.lookups()
     moved = {result: after[result] - before[result] for result in after}
     assert moved == {"hit": 1, "absent": 1, "behind": 0, "stale": 0}
+    assert cache.fetch_reads == reads + 1, "the miss was read for by the copy"
 
 
 def test_the_read_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:

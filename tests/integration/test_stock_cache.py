@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from api.runtime import Runtime
@@ -12,6 +17,7 @@ from projections.entries import Snapshot, read_entries
 from projections.runner import rebuild
 from projections.stock import StockProjection
 from projections.stockcache import StockCache
+from projections.store import Connection, ViewStore
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, reserve, stock_sku
 from tests.integration.workload import report
@@ -388,3 +394,127 @@ def test_a_report_that_fails_loses_its_counts_and_the_next_goes_on(runtime: Runt
     assert cache.lookup(["ANY"], None) is None
     cache.report_lookups()
     assert handed == [{"stale": 1}, {"stale": 1}], "the lost count is not handed again"
+
+
+# Readers the copy misses --------------------------------------------------------
+
+
+class FetchGate(ViewStore):
+    """The views' store, whose connections for the copy's reads for readers (`fetch`) wait
+    until `opened`, and say so in `waiting`: the test's hand on when those reads happen."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url)
+        self.waiting, self.opened = threading.Event(), threading.Event()
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        if threading.current_thread().name == "stock-cache-fetch":
+            self.waiting.set()
+            assert self.opened.wait(10), "the test never opened the gate"
+        with super().connection(timeout) as conn:
+            yield conn
+
+
+@contextmanager
+def running_copy(runtime: Runtime) -> Iterator[tuple[StockCache, FetchGate]]:
+    """A started copy that refreshed once (and not again for a minute), on a gated store."""
+    store = FetchGate(runtime.database_url)
+    store.open()
+    cache = StockCache(store, capacity=100, refresh_seconds=60, max_lag_seconds=60).start()
+    try:
+        deadline = time.monotonic() + 10
+        while cache.generation is None:
+            assert time.monotonic() < deadline, "the copy never refreshed"
+            time.sleep(0.01)
+        yield cache, store
+    finally:
+        store.opened.set()
+        cache.stop()
+        store.close()
+
+
+def answered(answer: Future[Snapshot | None] | None) -> Snapshot:
+    """What the copy read for a reader (not sent to the view itself)."""
+    assert answer is not None, "the copy took the reader"
+    snapshot = answer.result(10)
+    assert snapshot is not None, "the copy read for the reader"
+    return snapshot
+
+
+def test_readers_the_copy_misses_are_read_for_together_and_their_skus_kept(
+    runtime: Runtime,
+) -> None:
+    """A reader on a worker thread of its own waited for the interpreter in turn with every
+    other one: the copy reads for all those waiting, in one statement, on one thread."""
+    with running_copy(runtime) as (cache, store):
+        skus = [random_sku("FETCHED") for _ in range(6)]
+        for sku in skus:
+            stock_sku(runtime.writer, sku, 4)
+        caught_up(runtime)  # the copy, refreshed before, holds none of them
+        assert all(cache.lookup([sku], None) is None for sku in skus)
+        at = datetime.now(UTC)
+
+        first = cache.fetch([skus[0]], at)
+        assert first is not None
+        assert store.waiting.wait(10), "the copy reads for the first reader at once"
+        unknown = random_sku("UNKNOWN")
+        asked = [skus[1:3], [skus[2], unknown], [skus[3]], skus[4:]]
+        waiting = [cache.fetch(names, at) for names in asked]
+        gave_up = cache.fetch([random_sku("GAVE-UP")], at)
+        assert gave_up is not None
+        assert gave_up.cancel()
+        store.opened.set()
+
+        answers = [answered(answer) for answer in [first, *waiting]]
+        assert cache.fetch_reads == 2, "the first reader, then the four waiting, together"
+        for names, snapshot in zip([[skus[0]], *asked], answers, strict=True):
+            assert list(snapshot.entries) == [name for name in names if name != unknown]
+            for sku, entry in snapshot.entries.items():
+                assert entry.levels(at) == from_view(runtime, sku, at)
+        assert len({snapshot.position for snapshot in answers[1:]}) == 1, "one statement"
+        kept = cache.lookup(skus, None)
+        assert kept is not None, "what was read for the readers is kept in the copy"
+        assert [entry.levels(at).on_hand for entry in kept.entries] == [4] * 6
+
+
+def test_a_read_for_readers_that_fails_sends_each_to_the_view_and_the_next_goes_on(
+    runtime: Runtime,
+) -> None:
+    """Each reader then reads the view itself, and meets the failure there as its own."""
+    sku = random_sku("FETCHED")
+    stock_sku(runtime.writer, sku, 4)
+    caught_up(runtime)
+    with running_copy(runtime) as (cache, store):
+        store.opened.set()
+        at = datetime.now(UTC)
+        broken = cache.fetch(["NUL\x00", sku], at)  # PostgreSQL's text cannot hold it
+        assert broken is not None
+        assert broken.result(10) is None
+        assert cache.fetch_reads == 0
+        assert answered(cache.fetch([sku], at)).entries[sku].levels(at).on_hand == 4
+
+
+def test_readers_waiting_when_the_copy_stops_are_read_for_and_no_later_one_is_taken(
+    runtime: Runtime,
+) -> None:
+    skus = [random_sku("FETCHED") for _ in range(2)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, 3)
+    caught_up(runtime)
+    with running_copy(runtime) as (cache, store):
+        at = datetime.now(UTC)
+        first = cache.fetch([skus[0]], at)
+        assert store.waiting.wait(10)
+        queued = cache.fetch([skus[1]], at)
+        stopping = threading.Thread(target=cache.stop)
+        stopping.start()
+        deadline = time.monotonic() + 10
+        while cache.fetch([skus[1]], at) is not None:  # taken (and answered) until stopped
+            assert time.monotonic() < deadline, "the copy never stopped taking readers"
+            time.sleep(0.01)
+        store.opened.set()
+        stopping.join(10)
+        assert not stopping.is_alive()
+        assert answered(first).entries[skus[0]].levels(at).on_hand == 3
+        assert answered(queued).entries[skus[1]].levels(at).on_hand == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -12,7 +13,7 @@ from api.answers import availability_fields, written
 from api.deps import Read, ReadDep, json_answer
 from api.errors import ApiError
 from api.routers.skus import SkuPath
-from api.schemas import AvailabilityBatchOut, AvailabilityOut, SupplierLevelOut
+from api.schemas import AvailabilityBatchOut, AvailabilityOut, Sku, SupplierLevelOut
 from ledger.stock import StockLevels
 
 router = APIRouter(prefix="/v1/availability", tags=["availability"])
@@ -51,12 +52,22 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
     """The stock view's numbers for these SKUs, and the position they are exactly at.
 
     From the in-process copy when it holds them all and is recent enough (no thread, no
-    round trip); otherwise from the view, on a worker thread, waiting for `wanted`.
+    round trip); otherwise fetched from the view by the copy with other readers' SKUs,
+    awaited on the loop; otherwise (no copy, its read failed, or the view is short of
+    `wanted`) from the view on a worker thread, waiting for `wanted`.
     """
     views = read.runtime.views
-    cached = None if views.cache is None else views.cache.lookup(skus, read.wanted)
-    if cached is not None:
-        return cached.position, {entry.sku: entry.levels(read.at) for entry in cached.entries}
+    cache = views.cache
+    if cache is not None:
+        cached = cache.lookup(skus, read.wanted)
+        if cached is not None:
+            return cached.position, {entry.sku: entry.levels(read.at) for entry in cached.entries}
+        fetched = cache.fetch(skus, read.at)
+        if fetched is not None:
+            snapshot = await asyncio.wrap_future(fetched)
+            if snapshot is not None and (read.wanted is None or snapshot.position >= read.wanted):
+                found = {sku: entry.levels(read.at) for sku, entry in snapshot.entries.items()}
+                return snapshot.position, found
     limit = read.runtime.settings.read_wait_max_seconds
     return await run_in_threadpool(views.availability_after, skus, read.at, read.wanted, limit)
 
@@ -74,7 +85,7 @@ async def one(sku: SkuPath, read: ReadDep) -> Response:
 
 @router.get("", response_model=AvailabilityBatchOut)
 async def many(
-    sku: Annotated[list[str], Query(min_length=1, max_length=MAX_BATCH)],
+    sku: Annotated[list[Sku], Query(min_length=1, max_length=MAX_BATCH)],
     read: ReadDep,
 ) -> Response:
     names = list(dict.fromkeys(sku))
