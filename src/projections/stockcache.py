@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class StockCache:
         clock: Callable[[], float] = time.monotonic,
         seen_limit: int | None = None,
         report: Callable[[dict[str, int]], None] | None = None,
+        fetch_wait_seconds: float = 2.0,
     ) -> None:
         self.store = store
         self.capacity = capacity
@@ -110,7 +112,10 @@ class StockCache:
         self.follow_seconds = follow_seconds
         self.clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, StockEntry] = {}
+        # In the order taken: the first is the oldest kept, dropped first when full (an
+        # OrderedDict drops it in ~1 us; a dict's first key, once many were dropped before
+        # it, took ~19 us to find at 100,000 SKUs, under the lock lookups wait for).
+        self._entries: OrderedDict[str, StockEntry] = OrderedDict()
         # When each SKU of the copy was last read (from the copy or, offered, the view).
         self._read_at: dict[str, float] = {}
         # The SKUs this copy of the generation has held (up to `seen_limit`): one that
@@ -127,10 +132,13 @@ class StockCache:
         self._reporting = threading.Lock()
         self.report = report
         # The readers waiting for `fetch`, and the thread that reads for them.
+        self.fetch_wait_seconds = fetch_wait_seconds
         self._fetches: list[_Fetch] = []
         self._fetching = threading.Condition()
+        self._fetching_on = False  # the thread that reads for them takes readers
         self._fetcher: threading.Thread | None = None
-        self.fetch_reads = 0  # statements `fetch` has read
+        self._reading_since: float | None = None  # when its read in progress began
+        self.fetch_reads = 0  # statements it has read
 
     @property
     def position(self) -> int:
@@ -221,7 +229,8 @@ class StockCache:
                 return
             for sku, entry in snapshot.entries.items():
                 if sku not in self._entries and len(self._entries) >= self.capacity:
-                    self._drop(next(iter(self._entries)))  # the oldest kept
+                    oldest, _ = self._entries.popitem(last=False)
+                    self._read_at.pop(oldest, None)
                 self._entries[sku] = entry
                 self._read_at[sku] = now
                 self._seen.add(sku)
@@ -259,7 +268,7 @@ class StockCache:
             return  # no live generation yet
         with self._lock:
             if snapshot.generation != self._generation:
-                self._entries, self._read_at, self._seen = {}, {}, set()
+                self._entries, self._read_at, self._seen = OrderedDict(), {}, set()
             for sku in moved:
                 # Followed, it was read again; else (not followed, or offered by a reader
                 # since the SKUs were split) it may be stale at the new position.
@@ -302,33 +311,53 @@ class StockCache:
         """The view's entries of these SKUs (those it knows) at its current position, read
         with those of the other readers waiting and kept in the copy; holds are counted as
         at `at`. None, now or as the answer, sends the reader to the view itself: the copy
-        is not running, or its read failed."""
+        is not running, its read failed, or the read before has taken longer than
+        `fetch_wait_seconds` (the database is slow or away: readers then wait for it each on
+        their own, as without the copy, instead of queueing behind one stuck statement)."""
         fetch = _Fetch(skus, second_floor(at), Future())
         with self._fetching:
-            if self._fetcher is None or self._stop.is_set():
+            stuck = (
+                self._reading_since is not None
+                and time.monotonic() - self._reading_since > self.fetch_wait_seconds
+            )
+            if not self._fetching_on or self._stop.is_set() or stuck:
                 return None
             self._fetches.append(fetch)
             self._fetching.notify()
         return fetch.answer
 
     def _fetch_run(self) -> None:
-        """Reads for the readers waiting, until stopped and none is left waiting."""
-        while True:
+        """Reads for the readers waiting, until stopped and none is left waiting; whatever
+        ends it, no reader is left without an answer."""
+        batch: list[_Fetch] = []
+        try:
+            while True:
+                with self._fetching:
+                    self._reading_since = None
+                    while not self._fetches and not self._stop.is_set():
+                        self._fetching.wait()
+                    if not self._fetches:
+                        return
+                    taken, count = 0, 0
+                    while taken < len(self._fetches) and (
+                        taken == 0 or count + len(self._fetches[taken].skus) <= FETCH_SKUS
+                    ):
+                        count += len(self._fetches[taken].skus)
+                        taken += 1
+                    batch, self._fetches = self._fetches[:taken], self._fetches[taken:]
+                    self._reading_since = time.monotonic()
+                # A reader that gave up waiting (its request cancelled) is not read for.
+                self._read_for([f for f in batch if f.answer.set_running_or_notify_cancel()])
+        finally:
             with self._fetching:
-                while not self._fetches and not self._stop.is_set():
-                    self._fetching.wait()
-                if not self._fetches:
-                    return
-                taken, count = 0, 0
-                while taken < len(self._fetches) and (
-                    taken == 0 or count + len(self._fetches[taken].skus) <= FETCH_SKUS
+                self._fetching_on = False
+                left, self._fetches = self._fetches, []
+            for fetch in batch + left:
+                answer = fetch.answer
+                if answer.running() or (
+                    not answer.done() and answer.set_running_or_notify_cancel()
                 ):
-                    count += len(self._fetches[taken].skus)
-                    taken += 1
-                batch, self._fetches = self._fetches[:taken], self._fetches[taken:]
-            # A reader that gave up waiting (its request cancelled) is not read for.
-            waiting = [fetch for fetch in batch if fetch.answer.set_running_or_notify_cancel()]
-            self._read_for(waiting)
+                    answer.set_result(None)
 
     def _read_for(self, batch: list[_Fetch]) -> None:
         """Reads the SKUs of these readers in one statement, keeps them, and answers each."""
@@ -336,7 +365,7 @@ class StockCache:
             return  # all gave up waiting
         skus = list(dict.fromkeys(sku for fetch in batch for sku in fetch.skus))
         try:
-            with self.store.connection() as conn:
+            with self.store.connection(timeout=self.fetch_wait_seconds) as conn:
                 # The earliest second any of them reads at: a hold that runs out later
                 # still counts for it, and stops counting for the others when they read.
                 snapshot = read_entries(conn, skus, min(fetch.now for fetch in batch))
@@ -344,9 +373,9 @@ class StockCache:
             self.offer(snapshot)
         except Exception as error:
             # Each reader then reads the view itself, and meets the failure (its own) there.
-            log.warning("stock_cache.fetch_failed", readers=len(batch), error=str(error))
             for fetch in batch:
                 fetch.answer.set_result(None)
+            log.warning("stock_cache.fetch_failed", readers=len(batch), error=str(error))
             return
         for fetch in batch:
             entries = {sku: snapshot.entries[sku] for sku in fetch.skus if sku in snapshot.entries}
@@ -356,6 +385,7 @@ class StockCache:
         self._thread = threading.Thread(target=self._run, name="stock-cache", daemon=True)
         self._thread.start()
         with self._fetching:
+            self._fetching_on = True
             self._fetcher = threading.Thread(
                 target=self._fetch_run, name="stock-cache-fetch", daemon=True
             )

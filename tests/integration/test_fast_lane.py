@@ -13,6 +13,7 @@ import gc
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from api.routers import availability, reservations
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from api.transport import JoiningHttpToolsProtocol
+from projections.entries import Snapshot
 from tests.conftest import make_settings
 from tests.integration.ledger_setup import stock_sku
 from tests.integration.served_http import counting, served
@@ -432,6 +434,25 @@ def test_a_position_the_copy_has_not_reached_is_waited_for_by_the_route(
     assert answer.status_code == 200
     assert answer.json()["on_hand"] == 14
     assert lanes.handed_on == 1
+
+
+def test_a_read_the_copy_does_not_answer_in_time_reads_the_view_itself(
+    read_lanes: tuple[Lanes, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes, runtime = read_lanes
+    cache = runtime.views.cache
+    assert cache is not None
+    sku, _ = held_sku(runtime, 6)
+    never: Future[Snapshot | None] = Future()  # a read for readers that never ends
+    monkeypatch.setattr(cache, "fetch", lambda skus, at: never)
+    monkeypatch.setattr(cache, "fetch_wait_seconds", 0.2)
+    unknown = f"LANE-{uuid.uuid4().hex[:8]}"  # the copy misses the list for it
+    started = time.monotonic()
+    answer = lanes.lane.get(f"/v1/availability?sku={sku}&sku={unknown}", headers=SHOP)
+    assert answer.status_code == 200
+    assert [item["on_hand"] for item in answer.json()["items"]] == [6]
+    assert answer.json()["unknown"] == [unknown]
+    assert time.monotonic() - started >= 0.2
 
 
 def test_an_unexpected_failure_of_a_read_is_answered_by_the_lane_as_by_the_app(

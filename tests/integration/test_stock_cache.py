@@ -9,6 +9,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from api.runtime import Runtime
 from ledger.commands import PutSupplier
 from ledger.stock import StockLevels, second_floor
@@ -406,22 +408,33 @@ class FetchGate(ViewStore):
     def __init__(self, database_url: str) -> None:
         super().__init__(database_url)
         self.waiting, self.opened = threading.Event(), threading.Event()
+        self.dies_with: BaseException | None = None  # raised there once opened
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Connection]:
         if threading.current_thread().name == "stock-cache-fetch":
             self.waiting.set()
             assert self.opened.wait(10), "the test never opened the gate"
+            if self.dies_with is not None:
+                raise self.dies_with
         with super().connection(timeout) as conn:
             yield conn
 
 
 @contextmanager
-def running_copy(runtime: Runtime) -> Iterator[tuple[StockCache, FetchGate]]:
+def running_copy(
+    runtime: Runtime, fetch_wait_seconds: float = 2.0
+) -> Iterator[tuple[StockCache, FetchGate]]:
     """A started copy that refreshed once (and not again for a minute), on a gated store."""
     store = FetchGate(runtime.database_url)
     store.open()
-    cache = StockCache(store, capacity=100, refresh_seconds=60, max_lag_seconds=60).start()
+    cache = StockCache(
+        store,
+        capacity=100,
+        refresh_seconds=60,
+        max_lag_seconds=60,
+        fetch_wait_seconds=fetch_wait_seconds,
+    ).start()
     try:
         deadline = time.monotonic() + 10
         while cache.generation is None:
@@ -518,3 +531,48 @@ def test_readers_waiting_when_the_copy_stops_are_read_for_and_no_later_one_is_ta
         assert not stopping.is_alive()
         assert answered(first).entries[skus[0]].levels(at).on_hand == 3
         assert answered(queued).entries[skus[1]].levels(at).on_hand == 3
+
+
+def test_while_a_read_for_readers_is_late_new_readers_are_sent_to_the_view(
+    runtime: Runtime,
+) -> None:
+    """A slow or stuck statement would hold every miss of the process behind it: past
+    `fetch_wait_seconds`, readers read the view each on their own, as without the copy."""
+    sku = random_sku("FETCHED")
+    stock_sku(runtime.writer, sku, 4)
+    caught_up(runtime)
+    with running_copy(runtime, fetch_wait_seconds=0.2) as (cache, store):
+        at = datetime.now(UTC)
+        first = cache.fetch([sku], at)
+        assert store.waiting.wait(10)
+        queued = cache.fetch([sku], at)
+        assert queued is not None, "taken while the read is young"
+        time.sleep(0.3)
+        assert cache.fetch([sku], at) is None, "sent to the view while the read is late"
+        store.opened.set()
+        assert answered(first).entries[sku].levels(at).on_hand == 4
+        assert answered(queued).entries[sku].levels(at).on_hand == 4
+        assert answered(cache.fetch([sku], at)).entries[sku].levels(at).on_hand == 4
+
+
+class Unforeseen(BaseException):
+    """What no `except Exception` catches."""
+
+
+# The thread ends with the exception, as it is to: pytest reports it as a warning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_copy_whose_reading_thread_dies_leaves_no_reader_waiting_and_takes_no_more(
+    runtime: Runtime,
+) -> None:
+    with running_copy(runtime) as (cache, store):
+        at = datetime.now(UTC)
+        first = cache.fetch(["ANY"], at)
+        assert store.waiting.wait(10)
+        queued = cache.fetch(["OTHER"], at)
+        assert first is not None
+        assert queued is not None
+        store.dies_with = Unforeseen("the thread ends")
+        store.opened.set()
+        assert first.result(10) is None, "sent to the view"
+        assert queued.result(10) is None, "sent to the view"
+        assert cache.fetch(["ANY"], at) is None

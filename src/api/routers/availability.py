@@ -53,8 +53,9 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
 
     From the in-process copy when it holds them all and is recent enough (no thread, no
     round trip); otherwise fetched from the view by the copy with other readers' SKUs,
-    awaited on the loop; otherwise (no copy, its read failed, or the view is short of
-    `wanted`) from the view on a worker thread, waiting for `wanted`.
+    awaited on the loop (for up to the copy's `fetch_wait_seconds`); otherwise (no copy,
+    its read failed or was late, or the view is short of `wanted`) from the view on a
+    worker thread, waiting for `wanted`.
     """
     views = read.runtime.views
     cache = views.cache
@@ -64,7 +65,11 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
             return cached.position, {entry.sku: entry.levels(read.at) for entry in cached.entries}
         fetched = cache.fetch(skus, read.at)
         if fetched is not None:
-            snapshot = await asyncio.wrap_future(fetched)
+            try:
+                waited = asyncio.wrap_future(fetched)
+                snapshot = await asyncio.wait_for(waited, cache.fetch_wait_seconds)
+            except TimeoutError:
+                snapshot = None  # the database is slow: read it on a thread, as without the copy
             if snapshot is not None and (read.wanted is None or snapshot.position >= read.wanted):
                 found = {sku: entry.levels(read.at) for sku, entry in snapshot.entries.items()}
                 return snapshot.position, found
