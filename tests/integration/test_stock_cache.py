@@ -576,3 +576,54 @@ def test_a_copy_whose_reading_thread_dies_leaves_no_reader_waiting_and_takes_no_
         assert first.result(10) is None, "sent to the view"
         assert queued.result(10) is None, "sent to the view"
         assert cache.fetch(["ANY"], at) is None
+
+
+class HeldRefresh(ViewStore):
+    """The views' store, whose connection for the copy's own refresh, once `hold` is set,
+    is given back only when `released`: that refresh has read the view, and waits."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url)
+        self.hold, self.held, self.released = (
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+        )
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        with super().connection(timeout) as conn:
+            yield conn
+        if threading.current_thread().name == "stock-cache" and self.hold.is_set():
+            self.hold.clear()
+            self.held.set()
+            assert self.released.wait(10), "the test never released the refresh"
+
+
+def test_a_refresh_that_read_the_view_before_another_never_takes_the_copy_back(
+    runtime: Runtime,
+) -> None:
+    """Under load a refresh can take a second (PostgreSQL waiting for a CPU); one that
+    read the view before a later one must not undo it when it ends."""
+    store = HeldRefresh(runtime.database_url)
+    store.open()
+    cache = StockCache(store, capacity=100, refresh_seconds=0.01, max_lag_seconds=60).start()
+    try:
+        store.hold.set()
+        assert store.held.wait(10), "the copy's own refresh read the view and waits"
+        sku = random_sku("LATER")
+        stock_sku(runtime.writer, sku, 8)
+        later = caught_up(runtime)
+        cache.refresh()  # a later one, from the test's thread
+        assert cache.position >= later
+        store.released.set()
+        time.sleep(0.2)  # the held refresh ends, and others after it
+
+        assert cache.position >= later, "the copy went back to an earlier position"
+        found = cache.lookup([sku], None)
+        assert found is not None
+        assert found.entries[0].levels(datetime.now(UTC)).on_hand == 8
+    finally:
+        store.released.set()
+        cache.stop()
+        store.close()
