@@ -238,7 +238,6 @@ class StockCache:
 
     def refresh(self) -> None:
         """Brings the copy to the view's current position, in one snapshot of the view."""
-        started = self.clock()
         arguments = {
             "after": self._position,
             "now": second_floor(datetime.now(UTC)),
@@ -250,6 +249,11 @@ class StockCache:
             # Both statements read the same snapshot: the SKUs that moved, then the entries
             # of those the copy follows, at exactly the position the first one names.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # The next statement takes the snapshot: the copy is the view as of no earlier
+            # than now. Not the time the refresh began: waiting for a connection and for
+            # the transaction to begin took up to a second under load (PostgreSQL waiting
+            # for a CPU), and a copy so refreshed counted as stale as soon as it was.
+            started = self.clock()
             snapshot = None
             if known is not None:
                 rows = conn.execute(CHANGED_SQL, arguments).fetchall()
