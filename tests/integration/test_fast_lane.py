@@ -304,7 +304,10 @@ def test_the_route_depends_on_what_the_lane_checks_and_nothing_else() -> None:
 
 @pytest.fixture
 def read_lanes(settings: Settings) -> Iterator[tuple[Lanes, Runtime]]:
-    """Both servers on one runtime with the in-process copy of the stock view, as served."""
+    """Both servers on one runtime with the in-process copy of the stock view, as served
+    (never stale, however long a refresh takes on a loaded machine: the tests say when the
+    copy holds a SKU, and one that went stale between two requests would miss)."""
+    settings = settings.model_copy(update={"read_cache_max_lag_seconds": 60.0})
     runtime = open_runtime(settings, sweep=False, read_cache=True)
     try:
         lane = create_app(settings, runtime)
