@@ -447,6 +447,15 @@ def running_copy(
         store.close()
 
 
+def stocked(runtime: Runtime, count: int, quantity: int) -> list[str]:
+    """New SKUs with `quantity` in stock each, once the stock view has them."""
+    skus = [random_sku("FETCHED") for _ in range(count)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, quantity)
+    caught_up(runtime)
+    return skus
+
+
 def answered(answer: Future[Snapshot | None] | None) -> Snapshot:
     """What the copy read for a reader (not sent to the view itself)."""
     assert answer is not None, "the copy took the reader"
@@ -461,10 +470,7 @@ def test_readers_the_copy_misses_are_read_for_together_and_their_skus_kept(
     """A reader on a worker thread of its own waited for the interpreter in turn with every
     other one: the copy reads for all those waiting, in one statement, on one thread."""
     with running_copy(runtime) as (cache, store):
-        skus = [random_sku("FETCHED") for _ in range(6)]
-        for sku in skus:
-            stock_sku(runtime.writer, sku, 4)
-        caught_up(runtime)  # the copy, refreshed before, holds none of them
+        skus = stocked(runtime, 6, 4)  # the copy, refreshed before, holds none of them
         assert all(cache.lookup([sku], None) is None for sku in skus)
         at = datetime.now(UTC)
 
@@ -485,7 +491,7 @@ def test_readers_the_copy_misses_are_read_for_together_and_their_skus_kept(
             assert list(snapshot.entries) == [name for name in names if name != unknown]
             for sku, entry in snapshot.entries.items():
                 assert entry.levels(at) == from_view(runtime, sku, at)
-        assert len({snapshot.position for snapshot in answers[1:]}) == 1, "one statement"
+        assert len({snapshot.position for snapshot in answers[1:]}) == 1, "at one position"
         kept = cache.lookup(skus, None)
         assert kept is not None, "what was read for the readers is kept in the copy"
         assert [entry.levels(at).on_hand for entry in kept.entries] == [4] * 6
@@ -495,9 +501,7 @@ def test_a_read_for_readers_that_fails_sends_each_to_the_view_and_the_next_goes_
     runtime: Runtime,
 ) -> None:
     """Each reader then reads the view itself, and meets the failure there as its own."""
-    sku = random_sku("FETCHED")
-    stock_sku(runtime.writer, sku, 4)
-    caught_up(runtime)
+    (sku,) = stocked(runtime, 1, 4)
     with running_copy(runtime) as (cache, store):
         store.opened.set()
         at = datetime.now(UTC)
@@ -511,10 +515,7 @@ def test_a_read_for_readers_that_fails_sends_each_to_the_view_and_the_next_goes_
 def test_readers_waiting_when_the_copy_stops_are_read_for_and_no_later_one_is_taken(
     runtime: Runtime,
 ) -> None:
-    skus = [random_sku("FETCHED") for _ in range(2)]
-    for sku in skus:
-        stock_sku(runtime.writer, sku, 3)
-    caught_up(runtime)
+    skus = stocked(runtime, 2, 3)
     with running_copy(runtime) as (cache, store):
         at = datetime.now(UTC)
         first = cache.fetch([skus[0]], at)
@@ -538,9 +539,7 @@ def test_while_a_read_for_readers_is_late_new_readers_are_sent_to_the_view(
 ) -> None:
     """A slow or stuck statement would hold every miss of the process behind it: past
     `fetch_wait_seconds`, readers read the view each on their own, as without the copy."""
-    sku = random_sku("FETCHED")
-    stock_sku(runtime.writer, sku, 4)
-    caught_up(runtime)
+    (sku,) = stocked(runtime, 1, 4)
     with running_copy(runtime, fetch_wait_seconds=0.2) as (cache, store):
         at = datetime.now(UTC)
         first = cache.fetch([sku], at)
@@ -616,8 +615,12 @@ def test_a_refresh_that_read_the_view_before_another_never_takes_the_copy_back(
         later = caught_up(runtime)
         cache.refresh()  # a later one, from the test's thread
         assert cache.position >= later
+        # The next refresh of the copy's own to have read the view comes after the held
+        # one has ended.
+        store.held.clear()
+        store.hold.set()
         store.released.set()
-        time.sleep(0.2)  # the held refresh ends, and others after it
+        assert store.held.wait(10), "the copy refreshed again"
 
         assert cache.position >= later, "the copy went back to an earlier position"
         found = cache.lookup([sku], None)
