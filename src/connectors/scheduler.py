@@ -12,6 +12,7 @@ A delivery is marked done at its source only once the inbox holds it.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -210,15 +211,11 @@ class Scheduler:
             # and a file session ends now, not whenever the garbage is collected.
             with closing(schedule.breaker.guard(schedule.transport.fetch)) as fetches:
                 for fetched in fetches:
-                    # Each fetch is an arrival: the same file again is news that the stock
-                    # still stands (its undated rows are observed now), so it is named by
-                    # its content and when it came, not by its content alone.
-                    arrived = f"{fetched.delivery_id}@{datetime.now(UTC):%Y%m%dT%H%M%S.%f}"
                     with self.store.connection() as conn:
                         received = inbox.enqueue(
                             conn,
                             supplier_id=supplier,
-                            delivery_id=arrived,
+                            delivery_id=arrival_id(fetched, datetime.now(UTC)),
                             source=fetched.source,
                             format=schedule.connector.get("format") or fetched.format,
                             content_hash=content_hash(fetched.body),
@@ -246,5 +243,25 @@ class Scheduler:
         try:
             schedule.transport.done(fetched)
         except FetchFailed as failure:
-            # The inbox holds it: fetched again later, it is recognised and skipped.
+            # The inbox holds it: listed again as it is, it is recognised and skipped.
             log.warning("connector.mark_done_failed", name=fetched.name, reason=failure.reason)
+
+
+def arrival_id(fetched: Fetched, now: datetime) -> str:
+    """The inbox's delivery id of one arrival of a fetched delivery.
+
+    A file is named by its content, its name and its modification time as listed: the
+    same file listed again (its move failed, or the process stopped before it) is
+    recognised by the inbox and skipped, while the same content dropped again later (a
+    new modification time) is news that the stock still stands, its undated rows observed
+    now. A poll page, or a file whose server lists no modification time, is named by its
+    content and when it came: each fetch of it is an arrival."""
+    if fetched.modified is not None:
+        try:
+            listed = datetime.fromtimestamp(fetched.modified, UTC)
+        except (OverflowError, OSError, ValueError):  # a server's nonsense time
+            pass
+        else:
+            name = hashlib.sha256((fetched.name or "").encode()).hexdigest()[:8]
+            return f"{fetched.delivery_id}@{listed:%Y%m%dT%H%M%S.%f}~{name}"
+    return f"{fetched.delivery_id}@{now:%Y%m%dT%H%M%S.%f}"

@@ -170,6 +170,8 @@ def test_the_same_undated_file_again_keeps_the_stock_fresh(ledger: Runtime, tmp_
     first = ledger.app.repository.get(stock_id).positions["steady"].observed_at
 
     (tmp_path / "daily.csv").write_bytes(undated)  # the next day: the very same file
+    tomorrow = (tmp_path / "daily.csv").stat().st_mtime + 86_400
+    os.utime(tmp_path / "daily.csv", (tomorrow, tomorrow))
     scheduler.schedules["steady"].due = 0
     assert scheduler.tick() == 1
     assert worker.work_once()
@@ -181,3 +183,47 @@ def test_the_same_undated_file_again_keeps_the_stock_fresh(ledger: Runtime, tmp_
         ).fetchall()
     assert first is not None
     assert row["observed_at"] >= first
+
+
+def test_a_file_listed_again_before_it_was_moved_is_not_stored_again(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    catalogue = Catalogue(3, seed=6, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    feeds, blocker = tmp_path / "feeds", tmp_path / "blocker"
+    feeds.mkdir()
+    blocker.write_text("a file where the processed folder should be")
+    supplier_fed_by(
+        ledger,
+        "stuck",
+        catalogue,
+        folder={
+            "path": str(feeds),
+            "format": "csv",
+            "processed_path": str(blocker),
+            "max_attempts": 1,
+        },
+    )
+    drop(feeds, "csv", catalogue.items(), name="stock.csv")
+    scheduler, worker = scheduler_for(ledger)
+
+    assert scheduler.tick() == 1  # stored; moving it aside fails
+    assert (feeds / "stock.csv").exists()
+    scheduler.schedules["stuck"].due = 0
+    assert scheduler.tick() == 0  # the same file, listed again: recognised
+    blocker.unlink()  # the processed folder can be made now
+    scheduler.schedules["stuck"].due = 0
+    assert scheduler.tick() == 0  # still recognised, and now moved aside
+    assert worker.work_once()
+    assert not worker.work_once()
+
+    assert not (feeds / "stock.csv").exists()
+    assert (blocker / "stock.csv").exists()
+    with ledger.store.connection() as conn:
+        stored = conn.execute(
+            "SELECT delivery_id, status FROM connector_inbox WHERE supplier_id = 'stuck'"
+        ).fetchall()
+    assert [row["status"] for row in stored] == ["applied"]
+    first = next(iter(catalogue.items()))
+    assert (
+        level(ledger, "stuck", first.supplier_sku) == first.quantity * first.units_per_supplier_unit
+    )

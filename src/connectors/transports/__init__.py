@@ -2,8 +2,10 @@
 
 A transport fetches what is new since its last successful fetch, as `Fetched` bodies for
 the inbox, and is told with `done()` once the inbox holds one durably; only then does it
-mark it processed (save the feed's ETag, move the file away), so a crash in between
-fetches it again and the inbox's dedup by delivery id absorbs the repeat.
+mark it processed (save the feed's ETag, move the file away). A file fetched again before
+it was moved away (a crash in between, a move that failed) is recognised by the inbox and
+skipped: the scheduler names a file's delivery by its content, its name and its
+modification time as listed (`connectors.scheduler.arrival_id`).
 
 `transport_for` builds the one a supplier's `connector` settings ask for, under one of
 these keys (each module's docstring lists its options; `retry` lists those they share):
@@ -67,6 +69,10 @@ class Fetched:
     format: str  # one of connectors.parsers.FORMATS
     name: str | None  # file name or page URL, for operators
     source: str  # "poll", "folder", "sftp" or "ftp"
+    # A file's modification time as the folder listed it (seconds since the epoch): what
+    # tells one upload of a file from the next. None for a poll page, or where the
+    # server lists none.
+    modified: float | None = None
 
 
 class Transport(Protocol):

@@ -4,7 +4,9 @@ folders that `sftp` and `ftp` pull from.
 A fetch yields every waiting file, oldest first (by modification time, then name): a
 regular file whose name matches `pattern`, except hidden files and partial uploads
 ("*.part", "*.filepart"; `connectors.simulator.drop` writes ".<name>.<hex>.part" and
-renames it when complete). The delivery id is the content's hash. `done()` moves the file
+renames it when complete). The delivery id is the content's hash; with the file's name and
+modification time, it names the file's arrival in the inbox (see
+`connectors.scheduler.arrival_id`). `done()` moves the file
 into the processed folder (creating it; when a file of that name is already there, the
 content hash is added to the name: "stock.csv" -> "stock.<16 hex>.csv"), or deletes it;
 so a later file of the same name is new again. A file rewritten since it was fetched is
@@ -149,7 +151,12 @@ class FolderTransport:
                 if body is None:
                     continue  # taken away since it was listed
                 fetched = Fetched(
-                    content_id(body), body, self.settings.format, entry.name, self.source
+                    content_id(body),
+                    body,
+                    self.settings.format,
+                    entry.name,
+                    self.source,
+                    modified=entry.modified,
                 )
                 self._fetched[entry.name] = (entry, fetched.delivery_id)
                 yield fetched
