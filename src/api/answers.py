@@ -85,6 +85,9 @@ def availability_fields(levels: StockLevels, limited_at: int, position: int) -> 
                 "stale": level.stale,
                 "excluded": level.excluded,
                 "lead_time_days": level.lead_time_days,
+                "incoming": [
+                    {"quantity": quantity, "expected_on": on} for on, quantity in level.incoming
+                ],
             }
             for level in levels.suppliers
         ],

@@ -31,7 +31,7 @@ from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
 
-from ledger.stock import LevelRow, LevelTouch
+from ledger.stock import LevelRow, LevelTouch, incoming_json
 
 LEVELS_TABLE = "inventoryledger_levels"
 
@@ -62,7 +62,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
                 " supplier_id text NOT NULL, sku text NOT NULL, quantity bigint NOT NULL,"
                 " observed_at timestamptz, unreported_from bigint, seen_at timestamptz,"
-                " PRIMARY KEY (supplier_id, sku))"
+                " incoming jsonb, PRIMARY KEY (supplier_id, sku))"
                 # Rows are rewritten often (a delivery notes every repeated level): room
                 # on their page lets PostgreSQL update them in place, index untouched.
                 " WITH (fillfactor = 50)"
@@ -85,6 +85,21 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 table_name=Literal(LEVELS_TABLE),
             )
         )
+        # And one made before incoming stock was kept gains that column (empty: none known).
+        self.sql_create_statements.append(
+            SQL(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns"
+                " WHERE table_schema = {schema_name} AND table_name = {table_name}"
+                " AND column_name = 'incoming') THEN"
+                " ALTER TABLE {schema}.{table} ADD COLUMN incoming jsonb;"
+                " END IF; END $$"
+            ).format(
+                schema=schema,
+                table=Identifier(LEVELS_TABLE),
+                schema_name=Literal(self.datastore.schema or "public"),
+                table_name=Literal(LEVELS_TABLE),
+            )
+        )
         levels = Identifier(LEVELS_TABLE)
         # The arrays below travel in binary (%b) too: a delivery's part sends thousands of
         # values in each, and their text form cost ~4x as long to build (5,000 levels:
@@ -94,12 +109,15 @@ class LedgerRecorder(PostgresApplicationRecorder):
         self.upsert_levels: bytes = _rendered(
             SQL(
                 "INSERT INTO {schema}.{table} AS l"
-                " (supplier_id, sku, quantity, observed_at, unreported_from, seen_at)"
-                " SELECT r.*, r.observed_at FROM unnest("
-                "  %b::text[], %b::text[], %b::bigint[], %b::timestamptz[], %b::bigint[]"
-                " ) AS r(supplier_id, sku, quantity, observed_at, unreported_from)"
+                " (supplier_id, sku, quantity, observed_at, unreported_from, incoming, seen_at)"
+                " SELECT r.supplier_id, r.sku, r.quantity, r.observed_at, r.unreported_from,"
+                "  r.incoming::jsonb, r.observed_at FROM unnest("
+                "  %b::text[], %b::text[], %b::bigint[], %b::timestamptz[], %b::bigint[],"
+                "  %b::text[]"
+                " ) AS r(supplier_id, sku, quantity, observed_at, unreported_from, incoming)"
                 " ON CONFLICT (supplier_id, sku) DO UPDATE SET quantity = excluded.quantity,"
                 "  observed_at = excluded.observed_at, unreported_from = excluded.unreported_from,"
+                "  incoming = excluded.incoming,"
                 "  seen_at = greatest(l.seen_at, excluded.observed_at)"
                 " WHERE l.observed_at IS NOT DISTINCT FROM excluded.observed_at"
                 "  OR coalesce(l.seen_at, l.observed_at) IS NULL"
@@ -111,15 +129,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
         self.touch_levels_statement: bytes = _rendered(
             SQL(
                 "INSERT INTO {schema}.{table} AS l"
-                " (supplier_id, sku, seen_at, quantity, observed_at, unreported_from)"
-                " SELECT * FROM unnest("
+                " (supplier_id, sku, seen_at, quantity, observed_at, unreported_from, incoming)"
+                " SELECT t.supplier_id, t.sku, t.seen_at, t.quantity, t.observed_at,"
+                "  t.unreported_from, t.incoming::jsonb FROM unnest("
                 "  %b::text[], %b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[],"
-                "  %b::bigint[])"
+                "  %b::bigint[], %b::text[]) AS t(supplier_id, sku, seen_at, quantity,"
+                "  observed_at, unreported_from, incoming)"
                 " ON CONFLICT (supplier_id, sku) DO UPDATE"
                 "  SET seen_at = greatest(l.seen_at, excluded.seen_at)"
                 " WHERE l.quantity = excluded.quantity"
                 "  AND l.observed_at IS NOT DISTINCT FROM excluded.observed_at"
                 "  AND l.unreported_from IS NOT DISTINCT FROM excluded.unreported_from"
+                "  AND l.incoming IS NOT DISTINCT FROM excluded.incoming"
                 " RETURNING 1"
             ).format(schema=schema, table=levels)
         )
@@ -397,5 +418,11 @@ def _rendered(statement: Query) -> bytes:
 
 
 def _columns(rows: Sequence[LevelRow] | Sequence[LevelTouch]) -> tuple[list[Any], ...]:
-    """Rows as one array per field, in field order (the order the statements unnest)."""
-    return tuple([getattr(row, f.name) for row in rows] for f in fields(rows[0]))
+    """Rows as one array per field, in field order (the order the statements unnest);
+    incoming stock as JSON text."""
+    return tuple(
+        [incoming_json(row.incoming) for row in rows]
+        if f.name == "incoming"
+        else [getattr(row, f.name) for row in rows]
+        for f in fields(rows[0])
+    )

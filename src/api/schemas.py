@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -224,6 +224,13 @@ class ReservationListOut(BaseModel):
 # Availability -------------------------------------------------------------------
 
 
+class IncomingOut(BaseModel):
+    """Stock a supplier's last report said it expects (EDI SCH lines): never sellable."""
+
+    quantity: int
+    expected_on: date | None
+
+
 class SupplierLevelOut(BaseModel):
     supplier_id: str
     quantity: int
@@ -232,6 +239,7 @@ class SupplierLevelOut(BaseModel):
     stale: bool
     excluded: bool
     lead_time_days: int | None
+    incoming: list[IncomingOut]
 
 
 class AvailabilityOut(BaseModel):

@@ -384,6 +384,10 @@ class Ingestor:
                     "quantity": row["reported"],
                     "unit": row["unit"],
                     "observed_at": row["observed_at"].isoformat(),
+                    "incoming": [
+                        {"quantity": quantity, "expected_on": on, "unit": unit}
+                        for on, quantity, _, unit in row["incoming"] or ()
+                    ],
                 }
                 letter = {"fields": fields, "raw": fields}
                 result.rejections.append(Rejection(row["position"], reason, letter))
@@ -394,6 +398,7 @@ class Ingestor:
                         sku=row["sku"],
                         quantity=row["quantity"],
                         observed_at=row["observed_at"],
+                        incoming=tuple((on, quantity) for on, quantity in row["incoming"] or ()),
                     )
                 )
         return observations

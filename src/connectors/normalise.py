@@ -9,16 +9,17 @@ Per supplier, from its connector settings (all optional):
   `exclude_after_seconds`, else no limit).
 A naive timestamp is in the supplier's `timezone`; a record without one was observed when
 the delivery was received. Reports more than five minutes in the future are refused.
+Incoming stock (EDI SCH lines) is in its own unit if it names one, else in the record's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from connectors.parsers import Record
+from connectors.parsers import Incoming, Record
 from ledger.supplier import SupplierTerms
 
 BASE_UNITS = frozenset({"EA", "EACH", "PC", "PCS", "PIECE", "PIECES", "UNIT", "UNITS", "UN"})
@@ -76,6 +77,9 @@ class Staged:
     quantity: int
     factor: int | None
     observed_at: datetime
+    # Stock the supplier expects: [expected on (ISO date or None), quantity, factor (None:
+    # the mapping decides), unit as written], in the order reported.
+    incoming: list[list[Any]] = field(default_factory=list)
 
 
 def normalise(
@@ -99,7 +103,28 @@ def normalise(
     observed_at = observed_utc(record.observed_at, rules, received_at, now)
     if isinstance(observed_at, str):
         return observed_at
-    return Staged(record.position, record.supplier_sku, record.upc, quantity, factor, observed_at)
+    incoming = incoming_staged(record, factor, rules)
+    if isinstance(incoming, str):
+        return incoming
+    return Staged(
+        record.position, record.supplier_sku, record.upc, quantity, factor, observed_at, incoming
+    )
+
+
+def incoming_staged(record: Record, factor: int | None, rules: FeedRules) -> list[list[Any]] | str:
+    """The record's incoming stock as staged, or why the record is refused."""
+    staged: list[list[Any]] = []
+    for expected in record.incoming:
+        if expected.quantity < 0:
+            return "negative_incoming"
+        own = factor if expected.unit is None else unit_factor(expected.unit, rules)
+        if isinstance(own, str):
+            return own
+        if expected.quantity * (own or 1) > rules.max_quantity:
+            return "quantity_out_of_range"
+        on = None if expected.expected_on is None else expected.expected_on.isoformat()
+        staged.append([on, expected.quantity, own, expected.unit])
+    return staged
 
 
 def unit_factor(unit: str | None, rules: FeedRules) -> int | str | None:
@@ -138,6 +163,14 @@ def record_fields(record: Record, received_at: datetime) -> dict[str, Any]:
         "quantity": record.quantity,
         "unit": record.unit,
         "observed_at": (record.observed_at or received_at).isoformat(),
+        "incoming": [
+            {
+                "quantity": expected.quantity,
+                "expected_on": expected.expected_on and expected.expected_on.isoformat(),
+                "unit": expected.unit,
+            }
+            for expected in record.incoming
+        ],
     }
 
 
@@ -151,4 +184,13 @@ def record_from_fields(position: int, fields: dict[str, Any], raw: dict[str, Any
         unit=fields.get("unit"),
         observed_at=None if observed is None else datetime.fromisoformat(observed),
         raw=raw,
+        # Letters written before incoming stock was kept hold none.
+        incoming=tuple(
+            Incoming(
+                expected["quantity"],
+                expected["expected_on"] and date.fromisoformat(expected["expected_on"]),
+                expected.get("unit"),
+            )
+            for expected in fields.get("incoming") or ()
+        ),
     )

@@ -150,7 +150,7 @@ def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str
     for observation in batch:
         digest.update(
             f"{observation.index}|{observation.sku}|{observation.quantity}|"
-            f"{observation.observed_at.isoformat()}\n".encode()
+            f"{observation.observed_at.isoformat()}|{observation.incoming}\n".encode()
         )
     digest.update(json.dumps([r.as_dict() for r in rejections], default=str).encode())
     return digest.hexdigest()

@@ -8,6 +8,7 @@ counted in the delivery's result with its reason.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -114,7 +115,7 @@ def _copy_staged(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
             conn.cursor() as cursor,
             cursor.copy(
                 "COPY feed_staging"
-                " (position, supplier_sku, upc, quantity, factor, unit, observed_at)"
+                " (position, supplier_sku, upc, quantity, factor, unit, observed_at, incoming)"
                 " FROM STDIN"
             ) as copy,
         ):
@@ -133,6 +134,7 @@ def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
         staged.factor,
         unit,
         staged.observed_at,
+        json.dumps(staged.incoming) if staged.incoming else None,
     )
 
 

@@ -55,6 +55,10 @@ class PositionAsDict(Transcoding):
             and (obj.observed_at is None or type(obj.observed_at) is datetime)
             and {*map(type, obj.held), *map(type, obj.held.values())} <= _INT
             and {*map(type, obj.unreported), *map(type, obj.unreported.values())} <= _INT
+            and all(
+                type(quantity) is int and (expected is None or type(expected) is str)
+                for expected, quantity in obj.incoming
+            )
         )
 
     def encode(self, obj: Position) -> dict[str, Any]:
@@ -65,6 +69,7 @@ class PositionAsDict(Transcoding):
             "held": list(obj.held.items()),
             "committed": obj.committed,
             "unreported": list(obj.unreported.items()),
+            "incoming": [list(entry) for entry in obj.incoming],
         }
 
     def decode(self, data: dict[str, Any]) -> Position:
@@ -75,6 +80,8 @@ class PositionAsDict(Transcoding):
             held={int(key): value for key, value in data["held"]},
             committed=data["committed"],
             unreported={int(key): value for key, value in data["unreported"]},
+            # Snapshots taken before incoming stock was kept hold none.
+            incoming=tuple((expected, quantity) for expected, quantity in data.get("incoming", ())),
         )
 
 

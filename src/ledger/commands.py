@@ -83,6 +83,9 @@ class Observation:
     supplier_sku: str | None = None
     sku: str | None = None
     unit: str | None = None
+    # Stock the supplier expects, as (expected on: ISO date or None, quantity), in the
+    # units of `quantity`.
+    incoming: tuple[tuple[str | None, int], ...] = ()
 
     def as_record(self) -> dict[str, Any]:
         """The observation as received, for the record of a refusal."""
@@ -92,6 +95,7 @@ class Observation:
             "quantity": self.quantity,
             "unit": self.unit,
             "observed_at": self.observed_at.isoformat(),
+            "incoming": [list(entry) for entry in self.incoming] or None,
         }
         return {name: value for name, value in record.items() if value is not None}
 

@@ -8,6 +8,7 @@ commitments per supplier in a counter; the detail of each order lives in its Res
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,9 @@ from ledger.base import Cause, LedgerAggregate
 from ledger.supplier import SupplierTerms
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Stock a supplier expects: (expected on, an ISO date or None, quantity in base units).
+IncomingStock = tuple[tuple[str | None, int], ...]
 ONE_SECOND = timedelta(seconds=1)
 
 
@@ -71,7 +75,9 @@ class Position:
     counting at that second. `unreported` maps a Unix second to stock changes we know
     of (our shipments, restocks, commitments to suppliers that report net of our
     orders) that the supplier's last report does not reflect yet: a report observed at
-    or after that second retires them.
+    or after that second retires them. `incoming` is the stock the supplier's last report
+    said it expects, as (expected on, as an ISO date or None when it did not say, quantity
+    in base units), in the report's order: news for buyers, never sellable.
     """
 
     quantity: int = 0
@@ -80,6 +86,7 @@ class Position:
     held: dict[int, int] = field(default_factory=dict)
     committed: int = 0
     unreported: dict[int, int] = field(default_factory=dict)
+    incoming: IncomingStock = ()
 
     def live_held(self, now: int) -> int:
         return sum(quantity for expires, quantity in self.held.items() if expires > now)
@@ -130,9 +137,15 @@ def _add(buckets: dict[int, int], key: int, delta: int, floor: int | None = None
 
 
 # A supplier's level as a plain tuple (supplier id, quantity, observed at, unreported
-# from), and a stock item's, one per supplier: see StockItem.level_state.
-Level = tuple[str, int, datetime | None, int | None]
+# from, incoming), and a stock item's, one per supplier: see StockItem.level_state.
+Level = tuple[str, int, datetime | None, int | None, IncomingStock]
 LevelState = tuple[Level, ...]
+
+
+def incoming_json(incoming: IncomingStock) -> str | None:
+    """Incoming stock as the ledger keeps it beside the level (`inventoryledger_levels`,
+    jsonb): a list of [expected on, quantity]; None when none is expected."""
+    return json.dumps([list(entry) for entry in incoming]) if incoming else None
 
 
 @dataclass(frozen=True)
@@ -145,11 +158,12 @@ class LevelRow:
     quantity: int
     observed_at: datetime | None
     unreported_from: int | None
+    incoming: IncomingStock = ()
 
     @classmethod
     def of(cls, sku: str, level: Level) -> LevelRow:
-        supplier_id, quantity, observed_at, unreported_from = level
-        return cls(supplier_id, sku, quantity, observed_at, unreported_from)
+        supplier_id, quantity, observed_at, unreported_from, incoming = level
+        return cls(supplier_id, sku, quantity, observed_at, unreported_from, incoming)
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,7 @@ class LevelTouch:
     quantity: int
     observed_at: datetime | None
     unreported_from: int | None
+    incoming: IncomingStock = ()
 
 
 class ObservationOutcome(StrEnum):
@@ -187,6 +202,7 @@ class SupplierLevel:
     held: int
     committed: int
     lead_time_days: int
+    incoming: IncomingStock = ()
 
     @property
     def capacity(self) -> int:
@@ -243,6 +259,9 @@ class PositionLike(Protocol):
     @property
     def committed(self) -> int: ...
 
+    @property
+    def incoming(self) -> IncomingStock: ...
+
     def effective_level(self) -> int: ...
 
     def live_held(self, now: int) -> int: ...
@@ -267,6 +286,7 @@ def supplier_level(
         held=position.live_held(second_floor(at)),
         committed=position.committed,
         lead_time_days=terms.lead_time_days,
+        incoming=position.incoming,
     )
 
 
@@ -329,9 +349,12 @@ class StockItem(LedgerAggregate):
             item.safety_stock = self.safety_stock
 
     class Observed(Event):
-        """A supplier reported an absolute level; `exposure` is what it left over-promised."""
+        """A supplier reported an absolute level; `exposure` is what it left over-promised;
+        `incoming`, the stock it said it expects, as [expected on (ISO date or None),
+        quantity] pairs (version 2; a version 1 event, stored before, said none)."""
 
         TOPIC = "stockledger:StockItem.Observed"
+        class_version = 2
         supplier_id: str
         quantity: int
         observed_at: datetime
@@ -339,12 +362,18 @@ class StockItem(LedgerAggregate):
         delivery_id: str | None
         previous_quantity: int | None
         exposure: int
+        incoming: list[list[Any]]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["incoming"] = []
 
         def apply(self, item: StockItem) -> None:
             position = item.position(self.supplier_id)
             position.quantity = self.quantity
             position.observed_at = self.observed_at
             position.source = self.source
+            position.incoming = tuple((expected, quantity) for expected, quantity in self.incoming)
             position.retire_reported(self.observed_at)
 
     class LateReportIgnored(Event):
@@ -476,13 +505,15 @@ class StockItem(LedgerAggregate):
 
     def level_state(self) -> LevelState:
         """What `level_rows` says, as plain tuples (supplier, quantity, observed at,
-        unreported from): cheap to keep and compare for every stock item a batch loads."""
+        unreported from, incoming): cheap to keep and compare for every stock item a batch
+        loads."""
         return tuple(
             (
                 supplier_id,
                 position.quantity,
                 position.observed_at,
                 min(position.unreported) if position.unreported else None,
+                position.incoming,
             )
             for supplier_id, position in self.positions.items()
         )
@@ -508,8 +539,10 @@ class StockItem(LedgerAggregate):
         source: str = "",
         delivery_id: str | None = None,
         seen_at: datetime | None = None,
+        incoming: IncomingStock = (),
     ) -> ObservationOutcome:
         """Records an absolute supplier report; the newest `observed_at` per supplier wins.
+        `incoming`: the stock the report says the supplier expects (none: it expects none).
 
         `seen_at` is the newest report of this level the ledger has seen, recorded or
         not: a report that repeated the recorded quantity changes nothing and leaves no
@@ -533,7 +566,9 @@ class StockItem(LedgerAggregate):
                     **cause.as_kwargs(),
                 )
                 return ObservationOutcome.LATE
-            if not self._changes_anything(current, quantity, observed_at, terms):
+            if current.incoming == incoming and not self._changes_anything(
+                current, quantity, observed_at, terms
+            ):
                 return ObservationOutcome.UNCHANGED
         self.trigger_event(
             self.Observed,
@@ -544,6 +579,7 @@ class StockItem(LedgerAggregate):
             delivery_id=delivery_id,
             previous_quantity=None if current is None else current.quantity,
             exposure=self._exposure_after(current, quantity, observed_at, terms, at),
+            incoming=[list(entry) for entry in incoming],
             timestamp=at,
             **cause.as_kwargs(),
         )

@@ -119,6 +119,7 @@ class UnitOfWork:
                     row.quantity,
                     row.observed_at,
                     row.unreported_from,
+                    row.incoming,
                 )
             )
         return touches

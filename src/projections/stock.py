@@ -10,7 +10,7 @@ import json
 from typing import Any, ClassVar
 
 from ledger.base import LedgerAggregate
-from ledger.stock import StockItem
+from ledger.stock import StockItem, incoming_json
 from ledger.supplier import Supplier
 from projections.base import ChildTable, StateProjection
 
@@ -18,7 +18,8 @@ from projections.base import ChildTable, StateProjection
 class StockProjection(StateProjection):
     name = "stock"
     # 2: availability rows indexed by position, for the API's in-process copy to follow.
-    schema_version = 2
+    # 3: levels keep the stock each supplier expects (`incoming`).
+    schema_version = 3
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {
         StockItem: "availability",
@@ -47,7 +48,7 @@ class StockProjection(StateProjection):
             """CREATE TABLE {schema}.levels (
                 sku text NOT NULL, supplier_id text NOT NULL, quantity bigint NOT NULL,
                 observed_at timestamptz, source text NOT NULL, committed bigint NOT NULL,
-                unreported bigint NOT NULL, PRIMARY KEY (sku, supplier_id))""",
+                unreported bigint NOT NULL, incoming jsonb, PRIMARY KEY (sku, supplier_id))""",
             "CREATE INDEX ON {schema}.levels (supplier_id, observed_at)",
             """CREATE TABLE {schema}.holds (
                 sku text NOT NULL, supplier_id text NOT NULL, expires_s bigint NOT NULL,
@@ -98,6 +99,7 @@ class StockProjection(StateProjection):
                     "source": position.source,
                     "committed": position.committed,
                     "unreported": sum(position.unreported.values()),
+                    "incoming": incoming_json(position.incoming),
                 }
                 for supplier_id, position in aggregate.positions.items()
             ],

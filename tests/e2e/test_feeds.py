@@ -410,3 +410,27 @@ def test_metrics_sum_every_worker_s_commands_and_show_the_feeds_and_views(
         head - after[("ledger_projection_position", stock)]
     )
     assert after[("ledger_projection_failing", stock)] == 0
+
+
+def test_an_edi_file_s_sch_lines_show_as_incoming_stock_never_as_sellable(ledger: Server) -> None:
+    abc, xyz = f"IN-{uuid.uuid4().hex[:6]}", f"IN-{uuid.uuid4().hex[:6]}"
+    body = (FIXTURES / "846-two-items.edi").read_bytes()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"ABC-123": abc, "XYZ-9": xyz})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "edi846"}, content=body
+        )
+        status = finished(admin, supplier_id, accepted.json()["delivery_id"])
+    with ledger.client("test-shop") as shop:
+        read = shop.get(
+            "/v1/availability", params={"sku": [abc, xyz], "min_position": status["position"]}
+        )
+
+    assert status["status"] == "applied", status
+    items = {item["sku"]: item for item in read.json()["items"]}
+    [with_schedule] = items[abc]["suppliers"]
+    [without] = items[xyz]["suppliers"]
+    assert with_schedule["incoming"] == [{"quantity": 500, "expected_on": "2026-02-01"}]
+    assert with_schedule["quantity"] == 120  # QTY 33; the 500 on the way are not on hand
+    assert items[abc]["on_hand"] == 120
+    assert without["incoming"] == []

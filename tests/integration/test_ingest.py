@@ -543,3 +543,59 @@ def test_a_delivery_says_which_phase_its_time_went_to(
     assert seconds["compare"] < 0.3
     assert seconds["read"] + seconds["compare"] + seconds["apply"] <= took
     assert describe_phases(result.seconds).startswith("read ")
+
+
+def edi_with(schedules: str, time: str = "1430") -> bytes:
+    """The two-item fixture with other SCH lines for ABC-123 (SE01 counted again), sent at
+    `time` on its day."""
+    fixture = (FIXTURES / "846-two-items.edi").read_text()
+    lines = fixture.replace("SCH*500*EA***018*20260201~", schedules)
+    segments = lines.split("ST*846*0001~")[1].split("SE*12*0001~")[0].count("~") + 2
+    lines = lines.replace("SE*12*0001~", f"SE*{segments}*0001~")
+    return lines.replace("*20260115*1430~", f"*20260115*{time}~").encode()
+
+
+def kept_incoming(runtime: Runtime, supplier: str, sku: str) -> Any:
+    with psycopg.connect(runtime.database_url) as conn:
+        [row] = conn.execute(
+            "SELECT incoming FROM inventoryledger_levels WHERE supplier_id = %s AND sku = %s",
+            (supplier, sku),
+        ).fetchall()
+    return row[0]
+
+
+def test_sch_lines_are_kept_as_incoming_stock_in_base_units_and_only_news_is_applied(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(
+        ledger, "sch", {"ABC-123": "SKU-SCH", "XYZ-9": "SKU-NOSCH"}, connector={"units": {"CS": 12}}
+    )
+    two = "SCH*500*EA***018*20260201~SCH*2*CS***018*20260215~"
+    first = ingest(ledger, "sch", edi_with(two), "edi846")
+    events = stock_events(ledger)
+    again = ingest(ledger, "sch", edi_with(two, time="1500"), "edi846")  # later, the same
+    events_again = stock_events(ledger)
+    moved = ingest(ledger, "sch", edi_with("SCH*2*CS***018*20260215~", time="1530"), "edi846")
+    position = ledger.app.repository.get(StockItem.id_for("SKU-SCH")).positions["sch"]
+    cleared = ingest(ledger, "sch", edi_with("", time="1600"), "edi846")
+    after = ledger.app.repository.get(StockItem.id_for("SKU-SCH")).positions["sch"]
+
+    assert (first.applied, again.unchanged, again.applied) == (2, 2, 0)
+    assert events_again == events  # the repeat left no event
+    assert kept_incoming(ledger, "sch", "SKU-NOSCH") is None
+    assert (moved.applied, moved.unchanged) == (1, 1)  # only the schedule changed
+    assert position.incoming == (("2026-02-15", 24),)
+    assert position.quantity == 120
+    assert (cleared.applied, after.incoming) == (1, ())
+    assert kept_incoming(ledger, "sch", "SKU-SCH") is None
+
+
+def test_incoming_stock_in_a_unit_nobody_knows_refuses_the_record_alone(ledger: Runtime) -> None:
+    setup_supplier(ledger, "schu", {"ABC-123": "SKU-SCHU", "XYZ-9": "SKU-SCHU2"})
+    result = ingest(ledger, "schu", edi_with("SCH*2*PALLET***018*20260215~"), "edi846")
+
+    assert (result.applied, [r.reason for r in result.rejections]) == (
+        1,
+        ["unknown_unit: 'PALLET'"],
+    )
+    assert ledger.app.repository.get(StockItem.id_for("SKU-SCHU")).positions == {}

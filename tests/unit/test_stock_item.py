@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, uuid5
 
 import pytest
+from eventsourcing.persistence import StoredEvent
 
+from ledger.application import InventoryLedger
 from ledger.base import Cause
 from ledger.stock import Allocation, ObservationOutcome, StockItem, StockLevels
 from ledger.supplier import SupplierTerms
@@ -706,3 +709,51 @@ def test_a_late_report_changes_no_number() -> None:
     observe(item, acme, 0, at(9), when=at(20), cause=WHEN)
 
     assert _numbers(item.levels(at(20), terms_of(acme))) == before == (10, 4, 0, 6)
+
+
+def test_incoming_stock_is_news_of_the_level_yet_never_on_hand_or_sellable() -> None:
+    acme = supplier("acme")
+    item = new_item()
+    expected = (("2026-02-01", 500), (None, 24))
+
+    def report(seconds: float, incoming: tuple[tuple[str | None, int], ...]) -> ObservationOutcome:
+        return item.observe("acme", 10, at(seconds), acme, at(seconds), GIVEN, incoming=incoming)
+
+    outcomes = [report(1, expected), report(2, expected), report(3, expected[:1]), report(4, ())]
+    history = list(item.collect_events())
+
+    assert outcomes == [
+        ObservationOutcome.APPLIED,
+        ObservationOutcome.UNCHANGED,  # the same level and the same schedule
+        ObservationOutcome.APPLIED,  # only the schedule changed
+        ObservationOutcome.APPLIED,  # none expected any more
+    ]
+    assert [event.incoming for event in history if isinstance(event, StockItem.Observed)] == [
+        [["2026-02-01", 500], [None, 24]],
+        [["2026-02-01", 500]],
+        [],
+    ]
+    part = replayed(history[:2])  # registered, then the first report
+    assert part.positions["acme"].incoming == (("2026-02-01", 500), (None, 24))
+    levels = part.levels(at(2), terms_of(acme))
+    assert (levels.on_hand, levels.sellable, levels.suppliers[0].incoming) == (10, 10, expected)
+    assert replayed(history).positions["acme"].incoming == ()
+
+
+def test_an_observed_event_stored_before_incoming_stock_was_kept_reads_as_expecting_none() -> None:
+    app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
+    item = new_item()
+    observe(item, supplier("acme"), 7, at(1))
+    registered, observed = item.collect_events()
+    stored = app.mapper.to_stored_event(observed)
+    state = json.loads(stored.state)
+    assert (state.pop("class_version"), state.pop("incoming")) == (2, [])
+    before = StoredEvent(
+        stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
+    )  # as version 1 wrote it
+
+    read = app.mapper.to_domain_event(before)
+
+    assert isinstance(read, StockItem.Observed)
+    assert (read.quantity, read.incoming) == (7, [])
+    assert replayed([registered, read]).positions["acme"].incoming == ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -13,7 +14,7 @@ from api.answers import availability_fields, written
 from api.deps import Read, ReadDep, json_answer
 from api.errors import ApiError
 from api.routers.skus import SkuPath
-from api.schemas import AvailabilityBatchOut, AvailabilityOut, Sku, SupplierLevelOut
+from api.schemas import AvailabilityBatchOut, AvailabilityOut, IncomingOut, Sku, SupplierLevelOut
 from ledger.stock import StockLevels
 
 router = APIRouter(prefix="/v1/availability", tags=["availability"])
@@ -40,6 +41,13 @@ def availability_out(levels: StockLevels, limited_at: int, position: int) -> Ava
                 stale=level.stale,
                 excluded=level.excluded,
                 lead_time_days=level.lead_time_days,
+                incoming=[
+                    IncomingOut(
+                        quantity=quantity,
+                        expected_on=None if on is None else date.fromisoformat(on),
+                    )
+                    for on, quantity in level.incoming
+                ],
             )
             for level in levels.suppliers
         ],

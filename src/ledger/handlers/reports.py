@@ -29,6 +29,7 @@ class Level:
     sku: str
     quantity: int
     observed_at: datetime
+    incoming: tuple[tuple[str | None, int], ...] = ()
 
 
 @handles(ReportStock)
@@ -66,6 +67,7 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
             source=command.source,
             delivery_id=command.delivery_id,
             seen_at=seen_at,
+            incoming=level.incoming,
         )
         if result is ObservationOutcome.UNCHANGED and (
             seen_at is None or level.observed_at > seen_at
@@ -131,7 +133,7 @@ def _newest_per_sku(
         latest = max(level.observed_at for level in levels)
         at_latest = [level for level in levels if level.observed_at == latest]
         superseded += len(levels) - len(at_latest)
-        if len({level.quantity for level in at_latest}) > 1:
+        if len({(level.quantity, level.incoming) for level in at_latest}) > 1:
             rejected.extend(
                 Rejection(level.index, "conflicting_duplicate", records[level.index].as_record())
                 for level in at_latest
@@ -148,7 +150,9 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         return "negative_quantity"
     if observation.observed_at > command.at + CLOCK_SKEW_TOLERANCE:
         return "observed_at_in_future"
-    quantity, sku = observation.quantity, observation.sku
+    quantity, sku, incoming = observation.quantity, observation.sku, observation.incoming
+    if any(expected_quantity < 0 for _, expected_quantity in incoming):
+        return "negative_incoming"
     if observation.supplier_sku is not None:
         mapping = uow.get(
             SkuMapping, SkuMapping.id_for(command.supplier_id, observation.supplier_sku)
@@ -156,8 +160,9 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         if mapping is None:
             return "unmapped_supplier_sku"
         quantity, sku = mapping.to_base_units(quantity), mapping.sku
-    if quantity > MAX_QUANTITY:
+        incoming = tuple((on, mapping.to_base_units(q)) for on, q in incoming)
+    if quantity > MAX_QUANTITY or any(q > MAX_QUANTITY for _, q in incoming):
         return "quantity_out_of_range"
     if sku is None or uow.get(StockItem, StockItem.id_for(sku)) is None:
         return "unknown_sku"
-    return Level(observation.index, sku, quantity, observation.observed_at)
+    return Level(observation.index, sku, quantity, observation.observed_at, incoming)
