@@ -38,7 +38,8 @@ def listing(
             " attempts, created_at, updated_at FROM connector_dead_letters"
             " WHERE id > %(after)s"
             " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
-            " AND (%(reason)s::text IS NULL OR reason LIKE %(reason)s || '%%')"
+            # A prefix, taken as written: "_" or "%" in it are not patterns.
+            " AND (%(reason)s::text IS NULL OR starts_with(reason, %(reason)s))"
             " AND (%(status)s::text IS NULL OR status = %(status)s)"
             " ORDER BY id LIMIT %(limit)s",
             {

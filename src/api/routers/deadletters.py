@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
@@ -16,9 +17,14 @@ router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
 
 
 class BulkRetryIn(Strict):
-    supplier_id: str | None = None
-    reason: str | None = None
-    limit: int = 1000
+    """Which open letters to apply again (all those of a supplier, of a reason, or both),
+    in id order, at most `limit`."""
+
+    supplier_id: Annotated[str | None, Field(pattern=SUPPLIER_ID_PATTERN)] = None
+    reason: Annotated[
+        str | None, Field(max_length=100, pattern=PRINTABLE, description="a reason prefix")
+    ] = None
+    limit: Annotated[int, Field(ge=1, le=100_000, strict=True)] = 1000
 
 
 def _out(outcome: RetryOutcome) -> dict[str, Any]:
@@ -70,12 +76,13 @@ async def retry_many(
     body: BulkRetryIn, key: AdminKey, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
     """Applies open letters again in bulk, by supplier and reason."""
-    letters = listing(
+    letters = await run_in_threadpool(
+        listing,
         runtime.store,
         supplier_id=body.supplier_id,
         reason=body.reason,
         status="open",
-        limit=min(body.limit, 100_000),
+        limit=body.limit,
     )
     ids = [letter["id"] for letter in letters]
     outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, ids, key.name)

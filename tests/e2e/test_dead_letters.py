@@ -1,0 +1,244 @@
+"""Dead letters over HTTP: listed by supplier, reason and status, paged, and retried in bulk."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, serving
+from tests.e2e.test_feeds import finished, on_hand, supplier
+
+UNMAPPED = "unmapped_supplier_sku"
+NEGATIVE = "negative_quantity"
+
+
+@pytest.fixture(scope="module")
+def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(postgres_server_url, tmp_path_factory.mktemp("dead-letters"), 2) as s:
+        yield s
+
+
+def deliver(admin: httpx.Client, supplier_id: str, lines: dict[str, int]) -> None:
+    """One CSV delivery of these supplier SKUs and quantities, observed a minute ago, applied."""
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    rows = "".join(f"{supplier_sku},{quantity},{at}\n" for supplier_sku, quantity in lines.items())
+    accepted = admin.post(
+        f"/v1/suppliers/{supplier_id}/feeds",
+        params={"format": "csv"},
+        content=f"sku,quantity,observed_at\n{rows}".encode(),
+    )
+    assert accepted.status_code == 202, accepted.text
+    assert finished(admin, supplier_id, accepted.json()["delivery_id"])["status"] == "applied"
+
+
+def letters(client: httpx.Client, **params: Any) -> list[dict[str, Any]]:
+    answer = client.get("/v1/dead-letters", params=params)
+    assert answer.status_code == 200, answer.text
+    return list(answer.json()["items"])
+
+
+def named(items: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Letters as (supplier, supplier SKU, reason), in the order listed."""
+    return [(i["supplier_id"], i["record"]["supplier_sku"], i["reason"]) for i in items]
+
+
+def map_skus(admin: httpx.Client, supplier_id: str, skus: dict[str, str]) -> None:
+    mappings = [{"supplier_sku": supplier_sku, "sku": sku} for supplier_sku, sku in skus.items()]
+    answer = admin.put(f"/v1/suppliers/{supplier_id}/mappings", json={"mappings": mappings})
+    assert answer.status_code == 200, answer.text
+
+
+def refusing_suppliers(admin: httpx.Client) -> tuple[str, str]:
+    """Two suppliers whose deliveries left letters of two reasons each, nothing mapped."""
+    first, second = supplier(admin, {}), supplier(admin, {})
+    deliver(admin, first, {"LATE-1": 7, "LATE-2": 9, "NEG-1": -3})
+    deliver(admin, second, {"B-1": 4, "B-2": 6, "NEG-2": -1})
+    return first, second
+
+
+def test_letters_are_listed_by_supplier_and_by_reason(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        first, second = refusing_suppliers(admin)
+        mine = {first, second}
+        by_first = letters(admin, supplier_id=first)
+        unmapped_of_first = letters(admin, supplier_id=first, reason=UNMAPPED)
+        by_prefix = letters(admin, supplier_id=first, reason="unmapped")
+        negative = [i for i in letters(admin, reason=NEGATIVE) if i["supplier_id"] in mine]
+        everyone_s_negative = letters(admin, reason=NEGATIVE, status="all")
+        nobody_s = letters(admin, supplier_id=f"none-{uuid.uuid4().hex[:6]}")
+
+    assert named(by_first) == [
+        (first, "LATE-1", UNMAPPED),
+        (first, "LATE-2", UNMAPPED),
+        (first, "NEG-1", NEGATIVE),
+    ]
+    assert [i["status"] for i in by_first] == ["open"] * 3
+    assert named(unmapped_of_first) == [(first, "LATE-1", UNMAPPED), (first, "LATE-2", UNMAPPED)]
+    assert by_prefix == unmapped_of_first
+    assert named(negative) == [(first, "NEG-1", NEGATIVE), (second, "NEG-2", NEGATIVE)]
+    assert {i["reason"] for i in everyone_s_negative} == {NEGATIVE}
+    assert nobody_s == []
+
+
+def test_a_reason_filter_is_a_prefix_not_a_pattern(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        first, _ = refusing_suppliers(admin)
+        # "_" and "%" begin no reason; read as LIKE wildcards they match every letter.
+        underscore = letters(admin, supplier_id=first, reason="_")
+        percent = letters(admin, supplier_id=first, reason="%")
+        inside = letters(admin, supplier_id=first, reason="n_gative")
+    assert (underscore, percent, inside) == ([], [], [])
+
+
+def walk(client: httpx.Client, limit: int, **scope: Any) -> list[int]:
+    """Every letter's id, page by page from `after=0`, each page handing on its last id."""
+    walked: list[int] = []
+    after = 0
+    while True:
+        answer = client.get(
+            "/v1/dead-letters", params={"status": "all", "limit": limit, "after": after, **scope}
+        )
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        assert len(page["items"]) <= limit
+        walked += [i["id"] for i in page["items"]]
+        if page["next_after"] is None:
+            return walked
+        assert page["next_after"] == walked[-1]
+        after = page["next_after"]
+
+
+def test_paging_walks_every_letter_once_in_order(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        crowded = supplier(admin, {})
+        deliver(admin, crowded, {f"P-{n}": n - 2 for n in range(7)})  # 5 unmapped, 2 negative
+        of_crowded = [i["id"] for i in letters(admin, supplier_id=crowded, status="all")]
+        everyone_s = [i["id"] for i in letters(admin, status="all", limit=1000)]
+        walks = {
+            (scope, limit): walk(admin, limit, **({"supplier_id": crowded} if scope else {}))
+            for scope in (True, False)
+            for limit in (1, 2, 3, 7)
+        }
+        middle = of_crowded[3]
+        rest = letters(admin, supplier_id=crowded, status="all", after=middle)
+
+    assert len(of_crowded) == 7
+    assert of_crowded == sorted(set(of_crowded))
+    assert set(of_crowded) < set(everyone_s)
+    assert everyone_s == sorted(set(everyone_s))
+    for (scope, limit), walked in walks.items():
+        assert walked == (of_crowded if scope else everyone_s), (scope, limit)
+    assert [i["id"] for i in rest] == of_crowded[4:]
+
+
+def test_a_bulk_retry_applies_only_the_letters_it_names_and_only_once(ledger: Server) -> None:
+    skus = {
+        name: f"DLB-{name}-{uuid.uuid4().hex[:6]}" for name in ("LATE-1", "LATE-2", "B-1", "B-2")
+    }
+    with ledger.client("test-admin") as admin:
+        first, second = refusing_suppliers(admin)
+        map_skus(admin, first, {name: skus[name] for name in ("LATE-1", "LATE-2")})
+        map_skus(admin, second, {name: skus[name] for name in ("B-1", "B-2")})
+        before = {s: letters(admin, supplier_id=s, status="all") for s in (first, second)}
+        late = [i["id"] for i in before[first] if i["reason"] == UNMAPPED]
+        resolved_before = letters(admin, supplier_id=first, status="resolved")
+
+        retried = admin.post(
+            "/v1/dead-letters/retry", json={"supplier_id": first, "reason": UNMAPPED}
+        )
+        assert retried.status_code == 200, retried.text
+        position = retried.json()["position"]
+        levels = {name: on_hand(ledger, sku, position) for name, sku in skus.items()}
+        after = {s: letters(admin, supplier_id=s, status="all") for s in (first, second)}
+        open_of_first = letters(admin, supplier_id=first, status="open")
+        resolved_of_first = letters(admin, supplier_id=first, status="resolved")
+
+        again = admin.post(
+            "/v1/dead-letters/retry", json={"supplier_id": first, "reason": UNMAPPED}
+        )
+        after_again = {s: letters(admin, supplier_id=s, status="all") for s in (first, second)}
+        levels_again = {name: on_hand(ledger, sku, position) for name, sku in skus.items()}
+
+    assert resolved_before == []
+    assert retried.json() == {
+        "resolved": late,
+        "still_refused": [],
+        "not_retryable": [],
+        "position": position,
+    }
+    assert levels == {"LATE-1": 7, "LATE-2": 9, "B-1": 0, "B-2": 0}
+    assert [i["id"] for i in resolved_of_first] == late
+    assert named(open_of_first) == [(first, "NEG-1", NEGATIVE)]
+    assert [(i["status"], i["attempts"]) for i in after[first]] == [
+        ("resolved", 1),
+        ("resolved", 1),
+        ("open", 0),
+    ]
+    assert after[second] == before[second]
+    assert again.status_code == 200, again.text
+    assert again.json() == {
+        "resolved": [],
+        "still_refused": [],
+        "not_retryable": [],
+        "position": None,
+    }
+    assert after_again == after
+    assert levels_again == levels
+
+
+def test_a_bulk_retry_takes_at_most_its_limit_and_keeps_what_is_still_refused(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin:
+        _, second = refusing_suppliers(admin)
+        skus = {name: f"DLL-{name}-{uuid.uuid4().hex[:6]}" for name in ("B-1", "B-2")}
+        map_skus(admin, second, skus)
+        [b1, b2, negative] = [i["id"] for i in letters(admin, supplier_id=second)]
+        one = admin.post("/v1/dead-letters/retry", json={"supplier_id": second, "limit": 1})
+        assert one.status_code == 200, one.text
+        levels = {name: on_hand(ledger, sku, one.json()["position"]) for name, sku in skus.items()}
+        refused = admin.post(
+            "/v1/dead-letters/retry", json={"supplier_id": second, "reason": "negative"}
+        )
+        still_open = letters(admin, supplier_id=second)
+
+    assert one.json()["resolved"] == [b1]
+    assert levels == {"B-1": 4, "B-2": 0}
+    assert refused.json()["resolved"] == []
+    assert refused.json()["still_refused"] == [{"id": negative, "reason": NEGATIVE}]
+    assert [(i["id"], i["attempts"]) for i in still_open] == [(b2, 0), (negative, 1)]
+
+
+def test_only_an_admin_may_retry_in_bulk(ledger: Server) -> None:
+    with ledger.client("test-audit") as auditor, httpx.Client(base_url=ledger.base_url) as anyone:
+        forbidden = auditor.post("/v1/dead-letters/retry", json={})
+        unknown = anyone.post("/v1/dead-letters/retry", json={})
+    assert (forbidden.status_code, forbidden.json()["error"]) == (403, "forbidden")
+    assert (unknown.status_code, unknown.json()["error"]) == (401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"limit": 0}, id="limit zero"),
+        pytest.param({"limit": -1}, id="negative limit"),
+        pytest.param({"limit": "many"}, id="limit not a number"),
+        pytest.param({"limt": 5}, id="unknown field"),
+        pytest.param({"supplier_id": "a\x00b"}, id="NUL in supplier_id"),
+        pytest.param({"reason": "a\x00b"}, id="NUL in reason"),
+        pytest.param({"supplier_id": ["acme"]}, id="supplier_id not text"),
+    ],
+)
+def test_a_bad_bulk_retry_body_is_refused_with_a_validation_error(
+    ledger: Server, body: dict[str, Any]
+) -> None:
+    with ledger.client("test-admin") as admin:
+        answer = admin.post("/v1/dead-letters/retry", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "validation_error"
+    assert answer.json()["detail"][0]["loc"][0] == "body"
