@@ -19,16 +19,17 @@ def succeeded(
     conn.execute(
         "INSERT INTO connector_health (supplier_id, last_success_at, consecutive_failures,"
         " last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, updated_at)"
-        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, now())"
+        " deliveries, rows, updated_at)"
+        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, %s, now())"
         " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
         " consecutive_failures = 0, last_delivery_id = excluded.last_delivery_id,"
         " last_rows = excluded.last_rows, last_applied = excluded.last_applied,"
         " last_rejected = excluded.last_rejected,"
         " last_lag_seconds = coalesce(excluded.last_lag_seconds,"
         "   connector_health.last_lag_seconds),"
-        " deliveries = connector_health.deliveries + 1, updated_at = now()",
-        (supplier_id, delivery_id, rows, applied, rejected, lag_seconds),
+        " deliveries = connector_health.deliveries + 1,"
+        " rows = connector_health.rows + excluded.rows, updated_at = now()",
+        (supplier_id, delivery_id, rows, applied, rejected, lag_seconds, rows),
     )
 
 
@@ -56,10 +57,11 @@ def set_breaker(conn: Connection, supplier_id: str, state: str) -> None:
 
 
 def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, Any]]:
+    """Feed health per supplier, as the view `view_feed_health` holds it."""
     return conn.execute(
         "SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures,"
         " breaker, last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, failures, updated_at FROM connector_health"
+        " deliveries, failures, rows_per_delivery, updated_at FROM view_feed_health"
         " WHERE %s::text IS NULL OR supplier_id = %s ORDER BY supplier_id",
         (supplier_id, supplier_id),
     ).fetchall()

@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS connector_health (
 );
 -- Every failure, not only those in a row (for the failures counter at /metrics).
 ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS failures bigint NOT NULL DEFAULT 0;
+ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS rows bigint NOT NULL DEFAULT 0;
+-- Feed health as operators and dashboards read it (GET /v1/feeds/health reads it too).
+CREATE OR REPLACE VIEW view_feed_health AS
+SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures, breaker,
+       last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds, deliveries,
+       failures, updated_at,
+       round(rows::numeric / nullif(deliveries, 0), 1)::double precision AS rows_per_delivery
+FROM connector_health;
 CREATE TABLE IF NOT EXISTS connector_webhook_signatures (
     supplier_id text NOT NULL,
     signature text NOT NULL,

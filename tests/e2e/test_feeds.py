@@ -86,7 +86,7 @@ def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Serve
     assert set(status["seconds"]) == {"read", "compare", "apply", "notes"}
     assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
     mine = [s for s in feed_health["suppliers"] if s["supplier_id"] == supplier_id]
-    assert mine[0]["last_rows"] == 2
+    assert (mine[0]["last_rows"], mine[0]["rows_per_delivery"]) == (2, 2.0)
     assert mine[0]["consecutive_failures"] == 0
 
 

@@ -227,3 +227,20 @@ def test_a_file_listed_again_before_it_was_moved_is_not_stored_again(
     assert (
         level(ledger, "stuck", first.supplier_sku) == first.quantity * first.units_per_supplier_unit
     )
+
+
+def test_feed_health_is_a_view_with_rows_per_delivery(ledger: Runtime) -> None:
+    with ledger.store.connection() as conn:
+        health.succeeded(conn, "sized", "d-1", rows=2, applied=2, rejected=0, lag_seconds=1.5)
+        health.succeeded(conn, "sized", "d-2", rows=5, applied=1, rejected=1, lag_seconds=None)
+        assert health.failed(conn, "sized", "http_503: unavailable") == 1
+        [viewed] = conn.execute(
+            "SELECT * FROM view_feed_health WHERE supplier_id = 'sized'"
+        ).fetchall()
+        [reported] = health.report(conn, "sized")
+
+    assert (viewed["deliveries"], viewed["rows_per_delivery"]) == (2, 3.5)
+    assert (viewed["last_rows"], viewed["last_rejected"], viewed["last_lag_seconds"]) == (5, 1, 1.5)
+    assert (viewed["consecutive_failures"], viewed["failures"]) == (1, 1)
+    assert reported["rows_per_delivery"] == 3.5
+    assert reported["last_error"] == "http_503: unavailable"
