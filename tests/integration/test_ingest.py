@@ -599,3 +599,25 @@ def test_incoming_stock_in_a_unit_nobody_knows_refuses_the_record_alone(ledger: 
         ["unknown_unit: 'PALLET'"],
     )
     assert ledger.app.repository.get(StockItem.id_for("SKU-SCHU")).positions == {}
+
+
+def test_a_report_older_than_the_supplier_s_max_age_is_refused_alone(ledger: Runtime) -> None:
+    setup_supplier(
+        ledger,
+        "aged",
+        {"OLD": "SKU-AGED-1", "NEW": "SKU-AGED-2"},
+        connector={"max_age_seconds": 3600},
+    )
+    now = datetime.now(UTC)
+    body = (
+        "sku,quantity,observed_at\n"
+        f"OLD,5,{(now - timedelta(hours=2)).isoformat()}\n"
+        f"NEW,6,{(now - timedelta(minutes=59)).isoformat()}\n"
+    ).encode()
+
+    result = ingest(ledger, "aged", body)
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "too_old")]
+    assert result.applied == 1
+    assert on_hand(ledger, "SKU-AGED-2") == 6
+    assert ledger.app.repository.get(StockItem.id_for("SKU-AGED-1")).positions == {}
