@@ -23,7 +23,9 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
@@ -317,14 +319,24 @@ def ingest_command(
             for chunk in iter(lambda: source.read(1 << 20), b""):
                 digest.update(chunk)
         delivery = delivery_id or f"sha256:{digest.hexdigest()[:32]}"
+        size = file.stat().st_size
         with (
             Progress(
                 TextColumn("{task.description}"),
-                TextColumn("{task.completed:,} rows"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rows]:,} rows"),
+                TimeElapsedColumn(),
             ) as progress,
             file.open("rb") as source,
         ):
-            task = progress.add_task(f"{file.name}", total=None)
+            # The bar follows the bytes read, the count the rows: a file's size is known
+            # at once, its number of records only once it is read.
+            task = progress.add_task(f"{file.name}", total=max(size, 1), rows=0)
+
+            def advanced(rows: int) -> None:
+                progress.update(task, completed=min(source.tell(), size), rows=rows)
+
             try:
                 result = runtime.ingestor.ingest(
                     supplier,
@@ -334,10 +346,11 @@ def ingest_command(
                     source="cli",
                     received_at=datetime.now(UTC),
                     actor="cli",
-                    progress=lambda rows: progress.update(task, completed=rows),
+                    progress=advanced,
                 )
             except FeedRejected as broken:
                 raise typer.BadParameter(f"the file is rejected whole: {broken.reason}") from None
+            progress.update(task, completed=max(size, 1), rows=result.rows)
         with runtime.store.transaction() as conn:
             record_dead_letters(conn, supplier, delivery, result.rejections)
             health.succeeded(

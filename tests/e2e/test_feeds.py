@@ -334,6 +334,9 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
         in applied.stdout
     )
     assert "took read " in applied.stdout
+    [bar] = [line for line in applied.stdout.splitlines() if line.startswith("stock.csv")]
+    assert "100%" in bar, applied.stdout  # the file read whole
+    assert "2 rows" in bar, applied.stdout
     assert " apply " in applied.stdout
     assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
     deadline = time.monotonic() + 20
