@@ -1,9 +1,10 @@
-"""The demo that `make run` serves: four simulated suppliers feeding the ledger live.
+"""The demo that `make run` serves: five simulated suppliers feeding the ledger live.
 
 - acme:     a REST API the ledger polls (paginated JSON with ETags),
 - globex:   signed webhooks pushed to the ledger,
 - initech:  CSV files dropped into a watched folder,
-- umbrella: EDI X12 846 files pulled over SFTP.
+- umbrella: EDI X12 846 files pulled over SFTP,
+- hooli:    XML files pulled over FTP.
 Each reports a small catalogue whose quantities move every few seconds; one item of
 each is left unmapped, so dead letters and conflicts have something to show.
 """
@@ -25,6 +26,7 @@ import structlog
 from api.settings import Settings
 from connectors.simulator import (
     Catalogue,
+    FtpSupplier,
     RestSupplier,
     SftpSupplier,
     client_key,
@@ -51,6 +53,7 @@ DEMO_KEYS = (
 SKUS = ["WIDGET-BLUE", "WIDGET-RED", "GADGET-9", "GIZMO-1", "SPROCKET-3"]
 WEBHOOK_SECRET_VARIABLE = "LEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 SFTP_KEY_VARIABLE = "LEDGER_DEMO_SFTP_KEY"  # the private key of the SFTP login
+FTP_PASSWORD_VARIABLE = "LEDGER_DEMO_FTP_PASSWORD"  # noqa: S105 - a variable name
 
 
 @dataclass
@@ -62,6 +65,7 @@ class LiveSuppliers:
     catalogues: dict[str, Catalogue] = field(default_factory=dict)
     rest: RestSupplier | None = None
     sftp: SftpSupplier | None = None
+    ftp: FtpSupplier | None = None
     known_hosts: Path | None = None  # the SFTP server's host key, pinned
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -73,12 +77,13 @@ class LiveSuppliers:
             ("globex", "GLX"),
             ("initech", "INI"),
             ("umbrella", "UMB"),
+            ("hooli", "HOOLI"),
         ):
             self.catalogues[supplier] = Catalogue(
                 len(SKUS) + 1, seed=len(prefix), observed_at=now, prefix=prefix
             )
         os.environ.setdefault(WEBHOOK_SECRET_VARIABLE, secrets.token_hex(16))
-        for name in ("initech", "umbrella"):
+        for name in ("initech", "umbrella", "hooli"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
         self.rest = RestSupplier(self.catalogues["acme"], pagination="link", page_size=4).start()
         # The SFTP login as production should have it: a key, and the server's host key
@@ -90,12 +95,17 @@ class LiveSuppliers:
         ).start()
         self.known_hosts = self.folder / "umbrella.known_hosts"
         self.known_hosts.write_text(self.sftp.known_hosts + "\n")
+        os.environ.setdefault(FTP_PASSWORD_VARIABLE, secrets.token_hex(16))
+        self.ftp = FtpSupplier(
+            self.folder / "hooli", username="demo", password=os.environ[FTP_PASSWORD_VARIABLE]
+        ).start()
         return self
 
     def connectors(self) -> dict[str, dict[str, Any]]:
         """Each supplier's connector settings, pointing at its simulator."""
         assert self.rest is not None
         assert self.sftp is not None
+        assert self.ftp is not None
         assert self.known_hosts is not None
         every = {"schedule": {"interval_seconds": self.interval_seconds}, "units": {"CS": 12}}
         return {
@@ -121,6 +131,17 @@ class LiveSuppliers:
                     "known_hosts": str(self.known_hosts),
                 },
             },
+            "hooli": {
+                **every,
+                "ftp": {
+                    "host": self.ftp.host,
+                    "port": self.ftp.port,
+                    "username": "demo",
+                    "password_ref": f"env:{FTP_PASSWORD_VARIABLE}",
+                    "path": "/",
+                    "format": "xml",
+                },
+            },
         }
 
     def feed(self, base_url: str) -> None:
@@ -134,7 +155,7 @@ class LiveSuppliers:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        for server in (self.rest, self.sftp):
+        for server in (self.rest, self.sftp, self.ftp):
             if server is not None:
                 server.stop()
 
@@ -163,6 +184,7 @@ class LiveSuppliers:
         )
         drop(self.folder / "initech", "csv", self.catalogues["initech"].items())
         drop(self.folder / "umbrella", "edi846", self.catalogues["umbrella"].items())
+        drop(self.folder / "hooli", "xml", self.catalogues["hooli"].items())
 
 
 SUPPLIERS = {
@@ -197,6 +219,13 @@ SUPPLIERS = {
         stale_after_seconds=300,
         exclude_after_seconds=3600,
     ),
+    "hooli": SupplierTerms(
+        name="Hooli Parts",
+        priority=5,
+        lead_time_days=4,
+        stale_after_seconds=300,
+        exclude_after_seconds=3600,
+    ),
 }
 
 
@@ -225,7 +254,10 @@ def demo_settings_banner(settings: Settings, url: str) -> str:
         f"  {key.role:<10} {key.name:<12} {key.secret.get_secret_value()}"
         for key in settings.api_keys
     ]
-    lines.append("Four simulated suppliers (REST, webhook, drop folder, SFTP) feed it live.")
+    lines.append(
+        "Five simulated suppliers (REST, webhook, CSV drop folder, EDI over SFTP, XML over FTP)"
+        " feed it live."
+    )
     auth = '-H "Authorization: Bearer demo-storefront-key"'
     lines.append(f"Try: curl {auth} {url}/v1/availability/WIDGET-BLUE")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`make run` serves the demo: demo keys, and four simulated suppliers feeding it live."""
+"""`make run` serves the demo: demo keys, and five simulated suppliers feeding it live."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import httpx
 
 from tests.conftest import start_server, stop_server
 
-SUPPLIERS = {"acme", "globex", "initech", "umbrella"}  # REST, webhook, folder, SFTP
+# REST, webhook, CSV in a folder, EDI over SFTP, XML over FTP
+SUPPLIERS = {"acme", "globex", "initech", "umbrella", "hooli"}
 
 
 def test_the_demo_is_fed_live_by_a_supplier_of_each_kind(database_url: str, tmp_path: Path) -> None:
