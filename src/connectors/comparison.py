@@ -29,7 +29,7 @@ def _repeats(record: str) -> sql.Composed:
     records it again (`refresh`). RESOLVE, TOUCH and NOT_NOTED share it."""
     return sql.SQL(
         """(l.quantity = {c}.quantity
-     AND l.incoming IS NOT DISTINCT FROM {c}.incoming
+     AND ({c}.incoming IS NULL OR l.incoming IS NOT DISTINCT FROM nullif({c}.incoming, '[]'))
      AND NOT (l.unreported_from IS NOT NULL
               AND floor(extract(epoch FROM {c}.observed_at)) >= l.unreported_from)
      AND NOT (%(refresh)s::interval IS NOT NULL
@@ -52,8 +52,10 @@ def _repeats(record: str) -> sql.Composed:
 # - "repeat": repeats the level on record and is newer than any report of it seen, to be
 #   noted below (an older report arriving later is then late);
 # - "seen": repeats the newest report seen (a delivery again): nothing to do.
-# `incoming` (EDI SCH lines; null when none) is in base units as [expected on, quantity]
-# pairs, the form the ledger keeps beside the level, for a resolved record.
+# `incoming` (EDI SCH lines) is, for a resolved record, in base units as [expected on,
+# quantity] pairs, the form the ledger keeps beside the level ([] when none is expected,
+# where the level keeps null); null where the record says nothing of it (CSV, JSON, XML):
+# the level's schedule then stands.
 # Only an unresolved record keeps what the supplier wrote (its supplier SKU, UPC, unit,
 # quantity and incoming stock as staged), for its dead letter: the others are sorted and
 # written without them, 3.5 against 4.0 s for 1,000,000 rows (means of three alternating
@@ -70,12 +72,12 @@ WITH resolved AS (
            s.quantity * coalesce(s.factor, m.units_per_supplier_unit,
                                  u.units_per_supplier_unit, 1) AS quantity,
            CASE WHEN s.incoming IS NULL OR coalesce(m.sku, u.sku) IS NULL THEN s.incoming
-           ELSE (SELECT jsonb_agg(jsonb_build_array(
+           ELSE (SELECT coalesce(jsonb_agg(jsonb_build_array(
                             e -> 0,
                             (e ->> 1)::bigint * coalesce((e ->> 2)::integer,
                                                          m.units_per_supplier_unit,
                                                          u.units_per_supplier_unit, 1))
-                        ORDER BY o)
+                        ORDER BY o), '[]')
                  FROM jsonb_array_elements(s.incoming) WITH ORDINALITY AS x(e, o))
            END AS incoming
     FROM feed_staging s

@@ -384,9 +384,11 @@ class Ingestor:
                     "quantity": row["reported"],
                     "unit": row["unit"],
                     "observed_at": row["observed_at"].isoformat(),
-                    "incoming": [
+                    "incoming": None
+                    if row["incoming"] is None
+                    else [
                         {"quantity": quantity, "expected_on": on, "unit": unit}
-                        for on, quantity, _, unit in row["incoming"] or ()
+                        for on, quantity, _, unit in row["incoming"]
                     ],
                 }
                 letter = {"fields": fields, "raw": fields}
@@ -398,7 +400,9 @@ class Ingestor:
                         sku=row["sku"],
                         quantity=row["quantity"],
                         observed_at=row["observed_at"],
-                        incoming=tuple((on, quantity) for on, quantity in row["incoming"] or ()),
+                        incoming=None
+                        if row["incoming"] is None
+                        else tuple((on, quantity) for on, quantity in row["incoming"]),
                     )
                 )
         return observations

@@ -9,7 +9,9 @@ Per supplier, from its connector settings (all optional):
   `exclude_after_seconds`, else no limit).
 A naive timestamp is in the supplier's `timezone`; a record without one was observed when
 the delivery was received. Reports more than five minutes in the future are refused.
-Incoming stock (EDI SCH lines) is in its own unit if it names one, else in the record's.
+Incoming stock (EDI SCH lines) is in its own unit if it names one, else in the record's;
+a record in a format that cannot carry it says nothing of it (None), which leaves the
+schedule on record as it is.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class Staged:
     factor: int | None
     observed_at: datetime
     # Stock the supplier expects: [expected on (ISO date or None), quantity, factor (None:
-    # the mapping decides), unit as written], in the order reported.
-    incoming: list[list[Any]] = field(default_factory=list)
+    # the mapping decides), unit as written], in the order reported; None: not said.
+    incoming: list[list[Any]] | None = None
 
 
 def normalise(
@@ -111,8 +113,13 @@ def normalise(
     )
 
 
-def incoming_staged(record: Record, factor: int | None, rules: FeedRules) -> list[list[Any]] | str:
-    """The record's incoming stock as staged, or why the record is refused."""
+def incoming_staged(
+    record: Record, factor: int | None, rules: FeedRules
+) -> list[list[Any]] | str | None:
+    """The record's incoming stock as staged (None: it says nothing of it), or why the
+    record is refused."""
+    if record.incoming is None:
+        return None
     staged: list[list[Any]] = []
     for expected in record.incoming:
         if expected.quantity < 0:
@@ -163,7 +170,9 @@ def record_fields(record: Record, received_at: datetime) -> dict[str, Any]:
         "quantity": record.quantity,
         "unit": record.unit,
         "observed_at": (record.observed_at or received_at).isoformat(),
-        "incoming": [
+        "incoming": None
+        if record.incoming is None
+        else [
             {
                 "quantity": expected.quantity,
                 "expected_on": expected.expected_on and expected.expected_on.isoformat(),
@@ -184,13 +193,15 @@ def record_from_fields(position: int, fields: dict[str, Any], raw: dict[str, Any
         unit=fields.get("unit"),
         observed_at=None if observed is None else datetime.fromisoformat(observed),
         raw=raw,
-        # Letters written before incoming stock was kept hold none.
-        incoming=tuple(
+        # Letters written before incoming stock was kept say nothing of it.
+        incoming=None
+        if fields.get("incoming") is None
+        else tuple(
             Incoming(
                 expected["quantity"],
                 expected["expected_on"] and date.fromisoformat(expected["expected_on"]),
                 expected.get("unit"),
             )
-            for expected in fields.get("incoming") or ()
+            for expected in fields["incoming"]
         ),
     )

@@ -150,7 +150,9 @@ def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str
     for observation in batch:
         digest.update(
             f"{observation.index}|{observation.sku}|{observation.quantity}|"
-            f"{observation.observed_at.isoformat()}|{observation.incoming}\n".encode()
+            f"{observation.observed_at.isoformat()}"
+            # Said only where the report says it: parts without it keep the names they had.
+            f"{'' if observation.incoming is None else f'|{observation.incoming}'}\n".encode()
         )
     digest.update(json.dumps([r.as_dict() for r in rejections], default=str).encode())
     return digest.hexdigest()

@@ -134,7 +134,7 @@ def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
         staged.factor,
         unit,
         staged.observed_at,
-        json.dumps(staged.incoming) if staged.incoming else None,
+        None if staged.incoming is None else json.dumps(staged.incoming),
     )
 
 

@@ -84,8 +84,8 @@ class Observation:
     sku: str | None = None
     unit: str | None = None
     # Stock the supplier expects, as (expected on: ISO date or None, quantity), in the
-    # units of `quantity`.
-    incoming: tuple[tuple[str | None, int], ...] = ()
+    # units of `quantity`; None: the report says nothing of it (its format cannot).
+    incoming: tuple[tuple[str | None, int], ...] | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The observation as received, for the record of a refusal."""
@@ -95,7 +95,7 @@ class Observation:
             "quantity": self.quantity,
             "unit": self.unit,
             "observed_at": self.observed_at.isoformat(),
-            "incoming": [list(entry) for entry in self.incoming] or None,
+            "incoming": None if self.incoming is None else [list(e) for e in self.incoming],
         }
         return {name: value for name, value in record.items() if value is not None}
 

@@ -351,7 +351,9 @@ class StockItem(LedgerAggregate):
     class Observed(Event):
         """A supplier reported an absolute level; `exposure` is what it left over-promised;
         `incoming`, the stock it said it expects, as [expected on (ISO date or None),
-        quantity] pairs (version 2; a version 1 event, stored before, said none)."""
+        quantity] pairs; None where the report said nothing of it (its format cannot),
+        which leaves the schedule as it was (version 2; a version 1 event, stored before,
+        said nothing of it)."""
 
         TOPIC = "stockledger:StockItem.Observed"
         class_version = 2
@@ -362,18 +364,19 @@ class StockItem(LedgerAggregate):
         delivery_id: str | None
         previous_quantity: int | None
         exposure: int
-        incoming: list[list[Any]]
+        incoming: list[list[Any]] | None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
-            state["incoming"] = []
+            state["incoming"] = None
 
         def apply(self, item: StockItem) -> None:
             position = item.position(self.supplier_id)
             position.quantity = self.quantity
             position.observed_at = self.observed_at
             position.source = self.source
-            position.incoming = tuple((expected, quantity) for expected, quantity in self.incoming)
+            if self.incoming is not None:
+                position.incoming = tuple((on, quantity) for on, quantity in self.incoming)
             position.retire_reported(self.observed_at)
 
     class LateReportIgnored(Event):
@@ -539,10 +542,11 @@ class StockItem(LedgerAggregate):
         source: str = "",
         delivery_id: str | None = None,
         seen_at: datetime | None = None,
-        incoming: IncomingStock = (),
+        incoming: IncomingStock | None = None,
     ) -> ObservationOutcome:
         """Records an absolute supplier report; the newest `observed_at` per supplier wins.
-        `incoming`: the stock the report says the supplier expects (none: it expects none).
+        `incoming`: the stock the report says the supplier expects (empty: it expects none;
+        None: the report says nothing of it, and the schedule on record stands).
 
         `seen_at` is the newest report of this level the ledger has seen, recorded or
         not: a report that repeated the recorded quantity changes nothing and leaves no
@@ -566,7 +570,7 @@ class StockItem(LedgerAggregate):
                     **cause.as_kwargs(),
                 )
                 return ObservationOutcome.LATE
-            if current.incoming == incoming and not self._changes_anything(
+            if incoming in (None, current.incoming) and not self._changes_anything(
                 current, quantity, observed_at, terms
             ):
                 return ObservationOutcome.UNCHANGED
@@ -579,7 +583,7 @@ class StockItem(LedgerAggregate):
             delivery_id=delivery_id,
             previous_quantity=None if current is None else current.quantity,
             exposure=self._exposure_after(current, quantity, observed_at, terms, at),
-            incoming=[list(entry) for entry in incoming],
+            incoming=None if incoming is None else [list(entry) for entry in incoming],
             timestamp=at,
             **cause.as_kwargs(),
         )

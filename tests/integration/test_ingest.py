@@ -621,3 +621,19 @@ def test_a_report_older_than_the_supplier_s_max_age_is_refused_alone(ledger: Run
     assert result.applied == 1
     assert on_hand(ledger, "SKU-AGED-2") == 6
     assert ledger.app.repository.get(StockItem.id_for("SKU-AGED-1")).positions == {}
+
+
+def test_a_csv_report_says_nothing_of_incoming_stock_and_leaves_the_schedule(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "mixed", {"ABC-123": "SKU-MIX", "XYZ-9": "SKU-MIX2"})
+    ingest(ledger, "mixed", edi_with("SCH*500*EA***018*20260201~"), "edi846")
+    later = datetime(2026, 1, 15, 16, 0, tzinfo=UTC)
+    same = ingest(ledger, "mixed", csv_body({"ABC-123": 120}, later))
+    moved = ingest(ledger, "mixed", csv_body({"ABC-123": 90}, later + timedelta(hours=1)))
+    position = ledger.app.repository.get(StockItem.id_for("SKU-MIX")).positions["mixed"]
+
+    assert (same.unchanged, same.applied) == (1, 0)  # the schedule is not news either way
+    assert moved.applied == 1
+    assert (position.quantity, position.incoming) == (90, (("2026-02-01", 500),))
+    assert kept_incoming(ledger, "mixed", "SKU-MIX") == [["2026-02-01", 500]]

@@ -432,7 +432,12 @@ def test_a_drop_folder_yields_whole_files_and_ignores_partial_and_hidden_ones(
     (tmp_path / ".stock-hidden.csv").write_bytes(b"supplier_sku,quantity\n")
     [fetched] = folder_transport(tmp_path).fetch()
     assert fetched == Fetched(
-        content_id(dropped.read_bytes()), dropped.read_bytes(), "csv", "stock.csv", "folder"
+        content_id(dropped.read_bytes()),
+        dropped.read_bytes(),
+        "csv",
+        "stock.csv",
+        "folder",
+        modified=dropped.stat().st_mtime,  # what tells this upload from a later one
     )
 
 

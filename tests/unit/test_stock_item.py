@@ -716,15 +716,24 @@ def test_incoming_stock_is_news_of_the_level_yet_never_on_hand_or_sellable() -> 
     item = new_item()
     expected = (("2026-02-01", 500), (None, 24))
 
-    def report(seconds: float, incoming: tuple[tuple[str | None, int], ...]) -> ObservationOutcome:
+    def report(
+        seconds: float, incoming: tuple[tuple[str | None, int], ...] | None
+    ) -> ObservationOutcome:
         return item.observe("acme", 10, at(seconds), acme, at(seconds), GIVEN, incoming=incoming)
 
-    outcomes = [report(1, expected), report(2, expected), report(3, expected[:1]), report(4, ())]
+    outcomes = [
+        report(1, expected),
+        report(2, expected),
+        report(2.5, None),
+        report(3, expected[:1]),
+        report(4, ()),
+    ]
     history = list(item.collect_events())
 
     assert outcomes == [
         ObservationOutcome.APPLIED,
         ObservationOutcome.UNCHANGED,  # the same level and the same schedule
+        ObservationOutcome.UNCHANGED,  # the same level, and nothing said of the schedule
         ObservationOutcome.APPLIED,  # only the schedule changed
         ObservationOutcome.APPLIED,  # none expected any more
     ]
@@ -747,7 +756,7 @@ def test_an_observed_event_stored_before_incoming_stock_was_kept_reads_as_expect
     registered, observed = item.collect_events()
     stored = app.mapper.to_stored_event(observed)
     state = json.loads(stored.state)
-    assert (state.pop("class_version"), state.pop("incoming")) == (2, [])
+    assert (state.pop("class_version"), state.pop("incoming")) == (2, None)
     before = StoredEvent(
         stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
     )  # as version 1 wrote it
@@ -755,5 +764,19 @@ def test_an_observed_event_stored_before_incoming_stock_was_kept_reads_as_expect
     read = app.mapper.to_domain_event(before)
 
     assert isinstance(read, StockItem.Observed)
-    assert (read.quantity, read.incoming) == (7, [])
+    assert (read.quantity, read.incoming) == (7, None)  # it said nothing of it
     assert replayed([registered, read]).positions["acme"].incoming == ()
+
+
+def test_a_report_that_says_nothing_of_incoming_stock_leaves_the_schedule_standing() -> None:
+    acme = supplier("acme")
+    item = new_item()
+    item.observe("acme", 10, at(1), acme, at(1), GIVEN, incoming=(("2026-02-01", 500),))
+
+    moved = item.observe("acme", 8, at(2), acme, at(2), GIVEN)  # e.g. a CSV: it cannot say
+    history = list(item.collect_events())
+
+    assert moved is ObservationOutcome.APPLIED
+    assert history[-1].incoming is None  # the event records that it said nothing
+    kept = replayed(history).positions["acme"]
+    assert (kept.quantity, kept.incoming) == (8, (("2026-02-01", 500),))

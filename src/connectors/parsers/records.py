@@ -80,7 +80,9 @@ class Record:
     unit: str | None
     observed_at: datetime | None
     raw: dict[str, Any]
-    incoming: tuple[Incoming, ...] = ()
+    # Stock the supplier expects: None where the format cannot say (all but EDI 846, whose
+    # records always say, if only that none is expected).
+    incoming: tuple[Incoming, ...] | None = None
 
 
 @dataclass(frozen=True)

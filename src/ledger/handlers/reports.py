@@ -29,7 +29,7 @@ class Level:
     sku: str
     quantity: int
     observed_at: datetime
-    incoming: tuple[tuple[str | None, int], ...] = ()
+    incoming: tuple[tuple[str | None, int], ...] | None = None
 
 
 @handles(ReportStock)
@@ -151,7 +151,8 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
     if observation.observed_at > command.at + CLOCK_SKEW_TOLERANCE:
         return "observed_at_in_future"
     quantity, sku, incoming = observation.quantity, observation.sku, observation.incoming
-    if any(expected_quantity < 0 for _, expected_quantity in incoming):
+    expected = incoming or ()
+    if any(expected_quantity < 0 for _, expected_quantity in expected):
         return "negative_incoming"
     if observation.supplier_sku is not None:
         mapping = uow.get(
@@ -160,8 +161,9 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         if mapping is None:
             return "unmapped_supplier_sku"
         quantity, sku = mapping.to_base_units(quantity), mapping.sku
-        incoming = tuple((on, mapping.to_base_units(q)) for on, q in incoming)
-    if quantity > MAX_QUANTITY or any(q > MAX_QUANTITY for _, q in incoming):
+        if incoming is not None:
+            incoming = tuple((on, mapping.to_base_units(q)) for on, q in incoming)
+    if quantity > MAX_QUANTITY or any(q > MAX_QUANTITY for _, q in incoming or ()):
         return "quantity_out_of_range"
     if sku is None or uow.get(StockItem, StockItem.id_for(sku)) is None:
         return "unknown_sku"
