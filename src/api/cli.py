@@ -134,7 +134,9 @@ def _ledger(project: bool = False) -> Iterator[Runtime]:
     """The ledger without HTTP, for commands; projections run only when asked."""
     settings = Settings()
     configure_logging(settings)
-    runtime = open_runtime(settings, sweep=False, project=project)
+    runtime = open_runtime(
+        settings, migrate_first=settings.migrate_on_start, sweep=False, project=project
+    )
     tune_collector()
     try:
         yield runtime
@@ -153,7 +155,9 @@ def connectors_run() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = Settings()
     configure_logging(settings)
-    runtime = open_runtime(settings, sweep=False, project=False, connect=True)
+    runtime = open_runtime(
+        settings, migrate_first=settings.migrate_on_start, sweep=False, project=False, connect=True
+    )
     tune_collector()
     try:
         with suppress(KeyboardInterrupt):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import Server, random_sku, serving
@@ -513,3 +514,25 @@ def test_a_stream_asked_for_wrongly_is_refused_with_its_reason(
     assert answer.status_code == status, answer.text
     if code is not None:
         assert answer.json()["error"] == code
+
+
+def test_a_command_leaves_migrating_to_others_when_told_to(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def tables() -> list[str]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE tablename LIKE 'inventoryledger%'"
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    monkeypatch.setenv("LEDGER_MIGRATE_ON_START", "false")
+    untouched = ledger_command(database_url, "projections", "status")
+    left_alone = tables()
+    monkeypatch.setenv("LEDGER_MIGRATE_ON_START", "true")
+    migrated = ledger_command(database_url, "projections", "status")
+
+    assert untouched.returncode != 0  # nobody migrated this database, and it did not either
+    assert left_alone == []
+    assert migrated.returncode == 0, migrated.stderr
+    assert "inventoryledger_events" in tables()
