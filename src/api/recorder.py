@@ -69,37 +69,27 @@ class LedgerRecorder(PostgresApplicationRecorder):
             ).format(schema=schema, table=Identifier(LEVELS_TABLE))
         )
         # A database made before reports seen were kept gains the column (empty: no
-        # report is known to be newer than the level on record). Only then: the ALTER
-        # would lock the table even where the column is there.
-        self.sql_create_statements.append(
-            SQL(
-                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns"
-                " WHERE table_schema = {schema_name} AND table_name = {table_name}"
-                " AND column_name = 'seen_at') THEN"
-                " ALTER TABLE {schema}.{table} ADD COLUMN seen_at timestamptz;"
-                " END IF; END $$"
-            ).format(
-                schema=schema,
-                table=Identifier(LEVELS_TABLE),
-                schema_name=Literal(self.datastore.schema or "public"),
-                table_name=Literal(LEVELS_TABLE),
+        # report is known to be newer than the level on record), and one made before
+        # incoming stock was kept gains that one (empty: none known). Only then: the
+        # ALTER would lock the table even where the column is there.
+        for column, kind in (("seen_at", "timestamptz"), ("incoming", "jsonb")):
+            self.sql_create_statements.append(
+                SQL(
+                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns"
+                    " WHERE table_schema = {schema_name} AND table_name = {table_name}"
+                    " AND column_name = {column_name}) THEN"
+                    " ALTER TABLE {schema}.{table} ADD COLUMN {column} {kind};"
+                    " END IF; END $$"
+                ).format(
+                    schema=schema,
+                    table=Identifier(LEVELS_TABLE),
+                    schema_name=Literal(self.datastore.schema or "public"),
+                    table_name=Literal(LEVELS_TABLE),
+                    column_name=Literal(column),
+                    column=Identifier(column),
+                    kind=SQL(kind),  # one of the two above
+                )
             )
-        )
-        # And one made before incoming stock was kept gains that column (empty: none known).
-        self.sql_create_statements.append(
-            SQL(
-                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns"
-                " WHERE table_schema = {schema_name} AND table_name = {table_name}"
-                " AND column_name = 'incoming') THEN"
-                " ALTER TABLE {schema}.{table} ADD COLUMN incoming jsonb;"
-                " END IF; END $$"
-            ).format(
-                schema=schema,
-                table=Identifier(LEVELS_TABLE),
-                schema_name=Literal(self.datastore.schema or "public"),
-                table_name=Literal(LEVELS_TABLE),
-            )
-        )
         levels = Identifier(LEVELS_TABLE)
         # The arrays below travel in binary (%b) too: a delivery's part sends thousands of
         # values in each, and their text form cost ~4x as long to build (5,000 levels:

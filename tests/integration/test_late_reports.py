@@ -234,7 +234,7 @@ def test_the_writer_decides_again_when_a_newer_report_was_seen_after_it_read(
     assert on_hand(ledger, sku) == 5
 
 
-def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_column(
+def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_columns(
     database_url: str, settings: Settings
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -254,9 +254,10 @@ def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_column(
 
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT sku, quantity, seen_at FROM inventoryledger_levels ORDER BY sku = 'OLD'"
+            "SELECT sku, quantity, seen_at, incoming FROM inventoryledger_levels"
+            " ORDER BY sku = 'OLD'"
         ).fetchall()
-    assert rows == [(sku, 5, EARLY), ("OLD", 3, None)]
+    assert rows == [(sku, 5, EARLY, None), ("OLD", 3, None, None)]
 
 
 def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the_ledger(
