@@ -224,13 +224,18 @@ def start_server(
     raise RuntimeError(f"ledger serve did not become ready:\n{server.log()}")
 
 
-def stop_server(server: Server) -> None:
-    server.process.terminate()
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Asks a process to stop (SIGTERM), and kills it if it has not within 20 s."""
+    process.terminate()
     try:
-        server.process.wait(20)
+        process.wait(20)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(5)
+        process.kill()
+        process.wait(5)
+
+
+def stop_server(server: Server) -> None:
+    stop_process(server.process)
 
 
 @contextmanager

@@ -54,6 +54,7 @@ from ledger.commands import Observation
 from ledger.delivery import Rejection
 from ledger.errors import UnknownSupplier
 from ledger.queries import LedgerQueries
+from ledger.stock import incoming_of
 from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter
 from projections.queries import Views
@@ -400,9 +401,7 @@ class Ingestor:
                         sku=row["sku"],
                         quantity=row["quantity"],
                         observed_at=row["observed_at"],
-                        incoming=None
-                        if row["incoming"] is None
-                        else tuple((on, quantity) for on, quantity in row["incoming"]),
+                        incoming=None if row["incoming"] is None else incoming_of(row["incoming"]),
                     )
                 )
         return observations

@@ -148,11 +148,12 @@ def _part_end(observations: list[Observation], start: int, size: int) -> int:
 def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:
     digest = hashlib.sha256()
     for observation in batch:
-        digest.update(
+        line = (
             f"{observation.index}|{observation.sku}|{observation.quantity}|"
             f"{observation.observed_at.isoformat()}"
-            # Said only where the report says it: parts without it keep the names they had.
-            f"{'' if observation.incoming is None else f'|{observation.incoming}'}\n".encode()
         )
+        if observation.incoming is not None:  # parts without it keep the names they had
+            line += f"|{observation.incoming}"
+        digest.update(f"{line}\n".encode())
     digest.update(json.dumps([r.as_dict() for r in rejections], default=str).encode())
     return digest.hexdigest()

@@ -24,7 +24,7 @@ from eventsourcing.utils import Environment
 
 from ledger.base import LedgerAggregate, LedgerSnapshot
 from ledger.reservation import Line
-from ledger.stock import Position, StockItem
+from ledger.stock import Position, StockItem, incoming_of
 from ledger.supplier import SupplierTerms
 
 # Persisted names are a contract: the tables are inventoryledger_events and _snapshots.
@@ -81,7 +81,7 @@ class PositionAsDict(Transcoding):
             committed=data["committed"],
             unreported={int(key): value for key, value in data["unreported"]},
             # Snapshots taken before incoming stock was kept hold none.
-            incoming=tuple((expected, quantity) for expected, quantity in data.get("incoming", ())),
+            incoming=incoming_of(data.get("incoming", ())),
         )
 
 

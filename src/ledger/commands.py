@@ -14,7 +14,7 @@ from ledger.base import Cause
 from ledger.delivery import Rejection
 from ledger.mapping import MappingSpec, SkuMapping
 from ledger.reservation import Reservation
-from ledger.stock import StockItem
+from ledger.stock import IncomingStock, StockItem
 from ledger.supplier import Supplier, SupplierTerms
 
 # A command carrying this many records or more is bulk: the writer decides it in a batch
@@ -85,7 +85,7 @@ class Observation:
     unit: str | None = None
     # Stock the supplier expects, as (expected on: ISO date or None, quantity), in the
     # units of `quantity`; None: the report says nothing of it (its format cannot).
-    incoming: tuple[tuple[str | None, int], ...] | None = None
+    incoming: IncomingStock | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The observation as received, for the record of a refusal."""

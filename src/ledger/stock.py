@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -22,10 +22,16 @@ from ledger.base import Cause, LedgerAggregate
 from ledger.supplier import SupplierTerms
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_SECOND = timedelta(seconds=1)
 
 # Stock a supplier expects: (expected on, an ISO date or None, quantity in base units).
 IncomingStock = tuple[tuple[str | None, int], ...]
-ONE_SECOND = timedelta(seconds=1)
+
+
+def incoming_of(pairs: Iterable[Sequence[Any]]) -> IncomingStock:
+    """Incoming stock from [expected on, quantity] pairs as JSON holds them (events,
+    snapshots, rows)."""
+    return tuple((on, quantity) for on, quantity in pairs)
 
 
 def second_floor(moment: datetime) -> int:
@@ -376,7 +382,7 @@ class StockItem(LedgerAggregate):
             position.observed_at = self.observed_at
             position.source = self.source
             if self.incoming is not None:
-                position.incoming = tuple((on, quantity) for on, quantity in self.incoming)
+                position.incoming = incoming_of(self.incoming)
             position.retire_reported(self.observed_at)
 
     class LateReportIgnored(Event):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ledger.stock import StockLevels, stock_levels
+from ledger.stock import IncomingStock, StockLevels, incoming_of, stock_levels
 from ledger.supplier import SupplierTerms
 from projections.store import Connection
 
@@ -104,7 +104,7 @@ class ViewPosition:
     committed: int
     effective: int
     holds: tuple[tuple[int, int], ...] = ()
-    incoming: tuple[tuple[str | None, int], ...] = ()
+    incoming: IncomingStock = ()
 
     def effective_level(self) -> int:
         return self.effective
@@ -170,7 +170,7 @@ def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
             committed=row["committed"],
             effective=max(0, row["quantity"] + row["unreported"]),
             holds=tuple((int(expires), int(quantity)) for expires, quantity in holds),
-            incoming=tuple((on, quantity) for on, quantity in row["incoming"] or ()),
+            incoming=incoming_of(row["incoming"] or ()),
         )
         if row["name"] is not None:
             if supplier not in shared:

@@ -27,6 +27,7 @@ from connectors.transports import Fetched
 from connectors.transports.breaker import CircuitBreaker
 from ledger.delivery import FeedDelivery
 from ledger.stock import StockItem
+from tests.conftest import stop_process
 from tests.integration.test_scheduler import supplier_fed_by
 
 T = TypeVar("T")
@@ -127,12 +128,7 @@ def start_worker(database_url: str, tmp_path: Path, name: str) -> Worker:
 
 def stop_worker(worker: Worker) -> None:
     if worker.alive():
-        worker.process.terminate()
-    try:
-        worker.process.wait(20)
-    except subprocess.TimeoutExpired:
-        worker.process.kill()
-        worker.process.wait(5)
+        stop_process(worker.process)
 
 
 @pytest.fixture

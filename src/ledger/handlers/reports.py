@@ -10,7 +10,7 @@ from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
 from ledger.errors import DeliveryConflict, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import ObservationOutcome, StockItem
+from ledger.stock import IncomingStock, ObservationOutcome, StockItem
 from ledger.supplier import Supplier
 from ledger.uow import UnitOfWork
 
@@ -29,7 +29,7 @@ class Level:
     sku: str
     quantity: int
     observed_at: datetime
-    incoming: tuple[tuple[str | None, int], ...] | None = None
+    incoming: IncomingStock | None = None
 
 
 @handles(ReportStock)
@@ -151,8 +151,7 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
     if observation.observed_at > command.at + CLOCK_SKEW_TOLERANCE:
         return "observed_at_in_future"
     quantity, sku, incoming = observation.quantity, observation.sku, observation.incoming
-    expected = incoming or ()
-    if any(expected_quantity < 0 for _, expected_quantity in expected):
+    if any(expected < 0 for _, expected in incoming or ()):
         return "negative_incoming"
     if observation.supplier_sku is not None:
         mapping = uow.get(
