@@ -10,12 +10,15 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
+import structlog
 from eventsourcing.utils import get_topic
 from psycopg import sql
 
 from ledger.application import InventoryLedger
 from ledger.base import LedgerAggregate, LedgerSnapshot
-from projections.store import Connection
+from projections.store import Connection, Generation, upgrade_generation
+
+log = structlog.get_logger(__name__)
 
 
 class Logged(NamedTuple):
@@ -58,9 +61,44 @@ class Projection(ABC):
     schema_version: ClassVar[int]
     # Each table is also published as the stable view `view_{table}`.
     tables: ClassVar[list[str]]
+    # In-place upgrades, by schema version: the statements (with `{schema}` where the
+    # schema goes) that bring a generation built at the version before to that one
+    # without a rebuild. Only for a change that leaves every row as the events already
+    # applied would have written it: a new column that no earlier event can fill, say.
+    # A version without one is reached by a rebuild.
+    upgrades: ClassVar[dict[int, list[str]]] = {}
 
     def __init__(self, app: InventoryLedger) -> None:
         self.app = app
+
+    def upgrade_path(self, built: int) -> list[str] | None:
+        """The statements that bring a generation built at schema version `built` to this
+        one in place, in order; None where some version on the way needs a rebuild (or
+        the generation is newer than this code)."""
+        if built > self.schema_version:
+            return None
+        statements: list[str] = []
+        for version in range(built + 1, self.schema_version + 1):
+            if version not in self.upgrades:
+                return None
+            statements += self.upgrades[version]
+        return statements
+
+    def upgrade(self, conn: Connection, built: Generation) -> bool:
+        """Brings a generation built at an older schema version to this one in place, where
+        the upgrades on the way allow it; False where it takes a rebuild instead."""
+        statements = self.upgrade_path(built.schema_version)
+        if statements is None:
+            return False
+        if upgrade_generation(conn, built, self.schema_version, statements, self.tables):
+            log.info(
+                "projection.upgraded_in_place",
+                projection=self.name,
+                generation=built.generation,
+                built=built.schema_version,
+                now=self.schema_version,
+            )
+        return True
 
     @property
     @abstractmethod

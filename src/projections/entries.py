@@ -27,16 +27,13 @@ def _at_live_position(skus: str) -> str:
     """The live position beside the entry rows (one per SKU and supplier) of the SKUs the
     query `skus` names, in one statement, so one snapshot. Each row is found by index
     lookups (LATERAL, OFFSET 0), however many rows the planner expects `skus` to give: a
-    new or rebuilt view has no statistics yet, and a hash join over it costs milliseconds.
-    A level's `incoming` is read from the row as a whole: a generation built before the
-    column was added (live while its successor is built) has none, and reads as expecting
-    none instead of failing every read."""
+    new or rebuilt view has no statistics yet, and a hash join over it costs milliseconds."""
     return f"""
 SELECT p.generation, p.position, x.*
 FROM ({LIVE_SQL}) p
 LEFT JOIN (
   SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
-         l.unreported, to_jsonb(l) -> 'incoming' AS incoming,
+         l.unreported, l.incoming,
          (SELECT array_agg(ARRAY[h.expires_s, h.quantity] ORDER BY h.expires_s)
           FROM view_holds h
           WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id

@@ -324,6 +324,9 @@ class ProjectionRunner:
             self.projection.reset()
         self._lease = lease
         if current.schema_version != self.projection.schema_version:
+            with self.store.connection() as conn:
+                if self.projection.upgrade(conn, current):
+                    return 0  # the next step reads it at its new version
             log.warning(
                 "projection.schema_changed",
                 projection=self.name,

@@ -20,6 +20,11 @@ class StockProjection(StateProjection):
     # 2: availability rows indexed by position, for the API's in-process copy to follow.
     # 3: levels keep the stock each supplier expects (`incoming`).
     schema_version = 3
+    # No event before version 3 carried incoming stock: a level of a generation built
+    # before keeps none, as a rebuild would write it.
+    upgrades: ClassVar[dict[int, list[str]]] = {
+        3: ["ALTER TABLE {schema}.levels ADD COLUMN IF NOT EXISTS incoming jsonb"],
+    }
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {
         StockItem: "availability",

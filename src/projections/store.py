@@ -163,14 +163,7 @@ def switch_live(conn: Connection, name: str, number: int, tables: list[str]) -> 
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_projections:' || %s))", (name,))
         old = live_generation(conn, name)
-        for table in tables:
-            view = sql.Identifier(f"view_{table}")
-            conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view))
-            conn.execute(
-                sql.SQL("CREATE VIEW {} AS SELECT * FROM {}.{}").format(
-                    view, sql.Identifier(schema), sql.Identifier(table)
-                )
-            )
+        _publish(conn, schema, tables)
         conn.execute(
             "INSERT INTO ledger_projections (name, live_generation) VALUES (%s, %s)"
             " ON CONFLICT (name) DO UPDATE"
@@ -178,6 +171,55 @@ def switch_live(conn: Connection, name: str, number: int, tables: list[str]) -> 
             (name, number),
         )
     return old
+
+
+def _publish(conn: Connection, schema: str, tables: list[str]) -> None:
+    """(Re)creates the public views over a schema's tables: a view keeps the columns its
+    table had when it was made."""
+    for table in tables:
+        view = sql.Identifier(f"view_{table}")
+        conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view))
+        conn.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}.{}").format(
+                view, sql.Identifier(schema), sql.Identifier(table)
+            )
+        )
+
+
+def upgrade_generation(
+    conn: Connection,
+    built: Generation,
+    schema_version: int,
+    statements: list[str],
+    tables: list[str],
+) -> bool:
+    """Brings a generation to `schema_version` in place, in one transaction: its
+    statements, its tracking row, and (when it is live) the public views over its tables.
+    False where its schema version is no longer the one `built` read (another process
+    upgraded it, or it is gone): nothing is done then."""
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('ledger_projections:' || %s))", (built.name,)
+        )
+        # The statements wait for the readers and writers of the tables: not forever.
+        conn.execute("SET LOCAL lock_timeout = '30s'")
+        row = conn.execute(
+            "SELECT schema_version FROM ledger_projection_generations"
+            " WHERE name = %s AND generation = %s FOR UPDATE",
+            (built.name, built.generation),
+        ).fetchone()
+        if row is None or row["schema_version"] != built.schema_version:
+            return False
+        for statement in statements:
+            conn.execute(sql.SQL(statement).format(schema=sql.Identifier(built.schema)))
+        conn.execute(
+            "UPDATE ledger_projection_generations SET schema_version = %s"
+            " WHERE name = %s AND generation = %s",
+            (schema_version, built.name, built.generation),
+        )
+        if live_generation(conn, built.name) == built.generation:
+            _publish(conn, built.schema, tables)
+    return True
 
 
 def drop_generation(conn: Connection, name: str, number: int) -> None:

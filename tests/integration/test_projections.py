@@ -12,16 +12,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from api.database import migrate
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger.base import Cause
-from ledger.commands import Confirm, PutSku, PutSupplier
+from ledger.commands import Confirm, Observation, PutSku, PutSupplier, ReportStock
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
 from projections import base
@@ -30,7 +31,7 @@ from projections.leases import LeaseSession
 from projections.registry import all_projections
 from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuild
 from projections.stock import StockProjection
-from projections.store import generation, live_generation
+from projections.store import generation, live_generation, schema_name, switch_live
 from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
 from tests.integration.workload import CAUSE, mixed_workload, report
@@ -604,3 +605,139 @@ def test_the_runners_gather_writes_as_long_as_the_settings_say(database_url: str
         assert {r.settle(busy=True) for r in runtime.runners} == {0.3}
     finally:
         runtime.close()
+
+
+def built_before_incoming_stock(runtime: Runtime) -> int:
+    """Makes the live stock generation what code before its schema version 3 left: levels
+    without `incoming`, and the public views over them. Returns its number."""
+    with runtime.store.connection() as conn:
+        number = live_generation(conn, "stock")
+        assert number is not None
+        conn.execute("DROP VIEW view_levels")
+        conn.execute(
+            sql.SQL("ALTER TABLE {}.levels DROP COLUMN incoming").format(
+                sql.Identifier(schema_name("stock", number))
+            )
+        )
+        conn.execute(
+            "UPDATE ledger_projection_generations SET schema_version = 2"
+            " WHERE name = 'stock' AND generation = %s",
+            (number,),
+        )
+        switch_live(conn, "stock", number, StockProjection.tables)
+    return number
+
+
+def level_columns(runtime: Runtime) -> set[str]:
+    with runtime.store.connection() as conn:
+        described = conn.execute("SELECT * FROM view_levels LIMIT 0").description
+    assert described is not None
+    return {column.name for column in described}
+
+
+def expect_incoming(runtime: Runtime, sku: str) -> None:
+    """A report that says the supplier expects stock, once it reached the stock view."""
+    at = datetime.now(UTC)
+    observation = Observation(
+        index=0, sku=sku, quantity=7, observed_at=at, incoming=(("2027-01-10", 40),)
+    )
+    runtime.writer.execute(
+        ReportStock(
+            at=at,
+            cause=CAUSE,
+            supplier_id="north",
+            delivery_id=uuid.uuid4().hex,
+            content_hash=uuid.uuid4().hex,
+            source="test",
+            rows=1,
+            observations=[observation],
+        )
+    )
+
+
+def stock_runner(runtime: Runtime, projection: StockProjection | None = None) -> ProjectionRunner:
+    return ProjectionRunner(
+        projection or StockProjection(runtime.app),
+        runtime.app,
+        runtime.store,
+        runtime.leases,
+        page_size=500,
+    )
+
+
+STOCK_TABLES = ["availability", "levels", "holds", "suppliers"]
+
+
+def test_migrating_upgrades_a_stock_view_built_before_incoming_stock_in_place(
+    quiet: Runtime, settings: Settings
+) -> None:
+    backlog(quiet, skus=30, reports=1)  # reported a moment before `expect_incoming`
+    runner = stock_runner(quiet)
+    assert runner.step() > 0
+    before = view_rows(quiet, STOCK_TABLES)
+    number = built_before_incoming_stock(quiet)
+    assert "incoming" not in level_columns(quiet)
+    position = quiet.views.position("stock")
+
+    migrate(settings, quiet.database_url)
+
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == number  # not rebuilt
+        upgraded = generation(conn, "stock", number)
+    assert upgraded is not None
+    assert (upgraded.schema_version, upgraded.position) == (3, position)
+    assert "incoming" in level_columns(quiet)
+    assert view_rows(quiet, STOCK_TABLES) == before  # every level expecting none
+
+    # The same generation follows on, incoming stock and all, and holds what a rebuild
+    # from the log writes.
+    sku = before["levels"][0]["sku"]
+    expect_incoming(quiet, sku)
+    assert runner.step() > 0
+    assert quiet.views.availability([sku], datetime.now(UTC))[sku].suppliers[0].incoming == (
+        ("2027-01-10", 40),
+    )
+    upgraded_rows = view_rows(quiet, STOCK_TABLES)
+    rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, STOCK_TABLES) == upgraded_rows
+
+
+def test_a_runner_upgrades_a_generation_in_place_where_it_can_and_rebuilds_where_not(
+    quiet: Runtime,
+) -> None:
+    backlog(quiet, skus=10, reports=1)
+    runner = stock_runner(quiet)
+    assert runner.step() > 0
+    number = built_before_incoming_stock(quiet)
+
+    assert runner.step() == 0  # upgraded, nothing applied
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == number
+        assert generation(conn, "stock", number).schema_version == 3  # type: ignore[union-attr]
+    sku = view_rows(quiet, ["levels"])["levels"][0]["sku"]
+    expect_incoming(quiet, sku)
+    assert runner.step() > 0
+    assert quiet.views.availability([sku], datetime.now(UTC))[sku].suppliers[0].incoming
+
+    class Reshaped(StockProjection):
+        schema_version = 4  # with no in-place upgrade to it
+
+    live = view_rows(quiet, STOCK_TABLES)
+    quiet.leases.release(f"projection:stock:{number}", runner)  # as when it stops
+    assert stock_runner(quiet, Reshaped(quiet.app)).step() == 0
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == number + 1  # rebuilt, blue/green
+        assert generation(conn, "stock", number + 1).schema_version == 4  # type: ignore[union-attr]
+    assert view_rows(quiet, STOCK_TABLES) == live
+
+
+def test_an_upgrade_path_needs_every_version_on_the_way() -> None:
+    class Grown(StockProjection):
+        schema_version = 5
+        upgrades: ClassVar[dict[int, list[str]]] = {4: ["A"], 5: ["B", "C"]}
+
+    assert Grown.upgrade_path(Grown, 3) == ["A", "B", "C"]  # type: ignore[arg-type]
+    assert Grown.upgrade_path(Grown, 4) == ["B", "C"]  # type: ignore[arg-type]
+    assert Grown.upgrade_path(Grown, 5) == []  # type: ignore[arg-type]
+    assert Grown.upgrade_path(Grown, 2) is None  # type: ignore[arg-type]
+    assert Grown.upgrade_path(Grown, 6) is None  # type: ignore[arg-type]
