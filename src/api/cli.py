@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.database import migrate, resolve_database_url, start_embedded
+from api.database import NotMigrated, migrate, resolve_database_url, start_embedded
 from api.logs import configure_logging
 from api.metrics import prepare_directory
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
@@ -376,4 +376,8 @@ def ingest_command(
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except NotMigrated as refused:
+        Console(stderr=True).print(f"[red]{refused}[/red]", highlight=False)
+        raise SystemExit(2) from None

@@ -17,8 +17,10 @@ from psycopg.rows import dict_row
 from api.settings import Settings
 from connectors.inbox import create_tables as create_connector_tables
 from ledger.application import InventoryLedger
+from projections.base import Projection
 from projections.leases import lock_key
 from projections.registry import all_projections, ensure_live_generations
+from projections.store import generation, live_generation
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +122,46 @@ def migrate(settings: Settings, database_url: str) -> None:
         finally:
             app.close()
     log.info("database.migrated", pid=os.getpid())
+
+
+class NotMigrated(RuntimeError):
+    """The database lacks what this code needs, and this process was told not to migrate."""
+
+
+def check_migrated(database_url: str, projections: list[Projection]) -> None:
+    """Raises NotMigrated, saying what is missing, where the database is not ready for
+    this code: no event store, or a projection with no live generation, or one whose live
+    generation waits for an in-place upgrade (`ledger migrate` makes it). A generation
+    that needs a rebuild instead is rebuilt by its runner while it keeps serving."""
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AS events,"
+            " to_regclass('ledger_projection_generations') IS NOT NULL AS control",
+            (EVENTS_TABLE,),
+        ).fetchone()
+        assert found is not None
+        missing = [] if found["events"] else ["the event store"]
+        if found["control"]:
+            for projection in projections:
+                number = live_generation(conn, projection.name)
+                live = None if number is None else generation(conn, projection.name, number)
+                if live is None:
+                    missing.append(f"the {projection.name} view")
+                elif live.schema_version < projection.schema_version and (
+                    projection.upgrade_path(live.schema_version) is not None
+                ):
+                    missing.append(
+                        f"the {projection.name} view's upgrade to schema version"
+                        f" {projection.schema_version} (it is at {live.schema_version})"
+                    )
+        else:
+            missing.append("the views")
+    if missing:
+        raise NotMigrated(
+            f"the database is not migrated for this version of the ledger: it lacks"
+            f" {', '.join(missing)}. Run `ledger migrate`, or start with"
+            " LEDGER_MIGRATE_ON_START=true"
+        )
 
 
 def _without_jit(conn: psycopg.Connection[dict[str, Any]]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from api.database import migrate, resolve_database_url
+from api.database import check_migrated, migrate, resolve_database_url
 from api.metrics import Metrics
 from api.settings import Settings
 from api.sweeper import Sweeper
@@ -130,6 +130,12 @@ def open_runtime(
     if migrate_first:
         migrate(settings, database_url)
     app = InventoryLedger(settings.event_store_env(database_url))
+    if not migrate_first:
+        try:
+            check_migrated(database_url, all_projections(app))
+        except BaseException:
+            app.close()
+            raise
     store = ViewStore(database_url, timeout=settings.connect_timeout_seconds).open()
     turns = StreamTurns(database_url)
     metrics = Metrics() if observe else None

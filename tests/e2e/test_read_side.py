@@ -532,7 +532,10 @@ def test_a_command_leaves_migrating_to_others_when_told_to(
     monkeypatch.setenv("LEDGER_MIGRATE_ON_START", "true")
     migrated = ledger_command(database_url, "projections", "status")
 
-    assert untouched.returncode != 0  # nobody migrated this database, and it did not either
+    assert untouched.returncode == 2  # nobody migrated this database, and it did not either
+    assert "not migrated" in untouched.stderr
+    assert "ledger migrate" in untouched.stderr
+    assert "Traceback" not in untouched.stderr
     assert left_alone == []
     assert migrated.returncode == 0, migrated.stderr
     assert "inventoryledger_events" in tables()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from api.database import migrate
+from api.database import NotMigrated, check_migrated, migrate
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger.base import Cause
@@ -741,3 +741,22 @@ def test_an_upgrade_path_needs_every_version_on_the_way() -> None:
     assert Grown.upgrade_path(Grown, 5) == []  # type: ignore[arg-type]
     assert Grown.upgrade_path(Grown, 2) is None  # type: ignore[arg-type]
     assert Grown.upgrade_path(Grown, 6) is None  # type: ignore[arg-type]
+
+
+def test_a_process_told_not_to_migrate_refuses_a_view_that_waits_for_its_upgrade(
+    quiet: Runtime, settings: Settings
+) -> None:
+    projections = all_projections(quiet.app)
+    check_migrated(quiet.database_url, projections)  # migrated: nothing to say
+    built_before_incoming_stock(quiet)
+
+    with pytest.raises(NotMigrated, match="stock view's upgrade to schema version 3"):
+        check_migrated(quiet.database_url, projections)
+    with pytest.raises(NotMigrated, match="ledger migrate"):
+        open_runtime(settings, migrate_first=False, sweep=False)
+
+    class Reshaped(StockProjection):
+        schema_version = 4  # rebuilt by its runner while the live generation serves
+
+    migrate(settings, quiet.database_url)
+    check_migrated(quiet.database_url, [Reshaped(quiet.app), *projections[1:]])
