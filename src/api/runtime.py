@@ -146,6 +146,7 @@ def open_runtime(
         keep=settings.aggregate_cache_size,
         metrics=metrics,
         linger=settings.writer_linger_seconds,
+        max_batch=settings.writer_max_batch,
     ).start()
     cache = None
     if read_cache and settings.read_cache_skus:

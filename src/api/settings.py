@@ -158,6 +158,12 @@ class Settings(BaseSettings):
         le=0.05,
         description="under load, how long a small batch waits for more commands; 0: never",
     )
+    writer_max_batch: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="the most commands one save may carry (a delivery's parts are their own)",
+    )
     aggregate_cache_size: int = Field(default=10_000, ge=0)
     rate_limit_per_second: float = Field(
         default=0,

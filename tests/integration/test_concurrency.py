@@ -12,12 +12,12 @@ from uuid import UUID
 import pytest
 
 from api.metrics import Metrics
-from api.runtime import Runtime
+from api.runtime import Runtime, open_runtime
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
 from ledger.writer import _Job
-from tests.conftest import random_sku
+from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import now, reserve, stock_sku
 from tests.integration.workers import compete
 
@@ -52,6 +52,40 @@ def test_sixteen_threads_on_one_hot_sku_are_granted_exactly_the_stock(runtime: R
     assert refused == 70
     levels = runtime.queries.stock_levels(sku, now())
     assert (levels.held, levels.available) == (50, 0)
+
+
+def test_the_configured_batch_cap_holds_under_load_and_the_stock_is_granted_exactly(
+    database_url: str,
+) -> None:
+    runtime = open_runtime(make_settings(database_url, writer_max_batch=4), sweep=False)
+    try:
+        sku = random_sku("CAPPED")
+        stock_sku(runtime.writer, sku, 30)
+        sizes: list[int] = []
+        run_batch = runtime.writer._run_batch
+
+        def counted(jobs: list[_Job]) -> None:
+            sizes.append(len(jobs))
+            run_batch(jobs)
+
+        runtime.writer._run_batch = counted  # type: ignore[method-assign]
+
+        def attempt(_: int) -> bool:
+            try:
+                runtime.writer.execute(reserve([(sku, 1)]))
+            except InsufficientStock:
+                return False
+            return True
+
+        with ThreadPoolExecutor(16) as pool:
+            granted = sum(pool.map(attempt, range(60)))
+        levels = runtime.queries.stock_levels(sku, now())
+    finally:
+        runtime.close()
+    assert sum(sizes) == 60
+    assert max(sizes) == 4  # 16 callers at once: full batches, never more
+    assert granted == 30
+    assert (levels.held, levels.available) == (30, 0)
 
 
 def test_two_processes_on_one_hot_sku_are_granted_exactly_the_stock(
