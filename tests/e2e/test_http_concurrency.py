@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psycopg
 
-from tests.conftest import Server, random_sku
+from tests.conftest import Server, fresh_database, random_sku, start_server, stop_server
 
 T = TypeVar("T")
 
@@ -198,3 +201,40 @@ def test_concurrent_confirms_releases_and_new_orders_never_promise_more_than_is_
     if left:
         assert reserve(server, {sku: left}, uuid.uuid4().hex)().status_code == 201
     assert reserve(server, {sku: 1}, uuid.uuid4().hex)().status_code == 409
+
+
+def test_the_event_loop_keeps_answering_while_the_database_stalls(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Writes and reads that wait for PostgreSQL wait off the event loop: with the event
+    log and the stock view locked, a reservation and a read of a SKU not yet read both
+    wait, and the server still answers at once."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(database_url, tmp_path, workers=1)
+        try:
+            sku, unread = stocked_sku(server, 10), stocked_sku(server, 5)
+            with (
+                psycopg.connect(database_url) as blocker,
+                ThreadPoolExecutor(2) as pool,
+            ):
+                blocker.execute("LOCK TABLE inventoryledger_events IN EXCLUSIVE MODE")
+                blocker.execute("LOCK TABLE view_availability IN ACCESS EXCLUSIVE MODE")
+                reservation = pool.submit(reserve(server, {sku: 1}, "stalled"))
+                read = pool.submit(availability, server, unread)
+                time.sleep(0.5)  # both are waiting for the database by now
+                waits = []
+                for _ in range(20):
+                    began = time.monotonic()
+                    alive = httpx.get(f"{server.base_url}/healthz", timeout=5)
+                    waits.append(time.monotonic() - began)
+                    assert alive.status_code == 200
+                stalled = not reservation.done() and not read.done()
+                blocker.rollback()
+                reserved, levels = reservation.result(30), read.result(30)
+        finally:
+            stop_server(server)
+    assert stalled
+    assert max(waits) < 0.5, waits
+    assert reserved.status_code == 201, reserved.text
+    assert levels["sku"] == unread
+    assert levels["available"] == 5
