@@ -45,6 +45,13 @@ HOT_STOCK = 10_000_000
 SPREAD = 10_000
 SPREAD_STOCK = 100_000
 READ_CLIENTS = (16, 64)
+# The flash sale that sells out: this many units of one SKU, ordered one at a time for
+# SELL_OUT_SECONDS, several times over what it holds.
+SELL_OUT_STOCK = 3_000
+SELL_OUT_SECONDS = 5
+# A load generator thread past this share of a core may be what limits a row.
+GENERATOR_THREADS = 2
+BUSY_GENERATOR_THREAD = 0.8
 
 
 def sku_names(skus: int) -> list[str]:
@@ -149,6 +156,7 @@ def ledger_run(
             load = wrk(base, RESERVE, env, seconds, connections)
         writer = writer_summary(before, writer_counts(base), load.seconds)
         check = stock_check(base, names)
+        sold_out = sell_out(base, connections) if skus == 1 else None
         reads = {}
         if skus > 1:
             read_env = {"BENCH_PATH": "/v1/availability/S%05d", **load_env(skus, "bench-shop")}
@@ -170,7 +178,41 @@ def ledger_run(
         "view_lag": lag.summary(load.ok_per_second * EVENTS_PER_RESERVATION),
         "cpu_ms_per_request": cpu.per(load.ok),
         "writer": writer,
+        "sell_out": sold_out,
     }
+
+
+def sell_out(base: str, connections: int) -> dict[str, Any]:
+    """A flash sale that sells out: a SKU holding SELL_OUT_STOCK units, ordered one unit an
+    order by `connections` clients for SELL_OUT_SECONDS, far past its stock. The orders
+    granted are counted by the load generator (its 2xx answers), not by the ledger: more
+    of them than the stock is overselling whatever the ledger's own views say. wrk stops
+    counting with up to one order a connection in flight, so it may count up to that many
+    fewer than the ledger holds, never more."""
+    stock_catalogue(base, ["LAST"], SELL_OUT_STOCK)
+    env = {"BENCH_SKU": "LAST", "BENCH_TOKEN": "bench-oms"}
+    load = wrk(base, RESERVE, env, SELL_OUT_SECONDS, connections)
+    check = stock_check(base, ["LAST"])
+    return {
+        "stock": SELL_OUT_STOCK,
+        "granted_counted": load.ok,
+        "refused": load.non_2xx,
+        "socket_errors": load.socket_errors,
+        "held": check["held"],
+        "oversold_counted": max(0, load.ok - SELL_OUT_STOCK),
+        "oversold_view": check["oversold"],
+        "p99_ms": load.p99_ms,
+    }
+
+
+def generator_note(load: Load) -> str:
+    """The load generator's CPU, and a warning where a thread of it may have been busy
+    enough to limit the row (wrk's threads share the connections evenly)."""
+    per_thread = load.generator_cores / GENERATOR_THREADS
+    note = f"{load.generator_cores:.2f} cores ({per_thread:.2f} a thread)"
+    if per_thread > BUSY_GENERATOR_THREAD:
+        note += " **the load generator may be what limits this row**"
+    return note
 
 
 # The writer's own counts (GET /metrics, summed over the API workers).
@@ -367,10 +409,19 @@ def describe(row: dict[str, Any]) -> str:
         if lag
         else ""
     )
+    sold = ledger.get("sell_out")
+    sale = (
+        f"; sold out: {sold['stock']:,} units, {sold['granted_counted']:,} orders granted"
+        f" by wrk's count ({sold['refused']:,} refused), held {sold['held']:,},"
+        f" oversold {sold['oversold_counted']}"
+        if sold
+        else ""
+    )
     return (
         f"| {row['workload']} | {ledger['reservations_per_second']:.0f}/s "
         f"(p50 {lload.p50_ms:.1f} ms, p99 {lload.p99_ms:.1f} ms, "
-        f"oversold {ledger['oversold_units']}, holds lost {ledger['lost_holds']}{trailing}) |"
+        f"oversold {ledger['oversold_units']}, holds lost {ledger['lost_holds']}{trailing}"
+        f"{sale}) |"
         f" {baseline['reservations_per_second']:.0f}/s "
         f"(p50 {bload.p50_ms:.1f} ms, p99 {bload.p99_ms:.1f} ms) | {row['ratio']:.2f}x |"
     )
@@ -378,9 +429,16 @@ def describe(row: dict[str, Any]) -> str:
 
 def footnote(row: dict[str, Any]) -> str | None:
     """Where a reservations row's CPU went, per reservation, on both sides, and what the
-    ledger's writer did; None for a reads row (or one from an earlier run without it)."""
+    ledger's writer did; for a reads row, the load generator's CPU. None for a row from
+    an earlier run without these."""
     ledger, baseline = row["ledger"], row["baseline"]
-    if row.get("kind") == "reads" or "cpu_ms_per_request" not in ledger:
+    if row.get("kind") == "reads":
+        return (
+            f"{row['workload']}: load generator {generator_note(Load(**ledger['load']))}"
+            f" against the ledger, {generator_note(Load(**baseline['load']))} against the"
+            " trivial endpoint."
+        )
+    if "cpu_ms_per_request" not in ledger:
         return None
 
     def parts(cpu: dict[str, float]) -> str:
@@ -394,6 +452,6 @@ def footnote(row: dict[str, Any]) -> str | None:
         f" {writer['batches_per_second']:.0f} batches/s of {writer['commands_per_batch']:.1f}"
         f" commands, {writer['ms_per_batch']:.1f} ms each; {writer.get('conflicts', 0):.0f}"
         f" conflicts, {writer.get('exclusive_saves', 0):.0f} exclusive saves. Load generator:"
-        f" {ledger['load']['generator_cores']:.2f} cores against the ledger,"
-        f" {baseline['load']['generator_cores']:.2f} against the baseline."
+        f" {generator_note(Load(**ledger['load']))} against the ledger,"
+        f" {generator_note(Load(**baseline['load']))} against the baseline."
     )
