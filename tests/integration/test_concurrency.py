@@ -197,6 +197,44 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
     assert turns == [[contended], [contended]]
 
 
+def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retry_with_it(
+    runtime: Runtime, database_url: str
+) -> None:
+    """Another process writes SKU a; an order for a and b must be decided again, and so
+    must a later order for b alone, which read the b that order changed; orders for c and
+    d read nothing that moved, and commit at once."""
+    a, b, c, d = (random_sku(name) for name in "ABCD")
+    for sku in (a, b, c, d):
+        stock_sku(runtime.writer, sku, 10)
+    writer = runtime.writer
+    save = runtime.app.save
+    other_process: list[list[list[str]]] = []
+
+    def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
+        if not other_process:
+            other_process.append(compete(database_url, a, 1, 1, 1))
+        return save(*aggregates, **kwargs)
+
+    attempts: list[list[tuple[str, ...]]] = []
+    attempt = writer._attempt
+
+    def counted(jobs: list[_Job], started: float, locked: Any = None) -> Any:
+        attempts.append([tuple(s for s, _ in job.command.lines) for job in jobs])  # type: ignore[attr-defined]
+        return attempt(jobs, started, locked)
+
+    runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
+    writer._attempt = counted  # type: ignore[method-assign]
+    orders = [[(a, 1), (b, 1)], [(b, 2)], [(c, 1)], [(d, 1)]]
+    batch = [_Job(reserve(lines), Future()) for lines in orders]
+    writer._run_batch(batch)
+
+    assert attempts == [[(a, b), (b,), (c,), (d,)], [(c,), (d,)], [(a, b), (b,)]]
+    for job in batch:
+        assert job.future.result(0).value.reservation.lines
+    held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, b, c, d)}
+    assert held == {a: 2, b: 3, c: 1, d: 1}
+
+
 def test_a_batch_that_keeps_losing_its_stream_to_another_writer_saves_holding_the_lock(
     runtime: Runtime,
 ) -> None:
