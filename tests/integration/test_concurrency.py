@@ -19,7 +19,7 @@ from ledger.stock import StockItem
 from ledger.writer import _Job
 from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import now, reserve, stock_sku
-from tests.integration.workers import compete
+from tests.integration.workers import compete, compete_spread
 
 
 def placed_events(runtime: Runtime, reservation_id: str) -> int:
@@ -102,6 +102,27 @@ def test_two_processes_on_one_hot_sku_are_granted_exactly_the_stock(
     assert len(set(granted)) == 200
     item = runtime.app.repository.get(StockItem.id_for(sku))
     assert item.levels(now(), {}).held == 200
+
+
+def test_two_processes_ordering_across_many_scarce_skus_grant_each_exactly_what_it_holds(
+    runtime: Runtime, database_url: str
+) -> None:
+    """Batches of one- and two-line orders over 20 SKUs of 5 units each, from two
+    processes at once: their writers collide on shared SKUs and decide again, and every
+    SKU ends holding exactly the lines the two were told were granted, never past its
+    stock."""
+    skus = [random_sku("SCARCE") for _ in range(20)]
+    for sku in skus:
+        stock_sku(runtime.writer, sku, 5)
+    returned = [line for lines in compete_spread(database_url, skus, 2, 150, 8) for line in lines]
+    granted = Counter(line for line in returned if not line.startswith("conflicts="))
+    conflicts = sum(int(line.split("=")[1]) for line in returned if line.startswith("conflicts="))
+    assert conflicts > 0, conflicts  # the two did collide
+    for sku in skus:
+        levels = runtime.queries.stock_levels(sku, now())
+        assert levels.held == granted[sku] <= 5, sku
+        assert levels.available == 5 - granted[sku], sku
+    assert sum(granted.values()) >= 80  # 300 orders for 100 units: most of them sell
 
 
 def test_one_idempotency_key_replayed_concurrently_by_two_processes_makes_one_reservation(

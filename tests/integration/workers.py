@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,70 @@ def reserve_in_process(
     finally:
         runtime.close()
     return granted
+
+
+def order_spread_in_process(
+    database_url: str, skus: list[str], attempts: int, threads: int, start: Barrier, seed: int
+) -> list[str]:
+    """Tries `attempts` orders of one unit of one SKU or of each of two, drawn from `skus`,
+    from `threads` threads; returns the SKUs of every line granted (once a line), then
+    how many times its writer collided with another process, as "conflicts=N"."""
+    settings = Settings.model_validate({"database_url": database_url, "api_keys": ""})
+    runtime = open_runtime(settings, migrate_first=False, sweep=False)
+    draw = random.Random(seed)
+    orders = [draw.sample(skus, draw.choice((1, 2))) for _ in range(attempts)]
+    granted: list[str] = []
+    lock = threading.Lock()
+
+    def attempt(lines: list[str]) -> None:
+        try:
+            runtime.writer.execute(reserve([(sku, 1) for sku in lines]))
+        except InsufficientStock:
+            return
+        with lock:
+            granted.extend(lines)
+
+    try:
+        start.wait(30)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(attempt, orders))
+        conflicts = runtime.writer.conflicts
+    finally:
+        runtime.close()
+    return [*granted, f"conflicts={conflicts}"]
+
+
+def compete_spread(
+    database_url: str, skus: list[str], processes: int, attempts: int, threads: int
+) -> list[list[str]]:
+    """Starts the processes together on orders spread over `skus`; returns what each one
+    returned (see `order_spread_in_process`)."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(processes)
+    results: Queue[list[str] | str] = context.Queue()
+    workers = [
+        context.Process(
+            target=_report_spread,
+            args=(results, database_url, skus, attempts, threads, start, seed),
+        )
+        for seed in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    answers = [_next_result(results, workers) for _ in workers]
+    failures = [answer for answer in answers if isinstance(answer, str)]
+    assert not failures, failures
+    for worker in workers:
+        worker.join(30)
+        assert worker.exitcode == 0
+    return [answer for answer in answers if not isinstance(answer, str)]
+
+
+def _report_spread(results: Queue[list[str] | str], *args: object) -> None:
+    try:
+        results.put(order_spread_in_process(*args))  # type: ignore[arg-type]
+    except Exception as error:  # reported to the test, which fails with it
+        results.put(repr(error))
 
 
 def _report(results: Queue[list[str] | str], *args: object) -> None:
