@@ -76,6 +76,31 @@ def test_many_streams_load_in_one_go_with_the_state_one_by_one_gives(runtime: Ru
     assert loaded[ids[0]].levels(datetime.now(UTC) + timedelta(minutes=2), {}).held == 0
 
 
+def test_a_long_stream_loads_from_its_latest_snapshot_and_only_the_events_after_it(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 1000)
+    for _ in range(250):  # two snapshots on (every 100 versions)
+        runtime.writer.execute(reserve([(sku, 1)], ttl=60))
+    item_id = StockItem.id_for(sku)
+    version = runtime.app.repository.get(item_id).version
+
+    read = runtime.app.recorder.select_streams([item_id])
+    snapshots = runtime.app.snapshots.get(item_id, desc=True, limit=1)  # type: ignore[union-attr]
+
+    assert version > 250
+    newest = next(iter(snapshots))
+    assert read[0].originator_version == newest.originator_version >= 200
+    assert read[0].topic.endswith(":Snapshot")  # a snapshot, not an event
+    assert [e.originator_version for e in read[1:]] == list(
+        range(newest.originator_version + 1, version + 1)
+    )
+    assert len(read) <= 100  # not the 250 and more events of the whole stream
+    loaded = runtime.app.get_many([item_id])[item_id]
+    assert loaded.levels(datetime.now(UTC), {}).held == 250
+
+
 def test_notifications_read_in_binary_are_the_librarys_own(runtime: Runtime) -> None:
     """The recorder's faster reading gives what the library's own query gives, for every
     combination of bounds and topics a follower, a projection or an audit asks for."""
