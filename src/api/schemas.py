@@ -115,8 +115,17 @@ class SkuIn(Strict):
 # Stock reports ------------------------------------------------------------------
 
 
+class IncomingIn(Strict):
+    """Stock the supplier expects, in the record's unit, and when (if it says)."""
+
+    quantity: StrictInt
+    expected_on: date | None = None
+
+
 class ObservationIn(Strict):
-    """One record of a report; validated on its own so that one bad record refuses only itself."""
+    """One record of a report; validated on its own so that one bad record refuses only itself.
+    `incoming`: the stock the supplier expects ([]: none; absent or null: the report says
+    nothing of it, and the schedule on record stands)."""
 
     supplier_sku: Sku | None = None
     sku: Sku | None = None
@@ -125,6 +134,7 @@ class ObservationIn(Strict):
         Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=PRINTABLE)] | None
     ) = None
     observed_at: datetime
+    incoming: list[IncomingIn] | None = Field(default=None, max_length=100)
 
     @model_validator(mode="after")
     def _one_identifier(self) -> ObservationIn:

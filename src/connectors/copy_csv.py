@@ -138,9 +138,11 @@ def copy_csv(
     _keep(conn, "feed_units", "raw text PRIMARY KEY, unit text, factor integer", units)
     _keep(conn, "feed_times", "raw text PRIMARY KEY, at timestamptz NOT NULL", times)
     sku, upc, quantity = column("supplier_sku"), column("upc"), column("quantity")
+    # A row that says what stock the supplier expects is read in Python (the rows that
+    # leave the column blank say nothing of it, and are staged with none said).
     vouched = sql.SQL(
         "coalesce({sku_ok} AND {upc_ok} AND ({sku} <> '' OR {upc} <> '')"
-        " AND u.raw IS NOT NULL AND t.raw IS NOT NULL"
+        " AND {incoming} = '' AND u.raw IS NOT NULL AND t.raw IS NOT NULL"
         " AND CASE WHEN {quantity} <> '' AND length({quantity}) <= {digits}"
         "  AND ltrim({quantity}, '0123456789') = ''"
         "  THEN {quantity}::bigint <= {max} / coalesce(u.factor, 1) ELSE false END, false)"
@@ -150,6 +152,7 @@ def copy_csv(
         sku_ok=_untrimmed(sku),
         upc_ok=_untrimmed(upc),
         quantity=quantity,
+        incoming=column("incoming_quantity"),
         digits=sql.Literal(PLAIN_QUANTITY_DIGITS),
         max=sql.Literal(rules.max_quantity),
     )

@@ -99,6 +99,3 @@ class SkuMapping(LedgerAggregate):
             **cause.as_kwargs(),
         )
         return True
-
-    def to_base_units(self, quantity: int) -> int:
-        return quantity * self.units_per_supplier_unit

@@ -234,6 +234,50 @@ def test_stock_reported_by_supplier_sku_is_converted_to_base_units_and_less_the_
     assert [(s["supplier_id"], s["quantity"]) for s in levels["suppliers"]] == [(supplier, 30)]
 
 
+def test_a_report_over_the_api_counts_in_the_unit_it_names_and_says_what_is_expected(
+    admin: httpx.Client, shop: httpx.Client
+) -> None:
+    supplier = new_supplier(admin, connector={"units": {"CS": 12}})
+    mapped, own, loose = random_sku(), random_sku(), random_sku()
+    dozen = map_sku(admin, supplier, mapped, units=6)  # a supplier unit of 6 pieces
+    for sku in (own, loose):
+        ok(admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}))
+    incoming = [{"quantity": 3, "expected_on": "2027-01-10"}, {"quantity": 1}]
+
+    outcome = report(
+        admin,
+        supplier,
+        [
+            {"supplier_sku": dozen, "quantity": 2, "unit": "CS", "observed_at": iso()},
+            {"sku": own, "quantity": 2, "unit": "cs", "incoming": incoming, "observed_at": iso()},
+            {"sku": loose, "quantity": 2, "unit": "PALLET", "observed_at": iso()},
+            {"sku": loose, "quantity": 2, "incoming": [{"quantity": "x"}], "observed_at": iso()},
+        ],
+    )
+
+    assert (outcome["applied"], outcome["unchanged"], outcome["late"]) == (2, 0, 0)
+    assert [(r["index"], r["reason"]) for r in outcome["rejected"]] == [
+        (2, "unknown_unit: 'PALLET'"),
+        (3, "invalid_record: incoming.0.quantity: Input should be a valid integer"),
+    ]
+    assert availability(shop, mapped)["on_hand"] == 24  # the case's 12, not the mapping's 6
+    levels = availability(shop, own)
+    assert levels["on_hand"] == 24
+    assert levels["suppliers"][0]["incoming"] == [
+        {"quantity": 36, "expected_on": "2027-01-10"},
+        {"quantity": 12, "expected_on": None},
+    ]
+    assert availability(shop, loose)["on_hand"] == 0
+
+    # A report that says nothing of incoming stock leaves the schedule; [] clears it.
+    report(admin, supplier, [{"sku": own, "quantity": 2, "unit": "CS", "observed_at": iso()}])
+    assert len(availability(shop, own)["suppliers"][0]["incoming"]) == 2
+    report(admin, supplier, [{"sku": own, "quantity": 2, "incoming": [], "observed_at": iso()}])
+    cleared = availability(shop, own)
+    assert cleared["suppliers"][0]["incoming"] == []
+    assert cleared["on_hand"] == 2
+
+
 def test_a_supplier_key_reports_its_own_stock_by_internal_sku(
     admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -637,3 +637,38 @@ def test_a_csv_report_says_nothing_of_incoming_stock_and_leaves_the_schedule(
     assert moved.applied == 1
     assert (position.quantity, position.incoming) == (90, (("2026-02-01", 500),))
     assert kept_incoming(ledger, "mixed", "SKU-MIX") == [["2026-02-01", 500]]
+
+
+def test_a_csv_with_incoming_columns_keeps_what_each_row_expects_in_base_units(
+    ledger: Runtime,
+) -> None:
+    skus = {"A": "SKU-ONA", "B": "SKU-ONB", "C": "SKU-ONC"}
+    setup_supplier(ledger, "onorder", skus, connector={"units": {"CS": 12}})
+    at = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
+
+    def body(rows: list[str], moment: datetime) -> bytes:
+        lines = ["sku,quantity,unit,on_order,eta,observed_at"]
+        lines += [f"{row},{moment.isoformat()}" for row in rows]
+        return ("\n".join(lines) + "\n").encode()
+
+    first = ingest(ledger, "onorder", body(["A,10,CS,3,2027-01-10", "B,5,EA,,", "C,5,EA,0,"], at))
+    position = ledger.app.repository.get(StockItem.id_for("SKU-ONA")).positions["onorder"]
+
+    assert first.read_by == "copy"
+    assert (first.applied, first.rejected) == (3, 0)
+    assert (position.quantity, position.incoming) == (120, (("2027-01-10", 36),))
+    assert kept_incoming(ledger, "onorder", "SKU-ONA") == [["2027-01-10", 36]]
+    assert kept_incoming(ledger, "onorder", "SKU-ONB") is None
+    assert kept_incoming(ledger, "onorder", "SKU-ONC") is None
+
+    later = at + timedelta(hours=1)
+    silent = ingest(ledger, "onorder", body(["A,10,CS,,"], later))
+    cleared = ingest(ledger, "onorder", body(["A,10,CS,0,"], later + timedelta(hours=1)))
+    bad = ingest(ledger, "onorder", body(["A,10,CS,2,someday"], later + timedelta(hours=2)))
+    position = ledger.app.repository.get(StockItem.id_for("SKU-ONA")).positions["onorder"]
+
+    assert (silent.unchanged, silent.applied) == (1, 0)  # blank says nothing: it stands
+    assert cleared.applied == 1
+    assert (position.quantity, position.incoming) == (120, ())
+    assert kept_incoming(ledger, "onorder", "SKU-ONA") is None
+    assert [r.reason for r in bad.rejections] == ["invalid_expected_on: 'someday'"]

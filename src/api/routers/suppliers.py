@@ -33,6 +33,7 @@ from api.schemas import (
     SupplierOut,
     UpsertOut,
 )
+from connectors.normalise import FeedRules, unit_factor
 from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection, kept
 from ledger.errors import UnknownSupplier
@@ -143,7 +144,7 @@ def report_stock(
     supplier = runtime.queries.supplier(supplier_id)
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
-    observations, rejected = parse_observations(body.observations, supplier.terms.timezone)
+    observations, rejected = parse_observations(body.observations, supplier.terms)
     content_hash = hashlib.sha256(
         json.dumps(body.observations, sort_keys=True, default=str).encode()
     ).hexdigest()
@@ -164,10 +165,12 @@ def report_stock(
 
 
 def parse_observations(
-    records: list[dict[str, Any]], timezone: str
+    records: list[dict[str, Any]], terms: SupplierTerms
 ) -> tuple[list[Observation], list[Rejection]]:
-    """Validates each record on its own; a naive time is in the supplier's zone."""
-    zone = ZoneInfo(timezone)
+    """Validates each record on its own; a naive time is in the supplier's zone, and a
+    named unit is one of its unit table (or a base unit), as in its feeds."""
+    zone = ZoneInfo(terms.timezone)
+    rules = FeedRules.of(terms)
     observations: list[Observation] = []
     rejected: list[Rejection] = []
     for index, record in enumerate(records):
@@ -188,6 +191,10 @@ def parse_observations(
         except (OverflowError, ValueError):
             rejected.append(Rejection(index, "observed_at_out_of_range", kept(record)))
             continue
+        factor = unit_factor(parsed.unit, rules)
+        if isinstance(factor, str):
+            rejected.append(Rejection(index, factor, kept(record)))
+            continue
         observations.append(
             Observation(
                 index=index,
@@ -195,7 +202,14 @@ def parse_observations(
                 sku=parsed.sku,
                 quantity=parsed.quantity,
                 unit=parsed.unit,
+                factor=factor,
                 observed_at=observed_at,
+                incoming=None
+                if parsed.incoming is None
+                else tuple(
+                    (None if e.expected_on is None else e.expected_on.isoformat(), e.quantity)
+                    for e in parsed.incoming
+                ),
             )
         )
     return observations, rejected

@@ -7,16 +7,22 @@ Options (every one optional):
 - `encoding`: default "utf-8-sig", i.e. UTF-8 with or without a byte-order mark.
 - `columns`: our field -> the supplier's header name, or a list of names tried in order,
   e.g. `{"supplier_sku": "Artikelnummer", "quantity": ["Bestand", "Menge"]}`. Fields are
-  supplier_sku, upc, quantity, unit, observed_at. A field given here uses only these
+  supplier_sku, upc, quantity, unit, observed_at, incoming_quantity, expected_on (stock
+  the supplier expects, in the row's unit, and when). A field given here uses only these
   names; the others use the common ones (sku, supplier_sku, item, item_no, article,
   part_number, ...; upc, ean, gtin, barcode; qty, quantity, stock, available, on_hand, ...;
-  unit, uom; observed_at, timestamp, updated_at, as_of, date). Names compare loosely:
+  unit, uom; observed_at, timestamp, updated_at, as_of, date; incoming, on_order, ...;
+  expected_on, eta, next_delivery, ...). Names compare loosely:
   case, spaces and punctuation are ignored and camelCase splits (`Item No` = `itemNo`).
 - `thousands_separator`: e.g. "," so that "1,200" reads 1200 (groups of three are
   checked). Default: none, so "1,200" is an invalid quantity.
 - `decimal_separator`: default "."; a quantity may carry zero decimals only ("12.0").
 - `timestamp_format`: a `strptime` format for observed_at; default ISO 8601, naive
   unless it carries an offset.
+
+A row's incoming_quantity is stock the supplier expects, in the row's unit, on its
+expected_on (an ISO date, or the day of an ISO time) if given: blank says nothing of it
+(the schedule on record stands), 0 that none is expected.
 
 Quoted fields may hold delimiters and newlines; CRLF and LF both end a row; blank rows
 are skipped. `position` counts the data rows that are not blank.

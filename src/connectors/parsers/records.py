@@ -13,7 +13,15 @@ from datetime import UTC, date, datetime
 from functools import cached_property, lru_cache
 from typing import Any
 
-FIELDS = ("supplier_sku", "upc", "quantity", "unit", "observed_at")
+FIELDS = (
+    "supplier_sku",
+    "upc",
+    "quantity",
+    "unit",
+    "observed_at",
+    "incoming_quantity",
+    "expected_on",
+)
 
 # Nested defaults are dotted; each format reads them its own way (CSV joins them with "_").
 DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
@@ -55,6 +63,31 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
     ),
     "unit": ("unit", "uom", "unit_of_measure"),
     "observed_at": ("observed_at", "timestamp", "updated_at", "as_of", "date", "last_updated"),
+    # Stock the supplier expects, in the record's unit, and when (one entry a record).
+    "incoming_quantity": (
+        "incoming",
+        "incoming_quantity",
+        "incoming_qty",
+        "on_order",
+        "qty_on_order",
+        "quantity_on_order",
+        "inbound_quantity",
+        "expected_quantity",
+        "incoming.quantity",
+        "inbound.quantity",
+    ),
+    "expected_on": (
+        "expected_on",
+        "expected_date",
+        "expected_delivery",
+        "eta",
+        "next_delivery",
+        "next_delivery_date",
+        "incoming_date",
+        "incoming.expected_on",
+        "incoming.date",
+        "inbound.date",
+    ),
 }
 
 FieldPath = tuple[str, ...]
@@ -263,6 +296,44 @@ def make_record(
             raise Unreadable("missing_quantity")
         unit = text("unit", values.get("unit"))
         observed_at = value_format.timestamp(values.get("observed_at"))
+        incoming = _incoming(
+            values.get("incoming_quantity"), values.get("expected_on"), value_format
+        )
     except Unreadable as unreadable:
         return RecordError(position, str(unreadable), raw)
-    return Record(position, supplier_sku, upc, quantity, unit, observed_at, raw)
+    return Record(position, supplier_sku, upc, quantity, unit, observed_at, raw, incoming)
+
+
+def _incoming(
+    quantity: object, expected_on: object, value_format: ValueFormat
+) -> tuple[Incoming, ...] | None:
+    """A record's incoming stock where its format has a field for it: none said (blank or
+    absent: the schedule on record stands), none expected (0), or one entry in the
+    record's unit with its date, if given."""
+    try:
+        expected = value_format.quantity(quantity)
+    except Unreadable as unreadable:
+        raise Unreadable(f"invalid_incoming_quantity: {shown(quantity)}") from unreadable
+    if expected is None:
+        return None
+    if expected == 0:
+        return ()
+    return (Incoming(expected, _date("expected_on", expected_on)),)
+
+
+def _date(field: str, value: object) -> date | None:
+    """A date as written, ISO 8601, or the day of an ISO 8601 time; None when absent or
+    blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        written = value.strip()
+        try:
+            return date.fromisoformat(written)
+        except ValueError:
+            pass
+        try:
+            return datetime.fromisoformat(written).date()
+        except ValueError:
+            pass
+    raise Unreadable(f"invalid_{field}: {shown(value)}")

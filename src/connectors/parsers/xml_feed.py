@@ -9,7 +9,8 @@ Options (every one optional):
 - `fields`: our field -> a path in the record, or a list of paths tried in order:
   a child element (`Qty`), a nested one (`Stock/Available`), an attribute (`@sku`) or a
   child's attribute (`Qty/@uom`); a plain name that matches no child element reads the
-  attribute of that name. Fields are supplier_sku, upc, quantity, unit, observed_at; the
+  attribute of that name. Fields are supplier_sku, upc, quantity, unit, observed_at,
+  incoming_quantity, expected_on (see CSV); the
   ones not given use the common names (as for CSV) and nested ones such as
   stock/available. Names are local (namespaces do not matter) and compare loosely.
 - `thousands_separator`, `decimal_separator`, `timestamp_format`: as for CSV.

@@ -153,15 +153,22 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
     quantity, sku, incoming = observation.quantity, observation.sku, observation.incoming
     if any(expected < 0 for _, expected in incoming or ()):
         return "negative_incoming"
+    # Base units in one reported unit: the record's own unit where it named one, else
+    # the mapping's (a SKU of ours is counted in base units).
+    factor = observation.factor
     if observation.supplier_sku is not None:
         mapping = uow.get(
             SkuMapping, SkuMapping.id_for(command.supplier_id, observation.supplier_sku)
         )
         if mapping is None:
             return "unmapped_supplier_sku"
-        quantity, sku = mapping.to_base_units(quantity), mapping.sku
+        sku = mapping.sku
+        if factor is None:
+            factor = mapping.units_per_supplier_unit
+    if factor is not None:
+        quantity *= factor
         if incoming is not None:
-            incoming = tuple((on, mapping.to_base_units(q)) for on, q in incoming)
+            incoming = tuple((on, q * factor) for on, q in incoming)
     if quantity > MAX_QUANTITY or any(q > MAX_QUANTITY for _, q in incoming or ()):
         return "quantity_out_of_range"
     if sku is None or uow.get(StockItem, StockItem.id_for(sku)) is None:
