@@ -64,7 +64,12 @@ def test_a_dropped_file_is_picked_up_once_applied_and_moved_aside(
     ledger: Runtime, tmp_path: Path
 ) -> None:
     catalogue = Catalogue(5, seed=3, observed_at=datetime.now(UTC) - timedelta(minutes=1))
-    supplier_fed_by(ledger, "dropper", catalogue, folder={"path": str(tmp_path), "format": "csv"})
+    supplier_fed_by(
+        ledger,
+        "dropper",
+        catalogue,
+        folder={"path": str(tmp_path), "format": "csv", "settle_seconds": 0},
+    )
     dropped = drop(tmp_path, "csv", catalogue.items(), name="stock-1.csv")
     (tmp_path / ".stock-2.csv.abc.part").write_bytes(b"half a file")
     scheduler, worker = scheduler_for(ledger)
@@ -103,6 +108,7 @@ def test_an_edi_file_is_pulled_over_sftp_and_applied(ledger: Runtime, tmp_path: 
                 "path": "/",
                 "format": "edi846",
                 "known_hosts": str(known_hosts),
+                "settle_seconds": 0,
             },
         )
         drop(served, "edi846", catalogue.items(), name="inventory.edi")
@@ -159,7 +165,12 @@ def test_a_failing_supplier_opens_its_breaker_and_shows_in_feed_health(ledger: R
 
 def test_the_same_undated_file_again_keeps_the_stock_fresh(ledger: Runtime, tmp_path: Path) -> None:
     catalogue = Catalogue(3, seed=4)
-    supplier_fed_by(ledger, "steady", catalogue, folder={"path": str(tmp_path), "format": "csv"})
+    supplier_fed_by(
+        ledger,
+        "steady",
+        catalogue,
+        folder={"path": str(tmp_path), "format": "csv", "settle_seconds": 0},
+    )
     item = next(iter(catalogue.items()))
     undated = f"supplier_sku,quantity\n{item.supplier_sku},7\n".encode()
     scheduler, worker = scheduler_for(ledger)
@@ -201,6 +212,7 @@ def test_a_file_listed_again_before_it_was_moved_is_not_stored_again(
             "format": "csv",
             "processed_path": str(blocker),
             "max_attempts": 1,
+            "settle_seconds": 0,
         },
     )
     drop(feeds, "csv", catalogue.items(), name="stock.csv")

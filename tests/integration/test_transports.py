@@ -37,6 +37,12 @@ from connectors.transports import (
     transport_for,
 )
 from connectors.transports.breaker import CircuitBreaker, CircuitOpen
+from connectors.transports.folder import (
+    FolderSettings,
+    FolderTransport,
+    LocalFolder,
+    local_folder,
+)
 from connectors.transports.rest import STATE
 from connectors.transports.retry import retry_after_seconds
 
@@ -416,7 +422,9 @@ def test_a_probe_its_caller_abandons_counts_for_nothing() -> None:
 
 
 def folder_transport(path: Path, **options: Any) -> Transport:
-    settings = {"path": str(path), "format": "csv", **options}
+    """A drop folder's transport; its files are dropped whole (renamed into place), so it
+    takes them as soon as they are listed unless told otherwise."""
+    settings = {"path": str(path), "format": "csv", "settle_seconds": 0, **options}
     transport = transport_for("acme", {"folder": settings}, state=DictState())
     assert transport is not None
     return transport
@@ -439,6 +447,91 @@ def test_a_drop_folder_yields_whole_files_and_ignores_partial_and_hidden_ones(
         "folder",
         modified=dropped.stat().st_mtime,  # what tells this upload from a later one
     )
+
+
+class Ticking:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settling(path: Path, monotonic: Ticking, **options: Any) -> FolderTransport:
+    """A drop folder's transport with the default settle time (2 s)."""
+    settings = FolderSettings.model_validate({"path": str(path), "format": "csv", **options})
+    return FolderTransport(
+        "acme", settings, local_folder(settings), source="folder", monotonic=monotonic
+    )
+
+
+def test_a_file_written_in_place_is_taken_only_once_it_has_been_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A supplier's client that writes under the final name (a copy, SMB, many SFTP
+    clients) leaves a file that lists whole only once it is done."""
+    monotonic = Ticking()
+    transport = settling(tmp_path, monotonic)
+    written = tmp_path / "stock.csv"
+    written.write_bytes(b"supplier_sku,quantity\nSIM-1,12")  # "125" is still to come
+
+    assert list(transport.fetch()) == []  # modified just now
+    written.write_bytes(b"supplier_sku,quantity\nSIM-1,125\n")
+    old = time.time() - 3
+    os.utime(written, (old, old))
+    [fetched] = transport.fetch()
+    assert fetched.body.endswith(b"SIM-1,125\n")
+
+
+def test_a_file_from_a_clock_ahead_is_taken_once_it_lists_the_same_for_the_settle_time(
+    tmp_path: Path,
+) -> None:
+    monotonic = Ticking()
+    transport = settling(tmp_path, monotonic)
+    written = tmp_path / "stock.csv"
+    written.write_bytes(b"supplier_sku,quantity\nSIM-1,1")
+    ahead = time.time() + 3600  # the server's clock runs an hour ahead of ours
+    os.utime(written, (ahead, ahead))
+
+    assert list(transport.fetch()) == []
+    monotonic.now += 1.5
+    written.write_bytes(b"supplier_sku,quantity\nSIM-1,12")  # still being written
+    os.utime(written, (ahead + 1, ahead + 1))
+    assert list(transport.fetch()) == []
+    monotonic.now += 1.5  # 3 s since first listed, but only 1.5 s listing the same
+    assert list(transport.fetch()) == []
+    monotonic.now += 0.5
+    [fetched] = transport.fetch()
+    assert fetched.body == b"supplier_sku,quantity\nSIM-1,12"
+
+
+class Growing(LocalFolder):
+    """A folder whose file grows between its first listing and reading, once."""
+
+    grown = False
+
+    def read(self, name: str) -> bytes | None:
+        if not Growing.grown:
+            Growing.grown = True
+            with (self.folder / name).open("ab") as file:
+                file.write(b"SIM-2,7\n")
+        return super().read(name)
+
+
+def test_a_file_longer_when_read_than_when_listed_is_left_for_a_later_fetch(
+    tmp_path: Path,
+) -> None:
+    settings = FolderSettings(path=str(tmp_path), format="csv", settle_seconds=0)
+    transport = FolderTransport(
+        "acme", settings, lambda: Growing(tmp_path, tmp_path / "processed"), source="folder"
+    )
+    (tmp_path / "stock.csv").write_bytes(b"supplier_sku,quantity\nSIM-1,1\n")
+
+    assert list(transport.fetch()) == []  # listed at one length, read at another
+    [fetched] = transport.fetch()  # the same at both, the next time
+    assert fetched.body == b"supplier_sku,quantity\nSIM-1,1\nSIM-2,7\n"
 
 
 def test_a_processed_file_is_moved_away_and_not_fetched_again(tmp_path: Path) -> None:
@@ -514,6 +607,7 @@ def remote_settings(
         "format": "csv",
         "pattern": "*.csv",
         "timeout_seconds": 5,
+        "settle_seconds": 0,  # files are dropped whole (see folder_transport)
         **FAST,
         **options,
     }

@@ -4,13 +4,18 @@ folders that `sftp` and `ftp` pull from.
 A fetch yields every waiting file, oldest first (by modification time, then name): a
 regular file whose name matches `pattern`, except hidden files and partial uploads
 ("*.part", "*.filepart"; `connectors.simulator.drop` writes ".<name>.<hex>.part" and
-renames it when complete). The delivery id is the content's hash; with the file's name and
-modification time, it names the file's arrival in the inbox (see
-`connectors.scheduler.arrival_id`). `done()` moves the file
-into the processed folder (creating it; when a file of that name is already there, the
-content hash is added to the name: "stock.csv" -> "stock.<16 hex>.csv"), or deletes it;
-so a later file of the same name is new again. A file rewritten since it was fetched is
-left where it is, to be fetched anew.
+renames it when complete), and files that may still be being written under their final
+name (a copy, an SMB or SFTP client that writes in place): a file is taken once it was
+last modified `settle_seconds` ago by this machine's clock, or, where its server's clock
+runs ahead or lists no times, once it has listed the same (size and time) for that long
+across fetches; and a file whose content is not as long as it listed is left for a later
+fetch. A file left so is taken at a later fetch (the supplier's next interval). The
+delivery id is the content's hash; with the file's name and modification time, it names
+the file's arrival in the inbox (see `connectors.scheduler.arrival_id`). `done()` moves
+the file into the processed folder (creating it; when a file of that name is already
+there, the content hash is added to the name: "stock.csv" -> "stock.<16 hex>.csv"), or
+deletes it; so a later file of the same name is new again. A file rewritten since it was
+fetched is left where it is, to be fetched anew.
 
 Options of `connector["folder"]` (and those of `retry`):
 
@@ -20,6 +25,9 @@ Options of `connector["folder"]` (and those of `retry`):
 - `done_action` (default "move"): "move" into the processed folder, or "delete".
 - `processed_path` (default "processed"): the processed folder, relative to `path`
   unless absolute; on the same file system as `path`.
+- `settle_seconds` (default 2): how long a file must have been left alone before it is
+  taken (0: as soon as it is listed, for suppliers that only ever rename complete files
+  into place).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -55,6 +64,7 @@ class FileSettings(RetrySettings):
     pattern: str = "*"
     done_action: Literal["move", "delete"] = "move"
     processed_path: str = "processed"
+    settle_seconds: float = Field(default=2.0, ge=0, le=3600)
 
 
 class FolderSettings(FileSettings):
@@ -129,9 +139,14 @@ class FolderTransport:
         open_folder: Callable[[], FolderSession],
         *,
         source: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.source = source
+        self._clock, self._monotonic = clock, monotonic
+        # name -> the file as last listed, and since when it has listed so (monotonic)
+        self._listed: dict[str, tuple[Entry, float]] = {}
         self._open_folder = open_folder
         self._policy = settings.policy()
         self._log = log.bind(supplier=supplier_id, source=source)
@@ -144,12 +159,14 @@ class FolderTransport:
         try:
             entries = self._call(lambda folder: folder.files())
             pattern = self.settings.pattern
-            for entry in sorted(entries, key=lambda e: (e.modified or 0.0, e.name)):
-                if not waiting(entry.name, pattern):
-                    continue
+            settled = self._settled([e for e in entries if waiting(e.name, pattern)])
+            for entry in sorted(settled, key=lambda e: (e.modified or 0.0, e.name)):
                 body = self._read(entry.name)
                 if body is None:
                     continue  # taken away since it was listed
+                if entry.size is not None and len(body) != entry.size:
+                    self._log.info("transport.file_still_changing", name=entry.name)
+                    continue
                 fetched = Fetched(
                     content_id(body),
                     body,
@@ -163,6 +180,28 @@ class FolderTransport:
         finally:
             self._fetching = False
             self._disconnect()
+
+    def _settled(self, entries: list[Entry]) -> list[Entry]:
+        """The files left alone for `settle_seconds`: by their modification time, else by
+        listing the same across fetches for that long. Remembers how the others list."""
+        settle = self.settings.settle_seconds
+        now, since = self._clock(), self._monotonic()
+        listed, self._listed = self._listed, {}
+        settled = []
+        for entry in entries:
+            first = listed.get(entry.name)
+            unchanged_since = first[1] if first is not None and first[0] == entry else since
+            if (
+                settle <= 0
+                or (entry.modified is not None and now - entry.modified >= settle)
+                or since - unchanged_since >= settle
+            ):
+                settled.append(entry)
+            else:
+                self._listed[entry.name] = (entry, unchanged_since)
+        if len(settled) < len(entries):
+            self._log.info("transport.files_settling", files=len(entries) - len(settled))
+        return settled
 
     def done(self, fetched: Fetched) -> None:
         """Moves (or deletes) the file, unless it changed since it was fetched; a file
