@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import structlog
 
 from connectors.inbox import forget_signatures
+from connectors.webhooks import SIGNATURES_KEPT_SECONDS
 from ledger.base import Cause
 from ledger.commands import ExpireHolds, NoteLastReports
 from ledger.writer import LedgerWriter
@@ -23,8 +24,6 @@ from projections.queries import Views
 log = structlog.get_logger(__name__)
 
 BATCH = 1000
-# Longer than any webhook's tolerance window: older signatures are refused as expired.
-SIGNATURES_KEPT_SECONDS = 3600
 
 
 class Sweeper:

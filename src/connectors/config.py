@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
-from connectors.parsers import FORMATS
+from connectors.parsers import FORMATS, parse
 from connectors.transports import transport_for
+from connectors.webhooks import MAX_TOLERANCE_SECONDS
 
 
 class _NoState:
@@ -65,6 +67,13 @@ def check_connector(connector: dict[str, Any]) -> None:
     ):
         if name in connector and not isinstance(connector[name], kind):
             raise ValueError(f"{name} must be an object")
+    # Each parser checks the options of its own format and leaves the others': a bad one
+    # is refused here, not by every delivery after it.
+    for format in FORMATS:
+        try:
+            parse(format, io.BytesIO(b""), connector.get("options") or {})
+        except ValueError as error:
+            raise ValueError(f"options: {str(error).removeprefix('bad_option: ')}") from error
     schedule = connector.get("schedule") or {}
     _positive(schedule, "interval_seconds", float)
     if "jitter" in schedule and not 0 <= schedule["jitter"] < 1:
@@ -86,6 +95,9 @@ def check_connector(connector: dict[str, Any]) -> None:
     if webhook and not str(webhook.get("secret_ref", "")).startswith(("env:", "file:")):
         raise ValueError("webhook.secret_ref is env:NAME or file:PATH")
     _positive(webhook, "tolerance_seconds", int)
+    # A signature is remembered against replays for so long: a request must expire first.
+    if webhook.get("tolerance_seconds", 0) > MAX_TOLERANCE_SECONDS:
+        raise ValueError(f"webhook.tolerance_seconds is at most {MAX_TOLERANCE_SECONDS}")
     transport = transport_for("check", connector, state=_NoState())
     if transport is not None:
         transport.close()

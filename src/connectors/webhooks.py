@@ -10,6 +10,11 @@ import hashlib
 import hmac
 
 DEFAULT_TOLERANCE_SECONDS = 300
+# Signatures seen are remembered this long, against replays (the sweeper forgets older
+# ones); a request is valid within its timestamp's window either side, so a window must
+# end before its signature is forgotten.
+SIGNATURES_KEPT_SECONDS = 3600
+MAX_TOLERANCE_SECONDS = SIGNATURES_KEPT_SECONDS // 2
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -36,6 +41,8 @@ def refusal(
         return "bad_timestamp"
     if abs(now - signed_at) > tolerance:
         return "expired_signature"
-    if not hmac.compare_digest(sign(secret, signed_at, body), signature.strip()):
+    given = signature.strip()
+    # compare_digest takes only ASCII text (a header may carry any byte)
+    if not given.isascii() or not hmac.compare_digest(sign(secret, signed_at, body), given):
         return "bad_signature"
     return None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from connectors.webhooks import sign
@@ -152,6 +153,8 @@ def test_a_signed_webhook_is_applied_and_its_redelivery_changes_nothing(ledger: 
         ("wrong secret", "bad_signature"),
         ("body changed", "bad_signature"),
         ("an hour old", "expired_signature"),
+        ("an hour ahead", "expired_signature"),
+        ("not ASCII", "bad_signature"),
         ("no delivery id", "missing_delivery_id"),
     ],
 )
@@ -166,6 +169,10 @@ def test_a_webhook_whose_signature_does_not_hold_is_refused(
         headers = signed(body, headers["X-Ledger-Delivery"], secret="not-the-secret")
     elif tamper == "an hour old":
         headers = signed(body, headers["X-Ledger-Delivery"], at=int(time.time()) - 3600)
+    elif tamper == "an hour ahead":
+        headers = signed(body, headers["X-Ledger-Delivery"], at=int(time.time()) + 3600)
+    elif tamper == "not ASCII":
+        headers["X-Ledger-Signature"] = "sha256=\u00e9t\u00e9".encode("latin-1")  # type: ignore[assignment]
     elif tamper == "no delivery id":
         del headers["X-Ledger-Delivery"]
     sent = body + b" " if tamper == "body changed" else body
@@ -226,7 +233,11 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         {"poll": {"url": "not a url"}},
         {"folder": {"path": "/tmp"}, "ftp": {"host": "x"}},
         {"webhook": {"secret_ref": "plain-text-secret"}},
+        {"webhook": {"secret_ref": "env:X", "tolerance_seconds": 7200}},
         {"format": "pdf"},
+        {"format": "csv", "options": {"delimiter": ";;"}},
+        {"format": "edi846", "options": {"quantity_qualifiers": []}},
+        {"options": {"columns": {"stock": "Bestand"}}},
     ],
 )
 def test_unusable_connector_settings_are_refused_when_saved(
@@ -238,6 +249,36 @@ def test_unusable_connector_settings_are_refused_when_saved(
         )
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"] == "validation_error"
+
+
+def test_a_signed_request_that_could_not_be_stored_can_be_sent_again(ledger: Server) -> None:
+    """Its signature is recorded as used only with the delivery: a failure to store it
+    (here, the inbox refusing every row) leaves the sender free to send it again."""
+    body = b'{"observations": []}'
+    headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
+    refuse = (
+        "CREATE FUNCTION webhook_test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+    )
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        with psycopg.connect(ledger.database_url, autocommit=True) as conn:
+            conn.execute(refuse)
+            conn.execute(
+                "CREATE TRIGGER webhook_test_refuse BEFORE INSERT ON connector_inbox"
+                " FOR EACH ROW EXECUTE FUNCTION webhook_test_refuse()"
+            )
+            try:
+                failed = anyone.post(path, content=body, headers=headers)
+            finally:
+                conn.execute("DROP TRIGGER webhook_test_refuse ON connector_inbox")
+                conn.execute("DROP FUNCTION webhook_test_refuse()")
+        again = anyone.post(path, content=body, headers=headers)
+        replay = anyone.post(path, content=body, headers=headers)
+    assert failed.status_code >= 500
+    assert again.status_code == 202, again.text
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_signature")
 
 
 def test_a_captured_signed_request_cannot_be_replayed_under_another_delivery_id(

@@ -129,27 +129,33 @@ async def webhook(
     assert delivery is not None
     assert timestamp is not None
     assert signature is not None
-    if not await _in_thread(_first_use, runtime, supplier_id, signature):
+    received = await _in_thread(
+        _receive_signed, runtime, supplier_id, delivery, signature, body, int(timestamp)
+    )
+    if received is None:
         log.warning("webhook.refused", supplier=supplier_id, reason="replayed_signature")
         raise ApiError(401, "replayed_signature", "this signed request was already received")
-    received = await _in_thread(
-        _enqueue,
-        runtime,
-        supplier_id,
-        delivery,
-        "webhook",
-        "json",
-        content_hash(body),
-        body,
-        None,
-        int(timestamp),
-    )
     return _accepted(runtime, received, supplier_id)
 
 
-def _first_use(runtime: Runtime, supplier_id: str, signature: str) -> bool:
-    with runtime.store.connection() as conn:
-        return inbox.first_use_of_signature(conn, supplier_id, signature.strip())
+def _receive_signed(
+    runtime: Runtime, supplier_id: str, delivery_id: str, signature: str, body: bytes, at: int
+) -> inbox.Received | None:
+    """Stores a signed delivery and its signature as used, together (a delivery that could
+    not be stored leaves its signature to be sent again); None for a replayed signature."""
+    with runtime.store.connection() as conn, conn.transaction():
+        if not inbox.first_use_of_signature(conn, supplier_id, signature.strip()):
+            return None
+        return inbox.enqueue(
+            conn,
+            supplier_id=supplier_id,
+            delivery_id=delivery_id,
+            source="webhook",
+            format="json",
+            content_hash=content_hash(body),
+            body=body,
+            signed_at=at,
+        )
 
 
 def _enqueue(
