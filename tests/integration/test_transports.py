@@ -147,6 +147,24 @@ def test_each_pagination_style_yields_every_page_once(
     assert {(page.source, page.format) for page in pages} == {("poll", "json")}
 
 
+@pytest.mark.parametrize(
+    "link",
+    [
+        '<{next}>; rel="Next"',
+        '<{next}>; rel="next last"',
+        '<{first}>; rel="first"; title="page one; of, many", <{next}>; rel=next',
+        '<{first}>; rel="prev nextish", <{next}>; rel="next"',
+    ],
+)
+def test_a_link_header_is_read_however_the_server_writes_it(link: str, http: httpx.Client) -> None:
+    c = catalogue()
+    with RestSupplier(c, pagination="link", link_template=link) as server:
+        pages = pull(poller(server, http, page_size=100))
+        asked = [request.query.get("page") for request in server.requests]
+    assert asked == ["1", "2", "3"]
+    assert skus_of(pages, "link") == [item.supplier_sku for item in c]
+
+
 def test_the_query_of_the_configured_url_is_kept_on_every_page(
     supplier: RestSupplier, http: httpx.Client
 ) -> None:

@@ -6,7 +6,8 @@
 - "offset": `?offset=0&limit=100`   -> `{"items", "offset", "limit", "total"}`
 - "cursor": `?cursor=…&limit=100`   -> `{"items", "next_cursor"}` (null on the last page)
 - "link":   `?page=1&page_size=100` -> a bare JSON array, and `Link: <…>; rel="next"` while
-  there are more pages.
+  there are more pages (`link_template` writes it otherwise: `{next}` and `{first}` are
+  the pages' URLs, e.g. `<{first}>; rel="first", <{next}>; rel="Next last"`).
 
 Items are `{"supplier_sku", "upc", "quantity", "unit", "observed_at"}`. Every answer
 carries the catalogue version's `ETag` and `Last-Modified`; a matching `If-None-Match`
@@ -62,6 +63,7 @@ class RestSupplier:
     page_size: int = 100
     max_page_size: int = 1000
     token: str | None = None
+    link_template: str = '<{next}>; rel="next"'
     port: int = 0
     faults: Faults = field(default_factory=Faults)
 
@@ -164,7 +166,8 @@ class RestSupplier:
             if not more:
                 return items.encode(), {}
             url = f"{self.base_url}/inventory?page={start // size + 2}&page_size={size}"
-            return items.encode(), {"Link": f'<{url}>; rel="next"'}
+            first = f"{self.base_url}/inventory?page=1&page_size={size}"
+            return items.encode(), {"Link": self.link_template.format(next=url, first=first)}
         if self.pagination == "page":
             meta = {
                 "page": start // size + 1,

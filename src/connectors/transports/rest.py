@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -109,8 +110,26 @@ class _Page:
     url: httpx.URL
     status: int
     headers: httpx.Headers
-    links: dict[str | None, dict[str, str]]
     body: bytes
+
+
+# A Link header's links (RFC 8288): `<target>` and its parameters, a quoted value possibly
+# holding ';' or ','. httpx's own reading keys a link on its whole rel ("next last"), by
+# case, and cuts a target at its first ';'.
+_LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[^;,"=\s]+\s*(?:=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)')
+_PARAMETER = re.compile(r';\s*([^;,"=\s]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*))?')
+
+
+def next_link(values: list[str]) -> str | None:
+    """The target of the first link whose relations include "next" (any case), from a
+    response's Link headers; None when there is none."""
+    for value in values:
+        for link in _LINK.finditer(value):
+            for name, written in _PARAMETER.findall(link.group(2)):
+                relations = written.strip('"').lower().split()
+                if name.lower() == "rel" and "next" in relations:
+                    return link.group(1).strip()
+    return None
 
 
 @dataclass
@@ -218,7 +237,7 @@ class RestPoller:
             if failure is not None:
                 raise failure
             body = _read(response, self.settings.max_page_bytes)
-            return _Page(response.url, response.status_code, response.headers, response.links, body)
+            return _Page(response.url, response.status_code, response.headers, body)
 
 
 def default_client(settings: PollSettings) -> httpx.Client:
@@ -249,7 +268,7 @@ def _next_page(
     if style is None:
         return None
     if style == "link":
-        target = page.links.get("next", {}).get("url")
+        target = next_link(page.headers.get_list("link"))
         return page.url.join(target) if target else None
     if not isinstance(document, dict) or not isinstance(document.get("items"), list):
         raise _malformed(f"{style} pagination needs an object with an items list")
