@@ -58,6 +58,19 @@ def check_connector(connector: dict[str, Any]) -> None:
     _check_values(connector)
     if "format" in connector and connector["format"] not in FORMATS:
         raise ValueError(f"format is one of {', '.join(FORMATS)}")
+    for transport_kind in ("poll", "folder", "sftp", "ftp"):
+        own = connector.get(transport_kind)
+        # The supplier's format is what its deliveries are read as: a transport's may
+        # only agree with it.
+        if (
+            isinstance(own, dict)
+            and "format" in own
+            and own["format"] != connector.get("format", own["format"])
+        ):
+            raise ValueError(
+                f"format {connector['format']!r} and {transport_kind}.format"
+                f" {own['format']!r} differ"
+            )
     for name, kind in (
         ("schedule", dict),
         ("breaker", dict),

@@ -33,6 +33,18 @@ def succeeded(
     )
 
 
+def reached(conn: Connection, supplier_id: str) -> None:
+    """Records a fetch that reached the supplier, news or none (a 304, an empty folder):
+    its feed works again, whatever failed before."""
+    conn.execute(
+        "INSERT INTO connector_health (supplier_id, last_success_at, updated_at)"
+        " VALUES (%s, now(), now())"
+        " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
+        " consecutive_failures = 0, updated_at = now()",
+        (supplier_id,),
+    )
+
+
 def failed(conn: Connection, supplier_id: str, error: str) -> int:
     """Records a failure; returns how many in a row."""
     row = conn.execute(

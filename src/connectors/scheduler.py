@@ -224,6 +224,8 @@ class Scheduler:
                         )
                     self._done(schedule, fetched)
                     stored += 0 if received.duplicate else 1
+            with self.store.connection() as conn:
+                health.reached(conn, supplier)
             schedule.next_due(self.clock())
         except FetchFailed as failure:
             schedule.next_due(self.clock(), at_least=failure.retry_after or 0.0)

@@ -236,6 +236,7 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         {"webhook": {"secret_ref": "env:X", "tolerance_seconds": 7200}},
         {"format": "pdf"},
         {"format": "csv", "options": {"delimiter": ";;"}},
+        {"format": "csv", "folder": {"path": "/tmp", "format": "xml"}},
         {"format": "edi846", "options": {"quantity_qualifiers": []}},
         {"options": {"columns": {"stock": "Bestand"}}},
     ],

@@ -124,6 +124,38 @@ def test_an_edi_file_is_pulled_over_sftp_and_applied(ledger: Runtime, tmp_path: 
     assert (served / "processed" / "inventory.edi").exists()
 
 
+def test_a_supplier_that_answers_again_with_nothing_new_is_healthy_again(
+    ledger: Runtime,
+) -> None:
+    catalogue = Catalogue(3, seed=9)
+    with RestSupplier(catalogue, pagination="page", page_size=10) as rest:
+        supplier_fed_by(
+            ledger,
+            "recovering",
+            catalogue,
+            poll={"url": f"{rest.base_url}/inventory", "pagination": "page", "max_attempts": 1},
+        )
+        scheduler, worker = scheduler_for(ledger)
+        scheduler.refresh()
+        schedule = scheduler.schedules["recovering"]
+        assert scheduler.run(schedule) == 1
+        assert worker.work_once()
+        rest.faults.fail_next(2, status=503)
+        for _ in range(2):
+            assert scheduler.run(schedule) == 0
+        with ledger.store.connection() as conn:
+            [failing] = health.report(conn, "recovering")
+        assert scheduler.run(schedule) == 0  # 304: nothing new, and the feed answers
+        with ledger.store.connection() as conn:
+            [healed] = health.report(conn, "recovering")
+
+    assert [request.status for request in rest.requests][-1] == 304
+    assert failing["consecutive_failures"] == 2
+    assert healed["consecutive_failures"] == 0
+    assert healed["last_success_at"] > failing["last_error_at"]
+    assert healed["deliveries"] == failing["deliveries"] == 1  # no delivery counted for it
+
+
 def test_a_failing_supplier_opens_its_breaker_and_shows_in_feed_health(ledger: Runtime) -> None:
     catalogue = Catalogue(3, seed=9)
     with RestSupplier(catalogue, pagination="page", page_size=10) as rest:
