@@ -7,6 +7,9 @@ A supplier is scheduled when its `connector` settings name a transport ("poll", 
 - `format`: the format of what is fetched (default: the transport's).
 Each supplier's schedule is run by one process at a time: the process holding the
 advisory-lock lease `connector:{supplier}`; several schedulers can run side by side.
+Within a process, suppliers are fetched on a few threads of their own, one fetch a
+supplier at a time, so a supplier that is slow, down or throttling (its retries wait out
+its Retry-After) never holds up the others; stopping cuts those waits short.
 A delivery is marked done at its source only once the inbox holds it.
 """
 
@@ -17,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +41,8 @@ from projections.store import ViewStore
 log = structlog.get_logger(__name__)
 
 DEFAULT_INTERVAL_SECONDS = 60.0
+# Suppliers fetched at once by one process (each fetch mostly waits on the network).
+FETCH_THREADS = 4
 
 
 class DatabaseState:
@@ -82,6 +88,7 @@ class Scheduler:
         refresh_seconds: float = 30.0,
         tick_seconds: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        fetch_threads: int = FETCH_THREADS,
     ) -> None:
         self.store = store
         self.leases = leases
@@ -94,6 +101,8 @@ class Scheduler:
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="connector-fetch")
+        self._running: dict[str, Future[int]] = {}  # supplier -> its fetch under way
 
     def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._run, name="connector-scheduler", daemon=True)
@@ -101,9 +110,11 @@ class Scheduler:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop.set()  # fetches waiting to retry give up (see `_sleep`)
         if self._thread is not None:
             self._thread.join(30)
+        self._pool.shutdown(wait=True)
+        self._reap()
         for schedule in self.schedules.values():
             schedule.transport.close()
             self.leases.release(f"connector:{schedule.supplier_id}", self)
@@ -111,27 +122,54 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.wait(self.tick_seconds):
             try:
-                self.tick()
+                self.tick(wait=False)
             except psycopg.Error as error:
                 log.warning("scheduler.unavailable", error=str(error))
             except Exception:
                 log.exception("scheduler.failed")
 
-    def tick(self) -> int:
-        """Runs every schedule that is due and leased here; returns deliveries stored."""
+    def tick(self, *, wait: bool = True) -> int:
+        """Starts every schedule that is due and leased here, each on a fetch thread (one
+        fetch a supplier at a time). With `wait`, waits for those it started and returns
+        the deliveries they stored (raising what one raised); without, returns 0 at once:
+        the background loop, where a slow supplier must not hold up the next tick."""
         now = self.clock()
+        self._reap()
         if now - self._refreshed >= self.refresh_seconds:
             self.refresh()
             self._refreshed = now
-        stored = 0
+        started: list[Future[int]] = []
         for schedule in list(self.schedules.values()):
-            if schedule.due > now or self._stop.is_set():
+            if schedule.due > now or self._stop.is_set() or schedule.supplier_id in self._running:
                 continue
             if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
                 schedule.next_due(now)
                 continue
-            stored += self.run(schedule)
+            fetch = self._pool.submit(self.run, schedule)
+            self._running[schedule.supplier_id] = fetch
+            started.append(fetch)
+        if not wait:
+            return 0
+        stored = sum(fetch.result() for fetch in started)
+        self._reap()
         return stored
+
+    def _reap(self) -> None:
+        """Forgets the fetches that ended, logging one that failed unexpectedly."""
+        for supplier, fetch in list(self._running.items()):
+            if not fetch.done():
+                continue
+            del self._running[supplier]
+            error = fetch.exception()
+            if isinstance(error, psycopg.Error):
+                log.warning("scheduler.unavailable", supplier=supplier, error=str(error))
+            elif error is not None:
+                log.error("scheduler.fetch_crashed", supplier=supplier, error=repr(error))
+
+    def _sleep(self, seconds: float) -> None:
+        """Waits between a fetch's retries; gives the fetch up when the scheduler stops."""
+        if self._stop.wait(seconds):
+            raise FetchFailed("stopping", retriable=False)
 
     def refresh(self) -> None:
         """Follows suppliers' connector settings, as the stock view holds them."""
@@ -143,7 +181,7 @@ class Scheduler:
                 self._follow(row, seen)
             except Exception:  # one supplier's settings never stop the others
                 log.exception("scheduler.bad_settings", supplier=row["supplier_id"])
-        for gone in set(self.schedules) - seen:
+        for gone in set(self.schedules) - seen - set(self._running):
             self.schedules.pop(gone).transport.close()
 
     def _follow(self, row: dict[str, Any], seen: set[str]) -> None:
@@ -151,8 +189,8 @@ class Scheduler:
         supplier_id = row["supplier_id"]
         connector = (row["terms"] or {}).get("connector") or {}
         current = self.schedules.get(supplier_id)
-        if current is not None and current.connector == connector:
-            seen.add(supplier_id)
+        if current is not None and (current.connector == connector or supplier_id in self._running):
+            seen.add(supplier_id)  # new settings wait for the fetch under way to end
             return
         if current is not None:
             current.transport.close()
@@ -170,6 +208,7 @@ class Scheduler:
             connector,
             state=DatabaseState(self.store, supplier_id),
             client=self.client,
+            sleep=self._sleep,
         )
         if transport is None:
             return
@@ -192,7 +231,7 @@ class Scheduler:
             stored = self._fetch(schedule)
         finally:
             structlog.contextvars.unbind_contextvars("supplier")
-        if schedule.breaker.state != before:
+        if schedule.breaker.state != before and not self._stop.is_set():
             with self.store.connection() as conn:
                 health.set_breaker(conn, supplier, schedule.breaker.state)
             log.info("connector.breaker", supplier=supplier, state=schedule.breaker.state)
@@ -229,6 +268,8 @@ class Scheduler:
             schedule.next_due(self.clock())
         except FetchFailed as failure:
             schedule.next_due(self.clock(), at_least=failure.retry_after or 0.0)
+            if self._stop.is_set():
+                return stored  # given up because the process stops: not the supplier's
             if failure.reason != "circuit_open":
                 with self.store.connection() as conn:
                     health.failed(conn, supplier, failure.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -288,3 +289,50 @@ def test_feed_health_is_a_view_with_rows_per_delivery(ledger: Runtime) -> None:
     assert (viewed["consecutive_failures"], viewed["failures"]) == (1, 1)
     assert reported["rows_per_delivery"] == 3.5
     assert reported["last_error"] == "http_503: unavailable"
+
+
+def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_wait(
+    ledger: Runtime,
+) -> None:
+    """One supplier answers 429 with Retry-After: 60 (within what its retries may wait);
+    another is fine. The second's feed is fetched meanwhile, and stopping the scheduler
+    ends the first one's wait instead of sitting it out, without calling it a failure."""
+    slow, quick = Catalogue(3, seed=11), Catalogue(3, seed=12)
+    with (
+        RestSupplier(slow, pagination="page") as throttling,
+        RestSupplier(quick, pagination="page") as fine,
+    ):
+        throttling.faults.throttle_next(5, retry_after=60)
+        for name, server, catalogue in (("throttled", throttling, slow), ("fine", fine, quick)):
+            supplier_fed_by(
+                ledger,
+                name,
+                catalogue,
+                poll={
+                    "url": f"{server.base_url}/inventory",
+                    "pagination": "page",
+                    "max_attempts": 3,
+                    "max_retry_after_seconds": 120,
+                },
+            )
+        scheduler, _ = scheduler_for(ledger)
+        scheduler.tick_seconds = 0.05
+        scheduler.start()
+        try:
+            deadline = time.monotonic() + 10
+            while (
+                scheduler.schedules.get("fine") is None or not scheduler.schedules["fine"].fetched
+            ):
+                assert time.monotonic() < deadline, "the fine supplier waited for the other"
+                time.sleep(0.05)
+            waiting = [request.status for request in throttling.requests]
+        finally:
+            began = time.monotonic()
+            scheduler.stop()
+            stopped_in = time.monotonic() - began
+        with ledger.store.connection() as conn:
+            throttled_health = health.report(conn, "throttled")
+
+    assert waiting == [429]  # asked once, and waiting out its minute
+    assert stopped_in < 5
+    assert [row["consecutive_failures"] for row in throttled_health] in ([], [0])

@@ -30,7 +30,8 @@ A transport serves one fetch at a time; it is not shared between threads.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -114,8 +115,10 @@ def transport_for(
     *,
     state: StateStore,
     client: httpx.Client | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Transport | None:
     """The transport a supplier's connector settings ask for, or None when they name none.
+    `sleep` waits between retries (a scheduler's cuts them short when it stops).
 
     Raises ValueError("bad_option: …") for settings that name two transports or are
     invalid. `client` serves REST polling; without one, a client of the transport's own
@@ -137,17 +140,24 @@ def transport_for(
         poll = _settings(PollSettings, kind, connector[kind])
         if client is None:
             return RestPoller(
-                supplier_id, poll, state=state, client=default_client(poll), owns_client=True
+                supplier_id,
+                poll,
+                state=state,
+                client=default_client(poll),
+                owns_client=True,
+                sleep=sleep,
             )
-        return RestPoller(supplier_id, poll, state=state, client=client)
+        return RestPoller(supplier_id, poll, state=state, client=client, sleep=sleep)
     if kind == "folder":
         folder = _settings(FolderSettings, kind, connector[kind])
-        return FolderTransport(supplier_id, folder, local_folder(folder), source="folder")
+        return FolderTransport(
+            supplier_id, folder, local_folder(folder), source="folder", sleep=sleep
+        )
     if kind == "sftp":
         sftp = _settings(SftpSettings, kind, connector[kind])
-        return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp")
+        return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp", sleep=sleep)
     ftp = _settings(FtpSettings, kind, connector[kind])
-    return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp")
+    return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp", sleep=sleep)
 
 
 def _settings(model: type[S], kind: str, given: Any) -> S:

@@ -141,6 +141,7 @@ class FolderTransport:
         source: str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -148,7 +149,7 @@ class FolderTransport:
         # name -> the file as last listed, and since when it has listed so (monotonic)
         self._listed: dict[str, tuple[Entry, float]] = {}
         self._open_folder = open_folder
-        self._policy = settings.policy()
+        self._policy = settings.policy(sleep)
         self._log = log.bind(supplier=supplier_id, source=source)
         self._session: FolderSession | None = None
         self._fetching = False

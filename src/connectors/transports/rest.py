@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,12 +153,13 @@ class RestPoller:
         state: StateStore,
         client: httpx.Client,
         owns_client: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.state = state
         self._client = client
         self._owns_client = owns_client
-        self._policy = settings.policy()
+        self._policy = settings.policy(sleep)
         self._log = log.bind(supplier=supplier_id, source="poll")
         self._poll: _Poll | None = None
         self._origin = _origin(httpx.URL(settings.url))

@@ -120,12 +120,14 @@ class RetrySettings(BaseModel):
     max_backoff_seconds: float = Field(30.0, ge=0)
     max_retry_after_seconds: float = Field(120.0, ge=0)
 
-    def policy(self) -> RetryPolicy:
+    def policy(self, sleep: Callable[[float], None] = time.sleep) -> RetryPolicy:
+        """The retry policy; `sleep` waits between attempts (one that raises ends them)."""
         return RetryPolicy(
             max_attempts=self.max_attempts,
             backoff_seconds=self.backoff_seconds,
             max_backoff_seconds=self.max_backoff_seconds,
             max_retry_after_seconds=self.max_retry_after_seconds,
+            sleep=sleep,
         )
 
 
