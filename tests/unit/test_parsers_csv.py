@@ -54,6 +54,20 @@ def test_a_semicolon_feed_with_a_bom_and_crlf_lines_reads_every_row() -> None:
     }
 
 
+def test_an_excel_sep_line_names_the_delimiter_and_is_not_the_header() -> None:
+    data = b"\xef\xbb\xbfsep=;\r\nsku;qty;note\r\nA-1;5;a, b\r\nB-2;7;c\r\n"
+    parsed = records(read_bytes(data))
+    assert [(r.position, r.supplier_sku, r.quantity) for r in parsed] == [
+        (1, "A-1", 5),
+        (2, "B-2", 7),
+    ]
+    # A header with as many commas as pipes sniffs as commas; the line says otherwise.
+    piped = b"sku|qty|remarks, if any, here\nA|3|x\n"
+    with pytest.raises(FeedError, match="missing_column"):
+        read_bytes(piped)
+    assert records(read_bytes(b"sep=|\n" + piped))[0].quantity == 3
+
+
 def test_tab_separated_quoted_fields_keep_their_newlines_tabs_and_quotes() -> None:
     parsed = records(read("csv-tab-quoted-newlines.tsv"))
 

@@ -24,6 +24,8 @@ A row's incoming_quantity is stock the supplier expects, in the row's unit, on i
 expected_on (an ISO date, or the day of an ISO time) if given: blank says nothing of it
 (the schedule on record stands), 0 that none is expected.
 
+A first line `sep=;` (as Excel writes it) names the delimiter and is not the header.
+
 Quoted fields may hold delimiters and newlines; CRLF and LF both end a row; blank rows
 are skipped. `position` counts the data rows that are not blank.
 
@@ -106,9 +108,12 @@ def _parse(source: BinaryIO, settings: CsvSettings) -> Iterator[Parsed]:
 def _rows(text: Iterable[str], settings: CsvSettings) -> Iterator[Parsed]:
     lines = iter(text)
     first = next((line for line in lines if line.strip()), None)
+    named = _named_delimiter(first)
+    if named is not None:  # Excel's "sep=;" line: the delimiter, then the header
+        first = next((line for line in lines if line.strip()), None)
     if first is None:
         raise FeedError("missing_header: the feed is empty")
-    delimiter = settings.delimiter or _sniff(first)
+    delimiter = settings.delimiter or named or _sniff(first)
     reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
     header = next(reader)
     header[0] = header[0].lstrip("\ufeff")
@@ -129,6 +134,17 @@ def _rows(text: Iterable[str], settings: CsvSettings) -> Iterator[Parsed]:
             continue
         values = {field: row[index] for field, index in columns.items()}
         yield make_record(position, values, raw, settings.value_format)
+
+
+def _named_delimiter(line: str | None) -> str | None:
+    """The delimiter a first line of the form `sep=;` names (as Excel writes and reads it),
+    or None for any other line."""
+    if line is None:
+        return None
+    text = line.lstrip("\ufeff").strip("\r\n")
+    if len(text) == 5 and text.lower().startswith("sep="):
+        return text[4]
+    return None
 
 
 def _sniff(line: str) -> str:
