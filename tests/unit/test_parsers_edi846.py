@@ -144,6 +144,41 @@ def test_two_groups_with_crlf_after_each_terminator_count_positions_across_them(
     assert [p.raw["group"] for p in parsed] == ["301", "302"]
 
 
+def second_interchange(control: str = "000000102", group: str = "102") -> str:
+    """The shared sample again as another interchange, with its own control numbers."""
+    return (
+        SAMPLE.replace("000000101", control)
+        .replace("*1430*101*X", f"*1430*{group}*X")
+        .replace("GE*1*101", f"GE*1*{group}")
+        .replace("ABC-123", "ABC-124")
+    )
+
+
+def test_a_file_of_several_interchanges_reads_them_all_positions_counted_across() -> None:
+    parsed = read_text(SAMPLE + second_interchange())
+
+    assert [(p.position, p.supplier_sku, p.raw["interchange"]) for p in parsed] == [
+        (1, "ABC-123", "000000101"),
+        (2, "XYZ-9", "000000101"),
+        (3, "ABC-124", "000000102"),
+        (4, "XYZ-9", "000000102"),
+    ]
+    assert [p.raw["group"] for p in parsed] == ["101", "101", "102", "102"]
+
+
+@pytest.mark.parametrize(
+    ("following", "reason"),
+    [
+        (second_interchange().replace("IEA*1*000000102", "IEA*1*000000103"), "IEA02"),
+        (second_interchange().replace("IEA*1*000000102~", ""), "truncated"),
+        ("ISA*00*short~", "segments after IEA"),
+    ],
+)
+def test_a_broken_later_interchange_rejects_the_whole_file(following: str, reason: str) -> None:
+    _, error = read_until_rejected(SAMPLE + following)
+    assert reason in error.reason
+
+
 def test_segments_split_across_reads_are_put_back_together() -> None:
     data = (FEEDS / "846-two-groups-crlf.edi").read_bytes()
     chunks = (data[start : start + 7] for start in range(0, len(data), 7))

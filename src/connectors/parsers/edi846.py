@@ -13,7 +13,9 @@ Options (every one optional):
 
 Separators are the ones the ISA declares: the element separator is its 4th character,
 the sub-element separator its 105th, the segment terminator its 106th; CR/LF after a
-terminator are ignored. An interchange may hold several GS groups, each several ST sets.
+terminator are ignored. An interchange may hold several GS groups, each several ST sets,
+and a file several interchanges, one after another, written with the first one's
+separators.
 
 Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is the unit;
 of a composite, its first part), its SCH lines as `incoming` (SCH01 quantity, SCH02
@@ -106,7 +108,7 @@ def parse_edi846(source: BinaryIO, options: Mapping[str, Any]) -> Iterator[Parse
 def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
     text = io.TextIOWrapper(source, encoding=settings.encoding, newline="")
     try:
-        yield from _interchange(_segments(text), settings)
+        yield from _interchanges(_segments(text), settings)
     except UnicodeDecodeError as error:
         raise FeedError(f"bad_encoding: not {settings.encoding} ({error.reason})") from error
     finally:
@@ -143,14 +145,32 @@ def _segments(text: TextIO) -> Iterator[Segment]:
         yield buffer.strip().split(element)
 
 
-def _interchange(segments: Iterator[Segment], settings: EdiSettings) -> Iterator[Parsed]:
+def _interchanges(segments: Iterator[Segment], settings: EdiSettings) -> Iterator[Parsed]:
+    """Every interchange of the file, one after another (a VAN's mailbox file may hold
+    several), positions counted across them; they share the first ISA's separators."""
     isa = next(segments)
+    position = 0
+    while True:
+        position = yield from _interchange(isa, segments, settings, position)
+        following = next(segments, None)
+        if following is None:
+            return
+        if following[0] != "ISA" or len(following) != 17:
+            raise FeedError("bad_envelope: segments after IEA")
+        isa = following
+
+
+def _interchange(
+    isa: Segment, segments: Iterator[Segment], settings: EdiSettings, position: int
+) -> Generator[Parsed, None, int]:
+    """One interchange's records, from its ISA through its IEA; returns the position
+    reached."""
     context = _Context(
         interchange=isa[13].strip(),
         sub_element=isa[16],
         observed_at=_moment("ISA09/ISA10", "20" + isa[9].strip(), isa[10].strip()),
     )
-    groups, position = 0, 0
+    groups = 0
     for segment in segments:
         if segment[0] == "GS":
             groups += 1
@@ -158,9 +178,7 @@ def _interchange(segments: Iterator[Segment], settings: EdiSettings) -> Iterator
         elif segment[0] == "IEA":
             _check_count("IEA01", segment, groups, "groups")
             _check_control("IEA02", segment, "ISA13", context.interchange)
-            if next(segments, None) is not None:
-                raise FeedError("bad_envelope: segments after IEA")
-            return
+            return position
         else:
             raise FeedError(f"bad_envelope: {segment[0]} outside a functional group")
     raise FeedError(f"truncated: interchange {context.interchange} ends without IEA")
