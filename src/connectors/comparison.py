@@ -37,8 +37,9 @@ def _repeats(record: str) -> sql.Composed:
     ).format(c=sql.Identifier(record))
 
 
-# Resolve each record to a SKU (by supplier SKU; by UPC only where the record has no
-# supplier SKU, the first mapping in supplier-SKU order when several share the UPC),
+# Resolve each record to a SKU (by supplier SKU; by UPC where the record has no supplier
+# SKU, or, for a supplier whose connector says `upc_fallback`, where its supplier SKU is
+# not mapped; the first mapping in supplier-SKU order when several share the UPC),
 # convert it to base units, and compare it with the level on record. Two hash joins for
 # the mappings: an OR in one join made the planner look each record up in turn
 # (measured: twice the time). One sort by SKU (bytewise, the writer's order) numbers the
@@ -86,9 +87,10 @@ WITH resolved AS (
     LEFT JOIN (
         SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit
         FROM view_mappings WHERE supplier_id = %(supplier)s
-          AND upc IN (SELECT upc FROM feed_staging WHERE supplier_sku IS NULL)
+          AND upc IN (SELECT upc FROM feed_staging
+                      WHERE supplier_sku IS NULL OR %(upc_fallback)s)
         ORDER BY upc, supplier_sku
-    ) u ON s.supplier_sku IS NULL AND u.upc = s.upc
+    ) u ON (s.supplier_sku IS NULL OR (%(upc_fallback)s AND m.sku IS NULL)) AND u.upc = s.upc
 ), numbered AS (
     SELECT r.*, row_number() OVER w AS n,
            coalesce(r.sku = lag(r.sku) OVER w OR r.sku = lead(r.sku) OVER w, false) AS repeated

@@ -102,6 +102,8 @@ def check_connector(connector: dict[str, Any]) -> None:
             or factor < 1
         ):
             raise ValueError(f"units maps a unit name to a whole number of base units: {unit!r}")
+    if not isinstance(connector.get("upc_fallback", False), bool):
+        raise ValueError("upc_fallback is true or false")
     _positive(connector, "max_quantity", int)
     _positive(connector, "max_age_seconds", int)
     webhook = connector.get("webhook") or {}

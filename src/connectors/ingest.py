@@ -186,7 +186,11 @@ class Ingestor:
         # The mappings view must have seen every mapping made before this delivery.
         head = self.writer.app.recorder.max_notification_id() or 0
         self.views.wait_for("mappings", head, self.mapping_wait_seconds)
-        params: dict[str, Any] = {"supplier": supplier_id, "refresh": refresh_interval(terms)}
+        params: dict[str, Any] = {
+            "supplier": supplier_id,
+            "refresh": refresh_interval(terms),
+            "upc_fallback": bool(terms.connector.get("upc_fallback", False)),
+        }
         send = functools.partial(
             self.parts.send,
             supplier_id,

@@ -186,6 +186,34 @@ def test_records_resolve_by_supplier_sku_else_by_upc_and_duplicates_are_decided_
     assert ledger.app.repository.get(StockItem.id_for("SKU-UX")).positions == {}
 
 
+def test_a_supplier_configured_so_is_matched_by_upc_where_its_supplier_sku_is_not_mapped(
+    ledger: Runtime,
+) -> None:
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    terms = SupplierTerms("fallback", connector={"upc_fallback": True})
+    ledger.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="upcfb", terms=terms))
+    specs = [
+        MappingSpec("A", "SKU-FA", 1, upc="0001"),
+        MappingSpec("B", "SKU-FB", 6, upc="0002"),
+        MappingSpec("C", "SKU-FC", 1, upc="0003"),
+    ]
+    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="upcfb", mappings=specs))
+    t0 = at.isoformat()
+    body = (
+        "sku,upc,quantity,observed_at\n"
+        f"RENAMED-A,0001,9,{t0}\n"  # 1: not mapped by supplier SKU: by UPC
+        f"RENAMED-B,0002,2,{t0}\n"  # 2: by UPC, in the mapping's packs: 12
+        f"C,0002,3,{t0}\n"  # 3: mapped by supplier SKU: that wins over the UPC
+        f"UNKNOWN,7777,1,{t0}\n"  # 4: neither
+    ).encode()
+
+    result = ingest(ledger, "upcfb", body)
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(4, "unmapped_supplier_sku")]
+    levels = {sku: on_hand(ledger, sku) for sku in ("SKU-FA", "SKU-FB", "SKU-FC")}
+    assert levels == {"SKU-FA": 9, "SKU-FB": 12, "SKU-FC": 3}
+
+
 def test_cases_are_counted_in_pieces_and_naive_times_are_in_the_suppliers_zone(
     ledger: Runtime,
 ) -> None:
