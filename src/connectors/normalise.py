@@ -37,25 +37,44 @@ class FeedRules:
     units: dict[str, int]
     max_quantity: int
     max_age: timedelta | None
-    _utc: dict[datetime, datetime | None] = field(default_factory=dict, compare=False)
+    _utc: dict[tuple[datetime, datetime | None], datetime | None] = field(
+        default_factory=dict, compare=False
+    )
 
-    def in_utc(self, moment: datetime) -> datetime | None:
+    def in_utc(self, moment: datetime, received_at: datetime | None = None) -> datetime | None:
         """The moment in UTC (a naive one is in the supplier's zone); None if out of range.
 
+        A naive time the zone's clocks show twice (the hour they go back) is read as the
+        later of the two that is not after `received_at` (give or take CLOCK_SKEW): a
+        report is sent once observed, so in that hour a live feed's times read as meant.
         Remembered per distinct moment: a feed usually stamps all its rows with one.
         """
+        key = (moment, received_at)
         try:
-            return self._utc[moment]
+            return self._utc[key]
         except KeyError:
             pass
-        local = moment if moment.tzinfo is not None else moment.replace(tzinfo=self.zone)
         try:
-            converted: datetime | None = local.astimezone(UTC)
+            converted: datetime | None = self._converted(moment, received_at)
         except (OverflowError, ValueError):
             converted = None
         if len(self._utc) < 10_000:
-            self._utc[moment] = converted
+            self._utc[key] = converted
         return converted
+
+    def _converted(self, moment: datetime, received_at: datetime | None) -> datetime:
+        if moment.tzinfo is not None:
+            return moment.astimezone(UTC)
+        first = moment.replace(tzinfo=self.zone, fold=0)
+        second = moment.replace(tzinfo=self.zone, fold=1)
+        earlier, later = first.astimezone(UTC), second.astimezone(UTC)
+        shown_twice = earlier != later and all(
+            instant.astimezone(self.zone).replace(tzinfo=None) == moment
+            for instant in (earlier, later)
+        )
+        if shown_twice and received_at is not None and later <= received_at + CLOCK_SKEW:
+            return later
+        return earlier
 
     @classmethod
     def of(cls, terms: SupplierTerms) -> FeedRules:
@@ -151,7 +170,7 @@ def observed_utc(
 ) -> datetime | str:
     """When a record was observed, in UTC (received_at when it does not say), or why it is
     refused."""
-    observed = rules.in_utc(observed_at or received_at)
+    observed = rules.in_utc(observed_at or received_at, received_at)
     if observed is None:
         return "observed_at_out_of_range"
     if observed > now + CLOCK_SKEW:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC
+from datetime import datetime
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
@@ -144,7 +143,7 @@ def report_stock(
     supplier = runtime.queries.supplier(supplier_id)
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
-    observations, rejected = parse_observations(body.observations, supplier.terms)
+    observations, rejected = parse_observations(body.observations, supplier.terms, at)
     content_hash = hashlib.sha256(
         json.dumps(body.observations, sort_keys=True, default=str).encode()
     ).hexdigest()
@@ -165,11 +164,10 @@ def report_stock(
 
 
 def parse_observations(
-    records: list[dict[str, Any]], terms: SupplierTerms
+    records: list[dict[str, Any]], terms: SupplierTerms, received_at: datetime
 ) -> tuple[list[Observation], list[Rejection]]:
     """Validates each record on its own; a naive time is in the supplier's zone, and a
     named unit is one of its unit table (or a base unit), as in its feeds."""
-    zone = ZoneInfo(terms.timezone)
     rules = FeedRules.of(terms)
     observations: list[Observation] = []
     rejected: list[Rejection] = []
@@ -183,12 +181,8 @@ def parse_observations(
             )
             rejected.append(Rejection(index, reason, kept(record)))
             continue
-        observed_at = parsed.observed_at
-        if observed_at.tzinfo is None:
-            observed_at = observed_at.replace(tzinfo=zone)
-        try:
-            observed_at = observed_at.astimezone(UTC)
-        except (OverflowError, ValueError):
+        observed_at = rules.in_utc(parsed.observed_at, received_at)
+        if observed_at is None:
             rejected.append(Rejection(index, "observed_at_out_of_range", kept(record)))
             continue
         factor = unit_factor(parsed.unit, rules)
