@@ -229,6 +229,22 @@ def test_the_same_undated_file_again_keeps_the_stock_fresh(ledger: Runtime, tmp_
     assert row["observed_at"] >= first
 
 
+def count_reads(scheduler: Scheduler) -> list[str]:
+    """The names of the files the schedules' folder transports read from now on."""
+    scheduler.refresh()
+    read: list[str] = []
+    for schedule in scheduler.schedules.values():
+        transport = schedule.transport
+        original = transport._read  # type: ignore[attr-defined]
+
+        def counted(name: str, original: Any = original) -> bytes | None:
+            read.append(name)
+            return original(name)  # type: ignore[no-any-return]
+
+        transport._read = counted  # type: ignore[attr-defined]
+    return read
+
+
 def test_a_file_listed_again_before_it_was_moved_is_not_stored_again(
     ledger: Runtime, tmp_path: Path
 ) -> None:
@@ -251,10 +267,12 @@ def test_a_file_listed_again_before_it_was_moved_is_not_stored_again(
     drop(feeds, "csv", catalogue.items(), name="stock.csv")
     scheduler, worker = scheduler_for(ledger)
 
+    read = count_reads(scheduler)
     assert scheduler.tick() == 1  # stored; moving it aside fails
     assert (feeds / "stock.csv").exists()
     scheduler.schedules["stuck"].due = 0
-    assert scheduler.tick() == 0  # the same file, listed again: recognised
+    assert scheduler.tick() == 0  # the same file, listed again: not downloaded again
+    assert read == ["stock.csv"]
     blocker.unlink()  # the processed folder can be made now
     scheduler.schedules["stuck"].due = 0
     assert scheduler.tick() == 0  # still recognised, and now moved aside

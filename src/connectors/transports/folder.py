@@ -154,6 +154,8 @@ class FolderTransport:
         self._session: FolderSession | None = None
         self._fetching = False
         self._fetched: dict[str, tuple[Entry, str]] = {}  # name -> as listed, delivery id
+        # Files the inbox holds that could not be moved aside, as listed then (same form)
+        self._stored: dict[str, tuple[Entry, str]] = {}
 
     def fetch(self) -> Iterator[Fetched]:
         self._fetching = True
@@ -162,6 +164,17 @@ class FolderTransport:
             pattern = self.settings.pattern
             settled = self._settled([e for e in entries if waiting(e.name, pattern)])
             for entry in sorted(settled, key=lambda e: (e.modified or 0.0, e.name)):
+                stored = self._stored.get(entry.name)
+                if stored is not None and stored[0] == entry:
+                    # The inbox holds it; only moving it aside failed (a read-only
+                    # account, a blocked processed folder): try that again, unread.
+                    try:
+                        self._put_aside(entry.name, entry, stored[1])
+                    except FetchFailed as failure:
+                        self._log.warning(
+                            "transport.still_not_put_aside", name=entry.name, reason=failure.reason
+                        )
+                    continue
                 body = self._read(entry.name)
                 if body is None:
                     continue  # taken away since it was listed
@@ -209,9 +222,21 @@ class FolderTransport:
         this transport did not fetch is left alone (a later fetch brings it back)."""
         name = fetched.name or ""
         entry, delivery_id = self._fetched.get(name, (None, None))
-        if entry is None or delivery_id != fetched.delivery_id:
+        if entry is None or delivery_id is None or delivery_id != fetched.delivery_id:
             self._log.warning("transport.done_unknown", name=name, delivery=fetched.delivery_id)
             return
+        del self._fetched[name]
+        try:
+            self._put_aside(name, entry, delivery_id)
+        finally:
+            if not self._fetching:
+                self._disconnect()
+
+    def _put_aside(self, name: str, entry: Entry, delivery_id: str) -> None:
+        """Moves (or deletes) a file the inbox holds, unless it changed since it was listed.
+        Where that fails, the file is remembered as listed, so that later fetches try again
+        without downloading it anew; raises the failure."""
+        self._stored.pop(name, None)
         try:
             now = self._call(lambda folder: folder.stat(name))
             if now == entry and self.settings.done_action == "delete":
@@ -222,10 +247,9 @@ class FolderTransport:
                 self._call(lambda folder: folder.move(name, target))
             elif now is not None:
                 self._log.warning("transport.file_changed_since_fetched", name=name)
-            del self._fetched[name]
-        finally:
-            if not self._fetching:
-                self._disconnect()
+        except FetchFailed:
+            self._stored[name] = (entry, delivery_id)
+            raise
 
     def close(self) -> None:
         self._disconnect()
