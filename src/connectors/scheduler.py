@@ -20,7 +20,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_all
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,7 +102,9 @@ class Scheduler:
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="connector-fetch")
+        # A daemon thread a fetch, at most `fetch_threads` fetching at once: one stuck in a
+        # request never keeps the process from exiting.
+        self._slots = threading.BoundedSemaphore(fetch_threads)
         self._running: dict[str, Future[int]] = {}  # supplier -> its fetch under way
 
     def start(self) -> Scheduler:
@@ -113,7 +116,7 @@ class Scheduler:
         self._stop.set()  # fetches waiting to retry give up (see `_sleep`)
         if self._thread is not None:
             self._thread.join(30)
-        self._pool.shutdown(wait=True)
+        wait_for_all(list(self._running.values()), timeout=30)
         self._reap()
         for schedule in self.schedules.values():
             schedule.transport.close()
@@ -145,7 +148,7 @@ class Scheduler:
             if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
                 schedule.next_due(now)
                 continue
-            fetch = self._pool.submit(self.run, schedule)
+            fetch = self._start(schedule)
             self._running[schedule.supplier_id] = fetch
             started.append(fetch)
         if not wait:
@@ -153,6 +156,23 @@ class Scheduler:
         stored = sum(fetch.result() for fetch in started)
         self._reap()
         return stored
+
+    def _start(self, schedule: Schedule) -> Future[int]:
+        """Runs one fetch of a schedule on a thread of its own, once a slot is free."""
+        fetch: Future[int] = Future()
+
+        def run() -> None:
+            with self._slots:
+                if not fetch.set_running_or_notify_cancel():
+                    return
+                try:
+                    fetch.set_result(self.run(schedule))
+                except BaseException as error:  # handed to whoever waits for the fetch
+                    fetch.set_exception(error)
+
+        name = f"connector-fetch-{schedule.supplier_id}"
+        threading.Thread(target=run, name=name, daemon=True).start()
+        return fetch
 
     def _reap(self) -> None:
         """Forgets the fetches that ended, logging one that failed unexpectedly."""
