@@ -34,13 +34,12 @@ def succeeded(
 
 
 def reached(conn: Connection, supplier_id: str) -> None:
-    """Records a fetch that reached the supplier, news or none (a 304, an empty folder):
-    its feed works again, whatever failed before."""
+    """Records a fetch that reached the supplier again after fetches that failed, news or
+    none (a 304, an empty folder): the run of failures ends. What it fetched, if
+    anything, counts as a success or failure of its own once applied."""
     conn.execute(
-        "INSERT INTO connector_health (supplier_id, last_success_at, updated_at)"
-        " VALUES (%s, now(), now())"
-        " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
-        " consecutive_failures = 0, updated_at = now()",
+        "UPDATE connector_health SET consecutive_failures = 0, updated_at = now()"
+        " WHERE supplier_id = %s",
         (supplier_id,),
     )
 

@@ -72,6 +72,7 @@ class Schedule:
     jitter: float
     due: float = 0.0
     fetched: int = field(default=0)
+    failing: bool = False  # its last fetch failed
 
     def next_due(self, now: float, at_least: float = 0.0) -> None:
         spread = self.interval * self.jitter
@@ -166,7 +167,7 @@ class Scheduler:
                 if not fetch.set_running_or_notify_cancel():
                     return
                 try:
-                    fetch.set_result(self.run(schedule))
+                    fetch.set_result(0 if self._stop.is_set() else self.run(schedule))
                 except BaseException as error:  # handed to whoever waits for the fetch
                     fetch.set_exception(error)
 
@@ -283,13 +284,16 @@ class Scheduler:
                         )
                     self._done(schedule, fetched)
                     stored += 0 if received.duplicate else 1
-            with self.store.connection() as conn:
-                health.reached(conn, supplier)
+            if schedule.failing:
+                with self.store.connection() as conn:
+                    health.reached(conn, supplier)
+                schedule.failing = False
             schedule.next_due(self.clock())
         except FetchFailed as failure:
             schedule.next_due(self.clock(), at_least=failure.retry_after or 0.0)
             if self._stop.is_set():
                 return stored  # given up because the process stops: not the supplier's
+            schedule.failing = True
             if failure.reason != "circuit_open":
                 with self.store.connection() as conn:
                     health.failed(conn, supplier, failure.reason)

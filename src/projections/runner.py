@@ -323,6 +323,16 @@ class ProjectionRunner:
             # last did, so the states and rows it kept in memory are not to be trusted.
             self.projection.reset()
         self._lease = lease
+        if current.schema_version > self.projection.schema_version:
+            # Built by newer code: this runner's rows would be of an older shape.
+            log.error(
+                "projection.generation_newer_than_code",
+                projection=self.name,
+                live=current.schema_version,
+                code=self.projection.schema_version,
+            )
+            self.health.state, self.health.generation = "standby", current.generation
+            return 0
         if current.schema_version != self.projection.schema_version:
             with self.store.connection() as conn:
                 if self.projection.upgrade(conn, current):

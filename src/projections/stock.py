@@ -20,9 +20,13 @@ class StockProjection(StateProjection):
     # 2: availability rows indexed by position, for the API's in-process copy to follow.
     # 3: levels keep the stock each supplier expects (`incoming`).
     schema_version = 3
-    # No event before version 3 carried incoming stock: a level of a generation built
-    # before keeps none, as a rebuild would write it.
+    # 2 only adds an index. No event before version 3 carried incoming stock: a level of
+    # a generation built before keeps none, as a rebuild would write it.
     upgrades: ClassVar[dict[int, list[str]]] = {
+        2: [
+            "CREATE INDEX IF NOT EXISTS availability_position_idx"
+            " ON {schema}.availability (position)"
+        ],
         3: ["ALTER TABLE {schema}.levels ADD COLUMN IF NOT EXISTS incoming jsonb"],
     }
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]

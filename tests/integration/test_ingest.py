@@ -671,7 +671,9 @@ def test_a_csv_with_incoming_columns_keeps_what_each_row_expects_in_base_units(
     ledger: Runtime,
 ) -> None:
     skus = {"A": "SKU-ONA", "B": "SKU-ONB", "C": "SKU-ONC"}
-    setup_supplier(ledger, "onorder", skus, connector={"units": {"CS": 12}})
+    columns = {"incoming_quantity": "on_order", "expected_on": "eta"}
+    connector = {"units": {"CS": 12}, "options": {"columns": columns}}
+    setup_supplier(ledger, "onorder", skus, connector=connector)
     at = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
 
     def body(rows: list[str], moment: datetime) -> bytes:

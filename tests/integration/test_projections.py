@@ -607,25 +607,34 @@ def test_the_runners_gather_writes_as_long_as_the_settings_say(database_url: str
         runtime.close()
 
 
-def built_before_incoming_stock(runtime: Runtime) -> int:
-    """Makes the live stock generation what code before its schema version 3 left: levels
-    without `incoming`, and the public views over them. Returns its number."""
+def built_before_incoming_stock(runtime: Runtime, version: int = 2) -> int:
+    """Makes the live stock generation what code of an earlier schema version left:
+    levels without `incoming` (before 3), availability without its position index (before
+    2), and the public views over them. Returns its number."""
     with runtime.store.connection() as conn:
         number = live_generation(conn, "stock")
         assert number is not None
+        schema = sql.Identifier(schema_name("stock", number))
         conn.execute("DROP VIEW view_levels")
+        conn.execute(sql.SQL("ALTER TABLE {}.levels DROP COLUMN incoming").format(schema))
+        if version < 2:
+            conn.execute(sql.SQL("DROP INDEX {}.availability_position_idx").format(schema))
         conn.execute(
-            sql.SQL("ALTER TABLE {}.levels DROP COLUMN incoming").format(
-                sql.Identifier(schema_name("stock", number))
-            )
-        )
-        conn.execute(
-            "UPDATE ledger_projection_generations SET schema_version = 2"
+            "UPDATE ledger_projection_generations SET schema_version = %s"
             " WHERE name = 'stock' AND generation = %s",
-            (number,),
+            (version, number),
         )
         switch_live(conn, "stock", number, StockProjection.tables)
     return number
+
+
+def position_indexed(runtime: Runtime, number: int) -> bool:
+    with runtime.store.connection() as conn:
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AS found",
+            (f"{schema_name('stock', number)}.availability_position_idx",),
+        ).fetchone()
+    return bool(row and row["found"])
 
 
 def level_columns(runtime: Runtime) -> set[str]:
@@ -760,3 +769,41 @@ def test_a_process_told_not_to_migrate_refuses_a_view_that_waits_for_its_upgrade
 
     migrate(settings, quiet.database_url)
     check_migrated(quiet.database_url, [Reshaped(quiet.app), *projections[1:]])
+
+
+def test_a_generation_of_the_first_schema_is_brought_up_in_place_too(
+    quiet: Runtime, settings: Settings
+) -> None:
+    backlog(quiet, skus=10, reports=1)
+    assert stock_runner(quiet).step() > 0
+    before = view_rows(quiet, STOCK_TABLES)
+    number = built_before_incoming_stock(quiet, version=1)
+    assert not position_indexed(quiet, number)
+
+    migrate(settings, quiet.database_url)
+
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == number
+        assert generation(conn, "stock", number).schema_version == 3  # type: ignore[union-attr]
+    assert position_indexed(quiet, number)
+    assert view_rows(quiet, STOCK_TABLES) == before
+
+
+def test_a_runner_leaves_a_generation_built_by_newer_code_alone(quiet: Runtime) -> None:
+    backlog(quiet, skus=5, reports=1)
+    runner = stock_runner(quiet)
+    assert runner.step() > 0
+    with quiet.store.connection() as conn:
+        number = live_generation(conn, "stock")
+        conn.execute(
+            "UPDATE ledger_projection_generations SET schema_version = 9"
+            " WHERE name = 'stock' AND generation = %s",
+            (number,),
+        )
+    backlog(quiet, skus=2, reports=1)
+
+    assert runner.step() == 0
+    assert runner.health.state == "standby"
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == number  # not rebuilt to an older shape
+        assert generation(conn, "stock", number).schema_version == 9  # type: ignore[union-attr]

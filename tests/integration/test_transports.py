@@ -38,6 +38,7 @@ from connectors.transports import (
 )
 from connectors.transports.breaker import CircuitBreaker, CircuitOpen
 from connectors.transports.folder import (
+    Entry,
     FolderSettings,
     FolderTransport,
     LocalFolder,
@@ -550,6 +551,55 @@ def test_a_file_longer_when_read_than_when_listed_is_left_for_a_later_fetch(
     assert list(transport.fetch()) == []  # listed at one length, read at another
     [fetched] = transport.fetch()  # the same at both, the next time
     assert fetched.body == b"supplier_sku,quantity\nSIM-1,1\nSIM-2,7\n"
+
+
+class Unmovable(LocalFolder):
+    """A folder on a read-only account: files cannot be moved aside; `timeless` lists
+    no modification times (an FTP server without MLSD)."""
+
+    timeless = False
+    reads: list[str] = []
+
+    def files(self) -> list[Entry]:
+        listed = super().files()
+        return [Entry(e.name, e.size, None) for e in listed] if self.timeless else listed
+
+    def stat(self, name: str) -> Entry | None:
+        entry = super().stat(name)
+        return Entry(entry.name, entry.size, None) if entry and self.timeless else entry
+
+    def read(self, name: str) -> bytes | None:
+        Unmovable.reads.append(name)
+        return super().read(name)
+
+    def move(self, name: str, target: str) -> None:
+        raise FetchFailed("permission_denied", retriable=False)
+
+
+@pytest.mark.parametrize("timeless", [False, True])
+def test_a_file_that_cannot_be_moved_is_downloaded_again_only_where_it_may_have_changed(
+    tmp_path: Path, timeless: bool
+) -> None:
+    Unmovable.timeless, Unmovable.reads = timeless, []
+    settings = FolderSettings(path=str(tmp_path), format="csv", settle_seconds=0)
+    transport = FolderTransport(
+        "acme", settings, lambda: Unmovable(tmp_path, tmp_path / "processed"), source="folder"
+    )
+    (tmp_path / "stock.csv").write_bytes(b"supplier_sku,quantity\nSIM-1,12\n")
+    [fetched] = transport.fetch()
+    with pytest.raises(FetchFailed):
+        transport.done(fetched)
+    again = list(transport.fetch())
+    (tmp_path / "stock.csv").write_bytes(b"supplier_sku,quantity\nSIM-1,15\n")  # same length
+    rewritten = list(transport.fetch())
+
+    if timeless:  # nothing tells a rewrite from the file listed before: read each time
+        assert Unmovable.reads == ["stock.csv"] * 3
+        assert [f.body[-3:] for f in again + rewritten] == [b"12\n", b"15\n"]
+    else:  # listed as it was: not read again; rewritten (a new time): read
+        assert Unmovable.reads == ["stock.csv", "stock.csv"]
+        assert again == []
+        assert [f.body[-3:] for f in rewritten] == [b"15\n"]
 
 
 def test_a_processed_file_is_moved_away_and_not_fetched_again(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Stock a supplier expects, from CSV, JSON and XML feeds: one entry a record, where the
-feed has a field for it."""
+"""Stock a supplier expects, from CSV, JSON and XML feeds: one entry a record, from the
+fields the supplier's settings name (never guessed from common names)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 from connectors.parsers import parse
 from connectors.parsers.records import Incoming, Parsed, Record, RecordError
+
+CSV_COLUMNS = {"columns": {"incoming_quantity": "on_order", "expected_on": "eta"}}
 
 
 def parsed(format: str, body: str, options: dict[str, Any] | None = None) -> list[Parsed]:
@@ -29,6 +31,7 @@ def test_a_csv_row_says_what_it_expects_nothing_or_that_it_expects_none() -> Non
         "C,1,EA,0,\r\n"
         "D,1,EA,12,\r\n"
         "E,1,EA,7,2027-01-10T08:00:00+02:00\r\n",
+        CSV_COLUMNS,
     )
     assert [incoming(row) for row in rows] == [
         (Incoming(40, date(2027, 1, 10)),),
@@ -45,6 +48,7 @@ def test_an_unreadable_incoming_quantity_or_date_refuses_its_row_alone() -> None
         "csv",
         "sku,qty,incoming_quantity,expected_on\nA,5,many,2027-01-10\nB,5,4,soon\nC,5,4,2027-02-30\n"
         "D,5,4,2027-01-11\n",
+        {"columns": {"incoming_quantity": "incoming_quantity", "expected_on": "expected_on"}},
     )
     assert [row.reason for row in rows[:3]] == [  # type: ignore[union-attr]
         "invalid_incoming_quantity: 'many'",
@@ -68,6 +72,21 @@ def test_a_supplier_names_its_own_incoming_columns() -> None:
     assert incoming(rows[0]) == (Incoming(24, date(2027, 3, 1)),)
 
 
+def test_columns_of_common_incoming_names_are_ignored_unless_named_in_the_settings() -> None:
+    """A supplier's export may have long carried ETA and On Order columns in forms of its
+    own: they never turn its records into refusals by themselves."""
+    body = "sku,qty,on_order,eta\nA,5,N/A,05/12/2025\n"
+    assert incoming(parsed("csv", body)[0]) is None
+    assert parsed("csv", body)[0].quantity == 5  # type: ignore[union-attr]
+    assert isinstance(parsed("csv", body, CSV_COLUMNS)[0], RecordError)
+
+
+def test_an_expected_date_may_be_written_as_the_supplier_writes_its_times() -> None:
+    options = {**CSV_COLUMNS, "timestamp_format": "%d/%m/%Y %H:%M"}
+    rows = parsed("csv", "sku,qty,on_order,eta\nA,5,3,05/12/2026 00:00\n", options)
+    assert incoming(rows[0]) == (Incoming(3, date(2026, 12, 5)),)
+
+
 def test_a_json_record_says_what_it_expects_flat_or_nested() -> None:
     rows = parsed(
         "json",
@@ -77,6 +96,12 @@ def test_a_json_record_says_what_it_expects_flat_or_nested() -> None:
         '{"sku": "C", "qty": 5, "on_order": null},'
         '{"sku": "D", "qty": 5}'
         "]}",
+        {
+            "fields": {
+                "incoming_quantity": ["incoming.quantity", "on_order"],
+                "expected_on": ["incoming.date", "eta"],
+            }
+        },
     )
     assert [incoming(row) for row in rows] == [
         (Incoming(40, date(2027, 1, 10)),),
@@ -94,5 +119,6 @@ def test_an_xml_record_says_what_it_expects() -> None:
         "<item><sku>B</sku><qty>5</qty><on_order>0</on_order></item>"
         "<item><sku>C</sku><qty>5</qty></item>"
         "</inventory>",
+        {"fields": {"incoming_quantity": "on_order", "expected_on": "eta"}},
     )
     assert [incoming(row) for row in rows] == [(Incoming(40, date(2027, 1, 10)),), (), None]

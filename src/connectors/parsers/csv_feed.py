@@ -11,8 +11,8 @@ Options (every one optional):
   the supplier expects, in the row's unit, and when). A field given here uses only these
   names; the others use the common ones (sku, supplier_sku, item, item_no, article,
   part_number, ...; upc, ean, gtin, barcode; qty, quantity, stock, available, on_hand, ...;
-  unit, uom; observed_at, timestamp, updated_at, as_of, date; incoming, on_order, ...;
-  expected_on, eta, next_delivery, ...). Names compare loosely:
+  unit, uom; observed_at, timestamp, updated_at, as_of, date; the incoming ones only
+  where named here). Names compare loosely:
   case, spaces and punctuation are ignored and camelCase splits (`Item No` = `itemNo`).
 - `thousands_separator`: e.g. "," so that "1,200" reads 1200 (groups of three are
   checked). Default: none, so "1,200" is an invalid quantity.
@@ -21,7 +21,8 @@ Options (every one optional):
   unless it carries an offset.
 
 A row's incoming_quantity is stock the supplier expects, in the row's unit, on its
-expected_on (an ISO date, or the day of an ISO time) if given: blank says nothing of it
+expected_on (an ISO date, or the day of a time as timestamp_format or ISO 8601 reads it)
+if given: blank says nothing of it
 (the schedule on record stands), 0 that none is expected.
 
 A first line `sep=;` (as Excel writes it) names the delimiter and is not the header.

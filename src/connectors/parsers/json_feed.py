@@ -11,9 +11,9 @@ Options (every one optional):
   number segment indexes a list ("codes.0.value"). Fields are supplier_sku, upc,
   quantity, unit, observed_at, incoming_quantity, expected_on (see CSV). A field given
   here uses only these paths; the others use the common names (as for CSV) and nested
-  ones such as stock.available, inventory.quantity or incoming.quantity. Keys compare
-  loosely (case, punctuation, camelCase), and the first path holding a value (not null,
-  not an object or list) wins.
+  ones such as stock.available or inventory.quantity (the incoming ones only where
+  named here). Keys compare loosely (case, punctuation, camelCase), and the first path
+  holding a value (not null, not an object or list) wins.
 - `thousands_separator`, `decimal_separator`, `timestamp_format`: for quantities and
   times written as strings, as for CSV. Numbers are taken as they are (12.0 is 12, 12.5
   is invalid); a numeric observed_at is Unix seconds (UTC).

@@ -63,31 +63,12 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
     ),
     "unit": ("unit", "uom", "unit_of_measure"),
     "observed_at": ("observed_at", "timestamp", "updated_at", "as_of", "date", "last_updated"),
-    # Stock the supplier expects, in the record's unit, and when (one entry a record).
-    "incoming_quantity": (
-        "incoming",
-        "incoming_quantity",
-        "incoming_qty",
-        "on_order",
-        "qty_on_order",
-        "quantity_on_order",
-        "inbound_quantity",
-        "expected_quantity",
-        "incoming.quantity",
-        "inbound.quantity",
-    ),
-    "expected_on": (
-        "expected_on",
-        "expected_date",
-        "expected_delivery",
-        "eta",
-        "next_delivery",
-        "next_delivery_date",
-        "incoming_date",
-        "incoming.expected_on",
-        "incoming.date",
-        "inbound.date",
-    ),
+    # Stock the supplier expects, in the record's unit, and when (one entry a record):
+    # read only where the supplier's settings name its fields. Feeds have long carried
+    # columns of these common names (ETA, On Order) in forms of their own, and a record
+    # whose incoming stock cannot be read is refused whole, its level with it.
+    "incoming_quantity": (),
+    "expected_on": (),
 }
 
 FieldPath = tuple[str, ...]
@@ -318,22 +299,23 @@ def _incoming(
         return None
     if expected == 0:
         return ()
-    return (Incoming(expected, _date("expected_on", expected_on)),)
+    return (Incoming(expected, _date("expected_on", expected_on, value_format)),)
 
 
-def _date(field: str, value: object) -> date | None:
-    """A date as written, ISO 8601, or the day of an ISO 8601 time; None when absent or
-    blank."""
+def _date(field: str, value: object, value_format: ValueFormat) -> date | None:
+    """A date as written: ISO 8601, or the day of a time as `timestamp_format` or ISO 8601
+    reads it; None when absent or blank."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str):
-        written = value.strip()
         try:
-            return date.fromisoformat(written)
+            return date.fromisoformat(value.strip())
         except ValueError:
             pass
         try:
-            return datetime.fromisoformat(written).date()
-        except ValueError:
-            pass
+            moment = value_format.timestamp(value)
+        except Unreadable:
+            moment = None
+        if moment is not None:
+            return moment.date()
     raise Unreadable(f"invalid_{field}: {shown(value)}")

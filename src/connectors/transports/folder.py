@@ -165,7 +165,9 @@ class FolderTransport:
             settled = self._settled([e for e in entries if waiting(e.name, pattern)])
             for entry in sorted(settled, key=lambda e: (e.modified or 0.0, e.name)):
                 stored = self._stored.get(entry.name)
-                if stored is not None and stored[0] == entry:
+                # (Only where the server lists times: without them a rewrite of the same
+                # length would list the same.)
+                if stored is not None and stored[0] == entry and entry.modified is not None:
                     # The inbox holds it; only moving it aside failed (a read-only
                     # account, a blocked processed folder): try that again, unread.
                     try:
