@@ -201,8 +201,9 @@ def upgrade_generation(
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('ledger_projections:' || %s))", (built.name,)
         )
-        # The statements wait for the readers and writers of the tables: not forever.
-        conn.execute("SET LOCAL lock_timeout = '30s'")
+        # The statements wait for the readers and writers of the tables, and new readers
+        # queue behind them: not for long (a migration that gives up is run again).
+        conn.execute("SET LOCAL lock_timeout = '5s'")
         row = conn.execute(
             "SELECT schema_version FROM ledger_projection_generations"
             " WHERE name = %s AND generation = %s FOR UPDATE",

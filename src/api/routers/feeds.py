@@ -18,7 +18,7 @@ from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
 from connectors.secrets import SecretUnavailable, resolve
-from connectors.webhooks import DEFAULT_TOLERANCE_SECONDS, refusal
+from connectors.webhooks import DEFAULT_TOLERANCE_SECONDS, MAX_TOLERANCE_SECONDS, refusal
 from ledger.errors import UnknownSupplier
 from ledger.supplier import SupplierTerms
 
@@ -119,7 +119,10 @@ async def webhook(
         raise ApiError(
             401, "webhook_not_configured", "this supplier has no webhook secret"
         ) from error
-    tolerance = int(settings.get("tolerance_seconds", DEFAULT_TOLERANCE_SECONDS))
+    # (Settings saved before the cap existed may say more: the cap holds all the same.)
+    tolerance = min(
+        int(settings.get("tolerance_seconds", DEFAULT_TOLERANCE_SECONDS)), MAX_TOLERANCE_SECONDS
+    )
     reason = refusal(secret, timestamp, signature, body, time.time(), tolerance)
     if reason is None and not delivery:
         reason = "missing_delivery_id"
