@@ -722,6 +722,30 @@ def test_an_sftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, pass
     assert {p.name for p in (remote / "processed").iterdir()} == {"stock-1.csv", "stock-2.csv"}
 
 
+def test_an_sftp_pull_takes_a_file_written_in_place_once_it_has_settled(
+    tmp_path: Path, password: str
+) -> None:
+    """By the modification time the server lists (the default settle time, 2 s)."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    written = remote / "stock.csv"
+    written.write_bytes(b"supplier_sku,quantity\nSIM-1,12")  # still being written
+    with SftpSupplier(remote, username="acme", password="feed-pw") as server:
+        settings = remote_settings(
+            server.host, server.port, password, known_hosts=pinned(server, tmp_path)
+        )
+        del settings["settle_seconds"]
+        transport = transport_for("acme", {"sftp": settings}, state=DictState())
+        assert transport is not None
+        assert pull(transport) == []  # listed as modified just now
+        written.write_bytes(b"supplier_sku,quantity\nSIM-1,125\n")
+        old = time.time() - 3
+        os.utime(written, (old, old))
+        [fetched] = pull(transport)
+        transport.close()
+    assert fetched.body == b"supplier_sku,quantity\nSIM-1,125\n"
+
+
 def test_an_sftp_server_with_another_host_key_is_refused_without_retries(
     tmp_path: Path, password: str
 ) -> None:
