@@ -129,3 +129,5 @@ AdminKey = Annotated[ApiKey, Depends(require("admin"))]
 OmsKey = Annotated[ApiKey, Depends(require("oms"))]
 SupplierKey = Annotated[ApiKey, Depends(require("supplier"))]
 AuditorKey = Annotated[ApiKey, Depends(require("auditor"))]
+# A supplier (its own deliveries), an auditor or an admin.
+FeedReaderKey = Annotated[ApiKey, Depends(require("supplier", "auditor"))]

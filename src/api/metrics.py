@@ -220,7 +220,7 @@ class StoredFigures:
             ).fetchall()
             waiting = conn.execute(
                 "SELECT status, count(*) AS deliveries FROM connector_inbox"
-                " WHERE status IN ('queued', 'processing') GROUP BY status"
+                " WHERE status IN ('queued', 'processing', 'failed') GROUP BY status"
             ).fetchall()
         yield from _feed_families(feeds, gauge, counter)
         open_letters = gauge(

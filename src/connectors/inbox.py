@@ -225,6 +225,22 @@ def finish(
     )
 
 
+def requeue(conn: Connection, delivery_id: str, supplier_id: str | None = None) -> list[str]:
+    """Queues again the deliveries of that id that failed for good or were rejected whole
+    (once what stopped them is fixed: a mapping view back, parser options corrected);
+    returns the suppliers whose delivery it queued."""
+    rows = conn.execute(
+        "UPDATE connector_inbox SET status = 'queued', attempts = 0, retry_at = now(),"
+        " error = NULL, outcome = NULL, finished_at = NULL"
+        " WHERE delivery_id = %s AND (%s::text IS NULL OR supplier_id = %s)"
+        " AND status IN ('failed', 'rejected') RETURNING supplier_id",
+        (delivery_id, supplier_id, supplier_id),
+    ).fetchall()
+    if rows:
+        conn.execute("NOTIFY connector_inbox")
+    return [row["supplier_id"] for row in rows]
+
+
 def delivery_status(
     conn: Connection, delivery_id: str, supplier_id: str | None = None
 ) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import threading
 from typing import Any, cast
 
@@ -19,7 +20,11 @@ from projections.store import ViewStore
 
 log = structlog.get_logger(__name__)
 
-MAX_ATTEMPTS = 5
+# A delivery that fails (not one rejected as broken) is tried again, backing off with
+# jitter: 1-2, 2-4, ... up to 5 minutes, about 10 minutes in all; then it is left failed,
+# for an operator to queue again (POST /v1/feeds/{delivery_id}/retry) once fixed.
+MAX_ATTEMPTS = 8
+MAX_RETRY_SECONDS = 300.0
 
 
 class InboxWorker:
@@ -92,7 +97,7 @@ class InboxWorker:
             return None
         except Exception as error:  # whatever it was, the delivery is kept and tried again
             status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
-            retry_in = 2.0**delivery.attempts  # 2, 4, 8, 16 s, then it is left failed
+            retry_in = min(MAX_RETRY_SECONDS, 2.0**delivery.attempts) * random.uniform(0.5, 1)
             self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
             log.warning("feed.delivery.failed", supplier=supplier, error=str(error), retry=status)
             return None

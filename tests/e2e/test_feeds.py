@@ -479,3 +479,56 @@ def test_an_edi_file_s_sch_lines_show_as_incoming_stock_never_as_sellable(ledger
     assert with_schedule["quantity"] == 120  # QTY 33; the 500 on the way are not on hand
     assert items[abc]["on_hand"] == 120
     assert without["incoming"] == []
+
+
+def test_a_rejected_delivery_applies_once_its_supplier_is_fixed_and_it_is_queued_again(
+    ledger: Server,
+) -> None:
+    """A file in headers nobody told the ledger about is rejected whole; once the
+    supplier's options name them, the same delivery (its inbox copy) is queued again and
+    applied, without the supplier sending it again."""
+    sku = f"RT-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"Artikel;Bestand;Zeit\nART-1;6;{at}\n".encode()
+    with ledger.client("test-admin") as admin, ledger.client("test-shop") as shop:
+        supplier_id = supplier(admin, {"ART-1": sku})
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=body
+        )
+        delivery = accepted.json()["delivery_id"]
+        rejected = finished(admin, supplier_id, delivery)
+        retry = f"/v1/feeds/{delivery}/retry"
+        forbidden = shop.post(retry, params={"supplier_id": supplier_id})
+        columns = {"supplier_sku": "Artikel", "quantity": "Bestand", "observed_at": "Zeit"}
+        fixed = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={
+                "name": supplier_id,
+                "connector": {
+                    "webhook": {"secret_ref": "env:TEST_WEBHOOK_SECRET"},
+                    "options": {"columns": columns},
+                },
+            },
+        )
+        queued = admin.post(retry, params={"supplier_id": supplier_id})
+        applied = finished(admin, supplier_id, delivery)
+        again = admin.post(retry, params={"supplier_id": supplier_id})
+        missing = admin.post("/v1/feeds/no-such-delivery/retry")
+        with ledger.client("test-audit") as auditor:
+            audited = auditor.get(f"/v1/feeds/{delivery}", params={"supplier_id": supplier_id})
+
+    assert rejected["status"] == "rejected"
+    assert "missing_column" in rejected["error"]
+    assert forbidden.status_code == 403
+    assert fixed.status_code == 200, fixed.text
+    assert queued.status_code == 202, queued.text
+    assert queued.json() == {
+        "delivery_id": delivery,
+        "supplier_id": supplier_id,
+        "status": "queued",
+    }
+    assert (applied["status"], applied["applied"], applied["error"]) == ("applied", 1, None)
+    assert on_hand(ledger, sku, applied["position"]) == 6
+    assert (again.status_code, again.json()["error"]) == (409, "delivery_not_retriable")
+    assert (missing.status_code, missing.json()["error"]) == (404, "delivery_not_found")
+    assert (audited.status_code, audited.json()["status"]) == (200, "applied")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuditorKey, RuntimeDep, SupplierId, SupplierKey
+from api.deps import AdminKey, AuditorKey, FeedReaderKey, RuntimeDep, SupplierId, SupplierKey
 from api.errors import ApiError
 from api.runtime import Runtime
 from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN
@@ -197,10 +197,40 @@ def feeds_health(_: AuditorKey, runtime: RuntimeDep) -> dict[str, Any]:
         return {"suppliers": health.report(conn)}
 
 
+@router.post("/v1/feeds/{delivery_id}/retry", status_code=202)
+def retry_delivery(
+    delivery_id: Annotated[str, Path(max_length=200, pattern=PRINTABLE)],
+    _: AdminKey,
+    runtime: RuntimeDep,
+    supplier_id: Annotated[str | None, Query(pattern=SUPPLIER_ID_PATTERN)] = None,
+) -> dict[str, Any]:
+    """Queues again a delivery that failed for good or was rejected whole, once what
+    stopped it is fixed; it is applied as it was received (its inbox copy)."""
+    with runtime.store.connection() as conn, conn.transaction():
+        found = inbox.delivery_status(conn, delivery_id, supplier_id)
+        if not found:
+            raise ApiError(404, "delivery_not_found", f"no delivery {delivery_id!r}")
+        if len(found) > 1:
+            raise ApiError(
+                409, "ambiguous_delivery", "several suppliers used this id: say supplier_id"
+            )
+        queued = inbox.requeue(conn, delivery_id, found[0]["supplier_id"])
+    if not queued:
+        raise ApiError(
+            409,
+            "delivery_not_retriable",
+            f"delivery {delivery_id!r} is {found[0]['status']}: only a failed or rejected"
+            " one is queued again",
+        )
+    if runtime.inbox_worker is not None:
+        runtime.inbox_worker.wake()
+    return {"delivery_id": delivery_id, "supplier_id": queued[0], "status": "queued"}
+
+
 @router.get("/v1/feeds/{delivery_id}")
 def feed_status(
     delivery_id: Annotated[str, Path(max_length=200, pattern=PRINTABLE)],
-    key: SupplierKey,
+    key: FeedReaderKey,
     runtime: RuntimeDep,
     response: Response,
     supplier_id: Annotated[str | None, Query(pattern=SUPPLIER_ID_PATTERN)] = None,
