@@ -278,6 +278,36 @@ def test_a_report_over_the_api_counts_in_the_unit_it_names_and_says_what_is_expe
     assert cleared["on_hand"] == 2
 
 
+def test_a_report_over_the_api_is_held_to_the_supplier_s_feed_rules(
+    admin: httpx.Client, shop: httpx.Client
+) -> None:
+    supplier = new_supplier(
+        admin, connector={"units": {"CS": 12}, "max_quantity": 1000, "max_age_seconds": 3600}
+    )
+    sku = random_sku()
+    ok(admin.put(f"/v1/skus/{sku}", json={"safety_stock": 0}))
+    old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+
+    outcome = report(
+        admin,
+        supplier,
+        [
+            {"sku": sku, "quantity": 1001, "observed_at": iso()},
+            {"sku": sku, "quantity": 100, "unit": "CS", "observed_at": iso()},
+            {"sku": sku, "quantity": 5, "observed_at": old},
+            {"sku": sku, "quantity": 1000, "observed_at": iso()},
+        ],
+    )
+
+    assert [(r["index"], r["reason"]) for r in outcome["rejected"]] == [
+        (0, "quantity_out_of_range"),  # past its max_quantity
+        (1, "quantity_out_of_range"),  # 1,200 in pieces
+        (2, "too_old"),  # older than its max_age_seconds
+    ]
+    assert outcome["applied"] == 1
+    assert availability(shop, sku)["on_hand"] == 1000
+
+
 def test_a_supplier_key_reports_its_own_stock_by_internal_sku(
     admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -32,7 +33,7 @@ from api.schemas import (
     SupplierOut,
     UpsertOut,
 )
-from connectors.normalise import FeedRules, unit_factor
+from connectors.normalise import FeedRules, observed_utc, unit_factor
 from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection, kept
 from ledger.errors import UnknownSupplier
@@ -166,9 +167,14 @@ def report_stock(
 def parse_observations(
     records: list[dict[str, Any]], terms: SupplierTerms, received_at: datetime
 ) -> tuple[list[Observation], list[Rejection]]:
-    """Validates each record on its own; a naive time is in the supplier's zone, and a
-    named unit is one of its unit table (or a base unit), as in its feeds."""
+    """Validates each record on its own, by the rules its feeds follow: a naive time is in
+    the supplier's zone, a report older than its `max_age_seconds` (where set: unlike a
+    feed, the API records an older one, and it shows excluded) is refused, a named unit
+    is one of its unit table (or a base unit), a quantity past its `max_quantity` is
+    refused."""
     rules = FeedRules.of(terms)
+    if "max_age_seconds" not in (terms.connector or {}):
+        rules = replace(rules, max_age=None)
     observations: list[Observation] = []
     rejected: list[Rejection] = []
     for index, record in enumerate(records):
@@ -181,13 +187,14 @@ def parse_observations(
             )
             rejected.append(Rejection(index, reason, kept(record)))
             continue
-        observed_at = rules.in_utc(parsed.observed_at, received_at)
-        if observed_at is None:
-            rejected.append(Rejection(index, "observed_at_out_of_range", kept(record)))
-            continue
+        observed_at = observed_utc(parsed.observed_at, rules, received_at, received_at)
         factor = unit_factor(parsed.unit, rules)
-        if isinstance(factor, str):
-            rejected.append(Rejection(index, factor, kept(record)))
+        if isinstance(observed_at, str) or isinstance(factor, str):
+            reason = observed_at if isinstance(observed_at, str) else str(factor)
+            rejected.append(Rejection(index, reason, kept(record)))
+            continue
+        if parsed.quantity * (factor or 1) > rules.max_quantity:
+            rejected.append(Rejection(index, "quantity_out_of_range", kept(record)))
             continue
         observations.append(
             Observation(
