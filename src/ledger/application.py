@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import fields
@@ -26,6 +27,8 @@ from ledger.base import LedgerAggregate, LedgerSnapshot
 from ledger.reservation import Line
 from ledger.stock import Position, StockItem, incoming_of
 from ledger.supplier import SupplierTerms
+
+log = logging.getLogger(__name__)
 
 # Persisted names are a contract: the tables are inventoryledger_events and _snapshots.
 APPLICATION_NAME = "InventoryLedger"
@@ -285,7 +288,13 @@ class InventoryLedger(Application[UUID]):
             processing_event.aggregates[aggregate.id] = aggregate
         processing_event.saved_kwargs.update(kwargs)
         recordings = self._record(processing_event)
-        self._take_snapshots(processing_event)
+        try:
+            self._take_snapshots(processing_event)
+        except Exception:
+            # The events are saved: a snapshot is only a shortcut for loading, and one
+            # not taken now is taken at the next interval. Failing here would answer
+            # commands that committed as if they had not.
+            log.exception("ledger.snapshot_failed")
         self._notify(recordings)
         return recordings
 

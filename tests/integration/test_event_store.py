@@ -153,3 +153,24 @@ def test_a_flash_sale_of_many_holds_keeps_the_stock_item_small(runtime: Runtime)
     # 300 holds made within a few seconds share a few one-second expiry buckets.
     assert len(position.held) <= 10
     assert item.levels(now() + timedelta(seconds=601), {}).held == 0
+
+
+def test_a_snapshot_that_cannot_be_taken_never_fails_the_commands_that_saved(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshots are taken after the events are committed: one that fails is only a
+    shortcut missed, and the orders it would have followed were taken."""
+    sku = random_sku("SNAP")
+    stock_sku(runtime.writer, sku, 500)
+    item_id = StockItem.id_for(sku)
+    runtime.app.snapshotting_intervals[StockItem] = 2  # every other event crosses one
+
+    def broken(*_: object, **__: object) -> None:
+        raise psycopg.OperationalError("the snapshot table is out of reach")
+
+    assert runtime.app.snapshots is not None
+    monkeypatch.setattr(runtime.app.snapshots, "put", broken)
+    outcomes = [runtime.writer.execute(reserve([(sku, 1)])) for _ in range(4)]
+
+    assert all(outcome.value.reservation.lines[sku].quantity == 1 for outcome in outcomes)
+    assert runtime.app.repository.get(item_id).levels(now(), {}).held == 4
