@@ -163,7 +163,8 @@ def test_a_snapshot_that_cannot_be_taken_never_fails_the_commands_that_saved(
     sku = random_sku("SNAP")
     stock_sku(runtime.writer, sku, 500)
     item_id = StockItem.id_for(sku)
-    runtime.app.snapshotting_intervals[StockItem] = 2  # every other event crosses one
+    # every other event crosses one (the intervals are the class's: put back after)
+    monkeypatch.setitem(runtime.app.snapshotting_intervals, StockItem, 2)
 
     def broken(*_: object, **__: object) -> None:
         raise psycopg.OperationalError("the snapshot table is out of reach")
