@@ -73,6 +73,9 @@ class Schedule:
     due: float = 0.0
     fetched: int = field(default=0)
     failing: bool = False  # its last fetch failed
+    # Whether feed health shows this breaker's state yet: a schedule made anew (a
+    # restart, a handover, new settings) starts closed, whatever health said before.
+    announced: bool = False
 
     def next_due(self, now: float, at_least: float = 0.0) -> None:
         spread = self.interval * self.jitter
@@ -149,6 +152,10 @@ class Scheduler:
             if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
                 schedule.next_due(now)
                 continue
+            if not schedule.announced:
+                with self.store.connection() as conn:
+                    health.set_breaker(conn, schedule.supplier_id, schedule.breaker.state)
+                schedule.announced = True
             fetch = self._start(schedule)
             self._running[schedule.supplier_id] = fetch
             started.append(fetch)

@@ -355,3 +355,18 @@ def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_w
     assert waiting == [429]  # asked once, and waiting out its minute
     assert stopped_in < 5
     assert [row["consecutive_failures"] for row in throttled_health] in ([], [0])
+
+
+def test_a_schedule_made_anew_shows_its_own_breaker_not_the_one_before(ledger: Runtime) -> None:
+    """After a restart or a handover the breaker starts closed: feed health must not keep
+    saying "open" for a breaker no process holds any more."""
+    catalogue = Catalogue(2, seed=13)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        supplier_fed_by(ledger, "restarted", catalogue, poll={"url": f"{rest.base_url}/inventory"})
+        with ledger.store.connection() as conn:
+            health.set_breaker(conn, "restarted", "open")  # as a process that died left it
+        scheduler, _ = scheduler_for(ledger)
+        assert scheduler.tick() == 1
+        with ledger.store.connection() as conn:
+            [shown] = health.report(conn, "restarted")
+    assert shown["breaker"] == "closed"
