@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import time
@@ -155,7 +156,6 @@ def test_a_signed_webhook_is_applied_and_its_redelivery_changes_nothing(ledger: 
         ("an hour old", "expired_signature"),
         ("an hour ahead", "expired_signature"),
         ("not ASCII", "bad_signature"),
-        ("no delivery id", "missing_delivery_id"),
     ],
 )
 def test_a_webhook_whose_signature_does_not_hold_is_refused(
@@ -173,8 +173,6 @@ def test_a_webhook_whose_signature_does_not_hold_is_refused(
         headers = signed(body, headers["X-Ledger-Delivery"], at=int(time.time()) + 3600)
     elif tamper == "not ASCII":
         headers["X-Ledger-Signature"] = "sha256=\u00e9t\u00e9".encode("latin-1")  # type: ignore[assignment]
-    elif tamper == "no delivery id":
-        del headers["X-Ledger-Delivery"]
     sent = body + b" " if tamper == "body changed" else body
     with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
         supplier_id = supplier(admin, {})
@@ -182,6 +180,33 @@ def test_a_webhook_whose_signature_does_not_hold_is_refused(
     assert answer.status_code == 401
     assert answer.json()["error"] == reason
     assert f'"reason": "{reason}"' in ledger.log()
+
+
+def test_a_webhook_without_a_delivery_id_is_named_by_its_content(ledger: Server) -> None:
+    sku = f"WH-{uuid.uuid4().hex[:6]}"
+    observed = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    body = json.dumps(
+        {"observations": [{"supplier_sku": "W-2", "quantity": 4, "observed_at": observed}]}
+    ).encode()
+    headers = signed(body, "unused")
+    del headers["X-Ledger-Delivery"]
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {"W-2": sku})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        first = anyone.post(path, content=body, headers=headers)
+        delivery = first.json()["delivery_id"]
+        status = finished(admin, supplier_id, delivery)
+        resent = anyone.post(
+            path,
+            content=body,
+            headers={**signed(body, "x", at=int(time.time()) + 1)}
+            | {"X-Ledger-Delivery": delivery},
+        )
+    assert first.status_code == 202
+    assert delivery == "sha256:" + hashlib.sha256(body).hexdigest()[:32]
+    assert status["applied"] == 1
+    assert on_hand(ledger, sku, status["position"]) == 4
+    assert (resent.status_code, resent.json()["duplicate"]) == (202, True)
 
 
 def test_a_replayed_signed_request_is_refused(ledger: Server) -> None:
