@@ -101,6 +101,13 @@ def test_the_quantity_qualifiers_option_says_which_qty_to_report() -> None:
     ]
 
 
+def test_by_default_available_for_sale_then_available_then_on_hand_is_reported() -> None:
+    text = sample_with("QTY*33*120*EA~", "QTY*QA*130*EA~")  # ABC-123: 17 and QA, no 33
+    parsed = read_text(text)
+    assert summary(parsed)[0] == (1, "ABC-123", "012345678905", 130, "EA")
+    assert summary(read_text(SAMPLE))[0] == (1, "ABC-123", "012345678905", 120, "EA")
+
+
 def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:
     parsed = read("846-pipe-caret-newline.edi")
 

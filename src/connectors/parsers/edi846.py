@@ -7,8 +7,8 @@ Options (every one optional):
 - `upc_qualifiers`: the LIN qualifiers whose value is the UPC/EAN/GTIN, first present
   wins. Default ["UP", "EN"].
 - `quantity_qualifiers`: the QTY01 qualifiers to report, in order of preference: the
-  first one the LIN loop has is taken. Default ["33", "17"]: available for sale, else
-  on hand.
+  first one the LIN loop has is taken. Default ["33", "QA", "17"]: available for sale,
+  else available, else on hand.
 - `encoding`: default "utf-8".
 
 Separators are the ones the ISA declares: the element separator is its 4th character,
@@ -84,7 +84,7 @@ class EdiSettings:
         return cls(
             sku_qualifiers=option_names(options, "sku_qualifiers", ("SK", "VP", "BP")),
             upc_qualifiers=option_names(options, "upc_qualifiers", ("UP", "EN")),
-            quantity_qualifiers=option_names(options, "quantity_qualifiers", ("33", "17")),
+            quantity_qualifiers=option_names(options, "quantity_qualifiers", ("33", "QA", "17")),
             encoding=encoding,
         )
 
