@@ -115,7 +115,7 @@ def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:
         (1, "PIPE-1", None, 40, "CS"),
         (2, "OUR-2", "4006381333931", 7, None),
         (3, None, "036000291452", 15, "EA"),
-        (4, "missing_quantity: no QTY 33/17 (found 02)"),
+        (4, "missing_quantity: no QTY 33/QA/17 (found 02)"),
         (5, "invalid_quantity: '1,5'"),
     ]
     first, _, third = parsed[:3]
