@@ -306,6 +306,12 @@ def test_a_report_over_the_api_is_held_to_the_supplier_s_feed_rules(
     ]
     assert outcome["applied"] == 1
     assert availability(shop, sku)["on_hand"] == 1000
+    # A supplier that pushes its stock shows in feed health like one whose feeds are pulled.
+    rows = admin.get("/v1/feeds/health").json()["suppliers"]
+    [shown] = [row for row in rows if row["supplier_id"] == supplier]
+    assert (shown["deliveries"], shown["last_rows"], shown["last_applied"]) == (1, 4, 1)
+    assert (shown["last_rejected"], shown["consecutive_failures"]) == (3, 0)
+    assert shown["last_success_at"] is not None
 
 
 def test_a_supplier_key_reports_its_own_stock_by_internal_sku(

@@ -33,6 +33,7 @@ from api.schemas import (
     SupplierOut,
     UpsertOut,
 )
+from connectors import health
 from connectors.normalise import FeedRules, observed_utc, unit_factor
 from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection, kept
@@ -160,8 +161,21 @@ def report_stock(
         rejected=rejected,
     )
     outcome = runtime.writer.execute(command)
+    counted: DeliveryOutcome = outcome.value
+    newest = max((o.observed_at for o in observations), default=None)
+    # A supplier that pushes its stock shows in feed health as one whose feeds are pulled.
+    with runtime.store.transaction() as conn:
+        health.succeeded(
+            conn,
+            supplier_id,
+            counted.delivery_id,
+            counted.rows,
+            counted.applied,
+            len(counted.rejected),
+            None if newest is None else max(0.0, (at - newest).total_seconds()),
+        )
     set_position(response, outcome.position)
-    return report_out(outcome.value, outcome.position)
+    return report_out(counted, outcome.position)
 
 
 def parse_observations(
