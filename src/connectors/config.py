@@ -110,6 +110,8 @@ def check_connector(connector: dict[str, Any]) -> None:
     if webhook and not str(webhook.get("secret_ref", "")).startswith(("env:", "file:")):
         raise ValueError("webhook.secret_ref is env:NAME or file:PATH")
     _positive(webhook, "tolerance_seconds", int)
+    if "format" in webhook and webhook["format"] not in FORMATS:
+        raise ValueError(f"webhook.format is one of {', '.join(FORMATS)}")
     # A signature is remembered against replays for so long: a request must expire first.
     if webhook.get("tolerance_seconds", 0) > MAX_TOLERANCE_SECONDS:
         raise ValueError(f"webhook.tolerance_seconds is at most {MAX_TOLERANCE_SECONDS}")

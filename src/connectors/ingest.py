@@ -126,14 +126,21 @@ class Ingestor:
         received_at: datetime,
         actor: str,
         options: dict[str, Any] | None = None,
+        defaults: dict[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
         heartbeat: Callable[[], None] | None = None,
     ) -> IngestResult:
         """Applies one delivery; raises FeedRejected when it is broken as a whole.
 
-        `heartbeat` is called after each batch, e.g. to keep an inbox claim alive."""
+        Parser options: `defaults` (the source's), under the supplier's own, under
+        `options`. `heartbeat` is called after each batch, e.g. to keep an inbox claim
+        alive."""
         terms = self.terms(supplier_id)
-        parser_options = {**(terms.connector.get("options") or {}), **(options or {})}
+        parser_options = {
+            **(defaults or {}),
+            **(terms.connector.get("options") or {}),
+            **(options or {}),
+        }
         records = parse(format, body, parser_options)
         bulk = (
             _Bulk(body, CsvSettings.from_options(parser_options))

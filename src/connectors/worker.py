@@ -88,7 +88,7 @@ class InboxWorker:
                 source=delivery.source,
                 received_at=delivery.received_at,
                 actor=f"connector:{supplier}",
-                options=_source_options(delivery.source),
+                defaults=_source_options(delivery.source),
                 heartbeat=lambda: self._heartbeat(delivery),
             )
         except FeedRejected as broken:
@@ -146,5 +146,6 @@ class InboxWorker:
 
 
 def _source_options(source: str) -> dict[str, Any]:
-    # A webhook body is {"delivery_id", "observations": [...]}, as DESIGN.md signs it.
+    # A JSON webhook body is {"delivery_id", "observations": [...]} unless the supplier's
+    # options say where its records are.
     return {"records": "observations"} if source == "webhook" else {}

@@ -557,3 +557,40 @@ def test_a_rejected_delivery_applies_once_its_supplier_is_fixed_and_it_is_queued
     assert (again.status_code, again.json()["error"]) == (409, "delivery_not_retriable")
     assert (missing.status_code, missing.json()["error"]) == (404, "delivery_not_found")
     assert (audited.status_code, audited.json()["status"]) == (200, "applied")
+
+
+def test_a_webhook_carries_the_supplier_s_own_payload_in_its_format(ledger: Server) -> None:
+    at = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    csv_sku, json_sku = f"WC-{uuid.uuid4().hex[:6]}", f"WJ-{uuid.uuid4().hex[:6]}"
+    csv_body = f"sku,qty,observed_at\nC-1,7,{at}\n".encode()
+    json_body = json.dumps(
+        {"data": {"items": [{"code": "J-1", "available": 9, "updated": at}]}}
+    ).encode()
+    secret = {"secret_ref": "env:TEST_WEBHOOK_SECRET"}
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        by_csv = supplier(admin, {"C-1": csv_sku}, webhook={**secret, "format": "csv"})
+        by_json = supplier(
+            admin,
+            {"J-1": json_sku},
+            options={"records": "data.items", "fields": {"supplier_sku": "code"}},
+        )
+        statuses = []
+        for supplier_id, body in ((by_csv, csv_body), (by_json, json_body)):
+            sent = anyone.post(
+                f"/v1/suppliers/{supplier_id}/webhook",
+                content=body,
+                headers=signed(body, f"own-{uuid.uuid4().hex[:6]}"),
+            )
+            assert sent.status_code == 202, sent.text
+            statuses.append(finished(admin, supplier_id, sent.json()["delivery_id"]))
+        unknown = admin.put(
+            f"/v1/suppliers/{by_csv}",
+            json={"name": by_csv, "connector": {"webhook": {**secret, "format": "pdf"}}},
+        )
+    assert [(s["status"], s["format"], s["applied"]) for s in statuses] == [
+        ("applied", "csv", 1),
+        ("applied", "json", 1),
+    ]
+    assert on_hand(ledger, csv_sku, statuses[0]["position"]) == 7
+    assert on_hand(ledger, json_sku, statuses[1]["position"]) == 9
+    assert unknown.status_code == 422

@@ -132,7 +132,14 @@ async def webhook(
     # The supplier's own delivery id, else its content's hash (as for an upload).
     delivery = delivery or f"sha256:{content_hash(body)[:32]}"
     received = await _in_thread(
-        _receive_signed, runtime, supplier_id, delivery, signature, body, int(timestamp)
+        _receive_signed,
+        runtime,
+        supplier_id,
+        delivery,
+        signature,
+        body,
+        int(timestamp),
+        cast(Format, settings.get("format", "json")),  # checked when the supplier was saved
     )
     if received is None:
         log.warning("webhook.refused", supplier=supplier_id, reason="replayed_signature")
@@ -141,7 +148,13 @@ async def webhook(
 
 
 def _receive_signed(
-    runtime: Runtime, supplier_id: str, delivery_id: str, signature: str, body: bytes, at: int
+    runtime: Runtime,
+    supplier_id: str,
+    delivery_id: str,
+    signature: str,
+    body: bytes,
+    at: int,
+    format: Format,
 ) -> inbox.Received | None:
     """Stores a signed delivery and its signature as used, together (a delivery that could
     not be stored leaves its signature to be sent again); None for a replayed signature."""
@@ -153,7 +166,7 @@ def _receive_signed(
             supplier_id=supplier_id,
             delivery_id=delivery_id,
             source="webhook",
-            format="json",
+            format=format,
             content_hash=content_hash(body),
             body=body,
             signed_at=at,
