@@ -82,11 +82,20 @@ def check_connector(connector: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be an object")
     # Each parser checks the options of its own format and leaves the others': a bad one
     # is refused here, not by every delivery after it.
-    for format in FORMATS:
-        try:
-            parse(format, io.BytesIO(b""), connector.get("options") or {})
-        except ValueError as error:
-            raise ValueError(f"options: {str(error).removeprefix('bad_option: ')}") from error
+    supplier_options = connector.get("options") or {}
+    webhook_options = (connector.get("webhook") or {}).get("options") or {}
+    if not isinstance(webhook_options, dict):
+        raise ValueError("webhook.options must be an object")
+    for where, options in (
+        ("options", supplier_options),
+        ("webhook.options", {**supplier_options, **webhook_options}),
+    ):
+        for format in FORMATS:
+            try:
+                parse(format, io.BytesIO(b""), options)
+            except ValueError as error:
+                problem = str(error).removeprefix("bad_option: ")
+                raise ValueError(f"{where}: {problem}") from error
     schedule = connector.get("schedule") or {}
     _positive(schedule, "interval_seconds", float)
     if "jitter" in schedule and not 0 <= schedule["jitter"] < 1:

@@ -132,13 +132,16 @@ class Ingestor:
     ) -> IngestResult:
         """Applies one delivery; raises FeedRejected when it is broken as a whole.
 
-        Parser options: `defaults` (the source's), under the supplier's own, under
-        `options`. `heartbeat` is called after each batch, e.g. to keep an inbox claim
-        alive."""
+        Parser options: `defaults` (the source's), under the supplier's own, under its
+        webhook's own (for a webhook), under `options`. `heartbeat` is called after each
+        batch, e.g. to keep an inbox claim alive."""
         terms = self.terms(supplier_id)
+        # A webhook may carry a shape of its own beside the supplier's feeds.
+        webhook = (terms.connector.get("webhook") or {}) if source == "webhook" else {}
         parser_options = {
             **(defaults or {}),
             **(terms.connector.get("options") or {}),
+            **(webhook.get("options") or {}),
             **(options or {}),
         }
         records = parse(format, body, parser_options)

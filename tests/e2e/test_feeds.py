@@ -562,6 +562,8 @@ def test_a_rejected_delivery_applies_once_its_supplier_is_fixed_and_it_is_queued
 def test_a_webhook_carries_the_supplier_s_own_payload_in_its_format(ledger: Server) -> None:
     at = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
     csv_sku, json_sku = f"WC-{uuid.uuid4().hex[:6]}", f"WJ-{uuid.uuid4().hex[:6]}"
+    own_sku = f"WO-{uuid.uuid4().hex[:6]}"
+    own_body = json.dumps({"rows": [{"code": "O-1", "available": 4}]}).encode()
     csv_body = f"sku,qty,observed_at\nC-1,7,{at}\n".encode()
     json_body = json.dumps(
         {"data": {"items": [{"code": "J-1", "available": 9, "updated": at}]}}
@@ -574,8 +576,15 @@ def test_a_webhook_carries_the_supplier_s_own_payload_in_its_format(ledger: Serv
             {"J-1": json_sku},
             options={"records": "data.items", "fields": {"supplier_sku": "code"}},
         )
+        # Its feeds in one envelope, its webhooks in another.
+        by_own = supplier(
+            admin,
+            {"O-1": own_sku},
+            options={"records": "data.items", "fields": {"supplier_sku": "code"}},
+            webhook={**secret, "options": {"records": "rows"}},
+        )
         statuses = []
-        for supplier_id, body in ((by_csv, csv_body), (by_json, json_body)):
+        for supplier_id, body in ((by_csv, csv_body), (by_json, json_body), (by_own, own_body)):
             sent = anyone.post(
                 f"/v1/suppliers/{supplier_id}/webhook",
                 content=body,
@@ -590,7 +599,9 @@ def test_a_webhook_carries_the_supplier_s_own_payload_in_its_format(ledger: Serv
     assert [(s["status"], s["format"], s["applied"]) for s in statuses] == [
         ("applied", "csv", 1),
         ("applied", "json", 1),
+        ("applied", "json", 1),
     ]
+    assert on_hand(ledger, own_sku, statuses[2]["position"]) == 4
     assert on_hand(ledger, csv_sku, statuses[0]["position"]) == 7
     assert on_hand(ledger, json_sku, statuses[1]["position"]) == 9
     assert unknown.status_code == 422
