@@ -184,7 +184,11 @@ def open_runtime(
         start_runners(runtime)
     if sweep:
         runtime.sweeper = Sweeper(
-            runtime.writer, runtime.views, database_url, settings.sweep_interval_seconds
+            runtime.writer,
+            runtime.views,
+            database_url,
+            settings.sweep_interval_seconds,
+            inbox_keep_days=settings.inbox_keep_days,
         ).start()
     if settings.run_connectors if connect is None else connect:
         runtime.inbox_worker = InboxWorker(runtime.ingestor, store).start()

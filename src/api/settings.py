@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     conflict_jump_absolute: int = Field(default=100, ge=0)
     conflict_jump_relative: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    inbox_keep_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="an applied delivery's body is kept this long in the inbox, then let go",
+    )
     pool_size: int = Field(default=5, gt=0)
     pool_max_overflow: int = Field(default=10, ge=0)
     lock_timeout_seconds: int = Field(default=5, gt=0)

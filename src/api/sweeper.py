@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from connectors.inbox import forget_signatures
+from connectors.inbox import forget_bodies, forget_signatures
 from connectors.webhooks import SIGNATURES_KEPT_SECONDS
 from ledger.base import Cause
 from ledger.commands import ExpireHolds, NoteLastReports
@@ -28,11 +28,17 @@ BATCH = 1000
 
 class Sweeper:
     def __init__(
-        self, writer: LedgerWriter, views: Views, database_url: str, interval_seconds: float
+        self,
+        writer: LedgerWriter,
+        views: Views,
+        database_url: str,
+        interval_seconds: float,
+        inbox_keep_days: float = 7.0,
     ) -> None:
         self.writer = writer
         self.views = views
         self.interval_seconds = interval_seconds
+        self.inbox_keep_days = inbox_keep_days
         self.lease = AdvisoryLease(database_url, "sweeper")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,6 +75,7 @@ class Sweeper:
             log.info("sweeper.expired", holds=len(expired))
         with self.views.store.connection() as conn:
             forget_signatures(conn, SIGNATURES_KEPT_SECONDS)
+            forget_bodies(conn, self.inbox_keep_days)
         last_reports = self.views.last_reports()
         if last_reports:
             stale_cause = Cause("sweeper", "supplier.staleness", cause.correlation_id)

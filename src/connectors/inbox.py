@@ -93,6 +93,15 @@ CREATE TABLE IF NOT EXISTS connector_state (
     value jsonb NOT NULL,
     PRIMARY KEY (supplier_id, name)
 );
+-- An applied delivery's body is let go after a while (see `forget_bodies`); only then
+-- (the ALTER would lock the table even where the column is nullable already).
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+               AND table_name = 'connector_inbox' AND column_name = 'body'
+               AND is_nullable = 'NO') THEN
+        ALTER TABLE connector_inbox ALTER COLUMN body DROP NOT NULL;
+    END IF;
+END $$;
 """
 
 Connection = psycopg.Connection[dict[str, Any]]
@@ -175,6 +184,19 @@ def first_use_of_signature(conn: Connection, supplier_id: str, signature: str) -
         (supplier_id, signature),
     ).fetchone()
     return row is not None
+
+
+def forget_bodies(conn: Connection, older_than_days: float, limit: int = 100) -> int:
+    """Lets go of the bodies of deliveries applied more than `older_than_days` ago, up to
+    `limit` at a time; returns how many. What they changed is in the event log, their
+    counts stay here; a failed or rejected delivery keeps its body, to be queued again."""
+    cursor = conn.execute(
+        "UPDATE connector_inbox SET body = NULL WHERE id IN ("
+        " SELECT id FROM connector_inbox WHERE status = 'applied' AND body IS NOT NULL"
+        " AND finished_at < now() - make_interval(secs => %s) LIMIT %s)",
+        (older_than_days * 86_400, limit),
+    )
+    return cursor.rowcount
 
 
 def forget_signatures(conn: Connection, older_than_seconds: int) -> None:

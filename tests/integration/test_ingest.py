@@ -702,3 +702,30 @@ def test_a_csv_with_incoming_columns_keeps_what_each_row_expects_in_base_units(
     assert (position.quantity, position.incoming) == (120, ())
     assert kept_incoming(ledger, "onorder", "SKU-ONA") is None
     assert [r.reason for r in bad.rejections] == ["invalid_expected_on: 'someday'"]
+
+
+def test_an_applied_delivery_s_body_is_let_go_after_the_days_kept_the_others_keep_theirs(
+    ledger: Runtime,
+) -> None:
+    for name in ("old-applied", "new-applied", "old-failed"):
+        enqueue(ledger, "keep", name, f"sku,quantity\n{name},1\n".encode())
+    with ledger.store.connection() as conn:
+        conn.execute(
+            "UPDATE connector_inbox SET status = CASE delivery_id WHEN 'old-failed'"
+            " THEN 'failed' ELSE 'applied' END, finished_at = now() - CASE delivery_id"
+            " WHEN 'new-applied' THEN interval '1 day' ELSE interval '8 days' END"
+            " WHERE supplier_id = 'keep'"
+        )
+        forgot = inbox.forget_bodies(conn, older_than_days=7)
+        again = inbox.forget_bodies(conn, older_than_days=7)
+        kept = {
+            row["delivery_id"]: row["body"] is not None
+            for row in conn.execute(
+                "SELECT delivery_id, body FROM connector_inbox WHERE supplier_id = 'keep'"
+            )
+        }
+        [status] = inbox.delivery_status(conn, "old-applied", "keep")
+
+    assert (forgot, again) == (1, 0)
+    assert kept == {"old-applied": False, "new-applied": True, "old-failed": True}
+    assert status["status"] == "applied"  # its record stays; only the body goes
