@@ -222,6 +222,11 @@ class StoredFigures:
                 "SELECT status, count(*) AS deliveries FROM connector_inbox"
                 " WHERE status IN ('queued', 'processing', 'failed') GROUP BY status"
             ).fetchall()
+            aged = conn.execute(
+                "SELECT age(datfrozenxid) AS xid_age FROM pg_database"
+                " WHERE datname = current_database()"
+            ).fetchone()
+        xid_age = int(aged["xid_age"]) if aged else 0
         yield from _feed_families(feeds, gauge, counter)
         open_letters = gauge(
             "ledger_dead_letters_open",
@@ -233,13 +238,21 @@ class StoredFigures:
         yield open_letters
         inbox = gauge(
             "ledger_feed_inbox_deliveries",
-            "Deliveries in the inbox not yet done, by status",
+            "Deliveries in the inbox not yet done, or failed for good (to be queued again),"
+            " by status",
             labels=["status"],
         )
         counts = Counter({row["status"]: row["deliveries"] for row in waiting})
-        for state in ("queued", "processing"):
+        for state in ("queued", "processing", "failed"):
             inbox.add_metric([state], counts[state])
         yield inbox
+        age = gauge(
+            "ledger_database_xid_age",
+            "Transactions since the database's oldest unfrozen one (PostgreSQL's autovacuum"
+            " must keep it far below 2 billion)",
+        )
+        age.add_metric([], xid_age)
+        yield age
 
 
 def _feed_families(feeds: list[dict[str, Any]], gauge: Any, counter: Any) -> Iterator[Any]:

@@ -73,6 +73,8 @@ def test_each_command_is_counted_by_its_outcome_and_the_views_by_their_lag(
     assert found[("ledger_projection_lag_events", stock)] == 0
     assert found[("ledger_projection_failing", stock)] == 0
     assert found[("ledger_feed_inbox_deliveries", (("status", "queued"),))] == 0
+    assert found[("ledger_feed_inbox_deliveries", (("status", "failed"),))] == 0
+    assert 0 < found[("ledger_database_xid_age", ())] < 2_000_000_000
 
 
 def test_a_scrape_while_the_views_cannot_be_read_says_so_and_keeps_the_counts(
