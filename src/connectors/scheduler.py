@@ -109,6 +109,7 @@ class Scheduler:
         # A daemon thread a fetch, at most `fetch_threads` fetching at once: one stuck in a
         # request never keeps the process from exiting.
         self._slots = threading.BoundedSemaphore(fetch_threads)
+        self.stop_wait_seconds = 30.0  # how long stopping waits for fetches under way
         self._running: dict[str, Future[int]] = {}  # supplier -> its fetch under way
 
     def start(self) -> Scheduler:
@@ -120,9 +121,14 @@ class Scheduler:
         self._stop.set()  # fetches waiting to retry give up (see `_sleep`)
         if self._thread is not None:
             self._thread.join(30)
-        wait_for_all(list(self._running.values()), timeout=30)
+        wait_for_all(list(self._running.values()), timeout=self.stop_wait_seconds)
         self._reap()
         for schedule in self.schedules.values():
+            if schedule.supplier_id in self._running:
+                # Still in a request: its transport stays open and its lease held (until
+                # the process ends), so that no other process fetches it meanwhile.
+                log.warning("scheduler.fetch_still_running", supplier=schedule.supplier_id)
+                continue
             schedule.transport.close()
             self.leases.release(f"connector:{schedule.supplier_id}", self)
 

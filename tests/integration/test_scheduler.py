@@ -21,6 +21,7 @@ from ledger.commands import PutMappings, PutSupplier
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
+from projections.leases import LeaseSession
 from tests.integration.ledger_setup import CAUSE
 
 
@@ -370,3 +371,30 @@ def test_a_schedule_made_anew_shows_its_own_breaker_not_the_one_before(ledger: R
         with ledger.store.connection() as conn:
             [shown] = health.report(conn, "restarted")
     assert shown["breaker"] == "closed"
+
+
+def test_a_fetch_still_in_a_request_when_stopping_keeps_its_supplier_s_lease(
+    ledger: Runtime,
+) -> None:
+    """Stopping gives fetches a while to end; one that has not (a slow server) keeps its
+    supplier's lease, so no other process fetches that supplier at the same time."""
+    catalogue = Catalogue(2, seed=14)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        supplier_fed_by(ledger, "slowpoke", catalogue, poll={"url": f"{rest.base_url}/inventory"})
+        rest.faults.delay_next(3.0)
+        scheduler, _ = scheduler_for(ledger)
+        scheduler.tick_seconds, scheduler.stop_wait_seconds = 0.05, 0.2
+        scheduler.start()
+        deadline = time.monotonic() + 10
+        while "slowpoke" not in scheduler._running:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        scheduler.stop()
+        other = LeaseSession(ledger.database_url)
+        try:
+            taken_meanwhile = other.hold("connector:slowpoke", other)
+            still_held = ledger.leases.holds("connector:slowpoke", scheduler)
+        finally:
+            other.close()
+    assert still_held
+    assert not taken_meanwhile
