@@ -21,8 +21,8 @@ from projections.store import ViewStore
 log = structlog.get_logger(__name__)
 
 # A delivery that fails (not one rejected as broken) is tried again, backing off with
-# jitter: 1-2, 2-4, ... up to 5 minutes, about 10 minutes in all; then it is left failed,
-# for an operator to queue again (POST /v1/feeds/{delivery_id}/retry) once fixed.
+# jitter: 1-2, 2-4, ... 64-128 s apart, eight tries over about 2-4 minutes; then it is left
+# failed, for an operator to queue again (POST /v1/feeds/{delivery_id}/retry) once fixed.
 MAX_ATTEMPTS = 8
 MAX_RETRY_SECONDS = 300.0
 

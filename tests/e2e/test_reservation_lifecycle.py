@@ -295,6 +295,7 @@ def test_a_report_over_the_api_is_held_to_the_supplier_s_feed_rules(
             {"sku": sku, "quantity": 1001, "observed_at": iso()},
             {"sku": sku, "quantity": 100, "unit": "CS", "observed_at": iso()},
             {"sku": sku, "quantity": 5, "observed_at": old},
+            {"sku": sku, "quantity": 1, "incoming": [{"quantity": 2000}], "observed_at": iso()},
             {"sku": sku, "quantity": 1000, "observed_at": iso()},
         ],
     )
@@ -303,14 +304,15 @@ def test_a_report_over_the_api_is_held_to_the_supplier_s_feed_rules(
         (0, "quantity_out_of_range"),  # past its max_quantity
         (1, "quantity_out_of_range"),  # 1,200 in pieces
         (2, "too_old"),  # older than its max_age_seconds
+        (3, "quantity_out_of_range"),  # what it expects, too
     ]
     assert outcome["applied"] == 1
     assert availability(shop, sku)["on_hand"] == 1000
     # A supplier that pushes its stock shows in feed health like one whose feeds are pulled.
     rows = admin.get("/v1/feeds/health").json()["suppliers"]
     [shown] = [row for row in rows if row["supplier_id"] == supplier]
-    assert (shown["deliveries"], shown["last_rows"], shown["last_applied"]) == (1, 4, 1)
-    assert (shown["last_rejected"], shown["consecutive_failures"]) == (3, 0)
+    assert (shown["deliveries"], shown["last_rows"], shown["last_applied"]) == (1, 5, 1)
+    assert (shown["last_rejected"], shown["consecutive_failures"]) == (4, 0)
     assert shown["last_success_at"] is not None
 
 

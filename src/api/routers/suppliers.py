@@ -207,7 +207,8 @@ def parse_observations(
             reason = observed_at if isinstance(observed_at, str) else str(factor)
             rejected.append(Rejection(index, reason, kept(record)))
             continue
-        if parsed.quantity * (factor or 1) > rules.max_quantity:
+        expected = [e.quantity for e in parsed.incoming or ()]
+        if max([parsed.quantity, *expected]) * (factor or 1) > rules.max_quantity:
             rejected.append(Rejection(index, "quantity_out_of_range", kept(record)))
             continue
         observations.append(
