@@ -86,10 +86,10 @@ def check_connector(connector: dict[str, Any]) -> None:
     webhook_options = (connector.get("webhook") or {}).get("options") or {}
     if not isinstance(webhook_options, dict):
         raise ValueError("webhook.options must be an object")
-    for where, options in (
-        ("options", supplier_options),
-        ("webhook.options", {**supplier_options, **webhook_options}),
-    ):
+    checked = [("options", supplier_options)]
+    if webhook_options:  # as a webhook reads them
+        checked.append(("webhook.options", {**supplier_options, **webhook_options}))
+    for where, options in checked:
         for format in FORMATS:
             try:
                 parse(format, io.BytesIO(b""), options)

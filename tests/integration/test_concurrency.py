@@ -161,21 +161,32 @@ def test_a_multi_line_order_short_on_one_line_leaves_every_sku_untouched(
     assert runtime.queries.stock_levels(scarce, now()).available == 3
 
 
+def another_process_orders_before_the_next_save(
+    runtime: Runtime, sku: str
+) -> list[list[list[str]]]:
+    """Has another process order one unit of `sku` between this writer's next read and
+    its save (once); returns what that process was granted, once it has run."""
+    save = runtime.app.save
+    other_process: list[list[list[str]]] = []
+
+    def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
+        if not other_process:
+            other_process.append(compete(runtime.database_url, sku, 1, 1, 1))
+        return save(*aggregates, **kwargs)
+
+    runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
+    return other_process
+
+
 def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_streams(
-    runtime: Runtime, database_url: str
+    runtime: Runtime,
 ) -> None:
     skus = [random_sku("SPREAD") for _ in range(8)]
     for sku in skus:
         stock_sku(runtime.writer, sku, 10)
     writer = runtime.writer
-    save = runtime.app.save
-    other_process: list[list[list[str]]] = []
-
-    def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
-        # Between this writer's read and its save, another process reserves the first SKU.
-        if not other_process:
-            other_process.append(compete(database_url, skus[0], 1, 1, 1))
-        return save(*aggregates, **kwargs)
+    # Between this writer's read and its save, another process reserves the first SKU.
+    other_process = another_process_orders_before_the_next_save(runtime, skus[0])
 
     attempts: list[list[str]] = []
     attempt = writer._attempt
@@ -192,7 +203,6 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
         turns.append(streams)
         return take_turns(streams)
 
-    runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
     writer._attempt = counted  # type: ignore[method-assign]
     writer.take_turns = recorded
     batch = [_Job(reserve([(sku, 1)]), Future()) for sku in skus]
@@ -219,7 +229,7 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
 
 
 def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retry_with_it(
-    runtime: Runtime, database_url: str
+    runtime: Runtime,
 ) -> None:
     """Another process writes SKU a; an order for a and b must be decided again, and so
     must a later order for b alone, which read the b that order changed; orders for c and
@@ -228,13 +238,7 @@ def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retr
     for sku in (a, b, c, d):
         stock_sku(runtime.writer, sku, 10)
     writer = runtime.writer
-    save = runtime.app.save
-    other_process: list[list[list[str]]] = []
-
-    def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
-        if not other_process:
-            other_process.append(compete(database_url, a, 1, 1, 1))
-        return save(*aggregates, **kwargs)
+    another_process_orders_before_the_next_save(runtime, a)
 
     attempts: list[list[tuple[str, ...]]] = []
     attempt = writer._attempt
@@ -243,7 +247,6 @@ def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retr
         attempts.append([tuple(s for s, _ in job.command.lines) for job in jobs])  # type: ignore[attr-defined]
         return attempt(jobs, started, locked)
 
-    runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
     writer._attempt = counted  # type: ignore[method-assign]
     orders = [[(a, 1), (b, 1)], [(b, 2)], [(c, 1)], [(d, 1)]]
     batch = [_Job(reserve(lines), Future()) for lines in orders]

@@ -7,9 +7,11 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
+from typing import Any
 
 from api.runtime import open_runtime
 from api.settings import Settings
@@ -18,11 +20,11 @@ from tests.integration.ledger_setup import reserve
 
 
 def reserve_in_process(
+    start: Barrier,
     database_url: str,
     sku: str,
     attempts: int,
     threads: int,
-    start: Barrier,
     key: str | None = None,
 ) -> list[str]:
     """Tries `attempts` one-unit reservations from `threads` threads; returns the granted ids."""
@@ -49,7 +51,7 @@ def reserve_in_process(
 
 
 def order_spread_in_process(
-    database_url: str, skus: list[str], attempts: int, threads: int, start: Barrier, seed: int
+    start: Barrier, database_url: str, skus: list[str], attempts: int, threads: int, seed: int
 ) -> list[str]:
     """Tries `attempts` orders of one unit of one SKU or of each of two, drawn from `skus`,
     from `threads` threads; returns the SKUs of every line granted (once a line), then
@@ -79,20 +81,34 @@ def order_spread_in_process(
     return [*granted, f"conflicts={conflicts}"]
 
 
+def compete(
+    database_url: str, sku: str, processes: int, attempts: int, threads: int, key: str | None = None
+) -> list[list[str]]:
+    """Starts the processes together; returns what each one was granted."""
+    work = (database_url, sku, attempts, threads, key)
+    return _together(reserve_in_process, [work] * processes)
+
+
 def compete_spread(
     database_url: str, skus: list[str], processes: int, attempts: int, threads: int
 ) -> list[list[str]]:
     """Starts the processes together on orders spread over `skus`; returns what each one
     returned (see `order_spread_in_process`)."""
+    return _together(
+        order_spread_in_process,
+        [(database_url, skus, attempts, threads, seed) for seed in range(processes)],
+    )
+
+
+def _together(work: Callable[..., list[str]], arguments: list[tuple[Any, ...]]) -> list[list[str]]:
+    """Runs `work(start, *args)` in a process of its own for each `args`, all let go at
+    once (every process waits at the barrier `start` with its ledger open, so that they
+    really compete); returns what each returned."""
     context = multiprocessing.get_context("spawn")
-    start = context.Barrier(processes)
+    start = context.Barrier(len(arguments))
     results: Queue[list[str] | str] = context.Queue()
     workers = [
-        context.Process(
-            target=_report_spread,
-            args=(results, database_url, skus, attempts, threads, start, seed),
-        )
-        for seed in range(processes)
+        context.Process(target=_report, args=(results, work, start, *args)) for args in arguments
     ]
     for worker in workers:
         worker.start()
@@ -105,47 +121,15 @@ def compete_spread(
     return [answer for answer in answers if not isinstance(answer, str)]
 
 
-def _report_spread(results: Queue[list[str] | str], *args: object) -> None:
+def _report(results: Queue[list[str] | str], work: Callable[..., list[str]], *args: object) -> None:
     try:
-        results.put(order_spread_in_process(*args))  # type: ignore[arg-type]
+        results.put(work(*args))
     except Exception as error:  # reported to the test, which fails with it
         results.put(repr(error))
-
-
-def _report(results: Queue[list[str] | str], *args: object) -> None:
-    try:
-        results.put(reserve_in_process(*args))  # type: ignore[arg-type]
-    except Exception as error:  # reported to the test, which fails with it
-        results.put(repr(error))
-
-
-def compete(
-    database_url: str, sku: str, processes: int, attempts: int, threads: int, key: str | None = None
-) -> list[list[str]]:
-    """Starts the processes together; returns what each one was granted."""
-    context = multiprocessing.get_context("spawn")
-    # Every process waits at the barrier with its ledger open, so that they really compete.
-    start = context.Barrier(processes)
-    results: Queue[list[str] | str] = context.Queue()
-    workers = [
-        context.Process(
-            target=_report, args=(results, database_url, sku, attempts, threads, start, key)
-        )
-        for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    answers = [_next_result(results, workers) for _ in workers]
-    failures = [answer for answer in answers if isinstance(answer, str)]
-    assert not failures, failures
-    for worker in workers:
-        worker.join(30)
-        assert worker.exitcode == 0
-    return [answer for answer in answers if not isinstance(answer, str)]
 
 
 def _next_result(
-    results: Queue[list[str] | str], workers: list[multiprocessing.process.BaseProcess]
+    results: Queue[list[str] | str], workers: Sequence[multiprocessing.process.BaseProcess]
 ) -> list[str] | str:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

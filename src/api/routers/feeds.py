@@ -129,15 +129,16 @@ async def webhook(
         raise ApiError(401, reason, "the webhook signature does not hold")
     assert timestamp is not None
     assert signature is not None
-    # The supplier's own delivery id, else its content's hash (as for an upload).
-    delivery = delivery or f"sha256:{content_hash(body)[:32]}"
+    digest = content_hash(body)
     received = await _in_thread(
         _receive_signed,
         runtime,
         supplier_id,
-        delivery,
+        # The supplier's own delivery id, else its content's hash (as for an upload).
+        delivery or f"sha256:{digest[:32]}",
         signature,
         body,
+        digest,
         int(timestamp),
         cast(Format, settings.get("format", "json")),  # checked when the supplier was saved
     )
@@ -153,6 +154,7 @@ def _receive_signed(
     delivery_id: str,
     signature: str,
     body: bytes,
+    digest: str,
     at: int,
     format: Format,
 ) -> inbox.Received | None:
@@ -167,7 +169,7 @@ def _receive_signed(
             delivery_id=delivery_id,
             source="webhook",
             format=format,
-            content_hash=content_hash(body),
+            content_hash=digest,
             body=body,
             signed_at=at,
         )
