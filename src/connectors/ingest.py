@@ -40,7 +40,7 @@ from connectors.comparison import (
     SKUS,
     STAGING,
     note_repeats,
-    set_work_mem,
+    tune_for_delivery,
 )
 from connectors.copy_csv import NotByCopy
 from connectors.normalise import FeedRules
@@ -177,6 +177,28 @@ class Ingestor:
             actor=actor,
         )
 
+    def retry_resolved(
+        self, supplier_id: str, observations: list[Observation], actor: str
+    ) -> IngestResult:
+        """Sends observations already resolved to SKUs in base units (dead letters the
+        ledger itself refused, e.g. two records of a SKU at one time that disagree) to
+        the ledger again, as a delivery of their own, a SKU's together; the ledger
+        decides each as it did the first time."""
+        self.terms(supplier_id)  # an unknown supplier is refused before anything is sent
+        delivery_id = f"retry:{uuid.uuid4().hex[:16]}"
+        result = IngestResult(delivery_id, rows=len(observations))
+        if observations:
+            self.parts.send(
+                supplier_id,
+                delivery_id,
+                "dead-letter-retry",
+                sorted(observations, key=lambda o: (o.sku or "", o.index)),
+                result=result,
+                actor=actor,
+                now=self.clock(),
+            )
+        return result
+
     def _apply(
         self,
         supplier_id: str,
@@ -300,7 +322,7 @@ class Ingestor:
                 bulk.body.seek(start)
                 bulk = None
         with side.conn.transaction():
-            set_work_mem(side.conn, self.work_mem_mb)
+            tune_for_delivery(side.conn, self.work_mem_mb)
             with timed(result, "read"):
                 side.staged = self._stage(side.conn, records, bulk, reading, result)
             with timed(result, "compare"):
@@ -372,7 +394,7 @@ class Ingestor:
         declined it. An error while comparing is raised: it is not the file's."""
         counted = _Counted("")
         with side.conn.transaction():
-            set_work_mem(side.conn, self.work_mem_mb)
+            tune_for_delivery(side.conn, self.work_mem_mb)
             with timed(counted, "read"):
                 try:
                     side.staged = copy_delivery(

@@ -405,6 +405,39 @@ def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added
     assert on_hand(ledger, "SKU-NEW") == 8
 
 
+def test_records_the_ledger_refused_are_kept_as_sent_and_one_retried_alone_applies(
+    ledger: Runtime,
+) -> None:
+    """Two records of a SKU at one time that disagree are both refused by the ledger: the
+    delivery does not say which is true. Their letters keep the observations the ledger
+    was sent (resolved, in base units), so the operator can send the right one again."""
+    setup_supplier(ledger, "acme", {"TWICE": "SKU-TW", "ONCE": "SKU-ON"}, units=12)
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    lines = [
+        f"{sku},{quantity},{at.isoformat()}"
+        for sku, quantity in (("TWICE", 2), ("ONCE", 1), ("TWICE", 3))
+    ]
+    body = ("sku,quantity,observed_at\n" + "\n".join(lines) + "\n").encode()
+    enqueue(ledger, "acme", "twice", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    letters = listing(ledger.store, supplier_id="acme")
+    assert [(letter["reason"], letter["record"]) for letter in letters] == [
+        (
+            "conflicting_duplicate",
+            {"observation": {"sku": "SKU-TW", "quantity": quantity, "observed_at": at.isoformat()}},
+        )
+        for quantity in (24, 36)
+    ]
+    assert on_hand(ledger, "SKU-ON") == 12
+
+    outcome = retry(ledger.store, ledger.ingestor, [letters[1]["id"]], "operator")
+
+    assert (outcome.resolved, outcome.not_retryable) == ([letters[1]["id"]], [])
+    assert on_hand(ledger, "SKU-TW") == 36
+    [still_open] = listing(ledger.store, supplier_id="acme")
+    assert still_open["id"] == letters[0]["id"]
+
+
 def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(
     ledger: Runtime,
 ) -> None:
@@ -502,14 +535,15 @@ def test_a_delivery_applied_again_after_a_crash_changes_nothing_and_fails_nothin
 def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to_it(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RESOLVE sorts and hashes the whole delivery: it runs with `work_mem_mb`, and the
-    connection goes back to the pool with PostgreSQL's own setting."""
+    """RESOLVE sorts and hashes the whole delivery: it runs with `work_mem_mb` and without
+    JIT compilation, and the connection goes back to the pool with PostgreSQL's own
+    settings."""
     setup_supplier(ledger, "acme", {"A": "SKU-WM-A", "B": "SKU-WM-B"})
     seen: list[str] = []
     connection = ledger.store.connection
 
     class Watched:
-        """The pooled connection, reporting work_mem as RESOLVE starts."""
+        """The pooled connection, reporting work_mem and jit as RESOLVE starts."""
 
         def __init__(self, conn: Any) -> None:
             self.conn = conn
@@ -522,6 +556,7 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
             if query is comparison.RESOLVE:
                 self.resolved = True
                 seen.append(self.conn.execute("SHOW work_mem").fetchone()["work_mem"])
+                seen.append(self.conn.execute("SHOW jit").fetchone()["jit"])
             return self.conn.execute(query, *args, **kwargs)
 
     @contextmanager
@@ -531,6 +566,7 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
             yield proxy
             if proxy.resolved:  # the delivery's connection, as it returns to the pool
                 seen.append(conn.execute("SHOW work_mem").fetchone()["work_mem"])
+                seen.append(conn.execute("SHOW jit").fetchone()["jit"])
 
     monkeypatch.setattr(ledger.store, "connection", watched)
     roomy = Ingestor(ledger.writer, ledger.store, ledger.views, work_mem_mb=96)
@@ -539,8 +575,8 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
 
     assert result.applied == 2
     with psycopg.connect(ledger.database_url) as conn:
-        default = conn.execute("SHOW work_mem").fetchone()
-    assert seen == ["96MB", default[0] if default else None]
+        defaults = [conn.execute(f"SHOW {name}").fetchone() for name in ("work_mem", "jit")]
+    assert seen == ["96MB", "off", *(row[0] if row else None for row in defaults)]
 
 
 def test_a_delivery_says_which_phase_its_time_went_to(
