@@ -107,8 +107,10 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # A daemon thread a fetch, at most `fetch_threads` fetching at once: one stuck in a
-        # request never keeps the process from exiting.
+        # request never keeps the process from exiting. A fetch waiting to retry (backing
+        # off, or sitting out a `Retry-After`) gives its slot up meanwhile (see `_sleep`).
         self._slots = threading.BoundedSemaphore(fetch_threads)
+        self._holding = threading.local()  # whether this fetch thread holds a slot now
         self.stop_wait_seconds = 30.0  # how long stopping waits for fetches under way
         self._running: dict[str, Future[int]] = {}  # supplier -> its fetch under way
 
@@ -176,13 +178,19 @@ class Scheduler:
         fetch: Future[int] = Future()
 
         def run() -> None:
-            with self._slots:
+            self._slots.acquire()
+            self._holding.slot = True
+            try:
                 if not fetch.set_running_or_notify_cancel():
                     return
                 try:
                     fetch.set_result(0 if self._stop.is_set() else self.run(schedule))
                 except BaseException as error:  # handed to whoever waits for the fetch
                     fetch.set_exception(error)
+            finally:
+                if self._holding.slot:
+                    self._holding.slot = False
+                    self._slots.release()
 
         name = f"connector-fetch-{schedule.supplier_id}"
         threading.Thread(target=run, name=name, daemon=True).start()
@@ -201,9 +209,21 @@ class Scheduler:
                 log.error("scheduler.fetch_crashed", supplier=supplier, error=repr(error))
 
     def _sleep(self, seconds: float) -> None:
-        """Waits between a fetch's retries; gives the fetch up when the scheduler stops."""
+        """Waits between a fetch's retries, its slot free for another supplier's fetch
+        meanwhile (four suppliers sitting out a `Retry-After` of two minutes held every
+        slot, and no other supplier was fetched); gives the fetch up when the scheduler
+        stops."""
+        holding = getattr(self._holding, "slot", False)
+        if holding:
+            self._holding.slot = False
+            self._slots.release()
         if self._stop.wait(seconds):
             raise FetchFailed("stopping", retriable=False)
+        if holding:
+            while not self._slots.acquire(timeout=self.tick_seconds):
+                if self._stop.is_set():
+                    raise FetchFailed("stopping", retriable=False)
+            self._holding.slot = True
 
     def refresh(self) -> None:
         """Follows suppliers' connector settings, as the stock view holds them."""

@@ -358,6 +358,50 @@ def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_w
     assert [row["consecutive_failures"] for row in throttled_health] in ([], [0])
 
 
+def test_a_fetch_waiting_to_retry_gives_its_slot_to_another_supplier(ledger: Runtime) -> None:
+    """With one fetch slot, a supplier sitting out a Retry-After does not hold it: the
+    other supplier is fetched meanwhile, and the first one's retry, once its wait is
+    over, takes a slot again and succeeds."""
+    slow, quick = Catalogue(3, seed=21), Catalogue(3, seed=22)
+    with (
+        RestSupplier(slow, pagination="page") as throttling,
+        RestSupplier(quick, pagination="page") as fine,
+    ):
+        throttling.faults.throttle_next(1, retry_after=2)
+        for name, server, catalogue in (("throttled", throttling, slow), ("fine", fine, quick)):
+            supplier_fed_by(
+                ledger,
+                name,
+                catalogue,
+                poll={"url": f"{server.base_url}/inventory", "pagination": "page"},
+            )
+        worker = InboxWorker(ledger.ingestor, ledger.store)
+        scheduler = Scheduler(ledger.store, ledger.leases, worker, fetch_threads=1)
+        scheduler.refresh()
+        scheduler.schedules["fine"].due = time.monotonic() + 0.3  # the throttled one first
+        scheduler.tick(wait=False)
+        deadline = time.monotonic() + 1.5
+        while not throttling.requests:
+            assert time.monotonic() < deadline, "the throttled supplier was not asked"
+            time.sleep(0.01)
+        try:
+            began = time.monotonic()
+            while not scheduler.schedules["fine"].fetched:
+                assert time.monotonic() - began < 1.5, "the fine supplier waited for the slot"
+                scheduler.tick(wait=False)
+                time.sleep(0.02)
+            throttled_then = [request.status for request in throttling.requests]
+            deadline = time.monotonic() + 10
+            while not scheduler.schedules["throttled"].fetched:
+                assert time.monotonic() < deadline, "the throttled supplier's retry never ran"
+                time.sleep(0.05)
+        finally:
+            scheduler.stop()
+
+    assert throttled_then == [429]  # still sitting out its two seconds
+    assert [request.status for request in throttling.requests][:2] == [429, 200]
+
+
 def test_a_schedule_made_anew_shows_its_own_breaker_not_the_one_before(ledger: Runtime) -> None:
     """After a restart or a handover the breaker starts closed: feed health must not keep
     saying "open" for a breaker no process holds any more."""
