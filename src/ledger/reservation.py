@@ -296,6 +296,24 @@ class Reservation(LedgerAggregate):
         memo[id(self)] = copied
         return copied
 
+    def as_placed(self) -> Reservation:
+        """A copy of the reservation as it was placed, what the order's first answer
+        showed (allocations and expiry never change after): held, nothing confirmed,
+        shipped or returned. An order sent again under its key is answered with it."""
+        placed = object.__new__(type(self))
+        placed.__dict__.update(self.__dict__)
+        placed.__dict__["_pending_events"] = []
+        placed.lines = {
+            sku: Line(sku=line.sku, quantity=line.quantity, allocations=dict(line.allocations))
+            for sku, line in self.lines.items()
+        }
+        placed.status = ReservationStatus.HELD
+        placed.confirmed_at = None
+        placed.net_of_our_orders = []
+        placed.closed_at = None
+        placed.request_keys = []
+        return placed
+
     def status_at(self, at: datetime) -> ReservationStatus:
         """The status, counting a hold past its expiry as expired before the sweeper says so."""
         if self.status == ReservationStatus.HELD and at >= self.expires_at:

@@ -545,6 +545,26 @@ def test_replaying_the_same_key_and_body_returns_the_same_reservation_and_holds_
     assert availability(shop, sku)["held"] == 3
 
 
+def test_a_replay_after_the_reservation_moved_on_is_answered_as_the_order_first_was(
+    admin: httpx.Client, oms: httpx.Client
+) -> None:
+    """The OMS sends an order again under its key after confirming it (its first answer
+    was lost, say): the same answer as the first, not the reservation as it is now,
+    which GET tells."""
+    sku = stocked_sku(admin, {new_supplier(admin): 5})
+    key = uuid.uuid4().hex
+    first = ok(reserve(oms, (sku, 2), key=key), 201)
+    confirmed = ok(oms.post(f"/v1/reservations/{first['reservation_id']}/confirm"))
+    assert confirmed["status"] == "confirmed"
+
+    again = reserve(oms, (sku, 2), key=key)
+
+    assert again.status_code == 201
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json() == first
+    assert ok(oms.get(f"/v1/reservations/{first['reservation_id']}"))["status"] == "confirmed"
+
+
 def test_the_same_key_with_another_body_is_refused_and_holds_nothing_more(
     admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -126,8 +126,12 @@ def reserve_command(write: OmsWrite, body: ReservationIn, idempotency_key: str |
 
 
 def reserved(outcome: Outcome[Reserved], at: datetime) -> Response:
-    """The answer to an order the ledger took (or had taken: a replay says so)."""
+    """The answer to an order the ledger took; or had taken: a replay says so, and is
+    answered as the order was first (the reservation as placed, then), whatever became
+    of it since (`GET /v1/reservations/{id}` tells that)."""
     reservation = outcome.value.reservation
+    if outcome.value.replayed:
+        at = reservation.created_on
     content = written(reservation_fields(reservation, at), lambda: reservation_out(reservation, at))
     answer = json_answer(content, outcome.position, 201)
     if outcome.value.replayed:

@@ -45,7 +45,7 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
                 "this Idempotency-Key was used with another request body",
                 reservation_id=str(reservation_id),
             )
-        return Reserved(existing, replayed=True)
+        return Reserved(existing.as_placed(), replayed=True)
 
     wanted = command.summed_lines()
     items = {sku: uow.get(StockItem, StockItem.id_for(sku)) for sku in wanted}
