@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import io
+import itertools
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,11 +38,13 @@ from psycopg_pool import PoolTimeout
 from connectors.comparison import (
     CHANGES,
     DROP_TABLES,
+    INDEX_N,
     MOVED,
     REPORTED_ELSEWHERE,
     RESOLVE,
     SKUS,
     STAGING,
+    UNRESOLVED,
     note_repeats,
     tune_for_delivery,
 )
@@ -48,7 +54,7 @@ from connectors.outcome import IngestResult, timed
 from connectors.parsers import Format, Record, RecordError, parse
 from connectors.parsers.csv_feed import CsvSettings
 from connectors.parts import PartSender
-from connectors.shares import Share, in_sku_order, sku_order, split
+from connectors.shares import Share, sku_order, split
 from connectors.staging import Reading, copy_delivery, stage_records
 from ledger.commands import Observation
 from ledger.delivery import Rejection
@@ -71,6 +77,9 @@ SPARE_WAIT_SECONDS = 1.0
 # share hashes all the supplier's mappings and levels (~1.2 s of its work at 1,000,000 of
 # each), so small deliveries gain nothing from being split.
 SPLIT_FROM_BYTES = 8 << 20
+
+# A delivery's changes are read from PostgreSQL this many at a time (see `_Changes`).
+CHANGES_PAGE = 2000
 
 
 def content_hash(body: bytes) -> str:
@@ -237,28 +246,26 @@ class Ingestor:
         with ExitStack() as held:
             sides = [_Side(held.enter_context(self.store.connection()))]
             try:
-                sides, changes = self._compare(held, sides[0], records, bulk, reading, result)
-                observations = self._observations(changes, result)
+                sides = self._compare(held, sides[0], records, bulk, reading, result)
+                refused = [row for side in sides for row in side.conn.execute(UNRESOLVED)]
+                self._observations(refused, result)
                 result.rejections.sort(key=lambda rejection: rejection.index)
-
-                # The repeats are noted on the connections that hold them (in their
-                # sessions' tables) while the writer applies the changes: they are other
+                changes = _Changes(sides, params, self._observations, result, self.parts.batch_size)
+                # The changes are read a page at a time as the parts are made, so that a
+                # large delivery's are never all in memory. The repeats are noted on the
+                # same connections (they hold the delivery, in their sessions' tables)
+                # while the writer applies the changes, between pages: they are other
                 # levels, so neither waits for the other, and the two share the
-                # machine's cores. The notes' index is built there too, not before the
-                # first part is sent.
-                def note() -> list[int]:
-                    with timed(result, "notes"):
-                        return [
-                            position
-                            for side in sides
-                            for position in note_repeats(side.conn, params, side.staged)
-                        ]
-
-                with ThreadPoolExecutor(1, thread_name_prefix="ingest-notes") as notes:
-                    noting = notes.submit(note)
-                    with timed(result, "apply"):
-                        send(observations)
-                    left = noting.result()
+                # machine's cores.
+                with ThreadPoolExecutor(1, thread_name_prefix="ingest-changes") as reader:
+                    reading_changes = reader.submit(changes.read)
+                    try:
+                        with timed(result, "apply"):
+                            send(changes)
+                    except BaseException:
+                        changes.stop()
+                        raise
+                    left = reading_changes.result()
                 # Repeats whose level moved before they were noted: the ledger decides.
                 moved = self._observations(
                     [
@@ -270,13 +277,17 @@ class Ingestor:
                 )
             finally:
                 _drop_tables(sides)
-        result.unchanged += sum(side.staged for side in sides) - len(changes) - len(moved)
+        result.unchanged += (
+            sum(side.staged for side in sides) - len(refused) - changes.count - len(moved)
+        )
         if moved:
             with timed(result, "apply"):
                 send(moved, refusals=False)
-        observations += moved
-        if observations:
-            newest = max(o.observed_at for o in observations)
+        reported = [o.observed_at for o in moved]
+        if changes.newest is not None:
+            reported.append(changes.newest)
+        newest = max(reported, default=None)
+        if newest is not None:
             result.lag_seconds = max(0.0, (self.clock() - newest).total_seconds())
         return result
 
@@ -288,11 +299,10 @@ class Ingestor:
         bulk: _Bulk | None,
         reading: Reading,
         result: IngestResult,
-    ) -> tuple[list[_Side], list[Any]]:
+    ) -> list[_Side]:
         """Stages the delivery and compares it with the levels on record; returns the
-        connections that hold it (in their sessions' tables, for the notes), and the
-        records the ledger must see, a SKU's together, in the writer's order (by SKU,
-        bytewise), the unresolved ones last.
+        connections that hold it, in their sessions' tables (`feed_resolved`, from which
+        the records the ledger must see are read, see `_Changes`).
 
         A large CSV delivery is split into shares of whole lines, each read (by COPY) and
         compared on a connection of its own at the same time: PostgreSQL does that work
@@ -311,9 +321,8 @@ class Ingestor:
                 spare.release()
             if shares is not None:
                 sides = sides[:used]
-                changes = self._compare_shares(sides, shares, bulk, reading, result)
-                if changes is not None:
-                    return sides, changes
+                if self._compare_shares(sides, shares, bulk, reading, result):
+                    return sides
                 # Declined: the delivery is read in Python, on the first connection; the
                 # time the shares took counts as reading, as a declined COPY's does.
                 for other in sides[1:]:
@@ -327,7 +336,8 @@ class Ingestor:
                 side.staged = self._stage(side.conn, records, bulk, reading, result)
             with timed(result, "compare"):
                 side.conn.execute(RESOLVE, reading.params)
-                return [side], side.conn.execute(CHANGES).fetchall()
+                side.conn.execute(INDEX_N)
+                return [side]
 
     def _more_sides(self, held: ExitStack, bulk: _Bulk | None) -> list[_Side]:
         """Connections beyond the first for reading a large CSV delivery in shares: none
@@ -353,10 +363,10 @@ class Ingestor:
         bulk: _Bulk,
         reading: Reading,
         result: IngestResult,
-    ) -> list[Any] | None:
-        """Reads and compares each share on its side, at the same time; returns the
-        delivery's changes, or None where a share could not be read by COPY (the sides
-        then hold nothing)."""
+    ) -> bool:
+        """Reads and compares each share on its side, at the same time; returns whether
+        it could: not where a share could not be read by COPY (the sides then hold
+        nothing)."""
         began = time.perf_counter()
         with ThreadPoolExecutor(len(sides) - 1, thread_name_prefix="ingest-share") as pool:
             others = [
@@ -374,19 +384,19 @@ class Ingestor:
                 shares=len(sides),
             )
             _drop_tables(sides)
-            return None
+            return False
         for counted in counts:
             result.rows += counted.rows
             result.rejections += counted.rejections
         if reading.progress is not None:
             reading.progress(result.rows)
         result.read_by, result.shares = "copy", len(sides)
-        changes = in_sku_order(_with_reported_twice(sides))
+        _with_reported_twice(sides)
         # The shares were read at the same time, each then compared: the slowest read is
         # the delivery's, the rest of the time its comparison.
         result.seconds["read"] = max(counted.seconds["read"] for counted in counts)
         result.seconds["compare"] = time.perf_counter() - began - result.seconds["read"]
-        return changes
+        return True
 
     def _compare_share(self, side: _Side, share: Share, bulk: _Bulk, reading: Reading) -> _Counted:
         """Loads one share of a delivery by COPY and compares it; what it read (rows,
@@ -404,7 +414,7 @@ class Ingestor:
                     counted.declined = declined
                     return counted
             side.conn.execute(RESOLVE, reading.params)
-            side.found = side.conn.execute(CHANGES).fetchall()
+            side.conn.execute(INDEX_N)
             skus = side.conn.execute(SKUS, binary=True).fetchone()
             side.skus = set(skus["skus"] or ()) if skus is not None else set()
         return counted
@@ -483,13 +493,12 @@ class _Bulk:
 class _Side:
     """A connection holding (part of) a delivery in its session's tables: `feed_staging`,
     then `feed_resolved` (RESOLVE), `staged` records in all. Reading a share, it also
-    keeps the share's changes (`found`) and the SKUs it reports. `own`: what gives a
-    borrowed connection back (before the delivery ends, when it has no share to hold)."""
+    keeps the SKUs the share reports. `own`: what gives a borrowed connection back
+    (before the delivery ends, when it has no share to hold)."""
 
     conn: Connection
     own: ExitStack | None = None
     staged: int = 0
-    found: list[Any] = field(default_factory=list)
     skus: set[str] = field(default_factory=set)
 
     def release(self) -> None:
@@ -514,21 +523,117 @@ def _drop_tables(sides: list[_Side]) -> None:
             log.warning("ingest.tables_not_dropped", error=str(error).strip())
 
 
-def _with_reported_twice(sides: list[_Side]) -> list[list[Any]]:
-    """Each share's changes, with the records of SKUs that other shares report too: such a
-    SKU has several records, and the ledger must see them all, as it does the records of
-    a SKU reported twice within one share (RESOLVE's `repeated`)."""
+def _with_reported_twice(sides: list[_Side]) -> None:
+    """Makes changes of the records of SKUs that several shares report: such a SKU has
+    several records, and the ledger must see them all, as it does the records of a SKU
+    reported twice within one share (RESOLVE's `repeated`)."""
     seen: set[str] = set()
     shared: set[str] = set()
     for side in sides:
         shared |= seen & side.skus
         seen |= side.skus
-    found = [side.found for side in sides]
     if shared:
-        for changes, side in zip(found, sides, strict=True):
-            changes += side.conn.execute(REPORTED_ELSEWHERE, {"skus": sorted(shared)}).fetchall()
-            changes.sort(key=sku_order)
-    return found
+        for side in sides:
+            side.conn.execute(REPORTED_ELSEWHERE, {"skus": sorted(shared)})
+
+
+class _Changes:
+    """A delivery's changes for the ledger, in the writer's order (by SKU, bytewise: the
+    shares' merged), read a page at a time on the connections that hold them; and, on
+    the same connections between pages, the notes of its repeats (`read`, on a thread of
+    its own, is the only user of the connections meanwhile). Iterated by the sender, as
+    observations. Pages are read ahead of the sender up to two parts' worth (`part`
+    changes each): while the writer applies one part, the next is ready however long the
+    chunk of notes under way takes."""
+
+    def __init__(
+        self,
+        sides: list[_Side],
+        params: dict[str, Any],
+        observations: Callable[[list[Any], IngestResult], list[Observation]],
+        result: IngestResult,
+        part: int,
+    ) -> None:
+        self.sides = sides
+        self.params = params
+        self.observations = observations
+        self.result = result
+        self.count = 0  # the changes the sender took
+        self.newest: datetime | None = None  # the newest report among them
+        ahead = 2 * part // CHANGES_PAGE + 2
+        self._pages: queue.Queue[list[Any] | BaseException | None] = queue.Queue(ahead)
+        self._stopped = threading.Event()
+
+    def read(self) -> list[int]:
+        """Reads the changes into pages for the sender, noting the repeats meanwhile; the
+        positions of the repeats it could not note are returned."""
+        left: list[int] = []
+        notes = [note_repeats(side.conn, self.params, side.staged, left) for side in self.sides]
+        try:
+            rows = heapq.merge(*(self._read(side) for side in self.sides), key=sku_order)
+            while page := list(itertools.islice(rows, CHANGES_PAGE)):
+                self._put(page, notes)
+        except BaseException as error:
+            self._put(error, [])
+            raise
+        self._put(None, [])
+        while self._note_one(notes):  # the repeats still to note, once every page is read
+            if self._stopped.is_set():
+                raise _SenderGone()
+        return left
+
+    def stop(self) -> None:
+        """The sender gave up: reading (and noting) ends at the next page or chunk."""
+        self._stopped.set()
+
+    def __iter__(self) -> Iterator[Observation]:
+        while (page := self._pages.get()) is not None:
+            if isinstance(page, BaseException):
+                raise page
+            observations = self.observations(page, self.result)
+            self.count += len(observations)
+            for observation in observations:
+                if self.newest is None or observation.observed_at > self.newest:
+                    self.newest = observation.observed_at
+                yield observation
+
+    def _read(self, side: _Side) -> Iterator[Any]:
+        after = 0
+        while True:
+            rows = side.conn.execute(CHANGES, {"after": after, "limit": CHANGES_PAGE}).fetchall()
+            yield from rows
+            if len(rows) < CHANGES_PAGE:
+                return
+            after = rows[-1]["n"]
+
+    def _put(self, page: list[Any] | BaseException | None, notes: list[Iterator[None]]) -> None:
+        """Hands a page to the sender; while the sender has pages enough, notes a chunk of
+        repeats, or waits."""
+        while True:
+            if self._stopped.is_set():
+                raise _SenderGone()
+            try:
+                self._pages.put_nowait(page)
+                return
+            except queue.Full:
+                pass
+            if not self._note_one(notes):
+                time.sleep(0.005)
+
+    def _note_one(self, notes: list[Iterator[None]]) -> bool:
+        """Notes one chunk of repeats, if any are left."""
+        for steps in notes:
+            with timed(self.result, "notes"):
+                if next(steps, _DONE) is not _DONE:
+                    return True
+        return False
+
+
+class _SenderGone(Exception):
+    """The sender stopped taking changes (it failed): reading them ends."""
+
+
+_DONE = object()
 
 
 def _size(body: BinaryIO) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
 from connectors.outcome import IngestResult
@@ -43,7 +43,7 @@ class PartSender:
         supplier_id: str,
         delivery_id: str,
         source: str,
-        observations: list[Observation],
+        observations: Iterable[Observation],
         *,
         result: IngestResult,
         actor: str,
@@ -51,18 +51,21 @@ class PartSender:
         heartbeat: Callable[[], None] | None = None,
         refusals: bool = True,
     ) -> None:
-        """Sends the changes to the ledger in parts; the first carries the refusals
-        (unless `refusals` is false: they went with an earlier part).
+        """Sends the changes to the ledger in parts, taking them from `observations` as
+        each part is made (a SKU's records, adjacent there, in one part); the first part
+        carries the refusals (unless `refusals` is false: they went with an earlier part).
 
         The writer applies one command at a time, so every reservation waits while it
         applies a part: with `part_seconds` set, while other commands are waiting each
         part is sized to take about that long at the rate the one before it was applied,
         and grows while none are (see `next_size`); with 0, each holds `batch_size`."""
         size = min(self.batch_size, FIRST_PART) if self.part_seconds else self.batch_size
-        start, first = 0, refusals
-        while start < len(observations) or first:
-            end = _part_end(observations, start, size)
-            batch = observations[start:end]
+        parts = _Parts(iter(observations))
+        first = refusals
+        while True:
+            batch = parts.take(size)
+            if not batch and not first:
+                return
             decided = self.writer.commands
             seconds = self._send_part(
                 supplier_id,
@@ -78,7 +81,7 @@ class PartSender:
             # Commands besides this part decided meanwhile: others are waiting on the writer.
             contended = self.writer.commands - decided > 1
             size = self.next_size(len(batch), seconds, contended)
-            start, first = end, False
+            first = False
 
     def next_size(self, size: int, seconds: float, contended: bool) -> int:
         """The size of the part after one of `size` changes that took the writer `seconds`.
@@ -135,14 +138,25 @@ class PartSender:
         return outcome.seconds
 
 
-def _part_end(observations: list[Observation], start: int, size: int) -> int:
-    """Where the part of about `size` from `start` ends. A SKU's records, adjacent in
-    `observations`, stay in one part: the ledger compares them (two that disagree at the
-    same time are both refused), which it cannot across parts."""
-    end = min(start + size, len(observations))
-    while 0 < end < len(observations) and observations[end].sku == observations[end - 1].sku:
-        end += 1
-    return end
+class _Parts:
+    """Parts of about a size from changes in the writer's order: a part ends where it has
+    the size and the next change is another SKU's, so a SKU's records stay in one part.
+    The ledger compares them (two that disagree at the same time are both refused), which
+    it cannot across parts."""
+
+    def __init__(self, changes: Iterator[Observation]) -> None:
+        self.changes = changes
+        self.next: Observation | None = None  # read, and the next part's first
+
+    def take(self, size: int) -> list[Observation]:
+        batch = [] if self.next is None else [self.next]
+        self.next = None
+        for change in self.changes:
+            if len(batch) >= size and change.sku != batch[-1].sku:
+                self.next = change
+                break
+            batch.append(change)
+        return batch
 
 
 def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:

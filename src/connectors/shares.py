@@ -12,11 +12,9 @@ into the writer's order here.
 from __future__ import annotations
 
 import codecs
-import heapq
 import io
 import itertools
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -136,8 +134,3 @@ def sku_order(row: Any) -> tuple[bool, str]:
     """The writer's order: by SKU, bytewise (as Python compares the code points of a str,
     which UTF-8 keeps in order), unresolved records last, as `ORDER BY n` in RESOLVE."""
     return (row["sku"] is None, row["sku"] or "")
-
-
-def in_sku_order(changes: Sequence[list[Any]]) -> list[Any]:
-    """Lists of changes, each in the writer's order, merged into one in that order."""
-    return list(heapq.merge(*changes, key=sku_order))

@@ -16,6 +16,7 @@ import pytest
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from connectors import comparison, inbox
+from connectors import ingest as ingest_module
 from connectors import parts as parts_module
 from connectors.deadletters import listing, retry
 from connectors.ingest import Ingestor, content_hash
@@ -278,6 +279,74 @@ def test_a_large_delivery_is_applied_in_batches_that_add_up(ledger: Runtime) -> 
         ).fetchone()
     assert (result.rows, result.applied) == (25, 25)
     assert parts == (4,)
+
+
+def test_a_delivery_s_changes_are_read_as_its_parts_are_sent_not_all_at_once(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery's changes are read from PostgreSQL a page at a time, a little ahead of
+    the parts sent: when the first part of 5 goes to the ledger, far fewer than the 60
+    changes have been read; yet every one is applied, in parts that add up."""
+    skus = {f"S-{n:02}": f"SKU-ST-{n:02}" for n in range(60)}
+    setup_supplier(ledger, "acme", skus)
+    monkeypatch.setattr(ingest_module, "CHANGES_PAGE", 4)
+    read: list[int] = []
+    read_from = ingest_module._Changes._read
+
+    def counted(self: Any, side: Any) -> Iterator[Any]:
+        for row in read_from(self, side):
+            read.append(row["position"])
+            yield row
+
+    monkeypatch.setattr(ingest_module._Changes, "_read", counted)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5)
+    read_when_sent: list[int] = []
+    send_part = small.parts._send_part
+
+    def sending(*args: Any, **kwargs: Any) -> float:
+        read_when_sent.append(len(read))
+        return send_part(*args, **kwargs)
+
+    monkeypatch.setattr(small.parts, "_send_part", sending)
+
+    result = ingest(
+        ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small
+    )
+
+    assert (result.rows, result.applied, len(read_when_sent)) == (60, 60, 12)
+    # Pages ahead: two parts' worth (10) in 4s, plus the page in hand and the part taken.
+    assert read_when_sent[0] <= 5 + 4 * (2 * 5 // 4 + 2) + 4 < 60
+    assert sorted(read) == list(range(1, 61))
+    assert all(on_hand(ledger, sku) == 3 for sku in skus.values())
+
+
+def test_a_delivery_whose_part_fails_stops_reading_its_changes_and_says_so(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger refusing a part (here, made to fail) ends the delivery with that error,
+    at once: the reading of its changes stops, and nothing is left waiting."""
+    skus = {f"S-{n:02}": f"SKU-FL-{n:02}" for n in range(40)}
+    setup_supplier(ledger, "acme", skus)
+    monkeypatch.setattr(ingest_module, "CHANGES_PAGE", 4)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5)
+    send_part = small.parts._send_part
+    sent: list[int] = []
+
+    def failing_second(*args: Any, **kwargs: Any) -> float:
+        sent.append(1)
+        if len(sent) == 2:
+            raise RuntimeError("the ledger is down")
+        return send_part(*args, **kwargs)
+
+    monkeypatch.setattr(small.parts, "_send_part", failing_second)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="the ledger is down"):
+        ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small)
+
+    assert time.monotonic() - began < 10
+    assert len(sent) == 2
+    assert [on_hand(ledger, sku) for sku in list(skus.values())[:5]] == [3] * 5
+    assert on_hand(ledger, "SKU-FL-39") == 0
 
 
 def parts_recorded(ledger: Runtime) -> int:

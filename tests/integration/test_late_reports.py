@@ -307,12 +307,14 @@ def test_a_repeat_whose_row_was_rewritten_after_resolving_is_still_noted_through
         assert deliver(ledger, sku, 5, EARLY) == "applied"
     note_repeats = connectors.ingest.note_repeats
 
-    def rewrite_then_note(conn: Connection, params: dict[str, Any], staged: int) -> list[int]:
+    def rewrite_then_note(
+        conn: Connection, params: dict[str, Any], staged: int, left: list[int]
+    ) -> Iterator[None]:
         with psycopg.connect(ledger.database_url) as other:
             other.execute(
                 "UPDATE inventoryledger_levels SET seen_at = seen_at WHERE sku = %s", (moved,)
             )
-        return note_repeats(conn, params, staged)
+        yield from note_repeats(conn, params, staged, left)
 
     monkeypatch.setattr(connectors.ingest, "note_repeats", rewrite_then_note)
     body = (
