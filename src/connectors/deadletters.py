@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -12,9 +11,7 @@ from psycopg.types.json import Jsonb
 
 from connectors.ingest import Ingestor
 from connectors.normalise import record_from_fields
-from ledger.commands import Observation
 from ledger.delivery import Rejection, kept
-from ledger.stock import incoming_of
 from projections.store import Connection, ViewStore
 
 
@@ -57,39 +54,31 @@ def listing(
 
 def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: str) -> RetryOutcome:
     """Applies open letters again, supplier by supplier; the ones that now apply (or are
-    now unchanged) are resolved, the others stay open with their new reason."""
+    now unchanged) are resolved, the others stay open with their new reason.
+
+    Records of one SKU at one time that disagree were all refused (`conflicting_duplicate`):
+    once one of them is retried and applies, the others of its delivery are `superseded`,
+    so that no later retry (a bulk one, say) puts the level the operator chose against
+    back. Retried together, they disagree again, and all stay open."""
     outcome = RetryOutcome()
     with store.connection() as conn:
         letters = conn.execute(
-            "SELECT id, supplier_id, record, raw FROM connector_dead_letters"
+            "SELECT id, supplier_id, delivery_id, reason, record, raw FROM connector_dead_letters"
             " WHERE id = ANY(%s) AND status = 'open' ORDER BY id",
             (letter_ids,),
         ).fetchall()
     by_supplier: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    resolved_by_supplier: dict[str, list[Observation]] = defaultdict(list)
     for letter in letters:
-        observation = _refused_by_the_ledger(letter)
-        if observation is not None:
-            resolved_by_supplier[letter["supplier_id"]].append(observation)
-            by_supplier[letter["supplier_id"]].append(letter)
-        elif letter["record"] is None or "observation" in letter["record"]:
+        if letter["record"] is None:
             outcome.not_retryable.append(letter["id"])
         else:
             by_supplier[letter["supplier_id"]].append(letter)
     for supplier_id, group in by_supplier.items():
-        resolved = resolved_by_supplier.get(supplier_id, [])
-        records = [
-            record_from_fields(g["id"], g["record"], g["raw"])
-            for g in group
-            if "observation" not in g["record"]
-        ]
-        results = [ingestor.retry(supplier_id, records, actor)] if records else []
-        if resolved:
-            results.append(ingestor.retry_resolved(supplier_id, resolved, actor))
-        refused = {r.index: r.reason for result in results for r in result.rejections}
-        for result in results:
-            if result.position is not None:
-                outcome.position = max(outcome.position or 0, result.position)
+        records = [record_from_fields(g["id"], g["record"], g["raw"]) for g in group]
+        result = ingestor.retry(supplier_id, records, actor)
+        refused = {r.index: r.reason for r in result.rejections}
+        if result.position is not None:
+            outcome.position = max(outcome.position or 0, result.position)
         with store.transaction() as conn:
             for letter in group:
                 if letter["id"] in refused:
@@ -106,67 +95,38 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
                         " status = 'resolved', updated_at = now() WHERE id = %s",
                         (letter["id"],),
                     )
+                    if letter["reason"] == "conflicting_duplicate":
+                        _supersede_others(conn, letter)
     return outcome
 
 
-def _refused_by_the_ledger(letter: dict[str, Any]) -> Observation | None:
-    """The observation a letter the ledger itself refused was sent (resolved to a SKU, in
-    base units; see `record_dead_letters`), to send it again; None for any other letter,
-    and for one written before such letters kept it."""
-    record = letter["record"]
-    if not isinstance(record, dict) or set(record) != {"observation"}:
-        return None
-    raw = record["observation"]
-    if not isinstance(raw, dict):
-        return None
-    sku, quantity, observed_at = raw.get("sku"), raw.get("quantity"), raw.get("observed_at")
-    if not (isinstance(sku, str) and type(quantity) is int and isinstance(observed_at, str)):
-        return None
-    incoming = raw.get("incoming")
-    if incoming is not None and not (
-        isinstance(incoming, list)
-        and all(
-            isinstance(pair, list)
-            and len(pair) == 2
-            and (pair[0] is None or isinstance(pair[0], str))
-            and type(pair[1]) is int
-            for pair in incoming
-        )
-    ):
-        return None
-    try:
-        observed = datetime.fromisoformat(observed_at)
-    except ValueError:
-        return None
-    if observed.tzinfo is None:
-        return None
-    return Observation(
-        index=letter["id"],
-        sku=sku,
-        quantity=quantity,
-        observed_at=observed,
-        incoming=None if incoming is None else incoming_of(incoming),
+def _supersede_others(conn: Connection, letter: dict[str, Any]) -> None:
+    """Closes the letters of the records that disagreed with this one, now applied: its
+    delivery's other `conflicting_duplicate` letters of the same SKU (as the ledger
+    resolved it) at the same time."""
+    sku = (letter["raw"] or {}).get("sku")
+    observed_at = (letter["record"] or {}).get("observed_at")
+    if sku is None or observed_at is None:
+        return
+    conn.execute(
+        "UPDATE connector_dead_letters SET status = 'superseded', updated_at = now()"
+        " WHERE supplier_id = %s AND delivery_id = %s AND status = 'open'"
+        " AND reason = 'conflicting_duplicate' AND raw ->> 'sku' = %s"
+        " AND record ->> 'observed_at' = %s AND id <> %s",
+        (letter["supplier_id"], letter["delivery_id"], sku, observed_at, letter["id"]),
     )
 
 
 def record_dead_letters(
     conn: Connection, supplier_id: str, delivery_id: str, rejections: list[Rejection]
 ) -> None:
-    """Stores every refused record with its reason, once per delivery and position.
-
-    A record the connectors refused comes as its `fields` (None where it could not be
-    read) and `raw` form; one the ledger refused (two records of a SKU at one time that
-    disagree, a SKU unknown) as the observation it was sent, resolved to a SKU in base
-    units, which is kept as `{"observation": ...}` to be sent again as it is."""
+    """Stores every refused record with its reason, once per delivery and position."""
     if not rejections:
         return
     rows = []
     for rejection in rejections:
         record = rejection.record or {}
-        if "fields" in record or "raw" in record:
-            fields, raw = record.get("fields"), record.get("raw", record)
-        else:
-            fields, raw = {"observation": record}, record
+        fields, raw = record.get("fields"), record.get("raw", record)
         rows.append(
             (
                 supplier_id,

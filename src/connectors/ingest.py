@@ -15,6 +15,7 @@ connections at once (connectors.shares).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import heapq
@@ -36,6 +37,7 @@ import structlog
 from psycopg_pool import PoolTimeout
 
 from connectors.comparison import (
+    AS_WRITTEN,
     CHANGES,
     DROP_TABLES,
     INDEX_N,
@@ -186,28 +188,6 @@ class Ingestor:
             actor=actor,
         )
 
-    def retry_resolved(
-        self, supplier_id: str, observations: list[Observation], actor: str
-    ) -> IngestResult:
-        """Sends observations already resolved to SKUs in base units (dead letters the
-        ledger itself refused, e.g. two records of a SKU at one time that disagree) to
-        the ledger again, as a delivery of their own, a SKU's together; the ledger
-        decides each as it did the first time."""
-        self.terms(supplier_id)  # an unknown supplier is refused before anything is sent
-        delivery_id = f"retry:{uuid.uuid4().hex[:16]}"
-        result = IngestResult(delivery_id, rows=len(observations))
-        if observations:
-            self.parts.send(
-                supplier_id,
-                delivery_id,
-                "dead-letter-retry",
-                sorted(observations, key=lambda o: (o.sku or "", o.index)),
-                result=result,
-                actor=actor,
-                now=self.clock(),
-            )
-        return result
-
     def _apply(
         self,
         supplier_id: str,
@@ -266,6 +246,7 @@ class Ingestor:
                         changes.stop()
                         raise
                     left = reading_changes.result()
+                _refusals_as_written(sides, result)
                 # Repeats whose level moved before they were noted: the ledger decides.
                 moved = self._observations(
                     [
@@ -336,7 +317,8 @@ class Ingestor:
                 side.staged = self._stage(side.conn, records, bulk, reading, result)
             with timed(result, "compare"):
                 side.conn.execute(RESOLVE, reading.params)
-                side.conn.execute(INDEX_N)
+                for statement in INDEX_N:
+                    side.conn.execute(statement)
                 return [side]
 
     def _more_sides(self, held: ExitStack, bulk: _Bulk | None) -> list[_Side]:
@@ -414,7 +396,8 @@ class Ingestor:
                     counted.declined = declined
                     return counted
             side.conn.execute(RESOLVE, reading.params)
-            side.conn.execute(INDEX_N)
+            for statement in INDEX_N:
+                side.conn.execute(statement)
             skus = side.conn.execute(SKUS, binary=True).fetchone()
             side.skus = set(skus["skus"] or ()) if skus is not None else set()
         return counted
@@ -425,19 +408,7 @@ class Ingestor:
         for row in rows:
             if row["sku"] is None:
                 reason = "unmapped_supplier_sku" if row["supplier_sku"] else "unmapped_upc"
-                fields = {
-                    "supplier_sku": row["supplier_sku"],
-                    "upc": row["upc"],
-                    "quantity": row["reported"],
-                    "unit": row["unit"],
-                    "observed_at": row["observed_at"].isoformat(),
-                    "incoming": None
-                    if row["incoming"] is None
-                    else [
-                        {"quantity": quantity, "expected_on": on, "unit": unit}
-                        for on, quantity, _, unit in row["incoming"]
-                    ],
-                }
+                fields = _as_written(row)
                 letter = {"fields": fields, "raw": fields}
                 result.rejections.append(Rejection(row["position"], reason, letter))
             else:
@@ -513,6 +484,49 @@ class _Counted(IngestResult):
     declined: Exception | None = None
 
 
+def _as_written(row: Any) -> dict[str, Any]:
+    """A record as the supplier wrote it (a staged row: its SKU, UPC, unit, quantity and
+    incoming stock as reported, observed_at in UTC), for a dead letter to be tried again
+    from."""
+    return {
+        "supplier_sku": row["supplier_sku"],
+        "upc": row["upc"],
+        "quantity": row["reported"],
+        "unit": row["unit"],
+        "observed_at": row["observed_at"].isoformat(),
+        "incoming": None
+        if row["incoming"] is None
+        else [
+            {"quantity": quantity, "expected_on": on, "unit": unit}
+            for on, quantity, _, unit in row["incoming"]
+        ],
+    }
+
+
+def _refusals_as_written(sides: list[_Side], result: IngestResult) -> None:
+    """The ledger's own refusals (two records of a SKU at one time that disagree, say) come
+    back as the observations it was sent: resolved to our SKU, in base units. Their dead
+    letters keep what the supplier wrote instead (from the staging tables, while the
+    delivery holds them), like every other letter, so that a retry resolves them again
+    against the mappings and units of then; `raw` also names the SKU they resolved to."""
+    refused = {
+        rejection.index: at
+        for at, rejection in enumerate(result.rejections)
+        if rejection.record is not None and "fields" not in rejection.record
+    }
+    if not refused:
+        return
+    for side in sides:
+        for row in side.conn.execute(AS_WRITTEN, {"positions": list(refused)}):
+            at = refused[row["position"]]
+            rejection = result.rejections[at]
+            fields = _as_written(row)
+            raw = {**fields, "sku": (rejection.record or {}).get("sku")}
+            result.rejections[at] = Rejection(
+                rejection.index, rejection.reason, {"fields": fields, "raw": raw}
+            )
+
+
 def _drop_tables(sides: list[_Side]) -> None:
     """Drops the delivery's tables on every connection that held some; one that cannot
     (its connection broke) does not keep the others from it."""
@@ -568,12 +582,17 @@ class _Changes:
         """Reads the changes into pages for the sender, noting the repeats meanwhile; the
         positions of the repeats it could not note are returned."""
         left: list[int] = []
-        notes = [note_repeats(side.conn, self.params, side.staged, left) for side in self.sides]
         try:
+            notes = [note_repeats(side.conn, self.params, side.staged, left) for side in self.sides]
             rows = heapq.merge(*(self._read(side) for side in self.sides), key=sku_order)
             while page := list(itertools.islice(rows, CHANGES_PAGE)):
                 self._put(page, notes)
+        except _SenderGone:
+            raise
         except BaseException as error:
+            if self._stopped.is_set():  # the sender failed first: this one is only logged
+                log.warning("ingest.changes_not_read", error=repr(error))
+                raise
             self._put(error, [])
             raise
         self._put(None, [])
@@ -618,7 +637,9 @@ class _Changes:
             except queue.Full:
                 pass
             if not self._note_one(notes):
-                time.sleep(0.005)
+                with contextlib.suppress(queue.Full):
+                    self._pages.put(page, timeout=0.1)
+                    return
 
     def _note_one(self, notes: list[Iterator[None]]) -> bool:
         """Notes one chunk of repeats, if any are left."""

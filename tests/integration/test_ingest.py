@@ -474,37 +474,62 @@ def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added
     assert on_hand(ledger, "SKU-NEW") == 8
 
 
-def test_records_the_ledger_refused_are_kept_as_sent_and_one_retried_alone_applies(
+def test_records_the_ledger_refused_keep_what_was_written_and_the_one_retried_wins(
     ledger: Runtime,
 ) -> None:
     """Two records of a SKU at one time that disagree are both refused by the ledger: the
-    delivery does not say which is true. Their letters keep the observations the ledger
-    was sent (resolved, in base units), so the operator can send the right one again."""
+    delivery does not say which is true. Their letters keep what the supplier wrote, so
+    the operator can send the right one again; it applies, and the other is superseded:
+    a later bulk retry does not put it back."""
     setup_supplier(ledger, "acme", {"TWICE": "SKU-TW", "ONCE": "SKU-ON"}, units=12)
     at = datetime.now(UTC) - timedelta(minutes=1)
-    lines = [
-        f"{sku},{quantity},{at.isoformat()}"
-        for sku, quantity in (("TWICE", 2), ("ONCE", 1), ("TWICE", 3))
-    ]
+    rows = (("TWICE", 2), ("ONCE", 1), ("TWICE", 3))
+    lines = [f"{sku},{quantity},{at.isoformat()}" for sku, quantity in rows]
     body = ("sku,quantity,observed_at\n" + "\n".join(lines) + "\n").encode()
     enqueue(ledger, "acme", "twice", body)
     assert InboxWorker(ledger.ingestor, ledger.store).work_once()
     letters = listing(ledger.store, supplier_id="acme")
-    assert [(letter["reason"], letter["record"]) for letter in letters] == [
-        (
-            "conflicting_duplicate",
-            {"observation": {"sku": "SKU-TW", "quantity": quantity, "observed_at": at.isoformat()}},
-        )
-        for quantity in (24, 36)
+    written = {
+        "supplier_sku": "TWICE",
+        "upc": None,
+        "unit": None,
+        "observed_at": at.isoformat(),
+        "incoming": None,
+    }
+    assert [(letter["reason"], letter["record"], letter["raw"]["sku"]) for letter in letters] == [
+        ("conflicting_duplicate", {**written, "quantity": quantity}, "SKU-TW")
+        for quantity in (2, 3)
     ]
     assert on_hand(ledger, "SKU-ON") == 12
+    false, true = letters
 
-    outcome = retry(ledger.store, ledger.ingestor, [letters[1]["id"]], "operator")
+    outcome = retry(ledger.store, ledger.ingestor, [true["id"]], "operator")
 
-    assert (outcome.resolved, outcome.not_retryable) == ([letters[1]["id"]], [])
+    assert (outcome.resolved, outcome.not_retryable) == ([true["id"]], [])
     assert on_hand(ledger, "SKU-TW") == 36
-    [still_open] = listing(ledger.store, supplier_id="acme")
-    assert still_open["id"] == letters[0]["id"]
+    assert listing(ledger.store, supplier_id="acme") == []
+    [superseded] = listing(ledger.store, supplier_id="acme", status="superseded")
+    assert superseded["id"] == false["id"]
+    again = retry(ledger.store, ledger.ingestor, [false["id"]], "operator")
+    assert (again.resolved, again.still_refused) == ([], {})
+    assert on_hand(ledger, "SKU-TW") == 36
+
+
+def test_records_that_disagree_retried_together_disagree_again_and_stay_open(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "acme", {"TWICE": "SKU-TT"})
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    body = f"sku,quantity,observed_at\nTWICE,2,{at.isoformat()}\nTWICE,3,{at.isoformat()}\n"
+    enqueue(ledger, "acme", "twice-again", body.encode())
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    ids = [letter["id"] for letter in listing(ledger.store, supplier_id="acme")]
+
+    outcome = retry(ledger.store, ledger.ingestor, ids, "operator")
+
+    assert outcome.still_refused == dict.fromkeys(ids, "conflicting_duplicate")
+    assert [letter["id"] for letter in listing(ledger.store, supplier_id="acme")] == ids
+    assert on_hand(ledger, "SKU-TT") == 0
 
 
 def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(

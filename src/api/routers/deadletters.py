@@ -44,7 +44,7 @@ def list_letters(
     reason: Annotated[
         str | None, Query(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None,
-    status: Literal["open", "resolved", "all"] = "open",
+    status: Literal["open", "resolved", "superseded", "all"] = "open",
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
