@@ -233,6 +233,12 @@ def test_records_of_one_sku_in_different_shares_reach_the_ledger_together(
         1: "conflicting_duplicate",
         6: "conflicting_duplicate",
     }
+    # Their letters keep what the supplier wrote, found in the share that staged each.
+    assert [
+        (r.record["fields"]["supplier_sku"], r.record["fields"]["quantity"])
+        for r in by_shares.rejections
+        if r.record is not None
+    ] == [("S1", 5), ("S1", 9)]
     assert (by_shares.applied, by_shares.unchanged) == (1, 3)
 
 
