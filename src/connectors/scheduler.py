@@ -220,10 +220,12 @@ class Scheduler:
         if self._stop.wait(seconds):
             raise FetchFailed("stopping", retriable=False)
         if holding:
-            while not self._slots.acquire(timeout=self.tick_seconds):
-                if self._stop.is_set():
-                    raise FetchFailed("stopping", retriable=False)
+            # Waits in line for a slot (fetches started later queue behind it), rather
+            # than asking again and again and being overtaken each time.
+            self._slots.acquire()
             self._holding.slot = True
+            if self._stop.is_set():
+                raise FetchFailed("stopping", retriable=False)
 
     def refresh(self) -> None:
         """Follows suppliers' connector settings, as the stock view holds them."""
