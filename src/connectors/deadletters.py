@@ -52,14 +52,30 @@ def listing(
         ).fetchall()
 
 
+# The other open letters of records that disagreed with those being retried: the same
+# delivery's, at the same time (compared as times, not as text).
+DISAGREEING = """
+SELECT o.id, o.supplier_id, o.delivery_id, o.reason, o.record, o.raw
+FROM connector_dead_letters o
+WHERE o.status = 'open' AND o.reason = 'conflicting_duplicate' AND NOT o.id = ANY(%s)
+  AND EXISTS (
+    SELECT 1 FROM connector_dead_letters l
+    WHERE l.id = ANY(%s) AND l.status = 'open' AND l.reason = 'conflicting_duplicate'
+      AND l.supplier_id = o.supplier_id AND l.delivery_id = o.delivery_id
+      AND (l.record ->> 'observed_at')::timestamptz = (o.record ->> 'observed_at')::timestamptz)
+ORDER BY o.id
+"""
+
+
 def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: str) -> RetryOutcome:
     """Applies open letters again, supplier by supplier; the ones that now apply (or are
     now unchanged) are resolved, the others stay open with their new reason.
 
     Records of one SKU at one time that disagree were all refused (`conflicting_duplicate`):
-    once one of them is retried and applies, the others of its delivery are `superseded`,
-    so that no later retry (a bulk one, say) puts the level the operator chose against
-    back. Retried together, they disagree again, and all stay open."""
+    such a letter is always tried again with the other open ones of its delivery at that
+    time, so that they disagree again, however the letters were picked (one, or a bulk
+    retry's first `limit`): one applies alone only once the operator has dismissed the
+    others (`dismiss`), never to come back with a later retry."""
     outcome = RetryOutcome()
     with store.connection() as conn:
         letters = conn.execute(
@@ -67,6 +83,7 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
             " WHERE id = ANY(%s) AND status = 'open' ORDER BY id",
             (letter_ids,),
         ).fetchall()
+        letters += conn.execute(DISAGREEING, (letter_ids, letter_ids)).fetchall()
     by_supplier: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for letter in letters:
         if letter["record"] is None:
@@ -95,26 +112,19 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
                         " status = 'resolved', updated_at = now() WHERE id = %s",
                         (letter["id"],),
                     )
-                    if letter["reason"] == "conflicting_duplicate":
-                        _supersede_others(conn, letter)
     return outcome
 
 
-def _supersede_others(conn: Connection, letter: dict[str, Any]) -> None:
-    """Closes the letters of the records that disagreed with this one, now applied: its
-    delivery's other `conflicting_duplicate` letters of the same SKU (as the ledger
-    resolved it) at the same time."""
-    sku = (letter["raw"] or {}).get("sku")
-    observed_at = (letter["record"] or {}).get("observed_at")
-    if sku is None or observed_at is None:
-        return
-    conn.execute(
-        "UPDATE connector_dead_letters SET status = 'superseded', updated_at = now()"
-        " WHERE supplier_id = %s AND delivery_id = %s AND status = 'open'"
-        " AND reason = 'conflicting_duplicate' AND raw ->> 'sku' = %s"
-        " AND record ->> 'observed_at' = %s AND id <> %s",
-        (letter["supplier_id"], letter["delivery_id"], sku, observed_at, letter["id"]),
-    )
+def dismiss(store: ViewStore, letter_ids: list[int]) -> list[int]:
+    """Closes open letters without applying them (the false one of records that
+    disagreed, say); returns those it closed."""
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "UPDATE connector_dead_letters SET status = 'dismissed', updated_at = now()"
+            " WHERE id = ANY(%s) AND status = 'open' RETURNING id",
+            (letter_ids,),
+        ).fetchall()
+    return sorted(row["id"] for row in rows)
 
 
 def record_dead_letters(

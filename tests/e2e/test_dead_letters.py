@@ -242,3 +242,30 @@ def test_a_bad_bulk_retry_body_is_refused_with_a_validation_error(
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"] == "validation_error"
     assert answer.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_a_letter_is_dismissed_by_an_admin_once_and_then_listed_as_dismissed(
+    ledger: Server,
+) -> None:
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-audit") as auditor,
+    ):
+        first, _ = refusing_suppliers(admin)
+        [late_1, late_2, _negative] = [i["id"] for i in letters(admin, supplier_id=first)]
+        forbidden = auditor.post(f"/v1/dead-letters/{late_1}/dismiss")
+        dismissed = admin.post(f"/v1/dead-letters/{late_1}/dismiss")
+        again = admin.post(f"/v1/dead-letters/{late_1}/dismiss")
+        unknown = admin.post("/v1/dead-letters/999999999/dismiss")
+        still_open = [i["id"] for i in letters(admin, supplier_id=first)]
+        closed = letters(admin, supplier_id=first, status="dismissed")
+        retried = admin.post(f"/v1/dead-letters/{late_1}/retry")
+
+    assert (forbidden.status_code, forbidden.json()["error"]) == (403, "forbidden")
+    assert (dismissed.status_code, dismissed.json()) == (200, {"dismissed": [late_1]})
+    assert (again.status_code, again.json()["error"]) == (404, "dead_letter_not_found")
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "dead_letter_not_found")
+    assert late_1 not in still_open
+    assert late_2 in still_open
+    assert [i["id"] for i in closed] == [late_1]
+    assert (retried.status_code, retried.json()["error"]) == (404, "dead_letter_not_found")

@@ -18,7 +18,7 @@ from api.settings import Settings
 from connectors import comparison, inbox
 from connectors import ingest as ingest_module
 from connectors import parts as parts_module
-from connectors.deadletters import listing, retry
+from connectors.deadletters import dismiss, listing, retry
 from connectors.ingest import Ingestor, content_hash
 from connectors.outcome import FeedRejected, describe_phases
 from connectors.worker import InboxWorker
@@ -474,13 +474,14 @@ def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added
     assert on_hand(ledger, "SKU-NEW") == 8
 
 
-def test_records_the_ledger_refused_keep_what_was_written_and_the_one_retried_wins(
+def test_records_the_ledger_refused_keep_what_was_written_and_the_true_one_applies_alone(
     ledger: Runtime,
 ) -> None:
     """Two records of a SKU at one time that disagree are both refused by the ledger: the
-    delivery does not say which is true. Their letters keep what the supplier wrote, so
-    the operator can send the right one again; it applies, and the other is superseded:
-    a later bulk retry does not put it back."""
+    delivery does not say which is true. Their letters keep what the supplier wrote. One
+    retried alone is tried with the other again, and they disagree again; once the
+    operator dismisses the false one, the true one applies, and no later retry, a bulk
+    one included, brings the false one back."""
     setup_supplier(ledger, "acme", {"TWICE": "SKU-TW", "ONCE": "SKU-ON"}, units=12)
     at = datetime.now(UTC) - timedelta(minutes=1)
     rows = (("TWICE", 2), ("ONCE", 1), ("TWICE", 3))
@@ -501,16 +502,22 @@ def test_records_the_ledger_refused_keep_what_was_written_and_the_one_retried_wi
         for quantity in (2, 3)
     ]
     assert on_hand(ledger, "SKU-ON") == 12
-    false, true = letters
+    false, true = (letter["id"] for letter in letters)
 
-    outcome = retry(ledger.store, ledger.ingestor, [true["id"]], "operator")
+    alone = retry(ledger.store, ledger.ingestor, [true], "operator")
+    assert alone.still_refused == {false: "conflicting_duplicate", true: "conflicting_duplicate"}
+    assert on_hand(ledger, "SKU-TW") == 0
 
-    assert (outcome.resolved, outcome.not_retryable) == ([true["id"]], [])
+    assert dismiss(ledger.store, [false]) == [false]
+    assert dismiss(ledger.store, [false]) == []  # it is no longer open
+    chosen = retry(ledger.store, ledger.ingestor, [true], "operator")
+
+    assert (chosen.resolved, chosen.still_refused) == ([true], {})
     assert on_hand(ledger, "SKU-TW") == 36
     assert listing(ledger.store, supplier_id="acme") == []
-    [superseded] = listing(ledger.store, supplier_id="acme", status="superseded")
-    assert superseded["id"] == false["id"]
-    again = retry(ledger.store, ledger.ingestor, [false["id"]], "operator")
+    [dismissed] = listing(ledger.store, supplier_id="acme", status="dismissed")
+    assert dismissed["id"] == false
+    again = retry(ledger.store, ledger.ingestor, [false, true], "operator")
     assert (again.resolved, again.still_refused) == ([], {})
     assert on_hand(ledger, "SKU-TW") == 36
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import structlog
 from fastapi import APIRouter, Query, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
@@ -11,7 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
 from api.errors import ApiError
 from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, Strict
-from connectors.deadletters import RetryOutcome, listing, retry
+from connectors.deadletters import RetryOutcome, dismiss, listing, retry
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
 
@@ -44,7 +47,7 @@ def list_letters(
     reason: Annotated[
         str | None, Query(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None,
-    status: Literal["open", "resolved", "superseded", "all"] = "open",
+    status: Literal["open", "resolved", "dismissed", "all"] = "open",
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
@@ -69,6 +72,17 @@ async def retry_one(
         raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
     set_position(response, outcome.position)
     return _out(outcome)
+
+
+@router.post("/{letter_id}/dismiss")
+async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dict[str, Any]:
+    """Closes an open letter without applying it: e.g. the false one of records that
+    disagreed, before the true one is retried."""
+    dismissed = await run_in_threadpool(dismiss, runtime.store, [letter_id])
+    if not dismissed:
+        raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
+    log.info("dead_letter.dismissed", letter=letter_id, actor=key.name)
+    return {"dismissed": dismissed}
 
 
 @router.post("/retry")
