@@ -97,7 +97,8 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
         if result.position is not None:
             outcome.position = max(outcome.position or 0, result.position)
         with store.transaction() as conn:
-            for letter in group:
+            # In id order, as every retry updates them: two at once never deadlock.
+            for letter in sorted(group, key=lambda letter: letter["id"]):
                 if letter["id"] in refused:
                     outcome.still_refused[letter["id"]] = refused[letter["id"]]
                     conn.execute(
