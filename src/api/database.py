@@ -20,7 +20,7 @@ from ledger.application import InventoryLedger
 from projections.base import Projection
 from projections.leases import lock_key
 from projections.registry import all_projections, ensure_live_generations
-from projections.store import generation, live_generation
+from projections.store import live
 
 log = structlog.get_logger(__name__)
 
@@ -143,16 +143,15 @@ def check_migrated(database_url: str, projections: list[Projection]) -> None:
         missing = [] if found["events"] else ["the event store"]
         if found["control"]:
             for projection in projections:
-                number = live_generation(conn, projection.name)
-                live = None if number is None else generation(conn, projection.name, number)
-                if live is None:
+                current = live(conn, projection.name)
+                if current is None:
                     missing.append(f"the {projection.name} view")
-                elif live.schema_version < projection.schema_version and (
-                    projection.upgrade_path(live.schema_version) is not None
+                elif current.schema_version < projection.schema_version and (
+                    projection.upgrade_path(current.schema_version) is not None
                 ):
                     missing.append(
                         f"the {projection.name} view's upgrade to schema version"
-                        f" {projection.schema_version} (it is at {live.schema_version})"
+                        f" {projection.schema_version} (it is at {current.schema_version})"
                     )
         else:
             missing.append("the views")

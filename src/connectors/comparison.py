@@ -167,9 +167,6 @@ SELECT position, supplier_sku, upc, sku, quantity, observed_at, unit, reported, 
 FROM feed_resolved WHERE kind = 'change' AND sku IS NOT NULL AND n > %(after)s
 ORDER BY n LIMIT %(limit)s
 """
-# The delivery's records in the writer's order, indexed, and counted for the planner (it
-# never analyses temporary tables itself), before its changes are read a page at a time.
-INDEX_N = ("CREATE INDEX ON feed_resolved (n)", "ANALYZE feed_resolved")
 # Records as the supplier wrote them, by position (for the letters of those the ledger
 # itself refused).
 AS_WRITTEN = """
@@ -203,12 +200,22 @@ def tune_for_delivery(conn: Connection, megabytes: int) -> None:
     s with the tables in memory, 5.8 against 6.3 s (means of four) on a database just
     copied from disk.
 
-    JIT off: PostgreSQL compiled RESOLVE for 0.65-0.79 s at each run (its default
-    `jit = on`; the plan's cost is far above `jit_above_cost`), and the compiled plan
-    ran ~0.3 s faster, so each share paid ~0.4 s more: 4.50-4.67 against 4.10-4.31 s for
-    1,000,000 rows at 1,000,000 levels (three alternating pairs, EXPLAIN ANALYZE)."""
+    JIT off here too, for a database whose migration could not turn it off (a role that
+    does not own it: see `api.database._without_jit`; elsewhere it is off already). With
+    it on, PostgreSQL compiled RESOLVE for 0.65-0.79 s at each run (the plan's cost is
+    far above `jit_above_cost`), and the compiled plan ran ~0.3 s faster, so each share
+    paid ~0.4 s more: 4.50-4.67 against 4.10-4.31 s for 1,000,000 rows at 1,000,000
+    levels (three alternating pairs, EXPLAIN ANALYZE)."""
     conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(f"{megabytes}MB")))
     conn.execute("SET LOCAL jit = off")
+
+
+def index_resolved(conn: Connection) -> None:
+    """Indexes the delivery's records in the writer's order, and counts them for the
+    planner (it never analyses temporary tables itself), before its changes are read a
+    page at a time (CHANGES) and its repeats noted (`note_repeats`)."""
+    conn.execute("CREATE INDEX ON feed_resolved (n)")
+    conn.execute("ANALYZE feed_resolved")
 
 
 def note_repeats(
@@ -217,7 +224,7 @@ def note_repeats(
     """Notes the delivery's repeats as seen, a chunk per transaction, pausing after each
     (a generator: its caller reads the delivery's changes on the same connection between
     chunks); adds to `left` the positions of those it could not note. `feed_resolved`
-    must be indexed on `n` and analysed (INDEX_N)."""
+    must be indexed on `n` and analysed (`index_resolved`)."""
     last = staged + 1
     for first in range(1, last, TOUCH_CHUNK):
         chunk = {"first": first, "last": min(first + TOUCH_CHUNK, last)}
@@ -228,7 +235,8 @@ def note_repeats(
             # of the delivery, ~1 s a chunk at 1M levels.
             conn.execute("SET LOCAL enable_hashjoin = off")
             conn.execute("SET LOCAL enable_mergejoin = off")
-            # Compiling a chunk's plan took ~13 ms of its ~150 and gained nothing.
+            # Where JIT is on (see `tune_for_delivery`): compiling a chunk's plan took
+            # ~13 ms of its ~150 and gained nothing.
             conn.execute("SET LOCAL jit = off")
             counts = conn.execute(TOUCH, {**params, **chunk}).fetchone()
             if counts is not None and counts["noted"] < counts["candidates"]:

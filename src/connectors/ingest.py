@@ -40,13 +40,13 @@ from connectors.comparison import (
     AS_WRITTEN,
     CHANGES,
     DROP_TABLES,
-    INDEX_N,
     MOVED,
     REPORTED_ELSEWHERE,
     RESOLVE,
     SKUS,
     STAGING,
     UNRESOLVED,
+    index_resolved,
     note_repeats,
     tune_for_delivery,
 )
@@ -317,8 +317,7 @@ class Ingestor:
                 side.staged = self._stage(side.conn, records, bulk, reading, result)
             with timed(result, "compare"):
                 side.conn.execute(RESOLVE, reading.params)
-                for statement in INDEX_N:
-                    side.conn.execute(statement)
+                index_resolved(side.conn)
                 return [side]
 
     def _more_sides(self, held: ExitStack, bulk: _Bulk | None) -> list[_Side]:
@@ -396,8 +395,7 @@ class Ingestor:
                     counted.declined = declined
                     return counted
             side.conn.execute(RESOLVE, reading.params)
-            for statement in INDEX_N:
-                side.conn.execute(statement)
+            index_resolved(side.conn)
             skus = side.conn.execute(SKUS, binary=True).fetchone()
             side.skus = set(skus["skus"] or ()) if skus is not None else set()
         return counted

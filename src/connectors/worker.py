@@ -24,7 +24,6 @@ log = structlog.get_logger(__name__)
 # jitter: 1-2, 2-4, ... 64-128 s apart, eight tries over about 2-4 minutes; then it is left
 # failed, for an operator to queue again (POST /v1/feeds/{delivery_id}/retry) once fixed.
 MAX_ATTEMPTS = 8
-MAX_RETRY_SECONDS = 300.0
 
 
 class InboxWorker:
@@ -97,7 +96,7 @@ class InboxWorker:
             return None
         except Exception as error:  # whatever it was, the delivery is kept and tried again
             status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
-            retry_in = min(MAX_RETRY_SECONDS, 2.0**delivery.attempts) * random.uniform(0.5, 1)
+            retry_in = 2.0**delivery.attempts * random.uniform(0.5, 1)
             self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
             log.warning("feed.delivery.failed", supplier=supplier, error=str(error), retry=status)
             return None

@@ -35,6 +35,7 @@ from projections.store import (
     create_generation,
     drop_generation,
     generation,
+    live,
     live_generation,
     record_failure,
     switch_live,
@@ -306,8 +307,7 @@ class ProjectionRunner:
     def step(self) -> int:
         """Catches the live generation up while holding its lease; returns events applied."""
         with self.store.connection() as conn:
-            number = live_generation(conn, self.name)
-            current = None if number is None else generation(conn, self.name, number)
+            current = live(conn, self.name)
         if current is None:
             raise LookupError(f"projection {self.name} has no live generation: run ledger migrate")
         lease = f"projection:{self.name}:{current.generation}"

@@ -130,6 +130,12 @@ def live_generation(conn: Connection, name: str) -> int | None:
     return None if row is None else int(row["live_generation"])
 
 
+def live(conn: Connection, name: str) -> Generation | None:
+    """The projection's live generation, or None where it has none."""
+    number = live_generation(conn, name)
+    return None if number is None else generation(conn, name, number)
+
+
 def create_generation(
     conn: Connection, name: str, schema_version: int, ddl: list[str]
 ) -> Generation:

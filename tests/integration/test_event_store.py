@@ -166,12 +166,16 @@ def test_a_snapshot_that_cannot_be_taken_never_fails_the_commands_that_saved(
     # every other event crosses one (the intervals are the class's: put back after)
     monkeypatch.setitem(runtime.app.snapshotting_intervals, StockItem, 2)
 
+    tried: list[int] = []
+
     def broken(*_: object, **__: object) -> None:
+        tried.append(1)
         raise psycopg.OperationalError("the snapshot table is out of reach")
 
     assert runtime.app.snapshots is not None
     monkeypatch.setattr(runtime.app.snapshots, "put", broken)
     outcomes = [runtime.writer.execute(reserve([(sku, 1)])) for _ in range(4)]
 
+    assert tried  # snapshots were due, and each failed
     assert all(outcome.value.reservation.lines[sku].quantity == 1 for outcome in outcomes)
     assert runtime.app.repository.get(item_id).levels(now(), {}).held == 4

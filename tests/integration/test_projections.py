@@ -22,7 +22,7 @@ from api.database import NotMigrated, check_migrated, migrate
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger.base import Cause
-from ledger.commands import Confirm, Observation, PutSku, PutSupplier, ReportStock
+from ledger.commands import Confirm, PutSku, PutSupplier
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
 from projections import base
@@ -645,23 +645,8 @@ def level_columns(runtime: Runtime) -> set[str]:
 
 
 def expect_incoming(runtime: Runtime, sku: str) -> None:
-    """A report that says the supplier expects stock, once it reached the stock view."""
-    at = datetime.now(UTC)
-    observation = Observation(
-        index=0, sku=sku, quantity=7, observed_at=at, incoming=(("2027-01-10", 40),)
-    )
-    runtime.writer.execute(
-        ReportStock(
-            at=at,
-            cause=CAUSE,
-            supplier_id="north",
-            delivery_id=uuid.uuid4().hex,
-            content_hash=uuid.uuid4().hex,
-            source="test",
-            rows=1,
-            observations=[observation],
-        )
-    )
+    """A report that says the supplier expects stock."""
+    report(runtime.writer, "north", {sku: 7}, datetime.now(UTC), incoming=(("2027-01-10", 40),))
 
 
 def stock_runner(runtime: Runtime, projection: StockProjection | None = None) -> ProjectionRunner:
@@ -674,7 +659,7 @@ def stock_runner(runtime: Runtime, projection: StockProjection | None = None) ->
     )
 
 
-STOCK_TABLES = ["availability", "levels", "holds", "suppliers"]
+STOCK_TABLES = StockProjection.tables
 
 
 def test_migrating_upgrades_a_stock_view_built_before_incoming_stock_in_place(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,31 @@ def level(runtime: Runtime, supplier: str, supplier_sku: str) -> int:
     return item.positions[supplier].quantity
 
 
-def scheduler_for(runtime: Runtime) -> tuple[Scheduler, InboxWorker]:
+def scheduler_for(runtime: Runtime, **options: Any) -> tuple[Scheduler, InboxWorker]:
     worker = InboxWorker(runtime.ingestor, runtime.store)
-    return Scheduler(runtime.store, runtime.leases, worker), worker
+    return Scheduler(runtime.store, runtime.leases, worker, **options), worker
+
+
+@contextmanager
+def throttled_and_fine(
+    runtime: Runtime, seed: int, times: int, retry_after: int, **poll: Any
+) -> Iterator[RestSupplier]:
+    """Two polled suppliers: "throttled", whose server answers its next `times` requests
+    429 with that Retry-After (the server is yielded), and "fine"."""
+    slow, quick = Catalogue(3, seed=seed), Catalogue(3, seed=seed + 1)
+    with (
+        RestSupplier(slow, pagination="page") as throttling,
+        RestSupplier(quick, pagination="page") as fine,
+    ):
+        throttling.faults.throttle_next(times, retry_after=retry_after)
+        for name, server, catalogue in (("throttled", throttling, slow), ("fine", fine, quick)):
+            supplier_fed_by(
+                runtime,
+                name,
+                catalogue,
+                poll={"url": f"{server.base_url}/inventory", "pagination": "page", **poll},
+            )
+        yield throttling
 
 
 def test_a_dropped_file_is_picked_up_once_applied_and_moved_aside(
@@ -317,24 +340,9 @@ def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_w
     """One supplier answers 429 with Retry-After: 60 (within what its retries may wait);
     another is fine. The second's feed is fetched meanwhile, and stopping the scheduler
     ends the first one's wait instead of sitting it out, without calling it a failure."""
-    slow, quick = Catalogue(3, seed=11), Catalogue(3, seed=12)
-    with (
-        RestSupplier(slow, pagination="page") as throttling,
-        RestSupplier(quick, pagination="page") as fine,
-    ):
-        throttling.faults.throttle_next(5, retry_after=60)
-        for name, server, catalogue in (("throttled", throttling, slow), ("fine", fine, quick)):
-            supplier_fed_by(
-                ledger,
-                name,
-                catalogue,
-                poll={
-                    "url": f"{server.base_url}/inventory",
-                    "pagination": "page",
-                    "max_attempts": 3,
-                    "max_retry_after_seconds": 120,
-                },
-            )
+    with throttled_and_fine(
+        ledger, 11, 5, 60, max_attempts=3, max_retry_after_seconds=120
+    ) as throttling:
         scheduler, _ = scheduler_for(ledger)
         scheduler.tick_seconds = 0.05
         scheduler.start()
@@ -362,21 +370,8 @@ def test_a_fetch_waiting_to_retry_gives_its_slot_to_another_supplier(ledger: Run
     """With one fetch slot, a supplier sitting out a Retry-After does not hold it: the
     other supplier is fetched meanwhile, and the first one's retry, once its wait is
     over, takes a slot again and succeeds."""
-    slow, quick = Catalogue(3, seed=21), Catalogue(3, seed=22)
-    with (
-        RestSupplier(slow, pagination="page") as throttling,
-        RestSupplier(quick, pagination="page") as fine,
-    ):
-        throttling.faults.throttle_next(1, retry_after=2)
-        for name, server, catalogue in (("throttled", throttling, slow), ("fine", fine, quick)):
-            supplier_fed_by(
-                ledger,
-                name,
-                catalogue,
-                poll={"url": f"{server.base_url}/inventory", "pagination": "page"},
-            )
-        worker = InboxWorker(ledger.ingestor, ledger.store)
-        scheduler = Scheduler(ledger.store, ledger.leases, worker, fetch_threads=1)
+    with throttled_and_fine(ledger, 21, 1, 2) as throttling:
+        scheduler, _ = scheduler_for(ledger, fetch_threads=1)
         scheduler.refresh()
         scheduler.schedules["fine"].due = time.monotonic() + 0.3  # the throttled one first
         scheduler.tick(wait=False)

@@ -468,17 +468,7 @@ def test_a_drop_folder_yields_whole_files_and_ignores_partial_and_hidden_ones(
     )
 
 
-class Ticking:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def settling(path: Path, monotonic: Ticking, **options: Any) -> FolderTransport:
+def settling(path: Path, monotonic: Clock, **options: Any) -> FolderTransport:
     """A drop folder's transport with the default settle time (2 s)."""
     settings = FolderSettings.model_validate({"path": str(path), "format": "csv", **options})
     return FolderTransport(
@@ -491,7 +481,7 @@ def test_a_file_written_in_place_is_taken_only_once_it_has_been_left_alone(
 ) -> None:
     """A supplier's client that writes under the final name (a copy, SMB, many SFTP
     clients) leaves a file that lists whole only once it is done."""
-    monotonic = Ticking()
+    monotonic = Clock()  # the monotonic clock
     transport = settling(tmp_path, monotonic)
     written = tmp_path / "stock.csv"
     written.write_bytes(b"supplier_sku,quantity\nSIM-1,12")  # "125" is still to come
@@ -507,7 +497,7 @@ def test_a_file_written_in_place_is_taken_only_once_it_has_been_left_alone(
 def test_a_file_from_a_clock_ahead_is_taken_once_it_lists_the_same_for_the_settle_time(
     tmp_path: Path,
 ) -> None:
-    monotonic = Ticking()
+    monotonic = Clock()  # the monotonic clock
     transport = settling(tmp_path, monotonic)
     written = tmp_path / "stock.csv"
     written.write_bytes(b"supplier_sku,quantity\nSIM-1,1")
@@ -526,6 +516,14 @@ def test_a_file_from_a_clock_ahead_is_taken_once_it_lists_the_same_for_the_settl
     assert fetched.body == b"supplier_sku,quantity\nSIM-1,12"
 
 
+def unsettled(path: Path, folder: type[LocalFolder]) -> FolderTransport:
+    """A drop folder's transport that takes files at once, over a folder of this kind."""
+    settings = FolderSettings(path=str(path), format="csv", settle_seconds=0)
+    return FolderTransport(
+        "acme", settings, lambda: folder(path, path / "processed"), source="folder"
+    )
+
+
 class Growing(LocalFolder):
     """A folder whose file grows between its first listing and reading, once."""
 
@@ -542,10 +540,8 @@ class Growing(LocalFolder):
 def test_a_file_longer_when_read_than_when_listed_is_left_for_a_later_fetch(
     tmp_path: Path,
 ) -> None:
-    settings = FolderSettings(path=str(tmp_path), format="csv", settle_seconds=0)
-    transport = FolderTransport(
-        "acme", settings, lambda: Growing(tmp_path, tmp_path / "processed"), source="folder"
-    )
+    Growing.grown = False
+    transport = unsettled(tmp_path, Growing)
     (tmp_path / "stock.csv").write_bytes(b"supplier_sku,quantity\nSIM-1,1\n")
 
     assert list(transport.fetch()) == []  # listed at one length, read at another
@@ -581,10 +577,7 @@ def test_a_file_that_cannot_be_moved_is_downloaded_again_only_where_it_may_have_
     tmp_path: Path, timeless: bool
 ) -> None:
     Unmovable.timeless, Unmovable.reads = timeless, []
-    settings = FolderSettings(path=str(tmp_path), format="csv", settle_seconds=0)
-    transport = FolderTransport(
-        "acme", settings, lambda: Unmovable(tmp_path, tmp_path / "processed"), source="folder"
-    )
+    transport = unsettled(tmp_path, Unmovable)
     (tmp_path / "stock.csv").write_bytes(b"supplier_sku,quantity\nSIM-1,12\n")
     [fetched] = transport.fetch()
     with pytest.raises(FetchFailed):

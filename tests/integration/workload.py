@@ -21,6 +21,7 @@ from ledger.commands import (
 )
 from ledger.errors import InsufficientStock
 from ledger.mapping import MappingSpec
+from ledger.stock import IncomingStock
 from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter
 from tests.integration.ledger_setup import reserve
@@ -29,12 +30,18 @@ CAUSE = Cause("workload", "test.workload", "workload")
 
 
 def report(
-    writer: LedgerWriter, supplier: str, levels: dict[str, int], at: datetime, **by: str
+    writer: LedgerWriter,
+    supplier: str,
+    levels: dict[str, int],
+    at: datetime,
+    incoming: IncomingStock | None = None,
+    **by: str,
 ) -> int | None:
-    """A stock report of internal SKUs (or supplier SKUs with by_supplier_sku="y")."""
+    """A stock report of internal SKUs (or supplier SKUs with by_supplier_sku="y"), each
+    saying the supplier expects `incoming` (None: the report says nothing of it)."""
     key = "supplier_sku" if by.get("by_supplier_sku") else "sku"
     observations = [
-        Observation(index=i, quantity=q, observed_at=at, **{key: sku})
+        Observation(index=i, quantity=q, observed_at=at, incoming=incoming, **{key: sku})
         for i, (sku, q) in enumerate(levels.items())
     ]
     outcome = writer.execute(

@@ -15,7 +15,7 @@ SECOND_0230 = datetime(2026, 10, 25, 1, 30, tzinfo=UTC)  # 02:30 CET, an hour la
 
 def test_a_time_shown_twice_is_the_later_one_not_after_the_report_came() -> None:
     written = datetime(2026, 10, 25, 2, 30)  # naive, as the supplier wrote it
-    rules = FeedRules.of(SupplierTerms("berlin", timezone="Europe/Berlin"))
+    rules = BERLIN
 
     assert rules.in_utc(written, FIRST_0230 + timedelta(minutes=1)) == FIRST_0230
     assert rules.in_utc(written, SECOND_0230 + timedelta(minutes=1)) == SECOND_0230
@@ -38,7 +38,7 @@ def test_times_shown_once_read_as_before() -> None:
 def test_a_feed_sent_live_through_the_hour_keeps_its_reports_in_order() -> None:
     """Each report arrives a minute after it was observed: read as meant, the second
     hour's reports are newer than the first hour's, not an hour older."""
-    rules = FeedRules.of(SupplierTerms("berlin", timezone="Europe/Berlin"))
+    rules = BERLIN
     instants = [FIRST_0230 + timedelta(minutes=20 * step) for step in range(6)]
     read = []
     for instant in instants:

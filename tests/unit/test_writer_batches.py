@@ -83,7 +83,7 @@ def test_orders_for_one_sku_in_one_batch_are_decided_in_the_order_they_arrived()
 
     assert [outcome(job.future) for job in batch] == ["held", "held", "refused", "held", "refused"]
     assert alone == [outcome(job.future) for job in batch]
-    assert len(saves) == 1  # the stock item and the three reservations, together
+    assert saves == [4]  # the stock item and the three reservations, together
     positions = {job.future.result(0).position for job in batch if outcome(job.future) == "held"}
     assert len(positions) == 1
     for writer in (batched, one_by_one):
@@ -118,7 +118,7 @@ def test_a_command_that_fails_after_changing_something_leaves_nothing_of_it_save
     with pytest.raises(RuntimeError, match="failed after holding"):
         batch[1].future.result(0)
     assert [outcome(batch[0].future), outcome(batch[2].future)] == ["held", "held"]
-    assert len(saves) == 1  # once, without the broken command's changes
+    assert saves == [3]  # once: the stock item and the two good reservations
     levels = LedgerQueries(writer.app).stock_levels("TOP", datetime.now(UTC))
     assert (levels.held, levels.available) == (4, 6)
 

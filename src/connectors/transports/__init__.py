@@ -138,16 +138,14 @@ def transport_for(
     [kind] = named
     if kind == "poll":
         poll = _settings(PollSettings, kind, connector[kind])
-        if client is None:
-            return RestPoller(
-                supplier_id,
-                poll,
-                state=state,
-                client=default_client(poll),
-                owns_client=True,
-                sleep=sleep,
-            )
-        return RestPoller(supplier_id, poll, state=state, client=client, sleep=sleep)
+        return RestPoller(
+            supplier_id,
+            poll,
+            state=state,
+            client=client or default_client(poll),
+            owns_client=client is None,
+            sleep=sleep,
+        )
     if kind == "folder":
         folder = _settings(FolderSettings, kind, connector[kind])
         return FolderTransport(
