@@ -17,6 +17,8 @@ from pydantic import (
 )
 
 from connectors.config import check_connector
+from connectors.normalise import BASE_UNITS
+from ledger.mapping import unit_key
 
 # Identifiers: printable, no control characters, bounded. Every text a client sends that
 # reaches the database keeps to PRINTABLE (PostgreSQL refuses a NUL in text: without the
@@ -86,6 +88,19 @@ class MappingIn(Strict):
     sku: Sku
     units_per_supplier_unit: int = Field(default=1, gt=0, le=1_000_000)
     upc: Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")] | None = None
+    # The supplier's unit that `units_per_supplier_unit` counts for this item (say "CA",
+    # where its case holds 24): kept upper case, as a report's unit is compared.
+    unit: Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z0-9_.-]{1,16}\s*$")] | None = None
+
+    @field_validator("unit")
+    @classmethod
+    def _not_a_base_unit(cls, unit: str | None) -> str | None:
+        if unit is None:
+            return None
+        key = unit_key(unit)
+        if key in BASE_UNITS:
+            raise ValueError(f"{unit!r} is a base unit: it always counts one")
+        return key
 
 
 class MappingsIn(Strict):

@@ -18,7 +18,7 @@ from projections.store import Connection
 STAGING = """
 CREATE TEMPORARY TABLE feed_staging (
     position integer NOT NULL, supplier_sku text, upc text, quantity bigint NOT NULL,
-    factor integer, unit text, observed_at timestamptz NOT NULL, incoming jsonb
+    factor integer, unit text, unit_key text, observed_at timestamptz NOT NULL, incoming jsonb
 )
 """
 
@@ -41,7 +41,11 @@ def _repeats(record: str) -> sql.Composed:
 # Resolve each record to a SKU (by supplier SKU; by UPC where the record has no supplier
 # SKU, or, for a supplier whose connector says `upc_fallback`, where its supplier SKU is
 # not mapped; the first mapping in supplier-SKU order when several share the UPC),
-# convert it to base units, and compare it with the level on record. Two hash joins for
+# convert it to base units, and compare it with the level on record. A record in no unit,
+# or in its mapping's own `unit`, counts the mapping's `units_per_supplier_unit` a unit;
+# one in another unit, the factor staged for it (the supplier's unit table, or 1 for a
+# base unit); a unit that neither knows (the record's, or an incoming line's) leaves the
+# record unresolved, `refused_unit` saying which. Two hash joins for
 # the mappings: an OR in one join made the planner look each record up in turn
 # (measured: twice the time). One sort by SKU (bytewise, the writer's order) numbers the
 # records (`n`, for the chunks below: a chunk's levels then lie together on disk, and a
@@ -64,34 +68,59 @@ def _repeats(record: str) -> sql.Composed:
 # runs in psql).
 RESOLVE = sql.SQL("""
 CREATE TEMPORARY TABLE feed_resolved AS
-WITH resolved AS (
-    SELECT s.position, s.observed_at,
-           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.supplier_sku END AS supplier_sku,
-           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.upc END AS upc,
-           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.unit END AS unit,
-           CASE WHEN coalesce(m.sku, u.sku) IS NULL THEN s.quantity END AS reported,
-           coalesce(m.sku, u.sku) AS sku,
-           s.quantity * coalesce(s.factor, m.units_per_supplier_unit,
-                                 u.units_per_supplier_unit, 1) AS quantity,
-           CASE WHEN s.incoming IS NULL OR coalesce(m.sku, u.sku) IS NULL THEN s.incoming
-           ELSE (SELECT coalesce(jsonb_agg(jsonb_build_array(
-                            e -> 0,
-                            (e ->> 1)::bigint * coalesce((e ->> 2)::integer,
-                                                         m.units_per_supplier_unit,
-                                                         u.units_per_supplier_unit, 1))
-                        ORDER BY o), '[]')
-                 FROM jsonb_array_elements(s.incoming) WITH ORDINALITY AS x(e, o))
-           END AS incoming
+WITH matched AS (
+    SELECT s.*, coalesce(m.sku, u.sku) AS mapped,
+           CASE WHEN m.sku IS NOT NULL THEN m.units_per_supplier_unit
+                ELSE u.units_per_supplier_unit END AS per,
+           CASE WHEN m.sku IS NOT NULL THEN m.unit ELSE u.unit END AS per_unit
     FROM feed_staging s
     LEFT JOIN view_mappings m
         ON m.supplier_id = %(supplier)s AND m.supplier_sku = s.supplier_sku
     LEFT JOIN (
-        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit
+        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit, unit
         FROM view_mappings WHERE supplier_id = %(supplier)s
           AND upc IN (SELECT upc FROM feed_staging
                       WHERE supplier_sku IS NULL OR %(upc_fallback)s)
         ORDER BY upc, supplier_sku
     ) u ON (s.supplier_sku IS NULL OR (%(upc_fallback)s AND m.sku IS NULL)) AND u.upc = s.upc
+), factored AS (
+    SELECT x.*,
+           CASE WHEN x.unit_key IS NULL OR x.unit_key = x.per_unit THEN coalesce(x.per, 1)
+                ELSE x.factor END AS f
+    FROM matched x
+), judged AS (
+    SELECT x.*,
+           CASE WHEN x.mapped IS NULL THEN NULL
+                WHEN x.f IS NULL THEN x.unit
+                WHEN x.incoming IS NULL THEN NULL
+                ELSE (SELECT e ->> 3
+                      FROM jsonb_array_elements(x.incoming) WITH ORDINALITY AS y(e, o)
+                      WHERE e ->> 3 IS NOT NULL AND e ->> 2 IS NULL
+                        AND (e ->> 4) IS DISTINCT FROM x.per_unit
+                      ORDER BY o LIMIT 1)
+           END AS refused_unit
+    FROM factored x
+), resolved AS (
+    SELECT x.position, x.observed_at, x.refused_unit,
+           CASE WHEN x.sku IS NULL THEN x.supplier_sku END AS supplier_sku,
+           CASE WHEN x.sku IS NULL THEN x.upc END AS upc,
+           CASE WHEN x.sku IS NULL THEN x.unit END AS unit,
+           CASE WHEN x.sku IS NULL THEN x.quantity END AS reported,
+           x.sku,
+           x.quantity * x.f AS quantity,
+           CASE WHEN x.incoming IS NULL OR x.sku IS NULL THEN x.incoming
+           ELSE (SELECT coalesce(jsonb_agg(jsonb_build_array(
+                            e -> 0,
+                            (e ->> 1)::bigint * CASE WHEN e ->> 3 IS NULL THEN x.f
+                                                     WHEN e ->> 4 = x.per_unit THEN x.per
+                                                     ELSE (e ->> 2)::integer END)
+                        ORDER BY o), '[]')
+                 FROM jsonb_array_elements(x.incoming) WITH ORDINALITY AS y(e, o))
+           END AS incoming
+    FROM (SELECT j.position, j.observed_at, j.refused_unit, j.supplier_sku, j.upc, j.unit,
+                 j.quantity, j.incoming, j.f, j.per, j.per_unit,
+                 CASE WHEN j.refused_unit IS NULL THEN j.mapped END AS sku
+          FROM judged j) x
 ), numbered AS (
     SELECT r.*, row_number() OVER w AS n,
            coalesce(r.sku = lag(r.sku) OVER w OR r.sku = lead(r.sku) OVER w, false) AS repeated
@@ -99,7 +128,7 @@ WITH resolved AS (
     WINDOW w AS (ORDER BY r.sku COLLATE "C")
 )
 SELECT r.position, r.supplier_sku, r.upc, r.observed_at, r.unit, r.reported, r.sku,
-       r.quantity, r.incoming, r.n, l.ctid AS level,
+       r.quantity, r.incoming, r.n, r.refused_unit, l.ctid AS level,
        CASE
            WHEN r.sku IS NULL OR r.repeated OR l.sku IS NULL
                 OR l.observed_at IS NULL
@@ -159,7 +188,8 @@ WHERE c.n >= %(first)s AND c.n < %(last)s AND c.kind = 'repeat'
 # delivery's changes are never all in memory at once; and (MOVED) the repeats that could
 # not be noted.
 UNRESOLVED = """
-SELECT position, supplier_sku, upc, sku, quantity, observed_at, unit, reported, incoming
+SELECT position, supplier_sku, upc, sku, quantity, observed_at, unit, reported, incoming,
+       refused_unit
 FROM feed_resolved WHERE kind = 'change' AND sku IS NULL ORDER BY n
 """
 CHANGES = """

@@ -39,6 +39,7 @@ from psycopg.rows import tuple_row
 from connectors.normalise import FeedRules, observed_utc, unit_factor
 from connectors.parsers.csv_feed import CsvSettings, _columns, _raw_keys, _sniff
 from connectors.parsers.records import FeedError, Parsed, Unreadable, make_record, text
+from ledger.mapping import unit_key
 from projections.store import Connection
 
 CHUNK = 1 << 20
@@ -117,15 +118,14 @@ def copy_csv(
             return sql.SQL("''")
         return sql.SQL("coalesce(r.{}, '')").format(names[index])
 
-    units: list[tuple[str, str | None, int | None]] = []
+    units: list[tuple[str, str | None, str | None, int | None]] = []
     for raw in _distinct(conn, column("unit")):
         try:
             unit = text("unit", raw)
         except Unreadable:
             continue
-        factor = unit_factor(unit, rules)
-        if not isinstance(factor, str):
-            units.append((raw, unit, factor))
+        key = None if unit is None else unit_key(unit)
+        units.append((raw, unit, key, unit_factor(unit, rules)))
     times: list[tuple[str, datetime]] = []
     for raw in _distinct(conn, column("observed_at")):
         try:
@@ -135,7 +135,7 @@ def copy_csv(
         at = observed_utc(written, rules, received_at, now)
         if not isinstance(at, str):
             times.append((raw, at))
-    _keep(conn, "feed_units", "raw text PRIMARY KEY, unit text, factor integer", units)
+    _keep(conn, "feed_units", "raw text PRIMARY KEY, unit text, key text, factor integer", units)
     _keep(conn, "feed_times", "raw text PRIMARY KEY, at timestamptz NOT NULL", times)
     sku, upc, quantity = column("supplier_sku"), column("upc"), column("quantity")
     # A row that says what stock the supplier expects is read in Python (the rows that
@@ -163,9 +163,9 @@ def copy_csv(
     staged = conn.execute(
         sql.SQL(
             "INSERT INTO feed_staging"
-            " (position, supplier_sku, upc, quantity, factor, unit, observed_at)"
+            " (position, supplier_sku, upc, quantity, factor, unit, unit_key, observed_at)"
             " SELECT r.position, nullif({sku}, ''), nullif({upc}, ''), {quantity}::bigint,"
-            " u.factor, u.unit, t.at {judged} WHERE {vouched}"
+            " u.factor, u.unit, u.key, t.at {judged} WHERE {vouched}"
         ).format(sku=sku, upc=upc, quantity=quantity, judged=judged, vouched=vouched)
     ).rowcount
     rest = sql.SQL(

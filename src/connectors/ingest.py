@@ -61,6 +61,7 @@ from connectors.staging import Reading, copy_delivery, stage_records
 from ledger.commands import Observation
 from ledger.delivery import Rejection
 from ledger.errors import UnknownSupplier
+from ledger.mapping import unknown_unit
 from ledger.queries import LedgerQueries
 from ledger.stock import incoming_of
 from ledger.supplier import SupplierTerms
@@ -405,7 +406,12 @@ class Ingestor:
         observations: list[Observation] = []
         for row in rows:
             if row["sku"] is None:
-                reason = "unmapped_supplier_sku" if row["supplier_sku"] else "unmapped_upc"
+                if row["refused_unit"] is not None:
+                    reason = unknown_unit(row["refused_unit"])
+                elif row["supplier_sku"]:
+                    reason = "unmapped_supplier_sku"
+                else:
+                    reason = "unmapped_upc"
                 fields = _as_written(row)
                 letter = {"fields": fields, "raw": fields}
                 result.rejections.append(Rejection(row["position"], reason, letter))
@@ -496,7 +502,7 @@ def _as_written(row: Any) -> dict[str, Any]:
         if row["incoming"] is None
         else [
             {"quantity": quantity, "expected_on": on, "unit": unit}
-            for on, quantity, _, unit in row["incoming"]
+            for on, quantity, _, unit, *_ in row["incoming"]
         ],
     }
 

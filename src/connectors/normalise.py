@@ -2,8 +2,10 @@
 
 Per supplier, from its connector settings (all optional):
 - `units`: supplier unit -> base units, e.g. {"CS": 12, "PK": 6}. A record in a base unit
-  (EA, EACH, PC, PCS, PIECE, UNIT, UN) counts as is; a record without a unit is in the
-  mapping's `units_per_supplier_unit`; any other unit not in the table is refused.
+  (EA, EACH, PC, PCS, PIECE, UNIT, UN) counts as is; a record without a unit, or in its
+  mapping's own `unit`, is in the mapping's `units_per_supplier_unit` (which comes first:
+  a case of this item may hold more than the table's); a record in a unit that neither
+  the table nor its mapping knows is refused (`unknown_unit`) once it is resolved.
 - `max_quantity`: a level above it is a broken feed, not stock (default 10,000,000).
 - `max_age_seconds`: reports older than this are refused (default: the supplier's
   `exclude_after_seconds`, else no limit).
@@ -22,6 +24,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from connectors.parsers import Incoming, Record
+from ledger.mapping import unit_key
 from ledger.supplier import SupplierTerms
 
 BASE_UNITS = frozenset({"EA", "EACH", "PC", "PCS", "PIECE", "PIECES", "UNIT", "UNITS", "UN"})
@@ -82,7 +85,7 @@ class FeedRules:
         max_age = connector.get("max_age_seconds", terms.exclude_after_seconds)
         return cls(
             zone=ZoneInfo(terms.timezone),
-            units={str(k).upper(): int(v) for k, v in (connector.get("units") or {}).items()},
+            units={unit_key(str(k)): int(v) for k, v in (connector.get("units") or {}).items()},
             max_quantity=int(connector.get("max_quantity", DEFAULT_MAX_QUANTITY)),
             max_age=None if max_age is None else timedelta(seconds=int(max_age)),
         )
@@ -99,7 +102,8 @@ class Staged:
     factor: int | None
     observed_at: datetime
     # Stock the supplier expects: [expected on (ISO date or None), quantity, factor (None:
-    # the mapping decides), unit as written], in the order reported; None: not said.
+    # the mapping decides), unit as written, unit as compared], in the order reported;
+    # None: not said.
     incoming: list[list[Any]] | None = None
 
 
@@ -117,8 +121,6 @@ def normalise(
     if record.supplier_sku is None and record.upc is None:
         return "missing_sku"
     factor = unit_factor(record.unit, rules)
-    if isinstance(factor, str):
-        return factor
     if quantity * (factor or 1) > rules.max_quantity:
         return "quantity_out_of_range"
     observed_at = observed_utc(record.observed_at, rules, received_at, now)
@@ -144,25 +146,26 @@ def incoming_staged(
         if expected.quantity < 0:
             return "negative_incoming"
         own = factor if expected.unit is None else unit_factor(expected.unit, rules)
-        if isinstance(own, str):
-            return own
         if expected.quantity * (own or 1) > rules.max_quantity:
             return "quantity_out_of_range"
         on = None if expected.expected_on is None else expected.expected_on.isoformat()
-        staged.append([on, expected.quantity, own, expected.unit])
+        key = None if expected.unit is None else unit_key(expected.unit)
+        staged.append([on, expected.quantity, own, expected.unit, key])
     return staged
 
 
-def unit_factor(unit: str | None, rules: FeedRules) -> int | str | None:
-    """Base units in one reported unit (None: the mapping decides), or why it is refused."""
+def unit_factor(unit: str | None, rules: FeedRules) -> int | None:
+    """Base units in one reported unit by the supplier's unit table, or 1 in a base unit;
+    None where the unit is not said, or is neither (the mapping decides: its own unit, or
+    `unknown_unit`)."""
     if unit is None:
         return None
-    key = unit.strip().upper()
+    key = unit_key(unit)
     if key in rules.units:
         return rules.units[key]
     if key in BASE_UNITS:
         return 1
-    return f"unknown_unit: {unit!r}"
+    return None
 
 
 def observed_utc(

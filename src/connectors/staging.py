@@ -21,6 +21,7 @@ from connectors.outcome import FeedRejected, IngestResult
 from connectors.parsers import FeedError, Record, RecordError
 from connectors.parsers.csv_feed import CsvSettings
 from ledger.delivery import Rejection
+from ledger.mapping import unit_key
 from projections.store import Connection
 
 # Records read in Python go to the staging table this many at a time.
@@ -115,7 +116,8 @@ def _copy_staged(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
             conn.cursor() as cursor,
             cursor.copy(
                 "COPY feed_staging"
-                " (position, supplier_sku, upc, quantity, factor, unit, observed_at, incoming)"
+                " (position, supplier_sku, upc, quantity, factor, unit, unit_key, observed_at,"
+                " incoming)"
                 " FROM STDIN"
             ) as copy,
         ):
@@ -133,6 +135,7 @@ def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
         staged.quantity,
         staged.factor,
         unit,
+        None if unit is None else unit_key(unit),
         staged.observed_at,
         None if staged.incoming is None else json.dumps(staged.incoming),
     )

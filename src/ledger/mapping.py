@@ -1,5 +1,10 @@
 """SKU mappings: which internal SKU a supplier's item is, and how many base units it holds.
 
+`units_per_supplier_unit` counts the base units in one of the supplier's units of this
+item: in a report that names no unit, or that names the mapping's own `unit` (say "CA",
+where this item's case holds 24 and another item's 12). A report in any other unit is
+converted by the supplier's unit table, or counts as is in a base unit.
+
 One aggregate per (supplier, supplier SKU): a supplier with 100k mappings has 100k
 small streams, none of which ever needs a snapshot, and an auditor can read why a
 report landed on a SKU from the mapping's own history.
@@ -10,11 +15,22 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import AggregateCreated
 
 from ledger.base import Cause, LedgerAggregate
+
+
+def unit_key(unit: str) -> str:
+    """A unit as units are compared: trimmed, in upper case ("cs " is "CS")."""
+    return unit.strip().upper()
+
+
+def unknown_unit(unit: str) -> str:
+    """Why a record in a unit that neither its supplier nor its mapping knows is refused."""
+    return f"unknown_unit: {unit!r}"
 
 
 @dataclass(frozen=True)
@@ -25,29 +41,56 @@ class MappingSpec:
     sku: str
     units_per_supplier_unit: int = 1
     upc: str | None = None
+    # The supplier's unit that `units_per_supplier_unit` counts, upper case; None: only
+    # a report that names no unit.
+    unit: str | None = None
 
 
 class SkuMapping(LedgerAggregate):
     TOPIC = "stockledger:SkuMapping"
+    # 2: a mapping may name its own unit (a state stored before names none).
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["unit"] = None
 
     class Mapped(LedgerAggregate.Event, AggregateCreated):
+        """An item mapped to a SKU of ours; `unit`, the supplier's unit its factor counts
+        (version 2: one stored before names none)."""
+
         TOPIC = "stockledger:SkuMapping.Mapped"
+        class_version = 2
         supplier_id: str
         supplier_sku: str
         sku: str
         units_per_supplier_unit: int
         upc: str | None
+        unit: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["unit"] = None
 
     class Remapped(LedgerAggregate.Event):
+        """A mapping changed (version 2 names the unit; one stored before names none)."""
+
         TOPIC = "stockledger:SkuMapping.Remapped"
+        class_version = 2
         sku: str
         units_per_supplier_unit: int
         upc: str | None
+        unit: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["unit"] = None
 
         def apply(self, mapping: SkuMapping) -> None:
             mapping.sku = self.sku
             mapping.units_per_supplier_unit = self.units_per_supplier_unit
             mapping.upc = self.upc
+            mapping.unit = self.unit
 
     def __init__(
         self,
@@ -56,12 +99,21 @@ class SkuMapping(LedgerAggregate):
         sku: str,
         units_per_supplier_unit: int,
         upc: str | None,
+        unit: str | None,
     ) -> None:
         self.supplier_id = supplier_id
         self.supplier_sku = supplier_sku
         self.sku = sku
         self.units_per_supplier_unit = units_per_supplier_unit
         self.upc = upc
+        self.unit = unit
+
+    def factor(self, unit: str | None) -> int | None:
+        """Base units in one of this item's units as reported (None: it names none), where
+        the mapping counts that unit; None where it does not."""
+        if unit is None or (self.unit is not None and unit_key(unit) == self.unit):
+            return self.units_per_supplier_unit
+        return None
 
     @staticmethod
     @functools.lru_cache(maxsize=200_000)
@@ -78,16 +130,18 @@ class SkuMapping(LedgerAggregate):
             sku=spec.sku,
             units_per_supplier_unit=spec.units_per_supplier_unit,
             upc=spec.upc,
+            unit=spec.unit,
             timestamp=at,
             **cause.as_kwargs(),
         )
 
     def remap(self, spec: MappingSpec, at: datetime, cause: Cause) -> bool:
         """Records a changed mapping; False when it is already as wanted."""
-        if (spec.sku, spec.units_per_supplier_unit, spec.upc) == (
+        if (spec.sku, spec.units_per_supplier_unit, spec.upc, spec.unit) == (
             self.sku,
             self.units_per_supplier_unit,
             self.upc,
+            self.unit,
         ):
             return False
         self.trigger_event(
@@ -95,6 +149,7 @@ class SkuMapping(LedgerAggregate):
             sku=spec.sku,
             units_per_supplier_unit=spec.units_per_supplier_unit,
             upc=spec.upc,
+            unit=spec.unit,
             timestamp=at,
             **cause.as_kwargs(),
         )

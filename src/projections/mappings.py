@@ -11,7 +11,12 @@ from projections.base import StateProjection
 
 class MappingsProjection(StateProjection):
     name = "mappings"
-    schema_version = 1
+    # 2: a mapping's own unit. No event before it named one: an upgraded generation's
+    # rows name none, as a rebuild would write them.
+    schema_version = 2
+    upgrades: ClassVar[dict[int, list[str]]] = {
+        2: ["ALTER TABLE {schema}.mappings ADD COLUMN IF NOT EXISTS unit text"],
+    }
     tables: ClassVar[list[str]] = ["mappings"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {SkuMapping: "mappings"}
 
@@ -20,7 +25,7 @@ class MappingsProjection(StateProjection):
             """CREATE TABLE {schema}.mappings (
                 id uuid PRIMARY KEY, supplier_id text NOT NULL, supplier_sku text NOT NULL,
                 sku text NOT NULL, units_per_supplier_unit integer NOT NULL, upc text,
-                version integer NOT NULL, position bigint NOT NULL,
+                unit text, version integer NOT NULL, position bigint NOT NULL,
                 updated_at timestamptz NOT NULL, state bytea NOT NULL,
                 UNIQUE (supplier_id, supplier_sku))""",
             "CREATE INDEX ON {schema}.mappings (supplier_id, upc)",
@@ -35,4 +40,5 @@ class MappingsProjection(StateProjection):
             "sku": aggregate.sku,
             "units_per_supplier_unit": aggregate.units_per_supplier_unit,
             "upc": aggregate.upc,
+            "unit": aggregate.unit,
         }

@@ -165,7 +165,7 @@ class Views:
     def mappings(self, supplier_id: str, after: str, limit: int) -> list[dict[str, Any]]:
         with self.store.connection() as conn:
             return conn.execute(
-                "SELECT supplier_sku, sku, units_per_supplier_unit, upc FROM view_mappings"
+                "SELECT supplier_sku, sku, units_per_supplier_unit, upc, unit FROM view_mappings"
                 " WHERE supplier_id = %s AND supplier_sku > %s ORDER BY supplier_sku LIMIT %s",
                 (supplier_id, after, limit),
             ).fetchall()

@@ -234,6 +234,41 @@ def test_stock_reported_by_supplier_sku_is_converted_to_base_units_and_less_the_
     assert [(s["supplier_id"], s["quantity"]) for s in levels["suppliers"]] == [(supplier, 30)]
 
 
+def test_a_mapping_names_its_own_unit_and_a_report_in_it_counts_the_mapping_s_factor(
+    admin: httpx.Client, shop: httpx.Client
+) -> None:
+    supplier = new_supplier(admin, connector={"units": {"CS": 12}})
+    big, small = random_sku(), random_sku()
+    mappings = [
+        {"supplier_sku": "BIG", "sku": big, "units_per_supplier_unit": 24, "unit": " cs"},
+        {"supplier_sku": "SMALL", "sku": small, "units_per_supplier_unit": 2},
+    ]
+    ok(admin.put(f"/v1/suppliers/{supplier}/mappings", json={"mappings": mappings}))
+    listed = ok(admin.get(f"/v1/suppliers/{supplier}/mappings"))["mappings"]
+    assert [(m["supplier_sku"], m["units_per_supplier_unit"], m["unit"]) for m in listed] == [
+        ("BIG", 24, "CS"),
+        ("SMALL", 2, None),
+    ]
+    for unit in ("EA", "", "two words", "C" * 17):
+        base = {"supplier_sku": "BIG", "sku": big, "units_per_supplier_unit": 24, "unit": unit}
+        refused = admin.put(f"/v1/suppliers/{supplier}/mappings", json={"mappings": [base]})
+        assert (refused.status_code, refused.json()["error"]) == (422, "validation_error"), unit
+
+    outcome = report(
+        admin,
+        supplier,
+        [
+            {"supplier_sku": "BIG", "quantity": 2, "unit": "CS", "observed_at": iso()},
+            {"supplier_sku": "SMALL", "quantity": 2, "unit": "CS", "observed_at": iso()},
+            {"supplier_sku": "SMALL", "quantity": 9, "unit": "TRAY", "observed_at": iso()},
+        ],
+    )
+
+    assert [(r["index"], r["reason"]) for r in outcome["rejected"]] == [(2, "unknown_unit: 'TRAY'")]
+    assert availability(shop, big)["on_hand"] == 48  # two of this item's cases of 24
+    assert availability(shop, small)["on_hand"] == 24  # two of the table's cases of 12
+
+
 def test_a_report_over_the_api_counts_in_the_unit_it_names_and_says_what_is_expected(
     admin: httpx.Client, shop: httpx.Client
 ) -> None:

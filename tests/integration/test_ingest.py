@@ -447,6 +447,117 @@ def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(
         assert on_hand(ledger, sku) == expected[0]
 
 
+def map_in_units(runtime: Runtime, supplier: str, *specs: MappingSpec) -> None:
+    """A supplier whose unit table says a case ("CS") holds 12, with these mappings."""
+    at = datetime.now(UTC)
+    terms = SupplierTerms(supplier, connector={"units": {"CS": 12}})
+    runtime.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id=supplier, terms=terms))
+    runtime.writer.execute(
+        PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=list(specs))
+    )
+
+
+def test_a_mapping_s_own_unit_counts_its_factor_before_the_supplier_s_unit_table(
+    ledger: Runtime,
+) -> None:
+    map_in_units(
+        ledger,
+        "cases",
+        MappingSpec("BIG", "SKU-BIG", 24, unit="CS"),  # this item's case holds 24
+        MappingSpec("SMALL", "SKU-SMALL", 1),
+        MappingSpec("BOXED", "SKU-BOXED", 10, unit="BX"),  # a unit the table does not know
+        MappingSpec("ODD", "SKU-ODD", 5),
+    )
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = (
+        "sku,quantity,unit,observed_at\n"
+        f"BIG,2, cs ,{at}\n"
+        f"SMALL,2,CS,{at}\n"
+        f"BOXED,3,bx,{at}\n"
+        f"ODD,1,BX,{at}\n"
+        f"GONE,1,BX,{at}\n"
+    ).encode()
+
+    result = ingest(ledger, "cases", body)
+
+    assert result.read_by == "copy"
+    assert [(r.index, r.reason) for r in result.rejections] == [
+        (4, "unknown_unit: 'BX'"),  # not ODD's unit, nor the supplier's
+        (5, "unmapped_supplier_sku"),  # unmapped first, whatever its unit
+    ]
+    levels = {sku: on_hand(ledger, sku) for sku in ("SKU-BIG", "SKU-SMALL", "SKU-BOXED")}
+    assert levels == {"SKU-BIG": 48, "SKU-SMALL": 24, "SKU-BOXED": 30}
+    assert ledger.app.repository.get(StockItem.id_for("SKU-ODD")).positions == {}
+    [odd] = [r for r in result.rejections if r.index == 4]
+    assert (odd.record["fields"]["unit"], odd.record["fields"]["quantity"]) == ("BX", 1)
+
+
+def test_a_record_read_in_python_and_its_incoming_stock_count_the_mapping_s_own_unit(
+    ledger: Runtime,
+) -> None:
+    map_in_units(
+        ledger,
+        "edicases",
+        MappingSpec("ABC-123", "SKU-CA24", 24, unit="CS"),
+        MappingSpec("XYZ-9", "SKU-CA12", 1),
+    )
+    body = (
+        edi_with("SCH*2*CS***018*20260215~SCH*30*EA***018*20260301~")
+        .replace(b"QTY*33*120*EA~", b"QTY*33*5*CS~")
+        .replace(b"QTY*33*0*EA~", b"QTY*33*2*CS~")
+    )
+
+    result = ingest(ledger, "edicases", body, "edi846")
+
+    assert (result.applied, result.rejections) == (2, [])
+    position = ledger.app.repository.get(StockItem.id_for("SKU-CA24")).positions["edicases"]
+    assert position.quantity == 120  # five of this item's cases of 24
+    assert position.incoming == (("2026-02-15", 48), ("2026-03-01", 30))
+    assert on_hand(ledger, "SKU-CA12") == 24  # two of the table's cases of 12
+
+
+def test_incoming_stock_in_a_unit_its_mapping_does_not_count_refuses_the_record(
+    ledger: Runtime,
+) -> None:
+    map_in_units(
+        ledger,
+        "edibx",
+        MappingSpec("ABC-123", "SKU-BX1", 10, unit="BX"),
+        MappingSpec("XYZ-9", "SKU-BX2", 1),
+    )
+    body = edi_with("SCH*2*BX***018*20260215~SCH*1*PALLET***018*20260301~")
+
+    result = ingest(ledger, "edibx", body, "edi846")
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "unknown_unit: 'PALLET'")]
+    assert ledger.app.repository.get(StockItem.id_for("SKU-BX1")).positions == {}
+    assert on_hand(ledger, "SKU-BX2") == 0
+
+
+def test_a_record_in_an_unknown_unit_applies_once_its_mapping_names_the_unit(
+    ledger: Runtime,
+) -> None:
+    map_in_units(ledger, "later", MappingSpec("TRAY", "SKU-TRAY", 1))
+    body = b"sku,quantity,unit,observed_at\nTRAY,3,TR,2026-01-10T09:00:00Z\n"
+    enqueue(ledger, "later", "trays", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    [letter] = listing(ledger.store, supplier_id="later")
+    assert letter["reason"] == "unknown_unit: 'TR'"
+
+    ledger.writer.execute(
+        PutMappings(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="later",
+            mappings=[MappingSpec("TRAY", "SKU-TRAY", 8, unit="TR")],
+        )
+    )
+    outcome = retry(ledger.store, ledger.ingestor, [letter["id"]], "operator")
+
+    assert outcome.resolved == [letter["id"]]
+    assert on_hand(ledger, "SKU-TRAY") == 24  # three trays of eight
+
+
 def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added(
     ledger: Runtime,
 ) -> None:

@@ -22,12 +22,14 @@ from api.database import NotMigrated, check_migrated, migrate
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger.base import Cause
-from ledger.commands import Confirm, PutSku, PutSupplier
+from ledger.commands import Confirm, PutMappings, PutSku, PutSupplier
+from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
 from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
+from projections.mappings import MappingsProjection
 from projections.registry import all_projections
 from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuild
 from projections.stock import StockProjection
@@ -694,6 +696,58 @@ def test_migrating_upgrades_a_stock_view_built_before_incoming_stock_in_place(
     upgraded_rows = view_rows(quiet, STOCK_TABLES)
     rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
     assert view_rows(quiet, STOCK_TABLES) == upgraded_rows
+
+
+def test_migrating_upgrades_a_mappings_view_built_before_mappings_named_units_in_place(
+    quiet: Runtime, settings: Settings
+) -> None:
+    at = datetime.now(UTC)
+    quiet.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id="units", terms=SupplierTerms("units"))
+    )
+    cases = [MappingSpec("A", random_sku("MA"), 6), MappingSpec("B", random_sku("MB"))]
+    quiet.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="units", mappings=cases))
+    runner = ProjectionRunner(
+        MappingsProjection(quiet.app), quiet.app, quiet.store, quiet.leases, page_size=500
+    )
+    assert runner.step() > 0
+    before = view_rows(quiet, MappingsProjection.tables)
+    with quiet.store.connection() as conn:  # as schema version 1 left it
+        number = live_generation(conn, "mappings")
+        assert number is not None
+        schema = sql.Identifier(schema_name("mappings", number))
+        conn.execute("DROP VIEW view_mappings")
+        conn.execute(sql.SQL("ALTER TABLE {}.mappings DROP COLUMN unit").format(schema))
+        conn.execute(
+            "UPDATE ledger_projection_generations SET schema_version = 1"
+            " WHERE name = 'mappings' AND generation = %s",
+            (number,),
+        )
+        switch_live(conn, "mappings", number, MappingsProjection.tables)
+
+    migrate(settings, quiet.database_url)
+
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "mappings") == number  # not rebuilt
+        upgraded = generation(conn, "mappings", number)
+    assert upgraded is not None
+    assert upgraded.schema_version == 2
+    assert view_rows(quiet, MappingsProjection.tables) == before  # every unit null
+    assert {row["unit"] for row in before["mappings"]} == {None}
+
+    # The same generation follows on, and holds what a rebuild from the log writes.
+    in_cases = [MappingSpec("A", cases[0].sku, 24, unit="CS")]
+    quiet.writer.execute(
+        PutMappings(at=datetime.now(UTC), cause=CAUSE, supplier_id="units", mappings=in_cases)
+    )
+    assert runner.step() > 0
+    upgraded_rows = view_rows(quiet, MappingsProjection.tables)
+    assert sorted(
+        (row["supplier_sku"], row["units_per_supplier_unit"], row["unit"])
+        for row in upgraded_rows["mappings"]
+    ) == [("A", 24, "CS"), ("B", 1, None)]
+    rebuild(MappingsProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert view_rows(quiet, MappingsProjection.tables) == upgraded_rows
 
 
 def test_a_runner_upgrades_a_generation_in_place_where_it_can_and_rebuilds_where_not(

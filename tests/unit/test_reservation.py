@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import pytest
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 
 from ledger.application import InventoryLedger
-from ledger.base import Cause
+from ledger.base import Cause, LedgerSnapshot
 from ledger.commands import (
     Command,
     Confirm,
@@ -38,7 +41,7 @@ from ledger.errors import (
     UnknownSku,
 )
 from ledger.handlers.reservations import Reserved
-from ledger.mapping import MappingSpec
+from ledger.mapping import MappingSpec, SkuMapping
 from ledger.queries import LedgerQueries
 from ledger.reservation import Reservation, ReservationExpired, ReservationStatus
 from ledger.stock import Allocation, StockItem, StockLevels
@@ -782,6 +785,100 @@ def test_a_mapping_turns_supplier_units_into_base_units(ledger: Ledger, acme: st
 
     assert ledger.levels(shirt, at(20)).on_hand == 36
     assert ledger.reserve([(shirt, 36)], at(20)).lines[shirt].allocations == {"acme": 36}
+
+
+def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_is_refused(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks, caps = ledger.sku(), ledger.sku(), ledger.sku()
+    mappings = [
+        MappingSpec("AC-SHIRT-CASE", shirt, units_per_supplier_unit=24, unit="CS"),
+        MappingSpec("AC-SOCKS", socks, units_per_supplier_unit=2),
+    ]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=mappings))
+
+    # `factor` is what the supplier's unit table says: a case of 12, where it knows one.
+    outcome = ledger.report(
+        acme,
+        [
+            Observation(
+                index=0,
+                supplier_sku="AC-SHIRT-CASE",
+                quantity=3,
+                unit=" cs",
+                factor=12,
+                incoming=(("2026-02-01", 1),),
+                observed_at=at(10),
+            ),
+            Observation(
+                index=1,
+                supplier_sku="AC-SOCKS",
+                quantity=3,
+                unit="CS",
+                factor=12,
+                observed_at=at(10),
+            ),
+            Observation(
+                index=2, supplier_sku="AC-SOCKS", quantity=3, unit="BX", observed_at=at(11)
+            ),
+            Observation(index=3, sku=caps, quantity=3, unit="BX", observed_at=at(10)),
+        ],
+        at(20),
+    ).value
+
+    assert [(r.index, r.reason) for r in outcome.rejected] == [
+        (2, "unknown_unit: 'BX'"),
+        (3, "unknown_unit: 'BX'"),
+    ]
+    assert ledger.levels(shirt, at(20)).on_hand == 72  # three of this shirt's cases of 24
+    assert ledger.levels(shirt, at(20)).suppliers[0].incoming == (("2026-02-01", 24),)
+    assert ledger.levels(socks, at(20)).on_hand == 36  # three of the table's cases of 12
+    assert ledger.levels(caps, at(20)).on_hand == 0
+
+
+def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_naming_none() -> None:
+    app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
+    mapping = SkuMapping.map("acme", MappingSpec("AC-1", "SKU-1", 6), at(0), CAUSE)
+    assert mapping.remap(MappingSpec("AC-1", "SKU-1", 12), at(1), CAUSE)
+    events = mapping.collect_events()
+
+    def as_version_1(state: dict[str, Any]) -> dict[str, Any]:
+        assert (state.pop("class_version"), state.pop("unit")) == (2, None)
+        return state
+
+    read = []
+    for event in events:
+        stored = app.mapper.to_stored_event(event)
+        state = as_version_1(json.loads(stored.state))
+        read.append(
+            app.mapper.to_domain_event(
+                StoredEvent(
+                    stored.originator_id,
+                    stored.originator_version,
+                    stored.topic,
+                    json.dumps(state).encode(),
+                )
+            )
+        )
+    replayed = None
+    for event in read:
+        assert event.unit is None
+        replayed = event.mutate(replayed)
+    assert replayed is not None
+    assert (replayed.units_per_supplier_unit, replayed.unit) == (12, None)
+    assert replayed.factor("CS") is None
+    assert replayed.factor(None) == 12
+
+    # The state a view keeps of it, as version 1 kept it.
+    state = as_version_1(LedgerSnapshot.state_of(mapping))
+    kept = LedgerSnapshot(
+        originator_id=mapping.id,
+        originator_version=mapping.version,
+        timestamp=at(2),
+        topic=get_topic(SkuMapping),
+        state=state,
+    ).mutate(None)
+    assert (kept.sku, kept.units_per_supplier_unit, kept.unit) == ("SKU-1", 12, None)
 
 
 def test_stock_and_reservation_events_carry_the_cause_of_their_command(

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from api.deps import (
     AdminKey,
     AuditorKey,
+    MinPosition,
     Now,
     RequestId,
     RuntimeDep,
@@ -112,13 +113,18 @@ def get_mappings(
     supplier_id: SupplierId,
     _: AuditorKey,
     runtime: RuntimeDep,
+    wanted: MinPosition,
+    response: Response,
     after: Annotated[
         str,
         Query(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$", description="supplier_sku cursor"),
     ] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
-    """A supplier's mappings from the mappings view, by supplier SKU; page on with `after`."""
+    """A supplier's mappings from the mappings view, by supplier SKU; page on with `after`.
+    With `min_position`, once the view has reached it (a mapping just put, say)."""
+    position = runtime.views.wait_for("mappings", wanted, runtime.settings.read_wait_max_seconds)
+    set_position(response, position)
     rows = runtime.views.mappings(supplier_id, after, limit)
     return {
         "mappings": rows,
@@ -184,8 +190,8 @@ def parse_observations(
     """Validates each record on its own, by the rules its feeds follow: a naive time is in
     the supplier's zone, a report older than its `max_age_seconds` (where set: unlike a
     feed, the API records an older one, and it shows excluded) is refused, a named unit
-    is one of its unit table (or a base unit), a quantity past its `max_quantity` is
-    refused."""
+    is the mapping's own, one of its unit table or a base unit (else the ledger refuses
+    it), a quantity past its `max_quantity` is refused."""
     rules = FeedRules.of(terms)
     if "max_age_seconds" not in (terms.connector or {}):
         rules = replace(rules, max_age=None)
@@ -202,11 +208,10 @@ def parse_observations(
             rejected.append(Rejection(index, reason, kept(record)))
             continue
         observed_at = observed_utc(parsed.observed_at, rules, received_at, received_at)
-        factor = unit_factor(parsed.unit, rules)
-        if isinstance(observed_at, str) or isinstance(factor, str):
-            reason = observed_at if isinstance(observed_at, str) else str(factor)
-            rejected.append(Rejection(index, reason, kept(record)))
+        if isinstance(observed_at, str):
+            rejected.append(Rejection(index, observed_at, kept(record)))
             continue
+        factor = unit_factor(parsed.unit, rules)  # None: the mapping decides, or refuses
         expected = [e.quantity for e in parsed.incoming or ()]
         if max([parsed.quantity, *expected]) * (factor or 1) > rules.max_quantity:
             rejected.append(Rejection(index, "quantity_out_of_range", kept(record)))

@@ -9,7 +9,7 @@ from ledger.commands import Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
 from ledger.errors import DeliveryConflict, UnknownSupplier
 from ledger.handlers import handles
-from ledger.mapping import SkuMapping
+from ledger.mapping import SkuMapping, unknown_unit
 from ledger.stock import IncomingStock, ObservationOutcome, StockItem
 from ledger.supplier import Supplier
 from ledger.uow import UnitOfWork
@@ -153,8 +153,9 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
     quantity, sku, incoming = observation.quantity, observation.sku, observation.incoming
     if any(expected < 0 for _, expected in incoming or ()):
         return "negative_incoming"
-    # Base units in one reported unit: the record's own unit where it named one, else
-    # the mapping's (a SKU of ours is counted in base units).
+    # Base units in one reported unit: the mapping's where the record names no unit or
+    # the mapping's own, else the record's unit's by the supplier's table (a SKU of ours
+    # is counted in base units).
     factor = observation.factor
     if observation.supplier_sku is not None:
         mapping = uow.get(
@@ -163,8 +164,9 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         if mapping is None:
             return "unmapped_supplier_sku"
         sku = mapping.sku
-        if factor is None:
-            factor = mapping.units_per_supplier_unit
+        factor = mapping.factor(observation.unit) or factor
+    if factor is None and observation.unit is not None:
+        return unknown_unit(observation.unit)
     if factor is not None:
         quantity *= factor
         if incoming is not None:
