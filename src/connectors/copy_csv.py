@@ -145,7 +145,7 @@ def copy_csv(
         " AND {incoming} = '' AND u.raw IS NOT NULL AND t.raw IS NOT NULL"
         " AND CASE WHEN {quantity} <> '' AND length({quantity}) <= {digits}"
         "  AND ltrim({quantity}, '0123456789') = ''"
-        "  THEN {quantity}::bigint <= {max} / coalesce(u.factor, 1) ELSE false END, false)"
+        "  THEN {quantity}::bigint <= {max} ELSE false END, false)"
     ).format(
         sku=sku,
         upc=upc,

@@ -208,10 +208,12 @@ class Ingestor:
         # The mappings view must have seen every mapping made before this delivery.
         head = self.writer.app.recorder.max_notification_id() or 0
         self.views.wait_for("mappings", head, self.mapping_wait_seconds)
+        rules = FeedRules.of(terms)
         params: dict[str, Any] = {
             "supplier": supplier_id,
             "refresh": refresh_interval(terms),
             "upc_fallback": bool(terms.connector.get("upc_fallback", False)),
+            "ceiling": rules.max_quantity,
         }
         send = functools.partial(
             self.parts.send,
@@ -223,7 +225,7 @@ class Ingestor:
             now=now,
             heartbeat=heartbeat,
         )
-        reading = Reading(FeedRules.of(terms), received_at, now, params, progress)
+        reading = Reading(rules, received_at, now, params, progress)
         with ExitStack() as held:
             sides = [_Side(held.enter_context(self.store.connection()))]
             try:
@@ -408,6 +410,8 @@ class Ingestor:
             if row["sku"] is None:
                 if row["refused_unit"] is not None:
                     reason = unknown_unit(row["refused_unit"])
+                elif row["beyond"]:
+                    reason = "quantity_out_of_range"
                 elif row["supplier_sku"]:
                     reason = "unmapped_supplier_sku"
                 else:

@@ -6,7 +6,8 @@ Per supplier, from its connector settings (all optional):
   mapping's own `unit`, is in the mapping's `units_per_supplier_unit` (which comes first:
   a case of this item may hold more than the table's); a record in a unit that neither
   the table nor its mapping knows is refused (`unknown_unit`) once it is resolved.
-- `max_quantity`: a level above it is a broken feed, not stock (default 10,000,000).
+- `max_quantity`: a level above it, in base units (incoming stock too), is a broken feed,
+  not stock (default 10,000,000).
 - `max_age_seconds`: reports older than this are refused (default: the supplier's
   `exclude_after_seconds`, else no limit).
 A naive timestamp is in the supplier's `timezone`; a record without one was observed when
@@ -111,7 +112,9 @@ def normalise(
     record: Record, rules: FeedRules, received_at: datetime, now: datetime
 ) -> Staged | str:
     """The staged level, or why the record is refused."""
-    if any("\x00" in text for text in (record.supplier_sku, record.upc, record.unit) if text):
+    written: tuple[str | None, ...] = (record.supplier_sku, record.upc, record.unit)
+    written += tuple(expected.unit for expected in record.incoming or ())
+    if any("\x00" in text for text in written if text):
         return "nul_character"  # PostgreSQL refuses it in text: staged, it failed the delivery
     quantity = record.quantity
     if quantity is None:
@@ -121,7 +124,9 @@ def normalise(
     if record.supplier_sku is None and record.upc is None:
         return "missing_sku"
     factor = unit_factor(record.unit, rules)
-    if quantity * (factor or 1) > rules.max_quantity:
+    # Over the ceiling in any unit (a unit holds at least one base unit); in base units,
+    # by the unit the mapping says, once resolved (see connectors.comparison).
+    if quantity > rules.max_quantity:
         return "quantity_out_of_range"
     observed_at = observed_utc(record.observed_at, rules, received_at, now)
     if isinstance(observed_at, str):
@@ -146,7 +151,7 @@ def incoming_staged(
         if expected.quantity < 0:
             return "negative_incoming"
         own = factor if expected.unit is None else unit_factor(expected.unit, rules)
-        if expected.quantity * (own or 1) > rules.max_quantity:
+        if expected.quantity > rules.max_quantity:
             return "quantity_out_of_range"
         on = None if expected.expected_on is None else expected.expected_on.isoformat()
         key = None if expected.unit is None else unit_key(expected.unit)

@@ -114,6 +114,9 @@ class ReportStock(Command):
     rows: int
     observations: list[Observation]
     rejected: list[Rejection] = field(default_factory=list)
+    # The supplier's ceiling on a quantity in base units, where its feed rules set one
+    # (the ledger's own bound applies besides).
+    ceiling: int | None = None
 
     @property
     def bulk(self) -> bool:

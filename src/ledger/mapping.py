@@ -41,9 +41,13 @@ class MappingSpec:
     sku: str
     units_per_supplier_unit: int = 1
     upc: str | None = None
-    # The supplier's unit that `units_per_supplier_unit` counts, upper case; None: only
-    # a report that names no unit.
+    # The supplier's unit that `units_per_supplier_unit` counts (kept as units compare:
+    # trimmed, upper case); None: only a report that names no unit.
     unit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.unit is not None:
+            object.__setattr__(self, "unit", unit_key(self.unit))
 
 
 class SkuMapping(LedgerAggregate):

@@ -269,6 +269,32 @@ def test_a_mapping_names_its_own_unit_and_a_report_in_it_counts_the_mapping_s_fa
     assert availability(shop, small)["on_hand"] == 24  # two of the table's cases of 12
 
 
+def test_a_report_over_the_api_is_held_to_the_ceiling_in_base_units_by_its_mapping_s_unit(
+    admin: httpx.Client, shop: httpx.Client
+) -> None:
+    supplier = new_supplier(admin, connector={"units": {"CS": 100}, "max_quantity": 1000})
+    big, small = random_sku(), random_sku()
+    mappings = [
+        {"supplier_sku": "BIG", "sku": big, "units_per_supplier_unit": 200, "unit": "CS"},
+        {"supplier_sku": "SMALL", "sku": small, "units_per_supplier_unit": 2, "unit": "CS"},
+    ]
+    ok(admin.put(f"/v1/suppliers/{supplier}/mappings", json={"mappings": mappings}))
+
+    outcome = report(
+        admin,
+        supplier,
+        [
+            {"supplier_sku": "BIG", "quantity": 8, "unit": "CS", "observed_at": iso()},
+            {"supplier_sku": "SMALL", "quantity": 20, "unit": "CS", "observed_at": iso()},
+        ],
+    )
+
+    assert [(r["index"], r["reason"]) for r in outcome["rejected"]] == [
+        (0, "quantity_out_of_range")  # 1,600 pieces, though 800 by the table
+    ]
+    assert availability(shop, small)["on_hand"] == 40  # though 2,000 by the table
+
+
 def test_a_report_over_the_api_counts_in_the_unit_it_names_and_says_what_is_expected(
     admin: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -534,6 +534,72 @@ def test_incoming_stock_in_a_unit_its_mapping_does_not_count_refuses_the_record(
     assert on_hand(ledger, "SKU-BX2") == 0
 
 
+def test_the_ceiling_is_in_base_units_by_the_unit_the_mapping_says(ledger: Runtime) -> None:
+    terms = SupplierTerms("ceil", connector={"units": {"CS": 100}, "max_quantity": 1000})
+    at = datetime.now(UTC)
+    ledger.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="ceil", terms=terms))
+    specs = [
+        MappingSpec("BIG", "SKU-CEIL-BIG", 200, unit="cs"),
+        MappingSpec("SMALL", "SKU-CEIL-SMALL", 2, unit="CS"),
+        MappingSpec("PLAIN", "SKU-CEIL-PLAIN", 50),
+        MappingSpec("TABLE", "SKU-CEIL-TABLE", 1),
+    ]
+    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="ceil", mappings=specs))
+    seen = (at - timedelta(minutes=1)).isoformat()
+    body = (
+        "sku,quantity,unit,observed_at\n"
+        f"BIG,8,CS,{seen}\n"  # 1,600 pieces (800 by the table)
+        f"SMALL,20,CS,{seen}\n"  # 40 pieces (2,000 by the table)
+        f"PLAIN,30,,{seen}\n"  # 1,500 pieces
+        f"TABLE,11,CS,{seen}\n"  # 1,100 pieces
+        f"TABLE,1001,EA,{seen}\n"  # over in any unit
+    ).encode()
+
+    result = ingest(ledger, "ceil", body)
+
+    assert result.read_by == "copy"
+    assert [(r.index, r.reason) for r in result.rejections] == [
+        (1, "quantity_out_of_range"),
+        (3, "quantity_out_of_range"),
+        (4, "quantity_out_of_range"),
+        (5, "quantity_out_of_range"),
+    ]
+    assert on_hand(ledger, "SKU-CEIL-SMALL") == 40
+    [big] = [r for r in result.rejections if r.index == 1]
+    assert (big.record["fields"]["quantity"], big.record["fields"]["unit"]) == (8, "CS")
+
+
+def test_incoming_stock_over_the_ceiling_in_the_mapping_s_unit_refuses_its_record(
+    ledger: Runtime,
+) -> None:
+    terms = SupplierTerms("schceil", connector={"units": {"CS": 2}, "max_quantity": 1000})
+    at = datetime.now(UTC)
+    ledger.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="schceil", terms=terms))
+    specs = [
+        MappingSpec("ABC-123", "SKU-SCHCEIL", 200, unit="CS"),
+        MappingSpec("XYZ-9", "SKU-SCHCEIL2", 1),
+    ]
+    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="schceil", mappings=specs))
+
+    result = ingest(ledger, "schceil", edi_with("SCH*8*CS***018*20260215~"), "edi846")
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "quantity_out_of_range")]
+    assert result.applied == 1
+
+
+def test_an_sch_line_whose_unit_holds_a_nul_character_refuses_its_record_alone(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "schnul", {"ABC-123": "SKU-SCHNUL", "XYZ-9": "SKU-SCHNUL2"})
+    body = edi_with("SCH*2*C\x00S***018*20260215~")
+
+    result = ingest(ledger, "schnul", body, "edi846")
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "nul_character")]
+    assert result.applied == 1
+    assert ledger.app.repository.get(StockItem.id_for("SKU-SCHNUL")).positions == {}
+
+
 def test_a_record_in_an_unknown_unit_applies_once_its_mapping_names_the_unit(
     ledger: Runtime,
 ) -> None:

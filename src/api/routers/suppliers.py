@@ -165,6 +165,7 @@ def report_stock(
         rows=len(body.observations),
         observations=observations,
         rejected=rejected,
+        ceiling=FeedRules.of(supplier.terms).max_quantity,
     )
     outcome = runtime.writer.execute(command)
     counted: DeliveryOutcome = outcome.value
@@ -213,7 +214,8 @@ def parse_observations(
             continue
         factor = unit_factor(parsed.unit, rules)  # None: the mapping decides, or refuses
         expected = [e.quantity for e in parsed.incoming or ()]
-        if max([parsed.quantity, *expected]) * (factor or 1) > rules.max_quantity:
+        # In base units, the ledger checks it by the unit its mapping says.
+        if max([parsed.quantity, *expected]) > rules.max_quantity:
             rejected.append(Rejection(index, "quantity_out_of_range", kept(record)))
             continue
         observations.append(

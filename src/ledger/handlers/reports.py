@@ -171,7 +171,8 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         quantity *= factor
         if incoming is not None:
             incoming = tuple((on, q * factor) for on, q in incoming)
-    if quantity > MAX_QUANTITY or any(q > MAX_QUANTITY for _, q in incoming or ()):
+    ceiling = min(MAX_QUANTITY, command.ceiling or MAX_QUANTITY)
+    if quantity > ceiling or any(q > ceiling for _, q in incoming or ()):
         return "quantity_out_of_range"
     if sku is None or uow.get(StockItem, StockItem.id_for(sku)) is None:
         return "unknown_sku"
