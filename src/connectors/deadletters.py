@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from connectors.ingest import Ingestor
 from connectors.normalise import record_from_fields
@@ -128,33 +128,51 @@ def dismiss(store: ViewStore, letter_ids: list[int]) -> list[int]:
     return sorted(row["id"] for row in rows)
 
 
+def _kept(value: Any) -> Any:
+    """`value` as a letter keeps it (see `kept`); a record of plain values as it is (most
+    are: 9 µs a letter saved, 1,000,000 letters being 9 s)."""
+    if isinstance(value, dict) and all(
+        item is None or type(item) in (int, bool) or (type(item) is str and "\x00" not in item)
+        for item in value.values()
+    ):
+        return value
+    return kept(value)
+
+
 def record_dead_letters(
-    conn: Connection, supplier_id: str, delivery_id: str, rejections: list[Rejection]
+    conn: Connection, supplier_id: str, delivery_id: str, rejections: Iterable[Rejection]
 ) -> None:
-    """Stores every refused record with its reason, once per delivery and position."""
-    if not rejections:
+    """Stores every refused record with its reason, once per delivery and position: by
+    COPY, as they are read (from a delivery's spool, see connectors.outcome), into a
+    table of the transaction's, and from there in one statement. 1,000,000 letters took
+    27 s one statement each (`executemany`)."""
+    refused = iter(rejections)
+    first = next(refused, None)
+    if first is None:
         return
-    rows = []
-    for rejection in rejections:
-        record = rejection.record or {}
-        fields, raw = record.get("fields"), record.get("raw", record)
-        rows.append(
-            (
-                supplier_id,
-                delivery_id,
-                rejection.index,
-                rejection.reason,
-                None if fields is None else Jsonb(kept(fields)),
-                Jsonb(kept(raw)),
+    conn.execute(
+        "CREATE TEMPORARY TABLE letters_in (position integer, reason text, record jsonb,"
+        " raw jsonb) ON COMMIT DROP"
+    )
+    with conn.cursor() as cursor, cursor.copy("COPY letters_in FROM STDIN") as copy:
+        for rejection in itertools.chain((first,), refused):
+            record = rejection.record or {}
+            fields, raw = record.get("fields"), record.get("raw", record)
+            written = None if fields is None else json.dumps(_kept(fields))
+            # Most letters keep the record as written as their raw record too: once.
+            copy.write_row(
+                (
+                    rejection.index,
+                    rejection.reason,
+                    written,
+                    written if raw is fields else json.dumps(_kept(raw)),
+                )
             )
-        )
-    with conn.cursor() as cursor:
-        cursor.executemany(
-            sql.SQL(
-                "INSERT INTO connector_dead_letters"
-                " (supplier_id, delivery_id, position, reason, record, raw)"
-                " VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (supplier_id, delivery_id, position) DO NOTHING"
-            ),
-            rows,
-        )
+    conn.execute(
+        "INSERT INTO connector_dead_letters"
+        " (supplier_id, delivery_id, position, reason, record, raw)"
+        " SELECT %s, %s, position, reason, record, raw FROM letters_in ORDER BY position"
+        " ON CONFLICT (supplier_id, delivery_id, position) DO NOTHING",
+        (supplier_id, delivery_id),
+    )
+    conn.execute("DROP TABLE letters_in")

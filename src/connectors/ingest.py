@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -83,6 +83,8 @@ SPLIT_FROM_BYTES = 8 << 20
 
 # A delivery's changes are read from PostgreSQL this many at a time (see `_Changes`).
 CHANGES_PAGE = 2000
+# Unresolved records are read (by a cursor) as many at a time.
+UNRESOLVED_PAGE = 2000
 
 
 def content_hash(body: bytes) -> str:
@@ -230,9 +232,7 @@ class Ingestor:
             sides = [_Side(held.enter_context(self.store.connection()))]
             try:
                 sides = self._compare(held, sides[0], records, bulk, reading, result)
-                refused = [row for side in sides for row in side.conn.execute(UNRESOLVED)]
-                self._observations(refused, result)
-                result.rejections.sort(key=lambda rejection: rejection.index)
+                refused = self._unresolved(sides, result)
                 changes = _Changes(sides, params, self._observations, result, self.parts.batch_size)
                 # The changes are read a page at a time as the parts are made, so that a
                 # large delivery's are never all in memory. The repeats are noted on the
@@ -262,11 +262,14 @@ class Ingestor:
             finally:
                 _drop_tables(sides)
         result.unchanged += (
-            sum(side.staged for side in sides) - len(refused) - changes.count - len(moved)
+            sum(side.staged for side in sides) - refused - changes.count - len(moved)
         )
         if moved:
             with timed(result, "apply"):
                 send(moved, refusals=False)
+            # The delivery's tables are gone: such a refusal keeps what the ledger was sent.
+            result.rejections.extend(result.by_ledger)
+            result.by_ledger.clear()
         reported = [o.observed_at for o in moved]
         if changes.newest is not None:
             reported.append(changes.newest)
@@ -371,7 +374,7 @@ class Ingestor:
             return False
         for counted in counts:
             result.rows += counted.rows
-            result.rejections += counted.rejections
+            result.rejections.extend(counted.rejections)
         if reading.progress is not None:
             reading.progress(result.rows)
         result.read_by, result.shares = "copy", len(sides)
@@ -403,7 +406,17 @@ class Ingestor:
             side.skus = set(skus["skus"] or ()) if skus is not None else set()
         return counted
 
-    def _observations(self, rows: list[Any], result: IngestResult) -> list[Observation]:
+    def _unresolved(self, sides: list[_Side], result: IngestResult) -> int:
+        """Refuses the records that could not be resolved (in `result`), read a page at a
+        time (a delivery nobody mapped yet has nothing else); returns how many."""
+        before = len(result.rejections)
+        for side in sides:
+            with side.conn.transaction(), side.conn.cursor(name="feed_unresolved") as cursor:
+                cursor.itersize = UNRESOLVED_PAGE
+                self._observations(cursor.execute(UNRESOLVED), result)
+        return len(result.rejections) - before
+
+    def _observations(self, rows: Iterable[Any], result: IngestResult) -> list[Observation]:
         """The records the ledger must see; unresolved ones are refused (in `result`)."""
         observations: list[Observation] = []
         for row in rows:
@@ -444,18 +457,19 @@ class Ingestor:
         A CSV delivery is loaded by COPY where it can be (see connectors.copy_csv), in a
         savepoint; where it cannot, it is read again from the start, in Python."""
         if bulk is not None:
-            start, rows, refused = bulk.body.tell(), result.rows, len(result.rejections)
+            start, read = bulk.body.tell(), IngestResult(result.delivery_id, rows=result.rows)
             try:
                 staged = copy_delivery(
-                    conn, bulk.body, bulk.settings, 1, reading, result, reading.progress
+                    conn, bulk.body, bulk.settings, 1, reading, read, reading.progress
                 )
-                result.read_by = "copy"
-                return staged
             except (NotByCopy, psycopg.Error) as refused_copy:
                 log.info("ingest.copy_declined", reason=str(refused_copy).strip())
                 bulk.body.seek(start)
-                result.rows = rows
-                del result.rejections[refused:]
+            else:
+                result.rows = read.rows
+                result.rejections.extend(read.rejections)
+                result.read_by = "copy"
+                return staged
         conn.execute(STAGING)
         return stage_records(conn, records, reading, result, reading.progress)
 
@@ -517,22 +531,20 @@ def _refusals_as_written(sides: list[_Side], result: IngestResult) -> None:
     letters keep what the supplier wrote instead (from the staging tables, while the
     delivery holds them), like every other letter, so that a retry resolves them again
     against the mappings and units of then; `raw` also names the SKU they resolved to."""
-    refused = {
-        rejection.index: at
-        for at, rejection in enumerate(result.rejections)
-        if rejection.record is not None and "fields" not in rejection.record
-    }
+    refused = {rejection.index: at for at, rejection in enumerate(result.by_ledger)}
     if not refused:
         return
     for side in sides:
         for row in side.conn.execute(AS_WRITTEN, {"positions": list(refused)}):
             at = refused[row["position"]]
-            rejection = result.rejections[at]
+            rejection = result.by_ledger[at]
             fields = _as_written(row)
             raw = {**fields, "sku": (rejection.record or {}).get("sku")}
-            result.rejections[at] = Rejection(
+            result.by_ledger[at] = Rejection(
                 rejection.index, rejection.reason, {"fields": fields, "raw": raw}
             )
+    result.rejections.extend(result.by_ledger)
+    result.by_ledger.clear()
 
 
 def _drop_tables(sides: list[_Side]) -> None:

@@ -108,7 +108,7 @@ class PartSender:
     ) -> float:
         """One part, as one command (the first carries the refusals); returns how long
         the writer took over it."""
-        rejections = result.rejections[:MAX_REJECTIONS_IN_EVENT] if first else []
+        rejections = result.rejections.first(MAX_REJECTIONS_IN_EVENT) if first else []
         # A part is named by what it carries: applying the delivery again (after a
         # crash or a timeout) sends only what is still unapplied, under new names,
         # while an identical part is recognised and changes nothing.
@@ -132,7 +132,7 @@ class PartSender:
         result.unchanged += counted.unchanged
         result.late += counted.late
         new = {r.index for r in counted.rejected} - {r.index for r in rejections}
-        result.rejections.extend(r for r in counted.rejected if r.index in new)
+        result.by_ledger.extend(r for r in counted.rejected if r.index in new)
         if outcome.position is not None:
             result.position = max(result.position or 0, outcome.position)
         return outcome.seconds

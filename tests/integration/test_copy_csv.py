@@ -100,7 +100,9 @@ def summary(result: IngestResult) -> dict[str, Any]:
         "applied": result.applied,
         "unchanged": result.unchanged,
         "late": result.late,
-        "rejections": [r.as_dict() for r in result.rejections],
+        "rejections": sorted(
+            (r.as_dict() for r in result.rejections), key=lambda r: (r["index"], r["reason"])
+        ),
     }
 
 
