@@ -127,7 +127,7 @@ WITH matched AS (
            CASE WHEN x.sku IS NULL THEN x.unit END AS unit,
            CASE WHEN x.sku IS NULL THEN x.quantity END AS reported,
            x.sku,
-           x.quantity * x.f AS quantity,
+           CASE WHEN x.sku IS NOT NULL THEN x.quantity * x.f END AS quantity,
            CASE WHEN x.incoming IS NULL OR x.sku IS NULL THEN x.incoming
            ELSE (SELECT coalesce(jsonb_agg(jsonb_build_array(
                             e -> 0,

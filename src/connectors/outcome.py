@@ -11,10 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.delivery import Rejection
+from ledger.delivery import Rejection, kept_cheaply
 
 # Refusals kept in memory as objects, the first by position (a delivery's event carries
-# as many), and the bytes of the others held in memory before they go to a file.
+# as many, see connectors.parts), and the bytes of the others held in memory before they
+# go to a file.
 FIRST_KEPT = 1000
 SPOOL_BYTES = 16 << 20
 READ_PAGE = 1000
@@ -36,14 +37,15 @@ class Rejections:
         self._first: list[tuple[int, int, Rejection]] = []
 
     def append(self, rejection: Rejection) -> None:
-        # As a tuple: a dataclass took twice as long to read back.
-        written = (rejection.index, rejection.reason, rejection.record)
+        # As a tuple: a dataclass took twice as long to read back; the record as a letter
+        # keeps it (one nested too deeply would not pickle).
+        written = (rejection.index, rejection.reason, kept_cheaply(rejection.record))
         pickle.dump(written, self._spool, pickle.HIGHEST_PROTOCOL)
         entry = (-rejection.index, -self._count, rejection)
         self._count += 1
         if len(self._first) < self._first_kept:
             heapq.heappush(self._first, entry)
-        elif entry > self._first[0]:
+        elif self._first and entry > self._first[0]:
             heapq.heapreplace(self._first, entry)
 
     def extend(self, rejections: Iterable[Rejection]) -> None:

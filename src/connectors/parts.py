@@ -7,14 +7,14 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
-from connectors.outcome import IngestResult
+from connectors.outcome import FIRST_KEPT, IngestResult
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
 from ledger.writer import LedgerWriter
 
 # Rejections recorded on the delivery's event; all of them go to the dead letters.
-MAX_REJECTIONS_IN_EVENT = 1000
+MAX_REJECTIONS_IN_EVENT = FIRST_KEPT
 
 # How long a delivery waits for the ledger to apply one part. Not the writer's own
 # 30 s, meant for a request: on a cold cache, loading the stock items of a part of 5,000

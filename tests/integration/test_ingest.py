@@ -566,6 +566,19 @@ def test_the_ceiling_is_in_base_units_by_the_unit_the_mapping_says(ledger: Runti
         (5, "quantity_out_of_range"),
     ]
     assert on_hand(ledger, "SKU-CEIL-SMALL") == 40
+
+    # A ceiling set very high: what a unit holds times the quantity is past any integer
+    # PostgreSQL keeps, and the record is refused alone.
+    huge = {"units": {"PALLET": 10**6}, "max_quantity": 10**15}
+    ledger.writer.execute(
+        PutSupplier(
+            at=at, cause=CAUSE, supplier_id="ceil", terms=SupplierTerms("ceil", connector=huge)
+        )
+    )
+    body = f"sku,quantity,unit,observed_at\nTABLE,{10**14},PALLET,{seen}\nSMALL,3,,{seen}\n"
+    again = ingest(ledger, "ceil", body.encode())
+    assert sorted((r.index, r.reason) for r in again.rejections) == [(1, "quantity_out_of_range")]
+    assert on_hand(ledger, "SKU-CEIL-SMALL") == 6
     [big] = [r for r in result.rejections if r.index == 1]
     assert (big.record["fields"]["quantity"], big.record["fields"]["unit"]) == (8, "CS")
 
@@ -769,6 +782,25 @@ def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_lette
     assert on_hand(ledger, "SKU-NUL-A") == 5
     with ledger.store.connection() as conn:
         [status] = inbox.delivery_status(conn, "with-nul", "acme")
+    assert status["status"] == "applied"
+
+
+def test_a_letter_whose_raw_record_has_a_nul_in_a_column_name_is_kept_readable(
+    ledger: Runtime,
+) -> None:
+    setup_supplier(ledger, "acme", {"A": "SKU-NULKEY-A"})
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"sku,quantity,observed_at,no\x00te\nA,5,{at},x\nA2,-1,{at},y\n".encode()
+    enqueue(ledger, "acme", "nul-key", body)
+
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+
+    [letter] = listing(ledger.store, supplier_id="acme")
+    assert (letter["position"], letter["reason"]) == (2, "negative_quantity")
+    assert letter["raw"]["no\ufffdte"] == "y"
+    assert on_hand(ledger, "SKU-NULKEY-A") == 5
+    with ledger.store.connection() as conn:
+        [status] = inbox.delivery_status(conn, "nul-key", "acme")
     assert status["status"] == "applied"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ledger.delivery import CUT, KEPT_DEPTH, kept
+from ledger.delivery import CUT, KEPT_DEPTH, kept, kept_cheaply
 
 
 def nested(depth: int) -> list[Any]:
@@ -41,3 +41,16 @@ def test_containers_past_the_depth_kept_are_cut_even_thousands_deep() -> None:
     assert value == CUT
     assert depth == KEPT_DEPTH - 1  # the record itself is the first level
     assert kept(nested(KEPT_DEPTH - 1)) == nested(KEPT_DEPTH - 1)
+
+
+def test_a_record_already_as_kept_is_kept_as_it_is_and_any_other_as_kept_keeps_it() -> None:
+    plain = {"fields": {"sku": "A1", "quantity": 3, "unit": None}, "raw": {"line": "A1;3"}}
+    assert kept_cheaply(plain) is plain
+    for other in (
+        {"s\x00ku": "A1"},  # a NUL in a key
+        {"fields": {"sku": "A\x001"}},  # in a value, nested
+        {"fields": {"raw": {"deeper": 1}}},  # nested deeper than records are
+        {"quantity": 1.5},  # not a whole number: as `kept` keeps it
+    ):
+        assert kept_cheaply(other) == kept(other)
+        assert kept_cheaply(other) is not other

@@ -6,7 +6,7 @@ import pytest
 
 from connectors import outcome
 from connectors.outcome import Rejections
-from ledger.delivery import Rejection
+from ledger.delivery import Rejection, kept
 
 
 def refusal(index: int) -> Rejection:
@@ -57,3 +57,20 @@ def test_refusals_added_while_others_are_read_are_read_too() -> None:
             refused.append(refusal(rejection.index + 10))
 
     assert seen == [0, 1, 2, 10, 11]
+
+
+def test_a_refusal_nested_too_deeply_to_pickle_is_kept_as_a_letter_keeps_it() -> None:
+    deep: dict[str, object] = {}
+    inner = deep
+    for _ in range(2000):  # deeper than pickle goes
+        inner["x"] = {}
+        inner = inner["x"]  # type: ignore[assignment]
+    refused = Rejections(first_kept=0)
+    refused.append(Rejection(1, "invalid_record", {"fields": None, "raw": deep}))
+    refused.append(Rejection(2, "invalid_record"))
+
+    [first, second] = list(refused)
+
+    assert first.record == kept({"fields": None, "raw": deep})
+    assert (second.index, second.record) == (2, None)
+    assert refused.first(0) == []
