@@ -29,6 +29,7 @@ def listing(
     supplier_id: str | None = None,
     reason: str | None = None,
     status: str | None = "open",
+    delivery_id: str | None = None,
     after: int = 0,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
@@ -40,6 +41,7 @@ def listing(
             " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
             # A prefix, taken as written: "_" or "%" in it are not patterns.
             " AND (%(reason)s::text IS NULL OR starts_with(reason, %(reason)s))"
+            " AND (%(delivery)s::text IS NULL OR delivery_id = %(delivery)s)"
             " AND (%(status)s::text IS NULL OR status = %(status)s)"
             " ORDER BY id LIMIT %(limit)s",
             {
@@ -47,6 +49,7 @@ def listing(
                 "supplier": supplier_id,
                 "reason": reason,
                 "status": status,
+                "delivery": delivery_id,
                 "limit": limit,
             },
         ).fetchall()

@@ -23,8 +23,9 @@ def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -
         yield s
 
 
-def deliver(admin: httpx.Client, supplier_id: str, lines: dict[str, int]) -> None:
-    """One CSV delivery of these supplier SKUs and quantities, observed a minute ago, applied."""
+def deliver(admin: httpx.Client, supplier_id: str, lines: dict[str, int]) -> str:
+    """One CSV delivery of these supplier SKUs and quantities, observed a minute ago,
+    applied; returns its id."""
     at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     rows = "".join(f"{supplier_sku},{quantity},{at}\n" for supplier_sku, quantity in lines.items())
     accepted = admin.post(
@@ -33,7 +34,9 @@ def deliver(admin: httpx.Client, supplier_id: str, lines: dict[str, int]) -> Non
         content=f"sku,quantity,observed_at\n{rows}".encode(),
     )
     assert accepted.status_code == 202, accepted.text
-    assert finished(admin, supplier_id, accepted.json()["delivery_id"])["status"] == "applied"
+    delivery_id: str = accepted.json()["delivery_id"]
+    assert finished(admin, supplier_id, delivery_id)["status"] == "applied"
+    return delivery_id
 
 
 def letters(client: httpx.Client, **params: Any) -> list[dict[str, Any]]:
@@ -214,6 +217,27 @@ def test_a_bulk_retry_takes_at_most_its_limit_and_keeps_what_is_still_refused(
     assert [(i["id"], i["attempts"]) for i in still_open] == [(b2, 0), (negative, 1)]
 
 
+def test_the_letters_of_one_delivery_are_listed_and_retried_alone(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        monday = deliver(admin, supplier_id, {"MON-1": 3, "MON-2": 4})
+        tuesday = deliver(admin, supplier_id, {"TUE-1": 5})
+        skus = {name: f"DLD-{name}-{uuid.uuid4().hex[:6]}" for name in ("MON-1", "MON-2", "TUE-1")}
+        map_skus(admin, supplier_id, skus)
+        of_monday = letters(admin, delivery_id=monday)
+        retried = admin.post("/v1/dead-letters/retry", json={"delivery_id": monday})
+        assert retried.status_code == 200, retried.text
+        left = letters(admin, supplier_id=supplier_id)
+
+    assert [(i["delivery_id"], i["record"]["supplier_sku"]) for i in of_monday] == [
+        (monday, "MON-1"),
+        (monday, "MON-2"),
+    ]
+    assert retried.json()["resolved"] == [i["id"] for i in of_monday]
+    assert [(i["delivery_id"], i["record"]["supplier_sku"]) for i in left] == [(tuesday, "TUE-1")]
+    assert on_hand(ledger, skus["MON-2"], retried.json()["position"]) == 4
+
+
 def test_only_an_admin_may_retry_in_bulk(ledger: Server) -> None:
     with ledger.client("test-audit") as auditor, httpx.Client(base_url=ledger.base_url) as anyone:
         forbidden = auditor.post("/v1/dead-letters/retry", json={})
@@ -231,6 +255,7 @@ def test_only_an_admin_may_retry_in_bulk(ledger: Server) -> None:
         pytest.param({"limt": 5}, id="unknown field"),
         pytest.param({"supplier_id": "a\x00b"}, id="NUL in supplier_id"),
         pytest.param({"reason": "a\x00b"}, id="NUL in reason"),
+        pytest.param({"delivery_id": "a\x00b"}, id="NUL in delivery_id"),
         pytest.param({"supplier_id": ["acme"]}, id="supplier_id not text"),
     ],
 )

@@ -20,13 +20,14 @@ router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
 
 
 class BulkRetryIn(Strict):
-    """Which open letters to apply again (all those of a supplier, of a reason, or both),
-    in id order, at most `limit`."""
+    """Which open letters to apply again (all those of a supplier, of a reason, of a
+    delivery, or of several of these), in id order, at most `limit`."""
 
     supplier_id: Annotated[str | None, Field(pattern=SUPPLIER_ID_PATTERN)] = None
     reason: Annotated[
         str | None, Field(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None
+    delivery_id: Annotated[str | None, Field(max_length=200, pattern=PRINTABLE)] = None
     limit: Annotated[int, Field(ge=1, le=100_000, strict=True)] = 1000
 
 
@@ -48,6 +49,7 @@ def list_letters(
         str | None, Query(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None,
     status: Literal["open", "resolved", "dismissed", "all"] = "open",
+    delivery_id: Annotated[str | None, Query(max_length=200, pattern=PRINTABLE)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
@@ -56,6 +58,7 @@ def list_letters(
         supplier_id=supplier_id,
         reason=reason,
         status=None if status == "all" else status,
+        delivery_id=delivery_id,
         after=after,
         limit=limit,
     )
@@ -89,13 +92,14 @@ async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dic
 async def retry_many(
     body: BulkRetryIn, key: AdminKey, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
-    """Applies open letters again in bulk, by supplier and reason."""
+    """Applies open letters again in bulk, by supplier, reason and delivery."""
     letters = await run_in_threadpool(
         listing,
         runtime.store,
         supplier_id=body.supplier_id,
         reason=body.reason,
         status="open",
+        delivery_id=body.delivery_id,
         limit=body.limit,
     )
     ids = [letter["id"] for letter in letters]
