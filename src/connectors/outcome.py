@@ -57,7 +57,8 @@ class Rejections:
 
     def __iter__(self) -> Iterator[Rejection]:
         """Every refusal, in the order refused (those added meanwhile too), read a page at
-        a time: one seek a refusal took 7 s for 1,000,000, a page 1.5 s."""
+        a time: with a seek a refusal, reading 1,000,000 took 7.1 s; a page at a time,
+        3.6 s, most of it unpickling."""
         read, at = 0, 0
         while read < self._count:
             self._spool.seek(at)
