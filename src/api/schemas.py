@@ -17,8 +17,7 @@ from pydantic import (
 )
 
 from connectors.config import check_connector
-from connectors.normalise import BASE_UNITS
-from ledger.mapping import unit_key
+from ledger.mapping import BASE_UNITS, unit_key
 
 # Identifiers: printable, no control characters, bounded. Every text a client sends that
 # reaches the database keeps to PRINTABLE (PostgreSQL refuses a NUL in text: without the

@@ -70,6 +70,17 @@ ORDER BY o.id
 """
 
 
+def letter_suppliers(store: ViewStore, delivery_id: str) -> list[str]:
+    """The suppliers with open letters of a delivery of this id."""
+    with store.connection() as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT supplier_id FROM connector_dead_letters"
+            " WHERE delivery_id = %s AND status = 'open' ORDER BY supplier_id",
+            (delivery_id,),
+        ).fetchall()
+    return [row["supplier_id"] for row in rows]
+
+
 def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: str) -> RetryOutcome:
     """Applies open letters again, supplier by supplier; the ones that now apply (or are
     now unchanged) are resolved, the others stay open with their new reason.
@@ -140,7 +151,7 @@ def record_dead_letters(
     conn: Connection, supplier_id: str, delivery_id: str, rejections: Iterable[Rejection]
 ) -> None:
     """Stores every refused record with its reason, once per delivery and position, in
-    the caller's transaction (its table is dropped on commit): by
+    the caller's transaction: by
     COPY, as they are read (from a delivery's spool, see connectors.outcome), into a
     table of the transaction's, and from there in one statement. 1,000,000 letters took
     27 s one statement each (`executemany`)."""

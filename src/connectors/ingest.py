@@ -268,8 +268,7 @@ class Ingestor:
             with timed(result, "apply"):
                 send(moved, refusals=False)
             # The delivery's tables are gone: such a refusal keeps what the ledger was sent.
-            result.rejections.extend(result.by_ledger)
-            result.by_ledger.clear()
+            result.keep_ledger_refusals()
         reported = [o.observed_at for o in moved]
         if changes.newest is not None:
             reported.append(changes.newest)
@@ -543,8 +542,7 @@ def _refusals_as_written(sides: list[_Side], result: IngestResult) -> None:
             result.by_ledger[at] = Rejection(
                 rejection.index, rejection.reason, {"fields": fields, "raw": raw}
             )
-    result.rejections.extend(result.by_ledger)
-    result.by_ledger.clear()
+    result.keep_ledger_refusals()
 
 
 def _drop_tables(sides: list[_Side]) -> None:

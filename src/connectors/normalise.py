@@ -25,10 +25,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from connectors.parsers import Incoming, Record
-from ledger.mapping import unit_key
+from ledger.mapping import BASE_UNITS, unit_key
 from ledger.supplier import SupplierTerms
 
-BASE_UNITS = frozenset({"EA", "EACH", "PC", "PCS", "PIECE", "PIECES", "UNIT", "UNITS", "UN"})
 CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_MAX_QUANTITY = 10_000_000
 

@@ -33,7 +33,8 @@ class Rejections:
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - kept open, as long as the delivery's result
         self._count = 0
         self._first_kept = first_kept
-        # The first by position, as a max-heap: (-position, order refused, refusal).
+        # The first FIRST_KEPT by position, the last of them on top: a heap of
+        # (-position, -order refused, refusal).
         self._first: list[tuple[int, int, Rejection]] = []
 
     def append(self, rejection: Rejection) -> None:
@@ -74,7 +75,8 @@ class Rejections:
             yield from page
 
     def first(self, count: int) -> list[Rejection]:
-        """The first `count` (at most FIRST_KEPT) by position."""
+        """The first `count` (at most the `first_kept` it keeps) by position, the first
+        refused first among those of one position."""
         if count > self._first_kept:
             raise ValueError(f"only the first {self._first_kept} are kept")
         return [rejection for _, _, rejection in sorted(self._first, reverse=True)][:count]
@@ -104,6 +106,11 @@ class IngestResult:
     # levels on record), "apply" (the ledger applying the changes) and "notes" (noting the
     # repeats as seen, beside "apply", so not part of the sum).
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def keep_ledger_refusals(self) -> None:
+        """Counts the ledger's refusals among the delivery's, as they now stand."""
+        self.rejections.extend(self.by_ledger)
+        self.by_ledger.clear()
 
     @property
     def rejected(self) -> int:

@@ -86,10 +86,10 @@ class Observation:
     # Stock the supplier expects, as (expected on: ISO date or None, quantity), in the
     # units of `quantity`; None: the report says nothing of it (its format cannot).
     incoming: IncomingStock | None = None
-    # Base units in one unit of `quantity` where the report named a unit that the
-    # supplier's unit table knows (or a base unit); None: the mapping's factor (the
-    # mapping's own `unit` comes first), or 1 for our own SKU; a unit named that neither
-    # knows is refused.
+    # Base units in one unit of `quantity` by the supplier's unit table (1 in a base unit),
+    # where the report named such a unit; the mapping's own `unit`, where the report names
+    # it, comes first. None: the mapping's factor, or 1 for our own SKU, where the report
+    # named no unit; a unit that neither the table nor the mapping knows is refused.
     factor: int | None = None
 
     def as_record(self) -> dict[str, Any]:

@@ -22,6 +22,9 @@ from eventsourcing.domain import AggregateCreated
 
 from ledger.base import Cause, LedgerAggregate
 
+# Units that count one base unit each, whatever the supplier.
+BASE_UNITS = frozenset({"EA", "EACH", "PC", "PCS", "PIECE", "PIECES", "UNIT", "UNITS", "UN"})
+
 
 def unit_key(unit: str) -> str:
     """A unit as units are compared: trimmed, in upper case ("cs " is "CS")."""
@@ -47,7 +50,15 @@ class MappingSpec:
 
     def __post_init__(self) -> None:
         if self.unit is not None:
-            object.__setattr__(self, "unit", unit_key(self.unit))
+            key = unit_key(self.unit)
+            if key in BASE_UNITS:
+                raise ValueError(f"{self.unit!r} is a base unit: it always counts one")
+            object.__setattr__(self, "unit", key)
+
+
+def _naming_no_unit(state: dict[str, Any]) -> None:
+    """Upcasts a mapping's state or event from before mappings named units (version 1)."""
+    state["unit"] = None
 
 
 class SkuMapping(LedgerAggregate):
@@ -55,9 +66,7 @@ class SkuMapping(LedgerAggregate):
     # 2: a mapping may name its own unit (a state stored before names none).
     class_version = 2
 
-    @staticmethod
-    def upcast_v1_v2(state: dict[str, Any]) -> None:
-        state["unit"] = None
+    upcast_v1_v2 = staticmethod(_naming_no_unit)
 
     class Mapped(LedgerAggregate.Event, AggregateCreated):
         """An item mapped to a SKU of ours; `unit`, the supplier's unit its factor counts
@@ -72,9 +81,7 @@ class SkuMapping(LedgerAggregate):
         upc: str | None
         unit: str | None
 
-        @staticmethod
-        def upcast_v1_v2(state: dict[str, Any]) -> None:
-            state["unit"] = None
+        upcast_v1_v2 = staticmethod(_naming_no_unit)
 
     class Remapped(LedgerAggregate.Event):
         """A mapping changed (version 2 names the unit; one stored before names none)."""
@@ -86,9 +93,7 @@ class SkuMapping(LedgerAggregate):
         upc: str | None
         unit: str | None
 
-        @staticmethod
-        def upcast_v1_v2(state: dict[str, Any]) -> None:
-            state["unit"] = None
+        upcast_v1_v2 = staticmethod(_naming_no_unit)
 
         def apply(self, mapping: SkuMapping) -> None:
             mapping.sku = self.sku

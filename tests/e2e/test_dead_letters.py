@@ -238,6 +238,37 @@ def test_the_letters_of_one_delivery_are_listed_and_retried_alone(ledger: Server
     assert on_hand(ledger, skus["MON-2"], retried.json()["position"]) == 4
 
 
+def test_a_delivery_id_two_suppliers_used_is_retried_only_with_its_supplier(
+    ledger: Server,
+) -> None:
+    """An upload without an id is named by its content: two suppliers sending the same
+    file share it."""
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"sku,quantity,observed_at\nSAME-1,2,{at}\n".encode()
+    with ledger.client("test-admin") as admin:
+        first, second = supplier(admin, {}), supplier(admin, {})
+        ids = []
+        for supplier_id in (first, second):
+            accepted = admin.post(
+                f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=body
+            )
+            assert accepted.status_code == 202, accepted.text
+            ids.append(accepted.json()["delivery_id"])
+            assert finished(admin, supplier_id, ids[-1])["status"] == "applied"
+        map_skus(admin, first, {"SAME-1": f"DLS-{uuid.uuid4().hex[:6]}"})
+        ambiguous = admin.post("/v1/dead-letters/retry", json={"delivery_id": ids[0]})
+        named_too = admin.post(
+            "/v1/dead-letters/retry", json={"delivery_id": ids[0], "supplier_id": first}
+        )
+        left = letters(admin, delivery_id=ids[0])
+
+    assert ids[0] == ids[1]
+    assert (ambiguous.status_code, ambiguous.json()["error"]) == (409, "ambiguous_delivery")
+    assert named_too.status_code == 200, named_too.text
+    assert len(named_too.json()["resolved"]) == 1
+    assert [(i["supplier_id"], i["reason"]) for i in left] == [(second, UNMAPPED)]
+
+
 def test_only_an_admin_may_retry_in_bulk(ledger: Server) -> None:
     with ledger.client("test-audit") as auditor, httpx.Client(base_url=ledger.base_url) as anyone:
         forbidden = auditor.post("/v1/dead-letters/retry", json={})

@@ -532,7 +532,34 @@ def test_incoming_stock_in_a_unit_its_mapping_does_not_count_refuses_the_record(
 
     assert sorted((r.index, r.reason) for r in result.rejections) == [(1, "unknown_unit: 'PALLET'")]
     assert ledger.app.repository.get(StockItem.id_for("SKU-BX1")).positions == {}
-    assert on_hand(ledger, "SKU-BX2") == 0
+    assert ledger.app.repository.get(StockItem.id_for("SKU-BX2")).positions["edibx"].quantity == 0
+
+
+def test_a_letter_retried_and_refused_again_keeps_its_new_reason(ledger: Runtime) -> None:
+    map_in_units(ledger, "reasons")  # nothing mapped yet
+    body = b"sku,quantity,unit,observed_at\nTRAY,3,TR,2026-01-10T09:00:00Z\n"
+    enqueue(ledger, "reasons", "trays", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    [letter] = listing(ledger.store, supplier_id="reasons")
+    ledger.writer.execute(
+        PutMappings(
+            at=datetime.now(UTC),
+            cause=CAUSE,
+            supplier_id="reasons",
+            mappings=[MappingSpec("TRAY", "SKU-RTRAY", 1)],
+        )
+    )
+
+    outcome = retry(ledger.store, ledger.ingestor, [letter["id"]], "operator")
+
+    [again] = listing(ledger.store, supplier_id="reasons")
+    assert letter["reason"] == "unmapped_supplier_sku"
+    assert outcome.still_refused == {letter["id"]: "unknown_unit: 'TR'"}
+    assert (again["id"], again["reason"], again["attempts"]) == (
+        letter["id"],
+        "unknown_unit: 'TR'",
+        1,
+    )
 
 
 def test_the_ceiling_is_in_base_units_by_the_unit_the_mapping_says(ledger: Runtime) -> None:
@@ -669,7 +696,7 @@ def test_an_unmapped_record_waits_in_the_dead_letters_until_its_mapping_is_added
 def test_a_delivery_nobody_mapped_leaves_every_record_as_a_letter_in_file_order(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its refusals pass through a spool (here past memory, to a file), not a list."""
+    """Its refusals pass through a spool (here large enough to go to a file), not a list."""
     monkeypatch.setattr(outcome_module, "SPOOL_BYTES", 4096)
     setup_supplier(ledger, "unmapped", {"KNOWN": "SKU-KNOWN"})
     rows = {f"NEW-{n:04}": n for n in range(2500)} | {"KNOWN": 3}

@@ -47,7 +47,10 @@ def test_the_first_by_position_are_at_hand_whatever_the_order_refused() -> None:
         refused.first(4)
 
 
-def test_refusals_added_while_others_are_read_are_read_too() -> None:
+def test_refusals_added_while_others_are_read_are_read_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(outcome, "READ_PAGE", 2)  # appended between pages, and within one
     refused = Rejections()
     refused.extend(refusal(index) for index in range(3))
     seen = []

@@ -836,6 +836,12 @@ def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_i
     assert ledger.levels(caps, at(20)).on_hand == 0
 
 
+def test_a_mapping_s_unit_is_kept_as_units_compare_and_is_never_a_base_unit() -> None:
+    assert MappingSpec("AC-1", "SKU-1", 12, unit=" ca ").unit == "CA"
+    with pytest.raises(ValueError, match="base unit"):
+        MappingSpec("AC-1", "SKU-1", 12, unit="each")
+
+
 def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_naming_none() -> None:
     app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
     mapping = SkuMapping.map("acme", MappingSpec("AC-1", "SKU-1", 6), at(0), CAUSE)

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
 from api.errors import ApiError
 from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, Strict
-from connectors.deadletters import RetryOutcome, dismiss, listing, retry
+from connectors.deadletters import RetryOutcome, dismiss, letter_suppliers, listing, retry
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +92,14 @@ async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dic
 async def retry_many(
     body: BulkRetryIn, key: AdminKey, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
-    """Applies open letters again in bulk, by supplier, reason and delivery."""
+    """Applies open letters again in bulk, by supplier, reason and delivery (a delivery id
+    is a supplier's: one that several suppliers used needs `supplier_id`)."""
+    if body.delivery_id is not None and body.supplier_id is None:
+        suppliers = await run_in_threadpool(letter_suppliers, runtime.store, body.delivery_id)
+        if len(suppliers) > 1:
+            raise ApiError(
+                409, "ambiguous_delivery", "several suppliers used this id: say supplier_id"
+            )
     letters = await run_in_threadpool(
         listing,
         runtime.store,
