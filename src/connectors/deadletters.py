@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg import sql
+
 from connectors.ingest import Ingestor
 from connectors.normalise import record_from_fields
 from ledger.delivery import Rejection, kept_cheaply
@@ -32,18 +34,28 @@ def listing(
     delivery_id: str | None = None,
     after: int = 0,
     limit: int = 100,
+    ids_only: bool = False,
 ) -> list[dict[str, Any]]:
+    """Letters by id, filtered; with `ids_only`, only their ids (a bulk retry reads up to
+    100,000 letters whole once: not twice)."""
+    columns = sql.SQL(
+        "id"
+        if ids_only
+        else "id, supplier_id, delivery_id, position, reason, record, raw, status, attempts,"
+        " created_at, updated_at"
+    )
     with store.connection() as conn:
         return conn.execute(
-            "SELECT id, supplier_id, delivery_id, position, reason, record, raw, status,"
-            " attempts, created_at, updated_at FROM connector_dead_letters"
-            " WHERE id > %(after)s"
-            " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
-            # A prefix, taken as written: "_" or "%" in it are not patterns.
-            " AND (%(reason)s::text IS NULL OR starts_with(reason, %(reason)s))"
-            " AND (%(delivery)s::text IS NULL OR delivery_id = %(delivery)s)"
-            " AND (%(status)s::text IS NULL OR status = %(status)s)"
-            " ORDER BY id LIMIT %(limit)s",
+            sql.SQL("SELECT {} FROM connector_dead_letters").format(columns)
+            + sql.SQL(
+                " WHERE id > %(after)s"
+                " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
+                # A prefix, taken as written: "_" or "%" in it are not patterns.
+                " AND (%(reason)s::text IS NULL OR starts_with(reason, %(reason)s))"
+                " AND (%(delivery)s::text IS NULL OR delivery_id = %(delivery)s)"
+                " AND (%(status)s::text IS NULL OR status = %(status)s)"
+                " ORDER BY id LIMIT %(limit)s"
+            ),
             {
                 "after": after,
                 "supplier": supplier_id,

@@ -541,6 +541,7 @@ def test_a_letter_retried_and_refused_again_keeps_its_new_reason(ledger: Runtime
     enqueue(ledger, "reasons", "trays", body)
     assert InboxWorker(ledger.ingestor, ledger.store).work_once()
     [letter] = listing(ledger.store, supplier_id="reasons")
+    assert listing(ledger.store, supplier_id="reasons", ids_only=True) == [{"id": letter["id"]}]
     ledger.writer.execute(
         PutMappings(
             at=datetime.now(UTC),

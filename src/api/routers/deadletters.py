@@ -107,6 +107,7 @@ async def retry_many(
         reason=body.reason,
         status="open",
         delivery_id=body.delivery_id,
+        ids_only=True,
         limit=body.limit,
     )
     ids = [letter["id"] for letter in letters]
