@@ -52,7 +52,7 @@ from connectors.comparison import (
 )
 from connectors.copy_csv import NotByCopy
 from connectors.normalise import FeedRules
-from connectors.outcome import IngestResult, timed
+from connectors.outcome import IngestResult, Rejections, timed
 from connectors.parsers import Format, Record, RecordError, parse
 from connectors.parsers.csv_feed import CsvSettings
 from connectors.parts import PartSender
@@ -83,8 +83,9 @@ SPLIT_FROM_BYTES = 8 << 20
 
 # A delivery's changes are read from PostgreSQL this many at a time (see `_Changes`).
 CHANGES_PAGE = 2000
-# Unresolved records are read (by a cursor) as many at a time.
-UNRESOLVED_PAGE = 2000
+# Unresolved records are read (by a cursor) as many at a time, and what the supplier wrote
+# of the ledger's own refusals looked up for as many at a time.
+UNRESOLVED_PAGE = AS_WRITTEN_PAGE = 2000
 
 
 def content_hash(body: bytes) -> str:
@@ -530,19 +531,18 @@ def _refusals_as_written(sides: list[_Side], result: IngestResult) -> None:
     letters keep what the supplier wrote instead (from the staging tables, while the
     delivery holds them), like every other letter, so that a retry resolves them again
     against the mappings and units of then; `raw` also names the SKU they resolved to."""
-    refused = {rejection.index: at for at, rejection in enumerate(result.by_ledger)}
-    if not refused:
-        return
-    for side in sides:
-        for row in side.conn.execute(AS_WRITTEN, {"positions": list(refused)}):
-            at = refused[row["position"]]
-            rejection = result.by_ledger[at]
-            fields = _as_written(row)
-            raw = {**fields, "sku": (rejection.record or {}).get("sku")}
-            result.by_ledger[at] = Rejection(
-                rejection.index, rejection.reason, {"fields": fields, "raw": raw}
-            )
-    result.keep_ledger_refusals()
+    by_ledger, result.by_ledger = iter(result.by_ledger), Rejections(first_kept=0)
+    while page := list(itertools.islice(by_ledger, AS_WRITTEN_PAGE)):
+        at = {rejection.index: n for n, rejection in enumerate(page)}
+        for side in sides:
+            for row in side.conn.execute(AS_WRITTEN, {"positions": list(at)}):
+                rejection = page[at[row["position"]]]
+                fields = _as_written(row)
+                raw = {**fields, "sku": (rejection.record or {}).get("sku")}
+                page[at[row["position"]]] = Rejection(
+                    rejection.index, rejection.reason, {"fields": fields, "raw": raw}
+                )
+        result.rejections.extend(page)
 
 
 def _drop_tables(sides: list[_Side]) -> None:

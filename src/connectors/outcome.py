@@ -93,8 +93,9 @@ class IngestResult:
     late: int = 0
     rejections: Rejections = field(default_factory=Rejections)
     # The ledger's own refusals (records of a SKU at one time that disagree), as it sent
-    # them back, until what the supplier wrote is put in them (see connectors.ingest).
-    by_ledger: list[Rejection] = field(default_factory=list)
+    # them back, until what the supplier wrote is put in them (see connectors.ingest);
+    # spooled too: a file could be all such records.
+    by_ledger: Rejections = field(default_factory=lambda: Rejections(first_kept=0))
     position: int | None = None
     lag_seconds: float | None = None
     # How the delivery was read: "copy" (PostgreSQL's COPY, see connectors.copy_csv) or
@@ -110,7 +111,7 @@ class IngestResult:
     def keep_ledger_refusals(self) -> None:
         """Counts the ledger's refusals among the delivery's, as they now stand."""
         self.rejections.extend(self.by_ledger)
-        self.by_ledger.clear()
+        self.by_ledger = Rejections(first_kept=0)
 
     @property
     def rejected(self) -> int:

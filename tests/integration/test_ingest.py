@@ -721,13 +721,14 @@ def test_a_delivery_nobody_mapped_leaves_every_record_as_a_letter_in_file_order(
 
 
 def test_records_the_ledger_refused_keep_what_was_written_and_the_true_one_applies_alone(
-    ledger: Runtime,
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two records of a SKU at one time that disagree are both refused by the ledger: the
     delivery does not say which is true. Their letters keep what the supplier wrote. One
     retried alone is tried with the other again, and they disagree again; once the
     operator dismisses the false one, the true one applies, and no later retry, a bulk
     one included, brings the false one back."""
+    monkeypatch.setattr(ingest_module, "AS_WRITTEN_PAGE", 1)  # looked up a page each
     setup_supplier(ledger, "acme", {"TWICE": "SKU-TW", "ONCE": "SKU-ON"}, units=12)
     at = datetime.now(UTC) - timedelta(minutes=1)
     rows = (("TWICE", 2), ("ONCE", 1), ("TWICE", 3))
