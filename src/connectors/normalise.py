@@ -101,9 +101,10 @@ class Staged:
     quantity: int
     factor: int | None
     observed_at: datetime
-    # Stock the supplier expects: [expected on (ISO date or None), quantity, factor (None:
-    # the mapping decides), unit as written, unit as compared], in the order reported;
-    # None: not said.
+    # Stock the supplier expects: [expected on (ISO date or None), quantity, the factor of
+    # its own unit by the supplier's table (None: the mapping decides, or the line names
+    # no unit and is in the record's), unit as written, unit as compared], in the order
+    # reported; None: not said.
     incoming: list[list[Any]] | None = None
 
 
@@ -130,7 +131,7 @@ def normalise(
     observed_at = observed_utc(record.observed_at, rules, received_at, now)
     if isinstance(observed_at, str):
         return observed_at
-    incoming = incoming_staged(record, factor, rules)
+    incoming = incoming_staged(record, rules)
     if isinstance(incoming, str):
         return incoming
     return Staged(
@@ -138,9 +139,7 @@ def normalise(
     )
 
 
-def incoming_staged(
-    record: Record, factor: int | None, rules: FeedRules
-) -> list[list[Any]] | str | None:
+def incoming_staged(record: Record, rules: FeedRules) -> list[list[Any]] | str | None:
     """The record's incoming stock as staged (None: it says nothing of it), or why the
     record is refused."""
     if record.incoming is None:
@@ -149,12 +148,14 @@ def incoming_staged(
     for expected in record.incoming:
         if expected.quantity < 0:
             return "negative_incoming"
-        own = factor if expected.unit is None else unit_factor(expected.unit, rules)
         if expected.quantity > rules.max_quantity:
             return "quantity_out_of_range"
         on = None if expected.expected_on is None else expected.expected_on.isoformat()
-        key = None if expected.unit is None else unit_key(expected.unit)
-        staged.append([on, expected.quantity, own, expected.unit, key])
+        if expected.unit is None:  # in the record's unit, as resolved
+            staged.append([on, expected.quantity, None, None, None])
+        else:
+            own = unit_factor(expected.unit, rules)
+            staged.append([on, expected.quantity, own, expected.unit, unit_key(expected.unit)])
     return staged
 
 

@@ -448,10 +448,11 @@ def test_a_delivery_noted_in_several_chunks_while_its_changes_apply_adds_up(
         assert on_hand(ledger, sku) == expected[0]
 
 
-def map_in_units(runtime: Runtime, supplier: str, *specs: MappingSpec) -> None:
-    """A supplier whose unit table says a case ("CS") holds 12, with these mappings."""
+def map_in_units(runtime: Runtime, supplier: str, *specs: MappingSpec, **connector: Any) -> None:
+    """A supplier whose unit table says a case ("CS") holds 12 (unless `connector` says
+    otherwise), with these mappings."""
     at = datetime.now(UTC)
-    terms = SupplierTerms(supplier, connector={"units": {"CS": 12}})
+    terms = SupplierTerms(supplier, connector={"units": {"CS": 12}, **connector})
     runtime.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id=supplier, terms=terms))
     runtime.writer.execute(
         PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=list(specs))
@@ -564,16 +565,17 @@ def test_a_letter_retried_and_refused_again_keeps_its_new_reason(ledger: Runtime
 
 
 def test_the_ceiling_is_in_base_units_by_the_unit_the_mapping_says(ledger: Runtime) -> None:
-    terms = SupplierTerms("ceil", connector={"units": {"CS": 100}, "max_quantity": 1000})
-    at = datetime.now(UTC)
-    ledger.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="ceil", terms=terms))
-    specs = [
+    map_in_units(
+        ledger,
+        "ceil",
         MappingSpec("BIG", "SKU-CEIL-BIG", 200, unit="cs"),
         MappingSpec("SMALL", "SKU-CEIL-SMALL", 2, unit="CS"),
         MappingSpec("PLAIN", "SKU-CEIL-PLAIN", 50),
         MappingSpec("TABLE", "SKU-CEIL-TABLE", 1),
-    ]
-    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="ceil", mappings=specs))
+        units={"CS": 100},
+        max_quantity=1000,
+    )
+    at = datetime.now(UTC)
     seen = (at - timedelta(minutes=1)).isoformat()
     body = (
         "sku,quantity,unit,observed_at\n"
@@ -614,14 +616,14 @@ def test_the_ceiling_is_in_base_units_by_the_unit_the_mapping_says(ledger: Runti
 def test_incoming_stock_over_the_ceiling_in_the_mapping_s_unit_refuses_its_record(
     ledger: Runtime,
 ) -> None:
-    terms = SupplierTerms("schceil", connector={"units": {"CS": 2}, "max_quantity": 1000})
-    at = datetime.now(UTC)
-    ledger.writer.execute(PutSupplier(at=at, cause=CAUSE, supplier_id="schceil", terms=terms))
-    specs = [
+    map_in_units(
+        ledger,
+        "schceil",
         MappingSpec("ABC-123", "SKU-SCHCEIL", 200, unit="CS"),
         MappingSpec("XYZ-9", "SKU-SCHCEIL2", 1),
-    ]
-    ledger.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id="schceil", mappings=specs))
+        units={"CS": 2},
+        max_quantity=1000,
+    )
 
     result = ingest(ledger, "schceil", edi_with("SCH*8*CS***018*20260215~"), "edi846")
 
