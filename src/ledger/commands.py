@@ -36,6 +36,13 @@ class Command:
         processes take turns on them rather than race."""
         return []
 
+    def new_ids(self) -> list[UUID]:
+        """Among `aggregate_ids`, the streams the command means to start (a new order's
+        reservation): a writer that has seen no other process write lately may take them
+        as absent without asking the store (see `ledger.hot`). One that exists after all
+        makes the save collide, and the command is decided again on what the store holds."""
+        return []
+
     @property
     def bulk(self) -> bool:
         """Whether the command carries many records (a part of a large delivery)."""
@@ -141,6 +148,9 @@ class Reserve(Command):
 
     def shared_ids(self) -> list[UUID]:
         return [StockItem.id_for(sku) for sku, _ in self.lines]
+
+    def new_ids(self) -> list[UUID]:
+        return [self.reservation_id]
 
     @functools.cached_property
     def fingerprint(self) -> str:

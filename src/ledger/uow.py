@@ -18,6 +18,8 @@ A = TypeVar("A", bound=LedgerAggregate)
 
 # (supplier id, SKUs) -> when each SKU's level was last reported, recorded or not.
 SeenLoader = Callable[[str, list[str]], Mapping[str, datetime]]
+# (aggregate ids, those among them meant to be new) -> the aggregates that exist.
+ManyLoader = Callable[[Iterable[UUID], Iterable[UUID]], Mapping[UUID, LedgerAggregate]]
 
 
 class UnitOfWork:
@@ -26,7 +28,7 @@ class UnitOfWork:
     def __init__(
         self,
         load: Callable[[UUID], LedgerAggregate],
-        load_many: Callable[[Iterable[UUID]], Mapping[UUID, LedgerAggregate]] | None = None,
+        load_many: ManyLoader | None = None,
         load_seen: SeenLoader | None = None,
     ) -> None:
         self._load = load
@@ -43,12 +45,13 @@ class UnitOfWork:
         self._touch_count = 0
         self._touch_count_at_begin = 0
 
-    def preload(self, aggregate_ids: Iterable[UUID]) -> None:
-        """Loads many aggregates in one go, ahead of the `get`s that will want them."""
+    def preload(self, aggregate_ids: Iterable[UUID], new: Iterable[UUID] = ()) -> None:
+        """Loads many aggregates in one go, ahead of the `get`s that will want them; `new`:
+        those among them the commands mean to start (see `Command.new_ids`)."""
         missing = [i for i in dict.fromkeys(aggregate_ids) if i not in self._aggregates]
         if self._load_many is None or len(missing) < 2:
             return
-        found = self._load_many(missing)
+        found = self._load_many(missing, new)
         for aggregate_id in missing:
             self._keep(aggregate_id, found.get(aggregate_id))
 

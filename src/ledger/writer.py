@@ -4,8 +4,9 @@ Callers on any thread submit commands and wait for their own outcome. The writer
 thread takes whatever gathered while its previous save ran (group commit): it loads
 every aggregate the batch names in one round trip, runs the handlers in arrival order
 on one unit of work (so commands on the same SKU see each other), and saves all their
-changes in one transaction. Each command gets its own outcome: one the domain refuses
-changes nothing and is answered alone. A version conflict (another process wrote one
+changes in one transaction (with no round trip to load while no other process writes:
+see ledger.hot). Each command gets its own outcome: one the domain refuses changes
+nothing and is answered alone. A version conflict (another process wrote one
 of the streams first) runs the batch again on fresh state, a bounded number of times;
 optimistic concurrency on the streams is what makes overselling impossible across
 processes.
@@ -377,6 +378,9 @@ class LedgerWriter:
             if attempt:
                 # Full jitter, so that two writers that collided do not collide again.
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
+                # Every try after the first decides on what the store holds (and so a try
+                # holding the table's lock never has refusals to decide again).
+                self.hot.doubt()
             # Writers in other processes that collided with this one on a stream take turns
             # on it, so that they queue instead of racing (racing writers mostly redo each
             # other's work); optimistic concurrency still guards every stream, contended
@@ -417,7 +421,9 @@ class LedgerWriter:
             getattr(self.app.recorder, "select_seen", None),
         )
         named = [i for job in pending for i in job.command.aggregate_ids()]
-        unit.preload([*named, *self.hot.related(named)])
+        new = [i for job in pending for i in job.command.new_ids()]
+        unasked = self.hot.unasked
+        unit.preload([*named, *self.hot.related(named)], new)
         answers, spoiled, reads = self._decide(unit, pending)
         if spoiled:
             # A command failed after changing aggregates; it keeps its error, the
@@ -425,6 +431,14 @@ class LedgerWriter:
             for job in spoiled:
                 job.future.set_exception(spoiled[job])
             return [job for job in pending if job not in spoiled]
+        # Decided on what the writer kept, without asking the store (see ledger.hot): a
+        # refusal may rest on what another process changed since (a refused command
+        # changes nothing, so the others never rest on it). Such commands are decided
+        # again on what the store holds, after the others are saved.
+        doubtful: list[_Job] = []
+        if self.hot.unasked != unasked:
+            doubtful = [job for job in pending if answers[job][1] is not None]
+            pending = [job for job in pending if answers[job][1] is None]
         changed = unit.changed()
         touches = unit.touches()
         # The version each changed stream was read at (saving hands its events out).
@@ -435,22 +449,26 @@ class LedgerWriter:
                 recordings = self.app.save(
                     *changed, levels=unit.changed_levels(), touches=touches, locked=locked
                 )
-                position = max(r.notification.id for r in recordings)
+                numbers = [r.notification.id for r in recordings]
+                position = max(numbers)
+                self.hot.saved(min(numbers), position)
             elif touches:
                 self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
         except IntegrityError:
-            # Another process wrote first: decide again on fresh state, taking turns.
+            # Another process wrote first (or a stream taken as new exists): decide again
+            # on fresh state, taking turns.
+            self.hot.doubt(collided=True)
             self.conflicts += 1
             self._note("conflict")
             moved = self._moved(read_at)
             self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
             involved = self._involved(moved, pending, reads)
             if not involved or len(involved) == len(pending):
-                return pending
+                return doubtful + pending
             # The commands that read none of the streams that moved (nor anything such a
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
-            return involved + (self._attempt(clean, started, locked) or [])
+            return doubtful + involved + (self._attempt(clean, started, locked) or [])
         self.hot.keep(unit.loaded(), new=not any(job.command.bulk for job in pending))
         seconds = time.monotonic() - started
         self.batches += 1
@@ -461,6 +479,9 @@ class LedgerWriter:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(Outcome(value, position, seconds))
+        if doubtful:
+            self.hot.doubt()
+            return self._attempt(doubtful, started, locked)
         return None
 
     def _contended_among(self, pending: list[_Job]) -> list[UUID]:

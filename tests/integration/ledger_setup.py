@@ -31,6 +31,18 @@ def stock_sku(
         )
     )
     writer.execute(PutSku(at=at, cause=CAUSE, sku=sku, safety_stock=0))
+    report(writer, sku, quantity, supplier_id, at)
+
+
+def report(
+    writer: LedgerWriter,
+    sku: str,
+    quantity: int,
+    supplier_id: str = "acme",
+    at: datetime | None = None,
+) -> None:
+    """The supplier reports `quantity` of the SKU (now, unless `at`)."""
+    at = at or now()
     writer.execute(
         ReportStock(
             at=at,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -13,12 +14,13 @@ import pytest
 
 from api.metrics import Metrics
 from api.runtime import Runtime, open_runtime
+from ledger import hot
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
-from ledger.writer import _Job
+from ledger.writer import LedgerWriter, _Job
 from tests.conftest import make_settings, random_sku
-from tests.integration.ledger_setup import now, reserve, stock_sku
+from tests.integration.ledger_setup import now, report, reserve, stock_sku
 from tests.integration.workers import compete, compete_spread
 
 
@@ -343,3 +345,88 @@ def test_a_kept_stock_item_is_brought_up_to_date_with_another_process_s_writes(
     assert kept.lines[sku].quantity == 1
     stored = runtime.app.repository.get(item_id)
     assert stored.levels(now(), {}).held == 5
+
+
+# Deciding on what the writer keeps, without asking the store (ledger.hot) -----------
+
+
+@pytest.fixture
+def quiet_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer's quiet spell after its saves (about one batch) lasts the whole test, so
+    that what another writer does in between lands inside it, as it may under load."""
+    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
+    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)
+
+
+@contextmanager
+def another_writer(runtime: Runtime) -> Iterator[LedgerWriter]:
+    """A second writer on the same store, as another process's: the first one's kept
+    aggregates never see what it saves."""
+    other = LedgerWriter(runtime.app).start()
+    try:
+        yield other
+    finally:
+        other.stop()
+
+
+@pytest.mark.usefixtures("quiet_lasts")
+def test_an_order_granted_on_kept_state_another_writer_changed_collides_and_is_refused(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku("QUIET")
+    stock_sku(runtime.writer, sku, 5)
+    runtime.writer.execute(reserve([(sku, 1)]))
+    runtime.writer.execute(reserve([(sku, 1)]))
+    with another_writer(runtime) as other:
+        other.execute(reserve([(sku, 3)]))  # all that is left
+    unasked, conflicts = runtime.writer.hot.unasked, runtime.writer.conflicts
+
+    with pytest.raises(InsufficientStock):
+        runtime.writer.execute(reserve([(sku, 1)]))
+
+    assert runtime.writer.hot.unasked > unasked, "decided first on what it kept"
+    assert runtime.writer.conflicts == conflicts + 1, "whose save collided"
+    stored = runtime.app.repository.get(StockItem.id_for(sku))
+    assert stored.levels(now(), {}).held == 5, "nothing oversold"
+
+
+@pytest.mark.usefixtures("quiet_lasts")
+def test_an_order_refused_on_kept_state_is_decided_again_on_what_the_store_holds(
+    runtime: Runtime,
+) -> None:
+    sku = random_sku("QUIET")
+    stock_sku(runtime.writer, sku, 2)
+    runtime.writer.execute(reserve([(sku, 2)]))
+    with another_writer(runtime) as other:
+        report(other, sku, 10)  # the supplier has more now
+    unasked, conflicts = runtime.writer.hot.unasked, runtime.writer.conflicts
+
+    granted = runtime.writer.execute(reserve([(sku, 3)]))
+
+    assert granted.value.reservation.lines[sku].quantity == 3
+    assert runtime.writer.hot.unasked > unasked, "refused first on what it kept"
+    assert runtime.writer.conflicts == conflicts, "a refusal writes nothing to collide with"
+
+
+@pytest.mark.usefixtures("quiet_lasts")
+@pytest.mark.parametrize(("stock", "how"), [(5, "collides"), (2, "is refused, then asks")])
+def test_an_order_replayed_right_after_it_was_placed_is_answered_as_placed(
+    runtime: Runtime, stock: int, how: str
+) -> None:
+    """The writer takes a new order's reservation as absent while quiet; a replay's
+    exists: the replay's save collides (stock left) or its refusal is decided again (none
+    left), and either way it is answered with the reservation placed, once."""
+    sku = random_sku("QUIET")
+    stock_sku(runtime.writer, sku, stock)
+    order = reserve([(sku, 2)], key=f"replayed-{sku}")
+    placed = runtime.writer.execute(order)
+    conflicts = runtime.writer.conflicts
+
+    replayed = runtime.writer.execute(order)
+
+    assert replayed.value.replayed
+    assert replayed.value.reservation.id == placed.value.reservation.id
+    assert placed_events(runtime, str(placed.value.reservation.id)) == 1
+    assert runtime.writer.conflicts == conflicts + (1 if how == "collides" else 0)
+    stored = runtime.app.repository.get(StockItem.id_for(sku))
+    assert stored.levels(now(), {}).held == 2

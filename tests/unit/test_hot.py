@@ -6,6 +6,9 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import pytest
+
+from ledger import hot as hot_module
 from ledger.base import Cause
 from ledger.hot import HotAggregates
 from ledger.stock import StockItem
@@ -99,3 +102,81 @@ def test_a_part_of_a_large_delivery_keeps_only_what_it_took_out() -> None:
     hot.begin_batch()
     hot.keep([busy], new=False)
     assert busy.id not in hot
+
+
+def test_right_after_saves_no_other_process_came_between_a_batch_decides_on_what_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
+    store = Store()
+    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+    item = saved_item("A", supplier="north")
+    order = UUID(int=7)  # a stream the batch means to start
+    hot.saved(1, 3)
+    hot.saved(4, 6)  # follows 3: nobody saved between
+    hot.keep([item])
+    assert hot.load_many([item.id, order], new=[order]) == {item.id: item}
+    assert store.calls == [], "decided on what is kept, the order taken as new"
+    assert (hot.unasked, hot.asked) == (1, 0)
+
+    hot.keep([item])
+    hot.load_many([item.id, UUID(int=8)], new=[order])
+    assert len(store.calls) == 1, "a stream neither kept nor new: asked"
+
+    hot.saved(7, 7)
+    hot.doubt()
+    hot.keep([item])
+    hot.load_many([item.id])
+    assert len(store.calls) == 2, "after a refusal on what was kept: asked"
+
+
+def test_only_a_writer_that_saw_no_other_process_save_lately_decides_on_what_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where another process saves too, a batch that skipped the store would often
+    collide: the writer asks until it has seen none for LONE_SECONDS."""
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 600.0)
+    store = Store()
+    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+    item = saved_item("A")
+    for number in range(1, 5):
+        hot.saved(number, number)  # no gap, but not for LONE_SECONDS yet
+        hot.keep([item])
+        hot.load_many([item.id])
+    assert len(store.calls) == 4
+
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
+    hot.saved(5, 5)
+    hot.keep([item])
+    hot.load_many([item.id])
+    assert len(store.calls) == 4, "alone for long enough"
+
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 1.0)
+    hot.saved(7, 7)  # 6 went to another process (or to a save that failed)
+    hot.keep([item])
+    hot.load_many([item.id])
+    assert len(store.calls) == 5, "another process saved between: asked"
+
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
+    hot.saved(8, 8)
+    hot.doubt(collided=True)
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 1.0)
+    hot.saved(9, 9)
+    hot.keep([item])
+    hot.load_many([item.id])
+    assert len(store.calls) == 6, "a collision is another process saving"
+
+
+def test_a_quiet_spell_lasts_only_a_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
+    store = Store()
+    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+    item = saved_item("A")
+    hot.saved(1, 1)
+    monkeypatch.setattr(hot_module, "QUIET_SECONDS", 0.0)
+    hot.saved(2, 2)
+    hot.keep([item])
+
+    hot.load_many([item.id])
+
+    assert len(store.calls) == 1, "another process may have saved since: asked"
