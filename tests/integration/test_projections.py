@@ -25,7 +25,7 @@ from ledger.base import Cause
 from ledger.commands import Confirm, PutMappings, PutSku, PutSupplier
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
-from ledger.supplier import SupplierTerms
+from ledger.supplier import Supplier, SupplierTerms
 from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
@@ -846,3 +846,34 @@ def test_a_runner_leaves_a_generation_built_by_newer_code_alone(quiet: Runtime) 
     with quiet.store.connection() as conn:
         assert live_generation(conn, "stock") == number  # not rebuilt to an older shape
         assert generation(conn, "stock", number).schema_version == 9  # type: ignore[union-attr]
+
+
+def test_conflicts_raised_after_a_restart_are_named_from_the_names_written_before(
+    settings: Settings,
+) -> None:
+    """A conflict names its SKU and its supplier by their streams' first events, which a
+    process that started since has not seen: it reads those names back."""
+    sku = random_sku("NAMED")
+    first = open_runtime(settings, sweep=False)
+    try:
+        stock_sku(first.writer, sku, 10, stale_after_seconds=60)
+        first.writer.execute(reserve([(sku, 8)]))
+        caught_up(first)
+    finally:
+        first.close()
+
+    second = open_runtime(settings, sweep=False)
+    try:
+        at = datetime.now(UTC)
+        report(second.writer, "acme", {sku: 2}, at)  # below the 8 promised
+        supplier = second.app.repository.get(Supplier.id_for("acme"))
+        assert supplier.note_last_report(at - timedelta(hours=1), at, CAUSE)
+        second.app.save(supplier)
+        caught_up(second)
+        conflicts = view_rows(second, ["conflicts"])["conflicts"]
+    finally:
+        second.close()
+
+    named = {(row["kind"], row["sku"], row["supplier_id"]) for row in conflicts}
+    assert ("oversell_exposure", sku, "acme") in named
+    assert ("supplier_stale", None, "acme") in named
