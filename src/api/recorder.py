@@ -31,6 +31,7 @@ from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
 
+from ledger.hot import SavedMeanwhile
 from ledger.stock import LevelRow, LevelTouch, incoming_json
 
 LEVELS_TABLE = "inventoryledger_levels"
@@ -191,11 +192,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
         Written out here because a failed check must roll the transaction back: the
         library catches what its steps raise and commits before raising it again.
         `locked`: an `Exclusive` transaction to save in (as a savepoint), committed once
-        the save succeeds, before this returns, as a save of its own would be.
+        the save succeeds, before this returns, as a save of its own would be. `after`:
+        the last notification the writer saved, when it decided on what it kept without
+        asking (see `ledger.hot`); if the events are not numbered right after it, another
+        process saved meanwhile, and the save is rolled back (`SavedMeanwhile`). Numbers
+        are handed out holding the table's lock, from a sequence that caches none (as
+        PostgreSQL makes it), so the check is exact; a number a failed save used up makes
+        it fail too, which only costs the writer a round trip.
         """
         levels: Sequence[LevelRow] = kwargs.get("levels") or ()
         touches: Sequence[LevelTouch] = kwargs.get("touches") or ()
         locked: Exclusive | None = kwargs.get("locked")
+        after: int | None = kwargs.get("after")
         failure: Exception | None = None
         notification_ids: Sequence[int] | None = None
         connection = nullcontext(locked.conn) if locked else self.datastore.get_connection()
@@ -211,10 +219,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
                             notification_ids = self._fetch_ids_after_insert_events(
                                 curs, stored_events, **kwargs
                             )
+                            if after is not None and min(notification_ids or [0]) != after + 1:
+                                raise SavedMeanwhile("another process saved since the last save")
                             self._keep_levels(curs, levels, touches)
                         except Exception as error:
                             failure = error
-                    if isinstance(failure, LevelMoved):
+                    if isinstance(failure, (LevelMoved, SavedMeanwhile)):
                         raise psycopg.Rollback()
             if failure is not None:
                 raise failure

@@ -7,9 +7,16 @@ the events written since (by other processes: optimistic concurrency on save gua
 rest, as for a fresh load). An aggregate is taken out while a batch uses it and comes
 back only when that batch saved; a batch that failed leaves it out, to be loaded anew.
 
-While no other process writes, even that round trip tells the writer nothing: a batch
-right after a save that shows no other process saved since the one before may decide
-on what is kept without asking the store (see `saved` and `load_many`).
+While no other process writes, even that round trip tells the writer nothing. Every save
+numbers its events holding the event table's lock, so a save whose numbers follow the
+writer's save before directly shows that no other process saved between the two (see
+`saved`). A kept aggregate is known current as long as no such sign of another process
+(a gap, a collision) has come since it was last read or saved; a batch that needs only
+such aggregates, and streams it means to start, may decide without asking the store, and
+its save then checks, in its own transaction, that no other process saved since the
+writer's last save (else it is rolled back, `SavedMeanwhile`, and the batch decided again
+on what the store holds). What the batch read is then what the store held when it
+saved; a batch with nothing to save has nothing to check, and is decided again.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from ledger.application import InventoryLedger
 from ledger.base import LedgerAggregate
@@ -30,36 +38,47 @@ from ledger.supplier import Supplier
 # Long-lived and shared by many commands; reservations and mappings are read once or twice.
 KEPT_KINDS = (StockItem, Supplier)
 
-# How long after a save that shows no other process saved since the writer's save before
-# it (`saved`) a batch may decide on what is kept without asking the store: about one
-# batch under load, when the next batch starts as soon as a save is answered. Guarded
-# all the same: a stream another process wrote meanwhile makes the writer's save collide,
-# and the commands that read it are decided again on fresh state; a command refused on
-# what was kept is decided again on what the store holds before it is answered (the
-# writer's `_attempt`). What such a batch reads and does not write (a supplier's terms)
-# is as of up to this long before it started, where a batch that asks has it as of its
-# start.
+# When a batch tries without asking the store. Neither is needed for correctness (the
+# save checks), both for speed: a try whose save finds that another process saved
+# meanwhile is decided again. Within this long of the writer's last save (about one
+# batch under load, when the next starts as soon as a save is answered)...
 QUIET_SECONDS = 0.02
-# ... and only for a writer that has seen no sign of another process saving (a gap in the
-# numbers, a collision) for this long: where another process is saving too, its saves
-# fall between this one's often, and a batch that decided on what was kept would often
-# collide (two API workers across 10,000 SKUs, measured: more collisions, fewer orders).
+# ... by a writer that has seen no sign of another process saving for this long: where
+# another process saves too, its saves fall between this one's often (two API workers
+# across 10,000 SKUs, measured: more collisions, fewer orders).
 LONE_SECONDS = 1.0
+
+
+class SavedMeanwhile(IntegrityError):
+    """Another process saved since the writer's last save, which a batch decided on what
+    was kept took as the latest: the save is rolled back, to be decided again."""
 
 
 class HotAggregates:
     """Up to `capacity` stock items and suppliers, least recently used dropped first."""
 
-    def __init__(self, app: InventoryLedger, capacity: int) -> None:
+    def __init__(
+        self,
+        app: InventoryLedger,
+        capacity: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.app = app
         self.capacity = capacity
+        self.clock = clock
         self._kept: OrderedDict[UUID, LedgerAggregate] = OrderedDict()
         # Those taken out by the batch under way, over all its tries (see `keep`).
         self._taken: set[UUID] = set()
-        # The last notification this writer saved, when it last saw another process save
-        # (time.monotonic), and until when what is kept may be taken as current.
-        self._last_saved: int | None = None
-        self._others_seen = time.monotonic()  # until a save shows otherwise
+        # Signs of another process saving so far (gaps, collisions): a kept aggregate is
+        # known current while `_current` has it at this count (see `keep`); those the
+        # batch under way took out, at the count when they were last read or saved.
+        self._epoch = 0
+        self._current: dict[UUID, int] = {}
+        self._read_at: dict[UUID, int] = {}
+        # The last notification this writer saved, when it last saw a sign of another
+        # process, and until when a batch may try without asking the store.
+        self.last_saved: int | None = None
+        self._others_seen = clock()
         self._quiet_until = -math.inf
         # Loads answered from what is kept, without asking the store, and those asked.
         self.unasked = 0
@@ -73,44 +92,55 @@ class HotAggregates:
     ) -> dict[UUID, LedgerAggregate]:
         """The aggregates that exist, in one round trip: kept ones brought up to date.
 
-        Without the round trip while quiet (see `saved`) if every one is kept or in `new`
-        (streams the batch means to start, taken as absent)."""
+        None without asking the store, if the writer may try so (`saved`) and every one
+        is kept and known current, or in `new` (streams the batch means to start, taken
+        as absent): its save must then check that no other process saved meanwhile
+        (`last_saved`, `SavedMeanwhile`)."""
         wanted = list(dict.fromkeys(aggregate_ids))
         known = {i: self._kept.pop(i) for i in wanted if i in self._kept}
+        stamps = {i: self._current.pop(i) for i in known}
         self._taken.update(known)
-        if time.monotonic() < self._quiet_until:
+        if self.clock() < self._quiet_until:
             fresh = set(new)
-            if all(i in known or i in fresh for i in wanted):
+            if all(stamps.get(i) == self._epoch if i in known else i in fresh for i in wanted):
                 self.unasked += 1
+                self._read_at.update(stamps)
                 return known
         self.asked += 1
-        return self.app.get_many(wanted, known)
+        epoch = self._epoch
+        found = self.app.get_many(wanted, known)
+        self._read_at.update(dict.fromkeys(found, epoch))
+        return found
 
-    def saved(self, first: int, last: int) -> None:
-        """The writer saved notifications `first` to `last`. Every save numbers its events
-        holding the event table's lock, so if they follow the writer's save before
-        directly, no other process saved between the two; if none has for LONE_SECONDS,
-        what is kept is taken as current for QUIET_SECONDS. (A gap left by a save that
-        failed counts as another process's.)"""
-        now = time.monotonic()
-        if self._last_saved is None or first != self._last_saved + 1:
-            self._others_seen = now
-        self._last_saved = last
+    def saved(self, first: int, last: int, began: float) -> None:
+        """The writer saved notifications `first` to `last` in a save it began at `began`
+        (`clock`). A gap since its save before (or a first save) is a sign of another
+        process; once it has seen none for LONE_SECONDS, the writer may try without
+        asking the store until QUIET_SECONDS after this save began."""
+        now = self.clock()
+        if self.last_saved is None or first != self.last_saved + 1:
+            self._other_process(now)
+        self.last_saved = last
         lone = now - self._others_seen >= LONE_SECONDS
-        self._quiet_until = now + QUIET_SECONDS if lone else -math.inf
+        self._quiet_until = began + QUIET_SECONDS if lone else -math.inf
 
     def doubt(self, *, collided: bool = False) -> None:
-        """Asks the store again from the next load on, until a save shows quiet again: a
-        command was refused on what was kept, or (`collided`) another process saved a
-        stream this writer was saving."""
+        """The next batches ask the store, until a save shows quiet again; `collided`:
+        another process saved (a stream this writer was saving, or since its last save)."""
         self._quiet_until = -math.inf
         if collided:
-            self._others_seen = time.monotonic()
+            self._other_process(self.clock())
+
+    def _other_process(self, now: float) -> None:
+        self._others_seen = now
+        self._epoch += 1  # what was read before may have moved since
 
     def load(self, aggregate_id: UUID) -> LedgerAggregate:
         """One aggregate, as `load_many` gives it; raises if the store has no such stream."""
         if aggregate_id not in self._kept:
+            epoch = self._epoch
             aggregate: LedgerAggregate = self.app.repository.get(aggregate_id)
+            self._read_at[aggregate_id] = epoch
             return aggregate
         found = self.load_many([aggregate_id])
         if aggregate_id not in found:
@@ -130,17 +160,28 @@ class HotAggregates:
     def begin_batch(self) -> None:
         """A new batch: none of what earlier ones took out is its own."""
         self._taken = set()
+        self._read_at = {}
 
-    def keep(self, aggregates: Iterable[LedgerAggregate], *, new: bool = True) -> None:
-        """Keeps aggregates a batch has just saved (or read), at the version they reached.
+    def keep(
+        self,
+        aggregates: Iterable[LedgerAggregate],
+        *,
+        new: bool = True,
+        saved: Iterable[UUID] = (),
+    ) -> None:
+        """Keeps aggregates a batch has just saved (`saved`: their ids) or read, at the
+        version they reached: one saved is known current now (its save found no other
+        version), one read as of when it was read.
 
         `new=False` (a part of a large delivery) keeps again only those the batch took
         out of here (in any of its tries: one that failed leaves what it took out, to be
         loaded anew), and suppliers: the thousands of stock items a part changes, most
         not to be seen again soon, would push out the busy SKUs every reservation reads."""
         taken, self._taken = self._taken, set()
+        read_at, self._read_at = self._read_at, {}
         if self.capacity <= 0:
             return
+        written = set(saved)
         for aggregate in aggregates:
             if (
                 isinstance(aggregate, KEPT_KINDS)
@@ -149,5 +190,9 @@ class HotAggregates:
             ):
                 self._kept[aggregate.id] = aggregate
                 self._kept.move_to_end(aggregate.id)
+                # Never read nor saved here (made by the batch and not saved): unknown.
+                known = self._epoch if aggregate.id in written else read_at.get(aggregate.id)
+                self._current[aggregate.id] = -1 if known is None else known
         while len(self._kept) > self.capacity:
-            self._kept.popitem(last=False)
+            dropped, _ = self._kept.popitem(last=False)
+            self._current.pop(dropped, None)

@@ -62,9 +62,12 @@ class UnitOfWork:
             except AggregateNotFoundError:
                 self._aggregates[aggregate_id] = None
         aggregate = self._aggregates[aggregate_id]
+        # Read, even when absent: a command that found no such stream read it too.
+        self._marks.setdefault(
+            aggregate_id, 0 if aggregate is None else len(aggregate.pending_events)
+        )
         if aggregate is None or not isinstance(aggregate, kind):
             return None
-        self._marks.setdefault(aggregate_id, len(aggregate.pending_events))
         return aggregate
 
     def _keep(self, aggregate_id: UUID, aggregate: LedgerAggregate | None) -> None:

@@ -37,7 +37,7 @@ from ledger.application import InventoryLedger
 from ledger.commands import Command
 from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
-from ledger.hot import HotAggregates
+from ledger.hot import HotAggregates, SavedMeanwhile
 from ledger.uow import UnitOfWork
 
 T = TypeVar("T")
@@ -421,7 +421,7 @@ class LedgerWriter:
             getattr(self.app.recorder, "select_seen", None),
         )
         named = [i for job in pending for i in job.command.aggregate_ids()]
-        new = [i for job in pending for i in job.command.new_ids()]
+        new = _new_streams(pending)
         unasked = self.hot.unasked
         unit.preload([*named, *self.hot.related(named)], new)
         answers, spoiled, reads = self._decide(unit, pending)
@@ -431,45 +431,62 @@ class LedgerWriter:
             for job in spoiled:
                 job.future.set_exception(spoiled[job])
             return [job for job in pending if job not in spoiled]
-        # Decided on what the writer kept, without asking the store (see ledger.hot): a
-        # refusal may rest on what another process changed since (a refused command
-        # changes nothing, so the others never rest on it). Such commands are decided
-        # again on what the store holds, after the others are saved.
-        doubtful: list[_Job] = []
-        if self.hot.unasked != unasked:
-            doubtful = [job for job in pending if answers[job][1] is not None]
-            pending = [job for job in pending if answers[job][1] is None]
         changed = unit.changed()
+        # Decided, in part, on what the writer kept without asking the store (see
+        # ledger.hot): the save checks that no other process saved since the writer's
+        # last one. A batch with nothing to save has nothing to check it with (its
+        # commands refused, or changed nothing): decided again on what the store holds.
+        after = self.hot.last_saved if self.hot.unasked != unasked else None
+        if after is not None and not changed:
+            self.hot.doubt()
+            return self._attempt(pending, started, locked)
         touches = unit.touches()
         # The version each changed stream was read at (saving hands its events out).
         read_at = {a.id: a.version - len(a.pending_events) for a in changed}
         position = None
         try:
             if changed:
+                began = self.hot.clock()
                 recordings = self.app.save(
-                    *changed, levels=unit.changed_levels(), touches=touches, locked=locked
+                    *changed,
+                    levels=unit.changed_levels(),
+                    touches=touches,
+                    locked=locked,
+                    after=after,
                 )
                 numbers = [r.notification.id for r in recordings]
                 position = max(numbers)
-                self.hot.saved(min(numbers), position)
+                self.hot.saved(min(numbers), position, began)
             elif touches:
                 self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
-        except IntegrityError:
-            # Another process wrote first (or a stream taken as new exists): decide again
-            # on fresh state, taking turns.
+        except SavedMeanwhile:
+            # What was kept may have moved: decided again on what the store holds.
             self.hot.doubt(collided=True)
-            self.conflicts += 1
-            self._note("conflict")
+            return self._attempt(pending, started, locked)
+        except IntegrityError:
             moved = self._moved(read_at)
-            self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
+            if moved and moved <= set(new):
+                # Only streams taken as new exist (an order replayed): the writer's own
+                # guess, not another process; decided again on what the store holds.
+                self.hot.doubt()
+            else:
+                # Another process wrote first: decide again on fresh state, taking turns.
+                self.hot.doubt(collided=True)
+                self.conflicts += 1
+                self._note("conflict")
+                self._contend(moved or {i for job in pending for i in job.command.shared_ids()})
             involved = self._involved(moved, pending, reads)
             if not involved or len(involved) == len(pending):
-                return doubtful + pending
+                return pending
             # The commands that read none of the streams that moved (nor anything such a
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
-            return doubtful + involved + (self._attempt(clean, started, locked) or [])
-        self.hot.keep(unit.loaded(), new=not any(job.command.bulk for job in pending))
+            return involved + (self._attempt(clean, started, locked) or [])
+        self.hot.keep(
+            unit.loaded(),
+            new=not any(job.command.bulk for job in pending),
+            saved=[a.id for a in changed],
+        )
         seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(pending)
@@ -479,9 +496,6 @@ class LedgerWriter:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(Outcome(value, position, seconds))
-        if doubtful:
-            self.hot.doubt()
-            return self._attempt(doubtful, started, locked)
         return None
 
     def _contended_among(self, pending: list[_Job]) -> list[UUID]:
@@ -567,3 +581,15 @@ class LedgerWriter:
                 answers[job] = (copy.deepcopy(value), None)
             reads[job] = (unit.read_since_begin(), unit.changed_ids_since_begin())
         return answers, spoiled, reads
+
+
+def _new_streams(jobs: list[_Job]) -> list[UUID]:
+    """The streams the commands mean to start (`Command.new_ids`) that no other command
+    names without meaning to: those may be taken as absent without asking the store."""
+    new: set[UUID] = set()
+    named: set[UUID] = set()
+    for job in jobs:
+        meant = job.command.new_ids()
+        new.update(meant)
+        named.update(i for i in job.command.aggregate_ids() if i not in meant)
+    return list(new - named)

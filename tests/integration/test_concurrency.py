@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,12 +16,14 @@ import pytest
 from api.metrics import Metrics
 from api.runtime import Runtime, open_runtime
 from ledger import hot
+from ledger.commands import PutSupplier
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
+from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter, _Job
 from tests.conftest import make_settings, random_sku
-from tests.integration.ledger_setup import now, report, reserve, stock_sku
+from tests.integration.ledger_setup import CAUSE, now, report, reserve, stock_sku
 from tests.integration.workers import compete, compete_spread
 
 
@@ -414,19 +417,80 @@ def test_an_order_replayed_right_after_it_was_placed_is_answered_as_placed(
     runtime: Runtime, stock: int, how: str
 ) -> None:
     """The writer takes a new order's reservation as absent while quiet; a replay's
-    exists: the replay's save collides (stock left) or its refusal is decided again (none
-    left), and either way it is answered with the reservation placed, once."""
+    exists: the replay's save collides (stock left) or, refused, it has nothing to save
+    (none left), and either way it is decided again on what the store holds and answered
+    with the reservation placed, once. Its own guess, not another process's write: no
+    conflict counted."""
     sku = random_sku("QUIET")
     stock_sku(runtime.writer, sku, stock)
     order = reserve([(sku, 2)], key=f"replayed-{sku}")
     placed = runtime.writer.execute(order)
-    conflicts = runtime.writer.conflicts
+    unasked, conflicts = runtime.writer.hot.unasked, runtime.writer.conflicts
 
     replayed = runtime.writer.execute(order)
 
+    assert runtime.writer.hot.unasked > unasked, f"decided first on what it kept ({how})"
     assert replayed.value.replayed
     assert replayed.value.reservation.id == placed.value.reservation.id
     assert placed_events(runtime, str(placed.value.reservation.id)) == 1
-    assert runtime.writer.conflicts == conflicts + (1 if how == "collides" else 0)
+    assert runtime.writer.conflicts == conflicts
     stored = runtime.app.repository.get(StockItem.id_for(sku))
     assert stored.levels(now(), {}).held == 2
+
+
+def put_supplier(writer: LedgerWriter, supplier_id: str, **terms: Any) -> None:
+    writer.execute(
+        PutSupplier(
+            at=now(),
+            cause=CAUSE,
+            supplier_id=supplier_id,
+            terms=SupplierTerms(name=supplier_id, **terms),
+        )
+    )
+
+
+@pytest.mark.usefixtures("quiet_lasts")
+def test_an_order_decided_on_kept_state_is_decided_again_if_another_writer_saved_meanwhile(
+    runtime: Runtime,
+) -> None:
+    """The supplier's terms are read, never written, by an order: no collision guards
+    them. The save does: it finds that another process saved since this writer's last
+    save, is rolled back, and the order is decided on what the store holds."""
+    sku = random_sku("QUIET")
+    stock_sku(runtime.writer, sku, 5, "held-back")
+    runtime.writer.execute(reserve([(sku, 1)]))
+    with another_writer(runtime) as other:
+        put_supplier(other, "held-back", buffer=5)  # nothing of it is to be sold now
+    unasked = runtime.writer.hot.unasked
+
+    with pytest.raises(InsufficientStock):
+        runtime.writer.execute(reserve([(sku, 1)]))
+
+    assert runtime.writer.hot.unasked > unasked, "decided first on what it kept"
+    stored = runtime.app.repository.get(StockItem.id_for(sku))
+    assert stored.levels(now(), {}).held == 1
+
+
+def test_a_supplier_another_writer_changed_is_read_again_before_it_is_relied_on(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saves that follow each other show only that nobody saved between them: a kept
+    copy read before another process's save is read again, however long this writer has
+    saved alone since."""
+    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
+    monkeypatch.setattr(hot, "LONE_SECONDS", 0.2)
+    held_back, other_sku = random_sku("QUIET"), random_sku("QUIET")
+    stock_sku(runtime.writer, held_back, 5, "held-back")
+    stock_sku(runtime.writer, other_sku, 5, "elsewhere")
+    runtime.writer.execute(reserve([(held_back, 1)]))  # kept, with its supplier
+    with another_writer(runtime) as other:
+        put_supplier(other, "held-back", buffer=5)
+    runtime.writer.execute(reserve([(other_sku, 1)]))  # its save shows the other's
+    time.sleep(0.25)
+    runtime.writer.execute(reserve([(other_sku, 1)]))  # alone since: it may try unasked
+    unasked = runtime.writer.hot.unasked
+    runtime.writer.execute(reserve([(other_sku, 1)]))
+    assert runtime.writer.hot.unasked > unasked, "quiet again"
+
+    with pytest.raises(InsufficientStock):
+        runtime.writer.execute(reserve([(held_back, 1)]))

@@ -6,8 +6,6 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import pytest
-
 from ledger import hot as hot_module
 from ledger.base import Cause
 from ledger.hot import HotAggregates
@@ -104,79 +102,111 @@ def test_a_part_of_a_large_delivery_keeps_only_what_it_took_out() -> None:
     assert busy.id not in hot
 
 
-def test_right_after_saves_no_other_process_came_between_a_batch_decides_on_what_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def quiet_writer(clock: Clock) -> tuple[Store, HotAggregates]:
+    """Kept aggregates of a writer that has saved alone for longer than LONE_SECONDS."""
     store = Store()
-    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+    hot = HotAggregates(store, capacity=10, clock=clock)  # type: ignore[arg-type]
+    hot.saved(1, 1, clock.now)
+    clock.now += hot_module.LONE_SECONDS + 1
+    return store, hot
+
+
+def test_right_after_saves_no_other_process_came_between_a_batch_decides_on_what_is_kept() -> None:
+    clock = Clock()
+    store, hot = quiet_writer(clock)
     item = saved_item("A", supplier="north")
     order = UUID(int=7)  # a stream the batch means to start
-    hot.saved(1, 3)
-    hot.saved(4, 6)  # follows 3: nobody saved between
-    hot.keep([item])
+    hot.keep([item], saved=[item.id])
+    hot.saved(2, 3, clock.now)  # follows 1: nobody saved between
+
     assert hot.load_many([item.id, order], new=[order]) == {item.id: item}
     assert store.calls == [], "decided on what is kept, the order taken as new"
     assert (hot.unasked, hot.asked) == (1, 0)
 
-    hot.keep([item])
+    hot.keep([item])  # read, unasked: as current as it was
     hot.load_many([item.id, UUID(int=8)], new=[order])
     assert len(store.calls) == 1, "a stream neither kept nor new: asked"
 
-    hot.saved(7, 7)
+    hot.keep([item])  # read from the store just now
+    hot.saved(4, 4, clock.now)
     hot.doubt()
-    hot.keep([item])
     hot.load_many([item.id])
-    assert len(store.calls) == 2, "after a refusal on what was kept: asked"
+    assert len(store.calls) == 2, "after a batch decided again (nothing to save): asked"
 
 
-def test_only_a_writer_that_saw_no_other_process_save_lately_decides_on_what_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Where another process saves too, a batch that skipped the store would often
-    collide: the writer asks until it has seen none for LONE_SECONDS."""
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 600.0)
-    store = Store()
-    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
+def test_a_quiet_spell_lasts_only_a_moment() -> None:
+    clock = Clock()
+    store, hot = quiet_writer(clock)
     item = saved_item("A")
-    for number in range(1, 5):
-        hot.saved(number, number)  # no gap, but not for LONE_SECONDS yet
-        hot.keep([item])
-        hot.load_many([item.id])
-    assert len(store.calls) == 4
-
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
-    hot.saved(5, 5)
-    hot.keep([item])
-    hot.load_many([item.id])
-    assert len(store.calls) == 4, "alone for long enough"
-
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 1.0)
-    hot.saved(7, 7)  # 6 went to another process (or to a save that failed)
-    hot.keep([item])
-    hot.load_many([item.id])
-    assert len(store.calls) == 5, "another process saved between: asked"
-
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
-    hot.saved(8, 8)
-    hot.doubt(collided=True)
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 1.0)
-    hot.saved(9, 9)
-    hot.keep([item])
-    hot.load_many([item.id])
-    assert len(store.calls) == 6, "a collision is another process saving"
-
-
-def test_a_quiet_spell_lasts_only_a_moment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hot_module, "LONE_SECONDS", 0.0)
-    store = Store()
-    hot = HotAggregates(store, capacity=10)  # type: ignore[arg-type]
-    item = saved_item("A")
-    hot.saved(1, 1)
-    monkeypatch.setattr(hot_module, "QUIET_SECONDS", 0.0)
-    hot.saved(2, 2)
-    hot.keep([item])
+    hot.keep([item], saved=[item.id])
+    hot.saved(2, 2, clock.now)
+    clock.now += hot_module.QUIET_SECONDS * 2
 
     hot.load_many([item.id])
 
     assert len(store.calls) == 1, "another process may have saved since: asked"
+
+
+def test_only_a_writer_that_saw_no_other_process_save_lately_decides_on_what_is_kept() -> None:
+    """Where another process saves too, a batch that skipped the store would often be
+    decided again: the writer asks until it has seen none for LONE_SECONDS."""
+    clock = Clock()
+    store, hot = quiet_writer(clock)
+    item = saved_item("A")
+    hot.keep([item], saved=[item.id])
+    hot.saved(3, 3, clock.now)  # 2 went to another process (or to a save that failed)
+    hot.load_many([item.id])
+    assert len(store.calls) == 1, "another process saved between: asked"
+
+    hot.keep([item], saved=[item.id])
+    clock.now += hot_module.LONE_SECONDS / 2
+    hot.saved(4, 4, clock.now)
+    hot.load_many([item.id])
+    assert len(store.calls) == 2, "not alone for long enough yet"
+
+    hot.keep([item], saved=[item.id])
+    clock.now += hot_module.LONE_SECONDS
+    hot.saved(5, 5, clock.now)
+    hot.load_many([item.id])
+    assert len(store.calls) == 2, "alone for long enough"
+
+    hot.keep([item], saved=[item.id])
+    hot.doubt(collided=True)
+    clock.now += hot_module.LONE_SECONDS / 2
+    hot.saved(6, 6, clock.now)
+    hot.load_many([item.id])
+    assert len(store.calls) == 3, "a collision is another process saving"
+
+
+def test_a_copy_read_before_another_process_saved_is_read_again_however_quiet_since() -> None:
+    """Saves that follow each other show only that nobody saved between them: a copy
+    read (or saved) before a sign of another process is not known current any more."""
+    clock = Clock()
+    store, hot = quiet_writer(clock)
+    old, busy = saved_item("OLD", supplier="north"), saved_item("BUSY")
+    hot.keep([old, busy], saved=[old.id, busy.id])
+    hot.saved(3, 3, clock.now)  # a gap: another process saved
+    clock.now += hot_module.LONE_SECONDS + 1
+    hot.load_many([busy.id])  # asked: read again, current now
+    hot.keep([busy], saved=[busy.id])
+    hot.saved(4, 4, clock.now)  # alone long enough: quiet
+    assert len(store.calls) == 1
+
+    hot.load_many([busy.id])
+    assert len(store.calls) == 1, "read since the gap: current"
+    hot.keep([busy], saved=[busy.id])
+    hot.saved(5, 5, clock.now)
+    hot.load_many([old.id])
+    assert len(store.calls) == 2, "kept from before the gap: read again"
+    hot.keep([old])
+    hot.saved(6, 6, clock.now)
+    hot.load_many([old.id])
+    assert len(store.calls) == 2, "and current from then on"
