@@ -222,6 +222,7 @@ WRITER_COUNTS = (
     "ledger_writer_batch_seconds_sum",
     "ledger_writer_conflicts_total",
     "ledger_writer_exclusive_saves_total",
+    "ledger_writer_kept_tries_total",  # summed over outcomes
 )
 
 
@@ -239,9 +240,10 @@ def writer_counts(base: str) -> dict[str, float]:
 def writer_summary(
     before: dict[str, float], after: dict[str, float], seconds: float
 ) -> dict[str, float]:
-    """Batches a second, commands a batch, milliseconds from gathered to answered, and the
-    saves that collided with another worker's or held the event table's lock."""
-    batches, commands, busy, conflicts, exclusive = (
+    """Batches a second, commands a batch, milliseconds from gathered to answered, the
+    saves that collided with another worker's or held the event table's lock, and the
+    tries decided on the writer's kept copies without asking the store."""
+    batches, commands, busy, conflicts, exclusive, kept = (
         after[name] - before[name] for name in WRITER_COUNTS
     )
     return {
@@ -250,6 +252,7 @@ def writer_summary(
         "ms_per_batch": 1000 * busy / max(batches, 1),
         "conflicts": conflicts,
         "exclusive_saves": exclusive,
+        "kept_tries_per_batch": kept / max(batches, 1),
     }
 
 
@@ -451,7 +454,9 @@ def footnote(row: dict[str, Any]) -> str | None:
         f" baseline: {parts(baseline['cpu_ms_per_request'])}. Writer:"
         f" {writer['batches_per_second']:.0f} batches/s of {writer['commands_per_batch']:.1f}"
         f" commands, {writer['ms_per_batch']:.1f} ms each; {writer.get('conflicts', 0):.0f}"
-        f" conflicts, {writer.get('exclusive_saves', 0):.0f} exclusive saves. Load generator:"
+        f" conflicts, {writer.get('exclusive_saves', 0):.0f} exclusive saves,"
+        f" {writer.get('kept_tries_per_batch', 0):.0%} of batches tried on kept copies."
+        " Load generator:"
         f" {generator_note(Load(**ledger['load']))} against the ledger,"
         f" {generator_note(Load(**baseline['load']))} against the baseline."
     )

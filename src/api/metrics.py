@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+KEPT_TRY_OUTCOMES = ("saved", "saved_meanwhile", "nothing_to_save", "collided")
 # Commands in one batch; the writer caps a batch at 500.
 BATCH_COMMANDS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 BATCH_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -111,6 +112,15 @@ class Metrics:
             "Batches saved holding the event table's lock after colliding again and again",
             registry=self.registry,
         )
+        self.kept_tries = prom.Counter(
+            "ledger_writer_kept_tries",
+            "Batches decided on what the writer kept, without asking the store, by outcome:"
+            " saved, or decided again (saved_meanwhile, nothing_to_save, collided)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in KEPT_TRY_OUTCOMES:
+            self.kept_tries.labels(outcome)
 
     def read_copy_lookups(self, counts: dict[str, int]) -> None:
         """Lookups of the in-process copy since the last call (`StockCache.report`)."""
@@ -130,6 +140,9 @@ class Metrics:
 
     def exclusive(self) -> None:
         self.exclusive_saves.inc()
+
+    def kept_try(self, outcome: str) -> None:
+        self.kept_tries.labels(outcome).inc()
 
 
 def exposition(runtime: Runtime) -> tuple[bytes, str]:

@@ -168,6 +168,11 @@ class WriterMetrics(Protocol):
     def exclusive(self) -> None:
         """A batch saved holding the event table's lock (EXCLUSIVE_AFTER)."""
 
+    def kept_try(self, outcome: str) -> None:
+        """A batch decided on what the writer kept, without asking the store (see
+        ledger.hot): "saved", or decided again ("saved_meanwhile", "nothing_to_save",
+        "collided")."""
+
 
 def outcome_of(future: Future[Any]) -> str:
     """How a command ended, as a label: "ok", the code of the ledger's refusal, "cancelled"
@@ -439,6 +444,7 @@ class LedgerWriter:
         after = self.hot.last_saved if self.hot.unasked != unasked else None
         if after is not None and not changed:
             self.hot.doubt()
+            self._note("kept_try", "nothing_to_save")
             return self._attempt(pending, started, locked)
         touches = unit.touches()
         # The version each changed stream was read at (saving hands its events out).
@@ -462,8 +468,11 @@ class LedgerWriter:
         except SavedMeanwhile:
             # What was kept may have moved: decided again on what the store holds.
             self.hot.doubt(collided=True)
+            self._note("kept_try", "saved_meanwhile")
             return self._attempt(pending, started, locked)
         except IntegrityError:
+            if after is not None:
+                self._note("kept_try", "collided")
             moved = self._moved(read_at)
             if moved and moved <= set(new):
                 # Only streams taken as new exist (an order replayed): the writer's own
@@ -482,6 +491,8 @@ class LedgerWriter:
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
             return involved + (self._attempt(clean, started, locked) or [])
+        if after is not None:
+            self._note("kept_try", "saved")
         self.hot.keep(
             unit.loaded(),
             new=not any(job.command.bulk for job in pending),

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.metrics import exposition
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
+from ledger import hot
 from ledger.errors import InsufficientStock, UnknownSku
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
@@ -115,3 +116,26 @@ def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> No
         assert found[("ledger_read_copy_lookups_total", (("result", "stale"),))] == 0
     finally:
         opened.close()
+
+
+def test_batches_decided_on_what_the_writer_kept_are_counted_by_outcome(
+    observed: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)  # alone from its first save
+    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
+    sku = random_sku()
+    stock_sku(observed.writer, sku, 2)
+    observed.writer.execute(reserve([(sku, 1)]))
+    observed.writer.execute(reserve([(sku, 1)]))  # decided on what it kept, and saved
+    with pytest.raises(InsufficientStock):
+        observed.writer.execute(reserve([(sku, 1)]))  # refused there: decided again
+
+    found = samples(observed)
+
+    def tries(outcome: str) -> float:
+        return found[("ledger_writer_kept_tries_total", (("outcome", outcome),))]
+
+    assert tries("saved") >= 1
+    assert tries("nothing_to_save") == 1
+    assert tries("saved_meanwhile") == 0
+    assert found[command("Reserve", "insufficient_stock")] == 1

@@ -264,6 +264,9 @@ class BrokenMetrics:
     def exclusive(self) -> None:
         raise RuntimeError("the metrics broke")
 
+    def kept_try(self, outcome: str) -> None:
+        raise RuntimeError("the metrics broke")
+
 
 def test_metrics_that_fail_never_stop_the_writer() -> None:
     writer = in_memory_writer()
