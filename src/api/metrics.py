@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
-KEPT_TRY_OUTCOMES = ("saved", "saved_meanwhile", "nothing_to_save", "collided")
+KEPT_TRY_OUTCOMES = ("saved", "not_as_kept", "nothing_to_save", "collided")
 # Commands in one batch; the writer caps a batch at 500.
 BATCH_COMMANDS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 BATCH_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -115,7 +115,7 @@ class Metrics:
         self.kept_tries = prom.Counter(
             "ledger_writer_kept_tries",
             "Batches decided on what the writer kept, without asking the store, by outcome:"
-            " saved, or decided again (saved_meanwhile, nothing_to_save, collided)",
+            " saved, or decided again (not_as_kept, nothing_to_save, collided)",
             ["outcome"],
             registry=self.registry,
         )

@@ -31,7 +31,7 @@ from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
 
-from ledger.hot import SavedMeanwhile
+from ledger.hot import NotAsKept
 from ledger.stock import LevelRow, LevelTouch, incoming_json
 
 LEVELS_TABLE = "inventoryledger_levels"
@@ -139,6 +139,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT sku, greatest(seen_at, observed_at) AS seen_at FROM {schema}.{table}"
             " WHERE supplier_id = %s AND sku = ANY(%b::text[])"
         ).format(schema=schema, table=levels)
+        self.select_any_stream_statement = SQL(
+            "SELECT 1 FROM {schema}.{events} WHERE originator_id = ANY(%b::uuid[]) LIMIT 1"
+        ).format(schema=schema, events=Identifier(self.events_table_name))
         self.select_versions_statement = SQL(
             "SELECT w.id, (SELECT max(originator_version) FROM {schema}.{events}"
             " WHERE originator_id = w.id) AS version FROM unnest(%b::uuid[]) AS w(id)"
@@ -195,15 +198,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
         the save succeeds, before this returns, as a save of its own would be. `after`:
         the last notification the writer saved, when it decided on what it kept without
         asking (see `ledger.hot`); if the events are not numbered right after it, another
-        process saved meanwhile, and the save is rolled back (`SavedMeanwhile`). Numbers
+        process saved meanwhile, and the save is rolled back (`NotAsKept`). Numbers
         are handed out holding the table's lock, from a sequence that caches none (as
         PostgreSQL makes it), so the check is exact; a number a failed save used up makes
-        it fail too, which only costs the writer a round trip.
+        it fail too, which only costs the writer a round trip. `absent`: streams the
+        writer took as new without asking and did not start (a refused order's
+        reservation); if one exists, the save is rolled back too.
         """
         levels: Sequence[LevelRow] = kwargs.get("levels") or ()
         touches: Sequence[LevelTouch] = kwargs.get("touches") or ()
         locked: Exclusive | None = kwargs.get("locked")
         after: int | None = kwargs.get("after")
+        absent: Sequence[UUID] = kwargs.get("absent") or ()
         failure: Exception | None = None
         notification_ids: Sequence[int] | None = None
         connection = nullcontext(locked.conn) if locked else self.datastore.get_connection()
@@ -220,11 +226,15 @@ class LedgerRecorder(PostgresApplicationRecorder):
                                 curs, stored_events, **kwargs
                             )
                             if after is not None and min(notification_ids or [0]) != after + 1:
-                                raise SavedMeanwhile("another process saved since the last save")
+                                raise NotAsKept("another process saved since the last save")
+                            if absent:
+                                curs.execute(self.select_any_stream_statement, (list(absent),))
+                                if curs.fetchone() is not None:
+                                    raise NotAsKept("a stream taken as new exists")
                             self._keep_levels(curs, levels, touches)
                         except Exception as error:
                             failure = error
-                    if isinstance(failure, (LevelMoved, SavedMeanwhile)):
+                    if isinstance(failure, (LevelMoved, NotAsKept)):
                         raise psycopg.Rollback()
             if failure is not None:
                 raise failure

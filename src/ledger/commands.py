@@ -40,7 +40,8 @@ class Command:
         """Among `aggregate_ids`, the streams the command means to start (a new order's
         reservation): a writer that has seen no other process write lately may take them
         as absent without asking the store (see `ledger.hot`). One that exists after all
-        makes the save collide, and the command is decided again on what the store holds."""
+        makes the save fail (a collision if the batch starts it, else the save's check
+        that none exists), and the batch is decided again on what the store holds."""
         return []
 
     @property

@@ -14,9 +14,10 @@ writer's save before directly shows that no other process saved between the two 
 (a gap, a collision) has come since it was last read or saved; a batch that needs only
 such aggregates, and streams it means to start, may decide without asking the store, and
 its save then checks, in its own transaction, that no other process saved since the
-writer's last save (else it is rolled back, `SavedMeanwhile`, and the batch decided again
-on what the store holds). What the batch read is then what the store held when it
-saved; a batch with nothing to save has nothing to check, and is decided again.
+writer's last save, and that none of the streams it took as new and did not start
+exists (else it is rolled back, `NotAsKept`, and the batch decided again on what the
+store holds). What the batch read is then what the store held when it saved; a batch
+with nothing to save has nothing to check, and is decided again.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from ledger.supplier import Supplier
 KEPT_KINDS = (StockItem, Supplier)
 
 # When a batch tries without asking the store. Neither is needed for correctness (the
-# save checks), both for speed: a try whose save finds that another process saved
-# meanwhile is decided again. Within this long of the writer's last save (about one
+# save checks, and a batch with nothing to save is decided again), both for speed: a try
+# whose save finds the store not as kept is decided again. Within this long of the writer's last save (about one
 # batch under load, when the next starts as soon as a save is answered)...
 QUIET_SECONDS = 0.02
 # ... by a writer that has seen no sign of another process saving for this long: where
@@ -49,9 +50,10 @@ QUIET_SECONDS = 0.02
 LONE_SECONDS = 1.0
 
 
-class SavedMeanwhile(IntegrityError):
-    """Another process saved since the writer's last save, which a batch decided on what
-    was kept took as the latest: the save is rolled back, to be decided again."""
+class NotAsKept(IntegrityError):
+    """The store is not as a batch decided on what was kept took it to be: another
+    process saved since the writer's last save, or a stream taken as new exists. The
+    save is rolled back, and the batch decided again on what the store holds."""
 
 
 class HotAggregates:
@@ -80,9 +82,11 @@ class HotAggregates:
         self.last_saved: int | None = None
         self._others_seen = clock()
         self._quiet_until = -math.inf
-        # Loads answered from what is kept, without asking the store, and those asked.
+        # Loads answered from what is kept, without asking the store, and those asked;
+        # the streams taken as absent since `guessed` was last emptied.
         self.unasked = 0
         self.asked = 0
+        self.guessed: set[UUID] = set()
 
     def __contains__(self, aggregate_id: object) -> bool:
         return aggregate_id in self._kept
@@ -95,7 +99,7 @@ class HotAggregates:
         None without asking the store, if the writer may try so (`saved`) and every one
         is kept and known current, or in `new` (streams the batch means to start, taken
         as absent): its save must then check that no other process saved meanwhile
-        (`last_saved`, `SavedMeanwhile`)."""
+        (`last_saved`, `NotAsKept`)."""
         wanted = list(dict.fromkeys(aggregate_ids))
         known = {i: self._kept.pop(i) for i in wanted if i in self._kept}
         stamps = {i: self._current.pop(i) for i in known}
@@ -105,6 +109,7 @@ class HotAggregates:
             if all(stamps.get(i) == self._epoch if i in known else i in fresh for i in wanted):
                 self.unasked += 1
                 self._read_at.update(stamps)
+                self.guessed.update(i for i in wanted if i not in known)
                 return known
         self.asked += 1
         epoch = self._epoch

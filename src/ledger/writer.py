@@ -37,7 +37,7 @@ from ledger.application import InventoryLedger
 from ledger.commands import Command
 from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
-from ledger.hot import HotAggregates, SavedMeanwhile
+from ledger.hot import HotAggregates, NotAsKept
 from ledger.uow import UnitOfWork
 
 T = TypeVar("T")
@@ -170,7 +170,7 @@ class WriterMetrics(Protocol):
 
     def kept_try(self, outcome: str) -> None:
         """A batch decided on what the writer kept, without asking the store (see
-        ledger.hot): "saved", or decided again ("saved_meanwhile", "nothing_to_save",
+        ledger.hot): "saved", or decided again ("not_as_kept", "nothing_to_save",
         "collided")."""
 
 
@@ -428,6 +428,7 @@ class LedgerWriter:
         named = [i for job in pending for i in job.command.aggregate_ids()]
         new = _new_streams(pending)
         unasked = self.hot.unasked
+        self.hot.guessed.clear()
         unit.preload([*named, *self.hot.related(named)], new)
         answers, spoiled, reads = self._decide(unit, pending)
         if spoiled:
@@ -437,16 +438,23 @@ class LedgerWriter:
                 job.future.set_exception(spoiled[job])
             return [job for job in pending if job not in spoiled]
         changed = unit.changed()
+        touches = unit.touches()
         # Decided, in part, on what the writer kept without asking the store (see
         # ledger.hot): the save checks that no other process saved since the writer's
-        # last one. A batch with nothing to save has nothing to check it with (its
-        # commands refused, or changed nothing): decided again on what the store holds.
-        after = self.hot.last_saved if self.hot.unasked != unasked else None
-        if after is not None and not changed:
+        # last one, and that the streams taken as new that the batch did not start (a
+        # refused order's reservation) do not exist. A batch with nothing to save has
+        # nothing to check that with (its commands refused, or changed nothing): its
+        # copies, unchanged, go back, and it is decided again on what the store holds.
+        kept_try = self.hot.unasked != unasked
+        after = self.hot.last_saved if kept_try else None
+        bulk = any(job.command.bulk for job in pending)
+        if kept_try and not changed:
+            self.hot.keep(unit.loaded(), new=not bulk)
             self.hot.doubt()
             self._note("kept_try", "nothing_to_save")
             return self._attempt(pending, started, locked)
-        touches = unit.touches()
+        started_ids = {a.id for a in changed}
+        absent = [i for i in self.hot.guessed if i not in started_ids] if kept_try else []
         # The version each changed stream was read at (saving hands its events out).
         read_at = {a.id: a.version - len(a.pending_events) for a in changed}
         position = None
@@ -459,22 +467,23 @@ class LedgerWriter:
                     touches=touches,
                     locked=locked,
                     after=after,
+                    absent=absent,
                 )
                 numbers = [r.notification.id for r in recordings]
                 position = max(numbers)
                 self.hot.saved(min(numbers), position, began)
             elif touches:
                 self.app.recorder.touch_levels(touches)  # type: ignore[attr-defined]
-        except SavedMeanwhile:
+        except NotAsKept:
             # What was kept may have moved: decided again on what the store holds.
             self.hot.doubt(collided=True)
-            self._note("kept_try", "saved_meanwhile")
+            self._note("kept_try", "not_as_kept")
             return self._attempt(pending, started, locked)
         except IntegrityError:
             if after is not None:
                 self._note("kept_try", "collided")
             moved = self._moved(read_at)
-            if moved and moved <= set(new):
+            if kept_try and moved and moved <= set(new):
                 # Only streams taken as new exist (an order replayed): the writer's own
                 # guess, not another process; decided again on what the store holds.
                 self.hot.doubt()
@@ -493,11 +502,7 @@ class LedgerWriter:
             return involved + (self._attempt(clean, started, locked) or [])
         if after is not None:
             self._note("kept_try", "saved")
-        self.hot.keep(
-            unit.loaded(),
-            new=not any(job.command.bulk for job in pending),
-            saved=[a.id for a in changed],
-        )
+        self.hot.keep(unit.loaded(), new=not bulk, saved=started_ids)
         seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(pending)

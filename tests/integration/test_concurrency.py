@@ -494,3 +494,30 @@ def test_a_supplier_another_writer_changed_is_read_again_before_it_is_relied_on(
 
     with pytest.raises(InsufficientStock):
         runtime.writer.execute(reserve([(held_back, 1)]))
+
+
+@pytest.mark.usefixtures("quiet_lasts")
+def test_an_order_replayed_beside_others_that_save_is_answered_as_placed(
+    runtime: Runtime,
+) -> None:
+    """A replay refused on what was kept (its stock all held since by the order itself)
+    in a batch whose other orders save: the save finds that the reservation taken as new
+    exists, is rolled back, and every order is decided again on what the store holds."""
+    sku, other = random_sku("QUIET"), random_sku("QUIET")
+    stock_sku(runtime.writer, sku, 2)
+    stock_sku(runtime.writer, other, 5)
+    order = reserve([(sku, 2)], key=f"replayed-{sku}")
+    placed = runtime.writer.execute(order)
+    runtime.writer.execute(reserve([(other, 1)]))
+    unasked = runtime.writer.hot.unasked
+
+    batch = [_Job(order, Future()), _Job(reserve([(other, 1)]), Future())]
+    runtime.writer._run_batch(batch)
+
+    assert runtime.writer.hot.unasked > unasked, "decided first on what it kept"
+    replayed = batch[0].future.result(0).value
+    assert replayed.replayed
+    assert replayed.reservation.id == placed.value.reservation.id
+    assert batch[1].future.result(0).value.reservation.lines[other].quantity == 1
+    stored = runtime.app.repository.get(StockItem.id_for(other))
+    assert stored.levels(now(), {}).held == 2

@@ -137,5 +137,5 @@ def test_batches_decided_on_what_the_writer_kept_are_counted_by_outcome(
 
     assert tries("saved") >= 1
     assert tries("nothing_to_save") == 1
-    assert tries("saved_meanwhile") == 0
+    assert tries("not_as_kept") == 0
     assert found[command("Reserve", "insufficient_stock")] == 1
