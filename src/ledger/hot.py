@@ -40,9 +40,10 @@ from ledger.supplier import Supplier
 KEPT_KINDS = (StockItem, Supplier)
 
 # When a batch tries without asking the store. Neither is needed for correctness (the
-# save checks, and a batch with nothing to save is decided again), both for speed: a try
-# whose save finds the store not as kept is decided again. Within this long of the writer's last save (about one
-# batch under load, when the next starts as soon as a save is answered)...
+# save checks, and a batch with nothing to save is decided again), both for speed: a
+# try whose save finds the store not as kept is decided again. Within this long of the
+# writer's last save (about one batch under load, when the next starts as soon as a
+# save is answered)...
 QUIET_SECONDS = 0.02
 # ... by a writer that has seen no sign of another process saving for this long: where
 # another process saves too, its saves fall between this one's often (two API workers
