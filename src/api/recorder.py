@@ -200,7 +200,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
         asking (see `ledger.hot`); if the events are not numbered right after it, another
         process saved meanwhile, and the save is rolled back (`NotAsKept`). Numbers
         are handed out holding the table's lock, from a sequence that caches none (as
-        PostgreSQL makes it), so the check is exact; a number a failed save used up makes
+        PostgreSQL makes it; see `numbers_follow_saves`), so the check is exact; a number a failed save used up makes
         it fail too, which only costs the writer a round trip. `absent`: streams the
         writer took as new without asking and did not start (a refused order's
         reservation); if one exists, the save is rolled back too.
@@ -361,6 +361,21 @@ class LedgerRecorder(PostgresApplicationRecorder):
         ):
             curs.execute(self.select_seen_statement, (supplier_id, list(skus)))
             return {sku: seen_at for sku, seen_at in curs.fetchall() if seen_at}
+
+    def numbers_follow_saves(self) -> bool:
+        """Whether events are numbered one after another, save after save: the sequence
+        behind `notification_id` caches no numbers (PostgreSQL's default). A writer may
+        then tell from its saves' numbers that no other process saved between them (see
+        `ledger.hot`); with a cache, each connection hands out numbers of its own block."""
+        table = ".".join(filter(None, [self.datastore.schema, self.events_table_name]))
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(
+                "SELECT s.seqcache FROM pg_sequence s"
+                " WHERE s.seqrelid = pg_get_serial_sequence(%s, 'notification_id')::regclass",
+                (table,),
+            )
+            row = curs.fetchone()
+        return row is not None and row[0] == 1
 
     def select_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
         """The stored version of each stream that has events, by primary-key lookups."""

@@ -22,6 +22,7 @@ with nothing to save has nothing to check, and is decided again.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -35,6 +36,8 @@ from ledger.application import InventoryLedger
 from ledger.base import LedgerAggregate
 from ledger.stock import StockItem
 from ledger.supplier import Supplier
+
+log = logging.getLogger(__name__)
 
 # Long-lived and shared by many commands; reservations and mappings are read once or twice.
 KEPT_KINDS = (StockItem, Supplier)
@@ -83,6 +86,9 @@ class HotAggregates:
         self.last_saved: int | None = None
         self._others_seen = clock()
         self._quiet_until = -math.inf
+        # Whether saves' numbers can tell (asked of the store at the first save; a store
+        # that cannot say, in memory, has no other process to tell of).
+        self._numbers_tell: bool | None = None
         # Loads answered from what is kept, without asking the store, and those asked;
         # the streams taken as absent since `guessed` was last emptied.
         self.unasked = 0
@@ -124,10 +130,16 @@ class HotAggregates:
         process; once it has seen none for LONE_SECONDS, the writer may try without
         asking the store until QUIET_SECONDS after this save began."""
         now = self.clock()
+        if self._numbers_tell is None:
+            recorder = getattr(self.app, "recorder", None)
+            follow = getattr(recorder, "numbers_follow_saves", None)
+            self._numbers_tell = follow is None or bool(follow())
+            if not self._numbers_tell:
+                log.warning("writer.kept_tries_off: the event numbers' sequence caches numbers")
         if self.last_saved is None or first != self.last_saved + 1:
             self._other_process(now)
         self.last_saved = last
-        lone = now - self._others_seen >= LONE_SECONDS
+        lone = self._numbers_tell and now - self._others_seen >= LONE_SECONDS
         self._quiet_until = began + QUIET_SECONDS if lone else -math.inf
 
     def doubt(self, *, collided: bool = False) -> None:

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import pytest
 
 from api.metrics import Metrics
@@ -521,3 +522,22 @@ def test_an_order_replayed_beside_others_that_save_is_answered_as_placed(
     assert batch[1].future.result(0).value.reservation.lines[other].quantity == 1
     stored = runtime.app.repository.get(StockItem.id_for(other))
     assert stored.levels(now(), {}).held == 2
+
+
+def test_a_writer_whose_event_numbers_are_cached_never_tries_on_kept_copies(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a cache on the events' sequence, each connection numbers from a block of its
+    own: numbers that follow each other would prove nothing, and the writer always asks."""
+    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)
+    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
+    assert runtime.app.recorder.numbers_follow_saves()  # type: ignore[attr-defined]
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        conn.execute("ALTER SEQUENCE inventoryledger_events_notification_id_seq CACHE 10")
+    assert not runtime.app.recorder.numbers_follow_saves()  # type: ignore[attr-defined]
+    sku = random_sku("CACHED")
+    stock_sku(runtime.writer, sku, 5)
+    for _ in range(3):
+        runtime.writer.execute(reserve([(sku, 1)]))
+
+    assert runtime.writer.hot.unasked == 0
