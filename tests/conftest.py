@@ -28,6 +28,7 @@ from psycopg.conninfo import make_conninfo
 from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
+from ledger import hot
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -259,3 +260,12 @@ def server(postgres_server_url: str, tmp_path: Path) -> Iterator[Server]:
     """`ledger serve --workers 2` on a fresh database."""
     with serving(postgres_server_url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture
+def quiet_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer's quiet spell after its saves (about one batch) lasts the whole test, and
+    starts at its first save, so that what another writer does in between lands inside
+    it, as it may under load (see `ledger.hot`)."""
+    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
+    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)

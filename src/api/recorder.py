@@ -200,8 +200,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
         asking (see `ledger.hot`); if the events are not numbered right after it, another
         process saved meanwhile, and the save is rolled back (`NotAsKept`). Numbers
         are handed out holding the table's lock, from a sequence that caches none (as
-        PostgreSQL makes it; see `numbers_follow_saves`), so the check is exact; a number a failed save used up makes
-        it fail too, which only costs the writer a round trip. `absent`: streams the
+        PostgreSQL makes it; see `numbers_follow_saves`), so the check is exact; a
+        number a failed save used up makes it fail too, which only costs the writer a
+        round trip. `absent`: streams the
         writer took as new without asking and did not start (a refused order's
         reservation); if one exists, the save is rolled back too.
         """

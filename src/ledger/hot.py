@@ -89,10 +89,9 @@ class HotAggregates:
         # Whether saves' numbers can tell (asked of the store at the first save; a store
         # that cannot say, in memory, has no other process to tell of).
         self._numbers_tell: bool | None = None
-        # Loads answered from what is kept, without asking the store, and those asked;
-        # the streams taken as absent since `guessed` was last emptied.
+        # Loads answered from what is kept, without asking the store, and the streams
+        # they took as absent since `guessed` was last emptied.
         self.unasked = 0
-        self.asked = 0
         self.guessed: set[UUID] = set()
 
     def __contains__(self, aggregate_id: object) -> bool:
@@ -118,7 +117,6 @@ class HotAggregates:
                 self._read_at.update(stamps)
                 self.guessed.update(i for i in wanted if i not in known)
                 return known
-        self.asked += 1
         epoch = self._epoch
         found = self.app.get_many(wanted, known)
         self._read_at.update(dict.fromkeys(found, epoch))

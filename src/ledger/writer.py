@@ -384,7 +384,7 @@ class LedgerWriter:
                 # Full jitter, so that two writers that collided do not collide again.
                 time.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
                 # Every try after the first decides on what the store holds (and so a try
-                # holding the table's lock never has refusals to decide again).
+                # holding the table's lock never tries on kept copies).
                 self.hot.doubt()
             # Writers in other processes that collided with this one on a stream take turns
             # on it, so that they queue instead of racing (racing writers mostly redo each
@@ -454,6 +454,7 @@ class LedgerWriter:
             self._note("kept_try", "nothing_to_save")
             return self._attempt(pending, started, locked)
         started_ids = {a.id for a in changed}
+        # Taken as absent and not started (a refused order's reservation): to be checked.
         absent = [i for i in self.hot.guessed if i not in started_ids] if kept_try else []
         # The version each changed stream was read at (saving hands its events out).
         read_at = {a.id: a.version - len(a.pending_events) for a in changed}
@@ -480,7 +481,7 @@ class LedgerWriter:
             self._note("kept_try", "not_as_kept")
             return self._attempt(pending, started, locked)
         except IntegrityError:
-            if after is not None:
+            if kept_try:
                 self._note("kept_try", "collided")
             moved = self._moved(read_at)
             if kept_try and moved and moved <= set(new):
@@ -500,7 +501,7 @@ class LedgerWriter:
             # command changed) decide the same again: they commit now, the rest try again.
             clean = [job for job in pending if job not in involved]
             return involved + (self._attempt(clean, started, locked) or [])
-        if after is not None:
+        if kept_try:
             self._note("kept_try", "saved")
         self.hot.keep(unit.loaded(), new=not bulk, saved=started_ids)
         seconds = time.monotonic() - started

@@ -103,7 +103,7 @@ class ConflictsProjection(Projection):
                 self._raise(
                     "oversell_exposure",
                     notified,
-                    sku=True,
+                    named="sku",
                     supplier_id=event.supplier_id,
                     quantity=event.quantity,
                     previous_quantity=event.previous_quantity,
@@ -115,7 +115,7 @@ class ConflictsProjection(Projection):
                 self._raise(
                     "anomalous_jump",
                     notified,
-                    sku=True,
+                    named="sku",
                     supplier_id=event.supplier_id,
                     previous_quantity=previous,
                     quantity=event.quantity,
@@ -126,7 +126,7 @@ class ConflictsProjection(Projection):
             self._raise(
                 "late_report",
                 notified,
-                sku=True,
+                named="sku",
                 supplier_id=event.supplier_id,
                 quantity=event.quantity,
                 observed_at=event.observed_at.isoformat(),
@@ -137,8 +137,7 @@ class ConflictsProjection(Projection):
             self._raise(
                 "supplier_stale",
                 notified,
-                supplier_id=None,
-                supplier_named=True,
+                named="supplier_id",
                 last_report_at=event.last_report_at.isoformat(),
             )
         elif isinstance(event, FeedDelivery.Recorded):
@@ -172,13 +171,12 @@ class ConflictsProjection(Projection):
         kind: str,
         notified: Notified,
         *,
-        sku: bool = False,
-        supplier_id: str | None,
-        supplier_named: bool = False,
+        named: Literal["sku", "supplier_id"] | None = None,
+        supplier_id: str | None = None,
         **detail: Any,
     ) -> None:
-        """Keeps a conflict to write; `sku` (or `supplier_named`): the SKU (the supplier)
-        is the name of the event's stream."""
+        """Keeps a conflict to write; `named`: the column (the SKU, or the supplier) that
+        takes the name of the event's stream."""
         event = notified.event
         row = {
             "conflict_id": conflict_id(kind, event.originator_id, event.originator_version),
@@ -195,7 +193,6 @@ class ConflictsProjection(Projection):
             "detail": json.dumps(detail),
         }
         self._conflicts.append(row)
-        named = "sku" if sku else "supplier_id" if supplier_named else None
         if named is not None:
             name = self._names.get(event.originator_id)
             if name is None:

@@ -22,14 +22,7 @@ def stock_sku(
 ) -> None:
     """A SKU with one supplier reporting `quantity` of it now."""
     at = now()
-    writer.execute(
-        PutSupplier(
-            at=at,
-            cause=CAUSE,
-            supplier_id=supplier_id,
-            terms=SupplierTerms(name=supplier_id, **terms),  # type: ignore[arg-type]
-        )
-    )
+    put_supplier(writer, supplier_id, at, **terms)
     writer.execute(PutSku(at=at, cause=CAUSE, sku=sku, safety_stock=0))
     report(writer, sku, quantity, supplier_id, at)
 
@@ -74,4 +67,18 @@ def reserve(
         lines=lines,
         ttl_seconds=ttl,
         default_ttl_seconds=900,
+    )
+
+
+def put_supplier(
+    writer: LedgerWriter, supplier_id: str, at: datetime | None = None, **terms: object
+) -> None:
+    """The supplier, with these terms (its name its id)."""
+    writer.execute(
+        PutSupplier(
+            at=at or now(),
+            cause=CAUSE,
+            supplier_id=supplier_id,
+            terms=SupplierTerms(name=supplier_id, **terms),  # type: ignore[arg-type]
+        )
     )

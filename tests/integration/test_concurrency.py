@@ -17,14 +17,12 @@ import pytest
 from api.metrics import Metrics
 from api.runtime import Runtime, open_runtime
 from ledger import hot
-from ledger.commands import PutSupplier
 from ledger.errors import InsufficientStock
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
-from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter, _Job
 from tests.conftest import make_settings, random_sku
-from tests.integration.ledger_setup import CAUSE, now, report, reserve, stock_sku
+from tests.integration.ledger_setup import now, put_supplier, report, reserve, stock_sku
 from tests.integration.workers import compete, compete_spread
 
 
@@ -354,14 +352,6 @@ def test_a_kept_stock_item_is_brought_up_to_date_with_another_process_s_writes(
 # Deciding on what the writer keeps, without asking the store (ledger.hot) -----------
 
 
-@pytest.fixture
-def quiet_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer's quiet spell after its saves (about one batch) lasts the whole test, so
-    that what another writer does in between lands inside it, as it may under load."""
-    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
-    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)
-
-
 @contextmanager
 def another_writer(runtime: Runtime) -> Iterator[LedgerWriter]:
     """A second writer on the same store, as another process's: the first one's kept
@@ -439,17 +429,6 @@ def test_an_order_replayed_right_after_it_was_placed_is_answered_as_placed(
     assert stored.levels(now(), {}).held == 2
 
 
-def put_supplier(writer: LedgerWriter, supplier_id: str, **terms: Any) -> None:
-    writer.execute(
-        PutSupplier(
-            at=now(),
-            cause=CAUSE,
-            supplier_id=supplier_id,
-            terms=SupplierTerms(name=supplier_id, **terms),
-        )
-    )
-
-
 @pytest.mark.usefixtures("quiet_lasts")
 def test_an_order_decided_on_kept_state_is_decided_again_if_another_writer_saved_meanwhile(
     runtime: Runtime,
@@ -524,13 +503,12 @@ def test_an_order_replayed_beside_others_that_save_is_answered_as_placed(
     assert stored.levels(now(), {}).held == 2
 
 
+@pytest.mark.usefixtures("quiet_lasts")
 def test_a_writer_whose_event_numbers_are_cached_never_tries_on_kept_copies(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime,
 ) -> None:
     """With a cache on the events' sequence, each connection numbers from a block of its
     own: numbers that follow each other would prove nothing, and the writer always asks."""
-    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)
-    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
     assert runtime.app.recorder.numbers_follow_saves()  # type: ignore[attr-defined]
     with psycopg.connect(runtime.database_url, autocommit=True) as conn:
         conn.execute("ALTER SEQUENCE inventoryledger_events_notification_id_seq CACHE 10")

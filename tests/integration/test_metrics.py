@@ -10,7 +10,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.metrics import exposition
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
-from ledger import hot
 from ledger.errors import InsufficientStock, UnknownSku
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
@@ -118,11 +117,10 @@ def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> No
         opened.close()
 
 
+@pytest.mark.usefixtures("quiet_lasts")
 def test_batches_decided_on_what_the_writer_kept_are_counted_by_outcome(
-    observed: Runtime, monkeypatch: pytest.MonkeyPatch
+    observed: Runtime,
 ) -> None:
-    monkeypatch.setattr(hot, "LONE_SECONDS", 0.0)  # alone from its first save
-    monkeypatch.setattr(hot, "QUIET_SECONDS", 600.0)
     sku = random_sku()
     stock_sku(observed.writer, sku, 2)
     observed.writer.execute(reserve([(sku, 1)]))
@@ -138,4 +136,5 @@ def test_batches_decided_on_what_the_writer_kept_are_counted_by_outcome(
     assert tries("saved") >= 1
     assert tries("nothing_to_save") == 1
     assert tries("not_as_kept") == 0
+    assert tries("collided") == 0
     assert found[command("Reserve", "insufficient_stock")] == 1
