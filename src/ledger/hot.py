@@ -15,7 +15,7 @@ writer's save before directly shows that no other process saved between the two 
 such aggregates, and streams it means to start, may decide without asking the store, and
 its save then checks, in its own transaction, that no other process saved since the
 writer's last save, and that none of the streams it took as new and did not start
-exists (else it is rolled back, `NotAsKept`, and the batch decided again on what the
+exists (else it saves nothing, `NotAsKept`, and the batch is decided again on what the
 store holds). What the batch read is then what the store held when it saved; a batch
 with nothing to save has nothing to check, and is decided again.
 """

@@ -364,7 +364,7 @@ def another_writer(runtime: Runtime) -> Iterator[LedgerWriter]:
 
 
 @pytest.mark.usefixtures("quiet_lasts")
-def test_an_order_granted_on_kept_state_another_writer_changed_collides_and_is_refused(
+def test_an_order_granted_on_kept_state_another_writer_changed_saves_nothing_and_is_refused(
     runtime: Runtime,
 ) -> None:
     sku = random_sku("QUIET")
@@ -374,12 +374,17 @@ def test_an_order_granted_on_kept_state_another_writer_changed_collides_and_is_r
     with another_writer(runtime) as other:
         other.execute(reserve([(sku, 3)]))  # all that is left
     unasked, conflicts = runtime.writer.hot.unasked, runtime.writer.conflicts
+    metrics = runtime.writer.metrics = Metrics()
 
     with pytest.raises(InsufficientStock):
         runtime.writer.execute(reserve([(sku, 1)]))
 
     assert runtime.writer.hot.unasked > unasked, "decided first on what it kept"
-    assert runtime.writer.conflicts == conflicts + 1, "whose save collided"
+    tries = metrics.registry.get_sample_value
+    assert tries("ledger_writer_kept_tries_total", {"outcome": "not_as_kept"}) == 1, (
+        "its save found that another process had saved since, and inserted nothing"
+    )
+    assert runtime.writer.conflicts == conflicts, "so it collided with nothing"
     stored = runtime.app.repository.get(StockItem.id_for(sku))
     assert stored.levels(now(), {}).held == 5, "nothing oversold"
 
