@@ -26,7 +26,7 @@ import structlog
 from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
-from psycopg import Connection, Cursor, Pipeline
+from psycopg import Connection, Cursor
 from psycopg.abc import Query
 from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
 from psycopg.rows import DictRow, tuple_row
@@ -260,9 +260,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
         notification_ids: Sequence[int] | None = None
         with locked.conn.pipeline() as pipeline, locked.conn.transaction():
             try:
-                notification_ids = self._queue_save(
-                    locked.conn, stored_events, levels, touches, **kwargs
-                )(pipeline)
+                read = self._queue_save(locked.conn, stored_events, levels, touches, **kwargs)
+                pipeline.sync()
+                notification_ids = read()
             except Exception as error:
                 failure = error
             if isinstance(failure, (LevelMoved, NotAsKept)):
@@ -282,29 +282,29 @@ class LedgerRecorder(PostgresApplicationRecorder):
     ) -> Sequence[int] | None:
         """A save in a transaction of its own, in as few round trips as it can: one
         where nothing is left to check once PostgreSQL has run it (BEGIN, the insert and
-        COMMIT sent together), else two (the checks' answers read before COMMIT is sent).
-        psycopg's `transaction()` would cost one more, to learn that BEGIN succeeded
-        before sending the rest: the writer's thread waited on that round trip for 15%
-        of its time across 10,000 SKUs (py-spy), as long as on the COMMIT, the save's
-        slowest step being the wait for PostgreSQL and the GIL, not PostgreSQL's work.
-        The connection is in autocommit mode (as the library keeps it), so BEGIN and
-        COMMIT are sent as statements; whatever fails, the transaction is rolled back
+        COMMIT sent together, their answers read as the pipeline ends), else two (the
+        checks' answers read before COMMIT is sent). psycopg's `transaction()` would cost
+        one more, to learn that BEGIN succeeded before sending the rest: the writer's
+        thread waited on that round trip for 15% of its time across 10,000 SKUs
+        (py-spy), as long as on the COMMIT, the save's slowest step being the wait for
+        PostgreSQL and the GIL, not PostgreSQL's work. The connection is in autocommit
+        mode (as the library keeps it), so BEGIN and COMMIT are sent as statements;
+        whatever fails, the transaction is rolled back, once the pipeline has ended,
         before the connection goes back to the pool."""
         checked = bool(levels or touches)
-        with conn.pipeline() as pipeline:
-            try:
+        try:
+            with conn.pipeline() as pipeline:
                 conn.execute(b"BEGIN")
-                finish = self._queue_save(conn, stored_events, levels, touches, **kwargs)
-                if not checked:
-                    conn.execute(b"COMMIT")
-                notification_ids = finish(pipeline)
+                read = self._queue_save(conn, stored_events, levels, touches, **kwargs)
                 if checked:
-                    conn.execute(b"COMMIT")
                     pipeline.sync()
-            except BaseException:
-                _roll_back(conn)
-                raise
-        return notification_ids
+                    notification_ids = read()
+                conn.execute(b"COMMIT")
+            # The pipeline's end sent what was left and read every answer.
+            return notification_ids if checked else read()
+        except BaseException:
+            _roll_back(conn)
+            raise
 
     def _queue_save(
         self,
@@ -313,11 +313,11 @@ class LedgerRecorder(PostgresApplicationRecorder):
         levels: Sequence[LevelRow],
         touches: Sequence[LevelTouch],
         **kwargs: Any,
-    ) -> Callable[[Pipeline], Sequence[int] | None]:
+    ) -> Callable[[], Sequence[int] | None]:
         """Sends a save's statements down the pipeline, inside a transaction the caller
         opened, without waiting for their answers; returns what reads and checks them
-        (after syncing the pipeline), raising NotAsKept or LevelMoved where a check
-        fails, and the notification ids of the events."""
+        once the caller has synced the pipeline, raising NotAsKept or LevelMoved where a
+        check fails, and the notification ids of the events."""
         after: int | None = kwargs.get("after")
         inserted = conn.cursor()
         self._insert_events(inserted, stored_events, **kwargs)
@@ -329,8 +329,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
             if touches:
                 touched = conn.execute(self.touch_levels_statement, _columns(touches))
 
-        def finish(pipeline: Pipeline) -> Sequence[int] | None:
-            pipeline.sync()
+        def read() -> Sequence[int] | None:
             if not stored_events:
                 notification_ids = None
             else:
@@ -345,7 +344,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 raise LevelMoved("a level changed since a report was found to repeat it")
             return notification_ids
 
-        return finish
+        return read
 
     @contextmanager
     def exclusively(self) -> Iterator[Exclusive | None]:
@@ -529,10 +528,10 @@ def _notification(
 
 
 def _roll_back(conn: Connection[DictRow]) -> None:
-    """Ends a failed save's transaction as psycopg's own would: past an aborted
-    pipeline's unread answers, ROLLBACK, and the prepared statements forgotten (one the
-    aborted pipeline skipped would otherwise be taken as prepared). Where the connection
-    broke, the pool discards it."""
+    """Ends a failed save's transaction (its pipeline ended) as psycopg's own would:
+    ROLLBACK, and the prepared statements forgotten (one an aborted pipeline skipped
+    would otherwise be taken as prepared). Where the connection broke, the pool
+    discards it."""
     try:
         conn.rollback()
     except psycopg.Error as error:

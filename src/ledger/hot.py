@@ -57,7 +57,7 @@ LONE_SECONDS = 1.0
 class NotAsKept(IntegrityError):
     """The store is not as a batch decided on what was kept took it to be: another
     process saved since the writer's last save, or a stream taken as new exists. The
-    save is rolled back, and the batch decided again on what the store holds."""
+    save wrote nothing, and the batch is decided again on what the store holds."""
 
 
 class HotAggregates:
