@@ -50,15 +50,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
         schema = Identifier(self.datastore.schema)
         # As the library's, but the stored events travel in binary (%b): their text
         # form costs more to build than the insert itself, under the table lock.
-        self.insert_events_statement = SQL(
+        insert = (
             "INSERT INTO {schema}.{table} AS t (originator_id, originator_version, topic, state)"
             " SELECT originator_id, originator_version, topic, state"
-            " FROM unnest(%b::{schema}.{stored_event_type}[]) RETURNING notification_id"
-        ).format(
-            schema=schema,
-            table=Identifier(self.events_table_name),
-            stored_event_type=Identifier(self.stored_event_type_name),
+            " FROM unnest(%b::{schema}.{stored_event_type}[]){condition}"
+            " RETURNING notification_id"
         )
+        names = {
+            "schema": schema,
+            "table": Identifier(self.events_table_name),
+            "stored_event_type": Identifier(self.stored_event_type_name),
+        }
+        self.insert_events_statement = SQL(insert).format(condition=SQL(""), **names)
         self._select_notifications_statements: dict[tuple[str, ...], Any] = {}
         self.snapshots_table_name = events_table_name.removesuffix("_events") + "_snapshots"
         self.sql_create_statements.append(
@@ -150,21 +153,13 @@ class LedgerRecorder(PostgresApplicationRecorder):
         # The streams are looked up one by one, on the primary key: as `originator_id =
         # ANY(...)` the planner scanned the whole table (and, for no streams, to the
         # end): PostgreSQL's CPU a reservation doubled across 10,000 SKUs.
+        as_kept = SQL(
+            " WHERE (SELECT max(notification_id) FROM {schema}.{table}) = %b::bigint"
+            "  AND NOT EXISTS (SELECT FROM unnest(%b::uuid[]) AS a(id) CROSS JOIN LATERAL"
+            "   (SELECT FROM {schema}.{table} WHERE originator_id = a.id LIMIT 1) e)"
+        ).format(**names)
         self.insert_events_as_kept_statement = _rendered(
-            SQL(
-                "INSERT INTO {schema}.{table} AS t"
-                " (originator_id, originator_version, topic, state)"
-                " SELECT originator_id, originator_version, topic, state"
-                " FROM unnest(%b::{schema}.{stored_event_type}[])"
-                " WHERE (SELECT max(notification_id) FROM {schema}.{table}) = %b::bigint"
-                "  AND NOT EXISTS (SELECT FROM unnest(%b::uuid[]) AS a(id) CROSS JOIN LATERAL"
-                "   (SELECT FROM {schema}.{table} WHERE originator_id = a.id LIMIT 1) e)"
-                " RETURNING notification_id"
-            ).format(
-                schema=schema,
-                table=Identifier(self.events_table_name),
-                stored_event_type=Identifier(self.stored_event_type_name),
-            )
+            SQL(insert).format(condition=as_kept, **names)
         )
         self.select_versions_statement = SQL(
             "SELECT w.id, (SELECT max(originator_version) FROM {schema}.{events}"

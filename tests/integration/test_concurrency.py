@@ -440,7 +440,7 @@ def test_an_order_decided_on_kept_state_is_decided_again_if_another_writer_saved
 ) -> None:
     """The supplier's terms are read, never written, by an order: no collision guards
     them. The save does: it finds that another process saved since this writer's last
-    save, is rolled back, and the order is decided on what the store holds."""
+    save, saves nothing, and the order is decided on what the store holds."""
     sku = random_sku("QUIET")
     stock_sku(runtime.writer, sku, 5, "held-back")
     runtime.writer.execute(reserve([(sku, 1)]))
@@ -487,7 +487,7 @@ def test_an_order_replayed_beside_others_that_save_is_answered_as_placed(
 ) -> None:
     """A replay refused on what was kept (its stock all held since by the order itself)
     in a batch whose other orders save: the save finds that the reservation taken as new
-    exists, is rolled back, and every order is decided again on what the store holds."""
+    exists, saves nothing, and every order is decided again on what the store holds."""
     sku, other = random_sku("QUIET"), random_sku("QUIET")
     stock_sku(runtime.writer, sku, 2)
     stock_sku(runtime.writer, other, 5)
