@@ -198,23 +198,22 @@ class CpuMeter:
                 total += times.user + times.system
             return total
 
-        trees: dict[str, set[psutil.Process]] = {}
+        trees: dict[str, dict[int, psutil.Process]] = {}
         for part, pid in self.trees.items():
             try:
                 root = psutil.Process(pid)
-                trees[part] = {root, *root.children(recursive=True)}
+                trees[part] = {p.pid: p for p in (root, *root.children(recursive=True))}
             except psutil.Error:
-                trees[part] = set()
+                trees[part] = {}
         read = {}
-        for part, processes in trees.items():
+        for part, tree in trees.items():
             # Another part started within this one's tree is that part's, with its own.
-            others = {
-                process
-                for other, theirs in trees.items()
-                if other != part and self.trees[other] in {p.pid for p in processes}
-                for process in theirs
-            }
-            read[part] = used(list(processes - others))
+            mine = dict(tree)
+            for other, root in self.trees.items():
+                if other != part and root in tree:
+                    for pid in trees[other]:
+                        mine.pop(pid, None)
+            read[part] = used(list(mine.values()))
         named = psutil.process_iter(["name"])
         read["postgres"] = used([p for p in named if (p.info["name"] or "").startswith("postgres")])
         return read
