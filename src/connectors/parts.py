@@ -5,13 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
+
+import structlog
 
 from connectors.outcome import FIRST_KEPT, IngestResult
 from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
-from ledger.writer import LedgerWriter
+from ledger.handlers.reports import read_ahead
+from ledger.writer import LedgerWriter, Outcome
+
+log = structlog.get_logger(__name__)
 
 # Rejections recorded on the delivery's event; all of them go to the dead letters.
 MAX_REJECTIONS_IN_EVENT = FIRST_KEPT
@@ -58,30 +66,44 @@ class PartSender:
         The writer applies one command at a time, so every reservation waits while it
         applies a part: with `part_seconds` set, while other commands are waiting each
         part is sized to take about that long at the rate the one before it was applied,
-        and grows while none are (see `next_size`); with 0, each holds `batch_size`."""
+        and grows while none are (see `next_size`); with 0, each holds `batch_size`.
+
+        While the writer applies a part, the next is made, and what the writer will load
+        for it read ahead (`read_ahead`): its stock items and their levels' last reports,
+        on this thread and another connection, so that the writer goes from one part to
+        the next without waiting for them. The part made meanwhile has the size the one
+        before it was given; the size of the part after it follows from the one applied."""
         size = min(self.batch_size, FIRST_PART) if self.part_seconds else self.batch_size
         parts = _Parts(iter(observations))
         first = refusals
+        applying: _Applying | None = None
         while True:
-            batch = parts.take(size)
-            if not batch and not first:
+            command = None
+            try:
+                batch = parts.take(size)
+                if batch or first:
+                    command = self._command(
+                        supplier_id,
+                        delivery_id,
+                        source,
+                        batch,
+                        first=first,
+                        result=result,
+                        actor=actor,
+                        now=now,
+                        ahead=applying is not None,
+                    )
+                    first = False
+            finally:
+                if applying is not None:  # never left applying once this one has stopped
+                    seconds, contended = self._settle(applying, result, heartbeat)
+                    # At the rate of the part just applied, from the size of the last made.
+                    at_rate = seconds * size / max(applying.size, 1)
+                    size = self.next_size(size, at_rate, contended)
+            if command is None:
                 return
             decided = self.writer.commands
-            seconds = self._send_part(
-                supplier_id,
-                delivery_id,
-                source,
-                batch,
-                first=first,
-                result=result,
-                actor=actor,
-                now=now,
-                heartbeat=heartbeat,
-            )
-            # Commands besides this part decided meanwhile: others are waiting on the writer.
-            contended = self.writer.commands - decided > 1
-            size = self.next_size(len(batch), seconds, contended)
-            first = False
+            applying = _Applying(self.writer.submit(command), len(batch), command.rejected, decided)
 
     def next_size(self, size: int, seconds: float, contended: bool) -> int:
         """The size of the part after one of `size` changes that took the writer `seconds`.
@@ -93,7 +115,7 @@ class PartSender:
         fitting = round(size * self.part_seconds / max(seconds, 1e-3)) if contended else 2 * size
         return max(min(MIN_PART, self.batch_size), min(fitting, 2 * size, self.batch_size))
 
-    def _send_part(
+    def _command(
         self,
         supplier_id: str,
         delivery_id: str,
@@ -104,10 +126,10 @@ class PartSender:
         result: IngestResult,
         actor: str,
         now: datetime,
-        heartbeat: Callable[[], None] | None,
-    ) -> float:
-        """One part, as one command (the first carries the refusals); returns how long
-        the writer took over it."""
+        ahead: bool,
+    ) -> ReportStock:
+        """One part, as one command (the first carries the refusals); a bulk part made
+        while the writer applies another (`ahead`) carries what it will load, read now."""
         rejections = result.rejections.first(MAX_REJECTIONS_IN_EVENT) if first else []
         # A part is named by what it carries: applying the delivery again (after a
         # crash or a timeout) sends only what is still unapplied, under new names,
@@ -124,18 +146,50 @@ class PartSender:
             observations=batch,
             rejected=rejections,
         )
-        outcome = self.writer.execute(command, timeout=PART_TIMEOUT)
+        if ahead and command.bulk:
+            try:
+                command = replace(command, ahead=read_ahead(self.writer.app, command))
+            except Exception:  # only a head start: the writer then reads it itself
+                log.warning("ingest.read_ahead_failed", exc_info=True)
+        return command
+
+    def _settle(
+        self,
+        applying: _Applying,
+        result: IngestResult,
+        heartbeat: Callable[[], None] | None,
+    ) -> tuple[float, bool]:
+        """Waits for a part's outcome and counts it; returns how long the writer took over
+        it, and whether other commands were decided meanwhile (others are waiting on the
+        writer). A part still queued when the wait gives up is dropped, never applied late."""
+        try:
+            outcome = applying.future.result(PART_TIMEOUT)
+        except TimeoutError:
+            applying.future.cancel()
+            raise
         if heartbeat is not None:
             heartbeat()
         counted: DeliveryOutcome = outcome.value
         result.applied += counted.applied
         result.unchanged += counted.unchanged
         result.late += counted.late
-        new = {r.index for r in counted.rejected} - {r.index for r in rejections}
+        new = {r.index for r in counted.rejected} - {r.index for r in applying.rejections}
         result.by_ledger.extend(r for r in counted.rejected if r.index in new)
         if outcome.position is not None:
             result.position = max(result.position or 0, outcome.position)
-        return outcome.seconds
+        contended = self.writer.commands - applying.decided > 1
+        return outcome.seconds, contended
+
+
+@dataclass(frozen=True)
+class _Applying:
+    """A part the writer was given: its outcome to come, its size, the refusals it
+    carried, and how many commands the writer had decided when it was given."""
+
+    future: Future[Outcome[Any]]
+    size: int
+    rejections: list[Rejection]
+    decided: int
 
 
 class _Parts:

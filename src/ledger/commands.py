@@ -16,6 +16,7 @@ from ledger.mapping import MappingSpec, SkuMapping
 from ledger.reservation import Reservation
 from ledger.stock import IncomingStock, StockItem
 from ledger.supplier import Supplier, SupplierTerms
+from ledger.uow import ReadAhead
 
 # A command carrying this many records or more is bulk: the writer decides it in a batch
 # of its own (see LedgerWriter._run).
@@ -48,6 +49,10 @@ class Command:
     def bulk(self) -> bool:
         """Whether the command carries many records (a part of a large delivery)."""
         return False
+
+    def take_ahead(self) -> ReadAhead | None:
+        """What its sender read ahead for it, on its first try only (see ReadAhead)."""
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +130,15 @@ class ReportStock(Command):
     # The supplier's ceiling on a quantity in base units, where its feed rules set one
     # (the ledger's own bound applies besides).
     ceiling: int | None = None
+    # Read by the sender while the writer applied the part before (connectors.parts).
+    ahead: ReadAhead | None = field(default=None, compare=False, repr=False)
 
     @property
     def bulk(self) -> bool:
         return len(self.observations) >= BULK_FROM
+
+    def take_ahead(self) -> ReadAhead | None:
+        return None if self.ahead is None else self.ahead.take()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 from uuid import UUID
@@ -22,6 +23,30 @@ SeenLoader = Callable[[str, list[str]], Mapping[str, datetime]]
 ManyLoader = Callable[[Iterable[UUID], Iterable[UUID]], Mapping[UUID, LedgerAggregate]]
 
 
+@dataclass
+class ReadAhead:
+    """What a command's batch will load, read before the writer takes the command up: a
+    part of a large delivery is read while the writer applies the part before it (see
+    connectors.parts). The aggregates by id (None: absent), and when each level was last
+    reported by (supplier id, SKU).
+
+    The writer decides on it on the command's first try only (`take`), less what it keeps
+    itself (its copies are current). A save whose basis moved since it was read fails as
+    any save on a stale read does (a stream's version, a level's report, see
+    api.recorder), and the command is decided again on what the store holds."""
+
+    aggregates: dict[UUID, LedgerAggregate | None]
+    seen: dict[tuple[str, str], datetime | None]
+    taken: bool = field(default=False, repr=False)
+
+    def take(self) -> ReadAhead | None:
+        """This read, the first time only (on the writer's thread)."""
+        if self.taken:
+            return None
+        self.taken = True
+        return self
+
+
 class UnitOfWork:
     """Loads aggregates for a handler and hands the changed ones to the writer."""
 
@@ -30,14 +55,17 @@ class UnitOfWork:
         load: Callable[[UUID], LedgerAggregate],
         load_many: ManyLoader | None = None,
         load_seen: SeenLoader | None = None,
+        ahead: ReadAhead | None = None,
     ) -> None:
         self._load = load
         self._load_many = load_many
         self._load_seen = load_seen
         self._aggregates: dict[UUID, LedgerAggregate | None] = {}
+        # Read ahead for the command (see ReadAhead), taken as the command asks for them.
+        self._ahead: dict[UUID, LedgerAggregate | None] = dict(ahead.aggregates) if ahead else {}
         # The levels each stock item had when loaded, to save only the rows that change.
         self._levels_loaded: dict[UUID, LevelState] = {}
-        self._seen: dict[tuple[str, str], datetime | None] = {}
+        self._seen: dict[tuple[str, str], datetime | None] = dict(ahead.seen) if ahead else {}
         self._touched: dict[tuple[str, str], datetime] = {}
         # Since `begin`: how many new events each aggregate handed out held, and the
         # reports noted, to tell whether a failed command changed anything.
@@ -49,6 +77,11 @@ class UnitOfWork:
         """Loads many aggregates in one go, ahead of the `get`s that will want them; `new`:
         those among them the commands mean to start (see `Command.new_ids`)."""
         missing = [i for i in dict.fromkeys(aggregate_ids) if i not in self._aggregates]
+        if self._ahead:
+            for aggregate_id in missing:
+                if aggregate_id in self._ahead:
+                    self._keep(aggregate_id, self._ahead.pop(aggregate_id))
+            missing = [i for i in missing if i not in self._aggregates]
         if self._load_many is None or len(missing) < 2:
             return
         found = self._load_many(missing, new)
@@ -57,10 +90,13 @@ class UnitOfWork:
 
     def get(self, kind: type[A], aggregate_id: UUID) -> A | None:
         if aggregate_id not in self._aggregates:
-            try:
-                self._keep(aggregate_id, self._load(aggregate_id))
-            except AggregateNotFoundError:
-                self._aggregates[aggregate_id] = None
+            if aggregate_id in self._ahead:
+                self._keep(aggregate_id, self._ahead.pop(aggregate_id))
+            else:
+                try:
+                    self._keep(aggregate_id, self._load(aggregate_id))
+                except AggregateNotFoundError:
+                    self._aggregates[aggregate_id] = None
         aggregate = self._aggregates[aggregate_id]
         # Read, even when absent: a command that found no such stream read it too.
         self._marks.setdefault(

@@ -38,7 +38,7 @@ from ledger.commands import Command
 from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
 from ledger.hot import HotAggregates, NotAsKept
-from ledger.uow import UnitOfWork
+from ledger.uow import ReadAhead, UnitOfWork
 
 T = TypeVar("T")
 
@@ -424,6 +424,7 @@ class LedgerWriter:
             self.hot.load,
             self.hot.load_many,
             getattr(self.app.recorder, "select_seen", None),
+            _read_ahead(pending, self.hot),
         )
         named = [i for job in pending for i in job.command.aggregate_ids()]
         new = _new_streams(pending)
@@ -598,6 +599,16 @@ class LedgerWriter:
                 answers[job] = (copy.deepcopy(value), None)
             reads[job] = (unit.read_since_begin(), unit.changed_ids_since_begin())
         return answers, spoiled, reads
+
+
+def _read_ahead(jobs: list[_Job], hot: HotAggregates) -> ReadAhead | None:
+    """What was read ahead for a command alone in its batch (a bulk one), on its first
+    try, less the aggregates the writer keeps: its own copies are current."""
+    ahead = jobs[0].command.take_ahead() if len(jobs) == 1 else None
+    if ahead is None:
+        return None
+    aggregates = {i: a for i, a in ahead.aggregates.items() if i not in hot}
+    return ReadAhead(aggregates, ahead.seen, taken=True)
 
 
 def _new_streams(jobs: list[_Job]) -> list[UUID]:

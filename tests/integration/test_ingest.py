@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -302,13 +304,13 @@ def test_a_delivery_s_changes_are_read_as_its_parts_are_sent_not_all_at_once(
     monkeypatch.setattr(ingest_module._Changes, "_read", counted)
     small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5)
     read_when_sent: list[int] = []
-    send_part = small.parts._send_part
+    make_part = small.parts._command
 
-    def sending(*args: Any, **kwargs: Any) -> float:
+    def making(*args: Any, **kwargs: Any) -> Any:
         read_when_sent.append(len(read))
-        return send_part(*args, **kwargs)
+        return make_part(*args, **kwargs)
 
-    monkeypatch.setattr(small.parts, "_send_part", sending)
+    monkeypatch.setattr(small.parts, "_command", making)
 
     result = ingest(
         ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small
@@ -318,6 +320,43 @@ def test_a_delivery_s_changes_are_read_as_its_parts_are_sent_not_all_at_once(
     # Pages ahead: two parts' worth (10) in 4s, plus the page in hand and the part taken.
     assert read_when_sent[0] <= 5 + 4 * (2 * 5 // 4 + 2) + 4 < 60
     assert sorted(read) == list(range(1, 61))
+    assert all(on_hand(ledger, sku) == 3 for sku in skus.values())
+
+
+def test_while_the_writer_applies_a_part_the_next_is_read_ahead_of_it(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery of 300 changes in parts of 100: while the writer applies a part, the
+    sender makes the next and reads its stock items (connectors.parts), so the writer
+    itself loads only the first part's. The SKUs are made by another runtime, so that this
+    writer keeps no copy of them."""
+    skus = {f"S-{n:03}": f"SKU-RA-{n:03}" for n in range(300)}
+    other = open_runtime(ledger.settings, sweep=False, connect=False, project=False)
+    try:
+        setup_supplier(other, "acme", skus)
+    finally:
+        other.close()
+    items = {StockItem.id_for(sku): sku for sku in skus.values()}
+    loaded: dict[str, set[str]] = {}
+    get_many = ledger.app.get_many
+
+    def counted(aggregate_ids: Any, known: Any = None) -> Any:
+        wanted = list(aggregate_ids)
+        by = "writer" if threading.current_thread().name == "ledger-writer" else "sender"
+        loaded.setdefault(by, set()).update(items[i] for i in wanted if i in items)
+        return get_many(wanted, known)
+
+    monkeypatch.setattr(ledger.app, "get_many", counted)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=100)
+
+    result = ingest(
+        ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small
+    )
+
+    assert (result.rows, result.applied) == (300, 300)
+    in_order = sorted(skus.values())
+    assert loaded["writer"] == set(in_order[:100]), "the first part: nothing before it"
+    assert loaded["sender"] == set(in_order[100:])
     assert all(on_hand(ledger, sku) == 3 for sku in skus.values())
 
 
@@ -331,16 +370,18 @@ def test_a_delivery_whose_part_fails_stops_reading_its_changes_and_says_so(
     setup_supplier(ledger, "acme", skus)
     monkeypatch.setattr(ingest_module, "CHANGES_PAGE", 4)
     small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5)
-    send_part = small.parts._send_part
+    submit = ledger.writer.submit
     sent: list[int] = []
 
-    def failing_second(*args: Any, **kwargs: Any) -> float:
+    def failing_second(command: Any) -> Future[Any]:
         sent.append(1)
         if len(sent) == 2:
-            raise RuntimeError("the ledger is down")
-        return send_part(*args, **kwargs)
+            refused: Future[Any] = Future()
+            refused.set_exception(RuntimeError("the ledger is down"))
+            return refused
+        return submit(command)
 
-    monkeypatch.setattr(small.parts, "_send_part", failing_second)
+    monkeypatch.setattr(ledger.writer, "submit", failing_second)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="the ledger is down"):
         ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small)
@@ -349,6 +390,56 @@ def test_a_delivery_whose_part_fails_stops_reading_its_changes_and_says_so(
     assert len(sent) == 2
     assert [on_hand(ledger, sku) for sku in list(skus.values())[:5]] == [3] * 5
     assert on_hand(ledger, "SKU-FL-39") == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_part_that_cannot_be_made_ends_the_delivery_once_the_part_applying_is_applied(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second part is made while the writer applies the first: when making it fails,
+    the delivery ends with that error only after the first part's outcome is in, so no
+    part is left applying behind a delivery that has stopped."""
+    skus = {f"S-{n:02}": f"SKU-MK-{n:02}" for n in range(40)}
+    setup_supplier(ledger, "acme", skus)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=5)
+    make_part = small.parts._command
+    made: list[int] = []
+
+    def failing_second(*args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        if len(made) == 2:
+            raise RuntimeError("no second part")
+        return make_part(*args, **kwargs)
+
+    monkeypatch.setattr(small.parts, "_command", failing_second)
+    with pytest.raises(RuntimeError, match="no second part"):
+        ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 3), datetime.now(UTC)), ingestor=small)
+
+    assert [on_hand(ledger, sku) for sku in list(skus.values())[:5]] == [3] * 5
+    assert on_hand(ledger, "SKU-MK-05") == 0
+    assert ledger.writer._jobs.empty()
+
+
+def test_a_read_ahead_that_fails_leaves_the_writer_to_load_the_part(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a part ahead only saves the writer time: when it fails, the part goes
+    without it, and the writer loads what it needs itself."""
+    skus = {f"S-{n:03}": f"SKU-RF-{n:03}" for n in range(250)}
+    setup_supplier(ledger, "acme", skus)
+
+    def failing(*args: Any) -> Any:
+        raise psycopg.OperationalError("the connection went away")
+
+    monkeypatch.setattr(parts_module, "read_ahead", failing)
+    small = Ingestor(ledger.writer, ledger.store, ledger.views, batch_size=100)
+
+    result = ingest(
+        ledger, "acme", csv_body(dict.fromkeys(skus, 6), datetime.now(UTC)), ingestor=small
+    )
+
+    assert (result.rows, result.applied) == (250, 250)
+    assert all(on_hand(ledger, sku) == 6 for sku in skus.values())
 
 
 def parts_recorded(ledger: Runtime) -> int:
@@ -365,11 +456,12 @@ def parts_recorded(ledger: Runtime) -> int:
     ("contended", "parts"),
     [
         # Others waited on the writer after every part, and every part overran its
-        # nanosecond: after the first (4), each of the fewest allowed (2).
-        (True, 1 + 18),
-        # No one else wanted the writer: each part twice the one before (4, 8, 16, 12),
-        # however long it took.
-        (False, 4),
+        # nanosecond: after the first (4) and the one made while it was applied (4),
+        # each of the fewest allowed (2).
+        (True, 2 + 16),
+        # No one else wanted the writer: each part twice the one made before it, from
+        # the one made while the first was applied (4, 4, 8, 16, 8), however long it took.
+        (False, 5),
     ],
 )
 def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
@@ -381,14 +473,19 @@ def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
     setup_supplier(ledger, "acme", skus)
     writer = ledger.writer
     if contended:
-        execute = writer.execute
+        submit = writer.submit
 
-        def execute_while_another_command_is_decided(command: Any, **kwargs: Any) -> Any:
-            outcome = execute(command, **kwargs)
-            writer.commands += 1  # as if a reservation had been decided meanwhile
-            return outcome
+        def submit_while_another_command_is_decided(command: Any) -> Future[Any]:
+            applied: Future[Any] = Future()
 
-        monkeypatch.setattr(writer, "execute", execute_while_another_command_is_decided)
+            def decided(part: Future[Any]) -> None:
+                writer.commands += 1  # as if a reservation had been decided meanwhile
+                applied.set_result(part.result())
+
+            submit(command).add_done_callback(decided)
+            return applied
+
+        monkeypatch.setattr(writer, "submit", submit_while_another_command_is_decided)
     timed = Ingestor(writer, ledger.store, ledger.views, batch_size=100, part_seconds=1e-9)
     before = parts_recorded(ledger)
 
@@ -958,13 +1055,13 @@ def test_a_delivery_says_which_phase_its_time_went_to(
     setup_supplier(ledger, "acme", {"A": "SKU-T-A", "B": "SKU-T-B"})
     at = datetime.now(UTC) - timedelta(minutes=1)
     ingest(ledger, "acme", csv_body({"A": 3, "B": 4}, at))
-    execute = ledger.writer.execute
+    submit = ledger.writer.submit
 
-    def slow(*args: Any, **kwargs: Any) -> Any:
+    def slow(command: Any) -> Any:
         time.sleep(0.3)
-        return execute(*args, **kwargs)
+        return submit(command)
 
-    monkeypatch.setattr(ledger.writer, "execute", slow)
+    monkeypatch.setattr(ledger.writer, "submit", slow)
     started = time.perf_counter()
     # A changes, B repeats: one change for the ledger, one repeat to note.
     result = ingest(ledger, "acme", csv_body({"A": 5, "B": 4}, at + timedelta(seconds=5)))

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ from ledger.commands import (
     PutSupplier,
     ReportStock,
 )
+from ledger.handlers.reports import read_ahead
 from ledger.mapping import MappingSpec
 from ledger.stock import LevelTouch, StockItem
 from ledger.supplier import SupplierTerms
@@ -363,3 +365,72 @@ def test_the_file_path_sends_a_repeat_that_retires_a_shipment_to_the_ledger(
     )
     assert deliver(ledger, sku, 12, reported_at + timedelta(minutes=1)) == "unchanged"
     assert deliver(ledger, sku, 12, datetime.now(UTC) + timedelta(seconds=2)) == "applied"
+
+
+def part(sku: str, quantity: int, observed_at: datetime) -> ReportStock:
+    """A report of one SKU as a delivery's part carries it."""
+    return ReportStock(
+        at=datetime.now(UTC),
+        cause=CAUSE,
+        supplier_id="acme",
+        delivery_id=uuid.uuid4().hex,
+        content_hash=uuid.uuid4().hex,
+        source="test",
+        rows=1,
+        observations=[Observation(index=0, sku=sku, quantity=quantity, observed_at=observed_at)],
+    )
+
+
+def test_a_part_read_ahead_before_a_newer_repeat_was_seen_is_decided_again_and_late(
+    ledger: Runtime,
+) -> None:
+    """A part's stock items and levels are read while the writer applies the part before
+    it (connectors.parts). Here the supplier's 10:10 repeat is seen after the 10:05 report's
+    part was read ahead: the writer decides on what was read (the level last reported at
+    10:00), the save finds the newer report seen since and fails, and the part is decided
+    again on what the store holds: late, the level untouched."""
+    sku = catalogue(ledger)
+    assert report(ledger, sku, 5, EARLY) == "applied"
+    late = part(sku, 100, MIDDLE)
+    late = replace(late, ahead=read_ahead(ledger.app, late))
+    assert late.ahead is not None
+    assert late.ahead.seen == {("acme", sku): EARLY}
+    assert report(ledger, sku, 5, LATEST) == "unchanged"
+    conflicts = ledger.writer.conflicts
+
+    outcome = ledger.writer.execute(late).value
+
+    assert (outcome.applied, outcome.late) == (0, 1)
+    assert ledger.writer.conflicts == conflicts + 1, "decided first on what was read ahead"
+    assert level(ledger, sku)[:2] == (5, EARLY)
+    assert on_hand(ledger, sku) == 5
+
+
+def test_a_part_read_ahead_before_its_stock_item_changed_is_decided_again_on_it(
+    ledger: Runtime,
+) -> None:
+    """The stock item read ahead for a part changes before the part is applied, written by
+    another process's writer (here, another runtime on the same database, which made the
+    SKU: this writer keeps no copy of it): the part's save collides on the item's version,
+    and it is decided again on the item as stored."""
+    other = open_runtime(ledger.settings, sweep=False, connect=False, project=False)
+    try:
+        sku = catalogue(other)
+        assert report(other, sku, 5, EARLY) == "applied"
+        newer = part(sku, 9, LATEST)
+        newer = replace(newer, ahead=read_ahead(ledger.app, newer))
+        assert report(other, sku, 7, MIDDLE) == "applied"
+        conflicts = ledger.writer.conflicts
+
+        outcome = ledger.writer.execute(newer).value
+    finally:
+        other.close()
+
+    assert outcome.applied == 1
+    assert ledger.writer.conflicts == conflicts + 1, "decided first on what was read ahead"
+    assert level(ledger, sku)[:2] == (9, LATEST)
+    assert on_hand(ledger, sku) == 9
+    stored = ledger.app.recorder.select_events(StockItem.id_for(sku))
+    events = [ledger.app.mapper.to_domain_event(e) for e in stored]
+    observed = [e.quantity for e in events if isinstance(e, StockItem.Observed)]
+    assert observed == [5, 7, 9], "no report lost, none applied twice"

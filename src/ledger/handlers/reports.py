@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from ledger.application import InventoryLedger
 from ledger.commands import Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
 from ledger.errors import DeliveryConflict, UnknownSupplier
@@ -12,7 +13,7 @@ from ledger.handlers import handles
 from ledger.mapping import SkuMapping, unknown_unit
 from ledger.stock import IncomingStock, ObservationOutcome, StockItem
 from ledger.supplier import Supplier
-from ledger.uow import UnitOfWork
+from ledger.uow import ReadAhead, UnitOfWork
 
 # A supplier's clock may run a little ahead of ours; beyond this a report is refused.
 CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
@@ -109,6 +110,30 @@ def _preload(uow: UnitOfWork, command: ReportStock) -> None:
     skus = [m.sku for m in mapped if m is not None]
     skus += [o.sku for o in command.observations if o.sku is not None]
     uow.preload(StockItem.id_for(sku) for sku in skus)
+
+
+def read_ahead(app: InventoryLedger, command: ReportStock) -> ReadAhead:
+    """What `report_stock` will load for the command, as the store holds it now: its
+    mappings, its stock items and when each of their levels was last reported, a round
+    trip each (see ReadAhead)."""
+    mapping_ids = list(
+        dict.fromkeys(
+            SkuMapping.id_for(command.supplier_id, o.supplier_sku)
+            for o in command.observations
+            if o.supplier_sku is not None
+        )
+    )
+    mappings = app.get_many(mapping_ids) if mapping_ids else {}
+    skus = [m.sku for m in mappings.values() if isinstance(m, SkuMapping)]
+    skus = list(dict.fromkeys([*skus, *(o.sku for o in command.observations if o.sku)]))
+    item_ids = [StockItem.id_for(sku) for sku in skus]
+    items = app.get_many(item_ids)
+    select_seen = getattr(app.recorder, "select_seen", None)
+    seen = select_seen(command.supplier_id, skus) if select_seen is not None else {}
+    return ReadAhead(
+        {**{i: mappings.get(i) for i in mapping_ids}, **{i: items.get(i) for i in item_ids}},
+        {(command.supplier_id, sku): seen.get(sku) for sku in skus},
+    )
 
 
 def _newest_per_sku(
