@@ -25,10 +25,9 @@ import psycopg
 import structlog
 from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from eventsourcing.utils import retry
 from psycopg import Connection, Cursor
 from psycopg.abc import Query
-from psycopg.errors import InterfaceError, LockNotAvailable, OperationalError
+from psycopg.errors import LockNotAvailable
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
 
@@ -223,7 +222,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
         absent = list(kwargs.get("absent") or ())
         curs.execute(self.insert_events_as_kept_statement, (events, after, absent))
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -243,6 +241,15 @@ class LedgerRecorder(PostgresApplicationRecorder):
         so a save that committed before it is numbered above every earlier one: with a
         cached sequence, another process's save could be numbered below the newest, and
         go unseen.
+
+        A save whose connection is lost fails at once, where the library's tries again:
+        its commit may or may not have happened, which the writer learns by deciding
+        again on what the store holds (its callers meanwhile hear that the store was
+        unavailable; an order sent again under its idempotency key, or a delivery's part
+        under its name, is recognised). The decorator this carried until
+        2026-12-06 named psycopg's errors, which the library's connection turns into its
+        own, so it fired only under the table lock: ten tries, 0.2 s apart, on the
+        connection that was gone.
         """
         levels: Sequence[LevelRow] = kwargs.pop("levels", None) or ()
         touches: Sequence[LevelTouch] = kwargs.pop("touches", None) or ()
@@ -388,7 +395,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
         )
         return [_notification(*row) for row in rows]
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notification_rows(
         self,
         start: int | None,
@@ -404,7 +410,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
         audits read the whole log through here: the library's rows (dicts, then frozen
         dataclasses built field by field) cost twice the query itself. `share` (k, n)
         keeps the streams whose id's last byte is k modulo n: a rebuild in n processes
-        gives each a share of the streams."""
+        gives each a share of the streams. A lost connection fails the read at once: its
+        callers (the projections' runner, the readers) try again themselves."""
         conditions = []
         params: list[Any] = []
         if start is not None:
