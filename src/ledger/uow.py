@@ -27,15 +27,15 @@ ManyLoader = Callable[[Iterable[UUID], Iterable[UUID]], Mapping[UUID, LedgerAggr
 class ReadAhead:
     """What a command's batch will load, read before the writer takes the command up: a
     part of a large delivery is read while the writer applies the part before it (see
-    connectors.parts). The aggregates by id (None: absent), and when each level was last
-    reported by (supplier id, SKU).
+    connectors.parts). The aggregates found, by id, and when each level was last reported
+    by (supplier id, SKU).
 
     The writer decides on it on the command's first try only (`take`), less what it keeps
     itself (its copies are current). A save whose basis moved since it was read fails as
     any save on a stale read does (a stream's version, a level's report, see
     api.recorder), and the command is decided again on what the store holds."""
 
-    aggregates: dict[UUID, LedgerAggregate | None]
+    aggregates: dict[UUID, LedgerAggregate]
     seen: dict[tuple[str, str], datetime | None]
     taken: bool = field(default=False, repr=False)
 
@@ -62,7 +62,7 @@ class UnitOfWork:
         self._load_seen = load_seen
         self._aggregates: dict[UUID, LedgerAggregate | None] = {}
         # Read ahead for the command (see ReadAhead), taken as the command asks for them.
-        self._ahead: dict[UUID, LedgerAggregate | None] = dict(ahead.aggregates) if ahead else {}
+        self._ahead: dict[UUID, LedgerAggregate] = dict(ahead.aggregates) if ahead else {}
         # The levels each stock item had when loaded, to save only the rows that change.
         self._levels_loaded: dict[UUID, LevelState] = {}
         self._seen: dict[tuple[str, str], datetime | None] = dict(ahead.seen) if ahead else {}

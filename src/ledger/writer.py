@@ -608,7 +608,7 @@ def _read_ahead(jobs: list[_Job], hot: HotAggregates) -> ReadAhead | None:
     if ahead is None:
         return None
     aggregates = {i: a for i, a in ahead.aggregates.items() if i not in hot}
-    return ReadAhead(aggregates, ahead.seen, taken=True)
+    return ReadAhead(aggregates, ahead.seen)
 
 
 def _new_streams(jobs: list[_Job]) -> list[UUID]:

@@ -434,3 +434,31 @@ def test_a_part_read_ahead_before_its_stock_item_changed_is_decided_again_on_it(
     events = [ledger.app.mapper.to_domain_event(e) for e in stored]
     observed = [e.quantity for e in events if isinstance(e, StockItem.Observed)]
     assert observed == [5, 7, 9], "no report lost, none applied twice"
+
+
+def test_a_part_read_ahead_before_its_sku_was_registered_applies_once_it_is(
+    ledger: Runtime,
+) -> None:
+    """A SKU registered (by another process) after its part was read ahead: the read found
+    no stock item, and a stale absence is no conflict any save would catch, so what was
+    not found is left for the writer to ask for; the report applies, not refused as an
+    unknown SKU."""
+    sku = random_sku()
+    at = datetime.now(UTC)
+    ledger.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id="acme", terms=SupplierTerms("acme"))
+    )
+    first = part(sku, 4, LATEST)
+    first = replace(first, ahead=read_ahead(ledger.app, first))
+    assert first.ahead is not None
+    assert first.ahead.aggregates == {}
+    other = open_runtime(ledger.settings, sweep=False, connect=False, project=False)
+    try:
+        other.writer.execute(PutSku(at=at, cause=CAUSE, sku=sku, safety_stock=0))
+    finally:
+        other.close()
+
+    outcome = ledger.writer.execute(first).value
+
+    assert (outcome.applied, outcome.rejected) == (1, [])
+    assert on_hand(ledger, sku) == 4

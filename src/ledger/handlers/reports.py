@@ -130,9 +130,10 @@ def read_ahead(app: InventoryLedger, command: ReportStock) -> ReadAhead:
     items = app.get_many(item_ids)
     select_seen = getattr(app.recorder, "select_seen", None)
     seen = select_seen(command.supplier_id, skus) if select_seen is not None else {}
+    # Only what exists: one made meanwhile (a SKU registered) is not refused as unknown
+    # on a stale read, which no save would catch; the writer asks for the rest itself.
     return ReadAhead(
-        {**{i: mappings.get(i) for i in mapping_ids}, **{i: items.get(i) for i in item_ids}},
-        {(command.supplier_id, sku): seen.get(sku) for sku in skus},
+        {**mappings, **items}, {(command.supplier_id, sku): seen.get(sku) for sku in skus}
     )
 
 
