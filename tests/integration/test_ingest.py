@@ -428,7 +428,10 @@ def test_a_read_ahead_that_fails_leaves_the_writer_to_load_the_part(
     skus = {f"S-{n:03}": f"SKU-RF-{n:03}" for n in range(250)}
     setup_supplier(ledger, "acme", skus)
 
+    tried: list[int] = []
+
     def failing(*args: Any) -> Any:
+        tried.append(1)
         raise psycopg.OperationalError("the connection went away")
 
     monkeypatch.setattr(parts_module, "read_ahead", failing)
@@ -439,6 +442,9 @@ def test_a_read_ahead_that_fails_leaves_the_writer_to_load_the_part(
     )
 
     assert (result.rows, result.applied) == (250, 250)
+    # Parts of 100, 100 and 50: only the second is both made while another applies and
+    # bulk (the third, of 50, is decided with the commands queued beside it).
+    assert len(tried) == 1, "the second part was read ahead, and failed"
     assert all(on_hand(ledger, sku) == 6 for sku in skus.values())
 
 
@@ -480,7 +486,11 @@ def test_a_delivery_sizes_each_part_by_how_long_it_held_the_writer_from_others(
 
             def decided(part: Future[Any]) -> None:
                 writer.commands += 1  # as if a reservation had been decided meanwhile
-                applied.set_result(part.result())
+                failed = part.exception()
+                if failed is not None:  # passed on, so that the delivery fails, not hangs
+                    applied.set_exception(failed)
+                else:
+                    applied.set_result(part.result())
 
             submit(command).add_done_callback(decided)
             return applied

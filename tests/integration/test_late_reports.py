@@ -75,22 +75,24 @@ def catalogue(runtime: Runtime, supplier: str = "acme") -> str:
     return sku
 
 
+def part(sku: str, quantity: int, observed_at: datetime) -> ReportStock:
+    """A report of one SKU (as POST /v1/suppliers/{id}/stock sends it, or a delivery's part
+    carries it)."""
+    return ReportStock(
+        at=datetime.now(UTC),
+        cause=CAUSE,
+        supplier_id="acme",
+        delivery_id=uuid.uuid4().hex,
+        content_hash=uuid.uuid4().hex,
+        source="test",
+        rows=1,
+        observations=[Observation(index=0, sku=sku, quantity=quantity, observed_at=observed_at)],
+    )
+
+
 def report(runtime: Runtime, sku: str, quantity: int, observed_at: datetime) -> str:
-    """One report through the writer (as POST /v1/suppliers/{id}/stock sends it)."""
-    outcome = runtime.writer.execute(
-        ReportStock(
-            at=datetime.now(UTC),
-            cause=CAUSE,
-            supplier_id="acme",
-            delivery_id=uuid.uuid4().hex,
-            content_hash=uuid.uuid4().hex,
-            source="test",
-            rows=1,
-            observations=[
-                Observation(index=0, sku=sku, quantity=quantity, observed_at=observed_at)
-            ],
-        )
-    ).value
+    """One report through the writer."""
+    outcome = runtime.writer.execute(part(sku, quantity, observed_at)).value
     [(kind, count)] = [
         (kind, count)
         for kind, count in (
@@ -365,20 +367,6 @@ def test_the_file_path_sends_a_repeat_that_retires_a_shipment_to_the_ledger(
     )
     assert deliver(ledger, sku, 12, reported_at + timedelta(minutes=1)) == "unchanged"
     assert deliver(ledger, sku, 12, datetime.now(UTC) + timedelta(seconds=2)) == "applied"
-
-
-def part(sku: str, quantity: int, observed_at: datetime) -> ReportStock:
-    """A report of one SKU as a delivery's part carries it."""
-    return ReportStock(
-        at=datetime.now(UTC),
-        cause=CAUSE,
-        supplier_id="acme",
-        delivery_id=uuid.uuid4().hex,
-        content_hash=uuid.uuid4().hex,
-        source="test",
-        rows=1,
-        observations=[Observation(index=0, sku=sku, quantity=quantity, observed_at=observed_at)],
-    )
 
 
 def test_a_part_read_ahead_before_a_newer_repeat_was_seen_is_decided_again_and_late(

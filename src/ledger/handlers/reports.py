@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from ledger.application import InventoryLedger
 from ledger.commands import Observation, ReportStock
@@ -100,34 +102,38 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
 
 def _preload(uow: UnitOfWork, command: ReportStock) -> None:
     """Loads the delivery's mappings, then its stock items, a round trip each."""
-    mapping_ids = [
-        SkuMapping.id_for(command.supplier_id, o.supplier_sku)
-        for o in command.observations
-        if o.supplier_sku is not None
-    ]
+    mapping_ids = _mapping_ids(command)
     uow.preload(mapping_ids)
-    mapped = [uow.get(SkuMapping, mapping_id) for mapping_id in mapping_ids]
-    skus = [m.sku for m in mapped if m is not None]
-    skus += [o.sku for o in command.observations if o.sku is not None]
+    skus = _skus(command, (uow.get(SkuMapping, mapping_id) for mapping_id in mapping_ids))
     uow.preload(StockItem.id_for(sku) for sku in skus)
 
 
-def read_ahead(app: InventoryLedger, command: ReportStock) -> ReadAhead:
-    """What `report_stock` will load for the command, as the store holds it now: its
-    mappings, its stock items and when each of their levels was last reported, a round
-    trip each (see ReadAhead)."""
-    mapping_ids = list(
+def _mapping_ids(command: ReportStock) -> list[UUID]:
+    """The mappings of the records named by the supplier's SKU, once each."""
+    return list(
         dict.fromkeys(
             SkuMapping.id_for(command.supplier_id, o.supplier_sku)
             for o in command.observations
             if o.supplier_sku is not None
         )
     )
+
+
+def _skus(command: ReportStock, mappings: Iterable[SkuMapping | None]) -> list[str]:
+    """The SKUs the records name, through these mappings of theirs or as ours, once each."""
+    mapped = (m.sku for m in mappings if m is not None)
+    ours = (o.sku for o in command.observations if o.sku is not None)
+    return list(dict.fromkeys([*mapped, *ours]))
+
+
+def read_ahead(app: InventoryLedger, command: ReportStock) -> ReadAhead:
+    """What `report_stock` will load for the command (`_preload`, `seen_at`), as the store
+    holds it now: its mappings, its stock items and when each of their levels was last
+    reported, a round trip each (see ReadAhead)."""
+    mapping_ids = _mapping_ids(command)
     mappings = app.get_many(mapping_ids) if mapping_ids else {}
-    skus = [m.sku for m in mappings.values() if isinstance(m, SkuMapping)]
-    skus = list(dict.fromkeys([*skus, *(o.sku for o in command.observations if o.sku)]))
-    item_ids = [StockItem.id_for(sku) for sku in skus]
-    items = app.get_many(item_ids)
+    skus = _skus(command, mappings.values())
+    items = app.get_many(StockItem.id_for(sku) for sku in skus)
     select_seen = getattr(app.recorder, "select_seen", None)
     seen = select_seen(command.supplier_id, skus) if select_seen is not None else {}
     # Only what exists: one made meanwhile (a SKU registered) is not refused as unknown
