@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +55,8 @@ SKUS = ["WIDGET-BLUE", "WIDGET-RED", "GADGET-9", "GIZMO-1", "SPROCKET-3"]
 WEBHOOK_SECRET_VARIABLE = "LEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 SFTP_KEY_VARIABLE = "LEDGER_DEMO_SFTP_KEY"  # the private key of the SFTP login
 FTP_PASSWORD_VARIABLE = "LEDGER_DEMO_FTP_PASSWORD"  # noqa: S105 - a variable name
+# How long the suppliers wait for the service to answer before they deliver anyway.
+START_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -161,6 +164,8 @@ class LiveSuppliers:
 
     def _feed(self, base_url: str) -> None:
         with httpx.Client(timeout=10) as client:
+            if not self._answering(base_url, client):
+                return
             while True:
                 try:
                     self._deliver(base_url, client)
@@ -170,6 +175,22 @@ class LiveSuppliers:
                     return
                 for catalogue in self.catalogues.values():
                     catalogue.advance(0.4)
+
+    def _answering(self, base_url: str, client: httpx.Client) -> bool:
+        """Waits until the service answers (it starts after the suppliers), so that the
+        first webhook is not refused for want of a listener; False if stopped first."""
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while not self._stop.is_set():
+            try:
+                if client.get(f"{base_url}/healthz").status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                log.warning("demo.service_not_answering", seconds=START_WAIT_SECONDS)
+                return True  # deliver anyway: each failure is logged
+            self._stop.wait(0.2)
+        return False
 
     def _deliver(self, base_url: str, client: httpx.Client) -> None:
         delivery = uuid.uuid4().hex

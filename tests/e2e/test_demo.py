@@ -50,4 +50,9 @@ def test_the_demo_is_fed_live_by_a_supplier_of_each_kind(database_url: str, tmp_
     assert sum(a["quantity"] for a in allocations) == 3
     # One item of each catalogue is deliberately unmapped.
     assert {item["reason"] for item in letters["items"]} == {"unmapped_supplier_sku"}
-    assert "demo-oms-key" in server.log()  # the banner shows the demo keys to the developer
+    log = server.log()
+    assert "demo-oms-key" in log  # the banner shows the demo keys to the developer
+    # The suppliers wait for the service to answer before their first delivery, and the
+    # FTP supplier says once, at most, that it starts (not at every poll).
+    assert "demo.delivery_failed" not in log
+    assert log.count("starting FTP server") <= 1

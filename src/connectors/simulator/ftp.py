@@ -140,10 +140,13 @@ class FtpSupplier:
         self.stop()
 
     def _serve(self) -> None:
+        # The server's own loop, polled until stopped: `serve_forever` would log that the
+        # server starts at every poll (pyftpdlib 2.2 does, whatever its arguments), twenty
+        # lines a second in the demo's log.
         server = self._server
         try:
             while not self._stopping.is_set():
-                server.serve_forever(timeout=POLL_SECONDS, blocking=False, handle_exit=False)
+                server.ioloop.loop(POLL_SECONDS, blocking=False)
         finally:
             server.close_all()
 
