@@ -25,11 +25,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from connectors.parsers import Incoming, Record
+from ledger.handlers.reports import MAX_QUANTITY
 from ledger.mapping import BASE_UNITS, unit_key
 from ledger.supplier import SupplierTerms
 
 CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_MAX_QUANTITY = 10_000_000
+# The most base units a supplier's unit may hold: a PostgreSQL integer (see
+# connectors.comparison, STAGING).
+MAX_FACTOR = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,18 @@ class FeedRules:
         max_age = connector.get("max_age_seconds", terms.exclude_after_seconds)
         return cls(
             zone=ZoneInfo(terms.timezone),
-            units={unit_key(str(k)): int(v) for k, v in (connector.get("units") or {}).items()},
-            max_quantity=int(connector.get("max_quantity", DEFAULT_MAX_QUANTITY)),
+            # Settings saved before they were bounded (connectors.config) may hold more than
+            # the ledger takes or a delivery can stage (a factor is a PostgreSQL integer):
+            # such a unit is unknown, its records refused alone, and the ceiling is the
+            # ledger's own, so that no record fails the delivery it is in.
+            units={
+                unit_key(str(k)): int(v)
+                for k, v in (connector.get("units") or {}).items()
+                if 0 < int(v) <= MAX_FACTOR
+            },
+            max_quantity=min(
+                int(connector.get("max_quantity", DEFAULT_MAX_QUANTITY)), MAX_QUANTITY
+            ),
             max_age=None if max_age is None else timedelta(seconds=int(max_age)),
         )
 

@@ -1243,3 +1243,63 @@ def test_an_applied_delivery_s_body_is_let_go_after_the_days_kept_the_others_kee
     assert (forgot, again) == (1, 0)
     assert kept == {"old-applied": False, "new-applied": True, "old-failed": True}
     assert status["status"] == "applied"  # its record stays; only the body goes
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["by-copy", "in-python"])
+def test_a_quantity_past_any_integer_postgresql_keeps_refuses_its_record_alone(
+    ledger: Runtime, quoted: bool
+) -> None:
+    # A ceiling past what PostgreSQL keeps, as settings saved before it was bounded.
+    map_in_units(
+        ledger,
+        "vast",
+        MappingSpec("V-1", "SKU-VAST-1", 1),
+        MappingSpec("V-2", "SKU-VAST-2", 1),
+        max_quantity=10**26,
+    )
+    seen = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    vast = f'"{10**22}"' if quoted else str(10**22)
+    body = f"supplier_sku,quantity,observed_at\nV-1,{vast},{seen}\nV-2,5,{seen}\n".encode()
+
+    result = ingest(ledger, "vast", body)
+
+    assert result.read_by == ("python" if quoted else "copy")
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "quantity_out_of_range")]
+    assert result.applied == 1
+    assert on_hand(ledger, "SKU-VAST-2") == 5
+
+
+def test_a_unit_holding_more_than_a_delivery_can_stage_refuses_its_records_alone(
+    ledger: Runtime,
+) -> None:
+    # As settings saved before units were bounded could hold.
+    map_in_units(
+        ledger,
+        "pallets",
+        MappingSpec("P-1", "SKU-PAL-1", 1),
+        MappingSpec("P-2", "SKU-PAL-2", 1),
+        units={"PAL": 10**20},
+    )
+    seen = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"supplier_sku,quantity,unit,observed_at\nP-1,2,PAL,{seen}\nP-2,5,,{seen}\n".encode()
+
+    result = ingest(ledger, "pallets", body)
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "unknown_unit: 'PAL'")]
+    assert on_hand(ledger, "SKU-PAL-2") == 5
+
+
+def test_a_json_quantity_past_64_bits_refuses_its_record_not_the_file(ledger: Runtime) -> None:
+    map_in_units(
+        ledger, "vastjson", MappingSpec("J-1", "SKU-VJ-1", 1), MappingSpec("J-2", "SKU-VJ-2", 1)
+    )
+    seen = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = (
+        f'[{{"supplier_sku": "J-1", "quantity": {10**22}, "observed_at": "{seen}"}},'
+        f' {{"supplier_sku": "J-2", "quantity": 5, "observed_at": "{seen}"}}]'
+    ).encode()
+
+    result = ingest(ledger, "vastjson", body, "json")
+
+    assert [(r.index, r.reason) for r in result.rejections] == [(1, "quantity_out_of_range")]
+    assert on_hand(ledger, "SKU-VJ-2") == 5

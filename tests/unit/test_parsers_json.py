@@ -203,3 +203,24 @@ def test_a_document_nested_deeper_than_any_feed_is_refused_cheaply() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 20 * 1_048_576
+
+
+def test_an_integer_past_64_bits_is_read_as_written_and_fractions_as_floats() -> None:
+    # The C parser refuses such an integer, and with it the file, where floats are asked
+    # for: here the record carries it, for the pipeline to refuse that record alone.
+    at = "2026-01-01T00:00:00Z"
+    parsed = read_value(
+        [
+            {"supplier_sku": "HUGE", "quantity": 10**22, "observed_at": at},
+            {"supplier_sku": "WHOLE", "quantity": 12.0, "observed_at": at},
+            {"supplier_sku": "HALF", "quantity": 12.5, "observed_at": at},
+        ]
+    )
+
+    huge, whole, half = parsed
+    assert isinstance(huge, Record)
+    assert huge.quantity == 10**22
+    assert isinstance(whole, Record)
+    assert whole.quantity == 12
+    assert isinstance(half, RecordError)
+    assert half.reason.startswith("invalid_quantity")

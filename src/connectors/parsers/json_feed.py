@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, BinaryIO
 
 import ijson  # type: ignore[import-untyped]  # ijson ships no type hints
@@ -86,7 +87,9 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
         [first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: source.read(CHUNK), b"")
     )
     try:
-        events = ijson.basic_parse(_Chunks(chunks), use_float=True)
+        # Numbers as written (an integer past 64 bits too: with `use_float` the C parser
+        # refuses the whole file there, not the record); fractions as floats (below).
+        events = ijson.basic_parse(_Chunks(chunks))
         yield from _records(_prefixed(events), settings)
     except ijson.JSONError as error:
         raise FeedError(f"malformed_json: {_first_line(error)}") from error
@@ -114,6 +117,8 @@ def _prefixed(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, str, Any
             prefix = ".".join(str(p) for p in path)
         else:
             prefix = ".".join(str(p) for p in path)
+            if type(value) is Decimal:
+                value = float(value)
         yield prefix, event, value
 
 
