@@ -40,6 +40,7 @@ from connectors import health
 from connectors.deadletters import record_dead_letters
 from connectors.outcome import FeedRejected, describe_phases
 from connectors.parsers import FORMATS, Format
+from ledger.errors import LedgerError
 from projections.registry import all_projections
 from projections.runner import rebuild
 from projections.status import projection_status
@@ -134,12 +135,22 @@ def _ledger(project: bool = False) -> Iterator[Runtime]:
     """The ledger without HTTP, for commands; projections run only when asked."""
     settings = Settings()
     configure_logging(settings)
+    # Never the connectors, whatever LEDGER_RUN_CONNECTORS says: a command would take
+    # supplier leases, fetch and move their files. `ingest` applies its file itself.
     runtime = open_runtime(
-        settings, migrate_first=settings.migrate_on_start, sweep=False, project=project
+        settings,
+        migrate_first=settings.migrate_on_start,
+        sweep=False,
+        project=project,
+        connect=False,
     )
     tune_collector()
     try:
         yield runtime
+    except LedgerError as refused:
+        # A refusal is an answer, not a bug: its reason, without a traceback.
+        typer.echo(f"error: {refused.message}", err=True)
+        raise typer.Exit(1) from None
     finally:
         runtime.close()
 
@@ -245,17 +256,19 @@ def projections_rebuild(
 
 @audit_cli.command("export")
 def audit_export(
-    after: Annotated[int, typer.Option(help="start after this log position")] = 0,
+    after: Annotated[int, typer.Option(min=0, help="start after this log position")] = 0,
     output: Annotated[Path, typer.Option(help="NDJSON file to write")] = Path("events.ndjson"),
 ) -> None:
     """Streams the global log from a position to an NDJSON file."""
-    with _ledger() as runtime:
+    # Opened first: a file that cannot be written is refused before the ledger is opened.
+    try:
+        out = output.open("w")
+    except OSError as error:
+        raise typer.BadParameter(f"{output}: {error.strerror}", param_hint="'--output'") from None
+    with out, _ledger() as runtime:
         last = runtime.audit.last_position()
         written = 0
-        with (
-            output.open("w") as out,
-            Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn()) as progress,
-        ):
+        with Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn()) as progress:
             task = progress.add_task("export", total=max(0, last - after))
             for event in runtime.audit.events(after):
                 out.write(json.dumps(event.as_json(), separators=(",", ":")) + "\n")
@@ -268,7 +281,7 @@ def audit_export(
 def audit_stock(
     sku: str,
     at: Annotated[datetime | None, typer.Option(help="ISO 8601 time, with its zone")] = None,
-    position: Annotated[int | None, typer.Option(help="log position")] = None,
+    position: Annotated[int | None, typer.Option(min=1, help="log position")] = None,
 ) -> None:
     """Prints a SKU's state at a time or a log position."""
     from api.routers.audit import point_in_time_out

@@ -1,0 +1,148 @@
+"""The `ledger` command on a real database: what it refuses, and what it never starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from ledger.commands import PutMappings
+from ledger.mapping import MappingSpec
+from ledger.stock import StockItem
+from tests.conftest import random_sku
+from tests.integration.ledger_setup import CAUSE, put_supplier
+
+SUPPLIER = "acme"
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Runtime]:
+    """The ledger the commands are run against; its projections run, for `mapped_sku`."""
+    opened = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def mapped_sku(runtime: Runtime) -> str:
+    """A SKU the supplier's A-1 maps to, once the mappings view (which `ingest` reads) has it."""
+    sku = random_sku("CLI")
+    put_supplier(runtime.writer, SUPPLIER)
+    mapping = MappingSpec("A-1", sku, 1, upc=None)
+    runtime.writer.execute(
+        PutMappings(at=datetime.now(UTC), cause=CAUSE, supplier_id=SUPPLIER, mappings=[mapping])
+    )
+    runtime.views.wait_for("mappings", runtime.app.recorder.max_notification_id(), timeout=20)
+    return sku
+
+
+def ledger_command(
+    database_url: str, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`ledger ARGS` in a process of its own, logging JSON at INFO, with the connectors and
+    the projections turned on as a server's environment has them."""
+    env = {
+        **os.environ,
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_API_KEYS": "",
+        "LEDGER_LOG_FORMAT": "json",
+        "LEDGER_LOG_LEVEL": "INFO",
+        "LEDGER_RUN_CONNECTORS": "true",
+        "LEDGER_RUN_PROJECTIONS": "true",
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "api", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def started(ran: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The `ledger.started` line the command logged."""
+    [line] = [line for line in ran.stderr.splitlines() if '"ledger.started"' in line]
+    return dict(json.loads(line))
+
+
+def test_a_command_runs_neither_the_connectors_nor_the_projections_whatever_the_settings_say(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    sku = mapped_sku(ledger)
+    feed = tmp_path / "stock.csv"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    feed.write_text(f"sku,quantity,observed_at\nA-1,14,{at}\n")
+
+    ran = [
+        ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", SUPPLIER),
+        ledger_command(ledger.database_url, "projections", "status"),
+        ledger_command(ledger.database_url, "audit", "stock", sku, "--position", "100000"),
+        ledger_command(
+            ledger.database_url, "audit", "export", "--output", str(tmp_path / "log.ndjson")
+        ),
+    ]
+
+    for command in ran:
+        assert command.returncode == 0, command.stderr
+        assert started(command)["connectors"] is False, command.args
+        assert started(command)["projections"] == 0, command.args
+    # `ingest` applied its file all the same, through its own writer.
+    assert "1 rows read: 1 changed" in ran[0].stdout
+    item = ledger.app.repository.get(StockItem.id_for(sku))
+    assert sum(position.quantity for position in item.positions.values()) == 14
+
+
+def test_an_unknown_sku_or_supplier_is_said_in_one_line_with_status_1(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    mapped_sku(ledger)  # the log has events, so position 5 is a moment of its past
+    feed = tmp_path / "stock.csv"
+    feed.write_text("sku,quantity,observed_at\n")
+
+    sku = ledger_command(ledger.database_url, "audit", "stock", "NOPE", "--position", "5")
+    supplier = ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", "ghost")
+
+    assert sku.returncode == 1
+    assert "error: SKU 'NOPE' did not exist then\n" in sku.stderr
+    assert supplier.returncode == 1
+    assert "error: unknown supplier 'ghost'\n" in supplier.stderr
+    for command in (sku, supplier):
+        assert "Traceback" not in command.stderr
+        assert command.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("audit", "stock", "SKU-1", "--position", "0"), "Invalid value for '--position'"),
+        (("audit", "export", "--after", "-5"), "Invalid value for '--after'"),
+        (
+            ("audit", "export", "--output", "/nonexistent/dir/x.ndjson"),
+            "Invalid value for '--output': /nonexistent/dir/x.ndjson: No such file or directory",
+        ),
+    ],
+    ids=["position-0", "after-negative", "output-in-no-directory"],
+)
+def test_a_position_out_of_range_or_an_output_that_cannot_be_written_is_a_usage_error(
+    ledger: Runtime, tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    ran = ledger_command(ledger.database_url, *args, cwd=tmp_path)
+
+    assert ran.returncode == 2, ran.stderr
+    assert said in ran.stderr
+    assert "Traceback" not in ran.stderr
+    # Refused before the ledger was opened, or a file written.
+    assert "ledger.started" not in ran.stderr
+    assert not (tmp_path / "events.ndjson").exists()
