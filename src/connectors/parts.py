@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -139,7 +140,7 @@ class PartSender:
             at=now,
             cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
             supplier_id=supplier_id,
-            delivery_id=f"{delivery_id}~{digest[:16]}",
+            delivery_id=part_name(delivery_id, digest),
             content_hash=digest,
             source=source,
             rows=len(batch) + len(rejections),
@@ -211,6 +212,22 @@ class _Parts:
                 break
             batch.append(change)
         return batch
+
+
+def part_name(delivery_id: str, digest: str) -> str:
+    """A part's name: its delivery's id, `~` and 16 hex digits of what it carries. Its
+    events and the record of it carry it as their delivery id."""
+    return f"{delivery_id}~{digest[:16]}"
+
+
+_PART_SUFFIX = re.compile(r"~[0-9a-f]{16}\Z")
+
+
+def delivery_of(name: str) -> tuple[str, str | None]:
+    """The delivery a part's name names, and that name; a name that is no part's (a
+    report sent to the API names its delivery itself), with None."""
+    found = _PART_SUFFIX.search(name)
+    return (name, None) if found is None else (name[: found.start()], name)
 
 
 def _part_hash(batch: Iterable[Observation], rejections: list[Rejection]) -> str:

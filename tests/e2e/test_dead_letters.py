@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -325,3 +326,62 @@ def test_a_letter_is_dismissed_by_an_admin_once_and_then_listed_as_dismissed(
     assert late_2 in still_open
     assert [i["id"] for i in closed] == [late_1]
     assert (retried.status_code, retried.json()["error"]) == (404, "dead_letter_not_found")
+
+
+def test_a_delivery_s_conflict_names_it_as_its_status_and_letters_do(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin:
+        nobody = supplier(admin, {})
+        delivery_id = deliver(admin, nobody, {"UNKNOWN-1": 3})
+        deadline = time.monotonic() + 10
+        while not (
+            found := admin.get(
+                "/v1/conflicts", params={"kind": "unmapped_sku", "supplier_id": nobody}
+            ).json()["items"]
+        ):
+            assert time.monotonic() < deadline, "no conflict for the unmapped SKU"
+            time.sleep(0.1)
+        [conflict] = found
+        named_by = conflict["detail"]["delivery_id"]
+        status = admin.get(f"/v1/feeds/{named_by}", params={"supplier_id": nobody})
+        its_letters = letters(admin, delivery_id=named_by)
+
+    assert named_by == delivery_id
+    # The part the ledger applied it in, as its events name it.
+    assert conflict["detail"]["part"].startswith(f"{delivery_id}~")
+    assert status.status_code == 200
+    assert [letter["reason"] for letter in its_letters] == [UNMAPPED]
+
+
+def test_a_delivery_id_with_a_slash_is_looked_up_where_its_answer_says(ledger: Server) -> None:
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"sku,quantity,observed_at\nSLASHED-1,3,{at}\n".encode()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        reserved = [
+            admin.post(
+                f"/v1/suppliers/{supplier_id}/feeds",
+                params={"format": "csv"},
+                headers={"X-Ledger-Delivery": name},
+                content=body,
+            )
+            for name in ("health", "..")
+        ]
+        accepted = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds",
+            params={"format": "csv"},
+            headers={"X-Ledger-Delivery": "2026/12/06 #1?"},
+            content=body,
+        )
+        assert accepted.status_code == 202, accepted.text
+        assert finished(admin, supplier_id, "2026/12/06 %231%3F")["status"] == "applied"
+        located = admin.get(accepted.headers["Location"])
+        retried = admin.post("/v1/feeds/2026/12/06 %231%3F/retry")
+
+    assert [(r.status_code, r.json()["error"]) for r in reserved] == [
+        (422, "invalid_delivery_id"),
+        (422, "invalid_delivery_id"),
+    ]
+    assert located.status_code == 200
+    assert located.json()["delivery_id"] == "2026/12/06 #1?"
+    # Found, and applied, so not queued again.
+    assert (retried.status_code, retried.json()["error"]) == (409, "delivery_not_retriable")

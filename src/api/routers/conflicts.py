@@ -21,6 +21,7 @@ from api.deps import (
 )
 from api.errors import ApiError
 from api.schemas import NO_NUL, PRINTABLE, SUPPLIER_ID_PATTERN, Strict
+from connectors.parts import delivery_of
 from ledger.commands import AcknowledgeConflict
 from projections.conflicts import ConflictKind
 
@@ -59,7 +60,7 @@ def conflict_out(row: dict[str, Any]) -> ConflictOut:
         sku=row["sku"],
         supplier_id=row["supplier_id"],
         occurred_at=row["occurred_at"],
-        detail=row["detail"],
+        detail=_named_by_delivery(row["detail"]),
         caused_by={
             "position": row["position"],
             "type": row["topic"],
@@ -127,3 +128,13 @@ def acknowledge(
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)
     return {"conflict_id": str(conflict_id), "acknowledged": True, "position": outcome.position}
+
+
+def _named_by_delivery(detail: dict[str, Any]) -> dict[str, Any]:
+    """A conflict raised by a delivery's part names the delivery, as `GET /v1/feeds/{id}`
+    and the dead letters know it, and the part (`part`), as its events do."""
+    named = detail.get("delivery_id")
+    if not isinstance(named, str):
+        return detail
+    delivery, part = delivery_of(named)
+    return detail if part is None else {**detail, "delivery_id": delivery, "part": part}

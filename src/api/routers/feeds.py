@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any, cast
+from urllib.parse import quote, urlencode
 
 import structlog
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -29,6 +30,16 @@ router = APIRouter(tags=["feeds"])
 DeliveryHeader = Annotated[
     str | None, Header(alias="X-Ledger-Delivery", max_length=200, pattern=PRINTABLE)
 ]
+# A delivery's id is looked up at `/v1/feeds/{id}`, where these name other things.
+RESERVED_DELIVERY_IDS = frozenset({"health", ".", ".."})
+
+
+def _named(delivery: str | None) -> str | None:
+    if delivery in RESERVED_DELIVERY_IDS:
+        raise ApiError(
+            422, "invalid_delivery_id", f"{delivery!r} cannot name a delivery: choose another id"
+        )
+    return delivery
 
 
 def _terms(runtime: Runtime, supplier_id: str) -> SupplierTerms:
@@ -47,7 +58,10 @@ def _accepted(runtime: Runtime, received: inbox.Received, supplier_id: str) -> J
         )
     if runtime.inbox_worker is not None:
         runtime.inbox_worker.wake()
-    location = f"/v1/feeds/{received.delivery_id}?supplier_id={supplier_id}"
+    # An id may hold what a URL must escape (a slash is kept: the routes below take it).
+    location = f"/v1/feeds/{quote(received.delivery_id, safe='/:@')}?" + urlencode(
+        {"supplier_id": supplier_id}
+    )
     return JSONResponse(
         {
             "delivery_id": received.delivery_id,
@@ -76,6 +90,7 @@ async def upload(
     """Accepts a feed file (raw body) into the inbox; it is applied in the background."""
     if key.role == "supplier" and key.supplier_id != supplier_id:
         raise ApiError(403, "forbidden", "this key uploads for another supplier")
+    delivery = _named(delivery)
     body = await request.body()
     if not body:
         raise ApiError(422, "empty_feed", "the request body is the feed file, and it is empty")
@@ -109,6 +124,7 @@ async def webhook(
     signature: Annotated[str | None, Header(alias="X-Ledger-Signature")] = None,
 ) -> JSONResponse:
     """A supplier's own payload, verified by its HMAC signature, acknowledged at once."""
+    delivery = _named(delivery)
     body = await request.body()
     terms = await _in_thread(_terms, runtime, supplier_id)
     settings = terms.connector.get("webhook") or {}
@@ -211,7 +227,7 @@ def feeds_health(_: AuditorKey, runtime: RuntimeDep) -> dict[str, Any]:
         return {"suppliers": health.report(conn)}
 
 
-@router.post("/v1/feeds/{delivery_id}/retry", status_code=202)
+@router.post("/v1/feeds/{delivery_id:path}/retry", status_code=202)
 def retry_delivery(
     delivery_id: Annotated[str, Path(max_length=200, pattern=PRINTABLE)],
     _: AdminKey,
@@ -241,7 +257,7 @@ def retry_delivery(
     return {"delivery_id": delivery_id, "supplier_id": queued[0], "status": "queued"}
 
 
-@router.get("/v1/feeds/{delivery_id}")
+@router.get("/v1/feeds/{delivery_id:path}")
 def feed_status(
     delivery_id: Annotated[str, Path(max_length=200, pattern=PRINTABLE)],
     key: FeedReaderKey,
