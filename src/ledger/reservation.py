@@ -103,12 +103,22 @@ def _movements(
         budget = budgets.get(sku)
         taken = _take(budget, quantity, supplier_id) if budget is not None else {}
         if not taken:
-            left = 0 if budget is None else sum(budget.values())
+            # What is left where the request looked: the line's, or the named supplier's.
+            if budget is None:
+                left, said = 0, f"{sku} is not on this reservation"
+            else:
+                left = sum(budget.values()) if supplier_id is None else budget.get(supplier_id, 0)
+                from_whom = "" if supplier_id is None else f" from {supplier_id!r}"
+                said = (
+                    f"{quantity} of {sku} is more than the {left} the reservation has"
+                    f" {budget_of}{from_whom}"
+                )
             raise ExceedsOpenQuantity(
-                f"{quantity} of {sku} is more than the reservation has {budget_of}",
+                said,
                 sku=sku,
                 requested=quantity,
                 remaining=left,
+                **({"supplier_id": supplier_id} if supplier_id is not None else {}),
             )
         for supplier, take in taken.items():
             assert budget is not None

@@ -673,24 +673,33 @@ def test_releasing_a_fulfilled_reservation_is_an_invalid_state(oms: httpx.Client
 
 
 @pytest.mark.parametrize(
-    "line",
+    ("line", "remaining", "said"),
     [
-        {"quantity": 3},
-        {"quantity": 1, "other_sku": True},
-        {"quantity": 1, "supplier_id": "someone-else"},
+        ({"quantity": 3}, 2, "is more than the 2 the reservation has open"),
+        ({"quantity": 1, "other_sku": True}, 0, "is not on this reservation"),
+        (
+            {"quantity": 1, "supplier_id": "someone-else"},
+            0,
+            "is more than the 0 the reservation has open from 'someone-else'",
+        ),
     ],
     ids=["more-than-open", "sku-not-in-order", "supplier-not-allocated"],
 )
 def test_fulfilling_more_than_is_open_is_a_conflict(
-    oms: httpx.Client, sku: str, line: dict[str, Any]
+    oms: httpx.Client, sku: str, line: dict[str, Any], remaining: int, said: str
 ) -> None:
     path = f"/v1/reservations/{new_reservation(oms, sku, 2)}"
     assert oms.post(f"{path}/confirm").status_code == 200
     shipped = {"sku": random_sku() if line.pop("other_sku", False) else sku, **line}
 
-    detail = refused(oms.post(f"{path}/fulfil", json={"lines": [shipped]}), 409)
+    response = oms.post(f"{path}/fulfil", json={"lines": [shipped]})
+    detail = refused(response, 409, "exceeds_open_quantity")
 
     assert detail["requested"] == shipped["quantity"]
+    # What is left where the request looked (the named supplier's, if it named one).
+    assert detail["remaining"] == remaining
+    assert said in detail["message"]
+    assert detail.get("supplier_id") == shipped.get("supplier_id")
     assert oms.get(path).json()["lines"][0]["fulfilled"] == 0
 
 
