@@ -6,9 +6,12 @@ import io
 import math
 from typing import Any
 
+from connectors.normalise import MAX_FACTOR
 from connectors.parsers import FORMATS, parse
-from connectors.transports import transport_for
+from connectors.parsers.records import shown
+from connectors.transports import TRANSPORTS, transport_for
 from connectors.webhooks import MAX_TOLERANCE_SECONDS
+from ledger.handlers.reports import MAX_QUANTITY
 
 
 class _NoState:
@@ -21,6 +24,31 @@ class _NoState:
 
 # Connector settings nested deeper than this are a mistake (and are walked without recursion).
 DEEPEST_SETTING = 32
+# Durations beyond ten years are a mistake, and overflow the time arithmetic that uses
+# them (a timedelta, a float of seconds).
+LONGEST_SECONDS = 10 * 365 * 24 * 3600
+
+# The keys each part of the settings may hold: a misspelt one was kept, and the setting it
+# meant silently left at its default. The transports' sections are checked by their own
+# models, and each format's options by its parser; all formats' options are here, as a
+# parser leaves the others' alone.
+CONNECTOR_KEYS = frozenset(
+    {
+        *("format", *TRANSPORTS, "schedule", "breaker", "units", "options", "webhook"),
+        *("upc_fallback", "max_quantity", "max_age_seconds"),
+    }
+)
+SCHEDULE_KEYS = frozenset({"interval_seconds", "jitter"})
+BREAKER_KEYS = frozenset({"failures_to_open", "cooldown_seconds"})
+WEBHOOK_KEYS = frozenset({"secret_ref", "tolerance_seconds", "format", "options"})
+OPTION_KEYS = frozenset(
+    {
+        *("delimiter", "encoding", "columns"),  # CSV
+        *("records", "fields", "record"),  # JSON, XML
+        *("thousands_separator", "decimal_separator", "timestamp_format"),
+        *("sku_qualifiers", "upc_qualifiers", "quantity_qualifiers"),  # EDI 846
+    }
+)
 
 
 def _check_values(connector: dict[str, Any]) -> None:
@@ -44,21 +72,40 @@ def _check_values(connector: dict[str, Any]) -> None:
             stack.extend((item, depth + 1) for item in items)
 
 
-def _positive(section: dict[str, Any], name: str, kind: type[float] | type[int]) -> None:
+def _known_keys(where: str, section: dict[str, Any], known: frozenset[str]) -> None:
+    for key in section:
+        if key not in known:
+            raise ValueError(
+                f"{where}{key}: Extra inputs are not permitted; known: {', '.join(sorted(known))}"
+            )
+
+
+def _positive(
+    section: dict[str, Any],
+    name: str,
+    kind: type[float] | type[int],
+    at_most: int | None = None,
+    where: str = "",
+) -> None:
     if name in section:
         value = section[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, not {value!r}")
+        # A bool is an int to Python, and a string is no number: neither may reach the
+        # comparisons below, nor the arithmetic of the deliveries.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{where}{name} must be a positive number, not {shown(value)}")
         if kind is int and not isinstance(value, int):
-            raise ValueError(f"{name} must be a whole number, not {value!r}")
+            raise ValueError(f"{where}{name} must be a whole number, not {shown(value)}")
+        if at_most is not None and value > at_most:
+            raise ValueError(f"{where}{name} is at most {at_most}, not {shown(value)}")
 
 
 def check_connector(connector: dict[str, Any]) -> None:
     """Raises ValueError naming what is wrong with these connector settings."""
     _check_values(connector)
+    _known_keys("", connector, CONNECTOR_KEYS)
     if "format" in connector and connector["format"] not in FORMATS:
         raise ValueError(f"format is one of {', '.join(FORMATS)}")
-    for transport_kind in ("poll", "folder", "sftp", "ftp"):
+    for transport_kind in TRANSPORTS:
         own = connector.get(transport_kind)
         # The supplier's format is what its deliveries are read as: a transport's may
         # only agree with it.
@@ -83,9 +130,13 @@ def check_connector(connector: dict[str, Any]) -> None:
     # Each parser checks the options of its own format and leaves the others': a bad one
     # is refused here, not by every delivery after it.
     supplier_options = connector.get("options") or {}
-    webhook_options = (connector.get("webhook") or {}).get("options") or {}
+    _known_keys("options.", supplier_options, OPTION_KEYS)
+    webhook = connector.get("webhook") or {}
+    _known_keys("webhook.", webhook, WEBHOOK_KEYS)
+    webhook_options = webhook.get("options") or {}
     if not isinstance(webhook_options, dict):
         raise ValueError("webhook.options must be an object")
+    _known_keys("webhook.options.", webhook_options, OPTION_KEYS)
     checked = [("options", supplier_options)]
     if webhook_options:  # as a webhook reads them
         checked.append(("webhook.options", {**supplier_options, **webhook_options}))
@@ -97,33 +148,40 @@ def check_connector(connector: dict[str, Any]) -> None:
                 problem = str(error).removeprefix("bad_option: ")
                 raise ValueError(f"{where}: {problem}") from error
     schedule = connector.get("schedule") or {}
-    _positive(schedule, "interval_seconds", float)
-    if "jitter" in schedule and not 0 <= schedule["jitter"] < 1:
-        raise ValueError("schedule.jitter is between 0 and 1")
+    _known_keys("schedule.", schedule, SCHEDULE_KEYS)
+    _positive(schedule, "interval_seconds", float, LONGEST_SECONDS, "schedule.")
+    jitter = schedule.get("jitter", 0)
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        raise ValueError(f"schedule.jitter is a number from 0 to below 1, not {shown(jitter)}")
     breaker = connector.get("breaker") or {}
-    _positive(breaker, "failures_to_open", int)
-    _positive(breaker, "cooldown_seconds", float)
+    _known_keys("breaker.", breaker, BREAKER_KEYS)
+    _positive(breaker, "failures_to_open", int, where="breaker.")
+    _positive(breaker, "cooldown_seconds", float, LONGEST_SECONDS, "breaker.")
+    # A larger factor failed every delivery that named its unit, at staging.
     for unit, factor in (connector.get("units") or {}).items():
         if (
             not isinstance(unit, str)
             or isinstance(factor, bool)
             or not isinstance(factor, int)
-            or factor < 1
+            or not 1 <= factor <= MAX_FACTOR
         ):
-            raise ValueError(f"units maps a unit name to a whole number of base units: {unit!r}")
+            raise ValueError(
+                f"units maps a unit name to a whole number of base units, 1 to {MAX_FACTOR}:"
+                f" {unit!r}: {shown(factor)}"
+            )
     if not isinstance(connector.get("upc_fallback", False), bool):
         raise ValueError("upc_fallback is true or false")
-    _positive(connector, "max_quantity", int)
-    _positive(connector, "max_age_seconds", int)
-    webhook = connector.get("webhook") or {}
+    # The ledger refuses a quantity past its own MAX_QUANTITY whatever a supplier's ceiling
+    # says; and a delivery multiplies quantities up to the ceiling by a unit's factor, in
+    # PostgreSQL bigints, which a ceiling up to MAX_QUANTITY keeps within.
+    _positive(connector, "max_quantity", int, MAX_QUANTITY)
+    _positive(connector, "max_age_seconds", int, LONGEST_SECONDS)
     if webhook and not str(webhook.get("secret_ref", "")).startswith(("env:", "file:")):
         raise ValueError("webhook.secret_ref is env:NAME or file:PATH")
-    _positive(webhook, "tolerance_seconds", int)
+    # A signature is remembered against replays for so long: a request must expire first.
+    _positive(webhook, "tolerance_seconds", int, MAX_TOLERANCE_SECONDS, "webhook.")
     if "format" in webhook and webhook["format"] not in FORMATS:
         raise ValueError(f"webhook.format is one of {', '.join(FORMATS)}")
-    # A signature is remembered against replays for so long: a request must expire first.
-    if webhook.get("tolerance_seconds", 0) > MAX_TOLERANCE_SECONDS:
-        raise ValueError(f"webhook.tolerance_seconds is at most {MAX_TOLERANCE_SECONDS}")
     transport = transport_for("check", connector, state=_NoState())
     if transport is not None:
         transport.close()

@@ -16,8 +16,12 @@ import httpx
 import psycopg
 import pytest
 
+from api.runtime import open_runtime
 from connectors.webhooks import sign
-from tests.conftest import Server, scrape, serving
+from ledger.base import Cause
+from ledger.commands import PutSupplier
+from ledger.supplier import SupplierTerms
+from tests.conftest import Server, make_settings, scrape, serving
 from tests.e2e.test_read_side import ledger_command
 
 SECRET = "whsec-test-0123456789"
@@ -263,6 +267,23 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         {"format": "csv", "folder": {"path": "/tmp", "format": "xml"}},
         {"format": "edi846", "options": {"quantity_qualifiers": []}},
         {"options": {"columns": {"stock": "Bestand"}}},
+        # A value of the wrong type compared with a number was a 500.
+        *(
+            {"format": "csv", "schedule": {"interval_seconds": 5, "jitter": jitter}}
+            for jitter in ("abc", None, [], {}, [1], {"a": 1}, True, False, 1)
+        ),
+        {"schedule": {"interval_seconds": True}},
+        {"schedule": {"interval_seconds": "5"}},
+        {"breaker": {"failures_to_open": True}},
+        {"max_quantity": True},
+        # Past what a delivery can compute with, which then failed on every retry.
+        {"format": "csv", "units": {"PAL": 10**23}},
+        {"units": {"PAL": 2**31}},
+        {"max_quantity": 10**26},
+        {"max_quantity": 10**12 + 1},
+        {"max_age_seconds": 10**15},
+        {"schedule": {"interval_seconds": 10**400}},
+        {"breaker": {"cooldown_seconds": 10**400}},
     ],
 )
 def test_unusable_connector_settings_are_refused_when_saved(
@@ -274,6 +295,100 @@ def test_unusable_connector_settings_are_refused_when_saved(
         )
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("connector", "misspelt"),
+    [
+        (
+            {"format": "csv", "shedule": {"interval_seconds": 5}, "folder": {"path": "/tmp"}},
+            "shedule",
+        ),
+        ({"format": "csv", "options": {"delimitr": ";"}}, "options.delimitr"),
+        ({"schedule": {"interval_seconds": 5, "jiter": 0.2}}, "schedule.jiter"),
+        ({"breaker": {"cooldown": 30}}, "breaker.cooldown"),
+        ({"webhook": {"secret_ref": "env:X", "tolerance": 60}}, "webhook.tolerance"),
+        (
+            {"webhook": {"secret_ref": "env:X", "options": {"record": "x", "recrods": "y"}}},
+            "webhook.options.recrods",
+        ),
+    ],
+)
+def test_a_misspelt_connector_setting_is_refused_by_name_not_kept(
+    ledger: Server, connector: dict[str, Any], misspelt: str
+) -> None:
+    with ledger.client("test-admin") as admin:
+        answer = admin.put(
+            f"/v1/suppliers/bad-{uuid.uuid4().hex[:6]}", json={"name": "x", "connector": connector}
+        )
+    assert answer.status_code == 422, answer.text
+    [problem] = answer.json()["detail"]
+    assert f"{misspelt}: Extra inputs are not permitted" in problem["msg"]
+
+
+def test_every_known_connector_setting_is_kept_up_to_its_bounds(ledger: Server) -> None:
+    connector = {
+        "format": "csv",
+        "folder": {"path": "/tmp", "format": "csv"},
+        "schedule": {"interval_seconds": 60, "jitter": 0},
+        "breaker": {"failures_to_open": 5, "cooldown_seconds": 60.5},
+        "units": {"CS": 12, "PAL": 2**31 - 1},
+        "max_quantity": 10**12,
+        "max_age_seconds": 86400,
+        "upc_fallback": True,
+        "options": {
+            **{"delimiter": ";", "encoding": "utf-8", "columns": {"quantity": "Bestand"}},
+            **{"records": "data.items", "fields": {"quantity": "stock.available"}},
+            **{"record": "item", "timestamp_format": "%Y-%m-%d %H:%M"},
+            **{"thousands_separator": ".", "decimal_separator": ","},
+            **{"sku_qualifiers": ["SK"], "upc_qualifiers": ["UP"], "quantity_qualifiers": ["33"]},
+        },
+        "webhook": {
+            "secret_ref": "env:TEST_WEBHOOK_SECRET",
+            "tolerance_seconds": 1800,
+            "format": "json",
+            "options": {"records": "observations"},
+        },
+    }
+    supplier_id = f"known-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        saved = admin.put(
+            f"/v1/suppliers/{supplier_id}", json={"name": "x", "connector": connector}
+        )
+        shown = admin.get(f"/v1/suppliers/{supplier_id}")
+    assert saved.status_code == 200, saved.text
+    assert shown.json()["connector"] == connector
+
+
+def test_settings_saved_before_they_were_checked_still_show(ledger: Server) -> None:
+    """Settings on record that today's checks refuse (saved before the checks) are shown as
+    they are, not a 500; saving them again names what is wrong."""
+    stored = {"shedule": {"interval_seconds": 5}, "units": {"PAL": 10**23}, "max_quantity": 10**26}
+    supplier_id = f"old-{uuid.uuid4().hex[:6]}"
+    runtime = open_runtime(
+        make_settings(ledger.database_url),
+        migrate_first=False,
+        sweep=False,
+        project=False,
+        connect=False,
+    )
+    try:
+        runtime.writer.execute(
+            PutSupplier(
+                at=datetime.now(UTC),
+                cause=Cause("test", "test.supplier.put", uuid.uuid4().hex),
+                supplier_id=supplier_id,
+                terms=SupplierTerms("old", connector=stored),
+            )
+        )
+    finally:
+        runtime.close()
+    with ledger.client("test-admin") as admin:
+        shown = admin.get(f"/v1/suppliers/{supplier_id}")
+        again = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "old", "connector": stored})
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["connector"] == stored
+    assert again.status_code == 422, again.text
 
 
 def test_a_signed_request_that_could_not_be_stored_can_be_sent_again(ledger: Server) -> None:

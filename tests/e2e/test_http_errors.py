@@ -349,16 +349,18 @@ def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
         {"name": "x", "reports_net_of_our_orders": "sometimes"},
         {"priority": 1},
         # PostgreSQL refuses a NUL in JSON: kept, it stopped the stock view for every SKU.
-        {"name": "x", "connector": {"options": {"note": "a\x00b"}}},
+        {"name": "x", "connector": {"options": {"timestamp_format": "a\x00b"}}},
         {"name": "x", "connector": {"units": {"C\x00S": 12}}},
         {
             "name": "x",
             "connector": {
-                "options": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
+                "options": {
+                    "columns": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+                }
             },
         },
         # Nor NaN or Infinity (JSON bodies may carry them): the same stopped view.
-        {"name": "x", "connector": {"options": {"ratio": float("nan")}}},
+        {"name": "x", "connector": {"options": {"delimiter": float("nan")}}},
         {"name": "x", "connector": {"breaker": {"cooldown_seconds": float("inf")}}},
     ],
     ids=[
