@@ -99,6 +99,8 @@ def test_a_top_level_array_after_a_byte_order_mark_is_read() -> None:
         {"data": {"items": [{"sku": "A", "qty": 1}]}},
         {"meta": {"records": [{"sku": "X", "qty": 9}]}, "records": [{"sku": "A", "qty": 1}]},
         {"count": 1, "inventory": [{"sku": "A", "qty": 1}], "items": [{"sku": "B", "qty": 2}]},
+        # A webhook's body, uploaded as a file.
+        {"delivery_id": "d-1", "observations": [{"sku": "A", "qty": 1}]},
     ],
 )
 def test_the_first_array_under_a_records_key_is_the_records(document: object) -> None:

@@ -4,8 +4,8 @@ Options (every one optional):
 
 - `records`: the dotted path of the array of records, e.g. "data.items"; "" is a
   top-level array. By default: a top-level array, else the first array found under keys
-  made only of items, data, inventory, records, products, stock (so `{"data": {"items":
-  [...]}}` works).
+  made only of items, data, inventory, records, products, stock, observations (so
+  `{"data": {"items": [...]}}` works, and a webhook's body uploaded as a file).
 - `fields`: our field -> a dotted path inside a record, or a list of paths tried in
   order, e.g. `{"supplier_sku": "product.code", "quantity": "stock.available"}`; a
   number segment indexes a list ("codes.0.value"). Fields are supplier_sku, upc,
@@ -45,7 +45,8 @@ from connectors.parsers.records import (
     normalise_name,
 )
 
-DEFAULT_KEYS = ("items", "data", "inventory", "records", "products", "stock")
+# (`observations`: a webhook body's shape, uploaded as a file.)
+DEFAULT_KEYS = ("items", "data", "inventory", "records", "products", "stock", "observations")
 OPENING = frozenset({"start_map", "start_array"})
 CLOSING = frozenset({"end_map", "end_array"})
 CHUNK = 64 * 1024
