@@ -182,6 +182,6 @@ def check_connector(connector: dict[str, Any]) -> None:
     _positive(webhook, "tolerance_seconds", int, MAX_TOLERANCE_SECONDS, "webhook.")
     if "format" in webhook and webhook["format"] not in FORMATS:
         raise ValueError(f"webhook.format is one of {', '.join(FORMATS)}")
-    transport = transport_for("check", connector, state=_NoState())
+    transport = transport_for("check", connector, state=_NoState(), strict=True)
     if transport is not None:
         transport.close()

@@ -284,6 +284,34 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         {"max_age_seconds": 10**15},
         {"schedule": {"interval_seconds": 10**400}},
         {"breaker": {"cooldown_seconds": 10**400}},
+        # Transport numbers that every fetch then failed on (httpx: OverflowError).
+        *(
+            {"format": "csv", "poll": {"url": "http://127.0.0.1:9/x", name: value}}
+            for name, value in (
+                ("timeout_seconds", "inf"),
+                ("timeout_seconds", True),
+                ("timeout_seconds", 1e300),
+                ("max_backoff_seconds", 1e300),
+                ("max_retry_after_seconds", "Infinity"),
+                ("max_attempts", True),
+                ("max_attempts", "3"),
+                ("page_size", True),
+                ("max_pages", 10**400),
+                ("max_page_bytes", 10**30),
+            )
+        ),
+        {"format": "csv", "folder": {"path": "/tmp", "format": "csv", "settle_seconds": True}},
+        *(
+            {"format": "csv", kind: {**login, "format": "csv", **bad}}
+            for kind, login in (
+                (
+                    "sftp",
+                    {"host": "h", "username": "u", "password_ref": "env:X", "known_hosts": None},
+                ),
+                ("ftp", {"host": "h", "username": "u", "password_ref": "env:X"}),
+            )
+            for bad in ({"port": True}, {"port": "21"}, {"timeout_seconds": 10**6})
+        ),
     ],
 )
 def test_unusable_connector_settings_are_refused_when_saved(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -437,3 +438,37 @@ def test_a_fetch_still_in_a_request_when_stopping_keeps_its_supplier_s_lease(
             other.close()
     assert still_held
     assert not taken_meanwhile
+
+
+def test_stored_transport_settings_that_are_refused_now_stop_only_their_own_supplier(
+    ledger: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings saved before today's checks (a timeout of "inf", on which every request
+    overflowed) keep their supplier unscheduled, logged with the reason; the others fetch."""
+    catalogue = Catalogue(2, seed=15, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    supplier_fed_by(
+        ledger,
+        "stored-badly",
+        catalogue,
+        poll={"url": "http://127.0.0.1:9/x", "timeout_seconds": "inf"},
+    )
+    supplier_fed_by(
+        ledger,
+        "stored-well",
+        catalogue,
+        folder={"path": str(tmp_path), "format": "csv", "settle_seconds": 0},
+    )
+    drop(tmp_path, "csv", catalogue.items(), name="stock.csv")
+    scheduler, _ = scheduler_for(ledger)
+
+    with caplog.at_level(logging.ERROR, logger="connectors.scheduler"):
+        assert scheduler.tick() == 1
+
+    assert set(scheduler.schedules) == {"stored-well"}
+    [refused] = [
+        record.msg
+        for record in caplog.records
+        if isinstance(record.msg, dict) and record.msg.get("event") == "scheduler.bad_settings"
+    ]
+    assert refused["supplier"] == "stored-badly"
+    assert "poll.timeout_seconds" in caplog.text

@@ -361,6 +361,42 @@ def test_settings_naming_no_transport_give_none_and_bad_ones_are_refused() -> No
         transport_for("acme", {"poll": {"url": "ftp://x"}}, state=state)
 
 
+def test_transport_numbers_are_taken_up_to_their_bounds_and_refused_past_them() -> None:
+    state = DictState()
+    poll: dict[str, Any] = {
+        "url": "http://x",
+        "timeout_seconds": 3600,
+        "max_attempts": 20,
+        "backoff_seconds": 0,
+        "max_backoff_seconds": 3600.0,
+        "max_retry_after_seconds": 3600,
+        "page_size": 100_000,
+        "max_pages": 10**6,
+        "max_page_bytes": 2**30,
+    }
+    transport = transport_for("acme", {"poll": poll}, state=state)
+    assert transport is not None
+    transport.close()
+    for name, past in (
+        ("timeout_seconds", 3600.5),
+        ("max_retry_after_seconds", float("inf")),
+        ("max_pages", 10**6 + 1),
+        ("max_page_bytes", 2**30 + 1),
+    ):
+        with pytest.raises(ValueError, match=rf"bad_option: poll\.{name}"):
+            transport_for("acme", {"poll": {**poll, name: past}}, state=state)
+
+
+def test_numbers_saved_as_a_lax_check_took_them_still_run_and_are_refused_when_saved() -> None:
+    # As settings saved before saving was strict may hold them.
+    lax = {"url": "http://x", "max_attempts": 4.0, "timeout_seconds": "30"}
+    transport = transport_for("acme", {"poll": lax}, state=DictState())
+    assert transport is not None
+    transport.close()
+    with pytest.raises(ValueError, match=r"poll\.max_attempts"):
+        transport_for("check", {"poll": lax}, state=DictState(), strict=True)
+
+
 def test_retry_after_is_read_in_seconds_or_as_an_http_date() -> None:
     now = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
     assert retry_after_seconds("7", now) == 7

@@ -116,13 +116,16 @@ def transport_for(
     state: StateStore,
     client: httpx.Client | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    strict: bool = False,
 ) -> Transport | None:
     """The transport a supplier's connector settings ask for, or None when they name none.
     `sleep` waits between retries (a scheduler's cuts them short when it stops).
 
     Raises ValueError("bad_option: …") for settings that name two transports or are
     invalid. `client` serves REST polling; without one, a client of the transport's own
-    is built (and closed with it).
+    is built (and closed with it). `strict`: numbers must be JSON numbers, whole where a
+    count (as settings are checked when saved); without it, settings saved before that
+    check (`"port": 22.0`) still run.
     """
     # Imported here, not above: the transport modules import this module's contract.
     from connectors.transports.folder import FolderSettings, FolderTransport, local_folder
@@ -137,7 +140,7 @@ def transport_for(
         raise ValueError(f"bad_option: a connector uses one transport, not {' and '.join(named)}")
     [kind] = named
     if kind == "poll":
-        poll = _settings(PollSettings, kind, connector[kind])
+        poll = _settings(PollSettings, kind, connector[kind], strict)
         return RestPoller(
             supplier_id,
             poll,
@@ -147,20 +150,20 @@ def transport_for(
             sleep=sleep,
         )
     if kind == "folder":
-        folder = _settings(FolderSettings, kind, connector[kind])
+        folder = _settings(FolderSettings, kind, connector[kind], strict)
         return FolderTransport(
             supplier_id, folder, local_folder(folder), source="folder", sleep=sleep
         )
     if kind == "sftp":
-        sftp = _settings(SftpSettings, kind, connector[kind])
+        sftp = _settings(SftpSettings, kind, connector[kind], strict)
         return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp", sleep=sleep)
-    ftp = _settings(FtpSettings, kind, connector[kind])
+    ftp = _settings(FtpSettings, kind, connector[kind], strict)
     return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp", sleep=sleep)
 
 
-def _settings(model: type[S], kind: str, given: Any) -> S:
+def _settings(model: type[S], kind: str, given: Any, strict: bool) -> S:
     try:
-        return model.model_validate(given)
+        return model.model_validate(given, strict=strict)
     except ValidationError as error:
         problems = "; ".join(
             ".".join([kind, *(str(part) for part in problem["loc"])]) + f": {problem['msg']}"

@@ -25,9 +25,9 @@ Options of `connector["folder"]` (and those of `retry`):
 - `done_action` (default "move"): "move" into the processed folder, or "delete".
 - `processed_path` (default "processed"): the processed folder, relative to `path`
   unless absolute; on the same file system as `path`.
-- `settle_seconds` (default 2): how long a file must have been left alone before it is
-  taken (0: as soon as it is listed, for suppliers that only ever rename complete files
-  into place).
+- `settle_seconds` (default 2, at most 3600): how long a file must have been left alone
+  before it is taken (0: as soon as it is listed, for suppliers that only ever rename
+  complete files into place).
 """
 
 from __future__ import annotations

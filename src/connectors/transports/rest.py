@@ -20,12 +20,13 @@ Options of `connector["poll"]` (and those of `retry`):
   - "link":   `?page=1&page_size=N`, then the `Link: <…>; rel="next"` URL as given.
   "page", "offset" and "cursor" read a JSON object with an `items` list; an empty page
   ends the poll too.
-- `page_size` (default 100): N above.
+- `page_size` (default 100, at most 100000): N above.
 - `format` (default "json"): the pages' format, one of `connectors.parsers.FORMATS`.
 - `token_ref` (default none): where the bearer token lives ("env:NAME" or "file:PATH");
   it is sent only to the origin of `url`, never to another host a Link points to.
-- `max_pages` (default 10000) and `max_page_bytes` (default 64 MiB): bounds on one poll
-  and one page, past which the fetch fails ("too_many_pages", "page_too_large").
+- `max_pages` (default 10000, at most a million) and `max_page_bytes` (default 64 MiB,
+  at most 1 GiB): bounds on one poll and one page, past which the fetch fails
+  ("too_many_pages", "page_too_large").
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ class PollSettings(RetrySettings):
     page_size: int = Field(100, ge=1, le=100_000)
     format: Format = "json"
     token_ref: str | None = None
-    max_pages: int = Field(10_000, ge=1)
-    max_page_bytes: int = Field(64 * 2**20, ge=1)
+    max_pages: int = Field(10_000, ge=1, le=1_000_000)  # a poll keeps each page's URL
+    # A page is held whole in memory, then in an inbox row, where PostgreSQL keeps at most
+    # 1 GB a value.
+    max_page_bytes: int = Field(64 * 2**20, ge=1, le=2**30)
 
     @field_validator("url")
     @classmethod

@@ -7,10 +7,13 @@ one; fatal ones (any other 4xx, a refused login, a malformed page) end the fetch
 Transports turn their own errors into FetchFailed with a table of `Failure` rows, so what
 is retried is data, not control flow.
 
-Every transport's settings accept these options (`RetrySettings`):
+Every transport's settings accept these options (`RetrySettings`). Their numbers, as all
+numbers of a transport's settings, are JSON numbers (no strings, no true or false, whole
+where a count), finite, and within bounds (these seconds at most 3600):
 
 - `timeout_seconds` (default 30): one request, connection or file operation.
-- `max_attempts` (default 4): attempts of one request or operation, the first included.
+- `max_attempts` (default 4, at most 20): attempts of one request or operation, the
+  first included.
 - `backoff_seconds` (default 1): the first wait; it doubles each time, plus a random
   jitter of up to `backoff_seconds`.
 - `max_backoff_seconds` (default 30): the longest wait between two attempts.
@@ -39,6 +42,12 @@ T = TypeVar("T")
 
 # The HTTP answers worth asking again: throttling and the server's own failures.
 RETRIABLE_STATUSES = frozenset({429, *range(500, 600)})
+
+# A fetch holds its supplier (and, in a request, one of the scheduler's few fetch slots)
+# through a timeout or a wait between attempts: past an hour it is a mistake, and past
+# the clock's range it overflowed every fetch (httpx, Event.wait). Not much less: SFTP
+# times a whole file's read with `timeout_seconds`. Longer pauses are the schedule's.
+LONGEST_WAIT_SECONDS = 3600
 
 
 class FetchFailed(Exception):
@@ -112,13 +121,16 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
 class RetrySettings(BaseModel):
     """The options every transport shares: timeouts and how failures are retried."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Finite: "inf" was read as a number, which saving accepted and every fetch then
+    # failed on. Saving validates strictly too (no true for 1, no "3"; see
+    # `transport_for`), as config.py's own checks do.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, le=LONGEST_WAIT_SECONDS)
     max_attempts: int = Field(4, ge=1, le=20)
-    backoff_seconds: float = Field(1.0, ge=0)
-    max_backoff_seconds: float = Field(30.0, ge=0)
-    max_retry_after_seconds: float = Field(120.0, ge=0)
+    backoff_seconds: float = Field(1.0, ge=0, le=LONGEST_WAIT_SECONDS)
+    max_backoff_seconds: float = Field(30.0, ge=0, le=LONGEST_WAIT_SECONDS)
+    max_retry_after_seconds: float = Field(120.0, ge=0, le=LONGEST_WAIT_SECONDS)
 
     def policy(self, sleep: Callable[[float], None] = time.sleep) -> RetryPolicy:
         """The retry policy; `sleep` waits between attempts (one that raises ends them)."""
