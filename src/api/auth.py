@@ -39,8 +39,14 @@ def key_for(authenticator: Authenticator, authorization: str, allowed: frozenset
     if key is None:
         raise ApiError(401, "unauthorized", "unknown API key", UNAUTHORIZED_HEADERS)
     if key.role not in allowed and key.role != "admin":
-        raise ApiError(403, "forbidden", f"a {key.role} key cannot do this")
+        raise ApiError(403, "forbidden", f"{_article(key.role)} {key.role} key cannot do this")
     return key
+
+
+def _article(role: str) -> str:
+    """The article before a role's name: "an auditor key", "an oms key" (O-M-S, said
+    letter by letter), "a supplier key"."""
+    return "an" if role[0] in "aeiou" else "a"
 
 
 def authorise(request: Request, allowed: frozenset[str]) -> ApiKey:

@@ -35,8 +35,11 @@ async def request_id(request: Request) -> str:
     return value
 
 
-PositionQuery = Annotated[int | None, Query(alias="min_position", ge=0)]
-PositionHeader = Annotated[int | None, Header(alias="X-Min-Position", ge=0)]
+# Log positions are PostgreSQL bigints: one beyond is never reached, and a read waiting
+# for it would wait its whole time for a 503 that says to try again.
+MAX_POSITION = 2**63 - 1
+PositionQuery = Annotated[int | None, Query(alias="min_position", ge=0, le=MAX_POSITION)]
+PositionHeader = Annotated[int | None, Header(alias="X-Min-Position", ge=0, le=MAX_POSITION)]
 
 
 async def min_position(query: PositionQuery = None, header: PositionHeader = None) -> int | None:

@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StringConstraints,
     field_validator,
@@ -220,7 +221,9 @@ class ReturnLineIn(Strict):
 
 class ReturnIn(Strict):
     lines: list[ReturnLineIn] = Field(min_length=1, max_length=1000)
-    restock: bool
+    # JSON true or false only: "yes", "false" and 1 are not answers (a lax bool took "no"
+    # as false and "yes" as true, where a quantity of "3" is refused).
+    restock: StrictBool
 
 
 class AllocationOut(BaseModel):

@@ -145,6 +145,73 @@ def test_a_body_that_is_not_json_is_malformed(oms: httpx.Client, raw: bytes) -> 
     refused(response, 400, "malformed_json")
 
 
+def test_a_body_that_is_not_text_in_a_json_encoding_is_malformed(
+    oms: httpx.Client, admin: httpx.Client
+) -> None:
+    latin_1 = '{"order_id": "caf\u00e9", "lines": []}'.encode("latin-1")
+    headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+
+    refused(oms.post("/v1/reservations", content=latin_1, headers=headers), 400, "malformed_json")
+    refused(
+        admin.put(
+            f"/v1/suppliers/{random_sku('sup')}", content=b'{"name": "\xff"}', headers=headers
+        ),
+        400,
+        "malformed_json",
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/x-www-form-urlencoded", "text/plain"],
+    ids=["none", "form-as-curl-d-sends", "text"],
+)
+def test_a_json_body_sent_as_another_media_type_is_a_validation_error_naming_the_header(
+    oms: httpx.Client, admin: httpx.Client, sku: str, content_type: str | None
+) -> None:
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    supplier = f"/v1/suppliers/{random_sku('sup')}"
+
+    for response in (
+        oms.post("/v1/reservations", content=json.dumps(order(sku)), headers=headers),
+        admin.put(supplier, content=b'{"name": "x"}', headers=headers),
+        admin.post("/v1/dead-letters/retry", content=b"{}", headers=headers),
+    ):
+        assert refused(response, 422, "validation_error") == [
+            {
+                "loc": ["header", "content-type"],
+                "msg": "send Content-Type: application/json",
+                "type": "unsupported_media_type",
+            }
+        ]
+    assert admin.get(supplier).status_code == 404
+
+
+def test_a_bulk_retry_without_a_body_retries_as_an_empty_one_does(admin: httpx.Client) -> None:
+    bare = admin.post("/v1/dead-letters/retry")
+    empty = admin.post("/v1/dead-letters/retry", json={})
+
+    for response in (bare, empty):
+        assert response.status_code == 200, response.text
+        assert set(response.json()) == {"resolved", "still_refused", "not_retryable", "position"}
+
+
+def test_a_feed_file_is_taken_as_its_raw_body_whatever_its_media_type(
+    acme: httpx.Client,
+) -> None:
+    feed = b"supplier_sku,quantity,observed_at\nA-1,5,2026-01-01T00:00:00Z\n"
+    for headers in ({}, {"Content-Type": "text/csv"}, {"Content-Type": "application/json"}):
+        response = acme.post(
+            "/v1/suppliers/acme/feeds",
+            params={"format": "csv"},
+            content=feed,
+            headers={**headers, "X-Ledger-Delivery": uuid.uuid4().hex},
+        )
+        assert response.status_code == 202, response.text
+
+
 def test_an_unknown_field_is_a_validation_error_that_names_it(oms: httpx.Client, sku: str) -> None:
     detail = refused(post_order(oms, order(sku, colour="red")), 422, "validation_error")
 
@@ -260,6 +327,30 @@ def test_batch_availability_of_more_than_a_hundred_skus_is_a_validation_error(
     refused(shop.get("/v1/availability", params={"sku": skus}), 422, "validation_error")
 
 
+@pytest.mark.parametrize("position", [2**63, 10**23], ids=["bigint-plus-one", "far-beyond"])
+def test_a_position_past_any_the_log_can_reach_is_a_validation_error_at_once(
+    admin: httpx.Client, oms: httpx.Client, shop: httpx.Client, sku: str, position: int
+) -> None:
+    """Log positions are bigints: waiting for one beyond only ended in a 503 to retry."""
+    reads: list[tuple[httpx.Client, str, dict[str, str]]] = [
+        (shop, f"/v1/availability/{sku}", {}),
+        (shop, "/v1/availability", {"sku": sku}),
+        (oms, "/v1/reservations", {"order_id": "o"}),
+        (oms, f"/v1/reservations/{uuid.uuid4()}", {}),
+        (admin, f"/v1/suppliers/{new_supplier(admin)}/mappings", {}),
+        (admin, "/v1/conflicts", {}),
+    ]
+    started = time.monotonic()
+    for client, path, params in reads:
+        by_query = client.get(path, params={**params, "min_position": str(position)})
+        by_header = client.get(path, params=params, headers={"X-Min-Position": str(position)})
+        for response, where in ((by_query, "query"), (by_header, "header")):
+            detail = refused(response, 422, "validation_error")
+            assert [item["loc"][0] for item in detail] == [where], (path, detail)
+
+    assert time.monotonic() - started < 5
+
+
 def test_a_sku_path_over_128_characters_is_a_validation_error(shop: httpx.Client) -> None:
     refused(shop.get(f"/v1/availability/{'x' * 129}"), 422, "validation_error")
 
@@ -273,10 +364,19 @@ def test_an_unknown_supplier_is_not_found_for_stock_mappings_or_terms(admin: htt
         f"/v1/suppliers/{missing}/mappings", json={"mappings": [{"supplier_sku": "a", "sku": "b"}]}
     )
     terms = admin.get(f"/v1/suppliers/{missing}")
+    listed = admin.get(f"/v1/suppliers/{missing}/mappings")
 
     refused(stock, 404, "unknown_supplier")
     refused(mappings, 404, "unknown_supplier")
     refused(terms, 404, "unknown_supplier")
+    refused(listed, 404, "unknown_supplier")
+
+
+def test_a_known_supplier_without_mappings_lists_none(admin: httpx.Client) -> None:
+    response = admin.get(f"/v1/suppliers/{new_supplier(admin)}/mappings")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"mappings": [], "next_after": None}
 
 
 def test_a_supplier_id_outside_the_allowed_characters_is_a_validation_error(
@@ -481,6 +581,21 @@ def test_a_key_of_another_role_is_forbidden(
     refused(shop.post("/v1/suppliers/acme/stock", json={"observations": [{}]}), 403, "forbidden")
     refused(acme.get(f"/v1/availability/{sku}"), 403, "forbidden")
     refused(acme.get(f"/v1/reservations/{uuid.uuid4()}"), 403, "forbidden")
+
+
+def test_a_refused_role_is_named_with_its_article(
+    ledger: Server, shop: httpx.Client, oms: httpx.Client, acme: httpx.Client, sku: str
+) -> None:
+    with ledger.client("test-audit") as auditor:
+        by_auditor = auditor.put(f"/v1/skus/{random_sku()}", json={"safety_stock": 1})
+
+    assert refused(by_auditor, 403, "forbidden") == "an auditor key cannot do this"
+    by_oms = oms.put(f"/v1/skus/{random_sku()}", json={"safety_stock": 1})
+    assert refused(by_oms, 403, "forbidden") == "an oms key cannot do this"
+    by_shop = post_order(shop, order(sku))
+    assert refused(by_shop, 403, "forbidden") == "a storefront key cannot do this"
+    by_supplier = acme.get(f"/v1/availability/{sku}")
+    assert refused(by_supplier, 403, "forbidden") == "a supplier key cannot do this"
 
 
 def test_a_supplier_key_cannot_report_for_another_supplier(
@@ -723,6 +838,22 @@ def test_a_return_must_say_whether_to_restock(oms: httpx.Client, sku: str) -> No
     response = oms.post(f"{path}/return", json={"lines": [{"sku": sku, "quantity": 1}]})
 
     refused(response, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "restock",
+    ["yes", "true", "false", 1, 0, "1", None],
+    ids=["yes", "true-as-text", "false-as-text", "one", "zero", "one-as-text", "null"],
+)
+def test_a_return_says_whether_to_restock_with_true_or_false_only(
+    oms: httpx.Client, sku: str, restock: Any
+) -> None:
+    path = f"/v1/reservations/{new_reservation(oms, sku)}"
+    body = {"lines": [{"sku": sku, "quantity": 1}], "restock": restock}
+
+    detail = refused(oms.post(f"{path}/return", json=body), 422, "validation_error")
+
+    assert [item["loc"] for item in detail] == [["body", "restock"]], detail
 
 
 # Body size ------------------------------------------------------------------------------------

@@ -90,10 +90,12 @@ async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dic
 
 @router.post("/retry")
 async def retry_many(
-    body: BulkRetryIn, key: AdminKey, runtime: RuntimeDep, response: Response
+    key: AdminKey, runtime: RuntimeDep, response: Response, body: BulkRetryIn | None = None
 ) -> dict[str, Any]:
     """Applies open letters again in bulk, by supplier, reason and delivery (a delivery id
-    is a supplier's: one that several suppliers used needs `supplier_id`)."""
+    is a supplier's: one that several suppliers used needs `supplier_id`). Every field is
+    optional, so no body at all is `{}`: every open letter, up to the limit."""
+    body = body or BulkRetryIn()
     if body.delivery_id is not None and body.supplier_id is None:
         suppliers = await run_in_threadpool(letter_suppliers, runtime.store, body.delivery_id)
         if len(suppliers) > 1:

@@ -126,6 +126,9 @@ def get_mappings(
     position = runtime.views.wait_for("mappings", wanted, runtime.settings.read_wait_max_seconds)
     set_position(response, position)
     rows = runtime.views.mappings(supplier_id, after, limit)
+    # As the PUT does; only an empty page asks, since mappings exist only for a supplier.
+    if not rows and runtime.queries.supplier(supplier_id) is None:
+        raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
     return {
         "mappings": rows,
         "next_after": rows[-1]["supplier_sku"] if len(rows) == limit else None,
