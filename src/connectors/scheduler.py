@@ -103,6 +103,8 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.clock = clock
         self.schedules: dict[str, Schedule] = {}
+        # Suppliers whose stored settings cannot run, and why, as feed health last said.
+        self._refused: dict[str, str] = {}
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -233,12 +235,29 @@ class Scheduler:
             rows = conn.execute("SELECT supplier_id, terms FROM view_suppliers").fetchall()
         seen: set[str] = set()
         for row in rows:
+            supplier_id = row["supplier_id"]
             try:
                 self._follow(row, seen)
-            except Exception:  # one supplier's settings never stop the others
-                log.exception("scheduler.bad_settings", supplier=row["supplier_id"])
+            except Exception as error:  # one supplier's settings never stop the others
+                log.exception("scheduler.bad_settings", supplier=supplier_id)
+                self._refuse(supplier_id, f"settings_refused: {error}")
+            else:
+                self._refused.pop(supplier_id, None)
         for gone in set(self.schedules) - seen - set(self._running):
             self.schedules.pop(gone).transport.close()
+
+    def _refuse(self, supplier_id: str, reason: str) -> None:
+        """Says in feed health why a supplier is not fetched (settings saved before a check
+        that now refuses them), once per reason: an operator sees it beside the others."""
+        if self._refused.get(supplier_id) == reason:
+            return
+        try:
+            with self.store.connection() as conn:
+                health.failed(conn, supplier_id, reason)
+        except psycopg.Error:
+            log.warning("scheduler.health_unrecorded", supplier=supplier_id, exc_info=True)
+            return
+        self._refused[supplier_id] = reason
 
     def _follow(self, row: dict[str, Any], seen: set[str]) -> None:
         """Keeps one supplier's schedule in step with its settings."""

@@ -472,3 +472,9 @@ def test_stored_transport_settings_that_are_refused_now_stop_only_their_own_supp
     ]
     assert refused["supplier"] == "stored-badly"
     assert "poll.timeout_seconds" in caplog.text
+    # Feed health says why, once: the refresh after it finds the same reason.
+    scheduler.refresh()
+    with ledger.store.connection() as conn:
+        [shown] = health.report(conn, "stored-badly")
+    assert shown["last_error"].startswith("settings_refused: bad_option: poll.timeout_seconds")
+    assert shown["consecutive_failures"] == 1
