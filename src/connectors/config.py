@@ -12,6 +12,7 @@ from connectors.parsers.records import shown
 from connectors.transports import TRANSPORTS, transport_for
 from connectors.webhooks import MAX_TOLERANCE_SECONDS
 from ledger.handlers.reports import MAX_QUANTITY
+from ledger.mapping import unit_key
 
 
 class _NoState:
@@ -158,6 +159,7 @@ def check_connector(connector: dict[str, Any]) -> None:
     _positive(breaker, "failures_to_open", int, where="breaker.")
     _positive(breaker, "cooldown_seconds", float, LONGEST_SECONDS, "breaker.")
     # A larger factor failed every delivery that named its unit, at staging.
+    named: dict[str, str] = {}
     for unit, factor in (connector.get("units") or {}).items():
         if (
             not isinstance(unit, str)
@@ -169,6 +171,10 @@ def check_connector(connector: dict[str, Any]) -> None:
                 f"units maps a unit name to a whole number of base units, 1 to {MAX_FACTOR}:"
                 f" {unit!r}: {shown(factor)}"
             )
+        # Units compare trimmed and in upper case: "cs" and "CS" are one unit, and one of
+        # the two factors was silently dropped.
+        if (same := named.setdefault(unit_key(unit), unit)) != unit:
+            raise ValueError(f"units names one unit twice: {same!r} and {unit!r}")
     if not isinstance(connector.get("upc_fallback", False), bool):
         raise ValueError("upc_fallback is true or false")
     # The ledger refuses a quantity past its own MAX_QUANTITY whatever a supplier's ceiling

@@ -279,6 +279,7 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         # Past what a delivery can compute with, which then failed on every retry.
         {"format": "csv", "units": {"PAL": 10**23}},
         {"units": {"PAL": 2**31}},
+        {"units": {"CS": 12, "cs ": 6}},  # one unit, two factors: one was dropped
         {"max_quantity": 10**26},
         {"max_quantity": 10**12 + 1},
         {"max_age_seconds": 10**15},
