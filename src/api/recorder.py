@@ -31,10 +31,16 @@ from psycopg.errors import LockNotAvailable
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
 
+from api import pgpipeline
 from ledger.hot import NotAsKept
 from ledger.stock import LevelRow, LevelTouch, incoming_json
 
 LEVELS_TABLE = "inventoryledger_levels"
+
+
+# Before any save: see api.pgpipeline (a save of megabytes that waited on the table's
+# lock never finished).
+pgpipeline.install()
 
 log = structlog.get_logger(__name__)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -197,3 +199,47 @@ def test_a_save_under_the_table_lock_whose_connection_is_lost_fails_at_once(
     assert took < 1.0
     stored = runtime.app.recorder.select_events(StockItem.id_for(sku))
     assert list(stored) == []
+
+
+def test_a_pipelined_save_larger_than_the_socket_that_waited_on_a_lock_is_sent_whole(
+    runtime: Runtime,
+) -> None:
+    """As a save of a large delivery's part does (BEGIN, the table's lock, megabytes of
+    events, in one pipeline): while the server waits for the lock it reads nothing, the
+    socket fills, and psycopg stopped sending once its queue was empty, with the rest in
+    libpq's buffer; both sides then waited for ever (`api.pgpipeline`). Here on a table
+    of its own, 20 MB, the lock held for a second."""
+    table = f"pipelined_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(runtime.database_url, autocommit=True) as admin:
+        admin.execute(f"CREATE TABLE {table} (x text[])")
+    done = threading.Event()
+
+    def save() -> None:
+        datastore = runtime.app.recorder.datastore  # type: ignore[attr-defined]
+        with datastore.get_connection() as conn, conn.pipeline() as pipeline:
+            conn.execute(b"BEGIN")
+            conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE".encode())
+            inserted = conn.execute(
+                f"INSERT INTO {table} VALUES (%b) RETURNING 1".encode(),
+                (["x" * 1000] * 20_000,),
+            )
+            pipeline.sync()
+            assert len(inserted.fetchall()) == 1
+            conn.execute(b"COMMIT")
+        done.set()
+
+    try:
+        with psycopg.connect(runtime.database_url) as holder:
+            holder.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            threading.Thread(target=save, daemon=True).start()
+            time.sleep(1.0)
+        finished = done.wait(15)
+    finally:
+        with psycopg.connect(runtime.database_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                (f"%{table}%",),
+            )
+            admin.execute(f"DROP TABLE IF EXISTS {table}")
+    assert finished
