@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     command_timeout_seconds: float = Field(
         default=10, gt=0, description="a request waits this long for its command, then 503"
     )
+    writer_stuck_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="/readyz says not ready while the writer has been on one batch this long",
+    )
     writer_linger_seconds: float = Field(
         default=0.002,
         ge=0,

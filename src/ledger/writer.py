@@ -202,6 +202,7 @@ class LedgerWriter:
         self.linger = linger
         self._last_batch = 0  # how many commands the last batch gathered
         self._last_ended = -math.inf  # and when it was answered (time.monotonic)
+        self._batch_started: float | None = None  # the batch under way, if any
         self.loaded_gap = LOADED_GAP
         self.metrics = metrics
         self.hot = HotAggregates(app, keep)
@@ -237,6 +238,14 @@ class LedgerWriter:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def busy_seconds(self) -> float:
+        """How long the writer has been on the batch it is on; 0.0 between batches. A
+        writer whose thread lives but never finishes its batch (a save that never comes
+        back) answers no one: readiness says so (`/readyz`)."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
 
     # Commands ---------------------------------------------------------------
 
@@ -326,13 +335,15 @@ class LedgerWriter:
                     break
                 batch.append(more)
             self._last_batch = len(batch)
-            started = time.monotonic()
+            started = self._batch_started = time.monotonic()
             try:
                 self._run_batch(batch)
             except BaseException as error:  # never lose a caller: answer everyone left
                 for left in batch:
                     if not left.future.done():
                         left.future.set_exception(error)
+            finally:
+                self._batch_started = None
             _wake(batch)
             self._last_ended = time.monotonic()
             if self.metrics is not None:

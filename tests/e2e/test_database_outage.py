@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -44,3 +46,41 @@ def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_p
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"] is False
     assert "http.unexpected_error" not in server.log()
+
+
+def test_a_writer_on_one_batch_too_long_is_not_ready_until_it_gets_through(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """A save that does not come back (here: waiting on the event table's lock, which
+    another session holds) leaves the writer's thread alive and every command behind it
+    waiting: readiness says so, and says ready again once the batch is through."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(
+            database_url, tmp_path, workers=1, extra_env={"LEDGER_WRITER_STUCK_SECONDS": "1"}
+        )
+        try:
+            with server.client("test-admin") as admin:
+                assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
+                with psycopg.connect(database_url) as holder:
+                    holder.execute("LOCK TABLE inventoryledger_events IN EXCLUSIVE MODE")
+                    with ThreadPoolExecutor(1) as pool:
+                        saved = pool.submit(
+                            admin.put, "/v1/suppliers/acme", json={"name": "Acme 2"}
+                        )
+                        time.sleep(1.6)
+                        stuck = admin.get("/readyz")
+                        holder.rollback()
+                        answer = saved.result(timeout=10)
+                ready = admin.get("/readyz")
+        finally:
+            stop_server(server)
+
+    assert stuck.status_code == 503
+    checks = stuck.json()["checks"]
+    assert checks["writer"] is True
+    assert checks["writer_stuck"] is True
+    assert checks["writer_busy_seconds"] >= 1
+    assert checks["database"] is True
+    assert answer.status_code == 200
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["writer_stuck"] is False

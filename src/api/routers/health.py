@@ -22,10 +22,16 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """The database answers and the writer runs: the service can take commands."""
+    """The database answers and the writer runs and gets through its batches: the service
+    can take commands."""
     writer = runtime.writer
+    busy = writer.busy_seconds
     checks: dict[str, Any] = {
         "writer": writer.alive,
+        # A batch this long is a save that does not come back: its thread lives, yet every
+        # command times out behind it.
+        "writer_stuck": busy >= runtime.settings.writer_stuck_seconds,
+        "writer_busy_seconds": round(busy, 3),
         "writer_batches": writer.batches,
         "writer_commands": writer.commands,
         "writer_conflicts": writer.conflicts,
@@ -44,7 +50,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     except Exception as error:  # any failure means not ready; say which
         checks["database"] = False
         checks["database_error"] = type(error).__name__
-    ready = bool(checks["writer"] and checks["database"])
+    ready = bool(checks["writer"] and not checks["writer_stuck"] and checks["database"])
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
