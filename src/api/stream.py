@@ -59,6 +59,8 @@ class Changed:
     after: int
     position: int
     entries: dict[str, StockEntry] | None
+    # Why `entries` is None: what a `reset` event says.
+    reason: str = "too_many_changes"
 
 
 @dataclass(eq=False)
@@ -226,9 +228,12 @@ def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -
         rows = conn.execute(CHANGED_AMONG_SQL, arguments).fetchall()
         if not rows:
             return Changed(0, 0, {})  # no live view yet: everything it will hold is new
-        # A start beyond the view (a client's mistake, or a view rebuilt behind it) is
-        # taken as the view's position: what moves next is shown.
         position = int(rows[0]["position"])
+        if after > position:
+            # A start beyond the view: an id from another database, or from a view since
+            # rebuilt. What the client shows is not this view's: it reads afresh (it
+            # followed from here, shown nothing, before 2026-12-06).
+            return Changed(position, position, None, "ahead_of_the_view")
         moved = [row["sku"] for row in rows if row["sku"] is not None]
         if len(moved) > MAX_ENTRIES:
             return Changed(min(after, position), position, None)
@@ -312,7 +317,7 @@ def _burst(
     client cut off in the middle of it does not claim to have seen it whole."""
     line = "" if ident is None else f"id: {ident}\n"
     if changed.entries is None:
-        body = json.dumps({"position": changed.position, "reason": "too_many_changes"})
+        body = json.dumps({"position": changed.position, "reason": changed.reason})
         yield f"event: reset\n{line}data: {body}\n\n"
         return
     skus = sorted(changed.entries)

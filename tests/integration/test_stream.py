@@ -194,8 +194,13 @@ def test_a_new_stream_starts_from_its_skus_now_or_from_what_moved_after_a_positi
     assert resumed.entries is not None
     assert list(resumed.entries) == [second]
     assert catch_up(runtime.store, frozenset({first}), before) == Changed(before, position, {})
-    # A start beyond the view is taken as the view's position.
-    assert catch_up(runtime.store, None, position + 10**6) == Changed(position, position, {})
+    # A start beyond the view (an id from another database, or a view rebuilt since): what
+    # the client shows is not this view's, and a reset says to read afresh.
+    ahead = catch_up(runtime.store, None, position + 10**6)
+    assert ahead == Changed(position, position, None, "ahead_of_the_view")
+    [reset] = stream._burst(ahead, lambda entry, at: {}, position)
+    assert reset.startswith("event: reset\n")
+    assert f'"position": {position}, "reason": "ahead_of_the_view"' in reset
     monkeypatch.setattr(stream, "MAX_ENTRIES", 1)
     assert catch_up(runtime.store, None, 0) == Changed(0, position, None)
 
