@@ -12,7 +12,7 @@ from connectors.parsers.records import shown
 from connectors.transports import TRANSPORTS, transport_for
 from connectors.webhooks import MAX_TOLERANCE_SECONDS
 from ledger.handlers.reports import MAX_QUANTITY
-from ledger.mapping import unit_key
+from ledger.mapping import BASE_UNITS, unit_key
 
 
 class _NoState:
@@ -175,6 +175,9 @@ def check_connector(connector: dict[str, Any]) -> None:
         # the two factors was silently dropped.
         if (same := named.setdefault(unit_key(unit), unit)) != unit:
             raise ValueError(f"units names one unit twice: {same!r} and {unit!r}")
+        # A base unit is one piece wherever it is written; the table's factor would win.
+        if unit_key(unit) in BASE_UNITS:
+            raise ValueError(f"units cannot count {unit!r} otherwise: it is a base unit, one piece")
     if not isinstance(connector.get("upc_fallback", False), bool):
         raise ValueError("upc_fallback is true or false")
     # The ledger refuses a quantity past its own MAX_QUANTITY whatever a supplier's ceiling

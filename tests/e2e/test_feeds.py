@@ -280,6 +280,7 @@ def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None
         {"format": "csv", "units": {"PAL": 10**23}},
         {"units": {"PAL": 2**31}},
         {"units": {"CS": 12, "cs ": 6}},  # one unit, two factors: one was dropped
+        {"units": {"ea": 6}},  # a base unit is one piece: the table's factor won
         {"max_quantity": 10**26},
         {"max_quantity": 10**12 + 1},
         {"max_age_seconds": 10**15},
