@@ -151,6 +151,23 @@ def test_a_signed_webhook_is_applied_and_its_redelivery_changes_nothing(ledger: 
     assert on_hand(ledger, sku, status["position"]) == 21
 
 
+def test_an_empty_signed_webhook_is_refused_at_once_as_an_empty_upload_is(
+    ledger: Server,
+) -> None:
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        hooked = anyone.post(
+            f"/v1/suppliers/{supplier_id}/webhook", content=b"", headers=signed(b"", "empty-1")
+        )
+        uploaded = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=b""
+        )
+        status = admin.get("/v1/feeds/empty-1", params={"supplier_id": supplier_id})
+    assert (hooked.status_code, hooked.json()["error"]) == (422, "empty_feed")
+    assert (uploaded.status_code, uploaded.json()["error"]) == (422, "empty_feed")
+    assert status.status_code == 404  # nothing was queued
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [

@@ -145,6 +145,10 @@ async def webhook(
         raise ApiError(401, reason, "the webhook signature does not hold")
     assert timestamp is not None
     assert signature is not None
+    if not body:  # as an upload's: refused now, not acknowledged and rejected later
+        raise ApiError(
+            422, "empty_feed", "the request body is the supplier's payload, and it is empty"
+        )
     digest = content_hash(body)
     received = await _in_thread(
         _receive_signed,
