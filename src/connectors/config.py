@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from connectors.normalise import MAX_FACTOR
-from connectors.parsers import FORMATS, parse
+from connectors.parsers import FORMATS, OPTION_NAMES, parse
 from connectors.parsers.records import shown
 from connectors.transports import TRANSPORTS, transport_for
 from connectors.webhooks import MAX_TOLERANCE_SECONDS
@@ -31,8 +31,8 @@ LONGEST_SECONDS = 10 * 365 * 24 * 3600
 
 # The keys each part of the settings may hold: a misspelt one was kept, and the setting it
 # meant silently left at its default. The transports' sections are checked by their own
-# models, and each format's options by its parser; all formats' options are here, as a
-# parser leaves the others' alone.
+# models; the options are those any format's parser reads, as a parser leaves the others'
+# alone.
 CONNECTOR_KEYS = frozenset(
     {
         *("format", *TRANSPORTS, "schedule", "breaker", "units", "options", "webhook"),
@@ -42,14 +42,6 @@ CONNECTOR_KEYS = frozenset(
 SCHEDULE_KEYS = frozenset({"interval_seconds", "jitter"})
 BREAKER_KEYS = frozenset({"failures_to_open", "cooldown_seconds"})
 WEBHOOK_KEYS = frozenset({"secret_ref", "tolerance_seconds", "format", "options"})
-OPTION_KEYS = frozenset(
-    {
-        *("delimiter", "encoding", "columns"),  # CSV
-        *("records", "fields", "record"),  # JSON, XML
-        *("thousands_separator", "decimal_separator", "timestamp_format"),
-        *("sku_qualifiers", "upc_qualifiers", "quantity_qualifiers"),  # EDI 846
-    }
-)
 
 
 def _check_values(connector: dict[str, Any]) -> None:
@@ -131,13 +123,13 @@ def check_connector(connector: dict[str, Any]) -> None:
     # Each parser checks the options of its own format and leaves the others': a bad one
     # is refused here, not by every delivery after it.
     supplier_options = connector.get("options") or {}
-    _known_keys("options.", supplier_options, OPTION_KEYS)
+    _known_keys("options.", supplier_options, OPTION_NAMES)
     webhook = connector.get("webhook") or {}
     _known_keys("webhook.", webhook, WEBHOOK_KEYS)
     webhook_options = webhook.get("options") or {}
     if not isinstance(webhook_options, dict):
         raise ValueError("webhook.options must be an object")
-    _known_keys("webhook.options.", webhook_options, OPTION_KEYS)
+    _known_keys("webhook.options.", webhook_options, OPTION_NAMES)
     checked = [("options", supplier_options)]
     if webhook_options:  # as a webhook reads them
         checked.append(("webhook.options", {**supplier_options, **webhook_options}))
@@ -173,10 +165,11 @@ def check_connector(connector: dict[str, Any]) -> None:
             )
         # Units compare trimmed and in upper case: "cs" and "CS" are one unit, and one of
         # the two factors was silently dropped.
-        if (same := named.setdefault(unit_key(unit), unit)) != unit:
+        key = unit_key(unit)
+        if (same := named.setdefault(key, unit)) != unit:
             raise ValueError(f"units names one unit twice: {same!r} and {unit!r}")
         # A base unit is one piece wherever it is written; the table's factor would win.
-        if unit_key(unit) in BASE_UNITS:
+        if key in BASE_UNITS:
             raise ValueError(f"units cannot count {unit!r} otherwise: it is a base unit, one piece")
     if not isinstance(connector.get("upc_fallback", False), bool):
         raise ValueError("upc_fallback is true or false")

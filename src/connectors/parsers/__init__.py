@@ -15,17 +15,25 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, get_args
 
-from connectors.parsers.csv_feed import parse_csv
-from connectors.parsers.edi846 import parse_edi846
-from connectors.parsers.json_feed import parse_json
-from connectors.parsers.records import FeedError, Incoming, Parsed, Record, RecordError
-from connectors.parsers.xml_feed import parse_xml
+from connectors.parsers.csv_feed import CsvSettings, parse_csv
+from connectors.parsers.edi846 import EdiSettings, parse_edi846
+from connectors.parsers.json_feed import JsonSettings, parse_json
+from connectors.parsers.records import (
+    FeedError,
+    Incoming,
+    Parsed,
+    Record,
+    RecordError,
+    ValueFormat,
+)
+from connectors.parsers.xml_feed import XmlSettings, parse_xml
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 __all__ = [
     "FORMATS",
+    "OPTION_NAMES",
     "FeedError",
     "Format",
     "Incoming",
@@ -38,6 +46,14 @@ __all__ = [
 
 Format = Literal["csv", "json", "xml", "edi846"]
 FORMATS: tuple[Format, ...] = get_args(Format)
+# Every option a parser reads, of any format (a supplier's options serve all of them).
+OPTION_NAMES = (
+    CsvSettings.OPTIONS
+    | JsonSettings.OPTIONS
+    | XmlSettings.OPTIONS
+    | EdiSettings.OPTIONS
+    | ValueFormat.OPTIONS
+)
 
 _PARSERS: dict[str, Callable[[BinaryIO, Mapping[str, Any]], Iterator[Parsed]]] = {
     "csv": parse_csv,

@@ -44,7 +44,7 @@ import io
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 from connectors.parsers.records import (
     FeedError,
@@ -65,6 +65,9 @@ DELIMITERS = (",", ";", "\t", "|")
 @dataclass(frozen=True)
 class CsvSettings:
     """The CSV options of one supplier, checked."""
+
+    # The options `from_options` reads (connectors.config refuses any other).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"delimiter", "encoding", "columns"})
 
     delimiter: str | None
     encoding: str

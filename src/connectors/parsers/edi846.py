@@ -39,7 +39,7 @@ import io
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, ClassVar, TextIO
 
 from connectors.parsers.records import (
     FeedError,
@@ -68,6 +68,11 @@ Segment = list[str]
 @dataclass(frozen=True)
 class EdiSettings:
     """The 846 options of one supplier, checked."""
+
+    # The options `from_options` reads (connectors.config refuses any other).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"encoding", "sku_qualifiers", "upc_qualifiers", "quantity_qualifiers"}
+    )
 
     sku_qualifiers: tuple[str, ...]
     upc_qualifiers: tuple[str, ...]

@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import ijson  # type: ignore[import-untyped]  # ijson ships no type hints
 
@@ -55,6 +55,9 @@ CHUNK = 64 * 1024
 @dataclass(frozen=True)
 class JsonSettings:
     """The JSON options of one supplier, checked."""
+
+    # The options `from_options` reads (connectors.config refuses any other).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"records", "fields"})
 
     records: str | None
     paths: dict[str, tuple[FieldPath, ...]]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 FIELDS = (
     "supplier_sku",
@@ -188,6 +188,11 @@ def field_paths(
 class ValueFormat:
     """How a supplier writes numbers and times: options `thousands_separator`,
     `decimal_separator` and `timestamp_format`."""
+
+    # The options `from_options` reads (connectors.config refuses any other).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"thousands_separator", "decimal_separator", "timestamp_format"}
+    )
 
     thousands_separator: str | None = None
     decimal_separator: str = "."

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 from xml.etree.ElementTree import Element
 
 from defusedxml import DefusedXmlException, EntitiesForbidden, ExternalReferenceForbidden
@@ -54,6 +54,9 @@ MAX_UNDECIDED = 1000
 @dataclass(frozen=True)
 class XmlSettings:
     """The XML options of one supplier, checked; names normalised."""
+
+    # The options `from_options` reads (connectors.config refuses any other).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"record", "fields"})
 
     record: str | None
     paths: dict[str, tuple[FieldPath, ...]]
