@@ -191,6 +191,16 @@ class LedgerTranscoder(JSONTranscoder):
         return transcoding.decode(value["_data_"])
 
 
+def _give_back(events: Iterable[Any], aggregates: Iterable[LedgerAggregate]) -> None:
+    """Puts a failed save's events back into their aggregates, as they were before it."""
+    by_id = {aggregate.id: aggregate for aggregate in aggregates}
+    pending: dict[UUID, list[Any]] = {}
+    for event in events:
+        pending.setdefault(event.originator_id, []).append(event)
+    for aggregate_id, given in pending.items():
+        by_id[aggregate_id].pending_events[:0] = given
+
+
 def _datetime(data: Any) -> datetime:
     """The library's DatetimeAsISO.decode."""
     assert isinstance(data, str)
@@ -272,7 +282,9 @@ class InventoryLedger(Application[UUID]):
         The recorder keeps those levels in the same transaction as the events, so that
         a delivery can be compared with them in bulk; an in-memory recorder ignores them.
         The writer passes `levels` (only the rows that changed) and `touches` (reports
-        that repeated a level, see `LevelTouch`) itself.
+        that repeated a level, see `LevelTouch`) itself. A save that fails leaves the
+        aggregates holding their events still to save (the library's would have taken
+        them): the writer saves some of them again after a conflict (ledger.writer).
         """
         if "levels" not in kwargs:
             kwargs["levels"] = [
@@ -287,7 +299,11 @@ class InventoryLedger(Application[UUID]):
             processing_event.events.extend(aggregate.collect_events())
             processing_event.aggregates[aggregate.id] = aggregate
         processing_event.saved_kwargs.update(kwargs)
-        recordings = self._record(processing_event)
+        try:
+            recordings = self._record(processing_event)
+        except BaseException:
+            _give_back(processing_event.events, objs)
+            raise
         try:
             self._take_snapshots(processing_event)
         except Exception:

@@ -38,6 +38,7 @@ from ledger.commands import Command
 from ledger.errors import ContentionTooHigh, LedgerError
 from ledger.handlers import handler_for
 from ledger.hot import HotAggregates, NotAsKept
+from ledger.stock import StockItem
 from ledger.uow import ReadAhead, UnitOfWork
 
 T = TypeVar("T")
@@ -510,22 +511,75 @@ class LedgerWriter:
             if not involved or len(involved) == len(pending):
                 return pending
             # The commands that read none of the streams that moved (nor anything such a
-            # command changed) decide the same again: they commit now, the rest try again.
+            # command changed) would decide the same again: they commit now, as they
+            # decided (or, where that cannot be, decided again), the rest try again.
             clean = [job for job in pending if job not in involved]
+            if (
+                not kept_try
+                and not touches
+                and self._save_as_decided(unit, clean, answers, reads, started, locked)
+            ):
+                return involved
             return involved + (self._attempt(clean, started, locked) or [])
         if kept_try:
             self._note("kept_try", "saved")
         self.hot.keep(unit.loaded(), new=not bulk, saved=started_ids)
+        self._answer(pending, answers, position, started)
+        return None
+
+    def _save_as_decided(
+        self,
+        unit: UnitOfWork,
+        clean: list[_Job],
+        answers: dict[_Job, tuple[Any, BaseException | None]],
+        reads: dict[_Job, tuple[set[UUID], set[UUID]]],
+        started: float,
+        locked: Any,
+    ) -> bool:
+        """Saves what the commands of a collided save that read nothing that moved changed,
+        as they decided it, and answers them; False (nothing saved, nothing answered) where
+        that save fails too: they are then decided again.
+
+        They read what the store held (the try was not on kept copies, whose currency
+        only the save could check), and none of it moved: deciding them again would load
+        the same state and decide the same. Their changes are theirs alone: a stream one
+        of the others changed is one they did not read (`_involved`). Noted reports
+        (touches) are not told apart by command: a batch with any is decided again."""
+        wrote: set[UUID] = set().union(*(reads[job][1] for job in clean))
+        read: set[UUID] = set().union(*(reads[job][0] for job in clean))
+        changed = [a for a in unit.changed() if a.id in wrote]
+        position = None
+        if changed:
+            levels = [r for r in unit.changed_levels() if StockItem.id_for(r.sku) in wrote]
+            try:
+                began = self.hot.clock()
+                recordings = self.app.save(*changed, levels=levels, touches=[], locked=locked)
+            except IntegrityError:
+                return False
+            numbers = [r.notification.id for r in recordings]
+            position = max(numbers)
+            self.hot.saved(min(numbers), position, began)
+        self.hot.keep([a for a in unit.loaded() if a.id in read], saved=wrote)
+        self._answer(clean, answers, position, started)
+        return True
+
+    def _answer(
+        self,
+        jobs: list[_Job],
+        answers: dict[_Job, tuple[Any, BaseException | None]],
+        position: int | None,
+        started: float,
+    ) -> None:
+        """Gives each command of a saved batch its answer."""
         seconds = time.monotonic() - started
         self.batches += 1
-        self.commands += len(pending)
-        for job in pending:
+        self.commands += len(jobs)
+        for job in jobs:
             value, error = answers[job]
             if error is not None:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(Outcome(value, position, seconds))
-        return None
 
     def _contended_among(self, pending: list[_Job]) -> list[UUID]:
         """The shared streams these commands name that other processes collided on lately."""

@@ -170,12 +170,20 @@ def another_process_orders_before_the_next_save(
 ) -> list[list[list[str]]]:
     """Has another process order one unit of `sku` between this writer's next read and
     its save (once); returns what that process was granted, once it has run."""
+    return other_processes_order_before_the_next_saves(runtime, sku)
+
+
+def other_processes_order_before_the_next_saves(
+    runtime: Runtime, *skus: str
+) -> list[list[list[str]]]:
+    """Has another process order one unit of `skus[i]` just before this writer's i-th
+    save from now; returns what those processes were granted, once they have run."""
     save = runtime.app.save
     other_process: list[list[list[str]]] = []
 
     def save_after_another_process_wrote(*aggregates: Any, **kwargs: Any) -> Any:
-        if not other_process:
-            other_process.append(compete(runtime.database_url, sku, 1, 1, 1))
+        if len(other_process) < len(skus):
+            other_process.append(compete(runtime.database_url, skus[len(other_process)], 1, 1, 1))
         return save(*aggregates, **kwargs)
 
     runtime.app.save = save_after_another_process_wrote  # type: ignore[method-assign]
@@ -213,9 +221,10 @@ def test_a_conflict_from_another_process_runs_again_and_takes_turns_only_on_its_
     conflicts = writer.conflicts
     writer._run_batch(batch)
 
-    # The seven orders on streams nobody else wrote commit at once; only the first SKU's
-    # order is decided again, on the state the other process left.
-    assert attempts == [skus, skus[1:], skus[:1]]
+    # The seven orders on streams nobody else wrote commit at once, as they were decided
+    # (the store held what they read); only the first SKU's order is decided again, on
+    # the state the other process left.
+    assert attempts == [skus, skus[:1]]
     assert writer.conflicts == conflicts + 1
     assert [len(granted) for granted in other_process[0]] == [1]
     for job in batch:
@@ -237,7 +246,7 @@ def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retr
 ) -> None:
     """Another process writes SKU a; an order for a and b must be decided again, and so
     must a later order for b alone, which read the b that order changed; orders for c and
-    d read nothing that moved, and commit at once."""
+    d read nothing that moved, and commit at once, as decided."""
     a, b, c, d = (random_sku(name) for name in "ABCD")
     for sku in (a, b, c, d):
         stock_sku(runtime.writer, sku, 10)
@@ -256,11 +265,46 @@ def test_after_a_conflict_the_orders_that_read_what_a_retried_order_changed_retr
     batch = [_Job(reserve(lines), Future()) for lines in orders]
     writer._run_batch(batch)
 
-    assert attempts == [[(a, b), (b,), (c,), (d,)], [(c,), (d,)], [(a, b), (b,)]]
+    assert attempts == [[(a, b), (b,), (c,), (d,)], [(a, b), (b,)]]
     for job in batch:
         assert job.future.result(0).value.reservation.lines
     held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, b, c, d)}
     assert held == {a: 2, b: 3, c: 1, d: 1}
+    # Each order was answered with where its own save put it: c and d's first.
+    positions = [job.future.result(0).position for job in batch]
+    assert positions[2] == positions[3] < positions[0] == positions[1]
+
+
+def test_orders_saved_as_decided_after_a_conflict_are_decided_again_if_that_save_collides(
+    runtime: Runtime,
+) -> None:
+    """Another process writes a before the batch's save, and c before the save of the
+    orders that read nothing that moved: those are then decided again too, on what the
+    store holds, and every order is granted once."""
+    a, c, d = (random_sku(name) for name in "ACD")
+    for sku in (a, c, d):
+        stock_sku(runtime.writer, sku, 10)
+    writer = runtime.writer
+    other_processes_order_before_the_next_saves(runtime, a, c)
+
+    attempts: list[list[str]] = []
+    attempt = writer._attempt
+
+    def counted(jobs: list[_Job], started: float, locked: Any = None) -> Any:
+        attempts.append([job.command.lines[0][0] for job in jobs])  # type: ignore[attr-defined]
+        return attempt(jobs, started, locked)
+
+    writer._attempt = counted  # type: ignore[method-assign]
+    batch = [_Job(reserve([(sku, 1)]), Future()) for sku in (a, c, d)]
+    writer._run_batch(batch)
+
+    assert attempts == [[a, c, d], [c, d], [a]]
+    for job in batch:
+        assert job.future.result(0).value.reservation.lines
+    held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, c, d)}
+    assert held == {a: 2, c: 2, d: 1}
+    for job in batch:
+        assert placed_events(runtime, str(job.future.result(0).value.reservation.id)) == 1
 
 
 def test_a_batch_that_keeps_losing_its_stream_to_another_writer_saves_holding_the_lock(
