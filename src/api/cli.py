@@ -30,7 +30,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.database import NotMigrated, migrate, resolve_database_url, start_embedded
+from api.database import (
+    NotMigrated,
+    migrate,
+    require_migrated,
+    resolve_database_url,
+    start_embedded,
+)
 from api.logs import configure_logging
 from api.metrics import prepare_directory
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
@@ -71,13 +77,19 @@ def serve(
     embedded = None if settings.database_url else start_embedded(settings.data_dir)
     database_url = embedded.url if embedded else resolve_database_url(settings)
     os.environ["LEDGER_DATABASE_URL"] = database_url
+    # Migrated here, once for every worker (where this process is told to), or left to
+    # others: then a database they have not migrated yet is refused before any worker
+    # starts.
     os.environ["LEDGER_MIGRATE_ON_START"] = "false"
     # Uvicorn re-raises SIGTERM once it has shut down; as SystemExit it unwinds through
     # the `finally` below, which stops the embedded database this command started.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     live = None
     try:
-        migrate(settings, database_url)
+        if settings.migrate_on_start:
+            migrate(settings, database_url)
+        else:
+            require_migrated(settings, database_url)
         if demo:
             live = LiveSuppliers(settings.data_dir.resolve() / "demo").start()
             runtime = open_runtime(
@@ -366,7 +378,10 @@ def ingest_command(
                     progress=advanced,
                 )
             except FeedRejected as broken:
-                raise typer.BadParameter(f"the file is rejected whole: {broken.reason}") from None
+                # The file is a file: the ledger refuses what is in it (status 1, not 2).
+                progress.stop()
+                typer.echo(f"error: the file is rejected whole: {broken.reason}", err=True)
+                raise typer.Exit(1) from None
             progress.update(task, completed=max(size, 1), rows=result.rows)
         with runtime.store.transaction() as conn:
             record_dead_letters(conn, supplier, delivery, result.rejections)

@@ -163,6 +163,16 @@ def check_migrated(database_url: str, projections: list[Projection]) -> None:
         )
 
 
+def require_migrated(settings: Settings, database_url: str) -> None:
+    """`check_migrated` for a process that opens no ledger of its own (`ledger serve`,
+    whose workers do)."""
+    app = InventoryLedger(settings.event_store_env(database_url))
+    try:
+        check_migrated(database_url, all_projections(app))
+    finally:
+        app.close()
+
+
 def _without_jit(conn: psycopg.Connection[dict[str, Any]]) -> None:
     """Turns JIT off for the ledger's database where the role may (it owns the database)."""
     setting = conn.execute("SELECT setting FROM pg_settings WHERE name = 'jit'").fetchone()

@@ -24,6 +24,19 @@ WHERE g.name = %s
 """
 
 
+_CONFLICTS = (
+    "SELECT conflict_id, kind, sku, supplier_id, occurred_at, position,"
+    " originator_id, originator_version, topic, actor, correlation_id, detail,"
+    " acknowledged_at, acknowledged_by, note FROM view_conflicts"
+    " WHERE (%(kind)s::text IS NULL OR kind = %(kind)s)"
+    " AND (%(sku)s::text IS NULL OR sku = %(sku)s)"
+    " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
+    " AND (%(ack)s::boolean IS NULL OR (acknowledged_at IS NOT NULL) = %(ack)s)"
+)
+_ORDER = " ORDER BY position, conflict_id"
+_PAGE = _ORDER + " LIMIT %(limit)s"
+
+
 class PositionNotReached(Exception):
     """The view did not reach the wanted position within the bound."""
 
@@ -134,26 +147,26 @@ class Views:
         after: int = 0,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
+        """Conflicts after a position, in log order, `limit` of them or a few more: a page
+        holds every conflict of its last position (one event can raise several), since
+        the next page starts after that position."""
+        params = {
+            "after": after,
+            "kind": kind,
+            "sku": sku,
+            "supplier": supplier_id,
+            "ack": acknowledged,
+            "limit": limit,
+        }
         with self.store.connection() as conn:
-            return conn.execute(
-                "SELECT conflict_id, kind, sku, supplier_id, occurred_at, position,"
-                " originator_id, originator_version, topic, actor, correlation_id, detail,"
-                " acknowledged_at, acknowledged_by, note FROM view_conflicts"
-                " WHERE position > %(after)s"
-                " AND (%(kind)s::text IS NULL OR kind = %(kind)s)"
-                " AND (%(sku)s::text IS NULL OR sku = %(sku)s)"
-                " AND (%(supplier)s::text IS NULL OR supplier_id = %(supplier)s)"
-                " AND (%(ack)s::boolean IS NULL OR (acknowledged_at IS NOT NULL) = %(ack)s)"
-                " ORDER BY position, conflict_id LIMIT %(limit)s",
-                {
-                    "after": after,
-                    "kind": kind,
-                    "sku": sku,
-                    "supplier": supplier_id,
-                    "ack": acknowledged,
-                    "limit": limit,
-                },
-            ).fetchall()
+            rows = conn.execute(_CONFLICTS + " AND position > %(after)s" + _PAGE, params).fetchall()
+            if len(rows) == limit:
+                last = rows[-1]
+                rows += conn.execute(
+                    _CONFLICTS + " AND position = %(last)s AND conflict_id > %(id)s" + _ORDER,
+                    {**params, "last": last["position"], "id": last["conflict_id"]},
+                ).fetchall()
+            return rows
 
     def conflict_exists(self, conflict_id: UUID) -> bool:
         with self.store.connection() as conn:

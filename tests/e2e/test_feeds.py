@@ -571,8 +571,10 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
     while on_hand(ledger, sku, None) != 14:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert refused.returncode != 0
-    assert "the file is rejected whole" in refused.stderr
+    # The ledger refuses the file (1), which is no misuse of the command (2).
+    assert refused.returncode == 1, refused.stderr
+    assert "error: the file is rejected whole" in refused.stderr
+    assert "Usage:" not in refused.stderr
     # Neither the supplier nor the file's name says the format: nothing is read.
     assert unnamed.returncode != 0
     assert "the supplier has none set" in unnamed.stderr

@@ -19,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Server, random_sku, serving
+from tests.conftest import Server, free_port, random_sku, serving
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +195,44 @@ def test_every_kind_of_conflict_is_produced_and_listed_with_its_cause(ledger: Se
     cause = found["oversell_exposure"][0]["caused_by"]
     assert cause["type"] == "stockledger:StockItem.Observed"
     assert cause["actor"] == "admin"
+
+
+def test_paging_through_conflicts_one_at_a_time_lists_each_once_even_two_of_one_event(
+    ledger: Server,
+) -> None:
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-oms") as oms,
+        ledger.client("test-audit") as audit,
+    ):
+        falling = supplier(admin)
+        sku = sku_with_stock(admin, falling, 1000)
+        held = oms.post(
+            "/v1/reservations",
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"order_id": "x", "lines": [{"sku": sku, "quantity": 800}]},
+        )
+        assert held.status_code == 201, held.text
+        # One report: a jump of -990 and 790 units exposed, two conflicts of one event.
+        report(admin, falling, [{"sku": sku, "quantity": 10, "observed_at": iso(1)}])
+        both = conflicts(audit, sku=sku)
+        assert sorted(c["kind"] for c in both) == ["anomalous_jump", "oversell_exposure"]
+        assert len({c["caused_by"]["position"] for c in both}) == 1
+
+        walked: list[str] = []
+        after, pages = 0, 0
+        while True:
+            answer = audit.get("/v1/conflicts", params={"sku": sku, "limit": 1, "after": after})
+            assert answer.status_code == 200, answer.text
+            page = answer.json()
+            walked += [c["conflict_id"] for c in page["items"]]
+            pages += 1
+            if page["next_after"] is None:
+                break
+            after = page["next_after"]
+            assert pages < 5
+
+    assert sorted(walked) == sorted(c["conflict_id"] for c in both)
 
 
 def test_acknowledging_a_conflict_is_an_event_and_moves_it_out_of_the_open_list(
@@ -514,6 +552,33 @@ def test_a_stream_asked_for_wrongly_is_refused_with_its_reason(
     assert answer.status_code == status, answer.text
     if code is not None:
         assert answer.json()["error"] == code
+
+
+def test_serve_told_not_to_migrate_refuses_a_database_nobody_migrated_and_leaves_it_be(
+    database_url: str,
+) -> None:
+    env = {
+        **os.environ,
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_API_KEYS": "a:admin:secret-secret-secret",
+        "LEDGER_MIGRATE_ON_START": "false",
+    }
+    refused = subprocess.run(
+        [sys.executable, "-m", "api", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        [count] = tables.fetchone() or (None,)
+
+    assert refused.returncode == 2, refused.stderr
+    assert "not migrated" in refused.stderr
+    assert "ledger migrate" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert count == 0
 
 
 def test_a_command_leaves_migrating_to_others_when_told_to(

@@ -88,7 +88,9 @@ def list_conflicts(
     after: Annotated[int, Query(ge=0, description="position cursor")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ConflictsOut:
-    """Conflicts in log order, filtered; page on with `after=next_after`."""
+    """Conflicts in log order, filtered; page on with `after=next_after`. A page holds
+    every conflict of the last position it reaches (one event can raise several), so it
+    may run a few past `limit`."""
     position = runtime.views.wait_for("conflicts", wanted, runtime.settings.read_wait_max_seconds)
     set_position(response, position)
     rows = runtime.views.conflicts(
@@ -101,7 +103,7 @@ def list_conflicts(
     )
     return ConflictsOut(
         items=[conflict_out(row) for row in rows],
-        next_after=rows[-1]["position"] if len(rows) == limit else None,
+        next_after=rows[-1]["position"] if len(rows) >= limit else None,
         position=position,
     )
 

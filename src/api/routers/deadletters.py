@@ -32,10 +32,11 @@ class BulkRetryIn(Strict):
 
 
 def _out(outcome: RetryOutcome) -> dict[str, Any]:
+    """A retry's answer, each list in letter id order (they are applied by supplier)."""
     return {
-        "resolved": outcome.resolved,
-        "still_refused": [{"id": k, "reason": v} for k, v in outcome.still_refused.items()],
-        "not_retryable": outcome.not_retryable,
+        "resolved": sorted(outcome.resolved),
+        "still_refused": [{"id": k, "reason": v} for k, v in sorted(outcome.still_refused.items())],
+        "not_retryable": sorted(outcome.not_retryable),
         "position": outcome.position,
     }
 

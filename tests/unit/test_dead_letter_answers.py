@@ -1,0 +1,28 @@
+"""A dead-letter retry's answer, whatever order its letters were applied in."""
+
+from __future__ import annotations
+
+from api.routers.deadletters import _out
+from connectors.deadletters import RetryOutcome
+
+
+def test_a_retry_answers_its_letters_in_id_order_though_applied_supplier_by_supplier() -> None:
+    # Applied supplier by supplier: the first supplier's letters 1, 3 and 8, then the
+    # second's 2 and 5.
+    outcome = RetryOutcome()
+    outcome.resolved += [1, 8, 2]
+    outcome.still_refused.update({3: "unknown_sku", 5: "negative_quantity"})
+    outcome.still_refused[4] = "unknown_sku"
+    outcome.not_retryable += [9, 6]
+    outcome.position = 42
+
+    assert _out(outcome) == {
+        "resolved": [1, 2, 8],
+        "still_refused": [
+            {"id": 3, "reason": "unknown_sku"},
+            {"id": 4, "reason": "unknown_sku"},
+            {"id": 5, "reason": "negative_quantity"},
+        ],
+        "not_retryable": [6, 9],
+        "position": 42,
+    }
