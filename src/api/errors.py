@@ -20,6 +20,7 @@ from ledger.errors import (
     LedgerError,
     NotFound,
     UnknownSku,
+    Unstorable,
 )
 from ledger.writer import WriterStopped
 from projections.queries import PositionNotReached
@@ -55,8 +56,10 @@ def error_response(
 
 
 def status_of(error: LedgerError) -> int:
-    if isinstance(error, UnknownSku):
-        return 422  # a SKU named in a request body that the ledger does not know
+    if isinstance(error, UnknownSku | Unstorable):
+        # A SKU named in a request body that the ledger does not know; a value in it that
+        # the event store cannot keep.
+        return 422
     if isinstance(error, NotFound):
         return 404
     if isinstance(error, Conflict):
@@ -80,8 +83,8 @@ UNREAD_BODY = {
 }
 
 
-def _malformed_json() -> JSONResponse:
-    return error_response(400, "malformed_json", "the request body is not valid JSON")
+def _malformed_json(detail: str = "the request body is not valid JSON") -> JSONResponse:
+    return error_response(400, "malformed_json", detail)
 
 
 async def on_api_error(_: Request, error: Exception) -> JSONResponse:
@@ -118,6 +121,12 @@ async def on_http_error(_: Request, error: Exception) -> JSONResponse:
         # FastAPI's own 400 for a JSON body that is not text in a JSON encoding: as
         # malformed as one that does not parse.
         return _malformed_json()
+    if isinstance(error.__cause__, RecursionError):
+        # FastAPI's own 400 for JSON nested deeper than Python's parser goes.
+        return _malformed_json("the request body is JSON nested too deeply to read")
+    if isinstance(error.__cause__, ValueError):
+        # ... and for a number of more digits than Python converts (4,300).
+        return _malformed_json(f"the request body's JSON cannot be read: {error.__cause__}")
     code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     headers = dict(error.headers) if error.headers else None
     return error_response(error.status_code, code, error.detail, headers)
@@ -132,12 +141,12 @@ async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
 
 async def on_position_not_reached(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, PositionNotReached)
-    return error_response(
-        503,
-        "position_not_reached",
-        {"view": error.projection, "min_position": error.wanted, "position": error.reached},
-        {"Retry-After": "1"},
-    )
+    detail = {"view": error.projection, "min_position": error.wanted, "position": error.reached}
+    if error.head is not None:
+        detail["log_position"] = error.head
+        detail["message"] = "no write has reached this position: it is past the log's end"
+        return error_response(503, "position_not_reached", detail)
+    return error_response(503, "position_not_reached", detail, {"Retry-After": "1"})
 
 
 async def on_timeout(_: Request, error: Exception) -> JSONResponse:

@@ -59,6 +59,9 @@ class Command:
 class PutSupplier(Command):
     supplier_id: str
     terms: SupplierTerms
+    # The request did not name the connector: an existing supplier keeps its own (its
+    # feed, its webhook secret), whatever `terms.connector` holds.
+    keep_connector: bool = False
 
     def aggregate_ids(self) -> list[UUID]:
         return [Supplier.id_for(self.supplier_id)]

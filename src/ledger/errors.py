@@ -75,6 +75,13 @@ class InsufficientStock(Conflict):
         self.shortfalls = shortfalls
 
 
+class Unstorable(LedgerError):
+    """The command holds a value the event store cannot keep (text that is not Unicode,
+    say a lone surrogate): refused alone, the rest of its batch saved."""
+
+    code = "unstorable_value"
+
+
 class ContentionTooHigh(LedgerError):
     """The command kept losing optimistic-concurrency races and gave up."""
 

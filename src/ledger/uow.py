@@ -200,6 +200,15 @@ class UnitOfWork:
                 changed.add(aggregate_id)
         return changed
 
+    def added_since_begin(self) -> list[object]:
+        """The events the command since `begin` gave its aggregates."""
+        added: list[object] = []
+        for aggregate_id, mark in self._marks.items():
+            aggregate = self._aggregates.get(aggregate_id)
+            if aggregate is not None:
+                added += aggregate.pending_events[mark:]
+        return added
+
     def changed_since_begin(self) -> bool:
         """Whether the command since `begin` changed an aggregate or noted a report."""
         return self._touch_count != self._touch_count_at_begin or bool(

@@ -35,7 +35,7 @@ from eventsourcing.persistence import IntegrityError
 
 from ledger.application import InventoryLedger
 from ledger.commands import Command
-from ledger.errors import ContentionTooHigh, LedgerError
+from ledger.errors import ContentionTooHigh, LedgerError, Unstorable
 from ledger.handlers import handler_for
 from ledger.hot import HotAggregates, NotAsKept
 from ledger.stock import StockItem
@@ -443,7 +443,7 @@ class LedgerWriter:
         unasked = self.hot.unasked
         self.hot.guessed.clear()
         unit.preload([*named, *self.hot.related(named)], new)
-        answers, spoiled, reads = self._decide(unit, pending)
+        answers, spoiled, reads, added = self._decide(unit, pending)
         if spoiled:
             # A command failed after changing aggregates; it keeps its error, the
             # others run again on a unit of work it never touched.
@@ -521,6 +521,20 @@ class LedgerWriter:
             ):
                 return involved
             return involved + (self._attempt(clean, started, locked) or [])
+        except Exception:
+            # Nothing was saved. A command whose events cannot be written (text no
+            # encoding can hold, that its validation let through) is refused alone; the
+            # others are decided again. Any other failure (the database's) is everyone's.
+            unstorable = self._unstorable(pending, added)
+            if not unstorable:
+                raise
+            for job, reason in unstorable.items():
+                log.warning("writer.unstorable: %s refused: %s", type(job.command).__name__, reason)
+                job.future.set_exception(
+                    Unstorable(f"the command holds a value that cannot be stored: {reason}")
+                )
+            self.hot.doubt()
+            return [job for job in pending if job not in unstorable]
         if kept_try:
             self._note("kept_try", "saved")
         self.hot.keep(unit.loaded(), new=not bulk, saved=started_ids)
@@ -581,6 +595,18 @@ class LedgerWriter:
             else:
                 job.future.set_result(Outcome(value, position, seconds))
 
+    def _unstorable(self, pending: list[_Job], added: dict[_Job, list[Any]]) -> dict[_Job, str]:
+        """The commands whose new events the store cannot be given, and why."""
+        unstorable: dict[_Job, str] = {}
+        for job in pending:
+            for event in added.get(job, ()):
+                try:
+                    self.app.mapper.to_stored_event(event)
+                except Exception as error:
+                    unstorable[job] = f"{type(error).__name__}: {error}"
+                    break
+        return unstorable
+
     def _contended_among(self, pending: list[_Job]) -> list[UUID]:
         """The shared streams these commands name that other processes collided on lately."""
         if not self._contended:
@@ -640,13 +666,15 @@ class LedgerWriter:
         dict[_Job, tuple[Any, BaseException | None]],
         dict[_Job, BaseException],
         dict[_Job, tuple[set[UUID], set[UUID]]],
+        dict[_Job, list[Any]],
     ]:
         """Runs each handler in turn; returns each answer, the commands that failed after
-        changing something (their changes cannot be taken back), and what each read and
-        what it changed."""
+        changing something (their changes cannot be taken back), what each read and what
+        it changed, and the events each gave."""
         answers: dict[_Job, tuple[Any, BaseException | None]] = {}
         spoiled: dict[_Job, BaseException] = {}
         reads: dict[_Job, tuple[set[UUID], set[UUID]]] = {}
+        added: dict[_Job, list[Any]] = {}
         for job in jobs:
             unit.begin()
             try:
@@ -663,7 +691,8 @@ class LedgerWriter:
                 # Answers are read on other threads; the aggregates stay the writer's.
                 answers[job] = (copy.deepcopy(value), None)
             reads[job] = (unit.read_since_begin(), unit.changed_ids_since_begin())
-        return answers, spoiled, reads
+            added[job] = unit.added_since_begin()
+        return answers, spoiled, reads, added
 
 
 def _read_ahead(jobs: list[_Job], hot: HotAggregates) -> ReadAhead | None:

@@ -373,6 +373,28 @@ def test_a_misspelt_connector_setting_is_refused_by_name_not_kept(
     assert f"{misspelt}: Extra inputs are not permitted" in problem["msg"]
 
 
+def test_terms_saved_without_a_connector_keep_the_supplier_s_connector_and_empty_clears_it(
+    ledger: Server,
+) -> None:
+    supplier_id = f"keep-{uuid.uuid4().hex[:6]}"
+    connector = {"format": "csv", "webhook": {"secret_ref": "env:NOT_SET_ANYWHERE"}}
+    with ledger.client("test-admin") as admin:
+        made = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "K", "connector": connector})
+        assert made.status_code == 200, made.text
+        # An operator changes the priority, saying nothing of the connector.
+        changed = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "K", "priority": 4})
+        kept = admin.get(f"/v1/suppliers/{supplier_id}").json()
+        cleared = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "K", "connector": {}})
+        after = admin.get(f"/v1/suppliers/{supplier_id}").json()
+
+    assert changed.status_code == 200, changed.text
+    assert kept["priority"] == 4
+    assert kept["connector"] == connector
+    assert cleared.status_code == 200, cleared.text
+    assert after["connector"] == {}
+    assert after["priority"] == 100  # a PUT's other terms take their defaults, as before
+
+
 def test_every_known_connector_setting_is_kept_up_to_its_bounds(ledger: Server) -> None:
     connector = {
         "format": "csv",

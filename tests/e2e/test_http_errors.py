@@ -162,6 +162,24 @@ def test_a_body_that_is_not_text_in_a_json_encoding_is_malformed(
 
 
 @pytest.mark.parametrize(
+    ("raw", "says"),
+    [(b"[" * 100_000, "nested too deeply"), (b'{"n": ' + b"9" * 5000 + b"}", "digits")],
+    ids=["nested-too-deeply", "too-many-digits"],
+)
+def test_a_body_python_cannot_read_as_json_is_malformed_and_says_why(
+    oms: httpx.Client, raw: bytes, says: str
+) -> None:
+    response = oms.post(
+        "/v1/reservations",
+        content=raw,
+        headers={"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex},
+    )
+
+    refused(response, 400, "malformed_json")
+    assert says in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
     "content_type",
     [None, "application/x-www-form-urlencoded", "text/plain"],
     ids=["none", "form-as-curl-d-sends", "text"],

@@ -114,14 +114,26 @@ def test_a_read_without_a_position_follows_the_write_and_names_the_position_it_s
         assert held == (4 if position >= written else 0), (position, held, written)
 
 
-def test_a_read_for_a_position_the_view_cannot_reach_in_time_says_so(ledger: Server) -> None:
-    with ledger.client("test-shop", consistent=False) as shop:
+def test_a_read_for_a_position_past_the_log_s_end_says_so_at_once(ledger: Server) -> None:
+    """No write has reached such a position: the read does not hold a thread for the
+    wait's bound (5 s) for it, and says where the log ends."""
+    with (
+        ledger.client("test-shop", consistent=False) as shop,
+        ledger.client("test-audit") as audit,
+    ):
         started = time.monotonic()
         answer = shop.get("/v1/availability/ANY", params={"min_position": 10**12})
+        took = time.monotonic() - started
+        listed = audit.get("/v1/conflicts", params={"min_position": 10**12})
     assert answer.status_code == 503
     assert answer.json()["error"] == "position_not_reached"
-    assert answer.json()["detail"]["min_position"] == 10**12
-    assert time.monotonic() - started < 5
+    detail = answer.json()["detail"]
+    assert detail["min_position"] == 10**12
+    assert 0 < detail["log_position"] < 10**12
+    assert "Retry-After" not in answer.headers
+    assert took < 1.0
+    assert listed.status_code == 503
+    assert listed.json()["detail"]["log_position"] >= detail["log_position"]
 
 
 def test_reservations_are_listed_by_order_from_the_view(ledger: Server) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
 from ledger.conflict import ConflictAcknowledgement
@@ -27,7 +27,10 @@ def put_supplier(uow: UnitOfWork, command: PutSupplier) -> Upserted:
     if supplier is None:
         uow.add(Supplier.register(command.supplier_id, command.terms, command.at, command.cause))
         return Upserted(created=1)
-    if supplier.change_terms(command.terms, command.at, command.cause):
+    terms = command.terms
+    if command.keep_connector:
+        terms = replace(terms, connector=supplier.terms.connector)
+    if supplier.change_terms(terms, command.at, command.cause):
         return Upserted(updated=1)
     return Upserted(unchanged=1)
 
