@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg import OperationalError as DatabaseUnavailable
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger.errors import (
@@ -160,7 +161,11 @@ async def on_timeout(_: Request, error: Exception) -> JSONResponse:
 
 
 async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-    log.exception("http.unexpected_error", path=request.url.path)
+    # Rendered on a worker thread: a traceback rendered for a terminal (rich) took up to
+    # seconds under load, with the event loop, and every request on it, stopped.
+    await run_in_threadpool(
+        log.error, "http.unexpected_error", path=request.url.path, exc_info=error
+    )
     return error_response(
         500, "internal_error", {"request_id": getattr(request.state, "request_id", None)}
     )
