@@ -34,13 +34,29 @@ def succeeded(
 
 
 def reached(conn: Connection, supplier_id: str) -> None:
-    """Records a fetch that reached the supplier again after fetches that failed, news or
-    none (a 304, an empty folder): the run of failures ends. What it fetched, if
-    anything, counts as a success or failure of its own once applied."""
+    """Records a fetch that reached the supplier, news or none (a 304, an empty folder):
+    a run of failures before it ends, whether fetches failed or deliveries were rejected
+    or failed, and whichever process counted them. What it fetched, if anything, counts
+    as a success or failure of its own once applied."""
+    # Every good fetch asks, not only one after a failed fetch this process saw: the
+    # worker counts a rejected delivery, and a restart forgets what this process saw.
     conn.execute(
         "UPDATE connector_health SET consecutive_failures = 0, updated_at = now()"
-        " WHERE supplier_id = %s",
+        " WHERE supplier_id = %s AND consecutive_failures > 0",
         (supplier_id,),
+    )
+
+
+def noted(conn: Connection, supplier_id: str, problem: str) -> None:
+    """Shows a problem as the last error without counting it as a failure: one the
+    connector works around (a file it took but could not move aside), which an operator
+    must still fix."""
+    conn.execute(
+        "INSERT INTO connector_health (supplier_id, last_error_at, last_error, updated_at)"
+        " VALUES (%s, now(), %s, now())"
+        " ON CONFLICT (supplier_id) DO UPDATE SET last_error_at = now(),"
+        " last_error = excluded.last_error, updated_at = now()",
+        (supplier_id, problem[:2000]),
     )
 
 

@@ -9,7 +9,9 @@ Each supplier's schedule is run by one process at a time: the process holding th
 advisory-lock lease `connector:{supplier}`; several schedulers can run side by side.
 Within a process, suppliers are fetched on a few threads of their own, one fetch a
 supplier at a time, so a supplier that is slow, down or throttling (its retries wait out
-its Retry-After) never holds up the others; stopping cuts those waits short.
+its Retry-After) never holds up the others; stopping cuts those waits short. A
+Retry-After longer than the transport waits puts the supplier's next fetch off, by an
+hour at most, and feed health's last error says until when.
 A delivery is marked done at its source only once the inbox holds it.
 """
 
@@ -24,7 +26,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_all
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -34,16 +36,21 @@ import structlog
 from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.transports import Fetched, FetchFailed, Transport, transport_for
-from connectors.transports.breaker import CircuitBreaker
+from connectors.transports.breaker import BreakerState, CircuitBreaker
+from connectors.transports.retry import LONGEST_WAIT_SECONDS
 from connectors.worker import InboxWorker
 from projections.leases import LeaseSession
-from projections.store import ViewStore
+from projections.store import Connection, ViewStore
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_INTERVAL_SECONDS = 60.0
 # Suppliers fetched at once by one process (each fetch mostly waits on the network).
 FETCH_THREADS = 4
+# The longest a supplier's Retry-After puts its next fetch off: the longest any wait of a
+# fetch may be. A day's Retry-After (a server's mistake, or a default nobody chose) went
+# unseen and stopped the feed for a day; a supplier that still means it says so again.
+LONGEST_RETRY_AFTER_SECONDS = LONGEST_WAIT_SECONDS
 
 
 class DatabaseState:
@@ -72,10 +79,9 @@ class Schedule:
     jitter: float
     due: float = 0.0
     fetched: int = field(default=0)
-    failing: bool = False  # its last fetch failed
-    # Whether feed health shows this breaker's state yet: a schedule made anew (a
-    # restart, a handover, new settings) starts closed, whatever health said before.
-    announced: bool = False
+    # The breaker's state as feed health shows it, None until written: a schedule made
+    # anew (a restart, a handover, new settings) starts closed, whatever health said before.
+    shown: BreakerState | None = None
 
     def next_due(self, now: float, at_least: float = 0.0) -> None:
         spread = self.interval * self.jitter
@@ -105,6 +111,9 @@ class Scheduler:
         self.schedules: dict[str, Schedule] = {}
         # Suppliers whose stored settings cannot run, and why, as feed health last said.
         self._refused: dict[str, str] = {}
+        # Suppliers whose files the inbox holds but could not be moved aside, and why, as
+        # feed health last said.
+        self._unmoved: dict[str, str] = {}
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -162,10 +171,6 @@ class Scheduler:
             if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
                 schedule.next_due(now)
                 continue
-            if not schedule.announced:
-                with self.store.connection() as conn:
-                    health.set_breaker(conn, schedule.supplier_id, schedule.breaker.state)
-                schedule.announced = True
             fetch = self._start(schedule)
             self._running[schedule.supplier_id] = fetch
             started.append(fetch)
@@ -249,15 +254,26 @@ class Scheduler:
     def _refuse(self, supplier_id: str, reason: str) -> None:
         """Says in feed health why a supplier is not fetched (settings saved before a check
         that now refuses them), once per reason: an operator sees it beside the others."""
-        if self._refused.get(supplier_id) == reason:
+        self._tell_once(self._refused, supplier_id, reason, health.failed)
+
+    def _tell_once(
+        self,
+        told: dict[str, str],
+        supplier_id: str,
+        problem: str,
+        record: Callable[[Connection, str, str], object],
+    ) -> None:
+        """Records a lasting problem in feed health when it is new, not at every refresh
+        or fetch that finds it again; `told` is what health last said of each supplier."""
+        if told.get(supplier_id) == problem:
             return
         try:
             with self.store.connection() as conn:
-                health.failed(conn, supplier_id, reason)
+                record(conn, supplier_id, problem)
         except psycopg.Error:
             log.warning("scheduler.health_unrecorded", supplier=supplier_id, exc_info=True)
             return
-        self._refused[supplier_id] = reason
+        told[supplier_id] = problem
 
     def _follow(self, row: dict[str, Any], seen: set[str]) -> None:
         """Keeps one supplier's schedule in step with its settings."""
@@ -300,22 +316,33 @@ class Scheduler:
     def run(self, schedule: Schedule) -> int:
         """One fetch of one supplier: each delivery into the inbox, then marked done."""
         supplier = schedule.supplier_id
-        before = schedule.breaker.state
+        # Before the fetch too: a breaker whose cooldown has ended lets this fetch through
+        # as its probe, and health shows it half open while the probe runs.
+        self._show_breaker(schedule)
         structlog.contextvars.bind_contextvars(supplier=supplier)
         try:
             stored = self._fetch(schedule)
         finally:
             structlog.contextvars.unbind_contextvars("supplier")
-        if schedule.breaker.state != before and not self._stop.is_set():
-            with self.store.connection() as conn:
-                health.set_breaker(conn, supplier, schedule.breaker.state)
-            log.info("connector.breaker", supplier=supplier, state=schedule.breaker.state)
+        if not self._stop.is_set():
+            self._show_breaker(schedule)
         if stored:
             log.info("connector.fetched", supplier=supplier, deliveries=stored)
             if self.worker is not None:
                 self.worker.wake()
         schedule.fetched += stored
         return stored
+
+    def _show_breaker(self, schedule: Schedule) -> None:
+        """Writes the breaker's state to feed health when it is not what health shows."""
+        state = schedule.breaker.state
+        if state == schedule.shown:
+            return
+        with self.store.connection() as conn:
+            health.set_breaker(conn, schedule.supplier_id, state)
+        if schedule.shown is not None:
+            log.info("connector.breaker", supplier=schedule.supplier_id, state=state)
+        schedule.shown = state
 
     def _fetch(self, schedule: Schedule) -> int:
         supplier = schedule.supplier_id
@@ -338,34 +365,55 @@ class Scheduler:
                         )
                     self._done(schedule, fetched)
                     stored += 0 if received.duplicate else 1
-            if schedule.failing:
-                with self.store.connection() as conn:
-                    health.reached(conn, supplier)
-                schedule.failing = False
+            # Whatever the last fetch was: the worker counts rejected deliveries as
+            # failures too, and another process may have counted the failed fetches.
+            with self.store.connection() as conn:
+                health.reached(conn, supplier)
             schedule.next_due(self.clock())
         except FetchFailed as failure:
-            schedule.next_due(self.clock(), at_least=failure.retry_after or 0.0)
+            now = self.clock()
+            asked = failure.retry_after
+            schedule.next_due(now, at_least=min(asked or 0.0, LONGEST_RETRY_AFTER_SECONDS))
             if self._stop.is_set():
                 return stored  # given up because the process stops: not the supplier's
-            schedule.failing = True
             if failure.reason != "circuit_open":
+                wait = schedule.due - now
                 with self.store.connection() as conn:
-                    health.failed(conn, supplier, failure.reason)
+                    health.failed(conn, supplier, failure.reason + _deferral(asked, wait))
                 log.warning(
                     "connector.fetch_failed",
                     reason=failure.reason,
                     retriable=failure.retriable,
                     breaker=schedule.breaker.state,
+                    retry_after=asked,
+                    next_fetch_in_seconds=round(wait, 3),
                 )
         return stored
 
-    @staticmethod
-    def _done(schedule: Schedule, fetched: Fetched) -> None:
+    def _done(self, schedule: Schedule, fetched: Fetched) -> None:
+        supplier = schedule.supplier_id
         try:
             schedule.transport.done(fetched)
         except FetchFailed as failure:
-            # The inbox holds it: listed again as it is, it is recognised and skipped.
+            # The inbox holds it: listed again as it is, it is recognised and skipped, and
+            # the transport tries the move again. Shown in health, not counted as a
+            # failure: the supplier's files are still taken, once each.
             log.warning("connector.mark_done_failed", name=fetched.name, reason=failure.reason)
+            problem = f"not_put_aside: {failure.reason}"
+            self._tell_once(self._unmoved, supplier, problem, health.noted)
+        else:
+            self._unmoved.pop(supplier, None)
+
+
+def _deferral(retry_after: float | None, wait: float) -> str:
+    """What a failure's Retry-After did to the next fetch, for feed health's last error."""
+    if retry_after is None:
+        return ""
+    at = datetime.now(UTC) + timedelta(seconds=wait)
+    said = f": Retry-After {retry_after:g} s, next fetch at {at:%Y-%m-%dT%H:%M:%SZ}"
+    if retry_after > LONGEST_RETRY_AFTER_SECONDS:
+        said += f" (capped at {LONGEST_RETRY_AFTER_SECONDS:g} s)"
+    return said
 
 
 def arrival_id(fetched: Fetched, now: datetime) -> str:

@@ -6,7 +6,9 @@ With `tls`, it is an FTPS server (explicit: AUTH TLS), requiring TLS for the log
 every transfer, with a fresh self-signed certificate for 127.0.0.1 (`certificate`, for
 the client to trust). With `require_session_reuse` too, it refuses a data connection
 whose TLS session is not the control connection's, resumed, as vsftpd does by default
-(`require_ssl_reuse=YES`): the answer it gives then is vsftpd's own, 522.
+(`require_ssl_reuse=YES`): the answer it gives then is vsftpd's own, 522. `permissions`
+are the account's rights in pyftpdlib's letters: `READ_ONLY` for a supplier whose account
+may take its files but not move them aside.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ POLL_SECONDS = 0.05
 WAIT_SECONDS = 10.0
 AUTH_FAILED_SECONDS = 0.1  # pyftpdlib's 3 s slows brute force; a local simulator has none
 PERMISSIONS = "elradfmw"  # list, read, write, rename, delete: what a supplier's drop box allows
+READ_ONLY = "elr"  # list and read: an account that may take files but never move them aside
 
 
 class FtpSupplier:
@@ -59,6 +62,7 @@ class FtpSupplier:
         tls: bool = False,
         require_session_reuse: bool = False,
         port: int = 0,
+        permissions: str = PERMISSIONS,
     ) -> None:
         if require_session_reuse and not tls:
             raise ValueError("session reuse is a TLS requirement: set tls too")
@@ -67,6 +71,7 @@ class FtpSupplier:
         self.password = password
         self.tls = tls
         self.require_session_reuse = require_session_reuse
+        self.permissions = permissions  # pyftpdlib's letters, e.g. READ_ONLY
         self.host = HOST
         self._tls_files: Path | None = None
         self._requested_port = port
@@ -94,7 +99,7 @@ class FtpSupplier:
             raise FileNotFoundError(f"no folder {self.root}")
         _leave_logging_to_the_application()
         authorizer = DummyAuthorizer()
-        authorizer.add_user(self.username, self.password, str(self.root), perm=PERMISSIONS)
+        authorizer.add_user(self.username, self.password, str(self.root), perm=self.permissions)
         # A handler class of its own, so two servers never share an authorizer.
         settings: dict[str, Any] = {
             "authorizer": authorizer,

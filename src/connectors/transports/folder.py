@@ -154,8 +154,9 @@ class FolderTransport:
         self._session: FolderSession | None = None
         self._fetching = False
         self._fetched: dict[str, tuple[Entry, str]] = {}  # name -> as listed, delivery id
-        # Files the inbox holds that could not be moved aside, as listed then (same form)
-        self._stored: dict[str, tuple[Entry, str]] = {}
+        # Files the inbox holds that could not be moved aside: name -> as listed then, the
+        # delivery id, and why the last try failed
+        self._stored: dict[str, tuple[Entry, str, str]] = {}
 
     def fetch(self) -> Iterator[Fetched]:
         self._fetching = True
@@ -173,9 +174,16 @@ class FolderTransport:
                     try:
                         self._put_aside(entry.name, entry, stored[1])
                     except FetchFailed as failure:
-                        self._log.warning(
-                            "transport.still_not_put_aside", name=entry.name, reason=failure.reason
-                        )
+                        # The first failure was told (see `connectors.scheduler`); told
+                        # again at every fetch, a read-only account filled the log.
+                        if failure.reason != stored[2]:
+                            self._log.warning(
+                                "transport.still_not_put_aside",
+                                name=entry.name,
+                                reason=failure.reason,
+                            )
+                    else:
+                        self._log.info("transport.put_aside_at_last", name=entry.name)
                     continue
                 body = self._read(entry.name)
                 if body is None:
@@ -249,8 +257,8 @@ class FolderTransport:
                 self._call(lambda folder: folder.move(name, target))
             elif now is not None:
                 self._log.warning("transport.file_changed_since_fetched", name=name)
-        except FetchFailed:
-            self._stored[name] = (entry, delivery_id)
+        except FetchFailed as failure:
+            self._stored[name] = (entry, delivery_id, failure.reason)
             raise
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ where a count), finite, and within bounds (these seconds at most 3600):
 - `max_backoff_seconds` (default 30): the longest wait between two attempts.
 - `max_retry_after_seconds` (default 120): the longest `Retry-After` waited within a
   fetch; a longer one ends the fetch with a retriable FetchFailed carrying `retry_after`,
-  for the scheduler to honour.
+  for the scheduler to honour (up to `LONGEST_WAIT_SECONDS`).
 """
 
 from __future__ import annotations

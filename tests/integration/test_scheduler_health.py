@@ -1,0 +1,225 @@
+"""Feed health as the scheduler writes it: Retry-After deferrals, the breaker's probe, the
+end of a run of failures, and files that cannot be moved aside."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
+from connectors import health
+from connectors.scheduler import Schedule, Scheduler
+from connectors.simulator import Catalogue, FtpSupplier, RestSupplier, drop
+from connectors.simulator.ftp import READ_ONLY
+from connectors.transports import Fetched
+from tests.integration.test_scheduler import count_reads, scheduler_for, supplier_fed_by
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Iterator[Runtime]:
+    opened = open_runtime(settings, sweep=False, connect=False)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def shown(runtime: Runtime, supplier: str) -> dict[str, Any]:
+    with runtime.store.connection() as conn:
+        [row] = health.report(conn, supplier)
+    return dict(row)
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    return [
+        record.msg
+        for record in caplog.records
+        if isinstance(record.msg, dict) and record.msg.get("event") == event
+    ]
+
+
+def polled(rest: RestSupplier, **options: Any) -> dict[str, Any]:
+    return {"url": f"{rest.base_url}/inventory", "pagination": "page", **options}
+
+
+def test_a_day_long_retry_after_puts_the_next_fetch_off_an_hour_at_most_and_says_so(
+    ledger: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalogue = Catalogue(3, seed=31, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    with RestSupplier(catalogue, pagination="page") as rest:
+        supplier_fed_by(
+            ledger,
+            "throttled-long",
+            catalogue,
+            poll=polled(rest),
+            schedule={"interval_seconds": 30, "jitter": 0.1},
+        )
+        now = [1000.0]
+        scheduler = Scheduler(ledger.store, ledger.leases, clock=lambda: now[0])
+        rest.faults.throttle_next(1, retry_after=86400)
+        with caplog.at_level(logging.WARNING, logger="connectors.scheduler"):
+            assert scheduler.tick() == 0
+        told_at = datetime.now(UTC)
+        due = scheduler.schedules["throttled-long"].due
+        throttled = shown(ledger, "throttled-long")
+        now[0] = 1000.0 + 3600
+        assert scheduler.tick() == 1  # an hour on, not a day
+
+    assert due == 1000.0 + 3600
+    said = re.fullmatch(
+        r"http_429: Retry-After 86400 s, next fetch at (\S+) \(capped at 3600 s\)",
+        throttled["last_error"],
+    )
+    assert said is not None, throttled["last_error"]
+    next_fetch = datetime.strptime(said[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((next_fetch - told_at).total_seconds() - 3600) < 60
+    [failed] = logged(caplog, "connector.fetch_failed")
+    assert (failed["retry_after"], failed["next_fetch_in_seconds"]) == (86400, 3600)
+
+
+def probing(runtime: Runtime, schedule: Schedule) -> list[str]:
+    """The breaker states feed health shows as each fetch of `schedule` starts."""
+    seen: list[str] = []
+    fetch = schedule.transport.fetch
+
+    def noting() -> Iterator[Fetched]:
+        seen.append(shown(runtime, schedule.supplier_id)["breaker"])
+        yield from fetch()
+
+    schedule.transport.fetch = noting  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize(("probe_succeeds", "after"), [(True, "closed"), (False, "open")])
+def test_feed_health_shows_the_breaker_half_open_while_its_probe_runs(
+    ledger: Runtime, probe_succeeds: bool, after: str
+) -> None:
+    catalogue = Catalogue(3, seed=32)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        supplier_fed_by(
+            ledger,
+            "probed",
+            catalogue,
+            poll=polled(rest, max_attempts=1),
+            breaker={"failures_to_open": 1, "cooldown_seconds": 60},
+        )
+        scheduler, _ = scheduler_for(ledger)
+        scheduler.refresh()
+        schedule = scheduler.schedules["probed"]
+        clock = [0.0]
+        schedule.breaker.clock = lambda: clock[0]
+        rest.faults.fail_next(1 if probe_succeeds else 2, status=503)
+        assert scheduler.run(schedule) == 0
+        opened = shown(ledger, "probed")["breaker"]
+        seen = probing(ledger, schedule)
+        clock[0] = 61.0  # the cooldown has passed: the next fetch is the probe
+        scheduler.run(schedule)
+
+    assert opened == "open"
+    assert seen == ["half_open"]
+    assert shown(ledger, "probed")["breaker"] == after
+
+
+def test_a_good_fetch_after_rejected_deliveries_ends_their_run_of_failures(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    """A drop-folder supplier whose file was rejected whole, then whose folder is empty
+    fetch after fetch: the feed is reached again, so its failures in a row end, while its
+    last error still says what was rejected."""
+    catalogue = Catalogue(2, seed=33)
+    supplier_fed_by(
+        ledger,
+        "rejected",
+        catalogue,
+        folder={"path": str(tmp_path), "format": "csv", "settle_seconds": 0},
+    )
+    scheduler, worker = scheduler_for(ledger)
+    (tmp_path / "broken.csv").write_bytes(b"not,a,feed\n1,2,3\n")
+    assert scheduler.tick() == 1
+    assert worker.work_once()
+    rejected = shown(ledger, "rejected")
+
+    for _ in range(2):
+        scheduler.schedules["rejected"].due = 0
+        assert scheduler.tick() == 0  # the folder is empty now
+    reached = shown(ledger, "rejected")
+
+    assert rejected["consecutive_failures"] == 1
+    assert rejected["last_error"].startswith("missing_column")
+    assert reached["consecutive_failures"] == 0
+    assert (reached["last_error"], reached["failures"]) == (rejected["last_error"], 1)
+
+
+def test_a_good_fetch_by_a_new_scheduler_ends_the_failures_the_one_before_counted(
+    ledger: Runtime,
+) -> None:
+    """A restart or a handover: the scheduler that now holds the supplier never saw the
+    failed fetches, and still ends their run when it reaches the supplier."""
+    catalogue = Catalogue(2, seed=34)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        supplier_fed_by(ledger, "handed-over", catalogue, poll=polled(rest, max_attempts=1))
+        before, _ = scheduler_for(ledger)
+        before.refresh()
+        rest.faults.fail_next(2, status=503)
+        for _ in range(2):
+            assert before.run(before.schedules["handed-over"]) == 0
+        failing = shown(ledger, "handed-over")
+        after, _ = scheduler_for(ledger)
+        after.refresh()
+        assert after.run(after.schedules["handed-over"]) == 1
+
+    assert failing["consecutive_failures"] == 2
+    assert shown(ledger, "handed-over")["consecutive_failures"] == 0
+
+
+def test_a_read_only_ftp_account_is_told_once_and_shown_without_failing_the_supplier(
+    ledger: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    """Its files are taken once each, but never moved aside: said once in the log and in
+    feed health's last error, not at every fetch, and not counted as failures."""
+    monkeypatch.setenv("READ_ONLY_FTP_PASSWORD", "feed-pw")
+    catalogue = Catalogue(3, seed=35, observed_at=datetime.now(UTC) - timedelta(minutes=1))
+    served = tmp_path / "served"
+    served.mkdir()
+    with FtpSupplier(served, username="feed", password="feed-pw", permissions=READ_ONLY) as ftp:
+        supplier_fed_by(
+            ledger,
+            "read-only",
+            catalogue,
+            ftp={
+                "host": ftp.host,
+                "port": ftp.port,
+                "username": "feed",
+                "password_ref": "env:READ_ONLY_FTP_PASSWORD",
+                "format": "csv",
+                "settle_seconds": 0,
+                "max_attempts": 1,
+            },
+        )
+        drop(served, "csv", catalogue.items(), name="stock.csv")
+        scheduler, worker = scheduler_for(ledger)
+        read = count_reads(scheduler)
+        with caplog.at_level(logging.INFO):
+            assert scheduler.tick() == 1
+            for _ in range(4):
+                scheduler.schedules["read-only"].due = 0
+                assert scheduler.tick() == 0
+        assert worker.work_once()
+
+    told = logged(caplog, "connector.mark_done_failed") + logged(
+        caplog, "transport.still_not_put_aside"
+    )
+    assert [entry["name"] for entry in told] == ["stock.csv"]
+    assert read == ["stock.csv"]
+    assert (served / "stock.csv").exists()
+    now = shown(ledger, "read-only")
+    assert now["last_error"].startswith("not_put_aside: ftp_refused")
+    assert (now["consecutive_failures"], now["failures"], now["breaker"]) == (0, 0, "closed")
+    assert now["deliveries"] == 1
