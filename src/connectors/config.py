@@ -11,6 +11,7 @@ from connectors.parsers import FORMATS, OPTION_NAMES, parse
 from connectors.parsers.records import shown
 from connectors.transports import TRANSPORTS, transport_for
 from connectors.webhooks import MAX_TOLERANCE_SECONDS
+from ledger.delivery import lone_surrogate
 from ledger.handlers.reports import MAX_QUANTITY
 from ledger.mapping import BASE_UNITS, unit_key
 
@@ -48,13 +49,18 @@ def _check_values(connector: dict[str, Any]) -> None:
     """Refuses what PostgreSQL's JSON cannot hold, text with a NUL and numbers that are not
     finite (NaN, Infinity: JSON bodies may carry them), and settings nested too deeply:
     the settings are kept in the supplier's terms, which the stock view stores as JSON, and
-    the view would stop at them."""
+    the view would stop at them. Nor text with a lone UTF-16 surrogate (JSON's "\\ud800"),
+    which UTF-8 cannot encode: the supplier's event could not be saved, a 500."""
     stack: list[tuple[Any, int]] = [(connector, 0)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
             if "\x00" in value:
                 raise ValueError("connector settings must not hold a NUL character (\\u0000)")
+            if lone_surrogate(value):
+                raise ValueError(
+                    "connector settings must not hold a lone UTF-16 surrogate (such as \\ud800)"
+                )
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise ValueError(f"connector settings hold finite numbers only, not {value}")

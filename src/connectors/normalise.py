@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from connectors.parsers import Incoming, Record
+from ledger.delivery import lone_surrogate
 from ledger.handlers.reports import MAX_QUANTITY
 from ledger.mapping import BASE_UNITS, unit_key
 from ledger.supplier import SupplierTerms
@@ -130,6 +131,8 @@ def normalise(
     written += tuple(expected.unit for expected in record.incoming or ())
     if any("\x00" in text for text in written if text):
         return "nul_character"  # PostgreSQL refuses it in text: staged, it failed the delivery
+    if any(lone_surrogate(text) for text in written if text):
+        return "lone_surrogate"  # UTF-8 cannot encode it: staged, it failed the delivery
     quantity = record.quantity
     if quantity is None:
         return "missing_quantity"

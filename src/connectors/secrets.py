@@ -7,7 +7,11 @@ secrets), without its trailing newline.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import stat
+
+# The largest secret file read: a secret is a key or a token, and a reference to anything
+# larger (a log, a device such as /dev/zero) is a mistake, read to no end.
+MAX_SECRET_BYTES = 64 * 1024
 
 
 class SecretUnavailable(LookupError):
@@ -15,17 +19,53 @@ class SecretUnavailable(LookupError):
 
 
 def resolve(reference: str | None) -> str:
+    """The secret a reference names, read now, as UTF-8 text.
+
+    A secret that cannot be had is a SecretUnavailable, as one not configured is (a
+    webhook is then refused as not configured; a poll's fetch fails, saying why): a file
+    that is not a regular file (a FIFO would wait for a writer, a device such as /dev/zero
+    would be read forever), larger than MAX_SECRET_BYTES, unreadable, or not UTF-8; an
+    environment variable that is not set, or whose bytes are not UTF-8.
+    """
     if not reference:
         raise SecretUnavailable("no secret is configured")
     kind, _, name = reference.partition(":")
     if kind == "env" and name:
         value = os.environ.get(name)
-        if value:
-            return value
-        raise SecretUnavailable(f"environment variable {name} is not set")
-    if kind == "file" and name:
+        if not value:
+            raise SecretUnavailable(f"environment variable {name} is not set")
+        # Python reads the environment's bytes that are not UTF-8 as lone surrogates,
+        # which a signature's HMAC cannot encode.
         try:
-            return Path(name).read_text().rstrip("\n")
-        except OSError as error:
-            raise SecretUnavailable(f"cannot read {name}: {error.strerror}") from error
+            value.encode()
+        except UnicodeEncodeError as error:
+            raise SecretUnavailable(f"environment variable {name} is not UTF-8") from error
+        return value
+    if kind == "file" and name:
+        return _read_file(name).rstrip("\n")
     raise SecretUnavailable(f"a secret reference is env:NAME or file:PATH, not {reference!r}")
+
+
+def _read_file(name: str) -> str:
+    """A regular file's text, at most MAX_SECRET_BYTES of UTF-8."""
+    try:
+        # Not blocking: opening a FIFO to read would wait for a writer. Whether it is a
+        # regular file is asked of what was opened, which a rename cannot swap meanwhile.
+        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise SecretUnavailable(f"cannot read {name}: {error.strerror}") from error
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise SecretUnavailable(f"cannot read {name}: not a regular file")
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(MAX_SECRET_BYTES + 1)
+    except OSError as error:
+        raise SecretUnavailable(f"cannot read {name}: {error.strerror}") from error
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_SECRET_BYTES:
+        raise SecretUnavailable(f"cannot read {name}: larger than {MAX_SECRET_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        raise SecretUnavailable(f"cannot read {name}: not UTF-8") from error

@@ -7,6 +7,7 @@ the same transaction as the stock changes it caused.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -18,9 +19,25 @@ from ledger.base import Cause, LedgerAggregate
 
 # What a refusal keeps of a refused record: containers nested deeper than this are cut
 # (a client's record nested thousands deep made keeping it fail), and a NUL in text, which
-# PostgreSQL refuses in text and JSON alike, becomes U+FFFD.
+# PostgreSQL refuses in text and JSON alike, becomes U+FFFD, as does a lone UTF-16
+# surrogate (JSON's "\ud800" escape reads as one), which UTF-8 cannot encode: kept, it
+# failed the event that carries the refusal, and the report with it.
 KEPT_DEPTH = 16
 CUT = "(nested too deeply)"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> bool:
+    """Whether `text` holds a UTF-16 surrogate code point, which UTF-8 cannot encode."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _writable(text: str) -> str:
+    """`text` as a refusal keeps it: NUL and lone surrogates become U+FFFD."""
+    if text.isascii():
+        return text.replace("\x00", "\ufffd")
+    return _UNWRITABLE.sub("\ufffd", text)
 
 
 def kept_cheaply(value: Any) -> Any:
@@ -33,17 +50,17 @@ def kept_cheaply(value: Any) -> Any:
 
 
 def _plain(value: Any, nested: int) -> bool:
-    """Whether `value` is a dict of text without NUL (keys too), whole numbers, booleans,
-    None and (`nested` deep) dicts of those."""
+    """Whether `value` is a dict of text without NUL or lone surrogates (keys too), whole
+    numbers, booleans, None and (`nested` deep) dicts of those."""
     if type(value) is not dict:
         return False
     for name, item in value.items():
-        if type(name) is not str or "\x00" in name:
+        if type(name) is not str or "\x00" in name or lone_surrogate(name):
             return False
         if item is None or type(item) in (int, bool):
             continue
         if type(item) is str:
-            if "\x00" in item:
+            if "\x00" in item or lone_surrogate(item):
                 return False
         elif not (nested and _plain(item, nested - 1)):
             return False
@@ -57,14 +74,14 @@ def kept(value: Any) -> Any:
     while stack:
         item, parent, key, depth = stack.pop()
         if isinstance(item, str):
-            parent[key] = item.replace("\x00", "\ufffd")
+            parent[key] = _writable(item)
         elif isinstance(item, dict | list | tuple) and depth >= KEPT_DEPTH:
             parent[key] = CUT
         elif isinstance(item, dict):
             copied: dict[Any, Any] = {}
             parent[key] = copied
             for name, inner in item.items():
-                name = name.replace("\x00", "\ufffd") if isinstance(name, str) else name
+                name = _writable(name) if isinstance(name, str) else name
                 stack.append((inner, copied, name, depth + 1))
         elif isinstance(item, list | tuple):
             listed: list[Any] = [None] * len(item)
@@ -172,7 +189,12 @@ class FeedDelivery(LedgerAggregate):
             applied=outcome.applied,
             unchanged=outcome.unchanged,
             late=outcome.late,
-            rejected=[rejection.as_dict() for rejection in outcome.rejected],
+            # Each record as a refusal keeps it, whoever refused it: a feed's first refusals
+            # come as they were read (see connectors.outcome), lone surrogates and all.
+            rejected=[
+                {"index": r.index, "reason": r.reason, "record": kept_cheaply(r.record)}
+                for r in outcome.rejected
+            ],
             timestamp=at,
             **cause.as_kwargs(),
         )

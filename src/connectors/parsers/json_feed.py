@@ -19,6 +19,9 @@ Options (every one optional):
   is invalid); a numeric observed_at is Unix seconds (UTC).
 
 A UTF-8 byte-order mark is skipped. `position` counts the elements of the records array.
+A lone UTF-16 surrogate escape ("\\ud800" without its low half), which ijson's C parser
+cannot read, reads as that surrogate in the record's text (normalisation then refuses the
+record alone, or keeps it with U+FFFD in a dead letter).
 A FeedError: malformed JSON (also after records already yielded), or no records array.
 A RecordError: an element that is not an object, no identifier, a missing or non-whole
 quantity, an unreadable observed_at.
@@ -27,6 +30,7 @@ quantity, an unreadable observed_at.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -90,11 +94,12 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
     chunks = itertools.chain(
         [first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: source.read(CHUNK), b"")
     )
+    marked = _Chunks(chunks)
     try:
         # Numbers as written (an integer past 64 bits too: with `use_float` the C parser
         # refuses the whole file there, not the record); fractions as floats (below).
-        events = ijson.basic_parse(_Chunks(chunks))
-        yield from _records(_prefixed(events), settings)
+        events = ijson.basic_parse(marked)
+        yield from _records(_prefixed(events), settings, marked)
     except ijson.JSONError as error:
         raise FeedError(f"malformed_json: {_first_line(error)}") from error
 
@@ -126,17 +131,70 @@ def _prefixed(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, str, Any
         yield prefix, event, value
 
 
+# A JSON escape, as a token: a surrogate pair, a lone surrogate, any other \\u escape, or a
+# character's. The longest is a pair, 12 bytes.
+_ESCAPE = re.compile(
+    rb"\\(?:(?P<pair>u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?P<lone>u[dD][89a-fA-F][0-9a-fA-F]{2})|u[0-9a-fA-F]{4}|[^u])"
+)
+_LONGEST_ESCAPE = 12
+# Where a lone surrogate escape may be: its start, or the start of one cut off at the end.
+_MAY_BE_LONE = re.compile(rb"\\u[dD][89a-fA-F]|\\(?:u[dD]?)?\Z")
+# ijson's C parser writes a lone surrogate escape out as bytes that are not UTF-8, then
+# fails decoding them, and the whole delivery with it. Each is passed to it as one of the
+# last 2048 code points (private use: U+10F800 for U+D800, and so on) and read back as its
+# surrogate once the record is built; a supplier's own text in those code points reads as
+# surrogates too, in a delivery that has lone surrogates.
+_MARKS = 0x10F800 - 0xD800
+_MARKED = re.compile("[\U0010f800-\U0010ffff]")
+
+
 class _Chunks:
-    """The minimal file object ijson reads: bytes chunks, whatever size it asks for."""
+    """The minimal file object ijson reads: bytes chunks, whatever size it asks for, each
+    lone surrogate escape replaced by its mark (`marked` says whether one was)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
+        self._held = b""  # the end of the last chunk, where an escape may be cut off
+        self.marked = False
 
     def read(self, size: int = -1) -> bytes:
-        return next(self._chunks, b"") if size else b""  # ijson reads 0 bytes to tell the type
+        if not size:
+            return b""  # ijson reads 0 bytes to tell the type
+        while True:
+            chunk = next(self._chunks, None)
+            data, self._held = self._held + (chunk or b""), b""
+            if chunk is None or _MAY_BE_LONE.search(data) is not None:
+                data = self._marking(data, final=chunk is None)
+            if data or chunk is None:
+                return data
+
+    def _marking(self, data: bytes, *, final: bool) -> bytes:
+        """`data` with its lone surrogate escapes marked, but for an end held back where an
+        escape may be cut off (`data` begins where an escape may: see `read`)."""
+        limit = len(data) if final else len(data) - _LONGEST_ESCAPE
+        parts: list[bytes] = []
+        start = end = 0
+        for escape in _ESCAPE.finditer(data):
+            if escape.start() >= limit:
+                break
+            end = escape.end()
+            lone = escape.group("lone")
+            if lone is not None:
+                mark = chr(int(lone[1:], 16) + _MARKS).encode()
+                parts += (data[start : escape.start()], mark)
+                start = end
+                self.marked = True
+        # Every escape that begins before `limit` is whole there, so both are between tokens.
+        cut = max(limit, end, 0)
+        self._held = data[cut:]
+        parts.append(data[start:cut])
+        return b"".join(parts)
 
 
-def _records(events: Iterator[tuple[str, str, Any]], settings: JsonSettings) -> Iterator[Parsed]:
+def _records(
+    events: Iterator[tuple[str, str, Any]], settings: JsonSettings, chunks: _Chunks
+) -> Iterator[Parsed]:
     array: str | None = None  # the prefix of the records array, once found
     done = False  # the records array has ended; the rest is only checked to be well formed
     position = 0
@@ -152,7 +210,10 @@ def _records(events: Iterator[tuple[str, str, Any]], settings: JsonSettings) -> 
             done = True
         else:
             position += 1
-            yield _record(position, _element(event, value, events), settings)
+            element = _element(event, value, events)
+            if chunks.marked:
+                element = _unmarked(element)
+            yield _record(position, element, settings)
     if not done:
         if settings.records is not None:
             raise FeedError(f"no_records: no array at {settings.records!r}")
@@ -172,6 +233,19 @@ def _element(event: str, value: Any, events: Iterator[tuple[str, str, Any]]) -> 
         if depth == 0:
             break
     return builder.value
+
+
+def _unmarked(value: Any) -> Any:
+    """`value` with the marks of lone surrogates read back as them (see `_Chunks`)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        return _MARKED.sub(lambda mark: chr(ord(mark[0]) - _MARKS), value)
+    if isinstance(value, dict):
+        return {_unmarked(name): _unmarked(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_unmarked(item) for item in value]
+    return value
 
 
 def _record(position: int, element: Any, settings: JsonSettings) -> Parsed:

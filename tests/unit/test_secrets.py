@@ -1,0 +1,96 @@
+"""Secrets by reference (connectors.secrets.resolve): what cannot be read as a secret is a
+secret not configured, at once, never a hang or an unexpected error."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from connectors.secrets import MAX_SECRET_BYTES, SecretUnavailable, resolve
+from connectors.transports import FetchFailed, read_secret
+
+
+def test_a_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("token-é\n")
+
+    assert resolve(f"file:{path}") == "token-é"
+
+
+def test_a_secret_file_of_the_largest_size_is_read_and_a_larger_one_refused(
+    tmp_path: Path,
+) -> None:
+    largest, larger = tmp_path / "largest", tmp_path / "larger"
+    largest.write_bytes(b"s" * MAX_SECRET_BYTES)
+    larger.write_bytes(b"s" * (MAX_SECRET_BYTES + 1))
+
+    assert len(resolve(f"file:{largest}")) == MAX_SECRET_BYTES
+    with pytest.raises(SecretUnavailable, match="larger than"):
+        resolve(f"file:{larger}")
+
+
+def test_a_secret_file_that_is_not_utf8_is_a_secret_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"whsec-\xff\xfe")
+
+    with pytest.raises(SecretUnavailable, match="not UTF-8"):
+        resolve(f"file:{path}")
+
+
+def test_a_fifo_is_refused_at_once_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    outcome: list[BaseException | str] = []
+
+    def read() -> None:
+        try:
+            outcome.append(resolve(f"file:{path}"))
+        except BaseException as error:  # handed to the test's thread
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # let it go: a writer ends its wait
+        with path.open("w"):
+            pass
+        pytest.fail("reading the secret waited on the FIFO")
+    assert isinstance(outcome[0], SecretUnavailable)
+    assert "not a regular file" in str(outcome[0])
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "/dev/null", "/"])
+def test_a_device_or_a_directory_is_not_a_secret_file(name: str) -> None:
+    with pytest.raises(SecretUnavailable):
+        resolve(f"file:{name}")
+
+
+def test_a_missing_secret_file_is_a_secret_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(SecretUnavailable, match="cannot read"):
+        resolve(f"file:{tmp_path / 'absent'}")
+
+
+def test_an_environment_secret_whose_bytes_are_not_utf8_is_a_secret_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # How Python reads such bytes from the environment: as lone surrogates.
+    monkeypatch.setenv("LEDGER_TEST_SECRET", b"whsec-\xff".decode("utf-8", "surrogateescape"))
+
+    with pytest.raises(SecretUnavailable, match="not UTF-8"):
+        resolve("env:LEDGER_TEST_SECRET")
+
+
+def test_a_poll_token_that_cannot_be_read_fails_the_fetch_for_good_saying_why(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"\xff")
+
+    with pytest.raises(FetchFailed) as failed:
+        read_secret(f"file:{path}")
+
+    assert not failed.value.retriable
+    assert str(failed.value).startswith("secret_unavailable: cannot read")
