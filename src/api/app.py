@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from api.errors import install_error_handlers
 from api.fastlane import ReadLane, ReserveLane
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
+from api.openapi import truthful
 from api.ratelimit import RateLimiter
 from api.routers import (
     audit,
@@ -48,6 +50,12 @@ class Service(FastAPI):
         for cls, args, kwargs in reversed(own):
             app = cls(app, *args, **kwargs)
         return app
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, its errors and raw bodies as the API answers (api.openapi)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = truthful(super().openapi())
+        return self.openapi_schema
 
 
 def create_app(

@@ -7,13 +7,14 @@ import json
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import typer
 import uvicorn
@@ -40,11 +41,12 @@ from api.database import (
 from api.logs import configure_logging
 from api.metrics import prepare_directory
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
+from api.schemas import delivery_id_problem
 from api.settings import Settings
 from api.transport import JoiningHttpToolsProtocol
-from connectors import health
+from connectors import health, inbox
 from connectors.deadletters import record_dead_letters
-from connectors.outcome import FeedRejected, describe_phases
+from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
 from ledger.errors import LedgerError
 from projections.registry import all_projections
@@ -335,6 +337,9 @@ def ingest_command(
     ] = None,
 ) -> None:
     """Applies one feed file now, with a progress bar and a summary."""
+    problem = None if delivery_id is None else delivery_id_problem(delivery_id)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="'--delivery-id'")
     with _ledger() as runtime:
         terms = runtime.ingestor.terms(supplier)
         chosen = format or terms.connector.get("format") or BY_SUFFIX.get(file.suffix.lower())
@@ -348,59 +353,163 @@ def ingest_command(
             for chunk in iter(lambda: source.read(1 << 20), b""):
                 digest.update(chunk)
         delivery = delivery_id or f"sha256:{digest.hexdigest()[:32]}"
-        size = file.stat().st_size
-        with (
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rows]:,} rows"),
-                TimeElapsedColumn(),
-            ) as progress,
-            file.open("rb") as source,
-        ):
-            # The bar follows the bytes read, the count the rows: a file's size is known
-            # at once, its number of records only once it is read.
-            task = progress.add_task(f"{file.name}", total=max(size, 1), rows=0)
-
-            def advanced(rows: int) -> None:
-                progress.update(task, completed=min(source.tell(), size), rows=rows)
-
-            try:
-                result = runtime.ingestor.ingest(
-                    supplier,
-                    delivery,
-                    source,
-                    cast(Format, chosen),
-                    source="cli",
-                    received_at=datetime.now(UTC),
-                    actor="cli",
-                    progress=advanced,
-                )
-            except FeedRejected as broken:
-                # The file is a file: the ledger refuses what is in it (status 1, not 2).
-                progress.stop()
-                typer.echo(f"error: the file is rejected whole: {broken.reason}", err=True)
-                raise typer.Exit(1) from None
-            progress.update(task, completed=max(size, 1), rows=result.rows)
-        with runtime.store.transaction() as conn:
-            record_dead_letters(conn, supplier, delivery, result.rejections)
-            health.succeeded(
-                conn,
-                supplier,
-                delivery,
-                result.rows,
-                result.applied,
-                result.rejected,
-                result.lag_seconds,
+        # Held for the run: it holds the delivery's claim, as an inbox worker's would,
+        # so that no one else applies it meanwhile, and a run that dies lets go of it.
+        with runtime.store.connection() as claiming:
+            taken = inbox.take_up(
+                claiming,
+                supplier_id=supplier,
+                delivery_id=delivery,
+                source="cli",
+                format=cast(str, chosen),
+                content_hash=digest.hexdigest(),
+                name=file.name,
             )
+            if taken.delivery is None:
+                _answer_taken(delivery, taken)
+                return
+            try:
+                result = _apply_file(runtime, file, taken.delivery, cast(Format, chosen))
+            finally:
+                # (A session that broke took its lock with it.)
+                with suppress(Exception):
+                    inbox.release(claiming, taken.delivery)
         reasons = Counter(r.reason.split(":")[0] for r in result.rejections)
-        typer.echo(
-            f"{result.rows:,} rows read: {result.applied:,} changed, {result.unchanged:,}"
-            f" unchanged, {result.late:,} late, {result.rejected:,} rejected"
-            + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
-        )
+        typer.echo(_summary(result.as_dict(), reasons))
         typer.echo(f"took {describe_phases(result.seconds)}")
+
+
+def _apply_file(
+    runtime: Runtime, file: Path, delivery: inbox.Delivery, format: Format
+) -> IngestResult:
+    """Applies the file and records what became of it: applied, with its refused records
+    as dead letters; or rejected whole (status 1), or failed."""
+    try:
+        result = _ingest_file(runtime, file, delivery, format)
+    except FeedRejected as broken:
+        _finish_file(runtime, delivery, "rejected", broken.reason)
+        # The file is a file: the ledger refuses what is in it (status 1, not 2).
+        typer.echo(f"error: the file is rejected whole: {broken.reason}", err=True)
+        raise typer.Exit(1) from None
+    except BaseException as error:
+        # Left failed, not processing: the same file may be ingested again at once.
+        with suppress(Exception):
+            _finish_file(runtime, delivery, "failed", f"{type(error).__name__}: {error}")
+        raise
+    supplier, delivery_id = delivery.supplier_id, delivery.delivery_id
+    with runtime.store.transaction() as conn:
+        # Its outcome first: a run taken over (gone silent) records nothing more.
+        if not inbox.finish(
+            conn, delivery.id, "applied", result.as_dict(), None, attempt=delivery.attempts
+        ):
+            typer.echo(f"error: delivery {delivery_id!r} was taken over by another run", err=True)
+            raise typer.Exit(1)
+        record_dead_letters(conn, supplier, delivery_id, result.rejections)
+        health.succeeded(
+            conn,
+            supplier,
+            delivery_id,
+            result.rows,
+            result.applied,
+            result.rejected,
+            result.lag_seconds,
+        )
+    return result
+
+
+# How often a file being applied says so in the inbox, at most: a run that stops saying
+# so for inbox.take_up's `stale_after_seconds` is taken to have stopped.
+HEARTBEAT_SECONDS = 30.0
+
+
+def _ingest_file(
+    runtime: Runtime, file: Path, delivery: inbox.Delivery, format: Format
+) -> IngestResult:
+    """Applies the file with a progress bar (bytes read, rows counted), renewing its
+    claim in the inbox as it goes."""
+    size = file.stat().st_size
+    beaten = time.monotonic()
+
+    def heartbeat() -> None:
+        nonlocal beaten
+        if time.monotonic() - beaten >= HEARTBEAT_SECONDS:
+            with runtime.store.connection() as conn:
+                inbox.heartbeat(conn, delivery)
+            beaten = time.monotonic()
+
+    with (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rows]:,} rows"),
+            TimeElapsedColumn(),
+        ) as progress,
+        file.open("rb") as source,
+    ):
+        # The bar follows the bytes read, the count the rows: a file's size is known
+        # at once, its number of records only once it is read.
+        task = progress.add_task(f"{file.name}", total=max(size, 1), rows=0)
+
+        def advanced(rows: int) -> None:
+            progress.update(task, completed=min(source.tell(), size), rows=rows)
+            heartbeat()
+
+        try:
+            result = runtime.ingestor.ingest(
+                delivery.supplier_id,
+                delivery.delivery_id,
+                source,
+                format,
+                source="cli",
+                received_at=datetime.now(UTC),
+                actor="cli",
+                progress=advanced,
+                heartbeat=heartbeat,
+            )
+        except BaseException:
+            progress.stop()
+            raise
+        progress.update(task, completed=max(size, 1), rows=result.rows)
+    return result
+
+
+def _finish_file(runtime: Runtime, delivery: inbox.Delivery, status: str, error: str) -> None:
+    """Records a file's delivery as rejected or failed, while this run's claim holds."""
+    with runtime.store.transaction() as conn:
+        inbox.finish(conn, delivery.id, status, None, error, attempt=delivery.attempts)
+
+
+def _answer_taken(delivery: str, taken: inbox.TakenUp) -> None:
+    """Answers a file whose delivery id is taken: the same delivery applied already is
+    answered with its first counts (status 0); anything else is refused (status 1)."""
+    if taken.clash:
+        message = f"delivery {delivery!r} was already received with other content" + (
+            " (a stock report)" if taken.status == "reported" else ""
+        )
+    elif taken.status == "applied":
+        typer.echo(f"delivery {delivery!r} was already applied: nothing is applied again")
+        typer.echo(_summary(taken.outcome or {}, Counter()))
+        return
+    elif taken.status in ("queued", "processing"):
+        message = f"delivery {delivery!r} is {taken.status} (by {taken.source}): not applied yet"
+    else:  # an inbox delivery that failed or was rejected keeps its copy to queue again
+        message = (
+            f"delivery {delivery!r} is {taken.status} ({taken.error}): once fixed, queue it"
+            f" again with POST /v1/feeds/{delivery}/retry"
+        )
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _summary(counts: dict[str, Any], reasons: Counter[str]) -> str:
+    """A delivery's counts (`IngestResult.as_dict`), with its commonest refusals."""
+    return (
+        f"{counts.get('rows', 0):,} rows read: {counts.get('applied', 0):,} changed,"
+        f" {counts.get('unchanged', 0):,} unchanged, {counts.get('late', 0):,} late,"
+        f" {counts.get('rejected', 0):,} rejected"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common(5))})" if reasons else "")
+    )
 
 
 def main() -> None:

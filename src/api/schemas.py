@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,7 +29,54 @@ PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 NO_NUL = r"^[^\x00]*$"
 Sku = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=PRINTABLE)]
-SUPPLIER_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# "." and ".." are path steps to a client, resolved before it sends a request
+# (`/v1/suppliers/..` goes out as `/v1/`): a name that is one, between the slashes of a
+# path, could be created but never reached again.
+DOT_SEGMENTS = frozenset({".", ".."})
+# Letters, digits, ".", "_" and "-", up to 64, but not "." or "..". Spelt out in three
+# branches (starts with no dot; with one dot, then no dot; with two dots, then anything)
+# since pydantic's regex engine has no look-ahead.
+SUPPLIER_ID_PATTERN = (
+    r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
+    r"|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}"
+    r"|\.\.[A-Za-z0-9._-]{1,62})$"
+)
+
+
+def addressable_sku(sku: str) -> str:
+    """Refuses a SKU that `/v1/availability/{sku}` and `/v1/skus/{sku}/...` cannot reach."""
+    # A "/" is routed as a separator even when sent as %2F (decoded before routing).
+    if "/" in sku or sku in DOT_SEGMENTS:
+        raise ValueError(
+            f"{sku!r} cannot name a SKU: a SKU is one step of a URL path (/v1/skus/{{sku}}),"
+            " so it holds no '/' and is not '.' or '..'"
+        )
+    return sku
+
+
+# Names a delivery id may not take: under `/v1/feeds/` it names the feeds' health.
+RESERVED_DELIVERY_IDS = frozenset({"health"})
+
+
+def delivery_id_problem(delivery: str) -> str | None:
+    """Why a delivery id cannot be given (its status is read at `/v1/feeds/{id}`), if so."""
+    if delivery in RESERVED_DELIVERY_IDS:
+        return f"{delivery!r} cannot name a delivery: choose another id"
+    # Slashes are kept in its address, so a "." or ".." between them is resolved by the
+    # client following it (`/v1/feeds/a/../c` is asked for as `/v1/feeds/c`). Empty steps
+    # (`a//b`, `/a`, `a/`) are sent as they are, and found.
+    if DOT_SEGMENTS.intersection(delivery.split("/")):
+        return (
+            f"{delivery!r} cannot name a delivery: clients resolve a '.' or '..' between the"
+            " slashes of its address (`a/../c` is asked for as `c`): choose another id"
+        )
+    return None
+
+
+# A SKU named where the catalogue may gain it (a mapping's `sku`, `PUT /v1/skus/{sku}`).
+# Only there: a SKU an order or a report names is looked up as sent (one on record from
+# before this rule still sells), and an unknown one is refused as unknown.
+NewSku = Annotated[Sku, AfterValidator(addressable_sku)]
 # JSON numbers only: true, 1.0 and "1" are not quantities.
 Quantity = Annotated[StrictInt, Field(gt=0, le=10**9)]
 # Staleness limits beyond ten years are a mistake, and would overflow time arithmetic.
@@ -93,7 +141,7 @@ class SupplierOut(SupplierIn):
 
 class MappingIn(Strict):
     supplier_sku: Sku
-    sku: Sku
+    sku: NewSku
     units_per_supplier_unit: int = Field(default=1, gt=0, le=1_000_000)
     upc: Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")] | None = None
     # The supplier's unit that `units_per_supplier_unit` counts for this item (say "CA",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import getpass
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from api.schemas import SUPPLIER_ID_PATTERN
 
 Role = Literal["admin", "oms", "storefront", "supplier", "auditor"]
 # Limited when a rate is set: not the orders (a flash sale is the OMS's busiest hour) nor
@@ -36,6 +39,12 @@ class ApiKey(BaseModel):
         if (role == "supplier") != bool(rest):
             raise ValueError(
                 f"API key {name!r}: supplier keys, and only they, end with :supplier_id"
+            )
+        # A key for an id no supplier can have (`..`, `a/b`) would be refused every call.
+        if rest and not re.fullmatch(SUPPLIER_ID_PATTERN, rest[0]):
+            raise ValueError(
+                f"API key {name!r}: {rest[0]!r} is not a supplier id (letters, digits, '.',"
+                " '_' and '-', up to 64, not '.' or '..')"
             )
         return cls.model_validate(
             {"name": name, "role": role, "secret": secret, "supplier_id": rest[0] if rest else None}

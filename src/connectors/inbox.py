@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ledger.delivery import FeedDelivery
+
 TABLES = """
 CREATE TABLE IF NOT EXISTS connector_inbox (
     id bigserial PRIMARY KEY,
@@ -126,6 +128,8 @@ class Delivery:
     received_at: datetime
     status: str
     attempts: int
+    # Claimed from a claimer that died (or went silent) while applying it.
+    taken_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,132 @@ def enqueue(
     )
 
 
+def reported_as_stock(conn: Connection, supplier_id: str, delivery_id: str) -> bool:
+    """Whether a stock report of the supplier (`POST /v1/suppliers/{id}/stock`) used this
+    delivery id: the ledger keeps its record under the id itself, while the parts of a
+    delivery applied from here are recorded under names of their own (connectors.parts)."""
+    row = conn.execute(
+        "SELECT 1 FROM inventoryledger_events WHERE originator_id = %s LIMIT 1",
+        (FeedDelivery.id_for(supplier_id, delivery_id),),
+    ).fetchone()
+    return row is not None
+
+
+def receive(
+    conn: Connection,
+    *,
+    supplier_id: str,
+    delivery_id: str,
+    source: str,
+    format: str,
+    content_hash: str,
+    body: bytes,
+    name: str | None = None,
+    signed_at: int | None = None,
+) -> Received:
+    """Stores a delivery once, as `enqueue` does, unless a stock report of the supplier
+    used its id: that is a clash too, as a supplier's delivery ids are one namespace."""
+    if reported_as_stock(conn, supplier_id, delivery_id):
+        return Received(delivery_id, "reported", duplicate=True, clash=True)
+    return enqueue(
+        conn,
+        supplier_id=supplier_id,
+        delivery_id=delivery_id,
+        source=source,
+        format=format,
+        content_hash=content_hash,
+        body=body,
+        name=name,
+        signed_at=signed_at,
+    )
+
+
+def held_by(conn: Connection, supplier_id: str, delivery_id: str) -> str | None:
+    """The source of the supplier's delivery of this id in the inbox, if there is one."""
+    row = conn.execute(
+        "SELECT source FROM connector_inbox WHERE supplier_id = %s AND delivery_id = %s",
+        (supplier_id, delivery_id),
+    ).fetchone()
+    return None if row is None else str(row["source"])
+
+
+@dataclass(frozen=True)
+class TakenUp:
+    """What taking up a delivery to apply in this process found: `delivery`, when it is
+    this process's to apply (its `body` empty: not kept), to renew (`heartbeat`) and
+    `finish` as this attempt; else the delivery that holds the id (its status, source,
+    outcome and error), and whether it is a clash."""
+
+    delivery: Delivery | None
+    status: str
+    source: str
+    clash: bool
+    outcome: dict[str, Any] | None = None
+    error: str | None = None
+
+
+TAKEN = (
+    "id, supplier_id, delivery_id, source, format, content_hash, name, received_at, status,"
+    " attempts"
+)
+
+
+def take_up(
+    conn: Connection,
+    *,
+    supplier_id: str,
+    delivery_id: str,
+    source: str,
+    format: str,
+    content_hash: str,
+    name: str | None = None,
+    stale_after_seconds: int = 300,
+) -> TakenUp:
+    """Records a delivery that this process applies itself (`ledger ingest`: a file can
+    be hundreds of MiB, so no body is kept, and a row without one is no inbox worker's to
+    claim or queue again) as `processing`, claimed as `claim` claims one: holding its
+    advisory lock on `conn`'s session until `release` (keep `conn` out of the pool until
+    then); or says what holds its id. Its own delivery of the same content that was
+    rejected, failed, or left `processing` by a run that stopped (its lock free, or no
+    `heartbeat` for `stale_after_seconds`) is taken up again; a stock report's id is a
+    clash. Run it outside a transaction: the row is seen only with its lock taken."""
+    with conn.transaction():
+        if reported_as_stock(conn, supplier_id, delivery_id):
+            return TakenUp(None, "reported", "api", clash=True)
+        row = conn.execute(
+            "INSERT INTO connector_inbox (supplier_id, delivery_id, source, format,"  # noqa: S608 (constant fragments only)
+            " content_hash, name, body, status, attempts, started_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, NULL, 'processing', 1, now())"
+            f" ON CONFLICT (supplier_id, delivery_id) DO NOTHING RETURNING {TAKEN}",
+            (supplier_id, delivery_id, source, format, content_hash, name),
+        ).fetchone()
+        if row is None:
+            row = conn.execute(
+                TAKE_UP_AGAIN,
+                (format, name, supplier_id, delivery_id, content_hash, stale_after_seconds),
+            ).fetchone()
+        if row is not None:
+            conn.execute(
+                f"SELECT pg_advisory_lock({_claim_key('%s::bigint', '%s::integer')})",
+                (row["id"], row["attempts"]),
+            )
+            return TakenUp(Delivery(**row, body=b""), "processing", source, clash=False)
+        found = conn.execute(
+            "SELECT status, source, content_hash, outcome, error FROM connector_inbox"
+            " WHERE supplier_id = %s AND delivery_id = %s",
+            (supplier_id, delivery_id),
+        ).fetchone()
+    assert found is not None
+    return TakenUp(
+        None,
+        found["status"],
+        found["source"],
+        clash=found["content_hash"] != content_hash,
+        outcome=found["outcome"],
+        error=found["error"],
+    )
+
+
 def first_use_of_signature(conn: Connection, supplier_id: str, signature: str) -> bool:
     """True the first time a signed request is seen; a replay, under any delivery id, is not."""
     row = conn.execute(
@@ -208,27 +338,93 @@ def forget_signatures(conn: Connection, older_than_seconds: int) -> None:
     )
 
 
+def _claim_key(inbox_id: str, attempt: str) -> str:
+    """SQL for a claim's advisory lock key: the one `lock_key(f"inbox:{id}:{attempt}")`
+    (projections.leases) gives, so it shares the project's scheme and collides with none
+    of its other names. One key per attempt, not per row: a claimer taken over because it
+    went silent, and which lets go of its lock later, never frees its successor's."""
+    return (
+        "('x' || encode(substr(sha256(convert_to("
+        f"'stockledger:inbox:' || {inbox_id} || ':' || {attempt}, 'UTF8')), 1, 8), 'hex'))"
+        "::bit(64)::bigint"
+    )
+
+
+# In one statement, so a claim and its lock are taken together: the row is locked first
+# (FOR UPDATE SKIP LOCKED), then its advisory lock is tried, in id order, stopping at the
+# first taken (the CASE fixes the order the locks are tried in, the LIMIT stops there).
+# OFFSET 0 keeps the planner from pushing the CASE down into the scan, below the sort and
+# the row locks: it did, and tried (and took) the lock of every waiting row. A
+# `processing` row is abandoned when its claimer's lock is free (the claimer's session
+# ended: it crashed or was killed), or, failing that, when it has had no news for
+# `stale_after_seconds` (see `claim`).
+CLAIM = f"""
+UPDATE connector_inbox AS inbox
+SET status = 'processing', attempts = inbox.attempts + 1, started_at = now()
+FROM (
+    SELECT id, status AS was FROM (
+        SELECT id, status, attempts, started_at FROM connector_inbox
+        WHERE ((status = 'queued' AND (retry_at IS NULL OR retry_at <= now()))
+           OR status = 'processing')
+          AND body IS NOT NULL  -- one without is applied by its own process (`take_up`)
+        ORDER BY id FOR UPDATE SKIP LOCKED
+        OFFSET 0
+    ) AS waiting
+    WHERE CASE
+        WHEN status = 'queued' THEN pg_try_advisory_lock({_claim_key("id", "attempts + 1")})
+        WHEN pg_try_advisory_lock({_claim_key("id", "attempts")}) THEN CASE
+            WHEN pg_advisory_unlock({_claim_key("id", "attempts")})
+            THEN pg_try_advisory_lock({_claim_key("id", "attempts + 1")}) END
+        WHEN started_at < now() - make_interval(secs => %s)
+        THEN pg_try_advisory_lock({_claim_key("id", "attempts + 1")})
+        ELSE false
+    END
+    LIMIT 1
+) AS claimed
+WHERE inbox.id = claimed.id
+RETURNING inbox.id, supplier_id, delivery_id, source, format, content_hash, name, body,
+    received_at, status, attempts, claimed.was = 'processing' AS taken_over
+"""  # noqa: S608 (constant fragments only)
+
+
 def claim(conn: Connection, stale_after_seconds: int = 300) -> Delivery | None:
-    """Takes the oldest waiting delivery for this worker; a claim left by a dead worker
-    (no news for `stale_after_seconds`) is taken over."""
-    row = conn.execute(
-        "UPDATE connector_inbox SET status = 'processing', attempts = attempts + 1,"
-        " started_at = now() WHERE id = ("
-        "  SELECT id FROM connector_inbox"
-        "  WHERE (status = 'queued' AND (retry_at IS NULL OR retry_at <= now()))"
-        "   OR (status = 'processing' AND started_at < now() - make_interval(secs => %s))"
-        "  ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)"
-        " RETURNING id, supplier_id, delivery_id, source, format, content_hash, name, body,"
-        " received_at, status, attempts",
-        (stale_after_seconds,),
-    ).fetchone()
+    """Takes the oldest waiting delivery for this worker, holding the claim's advisory lock
+    on `conn`'s session until `release`: keep `conn` (out of the pool) until then.
+
+    A claim whose claimer's session is gone (a crash, a kill -9) is taken over at once.
+    One whose claimer still holds its lock is taken over only after `stale_after_seconds`
+    without news (`heartbeat`): a host that vanished (power lost, cut off) leaves its
+    session, and the lock, to the server until TCP keepalives end it, by default hours."""
+    try:
+        row = conn.execute(CLAIM, (stale_after_seconds,)).fetchone()
+    except BaseException:
+        # A session lock outlives the transaction that took it, if the statement failed
+        # after taking it; the session does not: the pool replaces a closed connection.
+        conn.close()
+        raise
     if row is None:
         return None
     return Delivery(**{**row, "body": bytes(row["body"])})
 
 
-def heartbeat(conn: Connection, inbox_id: int) -> None:
-    conn.execute("UPDATE connector_inbox SET started_at = now() WHERE id = %s", (inbox_id,))
+def heartbeat(conn: Connection, delivery: Delivery) -> bool:
+    """Renews a claim's news while its delivery is applied; False when the claim is no
+    longer this attempt's (it was taken over as silent)."""
+    cursor = conn.execute(
+        "UPDATE connector_inbox SET started_at = now()"
+        " WHERE id = %s AND attempts = %s AND status = 'processing'",
+        (delivery.id, delivery.attempts),
+    )
+    return cursor.rowcount == 1
+
+
+def release(conn: Connection, delivery: Delivery) -> bool:
+    """Lets go of a claim's advisory lock (after `finish`); False when `conn` did not hold it."""
+    row = conn.execute(
+        f"SELECT pg_advisory_unlock({_claim_key('%s::bigint', '%s::integer')}) AS released",
+        (delivery.id, delivery.attempts),
+    ).fetchone()
+    return row is not None and bool(row["released"])
 
 
 def finish(
@@ -238,13 +434,26 @@ def finish(
     outcome: dict[str, Any] | None,
     error: str | None,
     retry_in: float | None = None,
-) -> None:
-    """Records what became of a delivery; a `queued` one is tried again after `retry_in`."""
-    conn.execute(
+    *,
+    attempt: int | None = None,
+) -> bool:
+    """Records what became of a delivery; a `queued` one is tried again after `retry_in`.
+    With `attempt`, only while that attempt's claim holds: False when it no longer does."""
+    cursor = conn.execute(
         "UPDATE connector_inbox SET status = %s, outcome = %s, error = %s, finished_at = now(),"
-        " retry_at = now() + make_interval(secs => %s) WHERE id = %s",
-        (status, Jsonb(outcome) if outcome is not None else None, error, retry_in or 0, inbox_id),
+        " retry_at = now() + make_interval(secs => %s) WHERE id = %s"
+        " AND (%s::integer IS NULL OR (attempts = %s AND status = 'processing'))",
+        (
+            status,
+            Jsonb(outcome) if outcome is not None else None,
+            error,
+            retry_in or 0,
+            inbox_id,
+            attempt,
+            attempt,
+        ),
     )
+    return cursor.rowcount == 1
 
 
 def requeue(conn: Connection, delivery_id: str, supplier_id: str | None = None) -> list[str]:
@@ -255,7 +464,8 @@ def requeue(conn: Connection, delivery_id: str, supplier_id: str | None = None) 
         "UPDATE connector_inbox SET status = 'queued', attempts = 0, retry_at = now(),"
         " error = NULL, outcome = NULL, finished_at = NULL"
         " WHERE delivery_id = %s AND (%s::text IS NULL OR supplier_id = %s)"
-        " AND status IN ('failed', 'rejected') RETURNING supplier_id",
+        # A file applied by `ledger ingest` is not kept (`take_up`): nothing to queue.
+        " AND status IN ('failed', 'rejected') AND body IS NOT NULL RETURNING supplier_id",
         (delivery_id, supplier_id, supplier_id),
     ).fetchall()
     if rows:
@@ -288,3 +498,20 @@ def set_state(conn: Connection, supplier_id: str, name: str, value: Any) -> None
         " ON CONFLICT (supplier_id, name) DO UPDATE SET value = excluded.value",
         (supplier_id, name, Jsonb(value)),
     )
+
+
+# A run's own delivery (no body) of the same content, taken up again: as `claim` takes
+# over a claim, where the last attempt's lock is free or its news is stale.
+TAKE_UP_AGAIN = f"""
+UPDATE connector_inbox SET status = 'processing', attempts = attempts + 1, started_at = now(),
+    finished_at = NULL, error = NULL, outcome = NULL, format = %s, name = %s
+WHERE supplier_id = %s AND delivery_id = %s AND content_hash = %s AND body IS NULL
+  AND CASE
+    WHEN status IN ('rejected', 'failed') THEN true
+    WHEN status <> 'processing' THEN false
+    WHEN pg_try_advisory_lock({_claim_key("id", "attempts")})
+    THEN pg_advisory_unlock({_claim_key("id", "attempts")})
+    ELSE started_at < now() - make_interval(secs => %s)
+  END
+RETURNING {TAKEN}
+"""  # noqa: S608 (constant fragments only)

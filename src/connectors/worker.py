@@ -26,11 +26,22 @@ log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 8
 
 
+class ClaimLost(Exception):
+    """Another worker took the delivery over from this one, which had gone silent too long."""
+
+
 class InboxWorker:
-    def __init__(self, ingestor: Ingestor, store: ViewStore, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        store: ViewStore,
+        poll_seconds: float = 0.5,
+        stale_after_seconds: int = 300,
+    ) -> None:
         self.ingestor = ingestor
         self.store = store
         self.poll_seconds = poll_seconds
+        self.stale_after_seconds = stale_after_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,19 +76,25 @@ class InboxWorker:
 
     def work_once(self) -> bool:
         """Applies the oldest waiting delivery, if any; True when there was one."""
-        with self.store.connection() as conn:
-            delivery = inbox.claim(conn)
-        if delivery is None:
-            return False
-        structlog.contextvars.bind_contextvars(delivery_id=delivery.delivery_id)
-        try:
-            self.process(delivery)
-        finally:
-            structlog.contextvars.unbind_contextvars("delivery_id")
+        # The claim's connection is kept until the delivery is finished: its session
+        # holds the claim's lock, the sign that this worker is alive (see inbox.claim).
+        with self.store.connection() as claim:
+            delivery = inbox.claim(claim, self.stale_after_seconds)
+            if delivery is None:
+                return False
+            structlog.contextvars.bind_contextvars(delivery_id=delivery.delivery_id)
+            try:
+                self.process(delivery, claim)
+            finally:
+                structlog.contextvars.unbind_contextvars("delivery_id")
+                _release(claim, delivery)
         return True
 
-    def process(self, delivery: inbox.Delivery) -> IngestResult | None:
+    def process(self, delivery: inbox.Delivery, claim: inbox.Connection) -> IngestResult | None:
+        """Applies a claimed delivery; `claim` is the connection its claim was made on."""
         supplier = delivery.supplier_id
+        if delivery.taken_over:
+            log.warning("feed.delivery.taken_over", supplier=supplier, attempts=delivery.attempts)
         try:
             result = self.ingestor.ingest(
                 supplier,
@@ -88,8 +105,11 @@ class InboxWorker:
                 received_at=delivery.received_at,
                 actor=f"connector:{supplier}",
                 defaults=_source_options(delivery.source),
-                heartbeat=lambda: self._heartbeat(delivery),
+                heartbeat=lambda: _heartbeat(claim, delivery),
             )
+        except ClaimLost:
+            log.warning("feed.delivery.claim_lost", supplier=supplier)
+            return None
         except FeedRejected as broken:
             self._finish(delivery, "rejected", None, broken.reason)
             log.warning("feed.delivery.rejected", supplier=supplier, reason=broken.reason)
@@ -100,7 +120,16 @@ class InboxWorker:
             self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
             log.warning("feed.delivery.failed", supplier=supplier, error=str(error), retry=status)
             return None
+        outcome = result.as_dict()
+        if delivery.taken_over:
+            # Its counts are this attempt's: what the dead one applied counts as unchanged.
+            outcome["taken_over"] = True
         with self.store.transaction() as conn:
+            if not inbox.finish(
+                conn, delivery.id, "applied", outcome, None, attempt=delivery.attempts
+            ):
+                log.warning("feed.delivery.claim_lost", supplier=supplier)
+                return None
             record_dead_letters(conn, supplier, delivery.delivery_id, result.rejections)
             health.succeeded(
                 conn,
@@ -111,7 +140,6 @@ class InboxWorker:
                 result.rejected,
                 result.lag_seconds,
             )
-            inbox.finish(conn, delivery.id, "applied", result.as_dict(), None)
         log.info(
             "feed.delivery.applied",
             supplier=supplier,
@@ -120,16 +148,11 @@ class InboxWorker:
             unchanged=result.unchanged,
             late=result.late,
             rejected=result.rejected,
-            seconds=result.as_dict()["seconds"],
+            seconds=outcome["seconds"],
             read_by=result.read_by,
             shares=result.shares,
         )
         return result
-
-    def _heartbeat(self, delivery: inbox.Delivery) -> None:
-        """Keeps the claim alive while a long delivery is applied, so no one takes it over."""
-        with self.store.connection() as conn:
-            inbox.heartbeat(conn, delivery.id)
 
     def _finish(
         self,
@@ -140,8 +163,31 @@ class InboxWorker:
         retry_in: float | None = None,
     ) -> None:
         with self.store.transaction() as conn:
-            inbox.finish(conn, delivery.id, status, outcome, error, retry_in)
-            health.failed(conn, delivery.supplier_id, error)
+            if inbox.finish(
+                conn, delivery.id, status, outcome, error, retry_in, attempt=delivery.attempts
+            ):
+                health.failed(conn, delivery.supplier_id, error)
+            else:
+                log.warning("feed.delivery.claim_lost", supplier=delivery.supplier_id)
+
+
+def _heartbeat(claim: inbox.Connection, delivery: inbox.Delivery) -> None:
+    """News of a long delivery's claim, after each part; stops applying a claim lost."""
+    if not inbox.heartbeat(claim, delivery):
+        raise ClaimLost(delivery.delivery_id)
+
+
+def _release(claim: inbox.Connection, delivery: inbox.Delivery) -> None:
+    """Gives the claim's connection back to the pool without the claim's lock, whatever
+    became of the delivery: closed when that cannot be made sure of (the pool replaces a
+    closed connection, and the server lets go of a closed session's locks)."""
+    try:
+        if inbox.release(claim, delivery):
+            return
+        log.warning("inbox.claim_lock_missing")
+    except psycopg.Error as error:
+        log.warning("inbox.claim_release_failed", error=str(error))
+    claim.close()
 
 
 def _source_options(source: str) -> dict[str, Any]:

@@ -83,17 +83,27 @@ def _second(unix_second: int) -> str:
     return (EPOCH + timedelta(seconds=unix_second)).isoformat()
 
 
-@router.get("/v1/audit/events")
+class NdjsonResponse(StreamingResponse):
+    """Newline-delimited JSON: one value a line."""
+
+    media_type = "application/x-ndjson"
+
+
+@router.get(
+    "/v1/audit/events",
+    response_class=NdjsonResponse,
+    response_description="The events, one JSON object a line, in log order.",
+)
 def events(
     _: AuditorKey,
     runtime: RuntimeDep,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-) -> StreamingResponse:
+) -> NdjsonResponse:
     """The global log from a position as NDJSON, one event a line, in log order."""
 
     def lines() -> Iterator[bytes]:
         for event in runtime.audit.events(after, limit):
             yield json.dumps(event.as_json(), separators=(",", ":")).encode() + b"\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return NdjsonResponse(lines())

@@ -13,8 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdminKey, AuditorKey, FeedReaderKey, RuntimeDep, SupplierId, SupplierKey
 from api.errors import ApiError
+from api.openapi import raw_body
 from api.runtime import Runtime
-from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN
+from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, delivery_id_problem
 from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
@@ -30,15 +31,13 @@ router = APIRouter(tags=["feeds"])
 DeliveryHeader = Annotated[
     str | None, Header(alias="X-Ledger-Delivery", max_length=200, pattern=PRINTABLE)
 ]
+
+
 # A delivery's id is looked up at `/v1/feeds/{id}`, where these name other things.
-RESERVED_DELIVERY_IDS = frozenset({"health", ".", ".."})
-
-
 def _named(delivery: str | None) -> str | None:
-    if delivery in RESERVED_DELIVERY_IDS:
-        raise ApiError(
-            422, "invalid_delivery_id", f"{delivery!r} cannot name a delivery: choose another id"
-        )
+    problem = None if delivery is None else delivery_id_problem(delivery)
+    if problem is not None:
+        raise ApiError(422, "invalid_delivery_id", problem)
     return delivery
 
 
@@ -73,7 +72,14 @@ def _accepted(runtime: Runtime, received: inbox.Received, supplier_id: str) -> J
     )
 
 
-@router.post("/v1/suppliers/{supplier_id}/feeds", status_code=202)
+@router.post(
+    "/v1/suppliers/{supplier_id}/feeds",
+    status_code=202,
+    openapi_extra=raw_body(
+        "The feed file as it is, in the format `format` names (else the supplier's); "
+        "its Content-Type is not read."
+    ),
+)
 async def upload(
     supplier_id: SupplierId,
     request: Request,
@@ -114,7 +120,15 @@ async def upload(
     return _accepted(runtime, received, supplier_id)
 
 
-@router.post("/v1/suppliers/{supplier_id}/webhook", status_code=202)
+@router.post(
+    "/v1/suppliers/{supplier_id}/webhook",
+    status_code=202,
+    openapi_extra=raw_body(
+        "The supplier's payload as it is, in its webhook's format (JSON unless it says "
+        "otherwise), signed: `X-Ledger-Signature: sha256=<hex>`, the HMAC-SHA256 of "
+        "`{X-Ledger-Timestamp}.{body}`."
+    ),
+)
 async def webhook(
     supplier_id: SupplierId,
     request: Request,
@@ -183,7 +197,7 @@ def _receive_signed(
     with runtime.store.connection() as conn, conn.transaction():
         if not inbox.first_use_of_signature(conn, supplier_id, signature.strip()):
             return None
-        return inbox.enqueue(
+        return inbox.receive(
             conn,
             supplier_id=supplier_id,
             delivery_id=delivery_id,
@@ -207,7 +221,7 @@ def _enqueue(
     signed_at: int | None,
 ) -> inbox.Received:
     with runtime.store.connection() as conn:
-        return inbox.enqueue(
+        return inbox.receive(
             conn,
             supplier_id=supplier_id,
             delivery_id=delivery_id,
@@ -249,6 +263,13 @@ def retry_delivery(
                 409, "ambiguous_delivery", "several suppliers used this id: say supplier_id"
             )
         queued = inbox.requeue(conn, delivery_id, found[0]["supplier_id"])
+    if not queued and found[0]["source"] == "cli":
+        raise ApiError(
+            409,
+            "delivery_not_retriable",
+            f"delivery {delivery_id!r} was a file applied by `ledger ingest`, which keeps no"
+            " copy of it: ingest the file again",
+        )
     if not queued:
         raise ApiError(
             409,
@@ -296,6 +317,8 @@ def feed_status(
         "seconds": counts.get("seconds"),
         "error": row["error"],
         "attempts": row["attempts"],
+        # Its worker died while applying it, and another finished it (connectors.inbox).
+        "taken_over": bool(counts.get("taken_over", False)),
         "received_at": row["received_at"],
         "finished_at": row["finished_at"],
     }

@@ -5,20 +5,23 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
+from pydantic import AfterValidator
 
 from api.deps import AdminKey, Now, RequestId, RuntimeDep, cause_for, set_position
 from api.routers.suppliers import upsert_out
-from api.schemas import SkuIn, UpsertOut
+from api.schemas import SkuIn, UpsertOut, addressable_sku
 from ledger.commands import PutSku
 
 router = APIRouter(prefix="/v1/skus", tags=["skus"])
 
 SkuPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# A SKU the catalogue may gain here must stay reachable by path (not `.` or `..`).
+NewSkuPath = Annotated[SkuPath, AfterValidator(addressable_sku)]
 
 
 @router.put("/{sku}", response_model=UpsertOut)
 def put_sku(
-    sku: SkuPath,
+    sku: NewSkuPath,
     body: SkuIn,
     key: AdminKey,
     runtime: RuntimeDep,

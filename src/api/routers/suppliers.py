@@ -34,8 +34,11 @@ from api.schemas import (
     SupplierOut,
     UpsertOut,
 )
-from connectors import health
-from connectors.normalise import FeedRules, observed_utc, unit_factor
+from connectors import health, inbox
+from connectors.deadletters import record_dead_letters
+from connectors.normalise import FeedRules, observed_utc, record_fields, unit_factor
+from connectors.outcome import Rejections
+from connectors.parsers import Incoming, Record
 from ledger.commands import Observation, PutMappings, PutSupplier, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection, kept
 from ledger.errors import UnknownSupplier
@@ -161,11 +164,22 @@ def report_stock(
     content_hash = hashlib.sha256(
         json.dumps(body.observations, sort_keys=True, default=str).encode()
     ).hexdigest()
+    delivery_id = body.delivery_id or f"sha256:{content_hash[:32]}"
+    # A supplier's delivery ids are one namespace, whichever way its deliveries come.
+    with runtime.store.connection() as conn:
+        source = inbox.held_by(conn, supplier_id, delivery_id)
+    if source is not None:
+        raise ApiError(
+            409,
+            "delivery_id_conflict",
+            f"delivery {delivery_id!r} was already received with other content"
+            f" (a feed delivery, by {source}): choose another id",
+        )
     command = ReportStock(
         at=at,
         cause=cause_for(key, "supplier.stock.reported", request_id),
         supplier_id=supplier_id,
-        delivery_id=body.delivery_id or f"sha256:{content_hash[:32]}",
+        delivery_id=delivery_id,
         content_hash=content_hash,
         source="api",
         rows=len(body.observations),
@@ -178,6 +192,10 @@ def report_stock(
     newest = max((o.observed_at for o in observations), default=None)
     # A supplier that pushes its stock shows in feed health as one whose feeds are pulled.
     with runtime.store.transaction() as conn:
+        # Kept under the report's id and each record's index: a replay adds none again.
+        record_dead_letters(
+            conn, supplier_id, counted.delivery_id, as_dead_letters(counted, body.observations, at)
+        )
         health.succeeded(
             conn,
             supplier_id,
@@ -242,6 +260,52 @@ def parse_observations(
             )
         )
     return observations, rejected
+
+
+def as_dead_letters(
+    outcome: DeliveryOutcome, records: list[dict[str, Any]], received_at: datetime
+) -> Rejections:
+    """A report's refused records as dead letters keep them: each as sent, with what a
+    retry applies of it (as a feed's record, named by the supplier's SKU; a record that
+    cannot be read, or names our SKU, which no feed record can, is kept but not retried)."""
+    refused = Rejections()
+    for rejection in outcome.rejected:
+        sent = records[rejection.index]
+        fields = as_feed_record(rejection.index, sent)
+        refused.append(
+            Rejection(
+                rejection.index,
+                # A reason names the fields it found wrong; PostgreSQL refuses a NUL in text.
+                rejection.reason.replace("\x00", "\ufffd"),
+                {
+                    "fields": None if fields is None else record_fields(fields, received_at),
+                    "raw": sent,
+                },
+            )
+        )
+    return refused
+
+
+def as_feed_record(index: int, sent: dict[str, Any]) -> Record | None:
+    """A reported record as a feed's record of the supplier's SKU, if it is one."""
+    try:
+        parsed = ObservationIn.model_validate(sent)
+    except ValidationError:
+        return None
+    if parsed.supplier_sku is None:
+        return None
+    return Record(
+        position=index,
+        supplier_sku=parsed.supplier_sku,
+        upc=None,
+        quantity=parsed.quantity,
+        unit=parsed.unit,
+        observed_at=parsed.observed_at,
+        raw=sent,
+        incoming=None
+        if parsed.incoming is None
+        else tuple(Incoming(e.quantity, e.expected_on, None) for e in parsed.incoming),
+    )
 
 
 def report_out(outcome: DeliveryOutcome, position: int | None) -> StockReportOut:
