@@ -140,6 +140,8 @@ class Received:
     status: str
     duplicate: bool
     clash: bool
+    # The same content already received in this other format (a clash: see `enqueue`).
+    received_as: str | None = None
 
 
 def enqueue(
@@ -167,11 +169,25 @@ def enqueue(
         conn.execute("NOTIFY connector_inbox")
         return Received(delivery_id, row["status"], duplicate=False, clash=False)
     existing = conn.execute(
-        "SELECT status, content_hash FROM connector_inbox"
+        "SELECT status, content_hash, format, body IS NOT NULL AS kept FROM connector_inbox"
         " WHERE supplier_id = %s AND delivery_id = %s",
         (supplier_id, delivery_id),
     ).fetchone()
     assert existing is not None
+    if existing["content_hash"] == content_hash and existing["format"] != format:
+        # The same bytes said to be in another format: a delivery read in the wrong one
+        # (rejected whole, or failed) is queued again in this one, where it used to be
+        # answered as a duplicate and left as it was; one still waiting, or applied, stays.
+        if existing["status"] in ("failed", "rejected") and existing["kept"]:
+            conn.execute(
+                "UPDATE connector_inbox SET format = %s, status = 'queued', attempts = 0,"
+                " retry_at = now(), error = NULL, outcome = NULL, finished_at = NULL"
+                " WHERE supplier_id = %s AND delivery_id = %s",
+                (format, supplier_id, delivery_id),
+            )
+            conn.execute("NOTIFY connector_inbox")
+            return Received(delivery_id, "queued", duplicate=False, clash=False)
+        return Received(delivery_id, existing["status"], True, True, received_as=existing["format"])
     return Received(
         delivery_id,
         existing["status"],

@@ -299,3 +299,33 @@ def test_a_file_s_delivery_id_that_could_not_be_looked_up_is_a_usage_error(
 
     assert refused.returncode == 2, refused.stderr
     assert "cannot name a delivery" in refused.stderr
+
+
+def test_a_file_sent_again_in_the_right_format_after_the_wrong_one_is_read_again_in_it(
+    ledger: Server,
+) -> None:
+    sku = f"FMT-{uuid.uuid4().hex[:6]}"
+    body = json.dumps([{"sku": "A-1", "quantity": 8, "observed_at": a_minute_ago()}]).encode()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+
+        def send(format: str) -> httpx.Response:
+            return admin.post(
+                f"/v1/suppliers/{supplier_id}/feeds", params={"format": format}, content=body
+            )
+
+        as_csv = send("csv")
+        delivery = as_csv.json()["delivery_id"]
+        read_as_csv = finished(admin, supplier_id, delivery)
+        as_json = send("json")
+        read_as_json = finished(admin, supplier_id, delivery)
+        as_xml = send("xml")  # once applied, another format is a clash
+
+    assert read_as_csv["status"] == "rejected", read_as_csv
+    assert as_json.status_code == 202, as_json.text
+    assert as_json.json()["delivery_id"] == delivery
+    assert as_json.json()["duplicate"] is False
+    assert (read_as_json["status"], read_as_json["format"]) == ("applied", "json"), read_as_json
+    assert on_hand(ledger, sku, None) == 8
+    assert as_xml.status_code == 409, as_xml.text
+    assert "already received as json" in as_xml.json()["detail"]

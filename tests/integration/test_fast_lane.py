@@ -167,7 +167,8 @@ def test_orders_the_route_would_take_are_answered_by_the_lane_alike(
         # No Content-Type: FastAPI does not read the body as JSON.
         ({"Idempotency-Key": "k", "Content-Type": None}, ORDER, "validation_error"),
         # Nested too deep for Python's parser: the route's 400, not a 500.
-        ({"Idempotency-Key": "k"}, b"[" * 5000, "bad_request"),
+        # Nested deeper than Python's parser goes: malformed, as the route says too.
+        ({"Idempotency-Key": "k"}, b"[" * 5000, "malformed_json"),
         # A repeated key: only the route judges it (here it takes the order, for a SKU
         # the ledger does not know).
         (

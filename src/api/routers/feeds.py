@@ -49,6 +49,14 @@ def _terms(runtime: Runtime, supplier_id: str) -> SupplierTerms:
 
 
 def _accepted(runtime: Runtime, received: inbox.Received, supplier_id: str) -> JSONResponse:
+    if received.clash and received.received_as is not None:
+        raise ApiError(
+            409,
+            "delivery_id_conflict",
+            f"delivery {received.delivery_id!r} was already received as"
+            f" {received.received_as} and is {received.status}: the same content in another"
+            " format is queued again only once that one was rejected or failed",
+        )
     if received.clash:
         raise ApiError(
             409,
