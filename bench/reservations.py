@@ -372,6 +372,7 @@ def run(server_url: str, seconds: int = 10, connections: int = 64) -> list[dict[
                     "workload": (
                         f"reservations, {where}, {connections} clients, {workers} worker(s)"
                     ),
+                    "workers": workers,
                     "ledger": ledger,
                     "baseline": baseline,
                     "ratio": ledger["reservations_per_second"]
@@ -430,6 +431,21 @@ def describe(row: dict[str, Any]) -> str:
     )
 
 
+def _one_writer(row: dict[str, Any]) -> str:
+    """A warning for a row of several workers in which one writer took every order.
+
+    A writer tries on its kept copies only after a second with no sign of another
+    process saving (ledger.hot): where most batches did so, no other worker saved, as
+    happens when the kernel hands all of the load generator's connections, opened at
+    once, to one API process. The row then measured one writer, not several."""
+    if row.get("workers", 1) > 1 and row["ledger"]["writer"].get("kept_tries_per_batch", 0) > 0.5:
+        return (
+            " (so one worker's writer took every order: the load generator's connections"
+            " all went to one API process, and this row measured one writer)"
+        )
+    return ""
+
+
 def footnote(row: dict[str, Any]) -> str | None:
     """Where a reservations row's CPU went, per reservation, on both sides, and what the
     ledger's writer did; for a reads row, the load generator's CPU. None for a row from
@@ -455,8 +471,8 @@ def footnote(row: dict[str, Any]) -> str | None:
         f" {writer['batches_per_second']:.0f} batches/s of {writer['commands_per_batch']:.1f}"
         f" commands, {writer['ms_per_batch']:.1f} ms each; {writer.get('conflicts', 0):.0f}"
         f" conflicts, {writer.get('exclusive_saves', 0):.0f} exclusive saves,"
-        f" {writer.get('kept_tries_per_batch', 0):.0%} of batches tried on kept copies."
-        " Load generator:"
+        f" {writer.get('kept_tries_per_batch', 0):.0%} of batches tried on kept copies"
+        f"{_one_writer(row)}. Load generator:"
         f" {generator_note(Load(**ledger['load']))} against the ledger,"
         f" {generator_note(Load(**baseline['load']))} against the baseline."
     )
