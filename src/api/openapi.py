@@ -76,6 +76,7 @@ HEADERS: dict[int, dict[str, Any]] = {
 }
 
 WEBHOOK = ("post", "/v1/suppliers/{supplier_id}/webhook")
+BEARER = "apiKey"
 # Every `/v1` operation but the webhook (signed, not keyed) takes an API key.
 KEYED = frozenset({401, 403, 429})
 # What operations refuse beyond what their shape tells (a key, a body, parameters).
@@ -135,24 +136,38 @@ def truthful(document: dict[str, Any]) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             for status in sorted(_refusals(method, path, operation)):
                 responses[str(status)] = _error(status)
+            if _keyed(method, path):
+                # So that generated clients send the key (`Authorization: Bearer <secret>`).
+                operation["security"] = [{BEARER: []}]
     if path_item := document["paths"].get("/readyz"):
         ready = path_item["get"]["responses"]["200"]
         path_item["get"]["responses"]["503"] = {
             "description": "Not ready: the same body, `status` `not_ready`, `checks` saying why.",
             "content": ready.get("content", {}),
         }
-    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    components = document.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[BEARER] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key's secret (`LEDGER_API_KEYS`); its role decides what it may do.",
+    }
+    schemas = components.setdefault("schemas", {})
     schemas["ErrorOut"] = ErrorOut.model_json_schema()
     _drop_unreferenced(document, ("HTTPValidationError", "ValidationError"))
     return document
+
+
+def _keyed(method: str, path: str) -> bool:
+    """Whether the operation takes an API key: every `/v1` one but the (signed) webhook."""
+    return path.startswith("/v1/") and (method, path) != WEBHOOK
 
 
 def _refusals(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     statuses = set(REFUSALS.get((method, path), ()))
     if path.startswith("/v1/"):
         statuses.add(503)
-        if (method, path) != WEBHOOK:
-            statuses |= KEYED
+    if _keyed(method, path):
+        statuses |= KEYED
     body = operation.get("requestBody")
     if body is not None:
         statuses.add(413)

@@ -263,6 +263,27 @@ def test_every_keyed_operation_declares_the_refusals_of_keys_limits_and_outages(
                 assert "413" in statuses, (method, path)
 
 
+def test_every_keyed_operation_and_only_those_declare_the_bearer_key(
+    document: dict[str, Any], ledger: Server
+) -> None:
+    scheme = document["components"]["securitySchemes"]["apiKey"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    keyed, open_ = [], []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            named = operation.get("security") == [{"apiKey": []}]
+            (keyed if path.startswith("/v1/") and path != WEBHOOK else open_).append(
+                (method, path, named)
+            )
+    assert keyed
+    assert all(named for _, _, named in keyed), keyed
+    assert not any(named for _, _, named in open_), open_
+    # What the scheme says is what the API takes: the key as a bearer token.
+    with ledger.client("test-admin") as admin:
+        assert admin.get("/v1/feeds/health").status_code == 200
+    assert httpx.get(f"{ledger.base_url}/v1/feeds/health").status_code == 401
+
+
 # Bodies and media types -----------------------------------------------------------------------
 
 
