@@ -6,15 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from api.runtime import Runtime, open_runtime
-from api.settings import Settings
+from api.runtime import Runtime
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
@@ -22,16 +20,6 @@ from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, put_supplier
 
 SUPPLIER = "acme"
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    """The ledger the commands are run against; its projections run, for `mapped_sku`."""
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def mapped_sku(runtime: Runtime) -> str:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -17,7 +17,6 @@ import psycopg
 import pytest
 
 from api.runtime import Runtime, open_runtime
-from api.settings import Settings
 from connectors import inbox
 from connectors.ingest import Ingestor, content_hash
 from connectors.outcome import IngestResult
@@ -57,16 +56,6 @@ def apply_then_hang(database_url: str) -> None:
     runtime = open_runtime(settings, migrate_first=False, sweep=False, project=False, connect=False)
     hanging = cast(Ingestor, HangingAfterFirstPart(runtime.ingestor))
     InboxWorker(hanging, runtime.store).work_once()
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    """Projections run (the mappings view is read); the tests drive the inbox."""
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 @pytest.fixture

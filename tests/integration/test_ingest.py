@@ -16,7 +16,6 @@ import psycopg
 import pytest
 
 from api.runtime import Runtime, open_runtime
-from api.settings import Settings
 from connectors import comparison, inbox
 from connectors import ingest as ingest_module
 from connectors import outcome as outcome_module
@@ -32,16 +31,6 @@ from ledger.supplier import SupplierTerms
 from tests.integration.ledger_setup import CAUSE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    """Projections run (the mappings view is read); the tests drive the inbox."""
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def setup_supplier(

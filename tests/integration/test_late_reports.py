@@ -47,15 +47,6 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 EARLY, MIDDLE, LATEST = T0, T0 + timedelta(minutes=5), T0 + timedelta(minutes=10)
 
 
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 def catalogue(runtime: Runtime, supplier: str = "acme") -> str:
     """A SKU the supplier stocks, mapped from its own code `S-<sku>`."""
     sku = random_sku()

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from api.runtime import Runtime, open_runtime
-from api.settings import Settings
+from api.runtime import Runtime
 from connectors import health
 from connectors.scheduler import Scheduler
 from connectors.simulator import Catalogue, RestSupplier, SftpSupplier, drop
@@ -25,15 +24,6 @@ from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
 from projections.leases import LeaseSession
 from tests.integration.ledger_setup import CAUSE
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def supplier_fed_by(

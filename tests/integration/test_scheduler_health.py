@@ -12,23 +12,13 @@ from typing import Any
 
 import pytest
 
-from api.runtime import Runtime, open_runtime
-from api.settings import Settings
+from api.runtime import Runtime
 from connectors import health
 from connectors.scheduler import Schedule, Scheduler
 from connectors.simulator import Catalogue, FtpSupplier, RestSupplier, drop
 from connectors.simulator.ftp import READ_ONLY
 from connectors.transports import Fetched
 from tests.integration.test_scheduler import count_reads, scheduler_for, supplier_fed_by
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def shown(runtime: Runtime, supplier: str) -> dict[str, Any]:

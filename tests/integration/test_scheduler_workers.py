@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from api.runtime import Runtime, open_runtime
-from api.settings import Settings
+from api.runtime import Runtime
 from connectors import health
 from connectors.scheduler import Schedule, Scheduler
 from connectors.simulator import Catalogue, RestSupplier
@@ -37,16 +36,6 @@ T = TypeVar("T")
 TAKEOVER_SECONDS = 10.0
 STARTUP_SECONDS = 30.0
 APPLIED_SECONDS = 15.0
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Iterator[Runtime]:
-    """The ledger with its projections (the workers read the supplier view), no scheduler."""
-    opened = open_runtime(settings, sweep=False, connect=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 @dataclass
