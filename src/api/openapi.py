@@ -60,6 +60,10 @@ REASONS: dict[int, str] = {
     "check of the route's own (`detail` a string or an object): `unknown_sku` in a body, "
     "`ttl_too_long`, `empty_feed`, `unknown_format`...",
     429: "The key is over its rate (`rate_limited`); nothing of the request was applied.",
+    500: "A failure of the service's own (`internal_error`; `detail.request_id`, also in "
+    "the `X-Request-ID` header, finds it in the logs). A write may have been applied: send "
+    "it again as it was (an order with the same `Idempotency-Key`, a stock report with "
+    "its `delivery_id`), and it is answered as the first time if it was.",
     503: "The ledger cannot answer now (`unavailable`, `timeout`, `position_not_reached`, "
     "`contention`): try again after `Retry-After`.",
 }
@@ -164,6 +168,7 @@ def _keyed(method: str, path: str) -> bool:
 
 def _refusals(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     statuses = set(REFUSALS.get((method, path), ()))
+    statuses.add(500)  # any operation, should the service fail
     if path.startswith("/v1/"):
         statuses.add(503)
     if _keyed(method, path):
