@@ -9,7 +9,7 @@ from uuid import UUID
 
 import psycopg
 
-from projections.leases import lock_key
+from projections.leases import keep_alive, lock_holding, lock_key
 
 
 class StreamTurns:
@@ -39,7 +39,8 @@ class StreamTurns:
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
+            self._conn = psycopg.connect(lock_holding(self.database_url), autocommit=True)
+            keep_alive(self._conn)
             self._conn.execute(f"SET lock_timeout = {self.timeout_ms}")
         return self._conn
 

@@ -9,11 +9,63 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 log = structlog.get_logger(__name__)
+
+# PostgreSQL learns that a client's host has vanished (power lost, cut off, its connection
+# never closed) only from TCP keepalives, which by default begin after two hours of
+# silence: until then the session stays, and every advisory lock it holds (a lease, an
+# inbox claim, a writer's turn) with it. So every session that may hold one asks the
+# server to probe after 10 s of silence, every 5 s, and to end the session after 3
+# probes go unanswered (~25 s), or once data it sent goes unacknowledged for 30 s; and
+# its client does likewise, to learn that it has lost the server (and its locks). A
+# holder that is merely idle answers the probes from its kernel and keeps its locks.
+# Over a Unix socket (one host) there is nothing to lose: the server ignores these.
+KEEPALIVE_IDLE_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 30_000
+_CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": KEEPALIVE_IDLE_SECONDS,
+    "keepalives_interval": KEEPALIVE_INTERVAL_SECONDS,
+    "keepalives_count": KEEPALIVE_COUNT,
+    "tcp_user_timeout": USER_TIMEOUT_MS,
+}
+_SERVER_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', %s, false),"
+    " set_config('tcp_keepalives_interval', %s, false),"
+    " set_config('tcp_keepalives_count', %s, false),"
+    " set_config('tcp_user_timeout', %s, false)"
+)
+
+
+def lock_holding(database_url: str) -> str:
+    """The database URL as a connection string whose client sends keepalives (see above),
+    where the URL does not say otherwise."""
+    given = conninfo_to_dict(database_url)
+    return make_conninfo(
+        database_url, **{k: v for k, v in _CLIENT_KEEPALIVES.items() if k not in given}
+    )
+
+
+def keep_alive(conn: psycopg.Connection[Any]) -> None:
+    """Asks the server to end this session soon after its client's host stops answering
+    (see above); on a connection in autocommit, for the session."""
+    conn.execute(
+        _SERVER_KEEPALIVES,
+        (
+            str(KEEPALIVE_IDLE_SECONDS),
+            str(KEEPALIVE_INTERVAL_SECONDS),
+            str(KEEPALIVE_COUNT),
+            str(USER_TIMEOUT_MS),
+        ),
+    )
 
 
 def lock_key(name: str) -> int:
@@ -85,7 +137,8 @@ class LeaseSession:
                 log.warning("lease.session_lost", leases=sorted(self._held))
                 self._drop()
         try:
-            self._conn = psycopg.connect(self.database_url, autocommit=True)
+            self._conn = psycopg.connect(lock_holding(self.database_url), autocommit=True)
+            keep_alive(self._conn)
         except psycopg.Error as error:
             if self._reachable:  # once per outage, not once per attempt
                 log.warning("lease.unreachable", error=str(error))

@@ -20,6 +20,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from projections.leases import keep_alive, lock_holding
+
 CONTROL_TABLES = """
 CREATE TABLE IF NOT EXISTS ledger_projections (
     name text PRIMARY KEY,
@@ -67,12 +69,14 @@ class ViewStore:
 
     def __init__(self, database_url: str, *, max_size: int = 8, timeout: float = 5.0) -> None:
         self.database_url = database_url
+        # Its connections hold inbox claims' locks too (connectors.inbox.claim).
         self.pool: ConnectionPool[Connection] = ConnectionPool(
-            database_url,
+            lock_holding(database_url),
             min_size=1,
             max_size=max_size,
             timeout=timeout,
             kwargs={"row_factory": dict_row, "autocommit": True},
+            configure=keep_alive,
             open=False,
             name="views",
         )
