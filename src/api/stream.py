@@ -10,7 +10,8 @@ follows on: nothing is missed, a SKU may come twice. A client too far behind (mo
 changed than `MAX_ENTRIES`) gets a `reset` event: read afresh what you show, then follow.
 
 What changes with the clock alone (a hold running out before the sweeper records it, a
-report ageing) reaches the view, and so the streams, when the events that record it do.
+report ageing) reaches the view, and so the streams, when the events that record it do
+(for a hold, the sweeper's `StockItem.HoldsExpired`).
 """
 
 from __future__ import annotations

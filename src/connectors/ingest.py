@@ -117,7 +117,7 @@ class Ingestor:
         self.store = store
         self.views = views
         self.queries = LedgerQueries(writer.app)
-        self.parts = PartSender(writer, batch_size, part_seconds)
+        self.parts = PartSender(writer, batch_size, part_seconds, clock)
         self.work_mem_mb = work_mem_mb
         self.read_connections = read_connections
         self.split_from_bytes = split_from_bytes

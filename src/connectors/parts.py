@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -42,10 +42,17 @@ class PartSender:
     """Sends changes to the ledger's writer in parts of at most `batch_size`, sized by
     time when `part_seconds` is set (see `send`)."""
 
-    def __init__(self, writer: LedgerWriter, batch_size: int, part_seconds: float) -> None:
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        batch_size: int,
+        part_seconds: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.writer = writer
         self.batch_size = batch_size
         self.part_seconds = part_seconds
+        self.clock = clock
 
     def send(
         self,
@@ -137,7 +144,9 @@ class PartSender:
         # while an identical part is recognised and changes nothing.
         digest = _part_hash(batch, rejections)
         command = ReportStock(
-            at=now,
+            # When the part is made, not when the delivery began: a delivery applies for
+            # seconds, and the orders decided meanwhile must not seem to come after it.
+            at=max(now, self.clock()),
             cause=Cause(actor, f"supplier.feed.{source}", delivery_id),
             supplier_id=supplier_id,
             delivery_id=part_name(delivery_id, digest),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -60,7 +61,28 @@ class LedgerAggregate(BaseAggregate[UUID]):
 
     Snapshot = LedgerSnapshot
 
+    def trigger_event(self, event_class: type[Any], **kwargs: Any) -> None:
+        """As the library's, but a stream's times never go back: an event is stamped no
+        earlier than the one before it. A command carries the time its request came, and
+        another process may have written the stream since with a later one (an order
+        decided while this one waited, or retried after a collision); a delivery's parts
+        carry the time they were made. Audits read a stream's state at a time by its
+        events' times, in version order."""
+        timestamp = kwargs.get("timestamp")
+        if timestamp is not None and timestamp < self.modified_on:
+            kwargs["timestamp"] = self.modified_on
+        super().trigger_event(event_class, **kwargs)
+
     class Event(AggregateEvent):
         actor: str
         reason: str
         correlation_id: str
+
+
+def decided_at(at: datetime, *read: BaseAggregate[UUID] | None) -> datetime:
+    """When a command is decided: when its request came, or, if anything it read was
+    written later (by another process, say, while this one waited or after it collided),
+    then. A hold that expired before an order another process granted from its units
+    must not be confirmed as if the confirmation came first (that would sell its units
+    twice)."""
+    return max([at, *(aggregate.modified_on for aggregate in read if aggregate is not None)])

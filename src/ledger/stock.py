@@ -416,6 +416,21 @@ class StockItem(LedgerAggregate):
             for allocation in Allocation.many_from(self.allocations):
                 item.position(allocation.supplier_id).add_held(expires, -allocation.quantity)
 
+    class HoldsExpired(Event):
+        """Holds whose time ran out, as the sweeper recorded their reservations' expiry.
+        They stopped counting at their expiry already (`forget_expired_holds`): this
+        records it in the SKU's own history, and moves its views (a stream of
+        availability shows the units free again)."""
+
+        TOPIC = "stockledger:StockItem.HoldsExpired"
+        holds: list[dict[str, Any]]  # each: reservation_id, expires_at, allocations
+
+        def apply(self, item: StockItem) -> None:
+            for hold in self.holds:
+                expires = second_ceil(datetime.fromisoformat(hold["expires_at"]))
+                for allocation in Allocation.many_from(hold["allocations"]):
+                    item.position(allocation.supplier_id).add_held(expires, -allocation.quantity)
+
     class HoldConfirmed(Event):
         TOPIC = "stockledger:StockItem.HoldConfirmed"
         reservation_id: str
@@ -655,6 +670,27 @@ class StockItem(LedgerAggregate):
             reservation_id=reservation_id,
             expires_at=expires_at,
             allocations=_as_dicts(allocations),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def expire_holds(
+        self,
+        holds: list[tuple[str, datetime, list[Allocation]]],
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        """Records that these holds (reservation id, expiry, allocations) ran out."""
+        self.trigger_event(
+            self.HoldsExpired,
+            holds=[
+                {
+                    "reservation_id": reservation_id,
+                    "expires_at": expires_at.isoformat(),
+                    "allocations": _as_dicts(allocations),
+                }
+                for reservation_id, expires_at, allocations in holds
+            ],
             timestamp=at,
             **cause.as_kwargs(),
         )

@@ -175,6 +175,11 @@ class Audit:
         if version == 0:
             raise UnknownSku(f"SKU {sku!r} did not exist then", skus=[sku])
         item: StockItem = self.app.repository.get(item_id, version=version)
+        if position is not None:
+            # The event at the position may be another stream's, stamped earlier than
+            # this one's last (a command's time is when its request came, and streams
+            # are written in the order decided): the SKU is read as of the later.
+            at = max(at, item.modified_on)
         terms = {s: self._terms_at(s, at, position) for s in item.supplier_ids}
         return PointInTime(
             sku=sku,

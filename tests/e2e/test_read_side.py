@@ -501,6 +501,42 @@ def test_a_stream_of_named_skus_starts_with_their_availability_and_follows_each_
             live.close()
 
 
+def test_a_hold_that_runs_out_shows_on_the_stream_once_the_sweeper_records_it(
+    ledger: Server,
+) -> None:
+    """The units of a hold that expired are free again on the stream too, not only to a
+    read: the sweeper records the expiry on the SKU (`StockItem.HoldsExpired`), and the
+    SKU's history says so."""
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        live = stream(ledger, sku=[sku])
+        try:
+            live.until(lambda e: e[2]["available"] == 10)
+            answer = oms.post(
+                "/v1/reservations",
+                json={
+                    "order_id": f"o-{uuid.uuid4().hex[:8]}",
+                    "lines": [{"sku": sku, "quantity": 4}],
+                    "ttl_seconds": 1,
+                },
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+            )
+            assert answer.status_code == 201, answer.text
+            live.until(lambda e: e[2]["held"] == 4)
+            # Within its second and the sweeper's next pass (0.2 s here), and no write
+            # to the SKU meanwhile: only the expiry moves it.
+            _, _, freed = live.until(lambda e: e[2]["held"] == 0, timeout=10)
+            assert freed["available"] == 10
+        finally:
+            live.close()
+        with ledger.client("test-audit") as auditor:
+            history = auditor.get(f"/v1/skus/{sku}/history").json()
+        last = history["items"][-1]
+        assert last["type"] == "stockledger:StockItem.HoldsExpired", history
+        assert last["actor"] == "sweeper"
+        assert [hold["allocations"][0]["quantity"] for hold in last["payload"]["holds"]] == [4]
+
+
 def test_a_stream_that_reconnects_from_its_last_event_gets_what_changed_meanwhile(
     ledger: Server,
 ) -> None:

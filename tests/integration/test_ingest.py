@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +272,31 @@ def test_a_large_delivery_is_applied_in_batches_that_add_up(ledger: Runtime) -> 
         ).fetchone()
     assert (result.rows, result.applied) == (25, 25)
     assert parts == (4,)
+
+
+def test_each_part_of_a_delivery_is_stamped_when_it_is_made(ledger: Runtime) -> None:
+    """A delivery applies for seconds: its parts carry the time each was made, not the
+    time it began, so the orders decided meanwhile do not seem to come after them (an
+    audit reads a SKU at a time by its events' times). Here a clock a second on at each
+    reading: the four parts' events are a second or more apart, in order."""
+    skus = {f"S-{n}": f"SKU-TM-{n}" for n in range(25)}
+    setup_supplier(ledger, "acme", skus)
+    start = datetime.now(UTC)
+    ticks = iter(range(1000))
+    small = Ingestor(
+        ledger.writer,
+        ledger.store,
+        ledger.views,
+        batch_size=7,
+        clock=lambda: start + timedelta(seconds=next(ticks)),
+    )
+    ingest(ledger, "acme", csv_body(dict.fromkeys(skus, 3), start), ingestor=small)
+    times = sorted(
+        {ledger.app.repository.get(StockItem.id_for(sku)).modified_on for sku in skus.values()}
+    )
+    assert len(times) == 4  # one a part
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= timedelta(seconds=1)
 
 
 def test_a_delivery_s_changes_are_read_as_its_parts_are_sent_not_all_at_once(

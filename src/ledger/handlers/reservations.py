@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from ledger.base import decided_at
 from ledger.commands import Confirm, ExpireHolds, Fulfil, Release, Reserve, Return
 from ledger.errors import (
     IdempotencyKeyMismatch,
@@ -54,12 +55,13 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
         raise UnknownSku(f"unknown SKU(s): {', '.join(unknown)}", skus=unknown)
     stock = {sku: item for sku, item in items.items() if item is not None}
     terms = uow.supplier_terms({s for item in stock.values() for s in item.supplier_ids})
+    at = decided_at(command.at, *stock.values())
 
     # Decide every line before changing anything: all lines are held, or none.
     allocations: dict[str, list[Allocation]] = {}
     shortfalls: list[Shortfall] = []
     for sku, quantity in wanted.items():
-        allocated, available = stock[sku].allocate(quantity, command.at, terms)
+        allocated, available = stock[sku].allocate(quantity, at, terms)
         if allocated is None:
             shortfalls.append(Shortfall(sku, quantity, available))
         else:
@@ -68,7 +70,7 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
         raise InsufficientStock(shortfalls)
 
     ttl = command.ttl_seconds or command.default_ttl_seconds
-    expires_at = EPOCH + timedelta(seconds=second_ceil(command.at + timedelta(seconds=ttl)))
+    expires_at = EPOCH + timedelta(seconds=second_ceil(at + timedelta(seconds=ttl)))
     reservation = Reservation.place(
         client=command.client,
         idempotency_key=command.idempotency_key,
@@ -76,11 +78,11 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
         fingerprint=command.fingerprint,
         lines=[(sku, quantity, allocations[sku]) for sku, quantity in wanted.items()],
         expires_at=expires_at,
-        at=command.at,
+        at=at,
         cause=command.cause,
     )
     for sku, allocated in allocations.items():
-        stock[sku].hold(str(reservation_id), allocated, expires_at, command.at, command.cause)
+        stock[sku].hold(str(reservation_id), allocated, expires_at, at, command.cause)
     uow.add(reservation)
     return Reserved(reservation, replayed=False)
 
@@ -98,19 +100,33 @@ def _stock(uow: UnitOfWork, sku: str) -> StockItem:
     return item
 
 
+def _held_stock(
+    uow: UnitOfWork, reservation: Reservation, open_only: bool
+) -> dict[str, tuple[StockItem, list[Allocation]]]:
+    """The reservation's stock items, by SKU, with what it holds (or has open) of each."""
+    return {
+        sku: (_stock(uow, sku), allocated)
+        for sku, allocated in reservation.allocations_by_sku(open_only=open_only).items()
+    }
+
+
 @handles(Confirm)
 def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
     terms = uow.supplier_terms(reservation.supplier_ids)
     net = [s for s, supplier in terms.items() if supplier.reports_net_of_our_orders]
-    if reservation.confirm(command.at, command.cause, net):
-        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
-            _stock(uow, sku).confirm_hold(
+    held = _held_stock(uow, reservation, open_only=False)
+    # Decided no earlier than the stock was last written: a hold that had expired when
+    # another process granted its units to a new order stays expired here.
+    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    if reservation.confirm(at, command.cause, net):
+        for item, allocated in held.values():
+            item.confirm_hold(
                 str(reservation.id),
                 allocated,
                 reservation.expires_at,
                 reservation.net_of_our_orders,
-                command.at,
+                at,
                 command.cause,
             )
     return reservation
@@ -119,11 +135,13 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
 @handles(Release)
 def release(uow: UnitOfWork, command: Release) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
-    released_from = reservation.release(command.at, command.cause, command.note)
+    held = _held_stock(uow, reservation, open_only=False)
+    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    released_from = reservation.release(at, command.cause, command.note)
     if released_from == ReservationStatus.HELD:
-        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
-            _stock(uow, sku).release_hold(
-                str(reservation.id), allocated, reservation.expires_at, command.at, command.cause
+        for item, allocated in held.values():
+            item.release_hold(
+                str(reservation.id), allocated, reservation.expires_at, at, command.cause
             )
     elif released_from in OPEN_COMMITMENTS:
         assert reservation.confirmed_at is not None
@@ -133,7 +151,7 @@ def release(uow: UnitOfWork, command: Release) -> Reservation:
                 allocated,
                 reservation.confirmed_at,
                 reservation.net_of_our_orders,
-                command.at,
+                at,
                 command.cause,
             )
     return reservation
@@ -149,13 +167,15 @@ def _by_sku(movements: list[Movement]) -> dict[str, list[Allocation]]:
 @handles(Fulfil)
 def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
-    shipped = reservation.fulfil(command.lines, command.at, command.cause, command.request_key)
+    held = _held_stock(uow, reservation, open_only=False)
+    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
     for sku, allocated in _by_sku(shipped).items():
         _stock(uow, sku).ship(
             str(reservation.id),
             allocated,
             reservation.net_of_our_orders,
-            command.at,
+            at,
             command.cause,
         )
     return reservation
@@ -164,21 +184,29 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
 @handles(Return)
 def return_units(uow: UnitOfWork, command: Return) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
+    held = _held_stock(uow, reservation, open_only=False)
+    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
     returned = reservation.return_units(
-        command.lines, command.restock, command.at, command.cause, command.request_key
+        command.lines, command.restock, at, command.cause, command.request_key
     )
     if command.restock:
         for sku, allocated in _by_sku(returned).items():
-            _stock(uow, sku).restock(str(reservation.id), allocated, command.at, command.cause)
+            _stock(uow, sku).restock(str(reservation.id), allocated, at, command.cause)
     return reservation
 
 
 @handles(ExpireHolds)
 def expire_holds(uow: UnitOfWork, command: ExpireHolds) -> list[UUID]:
-    """Writes `Expired` for holds past their time; the stock stopped counting them already."""
+    """Writes `Expired` for holds past their time, and on each SKU the holds that ran out
+    (one event a SKU); the stock stopped counting them already."""
     expired = []
+    by_sku: dict[str, list[tuple[str, datetime, list[Allocation]]]] = defaultdict(list)
     for reservation_id in command.reservation_ids:
         reservation = uow.get(Reservation, reservation_id)
         if reservation is not None and reservation.expire(command.at, command.cause):
             expired.append(reservation_id)
+            for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+                by_sku[sku].append((str(reservation_id), reservation.expires_at, allocated))
+    for sku, holds in sorted(by_sku.items()):
+        _stock(uow, sku).expire_holds(holds, command.at, command.cause)
     return expired
