@@ -238,3 +238,49 @@ def test_the_event_loop_keeps_answering_while_the_database_stalls(
     assert reserved.status_code == 201, reserved.text
     assert levels["sku"] == unread
     assert levels["available"] == 5
+
+
+def test_health_probes_answer_at_once_while_reads_wait_for_a_lagging_view(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Sixty reads wait for a write the stock view has not reached (it is locked), more
+    than the server's threads: `/healthz` and `/readyz` still answer at once (they used to
+    wait ~5 s behind them, failing an orchestrator's probes)."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(database_url, tmp_path, workers=1)
+        try:
+            sku = stocked_sku(server, 10)
+            with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(64) as pool:
+                blocker.execute("LOCK TABLE view_availability IN ACCESS EXCLUSIVE MODE")
+                written = reserve(server, {sku: 1}, uuid.uuid4().hex)()
+                assert written.status_code == 201, written.text
+                position = written.headers["X-Ledger-Position"]
+                url = f"{server.base_url}/v1/availability/{sku}"
+                headers = {"Authorization": "Bearer test-shop"}
+                waiting = [
+                    pool.submit(
+                        httpx.get,
+                        url,
+                        params={"min_position": position},
+                        headers=headers,
+                        timeout=30,
+                    )
+                    for _ in range(60)
+                ]
+                # The reads wait on the loop for the in-process copy (2 s), then on threads.
+                time.sleep(2.5)
+                still_waiting = sum(not read.done() for read in waiting)
+                probes = []
+                for path in ("/healthz", "/readyz") * 3:
+                    began = time.monotonic()
+                    answer = httpx.get(f"{server.base_url}{path}", timeout=10)
+                    probes.append((path, answer.status_code, time.monotonic() - began))
+                    time.sleep(0.2)
+                blocker.rollback()
+                answers = [read.result(30).status_code for read in waiting]
+        finally:
+            stop_server(server)
+    assert still_waiting == 60  # the probes came while the reads held the threads
+    assert all(status == 200 for _, status, _ in probes), probes
+    assert max(seconds for _, _, seconds in probes) < 0.5, probes
+    assert set(answers) <= {200, 503}
