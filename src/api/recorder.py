@@ -204,6 +204,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
             _rendered(statement) for statement in self.lock_table_statements
         ]
         self.notify_statement = _rendered(SQL("NOTIFY {0}").format(Identifier(self.channel_name)))
+        self.break_stuck_lock_statement: bytes = _rendered(
+            SQL(
+                "SELECT a.pid, a.state, a.application_name, a.client_addr,"
+                " extract(epoch FROM now() - a.xact_start) AS held_seconds,"
+                " pg_terminate_backend(a.pid) AS ended"
+                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'ExclusiveLock'"
+                " AND l.relation = to_regclass({table}) AND a.pid <> pg_backend_pid()"
+                " AND a.xact_start < now() - make_interval(secs => %s)"
+            ).format(table=Literal(f"{self.datastore.schema or 'public'}.{self.events_table_name}"))
+        )
         # (The library types it as its SQL; psycopg takes either.)
         self.insert_events_statement = _rendered(self.insert_events_statement)  # type: ignore[assignment]
 
@@ -261,8 +272,13 @@ class LedgerRecorder(PostgresApplicationRecorder):
         touches: Sequence[LevelTouch] = kwargs.pop("touches", None) or ()
         locked: Exclusive | None = kwargs.get("locked")
         if locked is None:
-            with self.datastore.get_connection() as conn:
-                return self._save(conn, stored_events, levels, touches, **kwargs)
+            try:
+                with self.datastore.get_connection() as conn:
+                    return self._save(conn, stored_events, levels, touches, **kwargs)
+            except Exception as error:
+                if _lock_timed_out(error):
+                    self.break_stuck_lock()
+                raise
         # In a transaction of its own already: the save is a savepoint in it.
         failure: Exception | None = None
         notification_ids: Sequence[int] | None = None
@@ -353,6 +369,33 @@ class LedgerRecorder(PostgresApplicationRecorder):
             return notification_ids
 
         return read
+
+    def break_stuck_lock(self) -> list[int]:
+        """Ends the sessions that have held the event table's lock (the one every save
+        takes, EXCLUSIVE) for STUCK_LOCK_SECONDS; returns their process ids.
+
+        A save holds it for milliseconds (a delivery's part, a second or two). A session
+        that holds it far longer is a process that stopped mid-save (frozen: stopped,
+        swapped out, its VM paused) with its connection open: PostgreSQL sees it as busy
+        (not idle in a transaction, which it would end by itself), and every save of
+        every process times out behind it, for as long as it stays so. Ending its
+        session rolls its save back (its process, if it ever runs again, finds its
+        connection gone and decides again on what the store holds). Saves that time out
+        on the lock call this; migrations (their DDL takes another mode) are left be."""
+        with self.datastore.get_connection() as conn:
+            rows = conn.execute(self.break_stuck_lock_statement, (STUCK_LOCK_SECONDS,)).fetchall()
+        ended = [int(row["pid"]) for row in rows if row["ended"]]
+        for row in rows:
+            log.error(
+                "recorder.stuck_lock_ended",
+                pid=row["pid"],
+                state=row["state"],
+                held_seconds=round(float(row["held_seconds"]), 1),
+                application=row["application_name"],
+                client=str(row["client_addr"]) if row["client_addr"] else None,
+                ended=row["ended"],
+            )
+        return ended
 
     @contextmanager
     def exclusively(self) -> Iterator[Exclusive | None]:
@@ -506,6 +549,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 )
                 for originator_id, version, topic, state, _kind in curs.fetchall()
             ]
+
+
+# How long a session may hold the event table's lock before a save that waited for it
+# ends the session (`LedgerRecorder.break_stuck_lock`): far beyond any save's.
+STUCK_LOCK_SECONDS = 30.0
+
+
+def _lock_timed_out(error: BaseException) -> bool:
+    """Whether a save failed waiting for a lock (the library wraps psycopg's errors)."""
+    return isinstance(error, LockNotAvailable) or isinstance(error.__cause__, LockNotAvailable)
 
 
 @dataclass

@@ -40,3 +40,19 @@ def test_an_unexpected_error_is_logged_with_its_traceback_off_the_event_loop(
     assert event == "http.unexpected_error"
     assert fields == {"path": "/v1/x", "exc_info": error}
     assert logged_on is not loop_thread[0]
+
+
+def test_a_write_that_timed_out_on_the_event_log_s_lock_says_so() -> None:
+    """Not "cannot reach its database": the database answered, a lock was not had."""
+    from eventsourcing.persistence import OperationalError
+    from psycopg.errors import LockNotAvailable
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/x", "headers": []})
+    waited = OperationalError("canceling statement due to lock timeout")
+    waited.__cause__ = LockNotAvailable("canceling statement due to lock timeout")
+    lost = OperationalError("connection refused")
+    answers = [asyncio.run(errors.on_unavailable(request, e)) for e in (waited, lost)]
+    details = [answer.body.decode() for answer in answers]
+    assert [answer.status_code for answer in answers] == [503, 503]
+    assert "waited too long for the event log's lock" in details[0]
+    assert "cannot reach its database" in details[1]
