@@ -132,5 +132,7 @@ AdminKey = Annotated[ApiKey, Depends(require("admin"))]
 OmsKey = Annotated[ApiKey, Depends(require("oms"))]
 SupplierKey = Annotated[ApiKey, Depends(require("supplier"))]
 AuditorKey = Annotated[ApiKey, Depends(require("auditor"))]
+# The OMS, or an auditor following a reservation named in a SKU's history (reads only).
+ReservationReaderKey = Annotated[ApiKey, Depends(require("oms", "auditor"))]
 # A supplier (its own deliveries), an auditor or an admin.
 FeedReaderKey = Annotated[ApiKey, Depends(require("supplier", "auditor"))]

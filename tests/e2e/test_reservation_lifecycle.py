@@ -949,3 +949,21 @@ def test_a_single_worker_server_counts_its_commands_for_metrics(
         ok(reserve(oms, (sku, 1)), 201)
         after = scrape(ledger_without_sweeper)
     assert after[placed] - before == 2
+
+
+def test_an_auditor_reads_reservations_but_a_storefront_does_not(
+    ledger: Server, admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
+) -> None:
+    """An auditor follows a reservation named in a SKU's history (it used to get 403)."""
+    supplier_id = new_supplier(admin)
+    sku = stocked_sku(admin, {supplier_id: 5})
+    order_id = f"audited-{uuid.uuid4().hex[:8]}"
+    reservation_id = ok(reserve(oms, (sku, 2), order_id=order_id), 201)["reservation_id"]
+    with ledger.client("test-audit") as auditor:
+        one = ok(auditor.get(f"/v1/reservations/{reservation_id}"))
+        listed = ok(auditor.get("/v1/reservations", params={"order_id": order_id}))
+        written = auditor.post(f"/v1/reservations/{reservation_id}/release")
+    assert (one["reservation_id"], one["status"]) == (reservation_id, "held")
+    assert [r["reservation_id"] for r in listed["items"]] == [reservation_id]
+    assert written.status_code == 403  # reads only
+    assert shop.get(f"/v1/reservations/{reservation_id}").status_code == 403

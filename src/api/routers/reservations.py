@@ -17,6 +17,7 @@ from api.deps import (
     OmsWrite,
     OmsWriteDep,
     RequestId,
+    ReservationReaderKey,
     RuntimeDep,
     cause_for,
     json_answer,
@@ -153,7 +154,7 @@ async def reserve(
 @router.get("", response_model=ReservationListOut)
 def for_order(
     order_id: Annotated[str, Query(min_length=1, max_length=200, pattern=PRINTABLE)],
-    _: OmsKey,
+    _: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
     wanted: MinPosition,
@@ -171,7 +172,7 @@ def for_order(
 @router.get("/{reservation_id}", response_model=ReservationOut)
 def get(
     reservation_id: str,
-    _: OmsKey,
+    _: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
     wanted: MinPosition,
