@@ -21,6 +21,7 @@ from ledger.errors import (
     ContentionTooHigh,
     LedgerError,
     NotFound,
+    NotYetRecorded,
     UnknownSku,
     Unstorable,
 )
@@ -58,7 +59,7 @@ def error_response(
 
 
 def status_of(error: LedgerError) -> int:
-    if isinstance(error, UnknownSku | Unstorable):
+    if isinstance(error, UnknownSku | Unstorable | NotYetRecorded):
         # A SKU named in a request body that the ledger does not know; a value in it that
         # the event store cannot keep.
         return 422

@@ -82,6 +82,13 @@ class Unstorable(LedgerError):
     code = "unstorable_value"
 
 
+class NotYetRecorded(LedgerError):
+    """A time or log position the ledger has not reached yet: what held there is unknown
+    (an audit of a SKU then, say)."""
+
+    code = "not_yet_recorded"
+
+
 class ContentionTooHigh(LedgerError):
     """The command kept losing optimistic-concurrency races and gave up."""
 

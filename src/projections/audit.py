@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
 from ledger.application import InventoryLedger
-from ledger.errors import UnknownSku
+from ledger.errors import NotYetRecorded, UnknownSku
 from ledger.stock import StockItem, StockLevels
 from ledger.supplier import Supplier, SupplierTerms
 from projections.store import ViewStore
@@ -68,6 +68,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     return value
 
+
+# A time asked for may run ahead of this host's clock by this much (another host's).
+FUTURE_SLACK = timedelta(seconds=1)
 
 SELECT_EVENTS = (
     "SELECT notification_id, originator_id, originator_version, topic, state"
@@ -161,6 +164,14 @@ class Audit:
         """
         if (at is None) == (position is None):
             raise ValueError("give exactly one of at and position")
+        if position is not None:
+            last = self.last_position()
+            if position > last:
+                raise NotYetRecorded(
+                    f"the log ends at position {last}", position=position, log_position=last
+                )
+        elif at is not None and at > datetime.now(UTC) + FUTURE_SLACK:
+            raise NotYetRecorded("that time has not come yet", at=at.isoformat())
         item_id = StockItem.id_for(sku)
         if position is not None:
             at = self._time_of_position(position)

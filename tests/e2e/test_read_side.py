@@ -318,8 +318,14 @@ def test_the_stock_of_a_sku_at_a_time_and_at_a_position(ledger: Server) -> None:
         now = audit.get(f"/v1/skus/{sku}/stock", params={"position": later["position"]}).json()
         both = audit.get(f"/v1/skus/{sku}/stock", params={"at": between, "position": 1})
         naive = audit.get(f"/v1/skus/{sku}/stock", params={"at": "2026-01-01T00:00:00"})
+        # Where the log has not been yet: refused, not answered with the latest state.
+        ahead = audit.get(f"/v1/skus/{sku}/stock", params={"position": 10**12})
+        future = audit.get(f"/v1/skus/{sku}/stock", params={"at": "2099-01-01T00:00:00Z"})
 
     assert (then["on_hand"], then["available"], then["version"]) == (10, 10, 2)
+    assert (ahead.status_code, ahead.json()["error"]) == (422, "not_yet_recorded")
+    assert ahead.json()["detail"]["log_position"] >= later["position"]
+    assert (future.status_code, future.json()["error"]) == (422, "not_yet_recorded")
     assert (now["on_hand"], now["available"], now["version"]) == (4, 4, 3)
     assert now["suppliers"][0]["supplier_id"] == source
     assert both.status_code == 422
