@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import structlog
@@ -74,11 +74,37 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# A session holding leases says so at least this often (`LeaseSession`'s heartbeat), and
+# one silent for SILENT_SECONDS is taken for a holder that stopped: a standby ends it.
+HEARTBEAT_SECONDS = 5.0
+SILENT_SECONDS = 30.0
+# How often a standby looks at the holder of a lease it could not take.
+LOOK_EVERY_SECONDS = 5.0
+
+_SILENT_HOLDER = (
+    "SELECT a.pid, extract(epoch FROM now() - a.state_change) AS silent_seconds,"
+    " a.application_name, a.client_addr"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.database ="
+    " (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = %s::oid AND l.objid = %s::oid AND l.objsubid = 1"
+    " AND a.state = 'idle' AND a.state_change < now() - make_interval(secs => %s)"
+)
+
+
 class LeaseSession:
     """Named leases held on one database session; they are all lost together if it dies.
 
     Advisory locks are re-entrant within a session, so the session itself remembers which
     holder (a runner, a rebuild) has each lease: within a process, too, one holder each.
+
+    A holder that dies ends its session, and a standby's next try takes the lease; one
+    whose host vanishes, once keepalives end the session (see above). One that stops
+    without dying (frozen: stopped, swapped out, its VM paused) keeps its session, and its
+    leases, for as long as it stays so: so while it holds any lease, a session says it is
+    alive every HEARTBEAT_SECONDS (a thread of its own, whatever its holders are busy
+    with), and a standby that cannot take a lease ends the session holding it once that
+    session has been silent for SILENT_SECONDS; its next try takes the lease.
     """
 
     def __init__(self, database_url: str, check_every: float = 1.0) -> None:
@@ -89,6 +115,8 @@ class LeaseSession:
         self._checked = 0.0
         self._reachable = True
         self._lock = threading.Lock()
+        self._looked: dict[str, float] = {}  # when this standby last looked at a holder
+        self._heartbeat: threading.Event | None = None  # set to stop the heartbeat
 
     def hold(self, name: str, holder: object) -> bool:
         """True when `holder` holds the lease, taking it if it is free."""
@@ -104,8 +132,52 @@ class LeaseSession:
             if row is not None and row[0]:
                 self._held[name] = holder
                 log.info("lease.acquired", lease=name)
+                self._beat()
                 return True
+            self._end_silent_holder(name)
             return False
+
+    def _end_silent_holder(self, name: str) -> None:
+        """Ends the session that holds this lease if it has been silent too long (see
+        the class's docstring); at most once every LOOK_EVERY_SECONDS a lease."""
+        now = time.monotonic()
+        if now - self._looked.get(name, -LOOK_EVERY_SECONDS) < LOOK_EVERY_SECONDS:
+            return
+        self._looked[name] = now
+        assert self._conn is not None
+        key = lock_key(name) & 0xFFFF_FFFF_FFFF_FFFF
+        rows = self._conn.execute(
+            _SILENT_HOLDER, (key >> 32, key & 0xFFFF_FFFF, SILENT_SECONDS)
+        ).fetchall()
+        for pid, silent, application, client in rows:
+            self._conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            log.error(
+                "lease.silent_holder_ended",
+                lease=name,
+                pid=pid,
+                silent_seconds=round(float(cast(Any, silent)), 1),
+                application=application,
+                client=str(client) if client else None,
+            )
+
+    def _beat(self) -> None:
+        """Starts the heartbeat, once a lease is held (under `_lock`)."""
+        if self._heartbeat is None:
+            self._heartbeat = threading.Event()
+            threading.Thread(
+                target=self._beating, args=(self._heartbeat,), name="lease-heartbeat", daemon=True
+            ).start()
+
+    def _beating(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with self._lock:
+                if not self._held or self._conn is None:
+                    continue
+                try:
+                    self._conn.execute("SELECT 1")
+                except psycopg.Error:
+                    log.warning("lease.session_lost", leases=sorted(self._held))
+                    self._drop()
 
     def holds(self, name: str, holder: object) -> bool:
         """True when `holder` holds the lease as far as this session knows (no round trip)."""
@@ -123,6 +195,9 @@ class LeaseSession:
 
     def close(self) -> None:
         with self._lock:
+            if self._heartbeat is not None:
+                self._heartbeat.set()
+                self._heartbeat = None
             self._drop()
 
     def _alive(self) -> bool:

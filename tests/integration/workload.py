@@ -104,6 +104,7 @@ def mixed_workload(writer: LedgerWriter, skus: int = 12) -> list[str]:
             continue
         reservations.append(outcome.value.reservation.id)
     short = writer.execute(reserve([(names[0], 1)], ttl=1)).value.reservation
+    writer.execute(reserve([(names[1], 1)], ttl=3600))  # still held when the views are read
     for index, rid in enumerate(reservations):
         at = datetime.now(UTC)
         if index % 4 == 0:
