@@ -212,6 +212,9 @@ def _entries(conn: Connection, skus: list[str]) -> dict[str, StockEntry]:
     return entries_from([row for row in rows if row["sku"] is not None])
 
 
+LOG_END_SQL = "SELECT max(notification_id) AS position FROM inventoryledger_events"
+
+
 def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -> Changed:
     """Where a new stream starts: what moved since `after` among its SKUs, or, without
     `after`, the current entries of its SKUs (none when it follows all)."""
@@ -231,7 +234,13 @@ def catch_up(store: ViewStore, skus: frozenset[str] | None, after: int | None) -
             return Changed(0, 0, {})  # no live view yet: everything it will hold is new
         position = int(rows[0]["position"])
         if after > position:
-            # A start beyond the view: an id from another database, or from a view since
+            end = conn.execute(LOG_END_SQL).fetchone()
+            if end is not None and after <= int(end["position"] or 0):
+                # Only the view behind the log (a write's own position, say, read back
+                # at once): nothing moved since `after` that the view has; follow on
+                # from its position (a SKU may come again).
+                return Changed(position, position, {})
+            # A start beyond the log: an id from another database, or from a view since
             # rebuilt. What the client shows is not this view's: it reads afresh (it
             # followed from here, shown nothing, before 2026-12-06).
             return Changed(position, position, None, "ahead_of_the_view")

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 
 from api import stream
@@ -203,6 +204,26 @@ def test_a_new_stream_starts_from_its_skus_now_or_from_what_moved_after_a_positi
     assert f'"position": {position}, "reason": "ahead_of_the_view"' in reset
     monkeypatch.setattr(stream, "MAX_ENTRIES", 1)
     assert catch_up(runtime.store, None, 0) == Changed(0, position, None)
+
+
+def test_a_stream_started_at_a_position_the_view_has_not_reached_yet_follows_on(
+    runtime: Runtime,
+) -> None:
+    """A client that starts at its own write's position, before the view has it: the view
+    is only behind the log, so the stream follows on from the view's position (it used
+    to say `reset`, `ahead_of_the_view`, as for an id from another database)."""
+    sku = random_sku()
+    stock_sku(runtime.writer, sku, 5)
+    position = settled(runtime)
+    with psycopg.connect(runtime.database_url) as holding:
+        # The projections cannot record a page while their positions are locked.
+        holding.execute("SELECT * FROM ledger_projection_generations FOR UPDATE")
+        written = runtime.writer.execute(reserve([(sku, 1)])).position
+        assert written is not None
+        assert written > position
+        started = catch_up(runtime.store, frozenset({sku}), written)
+        holding.rollback()
+    assert started == Changed(position, position, {})
 
 
 def test_a_stream_that_reads_slower_than_the_view_changes_is_ended_not_kept_growing(
