@@ -209,11 +209,18 @@ class SupplierLevel:
     committed: int
     lead_time_days: int
     incoming: IncomingStock = ()
+    priority: int = 100
 
     @property
     def capacity(self) -> int:
         """What may still be promised against this supplier."""
         return max(0, self.sellable - self.held - self.committed)
+
+    @property
+    def preference(self) -> tuple[int, int, float, str]:
+        """Allocation's order (lower first): priority, lead time, then the freshest report."""
+        freshness = -self.observed_at.timestamp() if self.observed_at else 0.0
+        return (self.priority, self.lead_time_days, freshness, self.supplier_id)
 
 
 @dataclass(frozen=True)
@@ -235,9 +242,17 @@ class StockLevels:
 
     @property
     def eta_days(self) -> int | None:
-        """The shortest lead time among suppliers that can still take orders."""
-        lead_times = [level.lead_time_days for level in self.suppliers if level.capacity > 0]
-        return min(lead_times) if lead_times else None
+        """The lead time of the supplier an order would be allocated to first (as
+        `StockItem.allocate` prefers among those that can still take one); None when
+        nothing is available (safety stock counted). It used to be the shortest lead
+        time of any supplier with capacity, whichever allocation would use, and to be
+        given for a SKU that safety stock had put out of stock."""
+        if self.available <= 0:
+            return None
+        open_to_orders = [level for level in self.suppliers if level.capacity > 0]
+        if not open_to_orders:
+            return None
+        return min(open_to_orders, key=lambda level: level.preference).lead_time_days
 
     def status(self, limited_at: int) -> str:
         if self.available <= 0:
@@ -292,6 +307,7 @@ def supplier_level(
         held=position.live_held(second_floor(at)),
         committed=position.committed,
         lead_time_days=terms.lead_time_days,
+        priority=terms.priority,
         incoming=position.incoming,
     )
 
@@ -779,14 +795,9 @@ class StockItem(LedgerAggregate):
         if quantity > levels.available:
             return None, levels.available
 
-        def preference(level: SupplierLevel) -> tuple[int, int, float, str]:
-            supplier = _terms_for(terms, level.supplier_id)
-            freshness = -level.observed_at.timestamp() if level.observed_at else 0.0
-            return (supplier.priority, supplier.lead_time_days, freshness, level.supplier_id)
-
         allocations: list[Allocation] = []
         remaining = quantity
-        for level in sorted(levels.suppliers, key=preference):
+        for level in sorted(levels.suppliers, key=lambda level: level.preference):
             take = min(remaining, level.capacity)
             if take > 0:
                 allocations.append(Allocation(level.supplier_id, take))

@@ -780,3 +780,25 @@ def test_a_report_that_says_nothing_of_incoming_stock_leaves_the_schedule_standi
     assert history[-1].incoming is None  # the event records that it said nothing
     kept = replayed(history).positions["acme"]
     assert (kept.quantity, kept.incoming) == (8, (("2026-02-01", 500),))
+
+
+def test_eta_days_is_the_lead_time_of_the_supplier_an_order_would_go_to() -> None:
+    """Found by the storefront's walkthrough: it was the shortest lead time of any
+    supplier with stock (here 1 day), while orders go to the preferred one (2 days); and
+    it stayed set for a SKU that safety stock had put out of stock."""
+    first = supplier("first", priority=1, lead_time_days=2)
+    fast = supplier("fast", priority=3, lead_time_days=1)
+    item = new_item()
+    observe(item, first, 20, at(1))
+    observe(item, fast, 20, at(2))
+    terms = terms_of(first, fast)
+    levels = item.levels(at(3), terms)
+    allocated, _ = item.allocate(1, at(3), terms)
+    assert allocated == allocations(first=1)
+    assert levels.eta_days == 2
+
+    guarded = new_item(safety_stock=100)
+    observe(guarded, first, 20, at(1))
+    out = guarded.levels(at(3), terms)
+    assert out.available == 0
+    assert out.eta_days is None
