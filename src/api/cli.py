@@ -16,8 +16,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, cast
 
+import psycopg
 import typer
 import uvicorn
+from eventsourcing.persistence import OperationalError as StoreUnavailable
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -518,3 +520,13 @@ def main() -> None:
     except NotMigrated as refused:
         Console(stderr=True).print(f"[red]{refused}[/red]", highlight=False)
         raise SystemExit(2) from None
+    except (psycopg.OperationalError, StoreUnavailable) as lost:
+        # The database away, refusing connections or too busy to give one: an outage to
+        # say in one line, not a bug to trace (an operator's walkthrough got 222 lines).
+        reason = str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__
+        Console(stderr=True).print(
+            f"[red]error: the database cannot be reached: {reason}[/red]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(1) from None

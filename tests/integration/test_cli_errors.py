@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -134,3 +135,18 @@ def test_a_position_out_of_range_or_an_output_that_cannot_be_written_is_a_usage_
     # Refused before the ledger was opened, or a file written.
     assert "ledger.started" not in ran.stderr
     assert not (tmp_path / "events.ndjson").exists()
+
+
+def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -> None:
+    """An outage, not a bug: one line, no traceback (an operator's walkthrough got a
+    222-line one from `projections status`)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nobody listens there once it is closed
+    nowhere = f"postgresql://postgres@127.0.0.1:{port}/ledger"
+    for args in (("projections", "status"), ("audit", "stock", "SKU-1", "--position", "1")):
+        ran = ledger_command(nowhere, *args)
+        assert ran.returncode == 1, ran.stderr
+        [said] = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+        assert said.startswith("error: the database cannot be reached: "), ran.stderr
+        assert "Traceback" not in ran.stderr
