@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -273,24 +274,36 @@ def projections_rebuild(
 @audit_cli.command("export")
 def audit_export(
     after: Annotated[int, typer.Option(min=0, help="start after this log position")] = 0,
-    output: Annotated[Path, typer.Option(help="NDJSON file to write")] = Path("events.ndjson"),
+    output: Annotated[
+        Path, typer.Option(help="NDJSON file to write (replaced if it exists); - for stdout")
+    ] = Path("events.ndjson"),
 ) -> None:
-    """Streams the global log from a position to an NDJSON file."""
+    """Streams the global log from a position to an NDJSON file (or stdout)."""
+    to_stdout = str(output) == "-"
     # Opened first: a file that cannot be written is refused before the ledger is opened.
     try:
-        out = output.open("w")
+        out = sys.stdout if to_stdout else output.open("w")
     except OSError as error:
         raise typer.BadParameter(f"{output}: {error.strerror}", param_hint="'--output'") from None
-    with out, _ledger() as runtime:
+    with _ledger() as runtime:
         last = runtime.audit.last_position()
         written = 0
-        with Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn()) as progress:
-            task = progress.add_task("export", total=max(0, last - after))
-            for event in runtime.audit.events(after):
-                out.write(json.dumps(event.as_json(), separators=(",", ":")) + "\n")
-                written += 1
-                progress.update(task, completed=event.position - after)
-        typer.echo(f"{written} events written to {output}")
+        try:
+            with Progress(
+                TextColumn("export"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=Console(stderr=True),
+            ) as progress:
+                task = progress.add_task("export", total=max(0, last - after))
+                for event in runtime.audit.events(after):
+                    out.write(json.dumps(event.as_json(), separators=(",", ":")) + "\n")
+                    written += 1
+                    progress.update(task, completed=event.position - after)
+        finally:
+            if not to_stdout:
+                out.close()
+        typer.echo(f"{written} events written to {output}", err=to_stdout)
 
 
 @audit_cli.command("stock")

@@ -370,7 +370,10 @@ def test_the_cli_shows_status_rebuilds_and_exports(
         exported = ledger_command(
             database_url, "audit", "export", "--output", str(tmp_path / "log.ndjson")
         )
-        stock = ledger_command(database_url, "audit", "stock", sku, "--position", "100000")
+        piped = ledger_command(database_url, "audit", "export", "--output", "-")
+        last = max(json.loads(line)["position"] for line in piped.stdout.splitlines())
+        stock = ledger_command(database_url, "audit", "stock", sku, "--position", str(last))
+        ahead = ledger_command(database_url, "audit", "stock", sku, "--position", "100000")
         with server.client("test-shop") as shop:
             after = shop.get(f"/v1/availability/{sku}")
 
@@ -384,7 +387,13 @@ def test_the_cli_shows_status_rebuilds_and_exports(
     assert after.json()["on_hand"] == 7  # the rebuilt view serves
     lines = (tmp_path / "log.ndjson").read_text().splitlines()
     assert len(lines) == len({json.loads(line)["position"] for line in lines}) >= 4
+    # `-` is stdout: the same lines, the count said on stderr.
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines() == lines
+    assert "events written to -" in piped.stderr
     assert json.loads(stock.stdout)["on_hand"] == 7
+    assert ahead.returncode == 1  # not recorded yet
+    assert "error: the log ends at position" in ahead.stderr
 
 
 # Availability streams (server-sent events) ------------------------------------------------
