@@ -74,10 +74,12 @@ def test_a_command_runs_neither_the_connectors_nor_the_projections_whatever_the_
     at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     feed.write_text(f"sku,quantity,observed_at\nA-1,14,{at}\n")
 
+    ingested = ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", SUPPLIER)
+    last = str(ledger.app.recorder.max_notification_id())
     ran = [
-        ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", SUPPLIER),
+        ingested,
         ledger_command(ledger.database_url, "projections", "status"),
-        ledger_command(ledger.database_url, "audit", "stock", sku, "--position", "100000"),
+        ledger_command(ledger.database_url, "audit", "stock", sku, "--position", last),
         ledger_command(
             ledger.database_url, "audit", "export", "--output", str(tmp_path / "log.ndjson")
         ),
@@ -96,11 +98,12 @@ def test_a_command_runs_neither_the_connectors_nor_the_projections_whatever_the_
 def test_an_unknown_sku_or_supplier_is_said_in_one_line_with_status_1(
     ledger: Runtime, tmp_path: Path
 ) -> None:
-    mapped_sku(ledger)  # the log has events, so position 5 is a moment of its past
+    mapped_sku(ledger)  # the log has events, so its last position is a moment of its past
+    last = str(ledger.app.recorder.max_notification_id())
     feed = tmp_path / "stock.csv"
     feed.write_text("sku,quantity,observed_at\n")
 
-    sku = ledger_command(ledger.database_url, "audit", "stock", "NOPE", "--position", "5")
+    sku = ledger_command(ledger.database_url, "audit", "stock", "NOPE", "--position", last)
     supplier = ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", "ghost")
 
     assert sku.returncode == 1
