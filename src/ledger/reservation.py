@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -98,6 +99,7 @@ def _movements(
         sku: (line.open_by_supplier() if budget_of == "open" else line.returnable_by_supplier())
         for sku, line in lines.items()
     }
+    asked: dict[str, int] = defaultdict(int)  # what the request's earlier lines took, by SKU
     movements: list[Movement] = []
     for sku, quantity, supplier_id in requested:
         budget = budgets.get(sku)
@@ -109,10 +111,11 @@ def _movements(
             else:
                 left = sum(budget.values()) if supplier_id is None else budget.get(supplier_id, 0)
                 from_whom = "" if supplier_id is None else f" from {supplier_id!r}"
-                said = (
-                    f"{quantity} of {sku} is more than the {left} the reservation has"
-                    f" {budget_of}{from_whom}"
-                )
+                has = "has open" if budget_of == "open" else "has shipped and not had back"
+                said = f"{quantity} of {sku} is more than the {left} the reservation {has}"
+                said += from_whom
+                if asked[sku]:
+                    said += f", after the {asked[sku]} of it in this request's earlier lines"
             raise ExceedsOpenQuantity(
                 said,
                 sku=sku,
@@ -120,6 +123,7 @@ def _movements(
                 remaining=left,
                 **({"supplier_id": supplier_id} if supplier_id is not None else {}),
             )
+        asked[sku] += quantity
         for supplier, take in taken.items():
             assert budget is not None
             budget[supplier] -= take

@@ -939,3 +939,34 @@ def test_a_copy_of_a_reservation_reads_the_same_and_shares_nothing_that_changes(
         assert line.allocations is not original.allocations
         assert line.fulfilled is not original.fulfilled
         assert line.returned is not original.returned
+
+
+def test_a_refused_split_shipment_or_return_says_what_the_earlier_lines_took(
+    ledger: Ledger, acme: str
+) -> None:
+    """Found by the OMS walkthrough: lines 2 and 2 of a SKU with 3 open were refused as
+    "more than the 1 the reservation has open", and a return as "more than the 1 the
+    reservation has shipped" after 3 shipped: the numbers left, not what they are."""
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 3)], at(10))
+
+    def fulfil(*quantities: int) -> Fulfil:
+        lines = [(shirt, quantity, None) for quantity in quantities]
+        return Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=lines)
+
+    with pytest.raises(ExceedsOpenQuantity) as split:
+        ledger.run(fulfil(2, 2))
+    assert split.value.message == (
+        f"2 of {shirt} is more than the 1 the reservation has open,"
+        " after the 2 of it in this request's earlier lines"
+    )
+    ledger.run(fulfil(3))
+    returned = Return(
+        at=at(30), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 4)], restock=True
+    )
+    with pytest.raises(ExceedsOpenQuantity) as over:
+        ledger.run(returned)
+    assert over.value.message == (
+        f"4 of {shirt} is more than the 3 the reservation has shipped and not had back"
+    )
