@@ -300,6 +300,19 @@ def test_the_audit_log_is_declared_as_the_ndjson_it_answers(
     assert set(ok["content"]) == {answer.headers["content-type"]} == {"application/x-ndjson"}
 
 
+def test_the_availability_stream_is_declared_as_the_event_stream_it_answers(
+    ledger: Server, document: dict[str, Any]
+) -> None:
+    with (
+        ledger.client("test-shop") as shop,
+        shop.stream("GET", "/v1/stream/availability", params={"sku": SKU}) as answer,
+    ):
+        media_type = answer.headers["content-type"].partition(";")[0]
+    assert answer.status_code == 200
+    ok = declared(document, "get", "/v1/stream/availability", 200)
+    assert set(ok["content"]) == {media_type} == {"text/event-stream"}
+
+
 def test_the_upload_and_the_webhook_declare_the_raw_body_they_read(
     ledger: Server, document: dict[str, Any]
 ) -> None:

@@ -24,14 +24,24 @@ MAX_SKU = 128  # as api.schemas.Sku
 POSITION = re.compile(r"[0-9]{1,18}")
 
 
-@router.get("/availability", response_class=StreamingResponse)
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events (so OpenAPI declares the stream as what it is)."""
+
+    media_type = "text/event-stream"
+
+
+@router.get(
+    "/availability",
+    response_class=EventStreamResponse,
+    response_description="`availability` (and `reset`) events, each `data` one JSON object.",
+)
 async def availability_stream(
     request: Request,
     runtime: RuntimeDep,
     sku: Annotated[list[str] | None, Query(max_length=MAX_BATCH)] = None,
     after: Annotated[int | None, Query(ge=0)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> StreamingResponse:
+) -> EventStreamResponse:
     """`text/event-stream` of availability changes, for the SKUs named (up to 100) or all.
 
     Each change is an `availability` event whose data is what `GET /v1/availability/{sku}`
@@ -66,8 +76,7 @@ async def availability_stream(
         render,
         shutting_down(),
     )
-    return StreamingResponse(
+    return EventStreamResponse(
         stream,
-        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
