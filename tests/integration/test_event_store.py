@@ -27,6 +27,7 @@ PINNED_TOPICS = {
     "stockledger:StockItem.LateReportIgnored",
     "stockledger:StockItem.Held",
     "stockledger:StockItem.HoldReleased",
+    "stockledger:StockItem.HoldsExpired",
     "stockledger:StockItem.HoldConfirmed",
     "stockledger:StockItem.CommitmentReleased",
     "stockledger:StockItem.Shipped",
