@@ -99,6 +99,10 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
         raise FeedError("too_deeply_nested: a record nests its elements too deep") from error
 
 
+# Elements nested deeper than this are refused (as the JSON parser refuses its values).
+MAX_DEPTH = 64
+
+
 def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterator[Parsed]:
     record = settings.record
     candidates = {record} if record else RECORD_NAMES
@@ -109,6 +113,10 @@ def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterat
     for event, element in events:
         name = _loose(element.tag)
         if event == "start":
+            if len(open_elements) >= MAX_DEPTH:
+                # No feed nests so deep; the checks below look up the open elements, so
+                # a file of 200,000 nested elements took hours, holding up every delivery.
+                raise FeedError(f"too_deeply_nested: more than {MAX_DEPTH} levels")
             root_has_children = root_has_children or len(open_elements) == 1
             if record_depth == 0 and name == record and open_elements:
                 record_depth = len(open_elements) + 1
