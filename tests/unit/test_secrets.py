@@ -94,3 +94,33 @@ def test_a_poll_token_that_cannot_be_read_fails_the_fetch_for_good_saying_why(
 
     assert not failed.value.retriable
     assert str(failed.value).startswith("secret_unavailable: cannot read")
+
+
+def test_a_secret_with_a_windows_line_ending_is_read_and_one_of_several_lines_refused(
+    tmp_path: Path,
+) -> None:
+    """Found by a security review: "SUPERSECRETTOKEN\\r" went into an Authorization header,
+    and httpx's refusal quoted it into the log and feed health; /etc/shadow, named as a
+    token file, was quoted whole."""
+    windows, lines = tmp_path / "windows", tmp_path / "lines"
+    windows.write_bytes(b"SUPERSECRETTOKEN\r\n")
+    lines.write_text("root:$6$hash:1:0:99999:7:::\ndaemon:*:1:0:99999:7:::\n")
+
+    assert resolve(f"file:{windows}", sent=True) == "SUPERSECRETTOKEN"
+    with pytest.raises(SecretUnavailable) as refused:
+        resolve(f"file:{lines}", sent=True)
+    assert "control characters" in str(refused.value)
+    assert "$6$hash" not in str(refused.value)
+
+
+def test_the_service_s_own_settings_are_no_supplier_s_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An admin key could have sent the database URL to any server, as a poll's token."""
+    monkeypatch.setenv("LEDGER_DATABASE_URL", "postgresql://user:password@db/ledger")
+    monkeypatch.setenv("ACME_TOKEN", "acme-token")
+    with pytest.raises(SecretUnavailable, match="the service's own setting"):
+        resolve("env:LEDGER_DATABASE_URL", sent=True)
+    assert resolve("env:ACME_TOKEN", sent=True) == "acme-token"
+    with pytest.raises(FetchFailed, match="the service's own setting"):
+        read_secret("env:LEDGER_DATABASE_URL")  # a poll's token, an FTP password

@@ -101,10 +101,11 @@ def content_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
 
 
-def read_secret(reference: str) -> str:
-    """The secret a reference names, read now; a fatal FetchFailed when it is unavailable."""
+def read_secret(reference: str, *, sent: bool = True) -> str:
+    """The secret a reference names, read now; a fatal FetchFailed when it is unavailable.
+    `sent`: it goes to the supplier's server (a token, a password; see secrets.resolve)."""
     try:
-        return secrets.resolve(reference)
+        return secrets.resolve(reference, sent=sent)
     except secrets.SecretUnavailable as error:
         raise FetchFailed(f"secret_unavailable: {error}", retriable=False) from error
 

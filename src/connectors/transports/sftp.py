@@ -99,9 +99,9 @@ def _login(settings: SftpSettings) -> Login:
     passphrase = (
         None
         if settings.private_key_passphrase_ref is None
-        else read_secret(settings.private_key_passphrase_ref)
+        else read_secret(settings.private_key_passphrase_ref, sent=False)
     )
-    text = read_secret(settings.private_key_ref)
+    text = read_secret(settings.private_key_ref, sent=False)  # a key file: several lines
     try:
         key = asyncssh.import_private_key(text, passphrase)
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
