@@ -359,6 +359,9 @@ def test_settings_naming_no_transport_give_none_and_bad_ones_are_refused() -> No
         transport_for("acme", {"poll": {"url": "http://x", "pagination": "pages"}}, state=state)
     with pytest.raises(ValueError, match=r"bad_option: poll\.url"):
         transport_for("acme", {"poll": {"url": "ftp://x"}}, state=state)
+    # Settings are kept for ever in the log: a password in the URL could never be undone.
+    with pytest.raises(ValueError, match="no credentials in the URL"):
+        transport_for("acme", {"poll": {"url": "https://user:pw@x/feed"}}, state=state)
 
 
 def test_transport_numbers_are_taken_up_to_their_bounds_and_refused_past_them() -> None:

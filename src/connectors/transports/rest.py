@@ -100,6 +100,10 @@ class PollSettings(RetrySettings):
             raise ValueError(str(error)) from error
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("an http or https URL is needed")
+        if url.userinfo:
+            # Settings are events, kept for ever and shown to auditors: a password here
+            # could never be taken back. Credentials go by reference (`token_ref`).
+            raise ValueError("no credentials in the URL: name a token by reference (token_ref)")
         return value
 
     @model_validator(mode="after")
