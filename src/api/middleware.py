@@ -166,7 +166,17 @@ class RequestContextMiddleware:
             return self.max_webhook_bytes
         if not path.endswith("/feeds"):
             return self.max_body_bytes
-        return self.max_feed_bytes if self._key(scope) is not None else None
+        key = self._key(scope)
+        if key is None:
+            return None
+        # Only a key that may upload to this supplier sends a file's worth: an admin, or
+        # the supplier's own. Any other key's body is read up to the usual limit before
+        # the route refuses it (a storefront's key, semi-public, was read 60 MB first).
+        parts = path.split("/")  # "", "v1", "suppliers", its id, "feeds"
+        may_upload = len(parts) == 5 and (
+            key.role == "admin" or (key.role == "supplier" and key.supplier_id == parts[3])
+        )
+        return self.max_feed_bytes if may_upload else self.max_body_bytes
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []

@@ -995,3 +995,21 @@ def test_the_log_shows_no_unexpected_error_and_no_key_secret(ledger: Server) -> 
     for entry in TEST_KEYS.split(","):
         secret = entry.split(":")[2]
         assert secret not in log, f"the log contains the secret of {entry.split(':')[0]}"
+
+
+def test_a_feed_s_large_limit_is_only_for_keys_that_may_upload_it(
+    small_body_ledger: Server,
+) -> None:
+    """Found by a security review: any known key (a storefront's, semi-public) could send
+    a feed-sized body (512 MiB) to any `/feeds` path, read whole before the route's 403."""
+    body = b"sku,quantity\n" + b"A,1\n" * 600  # over the usual limit here, 1 KiB
+    assert len(body) > SMALL_BODY_LIMIT
+    answers = {}
+    for key in ("test-shop", "test-oms", "test-admin", "acme-feed"):
+        with small_body_ledger.client(key) as client:
+            answers[key] = client.post("/v1/suppliers/acme/feeds?format=csv", content=body)
+    refused(answers["test-shop"], 413, "payload_too_large")
+    refused(answers["test-oms"], 413, "payload_too_large")
+    # Those that may upload to acme get as far as the route (acme is not registered here).
+    for key in ("test-admin", "acme-feed"):
+        assert answers[key].status_code != 413, answers[key].text
