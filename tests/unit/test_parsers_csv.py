@@ -292,3 +292,20 @@ def test_a_large_feed_is_parsed_while_it_is_still_being_read() -> None:
     assert read_at[1] < total / 20
     assert read_at[ROWS // 2] < total * 0.6
     assert first() is None, "the parser keeps the records it yielded"
+
+
+def test_a_quantity_of_thousands_of_digits_is_refused_alone() -> None:
+    """Found by a security review: 5,000 nines raised Python's conversion limit, and the
+    whole delivery failed (retried eight times) instead of that record alone."""
+    huge = "9" * 5000
+    parsed = read_bytes(f"sku,qty\nA1,5\nA2,{huge}\nA3,{'1' * 19}\nA4,7\n".encode())
+    assert [(p.position, getattr(p, "quantity", None)) for p in parsed] == [
+        (1, 5),
+        (2, None),
+        (3, None),
+        (4, 7),
+    ]
+    assert isinstance(parsed[1], RecordError)
+    assert parsed[1].reason == "invalid_quantity: 5000 digits"
+    assert isinstance(parsed[2], RecordError)
+    assert parsed[2].reason == "invalid_quantity: 19 digits"  # past a 64-bit level

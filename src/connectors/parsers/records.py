@@ -74,6 +74,11 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
 FieldPath = tuple[str, ...]
 
 
+# A quantity of more digits than a 64-bit level holds is refused as it is read: Python
+# converts at most 4,300 digits, and a longer one failed the whole delivery, not its record.
+MAX_QUANTITY_DIGITS = 18
+
+
 @dataclass(frozen=True)
 class Incoming:
     """Stock a supplier expects to have (EDI SCH lines); `unit` is as written, if given."""
@@ -212,6 +217,8 @@ class ValueFormat:
     def quantity(self, value: object) -> int | None:
         """A whole quantity: `12`, ` 1,200 ` (with a thousands separator), `12.0`; not `12.5`."""
         if isinstance(value, str) and value.isdigit() and value.isascii():
+            if len(value) > MAX_QUANTITY_DIGITS:
+                raise Unreadable(f"invalid_quantity: {len(value)} digits")
             return int(value)  # the common case, first
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
@@ -227,6 +234,8 @@ class ValueFormat:
         if match is None:
             raise Unreadable(f"invalid_quantity: {shown(value)}")
         digits = match.group(2).replace(self.thousands_separator or "", "")
+        if len(digits) > MAX_QUANTITY_DIGITS:
+            raise Unreadable(f"invalid_quantity: {len(digits)} digits")
         return int(match.group(1) + digits)
 
     @cached_property
