@@ -332,12 +332,43 @@ def test_the_bearer_token_never_follows_a_link_to_another_host(
         return httpx.Response(200, json=[], headers=more if request.url.host == "api" else {})
 
     monkeypatch.setenv("ACME_TOKEN", "secret")
-    settings = {"url": "https://api/inventory", "pagination": "link", "token_ref": "env:ACME_TOKEN"}
+    settings = {
+        "url": "https://api/inventory",
+        "pagination": "link",
+        "token_ref": "env:ACME_TOKEN",
+        "other_origins": True,  # a mirror is followed only when the settings allow it
+    }
     with httpx.Client(transport=httpx.MockTransport(answer)) as http:
         transport = transport_for("acme", {"poll": settings}, state=DictState(), client=http)
         assert transport is not None
         assert len(pull(transport)) == 2
     assert sent == {"api": "Bearer secret", "mirror.example": None}
+
+
+@pytest.mark.parametrize("lead", ["link", "redirect"])
+def test_a_page_or_redirect_to_another_server_is_refused_before_it_is_asked_for(
+    lead: str,
+) -> None:
+    """Found by a security review: a supplier's Link (or redirect) to 127.0.0.1 made the
+    ledger fetch from its own network, and the answer reached the dead letters."""
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        if request.url.host != "api":
+            return httpx.Response(200, json=[{"sku": "INTERNAL", "qty": 1}])
+        if lead == "redirect":
+            return httpx.Response(302, headers={"Location": "http://127.0.0.1:8106/metrics"})
+        more = {"Link": '<http://127.0.0.1:8198/internal-admin>; rel="next"'}
+        return httpx.Response(200, json=[], headers=more)
+
+    settings = {"url": "https://api/inventory", "pagination": "link"}
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        transport = transport_for("acme", {"poll": settings}, state=DictState(), client=http)
+        assert transport is not None
+        with pytest.raises(FetchFailed, match=r"other_origin: .* leads to http://127\.0\.0\.1:81"):
+            pull(transport)
+    assert all("127.0.0.1" not in url for url in asked), asked
 
 
 def test_a_malformed_page_is_fatal(supplier: RestSupplier, http: httpx.Client) -> None:

@@ -27,6 +27,9 @@ Options of `connector["poll"]` (and those of `retry`):
 - `max_pages` (default 10000, at most a million) and `max_page_bytes` (default 64 MiB,
   at most 1 GiB): bounds on one poll and one page, past which the fetch fails
   ("too_many_pages", "page_too_large").
+- `other_origins` (default false): pages (a `Link`) and redirects on another server than
+  `url`'s are refused ("other_origin") unless this is true; redirects are followed up to
+  5 a page ("too_many_redirects").
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class PollSettings(RetrySettings):
     # A page is held whole in memory, then in an inbox row, where PostgreSQL keeps at most
     # 1 GB a value.
     max_page_bytes: int = Field(64 * 2**20, ge=1, le=2**30)
+    # Pages and redirects on other servers than `url`'s (a CDN's, say) are followed only
+    # when this is set (see `Poller._check_origin`).
+    other_origins: bool = False
 
     @field_validator("url")
     @classmethod
@@ -185,6 +191,7 @@ class RestPoller:
                 raise FetchFailed(f"pagination_loop: {url} was asked twice", retriable=False)
             if len(requested) == settings.max_pages:
                 raise FetchFailed(f"too_many_pages: over {settings.max_pages}", retriable=False)
+            self._check_origin(url, "a page")
             first = not requested
             requested.add(str(url))
             headers = self._headers(url, token, conditional=first)
@@ -235,23 +242,49 @@ class RestPoller:
         return headers
 
     def _get(self, url: httpx.URL, headers: dict[str, str]) -> _Page:
-        """One attempt at one page."""
+        """One attempt at one page, following its redirects (on the feed's own server,
+        unless the settings say otherwise: see `_check_origin`)."""
         timeout = self.settings.timeout_seconds
-        with (
-            classified(HTTP_FAILURES),
-            self._client.stream("GET", url, headers=headers, timeout=timeout) as response,
-        ):
-            wait = retry_after_seconds(response.headers.get("retry-after"))
-            failure = status_failure(response.status_code, wait)
-            if failure is not None:
-                raise failure
-            body = _read(response, self.settings.max_page_bytes)
-            return _Page(response.url, response.status_code, response.headers, body)
+        for _ in range(MAX_REDIRECTS + 1):
+            with (
+                classified(HTTP_FAILURES),
+                self._client.stream(
+                    "GET", url, headers=headers, timeout=timeout, follow_redirects=False
+                ) as response,
+            ):
+                if response.has_redirect_location:
+                    url = response.url.join(response.headers["location"])
+                    self._check_origin(url, "a redirect")
+                    continue
+                wait = retry_after_seconds(response.headers.get("retry-after"))
+                failure = status_failure(response.status_code, wait)
+                if failure is not None:
+                    raise failure
+                body = _read(response, self.settings.max_page_bytes)
+                return _Page(response.url, response.status_code, response.headers, body)
+        raise FetchFailed(f"too_many_redirects: over {MAX_REDIRECTS}", retriable=False)
+
+    def _check_origin(self, url: httpx.URL, what: str) -> None:
+        """A page or a redirect on another server than the feed's URL names is refused
+        (`other_origins` allows it): a supplier's server, or whoever controls its name,
+        could otherwise send the ledger to fetch from the network it sits in (found by a
+        security review: a `Link` to 127.0.0.1, whose answer reached the dead letters)."""
+        if not self.settings.other_origins and _origin(url) != self._origin:
+            raise FetchFailed(
+                f"other_origin: {what} leads to {url.scheme}://{url.host}"
+                f"{'' if url.port is None else f':{url.port}'}, not the feed's server",
+                retriable=False,
+            )
+
+
+# Redirects followed for one page, at most (each checked: see `Poller._check_origin`).
+MAX_REDIRECTS = 5
 
 
 def default_client(settings: PollSettings) -> httpx.Client:
-    """The client a poller builds for itself when none is given."""
-    return httpx.Client(timeout=settings.timeout_seconds, follow_redirects=True)
+    """The client a poller builds for itself when none is given (it follows redirects
+    itself, page by page)."""
+    return httpx.Client(timeout=settings.timeout_seconds, follow_redirects=False)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
