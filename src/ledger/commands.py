@@ -59,9 +59,9 @@ class Command:
 class PutSupplier(Command):
     supplier_id: str
     terms: SupplierTerms
-    # The request did not name the connector: an existing supplier keeps its own (its
-    # feed, its webhook secret), whatever `terms.connector` holds.
-    keep_connector: bool = False
+    # The terms the request did not name: an existing supplier keeps its own (its feed,
+    # its webhook secret, its time zone), whatever `terms` holds for them.
+    kept: frozenset[str] = frozenset()
 
     def aggregate_ids(self) -> list[UUID]:
         return [Supplier.id_for(self.supplier_id)]

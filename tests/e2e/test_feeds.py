@@ -392,7 +392,27 @@ def test_terms_saved_without_a_connector_keep_the_supplier_s_connector_and_empty
     assert kept["connector"] == connector
     assert cleared.status_code == 200, cleared.text
     assert after["connector"] == {}
-    assert after["priority"] == 100  # a PUT's other terms take their defaults, as before
+    assert after["priority"] == 4  # every term a PUT leaves out is kept
+
+
+def test_terms_a_put_leaves_out_are_kept_the_time_zone_first(ledger: Server) -> None:
+    """Found by a supplier integrator's walkthrough: a PUT naming only the connector (to
+    turn on `upc_fallback`) reset the supplier's time zone to UTC, and its next report's
+    naive times, read in UTC, were dropped as late."""
+    supplier_id = f"zone-{uuid.uuid4().hex[:6]}"
+    terms = {"name": "Z", "timezone": "America/New_York", "buffer": 3, "priority": 2}
+    with ledger.client("test-admin") as admin:
+        assert admin.put(f"/v1/suppliers/{supplier_id}", json=terms).status_code == 200
+        feed = {"name": "Z", "connector": {"format": "csv", "upc_fallback": True}}
+        assert admin.put(f"/v1/suppliers/{supplier_id}", json=feed).status_code == 200
+        after = admin.get(f"/v1/suppliers/{supplier_id}").json()
+        named = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "Z", "buffer": 0})
+        reset = admin.get(f"/v1/suppliers/{supplier_id}").json()
+
+    assert (after["timezone"], after["buffer"], after["priority"]) == ("America/New_York", 3, 2)
+    assert after["connector"] == {"format": "csv", "upc_fallback": True}
+    assert named.status_code == 200
+    assert (reset["buffer"], reset["timezone"]) == (0, "America/New_York")  # as sent
 
 
 def test_every_known_connector_setting_is_kept_up_to_its_bounds(ledger: Server) -> None:

@@ -59,16 +59,17 @@ def put_supplier(
     request_id: RequestId,
     response: Response,
 ) -> UpsertOut:
-    """Creates or updates a supplier; only the terms that change are recorded. A body
-    without `connector` leaves an existing supplier's connector as it is (`{}` clears it):
-    changing a supplier's priority never stops its feed or forgets its webhook secret."""
+    """Creates or updates a supplier; only the terms that change are recorded. An existing
+    supplier keeps every term the body leaves out (`connector: {}` clears its connector):
+    changing a priority never stops its feed, and changing its feed never resets its time
+    zone (which read every later report's times in UTC, some then dropped as late)."""
     terms = SupplierTerms(**body.model_dump())
     command = PutSupplier(
         at=at,
         cause=cause_for(key, "admin.supplier.put", request_id),
         supplier_id=supplier_id,
         terms=terms,
-        keep_connector="connector" not in body.model_fields_set,
+        kept=frozenset(SupplierIn.model_fields) - body.model_fields_set,
     )
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)

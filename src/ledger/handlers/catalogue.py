@@ -27,9 +27,7 @@ def put_supplier(uow: UnitOfWork, command: PutSupplier) -> Upserted:
     if supplier is None:
         uow.add(Supplier.register(command.supplier_id, command.terms, command.at, command.cause))
         return Upserted(created=1)
-    terms = command.terms
-    if command.keep_connector:
-        terms = replace(terms, connector=supplier.terms.connector)
+    terms = replace(command.terms, **{name: getattr(supplier.terms, name) for name in command.kept})
     if supplier.change_terms(terms, command.at, command.cause):
         return Upserted(updated=1)
     return Upserted(unchanged=1)
