@@ -967,3 +967,21 @@ def test_an_auditor_reads_reservations_but_a_storefront_does_not(
     assert [r["reservation_id"] for r in listed["items"]] == [reservation_id]
     assert written.status_code == 403  # reads only
     assert shop.get(f"/v1/reservations/{reservation_id}").status_code == 403
+
+
+def test_a_supplier_s_key_reports_its_own_skus_not_ours(
+    admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
+) -> None:
+    """Found by a security review: acme's key, naming our `sku`, set acme's level for a
+    SKU acme has no mapping for (999 units, all sellable)."""
+    other = new_supplier(admin)
+    sku = stocked_sku(admin, {other: 5})  # acme maps nothing to it
+    sent = {"observations": [{"sku": sku, "quantity": 999, "observed_at": iso()}]}
+    by_acme = ok(acme.post("/v1/suppliers/acme/stock", json=sent))
+    assert (by_acme["applied"], by_acme["rejected"]) == (
+        0,
+        [{"index": 0, "reason": "sku_not_allowed: a supplier's key names its own supplier_sku"}],
+    )
+    assert availability(shop, sku)["on_hand"] == 5
+    # An admin may still report by our SKU.
+    assert ok(admin.post(f"/v1/suppliers/{other}/stock", json=sent))["applied"] == 1

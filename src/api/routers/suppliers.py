@@ -161,7 +161,9 @@ def report_stock(
     supplier = runtime.queries.supplier(supplier_id)
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
-    observations, rejected = parse_observations(body.observations, supplier.terms, at)
+    observations, rejected = parse_observations(
+        body.observations, supplier.terms, at, our_skus=key.role == "admin"
+    )
     content_hash = hashlib.sha256(
         json.dumps(body.observations, sort_keys=True, default=str).encode()
     ).hexdigest()
@@ -210,14 +212,22 @@ def report_stock(
     return report_out(counted, outcome.position)
 
 
+SKU_FOR_ADMINS = "sku_not_allowed: a supplier's key names its own supplier_sku"
+
+
 def parse_observations(
-    records: list[dict[str, Any]], terms: SupplierTerms, received_at: datetime
+    records: list[dict[str, Any]],
+    terms: SupplierTerms,
+    received_at: datetime,
+    *,
+    our_skus: bool = True,
 ) -> tuple[list[Observation], list[Rejection]]:
     """Validates each record on its own, by the rules its feeds follow: a naive time is in
     the supplier's zone, a report older than its `max_age_seconds` (where set: unlike a
     feed, the API records an older one, and it shows excluded) is refused, a named unit
     is the mapping's own, one of its unit table or a base unit (else the ledger refuses
-    it), a quantity past its `max_quantity` is refused."""
+    it), a quantity past its `max_quantity` is refused. Without `our_skus` (a supplier's
+    own key), a record naming our `sku` is refused."""
     rules = FeedRules.of(terms)
     if "max_age_seconds" not in (terms.connector or {}):
         rules = replace(rules, max_age=None)
@@ -232,6 +242,11 @@ def parse_observations(
                 for e in error.errors()
             )
             rejected.append(Rejection(index, reason, kept(record)))
+            continue
+        if parsed.sku is not None and not our_skus:
+            # A supplier's key names its own SKUs: one naming ours set a level for any SKU
+            # of the catalogue, mapped to it or not (found by a security review).
+            rejected.append(Rejection(index, SKU_FOR_ADMINS, kept(record)))
             continue
         observed_at = observed_utc(parsed.observed_at, rules, received_at, received_at)
         if isinstance(observed_at, str):
