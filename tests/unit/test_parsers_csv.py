@@ -306,6 +306,23 @@ def test_a_quantity_of_thousands_of_digits_is_refused_alone() -> None:
         (4, 7),
     ]
     assert isinstance(parsed[1], RecordError)
-    assert parsed[1].reason == "invalid_quantity: 5000 digits"
+    assert parsed[1].reason == "quantity_out_of_range"
     assert isinstance(parsed[2], RecordError)
-    assert parsed[2].reason == "invalid_quantity: 19 digits"  # past a 64-bit level
+    assert parsed[2].reason == "quantity_out_of_range"  # past a 64-bit level
+
+
+def test_a_round_thousand_written_the_european_way_is_not_read_as_one() -> None:
+    """Found by a supplier integrator's walkthrough: with no options, "1.000" read as 1
+    (while "1.500" was refused): a European feed lost a factor of a thousand on round
+    thousands, and nothing said so. Named separators decide it."""
+    body = b"sku;qty\nG1;1.000\nG2;12.0\nG3;1500.000\n"
+    unsaid = read_bytes(body)
+    assert isinstance(unsaid[0], RecordError)
+    assert unsaid[0].reason.startswith("ambiguous_quantity: ")
+    assert [getattr(p, "quantity", None) for p in unsaid[1:]] == [12, 1500]
+    european = records(
+        read_bytes(b"sku;qty\nG1;1.000\nG2;12,0\n", thousands_separator=".", decimal_separator=",")
+    )
+    assert [r.quantity for r in european] == [1000, 12]
+    decimal = records(read_bytes(body, decimal_separator="."))
+    assert [r.quantity for r in decimal] == [1, 12, 1500]

@@ -74,8 +74,9 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
 FieldPath = tuple[str, ...]
 
 
-# A quantity of more digits than a 64-bit level holds is refused as it is read: Python
-# converts at most 4,300 digits, and a longer one failed the whole delivery, not its record.
+# A quantity of more digits than a 64-bit level holds is refused as it is read (out of
+# range, as a shorter one past the ceiling is): Python converts at most 4,300 digits, and
+# a longer one failed the whole delivery, not its record.
 MAX_QUANTITY_DIGITS = 18
 
 
@@ -202,6 +203,9 @@ class ValueFormat:
     thousands_separator: str | None = None
     decimal_separator: str = "."
     timestamp_format: str | None = None
+    # Whether the supplier's options say how it writes numbers at all: if not, a quantity
+    # such as "1.000" may be a thousand written the European way, not one.
+    separators_known: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> ValueFormat:
@@ -209,6 +213,7 @@ class ValueFormat:
             thousands_separator=option_text(options, "thousands_separator", None),
             decimal_separator=option_text(options, "decimal_separator", ".") or ".",
             timestamp_format=option_text(options, "timestamp_format", None),
+            separators_known=bool({"thousands_separator", "decimal_separator"} & set(options)),
         )
         if value_format.thousands_separator == value_format.decimal_separator:
             raise ValueError("bad_option: thousands_separator equals decimal_separator")
@@ -218,7 +223,7 @@ class ValueFormat:
         """A whole quantity: `12`, ` 1,200 ` (with a thousands separator), `12.0`; not `12.5`."""
         if isinstance(value, str) and value.isdigit() and value.isascii():
             if len(value) > MAX_QUANTITY_DIGITS:
-                raise Unreadable(f"invalid_quantity: {len(value)} digits")
+                raise Unreadable("quantity_out_of_range")
             return int(value)  # the common case, first
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
@@ -234,8 +239,19 @@ class ValueFormat:
         if match is None:
             raise Unreadable(f"invalid_quantity: {shown(value)}")
         digits = match.group(2).replace(self.thousands_separator or "", "")
+        if (
+            not self.separators_known
+            and len(match.group(2)) <= 3
+            and value.strip()[match.end(2) :] == self.decimal_separator + "000"
+        ):
+            # "1.000": one, or a thousand with a thousands separator? Read as one, a
+            # European feed lost a factor of a thousand on round thousands, unflagged.
+            raise Unreadable(
+                f"ambiguous_quantity: {shown(value)} (set the feed's thousands_separator"
+                " or decimal_separator)"
+            )
         if len(digits) > MAX_QUANTITY_DIGITS:
-            raise Unreadable(f"invalid_quantity: {len(digits)} digits")
+            raise Unreadable("quantity_out_of_range")
         return int(match.group(1) + digits)
 
     @cached_property
