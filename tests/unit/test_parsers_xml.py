@@ -223,3 +223,17 @@ def test_elements_nested_past_64_levels_reject_the_file_at_once() -> None:
     nested = b"<a>" * 60 + b"</a>" * 60
     shallow = b"<inventory>" + nested + b"<item><sku>A</sku><qty>1</qty></item></inventory>"
     assert summary(read_bytes(shallow)) == [(1, "A", 1, None)]
+
+
+def test_a_unit_on_the_quantity_s_own_element_is_its_unit() -> None:
+    """Found by a supplier integrator's walkthrough: `<Available uom="CS">2</Available>`
+    read as 2 pieces, not 2 cases (24 with a case of 12), and nothing said so."""
+    feed = (
+        b'<inv:Items xmlns:inv="urn:x"><inv:Item sku="X2"><inv:Stock>'
+        b'<inv:Available uom="CS">2</inv:Available></inv:Stock></inv:Item>'
+        b'<inv:Item sku="X3"><inv:Qty unitOfMeasure="EA">5</inv:Qty></inv:Item>'
+        b'<inv:Item sku="X4" uom="PAL"><inv:Qty uom="CS">1</inv:Qty></inv:Item></inv:Items>'
+    )
+    parsed = read_bytes(feed, fields={"quantity": ["Stock/Available", "Qty"]})
+    # The record's own unit, where it names one, wins.
+    assert summary(parsed) == [(1, "X2", 2, "CS"), (2, "X3", 5, "EA"), (3, "X4", 1, "PAL")]

@@ -99,6 +99,9 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
         raise FeedError("too_deeply_nested: a record nests its elements too deep") from error
 
 
+# The quantity element's attributes read as its unit, where the record names none.
+UNIT_ATTRIBUTES = ("uom", "unit", "unit_of_measure")
+
 # Elements nested deeper than this are refused (as the JSON parser refuses its values).
 MAX_DEPTH = 64
 
@@ -155,6 +158,10 @@ def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterat
 def _record(position: int, element: Element, settings: XmlSettings) -> Parsed:
     names = _Names(element)
     values = {field: names.lookup(paths) for field, paths in settings.paths.items()}
+    if values.get("unit") is None and "quantity" in settings.paths:
+        # `<Available uom="CS">2</Available>`: the unit on the quantity's own element, as
+        # XML feeds often write it (read as pieces, it counted a twelfth of the stock).
+        values["unit"] = names.attribute_of(settings.paths["quantity"], UNIT_ATTRIBUTES)
     return make_record(position, values, _as_dict(element), settings.value_format)
 
 
@@ -193,6 +200,24 @@ class _Names:
             value = self._follow(path)
             if value is not None:
                 return value
+        return None
+
+    def attribute_of(self, paths: tuple[FieldPath, ...], names: tuple[str, ...]) -> str | None:
+        """One of these attributes of the element the first path that finds one leads to."""
+        for path in paths:
+            children, attributes = self._top
+            found = True
+            for segment in path:
+                child = None if segment.startswith("@") else children.get(segment)
+                if child is None:
+                    found = False
+                    break
+                children, attributes = self._of(child)
+            if found:
+                for name in names:
+                    if name in attributes:
+                        return attributes[name]
+                return None
         return None
 
     def _follow(self, path: FieldPath) -> str | None:
