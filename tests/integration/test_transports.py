@@ -6,6 +6,7 @@ delivery, as the scheduler does once the inbox has stored it.
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import json
 import os
@@ -1046,3 +1047,33 @@ def test_a_server_that_does_not_answer_is_retried_then_reported_retriable(
         pull(transport)
     assert failed.value.reason.startswith("connection_error")
     assert failed.value.retriable is True
+
+
+@pytest.mark.parametrize("kind", ["folder", "ftp", "sftp"])
+def test_a_file_past_max_file_bytes_is_refused_not_read_whole(
+    kind: str, tmp_path: Path, password: str
+) -> None:
+    """Found by a security review: a folder's, an FTP or SFTP server's file was read whole,
+    however large (a hostile server could serve one without end, in the API process)."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "huge.csv").write_bytes(b"supplier_sku,quantity\n" + b"SIM-1,1\n" * 200)
+    limit = {"max_file_bytes": 1000}
+    with contextlib.ExitStack() as running:
+        if kind == "folder":
+            settings: dict[str, Any] = {"path": str(remote), "format": "csv", "settle_seconds": 0}
+        elif kind == "ftp":
+            server = running.enter_context(FtpSupplier(remote, username="acme", password="feed-pw"))
+            settings = remote_settings(server.host, server.port, password)
+        else:
+            sftp = running.enter_context(SftpSupplier(remote, username="acme", password="feed-pw"))
+            settings = remote_settings(
+                sftp.host, sftp.port, password, known_hosts=pinned(sftp, tmp_path)
+            )
+        transport = transport_for("acme", {kind: {**settings, **limit}}, state=DictState())
+        assert transport is not None
+        with pytest.raises(FetchFailed, match="file_too_large: over 1000 bytes") as failed:
+            pull(transport)
+        transport.close()
+    assert not failed.value.retriable
+    assert (remote / "huge.csv").exists()  # left where it was, for a person to look at

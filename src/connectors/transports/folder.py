@@ -65,6 +65,13 @@ class FileSettings(RetrySettings):
     done_action: Literal["move", "delete"] = "move"
     processed_path: str = "processed"
     settle_seconds: float = Field(default=2.0, ge=0, le=3600)
+    # A file past this is refused (`file_too_large`), never read whole: a supplier's
+    # server could serve one without end. An inbox row holds at most 1 GB.
+    max_file_bytes: int = Field(default=512 * 2**20, ge=1, le=2**30)
+
+
+def too_large(limit: int) -> FetchFailed:
+    return FetchFailed(f"file_too_large: over {limit} bytes", retriable=False)
 
 
 class FolderSettings(FileSettings):
@@ -298,15 +305,18 @@ LOCAL_FAILURES = (
 def local_folder(settings: FileSettings) -> Callable[[], FolderSession]:
     """Opens sessions on a local folder."""
     folder = Path(settings.path)
-    return functools.partial(LocalFolder, folder, folder / settings.processed_path)
+    return functools.partial(
+        LocalFolder, folder, folder / settings.processed_path, settings.max_file_bytes
+    )
 
 
 class LocalFolder:
     """A local folder; a session costs nothing."""
 
-    def __init__(self, folder: Path, processed: Path) -> None:
+    def __init__(self, folder: Path, processed: Path, max_bytes: int = 2**30) -> None:
         self.folder = folder
         self.processed_folder = processed
+        self.max_bytes = max_bytes
 
     def files(self) -> list[Entry]:
         with classified(LOCAL_FAILURES), os.scandir(self.folder) as listing:
@@ -319,9 +329,13 @@ class LocalFolder:
     def read(self, name: str) -> bytes | None:
         with classified(LOCAL_FAILURES):
             try:
-                return (self.folder / name).read_bytes()
+                with (self.folder / name).open("rb") as file:
+                    data = file.read(self.max_bytes + 1)
             except FileNotFoundError:
                 return None
+        if len(data) > self.max_bytes:
+            raise too_large(self.max_bytes)
+        return data
 
     def stat(self, name: str) -> Entry | None:
         with classified(LOCAL_FAILURES):

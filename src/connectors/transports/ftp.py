@@ -38,7 +38,13 @@ from datetime import UTC, datetime
 from pydantic import Field, model_validator
 
 from connectors.transports import read_secret
-from connectors.transports.folder import Entry, FileSettings, FolderSession, remote_path
+from connectors.transports.folder import (
+    Entry,
+    FileSettings,
+    FolderSession,
+    remote_path,
+    too_large,
+)
 from connectors.transports.retry import Failure, FetchFailed, classified
 
 FTP_FAILURES = (
@@ -87,6 +93,7 @@ class FtpFolder:
     """One FTP session on the remote folder."""
 
     def __init__(self, settings: FtpSettings, password: str) -> None:
+        self._max_bytes = settings.max_file_bytes
         self._folder = settings.path
         self._processed = remote_path(settings.path, settings.processed_path)
         self._ftp = (
@@ -122,9 +129,16 @@ class FtpFolder:
 
     def read(self, name: str) -> bytes | None:
         received = io.BytesIO()
+        limit = self._max_bytes
+
+        def take(chunk: bytes) -> None:
+            received.write(chunk)
+            if received.tell() > limit:
+                raise too_large(limit)
+
         with classified(FTP_FAILURES):
             try:
-                self._ftp.retrbinary(f"RETR {remote_path(self._folder, name)}", received.write)
+                self._ftp.retrbinary(f"RETR {remote_path(self._folder, name)}", take)
             except ftplib.error_perm as error:
                 if str(error).startswith(NO_SUCH_FILE):
                     return None

@@ -29,13 +29,19 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import asyncssh
 from pydantic import Field, model_validator
 
 from connectors.transports import read_secret
-from connectors.transports.folder import Entry, FileSettings, FolderSession, remote_path
+from connectors.transports.folder import (
+    Entry,
+    FileSettings,
+    FolderSession,
+    remote_path,
+    too_large,
+)
 from connectors.transports.retry import Failure, FetchFailed, classified
 
 T = TypeVar("T")
@@ -182,8 +188,12 @@ class SftpFolder:
         self._loop.close()
 
     async def _read(self, path: str) -> bytes:
+        limit = self.settings.max_file_bytes
         async with self._sftp.open(path, "rb") as remote:
-            return await remote.read()
+            data = cast(bytes, await remote.read(limit + 1))  # opened "rb"
+        if len(data) > limit:
+            raise too_large(limit)
+        return data
 
     async def _move(self, source: str, target: str) -> None:
         await self._sftp.makedirs(self._processed, exist_ok=True)
