@@ -1077,3 +1077,16 @@ def test_a_file_past_max_file_bytes_is_refused_not_read_whole(
         transport.close()
     assert not failed.value.retriable
     assert (remote / "huge.csv").exists()  # left where it was, for a person to look at
+
+
+def test_a_drop_folder_never_reads_through_a_link(tmp_path: Path) -> None:
+    """Found by a security review: a file swapped for a link between the listing (which
+    takes regular files only) and the read was read through the link."""
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("not the supplier's")
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "stock.csv").symlink_to(secret)
+    session = LocalFolder(folder, folder / "processed")
+    assert session.files() == []
+    assert session.read("stock.csv") is None  # as a file gone since it was listed

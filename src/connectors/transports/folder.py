@@ -32,6 +32,7 @@ Options of `connector["folder"]` (and those of `retry`):
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -329,10 +330,17 @@ class LocalFolder:
     def read(self, name: str) -> bytes | None:
         with classified(LOCAL_FAILURES):
             try:
-                with (self.folder / name).open("rb") as file:
-                    data = file.read(self.max_bytes + 1)
+                # Not through a link: the listing takes regular files only, and a file
+                # swapped for a link since would read whatever the link names.
+                descriptor = os.open(self.folder / name, os.O_RDONLY | os.O_NOFOLLOW)
             except FileNotFoundError:
                 return None
+            except OSError as error:
+                if error.errno == errno.ELOOP:  # a link: not a file of the folder's
+                    return None
+                raise
+            with os.fdopen(descriptor, "rb") as file:
+                data = file.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
             raise too_large(self.max_bytes)
         return data
