@@ -100,7 +100,7 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     ("get", "/v1/skus/{sku}/history"): frozenset({404}),
     ("get", "/v1/skus/{sku}/stock"): frozenset({404}),
     ("post", "/v1/suppliers/{supplier_id}/feeds"): frozenset({404, 409}),
-    WEBHOOK: frozenset({401, 404, 409}),
+    WEBHOOK: frozenset({401, 409}),
     ("post", "/v1/feeds/{delivery_id}/retry"): frozenset({404, 409}),
     ("get", "/v1/feeds/{delivery_id}"): frozenset({404, 409}),
     ("post", "/v1/dead-letters/{letter_id}/retry"): frozenset({404}),

@@ -172,8 +172,8 @@ REFUSALS = [
         id="an unknown supplier",
     ),
     pytest.param(
-        Refusal(None, "post", f"/v1/suppliers/{GHOST}/webhook", WEBHOOK, 404,
-                "unknown_supplier", dict, {"content": b"{}"}),
+        Refusal(None, "post", f"/v1/suppliers/{GHOST}/webhook", WEBHOOK, 401,
+                "webhook_not_configured", str, {"content": b"{}"}),
         id="a webhook to an unknown supplier",
     ),
     pytest.param(

@@ -148,8 +148,10 @@ async def webhook(
     """A supplier's own payload, verified by its HMAC signature, acknowledged at once."""
     delivery = _named(delivery)
     body = await request.body()
-    terms = await _in_thread(_terms, runtime, supplier_id)
-    settings = terms.connector.get("webhook") or {}
+    # An unknown supplier is answered as one without a webhook: a caller without a key
+    # learns nothing of which suppliers exist (it was a 404, where a known one's is 401).
+    supplier = await _in_thread(runtime.queries.supplier, supplier_id)
+    settings = (supplier.terms.connector.get("webhook") if supplier else None) or {}
     try:
         secret = resolve(settings.get("secret_ref"))
     except SecretUnavailable as error:
