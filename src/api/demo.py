@@ -52,9 +52,9 @@ DEMO_KEYS = (
 )
 
 SKUS = ["WIDGET-BLUE", "WIDGET-RED", "GADGET-9", "GIZMO-1", "SPROCKET-3"]
-WEBHOOK_SECRET_VARIABLE = "LEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
-SFTP_KEY_VARIABLE = "LEDGER_DEMO_SFTP_KEY"  # the private key of the SFTP login
-FTP_PASSWORD_VARIABLE = "LEDGER_DEMO_FTP_PASSWORD"  # noqa: S105 - a variable name
+WEBHOOK_SECRET_VARIABLE = "STOCKLEDGER_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
+SFTP_KEY_VARIABLE = "STOCKLEDGER_DEMO_SFTP_KEY"  # the private key of the SFTP login
+FTP_PASSWORD_VARIABLE = "STOCKLEDGER_DEMO_FTP_PASSWORD"  # noqa: S105 - a variable name
 # How long the suppliers wait for the service to answer before they deliver anyway.
 START_WAIT_SECONDS = 60.0
 
