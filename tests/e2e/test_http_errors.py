@@ -665,7 +665,8 @@ def test_bad_records_of_a_report_are_rejected_one_by_one_and_the_good_ones_appli
     assert reasons[2] == "unmapped_supplier_sku"
     assert "observed_at" in reasons[3]
     assert "exactly one of supplier_sku and sku" in reasons[4]
-    assert reasons[5] == "unknown_sku"
+    # A supplier's key names only our SKUs it maps to: an unknown one says no more.
+    assert reasons[5] == "sku_not_allowed: a SKU this supplier maps none of its SKUs to"
     assert reasons[6] == "observed_at_in_future"
     assert "observed_at" in reasons[7]
     assert reasons[8] == "quantity_out_of_range"
@@ -946,6 +947,9 @@ def test_a_key_over_its_rate_is_refused_with_when_to_try_again_and_nothing_is_ap
         with limited.client("test-admin") as admin:
             assert admin.put("/v1/suppliers/acme", json={"name": "Acme"}).status_code == 200
             assert admin.put("/v1/skus/RL-1", json={"safety_stock": 0}).status_code == 200
+            mapping = {"supplier_sku": "A-RL-1", "sku": "RL-1", "units_per_supplier_unit": 1}
+            mapped = admin.put("/v1/suppliers/acme/mappings", json={"mappings": [mapping]})
+            assert mapped.status_code == 200  # so acme's key may name RL-1
         with limited.client("test-acme", consistent=False) as supplier:
             reports = [
                 supplier.post(

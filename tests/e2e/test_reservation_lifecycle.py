@@ -382,6 +382,7 @@ def test_a_supplier_key_reports_its_own_stock_by_internal_sku(
 ) -> None:
     other = new_supplier(admin)
     sku = stocked_sku(admin, {other: 3})
+    map_sku(admin, "acme", sku)  # acme supplies it: it may name it by our SKU
 
     outcome = report(acme, "acme", [{"sku": sku, "quantity": 9, "observed_at": iso()}])
 
@@ -973,14 +974,15 @@ def test_a_supplier_s_key_reports_its_own_skus_not_ours(
     admin: httpx.Client, acme: httpx.Client, shop: httpx.Client
 ) -> None:
     """Found by a security review: acme's key, naming our `sku`, set acme's level for a
-    SKU acme has no mapping for (999 units, all sellable)."""
+    SKU acme has no mapping for (999 units, all sellable); it may name only SKUs it maps
+    one of its own to (above)."""
     other = new_supplier(admin)
     sku = stocked_sku(admin, {other: 5})  # acme maps nothing to it
     sent = {"observations": [{"sku": sku, "quantity": 999, "observed_at": iso()}]}
     by_acme = ok(acme.post("/v1/suppliers/acme/stock", json=sent))
     assert (by_acme["applied"], by_acme["rejected"]) == (
         0,
-        [{"index": 0, "reason": "sku_not_allowed: a supplier's key names its own supplier_sku"}],
+        [{"index": 0, "reason": "sku_not_allowed: a SKU this supplier maps none of its SKUs to"}],
     )
     assert availability(shop, sku)["on_hand"] == 5
     # An admin may still report by our SKU.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import replace
@@ -24,6 +25,7 @@ from api.deps import (
     set_position,
 )
 from api.errors import ApiError
+from api.runtime import Runtime
 from api.schemas import (
     MappingsIn,
     ObservationIn,
@@ -45,6 +47,7 @@ from ledger.errors import UnknownSupplier
 from ledger.handlers.catalogue import Upserted
 from ledger.mapping import MappingSpec
 from ledger.supplier import SupplierTerms
+from projections.queries import PositionNotReached
 
 router = APIRouter(prefix="/v1/suppliers", tags=["suppliers"])
 
@@ -162,7 +165,10 @@ def report_stock(
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {supplier_id!r}")
     observations, rejected = parse_observations(
-        body.observations, supplier.terms, at, our_skus=key.role == "admin"
+        body.observations,
+        supplier.terms,
+        at,
+        our_skus=None if key.role == "admin" else _mapped(runtime, supplier_id, body.observations),
     )
     content_hash = hashlib.sha256(
         json.dumps(body.observations, sort_keys=True, default=str).encode()
@@ -212,7 +218,33 @@ def report_stock(
     return report_out(counted, outcome.position)
 
 
-SKU_FOR_ADMINS = "sku_not_allowed: a supplier's key names its own supplier_sku"
+SKU_FOR_ADMINS = "sku_not_allowed: a SKU this supplier maps none of its SKUs to"
+# How long a report naming our SKUs waits for the mappings view, where it lacks some.
+MAPPING_WAIT_SECONDS = 2.0
+
+
+def _mapped(runtime: Runtime, supplier_id: str, records: list[dict[str, Any]]) -> set[str]:
+    """The SKUs of ours that these records name and the supplier maps one of its own to."""
+    named = [r["sku"] for r in records if isinstance(r, dict) and isinstance(r.get("sku"), str)]
+    if not named:
+        return set()
+
+    def found() -> set[str]:
+        with runtime.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT sku FROM view_mappings WHERE supplier_id = %s AND sku = ANY(%s)",
+                (supplier_id, named),
+            ).fetchall()
+        return {row["sku"] for row in rows}
+
+    mapped = found()
+    if set(named) - mapped:
+        # A mapping made a moment ago may not be in the view yet: wait for it (a little).
+        head = runtime.app.recorder.max_notification_id() or 0
+        with contextlib.suppress(PositionNotReached):
+            runtime.views.wait_for("mappings", head, MAPPING_WAIT_SECONDS)
+        mapped = found()
+    return mapped
 
 
 def parse_observations(
@@ -220,14 +252,15 @@ def parse_observations(
     terms: SupplierTerms,
     received_at: datetime,
     *,
-    our_skus: bool = True,
+    our_skus: set[str] | None = None,
 ) -> tuple[list[Observation], list[Rejection]]:
     """Validates each record on its own, by the rules its feeds follow: a naive time is in
     the supplier's zone, a report older than its `max_age_seconds` (where set: unlike a
     feed, the API records an older one, and it shows excluded) is refused, a named unit
     is the mapping's own, one of its unit table or a base unit (else the ledger refuses
-    it), a quantity past its `max_quantity` is refused. Without `our_skus` (a supplier's
-    own key), a record naming our `sku` is refused."""
+    it), a quantity past its `max_quantity` is refused. With `our_skus` (a supplier's own
+    key: the SKUs of ours it maps one of its own to), a record naming another `sku` of
+    ours is refused."""
     rules = FeedRules.of(terms)
     if "max_age_seconds" not in (terms.connector or {}):
         rules = replace(rules, max_age=None)
@@ -243,9 +276,10 @@ def parse_observations(
             )
             rejected.append(Rejection(index, reason, kept(record)))
             continue
-        if parsed.sku is not None and not our_skus:
-            # A supplier's key names its own SKUs: one naming ours set a level for any SKU
-            # of the catalogue, mapped to it or not (found by a security review).
+        if parsed.sku is not None and our_skus is not None and parsed.sku not in our_skus:
+            # A supplier's key names only SKUs of ours that it supplies (maps one of its own
+            # to): it set a level for any SKU of the catalogue (found by a security review),
+            # and learnt which exist from `unknown_sku`.
             rejected.append(Rejection(index, SKU_FOR_ADMINS, kept(record)))
             continue
         observed_at = observed_utc(parsed.observed_at, rules, received_at, received_at)
