@@ -18,7 +18,7 @@ from api.settings import Settings
 from connectors.inbox import create_tables as create_connector_tables
 from ledger.application import InventoryLedger
 from projections.base import Projection
-from projections.leases import keep_alive, lock_holding, lock_key
+from projections.leases import lock_key, lock_session
 from projections.registry import all_projections, ensure_live_generations
 from projections.store import live
 
@@ -98,8 +98,7 @@ def resolve_database_url(settings: Settings) -> str:
 
 @contextmanager
 def advisory_lock(database_url: str, name: str) -> Iterator[None]:
-    with psycopg.connect(lock_holding(database_url), autocommit=True) as conn:
-        keep_alive(conn)
+    with lock_session(database_url) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
         try:
             yield

@@ -12,10 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg import OperationalError as DatabaseUnavailable
-from psycopg.errors import LockNotAvailable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.recorder import lock_timed_out
 from ledger.errors import (
     Conflict,
     ContentionTooHigh,
@@ -138,21 +138,12 @@ async def on_http_error(_: Request, error: Exception) -> JSONResponse:
 async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
     log.warning("http.unavailable", error=str(error))
     detail = "the ledger cannot reach its database"
-    if _waited_for_a_lock(error):
+    if lock_timed_out(error):
         detail = (
             "the ledger's database is busy: a write waited too long for the event log's lock"
             " (a session that holds it for over 30 s is ended by the next write that waits)"
         )
     return error_response(503, "unavailable", detail, {"Retry-After": "1"})
-
-
-def _waited_for_a_lock(error: BaseException | None) -> bool:
-    seen = 0
-    while error is not None and seen < 5:
-        if isinstance(error, LockNotAvailable):
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
 
 
 async def on_position_not_reached(_: Request, error: Exception) -> JSONResponse:

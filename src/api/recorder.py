@@ -276,7 +276,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 with self.datastore.get_connection() as conn:
                     return self._save(conn, stored_events, levels, touches, **kwargs)
             except Exception as error:
-                if _lock_timed_out(error):
+                if lock_timed_out(error):
                     self.break_stuck_lock()
                 raise
         # In a transaction of its own already: the save is a savepoint in it.
@@ -556,9 +556,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
 STUCK_LOCK_SECONDS = 30.0
 
 
-def _lock_timed_out(error: BaseException) -> bool:
-    """Whether a save failed waiting for a lock (the library wraps psycopg's errors)."""
-    return isinstance(error, LockNotAvailable) or isinstance(error.__cause__, LockNotAvailable)
+def lock_timed_out(error: BaseException | None) -> bool:
+    """Whether this error, or one it was raised from, is a wait for a lock that timed out
+    (the library wraps psycopg's errors, and the writer may wrap those again)."""
+    for _ in range(5):
+        if error is None:
+            return False
+        if isinstance(error, LockNotAvailable):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @dataclass

@@ -9,7 +9,7 @@ from uuid import UUID
 
 import psycopg
 
-from projections.leases import keep_alive, lock_holding, lock_key
+from projections.leases import lock_key, lock_session
 
 
 class StreamTurns:
@@ -39,8 +39,7 @@ class StreamTurns:
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(lock_holding(self.database_url), autocommit=True)
-            keep_alive(self._conn)
+            self._conn = lock_session(self.database_url)
             self._conn.execute(f"SET lock_timeout = {self.timeout_ms}")
         return self._conn
 

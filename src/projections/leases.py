@@ -54,6 +54,13 @@ def lock_holding(database_url: str) -> str:
     )
 
 
+def lock_session(database_url: str) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection in autocommit for a session that holds locks: keepalives both ways."""
+    conn = psycopg.connect(lock_holding(database_url), autocommit=True)
+    keep_alive(conn)
+    return conn
+
+
 def keep_alive(conn: psycopg.Connection[Any]) -> None:
     """Asks the server to end this session soon after its client's host stops answering
     (see above); on a connection in autocommit, for the session."""
@@ -212,8 +219,7 @@ class LeaseSession:
                 log.warning("lease.session_lost", leases=sorted(self._held))
                 self._drop()
         try:
-            self._conn = psycopg.connect(lock_holding(self.database_url), autocommit=True)
-            keep_alive(self._conn)
+            self._conn = lock_session(self.database_url)
         except psycopg.Error as error:
             if self._reachable:  # once per outage, not once per attempt
                 log.warning("lease.unreachable", error=str(error))

@@ -100,14 +100,11 @@ def _stock(uow: UnitOfWork, sku: str) -> StockItem:
     return item
 
 
-def _held_stock(
-    uow: UnitOfWork, reservation: Reservation, open_only: bool
-) -> dict[str, tuple[StockItem, list[Allocation]]]:
-    """The reservation's stock items, by SKU, with what it holds (or has open) of each."""
-    return {
-        sku: (_stock(uow, sku), allocated)
-        for sku, allocated in reservation.allocations_by_sku(open_only=open_only).items()
-    }
+def _decided(uow: UnitOfWork, at: datetime, reservation: Reservation) -> datetime:
+    """When a command on this reservation is decided: no earlier than it, or the stock it
+    holds, was last written (`ledger.base.decided_at`). A hold that had expired when
+    another process granted its units to a new order stays expired here."""
+    return decided_at(at, reservation, *(_stock(uow, sku) for sku in reservation.lines))
 
 
 @handles(Confirm)
@@ -115,13 +112,10 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
     terms = uow.supplier_terms(reservation.supplier_ids)
     net = [s for s, supplier in terms.items() if supplier.reports_net_of_our_orders]
-    held = _held_stock(uow, reservation, open_only=False)
-    # Decided no earlier than the stock was last written: a hold that had expired when
-    # another process granted its units to a new order stays expired here.
-    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    at = _decided(uow, command.at, reservation)
     if reservation.confirm(at, command.cause, net):
-        for item, allocated in held.values():
-            item.confirm_hold(
+        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            _stock(uow, sku).confirm_hold(
                 str(reservation.id),
                 allocated,
                 reservation.expires_at,
@@ -135,12 +129,11 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
 @handles(Release)
 def release(uow: UnitOfWork, command: Release) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
-    held = _held_stock(uow, reservation, open_only=False)
-    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    at = _decided(uow, command.at, reservation)
     released_from = reservation.release(at, command.cause, command.note)
     if released_from == ReservationStatus.HELD:
-        for item, allocated in held.values():
-            item.release_hold(
+        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            _stock(uow, sku).release_hold(
                 str(reservation.id), allocated, reservation.expires_at, at, command.cause
             )
     elif released_from in OPEN_COMMITMENTS:
@@ -167,8 +160,7 @@ def _by_sku(movements: list[Movement]) -> dict[str, list[Allocation]]:
 @handles(Fulfil)
 def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
-    held = _held_stock(uow, reservation, open_only=False)
-    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    at = _decided(uow, command.at, reservation)
     shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
     for sku, allocated in _by_sku(shipped).items():
         _stock(uow, sku).ship(
@@ -184,8 +176,7 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
 @handles(Return)
 def return_units(uow: UnitOfWork, command: Return) -> Reservation:
     reservation = _reservation(uow, command.reservation_id)
-    held = _held_stock(uow, reservation, open_only=False)
-    at = decided_at(command.at, reservation, *(item for item, _ in held.values()))
+    at = _decided(uow, command.at, reservation)
     returned = reservation.return_units(
         command.lines, command.restock, at, command.cause, command.request_key
     )
