@@ -538,7 +538,7 @@ class LedgerWriter:
         if kept_try:
             self._note("kept_try", "saved")
         self.hot.keep(unit.loaded(), new=not bulk, saved=started_ids)
-        self._answer(pending, answers, position, started)
+        self._answer(pending, answers, reads, position, started)
         return None
 
     def _save_as_decided(
@@ -574,17 +574,20 @@ class LedgerWriter:
             position = max(numbers)
             self.hot.saved(min(numbers), position, began)
         self.hot.keep([a for a in unit.loaded() if a.id in read], saved=wrote)
-        self._answer(clean, answers, position, started)
+        self._answer(clean, answers, reads, position, started)
         return True
 
     def _answer(
         self,
         jobs: list[_Job],
         answers: dict[_Job, tuple[Any, BaseException | None]],
+        reads: dict[_Job, tuple[set[UUID], set[UUID]]],
         position: int | None,
         started: float,
     ) -> None:
-        """Gives each command of a saved batch its answer."""
+        """Gives each command of a saved batch its answer: the batch's position to those
+        that wrote events, none to those that wrote none (a replayed order, a report that
+        changed nothing), whose answer no position of the batch's describes."""
         seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(jobs)
@@ -593,7 +596,8 @@ class LedgerWriter:
             if error is not None:
                 job.future.set_exception(error)
             else:
-                job.future.set_result(Outcome(value, position, seconds))
+                wrote = position if reads[job][1] else None
+                job.future.set_result(Outcome(value, wrote, seconds))
 
     def _unstorable(self, pending: list[_Job], added: dict[_Job, list[Any]]) -> dict[_Job, str]:
         """The commands whose new events the store cannot be given, and why."""

@@ -596,3 +596,28 @@ def test_a_writer_whose_event_numbers_are_cached_never_tries_on_kept_copies(
         runtime.writer.execute(reserve([(sku, 1)]))
 
     assert runtime.writer.hot.unasked == 0
+
+
+def test_a_replayed_order_saved_beside_new_ones_is_answered_without_their_position(
+    runtime: Runtime,
+) -> None:
+    """A position tells a client how far to read to see what its command wrote. A replay
+    wrote nothing: saved in a batch with orders that did write, it is given no position
+    (it had theirs, which says nothing of it), and they keep the batch's."""
+    a, b = random_sku("A"), random_sku("B")
+    for sku in (a, b):
+        stock_sku(runtime.writer, sku, 10)
+    first = reserve([(a, 1)], order_id="replayed-order")
+    placed = runtime.writer.execute(first)
+    assert placed.position is not None
+    batch = [_Job(order, Future()) for order in (reserve([(b, 2)]), first, reserve([(a, 3)]))]
+    runtime.writer._run_batch(batch)
+
+    new_b, replay, new_a = (job.future.result(0) for job in batch)
+    assert replay.value.replayed
+    assert replay.value.reservation.id == placed.value.reservation.id
+    assert replay.position is None
+    assert new_b.position is not None and new_b.position > placed.position
+    assert new_a.position == new_b.position
+    held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, b)}
+    assert held == {a: 4, b: 2}
