@@ -93,7 +93,8 @@ class Strict(BaseModel):
 
 
 class SupplierIn(Strict):
-    name: Name
+    # A new supplier without one is named by its id; an existing one keeps its own.
+    name: Name | None = None
     priority: int = Field(default=100, ge=0, le=1_000_000, description="lower wins")
     lead_time_days: int = Field(default=0, ge=0, le=3650)
     moq: int | None = Field(default=None, gt=0, le=10**9)
@@ -129,6 +130,7 @@ class SupplierIn(Strict):
 
 class SupplierOut(SupplierIn):
     supplier_id: str
+    name: Name
 
     # Shown as saved: settings saved before a check was added (a key since refused, a
     # bound since set) must not make the supplier unreadable; they are checked again

@@ -415,6 +415,29 @@ def test_terms_a_put_leaves_out_are_kept_the_time_zone_first(ledger: Server) -> 
     assert (reset["buffer"], reset["timezone"]) == (0, "America/New_York")  # as sent
 
 
+def test_a_put_without_a_name_keeps_the_supplier_s_name_and_a_new_one_is_named_by_its_id(
+    ledger: Server,
+) -> None:
+    """Found by an auditor's walkthrough: `{"priority": 2}` for an existing supplier was
+    `422` (name required), though every other term left out is kept."""
+    supplier_id = f"named-{uuid.uuid4().hex[:6]}"
+    unnamed_id = f"unnamed-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        created = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "Acme", "buffer": 3})
+        changed = admin.put(f"/v1/suppliers/{supplier_id}", json={"priority": 2})
+        kept = admin.get(f"/v1/suppliers/{supplier_id}").json()
+        new = admin.put(f"/v1/suppliers/{unnamed_id}", json={"priority": 5})
+        named = admin.get(f"/v1/suppliers/{unnamed_id}").json()
+        empty = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": ""})
+
+    assert (created.status_code, changed.status_code) == (200, 200)
+    assert changed.json()["updated"] == 1
+    assert (kept["name"], kept["priority"], kept["buffer"]) == ("Acme", 2, 3)
+    assert new.status_code == 200
+    assert (named["name"], named["priority"]) == (unnamed_id, 5)
+    assert empty.status_code == 422
+
+
 def test_every_known_connector_setting_is_kept_up_to_its_bounds(ledger: Server) -> None:
     connector = {
         "format": "csv",

@@ -65,8 +65,9 @@ def put_supplier(
     """Creates or updates a supplier; only the terms that change are recorded. An existing
     supplier keeps every term the body leaves out (`connector: {}` clears its connector):
     changing a priority never stops its feed, and changing its feed never resets its time
-    zone (which read every later report's times in UTC, some then dropped as late)."""
-    terms = SupplierTerms(**body.model_dump())
+    zone (which read every later report's times in UTC, some then dropped as late). A new
+    supplier without a name is named by its id."""
+    terms = SupplierTerms(**{**body.model_dump(), "name": body.name or supplier_id})
     command = PutSupplier(
         at=at,
         cause=cause_for(key, "admin.supplier.put", request_id),
