@@ -20,6 +20,7 @@ from typing import Annotated, Any, cast
 import psycopg
 import typer
 import uvicorn
+from pydantic import ValidationError
 from eventsourcing.persistence import OperationalError as StoreUnavailable
 from rich.console import Console
 from rich.progress import (
@@ -543,3 +544,16 @@ def main() -> None:
             soft_wrap=True,
         )
         raise SystemExit(1) from None
+    except ValidationError as refused:
+        if refused.title != Settings.__name__:
+            raise
+        # A setting that cannot be used: say which and why, one line each, not a trace of
+        # the loading (a README walkthrough got 44 lines for LEDGER_POOL_SIZE=abc).
+        console = Console(stderr=True)
+        for error in refused.errors():
+            loc = error["loc"]
+            which = f"setting LEDGER_{str(loc[0]).upper()}" if loc else "settings"
+            console.print(
+                f"[red]error: {which}: {error['msg']}[/red]", highlight=False, soft_wrap=True
+            )
+        raise SystemExit(2) from None

@@ -36,11 +36,11 @@ def mapped_sku(runtime: Runtime) -> str:
 
 
 def ledger_command(
-    database_url: str, *args: str, cwd: Path | None = None
+    database_url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`ledger ARGS` in a process of its own, logging JSON at INFO, with the connectors and
     the projections turned on as a server's environment has them."""
-    env = {
+    environment = {
         **os.environ,
         "LEDGER_DATABASE_URL": database_url,
         "LEDGER_API_KEYS": "",
@@ -49,10 +49,11 @@ def ledger_command(
         "LEDGER_RUN_CONNECTORS": "true",
         "LEDGER_RUN_PROJECTIONS": "true",
         "COLUMNS": "200",
+        **(env or {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "api", *args],
-        env=env,
+        env=environment,
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -153,3 +154,33 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         [said] = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
         assert said.startswith("error: the database cannot be reached: "), ran.stderr
         assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        (
+            {"LEDGER_POOL_SIZE": "abc"},
+            "error: setting LEDGER_POOL_SIZE: Input should be a valid integer",
+        ),
+        (
+            {"LEDGER_API_KEYS": "x:boss:sec"},
+            "error: setting LEDGER_API_KEYS: Value error, API key 'x' has unknown role 'boss'",
+        ),
+        (
+            {"LEDGER_POOL_SIZE": "1", "LEDGER_POOL_MAX_OVERFLOW": "0"},
+            "error: settings: Value error, pool_size + pool_max_overflow must allow two connections",
+        ),
+    ],
+)
+def test_a_setting_that_cannot_be_used_is_said_in_one_line_with_status_2(
+    settings: dict[str, str], said: str
+) -> None:
+    """A configuration mistake, not a bug: which setting and why, no traceback (a README
+    walkthrough got 44 lines for `LEDGER_POOL_SIZE=abc`); nothing connects to a database."""
+    nowhere = "postgresql://postgres@127.0.0.1:1/ledger"
+    for args in (("projections", "status"), ("serve", "--port", "1")):
+        ran = ledger_command(nowhere, *args, env=settings)
+        assert ran.returncode == 2, ran.stderr
+        [line] = [line for line in ran.stderr.splitlines() if line.strip()]
+        assert line.startswith(said), ran.stderr
