@@ -20,8 +20,8 @@ from typing import Annotated, Any, cast
 import psycopg
 import typer
 import uvicorn
-from pydantic import ValidationError
 from eventsourcing.persistence import OperationalError as StoreUnavailable
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,

@@ -169,7 +169,7 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         ),
         (
             {"LEDGER_POOL_SIZE": "1", "LEDGER_POOL_MAX_OVERFLOW": "0"},
-            "error: settings: Value error, pool_size + pool_max_overflow must allow two connections",
+            "error: settings: Value error, pool_size + pool_max_overflow must allow two",
         ),
     ],
 )

@@ -617,7 +617,8 @@ def test_a_replayed_order_saved_beside_new_ones_is_answered_without_their_positi
     assert replay.value.replayed
     assert replay.value.reservation.id == placed.value.reservation.id
     assert replay.position is None
-    assert new_b.position is not None and new_b.position > placed.position
+    assert new_b.position is not None
+    assert new_b.position > placed.position
     assert new_a.position == new_b.position
     held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, b)}
     assert held == {a: 4, b: 2}
