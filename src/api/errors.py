@@ -122,8 +122,8 @@ async def on_http_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     if isinstance(error.__cause__, UnicodeDecodeError):
         # FastAPI's own 400 for a JSON body that is not text in a JSON encoding: as
-        # malformed as one that does not parse.
-        return _malformed_json()
+        # malformed as one that does not parse, and said so.
+        return _malformed_json("the request body is not text in a JSON encoding (UTF-8, -16, -32)")
     if isinstance(error.__cause__, RecursionError):
         # FastAPI's own 400 for JSON nested deeper than Python's parser goes.
         return _malformed_json("the request body is JSON nested too deeply to read")

@@ -151,14 +151,18 @@ def test_a_body_that_is_not_text_in_a_json_encoding_is_malformed(
     latin_1 = '{"order_id": "caf\u00e9", "lines": []}'.encode("latin-1")
     headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
 
-    refused(oms.post("/v1/reservations", content=latin_1, headers=headers), 400, "malformed_json")
-    refused(
+    said = refused(
+        oms.post("/v1/reservations", content=latin_1, headers=headers), 400, "malformed_json"
+    )
+    assert "not text in a JSON encoding" in said
+    said = refused(
         admin.put(
             f"/v1/suppliers/{random_sku('sup')}", content=b'{"name": "\xff"}', headers=headers
         ),
         400,
         "malformed_json",
     )
+    assert "not text in a JSON encoding" in said
 
 
 @pytest.mark.parametrize(
