@@ -30,6 +30,10 @@ class ClaimLost(Exception):
     """Another worker took the delivery over from this one, which had gone silent too long."""
 
 
+class Stopping(Exception):
+    """The worker was asked to stop while it applied a delivery: it hands it back."""
+
+
 class InboxWorker:
     def __init__(
         self,
@@ -105,10 +109,13 @@ class InboxWorker:
                 received_at=delivery.received_at,
                 actor=f"connector:{supplier}",
                 defaults=_source_options(delivery.source),
-                heartbeat=lambda: _heartbeat(claim, delivery),
+                heartbeat=lambda: self._heartbeat(claim, delivery),
             )
         except ClaimLost:
             log.warning("feed.delivery.claim_lost", supplier=supplier)
+            return None
+        except Stopping:
+            self._hand_back(delivery)
             return None
         except FeedRejected as broken:
             self._finish(delivery, "rejected", None, broken.reason)
@@ -170,11 +177,35 @@ class InboxWorker:
             else:
                 log.warning("feed.delivery.claim_lost", supplier=delivery.supplier_id)
 
+    def _heartbeat(self, claim: inbox.Connection, delivery: inbox.Delivery) -> None:
+        """News of a long delivery's claim, after each part; stops applying a claim lost,
+        or when the worker is asked to stop."""
+        if self._stop.is_set():
+            raise Stopping(delivery.delivery_id)
+        if not inbox.heartbeat(claim, delivery):
+            raise ClaimLost(delivery.delivery_id)
 
-def _heartbeat(claim: inbox.Connection, delivery: inbox.Delivery) -> None:
-    """News of a long delivery's claim, after each part; stops applying a claim lost."""
-    if not inbox.heartbeat(claim, delivery):
-        raise ClaimLost(delivery.delivery_id)
+    def _hand_back(self, delivery: inbox.Delivery) -> None:
+        """Queues a delivery this worker stopped applying, between two of its parts, for
+        the next worker at once: what it applied is then unchanged, the rest applied. A
+        stop is no failure of the supplier's: feed health does not count it. (Applying on
+        to its end could take longer than a supervisor waits before it kills the process;
+        left claimed, it would wait for its claim to go stale.)"""
+        with self.store.transaction() as conn:
+            handed = inbox.finish(
+                conn,
+                delivery.id,
+                "queued",
+                None,
+                "handed back unfinished: its worker was stopped",
+                attempt=delivery.attempts,
+            )
+            if handed:
+                conn.execute("NOTIFY connector_inbox")
+        log.warning(
+            "feed.delivery.handed_back" if handed else "feed.delivery.claim_lost",
+            supplier=delivery.supplier_id,
+        )
 
 
 def _release(claim: inbox.Connection, delivery: inbox.Delivery) -> None:

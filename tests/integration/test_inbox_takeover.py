@@ -261,3 +261,64 @@ def test_a_claimer_taken_over_after_going_silent_can_no_longer_finish_its_delive
         assert inbox.claim(silent) is None  # the successor's claim is alive in its own right
         assert inbox.release(silent, first)
         assert inbox.release(other, second)
+
+
+class SlowParts:
+    """An ingestor that takes a while over each part: time for a stop to come mid-delivery."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    def ingest(self, *args: Any, heartbeat: Callable[[], None], **kwargs: Any) -> IngestResult:
+        def slowly() -> None:
+            time.sleep(0.3)
+            heartbeat()
+
+        return self.ingestor.ingest(*args, heartbeat=slowly, **kwargs)
+
+
+def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applies_the_rest(
+    ledger: Runtime, delivery: dict[str, int]
+) -> None:
+    """Found by an operator's walkthrough: a stopped worker applied on for 30 s (the most
+    its stop waits), then left the delivery claimed until its claim went stale. It now
+    stops between two parts and queues the delivery again."""
+    settings = make_settings(
+        ledger.database_url, connector_batch_size=PART, connector_part_seconds=0
+    )
+    runtime = open_runtime(settings, migrate_first=False, sweep=False, project=False, connect=False)
+    try:
+        worker = InboxWorker(cast(Ingestor, SlowParts(runtime.ingestor)), runtime.store).start()
+        deadline = time.monotonic() + 60
+        while not levels_written(ledger):
+            assert time.monotonic() < deadline, "the worker applied nothing"
+            time.sleep(0.05)
+        started = time.monotonic()
+        worker.stop()
+        stopped_in = time.monotonic() - started
+    finally:
+        runtime.close()
+
+    assert stopped_in < 2
+    applied = len(levels_written(ledger))
+    assert 0 < applied < ROWS
+    with ledger.store.connection() as conn:
+        [row] = conn.execute(
+            "SELECT status, attempts, error FROM connector_inbox WHERE delivery_id = 'big'"
+        ).fetchall()
+        health = conn.execute(
+            "SELECT consecutive_failures FROM connector_health WHERE supplier_id = %s",
+            (SUPPLIER,),
+        ).fetchone()
+    assert (row["status"], row["attempts"]) == ("queued", 1)
+    assert "handed back" in row["error"]
+    assert health is None or health["consecutive_failures"] == 0  # no failure of the feed's
+    assert claim_locks_held(ledger) == 0
+
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+
+    finished = inbox_row(ledger)
+    assert (finished["status"], finished["attempts"]) == ("applied", 2)
+    outcome = finished["outcome"]
+    assert (outcome["applied"], outcome["unchanged"]) == (ROWS - applied, applied)
+    assert levels_written(ledger) == delivery
