@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from collections.abc import Iterator
@@ -62,12 +63,34 @@ class EmbeddedPostgres:
     started_here: bool
     system_user: str | None
 
-    def stop(self) -> None:
+    def stop(self, *, said: bool = True) -> None:
         if self.started_here:
             from pgserver import pg_ctl  # type: ignore[attr-defined]
 
             pg_ctl(["-w", "stop"], pgdata=self.pgdata, user=self.system_user)
-            log.info("database.embedded.stopped", pgdata=str(self.pgdata))
+            if said:
+                log.info("database.embedded.stopped", pgdata=str(self.pgdata))
+
+    def stop_unless_used(self) -> None:
+        """Stops the server if it started here and no other process is connected to it:
+        a command run on the embedded default (`ledger audit stock …` with no `make run`)
+        leaves none behind (an operator's walkthrough found one left running), and one run
+        beside a server that another process joined meanwhile leaves it to that one."""
+        if not self.started_here:
+            return
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ).fetchone()
+        except psycopg.Error:
+            row = None
+        if row is not None and row[0]:
+            log.info("database.embedded.left_running", pgdata=str(self.pgdata), clients=row[0])
+            return
+        # Unsaid: a command's last line on stderr is its own (its error, if any).
+        self.stop(said=False)
 
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
@@ -93,7 +116,9 @@ def resolve_database_url(settings: Settings) -> str:
     """The configured URL, else the embedded server's, which is started on first use."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
-    return start_embedded(settings.data_dir).url
+    embedded = start_embedded(settings.data_dir)
+    atexit.register(embedded.stop_unless_used)
+    return embedded.url
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from api.database import start_embedded
 from api.runtime import Runtime
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
@@ -184,3 +185,49 @@ def test_a_setting_that_cannot_be_used_is_said_in_one_line_with_status_2(
         assert ran.returncode == 2, ran.stderr
         [line] = [line for line in ran.stderr.splitlines() if line.strip()]
         assert line.startswith(said), ran.stderr
+
+
+def embedded_running(data_dir: Path) -> bool:
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(data_dir.resolve() / "pgdata")
+    return info is not None and info.is_running()
+
+
+def test_a_command_on_the_embedded_default_leaves_no_server_it_started_running(
+    tmp_path: Path,
+) -> None:
+    """Found by an operator's walkthrough: `ledger projections status` with no database
+    URL started the embedded PostgreSQL and left it running after it exited. One it joined
+    (`make run`'s) it leaves running."""
+    data_dir = tmp_path / "var"
+    environment = {key: value for key, value in os.environ.items() if key != "LEDGER_DATABASE_URL"}
+    environment |= {"LEDGER_DATA_DIR": str(data_dir), "LEDGER_API_KEYS": "", "COLUMNS": "200"}
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "api", "projections", "status"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    try:
+        alone = status()
+        assert alone.returncode == 0, alone.stderr
+        assert "stock" in alone.stdout
+        assert not embedded_running(data_dir)
+
+        joined = start_embedded(data_dir)  # as `make run` starts it
+        beside = status()
+        assert beside.returncode == 0, beside.stderr
+        assert embedded_running(data_dir)
+        joined.stop()
+        assert not embedded_running(data_dir)
+    finally:
+        if embedded_running(data_dir):  # never left behind, whatever failed above
+            from pgserver import pg_ctl
+
+            user = "pgserver" if os.geteuid() == 0 else None  # as pgserver runs it
+            pg_ctl(["-w", "stop"], pgdata=data_dir.resolve() / "pgdata", user=user)
