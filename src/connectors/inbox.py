@@ -104,6 +104,15 @@ DO $$ BEGIN
         ALTER TABLE connector_inbox ALTER COLUMN body DROP NOT NULL;
     END IF;
 END $$;
+-- Which API key uploaded a delivery (null for those the supplier's own transports brought:
+-- webhooks, polls, folders, SFTP, FTP, whose `source` says so); only where missing.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'connector_inbox'
+                   AND column_name = 'received_by') THEN
+        ALTER TABLE connector_inbox ADD COLUMN received_by text;
+    END IF;
+END $$;
 """
 
 Connection = psycopg.Connection[dict[str, Any]]
@@ -130,6 +139,8 @@ class Delivery:
     attempts: int
     # Claimed from a claimer that died (or went silent) while applying it.
     taken_over: bool = False
+    # The API key that uploaded it, if one did.
+    received_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,15 +166,25 @@ def enqueue(
     body: bytes,
     name: str | None = None,
     signed_at: int | None = None,
+    received_by: str | None = None,
 ) -> Received:
     """Stores a delivery once. The same id with the same content is a duplicate (nothing
     happens); with other content it is a clash."""
     row = conn.execute(
-        "INSERT INTO connector_inbox"
-        " (supplier_id, delivery_id, source, format, content_hash, name, signed_at, body)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        "INSERT INTO connector_inbox (supplier_id, delivery_id, source, format, content_hash,"
+        " name, signed_at, body, received_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (supplier_id, delivery_id) DO NOTHING RETURNING status",
-        (supplier_id, delivery_id, source, format, content_hash, name, signed_at, body),
+        (
+            supplier_id,
+            delivery_id,
+            source,
+            format,
+            content_hash,
+            name,
+            signed_at,
+            body,
+            received_by,
+        ),
     ).fetchone()
     if row is not None:
         conn.execute("NOTIFY connector_inbox")
@@ -218,6 +239,7 @@ def receive(
     body: bytes,
     name: str | None = None,
     signed_at: int | None = None,
+    received_by: str | None = None,
 ) -> Received:
     """Stores a delivery once, as `enqueue` does, unless a stock report of the supplier
     used its id: that is a clash too, as a supplier's delivery ids are one namespace."""
@@ -233,6 +255,7 @@ def receive(
         body=body,
         name=name,
         signed_at=signed_at,
+        received_by=received_by,
     )
 
 
@@ -399,7 +422,7 @@ FROM (
 ) AS claimed
 WHERE inbox.id = claimed.id
 RETURNING inbox.id, supplier_id, delivery_id, source, format, content_hash, name, body,
-    received_at, status, attempts, claimed.was = 'processing' AS taken_over
+    received_at, status, attempts, claimed.was = 'processing' AS taken_over, received_by
 """  # noqa: S608 (constant fragments only)
 
 
@@ -493,8 +516,9 @@ def delivery_status(
     conn: Connection, delivery_id: str, supplier_id: str | None = None
 ) -> list[dict[str, Any]]:
     return conn.execute(
-        "SELECT supplier_id, delivery_id, source, format, name, received_at, status, attempts,"
-        " finished_at, error, outcome FROM connector_inbox WHERE delivery_id = %s"
+        "SELECT supplier_id, delivery_id, source, format, name, received_at, received_by,"
+        " status, attempts, finished_at, error, outcome FROM connector_inbox"
+        " WHERE delivery_id = %s"
         " AND (%s::text IS NULL OR supplier_id = %s) ORDER BY id DESC",
         (delivery_id, supplier_id, supplier_id),
     ).fetchall()

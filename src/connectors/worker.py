@@ -107,7 +107,9 @@ class InboxWorker:
                 cast(Format, delivery.format),
                 source=delivery.source,
                 received_at=delivery.received_at,
-                actor=f"connector:{supplier}",
+                # Its events name who sent it: the key that uploaded it, else the
+                # supplier's connector (a webhook, poll, folder, SFTP or FTP).
+                actor=delivery.received_by or f"connector:{supplier}",
                 defaults=_source_options(delivery.source),
                 heartbeat=lambda: self._heartbeat(claim, delivery),
             )

@@ -82,9 +82,17 @@ def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Serve
         status = finished(admin, supplier_id, accepted.json()["delivery_id"])
         letters = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
         feed_health = admin.get("/v1/feeds/health").json()
+        history = admin.get(f"/v1/skus/{sku}/history").json()["items"]
 
     assert accepted.status_code == 202
     assert accepted.headers["Location"].startswith("/v1/feeds/")
+    # Who sent it, in its status and in the SKU's history (found by an auditor's walkthrough:
+    # neither said which key had uploaded the file).
+    assert status["received_by"] == "admin"
+    assert (history[-1]["type"], history[-1]["actor"]) == (
+        "stockledger:StockItem.Observed",
+        "admin",
+    )
     assert again.status_code == 202
     assert again.json() == {**accepted.json(), "duplicate": True, "status": again.json()["status"]}
     assert (status["rows"], status["applied"], status["rejected"]) == (2, 1, 1)

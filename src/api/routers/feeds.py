@@ -124,6 +124,7 @@ async def upload(
         body,
         name,
         None,
+        key.name,
     )
     return _accepted(runtime, received, supplier_id)
 
@@ -229,6 +230,7 @@ def _enqueue(
     body: bytes,
     name: str | None,
     signed_at: int | None,
+    received_by: str | None = None,
 ) -> inbox.Received:
     with runtime.store.connection() as conn:
         return inbox.receive(
@@ -241,6 +243,7 @@ def _enqueue(
             body=body,
             name=name,
             signed_at=signed_at,
+            received_by=received_by,
         )
 
 
@@ -330,5 +333,7 @@ def feed_status(
         # Its worker died while applying it, and another finished it (connectors.inbox).
         "taken_over": bool(counts.get("taken_over", False)),
         "received_at": row["received_at"],
+        # The API key that uploaded it (null for a supplier's own transports, `source`).
+        "received_by": row["received_by"],
         "finished_at": row["finished_at"],
     }
