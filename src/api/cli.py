@@ -54,7 +54,7 @@ from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
 from ledger.errors import LedgerError
 from projections.registry import all_projections
-from projections.runner import rebuild
+from projections.runner import RebuildRunning, rebuild
 from projections.status import projection_status
 
 cli = typer.Typer(help="Stockledger: an event-sourced inventory ledger.", no_args_is_help=True)
@@ -256,16 +256,21 @@ def projections_rebuild(
                 def advance(position: int, _applied: int, task: TaskID = task) -> None:
                     progress.update(task, completed=min(position, last))
 
-                built = rebuild(
-                    projection,
-                    runtime.app,
-                    runtime.store,
-                    runtime.leases,
-                    in_place=in_place,
-                    page_size=max(runtime.settings.projection_page_size, 10_000),
-                    progress=advance,
-                    processes=processes or rebuild_processes(runtime.settings),
-                )
+                try:
+                    built = rebuild(
+                        projection,
+                        runtime.app,
+                        runtime.store,
+                        runtime.leases,
+                        in_place=in_place,
+                        page_size=max(runtime.settings.projection_page_size, 10_000),
+                        progress=advance,
+                        processes=processes or rebuild_processes(runtime.settings),
+                    )
+                except RebuildRunning as running:
+                    progress.stop()
+                    typer.echo(f"error: {running}", err=True)
+                    raise typer.Exit(1) from None
                 progress.update(task, completed=last)
                 progress.console.print(
                     f"{projection.name}: generation {built.generation} is live at {built.position}"

@@ -9,12 +9,15 @@ error recorded; the runner retries it after a growing pause.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -35,6 +38,7 @@ from projections.store import (
     create_generation,
     drop_generation,
     generation,
+    generations,
     live,
     live_generation,
     record_failure,
@@ -47,6 +51,8 @@ log = structlog.get_logger(__name__)
 # A rebuild commits its rows and position every this many events: fewer, larger writes
 # (each busy row is written once per transaction); it holds the changed states meanwhile.
 REBUILD_EVENTS_PER_TRANSACTION = 1_000_000
+# prctl(2): the signal a process gets when its parent ends.
+PR_SET_PDEATHSIG = 1
 
 
 class LostOwnership(RuntimeError):
@@ -343,7 +349,12 @@ class ProjectionRunner:
                 live=current.schema_version,
                 code=self.projection.schema_version,
             )
-            rebuild(self.projection, self.app, self.store, self.leases, page_size=self.page_size)
+            try:
+                rebuild(
+                    self.projection, self.app, self.store, self.leases, page_size=self.page_size
+                )
+            except RebuildRunning:  # another process rebuilds it: its generation goes live
+                self.health.state, self.health.generation = "standby", current.generation
             return 0
         self.health.state, self.health.generation = "running", current.generation
         self.health.error = self.health.failed_position = None
@@ -377,6 +388,10 @@ class ProjectionRunner:
         self.health.state = "failed"
 
 
+class RebuildRunning(RuntimeError):
+    """Another process is rebuilding the projection: one rebuild of a projection at a time."""
+
+
 def rebuild(
     projection: Projection,
     app: InventoryLedger,
@@ -387,6 +402,71 @@ def rebuild(
     page_size: int = 10_000,
     progress: Callable[[int, int], None] | None = None,
     processes: int = 1,
+) -> Generation:
+    """Builds a new generation from position zero and makes it live (see `_rebuild`), one
+    rebuild of a projection at a time: a second is refused (`RebuildRunning`). Two used to
+    both run, the later to switch dropping the generation the earlier had just made live
+    (an operator's walkthrough). First it drops the generations nobody builds or follows:
+    one a killed rebuild left half built, or an old one a reader held when it was to go."""
+    guard, holder = f"projection-rebuild:{projection.name}", object()
+    if not leases.hold(guard, holder):
+        raise RebuildRunning(f"a rebuild of {projection.name} is already running")
+    try:
+        _drop_abandoned(projection.name, store, leases)
+        return _rebuild(
+            projection,
+            app,
+            store,
+            leases,
+            in_place=in_place,
+            page_size=page_size,
+            progress=progress,
+            processes=processes,
+        )
+    finally:
+        leases.release(guard, holder)
+
+
+def _drop_abandoned(name: str, store: ViewStore, leases: LeaseSession) -> None:
+    """Drops the projection's generations that are not live and whose lease nobody holds
+    (a rebuild holds its new generation's, a runner its live one's). Only beside a live
+    generation: a first one is made live just after it is made (`ensure_live_generations`)."""
+    with store.connection() as conn:
+        live_number = live_generation(conn, name)
+        if live_number is None:
+            return
+        others = [g.generation for g in generations(conn, name) if g.generation != live_number]
+    for number in others:
+        lease, holder = f"projection:{name}:{number}", object()
+        if not leases.hold(lease, holder):
+            continue
+        try:
+            with store.connection() as conn:
+                drop_generation(conn, name, number)
+            log.warning(
+                "projection.abandoned_generation_dropped", projection=name, generation=number
+            )
+        except psycopg.Error as error:  # a reader holds it: the next rebuild drops it
+            log.warning(
+                "projection.old_generation_kept",
+                projection=name,
+                generation=number,
+                error=str(error),
+            )
+        finally:
+            leases.release(lease, holder)
+
+
+def _rebuild(
+    projection: Projection,
+    app: InventoryLedger,
+    store: ViewStore,
+    leases: LeaseSession,
+    *,
+    in_place: bool,
+    page_size: int,
+    progress: Callable[[int, int], None] | None,
+    processes: int,
 ) -> Generation:
     """Builds a new generation from position zero and makes it live.
 
@@ -465,7 +545,9 @@ def _build_in_shares(
     env = dict(app.env)
     context = multiprocessing.get_context("spawn")  # no inherited connections or threads
     try:
-        with ProcessPoolExecutor(processes - 1, mp_context=context) as others:
+        with ProcessPoolExecutor(
+            processes - 1, mp_context=context, initializer=_end_with_parent
+        ) as others:
             shares = [
                 others.submit(
                     _apply_share_alone,
@@ -534,6 +616,15 @@ def _apply_share(
                 progress(position, count)
         projection.write(conn, schema, bound)
     return applied
+
+
+def _end_with_parent() -> None:
+    """A share's process is ended when the rebuild's ends: a rebuild killed (`kill -9`)
+    left its share processes waiting for work for good (an operator's walkthrough)."""
+    with suppress(OSError, AttributeError):  # Linux's prctl; elsewhere they may outlive it
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # it ended before this one could ask
+        os._exit(1)
 
 
 def _apply_share_alone(

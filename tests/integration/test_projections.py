@@ -12,8 +12,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -31,9 +33,21 @@ from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.mappings import MappingsProjection
 from projections.registry import all_projections
-from projections.runner import LostOwnership, ProjectionRunner, catch_up, rebuild
+from projections.runner import (
+    LostOwnership,
+    ProjectionRunner,
+    RebuildRunning,
+    catch_up,
+    rebuild,
+)
 from projections.stock import StockProjection
-from projections.store import generation, live_generation, schema_name, switch_live
+from projections.store import (
+    generation,
+    generations,
+    live_generation,
+    schema_name,
+    switch_live,
+)
 from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
 from tests.integration.workload import CAUSE, mixed_workload, report
@@ -877,3 +891,104 @@ def test_conflicts_raised_after_a_restart_are_named_from_the_names_written_befor
     named = {(row["kind"], row["sku"], row["supplier_id"]) for row in conflicts}
     assert ("oversell_exposure", sku, "acme") in named
     assert ("supplier_stale", None, "acme") in named
+
+
+class HangsInAShare(StockProjection):
+    """Hangs on its first event in a process a rebuild started: a rebuild mid-shares."""
+
+    def handle(self, notified: Notified) -> None:
+        if multiprocessing.parent_process() is not None:
+            time.sleep(3600)
+        super().handle(notified)
+
+
+def rebuild_hanging_in_a_share(database_url: str) -> None:
+    """A rebuild in two processes whose other share hangs (run in a process of its own)."""
+    runtime = open_runtime(make_settings(database_url), sweep=False, project=False, connect=False)
+    rebuild(HangsInAShare(runtime.app), runtime.app, runtime.store, runtime.leases, processes=2)
+
+
+def test_a_killed_rebuild_leaves_no_process_behind_and_the_next_drops_its_generation(
+    quiet: Runtime,
+) -> None:
+    """Found by an operator's walkthrough: a rebuild killed (`kill -9`) mid-shares left its
+    share's process waiting for good, and its half-built generation for every later
+    rebuild to step over (`projections status` showed it building ever after)."""
+    mixed_workload(quiet.writer, skus=6)
+    with quiet.store.connection() as conn:
+        live_before = live_generation(conn, "stock")
+    assert live_before is not None
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tests.integration.test_projections import"
+            " rebuild_hanging_in_a_share; rebuild_hanging_in_a_share(sys.argv[1])",
+            quiet.database_url,
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    parent = psutil.Process(killed.pid)
+    deadline = time.monotonic() + 60
+    while not any("spawn_main" in " ".join(c.cmdline()) for c in parent.children()):
+        assert killed.poll() is None, "the rebuild ended"
+        assert time.monotonic() < deadline, "no share process started"
+        time.sleep(0.1)
+    time.sleep(1)  # the share's process has its event, and hangs
+    children = parent.children(recursive=True)
+    with quiet.store.connection() as conn:
+        half_built = generation(conn, "stock", live_before + 1)
+    assert half_built is not None
+
+    killed.kill()
+    killed.wait(10)
+
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    left_behind = [" ".join(p.cmdline()) for p in alive]
+    for process in alive:  # never left to wait for good, whatever the assertion says
+        process.kill()
+    assert not left_behind
+    # The server lets go of a killed client's locks once it sees its session end.
+    probe, holder = LeaseSession(quiet.database_url), object()
+    try:
+        while not probe.hold(f"projection:stock:{half_built.generation}", holder):
+            assert time.monotonic() < deadline + 10, "the killed rebuild's lease is kept"
+            time.sleep(0.1)
+        probe.release(f"projection:stock:{half_built.generation}", holder)
+    finally:
+        probe.close()
+    rebuilt = rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    with quiet.store.connection() as conn:
+        left = generations(conn, "stock")
+        assert live_generation(conn, "stock") == rebuilt.generation
+    # Only the new live one is left (the half-built one's number is free again: it never
+    # went live, so no reader knew it), caught up with the log.
+    assert [g.generation for g in left] == [rebuilt.generation]
+    assert rebuilt.updated_at > half_built.updated_at
+    assert rebuilt.position == quiet.app.recorder.max_notification_id()
+
+
+def test_a_rebuild_is_refused_while_another_process_rebuilds_the_projection(
+    quiet: Runtime,
+) -> None:
+    """Found by an operator's walkthrough: two rebuilds at once both ran, and the later to
+    switch dropped the generation the other had just made live."""
+    mixed_workload(quiet.writer, skus=3)
+    other, rebuilding = LeaseSession(quiet.database_url), object()  # another process's
+    try:
+        assert other.hold("projection-rebuild:stock", rebuilding)
+        with quiet.store.connection() as conn:
+            live_before = live_generation(conn, "stock")
+        with pytest.raises(RebuildRunning, match="a rebuild of stock is already running"):
+            rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+        with quiet.store.connection() as conn:
+            assert live_generation(conn, "stock") == live_before
+            assert generation(conn, "stock", (live_before or 0) + 1) is None  # none started
+        # Another projection's rebuild goes on meanwhile.
+        rebuild(MappingsProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    finally:
+        # Let go at once: a closed session's locks go only once its server process ends.
+        other.release("projection-rebuild:stock", rebuilding)
+        other.close()
+    rebuilt = rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
+    assert rebuilt.generation == (live_before or 0) + 1
