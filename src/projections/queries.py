@@ -102,9 +102,13 @@ class Views:
             with self.store.connection() as conn:
                 return read_entries(conn, skus, now)
 
+        deadline = time.monotonic() + timeout
         snapshot = read()
-        if wanted is not None and snapshot.position < wanted:
-            self.wait_for("stock", wanted, timeout)
+        while wanted is not None and snapshot.position < wanted:
+            # Read again until the read itself is at the position: the view may switch
+            # between the wait and the read, to a generation rebuilt in place that is
+            # still filling (a reader got 404 for the SKU it had just reserved).
+            self.wait_for("stock", wanted, max(0.0, deadline - time.monotonic()))
             snapshot = read()
         if self.cache is not None:
             self.cache.offer(snapshot)

@@ -32,6 +32,7 @@ from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.mappings import MappingsProjection
+from projections.queries import PositionNotReached
 from projections.registry import all_projections
 from projections.runner import (
     LostOwnership,
@@ -42,6 +43,7 @@ from projections.runner import (
 )
 from projections.stock import StockProjection
 from projections.store import (
+    create_generation,
     generation,
     generations,
     live_generation,
@@ -992,3 +994,37 @@ def test_a_rebuild_is_refused_while_another_process_rebuilds_the_projection(
         other.close()
     rebuilt = rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
     assert rebuilt.generation == (live_before or 0) + 1
+
+
+def test_a_read_at_a_position_is_never_answered_from_a_view_switched_to_a_filling_one(
+    quiet: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator's walkthrough: during an in-place rebuild, a read asking for
+    the position of its own reservation got 404 for its SKU. It had waited for the view,
+    the view then switched to the new generation, still empty, and it read that."""
+    sku = random_sku("SW")
+    stock_sku(quiet.writer, sku, 5)
+    ProjectionRunner(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases).step()
+    placed = quiet.writer.execute(reserve([(sku, 2)]))
+    assert placed.position is not None
+    waited = quiet.views.wait_for
+    waits: list[int | None] = []
+
+    def switching(projection: str, wanted: int | None, timeout: float) -> int:
+        waits.append(wanted)
+        if len(waits) > 1:
+            return waited(projection, wanted, timeout)
+        # The old generation reached it, and the view switches right after: in place.
+        projection_ = StockProjection(quiet.app)
+        with quiet.store.connection() as conn:
+            filling = create_generation(
+                conn, "stock", projection_.schema_version, projection_.ddl()
+            )
+            switch_live(conn, "stock", filling.generation, projection_.tables)
+        return wanted or 0
+
+    monkeypatch.setattr(quiet.views, "wait_for", switching)
+
+    with pytest.raises(PositionNotReached):
+        quiet.views.availability_after([sku], datetime.now(UTC), placed.position, timeout=0.5)
+    assert len(waits) == 2  # it waited again, for the view it reads
