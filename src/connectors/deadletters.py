@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,27 @@ def dismiss(store: ViewStore, letter_ids: list[int]) -> list[int]:
     return sorted(row["id"] for row in rows)
 
 
+def letter_json(value: Any) -> str:
+    """A letter's record as JSON that PostgreSQL takes: a number JSON cannot hold (a
+    supplier's `NaN`, or `1e400` read as infinite) as its name in a string. Written as
+    Python writes them (`Infinity`), PostgreSQL refused the whole letter's batch, and with
+    it the delivery, retried for good ahead of every other (a fuzzing walkthrough)."""
+    try:
+        return json.dumps(value, allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(_finite(value), default=str)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def record_dead_letters(
     conn: Connection, supplier_id: str, delivery_id: str, rejections: Rejections
 ) -> None:
@@ -176,9 +198,9 @@ def record_dead_letters(
         for rejection in rejections:
             record = rejection.record or {}
             fields, raw = record.get("fields"), record.get("raw", record)
-            written = None if fields is None else json.dumps(fields)
+            written = None if fields is None else letter_json(fields)
             # Most letters keep the record as written as their raw record too: once.
-            raw_written = written if raw is fields else json.dumps(raw)
+            raw_written = written if raw is fields else letter_json(raw)
             copy.write_row((rejection.index, rejection.reason, written, raw_written))
     conn.execute(
         "INSERT INTO connector_dead_letters"

@@ -19,8 +19,8 @@ def succeeded(
     conn.execute(
         "INSERT INTO connector_health (supplier_id, last_success_at, consecutive_failures,"
         " last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, rows, updated_at)"
-        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, %s, now())"
+        " deliveries, rows, rows_deliveries, updated_at)"
+        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, %s, 1, now())"
         " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
         " consecutive_failures = 0, last_delivery_id = excluded.last_delivery_id,"
         " last_rows = excluded.last_rows, last_applied = excluded.last_applied,"
@@ -28,7 +28,8 @@ def succeeded(
         " last_lag_seconds = coalesce(excluded.last_lag_seconds,"
         "   connector_health.last_lag_seconds),"
         " deliveries = connector_health.deliveries + 1,"
-        " rows = connector_health.rows + excluded.rows, updated_at = now()",
+        " rows = connector_health.rows + excluded.rows,"
+        " rows_deliveries = connector_health.rows_deliveries + 1, updated_at = now()",
         (supplier_id, delivery_id, rows, applied, rejected, lag_seconds, rows),
     )
 

@@ -76,12 +76,23 @@ CREATE TABLE IF NOT EXISTS connector_health (
 -- Every failure, not only those in a row (for the failures counter at /metrics).
 ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS failures bigint NOT NULL DEFAULT 0;
 ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS rows bigint NOT NULL DEFAULT 0;
+-- The deliveries `rows` counts. `rows` came after `deliveries`: a database older than it
+-- counted every earlier delivery in the average's divisor and none of its rows (an upgrade
+-- walkthrough: 0.0 rows a delivery). The average starts again where this column arrives.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'connector_health'
+                   AND column_name = 'rows_deliveries') THEN
+        ALTER TABLE connector_health ADD COLUMN rows_deliveries bigint NOT NULL DEFAULT 0;
+        UPDATE connector_health SET rows = 0;
+    END IF;
+END $$;
 -- Feed health as operators and dashboards read it (GET /v1/feeds/health reads it too).
 CREATE OR REPLACE VIEW view_feed_health AS
 SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures, breaker,
        last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds, deliveries,
        failures, updated_at,
-       round(rows::numeric / nullif(deliveries, 0), 1)::double precision AS rows_per_delivery
+       round(rows::numeric / nullif(rows_deliveries, 0), 1)::double precision AS rows_per_delivery
 FROM connector_health;
 CREATE TABLE IF NOT EXISTS connector_webhook_signatures (
     supplier_id text NOT NULL,

@@ -124,31 +124,37 @@ class InboxWorker:
             log.warning("feed.delivery.rejected", supplier=supplier, reason=broken.reason)
             return None
         except Exception as error:  # whatever it was, the delivery is kept and tried again
-            status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
-            retry_in = 2.0**delivery.attempts * random.uniform(0.5, 1)
-            self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
-            log.warning("feed.delivery.failed", supplier=supplier, error=str(error), retry=status)
+            self._failed(delivery, error)
             return None
         outcome = result.as_dict()
         if delivery.taken_over:
             # Its counts are this attempt's: what the dead one applied counts as unchanged.
             outcome["taken_over"] = True
-        with self.store.transaction() as conn:
-            if not inbox.finish(
-                conn, delivery.id, "applied", outcome, None, attempt=delivery.attempts
-            ):
-                log.warning("feed.delivery.claim_lost", supplier=supplier)
-                return None
-            record_dead_letters(conn, supplier, delivery.delivery_id, result.rejections)
-            health.succeeded(
-                conn,
-                supplier,
-                delivery.delivery_id,
-                result.rows,
-                result.applied,
-                result.rejected,
-                result.lag_seconds,
-            )
+        try:
+            with self.store.transaction() as conn:
+                if not inbox.finish(
+                    conn, delivery.id, "applied", outcome, None, attempt=delivery.attempts
+                ):
+                    log.warning("feed.delivery.claim_lost", supplier=supplier)
+                    return None
+                record_dead_letters(conn, supplier, delivery.delivery_id, result.rejections)
+                health.succeeded(
+                    conn,
+                    supplier,
+                    delivery.delivery_id,
+                    result.rows,
+                    result.applied,
+                    result.rejected,
+                    result.lag_seconds,
+                )
+        except psycopg.OperationalError:
+            raise  # the database away: the claim stands, and is taken over once it is back
+        except Exception as error:
+            # Its letters or counts could not be stored: tried again, backing off, then
+            # failed, as any failure. Left claimed, it was taken over at once, for good,
+            # ahead of every later delivery (a fuzzing walkthrough).
+            self._failed(delivery, error)
+            return None
         log.info(
             "feed.delivery.applied",
             supplier=supplier,
@@ -162,6 +168,16 @@ class InboxWorker:
             shares=result.shares,
         )
         return result
+
+    def _failed(self, delivery: inbox.Delivery, error: Exception) -> None:
+        """Queues the delivery again after a pause that grows with its attempts; after
+        MAX_ATTEMPTS, leaves it failed."""
+        status = "failed" if delivery.attempts >= MAX_ATTEMPTS else "queued"
+        retry_in = 2.0**delivery.attempts * random.uniform(0.5, 1)
+        self._finish(delivery, status, None, f"{type(error).__name__}: {error}", retry_in)
+        log.warning(
+            "feed.delivery.failed", supplier=delivery.supplier_id, error=str(error), retry=status
+        )
 
     def _finish(
         self,

@@ -385,3 +385,37 @@ def test_a_delivery_id_with_a_slash_is_looked_up_where_its_answer_says(ledger: S
     assert located.json()["delivery_id"] == "2026/12/06 #1?"
     # Found, and applied, so not queued again.
     assert (retried.status_code, retried.json()["error"]) == (409, "delivery_not_retriable")
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_stock_report_with_a_number_json_cannot_hold_keeps_its_letter_and_answers(
+    ledger: Server, number: str
+) -> None:
+    """Found by a fuzzing walkthrough: the letter of such a record was refused by
+    PostgreSQL (its raw record written as `NaN`), so the report answered 500 after its
+    other records were applied, with no letter; and a feed delivery so refused was tried
+    again for good, ahead of every other."""
+    sku = f"NAN-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=2)).isoformat()
+    body = (
+        '{"observations": ['
+        f'{{"supplier_sku": "OK-1", "quantity": 7, "observed_at": "{at}"}},'
+        f'{{"supplier_sku": "OK-1", "quantity": {number}, "observed_at": "{at}"}}]}}'
+    )
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"OK-1": sku})
+        answer = admin.post(
+            f"/v1/suppliers/{supplier_id}/stock",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        kept = letters(admin, supplier_id=supplier_id)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["applied"] == 1
+    assert [r["index"] for r in answer.json()["rejected"]] == [1]
+    assert on_hand(ledger, sku, answer.json()["position"]) == 7
+    assert len(kept) == 1
+    # Kept as its name (a number read as infinite is kept so: the request's JSON is read
+    # as Python reads it).
+    assert kept[0]["raw"]["quantity"] == {"1e400": "Infinity"}.get(number, number)

@@ -322,3 +322,34 @@ def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applie
     outcome = finished["outcome"]
     assert (outcome["applied"], outcome["unchanged"]) == (ROWS - applied, applied)
     assert levels_written(ledger) == delivery
+
+
+def test_a_delivery_whose_letters_cannot_be_stored_waits_its_retry_behind_the_others(
+    ledger: Runtime, delivery: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a fuzzing walkthrough: a delivery whose letters PostgreSQL refused was left
+    claimed, taken over at once, again and again, ahead of every later delivery of every
+    supplier. It is now tried again as any failure is: after a pause, then left failed."""
+
+    def refused(*_: object) -> None:
+        raise psycopg.errors.InvalidTextRepresentation("invalid input syntax for type json")
+
+    queue(ledger, SUPPLIER, "later", b"sku,quantity\nS-SKU-T0001,99\n")
+    worker = InboxWorker(ledger.ingestor, ledger.store)
+    monkeypatch.setattr("connectors.worker.record_dead_letters", refused)
+
+    assert worker.work_once()  # "big", whose letters cannot be stored
+    monkeypatch.undo()
+    assert worker.work_once()  # the next waiting one, not "big" again
+    assert not worker.work_once()  # "big" waits for its retry
+
+    with ledger.store.connection() as conn:
+        rows = conn.execute(
+            "SELECT delivery_id, status, attempts, error, retry_at > now() AS waits"
+            " FROM connector_inbox ORDER BY id"
+        ).fetchall()
+    big, later = rows
+    assert (big["status"], big["attempts"], big["waits"]) == ("queued", 1, True)
+    assert "invalid input syntax for type json" in big["error"]
+    assert (later["delivery_id"], later["status"]) == ("later", "applied")
+    assert claim_locks_held(ledger) == 0

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from api.runtime import Runtime
-from connectors import health
+from connectors import health, inbox
 from connectors.scheduler import Schedule, Scheduler
 from connectors.simulator import Catalogue, FtpSupplier, RestSupplier, drop
 from connectors.simulator.ftp import READ_ONLY
@@ -213,3 +213,31 @@ def test_a_read_only_ftp_account_is_told_once_and_shown_without_failing_the_supp
     assert now["last_error"].startswith("not_put_aside: ftp_refused")
     assert (now["consecutive_failures"], now["failures"], now["breaker"]) == (0, 0, "closed")
     assert now["deliveries"] == 1
+
+
+def test_rows_per_delivery_after_an_upgrade_counts_only_the_deliveries_whose_rows_it_has(
+    ledger: Runtime,
+) -> None:
+    """Found by an upgrade walkthrough: a database from before rows were counted kept every
+    earlier delivery in the average's divisor and none of their rows (0.0 a delivery)."""
+    with ledger.store.connection() as conn:
+        # As a database from before: the rows column came later, so it counted none of
+        # the earlier deliveries' rows.
+        conn.execute("ALTER TABLE connector_health DROP COLUMN rows_deliveries CASCADE")
+        conn.execute(
+            "INSERT INTO connector_health (supplier_id, deliveries, rows) VALUES ('old', 5, 8)"
+        )
+        inbox.create_tables(conn)  # the upgrade
+        before = conn.execute(
+            "SELECT deliveries, rows_per_delivery FROM view_feed_health WHERE supplier_id = 'old'"
+        ).fetchone()
+        health.succeeded(conn, "old", "d-6", 12, 12, 0, None)
+        health.succeeded(conn, "old", "d-7", 20, 2, 0, None)
+        health.succeeded(conn, "new", "d-1", 3, 3, 0, None)
+        [old, new] = conn.execute(
+            "SELECT supplier_id, deliveries, rows_per_delivery FROM view_feed_health"
+            " WHERE supplier_id IN ('old', 'new') ORDER BY supplier_id DESC"
+        ).fetchall()
+    assert (before["deliveries"], before["rows_per_delivery"]) == (5, None)  # not yet known
+    assert (old["deliveries"], old["rows_per_delivery"]) == (7, 16.0)
+    assert (new["deliveries"], new["rows_per_delivery"]) == (1, 3.0)

@@ -326,3 +326,15 @@ def test_a_round_thousand_written_the_european_way_is_not_read_as_one() -> None:
     assert [r.quantity for r in european] == [1000, 12]
     decimal = records(read_bytes(body, decimal_separator="."))
     assert [r.quantity for r in decimal] == [1, 12, 1500]
+
+
+@pytest.mark.parametrize(
+    "header", ["supplier_sku,supplier_sku,quantity", "sku,quantity,Quantity,unit"]
+)
+def test_a_column_we_read_named_twice_rejects_the_file(header: str) -> None:
+    """Found by a fuzzing walkthrough: the first was read, the other's values dropped
+    with no word (a case count in the second quantity column, its unit lost)."""
+    body = f"{header}\nA1,B2,5,CS\n".encode()
+
+    with pytest.raises(FeedError, match=r"^duplicate_column: "):
+        list(parse("csv", io.BytesIO(body)))

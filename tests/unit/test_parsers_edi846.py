@@ -371,3 +371,22 @@ def test_an_interchange_whose_terminator_never_comes_is_rejected_before_it_is_al
     with pytest.raises(FeedError, match=r"^bad_envelope: no '~' terminator"):
         list(parse("edi846", source))
     assert source.tell() < 10 * len(lines)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("LIN*1*SK*ABC-123", "lin*1*SK*ABC-123", "bad_segment: 'lin' is not a segment identifier"),
+        ("N1*SU*ACME SUPPLY*92*WH-EAST~", "QTY*33*99*EA~", "misplaced_segment: QTY before any LIN"),
+    ],
+    ids=["lower-case-lin", "qty-before-lin"],
+)
+def test_stock_no_item_holds_rejects_the_file_where_it_was_skipped(
+    old: str, new: str, reason: str
+) -> None:
+    """Found by a fuzzing walkthrough: both were skipped as segments the parser does not
+    read (the counts still matching), and that stock with them, with no record of it."""
+    parsed, error = read_until_rejected(sample_with(old, new))
+
+    assert error.reason.startswith(reason)
+    assert not [p for p in parsed if isinstance(p, Record) and p.supplier_sku == "ABC-123"]

@@ -226,3 +226,44 @@ def test_an_integer_past_64_bits_is_read_as_written_and_fractions_as_floats() ->
     assert whole.quantity == 12
     assert isinstance(half, RecordError)
     assert half.reason.startswith("invalid_quantity")
+
+
+@pytest.mark.parametrize(
+    ("number", "reason"),
+    [
+        (b"1e400", "invalid_quantity: '1E+400'"),  # infinite as a float
+        (b"-1e400", "invalid_quantity: '-1E+400'"),
+        (b"1e-400", "invalid_quantity: '1E-400'"),  # zero as a float: it was applied as 0
+        (b"1e30", "invalid_quantity: '1E+30'"),
+    ],
+)
+def test_a_number_no_float_holds_is_refused_with_the_record_as_written(
+    number: bytes, reason: str
+) -> None:
+    """Found by a fuzzing walkthrough: `1e400` made a letter PostgreSQL refused (its raw
+    record held an infinite float), which wedged every later delivery; `1e-400` set the
+    level to 0."""
+    body = b'[{"supplier_sku": "A1", "quantity": ' + number + b'}, {"sku": "B2", "quantity": 1e3}]'
+
+    refused, kept = parse("json", io.BytesIO(body))
+
+    assert isinstance(refused, RecordError)
+    assert refused.reason == reason
+    assert json.dumps(refused.raw, allow_nan=False)  # a letter PostgreSQL takes
+    assert isinstance(kept, Record)
+    assert kept.quantity == 1000
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'[{"supplier_sku": "A\xed\xa0\x801", "quantity": 5}]', "can't decode byte 0xed"),
+        (b'[{"supplier_sku": "A1", "quantity": ' + b"9" * 5000 + b"}]", "more digits than"),
+    ],
+    ids=["encoded-surrogate", "5000-digits"],
+)
+def test_a_file_python_cannot_read_is_rejected_whole_as_malformed(body: bytes, says: str) -> None:
+    """Found by a fuzzing walkthrough: each failed its delivery eight times over, then
+    left it failed, where a file that cannot be read is rejected with its reason."""
+    with pytest.raises(FeedError, match=r"^malformed_json: .*" + says):
+        list(parse("json", io.BytesIO(body)))

@@ -237,3 +237,12 @@ def test_a_unit_on_the_quantity_s_own_element_is_its_unit() -> None:
     parsed = read_bytes(feed, fields={"quantity": ["Stock/Available", "Qty"]})
     # The record's own unit, where it names one, wins.
     assert summary(parsed) == [(1, "X2", 2, "CS"), (2, "X3", 5, "EA"), (3, "X4", 1, "PAL")]
+
+
+def test_an_encoding_python_does_not_know_is_a_malformed_file() -> None:
+    """Found by a fuzzing walkthrough: it failed the delivery eight times over, then left
+    it failed, where a file that cannot be read is rejected with its reason."""
+    body = b'<?xml version="1.0" encoding="x-bogus"?><items><item><sku>A</sku></item></items>'
+
+    with pytest.raises(FeedError, match=r"^malformed_xml: unknown encoding: x-bogus"):
+        list(parse("xml", io.BytesIO(body)))

@@ -30,8 +30,8 @@ A first line `sep=;` (as Excel writes it) names the delimiter and is not the hea
 Quoted fields may hold delimiters and newlines; CRLF and LF both end a row; blank rows
 are skipped. `position` counts the data rows that are not blank.
 
-A FeedError: no header, no supplier_sku or upc column, no quantity column, bytes that
-are not in the encoding, or broken quoting. A RecordError: a row whose field count
+A FeedError: no header, no supplier_sku or upc column, no quantity column, a column
+we read named twice, bytes that are not in the encoding, or broken quoting. A RecordError: a row whose field count
 differs from the header's (trailing empty fields aside), no identifier, a missing or
 non-whole quantity, an unreadable observed_at.
 """
@@ -172,6 +172,13 @@ def _columns(header: list[str], paths: dict[str, tuple[FieldPath, ...]]) -> dict
         for path in candidates:
             wanted = normalise_name("_".join(path))
             if wanted in names:
+                if names.count(wanted) > 1:
+                    # Which is it? The first was taken, the other's values dropped unsaid
+                    # (a fuzzing walkthrough).
+                    raise FeedError(
+                        f"duplicate_column: {shown(header[names.index(wanted)])} names"
+                        f" {names.count(wanted)} columns of {shown(header)}"
+                    )
                 columns[field] = names.index(wanted)
                 break
     missing = [

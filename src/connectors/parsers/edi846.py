@@ -24,7 +24,8 @@ else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw` hold
 envelope's control numbers and the loop's segments as lists of elements.
 
 A FeedError: no ISA or a broken one, a set other than 846, a segment out of place, a
-truncated interchange, an unreadable envelope or BIA date, and any count or control
+truncated interchange, an unreadable envelope or BIA date, a segment identifier that is
+not one (`lin`), a QTY or SCH before any LIN, and any count or control
 number that does not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01, IEA02/ISA13).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import re
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -60,6 +62,10 @@ LONGEST_SEGMENT = 1 << 20  # past this without a terminator, the separators must
 LONGEST_LOOP = 10_000  # segments in one LIN loop
 OUT_OF_SET = frozenset({"ISA", "IEA", "GS", "GE", "ST"})
 LOOP_ENDS = frozenset({"LIN", "CTT", "SE"})
+# Segments of an item, which only a LIN loop may hold.
+ITEM_SEGMENTS = frozenset({"QTY", "SCH"})
+# A segment identifier: two or three upper-case letters or digits, the first a letter.
+SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{1,2}")
 NUMBERS = ValueFormat()
 
 Segment = list[str]
@@ -139,7 +145,9 @@ def _segments(text: TextIO) -> Iterator[Segment]:
     buffer = buffer[ISA_LENGTH:]
     while True:
         *complete, buffer = buffer.split(terminator)
-        yield from (segment.strip().split(element) for segment in complete if segment.strip())
+        for text_ in complete:
+            if text_.strip():
+                yield _segment(text_.strip().split(element))
         if len(buffer) > LONGEST_SEGMENT:
             raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a whole MiB")
         chunk = text.read(CHUNK)
@@ -147,7 +155,15 @@ def _segments(text: TextIO) -> Iterator[Segment]:
             break
         buffer += chunk
     if buffer.strip():
-        yield buffer.strip().split(element)
+        yield _segment(buffer.strip().split(element))
+
+
+def _segment(elements: Segment) -> Segment:
+    """A segment, once its identifier is one: another (`lin` for `LIN`) was skipped as a
+    segment the parser does not read, and its loop's stock with it (a fuzzing walkthrough)."""
+    if SEGMENT_ID.fullmatch(elements[0]) is None:
+        raise FeedError(f"bad_segment: {shown(elements[0])} is not a segment identifier")
+    return elements
 
 
 def _interchanges(segments: Iterator[Segment], settings: EdiSettings) -> Iterator[Parsed]:
@@ -235,6 +251,9 @@ def _transaction(
         if tag == "BIA" and not loop:
             moment = _moment("BIA04/BIA05", _element(segment, 4), _element(segment, 5))
             context = replace(context, observed_at=moment or outer.observed_at)
+        if tag in ITEM_SEGMENTS and not loop:
+            # Stock of no item: not a record to refuse, a set out of shape.
+            raise FeedError(f"misplaced_segment: {tag} before any LIN in set {control}")
         if tag == "LIN" or loop:
             loop.append(segment)
             if len(loop) > LONGEST_LOOP:

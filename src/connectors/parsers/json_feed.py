@@ -30,6 +30,7 @@ quantity, an unreadable observed_at.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any, BinaryIO, ClassVar
 import ijson  # type: ignore[import-untyped]  # ijson ships no type hints
 
 from connectors.parsers.records import (
+    MAX_QUANTITY_DIGITS,
     FeedError,
     FieldPath,
     Parsed,
@@ -102,6 +104,17 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
         yield from _records(_prefixed(events), settings, marked)
     except ijson.JSONError as error:
         raise FeedError(f"malformed_json: {_first_line(error)}") from error
+    except UnicodeDecodeError as error:  # bytes not UTF-8, such as an encoded surrogate
+        raise FeedError(f"malformed_json: {_first_line(error)}") from error
+    except ValueError as error:
+        # An integer of more digits than Python converts: ijson's C parser raises it as
+        # it hands the number on, outside any frame of ours to catch it in. Either failed
+        # the delivery eight times over before leaving it failed (a fuzzing walkthrough).
+        if "integer string conversion" not in str(error):
+            raise
+        raise FeedError(
+            "malformed_json: a number of more digits than can be read (4,300)"
+        ) from error
 
 
 # Stock feeds are shallow; past this, a document is refused before it costs memory
@@ -127,8 +140,19 @@ def _prefixed(events: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, str, Any
         else:
             prefix = ".".join(str(p) for p in path)
             if type(value) is Decimal:
-                value = float(value)
+                value = _number(value)
         yield prefix, event, value
+
+
+def _number(value: Decimal) -> int | float | str:
+    """A number written with a fraction or an exponent (ijson reads the others as ints): a
+    whole one as an int (`12.0`, `1e3`), another as a float, and one no float holds as
+    written (`1e400`, infinite as a float; `1e-400`, zero), which no field takes: a
+    quantity so written was applied as 0, or made a letter PostgreSQL refused."""
+    if value == value.to_integral_value():
+        return int(value) if value.adjusted() < MAX_QUANTITY_DIGITS else str(value)
+    as_float = float(value)
+    return as_float if as_float and math.isfinite(as_float) else str(value)
 
 
 # A JSON escape, as a token: a surrogate pair, a lone surrogate, any other \\u escape, or a

@@ -97,6 +97,10 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
         raise FeedError(f"malformed_xml: {error}") from error
     except RecursionError as error:
         raise FeedError("too_deeply_nested: a record nests its elements too deep") from error
+    except LookupError as error:
+        # The declaration names an encoding Python does not know (`encoding="x-bogus"`):
+        # malformed, where it failed the delivery eight times over (a fuzzing walkthrough).
+        raise FeedError(f"malformed_xml: {error}") from error
 
 
 # The quantity element's attributes read as its unit, where the record names none.
