@@ -31,9 +31,9 @@ Quoted fields may hold delimiters and newlines; CRLF and LF both end a row; blan
 are skipped. `position` counts the data rows that are not blank.
 
 A FeedError: no header, no supplier_sku or upc column, no quantity column, a column
-we read named twice, bytes that are not in the encoding, or broken quoting. A RecordError: a row whose field count
-differs from the header's (trailing empty fields aside), no identifier, a missing or
-non-whole quantity, an unreadable observed_at.
+we read named twice, bytes that are not in the encoding, or broken quoting. A
+RecordError: a row whose field count differs from the header's (trailing empty fields
+aside), no identifier, a missing or non-whole quantity, an unreadable observed_at.
 """
 
 from __future__ import annotations
