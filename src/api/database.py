@@ -137,6 +137,8 @@ def migrate(settings: Settings, database_url: str) -> None:
     Safe to run from several processes at once: they take turns on an advisory lock.
     """
     with advisory_lock(database_url, "migrate"):
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+            check_data_version(conn)  # before anything of it is touched
         app = InventoryLedger(settings.event_store_env(database_url, create_tables=True))
         try:
             with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
@@ -144,13 +146,52 @@ def migrate(settings: Settings, database_url: str) -> None:
                 _without_jit(conn)
                 ensure_live_generations(conn, all_projections(app))
                 create_connector_tables(conn)
+                conn.execute(DATA_VERSION_SQL)
+                conn.execute(RECORD_DATA_VERSION_SQL, (DATA_VERSION,))
         finally:
             app.close()
     log.info("database.migrated", pid=os.getpid())
 
 
+# What this code writes that older code cannot read, as a number: raised whenever code
+# writes something new of that kind (an event type, a table older code would misread).
+# 1: `StockItem.HoldsExpired` events. Code from before this guard reads none of it and
+# does not look: rolled back to it, a database fails on each SKU such an event names.
+DATA_VERSION = 1
+DATA_VERSION_SQL = """
+CREATE TABLE IF NOT EXISTS ledger_data_version (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version integer NOT NULL
+)
+"""
+RECORD_DATA_VERSION_SQL = """
+INSERT INTO ledger_data_version (version) VALUES (%s)
+ON CONFLICT (one) DO UPDATE SET version = greatest(ledger_data_version.version, excluded.version)
+"""
+
+
 class NotMigrated(RuntimeError):
     """The database lacks what this code needs, and this process was told not to migrate."""
+
+
+class NewerData(NotMigrated):
+    """The database holds what newer code wrote, which this code cannot read (a rollback)."""
+
+
+def check_data_version(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    """Raises NewerData where newer code migrated the database: this code would start,
+    and then fail on what it cannot read (an upgrade walkthrough rolled back: ready, then
+    500 on every SKU a new kind of event named)."""
+    found = conn.execute("SELECT to_regclass('ledger_data_version') IS NOT NULL AS kept").fetchone()
+    if found is None or not found["kept"]:
+        return
+    row = conn.execute("SELECT version FROM ledger_data_version").fetchone()
+    if row is not None and row["version"] > DATA_VERSION:
+        raise NewerData(
+            f"the database holds data of a newer version of the ledger (data version"
+            f" {row['version']}; this one reads up to {DATA_VERSION}): run that version, or"
+            " restore a backup taken before it ran"
+        )
 
 
 def check_migrated(database_url: str, projections: list[Projection]) -> None:
@@ -159,6 +200,7 @@ def check_migrated(database_url: str, projections: list[Projection]) -> None:
     generation waits for an in-place upgrade (`ledger migrate` makes it). A generation
     that needs a rebuild instead is rebuilt by its runner while it keeps serving."""
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        check_data_version(conn)
         found = conn.execute(
             "SELECT to_regclass(%s) IS NOT NULL AS events,"
             " to_regclass('ledger_projection_generations') IS NOT NULL AS control",

@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from api.database import start_embedded
+from api.database import DATA_VERSION, NewerData, check_migrated, migrate, start_embedded
 from api.runtime import Runtime
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
@@ -231,3 +232,26 @@ def test_a_command_on_the_embedded_default_leaves_no_server_it_started_running(
 
             user = "pgserver" if os.geteuid() == 0 else None  # as pgserver runs it
             pg_ctl(["-w", "stop"], pgdata=data_dir.resolve() / "pgdata", user=user)
+
+
+def test_code_older_than_the_data_refuses_the_database_before_touching_it(
+    runtime: Runtime,
+) -> None:
+    """Found by an upgrade walkthrough: rolled back, older code migrated the database,
+    said it was ready, then answered 500 for every SKU an event it cannot read named."""
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn:
+        [(recorded,)] = conn.execute("SELECT version FROM ledger_data_version").fetchall()
+        conn.execute("UPDATE ledger_data_version SET version = %s", (DATA_VERSION + 1,))
+
+    with pytest.raises(NewerData, match="newer version of the ledger"):
+        migrate(runtime.settings, runtime.database_url)
+    with pytest.raises(NewerData):
+        check_migrated(runtime.database_url, [])
+    for args in (("migrate",), ("projections", "status"), ("serve", "--port", "1")):
+        keys = {"LEDGER_API_KEYS": "ops:admin:" + "s" * 32}  # as `serve` needs one
+        ran = ledger_command(runtime.database_url, *args, env=keys)
+        assert ran.returncode == 2, ran.stderr
+        assert "holds data of a newer version of the ledger" in ran.stderr
+    with psycopg.connect(runtime.database_url) as conn:
+        [(kept,)] = conn.execute("SELECT version FROM ledger_data_version").fetchall()
+    assert (recorded, kept) == (DATA_VERSION, DATA_VERSION + 1)  # recorded, and not lowered
