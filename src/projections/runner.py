@@ -328,6 +328,10 @@ class ProjectionRunner:
             # Taken, or taken back: another holder may have written since this runner
             # last did, so the states and rows it kept in memory are not to be trusted.
             self.projection.reset()
+            # And generations nobody builds or follows go (a killed rebuild's; those an
+            # older version's runner left half built when rolled back onto newer data,
+            # shown as building for good: an upgrade walkthrough).
+            _drop_abandoned(self.name, self.store, self.leases)
         self._lease = lease
         if current.schema_version > self.projection.schema_version:
             # Built by newer code: this runner's rows would be of an older shape.

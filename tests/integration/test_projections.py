@@ -1028,3 +1028,29 @@ def test_a_read_at_a_position_is_never_answered_from_a_view_switched_to_a_fillin
     with pytest.raises(PositionNotReached):
         quiet.views.availability_after([sku], datetime.now(UTC), placed.position, timeout=0.5)
     assert len(waits) == 2  # it waited again, for the view it reads
+
+
+def test_a_runner_taking_its_view_drops_the_generations_nobody_builds_or_follows(
+    quiet: Runtime,
+) -> None:
+    """Found by an upgrade walkthrough: the generations an older version's runner left
+    half built (rolled back onto newer data) showed as building under every later one."""
+    mixed_workload(quiet.writer, skus=3)
+    projection = StockProjection(quiet.app)
+    with quiet.store.connection() as conn:
+        live_number = live_generation(conn, "stock")
+        left = create_generation(conn, "stock", projection.schema_version, projection.ddl())
+        built = create_generation(conn, "stock", projection.schema_version, projection.ddl())
+    building, holder = LeaseSession(quiet.database_url), object()  # a rebuild at work
+    try:
+        assert building.hold(f"projection:stock:{built.generation}", holder)
+
+        ProjectionRunner(projection, quiet.app, quiet.store, quiet.leases).step()
+
+        with quiet.store.connection() as conn:
+            kept = [g.generation for g in generations(conn, "stock")]
+        assert kept == [live_number, built.generation]
+        assert left.generation not in kept
+    finally:
+        building.release(f"projection:stock:{built.generation}", holder)
+        building.close()
