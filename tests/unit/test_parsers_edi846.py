@@ -390,3 +390,11 @@ def test_stock_no_item_holds_rejects_the_file_where_it_was_skipped(
 
     assert error.reason.startswith(reason)
     assert not [p for p in parsed if isinstance(p, Record) and p.supplier_sku == "ABC-123"]
+
+
+def test_a_line_item_count_that_does_not_match_rejects_the_file() -> None:
+    """Found by a fuzzing walkthrough: `CTT*7` over two items was taken as it was."""
+    parsed, error = read_until_rejected(sample_with("CTT*2~", "CTT*7~"))
+
+    assert error.reason == "bad_envelope: CTT01 says 7 line items, counted 2"
+    assert len(parsed) == 2  # read before the count came: the caller rejects them all

@@ -25,8 +25,8 @@ envelope's control numbers and the loop's segments as lists of elements.
 
 A FeedError: no ISA or a broken one, a set other than 846, a segment out of place, a
 truncated interchange, an unreadable envelope or BIA date, a segment identifier that is
-not one (`lin`), a QTY or SCH before any LIN, and any count or control
-number that does not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01, IEA02/ISA13).
+not one (`lin`), a QTY or SCH before any LIN, and any count or control number that does
+not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01, IEA02/ISA13; CTT01, where sent).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
 whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
@@ -233,7 +233,7 @@ def _transaction(
     if _element(st, 1) != "846":
         raise FeedError(f"not_846: ST01 is {shown(_element(st, 1))} in set {control}")
     context = replace(outer, transaction=control)
-    counted = 1
+    counted, items = 1, 0
     loop: list[Segment] = []
     for segment in segments:
         counted += 1
@@ -244,6 +244,11 @@ def _transaction(
             position += 1
             yield _item(position, loop, settings, context)
             loop = []
+        items += tag == "LIN"
+        if tag == "CTT":
+            # Optional; where sent, it counts the set's LIN loops (a loop lost on the way,
+            # the other counts still matching, was applied without a word).
+            _check_count("CTT01", segment, items, "line items")
         if tag == "SE":
             _check_count("SE01", segment, counted, "segments")
             _check_control("SE02", segment, "ST02", control)
