@@ -469,7 +469,7 @@ def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
         {"name": "x", "timezone": "Mars/Olympus"},
         {"name": "x", "stale_after_seconds": 600, "exclude_after_seconds": 60},
         {"name": "x", "reports_net_of_our_orders": "sometimes"},
-        {"priority": 1},
+        {"name": "", "priority": 1},  # none is the supplier's id, or the name it has
         # PostgreSQL refuses a NUL in JSON: kept, it stopped the stock view for every SKU.
         {"name": "x", "connector": {"options": {"timestamp_format": "a\x00b"}}},
         {"name": "x", "connector": {"units": {"C\x00S": 12}}},
@@ -490,7 +490,7 @@ def test_a_feed_delivery_id_header_with_a_control_character_is_refused(
         "unknown-zone",
         "exclude-before-stale",
         "not-a-bool",
-        "no-name",
+        "empty-name",
         "nul-in-connector",
         "nul-in-connector-key",
         "connector-nested-too-deep",
