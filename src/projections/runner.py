@@ -330,8 +330,14 @@ class ProjectionRunner:
             self.projection.reset()
             # And generations nobody builds or follows go (a killed rebuild's; those an
             # older version's runner left half built when rolled back onto newer data,
-            # shown as building for good: an upgrade walkthrough).
-            _drop_abandoned(self.name, self.store, self.leases)
+            # shown as building for good: an upgrade walkthrough), unless a rebuild is
+            # under way: its generation is made a moment before it holds its lease.
+            guard = _rebuild_guard(self.name)
+            if self.leases.hold(guard, self):
+                try:
+                    _drop_abandoned(self.name, self.store, self.leases)
+                finally:
+                    self.leases.release(guard, self)
         self._lease = lease
         if current.schema_version > self.projection.schema_version:
             # Built by newer code: this runner's rows would be of an older shape.
@@ -412,7 +418,7 @@ def rebuild(
     both run, the later to switch dropping the generation the earlier had just made live
     (an operator's walkthrough). First it drops the generations nobody builds or follows:
     one a killed rebuild left half built, or an old one a reader held when it was to go."""
-    guard, holder = f"projection-rebuild:{projection.name}", object()
+    guard, holder = _rebuild_guard(projection.name), object()
     if not leases.hold(guard, holder):
         raise RebuildRunning(f"a rebuild of {projection.name} is already running")
     try:
@@ -431,10 +437,17 @@ def rebuild(
         leases.release(guard, holder)
 
 
+def _rebuild_guard(name: str) -> str:
+    """The lease a rebuild of the projection holds throughout (one at a time)."""
+    return f"projection-rebuild:{name}"
+
+
 def _drop_abandoned(name: str, store: ViewStore, leases: LeaseSession) -> None:
     """Drops the projection's generations that are not live and whose lease nobody holds
-    (a rebuild holds its new generation's, a runner its live one's). Only beside a live
-    generation: a first one is made live just after it is made (`ensure_live_generations`)."""
+    (a rebuild holds its new generation's, a runner its live one's); the caller holds the
+    rebuild guard, so that no rebuild is between making its generation and holding its
+    lease. Only beside a live generation: a first one is made live just after it is made
+    (`ensure_live_generations`)."""
     with store.connection() as conn:
         live_number = live_generation(conn, name)
         if live_number is None:
