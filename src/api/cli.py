@@ -434,6 +434,7 @@ def _apply_file(
             result.applied,
             result.rejected,
             result.lag_seconds,
+            late=result.late,
         )
     return result
 

@@ -296,6 +296,11 @@ def _feed_families(feeds: list[dict[str, Any]], gauge: Any, counter: Any) -> Ite
         "Records refused in each supplier's last delivery",
         **by,
     )
+    late = gauge(
+        "ledger_feed_last_delivery_late",
+        "Reports in each supplier's last delivery older than the levels on record",
+        **by,
+    )
     for feed in feeds:
         supplier = [feed["supplier_id"]]
         deliveries.add_metric(supplier, feed["deliveries"])
@@ -309,7 +314,8 @@ def _feed_families(feeds: list[dict[str, Any]], gauge: Any, counter: Any) -> Ite
             (lag, feed["last_lag_seconds"]),
             (rows, feed["last_rows"]),
             (rejected, feed["last_rejected"]),
+            (late, feed["last_late"]),
         ):
             if value is not None:
                 family.add_metric(supplier, value)
-    yield from (deliveries, failures, in_a_row, breaker, success, error, lag, rows, rejected)
+    yield from (deliveries, failures, in_a_row, breaker, success, error, lag, rows, rejected, late)

@@ -15,22 +15,26 @@ def succeeded(
     applied: int,
     rejected: int,
     lag_seconds: float | None,
+    late: int = 0,
 ) -> None:
+    """Records a delivery applied: `late` counts its reports older than the levels on
+    record, which change nothing (a supplier whose clock went back, or whose naive times
+    are read in the wrong zone, showed only as lag: a supplier integrator's walkthrough)."""
     conn.execute(
         "INSERT INTO connector_health (supplier_id, last_success_at, consecutive_failures,"
         " last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, rows, rows_deliveries, updated_at)"
-        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, %s, 1, now())"
+        " deliveries, rows, rows_deliveries, last_late, updated_at)"
+        " VALUES (%s, now(), 0, %s, %s, %s, %s, %s, 1, %s, 1, %s, now())"
         " ON CONFLICT (supplier_id) DO UPDATE SET last_success_at = now(),"
         " consecutive_failures = 0, last_delivery_id = excluded.last_delivery_id,"
         " last_rows = excluded.last_rows, last_applied = excluded.last_applied,"
-        " last_rejected = excluded.last_rejected,"
+        " last_rejected = excluded.last_rejected, last_late = excluded.last_late,"
         " last_lag_seconds = coalesce(excluded.last_lag_seconds,"
         "   connector_health.last_lag_seconds),"
         " deliveries = connector_health.deliveries + 1,"
         " rows = connector_health.rows + excluded.rows,"
         " rows_deliveries = connector_health.rows_deliveries + 1, updated_at = now()",
-        (supplier_id, delivery_id, rows, applied, rejected, lag_seconds, rows),
+        (supplier_id, delivery_id, rows, applied, rejected, lag_seconds, rows, late),
     )
 
 
@@ -89,7 +93,7 @@ def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, A
     return conn.execute(
         "SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures,"
         " breaker, last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " deliveries, failures, rows_per_delivery, updated_at FROM view_feed_health"
+        " last_late, deliveries, failures, rows_per_delivery, updated_at FROM view_feed_health"
         " WHERE %s::text IS NULL OR supplier_id = %s ORDER BY supplier_id",
         (supplier_id, supplier_id),
     ).fetchall()

@@ -87,12 +87,16 @@ DO $$ BEGIN
         UPDATE connector_health SET rows = 0;
     END IF;
 END $$;
+-- The last delivery's reports older than the levels on record (which change nothing).
+ALTER TABLE connector_health ADD COLUMN IF NOT EXISTS last_late integer;
 -- Feed health as operators and dashboards read it (GET /v1/feeds/health reads it too).
+-- (A column is added at the end: OR REPLACE keeps those before.)
 CREATE OR REPLACE VIEW view_feed_health AS
 SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures, breaker,
        last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds, deliveries,
        failures, updated_at,
-       round(rows::numeric / nullif(rows_deliveries, 0), 1)::double precision AS rows_per_delivery
+       round(rows::numeric / nullif(rows_deliveries, 0), 1)::double precision AS rows_per_delivery,
+       last_late
 FROM connector_health;
 CREATE TABLE IF NOT EXISTS connector_webhook_signatures (
     supplier_id text NOT NULL,

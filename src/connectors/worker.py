@@ -146,6 +146,7 @@ class InboxWorker:
                     result.applied,
                     result.rejected,
                     result.lag_seconds,
+                    late=result.late,
                 )
         except psycopg.OperationalError:
             raise  # the database away: the claim stands, and is taken over once it is back

@@ -841,3 +841,36 @@ def test_a_webhook_carries_the_supplier_s_own_payload_in_its_format(ledger: Serv
     assert on_hand(ledger, csv_sku, statuses[0]["position"]) == 7
     assert on_hand(ledger, json_sku, statuses[1]["position"]) == 9
     assert unknown.status_code == 422
+
+
+def test_feed_health_counts_the_late_reports_of_the_last_delivery(ledger: Server) -> None:
+    """Found by a supplier integrator's walkthrough: a supplier whose clock went back had
+    every report dropped as late, and feed health showed nothing of it but a lag."""
+    sku = f"LT-{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC)
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"L-1": sku, "L-2": f"{sku}-2"})
+        path = f"/v1/suppliers/{supplier_id}/stock"
+
+        def report(at: datetime, **levels: int) -> dict[str, Any]:
+            observations = [
+                {"supplier_sku": s.replace("_", "-"), "quantity": q, "observed_at": at.isoformat()}
+                for s, q in levels.items()
+            ]
+            answer = admin.post(path, json={"observations": observations})
+            assert answer.status_code == 200, answer.text
+            return dict(answer.json())
+
+        first = report(now - timedelta(minutes=1), L_1=10, L_2=4)
+        late = report(now - timedelta(minutes=10), L_1=3, L_2=5)
+        [shown] = [
+            s
+            for s in admin.get("/v1/feeds/health").json()["suppliers"]
+            if s["supplier_id"] == supplier_id
+        ]
+    metrics = scrape(ledger)
+
+    assert (late["applied"], late["late"]) == (0, 2)
+    assert (shown["last_applied"], shown["last_late"], shown["consecutive_failures"]) == (0, 2, 0)
+    assert metrics[("ledger_feed_last_delivery_late", (("supplier", supplier_id),))] == 2
+    assert on_hand(ledger, sku, first["position"]) == 10

@@ -11,9 +11,11 @@ import ftplib
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -1090,3 +1092,43 @@ def test_a_drop_folder_never_reads_through_a_link(tmp_path: Path) -> None:
     session = LocalFolder(folder, folder / "processed")
     assert session.files() == []
     assert session.read("stock.csv") is None  # as a file gone since it was listed
+
+
+class _Dripping(BaseHTTPRequestHandler):
+    """A page whose body comes a byte every 0.1 s (each read well within a timeout)."""
+
+    def do_GET(self) -> None:
+        body = b'{"items": [' + b" " * 40 + b"]}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for byte in body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.1)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_the_attempt_s_timeout() -> None:
+    """Found by a supplier integrator's walkthrough: httpx's timeout bounds each read, and
+    a page sent a byte a second held one attempt of a 3 s timeout for 77 s."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Dripping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/inventory"
+    settings = {"url": url, **FAST, "timeout_seconds": 0.5, "max_attempts": 1}
+    try:
+        with httpx.Client() as client:
+            transport = transport_for("acme", {"poll": settings}, state=DictState(), client=client)
+            assert transport is not None
+            started = time.monotonic()
+            with pytest.raises(FetchFailed) as failed:
+                pull(transport)
+            took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert failed.value.reason.startswith("timeout")
+    assert took < 2  # the whole body takes 4.3 s

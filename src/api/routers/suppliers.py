@@ -214,6 +214,7 @@ def report_stock(
             counted.applied,
             len(counted.rejected),
             None if newest is None else max(0.0, (at - newest).total_seconds()),
+            late=counted.late,
         )
     set_position(response, outcome.position)
     return report_out(counted, outcome.position)
