@@ -30,6 +30,10 @@ def projection_status(store: ViewStore, app: InventoryLedger) -> list[Projection
     with store.connection() as conn:
         for found in generations(conn):
             lag = max(0, head - found.position)
+            # A failure at a position the generation has since passed is over (another
+            # runner applied that event, as after a rollback and back: an upgrade
+            # walkthrough saw the error shown at lag 0 until the next event).
+            failing = found.failed_position is not None and found.failed_position > found.position
             statuses.append(
                 ProjectionStatus(
                     name=found.name,
@@ -38,8 +42,8 @@ def projection_status(store: ViewStore, app: InventoryLedger) -> list[Projection
                     position=found.position,
                     lag_events=lag,
                     lag_seconds=_age_of_next(app, found.position) if lag else 0.0,
-                    error=found.last_error,
-                    failed_position=found.failed_position,
+                    error=found.last_error if failing else None,
+                    failed_position=found.failed_position if failing else None,
                 )
             )
     return statuses

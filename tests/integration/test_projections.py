@@ -41,12 +41,15 @@ from projections.runner import (
     catch_up,
     rebuild,
 )
+from projections.status import projection_status
 from projections.stock import StockProjection
 from projections.store import (
     create_generation,
     generation,
     generations,
+    live,
     live_generation,
+    record_failure,
     schema_name,
     switch_live,
 )
@@ -1054,3 +1057,23 @@ def test_a_runner_taking_its_view_drops_the_generations_nobody_builds_or_follows
     finally:
         building.release(f"projection:stock:{built.generation}", holder)
         building.close()
+
+
+def test_status_shows_a_failure_only_until_the_generation_passes_its_position(
+    quiet: Runtime,
+) -> None:
+    """Found by an upgrade walkthrough: a failure recorded by one runner (an older version
+    rolled back onto the database) was shown at lag 0, after another applied the event."""
+    mixed_workload(quiet.writer, skus=3)
+    ProjectionRunner(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases).step()
+    with quiet.store.connection() as conn:
+        current = live(conn, "stock")
+        assert current is not None
+        record_failure(conn, "stock", current.generation, current.position + 1, "ahead")
+    failing = [s for s in projection_status(quiet.store, quiet.app) if s.name == "stock"]
+    with quiet.store.connection() as conn:
+        record_failure(conn, "stock", current.generation, current.position, "passed")
+    passed = [s for s in projection_status(quiet.store, quiet.app) if s.name == "stock"]
+
+    assert [(s.error, s.failed_position) for s in failing] == [("ahead", current.position + 1)]
+    assert [(s.error, s.failed_position) for s in passed] == [(None, None)]
