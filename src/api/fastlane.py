@@ -52,7 +52,7 @@ BATCH = "/v1/availability"
 AVAILABILITY = BATCH + "/"
 # What the read route's SKU path parameter accepts (api.routers.skus.SkuPath), one path
 # segment; anything else is the route's to refuse.
-_SKU = re.compile(r"[^/\x00-\x1f\x7f]{1,128}")
+_SKU = re.compile(r"[^/\x00-\x1f\x7f-\x9f\ufffd]{1,128}")
 # A position the lane reads itself: plain digits, as the route's int reads them, and
 # never past the route's bound (api.deps.MAX_POSITION has 19 digits): a longer one, which
 # the route may refuse, is the route's to judge.

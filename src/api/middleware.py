@@ -96,6 +96,16 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if sum(name == b"idempotency-key" for name, _ in scope["headers"]) > 1:
+                # Which one? The first was kept, and the other, sent again, placed the
+                # order a second time (an API fuzzing walkthrough).
+                await self._refuse(
+                    send_with_id,
+                    400,
+                    "invalid_idempotency_key",
+                    "send one Idempotency-Key header, not several",
+                )
+                return
             wait = self._wait(scope)
             if wait:
                 await self._refuse(

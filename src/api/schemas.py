@@ -23,8 +23,13 @@ from ledger.mapping import BASE_UNITS, unit_key
 
 # Identifiers: printable, no control characters, bounded. Every text a client sends that
 # reaches the database keeps to PRINTABLE (PostgreSQL refuses a NUL in text: without the
-# check that was a 500 for the client's mistake).
-PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+# check that was a 500 for the client's mistake). Nor the C1 controls (U+0080-U+009F), nor
+# U+FFFD, which stands for bytes that were not UTF-8 (`/v1/skus/%FF` and `%FE` named one
+# SKU, made by the first): an API fuzzing walkthrough.
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\ufffd]+$"
+# A header's text: printable ASCII. HTTP carries headers as bytes read as Latin-1, so an
+# id sent in UTF-8 was kept garbled (an emoji as "ð\x9f\x98\x80").
+PRINTABLE_ASCII = r"^[\x20-\x7e]+$"
 # Free text (a note, a reason) may run over lines, but holds no NUL.
 NO_NUL = r"^[^\x00]*$"
 Sku = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
@@ -80,7 +85,7 @@ NewSku = Annotated[Sku, AfterValidator(addressable_sku)]
 # JSON numbers only: true, 1.0 and "1" are not quantities.
 Quantity = Annotated[StrictInt, Field(gt=0, le=10**9)]
 # Staleness limits beyond ten years are a mistake, and would overflow time arithmetic.
-Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 24 * 3600)]
+Seconds = Annotated[StrictInt, Field(gt=0, le=10 * 365 * 24 * 3600)]
 
 
 class Strict(BaseModel):
@@ -95,13 +100,15 @@ class Strict(BaseModel):
 class SupplierIn(Strict):
     # A new supplier without one is named by its id; an existing one keeps its own.
     name: Name | None = None
-    priority: int = Field(default=100, ge=0, le=1_000_000, description="lower wins")
-    lead_time_days: int = Field(default=0, ge=0, le=3650)
-    moq: int | None = Field(default=None, gt=0, le=10**9)
-    buffer: int = Field(default=0, ge=0, le=10**9)
+    # Numbers as numbers, true and false as themselves: `"priority": true` or `"1"` was
+    # taken as 1 (an API fuzzing walkthrough), where an order's body refuses both.
+    priority: StrictInt = Field(default=100, ge=0, le=1_000_000, description="lower wins")
+    lead_time_days: StrictInt = Field(default=0, ge=0, le=3650)
+    moq: StrictInt | None = Field(default=None, gt=0, le=10**9)
+    buffer: StrictInt = Field(default=0, ge=0, le=10**9)
     stale_after_seconds: Seconds | None = None
     exclude_after_seconds: Seconds | None = None
-    reports_net_of_our_orders: bool = False
+    reports_net_of_our_orders: StrictBool = False
     timezone: str = "UTC"
     connector: dict[str, Any] = Field(default_factory=dict, description="connector settings")
 
@@ -144,7 +151,7 @@ class SupplierOut(SupplierIn):
 class MappingIn(Strict):
     supplier_sku: Sku
     sku: NewSku
-    units_per_supplier_unit: int = Field(default=1, gt=0, le=1_000_000)
+    units_per_supplier_unit: StrictInt = Field(default=1, gt=0, le=1_000_000)
     upc: Annotated[str, StringConstraints(pattern=r"^[0-9]{8,14}$")] | None = None
     # The supplier's unit that `units_per_supplier_unit` counts for this item (say "CA",
     # where its case holds 24): kept upper case, as a report's unit is compared.

@@ -1021,3 +1021,74 @@ def test_a_feed_s_large_limit_is_only_for_keys_that_may_upload_it(
     # Those that may upload to acme get as far as the route (acme is not registered here).
     for key in ("test-admin", "acme-feed"):
         assert answers[key].status_code != 413, answers[key].text
+
+
+# Found by an API fuzzing walkthrough: each of these was written.
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/skus/%C2%9Fz", {"safety_stock": 0}),  # a C1 control
+        ("/v1/skus/%FFq", {"safety_stock": 1}),  # not UTF-8: read as U+FFFD
+        ("/v1/skus/%FEq", {"safety_stock": 2}),  # ... the same SKU as the one above
+    ],
+    ids=["c1-control", "not-utf8-ff", "not-utf8-fe"],
+)
+def test_an_identifier_with_a_c1_control_or_bytes_not_utf8_is_refused(
+    admin: httpx.Client, path: str, body: dict[str, Any]
+) -> None:
+    refused(admin.put(path, json=body), 422, "validation_error")
+    mapped = admin.put(
+        "/v1/suppliers/acme/mappings",
+        json={"mappings": [{"supplier_sku": "C1", "sku": "x\u0085y"}]},
+    )
+    refused(mapped, 422, "validation_error")
+
+
+def test_a_delivery_header_not_in_printable_ascii_is_refused(acme: httpx.Client) -> None:
+    for raw in (b"d\xc2\x85x", "\U0001f600".encode()):  # as UTF-8, which HTTP reads as Latin-1
+        answer = acme.post(
+            "/v1/suppliers/acme/feeds",
+            content=b"sku,quantity\nA,1\n",
+            headers=[("X-Ledger-Delivery", raw)],
+        )
+        refused(answer, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        {"priority": True},
+        {"priority": "1"},
+        {"buffer": False},
+        {"stale_after_seconds": "600"},
+        {"reports_net_of_our_orders": "1"},
+        {"reports_net_of_our_orders": 1},
+    ],
+)
+def test_supplier_terms_take_numbers_as_numbers_and_booleans_as_booleans(
+    admin: httpx.Client, terms: dict[str, Any]
+) -> None:
+    supplier_id = new_supplier(admin)
+    before = admin.get(f"/v1/suppliers/{supplier_id}").json()
+
+    refused(admin.put(f"/v1/suppliers/{supplier_id}", json=terms), 422, "validation_error")
+    assert admin.get(f"/v1/suppliers/{supplier_id}").json() == before
+    mapped = admin.put(
+        f"/v1/suppliers/{supplier_id}/mappings",
+        json={"mappings": [{"supplier_sku": "T", "sku": "T", "units_per_supplier_unit": True}]},
+    )
+    refused(mapped, 422, "validation_error")
+
+
+def test_an_order_with_two_idempotency_keys_is_refused(oms: httpx.Client, sku: str) -> None:
+    answer = oms.post(
+        "/v1/reservations",
+        json=order(sku),
+        headers=[("Idempotency-Key", "dup-a"), ("Idempotency-Key", "dup-b")],
+    )
+    refused(answer, 400, "invalid_idempotency_key")
+    placed = oms.post("/v1/reservations", json=order(sku), headers={"Idempotency-Key": "dup-b"})
+    assert placed.status_code == 201
+    assert "Idempotent-Replayed" not in placed.headers  # nothing was placed under either

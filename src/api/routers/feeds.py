@@ -15,7 +15,7 @@ from api.deps import AdminKey, AuditorKey, FeedReaderKey, RuntimeDep, SupplierId
 from api.errors import ApiError
 from api.openapi import raw_body
 from api.runtime import Runtime
-from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, delivery_id_problem
+from api.schemas import PRINTABLE, PRINTABLE_ASCII, SUPPLIER_ID_PATTERN, delivery_id_problem
 from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter(tags=["feeds"])
 
 DeliveryHeader = Annotated[
-    str | None, Header(alias="X-Ledger-Delivery", max_length=200, pattern=PRINTABLE)
+    str | None, Header(alias="X-Ledger-Delivery", max_length=200, pattern=PRINTABLE_ASCII)
 ]
 
 

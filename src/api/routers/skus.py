@@ -9,12 +9,12 @@ from pydantic import AfterValidator
 
 from api.deps import AdminKey, Now, RequestId, RuntimeDep, cause_for, set_position
 from api.routers.suppliers import upsert_out
-from api.schemas import SkuIn, UpsertOut, addressable_sku
+from api.schemas import PRINTABLE, SkuIn, UpsertOut, addressable_sku
 from ledger.commands import PutSku
 
 router = APIRouter(prefix="/v1/skus", tags=["skus"])
 
-SkuPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SkuPath = Annotated[str, Path(min_length=1, max_length=128, pattern=PRINTABLE)]
 # A SKU the catalogue may gain here must stay reachable by path (not `.` or `..`).
 NewSkuPath = Annotated[SkuPath, AfterValidator(addressable_sku)]
 

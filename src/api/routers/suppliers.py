@@ -128,7 +128,11 @@ def get_mappings(
     response: Response,
     after: Annotated[
         str,
-        Query(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$", description="supplier_sku cursor"),
+        Query(
+            max_length=128,
+            pattern=r"^[^\x00-\x1f\x7f-\x9f\ufffd]*$",
+            description="supplier_sku cursor",
+        ),
     ] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
