@@ -987,3 +987,29 @@ def test_a_supplier_s_key_reports_its_own_skus_not_ours(
     assert availability(shop, sku)["on_hand"] == 5
     # An admin may still report by our SKU.
     assert ok(admin.post(f"/v1/suppliers/{other}/stock", json=sent))["applied"] == 1
+
+
+@pytest.mark.parametrize(("action", "extra"), [("fulfil", {}), ("return", {"restock": True})])
+def test_fulfilling_or_returning_a_sku_the_catalogue_lacks_is_an_unknown_sku(
+    admin: httpx.Client, oms: httpx.Client, action: str, extra: dict[str, Any]
+) -> None:
+    """Found by an API fuzzing walkthrough: it was `409 exceeds_open_quantity`, where an
+    order naming it is `422 unknown_sku`. A SKU the catalogue holds but the reservation
+    does not is still the reservation's conflict."""
+    supplier_id = new_supplier(admin)
+    sku, other = (stocked_sku(admin, {supplier_id: 10}) for _ in range(2))
+    reservation_id = confirmed(oms, (sku, 2))
+    if action == "return":
+        ok(
+            oms.post(
+                f"/v1/reservations/{reservation_id}/fulfil",
+                json={"lines": [{"sku": sku, "quantity": 2}]},
+            )
+        )
+    path = f"/v1/reservations/{reservation_id}/{action}"
+
+    unknown = oms.post(path, json={"lines": [{"sku": "NO-SUCH-SKU", "quantity": 1}], **extra})
+    not_on_it = oms.post(path, json={"lines": [{"sku": other, "quantity": 1}], **extra})
+
+    assert (unknown.status_code, unknown.json()["error"]) == (422, "unknown_sku")
+    assert (not_on_it.status_code, not_on_it.json()["error"]) == (409, "exceeds_open_quantity")
