@@ -84,13 +84,17 @@ class EmbeddedPostgres:
                     "SELECT count(*) FROM pg_stat_activity"
                     " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
                 ).fetchone()
-        except psycopg.Error:
-            row = None
-        if row is not None and row[0]:
-            log.info("database.embedded.left_running", pgdata=str(self.pgdata), clients=row[0])
+        except psycopg.Error as error:  # too busy to say (out of connections): left running
+            log.info("database.embedded.left_running", pgdata=str(self.pgdata), error=str(error))
             return
-        # Unsaid: a command's last line on stderr is its own (its error, if any).
-        self.stop(said=False)
+        if row is None or row[0]:
+            log.info("database.embedded.left_running", pgdata=str(self.pgdata), clients=row)
+            return
+        try:
+            # Unsaid: a command's last line on stderr is its own (its error, if any).
+            self.stop(said=False)
+        except Exception as error:  # at exit: said in a line, not a traceback
+            log.warning("database.embedded.not_stopped", pgdata=str(self.pgdata), error=str(error))
 
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:

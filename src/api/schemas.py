@@ -137,7 +137,8 @@ class SupplierIn(Strict):
 
 class SupplierOut(SupplierIn):
     supplier_id: str
-    name: Name
+    # As saved: a name saved before PRINTABLE refused C1 controls and U+FFFD is shown.
+    name: str
 
     # Shown as saved: settings saved before a check was added (a key since refused, a
     # bound since set) must not make the supplier unreadable; they are checked again

@@ -161,22 +161,28 @@ def dismiss(store: ViewStore, letter_ids: list[int]) -> list[int]:
 
 def letter_json(value: Any) -> str:
     """A letter's record as JSON that PostgreSQL takes: a number JSON cannot hold (a
-    supplier's `NaN`, or `1e400` read as infinite) as its name in a string. Written as
-    Python writes them (`Infinity`), PostgreSQL refused the whole letter's batch, and with
-    it the delivery, retried for good ahead of every other (a fuzzing walkthrough)."""
+    supplier's `NaN`, or `1e400` read as infinite) as its name in a string, and a NUL as
+    U+FFFD (PostgreSQL's JSON holds no `\\u0000`). Written as Python writes them,
+    PostgreSQL refused the whole letter's batch, and with it the delivery, retried for good
+    ahead of every other (a fuzzing walkthrough; a review, for the NUL)."""
     try:
-        return json.dumps(value, allow_nan=False, default=str)
+        written = json.dumps(value, allow_nan=False, default=str)
     except ValueError:
-        return json.dumps(_finite(value), default=str)
+        written = None
+    if written is None or "\\u0000" in written:
+        written = json.dumps(_storable(value), default=str)
+    return written
 
 
-def _finite(value: Any) -> Any:
+def _storable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
+        return [_storable(item) for item in value]
     return value
 
 

@@ -586,18 +586,22 @@ class LedgerWriter:
         started: float,
     ) -> None:
         """Gives each command of a saved batch its answer: the batch's position to those
-        that wrote events, none to those that wrote none (a replayed order, a report that
-        changed nothing), whose answer no position of the batch's describes."""
+        that wrote events or read what the batch wrote (an order replayed in the batch that
+        placed it: its client reads at it), none to the others (an order replayed long
+        after, a report that changed nothing), whose answer no position of the batch's
+        describes (an auditor's walkthrough saw replays carry other commands' positions)."""
         seconds = time.monotonic() - started
         self.batches += 1
         self.commands += len(jobs)
+        written: set[UUID] = set().union(*(reads[job][1] for job in jobs))
         for job in jobs:
             value, error = answers[job]
             if error is not None:
                 job.future.set_exception(error)
             else:
-                wrote = position if reads[job][1] else None
-                job.future.set_result(Outcome(value, wrote, seconds))
+                read, wrote = reads[job]
+                answered = position if wrote or read & written else None
+                job.future.set_result(Outcome(value, answered, seconds))
 
     def _unstorable(self, pending: list[_Job], added: dict[_Job, list[Any]]) -> dict[_Job, str]:
         """The commands whose new events the store cannot be given, and why."""

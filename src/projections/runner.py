@@ -563,7 +563,10 @@ def _build_in_shares(
     context = multiprocessing.get_context("spawn")  # no inherited connections or threads
     try:
         with ProcessPoolExecutor(
-            processes - 1, mp_context=context, initializer=_end_with_parent
+            processes - 1,
+            mp_context=context,
+            initializer=_end_with_parent,
+            initargs=(os.getpid(),),
         ) as others:
             shares = [
                 others.submit(
@@ -635,12 +638,13 @@ def _apply_share(
     return applied
 
 
-def _end_with_parent() -> None:
-    """A share's process is ended when the rebuild's ends: a rebuild killed (`kill -9`)
-    left its share processes waiting for work for good (an operator's walkthrough)."""
+def _end_with_parent(parent: int) -> None:
+    """A share's process is ended when the rebuild's (`parent`) ends: a rebuild killed
+    (`kill -9`) left its share processes waiting for work for good (an operator's
+    walkthrough). The parent's pid, not 1: a rebuild may itself be PID 1, in a container."""
     with suppress(OSError, AttributeError):  # Linux's prctl; elsewhere they may outlive it
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # it ended before this one could ask
+    if os.getppid() != parent:  # it ended before this one could ask
         os._exit(1)
 
 

@@ -498,7 +498,8 @@ def test_settings_saved_before_they_were_checked_still_show(ledger: Server) -> N
                 at=datetime.now(UTC),
                 cause=Cause("test", "test.supplier.put", uuid.uuid4().hex),
                 supplier_id=supplier_id,
-                terms=SupplierTerms("old", connector=stored),
+                # A name PRINTABLE refuses since (a C1 control): shown as saved (a review).
+                terms=SupplierTerms("old\u0085", connector=stored),
             )
         )
     finally:
@@ -508,6 +509,7 @@ def test_settings_saved_before_they_were_checked_still_show(ledger: Server) -> N
         again = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "old", "connector": stored})
     assert shown.status_code == 200, shown.text
     assert shown.json()["connector"] == stored
+    assert shown.json()["name"] == "old\u0085"
     assert again.status_code == 422, again.text
 
 
@@ -874,3 +876,14 @@ def test_feed_health_counts_the_late_reports_of_the_last_delivery(ledger: Server
     assert (shown["last_applied"], shown["last_late"], shown["consecutive_failures"]) == (0, 2, 0)
     assert metrics[("ledger_feed_last_delivery_late", (("supplier", supplier_id),))] == 2
     assert on_hand(ledger, sku, first["position"]) == 10
+
+
+def test_a_null_name_is_a_name_left_out(ledger: Server) -> None:
+    """Found by a review: `"name": null` renamed an existing supplier to its id."""
+    supplier_id = f"null-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        assert admin.put(f"/v1/suppliers/{supplier_id}", json={"name": "Acme"}).status_code == 200
+        changed = admin.put(f"/v1/suppliers/{supplier_id}", json={"name": None, "priority": 3})
+        kept = admin.get(f"/v1/suppliers/{supplier_id}").json()
+    assert changed.status_code == 200
+    assert (kept["name"], kept["priority"]) == ("Acme", 3)

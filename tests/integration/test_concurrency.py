@@ -622,3 +622,13 @@ def test_a_replayed_order_saved_beside_new_ones_is_answered_without_their_positi
     assert new_a.position == new_b.position
     held = {sku: runtime.queries.stock_levels(sku, now()).held for sku in (a, b)}
     assert held == {a: 4, b: 2}
+
+    # Replayed in the batch that placed it (a client retrying before its answer came), it
+    # is given the batch's position: its client reads at it to see the order (a review).
+    again = reserve([(b, 1)], order_id="retried-at-once")
+    pair = [_Job(again, Future()), _Job(again, Future())]
+    runtime.writer._run_batch(pair)
+    placed_now, retried = (job.future.result(0) for job in pair)
+    assert retried.value.replayed
+    assert retried.position is not None
+    assert retried.position == placed_now.position

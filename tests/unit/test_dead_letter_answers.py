@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from api.routers.deadletters import _out
-from connectors.deadletters import RetryOutcome
+from connectors.deadletters import RetryOutcome, letter_json
 
 
 def test_a_retry_answers_its_letters_in_id_order_though_applied_supplier_by_supplier() -> None:
@@ -26,3 +28,21 @@ def test_a_retry_answers_its_letters_in_id_order_though_applied_supplier_by_supp
         "not_retryable": [6, 9],
         "position": 42,
     }
+
+
+def test_a_letter_holds_no_nul_and_no_number_json_cannot_hold() -> None:
+    """PostgreSQL's JSON takes neither `\\u0000` nor `NaN`: such a letter failed its whole
+    delivery's letters (a fuzzing walkthrough; a review, for the NUL)."""
+    written = letter_json(
+        {"supplier_sku": "A\x00", "quantity": float("inf"), "k\x00": [float("nan")]}
+    )
+
+    assert json.loads(written) == {
+        "supplier_sku": "A\ufffd",
+        "quantity": "Infinity",
+        "k\ufffd": ["NaN"],
+    }
+    assert "\\u0000" not in written
+    assert (
+        letter_json({"supplier_sku": "A", "quantity": 3}) == '{"supplier_sku": "A", "quantity": 3}'
+    )

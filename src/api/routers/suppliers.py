@@ -73,7 +73,9 @@ def put_supplier(
         cause=cause_for(key, "admin.supplier.put", request_id),
         supplier_id=supplier_id,
         terms=terms,
-        kept=frozenset(SupplierIn.model_fields) - body.model_fields_set,
+        # A null name is one left out: kept (it renamed the supplier to its id).
+        kept=frozenset(SupplierIn.model_fields) - body.model_fields_set
+        | ({"name"} if body.name is None else set()),
     )
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)

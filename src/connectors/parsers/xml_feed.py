@@ -100,6 +100,9 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
     except LookupError as error:
         # The declaration names an encoding Python does not know (`encoding="x-bogus"`):
         # malformed, where it failed the delivery eight times over (a fuzzing walkthrough).
+        # Only that: a KeyError or IndexError is a bug of ours, to be tried again.
+        if type(error) is not LookupError:
+            raise
         raise FeedError(f"malformed_xml: {error}") from error
 
 

@@ -245,7 +245,7 @@ class RestPoller:
         """One attempt at one page, following its redirects (on the feed's own server,
         unless the settings say otherwise: see `_check_origin`)."""
         timeout = self.settings.timeout_seconds
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         for _ in range(MAX_REDIRECTS + 1):
             with (
                 classified(HTTP_FAILURES),
@@ -261,7 +261,7 @@ class RestPoller:
                 failure = status_failure(response.status_code, wait)
                 if failure is not None:
                     raise failure
-                body = _read(response, self.settings.max_page_bytes, deadline)
+                body = _read(response, self.settings.max_page_bytes, started, timeout)
                 return _Page(response.url, response.status_code, response.headers, body)
         raise FetchFailed(f"too_many_redirects: over {MAX_REDIRECTS}", retriable=False)
 
@@ -292,21 +292,30 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port
 
 
-def _read(response: httpx.Response, limit: int, deadline: float) -> bytes:
-    """The page's body, up to `limit` bytes, read by `deadline`: httpx's timeout bounds each
-    read, and a body sent a byte a second held an attempt of a 3 s timeout for 77 s (a
-    supplier integrator's walkthrough), its supplier among the few fetched at once."""
+# A page's body may take `timeout_seconds`, and that again for each MiB of it.
+TIMEOUT_BYTES = 1 << 20
+
+
+def _read(response: httpx.Response, limit: int, started: float, timeout: float) -> bytes:
+    """The page's body, up to `limit` bytes, at no less than a MiB every `timeout` seconds:
+    httpx's timeout bounds each read, and a body sent a byte a second held an attempt of a 3
+    s timeout for 77 s (a supplier integrator's walkthrough), its supplier among the few
+    fetched at once. A large page on a slow line is given its time, and one that arrived
+    whole is kept, however late."""
     chunks: list[bytes] = []
     size = 0
+    overdue = False
     for chunk in response.iter_bytes():
+        if overdue:
+            raise httpx.ReadTimeout(
+                "the page came more slowly than a MiB every timeout_seconds",
+                request=response.request,
+            )
         size += len(chunk)
         if size > limit:
             raise FetchFailed(f"page_too_large: over {limit} bytes", retriable=False)
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout(
-                "the page took longer than timeout_seconds to arrive", request=response.request
-            )
         chunks.append(chunk)
+        overdue = time.monotonic() - started > timeout * (1 + size // TIMEOUT_BYTES)
     return b"".join(chunks)
 
 
