@@ -826,11 +826,18 @@ def test_releasing_a_fulfilled_reservation_is_an_invalid_state(oms: httpx.Client
     ids=["more-than-open", "sku-not-in-order", "supplier-not-allocated"],
 )
 def test_fulfilling_more_than_is_open_is_a_conflict(
-    oms: httpx.Client, sku: str, line: dict[str, Any], remaining: int, said: str
+    admin: httpx.Client,
+    oms: httpx.Client,
+    sku: str,
+    line: dict[str, Any],
+    remaining: int,
+    said: str,
 ) -> None:
     path = f"/v1/reservations/{new_reservation(oms, sku, 2)}"
     assert oms.post(f"{path}/confirm").status_code == 200
-    shipped = {"sku": random_sku() if line.pop("other_sku", False) else sku, **line}
+    other = random_sku()  # in the catalogue, not on the order (one it lacks is 422)
+    assert admin.put(f"/v1/skus/{other}", json={"safety_stock": 0}).status_code == 200
+    shipped = {"sku": other if line.pop("other_sku", False) else sku, **line}
 
     response = oms.post(f"{path}/fulfil", json={"lines": [shipped]})
     detail = refused(response, 409, "exceeds_open_quantity")
