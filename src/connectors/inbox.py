@@ -472,6 +472,21 @@ def heartbeat(conn: Connection, delivery: Delivery) -> bool:
     return cursor.rowcount == 1
 
 
+def hand_back(conn: Connection, delivery: Delivery, error: str) -> bool:
+    """Queues again, for the next worker at once, a delivery its worker stopped applying,
+    giving back the attempt it took: a stop is no failure, and stops during deploys must not
+    bring a delivery to MAX_ATTEMPTS (a review). Only while this attempt's claim holds. Its
+    lock is let go after (`release`): a worker that claims it meanwhile takes that attempt
+    again, whose lock it cannot have yet, and tries once it is free."""
+    cursor = conn.execute(
+        "UPDATE connector_inbox SET status = 'queued', attempts = attempts - 1, error = %s,"
+        " finished_at = now(), retry_at = now()"
+        " WHERE id = %s AND attempts = %s AND status = 'processing'",
+        (error, delivery.id, delivery.attempts),
+    )
+    return cursor.rowcount == 1
+
+
 def release(conn: Connection, delivery: Delivery) -> bool:
     """Lets go of a claim's advisory lock (after `finish`); False when `conn` did not hold it."""
     row = conn.execute(

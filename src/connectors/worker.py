@@ -211,13 +211,8 @@ class InboxWorker:
         to its end could take longer than a supervisor waits before it kills the process;
         left claimed, it would wait for its claim to go stale.)"""
         with self.store.transaction() as conn:
-            handed = inbox.finish(
-                conn,
-                delivery.id,
-                "queued",
-                None,
-                "handed back unfinished: its worker was stopped",
-                attempt=delivery.attempts,
+            handed = inbox.hand_back(
+                conn, delivery, "handed back unfinished: its worker was stopped"
             )
             if handed:
                 conn.execute("NOTIFY connector_inbox")

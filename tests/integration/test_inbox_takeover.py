@@ -310,7 +310,7 @@ def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applie
             "SELECT consecutive_failures FROM connector_health WHERE supplier_id = %s",
             (SUPPLIER,),
         ).fetchone()
-    assert (row["status"], row["attempts"]) == ("queued", 1)
+    assert (row["status"], row["attempts"]) == ("queued", 0)  # a stop is no failed attempt
     assert "handed back" in row["error"]
     assert health is None or health["consecutive_failures"] == 0  # no failure of the feed's
     assert claim_locks_held(ledger) == 0
@@ -318,7 +318,7 @@ def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applie
     assert InboxWorker(ledger.ingestor, ledger.store).work_once()
 
     finished = inbox_row(ledger)
-    assert (finished["status"], finished["attempts"]) == ("applied", 2)
+    assert (finished["status"], finished["attempts"]) == ("applied", 1)
     outcome = finished["outcome"]
     assert (outcome["applied"], outcome["unchanged"]) == (ROWS - applied, applied)
     assert levels_written(ledger) == delivery
