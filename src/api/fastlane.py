@@ -43,7 +43,7 @@ from api.middleware import replay
 from api.routers.availability import MAX_BATCH, availability_answer
 from api.routers.reservations import reserve_command, reserved
 from api.runtime import Runtime
-from api.schemas import ReservationIn
+from api.schemas import NOT_PRINTABLE, ReservationIn
 from api.settings import ApiKey
 from ledger.commands import Reserve
 
@@ -52,7 +52,7 @@ BATCH = "/v1/availability"
 AVAILABILITY = BATCH + "/"
 # What the read route's SKU path parameter accepts (api.routers.skus.SkuPath), one path
 # segment; anything else is the route's to refuse.
-_SKU = re.compile(r"[^/\x00-\x1f\x7f-\x9f\ufffd]{1,128}")
+_SKU = re.compile(rf"[^/{NOT_PRINTABLE}]{{1,128}}")
 # A position the lane reads itself: plain digits, as the route's int reads them, and
 # never past the route's bound (api.deps.MAX_POSITION has 19 digits): a longer one, which
 # the route may refuse, is the route's to judge.

@@ -26,7 +26,8 @@ from ledger.mapping import BASE_UNITS, unit_key
 # check that was a 500 for the client's mistake). Nor the C1 controls (U+0080-U+009F), nor
 # U+FFFD, which stands for bytes that were not UTF-8 (`/v1/skus/%FF` and `%FE` named one
 # SKU, made by the first): an API fuzzing walkthrough.
-PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\ufffd]+$"
+NOT_PRINTABLE = r"\x00-\x1f\x7f-\x9f\ufffd"  # a character class's body, for other patterns
+PRINTABLE = rf"^[^{NOT_PRINTABLE}]+$"
 # A header's text: printable ASCII. HTTP carries headers as bytes read as Latin-1, so an
 # id sent in UTF-8 was kept garbled (an emoji as "ð\x9f\x98\x80").
 PRINTABLE_ASCII = r"^[\x20-\x7e]+$"

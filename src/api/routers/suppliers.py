@@ -27,6 +27,7 @@ from api.deps import (
 from api.errors import ApiError
 from api.runtime import Runtime
 from api.schemas import (
+    NOT_PRINTABLE,
     MappingsIn,
     ObservationIn,
     RejectedOut,
@@ -132,7 +133,7 @@ def get_mappings(
         str,
         Query(
             max_length=128,
-            pattern=r"^[^\x00-\x1f\x7f-\x9f\ufffd]*$",
+            pattern=rf"^[^{NOT_PRINTABLE}]*$",
             description="supplier_sku cursor",
         ),
     ] = "",
