@@ -103,9 +103,10 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     WEBHOOK: frozenset({401, 409}),
     ("post", "/v1/feeds/{delivery_id}/retry"): frozenset({404, 409}),
     ("get", "/v1/feeds/{delivery_id}"): frozenset({404, 409}),
-    ("post", "/v1/dead-letters/{letter_id}/retry"): frozenset({404}),
-    ("post", "/v1/dead-letters/{letter_id}/dismiss"): frozenset({404}),
+    ("post", "/v1/dead-letters/{letter_id}/retry"): frozenset({404, 409}),
+    ("post", "/v1/dead-letters/{letter_id}/dismiss"): frozenset({404, 409}),
     ("post", "/v1/dead-letters/retry"): frozenset({409}),
+    ("post", "/v1/dead-letters/dismiss"): frozenset({409}),
 }
 
 FEED_MEDIA_TYPES = (

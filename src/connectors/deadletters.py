@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,14 @@ class RetryOutcome:
     resolved: list[int] = field(default_factory=list)
     still_refused: dict[int, str] = field(default_factory=dict)
     not_retryable: list[int] = field(default_factory=list)
+    # Open letters another retry holds (in this process or another): left to it.
+    being_retried: list[int] = field(default_factory=list)
     position: int | None = None
+    # What the resolved records did: changed a level, repeated it, or came too late (a
+    # newer report is on record, and stands).
+    applied: int = 0
+    unchanged: int = 0
+    late: int = 0
 
 
 def listing(
@@ -66,6 +74,14 @@ def listing(
         ).fetchall()
 
 
+# A retry claims the open letters it applies: it locks them for as long as it runs, and
+# skips those another retry holds. Two retries at once each applied every letter and
+# reported it resolved, and a letter dismissed meanwhile was applied and marked resolved
+# over its dismissal (a walkthrough).
+CLAIM = """
+SELECT id, supplier_id, delivery_id, reason, record, raw FROM connector_dead_letters
+WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED
+"""
 # The other open letters of records that disagreed with those being retried: the same
 # delivery's, at the same time (compared as times, not as text).
 DISAGREEING = """
@@ -77,8 +93,13 @@ WHERE o.status = 'open' AND o.reason = 'conflicting_duplicate' AND NOT o.id = AN
     WHERE l.id = ANY(%s) AND l.status = 'open' AND l.reason = 'conflicting_duplicate'
       AND l.supplier_id = o.supplier_id AND l.delivery_id = o.delivery_id
       AND (l.record ->> 'observed_at')::timestamptz = (o.record ->> 'observed_at')::timestamptz)
-ORDER BY o.id
+ORDER BY o.id FOR UPDATE OF o SKIP LOCKED
 """
+# The letters asked for that are open but were not claimed: another retry holds them.
+STILL_OPEN = "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) AND status = 'open'"
+# A retry holds a connection for its claims while the ledger applies its letters on
+# others: one retry at a time in a process, so that retries never take the pool.
+_retrying = threading.Lock()
 
 
 def letter_suppliers(store: ViewStore, delivery_id: str) -> list[str]:
@@ -100,15 +121,25 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
     such a letter is always tried again with the other open ones of its delivery at that
     time, so that they disagree again, however the letters were picked (one, or a bulk
     retry's first `limit`): one applies alone only once the operator has dismissed the
-    others (`dismiss`), never to come back with a later retry."""
+    others (`dismiss`), never to come back with a later retry.
+
+    The letters are claimed (CLAIM) for the whole retry, in a transaction that marks them
+    at its end: a letter another retry holds is left to it (`being_retried`), and one
+    being retried cannot be dismissed until the retry ends."""
+    with _retrying, store.transaction() as claim:
+        return _retry(claim, ingestor, letter_ids, actor)
+
+
+def _retry(
+    claim: Connection, ingestor: Ingestor, letter_ids: list[int], actor: str
+) -> RetryOutcome:
     outcome = RetryOutcome()
-    with store.connection() as conn:
-        letters = conn.execute(
-            "SELECT id, supplier_id, delivery_id, reason, record, raw FROM connector_dead_letters"
-            " WHERE id = ANY(%s) AND status = 'open' ORDER BY id",
-            (letter_ids,),
-        ).fetchall()
-        letters += conn.execute(DISAGREEING, (letter_ids, letter_ids)).fetchall()
+    letters = claim.execute(CLAIM, (letter_ids,)).fetchall()
+    claimed = [letter["id"] for letter in letters]
+    if set(claimed) != set(letter_ids):
+        left = claim.execute(STILL_OPEN, ([i for i in letter_ids if i not in claimed],))
+        outcome.being_retried = sorted(row["id"] for row in left)
+    letters += claim.execute(DISAGREEING, (claimed, claimed)).fetchall()
     by_supplier: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for letter in letters:
         if letter["record"] is None:
@@ -119,6 +150,9 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
         records = [record_from_fields(g["id"], g["record"], g["raw"]) for g in group]
         result = ingestor.retry(supplier_id, records, actor)
         refused = {r.index: r.reason for r in result.rejections}
+        outcome.applied += result.applied
+        outcome.unchanged += result.unchanged
+        outcome.late += result.late
         if result.position is not None:
             outcome.position = max(outcome.position or 0, result.position)
         ids = sorted(letter["id"] for letter in group)
@@ -126,37 +160,44 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
         outcome.still_refused.update(still)
         resolved = [i for i in ids if i not in refused]
         outcome.resolved += resolved
-        with store.transaction() as conn:
-            # Locked in id order, as every retry takes them: two at once never deadlock.
-            # Then two statements, not one a letter: 100,000 letters took 21 s so.
-            conn.execute(
-                "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (ids,),
-            )
-            conn.execute(
-                "UPDATE connector_dead_letters l SET attempts = attempts + 1,"
-                " reason = s.reason, updated_at = now()"
-                " FROM unnest(%s::bigint[], %s::text[]) AS s(id, reason) WHERE l.id = s.id",
-                (list(still), list(still.values())),
-            )
-            conn.execute(
-                "UPDATE connector_dead_letters SET attempts = attempts + 1,"
-                " status = 'resolved', updated_at = now() WHERE id = ANY(%s)",
-                (resolved,),
-            )
+        # Claimed, so locked already. Two statements, not one a letter: 100,000 letters
+        # took 21 s so.
+        claim.execute(
+            "UPDATE connector_dead_letters l SET attempts = attempts + 1,"
+            " reason = s.reason, updated_at = now()"
+            " FROM unnest(%s::bigint[], %s::text[]) AS s(id, reason) WHERE l.id = s.id",
+            (list(still), list(still.values())),
+        )
+        claim.execute(
+            "UPDATE connector_dead_letters SET attempts = attempts + 1,"
+            " status = 'resolved', updated_at = now() WHERE id = ANY(%s)",
+            (resolved,),
+        )
     return outcome
 
 
-def dismiss(store: ViewStore, letter_ids: list[int]) -> list[int]:
+@dataclass
+class Dismissal:
+    dismissed: list[int] = field(default_factory=list)
+    # Open letters a retry holds: not dismissed (the retry may be applying them).
+    being_retried: list[int] = field(default_factory=list)
+
+
+def dismiss(store: ViewStore, letter_ids: list[int]) -> Dismissal:
     """Closes open letters without applying them (the false one of records that
-    disagreed, say); returns those it closed."""
+    disagreed, say), except those a retry holds."""
     with store.transaction() as conn:
         rows = conn.execute(
             "UPDATE connector_dead_letters SET status = 'dismissed', updated_at = now()"
-            " WHERE id = ANY(%s) AND status = 'open' RETURNING id",
+            " WHERE id IN (SELECT id FROM connector_dead_letters"
+            "  WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED)"
+            " RETURNING id",
             (letter_ids,),
         ).fetchall()
-    return sorted(row["id"] for row in rows)
+        dismissed = sorted(row["id"] for row in rows)
+        left = [i for i in letter_ids if i not in set(dismissed)]
+        busy = conn.execute(STILL_OPEN, (left,)).fetchall() if left else []
+    return Dismissal(dismissed, sorted(row["id"] for row in busy))
 
 
 def letter_json(value: Any) -> str:

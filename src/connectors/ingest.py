@@ -58,7 +58,7 @@ from connectors.parsers.csv_feed import CsvSettings
 from connectors.parts import PartSender
 from connectors.shares import Share, sku_order, split
 from connectors.staging import Reading, copy_delivery, stage_records
-from ledger.commands import Observation
+from ledger.commands import RETRY_SOURCE, Observation
 from ledger.delivery import Rejection
 from ledger.errors import UnknownSupplier
 from ledger.mapping import unknown_unit
@@ -187,7 +187,7 @@ class Ingestor:
             delivery_id,
             terms,
             iter(records),
-            source="dead-letter-retry",
+            source=RETRY_SOURCE,
             received_at=self.clock(),
             actor=actor,
         )

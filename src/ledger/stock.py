@@ -580,6 +580,7 @@ class StockItem(LedgerAggregate):
         delivery_id: str | None = None,
         seen_at: datetime | None = None,
         incoming: IncomingStock | None = None,
+        ties_lose: bool = False,
     ) -> ObservationOutcome:
         """Records an absolute supplier report; the newest `observed_at` per supplier wins.
         `incoming`: the stock the report says the supplier expects (empty: it expects none;
@@ -590,11 +591,21 @@ class StockItem(LedgerAggregate):
         event, yet a report older than it is late all the same (the ledger keeps it
         beside its events, see `LevelTouch`). `current_observed_at` on the late event
         names the newer report.
+
+        Of two reports of one time, the one that arrives last wins, unless `ties_lose`: a
+        record received before the level on record was (a dead letter tried again) is
+        late against a report of the same time, or it would put back the oldest file's
+        level where a supplier stamps its times to the minute (a walkthrough).
         """
         current = self.positions.get(supplier_id)
         if current is not None and current.observed_at is not None:
             newest = max(current.observed_at, seen_at or current.observed_at)
-            if observed_at < newest:
+            tie_lost = (
+                ties_lose
+                and observed_at == newest
+                and (quantity != current.quantity or incoming not in (None, current.incoming))
+            )
+            if observed_at < newest or tie_lost:
                 self.trigger_event(
                     self.LateReportIgnored,
                     supplier_id=supplier_id,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import Server, serving
@@ -173,7 +176,12 @@ def test_a_bulk_retry_applies_only_the_letters_it_names_and_only_once(ledger: Se
         "resolved": late,
         "still_refused": [],
         "not_retryable": [],
+        "being_retried": [],
+        "applied": 2,
+        "unchanged": 0,
+        "late": 0,
         "position": position,
+        "next_after": None,
     }
     assert levels == {"LATE-1": 7, "LATE-2": 9, "B-1": 0, "B-2": 0}
     assert [i["id"] for i in resolved_of_first] == late
@@ -189,7 +197,12 @@ def test_a_bulk_retry_applies_only_the_letters_it_names_and_only_once(ledger: Se
         "resolved": [],
         "still_refused": [],
         "not_retryable": [],
+        "being_retried": [],
+        "applied": 0,
+        "unchanged": 0,
+        "late": 0,
         "position": None,
+        "next_after": None,
     }
     assert after_again == after
     assert levels_again == levels
@@ -419,3 +432,150 @@ def test_a_stock_report_with_a_number_json_cannot_hold_keeps_its_letter_and_answ
     # Kept as its name (a number read as infinite is kept so: the request's JSON is read
     # as Python reads it).
     assert kept[0]["raw"]["quantity"] == {"1e400": "Infinity"}.get(number, number)
+
+
+def held_by_a_retry(ledger: Server, letter_ids: list[int]) -> Any:
+    """A transaction that holds these letters as a retry holds them while it applies
+    them (connectors.deadletters.CLAIM): until it ends."""
+    conn = psycopg.connect(ledger.database_url)
+    locked = conn.execute(
+        "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        (letter_ids,),
+    ).fetchall()
+    assert sorted(row[0] for row in locked) == sorted(letter_ids)
+    return conn
+
+
+def test_a_letter_a_retry_holds_is_neither_dismissed_nor_retried_again_meanwhile(
+    ledger: Server,
+) -> None:
+    """A walkthrough dismissed a letter while a bulk retry ran: the retry applied it and
+    marked it resolved over the dismissal. And two retries at once both applied every
+    letter, each answering it resolved."""
+    with ledger.client("test-admin") as admin:
+        first, _ = refusing_suppliers(admin)
+        map_skus(admin, first, {"LATE-1": f"DLH-{uuid.uuid4().hex[:6]}"})
+        [held, free, _negative] = [i["id"] for i in letters(admin, supplier_id=first)]
+        claim = held_by_a_retry(ledger, [held])
+        try:
+            dismissed = admin.post(f"/v1/dead-letters/{held}/dismiss")
+            retried = admin.post(f"/v1/dead-letters/{held}/retry")
+            bulk = admin.post("/v1/dead-letters/retry", json={"supplier_id": first})
+            bulk_dismissed = admin.post(
+                "/v1/dead-letters/dismiss", json={"supplier_id": first, "reason": UNMAPPED}
+            )
+        finally:
+            claim.close()
+        after = {i["id"]: i["status"] for i in letters(admin, supplier_id=first, status="all")}
+        dismissed_after = admin.post(f"/v1/dead-letters/{held}/dismiss")
+
+    for refused in (dismissed, retried):
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"] == "dead_letter_being_retried"
+        assert refused.json()["detail"]["ids"] == [held]
+    assert bulk.status_code == 200, bulk.text
+    assert held not in bulk.json()["resolved"]
+    assert bulk.json()["being_retried"] == [held]
+    assert bulk_dismissed.status_code == 200, bulk_dismissed.text
+    assert bulk_dismissed.json()["being_retried"] == [held]
+    assert free in bulk_dismissed.json()["dismissed"]
+    assert after[held] == "open"
+    assert (dismissed_after.status_code, dismissed_after.json()) == (200, {"dismissed": [held]})
+
+
+def test_two_bulk_retries_at_once_share_the_letters_out(ledger: Server) -> None:
+    count = 1500
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        deliver(admin, supplier_id, {f"TWO-{n}": n + 1 for n in range(count)})
+        map_skus(
+            admin,
+            supplier_id,
+            {f"TWO-{n}": f"DL2-{n}-{uuid.uuid4().hex[:6]}" for n in range(count)},
+        )
+        ready = threading.Barrier(2)
+
+        def bulk_retry() -> httpx.Response:
+            with ledger.client("test-admin") as own:
+                ready.wait()
+                return own.post(
+                    "/v1/dead-letters/retry", json={"supplier_id": supplier_id, "limit": count}
+                )
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = [a.result() for a in [pool.submit(bulk_retry), pool.submit(bulk_retry)]]
+        left = letters(admin, supplier_id=supplier_id, status="all", limit=1000)
+        left += letters(
+            admin, supplier_id=supplier_id, status="all", limit=1000, after=left[-1]["id"]
+        )
+
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    [one, other] = [set(a.json()["resolved"]) for a in answers]
+    assert one.isdisjoint(other)
+    assert one | other == {i["id"] for i in left}
+    assert {(i["status"], i["attempts"]) for i in left} == {("resolved", 1)}
+    assert sum(a.json()["applied"] for a in answers) == count
+
+
+def test_a_bulk_retry_goes_on_past_letters_that_stay_refused(ledger: Server) -> None:
+    """Letters that no fix clears (negative quantities) came first and took every place a
+    retry's `limit` gave, every time; they are passed with `after`, or dismissed in bulk."""
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        deliver(admin, supplier_id, {"NEG-A": -1, "NEG-B": -2})
+        deliver(admin, supplier_id, {"LATER-1": 5})
+        map_skus(admin, supplier_id, {"LATER-1": f"DLA-{uuid.uuid4().hex[:6]}"})
+        [neg_a, neg_b, later] = [i["id"] for i in letters(admin, supplier_id=supplier_id)]
+        first = admin.post("/v1/dead-letters/retry", json={"supplier_id": supplier_id, "limit": 2})
+        going_on = admin.post(
+            "/v1/dead-letters/retry",
+            json={"supplier_id": supplier_id, "limit": 2, "after": first.json()["next_after"]},
+        )
+        unfiltered = admin.post("/v1/dead-letters/dismiss", json={"limit": 5})
+        dismissed = admin.post(
+            "/v1/dead-letters/dismiss", json={"supplier_id": supplier_id, "reason": NEGATIVE}
+        )
+        still_open = letters(admin, supplier_id=supplier_id)
+
+    assert first.json()["resolved"] == []
+    assert [r["id"] for r in first.json()["still_refused"]] == [neg_a, neg_b]
+    assert first.json()["next_after"] == neg_b
+    assert going_on.json()["resolved"] == [later]
+    assert going_on.json()["next_after"] is None
+    assert (unfiltered.status_code, unfiltered.json()["error"]) == (422, "filter_required")
+    assert dismissed.json() == {
+        "dismissed": [neg_a, neg_b],
+        "being_retried": [],
+        "next_after": None,
+    }
+    assert still_open == []
+
+
+def test_a_retried_letter_loses_a_tie_with_a_report_of_the_same_time(ledger: Server) -> None:
+    """A supplier that stamps a whole file with one time (to the minute, in EDI) sends two
+    files of the same time: the letter of the first, retried after the second applied,
+    put the first file's level back (a walkthrough)."""
+    at = (datetime.now(UTC) - timedelta(minutes=1)).replace(second=0, microsecond=0).isoformat()
+    sku = f"DLT-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        for quantity in (4, 6):
+            if quantity == 6:
+                map_skus(admin, supplier_id, {"TIE-1": sku})
+            accepted = admin.post(
+                f"/v1/suppliers/{supplier_id}/feeds",
+                params={"format": "csv"},
+                content=f"sku,quantity,observed_at\nTIE-1,{quantity},{at}\n".encode(),
+            )
+            assert accepted.status_code == 202, accepted.text
+            assert (
+                finished(admin, supplier_id, accepted.json()["delivery_id"])["status"] == "applied"
+            )
+        [letter] = letters(admin, supplier_id=supplier_id)
+        retried = admin.post(f"/v1/dead-letters/{letter['id']}/retry")
+        assert retried.status_code == 200, retried.text
+        level = on_hand(ledger, sku, retried.json()["position"])
+
+    assert level == 6
+    assert retried.json()["resolved"] == [letter["id"]]
+    assert (retried.json()["applied"], retried.json()["late"]) == (0, 1)

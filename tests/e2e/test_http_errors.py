@@ -217,7 +217,17 @@ def test_a_bulk_retry_without_a_body_retries_as_an_empty_one_does(admin: httpx.C
 
     for response in (bare, empty):
         assert response.status_code == 200, response.text
-        assert set(response.json()) == {"resolved", "still_refused", "not_retryable", "position"}
+        assert set(response.json()) == {
+            "resolved",
+            "still_refused",
+            "not_retryable",
+            "being_retried",
+            "applied",
+            "unchanged",
+            "late",
+            "position",
+            "next_after",
+        }
 
 
 def test_a_feed_file_is_taken_as_its_raw_body_whatever_its_media_type(

@@ -879,8 +879,8 @@ def test_records_the_ledger_refused_keep_what_was_written_and_the_true_one_appli
     assert alone.still_refused == {false: "conflicting_duplicate", true: "conflicting_duplicate"}
     assert on_hand(ledger, "SKU-TW") == 0
 
-    assert dismiss(ledger.store, [false]) == [false]
-    assert dismiss(ledger.store, [false]) == []  # it is no longer open
+    assert dismiss(ledger.store, [false]).dismissed == [false]
+    assert dismiss(ledger.store, [false]).dismissed == []  # it is no longer open
     chosen = retry(ledger.store, ledger.ingestor, [true], "operator")
 
     assert (chosen.resolved, chosen.still_refused) == ([true], {})

@@ -16,6 +16,8 @@ def test_a_retry_answers_its_letters_in_id_order_though_applied_supplier_by_supp
     outcome.still_refused.update({3: "unknown_sku", 5: "negative_quantity"})
     outcome.still_refused[4] = "unknown_sku"
     outcome.not_retryable += [9, 6]
+    outcome.being_retried += [7]
+    outcome.applied, outcome.late = 2, 1
     outcome.position = 42
 
     assert _out(outcome) == {
@@ -26,6 +28,10 @@ def test_a_retry_answers_its_letters_in_id_order_though_applied_supplier_by_supp
             {"id": 5, "reason": "negative_quantity"},
         ],
         "not_retryable": [6, 9],
+        "being_retried": [7],
+        "applied": 2,
+        "unchanged": 0,
+        "late": 1,
         "position": 42,
     }
 

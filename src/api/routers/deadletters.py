@@ -21,24 +21,47 @@ router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
 
 class BulkRetryIn(Strict):
     """Which open letters to apply again (all those of a supplier, of a reason, of a
-    delivery, or of several of these), in id order, at most `limit`."""
+    delivery, or of several of these), in id order after `after`, at most `limit`."""
 
     supplier_id: Annotated[str | None, Field(pattern=SUPPLIER_ID_PATTERN)] = None
     reason: Annotated[
         str | None, Field(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None
     delivery_id: Annotated[str | None, Field(max_length=200, pattern=PRINTABLE)] = None
+    # Past letters that will not clear (a negative quantity, a report too old), which
+    # took every one of a retry's `limit` places, again and again (a walkthrough).
+    after: Annotated[int, Field(ge=0, strict=True, description="letters after this id")] = 0
     limit: Annotated[int, Field(ge=1, le=100_000, strict=True)] = 1000
 
 
+class BulkDismissIn(BulkRetryIn):
+    """Which open letters to close unapplied: those of a supplier, of a reason, of a
+    delivery, or of several of these (at least one), in id order after `after`, at most
+    `limit`."""
+
+
 def _out(outcome: RetryOutcome) -> dict[str, Any]:
-    """A retry's answer, each list in letter id order (they are applied by supplier)."""
+    """A retry's answer, each list in letter id order (they are applied by supplier),
+    and what the resolved ones did: `late` ones are resolved and changed nothing, as a
+    newer report stands."""
     return {
         "resolved": sorted(outcome.resolved),
         "still_refused": [{"id": k, "reason": v} for k, v in sorted(outcome.still_refused.items())],
         "not_retryable": sorted(outcome.not_retryable),
+        "being_retried": outcome.being_retried,
+        "applied": outcome.applied,
+        "unchanged": outcome.unchanged,
+        "late": outcome.late,
         "position": outcome.position,
     }
+
+
+def _being_retried(ids: list[int]) -> ApiError:
+    return ApiError(
+        409,
+        "dead_letter_being_retried",
+        {"message": "another retry holds these letters: try again once it ends", "ids": ids},
+    )
 
 
 @router.get("")
@@ -72,6 +95,8 @@ async def retry_one(
 ) -> dict[str, Any]:
     """Applies one refused record again, e.g. after its mapping was added."""
     outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, [letter_id], key.name)
+    if outcome.being_retried:
+        raise _being_retried(outcome.being_retried)
     if not (outcome.resolved or outcome.still_refused or outcome.not_retryable):
         raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
     set_position(response, outcome.position)
@@ -82,21 +107,38 @@ async def retry_one(
 async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dict[str, Any]:
     """Closes an open letter without applying it: e.g. the false one of records that
     disagreed, before the true one is retried."""
-    dismissed = await run_in_threadpool(dismiss, runtime.store, [letter_id])
-    if not dismissed:
+    dismissal = await run_in_threadpool(dismiss, runtime.store, [letter_id])
+    if dismissal.being_retried:
+        raise _being_retried(dismissal.being_retried)
+    if not dismissal.dismissed:
         raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
     log.info("dead_letter.dismissed", letter=letter_id, actor=key.name)
-    return {"dismissed": dismissed}
+    return {"dismissed": dismissal.dismissed}
 
 
-@router.post("/retry")
-async def retry_many(
-    key: AdminKey, runtime: RuntimeDep, response: Response, body: BulkRetryIn | None = None
-) -> dict[str, Any]:
-    """Applies open letters again in bulk, by supplier, reason and delivery (a delivery id
-    is a supplier's: one that several suppliers used needs `supplier_id`). Every field is
-    optional, so no body at all is `{}`: every open letter, up to the limit."""
-    body = body or BulkRetryIn()
+@router.post("/dismiss")
+async def dismiss_many(key: AdminKey, runtime: RuntimeDep, body: BulkDismissIn) -> dict[str, Any]:
+    """Closes open letters unapplied in bulk (the negative quantities a supplier sent, say,
+    which no retry can clear), by supplier, reason and delivery: at least one of them. Those
+    a retry holds are left open (`being_retried`); `next_after` is the last letter looked
+    at when `limit` were, to go on from."""
+    if body.supplier_id is None and body.reason is None and body.delivery_id is None:
+        raise ApiError(
+            422, "filter_required", "say supplier_id, reason or delivery_id: which letters"
+        )
+    ids = await _open_letters(runtime, body)
+    dismissal = await run_in_threadpool(dismiss, runtime.store, ids)
+    log.info("dead_letter.dismissed", letters=len(dismissal.dismissed), actor=key.name)
+    return {
+        "dismissed": dismissal.dismissed,
+        "being_retried": dismissal.being_retried,
+        "next_after": ids[-1] if len(ids) == body.limit else None,
+    }
+
+
+async def _open_letters(runtime: RuntimeDep, body: BulkRetryIn) -> list[int]:
+    """The ids of the open letters a bulk request picks (a delivery id is a supplier's: one
+    that several suppliers used needs `supplier_id`)."""
     if body.delivery_id is not None and body.supplier_id is None:
         suppliers = await run_in_threadpool(letter_suppliers, runtime.store, body.delivery_id)
         if len(suppliers) > 1:
@@ -110,10 +152,24 @@ async def retry_many(
         reason=body.reason,
         status="open",
         delivery_id=body.delivery_id,
+        after=body.after,
         ids_only=True,
         limit=body.limit,
     )
-    ids = [letter["id"] for letter in letters]
+    return [letter["id"] for letter in letters]
+
+
+@router.post("/retry")
+async def retry_many(
+    key: AdminKey, runtime: RuntimeDep, response: Response, body: BulkRetryIn | None = None
+) -> dict[str, Any]:
+    """Applies open letters again in bulk, by supplier, reason and delivery (a delivery id
+    is a supplier's: one that several suppliers used needs `supplier_id`). Every field is
+    optional, so no body at all is `{}`: every open letter, up to the limit. `next_after`
+    is the last letter looked at when `limit` were, to go on from past letters that
+    stay refused."""
+    body = body or BulkRetryIn()
+    ids = await _open_letters(runtime, body)
     outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, ids, key.name)
     set_position(response, outcome.position)
-    return _out(outcome)
+    return {**_out(outcome), "next_after": ids[-1] if len(ids) == body.limit else None}

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from ledger.application import InventoryLedger
-from ledger.commands import Observation, ReportStock
+from ledger.commands import RETRY_SOURCE, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
 from ledger.errors import DeliveryConflict, UnknownSupplier
 from ledger.handlers import handles
@@ -71,6 +71,7 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
             delivery_id=command.delivery_id,
             seen_at=seen_at,
             incoming=level.incoming,
+            ties_lose=command.source == RETRY_SOURCE,
         )
         if result is ObservationOutcome.UNCHANGED and (
             seen_at is None or level.observed_at > seen_at
