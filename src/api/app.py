@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -33,6 +35,10 @@ from api.routers import (
 from api.runtime import Runtime, open_runtime, tune_collector
 from api.settings import Settings
 from api.stream import AvailabilityFeed
+from projections.runner import end_with_parent
+
+# The pid of the `serve` process whose workers this process may be one of (api.cli).
+SERVE_PID = "STOCKLEDGER_SERVE_PID"
 
 
 class Service(FastAPI):
@@ -137,7 +143,11 @@ def create_app(
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for uvicorn workers: settings from LEDGER_* variables."""
+    """Factory for uvicorn workers: settings from LEDGER_* variables. A worker process of
+    `serve --workers N` ends (SIGTERM, as `serve` would stop it) when `serve` does."""
+    serve = os.environ.get(SERVE_PID)
+    if serve is not None and serve.isdigit() and int(serve) != os.getpid():
+        end_with_parent(int(serve), signal.SIGTERM)
     settings = Settings()
     configure_logging(settings)
     return create_app(settings)

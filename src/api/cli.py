@@ -35,6 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from api.app import SERVE_PID
 from api.database import (
     NotMigrated,
     migrate,
@@ -107,6 +108,10 @@ def serve(
                 runtime.close()
             live.feed(f"http://{host}:{port}")
             typer.echo(demo_settings_banner(settings, f"http://{host}:{port}"))
+        # Workers end with this process (api.app.create_app_from_env): killed with
+        # `kill -9`, it left them serving, and a `serve` started again found the port
+        # taken (a walkthrough).
+        os.environ[SERVE_PID] = str(os.getpid())
         # Every worker counts in one directory, for /metrics to sum (api.metrics).
         with prepare_directory():
             uvicorn.run(

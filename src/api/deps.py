@@ -1,11 +1,13 @@
 """Dependencies published as Annotated aliases for the routers.
 
-They do no I/O, so they are coroutines: FastAPI runs them on the event loop instead of
-sending each to the thread pool and back.
+They do no I/O on the event loop's thread, so they are coroutines: FastAPI runs them on
+the loop instead of sending each to the thread pool and back (`view_at` awaits a read
+made on a thread of its own).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -124,6 +126,24 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 OmsWriteDep = Annotated[OmsWrite, Depends(oms_write)]
 ReadDep = Annotated[Read, Depends(read)]
 MinPosition = Annotated[int | None, Depends(min_position)]
+
+
+def view_at(projection: str) -> Callable[..., Awaitable[int | None]]:
+    """A dependency: the position the answer must reflect (`min_position`), once the
+    projection's view has reached it, waited for on the event loop (`Views.reach`), so
+    that the route's own read on a thread finds it there and holds the thread no longer
+    than the read."""
+
+    async def reached(runtime: RuntimeDep, wanted: MinPosition) -> int | None:
+        await runtime.views.reach(projection, wanted, runtime.settings.read_wait_max_seconds)
+        return wanted
+
+    return reached
+
+
+ReservationsAt = Annotated[int | None, Depends(view_at("reservations"))]
+ConflictsAt = Annotated[int | None, Depends(view_at("conflicts"))]
+MappingsAt = Annotated[int | None, Depends(view_at("mappings"))]
 Now = Annotated[datetime, Depends(now)]
 RequestId = Annotated[str, Depends(request_id)]
 SupplierId = Annotated[str, Path(pattern=SUPPLIER_ID_PATTERN)]

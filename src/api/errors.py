@@ -19,6 +19,7 @@ from api.recorder import lock_timed_out
 from ledger.errors import (
     Conflict,
     ContentionTooHigh,
+    InvalidTerms,
     LedgerError,
     NotFound,
     NotYetRecorded,
@@ -59,9 +60,9 @@ def error_response(
 
 
 def status_of(error: LedgerError) -> int:
-    if isinstance(error, UnknownSku | Unstorable | NotYetRecorded):
+    if isinstance(error, UnknownSku | Unstorable | NotYetRecorded | InvalidTerms):
         # A SKU named in a request body that the ledger does not know; a value in it that
-        # the event store cannot keep.
+        # the event store cannot keep; terms that break a rule once merged with the saved.
         return 422
     if isinstance(error, NotFound):
         return 404

@@ -64,6 +64,7 @@ class Runtime:
             self.notifier.stop()
         if self.views.cache is not None:
             self.views.cache.stop()
+        self.views.close()
         self.leases.close()
         self.writer.stop()
         self.store.close()

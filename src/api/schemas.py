@@ -98,6 +98,11 @@ class Strict(BaseModel):
 # Suppliers and mappings -------------------------------------------------------
 
 
+# Names the zone database answers that are not a place's zone: the host's own zone (which
+# moves with the machine the ledger runs on), the legacy rules file, and "-00".
+NOT_PLACES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 class SupplierIn(Strict):
     # A new supplier without one is named by its id; an existing one keeps its own.
     name: Name | None = None
@@ -122,6 +127,8 @@ class SupplierIn(Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
+        if value in NOT_PLACES:
+            raise ValueError(f"{value!r} names no place's time zone")
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as error:
@@ -148,6 +155,15 @@ class SupplierOut(SupplierIn):
     @classmethod
     def _usable_connector(cls, value: dict[str, Any]) -> dict[str, Any]:
         return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return value
+
+    @model_validator(mode="after")
+    def _exclusion_after_staleness(self) -> SupplierOut:
+        return self
 
 
 class MappingIn(Strict):

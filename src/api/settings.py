@@ -51,6 +51,9 @@ class ApiKey(BaseModel):
         )
 
 
+MAX_HOLD_SECONDS = 366 * 24 * 3600
+
+
 class Settings(BaseSettings):
     """Everything the service can be told; built once and passed down."""
 
@@ -69,8 +72,9 @@ class Settings(BaseSettings):
     max_webhook_bytes: int = Field(default=16 * 1_048_576, gt=0)
     max_observations: int = Field(default=10_000, gt=0)
     max_reservation_lines: int = Field(default=500, gt=0)
-    default_ttl_seconds: int = Field(default=900, gt=0)
-    max_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    # A hold lasts a year at most: 99,999,999,999 s was taken, and held stock into 5195.
+    default_ttl_seconds: int = Field(default=900, gt=0, le=MAX_HOLD_SECONDS)
+    max_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0, le=MAX_HOLD_SECONDS)
     limited_stock_at: int = Field(default=5, ge=0, description="available at or below: limited")
 
     migrate_on_start: bool = True
@@ -218,6 +222,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [role.strip() for role in value.split(",") if role.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _default_hold_allowed(self) -> Settings:
+        # An order without `ttl_seconds` was held for the default, past the maximum that
+        # an order naming it is refused over.
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("default_ttl_seconds must not be longer than max_ttl_seconds")
+        return self
 
     @model_validator(mode="after")
     def _two_connections(self) -> Settings:

@@ -82,6 +82,13 @@ class Unstorable(LedgerError):
     code = "unstorable_value"
 
 
+class InvalidTerms(LedgerError):
+    """Terms that break a rule across terms once merged with those kept as saved (an
+    update that sets only `stale_after_seconds` past the saved `exclude_after_seconds`)."""
+
+    code = "invalid_terms"
+
+
 class NotYetRecorded(LedgerError):
     """A time or log position the ledger has not reached yet: what held there is unknown
     (an audit of a SKU then, say)."""

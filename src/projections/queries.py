@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -57,6 +60,11 @@ class Views:
         self.store = store
         self.app = app
         self.cache = cache
+        # Reads of a view's position for requests waiting on the event loop (`reach`):
+        # on a thread of their own, one at a time a view, shared by every waiter.
+        self._position_reader: ThreadPoolExecutor | None = None
+        self._reader_lock = threading.Lock()
+        self._position_reads: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Future[int]] = {}
 
     def position(self, projection: str) -> int:
         with self.store.connection() as conn:
@@ -82,6 +90,61 @@ class Views:
                 raise PositionNotReached(projection, wanted, reached)
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    async def reach(self, projection: str, wanted: int | None, timeout: float) -> int | None:
+        """Waits on the event loop until the view is at `wanted`, as `wait_for` does on a
+        thread; returns the position it read (None: nothing wanted). No shared thread is
+        held meanwhile: a hundred reads behind a stopped projections worker held every
+        one, each of them up to three times `timeout` (its clock started when a thread
+        took it up), and a read that asked for no position waited 9-15 s behind them (a
+        walkthrough). The bound counts from the call, so from the request's arrival."""
+        if wanted is None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.005
+        head: int | None = None
+        while True:
+            reached = await self._shared_position(loop, projection)
+            if reached >= wanted:
+                return reached
+            if head is None:
+                head = await loop.run_in_executor(self._reader(), self._head)
+                if wanted > head:
+                    raise PositionNotReached(projection, wanted, reached, head)
+            if loop.time() >= deadline:
+                raise PositionNotReached(projection, wanted, reached)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _head(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    def _reader(self) -> ThreadPoolExecutor:
+        with self._reader_lock:
+            if self._position_reader is None:
+                self._position_reader = ThreadPoolExecutor(1, thread_name_prefix="view-positions")
+            return self._position_reader
+
+    async def _shared_position(self, loop: asyncio.AbstractEventLoop, projection: str) -> int:
+        """The view's position, read once for every waiter that asks while it is read."""
+        key = (loop, projection)
+        read = self._position_reads.get(key)
+        if read is None and len(self._position_reads) > 32:  # loops closed since (tests')
+            self._position_reads = {
+                k: r for k, r in self._position_reads.items() if not k[0].is_closed()
+            }
+        if read is None or read.done():
+            read = loop.run_in_executor(self._reader(), self.position, projection)
+            self._position_reads[key] = read
+        return await asyncio.shield(read)
+
+    def close(self) -> None:
+        """Stops the thread that reads positions for waiting requests, if it started."""
+        with self._reader_lock:
+            if self._position_reader is not None:
+                self._position_reader.shutdown(wait=False)
+                self._position_reader = None
 
     def availability(self, skus: list[str], at: datetime) -> dict[str, StockLevels]:
         """The numbers of each known SKU at `at`, by the same rules the ledger enforces."""

@@ -565,7 +565,7 @@ def _build_in_shares(
         with ProcessPoolExecutor(
             processes - 1,
             mp_context=context,
-            initializer=_end_with_parent,
+            initializer=end_with_parent,
             initargs=(os.getpid(),),
         ) as others:
             shares = [
@@ -638,12 +638,14 @@ def _apply_share(
     return applied
 
 
-def _end_with_parent(parent: int) -> None:
-    """A share's process is ended when the rebuild's (`parent`) ends: a rebuild killed
-    (`kill -9`) left its share processes waiting for work for good (an operator's
-    walkthrough). The parent's pid, not 1: a rebuild may itself be PID 1, in a container."""
+def end_with_parent(parent: int, signum: int = signal.SIGKILL) -> None:
+    """This process is sent `signum` when its parent (`parent`) ends: a share's process
+    when the rebuild's ends (a rebuild killed with `kill -9` left its share processes
+    waiting for work for good: an operator's walkthrough), an HTTP worker when `serve`
+    ends (SIGTERM: it shuts down as when `serve` stops it). The parent's pid, not 1: the
+    parent may itself be PID 1, in a container."""
     with suppress(OSError, AttributeError):  # Linux's prctl; elsewhere they may outlive it
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent:  # it ended before this one could ask
         os._exit(1)
 

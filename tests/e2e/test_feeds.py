@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -421,6 +422,89 @@ def test_terms_a_put_leaves_out_are_kept_the_time_zone_first(ledger: Server) -> 
     assert after["connector"] == {"format": "csv", "upc_fallback": True}
     assert named.status_code == 200
     assert (reset["buffer"], reset["timezone"]) == (0, "America/New_York")  # as sent
+
+
+def test_a_put_that_sets_one_of_staleness_and_exclusion_is_checked_with_the_other_as_saved(
+    ledger: Server,
+) -> None:
+    """Found by a walkthrough: exclusion at 5 s saved, then staleness at 10 s alone was
+    saved too (each body was checked alone), a report 7 s old was excluded before it was
+    stale, and `GET` of the supplier answered `500`."""
+    supplier_id = f"stale-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        first = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={"stale_after_seconds": None, "exclude_after_seconds": 5},
+        )
+        later = admin.put(f"/v1/suppliers/{supplier_id}", json={"stale_after_seconds": 10})
+        both = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={"stale_after_seconds": 10, "exclude_after_seconds": 20},
+        )
+        read = admin.get(f"/v1/suppliers/{supplier_id}")
+
+    assert first.status_code == 200, first.text
+    assert (later.status_code, later.json()["error"]) == (422, "invalid_terms")
+    assert later.json()["detail"]["stale_after_seconds"] == 10
+    assert later.json()["detail"]["exclude_after_seconds"] == 5
+    assert both.status_code == 200, both.text
+    assert read.status_code == 200, read.text
+    assert (read.json()["stale_after_seconds"], read.json()["exclude_after_seconds"]) == (10, 20)
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory"])
+def test_a_zone_name_that_is_no_place_s_zone_is_refused(ledger: Server, zone: str) -> None:
+    """`localtime` is the zone of the machine the ledger happens to run on."""
+    with ledger.client("test-admin") as admin:
+        answer = admin.put(f"/v1/suppliers/z-{uuid.uuid4().hex[:6]}", json={"timezone": zone})
+    assert (answer.status_code, answer.json()["error"]) == (422, "validation_error")
+    assert "no place" in answer.json()["detail"][0]["msg"]
+
+
+def test_a_reported_record_s_naive_time_is_kept_in_its_letter_as_read_when_received(
+    ledger: Server,
+) -> None:
+    """Found by a walkthrough: a stock report's letter kept its naive time, and a retry
+    read it in the supplier's zone of the day of the retry: 14 hours off once the zone
+    was corrected (a feed's letter keeps the time in UTC)."""
+    supplier_id = f"naive-{uuid.uuid4().hex[:6]}"
+    sku = f"NAIVE-{uuid.uuid4().hex[:6]}"
+    local = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None, microsecond=0)
+    local -= timedelta(minutes=2)
+    with ledger.client("test-admin") as admin:
+        made = admin.put(f"/v1/suppliers/{supplier_id}", json={"timezone": "America/New_York"})
+        assert made.status_code == 200, made.text
+        reported = admin.post(
+            f"/v1/suppliers/{supplier_id}/stock",
+            json={
+                "observations": [
+                    {"supplier_sku": "N-1", "quantity": 3, "observed_at": local.isoformat()}
+                ]
+            },
+        )
+        assert reported.json()["rejected"][0]["reason"] == "unmapped_supplier_sku"
+        [letter] = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()[
+            "items"
+        ]
+        moved = admin.put(f"/v1/suppliers/{supplier_id}", json={"timezone": "Asia/Tokyo"})
+        assert moved.status_code == 200, moved.text
+        mapped = admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={"mappings": [{"supplier_sku": "N-1", "sku": sku}]},
+        )
+        assert mapped.status_code == 200, mapped.text
+        retried = admin.post(f"/v1/dead-letters/{letter['id']}/retry")
+        assert retried.status_code == 200, retried.text
+        stock = admin.get(
+            f"/v1/skus/{sku}/stock", params={"position": retried.json()["position"]}
+        ).json()
+
+    meant = local.replace(tzinfo=ZoneInfo("America/New_York")).astimezone(UTC)
+    assert datetime.fromisoformat(letter["record"]["observed_at"]) == meant
+    assert retried.json()["resolved"] == [letter["id"]]
+    [level] = stock["suppliers"]
+    assert (level["supplier_id"], level["quantity"]) == (supplier_id, 3)
+    assert datetime.fromisoformat(level["observed_at"].replace("Z", "+00:00")) == meant
 
 
 def test_a_put_without_a_name_keeps_the_supplier_s_name_and_a_new_one_is_named_by_its_id(

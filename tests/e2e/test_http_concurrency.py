@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 import psycopg
 
 from tests.conftest import Server, fresh_database, random_sku, start_server, stop_server
@@ -284,3 +285,96 @@ def test_health_probes_answer_at_once_while_reads_wait_for_a_lagging_view(
     assert all(status == 200 for _, status, _ in probes), probes
     assert max(seconds for _, _, seconds in probes) < 0.5, probes
     assert set(answers) <= {200, 503}
+
+
+def timed_get(url: str, **kwargs: Any) -> tuple[httpx.Response, float]:
+    began = time.monotonic()
+    answer = httpx.get(url, timeout=30, **kwargs)
+    return answer, time.monotonic() - began
+
+
+def test_reads_waiting_for_a_lagging_view_hold_no_thread_and_give_up_on_time(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Found by a walkthrough with the projections worker killed: a hundred reads waiting
+    for a position held every shared thread, each waited up to three times the bound (its
+    clock started when a thread took it up), and reads that asked for no position waited
+    9-15 s behind them; a reservation read by id was refused `503` though the log, which
+    that read falls back to, had it."""
+    bound = 2.0
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(
+            database_url,
+            tmp_path,
+            workers=1,
+            extra_env={"LEDGER_READ_WAIT_MAX_SECONDS": str(bound)},
+        )
+        try:
+            sku = stocked_sku(server, 10)
+            with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(128) as pool:
+                blocker.execute("LOCK TABLE view_reservations IN ACCESS EXCLUSIVE MODE")
+                written = reserve(server, {sku: 1}, uuid.uuid4().hex)()
+                assert written.status_code == 201, written.text
+                position = int(written.headers["X-Ledger-Position"])
+                reservation_id = written.json()["reservation_id"]
+                oms = {"Authorization": "Bearer test-oms"}
+                waiting = [
+                    pool.submit(
+                        timed_get,
+                        f"{server.base_url}/v1/reservations",
+                        params={"order_id": f"order-{n}", "min_position": position},
+                        headers=oms,
+                    )
+                    for n in range(120)
+                ]
+                time.sleep(0.5)
+                by_id, by_id_seconds = timed_get(
+                    f"{server.base_url}/v1/reservations/{reservation_id}",
+                    params={"min_position": position},
+                    headers=oms,
+                )
+                listed, listed_seconds = timed_get(
+                    f"{server.base_url}/v1/conflicts",
+                    params={"limit": 1},
+                    headers={"Authorization": "Bearer test-audit"},
+                )
+                answers = [read.result(30) for read in waiting]
+                blocker.rollback()
+        finally:
+            stop_server(server)
+    assert by_id.status_code == 200, by_id.text
+    assert by_id.json()["status"] == "held"
+    assert int(by_id.headers["X-Ledger-Position"]) >= position
+    assert by_id_seconds < 1.0
+    assert listed.status_code == 200, listed.text
+    assert listed_seconds < 1.0
+    assert {answer.status_code for answer, _ in answers} == {503}
+    assert {answer.json()["error"] for answer, _ in answers} == {"position_not_reached"}
+    assert max(seconds for _, seconds in answers) < bound + 1.5, sorted(s for _, s in answers)
+
+
+def test_the_workers_of_a_killed_serve_end_with_it(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Found by a walkthrough: `kill -9` of `serve --workers 2` left both workers serving
+    its port, and a `serve` started again could not bind it."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(database_url, tmp_path, workers=2)
+        try:
+            workers = psutil.Process(server.process.pid).children(recursive=True)
+            assert len(workers) >= 2
+            server.process.kill()
+            server.process.wait(10)
+            _gone, alive = psutil.wait_procs(workers, timeout=20)
+            try:
+                httpx.get(f"{server.base_url}/healthz", timeout=2)
+                answered = True
+            except httpx.TransportError:
+                answered = False
+        finally:
+            for left in psutil.Process().children(recursive=True):
+                if left.pid in {w.pid for w in workers}:
+                    left.kill()
+            stop_server(server)
+    assert alive == [], [w.cmdline() for w in alive]
+    assert not answered

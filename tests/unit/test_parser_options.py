@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from connectors.config import check_connector
 from connectors.parsers import OPTION_NAMES
 from connectors.parsers.csv_feed import CsvSettings
 from connectors.parsers.edi846 import EdiSettings
@@ -49,3 +50,27 @@ def test_a_parser_reads_the_options_it_declares_and_no_other(settings: Any) -> N
     # Its own, and how numbers and times are written where it reads them.
     assert asked.names - ValueFormat.OPTIONS == settings.OPTIONS - ValueFormat.OPTIONS
     assert settings.OPTIONS <= asked.names <= OPTION_NAMES
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        pytest.param("%s", "cannot be read", id="epoch seconds strptime cannot read"),
+        pytest.param("%Q", "cannot be read", id="no such directive"),
+        pytest.param("%H:%M", "must name the year, month and day", id="no date"),
+        pytest.param("%Y-%m %H:%M", "must name the year, month and day", id="no day"),
+    ],
+)
+def test_a_timestamp_format_that_cannot_read_a_date_back_is_refused_when_saved(
+    pattern: str, why: str
+) -> None:
+    """Found by a walkthrough: `%s` was saved, then every row of every delivery was
+    refused; `%H:%M` was saved, and `12:29` was applied as a level of 1 January 1900."""
+    with pytest.raises(ValueError, match=why):
+        check_connector({"format": "csv", "options": {"timestamp_format": pattern}})
+
+
+@pytest.mark.parametrize("pattern", ["%d.%m.%Y %H:%M", "%Y%m%d", "%m/%d/%y %I:%M %p", "%G-W%V-%u"])
+def test_a_timestamp_format_that_names_the_date_is_taken(pattern: str) -> None:
+    check_connector({"format": "csv", "options": {"timestamp_format": pattern}})
+    assert ValueFormat.from_options({"timestamp_format": pattern}).timestamp_format == pattern

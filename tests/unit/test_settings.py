@@ -75,3 +75,18 @@ def test_the_ledger_takes_its_configuration_only_from_its_settings(
     app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
     assert type(app.factory).__module__ == "eventsourcing.popo"
     assert app.repository.cache is None
+
+
+def test_a_default_hold_longer_than_the_longest_an_order_may_ask_is_refused_at_start() -> None:
+    """Found by a walkthrough: with the default at 7,200 s and the maximum at 3,600, an
+    order naming no TTL was held two hours, one naming 3,601 s refused."""
+    with pytest.raises(ValidationError, match="default_ttl_seconds"):
+        Settings(default_ttl_seconds=7200, max_ttl_seconds=3600)
+    assert Settings(default_ttl_seconds=3600, max_ttl_seconds=3600).default_ttl_seconds == 3600
+
+
+def test_a_hold_may_last_a_year_at_most() -> None:
+    """99,999,999,999 s was taken, and a hold placed to expire in 5195."""
+    with pytest.raises(ValidationError, match="max_ttl_seconds"):
+        Settings(max_ttl_seconds=99_999_999_999)
+    assert Settings(max_ttl_seconds=366 * 24 * 3600).max_ttl_seconds == 31_622_400

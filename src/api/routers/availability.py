@@ -67,6 +67,9 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
     """
     views = read.runtime.views
     cache = views.cache
+    limit = read.runtime.settings.read_wait_max_seconds
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     if cache is not None:
         cached = cache.lookup(skus, read.wanted)
         if cached is not None:
@@ -81,8 +84,11 @@ async def availability_at(read: Read, skus: list[str]) -> tuple[int, dict[str, S
             if snapshot is not None and (read.wanted is None or snapshot.position >= read.wanted):
                 found = {sku: entry.levels(read.at) for sku, entry in snapshot.entries.items()}
                 return snapshot.position, found
-    limit = read.runtime.settings.read_wait_max_seconds
-    return await run_in_threadpool(views.availability_after, skus, read.at, read.wanted, limit)
+    # A view short of `wanted` is waited for here, on the loop, not on a shared thread
+    # (see `Views.reach`); the read on the thread then finds it there.
+    await views.reach("stock", read.wanted, limit - (loop.time() - began))
+    left = max(0.0, limit - (loop.time() - began))
+    return await run_in_threadpool(views.availability_after, skus, read.at, read.wanted, left)
 
 
 @router.get("/{sku}", response_model=AvailabilityOut)

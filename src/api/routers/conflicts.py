@@ -12,7 +12,7 @@ from pydantic import BaseModel, StringConstraints
 from api.deps import (
     AdminKey,
     AuditorKey,
-    MinPosition,
+    ConflictsAt,
     Now,
     RequestId,
     RuntimeDep,
@@ -79,7 +79,7 @@ def conflict_out(row: dict[str, Any]) -> ConflictOut:
 def list_conflicts(
     _: AuditorKey,
     runtime: RuntimeDep,
-    wanted: MinPosition,
+    wanted: ConflictsAt,
     response: Response,
     kind: ConflictKind | None = None,
     sku: Annotated[str | None, Query(max_length=128, pattern=PRINTABLE)] = None,

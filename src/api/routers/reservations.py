@@ -18,6 +18,7 @@ from api.deps import (
     OmsWriteDep,
     RequestId,
     ReservationReaderKey,
+    ReservationsAt,
     RuntimeDep,
     cause_for,
     json_answer,
@@ -41,6 +42,7 @@ from ledger.errors import ReservationNotFound
 from ledger.handlers.reservations import Reserved
 from ledger.reservation import Reservation
 from ledger.writer import Outcome
+from projections.queries import PositionNotReached
 
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
 
@@ -157,7 +159,7 @@ def for_order(
     _: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
-    wanted: MinPosition,
+    wanted: ReservationsAt,
     response: Response,
 ) -> ReservationListOut:
     """The reservations of an order, from the reservations view."""
@@ -178,13 +180,23 @@ def get(
     wanted: MinPosition,
     response: Response,
 ) -> ReservationOut:
-    """A reservation from the view; one the view has not reached yet comes from the log."""
+    """A reservation from the view; one the view does not hold yet, or holds short of
+    `min_position`, comes from the log, which holds every write: such a read never waits
+    for the view (it waited, and was refused `503` when the view lagged, though the log
+    had the answer: a walkthrough)."""
     key = _reservation_id(reservation_id)
-    position = runtime.views.wait_for(
-        "reservations", wanted, runtime.settings.read_wait_max_seconds
-    )
+    position = runtime.views.position("reservations")
+    reservation = None
+    if wanted is None or position >= wanted:
+        reservation = runtime.views.reservation(key)
+    if reservation is None:
+        # Read before the reservation is: what is loaded reflects at least this.
+        head = runtime.app.recorder.max_notification_id() or 0
+        if wanted is not None and wanted > head:
+            raise PositionNotReached("reservations", wanted, position, head)
+        reservation = runtime.queries.reservation(key)
+        position = max(position, head)
     set_position(response, position)
-    reservation = runtime.views.reservation(key) or runtime.queries.reservation(key)
     return reservation_out(reservation, at)
 
 

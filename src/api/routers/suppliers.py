@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from api.deps import (
     AdminKey,
     AuditorKey,
-    MinPosition,
+    MappingsAt,
     Now,
     RequestId,
     RuntimeDep,
@@ -127,7 +127,7 @@ def get_mappings(
     supplier_id: SupplierId,
     _: AuditorKey,
     runtime: RuntimeDep,
-    wanted: MinPosition,
+    wanted: MappingsAt,
     response: Response,
     after: Annotated[
         str,
@@ -211,7 +211,10 @@ def report_stock(
     with runtime.store.transaction() as conn:
         # Kept under the report's id and each record's index: a replay adds none again.
         record_dead_letters(
-            conn, supplier_id, counted.delivery_id, as_dead_letters(counted, body.observations, at)
+            conn,
+            supplier_id,
+            counted.delivery_id,
+            as_dead_letters(counted, body.observations, at, FeedRules.of(supplier.terms)),
         )
         health.succeeded(
             conn,
@@ -322,15 +325,21 @@ def parse_observations(
 
 
 def as_dead_letters(
-    outcome: DeliveryOutcome, records: list[dict[str, Any]], received_at: datetime
+    outcome: DeliveryOutcome,
+    records: list[dict[str, Any]],
+    received_at: datetime,
+    rules: FeedRules,
 ) -> Rejections:
     """A report's refused records as dead letters keep them: each as sent, with what a
     retry applies of it (as a feed's record, named by the supplier's SKU; a record that
-    cannot be read, or names our SKU, which no feed record can, is kept but not retried)."""
+    cannot be read, or names our SKU, which no feed record can, is kept but not retried).
+    A naive time is kept as the moment it was read as when received (in the supplier's
+    zone then), as a feed's letter keeps it: kept naive, a retry read it in the zone of
+    the day of the retry, 14 hours off after the zone was corrected (a walkthrough)."""
     refused = Rejections()
     for rejection in outcome.rejected:
         sent = records[rejection.index]
-        fields = as_feed_record(rejection.index, sent)
+        fields = as_feed_record(rejection.index, sent, rules, received_at)
         refused.append(
             Rejection(
                 rejection.index,
@@ -345,21 +354,27 @@ def as_dead_letters(
     return refused
 
 
-def as_feed_record(index: int, sent: dict[str, Any]) -> Record | None:
-    """A reported record as a feed's record of the supplier's SKU, if it is one."""
+def as_feed_record(
+    index: int, sent: dict[str, Any], rules: FeedRules, received_at: datetime
+) -> Record | None:
+    """A reported record as a feed's record of the supplier's SKU, if it is one, its
+    time in UTC where it can be read so (else as sent: it is refused again)."""
     try:
         parsed = ObservationIn.model_validate(sent)
     except ValidationError:
         return None
     if parsed.supplier_sku is None:
         return None
+    observed_at = parsed.observed_at
+    if observed_at is not None and observed_at.tzinfo is None:
+        observed_at = rules.in_utc(observed_at, received_at) or observed_at
     return Record(
         position=index,
         supplier_sku=parsed.supplier_sku,
         upc=None,
         quantity=parsed.quantity,
         unit=parsed.unit,
-        observed_at=parsed.observed_at,
+        observed_at=observed_at,
         raw=sent,
         incoming=None
         if parsed.incoming is None

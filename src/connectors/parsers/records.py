@@ -190,6 +190,27 @@ def field_paths(
     return paths
 
 
+# A moment every field of a time format shows differently (day 23 of month 11, hour 19).
+_PROBE = datetime(2031, 11, 23, 19, 47, 36)
+
+
+def _check_timestamp_format(pattern: str) -> None:
+    """Raises `bad_option` for a `timestamp_format` that cannot read a time back (`%s`,
+    `%Q`: every row of every delivery was then refused) or that leaves out the date (`%H:%M`
+    read `12:29` as 1 January 1900, a level 127 years old that was applied as sellable):
+    checked by writing a moment in it and reading it back."""
+    try:
+        read = datetime.strptime(_PROBE.strftime(pattern), pattern)
+    except ValueError as error:
+        raise ValueError(
+            f"bad_option: timestamp_format {pattern!r} cannot be read: {error}"
+        ) from None
+    if read.date() != _PROBE.date():
+        raise ValueError(
+            f"bad_option: timestamp_format {pattern!r} must name the year, month and day"
+        )
+
+
 @dataclass(frozen=True)
 class ValueFormat:
     """How a supplier writes numbers and times: options `thousands_separator`,
@@ -217,6 +238,8 @@ class ValueFormat:
         )
         if value_format.thousands_separator == value_format.decimal_separator:
             raise ValueError("bad_option: thousands_separator equals decimal_separator")
+        if value_format.timestamp_format:
+            _check_timestamp_format(value_format.timestamp_format)
         return value_format
 
     def quantity(self, value: object) -> int | None:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, replace
 
 from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
 from ledger.conflict import ConflictAcknowledgement
-from ledger.errors import UnknownSupplier
+from ledger.errors import InvalidTerms, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
 from ledger.stock import StockItem
-from ledger.supplier import Supplier
+from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
 
@@ -28,9 +28,25 @@ def put_supplier(uow: UnitOfWork, command: PutSupplier) -> Upserted:
         uow.add(Supplier.register(command.supplier_id, command.terms, command.at, command.cause))
         return Upserted(created=1)
     terms = replace(command.terms, **{name: getattr(supplier.terms, name) for name in command.kept})
+    _check_staleness(terms)
     if supplier.change_terms(terms, command.at, command.cause):
         return Upserted(updated=1)
     return Upserted(unchanged=1)
+
+
+def _check_staleness(terms: SupplierTerms) -> None:
+    """A supplier is never excluded before it is stale: the request body is checked alone
+    (api.schemas), and an update that sets one of the two is checked here with the other
+    as saved (a walkthrough saved `stale_after_seconds` 10 over a saved
+    `exclude_after_seconds` 5, and the supplier could not be read after)."""
+    stale, exclude = terms.stale_after_seconds, terms.exclude_after_seconds
+    if stale is not None and exclude is not None and exclude < stale:
+        raise InvalidTerms(
+            "exclude_after_seconds must not be shorter than stale_after_seconds"
+            " (a term the request leaves out keeps its saved value)",
+            stale_after_seconds=stale,
+            exclude_after_seconds=exclude,
+        )
 
 
 def ensure_sku(uow: UnitOfWork, sku: str, command: PutMappings | PutSku) -> StockItem:
