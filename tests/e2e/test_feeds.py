@@ -424,6 +424,70 @@ def test_terms_a_put_leaves_out_are_kept_the_time_zone_first(ledger: Server) -> 
     assert (reset["buffer"], reset["timezone"]) == (0, "America/New_York")  # as sent
 
 
+def test_a_supplier_sku_mapped_to_another_sku_takes_the_supplier_s_level_off_the_old_one(
+    ledger: Server,
+) -> None:
+    """Found by a walkthrough: a supplier SKU remapped to another SKU left the supplier's
+    level on the old SKU, sellable, while its next report landed on the new one: the same
+    stock counted under both. A SKU another of the supplier's SKUs still maps to keeps it."""
+    old, new, shared, other = (f"RM-{n}-{uuid.uuid4().hex[:6]}" for n in range(4))
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"K-1": old, "K-2": shared, "K-3": shared})
+
+        def report(quantities: dict[str, int], observed_at: str) -> int:
+            observations = [
+                {"supplier_sku": s, "quantity": q, "observed_at": observed_at}
+                for s, q in quantities.items()
+            ]
+            answer = admin.post(
+                f"/v1/suppliers/{supplier_id}/stock", json={"observations": observations}
+            )
+            assert answer.status_code == 200, answer.text
+            return int(answer.json()["position"])
+
+        report({"K-1": 50, "K-2": 7}, at)
+        moved = admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={
+                "mappings": [
+                    {"supplier_sku": "K-1", "sku": new},
+                    {"supplier_sku": "K-2", "sku": other},
+                ]
+            },
+        )
+        assert moved.status_code == 200, moved.text
+        after_move = {
+            sku: admin.get(
+                f"/v1/skus/{sku}/stock", params={"position": moved.json()["position"]}
+            ).json()
+            for sku in (old, shared)
+        }
+        later = report({"K-1": 40}, datetime.now(UTC).isoformat())
+        levels = {
+            sku: [
+                (level["supplier_id"], level["quantity"])
+                for level in admin.get(f"/v1/skus/{sku}/stock", params={"position": later}).json()[
+                    "suppliers"
+                ]
+            ]
+            for sku in (old, new, shared)
+        }
+
+    assert [(s["supplier_id"], s["quantity"]) for s in after_move[old]["suppliers"]] == [
+        (supplier_id, 0)
+    ]
+    assert after_move[old]["available"] == 0
+    assert [(s["supplier_id"], s["quantity"]) for s in after_move[shared]["suppliers"]] == [
+        (supplier_id, 7)
+    ]
+    assert levels == {
+        old: [(supplier_id, 0)],
+        new: [(supplier_id, 40)],
+        shared: [(supplier_id, 7)],
+    }
+
+
 def test_a_put_that_sets_one_of_staleness_and_exclusion_is_checked_with_the_other_as_saved(
     ledger: Server,
 ) -> None:

@@ -332,6 +332,35 @@ def test_the_stock_of_a_sku_at_a_time_and_at_a_position(ledger: Server) -> None:
     assert naive.status_code == 422
 
 
+def test_the_holds_listed_at_a_time_are_those_its_held_total_counts(ledger: Server) -> None:
+    """Found by a walkthrough: at the second a hold ran out, `held` no longer counted it
+    but `holds` still listed it."""
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-oms") as oms,
+        ledger.client("test-audit") as audit,
+    ):
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        placed = oms.post(
+            "/v1/reservations",
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+            json={"order_id": "ends", "lines": [{"sku": sku, "quantity": 3}], "ttl_seconds": 1},
+        )
+        assert placed.status_code == 201, placed.text
+        expires_at = datetime.fromisoformat(placed.json()["expires_at"].replace("Z", "+00:00"))
+        time.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.5)
+        before = audit.get(
+            f"/v1/skus/{sku}/stock", params={"at": (expires_at - timedelta(seconds=1)).isoformat()}
+        ).json()
+        then = audit.get(f"/v1/skus/{sku}/stock", params={"at": expires_at.isoformat()}).json()
+
+    def listed(answer: dict[str, Any]) -> int:
+        return sum(hold["quantity"] for s in answer["suppliers"] for hold in s["holds"])
+
+    assert (before["held"], listed(before)) == (3, 3)
+    assert (then["held"], listed(then)) == (0, 0)
+
+
 def test_the_global_log_is_ndjson_from_a_position(ledger: Server) -> None:
     with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
         sku_with_stock(admin, supplier(admin), 1)

@@ -910,6 +910,33 @@ def test_records_that_disagree_retried_together_disagree_again_and_stay_open(
     assert on_hand(ledger, "SKU-TT") == 0
 
 
+def test_a_disagreeing_letter_is_retried_with_those_of_its_own_sku_only(
+    ledger: Runtime,
+) -> None:
+    """A whole file stamped with one time, two SKUs each reported twice, disagreeing:
+    retrying one letter tried every such letter of the delivery again (a walkthrough)."""
+    setup_supplier(ledger, "acme", {"ONE": "SKU-D1", "TWO": "SKU-D2"})
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    rows = (("ONE", 2), ("TWO", 5), ("ONE", 3), ("TWO", 6))
+    lines = [f"{sku},{quantity},{at.isoformat()}" for sku, quantity in rows]
+    body = ("sku,quantity,observed_at\n" + "\n".join(lines) + "\n").encode()
+    enqueue(ledger, "acme", "two-skus-twice", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    letters = listing(ledger.store, supplier_id="acme")
+    of = {
+        sku: [letter["id"] for letter in letters if letter["raw"]["sku"] == sku]
+        for sku in ("SKU-D1", "SKU-D2")
+    }
+
+    outcome = retry(ledger.store, ledger.ingestor, of["SKU-D1"][:1], "operator")
+
+    assert outcome.still_refused == dict.fromkeys(of["SKU-D1"], "conflicting_duplicate")
+    attempts = {
+        letter["id"]: letter["attempts"] for letter in listing(ledger.store, supplier_id="acme")
+    }
+    assert attempts == {**dict.fromkeys(of["SKU-D1"], 1), **dict.fromkeys(of["SKU-D2"], 0)}
+
+
 def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(
     ledger: Runtime,
 ) -> None:

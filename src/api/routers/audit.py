@@ -16,7 +16,7 @@ from api.errors import ApiError
 from api.routers.availability import availability_out
 from api.routers.skus import SkuPath
 from ledger.errors import UnknownSku
-from ledger.stock import EPOCH
+from ledger.stock import EPOCH, second_floor
 from projections.audit import PointInTime
 
 router = APIRouter(tags=["audit"])
@@ -62,6 +62,9 @@ def stock_at(
 
 def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
     numbers = availability_out(moment.levels, limited_at, moment.position).model_dump(mode="json")
+    # The holds that count then, as `held` counts them: one that runs out at that very
+    # second was listed, though no longer counted (a walkthrough).
+    now = second_floor(moment.at)
     numbers["suppliers"] = [
         {
             **supplier,
@@ -70,6 +73,7 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
             "holds": [
                 {"expires_at": _second(expires), "quantity": quantity}
                 for expires, quantity in sorted(position.held.items())
+                if expires > now
             ],
         }
         for supplier, position in zip(

@@ -28,6 +28,7 @@ from api.errors import ApiError
 from api.runtime import Runtime
 from api.schemas import (
     NOT_PRINTABLE,
+    MappingIn,
     MappingsIn,
     ObservationIn,
     RejectedOut,
@@ -101,16 +102,46 @@ def put_mappings(
     request_id: RequestId,
     response: Response,
 ) -> UpsertOut:
-    """Upserts SKU mappings in bulk; a SKU named for the first time joins the catalogue."""
+    """Upserts SKU mappings in bulk; a SKU named for the first time joins the catalogue.
+    A supplier SKU mapped away from a SKU that no other SKU of the supplier maps to
+    retires the supplier's level there (see ledger.handlers.catalogue)."""
     command = PutMappings(
         at=at,
         cause=cause_for(key, "admin.mappings.put", request_id),
         supplier_id=supplier_id,
         mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
+        retire=_left_unmapped(runtime, supplier_id, body.mappings),
     )
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)
     return upsert_out(outcome.value, outcome.position)
+
+
+def _left_unmapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> frozenset[str]:
+    """Our SKUs these mappings move a supplier SKU away from that no other SKU of the
+    supplier maps to, by the mappings view once it has every mapping made before (waited
+    for a little). The ledger retires the supplier's level on one only where the mapping
+    it moves did point there (so a view behind at most misses a retirement)."""
+    wanted = {m.supplier_sku: m.sku for m in mappings}
+    head = runtime.app.recorder.max_notification_id() or 0
+    with contextlib.suppress(PositionNotReached):
+        runtime.views.wait_for("mappings", head, MAPPING_WAIT_SECONDS)
+    with runtime.store.connection() as conn:
+        rows = conn.execute(
+            "SELECT supplier_sku, sku FROM view_mappings"
+            " WHERE supplier_id = %s AND supplier_sku = ANY(%s)",
+            (supplier_id, list(wanted)),
+        ).fetchall()
+        left = {r["sku"] for r in rows if r["sku"] != wanted[r["supplier_sku"]]}
+        left -= set(wanted.values())
+        if not left:
+            return frozenset()
+        kept = conn.execute(
+            "SELECT DISTINCT sku FROM view_mappings"
+            " WHERE supplier_id = %s AND sku = ANY(%s) AND NOT supplier_sku = ANY(%s)",
+            (supplier_id, sorted(left), list(wanted)),
+        ).fetchall()
+    return frozenset(left - {r["sku"] for r in kept})
 
 
 def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:

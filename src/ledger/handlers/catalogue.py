@@ -13,6 +13,9 @@ from ledger.stock import StockItem
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
+# The source of the level a remap retires (`_retire_level`).
+REMAP_SOURCE = "remap"
+
 
 @dataclass(frozen=True)
 class Upserted:
@@ -59,7 +62,8 @@ def ensure_sku(uow: UnitOfWork, sku: str, command: PutMappings | PutSku) -> Stoc
 
 @handles(PutMappings)
 def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
-    if uow.get(Supplier, Supplier.id_for(command.supplier_id)) is None:
+    supplier = uow.get(Supplier, Supplier.id_for(command.supplier_id))
+    if supplier is None:
         raise UnknownSupplier(f"unknown supplier {command.supplier_id!r}")
     created = updated = unchanged = 0
     for spec in command.mappings:
@@ -68,11 +72,38 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         if mapping is None:
             uow.add(SkuMapping.map(command.supplier_id, spec, command.at, command.cause))
             created += 1
-        elif mapping.remap(spec, command.at, command.cause):
-            updated += 1
-        else:
+            continue
+        before = mapping.sku
+        if not mapping.remap(spec, command.at, command.cause):
             unchanged += 1
+            continue
+        updated += 1
+        if before != spec.sku and before in command.retire:
+            _retire_level(uow, supplier, before, command)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
+
+
+def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
+    """The supplier's level on a SKU that none of its SKUs maps to any more is 0 from the
+    remap on (no stock expected either), recorded as an observation of the ledger's own
+    (source `remap`): a remap left it sellable there while the next report landed on the
+    new SKU, the same stock counted under both (a walkthrough). Holds placed against it
+    stand, and show as the exposure of any report that falls below them."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    current = None if item is None else item.positions.get(command.supplier_id)
+    if item is None or current is None or current.observed_at is None:
+        return
+    seen = uow.seen_at(command.supplier_id, sku) or current.observed_at
+    item.observe(
+        command.supplier_id,
+        0,
+        max(command.at, current.observed_at, seen),
+        supplier.terms,
+        command.at,
+        command.cause,
+        source=REMAP_SOURCE,
+        incoming=(),
+    )
 
 
 @handles(PutSku)
