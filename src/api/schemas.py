@@ -99,8 +99,11 @@ class Strict(BaseModel):
 
 
 # Names the zone database answers that are not a place's zone: the host's own zone (which
-# moves with the machine the ledger runs on), the legacy rules file, and "-00".
+# moves with the machine the ledger runs on), the legacy rules file, and "-00"; and the
+# copies of every zone under `posix/` (the same) and `right/` (counting leap seconds, 27
+# s off the clocks suppliers keep), refused so that one zone has one name.
 NOT_PLACES = frozenset({"localtime", "posixrules", "Factory"})
+NOT_PLACE_PREFIXES = ("posix/", "right/")
 
 
 class SupplierIn(Strict):
@@ -127,7 +130,7 @@ class SupplierIn(Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        if value in NOT_PLACES:
+        if value in NOT_PLACES or value.startswith(NOT_PLACE_PREFIXES):
             raise ValueError(f"{value!r} names no place's time zone")
         try:
             ZoneInfo(value)

@@ -97,13 +97,21 @@ WHERE o.status = 'open' AND o.reason = 'conflicting_duplicate' AND NOT o.id = AN
       AND l.supplier_id = o.supplier_id AND l.delivery_id = o.delivery_id
       AND (l.raw ->> 'sku') IS NOT DISTINCT FROM (o.raw ->> 'sku')
       AND (l.record ->> 'observed_at')::timestamptz = (o.record ->> 'observed_at')::timestamptz)
-ORDER BY o.id FOR UPDATE OF o SKIP LOCKED
+ORDER BY o.id
+"""
+# Those partners claimed too, those another retry does not hold.
+CLAIM_PARTNERS = """
+SELECT id FROM connector_dead_letters
+WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED
 """
 # The letters asked for that are open but were not claimed: another retry holds them.
 STILL_OPEN = "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) AND status = 'open'"
 # A retry holds a connection for its claims while the ledger applies its letters on
-# others: one retry at a time in a process, so that retries never take the pool.
+# others: one retry at a time in a process, so that retries never take the pool. One
+# that waits this long for another gives up, its letters `being_retried`: waiting
+# without end held a request's thread for as long as a bulk retry ran (a review).
 _retrying = threading.Lock()
+RETRY_WAIT_SECONDS = 5.0
 
 
 def letter_suppliers(store: ViewStore, delivery_id: str) -> list[str]:
@@ -129,21 +137,34 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
 
     The letters are claimed (CLAIM) for the whole retry, in a transaction that marks them
     at its end: a letter another retry holds is left to it (`being_retried`), and one
-    being retried cannot be dismissed until the retry ends."""
-    with _retrying, store.transaction() as claim:
-        return _retry(claim, ingestor, letter_ids, actor)
+    being retried cannot be dismissed until the retry ends. Where applying one supplier's
+    letters fails, the letters applied before it are marked, and the error raised."""
+    if not _retrying.acquire(timeout=RETRY_WAIT_SECONDS):
+        return RetryOutcome(being_retried=sorted(letter_ids))
+    try:
+        with store.transaction() as claim:
+            outcome, failure = _retry(claim, ingestor, letter_ids, actor)
+    finally:
+        _retrying.release()
+    if failure is not None:
+        raise failure
+    return outcome
 
 
 def _retry(
     claim: Connection, ingestor: Ingestor, letter_ids: list[int], actor: str
-) -> RetryOutcome:
+) -> tuple[RetryOutcome, Exception | None]:
     outcome = RetryOutcome()
     letters = claim.execute(CLAIM, (letter_ids,)).fetchall()
     claimed = [letter["id"] for letter in letters]
     if set(claimed) != set(letter_ids):
         left = claim.execute(STILL_OPEN, ([i for i in letter_ids if i not in claimed],))
         outcome.being_retried = sorted(row["id"] for row in left)
-    letters += claim.execute(DISAGREEING, (claimed, claimed)).fetchall()
+    partners = claim.execute(DISAGREEING, (claimed, claimed)).fetchall()
+    if partners:
+        held = claim.execute(CLAIM_PARTNERS, ([p["id"] for p in partners],)).fetchall()
+        letters, partners = _together(letters, partners, {row["id"] for row in held}, outcome)
+        letters += partners
     by_supplier: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for letter in letters:
         if letter["record"] is None:
@@ -152,7 +173,10 @@ def _retry(
             by_supplier[letter["supplier_id"]].append(letter)
     for supplier_id, group in by_supplier.items():
         records = [record_from_fields(g["id"], g["record"], g["raw"]) for g in group]
-        result = ingestor.retry(supplier_id, records, actor)
+        try:
+            result = ingestor.retry(supplier_id, records, actor)
+        except Exception as error:  # the letters applied before it are marked all the same
+            return outcome, error
         refused = {r.index: r.reason for r in result.rejections}
         outcome.applied += result.applied
         outcome.unchanged += result.unchanged
@@ -177,7 +201,33 @@ def _retry(
             " status = 'resolved', updated_at = now() WHERE id = ANY(%s)",
             (resolved,),
         )
-    return outcome
+    return outcome, None
+
+
+def _together(
+    letters: list[dict[str, Any]],
+    partners: list[dict[str, Any]],
+    held: set[int],
+    outcome: RetryOutcome,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The claimed letters and their partners to retry together, every one claimed: where
+    another retry holds a partner, the disagreeing letters of its delivery are left out of
+    this one (`being_retried`): two retries at once each applied one of a pair alone, and
+    the tie made an arbitrary one the level (a review)."""
+    busy = {(p["supplier_id"], p["delivery_id"]) for p in partners if p["id"] not in held}
+    if not busy:
+        return letters, partners
+
+    def waits(letter: dict[str, Any]) -> bool:
+        return (
+            letter["reason"] == "conflicting_duplicate"
+            and (letter["supplier_id"], letter["delivery_id"]) in busy
+        )
+
+    left_out = [letter["id"] for letter in letters if waits(letter)]
+    outcome.being_retried = sorted({*outcome.being_retried, *left_out})
+    kept = [letter for letter in letters if not waits(letter)]
+    return kept, [p for p in partners if p["id"] in held and not waits(p)]
 
 
 @dataclass

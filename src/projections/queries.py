@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -103,15 +104,24 @@ class Views:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pause = 0.005
-        head: int | None = None
+        reached, head = 0, None
         while True:
-            reached = await self._shared_position(loop, projection)
-            if reached >= wanted:
-                return reached
-            if head is None:
-                head = await loop.run_in_executor(self._reader(), self._head)
-                if wanted > head:
-                    raise PositionNotReached(projection, wanted, reached, head)
+            try:
+                # Each read within what is left of the bound: reads queue on one thread.
+                reached = await asyncio.wait_for(
+                    self._shared(loop, projection, self.position, projection),
+                    max(0.0, deadline - loop.time()),
+                )
+                if reached >= wanted:
+                    return reached
+                if head is None:
+                    head = await asyncio.wait_for(
+                        self._shared(loop, "", self._head), max(0.0, deadline - loop.time())
+                    )
+                    if wanted > head:
+                        raise PositionNotReached(projection, wanted, reached, head)
+            except TimeoutError:
+                raise PositionNotReached(projection, wanted, reached) from None
             if loop.time() >= deadline:
                 raise PositionNotReached(projection, wanted, reached)
             await asyncio.sleep(pause)
@@ -126,18 +136,20 @@ class Views:
                 self._position_reader = ThreadPoolExecutor(1, thread_name_prefix="view-positions")
             return self._position_reader
 
-    async def _shared_position(self, loop: asyncio.AbstractEventLoop, projection: str) -> int:
-        """The view's position, read once for every waiter that asks while it is read."""
-        key = (loop, projection)
-        read = self._position_reads.get(key)
-        if read is None and len(self._position_reads) > 32:  # loops closed since (tests')
+    async def _shared(
+        self, loop: asyncio.AbstractEventLoop, key: str, read: Callable[..., int], *args: Any
+    ) -> int:
+        """What `read` answers, read once (on the reader's thread) for every waiter that
+        asks while it is read: a view's position, or ("") the log's."""
+        done = self._position_reads.get((loop, key))
+        if done is None and len(self._position_reads) > 32:  # loops closed since (tests')
             self._position_reads = {
                 k: r for k, r in self._position_reads.items() if not k[0].is_closed()
             }
-        if read is None or read.done():
-            read = loop.run_in_executor(self._reader(), self.position, projection)
-            self._position_reads[key] = read
-        return await asyncio.shield(read)
+        if done is None or done.done():
+            done = loop.run_in_executor(self._reader(), read, *args)
+            self._position_reads[(loop, key)] = done
+        return await asyncio.shield(done)
 
     def close(self) -> None:
         """Stops the thread that reads positions for waiting requests, if it started."""

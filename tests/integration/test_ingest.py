@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from api.runtime import Runtime, open_runtime
-from connectors import comparison, inbox
+from connectors import comparison, deadletters, inbox
 from connectors import ingest as ingest_module
 from connectors import outcome as outcome_module
 from connectors import parts as parts_module
@@ -935,6 +935,116 @@ def test_a_disagreeing_letter_is_retried_with_those_of_its_own_sku_only(
         letter["id"]: letter["attempts"] for letter in listing(ledger.store, supplier_id="acme")
     }
     assert attempts == {**dict.fromkeys(of["SKU-D1"], 1), **dict.fromkeys(of["SKU-D2"], 0)}
+
+
+def unmapped_letters(ledger: Runtime, supplier: str, rows: dict[str, int]) -> list[int]:
+    """Letters of a delivery of these rows, none of them mapped; then mapped (to SKU-<row>)."""
+    setup_supplier(ledger, supplier, {})
+    body = csv_body(rows, datetime.now(UTC) - timedelta(minutes=1))
+    enqueue(ledger, supplier, f"unmapped-{supplier}", body)
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    specs = [MappingSpec(s_sku, f"SKU-{s_sku}", 1, upc=None) for s_sku in rows]
+    ledger.writer.execute(
+        PutMappings(at=datetime.now(UTC), cause=CAUSE, supplier_id=supplier, mappings=specs)
+    )
+    return [letter["id"] for letter in listing(ledger.store, supplier_id=supplier)]
+
+
+def test_two_retries_at_once_claim_each_letter_once(ledger: Runtime) -> None:
+    """Two retries in two processes, each on a connection of its own (in one process they
+    take turns): each letter is applied by one of them."""
+    ids = unmapped_letters(ledger, "acme", {f"TWO-{n}": n + 1 for n in range(40)})
+    ready = threading.Barrier(2)
+    outcomes: list[deadletters.RetryOutcome] = []
+
+    def one_retry() -> None:
+        with ledger.store.transaction() as claim:
+            ready.wait()
+            outcome, failure = deadletters._retry(claim, ledger.ingestor, ids, "operator")
+        assert failure is None
+        outcomes.append(outcome)
+
+    threads = [threading.Thread(target=one_retry) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    [first, second] = [set(outcome.resolved) for outcome in outcomes]
+    assert first.isdisjoint(second)
+    assert first | second == set(ids)
+    assert {o.applied for o in outcomes} == {0, 40}
+    attempts = [letter["attempts"] for letter in listing(ledger.store, status="resolved")]
+    assert attempts == [1] * 40
+
+
+def test_a_disagreeing_letter_whose_partner_another_retry_holds_is_left_to_it(
+    ledger: Runtime,
+) -> None:
+    """A review: two retries at once, each holding one of a pair that disagrees, each
+    applied its own alone, and the tie made an arbitrary one the level."""
+    setup_supplier(ledger, "acme", {"PAIR": "SKU-PAIR"})
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    body = f"sku,quantity,observed_at\nPAIR,2,{at.isoformat()}\nPAIR,3,{at.isoformat()}\n"
+    enqueue(ledger, "acme", "pair", body.encode())
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    held, mine = (letter["id"] for letter in listing(ledger.store, supplier_id="acme"))
+    with psycopg.connect(ledger.database_url) as other:
+        other.execute("SELECT id FROM connector_dead_letters WHERE id = %s FOR UPDATE", (held,))
+        ledger.writer.execute(
+            PutMappings(
+                at=datetime.now(UTC),
+                cause=CAUSE,
+                supplier_id="acme",
+                mappings=[MappingSpec("PAIR", "SKU-PAIR", 1, upc=None)],
+            )
+        )
+        outcome = retry(ledger.store, ledger.ingestor, [mine], "operator")
+
+    assert (outcome.resolved, outcome.still_refused, outcome.being_retried) == ([], {}, [mine])
+    assert on_hand(ledger, "SKU-PAIR") == 0
+    left = listing(ledger.store, supplier_id="acme")
+    assert [(letter["id"], letter["attempts"]) for letter in left] == [(held, 0), (mine, 0)]
+
+
+def test_a_retry_waits_a_while_for_another_in_its_process_then_leaves_its_letters(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a retry waited for another without end, holding its request's thread."""
+    ids = unmapped_letters(ledger, "acme", {"WAIT-1": 1})
+    monkeypatch.setattr(deadletters, "RETRY_WAIT_SECONDS", 0.2)
+    with deadletters._retrying:
+        began = time.monotonic()
+        outcome = retry(ledger.store, ledger.ingestor, ids, "operator")
+        waited = time.monotonic() - began
+
+    assert outcome.being_retried == ids
+    assert outcome.resolved == []
+    assert waited < 2
+    assert retry(ledger.store, ledger.ingestor, ids, "operator").resolved == ids
+
+
+def test_a_retry_that_fails_for_one_supplier_keeps_what_it_applied_for_the_others(
+    ledger: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: the letters of every supplier a bulk retry applied before one failed stayed
+    open (one transaction marked them all), though the ledger had applied them."""
+    first = unmapped_letters(ledger, "acme", {"OK-1": 4})
+    second = unmapped_letters(ledger, "globex", {"BAD-1": 5})
+    applied = ledger.ingestor.retry
+
+    def failing(supplier_id: str, records: Any, actor: str) -> Any:
+        if supplier_id == "globex":
+            raise RuntimeError("the database went away")
+        return applied(supplier_id, records, actor)
+
+    monkeypatch.setattr(ledger.ingestor, "retry", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        retry(ledger.store, ledger.ingestor, [*first, *second], "operator")
+
+    assert [letter["id"] for letter in listing(ledger.store, status="resolved")] == first
+    assert [letter["id"] for letter in listing(ledger.store, supplier_id="globex")] == second
+    assert on_hand(ledger, "SKU-OK-1") == 4
 
 
 def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(

@@ -70,7 +70,17 @@ def test_a_timestamp_format_that_cannot_read_a_date_back_is_refused_when_saved(
         check_connector({"format": "csv", "options": {"timestamp_format": pattern}})
 
 
-@pytest.mark.parametrize("pattern", ["%d.%m.%Y %H:%M", "%Y%m%d", "%m/%d/%y %I:%M %p", "%G-W%V-%u"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "%d.%m.%Y %H:%M",
+        "%Y%m%d",
+        "%m/%d/%y %I:%M %p",
+        "%G-W%V-%u",
+        "%Y-%m-%dT%H:%M:%S%z",  # with the offset: refused while the probe had none
+        "%d.%m.%Y %H:%M %Z",
+    ],
+)
 def test_a_timestamp_format_that_names_the_date_is_taken(pattern: str) -> None:
     check_connector({"format": "csv", "options": {"timestamp_format": pattern}})
     assert ValueFormat.from_options({"timestamp_format": pattern}).timestamp_format == pattern

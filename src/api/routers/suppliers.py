@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
 
@@ -50,6 +51,8 @@ from ledger.handlers.catalogue import Upserted
 from ledger.mapping import MappingSpec
 from ledger.supplier import SupplierTerms
 from projections.queries import PositionNotReached
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/suppliers", tags=["suppliers"])
 
@@ -120,12 +123,17 @@ def put_mappings(
 def _left_unmapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> frozenset[str]:
     """Our SKUs these mappings move a supplier SKU away from that no other SKU of the
     supplier maps to, by the mappings view once it has every mapping made before (waited
-    for a little). The ledger retires the supplier's level on one only where the mapping
-    it moves did point there (so a view behind at most misses a retirement)."""
+    for a little; none when it is later than that). The ledger retires the supplier's
+    level on one only where the mapping it moves did point there."""
     wanted = {m.supplier_sku: m.sku for m in mappings}
     head = runtime.app.recorder.max_notification_id() or 0
-    with contextlib.suppress(PositionNotReached):
+    try:
         runtime.views.wait_for("mappings", head, MAPPING_WAIT_SECONDS)
+    except PositionNotReached:
+        # A view behind may lack a mapping to the old SKU, and retire a level another SKU
+        # of the supplier still reports: none is retired then (a review).
+        log.warning("mappings.retire_skipped", supplier=supplier_id, reason="view behind")
+        return frozenset()
     with runtime.store.connection() as conn:
         rows = conn.execute(
             "SELECT supplier_sku, sku FROM view_mappings"

@@ -190,8 +190,10 @@ def field_paths(
     return paths
 
 
-# A moment every field of a time format shows differently (day 23 of month 11, hour 19).
-_PROBE = datetime(2031, 11, 23, 19, 47, 36)
+# A moment every field of a time format shows differently (day 23 of month 11, hour 19),
+# with its zone, which `%z` and `%Z` write (naive, they wrote nothing, and a format that
+# reads offsets was refused: a review).
+_PROBE = datetime(2031, 11, 23, 19, 47, 36, tzinfo=UTC)
 
 
 def _check_timestamp_format(pattern: str) -> None:
