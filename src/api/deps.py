@@ -144,6 +144,7 @@ def view_at(projection: str) -> Callable[..., Awaitable[int | None]]:
 ReservationsAt = Annotated[int | None, Depends(view_at("reservations"))]
 ConflictsAt = Annotated[int | None, Depends(view_at("conflicts"))]
 MappingsAt = Annotated[int | None, Depends(view_at("mappings"))]
+StockAt = Annotated[int | None, Depends(view_at("stock"))]
 Now = Annotated[datetime, Depends(now)]
 RequestId = Annotated[str, Depends(request_id)]
 SupplierId = Annotated[str, Path(pattern=SUPPLIER_ID_PATTERN)]

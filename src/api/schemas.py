@@ -332,6 +332,9 @@ class ReservationOut(BaseModel):
 class ReservationListOut(BaseModel):
     items: list[ReservationOut]
     position: int
+    # Listed by status: the last reservation's id when the page is full, to page on with
+    # `after`; null on the last page, and for an order's reservations.
+    next_after: str | None = None
 
 
 # Availability -------------------------------------------------------------------

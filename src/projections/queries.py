@@ -197,6 +197,35 @@ class Views:
             ).fetchone()
         return None if row is None else self._reservation(row)
 
+    def skus(self, after: str, limit: int) -> list[dict[str, Any]]:
+        """The catalogue's SKUs after `after`, in order, with their safety stock."""
+        with self.store.connection() as conn:
+            return conn.execute(
+                "SELECT sku, safety_stock FROM view_availability WHERE sku > %s"
+                " ORDER BY sku LIMIT %s",
+                (after, limit),
+            ).fetchall()
+
+    def reservations_by_status(
+        self, status: str | None, at: datetime, after: UUID | None, limit: int
+    ) -> list[Reservation]:
+        """Reservations by id after `after`, of a status as it is answered at `at` (a hold
+        past its expiry is `expired` before the sweeper records it; `held`, one that is
+        not), or of any."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, version, state FROM view_reservations"
+                " WHERE (%(after)s::uuid IS NULL OR id > %(after)s)"
+                " AND CASE %(status)s::text"
+                "  WHEN 'held' THEN status = 'held' AND expires_at > %(at)s"
+                "  WHEN 'expired' THEN status = 'expired'"
+                "   OR (status = 'held' AND expires_at <= %(at)s)"
+                "  ELSE %(status)s::text IS NULL OR status = %(status)s END"
+                " ORDER BY id LIMIT %(limit)s",
+                {"after": after, "status": status, "at": at, "limit": limit},
+            ).fetchall()
+        return [self._reservation(row) for row in rows]
+
     def reservations_for_order(self, order_id: str, limit: int = 100) -> list[Reservation]:
         with self.store.connection() as conn:
             rows = conn.execute(

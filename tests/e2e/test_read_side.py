@@ -361,6 +361,35 @@ def test_the_holds_listed_at_a_time_are_those_its_held_total_counts(ledger: Serv
     assert (then["held"], listed(then)) == (0, 0)
 
 
+def test_a_storefront_pages_through_the_catalogue(ledger: Server) -> None:
+    """Found by a walkthrough: nothing listed the catalogue's SKUs; availability is read
+    by name."""
+    prefix = f"CAT-{uuid.uuid4().hex[:8]}-"
+    skus = [f"{prefix}{n}" for n in range(5)]
+    with (
+        ledger.client("test-admin") as admin,
+        ledger.client("test-shop") as shop,
+        ledger.client("test-acme") as supplier_key,
+    ):
+        for n, sku in enumerate(skus):
+            assert admin.put(f"/v1/skus/{sku}", json={"safety_stock": n}).status_code == 200
+        pages: list[dict[str, Any]] = []
+        after = prefix
+        while after is not None and after.startswith(prefix):
+            answer = shop.get("/v1/skus", params={"after": after, "limit": 2})
+            assert answer.status_code == 200, answer.text
+            pages.append(answer.json())
+            after = pages[-1]["next_after"]
+        refused = supplier_key.get("/v1/skus")
+
+    listed = [(i["sku"], i["safety_stock"]) for p in pages for i in p["items"]]
+    assert [item for item in listed if item[0].startswith(prefix)] == [
+        (sku, n) for n, sku in enumerate(skus)
+    ]
+    assert all(len(page["items"]) <= 2 for page in pages)
+    assert refused.status_code == 403
+
+
 def test_the_global_log_is_ndjson_from_a_position(ledger: Server) -> None:
     with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
         sku_with_stock(admin, supplier(admin), 1)

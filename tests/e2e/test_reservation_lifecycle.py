@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -1013,3 +1014,48 @@ def test_fulfilling_or_returning_a_sku_the_catalogue_lacks_is_an_unknown_sku(
 
     assert (unknown.status_code, unknown.json()["error"]) == (422, "unknown_sku")
     assert (not_on_it.status_code, not_on_it.json()["error"]) == (409, "exceeds_open_quantity")
+
+
+def test_an_oms_pages_through_its_reservations_by_status(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Found by a walkthrough: reservations were listed only by order, so an OMS could not
+    reconcile its open holds and commitments."""
+    extra = {"LEDGER_RUN_SWEEPER": "false"}  # the short hold runs out unrecorded
+    with (
+        serving(postgres_server_url, tmp_path, 1, extra_env=extra) as server,
+        server.client("test-admin") as admin,
+        server.client("test-oms") as oms,
+    ):
+        sku = stocked_sku(admin, {new_supplier(admin): 100})
+        holds = [held(oms, (sku, 1)) for _ in range(5)]
+        short = held(oms, (sku, 1), ttl_seconds=1)
+        commitments = [confirmed(oms, (sku, 1)) for _ in range(2)]
+        runs_out = datetime.fromisoformat(
+            ok(oms.get(f"/v1/reservations/{short}"))["expires_at"].replace("Z", "+00:00")
+        )
+        time.sleep(max(0.0, (runs_out - datetime.now(UTC)).total_seconds()) + 0.2)
+        pages: list[dict[str, Any]] = []
+        while not pages or pages[-1]["next_after"] is not None:
+            cursor = {"after": pages[-1]["next_after"]} if pages else {}
+            pages.append(
+                ok(oms.get("/v1/reservations", params={"status": "held", "limit": 2, **cursor}))
+            )
+        expired = ok(oms.get("/v1/reservations", params={"status": "expired"}))
+        confirmed_now = ok(oms.get("/v1/reservations", params={"status": "confirmed"}))
+        everything = ok(oms.get("/v1/reservations", params={"limit": 1000}))
+        of_order = ok(
+            oms.get("/v1/reservations", params={"order_id": "order-1", "status": "confirmed"})
+        )
+        unknown = oms.get("/v1/reservations", params={"status": "open"})
+
+    listed = [item["reservation_id"] for page in pages for item in page["items"]]
+    assert [len(page["items"]) for page in pages] == [2, 2, 1]
+    assert listed == sorted(holds)
+    assert {item["status"] for page in pages for item in page["items"]} == {"held"}
+    assert [(i["reservation_id"], i["status"]) for i in expired["items"]] == [(short, "expired")]
+    assert sorted(i["reservation_id"] for i in confirmed_now["items"]) == sorted(commitments)
+    assert len(everything["items"]) == 8
+    assert everything["next_after"] is None
+    assert sorted(i["reservation_id"] for i in of_order["items"]) == sorted(commitments)
+    assert (unknown.status_code, unknown.json()["error"]) == (422, "validation_error")

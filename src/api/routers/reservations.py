@@ -40,7 +40,7 @@ from api.schemas import (
 from ledger.commands import Command, Confirm, Fulfil, Release, Reserve, Return
 from ledger.errors import ReservationNotFound
 from ledger.handlers.reservations import Reserved
-from ledger.reservation import Reservation
+from ledger.reservation import Reservation, ReservationStatus
 from ledger.writer import Outcome
 from projections.queries import PositionNotReached
 
@@ -154,21 +154,38 @@ async def reserve(
 
 
 @router.get("", response_model=ReservationListOut)
-def for_order(
-    order_id: Annotated[str, Query(min_length=1, max_length=200, pattern=PRINTABLE)],
+def listed(
     _: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
     wanted: ReservationsAt,
     response: Response,
+    order_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=PRINTABLE)] = None,
+    status: ReservationStatus | None = None,
+    after: Annotated[UUID | None, Query(description="reservation id cursor")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ReservationListOut:
-    """The reservations of an order, from the reservations view."""
+    """The reservations of an order; or, without `order_id`, every reservation (of a
+    `status`, as answered now), by id, a page at a time: an OMS reconciling its open
+    holds and commitments pages through them with `after=next_after`."""
     position = runtime.views.wait_for(
         "reservations", wanted, runtime.settings.read_wait_max_seconds
     )
     set_position(response, position)
-    found = runtime.views.reservations_for_order(order_id)
-    return ReservationListOut(items=[reservation_out(r, at) for r in found], position=position)
+    if order_id is not None:
+        found = runtime.views.reservations_for_order(order_id)
+        items = [reservation_out(r, at) for r in found]
+        if status is not None:
+            items = [item for item in items if item.status == status]
+        return ReservationListOut(items=items, position=position)
+    page = runtime.views.reservations_by_status(
+        None if status is None else status.value, at, after, limit
+    )
+    return ReservationListOut(
+        items=[reservation_out(r, at) for r in page],
+        position=position,
+        next_after=str(page[-1].id) if len(page) == limit else None,
+    )
 
 
 @router.get("/{reservation_id}", response_model=ReservationOut)
