@@ -17,6 +17,11 @@ from connectors.outcome import Rejections
 from projections.store import Connection, ViewStore
 
 
+class RetryBusy(Exception):
+    """Another retry of this process ran past RETRY_WAIT_SECONDS: none was made (the API
+    answers 503, to be tried again)."""
+
+
 @dataclass
 class RetryOutcome:
     resolved: list[int] = field(default_factory=list)
@@ -108,8 +113,8 @@ WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED
 STILL_OPEN = "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) AND status = 'open'"
 # A retry holds a connection for its claims while the ledger applies its letters on
 # others: one retry at a time in a process, so that retries never take the pool. One
-# that waits this long for another gives up, its letters `being_retried`: waiting
-# without end held a request's thread for as long as a bulk retry ran (a review).
+# that waits this long for another gives up (RetryBusy): waiting without end held a
+# request's thread for as long as a bulk retry ran (a review).
 _retrying = threading.Lock()
 RETRY_WAIT_SECONDS = 5.0
 
@@ -140,7 +145,7 @@ def retry(store: ViewStore, ingestor: Ingestor, letter_ids: list[int], actor: st
     being retried cannot be dismissed until the retry ends. Where applying one supplier's
     letters fails, the letters applied before it are marked, and the error raised."""
     if not _retrying.acquire(timeout=RETRY_WAIT_SECONDS):
-        return RetryOutcome(being_retried=sorted(letter_ids))
+        raise RetryBusy("another dead-letter retry is running in this process")
     try:
         with store.transaction() as claim:
             outcome, failure = _retry(claim, ingestor, letter_ids, actor)

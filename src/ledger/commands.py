@@ -71,16 +71,15 @@ class PutSupplier(Command):
 class PutMappings(Command):
     supplier_id: str
     mappings: list[MappingSpec]
-    # SKUs of ours that no other SKU of the supplier maps to, as the API found them: where
-    # a mapping moves away from one of them, the supplier's level there retires.
-    retire: frozenset[str] = frozenset()
+    # SKUs of ours that other SKUs of the supplier map to, as the API found them: where a
+    # mapping moves away from a SKU, the supplier's level there retires, unless it is one.
+    kept: frozenset[str] = frozenset()
 
     def aggregate_ids(self) -> list[UUID]:
         return [
             Supplier.id_for(self.supplier_id),
             *(SkuMapping.id_for(self.supplier_id, m.supplier_sku) for m in self.mappings),
             *(StockItem.id_for(m.sku) for m in self.mappings),
-            *(StockItem.id_for(sku) for sku in sorted(self.retire)),
         ]
 
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from eventsourcing.utils import get_topic
+from psycopg import sql
 
 from ledger.application import InventoryLedger
 from ledger.base import LedgerSnapshot
@@ -21,12 +22,23 @@ from projections.entries import Snapshot, read_entries
 from projections.stockcache import StockCache
 from projections.store import ViewStore
 
+# The least time `Views.reach` gives one read of a position.
+READ_SECONDS = 1.0
+
 POSITION_SQL = """
 SELECT g.position FROM ledger_projection_generations g
 JOIN ledger_projections p ON p.name = g.name AND p.live_generation = g.generation
 WHERE g.name = %s
 """
 
+
+# A reservation's status as answered at %(at)s (ledger.reservation.status_at), as SQL:
+# `held` and `expired` by the time; any other as recorded; none (%(status)s null), any.
+_STATUS_AT = {
+    "held": sql.SQL("status = 'held' AND expires_at > %(at)s"),
+    "expired": sql.SQL("(status = 'expired' OR (status = 'held' AND expires_at <= %(at)s))"),
+}
+_STATUS_IS = sql.SQL("(%(status)s::text IS NULL OR status = %(status)s)")
 
 _CONFLICTS = (
     "SELECT conflict_id, kind, sku, supplier_id, occurred_at, position,"
@@ -106,17 +118,21 @@ class Views:
         pause = 0.005
         reached, head = 0, None
         while True:
+            # Each read within what is left of the bound, and at least READ_SECONDS: reads
+            # queue on one thread, and a bound of 0 still reads once.
             try:
-                # Each read within what is left of the bound: reads queue on one thread.
                 reached = await asyncio.wait_for(
                     self._shared(loop, projection, self.position, projection),
-                    max(0.0, deadline - loop.time()),
+                    max(READ_SECONDS, deadline - loop.time()),
                 )
                 if reached >= wanted:
                     return reached
                 if head is None:
+                    # The log's end, read for this request alone: one read begun before
+                    # the write it asks for would put that write beyond the log (a review).
                     head = await asyncio.wait_for(
-                        self._shared(loop, "", self._head), max(0.0, deadline - loop.time())
+                        loop.run_in_executor(self._reader(), self._head),
+                        max(READ_SECONDS, deadline - loop.time()),
                     )
                     if wanted > head:
                         raise PositionNotReached(projection, wanted, reached, head)
@@ -139,8 +155,8 @@ class Views:
     async def _shared(
         self, loop: asyncio.AbstractEventLoop, key: str, read: Callable[..., int], *args: Any
     ) -> int:
-        """What `read` answers, read once (on the reader's thread) for every waiter that
-        asks while it is read: a view's position, or ("") the log's."""
+        """What `read` answers (a view's position), read once, on the reader's thread, for
+        every waiter that asks while it is read."""
         done = self._position_reads.get((loop, key))
         if done is None and len(self._position_reads) > 32:  # loops closed since (tests')
             self._position_reads = {
@@ -211,27 +227,31 @@ class Views:
     ) -> list[Reservation]:
         """Reservations by id after `after`, of a status as it is answered at `at` (a hold
         past its expiry is `expired` before the sweeper records it; `held`, one that is
-        not), or of any."""
+        not), or of any. Each status its own statement, so that the planner sees it: held
+        reservations are found by the view's index of them."""
         with self.store.connection() as conn:
             rows = conn.execute(
-                "SELECT id, version, state FROM view_reservations"
-                " WHERE (%(after)s::uuid IS NULL OR id > %(after)s)"
-                " AND CASE %(status)s::text"
-                "  WHEN 'held' THEN status = 'held' AND expires_at > %(at)s"
-                "  WHEN 'expired' THEN status = 'expired'"
-                "   OR (status = 'held' AND expires_at <= %(at)s)"
-                "  ELSE %(status)s::text IS NULL OR status = %(status)s END"
-                " ORDER BY id LIMIT %(limit)s",
+                sql.SQL(
+                    "SELECT id, version, state FROM view_reservations WHERE {}"
+                    " AND (%(after)s::uuid IS NULL OR id > %(after)s)"
+                    " ORDER BY id LIMIT %(limit)s"
+                ).format(_STATUS_AT.get(status or "", _STATUS_IS)),
                 {"after": after, "status": status, "at": at, "limit": limit},
             ).fetchall()
         return [self._reservation(row) for row in rows]
 
-    def reservations_for_order(self, order_id: str, limit: int = 100) -> list[Reservation]:
+    def reservations_for_order(
+        self, order_id: str, limit: int = 100, status: str | None = None, at: datetime | None = None
+    ) -> list[Reservation]:
+        """An order's reservations, the first `limit` made, of a status as `reservations_by_
+        status` reads it, if one is given."""
         with self.store.connection() as conn:
             rows = conn.execute(
-                "SELECT id, version, state FROM view_reservations WHERE order_id = %s"
-                " ORDER BY created_at LIMIT %s",
-                (order_id, limit),
+                sql.SQL(
+                    "SELECT id, version, state FROM view_reservations"
+                    " WHERE order_id = %(order)s AND {} ORDER BY created_at LIMIT %(limit)s"
+                ).format(_STATUS_AT.get(status or "", _STATUS_IS)),
+                {"order": order_id, "status": status, "at": at, "limit": limit},
             ).fetchall()
         return [self._reservation(row) for row in rows]
 

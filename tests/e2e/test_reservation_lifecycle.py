@@ -1048,6 +1048,7 @@ def test_an_oms_pages_through_its_reservations_by_status(
             oms.get("/v1/reservations", params={"order_id": "order-1", "status": "confirmed"})
         )
         unknown = oms.get("/v1/reservations", params={"status": "open"})
+        paged_order = oms.get("/v1/reservations", params={"order_id": "order-1", "limit": 5})
 
     listed = [item["reservation_id"] for page in pages for item in page["items"]]
     assert [len(page["items"]) for page in pages] == [2, 2, 1]
@@ -1059,3 +1060,4 @@ def test_an_oms_pages_through_its_reservations_by_status(
     assert everything["next_after"] is None
     assert sorted(i["reservation_id"] for i in of_order["items"]) == sorted(commitments)
     assert (unknown.status_code, unknown.json()["error"]) == (422, "validation_error")
+    assert (paged_order.status_code, paged_order.json()["error"]) == (422, "validation_error")

@@ -12,7 +12,14 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdminKey, AuditorKey, RuntimeDep, set_position
 from api.errors import ApiError
 from api.schemas import PRINTABLE, SUPPLIER_ID_PATTERN, Strict
-from connectors.deadletters import RetryOutcome, dismiss, letter_suppliers, listing, retry
+from connectors.deadletters import (
+    RetryBusy,
+    RetryOutcome,
+    dismiss,
+    letter_suppliers,
+    listing,
+    retry,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +63,13 @@ def _out(outcome: RetryOutcome) -> dict[str, Any]:
     }
 
 
+async def _retried(runtime: RuntimeDep, ids: list[int], actor: str) -> RetryOutcome:
+    try:
+        return await run_in_threadpool(retry, runtime.store, runtime.ingestor, ids, actor)
+    except RetryBusy as busy:
+        raise ApiError(503, "retry_busy", str(busy), {"Retry-After": "5"}) from None
+
+
 def _being_retried(ids: list[int]) -> ApiError:
     return ApiError(
         409,
@@ -94,7 +108,7 @@ async def retry_one(
     letter_id: int, key: AdminKey, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
     """Applies one refused record again, e.g. after its mapping was added."""
-    outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, [letter_id], key.name)
+    outcome = await _retried(runtime, [letter_id], key.name)
     if outcome.being_retried:
         raise _being_retried(outcome.being_retried)
     if not (outcome.resolved or outcome.still_refused or outcome.not_retryable):
@@ -170,6 +184,6 @@ async def retry_many(
     stay refused."""
     body = body or BulkRetryIn()
     ids = await _open_letters(runtime, body)
-    outcome = await run_in_threadpool(retry, runtime.store, runtime.ingestor, ids, key.name)
+    outcome = await _retried(runtime, ids, key.name)
     set_position(response, outcome.position)
     return {**_out(outcome), "next_after": ids[-1] if len(ids) == body.limit else None}

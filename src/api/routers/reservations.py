@@ -163,24 +163,24 @@ def listed(
     order_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=PRINTABLE)] = None,
     status: ReservationStatus | None = None,
     after: Annotated[UUID | None, Query(description="reservation id cursor")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> ReservationListOut:
-    """The reservations of an order; or, without `order_id`, every reservation (of a
-    `status`, as answered now), by id, a page at a time: an OMS reconciling its open
-    holds and commitments pages through them with `after=next_after`."""
+    """The reservations of an order (the first 100 made, of a `status` if given); or,
+    without `order_id`, every reservation (of a `status`, as answered now), by id, a
+    page at a time: an OMS reconciling its open holds and commitments pages through them
+    with `after=next_after`."""
+    if order_id is not None and (after is not None or limit is not None):
+        raise ApiError(422, "validation_error", "after and limit page the listing without order_id")
     position = runtime.views.wait_for(
         "reservations", wanted, runtime.settings.read_wait_max_seconds
     )
     set_position(response, position)
+    named = None if status is None else status.value
     if order_id is not None:
-        found = runtime.views.reservations_for_order(order_id)
-        items = [reservation_out(r, at) for r in found]
-        if status is not None:
-            items = [item for item in items if item.status == status]
-        return ReservationListOut(items=items, position=position)
-    page = runtime.views.reservations_by_status(
-        None if status is None else status.value, at, after, limit
-    )
+        found = runtime.views.reservations_for_order(order_id, status=named, at=at)
+        return ReservationListOut(items=[reservation_out(r, at) for r in found], position=position)
+    limit = limit or 100
+    page = runtime.views.reservations_by_status(named, at, after, limit)
     return ReservationListOut(
         items=[reservation_out(r, at) for r in page],
         position=position,

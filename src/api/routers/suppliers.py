@@ -113,27 +113,26 @@ def put_mappings(
         cause=cause_for(key, "admin.mappings.put", request_id),
         supplier_id=supplier_id,
         mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
-        retire=_left_unmapped(runtime, supplier_id, body.mappings),
+        kept=_still_mapped(runtime, supplier_id, body.mappings),
     )
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)
     return upsert_out(outcome.value, outcome.position)
 
 
-def _left_unmapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> frozenset[str]:
-    """Our SKUs these mappings move a supplier SKU away from that no other SKU of the
+def _still_mapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> frozenset[str]:
+    """Of the SKUs these mappings move a supplier SKU away from, those another SKU of the
     supplier maps to, by the mappings view once it has every mapping made before (waited
-    for a little; none when it is later than that). The ledger retires the supplier's
-    level on one only where the mapping it moves did point there."""
+    for a little). The ledger retires the supplier's level on the others. A view later
+    than that may miss one: a level is then retired though another of the supplier's SKUs
+    maps there, and its next report restores it; a level left standing instead would count
+    the stock under both SKUs for good (a review)."""
     wanted = {m.supplier_sku: m.sku for m in mappings}
     head = runtime.app.recorder.max_notification_id() or 0
     try:
         runtime.views.wait_for("mappings", head, MAPPING_WAIT_SECONDS)
     except PositionNotReached:
-        # A view behind may lack a mapping to the old SKU, and retire a level another SKU
-        # of the supplier still reports: none is retired then (a review).
-        log.warning("mappings.retire_skipped", supplier=supplier_id, reason="view behind")
-        return frozenset()
+        log.warning("mappings.view_behind", supplier=supplier_id, wanted=head)
     with runtime.store.connection() as conn:
         rows = conn.execute(
             "SELECT supplier_sku, sku FROM view_mappings"
@@ -141,7 +140,6 @@ def _left_unmapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]
             (supplier_id, list(wanted)),
         ).fetchall()
         left = {r["sku"] for r in rows if r["sku"] != wanted[r["supplier_sku"]]}
-        left -= set(wanted.values())
         if not left:
             return frozenset()
         kept = conn.execute(
@@ -149,7 +147,7 @@ def _left_unmapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]
             " WHERE supplier_id = %s AND sku = ANY(%s) AND NOT supplier_sku = ANY(%s)",
             (supplier_id, sorted(left), list(wanted)),
         ).fetchall()
-    return frozenset(left - {r["sku"] for r in kept})
+    return frozenset(r["sku"] for r in kept)
 
 
 def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:

@@ -191,8 +191,8 @@ def field_paths(
 
 
 # A moment every field of a time format shows differently (day 23 of month 11, hour 19),
-# with its zone, which `%z` and `%Z` write (naive, they wrote nothing, and a format that
-# reads offsets was refused: a review).
+# with its zone, which `%z` writes (naive, it wrote nothing, and a format that reads
+# offsets was refused: a review).
 _PROBE = datetime(2031, 11, 23, 19, 47, 36, tzinfo=UTC)
 
 
@@ -201,6 +201,13 @@ def _check_timestamp_format(pattern: str) -> None:
     `%Q`: every row of every delivery was then refused) or that leaves out the date (`%H:%M`
     read `12:29` as 1 January 1900, a level 127 years old that was applied as sellable):
     checked by writing a moment in it and reading it back."""
+    if "%Z" in pattern:
+        # strptime's %Z reads only UTC, GMT and the host's own zone names, and gives a
+        # naive time, then read in the supplier's zone (a review).
+        raise ValueError(
+            f"bad_option: timestamp_format {pattern!r}: %Z reads only UTC and GMT, as local"
+            " times; write the offset, %z"
+        )
     try:
         read = datetime.strptime(_PROBE.strftime(pattern), pattern)
     except ValueError as error:

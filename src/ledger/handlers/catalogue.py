@@ -66,6 +66,8 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {command.supplier_id!r}")
     created = updated = unchanged = 0
+    # SKUs a mapping of the supplier still points to: the level there stays.
+    kept = command.kept | {spec.sku for spec in command.mappings}
     for spec in command.mappings:
         ensure_sku(uow, spec.sku, command)
         mapping = uow.get(SkuMapping, SkuMapping.id_for(command.supplier_id, spec.supplier_sku))
@@ -78,7 +80,7 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             unchanged += 1
             continue
         updated += 1
-        if before != spec.sku and before in command.retire:
+        if before != spec.sku and before not in kept:
             _retire_level(uow, supplier, before, command)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
 
