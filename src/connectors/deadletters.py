@@ -182,7 +182,18 @@ def _retry(
             result = ingestor.retry(supplier_id, records, actor)
         except Exception as error:  # the letters applied before it are marked all the same
             return outcome, error
-        refused = {r.index: r.reason for r in result.rejections}
+        refused: dict[int, str] = {}
+        # The SKU a record refused as disagreeing now resolves to, kept in its letter's
+        # `raw` as a delivery's own such letters keep it: a letter first refused for
+        # another reason (unmapped) had none, and its retry took along every disagreeing
+        # letter of its delivery, 20,000 for one (a walkthrough).
+        resolved_to: dict[int, str] = {}
+        for rejection in result.rejections:
+            refused[rejection.index] = rejection.reason
+            raw = (rejection.record or {}).get("raw")
+            sku = raw.get("sku") if isinstance(raw, dict) else None
+            if rejection.reason == "conflicting_duplicate" and isinstance(sku, str):
+                resolved_to[rejection.index] = sku
         outcome.applied += result.applied
         outcome.unchanged += result.unchanged
         outcome.late += result.late
@@ -197,9 +208,12 @@ def _retry(
         # took 21 s so.
         claim.execute(
             "UPDATE connector_dead_letters l SET attempts = attempts + 1,"
-            " reason = s.reason, updated_at = now()"
-            " FROM unnest(%s::bigint[], %s::text[]) AS s(id, reason) WHERE l.id = s.id",
-            (list(still), list(still.values())),
+            " reason = s.reason, updated_at = now(),"
+            " raw = CASE WHEN s.sku IS NULL OR jsonb_typeof(l.raw) <> 'object' THEN l.raw"
+            "  ELSE l.raw || jsonb_build_object('sku', s.sku) END"
+            " FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS s(id, reason, sku)"
+            " WHERE l.id = s.id",
+            (list(still), list(still.values()), [resolved_to.get(i) for i in still]),
         )
         claim.execute(
             "UPDATE connector_dead_letters SET attempts = attempts + 1,"

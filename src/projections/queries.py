@@ -227,8 +227,7 @@ class Views:
     ) -> list[Reservation]:
         """Reservations by id after `after`, of a status as it is answered at `at` (a hold
         past its expiry is `expired` before the sweeper records it; `held`, one that is
-        not), or of any. Each status its own statement, so that the planner sees it: held
-        reservations are found by the view's index of them."""
+        not), or of any. Each status its own statement, so that the planner sees which."""
         with self.store.connection() as conn:
             rows = conn.execute(
                 sql.SQL(

@@ -488,6 +488,42 @@ def test_a_supplier_sku_mapped_to_another_sku_takes_the_supplier_s_level_off_the
     }
 
 
+def test_two_mappings_swapped_in_one_put_take_both_levels_off(ledger: Server) -> None:
+    """Found by a walkthrough: supplier SKUs swapped between two SKUs in one PUT (crossed
+    mappings corrected) kept each level on the other's SKU: the SKU a supplier SKU moves
+    onto does not keep the level of the one that moved away."""
+    a, c = (f"SW-{n}-{uuid.uuid4().hex[:6]}" for n in "AC")
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"S-A": a, "S-C": c})
+        observations = [
+            {"supplier_sku": "S-A", "quantity": 10, "observed_at": at},
+            {"supplier_sku": "S-C", "quantity": 20, "observed_at": at},
+        ]
+        reported = admin.post(
+            f"/v1/suppliers/{supplier_id}/stock", json={"observations": observations}
+        )
+        assert reported.json()["applied"] == 2, reported.text
+        swapped = admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={
+                "mappings": [{"supplier_sku": "S-A", "sku": c}, {"supplier_sku": "S-C", "sku": a}]
+            },
+        )
+        assert swapped.status_code == 200, swapped.text
+        levels = {
+            sku: [
+                (s["supplier_id"], s["quantity"])
+                for s in admin.get(
+                    f"/v1/skus/{sku}/stock", params={"position": swapped.json()["position"]}
+                ).json()["suppliers"]
+            ]
+            for sku in (a, c)
+        }
+
+    assert levels == {a: [(supplier_id, 0)], c: [(supplier_id, 0)]}
+
+
 def test_a_remap_while_the_mappings_view_is_behind_still_retires_the_level(
     postgres_server_url: str, tmp_path: Path
 ) -> None:

@@ -1047,6 +1047,39 @@ def test_a_retry_that_fails_for_one_supplier_keeps_what_it_applied_for_the_other
     assert on_hand(ledger, "SKU-OK-1") == 4
 
 
+def test_letters_that_came_to_disagree_on_a_retry_are_retried_with_their_own_sku_only(
+    ledger: Runtime,
+) -> None:
+    """A walkthrough: letters of a catalogue sent before its mappings, two supplier SKUs
+    then mapped onto each SKU, disagreed on the bulk retry; their letters named no SKU
+    (refused first as unmapped), so a retry of one took along every such letter of the
+    delivery."""
+    rows = {"Q-0": 1, "Q-1": 2, "Q-2": 3, "Q-3": 4}
+    setup_supplier(ledger, "acme", {})
+    enqueue(ledger, "acme", "catalogue", csv_body(rows, datetime.now(UTC) - timedelta(minutes=1)))
+    assert InboxWorker(ledger.ingestor, ledger.store).work_once()
+    onto = {"Q-0": "SKU-K0", "Q-1": "SKU-K0", "Q-2": "SKU-K1", "Q-3": "SKU-K1"}
+    specs = [MappingSpec(s_sku, sku, 1, upc=None) for s_sku, sku in onto.items()]
+    ledger.writer.execute(
+        PutMappings(at=datetime.now(UTC), cause=CAUSE, supplier_id="acme", mappings=specs)
+    )
+    ids = {letter["record"]["supplier_sku"]: letter["id"] for letter in listing(ledger.store)}
+    bulk = retry(ledger.store, ledger.ingestor, list(ids.values()), "operator")
+    assert bulk.still_refused == dict.fromkeys(ids.values(), "conflicting_duplicate")
+
+    one = retry(ledger.store, ledger.ingestor, [ids["Q-0"]], "operator")
+
+    assert one.still_refused == dict.fromkeys([ids["Q-0"], ids["Q-1"]], "conflicting_duplicate")
+    letters = {letter["id"]: letter for letter in listing(ledger.store)}
+    assert {s: letters[i]["attempts"] for s, i in ids.items()} == {
+        "Q-0": 2,
+        "Q-1": 2,
+        "Q-2": 1,
+        "Q-3": 1,
+    }
+    assert {s: letters[i]["raw"]["sku"] for s, i in ids.items()} == onto
+
+
 def test_a_record_with_a_nul_character_is_refused_alone_and_kept_as_a_dead_letter(
     ledger: Runtime,
 ) -> None:

@@ -66,11 +66,23 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     if supplier is None:
         raise UnknownSupplier(f"unknown supplier {command.supplier_id!r}")
     created = updated = unchanged = 0
-    # SKUs a mapping of the supplier still points to: the level there stays.
-    kept = command.kept | {spec.sku for spec in command.mappings}
+    mappings = {
+        spec.supplier_sku: uow.get(
+            SkuMapping, SkuMapping.id_for(command.supplier_id, spec.supplier_sku)
+        )
+        for spec in command.mappings
+    }
+    # SKUs a mapping of the supplier stays on: the level there stays. A SKU another of the
+    # supplier's SKUs moves onto is not one: its level came from the SKU moved away, and
+    # two mappings swapped in one PUT left each level on the other's SKU (a walkthrough).
+    kept = command.kept | {
+        spec.sku
+        for spec in command.mappings
+        if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
+    }
     for spec in command.mappings:
         ensure_sku(uow, spec.sku, command)
-        mapping = uow.get(SkuMapping, SkuMapping.id_for(command.supplier_id, spec.supplier_sku))
+        mapping = mappings[spec.supplier_sku]
         if mapping is None:
             uow.add(SkuMapping.map(command.supplier_id, spec, command.at, command.cause))
             created += 1
