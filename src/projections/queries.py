@@ -228,30 +228,30 @@ class Views:
         """Reservations by id after `after`, of a status as it is answered at `at` (a hold
         past its expiry is `expired` before the sweeper records it; `held`, one that is
         not), or of any. Each status its own statement, so that the planner sees which."""
-        with self.store.connection() as conn:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT id, version, state FROM view_reservations WHERE {}"
-                    " AND (%(after)s::uuid IS NULL OR id > %(after)s)"
-                    " ORDER BY id LIMIT %(limit)s"
-                ).format(_STATUS_AT.get(status or "", _STATUS_IS)),
-                {"after": after, "status": status, "at": at, "limit": limit},
-            ).fetchall()
-        return [self._reservation(row) for row in rows]
+        return self._reservations(
+            "{status} AND (%(after)s::uuid IS NULL OR id > %(after)s) ORDER BY id",
+            {"after": after, "status": status, "at": at, "limit": limit},
+        )
 
     def reservations_for_order(
         self, order_id: str, limit: int = 100, status: str | None = None, at: datetime | None = None
     ) -> list[Reservation]:
         """An order's reservations, the first `limit` made, of a status as `reservations_by_
         status` reads it, if one is given."""
+        return self._reservations(
+            "order_id = %(order)s AND {status} ORDER BY created_at",
+            {"order": order_id, "status": status, "at": at, "limit": limit},
+        )
+
+    def _reservations(self, where: str, params: dict[str, Any]) -> list[Reservation]:
+        """The reservations `where` picks (`{status}`: of `params["status"]`, see
+        _STATUS_AT), the first `params["limit"]`."""
+        condition = _STATUS_AT.get(params["status"] or "", _STATUS_IS)
+        picked = sql.SQL(where).format(status=condition)
+        query = sql.SQL("SELECT id, version, state FROM view_reservations WHERE {}").format(picked)
+        query += sql.SQL(" LIMIT %(limit)s")
         with self.store.connection() as conn:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT id, version, state FROM view_reservations"
-                    " WHERE order_id = %(order)s AND {} ORDER BY created_at LIMIT %(limit)s"
-                ).format(_STATUS_AT.get(status or "", _STATUS_IS)),
-                {"order": order_id, "status": status, "at": at, "limit": limit},
-            ).fetchall()
+            rows = conn.execute(query, params).fetchall()
         return [self._reservation(row) for row in rows]
 
     def due_holds(self, at: datetime, limit: int) -> list[UUID]:
