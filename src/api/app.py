@@ -88,6 +88,7 @@ def create_app(
             opened.store, settings.stream_refresh_seconds
         )
         if runtime is None:
+            opened.leases.present("api")
             tune_collector()
         try:
             yield

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from api.sweeper import LEASE as SWEEPER_LEASE
+from projections.leases import ROLES, running
 from projections.status import projection_status
 from projections.stockcache import LOOKUP_RESULTS
 
@@ -239,6 +241,7 @@ class StoredFigures:
                 "SELECT age(datfrozenxid) AS xid_age FROM pg_database"
                 " WHERE datname = current_database()"
             ).fetchone()
+            processes = running(conn, (SWEEPER_LEASE,))
         xid_age = int(aged["xid_age"]) if aged else 0
         yield from _feed_families(feeds, gauge, counter)
         open_letters = gauge(
@@ -266,6 +269,17 @@ class StoredFigures:
         )
         age.add_metric([], xid_age)
         yield age
+        parts = gauge(
+            "ledger_processes",
+            "Processes running each part of the ledger, by the sessions they hold in"
+            " PostgreSQL: api, projections and connectors (each such process says so),"
+            " sweeper (the one holding its lease; with none, expiries and stale suppliers go"
+            " unrecorded)",
+            labels=["part"],
+        )
+        for part in (*ROLES, "sweeper"):
+            parts.add_metric([part], processes.get(part, 0))
+        yield parts
 
 
 def _feed_families(feeds: list[dict[str, Any]], gauge: Any, counter: Any) -> Iterator[Any]:

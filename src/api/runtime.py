@@ -83,6 +83,7 @@ def rebuild_processes(settings: Settings) -> int:
 def start_runners(runtime: Runtime) -> None:
     """Runs every projection in this process; leases keep one live runner per projection."""
     settings = runtime.settings
+    runtime.leases.present("projections")
     runtime.notifier = LogNotifier(runtime.database_url).start()
     runtime.runners = [
         ProjectionRunner(
@@ -192,6 +193,7 @@ def open_runtime(
             inbox_keep_days=settings.inbox_keep_days,
         ).start()
     if settings.run_connectors if connect is None else connect:
+        runtime.leases.present("connectors")
         runtime.inbox_worker = InboxWorker(runtime.ingestor, store).start()
         runtime.scheduler = Scheduler(store, runtime.leases, runtime.inbox_worker).start()
     log.info(

@@ -24,6 +24,7 @@ from projections.queries import Views
 log = structlog.get_logger(__name__)
 
 BATCH = 1000
+LEASE = "sweeper"
 
 
 class Sweeper:
@@ -39,7 +40,7 @@ class Sweeper:
         self.views = views
         self.interval_seconds = interval_seconds
         self.inbox_keep_days = inbox_keep_days
-        self.lease = AdvisoryLease(database_url, "sweeper")
+        self.lease = AdvisoryLease(database_url, LEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import tuple_row
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +82,44 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# The parts a process may run, each said by a shared lock of its sessions (`present`).
+ROLES = ("api", "projections", "connectors")
+
+
+def role_key(role: str) -> int:
+    return lock_key(f"running:{role}")
+
+
+# How many sessions hold each of the given advisory locks (64-bit keys: pg_locks splits
+# one in halves, `classid` the high and `objid` the low, `objsubid` 1 saying so).
+_HOLDERS = """
+SELECT k.name, count(l.pid) AS holders
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS k(name, high, low)
+LEFT JOIN pg_locks l
+  ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ AND l.classid = k.high::oid AND l.objid = k.low::oid
+GROUP BY k.name
+"""
+
+
+def running(conn: psycopg.Connection[Any], leases: tuple[str, ...] = ()) -> dict[str, int]:
+    """How many live sessions say each role runs (`LeaseSession.present`: one a process),
+    and hold each of `leases` (0 or 1)."""
+    keys = {role: role_key(role) for role in ROLES} | {name: lock_key(name) for name in leases}
+    unsigned = {name: key & 0xFFFF_FFFF_FFFF_FFFF for name, key in keys.items()}
+    cursor = conn.cursor(row_factory=tuple_row)
+    rows = cursor.execute(
+        _HOLDERS,
+        (
+            list(unsigned),
+            [key >> 32 for key in unsigned.values()],
+            [key & 0xFFFF_FFFF for key in unsigned.values()],
+        ),
+    ).fetchall()
+    return {str(name): int(cast(int, holders)) for name, holders in rows}
+
+
 # A session holding leases says so at least this often (`LeaseSession`'s heartbeat), and
 # one silent for SILENT_SECONDS is taken for a holder that stopped: a standby ends it.
 HEARTBEAT_SECONDS = 5.0
@@ -124,6 +163,7 @@ class LeaseSession:
         self._lock = threading.Lock()
         self._looked: dict[str, float] = {}  # when this standby last looked at a holder
         self._heartbeat: threading.Event | None = None  # set to stop the heartbeat
+        self._roles: set[str] = set()  # what this process says it runs (`present`)
 
     def hold(self, name: str, holder: object) -> bool:
         """True when `holder` holds the lease, taking it if it is free."""
@@ -143,6 +183,27 @@ class LeaseSession:
                 return True
             self._end_silent_holder(name)
             return False
+
+    def present(self, role: str) -> None:
+        """Says, for as long as this session lives, that this process runs `role` (the
+        projections, the connectors, the API): a shared advisory lock that any number of
+        sessions hold at once, so that `GET /metrics` counts the processes running each
+        (`running`). Taken again when the session is lost and comes back."""
+        with self._lock:
+            self._roles.add(role)
+            if self._alive():  # a session made now said it with the rest; a re-entrant lock
+                assert self._conn is not None
+                try:
+                    self._conn.execute("SELECT pg_advisory_lock_shared(%s)", (role_key(role),))
+                except psycopg.Error:
+                    self._drop()
+            self._beat()  # which says so again if the session is lost, or not yet made
+
+    def _say_present(self) -> None:
+        """Takes this session's shared locks of `present` (under `_lock`, once connected)."""
+        assert self._conn is not None
+        for role in sorted(self._roles):
+            self._conn.execute("SELECT pg_advisory_lock_shared(%s)", (role_key(role),))
 
     def _end_silent_holder(self, name: str) -> None:
         """Ends the session that holds this lease if it has been silent too long (see
@@ -178,7 +239,11 @@ class LeaseSession:
     def _beating(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
             with self._lock:
-                if not self._held or self._conn is None:
+                if self._conn is None:
+                    if self._roles:  # back, to say so again
+                        self._alive()
+                    continue
+                if not self._held and not self._roles:
                     continue
                 try:
                     self._conn.execute("SELECT 1")
@@ -220,10 +285,12 @@ class LeaseSession:
                 self._drop()
         try:
             self._conn = lock_session(self.database_url)
+            self._say_present()
         except psycopg.Error as error:
             if self._reachable:  # once per outage, not once per attempt
                 log.warning("lease.unreachable", error=str(error))
             self._reachable = False
+            self._drop()
             return False
         self._reachable = True
         self._checked = time.monotonic()

@@ -91,8 +91,8 @@ def finished_upload(admin: httpx.Client, supplier_id: str, delivery_id: str) -> 
 
 
 @pytest.fixture(scope="module")
-def exported(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Each series name a busy server exports, with the type of its family.
+def scraped(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What `GET /metrics` of a busy `ledger serve --workers 2` answers.
 
     A little of everything first: some series (per supplier, per refusal code, dead letters)
     only appear once something happened."""
@@ -100,11 +100,29 @@ def exported(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory)
         drive_traffic(server)
         answer = httpx.get(f"{server.base_url}/metrics", timeout=10)
     assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+@pytest.fixture(scope="module")
+def exported(scraped: str) -> dict[str, str]:
+    """Each series name the server exports, with the type of its family."""
     return {
         sample.name: family.type
-        for family in text_string_to_metric_families(answer.text)
+        for family in text_string_to_metric_families(scraped)
         for sample in family.samples
     }
+
+
+def test_the_server_s_processes_are_counted_by_the_part_they_run(scraped: str) -> None:
+    """Each of the two workers runs the API, the projections and the connectors (as `serve`
+    does by default), and one of them sweeps."""
+    counted = {
+        sample.labels["part"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "ledger_processes"
+    }
+    assert counted == {"api": 2, "projections": 2, "connectors": 2, "sweeper": 1}
 
 
 def drive_traffic(server: Server) -> None:

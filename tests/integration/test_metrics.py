@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import projections.leases
 from api.metrics import exposition
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
+from api.sweeper import LEASE as SWEEPER_LEASE
 from ledger.errors import InsufficientStock, UnknownSku
+from projections.leases import LeaseSession, running
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import reserve, stock_sku
 
@@ -149,3 +157,76 @@ def test_batches_decided_on_what_the_writer_kept_are_counted_by_outcome(
     assert tries("not_as_kept") == 0
     assert tries("collided") == 0
     assert found[command("Reserve", "insufficient_stock")] == 1
+
+
+def processes(runtime: Runtime) -> dict[str, float]:
+    return {
+        dict(labels)["part"]: value
+        for (name, labels), value in samples(runtime).items()
+        if name == "ledger_processes"
+    }
+
+
+def settle(runtime: Runtime, wanted: dict[str, float], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while (found := processes(runtime)) != wanted:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.1)
+
+
+def test_the_processes_running_each_part_are_counted_and_a_dead_one_drops_out(
+    settings: Settings, database_url: str
+) -> None:
+    """Found by an operator's walkthrough: a dead projections or connectors worker showed
+    only as lag or waiting deliveries, and on a quiet ledger as nothing at all."""
+    opened = open_runtime(settings, sweep=True, project=True, connect=True)
+    try:
+        settle(opened, {"api": 0, "projections": 1, "connectors": 1, "sweeper": 1})
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "api", "projections", "run"],
+            env={
+                **os.environ,
+                "LEDGER_DATABASE_URL": database_url,
+                "LEDGER_API_KEYS": "",
+                "LEDGER_LOG_LEVEL": "WARNING",
+            },
+        )
+        try:
+            settle(opened, {"api": 0, "projections": 2, "connectors": 1, "sweeper": 1}, 60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        finally:
+            worker.kill()
+        settle(opened, {"api": 0, "projections": 1, "connectors": 1, "sweeper": 1})
+    finally:
+        opened.close()
+    with psycopg.connect(database_url) as conn:
+        assert running(conn, (SWEEPER_LEASE,)) == {
+            "api": 0,
+            "projections": 0,
+            "connectors": 0,
+            "sweeper": 0,
+        }
+
+
+def test_a_process_says_what_it_runs_again_once_its_session_is_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(projections.leases, "HEARTBEAT_SECONDS", 0.2)
+    session = LeaseSession(database_url)
+    try:
+        session.present("connectors")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            assert running(conn)["connectors"] == 1
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+            )
+            deadline = time.monotonic() + 10
+            seen_gone = False
+            while not (seen_gone and running(conn)["connectors"] == 1):
+                seen_gone = seen_gone or running(conn)["connectors"] == 0
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        session.close()
