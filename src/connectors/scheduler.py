@@ -51,6 +51,11 @@ FETCH_THREADS = 4
 # fetch may be. A day's Retry-After (a server's mistake, or a default nobody chose) went
 # unseen and stopped the feed for a day; a supplier that still means it says so again.
 LONGEST_RETRY_AFTER_SECONDS = LONGEST_WAIT_SECONDS
+# A REST poll's validators are used for this share of the supplier's staleness limit after
+# a poll that fetched every page: after such a poll each level is younger than half the
+# limit (an older one repeated is recorded again), so the next full poll finds them younger
+# than three quarters of it, plus a poll interval.
+REFRESH_SHARE = 0.25
 
 
 class DatabaseState:
@@ -77,6 +82,7 @@ class Schedule:
     breaker: CircuitBreaker
     interval: float
     jitter: float
+    refresh: float | None = None  # see `_follow`
     due: float = 0.0
     fetched: int = field(default=0)
     # The breaker's state as feed health shows it, None until written: a schedule made
@@ -278,9 +284,15 @@ class Scheduler:
     def _follow(self, row: dict[str, Any], seen: set[str]) -> None:
         """Keeps one supplier's schedule in step with its settings."""
         supplier_id = row["supplier_id"]
-        connector = (row["terms"] or {}).get("connector") or {}
+        terms = row["terms"] or {}
+        connector = terms.get("connector") or {}
+        stale_after = terms.get("stale_after_seconds")
+        # A poll's 304 records no report: its validators are used for a quarter of the
+        # supplier's staleness limit after a full poll, then it is fetched in full again.
+        refresh = None if stale_after is None else float(stale_after) * REFRESH_SHARE
         current = self.schedules.get(supplier_id)
-        if current is not None and (current.connector == connector or supplier_id in self._running):
+        same = current is not None and (current.connector, current.refresh) == (connector, refresh)
+        if current is not None and (same or supplier_id in self._running):
             seen.add(supplier_id)  # new settings wait for the fetch under way to end
             return
         if current is not None:
@@ -300,12 +312,14 @@ class Scheduler:
             state=DatabaseState(self.store, supplier_id),
             client=self.client,
             sleep=self._sleep,
+            refresh_seconds=refresh,
         )
         if transport is None:
             return
         self.schedules[supplier_id] = Schedule(
             supplier_id=supplier_id,
             connector=connector,
+            refresh=refresh,
             transport=transport,
             breaker=breaker,
             interval=interval,

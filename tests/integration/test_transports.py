@@ -187,17 +187,26 @@ def test_a_content_hash_names_each_page(supplier: RestSupplier, http: httpx.Clie
 # REST polling: conditional requests
 
 
-def test_an_unchanged_feed_costs_one_304_and_yields_nothing(
+def test_an_unchanged_feed_costs_one_304_a_page_and_yields_nothing(
     supplier: RestSupplier, http: httpx.Client
 ) -> None:
     transport = poller(supplier, http)
     assert len(pull(transport)) == 3
     supplier.clear_requests()
     assert pull(transport) == []
-    [request] = supplier.requests
-    assert request.status == 304
-    assert request.headers["if-none-match"] == ETAG
-    assert request.headers["if-modified-since"] == LAST_MODIFIED
+    assert statuses(supplier) == [304, 304, 304]
+    for request in supplier.requests:
+        assert request.headers["if-none-match"] == ETAG
+        assert request.headers["if-modified-since"] == LAST_MODIFIED
+
+
+def test_an_unchanged_feed_on_one_page_costs_one_304(http: httpx.Client) -> None:
+    with RestSupplier(catalogue(), pagination="page", page_size=1000) as one_page:
+        transport = poller(one_page, http, page_size=1000)
+        assert len(pull(transport)) == 1
+        one_page.clear_requests()
+        assert pull(transport) == []
+        assert statuses(one_page) == [304]
 
 
 def test_a_changed_feed_is_fetched_again_in_full(
@@ -223,7 +232,16 @@ def test_the_etag_is_saved_only_when_the_last_page_is_done(
     assert state.get(STATE) is None
     transport.done(last)
     url = supplier.base_url + "/inventory"
-    assert state.get(STATE) == {"url": url, "etag": ETAG, "last_modified": LAST_MODIFIED}
+    saved = state.get(STATE)
+    assert saved["url"] == url
+    assert [(page["url"], page["next"]) for page in saved["pages"]] == [
+        (f"{url}?page=1&page_size=100", f"{url}?page=2&page_size=100"),
+        (f"{url}?page=2&page_size=100", f"{url}?page=3&page_size=100"),
+        (f"{url}?page=3&page_size=100", None),
+    ]
+    assert {(page["etag"], page["last_modified"]) for page in saved["pages"]} == {
+        (ETAG, LAST_MODIFIED)
+    }
 
 
 def test_a_poll_whose_pages_were_not_all_stored_is_repeated(

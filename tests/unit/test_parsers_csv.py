@@ -150,6 +150,9 @@ def test_quantities_are_read_as_whole_numbers(
         ("1e3", {}),
         ("twelve", {}),
         ("12.0", {"decimal_separator": ","}),
+        ("٣", {}),  # digits of other scripts: an integrator's walkthrough found "٣" read as 3
+        ("\uff11\uff12", {}),  # fullwidth 12
+        ("1,٢00", {"thousands_separator": ","}),
     ],
 )
 def test_quantities_that_are_not_whole_numbers_are_named_in_the_reason(
@@ -225,12 +228,15 @@ def test_bytes_outside_the_encoding_reject_the_feed_unless_the_encoding_is_given
 
 
 def test_an_unreadable_timestamp_is_a_record_error_and_a_utc_one_stays_aware() -> None:
-    parsed = read_bytes(b"sku,qty,as_of\nA,1,yesterday\nB,2,2026-01-15T14:30:00Z\n")
+    data = b"sku,qty,as_of\nA,1,yesterday\nB,2,2026-01-15T14:30:00Z\nC,3,2026-01-15t14:30:00z\n"
+    parsed = read_bytes(data)
 
     assert isinstance(parsed[0], RecordError)
     assert parsed[0].reason == "invalid_observed_at: 'yesterday'"
     assert isinstance(parsed[1], Record)
     assert parsed[1].observed_at == datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
+    assert isinstance(parsed[2], Record)  # RFC 3339's small letters
+    assert parsed[2].observed_at == parsed[1].observed_at
 
 
 @pytest.mark.parametrize(

@@ -290,7 +290,8 @@ class ValueFormat:
     def _quantity_pattern(self) -> re.Pattern[str]:
         group = re.escape(self.thousands_separator) if self.thousands_separator else None
         whole = rf"\d+|\d{{1,3}}(?:{group}\d{{3}})+" if group else r"\d+"
-        return re.compile(rf"([+-]?)({whole})(?:{re.escape(self.decimal_separator)}0+)?")
+        # ASCII digits only: `\d` alone took "٣" (an Arabic-Indic three) for 3.
+        return re.compile(rf"([+-]?)({whole})(?:{re.escape(self.decimal_separator)}0+)?", re.ASCII)
 
     def timestamp(self, value: object) -> datetime | None:
         """A time as written: ISO 8601 (naive or not) or `timestamp_format`; numbers are Unix."""
@@ -311,7 +312,8 @@ class ValueFormat:
 @lru_cache(maxsize=4096)
 def _iso_time(value: str) -> datetime:
     # A feed usually stamps every row with one time: parse each distinct string once.
-    return datetime.fromisoformat(value)
+    # RFC 3339 allows a small "z", which Python's reading does not take.
+    return datetime.fromisoformat(value[:-1] + "Z" if value.endswith("z") else value)
 
 
 def text(field: str, value: object) -> str | None:

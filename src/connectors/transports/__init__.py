@@ -30,6 +30,7 @@ A transport serves one fetch at a time; it is not shared between threads.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ def transport_for(
     client: httpx.Client | None = None,
     sleep: Callable[[float], None] = time.sleep,
     strict: bool = False,
+    refresh_seconds: float | None = None,
 ) -> Transport | None:
     """The transport a supplier's connector settings ask for, or None when they name none.
     `sleep` waits between retries (a scheduler's cuts them short when it stops).
@@ -126,7 +128,8 @@ def transport_for(
     invalid. `client` serves REST polling; without one, a client of the transport's own
     is built (and closed with it). `strict`: numbers must be JSON numbers, whole where a
     count (as settings are checked when saved); without it, settings saved before that
-    check (`"port": 22.0`) still run.
+    check (`"port": 22.0`) still run. `refresh_seconds`: how long a REST poll's validators
+    are used after a poll that fetched every page (see `RestPoller`).
     """
     # Imported here, not above: the transport modules import this module's contract.
     from connectors.transports.folder import FolderSettings, FolderTransport, local_folder
@@ -149,6 +152,8 @@ def transport_for(
             client=client or default_client(poll),
             owns_client=client is None,
             sleep=sleep,
+            reading=_digest({k: v for k, v in connector.items() if k not in NOT_READING}),
+            refresh_seconds=refresh_seconds,
         )
     if kind == "folder":
         folder = _settings(FolderSettings, kind, connector[kind], strict)
@@ -160,6 +165,14 @@ def transport_for(
         return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp", sleep=sleep)
     ftp = _settings(FtpSettings, kind, connector[kind], strict)
     return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp", sleep=sleep)
+
+
+# A connector's settings that say when it runs, not how what it fetches is read.
+NOT_READING = frozenset({"schedule", "breaker"})
+
+
+def _digest(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _settings(model: type[S], kind: str, given: Any, strict: bool) -> S:

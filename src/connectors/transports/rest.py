@@ -1,13 +1,23 @@
 """REST polling: a supplier's inventory API read page by page, with conditional requests.
 
-Each page is one delivery (id: its content hash; name: its URL). The first request of a
-poll carries `If-None-Match` and `If-Modified-Since` from the last complete poll, so an
-unchanged feed costs one request answered 304 and yields nothing. The validators of a
-poll (its first page's `ETag` and `Last-Modified`) are saved only when `done()` has been
-called for every page of it, which is at the last page's: a crash before the inbox
-stored them all repeats the poll rather than losing it. Every request runs under the
-retry policy (`retry`); a page that is not what its format and pagination need is fatal,
-with a reason starting "malformed_page".
+Each page is one delivery (id: its content hash; name: its URL). Each request of a poll
+carries the `If-None-Match` and `If-Modified-Since` its URL was answered with at the last
+complete poll, so an unchanged page costs a request answered 304 and yields nothing, and
+an unchanged feed one 304 a page; the poll goes on to the page that followed it then. A
+page's validators say nothing of the pages after it (found by an integrator's
+walkthrough: only the first page was asked conditionally, and a 304 to it ended the poll,
+so a change on page 2 was never read). The validators of a poll are saved only when
+`done()` has been called for every page it yielded and its last page has been fetched: a
+crash before the inbox stored them all repeats the poll rather than losing it. They are
+kept with the connector's settings they were read under (a page rejected for a wrong
+`records` path, say, is asked for in full once the settings are mended: a 304 kept it
+unread), and, for a supplier with `stale_after_seconds`, used only for a quarter of that
+after the last poll that fetched every page in full: a 304 records no report, so the
+levels of a feed answered 304 would turn stale, and those of the same feed answered 200
+do not (each poll is an arrival; see `Scheduler`). Every request runs under the retry
+policy (`retry`). A page that is not what its format and pagination need is fatal, with
+a reason starting "malformed_page"; one whose records could be read, but not where the
+next page is, is yielded first, then the poll fails.
 
 Options of `connector["poll"]` (and those of `retry`):
 
@@ -18,8 +28,12 @@ Options of `connector["poll"]` (and those of `retry`):
   - "offset": `?offset=0&limit=N`, then `offset + len(items)` until it reaches `total`;
   - "cursor": `?limit=N`, then `&cursor=<next_cursor>` until `next_cursor` is null;
   - "link":   `?page=1&page_size=N`, then the `Link: <…>; rel="next"` URL as given.
-  "page", "offset" and "cursor" read a JSON object with an `items` list; an empty page
-  ends the poll too.
+  "page", "offset" and "cursor" read a JSON object with an `items` list, and these fields
+  beside it: `page` and `total_pages` (whole numbers), `offset` and `total`, or
+  `next_cursor` (a string or a whole number; null, absent or "" on the last page). An
+  empty page is followed by the next as any other ("offset" cannot go on from one before
+  `total`: that fails), so that a page of an error object (`{"error": …, "items": []}`)
+  fails the poll instead of ending it as complete.
 - `page_size` (default 100, at most 100000): N above.
 - `format` (default "json"): the pages' format, one of `connectors.parsers.FORMATS`.
 - `token_ref` (default none): where the bearer token lives ("env:NAME" or "file:PATH");
@@ -61,7 +75,11 @@ log = structlog.get_logger(__name__)
 
 Pagination = Literal["page", "offset", "cursor", "link"]
 
-STATE = "poll.validators"  # {"url", "etag", "last_modified"} of the last complete poll
+# The last complete poll: {"url", "reading", "full_at", "pages": [{"url", "etag",
+# "last_modified", "next"}, …]}, each page as asked, with its validators and the URL of
+# the page after it (None after the last); `reading` is the digest of the connector's
+# settings, `full_at` when a poll last fetched every page in full (Unix seconds).
+STATE = "poll.validators"
 
 HTTP_FAILURES = (
     Failure(httpx.TimeoutException, "timeout", retriable=True),
@@ -150,9 +168,10 @@ def next_link(values: list[str]) -> str | None:
 class _Poll:
     """The pages of one poll that the inbox has yet to store, and what to save after."""
 
-    validators: dict[str, str | None]
+    saved: dict[str, Any]
     waiting: set[tuple[str, str | None]] = field(default_factory=set)
     complete: bool = False  # its last page has been fetched
+    unchanged: int = 0  # its pages answered 304
 
 
 class RestPoller:
@@ -167,9 +186,18 @@ class RestPoller:
         client: httpx.Client,
         owns_client: bool = False,
         sleep: Callable[[float], None] = time.sleep,
+        reading: str = "",
+        refresh_seconds: float | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """`reading`: a digest of the settings the pages are read under (validators saved
+        under others are not used); `refresh_seconds`: how long after the last poll that
+        fetched every page in full validators are used (None: always)."""
         self.settings = settings
         self.state = state
+        self.reading = reading
+        self.refresh_seconds = refresh_seconds
+        self.now = now
         self._client = client
         self._owns_client = owns_client
         self._policy = settings.policy(sleep)
@@ -183,35 +211,73 @@ class RestPoller:
         url: httpx.URL | None = httpx.URL(settings.url).copy_merge_params(
             FIRST_PAGE[settings.pagination](settings.page_size)
         )
-        poll = _Poll(validators={"url": settings.url, "etag": None, "last_modified": None})
+        known = self._known_pages()
+        pages: list[dict[str, Any]] = []
+        poll = _Poll(saved={"url": settings.url, "reading": self.reading, "pages": pages})
         self._poll = poll
         requested: set[str] = set()
         while url is not None:
-            if str(url) in requested:
+            asked = str(url)
+            if asked in requested:
                 raise FetchFailed(f"pagination_loop: {url} was asked twice", retriable=False)
             if len(requested) == settings.max_pages:
                 raise FetchFailed(f"too_many_pages: over {settings.max_pages}", retriable=False)
             self._check_origin(url, "a page")
-            first = not requested
-            requested.add(str(url))
-            headers = self._headers(url, token, conditional=first)
+            requested.add(asked)
+            validators = known.get(asked)
+            headers = self._headers(url, token, validators)
             page = self._policy.run(functools.partial(self._get, url, headers))
             if page.status == 304:
-                if first:
-                    self._poll = None
-                    self._log.info("transport.poll.unchanged")
-                    return
-                raise FetchFailed("http_304: a page after the first", retriable=True)
-            if first:
-                poll.validators["etag"] = page.headers.get("etag")
-                poll.validators["last_modified"] = page.headers.get("last-modified")
-            url = _next_page(settings.pagination, url, page, settings.format)
+                if validators is None:
+                    raise FetchFailed("http_304: to a request that was not conditional", True)
+                pages.append(validators)
+                poll.unchanged += 1
+                url = None if validators["next"] is None else httpx.URL(validators["next"])
+                continue
+            failure: FetchFailed | None = None
+            try:
+                url = _next_page(settings.pagination, url, page, settings.format)
+            except _NextUnknown as unknown:  # the page's records stand: kept, then failed
+                url, failure = None, unknown.failure
+            pages.append(
+                {
+                    "url": asked,
+                    "etag": page.headers.get("etag"),
+                    "last_modified": page.headers.get("last-modified"),
+                    "next": None if url is None else str(url),
+                }
+            )
             fetched = Fetched(
                 content_id(page.body), page.body, settings.format, str(page.url), "poll"
             )
             poll.waiting.add((fetched.delivery_id, fetched.name))
-            poll.complete = url is None
+            poll.complete = url is None and failure is None
             yield fetched
+            if failure is not None:
+                raise failure
+        if poll.unchanged == len(pages):
+            self._poll = None
+            self._log.info("transport.poll.unchanged", pages=poll.unchanged)
+        elif self._poll is poll:  # not yet saved: its last page was a 304
+            poll.complete = True
+            if not poll.waiting:
+                self._save(poll)
+
+    def _known_pages(self) -> dict[str, dict[str, Any]]:
+        """The pages of the last complete poll by URL, with their validators, where they
+        may be used: the same URL and settings, and (with `refresh_seconds`) a full poll
+        recent enough."""
+        saved = self.state.get(STATE)
+        if not isinstance(saved, dict) or not isinstance(saved.get("pages"), list):
+            return {}  # none, or saved in another form (before validators were per page)
+        if saved.get("url") != self.settings.url or saved.get("reading") != self.reading:
+            return {}
+        full_at = saved.get("full_at")
+        if self.refresh_seconds is not None and (
+            not isinstance(full_at, int | float) or self.now() - full_at >= self.refresh_seconds
+        ):
+            return {}
+        return {page["url"]: page for page in saved["pages"]}
 
     def done(self, fetched: Fetched) -> None:
         """Saves the poll's validators once every page of it is done; a page of an
@@ -221,24 +287,37 @@ class RestPoller:
             return
         poll.waiting.discard((fetched.delivery_id, fetched.name))
         if poll.complete and not poll.waiting:
-            self.state.set(STATE, poll.validators)
-            self._poll = None
-            self._log.info("transport.poll.complete", etag=poll.validators["etag"])
+            self._save(poll)
+
+    def _save(self, poll: _Poll) -> None:
+        """Saves a complete poll's pages; when it fetched every one in full, as the time
+        from which validators may be used (`refresh_seconds`)."""
+        full_at = self.now()
+        if poll.unchanged:  # not every page fetched in full: the last full poll's time
+            previous = self.state.get(STATE)
+            if isinstance(previous, dict) and isinstance(previous.get("full_at"), int | float):
+                full_at = previous["full_at"]
+        self.state.set(STATE, {**poll.saved, "full_at": full_at})
+        self._poll = None
+        self._log.info(
+            "transport.poll.complete", pages=len(poll.saved["pages"]), unchanged=poll.unchanged
+        )
 
     def close(self) -> None:
         if self._owns_client:
             self._client.close()
 
-    def _headers(self, url: httpx.URL, token: str | None, *, conditional: bool) -> dict[str, str]:
+    def _headers(
+        self, url: httpx.URL, token: str | None, validators: dict[str, Any] | None
+    ) -> dict[str, str]:
         headers: dict[str, str] = {}
         if token is not None and _origin(url) == self._origin:
             headers["Authorization"] = f"Bearer {token}"
-        saved = self.state.get(STATE) if conditional else None
-        if isinstance(saved, dict) and saved.get("url") == self.settings.url:
-            if saved.get("etag"):
-                headers["If-None-Match"] = saved["etag"]
-            if saved.get("last_modified"):
-                headers["If-Modified-Since"] = saved["last_modified"]
+        if validators is not None:
+            if validators.get("etag"):
+                headers["If-None-Match"] = validators["etag"]
+            if validators.get("last_modified"):
+                headers["If-Modified-Since"] = validators["last_modified"]
         return headers
 
     def _get(self, url: httpx.URL, headers: dict[str, str]) -> _Page:
@@ -319,10 +398,20 @@ def _read(response: httpx.Response, limit: int, started: float, timeout: float) 
     return b"".join(chunks)
 
 
+class _NextUnknown(Exception):
+    """A page whose records could be read, but not where the next page is."""
+
+    def __init__(self, failure: FetchFailed) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
 def _next_page(
     style: Pagination | None, url: httpx.URL, page: _Page, format: Format
 ) -> httpx.URL | None:
-    """The URL of the page after this one, None after the last; checks the page's shape."""
+    """The URL of the page after this one, None after the last; checks the page's shape:
+    FetchFailed when its records cannot be read, _NextUnknown when they can but where the
+    next page is cannot."""
     document = _json(page.body) if format == "json" else None
     if style is None:
         return None
@@ -331,24 +420,33 @@ def _next_page(
         return page.url.join(target) if target else None
     if not isinstance(document, dict) or not isinstance(document.get("items"), list):
         raise _malformed(f"{style} pagination needs an object with an items list")
+    try:
+        return _after(style, url, document)
+    except FetchFailed as failure:
+        raise _NextUnknown(failure) from failure
+
+
+def _after(style: Pagination, url: httpx.URL, document: dict[str, Any]) -> httpx.URL | None:
     items = document["items"]
-    if not items:
-        return None
     if style == "page":
         number = _whole(document, "page")
         if number >= _whole(document, "total_pages"):
             return None
         return url.copy_merge_params({"page": number + 1})
     if style == "offset":
-        after = _whole(document, "offset") + len(items)
-        if after >= _whole(document, "total"):
+        offset, total = _whole(document, "offset"), _whole(document, "total")
+        if offset + len(items) >= total:
             return None
-        return url.copy_merge_params({"offset": after})
+        if not items:
+            raise _malformed(f"an empty page at offset {offset} of {total}")
+        return url.copy_merge_params({"offset": offset + len(items)})
     cursor = document.get("next_cursor")
-    if cursor is None:
+    if cursor is None or cursor == "":
         return None
-    if not isinstance(cursor, str) or not cursor:
-        raise _malformed("next_cursor is neither a string nor null")
+    if isinstance(cursor, int) and not isinstance(cursor, bool):
+        cursor = str(cursor)
+    if not isinstance(cursor, str):
+        raise _malformed("next_cursor is neither a string, a whole number nor null")
     return url.copy_merge_params({"cursor": cursor})
 
 
