@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -291,15 +292,22 @@ def audit_export(
 ) -> None:
     """Streams the global log from a position to an NDJSON file (or stdout)."""
     to_stdout = str(output) == "-"
-    # Opened first: a file that cannot be written is refused before the ledger is opened.
+    # Written beside the file, which it replaces only once complete: an export that could
+    # not run (the database down) or failed part-way emptied the last good one (an
+    # auditor's walkthrough). Opened first: a place that cannot be written is refused
+    # before the ledger is opened.
+    part = output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        out = sys.stdout if to_stdout else output.open("w")
+        if not to_stdout and output.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        out = sys.stdout if to_stdout else part.open("w")
     except OSError as error:
         raise typer.BadParameter(f"{output}: {error.strerror}", param_hint="'--output'") from None
-    with _ledger() as runtime:
-        last = runtime.audit.last_position()
-        written = 0
-        try:
+    complete = False
+    try:
+        with _ledger() as runtime:
+            last = runtime.audit.last_position()
+            written = 0
             with Progress(
                 TextColumn("export"),
                 BarColumn(),
@@ -311,10 +319,15 @@ def audit_export(
                     out.write(json.dumps(event.as_json(), separators=(",", ":")) + "\n")
                     written += 1
                     progress.update(task, completed=event.position - after)
-        finally:
-            if not to_stdout:
-                out.close()
-        typer.echo(f"{written} events written to {output}", err=to_stdout)
+            complete = True
+    finally:
+        if not to_stdout:
+            out.close()
+            if complete:
+                part.replace(output)
+            else:
+                part.unlink(missing_ok=True)
+    typer.echo(f"{written} events written to {output}", err=to_stdout)
 
 
 @audit_cli.command("stock")

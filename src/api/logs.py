@@ -58,6 +58,8 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # Ten lines a pull of its own (connecting, authenticated, channel opened…) at INFO.
+    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
 
 
 def _identity(

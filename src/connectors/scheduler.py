@@ -17,6 +17,7 @@ A delivery is marked done at its source only once the inbox holds it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
@@ -120,6 +121,10 @@ class Scheduler:
         # Suppliers whose files the inbox holds but could not be moved aside, and why, as
         # feed health last said.
         self._unmoved: dict[str, str] = {}
+        # Suppliers whose files a fetch passed over, and why, as feed health last said.
+        self._refused_files: dict[str, str] = {}
+        # Suppliers whose files came again as deliveries refused before, as health said.
+        self._delivered_before: dict[str, str] = {}
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -379,11 +384,14 @@ class Scheduler:
                         )
                     self._done(schedule, fetched)
                     stored += 0 if received.duplicate else 1
+                    if received.duplicate and received.status in ("rejected", "failed"):
+                        self._tell_refused_again(supplier, fetched, received)
             # Whatever the last fetch was: the worker counts rejected deliveries as
             # failures too, and another process may have counted the failed fetches.
             with self.store.connection() as conn:
                 health.reached(conn, supplier)
             schedule.next_due(self.clock())
+            self._tell_refused(schedule)
         except FetchFailed as failure:
             now = self.clock()
             asked = failure.retry_after
@@ -402,7 +410,51 @@ class Scheduler:
                     retry_after=asked,
                     next_fetch_in_seconds=round(wait, 3),
                 )
+        except Exception as error:
+            if isinstance(error, psycopg.Error):
+                raise  # the database, not the supplier: tried again at the next tick
+            # A fault of ours, not the supplier's: shown in health and tried again at the
+            # next interval, not at every tick (a file name the inbox could not record
+            # was fetched twice a second, health silent).
+            schedule.next_due(self.clock())
+            with contextlib.suppress(psycopg.Error), self.store.connection() as conn:
+                health.failed(conn, supplier, f"internal_error: {type(error).__name__}")
+            raise
         return stored
+
+    def _tell_refused_again(
+        self, supplier: str, fetched: Fetched, received: inbox.Received
+    ) -> None:
+        """A file listed again as it was, once rejected or failed: put back by an operator
+        after mending the settings, say (`mv` keeps the time). It is the same delivery,
+        which is not applied again by itself (nor rejected again at each fetch): says
+        which, to queue it again (a walkthrough: the file went back to processed/, and
+        nothing said why)."""
+        delivery = received.delivery_id
+        problem = (
+            f"delivered_before: {fetched.name} is delivery {delivery}, {received.status};"
+            f" queue it again with POST /v1/feeds/{delivery}/retry"
+        )
+        log.warning(
+            "connector.refused_delivery_again",
+            supplier=supplier,
+            name=fetched.name,
+            delivery=delivery,
+            status=received.status,
+        )
+        self._tell_once(self._delivered_before, supplier, problem, health.noted)
+
+    def _tell_refused(self, schedule: Schedule) -> None:
+        """Shows in health the files the fetch passed over, once while they stay so."""
+        refused = schedule.transport.refused
+        if not refused:
+            self._refused_files.pop(schedule.supplier_id, None)
+            return
+        (name, why), *others = sorted(refused.items())
+        problem = f"file_refused: {name}: {why}"
+        if others:
+            problem += f" (and {len(others)} more: see the transport.file_refused log lines)"
+        self._tell_once(self._refused_files, schedule.supplier_id, problem, health.noted)
 
     def _done(self, schedule: Schedule, fetched: Fetched) -> None:
         supplier = schedule.supplier_id

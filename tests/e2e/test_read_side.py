@@ -289,6 +289,9 @@ def test_the_history_of_a_sku_lists_every_event_with_actor_reason_and_request(
             f"/v1/skus/{sku}/history", params={"after_version": first["next_after_version"]}
         ).json()
         unknown = audit.get("/v1/skus/NOT-A-SKU/history")
+        # Whatever the cursor: it was answered as a history read to its end.
+        unknown_paged = audit.get("/v1/skus/NOT-A-SKU/history", params={"after_version": 5})
+        past_the_end = audit.get(f"/v1/skus/{sku}/history", params={"after_version": 3})
         shop = ledger.client("test-shop").get(f"/v1/skus/{sku}/history")
 
     events = first["items"] + rest["items"]
@@ -304,6 +307,8 @@ def test_the_history_of_a_sku_lists_every_event_with_actor_reason_and_request(
     assert events[1]["position"] < events[2]["position"]
     assert rest["next_after_version"] is None
     assert unknown.status_code == 404
+    assert (unknown_paged.status_code, unknown_paged.json()["error"]) == (404, "unknown_sku")
+    assert (past_the_end.status_code, past_the_end.json()["items"]) == (200, [])
     assert shop.status_code == 403
 
 

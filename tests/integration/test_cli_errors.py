@@ -255,3 +255,25 @@ def test_code_older_than_the_data_refuses_the_database_before_touching_it(
     with psycopg.connect(runtime.database_url) as conn:
         [(kept,)] = conn.execute("SELECT version FROM ledger_data_version").fetchall()
     assert (recorded, kept) == (DATA_VERSION, DATA_VERSION + 1)  # recorded, and not lowered
+
+
+def test_an_export_that_cannot_run_leaves_the_last_one_as_it_was(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    """Found by an auditor's walkthrough: the file was emptied before the database was
+    reached, so an export run while it was down lost the last good copy."""
+    mapped_sku(ledger)
+    kept = tmp_path / "events.ndjson"
+    exported = ledger_command(ledger.database_url, "audit", "export", "--output", str(kept))
+    assert exported.returncode == 0, exported.stderr
+    good = kept.read_bytes()
+    assert good.count(b"\n") >= 3
+
+    down = ledger_command(
+        "postgresql://postgres@127.0.0.1:1/nowhere", "audit", "export", "--output", str(kept)
+    )
+
+    assert down.returncode == 1
+    assert "error: the database cannot be reached" in down.stderr
+    assert kept.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.ndjson"]  # no part left

@@ -218,9 +218,10 @@ def test_a_process_says_what_it_runs_again_once_its_session_is_back(
         session.present("connectors")
         with psycopg.connect(database_url, autocommit=True) as conn:
             assert running(conn)["connectors"] == 1
-            conn.execute(
+            conn.execute(  # this database's only: others' sessions are not ours to end
                 "SELECT pg_terminate_backend(pid) FROM pg_locks"
-                " WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+                " WHERE locktype = 'advisory' AND pid <> pg_backend_pid() AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
             deadline = time.monotonic() + 10
             seen_gone = False

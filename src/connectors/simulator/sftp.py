@@ -36,9 +36,12 @@ class SftpSupplier:
         password: str | None = None,
         authorized_keys: Iterable[str] = (),
         port: int = 0,
+        bytes_per_second: float | None = None,
     ) -> None:
         """`authorized_keys`: public keys (OpenSSH format, "ssh-ed25519 AAAA…") the user
-        may log in with; `password`: the password it may log in with."""
+        may log in with; `password`: the password it may log in with; `bytes_per_second`:
+        how fast a session serves what it reads (a slow line), unlimited by default."""
+        self.bytes_per_second = bytes_per_second
         self.root = Path(root)
         self.username = username
         self.password = password
@@ -113,7 +116,9 @@ class SftpSupplier:
                 self.password,
                 self.authorized_keys,
             ),
-            sftp_factory=functools.partial(asyncssh.SFTPServer, chroot=os.fsencode(self.root)),
+            sftp_factory=functools.partial(
+                _SlowLine, chroot=os.fsencode(self.root), bytes_per_second=self.bytes_per_second
+            ),
             allow_scp=False,
         )
 
@@ -193,3 +198,26 @@ class _LoginServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         user_matches = compare_digest(username.encode(), self._username)
         return user_matches and key.public_data in self._authorized_keys
+
+
+class _SlowLine(asyncssh.SFTPServer):
+    """An SFTP session that serves reads no faster than `bytes_per_second` (one at a time:
+    a client asks for many blocks at once)."""
+
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel[bytes],
+        chroot: bytes,
+        bytes_per_second: float | None,
+    ) -> None:
+        super().__init__(chan, chroot=chroot)
+        self._rate = bytes_per_second
+        self._line = asyncio.Lock()
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        data = super().read(file_obj, offset, size)  # a local file's: read at once
+        assert isinstance(data, bytes)
+        if self._rate is not None:
+            async with self._line:
+                await asyncio.sleep(len(data) / self._rate)
+        return data

@@ -86,6 +86,12 @@ class Transport(Protocol):
         """Marks a fetched delivery processed, once the inbox has stored it durably."""
         ...
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """What the last fetch passed over and left where it is, and why (files that
+        cannot be taken): by name."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -165,6 +165,16 @@ class FolderTransport:
         # Files the inbox holds that could not be moved aside: name -> as listed then, the
         # delivery id, and why the last try failed
         self._stored: dict[str, tuple[Entry, str, str]] = {}
+        # Files passed over, never to be taken as they list (see `refused`): name -> as
+        # listed then, and why
+        self._refused: dict[str, tuple[Entry, str]] = {}
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The files passed over at the last fetch, and why, by name as shown (a name that
+        is not UTF-8 with its bytes escaped): each is left where it is, and taken once it
+        lists otherwise (rewritten smaller, renamed); the files behind it are taken."""
+        return {_shown(name): why for name, (_, why) in self._refused.items()}
 
     def fetch(self) -> Iterator[Fetched]:
         self._fetching = True
@@ -172,15 +182,26 @@ class FolderTransport:
             entries = self._call(lambda folder: folder.files())
             pattern = self.settings.pattern
             settled = self._settled([e for e in entries if waiting(e.name, pattern)])
+            refused, self._refused = self._refused, {}
             for entry in sorted(settled, key=lambda e: (e.modified or 0.0, e.name)):
+                passed = refused.get(entry.name)
+                if passed is not None and passed[0] == entry:
+                    self._refused[entry.name] = passed  # as it was: told already
+                    continue
+                problem = self._refusal(entry)
+                if problem is not None:
+                    self._refuse(entry, problem)
+                    continue
                 stored = self._stored.get(entry.name)
                 # (Only where the server lists times: without them a rewrite of the same
                 # length would list the same.)
                 if stored is not None and stored[0] == entry and entry.modified is not None:
                     # The inbox holds it; only moving it aside failed (a read-only
-                    # account, a blocked processed folder): try that again, unread.
+                    # account, a blocked processed folder): try that again, unread, once
+                    # a fetch (under the retry policy, 100 such files held each fetch up
+                    # for ~13 minutes: a walkthrough).
                     try:
-                        self._put_aside(entry.name, entry, stored[1])
+                        self._put_aside(entry.name, entry, stored[1], retry=False)
                     except FetchFailed as failure:
                         # The first failure was told (see `connectors.scheduler`); told
                         # again at every fetch, a read-only account filled the log.
@@ -193,7 +214,13 @@ class FolderTransport:
                     else:
                         self._log.info("transport.put_aside_at_last", name=entry.name)
                     continue
-                body = self._read(entry.name)
+                try:
+                    body = self._read(entry.name)
+                except FetchFailed as failure:
+                    if not failure.reason.startswith("file_too_large"):
+                        raise
+                    self._refuse(entry, failure.reason)  # grew past the limit since listed
+                    continue
                 if body is None:
                     continue  # taken away since it was listed
                 if entry.size is not None and len(body) != entry.size:
@@ -212,6 +239,24 @@ class FolderTransport:
         finally:
             self._fetching = False
             self._disconnect()
+
+    def _refusal(self, entry: Entry) -> str | None:
+        """Why a file must be passed over without reading it, if it must: one bad file
+        ended every fetch, and the files behind it waited for good (a walkthrough of file
+        transports: a name that is not UTF-8, which the inbox cannot record, and a file
+        over `max_file_bytes`, read whole at each fetch to learn so)."""
+        try:
+            entry.name.encode()
+        except UnicodeEncodeError:
+            return "unreadable_name: not UTF-8"
+        limit = self.settings.max_file_bytes
+        if entry.size is not None and entry.size > limit:
+            return f"file_too_large: {entry.size} bytes, over {limit}"
+        return None
+
+    def _refuse(self, entry: Entry, problem: str) -> None:
+        self._refused[entry.name] = (entry, problem)
+        self._log.warning("transport.file_refused", name=_shown(entry.name), reason=problem)
 
     def _settled(self, entries: list[Entry]) -> list[Entry]:
         """The files left alone for `settle_seconds`: by their modification time, else by
@@ -250,19 +295,21 @@ class FolderTransport:
             if not self._fetching:
                 self._disconnect()
 
-    def _put_aside(self, name: str, entry: Entry, delivery_id: str) -> None:
+    def _put_aside(self, name: str, entry: Entry, delivery_id: str, retry: bool = True) -> None:
         """Moves (or deletes) a file the inbox holds, unless it changed since it was listed.
         Where that fails, the file is remembered as listed, so that later fetches try again
-        without downloading it anew; raises the failure."""
+        without downloading it anew; raises the failure. Without `retry`, each step is
+        tried once."""
         self._stored.pop(name, None)
+        call = self._call if retry else self._once
         try:
-            now = self._call(lambda folder: folder.stat(name))
+            now = call(lambda folder: folder.stat(name))
             if now == entry and self.settings.done_action == "delete":
-                self._call(lambda folder: folder.delete(name))
+                call(lambda folder: folder.delete(name))
             elif now == entry:
-                taken = self._call(lambda folder: folder.processed(name))
+                taken = call(lambda folder: folder.processed(name))
                 target = processed_name(name, delivery_id) if taken else name
-                self._call(lambda folder: folder.move(name, target))
+                call(lambda folder: folder.move(name, target))
             elif now is not None:
                 self._log.warning("transport.file_changed_since_fetched", name=name)
         except FetchFailed as failure:
@@ -277,18 +324,18 @@ class FolderTransport:
 
     def _call(self, operation: Callable[[FolderSession], T]) -> T:
         """Runs one operation under the retry policy, on a fresh session after a failure."""
+        return self._policy.run(functools.partial(self._once, operation))
 
-        def attempt() -> T:
-            if self._session is None:
-                self._session = self._open_folder()
-            try:
-                return operation(self._session)
-            except FetchFailed as failure:
-                if failure.retriable:
-                    self._disconnect()
-                raise
-
-        return self._policy.run(attempt)
+    def _once(self, operation: Callable[[FolderSession], T]) -> T:
+        """One attempt at one operation, the session dropped after a failure that may pass."""
+        if self._session is None:
+            self._session = self._open_folder()
+        try:
+            return operation(self._session)
+        except FetchFailed as failure:
+            if failure.retriable:
+                self._disconnect()
+            raise
 
     def _disconnect(self) -> None:
         session, self._session = self._session, None
@@ -367,6 +414,11 @@ class LocalFolder:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def _shown(name: str) -> str:
+    """A file's name for logs and health: one that is not UTF-8 with its bytes escaped."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _entry(name: str, status: os.stat_result) -> Entry:

@@ -303,6 +303,10 @@ class RestPoller:
             "transport.poll.complete", pages=len(poll.saved["pages"]), unchanged=poll.unchanged
         )
 
+    @property
+    def refused(self) -> dict[str, str]:
+        return {}  # a page that cannot be read fails the poll
+
     def close(self) -> None:
         if self._owns_client:
             self._client.close()
