@@ -54,6 +54,7 @@ class PositionAsDict(Transcoding):
         return (
             type(obj.quantity) is int
             and type(obj.committed) is int
+            and type(obj.net_committed) is int
             and type(obj.source) is str
             and (obj.observed_at is None or type(obj.observed_at) is datetime)
             and {*map(type, obj.held), *map(type, obj.held.values())} <= _INT
@@ -73,6 +74,7 @@ class PositionAsDict(Transcoding):
             "committed": obj.committed,
             "unreported": list(obj.unreported.items()),
             "incoming": [list(entry) for entry in obj.incoming],
+            "net_committed": obj.net_committed,
         }
 
     def decode(self, data: dict[str, Any]) -> Position:
@@ -85,6 +87,9 @@ class PositionAsDict(Transcoding):
             unreported={int(key): value for key, value in data["unreported"]},
             # Snapshots taken before incoming stock was kept hold none.
             incoming=incoming_of(data.get("incoming", ())),
+            # Snapshots taken before open orders against net suppliers were counted hold
+            # none (see `Position`): commitments made before then are not counted.
+            net_committed=data.get("net_committed", 0),
         )
 
 

@@ -84,6 +84,12 @@ class Position:
     or after that second retires them. `incoming` is the stock the supplier's last report
     said it expects, as (expected on, as an ISO date or None when it did not say, quantity
     in base units), in the report's order: news for buyers, never sellable.
+
+    `committed` is what is promised against a supplier that reports gross; against one
+    that reports net of our orders a commitment lowers the level until a report newer
+    than it (`unreported`), and is counted in `net_committed` until it is shipped or
+    released: should the supplier come to report gross, its reports then hold those
+    orders, and they count as committed (see `supplier_level`).
     """
 
     quantity: int = 0
@@ -93,6 +99,7 @@ class Position:
     committed: int = 0
     unreported: dict[int, int] = field(default_factory=dict)
     incoming: IncomingStock = ()
+    net_committed: int = 0
 
     def live_held(self, now: int) -> int:
         return sum(quantity for expires, quantity in self.held.items() if expires > now)
@@ -268,6 +275,10 @@ def _terms_for(terms: Mapping[str, SupplierTerms], supplier_id: str) -> Supplier
     return terms.get(supplier_id) or SupplierTerms(name=supplier_id)
 
 
+# The source of a level a remap retired: the supplier no longer reports the SKU at all.
+REMAP_SOURCE = "remap"
+
+
 class PositionLike(Protocol):
     """What the level rules need of a supplier position: the aggregate's, or a view row."""
 
@@ -275,10 +286,16 @@ class PositionLike(Protocol):
     def quantity(self) -> int: ...
 
     @property
+    def source(self) -> str: ...
+
+    @property
     def observed_at(self) -> datetime | None: ...
 
     @property
     def committed(self) -> int: ...
+
+    @property
+    def net_committed(self) -> int: ...
 
     @property
     def incoming(self) -> IncomingStock: ...
@@ -295,7 +312,19 @@ def supplier_level(
     age = None if position.observed_at is None else at - position.observed_at
     stale = age is not None and terms.stale_after is not None and age > terms.stale_after
     excluded = age is None or (terms.exclude_after is not None and age > terms.exclude_after)
+    if position.source == REMAP_SOURCE and position.quantity == 0:
+        # Retired by a remap, not reported: it never turns stale (it kept the SKU
+        # `updating` for good once the supplier's limit passed; a merchandiser's
+        # walkthrough), and holds nothing to exclude.
+        stale = excluded = False
     sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
+    committed = position.committed
+    if not terms.reports_net_of_our_orders:
+        # Orders committed while the supplier reported net of them, and still open: its
+        # reports now count them in (a merchandiser's walkthrough: switched to gross, the
+        # supplier's next report of the same stock let it be sold twice). Until such a
+        # report comes they count twice, on the side of never overselling.
+        committed += position.net_committed
     return SupplierLevel(
         supplier_id=supplier_id,
         quantity=position.quantity,
@@ -305,7 +334,7 @@ def supplier_level(
         excluded=excluded,
         sellable=sellable,
         held=position.live_held(second_floor(at)),
-        committed=position.committed,
+        committed=committed,
         lead_time_days=terms.lead_time_days,
         priority=terms.priority,
         incoming=position.incoming,
@@ -461,6 +490,7 @@ class StockItem(LedgerAggregate):
                 position.add_held(expires, -allocation.quantity)
                 if allocation.supplier_id in self.net_of_our_orders:
                     position.add_unreported(self.timestamp, -allocation.quantity)
+                    position.net_committed += allocation.quantity
                 else:
                     position.committed += allocation.quantity
 
@@ -478,6 +508,7 @@ class StockItem(LedgerAggregate):
                     position.cancel_unreported(
                         reduction_key(self.confirmed_at), allocation.quantity
                     )
+                    position.net_committed = max(0, position.net_committed - allocation.quantity)
                 else:
                     position.committed = max(0, position.committed - allocation.quantity)
 
@@ -489,10 +520,12 @@ class StockItem(LedgerAggregate):
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
-                if allocation.supplier_id in self.net_of_our_orders:
-                    # Its reports already leave our open orders out; shipping changes nothing.
-                    continue
                 position = item.position(allocation.supplier_id)
+                if allocation.supplier_id in self.net_of_our_orders:
+                    # Its reports already leave our open orders out; shipping changes only
+                    # what is still open.
+                    position.net_committed = max(0, position.net_committed - allocation.quantity)
+                    continue
                 position.committed = max(0, position.committed - allocation.quantity)
                 position.add_unreported(self.timestamp, -allocation.quantity)
 

@@ -33,7 +33,7 @@ SELECT p.generation, p.position, x.*
 FROM ({LIVE_SQL}) p
 LEFT JOIN (
   SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
-         l.unreported, l.incoming,
+         l.net_committed, l.unreported, l.incoming, l.source,
          (SELECT array_agg(ARRAY[h.expires_s, h.quantity] ORDER BY h.expires_s)
           FROM view_holds h
           WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
@@ -102,6 +102,8 @@ class ViewPosition:
     effective: int
     holds: tuple[tuple[int, int], ...] = ()
     incoming: IncomingStock = ()
+    net_committed: int = 0
+    source: str = ""
 
     def effective_level(self) -> int:
         return self.effective
@@ -168,6 +170,8 @@ def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
             effective=max(0, row["quantity"] + row["unreported"]),
             holds=tuple((int(expires), int(quantity)) for expires, quantity in holds),
             incoming=incoming_of(row["incoming"] or ()),
+            net_committed=row["net_committed"],
+            source=row["source"],
         )
         if row["name"] is not None:
             if supplier not in shared:

@@ -17,7 +17,7 @@ from psycopg import sql
 from ledger.application import InventoryLedger
 from ledger.base import LedgerSnapshot
 from ledger.reservation import Reservation
-from ledger.stock import StockLevels, second_floor
+from ledger.stock import REMAP_SOURCE, StockLevels, second_floor
 from projections.entries import Snapshot, read_entries
 from projections.stockcache import StockCache
 from projections.store import ViewStore
@@ -270,7 +270,10 @@ class Views:
                 "SELECT l.supplier_id, max(l.observed_at) AS last FROM view_levels l"
                 " JOIN view_suppliers s ON s.supplier_id = l.supplier_id"
                 " WHERE s.stale_after_seconds IS NOT NULL AND l.observed_at IS NOT NULL"
-                " GROUP BY l.supplier_id"
+                # a level a remap retired is not a report (it gave the remap's time)
+                " AND l.source <> %s"
+                " GROUP BY l.supplier_id",
+                (REMAP_SOURCE,),
             ).fetchall()
         return {row["supplier_id"]: row["last"] for row in rows}
 

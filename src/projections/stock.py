@@ -19,7 +19,8 @@ class StockProjection(StateProjection):
     name = "stock"
     # 2: availability rows indexed by position, for the API's in-process copy to follow.
     # 3: levels keep the stock each supplier expects (`incoming`).
-    schema_version = 3
+    # 4: levels keep the open orders committed while their supplier reported net of them.
+    schema_version = 4
     # 2 only adds an index. No event before version 3 carried incoming stock: a level of
     # a generation built before keeps none, as a rebuild would write it.
     upgrades: ClassVar[dict[int, list[str]]] = {
@@ -28,6 +29,12 @@ class StockProjection(StateProjection):
             " ON {schema}.availability (position)"
         ],
         3: ["ALTER TABLE {schema}.levels ADD COLUMN IF NOT EXISTS incoming jsonb"],
+        # A level of a generation built before keeps none: as a snapshot taken before
+        # does (see `ledger.application.PositionAsDict`); a rebuild counts them.
+        4: [
+            "ALTER TABLE {schema}.levels"
+            " ADD COLUMN IF NOT EXISTS net_committed bigint NOT NULL DEFAULT 0"
+        ],
     }
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {
@@ -57,7 +64,8 @@ class StockProjection(StateProjection):
             """CREATE TABLE {schema}.levels (
                 sku text NOT NULL, supplier_id text NOT NULL, quantity bigint NOT NULL,
                 observed_at timestamptz, source text NOT NULL, committed bigint NOT NULL,
-                unreported bigint NOT NULL, incoming jsonb, PRIMARY KEY (sku, supplier_id))""",
+                unreported bigint NOT NULL, incoming jsonb,
+                net_committed bigint NOT NULL DEFAULT 0, PRIMARY KEY (sku, supplier_id))""",
             "CREATE INDEX ON {schema}.levels (supplier_id, observed_at)",
             """CREATE TABLE {schema}.holds (
                 sku text NOT NULL, supplier_id text NOT NULL, expires_s bigint NOT NULL,
@@ -109,6 +117,7 @@ class StockProjection(StateProjection):
                     "committed": position.committed,
                     "unreported": sum(position.unreported.values()),
                     "incoming": incoming_json(position.incoming),
+                    "net_committed": position.net_committed,
                 }
                 for supplier_id, position in aggregate.positions.items()
             ],

@@ -13,7 +13,13 @@ from eventsourcing.persistence import StoredEvent
 
 from ledger.application import InventoryLedger
 from ledger.base import Cause
-from ledger.stock import Allocation, ObservationOutcome, StockItem, StockLevels
+from ledger.stock import (
+    REMAP_SOURCE,
+    Allocation,
+    ObservationOutcome,
+    StockItem,
+    StockLevels,
+)
 from ledger.supplier import SupplierTerms
 from tests.conftest import random_sku
 
@@ -524,6 +530,60 @@ def test_releasing_a_net_of_our_orders_commitment_before_the_next_report_gives_i
     item.release_commitment("r1", allocations(acme=4), at(20), ["acme"], at(30), WHEN)
 
     assert item.levels(at(30), terms_of(acme)).available == 10
+
+
+def test_orders_committed_while_net_count_once_the_supplier_reports_gross() -> None:
+    """Found by a merchandiser's walkthrough: switched from net to gross reporting, the
+    supplier's next report held our unshipped order, and its units were sold again."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=10, quantity=4, confirm_at=at(20)))
+    observe(item, net, 6, at(30), cause=WHEN)  # net of our 4
+    assert item.levels(at(30), terms_of(net)).committed == 0
+
+    # Switched: until the first gross report they count twice, never too few.
+    assert item.levels(at(31), terms_of(gross)).available == 2
+    observe(item, gross, 10, at(40), cause=WHEN)  # our 4 not shipped yet: in its stock
+
+    levels = item.levels(at(40), terms_of(gross))
+    assert (levels.sellable, levels.committed, levels.available) == (10, 4, 6)
+    assert item.allocate(7, at(41), terms_of(gross)) == (None, 6)
+
+
+@pytest.mark.parametrize("closed_by", ["shipped", "released"])
+def test_an_order_committed_while_net_stops_counting_once_shipped_or_released(
+    closed_by: str,
+) -> None:
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=10, quantity=4, confirm_at=at(20)))
+    if closed_by == "shipped":
+        item.ship("r1", allocations(acme=4), ["acme"], at(30), WHEN)
+    else:
+        item.release_commitment("r1", allocations(acme=4), at(20), ["acme"], at(30), WHEN)
+    observe(item, gross, 6, at(40), cause=WHEN)
+
+    levels = item.levels(at(40), terms_of(gross))
+    assert (levels.committed, levels.available) == (0, 6)
+
+
+def test_a_level_a_remap_retired_never_turns_stale() -> None:
+    """Found by a merchandiser's walkthrough: the 0 left behind when a supplier's SKU was
+    mapped elsewhere aged like a report, and kept the SKU `updating` for good."""
+    old = supplier("old", stale_after_seconds=3, exclude_after_seconds=5)
+    fresh = supplier("fresh")
+    item = new_item()
+    observe(item, old, 10, at(0))
+    observe(item, fresh, 50, at(0))
+    item.observe("old", 0, at(1), old, at(1), GIVEN, source=REMAP_SOURCE, incoming=())
+    observe(item, fresh, 51, at(60))
+
+    levels = item.levels(at(60), terms_of(old, fresh))
+    assert (levels.available, levels.stale, levels.status(limited_at=0)) == (51, False, "in_stock")
+    retired = next(level for level in levels.suppliers if level.supplier_id == "old")
+    assert (retired.stale, retired.excluded, retired.sellable) == (False, False, 0)
+    observe(item, old, 0, at(61))  # a report of 0 is a report: it ages
+    assert item.levels(at(65), terms_of(old, fresh)).stale
 
 
 # Shipping and returns ------------------------------------------------------------------

@@ -235,3 +235,17 @@ def test_a_snapshot_taken_before_incoming_stock_was_kept_reads_as_expecting_none
     assert ours.decode(before)["position"] == Position(5, None, "feed", {17: 2}, 0, {9: -1}, ())
     kept = Position(5, None, "feed", {}, 0, {}, (("2026-02-01", 5),))
     assert ours.decode(ours.encode({"position": kept}))["position"] == kept
+
+
+def test_a_snapshot_taken_before_net_commitments_were_kept_reads_as_holding_none(
+    transcoders: tuple[LedgerTranscoder, JSONTranscoder],
+) -> None:
+    ours, library = transcoders
+    kept = Position(5, None, "feed", {17: 2}, 0, {9: -1}, (), 4)
+    written = library.encode({"position": kept})
+    before = written.replace(b',"net_committed":4', b"")
+    assert before != written  # as a snapshot was written before
+
+    assert ours.decode(before)["position"] == Position(5, None, "feed", {17: 2}, 0, {9: -1})
+    assert ours.decode(ours.encode({"position": kept}))["position"] == kept
+    assert ours.decode(written)["position"] == kept

@@ -9,12 +9,11 @@ from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import InvalidTerms, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import StockItem
+from ledger.stock import REMAP_SOURCE, StockItem
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
-# The source of the level a remap retires (`_retire_level`).
-REMAP_SOURCE = "remap"
+__all__ = ["REMAP_SOURCE"]  # the source of the level a remap retires (`_retire_level`)
 
 
 @dataclass(frozen=True)
