@@ -161,7 +161,9 @@ def migrate(settings: Settings, database_url: str) -> None:
 # writes something new of that kind (an event type, a table older code would misread).
 # 1: `StockItem.HoldsExpired` events. Code from before this guard reads none of it and
 # does not look: rolled back to it, a database fails on each SKU such an event names.
-DATA_VERSION = 1
+# 2: the stock view at schema version 4 (levels keep `net_committed`), upgraded in place:
+# code of version 1 would find it built by newer code and stand by, its stock frozen.
+DATA_VERSION = 2
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
