@@ -292,13 +292,14 @@ def audit_export(
 ) -> None:
     """Streams the global log from a position to an NDJSON file (or stdout)."""
     to_stdout = str(output) == "-"
-    # Written beside the file, which it replaces only once complete: an export that could
-    # not run (the database down) or failed part-way emptied the last good one (an
-    # auditor's walkthrough). Opened first: a place that cannot be written is refused
-    # before the ledger is opened.
-    part = output.with_name(f".{output.name}.{os.getpid()}.part")
+    # A file is written beside itself, and replaced only once complete: an export that
+    # could not run (the database down) or failed part-way emptied the last good one (an
+    # auditor's walkthrough). Anything else (a pipe, /dev/stdout) is written in place.
+    # Opened first: a place that cannot be written is refused before the ledger is opened.
+    in_place = to_stdout or (output.exists() and not output.is_file())
+    part = output if in_place else output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        if not to_stdout and output.is_dir():
+        if output.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         out = sys.stdout if to_stdout else part.open("w")
     except OSError as error:
@@ -323,6 +324,7 @@ def audit_export(
     finally:
         if not to_stdout:
             out.close()
+        if not in_place:
             if complete:
                 part.replace(output)
             else:

@@ -291,13 +291,19 @@ class Scheduler:
         supplier_id = row["supplier_id"]
         terms = row["terms"] or {}
         connector = terms.get("connector") or {}
-        stale_after = terms.get("stale_after_seconds")
         # A poll's 304 records no report: its validators are used for a quarter of the
-        # supplier's staleness limit after a full poll, then it is fetched in full again.
-        refresh = None if stale_after is None else float(stale_after) * REFRESH_SHARE
+        # supplier's shorter limit (staleness, exclusion) after a full poll, then it is
+        # fetched in full again.
+        limits = [terms.get("stale_after_seconds"), terms.get("exclude_after_seconds")]
+        given = [float(limit) for limit in limits if limit is not None]
+        refresh = min(given) * REFRESH_SHARE if given else None
         current = self.schedules.get(supplier_id)
-        same = current is not None and (current.connector, current.refresh) == (connector, refresh)
-        if current is not None and (same or supplier_id in self._running):
+        if current is not None and current.connector == connector and current.refresh != refresh:
+            # Its limits changed, not its connector: told in place, the breaker and the
+            # next fetch as they were (rebuilt, an open breaker closed, fetched at once).
+            current.refresh = refresh
+            current.transport.refresh_seconds = refresh
+        if current is not None and (current.connector == connector or supplier_id in self._running):
             seen.add(supplier_id)  # new settings wait for the fetch under way to end
             return
         if current is not None:

@@ -135,6 +135,9 @@ class Reservation(LedgerAggregate):
     """An order's claim on stock; all its lines are held or refused together."""
 
     TOPIC = "stockledger:Reservation"
+    # Whether its stock items count the commitment as an open order of its net suppliers
+    # (see `Confirmed`); a snapshot taken before it was kept says nothing: not counted.
+    net_counted = False
 
     class Placed(LedgerAggregate.Event, AggregateCreated):
         TOPIC = "stockledger:Reservation.Placed"
@@ -147,15 +150,24 @@ class Reservation(LedgerAggregate):
 
     class Confirmed(LedgerAggregate.Event):
         """The hold became a commitment; `net_of_our_orders` names the suppliers whose
-        reports will leave this order out, so that it stops counting against them."""
+        reports will leave this order out, so that it stops counting against them;
+        `net_counted` (version 2), that its stock items count it as an open order of
+        theirs (`StockItem.HoldConfirmed`'s `counted`): one stored before does not."""
 
         TOPIC = "stockledger:Reservation.Confirmed"
+        class_version = 2
         net_of_our_orders: list[str]
+        net_counted: bool
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["net_counted"] = False
 
         def apply(self, reservation: Reservation) -> None:
             reservation.status = ReservationStatus.CONFIRMED
             reservation.confirmed_at = self.timestamp
             reservation.net_of_our_orders = list(self.net_of_our_orders)
+            reservation.net_counted = self.net_counted
 
     class Released(LedgerAggregate.Event):
         TOPIC = "stockledger:Reservation.Released"
@@ -226,6 +238,7 @@ class Reservation(LedgerAggregate):
         self.status = ReservationStatus.HELD
         self.confirmed_at: datetime | None = None
         self.net_of_our_orders: list[str] = []
+        self.net_counted = False
         self.closed_at: datetime | None = None
         self.request_keys: list[str] = []
 
@@ -324,6 +337,7 @@ class Reservation(LedgerAggregate):
         placed.status = ReservationStatus.HELD
         placed.confirmed_at = None
         placed.net_of_our_orders = []
+        placed.net_counted = False
         placed.closed_at = None
         placed.request_keys = []
         return placed
@@ -358,6 +372,7 @@ class Reservation(LedgerAggregate):
             self.trigger_event(
                 self.Confirmed,
                 net_of_our_orders=sorted(net_of_our_orders),
+                net_counted=True,
                 timestamp=at,
                 **cause.as_kwargs(),
             )

@@ -312,10 +312,11 @@ def supplier_level(
     age = None if position.observed_at is None else at - position.observed_at
     stale = age is not None and terms.stale_after is not None and age > terms.stale_after
     excluded = age is None or (terms.exclude_after is not None and age > terms.exclude_after)
-    if position.source == REMAP_SOURCE and position.quantity == 0:
+    if position.source == REMAP_SOURCE and position.effective_level() == 0:
         # Retired by a remap, not reported: it never turns stale (it kept the SKU
         # `updating` for good once the supplier's limit passed; a merchandiser's
-        # walkthrough), and holds nothing to exclude.
+        # walkthrough), and holds nothing to exclude (a restocked return since would: it
+        # ages, and is excluded, as before).
         stale = excluded = False
     sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
     committed = position.committed
@@ -477,11 +478,21 @@ class StockItem(LedgerAggregate):
                     item.position(allocation.supplier_id).add_held(expires, -allocation.quantity)
 
     class HoldConfirmed(Event):
+        """`counted` (version 2): the commitment counts in its net suppliers'
+        `net_committed` (see `Position`); one stored before (version 1) does not, as
+        neither the snapshots nor the views of then count it."""
+
         TOPIC = "stockledger:StockItem.HoldConfirmed"
+        class_version = 2
         reservation_id: str
         expires_at: datetime
         allocations: list[dict[str, Any]]
         net_of_our_orders: list[str]
+        counted: bool
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["counted"] = False
 
         def apply(self, item: StockItem) -> None:
             expires = second_ceil(self.expires_at)
@@ -490,16 +501,26 @@ class StockItem(LedgerAggregate):
                 position.add_held(expires, -allocation.quantity)
                 if allocation.supplier_id in self.net_of_our_orders:
                     position.add_unreported(self.timestamp, -allocation.quantity)
-                    position.net_committed += allocation.quantity
+                    if self.counted:
+                        position.net_committed += allocation.quantity
                 else:
                     position.committed += allocation.quantity
 
     class CommitmentReleased(Event):
+        """`counted` (version 2): the commitment was counted in `net_committed` when
+        confirmed (see `HoldConfirmed`)."""
+
         TOPIC = "stockledger:StockItem.CommitmentReleased"
+        class_version = 2
         reservation_id: str
         confirmed_at: datetime
         allocations: list[dict[str, Any]]
         net_of_our_orders: list[str]
+        counted: bool
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["counted"] = False
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
@@ -508,23 +529,45 @@ class StockItem(LedgerAggregate):
                     position.cancel_unreported(
                         reduction_key(self.confirmed_at), allocation.quantity
                     )
-                    position.net_committed = max(0, position.net_committed - allocation.quantity)
+                    if self.counted:
+                        position.net_committed = max(
+                            0, position.net_committed - allocation.quantity
+                        )
                 else:
                     position.committed = max(0, position.committed - allocation.quantity)
 
     class Shipped(Event):
+        """`counted` (version 2): the order was counted in its net suppliers'
+        `net_committed` when confirmed; `now_gross`, those of them that report gross
+        now, whose reports held the order until it shipped."""
+
         TOPIC = "stockledger:StockItem.Shipped"
+        class_version = 2
         reservation_id: str
         allocations: list[dict[str, Any]]
         net_of_our_orders: list[str]
+        counted: bool
+        now_gross: list[str]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["counted"] = False
+            state["now_gross"] = []
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
                 position = item.position(allocation.supplier_id)
                 if allocation.supplier_id in self.net_of_our_orders:
-                    # Its reports already leave our open orders out; shipping changes only
-                    # what is still open.
-                    position.net_committed = max(0, position.net_committed - allocation.quantity)
+                    if self.counted:
+                        position.net_committed = max(
+                            0, position.net_committed - allocation.quantity
+                        )
+                    if allocation.supplier_id in self.now_gross:
+                        # Committed while it reported net, shipped while it reports gross:
+                        # its reports hold the units until one newer than the shipment
+                        # (a review: they were sold again meanwhile).
+                        position.add_unreported(self.timestamp, -allocation.quantity)
+                    # Otherwise its reports already leave our open orders out.
                     continue
                 position.committed = max(0, position.committed - allocation.quantity)
                 position.add_unreported(self.timestamp, -allocation.quantity)
@@ -684,7 +727,10 @@ class StockItem(LedgerAggregate):
         reported = second_floor(observed_at)
         still_unreported = sum(v for key, v in current.unreported.items() if key > reported)
         sellable = max(0, max(0, quantity + still_unreported) - terms.buffer)
-        promised = current.live_held(second_floor(at)) + current.committed
+        committed = current.committed
+        if not terms.reports_net_of_our_orders:  # as `supplier_level` counts them
+            committed += current.net_committed
+        promised = current.live_held(second_floor(at)) + committed
         return max(0, promised - sellable)
 
     @staticmethod
@@ -770,6 +816,7 @@ class StockItem(LedgerAggregate):
             expires_at=expires_at,
             allocations=_as_dicts(allocations),
             net_of_our_orders=net_of_our_orders,
+            counted=True,
             timestamp=at,
             **cause.as_kwargs(),
         )
@@ -782,13 +829,17 @@ class StockItem(LedgerAggregate):
         net_of_our_orders: list[str],
         at: datetime,
         cause: Cause,
+        *,
+        counted: bool = True,
     ) -> None:
+        """`counted`: the order was counted in `net_committed` when confirmed."""
         self.trigger_event(
             self.CommitmentReleased,
             reservation_id=reservation_id,
             confirmed_at=confirmed_at,
             allocations=_as_dicts(allocations),
             net_of_our_orders=net_of_our_orders,
+            counted=counted,
             timestamp=at,
             **cause.as_kwargs(),
         )
@@ -800,12 +851,19 @@ class StockItem(LedgerAggregate):
         net_of_our_orders: list[str],
         at: datetime,
         cause: Cause,
+        *,
+        counted: bool = True,
+        now_gross: Sequence[str] = (),
     ) -> None:
+        """`counted`: the order was counted in `net_committed` when confirmed (see
+        `HoldConfirmed`); `now_gross`: its net suppliers that report gross now."""
         self.trigger_event(
             self.Shipped,
             reservation_id=reservation_id,
             allocations=_as_dicts(allocations),
             net_of_our_orders=net_of_our_orders,
+            counted=counted,
+            now_gross=sorted(now_gross),
             timestamp=at,
             **cause.as_kwargs(),
         )

@@ -277,3 +277,8 @@ def test_an_export_that_cannot_run_leaves_the_last_one_as_it_was(
     assert "error: the database cannot be reached" in down.stderr
     assert kept.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.ndjson"]  # no part left
+
+    # What is not a file (a pipe, /dev/stdout) is written in place, as before.
+    piped = ledger_command(ledger.database_url, "audit", "export", "--output", "/dev/stdout")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.encode().startswith(good)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from api.runtime import Runtime
-from ledger.commands import Confirm
+from ledger.commands import Confirm, Fulfil
 from ledger.errors import InsufficientStock
 from projections.runner import rebuild
 from projections.stock import StockProjection
@@ -43,3 +43,14 @@ def test_orders_committed_while_net_count_in_the_views_once_the_supplier_reports
     rebuild(StockProjection(ledger.app), ledger.app, ledger.store, ledger.leases)
     [rebuilt] = ledger.views.availability([sku], now()).values()
     assert (rebuilt.committed, rebuilt.available) == (10, 0)
+
+    # Shipped now: out of committed, and off the level until a report newer than it (it
+    # left committed only, and its 10 units were sold again; a review).
+    ledger.writer.execute(
+        Fulfil(at=now(), cause=CAUSE, reservation_id=held.id, lines=[(sku, 10, None)])
+    )
+    with pytest.raises(InsufficientStock):
+        ledger.writer.execute(reserve([(sku, 1)]))
+    ledger.views.wait_for("stock", ledger.app.recorder.max_notification_id(), timeout=20)
+    [shipped] = ledger.views.availability([sku], now()).values()
+    assert (shipped.on_hand, shipped.committed, shipped.available) == (10, 0, 0)

@@ -330,3 +330,36 @@ def test_a_feed_answered_304_is_read_in_full_in_time_to_keep_its_levels_fresh(
         assert time.monotonic() < deadline, (first, latest, statuses(paged))
         time.sleep(0.1)
     assert ("1", True, 304) in statuses(paged)  # the validators were used meanwhile
+
+
+def test_a_supplier_s_shorter_limit_sets_the_refresh_and_a_change_keeps_its_schedule(
+    ledger: Runtime, url: str
+) -> None:
+    """Found by a review: a supplier with only `exclude_after_seconds` kept its validators
+    for good, and went off sale; a changed limit rebuilt the schedule, closing an open
+    breaker and fetching at once."""
+    connector = {"poll": {"url": url, "pagination": "page"}, "format": "json"}
+
+    def put(**limits: int) -> None:
+        terms = SupplierTerms("quirky", connector=connector, **limits)
+        done = ledger.writer.execute(
+            PutSupplier(at=datetime.now(UTC), cause=CAUSE, supplier_id="quirky", terms=terms)
+        )
+        ledger.views.wait_for("stock", done.position, timeout=10)
+
+    put(exclude_after_seconds=400)
+    scheduler = Scheduler(ledger.store, ledger.leases)
+    scheduler.refresh()
+    schedule = scheduler.schedules["quirky"]
+    assert schedule.refresh == 100.0
+    assert schedule.transport.refresh_seconds == 100.0
+    for _ in range(5):
+        schedule.breaker.failed()
+    assert schedule.breaker.state == "open"
+
+    put(stale_after_seconds=40, exclude_after_seconds=400)
+    scheduler.refresh()
+
+    assert scheduler.schedules["quirky"] is schedule
+    assert (schedule.refresh, schedule.transport.refresh_seconds) == (10.0, 10.0)
+    assert schedule.breaker.state == "open"

@@ -299,6 +299,9 @@ class NoTransport:
     def close(self) -> None:
         """Nothing to close."""
 
+    refused: dict[str, str] = {}
+    refresh_seconds = None
+
 
 def schedule_of(interval: float, jitter: float) -> Schedule:
     return Schedule(

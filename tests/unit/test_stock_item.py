@@ -567,6 +567,68 @@ def test_an_order_committed_while_net_stops_counting_once_shipped_or_released(
     assert (levels.committed, levels.available) == (0, 6)
 
 
+def test_an_order_committed_while_net_and_shipped_while_gross_leaves_the_level_until_reported() -> (
+    None
+):
+    """Found by a review: shipped after the switch, it left `committed` but never the level,
+    which the supplier's gross report had counted it in: its units were sold again."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=10, quantity=4, confirm_at=at(20)))
+    observe(item, net, 6, at(30), cause=WHEN)
+    observe(item, gross, 10, at(40), cause=WHEN)  # switched; our 4 still in its stock
+
+    item.ship("r1", allocations(acme=4), ["acme"], at(50), WHEN, now_gross=["acme"])
+
+    shipped = item.levels(at(50), terms_of(gross))
+    assert (shipped.sellable, shipped.committed, shipped.available) == (6, 0, 6)
+    observe(item, gross, 6, at(60), cause=WHEN)  # its stock without them
+    assert item.levels(at(60), terms_of(gross)).available == 6
+
+
+def test_a_commitment_confirmed_before_they_were_counted_neither_counts_nor_uncounts() -> None:
+    """Events stored before open net orders were counted (version 1, read as not counted)
+    leave `net_committed` as the snapshots and views of then have it: 0."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = new_item()
+    observe(item, net, 20, at(0))
+    for reservation, counted in (("old", False), ("new", True)):
+        item.hold(reservation, allocations(acme=4), at(600), at(1), GIVEN)
+        item.trigger_event(
+            StockItem.HoldConfirmed,
+            reservation_id=reservation,
+            expires_at=at(600),
+            allocations=[{"supplier_id": "acme", "quantity": 4}],
+            net_of_our_orders=["acme"],
+            counted=counted,
+            timestamp=at(2),
+            **GIVEN.as_kwargs(),
+        )
+    item.release_commitment("old", allocations(acme=4), at(2), ["acme"], at(3), WHEN, counted=False)
+
+    assert item.positions["acme"].net_committed == 4  # the new one's, not eaten by the old
+    assert item.levels(at(4), terms_of(gross)).committed == 4
+    state: dict[str, Any] = {}
+    StockItem.HoldConfirmed.upcast_v1_v2(state)
+    StockItem.CommitmentReleased.upcast_v1_v2(state)
+    StockItem.Shipped.upcast_v1_v2(state)
+    assert state == {"counted": False, "now_gross": []}
+
+
+def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> None:
+    """Found by a review: exempt from staleness whatever its level, a restock after the
+    remap (which no report of the supplier ever retires) stayed sellable for good."""
+    old = supplier("old", stale_after_seconds=3, exclude_after_seconds=5)
+    item = new_item()
+    observe(item, old, 10, at(0))
+    item.observe("old", 0, at(1), old, at(1), GIVEN, source=REMAP_SOURCE, incoming=())
+    item.restock("r1", allocations(old=3), at(2), WHEN)
+
+    assert item.levels(at(3), terms_of(old)).sellable == 3
+    assert item.levels(at(100), terms_of(old)).sellable == 0
+
+
 def test_a_level_a_remap_retired_never_turns_stale() -> None:
     """Found by a merchandiser's walkthrough: the 0 left behind when a supplier's SKU was
     mapped elsewhere aged like a report, and kept the SKU `updating` for good."""

@@ -92,6 +92,10 @@ class Transport(Protocol):
         cannot be taken): by name."""
         ...
 
+    # How long a REST poll's validators are used after a full poll (see `RestPoller`);
+    # other transports keep none.
+    refresh_seconds: float | None
+
     def close(self) -> None: ...
 
 

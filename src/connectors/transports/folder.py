@@ -168,6 +168,7 @@ class FolderTransport:
         # Files passed over, never to be taken as they list (see `refused`): name -> as
         # listed then, and why
         self._refused: dict[str, tuple[Entry, str]] = {}
+        self.refresh_seconds: float | None = None  # no validators (see `Transport`)
 
     @property
     def refused(self) -> dict[str, str]:
