@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -294,9 +295,10 @@ def audit_export(
     to_stdout = str(output) == "-"
     # A file is written beside itself, and replaced only once complete: an export that
     # could not run (the database down) or failed part-way emptied the last good one (an
-    # auditor's walkthrough). Anything else (a pipe, /dev/stdout) is written in place.
-    # Opened first: a place that cannot be written is refused before the ledger is opened.
-    in_place = to_stdout or (output.exists() and not output.is_file())
+    # auditor's walkthrough), taking its mode. Anything else (a pipe, /dev/stdout, a link)
+    # is written in place. Opened first: a place that cannot be written is refused before
+    # the ledger is opened.
+    in_place = to_stdout or output.is_symlink() or (output.exists() and not output.is_file())
     part = output if in_place else output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
         if output.is_dir():
@@ -326,6 +328,8 @@ def audit_export(
             out.close()
         if not in_place:
             if complete:
+                if output.exists():
+                    part.chmod(stat.S_IMODE(output.stat().st_mode))
                 part.replace(output)
             else:
                 part.unlink(missing_ok=True)

@@ -161,8 +161,10 @@ def migrate(settings: Settings, database_url: str) -> None:
 # writes something new of that kind (an event type, a table older code would misread).
 # 1: `StockItem.HoldsExpired` events. Code from before this guard reads none of it and
 # does not look: rolled back to it, a database fails on each SKU such an event names.
-# 2: the stock view at schema version 4 (levels keep `net_committed`), upgraded in place:
-# code of version 1 would find it built by newer code and stand by, its stock frozen.
+# 2: `StockItem.Observed` version 3, `HoldConfirmed`, `CommitmentReleased`, `Shipped` and
+# `Reservation.Confirmed` version 2 (open orders against net suppliers counted), and the
+# stock view at schema version 5, upgraded in place: code of version 1 fails on those
+# events, and would find the view built by newer code and stand by, its stock frozen.
 DATA_VERSION = 2
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (

@@ -55,6 +55,7 @@ class PositionAsDict(Transcoding):
             type(obj.quantity) is int
             and type(obj.committed) is int
             and type(obj.net_committed) is int
+            and type(obj.reported_net) is bool
             and type(obj.source) is str
             and (obj.observed_at is None or type(obj.observed_at) is datetime)
             and {*map(type, obj.held), *map(type, obj.held.values())} <= _INT
@@ -75,6 +76,7 @@ class PositionAsDict(Transcoding):
             "unreported": list(obj.unreported.items()),
             "incoming": [list(entry) for entry in obj.incoming],
             "net_committed": obj.net_committed,
+            "reported_net": obj.reported_net,
         }
 
     def decode(self, data: dict[str, Any]) -> Position:
@@ -90,6 +92,7 @@ class PositionAsDict(Transcoding):
             # Snapshots taken before open orders against net suppliers were counted hold
             # none (see `Position`): commitments made before then are not counted.
             net_committed=data.get("net_committed", 0),
+            reported_net=data.get("reported_net", True),
         )
 
 

@@ -88,8 +88,9 @@ class Position:
     `committed` is what is promised against a supplier that reports gross; against one
     that reports net of our orders a commitment lowers the level until a report newer
     than it (`unreported`), and is counted in `net_committed` until it is shipped or
-    released: should the supplier come to report gross, its reports then hold those
-    orders, and they count as committed (see `supplier_level`).
+    released: should the supplier report gross, its reports hold those orders, and they
+    count as committed (see `supplier_level`). `reported_net`: whether the last report
+    recorded was made net of our orders (the supplier's terms then).
     """
 
     quantity: int = 0
@@ -100,6 +101,7 @@ class Position:
     unreported: dict[int, int] = field(default_factory=dict)
     incoming: IncomingStock = ()
     net_committed: int = 0
+    reported_net: bool = True
 
     def live_held(self, now: int) -> int:
         return sum(quantity for expires, quantity in self.held.items() if expires > now)
@@ -298,6 +300,9 @@ class PositionLike(Protocol):
     def net_committed(self) -> int: ...
 
     @property
+    def reported_net(self) -> bool: ...
+
+    @property
     def incoming(self) -> IncomingStock: ...
 
     def effective_level(self) -> int: ...
@@ -320,11 +325,13 @@ def supplier_level(
         stale = excluded = False
     sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
     committed = position.committed
-    if not terms.reports_net_of_our_orders:
-        # Orders committed while the supplier reported net of them, and still open: its
-        # reports now count them in (a merchandiser's walkthrough: switched to gross, the
-        # supplier's next report of the same stock let it be sold twice). Until such a
-        # report comes they count twice, on the side of never overselling.
+    if not (terms.reports_net_of_our_orders and position.reported_net):
+        # Orders committed while the supplier reported net of them, and still open, count
+        # as committed while it reports gross or its last report was gross: such a report
+        # holds them (a merchandiser's walkthrough: switched to gross, its next report let
+        # them be sold twice; a walkthrough of the fix: switched back to net, its gross
+        # report still held them, counted nowhere). Between the switch and the next report
+        # they may count twice, on the side of never overselling.
         committed += position.net_committed
     return SupplierLevel(
         supplier_id=supplier_id,
@@ -408,7 +415,7 @@ class StockItem(LedgerAggregate):
         said nothing of it)."""
 
         TOPIC = "stockledger:StockItem.Observed"
-        class_version = 2
+        class_version = 3
         supplier_id: str
         quantity: int
         observed_at: datetime
@@ -417,13 +424,22 @@ class StockItem(LedgerAggregate):
         previous_quantity: int | None
         exposure: int
         incoming: list[list[Any]] | None
+        # Version 3: whether the report was made net of our orders (the supplier's terms
+        # then); one stored before is taken as net, which counts none of the open orders
+        # committed while net (as none were counted then).
+        net: bool
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["incoming"] = None
 
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["net"] = True
+
         def apply(self, item: StockItem) -> None:
             position = item.position(self.supplier_id)
+            position.reported_net = self.net
             position.quantity = self.quantity
             position.observed_at = self.observed_at
             position.source = self.source
@@ -538,8 +554,7 @@ class StockItem(LedgerAggregate):
 
     class Shipped(Event):
         """`counted` (version 2): the order was counted in its net suppliers'
-        `net_committed` when confirmed; `now_gross`, those of them that report gross
-        now, whose reports held the order until it shipped."""
+        `net_committed` when confirmed."""
 
         TOPIC = "stockledger:StockItem.Shipped"
         class_version = 2
@@ -547,12 +562,10 @@ class StockItem(LedgerAggregate):
         allocations: list[dict[str, Any]]
         net_of_our_orders: list[str]
         counted: bool
-        now_gross: list[str]
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["counted"] = False
-            state["now_gross"] = []
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
@@ -562,9 +575,9 @@ class StockItem(LedgerAggregate):
                         position.net_committed = max(
                             0, position.net_committed - allocation.quantity
                         )
-                    if allocation.supplier_id in self.now_gross:
-                        # Committed while it reported net, shipped while it reports gross:
-                        # its reports hold the units until one newer than the shipment
+                    if not position.reported_net:
+                        # Committed while it reported net, shipped after a gross report:
+                        # that report held the units, until one newer than the shipment
                         # (a review: they were sold again meanwhile).
                         position.add_unreported(self.timestamp, -allocation.quantity)
                     # Otherwise its reports already leave our open orders out.
@@ -708,6 +721,7 @@ class StockItem(LedgerAggregate):
             previous_quantity=None if current is None else current.quantity,
             exposure=self._exposure_after(current, quantity, observed_at, terms, at),
             incoming=None if incoming is None else [list(entry) for entry in incoming],
+            net=terms.reports_net_of_our_orders,
             timestamp=at,
             **cause.as_kwargs(),
         )
@@ -740,6 +754,8 @@ class StockItem(LedgerAggregate):
         assert current.observed_at is not None
         if quantity != current.quantity or current.has_reported_changes(observed_at):
             return True
+        if current.reported_net != terms.reports_net_of_our_orders:
+            return True  # the same number, but now with (or without) our open orders
         # An unchanged level is re-recorded only when the stored one is getting old,
         # so that a supplier repeating the same number never turns stale.
         limits = [limit for limit in (terms.stale_after, terms.exclude_after) if limit]
@@ -853,17 +869,15 @@ class StockItem(LedgerAggregate):
         cause: Cause,
         *,
         counted: bool = True,
-        now_gross: Sequence[str] = (),
     ) -> None:
         """`counted`: the order was counted in `net_committed` when confirmed (see
-        `HoldConfirmed`); `now_gross`: its net suppliers that report gross now."""
+        `HoldConfirmed`)."""
         self.trigger_event(
             self.Shipped,
             reservation_id=reservation_id,
             allocations=_as_dicts(allocations),
             net_of_our_orders=net_of_our_orders,
             counted=counted,
-            now_gross=sorted(now_gross),
             timestamp=at,
             **cause.as_kwargs(),
         )

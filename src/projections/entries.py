@@ -33,7 +33,7 @@ SELECT p.generation, p.position, x.*
 FROM ({LIVE_SQL}) p
 LEFT JOIN (
   SELECT a.sku, a.safety_stock, l.supplier_id, l.quantity, l.observed_at, l.committed,
-         l.net_committed, l.unreported, l.incoming, l.source,
+         l.net_committed, l.reported_net, l.unreported, l.incoming, l.source,
          (SELECT array_agg(ARRAY[h.expires_s, h.quantity] ORDER BY h.expires_s)
           FROM view_holds h
           WHERE h.sku = l.sku AND h.supplier_id = l.supplier_id
@@ -104,6 +104,7 @@ class ViewPosition:
     incoming: IncomingStock = ()
     net_committed: int = 0
     source: str = ""
+    reported_net: bool = True
 
     def effective_level(self) -> int:
         return self.effective
@@ -172,6 +173,7 @@ def entries_from(rows: list[dict[str, Any]]) -> dict[str, StockEntry]:
             incoming=incoming_of(row["incoming"] or ()),
             net_committed=row["net_committed"],
             source=row["source"],
+            reported_net=row["reported_net"],
         )
         if row["name"] is not None:
             if supplier not in shared:

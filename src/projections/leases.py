@@ -91,14 +91,20 @@ def role_key(role: str) -> int:
 
 
 # How many sessions hold each of the given advisory locks (64-bit keys: pg_locks splits
-# one in halves, `classid` the high and `objid` the low, `objsubid` 1 saying so).
+# one in halves, `classid` the high and `objid` the low, `objsubid` 1 saying so), but
+# those silent for SILENT_SECONDS: a holder says it is alive every HEARTBEAT_SECONDS, so
+# one silent that long is frozen (stopped, its VM paused), its kernel still answering
+# keepalives (a walkthrough: a stopped worker was counted for good).
 _HOLDERS = """
-SELECT k.name, count(l.pid) AS holders
+SELECT k.name, count(a.pid) AS holders
 FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS k(name, high, low)
 LEFT JOIN pg_locks l
   ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
  AND l.classid = k.high::oid AND l.objid = k.low::oid
+LEFT JOIN pg_stat_activity a
+  ON a.pid = l.pid
+ AND NOT (a.state = 'idle' AND a.state_change < now() - make_interval(secs => %s))
 GROUP BY k.name
 """
 
@@ -115,6 +121,7 @@ def running(conn: psycopg.Connection[Any], leases: tuple[str, ...] = ()) -> dict
             list(unsigned),
             [key >> 32 for key in unsigned.values()],
             [key & 0xFFFF_FFFF for key in unsigned.values()],
+            SILENT_SECONDS,
         ),
     ).fetchall()
     return {str(name): int(cast(int, holders)) for name, holders in rows}

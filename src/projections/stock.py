@@ -20,7 +20,8 @@ class StockProjection(StateProjection):
     # 2: availability rows indexed by position, for the API's in-process copy to follow.
     # 3: levels keep the stock each supplier expects (`incoming`).
     # 4: levels keep the open orders committed while their supplier reported net of them.
-    schema_version = 4
+    # 5: levels keep whether their last report was made net of our orders.
+    schema_version = 5
     # 2 only adds an index. No event before version 3 carried incoming stock: a level of
     # a generation built before keeps none, as a rebuild would write it.
     upgrades: ClassVar[dict[int, list[str]]] = {
@@ -34,6 +35,11 @@ class StockProjection(StateProjection):
         4: [
             "ALTER TABLE {schema}.levels"
             " ADD COLUMN IF NOT EXISTS net_committed bigint NOT NULL DEFAULT 0"
+        ],
+        # As the events stored before are read (`StockItem.Observed`, version 2): net.
+        5: [
+            "ALTER TABLE {schema}.levels"
+            " ADD COLUMN IF NOT EXISTS reported_net boolean NOT NULL DEFAULT true"
         ],
     }
     tables: ClassVar[list[str]] = ["availability", "levels", "holds", "suppliers"]
@@ -65,7 +71,8 @@ class StockProjection(StateProjection):
                 sku text NOT NULL, supplier_id text NOT NULL, quantity bigint NOT NULL,
                 observed_at timestamptz, source text NOT NULL, committed bigint NOT NULL,
                 unreported bigint NOT NULL, incoming jsonb,
-                net_committed bigint NOT NULL DEFAULT 0, PRIMARY KEY (sku, supplier_id))""",
+                net_committed bigint NOT NULL DEFAULT 0,
+                reported_net boolean NOT NULL DEFAULT true, PRIMARY KEY (sku, supplier_id))""",
             "CREATE INDEX ON {schema}.levels (supplier_id, observed_at)",
             """CREATE TABLE {schema}.holds (
                 sku text NOT NULL, supplier_id text NOT NULL, expires_s bigint NOT NULL,
@@ -118,6 +125,7 @@ class StockProjection(StateProjection):
                     "unreported": sum(position.unreported.values()),
                     "incoming": incoming_json(position.incoming),
                     "net_committed": position.net_committed,
+                    "reported_net": position.reported_net,
                 }
                 for supplier_id, position in aggregate.positions.items()
             ],

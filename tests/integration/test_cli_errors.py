@@ -264,10 +264,13 @@ def test_an_export_that_cannot_run_leaves_the_last_one_as_it_was(
     reached, so an export run while it was down lost the last good copy."""
     mapped_sku(ledger)
     kept = tmp_path / "events.ndjson"
+    kept.write_text("an older export\n")
+    kept.chmod(0o600)  # an audit log holds actors and requests
     exported = ledger_command(ledger.database_url, "audit", "export", "--output", str(kept))
     assert exported.returncode == 0, exported.stderr
     good = kept.read_bytes()
     assert good.count(b"\n") >= 3
+    assert kept.stat().st_mode & 0o777 == 0o600  # replaced, its mode kept
 
     down = ledger_command(
         "postgresql://postgres@127.0.0.1:1/nowhere", "audit", "export", "--output", str(kept)

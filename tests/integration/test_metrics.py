@@ -231,3 +231,49 @@ def test_a_process_says_what_it_runs_again_once_its_session_is_back(
                 time.sleep(0.02)
     finally:
         session.close()
+
+
+PRESENT = """
+import sys, time
+import projections.leases as leases
+leases.HEARTBEAT_SECONDS = 0.3
+session = leases.LeaseSession(sys.argv[1])
+session.present("connectors")
+print("present", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_frozen_process_drops_out_of_the_count_and_comes_back_when_it_wakes(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a walkthrough: a stopped `connectors run` (SIGSTOP, as a paused VM) kept its
+    session, its kernel answering keepalives, and was counted for good."""
+    monkeypatch.setattr(projections.leases, "SILENT_SECONDS", 2.0)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", PRESENT, database_url],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "present"
+        with psycopg.connect(database_url, autocommit=True) as conn:
+
+            def counted(wanted: int) -> None:
+                deadline = time.monotonic() + 15
+                while running(conn)["connectors"] != wanted:
+                    assert time.monotonic() < deadline, wanted
+                    time.sleep(0.1)
+
+            counted(1)
+            time.sleep(3)  # busy elsewhere, but beating: still counted
+            counted(1)
+            os.kill(worker.pid, signal.SIGSTOP)
+            counted(0)
+            os.kill(worker.pid, signal.SIGCONT)
+            counted(1)
+    finally:
+        worker.kill()
+        worker.wait()

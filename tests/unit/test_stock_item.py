@@ -578,7 +578,7 @@ def test_an_order_committed_while_net_and_shipped_while_gross_leaves_the_level_u
     observe(item, net, 6, at(30), cause=WHEN)
     observe(item, gross, 10, at(40), cause=WHEN)  # switched; our 4 still in its stock
 
-    item.ship("r1", allocations(acme=4), ["acme"], at(50), WHEN, now_gross=["acme"])
+    item.ship("r1", allocations(acme=4), ["acme"], at(50), WHEN)
 
     shipped = item.levels(at(50), terms_of(gross))
     assert (shipped.sellable, shipped.committed, shipped.available) == (6, 0, 6)
@@ -613,7 +613,7 @@ def test_a_commitment_confirmed_before_they_were_counted_neither_counts_nor_unco
     StockItem.HoldConfirmed.upcast_v1_v2(state)
     StockItem.CommitmentReleased.upcast_v1_v2(state)
     StockItem.Shipped.upcast_v1_v2(state)
-    assert state == {"counted": False, "now_gross": []}
+    assert state == {"counted": False}
 
 
 def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> None:
@@ -627,6 +627,37 @@ def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> 
 
     assert item.levels(at(3), terms_of(old)).sellable == 3
     assert item.levels(at(100), terms_of(old)).sellable == 0
+
+
+def test_orders_committed_while_net_count_while_a_gross_report_holds_them_after_a_switch_back() -> (
+    None
+):
+    """Found by a walkthrough of the fix: switched to gross and back to net, the supplier's
+    gross report still held the open order, which counted nowhere: sold twice."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=100, quantity=30, confirm_at=at(20)))
+    observe(item, net, 70, at(30), cause=WHEN)
+    observe(item, gross, 100, at(40), cause=WHEN)
+
+    back = item.levels(at(41), terms_of(net))  # switched back, no net report yet
+    assert (back.committed, back.available) == (30, 70)
+    assert item.allocate(71, at(41), terms_of(net)) == (None, 70)
+    observe(item, net, 70, at(50), cause=WHEN)  # net again: leaves our 30 out
+    assert item.levels(at(50), terms_of(net)).committed == 0
+    assert item.levels(at(50), terms_of(net)).available == 70
+
+
+def test_the_same_number_reported_after_a_switch_is_recorded() -> None:
+    """Net 70 then gross 70 (stock came in): the same number, now holding our order."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=100, quantity=30, confirm_at=at(20)))
+    observe(item, net, 70, at(30), cause=WHEN)
+    item.collect_events()
+
+    assert observe(item, gross, 70, at(40), cause=WHEN) == ObservationOutcome.APPLIED
+    assert item.levels(at(40), terms_of(gross)).available == 40
 
 
 def test_a_level_a_remap_retired_never_turns_stale() -> None:
@@ -878,7 +909,7 @@ def test_an_observed_event_stored_before_incoming_stock_was_kept_reads_as_expect
     registered, observed = item.collect_events()
     stored = app.mapper.to_stored_event(observed)
     state = json.loads(stored.state)
-    assert (state.pop("class_version"), state.pop("incoming")) == (2, None)
+    assert (state.pop("class_version"), state.pop("incoming"), state.pop("net")) == (3, None, False)
     before = StoredEvent(
         stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
     )  # as version 1 wrote it
@@ -887,6 +918,7 @@ def test_an_observed_event_stored_before_incoming_stock_was_kept_reads_as_expect
 
     assert isinstance(read, StockItem.Observed)
     assert (read.quantity, read.incoming) == (7, None)  # it said nothing of it
+    assert read.net is True  # read as net: counts no open order committed while net
     assert replayed([registered, read]).positions["acme"].incoming == ()
 
 

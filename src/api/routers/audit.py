@@ -68,7 +68,10 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
     numbers["suppliers"] = [
         {
             **supplier,
-            "committed": position.committed,
+            # As the SKU's `committed` counts it (open orders committed while the supplier
+            # reported net count once its report holds them): they did not add up.
+            "committed": level.committed,
+            "net_committed": position.net_committed,
             "unreported": sum(position.unreported.values()),
             "holds": [
                 {"expires_at": _second(expires), "quantity": quantity}
@@ -76,8 +79,11 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
                 if expires > now
             ],
         }
-        for supplier, position in zip(
-            numbers["suppliers"], moment.item.positions.values(), strict=True
+        for supplier, level, position in zip(
+            numbers["suppliers"],
+            moment.levels.suppliers,
+            moment.item.positions.values(),
+            strict=True,
         )
     ]
     return {**numbers, "at": moment.at.isoformat(), "version": moment.version}

@@ -179,18 +179,14 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     _known(uow, reservation, [sku for sku, *_ in command.lines])
     at = _decided(uow, command.at, reservation)
     shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
-    net = reservation.net_of_our_orders
-    terms = uow.supplier_terms(set(net)) if net and shipped else {}
-    now_gross = [s for s in net if s in terms and not terms[s].reports_net_of_our_orders]
     for sku, allocated in _by_sku(shipped).items():
         _stock(uow, sku).ship(
             str(reservation.id),
             allocated,
-            net,
+            reservation.net_of_our_orders,
             at,
             command.cause,
             counted=reservation.net_counted,
-            now_gross=now_gross,
         )
     return reservation
 
