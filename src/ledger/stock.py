@@ -554,7 +554,8 @@ class StockItem(LedgerAggregate):
 
     class Shipped(Event):
         """`counted` (version 2): the order was counted in its net suppliers'
-        `net_committed` when confirmed."""
+        `net_committed` when confirmed; `taken_off`, those of them whose level the
+        shipment lowers until a report newer than it, as a gross supplier's (see `ship`)."""
 
         TOPIC = "stockledger:StockItem.Shipped"
         class_version = 2
@@ -562,10 +563,12 @@ class StockItem(LedgerAggregate):
         allocations: list[dict[str, Any]]
         net_of_our_orders: list[str]
         counted: bool
+        taken_off: list[str]
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["counted"] = False
+            state["taken_off"] = []
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
@@ -575,10 +578,7 @@ class StockItem(LedgerAggregate):
                         position.net_committed = max(
                             0, position.net_committed - allocation.quantity
                         )
-                    if not position.reported_net:
-                        # Committed while it reported net, shipped after a gross report:
-                        # that report held the units, until one newer than the shipment
-                        # (a review: they were sold again meanwhile).
+                    if allocation.supplier_id in self.taken_off:
                         position.add_unreported(self.timestamp, -allocation.quantity)
                     # Otherwise its reports already leave our open orders out.
                     continue
@@ -670,8 +670,11 @@ class StockItem(LedgerAggregate):
         seen_at: datetime | None = None,
         incoming: IncomingStock | None = None,
         ties_lose: bool = False,
+        net_since: datetime | None = None,
     ) -> ObservationOutcome:
         """Records an absolute supplier report; the newest `observed_at` per supplier wins.
+        `net_since`: when the supplier came to report net of our orders (`Supplier`): a
+        report made before is taken as gross, whenever it arrives.
         `incoming`: the stock the report says the supplier expects (empty: it expects none;
         None: the report says nothing of it, and the schedule on record stands).
 
@@ -686,6 +689,10 @@ class StockItem(LedgerAggregate):
         late against a report of the same time, or it would put back the oldest file's
         level where a supplier stamps its times to the minute (a walkthrough).
         """
+        # Made net of our orders: under net terms, and after they began (a gross report
+        # processed after a switch to net was taken as net: the open orders it held
+        # counted nowhere; a review).
+        net = terms.reports_net_of_our_orders and (net_since is None or observed_at >= net_since)
         current = self.positions.get(supplier_id)
         if current is not None and current.observed_at is not None:
             newest = max(current.observed_at, seen_at or current.observed_at)
@@ -708,7 +715,7 @@ class StockItem(LedgerAggregate):
                 )
                 return ObservationOutcome.LATE
             if incoming in (None, current.incoming) and not self._changes_anything(
-                current, quantity, observed_at, terms
+                current, quantity, observed_at, terms, net
             ):
                 return ObservationOutcome.UNCHANGED
         self.trigger_event(
@@ -719,9 +726,9 @@ class StockItem(LedgerAggregate):
             source=source,
             delivery_id=delivery_id,
             previous_quantity=None if current is None else current.quantity,
-            exposure=self._exposure_after(current, quantity, observed_at, terms, at),
+            exposure=self._exposure_after(current, quantity, observed_at, terms, at, net),
             incoming=None if incoming is None else [list(entry) for entry in incoming],
-            net=terms.reports_net_of_our_orders,
+            net=net,
             timestamp=at,
             **cause.as_kwargs(),
         )
@@ -734,6 +741,7 @@ class StockItem(LedgerAggregate):
         observed_at: datetime,
         terms: SupplierTerms,
         at: datetime,
+        net: bool,
     ) -> int:
         """How far promises against the supplier would exceed what the report makes sellable."""
         if current is None:
@@ -742,19 +750,19 @@ class StockItem(LedgerAggregate):
         still_unreported = sum(v for key, v in current.unreported.items() if key > reported)
         sellable = max(0, max(0, quantity + still_unreported) - terms.buffer)
         committed = current.committed
-        if not terms.reports_net_of_our_orders:  # as `supplier_level` counts them
+        if not (terms.reports_net_of_our_orders and net):  # as `supplier_level` counts them
             committed += current.net_committed
         promised = current.live_held(second_floor(at)) + committed
         return max(0, promised - sellable)
 
     @staticmethod
     def _changes_anything(
-        current: Position, quantity: int, observed_at: datetime, terms: SupplierTerms
+        current: Position, quantity: int, observed_at: datetime, terms: SupplierTerms, net: bool
     ) -> bool:
         assert current.observed_at is not None
         if quantity != current.quantity or current.has_reported_changes(observed_at):
             return True
-        if current.reported_net != terms.reports_net_of_our_orders:
+        if current.reported_net != net:
             return True  # the same number, but now with (or without) our open orders
         # An unchanged level is re-recorded only when the stored one is getting old,
         # so that a supplier repeating the same number never turns stale.
@@ -869,15 +877,32 @@ class StockItem(LedgerAggregate):
         cause: Cause,
         *,
         counted: bool = True,
+        terms: Mapping[str, SupplierTerms] | None = None,
     ) -> None:
         """`counted`: the order was counted in `net_committed` when confirmed (see
-        `HoldConfirmed`)."""
+        `HoldConfirmed`). An order committed against a supplier that reported net of our
+        orders is taken off its level, until a report newer than the shipment, unless the
+        supplier reports net now (`terms`) and its last report was net: a report that may
+        hold the order (its last, or a later one made before the shipment) must not count
+        the shipped units (a review: a gross report made before the shipment, arriving
+        after, sold them again)."""
+        taken_off = [
+            supplier_id
+            for supplier_id in net_of_our_orders
+            if not (
+                terms is not None
+                and supplier_id in terms
+                and terms[supplier_id].reports_net_of_our_orders
+                and (supplier_id not in self.positions or self.positions[supplier_id].reported_net)
+            )
+        ]
         self.trigger_event(
             self.Shipped,
             reservation_id=reservation_id,
             allocations=_as_dicts(allocations),
             net_of_our_orders=net_of_our_orders,
             counted=counted,
+            taken_off=sorted(taken_off),
             timestamp=at,
             **cause.as_kwargs(),
         )

@@ -52,6 +52,9 @@ class Supplier(LedgerAggregate):
     """A supplier and the history of its terms."""
 
     TOPIC = "stockledger:Supplier"
+    # When the supplier last came to report net of our orders (`TermsChanged`); None
+    # where it always has, or never has (a snapshot taken before it was kept: the same).
+    net_since: datetime | None = None
 
     class Registered(LedgerAggregate.Event, AggregateCreated):
         TOPIC = "stockledger:Supplier.Registered"
@@ -64,6 +67,9 @@ class Supplier(LedgerAggregate):
 
         def apply(self, supplier: Supplier) -> None:
             supplier.terms = replace(supplier.terms, **self.changes)
+            if "reports_net_of_our_orders" in self.changes:
+                now_net = supplier.terms.reports_net_of_our_orders
+                supplier.net_since = self.timestamp if now_net else None
 
     class WentStale(LedgerAggregate.Event):
         """No report newer than `last_report_at` arrived within the supplier's stale_after."""

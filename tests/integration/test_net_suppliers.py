@@ -54,3 +54,36 @@ def test_orders_committed_while_net_count_in_the_views_once_the_supplier_reports
     ledger.views.wait_for("stock", ledger.app.recorder.max_notification_id(), timeout=20)
     [shipped] = ledger.views.availability([sku], now()).values()
     assert (shipped.on_hand, shipped.committed, shipped.available) == (10, 0, 0)
+
+
+def test_a_supplier_switched_back_to_net_counts_its_open_orders_until_a_net_report(
+    ledger: Runtime,
+) -> None:
+    """Found by a walkthrough and a review: switched back to net, its gross report (or a
+    gross report made before the switch, processed after it) still held the open order,
+    which counted nowhere."""
+    sku = random_sku()
+    stock_sku(ledger.writer, sku, 100, "flip", reports_net_of_our_orders=True)
+    held = ledger.writer.execute(reserve([(sku, 30)])).value.reservation
+    ledger.writer.execute(Confirm(at=now(), cause=CAUSE, reservation_id=held.id))
+    time.sleep(1.1)
+    report(ledger.writer, sku, 70, "flip")  # net of our 30
+    put_supplier(ledger.writer, "flip")  # gross
+    time.sleep(1.1)
+    report(ledger.writer, sku, 100, "flip")  # gross: holds our 30
+    made_before = now()
+    time.sleep(0.1)
+    put_supplier(ledger.writer, "flip", reports_net_of_our_orders=True)  # back to net
+    report(ledger.writer, sku, 101, "flip", at=made_before)  # gross, arriving after the switch
+
+    with pytest.raises(InsufficientStock):
+        ledger.writer.execute(reserve([(sku, 72)]))
+    ledger.views.wait_for("stock", ledger.app.recorder.max_notification_id(), timeout=20)
+    [levels] = ledger.views.availability([sku], now()).values()
+    assert (levels.on_hand, levels.committed, levels.available) == (101, 30, 71)
+
+    time.sleep(1.1)
+    report(ledger.writer, sku, 71, "flip")  # net again: leaves our 30 out
+    ledger.views.wait_for("stock", ledger.app.recorder.max_notification_id(), timeout=20)
+    [net_again] = ledger.views.availability([sku], now()).values()
+    assert (net_again.committed, net_again.available) == (0, 71)

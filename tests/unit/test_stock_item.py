@@ -613,7 +613,7 @@ def test_a_commitment_confirmed_before_they_were_counted_neither_counts_nor_unco
     StockItem.HoldConfirmed.upcast_v1_v2(state)
     StockItem.CommitmentReleased.upcast_v1_v2(state)
     StockItem.Shipped.upcast_v1_v2(state)
-    assert state == {"counted": False}
+    assert state == {"counted": False, "taken_off": []}
 
 
 def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> None:
@@ -658,6 +658,41 @@ def test_the_same_number_reported_after_a_switch_is_recorded() -> None:
 
     assert observe(item, gross, 70, at(40), cause=WHEN) == ObservationOutcome.APPLIED
     assert item.levels(at(40), terms_of(gross)).available == 40
+
+
+def test_a_gross_report_made_before_a_shipment_arriving_after_it_does_not_sell_it_again() -> None:
+    """Found by a review: switched to gross, shipped before its first gross report, then a
+    gross report made before the shipment came: the shipped units counted again."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=100, quantity=30, confirm_at=at(20)))
+    observe(item, net, 70, at(30), cause=WHEN)
+
+    item.ship("r1", allocations(acme=30), ["acme"], at(50), WHEN, terms=terms_of(gross))
+    assert item.levels(at(50), terms_of(gross)).available == 40  # low, never high
+    observe(item, gross, 100, at(49), when=at(55), cause=WHEN)
+    assert item.levels(at(55), terms_of(gross)).available == 70
+    observe(item, gross, 100, at(50.2), when=at(56), cause=WHEN)  # the shipment's second
+    assert item.levels(at(56), terms_of(gross)).available == 70
+    observe(item, gross, 70, at(60), cause=WHEN)
+    assert item.levels(at(60), terms_of(gross)).available == 70
+
+
+def test_a_gross_report_made_before_a_switch_to_net_is_taken_as_gross() -> None:
+    """Found by a review: processed after the switch, it was taken as net, and the open
+    order it held counted nowhere."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=100, quantity=30, confirm_at=at(20)))
+    observe(item, net, 70, at(30), cause=WHEN)
+    observe(item, gross, 100, at(40), cause=WHEN)
+
+    item.observe("acme", 100, at(44), net, at(46), WHEN, source="feed", net_since=at(45))
+
+    assert item.positions["acme"].reported_net is False
+    assert item.allocate(71, at(46), terms_of(net)) == (None, 70)
+    item.observe("acme", 70, at(47), net, at(48), WHEN, source="feed", net_since=at(45))
+    assert item.levels(at(48), terms_of(net)).available == 70
 
 
 def test_a_level_a_remap_retired_never_turns_stale() -> None:
@@ -719,7 +754,7 @@ def test_shipping_from_a_net_of_our_orders_supplier_changes_no_number() -> None:
     item = given(confirmed_commitment(acme, level=10, quantity=4, confirm_at=at(20)))
     before = item.levels(at(30), terms_of(acme))
 
-    item.ship("r1", allocations(acme=4), ["acme"], at(30), WHEN)
+    item.ship("r1", allocations(acme=4), ["acme"], at(30), WHEN, terms=terms_of(acme))
 
     assert kinds(item.collect_events()) == [StockItem.Shipped]
     assert item.levels(at(30), terms_of(acme)) == before

@@ -116,6 +116,7 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
         command.cause,
         source=REMAP_SOURCE,
         incoming=(),
+        net_since=supplier.net_since,
     )
 
 

@@ -72,6 +72,7 @@ def report_stock(uow: UnitOfWork, command: ReportStock) -> DeliveryOutcome:
             seen_at=seen_at,
             incoming=level.incoming,
             ties_lose=command.source == RETRY_SOURCE,
+            net_since=supplier.net_since,
         )
         if result is ObservationOutcome.UNCHANGED and (
             seen_at is None or level.observed_at > seen_at

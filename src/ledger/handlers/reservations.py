@@ -179,14 +179,17 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     _known(uow, reservation, [sku for sku, *_ in command.lines])
     at = _decided(uow, command.at, reservation)
     shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
+    net = reservation.net_of_our_orders
+    terms = uow.supplier_terms(net) if net and shipped else {}
     for sku, allocated in _by_sku(shipped).items():
         _stock(uow, sku).ship(
             str(reservation.id),
             allocated,
-            reservation.net_of_our_orders,
+            net,
             at,
             command.cause,
             counted=reservation.net_counted,
+            terms=terms,
         )
     return reservation
 
