@@ -127,8 +127,11 @@ class Position:
         _add(self.unreported, key, delta)
 
     def cancel_unreported(self, key: int, delta: int) -> None:
-        """Undoes part of an earlier change, if no report has retired it yet."""
-        if key in self.unreported:
+        """Undoes part of an earlier change, if no report has retired it yet: one that did
+        leaves its key free for a later change of the same second (a restock), which this
+        must not undo (a review: a release then added back units a report had counted)."""
+        retired = self.observed_at is not None and key <= second_floor(self.observed_at)
+        if key in self.unreported and not retired:
             _add(self.unreported, key, delta)
 
     def retire_reported(self, observed_at: datetime) -> None:
@@ -279,6 +282,11 @@ def _terms_for(terms: Mapping[str, SupplierTerms], supplier_id: str) -> Supplier
 
 # The source of a level a remap retired: the supplier no longer reports the SKU at all.
 REMAP_SOURCE = "remap"
+# A report is taken as made net of our orders only this long after the supplier came to
+# report net (`Supplier.net_since`): its clock may run ahead of ours by as much as a report
+# may be ahead (see ledger.handlers.reports), and a gross report taken for net leaves the
+# open orders it holds counted nowhere (a review). Meanwhile they count twice: low, not high.
+NET_SWITCH_MARGIN = timedelta(minutes=5)
 
 
 class PositionLike(Protocol):
@@ -692,7 +700,9 @@ class StockItem(LedgerAggregate):
         # Made net of our orders: under net terms, and after they began (a gross report
         # processed after a switch to net was taken as net: the open orders it held
         # counted nowhere; a review).
-        net = terms.reports_net_of_our_orders and (net_since is None or observed_at >= net_since)
+        net = terms.reports_net_of_our_orders and (
+            net_since is None or observed_at >= net_since + NET_SWITCH_MARGIN
+        )
         current = self.positions.get(supplier_id)
         if current is not None and current.observed_at is not None:
             newest = max(current.observed_at, seen_at or current.observed_at)
@@ -878,24 +888,35 @@ class StockItem(LedgerAggregate):
         *,
         counted: bool = True,
         terms: Mapping[str, SupplierTerms] | None = None,
+        net_since: Mapping[str, datetime | None] | None = None,
     ) -> None:
         """`counted`: the order was counted in `net_committed` when confirmed (see
         `HoldConfirmed`). An order committed against a supplier that reported net of our
         orders is taken off its level, until a report newer than the shipment, unless the
-        supplier reports net now (`terms`) and its last report was net: a report that may
-        hold the order (its last, or a later one made before the shipment) must not count
-        the shipped units (a review: a gross report made before the shipment, arriving
-        after, sold them again)."""
-        taken_off = [
-            supplier_id
-            for supplier_id in net_of_our_orders
-            if not (
+        supplier reports net now (`terms`), and has since its last report (`net_since`, see
+        `Supplier`), which was net: a report that may hold the order (its last, or a later
+        one made before the shipment) must not count the shipped units (two reviews: a
+        gross report made before the shipment, arriving after, sold them again)."""
+
+        def net_throughout(supplier_id: str) -> bool:
+            position = self.positions.get(supplier_id)
+            since = (net_since or {}).get(supplier_id)
+            return (
                 terms is not None
                 and supplier_id in terms
                 and terms[supplier_id].reports_net_of_our_orders
-                and (supplier_id not in self.positions or self.positions[supplier_id].reported_net)
+                and (position is None or position.reported_net)
+                and (
+                    since is None
+                    or (
+                        position is not None
+                        and position.observed_at is not None
+                        and position.observed_at >= since + NET_SWITCH_MARGIN
+                    )
+                )
             )
-        ]
+
+        taken_off = [s for s in net_of_our_orders if not net_throughout(s)]
         self.trigger_event(
             self.Shipped,
             reservation_id=reservation_id,

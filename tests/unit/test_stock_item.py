@@ -691,8 +691,48 @@ def test_a_gross_report_made_before_a_switch_to_net_is_taken_as_gross() -> None:
 
     assert item.positions["acme"].reported_net is False
     assert item.allocate(71, at(46), terms_of(net)) == (None, 70)
+    # Within NET_SWITCH_MARGIN of the switch a report is not yet taken as net: our 30
+    # count twice (low), where a gross report taken for net would count them nowhere.
     item.observe("acme", 70, at(47), net, at(48), WHEN, source="feed", net_since=at(45))
-    assert item.levels(at(48), terms_of(net)).available == 70
+    assert item.levels(at(48), terms_of(net)).available == 40
+    item.observe("acme", 70, at(345), net, at(346), WHEN, source="feed", net_since=at(45))
+    assert item.positions["acme"].reported_net is True
+    assert item.levels(at(346), terms_of(net)).available == 70
+
+
+def test_a_shipment_after_a_gross_spell_is_taken_off_whatever_the_last_report_said() -> None:
+    """Found by a review: net, gross, net again; shipped while the last recorded report was
+    net, then a gross report from the gross spell came, holding the shipped units."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    item = given(confirmed_commitment(net, level=100, quantity=10, confirm_at=at(3)))
+    # Switched to gross at 10, back to net at 30 (net_since), the t20 report delayed.
+
+    item.ship(
+        "r1",
+        allocations(acme=10),
+        ["acme"],
+        at(40),
+        WHEN,
+        terms=terms_of(net),
+        net_since={"acme": at(30)},
+    )
+    item.observe("acme", 100, at(20), net, at(50), WHEN, source="feed", net_since=at(30))
+
+    assert item.levels(at(50), terms_of(net)).available == 90  # the shelf: 90, all free
+
+
+def test_a_release_does_not_undo_a_restock_of_the_second_a_report_retired() -> None:
+    """Found by a review: a report retired the commitment's second, a restock in the same
+    bucket made it anew, and the release added the commitment back on top."""
+    net = supplier("acme", reports_net_of_our_orders=True)
+    gross = supplier("acme")
+    item = given(confirmed_commitment(net, level=100, quantity=10, confirm_at=at(5.3)))
+    observe(item, gross, 100, at(6.2), cause=WHEN)  # switched; it holds our 10
+    item.restock("r0", allocations(acme=2), at(6.5), WHEN)
+
+    item.release_commitment("r1", allocations(acme=10), at(5.3), ["acme"], at(8), WHEN)
+
+    assert item.levels(at(8), terms_of(gross)).available == 102  # 100 and the 2 back
 
 
 def test_a_level_a_remap_retired_never_turns_stale() -> None:

@@ -21,6 +21,7 @@ from ledger.errors import (
 from ledger.handlers import handles
 from ledger.reservation import OPEN_COMMITMENTS, Movement, Reservation, ReservationStatus
 from ledger.stock import EPOCH, Allocation, StockItem, second_ceil
+from ledger.supplier import Supplier
 from ledger.uow import UnitOfWork
 
 
@@ -180,7 +181,9 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     at = _decided(uow, command.at, reservation)
     shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
     net = reservation.net_of_our_orders
-    terms = uow.supplier_terms(net) if net and shipped else {}
+    suppliers = [uow.get(Supplier, Supplier.id_for(s)) for s in (net if shipped else ())]
+    terms = {s.supplier_id: s.terms for s in suppliers if s is not None}
+    net_since = {s.supplier_id: s.net_since for s in suppliers if s is not None}
     for sku, allocated in _by_sku(shipped).items():
         _stock(uow, sku).ship(
             str(reservation.id),
@@ -190,6 +193,7 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
             command.cause,
             counted=reservation.net_counted,
             terms=terms,
+            net_since=net_since,
         )
     return reservation
 
