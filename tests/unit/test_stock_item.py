@@ -13,6 +13,7 @@ from eventsourcing.persistence import StoredEvent
 
 from ledger.application import InventoryLedger
 from ledger.base import Cause
+from ledger.reservation import Reservation
 from ledger.stock import (
     REMAP_SOURCE,
     Allocation,
@@ -614,6 +615,42 @@ def test_a_commitment_confirmed_before_they_were_counted_neither_counts_nor_unco
     StockItem.CommitmentReleased.upcast_v1_v2(state)
     StockItem.Shipped.upcast_v1_v2(state)
     assert state == {"counted": False, "taken_off": []}
+
+
+def test_a_confirmation_stored_before_open_net_orders_were_counted_is_read_as_not_counted() -> None:
+    """The stored form, read back: a `HoldConfirmed` and a `Reservation.Confirmed` written
+    as version 1 (no `counted`, no `net_counted`) count nothing when replayed."""
+    app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
+    net = supplier("acme", reports_net_of_our_orders=True)
+    history = confirmed_commitment(net, level=20, quantity=4, confirm_at=at(2))
+    *before, confirmed = history.collect_events()
+    stored = app.mapper.to_stored_event(confirmed)
+    state = json.loads(stored.state)
+    assert (state.pop("class_version"), state.pop("counted")) == (2, True)
+    as_v1 = StoredEvent(
+        stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
+    )
+
+    read = app.mapper.to_domain_event(as_v1)
+
+    assert isinstance(read, StockItem.HoldConfirmed)
+    assert read.counted is False
+    assert replayed([*before, read]).positions["acme"].net_committed == 0
+    assert replayed([*before, confirmed]).positions["acme"].net_committed == 4
+
+    order = Reservation.place(
+        "oms", "k", "o", "f", [("SKU-1", 4, [Allocation("acme", 4)])], at(600), at(1), GIVEN
+    )
+    order.confirm(at(2), GIVEN, ["acme"])
+    placed, confirmed_order = order.collect_events()
+    stored = app.mapper.to_stored_event(confirmed_order)
+    state = json.loads(stored.state)
+    assert (state.pop("class_version"), state.pop("net_counted")) == (2, True)
+    as_v1 = StoredEvent(
+        stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
+    )
+    reservation = app.mapper.to_domain_event(as_v1).mutate(placed.mutate(None))
+    assert reservation.net_counted is False
 
 
 def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> None:
