@@ -28,20 +28,10 @@ from connectors.worker import InboxWorker
 from ledger.commands import PutSupplier
 from ledger.supplier import SupplierTerms
 from tests.integration.ledger_setup import CAUSE
+from tests.integration.test_transports import DictState
 
 BAD_NAME = os.fsdecode(b"stock\xff.csv")  # a name in Latin-1, say, as the folder lists it
 CSV = b"supplier_sku,quantity\nSIM-1,4\n"
-
-
-class State:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def get(self, name: str) -> Any:
-        return self.values.get(name)
-
-    def set(self, name: str, value: Any) -> None:
-        self.values[name] = value
 
 
 class Counted(LocalFolder):
@@ -167,7 +157,7 @@ def sftp(server: SftpSupplier, folder: Path, **options: Any) -> Transport:
         "max_attempts": 1,
         **options,
     }
-    transport = transport_for("acme", {"sftp": settings}, state=State())
+    transport = transport_for("acme", {"sftp": settings}, state=DictState())
     assert transport is not None
     return transport
 
@@ -206,18 +196,23 @@ def test_an_sftp_download_slower_than_the_timeout_is_taken_while_it_keeps_coming
     assert took >= 1.5  # the line was slower than one timeout
 
 
-def test_a_fetch_that_passed_a_file_over_says_so_in_feed_health_once(
-    ledger: Runtime, tmp_path: Path
-) -> None:
-    dropped(tmp_path / BAD_NAME, CSV, 30)
-    connector = {"folder": {"path": str(tmp_path), "format": "csv", "settle_seconds": 0}}
+def dropper_scheduled(ledger: Runtime, folder: Path) -> tuple[Scheduler, InboxWorker]:
+    """Supplier "dropper", fed by the drop folder `folder`, and a scheduler and worker."""
+    connector = {"folder": {"path": str(folder), "format": "csv", "settle_seconds": 0}}
     terms = SupplierTerms("dropper", connector=connector)
     outcome = ledger.writer.execute(
         PutSupplier(at=datetime.now(UTC), cause=CAUSE, supplier_id="dropper", terms=terms)
     )
     ledger.views.wait_for("stock", outcome.position, timeout=10)
     worker = InboxWorker(ledger.ingestor, ledger.store)
-    scheduler = Scheduler(ledger.store, ledger.leases, worker)
+    return Scheduler(ledger.store, ledger.leases, worker), worker
+
+
+def test_a_fetch_that_passed_a_file_over_says_so_in_feed_health_once(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    dropped(tmp_path / BAD_NAME, CSV, 30)
+    scheduler, _ = dropper_scheduled(ledger, tmp_path)
 
     scheduler.tick()
     with ledger.store.connection() as conn:
@@ -230,14 +225,7 @@ def test_a_fetch_that_passed_a_file_over_says_so_in_feed_health_once(
 def test_a_rejected_file_put_back_as_it_was_says_which_delivery_to_queue_again(
     ledger: Runtime, tmp_path: Path
 ) -> None:
-    connector = {"folder": {"path": str(tmp_path), "format": "csv", "settle_seconds": 0}}
-    terms = SupplierTerms("dropper", connector=connector)
-    outcome = ledger.writer.execute(
-        PutSupplier(at=datetime.now(UTC), cause=CAUSE, supplier_id="dropper", terms=terms)
-    )
-    ledger.views.wait_for("stock", outcome.position, timeout=10)
-    worker = InboxWorker(ledger.ingestor, ledger.store)
-    scheduler = Scheduler(ledger.store, ledger.leases, worker)
+    scheduler, worker = dropper_scheduled(ledger, tmp_path)
     german = dropped(tmp_path / "de.csv", b"Artikel,Bestand\nSIM-1,4\n", 30)
     assert scheduler.tick() == 1
     assert worker.work_once()

@@ -32,6 +32,7 @@ from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
 from ledger.supplier import SupplierTerms
 from tests.integration.ledger_setup import CAUSE
+from tests.integration.test_transports import DictState
 
 
 @dataclass
@@ -99,17 +100,6 @@ def paged() -> PagedSupplier:
 @pytest.fixture
 def url(paged: PagedSupplier) -> Iterator[str]:
     yield from serve(paged)
-
-
-class DictState:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def get(self, name: str) -> Any:
-        return self.values.get(name)
-
-    def set(self, name: str, value: Any) -> None:
-        self.values[name] = value
 
 
 def poller(url: str, state: DictState, pagination: str = "page", **options: Any) -> Transport:
