@@ -93,7 +93,7 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     ("post", "/v1/reservations/{reservation_id}/fulfil"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/return"): frozenset({404, 409}),
     ("get", "/v1/suppliers/{supplier_id}"): frozenset({404}),
-    ("put", "/v1/suppliers/{supplier_id}/mappings"): frozenset({404}),
+    ("put", "/v1/suppliers/{supplier_id}/mappings"): frozenset({404, 409}),
     ("get", "/v1/suppliers/{supplier_id}/mappings"): frozenset({404}),
     ("post", "/v1/suppliers/{supplier_id}/stock"): frozenset({404, 409}),
     ("post", "/v1/conflicts/{conflict_id}/acknowledge"): frozenset({404}),

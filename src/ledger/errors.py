@@ -54,6 +54,36 @@ class ExceedsOpenQuantity(Conflict):
 
 
 @dataclass(frozen=True)
+class OpenAgainstSupplier:
+    """What a remap would leave behind on a SKU: units held and committed against the
+    supplier there, and its shipments (or a net supplier's commitments) that its reports
+    have not shown yet."""
+
+    supplier_sku: str
+    sku: str
+    held: int
+    committed: int
+    unreported: int
+
+
+class OrdersOpenOnRemap(Conflict):
+    """A mapping PUT would move a supplier SKU off a SKU with orders open against the
+    supplier there; nothing in the PUT was applied."""
+
+    code = "orders_open_on_remap"
+
+    def __init__(self, supplier_id: str, blocked: list[OpenAgainstSupplier]) -> None:
+        super().__init__(
+            f"supplier {supplier_id!r} has orders open on the SKUs these mappings move its"
+            " SKUs away from: the next report would count their units again under the new"
+            " SKU. Remap once they are shipped or released and the supplier has reported"
+            " since (holds run out by themselves); nothing was applied",
+            blocked=[asdict(entry) for entry in blocked],
+        )
+        self.blocked = blocked
+
+
+@dataclass(frozen=True)
 class Shortfall:
     """One SKU of an order that stock cannot cover."""
 

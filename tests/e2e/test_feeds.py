@@ -524,6 +524,49 @@ def test_two_mappings_swapped_in_one_put_take_both_levels_off(ledger: Server) ->
     assert levels == {a: [(supplier_id, 0)], c: [(supplier_id, 0)]}
 
 
+def test_a_remap_off_a_sku_with_an_order_open_is_a_409_naming_it_and_changes_nothing(
+    ledger: Server,
+) -> None:
+    """A review: a remap with an order open on the old SKU let the supplier's next report
+    sell the order's units again under the new SKU. Over HTTP: a 409 naming what is open,
+    nothing of the PUT applied, and the remap goes once the order is released."""
+    old, new, other = (f"RO-{n}-{uuid.uuid4().hex[:6]}" for n in range(3))
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        supplier_id = supplier(admin, {"K-1": old, "K-2": new})
+        observations = [{"supplier_sku": "K-1", "quantity": 10, "observed_at": at}]
+        reported = admin.post(
+            f"/v1/suppliers/{supplier_id}/stock", json={"observations": observations}
+        )
+        assert reported.json()["applied"] == 1, reported.text
+        reserved = oms.post(
+            "/v1/reservations",
+            json={"order_id": "o-1", "lines": [{"sku": old, "quantity": 3}]},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
+        assert reserved.status_code == 201, reserved.text
+        moves = {
+            "mappings": [{"supplier_sku": "K-1", "sku": new}, {"supplier_sku": "K-2", "sku": other}]
+        }
+        refused = admin.put(f"/v1/suppliers/{supplier_id}/mappings", json=moves)
+        mappings = admin.get(f"/v1/suppliers/{supplier_id}/mappings").json()
+        released = oms.post(f"/v1/reservations/{reserved.json()['reservation_id']}/release")
+        assert released.status_code == 200, released.text
+        moved = admin.put(f"/v1/suppliers/{supplier_id}/mappings", json=moves)
+
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "orders_open_on_remap"
+    assert refused.json()["detail"]["blocked"] == [
+        {"supplier_sku": "K-1", "sku": old, "held": 3, "committed": 0, "unreported": 0}
+    ]
+    assert {(m["supplier_sku"], m["sku"]) for m in mappings["mappings"]} == {
+        ("K-1", old),
+        ("K-2", new),
+    }
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["updated"] == 2
+
+
 def test_a_remap_while_the_mappings_view_is_behind_still_retires_the_level(
     postgres_server_url: str, tmp_path: Path
 ) -> None:

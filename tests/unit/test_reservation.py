@@ -36,6 +36,8 @@ from ledger.errors import (
     IdempotencyKeyMismatch,
     InsufficientStock,
     InvalidState,
+    OpenAgainstSupplier,
+    OrdersOpenOnRemap,
     ReservationNotFound,
     Shortfall,
     UnknownSku,
@@ -785,6 +787,104 @@ def test_a_mapping_turns_supplier_units_into_base_units(ledger: Ledger, acme: st
 
     assert ledger.levels(shirt, at(20)).on_hand == 36
     assert ledger.reserve([(shirt, 36)], at(20)).lines[shirt].allocations == {"acme": 36}
+
+
+def remap(ledger: Ledger, supplier_id: str, when: datetime, **moves: str) -> Outcome[Any]:
+    mappings = [MappingSpec(supplier_sku, sku) for supplier_sku, sku in moves.items()]
+    return ledger.run(PutMappings(at=when, cause=CAUSE, supplier_id=supplier_id, mappings=mappings))
+
+
+def mapped_to(ledger: Ledger, supplier_id: str, supplier_sku: str) -> str:
+    mapping = ledger.app.repository.get(SkuMapping.id_for(supplier_id, supplier_sku))
+    return str(mapping.sku)
+
+
+def test_a_remap_off_a_sku_with_orders_open_against_the_supplier_is_refused_until_they_close(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: the remap retired the level on the old SKU while its orders stayed there,
+    and the supplier's next report, landing whole on the new SKU, sold their units again.
+    Refused, naming what is open, until the orders are shipped and the supplier has
+    reported since (or released, or their holds run out)."""
+    old, new, other, elsewhere = ledger.sku(), ledger.sku(), ledger.sku(), ledger.sku()
+    ledger.run(
+        PutMappings(
+            at=at(0),
+            cause=CAUSE,
+            supplier_id=acme,
+            mappings=[MappingSpec("AC-1", old), MappingSpec("AC-2", other)],
+        )
+    )
+    ledger.report(
+        acme,
+        [
+            Observation(index=0, supplier_sku="AC-1", quantity=10, observed_at=at(1)),
+            Observation(index=1, supplier_sku="AC-2", quantity=5, observed_at=at(1)),
+        ],
+        at(1),
+    )
+    held = ledger.reserve([(old, 4)], at(10), ttl=60)
+
+    refusals = []
+    for when in (at(20), at(30), at(40)):
+        if when == at(30):
+            ledger.run(Confirm(at=when, cause=CAUSE, reservation_id=held.id))
+        if when == at(40):
+            ledger.run(Fulfil(at=when, cause=CAUSE, reservation_id=held.id, lines=[(old, 4, None)]))
+        written = ledger.events_written()
+        with pytest.raises(OrdersOpenOnRemap) as refused:
+            remap(ledger, acme, when, **{"AC-1": new, "AC-2": elsewhere})
+        refusals.append(refused.value.blocked)
+        assert ledger.events_written() == written  # neither mapping moved
+
+    assert refusals == [
+        [OpenAgainstSupplier("AC-1", old, held=4, committed=0, unreported=0)],
+        [OpenAgainstSupplier("AC-1", old, held=0, committed=4, unreported=0)],
+        [OpenAgainstSupplier("AC-1", old, held=0, committed=0, unreported=4)],
+    ]
+    assert refused.value.detail["blocked"][0]["unreported"] == 4  # as the API shows it
+    assert (mapped_to(ledger, acme, "AC-1"), mapped_to(ledger, acme, "AC-2")) == (old, other)
+
+    # The supplier reports the shipment: the remap goes, and the new SKU takes the next
+    # report whole, the shipped units gone from it.
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(50))], at(50)
+    )
+    assert remap(ledger, acme, at(60), **{"AC-1": new}).value.updated == 1
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(70))], at(70)
+    )
+    assert (ledger.available(old, at(70)), ledger.available(new, at(70))) == (0, 6)
+
+
+def test_a_remap_waits_for_a_hold_to_run_out_and_a_net_supplier_s_commitments_too(
+    ledger: Ledger, acme: str, netco: str
+) -> None:
+    old, new, net_old, net_new = ledger.sku(), ledger.sku(), ledger.sku(), ledger.sku()
+    for supplier_id, sku in ((acme, old), (netco, net_old)):
+        ledger.run(
+            PutMappings(
+                at=at(0), cause=CAUSE, supplier_id=supplier_id, mappings=[MappingSpec("X", sku)]
+            )
+        )
+        ledger.report(
+            supplier_id,
+            [Observation(index=0, supplier_sku="X", quantity=10, observed_at=at(1))],
+            at(1),
+        )
+    ledger.reserve([(old, 2)], at(10), ttl=60)
+    confirmed(ledger, [(net_old, 3)], at(10))
+
+    with pytest.raises(OrdersOpenOnRemap):
+        remap(ledger, acme, at(69), X=new)
+    with pytest.raises(OrdersOpenOnRemap) as refused:
+        remap(ledger, netco, at(200), X=net_new)
+
+    assert remap(ledger, acme, at(70), X=new).value.updated == 1  # the hold ran out at 70
+    assert refused.value.blocked == [
+        # Its report made before the commitment still holds the 3 units: counted open too.
+        OpenAgainstSupplier("X", net_old, held=0, committed=3, unreported=3)
+    ]
 
 
 def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_is_refused(

@@ -6,10 +6,10 @@ from dataclasses import dataclass, replace
 
 from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
 from ledger.conflict import ConflictAcknowledgement
-from ledger.errors import InvalidTerms, UnknownSupplier
+from ledger.errors import InvalidTerms, OpenAgainstSupplier, OrdersOpenOnRemap, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import REMAP_SOURCE, StockItem
+from ledger.stock import REMAP_SOURCE, StockItem, second_floor
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
@@ -79,6 +79,16 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
     }
+    blocked = [
+        open_orders
+        for spec in command.mappings
+        if (found := mappings[spec.supplier_sku]) is not None
+        and found.sku != spec.sku
+        and found.sku not in kept
+        and (open_orders := _open_against(uow, command, spec.supplier_sku, found.sku))
+    ]
+    if blocked:
+        raise OrdersOpenOnRemap(command.supplier_id, blocked)
     for spec in command.mappings:
         ensure_sku(uow, spec.sku, command)
         mapping = mappings[spec.supplier_sku]
@@ -94,6 +104,27 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         if before != spec.sku and before not in kept:
             _retire_level(uow, supplier, before, command)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
+
+
+def _open_against(
+    uow: UnitOfWork, command: PutMappings, supplier_sku: str, sku: str
+) -> OpenAgainstSupplier | None:
+    """What is open against the supplier on the SKU a remap would retire its level on, or
+    None when nothing is. The supplier's next report lands whole on the new SKU, so units
+    of orders held or committed here (a net supplier's too: a report it made before the
+    commitment holds them) and shipped units its reports have not shown yet would be sold
+    again there (a review). Refused instead: the commitments cannot be carried across,
+    as the new SKU cannot know when the old SKU's orders ship."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    position = None if item is None else item.positions.get(command.supplier_id)
+    if position is None:
+        return None
+    held = position.live_held(second_floor(command.at))
+    committed = position.committed + position.net_committed
+    unreported = -sum(change for change in position.unreported.values() if change < 0)
+    if not (held or committed or unreported):
+        return None
+    return OpenAgainstSupplier(supplier_sku, sku, held, committed, unreported)
 
 
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
