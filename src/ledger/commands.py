@@ -71,9 +71,10 @@ class PutSupplier(Command):
 class PutMappings(Command):
     supplier_id: str
     mappings: list[MappingSpec]
-    # SKUs of ours that other SKUs of the supplier map to, as the API found them: where a
-    # mapping moves away from a SKU, the supplier's level there retires, unless it is one.
-    kept: frozenset[str] = frozenset()
+    # SKUs of ours that other SKUs of the supplier map to, as the API found them in the
+    # mappings view, each with one such supplier SKU: where a mapping moves away from a SKU,
+    # the supplier's level there retires, unless the ledger's own mapping confirms it.
+    kept: frozenset[tuple[str, str]] = frozenset()
 
     def aggregate_ids(self) -> list[UUID]:
         return [

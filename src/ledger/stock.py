@@ -328,8 +328,8 @@ def supplier_level(
     if position.source == REMAP_SOURCE and position.effective_level() == 0:
         # Retired by a remap, not reported: it never turns stale (it kept the SKU
         # `updating` for good once the supplier's limit passed; a merchandiser's
-        # walkthrough), and holds nothing to exclude (a restocked return since would: it
-        # ages, and is excluded, as before).
+        # walkthrough), and holds nothing to exclude (a return restocked onto it before
+        # `restock` passed such levels over would: it ages, and is excluded, as before).
         stale = excluded = False
     sellable = 0 if excluded else max(0, position.effective_level() - terms.buffer)
     committed = position.committed
@@ -931,10 +931,22 @@ class StockItem(LedgerAggregate):
     def restock(
         self, reservation_id: str, allocations: list[Allocation], at: datetime, cause: Cause
     ) -> None:
+        """Returned units go back to each supplier's level until its next report, but not to
+        a level a remap retired: the supplier reports them under the SKU it moved to now,
+        so they counted twice, and on a level no report of the supplier retires again (a
+        review)."""
+        restocked = [
+            allocation
+            for allocation in allocations
+            if (position := self.positions.get(allocation.supplier_id)) is None
+            or position.source != REMAP_SOURCE
+        ]
+        if not restocked:
+            return
         self.trigger_event(
             self.Restocked,
             reservation_id=reservation_id,
-            allocations=_as_dicts(allocations),
+            allocations=_as_dicts(restocked),
             timestamp=at,
             **cause.as_kwargs(),
         )

@@ -887,6 +887,82 @@ def test_a_remap_waits_for_a_hold_to_run_out_and_a_net_supplier_s_commitments_to
     ]
 
 
+def test_a_sku_the_api_says_another_supplier_sku_keeps_is_kept_only_if_the_ledger_agrees(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: two PUTs at once each found the other supplier SKU still on the old SKU
+    in the mappings view, so neither retired its level: 10 units stood there with no
+    mapping feeding them, beside the new SKUs' reports. The ledger checks the claim."""
+    old, one, two = ledger.sku(), ledger.sku(), ledger.sku()
+    both = [MappingSpec("K-1", old), MappingSpec("K-2", old)]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=both))
+    ledger.stock(acme, {old: 10}, at(1))
+
+    first = PutMappings(
+        at=at(10),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("K-2", two)],
+        kept=frozenset({(old, "K-1")}),  # true
+    )
+    assert ledger.run(first).value.updated == 1
+    kept_after_first = ledger.levels(old, at(10)).on_hand
+    second = PutMappings(
+        at=at(20),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("K-1", one)],
+        kept=frozenset({(old, "K-2")}),  # as a view behind the first PUT still says
+    )
+    assert ledger.run(second).value.updated == 1
+
+    assert kept_after_first == 10
+    assert ledger.levels(old, at(20)).on_hand == 0
+
+
+def test_a_report_made_before_a_remap_is_late_on_the_sku_it_moved_to_and_on_the_old_one(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: a report of the supplier SKU made before the remap and delivered after it
+    (a retry, a late page) landed whole on the new SKU, which had no report of the
+    supplier to compare it with: 10 units sold where the supplier had 6. On the old SKU a
+    report resolved through the old mapping (a delivery under way, another process) is
+    late too, even where the supplier had no level there before."""
+    old, new, unreported_old, unreported_new = (ledger.sku() for _ in range(4))
+    mappings = [MappingSpec("AC-1", old), MappingSpec("AC-2", unreported_old)]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=mappings))
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(30))], at(30)
+    )
+    remap(ledger, acme, at(60), **{"AC-1": new, "AC-2": unreported_new})
+
+    delayed = ledger.report(
+        acme,
+        [
+            Observation(index=0, supplier_sku="AC-1", quantity=10, observed_at=at(15)),
+            Observation(index=1, supplier_sku="AC-2", quantity=4, observed_at=at(45)),
+        ],
+        at(70),
+    ).value
+    stale = ledger.report(
+        acme,
+        [
+            Observation(index=0, sku=old, quantity=10, observed_at=at(50)),
+            Observation(index=1, sku=unreported_old, quantity=4, observed_at=at(50)),
+        ],
+        at(70),
+    ).value
+    before = [ledger.available(sku, at(70)) for sku in (old, new, unreported_old, unreported_new)]
+    fresh = ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(80))], at(80)
+    ).value
+
+    assert (delayed.applied, delayed.late, stale.applied, stale.late) == (0, 2, 0, 2)
+    assert before == [0, 0, 0, 0]
+    assert fresh.applied == 1
+    assert ledger.available(new, at(80)) == 6
+
+
 def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_is_refused(
     ledger: Ledger, acme: str
 ) -> None:

@@ -653,17 +653,22 @@ def test_a_confirmation_stored_before_open_net_orders_were_counted_is_read_as_no
     assert reservation.net_counted is False
 
 
-def test_a_level_a_remap_retired_that_a_return_restocked_ages_as_any_level() -> None:
-    """Found by a review: exempt from staleness whatever its level, a restock after the
-    remap (which no report of the supplier ever retires) stayed sellable for good."""
-    old = supplier("old", stale_after_seconds=3, exclude_after_seconds=5)
+def test_a_return_restocks_nothing_on_a_level_a_remap_retired() -> None:
+    """Found by a review: restocked after the remap, the returned units counted on the
+    retired level, while the supplier's reports counted them under the SKU it moved to:
+    sold twice, and (with no `exclude_after`) for good. The other supplier's units go back."""
+    old, other = supplier("old"), supplier("other")
     item = new_item()
     observe(item, old, 10, at(0))
+    observe(item, other, 5, at(0))
     item.observe("old", 0, at(1), old, at(1), GIVEN, source=REMAP_SOURCE, incoming=())
-    item.restock("r1", allocations(old=3), at(2), WHEN)
+    item.restock("r1", allocations(old=3, other=2), at(2), WHEN)
+    item.restock("r2", allocations(old=1), at(3), WHEN)
+    events = item.collect_events()
 
-    assert item.levels(at(3), terms_of(old)).sellable == 3
-    assert item.levels(at(100), terms_of(old)).sellable == 0
+    assert item.levels(at(4), terms_of(old, other)).sellable == 7
+    restocks = [e for e in events if isinstance(e, StockItem.Restocked)]
+    assert [e.allocations for e in restocks] == [[{"supplier_id": "other", "quantity": 2}]]
 
 
 def test_orders_committed_while_net_count_while_a_gross_report_holds_them_after_a_switch_back() -> (

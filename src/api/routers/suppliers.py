@@ -120,13 +120,16 @@ def put_mappings(
     return upsert_out(outcome.value, outcome.position)
 
 
-def _still_mapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> frozenset[str]:
+def _still_mapped(
+    runtime: Runtime, supplier_id: str, mappings: list[MappingIn]
+) -> frozenset[tuple[str, str]]:
     """Of the SKUs these mappings move a supplier SKU away from, those another SKU of the
-    supplier maps to, by the mappings view once it has every mapping made before (waited
-    for a little). The ledger retires the supplier's level on the others. A view later
-    than that may miss one: a level is then retired though another of the supplier's SKUs
-    maps there, and its next report restores it; a level left standing instead would count
-    the stock under both SKUs for good (a review)."""
+    supplier maps to, each with those supplier SKUs, by the mappings view once it has every
+    mapping made before (waited for a little); the ledger checks them against its own
+    mappings, and retires the supplier's level on the others. A view later than that may
+    miss one: a level is then retired though another of the supplier's SKUs maps there,
+    and its next report restores it; a level left standing instead would count the stock
+    under both SKUs for good (a review)."""
     wanted = {m.supplier_sku: m.sku for m in mappings}
     head = runtime.app.recorder.max_notification_id() or 0
     try:
@@ -143,11 +146,11 @@ def _still_mapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn])
         if not left:
             return frozenset()
         kept = conn.execute(
-            "SELECT DISTINCT sku FROM view_mappings"
+            "SELECT sku, supplier_sku FROM view_mappings"
             " WHERE supplier_id = %s AND sku = ANY(%s) AND NOT supplier_sku = ANY(%s)",
             (supplier_id, sorted(left), list(wanted)),
         ).fetchall()
-    return frozenset(r["sku"] for r in kept)
+    return frozenset((r["sku"], r["supplier_sku"]) for r in kept)
 
 
 def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:

@@ -9,7 +9,7 @@ from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import InvalidTerms, OpenAgainstSupplier, OrdersOpenOnRemap, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import REMAP_SOURCE, StockItem, second_floor
+from ledger.stock import REMAP_SOURCE, ObservationOutcome, StockItem, second_floor
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
@@ -74,7 +74,10 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     # SKUs a mapping of the supplier stays on: the level there stays. A SKU another of the
     # supplier's SKUs moves onto is not one: its level came from the SKU moved away, and
     # two mappings swapped in one PUT left each level on the other's SKU (a walkthrough).
-    kept = command.kept | {
+    # The API's word for the others is checked against the ledger's mappings: the view it
+    # read may be behind a PUT that moved them away since (two PUTs at once each kept the
+    # SKU for the other, and its level stayed with no mapping feeding it; a review).
+    kept = _confirmed(uow, command, mappings) | {
         spec.sku
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
@@ -101,9 +104,26 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             unchanged += 1
             continue
         updated += 1
-        if before != spec.sku and before not in kept:
-            _retire_level(uow, supplier, before, command)
+        if before != spec.sku:
+            if before not in kept:
+                _retire_level(uow, supplier, before, command)
+            _open_level(uow, supplier, spec.sku, command)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
+
+
+def _confirmed(
+    uow: UnitOfWork, command: PutMappings, mappings: dict[str, SkuMapping | None]
+) -> set[str]:
+    """The SKUs the API said other SKUs of the supplier map to that the ledger's own
+    mappings confirm (loaded in one go)."""
+    claimed = [(sku, s) for sku, s in sorted(command.kept) if s not in mappings]
+    ids = {s: SkuMapping.id_for(command.supplier_id, s) for _, s in claimed}
+    uow.preload(ids.values())
+    return {
+        sku
+        for sku, s in claimed
+        if (other := uow.get(SkuMapping, ids[s])) is not None and other.sku == sku
+    }
 
 
 def _open_against(
@@ -131,17 +151,39 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
     """The supplier's level on a SKU that none of its SKUs maps to any more is 0 from the
     remap on (no stock expected either), recorded as an observation of the ledger's own
     (source `remap`): a remap left it sellable there while the next report landed on the
-    new SKU, the same stock counted under both (a walkthrough). Holds placed against it
-    stand, and show as the exposure of any report that falls below them."""
+    new SKU, the same stock counted under both (a walkthrough). Recorded where the
+    supplier has no level there yet too: a report resolved through the old mapping before
+    the remap (a delivery under way, another process) is then late there, not a new level
+    beside the new SKU's (a review)."""
+    _zero_level(uow, supplier, sku, command)
+
+
+def _open_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
+    """The SKU a supplier SKU moves onto starts from 0 at the remap, where the supplier has
+    no level there of its own: a report made before the remap, arriving after, is late
+    there as on the old SKU (it landed whole on the new one, which had no report of the
+    supplier to compare it with; a review)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     current = None if item is None else item.positions.get(command.supplier_id)
-    if item is None or current is None or current.observed_at is None:
+    if current is None or (current.source == REMAP_SOURCE and current.effective_level() == 0):
+        _zero_level(uow, supplier, sku, command)
+
+
+def _zero_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
+    """Records the supplier's level on `sku` as 0 from the remap on (source `remap`), no
+    earlier than any report of it seen; a level already so is noted as seen then."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    if item is None:
         return
-    seen = uow.seen_at(command.supplier_id, sku) or current.observed_at
-    item.observe(
+    current = item.positions.get(command.supplier_id)
+    newest = [command.at]
+    if current is not None and current.observed_at is not None:
+        newest += [current.observed_at, uow.seen_at(command.supplier_id, sku) or command.at]
+    observed_at = max(newest)
+    outcome = item.observe(
         command.supplier_id,
         0,
-        max(command.at, current.observed_at, seen),
+        observed_at,
         supplier.terms,
         command.at,
         command.cause,
@@ -149,6 +191,8 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
         incoming=(),
         net_since=supplier.net_since,
     )
+    if outcome is ObservationOutcome.UNCHANGED:
+        uow.touch(command.supplier_id, sku, observed_at)
 
 
 @handles(PutSku)
