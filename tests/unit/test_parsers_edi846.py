@@ -151,6 +151,26 @@ def test_two_groups_with_crlf_after_each_terminator_count_positions_across_them(
     assert [p.raw["group"] for p in parsed] == ["301", "302"]
 
 
+@pytest.mark.parametrize(
+    ("bia", "observed_at"),
+    [
+        ("BIA*00*SI*X*20260115", datetime(2026, 1, 15, 14, 30)),
+        ("BIA*00*SI*X*20260114", datetime(2026, 1, 14)),
+        ("BIA*00*SI*X*20260115*0915", datetime(2026, 1, 15, 9, 15)),
+    ],
+    ids=["same-day-as-gs", "another-day", "own-time"],
+)
+def test_a_bia_without_a_time_takes_the_time_of_a_group_made_the_same_day(
+    bia: str, observed_at: datetime
+) -> None:
+    """Found by a walkthrough: `BIA*…*20260115`, in a group made at 14:30 that day, was read
+    as of midnight."""
+    [first, _] = read_text(sample_with("BIA*00*SI*INV20260115-01*20260115*1430", bia))
+
+    assert isinstance(first, Record)
+    assert first.observed_at == observed_at
+
+
 def second_interchange(control: str = "000000102", group: str = "102") -> str:
     """The shared sample again as another interchange, with its own control numbers."""
     return (
@@ -191,6 +211,37 @@ def test_segments_split_across_reads_are_put_back_together() -> None:
     chunks = (data[start : start + 7] for start in range(0, len(data), 7))
 
     assert list(parse("edi846", source_from_chunks(chunks))) == read("846-two-groups-crlf.edi")
+
+
+def wrapped(text: str, width: int, newline: str, isa_whole: bool) -> str:
+    """An interchange as a mainframe or VAN sends it: cut into lines of `width` characters,
+    the ISA among them or on a line of its own."""
+    flat = text.replace("\n", "")
+    head, rest = (flat[:106] + newline, flat[106:]) if isa_whole else ("", flat)
+    return head + newline.join(rest[i : i + width] for i in range(0, len(rest), width)) + newline
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("isa_whole", [False, True], ids=["isa-wrapped", "isa-whole"])
+@pytest.mark.parametrize("width", [74, 80, 95])
+def test_lines_wrapped_inside_segments_are_read_as_if_never_wrapped(
+    width: int, isa_whole: bool, newline: str
+) -> None:
+    """Found by a walkthrough: wrapped at 74, `QTY*3\\n3*120*EA` was not a QTY 33, and the
+    item reported its QTY 17 (150) instead of 120; wrapped at 80, the file was refused."""
+    data = wrapped(SAMPLE, width, newline, isa_whole).encode()
+    chunks = (data[start : start + 7] for start in range(0, len(data), 7))
+
+    parsed = list(parse("edi846", source_from_chunks(chunks)))
+
+    assert parsed == read_text(SAMPLE)
+    assert summary(parsed)[0] == (1, "ABC-123", "012345678905", 120, "EA")
+
+
+def test_a_line_break_that_is_the_terminator_still_ends_each_segment() -> None:
+    text = SAMPLE.replace("~\n", "\r\n")  # the ISA's 106th character a CR
+
+    assert summary(read_text(text)) == summary(read_text(SAMPLE))
 
 
 def test_a_truncated_interchange_is_rejected() -> None:
@@ -254,6 +305,41 @@ def test_any_envelope_count_or_control_number_mismatch_is_rejected(
 
 
 @pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("SE*12*0001", "SE*1\u00b2*0001", "bad_envelope: SE01 says 1\u00b2 segments, counted 12"),
+        ("CTT*2~", "CTT*\u00b2~", "bad_envelope: CTT01 says \u00b2 line items, counted 2"),
+        ("GE*1*101", "GE*\u0661*101", "bad_envelope: GE01 says \u0661 sets, counted 1"),
+        (
+            "IEA*1*000000101",
+            "IEA*1*00000010\u00b9",
+            "bad_envelope: IEA02 '00000010\u00b9' does not match ISA13 '000000101'",
+        ),
+        (
+            "SE*12*0001",
+            "SE*12*\uff10\uff10\uff10\uff11",
+            "bad_envelope: SE02 '\uff10\uff10\uff10\uff11' does not match ST02 '0001'",
+        ),
+    ],
+    ids=[
+        "superscript-se01",
+        "superscript-ctt01",
+        "arabic-indic-ge01",
+        "superscript-iea02",
+        "fullwidth-se02",
+    ],
+)
+def test_a_count_or_control_number_in_other_than_ascii_digits_rejects_the_file(
+    old: str, new: str, reason: str
+) -> None:
+    """Found by a walkthrough: a superscript two failed int() uncaught; an Arabic-Indic
+    or full-width one was taken for 1."""
+    _, error = read_until_rejected(sample_with(old, new))
+
+    assert error.reason == reason
+
+
+@pytest.mark.parametrize(
     ("text", "reason"),
     [
         ("", "bad_envelope: the interchange starts with '', not ISA"),
@@ -293,6 +379,31 @@ def test_an_unreadable_lin_loop_is_a_record_error_and_the_others_still_come(
     parsed = read_text(sample_with(old, new))
 
     assert summary(parsed) == [(1, "ABC-123", "012345678905", 120, "EA"), (2, reason)]
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [
+        ("100.000", (1, "ABC-123", "012345678905", 100, "EA")),
+        ("1.000", (1, "ABC-123", "012345678905", 1, "EA")),
+        ("2.500", (1, "invalid_quantity: '2.500'")),
+    ],
+)
+def test_a_quantity_point_is_always_a_decimal_point_as_x12_writes_numbers(
+    written: str, read_as: tuple[Any, ...]
+) -> None:
+    """`100.000` and `1.000` were refused as ambiguous_quantity, as in a feed that does not
+    say how it writes numbers: X12 says, and never groups thousands."""
+    parsed = read_text(sample_with("QTY*33*120*EA", f"QTY*33*{written}*EA"))
+
+    assert summary(parsed)[0] == read_as
+
+
+def test_a_schedule_line_quantity_with_zero_decimals_is_read() -> None:
+    [first, _] = read_text(sample_with("SCH*500*EA", "SCH*1.000*EA"))
+
+    assert isinstance(first, Record)
+    assert first.incoming == (Incoming(1, date(2026, 2, 1), "EA"),)
 
 
 @pytest.mark.parametrize(

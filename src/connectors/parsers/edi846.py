@@ -12,21 +12,26 @@ Options (every one optional):
 - `encoding`: default "utf-8".
 
 Separators are the ones the ISA declares: the element separator is its 4th character,
-the sub-element separator its 105th, the segment terminator its 106th; CR/LF after a
-terminator are ignored. An interchange may hold several GS groups, each several ST sets,
-and a file several interchanges, one after another, written with the first one's
+the sub-element separator its 105th, the segment terminator its 106th. Where the
+terminator is not CR or LF, CR and LF anywhere are not data and are dropped (mainframes
+and VANs wrap lines at 80 columns, inside segments and the ISA too); where it is one, CR
+and LF after it are ignored. An interchange may hold several GS groups, each several ST
+sets, and a file several interchanges, one after another, written with the first one's
 separators.
 
 Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is the unit;
-of a composite, its first part), its SCH lines as `incoming` (SCH01 quantity, SCH02
-unit, SCH06 date), and observed_at from BIA04/BIA05 (CCYYMMDD, HHMM), else GS04/GS05,
-else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw` holds the
-envelope's control numbers and the loop's segments as lists of elements.
+of a composite, its first part; an X12 number, `.` its decimal mark and never a
+thousands separator: `100.000` is 100, `2.5` a RecordError), its SCH lines as
+`incoming` (SCH01 quantity, SCH02 unit, SCH06 date), and observed_at from BIA04/BIA05
+(CCYYMMDD, HHMM; a BIA without a time takes GS05 where GS04 is its date), else
+GS04/GS05, else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw`
+holds the envelope's control numbers and the loop's segments as lists of elements.
 
 A FeedError: no ISA or a broken one, a set other than 846, a segment out of place, a
 truncated interchange, an unreadable envelope or BIA date, a segment identifier that is
-not one (`lin`), a QTY or SCH before any LIN, and any count or control number that does
-not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01, IEA02/ISA13; CTT01, where sent).
+not one (`lin`), a QTY or SCH before any LIN, and any count or control number that is
+not ASCII digits or does not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01,
+IEA02/ISA13; CTT01, where sent).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
 whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
@@ -66,7 +71,10 @@ LOOP_ENDS = frozenset({"LIN", "CTT", "SE"})
 ITEM_SEGMENTS = frozenset({"QTY", "SCH"})
 # A segment identifier: two or three upper-case letters or digits, the first a letter.
 SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{1,2}")
-NUMBERS = ValueFormat()
+# X12 numbers (type R) always mark decimals with "." and never group thousands: "1.000" is
+# one, not the ambiguity it is in a feed that does not say how it writes numbers.
+NUMBERS = ValueFormat(separators_known=True)
+LINE_BREAKS = "\r\n"
 
 Segment = list[str]
 
@@ -109,6 +117,8 @@ class _Context:
     group: str = ""
     transaction: str = ""
     observed_at: datetime | None = None
+    # GS04/GS05, when the group was made: the time of a BIA that gives only its date.
+    group_made_at: datetime | None = None
 
 
 def parse_edi846(source: BinaryIO, options: Mapping[str, Any]) -> Iterator[Parsed]:
@@ -129,20 +139,23 @@ def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
 def _segments(text: TextIO) -> Iterator[Segment]:
     """The ISA's elements, then every following segment split on the declared separators."""
     buffer = ""
-    while len(buffer) < ISA_LENGTH and (chunk := text.read(CHUNK)):
+    while len(_unwrapped(buffer)) < ISA_LENGTH and (chunk := text.read(CHUNK)):
         buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
     if not buffer.startswith("ISA"):
         raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
-    if len(buffer) < ISA_LENGTH:
-        raise FeedError(f"truncated: the ISA has {len(buffer)} characters, expected 106")
-    element, sub_element, terminator = buffer[3], buffer[104], buffer[105]
-    isa = buffer[:105].split(element)
-    fixed = len(isa) == 17 and buffer[103] == element and not element.isalnum()
-    if not fixed or len({element, sub_element, terminator}) != 3:
+    unwrapped = _unwrapped(buffer)
+    if len(unwrapped) < ISA_LENGTH:
+        raise FeedError(f"truncated: the ISA has {len(unwrapped)} characters, expected 106")
+    # As written first: a terminator that is a line break is one only there. Where it is
+    # another, the lines may have been wrapped, the ISA with them.
+    isa_text = next((t for t in (buffer, unwrapped) if _is_fixed_isa(t)), None)
+    if isa_text is None:
         reason = f"bad_envelope: the ISA is not the fixed 106 characters: {shown(buffer[:106])}"
         raise FeedError(reason)
-    yield isa
-    buffer = buffer[ISA_LENGTH:]
+    element, terminator = isa_text[3], isa_text[105]
+    wrapped = terminator not in LINE_BREAKS
+    yield isa_text[:105].split(element)
+    buffer = _unwrapped(isa_text[ISA_LENGTH:]) if wrapped else isa_text[ISA_LENGTH:]
     while True:
         *complete, buffer = buffer.split(terminator)
         for text_ in complete:
@@ -153,9 +166,25 @@ def _segments(text: TextIO) -> Iterator[Segment]:
         chunk = text.read(CHUNK)
         if not chunk:
             break
-        buffer += chunk
+        buffer += _unwrapped(chunk) if wrapped else chunk
     if buffer.strip():
         yield _segment(buffer.strip().split(element))
+
+
+def _unwrapped(text: str) -> str:
+    return text.replace("\r", "").replace("\n", "")
+
+
+def _is_fixed_isa(text: str) -> bool:
+    """Whether text starts with an ISA of 16 elements in 106 characters, its three
+    separators different."""
+    element, sub_element, terminator = text[3], text[104], text[105]
+    return (
+        len(text[:105].split(element)) == 17
+        and text[103] == element
+        and not element.isalnum()
+        and len({element, sub_element, terminator}) == 3
+    )
 
 
 def _segment(elements: Segment) -> Segment:
@@ -209,8 +238,10 @@ def _group(
     gs: Segment, segments: Iterator[Segment], settings: EdiSettings, outer: _Context, position: int
 ) -> Generator[Parsed, None, int]:
     control = _element(gs, 6)
-    time = _moment("GS04/GS05", _element(gs, 4), _element(gs, 5)) or outer.observed_at
-    context = replace(outer, group=control, observed_at=time)
+    made_at = _moment("GS04/GS05", _element(gs, 4), _element(gs, 5))
+    context = replace(
+        outer, group=control, observed_at=made_at or outer.observed_at, group_made_at=made_at
+    )
     sets = 0
     for segment in segments:
         if segment[0] == "ST":
@@ -254,7 +285,7 @@ def _transaction(
             _check_control("SE02", segment, "ST02", control)
             return position
         if tag == "BIA" and not loop:
-            moment = _moment("BIA04/BIA05", _element(segment, 4), _element(segment, 5))
+            moment = _bia_moment(segment, outer.group_made_at)
             context = replace(context, observed_at=moment or outer.observed_at)
         if tag in ITEM_SEGMENTS and not loop:
             # Stock of no item: not a record to refuse, a set out of shape.
@@ -319,13 +350,22 @@ def _incoming(sch: Segment, context: _Context) -> Incoming:
     return Incoming(quantity, expected_on, unit)
 
 
+def _bia_moment(bia: Segment, group_made_at: datetime | None) -> datetime | None:
+    """BIA04/BIA05; a BIA of a date alone takes the time of a group made that day (it
+    was read as of midnight, hours older than it was)."""
+    moment = _moment("BIA04/BIA05", _element(bia, 4), _element(bia, 5))
+    if moment and not _element(bia, 5) and group_made_at and group_made_at.date() == moment.date():
+        return group_made_at
+    return moment
+
+
 def _moment(where: str, day: str, time: str) -> datetime | None:
     """A naive date-time from CCYYMMDD and HHMM[SS[D..]]; None when the date is absent."""
     if not day:
         return None
     written = day + (time[:6] or "0000").ljust(6, "0")
     try:
-        if len(day) != 8 or len(time) not in (0, 4, 6, 7, 8) or not written.isdigit():
+        if len(day) != 8 or len(time) not in (0, 4, 6, 7, 8) or not _digits(written):
             raise ValueError(written)
         return datetime.strptime(written, "%Y%m%d%H%M%S")
     except ValueError:
@@ -339,14 +379,25 @@ def _element(segment: Segment, index: int) -> str:
 
 def _check_count(where: str, segment: Segment, counted: int, what: str) -> None:
     said = _element(segment, 1)
-    if not said.isdigit() or int(said) != counted:
+    if _number(said) != counted:
         reason = f"bad_envelope: {where} says {said or 'nothing'} {what}, counted {counted}"
         raise FeedError(reason)
 
 
 def _check_control(where: str, segment: Segment, header: str, control: str) -> None:
     said = _element(segment, 2)
-    same = said == control or (said.isdigit() and control.isdigit() and int(said) == int(control))
+    number = _number(said)
+    same = said == control or (number is not None and number == _number(control))
     if not same:
         reason = f"bad_envelope: {where} {shown(said)} does not match {header} {shown(control)}"
         raise FeedError(reason)
+
+
+def _number(text: str) -> int | None:
+    """A count or control number, None unless ASCII digits only."""
+    return int(text) if _digits(text) else None
+
+
+def _digits(text: str) -> bool:
+    # str.isdigit() takes "²", which int() refuses, and int() takes Arabic-Indic digits.
+    return text.isascii() and text.isdigit()
