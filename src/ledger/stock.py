@@ -679,6 +679,7 @@ class StockItem(LedgerAggregate):
         incoming: IncomingStock | None = None,
         ties_lose: bool = False,
         net_since: datetime | None = None,
+        always: bool = False,
     ) -> ObservationOutcome:
         """Records an absolute supplier report; the newest `observed_at` per supplier wins.
         `net_since`: when the supplier came to report net of our orders (`Supplier`): a
@@ -696,6 +697,9 @@ class StockItem(LedgerAggregate):
         record received before the level on record was (a dead letter tried again) is
         late against a report of the same time, or it would put back the oldest file's
         level where a supplier stamps its times to the minute (a walkthrough).
+
+        `always`: recorded even where it changes nothing (a remap's, so that a report
+        another process decided on the level before it conflicts with it when saved).
         """
         # Made net of our orders: under net terms, and after they began (a gross report
         # processed after a switch to net was taken as net: the open orders it held
@@ -724,8 +728,10 @@ class StockItem(LedgerAggregate):
                     **cause.as_kwargs(),
                 )
                 return ObservationOutcome.LATE
-            if incoming in (None, current.incoming) and not self._changes_anything(
-                current, quantity, observed_at, terms, net
+            if (
+                not always
+                and incoming in (None, current.incoming)
+                and not self._changes_anything(current, quantity, observed_at, terms, net)
             ):
                 return ObservationOutcome.UNCHANGED
         self.trigger_event(

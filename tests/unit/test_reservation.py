@@ -963,6 +963,47 @@ def test_a_report_made_before_a_remap_is_late_on_the_sku_it_moved_to_and_on_the_
     assert ledger.available(new, at(80)) == 6
 
 
+def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_after_it(
+    ledger: Ledger, acme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: with the supplier's level on the old SKU at 0 already, the remap wrote no
+    event there, so a report another process had decided on the old mapping and saved
+    just after it conflicted with nothing: 10 units on a SKU no mapping fed any more,
+    beside the same 10 on the new SKU. Two writers on one store stand for the processes."""
+    old, new = ledger.sku(), ledger.sku()
+    remap(ledger, acme, at(0), **{"K-1": old})
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="K-1", quantity=0, observed_at=at(1))], at(1)
+    )
+    other = LedgerWriter(ledger.app)  # the other process: a feed delivery
+    save = ledger.app.save
+    remapped: list[int] = []
+
+    def remap_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(ledger.app, "save", save)
+        # The report is decided: the admin's remap saves before it.
+        remapped.append(remap(ledger, acme, at(30), **{"K-1": new}).value.updated)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ledger.app, "save", remap_first)
+    report = ReportStock(
+        at=at(30),
+        cause=CAUSE,
+        supplier_id=acme,
+        delivery_id="d-other",
+        content_hash="h",
+        source="feed",
+        rows=1,
+        observations=[Observation(index=0, supplier_sku="K-1", quantity=10, observed_at=at(29))],
+    )
+    decided = other.apply(report).value
+    monkeypatch.undo()
+
+    assert remapped == [1]
+    assert (decided.applied, decided.late) == (0, 1)
+    assert ledger.available(old, at(30)) == 0
+
+
 def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_is_refused(
     ledger: Ledger, acme: str
 ) -> None:

@@ -9,7 +9,7 @@ from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import InvalidTerms, OpenAgainstSupplier, OrdersOpenOnRemap, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import REMAP_SOURCE, ObservationOutcome, StockItem, second_floor
+from ledger.stock import REMAP_SOURCE, StockItem, second_floor
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
@@ -171,7 +171,10 @@ def _open_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappi
 
 def _zero_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
     """Records the supplier's level on `sku` as 0 from the remap on (source `remap`), no
-    earlier than any report of it seen; a level already so is noted as seen then."""
+    earlier than any report of it seen; an event even where the level is 0 already: a
+    report that another process decided on the level before the remap, saved after it,
+    then conflicts with it and is decided again, late (it wrote no event there, and the
+    report's level stood beside the new SKU's; a review)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     if item is None:
         return
@@ -179,20 +182,18 @@ def _zero_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappi
     newest = [command.at]
     if current is not None and current.observed_at is not None:
         newest += [current.observed_at, uow.seen_at(command.supplier_id, sku) or command.at]
-    observed_at = max(newest)
-    outcome = item.observe(
+    item.observe(
         command.supplier_id,
         0,
-        observed_at,
+        max(newest),
         supplier.terms,
         command.at,
         command.cause,
         source=REMAP_SOURCE,
         incoming=(),
         net_since=supplier.net_since,
+        always=True,
     )
-    if outcome is ObservationOutcome.UNCHANGED:
-        uow.touch(command.supplier_id, sku, observed_at)
 
 
 @handles(PutSku)
