@@ -108,6 +108,25 @@ def test_by_default_available_for_sale_then_available_then_on_hand_is_reported()
     assert summary(read_text(SAMPLE))[0] == (1, "ABC-123", "012345678905", 120, "EA")
 
 
+def test_the_chosen_qty_given_twice_with_different_values_refuses_the_item() -> None:
+    """A walkthrough: a partner reporting an item per location (a QTY 33 for each) had the
+    first taken and the rest dropped unsaid: 0 of 40. Refused, the same QTY twice is not."""
+
+    def with_qty(second: str) -> list[Parsed]:
+        text = sample_with("QTY*33*120*EA~", f"QTY*33*120*EA~{second}~")
+        return read_text(text.replace("SE*12*0001", "SE*13*0001"))
+
+    twice = read_text(sample_with("QTY*17*150*EA~\nQTY*33*120*EA~", "QTY*33*0*EA~\nQTY*33*40*EA~"))
+    same, units = with_qty("QTY*33*120*EA"), with_qty("QTY*33*120*CA")
+
+    assert summary(twice) == [
+        (1, "conflicting_quantities: QTY 33 given 2 times (0 EA, 40 EA)"),
+        (2, "XYZ-9", "098765432105", 0, "EA"),
+    ]
+    assert summary(same)[0] == (1, "ABC-123", "012345678905", 120, "EA")
+    assert summary(units)[0] == (1, "conflicting_quantities: QTY 33 given 2 times (120 EA, 120 CA)")
+
+
 def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:
     parsed = read("846-pipe-caret-newline.edi")
 
@@ -411,6 +430,9 @@ def test_a_schedule_line_quantity_with_zero_decimals_is_read() -> None:
     [
         ("SCH*many*EA***018*20260201", "invalid_incoming: SCH01 'many'"),
         ("SCH*500*EA***018*20260231", "invalid_incoming: SCH06 '20260231'"),
+        # strptime read seven digits as a date (5 November), a walkthrough found.
+        ("SCH*500*EA***018*2026115", "invalid_incoming: SCH06 '2026115'"),
+        ("SCH*500*EA***018*260201", "invalid_incoming: SCH06 '260201'"),
     ],
 )
 def test_an_unreadable_schedule_line_is_a_record_error(sch: str, reason: str) -> None:

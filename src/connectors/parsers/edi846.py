@@ -35,7 +35,8 @@ IEA02/ISA13; CTT01, where sent).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
 whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
-a wanted qualifier, or with an unreadable quantity or SCH line.
+a wanted qualifier or with that QTY given more than once with different values (per
+location, say), or with an unreadable quantity or SCH line.
 """
 
 from __future__ import annotations
@@ -315,14 +316,22 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
     upc = next((pairs[q] for q in settings.upc_qualifiers if q in pairs), None)
     if sku is None and upc is None:
         return RecordError(position, f"missing_identifier: LIN pairs {sorted(pairs)}", raw)
-    quantities: dict[str, Segment] = {}
+    quantities: dict[str, list[Segment]] = {}
     for segment in loop:
         if segment[0] == "QTY":
-            quantities.setdefault(_element(segment, 1), segment)
-    chosen = next((quantities[q] for q in settings.quantity_qualifiers if q in quantities), None)
-    if chosen is None:
+            quantities.setdefault(_element(segment, 1), []).append(segment)
+    reported = next((q for q in settings.quantity_qualifiers if q in quantities), None)
+    if reported is None:
         wanted, found = "/".join(settings.quantity_qualifiers), "/".join(quantities) or "none"
         return RecordError(position, f"missing_quantity: no QTY {wanted} (found {found})", raw)
+    chosen, *others = quantities[reported]
+    said = [(_element(q, 2), _element(q, 3)) for q in (chosen, *others)]
+    if len(set(said)) > 1:
+        # Per location, say (an N1 or LX loop around them, which is not read): one level
+        # per item is kept, and the first one taken silently dropped the rest (a walkthrough).
+        written = ", ".join(" ".join(filter(None, pair)) for pair in said)
+        reason = f"conflicting_quantities: QTY {reported} given {len(said)} times ({written})"
+        return RecordError(position, reason, raw)
     try:
         quantity = NUMBERS.quantity(_element(chosen, 2))
         if quantity is None:
@@ -343,6 +352,9 @@ def _incoming(sch: Segment, context: _Context) -> Incoming:
         raise Unreadable(f"invalid_incoming: SCH01 {shown(_element(sch, 1))}")
     written = _element(sch, 6)
     try:
+        # strptime takes "2026115" (seven digits) as 5 November.
+        if written and not (len(written) == 8 and _digits(written)):
+            raise ValueError(written)
         expected_on = datetime.strptime(written, "%Y%m%d").date() if written else None
     except ValueError:
         raise Unreadable(f"invalid_incoming: SCH06 {shown(written)}") from None
