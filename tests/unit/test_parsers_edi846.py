@@ -200,6 +200,21 @@ def second_interchange(control: str = "000000102", group: str = "102") -> str:
     )
 
 
+def test_dates_of_six_digits_as_releases_before_004010_write_them_are_of_this_century() -> None:
+    """A walkthrough: a release 003040 interchange (GS04 and BIA04 as YYMMDD, as the ISA
+    writes its date) was rejected whole as `bad_date`."""
+    text = sample_with(
+        "GS*IB*SUPPLIERID*RETAILERID*20260115*1430", "GS*IB*SUPPLIERID*RETAILERID*260115*1430"
+    )
+    older = text.replace("BIA*00*SI*INV20260115-01*20260115*1430", "BIA*00*SI*X*260114*0800")
+    [first, _] = read_text(older)
+    _, error = read_until_rejected(older.replace("*260114*0800", "*2601140*0800"))
+
+    assert isinstance(first, Record)
+    assert first.observed_at == datetime(2026, 1, 14, 8, 0)
+    assert error.reason == "bad_date: BIA04/BIA05 '2601140' '0800' is not CCYYMMDD HHMM"
+
+
 def test_a_file_of_several_interchanges_reads_them_all_positions_counted_across() -> None:
     parsed = read_text(SAMPLE + second_interchange())
 

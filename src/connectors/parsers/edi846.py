@@ -23,7 +23,7 @@ Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is t
 of a composite, its first part; an X12 number, `.` its decimal mark and never a
 thousands separator: `100.000` is 100, `2.5` a RecordError), its SCH lines as
 `incoming` (SCH01 quantity, SCH02 unit, SCH06 date), and observed_at from BIA04/BIA05
-(CCYYMMDD, HHMM; a BIA without a time takes GS05 where GS04 is its date), else
+(CCYYMMDD or YYMMDD, HHMM; a BIA without a time takes GS05 where GS04 is its date), else
 GS04/GS05, else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw`
 holds the envelope's control numbers and the loop's segments as lists of elements.
 
@@ -372,12 +372,15 @@ def _bia_moment(bia: Segment, group_made_at: datetime | None) -> datetime | None
 
 
 def _moment(where: str, day: str, time: str) -> datetime | None:
-    """A naive date-time from CCYYMMDD and HHMM[SS[D..]]; None when the date is absent."""
+    """A naive date-time from CCYYMMDD (or YYMMDD, as releases before 004010 write GS04
+    and BIA04, and the ISA does: this century) and HHMM[SS[D..]]; None when the date is
+    absent."""
     if not day:
         return None
-    written = day + (time[:6] or "0000").ljust(6, "0")
+    century = "20" if len(day) == 6 else ""
+    written = century + day + (time[:6] or "0000").ljust(6, "0")
     try:
-        if len(day) != 8 or len(time) not in (0, 4, 6, 7, 8) or not _digits(written):
+        if len(day) not in (6, 8) or len(time) not in (0, 4, 6, 7, 8) or not _digits(written):
             raise ValueError(written)
         return datetime.strptime(written, "%Y%m%d%H%M%S")
     except ValueError:
