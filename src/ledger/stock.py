@@ -741,7 +741,11 @@ class StockItem(LedgerAggregate):
             observed_at=observed_at,
             source=source,
             delivery_id=delivery_id,
-            previous_quantity=None if current is None else current.quantity,
+            # A remap's 0 is not a report: the first report after it has none before it
+            # (from 0, every remap of 100 units or more raised an `anomalous_jump`).
+            previous_quantity=(
+                None if current is None or current.source == REMAP_SOURCE else current.quantity
+            ),
             exposure=self._exposure_after(current, quantity, observed_at, terms, at, net),
             incoming=None if incoming is None else [list(entry) for entry in incoming],
             net=net,

@@ -257,12 +257,13 @@ def wrapped(text: str, width: int, newline: str, isa_whole: bool) -> str:
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("isa_whole", [False, True], ids=["isa-wrapped", "isa-whole"])
-@pytest.mark.parametrize("width", [74, 80, 95])
+@pytest.mark.parametrize("width", [3, 74, 80, 95, 104, 105])
 def test_lines_wrapped_inside_segments_are_read_as_if_never_wrapped(
     width: int, isa_whole: bool, newline: str
 ) -> None:
     """Found by a walkthrough: wrapped at 74, `QTY*3\\n3*120*EA` was not a QTY 33, and the
-    item reported its QTY 17 (150) instead of 120; wrapped at 80, the file was refused."""
+    item reported its QTY 17 (150) instead of 120; wrapped at 80, the file was refused. At
+    104 or 105 (a review) the break passed for the ISA's last separator or terminator."""
     data = wrapped(SAMPLE, width, newline, isa_whole).encode()
     chunks = (data[start : start + 7] for start in range(0, len(data), 7))
 

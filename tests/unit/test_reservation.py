@@ -920,47 +920,69 @@ def test_a_sku_the_api_says_another_supplier_sku_keeps_is_kept_only_if_the_ledge
     assert ledger.levels(old, at(20)).on_hand == 0
 
 
-def test_a_report_made_before_a_remap_is_late_on_the_sku_it_moved_to_and_on_the_old_one(
+def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved_to(
     ledger: Ledger, acme: str
 ) -> None:
-    """A review: a report of the supplier SKU made before the remap and delivered after it
-    (a retry, a late page) landed whole on the new SKU, which had no report of the
-    supplier to compare it with: 10 units sold where the supplier had 6. On the old SKU a
-    report resolved through the old mapping (a delivery under way, another process) is
-    late too, even where the supplier had no level there before."""
-    old, new, unreported_old, unreported_new = (ledger.sku() for _ in range(4))
-    mappings = [MappingSpec("AC-1", old), MappingSpec("AC-2", unreported_old)]
+    """A review: a report of the supplier SKU older than one the ledger had already seen,
+    delivered after the remap (a retry, a late page), landed whole on the new SKU, which
+    had no report of the supplier to compare it with: 10 units sold where the supplier had
+    6. A report made between the newest seen and the remap is the newest the supplier has
+    said, and applies (a review of the first fix, which took a day's pull feed for late);
+    so does any report of a supplier SKU never reported before the remap."""
+    old, new, never_old, never_new = (ledger.sku() for _ in range(4))
+    mappings = [MappingSpec("AC-1", old), MappingSpec("AC-2", never_old)]
     ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=mappings))
     ledger.report(
         acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(30))], at(30)
     )
-    remap(ledger, acme, at(60), **{"AC-1": new, "AC-2": unreported_new})
+    remap(ledger, acme, at(60), **{"AC-1": new, "AC-2": never_new})
 
-    delayed = ledger.report(
-        acme,
-        [
-            Observation(index=0, supplier_sku="AC-1", quantity=10, observed_at=at(15)),
-            Observation(index=1, supplier_sku="AC-2", quantity=4, observed_at=at(45)),
-        ],
-        at(70),
-    ).value
-    stale = ledger.report(
-        acme,
-        [
-            Observation(index=0, sku=old, quantity=10, observed_at=at(50)),
-            Observation(index=1, sku=unreported_old, quantity=4, observed_at=at(50)),
-        ],
-        at(70),
-    ).value
-    before = [ledger.available(sku, at(70)) for sku in (old, new, unreported_old, unreported_new)]
-    fresh = ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(80))], at(80)
+    def delivered(*observations: tuple[str, int, int]) -> DeliveryOutcome:
+        records = [
+            Observation(index=i, supplier_sku=s, quantity=q, observed_at=at(t))
+            for i, (s, q, t) in enumerate(observations)
+        ]
+        return ledger.report(acme, records, at(70)).value
+
+    older = delivered(("AC-1", 10, 15))
+    after_older = ledger.available(new, at(70))
+    newer = delivered(("AC-1", 5, 50), ("AC-2", 4, 45))
+    stale_on_old = ledger.report(
+        acme, [Observation(index=0, sku=old, quantity=10, observed_at=at(50))], at(70)
     ).value
 
-    assert (delayed.applied, delayed.late, stale.applied, stale.late) == (0, 2, 0, 2)
-    assert before == [0, 0, 0, 0]
-    assert fresh.applied == 1
-    assert ledger.available(new, at(80)) == 6
+    assert (older.applied, older.late, after_older) == (0, 1, 0)
+    assert (newer.applied, newer.late) == (2, 0)
+    assert (stale_on_old.applied, stale_on_old.late) == (0, 1)
+    assert [ledger.available(sku, at(70)) for sku in (old, new, never_old, never_new)] == [
+        0,
+        5,
+        0,
+        4,
+    ]
+
+
+def test_the_first_report_after_a_remap_raises_no_jump_from_the_remap_s_zero(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: the remap's 0 on the new SKU was taken for the level before the first
+    report there, and every remap of 100 units or more raised an `anomalous_jump`."""
+    old, new = ledger.sku(), ledger.sku()
+    remap(ledger, acme, at(0), **{"AC-1": old})
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=500, observed_at=at(30))], at(30)
+    )
+    remap(ledger, acme, at(60), **{"AC-1": new})
+    written = ledger.events_written()
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="AC-1", quantity=480, observed_at=at(70))], at(70)
+    )
+    observed = [
+        ledger.app.mapper.to_domain_event(n)
+        for n in ledger.app.notification_log.select(written + 1, 10)
+        if n.topic.endswith("StockItem.Observed")
+    ]
+    assert [(e.quantity, e.previous_quantity) for e in observed] == [(480, None)]
 
 
 def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_after_it(
@@ -969,7 +991,8 @@ def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_aft
     """A review: with the supplier's level on the old SKU at 0 already, the remap wrote no
     event there, so a report another process had decided on the old mapping and saved
     just after it conflicted with nothing: 10 units on a SKU no mapping fed any more,
-    beside the same 10 on the new SKU. Two writers on one store stand for the processes."""
+    beside the same 10 on the new SKU. Two writers on one store stand for the processes;
+    the report comes as a feed's does, resolved to our SKU before the remap."""
     old, new = ledger.sku(), ledger.sku()
     remap(ledger, acme, at(0), **{"K-1": old})
     ledger.report(
@@ -994,7 +1017,8 @@ def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_aft
         content_hash="h",
         source="feed",
         rows=1,
-        observations=[Observation(index=0, supplier_sku="K-1", quantity=10, observed_at=at(29))],
+        # As a feed sends it: resolved to our SKU through the mappings view, before the remap.
+        observations=[Observation(index=0, sku=old, quantity=10, observed_at=at(29))],
     )
     decided = other.apply(report).value
     monkeypatch.undo()

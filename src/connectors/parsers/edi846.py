@@ -140,16 +140,26 @@ def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
 def _segments(text: TextIO) -> Iterator[Segment]:
     """The ISA's elements, then every following segment split on the declared separators."""
     buffer = ""
-    while len(_unwrapped(buffer)) < ISA_LENGTH and (chunk := text.read(CHUNK)):
+    # The ISA and one character after it (the next segment's first, or a terminator
+    # wrapped onto the next line).
+    while len(_unwrapped(buffer)) <= ISA_LENGTH and (chunk := text.read(CHUNK)):
         buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
-    if not buffer.startswith("ISA"):
+    if not _unwrapped(buffer).startswith("ISA"):
         raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
     unwrapped = _unwrapped(buffer)
     if len(unwrapped) < ISA_LENGTH:
         raise FeedError(f"truncated: the ISA has {len(unwrapped)} characters, expected 106")
-    # As written first: a terminator that is a line break is one only there. Where it is
-    # another, the lines may have been wrapped, the ISA with them.
-    isa_text = next((t for t in (buffer, unwrapped) if _is_fixed_isa(t)), None)
+    # As written, unless a line break comes inside the ISA, or stands for its terminator
+    # with the real one on the next line: a terminator that is a line break is one only
+    # as written; either other break is a wrapped line (at column 104 or 105 one passed
+    # for the ISA's last separators: a review).
+    after = buffer[ISA_LENGTH - 1 :]
+    following = after.lstrip(LINE_BREAKS)
+    wrapped_isa = any(brk in buffer[: ISA_LENGTH - 1] for brk in LINE_BREAKS) or (
+        after[:1] in tuple(LINE_BREAKS) and following[:1] != "" and not following[0].isalnum()
+    )
+    readings = (unwrapped,) if wrapped_isa else (buffer,)
+    isa_text = next((t for t in readings if _is_fixed_isa(t)), None)
     if isa_text is None:
         reason = f"bad_envelope: the ISA is not the fixed 106 characters: {shown(buffer[:106])}"
         raise FeedError(reason)

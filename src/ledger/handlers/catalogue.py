@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
 from ledger.conflict import ConflictAcknowledgement
@@ -82,6 +83,9 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
     }
+    moving = {m.sku for m in mappings.values() if m is not None}
+    uow.preload(StockItem.id_for(sku) for sku in sorted(moving))
+    uow.preload_seen(command.supplier_id, sorted(moving))
     blocked = [
         open_orders
         for spec in command.mappings
@@ -105,9 +109,11 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             continue
         updated += 1
         if before != spec.sku:
+            reported = _newest_report(uow, command.supplier_id, before)
             if before not in kept:
                 _retire_level(uow, supplier, before, command)
-            _open_level(uow, supplier, spec.sku, command)
+            if reported is not None:
+                _open_level(uow, supplier, spec.sku, command, reported)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
 
 
@@ -147,6 +153,15 @@ def _open_against(
     return OpenAgainstSupplier(supplier_sku, sku, held, committed, unreported)
 
 
+def _newest_report(uow: UnitOfWork, supplier_id: str, sku: str) -> datetime | None:
+    """The newest report of the supplier's level on `sku` the ledger has seen, if any."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    current = None if item is None else item.positions.get(supplier_id)
+    if current is None or current.observed_at is None:
+        return None
+    return max(current.observed_at, uow.seen_at(supplier_id, sku) or current.observed_at)
+
+
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
     """The supplier's level on a SKU that none of its SKUs maps to any more is 0 from the
     remap on (no stock expected either), recorded as an observation of the ledger's own
@@ -155,37 +170,40 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
     supplier has no level there yet too: a report resolved through the old mapping before
     the remap (a delivery under way, another process) is then late there, not a new level
     beside the new SKU's (a review)."""
-    _zero_level(uow, supplier, sku, command)
+    _zero_level(uow, supplier, sku, command, command.at)
 
 
-def _open_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
-    """The SKU a supplier SKU moves onto starts from 0 at the remap, where the supplier has
-    no level there of its own: a report made before the remap, arriving after, is late
-    there as on the old SKU (it landed whole on the new one, which had no report of the
-    supplier to compare it with; a review)."""
+def _open_level(
+    uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings, reported: datetime
+) -> None:
+    """The SKU a supplier SKU moves onto starts from 0 as of the newest report of it seen
+    (`reported`), where the supplier has no level there of its own: an older report,
+    arriving after the remap, is late there as on the old SKU (it landed whole on the new
+    one, which had no report of the supplier to compare it with; a review). Not from the
+    remap's own time: a report made between the two is the newest the supplier has said
+    (a review of the first version, which took a day's pull feed for late)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     current = None if item is None else item.positions.get(command.supplier_id)
     if current is None or (current.source == REMAP_SOURCE and current.effective_level() == 0):
-        _zero_level(uow, supplier, sku, command)
+        _zero_level(uow, supplier, sku, command, reported)
 
 
-def _zero_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
-    """Records the supplier's level on `sku` as 0 from the remap on (source `remap`), no
-    earlier than any report of it seen; an event even where the level is 0 already: a
-    report that another process decided on the level before the remap, saved after it,
-    then conflicts with it and is decided again, late (it wrote no event there, and the
-    report's level stood beside the new SKU's; a review)."""
+def _zero_level(
+    uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings, since: datetime
+) -> None:
+    """Records the supplier's level on `sku` as 0 (source `remap`) as of `since`, or of any
+    newer report of it seen; an event even where the level is 0 already: a report that
+    another process decided on the level before the remap, saved after it, then conflicts
+    with it and is decided again (it wrote no event there, and the report's level stood
+    beside the new SKU's; a review)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     if item is None:
         return
-    current = item.positions.get(command.supplier_id)
-    newest = [command.at]
-    if current is not None and current.observed_at is not None:
-        newest += [current.observed_at, uow.seen_at(command.supplier_id, sku) or command.at]
+    newest = _newest_report(uow, command.supplier_id, sku)
     item.observe(
         command.supplier_id,
         0,
-        max(newest),
+        since if newest is None else max(since, newest),
         supplier.terms,
         command.at,
         command.cause,
