@@ -273,6 +273,18 @@ def test_lines_wrapped_inside_segments_are_read_as_if_never_wrapped(
     assert summary(parsed)[0] == (1, "ABC-123", "012345678905", 120, "EA")
 
 
+def test_segments_ended_by_line_breaks_under_an_isa_declaring_another_terminator_say_so() -> None:
+    """A walkthrough: the ISA declares `~`, the segments end with line breaks alone; read
+    as one segment, the file was refused as `group 101 ends without GE`."""
+    isa, rest = SAMPLE.split("\n", 1)
+    _, error = read_until_rejected(isa + "\n" + rest.replace("~", ""))
+
+    assert error.reason == (
+        "bad_envelope: the ISA declares '~' as the segment terminator (ISA16), and none comes"
+        " after it"
+    )
+
+
 def test_a_line_break_that_is_the_terminator_still_ends_each_segment() -> None:
     text = SAMPLE.replace("~\n", "\r\n")  # the ISA's 106th character a CR
 

@@ -167,8 +167,10 @@ def _segments(text: TextIO) -> Iterator[Segment]:
     wrapped = terminator not in LINE_BREAKS
     yield isa_text[:105].split(element)
     buffer = _unwrapped(isa_text[ISA_LENGTH:]) if wrapped else isa_text[ISA_LENGTH:]
+    terminated = False
     while True:
         *complete, buffer = buffer.split(terminator)
+        terminated = terminated or bool(complete)
         for text_ in complete:
             if text_.strip():
                 yield _segment(text_.strip().split(element))
@@ -179,6 +181,11 @@ def _segments(text: TextIO) -> Iterator[Segment]:
             break
         buffer += _unwrapped(chunk) if wrapped else chunk
     if buffer.strip():
+        if not terminated:
+            # Segments ended by line breaks alone, under an ISA that declares another
+            # terminator, read as one segment: "group 101 ends without GE" (a walkthrough).
+            reason = f"bad_envelope: the ISA declares {shown(terminator)} as the segment"
+            raise FeedError(f"{reason} terminator (ISA16), and none comes after it")
         yield _segment(buffer.strip().split(element))
 
 
