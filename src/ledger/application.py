@@ -58,6 +58,7 @@ class PositionAsDict(Transcoding):
             and type(obj.reported_net) is bool
             and type(obj.source) is str
             and (obj.observed_at is None or type(obj.observed_at) is datetime)
+            and (obj.remapped_at is None or type(obj.remapped_at) is datetime)
             and {*map(type, obj.held), *map(type, obj.held.values())} <= _INT
             and {*map(type, obj.unreported), *map(type, obj.unreported.values())} <= _INT
             and all(
@@ -77,6 +78,7 @@ class PositionAsDict(Transcoding):
             "incoming": [list(entry) for entry in obj.incoming],
             "net_committed": obj.net_committed,
             "reported_net": obj.reported_net,
+            "remapped_at": obj.remapped_at,
         }
 
     def decode(self, data: dict[str, Any]) -> Position:
@@ -93,6 +95,9 @@ class PositionAsDict(Transcoding):
             # none (see `Position`): commitments made before then are not counted.
             net_committed=data.get("net_committed", 0),
             reported_net=data.get("reported_net", True),
+            # Snapshots taken before it was kept hold none: a return then restocks a level
+            # a remap retired before the snapshot as it did (see `StockItem.restock`).
+            remapped_at=data.get("remapped_at"),
         )
 
 

@@ -90,7 +90,9 @@ class Position:
     than it (`unreported`), and is counted in `net_committed` until it is shipped or
     released: should the supplier report gross, its reports hold those orders, and they
     count as committed (see `supplier_level`). `reported_net`: whether the last report
-    recorded was made net of our orders (the supplier's terms then).
+    recorded was made net of our orders (the supplier's terms then). `remapped_at`: when a
+    remap last set the level (our clock), that is when the supplier SKU feeding it may have
+    changed (see `StockItem.restock`).
     """
 
     quantity: int = 0
@@ -102,6 +104,7 @@ class Position:
     incoming: IncomingStock = ()
     net_committed: int = 0
     reported_net: bool = True
+    remapped_at: datetime | None = None
 
     def live_held(self, now: int) -> int:
         return sum(quantity for expires, quantity in self.held.items() if expires > now)
@@ -451,6 +454,8 @@ class StockItem(LedgerAggregate):
             position.quantity = self.quantity
             position.observed_at = self.observed_at
             position.source = self.source
+            if self.source == REMAP_SOURCE:
+                position.remapped_at = self.timestamp
             if self.incoming is not None:
                 position.incoming = incoming_of(self.incoming)
             position.retire_reported(self.observed_at)
@@ -939,17 +944,31 @@ class StockItem(LedgerAggregate):
         )
 
     def restock(
-        self, reservation_id: str, allocations: list[Allocation], at: datetime, cause: Cause
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        at: datetime,
+        cause: Cause,
+        placed_at: datetime | None = None,
     ) -> None:
         """Returned units go back to each supplier's level until its next report, but not to
-        a level a remap retired: the supplier reports them under the SKU it moved to now,
-        so they counted twice, and on a level no report of the supplier retires again (a
-        review)."""
+        a level a remap set since the order was placed (`placed_at`): the units go back to
+        the supplier SKU that fed the order, which a remap moved to another SKU, and its
+        reports count them there. Restocked here they counted twice: on a level a remap
+        retired, which no report of the supplier retires again (a review), or on a level
+        another supplier SKU feeds since (a fuzzer)."""
         restocked = [
             allocation
             for allocation in allocations
             if (position := self.positions.get(allocation.supplier_id)) is None
-            or position.source != REMAP_SOURCE
+            or (
+                position.source != REMAP_SOURCE
+                and (
+                    position.remapped_at is None
+                    or placed_at is None
+                    or position.remapped_at < placed_at
+                )
+            )
         ]
         if not restocked:
             return

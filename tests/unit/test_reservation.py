@@ -1028,6 +1028,47 @@ def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_aft
     assert ledger.available(old, at(30)) == 0
 
 
+def test_a_return_restocks_nothing_on_a_level_another_supplier_sku_feeds_since_a_remap(
+    ledger: Ledger, acme: str
+) -> None:
+    """Found by a fuzzer: G-1's order on A shipped and reported, G-1 moved to D and G-2
+    onto A; the return of the order's 2 units was restocked on A, now G-2's level, while
+    they went back to G-1's shelf, which D counts: 6 sold on A against G-2's 4. An order
+    placed after the remap restocks on A as before."""
+    a, b, d = ledger.sku(), ledger.sku(), ledger.sku()
+    remap(ledger, acme, at(0), **{"G-1": a, "G-2": b})
+
+    def reported(supplier_sku: str, quantity: int, when: float) -> None:
+        observation = Observation(
+            index=0, supplier_sku=supplier_sku, quantity=quantity, observed_at=at(when)
+        )
+        ledger.report(acme, [observation], at(when))
+
+    reported("G-1", 5, 1)
+    before = confirmed(ledger, [(a, 2)], at(2))
+    ledger.run(Fulfil(at=at(3), cause=CAUSE, reservation_id=before.id, lines=[(a, 2, None)]))
+    reported("G-1", 3, 4)
+    reported("G-2", 4, 5)
+    remap(ledger, acme, at(10), **{"G-1": d})
+    remap(ledger, acme, at(11), **{"G-2": a})
+    reported("G-2", 4, 12)
+    after = confirmed(ledger, [(a, 1)], at(13))
+    ledger.run(Fulfil(at=at(14), cause=CAUSE, reservation_id=after.id, lines=[(a, 1, None)]))
+
+    ledger.run(
+        Return(at=at(20), cause=CAUSE, reservation_id=before.id, lines=[(a, 2)], restock=True)
+    )
+    after_old_return = ledger.available(a, at(20))
+    ledger.run(
+        Return(at=at(21), cause=CAUSE, reservation_id=after.id, lines=[(a, 1)], restock=True)
+    )
+
+    assert after_old_return == 3  # G-2's 4, less the 1 shipped since its report
+    assert ledger.available(a, at(21)) == 4  # the order placed since comes back to G-2's
+    with pytest.raises(InsufficientStock):
+        ledger.reserve([(a, 5)], at(22))
+
+
 def test_a_mapping_s_own_unit_counts_before_the_unit_table_and_an_unknown_unit_is_refused(
     ledger: Ledger, acme: str
 ) -> None:

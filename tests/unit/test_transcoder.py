@@ -249,3 +249,18 @@ def test_a_snapshot_taken_before_net_commitments_were_kept_reads_as_holding_none
     assert ours.decode(before)["position"] == Position(5, None, "feed", {17: 2}, 0, {9: -1})
     assert ours.decode(ours.encode({"position": kept}))["position"] == kept
     assert ours.decode(written)["position"] == kept
+
+
+def test_a_snapshot_keeps_when_a_remap_last_set_a_level_and_one_taken_before_holds_none(
+    transcoders: tuple[LedgerTranscoder, JSONTranscoder],
+) -> None:
+    ours, library = transcoders
+    remapped = datetime(2026, 12, 6, 19, 0, tzinfo=UTC)
+    kept = Position(0, remapped, "remap", {}, 0, {}, (), 0, True, remapped)
+    plain = library.encode({"position": Position(5, None, "feed", {17: 2}, 0, {9: -1})})
+    before = plain.replace(b',"remapped_at":null', b"")
+    assert before != plain  # as a snapshot was written before
+
+    assert ours.decode(ours.encode({"position": kept}))["position"] == kept
+    assert ours.decode(library.encode({"position": kept}))["position"] == kept
+    assert ours.decode(before)["position"] == Position(5, None, "feed", {17: 2}, 0, {9: -1})

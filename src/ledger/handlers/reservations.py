@@ -208,7 +208,9 @@ def return_units(uow: UnitOfWork, command: Return) -> Reservation:
     )
     if command.restock:
         for sku, allocated in _by_sku(returned).items():
-            _stock(uow, sku).restock(str(reservation.id), allocated, at, command.cause)
+            _stock(uow, sku).restock(
+                str(reservation.id), allocated, at, command.cause, reservation.created_on
+            )
     return reservation
 
 
