@@ -83,9 +83,16 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
     }
-    moving = {m.sku for m in mappings.values() if m is not None}
-    uow.preload(StockItem.id_for(sku) for sku in sorted(moving))
-    uow.preload_seen(command.supplier_id, sorted(moving))
+    # The SKUs mappings move away from, and their reports seen, each in one go.
+    left = sorted(
+        {
+            found.sku
+            for spec in command.mappings
+            if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
+        }
+    )
+    uow.preload(StockItem.id_for(sku) for sku in left)
+    uow.preload_seen(command.supplier_id, left)
     blocked = [
         open_orders
         for spec in command.mappings
