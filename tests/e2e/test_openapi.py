@@ -220,6 +220,29 @@ REFUSALS = [
 ]  # fmt: skip
 
 
+def test_a_remap_refused_for_an_open_order_fits_the_declared_409(
+    ledger: Server, document: dict[str, Any]
+) -> None:
+    """A remap off a SKU with an order open (`orders_open_on_remap`) is declared: its
+    `detail` names what is open."""
+    old, new = random_sku("OPENAPI-OLD"), random_sku("OPENAPI-NEW")
+    now = datetime.now(UTC).isoformat()
+    mappings = f"/v1/suppliers/{SUPPLIER}/mappings"
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        moved_off = {"mappings": [{"supplier_sku": "OA-REMAP", "sku": old}]}
+        assert admin.put(mappings, json=moved_off).status_code == 200
+        report = {"observations": [{"supplier_sku": "OA-REMAP", "quantity": 5, "observed_at": now}]}
+        assert admin.post(f"/v1/suppliers/{SUPPLIER}/stock", json=report).status_code == 200
+        held = oms.post("/v1/reservations", **order(old))
+        assert held.status_code == 201, held.text
+        answer = admin.put(mappings, json={"mappings": [{"supplier_sku": "OA-REMAP", "sku": new}]})
+
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"] == "orders_open_on_remap"
+    schema = declared(document, "put", "/v1/suppliers/{supplier_id}/mappings", 409)
+    check(answer.json(), schema["content"]["application/json"]["schema"], document)
+
+
 @pytest.mark.parametrize("refusal", REFUSALS)
 def test_a_refusal_fits_the_schema_the_document_declares_for_it(
     ledger: Server, document: dict[str, Any], refusal: Refusal
