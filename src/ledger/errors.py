@@ -56,14 +56,15 @@ class ExceedsOpenQuantity(Conflict):
 @dataclass(frozen=True)
 class OpenAgainstSupplier:
     """What a remap would leave behind on a SKU: units held and committed against the
-    supplier there, and its shipments (or a net supplier's commitments) that its reports
-    have not shown yet."""
+    supplier there, and units taken off its level until its next report (shipments, a net
+    supplier's commitments), as a count: the stock view's `unreported` is the sum of such
+    changes, negative for these."""
 
     supplier_sku: str
     sku: str
     held: int
     committed: int
-    unreported: int
+    awaiting_report: int
 
 
 class OrdersOpenOnRemap(Conflict):
@@ -74,10 +75,11 @@ class OrdersOpenOnRemap(Conflict):
 
     def __init__(self, supplier_id: str, blocked: list[OpenAgainstSupplier]) -> None:
         super().__init__(
-            f"supplier {supplier_id!r} has orders open on the SKUs these mappings move its"
-            " SKUs away from: the next report would count their units again under the new"
-            " SKU. Remap once they are shipped or released and the supplier has reported"
-            " since (holds run out by themselves); nothing was applied",
+            f"supplier {supplier_id!r} has units promised on the SKUs these mappings move its"
+            " SKUs away from (held, committed, or shipped and not in a report of its since):"
+            " its next report would count them again under the new SKU. Remap once the"
+            " orders are shipped or released and the supplier has reported since (holds run"
+            " out by themselves); nothing was applied",
             blocked=[asdict(entry) for entry in blocked],
         )
         self.blocked = blocked

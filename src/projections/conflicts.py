@@ -18,7 +18,7 @@ from psycopg import sql
 from ledger.application import InventoryLedger
 from ledger.conflict import ConflictAcknowledgement, conflict_id
 from ledger.delivery import FeedDelivery
-from ledger.stock import StockItem
+from ledger.stock import REMAP_SOURCE, StockItem
 from ledger.supplier import Supplier
 from projections.base import Logged, Notified, Projection, table
 from projections.store import Connection
@@ -111,7 +111,14 @@ class ConflictsProjection(Projection):
                     delivery_id=event.delivery_id,
                 )
             previous = event.previous_quantity
-            if previous is not None and self.jumps.anomalous(previous, event.quantity):
+            # A remap's 0 is the operator's own doing, not a supplier's jump: a PUT of 1,000
+            # remaps raised 1,000 of them (an operator's walkthrough).
+            remap = event.source == REMAP_SOURCE
+            if (
+                previous is not None
+                and not remap
+                and self.jumps.anomalous(previous, event.quantity)
+            ):
                 self._raise(
                     "anomalous_jump",
                     notified,

@@ -23,7 +23,7 @@ from ledger.base import Cause
 from ledger.commands import PutSupplier
 from ledger.supplier import SupplierTerms
 from tests.conftest import Server, make_settings, scrape, serving
-from tests.e2e.test_read_side import ledger_command
+from tests.e2e.test_read_side import conflicts, ledger_command
 
 SECRET = "whsec-test-0123456789"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
@@ -557,7 +557,7 @@ def test_a_remap_off_a_sku_with_an_order_open_is_a_409_naming_it_and_changes_not
     assert refused.status_code == 409, refused.text
     assert refused.json()["error"] == "orders_open_on_remap"
     assert refused.json()["detail"]["blocked"] == [
-        {"supplier_sku": "K-1", "sku": old, "held": 3, "committed": 0, "unreported": 0}
+        {"supplier_sku": "K-1", "sku": old, "held": 3, "committed": 0, "awaiting_report": 0}
     ]
     assert {(m["supplier_sku"], m["sku"]) for m in mappings["mappings"]} == {
         ("K-1", old),
@@ -565,6 +565,42 @@ def test_a_remap_off_a_sku_with_an_order_open_is_a_409_naming_it_and_changes_not
     }
     assert moved.status_code == 200, moved.text
     assert moved.json()["updated"] == 2
+
+
+def test_a_remap_raises_no_jump_conflict_on_either_sku(ledger: Server) -> None:
+    """An operator's walkthrough: each remap of a level of 100 units or more raised an
+    `anomalous_jump` (a PUT of 1,000 remaps, 1,000 of them), and so did the first report on
+    the new SKU, from the remap's 0. A supplier's own jump still raises one."""
+    old, new = (f"RJ-{n}-{uuid.uuid4().hex[:6]}" for n in range(2))
+    at = datetime.now(UTC) - timedelta(minutes=2)
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        supplier_id = supplier(admin, {"K-1": old})
+
+        def report(quantity: int, observed_at: datetime) -> None:
+            observation = {
+                "supplier_sku": "K-1",
+                "quantity": quantity,
+                "observed_at": observed_at.isoformat(),
+            }
+            answer = admin.post(
+                f"/v1/suppliers/{supplier_id}/stock", json={"observations": [observation]}
+            )
+            assert answer.json()["applied"] == 1, answer.text
+
+        report(500, at)
+        moved = admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={"mappings": [{"supplier_sku": "K-1", "sku": new}]},
+        )
+        assert moved.status_code == 200, moved.text
+        report(480, at + timedelta(minutes=1))
+        report(20, at + timedelta(minutes=1, seconds=30))  # the supplier's own jump
+        jumps = {
+            sku: [c["detail"]["change"] for c in conflicts(audit, kind="anomalous_jump", sku=sku)]
+            for sku in (old, new)
+        }
+
+    assert jumps == {old: [], new: [-460]}
 
 
 def test_a_remap_while_the_mappings_view_is_behind_still_retires_the_level(

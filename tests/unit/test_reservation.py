@@ -838,11 +838,11 @@ def test_a_remap_off_a_sku_with_orders_open_against_the_supplier_is_refused_unti
         assert ledger.events_written() == written  # neither mapping moved
 
     assert refusals == [
-        [OpenAgainstSupplier("AC-1", old, held=4, committed=0, unreported=0)],
-        [OpenAgainstSupplier("AC-1", old, held=0, committed=4, unreported=0)],
-        [OpenAgainstSupplier("AC-1", old, held=0, committed=0, unreported=4)],
+        [OpenAgainstSupplier("AC-1", old, held=4, committed=0, awaiting_report=0)],
+        [OpenAgainstSupplier("AC-1", old, held=0, committed=4, awaiting_report=0)],
+        [OpenAgainstSupplier("AC-1", old, held=0, committed=0, awaiting_report=4)],
     ]
-    assert refused.value.detail["blocked"][0]["unreported"] == 4  # as the API shows it
+    assert refused.value.detail["blocked"][0]["awaiting_report"] == 4  # as the API shows it
     assert (mapped_to(ledger, acme, "AC-1"), mapped_to(ledger, acme, "AC-2")) == (old, other)
 
     # The supplier reports the shipment: the remap goes, and the new SKU takes the next
@@ -883,7 +883,7 @@ def test_a_remap_waits_for_a_hold_to_run_out_and_a_net_supplier_s_commitments_to
     assert remap(ledger, acme, at(70), X=new).value.updated == 1  # the hold ran out at 70
     assert refused.value.blocked == [
         # Its report made before the commitment still holds the 3 units: counted open too.
-        OpenAgainstSupplier("X", net_old, held=0, committed=3, unreported=3)
+        OpenAgainstSupplier("X", net_old, held=0, committed=3, awaiting_report=3)
     ]
 
 

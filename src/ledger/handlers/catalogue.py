@@ -154,10 +154,10 @@ def _open_against(
         return None
     held = position.live_held(second_floor(command.at))
     committed = position.committed + position.net_committed
-    unreported = -sum(change for change in position.unreported.values() if change < 0)
-    if not (held or committed or unreported):
+    awaiting_report = -sum(change for change in position.unreported.values() if change < 0)
+    if not (held or committed or awaiting_report):
         return None
-    return OpenAgainstSupplier(supplier_sku, sku, held, committed, unreported)
+    return OpenAgainstSupplier(supplier_sku, sku, held, committed, awaiting_report)
 
 
 def _newest_report(uow: UnitOfWork, supplier_id: str, sku: str) -> datetime | None:
