@@ -599,9 +599,18 @@ class StockItem(LedgerAggregate):
                 position.add_unreported(self.timestamp, -allocation.quantity)
 
     class Restocked(Event):
+        """`passed_over` (version 2): returned units not put back on a supplier's level, as a
+        remap has set it since the order was placed (see `StockItem.restock`)."""
+
         TOPIC = "stockledger:StockItem.Restocked"
+        class_version = 2
         reservation_id: str
         allocations: list[dict[str, Any]]
+        passed_over: list[dict[str, Any]]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["passed_over"] = []
 
         def apply(self, item: StockItem) -> None:
             for allocation in Allocation.many_from(self.allocations):
@@ -957,25 +966,26 @@ class StockItem(LedgerAggregate):
         reports count them there. Restocked here they counted twice: on a level a remap
         retired, which no report of the supplier retires again (a review), or on a level
         another supplier SKU feeds since (a fuzzer)."""
-        restocked = [
-            allocation
-            for allocation in allocations
-            if (position := self.positions.get(allocation.supplier_id)) is None
-            or (
-                position.source != REMAP_SOURCE
-                and (
-                    position.remapped_at is None
-                    or placed_at is None
-                    or position.remapped_at < placed_at
+        restocked: list[Allocation] = []
+        passed_over: list[Allocation] = []
+        for allocation in allocations:
+            position = self.positions.get(allocation.supplier_id)
+            remapped = position is not None and (
+                position.source == REMAP_SOURCE
+                or (
+                    position.remapped_at is not None
+                    and placed_at is not None
+                    and position.remapped_at >= placed_at
                 )
             )
-        ]
-        if not restocked:
-            return
+            (passed_over if remapped else restocked).append(allocation)
         self.trigger_event(
             self.Restocked,
             reservation_id=reservation_id,
             allocations=_as_dicts(restocked),
+            # Recorded, so that an auditor sees where the units did not go (an auditor's
+            # walkthrough found them in no SKU's history).
+            passed_over=_as_dicts(passed_over),
             timestamp=at,
             **cause.as_kwargs(),
         )

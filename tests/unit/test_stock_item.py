@@ -668,7 +668,31 @@ def test_a_return_restocks_nothing_on_a_level_a_remap_retired() -> None:
 
     assert item.levels(at(4), terms_of(old, other)).sellable == 7
     restocks = [e for e in events if isinstance(e, StockItem.Restocked)]
-    assert [e.allocations for e in restocks] == [[{"supplier_id": "other", "quantity": 2}]]
+    assert [(e.allocations, e.passed_over) for e in restocks] == [
+        ([{"supplier_id": "other", "quantity": 2}], [{"supplier_id": "old", "quantity": 3}]),
+        ([], [{"supplier_id": "old", "quantity": 1}]),  # recorded: where the units did not go
+    ]
+
+
+def test_a_restock_stored_before_passed_over_units_were_recorded_reads_as_passing_none() -> None:
+    app = InventoryLedger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, allow_in_memory=True)
+    acme = supplier("acme")
+    item = new_item()
+    observe(item, acme, 10, at(0))
+    item.restock("r1", allocations(acme=3), at(2), WHEN)
+    *before, restocked = item.collect_events()
+    stored = app.mapper.to_stored_event(restocked)
+    state = json.loads(stored.state)
+    assert (state.pop("class_version"), state.pop("passed_over")) == (2, [])
+    as_v1 = StoredEvent(
+        stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode()
+    )
+
+    read = app.mapper.to_domain_event(as_v1)
+
+    assert isinstance(read, StockItem.Restocked)
+    assert read.passed_over == []
+    assert replayed([*before, read]).levels(at(3), terms_of(acme)).sellable == 13
 
 
 def test_orders_committed_while_net_count_while_a_gross_report_holds_them_after_a_switch_back() -> (
