@@ -972,11 +972,8 @@ class StockItem(LedgerAggregate):
             position = self.positions.get(allocation.supplier_id)
             remapped = position is not None and (
                 position.source == REMAP_SOURCE
-                or (
-                    position.remapped_at is not None
-                    and placed_at is not None
-                    and position.remapped_at >= placed_at
-                )
+                if position.remapped_at is None or placed_at is None  # a snapshot from before
+                else position.remapped_at >= placed_at
             )
             (passed_over if remapped else restocked).append(allocation)
         self.trigger_event(

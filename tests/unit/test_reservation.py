@@ -951,7 +951,7 @@ def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved
         acme, [Observation(index=0, sku=old, quantity=10, observed_at=at(50))], at(70)
     ).value
 
-    assert (older.applied, older.late, after_older) == (0, 1, 0)
+    assert (older.applied, older.late, after_older) == (0, 1, 6)  # the level moved with it
     assert (newer.applied, newer.late) == (2, 0)
     assert (stale_on_old.applied, stale_on_old.late) == (0, 1)
     assert [ledger.available(sku, at(70)) for sku in (old, new, never_old, never_new)] == [
@@ -959,6 +959,55 @@ def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved
         5,
         0,
         4,
+    ]
+
+
+def test_a_remap_moves_the_level_to_the_new_sku_where_it_is_the_supplier_sku_s_alone(
+    ledger: Ledger,
+) -> None:
+    """An operator's walkthrough: the new SKU showed out of stock until the supplier's next
+    report, a day for a daily file. The level moves, as of when it was reported (so it
+    ages from then), with its incoming stock; not where the remap changes the units it
+    counts in, nor in a swap (each SKU's level came from the other), which start from 0."""
+    acme = ledger.supplier("acme", stale_after_seconds=100)
+    skus = {name: ledger.sku() for name in ("old", "new", "scaled", "scaled_new", "a", "b")}
+    mappings = [
+        MappingSpec("M-1", skus["old"]),
+        MappingSpec("M-2", skus["scaled"]),
+        MappingSpec("S-A", skus["a"]),
+        MappingSpec("S-B", skus["b"]),
+    ]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=mappings))
+    incoming = (("2024-04-01", 5),)
+    ledger.report(
+        acme,
+        [
+            Observation(
+                index=0, supplier_sku="M-1", quantity=8, observed_at=at(30), incoming=incoming
+            ),
+            Observation(index=1, supplier_sku="M-2", quantity=3, observed_at=at(30)),
+            Observation(index=2, supplier_sku="S-A", quantity=1, observed_at=at(30)),
+            Observation(index=3, supplier_sku="S-B", quantity=2, observed_at=at(30)),
+        ],
+        at(30),
+    )
+    moves = [
+        MappingSpec("M-1", skus["new"]),
+        MappingSpec("M-2", skus["scaled_new"], units_per_supplier_unit=12),
+        MappingSpec("S-A", skus["b"]),
+        MappingSpec("S-B", skus["a"]),
+    ]
+    ledger.run(PutMappings(at=at(60), cause=CAUSE, supplier_id=acme, mappings=moves))
+
+    moved = ledger.levels(skus["new"], at(61))
+    assert (moved.available, moved.suppliers[0].observed_at, moved.stale) == (8, at(30), False)
+    assert moved.suppliers[0].incoming == (("2024-04-01", 5),)
+    assert ledger.levels(skus["new"], at(131)).stale  # it ages from the report, not the remap
+    assert [ledger.available(skus[n], at(61)) for n in ("old", "scaled_new", "a", "b")] == [
+        0,
+        0,
+        0,
+        0,
     ]
 
 

@@ -10,7 +10,7 @@ from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import InvalidTerms, OpenAgainstSupplier, OrdersOpenOnRemap, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import REMAP_SOURCE, StockItem, second_floor
+from ledger.stock import REMAP_SOURCE, IncomingStock, StockItem, second_floor
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
@@ -111,16 +111,24 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             created += 1
             continue
         before = mapping.sku
+        units = (mapping.units_per_supplier_unit, mapping.unit)
         if not mapping.remap(spec, command.at, command.cause):
             unchanged += 1
             continue
         updated += 1
         if before != spec.sku:
             reported = _newest_report(uow, command.supplier_id, before)
+            # The level moves with the supplier SKU where it is the supplier SKU's alone,
+            # counted in the same units, onto a SKU no mapping of this PUT leaves.
+            alone = before not in kept and spec.sku not in left
+            same_units = units == (spec.units_per_supplier_unit, spec.unit)
+            level = (
+                _reported_level(uow, command.supplier_id, before) if alone and same_units else None
+            )
             if before not in kept:
                 _retire_level(uow, supplier, before, command)
             if reported is not None:
-                _open_level(uow, supplier, spec.sku, command, reported)
+                _open_level(uow, supplier, spec.sku, command, reported, level)
     return Upserted(created=created, updated=updated, unchanged=unchanged)
 
 
@@ -169,6 +177,20 @@ def _newest_report(uow: UnitOfWork, supplier_id: str, sku: str) -> datetime | No
     return max(current.observed_at, uow.seen_at(supplier_id, sku) or current.observed_at)
 
 
+# A supplier's level as a remap moves it: quantity and incoming stock, in base units.
+Moved = tuple[int, IncomingStock]
+
+
+def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None:
+    """The supplier's level on `sku` where a report of it set it (not a remap), as it is
+    now (a copy: retiring the level changes the position)."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    current = None if item is None else item.positions.get(supplier_id)
+    if current is None or current.observed_at is None or current.source == REMAP_SOURCE:
+        return None
+    return current.quantity, current.incoming
+
+
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
     """The supplier's level on a SKU that none of its SKUs maps to any more is 0 from the
     remap on (no stock expected either), recorded as an observation of the ledger's own
@@ -181,41 +203,62 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
 
 
 def _open_level(
-    uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings, reported: datetime
+    uow: UnitOfWork,
+    supplier: Supplier,
+    sku: str,
+    command: PutMappings,
+    reported: datetime,
+    level: Moved | None,
 ) -> None:
-    """The SKU a supplier SKU moves onto starts from 0 as of the newest report of it seen
-    (`reported`), where the supplier has no level there of its own: an older report,
-    arriving after the remap, is late there as on the old SKU (it landed whole on the new
-    one, which had no report of the supplier to compare it with; a review). Not from the
-    remap's own time: a report made between the two is the newest the supplier has said
-    (a review of the first version, which took a day's pull feed for late)."""
+    """The SKU a supplier SKU moves onto takes the supplier's level from the old SKU
+    (`level`, where there is one to move), as of the newest report of it seen
+    (`reported`), where the supplier has no level there of its own. It showed out of stock
+    until the supplier's next report, a day for a daily file (an operator's walkthrough):
+    nothing is promised against the level, or the remap is refused. Without one to move,
+    0 as of then: an older report, arriving after the remap, is late there as on the old
+    SKU either way (it landed whole on the new one, which had no report of the supplier to
+    compare it with; a review). Not as of the remap's own time: a report made between the
+    two is the newest the supplier has said (a review of the first version, which took a
+    day's pull feed for late)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     current = None if item is None else item.positions.get(command.supplier_id)
-    if current is None or (current.source == REMAP_SOURCE and current.effective_level() == 0):
-        _zero_level(uow, supplier, sku, command, reported)
+    if current is not None and not (
+        current.source == REMAP_SOURCE and current.effective_level() == 0
+    ):
+        return
+    newest = _newest_report(uow, command.supplier_id, sku)
+    if newest is not None and newest > reported:
+        level = None  # stamped later than it was reported: 0 then, not the level
+    _zero_level(uow, supplier, sku, command, reported, level)
 
 
 def _zero_level(
-    uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings, since: datetime
+    uow: UnitOfWork,
+    supplier: Supplier,
+    sku: str,
+    command: PutMappings,
+    since: datetime,
+    level: Moved | None = None,
 ) -> None:
-    """Records the supplier's level on `sku` as 0 (source `remap`) as of `since`, or of any
-    newer report of it seen; an event even where the level is 0 already: a report that
-    another process decided on the level before the remap, saved after it, then conflicts
-    with it and is decided again (it wrote no event there, and the report's level stood
-    beside the new SKU's; a review)."""
+    """Records the supplier's level on `sku` (source `remap`) as of `since`, or of any newer
+    report of it seen: 0, or the quantity and incoming stock of `level`, moved from another
+    SKU. An event even where it changes nothing: a report that another process decided on
+    the level before the remap, saved after it, then conflicts with it and is decided
+    again (it wrote no event there, and the report's level stood beside the new SKU's; a
+    review)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     if item is None:
         return
     newest = _newest_report(uow, command.supplier_id, sku)
     item.observe(
         command.supplier_id,
-        0,
+        0 if level is None else level[0],
         since if newest is None else max(since, newest),
         supplier.terms,
         command.at,
         command.cause,
         source=REMAP_SOURCE,
-        incoming=(),
+        incoming=() if level is None else level[1],
         net_since=supplier.net_since,
         always=True,
     )
