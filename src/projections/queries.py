@@ -270,8 +270,10 @@ class Views:
                 "SELECT l.supplier_id, max(l.observed_at) AS last FROM view_levels l"
                 " JOIN view_suppliers s ON s.supplier_id = l.supplier_id"
                 " WHERE s.stale_after_seconds IS NOT NULL AND l.observed_at IS NOT NULL"
-                # a level a remap retired is not a report (it gave the remap's time)
-                " AND l.source <> %s"
+                # a level a remap retired is not a report (it gave the remap's time); one
+                # it moved keeps its report's (a review: a supplier whose every level a
+                # remap moved was never found stale)
+                " AND NOT (l.source = %s AND l.quantity = 0)"
                 " GROUP BY l.supplier_id",
                 (REMAP_SOURCE,),
             ).fetchall()

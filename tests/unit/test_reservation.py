@@ -1011,6 +1011,39 @@ def test_a_remap_moves_the_level_to_the_new_sku_where_it_is_the_supplier_sku_s_a
     ]
 
 
+def test_a_moved_level_moves_again_and_is_never_kept_for_another_supplier_sku(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: a level moved by a remap and corrected at once (B to C) moved no further,
+    every SKU at 0; and where another supplier SKU, never reported, was mapped to B, B kept
+    the moved 8 for it while S-1's next report landed on C: 16 sellable for 8."""
+    a, b, c, d = (ledger.sku() for _ in range(4))
+    both = [MappingSpec("S-1", a), MappingSpec("S-2", b)]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=both))
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="S-1", quantity=8, observed_at=at(30))], at(30)
+    )
+    remap(ledger, acme, at(60), **{"S-1": b})
+    on_b = ledger.available(b, at(60))
+    kept_for_s2 = PutMappings(
+        at=at(62),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("S-1", c)],
+        kept=frozenset({(b, "S-2")}),  # as the API finds it: S-2 maps to B
+    )
+    ledger.run(kept_for_s2)
+    on_c = [ledger.available(sku, at(62)) for sku in (a, b, c)]
+    remap(ledger, acme, at(64), **{"S-1": d})
+    ledger.report(
+        acme, [Observation(index=0, supplier_sku="S-1", quantity=8, observed_at=at(80))], at(80)
+    )
+
+    assert on_b == 8
+    assert on_c == [0, 0, 8]
+    assert [ledger.available(sku, at(80)) for sku in (a, b, c, d)] == [0, 0, 0, 8]
+
+
 def test_the_first_report_after_a_remap_raises_no_jump_from_the_remap_s_zero(
     ledger: Ledger, acme: str
 ) -> None:

@@ -83,6 +83,10 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
     }
+    # Not a level a remap moved there: it came with the supplier SKU moving away now, and
+    # kept for another one that never reported, it stood beside that supplier SKU's next
+    # report on its new SKU (a review).
+    kept -= {sku for sku in kept if _moved_here(uow, command.supplier_id, sku)}
     # The SKUs mappings move away from, and their reports seen, each in one go.
     left = sorted(
         {
@@ -182,13 +186,23 @@ Moved = tuple[int, IncomingStock]
 
 
 def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None:
-    """The supplier's level on `sku` where a report of it set it (not a remap), as it is
-    now (a copy: retiring the level changes the position)."""
+    """The supplier's level on `sku` where a report set it, or a remap moved it there (not
+    a remap's 0), as it is now (a copy: retiring the level changes the position). A level
+    moved once moves again: a remap corrected at once left every SKU at 0 (a review)."""
     item = uow.get(StockItem, StockItem.id_for(sku))
     current = None if item is None else item.positions.get(supplier_id)
-    if current is None or current.observed_at is None or current.source == REMAP_SOURCE:
+    if current is None or current.observed_at is None:
+        return None
+    if current.source == REMAP_SOURCE and current.quantity == 0 and not current.incoming:
         return None
     return current.quantity, current.incoming
+
+
+def _moved_here(uow: UnitOfWork, supplier_id: str, sku: str) -> bool:
+    """Whether the supplier's level on `sku` is one a remap moved there."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    current = None if item is None else item.positions.get(supplier_id)
+    return current is not None and current.source == REMAP_SOURCE and current.quantity > 0
 
 
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
