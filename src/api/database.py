@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,9 @@ from projections.store import live
 log = structlog.get_logger(__name__)
 
 EVENTS_TABLE = "inventoryledger_events"
+# How long a command on the embedded default waits for client backends to go before it
+# takes them for another process's and leaves the server running (`stop_unless_used`).
+CLIENTS_SETTLE_SECONDS = 1.0
 
 # Events are never updated or deleted, whoever asks: corrections are new events.
 IMMUTABLE_EVENTS_SQL = f"""
@@ -80,21 +84,34 @@ class EmbeddedPostgres:
             return
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                ).fetchone()
+                clients = self._other_clients(conn)
         except psycopg.Error as error:  # too busy to say (out of connections): left running
             log.info("database.embedded.left_running", pgdata=str(self.pgdata), error=str(error))
             return
-        if row is None or row[0]:
-            log.info("database.embedded.left_running", pgdata=str(self.pgdata), clients=row)
+        if clients:
+            log.info("database.embedded.left_running", pgdata=str(self.pgdata), clients=clients)
             return
         try:
             # Unsaid: a command's last line on stderr is its own (its error, if any).
             self.stop(said=False)
         except Exception as error:  # at exit: said in a line, not a traceback
             log.warning("database.embedded.not_stopped", pgdata=str(self.pgdata), error=str(error))
+
+    @staticmethod
+    def _other_clients(conn: psycopg.Connection[Any]) -> int:
+        """Client backends other than this connection's, once the command's own have had a
+        moment to go: a backend outlives its client's hang-up briefly, longer on a busy
+        machine, where one left the server running (a test run beside fuzzers)."""
+        deadline = time.monotonic() + CLIENTS_SETTLE_SECONDS
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            clients = 0 if row is None else int(row[0])
+            if not clients or time.monotonic() >= deadline:
+                return clients
+            time.sleep(0.1)
 
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
