@@ -350,7 +350,10 @@ def test_reads_waiting_for_a_lagging_view_hold_no_thread_and_give_up_on_time(
     assert listed_seconds < 1.0
     assert {answer.status_code for answer, _ in answers} == {503}
     assert {answer.json()["error"] for answer, _ in answers} == {"position_not_reached"}
-    assert max(seconds for _, seconds in answers) < bound + 1.5, sorted(s for _, s in answers)
+    # Measured from the client's side, 120 reads at once on one worker: on a busy machine
+    # the last of them took up to 4.0 s in two full runs (2026-12-06; 2.2-2.4 s for most),
+    # against up to three times the bound each before the fix.
+    assert max(seconds for _, seconds in answers) < bound + 2.5, sorted(s for _, s in answers)
 
 
 def test_the_workers_of_a_killed_serve_end_with_it(
