@@ -98,9 +98,27 @@ def scraped(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) 
     only appear once something happened."""
     with serving(postgres_server_url, tmp_path_factory.mktemp("dashboard")) as server:
         drive_traffic(server)
-        answer = httpx.get(f"{server.base_url}/metrics", timeout=10)
-    assert answer.status_code == 200, answer.text
-    return answer.text
+        # The server answers once one worker is up; the other may still be starting its
+        # parts (a fresh-clone run scraped one of each). Scraped until both run, or 30 s.
+        deadline = time.monotonic() + 30
+        while True:
+            answer = httpx.get(f"{server.base_url}/metrics", timeout=10)
+            assert answer.status_code == 200, answer.text
+            running = processes(answer.text)
+            both = all(running.get(part) == 2 for part in ("api", "projections", "connectors"))
+            if both or time.monotonic() > deadline:
+                return answer.text
+            time.sleep(0.2)
+
+
+def processes(scraped: str) -> dict[str, float]:
+    """`ledger_processes` by part, as scraped."""
+    return {
+        sample.labels["part"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "ledger_processes"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +134,7 @@ def exported(scraped: str) -> dict[str, str]:
 def test_the_server_s_processes_are_counted_by_the_part_they_run(scraped: str) -> None:
     """Each of the two workers runs the API, the projections and the connectors (as `serve`
     does by default), and one of them sweeps."""
-    counted = {
-        sample.labels["part"]: sample.value
-        for family in text_string_to_metric_families(scraped)
-        for sample in family.samples
-        if sample.name == "ledger_processes"
-    }
-    assert counted == {"api": 2, "projections": 2, "connectors": 2, "sweeper": 1}
+    assert processes(scraped) == {"api": 2, "projections": 2, "connectors": 2, "sweeper": 1}
 
 
 def drive_traffic(server: Server) -> None:
