@@ -794,6 +794,16 @@ def remap(ledger: Ledger, supplier_id: str, when: datetime, **moves: str) -> Out
     return ledger.run(PutMappings(at=when, cause=CAUSE, supplier_id=supplier_id, mappings=mappings))
 
 
+def reported(
+    ledger: Ledger, supplier_id: str, supplier_sku: str, quantity: int, when: float
+) -> DeliveryOutcome:
+    """One record of the supplier's SKU, observed and received at `when` (seconds)."""
+    observation = Observation(
+        index=0, supplier_sku=supplier_sku, quantity=quantity, observed_at=at(when)
+    )
+    return ledger.report(supplier_id, [observation], at(when)).value
+
+
 def mapped_to(ledger: Ledger, supplier_id: str, supplier_sku: str) -> str:
     mapping = ledger.app.repository.get(SkuMapping.id_for(supplier_id, supplier_sku))
     return str(mapping.sku)
@@ -807,14 +817,7 @@ def test_a_remap_off_a_sku_with_orders_open_against_the_supplier_is_refused_unti
     Refused, naming what is open, until the orders are shipped and the supplier has
     reported since (or released, or their holds run out)."""
     old, new, other, elsewhere = ledger.sku(), ledger.sku(), ledger.sku(), ledger.sku()
-    ledger.run(
-        PutMappings(
-            at=at(0),
-            cause=CAUSE,
-            supplier_id=acme,
-            mappings=[MappingSpec("AC-1", old), MappingSpec("AC-2", other)],
-        )
-    )
+    remap(ledger, acme, at(0), **{"AC-1": old, "AC-2": other})
     ledger.report(
         acme,
         [
@@ -847,13 +850,9 @@ def test_a_remap_off_a_sku_with_orders_open_against_the_supplier_is_refused_unti
 
     # The supplier reports the shipment: the remap goes, and the new SKU takes the next
     # report whole, the shipped units gone from it.
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(50))], at(50)
-    )
+    reported(ledger, acme, "AC-1", 6, 50)
     assert remap(ledger, acme, at(60), **{"AC-1": new}).value.updated == 1
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(70))], at(70)
-    )
+    reported(ledger, acme, "AC-1", 6, 70)
     assert (ledger.available(old, at(70)), ledger.available(new, at(70))) == (0, 6)
 
 
@@ -862,16 +861,8 @@ def test_a_remap_waits_for_a_hold_to_run_out_and_a_net_supplier_s_commitments_to
 ) -> None:
     old, new, net_old, net_new = ledger.sku(), ledger.sku(), ledger.sku(), ledger.sku()
     for supplier_id, sku in ((acme, old), (netco, net_old)):
-        ledger.run(
-            PutMappings(
-                at=at(0), cause=CAUSE, supplier_id=supplier_id, mappings=[MappingSpec("X", sku)]
-            )
-        )
-        ledger.report(
-            supplier_id,
-            [Observation(index=0, supplier_sku="X", quantity=10, observed_at=at(1))],
-            at(1),
-        )
+        remap(ledger, supplier_id, at(0), X=sku)
+        reported(ledger, supplier_id, "X", 10, 1)
     ledger.reserve([(old, 2)], at(10), ttl=60)
     confirmed(ledger, [(net_old, 3)], at(10))
 
@@ -894,8 +885,7 @@ def test_a_sku_the_api_says_another_supplier_sku_keeps_is_kept_only_if_the_ledge
     in the mappings view, so neither retired its level: 10 units stood there with no
     mapping feeding them, beside the new SKUs' reports. The ledger checks the claim."""
     old, one, two = ledger.sku(), ledger.sku(), ledger.sku()
-    both = [MappingSpec("K-1", old), MappingSpec("K-2", old)]
-    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=both))
+    remap(ledger, acme, at(0), **{"K-1": old, "K-2": old})
     ledger.stock(acme, {old: 10}, at(1))
 
     first = PutMappings(
@@ -930,11 +920,8 @@ def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved
     said, and applies (a review of the first fix, which took a day's pull feed for late);
     so does any report of a supplier SKU never reported before the remap."""
     old, new, never_old, never_new = (ledger.sku() for _ in range(4))
-    mappings = [MappingSpec("AC-1", old), MappingSpec("AC-2", never_old)]
-    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=mappings))
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=6, observed_at=at(30))], at(30)
-    )
+    remap(ledger, acme, at(0), **{"AC-1": old, "AC-2": never_old})
+    reported(ledger, acme, "AC-1", 6, 30)
     remap(ledger, acme, at(60), **{"AC-1": new, "AC-2": never_new})
 
     def delivered(*observations: tuple[str, int, int]) -> DeliveryOutcome:
@@ -1018,11 +1005,8 @@ def test_a_moved_level_moves_again_and_is_never_kept_for_another_supplier_sku(
     every SKU at 0; and where another supplier SKU, never reported, was mapped to B, B kept
     the moved 8 for it while S-1's next report landed on C: 16 sellable for 8."""
     a, b, c, d = (ledger.sku() for _ in range(4))
-    both = [MappingSpec("S-1", a), MappingSpec("S-2", b)]
-    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=both))
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="S-1", quantity=8, observed_at=at(30))], at(30)
-    )
+    remap(ledger, acme, at(0), **{"S-1": a, "S-2": b})
+    reported(ledger, acme, "S-1", 8, 30)
     remap(ledger, acme, at(60), **{"S-1": b})
     on_b = ledger.available(b, at(60))
     kept_for_s2 = PutMappings(
@@ -1035,9 +1019,7 @@ def test_a_moved_level_moves_again_and_is_never_kept_for_another_supplier_sku(
     ledger.run(kept_for_s2)
     on_c = [ledger.available(sku, at(62)) for sku in (a, b, c)]
     remap(ledger, acme, at(64), **{"S-1": d})
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="S-1", quantity=8, observed_at=at(80))], at(80)
-    )
+    reported(ledger, acme, "S-1", 8, 80)
 
     assert on_b == 8
     assert on_c == [0, 0, 8]
@@ -1051,14 +1033,10 @@ def test_the_first_report_after_a_remap_raises_no_jump_from_the_remap_s_zero(
     report there, and every remap of 100 units or more raised an `anomalous_jump`."""
     old, new = ledger.sku(), ledger.sku()
     remap(ledger, acme, at(0), **{"AC-1": old})
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=500, observed_at=at(30))], at(30)
-    )
+    reported(ledger, acme, "AC-1", 500, 30)
     remap(ledger, acme, at(60), **{"AC-1": new})
     written = ledger.events_written()
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="AC-1", quantity=480, observed_at=at(70))], at(70)
-    )
+    reported(ledger, acme, "AC-1", 480, 70)
     observed = [
         ledger.app.mapper.to_domain_event(n)
         for n in ledger.app.notification_log.select(written + 1, 10)
@@ -1077,9 +1055,7 @@ def test_a_report_decided_in_another_process_before_a_remap_is_decided_again_aft
     the report comes as a feed's does, resolved to our SKU before the remap."""
     old, new = ledger.sku(), ledger.sku()
     remap(ledger, acme, at(0), **{"K-1": old})
-    ledger.report(
-        acme, [Observation(index=0, supplier_sku="K-1", quantity=0, observed_at=at(1))], at(1)
-    )
+    reported(ledger, acme, "K-1", 0, 1)
     other = LedgerWriter(ledger.app)  # the other process: a feed delivery
     save = ledger.app.save
     remapped: list[int] = []
@@ -1120,20 +1096,14 @@ def test_a_return_restocks_nothing_on_a_level_another_supplier_sku_feeds_since_a
     a, b, d = ledger.sku(), ledger.sku(), ledger.sku()
     remap(ledger, acme, at(0), **{"G-1": a, "G-2": b})
 
-    def reported(supplier_sku: str, quantity: int, when: float) -> None:
-        observation = Observation(
-            index=0, supplier_sku=supplier_sku, quantity=quantity, observed_at=at(when)
-        )
-        ledger.report(acme, [observation], at(when))
-
-    reported("G-1", 5, 1)
+    reported(ledger, acme, "G-1", 5, 1)
     before = confirmed(ledger, [(a, 2)], at(2))
     ledger.run(Fulfil(at=at(3), cause=CAUSE, reservation_id=before.id, lines=[(a, 2, None)]))
-    reported("G-1", 3, 4)
-    reported("G-2", 4, 5)
+    reported(ledger, acme, "G-1", 3, 4)
+    reported(ledger, acme, "G-2", 4, 5)
     remap(ledger, acme, at(10), **{"G-1": d})
     remap(ledger, acme, at(11), **{"G-2": a})
-    reported("G-2", 4, 12)
+    reported(ledger, acme, "G-2", 4, 12)
     after = confirmed(ledger, [(a, 1)], at(13))
     ledger.run(Fulfil(at=at(14), cause=CAUSE, reservation_id=after.id, lines=[(a, 1, None)]))
 

@@ -144,9 +144,9 @@ def _segments(text: TextIO) -> Iterator[Segment]:
     # wrapped onto the next line).
     while len(_unwrapped(buffer)) <= ISA_LENGTH and (chunk := text.read(CHUNK)):
         buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
-    if not _unwrapped(buffer).startswith("ISA"):
-        raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
     unwrapped = _unwrapped(buffer)
+    if not unwrapped.startswith("ISA"):
+        raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
     if len(unwrapped) < ISA_LENGTH:
         raise FeedError(f"truncated: the ISA has {len(unwrapped)} characters, expected 106")
     # As written, unless a line break comes inside the ISA, or stands for its terminator
@@ -156,11 +156,10 @@ def _segments(text: TextIO) -> Iterator[Segment]:
     after = buffer[ISA_LENGTH - 1 :]
     following = after.lstrip(LINE_BREAKS)
     wrapped_isa = any(brk in buffer[: ISA_LENGTH - 1] for brk in LINE_BREAKS) or (
-        after[:1] in tuple(LINE_BREAKS) and following[:1] != "" and not following[0].isalnum()
+        after.startswith(tuple(LINE_BREAKS)) and bool(following) and not following[0].isalnum()
     )
-    readings = (unwrapped,) if wrapped_isa else (buffer,)
-    isa_text = next((t for t in readings if _is_fixed_isa(t)), None)
-    if isa_text is None:
+    isa_text = unwrapped if wrapped_isa else buffer
+    if not _is_fixed_isa(isa_text):
         reason = f"bad_envelope: the ISA is not the fixed 106 characters: {shown(buffer[:106])}"
         raise FeedError(reason)
     element, terminator = isa_text[3], isa_text[105]

@@ -10,7 +10,7 @@ from ledger.conflict import ConflictAcknowledgement
 from ledger.errors import InvalidTerms, OpenAgainstSupplier, OrdersOpenOnRemap, UnknownSupplier
 from ledger.handlers import handles
 from ledger.mapping import SkuMapping
-from ledger.stock import REMAP_SOURCE, IncomingStock, StockItem, second_floor
+from ledger.stock import REMAP_SOURCE, IncomingStock, Position, StockItem, second_floor
 from ledger.supplier import Supplier, SupplierTerms
 from ledger.uow import UnitOfWork
 
@@ -160,8 +160,7 @@ def _open_against(
     commitment holds them) and shipped units its reports have not shown yet would be sold
     again there (a review). Refused instead: the commitments cannot be carried across,
     as the new SKU cannot know when the old SKU's orders ship."""
-    item = uow.get(StockItem, StockItem.id_for(sku))
-    position = None if item is None else item.positions.get(command.supplier_id)
+    position = _position(uow, command.supplier_id, sku)
     if position is None:
         return None
     held = position.live_held(second_floor(command.at))
@@ -172,10 +171,15 @@ def _open_against(
     return OpenAgainstSupplier(supplier_sku, sku, held, committed, awaiting_report)
 
 
+def _position(uow: UnitOfWork, supplier_id: str, sku: str) -> Position | None:
+    """The supplier's position on `sku`, if the SKU and the position exist."""
+    item = uow.get(StockItem, StockItem.id_for(sku))
+    return None if item is None else item.positions.get(supplier_id)
+
+
 def _newest_report(uow: UnitOfWork, supplier_id: str, sku: str) -> datetime | None:
     """The newest report of the supplier's level on `sku` the ledger has seen, if any."""
-    item = uow.get(StockItem, StockItem.id_for(sku))
-    current = None if item is None else item.positions.get(supplier_id)
+    current = _position(uow, supplier_id, sku)
     if current is None or current.observed_at is None:
         return None
     return max(current.observed_at, uow.seen_at(supplier_id, sku) or current.observed_at)
@@ -189,8 +193,7 @@ def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None
     """The supplier's level on `sku` where a report set it, or a remap moved it there (not
     a remap's 0), as it is now (a copy: retiring the level changes the position). A level
     moved once moves again: a remap corrected at once left every SKU at 0 (a review)."""
-    item = uow.get(StockItem, StockItem.id_for(sku))
-    current = None if item is None else item.positions.get(supplier_id)
+    current = _position(uow, supplier_id, sku)
     if current is None or current.observed_at is None:
         return None
     if current.source == REMAP_SOURCE and current.quantity == 0 and not current.incoming:
@@ -200,8 +203,7 @@ def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None
 
 def _moved_here(uow: UnitOfWork, supplier_id: str, sku: str) -> bool:
     """Whether the supplier's level on `sku` is one a remap moved there."""
-    item = uow.get(StockItem, StockItem.id_for(sku))
-    current = None if item is None else item.positions.get(supplier_id)
+    current = _position(uow, supplier_id, sku)
     return current is not None and current.source == REMAP_SOURCE and current.quantity > 0
 
 
@@ -213,7 +215,7 @@ def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMap
     supplier has no level there yet too: a report resolved through the old mapping before
     the remap (a delivery under way, another process) is then late there, not a new level
     beside the new SKU's (a review)."""
-    _zero_level(uow, supplier, sku, command, command.at)
+    _record_level(uow, supplier, sku, command, command.at)
 
 
 def _open_level(
@@ -234,8 +236,7 @@ def _open_level(
     compare it with; a review). Not as of the remap's own time: a report made between the
     two is the newest the supplier has said (a review of the first version, which took a
     day's pull feed for late)."""
-    item = uow.get(StockItem, StockItem.id_for(sku))
-    current = None if item is None else item.positions.get(command.supplier_id)
+    current = _position(uow, command.supplier_id, sku)
     if current is not None and not (
         current.source == REMAP_SOURCE and current.effective_level() == 0
     ):
@@ -243,10 +244,10 @@ def _open_level(
     newest = _newest_report(uow, command.supplier_id, sku)
     if newest is not None and newest > reported:
         level = None  # stamped later than it was reported: 0 then, not the level
-    _zero_level(uow, supplier, sku, command, reported, level)
+    _record_level(uow, supplier, sku, command, reported, level)
 
 
-def _zero_level(
+def _record_level(
     uow: UnitOfWork,
     supplier: Supplier,
     sku: str,
