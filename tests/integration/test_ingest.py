@@ -1317,39 +1317,6 @@ def test_sch_lines_are_kept_as_incoming_stock_in_base_units_and_only_news_is_app
     assert kept_incoming(ledger, "sch", "SKU-SCH") is None
 
 
-def per_warehouse(first: int, second: int) -> bytes:
-    """The two-item fixture with ABC-123 given per warehouse (N1 loops), in cases at the
-    second, with incoming stock at the first."""
-    items = (
-        f"LIN*1*SK*ABC-123~N1*WH*EAST*92*WH01~QTY*33*{first}*EA~SCH*6*EA***018*20260201~"
-        f"N1*WH*WEST*92*WH02~QTY*33*{second}*EA~"
-    )
-    fixture = (FIXTURES / "846-two-items.edi").read_text()
-    head, rest = fixture.split("LIN*1*", 1)
-    lines = head + items + rest[rest.index("LIN*2*") :]
-    segments = lines.split("ST*846*0001~")[1].split("SE*12*0001~")[0].count("~") + 2
-    return lines.replace("SE*12*0001~", f"SE*{segments}*0001~").encode()
-
-
-def test_stock_per_warehouse_is_summed_for_a_supplier_whose_locations_option_says_so(
-    ledger: Runtime,
-) -> None:
-    skus = {"ABC-123": "SKU-WH", "XYZ-9": "SKU-WH2"}
-    setup_supplier(ledger, "wh", skus, connector={"options": {"locations": "sum"}})
-    setup_supplier(ledger, "whx", {"ABC-123": "SKU-WHX", "XYZ-9": "SKU-WHX2"})
-
-    summed = ingest(ledger, "wh", per_warehouse(40, 60), "edi846")
-    unsaid = ingest(ledger, "whx", per_warehouse(40, 60), "edi846")
-    position = ledger.app.repository.get(StockItem.id_for("SKU-WH")).positions["wh"]
-
-    assert (summed.applied, list(summed.rejections)) == (2, [])
-    assert (position.quantity, position.incoming) == (100, (("2026-02-01", 6),))
-    # A supplier that did not say how its warehouses add up: the item waits as a letter.
-    assert unsaid.applied == 1
-    assert [r.reason.split(":")[0] for r in unsaid.rejections] == ["per_location_quantities"]
-    assert ledger.app.repository.get(StockItem.id_for("SKU-WHX")).positions == {}
-
-
 def test_incoming_stock_in_a_unit_nobody_knows_refuses_the_record_alone(ledger: Runtime) -> None:
     setup_supplier(ledger, "schu", {"ABC-123": "SKU-SCHU", "XYZ-9": "SKU-SCHU2"})
     result = ingest(ledger, "schu", edi_with("SCH*2*PALLET***018*20260215~"), "edi846")

@@ -127,113 +127,6 @@ def test_the_chosen_qty_given_twice_with_different_values_refuses_the_item() -> 
     assert summary(units)[0] == (1, "conflicting_quantities: QTY 33 given 2 times (120 EA, 120 CA)")
 
 
-def with_items(items: str) -> str:
-    """The shared sample's set with these LIN loops (`~`-ended segments) in place of its
-    two, SE01 and CTT01 counted again."""
-    head, rest = SAMPLE.split("LIN*1*", 1)
-    tail = rest[rest.index("CTT*") :]
-    loops = items.count("LIN*")
-    segments = head.split("ST*846*0001~")[1].count("~") + items.count("~") + 3
-    tail = tail.replace("CTT*2~", f"CTT*{loops}~").replace("SE*12*", f"SE*{segments}*")
-    return head + items + tail
-
-
-# An item given per warehouse, each in an N1 loop of its LIN loop, no total of its own.
-PER_WAREHOUSE = (
-    "LIN*1*SK*ABC-123~N1*WH*EAST*92*WH01~QTY*33*40*EA~SCH*10*EA***018*20260201~"
-    "N1*WH*WEST*92*WH02~QTY*33*60*EA~SCH*5*EA***018*20260203~"
-)
-# The same, the two warehouses holding as many: taking the first read 40 for 80.
-ALIKE = "LIN*1*SK*ABC-123~N1*WH**92*WH01~QTY*33*40*EA~N1*WH**92*WH02~QTY*33*40*EA~"
-# A total of the item's own before its warehouses.
-WITH_TOTAL = "LIN*1*SK*ABC-123~QTY*33*100*EA~" + PER_WAREHOUSE.removeprefix("LIN*1*SK*ABC-123~")
-
-
-def test_stock_given_per_location_alone_is_refused_unless_the_locations_option_says_how() -> None:
-    """A walkthrough: a partner reporting an item per warehouse (N1 loops) had its first
-    warehouse's QTY taken as the item's, or the item refused as conflicting; where both
-    held as many, one warehouse stood for both."""
-    [refused] = read_text(with_items(PER_WAREHOUSE))
-    [alike] = read_text(with_items(ALIKE))
-    [total] = read_text(with_items(WITH_TOTAL))
-
-    assert summary([refused])[0][1].startswith(
-        "per_location_quantities: QTY 33/QA/17 given per location (WH01/WH02) and not for"
-    )
-    assert summary([alike])[0][1].startswith("per_location_quantities:")
-    assert isinstance(total, Record)
-    # Its own QTY; its SCH lines are its warehouses', where it gives none of its own.
-    assert (total.quantity, [i.quantity for i in total.incoming or ()]) == (100, [10, 5])
-
-
-def test_locations_summed_count_every_warehouse_and_their_incoming_stock() -> None:
-    [summed] = read_text(with_items(PER_WAREHOUSE), locations="sum")
-    [alike] = read_text(with_items(ALIKE), locations="sum")
-    [total] = read_text(with_items(WITH_TOTAL), locations="sum")
-
-    assert isinstance(summed, Record)
-    assert (summed.supplier_sku, summed.quantity, summed.unit) == ("ABC-123", 100, "EA")
-    assert summed.incoming == (
-        Incoming(10, date(2026, 2, 1), "EA"),
-        Incoming(5, date(2026, 2, 3), "EA"),
-    )
-    assert isinstance(alike, Record)
-    assert alike.quantity == 80
-    assert isinstance(total, Record)
-    assert total.quantity == 100
-
-
-def test_locations_named_count_only_those_warehouses() -> None:
-    [east] = read_text(with_items(WITH_TOTAL), locations=["WH01"])
-    [both] = read_text(with_items(PER_WAREHOUSE), locations=["WH02", "WH01"])
-    [neither] = read_text(with_items(PER_WAREHOUSE), locations=["WH09"])
-    [no_locations] = read_text(with_items("LIN*1*SK*ABC-123~QTY*33*100*EA~"), locations=["WH01"])
-
-    assert isinstance(east, Record)
-    assert (east.quantity, east.incoming) == (40, (Incoming(10, date(2026, 2, 1), "EA"),))
-    assert isinstance(both, Record)
-    assert both.quantity == 100
-    assert summary([neither]) == [(1, "missing_quantity: no QTY 33/QA/17 at WH09 (found none)")]
-    assert summary([no_locations])[0][1] == (
-        "missing_quantity: no QTY 33/QA/17 at WH01 (found none)"
-    )
-
-
-@pytest.mark.parametrize(
-    ("items", "reason"),
-    [
-        (
-            "LIN*1*SK*A~N1*WH**92*WH01~QTY*33*4*EA~N1*WH**92*WH02~QTY*33*1*CA~",
-            "mixed_units: QTY 33 in EA at WH01, CA at WH02",
-        ),
-        (
-            "LIN*1*SK*A~N1*WH**92*WH01~QTY*33*4*EA~N1*WH**92*WH02~QTY*17*9*EA~",
-            "missing_quantity: no QTY 33 at WH02 (found 17)",
-        ),
-        (
-            "LIN*1*SK*A~N1*WH**92*WH01~QTY*33*4*EA~QTY*33*5*EA~",
-            "conflicting_quantities: QTY 33 given 2 times at WH01 (4 EA, 5 EA)",
-        ),
-        (
-            "LIN*1*SK*A~N1*WH**92*WH01~QTY*33*4*EA~N1*WH**92*WH02~QTY*33*x*EA~",
-            "invalid_quantity: 'x'",
-        ),
-    ],
-)
-def test_locations_that_cannot_be_summed_refuse_the_item(items: str, reason: str) -> None:
-    parsed = read_text(with_items(items + "LIN*2*SK*B~QTY*33*7*EA~"), locations="sum")
-
-    assert summary(parsed) == [(1, reason), (2, "B", None, 7, "EA")]
-
-
-def test_a_location_reporting_other_stock_only_adds_nothing() -> None:
-    """A warehouse with stock on order (QTY 63) alone holds none for sale."""
-    items = "LIN*1*SK*A~N1*WH**92*WH01~QTY*33*4*EA~N1*WH**92*WH02~QTY*63*50*EA~"
-    [record] = read_text(with_items(items), locations="sum")
-    assert isinstance(record, Record)
-    assert record.quantity == 4
-
-
 def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:
     parsed = read("846-pipe-caret-newline.edi")
 
@@ -565,14 +458,7 @@ def test_a_schedule_line_without_a_date_expects_stock_at_no_given_date() -> None
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {"quantity_qualifiers": []},
-        {"sku_qualifiers": [33]},
-        {"encoding": "no-such-codec"},
-        {"locations": "summ"},  # one code would be taken for "sum" misspelt
-        {"locations": []},
-        {"locations": ["WH01", ""]},
-    ],
+    [{"quantity_qualifiers": []}, {"sku_qualifiers": [33]}, {"encoding": "no-such-codec"}],
 )
 def test_bad_options_are_refused_before_anything_is_read(options: dict[str, Any]) -> None:
     source = io.BytesIO(SAMPLE.encode())

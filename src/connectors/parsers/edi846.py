@@ -10,14 +10,6 @@ Options (every one optional):
   first one the LIN loop has is taken. Default ["33", "QA", "17"]: available for sale,
   else available, else on hand.
 - `encoding`: default "utf-8".
-- `locations`: stock given per location, each in an N1 loop within the LIN loop (the QTY
-  and SCH segments after an N1 are that location's, named by its N104 code, else its
-  N102 name). Unset, only the item's own QTY (before any N1) is read, and an item that
-  gives its quantity per location alone is refused as `per_location_quantities`: a
-  location's QTY read as the item's counted one warehouse for all (a walkthrough).
-  "sum": the item's own QTY where it gives one (the locations detail it), else the sum
-  of its locations'. A list of location codes: the sum of those locations' QTYs alone
-  (the item's own total counts the others too), and their SCH lines.
 
 Separators are the ones the ISA declares: the element separator is its 4th character,
 the sub-element separator its 105th, the segment terminator its 106th. Where the
@@ -43,11 +35,8 @@ IEA02/ISA13; CTT01, where sent).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
 whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
-a wanted qualifier (where it is read: see `locations`), with that QTY given more than
-once with different values in one place (per location, without N1 loops to say so),
-with locations' quantities in different units (`mixed_units`) or a counted location
-giving another wanted qualifier than the one chosen, or with an unreadable quantity or SCH
-line.
+a wanted qualifier or with that QTY given more than once with different values (per
+location, say), or with an unreadable quantity or SCH line.
 """
 
 from __future__ import annotations
@@ -56,7 +45,7 @@ import codecs
 import io
 import re
 from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, BinaryIO, ClassVar, TextIO
 
@@ -87,8 +76,6 @@ SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{1,2}")
 # one, not the ambiguity it is in a feed that does not say how it writes numbers.
 NUMBERS = ValueFormat(separators_known=True)
 LINE_BREAKS = "\r\n"
-# The `locations` option that counts the stock of every location an item gives.
-SUM = "sum"
 
 Segment = list[str]
 
@@ -99,16 +86,13 @@ class EdiSettings:
 
     # The options `from_options` reads (connectors.config refuses any other).
     OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"encoding", "sku_qualifiers", "upc_qualifiers", "quantity_qualifiers", "locations"}
+        {"encoding", "sku_qualifiers", "upc_qualifiers", "quantity_qualifiers"}
     )
 
     sku_qualifiers: tuple[str, ...]
     upc_qualifiers: tuple[str, ...]
     quantity_qualifiers: tuple[str, ...]
     encoding: str
-    # Stock given per location (N1 loops in a LIN loop): None to take only the item's own
-    # QTY, SUM for every location's summed, or the codes of the locations to sum.
-    locations: str | tuple[str, ...] | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> EdiSettings:
@@ -122,17 +106,7 @@ class EdiSettings:
             upc_qualifiers=option_names(options, "upc_qualifiers", ("UP", "EN")),
             quantity_qualifiers=option_names(options, "quantity_qualifiers", ("33", "QA", "17")),
             encoding=encoding,
-            locations=_locations(options),
         )
-
-
-def _locations(options: Mapping[str, Any]) -> str | tuple[str, ...] | None:
-    value = options.get("locations")
-    if value is None or value == SUM:
-        return value
-    if isinstance(value, str):  # a single code, taken for "sum" misspelt, would count too little
-        raise ValueError(f'bad_option: locations must be "{SUM}" or a list of location codes')
-    return option_names(options, "locations", ())
 
 
 @dataclass(frozen=True)
@@ -358,123 +332,31 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
     upc = next((pairs[q] for q in settings.upc_qualifiers if q in pairs), None)
     if sku is None and upc is None:
         return RecordError(position, f"missing_identifier: LIN pairs {sorted(pairs)}", raw)
-    own, scopes = _scopes(loop)
-    wanted = settings.quantity_qualifiers
-    if settings.locations is None or (settings.locations == SUM and _reports(own, wanted)):
-        if not _reports(own, wanted) and any(_reports(s, wanted) for s in scopes.values()):
-            where = "/".join(name for name, s in scopes.items() if _reports(s, wanted))
-            reason = (
-                f"per_location_quantities: QTY {'/'.join(wanted)} given per location ({where})"
-                ' and not for the item: set the supplier\'s `locations` option ("sum", or the'
-                " locations to count)"
-            )
-            return RecordError(position, reason, raw)
-        counted = {"": own}
-        schedules = own.schedules or [s for scope in scopes.values() for s in scope.schedules]
-    else:
-        counted = {
-            name: scope
-            for name, scope in scopes.items()
-            if settings.locations == SUM or name in settings.locations
-        }
-        schedules = [s for scope in counted.values() for s in scope.schedules]
-    if "" in counted:
-        label = ""
-    elif settings.locations == SUM:
-        label = f" at {'/'.join(counted) or 'any location'}"
-    else:
-        label = f" at {'/'.join(settings.locations or ())}"
-    return _counted(position, sku, upc, counted, schedules, settings, context, raw, label)
-
-
-@dataclass(frozen=True)
-class _Scope:
-    """An item's QTY segments by qualifier, and its SCH lines, at one location (an N1 in its
-    LIN loop), or its own (before any N1)."""
-
-    quantities: dict[str, list[Segment]] = field(default_factory=dict)
-    schedules: list[Segment] = field(default_factory=list)
-
-
-def _scopes(loop: list[Segment]) -> tuple[_Scope, dict[str, _Scope]]:
-    """A LIN loop's QTY and SCH segments by where they stand: the item's own (before any
-    N1), and each location's by its N1 (N104, its code; else N102, its name; else which
-    N1 of the loop it is), in the order written."""
-    own = _Scope()
-    located: dict[str, _Scope] = {}
-    at = own
-    for segment in loop[1:]:
-        if segment[0] == "N1":
-            name = _element(segment, 4) or _element(segment, 2) or f"N1 {len(located) + 1}"
-            at = located.setdefault(name, _Scope())
-        elif segment[0] == "QTY":
-            at.quantities.setdefault(_element(segment, 1), []).append(segment)
-        elif segment[0] == "SCH":
-            at.schedules.append(segment)
-    return own, located
-
-
-def _reports(scope: _Scope, wanted: tuple[str, ...]) -> bool:
-    return any(q in scope.quantities for q in wanted)
-
-
-def _counted(
-    position: int,
-    sku: str | None,
-    upc: str | None,
-    scopes: dict[str, _Scope],
-    schedules: list[Segment],
-    settings: EdiSettings,
-    context: _Context,
-    raw: dict[str, Any],
-    at: str,
-) -> Parsed:
-    """The item's record from the QTY of these scopes (the item's own, keyed "", or its
-    locations', summed), with these SCH lines; or why it cannot be read (`at`: where the
-    quantity was looked for, for the reason)."""
-    wanted = settings.quantity_qualifiers
-    found = list(dict.fromkeys(q for scope in scopes.values() for q in scope.quantities))
-    reported = next((q for q in wanted if q in found), None)
+    quantities: dict[str, list[Segment]] = {}
+    for segment in loop:
+        if segment[0] == "QTY":
+            quantities.setdefault(_element(segment, 1), []).append(segment)
+    reported = next((q for q in settings.quantity_qualifiers if q in quantities), None)
     if reported is None:
-        shown_found = "/".join(found) or "none"
-        reason = f"missing_quantity: no QTY {'/'.join(wanted)}{at} (found {shown_found})"
+        wanted, found = "/".join(settings.quantity_qualifiers), "/".join(quantities) or "none"
+        return RecordError(position, f"missing_quantity: no QTY {wanted} (found {found})", raw)
+    chosen, *others = quantities[reported]
+    said = [(_element(q, 2), _element(q, 3)) for q in (chosen, *others)]
+    if len(set(said)) > 1:
+        # Per location, say (an N1 or LX loop around them, which is not read): one level
+        # per item is kept, and the first one taken silently dropped the rest (a walkthrough).
+        written = ", ".join(" ".join(filter(None, pair)) for pair in said)
+        reason = f"conflicting_quantities: QTY {reported} given {len(said)} times ({written})"
         return RecordError(position, reason, raw)
-    total, units = 0, {}
-    for name, scope in scopes.items():
-        if not _reports(scope, wanted):
-            continue  # a location of other stock (on order, say): nothing of this
-        where = f" at {name}" if name else ""
-        if reported not in scope.quantities:
-            others = "/".join(q for q in wanted if q in scope.quantities)
-            reason = f"missing_quantity: no QTY {reported}{where} (found {others})"
-            return RecordError(position, reason, raw)
-        chosen, *others_given = scope.quantities[reported]
-        said = [(_element(q, 2), _element(q, 3)) for q in (chosen, *others_given)]
-        if len(set(said)) > 1:
-            # Per location without an N1 to say so, say: one level per item is kept, and
-            # the first one taken silently dropped the rest (a walkthrough).
-            written = ", ".join(" ".join(filter(None, pair)) for pair in said)
-            reason = (
-                f"conflicting_quantities: QTY {reported} given {len(said)} times{where} ({written})"
-            )
-            return RecordError(position, reason, raw)
-        try:
-            quantity = NUMBERS.quantity(_element(chosen, 2))
-            if quantity is None:
-                raise Unreadable(f"missing_quantity: QTY02 is empty{where}")
-        except Unreadable as unreadable:
-            return RecordError(position, str(unreadable), raw)
-        total += quantity
-        units[name] = _element(chosen, 3).split(context.sub_element)[0].strip() or None
-    if len(set(units.values())) > 1:
-        written = ", ".join(f"{unit or 'no unit'} at {name}" for name, unit in units.items())
-        return RecordError(position, f"mixed_units: QTY {reported} in {written}", raw)
     try:
-        incoming = tuple(_incoming(s, context) for s in schedules)
+        quantity = NUMBERS.quantity(_element(chosen, 2))
+        if quantity is None:
+            raise Unreadable("missing_quantity: QTY02 is empty")
+        incoming = tuple(_incoming(s, context) for s in loop if s[0] == "SCH")
     except Unreadable as unreadable:
         return RecordError(position, str(unreadable), raw)
-    unit = next(iter(units.values()))
-    return Record(position, sku, upc, total, unit, context.observed_at, raw, incoming)
+    unit = _element(chosen, 3).split(context.sub_element)[0].strip() or None
+    return Record(position, sku, upc, quantity, unit, context.observed_at, raw, incoming)
 
 
 def _incoming(sch: Segment, context: _Context) -> Incoming:
