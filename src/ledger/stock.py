@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import AggregateCreated
@@ -469,6 +469,22 @@ class StockItem(LedgerAggregate):
         source: str
         delivery_id: str | None
 
+    class SupplierSkuRemapped(Event):
+        """A mapping moved one of the supplier's SKUs (`supplier_sku`) from this SKU to
+        `to_sku`. `level` says what became of the supplier's level here: "kept" (another
+        of its SKUs still maps here), "moved" (to `to_sku`, with its report time) or
+        "retired" (0 from the remap on; `to_sku` shows the supplier's stock from its next
+        report). The level's own events follow it. Recorded on every such move, so that
+        two mapping PUTs moving supplier SKUs off one SKU at once conflict here, and the
+        later is decided again on what the first did (each kept the level for the other,
+        and it stood fed by nothing: a review)."""
+
+        TOPIC = "stockledger:StockItem.SupplierSkuRemapped"
+        supplier_id: str
+        supplier_sku: str
+        to_sku: str
+        level: str
+
     class Held(Event):
         TOPIC = "stockledger:StockItem.Held"
         reservation_id: str
@@ -670,6 +686,26 @@ class StockItem(LedgerAggregate):
         )
 
     # Commands ---------------------------------------------------------------
+
+    def note_remap(
+        self,
+        supplier_id: str,
+        supplier_sku: str,
+        to_sku: str,
+        level: Literal["kept", "moved", "retired"],
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        """Records that a mapping moved the supplier SKU from here (`SupplierSkuRemapped`)."""
+        self.trigger_event(
+            self.SupplierSkuRemapped,
+            supplier_id=supplier_id,
+            supplier_sku=supplier_sku,
+            to_sku=to_sku,
+            level=level,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
 
     def set_safety_stock(self, safety_stock: int, at: datetime, cause: Cause) -> bool:
         if safety_stock == self.safety_stock:

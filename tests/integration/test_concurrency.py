@@ -17,12 +17,21 @@ import pytest
 from api.metrics import Metrics
 from api.runtime import Runtime, open_runtime
 from ledger import hot
+from ledger.commands import PutMappings
 from ledger.errors import InsufficientStock, Unstorable
+from ledger.mapping import MappingSpec
 from ledger.reservation import Reservation
 from ledger.stock import StockItem
 from ledger.writer import LedgerWriter, _Job
 from tests.conftest import make_settings, random_sku
-from tests.integration.ledger_setup import now, put_supplier, report, reserve, stock_sku
+from tests.integration.ledger_setup import (
+    CAUSE,
+    now,
+    put_supplier,
+    report,
+    reserve,
+    stock_sku,
+)
 from tests.integration.workers import compete, compete_spread
 
 
@@ -632,3 +641,45 @@ def test_a_replayed_order_saved_beside_new_ones_is_answered_without_their_positi
     assert retried.value.replayed
     assert retried.position is not None
     assert retried.position == placed_now.position
+
+
+def test_two_mapping_puts_moving_supplier_skus_off_one_sku_at_once_leave_no_level_behind(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two PUTs of one supplier in two processes, each moving one of the two supplier SKUs
+    off a SKU and each finding the other still there, kept the level for each other: it
+    stood fed by no mapping. Each move writes on the SKU it leaves, so on PostgreSQL too
+    the later save conflicts there and is decided again on what the first saved."""
+    old, one, two = (random_sku("LEFT") for _ in range(3))
+    supplier = random_sku("remapper")
+    at = now()
+    put_supplier(runtime.writer, supplier, at)
+    specs = [MappingSpec("K-1", old), MappingSpec("K-2", old)]
+    runtime.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=specs))
+    report(runtime.writer, old, 10, supplier, at)
+
+    def put(supplier_sku: str, sku: str, other: str) -> PutMappings:
+        # As the API finds it before either PUT: the other supplier SKU on the old SKU.
+        return PutMappings(
+            at=now(),
+            cause=CAUSE,
+            supplier_id=supplier,
+            mappings=[MappingSpec(supplier_sku, sku)],
+            kept=frozenset({(old, other)}),
+        )
+
+    save = runtime.app.save
+    conflicts = runtime.writer.conflicts
+    with another_writer(runtime) as other:
+
+        def the_other_saves_first(*aggregates: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(runtime.app, "save", save)
+            other.execute(put("K-2", two, "K-1"))
+            return save(*aggregates, **kwargs)
+
+        monkeypatch.setattr(runtime.app, "save", the_other_saves_first)
+        runtime.writer.execute(put("K-1", one, "K-2"))
+
+    levels = [runtime.queries.stock_levels(sku, now()).on_hand for sku in (old, one, two)]
+    assert runtime.writer.conflicts == conflicts + 1
+    assert levels == [0, 10, 0]  # the first kept it for K-1, whose PUT then moved it

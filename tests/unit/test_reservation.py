@@ -910,6 +910,91 @@ def test_a_sku_the_api_says_another_supplier_sku_keeps_is_kept_only_if_the_ledge
     assert ledger.levels(old, at(20)).on_hand == 0
 
 
+def remaps_recorded(ledger: Ledger, sku: str) -> list[tuple[str, str, str]]:
+    """The remaps off `sku` its history shows: supplier SKU, where to, what the level did."""
+    item_id = StockItem.id_for(sku)
+    return [
+        (e.supplier_sku, e.to_sku, e.level)
+        for e in ledger.app.repository.event_store.get(item_id)
+        if isinstance(e, StockItem.SupplierSkuRemapped)
+    ]
+
+
+def test_a_sku_s_history_says_where_each_supplier_sku_mapped_off_it_went(
+    ledger: Ledger, acme: str
+) -> None:
+    """An auditor's walkthrough: the old SKU's history showed the remap's 0 and no more;
+    where the stock went was only in the mappings' history. Now each move off a SKU is
+    there, with what became of the supplier's level: kept for another supplier SKU,
+    moved with it, or retired (0 until the next report of it on its new SKU)."""
+    old, one, two, three = (ledger.sku() for _ in range(4))
+    remap(ledger, acme, at(0), **{"K-1": old, "K-2": old, "K-3": three})
+    ledger.stock(acme, {old: 10, three: 4}, at(1))
+
+    # K-2 still maps to the old SKU, as the API finds it.
+    still = PutMappings(
+        at=at(10),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("K-1", one)],
+        kept=frozenset({(old, "K-2")}),
+    )
+    ledger.run(still)
+    remap(ledger, acme, at(20), **{"K-2": two})  # the last one: its level goes with it
+    # Onto SKUs a remap left: the remap's 0 there is newer than the level's report, so each
+    # starts from 0 (README, "Not built yet").
+    remap(ledger, acme, at(30), **{"K-3": old, "K-1": three})
+
+    assert remaps_recorded(ledger, old) == [("K-1", one, "kept"), ("K-2", two, "moved")]
+    assert remaps_recorded(ledger, three) == [("K-3", old, "retired")]
+    assert remaps_recorded(ledger, one) == [("K-1", three, "retired")]
+    assert [ledger.levels(sku, at(30)).on_hand for sku in (old, one, two, three)] == [0, 0, 10, 0]
+
+
+def test_two_remaps_off_one_sku_at_once_conflict_there_and_the_later_is_decided_again(
+    ledger: Ledger, acme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: two mapping PUTs of one supplier at once, in two processes, each moving
+    one of the two supplier SKUs off a SKU, each found the other still there (in the
+    view, and in the ledger's mappings as it had loaded them), so each kept the level for
+    the other: 10 units stood there fed by no mapping, sold beside the supplier's next
+    reports on the new SKUs. Each such move writes on the SKU it leaves, so the two
+    conflict there, and the later is decided again on what the first did. Two writers on
+    one store stand for the processes."""
+    old, one, two = ledger.sku(), ledger.sku(), ledger.sku()
+    remap(ledger, acme, at(0), **{"K-1": old, "K-2": old})
+    ledger.stock(acme, {old: 10}, at(1))
+    other = LedgerWriter(ledger.app)
+    save = ledger.app.save
+
+    def first_saves_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(ledger.app, "save", save)
+        # This PUT is decided; the first one, decided on the same state, saves before it.
+        first = PutMappings(
+            at=at(10),
+            cause=CAUSE,
+            supplier_id=acme,
+            mappings=[MappingSpec("K-1", one)],
+            kept=frozenset({(old, "K-2")}),
+        )
+        assert ledger.run(first).value.updated == 1
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ledger.app, "save", first_saves_first)
+    later = PutMappings(
+        at=at(10),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("K-2", two)],
+        kept=frozenset({(old, "K-1")}),  # as the API found it, before the first PUT
+    )
+    assert other.apply(later).value.updated == 1
+    monkeypatch.undo()
+
+    assert [ledger.levels(sku, at(20)).on_hand for sku in (old, one, two)] == [0, 0, 10]
+    assert remaps_recorded(ledger, old) == [("K-1", one, "kept"), ("K-2", two, "moved")]
+
+
 def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved_to(
     ledger: Ledger, acme: str
 ) -> None:

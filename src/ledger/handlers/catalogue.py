@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Literal
 
 from ledger.commands import AcknowledgeConflict, NoteLastReports, PutMappings, PutSku, PutSupplier
 from ledger.conflict import ConflictAcknowledgement
@@ -131,8 +132,22 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             )
             if before not in kept:
                 _retire_level(uow, supplier, before, command)
-            if reported is not None:
-                _open_level(uow, supplier, spec.sku, command, reported, level)
+            moved = reported is not None and _open_level(
+                uow, supplier, spec.sku, command, reported, level
+            )
+            left_item = uow.get(StockItem, StockItem.id_for(before))
+            if left_item is not None:
+                became: Literal["kept", "moved", "retired"] = (
+                    "kept" if before in kept else "moved" if moved else "retired"
+                )
+                left_item.note_remap(
+                    command.supplier_id,
+                    spec.supplier_sku,
+                    spec.sku,
+                    became,
+                    command.at,
+                    command.cause,
+                )
     return Upserted(created=created, updated=updated, unchanged=unchanged)
 
 
@@ -225,7 +240,7 @@ def _open_level(
     command: PutMappings,
     reported: datetime,
     level: Moved | None,
-) -> None:
+) -> bool:
     """The SKU a supplier SKU moves onto takes the supplier's level from the old SKU
     (`level`, where there is one to move), as of the newest report of it seen
     (`reported`), where the supplier has no level there of its own. It showed out of stock
@@ -235,16 +250,17 @@ def _open_level(
     SKU either way (it landed whole on the new one, which had no report of the supplier to
     compare it with; a review). Not as of the remap's own time: a report made between the
     two is the newest the supplier has said (a review of the first version, which took a
-    day's pull feed for late)."""
+    day's pull feed for late). Returns whether it moved the level."""
     current = _position(uow, command.supplier_id, sku)
     if current is not None and not (
         current.source == REMAP_SOURCE and current.effective_level() == 0
     ):
-        return
+        return False
     newest = _newest_report(uow, command.supplier_id, sku)
     if newest is not None and newest > reported:
         level = None  # stamped later than it was reported: 0 then, not the level
     _record_level(uow, supplier, sku, command, reported, level)
+    return level is not None
 
 
 def _record_level(
