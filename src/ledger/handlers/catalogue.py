@@ -121,6 +121,8 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             unchanged += 1
             continue
         updated += 1
+        if before == spec.sku and units != (spec.units_per_supplier_unit, spec.unit):
+            _units_changed(uow, command.supplier_id, spec.sku, command.at)
         if before != spec.sku:
             reported = _newest_report(uow, command.supplier_id, before)
             # The level moves with the supplier SKU where it is the supplier SKU's alone,
@@ -149,6 +151,17 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
                     command.cause,
                 )
     return Upserted(created=created, updated=updated, unchanged=unchanged)
+
+
+def _units_changed(uow: UnitOfWork, supplier_id: str, sku: str, at: datetime) -> None:
+    """A mapping's units changed: a report made before, in the old units, is late from now
+    on, as if a report of the level had been seen now. It was read in the new units,
+    taken for a correction: 9 pieces reported before a change to cases of 12, delivered
+    after it, counted 108 (a fuzzer). The level on record stands, in base units, until the
+    supplier's next report."""
+    current = _position(uow, supplier_id, sku)
+    if current is not None and current.observed_at is not None:
+        uow.touch(supplier_id, sku, at)
 
 
 def _confirmed(
