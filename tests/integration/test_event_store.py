@@ -32,6 +32,7 @@ PINNED_TOPICS = {
     "stockledger:StockItem.CommitmentReleased",
     "stockledger:StockItem.Shipped",
     "stockledger:StockItem.Restocked",
+    "stockledger:StockItem.SupplierSkuRemapped",
     "stockledger:Reservation.Placed",
     "stockledger:Reservation.Confirmed",
     "stockledger:Reservation.Released",
