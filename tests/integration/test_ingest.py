@@ -581,31 +581,6 @@ def map_in_units(runtime: Runtime, supplier: str, *specs: MappingSpec, **connect
     )
 
 
-def test_a_report_made_before_a_mapping_s_units_changed_is_late_after_the_change(
-    ledger: Runtime,
-) -> None:
-    """A fuzzer: 9 pieces reported before the mapping changed to cases of 12, delivered
-    after the change, counted 108, taken for a correction. Late now; the supplier's next
-    report, in cases, applies, and the level on record stands until it."""
-    start = datetime.now(UTC) - timedelta(minutes=10)
-    setup_supplier(ledger, "repack", {"R-1": "SKU-REPACK", "R-2": "SKU-REPACK-2"})
-    ingest(ledger, "repack", csv_body({"R-1": 100, "R-2": 5}, start))
-    repacked = [MappingSpec("R-1", "SKU-REPACK", 12)]  # the supplier now counts cases of 12
-    changed_at = datetime.now(UTC)
-    ledger.writer.execute(
-        PutMappings(at=changed_at, cause=CAUSE, supplier_id="repack", mappings=repacked)
-    )
-
-    delayed = ingest(ledger, "repack", csv_body({"R-1": 9, "R-2": 6}, start + timedelta(minutes=5)))
-    stood = on_hand(ledger, "SKU-REPACK")
-    following = ingest(ledger, "repack", csv_body({"R-1": 9}, changed_at + timedelta(seconds=1)))
-
-    assert (delayed.late, delayed.applied) == (1, 1)  # the other SKU's report applies
-    assert stood == 100
-    assert following.applied == 1
-    assert on_hand(ledger, "SKU-REPACK") == 108
-
-
 def test_a_mapping_s_own_unit_counts_its_factor_before_the_supplier_s_unit_table(
     ledger: Runtime,
 ) -> None:

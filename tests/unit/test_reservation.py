@@ -995,6 +995,49 @@ def test_two_remaps_off_one_sku_at_once_conflict_there_and_the_later_is_decided_
     assert remaps_recorded(ledger, old) == [("K-1", one, "kept"), ("K-2", two, "moved")]
 
 
+@pytest.mark.parametrize("between", ["old SKU", "claimed mapping"])
+def test_a_remap_that_saves_while_another_reads_its_claims_is_seen_or_collides(
+    ledger: Ledger, acme: str, between: str
+) -> None:
+    """A review: the later PUT read K-1's mapping (still on the old SKU), then the old
+    SKU, which by then held the first PUT's event: it appended after it, collided with
+    nothing, and kept the level for K-1, gone since. The old SKU is read first now: a PUT
+    saved before it is seen in K-1's mapping, one saved after it collides there."""
+    old, one, two = ledger.sku(), ledger.sku(), ledger.sku()
+    remap(ledger, acme, at(0), **{"K-1": old, "K-2": old})
+    ledger.stock(acme, {old: 10}, at(1))
+    other = LedgerWriter(ledger.app)
+    target = StockItem.id_for(old) if between == "old SKU" else SkuMapping.id_for(acme, "K-1")
+    load = other.hot.load
+    saved: list[int] = []
+
+    def first_saves_just_before(aggregate_id: UUID) -> Any:
+        if aggregate_id == target and not saved:
+            first = PutMappings(
+                at=at(10),
+                cause=CAUSE,
+                supplier_id=acme,
+                mappings=[MappingSpec("K-1", one)],
+                kept=frozenset({(old, "K-2")}),
+            )
+            saved.append(ledger.run(first).value.updated)
+        return load(aggregate_id)
+
+    other.hot.load = first_saves_just_before  # type: ignore[method-assign]
+    later = PutMappings(
+        at=at(10),
+        cause=CAUSE,
+        supplier_id=acme,
+        mappings=[MappingSpec("K-2", two)],
+        kept=frozenset({(old, "K-1")}),
+    )
+    assert other.apply(later).value.updated == 1
+
+    assert saved == [1]
+    assert [ledger.levels(sku, at(20)).on_hand for sku in (old, one, two)] == [0, 0, 10]
+    assert remaps_recorded(ledger, old) == [("K-1", one, "kept"), ("K-2", two, "moved")]
+
+
 def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved_to(
     ledger: Ledger, acme: str
 ) -> None:

@@ -73,6 +73,22 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         )
         for spec in command.mappings
     }
+    # The SKUs mappings move away from, and their reports seen, each in one go: before the
+    # mappings the API says keep them are read. A PUT that moved one of those off such a
+    # SKU and saved between the two reads is then either seen in the mapping (the claim
+    # fails) or collides with this one on the SKU's stream; read the other way round, the
+    # SKU already held its event and the claim still held (a review).
+    left = sorted(
+        {
+            found.sku
+            for spec in command.mappings
+            if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
+        }
+    )
+    uow.preload(StockItem.id_for(sku) for sku in left)
+    for sku in left:  # read now: `preload` leaves a lone one to its first `get`
+        uow.get(StockItem, StockItem.id_for(sku))
+    uow.preload_seen(command.supplier_id, left)
     # SKUs a mapping of the supplier stays on: the level there stays. A SKU another of the
     # supplier's SKUs moves onto is not one: its level came from the SKU moved away, and
     # two mappings swapped in one PUT left each level on the other's SKU (a walkthrough).
@@ -88,16 +104,6 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     # kept for another one that never reported, it stood beside that supplier SKU's next
     # report on its new SKU (a review).
     kept -= {sku for sku in kept if _moved_here(uow, command.supplier_id, sku)}
-    # The SKUs mappings move away from, and their reports seen, each in one go.
-    left = sorted(
-        {
-            found.sku
-            for spec in command.mappings
-            if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
-        }
-    )
-    uow.preload(StockItem.id_for(sku) for sku in left)
-    uow.preload_seen(command.supplier_id, left)
     blocked = [
         open_orders
         for spec in command.mappings
@@ -121,47 +127,33 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
             unchanged += 1
             continue
         updated += 1
-        if before == spec.sku and units != (spec.units_per_supplier_unit, spec.unit):
-            _units_changed(uow, command.supplier_id, spec.sku, command.at)
-        if before != spec.sku:
-            reported = _newest_report(uow, command.supplier_id, before)
-            # The level moves with the supplier SKU where it is the supplier SKU's alone,
-            # counted in the same units, onto a SKU no mapping of this PUT leaves.
-            alone = before not in kept and spec.sku not in left
-            same_units = units == (spec.units_per_supplier_unit, spec.unit)
-            level = (
-                _reported_level(uow, command.supplier_id, before) if alone and same_units else None
+        if before == spec.sku:
+            continue
+        reported = _newest_report(uow, command.supplier_id, before)
+        # The level moves with the supplier SKU where it is the supplier SKU's alone,
+        # counted in the same units, onto a SKU no mapping of this PUT leaves.
+        alone = before not in kept and spec.sku not in left
+        same_units = units == (spec.units_per_supplier_unit, spec.unit)
+        level = _reported_level(uow, command.supplier_id, before) if alone and same_units else None
+        if before not in kept:
+            _retire_level(uow, supplier, before, command)
+        moved = reported is not None and _open_level(
+            uow, supplier, spec.sku, command, reported, level
+        )
+        left_item = uow.get(StockItem, StockItem.id_for(before))
+        if left_item is not None:
+            became: Literal["kept", "moved", "retired"] = (
+                "kept" if before in kept else "moved" if moved else "retired"
             )
-            if before not in kept:
-                _retire_level(uow, supplier, before, command)
-            moved = reported is not None and _open_level(
-                uow, supplier, spec.sku, command, reported, level
+            left_item.note_remap(
+                command.supplier_id,
+                spec.supplier_sku,
+                spec.sku,
+                became,
+                command.at,
+                command.cause,
             )
-            left_item = uow.get(StockItem, StockItem.id_for(before))
-            if left_item is not None:
-                became: Literal["kept", "moved", "retired"] = (
-                    "kept" if before in kept else "moved" if moved else "retired"
-                )
-                left_item.note_remap(
-                    command.supplier_id,
-                    spec.supplier_sku,
-                    spec.sku,
-                    became,
-                    command.at,
-                    command.cause,
-                )
     return Upserted(created=created, updated=updated, unchanged=unchanged)
-
-
-def _units_changed(uow: UnitOfWork, supplier_id: str, sku: str, at: datetime) -> None:
-    """A mapping's units changed: a report made before, in the old units, is late from now
-    on, as if a report of the level had been seen now. It was read in the new units,
-    taken for a correction: 9 pieces reported before a change to cases of 12, delivered
-    after it, counted 108 (a fuzzer). The level on record stands, in base units, until the
-    supplier's next report."""
-    current = _position(uow, supplier_id, sku)
-    if current is not None and current.observed_at is not None:
-        uow.touch(supplier_id, sku, at)
 
 
 def _confirmed(
