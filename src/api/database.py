@@ -182,8 +182,9 @@ def migrate(settings: Settings, database_url: str) -> None:
 # `Reservation.Confirmed` version 2 (open orders against net suppliers counted), and the
 # stock view at schema version 5, upgraded in place: code of version 1 fails on those
 # events, and would find the view built by newer code and stand by, its stock frozen.
-# 3: `StockItem.SupplierSkuRemapped` events (a remap off a SKU, in its history): code of
-# version 2 cannot load a SKU whose history holds one.
+# 3: `StockItem.SupplierSkuRemapped` events (a remap off a SKU, in its history), which
+# code of version 2 cannot read (it fails on every SKU whose history holds one), and the
+# mappings view at schema version 3 (`units_since`), upgraded in place.
 DATA_VERSION = 3
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (

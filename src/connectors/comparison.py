@@ -80,12 +80,13 @@ WITH matched AS (
     SELECT s.*, coalesce(m.sku, u.sku) AS mapped,
            coalesce(m.units_per_supplier_unit, u.units_per_supplier_unit) AS per,
            coalesce(m.unit, u.unit) AS per_unit,
+           coalesce(m.units_since, u.units_since) AS units_since,
            s.unit_key IS NULL AND s.incoming IS NULL AS plain
     FROM feed_staging s
     LEFT JOIN view_mappings m
         ON m.supplier_id = %(supplier)s AND m.supplier_sku = s.supplier_sku
     LEFT JOIN (
-        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit, unit
+        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit, unit, units_since
         FROM view_mappings WHERE supplier_id = %(supplier)s
           AND upc IN (SELECT upc FROM feed_staging
                       WHERE supplier_sku IS NULL OR %(upc_fallback)s)
@@ -118,10 +119,12 @@ WITH matched AS (
                                    / CASE WHEN e ->> 3 IS NULL THEN x.f
                                           WHEN e ->> 4 = x.per_unit THEN x.per
                                           ELSE (e ->> 2)::integer END)
-           END AS beyond
+           END AS beyond,
+           x.mapped IS NOT NULL AND x.unit_key IS NULL AND x.observed_at < x.units_since
+               IS TRUE AS before_units
     FROM judged x
 ), resolved AS (
-    SELECT x.position, x.observed_at, x.refused_unit, x.beyond,
+    SELECT x.position, x.observed_at, x.refused_unit, x.beyond, x.before_units,
            CASE WHEN x.sku IS NULL THEN x.supplier_sku END AS supplier_sku,
            CASE WHEN x.sku IS NULL THEN x.upc END AS upc,
            CASE WHEN x.sku IS NULL THEN x.unit END AS unit,
@@ -137,9 +140,10 @@ WITH matched AS (
                         ORDER BY o), '[]')
                  FROM jsonb_array_elements(x.incoming) WITH ORDINALITY AS y(e, o))
            END AS incoming
-    FROM (SELECT j.position, j.observed_at, j.refused_unit, j.beyond, j.supplier_sku, j.upc,
-                 j.unit, j.quantity, j.incoming, j.f, j.per, j.per_unit,
-                 CASE WHEN NOT j.beyond AND j.refused_unit IS NULL THEN j.mapped END AS sku
+    FROM (SELECT j.position, j.observed_at, j.refused_unit, j.beyond, j.before_units,
+                 j.supplier_sku, j.upc, j.unit, j.quantity, j.incoming, j.f, j.per, j.per_unit,
+                 CASE WHEN NOT j.beyond AND j.refused_unit IS NULL AND NOT j.before_units
+                      THEN j.mapped END AS sku
           FROM bounded j OFFSET 0) x  -- `sku` computed once a row, for the columns above
     OFFSET 0  -- each column computed once a row: the sort and window below read them
 ), numbered AS (
@@ -149,7 +153,8 @@ WITH matched AS (
     WINDOW w AS (ORDER BY r.sku COLLATE "C")
 )
 SELECT r.position, r.supplier_sku, r.upc, r.observed_at, r.unit, r.reported, r.sku,
-       r.quantity, r.incoming, r.n, r.refused_unit, r.beyond, l.ctid AS level,
+       r.quantity, r.incoming, r.n, r.refused_unit, r.beyond, r.before_units,
+       l.ctid AS level,
        CASE
            WHEN r.sku IS NULL OR r.repeated OR l.sku IS NULL
                 OR l.observed_at IS NULL
@@ -210,7 +215,7 @@ WHERE c.n >= %(first)s AND c.n < %(last)s AND c.kind = 'repeat'
 # not be noted.
 UNRESOLVED = """
 SELECT position, supplier_sku, upc, sku, quantity, observed_at, unit, reported, incoming,
-       refused_unit, beyond
+       refused_unit, beyond, before_units
 FROM feed_resolved WHERE kind = 'change' AND sku IS NULL ORDER BY n
 """
 CHANGES = """

@@ -61,7 +61,7 @@ from connectors.staging import Reading, copy_delivery, stage_records
 from ledger.commands import RETRY_SOURCE, Observation
 from ledger.delivery import Rejection
 from ledger.errors import UnknownSupplier
-from ledger.mapping import unknown_unit
+from ledger.mapping import MADE_BEFORE_UNITS, unknown_unit
 from ledger.queries import LedgerQueries
 from ledger.stock import incoming_of
 from ledger.supplier import SupplierTerms
@@ -425,6 +425,8 @@ class Ingestor:
                     reason = unknown_unit(row["refused_unit"])
                 elif row["beyond"]:
                     reason = "quantity_out_of_range"
+                elif row["before_units"]:
+                    reason = MADE_BEFORE_UNITS
                 elif row["supplier_sku"]:
                     reason = "unmapped_supplier_sku"
                 else:

@@ -31,6 +31,10 @@ def unit_key(unit: str) -> str:
     return unit.strip().upper()
 
 
+# Why a report that names no unit, made before its mapping's factor changed, is refused.
+MADE_BEFORE_UNITS = "made_before_units_changed"
+
+
 def unknown_unit(unit: str) -> str:
     """Why a record in a unit that neither its supplier nor its mapping knows is refused."""
     return f"unknown_unit: {unit!r}"
@@ -61,12 +65,20 @@ def _naming_no_unit(state: dict[str, Any]) -> None:
     state["unit"] = None
 
 
+def _units_never_changed(state: dict[str, Any]) -> None:
+    """Upcasts a mapping's state from before it kept when its factor changed (version 2):
+    none known, as no report was refused for it then."""
+    state["units_since"] = None
+
+
 class SkuMapping(LedgerAggregate):
     TOPIC = "stockledger:SkuMapping"
     # 2: a mapping may name its own unit (a state stored before names none).
-    class_version = 2
+    # 3: when `units_per_supplier_unit` last changed (`units_since`).
+    class_version = 3
 
     upcast_v1_v2 = staticmethod(_naming_no_unit)
+    upcast_v2_v3 = staticmethod(_units_never_changed)
 
     class Mapped(LedgerAggregate.Event, AggregateCreated):
         """An item mapped to a SKU of ours; `unit`, the supplier's unit its factor counts
@@ -96,6 +108,8 @@ class SkuMapping(LedgerAggregate):
         upcast_v1_v2 = staticmethod(_naming_no_unit)
 
         def apply(self, mapping: SkuMapping) -> None:
+            if self.units_per_supplier_unit != mapping.units_per_supplier_unit:
+                mapping.units_since = self.timestamp
             mapping.sku = self.sku
             mapping.units_per_supplier_unit = self.units_per_supplier_unit
             mapping.upc = self.upc
@@ -116,6 +130,16 @@ class SkuMapping(LedgerAggregate):
         self.units_per_supplier_unit = units_per_supplier_unit
         self.upc = upc
         self.unit = unit
+        # When `units_per_supplier_unit` last changed: a report that names no unit, made
+        # before then, counted the old factor (see `made_before_units`).
+        self.units_since: datetime | None = None
+
+    def made_before_units(self, unit: str | None, observed_at: datetime) -> bool:
+        """Whether a report in this unit (None: it names none), made then, was counted in
+        a factor the mapping no longer has: 9 pieces reported before a change to cases of
+        12, delivered after it, counted 108 (a fuzzer). A report naming its unit is taken
+        at its word (a letter refused for a unit the change names then applies)."""
+        return unit is None and self.units_since is not None and observed_at < self.units_since
 
     def factor(self, unit: str | None) -> int | None:
         """Base units in one of this item's units as reported (None: it names none), where

@@ -13,9 +13,13 @@ class MappingsProjection(StateProjection):
     name = "mappings"
     # 2: a mapping's own unit. No event before it named one: an upgraded generation's
     # rows name none, as a rebuild would write them.
-    schema_version = 2
+    # 3: when its factor last changed (`units_since`). A generation upgraded in place
+    # knows of no change made before (the state it kept had none) until the next; a
+    # rebuild reads every one from the log.
+    schema_version = 3
     upgrades: ClassVar[dict[int, list[str]]] = {
         2: ["ALTER TABLE {schema}.mappings ADD COLUMN IF NOT EXISTS unit text"],
+        3: ["ALTER TABLE {schema}.mappings ADD COLUMN IF NOT EXISTS units_since timestamptz"],
     }
     tables: ClassVar[list[str]] = ["mappings"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {SkuMapping: "mappings"}
@@ -25,8 +29,8 @@ class MappingsProjection(StateProjection):
             """CREATE TABLE {schema}.mappings (
                 id uuid PRIMARY KEY, supplier_id text NOT NULL, supplier_sku text NOT NULL,
                 sku text NOT NULL, units_per_supplier_unit integer NOT NULL, upc text,
-                unit text, version integer NOT NULL, position bigint NOT NULL,
-                updated_at timestamptz NOT NULL, state bytea NOT NULL,
+                unit text, units_since timestamptz, version integer NOT NULL,
+                position bigint NOT NULL, updated_at timestamptz NOT NULL, state bytea NOT NULL,
                 UNIQUE (supplier_id, supplier_sku))""",
             "CREATE INDEX ON {schema}.mappings (supplier_id, upc)",
             "CREATE INDEX ON {schema}.mappings (sku)",
@@ -41,4 +45,5 @@ class MappingsProjection(StateProjection):
             "units_per_supplier_unit": aggregate.units_per_supplier_unit,
             "upc": aggregate.upc,
             "unit": aggregate.unit,
+            "units_since": aggregate.units_since,
         }

@@ -581,6 +581,41 @@ def map_in_units(runtime: Runtime, supplier: str, *specs: MappingSpec, **connect
     )
 
 
+@pytest.mark.parametrize(
+    ("sku", "reported_before"),
+    [("SKU-REPACK", True), ("SKU-REPACKED", True), ("SKU-REPACK", False)],
+    ids=["same SKU", "moved to another SKU too", "never reported before"],
+)
+def test_a_record_naming_no_unit_made_before_its_mapping_s_factor_changed_is_refused(
+    ledger: Runtime, sku: str, reported_before: bool
+) -> None:
+    """A fuzzer: 9 pieces reported before the mapping changed to cases of 12, delivered
+    after the change, counted 108, read in the new factor as a correction. Refused now,
+    wherever the mapping leads (by the factor's change, not the level's reports); the
+    next report, in cases, applies."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    setup_supplier(ledger, "repack", {"R-1": "SKU-REPACK", "R-2": "SKU-REPACK-2"})
+    if reported_before:
+        ingest(ledger, "repack", csv_body({"R-1": 100, "R-2": 5}, start))
+    changed_at = datetime.now(UTC)
+    repacked = [MappingSpec("R-1", sku, 12)]  # the supplier now counts cases of 12
+    ledger.writer.execute(
+        PutMappings(at=changed_at, cause=CAUSE, supplier_id="repack", mappings=repacked)
+    )
+    stood = on_hand(ledger, sku)
+
+    made_before = start + timedelta(minutes=5)
+    delayed = ingest(ledger, "repack", csv_body({"R-1": 9, "R-2": 6}, made_before))
+    after_delayed = on_hand(ledger, sku)
+    following = ingest(ledger, "repack", csv_body({"R-1": 9}, changed_at + timedelta(seconds=1)))
+
+    assert [(r.index, r.reason) for r in delayed.rejections] == [(1, "made_before_units_changed")]
+    assert delayed.applied == 1  # the other supplier SKU's record
+    assert after_delayed == stood
+    assert following.applied == 1
+    assert on_hand(ledger, sku) == 108
+
+
 def test_a_mapping_s_own_unit_counts_its_factor_before_the_supplier_s_unit_table(
     ledger: Runtime,
 ) -> None:

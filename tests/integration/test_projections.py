@@ -774,7 +774,7 @@ def test_migrating_upgrades_a_mappings_view_built_before_mappings_named_units_in
         assert live_generation(conn, "mappings") == number  # not rebuilt
         upgraded = generation(conn, "mappings", number)
     assert upgraded is not None
-    assert upgraded.schema_version == 2
+    assert upgraded.schema_version == MappingsProjection.schema_version
     assert view_rows(quiet, MappingsProjection.tables) == before  # every unit null
     assert {row["unit"] for row in before["mappings"]} == {None}
 

@@ -1038,6 +1038,46 @@ def test_a_remap_that_saves_while_another_reads_its_claims_is_seen_or_collides(
     assert remaps_recorded(ledger, old) == [("K-1", one, "kept"), ("K-2", two, "moved")]
 
 
+def test_a_report_naming_no_unit_made_before_its_mapping_s_factor_changed_is_refused(
+    ledger: Ledger, acme: str
+) -> None:
+    """A fuzzer: 9 pieces reported before the mapping changed to cases of 12, delivered
+    after the change, counted 108 (read in the new factor, as a correction). Refused now,
+    with its reason; a report naming its unit is taken at its word, and one made after the
+    change counts the new factor."""
+    sku = ledger.sku()
+    remap(ledger, acme, at(0), **{"P-1": sku})
+    reported(ledger, acme, "P-1", 100, 10)
+    ledger.run(
+        PutMappings(
+            at=at(60), cause=CAUSE, supplier_id=acme, mappings=[MappingSpec("P-1", sku, 12)]
+        )
+    )
+
+    def delivered(quantity: int, when: float, unit: str | None = None) -> DeliveryOutcome:
+        observation = Observation(
+            index=0,
+            supplier_sku="P-1",
+            quantity=quantity,
+            observed_at=at(when),
+            unit=unit,
+            factor=None if unit is None else 1,  # a base unit, as the feeds' reading says
+        )
+        return ledger.report(acme, [observation], at(70)).value
+
+    before = delivered(9, 30)
+    stood = ledger.levels(sku, at(70)).on_hand
+    in_pieces = delivered(90, 40, unit="EA")
+    counted_in_pieces = ledger.levels(sku, at(70)).on_hand
+    after = delivered(9, 61)
+
+    assert [(r.index, r.reason) for r in before.rejected] == [(0, "made_before_units_changed")]
+    assert stood == 100
+    assert (in_pieces.applied, counted_in_pieces) == (1, 90)
+    assert after.applied == 1
+    assert ledger.levels(sku, at(70)).on_hand == 108
+
+
 def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved_to(
     ledger: Ledger, acme: str
 ) -> None:
@@ -1310,8 +1350,9 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
     assert mapping.remap(MappingSpec("AC-1", "SKU-1", 12), at(1), CAUSE)
     events = mapping.collect_events()
 
-    def as_version_1(state: dict[str, Any]) -> dict[str, Any]:
-        assert (state.pop("class_version"), state.pop("unit")) == (2, None)
+    def as_version_1(state: dict[str, Any], version: int = 2) -> dict[str, Any]:
+        assert (state.pop("class_version"), state.pop("unit")) == (version, None)
+        state.pop("units_since", None)  # a state's, since version 3
         return state
 
     read = []
@@ -1336,9 +1377,10 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
     assert (replayed.units_per_supplier_unit, replayed.unit) == (12, None)
     assert replayed.factor("CS") is None
     assert replayed.factor(None) == 12
+    assert replayed.units_since == at(1)  # read from the events, whenever stored
 
-    # The state a view keeps of it, as version 1 kept it.
-    state = as_version_1(LedgerSnapshot.state_of(mapping))
+    # The state a view keeps of it, as version 1 kept it: no change of units known.
+    state = as_version_1(LedgerSnapshot.state_of(mapping), version=3)
     kept = LedgerSnapshot(
         originator_id=mapping.id,
         originator_version=mapping.version,
@@ -1347,6 +1389,7 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
         state=state,
     ).mutate(None)
     assert (kept.sku, kept.units_per_supplier_unit, kept.unit) == ("SKU-1", 12, None)
+    assert kept.units_since is None
 
 
 def test_stock_and_reservation_events_carry_the_cause_of_their_command(

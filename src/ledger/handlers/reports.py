@@ -12,7 +12,7 @@ from ledger.commands import RETRY_SOURCE, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, FeedDelivery, Rejection
 from ledger.errors import DeliveryConflict, UnknownSupplier
 from ledger.handlers import handles
-from ledger.mapping import SkuMapping, unknown_unit
+from ledger.mapping import MADE_BEFORE_UNITS, SkuMapping, unknown_unit
 from ledger.stock import IncomingStock, ObservationOutcome, StockItem
 from ledger.supplier import Supplier
 from ledger.uow import ReadAhead, UnitOfWork
@@ -197,6 +197,8 @@ def _resolve(uow: UnitOfWork, command: ReportStock, observation: Observation) ->
         )
         if mapping is None:
             return "unmapped_supplier_sku"
+        if mapping.made_before_units(observation.unit, observation.observed_at):
+            return MADE_BEFORE_UNITS
         sku = mapping.sku
         factor = mapping.factor(observation.unit) or factor
     if factor is None and observation.unit is not None:
