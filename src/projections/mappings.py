@@ -13,9 +13,14 @@ class MappingsProjection(StateProjection):
     name = "mappings"
     # 2: a mapping's own unit. No event before it named one: an upgraded generation's
     # rows name none, as a rebuild would write them.
-    # 3: when its factor last changed (`units_since`). A generation upgraded in place
-    # knows of no change made before (the state it kept had none) until the next; a
-    # rebuild reads every one from the log.
+    # 3: when its factor last changed (`units_since`). Upgraded in place, though the
+    # events before could fill it (see `Projection.upgrades`): a rebuild of a large
+    # catalogue's mappings takes minutes, while the live generation, lacking the column,
+    # would fail every delivery. A generation so upgraded knows of no change made
+    # before (its rows' states kept none), and feeds then read a record made before such
+    # a change in the new factor, as before this version; the ledger's own reports (it
+    # replays the mappings' events) and a rebuild (`ledger projections rebuild`) know
+    # every one.
     schema_version = 3
     upgrades: ClassVar[dict[int, list[str]]] = {
         2: ["ALTER TABLE {schema}.mappings ADD COLUMN IF NOT EXISTS unit text"],
