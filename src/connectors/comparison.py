@@ -81,12 +81,14 @@ WITH matched AS (
            coalesce(m.units_per_supplier_unit, u.units_per_supplier_unit) AS per,
            coalesce(m.unit, u.unit) AS per_unit,
            coalesce(m.units_since, u.units_since) AS units_since,
+           coalesce(m.own_unit_since, u.own_unit_since) AS own_unit_since,
            s.unit_key IS NULL AND s.incoming IS NULL AS plain
     FROM feed_staging s
     LEFT JOIN view_mappings m
         ON m.supplier_id = %(supplier)s AND m.supplier_sku = s.supplier_sku
     LEFT JOIN (
-        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit, unit, units_since
+        SELECT DISTINCT ON (upc) upc, sku, units_per_supplier_unit, unit, units_since,
+               own_unit_since
         FROM view_mappings WHERE supplier_id = %(supplier)s
           AND upc IN (SELECT upc FROM feed_staging
                       WHERE supplier_sku IS NULL OR %(upc_fallback)s)
@@ -120,8 +122,10 @@ WITH matched AS (
                                           WHEN e ->> 4 = x.per_unit THEN x.per
                                           ELSE (e ->> 2)::integer END)
            END AS beyond,
-           x.mapped IS NOT NULL AND x.unit_key IS NULL AND x.observed_at < x.units_since
-               IS TRUE AS before_units
+           x.mapped IS NOT NULL
+               AND CASE WHEN x.unit_key IS NULL THEN x.observed_at < x.units_since
+                        WHEN x.unit_key = x.per_unit THEN x.observed_at < x.own_unit_since
+                   END IS TRUE AS before_units
     FROM judged x
 ), resolved AS (
     SELECT x.position, x.observed_at, x.refused_unit, x.beyond, x.before_units,

@@ -69,12 +69,13 @@ def _units_never_changed(state: dict[str, Any]) -> None:
     """Upcasts a mapping's state from before it kept when its factor changed (version 2):
     none known, as no report was refused for it then."""
     state["units_since"] = None
+    state["own_unit_since"] = None
 
 
 class SkuMapping(LedgerAggregate):
     TOPIC = "stockledger:SkuMapping"
     # 2: a mapping may name its own unit (a state stored before names none).
-    # 3: when `units_per_supplier_unit` last changed (`units_since`).
+    # 3: when `units_per_supplier_unit` last changed (`units_since`, `own_unit_since`).
     class_version = 3
 
     upcast_v1_v2 = staticmethod(_naming_no_unit)
@@ -110,6 +111,8 @@ class SkuMapping(LedgerAggregate):
         def apply(self, mapping: SkuMapping) -> None:
             if self.units_per_supplier_unit != mapping.units_per_supplier_unit:
                 mapping.units_since = self.timestamp
+                if self.unit is not None and self.unit == mapping.unit:
+                    mapping.own_unit_since = self.timestamp
             mapping.sku = self.sku
             mapping.units_per_supplier_unit = self.units_per_supplier_unit
             mapping.upc = self.upc
@@ -131,15 +134,26 @@ class SkuMapping(LedgerAggregate):
         self.upc = upc
         self.unit = unit
         # When `units_per_supplier_unit` last changed: a report that names no unit, made
-        # before then, counted the old factor (see `made_before_units`).
+        # before then, counted the old factor; and when it last changed while the mapping
+        # named the same `unit`: a report naming it, made before then, did too (see
+        # `made_before_units`).
         self.units_since: datetime | None = None
+        self.own_unit_since: datetime | None = None
 
     def made_before_units(self, unit: str | None, observed_at: datetime) -> bool:
         """Whether a report in this unit (None: it names none), made then, was counted in
         a factor the mapping no longer has: 9 pieces reported before a change to cases of
-        12, delivered after it, counted 108 (a fuzzer). A report naming its unit is taken
-        at its word (a letter refused for a unit the change names then applies)."""
-        return unit is None and self.units_since is not None and observed_at < self.units_since
+        12, delivered after it, counted 108 (a fuzzer); so was one naming the mapping's
+        own unit before the factor of that unit changed (a case of 12 now of 24: a
+        review). A report naming another unit, or a unit the mapping came to name, is
+        taken at its word (a letter refused for a unit the change names then applies)."""
+        if unit is None:
+            since = self.units_since
+        elif self.unit is not None and unit_key(unit) == self.unit:
+            since = self.own_unit_since
+        else:
+            return False
+        return since is not None and observed_at < since
 
     def factor(self, unit: str | None) -> int | None:
         """Base units in one of this item's units as reported (None: it names none), where

@@ -50,9 +50,13 @@ def setup_supplier(
     runtime.writer.execute(PutMappings(at=at, cause=CAUSE, supplier_id=supplier, mappings=specs))
 
 
-def csv_body(rows: dict[str, int], at: datetime, extra: str = "") -> bytes:
-    lines = ["sku,quantity,observed_at"]
-    lines += [f"{sku},{quantity},{at.isoformat()}" for sku, quantity in rows.items()]
+def csv_body(rows: dict[str, int], at: datetime, extra: str = "", unit: str | None = None) -> bytes:
+    if unit is not None:
+        lines = ["sku,quantity,unit,observed_at"]
+        lines += [f"{sku},{quantity},{unit},{at.isoformat()}" for sku, quantity in rows.items()]
+    else:
+        lines = ["sku,quantity,observed_at"]
+        lines += [f"{sku},{quantity},{at.isoformat()}" for sku, quantity in rows.items()]
     return ("\n".join(lines) + "\n" + extra).encode()
 
 
@@ -614,6 +618,29 @@ def test_a_record_naming_no_unit_made_before_its_mapping_s_factor_changed_is_ref
     assert after_delayed == stood
     assert following.applied == 1
     assert on_hand(ledger, sku) == 108
+
+
+def test_a_record_in_the_mapping_s_own_unit_made_before_its_factor_changed_is_refused(
+    ledger: Runtime,
+) -> None:
+    """A review: a case of 12 became one of 24; 9 cases reported before the change and
+    delivered after it counted 216 instead of 108."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    map_in_units(ledger, "cases24", MappingSpec("C-1", "SKU-CASE", 12, unit="CA"))
+    ingest(ledger, "cases24", csv_body({"C-1": 9}, start, unit="CA"))
+    changed_at = datetime.now(UTC)
+    bigger = [MappingSpec("C-1", "SKU-CASE", 24, unit="CA")]
+    ledger.writer.execute(
+        PutMappings(at=changed_at, cause=CAUSE, supplier_id="cases24", mappings=bigger)
+    )
+
+    made_before = start + timedelta(minutes=5)
+    delayed = ingest(ledger, "cases24", csv_body({"C-1": 8}, made_before, unit="CA"))
+    following = ingest(ledger, "cases24", csv_body({"C-1": 8}, changed_at, unit="CA"))
+
+    assert [(r.index, r.reason) for r in delayed.rejections] == [(1, "made_before_units_changed")]
+    assert following.applied == 1
+    assert on_hand(ledger, "SKU-CASE") == 192
 
 
 def test_a_mapping_s_own_unit_counts_its_factor_before_the_supplier_s_unit_table(

@@ -1078,6 +1078,33 @@ def test_a_report_naming_no_unit_made_before_its_mapping_s_factor_changed_is_ref
     assert ledger.levels(sku, at(70)).on_hand == 108
 
 
+def test_a_report_in_the_mapping_s_own_unit_made_before_its_factor_changed_is_refused(
+    ledger: Ledger, acme: str
+) -> None:
+    """A review: a case of 12 became one of 24; 9 cases reported before, delivered after,
+    counted 216. A unit the mapping came to name only with the change was counted by no
+    factor of it before, and is taken at its word."""
+    sku, other = ledger.sku(), ledger.sku()
+    specs = [MappingSpec("C-1", sku, 12, unit="CA"), MappingSpec("C-2", other, 1)]
+    ledger.run(PutMappings(at=at(0), cause=CAUSE, supplier_id=acme, mappings=specs))
+    changed = [MappingSpec("C-1", sku, 24, unit="CA"), MappingSpec("C-2", other, 6, unit="PK")]
+    ledger.run(PutMappings(at=at(60), cause=CAUSE, supplier_id=acme, mappings=changed))
+
+    def delivered(supplier_sku: str, quantity: int, unit: str, when: float) -> DeliveryOutcome:
+        observation = Observation(
+            index=0, supplier_sku=supplier_sku, quantity=quantity, observed_at=at(when), unit=unit
+        )
+        return ledger.report(acme, [observation], at(70)).value
+
+    before = delivered("C-1", 9, "ca", 30)
+    newly_named = delivered("C-2", 2, "PK", 30)
+    after = delivered("C-1", 9, "CA", 61)
+
+    assert [(r.index, r.reason) for r in before.rejected] == [(0, "made_before_units_changed")]
+    assert (newly_named.applied, ledger.levels(other, at(70)).on_hand) == (1, 12)
+    assert (after.applied, ledger.levels(sku, at(70)).on_hand) == (1, 216)
+
+
 def test_a_report_older_than_one_seen_before_a_remap_is_late_on_the_sku_it_moved_to(
     ledger: Ledger, acme: str
 ) -> None:
@@ -1353,6 +1380,7 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
     def as_version_1(state: dict[str, Any], version: int = 2) -> dict[str, Any]:
         assert (state.pop("class_version"), state.pop("unit")) == (version, None)
         state.pop("units_since", None)  # a state's, since version 3
+        state.pop("own_unit_since", None)
         return state
 
     read = []
@@ -1377,7 +1405,7 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
     assert (replayed.units_per_supplier_unit, replayed.unit) == (12, None)
     assert replayed.factor("CS") is None
     assert replayed.factor(None) == 12
-    assert replayed.units_since == at(1)  # read from the events, whenever stored
+    assert (replayed.units_since, replayed.own_unit_since) == (at(1), None)  # from the events
 
     # The state a view keeps of it, as version 1 kept it: no change of units known.
     state = as_version_1(LedgerSnapshot.state_of(mapping), version=3)
@@ -1389,7 +1417,7 @@ def test_mapping_events_and_states_stored_before_mappings_named_units_read_as_na
         state=state,
     ).mutate(None)
     assert (kept.sku, kept.units_per_supplier_unit, kept.unit) == ("SKU-1", 12, None)
-    assert kept.units_since is None
+    assert (kept.units_since, kept.own_unit_since) == (None, None)
 
 
 def test_stock_and_reservation_events_carry_the_cause_of_their_command(
