@@ -72,9 +72,13 @@ class PutMappings(Command):
     supplier_id: str
     mappings: list[MappingSpec]
     # SKUs of ours that other SKUs of the supplier map to, as the API found them in the
-    # mappings view, each with one such supplier SKU: where a mapping moves away from a SKU,
-    # the supplier's level there retires, unless the ledger's own mapping confirms it.
+    # mappings view, each with one such supplier SKU: where a mapping moves away from such
+    # a SKU (the ledger's own mapping confirming it), the level there is not the leaving
+    # supplier SKU's alone, and does not move with it.
     kept: frozenset[tuple[str, str]] = frozenset()
+    # Whether the view had every mapping made before the PUT when `kept` was read: where
+    # it had not, `kept` may miss one, and no level moves.
+    view_complete: bool = True
 
     def aggregate_ids(self) -> list[UUID]:
         return [

@@ -471,13 +471,14 @@ class StockItem(LedgerAggregate):
 
     class SupplierSkuRemapped(Event):
         """A mapping moved one of the supplier's SKUs (`supplier_sku`) from this SKU to
-        `to_sku`. `level` says what became of the supplier's level here: "kept" (another
-        of its SKUs still maps here), "moved" (to `to_sku`, with its report time) or
-        "retired" (0 from the remap on; `to_sku` shows the supplier's stock from its next
-        report). The level's own events follow it. Recorded on every such move, so that
-        two mapping PUTs moving supplier SKUs off one SKU at once conflict here, and the
-        later is decided again on what the first did (each kept the level for the other,
-        and it stood fed by nothing: a review)."""
+        `to_sku`. `level` says what became of the supplier's level here: "moved" (to
+        `to_sku`, with its report time) or "retired" (0 from the remap on; `to_sku` shows
+        the supplier's stock from its next report); "kept" (another of its SKUs still
+        mapped here), in events recorded before 2026-12-07 only. The level's own events
+        precede it. Recorded on every such move, so that two mapping PUTs moving
+        supplier SKUs off one SKU at once conflict here, and the later is decided again
+        on what the first did (each had kept the level for the other, and it stood fed by
+        nothing: a review)."""
 
         TOPIC = "stockledger:StockItem.SupplierSkuRemapped"
         supplier_id: str
@@ -692,7 +693,7 @@ class StockItem(LedgerAggregate):
         supplier_id: str,
         supplier_sku: str,
         to_sku: str,
-        level: Literal["kept", "moved", "retired"],
+        level: Literal["moved", "retired"],
         at: datetime,
         cause: Cause,
     ) -> None:

@@ -113,29 +113,28 @@ def put_mappings(
         cause=cause_for(key, "admin.mappings.put", request_id),
         supplier_id=supplier_id,
         mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
-        kept=_still_mapped(runtime, supplier_id, body.mappings),
+        **_still_mapped(runtime, supplier_id, body.mappings),
     )
     outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)
     return upsert_out(outcome.value, outcome.position)
 
 
-def _still_mapped(
-    runtime: Runtime, supplier_id: str, mappings: list[MappingIn]
-) -> frozenset[tuple[str, str]]:
+def _still_mapped(runtime: Runtime, supplier_id: str, mappings: list[MappingIn]) -> dict[str, Any]:
     """Of the SKUs these mappings move a supplier SKU away from, those another SKU of the
-    supplier maps to, each with those supplier SKUs, by the mappings view once it has every
-    mapping made before (waited for a little); the ledger checks them against its own
-    mappings, and retires the supplier's level on the others. A view later than that may
-    miss one: a level is then retired though another of the supplier's SKUs maps there,
-    and its next report restores it; a level left standing instead would count the stock
-    under both SKUs for good (a review)."""
+    supplier maps to, each with those supplier SKUs (`kept`), by the mappings view once
+    it has every mapping made before (waited for a little), and whether it had
+    (`view_complete`). The ledger checks them against its own mappings: on such a SKU
+    the supplier's level is not the leaving supplier SKU's alone, and does not move with
+    it. A view that had not every mapping may miss one: then no level moves."""
     wanted = {m.supplier_sku: m.sku for m in mappings}
     head = runtime.app.recorder.max_notification_id() or 0
+    complete = True
     try:
         runtime.views.wait_for("mappings", head, MAPPING_WAIT_SECONDS)
     except PositionNotReached:
         log.warning("mappings.view_behind", supplier=supplier_id, wanted=head)
+        complete = False
     with runtime.store.connection() as conn:
         rows = conn.execute(
             "SELECT supplier_sku, sku FROM view_mappings"
@@ -144,13 +143,16 @@ def _still_mapped(
         ).fetchall()
         left = {r["sku"] for r in rows if r["sku"] != wanted[r["supplier_sku"]]}
         if not left:
-            return frozenset()
+            return {"kept": frozenset(), "view_complete": complete}
         kept = conn.execute(
             "SELECT sku, supplier_sku FROM view_mappings"
             " WHERE supplier_id = %s AND sku = ANY(%s) AND NOT supplier_sku = ANY(%s)",
             (supplier_id, sorted(left), list(wanted)),
         ).fetchall()
-    return frozenset((r["sku"], r["supplier_sku"]) for r in kept)
+    return {
+        "kept": frozenset((r["sku"], r["supplier_sku"]) for r in kept),
+        "view_complete": complete,
+    }
 
 
 def upsert_out(upserted: Upserted, position: int | None) -> UpsertOut:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
@@ -89,27 +90,33 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     for sku in left:  # read now: `preload` leaves a lone one to its first `get`
         uow.get(StockItem, StockItem.id_for(sku))
     uow.preload_seen(command.supplier_id, left)
-    # SKUs a mapping of the supplier stays on: the level there stays. A SKU another of the
-    # supplier's SKUs moves onto is not one: its level came from the SKU moved away, and
-    # two mappings swapped in one PUT left each level on the other's SKU (a walkthrough).
-    # The API's word for the others is checked against the ledger's mappings: the view it
-    # read may be behind a PUT that moved them away since (two PUTs at once each kept the
-    # SKU for the other, and its level stayed with no mapping feeding it; a review).
-    kept = _confirmed(uow, command, mappings) | {
-        spec.sku
+    # SKUs another supplier SKU of the supplier maps to (one of this PUT staying there, or
+    # one the API names and the ledger's own mapping confirms), and SKUs several of this
+    # PUT's mappings leave: the supplier's level there is not the leaving supplier SKU's
+    # alone, as one level per SKU and supplier does not say which supplier SKU reported
+    # it. It retires all the same, and moves with none of them. Kept for the others, it
+    # could be the leaving one's own report, sold again on its new SKU (a fuzzer: 28
+    # held of 14); moved with the first of two leaving, it stood beside the other's
+    # next report (52 sold of 26).
+    leaving = Counter(
+        found.sku
         for spec in command.mappings
-        if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
-    }
-    # Not a level a remap moved there: it came with the supplier SKU moving away now, and
-    # kept for another one that never reported, it stood beside that supplier SKU's next
-    # report on its new SKU (a review).
-    kept -= {sku for sku in kept if _moved_here(uow, command.supplier_id, sku)}
+        if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
+    )
+    shared = (
+        _confirmed(uow, command, mappings)
+        | {
+            spec.sku
+            for spec in command.mappings
+            if (found := mappings[spec.supplier_sku]) is not None and found.sku == spec.sku
+        }
+        | {sku for sku, count in leaving.items() if count > 1}
+    )
     blocked = [
         open_orders
         for spec in command.mappings
         if (found := mappings[spec.supplier_sku]) is not None
         and found.sku != spec.sku
-        and found.sku not in kept
         and (open_orders := _open_against(uow, command, spec.supplier_sku, found.sku))
     ]
     if blocked:
@@ -130,21 +137,19 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         if before == spec.sku:
             continue
         reported = _newest_report(uow, command.supplier_id, before)
-        # The level moves with the supplier SKU where it is the supplier SKU's alone,
-        # counted in the same units, onto a SKU no mapping of this PUT leaves.
-        alone = before not in kept and spec.sku not in left
+        # The level moves with the supplier SKU where it is the supplier SKU's alone (by a
+        # view that had every mapping), counted in the same units, onto a SKU no mapping
+        # of this PUT leaves.
+        alone = command.view_complete and before not in shared and spec.sku not in left
         same_units = units == (spec.units_per_supplier_unit, spec.unit)
         level = _reported_level(uow, command.supplier_id, before) if alone and same_units else None
-        if before not in kept:
-            _retire_level(uow, supplier, before, command)
+        _retire_level(uow, supplier, before, command)
         moved = reported is not None and _open_level(
             uow, supplier, spec.sku, command, reported, level
         )
         left_item = uow.get(StockItem, StockItem.id_for(before))
         if left_item is not None:
-            became: Literal["kept", "moved", "retired"] = (
-                "kept" if before in kept else "moved" if moved else "retired"
-            )
+            became: Literal["moved", "retired"] = "moved" if moved else "retired"
             left_item.note_remap(
                 command.supplier_id,
                 spec.supplier_sku,
@@ -219,12 +224,6 @@ def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None
     if current.source == REMAP_SOURCE and current.quantity == 0 and not current.incoming:
         return None
     return current.quantity, current.incoming
-
-
-def _moved_here(uow: UnitOfWork, supplier_id: str, sku: str) -> bool:
-    """Whether the supplier's level on `sku` is one a remap moved there."""
-    current = _position(uow, supplier_id, sku)
-    return current is not None and current.source == REMAP_SOURCE and current.quantity > 0
 
 
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
