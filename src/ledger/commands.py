@@ -77,7 +77,8 @@ class PutMappings(Command):
     # supplier SKU's alone, and does not move with it.
     kept: frozenset[tuple[str, str]] = frozenset()
     # Whether the view had every mapping made before the PUT when `kept` was read: where
-    # it had not, `kept` may miss one, and no level moves.
+    # it had not, `kept` may miss one, and no level moves. (True by default: commands
+    # built in code, the demo's and the tests', name every other supplier SKU in `kept`.)
     view_complete: bool = True
 
     def aggregate_ids(self) -> list[UUID]:

@@ -8,6 +8,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from connectors.webhooks import sign
 from ledger.base import Cause
 from ledger.commands import PutSupplier
 from ledger.supplier import SupplierTerms
+from projections.leases import lock_key
 from tests.conftest import Server, make_settings, scrape, serving
 from tests.e2e.test_read_side import conflicts, ledger_command
 
@@ -486,6 +488,36 @@ def test_a_supplier_sku_mapped_to_another_sku_takes_the_supplier_s_level_off_the
         new: [(supplier_id, 40)],
         shared: [(supplier_id, 7)],
     }
+
+
+def test_mapping_puts_of_one_supplier_take_turns_across_processes(ledger: Server) -> None:
+    """A review: a PUT that read the mappings view before another PUT of the supplier
+    saved missed the supplier SKU that one moved onto a SKU, and moved its level along
+    with its own. Mapping PUTs of a supplier take turns (an advisory lock, here held as
+    another process's PUT would hold it); another supplier's do not wait."""
+    with ledger.client("test-admin") as admin:
+        waiting_for, other = supplier(admin, {}), supplier(admin, {})
+
+        def put(supplier_id: str) -> int:
+            mappings = [{"supplier_sku": "T-1", "sku": f"TURN-{uuid.uuid4().hex[:8]}"}]
+            with ledger.client("test-admin") as client:
+                answer = client.put(
+                    f"/v1/suppliers/{supplier_id}/mappings", json={"mappings": mappings}
+                )
+            return answer.status_code
+
+        with psycopg.connect(ledger.database_url) as conn:
+            key = lock_key(f"mappings:{waiting_for}")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(put, waiting_for)
+                unhindered = put(other)
+                time.sleep(0.5)
+                held_back = not waiting.done()
+                conn.commit()  # the other PUT is done
+                done = waiting.result(timeout=30)
+
+    assert (unhindered, held_back, done) == (200, True, 200)
 
 
 def test_two_mappings_swapped_in_one_put_take_both_levels_off(ledger: Server) -> None:

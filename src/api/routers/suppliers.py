@@ -50,6 +50,7 @@ from ledger.errors import UnknownSupplier
 from ledger.handlers.catalogue import Upserted
 from ledger.mapping import MappingSpec
 from ledger.supplier import SupplierTerms
+from projections.leases import lock_key
 from projections.queries import PositionNotReached
 
 log = structlog.get_logger(__name__)
@@ -106,16 +107,22 @@ def put_mappings(
     response: Response,
 ) -> UpsertOut:
     """Upserts SKU mappings in bulk; a SKU named for the first time joins the catalogue.
-    A supplier SKU mapped away from a SKU that no other SKU of the supplier maps to
-    retires the supplier's level there (see ledger.handlers.catalogue)."""
-    command = PutMappings(
-        at=at,
-        cause=cause_for(key, "admin.mappings.put", request_id),
-        supplier_id=supplier_id,
-        mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
-        **_still_mapped(runtime, supplier_id, body.mappings),
-    )
-    outcome = runtime.writer.execute(command)
+    A supplier SKU mapped away from a SKU retires the supplier's level there, and takes
+    it along where it was its alone (see ledger.handlers.catalogue)."""
+    # One mapping PUT of a supplier at a time, in every process: the next reads the
+    # mappings view once the one before is in it. Read before it saved, a PUT missed a
+    # supplier SKU the other moved onto a SKU, and moved that one's level with its own
+    # (a review).
+    with runtime.store.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(f"mappings:{supplier_id}"),))
+        command = PutMappings(
+            at=at,
+            cause=cause_for(key, "admin.mappings.put", request_id),
+            supplier_id=supplier_id,
+            mappings=[MappingSpec(**mapping.model_dump()) for mapping in body.mappings],
+            **_still_mapped(runtime, supplier_id, body.mappings),
+        )
+        outcome = runtime.writer.execute(command)
     set_position(response, outcome.position)
     return upsert_out(outcome.value, outcome.position)
 

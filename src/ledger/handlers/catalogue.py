@@ -75,10 +75,11 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
         for spec in command.mappings
     }
     # The SKUs mappings move away from, and their reports seen, each in one go: before the
-    # mappings the API says keep them are read. A PUT that moved one of those off such a
-    # SKU and saved between the two reads is then either seen in the mapping (the claim
-    # fails) or collides with this one on the SKU's stream; read the other way round, the
-    # SKU already held its event and the claim still held (a review).
+    # mappings the API says other supplier SKUs still map there are read. A PUT that
+    # moved one of those off such a SKU and saved between the two reads is then either
+    # seen in the mapping (the claim fails) or collides with this one on the SKU's
+    # stream; read the other way round, the SKU already held its event and the claim
+    # still held (a review).
     left = sorted(
         {
             found.sku
@@ -227,8 +228,9 @@ def _reported_level(uow: UnitOfWork, supplier_id: str, sku: str) -> Moved | None
 
 
 def _retire_level(uow: UnitOfWork, supplier: Supplier, sku: str, command: PutMappings) -> None:
-    """The supplier's level on a SKU that none of its SKUs maps to any more is 0 from the
-    remap on (no stock expected either), recorded as an observation of the ledger's own
+    """The supplier's level on a SKU a supplier SKU leaves is 0 from the remap on (no
+    stock expected either; another supplier SKU still mapped there restores it with its
+    next report), recorded as an observation of the ledger's own
     (source `remap`): a remap left it sellable there while the next report landed on the
     new SKU, the same stock counted under both (a walkthrough). Recorded where the
     supplier has no level there yet too: a report resolved through the old mapping before
