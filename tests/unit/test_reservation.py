@@ -794,6 +794,20 @@ def remap(ledger: Ledger, supplier_id: str, when: datetime, **moves: str) -> Out
     return ledger.run(PutMappings(at=when, cause=CAUSE, supplier_id=supplier_id, mappings=mappings))
 
 
+def claiming(
+    supplier_id: str, when: datetime, supplier_sku: str, sku: str, still: tuple[str, str]
+) -> PutMappings:
+    """A PUT moving one supplier SKU to `sku`, with the API's word that another supplier
+    SKU still maps to a SKU (`still`: that SKU and the supplier SKU)."""
+    return PutMappings(
+        at=when,
+        cause=CAUSE,
+        supplier_id=supplier_id,
+        mappings=[MappingSpec(supplier_sku, sku)],
+        kept=frozenset({still}),
+    )
+
+
 def reported(
     ledger: Ledger, supplier_id: str, supplier_sku: str, quantity: int, when: float
 ) -> DeliveryOutcome:
@@ -888,22 +902,11 @@ def test_a_sku_the_api_says_another_supplier_sku_keeps_is_kept_only_if_the_ledge
     remap(ledger, acme, at(0), **{"K-1": old, "K-2": old})
     ledger.stock(acme, {old: 10}, at(1))
 
-    first = PutMappings(
-        at=at(10),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("K-2", two)],
-        kept=frozenset({(old, "K-1")}),  # true
-    )
+    first = claiming(acme, at(10), "K-2", two, (old, "K-1"))  # true
     assert ledger.run(first).value.updated == 1
     kept_after_first = ledger.levels(old, at(10)).on_hand
-    second = PutMappings(
-        at=at(20),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("K-1", one)],
-        kept=frozenset({(old, "K-2")}),  # as a view behind the first PUT still says
-    )
+    # As a view behind the first PUT still says.
+    second = claiming(acme, at(20), "K-1", one, (old, "K-2"))
     assert ledger.run(second).value.updated == 1
 
     assert kept_after_first == 0  # K-1 still maps there, but the 10 may be K-2's report
@@ -933,13 +936,7 @@ def test_a_sku_s_history_says_where_each_supplier_sku_mapped_off_it_went(
     ledger.stock(acme, {old: 10, three: 4}, at(1))
 
     # K-2 still maps to the old SKU, as the API finds it: the 10 may be K-1's report.
-    still = PutMappings(
-        at=at(10),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("K-1", one)],
-        kept=frozenset({(old, "K-2")}),
-    )
+    still = claiming(acme, at(10), "K-1", one, (old, "K-2"))
     ledger.run(still)
     remap(ledger, acme, at(20), **{"K-3": two})  # K-3's alone: it goes with it
     remap(ledger, acme, at(30), **{"K-3": one})  # and again, corrected at once
@@ -1002,24 +999,13 @@ def test_two_remaps_off_one_sku_at_once_conflict_there_and_the_later_is_decided_
     def first_saves_first(*args: Any, **kwargs: Any) -> Any:
         monkeypatch.setattr(ledger.app, "save", save)
         # This PUT is decided; the first one, decided on the same state, saves before it.
-        first = PutMappings(
-            at=at(10),
-            cause=CAUSE,
-            supplier_id=acme,
-            mappings=[MappingSpec("K-1", one)],
-            kept=frozenset({(old, "K-2")}),
-        )
+        first = claiming(acme, at(10), "K-1", one, (old, "K-2"))
         assert ledger.run(first).value.updated == 1
         return save(*args, **kwargs)
 
     monkeypatch.setattr(ledger.app, "save", first_saves_first)
-    later = PutMappings(
-        at=at(10),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("K-2", two)],
-        kept=frozenset({(old, "K-1")}),  # as the API found it, before the first PUT
-    )
+    # As the API found it, before the first PUT.
+    later = claiming(acme, at(10), "K-2", two, (old, "K-1"))
     assert other.apply(later).value.updated == 1
     monkeypatch.undo()
 
@@ -1048,24 +1034,12 @@ def test_a_remap_that_saves_while_another_reads_its_claims_is_seen_or_collides(
 
     def first_saves_just_before(aggregate_id: UUID) -> Any:
         if aggregate_id == target and not saved:
-            first = PutMappings(
-                at=at(10),
-                cause=CAUSE,
-                supplier_id=acme,
-                mappings=[MappingSpec("K-1", one)],
-                kept=frozenset({(old, "K-2")}),
-            )
+            first = claiming(acme, at(10), "K-1", one, (old, "K-2"))
             saved.append(ledger.run(first).value.updated)
         return load(aggregate_id)
 
     other.hot.load = first_saves_just_before  # type: ignore[method-assign]
-    later = PutMappings(
-        at=at(10),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("K-2", two)],
-        kept=frozenset({(old, "K-1")}),
-    )
+    later = claiming(acme, at(10), "K-2", two, (old, "K-1"))
     assert other.apply(later).value.updated == 1
 
     assert saved == [1]
@@ -1244,13 +1218,8 @@ def test_a_moved_level_moves_again_and_never_stays_or_moves_where_another_is_map
     reported(ledger, acme, "S-1", 8, 30)
     remap(ledger, acme, at(60), **{"S-1": b})
     on_b = ledger.available(b, at(60))
-    kept_for_s2 = PutMappings(
-        at=at(62),
-        cause=CAUSE,
-        supplier_id=acme,
-        mappings=[MappingSpec("S-1", c)],
-        kept=frozenset({(b, "S-2")}),  # as the API finds it: S-2 maps to B
-    )
+    # As the API finds it: S-2 maps to B.
+    kept_for_s2 = claiming(acme, at(62), "S-1", c, (b, "S-2"))
     ledger.run(kept_for_s2)
     on_c = [ledger.available(sku, at(62)) for sku in (a, b, c)]
     remap(ledger, acme, at(64), **{"S-1": d})

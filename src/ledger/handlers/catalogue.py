@@ -80,13 +80,12 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     # seen in the mapping (the claim fails) or collides with this one on the SKU's
     # stream; read the other way round, the SKU already held its event and the claim
     # still held (a review).
-    left = sorted(
-        {
-            found.sku
-            for spec in command.mappings
-            if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
-        }
+    leaving = Counter(
+        found.sku
+        for spec in command.mappings
+        if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
     )
+    left = sorted(leaving)
     uow.preload(StockItem.id_for(sku) for sku in left)
     for sku in left:  # read now: `preload` leaves a lone one to its first `get`
         uow.get(StockItem, StockItem.id_for(sku))
@@ -99,11 +98,6 @@ def put_mappings(uow: UnitOfWork, command: PutMappings) -> Upserted:
     # could be the leaving one's own report, sold again on its new SKU (a fuzzer: 28
     # held of 14); moved with the first of two leaving, it stood beside the other's
     # next report (52 sold of 26).
-    leaving = Counter(
-        found.sku
-        for spec in command.mappings
-        if (found := mappings[spec.supplier_sku]) is not None and found.sku != spec.sku
-    )
     shared = (
         _confirmed(uow, command, mappings)
         | {
