@@ -50,7 +50,9 @@ class ApiError(Exception):
 
 
 def error_body(code: str, detail: Any = None) -> bytes:
-    return json.dumps({"error": code, "detail": detail}).encode()
+    # Written as every other error body is (Starlette's JSONResponse: compact, UTF-8).
+    body = {"error": code, "detail": detail}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def error_response(

@@ -41,8 +41,15 @@ def refusal(
         return "bad_timestamp"
     if abs(now - signed_at) > tolerance:
         return "expired_signature"
-    given = signature.strip()
+    given = canonical(signature)
     # compare_digest takes only ASCII text (a header may carry any byte)
     if not given.isascii() or not hmac.compare_digest(sign(secret, signed_at, body), given):
         return "bad_signature"
     return None
+
+
+def canonical(signature: str) -> str:
+    """A signature as `sign` writes it: hexadecimal is read in either case (some HMAC
+    libraries write capitals), and a signature is remembered against replays in this
+    form, so that the same one in other capitals is a replay too."""
+    return signature.strip().lower()

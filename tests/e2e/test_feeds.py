@@ -253,6 +253,24 @@ def test_a_replayed_signed_request_is_refused(ledger: Server) -> None:
     assert replay.json()["error"] == "replayed_signature"
 
 
+def test_a_signature_in_capitals_holds_and_is_the_same_signature_for_replays(
+    ledger: Server,
+) -> None:
+    # Some HMAC libraries write hexadecimal in capitals: refused as bad_signature until a
+    # supplier integrator's walkthrough. The same signature in small letters is a replay.
+    body = b'{"observations": []}'
+    headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
+    lower = headers["X-Ledger-Signature"]
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier_id = supplier(admin, {})
+        path = f"/v1/suppliers/{supplier_id}/webhook"
+        upper = {**headers, "X-Ledger-Signature": "SHA256=" + lower.removeprefix("sha256=").upper()}
+        first = anyone.post(path, content=body, headers=upper)
+        replay = anyone.post(path, content=body, headers=headers)
+    assert first.status_code == 202
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_signature")
+
+
 def test_a_dead_letter_applies_once_its_mapping_is_added(ledger: Server) -> None:
     sku = f"DL-{uuid.uuid4().hex[:6]}"
     at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()

@@ -928,6 +928,8 @@ def test_a_body_over_the_limit_is_refused_whether_it_declares_its_length_or_not(
     assert chunked.request.headers.get("Transfer-Encoding") == "chunked"
     refused(declared, 413, "payload_too_large")
     refused(chunked, 413, "payload_too_large")
+    # Written as every other error body is (it had spaces after its separators).
+    assert declared.content.startswith(b'{"error":"payload_too_large","detail":"')
     assert chunked.headers["X-Request-ID"] == "too-big-1"
     # Under the limit the body reaches the handler, which knows no SKU "x".
     refused(small, 422, "unknown_sku")

@@ -78,6 +78,14 @@ def test_tab_separated_quoted_fields_keep_their_newlines_tabs_and_quotes() -> No
     assert parsed[0].raw["description"] == 'Blue widget,\nwith a "tab":\t!'
 
 
+@pytest.mark.parametrize("header", ["Part No,QOH", "Article,Available Qty"])
+def test_common_distribution_headers_are_read_without_columns(header: str) -> None:
+    # Missing `quantity` column, both, until a supplier integrator's walkthrough.
+    [record] = records(read_bytes(f"{header}\nP-7,12\n".encode()))
+
+    assert (record.supplier_sku, record.quantity) == ("P-7", 12)
+
+
 def test_the_columns_option_maps_a_supplier_s_own_headers() -> None:
     parsed = records(
         read(

@@ -20,7 +20,12 @@ from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
 from connectors.secrets import SecretUnavailable, resolve
-from connectors.webhooks import DEFAULT_TOLERANCE_SECONDS, MAX_TOLERANCE_SECONDS, refusal
+from connectors.webhooks import (
+    DEFAULT_TOLERANCE_SECONDS,
+    MAX_TOLERANCE_SECONDS,
+    canonical,
+    refusal,
+)
 from ledger.errors import UnknownSupplier
 from ledger.supplier import SupplierTerms
 
@@ -181,7 +186,7 @@ async def webhook(
         supplier_id,
         # The supplier's own delivery id, else its content's hash (as for an upload).
         delivery or f"sha256:{digest[:32]}",
-        signature,
+        canonical(signature),
         body,
         digest,
         int(timestamp),
