@@ -436,6 +436,14 @@ def _apply_file(
         # The file is a file: the ledger refuses what is in it (status 1, not 2).
         typer.echo(f"error: the file is rejected whole: {broken.reason}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        # Stopped by its operator (it left the delivery failed, saying only
+        # "KeyboardInterrupt", and exited saying nothing): what is applied stays applied,
+        # and running the same command again applies the rest.
+        with suppress(Exception):
+            _finish_file(runtime, delivery, "failed", INTERRUPTED)
+        typer.echo(f"error: {INTERRUPTED}", err=True)
+        raise typer.Exit(130) from None
     except BaseException as error:
         # Left failed, not processing: the same file may be ingested again at once.
         with suppress(Exception):
@@ -461,6 +469,12 @@ def _apply_file(
             late=result.late,
         )
     return result
+
+
+INTERRUPTED = (
+    "interrupted before the whole file was applied: run the same `ledger ingest` again to"
+    " apply the rest (what was applied stays, and is not applied twice)"
+)
 
 
 # How often a file being applied says so in the inbox, at most: a run that stops saying

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -52,6 +54,9 @@ class ApiKey(BaseModel):
 
 
 MAX_HOLD_SECONDS = 366 * 24 * 3600
+
+# libpq's, as PostgreSQL documents them.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class Settings(BaseSettings):
@@ -213,7 +218,55 @@ class Settings(BaseSettings):
             names = [key.name for key in keys]
             if len(set(names)) != len(names):
                 raise ValueError("API key names must be unique")
+            by_secret: dict[str, list[str]] = {}
+            for key in keys:
+                by_secret.setdefault(key.secret.get_secret_value(), []).append(key.name)
+            shared = [names for names in by_secret.values() if len(names) > 1]
+            if shared:
+                # A request is known by its secret alone: all but one of the keys sharing
+                # it could never be used (an admin key answered as a storefront one).
+                raise ValueError(
+                    "each API key needs a secret of its own: "
+                    + "; ".join(" and ".join(repr(name) for name in names) for names in shared)
+                    + " share one"
+                )
             return keys
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # An unknown one failed as the logging was set up, with a trace of the loading.
+        level = value.strip().upper()
+        if not isinstance(logging.getLevelNamesMapping().get(level), int):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # Refused here, one line naming the setting, before anything connects: a URL
+        # that is no PostgreSQL connection string failed with a trace of psycopg's
+        # parsing, and a port or sslmode no server can have as "cannot be reached".
+        # Never quoted back: it may hold a password.
+        if value is None:
+            return None
+        url = value.get_secret_value()
+        scheme = url.split("://", 1)[0].lower() if "://" in url else None
+        if scheme is not None and scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"a PostgreSQL URL begins postgresql://, not {scheme}://")
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            raise ValueError(
+                "not a PostgreSQL URL (postgresql://user:password@host:5432/database)"
+            ) from None
+        for port in str(params.get("port") or "").split(","):
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"port {port!r} is not a port (1-65535)")
+        sslmode = params.get("sslmode")
+        if sslmode is not None and sslmode not in SSL_MODES:
+            raise ValueError(f"sslmode {sslmode!r} is not one of {', '.join(SSL_MODES)}")
         return value
 
     @field_validator("rate_limit_roles", mode="before")

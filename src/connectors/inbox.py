@@ -210,6 +210,35 @@ def enqueue(
         (supplier_id, delivery_id),
     ).fetchone()
     assert existing is not None
+    if (
+        existing["content_hash"] == content_hash
+        and existing["format"] == format
+        and not existing["kept"]
+        and existing["status"] in ("processing", "failed")
+    ):
+        # The same delivery, sent while `ledger ingest` applies it from a file of which
+        # it keeps no copy (see `take_up`): this one's copy is kept, so that the delivery
+        # is finished whatever becomes of that run. Answered as a duplicate, it was
+        # lost when the run was stopped: acknowledged, and held by nothing to apply it.
+        # An inbox worker takes it over once the run's claim is free (a failed one is
+        # queued again at once); the run, going on, finishes it itself.
+        failed = existing["status"] == "failed"
+        conn.execute(
+            "UPDATE connector_inbox SET body = %s WHERE supplier_id = %s AND delivery_id = %s"
+            " AND body IS NULL",
+            (body, supplier_id, delivery_id),
+        )
+        conn.execute("NOTIFY connector_inbox")
+        if failed:
+            conn.execute(
+                "UPDATE connector_inbox SET status = 'queued', attempts = 0, retry_at = now(),"
+                " error = NULL, outcome = NULL, finished_at = NULL"
+                " WHERE supplier_id = %s AND delivery_id = %s AND status = 'failed'",
+                (supplier_id, delivery_id),
+            )
+        return Received(
+            delivery_id, "queued" if failed else existing["status"], duplicate=True, clash=False
+        )
     if existing["content_hash"] == content_hash and existing["format"] != format:
         # The same bytes said to be in another format: a delivery read in the wrong one
         # (rejected whole, or failed) is queued again in this one, where it used to be

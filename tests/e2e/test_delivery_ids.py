@@ -155,6 +155,42 @@ def test_a_file_whose_inbox_delivery_has_not_been_applied_is_refused_saying_so(
     assert on_hand(ledger, sku, None) == 0
 
 
+@pytest.mark.parametrize(
+    ("left", "error"),
+    [
+        # `ledger ingest` killed while applying it: its claim gone with its session.
+        ("processing", None),
+        # Stopped with Ctrl-C, or failed: it keeps no copy to queue again.
+        ("failed", "interrupted before the whole file was applied"),
+    ],
+)
+def test_an_upload_of_a_file_whose_ingest_stopped_is_kept_and_applied(
+    ledger: Server, left: str, error: str | None
+) -> None:
+    # It was answered 202 as a duplicate of the file's delivery, kept nothing, and was
+    # never applied: the supplier, acknowledged, sent it no more (an operator's walkthrough).
+    sku = f"ID-{uuid.uuid4().hex[:6]}"
+    body = csv_of({"A-1": 17})
+    delivery = f"file-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+        with psycopg.connect(ledger.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO connector_inbox (supplier_id, delivery_id, source, format,"
+                " content_hash, name, body, status, attempts, started_at, error) VALUES"
+                " (%s, %s, 'cli', 'csv', %s, 'stock.csv', NULL, %s, 1, now(), %s)",
+                (supplier_id, delivery, hashlib.sha256(body).hexdigest(), left, error),
+            )
+        accepted = upload(admin, supplier_id, body, delivery)
+        status = finished(admin, supplier_id, delivery)
+
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["duplicate"] is True
+    assert status["status"] == "applied", status
+    assert (status["applied"], status["error"]) == (1, None)
+    assert on_hand(ledger, sku, status["position"]) == 17
+
+
 def report(
     client: httpx.Client, supplier_id: str, delivery: str, *observations: dict[str, Any]
 ) -> httpx.Response:

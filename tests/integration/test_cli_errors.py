@@ -118,6 +118,52 @@ def test_an_unknown_sku_or_supplier_is_said_in_one_line_with_status_1(
         assert command.stdout == ""
 
 
+def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_running_it_again(
+    ledger: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It exited with status 130 saying nothing, and left the delivery failed with the
+    # error "KeyboardInterrupt: " (an operator's walkthrough).
+    from typer.testing import CliRunner
+
+    from api import cli
+
+    sku = mapped_sku(ledger)
+    feed = tmp_path / "stock.csv"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    feed.write_text(f"sku,quantity,observed_at\nA-1,23,{at}\n")
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_ingest_file", interrupted)
+    environment = {"LEDGER_DATABASE_URL": ledger.database_url, "LEDGER_API_KEYS": ""}
+    stopped = CliRunner().invoke(
+        cli.cli,
+        ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "ctrl-c-1"],
+        env=environment,
+    )
+    with psycopg.connect(ledger.database_url) as conn:
+        left = conn.execute(
+            "SELECT status, error FROM connector_inbox WHERE delivery_id = 'ctrl-c-1'"
+        ).fetchone()
+    again = ledger_command(
+        ledger.database_url,
+        "ingest",
+        str(feed),
+        "--supplier",
+        SUPPLIER,
+        "--delivery-id",
+        "ctrl-c-1",
+    )
+
+    assert stopped.exit_code == 130, stopped.output
+    assert f"error: {cli.INTERRUPTED}" in stopped.output
+    assert left == ("failed", cli.INTERRUPTED)
+    assert again.returncode == 0, again.stderr
+    assert "1 rows read: 1 changed" in again.stdout
+    assert ledger.app.repository.get(StockItem.id_for(sku)).positions[SUPPLIER].quantity == 23
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [
@@ -172,6 +218,35 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         (
             {"LEDGER_POOL_SIZE": "1", "LEDGER_POOL_MAX_OVERFLOW": "0"},
             "error: settings: Value error, pool_size + pool_max_overflow must allow two",
+        ),
+        # Each of these below was a traceback of 70-130 lines with status 1, or "cannot be
+        # reached" (an operator's walkthrough).
+        (
+            {"LEDGER_LOG_LEVEL": "LOUD"},
+            "error: setting LEDGER_LOG_LEVEL: Value error, one of DEBUG, INFO, WARNING",
+        ),
+        (
+            {"LEDGER_DATABASE_URL": "notaurl"},
+            "error: setting LEDGER_DATABASE_URL: Value error, not a PostgreSQL URL",
+        ),
+        (
+            {"LEDGER_DATABASE_URL": "mysql://root@127.0.0.1/ledger"},
+            "error: setting LEDGER_DATABASE_URL: Value error, a PostgreSQL URL begins"
+            " postgresql://, not mysql://",
+        ),
+        (
+            {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1:99999/ledger"},
+            "error: setting LEDGER_DATABASE_URL: Value error, port '99999' is not a port",
+        ),
+        (
+            {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1/ledger?sslmode=bogus"},
+            "error: setting LEDGER_DATABASE_URL: Value error, sslmode 'bogus' is not one of",
+        ),
+        # A request is known by its secret: the admin key answered as the storefront one.
+        (
+            {"LEDGER_API_KEYS": "a:admin:same1,b:storefront:same1"},
+            "error: setting LEDGER_API_KEYS: Value error, each API key needs a secret of its"
+            " own: 'a' and 'b' share one",
         ),
     ],
 )
