@@ -55,6 +55,7 @@ from connectors import health, inbox
 from connectors.deadletters import record_dead_letters
 from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
+from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
 from projections.registry import all_projections
 from projections.runner import RebuildRunning, rebuild
@@ -440,10 +441,14 @@ def _apply_file(
         # Stopped by its operator (it left the delivery failed, saying only
         # "KeyboardInterrupt", and exited saying nothing): what is applied stays applied,
         # and running the same command again applies the rest.
+        queued = False
         with suppress(Exception):
-            _finish_file(runtime, delivery, "failed", INTERRUPTED)
-        typer.echo(f"error: {INTERRUPTED}", err=True)
+            queued = _finish_file(runtime, delivery, "failed", INTERRUPTED)
+        typer.echo(f"error: {INTERRUPTED_KEPT if queued else INTERRUPTED}", err=True)
         raise typer.Exit(130) from None
+    except ClaimLost:
+        typer.echo(f"error: {TAKEN_OVER.format(delivery=delivery.delivery_id)}", err=True)
+        raise typer.Exit(1) from None
     except BaseException as error:
         # Left failed, not processing: the same file may be ingested again at once.
         with suppress(Exception):
@@ -475,6 +480,16 @@ INTERRUPTED = (
     "interrupted before the whole file was applied: run the same `ledger ingest` again to"
     " apply the rest (what was applied stays, and is not applied twice)"
 )
+# When the same delivery was uploaded (or sent by webhook) while the file was applied, the
+# inbox keeps that copy (see inbox.enqueue), and a worker finishes the delivery from it.
+INTERRUPTED_KEPT = (
+    "interrupted before the whole file was applied: the same delivery was received"
+    " meanwhile, and an inbox worker applies the rest from that copy"
+)
+TAKEN_OVER = (
+    "delivery {delivery!r} was taken over by an inbox worker (this run went silent too"
+    " long), which applies the rest from the copy the inbox received"
+)
 
 
 # How often a file being applied says so in the inbox, at most: a run that stops saying
@@ -494,7 +509,10 @@ def _ingest_file(
         nonlocal beaten
         if time.monotonic() - beaten >= HEARTBEAT_SECONDS:
             with runtime.store.connection() as conn:
-                inbox.heartbeat(conn, delivery)
+                # Taken over (a copy of the file came through the inbox, and this run
+                # went silent): the worker applies it, so this run stops, as a worker would.
+                if not inbox.heartbeat(conn, delivery):
+                    raise ClaimLost(delivery.delivery_id)
             beaten = time.monotonic()
 
     with (
@@ -534,10 +552,13 @@ def _ingest_file(
     return result
 
 
-def _finish_file(runtime: Runtime, delivery: inbox.Delivery, status: str, error: str) -> None:
-    """Records a file's delivery as rejected or failed, while this run's claim holds."""
+def _finish_file(runtime: Runtime, delivery: inbox.Delivery, status: str, error: str) -> bool:
+    """Records a file's delivery as rejected or failed, while this run's claim holds. A
+    failed one that the inbox received a copy of meanwhile (see inbox.enqueue) is queued
+    again, for a worker to finish from it: returns whether it was."""
     with runtime.store.transaction() as conn:
         inbox.finish(conn, delivery.id, status, None, error, attempt=delivery.attempts)
+        return status == "failed" and inbox.queue_kept(conn, delivery)
 
 
 def _answer_taken(delivery: str, taken: inbox.TakenUp) -> None:

@@ -62,7 +62,10 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 class Settings(BaseSettings):
     """Everything the service can be told; built once and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore")
+    # Inputs are never quoted in errors: the database URL and the API keys hold secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="LEDGER_", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: SecretStr | None = Field(
         default=None, description="PostgreSQL URL; unset starts an embedded server under data_dir"
@@ -252,9 +255,10 @@ class Settings(BaseSettings):
         if value is None:
             return None
         url = value.get_secret_value()
-        scheme = url.split("://", 1)[0].lower() if "://" in url else None
-        if scheme is not None and scheme not in ("postgresql", "postgres"):
-            raise ValueError(f"a PostgreSQL URL begins postgresql://, not {scheme}://")
+        # A URL's scheme (a key=value string may hold "://" in a value, a password even).
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+        if scheme is not None and scheme[1].lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"a PostgreSQL URL begins postgresql://, not {scheme[1]}://")
         try:
             params = conninfo_to_dict(url)
         except psycopg.ProgrammingError:
@@ -262,8 +266,10 @@ class Settings(BaseSettings):
                 "not a PostgreSQL URL (postgresql://user:password@host:5432/database)"
             ) from None
         for port in str(params.get("port") or "").split(","):
+            port = port.strip()  # as libpq reads it
+            # Not quoted: a password with an unescaped "/" is read as host and port.
             if port and not (port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"port {port!r} is not a port (1-65535)")
+                raise ValueError("its port is not a number from 1 to 65535")
         sslmode = params.get("sslmode")
         if sslmode is not None and sslmode not in SSL_MODES:
             raise ValueError(f"sslmode {sslmode!r} is not one of {', '.join(SSL_MODES)}")

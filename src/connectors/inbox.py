@@ -221,24 +221,23 @@ def enqueue(
         # is finished whatever becomes of that run. Answered as a duplicate, it was
         # lost when the run was stopped: acknowledged, and held by nothing to apply it.
         # An inbox worker takes it over once the run's claim is free (a failed one is
-        # queued again at once); the run, going on, finishes it itself.
-        failed = existing["status"] == "failed"
-        conn.execute(
-            "UPDATE connector_inbox SET body = %s WHERE supplier_id = %s AND delivery_id = %s"
-            " AND body IS NULL",
-            (body, supplier_id, delivery_id),
-        )
+        # queued again at once, its attempts kept: a worker's claim then takes a lock the
+        # run never held); the run, going on, finishes it itself.
+        # One statement, so that it sees the run's own last word whichever comes first:
+        # a run that failed (or was stopped) before it is queued again here, one that
+        # fails after it queues it again itself (`queue_kept`).
+        kept = conn.execute(
+            "UPDATE connector_inbox SET body = %s, received_by = coalesce(received_by, %s),"
+            " status = CASE WHEN status = 'failed' THEN 'queued' ELSE status END,"
+            " retry_at = CASE WHEN status = 'failed' THEN now() ELSE retry_at END,"
+            " finished_at = CASE WHEN status = 'failed' THEN NULL ELSE finished_at END"
+            " WHERE supplier_id = %s AND delivery_id = %s AND body IS NULL"
+            " AND status IN ('processing', 'failed') RETURNING status",
+            (body, received_by, supplier_id, delivery_id),
+        ).fetchone()
         conn.execute("NOTIFY connector_inbox")
-        if failed:
-            conn.execute(
-                "UPDATE connector_inbox SET status = 'queued', attempts = 0, retry_at = now(),"
-                " error = NULL, outcome = NULL, finished_at = NULL"
-                " WHERE supplier_id = %s AND delivery_id = %s AND status = 'failed'",
-                (supplier_id, delivery_id),
-            )
-        return Received(
-            delivery_id, "queued" if failed else existing["status"], duplicate=True, clash=False
-        )
+        status = existing["status"] if kept is None else kept["status"]
+        return Received(delivery_id, status, duplicate=True, clash=False)
     if existing["content_hash"] == content_hash and existing["format"] != format:
         # The same bytes said to be in another format: a delivery read in the wrong one
         # (rejected whole, or failed) is queued again in this one, where it used to be
@@ -551,6 +550,21 @@ def finish(
             attempt,
         ),
     )
+    return cursor.rowcount == 1
+
+
+def queue_kept(conn: Connection, delivery: Delivery) -> bool:
+    """Queues again, for a worker at once, a delivery `ledger ingest` left failed of which
+    the inbox received a copy meanwhile (an upload or webhook of the same bytes: see
+    `enqueue`); False where it has none (the same command finishes it). Its attempts are
+    kept: a worker's claim then takes a lock the run never held."""
+    cursor = conn.execute(
+        "UPDATE connector_inbox SET status = 'queued', retry_at = now(), finished_at = NULL"
+        " WHERE id = %s AND status = 'failed' AND body IS NOT NULL",
+        (delivery.id,),
+    )
+    if cursor.rowcount:
+        conn.execute("NOTIFY connector_inbox")
     return cursor.rowcount == 1
 
 

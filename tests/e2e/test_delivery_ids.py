@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
+from connectors import inbox
 from tests.conftest import Server, serving
 from tests.e2e.test_feeds import SECRET, finished, on_hand, signed, supplier
 from tests.e2e.test_read_side import ledger_command
@@ -189,6 +191,50 @@ def test_an_upload_of_a_file_whose_ingest_stopped_is_kept_and_applied(
     assert status["status"] == "applied", status
     assert (status["applied"], status["error"]) == (1, None)
     assert on_hand(ledger, sku, status["position"]) == 17
+
+
+def test_an_upload_while_an_ingest_runs_is_applied_from_its_copy_when_the_run_then_stops(
+    ledger: Server,
+) -> None:
+    # The run, stopped after the upload came, left the delivery failed with a copy that no
+    # worker would claim, and a second run of the command was refused (a review).
+    sku = f"ID-{uuid.uuid4().hex[:6]}"
+    body = csv_of({"A-1": 31})
+    delivery = f"file-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": sku})
+        with psycopg.connect(ledger.database_url, autocommit=True, row_factory=dict_row) as run:
+            # What `ledger ingest` does as it starts, and when it is stopped (cli.py).
+            taken = inbox.take_up(
+                run,
+                supplier_id=supplier_id,
+                delivery_id=delivery,
+                source="cli",
+                format="csv",
+                content_hash=hashlib.sha256(body).hexdigest(),
+                name="stock.csv",
+            )
+            assert taken.delivery is not None
+            accepted = upload(admin, supplier_id, body, delivery)
+            meanwhile = admin.get(f"/v1/feeds/{delivery}", params={"supplier_id": supplier_id})
+            with run.transaction():
+                inbox.finish(
+                    run,
+                    taken.delivery.id,
+                    "failed",
+                    None,
+                    "stopped",
+                    attempt=taken.delivery.attempts,
+                )
+                queued = inbox.queue_kept(run, taken.delivery)
+            inbox.release(run, taken.delivery)
+        status = finished(admin, supplier_id, delivery)
+
+    assert (accepted.status_code, accepted.json()["duplicate"]) == (202, True)
+    assert meanwhile.json()["status"] == "processing"  # the run's, not a worker's
+    assert queued
+    assert (status["status"], status["applied"]) == ("applied", 1), status
+    assert on_hand(ledger, sku, status["position"]) == 31
 
 
 def report(

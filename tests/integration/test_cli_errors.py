@@ -236,7 +236,7 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         ),
         (
             {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1:99999/ledger"},
-            "error: setting LEDGER_DATABASE_URL: Value error, port '99999' is not a port",
+            "error: setting LEDGER_DATABASE_URL: Value error, its port is not a number from 1",
         ),
         (
             {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1/ledger?sslmode=bogus"},

@@ -90,3 +90,46 @@ def test_a_hold_may_last_a_year_at_most() -> None:
     with pytest.raises(ValidationError, match="max_ttl_seconds"):
         Settings(max_ttl_seconds=99_999_999_999)
     assert Settings(max_ttl_seconds=366 * 24 * 3600).max_ttl_seconds == 31_622_400
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:5432/ledger",
+        "postgres://u:p%40ss@[::1]:5432/ledger",
+        "postgresql://u@h1:5432,h2:5433/ledger?target_session_attrs=read-write",
+        "postgresql:///ledger?host=/var/run/postgresql",
+        "postgresql://u@h/ledger?port=%205432&sslmode=verify-full",
+        # A key=value string whose values hold "://" (a password may): not a URL's scheme.
+        "dbname=ledger password=ab://cd application_name=http://x",
+    ],
+)
+def test_every_postgresql_url_or_connection_string_is_taken(url: str) -> None:
+    settings = Settings.model_validate({"database_url": url})
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "not a PostgreSQL URL"),
+        ("mysql://root:hunter2@db/ledger", "not mysql://"),
+        # libpq reads an unescaped "/" in a password as the end of host and port.
+        ("postgresql://ledger:hunter2/x@db:5432/ledger", "its port is not a number"),
+        ("postgresql://ledger:hunter2@db/ledger?sslmode=sure", "sslmode 'sure' is not one of"),
+    ],
+)
+def test_a_database_url_that_is_no_postgresql_url_is_refused_without_its_password(
+    url: str, said: str
+) -> None:
+    with pytest.raises(ValidationError, match=said) as refused:
+        Settings.model_validate({"database_url": url})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_two_api_keys_may_not_share_a_secret() -> None:
+    # A request is known by its secret: the admin key was answered as the storefront one.
+    with pytest.raises(ValidationError, match="'ops' and 'shop' share one") as refused:
+        Settings.model_validate({"api_keys": "ops:admin:same,shop:storefront:same"})
+    assert "same" not in str(refused.value).replace("share one", "")
