@@ -118,47 +118,50 @@ def test_an_unknown_sku_or_supplier_is_said_in_one_line_with_status_1(
         assert command.stdout == ""
 
 
+# `ledger ingest`, in a process of its own, stopped with Ctrl-C as it begins to apply.
+INTERRUPTED_INGEST = """
+import sys
+from api import cli
+
+def interrupted(*args):
+    raise KeyboardInterrupt
+
+cli._ingest_file = interrupted
+sys.argv[0] = "ledger"
+cli.main()
+"""
+
+
 def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_running_it_again(
-    ledger: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger: Runtime, tmp_path: Path
 ) -> None:
     # It exited with status 130 saying nothing, and left the delivery failed with the
     # error "KeyboardInterrupt: " (an operator's walkthrough).
-    from typer.testing import CliRunner
-
-    from api import cli
+    from api.cli import INTERRUPTED
 
     sku = mapped_sku(ledger)
     feed = tmp_path / "stock.csv"
     at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     feed.write_text(f"sku,quantity,observed_at\nA-1,23,{at}\n")
+    args = ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "ctrl-c-1"]
 
-    def interrupted(*args: object) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "_ingest_file", interrupted)
-    environment = {"LEDGER_DATABASE_URL": ledger.database_url, "LEDGER_API_KEYS": ""}
-    stopped = CliRunner().invoke(
-        cli.cli,
-        ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "ctrl-c-1"],
-        env=environment,
+    stopped = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_INGEST, *args],
+        env={**os.environ, "LEDGER_DATABASE_URL": ledger.database_url, "LEDGER_API_KEYS": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     with psycopg.connect(ledger.database_url) as conn:
         left = conn.execute(
             "SELECT status, error FROM connector_inbox WHERE delivery_id = 'ctrl-c-1'"
         ).fetchone()
-    again = ledger_command(
-        ledger.database_url,
-        "ingest",
-        str(feed),
-        "--supplier",
-        SUPPLIER,
-        "--delivery-id",
-        "ctrl-c-1",
-    )
+    again = ledger_command(ledger.database_url, *args)
 
-    assert stopped.exit_code == 130, stopped.output
-    assert f"error: {cli.INTERRUPTED}" in stopped.output
-    assert left == ("failed", cli.INTERRUPTED)
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"error: {INTERRUPTED}" in " ".join(stopped.stderr.split())
+    assert "Traceback" not in stopped.stderr
+    assert left == ("failed", INTERRUPTED)
     assert again.returncode == 0, again.stderr
     assert "1 rows read: 1 changed" in again.stdout
     assert ledger.app.repository.get(StockItem.id_for(sku)).positions[SUPPLIER].quantity == 23
