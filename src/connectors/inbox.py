@@ -217,15 +217,13 @@ def enqueue(
         and existing["status"] in ("processing", "failed")
     ):
         # The same delivery, sent while `ledger ingest` applies it from a file of which
-        # it keeps no copy (see `take_up`): this one's copy is kept, so that the delivery
-        # is finished whatever becomes of that run. Answered as a duplicate, it was
-        # lost when the run was stopped: acknowledged, and held by nothing to apply it.
-        # An inbox worker takes it over once the run's claim is free (a failed one is
-        # queued again at once, its attempts kept: a worker's claim then takes a lock the
-        # run never held); the run, going on, finishes it itself.
-        # One statement, so that it sees the run's own last word whichever comes first:
-        # a run that failed (or was stopped) before it is queued again here, one that
-        # fails after it queues it again itself (`queue_kept`).
+        # it keeps no copy (see `take_up`), or after that run stopped: this copy is kept
+        # (answered as a duplicate and kept nothing, it was lost with the run). A run
+        # going on finishes the delivery itself; once its claim is free, an inbox worker
+        # takes it over. One statement, so that it sees the run's last word whichever
+        # comes first: a delivery the run left failed is queued again here (its attempts
+        # kept: a worker's claim then takes a lock the run never held), one it leaves
+        # failed after this is queued again by the run (`queue_kept`).
         kept = conn.execute(
             "UPDATE connector_inbox SET body = %s, received_by = coalesce(received_by, %s),"
             " status = CASE WHEN status = 'failed' THEN 'queued' ELSE status END,"
