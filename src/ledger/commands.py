@@ -195,9 +195,15 @@ class Reserve(Command):
         return summed
 
 
+# CLIENT_SCOPED: the commands on a reservation name the OMS client that sends them (the
+# API key's name, as `Reserve.client` does), and a reservation another client placed is
+# not found for it: a second OMS key could read, confirm, release, fulfil and return
+# another's orders, whose ids follow from the client's name and its Idempotency-Key (a
+# security review). An admin's name none, and act on any.
 @dataclass(frozen=True, kw_only=True)
 class Confirm(Command):
     reservation_id: UUID
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
 
     def aggregate_ids(self) -> list[UUID]:
         return [self.reservation_id]
@@ -207,6 +213,7 @@ class Confirm(Command):
 class Release(Command):
     reservation_id: UUID
     note: str | None = None
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
 
     def aggregate_ids(self) -> list[UUID]:
         return [self.reservation_id]
@@ -217,6 +224,7 @@ class Fulfil(Command):
     reservation_id: UUID
     lines: list[tuple[str, int, str | None]]
     request_key: str | None = None
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
 
     def aggregate_ids(self) -> list[UUID]:
         return [self.reservation_id]
@@ -228,6 +236,7 @@ class Return(Command):
     lines: list[tuple[str, int]]
     restock: bool
     request_key: str | None = None
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
 
     def aggregate_ids(self) -> list[UUID]:
         return [self.reservation_id]

@@ -223,31 +223,43 @@ class Views:
             ).fetchall()
 
     def reservations_by_status(
-        self, status: str | None, at: datetime, after: UUID | None, limit: int
+        self,
+        status: str | None,
+        at: datetime,
+        after: UUID | None,
+        limit: int,
+        client: str | None = None,
     ) -> list[Reservation]:
         """Reservations by id after `after`, of a status as it is answered at `at` (a hold
         past its expiry is `expired` before the sweeper records it; `held`, one that is
-        not), or of any. Each status its own statement, so that the planner sees which."""
+        not), or of any; of one OMS `client`, or of every one. Each status its own
+        statement, so that the planner sees which."""
         return self._reservations(
-            "{status} AND (%(after)s::uuid IS NULL OR id > %(after)s) ORDER BY id",
-            {"after": after, "status": status, "at": at, "limit": limit},
+            "{status} AND (%(after)s::uuid IS NULL OR id > %(after)s) AND {client} ORDER BY id",
+            {"after": after, "status": status, "at": at, "limit": limit, "client": client},
         )
 
     def reservations_for_order(
-        self, order_id: str, limit: int = 100, status: str | None = None, at: datetime | None = None
+        self,
+        order_id: str,
+        limit: int = 100,
+        status: str | None = None,
+        at: datetime | None = None,
+        client: str | None = None,
     ) -> list[Reservation]:
         """An order's reservations, the first `limit` made, of a status as `reservations_by_
-        status` reads it, if one is given."""
+        status` reads it, if one is given, and of one OMS `client`, if one is given."""
         return self._reservations(
-            "order_id = %(order)s AND {status} ORDER BY created_at",
-            {"order": order_id, "status": status, "at": at, "limit": limit},
+            "order_id = %(order)s AND {status} AND {client} ORDER BY created_at",
+            {"order": order_id, "status": status, "at": at, "limit": limit, "client": client},
         )
 
     def _reservations(self, where: str, params: dict[str, Any]) -> list[Reservation]:
         """The reservations `where` picks (`{status}`: of `params["status"]`, see
         _STATUS_AT), the first `params["limit"]`."""
         condition = _STATUS_AT.get(params["status"] or "", _STATUS_IS)
-        picked = sql.SQL(where).format(status=condition)
+        client = sql.SQL("client = %(client)s" if params.get("client") is not None else "true")
+        picked = sql.SQL(where).format(status=condition, client=client)
         query = sql.SQL("SELECT id, version, state FROM view_reservations WHERE {}").format(picked)
         query += sql.SQL(" LIMIT %(limit)s")
         with self.store.connection() as conn:

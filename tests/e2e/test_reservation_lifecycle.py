@@ -657,6 +657,50 @@ def test_an_idempotency_key_belongs_to_one_oms_client(
     assert availability(shop, sku)["held"] == 4
 
 
+def test_an_oms_client_neither_sees_nor_changes_another_client_s_reservations(
+    ledger: Server, admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
+) -> None:
+    # Any OMS key read, confirmed, released, fulfilled and returned any other's orders,
+    # whose ids follow from the client's name and its Idempotency-Key (a security review).
+    sku = stocked_sku(admin, {new_supplier(admin): 10})
+    order = f"order-{uuid.uuid4().hex[:8]}"
+    mine = ok(reserve(oms, (sku, 2), order_id=order), 201)["reservation_id"]
+    path = f"/v1/reservations/{mine}"
+
+    with ledger.client("test-oms-2") as other, ledger.client("test-audit") as auditor:
+        refused = [
+            other.get(path),
+            other.post(f"{path}/confirm"),
+            other.post(f"{path}/release"),
+            other.post(f"{path}/fulfil", json={"lines": [{"sku": sku, "quantity": 1}]}),
+            other.post(
+                f"{path}/return", json={"lines": [{"sku": sku, "quantity": 1}], "restock": True}
+            ),
+        ]
+        by_order = ok(other.get("/v1/reservations", params={"order_id": order}))
+        listed = ok(other.get("/v1/reservations", params={"status": "held", "limit": 1000}))
+        audited = ok(auditor.get(path))
+        theirs = ok(reserve(other, (sku, 1), order_id=order), 201)["reservation_id"]
+        their_order = ok(other.get("/v1/reservations", params={"order_id": order}))
+
+    assert [(r.status_code, r.json()["error"]) for r in refused] == [
+        (404, "reservation_not_found")
+    ] * 5
+    assert by_order["items"] == []
+    assert mine not in [item["reservation_id"] for item in listed["items"]]
+    assert audited["status"] == "held"
+    assert [item["reservation_id"] for item in their_order["items"]] == [theirs]
+    # Still held, as its client left it; its client and an admin act on it.
+    assert ok(oms.get(path))["status"] == "held"
+    assert availability(shop, sku)["held"] == 3
+    assert [
+        item["reservation_id"]
+        for item in ok(oms.get("/v1/reservations", params={"order_id": order}))["items"]
+    ] == [mine]
+    assert ok(admin.post(f"{path}/confirm"))["status"] == "confirmed"
+    assert ok(oms.post(f"{path}/release"))["status"] == "released"
+
+
 def test_an_order_one_line_of_which_cannot_be_covered_is_refused_and_holds_nothing(
     admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -37,6 +37,7 @@ from api.schemas import (
     ReservationOut,
     ReturnIn,
 )
+from api.settings import ApiKey
 from ledger.commands import Command, Confirm, Fulfil, Release, Reserve, Return
 from ledger.errors import ReservationNotFound
 from ledger.handlers.reservations import Reserved
@@ -100,6 +101,20 @@ def _reservation_id(value: str) -> UUID:
         raise ReservationNotFound(f"no reservation {value}") from None
 
 
+def _client(key: ApiKey) -> str | None:
+    """The OMS client a key acts as, for reservations (see ledger.commands.CLIENT_SCOPED):
+    an OMS key its own name; an admin or an auditor none, seeing every client's."""
+    return key.name if key.role == "oms" else None
+
+
+def _owned(reservation: Reservation, key: ApiKey) -> Reservation:
+    """The reservation, unless another OMS client placed it: not found for this one."""
+    client = _client(key)
+    if client is not None and reservation.client != client:
+        raise ReservationNotFound(f"no reservation {reservation.id}")
+    return reservation
+
+
 # The write routes are coroutines: they hand the command to the ledger writer's thread
 # and await its outcome, holding no pool thread while the batch is saved.
 
@@ -155,7 +170,7 @@ async def reserve(
 
 @router.get("", response_model=ReservationListOut)
 def listed(
-    _: ReservationReaderKey,
+    key: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
     wanted: ReservationsAt,
@@ -177,10 +192,12 @@ def listed(
     set_position(response, position)
     named = None if status is None else status.value
     if order_id is not None:
-        found = runtime.views.reservations_for_order(order_id, status=named, at=at)
+        found = runtime.views.reservations_for_order(
+            order_id, status=named, at=at, client=_client(key)
+        )
         return ReservationListOut(items=[reservation_out(r, at) for r in found], position=position)
     limit = limit or 100
-    page = runtime.views.reservations_by_status(named, at, after, limit)
+    page = runtime.views.reservations_by_status(named, at, after, limit, client=_client(key))
     return ReservationListOut(
         items=[reservation_out(r, at) for r in page],
         position=position,
@@ -191,7 +208,7 @@ def listed(
 @router.get("/{reservation_id}", response_model=ReservationOut)
 def get(
     reservation_id: str,
-    _: ReservationReaderKey,
+    key: ReservationReaderKey,
     runtime: RuntimeDep,
     at: Now,
     wanted: MinPosition,
@@ -201,20 +218,20 @@ def get(
     `min_position`, comes from the log, which holds every write: such a read never waits
     for the view (it waited, and was refused `503` when the view lagged, though the log
     had the answer: a walkthrough)."""
-    key = _reservation_id(reservation_id)
+    wanted_id = _reservation_id(reservation_id)
     position = runtime.views.position("reservations")
     reservation = None
     if wanted is None or position >= wanted:
-        reservation = runtime.views.reservation(key)
+        reservation = runtime.views.reservation(wanted_id)
     if reservation is None:
         # Read before the reservation is: what is loaded reflects at least this.
         head = runtime.app.recorder.max_notification_id() or 0
         if wanted is not None and wanted > head:
             raise PositionNotReached("reservations", wanted, position, head)
-        reservation = runtime.queries.reservation(key)
+        reservation = runtime.queries.reservation(wanted_id)
         position = max(position, head)
     set_position(response, position)
-    return reservation_out(reservation, at)
+    return reservation_out(_owned(reservation, key), at)
 
 
 async def _run(runtime: RuntimeDep, command: Command, at: datetime) -> Response:
@@ -235,6 +252,7 @@ async def confirm(
         at=at,
         cause=cause_for(key, "oms.confirm", request_id),
         reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
     )
     return await _run(runtime, command, at)
 
@@ -253,6 +271,7 @@ async def release(
         at=at,
         cause=cause_for(key, "oms.release", request_id),
         reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
         note=body.reason if body else None,
     )
     return await _run(runtime, command, at)
@@ -273,6 +292,7 @@ async def fulfil(
         at=at,
         cause=cause_for(key, "oms.fulfil", request_id),
         reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
         lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
         request_key=_key(idempotency_key, required=False),
     )
@@ -294,6 +314,7 @@ async def return_units(
         at=at,
         cause=cause_for(key, "oms.return", request_id),
         reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
         lines=[(line.sku, line.quantity) for line in body.lines],
         restock=body.restock,
         request_key=_key(idempotency_key, required=False),

@@ -88,9 +88,10 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
     return Reserved(reservation, replayed=False)
 
 
-def _reservation(uow: UnitOfWork, reservation_id: UUID) -> Reservation:
+def _reservation(uow: UnitOfWork, reservation_id: UUID, client: str | None) -> Reservation:
+    """The reservation, if `client` (None: any) placed it (see commands.CLIENT_SCOPED)."""
     reservation = uow.get(Reservation, reservation_id)
-    if reservation is None:
+    if reservation is None or (client is not None and reservation.client != client):
         raise ReservationNotFound(f"no reservation {reservation_id}")
     return reservation
 
@@ -125,7 +126,7 @@ def _decided(uow: UnitOfWork, at: datetime, reservation: Reservation) -> datetim
 
 @handles(Confirm)
 def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
-    reservation = _reservation(uow, command.reservation_id)
+    reservation = _reservation(uow, command.reservation_id, command.client)
     terms = uow.supplier_terms(reservation.supplier_ids)
     net = [s for s, supplier in terms.items() if supplier.reports_net_of_our_orders]
     at = _decided(uow, command.at, reservation)
@@ -144,7 +145,7 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
 
 @handles(Release)
 def release(uow: UnitOfWork, command: Release) -> Reservation:
-    reservation = _reservation(uow, command.reservation_id)
+    reservation = _reservation(uow, command.reservation_id, command.client)
     at = _decided(uow, command.at, reservation)
     released_from = reservation.release(at, command.cause, command.note)
     if released_from == ReservationStatus.HELD:
@@ -176,7 +177,7 @@ def _by_sku(movements: list[Movement]) -> dict[str, list[Allocation]]:
 
 @handles(Fulfil)
 def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
-    reservation = _reservation(uow, command.reservation_id)
+    reservation = _reservation(uow, command.reservation_id, command.client)
     _known(uow, reservation, [sku for sku, *_ in command.lines])
     at = _decided(uow, command.at, reservation)
     shipped = reservation.fulfil(command.lines, at, command.cause, command.request_key)
@@ -200,7 +201,7 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
 
 @handles(Return)
 def return_units(uow: UnitOfWork, command: Return) -> Reservation:
-    reservation = _reservation(uow, command.reservation_id)
+    reservation = _reservation(uow, command.reservation_id, command.client)
     _known(uow, reservation, [sku for sku, *_ in command.lines])
     at = _decided(uow, command.at, reservation)
     returned = reservation.return_units(
