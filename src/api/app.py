@@ -116,6 +116,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         max_feed_bytes=settings.max_feed_bytes,
         max_webhook_bytes=settings.max_webhook_bytes,
+        max_upload_bytes_in_flight=settings.max_upload_bytes_in_flight or None,
         authenticator=app.state.authenticator,
         limiter=(
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

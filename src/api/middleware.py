@@ -45,6 +45,14 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 CLIENT_GONE = 499
 
 
+# How long an upload refused as `uploads_busy` is asked to wait before it is sent again.
+UPLOADS_BUSY_RETRY_SECONDS = 5
+
+
+class UploadsBusy(Exception):
+    """An upload's body would take the uploads held at once past their bound."""
+
+
 class ClientGone(Exception):
     """The client disconnected before it sent the whole body."""
 
@@ -65,6 +73,7 @@ class RequestContextMiddleware:
         authenticator: Authenticator,
         limiter: RateLimiter | None = None,
         limited_roles: frozenset[str] = frozenset(),
+        max_upload_bytes_in_flight: int | None = None,
     ) -> None:
         self.app = app
         self.limiter = limiter
@@ -73,6 +82,14 @@ class RequestContextMiddleware:
         self.max_feed_bytes = max_feed_bytes
         self.max_webhook_bytes = max_webhook_bytes
         self.authenticator = authenticator
+        # The bytes of feed files and webhooks this process holds at once, at most (None:
+        # no bound). Each is held whole until its request is answered, and costs several
+        # times its size on the way (a 100 MiB upload took the process from 118 to 823
+        # MB): uploads at once from one supplier's key ran the host out of memory (a
+        # security review). Past it, an upload is refused 503 `uploads_busy`, to be sent
+        # again; ordinary bodies (1 MiB at most) are not counted.
+        self.max_upload_bytes_in_flight = max_upload_bytes_in_flight
+        self._uploads_in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,17 +137,32 @@ class RequestContextMiddleware:
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
                 return
+            counted = limit > self.max_body_bytes and self.max_upload_bytes_in_flight is not None
+            held = [0]  # the bytes of this request's body counted in flight
             try:
-                body = await self._read_body(receive, limit)
-            except ClientGone:
-                # Nothing is done for a request whose body never arrived whole: the
-                # client is not there to hear of it, and would retry it.
-                status["code"] = CLIENT_GONE
-                return
-            if body is None:
-                await self._too_large(send_with_id, limit)
-            else:
-                await self.app(scope, replay(body, receive), send_with_id)
+                try:
+                    body = await self._read_body(receive, limit, held if counted else None)
+                except ClientGone:
+                    # Nothing is done for a request whose body never arrived whole: the
+                    # client is not there to hear of it, and would retry it.
+                    status["code"] = CLIENT_GONE
+                    return
+                except UploadsBusy:
+                    await self._refuse(
+                        send_with_id,
+                        503,
+                        "uploads_busy",
+                        "this server holds as many uploads as it may at once: send it"
+                        f" again in {UPLOADS_BUSY_RETRY_SECONDS} s",
+                        [(b"retry-after", str(UPLOADS_BUSY_RETRY_SECONDS).encode())],
+                    )
+                    return
+                if body is None:
+                    await self._too_large(send_with_id, limit)
+                else:
+                    await self.app(scope, replay(body, receive), send_with_id)
+            finally:
+                self._uploads_in_flight -= held[0]
         finally:
             # Asked of the standard logger first: structlog would build the line, then drop it.
             if _access.isEnabledFor(logging.INFO):
@@ -188,7 +220,13 @@ class RequestContextMiddleware:
         )
         return self.max_feed_bytes if may_upload else self.max_body_bytes
 
-    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
+    async def _read_body(
+        self, receive: Receive, limit: int, held: list[int] | None = None
+    ) -> bytes | None:
+        """The body, or None past `limit`. With `held`, its bytes are counted in flight
+        as they arrive (`max_upload_bytes_in_flight`), and UploadsBusy raised where they
+        would pass the bound while another upload is held: an upload alone is never
+        refused, whatever its size within its limit."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -199,6 +237,15 @@ class RequestContextMiddleware:
             size += len(chunk)
             if size > limit:
                 return None
+            if held is not None and chunk:
+                assert self.max_upload_bytes_in_flight is not None
+                others = self._uploads_in_flight - held[0]
+                if others and self._uploads_in_flight + len(chunk) > (
+                    self.max_upload_bytes_in_flight
+                ):
+                    raise UploadsBusy
+                self._uploads_in_flight += len(chunk)
+                held[0] += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

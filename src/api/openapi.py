@@ -65,7 +65,8 @@ REASONS: dict[int, str] = {
     "it again as it was (an order with the same `Idempotency-Key`, a stock report with "
     "its `delivery_id`), and it is answered as the first time if it was.",
     503: "The ledger cannot answer now (`unavailable`, `timeout`, `position_not_reached`, "
-    "`contention`): try again after `Retry-After`.",
+    "`contention`; for a feed file or webhook, `uploads_busy`): try again after "
+    "`Retry-After`.",
 }
 _RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
 HEADERS: dict[int, dict[str, Any]] = {

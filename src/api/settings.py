@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         default=512 * 1_048_576, gt=0, description="limit of an uploaded feed file"
     )
     max_webhook_bytes: int = Field(default=16 * 1_048_576, gt=0)
+    max_upload_bytes_in_flight: int = Field(
+        default=512 * 1_048_576,
+        ge=0,
+        description="feed files and webhook bodies a server process holds at once, in"
+        " bytes; past it an upload is refused 503 uploads_busy (one alone never is); 0: no"
+        " bound",
+    )
     max_observations: int = Field(default=10_000, gt=0)
     max_reservation_lines: int = Field(default=500, gt=0)
     # A hold lasts a year at most: 99,999,999,999 s was taken, and held stock into 5195.

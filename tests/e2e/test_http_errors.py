@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -897,6 +899,72 @@ def test_a_return_says_whether_to_restock_with_true_or_false_only(
 
 
 # Body size ------------------------------------------------------------------------------------
+
+
+UPLOADS_IN_FLIGHT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def bounded_uploads_ledger(
+    postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with serving(
+        postgres_server_url,
+        tmp_path_factory.mktemp("bounded-uploads"),
+        1,
+        extra_env={"LEDGER_MAX_UPLOAD_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT)},
+    ) as running:
+        yield running
+
+
+def test_uploads_past_the_bytes_a_server_holds_at_once_are_refused_to_be_sent_again(
+    bounded_uploads_ledger: Server,
+) -> None:
+    # Each upload is held whole, at several times its size: uploads at once from one
+    # supplier's key ran the host out of memory (a security review).
+    ledger = bounded_uploads_ledger
+    half = b"sku,quantity\n" + b"A-1,1\n" * (UPLOADS_IN_FLIGHT // 12)
+    sending, answered = threading.Event(), threading.Event()
+
+    def slowly() -> Iterator[bytes]:
+        yield half
+        sending.set()
+        answered.wait(30)  # held open until the second upload is answered
+        yield b"A-2,2\n"
+
+    with ledger.client("test-admin") as admin:
+        supplier = f"up-{uuid.uuid4().hex[:6]}"
+        assert admin.put(f"/v1/suppliers/{supplier}", json={"name": supplier}).status_code in (
+            200,
+            201,
+        )
+        path = f"/v1/suppliers/{supplier}/feeds"
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                admin.post,
+                path,
+                params={"format": "csv"},
+                content=slowly(),
+                headers={"X-Ledger-Delivery": "held-open"},
+            )
+            assert sending.wait(30)
+            time.sleep(0.5)  # the first upload's bytes reach the server
+            busy = admin.post(
+                path, params={"format": "csv"}, content=half, headers={"X-Ledger-Delivery": "busy"}
+            )
+            small = admin.post(path, params={"format": "csv"}, content=b"sku,quantity\nA-3,3\n")
+            answered.set()
+            held = first.result(30)
+        again = admin.post(
+            path, params={"format": "csv"}, content=half, headers={"X-Ledger-Delivery": "busy"}
+        )
+
+    refused(busy, 503, "uploads_busy")
+    assert busy.headers["Retry-After"] == "5"
+    # A small upload beside it fits; and one upload alone always passes.
+    assert small.status_code == 202, small.text
+    assert held.status_code == 202, held.text
+    assert again.status_code == 202, again.text
 
 
 def _padded_order(size: int) -> bytes:
