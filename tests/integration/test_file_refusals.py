@@ -245,3 +245,68 @@ def test_a_rejected_file_put_back_as_it_was_says_which_delivery_to_queue_again(
         f"delivered_before: de.csv is delivery {delivery['delivery_id']}, rejected;"
         f" queue it again with POST /v1/feeds/{delivery['delivery_id']}/retry"
     )
+
+
+# Found by a walkthrough of the file transports (2026-12-07) ------------------------------
+
+
+def test_a_file_listed_in_whole_seconds_waits_until_surely_left_alone(tmp_path: Path) -> None:
+    # SFTP and FTP list whole seconds: a file last written at x.95 s lists as x, and was
+    # taken 1.1 s after that write with `settle_seconds` 2 (its last rows lost).
+    listed_at = float(int(time.time()) - 10)
+    feed = dropped(tmp_path / "growing.csv", CSV)
+    os.utime(feed, (listed_at, listed_at))
+    settings = FolderSettings.model_validate(
+        {"path": str(tmp_path), "format": "csv", "settle_seconds": 2}
+    )
+    now = [listed_at + 2.02]
+    transport = FolderTransport(
+        "acme",
+        settings,
+        lambda: LocalFolder(tmp_path, tmp_path / "processed", settings.max_file_bytes),
+        source="sftp",
+        clock=lambda: now[0],
+    )
+
+    early = pull(transport)
+    now[0] = listed_at + 3.0
+    taken = pull(transport)
+
+    assert early == []
+    assert [fetched.name for fetched in taken] == ["growing.csv"]
+
+
+@pytest.mark.parametrize("processed", [".", "", "./", "sub/..", "{path}"])
+def test_a_processed_folder_that_is_the_drop_folder_itself_is_refused(
+    tmp_path: Path, processed: str
+) -> None:
+    # One file was moved within its folder under a new name at each fetch, a new
+    # arrival each time: applied 11 times in 45 s.
+    options = {"path": str(tmp_path), "format": "csv"}
+    with pytest.raises(ValueError, match="processed_path must name a folder other than path"):
+        FolderSettings.model_validate(
+            {**options, "processed_path": processed.format(path=tmp_path)}
+        )
+    # Deleting takes no processed folder.
+    deleting = {**options, "processed_path": ".", "done_action": "delete"}
+    assert FolderSettings.model_validate(deleting).done_action == "delete"
+
+
+def test_a_long_named_file_is_moved_aside_beside_one_of_its_name(tmp_path: Path) -> None:
+    # The name with the content's digest added passed 255 bytes: `File name too long` at
+    # every fetch, the file left in the drop folder for good.
+    name = "ü" * 100 + "x" * 46 + ".csv"  # 250 bytes
+    assert len(name.encode()) == 250
+    transport = counted_folder(tmp_path)
+    dropped(tmp_path / name, CSV)
+    pull(transport)
+    dropped(tmp_path / name, CSV + b"SIM-2,5\n")
+    [second] = pull(transport)
+
+    aside = {path.name for path in (tmp_path / "processed").iterdir()}
+    digest = second.delivery_id.removeprefix("sha256:")[:16]
+    [renamed] = aside - {name}
+    assert not (tmp_path / name).exists()
+    assert renamed.endswith(f".{digest}.csv")
+    assert len(renamed.encode()) <= 255
+    assert name.startswith(renamed.removesuffix(f".{digest}.csv"))

@@ -957,6 +957,25 @@ def test_an_ftp_pull_fetches_new_files_once_and_moves_them(tmp_path: Path, passw
     }
 
 
+def test_an_ftp_pull_moves_files_into_a_processed_folder_of_several_levels(
+    tmp_path: Path, password: str
+) -> None:
+    # FTP's MKD makes one level: every file failed to move (550) and stayed in the folder,
+    # where SFTP and a local folder made each level (a walkthrough).
+    body = drop(tmp_path, "csv", catalogue(5), name="stock-1.csv").read_bytes()
+    with FtpSupplier(tmp_path, username="acme", password="feed-pw") as server:
+        settings = remote_settings(
+            server.host, server.port, password, processed_path="done/2026-12"
+        )
+        transport = transport_for("acme", {"ftp": settings}, state=DictState())
+        assert transport is not None
+        [fetched] = pull(transport)
+        assert pull(transport) == []
+    assert fetched.body == body
+    assert (tmp_path / "done" / "2026-12" / "stock-1.csv").read_bytes() == body
+    assert not (tmp_path / "stock-1.csv").exists()
+
+
 def test_an_ftp_server_without_mlsd_is_listed_with_nlst(
     tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

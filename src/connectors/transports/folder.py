@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 import structlog
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from connectors.parsers import Format
 from connectors.transports import Fetched, content_id
@@ -69,6 +69,17 @@ class FileSettings(RetrySettings):
     # A file past this is refused (`file_too_large`), never read whole: a supplier's
     # server could serve one without end. An inbox row holds at most 1 GB.
     max_file_bytes: int = Field(default=512 * 2**20, ge=1, le=2**30)
+
+    @model_validator(mode="after")
+    def _processed_elsewhere(self) -> FileSettings:
+        # "." or "" moved each file within the folder under a new name, a new arrival at
+        # the next fetch: one file applied 11 times in 45 s (a walkthrough).
+        if self.done_action == "move":
+            folder = posixpath.normpath(self.path)
+            processed = posixpath.normpath(posixpath.join(self.path, self.processed_path))
+            if processed == folder:
+                raise ValueError("processed_path must name a folder other than path itself")
+        return self
 
 
 def too_large(limit: int) -> FetchFailed:
@@ -130,11 +141,34 @@ def remote_path(folder: str, name: str) -> str:
     return name if folder in ("", ".") else posixpath.join(folder, name)
 
 
+# The longest file name most file systems (and SFTP and FTP servers on them) take, in bytes.
+MAX_NAME_BYTES = 255
+
+
 def processed_name(name: str, delivery_id: str) -> str:
-    """The name a file takes in the processed folder when its own name is taken there."""
+    """The name a file takes in the processed folder when its own name is taken there;
+    cut short, before the digest, where it would pass MAX_NAME_BYTES (a 250-byte name
+    could never be moved aside: `File name too long` at every fetch, a walkthrough)."""
     digest = delivery_id.rpartition(":")[2][:16]
     stem, dot, extension = name.rpartition(".")
-    return f"{stem}.{digest}.{extension}" if dot and stem else f"{name}.{digest}"
+    if not (dot and stem) or len(extension.encode()) > MAX_NAME_BYTES // 2:
+        stem, suffix = name, f".{digest}"
+    else:
+        suffix = f".{digest}.{extension}"
+    room = MAX_NAME_BYTES - len(suffix.encode())
+    return _cut(stem, room) + suffix
+
+
+def _cut(text: str, size: int) -> str:
+    """`text`, at most `size` bytes of it in UTF-8, whole characters only."""
+    return text.encode()[:size].decode("utf-8", "ignore")
+
+
+def _latest(modified: float) -> float:
+    """The latest moment a listed modification time may stand for: SFTP and FTP list
+    whole seconds, so a file written at x.95 s lists as x, and was taken up to a second
+    before it had been left alone `settle_seconds` (its last rows lost, a walkthrough)."""
+    return modified + 1 if modified == int(modified) else modified
 
 
 class FolderTransport:
@@ -271,7 +305,7 @@ class FolderTransport:
             unchanged_since = first[1] if first is not None and first[0] == entry else since
             if (
                 settle <= 0
-                or (entry.modified is not None and now - entry.modified >= settle)
+                or (entry.modified is not None and now - _latest(entry.modified) >= settle)
                 or since - unchanged_since >= settle
             ):
                 settled.append(entry)

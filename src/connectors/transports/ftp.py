@@ -163,8 +163,11 @@ class FtpFolder:
         taken = self.processed(target)
         with classified(FTP_FAILURES):
             if not taken:
-                with contextlib.suppress(ftplib.error_perm):  # it exists already
-                    self._ftp.mkd(self._processed)
+                # Each level of it (FTP's MKD makes one: "done/2026-12" failed to move
+                # every file, 550, where SFTP and a local folder made both; a walkthrough).
+                for level in _levels(self._processed):
+                    with contextlib.suppress(ftplib.error_perm):  # it exists already
+                        self._ftp.mkd(level)
             else:
                 self._ftp.delete(remote_path(self._processed, target))  # moved here before
             self._ftp.rename(remote_path(self._folder, name), remote_path(self._processed, target))
@@ -233,3 +236,10 @@ def _modified(written: str | None) -> float | None:
     except ValueError:
         return None
     return moment.timestamp() + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
+
+
+def _levels(path: str) -> list[str]:
+    """The folders of a remote path, outermost first: "a/b/c" -> "a", "a/b", "a/b/c"."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    root = "/" if path.startswith("/") else ""
+    return [root + "/".join(parts[: n + 1]) for n in range(len(parts))]
