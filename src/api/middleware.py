@@ -82,12 +82,12 @@ class RequestContextMiddleware:
         self.max_feed_bytes = max_feed_bytes
         self.max_webhook_bytes = max_webhook_bytes
         self.authenticator = authenticator
-        # The bytes of feed files and webhooks this process holds at once, at most (None:
-        # no bound). Each is held whole until its request is answered, and costs several
-        # times its size on the way (a 100 MiB upload took the process from 118 to 823
-        # MB): uploads at once from one supplier's key ran the host out of memory (a
-        # security review). Past it, an upload is refused 503 `uploads_busy`, to be sent
-        # again; ordinary bodies (1 MiB at most) are not counted.
+        # The bytes of feed files this process holds at once, at most (None: no bound).
+        # Each is held whole until its request is answered, and costs several times its
+        # size on the way (a 100 MiB upload took the process from 118 to 823 MB): uploads
+        # at once from one supplier's key ran the host out of memory (a security review).
+        # Past it, an upload is refused 503 `uploads_busy`, to be sent again; ordinary
+        # bodies (1 MiB at most) and webhooks (16 MiB at most) are not counted.
         self.max_upload_bytes_in_flight = max_upload_bytes_in_flight
         self._uploads_in_flight = 0
 
@@ -137,7 +137,14 @@ class RequestContextMiddleware:
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
                 return
-            counted = limit > self.max_body_bytes and self.max_upload_bytes_in_flight is not None
+            # Feed files only: their keys are known (`_limit`). A webhook's body, read before
+            # its signature is checked, counted too, let anyone without a key fill the bound
+            # with bodies sent slowly, and every supplier's upload was refused (a review).
+            counted = (
+                limit == self.max_feed_bytes > self.max_body_bytes
+                and (self.max_upload_bytes_in_flight is not None)
+                and scope["path"].endswith("/feeds")
+            )
             held = [0]  # the bytes of this request's body counted in flight
             try:
                 try:

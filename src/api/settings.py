@@ -22,6 +22,10 @@ LIMITED_BY_DEFAULT: tuple[Role, ...] = ("storefront", "supplier", "auditor")
 ROLES: tuple[Role, ...] = ("admin", "oms", "storefront", "supplier", "auditor")
 
 
+# What an API key's name may hold: it names the client in reservations' ids and events.
+KEY_NAME_PATTERN = r"[A-Za-z0-9._@-]{1,64}"
+
+
 class ApiKey(BaseModel):
     """One client's key: `name:role:secret`, or `name:supplier:secret:supplier_id`."""
 
@@ -36,6 +40,13 @@ class ApiKey(BaseModel):
         if len(parts) not in (3, 4) or not all(parts):
             raise ValueError("an API key is name:role:secret, or name:supplier:secret:supplier_id")
         name, role, secret, *rest = parts
+        # A reservation's id is made of its client's name and Idempotency-Key, joined by
+        # "/": a name holding one ("shop/eu") could make the id of another client's
+        # order, and be answered its reservation as a replay (a review).
+        if not re.fullmatch(KEY_NAME_PATTERN, name):
+            raise ValueError(
+                f"API key name {name!r}: letters, digits, '.', '_', '-' and '@', up to 64"
+            )
         if role not in ROLES:
             raise ValueError(f"API key {name!r} has unknown role {role!r}")
         if (role == "supplier") != bool(rest):

@@ -22,7 +22,16 @@ def test_api_keys_parse_roles_and_bind_supplier_keys_to_their_supplier() -> None
 
 @pytest.mark.parametrize(
     "entry",
-    ["ops:root:x", "ops:admin", "feed:supplier:x", "shop:storefront:x:acme", "a:oms:x,a:oms:y"],
+    [
+        "ops:root:x",
+        "ops:admin",
+        "feed:supplier:x",
+        "shop:storefront:x:acme",
+        "a:oms:x,a:oms:y",
+        # Its reservations' ids could be another client's ("shop", key "eu/o-1"): a review.
+        "shop/eu:oms:x",
+        "two words:oms:x",
+    ],
 )
 def test_malformed_api_keys_are_refused_at_start(entry: str) -> None:
     with pytest.raises(ValidationError):

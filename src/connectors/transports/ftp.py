@@ -239,7 +239,8 @@ def _modified(written: str | None) -> float | None:
 
 
 def _levels(path: str) -> list[str]:
-    """The folders of a remote path, outermost first: "a/b/c" -> "a", "a/b", "a/b/c"."""
-    parts = [part for part in path.split("/") if part not in ("", ".")]
+    """The folders of a remote path, outermost first: "a/b/c" -> "a", "a/b", "a/b/c" ("a/../b"
+    is "b": no stray "a" made)."""
+    parts = [part for part in posixpath.normpath(path).split("/") if part not in ("", ".")]
     root = "/" if path.startswith("/") else ""
     return [root + "/".join(parts[: n + 1]) for n in range(len(parts))]
