@@ -157,17 +157,37 @@ def test_a_file_whose_inbox_delivery_has_not_been_applied_is_refused_saying_so(
     assert on_hand(ledger, sku, None) == 0
 
 
-@pytest.mark.parametrize(
-    ("left", "error"),
-    [
-        # `ledger ingest` killed while applying it: its claim gone with its session.
-        ("processing", None),
-        # Stopped with Ctrl-C, or failed: it keeps no copy to queue again.
-        ("failed", "interrupted before the whole file was applied"),
-    ],
-)
+def ingest_started(
+    run: inbox.Connection, supplier_id: str, delivery: str, body: bytes
+) -> inbox.Delivery:
+    """What `ledger ingest` records as it begins to apply a file of `body` (cli.py): its
+    delivery, claimed on `run`'s session."""
+    taken = inbox.take_up(
+        run,
+        supplier_id=supplier_id,
+        delivery_id=delivery,
+        source="cli",
+        format="csv",
+        content_hash=hashlib.sha256(body).hexdigest(),
+        name="stock.csv",
+    )
+    assert taken.delivery is not None
+    return taken.delivery
+
+
+def ingest_stopped(run: inbox.Connection, taken: inbox.Delivery) -> bool:
+    """What `ledger ingest` records when it is stopped (cli.py `_finish_file`): failed, or
+    queued for a worker where the inbox holds a copy; returns whether it was queued."""
+    with run.transaction():
+        inbox.finish(run, taken.id, "failed", None, "stopped", attempt=taken.attempts)
+        queued = inbox.queue_kept(run, taken)
+    inbox.release(run, taken)
+    return queued
+
+
+@pytest.mark.parametrize("run_left", ["killed", "stopped"])
 def test_an_upload_of_a_file_whose_ingest_stopped_is_kept_and_applied(
-    ledger: Server, left: str, error: str | None
+    ledger: Server, run_left: str
 ) -> None:
     # It was answered 202 as a duplicate of the file's delivery, kept nothing, and was
     # never applied: the supplier, acknowledged, sent it no more (an operator's walkthrough).
@@ -176,13 +196,11 @@ def test_an_upload_of_a_file_whose_ingest_stopped_is_kept_and_applied(
     delivery = f"file-{uuid.uuid4().hex[:6]}"
     with ledger.client("test-admin") as admin:
         supplier_id = supplier(admin, {"A-1": sku})
-        with psycopg.connect(ledger.database_url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO connector_inbox (supplier_id, delivery_id, source, format,"
-                " content_hash, name, body, status, attempts, started_at, error) VALUES"
-                " (%s, %s, 'cli', 'csv', %s, 'stock.csv', NULL, %s, 1, now(), %s)",
-                (supplier_id, delivery, hashlib.sha256(body).hexdigest(), left, error),
-            )
+        with psycopg.connect(ledger.database_url, autocommit=True, row_factory=dict_row) as run:
+            taken = ingest_started(run, supplier_id, delivery, body)
+            if run_left == "stopped":  # by Ctrl-C, or failed: no copy to queue again
+                assert not ingest_stopped(run, taken)
+        # (Killed: its claim gone with its session.)
         accepted = upload(admin, supplier_id, body, delivery)
         status = finished(admin, supplier_id, delivery)
 
@@ -204,30 +222,10 @@ def test_an_upload_while_an_ingest_runs_is_applied_from_its_copy_when_the_run_th
     with ledger.client("test-admin") as admin:
         supplier_id = supplier(admin, {"A-1": sku})
         with psycopg.connect(ledger.database_url, autocommit=True, row_factory=dict_row) as run:
-            # What `ledger ingest` does as it starts, and when it is stopped (cli.py).
-            taken = inbox.take_up(
-                run,
-                supplier_id=supplier_id,
-                delivery_id=delivery,
-                source="cli",
-                format="csv",
-                content_hash=hashlib.sha256(body).hexdigest(),
-                name="stock.csv",
-            )
-            assert taken.delivery is not None
+            taken = ingest_started(run, supplier_id, delivery, body)
             accepted = upload(admin, supplier_id, body, delivery)
             meanwhile = admin.get(f"/v1/feeds/{delivery}", params={"supplier_id": supplier_id})
-            with run.transaction():
-                inbox.finish(
-                    run,
-                    taken.delivery.id,
-                    "failed",
-                    None,
-                    "stopped",
-                    attempt=taken.delivery.attempts,
-                )
-                queued = inbox.queue_kept(run, taken.delivery)
-            inbox.release(run, taken.delivery)
+            queued = ingest_stopped(run, taken)
         status = finished(admin, supplier_id, delivery)
 
     assert (accepted.status_code, accepted.json()["duplicate"]) == (202, True)

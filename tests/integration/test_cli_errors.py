@@ -38,10 +38,15 @@ def mapped_sku(runtime: Runtime) -> str:
 
 
 def ledger_command(
-    database_url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+    database_url: str,
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    program: tuple[str, ...] = ("-m", "api"),
 ) -> subprocess.CompletedProcess[str]:
     """`ledger ARGS` in a process of its own, logging JSON at INFO, with the connectors and
-    the projections turned on as a server's environment has them."""
+    the projections turned on as a server's environment has them; `program`, the Python
+    arguments that run the command (another program that ends in its `main`)."""
     environment = {
         **os.environ,
         "LEDGER_DATABASE_URL": database_url,
@@ -54,7 +59,7 @@ def ledger_command(
         **(env or {}),
     }
     return subprocess.run(
-        [sys.executable, "-m", "api", *args],
+        [sys.executable, *program, *args],
         env=environment,
         cwd=cwd,
         capture_output=True,
@@ -145,13 +150,7 @@ def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_run
     feed.write_text(f"sku,quantity,observed_at\nA-1,23,{at}\n")
     args = ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "ctrl-c-1"]
 
-    stopped = subprocess.run(
-        [sys.executable, "-c", INTERRUPTED_INGEST, *args],
-        env={**os.environ, "LEDGER_DATABASE_URL": ledger.database_url, "LEDGER_API_KEYS": ""},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    stopped = ledger_command(ledger.database_url, *args, program=("-c", INTERRUPTED_INGEST))
     with psycopg.connect(ledger.database_url) as conn:
         left = conn.execute(
             "SELECT status, error FROM connector_inbox WHERE delivery_id = 'ctrl-c-1'"
