@@ -185,7 +185,10 @@ def migrate(settings: Settings, database_url: str) -> None:
 # 3: `StockItem.SupplierSkuRemapped` events (a remap off a SKU, in its history), which
 # code of version 2 cannot read (it fails on every SKU whose history holds one), and the
 # mappings view at schema version 3 (`units_since`), upgraded in place.
-DATA_VERSION = 3
+# 4: the reservations view at schema version 2 (indexed by client), upgraded in place:
+# code of version 3 would find it built by newer code and stand by, its reservations
+# frozen.
+DATA_VERSION = 4
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),

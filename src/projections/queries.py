@@ -39,6 +39,20 @@ _STATUS_AT = {
     "expired": sql.SQL("(status = 'expired' OR (status = 'held' AND expires_at <= %(at)s))"),
 }
 _STATUS_IS = sql.SQL("(%(status)s::text IS NULL OR status = %(status)s)")
+# Which reservations `reservations_query` reads: by id after `after`, or an order's.
+BY_STATUS = "{status} AND (%(after)s::uuid IS NULL OR id > %(after)s) AND {client} ORDER BY id"
+FOR_ORDER = "order_id = %(order)s AND {status} AND {client} ORDER BY created_at"
+
+
+def reservations_query(where: str, params: dict[str, Any]) -> sql.Composed:
+    """The reservations `where` (BY_STATUS or FOR_ORDER) picks, of `params["status"]` (see
+    _STATUS_AT) and of `params["client"]` where one is given, the first `params["limit"]`."""
+    condition = _STATUS_AT.get(params["status"] or "", _STATUS_IS)
+    client = sql.SQL("client = %(client)s" if params.get("client") is not None else "true")
+    picked = sql.SQL(where).format(status=condition, client=client)
+    query = sql.SQL("SELECT id, version, state FROM view_reservations WHERE {}").format(picked)
+    return query + sql.SQL(" LIMIT %(limit)s")
+
 
 _CONFLICTS = (
     "SELECT conflict_id, kind, sku, supplier_id, occurred_at, position,"
@@ -235,7 +249,7 @@ class Views:
         not), or of any; of one OMS `client`, or of every one. Each status its own
         statement, so that the planner sees which."""
         return self._reservations(
-            "{status} AND (%(after)s::uuid IS NULL OR id > %(after)s) AND {client} ORDER BY id",
+            BY_STATUS,
             {"after": after, "status": status, "at": at, "limit": limit, "client": client},
         )
 
@@ -250,20 +264,14 @@ class Views:
         """An order's reservations, the first `limit` made, of a status as `reservations_by_
         status` reads it, if one is given, and of one OMS `client`, if one is given."""
         return self._reservations(
-            "order_id = %(order)s AND {status} AND {client} ORDER BY created_at",
+            FOR_ORDER,
             {"order": order_id, "status": status, "at": at, "limit": limit, "client": client},
         )
 
     def _reservations(self, where: str, params: dict[str, Any]) -> list[Reservation]:
-        """The reservations `where` picks (`{status}`: of `params["status"]`, see
-        _STATUS_AT), the first `params["limit"]`."""
-        condition = _STATUS_AT.get(params["status"] or "", _STATUS_IS)
-        client = sql.SQL("client = %(client)s" if params.get("client") is not None else "true")
-        picked = sql.SQL(where).format(status=condition, client=client)
-        query = sql.SQL("SELECT id, version, state FROM view_reservations WHERE {}").format(picked)
-        query += sql.SQL(" LIMIT %(limit)s")
+        """The reservations `where` picks (see `reservations_query`)."""
         with self.store.connection() as conn:
-            rows = conn.execute(query, params).fetchall()
+            rows = conn.execute(reservations_query(where, params), params).fetchall()
         return [self._reservation(row) for row in rows]
 
     def due_holds(self, at: datetime, limit: int) -> list[UUID]:

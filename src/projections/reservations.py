@@ -12,7 +12,14 @@ from projections.base import StateProjection
 
 class ReservationsProjection(StateProjection):
     name = "reservations"
-    schema_version = 1
+    # 2: reservations indexed by client, for an OMS key's listings (of its own only).
+    schema_version = 2
+    upgrades: ClassVar[dict[int, list[str]]] = {
+        2: [
+            "CREATE INDEX IF NOT EXISTS reservations_client_id_idx"
+            " ON {schema}.reservations (client, id)"
+        ],
+    }
     tables: ClassVar[list[str]] = ["reservations"]
     state_tables: ClassVar[dict[type[LedgerAggregate], str]] = {Reservation: "reservations"}
 
@@ -26,6 +33,9 @@ class ReservationsProjection(StateProjection):
                 version integer NOT NULL, position bigint NOT NULL,
                 updated_at timestamptz NOT NULL, state bytea NOT NULL)""",
             "CREATE INDEX ON {schema}.reservations (order_id)",
+            # An OMS key lists its own reservations by id: without this, a client with few
+            # among many read the whole primary key a page.
+            "CREATE INDEX ON {schema}.reservations (client, id)",
             "CREATE INDEX ON {schema}.reservations (expires_at) WHERE status = 'held'",
         ]
 

@@ -32,8 +32,9 @@ from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.leases import LeaseSession
 from projections.mappings import MappingsProjection
-from projections.queries import PositionNotReached
+from projections.queries import BY_STATUS, PositionNotReached, reservations_query
 from projections.registry import all_projections
+from projections.reservations import ReservationsProjection
 from projections.runner import (
     LostOwnership,
     ProjectionRunner,
@@ -791,6 +792,90 @@ def test_migrating_upgrades_a_mappings_view_built_before_mappings_named_units_in
     ) == [("A", 24, "CS"), ("B", 1, None)]
     rebuild(MappingsProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
     assert view_rows(quiet, MappingsProjection.tables) == upgraded_rows
+
+
+def reservations_of_two_clients(runtime: Runtime, busy: int, few: int) -> ProjectionRunner:
+    """`busy` reservations of the OMS client "busy" and `few` of "few", on one SKU, and the
+    reservations view's runner, caught up."""
+    sku = random_sku("CLIENTS")
+    stock_sku(runtime.writer, sku, busy + few)
+    placed = [runtime.writer.submit(reserve([(sku, 1)], client="busy")) for _ in range(busy)]
+    placed += [runtime.writer.submit(reserve([(sku, 1)], client="few")) for _ in range(few)]
+    assert all(future.result(timeout=60).position for future in placed)
+    runner = ProjectionRunner(
+        ReservationsProjection(runtime.app), runtime.app, runtime.store, runtime.leases, 500
+    )
+    assert runner.step() == busy + few
+    return runner
+
+
+def client_listing_plan(runtime: Runtime, status: str | None) -> str:
+    """How PostgreSQL reads an OMS client's page of its reservations, by id."""
+    params = {"after": None, "status": status, "at": datetime.now(UTC), "limit": 100}
+    params["client"] = "few"
+    query = sql.SQL("EXPLAIN ") + reservations_query(BY_STATUS, params)
+    with runtime.store.connection() as conn:
+        conn.execute("ANALYZE view_reservations")
+        return "\n".join(row["QUERY PLAN"] for row in conn.execute(query, params))
+
+
+def client_index(runtime: Runtime, generation_number: int) -> list[str]:
+    """The reservations view's index by client in a generation, as PostgreSQL defines it."""
+    with runtime.store.connection() as conn:
+        rows = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = %s"
+            " AND indexname = 'reservations_client_id_idx'",
+            (schema_name("reservations", generation_number),),
+        )
+        return [row["indexdef"] for row in rows]
+
+
+def test_an_oms_client_s_listing_reads_its_own_reservations_by_index(quiet: Runtime) -> None:
+    """A walkthrough: an OMS key's listing read every client's reservations in id order and
+    left out the others', so a client with few among many paged slowly."""
+    reservation_runner = reservations_of_two_clients(quiet, busy=400, few=3)
+    assert reservation_runner.step() == 0
+    for status in (None, "held", "confirmed"):
+        plan = client_listing_plan(quiet, status)
+        assert "reservations_client_id_idx" in plan, plan
+    assert [
+        r.client
+        for r in quiet.views.reservations_by_status(
+            None, datetime.now(UTC), None, 100, client="few"
+        )
+    ] == ["few"] * 3
+
+
+def test_migrating_upgrades_a_reservations_view_built_before_the_client_index_in_place(
+    quiet: Runtime, settings: Settings
+) -> None:
+    reservations_of_two_clients(quiet, busy=20, few=2)
+    before = view_rows(quiet, ReservationsProjection.tables)
+    with quiet.store.connection() as conn:  # as schema version 1 left it
+        number = live_generation(conn, "reservations")
+        assert number is not None
+        schema = sql.Identifier(schema_name("reservations", number))
+        conn.execute(sql.SQL("DROP INDEX {}.reservations_client_id_idx").format(schema))
+        conn.execute(
+            "UPDATE ledger_projection_generations SET schema_version = 1"
+            " WHERE name = 'reservations' AND generation = %s",
+            (number,),
+        )
+    assert not client_index(quiet, number)
+
+    migrate(settings, quiet.database_url)
+
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "reservations") == number  # not rebuilt
+        upgraded = generation(conn, "reservations", number)
+    assert upgraded is not None
+    assert upgraded.schema_version == ReservationsProjection.schema_version == 2
+    assert view_rows(quiet, ReservationsProjection.tables) == before
+    schema_text = schema_name("reservations", number)
+    assert client_index(quiet, number) == [
+        f"CREATE INDEX reservations_client_id_idx ON {schema_text}.reservations"
+        " USING btree (client, id)"
+    ]
 
 
 def test_a_runner_upgrades_a_generation_in_place_where_it_can_and_rebuilds_where_not(
