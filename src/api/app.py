@@ -117,6 +117,8 @@ def create_app(
         max_feed_bytes=settings.max_feed_bytes,
         max_webhook_bytes=settings.max_webhook_bytes,
         max_upload_bytes_in_flight=settings.max_upload_bytes_in_flight or None,
+        max_webhook_bytes_in_flight=settings.max_webhook_bytes_in_flight or None,
+        webhook_body_seconds=settings.webhook_body_seconds,
         authenticator=app.state.authenticator,
         limiter=(
             RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -45,12 +47,29 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 CLIENT_GONE = 499
 
 
-# How long an upload refused as `uploads_busy` is asked to wait before it is sent again.
-UPLOADS_BUSY_RETRY_SECONDS = 5
+# How long a body refused as `uploads_busy` or `webhooks_busy` is asked to wait before it
+# is sent again.
+BUSY_RETRY_SECONDS = 5
 
 
-class UploadsBusy(Exception):
-    """An upload's body would take the uploads held at once past their bound."""
+class Busy(Exception):
+    """A body would take the bodies of its kind held at once past their bound."""
+
+    def __init__(self, held: InFlight) -> None:
+        super().__init__(held.code)
+        self.held = held
+
+
+@dataclass
+class InFlight:
+    """The bytes of one kind of body (feed files, webhooks) a process holds at once, and
+    their bound: past it, a body is refused `code` while another of its kind is held (one
+    alone never is)."""
+
+    bound: int
+    code: str
+    what: str  # the kind, as the refusal names it
+    held: int = 0
 
 
 class ClientGone(Exception):
@@ -74,6 +93,8 @@ class RequestContextMiddleware:
         limiter: RateLimiter | None = None,
         limited_roles: frozenset[str] = frozenset(),
         max_upload_bytes_in_flight: int | None = None,
+        max_webhook_bytes_in_flight: int | None = None,
+        webhook_body_seconds: float | None = None,
     ) -> None:
         self.app = app
         self.limiter = limiter
@@ -87,9 +108,27 @@ class RequestContextMiddleware:
         # size on the way (a 100 MiB upload took the process from 118 to 823 MB): uploads
         # at once from one supplier's key ran the host out of memory (a security review).
         # Past it, an upload is refused 503 `uploads_busy`, to be sent again; ordinary
-        # bodies (1 MiB at most) and webhooks (16 MiB at most) are not counted.
-        self.max_upload_bytes_in_flight = max_upload_bytes_in_flight
-        self._uploads_in_flight = 0
+        # bodies (1 MiB at most) are not counted.
+        self.uploads = (
+            None
+            if max_upload_bytes_in_flight is None
+            else InFlight(max_upload_bytes_in_flight, "uploads_busy", "uploads")
+        )
+        # Webhook bodies (16 MiB each at most) on a bound of their own: they are read
+        # before anything is known of their sender, so anyone may send them, and counted
+        # with the uploads they let anyone lock every supplier's uploads out (a review);
+        # uncounted, bodies sent at once to webhook paths were held without a bound. Past
+        # it, a webhook is refused 503 `webhooks_busy`, which its sender retries.
+        self.webhooks = (
+            None
+            if max_webhook_bytes_in_flight is None
+            else InFlight(max_webhook_bytes_in_flight, "webhooks_busy", "webhook bodies")
+        )
+        # And each must arrive within this (None: no deadline): a few slow bodies would
+        # otherwise hold that bound, and every supplier's webhooks wait, for as long as
+        # their sender liked. Uploads have none: their keys are known, and a large file on
+        # a slow line takes long.
+        self.webhook_body_seconds = webhook_body_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,31 +176,34 @@ class RequestContextMiddleware:
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
                 return
-            # Feed files only: their keys are known (`_limit`). A webhook's body, read before
-            # its signature is checked, counted too, let anyone without a key fill the bound
-            # with bodies sent slowly, and every supplier's upload was refused (a review).
-            counted = (
-                limit == self.max_feed_bytes > self.max_body_bytes
-                and (self.max_upload_bytes_in_flight is not None)
-                and scope["path"].endswith("/feeds")
-            )
+            counted = self._counted(scope, limit)
             held = [0]  # the bytes of this request's body counted in flight
             try:
+                deadline = self.webhook_body_seconds if self._webhook(scope["path"]) else None
                 try:
-                    body = await self._read_body(receive, limit, held if counted else None)
+                    async with asyncio.timeout(deadline):
+                        body = await self._read_body(receive, limit, counted, held)
+                except TimeoutError:
+                    await self._refuse(
+                        send_with_id,
+                        408,
+                        "body_timeout",
+                        f"the request's body did not arrive within {deadline:g} s",
+                    )
+                    return
                 except ClientGone:
                     # Nothing is done for a request whose body never arrived whole: the
                     # client is not there to hear of it, and would retry it.
                     status["code"] = CLIENT_GONE
                     return
-                except UploadsBusy:
+                except Busy as busy:
                     await self._refuse(
                         send_with_id,
                         503,
-                        "uploads_busy",
-                        "this server holds as many uploads as it may at once: send it"
-                        f" again in {UPLOADS_BUSY_RETRY_SECONDS} s",
-                        [(b"retry-after", str(UPLOADS_BUSY_RETRY_SECONDS).encode())],
+                        busy.held.code,
+                        f"this server holds as many {busy.held.what} as it may at once:"
+                        f" send it again in {BUSY_RETRY_SECONDS} s",
+                        [(b"retry-after", str(BUSY_RETRY_SECONDS).encode())],
                     )
                     return
                 if body is None:
@@ -169,7 +211,8 @@ class RequestContextMiddleware:
                 else:
                     await self.app(scope, replay(body, receive), send_with_id)
             finally:
-                self._uploads_in_flight -= held[0]
+                if counted is not None:
+                    counted.held -= held[0]
         finally:
             # Asked of the standard logger first: structlog would build the line, then drop it.
             if _access.isEnabledFor(logging.INFO):
@@ -211,7 +254,7 @@ class RequestContextMiddleware:
         path = scope["path"]
         if not path.startswith("/v1/suppliers/"):
             return self.max_body_bytes
-        if path.endswith("/webhook"):
+        if self._webhook(path):
             return self.max_webhook_bytes
         if not path.endswith("/feeds"):
             return self.max_body_bytes
@@ -227,13 +270,27 @@ class RequestContextMiddleware:
         )
         return self.max_feed_bytes if may_upload else self.max_body_bytes
 
+    def _counted(self, scope: Scope, limit: int) -> InFlight | None:
+        """The bound a request's body counts in: a feed file's (sent with a key that may
+        upload it, `_limit`) or a webhook's; None for other bodies, or with no bound."""
+        path = scope["path"]
+        if path.endswith("/feeds") and limit == self.max_feed_bytes > self.max_body_bytes:
+            return self.uploads
+        if self._webhook(path):
+            return self.webhooks
+        return None
+
+    @staticmethod
+    def _webhook(path: str) -> bool:
+        return path.startswith("/v1/suppliers/") and path.endswith("/webhook")
+
     async def _read_body(
-        self, receive: Receive, limit: int, held: list[int] | None = None
+        self, receive: Receive, limit: int, counted: InFlight | None, held: list[int]
     ) -> bytes | None:
-        """The body, or None past `limit`. With `held`, its bytes are counted in flight
-        as they arrive (`max_upload_bytes_in_flight`), and UploadsBusy raised where they
-        would pass the bound while another upload is held: an upload alone is never
-        refused, whatever its size within its limit."""
+        """The body, or None past `limit`. Where it is `counted`, its bytes are counted in
+        flight as they arrive (and in `held`), and Busy raised where they would pass the
+        bound while another body of its kind is held: one alone is never refused,
+        whatever its size within its limit."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -244,14 +301,11 @@ class RequestContextMiddleware:
             size += len(chunk)
             if size > limit:
                 return None
-            if held is not None and chunk:
-                assert self.max_upload_bytes_in_flight is not None
-                others = self._uploads_in_flight - held[0]
-                if others and self._uploads_in_flight + len(chunk) > (
-                    self.max_upload_bytes_in_flight
-                ):
-                    raise UploadsBusy
-                self._uploads_in_flight += len(chunk)
+            if counted is not None and chunk:
+                others = counted.held - held[0]
+                if others and counted.held + len(chunk) > counted.bound:
+                    raise Busy(counted)
+                counted.held += len(chunk)
                 held[0] += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -55,6 +55,8 @@ REASONS: dict[int, str] = {
     "`delivery_not_found`...",
     409: "It contradicts what the ledger holds: `insufficient_stock`, "
     "`idempotency_key_mismatch`, `invalid_state`, `delivery_id_conflict`...",
+    408: "The webhook's body did not arrive within `LEDGER_WEBHOOK_BODY_SECONDS` "
+    "(`body_timeout`); nothing of it was applied: send it again.",
     413: "The body is over its limit (`payload_too_large`); nothing of it was applied.",
     422: "Invalid fields (`validation_error`, `detail` a list of `{loc, msg, type}`), or a "
     "check of the route's own (`detail` a string or an object): `unknown_sku` in a body, "
@@ -65,8 +67,8 @@ REASONS: dict[int, str] = {
     "it again as it was (an order with the same `Idempotency-Key`, a stock report with "
     "its `delivery_id`), and it is answered as the first time if it was.",
     503: "The ledger cannot answer now (`unavailable`, `timeout`, `position_not_reached`, "
-    "`contention`; for a feed file or webhook, `uploads_busy`): try again after "
-    "`Retry-After`.",
+    "`contention`; for a feed file `uploads_busy`, for a webhook `webhooks_busy`): try "
+    "again after `Retry-After`.",
 }
 _RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
 HEADERS: dict[int, dict[str, Any]] = {
@@ -101,7 +103,7 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     ("get", "/v1/skus/{sku}/history"): frozenset({404}),
     ("get", "/v1/skus/{sku}/stock"): frozenset({404}),
     ("post", "/v1/suppliers/{supplier_id}/feeds"): frozenset({404, 409}),
-    WEBHOOK: frozenset({401, 409}),
+    WEBHOOK: frozenset({401, 408, 409}),
     ("post", "/v1/feeds/{delivery_id}/retry"): frozenset({404, 409}),
     ("get", "/v1/feeds/{delivery_id}"): frozenset({404, 409}),
     ("post", "/v1/dead-letters/{letter_id}/retry"): frozenset({404, 409}),

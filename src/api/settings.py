@@ -92,9 +92,20 @@ class Settings(BaseSettings):
     max_upload_bytes_in_flight: int = Field(
         default=512 * 1_048_576,
         ge=0,
-        description="feed files and webhook bodies a server process holds at once, in"
-        " bytes; past it an upload is refused 503 uploads_busy (one alone never is); 0: no"
-        " bound",
+        description="feed files a server process holds at once, in bytes; past it an upload"
+        " is refused 503 uploads_busy (one alone never is); 0: no bound",
+    )
+    webhook_body_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long a webhook's body may take to arrive; past it the request is"
+        " refused 408 body_timeout",
+    )
+    max_webhook_bytes_in_flight: int = Field(
+        default=64 * 1_048_576,
+        ge=0,
+        description="webhook bodies a server process holds at once, in bytes; past it a"
+        " webhook is refused 503 webhooks_busy (one alone never is); 0: no bound",
     )
     max_observations: int = Field(default=10_000, gt=0)
     max_reservation_lines: int = Field(default=500, gt=0)

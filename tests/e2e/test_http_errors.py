@@ -912,7 +912,11 @@ def bounded_uploads_ledger(
         postgres_server_url,
         tmp_path_factory.mktemp("bounded-uploads"),
         1,
-        extra_env={"LEDGER_MAX_UPLOAD_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT)},
+        extra_env={
+            "LEDGER_MAX_UPLOAD_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT),
+            "LEDGER_MAX_WEBHOOK_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT),
+            "LEDGER_WEBHOOK_BODY_SECONDS": "10",
+        },
     ) as running:
         yield running
 
@@ -965,6 +969,75 @@ def test_uploads_past_the_bytes_a_server_holds_at_once_are_refused_to_be_sent_ag
     assert small.status_code == 202, small.text
     assert held.status_code == 202, held.text
     assert again.status_code == 202, again.text
+
+
+def test_webhook_bodies_past_those_a_server_holds_at_once_are_refused_to_be_sent_again(
+    bounded_uploads_ledger: Server,
+) -> None:
+    # Webhook bodies are read before anything is known of their sender; uncounted, bodies
+    # sent at once to webhook paths were held without a bound. They have a bound of their
+    # own: counted with the uploads, anyone could lock every supplier's uploads out.
+    ledger = bounded_uploads_ledger
+    half = b"{" + b" " * (UPLOADS_IN_FLIGHT // 2 + 10) + b"}"
+    sending, answered = threading.Event(), threading.Event()
+
+    def slowly() -> Iterator[bytes]:
+        yield half[:-1]
+        sending.set()
+        answered.wait(30)  # held open until the others are answered
+        yield half[-1:]
+
+    path = f"/v1/suppliers/nobody-{uuid.uuid4().hex[:6]}/webhook"
+    with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
+        supplier = f"up-{uuid.uuid4().hex[:6]}"
+        admin.put(f"/v1/suppliers/{supplier}", json={"name": supplier}).raise_for_status()
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(anyone.post, path, content=slowly())
+            assert sending.wait(30)
+            time.sleep(0.5)  # the first webhook's bytes reach the server
+            busy = anyone.post(path, content=half)
+            upload = admin.post(
+                f"/v1/suppliers/{supplier}/feeds",
+                params={"format": "csv"},
+                content=b"sku,quantity\n" + b"A-1,1\n" * (UPLOADS_IN_FLIGHT // 12),
+            )
+            answered.set()
+            held = first.result(30)
+        again = anyone.post(path, content=half)
+
+    refused(busy, 503, "webhooks_busy")
+    assert busy.headers["Retry-After"] == "5"
+    assert upload.status_code == 202, upload.text  # the uploads' bound is their own
+    # Read whole and handed to the route, which knows no such supplier.
+    refused(held, 401, "webhook_not_configured")
+    refused(again, 401, "webhook_not_configured")
+
+
+def test_a_webhook_whose_body_does_not_arrive_in_time_is_refused(
+    bounded_uploads_ledger: Server,
+) -> None:
+    # Slow bodies held the webhooks' bound (above), and suppliers' webhooks waited, for as
+    # long as their sender liked.
+    url = httpx.URL(bounded_uploads_ledger.base_url)
+    half = UPLOADS_IN_FLIGHT // 2 + 10
+    head = (
+        f"POST /v1/suppliers/slow/webhook HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {half + 100}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head + b" " * half)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    waited = time.monotonic() - started
+
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"error":"body_timeout"' in answer
+    assert 9 < waited < 20  # LEDGER_WEBHOOK_BODY_SECONDS
 
 
 def _padded_order(size: int) -> bytes:
