@@ -26,7 +26,7 @@ from ledger.errors import (
     UnknownSku,
     Unstorable,
 )
-from ledger.writer import WriterStopped
+from ledger.writer import OutcomeUnknown, WriterStopped
 from projections.queries import PositionNotReached
 
 log = structlog.get_logger(__name__)
@@ -160,11 +160,25 @@ async def on_position_not_reached(_: Request, error: Exception) -> JSONResponse:
 
 
 async def on_timeout(_: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, OutcomeUnknown):
+        # Told to retry, a fulfil or return sent without an Idempotency-Key was recorded
+        # twice: the first, stuck in its save, was applied after its 503 (an OMS walkthrough).
+        log.warning("http.command_outcome_unknown")
+        return error_response(
+            503,
+            "outcome_unknown",
+            "the ledger took the command and did not finish in time: it may yet be applied."
+            " Sent again as it was, an order, or a fulfil or return with its Idempotency-Key,"
+            " is answered as the first if it was applied; without a key, read the reservation"
+            " before sending it again",
+            {"Retry-After": "1"},
+        )
     log.warning("http.command_timeout")
     return error_response(
         503,
         "timeout",
-        "the ledger did not finish in time; retry with the same Idempotency-Key",
+        "the ledger did not take the command in time and never will: nothing of it was"
+        " applied; send it again",
         {"Retry-After": "1"},
     )
 

@@ -66,7 +66,8 @@ REASONS: dict[int, str] = {
     "the `X-Request-ID` header, finds it in the logs). A write may have been applied: send "
     "it again as it was (an order with the same `Idempotency-Key`, a stock report with "
     "its `delivery_id`), and it is answered as the first time if it was.",
-    503: "The ledger cannot answer now (`unavailable`, `timeout`, `position_not_reached`, "
+    503: "The ledger cannot answer now (`unavailable`, `timeout`: nothing applied; "
+    "`outcome_unknown`: taken, and may yet be applied; `position_not_reached`, "
     "`contention`; for a feed file `uploads_busy`, for a webhook `webhooks_busy`): try "
     "again after `Retry-After`.",
 }

@@ -93,6 +93,11 @@ class WriterStopped(RuntimeError):
     pass
 
 
+class OutcomeUnknown(TimeoutError):
+    """The caller stopped waiting for a command the writer had already taken into a batch:
+    it may yet be applied. (One still queued is dropped, and raises TimeoutError.)"""
+
+
 class _Settler:
     """Hands the outcomes of coroutines' commands to them on their event loop: the
     writer delivers a batch's outcomes together, once the batch is answered, in one
@@ -254,13 +259,15 @@ class LedgerWriter:
         """Runs the command on the writer thread and returns its outcome, or raises its error.
 
         The caller waits `timeout` seconds if given, else the writer's own. A command still
-        queued when the caller gives up is dropped, never applied late.
+        queued when the caller gives up is dropped, never applied late (TimeoutError); one
+        already taken into a batch runs on, and may be applied (OutcomeUnknown).
         """
         future = self.submit(command)
         try:
             return future.result(self.timeout if timeout is None else timeout)
-        except TimeoutError:
-            future.cancel()
+        except TimeoutError as waited:
+            if not future.cancel():  # taken into a batch: it runs on
+                raise OutcomeUnknown("the command may yet be applied") from waited
             raise
 
     async def execute_async(self, command: Command) -> Outcome[Any]:
@@ -277,7 +284,11 @@ class LedgerWriter:
         try:
             async with asyncio.timeout(self.timeout):
                 return await waiter
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError as waited:
+            if not future.cancel():  # taken into a batch: it runs on (see `execute`)
+                raise OutcomeUnknown("the command may yet be applied") from waited
+            raise
+        except asyncio.CancelledError:
             future.cancel()  # dropped if still queued, as `execute` does
             raise
 

@@ -10,6 +10,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import fresh_database, start_server, stop_server
+from tests.e2e.test_reservation_lifecycle import confirmed, ok, put_supplier, stocked_sku
 
 
 def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_path: Path) -> None:
@@ -84,3 +85,47 @@ def test_a_writer_on_one_batch_too_long_is_not_ready_until_it_gets_through(
     assert answer.status_code == 200
     assert ready.status_code == 200
     assert ready.json()["checks"]["writer_stuck"] is False
+
+
+def test_a_command_past_its_deadline_says_whether_it_may_yet_be_applied(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """A fulfil stuck in its save (the event table locked) outlives its request's deadline
+    and is applied after its 503; a release queued behind it is dropped. Told to retry, an
+    OMS that sent the fulfil without an Idempotency-Key recorded the shipment twice (an
+    OMS walkthrough): the answers now tell the two apart."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(
+            database_url, tmp_path, workers=1, extra_env={"LEDGER_COMMAND_TIMEOUT_SECONDS": "1"}
+        )
+        try:
+            with server.client("test-admin") as admin, server.client("test-oms") as oms:
+                put_supplier(admin, "acme")
+                sku = stocked_sku(admin, {"acme": 5})
+                reservation_id = confirmed(oms, (sku, 2))
+                path = f"/v1/reservations/{reservation_id}"
+                line = {"lines": [{"sku": sku, "quantity": 1}]}
+                with psycopg.connect(database_url) as holder:
+                    holder.execute("LOCK TABLE inventoryledger_events IN EXCLUSIVE MODE")
+                    with ThreadPoolExecutor(2) as pool:
+                        fulfil = pool.submit(oms.post, f"{path}/fulfil", json=line)
+                        time.sleep(0.3)  # the fulfil's batch is saving, and waits
+                        release = pool.submit(oms.post, f"{path}/release")
+                        stuck, dropped = fulfil.result(10), release.result(10)
+                    holder.rollback()
+                deadline = time.monotonic() + 10
+                while ok(oms.get(path))["status"] != "partially_fulfilled":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                after = ok(oms.get(path))
+        finally:
+            stop_server(server)
+
+    assert (stuck.status_code, stuck.json()["error"]) == (503, "outcome_unknown")
+    assert "may yet be applied" in stuck.json()["detail"]
+    assert (dropped.status_code, dropped.json()["error"]) == (503, "timeout")
+    assert "nothing of it was applied" in dropped.json()["detail"]
+    assert stuck.headers["Retry-After"] == dropped.headers["Retry-After"] == "1"
+    # The fulfil was applied after its 503; the release never was.
+    assert after["status"] == "partially_fulfilled"
+    assert [line["fulfilled"] for line in after["lines"]] == [1]
