@@ -188,7 +188,9 @@ def migrate(settings: Settings, database_url: str) -> None:
 # 4: the reservations view at schema version 2 (indexed by client), upgraded in place:
 # code of version 3 would find it built by newer code and stand by, its reservations
 # frozen.
-DATA_VERSION = 4
+# 5: `Reservation.Extended` and `StockItem.HoldExtended` events (a hold kept longer), which
+# code of version 4 cannot read.
+DATA_VERSION = 5
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),

@@ -278,6 +278,10 @@ class ReservationIn(Strict):
     ttl_seconds: StrictInt | None = Field(default=None, gt=0)
 
 
+class ExtendIn(Strict):
+    ttl_seconds: StrictInt = Field(gt=0)
+
+
 class ReleaseIn(Strict):
     reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
 

@@ -210,6 +210,16 @@ class Confirm(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Extend(Command):
+    reservation_id: UUID
+    ttl_seconds: int  # the hold runs this long from the command's time, if that is longer
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Release(Command):
     reservation_id: UUID
     note: str | None = None

@@ -169,6 +169,16 @@ class Reservation(LedgerAggregate):
             reservation.net_of_our_orders = list(self.net_of_our_orders)
             reservation.net_counted = self.net_counted
 
+    class Extended(LedgerAggregate.Event):
+        """The hold runs until `expires_at`, later than before (its stock items move their
+        units' holds there: `StockItem.HoldExtended`)."""
+
+        TOPIC = "stockledger:Reservation.Extended"
+        expires_at: datetime
+
+        def apply(self, reservation: Reservation) -> None:
+            reservation.expires_at = self.expires_at
+
     class Released(LedgerAggregate.Event):
         TOPIC = "stockledger:Reservation.Released"
         note: str | None
@@ -382,6 +392,20 @@ class Reservation(LedgerAggregate):
         if status == ReservationStatus.EXPIRED:
             raise ReservationExpired("the hold expired before it was confirmed", status=status)
         raise InvalidState(f"a {status} reservation cannot be confirmed", status=status)
+
+    def extend(self, at: datetime, cause: Cause, expires_at: datetime) -> datetime | None:
+        """Holds on until `expires_at`; returns the expiry it had, None where it already
+        ran as long (an extension never shortens a hold, so one sent again changes nothing)."""
+        status = self.status_at(at)
+        if status == ReservationStatus.EXPIRED:
+            raise ReservationExpired("the hold expired before it was extended", status=status)
+        if status != ReservationStatus.HELD:
+            raise InvalidState(f"a {status} reservation holds nothing to extend", status=status)
+        if expires_at <= self.expires_at:
+            return None
+        was = self.expires_at
+        self.trigger_event(self.Extended, expires_at=expires_at, timestamp=at, **cause.as_kwargs())
+        return was
 
     def release(self, at: datetime, cause: Cause, note: str | None) -> ReservationStatus | None:
         """Cancels what has not shipped; returns the status released from, None if nothing was."""

@@ -508,6 +508,22 @@ class StockItem(LedgerAggregate):
             for allocation in Allocation.many_from(self.allocations):
                 item.position(allocation.supplier_id).add_held(expires, -allocation.quantity)
 
+    class HoldExtended(Event):
+        """A hold runs on from `expires_at` until `extended_to` (`Reservation.Extended`)."""
+
+        TOPIC = "stockledger:StockItem.HoldExtended"
+        reservation_id: str
+        expires_at: datetime
+        extended_to: datetime
+        allocations: list[dict[str, Any]]
+
+        def apply(self, item: StockItem) -> None:
+            was, now = second_ceil(self.expires_at), second_ceil(self.extended_to)
+            for allocation in Allocation.many_from(self.allocations):
+                position = item.position(allocation.supplier_id)
+                position.add_held(was, -allocation.quantity)
+                position.add_held(now, allocation.quantity)
+
     class HoldsExpired(Event):
         """Holds whose time ran out, as the sweeper recorded their reservations' expiry.
         They stopped counting at their expiry already (`forget_expired_holds`): this
@@ -870,6 +886,26 @@ class StockItem(LedgerAggregate):
             self.HoldReleased,
             reservation_id=reservation_id,
             expires_at=expires_at,
+            allocations=_as_dicts(allocations),
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+
+    def extend_hold(
+        self,
+        reservation_id: str,
+        allocations: list[Allocation],
+        expires_at: datetime,
+        extended_to: datetime,
+        at: datetime,
+        cause: Cause,
+    ) -> None:
+        """Moves a hold's units from its expiry to a later one (the hold was live at `at`)."""
+        self.trigger_event(
+            self.HoldExtended,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+            extended_to=extended_to,
             allocations=_as_dicts(allocations),
             timestamp=at,
             **cause.as_kwargs(),

@@ -955,6 +955,46 @@ def test_the_sweeper_writes_an_expired_hold_as_expired_within_seconds(
     assert availability(shop, sku)["available"] == 5
 
 
+def test_an_oms_keeps_a_hold_longer_while_its_checkout_waits(
+    ledger: Server, admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
+) -> None:
+    """A checkout waiting on its payment keeps its hold: it had to confirm (a commitment
+    the order might never need) or lose the units when the hold ran out."""
+    sku = stocked_sku(admin, {new_supplier(admin): 5})
+    response = reserve(oms, (sku, 2), ttl_seconds=2)
+    placed = ok(response, 201)
+    path = f"/v1/reservations/{placed['reservation_id']}"
+
+    extended = ok(oms.post(f"{path}/extend", json={"ttl_seconds": 600}))
+    shorter = ok(oms.post(f"{path}/extend", json={"ttl_seconds": 60}))
+    time.sleep(3)  # past the first expiry; the sweeper runs every second
+    after = ok(oms.get(path))
+    kept = numbers(shop, sku)
+    with ledger.client("test-audit") as auditor:
+        history = ok(auditor.get(f"/v1/skus/{sku}/history"))["items"]
+        held_now = ok(auditor.get("/v1/reservations", params={"status": "held", "limit": 1000}))
+    with ledger.client("test-oms-2") as other:
+        theirs = other.post(f"{path}/extend", json={"ttl_seconds": 600})
+    too_long = oms.post(f"{path}/extend", json={"ttl_seconds": 10**9})
+    no_ttl = oms.post(f"{path}/extend", json={})
+    ok(oms.post(f"{path}/confirm"))
+    committed = oms.post(f"{path}/extend", json={"ttl_seconds": 600})
+
+    was = datetime.fromisoformat(placed["expires_at"])
+    now = datetime.fromisoformat(extended["expires_at"])
+    assert timedelta(seconds=590) < now - was < timedelta(seconds=602)
+    assert shorter["expires_at"] == extended["expires_at"]  # never shortened
+    assert (after["status"], after["expires_at"]) == ("held", extended["expires_at"])
+    assert (kept["held"], kept["available"]) == (2, 3)
+    assert placed["reservation_id"] in [r["reservation_id"] for r in held_now["items"]]
+    assert [e["type"].rsplit(".", 1)[1] for e in history][-2:] == ["Held", "HoldExtended"]
+    assert history[-1]["reason"] == "oms.extend"
+    assert (theirs.status_code, theirs.json()["error"]) == (404, "reservation_not_found")
+    assert (too_long.status_code, too_long.json()["error"]) == (422, "ttl_too_long")
+    assert (no_ttl.status_code, no_ttl.json()["error"]) == (422, "validation_error")
+    assert (committed.status_code, committed.json()["error"]) == (409, "invalid_state")
+
+
 # Requests ---------------------------------------------------------------------------------------
 
 

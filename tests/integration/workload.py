@@ -9,6 +9,7 @@ from ledger.base import Cause
 from ledger.commands import (
     Confirm,
     ExpireHolds,
+    Extend,
     Fulfil,
     NoteLastReports,
     Observation,
@@ -104,7 +105,11 @@ def mixed_workload(writer: LedgerWriter, skus: int = 12) -> list[str]:
             continue
         reservations.append(outcome.value.reservation.id)
     short = writer.execute(reserve([(names[0], 1)], ttl=1)).value.reservation
-    writer.execute(reserve([(names[1], 1)], ttl=3600))  # still held when the views are read
+    waiting = writer.execute(reserve([(names[1], 1)], ttl=3600)).value.reservation
+    # Still held when the views are read: its hold moved to a later expiry.
+    writer.execute(
+        Extend(at=datetime.now(UTC), cause=CAUSE, reservation_id=waiting.id, ttl_seconds=7200)
+    )
     for index, rid in enumerate(reservations):
         at = datetime.now(UTC)
         if index % 4 == 0:

@@ -19,6 +19,7 @@ from ledger.commands import (
     Command,
     Confirm,
     ExpireHolds,
+    Extend,
     Fulfil,
     Observation,
     PutMappings,
@@ -604,6 +605,91 @@ def test_the_expiry_sweep_expires_only_holds_past_their_time(ledger: Ledger, acm
     statuses = [ledger.reservation(rid).status for rid in ids]
     assert statuses == ["expired", "held", "confirmed", "released"]
     assert numbers(ledger.levels(shirt, at(120))) == (10, 1, 1, 8)
+
+
+# Keeping a hold longer ------------------------------------------------------------------
+
+
+def extend(ledger: Ledger, reservation: Reservation, when: datetime, ttl: int) -> Outcome[Any]:
+    return ledger.run(Extend(at=when, cause=CAUSE, reservation_id=reservation.id, ttl_seconds=ttl))
+
+
+def test_an_extended_hold_counts_until_its_new_expiry_and_the_sweep_waits_for_it(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 5}, at(0))
+    reservation = ledger.reserve([(shirt, 4), (socks, 2)], at(10), ttl=60)  # until at(70)
+
+    extended = extend(ledger, reservation, at(50), 300)  # until at(350)
+
+    assert extended.value.expires_at == at(350)
+    assert extended.position is not None
+    assert ledger.reservation(reservation.id).expires_at == at(350)
+    for when in (at(70), at(349.9)):
+        assert numbers(ledger.levels(shirt, when)) == (10, 4, 0, 6)
+        assert numbers(ledger.levels(socks, when)) == (5, 2, 0, 3)
+    assert ledger.available(shirt, at(350)) == 10
+    swept = ledger.run(ExpireHolds(at=at(120), cause=CAUSE, reservation_ids=[reservation.id]))
+    assert swept.value == []
+    # Another order cannot take the units the extended hold keeps.
+    with pytest.raises(InsufficientStock):
+        ledger.reserve([(shirt, 7)], at(100))
+    # Confirmed later, the hold becomes a commitment as any other, moved bucket and all.
+    ledger.run(Confirm(at=at(200), cause=CAUSE, reservation_id=reservation.id))
+    assert numbers(ledger.levels(shirt, at(400))) == (10, 0, 4, 6)
+
+
+def test_an_extension_never_shortens_a_hold_and_sent_again_changes_nothing(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10), ttl=600)  # until at(610)
+    written = ledger.events_written()
+
+    shorter = extend(ledger, reservation, at(20), 60)
+
+    assert (shorter.value.expires_at, shorter.position) == (at(610), None)
+    assert ledger.events_written() == written
+    assert numbers(ledger.levels(shirt, at(609))) == (10, 4, 0, 6)
+
+
+def test_a_hold_that_expired_or_is_no_hold_cannot_be_extended(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    lapsed = ledger.reserve([(shirt, 1)], at(10), ttl=60)
+    kept = confirmed(ledger, [(shirt, 1)], at(10))
+    gone = ledger.reserve([(shirt, 1)], at(10))
+    ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=gone.id))
+    written = ledger.events_written()
+
+    with pytest.raises(ReservationExpired):
+        extend(ledger, lapsed, at(70), 600)
+    for reservation in (kept, gone):
+        with pytest.raises(InvalidState):
+            extend(ledger, reservation, at(30), 600)
+
+    assert ledger.events_written() == written
+    assert ledger.available(shirt, at(70)) == 9  # the commitment alone
+
+
+def test_another_oms_client_cannot_extend_a_reservation(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 1)], at(10), ttl=60)
+
+    with pytest.raises(ReservationNotFound):
+        ledger.run(
+            Extend(
+                at=at(20),
+                cause=CAUSE,
+                reservation_id=reservation.id,
+                ttl_seconds=600,
+                client="other-oms",
+            )
+        )
+    assert ledger.reservation(reservation.id).expires_at == at(70)
 
 
 # Stock reports ------------------------------------------------------------------------------

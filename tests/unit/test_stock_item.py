@@ -20,6 +20,7 @@ from ledger.stock import (
     ObservationOutcome,
     StockItem,
     StockLevels,
+    second_ceil,
 )
 from ledger.supplier import SupplierTerms
 from tests.conftest import random_sku
@@ -425,6 +426,23 @@ def test_releasing_a_hold_frees_it_at_once_and_leaves_others_with_the_same_expir
     assert kinds(item.collect_events()) == [StockItem.HoldReleased]
     levels = item.levels(at(3), terms_of(acme))
     assert (levels.held, levels.available) == (3, 7)
+
+
+def test_extending_a_hold_moves_its_units_to_the_new_expiry() -> None:
+    acme = supplier("acme")
+    history = new_item()
+    observe(history, acme, 10, at(0))
+    history.hold("r1", allocations(acme=4), at(100), at(1), GIVEN)
+    history.hold("r2", allocations(acme=3), at(100), at(2), GIVEN)
+    item = given(history)
+
+    item.extend_hold("r1", allocations(acme=4), at(100), at(400), at(3), WHEN)
+
+    assert kinds(item.collect_events()) == [StockItem.HoldExtended]
+    assert item.positions["acme"].held == {second_ceil(at(100)): 3, second_ceil(at(400)): 4}
+    assert item.levels(at(99), terms_of(acme)).held == 7
+    assert item.levels(at(100), terms_of(acme)).held == 4
+    assert item.levels(at(400), terms_of(acme)).held == 0
 
 
 def test_thousands_of_open_holds_keep_the_state_small() -> None:
@@ -927,7 +945,8 @@ def _every_command(item: StockItem, acme: SupplierTerms) -> None:
     item.hold("r1", allocations(acme=2), at(600), at(13), WHEN)
     item.hold("r2", allocations(acme=1), at(600), at(13), WHEN)
     item.release_hold("r2", allocations(acme=1), at(600), at(14), WHEN)
-    item.confirm_hold("r1", allocations(acme=2), at(600), [], at(15), WHEN)
+    item.extend_hold("r1", allocations(acme=2), at(600), at(900), at(14), WHEN)
+    item.confirm_hold("r1", allocations(acme=2), at(900), [], at(15), WHEN)
     item.ship("r1", allocations(acme=1), [], at(16), WHEN)
     item.release_commitment("r1", allocations(acme=1), at(15), [], at(17), WHEN)
     item.restock("r1", allocations(acme=1), at(18), WHEN)
@@ -947,6 +966,7 @@ def test_every_event_carries_the_actor_reason_and_correlation_id_of_its_cause() 
         StockItem.SafetyStockSet,
         StockItem.Held,
         StockItem.HoldReleased,
+        StockItem.HoldExtended,
         StockItem.HoldConfirmed,
         StockItem.Shipped,
         StockItem.CommitmentReleased,

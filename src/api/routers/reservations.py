@@ -29,6 +29,7 @@ from api.errors import ApiError
 from api.schemas import (
     PRINTABLE,
     AllocationOut,
+    ExtendIn,
     FulfilIn,
     ReleaseIn,
     ReservationIn,
@@ -38,7 +39,7 @@ from api.schemas import (
     ReturnIn,
 )
 from api.settings import ApiKey
-from ledger.commands import Command, Confirm, Fulfil, Release, Reserve, Return
+from ledger.commands import Command, Confirm, Extend, Fulfil, Release, Reserve, Return
 from ledger.errors import ReservationNotFound
 from ledger.handlers.reservations import Reserved
 from ledger.reservation import Reservation, ReservationStatus
@@ -253,6 +254,30 @@ async def confirm(
         cause=cause_for(key, "oms.confirm", request_id),
         reservation_id=_reservation_id(reservation_id),
         client=_client(key),
+    )
+    return await _run(runtime, command, at)
+
+
+@router.post("/{reservation_id}/extend", response_model=ReservationOut)
+async def extend(
+    reservation_id: str,
+    body: ExtendIn,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+) -> Response:
+    """Keeps a hold for `ttl_seconds` from now, where that is longer than it had left (a
+    checkout waiting on its payment); sent again, it changes nothing more."""
+    settings = runtime.settings
+    if body.ttl_seconds > settings.max_ttl_seconds:
+        raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
+    command = Extend(
+        at=at,
+        cause=cause_for(key, "oms.extend", request_id),
+        reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
+        ttl_seconds=body.ttl_seconds,
     )
     return await _run(runtime, command, at)
 

@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from ledger.base import decided_at
-from ledger.commands import Confirm, ExpireHolds, Fulfil, Release, Reserve, Return
+from ledger.commands import Confirm, ExpireHolds, Extend, Fulfil, Release, Reserve, Return
 from ledger.errors import (
     IdempotencyKeyMismatch,
     InsufficientStock,
@@ -139,6 +139,21 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
                 reservation.net_of_our_orders,
                 at,
                 command.cause,
+            )
+    return reservation
+
+
+@handles(Extend)
+def extend(uow: UnitOfWork, command: Extend) -> Reservation:
+    reservation = _reservation(uow, command.reservation_id, command.client)
+    at = _decided(uow, command.at, reservation)
+    ttl = timedelta(seconds=command.ttl_seconds)
+    extended_to = EPOCH + timedelta(seconds=second_ceil(at + ttl))  # whole seconds, as placed
+    was = reservation.extend(at, command.cause, extended_to)
+    if was is not None:
+        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            _stock(uow, sku).extend_hold(
+                str(reservation.id), allocated, was, extended_to, at, command.cause
             )
     return reservation
 
