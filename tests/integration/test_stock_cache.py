@@ -18,7 +18,7 @@ from ledger.supplier import SupplierTerms
 from projections.entries import Snapshot, read_entries
 from projections.runner import rebuild
 from projections.stock import StockProjection
-from projections.stockcache import StockCache
+from projections.stockcache import CachedRead, StockCache
 from projections.store import Connection, ViewStore
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, reserve, stock_sku
@@ -221,6 +221,42 @@ def test_the_copy_reads_again_only_the_skus_read_lately_and_drops_the_others_tha
     assert levels.held == 3
     cache.offer(_read(runtime, [unread]))
     assert from_copy(cache, unread, at) == from_view(runtime, unread, at)
+
+
+def test_an_entry_offered_from_beyond_the_copy_is_answered_at_its_own_position(
+    runtime: Runtime,
+) -> None:
+    """A reader that fetched a SKU from the view at a newer position than the copy's offers
+    it: answered as at the copy's position, a read named a position older than its numbers
+    (an OMS walkthrough, 13 reads in 40). Until the next refresh it answers alone at its
+    own position, and with SKUs at the copy's position goes to the view."""
+    ahead, behind = random_sku("AHEAD"), random_sku("BEHIND")
+    stock_sku(runtime.writer, ahead, 5)
+    stock_sku(runtime.writer, behind, 5)
+    caught_up(runtime)
+    cache = copy_of(runtime)
+    cache.refresh()
+    copied_at = cache.position
+    assert cache.lookup([ahead, behind], None) is not None
+    runtime.writer.execute(reserve([(ahead, 2)]))
+    newer = caught_up(runtime)
+    cache.offer(_read(runtime, [ahead]))
+
+    alone = cache.lookup([ahead], None)
+    both = cache.lookup([ahead, behind], None)
+    waited = cache.lookup([ahead], newer)
+    assert alone is not None
+    assert (alone.position, alone.entries[0].levels(datetime.now(UTC)).held) == (newer, 2)
+    assert copied_at < newer
+    assert both is None
+    assert waited is not None
+    assert waited.position == newer
+    assert cache.lookup([behind], None) == CachedRead(copied_at, [cache._entries[behind]])
+
+    cache.refresh()  # the copy reaches the view's position: one position for all
+    together = cache.lookup([ahead, behind], None)
+    assert together is not None
+    assert together.position == cache.position >= newer
 
 
 def test_an_entry_offered_while_a_refresh_runs_is_not_kept_if_it_moved(runtime: Runtime) -> None:
