@@ -23,6 +23,7 @@ import asyncssh
 import httpx
 import pytest
 
+from connectors.config import check_connector
 from connectors.simulator import (
     PAGINATIONS,
     Catalogue,
@@ -47,8 +48,8 @@ from connectors.transports.folder import (
     LocalFolder,
     local_folder,
 )
-from connectors.transports.rest import STATE
-from connectors.transports.retry import retry_after_seconds
+from connectors.transports.rest import STATE, RestPoller
+from connectors.transports.retry import RetryPolicy, retry_after_seconds
 
 T0 = datetime(2026, 1, 15, 14, 30, tzinfo=UTC)
 ETAG = '"7-250-0"'  # what the simulator answers for catalogue() as first made
@@ -416,6 +417,47 @@ def test_settings_naming_no_transport_give_none_and_bad_ones_are_refused() -> No
         transport_for("acme", {"poll": {"url": "https://user:pw@x/feed"}}, state=state)
 
 
+@pytest.mark.parametrize(
+    ("connector", "why"),
+    [
+        pytest.param({"poll": {"url": "http://a..b/feed"}}, "is not a host name", id="host"),
+        pytest.param({"poll": {"url": "http://x:99999/f"}}, "port is 1 to 65535", id="port"),
+        pytest.param({"poll": {"url": "http://x:0/f"}}, "port is 1 to 65535", id="port 0"),
+        pytest.param(
+            {"poll": {"url": "http://x/f", "token_ref": "plain"}},
+            "token_ref is env:NAME or file:PATH",
+            id="token by value",
+        ),
+        pytest.param(
+            {"format": "csv", "poll": {"url": "http://x/f", "pagination": "page"}},
+            "page pagination reads JSON pages, not csv",
+            id="JSON pages of a CSV supplier",
+        ),
+        pytest.param(
+            {"format": "xml", "poll": {"url": "http://x/f", "pagination": "cursor"}},
+            "cursor pagination reads JSON pages, not xml",
+            id="JSON pages of an XML supplier",
+        ),
+    ],
+)
+def test_poll_settings_that_could_never_fetch_are_refused_when_saved(
+    connector: dict[str, Any], why: str
+) -> None:
+    """A supplier integrator's walkthrough: each was saved, then every fetch failed (`a..b`
+    crashed it), or every page was refused."""
+    with pytest.raises(ValueError, match=why):
+        check_connector(connector)
+
+
+def test_a_poll_reads_its_pages_in_the_supplier_s_format() -> None:
+    transport = transport_for(
+        "acme", {"format": "csv", "poll": {"url": "http://x/f"}}, state=DictState()
+    )
+    assert isinstance(transport, RestPoller)
+    assert transport.settings.format == "csv"
+    transport.close()
+
+
 def test_transport_numbers_are_taken_up_to_their_bounds_and_refused_past_them() -> None:
     state = DictState()
     poll: dict[str, Any] = {
@@ -458,6 +500,27 @@ def test_retry_after_is_read_in_seconds_or_as_an_http_date() -> None:
     assert retry_after_seconds("Thu, 15 Jan 2026 14:30:20 GMT", now) == 20
     assert retry_after_seconds("Thu, 15 Jan 2026 14:29:00 GMT", now) == 0
     assert retry_after_seconds("soon", now) is None
+    # Finite, however many digits: 400 were logged as `Infinity`, which JSON does not take.
+    assert retry_after_seconds("9" * 400, now) == 1e9
+
+
+def test_waits_keep_within_the_longest_backoff_and_a_retry_after_never_shortens_them() -> None:
+    """A supplier integrator's walkthrough: the jitter took a wait past
+    `max_backoff_seconds`, and `Retry-After: 0` sent every attempt within milliseconds."""
+    for retry_after in (None, 0.0):
+        waits: list[float] = []
+
+        def failing(retry_after: float | None = retry_after) -> None:
+            raise FetchFailed("http_429", retriable=True, retry_after=retry_after)
+
+        policy = RetryPolicy(
+            max_attempts=12, backoff_seconds=0.5, max_backoff_seconds=2, sleep=waits.append
+        )
+        with pytest.raises(FetchFailed):
+            policy.run(failing)
+        assert len(waits) == 11
+        assert all(0.5 <= wait <= 2 for wait in waits), waits
+        assert waits[-1] == 2  # the backoff grew to its bound
 
 
 # The circuit breaker

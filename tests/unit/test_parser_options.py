@@ -60,6 +60,9 @@ def test_a_parser_reads_the_options_it_declares_and_no_other(settings: Any) -> N
         pytest.param("%H:%M", "must name the year, month and day", id="no date"),
         pytest.param("%Y-%m %H:%M", "must name the year, month and day", id="no day"),
         pytest.param("%d.%m.%Y %H:%M %Z", "write the offset", id="zone names read as local"),
+        # A directive twice: strptime's pattern cannot hold it (re.error), and it was a 500.
+        pytest.param("%Y-%m-%d %Y", "cannot be read", id="a directive twice"),
+        pytest.param("%d/%m/%Y %H:%M %d", "cannot be read", id="the day twice"),
     ],
 )
 def test_a_timestamp_format_that_cannot_read_a_date_back_is_refused_when_saved(

@@ -212,7 +212,9 @@ def _check_timestamp_format(pattern: str) -> None:
         )
     try:
         read = datetime.strptime(_PROBE.strftime(pattern), pattern)
-    except ValueError as error:
+    except (ValueError, re.error) as error:
+        # re.error: a directive given twice (`%Y-%m-%d %Y`), which strptime's pattern
+        # cannot hold; it was a 500 (a supplier integrator's walkthrough).
         raise ValueError(
             f"bad_option: timestamp_format {pattern!r} cannot be read: {error}"
         ) from None

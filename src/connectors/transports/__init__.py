@@ -154,7 +154,12 @@ def transport_for(
         raise ValueError(f"bad_option: a connector uses one transport, not {' and '.join(named)}")
     [kind] = named
     if kind == "poll":
-        poll = _settings(PollSettings, kind, connector[kind], strict)
+        given = connector[kind]
+        if isinstance(given, dict) and "format" not in given and "format" in connector:
+            # Its pages are read as the supplier's format: a poll that paginates as JSON
+            # pages a CSV supplier was saved, then every page was refused (a walkthrough).
+            given = {**given, "format": connector["format"]}
+        poll = _settings(PollSettings, kind, given, strict)
         return RestPoller(
             supplier_id,
             poll,

@@ -21,7 +21,8 @@ next page is, is yielded first, then the poll fails.
 
 Options of `connector["poll"]` (and those of `retry`):
 
-- `url` (required): the inventory endpoint, http or https; its own query is kept.
+- `url` (required): the inventory endpoint, http or https; its own query is kept on
+  the pages asked for (a `link` page is followed as its Link header gives it).
 - `pagination` (default none, one request): how pages follow each other, as the
   simulator's REST supplier serves them:
   - "page":   `?page=1&page_size=N`, then `page + 1` until `page` reaches `total_pages`;
@@ -124,10 +125,27 @@ class PollSettings(RetrySettings):
             raise ValueError(str(error)) from error
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("an http or https URL is needed")
+        # Each was saved, then failed every fetch (`a..b` crashed it, UnicodeError): a
+        # supplier integrator's walkthrough.
+        try:
+            url.host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{url.host!r} is not a host name") from None
+        if url.port is not None and not 1 <= url.port <= 65535:
+            raise ValueError(f"the port is 1 to 65535, not {url.port}")
         if url.userinfo:
             # Settings are events, kept for ever and shown to auditors: a password here
             # could never be taken back. Credentials go by reference (`token_ref`).
             raise ValueError("no credentials in the URL: name a token by reference (token_ref)")
+        return value
+
+    @field_validator("token_ref")
+    @classmethod
+    def _by_reference(cls, value: str | None) -> str | None:
+        # As `webhook.secret_ref`: anything else was saved, then every fetch failed
+        # `secret_unavailable` (a supplier integrator's walkthrough).
+        if value is not None and not value.startswith(("env:", "file:")):
+            raise ValueError("token_ref is env:NAME or file:PATH")
         return value
 
     @model_validator(mode="after")

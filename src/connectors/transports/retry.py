@@ -16,7 +16,9 @@ where a count), finite, and within bounds (these seconds at most 3600):
   first included.
 - `backoff_seconds` (default 1): the first wait; it doubles each time, plus a random
   jitter of up to `backoff_seconds`.
-- `max_backoff_seconds` (default 30): the longest wait between two attempts.
+- `max_backoff_seconds` (default 30): the longest backoff between two attempts, jitter
+  and all (a `Retry-After` may ask for longer; one shorter than the backoff, `0` say,
+  waits the backoff).
 - `max_retry_after_seconds` (default 120): the longest `Retry-After` waited within a
   fetch; a longer one ends the fetch with a retriable FetchFailed carrying `retry_after`,
   for the scheduler to honour (up to `LONGEST_WAIT_SECONDS`).
@@ -101,6 +103,9 @@ def status_failure(status: int, retry_after: float | None = None) -> FetchFailed
     return FetchFailed(f"http_{status}", retriable, retry_after if retriable else None)
 
 
+LONGEST_RETRY_AFTER = 1e9
+
+
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
     """The wait a `Retry-After` header asks for, in seconds or as an HTTP date; None when
     it is absent or unreadable."""
@@ -108,7 +113,9 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        # At most a billion seconds: 400 digits were infinite, logged as `Infinity`, which
+        # no JSON reader takes.
+        return min(float(value), LONGEST_RETRY_AFTER)
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -160,10 +167,14 @@ class RetryPolicy:
         ) + tenacity.wait_random(0, self.backoff_seconds)
 
         def wait(state: tenacity.RetryCallState) -> float:
+            # The jitter on top of the backoff passed `max_backoff_seconds` (2.17 s for 2).
+            waited = min(float(backoff(state)), self.max_backoff_seconds)
             error = _failure_of(state)
             if error is not None and error.retry_after is not None:
-                return error.retry_after
-            return float(backoff(state))
+                # No shorter than the backoff: `Retry-After: 0`, or a date past, sent
+                # every attempt of a fetch within milliseconds (a walkthrough).
+                return max(error.retry_after, waited)
+            return waited
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
