@@ -11,7 +11,9 @@ Within a process, suppliers are fetched on a few threads of their own, one fetch
 supplier at a time, so a supplier that is slow, down or throttling (its retries wait out
 its Retry-After) never holds up the others; stopping cuts those waits short. A
 Retry-After longer than the transport waits puts the supplier's next fetch off, by an
-hour at most, and feed health's last error says until when.
+hour at most, and feed health's last error says until when; that, and the supplier's
+breaker, are kept in `connector_state` and taken up by whichever schedule fetches the
+supplier next (see `Scheduler._resume`).
 A delivery is marked done at its source only once the inbox holds it.
 """
 
@@ -52,6 +54,9 @@ FETCH_THREADS = 4
 # fetch may be. A day's Retry-After (a server's mistake, or a default nobody chose) went
 # unseen and stopped the feed for a day; a supplier that still means it says so again.
 LONGEST_RETRY_AFTER_SECONDS = LONGEST_WAIT_SECONDS
+# The connector state (`connector_state`) that holds a supplier's fetches off, whichever
+# process fetches it: see `Scheduler._resume`.
+HELD_OFF = "held_off"
 # A REST poll's validators are used for this share of the supplier's staleness limit after
 # a poll that fetched every page: after such a poll each level is younger than half the
 # limit (an older one repeated is recorded again), so the next full poll finds them younger
@@ -86,9 +91,18 @@ class Schedule:
     refresh: float | None = None  # see `_follow`
     due: float = 0.0
     fetched: int = field(default=0)
-    # The breaker's state as feed health shows it, None until written: a schedule made
-    # anew (a restart, a handover, new settings) starts closed, whatever health said before.
+    # The breaker's state as feed health shows it, None until written.
     shown: BreakerState | None = None
+    # What puts the supplier's fetches off (see `Scheduler._resume`), as last written, and
+    # whether this schedule has taken it up since its lease was taken here.
+    held_off: dict[str, Any] | None = None
+    resumed: bool = False
+
+    @property
+    def settings_key(self) -> str:
+        """The connector's settings but when it runs: what a held-off state applies to."""
+        fetching = {k: v for k, v in self.connector.items() if k not in ("schedule", "breaker")}
+        return hashlib.sha256(repr(sorted(fetching.items())).encode()).hexdigest()[:32]
 
     def next_due(self, now: float, at_least: float = 0.0) -> None:
         spread = self.interval * self.jitter
@@ -181,7 +195,10 @@ class Scheduler:
                 continue
             if not self.leases.hold(f"connector:{schedule.supplier_id}", self):
                 schedule.next_due(now)
+                schedule.resumed = False  # another process fetches it, and holds it off
                 continue
+            if not schedule.resumed and self._resume(schedule, now):
+                continue  # put off, as the supplier or its breaker asked
             fetch = self._start(schedule)
             self._running[schedule.supplier_id] = fetch
             started.append(fetch)
@@ -190,6 +207,55 @@ class Scheduler:
         stored = sum(fetch.result() for fetch in started)
         self._reap()
         return stored
+
+    def _resume(self, schedule: Schedule, now: float) -> bool:
+        """Takes up what held the supplier's fetches off when another schedule of it last
+        fetched (another process's, before a handover; this one's, before its settings
+        changed): a `Retry-After` not yet over, and its breaker. Made anew, a schedule
+        fetched a supplier that had asked for 200 s within 28 (a settings change) or 3 s
+        (a handover), and an open breaker closed (a supplier integrator's walkthrough).
+        Not across a change of how it is fetched (its URL, say): the breaker then starts
+        closed, and it is fetched at once. True when the fetch is put off."""
+        with self.store.connection() as conn:
+            state = inbox.get_state(conn, schedule.supplier_id, HELD_OFF)
+        schedule.resumed = True
+        if not isinstance(state, dict) or state.get("settings") != schedule.settings_key:
+            return False
+        wall = time.time()
+        opened_at = state.get("opened_at")
+        schedule.breaker.restore(
+            int(state.get("failures") or 0), None if opened_at is None else wall - opened_at
+        )
+        schedule.held_off = state
+        not_before = state.get("not_before")
+        if not_before is None or not_before <= wall:
+            return False
+        schedule.due = now + (not_before - wall)
+        return True
+
+    def _hold_off(self, schedule: Schedule, deferred: bool) -> None:
+        """Writes what holds the supplier's fetches off now (see `_resume`), when it changed:
+        the next fetch's time after a failed one, and the breaker."""
+        opened = schedule.breaker.opened_seconds_ago()
+        wall = time.time()
+        state = {
+            "settings": schedule.settings_key,
+            "not_before": wall + (schedule.due - self.clock()) if deferred else None,
+            "failures": schedule.breaker.failures,
+            "opened_at": None if opened is None else wall - opened,
+        }
+        written = schedule.held_off
+        holding = deferred or bool(state["failures"]) or state["opened_at"] is not None
+        held = written is not None and (
+            written.get("not_before") is not None
+            or bool(written.get("failures"))
+            or written.get("opened_at") is not None
+        )
+        if not holding and not held:
+            return  # nothing holds it off, nor did: no write at each fetch
+        with self.store.connection() as conn:
+            inbox.set_state(conn, schedule.supplier_id, HELD_OFF, state)
+        schedule.held_off = state
 
     def _start(self, schedule: Schedule) -> Future[int]:
         """Runs one fetch of a schedule on a thread of its own, once a slot is free."""
@@ -397,6 +463,7 @@ class Scheduler:
             with self.store.connection() as conn:
                 health.reached(conn, supplier)
             schedule.next_due(self.clock())
+            self._hold_off(schedule, deferred=False)
             self._tell_refused(schedule)
         except FetchFailed as failure:
             now = self.clock()
@@ -404,6 +471,7 @@ class Scheduler:
             schedule.next_due(now, at_least=min(asked or 0.0, LONGEST_RETRY_AFTER_SECONDS))
             if self._stop.is_set():
                 return stored  # given up because the process stops: not the supplier's
+            self._hold_off(schedule, deferred=True)
             if failure.reason != "circuit_open":
                 wait = schedule.due - now
                 with self.store.connection() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,10 @@ from connectors.scheduler import Schedule, Scheduler
 from connectors.simulator import Catalogue, FtpSupplier, RestSupplier, drop
 from connectors.simulator.ftp import READ_ONLY
 from connectors.transports import Fetched
+from ledger.commands import PutSupplier
+from ledger.supplier import SupplierTerms
 from tests.integration.test_scheduler import count_reads, scheduler_for, supplier_fed_by
+from tests.integration.workload import CAUSE
 
 
 def shown(runtime: Runtime, supplier: str) -> dict[str, Any]:
@@ -241,3 +245,77 @@ def test_rows_per_delivery_after_an_upgrade_counts_only_the_deliveries_whose_row
     assert (before["deliveries"], before["rows_per_delivery"]) == (5, None)  # not yet known
     assert (old["deliveries"], old["rows_per_delivery"]) == (7, 16.0)
     assert (new["deliveries"], new["rows_per_delivery"]) == (1, 3.0)
+
+
+def put_off_by(runtime: Runtime, supplier: str, catalogue: Catalogue, **connector: Any) -> None:
+    """New connector settings, the stock view caught up with them (a scheduler reads them
+    there)."""
+    terms = SupplierTerms(supplier, connector={"units": {"CS": 12}, **connector})
+    outcome = runtime.writer.execute(
+        PutSupplier(at=datetime.now(UTC), cause=CAUSE, supplier_id=supplier, terms=terms)
+    )
+    assert outcome.position is not None
+    runtime.views.wait_for("stock", outcome.position, timeout=10)
+
+
+def test_a_retry_after_holds_on_across_new_settings_and_a_handover(ledger: Runtime) -> None:
+    """A supplier integrator's walkthrough: a schedule made anew (an interval changed, or
+    another process taking the supplier over) fetched a supplier that had asked for 200 s
+    within 28 s, and within 3."""
+    catalogue = Catalogue(3, seed=35)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        poll = polled(rest, max_retry_after_seconds=0)  # none waited within a fetch
+        supplier_fed_by(ledger, "asked", catalogue, poll=poll, schedule={"interval_seconds": 1})
+        first = Scheduler(ledger.store, ledger.leases)
+        rest.faults.throttle_next(1, retry_after=4)
+        assert first.tick() == 0
+        asked = len(rest.requests)
+        put_off_by(ledger, "asked", catalogue, poll=poll, schedule={"interval_seconds": 2})
+        first.refresh()
+        assert first.schedules["asked"].due == 0  # made anew
+        assert first.tick() == 0  # new settings: still put off
+        first.stop()  # a handover
+        second = Scheduler(ledger.store, ledger.leases)
+        assert second.tick() == 0
+        waited = len(rest.requests)
+        due_in = second.schedules["asked"].due - second.clock()
+        time.sleep(due_in + 0.1)
+        assert second.tick() == 1  # the Retry-After is over
+        second.stop()
+
+    assert asked == waited == 1
+    assert 2 < due_in <= 4
+    assert shown(ledger, "asked")["consecutive_failures"] == 0
+
+
+def test_an_open_breaker_stays_open_across_a_handover_but_not_new_fetch_settings(
+    ledger: Runtime,
+) -> None:
+    """A supplier integrator's walkthrough: a schedule made anew came with a closed
+    breaker, and a supplier still failing was asked again at once. A change of how it is
+    fetched (its URL) is a new start: the breaker is closed, and it is fetched."""
+    catalogue = Catalogue(3, seed=36)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        breaker = {"failures_to_open": 1, "cooldown_seconds": 300}
+        schedule = {"interval_seconds": 0.5}
+        poll = polled(rest, max_attempts=1)
+        supplier_fed_by(ledger, "broken", catalogue, poll=poll, breaker=breaker, schedule=schedule)
+        first = Scheduler(ledger.store, ledger.leases)
+        rest.faults.fail_next(1, status=503)
+        assert first.tick() == 0
+        opened = shown(ledger, "broken")["breaker"]
+        first.stop()
+        time.sleep(0.6)  # its next fetch is due
+        second = Scheduler(ledger.store, ledger.leases)
+        assert second.tick() == 0
+        asked = len(rest.requests)
+        still = shown(ledger, "broken")["breaker"]
+        mended = {**poll, "url": f"{rest.base_url}/inventory?mended=1"}
+        put_off_by(ledger, "broken", catalogue, poll=mended, breaker=breaker, schedule=schedule)
+        second.refresh()
+        assert second.tick() == 1
+        second.stop()
+
+    assert (opened, still) == ("open", "open")
+    assert asked == 1  # the failed fetch's only
+    assert shown(ledger, "broken")["breaker"] == "closed"

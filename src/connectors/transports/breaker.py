@@ -69,6 +69,18 @@ class CircuitBreaker:
             self._probing = True
         return state != "open"
 
+    def opened_seconds_ago(self) -> float | None:
+        """How long ago the breaker last opened; None while closed."""
+        return None if self._opened_at is None else self.clock() - self._opened_at
+
+    def restore(self, failures: int, opened_seconds_ago: float | None) -> None:
+        """Takes up where another breaker of the same supplier left off (another process's,
+        or this one's before a schedule was made anew): its failures in a row, and when
+        it opened."""
+        self.failures = failures
+        self._opened_at = None if opened_seconds_ago is None else self.clock() - opened_seconds_ago
+        self._probing = False
+
     def succeeded(self) -> None:
         self.failures = 0
         self._opened_at = None
