@@ -152,6 +152,16 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
+                # Which key? The first was used, silently (an OMS walkthrough); a proxy
+                # in front may have read the other.
+                await self._refuse(
+                    send_with_id,
+                    400,
+                    "invalid_authorization",
+                    "send one Authorization header, not several",
+                )
+                return
             if sum(name == b"idempotency-key" for name, _ in scope["headers"]) > 1:
                 # Which one? The first was kept, and the other, sent again, placed the
                 # order a second time (an API fuzzing walkthrough).

@@ -46,7 +46,8 @@ class ErrorOut(BaseModel):
 
 REASONS: dict[int, str] = {
     400: "The body is not JSON in a JSON encoding (`malformed_json`), or a header is "
-    "missing or malformed (`missing_idempotency_key`, `invalid_idempotency_key`).",
+    "missing or malformed, or sent twice (`missing_idempotency_key`, "
+    "`invalid_idempotency_key`, `invalid_authorization`).",
     401: "No API key or an unknown one (`unauthorized`); on a webhook, a signature that "
     "does not hold (`missing_signature`, `bad_signature`, `expired_signature`...).",
     403: "The key's role may not do this, or a supplier's key names another supplier "

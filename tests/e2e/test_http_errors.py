@@ -1242,6 +1242,27 @@ def test_supplier_terms_take_numbers_as_numbers_and_booleans_as_booleans(
     refused(mapped, 422, "validation_error")
 
 
+def test_a_reservation_id_that_is_no_uuid_is_not_found_and_not_echoed(
+    oms: httpx.Client,
+) -> None:
+    for sent in ("%00", "not-a-uuid%1B%5B31m"):
+        answer = oms.get(f"/v1/reservations/{sent}")
+        detail = refused(answer, 404, "reservation_not_found")
+        assert "\x00" not in answer.text
+        assert "\\u0000" not in answer.text
+        assert "not-a-uuid" not in str(detail)
+
+
+def test_a_request_with_two_authorization_headers_is_refused(ledger: Server, sku: str) -> None:
+    """Which key acts? The first was used, silently (an OMS walkthrough)."""
+    keys = [("Authorization", "Bearer test-shop"), ("Authorization", "Bearer test-admin")]
+    with httpx.Client(base_url=ledger.base_url) as anyone:
+        answer = anyone.get(f"/v1/availability/{sku}", headers=keys)
+        written = anyone.put(f"/v1/skus/{sku}", json={"safety_stock": 7}, headers=keys)
+    refused(answer, 400, "invalid_authorization")
+    refused(written, 400, "invalid_authorization")
+
+
 def test_an_order_with_two_idempotency_keys_is_refused(oms: httpx.Client, sku: str) -> None:
     answer = oms.post(
         "/v1/reservations",

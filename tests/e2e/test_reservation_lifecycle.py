@@ -955,6 +955,34 @@ def test_the_sweeper_writes_an_expired_hold_as_expired_within_seconds(
     assert availability(shop, sku)["available"] == 5
 
 
+def test_a_fulfil_or_return_sent_again_with_its_key_says_it_was_a_replay(
+    admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
+) -> None:
+    """As an order's replay does (an OMS walkthrough: only the position header's absence
+    told a replayed fulfil from one applied)."""
+    sku = stocked_sku(admin, {new_supplier(admin): 10})
+    path = f"/v1/reservations/{confirmed(oms, (sku, 4))}"
+    line = {"lines": [{"sku": sku, "quantity": 1}]}
+    keyed = {"Idempotency-Key": uuid.uuid4().hex}
+    shipped = oms.post(f"{path}/fulfil", json=line, headers=keyed)
+    again = oms.post(f"{path}/fulfil", json=line, headers=keyed)
+    unkeyed = oms.post(f"{path}/fulfil", json=line)
+    back = {**line, "restock": True}
+    returned = oms.post(f"{path}/return", json=back, headers=keyed)
+    returned_again = oms.post(f"{path}/return", json=back, headers=keyed)
+
+    for first in (shipped, unkeyed, returned):
+        assert first.status_code == 200, first.text
+        assert "Idempotent-Replayed" not in first.headers
+        assert POSITION in first.headers
+    for replay in (again, returned_again):
+        assert replay.status_code == 200, replay.text
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        assert POSITION not in replay.headers
+    assert [line["fulfilled"] for line in ok(oms.get(path))["lines"]] == [2]
+    assert numbers(shop, sku)["sellable"] == 9  # 10, 2 shipped, 1 back
+
+
 def test_an_oms_keeps_a_hold_longer_while_its_checkout_waits(
     ledger: Server, admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
 ) -> None:

@@ -99,7 +99,8 @@ def _reservation_id(value: str) -> UUID:
     try:
         return UUID(value)
     except ValueError:
-        raise ReservationNotFound(f"no reservation {value}") from None
+        # Not echoed: a path may hold anything (a NUL came back; an OMS walkthrough).
+        raise ReservationNotFound("no such reservation: its id is a UUID") from None
 
 
 def _client(key: ApiKey) -> str | None:
@@ -235,9 +236,16 @@ def get(
     return reservation_out(_owned(reservation, key), at)
 
 
-async def _run(runtime: RuntimeDep, command: Command, at: datetime) -> Response:
+async def _run(
+    runtime: RuntimeDep, command: Command, at: datetime, request_key: str | None = None
+) -> Response:
     outcome = await runtime.writer.execute_async(command)
-    return model_answer(reservation_out(outcome.value, at), outcome.position)
+    answer = model_answer(reservation_out(outcome.value, at), outcome.position)
+    if request_key is not None and outcome.position is None:
+        # A fulfil or return with a key already applied wrote nothing: a replay says so,
+        # as an order's does (only the position header's absence told; a walkthrough).
+        answer.headers["Idempotent-Replayed"] = "true"
+    return answer
 
 
 @router.post("/{reservation_id}/confirm", response_model=ReservationOut)
@@ -321,7 +329,7 @@ async def fulfil(
         lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
         request_key=_key(idempotency_key, required=False),
     )
-    return await _run(runtime, command, at)
+    return await _run(runtime, command, at, command.request_key)
 
 
 @router.post("/{reservation_id}/return", response_model=ReservationOut)
@@ -344,4 +352,4 @@ async def return_units(
         restock=body.restock,
         request_key=_key(idempotency_key, required=False),
     )
-    return await _run(runtime, command, at)
+    return await _run(runtime, command, at, command.request_key)
