@@ -18,7 +18,7 @@ from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
 from ledger.handlers.reports import read_ahead
-from ledger.writer import LedgerWriter, Outcome
+from ledger.writer import LedgerWriter, Outcome, OutcomeUnknown
 
 log = structlog.get_logger(__name__)
 
@@ -174,9 +174,12 @@ class PartSender:
         writer). A part still queued when the wait gives up is dropped, never applied late."""
         try:
             outcome = applying.future.result(PART_TIMEOUT)
-        except TimeoutError:
-            applying.future.cancel()
-            raise
+        except TimeoutError as waited:
+            if applying.future.cancel():
+                raise  # still queued: dropped
+            if not applying.future.done():  # taken into a batch: it runs on
+                raise OutcomeUnknown("the part may yet be applied") from waited
+            outcome = applying.future.result()  # decided just now
         if heartbeat is not None:
             heartbeat()
         counted: DeliveryOutcome = outcome.value

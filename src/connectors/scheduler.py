@@ -219,14 +219,18 @@ class Scheduler:
         with self.store.connection() as conn:
             state = inbox.get_state(conn, schedule.supplier_id, HELD_OFF)
         schedule.resumed = True
-        if not isinstance(state, dict) or state.get("settings") != schedule.settings_key:
+        if not isinstance(state, dict):
+            return False
+        # Under other settings of how it is fetched, it starts afresh; what was kept is
+        # cleared by its next fetch (else settings changed back would take it up again).
+        schedule.held_off = state
+        if state.get("settings") != schedule.settings_key:
             return False
         wall = time.time()
         opened_at = state.get("opened_at")
         schedule.breaker.restore(
             int(state.get("failures") or 0), None if opened_at is None else wall - opened_at
         )
-        schedule.held_off = state
         not_before = state.get("not_before")
         if not_before is None or not_before <= wall:
             return False
@@ -247,7 +251,8 @@ class Scheduler:
         written = schedule.held_off
         holding = deferred or bool(state["failures"]) or state["opened_at"] is not None
         held = written is not None and (
-            written.get("not_before") is not None
+            written.get("settings") != state["settings"]
+            or written.get("not_before") is not None
             or bool(written.get("failures"))
             or written.get("opened_at") is not None
         )
@@ -471,7 +476,10 @@ class Scheduler:
             schedule.next_due(now, at_least=min(asked or 0.0, LONGEST_RETRY_AFTER_SECONDS))
             if self._stop.is_set():
                 return stored  # given up because the process stops: not the supplier's
-            self._hold_off(schedule, deferred=True)
+            # Only a wait asked for (a Retry-After, an open breaker's cooldown) is kept for
+            # the schedule that fetches next: another failure's next fetch is the interval's,
+            # which new settings may shorten (a review).
+            self._hold_off(schedule, deferred=asked is not None)
             if failure.reason != "circuit_open":
                 wait = schedule.due - now
                 with self.store.connection() as conn:

@@ -138,6 +138,9 @@ class Reservation(LedgerAggregate):
     # Whether its stock items count the commitment as an open order of its net suppliers
     # (see `Confirmed`); a snapshot taken before it was kept says nothing: not counted.
     net_counted = False
+    # The expiry it was placed with, once an extension moved it (`Extended`): an order
+    # sent again under its key is answered as first placed (`as_placed`).
+    placed_expires_at: datetime | None = None
 
     class Placed(LedgerAggregate.Event, AggregateCreated):
         TOPIC = "stockledger:Reservation.Placed"
@@ -177,6 +180,8 @@ class Reservation(LedgerAggregate):
         expires_at: datetime
 
         def apply(self, reservation: Reservation) -> None:
+            if reservation.placed_expires_at is None:
+                reservation.placed_expires_at = reservation.expires_at
             reservation.expires_at = self.expires_at
 
     class Released(LedgerAggregate.Event):
@@ -335,8 +340,9 @@ class Reservation(LedgerAggregate):
 
     def as_placed(self) -> Reservation:
         """A copy of the reservation as it was placed, what the order's first answer
-        showed (allocations and expiry never change after): held, nothing confirmed,
-        shipped or returned. An order sent again under its key is answered with it."""
+        showed (allocations never change after; the expiry it was placed with): held,
+        nothing confirmed, shipped or returned. An order sent again under its key is
+        answered with it."""
         placed = object.__new__(type(self))
         placed.__dict__.update(self.__dict__)
         placed.__dict__["_pending_events"] = []
@@ -345,6 +351,8 @@ class Reservation(LedgerAggregate):
             for sku, line in self.lines.items()
         }
         placed.status = ReservationStatus.HELD
+        if self.placed_expires_at is not None:
+            placed.expires_at = self.placed_expires_at
         placed.confirmed_at = None
         placed.net_of_our_orders = []
         placed.net_counted = False

@@ -266,9 +266,11 @@ class LedgerWriter:
         try:
             return future.result(self.timeout if timeout is None else timeout)
         except TimeoutError as waited:
-            if not future.cancel():  # taken into a batch: it runs on
-                raise OutcomeUnknown("the command may yet be applied") from waited
-            raise
+            if future.cancel():
+                raise  # still queued: dropped
+            if future.done():
+                return future.result()  # decided just now: its own answer
+            raise OutcomeUnknown("the command may yet be applied") from waited
 
     async def execute_async(self, command: Command) -> Outcome[Any]:
         """`execute` for a coroutine: waits for the outcome without holding a thread.
@@ -285,9 +287,11 @@ class LedgerWriter:
             async with asyncio.timeout(self.timeout):
                 return await waiter
         except TimeoutError as waited:
-            if not future.cancel():  # taken into a batch: it runs on (see `execute`)
-                raise OutcomeUnknown("the command may yet be applied") from waited
-            raise
+            if future.cancel():
+                raise  # still queued: dropped (see `execute`)
+            if future.done():
+                return future.result()  # decided just now: its own answer
+            raise OutcomeUnknown("the command may yet be applied") from waited
         except asyncio.CancelledError:
             future.cancel()  # dropped if still queued, as `execute` does
             raise

@@ -319,3 +319,40 @@ def test_an_open_breaker_stays_open_across_a_handover_but_not_new_fetch_settings
     assert (opened, still) == ("open", "open")
     assert asked == 1  # the failed fetch's only
     assert shown(ledger, "broken")["breaker"] == "closed"
+
+
+def test_only_a_wait_asked_for_holds_on_and_new_fetch_settings_clear_what_was_kept(
+    ledger: Runtime,
+) -> None:
+    """A fetch that failed without asking for a wait (a 503) puts the next off by the
+    interval only: new settings with a shorter one fetch at once (a review: an hour's
+    interval held a mended supplier off for an hour). And what another setting of the
+    fetch kept (an open breaker) does not come back when the settings go back to it."""
+    catalogue = Catalogue(3, seed=37)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        poll = polled(rest, max_attempts=1)
+        other = {**poll, "url": f"{rest.base_url}/inventory?other=1"}
+        breaker = {"failures_to_open": 1, "cooldown_seconds": 300}
+        hourly, often = {"interval_seconds": 3600}, {"interval_seconds": 1}
+        supplier_fed_by(ledger, "mended", catalogue, poll=poll, breaker=breaker, schedule=hourly)
+        first = Scheduler(ledger.store, ledger.leases)
+        rest.faults.fail_next(1, status=503)
+        assert first.tick() == 0  # failed: its breaker opens
+        put_off_by(ledger, "mended", catalogue, poll=other, breaker=breaker, schedule=hourly)
+        first.refresh()
+        assert first.tick() == 1  # other fetch settings: afresh, and fetched
+        put_off_by(ledger, "mended", catalogue, poll=poll, breaker=breaker, schedule=often)
+        first.refresh()
+        assert first.tick() == 1  # back to the first settings: nothing of before comes back
+        first.stop()
+        rest.faults.fail_next(1, status=503)
+        second = Scheduler(ledger.store, ledger.leases)
+        put_off_by(ledger, "mended", catalogue, poll=poll, schedule=hourly)
+        second.refresh()
+        assert second.tick() == 0  # failed, no wait asked for; the breaker not open
+        put_off_by(ledger, "mended", catalogue, poll=poll, schedule=often)
+        second.refresh()
+        fetched = second.tick()
+        second.stop()
+
+    assert fetched == 1  # the new interval, not the hour

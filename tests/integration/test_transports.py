@@ -502,6 +502,8 @@ def test_retry_after_is_read_in_seconds_or_as_an_http_date() -> None:
     assert retry_after_seconds("soon", now) is None
     # Finite, however many digits: 400 were logged as `Infinity`, which JSON does not take.
     assert retry_after_seconds("9" * 400, now) == 1e9
+    # A digit to str.isdigit, not to float: every fetch crashed while a supplier sent it.
+    assert retry_after_seconds("²", now) is None
 
 
 def test_waits_keep_within_the_longest_backoff_and_a_retry_after_never_shortens_them() -> None:

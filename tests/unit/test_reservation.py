@@ -655,6 +655,22 @@ def test_an_extension_never_shortens_a_hold_and_sent_again_changes_nothing(
     assert numbers(ledger.levels(shirt, at(609))) == (10, 4, 0, 6)
 
 
+def test_an_order_sent_again_after_its_hold_was_extended_is_answered_as_first_placed(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    command = ledger.reserve_command([(shirt, 4)], at(10), key="kept", ttl=60)
+    placed: Reserved = ledger.run(command).value
+    extend(ledger, placed.reservation, at(20), 600)
+
+    again: Reserved = ledger.run(replace(command, at=at(30))).value
+
+    assert again.replayed
+    assert again.reservation.expires_at == at(70)  # as the first answer said
+    assert ledger.reservation(placed.reservation.id).expires_at == at(620)
+
+
 def test_a_hold_that_expired_or_is_no_hold_cannot_be_extended(ledger: Ledger, acme: str) -> None:
     shirt = ledger.sku()
     ledger.stock(acme, {shirt: 10}, at(0))

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from api.metrics import Metrics
-from connectors.parts import MIN_PART
+from connectors import parts as parts_module
+from connectors.outcome import IngestResult
+from connectors.parts import MIN_PART, PartSender, _Applying
 from ledger import writer as writer_module
 from ledger.application import InventoryLedger
 from ledger.base import Cause
@@ -20,7 +22,7 @@ from ledger.commands import BULK_FROM, Observation, PutSku, PutSupplier, ReportS
 from ledger.errors import InsufficientStock, UnknownSku
 from ledger.queries import LedgerQueries
 from ledger.supplier import SupplierTerms
-from ledger.writer import LedgerWriter, WriterStopped, _Job, _Settler
+from ledger.writer import LedgerWriter, OutcomeUnknown, WriterStopped, _Job, _Settler
 
 CAUSE = Cause("test", "test", "test")
 
@@ -468,3 +470,93 @@ def test_a_lone_command_is_never_held_back() -> None:
     finally:
         writer.stop()
     assert sizes == [1, 10, 1, 1, 1]
+
+
+def stuck_in_its_save(writer: LedgerWriter, gate: threading.Event) -> None:
+    """The writer's batches, once taken, wait for the gate before they are decided."""
+    attempt = writer._attempt
+
+    def held_up(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(5)
+        return attempt(*args, **kwargs)
+
+    writer._attempt = held_up  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("waits", ["on a thread", "in a coroutine"])
+def test_a_command_taken_into_a_batch_past_its_deadline_may_yet_be_applied_and_says_so(
+    waits: str,
+) -> None:
+    """Told it timed out and to retry, an OMS recorded a fulfil twice: the first, stuck in
+    its save, was applied after its 503 (an OMS walkthrough)."""
+    writer = in_memory_writer(timeout=0.2)
+    gate = threading.Event()
+    stuck_in_its_save(writer, gate)
+    writer.start()
+
+    async def waited() -> None:
+        await writer.execute_async(put_supplier("taken"))
+
+    def taken() -> None:
+        if waits == "on a thread":
+            writer.execute(put_supplier("taken"))
+        else:
+            asyncio.run(waited())
+
+    try:
+        with pytest.raises(OutcomeUnknown):
+            taken()
+        # A command queued behind it is dropped, and says so.
+        with pytest.raises(TimeoutError) as dropped:
+            writer.execute(put_supplier("queued"))
+        gate.set()
+        writer.execute(put_supplier("after"))
+    finally:
+        writer.stop()
+    queries = LedgerQueries(writer.app)
+    assert not isinstance(dropped.value, OutcomeUnknown)
+    assert queries.supplier("taken") is not None  # applied after its caller gave up
+    assert queries.supplier("queued") is None
+
+
+class DecidedAtTheDeadline(Future[Any]):
+    """A command's outcome that arrives as its caller's wait runs out."""
+
+    def __init__(self, outcome: Any) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self.set_running_or_notify_cancel()
+            self.set_result(self.outcome)
+            raise TimeoutError
+        return super().result(timeout)
+
+
+def test_a_command_decided_just_as_its_deadline_passed_gets_its_own_answer() -> None:
+    writer = in_memory_writer(timeout=0.2)
+    decided = DecidedAtTheDeadline("its outcome")
+    writer.submit = lambda command: decided  # type: ignore[method-assign,assignment,return-value]
+    assert writer.execute(put_supplier("x")) == "its outcome"
+
+
+def test_a_feed_part_taken_past_its_deadline_may_yet_be_applied_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a command's (above): a part the writer took runs on; one still queued is dropped."""
+    monkeypatch.setattr(parts_module, "PART_TIMEOUT", 0.05)
+    sender = PartSender(in_memory_writer(), batch_size=10, part_seconds=1)
+    taken: Future[Any] = Future()
+    taken.set_running_or_notify_cancel()
+    queued: Future[Any] = Future()
+    result = IngestResult("delivery")
+
+    with pytest.raises(OutcomeUnknown):
+        sender._settle(_Applying(taken, 1, [], 0), result, None)
+    with pytest.raises(TimeoutError) as dropped:
+        sender._settle(_Applying(queued, 1, [], 0), result, None)
+
+    assert not isinstance(dropped.value, OutcomeUnknown)
+    assert queued.cancelled()
+    assert not taken.cancelled()

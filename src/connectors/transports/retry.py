@@ -112,7 +112,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²" is a digit to str.isdigit, not to float
         # At most a billion seconds: 400 digits were infinite, logged as `Infinity`, which
         # no JSON reader takes.
         return min(float(value), LONGEST_RETRY_AFTER)
