@@ -71,13 +71,16 @@ LOADED_GAP = 0.01
 
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
-    """What a command returned, the log position of what it wrote (None: nothing), and
-    how long the writer spent on the batch that decided it (a caller sending large
-    commands sizes the next one by it)."""
+    """What a command returned; the log position its answer describes (None: no position
+    of its batch does), which a command that wrote nothing also gets when it read what
+    its batch wrote; how long the writer spent on the batch that decided it (a caller
+    sending large commands sizes the next one by it); and whether it wrote events itself
+    (a replay, say, does not)."""
 
     value: T
     position: int | None
     seconds: float = 0.0
+    wrote: bool = False
 
 
 @dataclass(eq=False)
@@ -616,7 +619,7 @@ class LedgerWriter:
             else:
                 read, wrote = reads[job]
                 answered = position if wrote or read & written else None
-                job.future.set_result(Outcome(value, answered, seconds))
+                job.future.set_result(Outcome(value, answered, seconds, bool(wrote)))
 
     def _unstorable(self, pending: list[_Job], added: dict[_Job, list[Any]]) -> dict[_Job, str]:
         """The commands whose new events the store cannot be given, and why."""

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -981,6 +982,29 @@ def test_a_fulfil_or_return_sent_again_with_its_key_says_it_was_a_replay(
         assert POSITION not in replay.headers
     assert [line["fulfilled"] for line in ok(oms.get(path))["lines"]] == [2]
     assert numbers(shop, sku)["sellable"] == 9  # 10, 2 shipped, 1 back
+
+
+def test_a_replay_saved_in_one_batch_with_a_write_to_its_reservation_still_says_so(
+    admin: httpx.Client, oms: httpx.Client
+) -> None:
+    """A walkthrough: a fulfil sent again with its key, decided in the batch of another
+    fulfil of the same reservation, was answered with that batch's position and without
+    `Idempotent-Replayed`, as if it had shipped again."""
+    sku = stocked_sku(admin, {new_supplier(admin): 40})
+    path = f"/v1/reservations/{confirmed(oms, (sku, 30))}"
+    line = {"lines": [{"sku": sku, "quantity": 1}]}
+    kept = {"Idempotency-Key": uuid.uuid4().hex}
+    ok(oms.post(f"{path}/fulfil", json=line, headers=kept))
+    keys = [kept if n % 2 else {"Idempotency-Key": uuid.uuid4().hex} for n in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(
+            pool.map(lambda key: oms.post(f"{path}/fulfil", json=line, headers=key), keys)
+        )
+
+    for key, answer in zip(keys, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert ("Idempotent-Replayed" in answer.headers) == (key is kept), answer.headers
+    assert [line["fulfilled"] for line in ok(oms.get(path))["lines"]] == [13]
 
 
 def test_an_oms_keeps_a_hold_longer_while_its_checkout_waits(

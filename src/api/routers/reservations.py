@@ -241,9 +241,10 @@ async def _run(
 ) -> Response:
     outcome = await runtime.writer.execute_async(command)
     answer = model_answer(reservation_out(outcome.value, at), outcome.position)
-    if request_key is not None and outcome.position is None:
+    if request_key is not None and not outcome.wrote:
         # A fulfil or return with a key already applied wrote nothing: a replay says so,
-        # as an order's does (only the position header's absence told; a walkthrough).
+        # as an order's does (only the position header's absence told, and not when it
+        # shared a batch with a write to its reservation: walkthroughs).
         answer.headers["Idempotent-Replayed"] = "true"
     return answer
 
