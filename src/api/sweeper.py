@@ -59,6 +59,11 @@ class Sweeper:
         while not self._stop.wait(self.interval_seconds):
             try:
                 self.sweep(datetime.now(UTC))
+            except TimeoutError as error:
+                # The writer was busy or stuck past the command's deadline (a lock, a slow
+                # database): the next sweep tries again, as every other one would. Not an
+                # error with a traceback (a walkthrough).
+                log.warning("sweeper.timed_out", outcome=type(error).__name__)
             except Exception:
                 log.exception("sweeper.failed")
 

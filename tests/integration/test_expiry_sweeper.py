@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
+from typing import Any
+
+import pytest
 
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from ledger.reservation import Reservation, ReservationStatus
+from ledger.writer import OutcomeUnknown
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import now, reserve, stock_sku
 
@@ -57,3 +62,40 @@ def test_only_one_of_two_sweepers_holds_the_lease(runtime: Runtime) -> None:
     finally:
         first.lease.release()
         second.lease.release()
+
+
+def test_a_sweep_past_the_writer_s_deadline_is_told_as_such_and_the_next_goes_on(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A walkthrough: a sweep whose command outlived its deadline (the event table locked)
+    was logged as `sweeper.failed`, an error with a traceback."""
+    sku = random_sku("SWEPT")
+    stock_sku(runtime.writer, sku, 5)
+    held = runtime.writer.execute(reserve([(sku, 2)], ttl=1)).value.reservation
+    runtime.views.wait_for("reservations", runtime.app.recorder.max_notification_id() or 0, 10)
+    time.sleep(1.1)  # its hold is due
+    execute = runtime.writer.execute
+    calls = []
+
+    def late_once(command: Any, **options: Any) -> Any:
+        calls.append(command)
+        if len(calls) == 1:
+            raise OutcomeUnknown("the command may yet be applied")
+        return execute(command, **options)
+
+    sweeper = Sweeper(runtime.writer, runtime.views, runtime.database_url, interval_seconds=0.1)
+    runtime.writer.execute = late_once  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.WARNING, logger="api.sweeper"):
+            sweeper.start()
+            deadline = time.monotonic() + 10
+            while runtime.app.repository.get(held.id).status != ReservationStatus.EXPIRED:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        sweeper.stop()
+        runtime.writer.execute = execute  # type: ignore[method-assign]
+
+    events = [r.msg.get("event") for r in caplog.records if isinstance(r.msg, dict)]
+    assert "sweeper.timed_out" in events
+    assert "sweeper.failed" not in events
