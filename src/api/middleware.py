@@ -9,6 +9,7 @@ import math
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,22 @@ CLIENT_GONE = 499
 # How long a body refused as `uploads_busy` or `webhooks_busy` is asked to wait before it
 # is sent again.
 BUSY_RETRY_SECONDS = 5
+
+
+# Headers a request may send once, with the refusal of several. Which one counts? The
+# first Idempotency-Key was kept, and the other, sent again, placed the order a second
+# time (an API fuzzing walkthrough); the first key was used, silently, where a proxy in
+# front may have read the other (an OMS walkthrough).
+ONCE = {
+    b"authorization": ("invalid_authorization", "Authorization"),
+    b"idempotency-key": ("invalid_idempotency_key", "Idempotency-Key"),
+}
+
+
+def _repeated(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The first header of ONCE (in its order) that a request sends more than once."""
+    sent = Counter(name for name, _ in headers if name in ONCE)
+    return next((name for name in ONCE if sent[name] > 1), None)
 
 
 class Busy(Exception):
@@ -152,24 +169,11 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
-                # Which key? The first was used, silently (an OMS walkthrough); a proxy
-                # in front may have read the other.
+            repeated = _repeated(scope["headers"])
+            if repeated is not None:
+                code, header = ONCE[repeated]
                 await self._refuse(
-                    send_with_id,
-                    400,
-                    "invalid_authorization",
-                    "send one Authorization header, not several",
-                )
-                return
-            if sum(name == b"idempotency-key" for name, _ in scope["headers"]) > 1:
-                # Which one? The first was kept, and the other, sent again, placed the
-                # order a second time (an API fuzzing walkthrough).
-                await self._refuse(
-                    send_with_id,
-                    400,
-                    "invalid_idempotency_key",
-                    "send one Idempotency-Key header, not several",
+                    send_with_id, 400, code, f"send one {header} header, not several"
                 )
                 return
             wait = self._wait(scope)

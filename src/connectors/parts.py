@@ -18,7 +18,7 @@ from ledger.base import Cause
 from ledger.commands import BULK_FROM, Observation, ReportStock
 from ledger.delivery import DeliveryOutcome, Rejection
 from ledger.handlers.reports import read_ahead
-from ledger.writer import LedgerWriter, Outcome, OutcomeUnknown
+from ledger.writer import LedgerWriter, Outcome, after_the_wait
 
 log = structlog.get_logger(__name__)
 
@@ -175,11 +175,7 @@ class PartSender:
         try:
             outcome = applying.future.result(PART_TIMEOUT)
         except TimeoutError as waited:
-            if applying.future.cancel():
-                raise  # still queued: dropped
-            if not applying.future.done():  # taken into a batch: it runs on
-                raise OutcomeUnknown("the part may yet be applied") from waited
-            outcome = applying.future.result()  # decided just now
+            outcome = after_the_wait(applying.future, waited)
         if heartbeat is not None:
             heartbeat()
         counted: DeliveryOutcome = outcome.value

@@ -20,6 +20,7 @@ A delivery is marked done at its source only once the inbox holds it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import threading
@@ -98,7 +99,7 @@ class Schedule:
     held_off: dict[str, Any] | None = None
     resumed: bool = False
 
-    @property
+    @functools.cached_property
     def settings_key(self) -> str:
         """The connector's settings but when it runs: what a held-off state applies to."""
         fetching = {k: v for k, v in self.connector.items() if k not in ("schedule", "breaker")}
@@ -249,14 +250,10 @@ class Scheduler:
             "opened_at": None if opened is None else wall - opened,
         }
         written = schedule.held_off
-        holding = deferred or bool(state["failures"]) or state["opened_at"] is not None
         held = written is not None and (
-            written.get("settings") != state["settings"]
-            or written.get("not_before") is not None
-            or bool(written.get("failures"))
-            or written.get("opened_at") is not None
+            written.get("settings") != state["settings"] or _holds_off(written)
         )
-        if not holding and not held:
+        if not _holds_off(state) and not held:
             return  # nothing holds it off, nor did: no write at each fetch
         with self.store.connection() as conn:
             inbox.set_state(conn, schedule.supplier_id, HELD_OFF, state)
@@ -551,6 +548,16 @@ class Scheduler:
             self._tell_once(self._unmoved, supplier, problem, health.noted)
         else:
             self._unmoved.pop(supplier, None)
+
+
+def _holds_off(state: dict[str, Any]) -> bool:
+    """Whether a held-off state puts fetches off: a wait asked for, or a breaker that has
+    counted failures or opened."""
+    return (
+        state.get("not_before") is not None
+        or bool(state.get("failures"))
+        or state.get("opened_at") is not None
+    )
 
 
 def _deferral(retry_after: float | None, wait: float) -> str:

@@ -101,6 +101,17 @@ class OutcomeUnknown(TimeoutError):
     it may yet be applied. (One still queued is dropped, and raises TimeoutError.)"""
 
 
+def after_the_wait(future: Future[Outcome[Any]], waited: TimeoutError) -> Outcome[Any]:
+    """What a caller whose wait for `future` ran out (`waited`) is told: TimeoutError for
+    a command still queued, now dropped, never applied late; the outcome of one decided
+    just now; OutcomeUnknown for one the writer has taken into a batch, which runs on."""
+    if future.cancel():
+        raise waited
+    if future.done():
+        return future.result()
+    raise OutcomeUnknown("the command may yet be applied") from waited
+
+
 class _Settler:
     """Hands the outcomes of coroutines' commands to them on their event loop: the
     writer delivers a batch's outcomes together, once the batch is answered, in one
@@ -269,11 +280,7 @@ class LedgerWriter:
         try:
             return future.result(self.timeout if timeout is None else timeout)
         except TimeoutError as waited:
-            if future.cancel():
-                raise  # still queued: dropped
-            if future.done():
-                return future.result()  # decided just now: its own answer
-            raise OutcomeUnknown("the command may yet be applied") from waited
+            return after_the_wait(future, waited)
 
     async def execute_async(self, command: Command) -> Outcome[Any]:
         """`execute` for a coroutine: waits for the outcome without holding a thread.
@@ -290,11 +297,7 @@ class LedgerWriter:
             async with asyncio.timeout(self.timeout):
                 return await waiter
         except TimeoutError as waited:
-            if future.cancel():
-                raise  # still queued: dropped (see `execute`)
-            if future.done():
-                return future.result()  # decided just now: its own answer
-            raise OutcomeUnknown("the command may yet be applied") from waited
+            return after_the_wait(future, waited)
         except asyncio.CancelledError:
             future.cancel()  # dropped if still queued, as `execute` does
             raise

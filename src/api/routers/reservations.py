@@ -117,6 +117,11 @@ def _owned(reservation: Reservation, key: ApiKey) -> Reservation:
     return reservation
 
 
+def _within_longest_hold(ttl_seconds: int, longest: int) -> None:
+    if ttl_seconds > longest:
+        raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {longest}")
+
+
 # The write routes are coroutines: they hand the command to the ledger writer's thread
 # and await its outcome, holding no pool thread while the batch is saved.
 
@@ -131,8 +136,8 @@ def reserve_command(write: OmsWrite, body: ReservationIn, idempotency_key: str |
         raise ApiError(
             422, "too_many_lines", f"at most {settings.max_reservation_lines} lines an order"
         )
-    if body.ttl_seconds is not None and body.ttl_seconds > settings.max_ttl_seconds:
-        raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
+    if body.ttl_seconds is not None:
+        _within_longest_hold(body.ttl_seconds, settings.max_ttl_seconds)
     return Reserve(
         at=write.at,
         cause=cause_for(write.key, "oms.reserve", write.request_id),
@@ -277,10 +282,8 @@ async def extend(
     request_id: RequestId,
 ) -> Response:
     """Keeps a hold for `ttl_seconds` from now, where that is longer than it had left (a
-    checkout waiting on its payment); sent again, it changes nothing more."""
-    settings = runtime.settings
-    if body.ttl_seconds > settings.max_ttl_seconds:
-        raise ApiError(422, "ttl_too_long", f"ttl_seconds is at most {settings.max_ttl_seconds}")
+    checkout waiting on its payment); one with less time changes nothing."""
+    _within_longest_hold(body.ttl_seconds, runtime.settings.max_ttl_seconds)
     command = Extend(
         at=at,
         cause=cause_for(key, "oms.extend", request_id),

@@ -70,8 +70,7 @@ def reserve(uow: UnitOfWork, command: Reserve) -> Reserved:
     if shortfalls:
         raise InsufficientStock(shortfalls)
 
-    ttl = command.ttl_seconds or command.default_ttl_seconds
-    expires_at = EPOCH + timedelta(seconds=second_ceil(at + timedelta(seconds=ttl)))
+    expires_at = _expiry(at, command.ttl_seconds or command.default_ttl_seconds)
     reservation = Reservation.place(
         client=command.client,
         idempotency_key=command.idempotency_key,
@@ -111,6 +110,11 @@ def _known(uow: UnitOfWork, reservation: Reservation, skus: list[str]) -> None:
         raise UnknownSku(f"unknown SKU(s): {', '.join(unknown)}", skus=unknown)
 
 
+def _expiry(at: datetime, ttl_seconds: int) -> datetime:
+    """When a hold made or extended at `at` for `ttl_seconds` runs out: a whole second."""
+    return EPOCH + timedelta(seconds=second_ceil(at + timedelta(seconds=ttl_seconds)))
+
+
 def _stock(uow: UnitOfWork, sku: str) -> StockItem:
     item = uow.get(StockItem, StockItem.id_for(sku))
     assert item is not None, sku  # a reservation only names SKUs that exist
@@ -147,8 +151,7 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
 def extend(uow: UnitOfWork, command: Extend) -> Reservation:
     reservation = _reservation(uow, command.reservation_id, command.client)
     at = _decided(uow, command.at, reservation)
-    ttl = timedelta(seconds=command.ttl_seconds)
-    extended_to = EPOCH + timedelta(seconds=second_ceil(at + ttl))  # whole seconds, as placed
+    extended_to = _expiry(at, command.ttl_seconds)
     was = reservation.extend(at, command.cause, extended_to)
     if was is not None:
         for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
