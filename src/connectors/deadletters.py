@@ -54,7 +54,7 @@ def listing(
         "id"
         if ids_only
         else "id, supplier_id, delivery_id, position, reason, record, raw, status, attempts,"
-        " created_at, updated_at"
+        " created_at, updated_at, superseded_by"
     )
     with store.connection() as conn:
         return conn.execute(
@@ -300,6 +300,53 @@ def _storable(value: Any) -> Any:
     return value
 
 
+# A record's time as our letters write it (Python's `isoformat`), guarded so that a time
+# kept otherwise is never cast (a failed cast would fail the delivery).
+_TIME = r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d:\d\d)?$"
+
+
+def _observed(letter: str) -> sql.Composed:
+    at = sql.SQL("{}.record ->> 'observed_at'").format(sql.Identifier(letter))
+    return sql.SQL("CASE WHEN {at} ~ {pattern} THEN ({at})::timestamptz END").format(
+        at=at, pattern=sql.Literal(_TIME)
+    )
+
+
+# A delivery's letters close the open letters of earlier deliveries of the same supplier
+# record (the same supplier SKU and UPC) that they are no older than, whatever the reason:
+# each such letter is then `superseded`, naming the newer one (`superseded_by`), which is
+# the one to retry (an older report would be `late` beside it). Kept, not deleted: listed
+# with `status=superseded`. A feed read again and again with a record nobody mapped (a
+# poll that sends no validators) made a letter of it at every poll: 464 open letters from
+# 95 polls of one list (a walkthrough), each one a report older than the next. A letter
+# whose record could not be read, or names no supplier SKU or UPC, closes nothing and is
+# closed by nothing; one that a retry holds is left to it (SKIP LOCKED).
+SUPERSEDE = sql.SQL("""
+WITH newest AS (
+    SELECT DISTINCT ON (n.record ->> 'supplier_sku', n.record ->> 'upc')
+           n.id, n.record ->> 'supplier_sku' AS supplier_sku, n.record ->> 'upc' AS upc,
+           {n_at} AS observed_at
+    FROM connector_dead_letters n
+    WHERE n.supplier_id = %(supplier)s AND n.delivery_id = %(delivery)s
+      AND n.record IS NOT NULL
+      AND coalesce(n.record ->> 'supplier_sku', n.record ->> 'upc') IS NOT NULL
+    ORDER BY n.record ->> 'supplier_sku', n.record ->> 'upc', 4 DESC NULLS LAST, n.id DESC
+), closed AS (
+    SELECT o.id, n.id AS by
+    FROM connector_dead_letters o
+    JOIN newest n ON (o.record ->> 'supplier_sku') IS NOT DISTINCT FROM n.supplier_sku
+                 AND (o.record ->> 'upc') IS NOT DISTINCT FROM n.upc
+    WHERE o.supplier_id = %(supplier)s AND o.status = 'open'
+      AND o.delivery_id <> %(delivery)s AND o.record IS NOT NULL
+      AND ({o_at} <= n.observed_at) IS NOT FALSE
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE connector_dead_letters l SET status = 'superseded', superseded_by = c.by,
+       updated_at = now()
+FROM closed c WHERE l.id = c.id
+""").format(n_at=_observed("n"), o_at=_observed("o"))
+
+
 def record_dead_letters(
     conn: Connection, supplier_id: str, delivery_id: str, rejections: Rejections
 ) -> None:
@@ -307,7 +354,8 @@ def record_dead_letters(
     the caller's transaction: by COPY, as they are read from the delivery's spool (which
     kept each record as a letter keeps it, see connectors.outcome), into a table of the
     transaction's, and from there in one statement. 1,000,000 letters took 27 s one
-    statement each (`executemany`)."""
+    statement each (`executemany`). The open letters of earlier deliveries that these
+    supersede are closed (SUPERSEDE)."""
     if not rejections:
         return
     conn.execute(
@@ -330,3 +378,4 @@ def record_dead_letters(
         (supplier_id, delivery_id),
     )
     conn.execute("DROP TABLE letters_in")
+    conn.execute(SUPERSEDE, {"supplier": supplier_id, "delivery": delivery_id})

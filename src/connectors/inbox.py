@@ -128,6 +128,16 @@ DO $$ BEGIN
         ALTER TABLE connector_inbox ADD COLUMN received_by text;
     END IF;
 END $$;
+-- The newer letter of the same supplier record that closed an open one (`superseded`: see
+-- connectors.deadletters.SUPERSEDE); only where missing.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema()
+                   AND table_name = 'connector_dead_letters'
+                   AND column_name = 'superseded_by') THEN
+        ALTER TABLE connector_dead_letters ADD COLUMN superseded_by bigint;
+    END IF;
+END $$;
 """
 
 Connection = psycopg.Connection[dict[str, Any]]

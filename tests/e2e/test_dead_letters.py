@@ -579,3 +579,65 @@ def test_a_retried_letter_loses_a_tie_with_a_report_of_the_same_time(ledger: Ser
     assert level == 6
     assert retried.json()["resolved"] == [letter["id"]]
     assert (retried.json()["applied"], retried.json()["late"]) == (0, 1)
+
+
+def deliver_at(admin: httpx.Client, supplier_id: str, rows: list[tuple[str, int, datetime]]) -> str:
+    """One applied CSV delivery of (supplier SKU, quantity, observed at) rows; its id."""
+    lines = "".join(f"{s},{quantity},{at.isoformat()}\n" for s, quantity, at in rows)
+    accepted = admin.post(
+        f"/v1/suppliers/{supplier_id}/feeds",
+        params={"format": "csv"},
+        content=f"sku,quantity,observed_at\n{lines}".encode(),
+    )
+    assert accepted.status_code == 202, accepted.text
+    delivery_id: str = accepted.json()["delivery_id"]
+    assert finished(admin, supplier_id, delivery_id)["status"] == "applied"
+    return delivery_id
+
+
+def test_a_newer_report_of_a_refused_record_supersedes_its_open_letter(ledger: Server) -> None:
+    """A feed read again and again with a record nobody mapped keeps one open letter of
+    it, the newest report's: the older ones are `superseded`, naming it, and only it is
+    retried once the record is mapped. A report older than the open letter closes
+    nothing; one of another supplier SKU, or another supplier, is not touched."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    sku = f"DLS-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id, other = supplier(admin, {}), supplier(admin, {})
+        polls = [
+            deliver_at(
+                admin,
+                supplier_id,
+                [("GONE", 10 + i, start + timedelta(minutes=i)), ("NEG", -i - 1, start)],
+            )
+            for i in range(3)
+        ]
+        other_s = deliver_at(admin, other, [("GONE", 4, start)])
+        late = deliver_at(admin, supplier_id, [("GONE", 99, start - timedelta(minutes=1))])
+        every = letters(admin, supplier_id=supplier_id, status="all")
+        still_open = letters(admin, supplier_id=supplier_id)
+        superseded = letters(admin, supplier_id=supplier_id, status="superseded")
+        map_skus(admin, supplier_id, {"GONE": sku})
+        retried = admin.post(
+            "/v1/dead-letters/retry", json={"supplier_id": supplier_id, "reason": UNMAPPED}
+        )
+        assert retried.status_code == 200, retried.text
+        level = on_hand(ledger, sku, retried.json()["position"])
+        others = letters(admin, supplier_id=other)
+
+    by_delivery = {(i["delivery_id"], i["record"]["supplier_sku"]): i["id"] for i in every}
+    newest_gone, newest_negative = by_delivery[(polls[2], "GONE")], by_delivery[(polls[2], "NEG")]
+    late_gone = by_delivery[(late, "GONE")]
+    assert sorted(i["id"] for i in still_open) == sorted([newest_gone, newest_negative, late_gone])
+    # Each names the letter that superseded it: the next poll's.
+    assert sorted((i["id"], i["superseded_by"]) for i in superseded) == sorted(
+        (by_delivery[(polls[n], name)], by_delivery[(polls[n + 1], name)])
+        for n in (0, 1)
+        for name in ("GONE", "NEG")
+    )
+    assert all(i["superseded_by"] is None for i in still_open)
+    # The newest report and the late one are tried; the late one changes nothing.
+    assert sorted(retried.json()["resolved"]) == sorted([newest_gone, late_gone])
+    assert (retried.json()["applied"], retried.json()["late"]) == (1, 1)
+    assert level == 12
+    assert [(i["delivery_id"], i["status"]) for i in others] == [(other_s, "open")]

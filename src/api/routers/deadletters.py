@@ -86,7 +86,7 @@ def list_letters(
     reason: Annotated[
         str | None, Query(max_length=100, pattern=PRINTABLE, description="a reason prefix")
     ] = None,
-    status: Literal["open", "resolved", "dismissed", "all"] = "open",
+    status: Literal["open", "resolved", "dismissed", "superseded", "all"] = "open",
     delivery_id: Annotated[str | None, Query(max_length=200, pattern=PRINTABLE)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
