@@ -23,6 +23,7 @@ from ledger.errors import (
     LedgerError,
     NotFound,
     NotYetRecorded,
+    SupplierNotOnLine,
     UnknownSku,
     Unstorable,
 )
@@ -62,9 +63,12 @@ def error_response(
 
 
 def status_of(error: LedgerError) -> int:
-    if isinstance(error, UnknownSku | Unstorable | NotYetRecorded | InvalidTerms):
+    if isinstance(
+        error, UnknownSku | Unstorable | NotYetRecorded | InvalidTerms | SupplierNotOnLine
+    ):
         # A SKU named in a request body that the ledger does not know; a value in it that
-        # the event store cannot keep; terms that break a rule once merged with the saved.
+        # the event store cannot keep; terms that break a rule once merged with the saved;
+        # a supplier a line was never allocated to.
         return 422
     if isinstance(error, NotFound):
         return 404

@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -67,6 +68,38 @@ def _repeated(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The first header of ONCE (in its order) that a request sends more than once."""
     sent = Counter(name for name, _ in headers if name in ONCE)
     return next((name for name in ONCE if sent[name] > 1), None)
+
+
+# The query parameters a route reads as a list, by path: every other is read once. Given
+# twice (`status=held&status=expired`), the route read the last, silently, and an OMS took
+# the answer for both (a walkthrough). tests/unit/test_query_parameters.py checks this
+# against the routes.
+LIST_PARAMETERS = frozenset({("/v1/availability", "sku"), ("/v1/stream/availability", "sku")})
+
+
+def _repeated_parameter(path: str, query: bytes) -> str | None:
+    """The first query parameter, not a list, that a request gives more than once (read
+    as Starlette reads the query)."""
+    if b"&" not in query:
+        return None
+    path = path.rstrip("/")
+    given = Counter(name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+    return next(
+        (
+            name
+            for name, count in given.items()
+            if count > 1 and (path, name) not in LIST_PARAMETERS
+        ),
+        None,
+    )
+
+
+def _shown(name: str) -> str:
+    """A parameter's name as an answer may echo it: only a plain one (a NUL came back)."""
+    return repr(name) if _PLAIN_NAME.fullmatch(name) else "(a name not shown)"
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class Busy(Exception):
@@ -189,6 +222,15 @@ class RequestContextMiddleware:
             limit = self._limit(scope)
             if limit is None:
                 await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
+                return
+            parameter = _repeated_parameter(scope["path"], scope.get("query_string", b""))
+            if parameter is not None:
+                await self._refuse(
+                    send_with_id,
+                    422,
+                    "repeated_parameter",
+                    f"give the query parameter {_shown(parameter)} once: it takes one value",
+                )
                 return
             counted = self._counted(scope, limit)
             held = [0]  # the bytes of this request's body counted in flight

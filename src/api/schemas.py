@@ -282,6 +282,11 @@ class ExtendIn(Strict):
     ttl_seconds: StrictInt = Field(gt=0)
 
 
+class ConfirmIn(Strict):
+    """A confirm takes no fields: it commits the whole hold. A body is read so that one
+    naming fields (lines to confirm, say) is refused, not ignored (a walkthrough)."""
+
+
 class ReleaseIn(Strict):
     reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
 

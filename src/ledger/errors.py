@@ -53,6 +53,13 @@ class ExceedsOpenQuantity(Conflict):
     code = "exceeds_open_quantity"
 
 
+class SupplierNotOnLine(LedgerError):
+    """A fulfil that names a supplier the line's units were never allocated to: it can never
+    ship from there (a 422, where a supplier whose units have all shipped is a 409)."""
+
+    code = "supplier_not_on_line"
+
+
 @dataclass(frozen=True)
 class OpenAgainstSupplier:
     """What a remap would leave behind on a SKU: units held and committed against the

@@ -15,7 +15,12 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import AggregateCreated
 
 from ledger.base import Cause, LedgerAggregate
-from ledger.errors import ExceedsOpenQuantity, IdempotencyKeyMismatch, InvalidState
+from ledger.errors import (
+    ExceedsOpenQuantity,
+    IdempotencyKeyMismatch,
+    InvalidState,
+    SupplierNotOnLine,
+)
 from ledger.stock import Allocation
 
 
@@ -103,6 +108,13 @@ def _movements(
     movements: list[Movement] = []
     for sku, quantity, supplier_id in requested:
         budget = budgets.get(sku)
+        if supplier_id is not None and sku in lines and supplier_id not in lines[sku].allocations:
+            raise SupplierNotOnLine(
+                f"none of {sku} on this reservation was allocated to {supplier_id!r}",
+                sku=sku,
+                supplier_id=supplier_id,
+                allocated_to=sorted(lines[sku].allocations),
+            )
         taken = _take(budget, quantity, supplier_id) if budget is not None else {}
         if not taken:
             # What is left where the request looked: the line's, or the named supplier's.

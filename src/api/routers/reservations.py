@@ -29,6 +29,7 @@ from api.errors import ApiError
 from api.schemas import (
     PRINTABLE,
     AllocationOut,
+    ConfirmIn,
     ExtendIn,
     FulfilIn,
     ReleaseIn,
@@ -261,8 +262,10 @@ async def confirm(
     runtime: RuntimeDep,
     at: Now,
     request_id: RequestId,
+    body: ConfirmIn | None = None,
 ) -> Response:
-    """Turns the hold into a commitment (idempotent)."""
+    """Turns the hold into a commitment (idempotent). It takes no body, or an empty JSON
+    object: a body with fields is `422`."""
     command = Confirm(
         at=at,
         cause=cause_for(key, "oms.confirm", request_id),
