@@ -190,7 +190,10 @@ def migrate(settings: Settings, database_url: str) -> None:
 # frozen.
 # 5: `Reservation.Extended` and `StockItem.HoldExtended` events (a hold kept longer), which
 # code of version 4 cannot read.
-DATA_VERSION = 5
+# 6: `Reservation.LinesCancelled` events (units of some lines cancelled), and reservation
+# states (snapshots, the reservations view) whose lines keep `cancelled`: code of version 5
+# cannot read either.
+DATA_VERSION = 6
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),

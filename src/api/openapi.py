@@ -61,7 +61,8 @@ REASONS: dict[int, str] = {
     413: "The body is over its limit (`payload_too_large`); nothing of it was applied.",
     422: "Invalid fields (`validation_error`, `detail` a list of `{loc, msg, type}`), or a "
     "check of the route's own (`detail` a string or an object): `unknown_sku` in a body, "
-    "`ttl_too_long`, `empty_feed`, `unknown_format`...",
+    "`ttl_too_long`, `supplier_not_on_line`, `repeated_parameter`, `empty_feed`, "
+    "`unknown_format`...",
     429: "The key is over its rate (`rate_limited`); nothing of the request was applied.",
     500: "A failure of the service's own (`internal_error`; `detail.request_id`, also in "
     "the `X-Request-ID` header, finds it in the logs). A write may have been applied: send "
@@ -97,6 +98,7 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     ("post", "/v1/reservations/{reservation_id}/extend"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/release"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/fulfil"): frozenset({404, 409}),
+    ("post", "/v1/reservations/{reservation_id}/cancel"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/return"): frozenset({404, 409}),
     ("get", "/v1/suppliers/{supplier_id}"): frozenset({404}),
     ("put", "/v1/suppliers/{supplier_id}/mappings"): frozenset({404, 409}),

@@ -301,6 +301,13 @@ class FulfilIn(Strict):
     lines: list[FulfilLineIn] = Field(min_length=1, max_length=1000)
 
 
+class CancelIn(Strict):
+    """Units of some lines the order no longer wants, cancelled before they ship."""
+
+    lines: list[FulfilLineIn] = Field(min_length=1, max_length=1000)
+    reason: Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL)] | None = None
+
+
 class ReturnLineIn(Strict):
     sku: Sku
     quantity: Quantity
@@ -318,6 +325,7 @@ class AllocationOut(BaseModel):
     quantity: int
     fulfilled: int
     returned: int
+    cancelled: int
 
 
 class ReservationLineOut(BaseModel):
@@ -325,6 +333,7 @@ class ReservationLineOut(BaseModel):
     quantity: int
     fulfilled: int
     returned: int
+    cancelled: int
     allocations: list[AllocationOut]
 
 

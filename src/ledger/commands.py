@@ -241,6 +241,20 @@ class Fulfil(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Cancel(Command):
+    """Units of some lines cancelled before they ship (`Reservation.cancel`)."""
+
+    reservation_id: UUID
+    lines: list[tuple[str, int, str | None]]
+    note: str | None = None
+    request_key: str | None = None
+    client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)
+
+    def aggregate_ids(self) -> list[UUID]:
+        return [self.reservation_id]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Return(Command):
     reservation_id: UUID
     lines: list[tuple[str, int]]

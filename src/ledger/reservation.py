@@ -42,7 +42,7 @@ class ReservationExpired(InvalidState):
 
 @dataclass(frozen=True)
 class Movement:
-    """Units of one SKU that moved for one supplier: shipped, or returned."""
+    """Units of one SKU that moved for one supplier: shipped, cancelled, or returned."""
 
     sku: str
     supplier_id: str
@@ -61,13 +61,16 @@ class Line:
     allocations: dict[str, int]
     fulfilled: dict[str, int] = field(default_factory=dict)
     returned: dict[str, int] = field(default_factory=dict)
+    # Units the OMS cancelled before they shipped (`LinesCancelled`), by supplier.
+    cancelled: dict[str, int] = field(default_factory=dict)
 
     def open_by_supplier(self) -> dict[str, int]:
-        return {
-            supplier: allocated - self.fulfilled.get(supplier, 0)
+        """What is still to ship (or, for a hold, still held), by supplier."""
+        left = {
+            supplier: allocated - self.fulfilled.get(supplier, 0) - self.cancelled.get(supplier, 0)
             for supplier, allocated in self.allocations.items()
-            if allocated > self.fulfilled.get(supplier, 0)
         }
+        return {supplier: units for supplier, units in left.items() if units > 0}
 
     def returnable_by_supplier(self) -> dict[str, int]:
         return {
@@ -79,6 +82,10 @@ class Line:
     @property
     def fulfilled_quantity(self) -> int:
         return sum(self.fulfilled.values())
+
+    @property
+    def cancelled_quantity(self) -> int:
+        return sum(self.cancelled.values())
 
 
 def _take(available: dict[str, int], quantity: int, supplier_id: str | None) -> dict[str, int]:
@@ -227,6 +234,30 @@ class Reservation(LedgerAggregate):
             )
             reservation.remember(self.request_key)
 
+    class LinesCancelled(LedgerAggregate.Event):
+        """Units of some lines the order no longer wants, cancelled before they shipped
+        (their stock items let the hold or the commitment go: `StockItem.HoldReleased`,
+        `CommitmentReleased`). With nothing left open, the reservation is closed: released
+        where nothing shipped, fulfilled where something did."""
+
+        TOPIC = "stockledger:Reservation.LinesCancelled"
+        movements: list[dict[str, Any]]
+        note: str | None
+        request_key: str | None
+
+        def apply(self, reservation: Reservation) -> None:
+            for movement in self.movements:
+                line = reservation.lines[movement["sku"]]
+                supplier = movement["supplier_id"]
+                line.cancelled[supplier] = line.cancelled.get(supplier, 0) + movement["quantity"]
+            if all(not line.open_by_supplier() for line in reservation.lines.values()):
+                shipped = any(line.fulfilled for line in reservation.lines.values())
+                reservation.status = (
+                    ReservationStatus.FULFILLED if shipped else ReservationStatus.RELEASED
+                )
+                reservation.closed_at = self.timestamp
+            reservation.remember(self.request_key)
+
     class Returned(LedgerAggregate.Event):
         TOPIC = "stockledger:Reservation.Returned"
         movements: list[dict[str, Any]]
@@ -342,6 +373,7 @@ class Reservation(LedgerAggregate):
                 allocations=dict(line.allocations),
                 fulfilled=dict(line.fulfilled),
                 returned=dict(line.returned),
+                cancelled=dict(line.cancelled),
             )
             for sku, line in self.lines.items()
         }
@@ -378,17 +410,13 @@ class Reservation(LedgerAggregate):
             return ReservationStatus.EXPIRED
         return self.status
 
-    def allocations_by_sku(self, open_only: bool) -> dict[str, list[Allocation]]:
-        """Per SKU, the allocations: all of them, or only what has not shipped yet."""
+    def open_by_sku(self) -> dict[str, list[Allocation]]:
+        """Per SKU, by supplier, what has neither shipped nor been cancelled: a hold's units
+        still held, a commitment's still to ship."""
         return {
-            sku: [
-                Allocation(supplier, quantity)
-                for supplier, quantity in (
-                    line.open_by_supplier() if open_only else line.allocations
-                ).items()
-            ]
+            sku: [Allocation(supplier, quantity) for supplier, quantity in open_units.items()]
             for sku, line in self.lines.items()
-            if not open_only or line.open_by_supplier()
+            if (open_units := line.open_by_supplier())
         }
 
     @property
@@ -436,6 +464,36 @@ class Reservation(LedgerAggregate):
             raise InvalidState("a fulfilled reservation cannot be released", status=status)
         self.trigger_event(self.Released, note=note, timestamp=at, **cause.as_kwargs())
         return status
+
+    def cancel(
+        self,
+        requested: list[tuple[str, int, str | None]],
+        at: datetime,
+        cause: Cause,
+        note: str | None = None,
+        request_key: str | None = None,
+    ) -> tuple[ReservationStatus, list[Movement]]:
+        """Cancels units of some lines before they ship (a customer dropped an item, a
+        pick came up short); returns the status they were cancelled from and what was
+        cancelled (nothing where `request_key` was used for this request already)."""
+        status = self.status_at(at)
+        recorded = self._replayed("cancel", request_key, [requested, note])
+        if recorded == "":
+            return status, []
+        if status == ReservationStatus.EXPIRED:
+            raise ReservationExpired("the hold expired before lines were cancelled", status=status)
+        if status != ReservationStatus.HELD and status not in OPEN_COMMITMENTS:
+            raise InvalidState(f"a {status} reservation has nothing to cancel", status=status)
+        movements = _movements(self.lines, requested, budget_of="open")
+        self.trigger_event(
+            self.LinesCancelled,
+            movements=[m.as_dict() for m in movements],
+            note=note,
+            request_key=recorded,
+            timestamp=at,
+            **cause.as_kwargs(),
+        )
+        return status, movements
 
     def expire(self, at: datetime, cause: Cause) -> bool:
         expired = self.status_at(at) == ReservationStatus.EXPIRED

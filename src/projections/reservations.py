@@ -57,6 +57,7 @@ class ReservationsProjection(StateProjection):
                         "allocations": line.allocations,
                         "fulfilled": line.fulfilled,
                         "returned": line.returned,
+                        "cancelled": line.cancelled,
                     }
                     for line in aggregate.lines.values()
                 ]

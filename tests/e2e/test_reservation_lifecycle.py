@@ -1047,6 +1047,60 @@ def test_an_oms_keeps_a_hold_longer_while_its_checkout_waits(
     assert (committed.status_code, committed.json()["error"]) == (409, "invalid_state")
 
 
+def test_an_oms_cancels_part_of_an_order_and_the_rest_stands(
+    ledger: Server, admin: httpx.Client, oms: httpx.Client, shop: httpx.Client
+) -> None:
+    """A customer drops an item, a pick comes up short: the OMS cancels those units and
+    the rest of the order stands (before, it could only release the whole order)."""
+    first, second = new_supplier(admin, priority=1), new_supplier(admin, priority=2)
+    shirt = stocked_sku(admin, {first: 3, second: 5})
+    socks = stocked_sku(admin, {first: 4})
+    reservation_id = held(oms, (shirt, 5), (socks, 2))
+    path = f"/v1/reservations/{reservation_id}"
+    lines = {"lines": [{"sku": shirt, "quantity": 2, "supplier_id": second}], "reason": "dropped"}
+
+    from_hold = oms.post(f"{path}/cancel", json=lines, headers={"Idempotency-Key": "c-1"})
+    again = oms.post(f"{path}/cancel", json=lines, headers={"Idempotency-Key": "c-1"})
+    shirt_held = numbers(shop, shirt)
+    ok(oms.post(f"{path}/confirm"))
+    short_pick = ok(oms.post(f"{path}/cancel", json={"lines": [{"sku": socks, "quantity": 1}]}))
+    socks_committed = numbers(shop, socks)
+    stranger = oms.post(
+        f"{path}/cancel", json={"lines": [{"sku": socks, "quantity": 1, "supplier_id": second}]}
+    )
+    too_many = oms.post(f"{path}/cancel", json={"lines": [{"sku": shirt, "quantity": 4}]})
+    with ledger.client("test-oms-2") as other:
+        theirs = other.post(f"{path}/cancel", json={"lines": [{"sku": socks, "quantity": 1}]})
+    with ledger.client("test-audit") as auditor:
+        listed = ok(auditor.get("/v1/reservations", params={"status": "confirmed", "limit": 1000}))
+        history = ok(auditor.get(f"/v1/skus/{shirt}/history"))["items"]
+    ok(oms.post(f"{path}/fulfil", json={"lines": [{"sku": shirt, "quantity": 3}]}))
+    closed = ok(oms.post(f"{path}/cancel", json={"lines": [{"sku": socks, "quantity": 1}]}))
+
+    assert from_hold.status_code == 200, from_hold.text
+    shirt_line = from_hold.json()["lines"][0]
+    assert (from_hold.json()["status"], shirt_line["cancelled"]) == ("held", 2)
+    assert [(a["supplier_id"], a["cancelled"]) for a in shirt_line["allocations"]] == [
+        (first, 0),
+        (second, 2),
+    ]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json()["lines"] == from_hold.json()["lines"]
+    assert (shirt_held["held"], shirt_held["available"]) == (3, 5)
+    assert (short_pick["status"], short_pick["lines"][1]["cancelled"]) == ("confirmed", 1)
+    assert (socks_committed["committed"], socks_committed["available"]) == (1, 3)
+    assert (stranger.status_code, stranger.json()["error"]) == (422, "supplier_not_on_line")
+    assert (too_many.status_code, too_many.json()["error"]) == (409, "exceeds_open_quantity")
+    assert (theirs.status_code, theirs.json()["error"]) == (404, "reservation_not_found")
+    [in_view] = [r for r in listed["items"] if r["reservation_id"] == reservation_id]
+    assert [line["cancelled"] for line in in_view["lines"]] == [2, 1]
+    assert [e["type"].rsplit(".", 1)[1] for e in history][-2:] == ["HoldReleased", "HoldConfirmed"]
+    assert history[-2]["reason"] == "oms.cancel"
+    # The last unit open cancelled, with the shirts shipped: the order is done.
+    assert closed["status"] == "fulfilled"
+    assert numbers(shop, socks)["available"] == 4
+
+
 # Requests ---------------------------------------------------------------------------------------
 
 

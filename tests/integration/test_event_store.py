@@ -41,6 +41,7 @@ PINNED_TOPICS = {
     "stockledger:Reservation.Expired",
     "stockledger:Reservation.Fulfilled",
     "stockledger:Reservation.Returned",
+    "stockledger:Reservation.LinesCancelled",
     "stockledger:SkuMapping.Mapped",
     "stockledger:SkuMapping.Remapped",
     "stockledger:FeedDelivery.Recorded",

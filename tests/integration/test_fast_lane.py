@@ -143,7 +143,7 @@ def test_orders_the_route_would_take_are_answered_by_the_lane_alike(
     taken = lanes.both(body, **{"Idempotency-Key": "own:first"})
     assert taken["status"] == "held"
     assert taken["lines"][0]["allocations"] == [
-        {"supplier_id": "acme", "quantity": 2, "fulfilled": 0, "returned": 0}
+        {"supplier_id": "acme", "quantity": 2, "fulfilled": 0, "returned": 0, "cancelled": 0}
     ]
     lanes.both(body, **{"Idempotency-Key": "own:first"})  # replayed by both
     # The same key for another order: refused by the ledger, answered by the app's handler.

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from ledger.base import Cause
 from ledger.commands import (
+    Cancel,
     Confirm,
     ExpireHolds,
     Extend,
@@ -110,12 +111,22 @@ def mixed_workload(writer: LedgerWriter, skus: int = 12) -> list[str]:
     writer.execute(
         Extend(at=datetime.now(UTC), cause=CAUSE, reservation_id=waiting.id, ttl_seconds=7200)
     )
+    # A hold of two units, one of them cancelled, still held when the views are read.
+    halved = writer.execute(reserve([(names[1], 2)], ttl=3600)).value.reservation
+    writer.execute(
+        Cancel(
+            at=datetime.now(UTC), cause=CAUSE, reservation_id=halved.id, lines=[(names[1], 1, None)]
+        )
+    )
     for index, rid in enumerate(reservations):
         at = datetime.now(UTC)
         if index % 4 == 0:
             writer.execute(Release(at=at, cause=CAUSE, reservation_id=rid, note="changed mind"))
             continue
         writer.execute(Confirm(at=at, cause=CAUSE, reservation_id=rid))
+        if index % 4 == 1:  # a short pick: one unit of its second line cancelled
+            other = names[(index + 1) % skus]
+            writer.execute(Cancel(at=at, cause=CAUSE, reservation_id=rid, lines=[(other, 1, None)]))
         if index % 4 >= 2:
             line = names[index]
             writer.execute(Fulfil(at=at, cause=CAUSE, reservation_id=rid, lines=[(line, 5, None)]))

@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 from ledger.application import InventoryLedger
 from ledger.base import Cause, LedgerAggregate
 from ledger.commands import (
+    Cancel,
     Command,
     Confirm,
     ExpireHolds,
@@ -302,6 +303,34 @@ class LedgerMachine(RuleBasedStateMachine):
             assert fulfilled.lines[sku].fulfilled_quantity == (
                 reservation.lines[sku].fulfilled_quantity + quantity
             )
+
+    @precondition(lambda self: self.reservations)
+    @rule(pick=st.integers(min_value=0), line=st.integers(min_value=0), quantity=st.integers(1, 6))
+    def the_oms_cancels_part(self, pick: int, line: int, quantity: int) -> None:
+        reservation = self.reservation(
+            pick, lambda r: r.status_at(self.now) in (HELD, *OPEN_COMMITMENTS)
+        )
+        lines = list(reservation.lines.values())
+        sku = lines[line % len(lines)].sku
+        still_open = sum(reservation.lines[sku].open_by_supplier().values())
+        status = reservation.status_at(self.now)
+        command = Cancel(
+            at=self.now, cause=CAUSE, reservation_id=reservation.id, lines=[(sku, quantity, None)]
+        )
+        if status == EXPIRED:
+            self.refused(command, ReservationExpired)
+        elif status != HELD and status not in OPEN_COMMITMENTS:
+            self.refused(command, InvalidState)
+        elif quantity > still_open:
+            self.refused(command, ExceedsOpenQuantity)
+        else:
+            held_before = self.levels(sku).held
+            cancelled = self.run(command).value
+            assert cancelled.lines[sku].cancelled_quantity == (
+                reservation.lines[sku].cancelled_quantity + quantity
+            )
+            if status == HELD:
+                assert self.levels(sku).held == held_before - quantity
 
     @precondition(lambda self: self.reservations)
     @rule(

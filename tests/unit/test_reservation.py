@@ -16,6 +16,7 @@ from eventsourcing.utils import get_topic
 from ledger.application import InventoryLedger
 from ledger.base import Cause, LedgerSnapshot
 from ledger.commands import (
+    Cancel,
     Command,
     Confirm,
     ExpireHolds,
@@ -41,6 +42,7 @@ from ledger.errors import (
     OrdersOpenOnRemap,
     ReservationNotFound,
     Shortfall,
+    SupplierNotOnLine,
     UnknownSku,
 )
 from ledger.handlers.reservations import Reserved
@@ -706,6 +708,142 @@ def test_another_oms_client_cannot_extend_a_reservation(ledger: Ledger, acme: st
             )
         )
     assert ledger.reservation(reservation.id).expires_at == at(70)
+
+
+# Cancelling lines -------------------------------------------------------------------------
+
+
+def cancel(
+    ledger: Ledger,
+    reservation: Reservation,
+    when: datetime,
+    lines: list[tuple[str, int, str | None]],
+    key: str | None = None,
+) -> Outcome[Any]:
+    return ledger.run(
+        Cancel(at=when, cause=CAUSE, reservation_id=reservation.id, lines=lines, request_key=key)
+    )
+
+
+def test_cancelling_part_of_a_hold_frees_those_units_and_the_rest_holds_until_it_expires(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 5}, at(0))
+    reservation = ledger.reserve([(shirt, 4), (socks, 2)], at(10), ttl=60)  # until at(70)
+
+    cancelled = cancel(ledger, reservation, at(20), [(shirt, 1, None), (socks, 2, acme)])
+
+    kept = ledger.reservation(reservation.id)
+    assert kept.status == ReservationStatus.HELD
+    assert (kept.lines[shirt].cancelled, kept.lines[socks].cancelled) == ({acme: 1}, {acme: 2})
+    assert cancelled.position is not None
+    assert numbers(ledger.levels(shirt, at(30))) == (10, 3, 0, 7)
+    assert numbers(ledger.levels(socks, at(30))) == (5, 0, 0, 5)
+    # The sweep expires what is left of the hold, and nothing twice.
+    swept = ledger.run(ExpireHolds(at=at(70), cause=CAUSE, reservation_ids=[reservation.id]))
+    assert swept.value == [reservation.id]
+    assert numbers(ledger.levels(shirt, at(70))) == (10, 0, 0, 10)
+    assert numbers(ledger.levels(socks, at(70))) == (5, 0, 0, 5)
+
+
+def test_a_hold_cancelled_in_part_is_confirmed_extended_and_released_for_the_rest_only(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    confirmed_later = ledger.reserve([(shirt, 4)], at(10), ttl=60)
+    extended_later = ledger.reserve([(shirt, 3)], at(10), ttl=60)
+    cancel(ledger, confirmed_later, at(20), [(shirt, 3, None)])
+    cancel(ledger, extended_later, at(20), [(shirt, 1, None)])
+
+    ledger.run(Confirm(at=at(30), cause=CAUSE, reservation_id=confirmed_later.id))
+    extend(ledger, extended_later, at(30), 300)  # until at(330)
+    assert numbers(ledger.levels(shirt, at(100))) == (10, 2, 1, 7)
+    ledger.run(Release(at=at(110), cause=CAUSE, reservation_id=extended_later.id))
+    ledger.run(Release(at=at(110), cause=CAUSE, reservation_id=confirmed_later.id))
+
+    assert numbers(ledger.levels(shirt, at(400))) == (10, 0, 0, 10)
+
+
+def test_cancelling_what_a_commitment_has_not_shipped_closes_it_when_nothing_is_left(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt, socks = ledger.sku(), ledger.sku()
+    ledger.stock(acme, {shirt: 10, socks: 5}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4), (socks, 2)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 3, None)])
+    )
+
+    cancel(ledger, reservation, at(30), [(shirt, 1, None)])  # a short pick
+    mid = ledger.reservation(reservation.id).status
+    shirt_mid = numbers(ledger.levels(shirt, at(30)))
+    cancel(ledger, reservation, at(40), [(socks, 2, None)])  # the customer dropped the socks
+    done = ledger.reservation(reservation.id)
+
+    assert mid == ReservationStatus.PARTIALLY_FULFILLED
+    assert shirt_mid == (7, 0, 0, 7)  # 3 shipped, the fourth no longer committed
+    assert numbers(ledger.levels(socks, at(40))) == (5, 0, 0, 5)
+    assert (done.status, done.closed_at) == (ReservationStatus.FULFILLED, at(40))
+    with pytest.raises(InvalidState):
+        cancel(ledger, reservation, at(50), [(shirt, 1, None)])
+
+
+def test_cancelling_every_unit_of_a_hold_releases_it(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 2)], at(10), ttl=60)
+
+    cancel(ledger, reservation, at(20), [(shirt, 2, None)])
+
+    released = ledger.reservation(reservation.id)
+    assert (released.status, released.closed_at) == (ReservationStatus.RELEASED, at(20))
+    assert numbers(ledger.levels(shirt, at(20))) == (10, 0, 0, 10)
+    swept = ledger.run(ExpireHolds(at=at(70), cause=CAUSE, reservation_ids=[reservation.id]))
+    assert swept.value == []
+
+
+def test_a_cancel_sent_again_under_its_key_changes_nothing_and_a_bad_one_changes_nothing(
+    ledger: Ledger, acme: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    lapsed = ledger.reserve([(shirt, 1)], at(10), ttl=60)
+    first = cancel(ledger, reservation, at(20), [(shirt, 1, None)], key="c-1")
+    written = ledger.events_written()
+
+    again = cancel(ledger, reservation, at(25), [(shirt, 1, None)], key="c-1")
+    with pytest.raises(IdempotencyKeyMismatch):
+        cancel(ledger, reservation, at(25), [(shirt, 2, None)], key="c-1")
+    with pytest.raises(ExceedsOpenQuantity):
+        cancel(ledger, reservation, at(25), [(shirt, 4, None)])
+    with pytest.raises(SupplierNotOnLine):
+        cancel(ledger, reservation, at(25), [(shirt, 1, "someone-else")])
+    with pytest.raises(ReservationExpired):
+        cancel(ledger, lapsed, at(70), [(shirt, 1, None)])
+
+    assert first.value.lines[shirt].cancelled == {acme: 1}
+    assert again.position is None
+    assert ledger.events_written() == written
+    assert numbers(ledger.levels(shirt, at(30))) == (10, 1, 3, 6)  # the lapsed hold till at(70)
+
+
+def test_a_net_supplier_s_cancelled_commitment_stops_counting_against_it(
+    ledger: Ledger, netco: str
+) -> None:
+    shirt = ledger.sku()
+    ledger.stock(netco, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    before = numbers(ledger.levels(shirt, at(10)))
+
+    cancel(ledger, reservation, at(20), [(shirt, 3, None)])
+
+    # Its report (10) leaves our open orders out: the 4 committed were taken off it until
+    # its next report; 3 of them cancelled are back.
+    assert before == (6, 0, 0, 6)
+    assert numbers(ledger.levels(shirt, at(20))) == (9, 0, 0, 9)
 
 
 # Stock reports ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from api.errors import ApiError
 from api.schemas import (
     PRINTABLE,
     AllocationOut,
+    CancelIn,
     ConfirmIn,
     ExtendIn,
     FulfilIn,
@@ -40,7 +41,7 @@ from api.schemas import (
     ReturnIn,
 )
 from api.settings import ApiKey
-from ledger.commands import Command, Confirm, Extend, Fulfil, Release, Reserve, Return
+from ledger.commands import Cancel, Command, Confirm, Extend, Fulfil, Release, Reserve, Return
 from ledger.errors import ReservationNotFound
 from ledger.handlers.reservations import Reserved
 from ledger.reservation import Reservation, ReservationStatus
@@ -67,12 +68,14 @@ def reservation_out(reservation: Reservation, at: datetime) -> ReservationOut:
                 quantity=line.quantity,
                 fulfilled=line.fulfilled_quantity,
                 returned=sum(line.returned.values()),
+                cancelled=line.cancelled_quantity,
                 allocations=[
                     AllocationOut(
                         supplier_id=supplier,
                         quantity=quantity,
                         fulfilled=line.fulfilled.get(supplier, 0),
                         returned=line.returned.get(supplier, 0),
+                        cancelled=line.cancelled.get(supplier, 0),
                     )
                     for supplier, quantity in line.allocations.items()
                 ],
@@ -334,6 +337,32 @@ async def fulfil(
         reservation_id=_reservation_id(reservation_id),
         client=_client(key),
         lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
+        request_key=_key(idempotency_key, required=False),
+    )
+    return await _run(runtime, command, at, command.request_key)
+
+
+@router.post("/{reservation_id}/cancel", response_model=ReservationOut)
+async def cancel(
+    reservation_id: str,
+    body: CancelIn,
+    key: OmsKey,
+    runtime: RuntimeDep,
+    at: Now,
+    request_id: RequestId,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Cancels units of some lines before they ship (a customer dropped an item, a pick came
+    up short): a hold's units are free again, as are a commitment's; the rest of the order
+    stands. With nothing left open it is closed (`released`, or `fulfilled` where something
+    shipped). An Idempotency-Key makes it safe to retry."""
+    command = Cancel(
+        at=at,
+        cause=cause_for(key, "oms.cancel", request_id),
+        reservation_id=_reservation_id(reservation_id),
+        client=_client(key),
+        lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
+        note=body.reason,
         request_key=_key(idempotency_key, required=False),
     )
     return await _run(runtime, command, at, command.request_key)

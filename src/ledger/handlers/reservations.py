@@ -10,7 +10,16 @@ from typing import Any
 from uuid import UUID
 
 from ledger.base import decided_at
-from ledger.commands import Confirm, ExpireHolds, Extend, Fulfil, Release, Reserve, Return
+from ledger.commands import (
+    Cancel,
+    Confirm,
+    ExpireHolds,
+    Extend,
+    Fulfil,
+    Release,
+    Reserve,
+    Return,
+)
 from ledger.errors import (
     IdempotencyKeyMismatch,
     InsufficientStock,
@@ -135,7 +144,7 @@ def confirm(uow: UnitOfWork, command: Confirm) -> Reservation:
     net = [s for s, supplier in terms.items() if supplier.reports_net_of_our_orders]
     at = _decided(uow, command.at, reservation)
     if reservation.confirm(at, command.cause, net):
-        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+        for sku, allocated in reservation.open_by_sku().items():
             _stock(uow, sku).confirm_hold(
                 str(reservation.id),
                 allocated,
@@ -154,7 +163,7 @@ def extend(uow: UnitOfWork, command: Extend) -> Reservation:
     extended_to = _expiry(at, command.ttl_seconds)
     was = reservation.extend(at, command.cause, extended_to)
     if was is not None:
-        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+        for sku, allocated in reservation.open_by_sku().items():
             _stock(uow, sku).extend_hold(
                 str(reservation.id), allocated, was, extended_to, at, command.cause
             )
@@ -167,13 +176,13 @@ def release(uow: UnitOfWork, command: Release) -> Reservation:
     at = _decided(uow, command.at, reservation)
     released_from = reservation.release(at, command.cause, command.note)
     if released_from == ReservationStatus.HELD:
-        for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+        for sku, allocated in reservation.open_by_sku().items():
             _stock(uow, sku).release_hold(
                 str(reservation.id), allocated, reservation.expires_at, at, command.cause
             )
     elif released_from in OPEN_COMMITMENTS:
         assert reservation.confirmed_at is not None
-        for sku, allocated in reservation.allocations_by_sku(open_only=True).items():
+        for sku, allocated in reservation.open_by_sku().items():
             _stock(uow, sku).release_commitment(
                 str(reservation.id),
                 allocated,
@@ -217,6 +226,35 @@ def fulfil(uow: UnitOfWork, command: Fulfil) -> Reservation:
     return reservation
 
 
+@handles(Cancel)
+def cancel(uow: UnitOfWork, command: Cancel) -> Reservation:
+    """Lets the cancelled units go on their stock items: a hold's as released holds, a
+    commitment's as released commitments (as `release` does for all of them)."""
+    reservation = _reservation(uow, command.reservation_id, command.client)
+    _known(uow, reservation, [sku for sku, *_ in command.lines])
+    at = _decided(uow, command.at, reservation)
+    status, cancelled = reservation.cancel(
+        command.lines, at, command.cause, command.note, command.request_key
+    )
+    for sku, allocated in _by_sku(cancelled).items():
+        if status == ReservationStatus.HELD:
+            _stock(uow, sku).release_hold(
+                str(reservation.id), allocated, reservation.expires_at, at, command.cause
+            )
+        else:
+            assert reservation.confirmed_at is not None
+            _stock(uow, sku).release_commitment(
+                str(reservation.id),
+                allocated,
+                reservation.confirmed_at,
+                reservation.net_of_our_orders,
+                at,
+                command.cause,
+                counted=reservation.net_counted,
+            )
+    return reservation
+
+
 @handles(Return)
 def return_units(uow: UnitOfWork, command: Return) -> Reservation:
     reservation = _reservation(uow, command.reservation_id, command.client)
@@ -243,7 +281,7 @@ def expire_holds(uow: UnitOfWork, command: ExpireHolds) -> list[UUID]:
         reservation = uow.get(Reservation, reservation_id)
         if reservation is not None and reservation.expire(command.at, command.cause):
             expired.append(reservation_id)
-            for sku, allocated in reservation.allocations_by_sku(open_only=False).items():
+            for sku, allocated in reservation.open_by_sku().items():
                 by_sku[sku].append((str(reservation_id), reservation.expires_at, allocated))
     for sku, holds in sorted(by_sku.items()):
         _stock(uow, sku).expire_holds(holds, command.at, command.cause)
