@@ -111,9 +111,13 @@ def _movements(
         sku: (line.open_by_supplier() if budget_of == "open" else line.returnable_by_supplier())
         for sku, line in lines.items()
     }
-    asked: dict[str, int] = defaultdict(int)  # what the request's earlier lines took, by SKU
+    asked: dict[str, int] = defaultdict(int)  # what the request's other lines took, by SKU
     movements: list[Movement] = []
-    for sku, quantity, supplier_id in requested:
+    # Lines that name a supplier take from it first, and the others from whatever is left:
+    # taken in the request's order, a line without one took the named supplier's units by
+    # priority, and the line naming it was refused where the other order was accepted (an
+    # OMS walkthrough).
+    for sku, quantity, supplier_id in sorted(requested, key=lambda line: line[2] is None):
         budget = budgets.get(sku)
         if supplier_id is not None and sku in lines and supplier_id not in lines[sku].allocations:
             raise SupplierNotOnLine(
@@ -134,7 +138,7 @@ def _movements(
                 said = f"{quantity} of {sku} is more than the {left} the reservation {has}"
                 said += from_whom
                 if asked[sku]:
-                    said += f", after the {asked[sku]} of it in this request's earlier lines"
+                    said += f", after the {asked[sku]} of it that this request's other lines take"
             raise ExceedsOpenQuantity(
                 said,
                 sku=sku,

@@ -1723,6 +1723,30 @@ def test_a_copy_of_a_reservation_reads_the_same_and_shares_nothing_that_changes(
         assert line.returned is not original.returned
 
 
+@pytest.mark.parametrize("named_first", [True, False])
+def test_lines_naming_a_supplier_take_from_it_before_lines_that_name_none(
+    ledger: Ledger, acme: str, named_first: bool
+) -> None:
+    """Found by an OMS walkthrough: [4 of 2 + 2 from acme] was refused, the line naming no
+    supplier having taken acme's units by priority, where the same lines in the other
+    order were accepted."""
+    beta = ledger.supplier("beta", priority=2)
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 2}, at(0))
+    ledger.stock(beta, {shirt: 2}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    lines: list[tuple[str, int, str | None]] = [(shirt, 2, None), (shirt, 2, acme)]
+    if named_first:
+        lines.reverse()
+
+    shipped = ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=lines)
+    ).value
+
+    assert shipped.status == ReservationStatus.FULFILLED
+    assert shipped.lines[shirt].fulfilled == {acme: 2, beta: 2}
+
+
 def test_a_refused_split_shipment_or_return_says_what_the_earlier_lines_took(
     ledger: Ledger, acme: str
 ) -> None:
@@ -1741,7 +1765,7 @@ def test_a_refused_split_shipment_or_return_says_what_the_earlier_lines_took(
         ledger.run(fulfil(2, 2))
     assert split.value.message == (
         f"2 of {shirt} is more than the 1 the reservation has open,"
-        " after the 2 of it in this request's earlier lines"
+        " after the 2 of it that this request's other lines take"
     )
     ledger.run(fulfil(3))
     returned = Return(
