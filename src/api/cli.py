@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, cast
@@ -39,6 +40,7 @@ from rich.table import Table
 
 from api.app import SERVE_PID
 from api.database import (
+    DATA_VERSION,
     NotMigrated,
     migrate,
     require_migrated,
@@ -62,6 +64,28 @@ from projections.runner import RebuildRunning, rebuild
 from projections.status import projection_status
 
 cli = typer.Typer(help="Stockledger: an event-sourced inventory ledger.", no_args_is_help=True)
+
+
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"stockledger {version('stockledger')} (data version {DATA_VERSION})")
+        raise typer.Exit
+
+
+@cli.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="The version, and the data version it writes (see the README's rolling back).",
+        ),
+    ] = False,
+) -> None:
+    """Stockledger: an event-sourced inventory ledger."""
+
 
 # How long a stopping server waits for requests still running before it cuts them off.
 GRACEFUL_SHUTDOWN_SECONDS = 10

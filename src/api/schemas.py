@@ -353,6 +353,9 @@ class ReservationListOut(BaseModel):
     # Listed by status: the last reservation's id when the page is full, to page on with
     # `after`; null on the last page, and for an order's reservations.
     next_after: str | None = None
+    # An order's reservations: true when it has more than the ORDER_LISTED listed (the
+    # first made), which were cut silently (an OMS walkthrough).
+    truncated: bool = False
 
 
 # Availability -------------------------------------------------------------------

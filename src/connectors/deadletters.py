@@ -7,6 +7,7 @@ import math
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -87,23 +88,53 @@ CLAIM = """
 SELECT id, supplier_id, delivery_id, reason, record, raw FROM connector_dead_letters
 WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED
 """
-# The other open letters of records that disagreed with those being retried: the same
-# delivery's, at the same time (compared as times, not as text), of the same SKU where
-# their letters name the SKU they resolved to (`raw.sku`, as the ledger's refusals keep
-# it; a stock report's letter may not). Without the SKU, retrying one letter tried again
-# every such letter of its delivery, 98 of them for 49 other SKUs (a walkthrough).
+# The other open letters of records that disagreed with those being retried, or may: the
+# same delivery's, at the same time (compared as times, not as text), either refused as
+# disagreeing and of the same SKU where their letters name the SKU they resolved to
+# (`raw.sku`, as the ledger's refusals keep it; a stock report's letter may not), or of the
+# same supplier record (supplier SKU and UPC), whatever the reason (`_partners`). Without
+# the SKU, retrying one letter tried again every such letter of its delivery, 98 of them
+# for 49 other SKUs (a walkthrough); without the supplier record, two records of one SKU
+# at one time that were refused as unmapped were retried one at a time once mapped, and
+# the first retried was applied (an operator walkthrough).
 DISAGREEING = """
 SELECT o.id, o.supplier_id, o.delivery_id, o.reason, o.record, o.raw
 FROM connector_dead_letters o
-WHERE o.status = 'open' AND o.reason = 'conflicting_duplicate' AND NOT o.id = ANY(%s)
+WHERE o.status = 'open' AND NOT o.id = ANY(%s) AND o.record IS NOT NULL
   AND EXISTS (
     SELECT 1 FROM connector_dead_letters l
-    WHERE l.id = ANY(%s) AND l.status = 'open' AND l.reason = 'conflicting_duplicate'
+    WHERE l.id = ANY(%s) AND l.status = 'open' AND l.record IS NOT NULL
       AND l.supplier_id = o.supplier_id AND l.delivery_id = o.delivery_id
-      AND (l.raw ->> 'sku') IS NOT DISTINCT FROM (o.raw ->> 'sku')
-      AND (l.record ->> 'observed_at')::timestamptz = (o.record ->> 'observed_at')::timestamptz)
+      AND (l.record ->> 'observed_at')::timestamptz = (o.record ->> 'observed_at')::timestamptz
+      AND ((l.reason = 'conflicting_duplicate' AND o.reason = 'conflicting_duplicate'
+            AND (l.raw ->> 'sku') IS NOT DISTINCT FROM (o.raw ->> 'sku'))
+           OR (coalesce(l.record ->> 'supplier_sku', l.record ->> 'upc') IS NOT NULL
+               AND (l.record ->> 'supplier_sku') IS NOT DISTINCT FROM (o.record ->> 'supplier_sku')
+               AND (l.record ->> 'upc') IS NOT DISTINCT FROM (o.record ->> 'upc'))))
 ORDER BY o.id
 """
+
+
+def _groups(letter: dict[str, Any]) -> set[tuple[Any, ...]]:
+    """The groups a letter is retried with, as DISAGREEING pairs them: letters that share
+    one are partners."""
+    record = letter.get("record")
+    if not isinstance(record, dict):
+        return set()
+    try:
+        at = datetime.fromisoformat(record["observed_at"])
+    except (KeyError, TypeError, ValueError):
+        return set()
+    of = (letter["supplier_id"], letter["delivery_id"], at)
+    groups: set[tuple[Any, ...]] = set()
+    raw = letter.get("raw")
+    if letter["reason"] == "conflicting_duplicate":
+        groups.add(("disagreed", *of, raw.get("sku") if isinstance(raw, dict) else None))
+    if record.get("supplier_sku") is not None or record.get("upc") is not None:
+        groups.add(("record", *of, record.get("supplier_sku"), record.get("upc")))
+    return groups
+
+
 # Those partners claimed too, those another retry does not hold.
 CLAIM_PARTNERS = """
 SELECT id FROM connector_dead_letters
@@ -117,6 +148,17 @@ STILL_OPEN = "SELECT id FROM connector_dead_letters WHERE id = ANY(%s) AND statu
 # request's thread for as long as a bulk retry ran (a review).
 _retrying = threading.Lock()
 RETRY_WAIT_SECONDS = 5.0
+
+
+def superseded_by(store: ViewStore, letter_id: int) -> int | None:
+    """The letter that superseded this one, if it is superseded."""
+    with store.connection() as conn:
+        row = conn.execute(
+            "SELECT superseded_by FROM connector_dead_letters"
+            " WHERE id = %s AND status = 'superseded'",
+            (letter_id,),
+        ).fetchone()
+    return None if row is None else int(row["superseded_by"])
 
 
 def letter_suppliers(store: ViewStore, delivery_id: str) -> list[str]:
@@ -230,18 +272,26 @@ def _together(
     outcome: RetryOutcome,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The claimed letters and their partners to retry together, every one claimed: where
-    another retry holds a partner, the disagreeing letters of its delivery are left out of
-    this one (`being_retried`): two retries at once each applied one of a pair alone, and
-    the tie made an arbitrary one the level (a review)."""
-    busy = {(p["supplier_id"], p["delivery_id"]) for p in partners if p["id"] not in held}
+    another retry holds a partner, the letters it is a partner of are left out of this one
+    (`being_retried`), and theirs in turn: two retries at once each applied one of a pair
+    alone, and the tie made an arbitrary one the level (a review)."""
+    busy = [p for p in partners if p["id"] not in held]
     if not busy:
         return letters, partners
+    waiting = set().union(*(_groups(p) for p in busy))
+    rest = {x["id"]: _groups(x) for x in letters}
+    rest.update((p["id"], _groups(p)) for p in partners if p["id"] in held)
+    waits_ids: set[int] = set()
+    grew = True
+    while grew:  # partners of partners wait too
+        more = {i for i, groups in rest.items() if i not in waits_ids and groups & waiting}
+        for i in more:
+            waiting |= rest[i]
+        waits_ids |= more
+        grew = bool(more)
 
     def waits(letter: dict[str, Any]) -> bool:
-        return (
-            letter["reason"] == "conflicting_duplicate"
-            and (letter["supplier_id"], letter["delivery_id"]) in busy
-        )
+        return letter["id"] in waits_ids
 
     left_out = [letter["id"] for letter in letters if waits(letter)]
     outcome.being_retried = sorted({*outcome.being_retried, *left_out})
@@ -254,11 +304,14 @@ class Dismissal:
     dismissed: list[int] = field(default_factory=list)
     # Open letters a retry holds: not dismissed (the retry may be applying them).
     being_retried: list[int] = field(default_factory=list)
+    # Letters the dismissed ones had superseded, open again.
+    reopened: list[int] = field(default_factory=list)
 
 
 def dismiss(store: ViewStore, letter_ids: list[int]) -> Dismissal:
     """Closes open letters without applying them (the false one of records that
-    disagreed, say), except those a retry holds."""
+    disagreed, say), except those a retry holds; the letters they superseded are open
+    again (`reopened`): the newest report left of each record is the one to retry."""
     with store.transaction() as conn:
         rows = conn.execute(
             "UPDATE connector_dead_letters SET status = 'dismissed', updated_at = now()"
@@ -268,9 +321,17 @@ def dismiss(store: ViewStore, letter_ids: list[int]) -> Dismissal:
             (letter_ids,),
         ).fetchall()
         dismissed = sorted(row["id"] for row in rows)
+        reopened = conn.execute(
+            "UPDATE connector_dead_letters SET status = 'open', superseded_by = NULL,"
+            " updated_at = now() WHERE superseded_by = ANY(%s) AND status = 'superseded'"
+            " RETURNING id",
+            (dismissed,),
+        ).fetchall()
         left = [i for i in letter_ids if i not in set(dismissed)]
         busy = conn.execute(STILL_OPEN, (left,)).fetchall() if left else []
-    return Dismissal(dismissed, sorted(row["id"] for row in busy))
+    return Dismissal(
+        dismissed, sorted(row["id"] for row in busy), sorted(row["id"] for row in reopened)
+    )
 
 
 def letter_json(value: Any) -> str:
@@ -320,7 +381,12 @@ def _observed(letter: str) -> sql.Composed:
 # poll that sends no validators) made a letter of it at every poll: 464 open letters from
 # 95 polls of one list (a walkthrough), each one a report older than the next. A letter
 # whose record could not be read, or names no supplier SKU or UPC, closes nothing and is
-# closed by nothing; one that a retry holds is left to it (SKIP LOCKED).
+# closed by nothing; one that a retry holds is left to it (SKIP LOCKED). A letter refused
+# for its time (in the future, or out of range) closes nothing: a supplier clock hours
+# ahead, or a year 2099, closed a good letter that no retry could then apply (an operator
+# walkthrough). Dismissing a letter opens again those it closed (`dismiss`). Deliveries of
+# one supplier record their letters one at a time (LETTERS_OF_SUPPLIER): two at once did
+# not see each other's, and both stayed open (an operator walkthrough).
 SUPERSEDE = sql.SQL("""
 WITH newest AS (
     SELECT DISTINCT ON (n.record ->> 'supplier_sku', n.record ->> 'upc')
@@ -330,6 +396,7 @@ WITH newest AS (
     WHERE n.supplier_id = %(supplier)s AND n.delivery_id = %(delivery)s
       AND n.record IS NOT NULL
       AND coalesce(n.record ->> 'supplier_sku', n.record ->> 'upc') IS NOT NULL
+      AND n.reason NOT IN ('observed_at_in_future', 'observed_at_out_of_range')
     ORDER BY n.record ->> 'supplier_sku', n.record ->> 'upc', 4 DESC NULLS LAST, n.id DESC
 ), closed AS (
     SELECT o.id, n.id AS by
@@ -347,6 +414,11 @@ FROM closed c WHERE l.id = c.id
 """).format(n_at=_observed("n"), o_at=_observed("o"))
 
 
+LETTERS_OF_SUPPLIER = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('connector_dead_letters:' || %s, 0))"
+)
+
+
 def record_dead_letters(
     conn: Connection, supplier_id: str, delivery_id: str, rejections: Rejections
 ) -> None:
@@ -358,6 +430,7 @@ def record_dead_letters(
     supersede are closed (SUPERSEDE)."""
     if not rejections:
         return
+    conn.execute(LETTERS_OF_SUPPLIER, (supplier_id,))
     conn.execute(
         "CREATE TEMPORARY TABLE letters_in (position integer, reason text, record jsonb,"
         " raw jsonb) ON COMMIT DROP"

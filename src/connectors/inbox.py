@@ -138,6 +138,8 @@ DO $$ BEGIN
         ALTER TABLE connector_dead_letters ADD COLUMN superseded_by bigint;
     END IF;
 END $$;
+CREATE INDEX IF NOT EXISTS connector_dead_letters_superseded
+    ON connector_dead_letters (superseded_by) WHERE superseded_by IS NOT NULL;
 """
 
 Connection = psycopg.Connection[dict[str, Any]]

@@ -332,7 +332,10 @@ def test_a_letter_is_dismissed_by_an_admin_once_and_then_listed_as_dismissed(
         retried = admin.post(f"/v1/dead-letters/{late_1}/retry")
 
     assert (forbidden.status_code, forbidden.json()["error"]) == (403, "forbidden")
-    assert (dismissed.status_code, dismissed.json()) == (200, {"dismissed": [late_1]})
+    assert (dismissed.status_code, dismissed.json()) == (
+        200,
+        {"dismissed": [late_1], "reopened": []},
+    )
     assert (again.status_code, again.json()["error"]) == (404, "dead_letter_not_found")
     assert (unknown.status_code, unknown.json()["error"]) == (404, "dead_letter_not_found")
     assert late_1 not in still_open
@@ -480,7 +483,10 @@ def test_a_letter_a_retry_holds_is_neither_dismissed_nor_retried_again_meanwhile
     assert bulk_dismissed.json()["being_retried"] == [held]
     assert free in bulk_dismissed.json()["dismissed"]
     assert after[held] == "open"
-    assert (dismissed_after.status_code, dismissed_after.json()) == (200, {"dismissed": [held]})
+    assert (dismissed_after.status_code, dismissed_after.json()) == (
+        200,
+        {"dismissed": [held], "reopened": []},
+    )
 
 
 def test_two_bulk_retries_at_once_share_the_letters_out(ledger: Server) -> None:
@@ -545,6 +551,7 @@ def test_a_bulk_retry_goes_on_past_letters_that_stay_refused(ledger: Server) -> 
     assert (unfiltered.status_code, unfiltered.json()["error"]) == (422, "filter_required")
     assert dismissed.json() == {
         "dismissed": [neg_a, neg_b],
+        "reopened": [],
         "being_retried": [],
         "next_after": None,
     }
@@ -641,3 +648,98 @@ def test_a_newer_report_of_a_refused_record_supersedes_its_open_letter(ledger: S
     assert (retried.json()["applied"], retried.json()["late"]) == (1, 1)
     assert level == 12
     assert [(i["delivery_id"], i["status"]) for i in others] == [(other_s, "open")]
+
+
+def test_a_letter_refused_for_its_time_supersedes_nothing_and_a_dismissal_reopens(
+    ledger: Server,
+) -> None:
+    """An operator walkthrough: a record stamped hours ahead (a supplier clock running
+    ahead), or in 2099, closed the good letter before it, which no retry could then apply.
+    It closes nothing now; and dismissing a letter opens again those it superseded, the
+    newest report left of the record."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    sku = f"DLF-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        good = deliver_at(admin, supplier_id, [("AHEAD", 5, start), ("BOGUS", 1, start)])
+        ahead = deliver_at(
+            admin,
+            supplier_id,
+            [("AHEAD", 6, start + timedelta(hours=2)), ("BOGUS", 2, start + timedelta(minutes=1))],
+        )
+        every = {
+            (i["delivery_id"], i["record"]["supplier_sku"]): i
+            for i in letters(admin, supplier_id=supplier_id, status="all")
+        }
+        first_bogus, second_bogus = every[(good, "BOGUS")]["id"], every[(ahead, "BOGUS")]["id"]
+        superseded = admin.post(f"/v1/dead-letters/{first_bogus}/retry")
+        dismissed = admin.post(f"/v1/dead-letters/{second_bogus}/dismiss")
+        after = {
+            i["id"]: i["status"] for i in letters(admin, supplier_id=supplier_id, status="all")
+        }
+        map_skus(admin, supplier_id, {"AHEAD": sku, "BOGUS": f"{sku}-B"})
+        retried = admin.post("/v1/dead-letters/retry", json={"supplier_id": supplier_id})
+        assert retried.status_code == 200, retried.text
+        levels = [on_hand(ledger, s, retried.json()["position"]) for s in (sku, f"{sku}-B")]
+
+    assert every[(ahead, "AHEAD")]["reason"] == "observed_at_in_future"
+    assert every[(good, "AHEAD")]["status"] == "open"  # not closed by the future one
+    assert every[(good, "BOGUS")]["superseded_by"] == second_bogus
+    assert superseded.status_code == 409, superseded.text
+    assert superseded.json()["error"] == "dead_letter_superseded"
+    assert superseded.json()["detail"]["superseded_by"] == second_bogus
+    assert dismissed.json() == {"dismissed": [second_bogus], "reopened": [first_bogus]}
+    assert (after[first_bogus], after[second_bogus]) == ("open", "dismissed")
+    assert levels == [5, 1]  # the good report, and the one left once its successor went
+
+
+def test_records_of_one_supplier_sku_at_one_time_refused_as_unmapped_are_retried_together(
+    ledger: Server,
+) -> None:
+    """An operator walkthrough: two records of one supplier SKU at the same time, refused
+    as unmapped, were retried one at a time once mapped, and the first retried was
+    applied. They disagree, however they are picked, and stay open."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    sku = f"DLP-{uuid.uuid4().hex[:6]}"
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        deliver_at(admin, supplier_id, [("PAIR", 5, start), ("PAIR", 6, start)])
+        first, second = (i["id"] for i in letters(admin, supplier_id=supplier_id))
+        map_skus(admin, supplier_id, {"PAIR": sku})
+        alone = admin.post(f"/v1/dead-letters/{second}/retry")
+        assert alone.status_code == 200, alone.text
+        left = letters(admin, supplier_id=supplier_id)
+
+    assert alone.json()["resolved"] == []
+    assert alone.json()["still_refused"] == [
+        {"id": first, "reason": "conflicting_duplicate"},
+        {"id": second, "reason": "conflicting_duplicate"},
+    ]
+    assert [(i["id"], i["reason"]) for i in left] == [
+        (first, "conflicting_duplicate"),
+        (second, "conflicting_duplicate"),
+    ]
+    assert on_hand(ledger, sku, None) == 0
+
+
+def test_reports_of_one_record_sent_at_once_leave_one_open_letter(ledger: Server) -> None:
+    """An operator walkthrough: three stock reports at once with the same unmapped record,
+    each under its own delivery id, left two or three open letters of it: none saw the
+    others'. A supplier's letters are now recorded one delivery at a time."""
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+
+        def report(n: int) -> int:
+            observations = [
+                {"supplier_sku": f"Q-{k}", "quantity": k + n, "observed_at": at} for k in range(5)
+            ]
+            body = {"delivery_id": f"at-once-{n}", "observations": observations}
+            return admin.post(f"/v1/suppliers/{supplier_id}/stock", json=body).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(report, range(4)))
+        still_open = letters(admin, supplier_id=supplier_id)
+
+    assert statuses == [200] * 4
+    assert sorted(i["record"]["supplier_sku"] for i in still_open) == [f"Q-{k}" for k in range(5)]

@@ -1206,6 +1206,27 @@ def test_fulfilling_or_returning_a_sku_the_catalogue_lacks_is_an_unknown_sku(
     assert (not_on_it.status_code, not_on_it.json()["error"]) == (409, "exceeds_open_quantity")
 
 
+def test_an_order_s_listing_says_when_it_was_cut_at_the_first_hundred(
+    admin: httpx.Client, oms: httpx.Client
+) -> None:
+    """An OMS walkthrough: an order of 105 reservations listed 100, with nothing to say
+    that more were left out."""
+    sku = stocked_sku(admin, {new_supplier(admin): 1000})
+    order_id = f"big-{uuid.uuid4().hex[:8]}"
+    made = [
+        ok(reserve(oms, (sku, 1), order_id=order_id), 201)["reservation_id"] for _ in range(101)
+    ]
+
+    listed = ok(oms.get("/v1/reservations", params={"order_id": order_id}))
+    cancelled_one = ok(oms.post(f"/v1/reservations/{made[0]}/release"))
+    held_ones = ok(oms.get("/v1/reservations", params={"order_id": order_id, "status": "held"}))
+
+    assert (len(listed["items"]), listed["truncated"], listed["next_after"]) == (100, True, None)
+    assert [r["reservation_id"] for r in listed["items"]] == made[:100]  # the first made
+    assert cancelled_one["status"] == "released"
+    assert (len(held_ones["items"]), held_ones["truncated"]) == (100, False)
+
+
 def test_an_oms_pages_through_its_reservations_by_status(
     postgres_server_url: str, tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ from connectors.deadletters import (
     letter_suppliers,
     listing,
     retry,
+    superseded_by,
 )
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,23 @@ async def _retried(runtime: RuntimeDep, ids: list[int], actor: str) -> RetryOutc
         raise ApiError(503, "retry_busy", str(busy), {"Retry-After": "5"}) from None
 
 
+async def _not_open(runtime: RuntimeDep, letter_id: int) -> ApiError:
+    """Why a letter asked for by id is not open: superseded by a newer one (`409`, naming
+    it: retry that one), or not there or closed (`404`)."""
+    newer = await run_in_threadpool(superseded_by, runtime.store, letter_id)
+    if newer is not None:
+        return ApiError(
+            409,
+            "dead_letter_superseded",
+            {
+                "message": f"dead letter {letter_id} was superseded by a newer report of its"
+                f" record, letter {newer}: retry or dismiss that one",
+                "superseded_by": newer,
+            },
+        )
+    return ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
+
+
 def _being_retried(ids: list[int]) -> ApiError:
     return ApiError(
         409,
@@ -112,7 +130,7 @@ async def retry_one(
     if outcome.being_retried:
         raise _being_retried(outcome.being_retried)
     if not (outcome.resolved or outcome.still_refused or outcome.not_retryable):
-        raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
+        raise await _not_open(runtime, letter_id)
     set_position(response, outcome.position)
     return _out(outcome)
 
@@ -125,9 +143,9 @@ async def dismiss_one(letter_id: int, key: AdminKey, runtime: RuntimeDep) -> dic
     if dismissal.being_retried:
         raise _being_retried(dismissal.being_retried)
     if not dismissal.dismissed:
-        raise ApiError(404, "dead_letter_not_found", f"no open dead letter {letter_id}")
+        raise await _not_open(runtime, letter_id)
     log.info("dead_letter.dismissed", letter=letter_id, actor=key.name)
-    return {"dismissed": dismissal.dismissed}
+    return {"dismissed": dismissal.dismissed, "reopened": dismissal.reopened}
 
 
 @router.post("/dismiss")
@@ -146,6 +164,7 @@ async def dismiss_many(key: AdminKey, runtime: RuntimeDep, body: BulkDismissIn) 
     return {
         "dismissed": dismissal.dismissed,
         "being_retried": dismissal.being_retried,
+        "reopened": dismissal.reopened,
         "next_after": ids[-1] if len(ids) == body.limit else None,
     }
 

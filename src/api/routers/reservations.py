@@ -179,6 +179,10 @@ async def reserve(
     return reserved(await write.runtime.writer.execute_async(command), write.at)
 
 
+# The reservations of one order listed, the first made.
+ORDER_LISTED = 100
+
+
 @router.get("", response_model=ReservationListOut)
 def listed(
     key: ReservationReaderKey,
@@ -204,9 +208,13 @@ def listed(
     named = None if status is None else status.value
     if order_id is not None:
         found = runtime.views.reservations_for_order(
-            order_id, status=named, at=at, client=_client(key)
+            order_id, limit=ORDER_LISTED + 1, status=named, at=at, client=_client(key)
         )
-        return ReservationListOut(items=[reservation_out(r, at) for r in found], position=position)
+        return ReservationListOut(
+            items=[reservation_out(r, at) for r in found[:ORDER_LISTED]],
+            position=position,
+            truncated=len(found) > ORDER_LISTED,
+        )
     limit = limit or 100
     page = runtime.views.reservations_by_status(named, at, after, limit, client=_client(key))
     return ReservationListOut(
