@@ -449,7 +449,7 @@ class LogBuilder:
                 at=self.clock,
                 cause=self._oms("oms.return"),
                 reservation_id=reservation_id,
-                lines=[(sku, 1)],
+                lines=[(sku, 1, None)],
                 restock=True,
                 request_key=f"return-{reservation_id}",
             )

@@ -311,6 +311,10 @@ class CancelIn(Strict):
 class ReturnLineIn(Strict):
     sku: Sku
     quantity: Quantity
+    # The supplier that shipped the units: else they are taken back from the line's
+    # suppliers in the order they were allocated (an OMS knew, and could not say: a
+    # walkthrough).
+    supplier_id: Annotated[str, StringConstraints(pattern=SUPPLIER_ID_PATTERN)] | None = None
 
 
 class ReturnIn(Strict):

@@ -257,7 +257,7 @@ class Cancel(Command):
 @dataclass(frozen=True, kw_only=True)
 class Return(Command):
     reservation_id: UUID
-    lines: list[tuple[str, int]]
+    lines: list[tuple[str, int, str | None]]  # sku, quantity, the supplier that shipped them
     restock: bool
     request_key: str | None = None
     client: str | None = None  # the OMS client acting; None: an admin (see CLIENT_SCOPED)

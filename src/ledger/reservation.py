@@ -112,7 +112,7 @@ def _movements(
         for sku, line in lines.items()
     }
     asked: dict[str, int] = defaultdict(int)  # what the request's other lines took, by SKU
-    movements: list[Movement] = []
+    moved: dict[tuple[str, str], int] = defaultdict(int)  # in the order first moved
     # Lines that name a supplier take from it first, and the others from whatever is left:
     # taken in the request's order, a line without one took the named supplier's units by
     # priority, and the line naming it was refused where the other order was accepted (an
@@ -150,8 +150,11 @@ def _movements(
         for supplier, take in taken.items():
             assert budget is not None
             budget[supplier] -= take
-            movements.append(Movement(sku, supplier, take))
-    return movements
+            moved[sku, supplier] += take
+    # One movement a SKU and supplier, however many lines named them: a cancel of 1,000
+    # lines of one unit wrote 1,000 movements, and its stock event as many allocations
+    # (a walkthrough).
+    return [Movement(sku, supplier, quantity) for (sku, supplier), quantity in moved.items()]
 
 
 class Reservation(LedgerAggregate):
@@ -532,19 +535,21 @@ class Reservation(LedgerAggregate):
 
     def return_units(
         self,
-        requested: list[tuple[str, int]],
+        requested: list[tuple[str, int, str | None]],
         restock: bool,
         at: datetime,
         cause: Cause,
         request_key: str | None = None,
     ) -> list[Movement]:
-        """Records units coming back from the customer; a repeated `request_key` changes nothing."""
-        recorded = self._replayed("return", request_key, [requested, restock])
+        """Records units coming back from the customer, from the supplier that shipped them
+        where a line names one; a repeated `request_key` changes nothing."""
+        # A line naming no supplier is fingerprinted as before suppliers could be named, so
+        # a keyed return sent again across the upgrade is still the same request.
+        sent = [line if line[2] is not None else line[:2] for line in requested]
+        recorded = self._replayed("return", request_key, [sent, restock])
         if recorded == "":
             return []
-        movements = _movements(
-            self.lines, [(sku, quantity, None) for sku, quantity in requested], budget_of="shipped"
-        )
+        movements = _movements(self.lines, requested, budget_of="shipped")
         self.trigger_event(
             self.Returned,
             movements=[m.as_dict() for m in movements],

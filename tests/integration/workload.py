@@ -133,7 +133,11 @@ def mixed_workload(writer: LedgerWriter, skus: int = 12) -> list[str]:
         if index % 4 == 3:
             writer.execute(
                 Return(
-                    at=at, cause=CAUSE, reservation_id=rid, lines=[(names[index], 2)], restock=True
+                    at=at,
+                    cause=CAUSE,
+                    reservation_id=rid,
+                    lines=[(names[index], 2, None)],
+                    restock=True,
                 )
             )
     report(

@@ -38,7 +38,7 @@ def reservations() -> list[Reservation]:
     )
     awkward.confirm(T0.replace(microsecond=0) + timedelta(seconds=1), CAUSE, [])
     awkward.fulfil([(AWKWARD, 4, None)], T0 + timedelta(seconds=2), CAUSE)
-    awkward.return_units([(AWKWARD, 1)], True, T0 + timedelta(seconds=3), CAUSE)
+    awkward.return_units([(AWKWARD, 1, None)], True, T0 + timedelta(seconds=3), CAUSE)
     return [plain, awkward]
 
 

@@ -350,7 +350,7 @@ class LedgerMachine(RuleBasedStateMachine):
             at=self.now,
             cause=CAUSE,
             reservation_id=reservation.id,
-            lines=[(sku, quantity)],
+            lines=[(sku, quantity, None)],
             restock=restock,
         )
         if quantity > returnable:

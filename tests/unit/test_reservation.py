@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -519,7 +520,7 @@ def test_a_return_and_a_fulfilment_may_share_a_key_without_one_hiding_the_other(
             at=at(30),
             cause=CAUSE,
             reservation_id=reservation.id,
-            lines=[(shirt, 1)],
+            lines=[(shirt, 1, None)],
             restock=True,
             request_key="K",
         )
@@ -545,7 +546,7 @@ def test_a_return_makes_units_available_again_only_when_restocked(
             at=at(30),
             cause=CAUSE,
             reservation_id=reservation.id,
-            lines=[(shirt, 2)],
+            lines=[(shirt, 2, None)],
             restock=restock,
         )
     ).value
@@ -568,7 +569,7 @@ def test_more_units_than_were_shipped_cannot_come_back(ledger: Ledger, acme: str
                 at=at(30),
                 cause=CAUSE,
                 reservation_id=reservation.id,
-                lines=[(shirt, 3)],
+                lines=[(shirt, 3, None)],
                 restock=True,
             )
         )
@@ -788,6 +789,23 @@ def test_cancelling_what_a_commitment_has_not_shipped_closes_it_when_nothing_is_
     assert (done.status, done.closed_at) == (ReservationStatus.FULFILLED, at(40))
     with pytest.raises(InvalidState):
         cancel(ledger, reservation, at(50), [(shirt, 1, None)])
+
+
+def test_many_lines_of_one_sku_and_supplier_are_one_movement(ledger: Ledger, acme: str) -> None:
+    """A walkthrough: a cancel of 1,000 lines of one unit wrote 1,000 movements, and its
+    stock event as many allocations."""
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 5)], at(10), ttl=60)
+
+    cancel(ledger, reservation, at(20), [(shirt, 1, None)] * 3)
+
+    [*_, cancelled] = ledger.app.events.get(reservation.id)
+    [*_, released] = ledger.app.events.get(StockItem.id_for(shirt))
+    assert isinstance(cancelled, Reservation.LinesCancelled)
+    assert cancelled.movements == [{"sku": shirt, "supplier_id": acme, "quantity": 3}]
+    assert isinstance(released, StockItem.HoldReleased)
+    assert released.allocations == [{"supplier_id": acme, "quantity": 3}]
 
 
 def test_cancelling_every_unit_of_a_hold_releases_it(ledger: Ledger, acme: str) -> None:
@@ -1552,11 +1570,11 @@ def test_a_return_restocks_nothing_on_a_level_another_supplier_sku_feeds_since_a
     ledger.run(Fulfil(at=at(14), cause=CAUSE, reservation_id=after.id, lines=[(a, 1, None)]))
 
     ledger.run(
-        Return(at=at(20), cause=CAUSE, reservation_id=before.id, lines=[(a, 2)], restock=True)
+        Return(at=at(20), cause=CAUSE, reservation_id=before.id, lines=[(a, 2, None)], restock=True)
     )
     after_old_return = ledger.available(a, at(20))
     ledger.run(
-        Return(at=at(21), cause=CAUSE, reservation_id=after.id, lines=[(a, 1)], restock=True)
+        Return(at=at(21), cause=CAUSE, reservation_id=after.id, lines=[(a, 1, None)], restock=True)
     )
 
     assert after_old_return == 3  # G-2's 4, less the 1 shipped since its report
@@ -1747,6 +1765,70 @@ def test_lines_naming_a_supplier_take_from_it_before_lines_that_name_none(
     assert shipped.lines[shirt].fulfilled == {acme: 2, beta: 2}
 
 
+def test_a_return_names_the_supplier_that_shipped_the_units(ledger: Ledger, acme: str) -> None:
+    """An OMS walkthrough: a return could not say which supplier's units came back, and
+    the restock went to the first allocated, changing the other's level."""
+    beta = ledger.supplier("beta", priority=2)
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 2}, at(0))
+    ledger.stock(beta, {shirt: 2}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 4, None)])
+    )
+
+    back = ledger.run(
+        Return(
+            at=at(30),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 1, beta), (shirt, 1, None)],
+            restock=True,
+            request_key="r-1",
+        )
+    ).value
+
+    assert back.lines[shirt].returned == {beta: 1, acme: 1}
+    with pytest.raises(SupplierNotOnLine):
+        ledger.run(
+            Return(
+                at=at(40),
+                cause=CAUSE,
+                reservation_id=reservation.id,
+                lines=[(shirt, 1, "someone-else")],
+                restock=False,
+            )
+        )
+
+
+def test_a_keyed_return_naming_no_supplier_is_fingerprinted_as_before_suppliers_were_named(
+    ledger: Ledger, acme: str
+) -> None:
+    """So that one sent again across the upgrade is the same request, not a mismatch."""
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 2}, at(0))
+    reservation = confirmed(ledger, [(shirt, 2)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 2, None)])
+    )
+    ledger.run(
+        Return(
+            at=at(30),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, 1, None)],
+            restock=False,
+            request_key="r-1",
+        )
+    )
+
+    before = [[[shirt, 1]], False]  # the request as it was fingerprinted before
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode())
+    assert ledger.reservation(reservation.id).request_keys == [
+        f"return:r-1#{digest.hexdigest()[:16]}"
+    ]
+
+
 def test_a_refused_split_shipment_or_return_says_what_the_earlier_lines_took(
     ledger: Ledger, acme: str
 ) -> None:
@@ -1769,7 +1851,11 @@ def test_a_refused_split_shipment_or_return_says_what_the_earlier_lines_took(
     )
     ledger.run(fulfil(3))
     returned = Return(
-        at=at(30), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 4)], restock=True
+        at=at(30),
+        cause=CAUSE,
+        reservation_id=reservation.id,
+        lines=[(shirt, 4, None)],
+        restock=True,
     )
     with pytest.raises(ExceedsOpenQuantity) as over:
         ledger.run(returned)

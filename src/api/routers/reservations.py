@@ -392,7 +392,7 @@ async def return_units(
         cause=cause_for(key, "oms.return", request_id),
         reservation_id=_reservation_id(reservation_id),
         client=_client(key),
-        lines=[(line.sku, line.quantity) for line in body.lines],
+        lines=[(line.sku, line.quantity, line.supplier_id) for line in body.lines],
         restock=body.restock,
         request_key=_key(idempotency_key, required=False),
     )
