@@ -94,6 +94,7 @@ REFUSALS: dict[tuple[str, str], frozenset[int]] = {
     ("get", "/v1/availability/{sku}"): frozenset({404}),
     ("post", "/v1/reservations"): frozenset({409}),
     ("get", "/v1/reservations/{reservation_id}"): frozenset({404}),
+    ("get", "/v1/reservations/{reservation_id}/history"): frozenset({404}),
     ("post", "/v1/reservations/{reservation_id}/confirm"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/extend"): frozenset({404, 409}),
     ("post", "/v1/reservations/{reservation_id}/release"): frozenset({404, 409}),

@@ -129,6 +129,20 @@ class Audit:
                 raise UnknownSku(f"unknown SKU {sku!r}", skus=[sku])
         return [self._event(row) for row in rows]
 
+    def reservation_history(
+        self, reservation_id: UUID, after_version: int = 0, limit: int = 100
+    ) -> list[AuditEvent]:
+        """Every event of the reservation in order, a page at a time: what an OMS did to
+        it and why (a cancel's or a release's reason is only in the reservation's events;
+        an auditor had to page the whole log for it: a walkthrough)."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                SELECT_EVENTS + " WHERE originator_id = %s AND originator_version > %s"
+                " ORDER BY originator_version LIMIT %s",
+                (reservation_id, after_version, limit),
+            ).fetchall()
+        return [self._event(row) for row in rows]
+
     def events(
         self, after: int = 0, limit: int | None = None, page: int = 1000
     ) -> Iterator[AuditEvent]:

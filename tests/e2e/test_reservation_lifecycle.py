@@ -1101,6 +1101,56 @@ def test_an_oms_cancels_part_of_an_order_and_the_rest_stands(
     assert numbers(shop, socks)["available"] == 4
 
 
+def test_a_reservation_s_history_says_what_was_done_to_it_and_why(
+    ledger: Server, admin: httpx.Client, oms: httpx.Client
+) -> None:
+    """A walkthrough: a cancel's reason was only in the reservation's events, which an
+    auditor could reach only by paging the whole log. A return names the supplier that
+    shipped the units (it could not: the restock counted on the first allocated)."""
+    first, second = new_supplier(admin, priority=1), new_supplier(admin, priority=2)
+    shirt = stocked_sku(admin, {first: 2, second: 2})
+    reservation_id = confirmed(oms, (shirt, 4))
+    path = f"/v1/reservations/{reservation_id}"
+    ok(
+        oms.post(
+            f"{path}/cancel", json={"lines": [{"sku": shirt, "quantity": 1}], "reason": "dropped"}
+        )
+    )
+    ok(oms.post(f"{path}/fulfil", json={"lines": [{"sku": shirt, "quantity": 3}]}))
+    back = ok(
+        oms.post(
+            f"{path}/return",
+            json={"lines": [{"sku": shirt, "quantity": 1, "supplier_id": second}], "restock": True},
+        )
+    )
+
+    with ledger.client("test-audit") as auditor:
+        read = ok(auditor.get(f"{path}/history"))
+        paged = ok(auditor.get(f"{path}/history", params={"after_version": 2, "limit": 2}))
+        unknown = auditor.get(f"/v1/reservations/{uuid.uuid4()}/history")
+    with ledger.client("test-oms-2") as other:
+        theirs = other.get(f"{path}/history")
+    own = oms.get(f"{path}/history")
+
+    types = [e["type"].rsplit(".", 1)[1] for e in read["items"]]
+    assert types == ["Placed", "Confirmed", "LinesCancelled", "Fulfilled", "Returned"]
+    cancelled = read["items"][2]
+    assert cancelled["payload"]["note"] == "dropped"
+    assert cancelled["payload"]["movements"] == [
+        {"sku": shirt, "supplier_id": first, "quantity": 1}
+    ]
+    assert cancelled["reason"] == "oms.cancel"
+    assert [e["version"] for e in paged["items"]] == [3, 4]
+    assert paged["next_after_version"] == 4
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "reservation_not_found")
+    assert (theirs.status_code, theirs.json()["error"]) == (404, "reservation_not_found")
+    assert own.status_code == 200
+    assert [(a["supplier_id"], a["returned"]) for a in back["lines"][0]["allocations"]] == [
+        (first, 0),
+        (second, 1),
+    ]
+
+
 # Requests ---------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
@@ -251,6 +251,26 @@ def get(
         position = max(position, head)
     set_position(response, position)
     return reservation_out(_owned(reservation, key), at)
+
+
+@router.get("/{reservation_id}/history")
+def history(
+    reservation_id: str,
+    key: ReservationReaderKey,
+    runtime: RuntimeDep,
+    after_version: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Every event of the reservation in order, from the log: position, time, type, payload
+    (a cancel's lines and reason, say), actor, reason, request; an OMS key reads its own."""
+    wanted = _reservation_id(reservation_id)
+    _owned(runtime.queries.reservation(wanted), key)  # not found, or another client's
+    events = runtime.audit.reservation_history(wanted, after_version, limit)
+    return {
+        "reservation_id": str(wanted),
+        "items": [event.as_json() for event in events],
+        "next_after_version": events[-1].version if len(events) == limit else None,
+    }
 
 
 async def _run(
