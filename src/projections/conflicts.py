@@ -58,6 +58,10 @@ class ConflictsProjection(Projection):
         # Conflicts raised before the name of their stream was at hand: (row, column, id).
         self._unnamed: list[tuple[dict[str, Any], str, UUID]] = []
         self._acknowledgements: list[dict[str, Any]] = []
+        # Each supplier's open (unacknowledged) unmapped_sku conflict, the newest (None:
+        # not read yet), and the repeats of those written.
+        self._unmapped: dict[str, _OpenUnmapped] | None = None
+        self._repeats: dict[UUID, dict[str, Any]] = {}
 
     @property
     def topics(self) -> list[str]:
@@ -88,9 +92,26 @@ class ConflictsProjection(Projection):
         ]
 
     def begin(self, conn: Connection, schema: str, page: Sequence[Logged]) -> None:
-        """Nothing to read ahead: a name not at hand is read for the conflicts that need
-        it, when they are written (`flush`). Reading those of every stream in the page
-        cost a delivery of 50,000 changes ~0.7 s of lookups, for a handful of conflicts."""
+        """Reads each supplier's open unmapped_sku conflict once, before the first delivery
+        that may repeat it (see `_unmapped_skus`). Nothing else to read ahead: a name not
+        at hand is read for the conflicts that need it, when they are written (`flush`).
+        Reading those of every stream in the page cost a delivery of 50,000 changes ~0.7 s
+        of lookups, for a handful of conflicts."""
+        if self._unmapped is not None:
+            return
+        if not any(n.topic == FeedDelivery.Recorded.TOPIC for n in page):
+            return
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT DISTINCT ON (supplier_id) supplier_id, conflict_id, detail FROM {}"
+                " WHERE kind = 'unmapped_sku' AND acknowledged_at IS NULL"
+                " ORDER BY supplier_id, position DESC"
+            ).format(table(schema, "conflicts"))
+        ).fetchall()
+        self._unmapped = {
+            row["supplier_id"]: _OpenUnmapped(row["conflict_id"], row["detail"], None)
+            for row in rows
+        }
 
     def handle(self, notified: Notified) -> None:
         event = notified.event
@@ -148,18 +169,12 @@ class ConflictsProjection(Projection):
                 last_report_at=event.last_report_at.isoformat(),
             )
         elif isinstance(event, FeedDelivery.Recorded):
-            unmapped = [r for r in event.rejected if r["reason"] == "unmapped_supplier_sku"]
-            if unmapped:
-                skus = sorted({_supplier_sku(r.get("record") or {}) for r in unmapped})
-                self._raise(
-                    "unmapped_sku",
-                    notified,
-                    supplier_id=event.supplier_id,
-                    delivery_id=event.delivery_id,
-                    records=len(unmapped),
-                    supplier_skus=skus[:100],
-                )
+            self._unmapped_skus(event, notified)
         elif isinstance(event, ConflictAcknowledgement.Acknowledged):
+            if self._unmapped is not None:
+                for supplier, open_one in list(self._unmapped.items()):
+                    if open_one.conflict_id == event.originator_id:
+                        del self._unmapped[supplier]
             self._acknowledgements.append(
                 {
                     "id": event.originator_id,
@@ -168,6 +183,41 @@ class ConflictsProjection(Projection):
                     "note": event.note,
                 }
             )
+
+    def _unmapped_skus(self, event: FeedDelivery.Recorded, notified: Notified) -> None:
+        """An unmapped_sku conflict for a delivery with unmapped supplier SKUs, unless the
+        supplier's open one names them all already: that one counts the delivery as a
+        repeat (`repeats`, `last_delivery_id`, `last_position`, `last_occurred_at`). A feed
+        read again and again with a record nobody mapped (a poll every minute) raised a
+        conflict at each delivery: 166 from 165 (an operator walkthrough). New supplier
+        SKUs, or an acknowledged conflict, raise a new one."""
+        unmapped = [r for r in event.rejected if r["reason"] == "unmapped_supplier_sku"]
+        if not unmapped:
+            return
+        skus = sorted({_supplier_sku(r.get("record") or {}) for r in unmapped})
+        assert self._unmapped is not None  # read by `begin`
+        open_one = self._unmapped.get(event.supplier_id)
+        named = set(open_one.detail.get("supplier_skus", [])) if open_one is not None else set()
+        if open_one is not None and len(skus) <= MAX_NAMED and named.issuperset(skus):
+            repeat = {
+                "repeats": int(open_one.detail.get("repeats", 0)) + 1,
+                "last_delivery_id": event.delivery_id,
+                "last_position": notified.position,
+                "last_occurred_at": event.timestamp.isoformat(),
+            }
+            open_one.detail.update(repeat)
+            if open_one.row is not None:  # not written yet: written so
+                open_one.row["detail"] = json.dumps(open_one.detail)
+            else:
+                self._repeats[open_one.conflict_id] = repeat
+            return
+        detail: dict[str, Any] = {
+            "delivery_id": event.delivery_id,
+            "records": len(unmapped),
+            "supplier_skus": skus[:MAX_NAMED],
+        }
+        row = self._raise("unmapped_sku", notified, supplier_id=event.supplier_id, **detail)
+        self._unmapped[event.supplier_id] = _OpenUnmapped(row["conflict_id"], detail, row)
 
     def _name(self, originator_id: UUID, name: str) -> None:
         self._names[originator_id] = name
@@ -181,7 +231,7 @@ class ConflictsProjection(Projection):
         named: Literal["sku", "supplier_id"] | None = None,
         supplier_id: str | None = None,
         **detail: Any,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Keeps a conflict to write; `named`: the column (the SKU, or the supplier) that
         takes the name of the event's stream."""
         event = notified.event
@@ -206,6 +256,7 @@ class ConflictsProjection(Projection):
                 self._unnamed.append((row, named, event.originator_id))
             else:
                 row[named] = name
+        return row
 
     def flush(self, conn: Connection, schema: str) -> None:
         self._name_the_unnamed(conn, schema)
@@ -215,6 +266,9 @@ class ConflictsProjection(Projection):
             self._acknowledgements,
         )
         self._new_names, self._conflicts, self._acknowledgements = {}, [], []
+        repeats, self._repeats = self._repeats, {}
+        for open_one in (self._unmapped or {}).values():
+            open_one.row = None  # written below
         if len(self._names) > 100_000:
             self._names = {}
         with conn.cursor() as cursor:
@@ -234,6 +288,14 @@ class ConflictsProjection(Projection):
                         sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
                     ),
                     conflicts,
+                )
+            if repeats:
+                cursor.executemany(
+                    sql.SQL(
+                        "UPDATE {} SET detail = detail || %(repeat)s::jsonb"
+                        " WHERE conflict_id = %(id)s"
+                    ).format(table(schema, "conflicts")),
+                    [{"id": i, "repeat": json.dumps(r)} for i, r in repeats.items()],
                 )
             if acknowledgements:
                 cursor.executemany(
@@ -260,6 +322,19 @@ class ConflictsProjection(Projection):
         for row, column, originator_id in self._unnamed:
             row[column] = self._names[originator_id]
         self._unnamed = []
+
+
+# The supplier SKUs an unmapped_sku conflict names, at most.
+MAX_NAMED = 100
+
+
+@dataclass
+class _OpenUnmapped:
+    """A supplier's open unmapped_sku conflict: its detail, and its row while unwritten."""
+
+    conflict_id: UUID
+    detail: dict[str, Any]
+    row: dict[str, Any] | None
 
 
 def _supplier_sku(record: dict[str, Any]) -> str:

@@ -273,6 +273,50 @@ def test_acknowledging_a_conflict_is_an_event_and_moves_it_out_of_the_open_list(
     assert forbidden.status_code == 403
 
 
+def test_a_delivery_repeating_an_open_unmapped_sku_conflict_counts_as_its_repeat(
+    ledger: Server,
+) -> None:
+    """An operator walkthrough: a feed read again and again with a record nobody mapped
+    raised an unmapped_sku conflict at each delivery, 166 from 165. The open one counts
+    the repeats; a new supplier SKU, or a repeat after it was acknowledged, raises anew."""
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        noisy = supplier(admin)
+
+        def ghost(*names: str) -> Any:
+            return report(
+                admin,
+                noisy,
+                [{"supplier_sku": name, "quantity": 1, "observed_at": iso()} for name in names],
+            )
+
+        first = ghost("GHOST")
+        ghost("GHOST")
+        last = ghost("GHOST")
+        [counted] = conflicts(audit, supplier_id=noisy, kind="unmapped_sku")
+        ghost("GHOST", "SPECTRE")
+        after_a_new_one = conflicts(audit, supplier_id=noisy, kind="unmapped_sku")
+        newest = max(after_a_new_one, key=lambda c: c["caused_by"]["position"])
+        acknowledged = admin.post(f"/v1/conflicts/{newest['conflict_id']}/acknowledge")
+        assert acknowledged.status_code == 200, acknowledged.text
+        ghost("SPECTRE")
+        after_acknowledged = conflicts(audit, supplier_id=noisy, kind="unmapped_sku", state="open")
+
+    assert counted["detail"]["delivery_id"] == first["delivery_id"]
+    assert counted["detail"]["repeats"] == 2
+    assert counted["detail"]["last_delivery_id"] == last["delivery_id"]
+    assert counted["detail"]["last_position"] == last["position"]
+    assert len(after_a_new_one) == 2
+    assert newest["detail"]["supplier_skus"] == ["GHOST", "SPECTRE"]
+    assert "repeats" not in newest["detail"]
+    # The first is still open (it names only GHOST); the one naming SPECTRE was
+    # acknowledged, so SPECTRE again raised a new one.
+    assert sorted(
+        (c["conflict_id"] == counted["conflict_id"], c["detail"]["supplier_skus"])
+        for c in after_acknowledged
+    ) == [(False, ["SPECTRE"]), (True, ["GHOST"])]
+    assert newest["conflict_id"] not in {c["conflict_id"] for c in after_acknowledged}
+
+
 def test_the_history_of_a_sku_lists_every_event_with_actor_reason_and_request(
     ledger: Server,
 ) -> None:

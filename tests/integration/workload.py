@@ -92,6 +92,15 @@ def mixed_workload(writer: LedgerWriter, skus: int = 12) -> list[str]:
         now,
         by_supplier_sku="y",
     )
+    # The unknown one again, alone (a repeat of its conflict), then with another (a new one).
+    report(writer, "north", {"N-UNKNOWN": 4}, now + timedelta(seconds=1), by_supplier_sku="y")
+    report(
+        writer,
+        "north",
+        {"N-UNKNOWN": 5, "N-OTHER": 1},
+        now + timedelta(seconds=2),
+        by_supplier_sku="y",
+    )
     report(writer, "south", dict.fromkeys(names, 15), now)
     report(writer, "east", dict.fromkeys(names[: skus // 2], 500), now)
     report(writer, "east", dict.fromkeys(names[: skus // 2], 5), now + timedelta(seconds=1))

@@ -134,9 +134,13 @@ def acknowledge(
 
 def _named_by_delivery(detail: dict[str, Any]) -> dict[str, Any]:
     """A conflict raised by a delivery's part names the delivery, as `GET /v1/feeds/{id}`
-    and the dead letters know it, and the part (`part`), as its events do."""
-    named = detail.get("delivery_id")
-    if not isinstance(named, str):
-        return detail
-    delivery, part = delivery_of(named)
-    return detail if part is None else {**detail, "delivery_id": delivery, "part": part}
+    and the dead letters know it, and the part (`part`), as its events do; so does the
+    last delivery that repeated it (`last_delivery_id`, `last_part`)."""
+    named = dict(detail)
+    for key, part_key in (("delivery_id", "part"), ("last_delivery_id", "last_part")):
+        value = detail.get(key)
+        if isinstance(value, str):
+            delivery, part = delivery_of(value)
+            if part is not None:
+                named.update({key: delivery, part_key: part})
+    return named
