@@ -89,11 +89,17 @@ def set_breaker(conn: Connection, supplier_id: str, state: str) -> None:
 
 
 def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, Any]]:
-    """Feed health per supplier, as the view `view_feed_health` holds it."""
+    """Feed health per supplier, as the view `view_feed_health` holds it, with its open
+    dead letters (`open_dead_letters`: a supplier whose every record is refused looked
+    healthy here, its deliveries succeeding: an operator walkthrough)."""
     return conn.execute(
-        "SELECT supplier_id, last_success_at, last_error_at, last_error, consecutive_failures,"
-        " breaker, last_delivery_id, last_rows, last_applied, last_rejected, last_lag_seconds,"
-        " last_late, deliveries, failures, rows_per_delivery, updated_at FROM view_feed_health"
-        " WHERE %s::text IS NULL OR supplier_id = %s ORDER BY supplier_id",
+        "SELECT h.supplier_id, last_success_at, last_error_at, last_error,"
+        " consecutive_failures, breaker, last_delivery_id, last_rows, last_applied,"
+        " last_rejected, last_lag_seconds, last_late, deliveries, failures, rows_per_delivery,"
+        " updated_at,"
+        " (SELECT count(*) FROM connector_dead_letters d"
+        "  WHERE d.supplier_id = h.supplier_id AND d.status = 'open') AS open_dead_letters"
+        " FROM view_feed_health h"
+        " WHERE %s::text IS NULL OR h.supplier_id = %s ORDER BY h.supplier_id",
         (supplier_id, supplier_id),
     ).fetchall()

@@ -105,6 +105,7 @@ def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Serve
     mine = [s for s in feed_health["suppliers"] if s["supplier_id"] == supplier_id]
     assert (mine[0]["last_rows"], mine[0]["rows_per_delivery"]) == (2, 2.0)
     assert mine[0]["consecutive_failures"] == 0
+    assert mine[0]["open_dead_letters"] == 1  # its deliveries succeed; its records not all
 
 
 def test_a_broken_file_is_rejected_whole_with_its_reason(ledger: Server) -> None:
