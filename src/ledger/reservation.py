@@ -211,10 +211,17 @@ class Reservation(LedgerAggregate):
             reservation.expires_at = self.expires_at
 
     class Released(LedgerAggregate.Event):
+        """What had not shipped is cancelled, and counted so on its lines (`cancelled`): a
+        release after a partial shipment showed its released units nowhere on the order,
+        where a cancel of them did (an auditor's walkthrough)."""
+
         TOPIC = "stockledger:Reservation.Released"
         note: str | None
 
         def apply(self, reservation: Reservation) -> None:
+            for line in reservation.lines.values():
+                for supplier, units in line.open_by_supplier().items():
+                    line.cancelled[supplier] = line.cancelled.get(supplier, 0) + units
             reservation.status = ReservationStatus.RELEASED
             reservation.closed_at = self.timestamp
 

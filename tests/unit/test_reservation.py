@@ -393,6 +393,22 @@ def test_releasing_a_partly_fulfilled_reservation_releases_only_what_is_still_op
     ledger.run(Release(at=at(30), cause=CAUSE, reservation_id=reservation.id))
 
     assert numbers(ledger.levels(shirt, at(30))) == (9, 0, 0, 9)
+    # The released units are on the line, as a cancel's are (an auditor's walkthrough).
+    released = ledger.reservation(reservation.id)
+    assert (released.status, released.lines[shirt].cancelled) == ("released", {"acme": 3})
+    assert released.lines[shirt].open_by_supplier() == {}
+
+
+def test_a_released_hold_counts_every_unit_it_held_cancelled(ledger: Ledger, acme: str) -> None:
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = ledger.reserve([(shirt, 4)], at(10), ttl=60)
+    cancel(ledger, reservation, at(15), [(shirt, 1, None)])
+
+    ledger.run(Release(at=at(20), cause=CAUSE, reservation_id=reservation.id))
+
+    assert ledger.reservation(reservation.id).lines[shirt].cancelled == {"acme": 4}
+    assert numbers(ledger.levels(shirt, at(20))) == (10, 0, 0, 10)
 
 
 # Fulfilling and returning ----------------------------------------------------------------

@@ -174,15 +174,16 @@ def extend(uow: UnitOfWork, command: Extend) -> Reservation:
 def release(uow: UnitOfWork, command: Release) -> Reservation:
     reservation = _reservation(uow, command.reservation_id, command.client)
     at = _decided(uow, command.at, reservation)
+    open_units = reservation.open_by_sku()  # before the release counts them cancelled
     released_from = reservation.release(at, command.cause, command.note)
     if released_from == ReservationStatus.HELD:
-        for sku, allocated in reservation.open_by_sku().items():
+        for sku, allocated in open_units.items():
             _stock(uow, sku).release_hold(
                 str(reservation.id), allocated, reservation.expires_at, at, command.cause
             )
     elif released_from in OPEN_COMMITMENTS:
         assert reservation.confirmed_at is not None
-        for sku, allocated in reservation.open_by_sku().items():
+        for sku, allocated in open_units.items():
             _stock(uow, sku).release_commitment(
                 str(reservation.id),
                 allocated,
