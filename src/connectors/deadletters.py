@@ -92,7 +92,7 @@ WHERE id = ANY(%s) AND status = 'open' ORDER BY id FOR UPDATE SKIP LOCKED
 # same delivery's, at the same time (compared as times, not as text), either refused as
 # disagreeing and of the same SKU where their letters name the SKU they resolved to
 # (`raw.sku`, as the ledger's refusals keep it; a stock report's letter may not), or of the
-# same supplier record (supplier SKU and UPC), whatever the reason (`_partners`). Without
+# same supplier record (supplier SKU and UPC), whatever the reason (`_groups`). Without
 # the SKU, retrying one letter tried again every such letter of its delivery, 98 of them
 # for 49 other SKUs (a walkthrough); without the supplier record, two records of one SKU
 # at one time that were refused as unmapped were retried one at a time once mapped, and
