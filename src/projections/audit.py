@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -55,6 +55,8 @@ class PointInTime:
     position: int
     item: StockItem
     levels: StockLevels
+    # Each supplier's terms as they stood then (None: the supplier did not exist yet).
+    terms: dict[str, SupplierTerms | None] = field(default_factory=dict)
 
 
 def _jsonable(value: Any) -> Any:
@@ -215,6 +217,7 @@ class Audit:
             position=last_position,
             item=item,
             levels=item.levels(at, {s: t for s, t in terms.items() if t is not None}),
+            terms=terms,
         )
 
     def _terms_at(

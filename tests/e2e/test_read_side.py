@@ -381,6 +381,33 @@ def test_the_stock_of_a_sku_at_a_time_and_at_a_position(ledger: Server) -> None:
     assert naive.status_code == 422
 
 
+def test_the_stock_at_a_moment_names_the_supplier_terms_its_numbers_were_made_with(
+    ledger: Server,
+) -> None:
+    """An auditor's walkthrough: sellable moved from 94 to 89 between two positions with
+    no event of the SKU's: the supplier's buffer had changed, which the answer did not say."""
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        source = supplier(admin, priority=3)
+        sku = sku_with_stock(admin, source, 10)
+        changed = admin.put(f"/v1/suppliers/{source}", json={"buffer": 4})
+        assert changed.status_code == 200, changed.text
+        moved = changed.headers["X-Ledger-Position"]
+        before = audit.get(f"/v1/skus/{sku}/stock", params={"position": int(moved) - 1}).json()
+        after = audit.get(f"/v1/skus/{sku}/stock", params={"position": moved}).json()
+
+    assert before["version"] == after["version"]  # no event of the SKU's between them
+    assert (before["sellable"], after["sellable"]) == (10, 6)
+    [then], [now] = before["suppliers"], after["suppliers"]
+    assert then["terms"] == {
+        "priority": 3,
+        "buffer": 0,
+        "stale_after_seconds": None,
+        "exclude_after_seconds": None,
+        "reports_net_of_our_orders": False,
+    }
+    assert now["terms"] == {**then["terms"], "buffer": 4}
+
+
 def test_the_holds_listed_at_a_time_are_those_its_held_total_counts(ledger: Server) -> None:
     """Found by a walkthrough: at the second a hold ran out, `held` no longer counted it
     but `holds` still listed it."""

@@ -17,6 +17,7 @@ from api.routers.availability import availability_out
 from api.routers.skus import SkuPath
 from ledger.errors import UnknownSku
 from ledger.stock import EPOCH, second_floor
+from ledger.supplier import SupplierTerms
 from projections.audit import PointInTime
 
 router = APIRouter(tags=["audit"])
@@ -78,6 +79,10 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
                 for expires, quantity in sorted(position.held.items())
                 if expires > now
             ],
+            # The terms the numbers were made with then: a change of them is in the
+            # supplier's history, not the SKU's, and sellable moved with no event of the
+            # SKU's to say why (an auditor's walkthrough).
+            "terms": _terms_out(moment.terms.get(supplier["supplier_id"])),
         }
         for supplier, level, position in zip(
             numbers["suppliers"],
@@ -87,6 +92,18 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
         )
     ]
     return {**numbers, "at": moment.at.isoformat(), "version": moment.version}
+
+
+def _terms_out(terms: SupplierTerms | None) -> dict[str, Any] | None:
+    if terms is None:
+        return None
+    return {
+        "priority": terms.priority,
+        "buffer": terms.buffer,
+        "stale_after_seconds": terms.stale_after_seconds,
+        "exclude_after_seconds": terms.exclude_after_seconds,
+        "reports_net_of_our_orders": terms.reports_net_of_our_orders,
+    }
 
 
 def _second(unix_second: int) -> str:
