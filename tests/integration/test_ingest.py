@@ -1465,6 +1465,25 @@ def test_a_csv_with_incoming_columns_keeps_what_each_row_expects_in_base_units(
     assert [r.reason for r in bad.rejections] == ["invalid_expected_on: 'someday'"]
 
 
+def test_an_xml_incoming_quantity_in_cases_counts_the_cases_in_base_units(ledger: Runtime) -> None:
+    """A supplier integrator's walkthrough: `<Inbound><Qty uom="CS">1</Qty>` showed one
+    piece incoming, where a case is 12."""
+    fields = {"incoming_quantity": "Inbound/Qty", "expected_on": "Inbound/@eta"}
+    connector = {"units": {"CS": 12}, "options": {"fields": fields}}
+    setup_supplier(ledger, "xmlcases", {"X-1": "SKU-XC1"}, connector=connector)
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    body = (
+        f'<Items><Item sku="X-1" observed_at="{at.isoformat()}"><Qty>4</Qty>'
+        '<Inbound eta="2027-01-10"><Qty uom="CS">2</Qty></Inbound></Item></Items>'
+    ).encode()
+
+    outcome = ingest(ledger, "xmlcases", body, "xml")
+
+    position = ledger.app.repository.get(StockItem.id_for("SKU-XC1")).positions["xmlcases"]
+    assert (outcome.applied, outcome.rejected) == (1, 0)
+    assert (position.quantity, position.incoming) == (4, (("2027-01-10", 24),))
+
+
 def test_an_applied_delivery_s_body_is_let_go_after_the_days_kept_the_others_keep_theirs(
     ledger: Runtime,
 ) -> None:

@@ -239,6 +239,65 @@ def test_a_unit_on_the_quantity_s_own_element_is_its_unit() -> None:
     assert summary(parsed) == [(1, "X2", 2, "CS"), (2, "X3", 5, "EA"), (3, "X4", 1, "PAL")]
 
 
+def test_a_field_s_element_given_twice_refuses_its_record_not_the_first_read() -> None:
+    """Found by a supplier integrator's walkthrough: `<stock location="east">10</stock>
+    <stock location="west">5</stock>` read as 10, the second dropped unsaid; so were a
+    second quantity and a second SKU. The record is refused, as CSV refuses a column given
+    twice and EDI a QTY; repeated elements no field reads are no matter."""
+    feed = (
+        b"<items>"
+        b'<item><sku>X-7</sku><stock location="east">10</stock>'
+        b'<stock location="west">5</stock></item>'
+        b"<item><sku>X-3</sku><sku>X-4</sku><qty>1</qty></item>"
+        b"<item><sku>X-5</sku><qty>2</qty><image>a</image><image>b</image></item>"
+        b"</items>"
+    )
+    parsed = read_bytes(feed)
+
+    assert summary(parsed) == [
+        (1, None, None, "repeated_field: <stock> given 2 times; a record has one"),
+        (2, None, None, "repeated_field: <sku> given 2 times; a record has one"),
+        (3, "X-5", 2, None),
+    ]
+    refused = parsed[0]
+    assert isinstance(refused, RecordError)
+    assert refused.raw["stock"] == [
+        {"@location": "east", "#text": "10"},
+        {"@location": "west", "#text": "5"},
+    ]
+
+
+def test_a_unit_on_the_incoming_quantity_s_own_element_is_its_unit() -> None:
+    """Found by a supplier integrator's walkthrough: `<Inbound><Qty uom="CS">1</Qty>` read
+    as one piece. A second `<Inbound>` refuses the record (one entry a record is read)."""
+    feed = (
+        b'<Items><Item sku="I-1"><Available>4</Available>'
+        b'<Inbound eta="2026-12-25"><Qty uom="CS">1</Qty></Inbound></Item>'
+        b'<Item sku="I-2"><Available>4</Available><Inbound eta="2026-12-25"><Qty>1</Qty></Inbound>'
+        b'<Inbound eta="2026-12-26"><Qty>2</Qty></Inbound></Item></Items>'
+    )
+    parsed = read_bytes(
+        feed,
+        fields={
+            "quantity": "Available",
+            "incoming_quantity": "Inbound/Qty",
+            "expected_on": "Inbound/@eta",
+        },
+    )
+
+    first = parsed[0]
+    assert isinstance(first, Record)
+    assert [(i.quantity, str(i.expected_on), i.unit) for i in first.incoming or ()] == [
+        (1, "2026-12-25", "CS")
+    ]
+    assert summary(parsed)[1] == (
+        2,
+        None,
+        None,
+        "repeated_field: <Inbound> given 2 times; a record has one",
+    )
+
+
 def test_an_encoding_python_does_not_know_is_a_malformed_file() -> None:
     """Found by a fuzzing walkthrough: it failed the delivery eight times over, then left
     it failed, where a file that cannot be read is rejected with its reason."""

@@ -346,7 +346,10 @@ def make_record(
         unit = text("unit", values.get("unit"))
         observed_at = value_format.timestamp(values.get("observed_at"))
         incoming = _incoming(
-            values.get("incoming_quantity"), values.get("expected_on"), value_format
+            values.get("incoming_quantity"),
+            values.get("expected_on"),
+            value_format,
+            text("incoming_unit", values.get("incoming_unit")),
         )
     except Unreadable as unreadable:
         return RecordError(position, str(unreadable), raw)
@@ -354,11 +357,12 @@ def make_record(
 
 
 def _incoming(
-    quantity: object, expected_on: object, value_format: ValueFormat
+    quantity: object, expected_on: object, value_format: ValueFormat, unit: str | None = None
 ) -> tuple[Incoming, ...] | None:
     """A record's incoming stock where its format has a field for it: none said (blank or
-    absent: the schedule on record stands), none expected (0), or one entry in the
-    record's unit with its date, if given."""
+    absent: the schedule on record stands), none expected (0), or one entry with its date,
+    if given, in its own `unit` where the feed writes one on it (XML's `uom`), else in the
+    record's."""
     try:
         expected = value_format.quantity(quantity)
     except Unreadable as unreadable:
@@ -367,7 +371,7 @@ def _incoming(
         return None
     if expected == 0:
         return ()
-    return (Incoming(expected, _date("expected_on", expected_on, value_format)),)
+    return (Incoming(expected, _date("expected_on", expected_on, value_format), unit),)
 
 
 def _date(field: str, value: object, value_format: ValueFormat) -> date | None:

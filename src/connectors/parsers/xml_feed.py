@@ -39,6 +39,7 @@ from connectors.parsers.records import (
     FeedError,
     FieldPath,
     Parsed,
+    RecordError,
     ValueFormat,
     field_paths,
     make_record,
@@ -164,12 +165,31 @@ def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterat
 
 def _record(position: int, element: Element, settings: XmlSettings) -> Parsed:
     names = _Names(element)
-    values = {field: names.lookup(paths) for field, paths in settings.paths.items()}
-    if values.get("unit") is None and "quantity" in settings.paths:
-        # `<Available uom="CS">2</Available>`: the unit on the quantity's own element, as
-        # XML feeds often write it (read as pieces, it counted a twelfth of the stock).
-        values["unit"] = names.attribute_of(settings.paths["quantity"], UNIT_ATTRIBUTES)
+    try:
+        values = {field: names.lookup(paths) for field, paths in settings.paths.items()}
+        if values.get("unit") is None and "quantity" in settings.paths:
+            # `<Available uom="CS">2</Available>`: the unit on the quantity's own element,
+            # as XML feeds often write it (read as pieces, it counted a twelfth of the stock).
+            values["unit"] = names.attribute_of(settings.paths["quantity"], UNIT_ATTRIBUTES)
+        if "incoming_quantity" in settings.paths:
+            # So is the incoming quantity's (`<Inbound><Qty uom="CS">1</Qty>`: read as one
+            # piece, a walkthrough).
+            values["incoming_unit"] = names.attribute_of(
+                settings.paths["incoming_quantity"], UNIT_ATTRIBUTES
+            )
+    except _Repeated as repeated:
+        return RecordError(position, str(repeated), _as_dict(element))
     return make_record(position, values, _as_dict(element), settings.value_format)
+
+
+class _Repeated(Exception):
+    """A field's element, or one on its path, appears more than once in the record: which
+    one is meant? The first was read and the others dropped, unsaid (two `<stock>` of two
+    warehouses read as the first's: a walkthrough), as CSV refuses a column given twice
+    and EDI a QTY given twice."""
+
+    def __init__(self, name: str, count: int) -> None:
+        super().__init__(f"repeated_field: <{name}> given {count} times; a record has one")
 
 
 def _is_record(element: Element, settings: XmlSettings, nested: bool) -> bool:
@@ -179,7 +199,10 @@ def _is_record(element: Element, settings: XmlSettings, nested: bool) -> bool:
     another candidate (e.g. <stock><available>3</available></stock> inside a <product>).
     """
     names = _Names(element)
-    identified = any(names.lookup(settings.paths[f]) is not None for f in IDENTIFIERS)
+    try:
+        identified = any(names.lookup(settings.paths[f]) is not None for f in IDENTIFIERS)
+    except _Repeated:
+        identified = True  # an identifier given twice: a record, refused as one
     return identified or (len(element) > 0 and not nested)
 
 
@@ -198,7 +221,7 @@ class _Names:
     """A record's children and attributes by loose name, each element indexed once."""
 
     def __init__(self, element: Element) -> None:
-        self._index: dict[int, tuple[dict[str, Element], dict[str, str]]] = {}
+        self._index: dict[int, tuple[dict[str, list[Element]], dict[str, str]]] = {}
         self._top = self._of(element)
 
     def lookup(self, paths: tuple[FieldPath, ...]) -> str | None:
@@ -215,7 +238,7 @@ class _Names:
             children, attributes = self._top
             found = True
             for segment in path:
-                child = None if segment.startswith("@") else children.get(segment)
+                child = None if segment.startswith("@") else self._child(children, segment)
                 if child is None:
                     found = False
                     break
@@ -231,22 +254,32 @@ class _Names:
         *steps, last = path
         children, attributes = self._top
         for segment in steps:
-            child = None if segment.startswith("@") else children.get(segment)
+            child = None if segment.startswith("@") else self._child(children, segment)
             if child is None:
                 return None
             children, attributes = self._of(child)
         if last.startswith("@"):
             return attributes.get(last[1:])
-        child = children.get(last)
+        child = self._child(children, last)
         if child is None:
             return attributes.get(last)
         return None if len(child) else (child.text or "")
 
-    def _of(self, element: Element) -> tuple[dict[str, Element], dict[str, str]]:
+    @staticmethod
+    def _child(children: dict[str, list[Element]], name: str) -> Element | None:
+        """The child of this name; more than one is refused (`_Repeated`)."""
+        found = children.get(name)
+        if found is None:
+            return None
+        if len(found) > 1:
+            raise _Repeated(_local(found[0].tag), len(found))
+        return found[0]
+
+    def _of(self, element: Element) -> tuple[dict[str, list[Element]], dict[str, str]]:
         if id(element) not in self._index:
-            children: dict[str, Element] = {}
+            children: dict[str, list[Element]] = {}
             for child in element:
-                children.setdefault(_loose(child.tag), child)
+                children.setdefault(_loose(child.tag), []).append(child)
             attributes: dict[str, str] = {}
             for key, value in element.attrib.items():
                 attributes.setdefault(_loose(key), value)
