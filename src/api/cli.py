@@ -467,7 +467,8 @@ def _apply_file(
         # and running the same command again applies the rest.
         queued = False
         with suppress(Exception):
-            queued = _finish_file(runtime, delivery, "failed", INTERRUPTED)
+            # Stopped by its operator: no failure of the supplier's.
+            queued = _finish_file(runtime, delivery, "failed", INTERRUPTED, counted=False)
         typer.echo(f"error: {INTERRUPTED_KEPT if queued else INTERRUPTED}", err=True)
         raise typer.Exit(130) from None
     except ClaimLost:
@@ -576,12 +577,19 @@ def _ingest_file(
     return result
 
 
-def _finish_file(runtime: Runtime, delivery: inbox.Delivery, status: str, error: str) -> bool:
-    """Records a file's delivery as rejected or failed, while this run's claim holds. A
-    failed one that the inbox received a copy of meanwhile (see inbox.enqueue) is queued
-    again, for a worker to finish from it: returns whether it was."""
+def _finish_file(
+    runtime: Runtime, delivery: inbox.Delivery, status: str, error: str, *, counted: bool = True
+) -> bool:
+    """Records a file's delivery as rejected or failed, while this run's claim holds, and
+    (`counted`) as the supplier's failure in feed health, as an inbox worker does: a file
+    rejected by `ledger ingest` showed in neither feed health nor its metrics (a supplier
+    integrator's walkthrough). A failed one that the inbox received a copy of meanwhile
+    (see inbox.enqueue) is queued again, for a worker to finish from it: returns whether
+    it was."""
     with runtime.store.transaction() as conn:
-        inbox.finish(conn, delivery.id, status, None, error, attempt=delivery.attempts)
+        finished = inbox.finish(conn, delivery.id, status, None, error, attempt=delivery.attempts)
+        if finished and counted:
+            health.failed(conn, delivery.supplier_id, error)
         return status == "failed" and inbox.queue_kept(conn, delivery)
 
 

@@ -226,7 +226,7 @@ def enqueue(
         existing["content_hash"] == content_hash
         and existing["format"] == format
         and not existing["kept"]
-        and existing["status"] in ("processing", "failed")
+        and existing["status"] in ("processing", "failed", "rejected")
     ):
         # The same delivery, sent while `ledger ingest` applies it from a file of which
         # it keeps no copy (see `take_up`), or after that run stopped: this copy is kept
@@ -235,14 +235,17 @@ def enqueue(
         # takes it over. One statement, so that it sees the run's last word whichever
         # comes first: a delivery the run left failed is queued again here (its attempts
         # kept: a worker's claim then takes a lock the run never held), one it leaves
-        # failed after this is queued again by the run (`queue_kept`).
+        # failed after this is queued again by the run (`queue_kept`). One the run left
+        # rejected keeps the copy and stays rejected, as an upload rejected whole does: an
+        # admin queues it again once what stopped it is fixed (`requeue`); the copy was
+        # thrown away, and the delivery could only be ingested again (a walkthrough).
         kept = conn.execute(
             "UPDATE connector_inbox SET body = %s, received_by = coalesce(received_by, %s),"
             " status = CASE WHEN status = 'failed' THEN 'queued' ELSE status END,"
             " retry_at = CASE WHEN status = 'failed' THEN now() ELSE retry_at END,"
             " finished_at = CASE WHEN status = 'failed' THEN NULL ELSE finished_at END"
             " WHERE supplier_id = %s AND delivery_id = %s AND body IS NULL"
-            " AND status IN ('processing', 'failed') RETURNING status",
+            " AND status IN ('processing', 'failed', 'rejected') RETURNING status",
             (body, received_by, supplier_id, delivery_id),
         ).fetchone()
         conn.execute("NOTIFY connector_inbox")

@@ -985,7 +985,16 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
             ledger.database_url, "ingest", str(nameless), "--supplier", supplier_id
         )
         letters = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
+        [health] = [
+            row
+            for row in admin.get("/v1/feeds/health").json()["suppliers"]
+            if row["supplier_id"] == supplier_id
+        ]
 
+    # The rejected file counts in feed health as an inbox worker's does (it showed in
+    # neither health nor metrics: a supplier integrator's walkthrough).
+    assert (health["failures"], health["consecutive_failures"]) == (1, 1)
+    assert health["last_error"].startswith("malformed_json")
     assert applied.returncode == 0, applied.stderr
     assert (
         "2 rows read: 1 changed, 0 unchanged, 0 late, 1 rejected (unmapped_supplier_sku: 1)"
@@ -1097,6 +1106,44 @@ def test_an_edi_file_s_sch_lines_show_as_incoming_stock_never_as_sellable(ledger
     assert with_schedule["quantity"] == 120  # QTY 33; the 500 on the way are not on hand
     assert items[abc]["on_hand"] == 120
     assert without["incoming"] == []
+
+
+def test_a_file_ingest_rejected_is_kept_when_its_bytes_are_uploaded_and_queued_again(
+    ledger: Server, tmp_path: Path
+) -> None:
+    """A supplier integrator's walkthrough: a file `ledger ingest` rejected, uploaded
+    again once its supplier was fixed, was answered a rejected duplicate and its bytes
+    thrown away; the delivery could not be queued again. The upload's copy is kept now,
+    as for a delivery failed or stopped, for an admin to queue again."""
+    sku = f"RTC-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"Artikel;Bestand;Zeit\nART-1;6;{at}\n".encode()
+    feed = tmp_path / "stock.csv"
+    feed.write_bytes(body)
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"ART-1": sku})
+        refused = ledger_command(
+            ledger.database_url, "ingest", str(feed), "--supplier", supplier_id
+        )
+        columns = {"supplier_sku": "Artikel", "quantity": "Bestand", "observed_at": "Zeit"}
+        fixed = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={"connector": {"options": {"columns": columns}}},
+        )
+        assert fixed.status_code == 200, fixed.text
+        uploaded = admin.post(
+            f"/v1/suppliers/{supplier_id}/feeds", params={"format": "csv"}, content=body
+        )
+        delivery = uploaded.json()["delivery_id"]
+        queued = admin.post(f"/v1/feeds/{delivery}/retry", params={"supplier_id": supplier_id})
+        applied = finished(admin, supplier_id, delivery)
+
+    assert refused.returncode == 1, refused.stderr
+    assert uploaded.json()["status"] == "rejected"
+    assert uploaded.json()["duplicate"] is True
+    assert queued.status_code == 202, queued.text
+    assert (applied["status"], applied["applied"]) == ("applied", 1)
+    assert on_hand(ledger, sku, applied["position"]) == 6
 
 
 def test_a_rejected_delivery_applies_once_its_supplier_is_fixed_and_it_is_queued_again(

@@ -155,12 +155,16 @@ def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_run
         left = conn.execute(
             "SELECT status, error FROM connector_inbox WHERE delivery_id = 'ctrl-c-1'"
         ).fetchone()
+        counted = conn.execute(
+            "SELECT failures FROM connector_health WHERE supplier_id = %s", (SUPPLIER,)
+        ).fetchone()
     again = ledger_command(ledger.database_url, *args)
 
     assert stopped.returncode == 130, stopped.stderr
     assert f"error: {INTERRUPTED}" in " ".join(stopped.stderr.split())
     assert "Traceback" not in stopped.stderr
     assert left == ("failed", INTERRUPTED)
+    assert counted is None or counted[0] == 0  # stopped by its operator: no supplier failure
     assert again.returncode == 0, again.stderr
     assert "1 rows read: 1 changed" in again.stdout
     assert ledger.app.repository.get(StockItem.id_for(sku)).positions[SUPPLIER].quantity == 23

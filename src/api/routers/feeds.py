@@ -286,7 +286,8 @@ def retry_delivery(
             409,
             "delivery_not_retriable",
             f"delivery {delivery_id!r} was a file applied by `ledger ingest`, which keeps no"
-            " copy of it: ingest the file again",
+            " copy of it: ingest the file again, or upload its bytes (they are kept) and"
+            " queue it again",
         )
     if not queued:
         raise ApiError(
