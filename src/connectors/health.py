@@ -88,6 +88,17 @@ def set_breaker(conn: Connection, supplier_id: str, state: str) -> None:
     )
 
 
+def not_fetched(conn: Connection, supplier_id: str, _problem: str = "") -> None:
+    """A supplier no longer fetched (its connector removed, or left with no transport that
+    fetches) shows its breaker closed: it stayed `open` for good, as no probe runs to
+    close it, and its alert kept firing (a supplier integrator's walkthrough)."""
+    conn.execute(
+        "UPDATE connector_health SET breaker = 'closed', updated_at = now()"
+        " WHERE supplier_id = %s AND breaker <> 'closed'",
+        (supplier_id,),
+    )
+
+
 def report(conn: Connection, supplier_id: str | None = None) -> list[dict[str, Any]]:
     """Feed health per supplier, as the view `view_feed_health` holds it, with its open
     dead letters (`open_dead_letters`: a supplier whose every record is refused looked

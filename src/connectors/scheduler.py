@@ -140,6 +140,8 @@ class Scheduler:
         self._refused_files: dict[str, str] = {}
         # Suppliers whose files came again as deliveries refused before, as health said.
         self._delivered_before: dict[str, str] = {}
+        # Suppliers not fetched whose breaker health shows closed, as this process made sure.
+        self._not_fetched: dict[str, str] = {}
         self._refreshed = -1e9
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -394,7 +396,9 @@ class Scheduler:
             refresh_seconds=refresh,
         )
         if transport is None:
+            self._tell_once(self._not_fetched, supplier_id, "not fetched", health.not_fetched)
             return
+        self._not_fetched.pop(supplier_id, None)
         self.schedules[supplier_id] = Schedule(
             supplier_id=supplier_id,
             connector=connector,

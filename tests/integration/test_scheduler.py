@@ -403,6 +403,42 @@ def test_a_schedule_made_anew_shows_its_own_breaker_not_the_one_before(ledger: R
     assert shown["breaker"] == "closed"
 
 
+def test_a_supplier_no_longer_fetched_shows_its_breaker_closed(ledger: Runtime) -> None:
+    """A supplier integrator's walkthrough: a connector removed while its breaker was open
+    left feed health (and its metric) saying `open` for good: no probe ran to close it."""
+    catalogue = Catalogue(2, seed=17)
+    with RestSupplier(catalogue, pagination="page") as rest:
+        poll = {"url": f"{rest.base_url}/inventory", "max_attempts": 1}
+        breaker = {"failures_to_open": 1, "cooldown_seconds": 3600}
+        supplier_fed_by(ledger, "dropped", catalogue, poll=poll, breaker=breaker)
+        supplier_fed_by(ledger, "kept", catalogue, poll=poll, breaker=breaker)
+        scheduler, _ = scheduler_for(ledger)
+        scheduler.refresh()
+        rest.faults.fail_next(2, status=503)
+        for supplier in ("dropped", "kept"):
+            assert scheduler.run(scheduler.schedules[supplier]) == 0
+        with ledger.store.connection() as conn:
+            opened = {row["supplier_id"]: row["breaker"] for row in health.report(conn)}
+        # Its connector removed (no transport that fetches is left).
+        removed = ledger.writer.execute(
+            PutSupplier(
+                at=datetime.now(UTC),
+                cause=CAUSE,
+                supplier_id="dropped",
+                terms=SupplierTerms("dropped", connector={}),
+            )
+        )
+        assert removed.position is not None
+        ledger.views.wait_for("stock", removed.position, timeout=10)
+        scheduler.refresh()
+        with ledger.store.connection() as conn:
+            shown = {row["supplier_id"]: row["breaker"] for row in health.report(conn)}
+
+    assert (opened["dropped"], opened["kept"]) == ("open", "open")
+    assert "dropped" not in scheduler.schedules
+    assert (shown["dropped"], shown["kept"]) == ("closed", "open")
+
+
 def test_a_fetch_still_in_a_request_when_stopping_keeps_its_supplier_s_lease(
     ledger: Runtime,
 ) -> None:
