@@ -388,6 +388,22 @@ def test_leading_whitespace_and_a_byte_order_mark_before_the_isa_are_ignored() -
     assert summary(read_text("\ufeff\r\n  " + SAMPLE)) == summary(read_text(SAMPLE))
 
 
+def test_a_dos_end_of_file_mark_after_the_last_segment_ends_the_file() -> None:
+    """A supplier integrator's walkthrough: a Ctrl-Z after the IEA, as older systems end
+    their files, rejected the whole file as a bad segment."""
+    assert summary(read_text(SAMPLE + "\x1a")) == summary(read_text(SAMPLE))
+    assert summary(read_text(SAMPLE.rstrip() + "\x1a\r\n")) == summary(read_text(SAMPLE))
+
+
+@pytest.mark.parametrize(("written", "read_as"), [("120.", 120), ("120.00", 120), (".0", 0)])
+def test_a_whole_quantity_written_as_an_x12_decimal_is_read(written: str, read_as: int) -> None:
+    """A supplier integrator's walkthrough: `5.` and `.0`, which X12's decimal type allows,
+    refused the item."""
+    [first, _] = read_text(sample_with("QTY*33*120*EA", f"QTY*33*{written}*EA"))
+    assert isinstance(first, Record)
+    assert first.quantity == read_as
+
+
 @pytest.mark.parametrize(
     ("old", "new", "reason"),
     [

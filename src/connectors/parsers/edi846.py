@@ -179,13 +179,29 @@ def _segments(text: TextIO) -> Iterator[Segment]:
         if not chunk:
             break
         buffer += _unwrapped(chunk) if wrapped else chunk
-    if buffer.strip():
+    # A DOS end-of-file mark after the last segment (Ctrl-Z, as older systems write files)
+    # ends the file; it rejected the whole file as a bad segment (a walkthrough).
+    buffer = buffer.strip().removesuffix("\x1a").strip()
+    if buffer:
         if not terminated:
             # Segments ended by line breaks alone, under an ISA that declares another
             # terminator, read as one segment: "group 101 ends without GE" (a walkthrough).
             reason = f"bad_envelope: the ISA declares {shown(terminator)} as the segment"
             raise FeedError(f"{reason} terminator (ISA16), and none comes after it")
         yield _segment(buffer.strip().split(element))
+
+
+# An X12 decimal (type R) whose point leaves no digit on one side, or none but zeros after
+# it: `5.`, `.0`, `-.0`; refused as not a number where X12 writes them.
+_BARE_POINT = re.compile(r"([+-]?)(\d*)\.(0*)")
+
+
+def _decimal(value: str) -> str:
+    """A whole quantity as an X12 decimal may write it, as the quantity reader takes it."""
+    match = _BARE_POINT.fullmatch(value)
+    if match is None or not (match.group(2) or match.group(3)):
+        return value
+    return f"{match.group(1)}{match.group(2) or '0'}"
 
 
 def _unwrapped(text: str) -> str:
@@ -349,7 +365,7 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
         reason = f"conflicting_quantities: QTY {reported} given {len(said)} times ({written})"
         return RecordError(position, reason, raw)
     try:
-        quantity = NUMBERS.quantity(_element(chosen, 2))
+        quantity = NUMBERS.quantity(_decimal(_element(chosen, 2)))
         if quantity is None:
             raise Unreadable("missing_quantity: QTY02 is empty")
         incoming = tuple(_incoming(s, context) for s in loop if s[0] == "SCH")
@@ -361,7 +377,7 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
 
 def _incoming(sch: Segment, context: _Context) -> Incoming:
     try:
-        quantity = NUMBERS.quantity(_element(sch, 1))
+        quantity = NUMBERS.quantity(_decimal(_element(sch, 1)))
     except Unreadable:
         quantity = None
     if quantity is None:
