@@ -40,7 +40,6 @@ from rich.table import Table
 
 from api.app import SERVE_PID
 from api.database import (
-    DATA_VERSION,
     NotMigrated,
     migrate,
     require_migrated,
@@ -59,6 +58,7 @@ from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
 from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
+from projections.data_version import DATA_VERSION
 from projections.registry import all_projections
 from projections.runner import RebuildRunning, rebuild
 from projections.status import projection_status

@@ -20,6 +20,7 @@ from api.settings import Settings
 from connectors.inbox import create_tables as create_connector_tables
 from ledger.application import InventoryLedger
 from projections.base import Projection
+from projections.data_version import DATA_VERSION, newer_data_version
 from projections.leases import lock_key, lock_session
 from projections.registry import all_projections, ensure_live_generations
 from projections.store import live
@@ -174,26 +175,6 @@ def migrate(settings: Settings, database_url: str) -> None:
     log.info("database.migrated", pid=os.getpid())
 
 
-# What this code writes that older code cannot read, as a number: raised whenever code
-# writes something new of that kind (an event type, a table older code would misread).
-# 1: `StockItem.HoldsExpired` events. Code from before this guard reads none of it and
-# does not look: rolled back to it, a database fails on each SKU such an event names.
-# 2: `StockItem.Observed` version 3, `HoldConfirmed`, `CommitmentReleased`, `Shipped` and
-# `Reservation.Confirmed` version 2 (open orders against net suppliers counted), and the
-# stock view at schema version 5, upgraded in place: code of version 1 fails on those
-# events, and would find the view built by newer code and stand by, its stock frozen.
-# 3: `StockItem.SupplierSkuRemapped` events (a remap off a SKU, in its history), which
-# code of version 2 cannot read (it fails on every SKU whose history holds one), and the
-# mappings view at schema version 3 (`units_since`), upgraded in place.
-# 4: the reservations view at schema version 2 (indexed by client), upgraded in place:
-# code of version 3 would find it built by newer code and stand by, its reservations
-# frozen.
-# 5: `Reservation.Extended` and `StockItem.HoldExtended` events (a hold kept longer), which
-# code of version 4 cannot read.
-# 6: `Reservation.LinesCancelled` events (units of some lines cancelled), and reservation
-# states (snapshots, the reservations view) whose lines keep `cancelled`: code of version 5
-# cannot read either.
-DATA_VERSION = 6
 DATA_VERSION_SQL = """
 CREATE TABLE IF NOT EXISTS ledger_data_version (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
@@ -218,14 +199,11 @@ def check_data_version(conn: psycopg.Connection[dict[str, Any]]) -> None:
     """Raises NewerData where newer code migrated the database: this code would start,
     and then fail on what it cannot read (an upgrade walkthrough rolled back: ready, then
     500 on every SKU a new kind of event named)."""
-    found = conn.execute("SELECT to_regclass('ledger_data_version') IS NOT NULL AS kept").fetchone()
-    if found is None or not found["kept"]:
-        return
-    row = conn.execute("SELECT version FROM ledger_data_version").fetchone()
-    if row is not None and row["version"] > DATA_VERSION:
+    newer = newer_data_version(conn)
+    if newer is not None:
         raise NewerData(
             f"the database holds data of a newer version of the ledger (data version"
-            f" {row['version']}; this one reads up to {DATA_VERSION}): run that version, or"
+            f" {newer}; this one reads up to {DATA_VERSION}): run that version, or"
             " restore a backup taken before it ran"
         )
 

@@ -18,6 +18,7 @@ from connectors.webhooks import SIGNATURES_KEPT_SECONDS
 from ledger.base import Cause
 from ledger.commands import ExpireHolds, NoteLastReports
 from ledger.writer import LedgerWriter
+from projections.data_version import NewerData, newer_data_version
 from projections.leases import AdvisoryLease
 from projections.queries import Views
 
@@ -59,6 +60,14 @@ class Sweeper:
         while not self._stop.wait(self.interval_seconds):
             try:
                 self.sweep(datetime.now(UTC))
+            except NewerData as newer:
+                # Newer code migrated the database while this process ran: its events are
+                # not this code's to read, nor its holds to expire (an upgrade walkthrough:
+                # an old sweeper failed every second on a hold a new one had changed, and
+                # recorded no expiry at all meanwhile). The lease goes to a newer process.
+                log.error("sweeper.newer_data", error=str(newer))
+                self.lease.release()
+                return
             except TimeoutError as error:
                 # The writer was busy or stuck past the command's deadline (a lock, a slow
                 # database): the next sweep tries again, as every other one would. Not an
@@ -71,6 +80,10 @@ class Sweeper:
         """Expires the holds due at `at` (one batch) and notes stale suppliers; returns expired."""
         if not self.lease.held():
             return 0
+        with self.views.store.connection() as conn:
+            newer = newer_data_version(conn)
+        if newer is not None:
+            raise NewerData(newer)
         cause = Cause("sweeper", "hold.expired", uuid.uuid4().hex)
         due = self.views.due_holds(at, BATCH)
         expired = []

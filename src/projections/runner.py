@@ -28,6 +28,7 @@ from eventsourcing.persistence import PersistenceError
 
 from ledger.application import InventoryLedger
 from projections.base import Logged, Projection, ProjectionFailed, StateProjection
+from projections.data_version import NewerData, newer_data_version
 from projections.leases import LeaseSession
 from projections.notifier import LogNotifier
 from projections.store import (
@@ -125,6 +126,13 @@ def catch_up(
                             break
                     if position == start:
                         return applied
+                    # Asked after the page was read, in the transaction that would advance:
+                    # newer code migrates before it writes events of a new kind, so a page
+                    # holding one is seen with the newer version here, and not written. A
+                    # runner reads only the kinds it knows, and passed over the others.
+                    newer = newer_data_version(conn)
+                    if newer is not None:
+                        raise NewerData(newer)
                     projection.write(conn, current.schema, position)
                     if not advance(conn, current.name, current.generation, start, position):
                         raise LostOwnership(f"{current.name} generation {current.generation}")
@@ -274,6 +282,16 @@ class ProjectionRunner:
             try:
                 self.step()
                 pause = self.poll_seconds
+            except NewerData as newer:
+                # Newer code migrated the database while this process ran (an upgrade
+                # walkthrough: an old runner skipped the new events it could not read, its
+                # view wrong until rebuilt). It stops, its lease left to a newer runner.
+                log.error("projection.newer_data", projection=self.name, error=str(newer))
+                self.health.state, self.health.error = "newer_data", str(newer)
+                if self._lease is not None:
+                    self.leases.release(self._lease, self)
+                    self._lease = None
+                return
             except ProjectionFailed as failure:
                 self._failed(failure)
                 pause = min(60.0, max(pause, 0.5) * 2)

@@ -14,11 +14,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from api.database import DATA_VERSION, NewerData, check_migrated, migrate, start_embedded
+from api.database import NewerData, check_migrated, migrate, start_embedded
 from api.runtime import Runtime
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
+from projections.data_version import DATA_VERSION
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, put_supplier
 

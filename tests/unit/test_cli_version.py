@@ -7,7 +7,7 @@ from importlib.metadata import version
 from typer.testing import CliRunner
 
 from api.cli import cli
-from api.database import DATA_VERSION
+from projections.data_version import DATA_VERSION
 
 
 def test_the_version_names_the_package_and_the_data_version_it_writes() -> None:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from api.deps import RuntimeDep
 from api.metrics import exposition
 from api.runtime import Runtime
+from projections.data_version import newer_data_version
 
 router = APIRouter(tags=["health"])
 
@@ -63,12 +64,21 @@ def _readiness(runtime: Runtime) -> JSONResponse:
             row = conn.execute(
                 "SELECT max(notification_id) AS position FROM inventoryledger_events"
             ).fetchone()
+            # Newer code migrated the database while this process ran: it is to be
+            # replaced, not sent requests (an upgrade walkthrough: an old process answered
+            # 500 on what the new one wrote, and kept taking requests).
+            checks["newer_data"] = newer_data_version(conn)
         checks["position"] = (row or {}).get("position") or 0
         checks["database"] = True
     except Exception as error:  # any failure means not ready; say which
         checks["database"] = False
         checks["database_error"] = type(error).__name__
-    ready = bool(checks["writer"] and not checks["writer_stuck"] and checks["database"])
+    ready = bool(
+        checks["writer"]
+        and not checks["writer_stuck"]
+        and checks["database"]
+        and checks.get("newer_data") is None
+    )
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
