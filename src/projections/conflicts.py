@@ -58,8 +58,8 @@ class ConflictsProjection(Projection):
         # Conflicts raised before the name of their stream was at hand: (row, column, id).
         self._unnamed: list[tuple[dict[str, Any], str, UUID]] = []
         self._acknowledgements: list[dict[str, Any]] = []
-        # Each supplier's open (unacknowledged) unmapped_sku conflict, the newest (None:
-        # not read yet), and the repeats of those written.
+        # Each supplier's latest unmapped_sku conflict (None: not read yet), and the
+        # repeats of those written.
         self._unmapped: dict[str, _OpenUnmapped] | None = None
         self._repeats: dict[UUID, dict[str, Any]] = {}
 
@@ -103,13 +103,15 @@ class ConflictsProjection(Projection):
             return
         rows = conn.execute(
             sql.SQL(
-                "SELECT DISTINCT ON (supplier_id) supplier_id, conflict_id, detail FROM {}"
-                " WHERE kind = 'unmapped_sku' AND acknowledged_at IS NULL"
-                " ORDER BY supplier_id, position DESC"
+                "SELECT DISTINCT ON (supplier_id) supplier_id, conflict_id, detail,"
+                " acknowledged_at IS NOT NULL AS acknowledged FROM {}"
+                " WHERE kind = 'unmapped_sku' ORDER BY supplier_id, position DESC"
             ).format(table(schema, "conflicts"))
         ).fetchall()
         self._unmapped = {
-            row["supplier_id"]: _OpenUnmapped(row["conflict_id"], row["detail"], None)
+            row["supplier_id"]: _OpenUnmapped(
+                row["conflict_id"], row["detail"], None, row["acknowledged"]
+            )
             for row in rows
         }
 
@@ -172,9 +174,9 @@ class ConflictsProjection(Projection):
             self._unmapped_skus(event, notified)
         elif isinstance(event, ConflictAcknowledgement.Acknowledged):
             if self._unmapped is not None:
-                for supplier, open_one in list(self._unmapped.items()):
-                    if open_one.conflict_id == event.originator_id:
-                        del self._unmapped[supplier]
+                for latest in self._unmapped.values():
+                    if latest.conflict_id == event.originator_id:
+                        latest.acknowledged = True
             self._acknowledgements.append(
                 {
                     "id": event.originator_id,
@@ -186,30 +188,35 @@ class ConflictsProjection(Projection):
 
     def _unmapped_skus(self, event: FeedDelivery.Recorded, notified: Notified) -> None:
         """An unmapped_sku conflict for a delivery with unmapped supplier SKUs, unless the
-        supplier's open one names them all already: that one counts the delivery as a
-        repeat (`repeats`, `last_delivery_id`, `last_position`, `last_occurred_at`). A feed
-        read again and again with a record nobody mapped (a poll every minute) raised a
-        conflict at each delivery: 166 from 165 (an operator walkthrough). New supplier
-        SKUs, or an acknowledged conflict, raise a new one."""
+        supplier's latest one is open and names them all already: that one counts the
+        delivery as a repeat (`repeats`, `last_delivery_id`, `last_position`,
+        `last_occurred_at`). A feed read again and again with a record nobody mapped (a poll
+        every minute) raised a conflict at each delivery: 166 from 165 (an operator
+        walkthrough). New supplier SKUs, or the latest acknowledged, raise a new one."""
         unmapped = [r for r in event.rejected if r["reason"] == "unmapped_supplier_sku"]
         if not unmapped:
             return
         skus = sorted({_supplier_sku(r.get("record") or {}) for r in unmapped})
         assert self._unmapped is not None  # read by `begin`
-        open_one = self._unmapped.get(event.supplier_id)
-        named = set(open_one.detail.get("supplier_skus", [])) if open_one is not None else set()
-        if open_one is not None and len(skus) <= MAX_NAMED and named.issuperset(skus):
+        latest = self._unmapped.get(event.supplier_id)
+        named = set(latest.detail.get("supplier_skus", [])) if latest is not None else set()
+        if (
+            latest is not None
+            and not latest.acknowledged
+            and len(skus) <= MAX_NAMED
+            and named.issuperset(skus)
+        ):
             repeat = {
-                "repeats": int(open_one.detail.get("repeats", 0)) + 1,
+                "repeats": int(latest.detail.get("repeats", 0)) + 1,
                 "last_delivery_id": event.delivery_id,
                 "last_position": notified.position,
                 "last_occurred_at": event.timestamp.isoformat(),
             }
-            open_one.detail.update(repeat)
-            if open_one.row is not None:  # not written yet: written so
-                open_one.row["detail"] = json.dumps(open_one.detail)
+            latest.detail.update(repeat)
+            if latest.row is not None:  # not written yet: written so
+                latest.row["detail"] = json.dumps(latest.detail)
             else:
-                self._repeats[open_one.conflict_id] = repeat
+                self._repeats[latest.conflict_id] = repeat
             return
         detail: dict[str, Any] = {
             "delivery_id": event.delivery_id,
@@ -267,8 +274,8 @@ class ConflictsProjection(Projection):
         )
         self._new_names, self._conflicts, self._acknowledgements = {}, [], []
         repeats, self._repeats = self._repeats, {}
-        for open_one in (self._unmapped or {}).values():
-            open_one.row = None  # written below
+        for latest in (self._unmapped or {}).values():
+            latest.row = None  # written below
         if len(self._names) > 100_000:
             self._names = {}
         with conn.cursor() as cursor:
@@ -330,11 +337,16 @@ MAX_NAMED = 100
 
 @dataclass
 class _OpenUnmapped:
-    """A supplier's open unmapped_sku conflict: its detail, and its row while unwritten."""
+    """A supplier's latest unmapped_sku conflict: its detail, its row while unwritten, and
+    whether it was acknowledged. Only the latest takes repeats, and only while open: kept
+    so, the rule reads the same from memory and from the rows (after a reset, a handover or
+    in a rebuild). "The newest open one" was not: acknowledging the latest left an older
+    open one, which the rows then offered and memory did not (a review)."""
 
     conflict_id: UUID
     detail: dict[str, Any]
     row: dict[str, Any] | None
+    acknowledged: bool = False
 
 
 def _supplier_sku(record: dict[str, Any]) -> str:

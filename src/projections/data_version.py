@@ -49,19 +49,19 @@ class NewerData(RuntimeError):
 def newer_data_version(conn: psycopg.Connection[Any]) -> int | None:
     """The database's data version where newer code recorded one above this code's (one
     query, once the table is known to be there: a projection runner asks at every page)."""
-    global _table_seen
-    if not _table_seen:
+    database = (conn.info.host, conn.info.port, conn.info.dbname)
+    if database not in _tables_seen:
         found = conn.execute("SELECT to_regclass('ledger_data_version') IS NOT NULL").fetchone()
         if found is None or not _first(found):
             return None
-        _table_seen = True
+        _tables_seen.add(database)
     row = conn.execute("SELECT max(version) FROM ledger_data_version").fetchone()
     version = None if row is None else _first(row)
     return version if version is not None and version > DATA_VERSION else None
 
 
-# Whether the table was found once (it is never dropped).
-_table_seen = False
+# The databases in which the table was found (it is never dropped).
+_tables_seen: set[tuple[str, int, str]] = set()
 
 
 def _first(row: Any) -> Any:

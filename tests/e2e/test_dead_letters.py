@@ -743,3 +743,54 @@ def test_reports_of_one_record_sent_at_once_leave_one_open_letter(ledger: Server
 
     assert statuses == [200] * 4
     assert sorted(i["record"]["supplier_sku"] for i in still_open) == [f"Q-{k}" for k in range(5)]
+
+
+def statuses(admin: httpx.Client, supplier_id: str) -> dict[str, str]:
+    """The supplier's letters' statuses by delivery."""
+    return {
+        i["delivery_id"]: i["status"] for i in letters(admin, supplier_id=supplier_id, status="all")
+    }
+
+
+def test_a_wrong_report_never_closes_a_letter_that_would_apply_and_a_dismissed_one_no_more(
+    ledger: Server,
+) -> None:
+    """A review: a newer letter of a negative quantity closed the older letter of the same
+    record refused only as unmapped, which would apply once mapped; and a stock report sent
+    again made its dismissed letter close again the letter its dismissal had opened."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+
+    def reported(
+        admin: httpx.Client, supplier_id: str, delivery: str, quantity: int, at: datetime
+    ) -> Any:
+        body = {
+            "delivery_id": delivery,
+            "observations": [
+                {"supplier_sku": "R-1", "quantity": quantity, "observed_at": at.isoformat()}
+            ],
+        }
+        answer = admin.post(f"/v1/suppliers/{supplier_id}/stock", json=body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        reported(admin, supplier_id, "r-1", 5, start)
+        reported(admin, supplier_id, "r-2", -3, start + timedelta(minutes=1))
+        after_wrong = {
+            i["delivery_id"]: i["status"]
+            for i in letters(admin, supplier_id=supplier_id, status="all")
+        }
+        reported(admin, supplier_id, "r-3", 6, start + timedelta(minutes=2))
+        by = {i["delivery_id"]: i for i in letters(admin, supplier_id=supplier_id, status="all")}
+        dismissed = admin.post(f"/v1/dead-letters/{by['r-3']['id']}/dismiss")
+        reported(admin, supplier_id, "r-3", 6, start + timedelta(minutes=2))  # sent again
+        after_again = {
+            i["delivery_id"]: i["status"]
+            for i in letters(admin, supplier_id=supplier_id, status="all")
+        }
+
+    assert after_wrong == {"r-1": "open", "r-2": "open"}
+    assert (by["r-1"]["status"], by["r-2"]["status"]) == ("superseded", "superseded")
+    assert dismissed.json()["reopened"] == [by["r-1"]["id"], by["r-2"]["id"]]
+    assert after_again == {"r-1": "open", "r-2": "open", "r-3": "dismissed"}

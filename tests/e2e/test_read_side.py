@@ -300,6 +300,16 @@ def test_a_delivery_repeating_an_open_unmapped_sku_conflict_counts_as_its_repeat
         assert acknowledged.status_code == 200, acknowledged.text
         ghost("SPECTRE")
         after_acknowledged = conflicts(audit, supplier_id=noisy, kind="unmapped_sku", state="open")
+        # Then once more with the latest (the one just raised) acknowledged and an older one
+        # open: the older one does not take it (only the latest, open, takes repeats).
+        latest = max(after_acknowledged, key=lambda c: c["caused_by"]["position"])
+        assert admin.post(f"/v1/conflicts/{latest['conflict_id']}/acknowledge").status_code == 200
+        ghost("GHOST")
+        live = conflicts(audit, supplier_id=noisy, kind="unmapped_sku")
+        # A rebuild reads the same from the log.
+        rebuilt = ledger_command(ledger.database_url, "projections", "rebuild", "conflicts")
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        after_rebuild = conflicts(audit, supplier_id=noisy, kind="unmapped_sku")
 
     assert counted["detail"]["delivery_id"] == first["delivery_id"]
     assert counted["detail"]["repeats"] == 2
@@ -315,6 +325,11 @@ def test_a_delivery_repeating_an_open_unmapped_sku_conflict_counts_as_its_repeat
         for c in after_acknowledged
     ) == [(False, ["SPECTRE"]), (True, ["GHOST"])]
     assert newest["conflict_id"] not in {c["conflict_id"] for c in after_acknowledged}
+    assert len(live) == 4  # GHOST again raised a fourth
+    assert [
+        c["detail"].get("repeats") for c in live if c["conflict_id"] == counted["conflict_id"]
+    ] == [2]
+    assert after_rebuild == live
 
 
 def test_the_history_of_a_sku_lists_every_event_with_actor_reason_and_request(

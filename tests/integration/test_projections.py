@@ -24,12 +24,13 @@ from api.database import NotMigrated, check_migrated, migrate
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger.base import Cause
-from ledger.commands import Confirm, PutMappings, PutSku, PutSupplier
+from ledger.commands import AcknowledgeConflict, Confirm, PutMappings, PutSku, PutSupplier
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
 from ledger.supplier import Supplier, SupplierTerms
 from projections import base
 from projections.base import Notified, ProjectionFailed
+from projections.conflicts import ConflictsProjection
 from projections.leases import LeaseSession
 from projections.mappings import MappingsProjection
 from projections.queries import BY_STATUS, PositionNotReached, reservations_query
@@ -708,6 +709,47 @@ def stock_runner(runtime: Runtime, projection: StockProjection | None = None) ->
 
 
 STOCK_TABLES = StockProjection.tables
+
+
+def test_unmapped_sku_repeats_read_the_same_after_a_reset_as_in_a_rebuild(
+    quiet: Runtime,
+) -> None:
+    """A review: with "the newest open conflict takes repeats", acknowledging the newest
+    left an older open one, which a runner reset (a failed page, a handover) read back
+    from the rows and a runner that went on did not: live and rebuilt views differed."""
+    supplier = f"um-{uuid.uuid4().hex[:6]}"
+    at = datetime.now(UTC)
+    quiet.writer.execute(
+        PutSupplier(at=at, cause=CAUSE, supplier_id=supplier, terms=SupplierTerms(supplier))
+    )
+    runner = ProjectionRunner(
+        ConflictsProjection(quiet.app), quiet.app, quiet.store, quiet.leases, page_size=500
+    )
+
+    def unmapped(*names: str, seconds: int) -> None:
+        moment = at + timedelta(seconds=seconds)
+        report(quiet.writer, supplier, dict.fromkeys(names, 1), moment, by_supplier_sku="y")
+
+    unmapped("X", seconds=1)
+    unmapped("X", "Y", seconds=2)
+    runner.step()
+    with quiet.store.connection() as conn:
+        [newest] = conn.execute(
+            "SELECT conflict_id FROM view_conflicts WHERE supplier_id = %s"
+            " ORDER BY position DESC LIMIT 1",
+            (supplier,),
+        ).fetchall()
+    quiet.writer.execute(AcknowledgeConflict(at=at, cause=CAUSE, conflict_id=newest["conflict_id"]))
+    runner.step()
+    runner.projection.reset()  # as after a failed page or a handover
+    unmapped("X", seconds=3)
+    runner.step()
+    live = view_rows(quiet, ["conflicts"])
+
+    rebuild(ConflictsProjection(quiet.app), quiet.app, quiet.store, quiet.leases, page_size=2)
+    ours = [row for row in live["conflicts"] if row["supplier_id"] == supplier]
+    assert [row["kind"] for row in ours] == ["unmapped_sku"] * 3  # X again raised a third
+    assert view_rows(quiet, ["conflicts"]) == live
 
 
 def test_migrating_upgrades_a_stock_view_built_before_incoming_stock_in_place(
