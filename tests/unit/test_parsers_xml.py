@@ -243,21 +243,25 @@ def test_a_field_s_element_given_twice_refuses_its_record_not_the_first_read() -
     """Found by a supplier integrator's walkthrough: `<stock location="east">10</stock>
     <stock location="west">5</stock>` read as 10, the second dropped unsaid; so were a
     second quantity and a second SKU. The record is refused, as CSV refuses a column given
-    twice and EDI a QTY; repeated elements no field reads are no matter."""
+    twice and EDI a QTY; repeated elements that give a field no value are no matter."""
     feed = (
         b"<items>"
         b'<item><sku>X-7</sku><stock location="east">10</stock>'
         b'<stock location="west">5</stock></item>'
         b"<item><sku>X-3</sku><sku>X-4</sku><qty>1</qty></item>"
         b"<item><sku>X-5</sku><qty>2</qty><image>a</image><image>b</image></item>"
+        # Repeated wrappers that hold no value where a field looks (a review: refused).
+        b"<item><sku>X-6</sku><available>5</available><stock><location>W1</location></stock>"
+        b"<stock><location>W2</location></stock></item>"
         b"</items>"
     )
     parsed = read_bytes(feed)
 
     assert summary(parsed) == [
-        (1, None, None, "repeated_field: <stock> given 2 times; a record has one"),
-        (2, None, None, "repeated_field: <sku> given 2 times; a record has one"),
+        (1, None, None, "repeated_field: stock has 2 values; a record has one"),
+        (2, None, None, "repeated_field: sku has 2 values; a record has one"),
         (3, "X-5", 2, None),
+        (4, "X-6", 5, None),
     ]
     refused = parsed[0]
     assert isinstance(refused, RecordError)
@@ -294,7 +298,7 @@ def test_a_unit_on_the_incoming_quantity_s_own_element_is_its_unit() -> None:
         2,
         None,
         None,
-        "repeated_field: <Inbound> given 2 times; a record has one",
+        "repeated_field: inbound/qty has 2 values; a record has one",
     )
 
 

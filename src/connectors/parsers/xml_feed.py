@@ -188,8 +188,8 @@ class _Repeated(Exception):
     warehouses read as the first's: a walkthrough), as CSV refuses a column given twice
     and EDI a QTY given twice."""
 
-    def __init__(self, name: str, count: int) -> None:
-        super().__init__(f"repeated_field: <{name}> given {count} times; a record has one")
+    def __init__(self, path: str, count: int) -> None:
+        super().__init__(f"repeated_field: {path} has {count} values; a record has one")
 
 
 def _is_record(element: Element, settings: XmlSettings, nested: bool) -> bool:
@@ -233,47 +233,64 @@ class _Names:
         return None
 
     def attribute_of(self, paths: tuple[FieldPath, ...], names: tuple[str, ...]) -> str | None:
-        """One of these attributes of the element the first path that finds one leads to."""
+        """One of these attributes of the element the first path that finds a value leads
+        to (the element `lookup` reads its value from)."""
         for path in paths:
-            children, attributes = self._top
-            found = True
-            for segment in path:
-                child = None if segment.startswith("@") else self._child(children, segment)
-                if child is None:
-                    found = False
-                    break
-                children, attributes = self._of(child)
-            if found:
-                for name in names:
-                    if name in attributes:
-                        return attributes[name]
-                return None
+            if path[-1].startswith("@"):
+                continue
+            leaves = self._leaves(path)
+            if len(leaves) > 1:
+                raise _Repeated("/".join(path), len(leaves))
+            if leaves:
+                _, attributes = self._of(leaves[0])
+                return next((attributes[name] for name in names if name in attributes), None)
         return None
 
     def _follow(self, path: FieldPath) -> str | None:
+        """The value at the path: an element's text, or an attribute; None where there is
+        none (an element with children has none). More than one, where elements on the
+        path are repeated, is refused (`_Repeated`): repeated elements that give no value
+        there (wrappers with children, say) are no matter."""
         *steps, last = path
-        children, attributes = self._top
-        for segment in steps:
-            child = None if segment.startswith("@") else self._child(children, segment)
-            if child is None:
-                return None
-            children, attributes = self._of(child)
         if last.startswith("@"):
-            return attributes.get(last[1:])
-        child = self._child(children, last)
-        if child is None:
-            return attributes.get(last)
-        return None if len(child) else (child.text or "")
+            values = [
+                attributes[last[1:]]
+                for _, attributes in self._ends(tuple(steps))
+                if last[1:] in attributes
+            ]
+        else:
+            values = [leaf.text or "" for leaf in self._leaves(path)]
+            if not values and not self._elements(path):
+                # A plain name that matches no child element reads the attribute of that name.
+                values = [
+                    attributes[last]
+                    for _, attributes in self._ends(tuple(steps))
+                    if last in attributes
+                ]
+        if len(values) > 1:
+            raise _Repeated("/".join(path), len(values))
+        return values[0] if values else None
 
-    @staticmethod
-    def _child(children: dict[str, list[Element]], name: str) -> Element | None:
-        """The child of this name; more than one is refused (`_Repeated`)."""
-        found = children.get(name)
-        if found is None:
-            return None
-        if len(found) > 1:
-            raise _Repeated(_local(found[0].tag), len(found))
-        return found[0]
+    def _ends(self, steps: FieldPath) -> list[tuple[dict[str, list[Element]], dict[str, str]]]:
+        """The children and attributes of every element the steps lead to."""
+        found = [self._top]
+        for segment in steps:
+            if segment.startswith("@"):
+                return []
+            found = [
+                self._of(child) for children, _ in found for child in children.get(segment, [])
+            ]
+        return found
+
+    def _elements(self, path: FieldPath) -> list[Element]:
+        """Every element at the end of the path."""
+        *steps, last = path
+        ends = self._ends(tuple(steps))
+        return [element for children, _ in ends for element in children.get(last, [])]
+
+    def _leaves(self, path: FieldPath) -> list[Element]:
+        """The elements at the end of the path that hold a value (no children)."""
+        return [element for element in self._elements(path) if not len(element)]
 
     def _of(self, element: Element) -> tuple[dict[str, list[Element]], dict[str, str]]:
         if id(element) not in self._index:
