@@ -433,6 +433,19 @@ class Reservation(LedgerAggregate):
             if (open_units := line.open_by_supplier())
         }
 
+    def cancelled_on(self, line: Line) -> dict[str, int]:
+        """The units cancelled on a line, by supplier: of a released reservation, all that
+        did not ship. One released before its lines counted them (`Released`) kept none
+        there, in its snapshots and view rows: read so, its answers show them without a
+        rebuild (an upgrade review)."""
+        if self.status != ReservationStatus.RELEASED:
+            return line.cancelled
+        return {
+            supplier: allocated - line.fulfilled.get(supplier, 0)
+            for supplier, allocated in line.allocations.items()
+            if allocated > line.fulfilled.get(supplier, 0)
+        }
+
     @property
     def supplier_ids(self) -> set[str]:
         return {supplier for line in self.lines.values() for supplier in line.allocations}

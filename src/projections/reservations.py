@@ -57,7 +57,7 @@ class ReservationsProjection(StateProjection):
                         "allocations": line.allocations,
                         "fulfilled": line.fulfilled,
                         "returned": line.returned,
-                        "cancelled": line.cancelled,
+                        "cancelled": aggregate.cancelled_on(line),
                     }
                     for line in aggregate.lines.values()
                 ]

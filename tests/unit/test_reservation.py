@@ -399,6 +399,26 @@ def test_releasing_a_partly_fulfilled_reservation_releases_only_what_is_still_op
     assert released.lines[shirt].open_by_supplier() == {}
 
 
+def test_a_reservation_released_before_its_lines_counted_it_still_answers_what_it_let_go(
+    ledger: Ledger, acme: str
+) -> None:
+    """Snapshots and view rows of reservations released before `Released` counted the
+    units on their lines keep none there: read so, they answer them without a rebuild."""
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+    ledger.run(
+        Fulfil(at=at(20), cause=CAUSE, reservation_id=reservation.id, lines=[(shirt, 1, None)])
+    )
+    ledger.run(Release(at=at(30), cause=CAUSE, reservation_id=reservation.id))
+    released = ledger.reservation(reservation.id)
+    as_stored_before = copy.deepcopy(released)
+    as_stored_before.lines[shirt].cancelled.clear()
+
+    assert released.cancelled_on(released.lines[shirt]) == {"acme": 3}
+    assert as_stored_before.cancelled_on(as_stored_before.lines[shirt]) == {"acme": 3}
+
+
 def test_a_released_hold_counts_every_unit_it_held_cancelled(ledger: Ledger, acme: str) -> None:
     shirt = ledger.sku()
     ledger.stock(acme, {shirt: 10}, at(0))

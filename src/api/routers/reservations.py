@@ -68,14 +68,14 @@ def reservation_out(reservation: Reservation, at: datetime) -> ReservationOut:
                 quantity=line.quantity,
                 fulfilled=line.fulfilled_quantity,
                 returned=sum(line.returned.values()),
-                cancelled=line.cancelled_quantity,
+                cancelled=sum(reservation.cancelled_on(line).values()),
                 allocations=[
                     AllocationOut(
                         supplier_id=supplier,
                         quantity=quantity,
                         fulfilled=line.fulfilled.get(supplier, 0),
                         returned=line.returned.get(supplier, 0),
-                        cancelled=line.cancelled.get(supplier, 0),
+                        cancelled=reservation.cancelled_on(line).get(supplier, 0),
                     )
                     for supplier, quantity in line.allocations.items()
                 ],
