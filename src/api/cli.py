@@ -58,7 +58,7 @@ from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
 from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
-from projections.data_version import DATA_VERSION
+from projections.data_version import DATA_VERSION, NewerData
 from projections.registry import all_projections
 from projections.runner import RebuildRunning, rebuild
 from projections.status import projection_status
@@ -628,7 +628,8 @@ def _summary(counts: dict[str, Any], reasons: Counter[str]) -> str:
 def main() -> None:
     try:
         cli()
-    except NotMigrated as refused:
+    except (NotMigrated, NewerData) as refused:
+        # NewerData: newer code migrated the database while a command ran (a rebuild).
         Console(stderr=True).print(f"[red]{refused}[/red]", highlight=False)
         raise SystemExit(2) from None
     except (psycopg.OperationalError, StoreUnavailable) as lost:

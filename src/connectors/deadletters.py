@@ -386,13 +386,24 @@ _TIME = r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d:\d\d)?$"
 
 
 def _fixable(letter: str) -> sql.Composed:
-    """SQL: the letter was refused for what we have not set up yet (a mapping, a unit), not
-    for what its record says: a retry applies it once that is done."""
+    """SQL: the letter was refused for what we have not set up yet (a mapping, a unit, a
+    SKU), not for what its record says: a retry applies it once that is done."""
     reason = sql.SQL("{}.reason").format(sql.Identifier(letter))
     return sql.SQL(
         "(starts_with({r}, 'unmapped_') OR starts_with({r}, 'unknown_unit')"
-        " OR {r} = 'made_before_units_changed')"
+        " OR {r} IN ('made_before_units_changed', 'unknown_sku'))"
     ).format(r=reason)
+
+
+def _wrong(letter: str) -> sql.Composed:
+    """SQL: the letter was refused for what its record says and no setting changes (a
+    negative or missing quantity, say): not fixable, and not for its time (a clock ahead)
+    or a quantity over the supplier's ceiling (which its settings may raise)."""
+    reason = sql.SQL("{}.reason").format(sql.Identifier(letter))
+    return sql.SQL(
+        "(NOT {fixable} AND {r} NOT IN"
+        " ('observed_at_in_future', 'observed_at_out_of_range', 'quantity_out_of_range'))"
+    ).format(fixable=_fixable(letter), r=reason)
 
 
 def _observed(letter: str) -> sql.Composed:
@@ -403,10 +414,11 @@ def _observed(letter: str) -> sql.Composed:
 
 
 # A delivery's open letters of records refused for what we have not set up yet (an
-# unmapped supplier SKU or UPC, an unknown unit, a mapping's units changed since: fixable)
-# close the open letters of earlier deliveries of the same supplier record (the same
-# supplier SKU and UPC) that they are no older than, whatever those were refused for, and
-# the others close those refused for what their record says, as they are: each such
+# unmapped supplier SKU or UPC, an unknown unit or SKU, a mapping's units changed since:
+# fixable) close the open letters of earlier deliveries of the same supplier record (the
+# same supplier SKU and UPC) that they are no older than, whatever those were refused for;
+# those refused for what their record says and no setting changes (`_wrong`) close only
+# letters refused so too; those refused for their time close nothing: each such
 # letter is then `superseded`, naming the newer one (`superseded_by`), which is the one to
 # retry once set up (an older report would be `late` beside it). Kept, not deleted: listed
 # with `status=superseded`. A feed read again and again with a record nobody mapped (a
@@ -427,7 +439,7 @@ SUPERSEDE = sql.SQL("""
 WITH newest AS (
     SELECT DISTINCT ON (n.record ->> 'supplier_sku', n.record ->> 'upc')
            n.id, n.record ->> 'supplier_sku' AS supplier_sku, n.record ->> 'upc' AS upc,
-           {n_at} AS observed_at, {n_fixable} AS fixable
+           {n_at} AS observed_at, {n_fixable} AS fixable, {n_wrong} AS wrong
     FROM connector_dead_letters n
     WHERE n.supplier_id = %(supplier)s AND n.delivery_id = %(delivery)s
       AND n.status = 'open' AND n.record IS NOT NULL
@@ -444,7 +456,7 @@ WITH newest AS (
                  AND (o.record ->> 'upc' IS NULL) = (n.upc IS NULL)
     WHERE o.supplier_id = %(supplier)s AND o.status = 'open'
       AND o.delivery_id <> %(delivery)s AND o.record IS NOT NULL
-      AND o.reason <> 'conflicting_duplicate' AND (n.fixable OR NOT {o_fixable})
+      AND o.reason <> 'conflicting_duplicate' AND (n.fixable OR (n.wrong AND {o_wrong}))
       AND ({o_at} <= n.observed_at) IS NOT FALSE
     FOR UPDATE OF o SKIP LOCKED
 )
@@ -452,7 +464,11 @@ UPDATE connector_dead_letters l SET status = 'superseded', superseded_by = c.by,
        updated_at = now()
 FROM closed c WHERE l.id = c.id
 """).format(
-    n_at=_observed("n"), o_at=_observed("o"), n_fixable=_fixable("n"), o_fixable=_fixable("o")
+    n_at=_observed("n"),
+    o_at=_observed("o"),
+    n_fixable=_fixable("n"),
+    n_wrong=_wrong("n"),
+    o_wrong=_wrong("o"),
 )
 
 

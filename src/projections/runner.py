@@ -217,7 +217,7 @@ def _collector_paused() -> Iterator[None]:
 
 @dataclass
 class RunnerHealth:
-    state: str = "starting"  # starting, standby, running, failed, stopped
+    state: str = "starting"  # starting, standby, running, failed, newer_data, stopped
     generation: int | None = None
     error: str | None = None
     failed_position: int | None = None
@@ -329,9 +329,16 @@ class ProjectionRunner:
         return self.busy_settle_seconds if busy else self.settle_seconds
 
     def step(self) -> int:
-        """Catches the live generation up while holding its lease; returns events applied."""
+        """Catches the live generation up while holding its lease; returns events applied.
+        First of all, newer data stops it (NewerData): a runner standing by (newer code
+        upgraded its view in place) or failing on an event of a stream it cannot read
+        never reaches the check of a page it writes, and held its lease for good (a
+        review)."""
         with self.store.connection() as conn:
+            newer = newer_data_version(conn)
             current = live(conn, self.name)
+        if newer is not None:
+            raise NewerData(newer)
         if current is None:
             raise LookupError(f"projection {self.name} has no live generation: run ledger migrate")
         lease = f"projection:{self.name}:{current.generation}"

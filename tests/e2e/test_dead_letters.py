@@ -661,11 +661,17 @@ def test_a_letter_refused_for_its_time_supersedes_nothing_and_a_dismissal_reopen
     sku = f"DLF-{uuid.uuid4().hex[:6]}"
     with ledger.client("test-admin") as admin:
         supplier_id = supplier(admin, {})
-        good = deliver_at(admin, supplier_id, [("AHEAD", 5, start), ("BOGUS", 1, start)])
+        good = deliver_at(
+            admin, supplier_id, [("AHEAD", 5, start), ("BOGUS", 1, start), ("NEG", -1, start)]
+        )
         ahead = deliver_at(
             admin,
             supplier_id,
-            [("AHEAD", 6, start + timedelta(hours=2)), ("BOGUS", 2, start + timedelta(minutes=1))],
+            [
+                ("AHEAD", 6, start + timedelta(hours=2)),
+                ("BOGUS", 2, start + timedelta(minutes=1)),
+                ("NEG", 3, start + timedelta(hours=2)),
+            ],
         )
         every = {
             (i["delivery_id"], i["record"]["supplier_sku"]): i
@@ -684,6 +690,7 @@ def test_a_letter_refused_for_its_time_supersedes_nothing_and_a_dismissal_reopen
 
     assert every[(ahead, "AHEAD")]["reason"] == "observed_at_in_future"
     assert every[(good, "AHEAD")]["status"] == "open"  # not closed by the future one
+    assert every[(good, "NEG")]["status"] == "open"  # nor a wrong one (a review)
     assert every[(good, "BOGUS")]["superseded_by"] == second_bogus
     assert superseded.status_code == 409, superseded.text
     assert superseded.json()["error"] == "dead_letter_superseded"

@@ -31,6 +31,7 @@ from ledger.supplier import Supplier, SupplierTerms
 from projections import base
 from projections.base import Notified, ProjectionFailed
 from projections.conflicts import ConflictsProjection
+from projections.data_version import DATA_VERSION, NewerData
 from projections.leases import LeaseSession
 from projections.mappings import MappingsProjection
 from projections.queries import BY_STATUS, PositionNotReached, reservations_query
@@ -709,6 +710,34 @@ def stock_runner(runtime: Runtime, projection: StockProjection | None = None) ->
 
 
 STOCK_TABLES = StockProjection.tables
+
+
+def test_a_runner_that_finds_newer_data_stops_and_lets_its_lease_go(quiet: Runtime) -> None:
+    """A review: a runner standing by, or failing on an event it cannot read, never
+    reached the check of a page it writes, and held its lease for good. It asks first."""
+    runner = stock_runner(quiet)
+    runner.step()  # holds the lease
+    lease = f"projection:stock:{runner.health.generation}"
+    with psycopg.connect(quiet.database_url, autocommit=True) as conn:
+        [(kept,)] = conn.execute("SELECT version FROM ledger_data_version").fetchall()
+        conn.execute("UPDATE ledger_data_version SET version = %s", (DATA_VERSION + 1,))
+    try:
+        with pytest.raises(NewerData):
+            runner.step()
+        runner.start()
+        deadline = time.monotonic() + 10
+        while runner.health.state != "newer_data":
+            assert time.monotonic() < deadline, runner.health
+            time.sleep(0.05)
+        held_after = quiet.leases.holds(lease, runner)
+    finally:
+        runner.stop()
+        with psycopg.connect(quiet.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE ledger_data_version SET version = %s", (kept,))
+
+    assert kept == DATA_VERSION
+    assert not held_after
+    assert "newer than this code's" in (runner.health.error or "")
 
 
 def test_unmapped_sku_repeats_read_the_same_after_a_reset_as_in_a_rebuild(

@@ -14,6 +14,8 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
+from api.answers import reservation_fields
+from api.routers.reservations import reservation_out
 from ledger.application import InventoryLedger
 from ledger.base import Cause, LedgerSnapshot
 from ledger.commands import (
@@ -53,6 +55,7 @@ from ledger.reservation import Reservation, ReservationExpired, ReservationStatu
 from ledger.stock import Allocation, StockItem, StockLevels
 from ledger.supplier import SupplierTerms
 from ledger.writer import LedgerWriter, Outcome
+from projections.reservations import ReservationsProjection
 from tests.conftest import random_sku
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -417,6 +420,12 @@ def test_a_reservation_released_before_its_lines_counted_it_still_answers_what_i
 
     assert released.cancelled_on(released.lines[shirt]) == {"acme": 3}
     assert as_stored_before.cancelled_on(as_stored_before.lines[shirt]) == {"acme": 3}
+    # As the answers and the view's rows give it.
+    [line] = reservation_fields(as_stored_before, at(40))["lines"]
+    assert (line["cancelled"], line["allocations"][0]["cancelled"]) == (3, 3)
+    assert reservation_out(as_stored_before, at(40)).lines[0].cancelled == 3
+    columns = ReservationsProjection(ledger.app).columns(as_stored_before)
+    assert json.loads(columns["lines"])[0]["cancelled"] == {"acme": 3}
 
 
 def test_a_released_hold_counts_every_unit_it_held_cancelled(ledger: Ledger, acme: str) -> None:
