@@ -68,6 +68,8 @@ ONCE = {
     b"x-min-position": ("repeated_header", "X-Min-Position"),
     b"x-ledger-signature": ("repeated_header", "X-Ledger-Signature"),
     b"x-ledger-timestamp": ("repeated_header", "X-Ledger-Timestamp"),
+    # Of two, the stream resumed from the first (a storefront walkthrough).
+    b"last-event-id": ("repeated_header", "Last-Event-ID"),
 }
 
 

@@ -47,7 +47,7 @@ class ErrorOut(BaseModel):
 REASONS: dict[int, str] = {
     400: "The body is not JSON in a JSON encoding (`malformed_json`), or a header is "
     "missing or malformed, or sent twice (`missing_idempotency_key`, "
-    "`invalid_idempotency_key`, `invalid_authorization`).",
+    "`invalid_idempotency_key`, `invalid_authorization`, `repeated_header`: any operation).",
     401: "No API key or an unknown one (`unauthorized`); on a webhook, a signature that "
     "does not hold (`missing_signature`, `bad_signature`, `expired_signature`...).",
     403: "The key's role may not do this, or a supplier's key names another supplier "
@@ -179,6 +179,9 @@ def _keyed(method: str, path: str) -> bool:
 def _refusals(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     statuses = set(REFUSALS.get((method, path), ()))
     statuses.add(500)  # any operation, should the service fail
+    # Any operation, sent a header twice that is read once (api.middleware.ONCE): the
+    # read routes answered 400 and declared none (a storefront walkthrough).
+    statuses.add(400)
     if path.startswith("/v1/"):
         statuses.add(503)
     if _keyed(method, path):

@@ -1337,6 +1337,7 @@ def test_a_request_with_two_authorization_headers_is_refused(ledger: Server, sku
         ("GET", "/v1/availability/{sku}", "X-Min-Position", ("1", "999999")),
         ("POST", "/v1/suppliers/acme/webhook", "X-Ledger-Signature", ("sha256=00", "sha256=11")),
         ("POST", "/v1/suppliers/acme/webhook", "X-Ledger-Timestamp", ("1", "2")),
+        ("GET", "/v1/stream/availability?sku={sku}", "Last-Event-ID", ("1", "999999")),
     ],
 )
 def test_a_ledger_header_sent_twice_is_refused(
