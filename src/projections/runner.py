@@ -286,13 +286,16 @@ class ProjectionRunner:
                 # Newer code migrated the database while this process ran (an upgrade
                 # walkthrough: an old runner skipped the new events it could not read, its
                 # view wrong until rebuilt). It stops, its lease left to a newer runner.
-                log.error("projection.newer_data", projection=self.name, error=str(newer))
-                self.health.state, self.health.error = "newer_data", str(newer)
-                if self._lease is not None:
-                    self.leases.release(self._lease, self)
-                    self._lease = None
+                self._newer_data(newer)
                 return
             except ProjectionFailed as failure:
+                # An event of a stream it cannot read (newer code's) fails it before the
+                # check of the page it writes: newer data stops it here (a review).
+                try:
+                    self._stop_on_newer_data()
+                except NewerData as newer:
+                    self._newer_data(newer)
+                    return
                 self._failed(failure)
                 pause = min(60.0, max(pause, 0.5) * 2)
                 self._stop.wait(pause)
@@ -329,16 +332,9 @@ class ProjectionRunner:
         return self.busy_settle_seconds if busy else self.settle_seconds
 
     def step(self) -> int:
-        """Catches the live generation up while holding its lease; returns events applied.
-        First of all, newer data stops it (NewerData): a runner standing by (newer code
-        upgraded its view in place) or failing on an event of a stream it cannot read
-        never reaches the check of a page it writes, and held its lease for good (a
-        review)."""
+        """Catches the live generation up while holding its lease; returns events applied."""
         with self.store.connection() as conn:
-            newer = newer_data_version(conn)
             current = live(conn, self.name)
-        if newer is not None:
-            raise NewerData(newer)
         if current is None:
             raise LookupError(f"projection {self.name} has no live generation: run ledger migrate")
         lease = f"projection:{self.name}:{current.generation}"
@@ -365,7 +361,10 @@ class ProjectionRunner:
                     self.leases.release(guard, self)
         self._lease = lease
         if current.schema_version > self.projection.schema_version:
-            # Built by newer code: this runner's rows would be of an older shape.
+            # Built by newer code: this runner's rows would be of an older shape. Newer
+            # data stops it (NewerData), its lease let go: standing by here, it held the
+            # lease for good, never reaching the check of a page it writes (a review).
+            self._stop_on_newer_data()
             log.error(
                 "projection.generation_newer_than_code",
                 projection=self.name,
@@ -401,6 +400,23 @@ class ProjectionRunner:
             self.page_size,
             keep_going=lambda: not self._stop.is_set(),
         )
+
+    def _stop_on_newer_data(self) -> None:
+        """Raises NewerData where newer code migrated the database. Asked where a step
+        would not reach the check of a page it writes; not at every step: a runner
+        standing by steps at every write, and one more query each step cost the API
+        processes of a two-worker `serve` ~0.1-0.2 ms of CPU a reservation (measured)."""
+        with self.store.connection() as conn:
+            newer = newer_data_version(conn)
+        if newer is not None:
+            raise NewerData(newer)
+
+    def _newer_data(self, why: BaseException) -> None:
+        log.error("projection.newer_data", projection=self.name, error=str(why))
+        self.health.state, self.health.error = "newer_data", str(why)
+        if self._lease is not None:
+            self.leases.release(self._lease, self)
+            self._lease = None
 
     def _failed(self, failure: ProjectionFailed) -> None:
         log.error(

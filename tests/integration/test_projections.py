@@ -713,8 +713,9 @@ STOCK_TABLES = StockProjection.tables
 
 
 def test_a_runner_that_finds_newer_data_stops_and_lets_its_lease_go(quiet: Runtime) -> None:
-    """A review: a runner standing by, or failing on an event it cannot read, never
-    reached the check of a page it writes, and held its lease for good. It asks first."""
+    """A runner asks for the data version in the transaction of each page it writes, and
+    where it would stand by holding its lease (a view that newer code upgraded in place):
+    a review found it held the lease for good there, never reaching a page."""
     runner = stock_runner(quiet)
     runner.step()  # holds the lease
     lease = f"projection:stock:{runner.health.generation}"
@@ -722,8 +723,17 @@ def test_a_runner_that_finds_newer_data_stops_and_lets_its_lease_go(quiet: Runti
         [(kept,)] = conn.execute("SELECT version FROM ledger_data_version").fetchall()
         conn.execute("UPDATE ledger_data_version SET version = %s", (DATA_VERSION + 1,))
     try:
+        stock_sku(quiet.writer, f"NEWER-{uuid.uuid4().hex[:6]}", 3)  # a page to write
         with pytest.raises(NewerData):
             runner.step()
+        with psycopg.connect(quiet.database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE ledger_projection_generations SET schema_version = schema_version + 1"
+                " WHERE name = 'stock' AND generation = %s",
+                (runner.health.generation,),
+            )
+        with pytest.raises(NewerData):
+            runner.step()  # standing by, the lease held: not for good
         runner.start()
         deadline = time.monotonic() + 10
         while runner.health.state != "newer_data":
@@ -734,6 +744,11 @@ def test_a_runner_that_finds_newer_data_stops_and_lets_its_lease_go(quiet: Runti
         runner.stop()
         with psycopg.connect(quiet.database_url, autocommit=True) as conn:
             conn.execute("UPDATE ledger_data_version SET version = %s", (kept,))
+            conn.execute(
+                "UPDATE ledger_projection_generations SET schema_version = %s"
+                " WHERE name = 'stock' AND generation = %s",
+                (StockProjection.schema_version, runner.health.generation),
+            )
 
     assert kept == DATA_VERSION
     assert not held_after
