@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from ledger.base import decided_at
+from ledger.base import Cause, decided_at
 from ledger.commands import (
     Cancel,
     Confirm,
@@ -176,24 +176,37 @@ def release(uow: UnitOfWork, command: Release) -> Reservation:
     at = _decided(uow, command.at, reservation)
     open_units = reservation.open_by_sku()  # before the release counts them cancelled
     released_from = reservation.release(at, command.cause, command.note)
-    if released_from == ReservationStatus.HELD:
-        for sku, allocated in open_units.items():
+    if released_from == ReservationStatus.HELD or released_from in OPEN_COMMITMENTS:
+        _let_go(uow, reservation, released_from, open_units, at, command.cause)
+    return reservation
+
+
+def _let_go(
+    uow: UnitOfWork,
+    reservation: Reservation,
+    status: ReservationStatus,
+    units: dict[str, list[Allocation]],
+    at: datetime,
+    cause: Cause,
+) -> None:
+    """Lets units a release or a cancel took off the reservation go on their stock items:
+    a hold's as released holds, a commitment's as released commitments."""
+    for sku, allocated in units.items():
+        if status == ReservationStatus.HELD:
             _stock(uow, sku).release_hold(
-                str(reservation.id), allocated, reservation.expires_at, at, command.cause
+                str(reservation.id), allocated, reservation.expires_at, at, cause
             )
-    elif released_from in OPEN_COMMITMENTS:
-        assert reservation.confirmed_at is not None
-        for sku, allocated in open_units.items():
+        else:
+            assert reservation.confirmed_at is not None
             _stock(uow, sku).release_commitment(
                 str(reservation.id),
                 allocated,
                 reservation.confirmed_at,
                 reservation.net_of_our_orders,
                 at,
-                command.cause,
+                cause,
                 counted=reservation.net_counted,
             )
-    return reservation
 
 
 def _by_sku(movements: list[Movement]) -> dict[str, list[Allocation]]:
@@ -237,22 +250,7 @@ def cancel(uow: UnitOfWork, command: Cancel) -> Reservation:
     status, cancelled = reservation.cancel(
         command.lines, at, command.cause, command.note, command.request_key
     )
-    for sku, allocated in _by_sku(cancelled).items():
-        if status == ReservationStatus.HELD:
-            _stock(uow, sku).release_hold(
-                str(reservation.id), allocated, reservation.expires_at, at, command.cause
-            )
-        else:
-            assert reservation.confirmed_at is not None
-            _stock(uow, sku).release_commitment(
-                str(reservation.id),
-                allocated,
-                reservation.confirmed_at,
-                reservation.net_of_our_orders,
-                at,
-                command.cause,
-                counted=reservation.net_counted,
-            )
+    _let_go(uow, reservation, status, _by_sku(cancelled), at, command.cause)
     return reservation
 
 
