@@ -555,3 +555,52 @@ def test_a_line_item_count_that_does_not_match_rejects_the_file() -> None:
 
     assert error.reason == "bad_envelope: CTT01 says 7 line items, counted 2"
     assert len(parsed) == 2  # read before the count came: the caller rejects them all
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [
+        ("1E2", (1, "ABC-123", "012345678905", 100, "EA")),
+        ("1.5E1", (1, "ABC-123", "012345678905", 15, "EA")),
+        ("120E0", (1, "ABC-123", "012345678905", 120, "EA")),
+        ("1200E-1", (1, "ABC-123", "012345678905", 120, "EA")),
+        ("15E-1", (1, "invalid_quantity: '15E-1'")),
+        ("1E", (1, "invalid_quantity: '1E'")),
+        ("1E999", (1, "invalid_quantity: '1E999'")),
+    ],
+)
+def test_a_quantity_with_a_base_ten_exponent_is_read_as_x12_allows(
+    written: str, read_as: tuple[Any, ...]
+) -> None:
+    """X12.6 lets a decimal (type R) carry an exponent; `1E2` refused the item (a
+    walkthrough)."""
+    parsed = read_text(sample_with("QTY*33*120*EA", f"QTY*33*{written}*EA"))
+
+    assert summary(parsed)[0] == read_as
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        (
+            "SE*12*0001~\nGE*1*101~",
+            "SE*12*0001~\nST*846*0001~\nLIN*1*SK*ABC-123~\nQTY*33*7*EA~\nSE*4*0001~\nGE*2*101~",
+            "bad_envelope: ST02 '0001' repeats in group 101",
+        ),
+        (
+            "GE*1*101~\nIEA*1*",
+            "GE*1*101~\nGS*IB*S*R*20260115*1430*0101*X*004010~\nST*846*0002~\n"
+            "LIN*1*SK*ABC-123~\nQTY*33*7*EA~\nSE*4*0002~\nGE*1*0101~\nIEA*2*",
+            "bad_envelope: GS06 '0101' repeats in interchange 000000101",
+        ),
+    ],
+    ids=["set-in-group", "group-in-interchange"],
+)
+def test_a_control_number_used_twice_where_x12_makes_it_unique_rejects_the_file(
+    old: str, new: str, reason: str
+) -> None:
+    """Two sets of one group under one ST02 were both read, the later one's items
+    disagreeing with the earlier's then refused as duplicates (a walkthrough)."""
+    _, error = read_until_rejected(sample_with(old, new))
+
+    assert error.reason == reason

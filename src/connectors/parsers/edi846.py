@@ -21,7 +21,8 @@ separators.
 
 Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is the unit;
 of a composite, its first part; an X12 number, `.` its decimal mark and never a
-thousands separator: `100.000` is 100, `2.5` a RecordError), its SCH lines as
+thousands separator, with an optional base 10 exponent: `100.000` and `1E2` are 100,
+`2.5` a RecordError), its SCH lines as
 `incoming` (SCH01 quantity, SCH02 unit, SCH06 date), and observed_at from BIA04/BIA05
 (CCYYMMDD or YYMMDD, HHMM; a BIA without a time takes GS05 where GS04 is its date), else
 GS04/GS05, else ISA09/ISA10, naive. `position` counts LIN loops across all sets; `raw`
@@ -31,7 +32,8 @@ A FeedError: no ISA or a broken one, a set other than 846, a segment out of plac
 truncated interchange, an unreadable envelope or BIA date, a segment identifier that is
 not one (`lin`), a QTY or SCH before any LIN, and any count or control number that is
 not ASCII digits or does not match (SE01, SE02/ST02, GE01, GE02/GS06, IEA01,
-IEA02/ISA13; CTT01, where sent).
+IEA02/ISA13; CTT01, where sent), or repeats (ST02 within a group, GS06 within an
+interchange).
 Counts are checked when the trailer arrives, after the records before it were
 yielded: the caller must treat a FeedError raised at any point as the rejection of the
 whole delivery. A RecordError: a LIN loop without a usable identifier, without a QTY of
@@ -47,6 +49,7 @@ import re
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, BinaryIO, ClassVar, TextIO
 
 from connectors.parsers.records import (
@@ -196,8 +199,17 @@ def _segments(text: TextIO) -> Iterator[Segment]:
 _BARE_POINT = re.compile(r"([+-]?)(\d*)\.(0*)")
 
 
+# An X12 decimal with a base 10 exponent appended (X12.6: `1E2` is 100, `1.5E1` 15).
+_EXPONENT = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))E([+-]?\d{1,2})")
+
+
 def _decimal(value: str) -> str:
     """A whole quantity as an X12 decimal may write it, as the quantity reader takes it."""
+    exponent = _EXPONENT.fullmatch(value)
+    if exponent is not None:
+        number = Decimal(exponent.group(1)).scaleb(int(exponent.group(2)))
+        # Not whole (`15E-1`): left as written, for the reader to refuse.
+        return str(int(number)) if number == number.to_integral_value() else value
     match = _BARE_POINT.fullmatch(value)
     if match is None or not (match.group(2) or match.group(3)):
         return value
@@ -253,13 +265,13 @@ def _interchange(
         sub_element=isa[16],
         observed_at=_moment("ISA09/ISA10", "20" + isa[9].strip(), isa[10].strip()),
     )
-    groups = 0
+    groups: set[str] = set()
     for segment in segments:
         if segment[0] == "GS":
-            groups += 1
+            _check_unique("GS06", segment, groups, f"interchange {context.interchange}")
             position = yield from _group(segment, segments, settings, context, position)
         elif segment[0] == "IEA":
-            _check_count("IEA01", segment, groups, "groups")
+            _check_count("IEA01", segment, len(groups), "groups")
             _check_control("IEA02", segment, "ISA13", context.interchange)
             return position
         else:
@@ -275,13 +287,13 @@ def _group(
     context = replace(
         outer, group=control, observed_at=made_at or outer.observed_at, group_made_at=made_at
     )
-    sets = 0
+    sets: set[str] = set()
     for segment in segments:
         if segment[0] == "ST":
-            sets += 1
+            _check_unique("ST02", segment, sets, f"group {control}")
             position = yield from _transaction(segment, segments, settings, context, position)
         elif segment[0] == "GE":
-            _check_count("GE01", segment, sets, "sets")
+            _check_count("GE01", segment, len(sets), "sets")
             _check_control("GE02", segment, "GS06", control)
             return position
         else:
@@ -438,6 +450,17 @@ def _check_control(where: str, segment: Segment, header: str, control: str) -> N
     if not same:
         reason = f"bad_envelope: {where} {shown(said)} does not match {header} {shown(control)}"
         raise FeedError(reason)
+
+
+def _check_unique(where: str, segment: Segment, seen: set[str], within: str) -> None:
+    """A set's or a group's control number, noted as seen once it is new where it stands:
+    X12 numbers them uniquely there, and two sets under one number were both read."""
+    said = _element(segment, 6 if where == "GS06" else 2)
+    number = _number(said)
+    key = said if number is None else str(number)
+    if key in seen:
+        raise FeedError(f"bad_envelope: {where} {shown(said)} repeats in {within}")
+    seen.add(key)
 
 
 def _number(text: str) -> int | None:
