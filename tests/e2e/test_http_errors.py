@@ -344,9 +344,12 @@ def test_fulfilling_or_returning_an_unknown_reservation_is_not_found(
 def test_availability_of_an_unknown_sku_is_not_found(shop: httpx.Client) -> None:
     missing = random_sku("missing")
 
-    detail = refused(shop.get(f"/v1/availability/{missing}"), 404, "unknown_sku")
+    response = shop.get(f"/v1/availability/{missing}")
+    detail = refused(response, 404, "unknown_sku")
 
     assert detail["sku"] == missing
+    # The position it is unknown at, as a found SKU's answer gives it.
+    assert detail["position"] == int(response.headers["X-Ledger-Position"]) >= 0
 
 
 def test_batch_availability_without_any_sku_is_a_validation_error(shop: httpx.Client) -> None:

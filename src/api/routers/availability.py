@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.answers import availability_fields, written
-from api.deps import Read, ReadDep, json_answer
+from api.deps import POSITION_HEADER, Read, ReadDep, json_answer
 from api.errors import ApiError
 from api.routers.skus import SkuPath
 from api.schemas import AvailabilityBatchOut, AvailabilityOut, IncomingOut, Sku, SupplierLevelOut
@@ -97,7 +97,10 @@ async def one(sku: SkuPath, read: ReadDep) -> Response:
     position, found = await availability_at(read, [sku])
     levels = found.get(sku)
     if levels is None:
-        raise ApiError(404, "unknown_sku", {"message": f"unknown SKU {sku!r}", "sku": sku})
+        # Unknown at this position: a client that made the SKU reads again with its write's
+        # position as `min_position` (it said neither before: a walkthrough).
+        detail = {"message": f"unknown SKU {sku!r}", "sku": sku, "position": position}
+        raise ApiError(404, "unknown_sku", detail, {POSITION_HEADER: str(position)})
     limited_at = read.runtime.settings.limited_stock_at
     return availability_answer([levels], limited_at, position, batch=False)
 
