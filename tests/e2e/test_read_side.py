@@ -726,6 +726,20 @@ def test_a_stream_that_reconnects_from_its_last_event_gets_what_changed_meanwhil
                 resumed.close()
 
 
+def test_a_stream_asked_to_start_at_a_write_starts_with_what_it_wrote(ledger: Server) -> None:
+    with ledger.client("test-admin") as admin, ledger.client("test-oms") as oms:
+        sku = sku_with_stock(admin, supplier(admin), 10)
+        held_at = hold(oms, sku, 3)
+        live = stream(ledger, sku=[sku], min_position=held_at)
+        try:
+            kind, _, first = live.next(15)
+        finally:
+            live.close()
+
+    assert (kind, first["sku"], first["held"], first["available"]) == ("availability", sku, 3, 7)
+    assert first["position"] >= held_at
+
+
 def test_a_stream_of_everything_shows_skus_created_after_it_opened(ledger: Server) -> None:
     everything = stream(ledger)
     try:
@@ -741,9 +755,15 @@ def test_a_stream_of_everything_shows_skus_created_after_it_opened(ledger: Serve
     ("key", "params", "headers", "status", "code"),
     [
         (None, {}, {}, 401, None),
+        (None, {"min_position": str(10**15)}, {}, 401, None),
         ("test-acme", {}, {}, 403, None),
         ("test-shop", {}, {"Last-Event-ID": "twelve"}, 422, "invalid_last_event_id"),
         ("test-shop", {"after": "-1"}, {}, 422, None),
+        # Past a PostgreSQL bigint, as on every other route (it was a `reset`).
+        ("test-shop", {"after": str(2**63)}, {}, 422, None),
+        # A position the log never reached: at once, as a read (it was ignored).
+        ("test-shop", {"min_position": str(10**15)}, {}, 503, "position_not_reached"),
+        ("test-shop", {}, {"X-Min-Position": str(10**15)}, 503, "position_not_reached"),
         ("test-shop", {"sku": ["A\x01B"]}, {}, 422, "invalid_sku"),
         ("test-shop", {"sku": [f"S{n}" for n in range(101)]}, {}, 422, None),
     ],

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.auth import authorise
-from api.deps import READERS, RuntimeDep
+from api.deps import MAX_POSITION, RuntimeDep, StockAt
 from api.errors import ApiError
 from api.routers.availability import MAX_BATCH, availability_out
+from api.routers.skus import CatalogueReaderKey
 from api.schemas import PRINTABLE
 from api.stream import events, shutting_down
 from projections.entries import StockEntry
@@ -37,9 +37,11 @@ class EventStreamResponse(StreamingResponse):
 )
 async def availability_stream(
     request: Request,
+    _: CatalogueReaderKey,  # first: a key is checked before any wait
     runtime: RuntimeDep,
+    reached: StockAt,
     sku: Annotated[list[str] | None, Query(max_length=MAX_BATCH)] = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventStreamResponse:
     """`text/event-stream` of availability changes, for the SKUs named (up to 100) or all.
@@ -49,8 +51,11 @@ async def availability_stream(
     availability; `after` (or `Last-Event-ID`, which an EventSource sends when it
     reconnects, and which wins) starts with what changed since that position instead. A
     `reset` event says more changed than one burst carries: read afresh, then follow.
+    With `min_position` (or `X-Min-Position`) the stream starts once the view has reached
+    it, so that the SKUs' first events show the client's own write, or it is `503
+    position_not_reached` as a read is.
     """
-    authorise(request, READERS)
+    del reached  # waited for by its dependency, before the stream begins
     skus = None
     if sku is not None:
         bad = [name for name in sku if len(name) > MAX_SKU or not SKU.fullmatch(name)]
