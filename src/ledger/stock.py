@@ -367,10 +367,12 @@ def stock_levels(
     at: datetime,
     terms: Mapping[str, SupplierTerms],
 ) -> StockLevels:
-    """A SKU's numbers at `at`: staleness, buffers, safety stock and live holds applied."""
+    """A SKU's numbers at `at`: staleness, buffers, safety stock and live holds applied,
+    its suppliers by id (the view's rows come in no order, an item's in the order its
+    suppliers first reported: the two answers listed them differently)."""
     suppliers = [
         supplier_level(supplier_id, position, at, _terms_for(terms, supplier_id))
-        for supplier_id, position in positions.items()
+        for supplier_id, position in sorted(positions.items())
     ]
     sellable = max(0, sum(level.sellable for level in suppliers) - safety_stock)
     held = sum(level.held for level in suppliers)

@@ -396,6 +396,32 @@ def test_the_stock_of_a_sku_at_a_time_and_at_a_position(ledger: Server) -> None:
     assert naive.status_code == 422
 
 
+def test_every_answer_lists_a_sku_s_suppliers_by_id_whichever_reported_first(
+    ledger: Server,
+) -> None:
+    """The stock view's rows came in no order, and the stock at a moment listed them as
+    they first reported: two answers of one SKU listed its suppliers differently."""
+    with ledger.client("test-admin") as admin, ledger.client("test-audit") as audit:
+        first, second, third = (supplier(admin) for _ in range(3))
+        later_ids = sorted([first, second, third], reverse=True)
+        sku = sku_with_stock(admin, later_ids[0], 1)
+        for quantity, supplier_id in enumerate(later_ids[1:], start=2):
+            last = report(
+                admin, supplier_id, [{"sku": sku, "quantity": quantity, "observed_at": iso()}]
+            )
+        wanted = {"min_position": last["position"]}
+        read = audit.get(f"/v1/availability/{sku}", params=wanted).json()
+        listed = audit.get("/v1/availability", params={"sku": [sku], **wanted}).json()
+        moment = audit.get(f"/v1/skus/{sku}/stock", params={"position": last["position"]}).json()
+
+    by_id = sorted(later_ids)
+    assert [s["supplier_id"] for s in read["suppliers"]] == by_id
+    assert [s["supplier_id"] for s in listed["items"][0]["suppliers"]] == by_id
+    assert [(s["supplier_id"], s["quantity"]) for s in moment["suppliers"]] == [
+        (supplier_id, later_ids.index(supplier_id) + 1) for supplier_id in by_id
+    ]
+
+
 def test_the_stock_at_a_moment_names_the_supplier_terms_its_numbers_were_made_with(
     ledger: Server,
 ) -> None:

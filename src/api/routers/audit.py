@@ -84,12 +84,8 @@ def point_in_time_out(moment: PointInTime, limited_at: int) -> dict[str, Any]:
             # SKU's to say why (an auditor's walkthrough).
             "terms": _terms_out(moment.terms.get(supplier["supplier_id"])),
         }
-        for supplier, level, position in zip(
-            numbers["suppliers"],
-            moment.levels.suppliers,
-            moment.item.positions.values(),
-            strict=True,
-        )
+        for supplier, level in zip(numbers["suppliers"], moment.levels.suppliers, strict=True)
+        for position in (moment.item.positions[level.supplier_id],)
     ]
     return {**numbers, "at": moment.at.isoformat(), "version": moment.version}
 
