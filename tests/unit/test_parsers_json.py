@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import io
 import json
+import subprocess
+import sys
 import tracemalloc
 import weakref
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 from connectors.parsers import FeedError, Parsed, Record, RecordError, parse, source_from_chunks
+from connectors.parsers.json_feed import _bounded_digit_runs
 
 FEEDS = Path(__file__).resolve().parents[1] / "fixtures" / "feeds"
 
@@ -267,3 +270,60 @@ def test_a_file_python_cannot_read_is_rejected_whole_as_malformed(body: bytes, s
     left it failed, where a file that cannot be read is rejected with its reason."""
     with pytest.raises(FeedError, match=r"^malformed_json: .*" + says):
         list(parse("json", io.BytesIO(body)))
+
+
+def test_an_integer_of_more_digits_than_the_c_parser_survives_is_refused_not_a_crash() -> None:
+    """A security walkthrough: an integer of 65,534 digits or more crashed the process in
+    ijson's C parser (a segfault), and `ledger serve` again at each restart. Run in a
+    process of its own, so that a crash fails this test, not the suite."""
+    program = (
+        "import io, sys\n"
+        "from connectors.parsers import FeedError, parse\n"
+        "body = b'[{\"supplier_sku\": \"A1\", \"quantity\": 1' + b'0' * 70_000 + b'}]'\n"
+        "try:\n"
+        "    list(parse('json', io.BytesIO(body)))\n"
+        "except FeedError as error:\n"
+        "    print(error.reason)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+
+    assert ran.returncode == 0, (ran.returncode, ran.stderr)
+    assert ran.stdout.startswith("malformed_json: more than 60,000 digits in a row"), ran.stdout
+
+
+@pytest.mark.parametrize(
+    ("chunks", "refused"),
+    [
+        ([b"1" * 60_000], False),
+        ([b"1" * 60_001], True),
+        ([b'"' + b"1" * 30_000, b"1" * 30_000 + b'"'], False),
+        ([b'"' + b"1" * 30_000, b"1" * 30_001 + b'"'], True),
+        ([b"x" + b"1" * 20_000, b"1" * 20_000, b"1" * 20_001 + b"x"], True),
+        ([b"1" * 40_000 + b",", b"1" * 40_000], False),
+        ([b"[" + b"12345," * 20_000 + b"1]"], False),
+    ],
+    ids=[
+        "at-the-bound",
+        "past-it",
+        "across-two",
+        "past-across-two",
+        "across-three",
+        "two-runs",
+        "many-numbers",
+    ],
+)
+def test_digits_in_a_row_are_counted_across_chunks(chunks: list[bytes], refused: bool) -> None:
+    bounded = _bounded_digit_runs(iter(chunks))
+    if refused:
+        with pytest.raises(FeedError, match="digits in a row"):
+            list(bounded)
+    else:
+        assert list(bounded) == chunks
+
+
+def test_digits_in_a_string_below_the_bound_are_read_as_any_text() -> None:
+    body = b'[{"supplier_sku": "' + b"7" * 50_000 + b'", "quantity": 5}, {"sku": "B", "qty": 2}]'
+
+    parsed = list(parse("json", io.BytesIO(body)))
+
+    assert len(parsed) == 2

@@ -96,7 +96,7 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
     chunks = itertools.chain(
         [first.removeprefix(b"\xef\xbb\xbf")], iter(lambda: source.read(CHUNK), b"")
     )
-    marked = _Chunks(chunks)
+    marked = _Chunks(_bounded_digit_runs(chunks))
     try:
         # Numbers as written (an integer past 64 bits too: with `use_float` the C parser
         # refuses the whole file there, not the record); fractions as floats (below).
@@ -115,6 +115,36 @@ def _parse(source: BinaryIO, settings: JsonSettings) -> Iterator[Parsed]:
         raise FeedError(
             "malformed_json: a number of more digits than can be read (4,300)"
         ) from error
+
+
+# ijson's C parser (yajl2_c, 3.6) crashes the process on an integer of 65,534 digits or
+# more, before Python sees it (below that, the 4,300-digit ValueError above): one upload
+# took down `ledger serve`, and again at each restart as its delivery was claimed again
+# (a security walkthrough). No stock feed holds so many digits in a row, in a number or
+# in a string, so the bytes are refused before the parser reads them.
+LONGEST_DIGIT_RUN = 60_000
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_TOO_LONG_RUN = b"0" * (LONGEST_DIGIT_RUN + 1)
+
+
+def _bounded_digit_runs(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks as they come, unless digits run on past LONGEST_DIGIT_RUN in a row (across
+    chunks too): a FeedError there. Each chunk is looked at in C (translate, find)."""
+    run = 0  # the digits ending the chunks so far
+    for chunk in chunks:
+        digits = chunk.translate(_DIGITS_ONLY)
+        leading = len(digits) - len(digits.lstrip(b"0"))
+        if leading == len(digits):
+            longest = run = run + leading
+        else:
+            longest = LONGEST_DIGIT_RUN + 1 if _TOO_LONG_RUN in digits else run + leading
+            run = len(digits) - len(digits.rstrip(b"0"))
+        if longest > LONGEST_DIGIT_RUN:
+            raise FeedError(
+                f"malformed_json: more than {LONGEST_DIGIT_RUN:,} digits in a row (no number"
+                " of more than 4,300 digits can be read)"
+            )
+        yield chunk
 
 
 # Stock feeds are shallow; past this, a document is refused before it costs memory
