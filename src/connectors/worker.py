@@ -99,6 +99,14 @@ class InboxWorker:
         supplier = delivery.supplier_id
         if delivery.taken_over:
             log.warning("feed.delivery.taken_over", supplier=supplier, attempts=delivery.attempts)
+            if delivery.attempts > MAX_ATTEMPTS:
+                # Its tries are spent, the last one ending with its worker: a delivery that
+                # crashes the process applying it was claimed again at each restart, and
+                # took `ledger serve` down each time (a security walkthrough).
+                reason = f"abandoned: its worker stopped while applying it, attempt {MAX_ATTEMPTS}"
+                self._finish(delivery, "failed", None, f"{reason} of {MAX_ATTEMPTS} (a crash?)")
+                log.error("feed.delivery.abandoned", supplier=supplier, attempts=delivery.attempts)
+                return None
         try:
             result = self.ingestor.ingest(
                 supplier,

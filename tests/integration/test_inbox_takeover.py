@@ -20,7 +20,7 @@ from api.runtime import Runtime, open_runtime
 from connectors import inbox
 from connectors.ingest import Ingestor, content_hash
 from connectors.outcome import IngestResult
-from connectors.worker import InboxWorker
+from connectors.worker import MAX_ATTEMPTS, InboxWorker
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
 from projections.leases import lock_key
@@ -353,3 +353,28 @@ def test_a_delivery_whose_letters_cannot_be_stored_waits_its_retry_behind_the_ot
     assert "invalid input syntax for type json" in big["error"]
     assert (later["delivery_id"], later["status"]) == ("later", "applied")
     assert claim_locks_held(ledger) == 0
+
+
+def test_a_delivery_whose_worker_stopped_on_its_last_try_is_left_failed_not_tried_again(
+    ledger: Runtime, delivery: dict[str, int]
+) -> None:
+    """A security walkthrough: a delivery that crashed the process applying it was taken
+    over at each restart, for ever, and took `ledger serve` down each time. Here its
+    claimers die (their sessions end) without an outcome, attempt after attempt."""
+    for _ in range(MAX_ATTEMPTS):
+        with ledger.store.connection() as conn:
+            assert inbox.claim(conn) is not None
+            conn.close()  # the claimer's session ends, as at a crash (the pool replaces it)
+    worker = InboxWorker(ledger.ingestor, ledger.store)
+
+    assert worker.work_once()
+
+    row = inbox_row(ledger)
+    assert (row["status"], row["attempts"]) == ("failed", MAX_ATTEMPTS + 1)
+    assert levels_written(ledger) == {}, "not applied again"
+    assert not worker.work_once(), "nor claimed again"
+    with ledger.store.connection() as conn:
+        [health] = conn.execute(
+            "SELECT last_error FROM connector_health WHERE supplier_id = %s", (SUPPLIER,)
+        ).fetchall()
+    assert health["last_error"].startswith("abandoned: its worker stopped")
