@@ -1197,6 +1197,48 @@ def test_a_drop_folder_never_reads_through_a_link(tmp_path: Path) -> None:
     assert session.read("stock.csv") is None  # as a file gone since it was listed
 
 
+@pytest.mark.parametrize("processed", ["processed", "done/2026"])
+def test_a_drop_folder_never_moves_files_through_a_link_planted_in_it(
+    tmp_path: Path, processed: str
+) -> None:
+    """A security walkthrough: a link planted at `processed` (any level of it inside the
+    drop folder) had the files moved into the folder it named, one the service could
+    write to, under names and with content the supplier chose."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / processed.split("/")[0]).symlink_to(elsewhere, target_is_directory=True)
+    (folder / "stock.csv").write_text("sku,quantity\nA,1\n")
+    session = LocalFolder(folder, folder / processed)
+
+    with pytest.raises(FetchFailed) as refused:
+        session.move("stock.csv", "stock.csv")
+    with pytest.raises(FetchFailed):
+        session.processed("stock.csv")
+
+    assert refused.value.reason.startswith("processed_not_a_folder: ")
+    assert not refused.value.retriable
+    assert list(elsewhere.iterdir()) == []
+    assert (folder / "stock.csv").exists()
+
+
+def test_a_drop_folder_moves_files_into_a_processed_folder_inside_or_outside_it(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    outside = tmp_path / "admin" / "done"
+    for processed in (folder / "done" / "2026", outside):
+        (folder / "stock.csv").write_text("sku,quantity\nA,1\n")
+        session = LocalFolder(folder, processed)
+        assert not session.processed("stock.1.csv")
+        session.move("stock.csv", "stock.1.csv")
+        assert session.processed("stock.1.csv")
+        assert (processed / "stock.1.csv").read_text() == "sku,quantity\nA,1\n"
+        assert not (folder / "stock.csv").exists()
+
+
 class _Dripping(BaseHTTPRequestHandler):
     """A page whose body comes a byte every 0.1 s (each read well within a timeout)."""
 

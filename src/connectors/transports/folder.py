@@ -32,12 +32,14 @@ Options of `connector["folder"]` (and those of `retry`):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import posixpath
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -435,13 +437,44 @@ class LocalFolder:
                 return None
 
     def processed(self, name: str) -> bool:
-        with classified(LOCAL_FAILURES):
-            return (self.processed_folder / name).exists()
+        with classified(LOCAL_FAILURES), self._processed() as processed:
+            try:
+                os.stat(name, dir_fd=processed, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return True
 
     def move(self, name: str, target: str) -> None:
-        with classified(LOCAL_FAILURES):
+        with classified(LOCAL_FAILURES), self._processed() as processed:
+            os.replace(self.folder / name, target, dst_dir_fd=processed)
+
+    @contextmanager
+    def _processed(self) -> Iterator[int]:
+        """The processed folder, open (each level made where missing). Inside the drop
+        folder, never through a link: a supplier that can write there planted a link at
+        `processed` and had its files moved into any folder the service can write to (a
+        security walkthrough). A folder outside it is the admin's, taken as configured."""
+        folder = os.path.normpath(self.folder)
+        inside = os.path.relpath(os.path.normpath(self.processed_folder), folder)
+        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
             self.processed_folder.mkdir(parents=True, exist_ok=True)
-            os.replace(self.folder / name, self.processed_folder / target)
+            descriptor = os.open(self.processed_folder, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for level in Path(inside).parts:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(level, dir_fd=descriptor)
+                    inner = _open_level(level, descriptor)
+                    os.close(descriptor)
+                    descriptor = inner
+            except BaseException:
+                os.close(descriptor)
+                raise
+        try:
+            yield descriptor
+        finally:
+            os.close(descriptor)
 
     def delete(self, name: str) -> None:
         with classified(LOCAL_FAILURES):
@@ -449,6 +482,17 @@ class LocalFolder:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def _open_level(name: str, parent: int) -> int:
+    """A folder inside `parent`, opened; a link or a file there is refused."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            reason = f"processed_not_a_folder: {_shown(name)} is a link or a file, not a folder"
+            raise FetchFailed(reason, retriable=False) from error
+        raise
 
 
 def _shown(name: str) -> str:
