@@ -51,7 +51,9 @@ def document(ledger: Server) -> dict[str, Any]:
 # A small JSON Schema checker, for the keywords the document uses (jsonschema is not
 # installed); a keyword it does not know fails the test rather than pass unchecked.
 ANNOTATIONS = {"title", "description", "examples", "default", "format"}
-CHECKED = {"$ref", "type", "properties", "required", "items", "anyOf", "additionalProperties"}
+CHECKED = {"$ref", "type", "properties", "required", "items", "anyOf", "additionalProperties"} | {
+    "enum"
+}
 TYPES: dict[str, Any] = {
     "object": dict,
     "array": list,
@@ -80,6 +82,8 @@ def check(value: Any, schema: dict[str, Any], document: dict[str, Any], at: str 
     if "type" in schema:
         names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         assert any(_is(value, name) for name in names), f"{at}: {value!r} is not {names}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{at}: {value!r} is not one of {schema['enum']}"
     if "anyOf" in schema:
         assert any(_holds(value, option, document) for option in schema["anyOf"]), (
             f"{at}: {value!r} fits none of {schema['anyOf']}"
@@ -272,6 +276,19 @@ def test_the_document_declares_no_error_but_the_envelope(document: dict[str, Any
                     continue
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+
+
+def test_readiness_is_declared_ready_or_not_with_the_body_it_answers(
+    document: dict[str, Any], ledger: Server
+) -> None:
+    """A newcomer's walkthrough: the 503 of `/readyz` was declared with an empty schema."""
+    answer = httpx.get(f"{ledger.base_url}/readyz", timeout=10)
+    responses = document["paths"]["/readyz"]["get"]["responses"]
+    for status in ("200", "503"):
+        schema = responses[status]["content"]["application/json"]["schema"]
+        assert {"status", "checks"} <= set(resolve(document, schema).get("required", ()))
+        check(answer.json(), schema, document)
+    assert answer.json()["status"] == "ready"
 
 
 def test_every_keyed_operation_declares_the_refusals_of_keys_limits_and_outages(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 from eventsourcing.postgres import PostgresApplicationRecorder
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from api.deps import RuntimeDep
 from api.metrics import exposition
@@ -16,6 +17,14 @@ from api.runtime import Runtime
 from projections.data_version import newer_data_version
 
 router = APIRouter(tags=["health"])
+
+
+class ReadyOut(BaseModel):
+    """Readiness, and each check's result (`writer`, `writer_stuck`, `database`,
+    `newer_data`, `position`, …), as `GET /readyz` answers it, ready (200) or not (503)."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, Any]
 
 
 # Probes never wait behind requests: `/healthz` runs on the event loop, and `/readyz` reads
@@ -32,7 +41,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """The database answers and the writer runs and gets through its batches: the service
     can take commands."""
