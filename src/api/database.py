@@ -67,6 +67,9 @@ class EmbeddedPostgres:
     pgdata: Path
     started_here: bool
     system_user: str | None
+    # The `application_name` this process's connections give (PGAPPNAME, set here), told
+    # from others' at exit; None where the environment named them already.
+    own_application: str | None = None
 
     def stop(self, *, said: bool = True) -> None:
         if self.started_here:
@@ -85,7 +88,7 @@ class EmbeddedPostgres:
             return
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-                clients = self._other_clients(conn)
+                clients = self._other_clients(conn, self.own_application)
         except psycopg.Error as error:  # too busy to say (out of connections): left running
             log.info("database.embedded.left_running", pgdata=str(self.pgdata), error=str(error))
             return
@@ -99,15 +102,20 @@ class EmbeddedPostgres:
             log.warning("database.embedded.not_stopped", pgdata=str(self.pgdata), error=str(error))
 
     @staticmethod
-    def _other_clients(conn: psycopg.Connection[Any]) -> int:
-        """Client backends other than this connection's, once the command's own have had a
-        moment to go: a backend outlives its client's hang-up briefly, longer on a busy
-        machine, where one left the server running (a test run beside fuzzers)."""
+    def _other_clients(conn: psycopg.Connection[Any], own: str | None) -> int:
+        """Client backends of other processes, once the command's own have had a moment to
+        go: a backend outlives its client's hang-up briefly, longer on a busy machine,
+        where one left the server running (a test run beside fuzzers). Those still open
+        in this process (a command stopped as it started: Ctrl-C before its runtime could
+        close) name it, and do not count: they left the server running (a newcomer's
+        walkthrough)."""
         deadline = time.monotonic() + CLIENTS_SETTLE_SECONDS
         while True:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                "  AND application_name IS DISTINCT FROM %s",
+                (own,),
             ).fetchone()
             clients = 0 if row is None else int(row[0])
             if not clients or time.monotonic() >= deadline:
@@ -139,6 +147,10 @@ def resolve_database_url(settings: Settings) -> str:
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     embedded = start_embedded(settings.data_dir)
+    if "PGAPPNAME" not in os.environ:
+        # Every connection this process (and its children) makes names it (libpq reads
+        # PGAPPNAME), so that at exit `stop_unless_used` tells them from others'.
+        os.environ["PGAPPNAME"] = embedded.own_application = f"stockledger:{os.getpid()}"
     atexit.register(embedded.stop_unless_used)
     return embedded.url
 

@@ -316,6 +316,37 @@ def test_a_command_on_the_embedded_default_leaves_no_server_it_started_running(
             pg_ctl(["-w", "stop"], pgdata=data_dir.resolve() / "pgdata", user=user)
 
 
+def test_a_command_stopped_before_it_closed_its_connections_still_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    """A newcomer's walkthrough: `ledger projections run` stopped with Ctrl-C while it
+    started left the embedded PostgreSQL running, its own connections, still open at exit,
+    taken for another process's. Here a process exits with one open."""
+    data_dir = tmp_path / "var"
+    environment = {key: value for key, value in os.environ.items() if key != "LEDGER_DATABASE_URL"}
+    environment |= {"LEDGER_DATA_DIR": str(data_dir), "LEDGER_API_KEYS": ""}
+    environment.pop("PGAPPNAME", None)
+    program = (
+        "import psycopg\n"
+        "from api.database import resolve_database_url\n"
+        "from api.settings import Settings\n"
+        "kept = psycopg.connect(resolve_database_url(Settings()))\n"
+        "kept.execute('SELECT 1')\n"
+    )
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", program], env=environment, capture_output=True, timeout=120
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert not embedded_running(data_dir), ran.stderr
+    finally:
+        if embedded_running(data_dir):  # never left behind, whatever failed above
+            from pgserver import pg_ctl
+
+            user = "pgserver" if os.geteuid() == 0 else None  # as pgserver runs it
+            pg_ctl(["-w", "stop"], pgdata=data_dir.resolve() / "pgdata", user=user)
+
+
 def test_code_older_than_the_data_refuses_the_database_before_touching_it(
     runtime: Runtime,
 ) -> None:
