@@ -271,8 +271,10 @@ def seed_demo(writer: LedgerWriter, live: LiveSuppliers) -> None:
 
 def demo_settings_banner(settings: Settings, url: str) -> str:
     lines = [f"Stockledger is serving on {url}  (OpenAPI: {url}/docs)", "API keys:"]
+    lines.append(f"  {'role':<10} {'name':<12} {'secret (Authorization: Bearer …)':<34} supplier")
     lines += [
-        f"  {key.role:<10} {key.name:<12} {key.secret.get_secret_value()}"
+        f"  {key.role:<10} {key.name:<12} {key.secret.get_secret_value():<34}"
+        f" {key.supplier_id or ''}".rstrip()
         for key in settings.api_keys
     ]
     lines.append(
