@@ -472,6 +472,45 @@ FROM closed c WHERE l.id = c.id
 )
 
 
+# And the other way: a delivery's letter of a report older than an open letter of another
+# delivery that would close it were they the other way round (that one fixable, or both
+# refused for what their records say) is closed by it at once, `superseded_by` naming it.
+# A late report of a record left a second open letter beside the newer one (a walkthrough),
+# whose retry could only be `late`.
+SUPERSEDED_ON_ARRIVAL = sql.SQL("""
+WITH fresh AS (
+    SELECT n.id, n.record ->> 'supplier_sku' AS supplier_sku, n.record ->> 'upc' AS upc,
+           {n_at} AS observed_at, {n_wrong} AS wrong
+    FROM connector_dead_letters n
+    WHERE n.supplier_id = %(supplier)s AND n.delivery_id = %(delivery)s
+      AND n.status = 'open' AND n.record IS NOT NULL AND n.reason <> 'conflicting_duplicate'
+      AND coalesce(n.record ->> 'supplier_sku', n.record ->> 'upc') IS NOT NULL
+), closed AS (
+    SELECT DISTINCT ON (f.id) f.id, o.id AS by
+    FROM fresh f
+    JOIN connector_dead_letters o
+      ON coalesce(o.record ->> 'supplier_sku', '') = coalesce(f.supplier_sku, '')
+     AND (o.record ->> 'supplier_sku' IS NULL) = (f.supplier_sku IS NULL)
+     AND coalesce(o.record ->> 'upc', '') = coalesce(f.upc, '')
+     AND (o.record ->> 'upc' IS NULL) = (f.upc IS NULL)
+    WHERE o.supplier_id = %(supplier)s AND o.status = 'open'
+      AND o.delivery_id <> %(delivery)s AND o.record IS NOT NULL
+      AND ({o_fixable} OR ({o_wrong} AND f.wrong))
+      AND {o_at} > f.observed_at
+    ORDER BY f.id, {o_at} DESC, o.id DESC
+)
+UPDATE connector_dead_letters l SET status = 'superseded', superseded_by = c.by,
+       updated_at = now()
+FROM closed c WHERE l.id = c.id
+""").format(
+    n_at=_observed("n"),
+    n_wrong=_wrong("n"),
+    o_at=_observed("o"),
+    o_fixable=_fixable("o"),
+    o_wrong=_wrong("o"),
+)
+
+
 LETTERS_OF_SUPPLIER = (
     "SELECT pg_advisory_xact_lock(hashtextextended('connector_dead_letters:' || %s, 0))"
 )
@@ -510,3 +549,4 @@ def record_dead_letters(
     )
     conn.execute("DROP TABLE letters_in")
     conn.execute(SUPERSEDE, {"supplier": supplier_id, "delivery": delivery_id})
+    conn.execute(SUPERSEDED_ON_ARRIVAL, {"supplier": supplier_id, "delivery": delivery_id})

@@ -605,8 +605,9 @@ def deliver_at(admin: httpx.Client, supplier_id: str, rows: list[tuple[str, int,
 def test_a_newer_report_of_a_refused_record_supersedes_its_open_letter(ledger: Server) -> None:
     """A feed read again and again with a record nobody mapped keeps one open letter of
     it, the newest report's: the older ones are `superseded`, naming it, and only it is
-    retried once the record is mapped. A report older than the open letter closes
-    nothing; one of another supplier SKU, or another supplier, is not touched."""
+    retried once the record is mapped. A report older than the open letter is superseded
+    by it as it arrives (a walkthrough: it stayed open beside it, its retry `late`); one
+    of another supplier SKU, or another supplier, is not touched."""
     start = datetime.now(UTC) - timedelta(minutes=10)
     sku = f"DLS-{uuid.uuid4().hex[:6]}"
     with ledger.client("test-admin") as admin:
@@ -635,17 +636,23 @@ def test_a_newer_report_of_a_refused_record_supersedes_its_open_letter(ledger: S
     by_delivery = {(i["delivery_id"], i["record"]["supplier_sku"]): i["id"] for i in every}
     newest_gone, newest_negative = by_delivery[(polls[2], "GONE")], by_delivery[(polls[2], "NEG")]
     late_gone = by_delivery[(late, "GONE")]
-    assert sorted(i["id"] for i in still_open) == sorted([newest_gone, newest_negative, late_gone])
-    # Each names the letter that superseded it: the next poll's.
+    assert sorted(i["id"] for i in still_open) == sorted([newest_gone, newest_negative])
+    # Each names the letter that superseded it: the next poll's, and the late report's
+    # the newest.
     assert sorted((i["id"], i["superseded_by"]) for i in superseded) == sorted(
-        (by_delivery[(polls[n], name)], by_delivery[(polls[n + 1], name)])
-        for n in (0, 1)
-        for name in ("GONE", "NEG")
+        [
+            *(
+                (by_delivery[(polls[n], name)], by_delivery[(polls[n + 1], name)])
+                for n in (0, 1)
+                for name in ("GONE", "NEG")
+            ),
+            (late_gone, newest_gone),
+        ]
     )
     assert all(i["superseded_by"] is None for i in still_open)
-    # The newest report and the late one are tried; the late one changes nothing.
-    assert sorted(retried.json()["resolved"]) == sorted([newest_gone, late_gone])
-    assert (retried.json()["applied"], retried.json()["late"]) == (1, 1)
+    # Only the newest report is tried.
+    assert retried.json()["resolved"] == [newest_gone]
+    assert (retried.json()["applied"], retried.json()["late"]) == (1, 0)
     assert level == 12
     assert [(i["delivery_id"], i["status"]) for i in others] == [(other_s, "open")]
 
@@ -801,3 +808,33 @@ def test_a_wrong_report_never_closes_a_letter_that_would_apply_and_a_dismissed_o
     assert (by["r-1"]["status"], by["r-2"]["status"]) == ("superseded", "superseded")
     assert dismissed.json()["reopened"] == [by["r-1"]["id"], by["r-2"]["id"]]
     assert after_again == {"r-1": "open", "r-2": "open", "r-3": "dismissed"}
+
+
+def test_a_late_report_is_superseded_only_by_a_newer_letter_that_could_close_it(
+    ledger: Server,
+) -> None:
+    """A late report's letter is closed on arrival by the newest open letter that would
+    close it were they the other way round: a fixable one, not one refused for its time;
+    a wrong one only by a wrong one."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        good = deliver_at(admin, supplier_id, [("LATE", 5, start), ("NEG", -1, start)])
+        ahead = deliver_at(admin, supplier_id, [("LATE", 6, start + timedelta(hours=2))])
+        late = deliver_at(
+            admin,
+            supplier_id,
+            [("LATE", 4, start - timedelta(minutes=1)), ("NEG", 2, start - timedelta(minutes=1))],
+        )
+        every = {
+            (i["delivery_id"], i["record"]["supplier_sku"]): i
+            for i in letters(admin, supplier_id=supplier_id, status="all")
+        }
+
+    assert every[(ahead, "LATE")]["reason"] == "observed_at_in_future"
+    assert every[(late, "LATE")]["status"] == "superseded"
+    assert every[(late, "LATE")]["superseded_by"] == every[(good, "LATE")]["id"]
+    # An unmapped record's letter is not closed by a newer letter of a negative quantity.
+    assert every[(late, "NEG")]["reason"].startswith("unmapped")
+    assert every[(late, "NEG")]["status"] == "open"
+    assert [every[(d, "LATE")]["status"] for d in (good, ahead)] == ["open", "open"]
