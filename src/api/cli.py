@@ -47,7 +47,7 @@ from api.database import (
     start_embedded,
 )
 from api.logs import configure_logging
-from api.metrics import prepare_directory
+from api.metrics import prepare_directory, serve_worker_metrics
 from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
 from api.schemas import delivery_id_problem
 from api.settings import Settings
@@ -209,19 +209,56 @@ connectors_cli = typer.Typer(help="Connectors: the worker that fetches and appli
 cli.add_typer(connectors_cli, name="connectors")
 
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=65535,
+        envvar="LEDGER_METRICS_PORT",
+        help="serve Prometheus metrics (GET /metrics) on this port, as `serve` does",
+    ),
+]
+MetricsHost = Annotated[
+    str, typer.Option(envvar="LEDGER_METRICS_HOST", help="the address the metrics listen on")
+]
+
+
+@contextmanager
+def _metrics_served(runtime: Runtime, host: str, port: int | None) -> Iterator[None]:
+    if port is None:
+        yield
+        return
+    try:
+        stop = serve_worker_metrics(runtime, host, port)
+    except OSError as error:  # the port taken, say: said in a line, as a bad setting is
+        typer.echo(f"error: cannot serve metrics on {host}:{port}: {error.strerror}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        yield
+    finally:
+        stop()
+
+
 @connectors_cli.command("run")
-def connectors_run() -> None:
+def connectors_run(
+    metrics_port: MetricsPort = None, metrics_host: MetricsHost = "127.0.0.1"
+) -> None:
     """The connector worker: supplier schedules and the inbox, until stopped."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = Settings()
     configure_logging(settings)
     runtime = open_runtime(
-        settings, migrate_first=settings.migrate_on_start, sweep=False, project=False, connect=True
+        settings,
+        migrate_first=settings.migrate_on_start,
+        sweep=False,
+        project=False,
+        connect=True,
+        observe=metrics_port is not None,
     )
     tune_collector()
     try:
-        with suppress(KeyboardInterrupt):
+        with _metrics_served(runtime, metrics_host, metrics_port), suppress(KeyboardInterrupt):
             stop.wait()
     finally:
         runtime.close()
@@ -245,11 +282,17 @@ def projections_status() -> None:
 
 
 @projections_cli.command("run")
-def projections_run() -> None:
+def projections_run(
+    metrics_port: MetricsPort = None, metrics_host: MetricsHost = "127.0.0.1"
+) -> None:
     """The projection worker: keeps every projection it can lease up to date until stopped."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with _ledger(project=True), suppress(KeyboardInterrupt):
+    with (
+        _ledger(project=True) as runtime,
+        _metrics_served(runtime, metrics_host, metrics_port),
+        suppress(KeyboardInterrupt),
+    ):
         stop.wait()
 
 

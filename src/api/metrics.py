@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +167,38 @@ def exposition(runtime: Runtime) -> tuple[bytes, str]:
     stored = CollectorRegistry()
     stored.register(StoredFigures(runtime))
     return text + generate_latest(stored), content_type
+
+
+def serve_worker_metrics(runtime: Runtime, host: str, port: int) -> Callable[[], None]:
+    """Serves, on host:port in a thread of its own, what a scrape of `ledger serve` gets:
+    this process's writer counts (where it counts) and the stored figures. For the worker
+    commands, which have no HTTP of their own: `connectors run` applied deliveries that no
+    scrape counted. Returns what stops it."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)  # nothing read until scraped
+    if runtime.metrics is not None:
+        registry.register(_Collected(runtime.metrics.registry))
+    registry.register(StoredFigures(runtime))
+    server, thread = start_http_server(port, host, registry=registry)
+    log.info("metrics.serving", host=host, port=port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
+
+
+class _Collected:
+    """Another registry's metrics, as one collector (a registry takes collectors only)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.registry.collect())
 
 
 class StoredFigures:
