@@ -240,6 +240,31 @@ def test_a_broken_later_interchange_rejects_the_whole_file(following: str, reaso
     assert reason in error.reason
 
 
+def test_each_interchange_of_a_file_is_read_with_the_separators_its_own_isa_declares() -> None:
+    """A walkthrough: a second interchange whose ISA declared other separators than the
+    first (`|`, `^` and a line break, after `*`, `>` and `~` wrapped at 80 columns) was
+    read with the first one's, and the file rejected whole."""
+    first = wrapped(SAMPLE, 80, "\r\n", isa_whole=False)
+    piped = (
+        second_interchange()
+        .replace("*", "|")
+        .replace("|>~", "|^\n")
+        .replace("~\n", "\n")
+        .replace("|>", "|^")
+    )
+    assert piped.startswith("ISA|")
+    assert piped[104:106] == "^\n"
+
+    parsed = read_text(first + "\r\n" + piped + "\x1a")
+
+    assert [(p.position, p.supplier_sku, p.quantity, p.raw["interchange"]) for p in parsed] == [
+        (1, "ABC-123", 120, "000000101"),
+        (2, "XYZ-9", 0, "000000101"),
+        (3, "ABC-124", 120, "000000102"),
+        (4, "XYZ-9", 0, "000000102"),
+    ]
+
+
 def test_segments_split_across_reads_are_put_back_together() -> None:
     data = (FEEDS / "846-two-groups-crlf.edi").read_bytes()
     chunks = (data[start : start + 7] for start in range(0, len(data), 7))
@@ -330,7 +355,11 @@ def test_a_transaction_set_other_than_846_is_rejected() -> None:
         ),
         ("IEA*1*000000101~", "", "truncated: interchange 000000101 ends without IEA"),
         ("GE*1*101~", "", "bad_envelope: IEA outside a transaction set in group 101"),
-        ("IEA*1*000000101~", "IEA*1*000000101~\nGS*IB~", "bad_envelope: segments after IEA"),
+        (
+            "IEA*1*000000101~",
+            "IEA*1*000000101~\nGS*IB~",
+            "bad_envelope: segments after IEA (the interchange starts with 'GS*', not ISA)",
+        ),
         (
             "GS*IB*SUPPLIERID",
             "ST*846*0000~GS*IB*SUPPLIERID",

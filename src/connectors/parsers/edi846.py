@@ -16,8 +16,8 @@ the sub-element separator its 105th, the segment terminator its 106th. Where the
 terminator is not CR or LF, CR and LF anywhere are not data and are dropped (mainframes
 and VANs wrap lines at 80 columns, inside segments and the ISA too); where it is one, CR
 and LF after it are ignored. An interchange may hold several GS groups, each several ST
-sets, and a file several interchanges, one after another, written with the first one's
-separators.
+sets, and a file several interchanges, one after another, each with the separators its
+own ISA declares.
 
 Each record carries the identifiers of its LIN pairs, the chosen QTY (QTY03 is the unit;
 of a composite, its first part; an X12 number, `.` its decimal mark and never a
@@ -141,12 +141,74 @@ def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
 
 
 def _segments(text: TextIO) -> Iterator[Segment]:
-    """The ISA's elements, then every following segment split on the declared separators."""
-    buffer = ""
+    """Each interchange's ISA elements, then its following segments split on the separators
+    that ISA declares, through its IEA; then the next interchange's, on its own (a file of
+    interchanges whose ISAs declared other separators was rejected whole, read with the
+    first one's)."""
+    rest: str | None = ""
+    first = True
+    while rest is not None:
+        rest = yield from _interchange_segments(text, rest, first)
+        first = False
+
+
+def _interchange_segments(
+    text: TextIO, buffer: str, first: bool
+) -> Generator[Segment, None, str | None]:
+    """One interchange's segments, from what is left of the text before (`buffer`) and the
+    text; returns what follows its IEA, as written, or None at the end of the file."""
     # The ISA and one character after it (the next segment's first, or a terminator
     # wrapped onto the next line).
+    buffer = buffer.lstrip("\ufeff \t\r\n")
     while len(_unwrapped(buffer)) <= ISA_LENGTH and (chunk := text.read(CHUNK)):
         buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
+    if not first and not buffer.strip().removesuffix("\x1a").strip():
+        return None  # the end of the file (a DOS end-of-file mark after the last IEA too)
+    try:
+        element, terminator, isa_text, buffer = _isa(buffer)
+    except FeedError as error:
+        if first:
+            raise
+        inner = error.reason.removeprefix("bad_envelope: ")
+        raise FeedError(f"bad_envelope: segments after IEA ({inner})") from None
+    wrapped = terminator not in LINE_BREAKS
+    yield isa_text[:105].split(element)
+    terminated = False
+    while True:
+        *complete, buffer = buffer.split(terminator)
+        terminated = terminated or bool(complete)
+        for index, written in enumerate(complete):
+            written = written.strip()
+            if wrapped and ("\n" in written or "\r" in written):
+                written = _unwrapped(written)
+            if written:
+                segment = _segment(written.split(element))
+                yield segment
+                if segment[0] == "IEA":
+                    return terminator.join([*complete[index + 1 :], buffer])
+        if len(_unwrapped(buffer) if wrapped else buffer) > LONGEST_SEGMENT:
+            raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a whole MiB")
+        chunk = text.read(CHUNK)
+        if not chunk:
+            break
+        buffer += chunk
+    # A DOS end-of-file mark after the last segment (Ctrl-Z, as older systems write files)
+    # ends the file; it rejected the whole file as a bad segment (a walkthrough).
+    buffer = (_unwrapped(buffer) if wrapped else buffer).strip().removesuffix("\x1a").strip()
+    if buffer:
+        if not terminated:
+            # Segments ended by line breaks alone, under an ISA that declares another
+            # terminator, read as one segment: "group 101 ends without GE" (a walkthrough).
+            reason = f"bad_envelope: the ISA declares {shown(terminator)} as the segment"
+            raise FeedError(f"{reason} terminator (ISA16), and none comes after it")
+        segment = _segment(buffer.split(element))
+        yield segment
+    return None
+
+
+def _isa(buffer: str) -> tuple[str, str, str, str]:
+    """The element separator and segment terminator an ISA at the start of `buffer`
+    declares, the ISA (unwrapped where it was), and the text after it as written."""
     unwrapped = _unwrapped(buffer)
     if not unwrapped.startswith("ISA"):
         raise FeedError(f"bad_envelope: the interchange starts with {shown(buffer[:3])}, not ISA")
@@ -165,33 +227,18 @@ def _segments(text: TextIO) -> Iterator[Segment]:
     if not _is_fixed_isa(isa_text):
         reason = f"bad_envelope: the ISA is not the fixed 106 characters: {shown(buffer[:106])}"
         raise FeedError(reason)
-    element, terminator = isa_text[3], isa_text[105]
-    wrapped = terminator not in LINE_BREAKS
-    yield isa_text[:105].split(element)
-    buffer = _unwrapped(isa_text[ISA_LENGTH:]) if wrapped else isa_text[ISA_LENGTH:]
-    terminated = False
-    while True:
-        *complete, buffer = buffer.split(terminator)
-        terminated = terminated or bool(complete)
-        for text_ in complete:
-            if text_.strip():
-                yield _segment(text_.strip().split(element))
-        if len(buffer) > LONGEST_SEGMENT:
-            raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a whole MiB")
-        chunk = text.read(CHUNK)
-        if not chunk:
-            break
-        buffer += _unwrapped(chunk) if wrapped else chunk
-    # A DOS end-of-file mark after the last segment (Ctrl-Z, as older systems write files)
-    # ends the file; it rejected the whole file as a bad segment (a walkthrough).
-    buffer = buffer.strip().removesuffix("\x1a").strip()
-    if buffer:
-        if not terminated:
-            # Segments ended by line breaks alone, under an ISA that declares another
-            # terminator, read as one segment: "group 101 ends without GE" (a walkthrough).
-            reason = f"bad_envelope: the ISA declares {shown(terminator)} as the segment"
-            raise FeedError(f"{reason} terminator (ISA16), and none comes after it")
-        yield _segment(buffer.strip().split(element))
+    end = ISA_LENGTH
+    if wrapped_isa:  # where the ISA's 106th character stands as written
+        end = next(at for at, kept in enumerate(_kept_characters(buffer), 1) if kept == ISA_LENGTH)
+    return isa_text[3], isa_text[105], isa_text[:ISA_LENGTH], buffer[end:]
+
+
+def _kept_characters(text: str) -> Iterator[int]:
+    """For each character of `text`, how many of those up to it are not line breaks."""
+    kept = 0
+    for character in text:
+        kept += character not in LINE_BREAKS
+        yield kept
 
 
 # An X12 decimal (type R) whose point leaves no digit on one side, or none but zeros after
@@ -242,7 +289,7 @@ def _segment(elements: Segment) -> Segment:
 
 def _interchanges(segments: Iterator[Segment], settings: EdiSettings) -> Iterator[Parsed]:
     """Every interchange of the file, one after another (a VAN's mailbox file may hold
-    several), positions counted across them; they share the first ISA's separators."""
+    several), positions counted across them, each read with its own ISA's separators."""
     isa = next(segments)
     position = 0
     while True:
