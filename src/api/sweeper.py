@@ -12,6 +12,8 @@ import uuid
 from datetime import UTC, datetime
 
 import structlog
+from eventsourcing.persistence import OperationalError as StoreUnavailable
+from psycopg import OperationalError as DatabaseUnavailable
 
 from connectors.inbox import forget_bodies, forget_signatures
 from connectors.webhooks import SIGNATURES_KEPT_SECONDS
@@ -73,6 +75,11 @@ class Sweeper:
                 # database): the next sweep tries again, as every other one would. Not an
                 # error with a traceback (a walkthrough).
                 log.warning("sweeper.timed_out", outcome=type(error).__name__)
+            except (DatabaseUnavailable, StoreUnavailable) as error:
+                # A connection lost (the database restarted, a session ended): the next
+                # sweep reconnects. Logged with a traceback at error level each time, it
+                # read as a failure of the sweeper's own (an OMS walkthrough).
+                log.warning("sweeper.database_unavailable", error=str(error).strip())
             except Exception:
                 log.exception("sweeper.failed")
 

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
 from api.runtime import Runtime
@@ -64,11 +65,23 @@ def test_only_one_of_two_sweepers_holds_the_lease(runtime: Runtime) -> None:
         second.lease.release()
 
 
+@pytest.mark.parametrize(
+    ("failure", "told"),
+    [
+        (OutcomeUnknown("the command may yet be applied"), "sweeper.timed_out"),
+        (
+            psycopg.OperationalError("terminating connection due to administrator command"),
+            "sweeper.database_unavailable",
+        ),
+    ],
+    ids=["past-the-deadline", "connection-lost"],
+)
 def test_a_sweep_past_the_writer_s_deadline_is_told_as_such_and_the_next_goes_on(
-    runtime: Runtime, caplog: pytest.LogCaptureFixture
+    runtime: Runtime, caplog: pytest.LogCaptureFixture, failure: Exception, told: str
 ) -> None:
     """A walkthrough: a sweep whose command outlived its deadline (the event table locked)
-    was logged as `sweeper.failed`, an error with a traceback."""
+    was logged as `sweeper.failed`, an error with a traceback; so was one whose database
+    connection was ended (an OMS walkthrough, at each `pg_terminate_backend`)."""
     sku = random_sku("SWEPT")
     stock_sku(runtime.writer, sku, 5)
     held = runtime.writer.execute(reserve([(sku, 2)], ttl=1)).value.reservation
@@ -80,7 +93,7 @@ def test_a_sweep_past_the_writer_s_deadline_is_told_as_such_and_the_next_goes_on
     def late_once(command: Any, **options: Any) -> Any:
         calls.append(command)
         if len(calls) == 1:
-            raise OutcomeUnknown("the command may yet be applied")
+            raise failure
         return execute(command, **options)
 
     sweeper = Sweeper(runtime.writer, runtime.views, runtime.database_url, interval_seconds=0.1)
@@ -97,5 +110,5 @@ def test_a_sweep_past_the_writer_s_deadline_is_told_as_such_and_the_next_goes_on
         runtime.writer.execute = execute  # type: ignore[method-assign]
 
     events = [r.msg.get("event") for r in caplog.records if isinstance(r.msg, dict)]
-    assert "sweeper.timed_out" in events
+    assert told in events
     assert "sweeper.failed" not in events
