@@ -61,7 +61,7 @@ from ledger.errors import LedgerError
 from projections.data_version import DATA_VERSION, NewerData
 from projections.registry import all_projections
 from projections.runner import RebuildRunning, rebuild
-from projections.status import projection_status
+from projections.status import ProjectionStatus, projection_status
 
 cli = typer.Typer(help="Stockledger: an event-sourced inventory ledger.", no_args_is_help=True)
 
@@ -164,6 +164,11 @@ def serve(
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM taken as Ctrl-C, by the commands that tidy up and say so when stopped."""
+    raise KeyboardInterrupt
 
 
 @cli.command("migrate")
@@ -272,13 +277,21 @@ def projections_status() -> None:
         for status in projection_status(runtime.store, runtime.app):
             table.add_row(
                 status.name,
-                str(status.generation) + ("" if status.live else " (building)"),
+                str(status.generation) + _unless_live(status),
                 str(status.position),
                 str(status.lag_events),
                 f"{status.lag_seconds:.1f}",
                 status.error or "",
             )
         Console().print(table)
+
+
+def _unless_live(status: ProjectionStatus) -> str:
+    """What a generation that is not live is: being built, or left by a rebuild that was
+    killed (shown as building for good: an operator walkthrough)."""
+    if status.live:
+        return ""
+    return " (building)" if status.building else " (abandoned: the next rebuild drops it)"
 
 
 @projections_cli.command("run")
@@ -310,6 +323,9 @@ def projections_rebuild(
     ] = None,
 ) -> None:
     """Builds a projection again from position zero under a new generation, then switches."""
+    # Stopped by SIGTERM as by Ctrl-C: its unfinished generation dropped, and said (it
+    # ended at once with status 143, saying nothing, the generation left: a walkthrough).
+    signal.signal(signal.SIGTERM, _interrupt)
     with _ledger() as runtime:
         chosen = [
             p
@@ -346,6 +362,14 @@ def projections_rebuild(
                     progress.stop()
                     typer.echo(f"error: {running}", err=True)
                     raise typer.Exit(1) from None
+                except KeyboardInterrupt:
+                    progress.stop()
+                    typer.echo(
+                        f"error: the rebuild of {projection.name} was stopped; its unfinished"
+                        " generation is dropped, the live one untouched: run it again",
+                        err=True,
+                    )
+                    raise typer.Exit(130) from None
                 progress.update(task, completed=last)
                 progress.console.print(
                     f"{projection.name}: generation {built.generation} is live at {built.position}"
@@ -450,6 +474,9 @@ def ingest_command(
     ] = None,
 ) -> None:
     """Applies one feed file now, with a progress bar and a summary."""
+    # Stopped by SIGTERM as by Ctrl-C: the delivery left failed, to be run again, and said
+    # (it ended with status 143, saying nothing, the delivery left `processing`).
+    signal.signal(signal.SIGTERM, _interrupt)
     problem = None if delivery_id is None else delivery_id_problem(delivery_id)
     if problem is not None:
         raise typer.BadParameter(problem, param_hint="'--delivery-id'")

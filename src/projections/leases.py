@@ -76,6 +76,11 @@ def keep_alive(conn: psycopg.Connection[Any]) -> None:
     )
 
 
+def generation_lease(projection: str, generation: int) -> str:
+    """The lease of a projection's generation: its live runner's, or its rebuild's."""
+    return f"projection:{projection}:{generation}"
+
+
 def lock_key(name: str) -> int:
     """A stable 64-bit advisory lock key for a name."""
     digest = hashlib.sha256(f"stockledger:{name}".encode()).digest()

@@ -29,7 +29,7 @@ from eventsourcing.persistence import PersistenceError
 from ledger.application import InventoryLedger
 from projections.base import Logged, Projection, ProjectionFailed, StateProjection
 from projections.data_version import NewerData, newer_data_version
-from projections.leases import LeaseSession
+from projections.leases import LeaseSession, generation_lease
 from projections.notifier import LogNotifier
 from projections.store import (
     Connection,
@@ -337,7 +337,7 @@ class ProjectionRunner:
             current = live(conn, self.name)
         if current is None:
             raise LookupError(f"projection {self.name} has no live generation: run ledger migrate")
-        lease = f"projection:{self.name}:{current.generation}"
+        lease = generation_lease(self.name, current.generation)
         if self._lease not in (None, lease):
             self.leases.release(self._lease, self)  # that generation is no longer live
             self._lease = None
@@ -496,7 +496,7 @@ def _drop_abandoned(name: str, store: ViewStore, leases: LeaseSession) -> None:
             return
         others = [g.generation for g in generations(conn, name) if g.generation != live_number]
     for number in others:
-        lease, holder = f"projection:{name}:{number}", object()
+        lease, holder = generation_lease(name, number), object()
         if not leases.hold(lease, holder):
             continue
         try:
@@ -542,7 +542,7 @@ def _rebuild(
     name = projection.name
     with store.connection() as conn:
         built = create_generation(conn, name, projection.schema_version, projection.ddl())
-    lease = f"projection:{name}:{built.generation}"
+    lease = generation_lease(name, built.generation)
     holder = object()
     if not leases.hold(lease, holder):
         raise LostOwnership(f"cannot hold the new generation {built.generation} of {name}")
@@ -586,8 +586,35 @@ def _rebuild(
             position=final.position,
         )
         return final
+    except BaseException as stopped:
+        # Stopped (a failure, Ctrl-C, SIGTERM): its half-built generation is dropped, not
+        # left for `projections status` to show as building for good (an operator
+        # walkthrough). One made live already (in place) stays, for the runner to go on.
+        _drop_unfinished(store, name, built.generation, stopped)
+        raise
     finally:
         leases.release(lease, holder)
+
+
+def _drop_unfinished(store: ViewStore, name: str, number: int, stopped: BaseException) -> None:
+    reason = type(stopped).__name__
+    try:
+        with store.connection() as conn:
+            if generation(conn, name, number) is None:  # dropped already (a share failed)
+                return
+            if live_generation(conn, name) == number:
+                log.warning("projection.rebuild.stopped", projection=name, reason=reason)
+                return
+            drop_generation(conn, name, number)
+        log.warning("projection.rebuild.stopped", projection=name, generation=number, reason=reason)
+    except Exception as error:  # the database away: the next rebuild drops it
+        log.warning(
+            "projection.rebuild.stopped",
+            projection=name,
+            generation=number,
+            reason=reason,
+            kept=str(error),
+        )
 
 
 def _build_in_shares(

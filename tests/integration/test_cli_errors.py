@@ -136,13 +136,22 @@ cli._ingest_file = interrupted
 sys.argv[0] = "ledger"
 cli.main()
 """
+# As an orchestrator stops it: SIGTERM, while it applies the file.
+TERMINATED_INGEST = INTERRUPTED_INGEST.replace(
+    "    raise KeyboardInterrupt\n",
+    "    import os, signal, time\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n",
+)
 
 
+@pytest.mark.parametrize(
+    "program", [INTERRUPTED_INGEST, TERMINATED_INGEST], ids=["ctrl-c", "sigterm"]
+)
 def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_running_it_again(
-    ledger: Runtime, tmp_path: Path
+    ledger: Runtime, tmp_path: Path, program: str
 ) -> None:
     # It exited with status 130 saying nothing, and left the delivery failed with the
-    # error "KeyboardInterrupt: " (an operator's walkthrough).
+    # error "KeyboardInterrupt: " (an operator's walkthrough); stopped by SIGTERM, with
+    # status 143 saying nothing, the delivery left `processing` (another).
     from api.cli import INTERRUPTED
 
     sku = mapped_sku(ledger)
@@ -151,7 +160,7 @@ def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_run
     feed.write_text(f"sku,quantity,observed_at\nA-1,23,{at}\n")
     args = ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "ctrl-c-1"]
 
-    stopped = ledger_command(ledger.database_url, *args, program=("-c", INTERRUPTED_INGEST))
+    stopped = ledger_command(ledger.database_url, *args, program=("-c", program))
     with psycopg.connect(ledger.database_url) as conn:
         left = conn.execute(
             "SELECT status, error FROM connector_inbox WHERE delivery_id = 'ctrl-c-1'"

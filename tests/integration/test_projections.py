@@ -1110,6 +1110,45 @@ def rebuild_hanging_in_a_share(database_url: str) -> None:
     rebuild(HangsInAShare(runtime.app), runtime.app, runtime.store, runtime.leases, processes=2)
 
 
+def stock_generation_status(runtime: Runtime, number: int) -> Any:
+    [found] = [
+        status
+        for status in projection_status(runtime.store, runtime.app)
+        if (status.name, status.generation) == ("stock", number)
+    ]
+    assert not found.live
+    return found
+
+
+def test_a_rebuild_stopped_drops_its_unfinished_generation_and_leaves_the_live_one(
+    quiet: Runtime,
+) -> None:
+    """An operator walkthrough: a rebuild stopped (SIGTERM, or Ctrl-C) left its half-built
+    generation, which `projections status` showed as building until the next rebuild."""
+    mixed_workload(quiet.writer, skus=6)
+    with quiet.store.connection() as conn:
+        live_before = live_generation(conn, "stock")
+    calls = []
+
+    def stopped_at_its_first_page(position: int, _applied: int) -> None:
+        calls.append(position)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(
+            StockProjection(quiet.app),
+            quiet.app,
+            quiet.store,
+            quiet.leases,
+            progress=stopped_at_its_first_page,
+        )
+
+    assert calls
+    with quiet.store.connection() as conn:
+        assert live_generation(conn, "stock") == live_before
+        assert [g.generation for g in generations(conn, "stock")] == [live_before]
+
+
 def test_a_killed_rebuild_leaves_no_process_behind_and_the_next_drops_its_generation(
     quiet: Runtime,
 ) -> None:
@@ -1141,6 +1180,7 @@ def test_a_killed_rebuild_leaves_no_process_behind_and_the_next_drops_its_genera
     with quiet.store.connection() as conn:
         half_built = generation(conn, "stock", live_before + 1)
     assert half_built is not None
+    assert stock_generation_status(quiet, half_built.generation).building
 
     killed.kill()
     killed.wait(10)
@@ -1159,6 +1199,8 @@ def test_a_killed_rebuild_leaves_no_process_behind_and_the_next_drops_its_genera
         probe.release(f"projection:stock:{half_built.generation}", holder)
     finally:
         probe.close()
+    # Nobody builds it now: not shown as building (it was, for good: an operator walkthrough).
+    assert not stock_generation_status(quiet, half_built.generation).building
     rebuilt = rebuild(StockProjection(quiet.app), quiet.app, quiet.store, quiet.leases)
     with quiet.store.connection() as conn:
         left = generations(conn, "stock")
