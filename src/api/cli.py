@@ -53,7 +53,7 @@ from api.schemas import delivery_id_problem
 from api.settings import Settings
 from api.transport import JoiningHttpToolsProtocol
 from connectors import health, inbox
-from connectors.deadletters import record_dead_letters
+from connectors.deadletters import record_delivery_letters
 from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
 from connectors.worker import ClaimLost
@@ -557,7 +557,7 @@ def _apply_file(
         ):
             typer.echo(f"error: delivery {delivery_id!r} was taken over by another run", err=True)
             raise typer.Exit(1)
-        record_dead_letters(conn, supplier, delivery_id, result.rejections)
+        record_delivery_letters(conn, delivery.id, supplier, delivery_id, result.rejections)
         health.succeeded(
             conn,
             supplier,

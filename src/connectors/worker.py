@@ -12,7 +12,7 @@ import structlog
 from eventsourcing.persistence import PersistenceError
 
 from connectors import health, inbox
-from connectors.deadletters import record_dead_letters
+from connectors.deadletters import record_delivery_letters
 from connectors.ingest import Ingestor
 from connectors.outcome import FeedRejected, IngestResult
 from connectors.parsers import Format
@@ -145,7 +145,11 @@ class InboxWorker:
                 ):
                     log.warning("feed.delivery.claim_lost", supplier=supplier)
                     return None
-                record_dead_letters(conn, supplier, delivery.delivery_id, result.rejections)
+                letters = record_delivery_letters(
+                    conn, delivery.id, supplier, delivery.delivery_id, result.rejections
+                )
+                if letters is not None:
+                    outcome["seconds"]["letters"] = letters
                 health.succeeded(
                     conn,
                     supplier,

@@ -838,3 +838,24 @@ def test_a_late_report_is_superseded_only_by_a_newer_letter_that_could_close_it(
     assert every[(late, "NEG")]["reason"].startswith("unmapped")
     assert every[(late, "NEG")]["status"] == "open"
     assert [every[(d, "LATE")]["status"] for d in (good, ahead)] == ["open", "open"]
+
+
+def test_a_delivery_s_outcome_counts_the_time_its_letters_took_and_ends_after_them(
+    ledger: Server,
+) -> None:
+    """An operator walkthrough: a delivery whose letters took minutes showed as finished
+    when its outcome was written, its `seconds` adding up to under one."""
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {})
+        refused = deliver_at(admin, supplier_id, [("NOBODY", 3, start)])
+        refused_status = finished(admin, supplier_id, refused)
+        [letter] = letters(admin, supplier_id=supplier_id)
+        map_skus(admin, supplier_id, {"CLEAN": f"DLT-{uuid.uuid4().hex[:6]}"})
+        clean = deliver_at(admin, supplier_id, [("CLEAN", 2, start)])
+        clean_status = finished(admin, supplier_id, clean)
+
+    assert refused_status["seconds"]["letters"] >= 0
+    assert refused_status["finished_at"] >= letter["created_at"]
+    assert clean_status["applied"] == 1
+    assert "letters" not in clean_status["seconds"]

@@ -336,7 +336,7 @@ def test_a_delivery_whose_letters_cannot_be_stored_waits_its_retry_behind_the_ot
 
     queue(ledger, SUPPLIER, "later", b"sku,quantity\nS-SKU-T0001,99\n")
     worker = InboxWorker(ledger.ingestor, ledger.store)
-    monkeypatch.setattr("connectors.worker.record_dead_letters", refused)
+    monkeypatch.setattr("connectors.worker.record_delivery_letters", refused)
 
     assert worker.work_once()  # "big", whose letters cannot be stored
     monkeypatch.undo()
