@@ -333,6 +333,16 @@ def dismiss(store: ViewStore, letter_ids: list[int]) -> Dismissal:
     disagreed, say), except those a retry holds; the letters they superseded are open
     again (`reopened`): the newest report left of each record is the one to retry."""
     with store.transaction() as conn:
+        # In turn with the suppliers' deliveries recording letters: one could close a
+        # letter by this one, unseen by the reopening below, and leave it closed by a
+        # dismissed letter for good (a review).
+        suppliers = conn.execute(
+            "SELECT DISTINCT supplier_id FROM connector_dead_letters WHERE id = ANY(%s)"
+            " ORDER BY supplier_id",
+            (letter_ids,),
+        ).fetchall()
+        for row in suppliers:
+            conn.execute(LETTERS_OF_SUPPLIER, (row["supplier_id"],))
         rows = conn.execute(
             "UPDATE connector_dead_letters SET status = 'dismissed', updated_at = now()"
             " WHERE id IN (SELECT id FROM connector_dead_letters"
@@ -463,7 +473,9 @@ WITH newest AS (
 )
 UPDATE connector_dead_letters l SET status = 'superseded', superseded_by = c.by,
        updated_at = now()
-FROM closed c WHERE l.id = c.id
+FROM closed c
+-- The supplier's open letters only (its index), not the whole table's, on a hash join.
+WHERE l.id = c.id AND l.supplier_id = %(supplier)s AND l.status = 'open'
 """).format(
     n_at=_observed("n"),
     o_at=_observed("o"),
@@ -502,7 +514,9 @@ WITH fresh AS (
 )
 UPDATE connector_dead_letters l SET status = 'superseded', superseded_by = c.by,
        updated_at = now()
-FROM closed c WHERE l.id = c.id
+FROM closed c
+WHERE l.id = c.id AND l.supplier_id = %(supplier)s AND l.delivery_id = %(delivery)s
+  AND l.status = 'open'
 """).format(
     n_at=_observed("n"),
     n_wrong=_wrong("n"),
@@ -578,4 +592,4 @@ def record_dead_letters(
     conn.execute("SET LOCAL enable_nestloop = off")
     conn.execute(SUPERSEDE, {"supplier": supplier_id, "delivery": delivery_id})
     conn.execute(SUPERSEDED_ON_ARRIVAL, {"supplier": supplier_id, "delivery": delivery_id})
-    conn.execute("RESET enable_nestloop")
+    conn.execute("SET LOCAL enable_nestloop = on")
