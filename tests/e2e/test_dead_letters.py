@@ -856,6 +856,8 @@ def test_a_delivery_s_outcome_counts_the_time_its_letters_took_and_ends_after_th
         clean_status = finished(admin, supplier_id, clean)
 
     assert refused_status["seconds"]["letters"] >= 0
-    assert refused_status["finished_at"] > letter["created_at"]  # after them, not as they began
+    # After them, not as they began.
+    finished_at = datetime.fromisoformat(refused_status["finished_at"])
+    assert finished_at > datetime.fromisoformat(letter["created_at"])
     assert clean_status["applied"] == 1
     assert "letters" not in clean_status["seconds"]
