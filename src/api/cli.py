@@ -364,10 +364,15 @@ def projections_rebuild(
                     raise typer.Exit(1) from None
                 except KeyboardInterrupt:
                     progress.stop()
+                    left = (
+                        "its new generation, live already (in place), is left for the"
+                        " projections worker to go on with"
+                        if in_place
+                        else "its unfinished generation is dropped, the live one untouched:"
+                        " run it again"
+                    )
                     typer.echo(
-                        f"error: the rebuild of {projection.name} was stopped; its unfinished"
-                        " generation is dropped, the live one untouched: run it again",
-                        err=True,
+                        f"error: the rebuild of {projection.name} was stopped; {left}", err=True
                     )
                     raise typer.Exit(130) from None
                 progress.update(task, completed=last)

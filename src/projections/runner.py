@@ -660,7 +660,12 @@ def _build_in_shares(
                         progress(bound, applied)
             except BaseException:
                 for share in shares:
-                    share.cancel()  # those not started yet; the others run to their end
+                    share.cancel()  # those not started yet
+                # And those under way, ended now: each applies its share in one transaction,
+                # which a rebuild stopped (SIGTERM, Ctrl-C) waited for, past an
+                # orchestrator's grace period and its SIGKILL (a review).
+                for process in list(others._processes.values()):
+                    process.terminate()
                 raise
     except BaseException:
         # Nothing of it is live: the half-built generation goes, once no share writes to it.

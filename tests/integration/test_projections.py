@@ -1110,6 +1110,59 @@ def rebuild_hanging_in_a_share(database_url: str) -> None:
     rebuild(HangsInAShare(runtime.app), runtime.app, runtime.store, runtime.leases, processes=2)
 
 
+def rebuild_hanging_in_a_share_stopped_by_sigterm(database_url: str) -> None:
+    """As `ledger projections rebuild` takes SIGTERM (as Ctrl-C), in a process of its own."""
+    from api.cli import _interrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        rebuild_hanging_in_a_share(database_url)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def test_a_rebuild_in_several_processes_stopped_by_sigterm_ends_its_shares_and_drops_its_generation(
+    quiet: Runtime,
+) -> None:
+    """A review: SIGTERM reached the rebuild's own process only, which then waited for its
+    shares under way to apply all they had, each in one transaction, past an orchestrator's
+    grace period and its SIGKILL, leaving the generation behind."""
+    mixed_workload(quiet.writer, skus=6)
+    with quiet.store.connection() as conn:
+        live_before = live_generation(conn, "stock")
+    stopped = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tests.integration.test_projections import"
+            " rebuild_hanging_in_a_share_stopped_by_sigterm as run; run(sys.argv[1])",
+            quiet.database_url,
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    parent = psutil.Process(stopped.pid)
+    deadline = time.monotonic() + 60
+    while not any("spawn_main" in " ".join(c.cmdline()) for c in parent.children()):
+        assert stopped.poll() is None, "the rebuild ended"
+        assert time.monotonic() < deadline, "no share process started"
+        time.sleep(0.1)
+    time.sleep(1)  # the share's process has its event, and hangs
+    children = parent.children(recursive=True)
+
+    stopped.send_signal(signal.SIGTERM)
+    try:
+        code = stopped.wait(20)
+    finally:
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        for process in [*alive, *([parent] if stopped.poll() is None else [])]:
+            process.kill()
+
+    assert code == 130
+    assert not alive
+    with quiet.store.connection() as conn:
+        assert [g.generation for g in generations(conn, "stock")] == [live_before]
+
+
 def stock_generation_status(runtime: Runtime, number: int) -> Any:
     [found] = [
         status
