@@ -262,8 +262,11 @@ def test_a_number_no_float_holds_is_refused_with_the_record_as_written(
     [
         (b'[{"supplier_sku": "A\xed\xa0\x801", "quantity": 5}]', "can't decode byte 0xed"),
         (b'[{"supplier_sku": "A1", "quantity": ' + b"9" * 5000 + b"}]", "more digits than"),
+        # A walkthrough: ijson raised decimal.InvalidOperation, and the delivery failed.
+        (b'[{"supplier_sku": "A1", "quantity": 1E+9999999999999999999}]', "an exponent of"),
+        (b'[{"supplier_sku": "A1", "quantity": 1E-99999999999999999999}]', "an exponent of"),
     ],
-    ids=["encoded-surrogate", "5000-digits"],
+    ids=["encoded-surrogate", "5000-digits", "exponent-too-large", "exponent-too-small"],
 )
 def test_a_file_python_cannot_read_is_rejected_whole_as_malformed(body: bytes, says: str) -> None:
     """Found by a fuzzing walkthrough: each failed its delivery eight times over, then
