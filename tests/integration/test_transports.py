@@ -1223,6 +1223,33 @@ def test_a_drop_folder_never_moves_files_through_a_link_planted_in_it(
     assert (folder / "stock.csv").exists()
 
 
+@pytest.mark.parametrize("spelt", ["folder-through-a-link", "processed-through-a-link"])
+def test_a_link_planted_in_the_drop_folder_is_refused_however_the_paths_are_spelt(
+    tmp_path: Path, spelt: str
+) -> None:
+    """A walkthrough: the drop folder named through a link, and the processed folder by its
+    real path (or the other way round), were taken for two folders apart, and the link
+    planted at `processed` was followed."""
+    real = tmp_path / "drop"
+    real.mkdir()
+    named = tmp_path / "drop-link"
+    named.symlink_to(real, target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (real / "processed").symlink_to(elsewhere, target_is_directory=True)
+    (real / "stock.csv").write_text("sku,quantity\nA,1\n")
+    if spelt == "folder-through-a-link":
+        session = LocalFolder(named, real / "processed")
+    else:
+        session = LocalFolder(real, named / "processed")
+
+    with pytest.raises(FetchFailed) as refused:
+        session.move("stock.csv", "stock.csv")
+
+    assert refused.value.reason.startswith("processed_not_a_folder: ")
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_drop_folder_moves_files_into_a_processed_folder_inside_or_outside_it(
     tmp_path: Path,
 ) -> None:

@@ -453,24 +453,23 @@ class LocalFolder:
         """The processed folder, open (each level made where missing). Inside the drop
         folder, never through a link: a supplier that can write there planted a link at
         `processed` and had its files moved into any folder the service can write to (a
-        security walkthrough). A folder outside it is the admin's, taken as configured."""
-        folder = os.path.normpath(self.folder)
-        inside = os.path.relpath(os.path.normpath(self.processed_folder), folder)
-        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
-            self.processed_folder.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.processed_folder, os.O_RDONLY | os.O_DIRECTORY)
-        else:
-            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for level in Path(inside).parts:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(level, dir_fd=descriptor)
-                    inner = _open_level(level, descriptor)
-                    os.close(descriptor)
-                    descriptor = inner
-            except BaseException:
+        security walkthrough). Each level is opened from the one above, and where it stands
+        is read from the open folder itself, not from how the paths are spelt (the drop
+        folder named through a link, and the processed folder by its real path, let the
+        planted link be followed: a walkthrough). Above the drop folder, or elsewhere,
+        the folders are the admin's, taken as configured."""
+        real_folder = os.path.realpath(self.folder)
+        descriptor = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for level in Path(os.path.abspath(self.processed_folder)).parts[1:]:
+                where = _where(descriptor)
+                inside = where == real_folder or where.startswith(real_folder.rstrip("/") + "/")
+                inner = _open_level(level, descriptor, follow=not inside)
                 os.close(descriptor)
-                raise
+                descriptor = inner
+        except BaseException:
+            os.close(descriptor)
+            raise
         try:
             yield descriptor
         finally:
@@ -484,15 +483,27 @@ class LocalFolder:
         """Nothing to close."""
 
 
-def _open_level(name: str, parent: int) -> int:
-    """A folder inside `parent`, opened; a link or a file there is refused."""
+def _open_level(name: str, parent: int, *, follow: bool) -> int:
+    """A folder inside `parent`, opened, made first where missing; unless `follow`, a link
+    there is refused, as a file is."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW)
     try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            return os.open(name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):  # made meanwhile
+                os.mkdir(name, dir_fd=parent)
+            return os.open(name, flags, dir_fd=parent)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             reason = f"processed_not_a_folder: {_shown(name)} is a link or a file, not a folder"
             raise FetchFailed(reason, retriable=False) from error
         raise
+
+
+def _where(descriptor: int) -> str:
+    """Where an open folder really is (Linux's /proc)."""
+    return os.readlink(f"/proc/self/fd/{descriptor}")
 
 
 def _shown(name: str) -> str:
