@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, NoReturn, cast
 
 import psycopg
 import typer
@@ -537,15 +537,7 @@ def _apply_file(
         typer.echo(f"error: the file is rejected whole: {broken.reason}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        # Stopped by its operator (it left the delivery failed, saying only
-        # "KeyboardInterrupt", and exited saying nothing): what is applied stays applied,
-        # and running the same command again applies the rest.
-        queued = False
-        with suppress(Exception):
-            # Stopped by its operator: no failure of the supplier's.
-            queued = _finish_file(runtime, delivery, "failed", INTERRUPTED, counted=False)
-        typer.echo(f"error: {INTERRUPTED_KEPT if queued else INTERRUPTED}", err=True)
-        raise typer.Exit(130) from None
+        _interrupted(runtime, delivery)
     except ClaimLost:
         typer.echo(f"error: {TAKEN_OVER.format(delivery=delivery.delivery_id)}", err=True)
         raise typer.Exit(1) from None
@@ -555,25 +547,49 @@ def _apply_file(
             _finish_file(runtime, delivery, "failed", f"{type(error).__name__}: {error}")
         raise
     supplier, delivery_id = delivery.supplier_id, delivery.delivery_id
-    with runtime.store.transaction() as conn:
-        # Its outcome first: a run taken over (gone silent) records nothing more.
-        if not inbox.finish(
-            conn, delivery.id, "applied", result.as_dict(), None, attempt=delivery.attempts
-        ):
-            typer.echo(f"error: delivery {delivery_id!r} was taken over by another run", err=True)
-            raise typer.Exit(1)
-        record_delivery_letters(conn, delivery.id, supplier, delivery_id, result.rejections)
-        health.succeeded(
-            conn,
-            supplier,
-            delivery_id,
-            result.rows,
-            result.applied,
-            result.rejected,
-            result.lag_seconds,
-            late=result.late,
-        )
+    try:
+        with runtime.store.transaction() as conn:
+            # Its outcome first: a run taken over (gone silent) records nothing more.
+            if not inbox.finish(
+                conn, delivery.id, "applied", result.as_dict(), None, attempt=delivery.attempts
+            ):
+                typer.echo(
+                    f"error: delivery {delivery_id!r} was taken over by another run", err=True
+                )
+                raise typer.Exit(1)
+            letters = record_delivery_letters(
+                conn, delivery.id, supplier, delivery_id, result.rejections
+            )
+            if letters is not None:
+                result.seconds["letters"] = letters
+            health.succeeded(
+                conn,
+                supplier,
+                delivery_id,
+                result.rows,
+                result.applied,
+                result.rejected,
+                result.lag_seconds,
+                late=result.late,
+            )
+    except KeyboardInterrupt:
+        # Stopped while its outcome and letters were written (they are not): as midway,
+        # said, and left for the same command to finish (it left the delivery
+        # `processing`, saying nothing: a walkthrough).
+        _interrupted(runtime, delivery)
     return result
+
+
+def _interrupted(runtime: Runtime, delivery: inbox.Delivery) -> NoReturn:
+    """A run stopped by its operator (Ctrl-C, SIGTERM; it left the delivery failed, saying
+    only "KeyboardInterrupt", and exited saying nothing): what is applied stays applied,
+    and running the same command again applies the rest."""
+    queued = False
+    with suppress(Exception):
+        # Stopped by its operator: no failure of the supplier's.
+        queued = _finish_file(runtime, delivery, "failed", INTERRUPTED, counted=False)
+    typer.echo(f"error: {INTERRUPTED_KEPT if queued else INTERRUPTED}", err=True)
+    raise typer.Exit(130) from None
 
 
 INTERRUPTED = (

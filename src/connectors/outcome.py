@@ -147,6 +147,8 @@ def describe_phases(seconds: Mapping[str, float]) -> str:
     ]
     if "notes" in seconds:
         shown.append(f"notes {seconds['notes']:.1f} s beside apply")
+    if "letters" in seconds:
+        shown.append(f"letters {seconds['letters']:.1f} s")
     return ", ".join(shown)
 
 

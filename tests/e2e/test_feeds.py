@@ -100,7 +100,7 @@ def test_an_uploaded_file_is_accepted_at_once_applied_and_reported(ledger: Serve
     assert again.json() == {**accepted.json(), "duplicate": True, "status": again.json()["status"]}
     assert (status["rows"], status["applied"], status["rejected"]) == (2, 1, 1)
     assert on_hand(ledger, sku, status["position"]) == 14
-    assert set(status["seconds"]) == {"read", "compare", "apply", "notes"}
+    assert set(status["seconds"]) == {"read", "compare", "apply", "notes", "letters"}
     assert [item["reason"] for item in letters["items"]] == ["unmapped_supplier_sku"]
     mine = [s for s in feed_health["suppliers"] if s["supplier_id"] == supplier_id]
     assert (mine[0]["last_rows"], mine[0]["rows_per_delivery"]) == (2, 2.0)

@@ -180,6 +180,55 @@ def test_an_ingest_stopped_with_ctrl_c_says_how_to_finish_and_is_finished_by_run
     assert ledger.app.repository.get(StockItem.id_for(sku)).positions[SUPPLIER].quantity == 23
 
 
+# Stopped as it writes its outcome and letters, once the file is applied.
+TERMINATED_FINISHING = """
+import os, signal, sys, time
+from api import cli
+
+def terminated(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+cli.record_delivery_letters = terminated
+sys.argv[0] = "ledger"
+cli.main()
+"""
+
+
+def test_an_ingest_stopped_as_it_writes_its_outcome_says_so_and_is_finished_by_running_it_again(
+    ledger: Runtime, tmp_path: Path
+) -> None:
+    """A walkthrough: stopped while it wrote its dead letters, it exited saying nothing and
+    left the delivery `processing`."""
+    from api.cli import INTERRUPTED
+
+    sku = mapped_sku(ledger)
+    feed = tmp_path / "stock.csv"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    feed.write_text(f"sku,quantity,observed_at\nA-1,31,{at}\nNOBODY,1,{at}\n")
+    args = ["ingest", str(feed), "--supplier", SUPPLIER, "--delivery-id", "finishing-1"]
+
+    stopped = ledger_command(ledger.database_url, *args, program=("-c", TERMINATED_FINISHING))
+    with psycopg.connect(ledger.database_url) as conn:
+        left = conn.execute(
+            "SELECT status, error FROM connector_inbox WHERE delivery_id = 'finishing-1'"
+        ).fetchone()
+    again = ledger_command(ledger.database_url, *args)
+    with psycopg.connect(ledger.database_url) as conn:
+        letters = conn.execute(
+            "SELECT count(*) FROM connector_dead_letters WHERE delivery_id = 'finishing-1'"
+        ).fetchone()
+
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"error: {INTERRUPTED}" in " ".join(stopped.stderr.split())
+    assert left == ("failed", INTERRUPTED)
+    assert again.returncode == 0, again.stderr
+    assert "2 rows read: 0 changed, 1 unchanged" in again.stdout
+    assert ", letters " in again.stdout  # the time its letters took, in its last line too
+    assert letters == (1,)
+    assert ledger.app.repository.get(StockItem.id_for(sku)).positions[SUPPLIER].quantity == 31
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [
