@@ -608,6 +608,16 @@ def test_a_quantity_with_a_base_ten_exponent_is_read_as_x12_allows(
     assert summary(parsed)[0] == read_as
 
 
+def test_control_numbers_are_unique_as_written_not_as_numbers() -> None:
+    """ST02 is alphanumeric: `0001` and `1` name two sets."""
+    text = sample_with(
+        "SE*12*0001~\nGE*1*101~",
+        "SE*12*0001~\nST*846*1~\nLIN*1*SK*ABC-124~\nQTY*33*7*EA~\nSE*4*1~\nGE*2*101~",
+    )
+
+    assert [p.supplier_sku for p in read_text(text)] == ["ABC-123", "XYZ-9", "ABC-124"]
+
+
 @pytest.mark.parametrize(
     ("old", "new", "reason"),
     [

@@ -524,7 +524,9 @@ def _check_unique(where: str, segment: Segment, seen: set[str], within: str) -> 
     """A set's or a group's control number, noted as seen once it is new where it stands:
     X12 numbers them uniquely there, and two sets under one number were both read."""
     said = _element(segment, 6 if where == "GS06" else 2)
-    number = _number(said)
+    # GS06 is a number (`0101` is 101); ST02 is alphanumeric, so `0001` and `1` are two
+    # sets (a walkthrough).
+    number = _number(said) if where == "GS06" else None
     key = said if number is None else str(number)
     if key in seen:
         raise FeedError(f"bad_envelope: {where} {shown(said)} repeats in {within}")
