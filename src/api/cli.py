@@ -575,9 +575,20 @@ def _apply_file(
     except KeyboardInterrupt:
         # Stopped while its outcome and letters were written (they are not): as midway,
         # said, and left for the same command to finish (it left the delivery
-        # `processing`, saying nothing: a walkthrough).
-        _interrupted(runtime, delivery)
+        # `processing`, saying nothing: a walkthrough). Stopped just after they were
+        # committed, it is applied, and said so (a review).
+        if not _applied(runtime, delivery):
+            _interrupted(runtime, delivery)
     return result
+
+
+def _applied(runtime: Runtime, delivery: inbox.Delivery) -> bool:
+    with suppress(Exception), runtime.store.connection() as conn:
+        row = conn.execute(
+            "SELECT status FROM connector_inbox WHERE id = %s", (delivery.id,)
+        ).fetchone()
+        return row is not None and row["status"] == "applied"
+    return False
 
 
 def _interrupted(runtime: Runtime, delivery: inbox.Delivery) -> NoReturn:

@@ -617,6 +617,15 @@ def _drop_unfinished(store: ViewStore, name: str, number: int, stopped: BaseExce
         )
 
 
+_END_SHARE_SESSIONS = """
+SELECT pg_terminate_backend(holder.pid, 5000)
+FROM (SELECT DISTINCT l.pid FROM pg_locks l
+      JOIN pg_class c ON c.oid = l.relation
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = %s AND l.pid <> pg_backend_pid()) AS holder
+"""
+
+
 def _build_in_shares(
     projection: StateProjection,
     app: InventoryLedger,
@@ -669,8 +678,13 @@ def _build_in_shares(
                 raise
     except BaseException:
         # Nothing of it is live: the half-built generation goes, once no share writes to it.
+        # A share's process ended mid-statement leaves its session running the statement,
+        # and holding its locks, until it next writes to the gone client: ended too, so
+        # that the drop does not wait past its lock timeout and leave the generation (a
+        # review). Only a share of this rebuild holds a lock on a generation not live.
         projection.reset()
         with store.connection() as conn:
+            conn.execute(_END_SHARE_SESSIONS, (built.schema,))
             drop_generation(conn, projection.name, built.generation)
         raise
     with store.transaction() as conn:

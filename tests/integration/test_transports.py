@@ -10,7 +10,11 @@ import contextlib
 import ftplib
 import json
 import os
+import shutil
 import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -1248,6 +1252,62 @@ def test_a_link_planted_in_the_drop_folder_is_refused_however_the_paths_are_spel
 
     assert refused.value.reason.startswith("processed_not_a_folder: ")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_processed_path_going_up_goes_up_from_where_the_drop_folder_really_is(
+    tmp_path: Path,
+) -> None:
+    """A review: `..` was taken from how the path was spelt, so that through a linked drop
+    folder `../processed` went to another folder than the kernel's (and the code before's)."""
+    real = tmp_path / "real" / "drop"
+    real.mkdir(parents=True)
+    (tmp_path / "pub").mkdir()
+    named = tmp_path / "pub" / "drop"
+    named.symlink_to(real, target_is_directory=True)
+    (real / "stock.csv").write_text("sku,quantity\nA,1\n")
+
+    LocalFolder(named, named / ".." / "processed").move("stock.csv", "stock.csv")
+
+    assert (tmp_path / "real" / "processed" / "stock.csv").exists()
+    assert not (tmp_path / "pub" / "processed").exists()
+
+
+def test_a_drop_folder_under_a_folder_the_service_may_pass_but_not_list_moves_its_files() -> None:
+    """A review: each level above the processed folder was opened to be read, which a
+    folder the service may pass through (`--x`) but not list refuses: every move failed."""
+    top = Path(tempfile.mkdtemp(prefix="ledger-pass-only-"))
+    try:
+        os.chmod(top, 0o711)
+        passing = top / "service"  # the service may pass through, not list
+        passing.mkdir()
+        drop = passing / "drop"
+        drop.mkdir()
+        (drop / "stock.csv").write_text("sku,quantity\nA,1\n")
+        program = (
+            "import os, sys\n"
+            "from pathlib import Path\n"
+            "from connectors.transports.folder import LocalFolder\n"
+            "if os.geteuid() == 0:  # root passes any permission: as another user\n"
+            "    os.setgid(65534)\n"
+            "    os.setuid(65534)\n"
+            "drop = Path(sys.argv[1])\n"
+            "LocalFolder(drop, drop / 'processed').move('stock.csv', 'stock.csv')\n"
+        )
+        if os.geteuid() == 0:
+            os.chown(drop, 65534, 65534)
+            os.chown(drop / "stock.csv", 65534, 65534)
+        os.chmod(passing, 0o311 if os.geteuid() != 0 else 0o711)
+        ran = subprocess.run(
+            [sys.executable, "-c", program, str(drop)], capture_output=True, text=True
+        )
+        os.chmod(passing, 0o755)
+
+        assert ran.returncode == 0, ran.stderr
+        assert (drop / "processed" / "stock.csv").exists()
+    finally:
+        if (top / "service").exists():
+            os.chmod(top / "service", 0o755)
+        shutil.rmtree(top)
 
 
 def test_a_drop_folder_moves_files_into_a_processed_folder_inside_or_outside_it(

@@ -265,6 +265,17 @@ def test_each_interchange_of_a_file_is_read_with_the_separators_its_own_isa_decl
     ]
 
 
+def test_a_later_interchange_whose_segments_end_otherwise_than_its_isa_says_is_told_so() -> None:
+    """A review: read on as the interchange before it was, its segments (ended by line
+    breaks alone, under an ISA declaring `~`) ran together: "group 102 ends without GE"."""
+    lines_only = second_interchange().replace("~\n", "\n")
+    lines_only = lines_only[:105] + "~" + lines_only[106:]  # the ISA's own ends with `~`
+
+    _, error = read_until_rejected(SAMPLE + lines_only)
+
+    assert error.reason.startswith("bad_envelope: the ISA declares '~' as the segment terminator")
+
+
 def test_segments_split_across_reads_are_put_back_together() -> None:
     data = (FEEDS / "846-two-groups-crlf.edi").read_bytes()
     chunks = (data[start : start + 7] for start in range(0, len(data), 7))

@@ -185,10 +185,10 @@ def _interchange_segments(
                 segment = _segment(written.split(element))
                 yield segment
                 if segment[0] == "IEA":
-                    following = next(
-                        (piece for piece in complete[index + 1 :] if piece.strip()), None
-                    )
-                    if following is not None and _isa_like(following, element, terminator):
+                    after = _next_pieces(complete, index + 1, 2)
+                    # Its ISA and a segment ended after it, as the ISA declares: else it is
+                    # read afresh, and told as such if its segments end otherwise (a review).
+                    if len(after) == 2 and _isa_like(after[0], element, terminator):
                         continue  # the next interchange's ISA, read on as the rest were
                     # Another interchange's separators may differ: it is read afresh. Only
                     # then, not at every IEA: each one made the rest of its chunk be read
@@ -212,6 +212,17 @@ def _interchange_segments(
         segment = _segment(buffer.split(element))
         yield segment
     return None
+
+
+def _next_pieces(pieces: list[str], start: int, count: int) -> list[str]:
+    """Up to `count` pieces from `start` on that are not blank."""
+    found: list[str] = []
+    for at in range(start, len(pieces)):
+        if pieces[at].strip():
+            found.append(pieces[at])
+            if len(found) == count:
+                break
+    return found
 
 
 def _isa_like(piece: str, element: str, terminator: str) -> bool:

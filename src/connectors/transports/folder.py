@@ -453,20 +453,23 @@ class LocalFolder:
         """The processed folder, open (each level made where missing). Inside the drop
         folder, never through a link: a supplier that can write there planted a link at
         `processed` and had its files moved into any folder the service can write to (a
-        security walkthrough). Each level is opened from the one above, and where it stands
-        is read from the open folder itself, not from how the paths are spelt (the drop
-        folder named through a link, and the processed folder by its real path, let the
-        planted link be followed: a walkthrough). Above the drop folder, or elsewhere,
-        the folders are the admin's, taken as configured."""
+        security walkthrough). Each level is opened from the one above (as a path, which
+        needs no right to list it, and `..` as the kernel takes it), and where it stands is
+        read from the open folder itself, not from how the paths are spelt (the drop folder
+        named through a link, and the processed folder by its real path, let the planted
+        link be followed: a walkthrough). Above the drop folder, or elsewhere, the folders
+        are the admin's, taken as configured."""
         real_folder = os.path.realpath(self.folder)
-        descriptor = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        target = Path(os.getcwd()) / self.processed_folder  # `..` kept, for the kernel
+        descriptor = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        walked = "/"
         try:
-            for level in Path(os.path.abspath(self.processed_folder)).parts[1:]:
-                where = _where(descriptor)
+            for level in target.parts[1:]:
+                where = _where(descriptor, walked)
                 inside = where == real_folder or where.startswith(real_folder.rstrip("/") + "/")
                 inner = _open_level(level, descriptor, follow=not inside)
                 os.close(descriptor)
-                descriptor = inner
+                descriptor, walked = inner, os.path.join(where, level)
         except BaseException:
             os.close(descriptor)
             raise
@@ -486,7 +489,7 @@ class LocalFolder:
 def _open_level(name: str, parent: int, *, follow: bool) -> int:
     """A folder inside `parent`, opened, made first where missing; unless `follow`, a link
     there is refused, as a file is."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW)
+    flags = os.O_PATH | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW)
     try:
         try:
             return os.open(name, flags, dir_fd=parent)
@@ -501,9 +504,13 @@ def _open_level(name: str, parent: int, *, follow: bool) -> int:
         raise
 
 
-def _where(descriptor: int) -> str:
-    """Where an open folder really is (Linux's /proc)."""
-    return os.readlink(f"/proc/self/fd/{descriptor}")
+def _where(descriptor: int, walked: str) -> str:
+    """Where an open folder really is: as Linux's /proc says, else (no /proc mounted) the
+    real path of the way it was walked to."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return os.path.realpath(walked)
 
 
 def _shown(name: str) -> str:
