@@ -1110,6 +1110,30 @@ def rebuild_hanging_in_a_share(database_url: str) -> None:
     rebuild(HangsInAShare(runtime.app), runtime.app, runtime.store, runtime.leases, processes=2)
 
 
+def hanging_in_a_share(
+    database_url: str, run: str
+) -> tuple[subprocess.Popen[bytes], psutil.Process, list[psutil.Process]]:
+    """`run` (a function of this module, given the database URL) in a process of its own,
+    once its rebuild's share process has started and hangs; with the processes under it."""
+    started = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from tests.integration.test_projections import {run}; {run}(sys.argv[1])",
+            database_url,
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    parent = psutil.Process(started.pid)
+    deadline = time.monotonic() + 60
+    while not any("spawn_main" in " ".join(c.cmdline()) for c in parent.children()):
+        assert started.poll() is None, "the rebuild ended"
+        assert time.monotonic() < deadline, "no share process started"
+        time.sleep(0.1)
+    time.sleep(1)  # the share's process has its event, and hangs
+    return started, parent, parent.children(recursive=True)
+
+
 def rebuild_hanging_in_a_share_stopped_by_sigterm(database_url: str) -> None:
     """As `ledger projections rebuild` takes SIGTERM (as Ctrl-C), in a process of its own."""
     from api.cli import _interrupt
@@ -1130,24 +1154,9 @@ def test_a_rebuild_in_several_processes_stopped_by_sigterm_ends_its_shares_and_d
     mixed_workload(quiet.writer, skus=6)
     with quiet.store.connection() as conn:
         live_before = live_generation(conn, "stock")
-    stopped = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from tests.integration.test_projections import"
-            " rebuild_hanging_in_a_share_stopped_by_sigterm as run; run(sys.argv[1])",
-            quiet.database_url,
-        ],
-        cwd=Path(__file__).resolve().parents[2],
+    stopped, parent, children = hanging_in_a_share(
+        quiet.database_url, "rebuild_hanging_in_a_share_stopped_by_sigterm"
     )
-    parent = psutil.Process(stopped.pid)
-    deadline = time.monotonic() + 60
-    while not any("spawn_main" in " ".join(c.cmdline()) for c in parent.children()):
-        assert stopped.poll() is None, "the rebuild ended"
-        assert time.monotonic() < deadline, "no share process started"
-        time.sleep(0.1)
-    time.sleep(1)  # the share's process has its event, and hangs
-    children = parent.children(recursive=True)
 
     stopped.send_signal(signal.SIGTERM)
     try:
@@ -1212,24 +1221,8 @@ def test_a_killed_rebuild_leaves_no_process_behind_and_the_next_drops_its_genera
     with quiet.store.connection() as conn:
         live_before = live_generation(conn, "stock")
     assert live_before is not None
-    killed = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from tests.integration.test_projections import"
-            " rebuild_hanging_in_a_share; rebuild_hanging_in_a_share(sys.argv[1])",
-            quiet.database_url,
-        ],
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    parent = psutil.Process(killed.pid)
+    killed, _parent, children = hanging_in_a_share(quiet.database_url, "rebuild_hanging_in_a_share")
     deadline = time.monotonic() + 60
-    while not any("spawn_main" in " ".join(c.cmdline()) for c in parent.children()):
-        assert killed.poll() is None, "the rebuild ended"
-        assert time.monotonic() < deadline, "no share process started"
-        time.sleep(0.1)
-    time.sleep(1)  # the share's process has its event, and hangs
-    children = parent.children(recursive=True)
     with quiet.store.connection() as conn:
         half_built = generation(conn, "stock", live_before + 1)
     assert half_built is not None
