@@ -211,6 +211,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 " pg_terminate_backend(a.pid) AS ended"
                 " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                 " WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'ExclusiveLock'"
+                " AND l.database = (SELECT oid FROM pg_database"
+                "                   WHERE datname = current_database())"
                 " AND l.relation = to_regclass({table}) AND a.pid <> pg_backend_pid()"
                 " AND a.xact_start < now() - make_interval(secs => %s)"
             ).format(table=Literal(f"{self.datastore.schema or 'public'}.{self.events_table_name}"))

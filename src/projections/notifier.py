@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import selectors
 import threading
 
 import psycopg
@@ -20,6 +22,10 @@ class LogNotifier:
         self._count = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
+        # Written to by `stop`: the listener waits on it beside its connection, so that it
+        # stops at once rather than at the end of its wait (half a second at every close
+        # of a runtime: two and a half minutes of the test suite).
+        self._wake_read, self._wake_write = os.pipe()
         self._thread: threading.Thread | None = None
 
     def start(self) -> LogNotifier:
@@ -30,8 +36,11 @@ class LogNotifier:
     def stop(self) -> None:
         self._stop.set()
         self.bump()
+        os.write(self._wake_write, b"x")
         if self._thread is not None:
             self._thread.join(5)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     def bump(self) -> None:
         with self._changed:
@@ -51,11 +60,19 @@ class LogNotifier:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                with (
+                    psycopg.connect(self.database_url, autocommit=True) as conn,
+                    selectors.DefaultSelector() as selector,
+                ):
                     conn.execute(f"LISTEN {CHANNEL}")
+                    selector.register(conn.fileno(), selectors.EVENT_READ)
+                    selector.register(self._wake_read, selectors.EVENT_READ)
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                        # What has arrived, read without waiting (some may have come with
+                        # the LISTEN's answer); then a wait for more, or for `stop`.
+                        if any(True for _ in conn.notifies(timeout=0)):
                             self.bump()
+                        selector.select(timeout=5.0)
             except psycopg.Error as error:
                 log.warning("notifier.disconnected", error=str(error))
                 self._stop.wait(1.0)

@@ -622,7 +622,9 @@ SELECT pg_terminate_backend(holder.pid, 5000)
 FROM (SELECT DISTINCT l.pid FROM pg_locks l
       JOIN pg_class c ON c.oid = l.relation
       JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = %s AND l.pid <> pg_backend_pid()) AS holder
+      WHERE n.nspname = %s AND l.pid <> pg_backend_pid()
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     ) AS holder
 """
 
 

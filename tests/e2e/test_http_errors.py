@@ -319,7 +319,9 @@ def test_an_unknown_sku_in_an_order_is_refused_and_named(
 # Unknown things ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reservation_id", [str(uuid.uuid4()), "not-a-uuid", "123"])
+@pytest.mark.parametrize(
+    "reservation_id", [str(uuid.uuid4()), "not-a-uuid", "123"], ids=["uuid", "text", "number"]
+)
 @pytest.mark.parametrize("action", ["", "/confirm", "/release"])
 def test_an_unknown_reservation_is_not_found(
     oms: httpx.Client, reservation_id: str, action: str
@@ -592,6 +594,7 @@ def test_an_unknown_route_is_not_found_in_the_envelope(oms: httpx.Client) -> Non
         ("GET", f"/v1/reservations/{uuid.uuid4()}/confirm", "POST"),
         ("POST", "/v1/availability/some-sku", "GET"),
     ],
+    ids=["delete-reservation", "put-reservations", "get-confirm", "post-availability"],
 )
 def test_a_wrong_method_is_not_allowed_in_the_envelope(
     oms: httpx.Client, method: str, path: str, allowed: str

@@ -278,6 +278,7 @@ def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the
             deadline = time.monotonic() + 10
             while not watcher.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
                 " AND query LIKE '%%UPDATE inventoryledger_levels%%'"
             ).fetchone():
                 assert time.monotonic() < deadline, "the file path never waited for the row"
