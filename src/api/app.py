@@ -32,13 +32,10 @@ from api.routers import (
     stream,
     suppliers,
 )
-from api.runtime import Runtime, open_runtime, tune_collector
+from api.runtime import SERVE_PID, Runtime, open_runtime, tune_collector
 from api.settings import Settings
 from api.stream import AvailabilityFeed
 from projections.runner import end_with_parent
-
-# The pid of the `serve` process whose workers this process may be one of (api.cli).
-SERVE_PID = "STOCKLEDGER_SERVE_PID"
 
 
 class Service(FastAPI):

@@ -38,7 +38,6 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.app import SERVE_PID
 from api.database import (
     NotMigrated,
     migrate,
@@ -48,7 +47,14 @@ from api.database import (
 )
 from api.logs import configure_logging
 from api.metrics import prepare_directory, serve_worker_metrics
-from api.runtime import Runtime, jump_thresholds, open_runtime, rebuild_processes, tune_collector
+from api.runtime import (
+    SERVE_PID,
+    Runtime,
+    jump_thresholds,
+    open_runtime,
+    rebuild_processes,
+    tune_collector,
+)
 from api.schemas import delivery_id_problem
 from api.settings import Settings
 from api.transport import JoiningHttpToolsProtocol

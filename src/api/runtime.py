@@ -32,6 +32,12 @@ from projections.store import ViewStore
 log = structlog.get_logger(__name__)
 
 
+# The pid of the `ledger serve` process whose workers this process may be one of: they
+# end with it (api.app.create_app_from_env). Set by api.cli, which does not import the
+# app: its own commands start in half the time without FastAPI.
+SERVE_PID = "STOCKLEDGER_SERVE_PID"
+
+
 @dataclass
 class Runtime:
     settings: Settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -56,3 +58,18 @@ def test_the_demo_is_fed_live_by_a_supplier_of_each_kind(database_url: str, tmp_
     # FTP supplier says once, at most, that it starts (not at every poll).
     assert "demo.delivery_failed" not in log
     assert log.count("starting FTP server") <= 1
+
+
+def test_make_run_serves_on_the_port_and_address_it_is_given() -> None:
+    """`make run PORT=… HOST=…` passes both to `ledger serve --demo` (a newcomer's
+    walkthrough: its port was fixed at 8000, taken on their machine)."""
+    root = Path(__file__).resolve().parents[2]
+    planned = subprocess.run(
+        ["make", "-s", "-n", "-C", str(root), "run", "PORT=18123", "HOST=0.0.0.0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    command = shlex.split(planned[-1])
+    assert command[0].endswith("/ledger")
+    assert command[1:] == ["serve", "--demo", "--host", "0.0.0.0", "--port", "18123"]
