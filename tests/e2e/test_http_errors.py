@@ -988,7 +988,7 @@ def bounded_uploads_ledger(
         extra_env={
             "LEDGER_MAX_UPLOAD_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT),
             "LEDGER_MAX_WEBHOOK_BYTES_IN_FLIGHT": str(UPLOADS_IN_FLIGHT),
-            "LEDGER_WEBHOOK_BODY_SECONDS": "10",
+            "LEDGER_WEBHOOK_BODY_SECONDS": "5",
         },
     ) as running:
         yield running
@@ -1110,7 +1110,7 @@ def test_a_webhook_whose_body_does_not_arrive_in_time_is_refused(
 
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b'"error":"body_timeout"' in answer
-    assert 9 < waited < 20  # LEDGER_WEBHOOK_BODY_SECONDS
+    assert 4.5 < waited < 15  # LEDGER_WEBHOOK_BODY_SECONDS
 
 
 def _padded_order(size: int) -> bytes:
