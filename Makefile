@@ -4,9 +4,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# `make run PORT=8080` (or HOST=0.0.0.0) serves the demo elsewhere.
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make run PORT=8080` (or HOST=0.0.0.0) serves the demo elsewhere. Set here, not with
+# ?=, so that HOST and PORT in the environment (shells and platforms export them) do not.
+HOST = 127.0.0.1
+PORT = 8000
 
 .PHONY: run test lint bench clean
 

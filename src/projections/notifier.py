@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import selectors
+import socket
 import threading
+from contextlib import suppress
 
 import psycopg
 import structlog
@@ -22,25 +23,30 @@ class LogNotifier:
         self._count = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         # Written to by `stop`: the listener waits on it beside its connection, so that it
         # stops at once rather than at the end of its wait (half a second at every close
-        # of a runtime: two and a half minutes of the test suite).
-        self._wake_read, self._wake_write = os.pipe()
-        self._thread: threading.Thread | None = None
+        # of a runtime: two and a half minutes of the test suite). Sockets, not a pipe's
+        # numbers: once closed (by the listener, as it ends), a late use fails cleanly
+        # instead of reaching whatever file took the number since (a review).
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     def start(self) -> LogNotifier:
-        self._thread = threading.Thread(target=self._listen, name="log-notifier", daemon=True)
+        self._wake = socket.socketpair()
+        self._thread = threading.Thread(
+            target=self._listen, args=self._wake, name="log-notifier", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self.bump()
-        os.write(self._wake_write, b"x")
+        if self._wake is not None:
+            with suppress(OSError):  # the listener has ended, and closed it
+                self._wake[1].send(b"x")
         if self._thread is not None:
             self._thread.join(5)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
 
     def bump(self) -> None:
         with self._changed:
@@ -57,22 +63,29 @@ class LogNotifier:
     def count(self) -> int:
         return self._count
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with (
-                    psycopg.connect(self.database_url, autocommit=True) as conn,
-                    selectors.DefaultSelector() as selector,
-                ):
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    selector.register(conn.fileno(), selectors.EVENT_READ)
-                    selector.register(self._wake_read, selectors.EVENT_READ)
-                    while not self._stop.is_set():
-                        # What has arrived, read without waiting (some may have come with
-                        # the LISTEN's answer); then a wait for more, or for `stop`.
-                        if any(True for _ in conn.notifies(timeout=0)):
-                            self.bump()
-                        selector.select(timeout=5.0)
-            except psycopg.Error as error:
-                log.warning("notifier.disconnected", error=str(error))
-                self._stop.wait(1.0)
+    def _listen(self, woken: socket.socket, waker: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._listen_once(woken)
+                except psycopg.Error as error:
+                    log.warning("notifier.disconnected", error=str(error))
+                    self._stop.wait(1.0)
+        finally:
+            woken.close()
+            waker.close()
+
+    def _listen_once(self, woken: socket.socket) -> None:
+        with (
+            psycopg.connect(self.database_url, autocommit=True) as conn,
+            selectors.DefaultSelector() as selector,
+        ):
+            conn.execute(f"LISTEN {CHANNEL}")
+            selector.register(conn.fileno(), selectors.EVENT_READ)
+            selector.register(woken, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                # What has arrived, read without waiting (some may have come with the
+                # LISTEN's answer); then a wait for more, or for `stop`.
+                if any(True for _ in conn.notifies(timeout=0)):
+                    self.bump()
+                selector.select(timeout=5.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -64,12 +65,23 @@ def test_make_run_serves_on_the_port_and_address_it_is_given() -> None:
     """`make run PORT=… HOST=…` passes both to `ledger serve --demo` (a newcomer's
     walkthrough: its port was fixed at 8000, taken on their machine)."""
     root = Path(__file__).resolve().parents[2]
-    planned = subprocess.run(
-        ["make", "-s", "-n", "-C", str(root), "run", "PORT=18123", "HOST=0.0.0.0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    command = shlex.split(planned[-1])
-    assert command[0].endswith("/ledger")
-    assert command[1:] == ["serve", "--demo", "--host", "0.0.0.0", "--port", "18123"]
+    # HOST and PORT as a shell or a platform may export them: only make's own arguments
+    # count (a review: with ?=, the machine's name and a database's port were taken).
+    exported = {**os.environ, "HOST": "elsewhere", "PORT": "5432"}
+
+    def planned(*given: str) -> list[str]:
+        lines = subprocess.run(
+            ["make", "-s", "-n", "-C", str(root), "run", *given],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=exported,
+        ).stdout.splitlines()
+        command = shlex.split(lines[-1])
+        assert command[0].endswith("/ledger")
+        return command[1:]
+
+    assert planned("PORT=18123", "HOST=0.0.0.0") == [
+        *("serve", "--demo", "--host", "0.0.0.0", "--port", "18123")
+    ]
+    assert planned() == ["serve", "--demo", "--host", "127.0.0.1", "--port", "8000"]

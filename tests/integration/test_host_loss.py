@@ -38,6 +38,7 @@ from projections.leases import (
     KEEPALIVE_COUNT,
     KEEPALIVE_IDLE_SECONDS,
     KEEPALIVE_INTERVAL_SECONDS,
+    USER_TIMEOUT_MS,
     LeaseSession,
 )
 from projections.store import ViewStore
@@ -145,7 +146,7 @@ def server(network: Network) -> Iterator[Server]:
 # unanswered, once its 30 s user timeout has run: on Linux that timeout, where set,
 # decides when unanswered probes end a connection). That every session asks for the
 # deployed values is the next test's.
-IDLE, INTERVAL, COUNT, USER_TIMEOUT_MS = 2, 1, 2, 4000
+IDLE, INTERVAL, COUNT, SILENT_MS = 2, 1, 2, 4000
 
 HOLDER = f"""
 import sys, time
@@ -156,7 +157,7 @@ from projections.leases import LeaseSession
 leases.KEEPALIVE_IDLE_SECONDS = {IDLE}
 leases.KEEPALIVE_INTERVAL_SECONDS = {INTERVAL}
 leases.KEEPALIVE_COUNT = {COUNT}
-leases.USER_TIMEOUT_MS = {USER_TIMEOUT_MS}
+leases.USER_TIMEOUT_MS = {SILENT_MS}
 session = LeaseSession(sys.argv[1])
 print("held" if session.hold("host-loss", session) else "refused", flush=True)
 time.sleep(3600)
@@ -186,7 +187,7 @@ def test_a_lease_whose_holder_vanished_is_taken_over_within_seconds(
         lost = time.monotonic()
         # Found out after IDLE seconds of silence, then probes unanswered until the user
         # timeout (4 s); without keepalives, after hours.
-        bound = max(IDLE + COUNT * INTERVAL, USER_TIMEOUT_MS / 1000) + 15
+        bound = max(IDLE + COUNT * INTERVAL, SILENT_MS / 1000) + 15
         while not standby.hold("host-loss", mine):
             assert time.monotonic() - lost < bound, "the vanished holder kept its lease"
             time.sleep(0.2)
@@ -209,19 +210,22 @@ def test_every_session_that_holds_locks_asks_for_keepalives(database_url: str) -
                 with conn.cursor(row_factory=tuple_row) as cursor:
                     cursor.execute(
                         "SELECT name, setting::integer, source FROM pg_settings"
-                        " WHERE name LIKE 'tcp_keepalives_%' ORDER BY name"
+                        " WHERE name LIKE 'tcp_keepalives_%' OR name = 'tcp_user_timeout'"
+                        " ORDER BY name"
                     )
                     rows = cursor.fetchall()
                 assert [(name, source) for name, _, source in rows] == [
                     ("tcp_keepalives_count", "session"),
                     ("tcp_keepalives_idle", "session"),
                     ("tcp_keepalives_interval", "session"),
+                    ("tcp_user_timeout", "session"),
                 ]
                 if not conn.info.host.startswith("/"):  # over a Unix socket they read 0
                     assert [setting for _, setting, _ in rows] == [
                         KEEPALIVE_COUNT,
                         KEEPALIVE_IDLE_SECONDS,
                         KEEPALIVE_INTERVAL_SECONDS,
+                        USER_TIMEOUT_MS,
                     ]
     finally:
         turns.close()

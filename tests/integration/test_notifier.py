@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -68,3 +69,19 @@ def test_stopping_the_notifier_does_not_wait_out_its_listen(database_url: str) -
     assert time.monotonic() - started < 0.2
     assert notifier._thread is not None
     assert not notifier._thread.is_alive()
+
+
+def test_stopping_twice_or_unstarted_touches_no_file_opened_since(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A review: the wake pipe's numbers were closed, and written to, again by a second
+    stop, by then another file's."""
+    LogNotifier(database_url).stop()  # never started: nothing to stop
+    notifier = LogNotifier(database_url).start()
+    time.sleep(0.2)
+    notifier.stop()
+    with (tmp_path / "opened-since").open("w+b") as opened:
+        notifier.stop()
+        opened.write(b"mine")
+        opened.seek(0)
+        assert opened.read() == b"mine"
