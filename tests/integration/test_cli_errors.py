@@ -319,13 +319,34 @@ def test_a_setting_that_cannot_be_used_is_said_in_one_line_with_status_2(
     settings: dict[str, str], said: str
 ) -> None:
     """A configuration mistake, not a bug: which setting and why, no traceback (a README
-    walkthrough got 44 lines for `LEDGER_POOL_SIZE=abc`); nothing connects to a database."""
+    walkthrough got 44 lines for `LEDGER_POOL_SIZE=abc`); nothing connects to a database.
+    Every command reads its settings the same way: each is tried below with one mistake."""
+    ran = ledger_command("postgresql://postgres@127.0.0.1:1/ledger", *STATUS, env=settings)
+    assert ran.returncode == 2, ran.stderr
+    [line] = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert line.startswith(said), ran.stderr
+
+
+STATUS = ("projections", "status")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "1"),
+        ("connectors", "run"),
+        ("ingest", "/dev/null", "--supplier", "acme"),
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_every_command_says_a_setting_that_cannot_be_used_in_one_line_with_status_2(
+    args: tuple[str, ...],
+) -> None:
     nowhere = "postgresql://postgres@127.0.0.1:1/ledger"
-    for args in (("projections", "status"), ("serve", "--port", "1")):
-        ran = ledger_command(nowhere, *args, env=settings)
-        assert ran.returncode == 2, ran.stderr
-        [line] = [line for line in ran.stderr.splitlines() if line.strip()]
-        assert line.startswith(said), ran.stderr
+    ran = ledger_command(nowhere, *args, env={"LEDGER_POOL_SIZE": "abc"})
+    assert ran.returncode == 2, ran.stderr
+    [line] = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: setting LEDGER_POOL_SIZE: "), ran.stderr
 
 
 def embedded_running(data_dir: Path) -> bool:
