@@ -105,7 +105,9 @@ def serve(
     demo: Annotated[bool, typer.Option(help="seed the demo catalogue and demo keys")] = False,
 ) -> None:
     """Runs the HTTP API. Workers share nothing but PostgreSQL."""
-    from api.demo import DEMO_KEYS, LiveSuppliers, demo_settings_banner, seed_demo
+    # The demo's suppliers only with --demo: a third of a second of every start.
+    if demo:
+        from api.demo import DEMO_KEYS, LiveSuppliers, demo_settings_banner, seed_demo
 
     if demo and not os.environ.get("LEDGER_API_KEYS"):
         os.environ["LEDGER_API_KEYS"] = DEMO_KEYS
