@@ -352,8 +352,9 @@ def test_reads_waiting_for_a_lagging_view_hold_no_thread_and_give_up_on_time(
     assert {answer.json()["error"] for answer, _ in answers} == {"position_not_reached"}
     # Measured from the client's side, 120 reads at once on one worker: on a busy machine
     # the last of them took up to 4.0 s in two full runs (2026-12-06; 2.2-2.4 s for most),
-    # against up to three times the bound each before the fix.
-    assert max(seconds for _, seconds in answers) < bound + 2.5, sorted(s for _, s in answers)
+    # and 4.66 s in a fresh clone's run (2026-12-07, 2.5 s for most), against up to three
+    # times the bound each before the fix (6 s), and 9-15 s for the last of them.
+    assert max(seconds for _, seconds in answers) < bound + 3.5, sorted(s for _, s in answers)
 
 
 def test_the_workers_of_a_killed_serve_end_with_it(
