@@ -109,8 +109,8 @@ def serve(
     if demo:
         from api.demo import DEMO_KEYS, LiveSuppliers, demo_settings_banner, seed_demo
 
-    if demo and not os.environ.get("LEDGER_API_KEYS"):
-        os.environ["LEDGER_API_KEYS"] = DEMO_KEYS
+        if not os.environ.get("LEDGER_API_KEYS"):
+            os.environ["LEDGER_API_KEYS"] = DEMO_KEYS
     settings = Settings()
     configure_logging(settings)
     if not settings.api_keys:

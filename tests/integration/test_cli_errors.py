@@ -321,13 +321,16 @@ def test_a_setting_that_cannot_be_used_is_said_in_one_line_with_status_2(
     """A configuration mistake, not a bug: which setting and why, no traceback (a README
     walkthrough got 44 lines for `LEDGER_POOL_SIZE=abc`); nothing connects to a database.
     Every command reads its settings the same way: each is tried below with one mistake."""
-    ran = ledger_command("postgresql://postgres@127.0.0.1:1/ledger", *STATUS, env=settings)
+    assert refused_setting(("projections", "status"), settings).startswith(said)
+
+
+def refused_setting(args: tuple[str, ...], settings: dict[str, str]) -> str:
+    """The one line `ledger ARGS` says with `settings`, which it refuses with status 2,
+    before connecting to the database (there is none at the URL it is given)."""
+    ran = ledger_command("postgresql://postgres@127.0.0.1:1/ledger", *args, env=settings)
     assert ran.returncode == 2, ran.stderr
     [line] = [line for line in ran.stderr.splitlines() if line.strip()]
-    assert line.startswith(said), ran.stderr
-
-
-STATUS = ("projections", "status")
+    return line
 
 
 @pytest.mark.parametrize(
@@ -342,11 +345,8 @@ STATUS = ("projections", "status")
 def test_every_command_says_a_setting_that_cannot_be_used_in_one_line_with_status_2(
     args: tuple[str, ...],
 ) -> None:
-    nowhere = "postgresql://postgres@127.0.0.1:1/ledger"
-    ran = ledger_command(nowhere, *args, env={"LEDGER_POOL_SIZE": "abc"})
-    assert ran.returncode == 2, ran.stderr
-    [line] = [line for line in ran.stderr.splitlines() if line.strip()]
-    assert line.startswith("error: setting LEDGER_POOL_SIZE: "), ran.stderr
+    said = refused_setting(args, {"LEDGER_POOL_SIZE": "abc"})
+    assert said.startswith("error: setting LEDGER_POOL_SIZE: ")
 
 
 def embedded_running(data_dir: Path) -> bool:
