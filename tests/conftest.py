@@ -29,6 +29,7 @@ from api.logs import configure_logging
 from api.runtime import Runtime, open_runtime
 from api.settings import Settings
 from ledger import hot
+from tests.turns import pytest_runtest_protocol, pytest_xdist_make_scheduler  # noqa: F401 (hooks)
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -40,6 +41,18 @@ TEST_KEYS = (
     "audit:auditor:test-audit,"
     "acme-feed:supplier:test-acme:acme"
 )
+
+
+# An event-sourced application opens its pool's `pool_size` connections at once and keeps
+# them: an idle `ledger serve --workers 2` held 25 connections with the defaults (5 + 10),
+# and holds 15 with these, which open one and grow to the same ceiling on demand; so that
+# two tests at a time (tests/turns.py) stay within the server's 100 connections.
+TEST_POOL = {"LEDGER_POOL_SIZE": "1", "LEDGER_POOL_MAX_OVERFLOW": "14"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, value in TEST_POOL.items():
+        os.environ.setdefault(name, value)  # every process a test starts inherits them
 
 
 def random_sku(prefix: str = "SKU") -> str:
@@ -99,6 +112,8 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
         "database_url": database_url,
         "api_keys": TEST_KEYS,
         "sweep_interval_seconds": 0.2,
+        "pool_size": int(os.environ["LEDGER_POOL_SIZE"]),
+        "pool_max_overflow": int(os.environ["LEDGER_POOL_MAX_OVERFLOW"]),
     }
     values.update(overrides)
     return Settings.model_validate(values)

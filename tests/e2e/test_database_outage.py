@@ -7,12 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import fresh_database, start_server, stop_server
 from tests.e2e.test_reservation_lifecycle import confirmed, ok, put_supplier, stocked_sku
 
 
+@pytest.mark.alone
 def test_a_lost_database_gives_503_and_not_ready(postgres_server_url: str, tmp_path: Path) -> None:
     with fresh_database(postgres_server_url) as database_url:
         server = start_server(

@@ -801,10 +801,14 @@ def test_a_put_without_a_name_keeps_the_supplier_s_name_and_a_new_one_is_named_b
     assert empty.status_code == 422
 
 
-def test_every_known_connector_setting_is_kept_up_to_its_bounds(ledger: Server) -> None:
+def test_every_known_connector_setting_is_kept_up_to_its_bounds(
+    ledger: Server, tmp_path: Path
+) -> None:
+    # The server fetches from this folder once it is saved: it was /tmp, and the module's
+    # server took every file in the machine's /tmp into /tmp/processed.
     connector = {
         "format": "csv",
-        "folder": {"path": "/tmp", "format": "csv"},
+        "folder": {"path": str(tmp_path), "format": "csv"},
         "schedule": {"interval_seconds": 60, "jitter": 0},
         "breaker": {"failures_to_open": 5, "cooldown_seconds": 60.5},
         "units": {"CS": 12, "PAL": 2**31 - 1},

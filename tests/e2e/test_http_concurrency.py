@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 import psycopg
+import pytest
 
 from tests.conftest import Server, fresh_database, random_sku, start_server, stop_server
 
@@ -204,6 +205,7 @@ def test_concurrent_confirms_releases_and_new_orders_never_promise_more_than_is_
     assert reserve(server, {sku: 1}, uuid.uuid4().hex)().status_code == 409
 
 
+@pytest.mark.alone
 def test_the_event_loop_keeps_answering_while_the_database_stalls(
     postgres_server_url: str, tmp_path: Path
 ) -> None:
@@ -241,6 +243,7 @@ def test_the_event_loop_keeps_answering_while_the_database_stalls(
     assert levels["available"] == 5
 
 
+@pytest.mark.alone
 def test_health_probes_answer_at_once_while_reads_wait_for_a_lagging_view(
     postgres_server_url: str, tmp_path: Path
 ) -> None:
@@ -293,6 +296,7 @@ def timed_get(url: str, **kwargs: Any) -> tuple[httpx.Response, float]:
     return answer, time.monotonic() - began
 
 
+@pytest.mark.alone
 def test_reads_waiting_for_a_lagging_view_hold_no_thread_and_give_up_on_time(
     postgres_server_url: str, tmp_path: Path
 ) -> None:

@@ -32,7 +32,7 @@ def ledger(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -
         yield running
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # for its tests only: a module's servers hold connections to its end
 def small_body_ledger(
     postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
@@ -367,6 +367,7 @@ def test_batch_availability_of_more_than_a_hundred_skus_is_a_validation_error(
 
 
 @pytest.mark.parametrize("position", [2**63, 10**23], ids=["bigint-plus-one", "far-beyond"])
+@pytest.mark.alone
 def test_a_position_past_any_the_log_can_reach_is_a_validation_error_at_once(
     admin: httpx.Client, oms: httpx.Client, shop: httpx.Client, sku: str, position: int
 ) -> None:
@@ -977,7 +978,7 @@ def test_a_return_says_whether_to_restock_with_true_or_false_only(
 UPLOADS_IN_FLIGHT = 256 * 1024
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # for its tests only: a module's servers hold connections to its end
 def bounded_uploads_ledger(
     postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
@@ -1086,6 +1087,7 @@ def test_webhook_bodies_past_those_a_server_holds_at_once_are_refused_to_be_sent
     refused(again, 401, "webhook_not_configured")
 
 
+@pytest.mark.alone
 def test_a_webhook_whose_body_does_not_arrive_in_time_is_refused(
     bounded_uploads_ledger: Server,
 ) -> None:

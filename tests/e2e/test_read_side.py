@@ -114,6 +114,7 @@ def test_a_read_without_a_position_follows_the_write_and_names_the_position_it_s
         assert held == (4 if position >= written else 0), (position, held, written)
 
 
+@pytest.mark.alone
 def test_a_read_for_a_position_past_the_log_s_end_says_so_at_once(ledger: Server) -> None:
     """No write has reached such a position: the read does not hold a thread for the
     wait's bound (5 s) for it, and says where the log ends."""
@@ -533,6 +534,7 @@ def ledger_command(database_url: str, *args: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.alone  # its rebuild and commands open many connections
 def test_the_cli_shows_status_rebuilds_and_exports(
     postgres_server_url: str, tmp_path: Path
 ) -> None:

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from bench.harness import PROBE_LOOP, CpuMeter, describe_probes, machine_probe
 
 
+@pytest.mark.alone
 def test_the_probe_times_a_fixed_loop_and_query(postgres_server_url: str) -> None:
     started = time.perf_counter()
     probe = machine_probe(postgres_server_url)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from api.runtime import Runtime
@@ -24,6 +25,7 @@ OTHERS = 30_000
 NEW = 10_000
 
 
+@pytest.mark.alone
 def test_a_new_supplier_s_many_letters_are_recorded_in_time_whatever_the_planner_knows(
     ledger: Runtime,
 ) -> None:

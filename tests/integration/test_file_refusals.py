@@ -122,6 +122,7 @@ def test_a_file_listed_over_the_size_limit_is_passed_over_unread(tmp_path: Path)
     assert [f.name for f in pull(transport)] == ["huge.csv"]
 
 
+@pytest.mark.alone
 def test_a_file_not_moved_aside_is_tried_once_a_fetch_without_the_retry_waits(
     tmp_path: Path,
 ) -> None:
@@ -177,6 +178,7 @@ def test_an_sftp_file_whose_name_is_not_utf8_no_longer_fails_the_listing(
     assert (remote / BAD_NAME).exists()
 
 
+@pytest.mark.alone
 def test_an_sftp_download_slower_than_the_timeout_is_taken_while_it_keeps_coming(
     tmp_path: Path,
 ) -> None:

@@ -35,6 +35,7 @@ time.sleep(3600)  # busy elsewhere: it never asks for the lease again
 """
 
 
+@pytest.mark.alone
 def test_a_standby_takes_the_lease_of_a_frozen_holder_but_not_of_a_busy_one(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,6 +164,7 @@ time.sleep(3600)
 """
 
 
+@pytest.mark.alone
 def test_a_lease_whose_holder_vanished_is_taken_over_within_seconds(
     network: Network, server: Server
 ) -> None:

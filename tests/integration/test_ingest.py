@@ -380,6 +380,7 @@ def test_while_the_writer_applies_a_part_the_next_is_read_ahead_of_it(
 
 
 @pytest.mark.timeout(30)  # a reader left running would hang the delivery for good
+@pytest.mark.alone
 def test_a_delivery_whose_part_fails_stops_reading_its_changes_and_says_so(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1069,6 +1070,7 @@ def test_a_disagreeing_letter_whose_partner_another_retry_holds_is_left_to_it(
     assert [(letter["id"], letter["attempts"]) for letter in left] == [(held, 0), (mine, 0)]
 
 
+@pytest.mark.alone
 def test_a_retry_waits_a_while_for_another_in_its_process_then_gives_up(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

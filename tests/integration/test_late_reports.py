@@ -255,6 +255,7 @@ def test_a_levels_table_made_before_reports_seen_were_kept_gains_the_columns(
     assert rows == [(sku, 5, EARLY, None), ("OLD", 3, None, None)]
 
 
+@pytest.mark.alone
 def test_a_repeat_whose_level_moves_while_the_file_path_waits_for_it_goes_to_the_ledger(
     ledger: Runtime,
 ) -> None:

@@ -35,6 +35,7 @@ def _woken(notifier: LogNotifier, conn: psycopg.Connection[object]) -> bool:
     return notifier.wait(seen, 2.0) != seen
 
 
+@pytest.mark.alone
 def test_a_notification_wakes_a_waiting_runner_at_once(
     notifier: LogNotifier, database_url: str
 ) -> None:
@@ -59,6 +60,7 @@ def test_the_notifier_listens_again_after_its_connection_was_ended(
             assert time.monotonic() < deadline, "the notifier never listened again"
 
 
+@pytest.mark.alone
 def test_stopping_the_notifier_does_not_wait_out_its_listen(database_url: str) -> None:
     """A runtime's close stops it: it used to wait up to half a second for its LISTEN's
     wait to end, at every close (two and a half minutes of the test suite)."""

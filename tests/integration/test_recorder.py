@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 from eventsourcing.persistence import Notification
 from eventsourcing.postgres import PostgresApplicationRecorder
 
@@ -142,6 +143,7 @@ def test_migrating_turns_jit_off_for_every_session_of_the_ledgers_database(
         assert conn.execute("SHOW jit").fetchone() == ("off",)
 
 
+@pytest.mark.alone
 def test_a_save_under_the_table_lock_is_a_plain_save_when_the_lock_is_not_had(
     runtime: Runtime,
 ) -> None:
@@ -172,6 +174,7 @@ def test_a_save_under_the_table_lock_is_a_plain_save_when_the_lock_is_not_had(
     assert runtime.app.repository.get(StockItem.id_for(sku)).sku == sku
 
 
+@pytest.mark.alone
 def test_a_save_under_the_table_lock_whose_connection_is_lost_fails_at_once(
     runtime: Runtime,
 ) -> None:

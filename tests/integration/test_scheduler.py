@@ -325,6 +325,7 @@ def test_feed_health_is_a_view_with_rows_per_delivery(ledger: Runtime) -> None:
     assert reported["last_error"] == "http_503: unavailable"
 
 
+@pytest.mark.alone
 def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_wait(
     ledger: Runtime,
 ) -> None:
@@ -357,6 +358,7 @@ def test_a_throttling_supplier_never_holds_up_the_others_and_stopping_cuts_its_w
     assert [row["consecutive_failures"] for row in throttled_health] in ([], [0])
 
 
+@pytest.mark.alone
 def test_a_fetch_waiting_to_retry_gives_its_slot_to_another_supplier(ledger: Runtime) -> None:
     """With one fetch slot, a supplier sitting out a Retry-After does not hold it: the
     other supplier is fetched meanwhile, and the first one's retry, once its wait is

@@ -207,6 +207,7 @@ def test_throttling_answers_429_with_retry_after_in_seconds(
     assert client.get("/inventory").status_code == 200
 
 
+@pytest.mark.alone
 def test_a_delay_longer_than_the_client_timeout_times_the_client_out(
     supplier: RestSupplier,
 ) -> None:
@@ -257,6 +258,7 @@ def test_the_request_log_records_paths_queries_headers_and_statuses(
     assert supplier.requests == []
 
 
+@pytest.mark.alone
 def test_stop_returns_promptly_with_a_request_delayed_and_a_connection_idle() -> None:
     server = RestSupplier(catalogue()).start()
     idle = httpx.Client(base_url=server.base_url, timeout=30)

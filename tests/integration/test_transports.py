@@ -795,6 +795,7 @@ def test_a_file_rewritten_after_it_was_fetched_is_left_for_the_next_fetch(
     assert fresh.body == rewritten != stale.body
 
 
+@pytest.mark.alone
 def test_files_matching_the_pattern_are_fetched_oldest_first_and_deleted_when_done(
     tmp_path: Path,
 ) -> None:
@@ -1344,6 +1345,7 @@ class _Dripping(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.alone
 def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_the_attempt_s_timeout() -> None:
     """Found by a supplier integrator's walkthrough: httpx's timeout bounds each read, and
     a page sent a byte a second held one attempt of a 3 s timeout for 77 s."""

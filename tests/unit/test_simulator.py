@@ -154,6 +154,7 @@ def test_a_random_walk_never_takes_a_quantity_below_zero() -> None:
     assert min(lowest) == 0
 
 
+@pytest.mark.alone
 def test_a_million_items_are_made_and_written_as_csv_in_seconds() -> None:
     started = time.perf_counter()
     c = Catalogue(1_000_000, seed=1, observed_at=T0)

@@ -194,6 +194,7 @@ def test_a_refusal_in_a_batch_costs_the_other_commands_nothing() -> None:
     assert batch[5].future.result(0).value.created == 1
 
 
+@pytest.mark.alone
 def test_an_outcome_tells_how_long_the_writer_spent_on_its_batch() -> None:
     """A delivery sizes its next part by this (see connectors.parts)."""
     writer = in_memory_writer()
@@ -455,6 +456,7 @@ def test_under_load_a_small_batch_waits_a_moment_for_more() -> None:
     assert sizes == [1, 10, 2]
 
 
+@pytest.mark.alone
 def test_a_lone_command_is_never_held_back() -> None:
     """Not after small batches, nor when it comes after a pause that followed a large one."""
     gate = threading.Event()
