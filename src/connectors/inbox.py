@@ -455,7 +455,9 @@ def _claim_key(inbox_id: str, attempt: str) -> str:
 # `stale_after_seconds` (see `claim`).
 CLAIM = f"""
 UPDATE connector_inbox AS inbox
-SET status = 'processing', attempts = inbox.attempts + 1, started_at = now()
+SET status = 'processing', attempts = inbox.attempts + 1, started_at = now(),
+    -- the last attempt's: its status showed them as this one's until it ended (a review)
+    finished_at = NULL, error = NULL, outcome = NULL
 FROM (
     SELECT id, status AS was FROM (
         SELECT id, status, attempts, started_at FROM connector_inbox

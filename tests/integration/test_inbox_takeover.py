@@ -277,6 +277,7 @@ class SlowParts:
         return self.ingestor.ingest(*args, heartbeat=slowly, **kwargs)
 
 
+@pytest.mark.alone
 def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applies_the_rest(
     ledger: Runtime, delivery: dict[str, int]
 ) -> None:
@@ -322,6 +323,34 @@ def test_a_worker_stopped_mid_delivery_hands_it_back_at_once_and_the_next_applie
     outcome = finished["outcome"]
     assert (outcome["applied"], outcome["unchanged"]) == (ROWS - applied, applied)
     assert levels_written(ledger) == delivery
+
+
+def test_a_delivery_claimed_again_shows_this_attempt_not_the_last_one_s_error(
+    ledger: Runtime, delivery: dict[str, int]
+) -> None:
+    """Found by a walkthrough: while a delivery handed back (or failed, or taken over) was
+    applied again, its status (`GET /v1/feeds/{id}`) showed the last attempt's error and
+    end, as if this attempt had ended so."""
+    with ledger.store.connection() as first:
+        taken = inbox.claim(first)
+        assert taken is not None
+        assert inbox.hand_back(first, taken, "handed back: its worker stopped")
+        assert inbox.release(first, taken)
+    with ledger.store.connection() as conn:
+        [queued] = inbox.delivery_status(conn, "big")
+    assert (queued["status"], queued["error"]) == ("queued", "handed back: its worker stopped")
+    assert queued["finished_at"] is not None
+
+    with ledger.store.connection() as second:
+        again = inbox.claim(second)
+        assert again is not None
+        try:
+            with ledger.store.connection() as conn:
+                [shown] = inbox.delivery_status(conn, "big")
+        finally:
+            assert inbox.release(second, again)
+    assert (shown["status"], shown["attempts"]) == ("processing", 1)
+    assert (shown["error"], shown["outcome"], shown["finished_at"]) == (None, None, None)
 
 
 def test_a_delivery_whose_letters_cannot_be_stored_waits_its_retry_behind_the_others(

@@ -1306,6 +1306,7 @@ def test_a_delivery_is_compared_with_the_levels_on_record_in_the_memory_given_to
     assert seen == ["96MB", "off", default[0] if default else None, "on"]
 
 
+@pytest.mark.alone
 def test_a_delivery_says_which_phase_its_time_went_to(
     ledger: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

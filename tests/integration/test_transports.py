@@ -283,6 +283,7 @@ def test_retries_stop_after_max_attempts_and_the_failure_stays_retriable(
     assert statuses(supplier) == [502, 502, 502]
 
 
+@pytest.mark.alone
 def test_a_429_is_retried_after_the_wait_its_retry_after_asks_for(
     supplier: RestSupplier,
 ) -> None:
@@ -900,6 +901,7 @@ def test_an_sftp_pull_takes_a_file_written_in_place_once_it_has_settled(
     assert fetched.body == b"supplier_sku,quantity\nSIM-1,125\n"
 
 
+@pytest.mark.alone
 def test_an_sftp_server_with_another_host_key_is_refused_without_retries(
     tmp_path: Path, password: str
 ) -> None:
@@ -949,6 +951,7 @@ def test_an_sftp_pull_logs_in_with_a_private_key(
     assert fetched.body == body == (remote / "processed" / "stock-1.csv").read_bytes()
 
 
+@pytest.mark.alone
 def test_an_sftp_key_the_server_does_not_authorize_is_refused_without_retries(
     tmp_path: Path, password: str
 ) -> None:
@@ -966,6 +969,7 @@ def test_an_sftp_key_the_server_does_not_authorize_is_refused_without_retries(
     assert failure.reason.startswith("auth_failed")
 
 
+@pytest.mark.alone
 def test_a_private_key_that_cannot_be_read_fails_the_pull_without_showing_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1063,6 +1067,7 @@ def test_an_ftp_server_without_mlsd_is_listed_with_nlst(
     assert fetched.body == body == (tmp_path / "processed" / "stock-1.csv").read_bytes()
 
 
+@pytest.mark.alone
 def test_an_ftp_login_refused_is_fatal(tmp_path: Path, password: str) -> None:
     with FtpSupplier(tmp_path, username="acme", password="another") as server:
         settings = remote_settings(server.host, server.port, password)
@@ -1121,6 +1126,7 @@ def test_a_server_requiring_session_reuse_refuses_the_standard_library_s_client(
             client.close()
 
 
+@pytest.mark.alone
 def test_an_ftps_certificate_not_trusted_is_refused_without_retries(
     tmp_path: Path, password: str
 ) -> None:
@@ -1131,6 +1137,7 @@ def test_an_ftps_certificate_not_trusted_is_refused_without_retries(
     assert failure.reason.startswith("tls_certificate_not_verified")
 
 
+@pytest.mark.alone
 def test_plain_ftp_to_a_server_that_requires_tls_is_refused(tmp_path: Path, password: str) -> None:
     with FtpSupplier(tmp_path, username="acme", password="feed-pw", tls=True) as server:
         settings = remote_settings(server.host, server.port, password)

@@ -56,7 +56,7 @@ def test_an_alone_test_runs_by_itself_and_the_others_two_at_a_time(
     )
 
     result = pytester.runpytest_subprocess(
-        "-n", "2", "--dist", "loadfile", "-p", "no:cacheprovider"
+        "-n", "2", "--dist", "loadfile", "-p", "no:cacheprovider", timeout=120
     )
 
     result.assert_outcomes(passed=8)
