@@ -202,8 +202,6 @@ def start_server(
     extra_env: dict[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> Server:
-    port = free_port()
-    log_path = tmp_path / f"server-{port}.log"
     env = {
         **os.environ,
         "LEDGER_DATABASE_URL": database_url,
@@ -212,31 +210,41 @@ def start_server(
         "LEDGER_SWEEP_INTERVAL_SECONDS": "0.2",
         **(extra_env or {}),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "api",
-        "serve",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        *extra_args,
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
+    # A free port may be taken before the server binds it (by another test's server, two
+    # run at a time, or any outgoing connection): the server then exits, and is started
+    # again on another. It is ready once it says it listens on its port (so that it is
+    # not another server on that port that answers) and its /readyz answers.
+    for _ in range(3):
+        port = free_port()
+        log_path = tmp_path / f"server-{port}.log"
+        command = [sys.executable, "-m", "api", "serve", "--port", str(port)]
+        command += ["--workers", str(workers), *extra_args]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
+        if _ready(server, f"Uvicorn running on {server.base_url} "):
+            return server
+    raise RuntimeError(f"ledger serve found no free port in three tries:\n{server.log()}")
+
+
+def _ready(server: Server, listening: str) -> bool:
+    """Whether the server became ready; False when its port was taken (it exited)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if server.process.poll() is not None:
+            if "address already in use" in server.log().lower():
+                return False
             raise RuntimeError(f"ledger serve exited early:\n{server.log()}")
         try:
-            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
-                return server
+            if (
+                listening in server.log()
+                and httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200
+            ):
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
+    server.process.kill()
     raise RuntimeError(f"ledger serve did not become ready:\n{server.log()}")
 
 
