@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,6 @@ from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.transport import JoiningHttpToolsProtocol
-from tests.conftest import free_port
 
 
 @contextmanager
@@ -22,18 +22,22 @@ def served(app: Starlette, protocol: type[Any] = JoiningHttpToolsProtocol) -> It
     `ledger serve` runs it with (unless told another); yields its URL. The app's middleware
     stack is built first, so that tests can look into it."""
     app.middleware_stack = app.build_middleware_stack()
-    config = uvicorn.Config(app, port=free_port(), log_config=None, http=protocol)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    # Bound here, to a port of its own, so that no other test's server takes it between
+    # finding it free and binding it (two tests run at a time).
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, http=protocol))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
     try:
         while not server.started:
             assert thread.is_alive(), "the server did not start"
             threading.Event().wait(0.02)
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
+        listening.close()
 
 
 class Counted:
