@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -208,12 +210,14 @@ def start_server(
         "LEDGER_API_KEYS": TEST_KEYS,
         "LEDGER_LOG_FORMAT": "json",
         "LEDGER_SWEEP_INTERVAL_SECONDS": "0.2",
+        "LEDGER_LOG_LEVEL": "INFO",  # it says when it listens (below), whatever the shell's
         **(extra_env or {}),
     }
     # A free port may be taken before the server binds it (by another test's server, two
-    # run at a time, or any outgoing connection): the server then exits, and is started
-    # again on another. It is ready once it says it listens on its port (so that it is
-    # not another server on that port that answers) and its /readyz answers.
+    # run at a time, or any outgoing connection): the server is then stopped, and started
+    # again on another. It is ready once its /readyz answers and the socket listening on
+    # its port is its own: two servers may both bind a port (uvicorn's SO_REUSEADDR), and
+    # the one that listens first answers for both.
     for _ in range(3):
         port = free_port()
         log_path = tmp_path / f"server-{port}.log"
@@ -222,29 +226,50 @@ def start_server(
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         server = Server(f"http://127.0.0.1:{port}", process, log_path, database_url)
-        if _ready(server, f"Uvicorn running on {server.base_url} "):
+        if _ready(server, port):
             return server
+        stop_process(process)
     raise RuntimeError(f"ledger serve found no free port in three tries:\n{server.log()}")
 
 
-def _ready(server: Server, listening: str) -> bool:
-    """Whether the server became ready; False when its port was taken (it exited)."""
+def _taken(server: Server) -> bool:
+    return "address already in use" in server.log().lower()
+
+
+def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether the socket listening on `port` is the process's (or its workers')."""
+    parent = psutil.Process(process.pid)
+    ours = {parent.pid, *(child.pid for child in parent.children(recursive=True))}
+    return any(
+        held.laddr and held.laddr.port == port and held.status == psutil.CONN_LISTEN
+        for pid in ours
+        for held in _sockets(pid)
+    )
+
+
+def _sockets(pid: int) -> list[Any]:
+    try:
+        return list(psutil.Process(pid).net_connections(kind="tcp"))
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _ready(server: Server, port: int) -> bool:
+    """Whether the server became ready; False when its port was taken."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if _taken(server):
+            return False
         if server.process.poll() is not None:
-            if "address already in use" in server.log().lower():
-                return False
             raise RuntimeError(f"ledger serve exited early:\n{server.log()}")
         try:
-            if (
-                listening in server.log()
-                and httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200
-            ):
-                return True
+            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
+                # Another's, where this one's workers may not even say they could not listen.
+                return _listens(server.process, port)
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    server.process.kill()
+    stop_process(server.process)
     raise RuntimeError(f"ledger serve did not become ready:\n{server.log()}")
 
 
