@@ -15,16 +15,18 @@ import pytest
 
 # The files whose module-scoped servers hold the most connections, as long as the file
 # runs: one worker runs them one after another, as two of them side by side held up to 91
-# of the server's 100 connections. Other e2e files keep a module server too (reservation
-# lifecycle, delivery ids, identifiers, OpenAPI): beside these, the most seen was 81.
+# of the server's 100 connections (and the read side's beside the reservation lifecycle's,
+# 81). Two other e2e files keep a module server of one worker (identifiers, OpenAPI).
 MODULE_SERVERS = frozenset(
     f"tests/e2e/{name}.py"
     for name in (
         "test_dashboard",
         "test_dead_letters",
+        "test_delivery_ids",
         "test_feeds",
         "test_http_errors",
         "test_read_side",
+        "test_reservation_lifecycle",
         "test_surrogates",
     )
 )
