@@ -15,10 +15,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -239,19 +238,14 @@ def _taken(server: Server) -> bool:
 def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
     """Whether the socket listening on `port` is the process's (or its workers')."""
     parent = psutil.Process(process.pid)
-    ours = {parent.pid, *(child.pid for child in parent.children(recursive=True))}
-    return any(
-        held.laddr and held.laddr.port == port and held.status == psutil.CONN_LISTEN
-        for pid in ours
-        for held in _sockets(pid)
-    )
-
-
-def _sockets(pid: int) -> list[Any]:
-    try:
-        return list(psutil.Process(pid).net_connections(kind="tcp"))
-    except psutil.NoSuchProcess:
-        return []
+    for each in (parent, *parent.children(recursive=True)):
+        with suppress(psutil.NoSuchProcess):
+            if any(
+                held.laddr and held.laddr.port == port and held.status == psutil.CONN_LISTEN
+                for held in each.net_connections(kind="tcp")
+            ):
+                return True
+    return False
 
 
 def _ready(server: Server, port: int) -> bool:

@@ -3,7 +3,6 @@ before a server binds it."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,13 @@ class AnswersReady(BaseHTTPRequestHandler):
         pass
 
 
+def offered_first(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next server is offered `port` as free; those after it, free ones."""
+    ports = [port]
+    free_port = conftest.free_port
+    monkeypatch.setattr(conftest, "free_port", lambda: ports.pop() if ports else free_port())
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     AnswersReady.asked.clear()
@@ -53,9 +59,7 @@ def test_a_server_whose_port_is_taken_starts_on_another_and_is_not_taken_for_the
     monkeypatch: pytest.MonkeyPatch,
     workers: int,
 ) -> None:
-    ports = [taken_port]
-    free_port = conftest.free_port
-    monkeypatch.setattr(conftest, "free_port", lambda: ports.pop() if ports else free_port())
+    offered_first(taken_port, monkeypatch)
 
     with fresh_database(postgres_server_url) as url:
         server = start_server(url, tmp_path, workers=workers)
@@ -79,13 +83,9 @@ def test_a_server_whose_port_another_listens_on_after_both_bound_it_starts_on_an
     (whose workers then do not listen, and do not say so)."""
     AnswersReady.asked.clear()
     other = ThreadingHTTPServer(("127.0.0.1", 0), AnswersReady, bind_and_activate=False)
-    other.allow_reuse_address = True
-    other.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    other.server_bind()  # bound, not listening: the server's parent binds it too
+    other.server_bind()  # with SO_REUSEADDR (an HTTPServer's), not listening: so can the server
     port = other.server_address[1]
-    ports = [port]
-    free_port = conftest.free_port
-    monkeypatch.setattr(conftest, "free_port", lambda: ports.pop() if ports else free_port())
+    offered_first(port, monkeypatch)
     log = tmp_path / f"server-{port}.log"
 
     def listen_once_bound() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.turns import MODULE_SERVERS, pytest_xdist_make_scheduler
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Each test notes when it ran. The first tests of the two files wait for each other, so
@@ -15,6 +17,8 @@ HEADER = """
 import os, time
 from pathlib import Path
 import pytest
+
+from tests.turns import MODULE_SERVERS, pytest_xdist_make_scheduler
 
 LOG = Path(os.environ["TURNS_LOG"])
 
@@ -73,3 +77,19 @@ def test_an_alone_test_runs_by_itself_and_the_others_two_at_a_time(
             if other != alone and other_began < ended and began < other_ended
         ]
         assert beside == [], f"{alone} ran beside {beside}"
+
+
+def test_the_files_with_module_servers_share_one_scope_and_the_others_have_one_each(
+    pytester: pytest.Pytester,
+) -> None:
+    config = pytester.parseconfig("--tx", "2*popen", "--dist", "loadfile")
+    scheduling = pytest_xdist_make_scheduler(config, None)
+    scope = scheduling._split_scope  # type: ignore[attr-defined]
+
+    assert all((ROOT / name).is_file() for name in MODULE_SERVERS)  # none renamed away
+    merged = {scope(f"{name}::test_x[1]") for name in MODULE_SERVERS}
+    assert len(merged) == 1
+    assert scope("tests/unit/test_writer.py::test_a") == "tests/unit/test_writer.py"
+    assert scope("tests/unit/test_writer.py::test_a") not in merged
+    other_mode = pytester.parseconfig("--tx", "2*popen", "--dist", "load")
+    assert pytest_xdist_make_scheduler(other_mode, None) is None
