@@ -22,7 +22,6 @@ from typing import Annotated, Any, NoReturn, cast
 
 import psycopg
 import typer
-import uvicorn
 from eventsourcing.persistence import OperationalError as StoreUnavailable
 from pydantic import ValidationError
 from rich.console import Console
@@ -38,6 +37,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from api import serving
 from api.database import (
     NotMigrated,
     migrate,
@@ -149,7 +149,8 @@ def serve(
         os.environ[SERVE_PID] = str(os.getpid())
         # Every worker counts in one directory, for /metrics to sum (api.metrics).
         with prepare_directory():
-            uvicorn.run(
+            # uvicorn.run, with the port listened on as soon as it is bound (api.serving).
+            serving.run(
                 "api.app:create_app_from_env",
                 factory=True,
                 host=host,
