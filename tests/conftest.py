@@ -215,8 +215,9 @@ def start_server(
     # A free port may be taken before the server binds it (by another test's server, two
     # run at a time, or any outgoing connection): the server is then stopped, and started
     # again on another. It is ready once its /readyz answers and the socket listening on
-    # its port is its own: two servers may both bind a port (uvicorn's SO_REUSEADDR), and
-    # the one that listens first answers for both.
+    # its port is its own. (Before `serve` listened where it binds, api.serving, two
+    # servers could both bind a port, uvicorn's SO_REUSEADDR, and the one that listened
+    # first answered for both; the check stays, as cheap as it is sure.)
     for _ in range(3):
         port = free_port()
         log_path = tmp_path / f"server-{port}.log"
@@ -258,7 +259,7 @@ def _ready(server: Server, port: int) -> bool:
             raise RuntimeError(f"ledger serve exited early:\n{server.log()}")
         try:
             if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
-                # Another's, where this one's workers may not even say they could not listen.
+                # Its own, not that of another process that listens on the port.
                 return _listens(server.process, port)
         except httpx.TransportError:
             pass

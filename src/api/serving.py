@@ -41,8 +41,11 @@ class ListeningConfig(uvicorn.Config):
 
 
 def run(app: str, **settings: Any) -> None:
-    """`uvicorn.run(app, **settings)` for an app given by its import string."""
+    """`uvicorn.run(app, **settings)` for an app given by its import string, without
+    reloading (which `serve` does not offer)."""
     config = ListeningConfig(app, **settings)
+    if config.reload:
+        raise ValueError("serving.run does not reload")
     if config.workers == 1:
         config.load_app()  # an app that cannot be imported stops it here, as uvicorn.run
     server = uvicorn.Server(config)

@@ -146,11 +146,12 @@ def test_a_server_whose_port_another_socket_listens_on_before_it_can_stops_sayin
     other.bind(("127.0.0.1", 0))
     port = other.getsockname()[1]
     bind = uvicorn.Config.bind_socket
+    bound: list[socket.socket] = []
 
     def bind_then_the_other_listens(config: uvicorn.Config) -> socket.socket:
-        sock = bind(config)
+        bound.append(bind(config))
         other.listen()
-        return sock
+        return bound[-1]
 
     monkeypatch.setattr(uvicorn.Config, "bind_socket", bind_then_the_other_listens)
     # No logging configured by uvicorn (as `serve` asks); its error logger told to the test.
@@ -162,6 +163,7 @@ def test_a_server_whose_port_another_socket_listens_on_before_it_can_stops_sayin
             config.bind_socket()
         assert stop.value.code == STARTUP_FAILURE
         assert "Address already in use" in caplog.text
+        assert [sock.fileno() for sock in bound] == [-1]  # closed, not left bound
     finally:
         logger.removeHandler(caplog.handler)
         other.close()
