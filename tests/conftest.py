@@ -236,7 +236,7 @@ def _taken(server: Server) -> bool:
     return "address already in use" in server.log().lower()
 
 
-def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
+def listens_on(process: subprocess.Popen[bytes], port: int) -> bool:
     """Whether the socket listening on `port` is the process's (or its workers')."""
     parent = psutil.Process(process.pid)
     for each in (parent, *parent.children(recursive=True)):
@@ -260,7 +260,7 @@ def _ready(server: Server, port: int) -> bool:
         try:
             if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
                 # Its own, not that of another process that listens on the port.
-                return _listens(server.process, port)
+                return listens_on(server.process, port)
         except httpx.TransportError:
             pass
         time.sleep(0.2)

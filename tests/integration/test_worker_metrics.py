@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.runtime import Runtime
 from connectors import inbox
 from connectors.ingest import content_hash
-from tests.conftest import free_port
+from tests.conftest import free_port, listens_on
 from tests.integration.test_cli_errors import SUPPLIER, ledger_command, mapped_sku
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +41,27 @@ def worker(database_url: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
             stdout=output,
             stderr=subprocess.STDOUT,
         )
+
+
+def metrics_worker(
+    database_url: str, tmp_path: Path, name: str, *args: str
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`ledger <name> run --metrics-port P`, with its port and log. A port found free may
+    be taken before the worker binds it (two tests run at a time): the worker then stops
+    saying so, and is started again on another, up to three tries."""
+    for _ in range(3):
+        port = free_port()
+        log = tmp_path / f"{name}-{port}.log"
+        process = worker(database_url, log, name, "run", "--metrics-port", str(port))
+        deadline = time.monotonic() + 60
+        while process.poll() is None and not listens_on(process, port):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        if process.poll() is None:
+            return process, port, log
+        if f"cannot serve metrics on 127.0.0.1:{port}" not in log.read_text():
+            raise AssertionError(log.read_text())
+    raise AssertionError(f"no free metrics port in three tries:\n{log.read_text()}")
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -98,24 +119,12 @@ def test_each_worker_serves_its_own_counts_and_the_stored_figures(
             content_hash=content_hash(body),
             body=body,
         )
-    connectors_port, projections_port = free_port(), free_port()
-    connectors_log, projections_log = tmp_path / "connectors.log", tmp_path / "projections.log"
-    connectors = worker(
-        ledger.database_url,
-        connectors_log,
-        "connectors",
-        "run",
-        "--metrics-port",
-        str(connectors_port),
+    connectors, connectors_port, connectors_log = metrics_worker(
+        ledger.database_url, tmp_path, "connectors"
     )
     stopped.append(connectors)
-    projections = worker(
-        ledger.database_url,
-        projections_log,
-        "projections",
-        "run",
-        "--metrics-port",
-        str(projections_port),
+    projections, projections_port, projections_log = metrics_worker(
+        ledger.database_url, tmp_path, "projections"
     )
     stopped.append(projections)
 
@@ -154,3 +163,26 @@ def test_a_metrics_port_already_taken_is_said_in_one_line_with_status_2(
         .splitlines()[-1]
         .startswith(f"error: cannot serve metrics on 127.0.0.1:{port}: ")
     )
+
+
+def test_a_metrics_port_taken_before_the_worker_binds_it_is_tried_again_elsewhere(
+    ledger: Runtime,
+    tmp_path: Path,
+    stopped: list[subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tests' own retry (`metrics_worker`), as two tests at a time need it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        offered, any_free = [port], free_port
+        monkeypatch.setattr(
+            sys.modules[__name__], "free_port", lambda: offered.pop() if offered else any_free()
+        )
+        process, served_on, _ = metrics_worker(ledger.database_url, tmp_path, "projections")
+        stopped.append(process)
+
+    assert served_on != port
+    assert (tmp_path / f"projections-{port}.log").read_text().count("cannot serve metrics") == 1
+    assert samples(served_on) is not None
