@@ -18,7 +18,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from api.serving import ListeningConfig
 from tests import conftest
-from tests.conftest import fresh_database, start_server, stop_server
+from tests.conftest import Server, fresh_database, start_server, stop_server
 
 
 class AnswersReady(BaseHTTPRequestHandler):
@@ -42,6 +42,14 @@ def offered_first(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     ports = [port]
     free_port = conftest.free_port
     monkeypatch.setattr(conftest, "free_port", lambda: ports.pop() if ports else free_port())
+
+
+def ready_as_the_ledger(server: Server) -> None:
+    """The server's /readyz answers, with the ledger's body (the other server's is `{}`)."""
+    with server.client() as anonymous:
+        answer = anonymous.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.json() != {}
 
 
 @pytest.fixture
@@ -72,10 +80,7 @@ def test_a_server_whose_port_is_taken_starts_on_another_and_is_not_taken_for_the
         try:
             assert not server.base_url.endswith(f":{taken_port}")
             assert server.process.poll() is None
-            with server.client() as anonymous:
-                answer = anonymous.get("/readyz")
-            assert answer.status_code == 200
-            assert answer.json() != {}  # the ledger's, not the other server's
+            ready_as_the_ledger(server)
         finally:
             stop_server(server)
     assert "/readyz" in AnswersReady.asked  # it answered, and was not taken for the server
@@ -122,10 +127,7 @@ def test_a_socket_that_bound_the_port_beside_a_server_of_two_workers_cannot_list
                 thread.join(timeout=30)
                 assert [error.errno for error in refused] == [errno.EADDRINUSE]
                 assert server.base_url.endswith(f":{port}")
-                with server.client() as anonymous:
-                    answer = anonymous.get("/readyz")
-                assert answer.status_code == 200
-                assert answer.json() != {}  # the ledger's
+                ready_as_the_ledger(server)
             finally:
                 stop_server(server)
         assert AnswersReady.asked == []
