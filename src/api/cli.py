@@ -62,6 +62,7 @@ from connectors import health, inbox
 from connectors.deadletters import record_delivery_letters
 from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
+from connectors.transports import supplier_format
 from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
 from projections.data_version import DATA_VERSION, NewerData
@@ -496,7 +497,11 @@ def ingest_command(
         raise typer.BadParameter(problem, param_hint="'--delivery-id'")
     with _ledger() as runtime:
         terms = runtime.ingestor.terms(supplier)
-        chosen = format or terms.connector.get("format") or BY_SUFFIX.get(file.suffix.lower())
+        chosen = (
+            (format or "").lower()
+            or supplier_format(terms.connector)
+            or BY_SUFFIX.get(file.suffix.lower())
+        )
         if chosen not in FORMATS:
             raise typer.BadParameter(
                 f"--format is one of {', '.join(FORMATS)}"
@@ -520,10 +525,10 @@ def ingest_command(
                 name=file.name,
             )
             if taken.delivery is None:
-                _answer_taken(delivery, taken)
+                _answer_taken(delivery, taken, chosen)
                 return
             try:
-                result = _apply_file(runtime, file, taken.delivery, cast(Format, chosen))
+                result = _apply_file(runtime, file, taken.delivery, chosen)
             finally:
                 # (A session that broke took its lock with it.)
                 with suppress(Exception):
@@ -704,12 +709,20 @@ def _finish_file(
         return status == "failed" and inbox.queue_kept(conn, delivery)
 
 
-def _answer_taken(delivery: str, taken: inbox.TakenUp) -> None:
-    """Answers a file whose delivery id is taken: the same delivery applied already is
-    answered with its first counts (status 0); anything else is refused (status 1)."""
+def _answer_taken(delivery: str, taken: inbox.TakenUp, format: str) -> None:
+    """Answers a file whose delivery id is taken: the same delivery applied already in the
+    same format is answered with its first counts (status 0); anything else is refused
+    (status 1), as an upload is (`409`)."""
     if taken.clash:
         message = f"delivery {delivery!r} was already received with other content" + (
             " (a stock report)" if taken.status == "reported" else ""
+        )
+    elif taken.status == "applied" and taken.format not in (None, format):
+        # It was applied as read then: said, not passed over as the same delivery (an
+        # operator's walkthrough), as an upload in another format is refused.
+        message = (
+            f"delivery {delivery!r} was already applied as {taken.format}: it is not read"
+            f" again as {format} (give it another --delivery-id to apply it as a new one)"
         )
     elif taken.status == "applied":
         typer.echo(f"delivery {delivery!r} was already applied: nothing is applied again")

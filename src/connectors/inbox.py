@@ -337,6 +337,7 @@ class TakenUp:
     clash: bool
     outcome: dict[str, Any] | None = None
     error: str | None = None
+    format: str | None = None  # what the delivery that holds the id was received as
 
 
 TAKEN = (
@@ -386,7 +387,7 @@ def take_up(
             )
             return TakenUp(Delivery(**row, body=b""), "processing", source, clash=False)
         found = conn.execute(
-            "SELECT status, source, content_hash, outcome, error FROM connector_inbox"
+            "SELECT status, source, content_hash, outcome, error, format FROM connector_inbox"
             " WHERE supplier_id = %s AND delivery_id = %s",
             (supplier_id, delivery_id),
         ).fetchone()
@@ -398,6 +399,7 @@ def take_up(
         clash=found["content_hash"] != content_hash,
         outcome=found["outcome"],
         error=found["error"],
+        format=found["format"],
     )
 
 

@@ -181,18 +181,19 @@ def test_an_empty_signed_webhook_is_refused_at_once_as_an_empty_upload_is(
 
 
 @pytest.mark.parametrize(
-    ("tamper", "reason"),
+    ("tamper", "reason", "said"),
     [
-        ("unsigned", "missing_signature"),
-        ("wrong secret", "bad_signature"),
-        ("body changed", "bad_signature"),
-        ("an hour old", "expired_signature"),
-        ("an hour ahead", "expired_signature"),
-        ("not ASCII", "bad_signature"),
+        ("unsigned", "missing_signature", "are both required"),
+        ("wrong secret", "bad_signature", "does not hold for this body"),
+        ("body changed", "bad_signature", "does not hold for this body"),
+        ("an hour old", "expired_signature", "more than 300 s from now"),
+        ("an hour ahead", "expired_signature", "more than 300 s from now"),
+        ("not ASCII", "bad_signature", "does not hold for this body"),
+        ("time in words", "bad_timestamp", "whole Unix seconds"),
     ],
 )
 def test_a_webhook_whose_signature_does_not_hold_is_refused(
-    ledger: Server, tamper: str, reason: str
+    ledger: Server, tamper: str, reason: str, said: str
 ) -> None:
     body = b'{"observations": []}'
     headers = signed(body, f"wh-{uuid.uuid4().hex[:6]}")
@@ -206,6 +207,8 @@ def test_a_webhook_whose_signature_does_not_hold_is_refused(
         headers = signed(body, headers["X-Ledger-Delivery"], at=int(time.time()) + 3600)
     elif tamper == "not ASCII":
         headers["X-Ledger-Signature"] = "sha256=\u00e9t\u00e9".encode("latin-1")  # type: ignore[assignment]
+    elif tamper == "time in words":
+        headers["X-Ledger-Timestamp"] = "yesterday"
     sent = body + b" " if tamper == "body changed" else body
     with ledger.client("test-admin") as admin, httpx.Client(base_url=ledger.base_url) as anyone:
         supplier_id = supplier(admin, {})
@@ -213,6 +216,7 @@ def test_a_webhook_whose_signature_does_not_hold_is_refused(
         answer = anyone.post(f"/v1/suppliers/{supplier_id}/webhook", content=sent, headers=headers)
     assert answer.status_code == 401
     assert answer.json()["error"] == reason
+    assert said in answer.json()["detail"]
     assert f'"reason": "{reason}"' in ledger.log()[logged:]
 
 
@@ -1021,6 +1025,71 @@ def test_a_file_applied_from_the_command_line_is_summed_up_and_unreadable_ones_r
     # Neither the supplier nor the file's name says the format: nothing is read.
     assert unnamed.returncode != 0
     assert "the supplier has none set" in unnamed.stderr
+
+
+def test_a_folder_supplier_s_format_reads_its_uploads_and_command_line_files(
+    ledger: Server, tmp_path: Path
+) -> None:
+    """A file's format is the supplier's where the upload or the command names none: the
+    connector's `format`, else its transport's. Given only as a folder's, uploads were
+    `422 unknown_format` and `ledger ingest` refused the file; given only as the
+    supplier's, a folder could not be saved (an operator's walkthrough)."""
+    sku = f"FMT-{uuid.uuid4().hex[:6]}"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    body = f"sku,quantity,observed_at\nA-1,14,{at}\n".encode()
+    nameless = tmp_path / "stock"
+    nameless.write_bytes(f"sku,quantity,observed_at\nA-1,15,{at}\n".encode())
+    drop, other_drop = tmp_path / "drop", tmp_path / "other"
+    drop.mkdir()
+    other_drop.mkdir()
+    with ledger.client("test-admin") as admin:
+        folder_only = supplier(admin, {"A-1": sku}, folder={"path": str(drop), "format": "csv"})
+        uploaded = admin.post(f"/v1/suppliers/{folder_only}/feeds", content=body)
+        status = finished(admin, folder_only, uploaded.json()["delivery_id"])
+        ingested = ledger_command(
+            ledger.database_url, "ingest", str(nameless), "--supplier", folder_only
+        )
+        supplier_only = supplier(admin, {}, format="csv", folder={"path": str(other_drop)})
+        saved = admin.get(f"/v1/suppliers/{supplier_only}").json()
+        none_set = supplier(admin, {})
+        unnamed = admin.post(f"/v1/suppliers/{none_set}/feeds", content=body)
+        shouted = admin.post(
+            f"/v1/suppliers/{none_set}/feeds", params={"format": "CSV"}, content=body
+        )
+
+    assert uploaded.status_code == 202, uploaded.text
+    assert (status["status"], status["format"], status["applied"]) == ("applied", "csv", 1)
+    assert ingested.returncode == 0, ingested.stderr
+    assert "1 rows read: 1 changed" in ingested.stdout
+    assert on_hand(ledger, sku, None) == 15
+    # Saved as given, the supplier's format not copied into its folder's (its files are
+    # read in it: tests/integration/test_transports.py).
+    assert saved["connector"]["folder"] == {"path": str(other_drop)}
+    assert unnamed.status_code == 422
+    assert unnamed.json()["error"] == "unknown_format"
+    assert "none was given, and the supplier has none set" in unnamed.json()["detail"]
+    assert shouted.status_code == 202, shouted.text  # a format's name in any case
+
+
+def test_a_file_applied_from_the_command_line_is_not_passed_over_in_another_format(
+    ledger: Server, tmp_path: Path
+) -> None:
+    """The same file again in the same format is the delivery applied (status 0); in
+    another, it is refused (status 1), as an upload is `409`: it printed "already
+    applied" and exited 0, the `--format` unread (an operator's walkthrough)."""
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    feed = tmp_path / "stock.csv"
+    feed.write_text(f"sku,quantity,observed_at\nA-1,3,{at}\n")
+    with ledger.client("test-admin") as admin:
+        supplier_id = supplier(admin, {"A-1": f"AGAIN-{uuid.uuid4().hex[:6]}"})
+    runs = [
+        ledger_command(ledger.database_url, "ingest", str(feed), "--supplier", supplier_id, *more)
+        for more in ([], ["--format", "csv"], ["--format", "json"])
+    ]
+
+    assert [run.returncode for run in runs] == [0, 0, 1], [run.stderr for run in runs]
+    assert "was already applied: nothing is applied again" in runs[1].stdout
+    assert "was already applied as csv: it is not read again as json" in runs[2].stderr
 
 
 def test_metrics_sum_every_worker_s_commands_and_show_the_feeds_and_views(

@@ -42,6 +42,7 @@ from connectors.transports import (
     FetchFailed,
     Transport,
     content_id,
+    supplier_format,
     transport_for,
 )
 from connectors.transports.breaker import CircuitBreaker, CircuitOpen
@@ -461,6 +462,40 @@ def test_a_poll_reads_its_pages_in_the_supplier_s_format() -> None:
     assert isinstance(transport, RestPoller)
     assert transport.settings.format == "csv"
     transport.close()
+
+
+def test_a_drop_folder_reads_its_files_in_the_supplier_s_format(tmp_path: Path) -> None:
+    """A folder that names no format of its own is read in the supplier's, as a poll is
+    (such settings could not be saved: an operator's walkthrough)."""
+    connector = {"format": "edi846", "folder": {"path": str(tmp_path), "settle_seconds": 0}}
+    check_connector(connector)
+    (tmp_path / "stock.txt").write_bytes(b"ISA*00*...")
+    transport = transport_for("acme", connector, state=DictState())
+    assert isinstance(transport, FolderTransport)
+    [fetched] = transport.fetch()
+    assert (fetched.format, fetched.name) == ("edi846", "stock.txt")
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    ("connector", "format"),
+    [
+        pytest.param(
+            {"format": "xml", "folder": {"path": "/d", "format": "xml"}}, "xml", id="both"
+        ),
+        pytest.param({"format": "xml", "ftp": {"host": "h"}}, "xml", id="the supplier's"),
+        pytest.param({"sftp": {"host": "h", "format": "edi846"}}, "edi846", id="its transport's"),
+        pytest.param({"poll": {"url": "http://x/f", "format": "csv"}}, "csv", id="a poll's"),
+        pytest.param({"poll": {"url": "http://x/f"}}, None, id="a poll's default unsaid"),
+        pytest.param({"webhook": {"format": "csv"}}, None, id="a webhook's is its own"),
+        pytest.param({}, None, id="none"),
+    ],
+)
+def test_the_supplier_s_format_is_its_connector_s_else_its_transport_s(
+    connector: dict[str, Any], format: str | None
+) -> None:
+    """What an upload or `ledger ingest` that names no format reads a file in."""
+    assert supplier_format(connector) == format
 
 
 def test_transport_numbers_are_taken_up_to_their_bounds_and_refused_past_them() -> None:

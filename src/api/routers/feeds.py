@@ -20,6 +20,7 @@ from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
 from connectors.secrets import SecretUnavailable, resolve
+from connectors.transports import supplier_format
 from connectors.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
     MAX_TOLERANCE_SECONDS,
@@ -114,9 +115,15 @@ async def upload(
     if not body:
         raise ApiError(422, "empty_feed", "the request body is the feed file, and it is empty")
     terms = await _in_thread(_terms, runtime, supplier_id)
-    chosen = format or terms.connector.get("format")
+    # In any case: `CSV` was refused as no format (a walkthrough).
+    chosen = (format or "").lower() or supplier_format(terms.connector)
     if chosen not in FORMATS:
-        raise ApiError(422, "unknown_format", f"format is one of {', '.join(FORMATS)}")
+        raise ApiError(
+            422,
+            "unknown_format",
+            f"format is one of {', '.join(FORMATS)}"
+            + ("" if format else " (none was given, and the supplier has none set)"),
+        )
     digest = content_hash(body)
     received = await _in_thread(
         _enqueue,
@@ -124,7 +131,7 @@ async def upload(
         supplier_id,
         delivery or f"sha256:{digest[:32]}",
         "upload",
-        cast(Format, chosen),
+        chosen,
         digest,
         body,
         name,
@@ -132,6 +139,18 @@ async def upload(
         key.name,
     )
     return _accepted(runtime, received, supplier_id)
+
+
+# What each refusal of a webhook's signature says (every one said "the webhook signature
+# does not hold", a request sent without one too: an operator's walkthrough).
+WHY_REFUSED = {
+    "missing_signature": "a webhook is signed: X-Ledger-Signature and X-Ledger-Timestamp"
+    " are both required",
+    "bad_timestamp": "X-Ledger-Timestamp is the signing time in whole Unix seconds",
+    "expired_signature": "the request was signed more than {tolerance} s from now:"
+    " sign it again as it is sent",
+    "bad_signature": "the signature does not hold for this body and timestamp",
+}
 
 
 @router.post(
@@ -172,7 +191,7 @@ async def webhook(
     reason = refusal(secret, timestamp, signature, body, time.time(), tolerance)
     if reason is not None:
         log.warning("webhook.refused", supplier=supplier_id, reason=reason)
-        raise ApiError(401, reason, "the webhook signature does not hold")
+        raise ApiError(401, reason, WHY_REFUSED[reason].format(tolerance=tolerance))
     assert timestamp is not None
     assert signature is not None
     if not body:  # as an upload's: refused now, not acknowledged and rejected later

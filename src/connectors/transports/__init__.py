@@ -153,12 +153,14 @@ def transport_for(
     if len(named) > 1:
         raise ValueError(f"bad_option: a connector uses one transport, not {' and '.join(named)}")
     [kind] = named
+    given = connector[kind]
+    if isinstance(given, dict) and "format" not in given and "format" in connector:
+        # What it fetches is read as the supplier's format: a poll that paginates as JSON
+        # pages a CSV supplier was saved, then every page was refused, and a folder
+        # supplier whose format was given once, as the supplier's, could not be saved
+        # (two walkthroughs).
+        given = {**given, "format": connector["format"]}
     if kind == "poll":
-        given = connector[kind]
-        if isinstance(given, dict) and "format" not in given and "format" in connector:
-            # Its pages are read as the supplier's format: a poll that paginates as JSON
-            # pages a CSV supplier was saved, then every page was refused (a walkthrough).
-            given = {**given, "format": connector["format"]}
         poll = _settings(PollSettings, kind, given, strict)
         return RestPoller(
             supplier_id,
@@ -171,15 +173,29 @@ def transport_for(
             refresh_seconds=refresh_seconds,
         )
     if kind == "folder":
-        folder = _settings(FolderSettings, kind, connector[kind], strict)
+        folder = _settings(FolderSettings, kind, given, strict)
         return FolderTransport(
             supplier_id, folder, local_folder(folder), source="folder", sleep=sleep
         )
     if kind == "sftp":
-        sftp = _settings(SftpSettings, kind, connector[kind], strict)
+        sftp = _settings(SftpSettings, kind, given, strict)
         return FolderTransport(supplier_id, sftp, sftp_folder(sftp), source="sftp", sleep=sleep)
-    ftp = _settings(FtpSettings, kind, connector[kind], strict)
+    ftp = _settings(FtpSettings, kind, given, strict)
     return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp", sleep=sleep)
+
+
+def supplier_format(connector: Mapping[str, Any]) -> str | None:
+    """The format a supplier's deliveries are read in where one names none (an upload, a
+    file given to `ledger ingest`): its connector's `format`, else its transport's (a
+    folder's files, a poll's pages), as the settings say it; None where neither does. A
+    webhook's is its own (`webhook.format`)."""
+    if connector.get("format") is not None:
+        return str(connector["format"])
+    for kind in TRANSPORTS:
+        own = connector.get(kind)
+        if isinstance(own, dict) and own.get("format") is not None:
+            return str(own["format"])
+    return None
 
 
 # A connector's settings that say when it runs, not how what it fetches is read.
