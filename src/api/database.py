@@ -28,25 +28,35 @@ from projections.store import live
 log = structlog.get_logger(__name__)
 
 EVENTS_TABLE = "inventoryledger_events"
+# The aggregates' snapshots: loads and audits start from them, so they are kept as the
+# events are (one changed in place was read by the audit and the writer alike as the
+# SKU's state: an auditor's walkthrough).
+SNAPSHOTS_TABLE = "inventoryledger_snapshots"
 # How long a command on the embedded default waits for client backends to go before it
 # takes them for another process's and leaves the server running (`stop_unless_used`).
 CLIENTS_SETTLE_SECONDS = 1.0
 
-# Events are never updated or deleted, whoever asks: corrections are new events.
-IMMUTABLE_EVENTS_SQL = f"""
+# Events and snapshots are never updated or deleted through the ledger's role:
+# corrections are new events. (The tables' owner or a superuser can still turn the
+# triggers off; the database's privileges are the last word.)
+IMMUTABLE_EVENTS_SQL = """
 CREATE OR REPLACE FUNCTION stockledger_refuse_history_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the event log is append-only: % on % refused', TG_OP, TG_TABLE_NAME
         USING ERRCODE = 'insufficient_privilege';
 END $$;
-CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_append_only
-    BEFORE UPDATE OR DELETE ON {EVENTS_TABLE}
+""" + "".join(
+    f"""
+CREATE OR REPLACE TRIGGER {table}_append_only
+    BEFORE UPDATE OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION stockledger_refuse_history_change();
-CREATE OR REPLACE TRIGGER {EVENTS_TABLE}_no_truncate
-    BEFORE TRUNCATE ON {EVENTS_TABLE}
+CREATE OR REPLACE TRIGGER {table}_no_truncate
+    BEFORE TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION stockledger_refuse_history_change();
 """
+    for table in (EVENTS_TABLE, SNAPSHOTS_TABLE)
+)
 
 # The ledger's queries are short lookups whose cost the planner overestimates (arrays
 # of ids, temporary tables): with JIT on, PostgreSQL compiled a loader's 5,000-stream
