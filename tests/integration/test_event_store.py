@@ -14,6 +14,7 @@ from ledger.commands import Confirm
 from ledger.stock import StockItem
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, now, reserve, stock_sku
+from tests.integration.test_cli_errors import ledger_command
 
 # Persisted names are a contract: renaming one breaks every stored event that uses it.
 PINNED_TOPICS = {
@@ -126,6 +127,40 @@ def test_the_event_log_refuses_to_change_history(
     assert before is not None
     assert before[0] > 0
     assert before == after
+
+
+def test_the_audit_finds_a_snapshot_changed_behind_the_trigger_s_back(runtime: Runtime) -> None:
+    """`ledger audit snapshots` replays each stream with no snapshot and compares: one
+    changed in place (by a role that can turn the trigger off) was read as the SKU's
+    state by the audit and the writer alike, and nothing said so (an auditor's
+    walkthrough)."""
+    sku = random_sku("SNAP")
+    stream = StockItem.id_for(sku)
+    stock_sku(runtime.writer, sku, 5)
+    runtime.app.take_snapshot(stream)
+    runtime.writer.execute(reserve([(sku, 2)], ttl=60))
+    runtime.app.take_snapshot(stream)
+    [first, second] = [s.originator_version for s in runtime.app.snapshots.get(stream)]
+    agreed = ledger_command(runtime.database_url, "audit", "snapshots", "--sku", sku)
+    with psycopg.connect(runtime.database_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")  # the trigger off
+        conn.execute(
+            "UPDATE inventoryledger_snapshots SET state = convert_to(jsonb_set("
+            " convert_from(state, 'UTF8')::jsonb, '{state,safety_stock}', '40')::text, 'UTF8')"
+            " WHERE originator_id = %s AND originator_version = %s",
+            (stream, first),
+        )
+    differs = ledger_command(runtime.database_url, "audit", "snapshots")
+
+    assert agreed.returncode == 0, agreed.stderr
+    assert "2 snapshots of 1 streams checked: 0 differ from their events" in agreed.stdout
+    assert differs.returncode == 1, differs.stderr
+    assert f"error: {sku} at version {first}: its snapshot is not what its events give," in (
+        differs.stderr
+    )
+    assert "in safety_stock" in differs.stderr
+    assert f"at version {second}" not in differs.stderr
+    assert "1 differ from their events" in differs.stdout
 
 
 def test_a_long_stream_loads_from_its_snapshot_with_the_same_state(
