@@ -142,9 +142,14 @@ async def on_http_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status_code, code, error.detail, headers)
 
 
-async def on_unavailable(_: Request, error: Exception) -> JSONResponse:
+async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     log.warning("http.unavailable", error=str(error))
     detail = "the ledger cannot reach its database"
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None and not isinstance(error, WriterStopped) and not lock_timed_out(error):
+        # Its pools' other connections may be as dead: dropped before the client, told to
+        # retry, comes back.
+        await run_in_threadpool(runtime.check_connections)
     if lock_timed_out(error):
         detail = (
             "the ledger's database is busy: a write waited too long for the event log's lock"

@@ -11,7 +11,13 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import fresh_database, start_server, stop_server
-from tests.e2e.test_reservation_lifecycle import confirmed, ok, put_supplier, stocked_sku
+from tests.e2e.test_reservation_lifecycle import (
+    confirmed,
+    ok,
+    put_supplier,
+    reserve,
+    stocked_sku,
+)
 
 
 @pytest.mark.alone
@@ -131,3 +137,59 @@ def test_a_command_past_its_deadline_says_whether_it_may_yet_be_applied(
     # The fulfil was applied after its 503; the release never was.
     assert after["status"] == "partially_fulfilled"
     assert [line["fulfilled"] for line in after["lines"]] == [1]
+
+
+def test_the_sessions_ended_under_a_server_cost_it_one_answer_not_one_a_connection(
+    postgres_server_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL ended every session of the ledger's (a restart, a failover): the first
+    request to find its connection dead is a 503, and the pools' other dead connections
+    are dropped with it, so the next requests are served. Each pooled connection failed a
+    request in turn (10 of 14 orders sent one by one were 503s, `/readyz` went from ready
+    to not for ~35 s: an operator's walkthrough)."""
+    with fresh_database(postgres_server_url) as database_url:
+        server = start_server(database_url, tmp_path, workers=1)
+        try:
+            with server.client("test-admin") as admin, server.client("test-oms") as oms:
+                put_supplier(admin, "acme")
+                sku = stocked_sku(admin, {"acme": 1000})
+                # Many connections open in every pool: orders and reads at once.
+                with ThreadPoolExecutor(16) as pool:
+                    warm = list(pool.map(lambda n: reserve(oms, (sku, 1), key=f"w{n}"), range(64)))
+                    list(pool.map(lambda _: admin.get(f"/v1/availability/{sku}"), range(64)))
+                assert {answer.status_code for answer in warm} == {201}
+                ended = end_sessions(postgres_server_url, database_url)
+                time.sleep(0.5)
+                orders = [reserve(oms, (sku, 1), key=f"after-{n}").status_code for n in range(14)]
+                reads = [admin.get(f"/v1/availability/{sku}").status_code for _ in range(10)]
+                ready = [admin.get("/readyz").status_code for _ in range(10)]
+                # Again, with no traffic but the probes.
+                with ThreadPoolExecutor(16) as pool:
+                    list(pool.map(lambda _: admin.get(f"/v1/availability/{sku}"), range(64)))
+                end_sessions(postgres_server_url, database_url)
+                time.sleep(1.5)  # past the least time between two tests of the pools
+                probed = [admin.get("/readyz").status_code for _ in range(10)]
+                orders_after = [reserve(oms, (sku, 1), key=f"z{n}").status_code for n in range(5)]
+        finally:
+            stop_server(server)
+
+    assert ended >= 4  # the pools' connections, the leases', the workers'
+    # The first order may find a dead connection; none after it does (3 to 10 did).
+    assert orders[1:] == [201] * 13
+    assert orders[0] in {201, 503}
+    assert reads == [200] * 10
+    assert ready == [200] * 10
+    assert probed[1:] == [200] * 9
+    assert orders_after == [201] * 5
+    assert "http.unexpected_error" not in server.log()
+
+
+def end_sessions(server_url: str, database_url: str) -> int:
+    """Ends every session on the database (as a restart of PostgreSQL would); how many."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (conninfo_to_dict(database_url)["dbname"],),
+        ).fetchone()
+    return 0 if row is None else int(row[0])

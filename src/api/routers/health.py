@@ -82,6 +82,7 @@ def _readiness(runtime: Runtime) -> JSONResponse:
     except Exception as error:  # any failure means not ready; say which
         checks["database"] = False
         checks["database_error"] = type(error).__name__
+        runtime.check_connections()  # the pools' other connections may be as dead
     ready = bool(
         checks["writer"]
         and not checks["writer_stuck"]
