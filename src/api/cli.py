@@ -101,7 +101,9 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    # In range: 70000 listened on 4464 (its remainder), saying 70000; with two workers,
+    # a traceback (an operator's walkthrough).
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     demo: Annotated[bool, typer.Option(help="seed the demo catalogue and demo keys")] = False,
 ) -> None:

@@ -147,6 +147,11 @@ class Metrics:
         self.kept_tries.labels(outcome).inc()
 
 
+# How long a scrape waits for a connection to read the views and feeds before it says the
+# database is down (`ledger_database_up` 0): well within Prometheus's 10 s timeout.
+SCRAPE_DATABASE_SECONDS = 2.0
+
+
 def exposition(runtime: Runtime) -> tuple[bytes, str]:
     """The text a scrape gets, and its content type: the writers' counts (every worker's
     under `ledger serve`, else this process's, if it counts) and the stored figures."""
@@ -214,6 +219,7 @@ class StoredFigures:
             "ledger_database_up", "Whether the figures below could be read from PostgreSQL"
         )
         try:
+            self._reachable()
             families = list(self._read(GaugeMetricFamily, CounterMetricFamily))
         except Exception as error:  # a scrape says the database is down, it does not fail
             log.warning("metrics.unreadable", error=str(error))
@@ -223,6 +229,19 @@ class StoredFigures:
         up.add_metric([], 1)
         yield up
         yield from families
+
+    def _reachable(self) -> None:
+        """Fails within `SCRAPE_DATABASE_SECONDS` where the database cannot be reached: the
+        reads below go through the event store too, which tries a read ten times, so a
+        scrape took 22 s with the database down, past Prometheus's 10 s timeout, and
+        `ledger_database_up` never said 0 (an operator's walkthrough)."""
+        runtime = self.runtime
+        try:
+            with runtime.store.connection(timeout=SCRAPE_DATABASE_SECONDS) as conn:
+                conn.execute("SELECT 1")
+        except Exception:
+            runtime.check_connections(wait=0)  # a dead connection: the others may be too
+            raise
 
     def _read(self, gauge: Any, counter: Any) -> Iterator[Any]:
         from connectors import health

@@ -238,8 +238,10 @@ def test_an_ingest_stopped_as_it_writes_its_outcome_says_so_and_is_finished_by_r
             ("audit", "export", "--output", "/nonexistent/dir/x.ndjson"),
             "Invalid value for '--output': /nonexistent/dir/x.ndjson: No such file or directory",
         ),
+        (("serve", "--port", "70000"), "Invalid value for '--port'"),
+        (("serve", "--port", "0", "--workers", "2"), "Invalid value for '--port'"),
     ],
-    ids=["position-0", "after-negative", "output-in-no-directory"],
+    ids=["position-0", "after-negative", "output-in-no-directory", "port-70000", "port-0"],
 )
 def test_a_position_out_of_range_or_an_output_that_cannot_be_written_is_a_usage_error(
     ledger: Runtime, tmp_path: Path, args: tuple[str, ...], said: str

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.conninfo import conninfo_to_dict
 
 import projections.leases
 from api.metrics import exposition
@@ -98,6 +99,33 @@ def test_a_scrape_while_the_views_cannot_be_read_says_so_and_keeps_the_counts(
     assert found[("ledger_database_up", ())] == 0
     assert found[command("ReportStock", "ok")] == 1
     assert not any(name.startswith("ledger_projection_") for name, _ in found)
+
+
+def test_a_scrape_while_the_database_refuses_connections_says_so_within_seconds(
+    observed: Runtime, postgres_server_url: str
+) -> None:
+    """The reads went through the event store, which tries ten times: a scrape took 22 s
+    with the database down, past Prometheus's 10 s timeout, so `ledger_database_up` never
+    said 0 (an operator's walkthrough)."""
+    stock_sku(observed.writer, random_sku(), 1)
+    name = conninfo_to_dict(observed.database_url)["dbname"]
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            started = time.monotonic()
+            found = samples(observed)
+            took = time.monotonic() - started
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+    assert found[("ledger_database_up", ())] == 0
+    assert found[command("ReportStock", "ok")] == 1
+    assert took < 5, took
 
 
 def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> None:
