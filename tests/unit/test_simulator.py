@@ -306,6 +306,12 @@ def test_the_command_line_drops_a_feed_and_says_where(
     with pytest.raises(SystemExit) as help_asked:
         simulator_command(["--help"])
     assert help_asked.value.code == 0
+    capsys.readouterr()
+    # A folder that is not there is a usage error, not a traceback.
+    with pytest.raises(SystemExit) as nowhere:
+        simulator_command(["drop", str(tmp_path / "nope")])
+    assert nowhere.value.code == 2
+    assert "nope: no such folder" in capsys.readouterr().err
 
 
 # Webhooks

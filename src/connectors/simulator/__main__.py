@@ -6,6 +6,7 @@ import argparse
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from connectors.parsers import FORMATS
 from connectors.simulator.catalogue import Catalogue
@@ -14,9 +15,12 @@ from connectors.simulator.rest_server import PAGINATIONS, RestSupplier
 
 
 def main(arguments: Sequence[str] | None = None) -> int:
-    options = _parser().parse_args(arguments)
+    parser = _parser()
+    options = parser.parse_args(arguments)
     catalogue = Catalogue(options.items, seed=options.seed)
     if options.command == "drop":
+        if not Path(options.folder).is_dir():
+            parser.error(f"{options.folder}: no such folder")
         print(drop(options.folder, options.format, catalogue, options.name))
         return 0
     supplier = RestSupplier(
