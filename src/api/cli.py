@@ -456,6 +456,8 @@ def audit_snapshots(
 
     with _ledger() as runtime:
         checked = check_snapshots(runtime.app, runtime.store, sku or [])
+    for sku_asked in checked.missing:
+        typer.echo(f"error: no SKU {sku_asked!r}: it has no events", err=True)
     for differs in checked.differing:
         typer.echo(
             f"error: {differs.name} at version {differs.version}: its snapshot is not what"
@@ -466,7 +468,7 @@ def audit_snapshots(
         f"{checked.snapshots} snapshots of {checked.streams} streams checked:"
         f" {len(checked.differing)} differ from their events"
     )
-    if checked.differing:
+    if checked.differing or checked.missing:
         raise typer.Exit(1)
 
 

@@ -15,7 +15,7 @@ from psycopg import OperationalError as DatabaseUnavailable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.recorder import lock_timed_out
+from api.recorder import connection_lost, lock_timed_out
 from ledger.errors import (
     Conflict,
     ContentionTooHigh,
@@ -145,11 +145,11 @@ async def on_http_error(_: Request, error: Exception) -> JSONResponse:
 async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     log.warning("http.unavailable", error=str(error))
     detail = "the ledger cannot reach its database"
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is not None and not isinstance(error, WriterStopped) and not lock_timed_out(error):
-        # Its pools' other connections may be as dead: dropped before the client, told to
+    runtime = getattr(getattr(request.scope.get("app"), "state", None), "runtime", None)
+    if runtime is not None and not isinstance(error, WriterStopped) and connection_lost(error):
+        # Its pools' other connections may be as dead: renewed before the client, told to
         # retry, comes back.
-        await run_in_threadpool(runtime.check_connections)
+        runtime.renew_connections()
     if lock_timed_out(error):
         detail = (
             "the ledger's database is busy: a write waited too long for the event log's lock"

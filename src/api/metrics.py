@@ -231,7 +231,7 @@ class StoredFigures:
         yield from families
 
     def _reachable(self) -> None:
-        """Fails within `SCRAPE_DATABASE_SECONDS` where the database cannot be reached: the
+        """Fails within twice `SCRAPE_DATABASE_SECONDS` where the database cannot be reached: the
         reads below go through the event store too, which tries a read ten times, so a
         scrape took 22 s with the database down, past Prometheus's 10 s timeout, and
         `ledger_database_up` never said 0 (an operator's walkthrough)."""
@@ -240,8 +240,10 @@ class StoredFigures:
             with runtime.store.connection(timeout=SCRAPE_DATABASE_SECONDS) as conn:
                 conn.execute("SELECT 1")
         except Exception:
-            runtime.check_connections(wait=0)  # a dead connection: the others may be too
-            raise
+            # A connection the database ended (a restart): renewed, and tried once more.
+            runtime.renew_connections()
+            with runtime.store.connection(timeout=SCRAPE_DATABASE_SECONDS) as conn:
+                conn.execute("SELECT 1")
 
     def _read(self, gauge: Any, counter: Any) -> Iterator[Any]:
         from connectors import health

@@ -24,12 +24,15 @@ from uuid import UUID
 import psycopg
 import structlog
 from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
+from eventsourcing.persistence import InterfaceError as StoreInterface
+from eventsourcing.persistence import OperationalError as StoreOperational
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg import Connection, Cursor
 from psycopg.abc import Query
-from psycopg.errors import LockNotAvailable
+from psycopg.errors import LockNotAvailable, QueryCanceled
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composable, Identifier, Literal
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from api import pgpipeline
 from ledger.hot import NotAsKept
@@ -568,6 +571,22 @@ def lock_timed_out(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def connection_lost(error: BaseException | None) -> bool:
+    """Whether a connection failed (not a wait for one, or for a lock, or a statement
+    cancelled, which a busy database answers: renewing every connection then would only
+    add to its load). The library wraps psycopg's errors, and the writer may wrap those."""
+    lost = (psycopg.OperationalError, psycopg.InterfaceError, StoreOperational, StoreInterface)
+    if not isinstance(error, lost):
+        return False
+    for _ in range(5):
+        if error is None:
+            return True
+        if isinstance(error, PoolTimeout | PoolClosed | QueryCanceled | LockNotAvailable):
+            return False
+        error = error.__cause__ or error.__context__
+    return True
 
 
 @dataclass

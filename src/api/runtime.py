@@ -42,10 +42,8 @@ log = structlog.get_logger(__name__)
 SERVE_PID = "STOCKLEDGER_SERVE_PID"
 
 
-# The least time between two tests of the pools' connections (`Runtime.check_connections`),
-# and how long a request that found the database gone waits for one before its 503.
-CHECK_EVERY_SECONDS = 1.0
-CHECK_WAIT_SECONDS = 1.0
+# The least time between two renewals of the pools' connections (`Runtime.renew_connections`).
+RENEW_EVERY_SECONDS = 1.0
 
 
 @dataclass
@@ -66,45 +64,33 @@ class Runtime:
     inbox_worker: InboxWorker | None = None
     scheduler: Scheduler | None = None
     metrics: Metrics | None = None
-    # When the pools' idle connections were last tested, and the test (see
-    # `check_connections`).
-    _checked_at: float = field(default=-CHECK_EVERY_SECONDS, repr=False)
-    _check: threading.Thread | None = field(default=None, repr=False)
-    _check_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # When the pools' connections were last renewed (see `renew_connections`).
+    _renewed_at: float = field(default=-RENEW_EVERY_SECONDS, repr=False)
+    _renew_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def check_connections(self, wait: float = CHECK_WAIT_SECONDS) -> None:
-        """Tests the idle connections of the process's pools, dropping the dead ones, at
-        most once every `CHECK_EVERY_SECONDS`, and waits up to `wait` for the test: called
-        when a request or a probe found the database gone. After PostgreSQL restarted,
-        or ended the ledger's sessions, each pooled connection failed one request in
-        turn, 503 after 503 (and `/readyz` went from ready to not for ~35 s with no
-        traffic: an operator's walkthrough), where one test drops every dead one at once
-        (a dead connection fails its test at once; the pool opens new ones beside).
-        Pools do not test a connection as they hand it out (`POSTGRES_PRE_PING`): a
-        round trip a request."""
-        with self._check_lock:
+    def renew_connections(self) -> None:
+        """Replaces the connections of the process's pools with new ones (those in use
+        as they come back), at most once every `RENEW_EVERY_SECONDS`: called when a
+        request or a probe found the database gone. After PostgreSQL restarted, or ended
+        the ledger's sessions, each pooled connection failed one request in turn, 503
+        after 503 (and `/readyz` went from ready to not for ~35 s with no traffic: an
+        operator's walkthrough). Closing a connection never waits on the network, where
+        testing one can (one silently dropped waits out its TCP timeout); the pools do
+        not test a connection as they hand it out (`POSTGRES_PRE_PING`): a round trip a
+        request."""
+        with self._renew_lock:
             now = time.monotonic()
-            check = self._check
-            if (check is None or not check.is_alive()) and (
-                now - self._checked_at >= CHECK_EVERY_SECONDS
-            ):
-                self._checked_at = now
-                check = self._check = threading.Thread(
-                    target=self._check_pools, name="pool-check", daemon=True
-                )
-                check.start()
-        if check is not None and wait > 0:
-            check.join(wait)
-
-    def _check_pools(self) -> None:
+            if now - self._renewed_at < RENEW_EVERY_SECONDS:
+                return
+            self._renewed_at = now
         pools: list[Any] = [self.store.pool]
         datastore = getattr(self.app.recorder, "datastore", None)
         if datastore is not None:
             pools.append(datastore.pool)
         for pool in pools:
-            with suppress(Exception):  # a pool closed meanwhile, the database still down
-                pool.check()
-        log.info("database.connections_checked", pools=len(pools))
+            with suppress(Exception):  # a pool closed meanwhile
+                pool.drain()
+        log.info("database.connections_renewed", pools=len(pools))
 
     def close(self) -> None:
         if self.scheduler is not None:

@@ -297,6 +297,11 @@ class SnapshotCheck:
     streams: int
     snapshots: int
     differing: list[SnapshotDiffers]
+    missing: list[str]  # SKUs asked for that have no events
+
+
+# Events read a page at a time: a stream may be long (a flash sale's SKU).
+REPLAY_PAGE = 1_000
 
 
 def check_snapshots(app: InventoryLedger, store: ViewStore, skus: list[str]) -> SnapshotCheck:
@@ -306,42 +311,70 @@ def check_snapshots(app: InventoryLedger, store: ViewStore, skus: list[str]) -> 
     Loads, and the audit's reads of the past, start from the latest snapshot: one changed
     in place by a role that can turn off the table's trigger (see `api.database`) is read
     as the stream's state, so an auditor checks them against the events they stand for.
-    One pass over each stream, whatever its snapshots."""
+    One pass over each stream, whatever its snapshots; a stream that cannot be read
+    (an event or a snapshot that does not decode, a version missing) is reported as
+    differing, and the others are still checked."""
+    streams: dict[UUID, str | None]
     if skus:
-        streams = [StockItem.id_for(sku) for sku in skus]
+        streams = {StockItem.id_for(sku): sku for sku in skus}
     else:
         with store.connection() as conn:
             rows = conn.execute(
                 "SELECT DISTINCT originator_id FROM inventoryledger_snapshots ORDER BY 1"
             ).fetchall()
-        streams = [row["originator_id"] for row in rows]
-    assert app.snapshots is not None  # the ledger always takes them (`snapshotting_intervals`)
+        streams = {row["originator_id"]: None for row in rows}
     checked = 0
     differing: list[SnapshotDiffers] = []
-    for stream in streams:
-        snapshots: Iterator[Any] = iter(app.snapshots.get(stream))
-        events: Iterator[Any] = iter(app.events.get(stream))
-        snapshot = next(snapshots, None)
-        aggregate: Any = None
-        for event in events:
-            if snapshot is None:
-                break
-            aggregate = event.mutate(aggregate)
-            while snapshot is not None and snapshot.originator_version == aggregate.version:
-                replayed = LedgerSnapshot.state_of(aggregate)
-                kept = LedgerSnapshot.state_of(snapshot.mutate(None))
-                if kept != replayed:
-                    fields = sorted(k for k in {*kept, *replayed} if kept.get(k) != replayed.get(k))
-                    name = getattr(aggregate, "sku", None) or str(stream)
-                    differing.append(SnapshotDiffers(name, aggregate.version, fields))
+    missing: list[str] = []
+    for stream, sku in streams.items():
+        name = sku or str(stream)
+        version = 0
+        try:
+            assert app.snapshots is not None  # the ledger takes them (`snapshotting_intervals`)
+            snapshots: list[Any] = list(app.snapshots.get(stream))
+            aggregate: Any = None
+            for event in _replayed(app, stream):
+                aggregate = event.mutate(aggregate)
+                version = aggregate.version
+                name = sku or getattr(aggregate, "sku", None) or str(stream)
+                while snapshots and snapshots[0].originator_version <= version:
+                    snapshot = snapshots.pop(0)
+                    checked += 1
+                    fields = _differing(snapshot, aggregate)
+                    if fields:
+                        differing.append(SnapshotDiffers(name, snapshot.originator_version, fields))
+                if not snapshots:
+                    break
+            if aggregate is None and sku is not None:
+                missing.append(sku)
+            for snapshot in snapshots:  # past the stream's last event: it stands for none
                 checked += 1
-                snapshot = next(snapshots, None)
-        while snapshot is not None:  # past the stream's last event: stands for none
-            name = getattr(aggregate, "sku", None) or str(stream)
-            differing.append(SnapshotDiffers(name, snapshot.originator_version, ["version"]))
-            checked += 1
-            snapshot = next(snapshots, None)
-    return SnapshotCheck(len(streams), checked, differing)
+                differing.append(SnapshotDiffers(name, snapshot.originator_version, ["version"]))
+        except Exception as error:  # reported, and the other streams still checked
+            problem = f"unreadable after version {version} ({type(error).__name__}: {error})"
+            differing.append(SnapshotDiffers(name, version, [problem]))
+    return SnapshotCheck(len(streams), checked, differing, missing)
+
+
+def _replayed(app: InventoryLedger, stream: UUID) -> Iterator[Any]:
+    """A stream's events in order, a page at a time."""
+    after = 0
+    while True:
+        page: list[Any] = list(app.events.get(stream, gt=after, limit=REPLAY_PAGE))
+        yield from page
+        if len(page) < REPLAY_PAGE:
+            return
+        after = page[-1].originator_version
+
+
+def _differing(snapshot: Any, aggregate: Any) -> list[str]:
+    """The attributes in which a snapshot is not the state its stream's events give at its
+    version (["version"] for one at a version the events skip)."""
+    if snapshot.originator_version != aggregate.version:
+        return ["version"]
+    kept = LedgerSnapshot.state_of(snapshot.mutate(None))
+    replayed = LedgerSnapshot.state_of(aggregate)
+    return sorted(k for k in {*kept, *replayed} if kept.get(k) != replayed.get(k))
 
 
 def _exists(conn: Connection, stream: UUID) -> bool:

@@ -12,6 +12,7 @@ from api.settings import Settings
 from ledger.application import InventoryLedger
 from ledger.commands import Confirm
 from ledger.stock import StockItem
+from projections import audit
 from tests.conftest import random_sku
 from tests.integration.ledger_setup import CAUSE, now, reserve, stock_sku
 from tests.integration.test_cli_errors import ledger_command
@@ -129,7 +130,9 @@ def test_the_event_log_refuses_to_change_history(
     assert before == after
 
 
-def test_the_audit_finds_a_snapshot_changed_behind_the_trigger_s_back(runtime: Runtime) -> None:
+def test_the_audit_finds_a_snapshot_changed_behind_the_trigger_s_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`ledger audit snapshots` replays each stream with no snapshot and compares: one
     changed in place (by a role that can turn the trigger off) was read as the SKU's
     state by the audit and the writer alike, and nothing said so (an auditor's
@@ -151,6 +154,9 @@ def test_the_audit_finds_a_snapshot_changed_behind_the_trigger_s_back(runtime: R
             (stream, first),
         )
     differs = ledger_command(runtime.database_url, "audit", "snapshots")
+    unknown = ledger_command(runtime.database_url, "audit", "snapshots", "--sku", "NO-SUCH")
+    monkeypatch.setattr(audit, "REPLAY_PAGE", 2)  # the events a page at a time
+    paged = audit.check_snapshots(runtime.app, runtime.store, [sku])
 
     assert agreed.returncode == 0, agreed.stderr
     assert "2 snapshots of 1 streams checked: 0 differ from their events" in agreed.stdout
@@ -161,6 +167,10 @@ def test_the_audit_finds_a_snapshot_changed_behind_the_trigger_s_back(runtime: R
     assert "in safety_stock" in differs.stderr
     assert f"at version {second}" not in differs.stderr
     assert "1 differ from their events" in differs.stdout
+    assert unknown.returncode == 1
+    assert "error: no SKU 'NO-SUCH': it has no events" in unknown.stderr
+    assert (paged.snapshots, paged.missing) == (2, [])
+    assert paged.differing == [audit.SnapshotDiffers(sku, first, ["safety_stock"])]
 
 
 def test_a_long_stream_loads_from_its_snapshot_with_the_same_state(

@@ -489,6 +489,8 @@ def test_a_drop_folder_reads_its_files_in_the_supplier_s_format(tmp_path: Path) 
         pytest.param({"poll": {"url": "http://x/f"}}, None, id="a poll's default unsaid"),
         pytest.param({"webhook": {"format": "csv"}}, None, id="a webhook's is its own"),
         pytest.param({}, None, id="none"),
+        pytest.param({"format": None, "folder": {"format": "xml"}}, "xml", id="a null one"),
+        pytest.param({"format": 3, "folder": {"path": "/d"}}, None, id="no text"),
     ],
 )
 def test_the_supplier_s_format_is_its_connector_s_else_its_transport_s(

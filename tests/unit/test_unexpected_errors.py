@@ -56,3 +56,26 @@ def test_a_write_that_timed_out_on_the_event_log_s_lock_says_so() -> None:
     assert [answer.status_code for answer in answers] == [503, 503]
     assert "waited too long for the event log's lock" in details[0]
     assert "cannot reach its database" in details[1]
+
+
+def test_only_a_connection_that_failed_renews_the_pools() -> None:
+    """Not a wait for a connection or a lock, nor a statement cancelled: a busy database
+    answers those, and renewing every connection would add to its load."""
+    from eventsourcing.persistence import OperationalError
+    from psycopg import OperationalError as Lost
+    from psycopg.errors import LockNotAvailable, QueryCanceled
+    from psycopg_pool import PoolTimeout
+
+    from api.recorder import connection_lost
+
+    def wrapped(cause: BaseException) -> OperationalError:
+        error = OperationalError(str(cause))
+        error.__cause__ = cause
+        return error
+
+    assert connection_lost(Lost("server closed the connection unexpectedly"))
+    assert connection_lost(wrapped(Lost("server closed the connection unexpectedly")))
+    assert not connection_lost(PoolTimeout("couldn't get a connection after 5.00 sec"))
+    assert not connection_lost(wrapped(LockNotAvailable("lock timeout")))
+    assert not connection_lost(wrapped(QueryCanceled("statement timeout")))
+    assert not connection_lost(ValueError("not the database's"))

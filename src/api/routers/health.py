@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from api.deps import RuntimeDep
 from api.metrics import exposition
+from api.recorder import connection_lost
 from api.runtime import Runtime
 from projections.data_version import newer_data_version
 
@@ -82,7 +83,8 @@ def _readiness(runtime: Runtime) -> JSONResponse:
     except Exception as error:  # any failure means not ready; say which
         checks["database"] = False
         checks["database_error"] = type(error).__name__
-        runtime.check_connections()  # the pools' other connections may be as dead
+        if connection_lost(error):
+            runtime.renew_connections()  # the pools' other connections may be as dead
     ready = bool(
         checks["writer"]
         and not checks["writer_stuck"]

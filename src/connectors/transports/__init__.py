@@ -154,7 +154,7 @@ def transport_for(
         raise ValueError(f"bad_option: a connector uses one transport, not {' and '.join(named)}")
     [kind] = named
     given = connector[kind]
-    if isinstance(given, dict) and "format" not in given and "format" in connector:
+    if isinstance(given, dict) and "format" not in given and connector.get("format") is not None:
         # What it fetches is read as the supplier's format: a poll that paginates as JSON
         # pages a CSV supplier was saved, then every page was refused, and a folder
         # supplier whose format was given once, as the supplier's, could not be saved
@@ -189,12 +189,13 @@ def supplier_format(connector: Mapping[str, Any]) -> str | None:
     file given to `ledger ingest`): its connector's `format`, else its transport's (a
     folder's files, a poll's pages), as the settings say it; None where neither does. A
     webhook's is its own (`webhook.format`)."""
-    if connector.get("format") is not None:
-        return str(connector["format"])
+    given = connector.get("format")
+    if isinstance(given, str):
+        return given.lower()
     for kind in TRANSPORTS:
         own = connector.get(kind)
-        if isinstance(own, dict) and own.get("format") is not None:
-            return str(own["format"])
+        if isinstance(own, dict) and isinstance(own.get("format"), str):
+            return str(own["format"]).lower()
     return None
 
 
