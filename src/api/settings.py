@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +16,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.schemas import SUPPLIER_ID_PATTERN
+from ledger.application import CONNECTION_OPTIONS
+from projections.leases import with_keepalives
 
 Role = Literal["admin", "oms", "storefront", "supplier", "auditor"]
 # Limited when a rate is set: not the orders (a flash sale is the OMS's busiest hour) nor
@@ -353,4 +357,14 @@ class Settings(BaseSettings):
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "CREATE_TABLE": "y" if create_tables else "n",
             "AGGREGATE_CACHE_MAXSIZE": str(self.aggregate_cache_size),
+            CONNECTION_OPTIONS: json.dumps(_connection_options(params)),
         }
+
+
+def _connection_options(params: Mapping[str, object]) -> dict[str, object]:
+    """The URL's options that the event store's connections are given beside the five
+    the library takes, with keepalives where the URL sets none: a connection the network
+    dropped without a word (a firewall's idle timeout) then fails in ~30 s, where a save
+    on it waited for the kernel to give up, the writer's thread with it."""
+    taken = {"dbname", "host", "port", "user", "password"}
+    return with_keepalives({k: v for k, v in params.items() if k not in taken})

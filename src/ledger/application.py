@@ -15,6 +15,7 @@ import orjson
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import (
     DatetimeAsISO,
+    InfrastructureFactory,
     JSONTranscoder,
     Recording,
     Transcoder,
@@ -268,6 +269,14 @@ class _ReadAsFloat(Exception):
 _REVISIT = (dict, list, float)
 
 
+# The options of the database URL beyond those the library takes (host, port, user,
+# password, database), as JSON: `sslmode` and the rest of TLS, `application_name`,
+# keepalives, … (see `api.settings.Settings.event_store_env`). The library made its
+# connections from those five alone: a URL's `sslmode=require` held for the views and
+# not for the event log (an operator's walkthrough, with its keepalives).
+CONNECTION_OPTIONS = "STOCKLEDGER_CONNECTION_OPTIONS"
+
+
 class InventoryLedger(Application[UUID]):
     """Stock items, reservations, suppliers, mappings and deliveries, saved atomically together."""
 
@@ -281,6 +290,16 @@ class InventoryLedger(Application[UUID]):
                 "PERSISTENCE_MODULE is not set to a database: events would be lost on restart"
             )
         super().__init__(dict(env))
+
+    def construct_factory(self, env: Environment) -> InfrastructureFactory:
+        """The library's, its connections given the options of the database URL that it
+        does not take itself (`CONNECTION_OPTIONS`), before it opens any."""
+        factory = super().construct_factory(env)
+        options = env.get(CONNECTION_OPTIONS)
+        datastore = getattr(factory, "datastore", None)
+        if options and datastore is not None:
+            datastore.pool.kwargs.update(orjson.loads(options))
+        return factory
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Configuration comes only from the settings object, never from os.environ.

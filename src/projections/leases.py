@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 import psycopg
@@ -46,6 +47,11 @@ _SERVER_KEEPALIVES = (
     " set_config('tcp_keepalives_count', %s, false),"
     " set_config('tcp_user_timeout', %s, false)"
 )
+
+
+def with_keepalives(params: Mapping[str, object]) -> dict[str, object]:
+    """Connection parameters with the client's keepalives (see above) where they set none."""
+    return {**{k: v for k, v in _CLIENT_KEEPALIVES.items() if k not in params}, **params}
 
 
 def lock_holding(database_url: str) -> str:

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from eventsourcing.postgres import PostgresApplicationRecorder
+from psycopg.conninfo import make_conninfo
 
 from api.runtime import Runtime
 from api.settings import Settings
@@ -13,7 +15,7 @@ from ledger.application import InventoryLedger
 from ledger.commands import Confirm
 from ledger.stock import StockItem
 from projections import audit
-from tests.conftest import random_sku
+from tests.conftest import make_settings, random_sku
 from tests.integration.ledger_setup import CAUSE, now, reserve, stock_sku
 from tests.integration.test_cli_errors import ledger_command
 
@@ -235,3 +237,27 @@ def test_a_snapshot_that_cannot_be_taken_never_fails_the_commands_that_saved(
     assert tried  # snapshots were due, and each failed
     assert all(outcome.value.reservation.lines[sku].quantity == 1 for outcome in outcomes)
     assert runtime.app.repository.get(item_id).levels(now(), {}).held == 4
+
+
+def test_the_event_store_s_connections_take_the_url_s_options_and_keepalives(
+    database_url: str,
+) -> None:
+    """The library made the event store's connections from the host, port, user, password
+    and database alone: a URL's `sslmode`, `application_name` and the rest held for the
+    views, not for the event log; nor had they the views' keepalives, so a connection the
+    network dropped without a word held a save until the kernel gave up."""
+    url = make_conninfo(database_url, application_name="ledger-url-option", keepalives_idle=7)
+    app = InventoryLedger(make_settings(url).event_store_env(url))
+    try:
+        recorder = app.recorder
+        assert isinstance(recorder, PostgresApplicationRecorder)
+        with recorder.datastore.get_connection() as conn:
+            named = conn.execute("SHOW application_name").fetchone()
+            given = conn.info.get_parameters()
+    finally:
+        app.close()
+
+    assert named is not None
+    assert named["application_name"] == "ledger-url-option"
+    assert given["keepalives_idle"] == "7"  # the URL's own
+    assert (given["keepalives"], given["tcp_user_timeout"]) == ("1", "30000")
