@@ -62,7 +62,7 @@ from connectors import health, inbox
 from connectors.deadletters import record_delivery_letters
 from connectors.outcome import FeedRejected, IngestResult, describe_phases
 from connectors.parsers import FORMATS, Format
-from connectors.transports import supplier_format
+from connectors.transports import delivery_format
 from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
 from projections.data_version import DATA_VERSION, NewerData
@@ -526,11 +526,7 @@ def ingest_command(
         raise typer.BadParameter(problem, param_hint="'--delivery-id'")
     with _ledger() as runtime:
         terms = runtime.ingestor.terms(supplier)
-        chosen = (
-            (format or "").lower()
-            or supplier_format(terms.connector)
-            or BY_SUFFIX.get(file.suffix.lower())
-        )
+        chosen = delivery_format(format, terms.connector) or BY_SUFFIX.get(file.suffix.lower())
         if chosen not in FORMATS:
             raise typer.BadParameter(
                 f"--format is one of {', '.join(FORMATS)}"

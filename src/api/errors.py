@@ -146,7 +146,7 @@ async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     log.warning("http.unavailable", error=str(error))
     detail = "the ledger cannot reach its database"
     runtime = getattr(getattr(request.scope.get("app"), "state", None), "runtime", None)
-    if runtime is not None and not isinstance(error, WriterStopped) and connection_lost(error):
+    if runtime is not None and connection_lost(error):
         # Its pools' other connections may be as dead: renewed before the client, told to
         # retry, comes back.
         runtime.renew_connections()

@@ -561,32 +561,28 @@ class LedgerRecorder(PostgresApplicationRecorder):
 STUCK_LOCK_SECONDS = 30.0
 
 
-def lock_timed_out(error: BaseException | None) -> bool:
-    """Whether this error, or one it was raised from, is a wait for a lock that timed out
-    (the library wraps psycopg's errors, and the writer may wrap those again)."""
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """An error and those it was raised from, five deep (the library wraps psycopg's
+    errors, and the writer may wrap those again)."""
     for _ in range(5):
         if error is None:
-            return False
-        if isinstance(error, LockNotAvailable):
-            return True
+            return
+        yield error
         error = error.__cause__ or error.__context__
-    return False
+
+
+def lock_timed_out(error: BaseException | None) -> bool:
+    """Whether this error, or one it was raised from, is a wait for a lock that timed out."""
+    return any(isinstance(cause, LockNotAvailable) for cause in _causes(error))
 
 
 def connection_lost(error: BaseException | None) -> bool:
     """Whether a connection failed (not a wait for one, or for a lock, or a statement
     cancelled, which a busy database answers: renewing every connection then would only
-    add to its load). The library wraps psycopg's errors, and the writer may wrap those."""
+    add to its load)."""
     lost = (psycopg.OperationalError, psycopg.InterfaceError, StoreOperational, StoreInterface)
-    if not isinstance(error, lost):
-        return False
-    for _ in range(5):
-        if error is None:
-            return True
-        if isinstance(error, PoolTimeout | PoolClosed | QueryCanceled | LockNotAvailable):
-            return False
-        error = error.__cause__ or error.__context__
-    return True
+    busy = (PoolTimeout, PoolClosed, QueryCanceled, LockNotAvailable)
+    return isinstance(error, lost) and not any(isinstance(c, busy) for c in _causes(error))
 
 
 @dataclass

@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -361,7 +361,7 @@ class Settings(BaseSettings):
         }
 
 
-def _connection_options(params: Mapping[str, object]) -> dict[str, object]:
+def _connection_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """The URL's options that the event store's connections are given beside the five
     the library takes, with keepalives where the URL sets none: a connection the network
     dropped without a word (a firewall's idle timeout) then fails in ~30 s, where a save

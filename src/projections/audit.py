@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -331,14 +332,14 @@ def check_snapshots(app: InventoryLedger, store: ViewStore, skus: list[str]) -> 
         version = 0
         try:
             assert app.snapshots is not None  # the ledger takes them (`snapshotting_intervals`)
-            snapshots: list[Any] = list(app.snapshots.get(stream))
+            snapshots: deque[Any] = deque(app.snapshots.get(stream))
             aggregate: Any = None
             for event in _replayed(app, stream):
                 aggregate = event.mutate(aggregate)
                 version = aggregate.version
                 name = sku or getattr(aggregate, "sku", None) or str(stream)
                 while snapshots and snapshots[0].originator_version <= version:
-                    snapshot = snapshots.pop(0)
+                    snapshot = snapshots.popleft()
                     checked += 1
                     fields = _differing(snapshot, aggregate)
                     if fields:

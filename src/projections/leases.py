@@ -49,18 +49,15 @@ _SERVER_KEEPALIVES = (
 )
 
 
-def with_keepalives(params: Mapping[str, object]) -> dict[str, object]:
+def with_keepalives(params: Mapping[str, Any]) -> dict[str, Any]:
     """Connection parameters with the client's keepalives (see above) where they set none."""
-    return {**{k: v for k, v in _CLIENT_KEEPALIVES.items() if k not in params}, **params}
+    return {**_CLIENT_KEEPALIVES, **params}
 
 
 def lock_holding(database_url: str) -> str:
     """The database URL as a connection string whose client sends keepalives (see above),
     where the URL does not say otherwise."""
-    given = conninfo_to_dict(database_url)
-    return make_conninfo(
-        database_url, **{k: v for k, v in _CLIENT_KEEPALIVES.items() if k not in given}
-    )
+    return make_conninfo("", **with_keepalives(conninfo_to_dict(database_url)))
 
 
 def lock_session(database_url: str) -> psycopg.Connection[tuple[object, ...]]:

@@ -42,7 +42,7 @@ from connectors.transports import (
     FetchFailed,
     Transport,
     content_id,
-    supplier_format,
+    delivery_format,
     transport_for,
 )
 from connectors.transports.breaker import CircuitBreaker, CircuitOpen
@@ -497,7 +497,7 @@ def test_the_supplier_s_format_is_its_connector_s_else_its_transport_s(
     connector: dict[str, Any], format: str | None
 ) -> None:
     """What an upload or `ledger ingest` that names no format reads a file in."""
-    assert supplier_format(connector) == format
+    assert delivery_format(None, connector) == format
 
 
 def test_transport_numbers_are_taken_up_to_their_bounds_and_refused_past_them() -> None:

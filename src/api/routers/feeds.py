@@ -20,7 +20,7 @@ from connectors import health, inbox
 from connectors.ingest import content_hash
 from connectors.parsers import FORMATS, Format
 from connectors.secrets import SecretUnavailable, resolve
-from connectors.transports import supplier_format
+from connectors.transports import delivery_format
 from connectors.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
     MAX_TOLERANCE_SECONDS,
@@ -115,8 +115,7 @@ async def upload(
     if not body:
         raise ApiError(422, "empty_feed", "the request body is the feed file, and it is empty")
     terms = await _in_thread(_terms, runtime, supplier_id)
-    # In any case: `CSV` was refused as no format (a walkthrough).
-    chosen = (format or "").lower() or supplier_format(terms.connector)
+    chosen = delivery_format(format, terms.connector)
     if chosen not in FORMATS:
         raise ApiError(
             422,

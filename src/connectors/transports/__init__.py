@@ -184,18 +184,23 @@ def transport_for(
     return FolderTransport(supplier_id, ftp, ftp_folder(ftp), source="ftp", sleep=sleep)
 
 
-def supplier_format(connector: Mapping[str, Any]) -> str | None:
-    """The format a supplier's deliveries are read in where one names none (an upload, a
-    file given to `ledger ingest`): its connector's `format`, else its transport's (a
-    folder's files, a poll's pages), as the settings say it; None where neither does. A
-    webhook's is its own (`webhook.format`)."""
+def delivery_format(named: str | None, connector: Mapping[str, Any]) -> str | None:
+    """The format a delivery (an upload, a file given to `ledger ingest`) is read in: the
+    one it names, else its supplier's, in any case (`CSV` was refused as no format).
+
+    The supplier's is its connector's `format`, else its transport's (a folder's files, a
+    poll's pages), as the settings say it; None where neither does. A webhook's is its
+    own (`webhook.format`)."""
+    if named:
+        return named.lower()
     given = connector.get("format")
     if isinstance(given, str):
         return given.lower()
     for kind in TRANSPORTS:
         own = connector.get(kind)
-        if isinstance(own, dict) and isinstance(own.get("format"), str):
-            return str(own["format"]).lower()
+        its = own.get("format") if isinstance(own, dict) else None
+        if isinstance(its, str):
+            return its.lower()
     return None
 
 
