@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from api.recorder import connection_lost
 from api.sweeper import LEASE as SWEEPER_LEASE
 from projections.leases import ROLES, running
 from projections.status import projection_status
@@ -239,8 +240,11 @@ class StoredFigures:
         try:
             with runtime.store.connection(timeout=SCRAPE_DATABASE_SECONDS) as conn:
                 conn.execute("SELECT 1")
-        except Exception:
-            # A connection the database ended (a restart): renewed, and tried once more.
+        except Exception as error:
+            # A connection the database ended (a restart): renewed, and tried once more. A
+            # wait for one is a busy pool, which renewing every connection would add to.
+            if not connection_lost(error):
+                raise
             runtime.renew_connections()
             with runtime.store.connection(timeout=SCRAPE_DATABASE_SECONDS) as conn:
                 conn.execute("SELECT 1")

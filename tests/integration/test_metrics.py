@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import psycopg
 import pytest
@@ -126,6 +127,30 @@ def test_a_scrape_while_the_database_refuses_connections_says_so_within_seconds(
     assert found[("ledger_database_up", ())] == 0
     assert found[command("ReportStock", "ok")] == 1
     assert took < 5, took
+
+
+def test_a_scrape_that_finds_every_connection_busy_renews_none(observed: Runtime) -> None:
+    """A wait for a connection is a busy database, not a lost one: the scrape says the
+    database is down and leaves the connections in use alone, as a request's 503 and the
+    readiness probe do (it renewed both pools, every connection, at most once a second)."""
+    stock_sku(observed.writer, random_sku(), 1)
+    with ExitStack() as held:
+        busy = [
+            held.enter_context(observed.store.connection())
+            for _ in range(observed.store.pool.max_size)
+        ]
+        before = {conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"] for conn in busy}
+
+        found = samples(observed)
+
+    assert found[("ledger_database_up", ())] == 0
+    after = set()
+    with ExitStack() as held:
+        for _ in range(observed.store.pool.max_size):
+            conn = held.enter_context(observed.store.connection())
+            after.add(conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"])
+    assert after == before
+    assert samples(observed)[("ledger_database_up", ())] == 1
 
 
 def test_the_read_copy_s_lookups_are_counted_by_result(settings: Settings) -> None:
