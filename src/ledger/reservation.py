@@ -36,6 +36,11 @@ class ReservationStatus(StrEnum):
 OPEN_COMMITMENTS = (ReservationStatus.CONFIRMED, ReservationStatus.PARTIALLY_FULFILLED)
 
 
+def _a(status: str) -> str:
+    """A status with its article: "a held", "an expired"."""
+    return f"{'an' if status[0] in 'aeiou' else 'a'} {status}"
+
+
 class ReservationExpired(InvalidState):
     code = "reservation_expired"
 
@@ -363,7 +368,9 @@ class Reservation(LedgerAggregate):
         ).hexdigest()[:16]
         recorded = f"{operation}:{key}#{fingerprint}"
         for earlier in self.request_keys:
-            if earlier.startswith(f"{operation}:{key}#"):
+            # The fingerprint is hex, the key any printable text: the key is what comes
+            # before the last `#` (`ship-1` is not `ship-1#box-2`, which it starts).
+            if earlier.rpartition("#")[0] == f"{operation}:{key}":
                 if earlier == recorded:
                     return ""
                 raise IdempotencyKeyMismatch(
@@ -466,7 +473,7 @@ class Reservation(LedgerAggregate):
             return False
         if status == ReservationStatus.EXPIRED:
             raise ReservationExpired("the hold expired before it was confirmed", status=status)
-        raise InvalidState(f"a {status} reservation cannot be confirmed", status=status)
+        raise InvalidState(f"{_a(status)} reservation cannot be confirmed", status=status)
 
     def extend(self, at: datetime, cause: Cause, expires_at: datetime) -> datetime | None:
         """Holds on until `expires_at`; returns the expiry it had, None where it already
@@ -475,7 +482,7 @@ class Reservation(LedgerAggregate):
         if status == ReservationStatus.EXPIRED:
             raise ReservationExpired("the hold expired before it was extended", status=status)
         if status != ReservationStatus.HELD:
-            raise InvalidState(f"a {status} reservation holds nothing to extend", status=status)
+            raise InvalidState(f"{_a(status)} reservation holds nothing to extend", status=status)
         if expires_at <= self.expires_at:
             return None
         was = self.expires_at
@@ -510,7 +517,7 @@ class Reservation(LedgerAggregate):
         if status == ReservationStatus.EXPIRED:
             raise ReservationExpired("the hold expired before lines were cancelled", status=status)
         if status != ReservationStatus.HELD and status not in OPEN_COMMITMENTS:
-            raise InvalidState(f"a {status} reservation has nothing to cancel", status=status)
+            raise InvalidState(f"{_a(status)} reservation has nothing to cancel", status=status)
         movements = _movements(self.lines, requested, budget_of="open")
         self.trigger_event(
             self.LinesCancelled,
@@ -542,7 +549,7 @@ class Reservation(LedgerAggregate):
             return []
         status = self.status_at(at)
         if status not in OPEN_COMMITMENTS:
-            raise InvalidState(f"a {status} reservation cannot be fulfilled", status=status)
+            raise InvalidState(f"{_a(status)} reservation cannot be fulfilled", status=status)
         movements = _movements(self.lines, requested, budget_of="open")
         self.trigger_event(
             self.Fulfilled,

@@ -545,6 +545,29 @@ def test_a_fulfil_key_used_again_with_another_request_is_refused(ledger: Ledger,
     assert ledger.queries.reservation(reservation.id).lines[shirt].fulfilled == {"acme": 1}
 
 
+def test_a_key_is_not_mistaken_for_a_longer_key_it_begins(ledger: Ledger, acme: str) -> None:
+    """A key is any printable text, `#` included: `ship-1` after `ship-1#box-2` is a key
+    of its own, applied (it was refused as the other key's mismatch: a walkthrough)."""
+    shirt = ledger.sku()
+    ledger.stock(acme, {shirt: 10}, at(0))
+    reservation = confirmed(ledger, [(shirt, 4)], at(10))
+
+    def fulfil(quantity: int, key: str) -> Fulfil:
+        return Fulfil(
+            at=at(20),
+            cause=CAUSE,
+            reservation_id=reservation.id,
+            lines=[(shirt, quantity, None)],
+            request_key=key,
+        )
+
+    ledger.run(fulfil(1, "ship-1#box-2"))
+    ledger.run(fulfil(2, "ship-1"))
+    with pytest.raises(IdempotencyKeyMismatch):
+        ledger.run(fulfil(3, "ship-1"))
+    assert ledger.queries.reservation(reservation.id).lines[shirt].fulfilled == {"acme": 3}
+
+
 def test_a_return_and_a_fulfilment_may_share_a_key_without_one_hiding_the_other(
     ledger: Ledger, acme: str
 ) -> None:
