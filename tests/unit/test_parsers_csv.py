@@ -352,3 +352,19 @@ def test_a_column_we_read_named_twice_rejects_the_file(header: str) -> None:
 
     with pytest.raises(FeedError, match=r"^duplicate_column: "):
         list(parse("csv", io.BytesIO(body)))
+
+
+@pytest.mark.parametrize(
+    ("format", "data"),
+    [
+        ("csv", b"Sku;Qty;UoM\r\nC2;2;CS\r\n"),
+        ("json", b'[{"Sku": "C2", "Qty": 2, "UoM": "CS"}]'),
+        ("xml", b"<Items><Item><Sku>C2</Sku><Qty>2</Qty><UoM>CS</UoM></Item></Items>"),
+        ("xml", b'<Items><Item><Sku>C2</Sku><Qty UoM="CS">2</Qty></Item></Items>'),
+    ],
+)
+def test_a_unit_named_in_mixed_case_is_read_in_every_format(format: str, data: bytes) -> None:
+    """`UoM` split at its case read `uo_m`, which is no name of the unit: its cases were
+    read as pieces, and their quantities went past the supplier's ceiling (a walkthrough)."""
+    parsed = list(parse(format, io.BytesIO(data), {}))
+    assert [(r.supplier_sku, r.quantity, r.unit) for r in records(parsed)] == [("C2", 2, "CS")]

@@ -133,9 +133,10 @@ class Unreadable(ValueError):
 
 @lru_cache(maxsize=4096)
 def normalise_name(name: str) -> str:
-    """A name compared loosely: `Item No`, `itemNo` and `ITEM-NO` all read `item_no`."""
-    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip())
-    return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
+    """A name compared loosely: `Item No`, `itemNo`, `ITEM-NO` and `item_no` all read
+    `itemno`. Only letters and digits count: `UoM` split at its case read `uo_m`, never
+    `uom`, and its cases were read as pieces (a walkthrough)."""
+    return re.sub(r"[^a-z0-9]+", "", name.lower())
 
 
 def shown(value: object) -> str:

@@ -108,7 +108,7 @@ def _parse(source: BinaryIO, settings: XmlSettings) -> Iterator[Parsed]:
 
 
 # The quantity element's attributes read as its unit, where the record names none.
-UNIT_ATTRIBUTES = ("uom", "unit", "unit_of_measure")
+UNIT_ATTRIBUTES = tuple(map(normalise_name, ("uom", "unit", "unit_of_measure")))
 
 # Elements nested deeper than this are refused (as the JSON parser refuses its values).
 MAX_DEPTH = 64
