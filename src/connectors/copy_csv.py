@@ -89,7 +89,7 @@ def copy_csv(
     fields = header.rstrip("\r\n").split(delimiter)
     fields[0] = fields[0].lstrip("\ufeff")
     try:
-        columns = _columns(fields, settings.paths)
+        columns = _columns(fields, settings.paths, settings.configured)
     except FeedError as error:
         raise NotByCopy(error.reason) from error
     names = [sql.Identifier(f"c{i}") for i in range(len(fields))]

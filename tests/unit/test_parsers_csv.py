@@ -368,3 +368,16 @@ def test_a_unit_named_in_mixed_case_is_read_in_every_format(format: str, data: b
     read as pieces, and their quantities went past the supplier's ceiling (a walkthrough)."""
     parsed = list(parse(format, io.BytesIO(data), {}))
     assert [(r.supplier_sku, r.quantity, r.unit) for r in records(parsed)] == [("C2", 2, "CS")]
+
+
+def test_a_column_the_options_name_must_be_in_the_header() -> None:
+    """A supplier that renamed its `Einheit` and `Stand` columns had its cases read as
+    pieces and its times as the time of receipt, unsaid (a walkthrough)."""
+    data = b"sku,qty,unit,timestamp\nM1,3,CS,2026-12-07T20:00Z\n"
+    with pytest.raises(FeedError, match=r"missing_column: .*unit \('Einheit'\); observed_at"):
+        read_bytes(data, columns={"unit": "Einheit", "observed_at": "Stand"})
+    with pytest.raises(FeedError, match=r"missing_column: .*unit \('Einheit' or 'Unit'\)"):
+        read_bytes(data.replace(b"unit", b"UoM"), columns={"unit": ["Einheit", "Unit"]})
+    # Any one of a list of names will do.
+    parsed = records(read_bytes(data, columns={"unit": ["Einheit", "Unit"]}))
+    assert [(r.supplier_sku, r.quantity, r.unit) for r in parsed] == [("M1", 3, "CS")]

@@ -73,6 +73,8 @@ class CsvSettings:
     encoding: str
     paths: dict[str, tuple[FieldPath, ...]]
     value_format: ValueFormat
+    # Our fields whose columns the options name: each must be in the header.
+    configured: frozenset[str] = frozenset()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> CsvSettings:
@@ -89,6 +91,7 @@ class CsvSettings:
             encoding=encoding,
             paths=field_paths(options, "columns", None),
             value_format=ValueFormat.from_options(options),
+            configured=frozenset(options.get("columns") or ()),
         )
 
 
@@ -121,7 +124,7 @@ def _rows(text: Iterable[str], settings: CsvSettings) -> Iterator[Parsed]:
     reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
     header = next(reader)
     header[0] = header[0].lstrip("\ufeff")
-    columns = _columns(header, settings.paths)
+    columns = _columns(header, settings.paths, settings.configured)
     keys = _raw_keys(header)
     position = 0
     for row in reader:
@@ -164,8 +167,14 @@ def _sniff(line: str) -> str:
     return best if counts[best] else ","
 
 
-def _columns(header: list[str], paths: dict[str, tuple[FieldPath, ...]]) -> dict[str, int]:
-    """Our field -> its column index; a FeedError when a required column is missing."""
+def _columns(
+    header: list[str],
+    paths: dict[str, tuple[FieldPath, ...]],
+    configured: frozenset[str] = frozenset(),
+) -> dict[str, int]:
+    """Our field -> its column index; a FeedError when a required column is missing, or
+    one the options name (a supplier that renamed its `Einheit` column had its cases read
+    as pieces, and its times as the time of receipt, unsaid: a walkthrough)."""
     names = [normalise_name(name) for name in header]
     columns: dict[str, int] = {}
     for field, candidates in paths.items():
@@ -191,6 +200,15 @@ def _columns(header: list[str], paths: dict[str, tuple[FieldPath, ...]]) -> dict
     ]
     if missing:
         raise FeedError(f"missing_column: no {' and no '.join(missing)} column in {shown(header)}")
+    unmatched = [field for field in paths if field in configured and field not in columns]
+    if unmatched:
+        named = "; ".join(
+            f"{field} ({' or '.join(repr('.'.join(path)) for path in paths[field])})"
+            for field in unmatched
+        )
+        raise FeedError(
+            f"missing_column: no column the options name for {named} in {shown(header)}"
+        )
     return columns
 
 
