@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -93,7 +93,7 @@ def stage_records(
                 continue
             outcome = normalise(item, reading.rules, reading.received_at, reading.now)
             if isinstance(outcome, str):
-                letter = _letter(item, reading.received_at)
+                letter = _letter(item, reading.rules, reading.received_at)
                 result.rejections.append(Rejection(item.position, outcome, letter))
                 continue
             rows.append(_row(outcome, item.unit))
@@ -141,5 +141,12 @@ def _row(staged: Staged, unit: str | None) -> tuple[Any, ...]:
     )
 
 
-def _letter(record: Record, received_at: datetime) -> dict[str, Any]:
+def _letter(record: Record, rules: FeedRules, received_at: datetime) -> dict[str, Any]:
+    """A refused record's letter. A naive time is kept as the moment it was read as when
+    received (in the supplier's zone then), as the letters of records refused later keep
+    theirs: kept naive, a retry read it in the zone of the day of the retry, and letters
+    of one record that disagree were not retried together (a walkthrough)."""
+    observed = record.observed_at
+    if observed is not None and observed.tzinfo is None:
+        record = replace(record, observed_at=rules.in_utc(observed, received_at) or observed)
     return {"fields": record_fields(record, received_at), "raw": record.raw}

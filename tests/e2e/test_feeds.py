@@ -782,6 +782,56 @@ def test_a_reported_record_s_naive_time_is_kept_in_its_letter_as_read_when_recei
     assert datetime.fromisoformat(level["observed_at"].replace("Z", "+00:00")) == meant
 
 
+def test_a_feed_record_s_naive_time_is_kept_in_its_letter_as_read_when_received(
+    ledger: Server,
+) -> None:
+    """The same for a feed's record refused as it was read (past the ceiling, here): its
+    letter kept the naive time, so a retry read it in the zone of the day, and the letter
+    of the record that disagreed with it, refused later and kept in UTC, was not its
+    partner (a supplier integrator's walkthrough)."""
+    supplier_id = f"naive-{uuid.uuid4().hex[:6]}"
+    sku = f"NAIVE-{uuid.uuid4().hex[:6]}"
+    local = datetime.now(ZoneInfo("America/Chicago")).replace(tzinfo=None, microsecond=0)
+    local -= timedelta(minutes=2)
+    connector = {"format": "csv", "max_quantity": 500}
+    body = f"sku;quantity;observed_at\r\nJ9;600;{local}\r\nJ9;5;{local}\r\n".encode()
+    with ledger.client("test-admin") as admin:
+        made = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={"timezone": "America/Chicago", "connector": connector},
+        )
+        assert made.status_code == 200, made.text
+        uploaded = admin.post(f"/v1/suppliers/{supplier_id}/feeds", content=body)
+        assert uploaded.status_code == 202, uploaded.text
+        finished(admin, supplier_id, uploaded.json()["delivery_id"])
+        letters = admin.get("/v1/dead-letters", params={"supplier_id": supplier_id}).json()
+        over = next(item for item in letters["items"] if item["record"]["quantity"] == 600)
+        moved = admin.put(
+            f"/v1/suppliers/{supplier_id}",
+            json={"timezone": "Asia/Tokyo", "connector": {**connector, "max_quantity": 1000}},
+        )
+        assert moved.status_code == 200, moved.text
+        mapped = admin.put(
+            f"/v1/suppliers/{supplier_id}/mappings",
+            json={"mappings": [{"supplier_sku": "J9", "sku": sku}]},
+        )
+        assert mapped.status_code == 200, mapped.text
+        retried = admin.post(f"/v1/dead-letters/{over['id']}/retry")
+        assert retried.status_code == 200, retried.text
+
+    meant = local.replace(tzinfo=ZoneInfo("America/Chicago")).astimezone(UTC)
+    reasons = sorted(item["reason"] for item in letters["items"])
+    assert reasons == ["quantity_out_of_range", "unmapped_supplier_sku"]
+    assert {datetime.fromisoformat(item["record"]["observed_at"]) for item in letters["items"]} == {
+        meant
+    }
+    # Retried together, the two disagree again: neither is applied.
+    refused = retried.json()["still_refused"]
+    assert sorted(item["id"] for item in refused) == sorted(i["id"] for i in letters["items"])
+    assert {item["reason"] for item in refused} == {"conflicting_duplicate"}
+    assert retried.json()["resolved"] == []
+
+
 def test_a_put_without_a_name_keeps_the_supplier_s_name_and_a_new_one_is_named_by_its_id(
     ledger: Server,
 ) -> None:
