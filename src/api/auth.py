@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -57,11 +58,50 @@ def authorise(request: Request, allowed: frozenset[str]) -> ApiKey:
     return key
 
 
+# The dependencies that check a key, with the roles each admits: read when a request is
+# refused before they ran (below).
+GUARDS: dict[Callable[..., Any], frozenset[str]] = {}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guards(allowed: frozenset[str]) -> Callable[[F], F]:
+    """Marks a dependency as one that calls `authorise(request, allowed)`."""
+
+    def mark(dependency: F) -> F:
+        GUARDS[dependency] = allowed
+        return dependency
+
+    return mark
+
+
 def require(*roles: Role) -> Callable[[Request], Awaitable[ApiKey]]:
     """A dependency that admits keys of these roles (admins are always admitted)."""
     allowed = frozenset(roles)
 
+    @guards(allowed)
     async def dependency(request: Request) -> ApiKey:
         return authorise(request, allowed)
 
     return dependency
+
+
+def refusal_before(request: Request) -> ApiError | None:
+    """The 401 or 403 its route's key check gives this request, where a body that is not
+    JSON, or a parameter out of bounds, refused it before the check ran: FastAPI reads
+    both first, and a caller with no key, or a storefront's, learnt of its body's faults
+    (`400 malformed_json`), where it should hear that it may not (a walkthrough)."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    pending = [dependant] if dependant is not None else []
+    while pending:
+        for dependency in pending.pop().dependencies:
+            allowed = GUARDS.get(dependency.call)
+            if allowed is not None:
+                try:
+                    authorise(request, allowed)
+                except ApiError as refused:
+                    return refused
+                return None
+            pending.append(dependency)
+    return None

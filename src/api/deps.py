@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel
 
-from api.auth import authorise, require
+from api.auth import authorise, guards, require
 from api.runtime import Runtime
 from api.schemas import SUPPLIER_ID_PATTERN
 from api.settings import ApiKey
@@ -90,6 +90,7 @@ class Read:
     wanted: int | None
 
 
+@guards(READERS)
 async def read(
     request: Request, query: PositionQuery = None, header: PositionHeader = None
 ) -> Read:
@@ -113,6 +114,7 @@ class OmsWrite:
     request_id: str
 
 
+@guards(OMS)
 async def oms_write(request: Request) -> OmsWrite:
     return OmsWrite(
         runtime=await get_runtime(request),

@@ -110,8 +110,22 @@ async def on_ledger_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(status, error.code, detail, headers)
 
 
-async def on_validation_error(_: Request, error: Exception) -> JSONResponse:
+def _refused_first(request: Request) -> JSONResponse | None:
+    """The route's 401 or 403, where the request's key would be refused (see
+    `api.auth.refusal_before`)."""
+    from api.auth import refusal_before  # api.auth raises this module's ApiError
+
+    refused = refusal_before(request)
+    if refused is None:
+        return None
+    return error_response(refused.status, refused.code, refused.detail, refused.headers)
+
+
+async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    refused = _refused_first(request)
+    if refused is not None:
+        return refused
     errors = _validation_errors(error)
     if isinstance(error.body, bytes):
         # FastAPI reads a body as JSON only when its Content-Type says so (none is not
@@ -125,8 +139,13 @@ async def on_validation_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(422, "validation_error", errors)
 
 
-async def on_http_error(_: Request, error: Exception) -> JSONResponse:
+async def on_http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    if isinstance(error.__cause__, UnicodeDecodeError | RecursionError | ValueError):
+        # A body FastAPI could not read, before the route's key check ran.
+        refused = _refused_first(request)
+        if refused is not None:
+            return refused
     if isinstance(error.__cause__, UnicodeDecodeError):
         # FastAPI's own 400 for a JSON body that is not text in a JSON encoding: as
         # malformed as one that does not parse, and said so.

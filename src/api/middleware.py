@@ -227,7 +227,13 @@ class RequestContextMiddleware:
                 return
             limit = self._limit(scope)
             if limit is None:
-                await self._refuse(send_with_id, 401, "unauthorized", "send a valid API key")
+                await self._refuse(
+                    send_with_id,
+                    401,
+                    "unauthorized",
+                    "send a valid API key",
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
             parameter = _repeated_parameter(scope["path"], scope.get("query_string", b""))
             if parameter is not None:

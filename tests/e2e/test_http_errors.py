@@ -168,6 +168,52 @@ def test_a_body_that_is_not_text_in_a_json_encoding_is_malformed(
 
 
 @pytest.mark.parametrize(
+    ("key", "status"), [(None, 401), ("not-a-key", 401), ("test-shop", 403), ("test-acme", 403)]
+)
+@pytest.mark.parametrize(
+    ("method", "path", "raw"),
+    [
+        ("POST", "/v1/reservations", b"garbage"),
+        ("PUT", "/v1/suppliers/sup-x", b"garbage"),
+        ("PUT", "/v1/skus/A-1", b"\xff\xfe"),
+        ("POST", "/v1/reservations", b'{"n": ' + b"9" * 5000 + b"}"),
+        ("GET", "/v1/reservations?limit=abc", b""),
+        ("POST", "/v1/suppliers/sup-x/feeds?format=csv", b"sku,quantity\nA,1\n"),
+    ],
+    ids=["reserve", "supplier", "not-utf8", "digits", "query", "upload"],
+)
+def test_a_caller_that_may_not_is_told_so_before_its_request_s_faults(
+    ledger: Server, key: str | None, status: int, method: str, path: str, raw: bytes
+) -> None:
+    """FastAPI reads a body, and a key-checking dependency's parameters, before the key is
+    checked: a caller with no key or a storefront's was told `400 malformed_json` of its
+    order (a walkthrough); it is told it may not."""
+    with ledger.client() as client:
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        response = client.request(method, path, content=raw, headers=headers)
+
+    refused(response, status, "unauthorized" if status == 401 else "forbidden")
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("key", [None, "test-audit"])
+def test_a_read_s_key_is_checked_before_its_position(ledger: Server, key: str | None) -> None:
+    """`min_position=abc` is a reader's mistake, told only to a reader."""
+    with ledger.client() as client:
+        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+        answer = client.get("/v1/availability/A", params={"min_position": "abc"}, headers=headers)
+
+    if key is None:
+        refused(answer, 401, "unauthorized")
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+    else:
+        refused(answer, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
     ("raw", "says"),
     [(b"[" * 100_000, "nested too deeply"), (b'{"n": ' + b"9" * 5000 + b"}", "digits")],
     ids=["nested-too-deeply", "too-many-digits"],
