@@ -126,7 +126,7 @@ def json_logs() -> None:
     tests serve in process: structlog's own defaults render a traceback with every
     frame's locals (the runtime and its settings among them), which took the server
     longer than a client's timeout on a slow machine."""
-    configure_logging(make_settings("postgresql://unused", log_format="json"))
+    configure_logging(make_settings("postgresql://unused/unused", log_format="json"))
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ from api.runtime import (
     tune_collector,
 )
 from api.schemas import delivery_id_problem
-from api.settings import Settings
+from api.settings import Settings, misspelt_settings
 from api.transport import JoiningHttpToolsProtocol
 from connectors import health, inbox
 from connectors.deadletters import record_delivery_letters
@@ -775,6 +775,12 @@ def _summary(counts: dict[str, Any], reasons: Counter[str]) -> str:
 
 
 def main() -> None:
+    for name, setting in misspelt_settings(os.environ):
+        Console(stderr=True).print(
+            f"[yellow]warning: {name} is no setting, and is not read: {setting}?[/yellow]",
+            highlight=False,
+            soft_wrap=True,
+        )
     try:
         cli()
     except (NotMigrated, NewerData) as refused:

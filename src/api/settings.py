@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import json
 import logging
@@ -70,6 +71,12 @@ class ApiKey(BaseModel):
 
 MAX_HOLD_SECONDS = 366 * 24 * 3600
 
+# The longest an interval, a wait or a timeout may be set to, by what it is: a sleep of
+# 1e12 s killed the thread that slept it (OverflowError), and the views stopped while the
+# service said it was ready; a body kept 1e10 days failed every sweep (an operator's
+# walkthrough).
+MINUTE, HOUR, DAY = 60, 3600, 86400
+
 # libpq's, as PostgreSQL documents them.
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -78,8 +85,9 @@ class Settings(BaseSettings):
     """Everything the service can be told; built once and passed down."""
 
     # Inputs are never quoted in errors: the database URL and the API keys hold secrets.
+    # No `inf` or `nan`: an infinite interval killed the thread that slept it, unsaid.
     model_config = SettingsConfigDict(
-        env_prefix="LEDGER_", extra="ignore", hide_input_in_errors=True
+        env_prefix="LEDGER_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
     )
 
     database_url: SecretStr | None = Field(
@@ -102,6 +110,7 @@ class Settings(BaseSettings):
     webhook_body_seconds: float = Field(
         default=30.0,
         gt=0,
+        le=HOUR,
         description="how long a webhook's body may take to arrive; past it the request is"
         " refused 408 body_timeout",
     )
@@ -129,6 +138,7 @@ class Settings(BaseSettings):
     connector_part_seconds: float = Field(
         default=0.25,
         ge=0,
+        le=MINUTE,
         description="how long one part of a delivery should hold the ledger writer"
         " (reservations wait meanwhile); 0: every part holds connector_batch_size",
     )
@@ -150,25 +160,30 @@ class Settings(BaseSettings):
     run_projections: bool = Field(
         default=True, description="run the projections in this process (one holder each)"
     )
-    projection_page_size: int = Field(default=1000, gt=0)
-    projection_poll_seconds: float = Field(default=1.0, gt=0)
+    projection_page_size: int = Field(default=1000, gt=0, le=100_000)
+    projection_poll_seconds: float = Field(default=1.0, gt=0, le=HOUR)
     projection_settle_seconds: float = Field(
-        default=0.02, ge=0, description="how long new writes gather before a quiet view reads them"
+        default=0.02,
+        ge=0,
+        le=MINUTE,
+        description="how long new writes gather before a quiet view reads them",
     )
     projection_busy_settle_seconds: float = Field(
         default=0.1,
         ge=0,
+        le=MINUTE,
         description="the same while writes keep coming: fewer, larger pages for less CPU,"
         " a view that trails a busy log by about this much more",
     )
     rebuild_processes: int = Field(
         default=0,
         ge=0,
+        le=64,
         description="processes `ledger projections rebuild` applies a state view in; 0: one"
         " per core",
     )
     read_wait_max_seconds: float = Field(
-        default=5.0, ge=0, description="longest wait of a read for its min_position"
+        default=5.0, ge=0, le=HOUR, description="longest wait of a read for its min_position"
     )
     read_cache_skus: int = Field(
         default=100_000,
@@ -176,44 +191,54 @@ class Settings(BaseSettings):
         description="SKUs whose availability each API process keeps in memory; 0: none",
     )
     read_cache_refresh_seconds: float = Field(
-        default=0.02, gt=0, description="how often the in-memory copy reads what changed"
+        default=0.02, gt=0, le=MINUTE, description="how often the in-memory copy reads what changed"
     )
     stream_refresh_seconds: float = Field(
         default=0.25,
         gt=0,
+        le=MINUTE,
         description="how often each API process reads what changed for its availability streams",
     )
     read_cache_follow_seconds: float = Field(
         default=60.0,
         gt=0,
+        le=DAY,
         description="a SKU of the copy not read for this long is dropped when it changes,"
         " instead of being read again",
     )
     read_cache_max_lag_seconds: float = Field(
         default=1.0,
         gt=0,
+        le=HOUR,
         description="a copy not refreshed for this long answers nothing: reads go to the view",
     )
     conflict_jump_absolute: int = Field(default=100, ge=0)
     conflict_jump_relative: float = Field(default=0.5, ge=0)
-    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    sweep_interval_seconds: float = Field(default=1.0, gt=0, le=HOUR)
     inbox_keep_days: float = Field(
         default=7.0,
         gt=0,
+        le=3660,
         description="an applied delivery's body is kept this long in the inbox, then let go",
     )
     pool_size: int = Field(default=5, gt=0)
     pool_max_overflow: int = Field(default=10, ge=0)
-    lock_timeout_seconds: int = Field(default=5, gt=0)
+    # PostgreSQL's `lock_timeout` is at most 2^31 - 1 ms: a longer one started, and every
+    # write failed with "invalid value for parameter" (an operator's walkthrough).
+    lock_timeout_seconds: int = Field(default=5, gt=0, le=HOUR)
     connect_timeout_seconds: int = Field(
-        default=2, gt=0, description="longest wait for a pooled database connection"
+        default=2, gt=0, le=HOUR, description="longest wait for a pooled database connection"
     )
     command_timeout_seconds: float = Field(
-        default=10, gt=0, description="a request waits this long for its command, then 503"
+        default=10,
+        gt=0,
+        le=HOUR,
+        description="a request waits this long for its command, then 503",
     )
     writer_stuck_seconds: float = Field(
         default=60,
         gt=0,
+        le=DAY,
         description="/readyz says not ready while the writer has been on one batch this long",
     )
     writer_linger_seconds: float = Field(
@@ -228,7 +253,8 @@ class Settings(BaseSettings):
         le=10_000,
         description="the most commands one save may carry (a delivery's parts are their own)",
     )
-    aggregate_cache_size: int = Field(default=10_000, ge=0)
+    # At least one: the library takes 0 for a cache without bound.
+    aggregate_cache_size: int = Field(default=10_000, ge=1)
     rate_limit_per_second: float = Field(
         default=0,
         ge=0,
@@ -288,6 +314,10 @@ class Settings(BaseSettings):
         if value is None:
             return None
         url = value.get_secret_value()
+        if not url.strip():
+            # `serve` took it for unset and started the embedded server; the other
+            # commands failed with a trace (an operator's walkthrough).
+            raise ValueError("is empty: unset it for the embedded PostgreSQL, or give a URL")
         # A URL's scheme (a key=value string may hold "://" in a value, a password even).
         scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
         if scheme is not None and scheme[1].lower() not in ("postgresql", "postgres"):
@@ -306,6 +336,8 @@ class Settings(BaseSettings):
         sslmode = params.get("sslmode")
         if sslmode is not None and sslmode not in SSL_MODES:
             raise ValueError(f"sslmode {sslmode!r} is not one of {', '.join(SSL_MODES)}")
+        if not params.get("dbname"):
+            raise ValueError("it names no database (postgresql://user@host:5432/database)")
         return value
 
     @field_validator("rate_limit_roles", mode="before")
@@ -368,3 +400,23 @@ def _connection_options(params: Mapping[str, Any]) -> dict[str, Any]:
     on it waited for the kernel to give up, the writer's thread with it."""
     taken = {"dbname", "host", "port", "user", "password"}
     return with_keepalives({k: v for k, v in params.items() if k not in taken})
+
+
+# `LEDGER_*` variables of this project's own that are no setting: the test suite's and
+# the benchmarks' databases (named like `LEDGER_DATABASE_URL`, which they are not).
+NOT_SETTINGS = frozenset({"LEDGER_TEST_DATABASE_URL", "LEDGER_BENCH_DATABASE_URL"})
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The `LEDGER_*` variables that name no setting but come close to one's name, each
+    with that setting's: read by nothing, so `LEDGER_POOLSIZE=20` left the pool at 5
+    without a word (an operator's walkthrough). Others are not named: secrets are kept in
+    `LEDGER_*` variables too (`env:` references)."""
+    known = ["LEDGER_" + name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        if name.startswith("LEDGER_") and name not in known and name not in NOT_SETTINGS:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            if close:
+                found.append((name, close[0]))
+    return found

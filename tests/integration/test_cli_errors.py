@@ -309,6 +309,44 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
             {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1/ledger?sslmode=bogus"},
             "error: setting LEDGER_DATABASE_URL: Value error, sslmode 'bogus' is not one of",
         ),
+        # Each of these below started, and then a thread died, every write failed, or the
+        # sweeper failed each pass (an operator's walkthrough).
+        (
+            {"LEDGER_PROJECTION_POLL_SECONDS": "1e12"},
+            "error: setting LEDGER_PROJECTION_POLL_SECONDS: Input should be less than or equal"
+            " to 3600",
+        ),
+        (
+            {"LEDGER_SWEEP_INTERVAL_SECONDS": "inf"},
+            "error: setting LEDGER_SWEEP_INTERVAL_SECONDS: Input should be a finite number",
+        ),
+        (
+            {"LEDGER_LOCK_TIMEOUT_SECONDS": "99999999999"},
+            "error: setting LEDGER_LOCK_TIMEOUT_SECONDS: Input should be less than or equal to",
+        ),
+        (
+            {"LEDGER_CONNECT_TIMEOUT_SECONDS": "99999999999"},
+            "error: setting LEDGER_CONNECT_TIMEOUT_SECONDS: Input should be less than or equal",
+        ),
+        (
+            {"LEDGER_INBOX_KEEP_DAYS": "1e10"},
+            "error: setting LEDGER_INBOX_KEEP_DAYS: Input should be less than or equal to 3660",
+        ),
+        # The library's cache takes 0 for no bound.
+        (
+            {"LEDGER_AGGREGATE_CACHE_SIZE": "0"},
+            "error: setting LEDGER_AGGREGATE_CACHE_SIZE: Input should be greater than or equal",
+        ),
+        # `serve` took an empty URL for none, and started the embedded server; the other
+        # commands, and a URL naming no database, failed with a traceback.
+        (
+            {"LEDGER_DATABASE_URL": ""},
+            "error: setting LEDGER_DATABASE_URL: Value error, is empty: unset it for the",
+        ),
+        (
+            {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1:1"},
+            "error: setting LEDGER_DATABASE_URL: Value error, it names no database",
+        ),
         # A request is known by its secret: the admin key answered as the storefront one.
         (
             {"LEDGER_API_KEYS": "a:admin:same1,b:storefront:same1"},
@@ -333,6 +371,20 @@ def refused_setting(args: tuple[str, ...], settings: dict[str, str]) -> str:
     assert ran.returncode == 2, ran.stderr
     [line] = [line for line in ran.stderr.splitlines() if line.strip()]
     return line
+
+
+def test_a_variable_named_nearly_as_a_setting_is_said_to_be_none() -> None:
+    """`LEDGER_POOLSIZE=20` left the pool at 5 without a word (an operator's walkthrough);
+    the command still runs, and other `LEDGER_*` variables (secrets) are not named."""
+    ran = ledger_command(
+        "postgresql://postgres@127.0.0.1:1/ledger",
+        "--help",
+        env={"LEDGER_POOLSIZE": "20", "LEDGER_ACME_TOKEN": "s3cret"},
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.splitlines() == [
+        "warning: LEDGER_POOLSIZE is no setting, and is not read: LEDGER_POOL_SIZE?"
+    ]
 
 
 @pytest.mark.parametrize(
