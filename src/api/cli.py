@@ -66,6 +66,7 @@ from connectors.transports import delivery_format
 from connectors.worker import ClaimLost
 from ledger.errors import LedgerError
 from projections.data_version import DATA_VERSION, NewerData
+from projections.queries import PositionNotReached
 from projections.registry import all_projections
 from projections.runner import RebuildRunning, rebuild
 from projections.status import ProjectionStatus, projection_status
@@ -579,6 +580,20 @@ def _apply_file(
         _interrupted(runtime, delivery)
     except ClaimLost:
         typer.echo(f"error: {TAKEN_OVER.format(delivery=delivery.delivery_id)}", err=True)
+        raise typer.Exit(1) from None
+    except PositionNotReached as behind:
+        # The mappings view, which a delivery is resolved by, is kept by a projections
+        # worker, not by this command: none is running. Not the supplier's failure (it
+        # was counted one, after a traceback: an operator's walkthrough).
+        with suppress(Exception):
+            _finish_file(runtime, delivery, "failed", str(behind), counted=False)
+        typer.echo(
+            f"error: the {behind.projection} view is at {behind.reached}, not yet at"
+            f" {behind.wanted}, the log's last event: is a projections worker running"
+            " (`ledger serve` or `ledger projections run`)? Nothing is applied; run the"
+            " same command again once it is.",
+            err=True,
+        )
         raise typer.Exit(1) from None
     except BaseException as error:
         # Left failed, not processing: the same file may be ingested again at once.

@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from api.database import NewerData, check_migrated, migrate, start_embedded
-from api.runtime import Runtime
+from api.runtime import Runtime, open_runtime
+from api.settings import Settings
 from ledger.commands import PutMappings
 from ledger.mapping import MappingSpec
 from ledger.stock import StockItem
@@ -122,6 +123,43 @@ def test_an_unknown_sku_or_supplier_is_said_in_one_line_with_status_1(
     for command in (sku, supplier):
         assert "Traceback" not in command.stderr
         assert command.stdout == ""
+
+
+def test_an_ingest_with_no_projections_worker_says_so_and_counts_no_supplier_failure(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`ledger ingest` resolves a file by the mappings view, which a projections worker
+    keeps: with none running, it printed a traceback, and counted the supplier a failure
+    (an operator's walkthrough)."""
+    runtime = open_runtime(settings, sweep=False, project=False, connect=False)
+    try:
+        put_supplier(runtime.writer, SUPPLIER)
+        mapping = MappingSpec("A-1", random_sku("CLI"), 1, upc=None)
+        runtime.writer.execute(
+            PutMappings(at=datetime.now(UTC), cause=CAUSE, supplier_id=SUPPLIER, mappings=[mapping])
+        )
+        last = runtime.app.recorder.max_notification_id()
+    finally:
+        runtime.close()
+    feed = tmp_path / "stock.csv"
+    feed.write_text(f"sku,quantity,observed_at\nA-1,14,{datetime.now(UTC).isoformat()}\n")
+
+    ran = ledger_command(
+        settings.database_url.get_secret_value(), "ingest", str(feed), "--supplier", SUPPLIER
+    )
+
+    assert ran.returncode == 1, ran.stderr
+    assert "Traceback" not in ran.stderr
+    said = " ".join(line for line in ran.stderr.splitlines() if line.startswith("error:"))
+    assert said.startswith(f"error: the mappings view is at 0, not yet at {last}, the log's")
+    assert "is a projections worker running" in said
+    with psycopg.connect(settings.database_url.get_secret_value()) as conn:
+        counted = conn.execute(
+            "SELECT failures FROM connector_health WHERE supplier_id = %s", (SUPPLIER,)
+        ).fetchone()
+        status = conn.execute("SELECT status FROM connector_inbox").fetchone()
+    assert counted is None or counted[0] == 0
+    assert status == ("failed",)
 
 
 # `ledger ingest`, in a process of its own, stopped with Ctrl-C as it begins to apply.
