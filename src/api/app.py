@@ -99,6 +99,10 @@ def create_app(
         version=version("stockledger"),
         description="Event-sourced inventory ledger: supplier stock and OMS reservations.",
         lifespan=lifespan,
+        # `/v1/reservations/` is no route: 404 in the envelope. It was a bare 307 to the
+        # same path without its slash, as an absolute `http://` URL, behind a TLS proxy
+        # too (an OMS engineer's walkthrough).
+        redirect_slashes=False,
         # The service exports no OpenTelemetry; left on, FastAPI asks the global providers
         # (and the environment) whether it should, on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},

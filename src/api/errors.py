@@ -93,6 +93,13 @@ UNREAD_BODY = {
 }
 
 
+def invalid(loc: list[str | int], msg: str, type: str) -> ApiError:
+    """A 422 `validation_error` of the route's own, shaped as FastAPI's are: a list of
+    `{loc, msg, type}` (two routes gave a string, which a client reading the list broke on:
+    a walkthrough)."""
+    return ApiError(422, "validation_error", [{"loc": loc, "msg": msg, "type": type}])
+
+
 def _malformed_json(detail: str = "the request body is not valid JSON") -> JSONResponse:
     return error_response(400, "malformed_json", detail)
 

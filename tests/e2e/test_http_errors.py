@@ -199,6 +199,49 @@ def test_a_caller_that_may_not_is_told_so_before_its_request_s_faults(
         assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize(
+    ("key", "path", "loc"),
+    [
+        ("test-oms", "/v1/reservations?order_id=W1&limit=5", ["query", "limit"]),
+        ("test-oms", "/v1/reservations?order_id=W1&after=" + str(uuid.uuid4()), ["query", "after"]),
+        ("test-audit", "/v1/skus/A-1/stock", ["query", "at"]),
+        (
+            "test-audit",
+            "/v1/skus/A-1/stock?at=2026-01-01T00:00:00Z&position=3",
+            ["query", "position"],
+        ),
+    ],
+)
+def test_a_route_s_own_invalid_fields_are_listed_as_fastapi_lists_them(
+    ledger: Server, key: str, path: str, loc: list[str]
+) -> None:
+    """Two routes answered `validation_error` with a string `detail`, where the README and
+    `ErrorOut` promise a list of `{loc, msg, type}` for invalid fields (a walkthrough)."""
+    with ledger.client(key) as client:
+        detail = refused(client.get(path), 422, "validation_error")
+
+    assert isinstance(detail, list), detail
+    assert len(detail) == 1, detail
+    assert set(detail[0]) == {"loc", "msg", "type"}
+    assert detail[0]["loc"] == loc
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/reservations/"), ("GET", "/v1/availability/A-1/"), ("GET", "/healthz/")],
+)
+def test_a_path_with_a_trailing_slash_is_no_route(ledger: Server, method: str, path: str) -> None:
+    """It was a bare `307` to the path without it, as an absolute `http://` URL (wrong
+    behind a TLS proxy), and no error envelope (an OMS engineer's walkthrough)."""
+    with ledger.client("test-admin") as client:
+        answer = client.request(
+            method, path, json={"order_id": "o", "lines": [{"sku": "A-1", "quantity": 1}]}
+        )
+
+    refused(answer, 404, "not_found")
+    assert "location" not in answer.headers
+
+
 @pytest.mark.parametrize("key", [None, "test-audit"])
 def test_a_read_s_key_is_checked_before_its_position(ledger: Server, key: str | None) -> None:
     """`min_position=abc` is a reader's mistake, told only to a reader."""

@@ -198,7 +198,7 @@ REFUSALS = [
     ),
     pytest.param(
         Refusal("test-audit", "get", f"/v1/skus/{SKU}/stock", "/v1/skus/{sku}/stock", 422,
-                "validation_error", str),
+                "validation_error", list),
         id="neither at nor position",
     ),
     pytest.param(
@@ -386,3 +386,21 @@ def test_the_documentation_page_still_serves(ledger: Server) -> None:
     answer = httpx.get(f"{ledger.base_url}/docs", timeout=10)
     assert answer.status_code == 200
     assert "/openapi.json" in answer.text
+
+
+def test_an_order_declares_the_idempotency_key_it_cannot_be_sent_without(
+    ledger: Server, document: dict[str, Any]
+) -> None:
+    """It was declared optional, and a client generated from the document sent orders
+    without it, each refused `400 missing_idempotency_key` (an OMS engineer's walkthrough)."""
+    [key] = [
+        parameter
+        for parameter in document["paths"]["/v1/reservations"]["post"]["parameters"]
+        if parameter["name"] == "Idempotency-Key"
+    ]
+    with ledger.client("test-oms") as oms:
+        order = {"order_id": "o", "lines": [{"sku": "A-1", "quantity": 1}]}
+        unkeyed = oms.post("/v1/reservations", json=order)
+
+    assert (key["in"], key["required"]) == ("header", True)
+    assert (unkeyed.status_code, unkeyed.json()["error"]) == (400, "missing_idempotency_key")

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime
 
 from api.deps import AuditorKey, RuntimeDep
-from api.errors import ApiError
+from api.errors import ApiError, invalid
 from api.routers.availability import availability_out
 from api.routers.skus import SkuPath
 from ledger.errors import UnknownSku
@@ -53,7 +53,11 @@ def stock_at(
 ) -> dict[str, Any]:
     """The SKU's full state at a time or a log position: levels, holds, commitments, available."""
     if (at is None) == (position is None):
-        raise ApiError(422, "validation_error", "give exactly one of at (ISO 8601) and position")
+        raise invalid(
+            ["query", "at" if at is None else "position"],
+            "give exactly one of at (ISO 8601) and position",
+            "missing" if at is None else "excluded",
+        )
     try:
         moment = runtime.audit.stock_at(sku, at=at, position=position)
     except UnknownSku as error:

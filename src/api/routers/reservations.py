@@ -25,7 +25,7 @@ from api.deps import (
     model_answer,
     set_position,
 )
-from api.errors import ApiError
+from api.errors import ApiError, invalid
 from api.schemas import (
     PRINTABLE,
     AllocationOut,
@@ -200,7 +200,10 @@ def listed(
     page at a time: an OMS reconciling its open holds and commitments pages through them
     with `after=next_after`."""
     if order_id is not None and (after is not None or limit is not None):
-        raise ApiError(422, "validation_error", "after and limit page the listing without order_id")
+        paged = "after" if after is not None else "limit"
+        raise invalid(
+            ["query", paged], "after and limit page the listing without order_id", "excluded"
+        )
     position = runtime.views.wait_for(
         "reservations", wanted, runtime.settings.read_wait_max_seconds
     )
