@@ -18,13 +18,13 @@ from tests.conftest import make_settings
 def console() -> Iterator[io.StringIO]:
     """Console logs for one test, written to what it yields; JSON again after it, as for
     every other test (tests/conftest.py)."""
-    configure_logging(make_settings("postgresql://unused", log_format="console"))
+    configure_logging(make_settings("postgresql://unused/unused", log_format="console"))
     written = io.StringIO()
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(written)
     yield written
-    configure_logging(make_settings("postgresql://unused", log_format="json"))
+    configure_logging(make_settings("postgresql://unused/unused", log_format="json"))
 
 
 def test_a_console_traceback_leaves_out_the_frames_locals(console: io.StringIO) -> None:

@@ -15,7 +15,7 @@ def _is_list(schema: dict[str, Any]) -> bool:
 
 def test_the_parameters_read_once_and_as_lists_are_those_the_routes_read() -> None:
     """As the OpenAPI document describes every route's query parameters."""
-    paths = create_app(make_settings("postgresql://unused")).openapi()["paths"]
+    paths = create_app(make_settings("postgresql://unused/unused")).openapi()["paths"]
     read = [
         (path, parameter["name"], _is_list(parameter["schema"]))
         for path, operations in paths.items()
