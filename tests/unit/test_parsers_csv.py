@@ -381,3 +381,11 @@ def test_a_column_the_options_name_must_be_in_the_header() -> None:
     # Any one of a list of names will do.
     parsed = records(read_bytes(data, columns={"unit": ["Einheit", "Unit"]}))
     assert [(r.supplier_sku, r.quantity, r.unit) for r in parsed] == [("M1", 3, "CS")]
+
+
+def test_a_thousands_separator_of_a_point_alone_says_to_set_the_decimal_one() -> None:
+    """It said it "equals decimal_separator", which the supplier never set (a walkthrough)."""
+    with pytest.raises(ValueError, match=r"\('\.' unless set\): set decimal_separator too"):
+        read_bytes(b"sku;qty\nG1;1.000\n", thousands_separator=".")
+    with pytest.raises(ValueError, match=r"equals decimal_separator: set decimal_separator"):
+        read_bytes(b"sku;qty\nG1;1,000\n", thousands_separator=",", decimal_separator=",")

@@ -125,6 +125,10 @@ def test_the_chosen_qty_given_twice_with_different_values_refuses_the_item() -> 
     ]
     assert summary(same)[0] == (1, "ABC-123", "012345678905", 120, "EA")
     assert summary(units)[0] == (1, "conflicting_quantities: QTY 33 given 2 times (120 EA, 120 CA)")
+    # The same quantity written another way, or its unit in another case, is the same:
+    # refused as conflicting (a supplier integrator's walkthrough).
+    for written in ("QTY*33*120.0*EA", "QTY*33*120*ea", "QTY*33*1.2E2*EA"):
+        assert summary(with_qty(written))[0] == (1, "ABC-123", "012345678905", 120, "EA")
 
 
 def test_pipe_caret_and_newline_separators_with_two_sets_in_one_group() -> None:

@@ -49,7 +49,7 @@ import re
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, BinaryIO, ClassVar, TextIO
 
 from connectors.parsers.records import (
@@ -449,7 +449,7 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
         return RecordError(position, f"missing_quantity: no QTY {wanted} (found {found})", raw)
     chosen, *others = quantities[reported]
     said = [(_element(q, 2), _element(q, 3)) for q in (chosen, *others)]
-    if len(set(said)) > 1:
+    if len({_meant(quantity, unit, context) for quantity, unit in said}) > 1:
         # Per location, say (an N1 or LX loop around them, which is not read): one level
         # per item is kept, and the first one taken silently dropped the rest (a walkthrough).
         written = ", ".join(" ".join(filter(None, pair)) for pair in said)
@@ -464,6 +464,16 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
         return RecordError(position, str(unreadable), raw)
     unit = _element(chosen, 3).split(context.sub_element)[0].strip() or None
     return Record(position, sku, upc, quantity, unit, context.observed_at, raw, incoming)
+
+
+def _meant(quantity: str, unit: str, context: _Context) -> tuple[object, str]:
+    """A QTY's quantity and unit as compared with the item's others: `5` and `5.0`, `ea`
+    and `EA`, are one (they were refused as `conflicting_quantities`: a walkthrough)."""
+    try:
+        amount: object = Decimal(_decimal(quantity.strip()))
+    except InvalidOperation:
+        amount = quantity
+    return amount, unit.split(context.sub_element)[0].strip().upper()
 
 
 def _incoming(sch: Segment, context: _Context) -> Incoming:

@@ -251,7 +251,11 @@ class ValueFormat:
             separators_known=bool({"thousands_separator", "decimal_separator"} & set(options)),
         )
         if value_format.thousands_separator == value_format.decimal_separator:
-            raise ValueError("bad_option: thousands_separator equals decimal_separator")
+            given = "" if "decimal_separator" in options else " ('.' unless set)"
+            raise ValueError(
+                "bad_option: thousands_separator equals decimal_separator"
+                f"{given}: set decimal_separator too, e.g. ',' for 1.234,5"
+            )
         if value_format.timestamp_format:
             _check_timestamp_format(value_format.timestamp_format)
         return value_format
