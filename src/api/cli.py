@@ -119,6 +119,21 @@ def serve(
     configure_logging(settings)
     if not settings.api_keys:
         raise typer.BadParameter("set LEDGER_API_KEYS (name:role:secret,...), or use --demo")
+    # The port first: one that is taken stops `serve` before anything starts.
+    config, sock = serving.bind(
+        "api.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        # A response's head and body in one write (api.transport).
+        http=JoiningHttpToolsProtocol,
+        # Streams end when the server stops (api.stream); one stuck writing to a client
+        # that stopped reading is cut off after this.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
     # Resolve (or start) the database once, here, and hand its URL to every worker.
     embedded = None if settings.database_url else start_embedded(settings.data_dir)
     database_url = embedded.url if embedded else resolve_database_url(settings)
@@ -153,21 +168,8 @@ def serve(
         os.environ[SERVE_PID] = str(os.getpid())
         # Every worker counts in one directory, for /metrics to sum (api.metrics).
         with prepare_directory():
-            # uvicorn.run, with the port listened on as soon as it is bound (api.serving).
-            serving.run(
-                "api.app:create_app_from_env",
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                log_config=None,
-                access_log=False,
-                # A response's head and body in one write (api.transport).
-                http=JoiningHttpToolsProtocol,
-                # Streams end when the server stops (api.stream); one stuck writing to a
-                # client that stopped reading is cut off after this.
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-            )
+            # uvicorn.run, on the port bound above (api.serving).
+            serving.run(config, sock)
     finally:
         if live is not None:
             live.stop()

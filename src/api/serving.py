@@ -40,21 +40,31 @@ class ListeningConfig(uvicorn.Config):
         return sock
 
 
-def run(app: str, **settings: Any) -> None:
-    """`uvicorn.run(app, **settings)` for an app given by its import string, without
-    reloading (which `serve` does not offer)."""
+def bind(app: str, **settings: Any) -> tuple[ListeningConfig, socket.socket]:
+    """uvicorn's configuration for an app given by its import string, without reloading
+    (which `serve` does not offer), and its port, bound and listened on now: a port that
+    is taken stops `serve` before it migrates or starts anything (with one worker, it
+    migrated and started its sweeper, projections and connectors first: an operator's
+    walkthrough). Connections made meanwhile wait in the backlog."""
     config = ListeningConfig(app, **settings)
     if config.reload:
-        raise ValueError("serving.run does not reload")
+        raise ValueError("serving.bind does not reload")
+    return config, config.bind_socket()
+
+
+def run(config: ListeningConfig, sock: socket.socket) -> None:
+    """`uvicorn.run` on the socket `bind` gave."""
     if config.workers == 1:
         config.load_app()  # an app that cannot be imported stops it here, as uvicorn.run
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Multiprocess(config, sockets=[sock]).run()
         else:
-            server.run()
+            server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        sock.close()
     if config.workers == 1 and not server.started:
         sys.exit(STARTUP_FAILURE)

@@ -425,6 +425,37 @@ def test_a_variable_named_nearly_as_a_setting_is_said_to_be_none() -> None:
     ]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_stops_before_it_migrates_or_starts_anything(
+    database_url: str, workers: str
+) -> None:
+    """With one worker it migrated, started its sweeper, projections and connectors, and
+    only then found the port taken (an operator's walkthrough)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ran = ledger_command(
+            database_url,
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            workers,
+            env={"LEDGER_API_KEYS": "a:admin:secret-1"},
+        )
+
+    assert ran.returncode != 0
+    assert "address already in use" in ran.stderr.lower()
+    assert '"migrate' not in ran.stderr
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog',"
+            " 'information_schema')"
+        ).fetchone()
+    assert tables == (0,)  # nothing migrated
+
+
 @pytest.mark.parametrize(
     "args",
     [
