@@ -814,6 +814,15 @@ def main() -> None:
             soft_wrap=True,
         )
         raise SystemExit(1) from None
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError) as bad:
+        # A path of the operator's that cannot be used (`LEDGER_DATA_DIR` under /proc, a
+        # PROMETHEUS_MULTIPROC_DIR that is a file): one line, not a trace of 78 (an
+        # operator's walkthrough).
+        where = f": {bad.filename}" if bad.filename else ""
+        Console(stderr=True).print(
+            f"[red]error: {bad.strerror or bad}{where}[/red]", highlight=False, soft_wrap=True
+        )
+        raise SystemExit(1) from None
     except ValidationError as refused:
         if refused.title != Settings.__name__:
             raise

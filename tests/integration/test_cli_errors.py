@@ -472,6 +472,30 @@ def test_every_command_says_a_setting_that_cannot_be_used_in_one_line_with_statu
     assert said.startswith("error: setting LEDGER_POOL_SIZE: ")
 
 
+def test_a_data_directory_that_cannot_be_made_is_said_in_one_line_with_status_1(
+    tmp_path: Path,
+) -> None:
+    """`LEDGER_DATA_DIR=/proc/x` was a traceback of 78 lines (an operator's walkthrough)."""
+    occupied = tmp_path / "a-file"
+    occupied.write_text("")
+    environment = {key: value for key, value in os.environ.items() if key != "LEDGER_DATABASE_URL"}
+    environment |= {
+        "LEDGER_DATA_DIR": str(occupied / "var"),
+        "LEDGER_API_KEYS": "",
+        "COLUMNS": "200",
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "api", "projections", "status"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.splitlines() == [f"error: Not a directory: {occupied / 'var'}"]
+
+
 def embedded_running(data_dir: Path) -> bool:
     from pgserver.utils import PostmasterInfo
 
