@@ -399,12 +399,14 @@ def projections_rebuild(
 @audit_cli.command("export")
 def audit_export(
     after: Annotated[int, typer.Option(min=0, help="start after this log position")] = 0,
-    output: Annotated[
-        Path, typer.Option(help="NDJSON file to write (replaced if it exists); - for stdout")
-    ] = Path("events.ndjson"),
+    named: Annotated[
+        str,
+        typer.Option("--output", help="NDJSON file to write (replaced if it exists); - for stdout"),
+    ] = "events.ndjson",
 ) -> None:
     """Streams the global log from a position to an NDJSON file (or stdout)."""
-    to_stdout = str(output) == "-"
+    output = Path(named)
+    to_stdout = named == "-"
     # A file is written beside itself, and replaced only once complete: an export that
     # could not run (the database down) or failed part-way emptied the last good one (an
     # auditor's walkthrough), taking its mode. Anything else (a pipe, /dev/stdout, a link)
@@ -413,11 +415,12 @@ def audit_export(
     in_place = to_stdout or output.is_symlink() or (output.exists() and not output.is_file())
     part = output if in_place else output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        if output.is_dir():
+        # A name ending in "/" names a directory (`/tmp/nodir/` wrote a file `/tmp/nodir`).
+        if output.is_dir() or named.endswith(("/", os.sep)):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         out = sys.stdout if to_stdout else part.open("w")
     except OSError as error:
-        raise typer.BadParameter(f"{output}: {error.strerror}", param_hint="'--output'") from None
+        raise typer.BadParameter(f"{named}: {error.strerror}", param_hint="'--output'") from None
     complete = False
     try:
         with _ledger() as runtime:
@@ -525,6 +528,9 @@ def ingest_command(
     # (it ended with status 143, saying nothing, the delivery left `processing`).
     signal.signal(signal.SIGTERM, _interrupt)
     problem = None if delivery_id is None else delivery_id_problem(delivery_id)
+    if delivery_id == "":
+        # It was taken for none, and the content hash used (an operator's walkthrough).
+        problem = "is empty: leave it out for the content hash"
     if problem is not None:
         raise typer.BadParameter(problem, param_hint="'--delivery-id'")
     with _ledger() as runtime:

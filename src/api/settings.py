@@ -57,6 +57,7 @@ class ApiKey(BaseModel):
         if (role == "supplier") != bool(rest):
             raise ValueError(
                 f"API key {name!r}: supplier keys, and only they, end with :supplier_id"
+                + ("" if role == "supplier" else "; a secret may not hold ':'")
             )
         # A key for an id no supplier can have (`..`, `a/b`) would be refused every call.
         if rest and not re.fullmatch(SUPPLIER_ID_PATTERN, rest[0]):
@@ -352,7 +353,9 @@ class Settings(BaseSettings):
         # An order without `ttl_seconds` was held for the default, past the maximum that
         # an order naming it is refused over.
         if self.default_ttl_seconds > self.max_ttl_seconds:
-            raise ValueError("default_ttl_seconds must not be longer than max_ttl_seconds")
+            raise ValueError(
+                "LEDGER_DEFAULT_TTL_SECONDS must not be longer than LEDGER_MAX_TTL_SECONDS"
+            )
         return self
 
     @model_validator(mode="after")
@@ -360,7 +363,9 @@ class Settings(BaseSettings):
         # The writer may read with one connection while another holds the event table's
         # lock for its save (see LedgerWriter: EXCLUSIVE_AFTER).
         if self.pool_size + self.pool_max_overflow < 2:
-            raise ValueError("pool_size + pool_max_overflow must allow two connections")
+            raise ValueError(
+                "LEDGER_POOL_SIZE + LEDGER_POOL_MAX_OVERFLOW must allow two connections"
+            )
         return self
 
     def event_store_env(self, database_url: str, *, create_tables: bool = False) -> dict[str, str]:

@@ -278,8 +278,26 @@ def test_an_ingest_stopped_as_it_writes_its_outcome_says_so_and_is_finished_by_r
         ),
         (("serve", "--port", "70000"), "Invalid value for '--port'"),
         (("serve", "--port", "0", "--workers", "2"), "Invalid value for '--port'"),
+        # A directory's name: it wrote a file named `nodir` (an operator's walkthrough).
+        (
+            ("audit", "export", "--output", "nodir/"),
+            "Invalid value for '--output': nodir/: Is a directory",
+        ),
+        # Taken for none, and the content hash used (the same walkthrough).
+        (
+            ("ingest", "/dev/null", "--supplier", "acme", "--delivery-id", ""),
+            "Invalid value for '--delivery-id': is empty",
+        ),
     ],
-    ids=["position-0", "after-negative", "output-in-no-directory", "port-70000", "port-0"],
+    ids=[
+        "position-0",
+        "after-negative",
+        "output-in-no-directory",
+        "port-70000",
+        "port-0",
+        "output-a-directory",
+        "delivery-id-empty",
+    ],
 )
 def test_a_position_out_of_range_or_an_output_that_cannot_be_written_is_a_usage_error(
     ledger: Runtime, tmp_path: Path, args: tuple[str, ...], said: str
@@ -322,7 +340,7 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         ),
         (
             {"LEDGER_POOL_SIZE": "1", "LEDGER_POOL_MAX_OVERFLOW": "0"},
-            "error: settings: Value error, pool_size + pool_max_overflow must allow two",
+            "error: settings: Value error, LEDGER_POOL_SIZE + LEDGER_POOL_MAX_OVERFLOW must allow",
         ),
         # Each of these below was a traceback of 70-130 lines with status 1, or "cannot be
         # reached" (an operator's walkthrough).
@@ -384,6 +402,16 @@ def test_a_database_that_cannot_be_reached_is_said_in_one_line_with_status_1() -
         (
             {"LEDGER_DATABASE_URL": "postgresql://postgres@127.0.0.1:1"},
             "error: setting LEDGER_DATABASE_URL: Value error, it names no database",
+        ),
+        # Named by their variables, and a secret with a colon said to hold one.
+        (
+            {"LEDGER_DEFAULT_TTL_SECONDS": "900", "LEDGER_MAX_TTL_SECONDS": "60"},
+            "error: settings: Value error, LEDGER_DEFAULT_TTL_SECONDS must not be longer than",
+        ),
+        (
+            {"LEDGER_API_KEYS": "a:admin:sec:ret"},
+            "error: setting LEDGER_API_KEYS: Value error, API key 'a': supplier keys, and only"
+            " they, end with :supplier_id; a secret may not hold ':'",
         ),
         # A request is known by its secret: the admin key answered as the storefront one.
         (
