@@ -43,7 +43,7 @@ def resolve(reference: str | None, *, sent: bool = False) -> str:
             # supplier's secret, to be sent to a supplier's server.
             raise SecretUnavailable(f"environment variable {name} is the service's own setting")
         value = os.environ.get(name)
-        if not value:
+        if not value or not value.strip():
             raise SecretUnavailable(f"environment variable {name} is not set")
         # Python reads the environment's bytes that are not UTF-8 as lone surrogates,
         # which a signature's HMAC cannot encode.
@@ -54,6 +54,10 @@ def resolve(reference: str | None, *, sent: bool = False) -> str:
         return _one_line(value, f"environment variable {name}") if sent else value
     if kind == "file" and name:
         text = _read_file(name).rstrip("\r\n")
+        if not text.strip():
+            # An empty secret is none: a webhook whose secret file held only a line ending
+            # took requests signed with the empty key, from anyone (a security review).
+            raise SecretUnavailable(f"{name} is empty")
         return _one_line(text, name) if sent else text
     raise SecretUnavailable(f"a secret reference is env:NAME or file:PATH, not {reference!r}")
 

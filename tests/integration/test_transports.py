@@ -349,15 +349,21 @@ def test_the_bearer_token_is_read_from_its_reference(
     assert {r.headers["authorization"] for r in supplier.requests} == {"Bearer right"}
 
 
-def test_the_bearer_token_never_follows_a_link_to_another_host(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("lead", ["link", "redirect"])
+def test_the_bearer_token_never_follows_a_link_or_a_redirect_to_another_host(
+    monkeypatch: pytest.MonkeyPatch, lead: str
 ) -> None:
+    """A redirect to another server was sent the token (a security review)."""
     sent: dict[str, str | None] = {}
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent[request.url.host] = request.headers.get("authorization")
+        if request.url.host != "api":
+            return httpx.Response(200, json=[])
+        if lead == "redirect":
+            return httpx.Response(302, headers={"Location": "https://mirror.example/inventory"})
         more = {"Link": '<https://mirror.example/inventory?page=2>; rel="next"'}
-        return httpx.Response(200, json=[], headers=more if request.url.host == "api" else {})
+        return httpx.Response(200, json=[], headers=more if lead == "link" else {})
 
     monkeypatch.setenv("ACME_TOKEN", "secret")
     settings = {
@@ -369,8 +375,25 @@ def test_the_bearer_token_never_follows_a_link_to_another_host(
     with httpx.Client(transport=httpx.MockTransport(answer)) as http:
         transport = transport_for("acme", {"poll": settings}, state=DictState(), client=http)
         assert transport is not None
-        assert len(pull(transport)) == 2
+        assert len(pull(transport)) == (2 if lead == "link" else 1)
     assert sent == {"api": "Bearer secret", "mirror.example": None}
+
+
+def test_a_token_that_no_header_can_carry_fails_the_fetch_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx's refusal of a non-ASCII header quoted the token into the log at every fetch
+    (a security review)."""
+    monkeypatch.setenv("ACME_TOKEN", "S3cretPollTok\u00e9n")
+    settings = {"url": "https://api/inventory", "token_ref": "env:ACME_TOKEN"}
+    with httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200))) as http:
+        transport = transport_for("acme", {"poll": settings}, state=DictState(), client=http)
+        assert transport is not None
+        with pytest.raises(FetchFailed) as failed:
+            pull(transport)
+
+    assert not failed.value.retriable
+    assert str(failed.value) == "secret_unavailable: the token of env:ACME_TOKEN is not ASCII"
 
 
 @pytest.mark.parametrize("lead", ["link", "redirect"])
@@ -1410,3 +1433,17 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_at_the_attempt_s_timeout() -> N
         server.server_close()
     assert failed.value.reason.startswith("timeout")
     assert took < 2  # the whole body takes 4.3 s
+
+
+def test_a_known_hosts_file_that_is_none_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    """asyncssh's refusal quoted the file's first line into feed health and the log: an
+    admin could show auditors the first line of any file on the host (a security review)."""
+    from connectors.transports.sftp import _known_hosts
+
+    path = tmp_path / "not-known-hosts"
+    path.write_text("TopSecretSftpPassw0rd\n")
+    with pytest.raises(FetchFailed) as failed:
+        _known_hosts(str(path))
+
+    assert str(failed.value) == f"known_hosts_unreadable: {path}: not a known_hosts file"
+    assert not failed.value.retriable

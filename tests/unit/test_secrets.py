@@ -124,3 +124,20 @@ def test_the_service_s_own_settings_are_no_supplier_s_secret(
     assert resolve("env:ACME_TOKEN", sent=True) == "acme-token"
     with pytest.raises(FetchFailed, match="the service's own setting"):
         read_secret("env:LEDGER_DATABASE_URL")  # a poll's token, an FTP password
+
+
+@pytest.mark.parametrize("content", ["", "\n", "\r\n", "  \n"])
+def test_an_empty_secret_file_is_no_secret(tmp_path: Path, content: str) -> None:
+    """A webhook whose secret file held only a line ending took requests signed with the
+    empty key, from anyone (a security review); an empty variable was refused already."""
+    path = tmp_path / "secret"
+    path.write_text(content)
+
+    with pytest.raises(SecretUnavailable, match="is empty"):
+        resolve(f"file:{path}")
+
+
+def test_a_blank_environment_secret_is_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLANK_SECRET", "  ")
+    with pytest.raises(SecretUnavailable, match="is not set"):
+        resolve("env:BLANK_SECRET")

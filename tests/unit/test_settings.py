@@ -89,7 +89,9 @@ def test_the_ledger_takes_its_configuration_only_from_its_settings(
 def test_a_default_hold_longer_than_the_longest_an_order_may_ask_is_refused_at_start() -> None:
     """Found by a walkthrough: with the default at 7,200 s and the maximum at 3,600, an
     order naming no TTL was held two hours, one naming 3,601 s refused."""
-    with pytest.raises(ValidationError, match="LEDGER_DEFAULT_TTL_SECONDS must not be longer than LEDGER_MAX_TTL"):
+    with pytest.raises(
+        ValidationError, match="LEDGER_DEFAULT_TTL_SECONDS must not be longer than LEDGER_MAX_TTL"
+    ):
         Settings(default_ttl_seconds=7200, max_ttl_seconds=3600)
     assert Settings(default_ttl_seconds=3600, max_ttl_seconds=3600).default_ttl_seconds == 3600
 

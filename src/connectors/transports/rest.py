@@ -226,6 +226,13 @@ class RestPoller:
     def fetch(self) -> Iterator[Fetched]:
         settings = self.settings
         token = read_secret(settings.token_ref) if settings.token_ref else None
+        if token is not None and not token.isascii():
+            # An HTTP header carries ASCII: httpx's refusal quoted the header, token and all,
+            # into the log at every fetch (a security review).
+            raise FetchFailed(
+                f"secret_unavailable: the token of {settings.token_ref} is not ASCII",
+                retriable=False,
+            )
         url: httpx.URL | None = httpx.URL(settings.url).copy_merge_params(
             FIRST_PAGE[settings.pagination](settings.page_size)
         )
@@ -357,6 +364,10 @@ class RestPoller:
                 if response.has_redirect_location:
                     url = response.url.join(response.headers["location"])
                     self._check_origin(url, "a redirect")
+                    if _origin(url) != self._origin:
+                        # The token is the feed's server's: a redirect elsewhere (where
+                        # `other_origins` allows one) was sent it (a security review).
+                        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                     continue
                 wait = retry_after_seconds(response.headers.get("retry-after"))
                 failure = status_failure(response.status_code, wait)

@@ -244,5 +244,13 @@ def _known_hosts(path: str | None) -> asyncssh.SSHKnownHosts | None:
         return None
     try:
         return asyncssh.read_known_hosts(path)
-    except (OSError, ValueError) as error:
-        raise FetchFailed(f"known_hosts_unreadable: {path}: {error}", retriable=False) from error
+    except OSError as error:
+        raise FetchFailed(
+            f"known_hosts_unreadable: {path}: {error.strerror}", retriable=False
+        ) from error
+    except ValueError as error:
+        # Not its words: asyncssh quotes the line it could not read, and any file's first
+        # line reached feed health and the log (a security review).
+        raise FetchFailed(
+            f"known_hosts_unreadable: {path}: not a known_hosts file", retriable=False
+        ) from error
