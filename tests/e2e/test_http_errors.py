@@ -1465,3 +1465,30 @@ def test_an_order_with_two_idempotency_keys_is_refused(oms: httpx.Client, sku: s
     placed = oms.post("/v1/reservations", json=order(sku), headers={"Idempotency-Key": "dup-b"})
     assert placed.status_code == 201
     assert "Idempotent-Replayed" not in placed.headers  # nothing was placed under either
+
+
+@pytest.mark.parametrize("authorization", ["", "Authorization: Bearer nobody\r\n"])
+def test_a_body_sent_with_no_known_key_is_refused_before_it_is_read(
+    ledger: Server, authorization: str
+) -> None:
+    """A hundred bodies of 1 MiB each, sent with no key, were held at once (the process
+    grew by 110 MB, a security review): a request with none is answered `401` at once,
+    before its body has come."""
+    url = httpx.URL(ledger.base_url)
+    head = (
+        f"POST /v1/reservations HTTP/1.1\r\nHost: {url.host}\r\n{authorization}"
+        "Content-Type: application/json\r\nIdempotency-Key: k\r\n"
+        f"Content-Length: {SMALL_BODY_LIMIT * 900}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.host, url.port), timeout=5) as sock:
+        sock.sendall(head + b"{")  # and nothing more: the body never comes whole
+        answer = b""
+        while not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"www-authenticate: Bearer" in answer.lower().replace(b"bearer", b"Bearer")
+    assert b'"error":"unauthorized"' in answer
