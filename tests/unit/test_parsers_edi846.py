@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import time
 import weakref
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -18,6 +19,7 @@ from connectors.parsers import (
     Incoming,
     Parsed,
     Record,
+    RecordError,
     parse,
     source_from_chunks,
 )
@@ -658,3 +660,32 @@ def test_a_control_number_used_twice_where_x12_makes_it_unique_rejects_the_file(
     _, error = read_until_rejected(sample_with(old, new))
 
     assert error.reason == reason
+
+
+def test_a_quantity_of_a_long_run_of_digits_is_refused_at_once() -> None:
+    """60,000 zeros took 25 s to read (the exponent's pattern tried every split of the
+    run), and longer runs hours, the worker's other deliveries waiting (a fuzzing
+    walkthrough)."""
+    started = time.monotonic()
+    parsed = read_text(sample_with("QTY*33*120*EA~", f"QTY*33*{'0' * 60_000}*EA~"))
+    took = time.monotonic() - started
+
+    assert took < 2, took
+    assert isinstance(parsed[0], RecordError)
+    assert summary(parsed)[1] == (2, "XYZ-9", "098765432105", 0, "EA")
+
+
+@pytest.mark.parametrize("written", ["\u0663E0", "\uff17E0", "\u0665E1", "\u0663.0"])
+def test_a_quantity_in_digits_other_than_ascii_is_refused(written: str) -> None:
+    """An Arabic-Indic three with an exponent (U+0663, `E0`) was read as 3, and a five
+    (`E1`) in an SCH as 50, where a plain three is refused (a fuzzing walkthrough)."""
+    parsed = read_text(sample_with("QTY*33*120*EA~", f"QTY*33*{written}*EA~"))
+    assert isinstance(parsed[0], RecordError), summary(parsed)
+
+
+def test_a_control_number_of_thousands_of_digits_rejects_the_file_with_its_reason() -> None:
+    """An SE01 of 5,000 digits failed the delivery with Python's conversion limit, eight
+    times over (a fuzzing walkthrough)."""
+    text = sample_with("SE*12*0001", f"SE*{'1' * 5000}*0001")
+    with pytest.raises(FeedError):
+        read_text(text)

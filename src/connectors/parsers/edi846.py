@@ -275,15 +275,24 @@ def _kept_characters(text: str) -> Iterator[int]:
 
 # An X12 decimal (type R) whose point leaves no digit on one side, or none but zeros after
 # it: `5.`, `.0`, `-.0`; refused as not a number where X12 writes them.
-_BARE_POINT = re.compile(r"([+-]?)(\d*)\.(0*)")
+_BARE_POINT = re.compile(r"([+-]?)(\d*)\.(0*)", re.ASCII)
 
 
-# An X12 decimal with a base 10 exponent appended (X12.6: `1E2` is 100, `1.5E1` 15).
-_EXPONENT = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))E([+-]?\d{1,2})")
+# An X12 decimal with a base 10 exponent appended (X12.6: `1E2` is 100, `1.5E1` 15). ASCII
+# digits only (`٣E0` was read as 3, where a plain `٣` is refused), and one way to match a
+# run of digits: `\d+\.?\d*` tried every split of a run without an `E`, and 60,000 zeros
+# took 25 s (fuzzing walkthroughs).
+_EXPONENT = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))E([+-]?\d{1,2})", re.ASCII)
+# Longer than any quantity a level holds, written any way: left as written, for the
+# quantity reader to refuse (a run of thousands of digits failed the delivery with
+# Python's conversion limit, not a reason).
+_LONGEST_DECIMAL = 64
 
 
 def _decimal(value: str) -> str:
     """A whole quantity as an X12 decimal may write it, as the quantity reader takes it."""
+    if len(value) > _LONGEST_DECIMAL:
+        return value
     exponent = _EXPONENT.fullmatch(value)
     if exponent is not None:
         number = Decimal(exponent.group(1)).scaleb(int(exponent.group(2)))
@@ -555,8 +564,9 @@ def _check_unique(where: str, segment: Segment, seen: set[str], within: str) -> 
 
 
 def _number(text: str) -> int | None:
-    """A count or control number, None unless ASCII digits only."""
-    return int(text) if _digits(text) else None
+    """A count or control number, None unless ASCII digits only, and at most 18 of them
+    (an SE01 of 5,000 digits failed the delivery with Python's conversion limit)."""
+    return int(text) if _digits(text) and len(text) <= 18 else None
 
 
 def _digits(text: str) -> bool:
