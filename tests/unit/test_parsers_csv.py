@@ -389,3 +389,30 @@ def test_a_thousands_separator_of_a_point_alone_says_to_set_the_decimal_one() ->
         read_bytes(b"sku;qty\nG1;1.000\n", thousands_separator=".")
     with pytest.raises(ValueError, match=r"equals decimal_separator: set decimal_separator"):
         read_bytes(b"sku;qty\nG1;1,000\n", thousands_separator=",", decimal_separator=",")
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "base64", "no-such-codec"])
+def test_an_encoding_that_reads_no_text_is_refused_as_an_option(encoding: str) -> None:
+    """`rot13`, `hex` and `base64` were saved, and every delivery then failed (a fuzzing
+    walkthrough)."""
+    for format in ("csv", "edi846"):
+        with pytest.raises(ValueError, match=r"bad_option: .* is no text encoding"):
+            list(parse(format, io.BytesIO(b"sku,qty\nA,1\n"), {"encoding": encoding}))
+
+
+@pytest.mark.parametrize("format", ["csv", "edi846"])
+def test_a_file_its_encoding_cannot_read_is_rejected_saying_so(format: str) -> None:
+    """UTF-16 without its byte order mark failed deliveries with a UnicodeError, eight times
+    over, where bytes not in the encoding are rejected as `bad_encoding`."""
+    with pytest.raises(FeedError, match=r"^bad_encoding: not utf-16"):
+        list(
+            parse(format, io.BytesIO("sku,qty\nA,1\n".encode("utf-16-le")), {"encoding": "utf-16"})
+        )
+
+
+@pytest.mark.parametrize("encoding", ["shift_jis", "utf-32", "euc-jp"])
+def test_an_xml_declaration_of_an_encoding_expat_cannot_read_is_malformed(encoding: str) -> None:
+    """`multi-byte encodings are not supported` failed the delivery eight times over."""
+    data = f'<?xml version="1.0" encoding="{encoding}"?><items><item><sku>A</sku></item></items>'
+    with pytest.raises(FeedError, match=r"^malformed_xml: "):
+        list(parse("xml", io.BytesIO(data.encode(encoding)), {}))

@@ -38,7 +38,6 @@ aside), no identifier, a missing or non-whole quantity, an unreadable observed_a
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import itertools
@@ -55,6 +54,7 @@ from connectors.parsers.records import (
     field_paths,
     make_record,
     normalise_name,
+    option_encoding,
     option_text,
     shown,
 )
@@ -81,11 +81,7 @@ class CsvSettings:
         delimiter = option_text(options, "delimiter", None)
         if delimiter is not None and len(delimiter) != 1:
             raise ValueError("bad_option: delimiter must be one character")
-        encoding = option_text(options, "encoding", "utf-8-sig") or "utf-8-sig"
-        try:
-            codecs.lookup(encoding)
-        except LookupError as error:
-            raise ValueError(f"bad_option: unknown encoding {encoding!r}") from error
+        encoding = option_encoding(options, "utf-8-sig")
         return cls(
             delimiter=delimiter,
             encoding=encoding,
@@ -104,8 +100,11 @@ def _parse(source: BinaryIO, settings: CsvSettings) -> Iterator[Parsed]:
     text = io.TextIOWrapper(source, encoding=settings.encoding, newline="")
     try:
         yield from _rows(text, settings)
-    except UnicodeDecodeError as error:
-        raise FeedError(f"bad_encoding: not {settings.encoding} ({error.reason})") from error
+    except UnicodeError as error:
+        # UnicodeDecodeError, or another of the codec's: UTF-16 without its BOM says
+        # nothing of its byte order (a fuzzing walkthrough failed deliveries with it).
+        reason = getattr(error, "reason", None) or str(error)
+        raise FeedError(f"bad_encoding: not {settings.encoding} ({reason})") from error
     except csv.Error as error:
         raise FeedError(f"malformed_csv: {error}") from error
     finally:

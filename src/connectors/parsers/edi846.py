@@ -43,7 +43,6 @@ location, say), or with an unreadable quantity or SCH line.
 
 from __future__ import annotations
 
-import codecs
 import io
 import re
 from collections.abc import Generator, Iterator, Mapping
@@ -60,8 +59,8 @@ from connectors.parsers.records import (
     RecordError,
     Unreadable,
     ValueFormat,
+    option_encoding,
     option_names,
-    option_text,
     shown,
 )
 
@@ -99,11 +98,7 @@ class EdiSettings:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> EdiSettings:
-        encoding = option_text(options, "encoding", "utf-8") or "utf-8"
-        try:
-            codecs.lookup(encoding)
-        except LookupError as error:
-            raise ValueError(f"bad_option: unknown encoding {encoding!r}") from error
+        encoding = option_encoding(options, "utf-8")
         return cls(
             sku_qualifiers=option_names(options, "sku_qualifiers", ("SK", "VP", "BP")),
             upc_qualifiers=option_names(options, "upc_qualifiers", ("UP", "EN")),
@@ -134,8 +129,11 @@ def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
     text = io.TextIOWrapper(source, encoding=settings.encoding, newline="")
     try:
         yield from _interchanges(_segments(text), settings)
-    except UnicodeDecodeError as error:
-        raise FeedError(f"bad_encoding: not {settings.encoding} ({error.reason})") from error
+    except UnicodeError as error:
+        # UnicodeDecodeError, or another of the codec's: UTF-16 without its BOM says
+        # nothing of its byte order (a fuzzing walkthrough failed deliveries with it).
+        reason = getattr(error, "reason", None) or str(error)
+        raise FeedError(f"bad_encoding: not {settings.encoding} ({reason})") from error
     finally:
         text.detach()  # the caller owns the source: closing the wrapper would close it
 

@@ -167,6 +167,19 @@ def option_text(options: Mapping[str, Any], name: str, default: str | None) -> s
     return value
 
 
+def option_encoding(options: Mapping[str, Any], default: str) -> str:
+    """The `encoding` option: a codec that decodes bytes to text. `rot13`, `hex` or
+    `base64` were saved, and every delivery then failed (a fuzzing walkthrough)."""
+    encoding = option_text(options, "encoding", default) or default
+    try:
+        # LookupError for a codec unknown, or not a text encoding (an empty input is not
+        # looked up at all).
+        b"x".decode(encoding, "replace")
+    except LookupError as error:
+        raise ValueError(f"bad_option: {encoding!r} is no text encoding") from error
+    return encoding
+
+
 def field_paths(
     options: Mapping[str, Any], key: str, separator: str | None
 ) -> dict[str, tuple[FieldPath, ...]]:
