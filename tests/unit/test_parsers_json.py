@@ -342,3 +342,16 @@ def test_digits_in_a_string_below_the_bound_are_read_as_any_text() -> None:
     parsed = list(parse("json", io.BytesIO(body)))
 
     assert len(parsed) == 2
+
+
+@pytest.mark.parametrize("written", ["4.9999999999999999999", "0.99999999999999999999"])
+def test_a_fraction_a_float_rounds_away_is_no_whole_quantity(written: str) -> None:
+    """`4.9999999999999999999` was applied as 5, `0.99999999999999999999` as 1 (a fuzzing
+    walkthrough): the fraction is refused, as `4.5` is."""
+    body = f'[{{"supplier_sku": "A1", "quantity": {written}}}, {{"sku": "B", "qty": 4.0}}]'
+    refused, kept = parse("json", io.BytesIO(body.encode()))
+
+    assert isinstance(refused, RecordError)
+    assert refused.reason.startswith("invalid_quantity: ")
+    assert isinstance(kept, Record)
+    assert kept.quantity == 4

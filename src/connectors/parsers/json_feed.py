@@ -191,6 +191,10 @@ def _number(value: Decimal) -> int | float | str:
     if value == value.to_integral_value():
         return int(value) if value.adjusted() < MAX_QUANTITY_DIGITS else str(value)
     as_float = float(value)
+    if as_float.is_integer():
+        # A fraction the float rounds away: `4.9999999999999999999` was applied as 5 (a
+        # fuzzing walkthrough). As written, no field reads it as a whole number.
+        return str(value)
     return as_float if as_float and math.isfinite(as_float) else str(value)
 
 
