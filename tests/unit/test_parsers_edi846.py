@@ -689,3 +689,12 @@ def test_a_control_number_of_thousands_of_digits_rejects_the_file_with_its_reaso
     text = sample_with("SE*12*0001", f"SE*{'1' * 5000}*0001")
     with pytest.raises(FeedError):
         read_text(text)
+
+
+@pytest.mark.parametrize("separator", ["E", "7"])
+def test_an_isa_whose_sub_element_separator_is_a_letter_or_digit_is_refused(separator: str) -> None:
+    """ISA16 `E` cut the unit off `EA`, and 5 pieces were counted as 5 cases of 12 (a
+    fuzzing walkthrough)."""
+    assert SAMPLE[104] == ">"
+    with pytest.raises(FeedError):
+        read_text(SAMPLE[:104] + separator + SAMPLE[105:])

@@ -308,12 +308,13 @@ def _unwrapped(text: str) -> str:
 
 def _is_fixed_isa(text: str) -> bool:
     """Whether text starts with an ISA of 16 elements in 106 characters, its three
-    separators different."""
+    separators different and none a letter or a digit (a sub-element separator `E` cut
+    the unit off `EA`, and 5 pieces were counted as 5 cases: a fuzzing walkthrough)."""
     element, sub_element, terminator = text[3], text[104], text[105]
     return (
         len(text[:105].split(element)) == 17
         and text[103] == element
-        and not element.isalnum()
+        and not any(separator.isalnum() for separator in (element, sub_element, terminator))
         and len({element, sub_element, terminator}) == 3
     )
 
