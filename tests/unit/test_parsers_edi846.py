@@ -698,3 +698,14 @@ def test_an_isa_whose_sub_element_separator_is_a_letter_or_digit_is_refused(sepa
     assert SAMPLE[104] == ">"
     with pytest.raises(FeedError):
         read_text(SAMPLE[:104] + separator + SAMPLE[105:])
+
+
+@pytest.mark.parametrize("after", [106, 150])
+def test_megabytes_of_line_breaks_reject_the_file_in_well_under_a_second(after: int) -> None:
+    """32 MiB of blank lines after the ISA took 90 s, each chunk reading the rest again
+    (a fuzzing walkthrough)."""
+    data = (SAMPLE[:after] + "\r\n" * (16 << 20)).encode()
+    started = time.monotonic()
+    with pytest.raises(FeedError, match=r"^bad_envelope: no "):
+        list(parse("edi846", io.BytesIO(data), {}))
+    assert time.monotonic() - started < 5

@@ -67,6 +67,9 @@ from connectors.parsers.records import (
 ISA_LENGTH = 106
 CHUNK = 64 * 1024
 LONGEST_SEGMENT = 1 << 20  # past this without a terminator, the separators must be wrong
+# And as written, line breaks and all: a file of 32 MiB of blank lines after its ISA was
+# read again whole at each chunk, and took 90 s (a fuzzing walkthrough).
+LONGEST_WRITTEN = 2 * LONGEST_SEGMENT
 LONGEST_LOOP = 10_000  # segments in one LIN loop
 OUT_OF_SET = frozenset({"ISA", "IEA", "GS", "GE", "ST"})
 LOOP_ENDS = frozenset({"LIN", "CTT", "SE"})
@@ -160,6 +163,8 @@ def _interchange_segments(
     buffer = buffer.lstrip("\ufeff \t\r\n")
     while len(_unwrapped(buffer)) <= ISA_LENGTH and (chunk := text.read(CHUNK)):
         buffer = (buffer + chunk).lstrip("\ufeff \t\r\n")
+        if len(buffer) > LONGEST_WRITTEN:
+            raise FeedError("bad_envelope: no ISA and a segment after it in two MiB")
     if not first and not buffer.strip().removesuffix("\x1a").strip():
         return None  # the end of the file (a DOS end-of-file mark after the last IEA too)
     try:
@@ -192,8 +197,10 @@ def _interchange_segments(
                     # then, not at every IEA: each one made the rest of its chunk be read
                     # again, 4-10 times slower on files of many small interchanges (a review).
                     return terminator.join([*complete[index + 1 :], buffer])
-        if len(_unwrapped(buffer) if wrapped else buffer) > LONGEST_SEGMENT:
-            raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a whole MiB")
+        if len(buffer) > LONGEST_WRITTEN or (
+            len(_unwrapped(buffer) if wrapped else buffer) > LONGEST_SEGMENT
+        ):
+            raise FeedError(f"bad_envelope: no {shown(terminator)} terminator in a MiB of text")
         chunk = text.read(CHUNK)
         if not chunk:
             break
