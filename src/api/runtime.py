@@ -14,7 +14,7 @@ import structlog
 
 from api.database import check_migrated, migrate, resolve_database_url
 from api.metrics import Metrics
-from api.settings import Settings
+from api.settings import MAX_REBUILD_PROCESSES, Settings
 from api.sweeper import Sweeper
 from api.turns import StreamTurns
 from connectors.ingest import Ingestor
@@ -117,8 +117,9 @@ def jump_thresholds(settings: Settings) -> JumpThresholds:
 
 
 def rebuild_processes(settings: Settings) -> int:
-    """The processes a rebuild of a state view uses: the setting, or one per core."""
-    return settings.rebuild_processes or os.cpu_count() or 1
+    """The processes a rebuild of a state view uses: the setting, or one per core, as many
+    as the setting may name at most (each holds connections of its own)."""
+    return settings.rebuild_processes or min(os.cpu_count() or 1, MAX_REBUILD_PROCESSES)
 
 
 def start_runners(runtime: Runtime) -> None:

@@ -77,6 +77,8 @@ MAX_HOLD_SECONDS = 366 * 24 * 3600
 # service said it was ready; a body kept 1e10 days failed every sweep (an operator's
 # walkthrough).
 MINUTE, HOUR, DAY = 60, 3600, 86400
+# Each holds connections of its own: one per core, up to this.
+MAX_REBUILD_PROCESSES = 64
 
 # libpq's, as PostgreSQL documents them.
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -179,7 +181,7 @@ class Settings(BaseSettings):
     rebuild_processes: int = Field(
         default=0,
         ge=0,
-        le=64,
+        le=MAX_REBUILD_PROCESSES,
         description="processes `ledger projections rebuild` applies a state view in; 0: one"
         " per core",
     )

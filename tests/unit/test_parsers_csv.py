@@ -381,6 +381,11 @@ def test_a_column_the_options_name_must_be_in_the_header() -> None:
     # Any one of a list of names will do.
     parsed = records(read_bytes(data, columns={"unit": ["Einheit", "Unit"]}))
     assert [(r.supplier_sku, r.quantity, r.unit) for r in parsed] == [("M1", 3, "CS")]
+    # Not an identifier where the other is found, nor the incoming stock, which a file
+    # may leave out (a review).
+    optional = {"upc": "EAN", "incoming_quantity": "On Order", "expected_on": "ETA"}
+    parsed = records(read_bytes(data, columns=optional))
+    assert [(r.supplier_sku, r.quantity, r.incoming) for r in parsed] == [("M1", 3, None)]
 
 
 def test_a_thousands_separator_of_a_point_alone_says_to_set_the_decimal_one() -> None:

@@ -709,3 +709,12 @@ def test_megabytes_of_line_breaks_reject_the_file_in_well_under_a_second(after: 
     with pytest.raises(FeedError, match=r"^bad_envelope: no "):
         list(parse("edi846", io.BytesIO(data), {}))
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("written", ["sNaN", "NaN", "Infinity"])
+def test_a_quantity_that_is_no_number_refuses_its_item_alone(written: str) -> None:
+    """`sNaN` (a signalling NaN, which a set cannot hold) failed the whole file, where the
+    item alone is refused (a review)."""
+    parsed = read_text(sample_with("QTY*33*120*EA~", f"QTY*33*{written}*EA~"))
+    assert isinstance(parsed[0], RecordError), summary(parsed)
+    assert summary(parsed)[1] == (2, "XYZ-9", "098765432105", 0, "EA")

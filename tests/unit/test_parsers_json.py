@@ -352,6 +352,15 @@ def test_a_fraction_a_float_rounds_away_is_no_whole_quantity(written: str) -> No
     refused, kept = parse("json", io.BytesIO(body.encode()))
 
     assert isinstance(refused, RecordError)
-    assert refused.reason.startswith("invalid_quantity: ")
+    assert refused.reason == f"invalid_quantity: {written}"
     assert isinstance(kept, Record)
     assert kept.quantity == 4
+
+
+def test_a_time_of_a_fraction_a_float_rounds_away_is_still_a_time() -> None:
+    """Refused as no time once such numbers were kept as written (a review)."""
+    body = b'[{"supplier_sku": "A1", "quantity": 3, "observed_at": 1733616000.000000001}]'
+    [record] = parse("json", io.BytesIO(body))
+
+    assert isinstance(record, Record)
+    assert record.observed_at == datetime(2024, 12, 8, 0, 0, tzinfo=UTC)

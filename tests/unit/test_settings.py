@@ -144,3 +144,17 @@ def test_two_api_keys_may_not_share_a_secret() -> None:
     with pytest.raises(ValidationError, match="'ops' and 'shop' share one") as refused:
         Settings.model_validate({"api_keys": "ops:admin:same,shop:storefront:same"})
     assert "same" not in str(refused.value).replace("share one", "")
+
+
+def test_a_rebuild_takes_one_process_per_core_up_to_the_settings_ceiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The setting refused 96, where its default took every core of a host of 128 (a
+    review)."""
+    from api import runtime
+
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 128)
+    assert runtime.rebuild_processes(Settings()) == 64
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.rebuild_processes(Settings()) == 2
+    assert runtime.rebuild_processes(Settings(rebuild_processes=5)) == 5

@@ -60,6 +60,7 @@ from connectors.parsers.records import (
 )
 
 DELIMITERS = (",", ";", "\t", "|")
+INCOMING_FIELDS = frozenset({"incoming_quantity", "expected_on"})
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,18 @@ def _columns(
     ]
     if missing:
         raise FeedError(f"missing_column: no {' and no '.join(missing)} column in {shown(header)}")
-    unmatched = [field for field in paths if field in configured and field not in columns]
+    # Not the identifiers, of which one will do, nor the incoming stock, which a file may
+    # leave out (as it may leave its column blank): a file without them was applied, and
+    # is (a review).
+    identified = bool({"supplier_sku", "upc"} & columns.keys())
+    unmatched = [
+        field
+        for field in paths
+        if field in configured
+        and field not in columns
+        and field not in INCOMING_FIELDS
+        and not (identified and field in ("supplier_sku", "upc"))
+    ]
     if unmatched:
         named = "; ".join(
             f"{field} ({' or '.join(repr('.'.join(path)) for path in paths[field])})"

@@ -488,6 +488,8 @@ def _meant(quantity: str, unit: str, context: _Context) -> tuple[object, str]:
         amount: object = Decimal(_decimal(quantity.strip()))
     except InvalidOperation:
         amount = quantity
+    if isinstance(amount, Decimal) and not amount.is_finite():
+        amount = quantity  # a signalling NaN cannot be hashed: `sNaN` failed the file
     return amount, unit.split(context.sub_element)[0].strip().upper()
 
 

@@ -45,6 +45,7 @@ from connectors.parsers.records import (
     FieldPath,
     Parsed,
     RecordError,
+    Rounded,
     ValueFormat,
     field_paths,
     make_record,
@@ -191,10 +192,11 @@ def _number(value: Decimal) -> int | float | str:
     if value == value.to_integral_value():
         return int(value) if value.adjusted() < MAX_QUANTITY_DIGITS else str(value)
     as_float = float(value)
-    if as_float.is_integer():
-        # A fraction the float rounds away: `4.9999999999999999999` was applied as 5 (a
-        # fuzzing walkthrough). As written, no field reads it as a whole number.
-        return str(value)
+    if as_float and as_float.is_integer() and math.isfinite(as_float):
+        # A fraction the float rounds away (`4.9999999999999999999`, applied as 5): a time
+        # still, never a whole quantity (a fuzzing walkthrough; as a string, a time of
+        # nanoseconds was refused: a review).
+        return Rounded(str(value))
     return as_float if as_float and math.isfinite(as_float) else str(value)
 
 

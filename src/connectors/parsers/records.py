@@ -127,6 +127,22 @@ class FeedError(Exception):
         self.reason = reason
 
 
+class Rounded(float):
+    """A number written with a fraction that a float rounds away (`4.9999999999999999999`
+    reads 5.0): a time may be read from it, never a whole quantity (it was applied as 5:
+    a fuzzing walkthrough). Shown as written."""
+
+    written: str
+
+    def __new__(cls, written: str) -> Rounded:
+        number = super().__new__(cls, written)
+        number.written = written
+        return number
+
+    def __repr__(self) -> str:
+        return self.written
+
+
 class Unreadable(ValueError):
     """A value that cannot be read; its message is a RecordError reason."""
 
@@ -286,7 +302,7 @@ class ValueFormat:
         if isinstance(value, int):
             return value
         if isinstance(value, float):
-            if not value.is_integer():
+            if not value.is_integer() or isinstance(value, Rounded):
                 raise Unreadable(f"invalid_quantity: {shown(value)}")
             return int(value)
         match = self._quantity_pattern.fullmatch(value.strip())
