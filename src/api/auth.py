@@ -99,9 +99,17 @@ def refusal_before(request: Request) -> ApiError | None:
             allowed = GUARDS.get(dependency.call)
             if allowed is not None:
                 try:
-                    authorise(request, allowed)
+                    key = authorise(request, allowed)
                 except ApiError as refused:
                     return refused
-                return None
+                return _other_supplier(key, request.path_params.get("supplier_id"))
             pending.append(dependency)
+    return None
+
+
+def _other_supplier(key: ApiKey, supplier_id: object) -> ApiError | None:
+    """A supplier's key on another supplier's route (its stock, its uploads), as those
+    routes refuse it: their body's faults were told first (a review)."""
+    if key.role == "supplier" and supplier_id is not None and key.supplier_id != supplier_id:
+        return ApiError(403, "forbidden", "this key acts for another supplier")
     return None

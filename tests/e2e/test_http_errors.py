@@ -179,8 +179,11 @@ def test_a_body_that_is_not_text_in_a_json_encoding_is_malformed(
         ("POST", "/v1/reservations", b'{"n": ' + b"9" * 5000 + b"}"),
         ("GET", "/v1/reservations?limit=abc", b""),
         ("POST", "/v1/suppliers/sup-x/feeds?format=csv", b"sku,quantity\nA,1\n"),
+        # Another supplier's routes, with a fault a supplier's key was told of first.
+        ("POST", "/v1/suppliers/sup-x/stock", b"garbage"),
+        ("POST", "/v1/suppliers/sup-x/feeds?format=", b"sku,quantity\nA,1\n"),
     ],
-    ids=["reserve", "supplier", "not-utf8", "digits", "query", "upload"],
+    ids=["reserve", "supplier", "not-utf8", "digits", "query", "upload", "stock", "format"],
 )
 def test_a_caller_that_may_not_is_told_so_before_its_request_s_faults(
     ledger: Server, key: str | None, status: int, method: str, path: str, raw: bytes
