@@ -289,6 +289,12 @@ class ProjectionRunner:
                 self._newer_data(newer)
                 return
             except ProjectionFailed as failure:
+                if isinstance(failure.cause, psycopg.OperationalError):
+                    # The connection lost as the page was written (the database restarted):
+                    # interrupted, as a read would be, not failed by an event.
+                    log.warning("projection.interrupted", projection=self.name, error=str(failure))
+                    self._stop.wait(pause)
+                    continue
                 # An event of a stream it cannot read (newer code's) fails it before the
                 # check of the page it writes: newer data stops it here (a review).
                 try:
@@ -296,6 +302,12 @@ class ProjectionRunner:
                 except NewerData as newer:
                     self._newer_data(newer)
                     return
+                except (psycopg.Error, PersistenceError) as error:
+                    # The database gone as well: the thread died here, its view frozen for
+                    # good while the process ran on (a test's warning).
+                    log.warning("projection.interrupted", projection=self.name, error=str(error))
+                    self._stop.wait(pause)
+                    continue
                 self._failed(failure)
                 pause = min(60.0, max(pause, 0.5) * 2)
                 self._stop.wait(pause)

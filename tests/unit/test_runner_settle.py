@@ -1,10 +1,14 @@
 """How long a projection runner lets writes gather after it is woken: briefly when the log
-was quiet, longer while writes keep coming (fewer, larger pages)."""
+was quiet, longer while writes keep coming (fewer, larger pages); and that its thread lives
+through a database that goes away."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+
+from projections.base import ProjectionFailed
 from projections.runner import ProjectionRunner
 
 QUIET, BUSY = 0.02, 0.1
@@ -82,3 +86,41 @@ def test_a_lone_write_on_a_quiet_log_waits_only_the_short_pause() -> None:
     runner._supervise()
 
     assert stop.pauses == [QUIET, QUIET]
+
+
+class DownStore:
+    """A view store whose database is gone."""
+
+    def connection(self) -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+
+class Named:
+    name = "stock"
+
+
+def test_a_page_that_fails_as_the_database_goes_leaves_the_runner_running() -> None:
+    """A page write that lost its connection, then a look at the data version on a database
+    still down, raised out of the runner's thread: the thread died, and its view froze for
+    good while the process ran on (a test's warning of an unhandled thread exception)."""
+    unused: Any = None
+    runner = ProjectionRunner(Named(), unused, DownStore(), unused)  # type: ignore[arg-type]
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    failures = iter(
+        [
+            ProjectionFailed("stock", 4, "page write", lost),
+            ProjectionFailed("stock", 5, "stockledger:StockItem.Observed", ValueError("x")),
+        ]
+    )
+
+    def step() -> int:
+        raise next(failures)
+
+    runner.step = step  # type: ignore[method-assign]
+    stop = Stop(2)
+    runner._stop = stop  # type: ignore[assignment]
+
+    runner._supervise()  # returns once stopped, having raised nothing
+
+    assert len(stop.pauses) == 2
+    assert runner.health.state != "failed"
