@@ -58,8 +58,11 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    # Ten lines a pull of its own (connecting, authenticated, channel opened…) at INFO.
-    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
+    # Ten lines a pull of its own (connecting, authenticated, channel opened…) at INFO; the
+    # demo's FTP server as many a pull, which scrolled its banner of keys away at once (a
+    # newcomer's walkthrough).
+    for chatty in ("asyncssh", "pyftpdlib"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 def _identity(

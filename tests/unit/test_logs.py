@@ -42,3 +42,14 @@ def test_a_console_traceback_leaves_out_the_frames_locals(console: io.StringIO) 
     assert "broke after 8 characters" in written
     assert "in failing" in written  # the frame is there
     assert "LOCAL-42" not in written  # its locals are not
+
+
+def test_the_demo_servers_chatter_is_left_out_at_info(console: io.StringIO) -> None:
+    """The demo's FTP server logged every connection and command at INFO, about five
+    lines a second, and the banner with the demo's keys scrolled away at once (a
+    newcomer's walkthrough); its warnings still show."""
+    logging.getLogger("pyftpdlib").info("127.0.0.1:40000-[acme] USER 'acme' logged in.")
+    logging.getLogger("pyftpdlib").warning("a warning of its own")
+
+    assert "logged in" not in console.getvalue()
+    assert "a warning of its own" in console.getvalue()
