@@ -310,3 +310,19 @@ def test_an_encoding_python_does_not_know_is_a_malformed_file() -> None:
 
     with pytest.raises(FeedError, match=r"^malformed_xml: unknown encoding: x-bogus"):
         list(parse("xml", io.BytesIO(body)))
+
+
+def test_a_record_that_holds_one_of_its_own_name_is_read_not_dropped() -> None:
+    """The inner `<product>`, ending first, decided the record's name, and the outer one
+    that held it, a kit with its own stock, was dropped unsaid (a fuzzing walkthrough)."""
+    data = (
+        b"<products><product><sku>KIT</sku><qty>3</qty>"
+        b"<parts><product><sku>P1</sku></product></parts></product>"
+        b"<product><sku>B</sku><qty>2</qty></product></products>"
+    )
+    parsed = list(parse("xml", io.BytesIO(data), {}))
+
+    kits = [p for p in parsed if isinstance(p, Record)]
+    assert [(r.supplier_sku, r.quantity) for r in kits] == [("KIT", 3), ("B", 2)]
+    refused = [p for p in parsed if not isinstance(p, Record)]
+    assert [r.reason for r in refused] == ["missing_quantity"]

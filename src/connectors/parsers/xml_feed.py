@@ -159,6 +159,11 @@ def _records(events: Iterator[tuple[str, Any]], settings: XmlSettings) -> Iterat
             found = _up_to(element, open_elements[-1], name)
         elif record is None and any(_loose(e.tag) in candidates for e in open_elements[1:]):
             continue  # may be a field of a record not yet recognised
+        elif name == record and open_elements:
+            # One of the record's name begun before the name was known: the record that
+            # held the one that decided it (`<product>` with `<parts><product>`). It was
+            # dropped, and its stock with it, unsaid (a fuzzing walkthrough).
+            found = [element]
         for each in found:
             position += 1
             yield _record(position, each, settings)
