@@ -718,3 +718,16 @@ def test_a_quantity_that_is_no_number_refuses_its_item_alone(written: str) -> No
     parsed = read_text(sample_with("QTY*33*120*EA~", f"QTY*33*{written}*EA~"))
     assert isinstance(parsed[0], RecordError), summary(parsed)
     assert summary(parsed)[1] == (2, "XYZ-9", "098765432105", 0, "EA")
+
+
+def test_a_lin_giving_one_qualifier_two_values_refuses_its_item() -> None:
+    """`LIN**SK*A*SK*B` was read as A, B dropped unsaid (a fuzzing walkthrough); the same
+    value twice is that value."""
+    twice = read_text(sample_with("LIN*1*SK*ABC-123*", "LIN*1*SK*ABC-123*SK*ABC-124*"))
+    same = read_text(sample_with("LIN*1*SK*ABC-123*", "LIN*1*SK*ABC-123*SK*ABC-123*"))
+
+    assert summary(twice) == [
+        (1, "conflicting_identifiers: LIN SK given twice ('ABC-123', 'ABC-124')"),
+        (2, "XYZ-9", "098765432105", 0, "EA"),
+    ]
+    assert summary(same)[0] == (1, "ABC-123", "012345678905", 120, "EA")

@@ -449,7 +449,15 @@ def _item(position: int, loop: list[Segment], settings: EdiSettings, context: _C
     pairs: dict[str, str] = {}
     for qualifier, value in zip(lin[2::2], lin[3::2], strict=False):
         if qualifier.strip() and value.strip():
-            pairs.setdefault(qualifier.strip(), value.strip())
+            given = pairs.setdefault(qualifier.strip(), value.strip())
+            if given != value.strip():
+                # Which item is it? The first was taken and the other dropped unsaid (a
+                # fuzzing walkthrough), as a QTY given twice is refused.
+                reason = (
+                    f"conflicting_identifiers: LIN {qualifier.strip()} given twice"
+                    f" ({shown(given)}, {shown(value.strip())})"
+                )
+                return RecordError(position, reason, raw)
     sku = next((pairs[q] for q in settings.sku_qualifiers if q in pairs), None)
     upc = next((pairs[q] for q in settings.upc_qualifiers if q in pairs), None)
     if sku is None and upc is None:
