@@ -28,9 +28,9 @@ class Authenticator:
         return found
 
 
-def key_for(authenticator: Authenticator, authorization: str, allowed: frozenset[str]) -> ApiKey:
-    """The key an Authorization header carries, if its role is allowed (admins always
-    are); 401 or 403 if not. The routes' dependencies and the fast lane both check so."""
+def bearer_key(authenticator: Authenticator, authorization: str) -> ApiKey:
+    """The known key an Authorization header carries; 401 if none. The middleware asks
+    this of every `/v1` request, before its body is read."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
@@ -39,6 +39,13 @@ def key_for(authenticator: Authenticator, authorization: str, allowed: frozenset
     key = authenticator.authenticate(token.strip())
     if key is None:
         raise ApiError(401, "unauthorized", "unknown API key", UNAUTHORIZED_HEADERS)
+    return key
+
+
+def key_for(authenticator: Authenticator, authorization: str, allowed: frozenset[str]) -> ApiKey:
+    """The key an Authorization header carries, if its role is allowed (admins always
+    are); 401 or 403 if not. The routes' dependencies and the fast lane both check so."""
+    key = bearer_key(authenticator, authorization)
     if key.role not in allowed and key.role != "admin":
         raise ApiError(403, "forbidden", f"{_article(key.role)} {key.role} key cannot do this")
     return key

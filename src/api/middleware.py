@@ -17,8 +17,8 @@ from urllib.parse import parse_qsl
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import Authenticator
-from api.errors import error_body
+from api.auth import Authenticator, bearer_key
+from api.errors import ApiError, error_body
 from api.ratelimit import RateLimiter
 from api.settings import ApiKey
 
@@ -215,7 +215,12 @@ class RequestContextMiddleware:
                     send_with_id, 400, code, f"send one {header} header, not several"
                 )
                 return
-            wait = self._wait(scope)
+            # The request's key, looked up once: the rate limit and the body's limit ask.
+            try:
+                key, unknown = bearer_key(self.authenticator, _authorization(scope)), None
+            except ApiError as refused:
+                key, unknown = None, refused
+            wait = self._wait(key)
             if wait:
                 await self._refuse(
                     send_with_id,
@@ -225,21 +230,15 @@ class RequestContextMiddleware:
                     [(b"retry-after", str(wait).encode())],
                 )
                 return
-            limit = self._limit(scope)
+            limit = self._limit(scope, key)
             if limit is None:
-                # As the routes' key check words it (`api.auth.key_for`).
-                said = any(
-                    name == b"authorization"
-                    and value.partition(b" ")[0].lower() == b"bearer"
-                    and value.partition(b" ")[2].strip()
-                    for name, value in scope["headers"]
-                )
+                assert unknown is not None  # no limit only for a request with no known key
                 await self._refuse(
                     send_with_id,
-                    401,
-                    "unauthorized",
-                    "unknown API key" if said else "send Authorization: Bearer <api key>",
-                    [(b"www-authenticate", b"Bearer")],
+                    unknown.status,
+                    unknown.code,
+                    unknown.detail,
+                    [(k.lower().encode(), v.encode()) for k, v in (unknown.headers or {}).items()],
                 )
                 return
             parameter = _repeated_parameter(scope["path"], scope.get("query_string", b""))
@@ -300,27 +299,15 @@ class RequestContextMiddleware:
                 )
             structlog.contextvars.reset_contextvars(**bound)
 
-    def _wait(self, scope: Scope) -> int:
+    def _wait(self, key: ApiKey | None) -> int:
         """Seconds the request's key must wait before it may make another (0: it may now,
         and is counted). Requests without a known key of a limited role are not counted
         (they are refused, or let through, further in)."""
-        if self.limiter is None:
-            return 0
-        key = self._key(scope)
-        if key is None or key.role not in self.limited_roles:
+        if self.limiter is None or key is None or key.role not in self.limited_roles:
             return 0
         return math.ceil(self.limiter.take(key.name))
 
-    def _key(self, scope: Scope) -> ApiKey | None:
-        """The known key the request's `Authorization: Bearer` header carries, if any."""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer":
-                    return self.authenticator.authenticate(token.strip())
-        return None
-
-    def _limit(self, scope: Scope) -> int | None:
+    def _limit(self, scope: Scope, key: ApiKey | None) -> int | None:
         """How much body this request may send; None: refused before reading any of it.
 
         A feed file may be large, so only a known key may send one; a webhook is signed
@@ -334,7 +321,6 @@ class RequestContextMiddleware:
         # Every other `/v1` route takes a key: a request with none is refused before any of
         # its body is read (a hundred such bodies of 1 MiB each were held at once, the
         # process growing by 110 MB: a security review).
-        key = self._key(scope)
         if key is None:
             return None
         if not path.startswith("/v1/suppliers/") or not path.endswith("/feeds"):
@@ -432,3 +418,13 @@ def replay(body: bytes, receive: Receive) -> Receive:
         return dict(await receive())
 
     return replay
+
+
+def _authorization(scope: Scope) -> str:
+    """The request's `Authorization` header ("" without one), as Starlette reads it."""
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return ""

@@ -292,8 +292,7 @@ class ProjectionRunner:
                 if isinstance(failure.cause, psycopg.OperationalError):
                     # The connection lost as the page was written (the database restarted):
                     # interrupted, as a read would be, not failed by an event.
-                    log.warning("projection.interrupted", projection=self.name, error=str(failure))
-                    self._stop.wait(pause)
+                    self._interrupted(failure, pause)
                     continue
                 # An event of a stream it cannot read (newer code's) fails it before the
                 # check of the page it writes: newer data stops it here (a review).
@@ -305,16 +304,14 @@ class ProjectionRunner:
                 except (psycopg.Error, PersistenceError) as error:
                     # The database gone as well: the thread died here, its view frozen for
                     # good while the process ran on (a test's warning).
-                    log.warning("projection.interrupted", projection=self.name, error=str(error))
-                    self._stop.wait(pause)
+                    self._interrupted(error, pause)
                     continue
                 self._failed(failure)
                 pause = min(60.0, max(pause, 0.5) * 2)
                 self._stop.wait(pause)
                 continue
             except (LostOwnership, psycopg.Error, PersistenceError) as error:
-                log.warning("projection.interrupted", projection=self.name, error=str(error))
-                self._stop.wait(pause)
+                self._interrupted(error, pause)
                 continue
             except Exception:
                 log.exception("projection.crashed", projection=self.name)
@@ -412,6 +409,11 @@ class ProjectionRunner:
             self.page_size,
             keep_going=lambda: not self._stop.is_set(),
         )
+
+    def _interrupted(self, error: BaseException, pause: float) -> None:
+        """Waits out a step the database or the lease cut short, to be tried again."""
+        log.warning("projection.interrupted", projection=self.name, error=str(error))
+        self._stop.wait(pause)
 
     def _stop_on_newer_data(self) -> None:
         """Raises NewerData where newer code migrated the database. Asked where a step

@@ -249,9 +249,10 @@ def test_a_path_with_a_trailing_slash_is_no_route(ledger: Server, method: str, p
     assert "location" not in answer.headers
 
 
-@pytest.mark.parametrize("key", [None, "test-audit"])
+@pytest.mark.parametrize("key", [None, "test-acme", "test-audit"])
 def test_a_read_s_key_is_checked_before_its_position(ledger: Server, key: str | None) -> None:
-    """`min_position=abc` is a reader's mistake, told only to a reader."""
+    """`min_position=abc` is a reader's mistake, told only to a reader: a supplier's key
+    hears `403` from the read's own key check (`api.auth.refusal_before`)."""
     with ledger.client() as client:
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}
         answer = client.get("/v1/availability/A", params={"min_position": "abc"}, headers=headers)
@@ -259,6 +260,8 @@ def test_a_read_s_key_is_checked_before_its_position(ledger: Server, key: str | 
     if key is None:
         refused(answer, 401, "unauthorized")
         assert answer.headers["WWW-Authenticate"] == "Bearer"
+    elif key == "test-acme":
+        refused(answer, 403, "forbidden")
     else:
         refused(answer, 422, "validation_error")
 

@@ -51,6 +51,7 @@ from connectors.parsers.records import (
     Parsed,
     RecordError,
     ValueFormat,
+    bad_encoding,
     field_paths,
     make_record,
     normalise_name,
@@ -102,10 +103,7 @@ def _parse(source: BinaryIO, settings: CsvSettings) -> Iterator[Parsed]:
     try:
         yield from _rows(text, settings)
     except UnicodeError as error:
-        # UnicodeDecodeError, or another of the codec's: UTF-16 without its BOM says
-        # nothing of its byte order (a fuzzing walkthrough failed deliveries with it).
-        reason = getattr(error, "reason", None) or str(error)
-        raise FeedError(f"bad_encoding: not {settings.encoding} ({reason})") from error
+        raise bad_encoding(error, settings.encoding) from error
     except csv.Error as error:
         raise FeedError(f"malformed_csv: {error}") from error
     finally:

@@ -59,6 +59,7 @@ from connectors.parsers.records import (
     RecordError,
     Unreadable,
     ValueFormat,
+    bad_encoding,
     option_encoding,
     option_names,
     shown,
@@ -133,10 +134,7 @@ def _parse(source: BinaryIO, settings: EdiSettings) -> Iterator[Parsed]:
     try:
         yield from _interchanges(_segments(text), settings)
     except UnicodeError as error:
-        # UnicodeDecodeError, or another of the codec's: UTF-16 without its BOM says
-        # nothing of its byte order (a fuzzing walkthrough failed deliveries with it).
-        reason = getattr(error, "reason", None) or str(error)
-        raise FeedError(f"bad_encoding: not {settings.encoding} ({reason})") from error
+        raise bad_encoding(error, settings.encoding) from error
     finally:
         text.detach()  # the caller owns the source: closing the wrapper would close it
 

@@ -127,6 +127,14 @@ class FeedError(Exception):
         self.reason = reason
 
 
+def bad_encoding(error: UnicodeError, encoding: str) -> FeedError:
+    """A file its encoding cannot read: UnicodeDecodeError, or another of the codec's
+    (UTF-16 without its BOM says nothing of its byte order: a fuzzing walkthrough failed
+    deliveries with it)."""
+    reason = getattr(error, "reason", None) or str(error)
+    return FeedError(f"bad_encoding: not {encoding} ({reason})")
+
+
 class Rounded(float):
     """A number written with a fraction that a float rounds away (`4.9999999999999999999`
     reads 5.0): a time may be read from it, never a whole quantity (it was applied as 5:
